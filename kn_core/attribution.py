@@ -1,0 +1,497 @@
+"""Integrated gradients over FFN neurons (Dai et al., 2022), and coarse, refined and relation-level neurons.
+
+Attr(w_i^l) = (w_i / m) * sum_k dP(alpha_k * w^l)/dw_i, where the whole activation vector of layer l at the
+answer position is scaled by alpha_k and P is the answer's probability. Right Riemann points alpha_k = k/m
+(k = 1..m, the paper) or left points k = 0..m-1 (the authors' code).
+
+How it is fast without approximating anything:
+- Every row of a batch patches one (layer, step) pair, and rows never run a block below their layer: those
+  blocks' outputs are identical to the clean run's, so they are replayed from a cache.
+- A pass runs the rows of a range of layers from the lowest one up; several passes share one vocabulary head
+  and one backward (`plan_passes`: on CPU small passes, since FLOPs are the cost; on GPUs many layers
+  per pass, since kernel launches are).
+- Causal models: the prompt prefix runs once and its key/value cache is shared by all rows, so each row
+  computes only the answer position. Masked models: the vocabulary head runs only at the mask.
+- Parameters never need gradients; one backward gives the gradient of every row at once.
+- Groups are sized to a memory budget; on CUDA out-of-memory a group is split and retried.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .ffn import ActivationPatch, capture_activations
+from .models import LoadedModel
+
+Neuron = tuple[int, int]
+CPU_ROWS_PER_PASS = 120
+CPU_TOKENS_PER_PASS = 400
+ProgressFn = Callable[[float, "dict | None"], None]
+
+
+class Cancelled(Exception):
+    """Raised when a CancelToken is set; nothing partial is returned."""
+
+
+class CancelToken:
+    def __init__(self):
+        self._cancelled = False
+
+    def cancel(self):
+        self._cancelled = True
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def check(self):
+        if self._cancelled:
+            raise Cancelled("attribution cancelled")
+
+
+class PromptError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class AttributionParams:
+    steps: int = 20
+    rule: str = "right"  # "right": alpha = k/m, k=1..m (paper); "left": k=0..m-1 (authors' code)
+    method: str = "ig"  # "ig" or "activation" (the paper's baseline: score = raw activation)
+    multi_token: str = "mean"  # how per-token scores of a multi-token answer combine: "mean", "sum", "first"
+    layers_per_pass: int | None = None  # None: chosen from the device and the memory budget (plan_passes)
+    passes_per_backward: int | None = None  # None: as many as the memory budget allows (plan_passes)
+    memory_budget_mb: int | None = None  # None: 2 GiB on CPU, a quarter of free memory on CUDA
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError("steps must be at least 1")
+        if self.rule not in ("right", "left"):
+            raise ValueError(f"rule must be 'right' or 'left', not {self.rule!r}")
+        if self.method not in ("ig", "activation"):
+            raise ValueError(f"method must be 'ig' or 'activation', not {self.method!r}")
+        if self.multi_token not in ("mean", "sum", "first"):
+            raise ValueError(f"multi_token must be 'mean', 'sum' or 'first', not {self.multi_token!r}")
+
+    def alphas(self) -> list[float]:
+        m = self.steps
+        ks = range(1, m + 1) if self.rule == "right" else range(0, m)
+        return [k / m for k in ks]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_t(method: str) -> float:
+    """The paper's coarse threshold: 0.2 x max for attribution, 0.5 x max for the activation baseline."""
+    return 0.5 if method == "activation" else 0.2
+
+
+@dataclass
+class PromptScores:
+    prompt: str
+    answer: str
+    answer_ids: tuple[int, ...]
+    scores: np.ndarray  # float32 [layers, neurons]
+    activations: np.ndarray  # float32 [layers, neurons], mean over answer tokens
+    prob: float  # P(answer): product of the teacher-forced token probabilities
+    token_probs: list[float]
+    completeness: list[dict]  # per layer: {"layer", "sum", "delta", "ratio"}
+    seconds: float
+    params: dict = field(default_factory=dict)
+
+    def coarse(self, t: float = 0.2) -> list[Neuron]:
+        return coarse_neurons(self.scores, t)
+
+
+@dataclass(frozen=True)
+class _Target:
+    """One answer token: the input ids, the position that predicts it, and its id."""
+    ids: tuple[int, ...]
+    pos: int
+    token: int
+
+
+def _targets(lm: LoadedModel, text: str, answer_ids: Sequence[int]) -> list[_Target]:
+    tok = lm.tokenizer
+    if not text or not text.strip():
+        raise PromptError("the prompt is empty; type the sentence that leads to the answer")
+    if not answer_ids:
+        raise PromptError("the answer has no tokens; give the object to attribute")
+    ids = list(tok(text)["input_ids"])
+    if lm.kind == "causal":
+        targets = []
+        for j, token in enumerate(answer_ids):
+            prefix = ids + list(answer_ids[:j])  # teacher forcing: the true answer tokens, never the argmax
+            targets.append(_Target(tuple(prefix), len(prefix) - 1, int(token)))
+        return targets
+    mask_id = tok.mask_token_id
+    if mask_id is None:
+        raise PromptError(f"{lm.family} has no mask token; it cannot be used as a masked language model")
+    slots = [i for i, t in enumerate(ids) if t == mask_id]
+    if not slots:
+        raise PromptError(f"the prompt has no mask slot; put {tok.mask_token} (or [Y] in a template) where "
+                          f"the answer goes")
+    if len(slots) != len(answer_ids):
+        raise PromptError(f"the prompt has {len(slots)} mask slot(s) but the answer has {len(answer_ids)} "
+                          f"token(s); use one {tok.mask_token} per answer token")
+    targets = []
+    for j, token in enumerate(answer_ids):
+        filled = list(ids)
+        for k in range(j):  # earlier slots teacher-forced with the true tokens, later ones stay masked
+            filled[slots[k]] = int(answer_ids[k])
+        targets.append(_Target(tuple(filled), slots[j], int(token)))
+    return targets
+
+
+def encode_answer(lm: LoadedModel, text: str, answer: str) -> tuple[int, ...]:
+    """Token ids of `answer` as it continues `text` (causal) or fills the mask slots (masked)."""
+    tok = lm.tokenizer
+    if lm.kind == "causal":
+        prompt_ids = tok(text)["input_ids"]
+        full_ids = tok(text + answer)["input_ids"]
+        if full_ids[: len(prompt_ids)] == prompt_ids and len(full_ids) > len(prompt_ids):
+            return tuple(full_ids[len(prompt_ids):])
+    ids = tok(answer, add_special_tokens=False)["input_ids"]
+    if tok.unk_token_id is not None and tok.unk_token_id in ids and lm.kind == "masked":
+        raise PromptError(f"the tokenizer maps {answer!r} to the unknown token; pick a word in its vocabulary")
+    return tuple(ids)
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Probabilities and gradients in float32 even for half-precision models (float64 stays float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _expand(obj, rows: int):
+    if isinstance(obj, torch.Tensor):
+        return obj.expand(rows, *obj.shape[1:]) if obj.dim() and obj.shape[0] == 1 else obj
+    if isinstance(obj, tuple):
+        return tuple(_expand(o, rows) for o in obj)
+    return obj
+
+
+class _SkipBlocks:
+    """Replaces the forward of blocks below `first` with a replay of their clean outputs, expanded to `rows`."""
+
+    def __init__(self, blocks, outputs, first: int, rows: int):
+        self.blocks = blocks[:first]
+        self.replays = [_expand(outputs[j], rows) for j in range(first)]
+
+    def __enter__(self):
+        for block, replay in zip(self.blocks, self.replays):
+            block.forward = lambda *args, _out=replay, **kwargs: _out
+        return self
+
+    def __exit__(self, *exc):
+        for block in self.blocks:
+            del block.forward  # back to the class's forward
+
+
+class _Runner:
+    """Runs one answer token: clean pass, then patched passes over (layer, alpha) rows."""
+
+    def __init__(self, lm: LoadedModel, target: _Target):
+        self.lm = lm
+        self.layout = lm.layout
+        self.target = target
+        self.device = lm.device
+        ids = torch.tensor([target.ids], device=self.device)
+        self.prefix_cache = None
+        if lm.kind == "causal" and len(target.ids) > 1:
+            with torch.no_grad():
+                out = lm.model(input_ids=ids[:, :-1], use_cache=True, logits_to_keep=1)
+            self.prefix_cache = out.past_key_values
+            self.step_ids = ids[:, -1:]
+            self.pos = 0  # each row computes only the answer position
+        else:
+            self.step_ids = ids
+            self.pos = target.pos
+        self._clean()
+
+    def _hidden(self, rows: int) -> torch.Tensor:
+        """The base model's final hidden state at the answer position, one row per batch row."""
+        ids = self.step_ids.expand(rows, -1)
+        if self.prefix_cache is None:
+            return self.layout.base_model()(input_ids=ids).last_hidden_state[:, self.pos]
+        cache = copy.deepcopy(self.prefix_cache)
+        if rows > 1:
+            cache.batch_repeat_interleave(rows)
+        return self.layout.base_model()(input_ids=ids, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+
+    def _probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Probability of the target token; the vocabulary head runs only at the answer position."""
+        logits = self.layout.logits_head()(hidden)
+        return torch.softmax(_at_least_fp32(logits), dim=-1)[:, self.target.token]
+
+    def _clean(self):
+        outputs: dict[int, object] = {}
+        handles = [block.register_forward_hook(lambda m, a, o, j=j: outputs.__setitem__(j, o))
+                   for j, block in enumerate(self.layout.blocks)]
+        try:
+            with torch.no_grad():
+                prob, acts = capture_activations(self.layout, lambda: self._probs(self._hidden(1)))
+        finally:
+            for h in handles:
+                h.remove()
+        self.block_outputs = [outputs[j] for j in range(self.layout.layers)]
+        self.prob = float(prob[0])
+        self.acts = torch.stack([_at_least_fp32(acts[l][0, self.pos]).to(self.device) for l in range(self.layout.layers)])
+
+    def patched(self, passes: Sequence[range], alphas: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradients [layers, alphas, N] at the patched points and probabilities [layers, alphas].
+
+        Each pass runs the rows of its layers from its lowest layer up (blocks below are replayed); the final
+        hidden states of all passes then go through one vocabulary head and one backward.
+        """
+        n_alpha = len(alphas)
+        alpha = torch.tensor(alphas, device=self.acts.device, dtype=self.acts.dtype)
+        leaves, hiddens = [], []
+        with torch.enable_grad():
+            for layers in passes:
+                rows = len(layers) * n_alpha
+                base = self.acts[layers.start:layers.stop]
+                patch = (alpha[None, :, None] * base[:, None, :]).reshape(rows, -1).requires_grad_(True)
+                leaves.append(patch)
+
+                def replace(layer, x, patch=patch, first=layers.start):
+                    block = slice((layer - first) * n_alpha, (layer - first + 1) * n_alpha)
+                    x = x.clone()
+                    x[block, self.pos] = patch[block].to(device=x.device, dtype=x.dtype)
+                    return x
+
+                with _SkipBlocks(self.layout.blocks, self.block_outputs, layers.start, rows), \
+                        ActivationPatch(self.layout, replace, layers):
+                    hiddens.append(self._hidden(rows))
+            head_device = hiddens[0].device
+            probs = self._probs(torch.cat([h.to(head_device) for h in hiddens]))
+            grads = torch.autograd.grad(probs.sum(), leaves)
+        n_layers = sum(len(layers) for layers in passes)
+        grad = torch.cat([g.to(self.acts.device) for g in grads])
+        return grad.reshape(n_layers, n_alpha, -1).detach(), probs.detach().reshape(n_layers, n_alpha)
+
+
+def _row_bytes(lm: LoadedModel, seq_len: int, layers_run: int) -> int:
+    """A generous estimate of the autograd memory one row needs (forward activations kept for backward)."""
+    layout = lm.layout
+    per_layer = seq_len * (layout.hidden * 16 + layout.neurons * 6)
+    vocab = int(layout.output_embeddings().shape[0])
+    return 4 * (per_layer * layers_run + vocab * 4)
+
+
+def plan_passes(lm: LoadedModel, params: AttributionParams, seq_len: int, n_alpha: int) -> list[list[range]]:
+    """Groups of passes: each pass is a range of layers whose rows share blocks; each group shares a backward.
+
+    On CPU the cost is FLOPs, so passes are small (few blocks run that need not run) and as many passes as the
+    memory budget allows share one head and backward. On GPUs the cost is kernel launches, so a pass holds as
+    many layers as fit and is its own group.
+    """
+    L = lm.layout.layers
+    device = lm.device
+    if params.memory_budget_mb:
+        budget = params.memory_budget_mb * 2**20
+    elif device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = free // 4
+    else:
+        budget = 2 * 2**30
+    fits = max(1, budget // max(_row_bytes(lm, seq_len, L) * n_alpha, 1))  # layers' rows that fit at once
+    if params.layers_per_pass:
+        per_pass = params.layers_per_pass
+    elif device.type == "cpu":
+        # Measured (benchmarks/bench_attribution.py): ~100 one-token rows or ~400 tokens per pass balance
+        # matrix efficiency against re-running blocks below a pass's top layers.
+        per_pass = round(CPU_ROWS_PER_PASS / n_alpha if seq_len == 1 else CPU_TOKENS_PER_PASS / (n_alpha * seq_len))
+    else:
+        per_pass = fits
+    per_pass = max(1, min(per_pass, L))
+    passes = [range(a, min(L, a + per_pass)) for a in range(0, L, per_pass)]
+    per_group = params.passes_per_backward or (max(1, fits // per_pass) if device.type == "cpu" else 1)
+    return [passes[i:i + per_group] for i in range(0, len(passes), per_group)]
+
+
+def _attribute_target(lm: LoadedModel, target: _Target, params: AttributionParams,
+                      report: Callable[[int, int, torch.Tensor], None], cancel: CancelToken | None):
+    """Scores [L, N], activations [L, N], P(w) and P(0 at layer l) [L] for one answer token."""
+    runner = _Runner(lm, target)
+    L = lm.layout.layers
+    if params.method == "activation":
+        acts = runner.acts
+        report(0, L, acts)
+        return acts, acts, runner.prob, None
+    alphas = params.alphas()
+    zero_extra = params.rule == "right"  # the left rule already has alpha = 0; right needs it for completeness
+    run_alphas = alphas + ([0.0] if zero_extra else [])
+    seq_len = 1 if runner.prefix_cache is not None else len(target.ids)
+    todo = plan_passes(lm, params, seq_len, len(run_alphas))
+    scores = torch.empty_like(runner.acts)
+    p_zero = torch.empty(L)
+    while todo:
+        if cancel is not None:
+            cancel.check()
+        group = todo[0]
+        try:
+            grads, probs = runner.patched(group, run_alphas)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            todo[:1] = _split(group)
+            continue
+        a, b = group[0].start, group[-1].stop
+        scores[a:b] = runner.acts[a:b] * grads[:, : len(alphas)].sum(1) / params.steps
+        p_zero[a:b] = probs[:, len(alphas) if zero_extra else 0].cpu()
+        report(a, b, scores[a:b])
+        todo.pop(0)
+    return scores, runner.acts, runner.prob, p_zero
+
+
+def _split(group: list[range]) -> list[list[range]]:
+    """Halves a group after an out-of-memory: fewer passes per backward, then fewer layers per pass."""
+    if len(group) > 1:
+        half = len(group) // 2
+        return [group[:half], group[half:]]
+    layers = group[0]
+    if len(layers) == 1:
+        raise torch.cuda.OutOfMemoryError("one layer's rows do not fit in GPU memory; use a smaller model, "
+                                          "--dtype bfloat16, or --device cpu")
+    half = layers.start + len(layers) // 2
+    return [[range(layers.start, half)], [range(half, layers.stop)]]
+
+
+def _combine(arrays: list[torch.Tensor], how: str) -> torch.Tensor:
+    if how == "first":
+        return arrays[0]
+    stacked = torch.stack(arrays)
+    return stacked.sum(0) if how == "sum" else stacked.mean(0)
+
+
+def attribute(lm: LoadedModel, prompt, params: AttributionParams | None = None,
+              progress: ProgressFn | None = None, cancel: CancelToken | None = None,
+              answer_ids: Sequence[int] | None = None) -> PromptScores:
+    """Attribution scores of every FFN neuron for one prompt.
+
+    `prompt` is a facts.Prompt (text + answer_ids) or a plain string together with `answer_ids`.
+    """
+    params = params or AttributionParams()
+    text = prompt if isinstance(prompt, str) else prompt.text
+    ids = tuple(answer_ids if answer_ids is not None else prompt.answer_ids)
+    answer = "" if isinstance(prompt, str) else getattr(prompt, "answer", "")
+    started = time.perf_counter()
+    torch.manual_seed(params.seed)
+    targets = _targets(lm, text, ids)
+    if params.multi_token == "first":
+        targets = targets[:1]
+    L = lm.layout.layers
+    per_token = []
+    for j, target in enumerate(targets):
+        def report(a, b, chunk_scores, j=j):
+            if progress is not None:
+                done = (j + b / L) / len(targets)
+                progress(done, {"token": j, "layers": (a, b), "scores": chunk_scores.float().cpu().numpy()})
+        per_token.append(_attribute_target(lm, target, params, report, cancel))
+    how = params.multi_token
+    scores = _combine([s for s, _, _, _ in per_token], how)
+    acts = _combine([a for _, a, _, _ in per_token], "mean")
+    token_probs = [p for _, _, p, _ in per_token]
+    completeness = []
+    if params.method == "ig":
+        delta = _combine([p - pz for _, _, p, pz in per_token], how)
+        sums = scores.sum(1).cpu()
+        for layer in range(L):
+            d, s = float(delta[layer]), float(sums[layer])
+            completeness.append({"layer": layer, "sum": s, "delta": d, "ratio": s / d if d else math.nan})
+    return PromptScores(
+        prompt=text, answer=answer, answer_ids=ids,
+        scores=scores.float().cpu().numpy().astype(np.float32),
+        activations=acts.float().cpu().numpy().astype(np.float32),
+        prob=float(np.prod(token_probs)), token_probs=token_probs, completeness=completeness,
+        seconds=time.perf_counter() - started, params=params.to_dict())
+
+
+def attribute_fact(lm: LoadedModel, prompts: Sequence, params: AttributionParams | None = None,
+                   progress: ProgressFn | None = None, cancel: CancelToken | None = None) -> list[PromptScores]:
+    """Scores for every prompt of a fact; progress fractions cover the whole fact."""
+    results = []
+    n = len(prompts)
+    for k, prompt in enumerate(prompts):
+        def forward(fraction, partial, k=k):
+            if progress is not None:
+                progress((k + fraction) / n, dict(partial or {}, prompt=k))
+        results.append(attribute(lm, prompt, params, forward, cancel))
+    return results
+
+
+# --- thresholds: pure functions over stored scores, instant to recompute -------------------------------------
+
+def coarse_neurons(scores: np.ndarray, t: float = 0.2) -> list[Neuron]:
+    """Neurons whose score exceeds t x the maximum over all layers (none when the maximum is not positive)."""
+    top = float(np.max(scores))
+    if not top > 0:
+        return []
+    layers, neurons = np.nonzero(scores > t * top)
+    return list(zip(layers.tolist(), neurons.tolist()))
+
+
+def refine_threshold(n_prompts: int, p: float) -> float:
+    return max(p * n_prompts, 3)
+
+
+def coarse_counts(score_list: Iterable[np.ndarray], t: float = 0.2) -> Counter:
+    counts: Counter = Counter()
+    for scores in score_list:
+        counts.update(coarse_neurons(scores, t))
+    return counts
+
+
+def refined_from_counts(counts: Counter, n_prompts: int, p: float) -> list[Neuron]:
+    need = refine_threshold(n_prompts, p)
+    return sorted(n for n, c in counts.items() if c >= need)
+
+
+def refined_neurons(score_list: Sequence[np.ndarray], t: float = 0.2, p: float = 0.7) -> list[Neuron]:
+    """Neurons coarse in at least max(p x n_prompts, 3) of a fact's prompts."""
+    return refined_from_counts(coarse_counts(score_list, t), len(score_list), p)
+
+
+@dataclass
+class AdaptedP:
+    p: float
+    mean_neurons: float
+    history: list[tuple[float, float]]  # (p, mean refined neurons per fact) at each try
+
+
+def adapt_p(facts_scores: Sequence[Sequence[np.ndarray]], t: float = 0.2, p: float = 0.7, step: float = 0.05,
+            max_moves: int = 6, target: tuple[float, float] = (2.0, 5.0)) -> AdaptedP:
+    """The paper's per-relation p: move by +-step (up to max_moves) until the mean refined count is in target."""
+    counts = [(coarse_counts(scores, t), len(scores)) for scores in facts_scores]
+
+    def mean_at(q):
+        return float(np.mean([len(refined_from_counts(c, n, q)) for c, n in counts])) if counts else 0.0
+
+    history = [(p, mean_at(p))]
+    for _ in range(max_moves):
+        mean = history[-1][1]
+        if target[0] <= mean <= target[1]:
+            break
+        p = round(p - step if mean < target[0] else p + step, 10)
+        if not 0 < p <= 1:
+            break
+        history.append((p, mean_at(p)))
+    return AdaptedP(p=history[-1][0], mean_neurons=history[-1][1], history=history)
+
+
+def relation_neurons(refined_sets: Sequence[Iterable[Neuron]], fraction: float = 0.1) -> list[tuple[Neuron, int]]:
+    """Neurons refined for at least `fraction` of a relation's facts, most frequent first, with their counts."""
+    counts: Counter = Counter()
+    for neurons in refined_sets:
+        counts.update(set(map(tuple, neurons)))
+    need = fraction * len(refined_sets)
+    return sorted(((n, c) for n, c in counts.items() if c >= need), key=lambda nc: (-nc[1], nc[0]))

@@ -1,0 +1,588 @@
+"""Relations, templates and facts; rendering them into prompts; importing and exporting fact sets.
+
+A relation (e.g. P36 "capital") has paraphrased templates with the slots ``[X]`` (subject) and ``[Y]``
+(object). A fact fills ``[X]`` and names the expected ``[Y]``. ``render_prompts`` turns one fact into one
+prompt per usable template for a masked or a causal model, and says why it skipped the others.
+
+All data classes are frozen: a ``FactSet`` is changed by methods that return a new set (``with_fact``,
+``without_template``, ...), so the GUI can keep the old one for undo and nothing changes behind a caller.
+File formats: docs/FACTS_FORMAT.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import uuid
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+
+X, Y = "[X]", "[Y]"
+KINDS = ("masked", "causal")
+# What may follow [Y] in a causal template and still be dropped: closing punctuation and spaces only.
+_DROPPABLE_TAIL = re.compile(r"^[\s.!?,;:]*$")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
+BUILTIN_FILE = "builtin_facts.jsonl"
+
+
+# ---------------------------------------------------------------- data model
+
+def validate_template(template: str) -> str:
+    """Returns the template unchanged, or raises ValueError saying what is wrong with it."""
+    if not isinstance(template, str) or not template.strip():
+        raise ValueError("a template must be non-empty text with the slots [X] and [Y]")
+    if X not in template:
+        raise ValueError(f"template {template!r} has no [X] (the subject's slot)")
+    if Y not in template:
+        raise ValueError(f"template {template!r} has no [Y] (the object's slot)")
+    if template.count(Y) > 1:
+        raise ValueError(f"template {template!r} has [Y] more than once; the object has one slot")
+    return template
+
+
+@dataclass(frozen=True)
+class Relation:
+    id: str
+    name: str
+    templates: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not isinstance(self.id, str) or not self.id.strip():
+            raise ValueError("a relation needs a non-empty id (e.g. P36)")
+        object.__setattr__(self, "templates", tuple(self.templates))  # accept lists; keep it immutable
+        for template in self.templates:
+            validate_template(template)
+        if len(set(self.templates)) != len(self.templates):
+            raise ValueError(f"relation {self.id} lists a template twice")
+
+    def with_template(self, template: str) -> Relation:
+        return replace(self, templates=self.templates + (validate_template(template),))
+
+    def without_template(self, template: str) -> Relation:
+        if template not in self.templates:
+            raise ValueError(f"relation {self.id} has no template {template!r}")
+        return replace(self, templates=tuple(t for t in self.templates if t != template))
+
+    def replacing_template(self, old: str, new: str) -> Relation:
+        if old not in self.templates:
+            raise ValueError(f"relation {self.id} has no template {old!r}")
+        validate_template(new)
+        return replace(self, templates=tuple(new if t == old else t for t in self.templates))
+
+
+@dataclass(frozen=True)
+class Fact:
+    relation: str
+    subject: str
+    object: str
+
+    def __post_init__(self):
+        for name in ("relation", "subject", "object"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"a fact needs a non-empty {name}")
+            if value != value.strip():
+                raise ValueError(f"the {name} {value!r} has leading or trailing spaces")
+
+
+@dataclass(frozen=True)
+class FactSet:
+    name: str
+    relations: dict[str, Relation] = field(default_factory=dict)
+    facts: list[Fact] = field(default_factory=list)
+
+    def __post_init__(self):
+        # Copies, so that a caller mutating its own dict or list cannot change this (frozen) set.
+        object.__setattr__(self, "relations", dict(self.relations))
+        object.__setattr__(self, "facts", list(self.facts))
+        for key, relation in self.relations.items():
+            if key != relation.id:
+                raise ValueError(f"relation stored under {key!r} has id {relation.id!r}")
+        seen = set()
+        for fact in self.facts:
+            if fact.relation not in self.relations:
+                raise ValueError(f"fact {fact.subject!r} -> {fact.object!r} names an unknown relation {fact.relation!r}")
+            if fact in seen:
+                raise ValueError(f"fact {fact.subject!r} -> {fact.object!r} of {fact.relation} is listed twice")
+            seen.add(fact)
+
+    # queries
+    def relation(self, rid: str) -> Relation:
+        try:
+            return self.relations[rid]
+        except KeyError:
+            raise KeyError(f"no relation {rid!r} in fact set {self.name!r}") from None
+
+    def facts_of(self, rid: str) -> list[Fact]:
+        return [fact for fact in self.facts if fact.relation == rid]
+
+    def objects_of(self, rid: str) -> list[str]:
+        return sorted({fact.object for fact in self.facts if fact.relation == rid})
+
+    def __len__(self) -> int:
+        return len(self.facts)
+
+    # changes: each returns a new FactSet
+    def with_relation(self, relation: Relation) -> FactSet:
+        """Adds a relation, or replaces the one with the same id (its facts stay)."""
+        return replace(self, relations={**self.relations, relation.id: relation})
+
+    def without_relation(self, rid: str) -> FactSet:
+        """Removes a relation and all of its facts."""
+        self.relation(rid)
+        return replace(self, relations={k: v for k, v in self.relations.items() if k != rid},
+                       facts=[f for f in self.facts if f.relation != rid])
+
+    def with_template(self, rid: str, template: str) -> FactSet:
+        return self.with_relation(self.relation(rid).with_template(template))
+
+    def without_template(self, rid: str, template: str) -> FactSet:
+        return self.with_relation(self.relation(rid).without_template(template))
+
+    def replacing_template(self, rid: str, old: str, new: str) -> FactSet:
+        return self.with_relation(self.relation(rid).replacing_template(old, new))
+
+    def with_fact(self, fact: Fact) -> FactSet:
+        return replace(self, facts=self.facts + [fact])
+
+    def without_fact(self, fact: Fact) -> FactSet:
+        if fact not in self.facts:
+            raise ValueError(f"fact {fact} is not in fact set {self.name!r}")
+        return replace(self, facts=[f for f in self.facts if f != fact])
+
+    def replacing_fact(self, old: Fact, new: Fact) -> FactSet:
+        """Edits a fact in place (keeps its position in the list)."""
+        if old not in self.facts:
+            raise ValueError(f"fact {old} is not in fact set {self.name!r}")
+        return replace(self, facts=[new if f == old else f for f in self.facts])
+
+    def renamed(self, name: str) -> FactSet:
+        return replace(self, name=name)
+
+
+# ---------------------------------------------------------------- rendering
+
+@dataclass(frozen=True)
+class Prompt:
+    """masked: ``text`` has one mask token per answer token where [Y] was; causal: ``text`` is the prefix
+    before [Y] and ``answer`` the continuation, with its leading space. ``answer_ids`` are all the answer's
+    tokens as the model sees them in context (never truncated)."""
+    text: str
+    answer: str
+    answer_ids: tuple[int, ...]
+    template: str
+    fact: Fact
+    kind: str
+
+
+@dataclass(frozen=True)
+class Skipped:
+    template: str
+    reason: str
+
+
+def render_text(template: str, subject: str, obj: str | None = None) -> str:
+    """Fills [X] (and [Y] when ``obj`` is given): the plain sentence, e.g. for display."""
+    text = template.replace(X, subject)
+    return text if obj is None else text.replace(Y, obj)
+
+
+def _split_at_object(template: str, subject: str) -> tuple[str, str]:
+    """The filled text before and after [Y]."""
+    before, after = template.split(Y, 1)
+    return before.replace(X, subject), after.replace(X, subject)
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    # No special tokens: BOS/CLS/EOS are the caller's business when it builds the model input.
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _unknown(tokenizer, ids, answer: str) -> bool:
+    unk = getattr(tokenizer, "unk_token_id", None)
+    return unk is not None and unk in ids and (tokenizer.unk_token or "") not in answer
+
+
+def _render_causal(fact: Fact, template: str, tokenizer) -> Prompt | Skipped:
+    before, after = _split_at_object(template, fact.subject)
+    if not _DROPPABLE_TAIL.match(after):
+        return Skipped(template, f"[Y] is not at the end (followed by {after.strip()!r}); "
+                                 "a causal model can only predict the object as a continuation")
+    text = before.rstrip(" ")
+    if not text.strip():
+        return Skipped(template, "nothing comes before [Y]; a causal model needs a prefix to continue")
+    # The leading space belongs to the answer: BPE vocabularies spell " Paris" as one token.
+    answer = (" " if before != text else "") + fact.object
+    prefix, full = _ids(tokenizer, text), _ids(tokenizer, text + answer)
+    if full[:len(prefix)] == prefix and len(full) > len(prefix):
+        answer_ids = full[len(prefix):]
+    else:  # the prompt's last token merges with the answer; fall back to the answer on its own
+        answer_ids = _ids(tokenizer, answer)
+    if not answer_ids:
+        return Skipped(template, f"the answer {answer!r} tokenizes to nothing")
+    if _unknown(tokenizer, answer_ids, answer):
+        return Skipped(template, f"the answer {answer!r} contains a token unknown to the tokenizer "
+                                 f"({tokenizer.unk_token})")
+    return Prompt(text, answer, tuple(answer_ids), template, fact, "causal")
+
+
+def _object_span_ids(tokenizer, text: str, start: int, end: int) -> list[int] | str:
+    """Token ids of text[start:end] as tokenized inside ``text``, or the reason they cannot be separated."""
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = []
+        for token_id, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
+            if b <= start or a >= end or a == b:
+                continue
+            # A token that reaches outside the object (other than over spaces) mixes the object with context.
+            if text[a:start].strip() or text[end:b].strip():
+                return f"a token spans the object and the text next to it ({text[a:b]!r})"
+            ids.append(token_id)
+        return ids
+    # Slow tokenizers have no offsets: take the tokens the object adds to the text before it.
+    prefix, upto = _ids(tokenizer, text[:start]), _ids(tokenizer, text[:end])
+    if upto[:len(prefix)] != prefix:
+        return "the object's tokens merge with the text before it"
+    return upto[len(prefix):]
+
+
+def _render_masked(fact: Fact, template: str, tokenizer) -> Prompt | Skipped:
+    before, after = _split_at_object(template, fact.subject)
+    text = before + fact.object + after
+    span = _object_span_ids(tokenizer, text, len(before), len(before) + len(fact.object))
+    if isinstance(span, str):
+        return Skipped(template, span)
+    if not span:
+        return Skipped(template, f"the object {fact.object!r} tokenizes to nothing")
+    if _unknown(tokenizer, span, fact.object):
+        return Skipped(template, f"the object {fact.object!r} contains a token unknown to the tokenizer "
+                                 f"({tokenizer.unk_token}); it would be predicted as that token")
+    masked = before + tokenizer.mask_token * len(span) + after
+    # Check that the model will see exactly one mask per answer token (e.g. the mask is not split).
+    if _ids(tokenizer, masked).count(tokenizer.mask_token_id) != len(span):
+        return Skipped(template, f"the masked text does not tokenize to {len(span)} mask token(s)")
+    return Prompt(masked, fact.object, tuple(span), template, fact, "masked")
+
+
+def render_prompts(fact: Fact, relation: Relation, tokenizer, kind: str) -> tuple[list[Prompt], list[Skipped]]:
+    """One prompt per usable template of ``relation`` for ``fact``; the others come back as Skipped."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; use 'masked' or 'causal'")
+    if fact.relation != relation.id:
+        raise ValueError(f"fact of {fact.relation} rendered with relation {relation.id}")
+    if kind == "masked" and getattr(tokenizer, "mask_token", None) is None:
+        raise ValueError("this tokenizer has no mask token, so it cannot render masked prompts")
+    render = _render_masked if kind == "masked" else _render_causal
+    prompts, skipped = [], []
+    for template in relation.templates:
+        result = render(fact, template, tokenizer)
+        (prompts if isinstance(result, Prompt) else skipped).append(result)
+    return prompts, skipped
+
+
+def render_factset(factset: FactSet, tokenizer, kind: str) -> tuple[list[Prompt], list[Skipped]]:
+    """All prompts of a fact set (a convenience for checks and batch runs)."""
+    prompts, skipped = [], []
+    for fact in factset.facts:
+        p, s = render_prompts(fact, factset.relation(fact.relation), tokenizer, kind)
+        prompts += p
+        skipped += s
+    return prompts, skipped
+
+
+# ---------------------------------------------------------------- import / export
+
+class FactImportError(ValueError):
+    """A fact file or folder that cannot be read; the message names the file, the line and the problem."""
+
+    def __init__(self, path, line: int | None, problem: str):
+        self.path, self.line, self.problem = str(path), line, problem
+        where = f"{path}, line {line}" if line is not None else str(path)
+        super().__init__(f"{where}: {problem}")
+
+
+class _Builder:
+    """Collects relations and facts while a file is read; the FactSet exists only once all of it parsed."""
+
+    def __init__(self, path):
+        self.path = path
+        self.names: dict[str, str] = {}
+        self.templates: dict[str, list[str]] = {}
+        self.facts: dict[Fact, None] = {}  # ordered, duplicates dropped
+
+    def fail(self, line, problem):
+        raise FactImportError(self.path, line, problem)
+
+    def relation(self, line, rid, name=None):
+        rid = (rid or "").strip()
+        if not rid:
+            self.fail(line, "missing relation id")
+        if rid not in self.templates:
+            self.templates[rid] = []
+        if name:
+            if self.names.get(rid, name) != name:
+                self.fail(line, f"relation {rid} is named both {self.names[rid]!r} and {name!r}")
+            self.names[rid] = name
+        return rid
+
+    def template(self, line, rid, template):
+        rid = self.relation(line, rid)
+        try:
+            validate_template(template)
+        except ValueError as exc:
+            self.fail(line, str(exc))
+        if template not in self.templates[rid]:
+            self.templates[rid].append(template)
+
+    def fact(self, line, rid, subject, obj):
+        rid = self.relation(line, rid)
+        try:
+            self.facts[Fact(rid, (subject or "").strip(), (obj or "").strip())] = None
+        except ValueError as exc:
+            self.fail(line, str(exc))
+
+    def build(self, name) -> FactSet:
+        relations = {rid: Relation(rid, self.names.get(rid) or RELATION_NAMES.get(rid, rid), tuple(ts))
+                     for rid, ts in self.templates.items()}
+        return FactSet(name, relations, list(self.facts))
+
+
+CSV_COLUMNS = ["kind", "relation", "name", "template", "subject", "object"]
+
+
+def _import_csv(path: Path) -> FactSet:
+    b = _Builder(path)
+    set_name = path.stem
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: spreadsheets write a BOM
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if header is None:
+                b.fail(1, "the file is empty; expected the header " + ",".join(CSV_COLUMNS))
+            header = [h.strip().lower() for h in header]
+            missing = [c for c in ("kind", "relation") if c not in header]
+            if missing:
+                b.fail(1, f"the header lacks the column(s) {', '.join(missing)}; expected " + ",".join(CSV_COLUMNS))
+            for row in reader:
+                line = reader.line_num
+                if not any(cell.strip() for cell in row):
+                    continue
+                if len(row) > len(header):
+                    b.fail(line, f"{len(row)} cells but the header has {len(header)} columns")
+                cells = {h: (row[i] if i < len(row) else "") for i, h in enumerate(header)}
+                kind = cells["kind"].strip().lower()
+                if kind == "set":
+                    set_name = cells.get("name", "").strip() or set_name
+                elif kind == "relation":
+                    b.relation(line, cells["relation"], cells.get("name", "").strip() or None)
+                elif kind == "template":
+                    b.template(line, cells["relation"], cells.get("template", ""))
+                elif kind == "fact":
+                    b.fact(line, cells["relation"], cells.get("subject"), cells.get("object"))
+                else:
+                    b.fail(line, f"unknown row kind {cells['kind']!r}; use set, relation, template or fact")
+    except (UnicodeDecodeError, csv.Error) as exc:
+        b.fail(None, f"not a readable UTF-8 CSV file ({exc})")
+    return b.build(set_name)
+
+
+def _jsonl_records(path: Path, b: _Builder):
+    """(line number, dict) for each non-blank line of a JSON Lines file."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for number, raw in enumerate(handle, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw)
+                except json.JSONDecodeError as exc:
+                    b.fail(number, f"not valid JSON ({exc.msg} at column {exc.colno})")
+                if not isinstance(record, dict):
+                    b.fail(number, "expected a JSON object ({...}) on each line")
+                yield number, record
+    except UnicodeDecodeError as exc:
+        b.fail(None, f"not a readable UTF-8 file ({exc})")
+
+
+def _text(b: _Builder, line, record, key, required=True) -> str:
+    value = record.get(key)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        b.fail(line, f"the field {key!r} must be text" + ("" if key in record else " and is missing"))
+    return value
+
+
+def _import_jsonl(path: Path) -> FactSet:
+    b = _Builder(path)
+    set_name = path.stem
+    for line, record in _jsonl_records(path, b):
+        kind = record.get("kind")
+        if kind == "set":
+            set_name = _text(b, line, record, "name")
+        elif kind == "relation":
+            rid = b.relation(line, _text(b, line, record, "id"), _text(b, line, record, "name", False) or None)
+            templates = record.get("templates", [])
+            if not isinstance(templates, list):
+                b.fail(line, "the field 'templates' must be a list of texts")
+            for template in templates:
+                if not isinstance(template, str):
+                    b.fail(line, f"template {template!r} is not text")
+                b.template(line, rid, template)
+        elif kind == "template":
+            b.template(line, _text(b, line, record, "relation"), _text(b, line, record, "template"))
+        elif kind == "fact":
+            b.fact(line, _text(b, line, record, "relation"), _text(b, line, record, "subject"),
+                   _text(b, line, record, "object"))
+        else:
+            b.fail(line, f"unknown or missing 'kind' {kind!r}; use set, relation, template or fact")
+    return b.build(set_name)
+
+
+def _pararel_root(path: Path) -> Path | None:
+    for root in (path, path / "data"):
+        if (root / "pattern_data" / "graphs_json").is_dir() and (root / "trex_lms_vocab").is_dir():
+            return root
+    return None
+
+
+def _import_pararel(folder: Path, root: Path) -> FactSet:
+    patterns = sorted((root / "pattern_data" / "graphs_json").glob("*.jsonl"))
+    if not patterns:
+        raise FactImportError(root / "pattern_data" / "graphs_json", None, "no relation files (P*.jsonl) found")
+    names = {}
+    for candidate in (root / "relations.jsonl", folder / "relations.jsonl"):
+        if candidate.is_file():  # optional, LAMA-style: {"relation": "P36", "label": "capital"}
+            nb = _Builder(candidate)
+            for line, record in _jsonl_records(candidate, nb):
+                names[_text(nb, line, record, "relation")] = _text(nb, line, record, "label", False)
+            break
+    builders = []
+    merged = _Builder(folder)
+    for pattern_file in patterns:
+        rid = pattern_file.stem
+        b = _Builder(pattern_file)
+        merged.relation(None, rid, names.get(rid) or None)
+        for line, record in _jsonl_records(pattern_file, b):
+            b.template(line, rid, _text(b, line, record, "pattern"))
+        builders.append(b)
+        vocab = root / "trex_lms_vocab" / pattern_file.name
+        if vocab.is_file():
+            vb = _Builder(vocab)
+            for line, record in _jsonl_records(vocab, vb):
+                vb.fact(line, rid, _text(vb, line, record, "sub_label"), _text(vb, line, record, "obj_label"))
+            builders.append(vb)
+    for b in builders:
+        for rid, templates in b.templates.items():
+            merged.templates[rid].extend(t for t in templates if t not in merged.templates[rid])
+        merged.facts.update(b.facts)
+    return merged.build(folder.name)
+
+
+def import_facts(path) -> FactSet:
+    """Reads a PARAREL folder, or a .csv / .jsonl file in our format. Raises FactImportError (file, line,
+    problem) on malformed input; nothing is returned half-read."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        root = _pararel_root(path)
+        if root is None:
+            raise FactImportError(path, None, "a folder must be a PARAREL checkout (with pattern_data/graphs_json "
+                                              "and trex_lms_vocab, at its top or under data/)")
+        return _import_pararel(path, root)
+    if not path.is_file():
+        raise FactImportError(path, None, "no such file or folder")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return _import_csv(path)
+    if suffix in (".jsonl", ".json"):
+        return _import_jsonl(path)
+    raise FactImportError(path, None, f"unknown file type {suffix!r}; use .csv, .jsonl or a PARAREL folder")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    # Write beside, then rename: an interrupted export never leaves a truncated file in place.
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8", newline="")
+    tmp.replace(path)
+
+
+def export_facts(factset: FactSet, path) -> Path:
+    """Writes ``factset`` as .csv or .jsonl (by suffix); import_facts reads it back equal."""
+    path = Path(path).expanduser()
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        import io
+
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(CSV_COLUMNS)
+        writer.writerow(["set", "", factset.name, "", "", ""])
+        for relation in factset.relations.values():
+            writer.writerow(["relation", relation.id, relation.name, "", "", ""])
+            for template in relation.templates:
+                writer.writerow(["template", relation.id, "", template, "", ""])
+        for fact in factset.facts:
+            writer.writerow(["fact", fact.relation, "", "", fact.subject, fact.object])
+        _write_atomic(path, out.getvalue())
+    elif suffix == ".jsonl":
+        lines = [{"kind": "set", "name": factset.name}]
+        lines += [{"kind": "relation", "id": r.id, "name": r.name, "templates": list(r.templates)}
+                  for r in factset.relations.values()]
+        lines += [{"kind": "fact", "relation": f.relation, "subject": f.subject, "object": f.object}
+                  for f in factset.facts]
+        _write_atomic(path, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
+    else:
+        raise ValueError(f"cannot export to {path.name}: use a .csv or .jsonl file name")
+    return path
+
+
+def export_pararel(factset: FactSet, folder) -> Path:
+    """Writes PARAREL's layout (pattern_data/graphs_json, trex_lms_vocab) plus a LAMA-style relations.jsonl
+    with the relation names. Importing the folder gives the same relations and facts; the set's name becomes
+    the folder's name."""
+    folder = Path(folder).expanduser()
+    for rid in factset.relations:
+        if not _SAFE_ID.match(rid):
+            raise ValueError(f"relation id {rid!r} cannot be a PARAREL file name; use letters, digits, _ . -")
+    patterns, vocab = folder / "pattern_data" / "graphs_json", folder / "trex_lms_vocab"
+    patterns.mkdir(parents=True, exist_ok=True)
+    vocab.mkdir(parents=True, exist_ok=True)
+    for relation in factset.relations.values():
+        _write_atomic(patterns / f"{relation.id}.jsonl", "".join(
+            json.dumps({"pattern": t, "lemma": None, "tense": None}, ensure_ascii=False) + "\n"
+            for t in relation.templates))
+        _write_atomic(vocab / f"{relation.id}.jsonl", "".join(
+            json.dumps({"sub_label": f.subject, "obj_label": f.object,
+                        "uuid": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{f.relation}|{f.subject}|{f.object}"))},
+                       ensure_ascii=False) + "\n"
+            for f in factset.facts_of(relation.id)))
+    _write_atomic(folder / "relations.jsonl", "".join(
+        json.dumps({"relation": r.id, "label": r.name}, ensure_ascii=False) + "\n"
+        for r in factset.relations.values()))
+    return folder
+
+
+def builtin_facts() -> FactSet:
+    """The fact set shipped with the package (kn_core/data/builtin_facts.jsonl)."""
+    source = resources.files("kn_core") / "data" / BUILTIN_FILE
+    with resources.as_file(source) as path:
+        return _import_jsonl(Path(path))
+
+
+# Wikidata labels of PARAREL's relations, used when an imported folder does not name them.
+RELATION_NAMES = {
+    "P17": "country", "P19": "place of birth", "P20": "place of death", "P27": "country of citizenship",
+    "P30": "continent", "P36": "capital", "P37": "official language", "P39": "position held",
+    "P47": "shares border with", "P101": "field of work", "P103": "native language", "P106": "occupation",
+    "P108": "employer", "P127": "owned by", "P131": "located in the administrative territorial entity",
+    "P136": "genre", "P138": "named after", "P140": "religion", "P159": "headquarters location",
+    "P176": "manufacturer", "P178": "developer", "P190": "twinned administrative body",
+    "P264": "record label", "P276": "location", "P279": "subclass of", "P361": "part of",
+    "P364": "original language of film or TV show", "P407": "language of work or name",
+    "P413": "position played on team", "P449": "original broadcaster", "P463": "member of",
+    "P495": "country of origin", "P527": "has part", "P530": "diplomatic relation", "P740": "location of formation",
+    "P937": "work location", "P1001": "applies to jurisdiction", "P1303": "instrument",
+    "P1376": "capital of", "P1412": "languages spoken, written or signed",
+}

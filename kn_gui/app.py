@@ -1,0 +1,69 @@
+"""Entry point of the desktop app: `kn-studio [project.knproj] [--model SOURCE]` or `python main.py`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+RESOURCES = Path(__file__).resolve().parent.parent / "resources"
+
+
+def build_app(argv=None):
+    from PySide6.QtGui import QIcon
+    from PySide6.QtWidgets import QApplication
+
+    app = QApplication.instance() or QApplication(argv or sys.argv[:1])
+    app.setApplicationName("Knowledge Neuron Studio")
+    app.setOrganizationName("KnowledgeNeuronStudio")
+    app.setStyle("Fusion")
+    style = RESOURCES / "style.qss"
+    if style.exists():
+        app.setStyleSheet(style.read_text(encoding="utf-8"))
+    icon = RESOURCES / "icon.svg"
+    if icon.exists():
+        app.setWindowIcon(QIcon(str(icon)))
+    return app
+
+
+def install_excepthook(window):
+    """A bug in a slot must never take the app down: show what happened and keep running."""
+    import traceback
+
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        traceback.print_exception(kind, value, tb)
+        try:
+            window.show_error("Unexpected error", f"{kind.__name__}: {value}. The app keeps running; if this "
+                              "repeats, save your project and report it with the text printed on the console.")
+        except Exception:  # noqa: BLE001
+            previous(kind, value, tb)
+
+    sys.excepthook = hook
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="kn-studio", description="Knowledge Neuron Studio")
+    parser.add_argument("project", nargs="?", help="a .knproj project to open")
+    parser.add_argument("--model", help="load this model at start ('default' = embedded SmolLM2-135M, a Hugging Face "
+                                        "id or a folder)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    app = build_app()
+    from .main_window import MainWindow
+
+    window = MainWindow()
+    install_excepthook(window)
+    window.show()
+    if args.project:
+        window.open_project(args.project)
+    if args.model:
+        window.model_panel.source.setEditText(args.model)
+        window.load_model(args.model, args.device, args.dtype)
+    return app.exec()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

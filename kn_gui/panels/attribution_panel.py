@@ -1,0 +1,500 @@
+"""Attribution panel: run controls, t/p thresholds and the plots.
+
+- per-layer bars (sum or max of scores per layer) beside a histogram of refined neurons per layer;
+- a layer x neuron heatmap: hover shows (layer, neuron, score, activation), click selects neurons
+  (Ctrl/Shift-click adds), refined neurons are ringed;
+- per-prompt comparison: each refined neuron's score / the prompt's max, per prompt, against the t line.
+Thresholds are views: moving t or p recomputes coarse and refined sets from the stored scores at once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtWidgets import (QAbstractSpinBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, QLabel,
+                               QSlider, QSpinBox, QSplitter, QTabWidget, QWidget)
+
+from .common import TableView, button, fmt_prob, hbox, hint, vbox
+
+pg.setConfigOptions(imageAxisOrder="row-major", antialias=False, background="w", foreground="#33475b")
+
+BAR = "#5dade2"
+REFINED = "#e74c3c"
+SELECTED = "#f1c40f"
+PALETTE = ["#e74c3c", "#2e86c1", "#28b463", "#af7ac5", "#f39c12", "#17a589", "#d35400", "#5d6d7e",
+           "#c0392b", "#1abc9c"]
+
+
+class ThresholdControl(QWidget):
+    """A slider and a spin box bound together (0..1)."""
+
+    changed = Signal(float)
+
+    def __init__(self, label: str, value: float, tooltip: str, parent=None):
+        super().__init__(parent)
+        self.slider = QSlider(Qt.Horizontal)
+        self.slider.setRange(0, 100)
+        self.spin = QDoubleSpinBox()
+        self.spin.setRange(0.0, 1.0)
+        self.spin.setSingleStep(0.05)
+        self.spin.setDecimals(2)
+        self.spin.setKeyboardTracking(False)
+        self.spin.setButtonSymbols(QAbstractSpinBox.UpDownArrows)
+        name = QLabel(label)
+        name.setObjectName("heading")
+        name.setToolTip(tooltip)
+        self.slider.setToolTip(tooltip)
+        self.spin.setToolTip(tooltip)
+        self.setLayout(hbox(name, self.slider, self.spin))
+        self.set_value(value)
+        self.slider.valueChanged.connect(self._from_slider)
+        self.spin.valueChanged.connect(self._from_spin)
+
+    def value(self) -> float:
+        return round(self.spin.value(), 2)
+
+    def set_value(self, value: float):
+        self.spin.blockSignals(True)
+        self.slider.blockSignals(True)
+        self.spin.setValue(value)
+        self.slider.setValue(int(round(value * 100)))
+        self.spin.blockSignals(False)
+        self.slider.blockSignals(False)
+
+    def _from_slider(self, v: int):
+        self.spin.blockSignals(True)
+        self.spin.setValue(v / 100)
+        self.spin.blockSignals(False)
+        self.changed.emit(self.value())
+
+    def _from_spin(self, v: float):
+        self.slider.blockSignals(True)
+        self.slider.setValue(int(round(v * 100)))
+        self.slider.blockSignals(False)
+        self.changed.emit(self.value())
+
+
+class AttributionPanel(QWidget):
+    run_requested = Signal(str)  # "current" | "selection"
+    thresholds_changed = Signal(float, float)
+    neurons_selected = Signal(list)  # [(layer, neuron)]
+    neuron_clicked = Signal(int, int)
+    adapt_p_requested = Signal()
+    relation_set_requested = Signal()
+
+    def __init__(self, session, parent=None):
+        super().__init__(parent)
+        self.session = session
+        self.run = None
+        self.live: dict[int, np.ndarray] = {}  # prompt index -> scores being filled (NaN = not yet)
+        self.selected: list[tuple[int, int]] = []
+        self.refined: list[tuple[int, int]] = []
+        self._shown_scores = None
+        self._shown_acts = None
+        # streamed results are drawn at most ~5 times a second: the UI thread stays free while a run pours in
+        self._redraw_timer = QTimer(self)
+        self._redraw_timer.setSingleShot(True)
+        self._redraw_timer.setInterval(200)
+        self._redraw_timer.timeout.connect(self.redraw)
+
+        # --- run controls
+        self.run_button = button("Run attribution (F5)", lambda: self.run_requested.emit("current"),
+                                 "Integrated gradients over every FFN neuron, for all prompts of the current fact",
+                                 name="primary")
+        self.run_sel_button = button("Run selected facts", lambda: self.run_requested.emit("selection"),
+                                     "Run every fact selected in the Facts panel, one after another")
+        self.steps = QSpinBox()
+        self.steps.setRange(1, 200)
+        self.steps.setValue(20)
+        self.steps.setToolTip("m, the number of Riemann steps of the integral (paper: 20)")
+        self.rule = QComboBox()
+        self.rule.addItems(["right", "left"])
+        self.rule.setToolTip("right: alpha = k/m, k = 1..m (paper); left: k = 0..m-1 (authors' code)")
+        self.method = QComboBox()
+        self.method.addItems(["ig", "activation"])
+        self.method.setToolTip("ig: integrated gradients; activation: the paper's baseline (raw activation)")
+        params = hbox(QLabel("steps"), self.steps, QLabel("rule"), self.rule, QLabel("method"), self.method, None)
+
+        # --- thresholds
+        self.t_control = ThresholdControl("t", 0.2, "Coarse: score > t \u00d7 the prompt's max score (paper: 0.2)")
+        self.p_control = ThresholdControl("p", 0.7, "Refined: coarse in \u2265 max(p \u00d7 prompts, 3) prompts "
+                                          "(paper: 0.7, adapted per relation)")
+        self.t_control.changed.connect(self._thresholds)
+        self.p_control.changed.connect(self._thresholds)
+        self.adapt_button = button("Adapt p", self.adapt_p_requested.emit,
+                                   "Move p by \u00b10.05 (up to 6 times) until the relation's facts have 2\u20135 "
+                                   "refined neurons on average")
+        self.relation_button = button("Relation neurons", self.relation_set_requested.emit,
+                                      "Neurons refined for \u2265 10% of the relation's facts, as a neuron set")
+        self.agg = QComboBox()
+        self.agg.addItems(["sum", "max"])
+        self.agg.setToolTip("Per-layer bars: sum or max of the scores in each layer")
+        self.agg.currentTextChanged.connect(lambda _: self.redraw())
+        self.view_of = QComboBox()
+        self.view_of.setToolTip("Plot the mean over the fact's prompts, or one prompt")
+        self.view_of.currentIndexChanged.connect(lambda _: self.redraw())
+
+        self.title = QLabel("No attribution yet: pick a fact and press F5.")
+        self.title.setObjectName("heading")
+        self.title.setWordWrap(True)
+        self.summary = hint("")
+        self.hover = QLabel(" ")
+        self.hover.setObjectName("value")
+        self.hover.setTextInteractionFlags(Qt.TextSelectableByMouse)
+
+        # --- plots
+        self.layer_widget = pg.GraphicsLayoutWidget()
+        self.layer_plot = self.layer_widget.addPlot(title="Attribution per layer")
+        self.layer_plot.setLabel("bottom", "layer")
+        self.layer_plot.setLabel("left", "sum of scores")
+        self.layer_plot.showGrid(y=True, alpha=0.25)
+        self.layer_bars = pg.BarGraphItem(x=[], height=[], width=0.8, brush=BAR, pen=pg.mkPen("#2e86c1"))
+        self.layer_plot.addItem(self.layer_bars)
+        self.hist_plot = self.layer_widget.addPlot(title="Refined neurons per layer")
+        self.hist_plot.setLabel("bottom", "layer")
+        self.hist_plot.setLabel("left", "neurons")
+        self.hist_plot.showGrid(y=True, alpha=0.25)
+        self.hist_bars = pg.BarGraphItem(x=[], height=[], width=0.8, brush=REFINED, pen=pg.mkPen("#922b21"))
+        self.hist_plot.addItem(self.hist_bars)
+        self.hist_plot.setXLink(self.layer_plot)
+        for plot in (self.layer_plot, self.hist_plot):
+            plot.getAxis("left").enableAutoSIPrefix(False)
+            plot.getAxis("left").setWidth(48)
+        self.layer_widget.setMinimumHeight(190)
+
+        self.heat_widget = pg.GraphicsLayoutWidget()
+        self.heat_plot = self.heat_widget.addPlot(title="Scores: layer \u00d7 neuron")
+        self.heat_plot.setLabel("bottom", "neuron")
+        self.heat_plot.setLabel("left", "layer")
+        self.heat_plot.setMenuEnabled(True)
+        self.image = pg.ImageItem(autoDownsample=True)
+        self.heat_plot.addItem(self.image)
+        self.colormap = pg.colormap.get("CET-D1")
+        self.image.setColorMap(self.colormap)
+        self.colorbar = pg.ColorBarItem(values=(-1, 1), colorMap=self.colormap, label="score (clipped)",
+                                        interactive=False, width=14)
+        self.colorbar.setImageItem(self.image, insert_in=self.heat_plot)
+        self.refined_marks = pg.ScatterPlotItem(size=13, pen=pg.mkPen(REFINED, width=2), brush=None, symbol="o")
+        self.selected_marks = pg.ScatterPlotItem(size=15, pen=pg.mkPen("#7d6608", width=2),
+                                                 brush=pg.mkBrush(241, 196, 15, 120), symbol="s")
+        self.heat_plot.addItem(self.refined_marks)
+        self.heat_plot.addItem(self.selected_marks)
+        self.heat_widget.scene().sigMouseMoved.connect(self._hovered)
+        self.heat_widget.scene().sigMouseClicked.connect(self._clicked)
+
+        self.prompt_widget = pg.GraphicsLayoutWidget()
+        self.prompt_plot = self.prompt_widget.addPlot(title="Refined neurons across prompts")
+        self.prompt_plot.setLabel("bottom", "prompt")
+        self.prompt_plot.setLabel("left", "score / prompt max")
+        self.prompt_plot.showGrid(y=True, alpha=0.25)
+        self.prompt_legend = self.prompt_plot.addLegend(offset=(-10, 10), labelTextSize="8pt")
+        self.prompt_table = TableView(["#", "prompt", "answer", "p(answer)", "coarse", "completeness", "seconds"])
+        prompt_split = QSplitter(Qt.Vertical)
+        prompt_split.addWidget(self.prompt_widget)
+        prompt_split.addWidget(self.prompt_table)
+
+        self.tabs = QTabWidget()
+        heat_page = QWidget()
+        heat_page.setLayout(vbox(self.hover, self.heat_widget, margins=(2, 2, 2, 2)))
+        self.tabs.addTab(heat_page, "Layer \u00d7 neuron")
+        self.tabs.addTab(prompt_split, "Per prompt")
+        self.tabs.currentChanged.connect(lambda i: self._draw_prompts() if i == 1 else None)
+
+        split = QSplitter(Qt.Vertical)
+        split.addWidget(self.layer_widget)
+        split.addWidget(self.tabs)
+        split.setStretchFactor(0, 2)
+        split.setStretchFactor(1, 3)
+
+        run_box = QGroupBox("Run")
+        run_box.setLayout(vbox(hbox(self.run_button, self.run_sel_button, None), params))
+        thr_box = QGroupBox("Thresholds (views over stored scores)")
+        thr_box.setLayout(vbox(hbox(self.t_control, self.p_control),
+                               hbox(self.adapt_button, self.relation_button, QLabel("bars"), self.agg,
+                                    QLabel("show"), self.view_of, None)))
+        self.setLayout(vbox(hbox(run_box, thr_box), self.title, self.summary, split))
+        for axis in ("left", "bottom"):
+            self.heat_plot.getAxis(axis).enableAutoSIPrefix(False)
+            self.layer_plot.getAxis(axis).enableAutoSIPrefix(False)
+            self.hist_plot.getAxis(axis).enableAutoSIPrefix(False)
+        self.heat_plot.setRange(xRange=(0, 100), yRange=(0, 10), padding=0)
+        self._fill_view_of()
+        self.set_running(False, has_model=False)
+        self.redraw()
+
+    # ----------------------------------------------------------------- params
+    def params(self):
+        from kn_core.attribution import AttributionParams
+
+        return AttributionParams(steps=self.steps.value(), rule=self.rule.currentText(),
+                                 method=self.method.currentText())
+
+    def set_thresholds(self, t: float, p: float):
+        self.t_control.set_value(t)
+        self.p_control.set_value(p)
+
+    def _thresholds(self, _=None):
+        self.session.t = self.t_control.value()
+        self.session.p = self.p_control.value()
+        self.thresholds_changed.emit(self.session.t, self.session.p)
+        self.redraw()
+
+    # ----------------------------------------------------------------- data in
+    def show_run(self, run):
+        changed = run is not self.run
+        self.run = run
+        if changed:
+            self.live.clear()
+            self.selected = []
+            self._autorange = True
+        self._fill_view_of()
+        self.redraw()
+
+    def stream_chunk(self, prompt_index: int, layers: tuple[int, int], scores: np.ndarray):
+        """A layer chunk of the prompt being attributed: drawn at once, before the prompt is complete."""
+        lm = self.session.lm
+        if lm is None:
+            return
+        live = self.live.get(prompt_index)
+        if live is None:
+            live = np.full((lm.layout.layers, lm.layout.neurons), np.nan, dtype=np.float32)
+            self.live[prompt_index] = live
+        a, b = layers
+        chunk = np.asarray(scores, dtype=np.float32)
+        if chunk.ndim == 2 and chunk.shape[0] == b - a:
+            live[a:b] = chunk
+        self.schedule_redraw()
+
+    def prompt_done(self, prompt_index: int):
+        self.live.pop(prompt_index, None)
+        self._fill_view_of()
+        if self.run is not None and self.run.complete:
+            self.redraw()
+        else:
+            self.schedule_redraw()
+
+    def schedule_redraw(self):
+        if not self._redraw_timer.isActive():
+            self._redraw_timer.start()
+
+    def _fill_view_of(self):
+        current = self.view_of.currentIndex()
+        self.view_of.blockSignals(True)
+        self.view_of.clear()
+        self.view_of.addItem("mean over prompts")
+        if self.run is not None:
+            for i, prompt in enumerate(self.run.prompts):
+                self.view_of.addItem(f"prompt {i + 1}: {prompt.text[:40]}")
+        self.view_of.setCurrentIndex(max(0, min(current, self.view_of.count() - 1)))
+        self.view_of.blockSignals(False)
+
+    # ----------------------------------------------------------------- drawing
+    def _arrays(self):
+        run = self.run
+        if run is None:
+            return None, None
+        index = self.view_of.currentIndex()
+        if index > 0 and index - 1 < len(run.scores):
+            ps = run.scores[index - 1]
+            return ps.scores, ps.activations
+        if index > 0 and (index - 1) in self.live:
+            return np.nan_to_num(self.live[index - 1]), None
+        if run.scores:
+            return run.mean_scores(), run.mean_activations()
+        if self.live:
+            live = next(iter(self.live.values()))
+            return np.nan_to_num(live), None
+        return None, None
+
+    def redraw(self):
+        self._redraw_timer.stop()
+        scores, acts = self._arrays()
+        self._shown_scores, self._shown_acts = scores, acts
+        run = self.run
+        self.refined = self.session.refined(run) if run is not None and run.scores else []
+        # title and summary
+        if run is None:
+            self.title.setText("No attribution yet: pick a fact and press F5.")
+            self.summary.setText("")
+        else:
+            done, n = len(run.scores), len(run.prompts)
+            state = "" if run.complete else f"  \u2014 running: {done}/{n} prompts done"
+            self.title.setText(f"{run.fact.subject} \u2192 {run.fact.object}  ({run.fact.relation}, {n} prompts)"
+                               + state)
+            if run.scores:
+                coarse = [len(self.session.coarse(run, i)) for i in range(done)]
+                need = max(self.session.p * done, 3)
+                self.summary.setText(
+                    f"coarse per prompt: {', '.join(map(str, coarse))}   |   refined (coarse in \u2265 {need:g} of "
+                    f"{done} prompts): {len(self.refined)}   |   t = {self.session.t:.2f}, p = {self.session.p:.2f}"
+                    + ("" if done >= 3 else "   (refinement needs \u2265 3 prompts)"))
+            else:
+                self.summary.setText("waiting for the first prompt\u2026")
+        # per-layer bars
+        if scores is not None and scores.size:
+            per_layer = scores.sum(1) if self.agg.currentText() == "sum" else scores.max(1)
+            x = np.arange(len(per_layer))
+            self.layer_bars.setOpts(x=x, height=per_layer, width=0.8)
+            self.layer_plot.setLabel("left", f"{self.agg.currentText()} of scores")
+        else:
+            self.layer_bars.setOpts(x=[], height=[])
+        lm = self.session.lm
+        layers = lm.layout.layers if lm is not None else (scores.shape[0] if scores is not None else 0)
+        counts = np.zeros(layers)
+        for l, _n in self.refined:
+            if l < layers:
+                counts[l] += 1
+        self.hist_bars.setOpts(x=np.arange(layers), height=counts, width=0.8)
+        if layers:
+            self.layer_plot.setXRange(-0.6, layers - 0.4, padding=0)
+            self.hist_plot.setYRange(0, max(1, counts.max()) * 1.15, padding=0)
+        # heatmap
+        if scores is not None:
+            # colour saturates at the strongest ~0.1% (never below t x max): single neurons stay visible
+            magnitude = np.abs(scores)
+            top = float(np.nanmax(magnitude)) or 1.0
+            bound = max(float(np.nanpercentile(magnitude, 99.9)), self.session.t * top, 1e-12)
+            self.image.setImage(scores, levels=(-bound, bound), autoLevels=False)
+            self.image.setRect(0, 0, scores.shape[1], scores.shape[0])
+            self.colorbar.setLevels((-bound, bound))
+            if getattr(self, "_autorange", True):
+                self.heat_plot.setRange(xRange=(0, scores.shape[1]), yRange=(0, scores.shape[0]), padding=0.01)
+                self._autorange = False
+        else:
+            self.image.clear()
+        self.refined_marks.setData([n + 0.5 for _, n in self.refined], [l + 0.5 for l, _ in self.refined])
+        self.selected_marks.setData([n + 0.5 for _, n in self.selected], [l + 0.5 for l, _ in self.selected])
+        self._draw_prompts()
+
+    def _draw_prompts(self, force: bool = False):
+        """The per-prompt view; drawn only while its tab is visible (it is the costly one to redraw)."""
+        if not force and self.tabs.currentIndex() != 1:
+            self._prompts_stale = True
+            return
+        self._prompts_stale = False
+        run = self.run
+        if not hasattr(self, "_prompt_lines"):
+            self._prompt_lines = []
+            for k in range(len(PALETTE)):
+                color = PALETTE[k]
+                line = self.prompt_plot.plot([], [], pen=pg.mkPen(color, width=2), symbol="o", symbolSize=7,
+                                             symbolBrush=color, name=f"line {k}")
+                self._prompt_lines.append(line)
+            self._t_line = pg.InfiniteLine(pos=0.2, angle=0, pen=pg.mkPen("#7f8c8d", style=Qt.DashLine),
+                                           label="t", labelOpts={"position": 0.05, "color": "#7f8c8d"})
+            self.prompt_plot.addItem(self._t_line)
+            self._legend_names = None
+        self.prompt_table.clear_rows()
+        t = self.session.t
+        self._t_line.setValue(t)
+        self._t_line.label.setFormat(f"t = {t:.2f}")
+        shown = []
+        if run is not None and run.scores:
+            shown = (self.selected + [r for r in self.refined if r not in self.selected])[:len(self._prompt_lines)]
+        names = [f"L{l} N{i}" for l, i in shown]
+        if names != self._legend_names:
+            self.prompt_legend.clear()
+            for line, name in zip(self._prompt_lines, names):
+                self.prompt_legend.addItem(line, name)
+            self._legend_names = names
+        for k, line in enumerate(self._prompt_lines):
+            if k >= len(shown):
+                line.setData([], [])
+                continue
+            l, i = shown[k]
+            ys = []
+            for ps in run.scores:
+                top = float(np.max(ps.scores))
+                ys.append(float(ps.scores[l, i]) / top if top > 0 else 0.0)
+            line.setData(np.arange(1, len(ys) + 1), ys)
+        if run is None or not run.scores:
+            return
+        n = len(run.scores)
+        self.prompt_plot.setXRange(0.5, n + 0.5, padding=0)
+        self.prompt_plot.getAxis("bottom").setTicks([[(k, str(k)) for k in range(1, n + 1)]])
+        for k, (prompt, ps) in enumerate(zip(run.prompts, run.scores)):
+            ratios = [c["ratio"] for c in ps.completeness if c.get("ratio") == c.get("ratio")]
+            comp = f"{np.median(ratios):.2f}" if ratios else "\u2014"
+            self.prompt_table.add_row([k + 1, prompt.text, prompt.answer, fmt_prob(ps.prob),
+                                       len(self.session.coarse(run, k)), comp, f"{ps.seconds:.1f}"])
+        self.prompt_table.resizeColumnToContents(0)
+        self.prompt_table.setColumnWidth(1, 260)
+
+    # ----------------------------------------------------------------- hover and click on the heatmap
+    def neuron_at(self, scene_pos):
+        if self._shown_scores is None or not self.heat_plot.sceneBoundingRect().contains(scene_pos):
+            return None
+        point = self.heat_plot.vb.mapSceneToView(scene_pos)
+        layer, neuron = int(np.floor(point.y())), int(np.floor(point.x()))
+        L, N = self._shown_scores.shape
+        if not (0 <= layer < L and 0 <= neuron < N):
+            return None
+        # a screen pixel may cover several neurons: snap to the strongest one under the pointer
+        (x0, x1), _ = self.heat_plot.vb.viewRange()
+        width_px = max(1.0, self.heat_plot.vb.sceneBoundingRect().width())
+        radius = int((x1 - x0) / width_px * 2)
+        if radius > 0:
+            lo, hi = max(0, neuron - radius), min(N, neuron + radius + 1)
+            neuron = lo + int(np.argmax(np.abs(self._shown_scores[layer, lo:hi])))
+        return layer, neuron
+
+    def describe_neuron(self, layer: int, neuron: int) -> str:
+        text = f"layer {layer}, neuron {neuron}"
+        if self._shown_scores is not None:
+            text += f":  score {self._shown_scores[layer, neuron]:.4g}"
+        if self._shown_acts is not None:
+            text += f",  activation {self._shown_acts[layer, neuron]:.4g}"
+        if (layer, neuron) in self.refined:
+            text += "   (refined)"
+        return text
+
+    def _hovered(self, pos):
+        hit = self.neuron_at(pos)
+        if hit is None:
+            self.hover.setText(" ")
+            self.heat_widget.setToolTip("")
+            return
+        text = self.describe_neuron(*hit)
+        self.hover.setText(text)
+        self.heat_widget.setToolTip(text)
+
+    def _clicked(self, event):
+        if event.button() != Qt.LeftButton:
+            return
+        hit = self.neuron_at(event.scenePos())
+        if hit is None:
+            return
+        add = bool(event.modifiers() & (Qt.ControlModifier | Qt.ShiftModifier))
+        self.select_neuron(*hit, add=add)
+
+    def select_neuron(self, layer: int, neuron: int, add: bool = False):
+        key = (int(layer), int(neuron))
+        if add:
+            if key in self.selected:
+                self.selected.remove(key)
+            else:
+                self.selected.append(key)
+        else:
+            self.selected = [key]
+        self.hover.setText(self.describe_neuron(*key))
+        self.selected_marks.setData([n + 0.5 for _, n in self.selected], [l + 0.5 for l, _ in self.selected])
+        self._draw_prompts()
+        self.neurons_selected.emit(list(self.selected))
+        self.neuron_clicked.emit(*key)
+
+    def set_selected(self, neurons):
+        self.selected = [tuple(map(int, n)) for n in neurons]
+        self.selected_marks.setData([n + 0.5 for _, n in self.selected], [l + 0.5 for l, _ in self.selected])
+        self._draw_prompts()
+
+    def set_running(self, running: bool, has_model: bool = True):
+        self.run_button.setEnabled(has_model and not running)
+        self.run_sel_button.setEnabled(has_model and not running)
+        tip = "" if has_model else " \u2014 load a model first"
+        self.run_button.setToolTip("Integrated gradients over every FFN neuron, for all prompts of the current "
+                                   "fact" + tip)
+
+    # ----------------------------------------------------------------- export
+    def plot_items(self) -> dict:
+        return {"layers": self.layer_widget.scene(), "heatmap": self.heat_plot, "prompts": self.prompt_plot}

@@ -1,0 +1,151 @@
+"""The document behind the window: fact set, per-prompt checks, attribution runs, thresholds, neuron sets.
+
+Plain Python (no widgets) so it is easy to test and to save. Scores are kept in full; coarse and refined sets
+are views over them recomputed from t and p through the engine's pure functions.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kn_core import attribution as kn_attr
+from kn_core.facts import Fact, FactSet, Prompt, Relation, Skipped, render_prompts
+
+Neuron = tuple[int, int]
+
+
+def fact_key(fact: Fact) -> tuple[str, str, str]:
+    return (fact.relation, fact.subject, fact.object)
+
+
+def fact_label(fact: Fact) -> str:
+    return f"{fact.subject} \u2192 {fact.object}"
+
+
+def empty_factset(name: str = "untitled") -> FactSet:
+    return FactSet(name, {}, [])
+
+
+def starter_factset() -> FactSet:
+    """The engine's built-in fact set; an empty one if the package data is missing."""
+    try:
+        from kn_core.facts import builtin_facts
+
+        return builtin_facts()
+    except Exception:  # noqa: BLE001 - the app starts without it and says so in the status bar
+        return empty_factset("built-in facts unavailable")
+
+
+@dataclass
+class Run:
+    """One attribution run over the prompts of one fact."""
+
+    fact: Fact
+    prompts: list[Prompt]
+    scores: list[Any] = field(default_factory=list)  # kn_core.attribution.PromptScores, in prompt order
+    params: dict = field(default_factory=dict)
+    model: dict = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+    seconds: float = 0.0
+    complete: bool = False
+    store_id: Any = None
+
+    def score_arrays(self) -> list[np.ndarray]:
+        return [s.scores for s in self.scores]
+
+    def mean_scores(self) -> np.ndarray | None:
+        if not self.scores:
+            return None
+        return np.mean(np.stack(self.score_arrays()), axis=0)
+
+    def mean_activations(self) -> np.ndarray | None:
+        if not self.scores:
+            return None
+        return np.mean(np.stack([s.activations for s in self.scores]), axis=0)
+
+
+@dataclass
+class NeuronSet:
+    name: str
+    kind: str  # "coarse" | "refined" | "relation" | "user"
+    neurons: list[Neuron]
+    source: str = ""  # the fact or relation it came from
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "source": self.source,
+                "neurons": [[int(l), int(n)] for l, n in self.neurons]}
+
+
+class Session:
+    def __init__(self, factset: FactSet | None = None):
+        self.factset: FactSet = factset if factset is not None else empty_factset()
+        self.lm = None
+        self.checks: dict[tuple, dict] = {}  # (fact key, template) -> answer_probabilities item
+        self.runs: dict[tuple, Run] = {}  # fact key -> latest run
+        self.t = 0.2
+        self.p = 0.7
+        self.neuron_sets: dict[str, NeuronSet] = {}
+        self.results_dirty = False
+        self.path: str | None = None
+
+    # ----------------------------------------------------------------- prompts
+    def prompts_for(self, fact: Fact) -> tuple[list[Prompt], list[Skipped]]:
+        if self.lm is None:
+            return [], []
+        relation = self.factset.relations.get(fact.relation)
+        if relation is None:
+            return [], [Skipped("", f"unknown relation {fact.relation}")]
+        return render_prompts(fact, relation, self.lm.tokenizer, self.lm.kind)
+
+    def check_for(self, fact: Fact, template: str) -> dict | None:
+        return self.checks.get((fact_key(fact), template))
+
+    # ----------------------------------------------------------------- thresholds (views over stored scores)
+    def coarse(self, run: Run, prompt_index: int) -> list[Neuron]:
+        return kn_attr.coarse_neurons(run.scores[prompt_index].scores, self.t)
+
+    def refined(self, run: Run) -> list[Neuron]:
+        if not run.scores:
+            return []
+        return [tuple(n) for n in kn_attr.refined_neurons(run.score_arrays(), self.t, self.p)]
+
+    def refined_counts(self, run: Run):
+        return kn_attr.coarse_counts(run.score_arrays(), self.t)
+
+    def relation_runs(self, relation_id: str) -> list[Run]:
+        return [r for k, r in self.runs.items() if k[0] == relation_id and r.scores]
+
+    def relation_level(self, relation_id: str, fraction: float = 0.1) -> list[tuple[Neuron, int]]:
+        runs = self.relation_runs(relation_id)
+        return kn_attr.relation_neurons([self.refined(r) for r in runs], fraction)
+
+    def adapt_p(self, relation_id: str):
+        runs = self.relation_runs(relation_id)
+        if not runs:
+            raise ValueError(f"no attribution runs for relation {relation_id} yet; run some of its facts first")
+        return kn_attr.adapt_p([r.score_arrays() for r in runs], self.t, self.p)
+
+    # ----------------------------------------------------------------- neuron sets
+    def unique_set_name(self, base: str) -> str:
+        name, k = base, 2
+        while name in self.neuron_sets:
+            name, k = f"{base} ({k})", k + 1
+        return name
+
+    def put_set(self, neuron_set: NeuronSet):
+        self.neuron_sets[neuron_set.name] = neuron_set
+
+    # ----------------------------------------------------------------- inspector data (stored, no model)
+    def top_activating(self, layer: int, neuron: int, k: int = 10) -> list[tuple[str, str, float, float]]:
+        """Prompts with stored activations, ranked by this neuron's activation: (prompt, answer, act, score)."""
+        rows = []
+        for run in self.runs.values():
+            for ps in run.scores:
+                rows.append((ps.prompt, ps.answer, float(ps.activations[layer, neuron]),
+                             float(ps.scores[layer, neuron])))
+        rows.sort(key=lambda r: -r[2])
+        return rows[:k]

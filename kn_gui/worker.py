@@ -1,0 +1,255 @@
+"""The one worker thread for long jobs (model loading, checks, attribution, evaluations, export).
+
+A job is a plain callable `fn(ctx) -> result`. `ctx.progress(fraction, message)` reports progress,
+`ctx.partial(obj)` streams a partial result to the main thread, `ctx.cancel` is the CancelToken the engine
+checks between batches, and `ctx.check()` raises `Cancelled` once cancel was asked for. Jobs never touch
+widgets: results travel back through queued signals.
+
+Only one job uses the model at a time: a job submitted while another runs waits in a FIFO queue.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from PySide6.QtCore import QObject, QThread, Signal, Slot
+
+try:  # the engine's cancel token; the fallback has the same interface until attribution.py lands
+    from kn_core.attribution import CancelToken, Cancelled  # type: ignore
+except Exception:  # pragma: no cover - only while the engine module is missing
+    class Cancelled(Exception):
+        pass
+
+    class CancelToken:
+        def __init__(self):
+            self.cancelled = False
+
+        def cancel(self):
+            self.cancelled = True
+
+        def raise_if_cancelled(self):
+            if self.cancelled:
+                raise Cancelled()
+
+
+class JobContext:
+    def __init__(self, worker: "Worker", token):
+        self._worker = worker
+        self.cancel = token
+        self._last_emit = 0.0
+
+    @property
+    def cancelled(self) -> bool:
+        return bool(getattr(self.cancel, "cancelled", False))
+
+    def check(self):
+        if self.cancelled:
+            raise Cancelled("cancelled")
+
+    def progress(self, fraction: float | None, message: str = ""):
+        now = time.monotonic()
+        # at most ~25 updates a second: the UI thread must never drown in progress events
+        if fraction is not None and fraction < 1.0 and now - self._last_emit < 0.04:
+            return
+        self._last_emit = now
+        self._worker.progress.emit(-1.0 if fraction is None else float(fraction), str(message))
+
+    def partial(self, obj: Any):
+        self._worker.partial.emit(obj)
+
+
+def format_error(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text
+
+
+class Worker(QObject):
+    progress = Signal(float, str)
+    partial = Signal(object)
+    finished = Signal(object)
+    failed = Signal(str, str)  # one-line message, traceback
+    cancelled = Signal()
+    _run = Signal(object, object)
+
+    def __init__(self):
+        super().__init__()
+        self._run.connect(self._execute)
+        self._niced = False
+
+    def _lower_priority(self):
+        """The UI thread must win the CPU when both want it: run the worker thread at a lower priority (Linux:
+        per-thread nice; elsewhere Qt's thread priority)."""
+        if self._niced:
+            return
+        self._niced = True
+        try:
+            import os
+            import threading
+
+            if hasattr(os, "setpriority") and sys.platform.startswith("linux"):
+                tid = threading.get_native_id()
+                os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + 5))
+            else:
+                QThread.currentThread().setPriority(QThread.LowPriority)
+        except (OSError, AttributeError):
+            pass
+        try:  # leave a core to the UI thread on small machines (torch's intra-op pool would take them all)
+            import os
+
+            import torch
+
+            cores = os.cpu_count() or 1
+            if cores <= 4 and torch.get_num_threads() >= cores:
+                torch.set_num_threads(max(1, cores - 1))
+        except Exception:  # noqa: BLE001 - only a scheduling hint
+            pass
+
+    @Slot(object, object)
+    def _execute(self, fn, token):
+        self._lower_priority()
+        ctx = JobContext(self, token)
+        try:
+            result = fn(ctx)
+        except Cancelled:
+            self.cancelled.emit()
+            return
+        except BaseException as exc:  # noqa: BLE001 - every failure becomes a message, never a crash
+            if getattr(token, "cancelled", False) and type(exc).__name__ in ("Cancelled", "CancelledError"):
+                self.cancelled.emit()
+                return
+            self.failed.emit(format_error(exc), traceback.format_exc())
+            return
+        if getattr(token, "cancelled", False) and result is None:
+            self.cancelled.emit()
+            return
+        self.finished.emit(result)
+
+
+@dataclass
+class Job:
+    name: str
+    fn: Callable[[JobContext], Any]
+    on_done: Callable[[Any], None] | None = None
+    on_partial: Callable[[Any], None] | None = None
+    on_error: Callable[[str, str], None] | None = None
+    on_cancel: Callable[[], None] | None = None
+    uses_model: bool = True
+    started_at: float = 0.0
+    token: Any = field(default_factory=CancelToken)
+
+
+class JobRunner(QObject):
+    """Owns the worker thread; queues jobs and routes the worker's signals to each job's callbacks."""
+
+    job_started = Signal(str)
+    job_progress = Signal(float, str, float)  # fraction (-1 = unknown), message, eta seconds (-1 = unknown)
+    job_ended = Signal(str, str, str)  # name, outcome ("done" | "failed" | "cancelled"), message
+    busy_changed = Signal(bool)
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        self.thread = QThread()
+        self.thread.setObjectName("kn-worker")
+        self.worker = Worker()
+        self.worker.moveToThread(self.thread)
+        self.worker.progress.connect(self._on_progress)
+        self.worker.partial.connect(self._on_partial)
+        self.worker.finished.connect(self._on_finished)
+        self.worker.failed.connect(self._on_failed)
+        self.worker.cancelled.connect(self._on_cancelled)
+        self.thread.start()
+        self.current: Job | None = None
+        self.queue: deque[Job] = deque()
+
+    @property
+    def busy(self) -> bool:
+        return self.current is not None
+
+    def submit(self, name: str, fn, on_done=None, on_partial=None, on_error=None, on_cancel=None) -> Job:
+        job = Job(name, fn, on_done, on_partial, on_error, on_cancel)
+        self.queue.append(job)
+        if self.current is None:
+            self._start_next()
+        return job
+
+    def cancel(self):
+        """Cancels the running job and drops the queued ones."""
+        dropped = list(self.queue)
+        self.queue.clear()
+        for job in dropped:
+            if job.on_cancel:
+                job.on_cancel()
+        if self.current is not None:
+            self.current.token.cancel()
+
+    def _start_next(self):
+        if not self.queue:
+            if self.current is None:
+                self.busy_changed.emit(False)
+            return
+        was_idle = self.current is None
+        self.current = self.queue.popleft()
+        self.current.started_at = time.monotonic()
+        if was_idle:
+            self.busy_changed.emit(True)
+        self.job_started.emit(self.current.name)
+        self.worker._run.emit(self.current.fn, self.current.token)
+
+    def _on_progress(self, fraction: float, message: str):
+        job = self.current
+        if job is None:
+            return
+        eta = -1.0
+        elapsed = time.monotonic() - job.started_at
+        if 0.02 < fraction < 1.0 and elapsed > 0.5:
+            eta = elapsed * (1.0 - fraction) / fraction
+        self.job_progress.emit(fraction, message, eta)
+
+    def _on_partial(self, obj):
+        job = self.current
+        if job is not None and job.on_partial and not job.token.cancelled:
+            self._safe(job.on_partial, obj)
+
+    def _finish(self, outcome: str, callback, *args, message: str = ""):
+        job, self.current = self.current, None
+        if job is not None and callback is not None:
+            self._safe(callback, *args)
+        self.job_ended.emit(job.name if job else "", outcome, message)
+        self._start_next()
+
+    def _on_finished(self, result):
+        job = self.current
+        self._finish("done", job.on_done if job else None, result)
+
+    def _on_failed(self, message: str, tb: str):
+        job = self.current
+        self._finish("failed", (job.on_error if job else None), message, tb, message=message)
+
+    def _on_cancelled(self):
+        job = self.current
+        self._finish("cancelled", job.on_cancel if job else None)
+
+    def _safe(self, fn, *args):
+        try:
+            fn(*args)
+        except Exception:  # noqa: BLE001 - a broken callback must not take the app down
+            traceback.print_exc()
+
+    def wait_idle(self, timeout_ms: int = 30000) -> bool:
+        from PySide6.QtCore import QCoreApplication, QDeadlineTimer, QEventLoop
+
+        deadline = time.monotonic() + timeout_ms / 1000
+        while self.busy and time.monotonic() < deadline:
+            QCoreApplication.processEvents(QEventLoop.AllEvents, 20)
+            time.sleep(0.005)
+        return not self.busy
+
+    def shutdown(self, timeout_ms: int = 5000):
+        self.cancel()
+        self.thread.quit()
+        self.thread.wait(timeout_ms)

@@ -1,0 +1,139 @@
+"""Regenerates the screenshots in docs/screenshots/ (and the one the README shows) from the real app.
+
+Drives the real window through the journey on the embedded default model: load the model, pick a fact, run
+attribution, inspect a neuron, suppress the refined set, and grabs each panel at work.
+
+    xvfb-run -a -s "-screen 0 1920x1200x24" .venv/bin/python scripts/screenshots.py      # real X server (xcb)
+    QT_QPA_PLATFORM=offscreen .venv/bin/python scripts/screenshots.py                 # no X server at all
+
+Options: --steps N (integrated-gradient steps, default 20 = the paper), --fact "France" (subject in P36),
+--out DIR (default docs/screenshots).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--relation", default="P36")
+    parser.add_argument("--fact", default="France")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "screenshots"))
+    parser.add_argument("--width", type=int, default=1680)
+    parser.add_argument("--height", type=int, default=1020)
+    args = parser.parse_args(argv)
+    if "QT_QPA_PLATFORM" not in os.environ:
+        os.environ["QT_QPA_PLATFORM"] = "xcb" if os.environ.get("DISPLAY") else "offscreen"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from PySide6.QtCore import QEventLoop, QSettings, QTimer
+
+    from kn_gui.app import build_app
+    from kn_gui.main_window import MainWindow
+
+    app = build_app()
+    tmp = tempfile.mkdtemp(prefix="kn-shots-")
+    settings = QSettings(os.path.join(tmp, "settings.ini"), QSettings.IniFormat)
+    window = MainWindow(settings=settings, confirm_dialogs=False)
+    window.auto_discard = True
+    window.resize(args.width, args.height)
+    window.show()
+
+    def pump(ms: int = 300):
+        loop = QEventLoop()
+        QTimer.singleShot(ms, loop.quit)
+        loop.exec()
+
+    def wait(signal, timeout_s: float, what: str):
+        loop = QEventLoop()
+        got = []
+        signal.connect(lambda *a: (got.append(a), loop.quit()))
+        window.error_shown.connect(lambda title, message: (got.append(("error", title, message)), loop.quit()))
+        QTimer.singleShot(int(timeout_s * 1000), loop.quit)
+        loop.exec()
+        if not got:
+            raise SystemExit(f"timed out waiting for {what}")
+        if got[0] and got[0][0] == "error":
+            raise SystemExit(f"{what}: {got[0][1]}: {got[0][2]}")
+        return got[0]
+
+    def idle(timeout_s: float = 600):
+        deadline = time.monotonic() + timeout_s
+        while window.runner.busy and time.monotonic() < deadline:
+            pump(100)
+
+    def shot(widget, name: str):
+        pump(250)
+        path = out / name
+        widget.grab().save(str(path))
+        print("wrote", path)
+
+    shot(window, "00_start.png")
+    window.model_dock.raise_()
+    window.load_model("default")
+    wait(window.model_loaded, 600, "the default model")
+    idle()
+    shot(window.model_dock, "model_panel.png")
+
+    fs = window.session.factset
+    fact = next(f for f in fs.facts_of(args.relation) if f.subject == args.fact)
+    window.facts_dock.raise_()
+    window.facts_panel.select_fact(fact)
+    idle()
+    window.check_facts(fs.facts_of(args.relation))
+    idle()
+    window.facts_panel.select_fact(fact)
+    window.facts_panel.tree.expand(window.facts_panel._find_fact_item(fact).index())
+    shot(window.facts_dock, "facts_panel.png")
+
+    window.attribution_panel.steps.setValue(args.steps)
+    started = time.monotonic()
+    window.run_attribution("current")
+    pump(4000)
+    shot(window, "01_attribution_running.png")
+    wait(window.run_finished, 3600, "attribution")
+    idle()
+    print(f"attribution: {time.monotonic() - started:.0f} s")
+    run = window.session.runs[(fact.relation, fact.subject, fact.object)]
+    refined = window.session.refined(run)
+    ap = window.attribution_panel
+    if refined:
+        layer, neuron = max(refined, key=lambda n: float(run.mean_scores()[n]))
+        ap.select_neuron(layer, neuron)
+        idle()
+    shot(ap, "attribution_panel.png")
+    shot(window.neurons_dock, "neurons_panel.png")
+    ap.tabs.setCurrentIndex(1)
+    shot(ap, "per_prompt.png")
+    ap.tabs.setCurrentIndex(0)
+
+    name = f"refined: {fact.subject} \u2192 {fact.object}"
+    window.edits_panel.kind.setCurrentText("Suppress")
+    window.edits_panel.set_target_set(name)
+    window.edits_panel.apply_button.click()
+    wait(window.edit_evaluated, 600, "the edit evaluation")
+    idle()
+    shot(window.edits_dock, "edits_panel.png")
+    window.facts_dock.raise_()
+    shot(window, "main_window.png")
+
+    project = os.path.join(tmp, "journey.knproj")
+    window.save_to(project, wait=True)
+    window.close()
+    print("project saved to", project)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,105 @@
+"""The `kn` command: JSON on stdout, one-line errors, the real loading code on saved tiny models."""
+
+import json
+
+import pytest
+
+from kn_core.cli import main
+from tiny import make_tiny
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    folders = {}
+    for family in ("bert", "gpt2"):
+        lm = make_tiny(family)
+        folder = tmp_path_factory.mktemp(family)
+        lm.model.save_pretrained(folder)
+        lm.tokenizer.save_pretrained(folder)
+        folders[family] = str(folder)
+    folders["project"] = tmp_path_factory.mktemp("project") / "cli.knproj"
+    return folders
+
+
+def test_model_info_from_a_folder(capsys, saved):
+    code, out, _ = run(capsys, "model", "info", "--model", saved["bert"], "--json")
+    info = json.loads(out)
+    assert code == 0 and info["family"] == "bert" and info["kind"] == "masked"
+    assert (info["layers"], info["neurons"]) == (3, 72) and len(info["sha256"]) == 64
+
+
+def test_predict_masked_needs_a_mask(capsys, saved):
+    code, out, err = run(capsys, "predict", "The capital of France is Paris .", "--model", saved["bert"], "--json")
+    assert code == 2 and "mask" in json.loads(out)["error"]
+    assert err.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in err
+    code, out, _ = run(capsys, "predict", "The capital of France is [MASK] .", "--model", saved["bert"], "--json",
+                       "--top", "3", "--project", str(saved["project"]))
+    assert code == 0 and len(json.loads(out)["predictions"]) == 3
+    code, out, _ = run(capsys, "project", "info", str(saved["project"]), "--json")
+    assert json.loads(out)["counts"]["evaluations"] == 1
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["model", "info", "--model", "/nonexistent/folder/xyz"], "Hugging Face"),
+    (["predict", "", "--model", "default"], "empty"),
+    (["neurons", "--relation", "P999", "--subject", "France"], "no relation"),
+    (["neurons", "--relation", "P36", "--subject", "Atlantis"], "no fact"),
+    (["facts", "list", "--facts", "/nonexistent.csv"], "no such file"),
+])
+def test_bad_input_is_one_line(capsys, argv, needle):
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and needle in err and "Traceback" not in err
+
+
+def test_folder_that_is_not_a_model(capsys, tmp_path):
+    code, _, err = run(capsys, "model", "info", "--model", str(tmp_path))
+    assert code == 2 and "not a model" in err
+
+
+def test_unsupported_family_names_supported_ones(capsys, tmp_path):
+    from transformers import AlbertConfig
+
+    AlbertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                 intermediate_size=16, embedding_size=8).save_pretrained(tmp_path)
+    code, _, err = run(capsys, "model", "info", "--model", str(tmp_path))
+    assert code == 2 and "albert" in err and "llama" in err and "bert" in err
+
+
+def test_attribute_json_and_project(capsys, saved, tmp_path):
+    project = tmp_path / "p.knproj"
+    code, out, _ = run(capsys, "attribute", "--prompt", "The capital of France is", "--answer", " Paris",
+                       "--model", saved["gpt2"], "--steps", "4", "--json", "--project", str(project),
+                       "--save", str(tmp_path / "s.npz"))
+    doc = json.loads(out)
+    assert code == 0 and doc["layers"] == 3 and doc["neurons"] == 72
+    assert all(n["score"] > 0.2 * doc["max"] for n in doc["coarse"]) and len(doc["completeness"]) == 3
+    code, out, _ = run(capsys, "project", "info", str(project), "--json")
+    assert json.loads(out)["counts"]["runs"] == 1
+
+
+@pytest.mark.default_model
+def test_default_model_predicts_paris(capsys):
+    code, out, _ = run(capsys, "predict", "The capital of France is", "--json")
+    assert code == 0 and json.loads(out)["predictions"][0]["token"] == " Paris"
+
+
+@pytest.mark.default_model
+def test_default_model_knows_most_capitals(capsys):
+    code, out, _ = run(capsys, "facts", "check", "--relation", "P36", "--json")
+    doc = json.loads(out)
+    assert code == 0 and doc["facts_known"] >= doc["facts"] / 2
+
+
+@pytest.mark.default_model
+def test_default_model_refined_neurons_of_france(capsys):
+    code, out, _ = run(capsys, "neurons", "--relation", "P36", "--subject", "France", "--json")
+    doc = json.loads(out)
+    assert code == 0 and doc["refined"], doc
+    # knowledge neurons concentrate in the top layers (paper, Figure 3)
+    assert sum(n["layer"] >= 15 for n in doc["refined"]) * 2 > len(doc["refined"])

@@ -1,0 +1,330 @@
+"""Edits: exact revert under any apply/undo/redo/toggle sequence, and each edit's effect checked against an
+independent computation."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kn_core import edits as E
+from tiny import TINY_CAUSAL, TINY_MASKED, make_tiny
+
+_MODELS: dict = {}
+
+
+def tiny(family):
+    if family not in _MODELS:
+        _MODELS[family] = make_tiny(family)
+    return _MODELS[family]
+
+
+def snapshot(lm):
+    return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
+
+
+def assert_bitwise(lm, snap):
+    for name, tensor in lm.model.state_dict().items():
+        assert torch.equal(tensor, snap[name]), name
+
+
+def value_matrix(lm, layer):
+    """(neurons, hidden) view of a layer's value vectors, computed without the library."""
+    w = lm.layout.out_projs[layer].weight
+    return w.detach().clone() if type(lm.layout.out_projs[layer]).__name__ == "Conv1D" else w.detach().T.clone()
+
+
+def ids_for(lm, word):
+    text = word if lm.kind == "masked" else " " + word
+    return tuple(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+# ------------------------------------------------------------------ strategies
+
+neuron = st.tuples(st.integers(0, 2), st.integers(0, 71))
+neurons = st.lists(neuron, min_size=1, max_size=6, unique=True).map(tuple)
+
+
+def edit_strategy():
+    return st.one_of(
+        st.builds(E.Suppress, neurons, st.sampled_from(["answer", "all"])),
+        st.builds(E.Amplify, neurons, st.sampled_from([2.0, -1.5, 0.5]), st.sampled_from(["answer", "all"])),
+        st.builds(lambda n, l1, l2, emb, mt: E.Update(n, (6,), (7, 8), l1, l2, emb, mt),
+                  neurons, st.sampled_from([1.0, 0.3]), st.sampled_from([8.0, 2.5]),
+                  st.sampled_from(["input", "output"]), st.sampled_from(["first", "mean"])),
+        st.builds(E.Erase, neurons, st.sampled_from(["zero", "unk"])),
+    )
+
+
+op = st.one_of(
+    st.tuples(st.just("push"), edit_strategy()),
+    st.tuples(st.just("undo"), st.none()),
+    st.tuples(st.just("redo"), st.none()),
+    st.tuples(st.just("toggle"), st.integers(0, 20)),
+)
+
+
+@pytest.mark.parametrize("family", [TINY_MASKED, TINY_CAUSAL])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(op, max_size=12))
+def test_stack_sequences_restore_bitwise(family, ops):
+    lm = tiny(family)
+    original = snapshot(lm)
+    stack = E.EditStack(lm)
+    try:
+        for name, arg in ops:
+            if name == "push":
+                stack.push(arg)
+            elif name == "undo" and stack.can_undo():
+                stack.undo()
+            elif name == "redo" and stack.can_redo():
+                stack.redo()
+            elif name == "toggle" and len(stack):
+                i = arg % len(stack)
+                stack.set_enabled(i, not stack.entries[i].enabled)
+        # the model equals the original with the active edits applied afresh, in stack order
+        active = stack.active_edits()
+        state = snapshot(lm)
+        stack.revert_all()
+        assert_bitwise(lm, original)
+        handles = [e.apply(lm) for e in active]
+        assert_bitwise(lm, state)
+        for h in reversed(handles):
+            h.revert()
+        assert_bitwise(lm, original)
+        # the state survives a round trip through plain data
+        saved = stack.to_dict()
+        restored = E.EditStack.from_dict(lm, saved)
+        assert restored.to_dict() == saved
+        restored.clear()
+        assert_bitwise(lm, original)
+    finally:
+        stack.clear()
+    assert_bitwise(lm, original)
+    # no hooks left behind
+    for proj in lm.layout.out_projs:
+        assert not proj._forward_pre_hooks
+    assert not lm.model._forward_pre_hooks
+
+
+def test_undo_redo_semantics():
+    lm = tiny(TINY_CAUSAL)
+    stack = E.EditStack(lm)
+    a, b, c = E.Suppress(((0, 1),)), E.Erase(((1, 2),)), E.Amplify(((2, 3),), 3.0)
+    stack.push(a)
+    stack.push(b)
+    assert stack.active_edits() == [a, b]
+    assert stack.undo() == b and stack.active_edits() == [a]
+    stack.push(c)  # drops the redo branch (b)
+    assert [e.edit for e in stack.entries] == [a, c] and not stack.can_redo()
+    stack.set_enabled(0, False)
+    assert stack.active_edits() == [c]
+    assert "Amplify x3" in stack.history()[1]["description"]
+    stack.clear()
+
+
+def test_edit_dict_roundtrip():
+    for edit in (E.Suppress(((0, 1), (2, 5)), "all"), E.Amplify(((1, 1),), 2.0),
+                 E.Update(((0, 1),), (3,), (4, 5), 1.0, 8.0, "output", "first", ((2, 2),)),
+                 E.Erase(((1, 7),), "unk", "input")):
+        assert E.edit_from_dict(edit.to_dict()) == edit
+        assert edit.describe()
+    with pytest.raises(ValueError):
+        E.edit_from_dict({"kind": "melt", "neurons": []})
+
+
+# ------------------------------------------------------------------ effects, computed independently
+
+@pytest.mark.parametrize("family", [TINY_MASKED, TINY_CAUSAL])
+@pytest.mark.parametrize("embedding,multi", [("input", "mean"), ("output", "first")])
+def test_update_changes_exactly_the_chosen_vectors(family, embedding, multi):
+    lm = tiny(family)
+    chosen = ((0, 3), (2, 10), (2, 40))
+    old_ids, new_ids = ids_for(lm, "Paris"), ids_for(lm, "Berlin") + ids_for(lm, "Rome")
+    before = {l: value_matrix(lm, l) for l in range(3)}
+    emb = (lm.model.get_input_embeddings().weight if embedding == "input"
+           else lm.model.get_output_embeddings().weight).detach()
+
+    def e(ids):
+        ids = list(ids)[:1] if multi == "first" else list(ids)
+        return emb[ids].mean(0)
+
+    e_o, e_n = e(old_ids), e(new_ids)
+    handle = E.Update(chosen, old_ids, new_ids, 1.0, 8.0, embedding, multi).apply(lm)
+    for l in range(3):
+        after = value_matrix(lm, l)
+        for i in range(72):
+            if (l, i) in chosen:
+                v = before[l][i]
+                expect = v - v.norm() / e_o.norm() * e_o + v.norm() / e_n.norm() * 8.0 * e_n
+                torch.testing.assert_close(after[i], expect, rtol=1e-5, atol=1e-6)
+            else:
+                assert torch.equal(after[i], before[l][i])
+    handle.revert()
+    for l in range(3):
+        assert torch.equal(value_matrix(lm, l), before[l])
+
+
+@pytest.mark.parametrize("family", [TINY_MASKED, TINY_CAUSAL])
+def test_erase_fills(family):
+    lm = tiny(family)
+    unk = lm.tokenizer.unk_token_id
+    h = E.Erase(((1, 5), (1, 6)), "unk").apply(lm)
+    m = value_matrix(lm, 1)
+    emb = lm.model.get_input_embeddings().weight
+    assert torch.equal(m[5], emb[unk]) and torch.equal(m[6], emb[unk])
+    h.revert()
+    h = E.Erase(((1, 5),), "zero").apply(lm)
+    assert torch.count_nonzero(value_matrix(lm, 1)[5]) == 0
+    h.revert()
+
+
+def _inputs(lm, text):
+    enc = lm.tokenizer(text, return_tensors="pt")
+    return enc["input_ids"]
+
+
+@pytest.mark.parametrize("family", [TINY_MASKED, TINY_CAUSAL])
+@pytest.mark.parametrize("kind,factor", [("suppress", 0.0), ("amplify", 2.0)])
+def test_all_positions_equals_scaling_the_value_vectors(family, kind, factor):
+    lm = tiny(family)
+    ids = _inputs(lm, "The capital of France is Paris .")
+    chosen = ((0, 1), (1, 30), (2, 71))
+    edit = E.Suppress(chosen, "all") if kind == "suppress" else E.Amplify(chosen, factor, "all")
+    with torch.no_grad():
+        h = edit.apply(lm)
+        got = lm.model(input_ids=ids).logits
+        h.revert()
+        reference = copy.deepcopy(lm.model)
+        for layer, i in chosen:
+            w = lm.layout.__class__(reference).out_projs[layer].weight
+            if w.shape[0] == 72:  # Conv1D: rows are value vectors
+                w[i] *= factor
+            else:
+                w[:, i] *= factor
+        expect = reference(input_ids=ids).logits
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_answer_scope_causal_only_touches_the_last_position():
+    lm = tiny(TINY_CAUSAL)
+    ids = _inputs(lm, "The capital of France is")
+    chosen = ((0, 2), (1, 9), (2, 33), (2, 34))
+    with torch.no_grad():
+        clean = lm.model(input_ids=ids).logits
+        h = E.Suppress(chosen, "answer").apply(lm)
+        got = lm.model(input_ids=ids).logits
+        h.revert()
+        # independent: the prefix from the clean model's cache, the last token through zeroed value vectors
+        reference = copy.deepcopy(lm.model)
+        for layer, i in chosen:
+            lm.layout.__class__(reference).out_projs[layer].weight[i] = 0.0
+        past = lm.model(input_ids=ids[:, :-1], use_cache=True).past_key_values
+        last = reference(input_ids=ids[:, -1:], past_key_values=past).logits
+    torch.testing.assert_close(got[:, :-1], clean[:, :-1])
+    torch.testing.assert_close(got[:, -1], last[:, -1], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got[:, -1], clean[:, -1])
+
+
+def test_answer_scope_masked_touches_only_mask_positions():
+    lm = tiny(TINY_MASKED)
+    ids = _inputs(lm, "The capital of France is [MASK] .")
+    pos = int((ids[0] == lm.tokenizer.mask_token_id).nonzero()[0, 0])
+    chosen = ((0, 2), (1, 9), (2, 33))
+
+    def reference_hook(layer_idx):
+        def hook(module, args):
+            x = args[0].clone()
+            for layer, i in chosen:
+                if layer == layer_idx:
+                    x[0, pos, i] = x[0, pos, i] * 2.0
+            return (x,)
+        return hook
+
+    with torch.no_grad():
+        h = E.Amplify(chosen, 2.0, "answer").apply(lm)
+        got = lm.model(input_ids=ids).logits
+        h.revert()
+        hooks = [lm.layout.out_projs[l].register_forward_pre_hook(reference_hook(l)) for l in range(3)]
+        expect = lm.model(input_ids=ids).logits
+        for hk in hooks:
+            hk.remove()
+    torch.testing.assert_close(got, expect)
+
+
+def test_builders_exclusion_and_erase_choice():
+    lm = tiny(TINY_CAUSAL)
+    sets = [[(2, 1), (2, 2)], [(2, 1), (1, 4)], [(2, 1)]] + [[(0, k)] for k in range(10, 17)]
+    upd = E.make_update(lm, [(2, 1), (2, 2), (1, 4)], (6,), (7,), sets, fraction=0.1)
+    # 10 facts: (2, 1) is in 3 (> 1) -> excluded; (2, 2) and (1, 4) in 1 (not > 1) -> kept
+    assert upd.excluded == ((2, 1),) and upd.neurons == ((2, 2), (1, 4))
+    assert E.erase_neurons(sets, k=2) == [(2, 1), (0, 10)]
+    r = E.random_neurons(lm, [(2, 1), (2, 2), (0, 5)], seed=3)
+    assert [l for l, _ in r] == [2, 2, 0] and r == E.random_neurons(lm, [(2, 1), (2, 2), (0, 5)], seed=3)
+    assert not set(r) & {(2, 1), (2, 2), (0, 5)}
+
+
+def test_export_bakes_all_scope_and_refuses_answer_scope(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    lm = tiny(TINY_CAUSAL)
+    original = snapshot(lm)
+    stack = E.EditStack(lm)
+    stack.push(E.Update(((2, 3),), (6,), (7,)))
+    stack.push(E.Suppress(((1, 4),), "all"))
+    ids = _inputs(lm, "The capital of France is")
+    with torch.no_grad():
+        edited = lm.model(input_ids=ids).logits
+    info = E.export_model(lm, stack, tmp_path / "out")
+    assert len(info["edits"]) == 2
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, edited, rtol=1e-5, atol=1e-5)
+    stack.push(E.Amplify(((0, 1),), 2.0, "answer"))
+    with pytest.raises(ValueError, match="answer position"):
+        E.export_model(lm, stack, tmp_path / "out2")
+    stack.clear()
+    assert_bitwise(lm, original)
+
+
+def test_bad_neuron_rejected():
+    lm = tiny(TINY_CAUSAL)
+    with pytest.raises(ValueError, match="outside"):
+        E.Suppress(((3, 0),)).apply(lm)
+    with pytest.raises(ValueError):
+        E.Suppress(((0, 0),), scope="everywhere")
+
+
+@pytest.mark.default_model
+def test_default_model_stack_restores_bitwise_and_edits_act():
+    from kn_core import evaluation as ev
+    from kn_core.facts import Fact, Relation, render_prompts
+    from kn_core.models import load_model
+
+    lm = load_model("default", device="cpu")
+    rel = Relation("P36", "capital", ("The capital of [X] is [Y].",))
+    prompt = render_prompts(Fact("P36", "France", "Paris"), rel, lm.tokenizer, lm.kind)[0][0]
+    berlin = render_prompts(Fact("P36", "France", "Berlin"), rel, lm.tokenizer, lm.kind)[0][0]
+    p0 = ev.answer_probabilities(lm, [prompt])[0]
+    assert p0["correct"] and p0["prob"] > 0.5
+    # value vectors touched: every layer's top block, so the edits visibly move the answer
+    neurons = tuple((l, i) for l in range(24, 30) for i in range(0, 1536, 16))
+    original = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    stack = E.EditStack(lm)
+    stack.push(E.Update(neurons, prompt.answer_ids, berlin.answer_ids))
+    assert ev.answer_probabilities(lm, [berlin])[0]["prob"] > ev.answer_probabilities(lm, [prompt])[0]["prob"]
+    stack.push(E.Suppress(neurons))  # the updated value vectors are silenced again
+    assert ev.answer_probabilities(lm, [berlin])[0]["prob"] < 0.01
+    stack.push(E.Erase(neurons[:20], "unk"))
+    stack.undo()
+    stack.set_enabled(0, False)
+    stack.redo()
+    stack.revert_all()
+    for name, tensor in lm.model.state_dict().items():
+        assert torch.equal(tensor, original[name]), name
+    assert ev.answer_probabilities(lm, [prompt])[0]["prob"] == pytest.approx(p0["prob"], rel=1e-6)
+    info = ev.neuron_tokens(lm, 29, 238, top_k=5)
+    assert len(info["promotes"]) == 5 and info["promotes"][0]["logit"] > info["suppresses"][0]["logit"]

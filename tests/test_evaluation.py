@@ -1,0 +1,199 @@
+"""Evaluation: probabilities against naive one-by-one computations, neuron inspection against a hand-made
+projection, and the experiments on tiny models (they run, leave the model unchanged, and report controls)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from kn_core import edits as E
+from kn_core import evaluation as ev
+from kn_core.facts import Fact, FactSet, Relation, render_prompts
+from tiny import TINY_CAUSAL, TINY_MASKED, make_tiny
+
+_MODELS: dict = {}
+
+
+def tiny(family):
+    if family not in _MODELS:
+        _MODELS[family] = make_tiny(family)
+    return _MODELS[family]
+
+
+REL = Relation("P36", "capital", ("The capital of [X] is [Y].", "[X]'s capital city is [Y].",
+                                  "The capital city of [X] is [Y].", "[X], whose capital is [Y]."))
+REL2 = Relation("P37", "official language", ("The official language of [X] is [Y].",
+                                             "In [X], the official language is [Y].", "People in [X] speak [Y]."))
+FACTS = [Fact("P36", "France", "Paris"), Fact("P36", "Argentina", "Buenos Aires"), Fact("P36", "Japan", "Tokyo"),
+         Fact("P37", "France", "French"), Fact("P37", "Japan", "Japanese")]
+
+
+def prompts_of(lm, fact):
+    rel = REL if fact.relation == "P36" else REL2
+    return render_prompts(fact, rel, lm.tokenizer, lm.kind)[0]
+
+
+def naive_prob(lm, prompt):
+    """One prompt at a time, no padding, answer tokens teacher-forced one by one."""
+    tok = lm.tokenizer
+    ids = list(tok(prompt.text)["input_ids"])
+    p = 1.0
+    with torch.no_grad():
+        if lm.kind == "causal":
+            for a in prompt.answer_ids:
+                logits = lm.model(input_ids=torch.tensor([ids])).logits[0, -1]
+                p *= float(torch.softmax(logits, -1)[a])
+                ids.append(a)
+        else:
+            slots = [i for i, t in enumerate(ids) if t == tok.mask_token_id]
+            for slot, a in zip(slots, prompt.answer_ids):
+                logits = lm.model(input_ids=torch.tensor([ids])).logits[0, slot]
+                p *= float(torch.softmax(logits, -1)[a])
+                ids[slot] = a
+    return p
+
+
+@pytest.mark.parametrize("family", [TINY_MASKED, TINY_CAUSAL])
+def test_answer_probabilities_match_naive(family):
+    lm = tiny(family)
+    prompts = [p for f in FACTS for p in prompts_of(lm, f)]
+    assert any(len(p.answer_ids) > 1 for p in prompts)
+    got = ev.answer_probabilities(lm, prompts, batch_size=5, top_k=3)
+    for p, g in zip(prompts, got):
+        assert math.isclose(g["prob"], naive_prob(lm, p), rel_tol=1e-4)
+        assert len(g["top"]) == 3 and g["top"][0]["id"] == g["top1_id"]
+
+
+def test_predict():
+    lm = tiny(TINY_MASKED)
+    with pytest.raises(ValueError, match="mask"):
+        ev.predict(lm, "The capital of France is Paris.")
+    top = ev.predict(lm, "The capital of France is [MASK].", top_k=4)
+    assert len(top) == 4 and top[0]["prob"] >= top[-1]["prob"]
+    causal = tiny(TINY_CAUSAL)
+    top = ev.predict(causal, "The capital of France is", top_k=2)
+    ids = causal.tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expect = torch.softmax(causal.model(input_ids=ids).logits[0, -1], -1).topk(2)
+    assert [t["id"] for t in top] == expect.indices.tolist()
+
+
+@pytest.mark.parametrize("family", [TINY_MASKED, TINY_CAUSAL])
+def test_neuron_tokens_by_hand(family):
+    lm = tiny(family)
+    info = ev.neuron_tokens(lm, 1, 7, top_k=5)
+    proj = lm.layout.out_projs[1]
+    w = proj.weight
+    v = w[7] if type(proj).__name__ == "Conv1D" else w[:, 7]
+    with torch.no_grad():
+        if family == "gpt2":
+            logits = lm.model.lm_head(lm.model.transformer.ln_f(v))
+        else:
+            logits = lm.model.cls(v[None, None])[0, 0]
+    assert [r["id"] for r in info["promotes"]] == logits.topk(5).indices.tolist()
+    assert [r["id"] for r in info["suppresses"]] == (-logits).topk(5).indices.tolist()
+    assert info["suppresses"][0]["logit"] == pytest.approx(float(logits.min()), rel=1e-5)
+
+
+@pytest.mark.parametrize("family", [TINY_MASKED, TINY_CAUSAL])
+def test_activations_match_attribution(family):
+    from kn_core.attribution import AttributionParams, attribute
+
+    lm = tiny(family)
+    prompts = prompts_of(lm, FACTS[0])
+    neurons = [(0, 3), (2, 50)]
+    acts = ev.neuron_activations(lm, neurons, prompts)
+    for row, p in zip(acts, prompts):
+        s = attribute(lm, p, AttributionParams(method="activation"))
+        assert row == pytest.approx([s.activations[l, i] for l, i in neurons], rel=1e-4, abs=1e-6)
+    ranked = ev.rank_by_activation(lm, neurons, ["The capital of France is", "Paris is nice"] if family == "gpt2"
+                                   else ["The capital of France is [MASK].", "Paris"])
+    assert ranked[0]["activation"] >= ranked[1]["activation"] and ranked[0]["rank"] == 1
+
+
+def test_relative_change_and_stats():
+    assert ev.relative_change([0.5, 0.1], [0.3, 0.0]) == pytest.approx(-0.5)
+    stats = ev.neuron_statistics([[(0, 1), (2, 3)], [(2, 3)], [(2, 3), (1, 1)]], ["A", "A", "B"], 3)
+    assert stats["mean_neurons_per_fact"] == pytest.approx(5 / 3)
+    assert stats["layer_histogram"] == [1, 1, 3]
+    assert stats["shared_intra_relation"] == 1.0 and stats["shared_inter_relation"] == 1.0
+
+
+def _records(lm):
+    recs = []
+    rng = np.random.default_rng(0)
+    for k, f in enumerate(FACTS):
+        prompts = prompts_of(lm, f)
+        neurons = [(2, int(rng.integers(72))), (1, int(rng.integers(72)))]
+        acts = [rng.random((3, 72)).astype(np.float32) for _ in prompts]
+        recs.append(ev.FactRecord(f, prompts, neurons, [(2, 5)] if k % 2 else [], acts))
+    return recs
+
+
+@pytest.mark.parametrize("family", [TINY_MASKED, TINY_CAUSAL])
+def test_experiments_run_and_restore(family):
+    lm = tiny(family)
+    original = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    recs = _records(lm)
+    sa = ev.suppress_amplify_experiment(lm, recs, control_prompts=4)
+    assert set(sa["average"]) == {"knowledge", "baseline", "random"}
+    assert sa["per_relation"]["P36"]["knowledge"]["suppress"]["own"]["n_prompts"] > 0
+    er = ev.erase_experiment(lm, recs, k=3, control_prompts=4)
+    assert len(er["per_relation"]["P36"]["neurons"]) == 3
+    assert "accuracy" in er["per_relation"]["P36"]["knowledge"]
+    act = ev.activation_by_prompt(recs)
+    assert act["facts"] == len(recs)
+    for name, tensor in lm.model.state_dict().items():
+        assert torch.equal(tensor, original[name]), name
+
+
+def test_update_experiment_on_tiny(monkeypatch):
+    lm = tiny(TINY_CAUSAL)
+    original = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    recs = _records(lm)
+    factset = FactSet("t", {"P36": REL, "P37": REL2}, FACTS)
+    real = ev.answer_probabilities
+
+    def all_correct(lm_, prompts, batch_size=16, progress=None, cancel=None, top_k=0):
+        rows = real(lm_, prompts, batch_size, progress, cancel, top_k)
+        return [dict(r, correct=True) for r in rows]
+
+    monkeypatch.setattr(ev, "answer_probabilities", all_correct)
+    up = ev.update_experiment(lm, recs, factset, facts_per_relation=2, control_prompts=4, fraction=1.0)
+    monkeypatch.setattr(ev, "answer_probabilities", real)
+    assert up["facts"], up["skipped"]
+    row = up["facts"][0]
+    assert row["new_object"] != row["object"]
+    for key in ("change_rate", "success_rate", "top5_rate", "ppl_intra_change", "ppl_inter_change"):
+        assert key in up["knowledge"] and key in up["random"]
+    for name, tensor in lm.model.state_dict().items():
+        assert torch.equal(tensor, original[name]), name
+
+
+def test_reproduce_on_tiny_writes_report(tmp_path):
+    import json
+
+    from kn_core.reproduce import run_reproduce
+
+    lm = tiny(TINY_CAUSAL)
+    original = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    facts = FACTS + [Fact("P36", "Italy", "Rome"), Fact("P37", "Italy", "Italian")]
+    factset = FactSet("t", {"P36": REL, "P37": REL2}, facts)
+    report = run_reproduce(lm, factset, tmp_path, ["P36", "P37"], facts_per_relation=2, steps=1,
+                           control_prompts=4, say=lambda m: None)
+    assert report["status"] == "done"
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["model"]["sha256"] == lm.sha256 and "torch" in data["versions"]
+    assert "suppress_amplify" in data and "update" in data and "erase" in data
+    text = (tmp_path / "report.md").read_text()
+    assert "-29.03%" in text and "Suppress" in text
+    assert (tmp_path / "layer_histogram.png").exists()
+    for name, tensor in lm.model.state_dict().items():
+        assert torch.equal(tensor, original[name]), name
+    # a second run reads the attribution cache
+    again = run_reproduce(lm, factset, tmp_path, ["P36", "P37"], facts_per_relation=2, steps=1,
+                          control_prompts=4, say=lambda m: None)
+    assert again["neuron_statistics"] == report["neuron_statistics"]

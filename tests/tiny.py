@@ -1,0 +1,171 @@
+"""Tiny random models of every supported family, built from config classes (no download), with a word-level
+tokenizer over a small geography vocabulary.
+
+Tokenizers
+- masked families: BERT-style special tokens ([PAD] [UNK] [CLS] [SEP] [MASK]); words and punctuation are split
+  apart and `[CLS] ... [SEP]` is added around every text.
+- causal families: like GPT-2/Llama BPE, a word after a space carries the space as a leading "▁" and decodes
+  back to " word": `tok(" Paris")` is one token and `tok.decode` gives " Paris". Every word exists both with
+  and without the marker; punctuation is split off ("Paris." -> "▁Paris", "."). No BOS is added (as GPT-2 and
+  SmolLM2); `<s>`/`</s>`/`<unk>`/`<pad>` exist.
+Unknown words become [UNK]/<unk>. Multi-token answers exist: "Addis Ababa", "Buenos Aires", "New Zealand".
+Weights use INIT_STD = 0.2, so predictions are peaked rather than uniform; `make_tiny(..., **overrides)` passes
+any config field through (e.g. `make_tiny("opt", word_embed_proj_dim=16)`).
+
+Import from tests as `from tiny import make_tiny` (pytest puts tests/ on sys.path through conftest.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, PreTrainedTokenizerFast
+
+from kn_core.ffn import FAMILIES
+from kn_core.models import LoadedModel, wrap_model
+
+TINY_MASKED = "bert"
+TINY_CAUSAL = "gpt2"
+ALL_FAMILIES = sorted(FAMILIES)
+
+LAYERS = 3
+HIDDEN = 32
+NEURONS = 72  # neither HIDDEN nor 4 * HIDDEN, so a transposed weight or an ignored size shows up
+HEADS = 4
+MAX_POSITIONS = 64
+INIT_STD = 0.2  # 10x the usual 0.02: logits of order 1 and peaked predictions, so edits and heads show effects
+
+# country, capital, language, continent
+GEOGRAPHY = [
+    ("France", "Paris", "French", "Europe"),
+    ("Germany", "Berlin", "German", "Europe"),
+    ("Italy", "Rome", "Italian", "Europe"),
+    ("Spain", "Madrid", "Spanish", "Europe"),
+    ("Portugal", "Lisbon", "Portuguese", "Europe"),
+    ("Poland", "Warsaw", "Polish", "Europe"),
+    ("Greece", "Athens", "Greek", "Europe"),
+    ("Sweden", "Stockholm", "Swedish", "Europe"),
+    ("Norway", "Oslo", "Norwegian", "Europe"),
+    ("Finland", "Helsinki", "Finnish", "Europe"),
+    ("Denmark", "Copenhagen", "Danish", "Europe"),
+    ("Netherlands", "Amsterdam", "Dutch", "Europe"),
+    ("Russia", "Moscow", "Russian", "Europe"),
+    ("Hungary", "Budapest", "Hungarian", "Europe"),
+    ("Austria", "Vienna", "German", "Europe"),
+    ("Ireland", "Dublin", "English", "Europe"),
+    ("Japan", "Tokyo", "Japanese", "Asia"),
+    ("China", "Beijing", "Chinese", "Asia"),
+    ("Korea", "Seoul", "Korean", "Asia"),
+    ("India", "Delhi", "Hindi", "Asia"),
+    ("Thailand", "Bangkok", "Thai", "Asia"),
+    ("Vietnam", "Hanoi", "Vietnamese", "Asia"),
+    ("Indonesia", "Jakarta", "Indonesian", "Asia"),
+    ("Turkey", "Ankara", "Turkish", "Asia"),
+    ("Iran", "Tehran", "Persian", "Asia"),
+    ("Egypt", "Cairo", "Arabic", "Africa"),
+    ("Kenya", "Nairobi", "Swahili", "Africa"),
+    ("Nigeria", "Abuja", "English", "Africa"),
+    ("Ethiopia", "Addis", "Amharic", "Africa"),
+    ("Morocco", "Rabat", "Arabic", "Africa"),
+    ("Brazil", "Brasilia", "Portuguese", "America"),
+    ("Argentina", "Buenos", "Spanish", "America"),
+    ("Peru", "Lima", "Spanish", "America"),
+    ("Chile", "Santiago", "Spanish", "America"),
+    ("Mexico", "Mexico", "Spanish", "America"),
+    ("Canada", "Ottawa", "English", "America"),
+    ("Cuba", "Havana", "Spanish", "America"),
+    ("Australia", "Canberra", "English", "Oceania"),
+]
+WORDS = [
+    "The", "the", "A", "a", "An", "an", "capital", "city", "of", "is", "was", "in", "on", "and", "its", "language",
+    "official", "spoken", "people", "speak", "located", "continent", "country", "part", "which", "lies", "main",
+    "seat", "government", "has", "Its", "It", "it", "In", "largest", "known", "as", "for", "to", "from", "by",
+    "s", "North", "South", "Asia", "Europe", "Africa", "America", "Oceania", "Antarctica", "world", "nation",
+    "Aires", "Ababa", "New", "Zealand", "Wellington", "Maori", "United", "States", "Washington", "Kingdom",
+    "London", "Switzerland", "Bern",
+]
+PUNCTUATION = [".", ",", "'", "?", "!", ":", ";", "-", "(", ")"]
+
+
+def vocabulary() -> list[str]:
+    seen: dict[str, None] = {}
+    for row in GEOGRAPHY:
+        seen.update(dict.fromkeys(row))
+    seen.update(dict.fromkeys(WORDS))
+    return list(seen)
+
+
+def make_tokenizer(kind: str) -> PreTrainedTokenizerFast:
+    words = vocabulary()
+    if kind == "masked":
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        tokens = specials + words + PUNCTUATION
+        tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        cls, sep = tokens.index("[CLS]"), tokens.index("[SEP]")
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+        tok.decoder = decoders.WordPiece()  # joins words with spaces
+        return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                       cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    specials = ["<pad>", "<unk>", "<s>", "</s>"]
+    tokens = specials + words + ["▁" + w for w in words] + PUNCTUATION + ["▁" + p for p in PUNCTUATION]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
+    # Metaspace turns each space into a "▁" prefix of the next word; punctuation is then cut off words.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never"),
+        pre_tokenizers.Punctuation(behavior="isolated"),
+    ])
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="never")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                                   bos_token="<s>", eos_token="</s>")
+
+
+def _config_kwargs(family: str, tokenizer) -> dict:
+    ids = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id, "initializer_range": INIT_STD}
+    if FAMILIES[family].kind == "causal":
+        ids.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    if family == "distilbert":
+        return ids | dict(dim=HIDDEN, hidden_dim=NEURONS, n_layers=LAYERS, n_heads=HEADS,
+                          max_position_embeddings=MAX_POSITIONS)
+    if family in ("gpt2", "gpt_bigcode", "gptj"):
+        extra = {"rotary_dim": 4} if family == "gptj" else {}
+        return ids | extra | dict(n_embd=HIDDEN, n_inner=NEURONS, n_layer=LAYERS, n_head=HEADS,
+                                  n_positions=MAX_POSITIONS)
+    if family == "bloom":  # Bloom's FFN is always 4 * hidden
+        return ids | dict(hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS)
+    kwargs = ids | dict(hidden_size=HIDDEN, num_attention_heads=HEADS, max_position_embeddings=MAX_POSITIONS)
+    if family == "gpt_neo":
+        return kwargs | dict(num_layers=LAYERS, num_heads=HEADS, intermediate_size=NEURONS,
+                             attention_types=[[["global", "local"], 1], [["global"], 1]])
+    kwargs["num_hidden_layers"] = LAYERS
+    if family == "opt":
+        return kwargs | dict(ffn_dim=NEURONS, word_embed_proj_dim=HIDDEN, init_std=INIT_STD)
+    if family == "falcon":
+        return kwargs | dict(ffn_hidden_size=NEURONS)
+    kwargs["intermediate_size"] = NEURONS
+    if family == "granite":
+        kwargs["logits_scaling"] = 4.0  # real Granite checkpoints divide logits by 8 or 16; 1.0 would hide it
+    if family == "electra":
+        # Real ELECTRA generators use a narrower embedding (e.g. 128 vs 256), which value-vector edits cannot add.
+        kwargs["embedding_size"] = HIDDEN
+    if FAMILIES[family].blocks == "model.layers" and family != "phi":
+        kwargs.update(num_key_value_heads=2, head_dim=HIDDEN // HEADS)  # grouped-query attention, like Llama
+    return kwargs
+
+
+def make_tiny(family: str, seed: int = 0, **overrides) -> LoadedModel:
+    """A random fp32 model of `family` (3 layers, hidden 32, 72 neurons, eval mode) with its tiny tokenizer."""
+    spec = FAMILIES[family]
+    tokenizer = make_tokenizer(spec.kind)
+    config = AutoConfig.for_model(family, **(_config_kwargs(family, tokenizer) | overrides))
+    config._attn_implementation = "eager"  # same numbers on every machine, and Gemma-2's softcapping needs it
+    auto = AutoModelForMaskedLM if spec.kind == "masked" else AutoModelForCausalLM
+    torch.manual_seed(seed)
+    model = auto.from_config(config, dtype=torch.float32)
+    return wrap_model(model, tokenizer, source=f"tiny-{family}")
+
+
+def tiny_llama(seed: int = 0, **overrides) -> LoadedModel:
+    """A tiny Llama (gated FFN, RMSNorm, tied embeddings like the default SmolLM2-135M)."""
+    return make_tiny("llama", seed, **({"tie_word_embeddings": True} | overrides))
