@@ -248,23 +248,29 @@ def test_cancel_before_any_prompt_restores_previous_run(window, qtbot):
     assert window.session.runs[("P36", "France", "Paris")] is first
 
 
-def test_ui_thread_stays_responsive_during_attribution(window, qtbot):
-    """A 20 ms QTimer heartbeat never misses by more than 100 ms while attribution streams into the plots."""
-    facts = window.session.factset.facts_of("P36")[:3]
+def test_ui_thread_stays_responsive_during_attribution(app, qtbot, settings):
+    """A 20 ms QTimer heartbeat is never late by more than 100 ms while attribution streams into the plots."""
+    # wider and deeper than the other tests' model, so the job lasts seconds even on a fast machine
+    window = make_window(qtbot, settings, make_tiny(TINY_CAUSAL, n_embd=256, n_inner=1024, n_layer=8))
+    facts = window.session.factset.facts
     window.facts_panel.select_facts(facts)
-    window.attribution_panel.steps.setValue(800)
+    window.attribution_panel.steps.setValue(60)
     ticks = []
     timer = QTimer()
     timer.setInterval(20)
     timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
-    with qtbot.waitSignal(window.runner.job_ended, timeout=180000):
+    started = time.perf_counter()
+    with qtbot.waitSignal(window.runner.job_ended, timeout=300000):
         timer.start()
         window.run_attribution("selection")
+    ended = time.perf_counter()
     timer.stop()
     assert all(r.complete for r in (window.session.runs[(f.relation, f.subject, f.object)] for f in facts))
-    gaps = np.diff(ticks)
-    assert len(ticks) > 10
-    assert gaps.max() < 0.020 + 0.100, f"heartbeat missed by {gaps.max() - 0.020:.3f} s"
+    # the job must outlast many heartbeats, or the check below proves nothing
+    assert ended - started > 0.5, f"workload too small: the job took {ended - started:.2f} s"
+    # the gaps include the job's start and end, so a UI thread blocked at either edge is caught too
+    gaps = np.diff([started, *ticks, ended])
+    assert gaps.max() < 0.020 + 0.100, f"heartbeat late by {gaps.max() - 0.020:.3f} s"
 
 
 def test_run_selected_facts_streams_each_fact(window, qtbot):
