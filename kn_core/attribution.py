@@ -6,10 +6,11 @@ answer position is scaled by alpha_k and P is the answer's probability. Right Ri
 
 How it is fast without approximating anything:
 - Every row of a batch patches one (layer, step) pair, and rows never run a block below their layer: those
-  blocks' outputs are identical to the clean run's, so they are replayed from a cache.
-- A pass runs the rows of a range of layers from the lowest one up; several passes share one vocabulary head
-  and one backward (`plan_passes`: on CPU small passes, since FLOPs are the cost; on GPUs many layers
-  per pass, since kernel launches are).
+  blocks' outputs are identical to the clean run's, so they are replayed from a cache. In the lowest block of
+  a pass, everything before the patch point (attention, the FFN's input side) is replayed too.
+- A pass runs the rows of a range of layers in one batch that grows as it goes up: the rows of layer l join
+  at block l's input, so no block runs that need not run. Passes hold as many layers as memory allows
+  (`plan_passes`); several passes share one vocabulary head and one backward.
 - Causal models: the prompt prefix runs once and its key/value cache is shared by all rows, so each row
   computes only the answer position. Masked models: the vocabulary head runs only at the mask.
 - Parameters never need gradients; one backward gives the gradient of every row at once.
@@ -27,6 +28,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
 from .ffn import ActivationPatch, capture_activations
 from .models import LoadedModel
@@ -34,6 +36,7 @@ from .models import LoadedModel
 Neuron = tuple[int, int]
 CPU_ROWS_PER_PASS = 120
 CPU_TOKENS_PER_PASS = 400
+_FIXED_BATCH = {"bloom", "gpt_bigcode"}  # per-batch ALiBi tensors; a final view to the input batch
 ProgressFn = Callable[[float, "dict | None"], None]
 
 
@@ -180,21 +183,67 @@ def _expand(obj, rows: int):
     return obj
 
 
-class _SkipBlocks:
-    """Replaces the forward of blocks below `first` with a replay of their clean outputs, expanded to `rows`."""
+class _Replay:
+    """Replaces the forward of modules with a replay of their clean outputs, expanded to `rows`.
 
-    def __init__(self, blocks, outputs, first: int, rows: int):
-        self.blocks = blocks[:first]
-        self.replays = [_expand(outputs[j], rows) for j in range(first)]
+    The module's own instance `forward`, if any (accelerate's device hooks put one there), is restored after.
+    """
+
+    def __init__(self, replays: Sequence[tuple[nn.Module, object]], rows: int):
+        self.replays = [(module, _expand(out, rows)) for module, out in replays]
 
     def __enter__(self):
-        for block, replay in zip(self.blocks, self.replays):
-            block.forward = lambda *args, _out=replay, **kwargs: _out
+        self.saved = [module.__dict__.get("forward") for module, _ in self.replays]
+        for module, out in self.replays:
+            module.forward = lambda *args, _out=out, **kwargs: _out
         return self
 
     def __exit__(self, *exc):
-        for block in self.blocks:
-            del block.forward  # back to the class's forward
+        for (module, _), saved in zip(self.replays, self.saved):
+            if saved is None:
+                del module.forward  # back to the class's forward
+            else:
+                module.forward = saved
+
+
+def _record_replayable(layout, layer: int, outputs: dict[nn.Module, object]) -> list:
+    """Hooks that fill `outputs` with the clean output of each module of block `layer` that runs before the
+    out-projection and only once: in a pass whose lowest layer is `layer`, those outputs are the same for every
+    row (the patch comes later), so the block need not recompute its attention or the FFN's input side.
+    """
+    path = layout.path_to_out_proj(layer)
+    out_proj = layout.out_projs[layer]
+    calls: Counter = Counter()
+    reached = []
+
+    def record(module, args, output):
+        calls[module] += 1
+        if not reached:
+            outputs[module] = output
+
+    handles = [out_proj.register_forward_pre_hook(lambda m, a: reached.append(True) and None)]
+    for parent in path:
+        for child in parent.children():
+            if child is not out_proj and not any(child is p for p in path):
+                handles.append(child.register_forward_hook(record))
+
+    def finish():
+        for h in handles:
+            h.remove()
+        for module, n in calls.items():  # a module called again after the patch point must really run
+            if n != 1 or not _batch_of_one(outputs.get(module)):
+                outputs.pop(module, None)
+
+    return finish
+
+
+def _batch_of_one(obj) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return obj.dim() > 0 and obj.shape[0] == 1
+    if isinstance(obj, tuple):
+        return any(isinstance(o, torch.Tensor) for o in obj) and all(
+            o is None or _batch_of_one(o) for o in obj)
+    return False
 
 
 class _Runner:
@@ -218,13 +267,20 @@ class _Runner:
             self.pos = target.pos
         self._clean()
 
-    def _hidden(self, rows: int) -> torch.Tensor:
-        """The base model's final hidden state at the answer position, one row per batch row."""
+    def _hidden(self, rows: int, cache_rows: Sequence[int] | None = None) -> torch.Tensor:
+        """The base model's final hidden state at the answer position, one row per batch row.
+
+        `cache_rows[j]`: the batch that block j sees, when the batch grows inside the model (`_grown_pass`).
+        """
         ids = self.step_ids.expand(rows, -1)
         if self.prefix_cache is None:
             return self.layout.base_model()(input_ids=ids).last_hidden_state[:, self.pos]
         cache = copy.deepcopy(self.prefix_cache)
-        if rows > 1:
+        if cache_rows is not None:
+            for layer, n in zip(cache.layers, cache_rows):
+                if n > 1:
+                    layer.batch_repeat_interleave(n)
+        elif rows > 1:
             cache.batch_repeat_interleave(rows)
         return self.layout.base_model()(input_ids=ids, past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
 
@@ -235,49 +291,107 @@ class _Runner:
 
     def _clean(self):
         outputs: dict[int, object] = {}
+        inputs: dict[int, torch.Tensor] = {}
         handles = [block.register_forward_hook(lambda m, a, o, j=j: outputs.__setitem__(j, o))
                    for j, block in enumerate(self.layout.blocks)]
+        handles += [block.register_forward_pre_hook(
+            lambda m, a, kw, j=j: inputs.__setitem__(j, (a[0] if a else kw["hidden_states"]).detach()), with_kwargs=True)
+            for j, block in enumerate(self.layout.blocks)]
+        inside: list[dict[nn.Module, object]] = [{} for _ in range(self.layout.layers)]
+        finishes = [_record_replayable(self.layout, j, inside[j]) for j in range(self.layout.layers)]
         try:
             with torch.no_grad():
                 prob, acts = capture_activations(self.layout, lambda: self._probs(self._hidden(1)))
         finally:
             for h in handles:
                 h.remove()
+            for finish in finishes:
+                finish()
         self.block_outputs = [outputs[j] for j in range(self.layout.layers)]
+        self.block_inputs = [inputs[j] for j in range(self.layout.layers)]
+        self.inside_outputs = inside
         self.prob = float(prob[0])
         self.acts = torch.stack([_at_least_fp32(acts[l][0, self.pos]).to(self.device) for l in range(self.layout.layers)])
 
     def patched(self, passes: Sequence[range], alphas: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
         """Gradients [layers, alphas, N] at the patched points and probabilities [layers, alphas].
 
-        Each pass runs the rows of its layers from its lowest layer up (blocks below are replayed); the final
-        hidden states of all passes then go through one vocabulary head and one backward.
+        The final hidden states of all passes go through one vocabulary head and one backward.
         """
         n_alpha = len(alphas)
         alpha = torch.tensor(alphas, device=self.acts.device, dtype=self.acts.dtype)
         leaves, hiddens = [], []
+        run_pass = self._fixed_pass if self.layout.family in _FIXED_BATCH else self._grown_pass
         with torch.enable_grad():
             for layers in passes:
-                rows = len(layers) * n_alpha
                 base = self.acts[layers.start:layers.stop]
-                patch = (alpha[None, :, None] * base[:, None, :]).reshape(rows, -1).requires_grad_(True)
-                leaves.append(patch)
-
-                def replace(layer, x, patch=patch, first=layers.start):
-                    block = slice((layer - first) * n_alpha, (layer - first + 1) * n_alpha)
-                    x = x.clone()
-                    x[block, self.pos] = patch[block].to(device=x.device, dtype=x.dtype)
-                    return x
-
-                with _SkipBlocks(self.layout.blocks, self.block_outputs, layers.start, rows), \
-                        ActivationPatch(self.layout, replace, layers):
-                    hiddens.append(self._hidden(rows))
+                patch = (alpha[None, :, None] * base[:, None, :]).reshape(len(layers) * n_alpha, -1)
+                leaves.append(patch.requires_grad_(True))
+                hiddens.append(run_pass(layers, patch, n_alpha))
             head_device = hiddens[0].device
             probs = self._probs(torch.cat([h.to(head_device) for h in hiddens]))
             grads = torch.autograd.grad(probs.sum(), leaves)
         n_layers = sum(len(layers) for layers in passes)
         grad = torch.cat([g.to(self.acts.device) for g in grads])
         return grad.reshape(n_layers, n_alpha, -1).detach(), probs.detach().reshape(n_layers, n_alpha)
+
+    def _grown_pass(self, layers: range, patch: torch.Tensor, n_alpha: int) -> torch.Tensor:
+        """One pass whose batch grows: the rows of layer l join at block l's input, from the clean input of
+        that block, so no row ever runs a block below its layer. At block l the newest rows are layer l's."""
+        first = layers.start
+
+        def join(layer, hidden):
+            new = self.block_inputs[layer].expand(n_alpha, *hidden.shape[1:]).to(hidden.dtype)
+            return new if layer == first else torch.cat([hidden, new])
+
+        def put(layer, x):
+            x = x.clone()
+            rows = slice((layer - first) * n_alpha, (layer - first + 1) * n_alpha)
+            x[-n_alpha:, self.pos] = patch[rows].to(device=x.device, dtype=x.dtype)
+            return x
+
+        below = list(zip(self.layout.blocks[:first], self.block_outputs[:first]))
+        cache_rows = [0] * first + [min(j - first + 1, len(layers)) * n_alpha
+                                    for j in range(first, self.layout.layers)]
+        with _Replay(below, 1), _Replay(list(self.inside_outputs[first].items()), n_alpha), \
+                _JoinRows(self.layout, join, layers), ActivationPatch(self.layout, put, layers):
+            return self._hidden(1, cache_rows)
+
+    def _fixed_pass(self, layers: range, patch: torch.Tensor, n_alpha: int) -> torch.Tensor:
+        """One pass with every row from the pass's lowest block up (rows of higher layers carry clean values
+        until their layer): for families whose blocks get per-batch tensors (Bloom's ALiBi) that a grown
+        batch would not match."""
+        first, rows = layers.start, len(layers) * n_alpha
+
+        def put(layer, x):
+            x = x.clone()
+            block = slice((layer - first) * n_alpha, (layer - first + 1) * n_alpha)
+            x[block, self.pos] = patch[block].to(device=x.device, dtype=x.dtype)
+            return x
+
+        replays = [*zip(self.layout.blocks[:first], self.block_outputs[:first]), *self.inside_outputs[first].items()]
+        with _Replay(replays, rows), ActivationPatch(self.layout, put, layers):
+            return self._hidden(rows)
+
+
+class _JoinRows:
+    """Forward-pre-hooks on blocks: `fn(layer, hidden) -> hidden` replaces the block's input hidden states."""
+
+    def __init__(self, layout, fn, layers: range):
+        def hook(module, args, kwargs, layer):
+            if args:
+                return (fn(layer, args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": fn(layer, kwargs["hidden_states"])}
+
+        self.handles = [layout.blocks[layer].register_forward_pre_hook(
+            lambda m, a, kw, layer=layer: hook(m, a, kw, layer), with_kwargs=True) for layer in layers]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
 
 
 def _row_bytes(lm: LoadedModel, seq_len: int, layers_run: int) -> int:
@@ -291,9 +405,9 @@ def _row_bytes(lm: LoadedModel, seq_len: int, layers_run: int) -> int:
 def plan_passes(lm: LoadedModel, params: AttributionParams, seq_len: int, n_alpha: int) -> list[list[range]]:
     """Groups of passes: each pass is a range of layers whose rows share blocks; each group shares a backward.
 
-    On CPU the cost is FLOPs, so passes are small (few blocks run that need not run) and as many passes as the
-    memory budget allows share one head and backward. On GPUs the cost is kernel launches, so a pass holds as
-    many layers as fit and is its own group.
+    A pass grows its batch layer by layer, so it runs no block that need not run: passes hold as many layers as
+    the memory budget allows. Families that cannot grow a batch (`_FIXED_BATCH`) run every row of a pass from
+    its lowest block; on CPU, where FLOPs are the cost, their passes stay small.
     """
     L = lm.layout.layers
     device = lm.device
@@ -307,7 +421,7 @@ def plan_passes(lm: LoadedModel, params: AttributionParams, seq_len: int, n_alph
     fits = max(1, budget // max(_row_bytes(lm, seq_len, L) * n_alpha, 1))  # layers' rows that fit at once
     if params.layers_per_pass:
         per_pass = params.layers_per_pass
-    elif device.type == "cpu":
+    elif device.type == "cpu" and lm.layout.family in _FIXED_BATCH:
         # Measured (benchmarks/bench_attribution.py): ~100 one-token rows or ~400 tokens per pass balance
         # matrix efficiency against re-running blocks below a pass's top layers.
         per_pass = round(CPU_ROWS_PER_PASS / n_alpha if seq_len == 1 else CPU_TOKENS_PER_PASS / (n_alpha * seq_len))

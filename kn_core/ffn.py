@@ -106,6 +106,14 @@ class FFNLayout:
         if self.final_norm is not None and not callable(self.final_norm):
             self.final_norm = None  # e.g. OPT-350m has no final layer norm (attribute is None)
 
+    def path_to_out_proj(self, layer: int) -> list[nn.Module]:
+        """The block of `layer` and its submodules that contain the out-projection, outermost first."""
+        path, module = [self.blocks[layer]], self.blocks[layer]
+        for name in self.spec.out_proj.split(".")[:-1]:
+            module = getattr(module, name)
+            path.append(module)
+        return path
+
     @property
     def layers(self) -> int:
         return len(self.out_projs)

@@ -8,7 +8,7 @@ from kn_core.attribution import (AttributionParams, CancelToken, Cancelled, Prom
                                  attribute_fact, coarse_neurons, encode_answer, refined_neurons,
                                  relation_neurons)
 from kn_core.ffn import ActivationPatch
-from tiny import make_tiny, tiny_llama
+from tiny import ALL_FAMILIES, make_tiny, tiny_llama
 
 
 def reference_scores(lm, text, answer_ids, steps=20, rule="right"):
@@ -70,6 +70,19 @@ def test_matches_reference(family, text, answer, rule):
     ours = attribute(lm, text, AttributionParams(steps=5, rule=rule), answer_ids=ids).scores
     ref = reference_scores(lm, text, ids, steps=5, rule=rule)
     assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+@pytest.mark.parametrize("layers_per_pass", [1, 2])
+def test_every_family_matches_reference(family, layers_per_pass):
+    """Replaying blocks and the pre-patch modules of a pass's lowest block is exact in every family."""
+    lm = double(make_tiny(family))
+    text, answer = (("The capital of France is [MASK] .", "Paris") if lm.kind == "masked"
+                    else ("The capital of France is", " Paris"))
+    ids = encode_answer(lm, text, answer)
+    ours = attribute(lm, text, AttributionParams(steps=2, layers_per_pass=layers_per_pass), answer_ids=ids).scores
+    ref = reference_scores(lm, text, ids, steps=2)
+    assert np.abs(ours - ref).max() <= 1e-7 * np.abs(ref).max()
 
 
 @pytest.mark.parametrize("layers_per_pass,passes_per_backward", [(1, 1), (1, 3), (2, 1), (2, 2), (3, 1)])
