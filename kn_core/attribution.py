@@ -183,27 +183,61 @@ def _expand(obj, rows: int):
     return obj
 
 
-class _Replay:
-    """Replaces the forward of modules with a replay of their clean outputs, expanded to `rows`.
+class _Override:
+    """Replaces the forward of modules with the given functions for the duration of a `with`.
 
     The module's own instance `forward`, if any (accelerate's device hooks put one there), is restored after.
     """
 
-    def __init__(self, replays: Sequence[tuple[nn.Module, object]], rows: int):
-        self.replays = [(module, _expand(out, rows)) for module, out in replays]
+    def __init__(self, forwards: Sequence[tuple[nn.Module, Callable]]):
+        self.forwards = list(forwards)
 
     def __enter__(self):
-        self.saved = [module.__dict__.get("forward") for module, _ in self.replays]
-        for module, out in self.replays:
-            module.forward = lambda *args, _out=out, **kwargs: _out
+        self.saved = [module.__dict__.get("forward") for module, _ in self.forwards]
+        for module, forward in self.forwards:
+            module.forward = forward
         return self
 
     def __exit__(self, *exc):
-        for (module, _), saved in zip(self.replays, self.saved):
+        for (module, _), saved in zip(self.forwards, self.saved):
             if saved is None:
                 del module.forward  # back to the class's forward
             else:
                 module.forward = saved
+
+
+def _replay(replays: Iterable[tuple[nn.Module, object]], rows: int) -> _Override:
+    """Modules that return their clean output, expanded to `rows`, instead of computing it."""
+    return _Override([(module, lambda *args, _out=_expand(out, rows), **kwargs: _out) for module, out in replays])
+
+
+def _bert_style(block: nn.Module) -> bool:
+    attention = getattr(block, "attention", None)
+    self_attention = getattr(attention, "self", None)
+    return (hasattr(attention, "output") and not getattr(block, "is_decoder", True)
+            and all(hasattr(self_attention, name) for name in ("query", "key", "value", "scaling", "attention_head_size")))
+
+
+def _attention_at(attention: nn.Module, pos: int) -> Callable:
+    """A BERT-style attention forward whose queries and output are only position `pos`: in the last block of a
+    masked LM nothing else reaches the answer, so the rest of the block runs on one position instead of all."""
+    heads = attention.self
+
+    def forward(hidden_states, attention_mask=None, *args, **kwargs):
+        rows, seq, _ = hidden_states.shape
+        here = hidden_states[:, pos:pos + 1]
+
+        def split(x):
+            return x.view(rows, x.shape[1], -1, heads.attention_head_size).transpose(1, 2)
+
+        if attention_mask is not None and attention_mask.shape[-2] > 1:
+            attention_mask = attention_mask[..., pos:pos + 1, :]
+        context = torch.nn.functional.scaled_dot_product_attention(
+            split(heads.query(here)), split(heads.key(hidden_states)), split(heads.value(hidden_states)),
+            attn_mask=attention_mask, scale=heads.scaling)
+        return attention.output(context.transpose(1, 2).reshape(rows, 1, -1), here), None
+
+    return forward
 
 
 def _record_replayable(layout, layer: int, outputs: dict[nn.Module, object]) -> list:
@@ -267,14 +301,15 @@ class _Runner:
             self.pos = target.pos
         self._clean()
 
-    def _hidden(self, rows: int, cache_rows: Sequence[int] | None = None) -> torch.Tensor:
+    def _hidden(self, rows: int, cache_rows: Sequence[int] | None = None, pos: int | None = None) -> torch.Tensor:
         """The base model's final hidden state at the answer position, one row per batch row.
 
         `cache_rows[j]`: the batch that block j sees, when the batch grows inside the model (`_grown_pass`).
+        `pos`: where the answer is in the final hidden states, when the last block returns fewer positions.
         """
         ids = self.step_ids.expand(rows, -1)
         if self.prefix_cache is None:
-            return self.layout.base_model()(input_ids=ids).last_hidden_state[:, self.pos]
+            return self.layout.base_model()(input_ids=ids).last_hidden_state[:, self.pos if pos is None else pos]
         cache = copy.deepcopy(self.prefix_cache)
         if cache_rows is not None:
             for layer, n in zip(cache.layers, cache_rows):
@@ -336,26 +371,60 @@ class _Runner:
         return grad.reshape(n_layers, n_alpha, -1).detach(), probs.detach().reshape(n_layers, n_alpha)
 
     def _grown_pass(self, layers: range, patch: torch.Tensor, n_alpha: int) -> torch.Tensor:
-        """One pass whose batch grows: the rows of layer l join at block l's input, from the clean input of
-        that block, so no row ever runs a block below its layer. At block l the newest rows are layer l's."""
-        first = layers.start
+        """One pass whose batch grows: the rows of layer l join at block l from the clean values there, so no
+        row ever runs a block below its layer. At block l the newest rows are layer l's.
 
-        def join(layer, hidden):
-            new = self.block_inputs[layer].expand(n_alpha, *hidden.shape[1:]).to(hidden.dtype)
-            return new if layer == first else torch.cat([hidden, new])
+        Rows join at the block's input; in BERT-style encoders, whose FFN output module takes the residual as
+        an argument, they join right there instead, so they skip their block's attention and FFN input side.
+        The pass's lowest block replays those for its rows. In a masked LM's BERT-style last block only the
+        answer position is computed.
+        """
+        blocks, first, last = self.layout.blocks, layers.start, self.layout.layers - 1
+        bert_style = self.lm.kind == "masked" and all(_bert_style(blocks[l]) for l in layers) and _bert_style(blocks[last])
+
+        def clean_rows(value, like, answer_only=False):
+            value = value[:, self.pos:self.pos + 1] if answer_only else value
+            return value.expand(n_alpha, *value.shape[1:]).to(like.dtype)
+
+        def at_block(layer):
+            def join(hidden):
+                new = clean_rows(self.block_inputs[layer], hidden)
+                return new if layer == first else torch.cat([hidden, new])
+            return blocks[layer], _replacing_hidden(join)
+
+        def at_ffn_output(layer):
+            block, inside = blocks[layer], self.inside_outputs[layer]
+            clean_ffn, clean_residual = inside[block.intermediate], inside[block.attention][0]
+
+            def join(module, args, kwargs):
+                ffn, residual = args[:2]
+                ffn = torch.cat([ffn, clean_rows(clean_ffn, ffn, layer == last)])
+                residual = torch.cat([residual, clean_rows(clean_residual, residual, layer == last)])
+                return (ffn, residual, *args[2:]), kwargs
+            return block.output, join
+
+        def late_join(layer):
+            inside = self.inside_outputs[layer]
+            return (bert_style and layer > first and blocks[layer].intermediate in inside
+                    and blocks[layer].attention in inside)
 
         def put(layer, x):
             x = x.clone()
             rows = slice((layer - first) * n_alpha, (layer - first + 1) * n_alpha)
-            x[-n_alpha:, self.pos] = patch[rows].to(device=x.device, dtype=x.dtype)
+            x[-n_alpha:, 0 if bert_style and layer == last else self.pos] = patch[rows].to(device=x.device,
+                                                                                         dtype=x.dtype)
             return x
 
-        below = list(zip(self.layout.blocks[:first], self.block_outputs[:first]))
+        below = list(zip(blocks[:first], self.block_outputs[:first]))
+        inside = [] if bert_style and first == last else list(self.inside_outputs[first].items())
+        last_attention = blocks[last].attention if bert_style else None
+        at_answer = [(last_attention, _attention_at(last_attention, self.pos))] if bert_style else []
+        joins = [at_ffn_output(l) if late_join(l) else at_block(l) for l in layers]
         cache_rows = [0] * first + [min(j - first + 1, len(layers)) * n_alpha
                                     for j in range(first, self.layout.layers)]
-        with _Replay(below, 1), _Replay(list(self.inside_outputs[first].items()), n_alpha), \
-                _JoinRows(self.layout, join, layers), ActivationPatch(self.layout, put, layers):
-            return self._hidden(1, cache_rows)
+        with _replay(below, 1), _replay(inside, n_alpha), _Override(at_answer), _PreHooks(joins), \
+                ActivationPatch(self.layout, put, layers):
+            return self._hidden(1, cache_rows, pos=0 if bert_style else None)
 
     def _fixed_pass(self, layers: range, patch: torch.Tensor, n_alpha: int) -> torch.Tensor:
         """One pass with every row from the pass's lowest block up (rows of higher layers carry clean values
@@ -370,21 +439,15 @@ class _Runner:
             return x
 
         replays = [*zip(self.layout.blocks[:first], self.block_outputs[:first]), *self.inside_outputs[first].items()]
-        with _Replay(replays, rows), ActivationPatch(self.layout, put, layers):
+        with _replay(replays, rows), ActivationPatch(self.layout, put, layers):
             return self._hidden(rows)
 
 
-class _JoinRows:
-    """Forward-pre-hooks on blocks: `fn(layer, hidden) -> hidden` replaces the block's input hidden states."""
+class _PreHooks:
+    """Forward-pre-hooks (with kwargs) for the duration of a `with`."""
 
-    def __init__(self, layout, fn, layers: range):
-        def hook(module, args, kwargs, layer):
-            if args:
-                return (fn(layer, args[0]), *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": fn(layer, kwargs["hidden_states"])}
-
-        self.handles = [layout.blocks[layer].register_forward_pre_hook(
-            lambda m, a, kw, layer=layer: hook(m, a, kw, layer), with_kwargs=True) for layer in layers]
+    def __init__(self, hooks: Iterable[tuple[nn.Module, Callable]]):
+        self.handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for module, hook in hooks]
 
     def __enter__(self):
         return self
@@ -392,6 +455,15 @@ class _JoinRows:
     def __exit__(self, *exc):
         for handle in self.handles:
             handle.remove()
+
+
+def _replacing_hidden(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+    """A pre-hook that replaces a block's input hidden states (positional or keyword) with `fn(hidden)`."""
+    def hook(module, args, kwargs):
+        if args:
+            return (fn(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+    return hook
 
 
 def _row_bytes(lm: LoadedModel, seq_len: int, layers_run: int) -> int:

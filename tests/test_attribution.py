@@ -73,7 +73,7 @@ def test_matches_reference(family, text, answer, rule):
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
-@pytest.mark.parametrize("layers_per_pass", [1, 2])
+@pytest.mark.parametrize("layers_per_pass", [1, 2, 3])
 def test_every_family_matches_reference(family, layers_per_pass):
     """Replaying blocks and the pre-patch modules of a pass's lowest block is exact in every family."""
     lm = double(make_tiny(family))
