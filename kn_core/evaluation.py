@@ -596,20 +596,26 @@ def update_experiment(lm, records: Sequence[FactRecord], factset, seed: int = 0,
         if progress is not None:
             progress((n_done + 1) / max(len(candidates), 1), {"fact": row["fact"]})
 
-    def summary(name):
-        if not rows:
-            return {}
-        vals = [r[name] for r in rows]
-        out = {k: float(np.nanmean([v[k] for v in vals])) for k in vals[0]}
-        out["ppl_intra_change"] = float(np.nanmean([v["ppl_intra_after"] - v["ppl_intra_before"] for v in vals]))
-        out["ppl_inter_change"] = float(np.nanmean([v["ppl_inter_after"] - v["ppl_inter_before"] for v in vals]))
-        out["ppl_intra_change_rel"] = float(np.nanmean([v["ppl_intra_after"] / v["ppl_intra_before"] - 1 for v in vals]))
-        out["ppl_inter_change_rel"] = float(np.nanmean([v["ppl_inter_after"] / v["ppl_inter_before"] - 1 for v in vals]))
-        return out
-
     return {"lambda1": lambda1, "lambda2": lambda2, "exclusion_fraction": fraction,
             "embedding": embedding or _edits.default_embedding(lm), "multi_token": _edits.default_multi_token(lm),
-            "facts": rows, "skipped": skipped, "knowledge": summary("knowledge"), "random": summary("random")}
+            "facts": rows, "skipped": skipped, "knowledge": update_summary(rows, "knowledge"),
+            "random": update_summary(rows, "random")}
+
+
+def update_summary(rows: list[dict], name: str) -> dict:
+    """Means over updated facts of one arm ("knowledge" or "random"), and perplexity changes as mean and
+    median: one edit that wrecks a prompt's perplexity dominates the mean, so the median is reported beside it."""
+    if not rows:
+        return {}
+    vals = [r[name] for r in rows]
+    out = {k: float(np.nanmean([v[k] for v in vals])) for k in vals[0]}
+    for kind in ("intra", "inter"):
+        before = np.array([v[f"ppl_{kind}_before"] for v in vals], dtype=float)
+        after = np.array([v[f"ppl_{kind}_after"] for v in vals], dtype=float)
+        out[f"ppl_{kind}_change"] = float(np.nanmean(after - before))
+        out[f"ppl_{kind}_change_rel"] = float(np.nanmean(after / before - 1))
+        out[f"ppl_{kind}_change_median"] = float(np.nanmedian(after - before))
+    return out
 
 
 def erase_experiment(lm, records: Sequence[FactRecord], k: int = 20, fill: str = "zero", seed: int = 0,

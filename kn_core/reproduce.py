@@ -407,8 +407,10 @@ def render_markdown(report: dict) -> str:
                   f"| change rate | {_pct(k.get('change_rate'))} | {_pct(r.get('change_rate'))} | {_pct(PAPER['update_change_rate'])} | {_pct(PAPER['update_random_change_rate'])} |",
                   f"| success rate (argmax = o') | {_pct(k.get('success_rate'))} | {_pct(r.get('success_rate'))} | {_pct(PAPER['update_success_rate'])} | {_pct(PAPER['update_random_success_rate'])} |",
                   f"| o' in top 5 | {_pct(k.get('top5_rate'))} | {_pct(r.get('top5_rate'))} | - | - |",
-                  f"| intra-relation perplexity change | {_num(k.get('ppl_intra_change'), '{:+.2f}')} ({_pct(k.get('ppl_intra_change_rel'))}) | {_num(r.get('ppl_intra_change'), '{:+.2f}')} | +{PAPER['update_ppl_intra']} | - |",
-                  f"| inter-relation perplexity change | {_num(k.get('ppl_inter_change'), '{:+.2f}')} ({_pct(k.get('ppl_inter_change_rel'))}) | {_num(r.get('ppl_inter_change'), '{:+.2f}')} | +{PAPER['update_ppl_inter']} | - |",
+                  *(f"| {kind}-relation perplexity change, median (mean) | {_num(k.get(f'ppl_{kind}_change_median'), '{:+.2f}')} "
+                    f"({_num(k.get(f'ppl_{kind}_change'), '{:+.3g}')}) | {_num(r.get(f'ppl_{kind}_change_median'), '{:+.2f}')} "
+                    f"({_num(r.get(f'ppl_{kind}_change'), '{:+.3g}')}) | +{PAPER[f'update_ppl_{kind}']} | - |"
+                    for kind in ("intra", "inter")),
                   ""]
     er = report.get("erase")
     if er:

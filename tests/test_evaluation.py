@@ -197,3 +197,16 @@ def test_reproduce_on_tiny_writes_report(tmp_path):
     again = run_reproduce(lm, factset, tmp_path, ["P36", "P37"], facts_per_relation=2, steps=1,
                           control_prompts=4, say=lambda m: None)
     assert again["neuron_statistics"] == report["neuron_statistics"]
+
+
+def test_update_summary_reports_median_beside_a_mean_one_outlier_dominates():
+    def row(before, after):
+        return {"knowledge": {"change_rate": 1.0, "ppl_intra_before": before, "ppl_intra_after": after,
+                              "ppl_inter_before": 2.0, "ppl_inter_after": 3.0}}
+
+    out = ev.update_summary([row(1.0, 2.0), row(1.0, 3.0), row(1.0, 1e12)], "knowledge")
+    assert out["ppl_intra_change_median"] == 2.0
+    assert out["ppl_intra_change"] == pytest.approx((1.0 + 2.0 + (1e12 - 1)) / 3)
+    assert out["ppl_intra_change_rel"] == pytest.approx((1.0 + 2.0 + (1e12 - 1)) / 3)
+    assert out["ppl_inter_change_median"] == 1.0 and out["change_rate"] == 1.0
+    assert ev.update_summary([], "knowledge") == {}
