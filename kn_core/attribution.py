@@ -11,6 +11,8 @@ How it is fast without approximating anything:
 - A pass runs the rows of a range of layers in one batch that grows as it goes up: the rows of layer l join
   at block l's input, so no block runs that need not run. Passes hold as many layers as memory allows
   (`plan_passes`); several passes share one vocabulary head and one backward.
+- BERT-style encoders: rows join at the FFN output module (skipping their block's attention and FFN input
+  side), and the last block computes only the mask position.
 - Causal models: the prompt prefix runs once and its key/value cache is shared by all rows, so each row
   computes only the answer position. Masked models: the vocabulary head runs only at the mask.
 - Parameters never need gradients; one backward gives the gradient of every row at once.
@@ -255,7 +257,10 @@ def _record_replayable(layout, layer: int, outputs: dict[nn.Module, object]) -> 
         if not reached:
             outputs[module] = output
 
-    handles = [out_proj.register_forward_pre_hook(lambda m, a: reached.append(True) and None)]
+    def mark_patch_point(module, args):
+        reached.append(True)
+
+    handles = [out_proj.register_forward_pre_hook(mark_patch_point)]
     for parent in path:
         for child in parent.children():
             if child is not out_proj and not any(child is p for p in path):
@@ -283,9 +288,12 @@ def _batch_of_one(obj) -> bool:
 class _Runner:
     """Runs one answer token: clean pass, then patched passes over (layer, alpha) rows."""
 
-    def __init__(self, lm: LoadedModel, target: _Target):
+    def __init__(self, lm: LoadedModel, target: _Target, patching: bool = True):
+        """`patching`: record what patched passes replay (not needed for the activation baseline)."""
         self.lm = lm
         self.layout = lm.layout
+        # masked LMs whose blocks are all BERT-style: rows join at the FFN output, the last block runs at the mask
+        self.bert_style = lm.kind == "masked" and all(_bert_style(block) for block in lm.layout.blocks)
         self.target = target
         self.device = lm.device
         ids = torch.tensor([target.ids], device=self.device)
@@ -299,7 +307,7 @@ class _Runner:
         else:
             self.step_ids = ids
             self.pos = target.pos
-        self._clean()
+        self._clean(patching)
 
     def _hidden(self, rows: int, cache_rows: Sequence[int] | None = None, pos: int | None = None) -> torch.Tensor:
         """The base model's final hidden state at the answer position, one row per batch row.
@@ -324,16 +332,18 @@ class _Runner:
         logits = self.layout.logits_head()(hidden)
         return torch.softmax(_at_least_fp32(logits), dim=-1)[:, self.target.token]
 
-    def _clean(self):
+    def _clean(self, patching: bool):
         outputs: dict[int, object] = {}
         inputs: dict[int, torch.Tensor] = {}
-        handles = [block.register_forward_hook(lambda m, a, o, j=j: outputs.__setitem__(j, o))
-                   for j, block in enumerate(self.layout.blocks)]
-        handles += [block.register_forward_pre_hook(
-            lambda m, a, kw, j=j: inputs.__setitem__(j, (a[0] if a else kw["hidden_states"]).detach()), with_kwargs=True)
-            for j, block in enumerate(self.layout.blocks)]
         inside: list[dict[nn.Module, object]] = [{} for _ in range(self.layout.layers)]
-        finishes = [_record_replayable(self.layout, j, inside[j]) for j in range(self.layout.layers)]
+        handles, finishes = [], []
+        if patching:
+            handles = [block.register_forward_hook(lambda m, a, o, j=j: outputs.__setitem__(j, o))
+                       for j, block in enumerate(self.layout.blocks)]
+            handles += [block.register_forward_pre_hook(
+                lambda m, a, kw, j=j: inputs.__setitem__(j, (a[0] if a else kw["hidden_states"]).detach()),
+                with_kwargs=True) for j, block in enumerate(self.layout.blocks)]
+            finishes = [_record_replayable(self.layout, j, inside[j]) for j in range(self.layout.layers)]
         try:
             with torch.no_grad():
                 prob, acts = capture_activations(self.layout, lambda: self._probs(self._hidden(1)))
@@ -342,8 +352,8 @@ class _Runner:
                 h.remove()
             for finish in finishes:
                 finish()
-        self.block_outputs = [outputs[j] for j in range(self.layout.layers)]
-        self.block_inputs = [inputs[j] for j in range(self.layout.layers)]
+        self.block_outputs = [outputs.get(j) for j in range(self.layout.layers)]
+        self.block_inputs = [inputs.get(j) for j in range(self.layout.layers)]
         self.inside_outputs = inside
         self.prob = float(prob[0])
         self.acts = torch.stack([_at_least_fp32(acts[l][0, self.pos]).to(self.device) for l in range(self.layout.layers)])
@@ -380,7 +390,7 @@ class _Runner:
         answer position is computed.
         """
         blocks, first, last = self.layout.blocks, layers.start, self.layout.layers - 1
-        bert_style = self.lm.kind == "masked" and all(_bert_style(blocks[l]) for l in layers) and _bert_style(blocks[last])
+        bert_style = self.bert_style
 
         def clean_rows(value, like, answer_only=False):
             value = value[:, self.pos:self.pos + 1] if answer_only else value
@@ -508,7 +518,7 @@ def plan_passes(lm: LoadedModel, params: AttributionParams, seq_len: int, n_alph
 def _attribute_target(lm: LoadedModel, target: _Target, params: AttributionParams,
                       report: Callable[[int, int, torch.Tensor], None], cancel: CancelToken | None):
     """Scores [L, N], activations [L, N], P(w) and P(0 at layer l) [L] for one answer token."""
-    runner = _Runner(lm, target)
+    runner = _Runner(lm, target, patching=params.method == "ig")
     L = lm.layout.layers
     if params.method == "activation":
         acts = runner.acts
