@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -188,10 +189,13 @@ def main() -> int:
             entry["reference_s"], ref = timed(lambda: reference(lm, prompt, ids), 1)
             entry["vs_reference"] = entry["reference_s"] / ours_s
             entry["max_rel_diff_vs_reference"] = float(np.abs(ref - ours.scores).max() / np.abs(ref).max())
-        if lm.kind == "masked":
-            fact = [prompt] * 9
+        if lm.kind == "masked":  # a fact of 9 paraphrases: in shared passes, and one prompt after another
+            fact = [_P(t.replace("[MASK]", lm.tokenizer.mask_token), ids) for t in FACT_9]
             entry["fact_9_prompts_s"], _ = timed(
-                lambda: attribute_fact(lm, [_P(p, ids) for p in fact], params), 1)
+                lambda: attribute_fact(lm, fact, replace(params, share_prompts=True)), args.repeats)
+            entry["fact_9_prompts_one_by_one_s"], _ = timed(
+                lambda: attribute_fact(lm, fact, replace(params, share_prompts=False)), args.repeats)
+            entry["fact_9_sharing_speedup"] = entry["fact_9_prompts_one_by_one_s"] / entry["fact_9_prompts_s"]
         figures["models"][name] = entry
         def cell(key, width, unit=""):
             return (format(entry[key], ".2f" if not unit else ".1f") + unit if key in entry else "-").rjust(width)
@@ -203,12 +207,19 @@ def main() -> int:
     print()
     for name, entry in figures["models"].items():
         extra = {k: v for k, v in entry.items() if k in ("agreement_jaccard_t0.2", "score_correlation",
-                                                         "max_rel_diff_vs_reference", "fact_9_prompts_s")}
+                                                         "max_rel_diff_vs_reference", "fact_9_prompts_s",
+                                                         "fact_9_prompts_one_by_one_s", "fact_9_sharing_speedup")}
         if extra:
             print(name, ", ".join(f"{k} {v:.3g}" for k, v in extra.items()))
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
     return 0
+
+
+FACT_9 = ["The capital of France is [MASK] .", "France's capital is [MASK] .", "The capital city of France is [MASK] .",
+          "[MASK] is the capital of France .", "France has its capital at [MASK] .", "The French capital is [MASK] .",
+          "[MASK] , the capital of France , is a large city .", "The seat of the government of France is [MASK] .",
+          "France is governed from [MASK] ."]
 
 
 class _P:

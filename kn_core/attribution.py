@@ -15,6 +15,9 @@ How it is fast without approximating anything:
   side), and the last block computes only the mask position.
 - Causal models: the prompt prefix runs once and its key/value cache is shared by all rows, so each row
   computes only the answer position. Masked models: the vocabulary head runs only at the mask.
+- A fact's prompts can share passes (masked LMs with BERT-style blocks; on by default on GPUs): their sequences
+  are packed side by side in every row with block-diagonal attention, so a row patches one (layer, alpha) pair at
+  every prompt's answer at once, with no padding (`_SharedRunner`).
 - Parameters never need gradients; one backward gives the gradient of every row at once.
 - Groups are sized to a memory budget; on CUDA out-of-memory a group is split and retried.
 """
@@ -76,6 +79,7 @@ class AttributionParams:
     passes_per_backward: int | None = None  # None: as many as the memory budget allows (plan_passes)
     memory_budget_mb: int | None = None  # None: 2 GiB on CPU, a quarter of free memory on CUDA
     seed: int = 0
+    share_prompts: bool | None = None  # a fact's prompts in shared passes (`shares_passes`); None: on accelerators
 
     def __post_init__(self):
         if self.steps < 1:
@@ -220,24 +224,27 @@ def _bert_style(block: nn.Module) -> bool:
             and all(hasattr(self_attention, name) for name in ("query", "key", "value", "scaling", "attention_head_size")))
 
 
-def _attention_at(attention: nn.Module, pos: int) -> Callable:
-    """A BERT-style attention forward whose queries and output are only position `pos`: in the last block of a
-    masked LM nothing else reaches the answer, so the rest of the block runs on one position instead of all."""
+def _attention_at(attention: nn.Module, pos: int | torch.Tensor) -> Callable:
+    """A BERT-style attention forward whose queries and output are only the answer position(s), the same in
+    every row: in the last block of a masked LM nothing else reaches the answer, so the rest of the block runs on
+    those positions instead of all.
+    """
     heads = attention.self
+    at = slice(pos, pos + 1) if isinstance(pos, int) else pos
 
     def forward(hidden_states, attention_mask=None, *args, **kwargs):
-        rows, seq, _ = hidden_states.shape
-        here = hidden_states[:, pos:pos + 1]
+        rows = hidden_states.shape[0]
+        here = hidden_states[:, at]
+        if attention_mask is not None and attention_mask.shape[-2] > 1:
+            attention_mask = attention_mask[..., at, :]
 
         def split(x):
             return x.view(rows, x.shape[1], -1, heads.attention_head_size).transpose(1, 2)
 
-        if attention_mask is not None and attention_mask.shape[-2] > 1:
-            attention_mask = attention_mask[..., pos:pos + 1, :]
         context = torch.nn.functional.scaled_dot_product_attention(
             split(heads.query(here)), split(heads.key(hidden_states)), split(heads.value(hidden_states)),
             attn_mask=attention_mask, scale=heads.scaling)
-        return attention.output(context.transpose(1, 2).reshape(rows, 1, -1), here), None
+        return attention.output(context.transpose(1, 2).reshape(rows, here.shape[1], -1), here), None
 
     return forward
 
@@ -285,6 +292,14 @@ def _batch_of_one(obj) -> bool:
     return False
 
 
+def _token_probs(layout, hidden: torch.Tensor, tokens: int | torch.Tensor) -> torch.Tensor:
+    """P(token) for each row of final hidden states; `tokens`: one id, or one per row."""
+    probs = torch.softmax(_at_least_fp32(layout.logits_head()(hidden)), dim=-1)
+    if isinstance(tokens, int):
+        return probs[:, tokens]
+    return probs.gather(1, tokens.to(probs.device)[:, None])[:, 0]
+
+
 class _Runner:
     """Runs one answer token: clean pass, then patched passes over (layer, alpha) rows."""
 
@@ -329,8 +344,7 @@ class _Runner:
 
     def _probs(self, hidden: torch.Tensor) -> torch.Tensor:
         """Probability of the target token; the vocabulary head runs only at the answer position."""
-        logits = self.layout.logits_head()(hidden)
-        return torch.softmax(_at_least_fp32(logits), dim=-1)[:, self.target.token]
+        return _token_probs(self.layout, hidden, self.target.token)
 
     def _clean(self, patching: bool):
         outputs: dict[int, object] = {}
@@ -453,6 +467,128 @@ class _Runner:
             return self._hidden(rows)
 
 
+class _SharedRunner:
+    """The answer tokens of several prompts (a fact's) in the same passes, for masked LMs with BERT-style blocks.
+
+    Each target's clean run is its own `_Runner`, so every clean value is exactly the unshared one. The patched
+    passes pack the targets' sequences side by side into one sequence per row, and attention is block-diagonal:
+    a position attends only within its own target, and everything else in a block is per position, so the
+    targets cannot touch each other (no padding either). A row still patches one (layer, alpha) pair, now at
+    every target's answer position at once, and its final hidden states are read at those positions: the same
+    rows as one prompt, each as long as all of them. Same grown batch as `_Runner._grown_pass`: rows of layer l
+    join at block l's FFN output, the last block computes only the answer positions.
+    """
+
+    def __init__(self, lm: LoadedModel, runners: Sequence[_Runner]):
+        self.layout, self.runners = lm.layout, list(runners)
+        device = lm.device
+        lengths = [len(r.target.ids) for r in runners]
+        starts = np.cumsum([0] + lengths[:-1]).tolist()
+        self.seq = sum(lengths)
+        self.acts = torch.stack([r.acts for r in runners])  # [targets, layers, neurons]
+        self.positions = torch.tensor([a + r.pos for a, r in zip(starts, runners)], device=device)
+        self.tokens = torch.tensor([r.target.token for r in runners], device=device)
+        self.ids = torch.tensor([[i for r in runners for i in r.target.ids]], device=device)
+        L = self.layout.layers
+        self.block_outputs = [self._pack([r.block_outputs[l] for r in runners]) for l in range(L)]
+        self.block_inputs = [self._pack([r.block_inputs[l] for r in runners]) for l in range(L)]
+        self.inside_outputs = []
+        for layer in range(L):
+            found = [r.inside_outputs[layer] for r in runners]
+            self.inside_outputs.append({m: self._pack([f[m] for f in found]) for m in found[0]
+                                        if all(m in f for f in found)})
+        segment = torch.repeat_interleave(torch.arange(len(runners), device=device),
+                                          torch.tensor(lengths, device=device))
+        dtype = self.acts.dtype if lm.model.dtype == torch.float64 else lm.model.dtype
+        apart = segment[:, None] != segment[None, :]
+        self.mask = torch.zeros(1, 1, self.seq, self.seq, dtype=dtype, device=device).masked_fill(
+            apart, torch.finfo(dtype).min)  # additive: what both eager and sdpa attention take
+
+    def _pack(self, values):
+        """Per-target values [1, seq_t, ...] as one [1, sum of seq_t, ...]. In tuples (an attention's output and
+        weights) what is not per position (the weights, which these blocks never read) becomes None."""
+        if isinstance(values[0], tuple):
+            return tuple(self._pack(list(v)) if self._per_position(v) else None for v in zip(*values))
+        return torch.cat(values, dim=1)
+
+    def _per_position(self, values) -> bool:
+        return all(isinstance(v, torch.Tensor) and v.dim() >= 3 and v.shape[:2] == (1, len(r.target.ids))
+                   for v, r in zip(values, self.runners))
+
+    def patched(self, passes: Sequence[range], alphas: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradients [layers, targets, alphas, N] and probabilities [layers, targets, alphas]."""
+        n_alpha, n_targets = len(alphas), len(self.runners)
+        alpha = torch.tensor(alphas, device=self.acts.device, dtype=self.acts.dtype)
+        leaves, hiddens = [], []
+        with torch.enable_grad():
+            for layers in passes:
+                base = self.acts[:, layers.start:layers.stop].transpose(0, 1)  # [layers, targets, N]
+                patch = (alpha[None, :, None, None] * base[:, None]).reshape(-1, n_targets, base.shape[-1])
+                leaves.append(patch.requires_grad_(True))
+                hiddens.append(self._pass(layers, patch, n_alpha))
+            hidden = torch.cat([h.to(hiddens[0].device) for h in hiddens])  # [rows, targets, hidden]
+            probs = _token_probs(self.layout, hidden.flatten(0, 1), self.tokens.repeat(len(hidden)))
+            grads = torch.autograd.grad(probs.sum(), leaves)
+        n_layers = sum(len(layers) for layers in passes)
+        grad = torch.cat([g.to(self.acts.device) for g in grads]).reshape(n_layers, n_alpha, n_targets, -1)
+        return grad.transpose(1, 2).detach(), probs.detach().reshape(n_layers, n_alpha, n_targets).transpose(1, 2)
+
+    def _pass(self, layers: range, patch: torch.Tensor, n_alpha: int) -> torch.Tensor:
+        blocks, first, last = self.layout.blocks, layers.start, self.layout.layers - 1
+        answers = self.positions
+
+        def clean_rows(value, like, answer_only=False):
+            value = value[:, answers] if answer_only else value
+            return value.expand(n_alpha, *value.shape[1:]).to(like.dtype)
+
+        def at_block(layer):
+            def join(hidden):
+                new = clean_rows(self.block_inputs[layer], hidden)
+                return new if layer == first else torch.cat([hidden, new])
+            return blocks[layer], _replacing_hidden(join)
+
+        def at_ffn_output(layer):
+            block, inside = blocks[layer], self.inside_outputs[layer]
+            clean_ffn, clean_residual = inside[block.intermediate], inside[block.attention][0]
+
+            def join(module, args, kwargs):
+                ffn, residual = args[:2]
+                ffn = torch.cat([ffn, clean_rows(clean_ffn, ffn, layer == last)])
+                residual = torch.cat([residual, clean_rows(clean_residual, residual, layer == last)])
+                return (ffn, residual, *args[2:]), kwargs
+            return block.output, join
+
+        def late_join(layer):
+            inside = self.inside_outputs[layer]
+            return layer > first and blocks[layer].intermediate in inside and blocks[layer].attention in inside
+
+        def block_diagonal(module, args, kwargs):
+            mask = self.mask.to(device=(args[0] if args else kwargs["hidden_states"]).device)
+            if len(args) > 1:
+                return (args[0], mask, *args[2:]), kwargs
+            return args, {**kwargs, "attention_mask": mask}
+
+        def put(layer, x):
+            x = x.clone()
+            rows = slice((layer - first) * n_alpha, (layer - first + 1) * n_alpha)
+            at = torch.arange(len(answers), device=x.device) if layer == last else answers.to(x.device)
+            x[-n_alpha:, at] = patch[rows].to(device=x.device, dtype=x.dtype)
+            return x
+
+        below = list(zip(blocks[:first], self.block_outputs[:first]))
+        inside = [] if first == last else list(self.inside_outputs[first].items())
+        masks = [(blocks[l].attention, block_diagonal) for l in range(first, last + 1)]
+        joins = [at_ffn_output(l) if late_join(l) else at_block(l) for l in layers]
+        with _replay(below, 1), _replay(inside, n_alpha), \
+                _Override([(blocks[last].attention, _attention_at(blocks[last].attention, answers))]), \
+                _PreHooks(masks + joins), ActivationPatch(self.layout, put, layers):
+            # the embeddings' output is never used (block `first` takes clean values), so the packed sequence may
+            # be longer than the position table: zero positions and token types keep the embeddings in range
+            zeros = torch.zeros_like(self.ids)
+            return self.layout.base_model()(input_ids=self.ids, position_ids=zeros,
+                                            token_type_ids=zeros).last_hidden_state
+
+
 class _PreHooks:
     """Forward-pre-hooks (with kwargs) for the duration of a `with`."""
 
@@ -484,7 +620,7 @@ def _row_bytes(lm: LoadedModel, seq_len: int, layers_run: int) -> int:
     return 4 * (per_layer * layers_run + vocab * 4)
 
 
-def plan_passes(lm: LoadedModel, params: AttributionParams, seq_len: int, n_alpha: int) -> list[list[range]]:
+def plan_passes(lm: LoadedModel, params: AttributionParams, seq_len: int, rows_per_layer: int) -> list[list[range]]:
     """Groups of passes: each pass is a range of layers whose rows share blocks; each group shares a backward.
 
     A pass grows its batch layer by layer, so it runs no block that need not run: passes hold as many layers as
@@ -500,13 +636,14 @@ def plan_passes(lm: LoadedModel, params: AttributionParams, seq_len: int, n_alph
         budget = free // 4
     else:
         budget = 2 * 2**30
-    fits = max(1, budget // max(_row_bytes(lm, seq_len, L) * n_alpha, 1))  # layers' rows that fit at once
+    fits = max(1, budget // max(_row_bytes(lm, seq_len, L) * rows_per_layer, 1))  # layers' rows that fit at once
     if params.layers_per_pass:
         per_pass = params.layers_per_pass
     elif device.type == "cpu" and lm.layout.family in _FIXED_BATCH:
         # Measured (benchmarks/bench_attribution.py): ~100 one-token rows or ~400 tokens per pass balance
         # matrix efficiency against re-running blocks below a pass's top layers.
-        per_pass = round(CPU_ROWS_PER_PASS / n_alpha if seq_len == 1 else CPU_TOKENS_PER_PASS / (n_alpha * seq_len))
+        per_pass = round(CPU_ROWS_PER_PASS / rows_per_layer if seq_len == 1
+                         else CPU_TOKENS_PER_PASS / (rows_per_layer * seq_len))
     else:
         per_pass = fits
     per_pass = max(1, min(per_pass, L))
@@ -519,18 +656,25 @@ def _attribute_target(lm: LoadedModel, target: _Target, params: AttributionParam
                       report: Callable[[int, int, torch.Tensor], None], cancel: CancelToken | None):
     """Scores [L, N], activations [L, N], P(w) and P(0 at layer l) [L] for one answer token."""
     runner = _Runner(lm, target, patching=params.method == "ig")
-    L = lm.layout.layers
     if params.method == "activation":
-        acts = runner.acts
-        report(0, L, acts)
-        return acts, acts, runner.prob, None
+        report(0, lm.layout.layers, runner.acts)
+        return runner.acts, runner.acts, runner.prob, None
+    seq_len = 1 if runner.prefix_cache is not None else len(target.ids)
+    scores, p_zero = _integrate(lm, runner, params, seq_len, lambda a, b, chunk: report(a, b, chunk[0]), cancel)
+    return scores[0], runner.acts, runner.prob, p_zero[0]
+
+
+def _integrate(lm: LoadedModel, runner: "_Runner | _SharedRunner", params: AttributionParams, seq_len: int,
+               report: Callable[[int, int, torch.Tensor], None], cancel: CancelToken | None):
+    """IG scores [targets, L, N] and P(0 at layer l) [targets, L] from a runner's patched passes."""
+    acts = runner.acts if runner.acts.dim() == 3 else runner.acts[None]
+    n_targets, L = acts.shape[0], lm.layout.layers
     alphas = params.alphas()
     zero_extra = params.rule == "right"  # the left rule already has alpha = 0; right needs it for completeness
     run_alphas = alphas + ([0.0] if zero_extra else [])
-    seq_len = 1 if runner.prefix_cache is not None else len(target.ids)
-    todo = plan_passes(lm, params, seq_len, len(run_alphas))
-    scores = torch.empty_like(runner.acts)
-    p_zero = torch.empty(L)
+    todo = plan_passes(lm, params, seq_len, len(run_alphas) * n_targets)
+    scores = torch.empty_like(acts)
+    p_zero = torch.empty(n_targets, L)
     while todo:
         if cancel is not None:
             cancel.check()
@@ -541,12 +685,14 @@ def _attribute_target(lm: LoadedModel, target: _Target, params: AttributionParam
             torch.cuda.empty_cache()
             todo[:1] = _split(group)
             continue
+        if grads.dim() == 3:  # one target
+            grads, probs = grads[:, None], probs[:, None]
         a, b = group[0].start, group[-1].stop
-        scores[a:b] = runner.acts[a:b] * grads[:, : len(alphas)].sum(1) / params.steps
-        p_zero[a:b] = probs[:, len(alphas) if zero_extra else 0].cpu()
-        report(a, b, scores[a:b])
+        scores[:, a:b] = acts[:, a:b] * grads[:, :, : len(alphas)].sum(2).transpose(0, 1) / params.steps
+        p_zero[:, a:b] = probs[:, :, len(alphas) if zero_extra else 0].T.cpu()
+        report(a, b, scores[:, a:b])
         todo.pop(0)
-    return scores, runner.acts, runner.prob, p_zero
+    return scores, p_zero
 
 
 def _split(group: list[range]) -> list[list[range]]:
@@ -569,30 +715,17 @@ def _combine(arrays: list[torch.Tensor], how: str) -> torch.Tensor:
     return stacked.sum(0) if how == "sum" else stacked.mean(0)
 
 
-def attribute(lm: LoadedModel, prompt, params: AttributionParams | None = None,
-              progress: ProgressFn | None = None, cancel: CancelToken | None = None,
-              answer_ids: Sequence[int] | None = None) -> PromptScores:
-    """Attribution scores of every FFN neuron for one prompt.
-
-    `prompt` is a facts.Prompt (text + answer_ids) or a plain string together with `answer_ids`.
-    """
-    params = params or AttributionParams()
+def _prompt_parts(lm: LoadedModel, prompt, params: AttributionParams, answer_ids=None):
     text = prompt if isinstance(prompt, str) else prompt.text
     ids = tuple(answer_ids if answer_ids is not None else prompt.answer_ids)
     answer = "" if isinstance(prompt, str) else getattr(prompt, "answer", "")
-    started = time.perf_counter()
-    torch.manual_seed(params.seed)
     targets = _targets(lm, text, ids)
-    if params.multi_token == "first":
-        targets = targets[:1]
-    L = lm.layout.layers
-    per_token = []
-    for j, target in enumerate(targets):
-        def report(a, b, chunk_scores, j=j):
-            if progress is not None:
-                done = (j + b / L) / len(targets)
-                progress(done, {"token": j, "layers": (a, b), "scores": chunk_scores.float().cpu().numpy()})
-        per_token.append(_attribute_target(lm, target, params, report, cancel))
+    return text, answer, ids, (targets[:1] if params.multi_token == "first" else targets)
+
+
+def _prompt_scores(text: str, answer: str, ids: tuple[int, ...], per_token: list, params: AttributionParams,
+                   seconds: float) -> PromptScores:
+    """One prompt's result from its answer tokens' (scores, activations, P(w), P(0 at each layer))."""
     how = params.multi_token
     scores = _combine([s for s, _, _, _ in per_token], how)
     acts = _combine([a for _, a, _, _ in per_token], "mean")
@@ -601,7 +734,7 @@ def attribute(lm: LoadedModel, prompt, params: AttributionParams | None = None,
     if params.method == "ig":
         delta = _combine([p - pz for _, _, p, pz in per_token], how)
         sums = scores.sum(1).cpu()
-        for layer in range(L):
+        for layer in range(len(sums)):
             d, s = float(delta[layer]), float(sums[layer])
             completeness.append({"layer": layer, "sum": s, "delta": d, "ratio": s / d if d else math.nan})
     return PromptScores(
@@ -609,20 +742,94 @@ def attribute(lm: LoadedModel, prompt, params: AttributionParams | None = None,
         scores=scores.float().cpu().numpy().astype(np.float32),
         activations=acts.float().cpu().numpy().astype(np.float32),
         prob=float(np.prod(token_probs)), token_probs=token_probs, completeness=completeness,
-        seconds=time.perf_counter() - started, params=params.to_dict())
+        seconds=seconds, params=params.to_dict())
+
+
+def attribute(lm: LoadedModel, prompt, params: AttributionParams | None = None,
+              progress: ProgressFn | None = None, cancel: CancelToken | None = None,
+              answer_ids: Sequence[int] | None = None) -> PromptScores:
+    """Attribution scores of every FFN neuron for one prompt.
+
+    `prompt` is a facts.Prompt (text + answer_ids) or a plain string together with `answer_ids`.
+    """
+    params = params or AttributionParams()
+    started = time.perf_counter()
+    torch.manual_seed(params.seed)
+    text, answer, ids, targets = _prompt_parts(lm, prompt, params, answer_ids)
+    L = lm.layout.layers
+    per_token = []
+    for j, target in enumerate(targets):
+        def report(a, b, chunk_scores, j=j):
+            if progress is not None:
+                done = (j + b / L) / len(targets)
+                progress(done, {"token": j, "layers": (a, b), "scores": chunk_scores.float().cpu().numpy()})
+        per_token.append(_attribute_target(lm, target, params, report, cancel))
+    return _prompt_scores(text, answer, ids, per_token, params, time.perf_counter() - started)
+
+
+def shares_passes(lm: LoadedModel, params: AttributionParams) -> bool:
+    """Whether a fact's prompts run in shared passes (`_SharedRunner`): masked LMs with BERT-style blocks and an
+    attention that takes a mask (eager or sdpa). By default only on GPUs: on CPU the rows are already large enough
+    to keep the cores busy, and sharing measured no faster there (benchmarks/bench_attribution.py), while one
+    prompt after another lets the app show each prompt as it finishes."""
+    wanted = lm.device.type != "cpu" if params.share_prompts is None else params.share_prompts
+    return (wanted and params.method == "ig" and lm.kind == "masked"
+            and getattr(lm.model.config, "_attn_implementation", "eager") in ("eager", "sdpa")
+            and all(_bert_style(block) for block in lm.layout.blocks))
 
 
 def attribute_fact(lm: LoadedModel, prompts: Sequence, params: AttributionParams | None = None,
-                   progress: ProgressFn | None = None, cancel: CancelToken | None = None) -> list[PromptScores]:
-    """Scores for every prompt of a fact; progress fractions cover the whole fact."""
-    results = []
+                   progress: ProgressFn | None = None, cancel: CancelToken | None = None,
+                   on_prompt: Callable[[int, PromptScores], None] | None = None) -> list[PromptScores]:
+    """Scores for every prompt of a fact; progress fractions cover the whole fact.
+
+    Where the model allows (`shares_passes`) all prompts go through the same passes; otherwise one prompt after
+    another. `on_prompt(k, result)` is called as each prompt's result is ready.
+    """
+    params = params or AttributionParams()
     n = len(prompts)
+    if n > 1 and shares_passes(lm, params):
+        results = _attribute_shared(lm, prompts, params, progress, cancel)
+        for k, result in enumerate(results):
+            if on_prompt is not None:
+                on_prompt(k, result)
+        return results
+    results = []
     for k, prompt in enumerate(prompts):
         def forward(fraction, partial, k=k):
             if progress is not None:
                 progress((k + fraction) / n, dict(partial or {}, prompt=k))
         results.append(attribute(lm, prompt, params, forward, cancel))
+        if on_prompt is not None:
+            on_prompt(k, results[-1])
     return results
+
+
+def _attribute_shared(lm: LoadedModel, prompts: Sequence, params: AttributionParams,
+                      progress: ProgressFn | None, cancel: CancelToken | None) -> list[PromptScores]:
+    started = time.perf_counter()
+    torch.manual_seed(params.seed)
+    parts = [_prompt_parts(lm, prompt, params) for prompt in prompts]
+    owner = [(k, j) for k, (_, _, _, targets) in enumerate(parts) for j in range(len(targets))]
+    runners = [_Runner(lm, target) for _, _, _, targets in parts for target in targets]
+    if cancel is not None:
+        cancel.check()
+    shared = _SharedRunner(lm, runners)
+    L = lm.layout.layers
+
+    def report(a, b, chunk):
+        if progress is not None:
+            for (k, j), chunk_scores in zip(owner, chunk):
+                progress(b / L, {"prompt": k, "token": j, "layers": (a, b),
+                                 "scores": chunk_scores.float().cpu().numpy()})
+
+    scores, p_zero = _integrate(lm, shared, params, shared.seq, report, cancel)
+    per_prompt: list[list] = [[] for _ in prompts]
+    for i, (k, _) in enumerate(owner):
+        per_prompt[k].append((scores[i], runners[i].acts, runners[i].prob, p_zero[i]))
+    seconds = (time.perf_counter() - started) / len(prompts)
+    return [_prompt_scores(text, answer, ids, per_prompt[k], params, seconds)
+            for k, (text, answer, ids, _) in enumerate(parts)]
 
 
 # --- thresholds: pure functions over stored scores, instant to recompute -------------------------------------

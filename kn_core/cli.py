@@ -231,7 +231,8 @@ def cmd_facts_check(args) -> int:
 def params_of(args):
     from .attribution import AttributionParams
 
-    return AttributionParams(steps=args.steps, rule=args.rule, method=args.method)
+    share = {"auto": None, "on": True, "off": False}[getattr(args, "share_prompts", "auto")]
+    return AttributionParams(steps=args.steps, rule=args.rule, method=args.method, share_prompts=share)
 
 
 def cmd_attribute(args) -> int:
@@ -292,9 +293,7 @@ def cmd_neurons(args) -> int:
             project.add_model(lm)
             project.import_factset(factset)
             with project.recording_run(fact=fact, prompts=prompts, params=params, model=lm) as rec:
-                results = attribute_fact(lm, prompts, params, bar)
-                for i, result in enumerate(results):
-                    rec.add(i, result)
+                results = attribute_fact(lm, prompts, params, bar, on_prompt=rec.add)
         else:
             results = attribute_fact(lm, prompts, params, bar)
         bar.close()
@@ -367,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     neurons.add_argument("--subject", required=True)
     neurons.add_argument("--facts", default="builtin")
     neurons.add_argument("--p", type=float, default=0.7, help="refined: coarse in >= max(p x prompts, 3) prompts")
+    neurons.add_argument("--share-prompts", choices=["auto", "on", "off"], default="auto",
+                         help="run the fact's prompts in shared passes (BERT-style masked LMs; auto: on GPUs)")
     attribution_options(neurons)
     neurons.set_defaults(func=cmd_neurons)
 

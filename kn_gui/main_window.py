@@ -592,23 +592,25 @@ class MainWindow(QMainWindow):
         self.select_fact(first.fact)
         self.attribution_panel.show_run(first)
         total = sum(len(r.prompts) for r in runs)
-        from kn_core.attribution import attribute
+        from kn_core.attribution import attribute_fact
 
         def job(ctx):
             done = 0
             for ri, run in enumerate(runs):
-                for k, prompt in enumerate(run.prompts):
-                    def progress(fraction, partial, ri=ri, k=k, base=done):
-                        ctx.progress((base + fraction) / total,
-                                     f"attributing {fact_label(run.fact)}: prompt {k + 1}/{len(run.prompts)}"
-                                     + (f", fact {ri + 1}/{len(runs)}" if len(runs) > 1 else ""))
-                        if partial and "scores" in partial and "layers" in partial:
-                            ctx.partial(("chunk", ri, k, tuple(partial["layers"]), partial["scores"]))
+                n = len(run.prompts)
 
-                    ctx.check()
-                    result = attribute(lm, prompt, params, progress=progress, cancel=ctx.cancel)
-                    done += 1
-                    ctx.partial(("prompt", ri, k, result))
+                def progress(fraction, partial, ri=ri, run=run, n=n, base=done):
+                    k = (partial or {}).get("prompt", 0)
+                    ctx.progress((base + fraction * n) / total,
+                                 f"attributing {fact_label(run.fact)}: prompt {k + 1}/{n}"
+                                 + (f", fact {ri + 1}/{len(runs)}" if len(runs) > 1 else ""))
+                    if partial and "scores" in partial and "layers" in partial:
+                        ctx.partial(("chunk", ri, k, tuple(partial["layers"]), partial["scores"]))
+
+                ctx.check()
+                attribute_fact(lm, run.prompts, params, progress=progress, cancel=ctx.cancel,
+                               on_prompt=lambda k, result, ri=ri: ctx.partial(("prompt", ri, k, result)))
+                done += n
             return len(runs)
 
         def partial(item):

@@ -6,7 +6,7 @@ import torch
 
 from kn_core.attribution import (AttributionParams, CancelToken, Cancelled, PromptError, adapt_p, attribute,
                                  attribute_fact, coarse_neurons, encode_answer, refined_neurons,
-                                 relation_neurons)
+                                 relation_neurons, shares_passes)
 from kn_core.ffn import ActivationPatch
 from tiny import ALL_FAMILIES, make_tiny, tiny_llama
 
@@ -83,6 +83,74 @@ def test_every_family_matches_reference(family, layers_per_pass):
     ours = attribute(lm, text, AttributionParams(steps=2, layers_per_pass=layers_per_pass), answer_ids=ids).scores
     ref = reference_scores(lm, text, ids, steps=2)
     assert np.abs(ours - ref).max() <= 1e-7 * np.abs(ref).max()
+
+
+class _Prompt:
+    def __init__(self, text, answer_ids):
+        self.text, self.answer_ids, self.answer = text, tuple(answer_ids), ""
+
+
+def fact_prompts(lm, answer="Paris", slots=1):
+    """Prompts of one fact with different lengths and mask positions, so shared passes must pad."""
+    m = " ".join([lm.tokenizer.mask_token] * slots)
+    texts = [f"The capital of France is {m} .", f"France has its capital in the old city of {m} , they say .",
+             f"{m} is France's capital ."]
+    ids = encode_answer(lm, texts[0], answer)
+    return [_Prompt(t, ids) for t in texts]
+
+
+MASKED_FAMILIES = [f for f in ALL_FAMILIES if make_tiny(f).kind == "masked"]
+
+
+@pytest.mark.parametrize("family", MASKED_FAMILIES)
+@pytest.mark.parametrize("layers_per_pass", [1, 2, None])
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_shared_prompt_passes_match_reference(family, layers_per_pass, attention):
+    """A fact's prompts in shared, padded passes: each prompt's scores equal the reference's."""
+    lm = double(make_tiny(family))
+    lm.model.set_attn_implementation(attention)
+    params = AttributionParams(steps=2, layers_per_pass=layers_per_pass, share_prompts=True)
+    for answer, slots in (("Paris", 1), ("Addis Ababa", 2)):
+        prompts = fact_prompts(lm, answer, slots)
+        results = attribute_fact(lm, prompts, params)
+        for prompt, result in zip(prompts, results):
+            ref = reference_scores(lm, prompt.text, prompt.answer_ids, steps=2)
+            assert np.abs(result.scores - ref).max() <= 1e-7 * np.abs(ref).max(), (prompt.text, answer)
+
+
+def test_which_models_share_passes():
+    bert = make_tiny("bert")
+    assert shares_passes(bert, AttributionParams(share_prompts=True))
+    assert not shares_passes(bert, AttributionParams())  # by default only on GPUs
+    assert not shares_passes(bert, AttributionParams(share_prompts=True, method="activation"))
+    assert not shares_passes(make_tiny("distilbert"), AttributionParams(share_prompts=True))
+    assert not shares_passes(make_tiny("gpt2"), AttributionParams(share_prompts=True))
+    bert.model.set_attn_implementation("flex_attention")  # takes no additive mask
+    assert not shares_passes(bert, AttributionParams(share_prompts=True))
+
+
+def test_shared_passes_equal_prompt_by_prompt_with_progress_and_cancel():
+    lm = double(make_tiny("bert"))
+    prompts = fact_prompts(lm)
+    seen, ready = [], []
+    shared = attribute_fact(lm, prompts, AttributionParams(steps=3, layers_per_pass=1, passes_per_backward=1,
+                                                           share_prompts=True),
+                            progress=lambda f, partial: seen.append((f, partial["prompt"], partial["layers"])),
+                            on_prompt=lambda k, result: ready.append(k))
+    alone = attribute_fact(lm, prompts, AttributionParams(steps=3, share_prompts=False))
+    for a, b in zip(shared, alone):
+        np.testing.assert_allclose(a.scores, b.scores, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(a.activations, b.activations, rtol=1e-12)
+        assert a.prob == pytest.approx(b.prob, rel=1e-12) and len(a.completeness) == lm.layout.layers
+    assert ready == [0, 1, 2]
+    assert [(k, layers) for _, k, layers in seen] == [(k, (l, l + 1)) for l in range(3) for k in range(3)]
+    assert seen[-1][0] == pytest.approx(1.0)
+    token = CancelToken()
+    with pytest.raises(Cancelled):
+        attribute_fact(lm, prompts, AttributionParams(steps=2, layers_per_pass=1, passes_per_backward=1,
+                                                      share_prompts=True), cancel=token,
+                       progress=lambda f, partial: token.cancel(), on_prompt=lambda k, result: ready.append(k))
+    assert ready == [0, 1, 2]
 
 
 @pytest.mark.parametrize("layers_per_pass,passes_per_backward", [(1, 1), (1, 3), (2, 1), (2, 2), (3, 1)])
