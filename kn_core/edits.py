@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
 import torch
 
 Neuron = tuple[int, int]
@@ -324,7 +325,11 @@ class Update(_WeightEditBase):
 
     `old_ids` / `new_ids` are the token ids of o and o'; a multi-token object uses its first token's
     embedding or the mean of its tokens' embeddings (`multi_token`). `excluded` records the neurons that were
-    left out because they belong to more than 10% of the relation's facts (see `make_update`)."""
+    left out because they belong to more than 10% of the relation's facts (see `make_update`).
+
+    `flipped` (not in the paper; empty by default): neurons whose activation on the fact's prompts is negative,
+    which gated FFNs (SwiGLU) and GELU's negative lobe produce. Such a neuron adds activation x v to the
+    residual stream, so the paper's edit would push o' *down* and o up; for these the edit's sign is reversed."""
 
     neurons: tuple[Neuron, ...]
     old_ids: tuple[int, ...]
@@ -334,11 +339,15 @@ class Update(_WeightEditBase):
     embedding: str = "input"
     multi_token: str = "mean"
     excluded: tuple[Neuron, ...] = ()
+    flipped: tuple[Neuron, ...] = ()
     kind = "update"
 
     def __post_init__(self):
         object.__setattr__(self, "neurons", _norm_neurons(self.neurons))
         object.__setattr__(self, "excluded", _norm_neurons(self.excluded))
+        object.__setattr__(self, "flipped", _norm_neurons(self.flipped))
+        if not set(self.flipped) <= set(self.neurons):
+            raise ValueError("flipped neurons must be among the updated neurons")
         object.__setattr__(self, "old_ids", tuple(int(i) for i in self.old_ids))
         object.__setattr__(self, "new_ids", tuple(int(i) for i in self.new_ids))
 
@@ -346,18 +355,22 @@ class Update(_WeightEditBase):
         e_old = _target_embedding(lm, self.old_ids, self.embedding, self.multi_token).to(old.device)
         e_new = _target_embedding(lm, self.new_ids, self.embedding, self.multi_token).to(old.device)
         norms = old.norm(dim=1, keepdim=True)
-        return (old - norms / e_old.norm() * self.lambda1 * e_old
-                + norms / e_new.norm() * self.lambda2 * e_new)
+        flipped = set(self.flipped)
+        # multiplying by +-1 is exact, so unflipped neurons get bitwise the paper's formula
+        sign = torch.tensor([[-1.0 if (layer, i) in flipped else 1.0] for i in idx], device=old.device, dtype=old.dtype)
+        return (old - sign * (norms / e_old.norm() * self.lambda1 * e_old)
+                + sign * (norms / e_new.norm() * self.lambda2 * e_new))
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "neurons": [list(n) for n in self.neurons], "old_ids": list(self.old_ids),
                 "new_ids": list(self.new_ids), "lambda1": self.lambda1, "lambda2": self.lambda2,
                 "embedding": self.embedding, "multi_token": self.multi_token,
-                "excluded": [list(n) for n in self.excluded]}
+                "excluded": [list(n) for n in self.excluded], "flipped": [list(n) for n in self.flipped]}
 
     def describe(self) -> str:
         return (f"Update {_neurons_str(self.neurons)}: tokens {list(self.old_ids)} -> {list(self.new_ids)} "
-                f"(λ1={self.lambda1:g}, λ2={self.lambda2:g}, {self.embedding} embedding)")
+                f"(λ1={self.lambda1:g}, λ2={self.lambda2:g}, {self.embedding} embedding"
+                + (f", sign reversed on {len(self.flipped)} negatively active" if self.flipped else "") + ")")
 
 
 @dataclass(frozen=True)
@@ -406,8 +419,9 @@ def edit_from_dict(d: dict) -> Edit:
     if cls is None:
         raise ValueError(f"unknown edit kind {kind!r}; known: {', '.join(_KINDS)}")
     d["neurons"] = tuple(tuple(n) for n in d.get("neurons", ()))
-    if "excluded" in d:
-        d["excluded"] = tuple(tuple(n) for n in d["excluded"])
+    for key in ("excluded", "flipped"):
+        if key in d:
+            d[key] = tuple(tuple(n) for n in d[key])
     for key in ("old_ids", "new_ids"):
         if key in d:
             d[key] = tuple(d[key])
@@ -428,17 +442,28 @@ def neuron_frequencies(neuron_sets: Sequence[Iterable[Neuron]]) -> dict[Neuron, 
 
 def make_update(lm, neurons: Iterable[Neuron], old_ids, new_ids, relation_neuron_sets=(), fraction: float = 0.1,
                 lambda1: float = 1.0, lambda2: float = 8.0, embedding: str | None = None,
-                multi_token: str | None = None) -> Update:
+                multi_token: str | None = None, activations: Sequence[np.ndarray] | None = None) -> Update:
     """An Update of one fact's knowledge neurons, leaving out neurons that are knowledge neurons of more than
     `fraction` of the relation's *other* facts (`relation_neuron_sets`: their refined sets, without this
-    fact's own; counting the fact itself would exclude every neuron of a relation with fewer than 10 facts)."""
+    fact's own; counting the fact itself would exclude every neuron of a relation with fewer than 10 facts).
+
+    `activations` (each prompt's [layers, neurons] at the answer) makes the update sign-aware: neurons whose
+    mean activation over the prompts is negative get the edit reversed (`Update.flipped`)."""
     neurons = _norm_neurons(neurons)
     counts = neuron_frequencies(relation_neuron_sets)
     n_facts = len(relation_neuron_sets)
     excluded = tuple(n for n in neurons if n_facts and counts.get(n, 0) > fraction * n_facts)
     kept = tuple(n for n in neurons if n not in excluded)
     return Update(kept, tuple(old_ids), tuple(new_ids), lambda1, lambda2, embedding or default_embedding(lm),
-                  multi_token or default_multi_token(lm), excluded)
+                  multi_token or default_multi_token(lm), excluded, negatively_active(kept, activations))
+
+
+def negatively_active(neurons: Sequence[Neuron], activations: Sequence[np.ndarray] | None) -> tuple[Neuron, ...]:
+    """The neurons whose activation, averaged over prompts ([layers, neurons] each), is negative."""
+    if not activations:
+        return ()
+    mean = np.mean(np.stack([np.asarray(a, dtype=np.float64) for a in activations]), axis=0)
+    return tuple(n for n in neurons if mean[n] < 0)
 
 
 def erase_neurons(relation_neuron_sets: Sequence[Iterable[Neuron]], k: int = 20) -> list[Neuron]:

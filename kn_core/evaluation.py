@@ -19,7 +19,7 @@ Conventions used throughout:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -574,7 +574,12 @@ def update_experiment(lm, records: Sequence[FactRecord], factset, seed: int = 0,
         random_update = _edits.Update(tuple(_edits.random_neurons(lm, update.neurons, seed=seed * 7919 + n_done)),
                                       update.old_ids, update.new_ids, update.lambda1, update.lambda2,
                                       update.embedding, update.multi_token)
-        for name, edit in (("knowledge", update), ("random", random_update)):
+        arms = [("knowledge", update), ("random", random_update)]
+        if rec.activations:  # ours, beyond the paper: the edit reversed on negatively active neurons
+            flipped = _edits.negatively_active(update.neurons, rec.activations)
+            row["flipped"] = [list(n) for n in flipped]
+            arms.append(("sign_aware", replace(update, flipped=flipped)))
+        for name, edit in arms:
             def measure():
                 after_own = answer_probabilities(lm, own, batch_size, top_k=5)
                 after_new = answer_probabilities(lm, new_prompts, batch_size, top_k=5)
@@ -599,7 +604,8 @@ def update_experiment(lm, records: Sequence[FactRecord], factset, seed: int = 0,
     return {"lambda1": lambda1, "lambda2": lambda2, "exclusion_fraction": fraction,
             "embedding": embedding or _edits.default_embedding(lm), "multi_token": _edits.default_multi_token(lm),
             "facts": rows, "skipped": skipped, "knowledge": update_summary(rows, "knowledge"),
-            "random": update_summary(rows, "random")}
+            "random": update_summary(rows, "random"),
+            "sign_aware": update_summary([r for r in rows if "sign_aware" in r], "sign_aware")}
 
 
 def update_summary(rows: list[dict], name: str) -> dict:

@@ -398,19 +398,28 @@ def render_markdown(report: dict) -> str:
         lines += ["![suppress and amplify](suppress_amplify.png)", ""]
     up = report.get("update")
     if up:
-        k, r = up.get("knowledge") or {}, up.get("random") or {}
+        k, r, sa = up.get("knowledge") or {}, up.get("random") or {}, up.get("sign_aware") or {}
+        n_flipped = sum(len(f.get("flipped", [])) for f in up["facts"])
+        n_neurons = sum(len(f["neurons"]) for f in up["facts"])
+
+        def ppl(arm, kind):
+            return (f"{_num(arm.get(f'ppl_{kind}_change_median'), '{:+.2f}')} "
+                    f"({_num(arm.get(f'ppl_{kind}_change'), '{:+.3g}')})")
+
         lines += ["## Updating facts", "",
                   f"λ1 = {up['lambda1']}, λ2 = {up['lambda2']}, {up['embedding']} embeddings ({up['multi_token']} token "
                   f"of multi-token objects), neurons in >10% of the relation's facts left out; {len(up['facts'])} "
                   f"facts updated, {len(up['skipped'])} skipped (not answered correctly, or no neurons left).", "",
-                  "| | knowledge neurons | random neurons | paper | paper random |", "|---|---|---|---|---|",
-                  f"| change rate | {_pct(k.get('change_rate'))} | {_pct(r.get('change_rate'))} | {_pct(PAPER['update_change_rate'])} | {_pct(PAPER['update_random_change_rate'])} |",
-                  f"| success rate (argmax = o') | {_pct(k.get('success_rate'))} | {_pct(r.get('success_rate'))} | {_pct(PAPER['update_success_rate'])} | {_pct(PAPER['update_random_success_rate'])} |",
-                  f"| o' in top 5 | {_pct(k.get('top5_rate'))} | {_pct(r.get('top5_rate'))} | - | - |",
-                  *(f"| {kind}-relation perplexity change, median (mean) | {_num(k.get(f'ppl_{kind}_change_median'), '{:+.2f}')} "
-                    f"({_num(k.get(f'ppl_{kind}_change'), '{:+.3g}')}) | {_num(r.get(f'ppl_{kind}_change_median'), '{:+.2f}')} "
-                    f"({_num(r.get(f'ppl_{kind}_change'), '{:+.3g}')}) | +{PAPER[f'update_ppl_{kind}']} | - |"
-                    for kind in ("intra", "inter")),
+                  "Sign-aware (ours, not in the paper): the same neurons, with the edit reversed on those whose mean "
+                  f"activation on the fact's prompts is negative ({n_flipped} of {n_neurons} here), since such a "
+                  "neuron adds activation × value vector to the residual stream.", "",
+                  "| | knowledge neurons | sign-aware (ours) | random neurons | paper | paper random |",
+                  "|---|---|---|---|---|---|",
+                  f"| change rate | {_pct(k.get('change_rate'))} | {_pct(sa.get('change_rate'))} | {_pct(r.get('change_rate'))} | {_pct(PAPER['update_change_rate'])} | {_pct(PAPER['update_random_change_rate'])} |",
+                  f"| success rate (argmax = o') | {_pct(k.get('success_rate'))} | {_pct(sa.get('success_rate'))} | {_pct(r.get('success_rate'))} | {_pct(PAPER['update_success_rate'])} | {_pct(PAPER['update_random_success_rate'])} |",
+                  f"| o' in top 5 | {_pct(k.get('top5_rate'))} | {_pct(sa.get('top5_rate'))} | {_pct(r.get('top5_rate'))} | - | - |",
+                  *(f"| {kind}-relation perplexity change, median (mean) | {ppl(k, kind)} | {ppl(sa, kind)} | "
+                    f"{ppl(r, kind)} | +{PAPER[f'update_ppl_{kind}']} | - |" for kind in ("intra", "inter")),
                   ""]
     er = report.get("erase")
     if er:
@@ -437,8 +446,9 @@ def render_markdown(report: dict) -> str:
 # Command line: kn edit ..., kn neuron, kn reproduce
 # --------------------------------------------------------------------------------------------------------
 
-def _fact_neurons(args, lm, factset, fact, say):
-    """Attribution of one fact's prompts -> (prompts, refined neurons)."""
+def _fact_neurons(args, lm, factset, fact, say, results: list | None = None):
+    """Attribution of one fact's prompts -> (prompts, refined neurons); `results` receives each prompt's
+    PromptScores."""
     from .attribution import AttributionParams, attribute_fact, refined_neurons
     from .cli import CliError, tqdm_progress
     from .facts import render_prompts
@@ -450,6 +460,8 @@ def _fact_neurons(args, lm, factset, fact, say):
     bar = tqdm_progress(f"attributing {fact.relation} {fact.subject}")
     scores = attribute_fact(lm, prompts, AttributionParams(steps=args.steps, seed=args.seed), bar)
     bar.close()
+    if results is not None:
+        results.extend(scores)
     return prompts, refined_neurons([s.scores for s in scores], args.t, args.p)
 
 
@@ -501,7 +513,8 @@ def cmd_edit_update(args) -> int:
     factset = factset_of(args)
     fact = find_fact(factset, args.relation, args.subject)
     lm = load(args)
-    prompts, neurons = _fact_neurons(args, lm, factset, fact, say)
+    results: list = []
+    prompts, neurons = _fact_neurons(args, lm, factset, fact, say, results)
     relation_sets = []
     others = [f for f in factset.facts_of(fact.relation) if f != fact][: args.relation_facts]
     for other in others:  # to leave out neurons shared by >10% of the relation's facts
@@ -512,7 +525,8 @@ def cmd_edit_update(args) -> int:
     if not pairs:
         raise CliError(f"no template renders both {fact.object!r} and {args.new_object!r}")
     update = E.make_update(lm, neurons, pairs[0][0].answer_ids, pairs[0][1].answer_ids,
-                           relation_sets if others else (), 0.1, args.lambda1, args.lambda2)
+                           relation_sets if others else (), 0.1, args.lambda1, args.lambda2,
+                           activations=[r.activations for r in results] if args.sign_aware else None)
     if not update.neurons:
         raise CliError("no knowledge neurons left to update" + (" (all shared by >10% of the relation's facts)"
                                                                   if update.excluded else ""))
@@ -527,7 +541,7 @@ def cmd_edit_update(args) -> int:
         ev.with_edits(lm, [update], lambda: E.export_model(lm, [update], args.export))
     doc = {"fact": {"relation": fact.relation, "subject": fact.subject, "object": fact.object},
            "new_object": args.new_object, "edit": update.to_dict(), "neurons": _neurons_doc(update.neurons),
-           "excluded": _neurons_doc(update.excluded),
+           "excluded": _neurons_doc(update.excluded), "flipped": _neurons_doc(update.flipped),
            "exclusion": f"computed over {len(relation_sets)} other facts of {fact.relation}" if others else
            "not computed (use --relation-facts N to attribute N other facts of the relation)",
            "prompts": [p.text for p in own],
@@ -537,7 +551,8 @@ def cmd_edit_update(args) -> int:
            "change_rate": float(np.mean([a["top1_id"] != b["top1_id"] for a, b in zip(after_old, before_old)])),
            "success_rate": float(np.mean([r["correct"] for r in after_new])), "exported_to": args.export}
     text = [f"update {fact.relation} {fact.subject}: {fact.object} -> {args.new_object} "
-            f"({len(update.neurons)} neurons, {len(update.excluded)} left out)",
+            f"({len(update.neurons)} neurons, {len(update.excluded)} left out"
+            + (f", edit reversed on {len(update.flipped)} negatively active" if args.sign_aware else "") + ")",
             *[f"  {p.text!r}: P(old) {b['prob']:.4f} -> {a['prob']:.4f}, P(new) {bn['prob']:.4f} -> {an['prob']:.4f}, "
               f"top-1 {a['top1_token']!r}" for p, b, a, bn, an in zip(own, before_old, after_old, before_new, after_new)],
             f"change rate {doc['change_rate']:.2f}, success rate {doc['success_rate']:.2f}"]
@@ -670,6 +685,9 @@ def add_edit_commands(subparsers) -> None:
     p.add_argument("--lambda2", type=float, default=8.0)
     p.add_argument("--relation-facts", type=int, default=0,
                    help="attribute N other facts of the relation to leave out neurons shared by >10%% of them")
+    p.add_argument("--sign-aware", action="store_true",
+                   help="reverse the edit on neurons whose mean activation on the fact's prompts is negative "
+                        "(gated FFNs; not in the paper)")
     attribution_options(p)
     p.set_defaults(func=cmd_edit_update)
     p = edit_sub.add_parser("erase", parents=[COMMON], help="erase a relation (its k most frequent knowledge neurons)")

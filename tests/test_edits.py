@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -52,9 +53,10 @@ def edit_strategy():
     return st.one_of(
         st.builds(E.Suppress, neurons, st.sampled_from(["answer", "all"])),
         st.builds(E.Amplify, neurons, st.sampled_from([2.0, -1.5, 0.5]), st.sampled_from(["answer", "all"])),
-        st.builds(lambda n, l1, l2, emb, mt: E.Update(n, (6,), (7, 8), l1, l2, emb, mt),
+        st.builds(lambda n, l1, l2, emb, mt, flip: E.Update(n, (6,), (7, 8), l1, l2, emb, mt,
+                                                            flipped=n[:1] if flip else ()),
                   neurons, st.sampled_from([1.0, 0.3]), st.sampled_from([8.0, 2.5]),
-                  st.sampled_from(["input", "output"]), st.sampled_from(["first", "mean"])),
+                  st.sampled_from(["input", "output"]), st.sampled_from(["first", "mean"]), st.booleans()),
         st.builds(E.Erase, neurons, st.sampled_from(["zero", "unk"])),
     )
 
@@ -129,11 +131,14 @@ def test_undo_redo_semantics():
 def test_edit_dict_roundtrip():
     for edit in (E.Suppress(((0, 1), (2, 5)), "all"), E.Amplify(((1, 1),), 2.0),
                  E.Update(((0, 1),), (3,), (4, 5), 1.0, 8.0, "output", "first", ((2, 2),)),
+                 E.Update(((0, 1), (1, 2)), (3,), (4, 5), 1.0, 8.0, "input", "mean", (), ((1, 2),)),
                  E.Erase(((1, 7),), "unk", "input")):
         assert E.edit_from_dict(edit.to_dict()) == edit
         assert edit.describe()
     with pytest.raises(ValueError):
         E.edit_from_dict({"kind": "melt", "neurons": []})
+    with pytest.raises(ValueError, match="flipped"):
+        E.Update(((0, 1),), (3,), (4,), flipped=((1, 1),))
 
 
 # ------------------------------------------------------------------ effects, computed independently
@@ -163,6 +168,38 @@ def test_update_changes_exactly_the_chosen_vectors(family, embedding, multi):
                 torch.testing.assert_close(after[i], expect, rtol=1e-5, atol=1e-6)
             else:
                 assert torch.equal(after[i], before[l][i])
+    handle.revert()
+    for l in range(3):
+        assert torch.equal(value_matrix(lm, l), before[l])
+
+
+@pytest.mark.parametrize("family", [TINY_MASKED, TINY_CAUSAL])
+def test_sign_aware_update_reverses_the_edit_of_negatively_active_neurons(family):
+    lm = tiny(family)
+    chosen = ((0, 3), (2, 10), (2, 40))
+    acts = [np.zeros((3, 72)), np.zeros((3, 72))]
+    acts[0][2, 10], acts[1][2, 10] = -0.5, 0.2  # mean -0.15: negatively active
+    acts[0][0, 3], acts[1][0, 3] = 0.4, -0.1  # mean +0.15
+    update = E.make_update(lm, chosen, ids_for(lm, "Paris"), ids_for(lm, "Berlin"), activations=acts)
+    assert update.flipped == ((2, 10),)
+    assert E.make_update(lm, chosen, ids_for(lm, "Paris"), ids_for(lm, "Berlin")).flipped == ()
+    before = {l: value_matrix(lm, l) for l in range(3)}
+    emb = lm.model.get_input_embeddings().weight.detach() if update.embedding == "input" else \
+        lm.model.get_output_embeddings().weight.detach()
+    e_o, e_n = emb[list(update.old_ids)].mean(0), emb[list(update.new_ids)].mean(0)
+    paper = E.Update(update.neurons, update.old_ids, update.new_ids, embedding=update.embedding,
+                     multi_token=update.multi_token)
+    paper_handle = paper.apply(lm)
+    paper_after = {l: value_matrix(lm, l) for l in range(3)}
+    paper_handle.revert()
+    handle = update.apply(lm)
+    for layer, i in chosen:
+        v = before[layer][i]
+        delta = -v.norm() / e_o.norm() * e_o + v.norm() / e_n.norm() * 8.0 * e_n
+        sign = -1.0 if (layer, i) == (2, 10) else 1.0
+        torch.testing.assert_close(value_matrix(lm, layer)[i], v + sign * delta, rtol=1e-5, atol=1e-6)
+        if sign > 0:  # unflipped neurons: bitwise the paper's edit
+            assert torch.equal(value_matrix(lm, layer)[i], paper_after[layer][i])
     handle.revert()
     for l in range(3):
         assert torch.equal(value_matrix(lm, l), before[l])

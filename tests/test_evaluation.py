@@ -154,6 +154,9 @@ def test_update_experiment_on_tiny(monkeypatch):
     lm = tiny(TINY_CAUSAL)
     original = {k: v.clone() for k, v in lm.model.state_dict().items()}
     recs = _records(lm)
+    for rec in recs:  # each fact's first neuron negatively active: the sign-aware arm reverses its edit
+        for acts in rec.activations:
+            acts[rec.neurons[0]] = -1.0
     factset = FactSet("t", {"P36": REL, "P37": REL2}, FACTS)
     real = ev.answer_probabilities
 
@@ -168,7 +171,10 @@ def test_update_experiment_on_tiny(monkeypatch):
     row = up["facts"][0]
     assert row["new_object"] != row["object"]
     for key in ("change_rate", "success_rate", "top5_rate", "ppl_intra_change", "ppl_inter_change"):
-        assert key in up["knowledge"] and key in up["random"]
+        assert key in up["knowledge"] and key in up["random"] and key in up["sign_aware"]
+    rec = next(r for r in recs if f"{r.relation}:{r.fact.subject}" == row["fact"])
+    assert row["flipped"] == [list(rec.neurons[0])]
+    assert row["sign_aware"]["p_new_after"] != row["knowledge"]["p_new_after"]
     for name, tensor in lm.model.state_dict().items():
         assert torch.equal(tensor, original[name]), name
 
