@@ -103,3 +103,18 @@ def test_default_model_refined_neurons_of_france(capsys):
     assert code == 0 and doc["refined"], doc
     # knowledge neurons concentrate in the top layers (paper, Figure 3)
     assert sum(n["layer"] >= 15 for n in doc["refined"]) * 2 > len(doc["refined"])
+
+
+@pytest.mark.default_model
+def test_default_model_sign_aware_update_reverses_negatively_active_neurons(capsys):
+    argv = ["edit", "update", "--relation", "P36", "--subject", "Japan", "--new-object", "Berlin", "--steps", "4",
+            "--json"]
+    code, out, _ = run(capsys, *argv)
+    paper = json.loads(out)
+    code2, out2, _ = run(capsys, *argv, "--sign-aware")
+    ours = json.loads(out2)
+    assert code == code2 == 0 and paper["flipped"] == [] and paper["edit"]["flipped"] == []
+    # SmolLM2's gated FFN: some of the fact's knowledge neurons are negatively active on its prompts
+    assert ours["flipped"] and all(n in ours["neurons"] for n in ours["flipped"])
+    assert ours["edit"]["flipped"] == [[n["layer"], n["neuron"]] for n in ours["flipped"]]
+    assert ours["neurons"] == paper["neurons"] and ours["after"] != paper["after"]
