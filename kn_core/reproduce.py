@@ -79,7 +79,8 @@ class _Scores:
 def _attribute_cached(lm, prompt, params, cache: Path | None, cancel=None) -> _Scores:
     from .attribution import attribute
 
-    key = hashlib.sha256(json.dumps([lm.sha256, prompt.text, list(prompt.answer_ids), params.to_dict()],
+    scoring = {k: v for k, v in params.to_dict().items() if k != "share_prompts"}  # sharing never changes scores
+    key = hashlib.sha256(json.dumps([lm.sha256, prompt.text, list(prompt.answer_ids), scoring],
                                     sort_keys=True).encode()).hexdigest()[:24]
     path = cache / f"{key}.npz" if cache is not None else None
     if path is not None and path.exists():
