@@ -406,32 +406,6 @@ class _Runner:
         blocks, first, last = self.layout.blocks, layers.start, self.layout.layers - 1
         bert_style = self.bert_style
 
-        def clean_rows(value, like, answer_only=False):
-            value = value[:, self.pos:self.pos + 1] if answer_only else value
-            return value.expand(n_alpha, *value.shape[1:]).to(like.dtype)
-
-        def at_block(layer):
-            def join(hidden):
-                new = clean_rows(self.block_inputs[layer], hidden)
-                return new if layer == first else torch.cat([hidden, new])
-            return blocks[layer], _replacing_hidden(join)
-
-        def at_ffn_output(layer):
-            block, inside = blocks[layer], self.inside_outputs[layer]
-            clean_ffn, clean_residual = inside[block.intermediate], inside[block.attention][0]
-
-            def join(module, args, kwargs):
-                ffn, residual = args[:2]
-                ffn = torch.cat([ffn, clean_rows(clean_ffn, ffn, layer == last)])
-                residual = torch.cat([residual, clean_rows(clean_residual, residual, layer == last)])
-                return (ffn, residual, *args[2:]), kwargs
-            return block.output, join
-
-        def late_join(layer):
-            inside = self.inside_outputs[layer]
-            return (bert_style and layer > first and blocks[layer].intermediate in inside
-                    and blocks[layer].attention in inside)
-
         def put(layer, x):
             x = x.clone()
             rows = slice((layer - first) * n_alpha, (layer - first + 1) * n_alpha)
@@ -443,7 +417,8 @@ class _Runner:
         inside = [] if bert_style and first == last else list(self.inside_outputs[first].items())
         last_attention = blocks[last].attention if bert_style else None
         at_answer = [(last_attention, _attention_at(last_attention, self.pos))] if bert_style else []
-        joins = [at_ffn_output(l) if late_join(l) else at_block(l) for l in layers]
+        joins = _joins(self.layout, layers, self.block_inputs, self.inside_outputs, slice(self.pos, self.pos + 1),
+                       n_alpha, bert_style)
         cache_rows = [0] * first + [min(j - first + 1, len(layers)) * n_alpha
                                     for j in range(first, self.layout.layers)]
         with _replay(below, 1), _replay(inside, n_alpha), _Override(at_answer), _PreHooks(joins), \
@@ -537,31 +512,6 @@ class _SharedRunner:
         blocks, first, last = self.layout.blocks, layers.start, self.layout.layers - 1
         answers = self.positions
 
-        def clean_rows(value, like, answer_only=False):
-            value = value[:, answers] if answer_only else value
-            return value.expand(n_alpha, *value.shape[1:]).to(like.dtype)
-
-        def at_block(layer):
-            def join(hidden):
-                new = clean_rows(self.block_inputs[layer], hidden)
-                return new if layer == first else torch.cat([hidden, new])
-            return blocks[layer], _replacing_hidden(join)
-
-        def at_ffn_output(layer):
-            block, inside = blocks[layer], self.inside_outputs[layer]
-            clean_ffn, clean_residual = inside[block.intermediate], inside[block.attention][0]
-
-            def join(module, args, kwargs):
-                ffn, residual = args[:2]
-                ffn = torch.cat([ffn, clean_rows(clean_ffn, ffn, layer == last)])
-                residual = torch.cat([residual, clean_rows(clean_residual, residual, layer == last)])
-                return (ffn, residual, *args[2:]), kwargs
-            return block.output, join
-
-        def late_join(layer):
-            inside = self.inside_outputs[layer]
-            return layer > first and blocks[layer].intermediate in inside and blocks[layer].attention in inside
-
         def block_diagonal(module, args, kwargs):
             mask = self.mask.to(device=(args[0] if args else kwargs["hidden_states"]).device)
             if len(args) > 1:
@@ -578,7 +528,7 @@ class _SharedRunner:
         below = list(zip(blocks[:first], self.block_outputs[:first]))
         inside = [] if first == last else list(self.inside_outputs[first].items())
         masks = [(blocks[l].attention, block_diagonal) for l in range(first, last + 1)]
-        joins = [at_ffn_output(l) if late_join(l) else at_block(l) for l in layers]
+        joins = _joins(self.layout, layers, self.block_inputs, self.inside_outputs, answers, n_alpha, True)
         with _replay(below, 1), _replay(inside, n_alpha), \
                 _Override([(blocks[last].attention, _attention_at(blocks[last].attention, answers))]), \
                 _PreHooks(masks + joins), ActivationPatch(self.layout, put, layers):
@@ -587,6 +537,42 @@ class _SharedRunner:
             zeros = torch.zeros_like(self.ids)
             return self.layout.base_model()(input_ids=self.ids, position_ids=zeros,
                                             token_type_ids=zeros).last_hidden_state
+
+
+def _joins(layout, layers: range, block_inputs, inside_outputs, answer, n_alpha: int, bert_style: bool) -> list:
+    """Pre-hooks by which each layer's rows join a grown pass from the clean run's values: at the block's input,
+    or in BERT-style blocks at the FFN output module (which takes the residual as an argument), so they skip
+    their block's attention and FFN input side. In the last BERT-style block only `answer` (the answer
+    position(s), a slice or an index tensor) joins."""
+    blocks, first, last = layout.blocks, layers.start, layout.layers - 1
+
+    def clean_rows(value, like, answer_only=False):
+        value = value[:, answer] if answer_only else value
+        return value.expand(n_alpha, *value.shape[1:]).to(like.dtype)
+
+    def at_block(layer):
+        def join(hidden):
+            new = clean_rows(block_inputs[layer], hidden)
+            return new if layer == first else torch.cat([hidden, new])
+        return blocks[layer], _replacing_hidden(join)
+
+    def at_ffn_output(layer):
+        block, inside = blocks[layer], inside_outputs[layer]
+        clean_ffn, clean_residual = inside[block.intermediate], inside[block.attention][0]
+
+        def join(module, args, kwargs):
+            ffn, residual = args[:2]
+            ffn = torch.cat([ffn, clean_rows(clean_ffn, ffn, layer == last)])
+            residual = torch.cat([residual, clean_rows(clean_residual, residual, layer == last)])
+            return (ffn, residual, *args[2:]), kwargs
+        return block.output, join
+
+    def late_join(layer):
+        inside = inside_outputs[layer]
+        return (bert_style and layer > first and blocks[layer].intermediate in inside
+                and blocks[layer].attention in inside)
+
+    return [at_ffn_output(l) if late_join(l) else at_block(l) for l in layers]
 
 
 class _PreHooks:
