@@ -1,0 +1,377 @@
+"""The reproduction's pipeline: select facts, attribute them (cached), find knowledge neurons, run the paper's
+experiments with controls. The report (markdown, JSON, figures) is written by ``report.py``.
+
+1. Selection (``select_facts``): per relation, a seeded random order of its facts; facts are rendered in that
+   order until enough have at least ``min_prompts`` usable prompts (``sample_factor`` x the facts needed with
+   ``select="known"``, which then keeps the ones the model answers best; exactly the facts needed with
+   ``select="random"``). Every template, fact and relation that is left out keeps its reason.
+2. Attribution of every prompt, cached under OUT/cache per prompt, so an interrupted run resumes where it
+   stopped; the activation baseline likewise.
+3. Refined neurons per fact with p adapted per relation, as in the paper.
+4. Neuron statistics, activation by prompt, suppress/amplify, update and erase, each beside its controls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import evaluation as ev
+from ..facts import CAUSAL_TEMPLATES, render_prompts
+from ..tasks import Cancelled, Task, as_task
+from .report import PAPER, jsonable, write_report
+
+MIN_PROMPTS = 3  # refinement keeps neurons coarse in at least max(p * n, 3) prompts
+SELECT_MODES = ("known", "random")
+
+
+def _say(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr, flush=True)
+
+
+def _versions() -> dict:
+    from ..store import library_versions
+
+    return {**library_versions(), "platform": platform.platform()}
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Selection
+# --------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Selection:
+    """The chosen facts with their prompts, what was checked per relation, and everything left out."""
+    chosen: dict = field(default_factory=dict)        # relation -> [(fact, prompts)]
+    relations: dict = field(default_factory=dict)     # relation -> summary (facts, checked, chosen, templates)
+    left_out: dict = field(default_factory=lambda: {"relations": [], "templates": [], "facts": []})
+
+
+def _relation_rng(seed: int, rid: str) -> np.random.Generator:
+    # Seeded per relation, so a relation's sample does not depend on which other relations run beside it.
+    return np.random.default_rng([seed, zlib.crc32(rid.encode("utf-8"))])
+
+
+def _known_scores(lm, rid, candidates, cache: Path | None, task: Task) -> list[tuple[float, float]]:
+    """(accuracy, mean probability) of each candidate fact over its prompts, cached per relation sample."""
+    prompts = [p for _, ps in candidates for p in ps]
+    path = None
+    if cache is not None:
+        path = cache / f"select-{_key(lm.sha256, rid, [[p.text, list(p.answer_ids)] for p in prompts])}.json"
+        if path.exists():
+            rows = json.loads(path.read_text())
+            return [tuple(r) for r in rows]
+    probs = ev.answer_probabilities(lm, prompts, batch_size=32, cancel=task)
+    rows, at = [], 0
+    for _, ps in candidates:
+        chunk = probs[at:at + len(ps)]
+        at += len(ps)
+        rows.append((float(np.mean([r["correct"] for r in chunk])), float(np.mean([r["prob"] for r in chunk]))))
+    if path is not None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rows))
+        tmp.replace(path)
+    return rows
+
+
+def _select_relation(lm, factset, rid, sel: Selection, facts_per_relation, select, seed, min_prompts,
+                     prompts_per_fact, causal_templates, sample_factor, cache, task) -> None:
+    relation = factset.relation(rid)
+    facts = factset.facts_of(rid)
+    budget = facts_per_relation * (sample_factor if select == "known" else 1)
+    template_reasons: dict[str, Counter] = {}
+    candidates, rendered = [], 0
+    for k in _relation_rng(seed, rid).permutation(len(facts)):
+        if len(candidates) >= budget:
+            break
+        fact = facts[k]
+        prompts, skipped = render_prompts(fact, relation, lm.tokenizer, lm.kind, causal_templates)
+        rendered += 1
+        for s in skipped:
+            template_reasons.setdefault(s.template, Counter())[s.reason] += 1
+        if prompts_per_fact:
+            prompts = prompts[:prompts_per_fact]
+        if len(prompts) >= min_prompts:
+            candidates.append((fact, prompts))
+        else:
+            sel.left_out["facts"].append({
+                "relation": rid, "subject": fact.subject, "object": fact.object,
+                "reason": f"{len(prompts)} usable prompt(s); refinement needs at least {min_prompts}"})
+    for template, reasons in template_reasons.items():
+        for reason, n in reasons.items():
+            sel.left_out["templates"].append({"relation": rid, "template": template, "reason": reason,
+                                              "facts": n, "of_facts": rendered})
+    summary = {"facts": len(facts), "rendered": rendered, "checked": 0, "chosen": 0,
+               "templates": len(relation.templates),
+               "templates_used_by_every_fact": len(relation.templates) - len(template_reasons),
+               "prompts_per_fact": [len(ps) for _, ps in candidates]}
+    sel.relations[rid] = summary
+    if not candidates:
+        reason = (f"the relation has no facts" if not facts else
+                  f"none of the {rendered} facts has {min_prompts} usable prompts for a {lm.kind} model "
+                  f"(templates left out are listed with their reasons)")
+        sel.left_out["relations"].append({"relation": rid, "reason": reason})
+        return
+    if select == "known":
+        scores = _known_scores(lm, rid, candidates, cache, task)
+        summary["checked"] = len(candidates)
+        order = sorted(range(len(candidates)), key=lambda k: (-scores[k][0], -scores[k][1], k))
+        for k in order[facts_per_relation:]:
+            fact = candidates[k][0]
+            sel.left_out["facts"].append({
+                "relation": rid, "subject": fact.subject, "object": fact.object,
+                "reason": f"checked, answered less well than the {facts_per_relation} chosen "
+                          f"(accuracy {scores[k][0]:.2f}, mean p {scores[k][1]:.3g})"})
+        summary["chosen_accuracy"] = float(np.mean([scores[k][0] for k in order[:facts_per_relation]]))
+    else:
+        order = list(range(len(candidates)))
+    sel.chosen[rid] = [candidates[k] for k in order[:facts_per_relation]]
+    summary["chosen"] = len(sel.chosen[rid])
+    summary["prompts_per_fact"] = [len(ps) for _, ps in sel.chosen[rid]]
+    if summary["chosen"] < facts_per_relation:
+        summary["note"] = (f"only {summary['chosen']} of the {facts_per_relation} facts asked for have "
+                           f"{min_prompts} usable prompts")
+
+
+def select_facts(lm, factset, relations, facts_per_relation: int, select: str = "known", seed: int = 0,
+                 min_prompts: int = MIN_PROMPTS, prompts_per_fact: int | None = None,
+                 causal_templates: str = "prefix", sample_factor: int = 5, cache: Path | None = None,
+                 task: Task | None = None) -> Selection:
+    """Chooses up to ``facts_per_relation`` facts per relation (see the module notes); nothing is dropped
+    without a reason in ``Selection.left_out``. ``select="known"`` checks at most ``sample_factor`` x
+    ``facts_per_relation`` facts per relation (a seeded random sample), never every fact."""
+    if select not in SELECT_MODES:
+        raise ValueError(f"unknown select {select!r}; use 'known' or 'random'")
+    task = as_task(task)
+    sel = Selection()
+    for n, rid in enumerate(relations):
+        task.check()
+        task.progress(n / max(len(relations), 1), f"selecting facts: {rid} ({n + 1}/{len(relations)})")
+        _select_relation(lm, factset, rid, sel, facts_per_relation, select, seed, min_prompts, prompts_per_fact,
+                         causal_templates, sample_factor, cache, task)
+    task.progress(1.0, "facts selected")
+    return sel
+
+
+# --------------------------------------------------------------------------------------------------------
+# Attribution with a cache
+# --------------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Scores:
+    scores: np.ndarray
+    activations: np.ndarray
+    prob: float
+
+
+def attribute_cached(lm, prompt, params, cache: Path | None, task: Task | None = None) -> _Scores:
+    """One prompt's attribution, read from ``cache`` when an earlier (possibly interrupted) run computed it."""
+    from ..attribution import attribute
+
+    scoring = {k: v for k, v in params.to_dict().items() if k != "share_prompts"}  # sharing never changes scores
+    key = hashlib.sha256(json.dumps([lm.sha256, prompt.text, list(prompt.answer_ids), scoring],
+                                    sort_keys=True).encode()).hexdigest()[:24]
+    path = cache / f"{key}.npz" if cache is not None else None
+    if path is not None and path.exists():
+        with np.load(path) as data:
+            return _Scores(data["scores"], data["activations"], float(data["prob"]))
+    result = attribute(lm, prompt, params, cancel=task)
+    out = _Scores(result.scores, result.activations, result.prob)
+    if path is not None:
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez_compressed(tmp, scores=out.scores, activations=out.activations, prob=np.float64(out.prob))
+        tmp.replace(path)
+    return out
+
+
+def _attribute_all(lm, chosen: dict, params, base_params, cache: Path, task: Task) -> tuple[dict, dict]:
+    total = max(sum(len(ps) for facts in chosen.values() for _, ps in facts), 1)
+    ig, base, done = {}, {}, 0
+    for rid, facts in chosen.items():
+        for fact, prompts in facts:
+            ig[fact], base[fact] = [], []
+            for prompt in prompts:
+                task.check()
+                ig[fact].append(attribute_cached(lm, prompt, params, cache, task))
+                base[fact].append(attribute_cached(lm, prompt, base_params, cache, task))
+                done += 1
+                task.progress(done / total, f"attribution: {rid} {fact.subject} ({done}/{total} prompts)")
+    return ig, base
+
+
+# --------------------------------------------------------------------------------------------------------
+# Knowledge neurons
+# --------------------------------------------------------------------------------------------------------
+
+def _knowledge_neurons(chosen: dict, ig: dict, base: dict, t: float, p: float) -> tuple[list, dict]:
+    from ..attribution import adapt_p, refined_neurons
+
+    records, adapted = [], {}
+    for rid, facts in chosen.items():
+        a = adapt_p([[s.scores for s in ig[f]] for f, _ in facts], t=t, p=p)
+        b = adapt_p([[s.scores for s in base[f]] for f, _ in facts], t=0.5, p=p)
+        adapted[rid] = {"p": a.p, "mean_neurons": a.mean_neurons, "history": a.history,
+                        "baseline_p": b.p, "baseline_mean_neurons": b.mean_neurons}
+        for fact, prompts in facts:
+            records.append(ev.FactRecord(
+                fact, prompts, refined_neurons([s.scores for s in ig[fact]], t, a.p),
+                refined_neurons([s.scores for s in base[fact]], 0.5, b.p),
+                [s.activations for s in ig[fact]]))
+    return records, adapted
+
+
+# --------------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------------
+
+def default_relations(factset, n: int = 3) -> list[str]:
+    preferred = [r for r in ("P36", "P37", "P30", "P19", "P103", "P1412") if r in factset.relations]
+    rest = [r for r in factset.relations if r not in preferred]
+    return (preferred + rest)[:n]
+
+
+def resolve_relations(factset, relations) -> list[str]:
+    """The relation ids to run: ``None`` -> a default three, ``"all"`` -> every relation of the fact set."""
+    if relations is None:
+        return default_relations(factset)
+    if isinstance(relations, str):
+        relations = list(factset.relations) if relations.strip().lower() == "all" else relations.split(",")
+    out = list(dict.fromkeys(r.strip() for r in relations if r.strip()))
+    missing = [r for r in out if r not in factset.relations]
+    if missing:
+        raise KeyError(f"no relation {', '.join(missing)} in fact set {factset.name!r}; "
+                       f"it has {', '.join(sorted(factset.relations))}")
+    return out
+
+
+@dataclass
+class _Phases:
+    """Each phase reports into its own slice of the task's bar and records its time."""
+    task: Task
+    say: object
+    timings: dict
+    bounds: dict
+
+    def run(self, name: str, fn):
+        start, end = self.bounds[name]
+        self.say(f"[reproduce] {name}")
+        t0 = time.perf_counter()
+        result = fn(self.task.slice(start, end))
+        self.timings[name] = time.perf_counter() - t0
+        return result
+
+
+def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: int = 10, seed: int = 0,
+                  steps: int = 20, prompts_per_fact: int | None = None, select: str = "known",
+                  control_prompts: int = 20, t: float = 0.2, p: float = 0.7, erase_k: int = 20,
+                  erase_fill: str = "zero", *, causal_templates: str = "prefix", sample_factor: int = 5,
+                  say=_say, task: Task | None = None) -> dict:
+    """Runs the reproduction and writes OUT/report.json, report.md and figures; returns the report. A
+    cancelled or failed run leaves a partial report.json (status "interrupted ...") and its cache, from which
+    the next run with the same arguments resumes."""
+    from ..attribution import AttributionParams
+
+    if causal_templates not in CAUSAL_TEMPLATES:
+        raise ValueError(f"unknown causal_templates {causal_templates!r}; use 'prefix' or 'end-only'")
+    if select not in SELECT_MODES:
+        raise ValueError(f"unknown select {select!r}; use 'known' or 'random'")
+    relations = resolve_relations(factset, relations)
+    task = as_task(task)
+    out = Path(out)
+    cache = out / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    params = AttributionParams(steps=steps, seed=seed)
+    base_params = AttributionParams(method="activation", seed=seed)
+    report: dict = {
+        "status": "running",
+        "model": lm.describe(), "facts": factset.name, "relations": relations,
+        "parameters": {"facts_per_relation": facts_per_relation, "seed": seed, "select": select,
+                       "sample_factor": sample_factor, "min_prompts": MIN_PROMPTS,
+                       "causal_templates": causal_templates if lm.kind == "causal" else None,
+                       "prompts_per_fact": prompts_per_fact, "control_prompts": control_prompts,
+                       "t": t, "p_start": p, "baseline_t": 0.5, "attribution": params.to_dict(),
+                       "baseline_attribution": base_params.to_dict(), "suppress_scope": "answer",
+                       "amplify_factor": 2.0, "update": {"lambda1": 1.0, "lambda2": 8.0, "exclusion_fraction": 0.1},
+                       "erase": {"k": erase_k, "fill": erase_fill}},
+        "versions": _versions(), "paper": PAPER, "timings": timings,
+    }
+
+    def save():
+        timings["total"] = time.perf_counter() - started
+        (out / "report.json").write_text(json.dumps(jsonable(report), indent=2, allow_nan=False))
+
+    phases = _Phases(task, say, timings, {"select": (0.0, 0.1), "attribution": (0.1, 0.7),
+                                          "suppress_amplify": (0.7, 0.8), "update": (0.8, 0.9), "erase": (0.9, 1.0)})
+    try:
+        sel = phases.run("select", lambda sub: select_facts(
+            lm, factset, relations, facts_per_relation, select, seed, MIN_PROMPTS, prompts_per_fact,
+            causal_templates, sample_factor, cache, sub))
+        report["selection"] = sel.relations
+        report["left_out"] = sel.left_out
+        chosen = sel.chosen
+        n_facts = sum(len(v) for v in chosen.values())
+        say(f"[reproduce] attributing {n_facts} facts, "
+            f"{sum(len(ps) for v in chosen.values() for _, ps in v)} prompts ({steps} steps; cached in {cache})")
+        ig, base = phases.run("attribution", lambda sub: _attribute_all(lm, chosen, params, base_params, cache, sub))
+        timings["attribution_per_fact"] = timings["attribution"] / max(n_facts, 1)
+        records, report["adapted_p"] = _knowledge_neurons(chosen, ig, base, t, p)
+        report["facts_detail"] = [
+            {"relation": r.relation, "subject": r.fact.subject, "object": r.fact.object, "prompts": len(r.prompts),
+             "prob": float(np.mean([s.prob for s in ig[r.fact]])),
+             "neurons": [list(n) for n in r.neurons], "baseline_neurons": [list(n) for n in r.baseline_neurons]}
+            for r in records]
+        report["neuron_statistics"] = ev.neuron_statistics([r.neurons for r in records],
+                                                           [r.relation for r in records], lm.layout.layers)
+        report["baseline_neuron_statistics"] = ev.neuron_statistics(
+            [r.baseline_neurons for r in records], [r.relation for r in records], lm.layout.layers)
+        report["activation_by_prompt"] = ev.activation_by_prompt(records)
+        save()
+        report["suppress_amplify"] = phases.run("suppress_amplify", lambda sub: ev.suppress_amplify_experiment(
+            lm, records, seed=seed, control_prompts=control_prompts, progress=_progress_of(sub), cancel=sub))
+        save()
+        report["update"] = phases.run("update", lambda sub: ev.update_experiment(
+            lm, records, factset, seed=seed, facts_per_relation=10, control_prompts=control_prompts,
+            progress=_progress_of(sub), cancel=sub))
+        save()
+        report["erase"] = phases.run("erase", lambda sub: ev.erase_experiment(
+            lm, records, k=erase_k, fill=erase_fill, seed=seed, control_prompts=2 * control_prompts,
+            progress=_progress_of(sub), cancel=sub))
+        report["status"] = "done"
+    except BaseException as exc:  # Cancelled / KeyboardInterrupt / an error: keep what is done, then re-raise
+        report["status"] = f"interrupted ({type(exc).__name__})"
+        save()
+        say(f"[reproduce] stopped; partial report in {out / 'report.json'}; run again to resume from {cache}")
+        raise
+    say("[reproduce] figures and report.md")
+    save()
+    write_report(report, out)
+    timings["total"] = time.perf_counter() - started
+    say(f"[reproduce] done in {timings['total']:.0f} s: {out / 'report.md'}")
+    return report
+
+
+def _progress_of(task: Task):
+    """The experiments' (fraction, info) progress callback, forwarded to a task."""
+    def progress(fraction, info=None):
+        task.progress(fraction, ", ".join(f"{k} {v}" for k, v in (info or {}).items()))
+    return progress
+
+
+__all__ = ["Cancelled", "Selection", "attribute_cached", "default_relations", "resolve_relations",
+           "run_reproduce", "select_facts"]

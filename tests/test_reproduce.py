@@ -1,0 +1,185 @@
+"""The reproduction on a tiny model: every selected relation in the report, everything left out listed with
+its reason, a bounded fact selection, resuming an interrupted run from its cache, and readable ratios."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from kn_core import evaluation as ev
+from kn_core.facts import Fact, FactSet, Relation
+from kn_core.reproduce import format_ratio, log10_ratio, resolve_relations, run_reproduce, select_facts
+from kn_core.tasks import Cancelled, Task
+from tiny import GEOGRAPHY, TINY_CAUSAL, make_tiny
+
+CAPITAL = Relation("P36", "capital", (
+    "The capital of [X] is [Y].", "[X]'s capital city is [Y].", "The capital city of [X] is [Y].",
+    "[X]'s capital, [Y], is a city.",      # text after [Y]: used as its prefix
+    "[Y] is the capital of [X]."))         # [Y] first: nothing to continue
+LANGUAGE = Relation("P37", "official language", (
+    "The official language of [X] is [Y].", "In [X], the official language is [Y].", "People in [X] speak [Y]."))
+OBJECT_FIRST = Relation("P99", "spoken in", ("[Y] is spoken in [X].", "[Y] is the language of [X]."))
+
+
+def _factset() -> FactSet:
+    facts = [Fact("P36", country, capital) for country, capital, _, _ in GEOGRAPHY[:12]]
+    facts += [Fact("P36", "Narnia", "Cairparavel")]  # an object the tokenizer cannot spell: no usable prompt
+    facts += [Fact("P37", country, language) for country, _, language, _ in GEOGRAPHY[:8]]
+    facts += [Fact("P99", country, language) for country, _, language, _ in GEOGRAPHY[:4]]
+    return FactSet("tiny", {"P36": CAPITAL, "P37": LANGUAGE, "P99": OBJECT_FIRST}, facts)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return make_tiny(TINY_CAUSAL)
+
+
+def _run(lm, out, **kwargs):
+    args = dict(relations=["P36", "P37", "P99"], facts_per_relation=2, steps=1, control_prompts=4,
+                say=lambda m: None)
+    return run_reproduce(lm, _factset(), out, **(args | kwargs))
+
+
+# ---------------------------------------------------------------- ratios
+
+def test_format_ratio_is_a_multiplier_never_a_long_number():
+    assert format_ratio(3.2) == "×3.2"
+    assert format_ratio(1.05) == "×1.05"
+    assert format_ratio(0.5) == "×0.5"
+    assert format_ratio(1.2e26) == "×1.2e26"
+    assert format_ratio(log10=26 + math.log10(1.2)) == "×1.2e26"
+    assert format_ratio(9.99e5) == "×1.0e6"  # the mantissa rounds up into the next power of ten
+    assert format_ratio(2.5e-7) == "×2.5e-7"
+    assert format_ratio(log10=400.0) == "×1.0e400"  # beyond float range, from log-perplexities
+    for bad in (None, 0.0, -1.0, float("nan"), float("inf")):
+        assert format_ratio(bad) == "n/a"
+    assert log10_ratio(2.0, 20.0) == pytest.approx(1.0)
+    assert math.isnan(log10_ratio(0.0, 2.0)) and math.isnan(log10_ratio(float("inf"), 2.0))
+
+
+# ---------------------------------------------------------------- selection
+
+def test_relations_all_and_unknown_relations():
+    fs = _factset()
+    assert resolve_relations(fs, "all") == ["P36", "P37", "P99"]
+    assert resolve_relations(fs, "P37, P36,P37") == ["P37", "P36"]
+    assert len(resolve_relations(fs, None)) == 3
+    with pytest.raises(KeyError, match="P404"):
+        resolve_relations(fs, ["P36", "P404"])
+
+
+def test_select_known_checks_a_bounded_seeded_sample(lm, monkeypatch):
+    scored = []
+    real = ev.answer_probabilities
+
+    def counting(lm_, prompts, *args, **kwargs):
+        scored.extend(prompts)
+        return real(lm_, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(ev, "answer_probabilities", counting)
+    fs = _factset()
+    sel = select_facts(lm, fs, ["P36"], facts_per_relation=2, select="known", seed=3, sample_factor=2)
+    summary = sel.relations["P36"]
+    assert summary["checked"] == 4 and summary["chosen"] == 2 and summary["facts"] == 13
+    assert len({p.fact for p in scored}) == 4  # only the sample was scored, not all 12 usable facts
+    assert summary["rendered"] >= 4 and summary["rendered"] - 4 <= 1  # at most the unusable fact besides
+    # the sample of a relation does not depend on the relations selected beside it
+    again = select_facts(lm, fs, ["P37", "P36"], facts_per_relation=2, select="known", seed=3, sample_factor=2)
+    assert [f for f, _ in again.chosen["P36"]] == [f for f, _ in sel.chosen["P36"]]
+    other_seed = select_facts(lm, fs, ["P36"], 2, "random", seed=4)
+    assert other_seed.relations["P36"]["checked"] == 0 and len(other_seed.chosen["P36"]) == 2
+
+
+def test_causal_templates_change_the_prompts_and_are_recorded(lm, tmp_path):
+    prefix = select_facts(lm, _factset(), ["P36"], 1, "random", seed=0)
+    end_only = select_facts(lm, _factset(), ["P36"], 1, "random", seed=0, causal_templates="end-only")
+    (_, prompts), = prefix.chosen["P36"]
+    (_, end_prompts), = end_only.chosen["P36"]
+    assert len(prompts) == 4 and len(end_prompts) == 3
+    assert any(p.template == CAPITAL.templates[3] and p.text.endswith("capital,") for p in prompts)
+    reasons = {x["template"]: x["reason"] for x in end_only.left_out["templates"]}
+    assert set(reasons) == {CAPITAL.templates[3], CAPITAL.templates[4]}
+    assert all("not at the end" in r for r in reasons.values())
+    assert [x["template"] for x in prefix.left_out["templates"]] == [CAPITAL.templates[4]]
+    assert "nothing comes before" in prefix.left_out["templates"][0]["reason"]
+    assert prefix.left_out["templates"][0]["facts"] == prefix.relations["P36"]["rendered"]
+
+
+# ---------------------------------------------------------------- the report
+
+def test_no_relation_missing_and_everything_left_out_listed(lm, tmp_path):
+    report = _run(lm, tmp_path)
+    assert report["status"] == "done" and report["parameters"]["causal_templates"] == "prefix"
+    text = (tmp_path / "report.md").read_text()
+    data = json.loads((tmp_path / "report.json").read_text())
+    relations_table = text.split("## Relations")[1].split("##")[0]
+    for rid in ("P36", "P37", "P99"):
+        assert f"| {rid} |" in relations_table, rid
+    assert "| P99 |" in text.split("### Suppress")[1] and "| P99 |" in text.split("## Erasing")[1]
+    left = data["left_out"]
+    assert [x["relation"] for x in left["relations"]] == ["P99"]
+    assert "usable prompts" in left["relations"][0]["reason"]
+    object_first = [x for x in left["templates"] if x["template"] == CAPITAL.templates[4]]
+    assert object_first and "nothing comes before" in object_first[0]["reason"]
+    assert {x["template"] for x in left["templates"] if x["relation"] == "P99"} == set(OBJECT_FIRST.templates)
+    narnia = [x for x in left["facts"] if x["subject"] == "Narnia"]
+    assert len(narnia) <= 1 and all("usable prompt" in x["reason"] for x in narnia)
+    assert any("answered less well" in x["reason"] for x in left["facts"])
+    left_md = text.split("## Left out")[1]
+    assert "P99:" in left_md and CAPITAL.templates[4] in left_md and "answered less well" in left_md
+    for x in left["templates"]:
+        assert x["template"] in left_md
+    # strict JSON and readable ratios
+    assert "NaN" not in (tmp_path / "report.json").read_text()
+    erase_md = text.split("## Erasing relations")[1].split("##")[0]
+    assert "×" in erase_md
+    for line in text.splitlines():
+        assert not any(len(tok) > 12 and tok.replace(".", "").replace("+", "").isdigit() for tok in line.split())
+
+
+def test_a_cancelled_run_resumes_from_its_cache(lm, tmp_path, monkeypatch):
+    import kn_core.attribution as attribution
+
+    calls = []
+    real = attribution.attribute
+
+    def counting(lm_, prompt, params=None, *args, **kwargs):
+        calls.append((prompt.text, params.method))
+        return real(lm_, prompt, params, *args, **kwargs)
+
+    monkeypatch.setattr(attribution, "attribute", counting)
+    whole = _run(lm, tmp_path / "whole")
+    total = len(calls)
+    assert total > 6 and len(set(calls)) == total
+
+    calls.clear()
+    seen = []
+
+    def cancel_mid_attribution(fraction, message):
+        if message.startswith("attribution"):
+            seen.append(message)
+            if len(seen) == 3:
+                task.cancel()
+
+    task = Task(on_progress=cancel_mid_attribution)
+    with pytest.raises(Cancelled):
+        _run(lm, tmp_path / "resumed", task=task)
+    first = list(calls)
+    assert 0 < len(first) < total
+    assert json.loads((tmp_path / "resumed" / "report.json").read_text())["status"].startswith("interrupted")
+
+    calls.clear()
+    resumed = _run(lm, tmp_path / "resumed")
+    assert len(first) + len(calls) == total and not set(first) & set(calls)  # nothing computed twice
+
+    def comparable(report):
+        return {k: v for k, v in json.loads(json.dumps(report, default=str)).items() if k != "timings"}
+
+    assert comparable(resumed) == comparable(whole)
+
+    def text(folder):
+        return [line for line in (folder / "report.md").read_text().splitlines() if not line.startswith("Total time")]
+
+    assert text(tmp_path / "resumed") == text(tmp_path / "whole")
