@@ -287,9 +287,12 @@ def _update_section(report: dict) -> list[str]:
              f"λ1 = {up['lambda1']}, λ2 = {up['lambda2']}, {up['embedding']} embeddings ({up['multi_token']} token "
              f"of multi-token objects), neurons in >10% of the relation's facts left out; {len(up['facts'])} "
              f"facts updated, {len(up['skipped'])} skipped (listed under Left out). Perplexity changes are the "
-             "median over updated facts of after/before.", "",
-             "| | " + " | ".join(label for _, label in arms) + " | paper | paper random |",
-             "|---" * (len(arms) + 3) + "|"]
+             "median over updated facts of after/before.", ""]
+    if not arms:
+        return lines + ["No fact could be updated, so there are no update numbers (the reasons are under Left out).",
+                        ""]
+    lines += ["| | " + " | ".join(label for _, label in arms) + " | paper | paper random |",
+              "|---" * (len(arms) + 3) + "|"]
 
     def row(name, key, paper, paper_random):
         return (f"| {name} | " + " | ".join(_pct(up[arm].get(key)) for arm, _ in arms)
