@@ -64,7 +64,8 @@ def _by_layer(neurons: Iterable[Neuron]) -> dict[int, list[int]]:
     return {layer: sorted(set(idx)) for layer, idx in sorted(out.items())}
 
 
-def _check_neurons(lm, neurons: Sequence[Neuron]) -> None:
+def check_neurons(lm, neurons: Sequence[Neuron]) -> None:
+    """ValueError naming the first neuron outside the loaded model (e.g. a set made on another model)."""
     layout = lm.layout
     for layer, index in neurons:
         if not (0 <= layer < layout.layers and 0 <= index < layout.neurons):
@@ -179,7 +180,7 @@ class _ActivationEdit(Edit):
     def apply(self, lm) -> EditHandle:
         from .ffn import ActivationPatch
 
-        _check_neurons(lm, self.neurons)
+        check_neurons(lm, self.neurons)
         groups = _by_layer(self.neurons)
         factor = self._factor()
         capture = _InputCapture(lm.model) if self.scope == "answer" else None
@@ -260,7 +261,7 @@ class _WeightEditBase(Edit):
         raise NotImplementedError
 
     def apply(self, lm) -> EditHandle:
-        _check_neurons(lm, self.neurons)
+        check_neurons(lm, self.neurons)
         layout = lm.layout
         saved = []
         with torch.no_grad():

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ProjectError
-from .project import Project, open_project, record_to_dict
+from .project import Project, open_project
+from .records import record_to_dict
 
 
 def _write(path: Path, text: str) -> None:
