@@ -174,14 +174,16 @@ def _header(report: dict) -> list[str]:
         f"{m['neurons']} neurons), weights sha256 `{m['sha256'][:16]}...`, {m['dtype']} on {m['device']}.  ",
         f"Facts: `{report['facts']}`, relations {', '.join(report['relations'])}, up to "
         f"{par['facts_per_relation']} facts per relation (selection: {par['select']}"
-        + (f", at most {par['sample_factor']}x as many checked per relation" if par["select"] == "known" else "")
+        + (f", at most {par['sample_factor']}x as many checked per relation on their first "
+           f"{par['check_prompts']} prompts" if par["select"] == "known" else "")
         + f"), seed {par['seed']}{templates}.  ",
         f"Attribution: integrated gradients, {par['attribution']['steps']} steps ({par['attribution']['rule']} "
         f"Riemann points), t = {par['t']}, p adapted per relation from {par['p_start']}; baseline: activation, "
         f"t = 0.5.  ",
         f"The paper: {PAPER['model']}. Different model, different facts, far fewer facts: compare the direction "
         f"and the gap to the controls, not the digits.", "",
-        f"Total time {tm.get('total', 0):.0f} s (fact selection {tm.get('select', 0):.0f} s, attribution "
+        f"Total time {tm.get('total', 0):.0f} s (fact selection {tm.get('select', 0):.0f} s, "
+        f"{tm.get('select_cpu', 0):.0f} CPU s; attribution "
         f"{tm.get('attribution', 0):.0f} s, {tm.get('attribution_per_fact', 0):.1f} s per fact; paper: "
         f"{PAPER['seconds_per_fact']}).", "",
     ]
