@@ -183,3 +183,24 @@ def test_a_cancelled_run_resumes_from_its_cache(lm, tmp_path, monkeypatch):
         return [line for line in (folder / "report.md").read_text().splitlines() if not line.startswith("Total time")]
 
     assert text(tmp_path / "resumed") == text(tmp_path / "whole")
+
+
+def test_massive_neurons_are_kept_out_unless_asked_and_reported_both_ways(tmp_path):
+    import torch
+
+    lm = make_tiny(TINY_CAUSAL)
+    with torch.no_grad():  # one neuron firing at ~100 on every input: ~600x its layer's median
+        lm.model.transformer.h[1].mlp.c_fc.bias[5] = 100.0
+    args = dict(relations=["P36", "P37"], facts_per_relation=2, steps=1, control_prompts=4, say=lambda m: None)
+    default = run_reproduce(lm, _factset(), tmp_path, **args)
+    assert [1, 5] in default["flags"]["massive"] and default["parameters"]["keep_massive"] is False
+    assert all([1, 5] not in f["neurons"] and [1, 5] not in f["baseline_neurons"] for f in default["facts_detail"])
+    kept = run_reproduce(lm, _factset(), tmp_path, keep_massive=True, **args)  # same cache: no new attribution
+    assert kept["parameters"]["keep_massive"] is True
+    assert sum([1, 5] in f["neurons"] for f in kept["facts_detail"]) >= 3  # it is top-scored on every prompt
+    for report in (default, kept):
+        both = report["both_ways"]
+        assert both["flagged_excluded"]["flagged_among_refined"] == 0
+        assert both["flagged_kept"]["flagged_among_refined"] >= 3
+    text = (tmp_path / "report.md").read_text()
+    assert "massive" in text and "flagged neurons kept" in text.lower()

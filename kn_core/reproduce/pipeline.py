@@ -225,21 +225,73 @@ def _attribute_all(lm, chosen: dict, params, base_params, cache: Path, task: Tas
 # Knowledge neurons
 # --------------------------------------------------------------------------------------------------------
 
-def _knowledge_neurons(chosen: dict, ig: dict, base: dict, t: float, p: float) -> tuple[list, dict]:
+def _knowledge_neurons(chosen: dict, ig: dict, base: dict, t: float, p: float, exclude=()) -> tuple[list, dict]:
+    """Refined neurons per fact (p adapted per relation), never one of ``exclude``; also for the baseline."""
     from ..neurons import adapt_p, refined_neurons
 
     records, adapted = [], {}
     for rid, facts in chosen.items():
-        a = adapt_p([[s.scores for s in ig[f]] for f, _ in facts], t=t, p=p)
-        b = adapt_p([[s.scores for s in base[f]] for f, _ in facts], t=0.5, p=p)
+        a = adapt_p([[s.scores for s in ig[f]] for f, _ in facts], t=t, p=p, exclude=exclude)
+        b = adapt_p([[s.scores for s in base[f]] for f, _ in facts], t=0.5, p=p, exclude=exclude)
         adapted[rid] = {"p": a.p, "mean_neurons": a.mean_neurons, "history": a.history,
                         "baseline_p": b.p, "baseline_mean_neurons": b.mean_neurons}
         for fact, prompts in facts:
             records.append(ex.FactNeurons(
-                fact, prompts, refined_neurons([s.scores for s in ig[fact]], t, a.p),
-                refined_neurons([s.scores for s in base[fact]], 0.5, b.p),
+                fact, prompts, refined_neurons([s.scores for s in ig[fact]], t, a.p, exclude=exclude),
+                refined_neurons([s.scores for s in base[fact]], 0.5, b.p, exclude=exclude),
                 [s.activations for s in ig[fact]]))
     return records, adapted
+
+
+def _flags(lm, chosen: dict, ig: dict, t: float, task: Task):
+    """Massive and unspecific neurons of this run (kn_core.neurons' documented rules), and the activation
+    statistics they rest on: the run's prompts plus the built-in neutral sentences. Unspecific neurons come
+    from each fact's coarse neurons (coarse in any of its prompts) with the massive ones left out, since one
+    massive score would otherwise set every prompt's threshold."""
+    from ..neurons import ActivationStats, answer_activations, coarse_neurons, neuron_flags, neutral_sentences
+
+    run = [s.activations for facts in chosen.values() for f, _ in facts for s in ig[f]]
+    neutral = answer_activations(lm, neutral_sentences(), task)
+    stats = ActivationStats.from_activations(run + neutral,
+                                             source=f"{len(run)} run prompts + {len(neutral)} neutral sentences")
+    massive = neuron_flags(stats).massive
+    coarse = {rid: [set().union(*(coarse_neurons(s.scores, t, exclude=massive) for s in ig[f])) for f, _ in facts]
+              for rid, facts in chosen.items()}
+    return neuron_flags(stats, coarse), stats
+
+
+def _neuron_summary(records, adapted, flags, layers: int) -> dict:
+    stats = ex.neuron_statistics([r.neurons for r in records], [r.relation for r in records], layers)
+    flagged = [n for r in records for n in r.neurons if flags.of(n)]
+    return {**stats, "flagged_among_refined": len(flagged), "refined_total": sum(len(r.neurons) for r in records),
+            "adapted_p": {rid: a["p"] for rid, a in adapted.items()}}
+
+
+def knowledge_neurons(lm, chosen: dict, ig: dict, base: dict, t: float, p: float, keep_massive: bool,
+                      task: Task) -> tuple[list, dict]:
+    """The records the experiments use (flagged neurons excluded unless ``keep_massive``) and the report's
+    neuron sections, with the main numbers both ways (flagged neurons excluded and kept)."""
+    flags, stats = _flags(lm, chosen, ig, t, task)
+    excluded, adapted_x = _knowledge_neurons(chosen, ig, base, t, p, flags.excluded)
+    kept, adapted_k = _knowledge_neurons(chosen, ig, base, t, p)
+    records, adapted = (kept, adapted_k) if keep_massive else (excluded, adapted_x)
+    layers = lm.layout.layers
+    part = {
+        "flags": {**flags.to_dict(), "excluded_from_neurons": not keep_massive},
+        "adapted_p": adapted,
+        "facts_detail": [
+            {"relation": r.relation, "subject": r.fact.subject, "object": r.fact.object, "prompts": len(r.prompts),
+             "prob": float(np.mean([s.prob for s in ig[r.fact]])),
+             "neurons": [list(n) for n in r.neurons], "baseline_neurons": [list(n) for n in r.baseline_neurons],
+             "flagged_neurons_when_kept": [list(n) for n in k.neurons if flags.of(n)]}
+            for r, k in zip(records, kept)],
+        "neuron_statistics": ex.neuron_statistics([r.neurons for r in records], [r.relation for r in records], layers),
+        "baseline_neuron_statistics": ex.neuron_statistics([r.baseline_neurons for r in records],
+                                                           [r.relation for r in records], layers),
+        "both_ways": {"flagged_excluded": _neuron_summary(excluded, adapted_x, flags, layers),
+                      "flagged_kept": _neuron_summary(kept, adapted_k, flags, layers)},
+    }
+    return records, {"part": part, "flags": flags, "stats": stats}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -289,8 +341,10 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
                   steps: int = 20, prompts_per_fact: int | None = None, select: str = "known",
                   control_prompts: int = 20, t: float = 0.2, p: float = 0.7, erase_k: int = 20,
                   erase_fill: str = "zero", *, causal_templates: str = "prefix", sample_factor: int = 5,
-                  check_prompts: int = 3, say=_say, task: Task | None = None) -> dict:
-    """Runs the reproduction and writes OUT/report.json, report.md and figures; returns the report. A
+                  check_prompts: int = 3, keep_massive: bool = False, say=_say, task: Task | None = None) -> dict:
+    """Runs the reproduction and writes OUT/report.json, report.md and figures; returns the report.
+    Massive/unspecific neurons (kn_core.neurons) are kept out of refined and relation-level neurons unless
+    ``keep_massive``; the neuron numbers are reported both ways. A
     cancelled or failed run leaves a partial report.json (status "interrupted ...") and its cache, from which
     the next run with the same arguments resumes."""
     from ..attribution import AttributionParams
@@ -318,7 +372,7 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
                        "t": t, "p_start": p, "baseline_t": 0.5, "attribution": params.to_dict(),
                        "baseline_attribution": base_params.to_dict(), "suppress_scope": "answer",
                        "amplify_factor": 2.0, "update": {"lambda1": 1.0, "lambda2": 8.0, "exclusion_fraction": 0.1},
-                       "erase": {"k": erase_k, "fill": erase_fill}},
+                       "erase": {"k": erase_k, "fill": erase_fill}, "keep_massive": keep_massive},
         "versions": _versions(), "paper": PAPER, "timings": timings,
     }
 
@@ -326,8 +380,9 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
         timings["total"] = time.perf_counter() - started
         (out / "report.json").write_text(json.dumps(jsonable(report), indent=2, allow_nan=False))
 
-    phases = _Phases(task, say, timings, {"select": (0.0, 0.1), "attribution": (0.1, 0.7),
-                                          "suppress_amplify": (0.7, 0.8), "update": (0.8, 0.9), "erase": (0.9, 1.0)})
+    phases = _Phases(task, say, timings, {"select": (0.0, 0.05), "attribution": (0.05, 0.6), "neurons": (0.6, 0.62),
+                                          "activation_by_prompt": (0.62, 0.67), "suppress_amplify": (0.67, 0.8),
+                                          "update": (0.8, 0.92), "erase": (0.92, 1.0)})
     try:
         sel = phases.run("select", lambda sub: select_facts(
             lm, factset, relations, facts_per_relation, select, seed, MIN_PROMPTS, prompts_per_fact,
@@ -340,26 +395,24 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
             f"{sum(len(ps) for v in chosen.values() for _, ps in v)} prompts ({steps} steps; cached in {cache})")
         ig, base = phases.run("attribution", lambda sub: _attribute_all(lm, chosen, params, base_params, cache, sub))
         timings["attribution_per_fact"] = timings["attribution"] / max(n_facts, 1)
-        records, report["adapted_p"] = _knowledge_neurons(chosen, ig, base, t, p)
-        report["facts_detail"] = [
-            {"relation": r.relation, "subject": r.fact.subject, "object": r.fact.object, "prompts": len(r.prompts),
-             "prob": float(np.mean([s.prob for s in ig[r.fact]])),
-             "neurons": [list(n) for n in r.neurons], "baseline_neurons": [list(n) for n in r.baseline_neurons]}
-            for r in records]
-        report["neuron_statistics"] = ex.neuron_statistics([r.neurons for r in records],
-                                                           [r.relation for r in records], lm.layout.layers)
-        report["baseline_neuron_statistics"] = ex.neuron_statistics(
-            [r.baseline_neurons for r in records], [r.relation for r in records], lm.layout.layers)
-        report["activation_by_prompt"] = ex.activation_by_prompt(records)
+        records, neurons = phases.run("neurons", lambda sub: knowledge_neurons(
+            lm, chosen, ig, base, t, p, keep_massive, sub))
+        report.update(neurons["part"])
+        exclude = () if keep_massive else neurons["flags"].excluded  # also keeps the random controls off them
+        report["activation_by_prompt"] = phases.run("activation_by_prompt", lambda sub: ex.activation_by_prompt(
+            lm, records, factset, seed=seed, task=sub))
         save()
         report["suppress_amplify"] = phases.run("suppress_amplify", lambda sub: ex.suppress_amplify_experiment(
-            lm, records, seed=seed, control_prompts=control_prompts, task=sub))
+            lm, records, seed=seed, control_prompts=control_prompts, exclude=exclude,
+            activation_stats=neurons["stats"], task=sub))
         save()
         report["update"] = phases.run("update", lambda sub: ex.update_experiment(
-            lm, records, factset, seed=seed, facts_per_relation=10, control_prompts=control_prompts, task=sub))
+            lm, records, factset, seed=seed, facts_per_relation=10, control_prompts=control_prompts,
+            exclude=exclude, task=sub))
         save()
         report["erase"] = phases.run("erase", lambda sub: ex.erase_experiment(
-            lm, records, k=erase_k, fill=erase_fill, seed=seed, control_prompts=2 * control_prompts, task=sub))
+            lm, records, k=erase_k, fill=erase_fill, seed=seed, control_prompts=2 * control_prompts,
+            exclude=exclude, task=sub))
         report["status"] = "done"
     except BaseException as exc:  # Cancelled / KeyboardInterrupt / an error: keep what is done, then re-raise
         report["status"] = f"interrupted ({type(exc).__name__})"
