@@ -2,8 +2,8 @@
 numbers, and a "Left out" section naming every template, fact and relation that was not used, with its
 reason) and PNG figures. Pure functions of the report dict, so a report can be re-rendered from its JSON.
 
-Perplexity changes are ratios after/before, written with ``format_ratio`` ("×3.2", "×1.2e26"): an edit that
-wrecks the model multiplies perplexity by orders of magnitude, and a 30-digit difference reads as noise.
+Perplexity changes are ratios after/before ("x3.2", "x1.2e26", from ``evaluation.ratio``): an edit that wrecks
+the model multiplies perplexity by orders of magnitude, and a 30-digit difference reads as noise.
 """
 
 from __future__ import annotations
@@ -46,26 +46,10 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float, np.floating)) and math.isfinite(float(x))
 
 
-def log10_ratio(before, after) -> float:
-    """log10(after / before), or NaN when either is missing, non-finite or not positive."""
-    if not (_finite(before) and _finite(after)) or before <= 0 or after <= 0:
-        return float("nan")
-    return math.log10(after) - math.log10(before)
+def _ratio_text(before, after) -> str:
+    from ..evaluation import ratio
 
-
-def format_ratio(ratio=None, *, log10: float | None = None) -> str:
-    """A multiplicative change: "×3.2", "×0.87", "×1.2e26"; "n/a" when unknown. Give the ratio or its log10."""
-    if log10 is None:
-        log10 = math.log10(ratio) if _finite(ratio) and ratio > 0 else float("nan")
-    if log10 is None or not math.isfinite(log10):
-        return "n/a"
-    if abs(log10) < 3:
-        return f"×{10 ** log10:.3g}"
-    exponent = math.floor(log10)
-    mantissa = round(10 ** (log10 - exponent), 1)
-    if mantissa >= 10:
-        mantissa, exponent = mantissa / 10, exponent + 1
-    return f"×{mantissa:.1f}e{exponent}"
+    return ratio(before, after)["text"] if _finite(before) and _finite(after) else "n/a"
 
 
 def _pct(x) -> str:
@@ -76,30 +60,9 @@ def _num(x, fmt="{:.2f}") -> str:
     return fmt.format(x) if _finite(x) else "n/a"
 
 
-def _median_log_ratio(rows: list[dict], arm: str, kind: str) -> float:
-    logs = [log10_ratio(r[arm][f"ppl_{kind}_before"], r[arm][f"ppl_{kind}_after"]) for r in rows if arm in r]
-    logs = [v for v in logs if math.isfinite(v)]
-    return float(np.median(logs)) if logs else float("nan")
-
-
 UPDATE_ARMS = (("knowledge", "knowledge neurons (paper)"), ("sign_aware", "sign-aware (ours)"),
-               ("calibrated", "calibrated (ours)"), ("random", "random neurons"))
-
-
-def summarize(report: dict) -> None:
-    """Adds the derived numbers the markdown shows (perplexity ratios with their log10) to the report."""
-    up = report.get("update")
-    if up and up.get("facts") is not None:
-        up["perplexity_ratios"] = {
-            arm: {kind: {"median_log10": m, "median": format_ratio(log10=m)}
-                  for kind in ("intra", "inter") for m in [_median_log_ratio(up["facts"], arm, kind)]}
-            for arm, _ in UPDATE_ARMS if any(arm in r for r in up["facts"])}
-    er = report.get("erase")
-    if er:
-        for e in er["per_relation"].values():
-            if "before" in e:
-                e["ratios"] = {f"{arm}_{what}": format_ratio(log10=log10_ratio(e["before"][what], e[arm][what]))
-                               for arm in ("knowledge", "random") for what in ("perplexity", "other_perplexity")}
+               ("calibrated", "calibrated (ours)"), ("random", "random neurons"),
+               ("calibrated_random", "random, calibrated scale"))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -221,27 +184,62 @@ def _neurons_section(report: dict) -> list[str]:
     s = report.get("neuron_statistics")
     if not s:
         return []
-    return ["## Knowledge neurons", "", "| | ours | paper |", "|---|---|---|",
-            f"| mean refined neurons per fact | {_num(s['mean_neurons_per_fact'])} | {PAPER['mean_neurons_per_fact']} |",
-            f"| facts without neurons | {s['facts_without_neurons']} of {s['facts']} | - |",
-            f"| shared neurons, same relation | {_num(s['shared_intra_relation'])} | {PAPER['shared_intra_relation']} |",
-            f"| shared neurons, different relations | {_num(s['shared_inter_relation'])} | {PAPER['shared_inter_relation']} |",
-            "", "Layer histogram: ![layers](layer_histogram.png)", "",
-            "Per layer: " + ", ".join(f"L{l}: {c}" for l, c in enumerate(s["layer_histogram"]) if c), ""]
+    lines = ["## Knowledge neurons", ""]
+    flags, both = report.get("flags"), report.get("both_ways")
+    if flags:
+        rule = flags.get("rule", {})
+        lines += [f"Flagged neurons (kept apart, beyond the paper): {len(flags['massive'])} massive "
+                  f"({', '.join(f'L{l}#{i}' for l, i in flags['massive'][:12]) or 'none'}), "
+                  f"{len(flags['unspecific'])} unspecific. Massive: {rule.get('massive', '-')} "
+                  f"({rule.get('stats_source', '')}). Unspecific: {rule.get('unspecific', '-')}. They are "
+                  + ("**excluded** from refined and relation-level neurons (the default; `--keep-massive` keeps "
+                     "them)." if flags.get("excluded_from_neurons") else "**kept** (`--keep-massive`)."), ""]
+    if both:
+        x, k = both["flagged_excluded"], both["flagged_kept"]
+        lines += ["| | flagged neurons excluded (default) | flagged neurons kept | paper |", "|---|---|---|---|",
+                  f"| mean refined neurons per fact | {_num(x['mean_neurons_per_fact'])} | "
+                  f"{_num(k['mean_neurons_per_fact'])} | {PAPER['mean_neurons_per_fact']} |",
+                  f"| facts without neurons | {x['facts_without_neurons']} of {x['facts']} | "
+                  f"{k['facts_without_neurons']} of {k['facts']} | - |",
+                  f"| shared neurons, same relation | {_num(x['shared_intra_relation'])} | "
+                  f"{_num(k['shared_intra_relation'])} | {PAPER['shared_intra_relation']} |",
+                  f"| shared neurons, different relations | {_num(x['shared_inter_relation'])} | "
+                  f"{_num(k['shared_inter_relation'])} | {PAPER['shared_inter_relation']} |",
+                  f"| flagged neurons among refined | {x['flagged_among_refined']} of {x['refined_total']} | "
+                  f"{k['flagged_among_refined']} of {k['refined_total']} | - |",
+                  f"| refined neurons in layer 0 | {x['layer_histogram'][0]} | {k['layer_histogram'][0]} | - |", ""]
+    else:
+        lines += ["| | ours | paper |", "|---|---|---|",
+                  f"| mean refined neurons per fact | {_num(s['mean_neurons_per_fact'])} | {PAPER['mean_neurons_per_fact']} |",
+                  f"| facts without neurons | {s['facts_without_neurons']} of {s['facts']} | - |",
+                  f"| shared neurons, same relation | {_num(s['shared_intra_relation'])} | {PAPER['shared_intra_relation']} |",
+                  f"| shared neurons, different relations | {_num(s['shared_inter_relation'])} | {PAPER['shared_inter_relation']} |",
+                  ""]
+    return lines + ["Layer histogram (the neurons the experiments use): ![layers](layer_histogram.png)", "",
+                    "Per layer: " + ", ".join(f"L{l}: {c}" for l, c in enumerate(s["layer_histogram"]) if c), ""]
 
 
 def _activation_section(report: dict) -> list[str]:
     a = report.get("activation_by_prompt")
     if not a:
         return []
-    return ["## Activation by prompt", "",
-            "Mean activation of a fact's knowledge neurons at the answer position (ours: prompts of the fact, "
-            "of other facts of the relation, of other relations; paper: open-domain sentences expressing the "
-            "fact, with the subject only, random).", "",
-            "| | ours | paper |", "|---|---|---|",
-            f"| the fact's own prompts / expressing the fact | {_num(a['own_prompts'], '{:.3f}')} | {PAPER['activation_expressing']} |",
-            f"| other facts of the relation / subject only | {_num(a['same_relation_other_facts'], '{:.3f}')} | {PAPER['activation_subject_only']} |",
-            f"| other relations / random | {_num(a['other_relations'], '{:.3f}')} | {PAPER['activation_random']} |", ""]
+    lines = ["## Activation by prompt", "",
+             f"Mean activation of a fact's knowledge neurons at the answer position, measured in the direction "
+             f"that raises the answer ({a.get('direction', '')}); up to {a.get('prompts_per_group', '-')} prompts "
+             f"per group and fact, {a.get('facts', 0)} facts. Expressing: the fact's own prompts; subject only: "
+             f"other relations' templates with the same subject; random: other relations' prompts about other "
+             f"subjects (paper: open-domain sentences of each kind).", "",
+             "| | ours | paper |", "|---|---|---|",
+             f"| expressing the fact | {_num(a.get('expressing'), '{:.3f}')} | {PAPER['activation_expressing']} |",
+             f"| subject only | {_num(a.get('subject_only'), '{:.3f}')} | {PAPER['activation_subject_only']} |",
+             f"| random | {_num(a.get('random'), '{:.3f}')} | {PAPER['activation_random']} |"]
+    if "corpus" in a:
+        lines.append(f"| corpus | {_num(a['corpus'], '{:.3f}')} | - |")
+    order = [a.get(g) for g in ("expressing", "subject_only", "random")]
+    if all(_finite(v) for v in order):
+        holds = order[0] > order[1] > order[2]
+        lines += ["", f"Expressing > subject only > random, as in the paper: **{'yes' if holds else 'no'}**."]
+    return lines + [""]
 
 
 def _suppress_amplify_section(report: dict) -> list[str]:
@@ -252,9 +250,12 @@ def _suppress_amplify_section(report: dict) -> list[str]:
              "Per relation mean(Δp)/mean(p) of the correct answer over the prompts of its facts, at the answer "
              "position. Controls: the activation baseline's neurons, and as many random neurons from the same "
              "layers. `flip` is the share of prompts whose top-1 token changed.", ""]
-    for op, paper, paper_base in (("suppress", PAPER["suppress"], PAPER["suppress_baseline"]),
-                                  ("amplify", PAPER["amplify"], PAPER["amplify_baseline"])):
-        lines += [f"### {op.capitalize()}", "",
+    ops = [("suppress", PAPER["suppress"], PAPER["suppress_baseline"], "Suppress (activation -> 0)"),
+           ("amplify", PAPER["amplify"], PAPER["amplify_baseline"], "Amplify (activation x 2)")]
+    if "suppress_mean" in sa["average"]["knowledge"]:
+        ops.append(("suppress_mean", None, None, "Mean-ablation (activation -> its mean; ours, beside zeroing)"))
+    for op, paper, paper_base, title in ops:
+        lines += [f"### {title}", "",
                   "| relation | facts | knowledge neurons | flip | baseline | random | KN: same relation | KN: other relations |",
                   "|---|---|---|---|---|---|---|---|"]
         for rid in report["relations"]:
@@ -275,7 +276,9 @@ def _suppress_amplify_section(report: dict) -> list[str]:
                      f"{_num(sa['average_flip_rate']['knowledge'][op]['own'], '{:.2f}')} | "
                      f"{_pct(av['baseline'][op]['own'])} | {_pct(av['random'][op]['own'])} | "
                      f"{_pct(av['knowledge'][op]['same_relation'])} | {_pct(av['knowledge'][op]['other_relations'])} |")
-        lines += [f"| paper (BERT) | | {_pct(paper)} | | {_pct(paper_base)} | | | barely moves |", ""]
+        if paper is not None:
+            lines.append(f"| paper (BERT) | | {_pct(paper)} | | {_pct(paper_base)} | | | barely moves |")
+        lines.append("")
     return lines + ["![suppress and amplify](suppress_amplify.png)", ""]
 
 
@@ -284,47 +287,51 @@ def _update_section(report: dict) -> list[str]:
     if not up:
         return []
     arms = [(arm, label) for arm, label in UPDATE_ARMS if up.get(arm)]
-    ratios = up.get("perplexity_ratios", {})
     lines = ["## Updating facts", "",
              f"λ1 = {up['lambda1']}, λ2 = {up['lambda2']}, {up['embedding']} embeddings ({up['multi_token']} token "
              f"of multi-token objects), neurons in >10% of the relation's facts left out; {len(up['facts'])} "
-             f"facts updated, {len(up['skipped'])} skipped (listed under Left out). Perplexity changes are the "
-             "median over updated facts of after/before.", ""]
+             f"facts updated, {len(up['skipped'])} skipped (listed under Left out). Sign-aware: the edit reversed "
+             f"on neurons whose activation on the fact's prompts is negative. Calibrated: sign-aware, with both λ "
+             f"scaled by the smallest factor in {up.get('calibration_range')} at which o' becomes the answer on "
+             f"the fact's prompts. Perplexity: median over updated facts of after/before.", ""]
     if not arms:
         return lines + ["No fact could be updated, so there are no update numbers (the reasons are under Left out).",
                         ""]
     lines += ["| | " + " | ".join(label for _, label in arms) + " | paper | paper random |",
               "|---" * (len(arms) + 3) + "|"]
 
-    def row(name, key, paper, paper_random):
-        return (f"| {name} | " + " | ".join(_pct(up[arm].get(key)) for arm, _ in arms)
-                + f" | {paper} | {paper_random} |")
+    def row(name, key, paper="-", paper_random="-", fmt=_pct):
+        return f"| {name} | " + " | ".join(fmt(up[arm].get(key)) for arm, _ in arms) + f" | {paper} | {paper_random} |"
 
     lines += [row("change rate", "change_rate", _pct(PAPER["update_change_rate"]),
                   _pct(PAPER["update_random_change_rate"])),
               row("success rate (argmax = o')", "success_rate", _pct(PAPER["update_success_rate"]),
                   _pct(PAPER["update_random_success_rate"])),
-              row("o' in top 5", "top5_rate", "-", "-")]
+              row("o' in top 5", "top5_rate")]
     for kind in ("intra", "inter"):
         lines.append(f"| {kind}-relation perplexity, median ratio | "
-                     + " | ".join(ratios.get(arm, {}).get(kind, {}).get("median", "n/a") for arm, _ in arms)
-                     + f" | +{PAPER[f'update_ppl_{kind}']} (difference) | - |")
-    lines += ["", "Per fact (a failed update says so: o' did not become the model's answer):", "",
-              "| fact | o -> o' | " + " | ".join(label for _, label in arms if _ != "random") + " |",
-              "|---|---" + "|---" * sum(arm != "random" for arm, _ in arms) + "|"]
+                     + " | ".join((up[arm].get(f"ppl_{kind}_ratio_median") or {}).get("text", "n/a") for arm, _ in arms)
+                     + f" | +{PAPER[f'update_ppl_{kind}']} (a difference) | - |")
+    if up.get("calibrated"):
+        lines.append(row("calibrated: median scale of λ", "scale", fmt=lambda v: _num(v, "{:.3g}")))
+        lines.append(row("calibrated: o' reached within the range", "reached_rate"))
+    lines += ["", "Per fact (a failed update says so: o' did not become the model's answer on most prompts):", "",
+              "| fact | o -> o' | " + " | ".join(label for arm, label in arms if "random" not in arm) + " |",
+              "|---|---" + "|---" * sum("random" not in arm for arm, _ in arms) + "|"]
     for r in up["facts"]:
         cells = []
         for arm, _ in arms:
-            if arm == "random":
+            if "random" in arm:
                 continue
             x = r.get(arm)
             if not x:
                 cells.append("-")
                 continue
             verdict = "succeeded" if x["success_rate"] >= 0.5 else "**failed**"
-            cells.append(f"{verdict} ({_pct(x['success_rate'])} of prompts); intra "
-                         f"{format_ratio(log10=log10_ratio(x['ppl_intra_before'], x['ppl_intra_after']))}, inter "
-                         f"{format_ratio(log10=log10_ratio(x['ppl_inter_before'], x['ppl_inter_after']))}")
+            scale = f", scale {x['scale']:.3g}" if _finite(x.get("scale")) else ""
+            cells.append(f"{verdict} ({_pct(x['success_rate'])} of prompts{scale}); perplexity intra "
+                         f"{_ratio_text(x['ppl_intra_before'], x['ppl_intra_after'])}, inter "
+                         f"{_ratio_text(x['ppl_inter_before'], x['ppl_inter_after'])}")
         lines.append(f"| {r['fact']} | {r['object']} -> {r['new_object']} | " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -335,8 +342,8 @@ def _erase_section(report: dict) -> list[str]:
         return []
     lines = ["## Erasing relations", "",
              f"The relation's {er['k']} most frequent knowledge neurons: value vectors set to {er['fill']}; "
-             f"random: as many random neurons from the same layers. Perplexity of the gold answer, and its "
-             f"ratio after/before.", "",
+             f"random: as many random neurons from the same layers. Perplexity of the gold answer before, and "
+             f"its ratio after/before.", "",
              "| relation | accuracy before | after (KN) | after (random) | perplexity before | after (KN) | "
              "after (random) | other relations' perplexity before | after (KN) | after (random) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -346,11 +353,13 @@ def _erase_section(report: dict) -> list[str]:
             reason = (e or {}).get("skipped") or _left_out_reason(report, rid) or "no facts"
             lines.append(f"| {rid} | left out: {reason} | | | | | | | | |")
             continue
-        b, kn, rnd, q = e["before"], e["knowledge"], e["random"], e.get("ratios", {})
+        b, kn, rnd = e["before"], e["knowledge"], e["random"]
         lines.append(f"| {rid} | {_num(b['accuracy'])} | {_num(kn['accuracy'])} | {_num(rnd['accuracy'])} | "
-                     f"{_num(b['perplexity'], '{:.3g}')} | {q.get('knowledge_perplexity', 'n/a')} | "
-                     f"{q.get('random_perplexity', 'n/a')} | {_num(b['other_perplexity'], '{:.3g}')} | "
-                     f"{q.get('knowledge_other_perplexity', 'n/a')} | {q.get('random_other_perplexity', 'n/a')} |")
+                     f"{_num(b['perplexity'], '{:.3g}')} | {_ratio_text(b['perplexity'], kn['perplexity'])} | "
+                     f"{_ratio_text(b['perplexity'], rnd['perplexity'])} | {_num(b['other_perplexity'], '{:.3g}')} | "
+                     f"{_ratio_text(b['other_perplexity'], kn['other_perplexity'])} | "
+                     f"{_ratio_text(b['other_perplexity'], rnd['other_perplexity'])} |"
+                     + (f" ({e['fewer_neurons']})" if e.get("fewer_neurons") else ""))
     return lines + [f"| paper (BERT) | | | | | {PAPER['erase_ppl_increase']} | | | {PAPER['erase_other']} | |", ""]
 
 
@@ -404,7 +413,6 @@ def render_markdown(report: dict) -> str:
 def write_report(report: dict, out: Path) -> None:
     """Derived numbers, figures, report.json and report.md in ``out``."""
     out = Path(out)
-    summarize(report)
     report["figures"] = write_figures(report, out)
     (out / "report.json").write_text(json.dumps(jsonable(report), indent=2, allow_nan=False))
     (out / "report.md").write_text(render_markdown(report))
