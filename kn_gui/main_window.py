@@ -400,7 +400,7 @@ class MainWindow(QMainWindow):
 
     def set_model(self, lm):
         """Makes `lm` (a kn_core LoadedModel) the window's model. Tests pass tiny models here directly."""
-        from kn_core.edits import EditStack
+        from kn_core.edit_stack import EditStack
 
         if self.edit_stack is not None:
             self.edit_stack.clear()
@@ -1183,7 +1183,7 @@ class MainWindow(QMainWindow):
     def export_model(self, folder: str):
         if not self._need_model() or not self._need_idle("export the model"):
             return
-        from kn_core.edits import export_model
+        from kn_core.edit_stack import export_model
 
         lm, stack = self.session.lm, self.edit_stack
 
