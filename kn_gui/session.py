@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from kn_core import attribution as kn_attr
+from kn_core import neurons as kn_neurons
 from kn_core.facts import Fact, FactSet, Prompt, Relation, Skipped, render_prompts
 
 Neuron = tuple[int, int]
@@ -149,28 +149,28 @@ class Session:
 
     # ----------------------------------------------------------------- thresholds (views over stored scores)
     def coarse(self, run: Run, prompt_index: int) -> list[Neuron]:
-        return kn_attr.coarse_neurons(run.scores[prompt_index].scores, self.t)
+        return kn_neurons.coarse_neurons(run.scores[prompt_index].scores, self.t)
 
     def refined(self, run: Run) -> list[Neuron]:
         if not run.scores:
             return []
-        return [tuple(n) for n in kn_attr.refined_neurons(run.score_arrays(), self.t, self.p)]
+        return [tuple(n) for n in kn_neurons.refined_neurons(run.score_arrays(), self.t, self.p)]
 
     def refined_counts(self, run: Run):
-        return kn_attr.coarse_counts(run.score_arrays(), self.t)
+        return kn_neurons.coarse_counts(run.score_arrays(), self.t)
 
     def relation_runs(self, relation_id: str) -> list[Run]:
         return [r for k, r in self.runs.items() if k[0] == relation_id and r.scores]
 
     def relation_level(self, relation_id: str, fraction: float = 0.1) -> list[tuple[Neuron, int]]:
         runs = self.relation_runs(relation_id)
-        return kn_attr.relation_neurons([self.refined(r) for r in runs], fraction)
+        return kn_neurons.relation_neurons([self.refined(r) for r in runs], fraction)
 
     def adapt_p(self, relation_id: str):
         runs = self.relation_runs(relation_id)
         if not runs:
             raise ValueError(f"no attribution runs for relation {relation_id} yet; run some of its facts first")
-        return kn_attr.adapt_p([r.score_arrays() for r in runs], self.t, self.p)
+        return kn_neurons.adapt_p([r.score_arrays() for r in runs], self.t, self.p)
 
     # ----------------------------------------------------------------- neuron sets
     def unique_set_name(self, base: str) -> str:
