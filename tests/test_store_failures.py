@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -96,6 +97,7 @@ def test_damaged_file_is_not_written_by_a_failed_open(proj_path):
     assert sorted(os.listdir(proj_path.parent)) == [proj_path.name]  # no -wal, no journal either
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this OS")
 def test_special_files_are_refused_without_opening_them(tmp_path):
     fifo = tmp_path / "pipe.knproj"
     os.mkfifo(fifo)
@@ -125,6 +127,7 @@ def fill_wal_past_the_limit(path) -> dict:
     return json.loads(lines[1])
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs POSIX file-size limits")
 def test_failed_close_is_an_error_and_the_wal_keeps_everything(proj_path, tmp_path, capsys):
     """A checkpoint that fails at close (here a file-size limit, like a full disk) raises a one-line
     ProjectCheckpointError; the data stays in FILE-wal, every open replays it, `kn project recover` copies it
