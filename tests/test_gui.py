@@ -53,6 +53,7 @@ def make_window(qtbot, settings, lm=None, load_model_fn=None, factset=None):
                         confirm_dialogs=False)
     qtbot.addWidget(window)
     window.auto_discard = True
+    window.project.autosave_folder = os.path.join(os.path.dirname(settings.fileName()), "autosave")
     window.show()
     if lm is not None:
         window.set_model(lm)
