@@ -100,7 +100,7 @@ class EditsController(QObject):
     # ----------------------------------------------------------------------------------------- model
     def set_model(self, lm) -> bool:
         """A new model: a fresh EditStack; the old model's edits leave the history. True if there were any."""
-        from kn_core.edits import EditStack
+        from kn_core.edit_stack import EditStack
 
         had = self.edit_stack is not None and self.history.edits.count() > 0
         if self.edit_stack is not None:
