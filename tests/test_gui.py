@@ -574,6 +574,7 @@ def test_app_main_parses_arguments(monkeypatch, app):
     monkeypatch.setattr("kn_gui.main_window.MainWindow.load_model",
                         lambda self, m, d, t: opened.setdefault("m", (m, d, t)))
     monkeypatch.setattr("kn_gui.main_window.MainWindow.show", lambda self: None)
+    monkeypatch.setattr("kn_gui.main_window.MainWindow.offer_recovery", lambda self: False)
     windows = []
     monkeypatch.setattr(app_module, "install_excepthook", windows.append)
     assert app_module.main(["x.knproj", "--model", "gpt2", "--dtype", "float32"]) == 0

@@ -161,7 +161,7 @@ class EditsController(QObject):
                                on_done=lambda after: after_done(command, before, after))
 
         def after_done(command, before, after):
-            command.report = edit_report(plan, before, after)
+            self.edit_stack.set_report(command.index, edit_report(plan, before, after))
             self.event.emit(EditEvaluated(command, command.report))
 
         self.runner.submit("Evaluating the edit (before)", lambda task: measure_plan(lm, plan, task),
@@ -176,9 +176,7 @@ class EditsController(QObject):
     def saved_state(self) -> tuple[dict | None, dict | None]:
         """(history with each entry's report, the un-edited model it applies to) for the project file."""
         if self.edit_stack is not None and len(self.edit_stack):
-            state = self.edit_stack.to_dict()
-            state["entries"] = [dict(e, report=c.report) for e, c in zip(state["entries"], self.commands())]
-            return state, self.session.lm.describe()
+            return self.edit_stack.to_dict(), self.session.lm.describe()
         if self.pending:
             return self.pending[0], {"sha256": self.pending[1], "source": "?"}
         return None, None
