@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("pytestqt")
 
 from PySide6.QtCore import QPointF, Qt  # noqa: E402
-from PySide6.QtWidgets import QApplication  # noqa: E402
+from PySide6.QtWidgets import QApplication, QDialog  # noqa: E402
 
 from kn_core.attribution import PromptScores  # noqa: E402
 from kn_core.facts import Fact, FactSet, Prompt, Relation  # noqa: E402
@@ -190,3 +190,96 @@ def test_prompt_table_csv_has_full_numbers(attribution, tmp_path):
     rows = list(csv.reader(open(tmp_path / "prompts.csv", encoding="utf-8")))
     assert rows[0][0] == "#" and float(rows[2][3]) == float(run.scores[1].prob)
     assert rows[2][3] != table.displayed_rows()[1][3]
+
+
+# ----------------------------------------------------------------------------------------------- figure export
+
+@pytest.mark.parametrize("fmt", ["png", "svg", "pdf"])
+def test_figures_export_at_size_and_dpi(attribution, tmp_path, fmt):
+    from kn_gui.panels.figures import FIGURES, export_figures
+
+    attribution.set_flags(flags_for(massive={(3, 1000)}))
+    written, refused = export_figures(attribution, tmp_path, fmt, size_in=(6.0, 3.0), dpi=300)
+    assert [p.name for p in written] == [f"{w}.{fmt}" for w in FIGURES] and not refused
+    for path in written:
+        data = path.read_bytes()
+        assert len(data) > 2000
+        if fmt == "svg":
+            text = data.decode()
+            assert "France \u2192 Paris" in text and (">score" in text or ">layer" in text)  # text, not paths
+    if fmt == "png":
+        from PIL import Image
+
+        with Image.open(tmp_path / "heatmap.png") as image:
+            assert image.size == (1800, 900)
+            assert image.info["dpi"] == pytest.approx((300, 300), abs=0.5)
+
+
+def test_figure_has_title_labels_and_legend(attribution):
+    from matplotlib.figure import Figure
+
+    from kn_gui.panels import figures
+
+    captured = {}
+    real_savefig = Figure.savefig
+
+    def keep(self, *args, **kwargs):
+        captured["figure"] = self
+        return real_savefig(self, *args, **kwargs)
+
+    Figure.savefig = keep
+    try:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as folder:
+            for which in ("layers", "heatmap", "prompts"):
+                figures.export_figure(attribution, which, f"{folder}/{which}.svg")
+                figure = captured["figure"]
+                assert "France \u2192 Paris (P36)" in figure._suptitle.get_text()
+                for axes in figure.axes[:1]:
+                    assert axes.get_xlabel() and axes.get_ylabel()
+                    assert axes.get_legend() is not None
+    finally:
+        Figure.savefig = real_savefig
+
+
+def test_empty_figures_are_refused(qtbot, tmp_path):
+    from kn_gui.panels.attribution_panel import AttributionPanel
+    from kn_gui.panels.figures import FigureExportDialog, NothingToPlot, export_figure, export_figures
+
+    session = Session(factset())
+    panel = AttributionPanel(session)
+    qtbot.addWidget(panel)
+    with pytest.raises(NothingToPlot, match="run attribution"):
+        export_figure(panel, "heatmap", tmp_path / "h.png")
+    with pytest.raises(NothingToPlot):
+        export_figures(panel, tmp_path)
+    dialog = FigureExportDialog(panel, folder=tmp_path)
+    qtbot.addWidget(dialog)
+    dialog.show()
+    dialog.accept()
+    assert dialog.isVisible() and dialog.written is None
+    assert "run attribution" in dialog.problem.text() and not list(tmp_path.iterdir())
+    # a run whose refined set is empty: the per-prompt figure is refused, the others are written
+    run = make_run(hot=())
+    session.runs[("P36", "France", "Paris")] = run
+    session.t = 0.99  # only each prompt's own maximum is coarse: no neuron is coarse in all 3 prompts
+    panel.show_run(run)
+    assert panel.refined == []
+    written, refused = export_figures(panel, tmp_path)
+    assert [p.name for p in written] == ["layers.png", "heatmap.png"]
+    assert refused and "select neurons" in refused[0]
+
+
+def test_export_dialog_writes_the_chosen_format(attribution, qtbot, tmp_path):
+    from kn_gui.panels.figures import FigureExportDialog
+
+    dialog = FigureExportDialog(attribution, folder=tmp_path)
+    qtbot.addWidget(dialog)
+    dialog.format.setCurrentIndex(dialog.format.findData("pdf"))
+    dialog.which.setCurrentIndex(dialog.which.findData("layers"))
+    assert dialog.path.text() == str(tmp_path / "layers.pdf")
+    assert dialog.dpi.value() == 300 and dialog.pixels.text() == "2100 \u00d7 1050 pixels"
+    dialog.accept()
+    assert dialog.result() == QDialog.Accepted and dialog.written == tmp_path / "layers.pdf"
+    assert (tmp_path / "layers.pdf").read_bytes().startswith(b"%PDF")
