@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from . import evaluation as ev
+from . import experiments as ex
 from .cli import tqdm_progress
 
 PAPER = {
@@ -194,7 +195,7 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
         timings["attribution_per_fact"] = timings["attribution"] / max(len(ig), 1)
 
         # refined neurons with p adapted per relation
-        records: list[ev.FactRecord] = []
+        records: list[ex.FactNeurons] = []
         adapted = {}
         for rid, facts in chosen.items():
             a = adapt_p([[s.scores for s in ig[f]] for f, _ in facts], t=t, p=p)
@@ -202,7 +203,7 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
             adapted[rid] = {"p": a.p, "mean_neurons": a.mean_neurons, "history": a.history,
                             "baseline_p": b.p, "baseline_mean_neurons": b.mean_neurons}
             for fact, prompts in facts:
-                records.append(ev.FactRecord(
+                records.append(ex.FactNeurons(
                     fact, prompts, refined_neurons([s.scores for s in ig[fact]], t, a.p),
                     refined_neurons([s.scores for s in base[fact]], 0.5, b.p),
                     [s.activations for s in ig[fact]]))
@@ -214,18 +215,18 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
             for r in records]
 
         phase("neuron statistics")
-        report["neuron_statistics"] = ev.neuron_statistics([r.neurons for r in records],
+        report["neuron_statistics"] = ex.neuron_statistics([r.neurons for r in records],
                                                            [r.relation for r in records], lm.layout.layers)
-        report["baseline_neuron_statistics"] = ev.neuron_statistics(
+        report["baseline_neuron_statistics"] = ex.neuron_statistics(
             [r.baseline_neurons for r in records], [r.relation for r in records], lm.layout.layers)
-        report["activation_by_prompt"] = ev.activation_by_prompt(records)
+        report["activation_by_prompt"] = ex.activation_by_prompt(records)
         write()
 
         t0 = time.perf_counter()
         phase("suppress and amplify, with controls")
         bar = tqdm_progress("suppress/amplify")
-        report["suppress_amplify"] = ev.suppress_amplify_experiment(
-            lm, records, seed=seed, control_prompts=control_prompts, progress=bar, cancel=cancel)
+        report["suppress_amplify"] = ex.suppress_amplify_experiment(
+            lm, records, seed=seed, control_prompts=control_prompts, task=_task(bar))
         bar.close()
         timings["suppress_amplify"] = time.perf_counter() - t0
         write()
@@ -233,8 +234,8 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
         t0 = time.perf_counter()
         phase("update")
         bar = tqdm_progress("update")
-        report["update"] = ev.update_experiment(lm, records, factset, seed=seed, facts_per_relation=10,
-                                                control_prompts=control_prompts, progress=bar, cancel=cancel)
+        report["update"] = ex.update_experiment(lm, records, factset, seed=seed, facts_per_relation=10,
+                                                control_prompts=control_prompts, task=_task(bar))
         bar.close()
         timings["update"] = time.perf_counter() - t0
         write()
@@ -242,8 +243,8 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
         t0 = time.perf_counter()
         phase("erase")
         bar = tqdm_progress("erase")
-        report["erase"] = ev.erase_experiment(lm, records, k=erase_k, fill=erase_fill, seed=seed,
-                                              control_prompts=2 * control_prompts, progress=bar, cancel=cancel)
+        report["erase"] = ex.erase_experiment(lm, records, k=erase_k, fill=erase_fill, seed=seed,
+                                              control_prompts=2 * control_prompts, task=_task(bar))
         bar.close()
         timings["erase"] = time.perf_counter() - t0
         report["status"] = "done"
@@ -260,6 +261,12 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
     (out / "report.md").write_text(render_markdown(report))
     say(f"[reproduce] done in {report['timings']['total']:.0f} s: {out / 'report.md'}")
     return report
+
+
+def _task(bar):
+    from .tasks import Task
+
+    return Task(on_progress=lambda fraction, message: bar(fraction or 0.0))
 
 
 def _tick(items, bar):
@@ -575,7 +582,7 @@ def cmd_edit_erase(args) -> int:
     records = []
     for fact in facts:
         prompts, neurons = _fact_neurons(args, lm, factset, fact, say)
-        records.append(ev.FactRecord(fact, prompts, neurons, []))
+        records.append(ex.FactNeurons(fact, prompts, neurons, []))
     others = [f for f in factset.facts if f.relation != args.relation]
     rng = np.random.default_rng(args.seed)
     from .facts import render_prompts

@@ -51,6 +51,12 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    from .platform_check import startup_problem
+
+    problem = startup_problem()
+    if problem:
+        print(f"kn-studio: {problem}", file=sys.stderr)
+        return 2
     app = build_app()
     from .main_window import MainWindow
 
