@@ -138,7 +138,8 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
                   steps: int = 20, prompts_per_fact: int | None = None, select: str = "known",
                   control_prompts: int = 20, t: float = 0.2, p: float = 0.7, erase_k: int = 20,
                   erase_fill: str = "zero", progress=None, say=_say, cancel=None) -> dict:
-    from .attribution import AttributionParams, adapt_p, refined_neurons
+    from .attribution import AttributionParams
+    from .neurons import adapt_p, refined_neurons
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -457,7 +458,8 @@ def render_markdown(report: dict) -> str:
 def _fact_neurons(args, lm, factset, fact, say, results: list | None = None):
     """Attribution of one fact's prompts -> (prompts, refined neurons); `results` receives each prompt's
     PromptScores."""
-    from .attribution import AttributionParams, attribute_fact, refined_neurons
+    from .attribution import AttributionParams, attribute_fact
+    from .neurons import refined_neurons
     from .cli import CliError, tqdm_progress
     from .facts import render_prompts
 

@@ -276,7 +276,7 @@ def test_ui_thread_stays_responsive_during_attribution(app, qtbot, settings):
     assert ended - started > 0.5, f"workload too small: the job took {ended - started:.2f} s"
     # the gaps include the job's start and end, so a UI thread blocked at either edge is caught too
     gaps = np.diff([started, *ticks, ended])
-    assert gaps.max() < 0.020 + 0.100, f"heartbeat late by {gaps.max() - 0.020:.3f} s"
+    assert gaps.max() < 0.020 + 0.100, f"heartbeat late by {gaps.max() - 0.020:.3f} s (gap {gaps.argmax()} of {len(gaps)})"
 
 
 def test_run_selected_facts_streams_each_fact(window, qtbot):

@@ -338,9 +338,8 @@ class AttributionPanel(QWidget):
             self.summary.setText("")
         else:
             done, n = len(run.scores), len(run.prompts)
-            state = "" if run.complete else f"  \u2014 running: {done}/{n} prompts done"
             self.title.setText(f"{run.fact.subject} \u2192 {run.fact.object}  ({run.fact.relation}, {n} prompts)"
-                               + state)
+                               + run.header_note())
             if run.scores:
                 coarse = [len(self.session.coarse(run, i)) for i in range(done)]
                 need = max(self.session.p * done, 3)
