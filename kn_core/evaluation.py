@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from . import edits as _edits
+from .tasks import Task, as_task
 
-Progress = Callable[[float, dict | None], None]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -107,8 +107,8 @@ def _batches(items: Sequence, size: int) -> Iterable[tuple[int, Sequence]]:
         yield start, items[start:start + size]
 
 
-def answer_probabilities(lm, prompts: Sequence, batch_size: int = 16, progress: Progress | None = None,
-                         cancel=None, top_k: int = 0) -> list[dict]:
+def answer_probabilities(lm, prompts: Sequence, batch_size: int = 16, task: Task | None = None,
+                         top_k: int = 0) -> list[dict]:
     """Probability of each prompt's answer under the model as it is now (with whatever edits are active).
 
     Returns one dict per prompt: `prob` (product over answer tokens, see the module notes), `logprob`,
@@ -119,13 +119,11 @@ def answer_probabilities(lm, prompts: Sequence, batch_size: int = 16, progress: 
     flat = [e for rows in per_prompt for e in rows]
     logps: list[torch.Tensor] = []
     total = max(len(flat), 1)
+    task = as_task(task)
     for start, chunk in _batches(flat, batch_size):
-        if cancel is not None and getattr(cancel, "cancelled", False):
-            from .attribution import Cancelled  # only when cancelling
-            raise Cancelled("evaluation cancelled")
+        task.check()
         logps.extend(_batch_forward(lm, chunk))
-        if progress is not None:
-            progress(min(1.0, (start + len(chunk)) / total), None)
+        task.progress(min(1.0, (start + len(chunk)) / total), "scoring prompts")
     results: list[dict] = []
     at = 0
     for rows in per_prompt:

@@ -481,6 +481,7 @@ def _neurons_doc(neurons):
 
 def cmd_edit_activation(args) -> int:
     from . import edits as E
+    from .edit_stack import export_model
     from .cli import CliError, emit, factset_of, find_fact, load, say
 
     factset = factset_of(args)
@@ -498,7 +499,7 @@ def cmd_edit_activation(args) -> int:
     if args.export:
         if args.scope != "all":
             raise CliError("--export needs --scope all (an answer-position edit is not a weight change)")
-        E.export_model(lm, [make(neurons)], args.export)
+        export_model(lm, [make(neurons)], args.export)
     doc = {"fact": {"relation": fact.relation, "subject": fact.subject, "object": fact.object},
            "edit": make(neurons).to_dict(), "neurons": _neurons_doc(neurons),
            "prompts": [p.text for p in prompts], "before": effect["before"], "after": effect["after"],
@@ -517,6 +518,7 @@ def cmd_edit_activation(args) -> int:
 
 def cmd_edit_update(args) -> int:
     from . import edits as E
+    from .edit_stack import export_model
     from .cli import CliError, emit, factset_of, find_fact, load, say
     from .facts import Fact, render_prompts
 
@@ -548,7 +550,7 @@ def cmd_edit_update(args) -> int:
     before_old, before_new = measure()
     after_old, after_new = ev.with_edits(lm, [update], measure)
     if args.export:
-        ev.with_edits(lm, [update], lambda: E.export_model(lm, [update], args.export))
+        ev.with_edits(lm, [update], lambda: export_model(lm, [update], args.export))
     doc = {"fact": {"relation": fact.relation, "subject": fact.subject, "object": fact.object},
            "new_object": args.new_object, "edit": update.to_dict(), "neurons": _neurons_doc(update.neurons),
            "excluded": _neurons_doc(update.excluded), "flipped": _neurons_doc(update.flipped),
@@ -572,6 +574,7 @@ def cmd_edit_update(args) -> int:
 
 def cmd_edit_erase(args) -> int:
     from . import edits as E
+    from .edit_stack import export_model
     from .cli import CliError, emit, factset_of, load, say
 
     factset = factset_of(args)
@@ -613,7 +616,7 @@ def cmd_edit_erase(args) -> int:
     control = ev.with_edits(lm, [E.Erase(tuple(E.random_neurons(lm, neurons, seed=args.seed)), args.fill,
                                          E.default_embedding(lm))], measure)
     if args.export:
-        ev.with_edits(lm, [erase], lambda: E.export_model(lm, [erase], args.export))
+        ev.with_edits(lm, [erase], lambda: export_model(lm, [erase], args.export))
     doc = {"relation": args.relation, "facts": len(records), "edit": erase.to_dict(), "neurons": _neurons_doc(neurons),
            "before": before, "after": after, "control": {"kind": "random neurons from the same layers", **control},
            "exported_to": args.export}

@@ -57,8 +57,8 @@ def test_update_experiment_on_tiny(monkeypatch):
     factset = FactSet("t", {"P36": REL, "P37": REL2}, FACTS)
     real = ex.answer_probabilities
 
-    def all_correct(lm_, prompts, batch_size=16, progress=None, cancel=None, top_k=0):
-        rows = real(lm_, prompts, batch_size, progress, cancel, top_k)
+    def all_correct(lm_, prompts, batch_size=16, task=None, top_k=0):
+        rows = real(lm_, prompts, batch_size, task, top_k)
         return [dict(r, correct=True) for r in rows]
 
     monkeypatch.setattr(ex, "answer_probabilities", all_correct)
