@@ -271,7 +271,7 @@ class ActionsMixin:
     def export_model(self, folder: str):
         if not self._need_model() or not self._need_free("export the model"):
             return
-        from kn_core.edits import export_model
+        from kn_core.edit_stack import export_model
 
         lm, stack = self.session.lm, self.edit_stack
 

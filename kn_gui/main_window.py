@@ -387,13 +387,13 @@ class MainWindow(ActionsMixin, QMainWindow):
         stack = self.history.next_undo()
         if stack is None or (stack is self.history.edits and not self._need_free("undo an edit")):
             return
-        stack.undo()
+        self.history.undo(stack)
 
     def redo(self):
         stack = self.history.next_redo()
         if stack is None or (stack is self.history.edits and not self._need_free("redo an edit")):
             return
-        stack.redo()
+        self.history.redo(stack)
 
     # ================================================================= facts
     def import_facts(self, path: str) -> bool:
@@ -597,7 +597,10 @@ class MainWindow(ActionsMixin, QMainWindow):
     def _edits_event(self, ev):
         if isinstance(ev, E.EditEvaluated):
             self.edits_panel.show_report(ev.report)
-            self.status(f"{ev.command.text()}: {self.edits_panel.result_summary.text()}", 20000)
+            skipped = ev.report.get("skipped") or []
+            note = f"   |   left out: {skipped[0][0]} ({skipped[0][1]})" + (
+                f" and {len(skipped) - 1} more" if len(skipped) > 1 else "") if skipped else ""
+            self.status(f"{ev.command.text()}: {self.edits_panel.result_summary.text()}{note}", 20000)
             self.edit_evaluated.emit(ev.report)
             self.edits_dock.raise_()
         elif isinstance(ev, E.EditFailed):

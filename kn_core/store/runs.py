@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import time
 from datetime import datetime
 from typing import Any, Iterable, Iterator
@@ -19,6 +20,8 @@ from .errors import CorruptProjectError, ProjectDataError, ProjectError
 from .records import PromptRecord, RunRecord, get_field, jsonable, now, prompt_dict, to_numpy
 from .schema import RunPromptRow, RunRow, ScoreArrayRow
 
+# array names become file names in exports: one plain name part
+_ARRAY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 INTERRUPTED = "the process stopped before this run finished (killed, crashed or powered off)"
 
 
@@ -70,6 +73,10 @@ class RunStore:
         if activations is not None:
             arrays["activations"] = activations
         arrays.update(extra_arrays or {})
+        for name in arrays:
+            if not isinstance(name, str) or not _ARRAY_NAME.fullmatch(name) or ".." in name:
+                raise ProjectDataError(self.path, f"bad array name {name!r}",
+                                       "use 1-64 letters, digits, '_', '-' or '.' (not leading, no '..')")
         encoded = {}
         for name, arr in arrays.items():
             arr = to_numpy(arr)

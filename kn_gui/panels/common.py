@@ -19,6 +19,15 @@ def hint(text: str) -> QLabel:
     return label
 
 
+def problem_label() -> QLabel:
+    """A red line in a dialog saying what to fix; hidden until there is a problem."""
+    label = QLabel("")
+    label.setObjectName("problem")
+    label.setWordWrap(True)
+    label.hide()
+    return label
+
+
 def heading(text: str) -> QLabel:
     label = QLabel(text)
     label.setObjectName("heading")
