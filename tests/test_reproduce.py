@@ -4,13 +4,14 @@ its reason, a bounded fact selection, resuming an interrupted run from its cache
 from __future__ import annotations
 
 import json
-import math
+import re
 
 import pytest
 
 from kn_core import evaluation as ev
 from kn_core.facts import Fact, FactSet, Relation
-from kn_core.reproduce import format_ratio, log10_ratio, resolve_relations, run_reproduce, select_facts
+from kn_core import experiments as ex
+from kn_core.reproduce import resolve_relations, run_reproduce, select_facts
 from kn_core.tasks import Cancelled, Task
 from tiny import GEOGRAPHY, TINY_CAUSAL, make_tiny
 
@@ -44,19 +45,28 @@ def _run(lm, out, **kwargs):
 
 # ---------------------------------------------------------------- ratios
 
-def test_format_ratio_is_a_multiplier_never_a_long_number():
-    assert format_ratio(3.2) == "×3.2"
-    assert format_ratio(1.05) == "×1.05"
-    assert format_ratio(0.5) == "×0.5"
-    assert format_ratio(1.2e26) == "×1.2e26"
-    assert format_ratio(log10=26 + math.log10(1.2)) == "×1.2e26"
-    assert format_ratio(9.99e5) == "×1.0e6"  # the mantissa rounds up into the next power of ten
-    assert format_ratio(2.5e-7) == "×2.5e-7"
-    assert format_ratio(log10=400.0) == "×1.0e400"  # beyond float range, from log-perplexities
-    for bad in (None, 0.0, -1.0, float("nan"), float("inf")):
-        assert format_ratio(bad) == "n/a"
-    assert log10_ratio(2.0, 20.0) == pytest.approx(1.0)
-    assert math.isnan(log10_ratio(0.0, 2.0)) and math.isnan(log10_ratio(float("inf"), 2.0))
+def test_perplexity_changes_are_ratios_never_long_numbers():
+    from kn_core.reproduce.report import _erase_section, _update_section
+
+    def arm(before, after, success):
+        return {"change_rate": 1.0, "success_rate": success, "top5_rate": 1.0, "ppl_intra_before": before,
+                "ppl_intra_after": after, "ppl_inter_before": 2.0, "ppl_inter_after": 2.5}
+
+    rows = [{"fact": "P36:France", "object": "Paris", "new_object": "Rome",
+             "knowledge": arm(3.0, 3.0 * 1.2e26, 0.0), "random": arm(3.0, 3.3, 0.0)}]
+    summary = {"knowledge": ex.update_summary(rows, "knowledge"), "random": ex.update_summary(rows, "random")}
+    report = {"relations": ["P36"], "update": {"lambda1": 1, "lambda2": 8, "embedding": "input",
+                                               "multi_token": "first", "facts": rows, "skipped": [], **summary}}
+    text = "\n".join(_update_section(report))
+    assert "x1.2e26" in text and "x1.1" in text and "x1.2" in text  # the fact's, random's, inter
+    assert "**failed**" in text  # o' never became the answer: said, not hidden in a rate
+    assert not re.search(r"\d{7,}", text)
+    report["erase"] = {"k": 20, "fill": "zero", "per_relation": {"P36": {
+        "before": {"accuracy": 1.0, "perplexity": 1.5, "other_perplexity": 2.0, "other_accuracy": 1.0},
+        "knowledge": {"accuracy": 0.0, "perplexity": 1.5e30, "other_perplexity": 4.0, "other_accuracy": 1.0},
+        "random": {"accuracy": 1.0, "perplexity": 1.5, "other_perplexity": 2.0, "other_accuracy": 1.0}}}}
+    erase = "\n".join(_erase_section(report))
+    assert "x1.0e30" in erase and "x2" in erase and "x1 |" in erase and not re.search(r"\d{7,}", erase)
 
 
 # ---------------------------------------------------------------- selection
@@ -134,9 +144,7 @@ def test_no_relation_missing_and_everything_left_out_listed(lm, tmp_path):
     # strict JSON and readable ratios
     assert "NaN" not in (tmp_path / "report.json").read_text()
     erase_md = text.split("## Erasing relations")[1].split("##")[0]
-    assert "×" in erase_md
-    for line in text.splitlines():
-        assert not any(len(tok) > 12 and tok.replace(".", "").replace("+", "").isdigit() for tok in line.split())
+    assert re.search(r"\| x\d", erase_md) and not re.search(r"\d{9,}", text)
 
 
 def test_a_cancelled_run_resumes_from_its_cache(lm, tmp_path, monkeypatch):
@@ -197,10 +205,10 @@ def test_massive_neurons_are_kept_out_unless_asked_and_reported_both_ways(tmp_pa
     assert all([1, 5] not in f["neurons"] and [1, 5] not in f["baseline_neurons"] for f in default["facts_detail"])
     kept = run_reproduce(lm, _factset(), tmp_path, keep_massive=True, **args)  # same cache: no new attribution
     assert kept["parameters"]["keep_massive"] is True
-    assert sum([1, 5] in f["neurons"] for f in kept["facts_detail"]) >= 3  # it is top-scored on every prompt
+    assert sum([1, 5] in f["neurons"] for f in kept["facts_detail"]) >= 2  # refined for half of the 4 facts or more
     for report in (default, kept):
         both = report["both_ways"]
         assert both["flagged_excluded"]["flagged_among_refined"] == 0
-        assert both["flagged_kept"]["flagged_among_refined"] >= 3
+        assert both["flagged_kept"]["flagged_among_refined"] >= 2
     text = (tmp_path / "report.md").read_text()
     assert "massive" in text and "flagged neurons kept" in text.lower()

@@ -82,7 +82,7 @@ def _known_scores(lm, rid, candidates, check_prompts: int, cache: Path | None,
         if path.exists():
             rows = json.loads(path.read_text())
             return [tuple(r) for r in rows]
-    probs = ev.answer_probabilities(lm, prompts, batch_size=32, cancel=task)
+    probs = ev.answer_probabilities(lm, prompts, batch_size=32, task=task)
     rows, at = [], 0
     for _, ps in candidates:
         chunk = probs[at:at + len(ps)]
