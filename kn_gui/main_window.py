@@ -387,13 +387,13 @@ class MainWindow(ActionsMixin, QMainWindow):
         stack = self.history.next_undo()
         if stack is None or (stack is self.history.edits and not self._need_free("undo an edit")):
             return
-        stack.undo()
+        self.history.undo(stack)
 
     def redo(self):
         stack = self.history.next_redo()
         if stack is None or (stack is self.history.edits and not self._need_free("redo an edit")):
             return
-        stack.redo()
+        self.history.redo(stack)
 
     # ================================================================= facts
     def import_facts(self, path: str) -> bool:

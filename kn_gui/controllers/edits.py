@@ -40,27 +40,39 @@ class HistoryRestored:
 
 
 class History:
-    """Two undo stacks with one undo order: each command gets a sequence number when pushed; Undo takes the
-    stack whose next undo is newest, Redo the one whose next redo is oldest. Works whatever moved a stack's
+    """Two undo stacks with one undo order. Each command is stamped when it is done or undone; Undo takes the
+    stack whose next undo was done last, Redo the stack whose next redo was undone last, as if both were one
+    stack, except that a new change truncates only its own stack's redo list. Works whatever moved a stack's
     index (the History view moves the edits stack directly)."""
 
     def __init__(self, parent=None):
         self.edits = QUndoStack(parent)
         self.facts = QUndoStack(parent)
-        self._seq = 0
+        self._clock = 0
+
+    def _stamp(self, command):
+        self._clock += 1
+        command.stamp = self._clock
 
     def push(self, stack: QUndoStack, command):
-        self._seq += 1
-        command.seq = self._seq
+        self._stamp(command)
         stack.push(command)
 
     def next_undo(self) -> QUndoStack | None:
-        candidates = [(s.command(s.index() - 1).seq, s) for s in (self.edits, self.facts) if s.canUndo()]
+        candidates = [(s.command(s.index() - 1).stamp, s) for s in (self.edits, self.facts) if s.canUndo()]
         return max(candidates, key=lambda c: c[0])[1] if candidates else None
 
     def next_redo(self) -> QUndoStack | None:
-        candidates = [(s.command(s.index()).seq, s) for s in (self.edits, self.facts) if s.canRedo()]
-        return min(candidates, key=lambda c: c[0])[1] if candidates else None
+        candidates = [(s.command(s.index()).stamp, s) for s in (self.edits, self.facts) if s.canRedo()]
+        return max(candidates, key=lambda c: c[0])[1] if candidates else None
+
+    def undo(self, stack: QUndoStack):
+        self._stamp(stack.command(stack.index() - 1))
+        stack.undo()
+
+    def redo(self, stack: QUndoStack):
+        self._stamp(stack.command(stack.index()))
+        stack.redo()
 
     def is_clean(self) -> bool:
         return self.edits.isClean() and self.facts.isClean()
@@ -149,7 +161,7 @@ class EditsController(QObject):
                                on_done=lambda after: after_done(command, before, after))
 
         def after_done(command, before, after):
-            command.report = edit_report(plan, before, after)
+            self.edit_stack.set_report(command.index, edit_report(plan, before, after))
             self.event.emit(EditEvaluated(command, command.report))
 
         self.runner.submit("Evaluating the edit (before)", lambda task: measure_plan(lm, plan, task),
@@ -164,9 +176,7 @@ class EditsController(QObject):
     def saved_state(self) -> tuple[dict | None, dict | None]:
         """(history with each entry's report, the un-edited model it applies to) for the project file."""
         if self.edit_stack is not None and len(self.edit_stack):
-            state = self.edit_stack.to_dict()
-            state["entries"] = [dict(e, report=c.report) for e, c in zip(state["entries"], self.commands())]
-            return state, self.session.lm.describe()
+            return self.edit_stack.to_dict(), self.session.lm.describe()
         if self.pending:
             return self.pending[0], {"sha256": self.pending[1], "source": "?"}
         return None, None
