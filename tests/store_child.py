@@ -3,7 +3,6 @@ project open, or reports what opening does under another user, or fills a WAL th
 Prints one line per committed step."""
 
 import json
-import resource
 import signal
 import sys
 import time
@@ -63,6 +62,7 @@ def try_open(path: str) -> None:
 def fill_wal(path: str) -> None:
     """A project of 3000 facts, then 2000 more under a file-size limit that the WAL fits in but the grown file
     does not: the import commits, the checkpoint at close fails (a full disk, without needing root)."""
+    import resource  # POSIX only, like this case
     with create_project(path) as proj:
         proj.add_facts([{"relation": "P1", "subject": f"before {i}", "object": "o" * 40} for i in range(3000)])
     proj = open_project(path)

@@ -55,6 +55,11 @@ def _sqlite_code(exc: BaseException) -> int | None:
     return None if code is None else code & 0xFF
 
 
+def _locked(path) -> ProjectLockedError:
+    return ProjectLockedError(path, "the project is open in another process (Knowledge Neuron Studio or another "
+                                    "program has it locked)", "close it there, or work on a copy of the file")
+
+
 def map_sqlite_error(path, exc: BaseException, doing: str) -> ProjectError:
     code = _sqlite_code(exc)
     msg = str(getattr(exc, "orig", exc))
@@ -63,9 +68,7 @@ def map_sqlite_error(path, exc: BaseException, doing: str) -> ProjectError:
                                           f"holds everything saved before it",
                                     "free space on that drive (or save the project elsewhere) and retry")
     if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or "database is locked" in msg:
-        return ProjectLockedError(path, "the project is open in another process (Knowledge Neuron Studio or "
-                                        "another program has it locked)",
-                                  "close it there, or work on a copy of the file")
+        return _locked(path)
     if code == sqlite3.SQLITE_READONLY:
         return ProjectReadOnlyError(path, f"cannot write while {doing}: the file or its folder is read-only",
                                     "copy the project to a writable folder, or open it read-only")
@@ -242,13 +245,53 @@ def create_file(path: Path, name: str | None = None) -> None:
         raise ProjectError(path, f"cannot create the project ({exc.strerror})", "check the path") from exc
 
 
-def open_connection(path: Path, read_only: bool = False, upgrade: bool = True) -> tuple[sqlite3.Connection, int]:
-    """(connection, runs left `running`) for a checked project file, holding its lock (see `open_project`).
+def _flock(path: Path, exclusive: bool) -> int | None:
+    """An advisory lock (flock) on the project file: a writer holds it exclusively while the project is open.
+    SQLite's own exclusive lock comes only with the first write (taking it sooner means switching the file to
+    WAL, a write), so this is what keeps a second writer or a reader out of a project opened for writing.
+    Returns the descriptor holding it, or None where flock does not exist (Windows) or the file system has none;
+    then the writer takes SQLite's lock at open by switching to WAL, as before."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise _locked(path) from None
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def open_database(path: Path, read_only: bool = False, upgrade: bool = True) -> tuple[Database, int]:
+    """(the open Database, how many runs were left `running`) for a checked project file (see `open_project`).
 
     Nothing is written before every check has passed: the header checks, the project table read back and, when
-    runs were left `running` (to be marked interrupted), SQLite's quick check of the two tables written then. Only then does a writer switch the file to WAL (which rewrites the header's journal-mode bytes and
-    change counter, and takes the exclusive lock); an older schema is upgraded (after a backup copy)."""
+    runs were left `running` (to be marked interrupted), SQLite's quick check of the two tables written then.
+    Opening itself writes nothing else: an older schema is upgraded (after a backup copy), and the file is
+    switched to WAL by the first save (or at open, where flock is missing or a WAL is already there)."""
     header_check(path)
+    lock_fd = None
+    try:
+        if read_only:  # refused while a writer has it open; readers do not keep writers out
+            fd = _flock(path, exclusive=False)
+            if fd is not None:
+                os.close(fd)
+        else:
+            lock_fd = _flock(path, exclusive=True)
+        con, running, wal = _connect_checked(path, read_only, upgrade, eager_wal=lock_fd is None)
+    except BaseException:
+        if lock_fd is not None:
+            os.close(lock_fd)
+        raise
+    return Database(path, con, read_only, lock_fd, wal), running
+
+
+def _connect_checked(path: Path, read_only: bool, upgrade: bool, eager_wal: bool):
     version = _validate(path)
     if not read_only:
         reason = location_writable(path)
@@ -275,15 +318,18 @@ def open_connection(path: Path, read_only: bool = False, upgrade: bool = True) -
                 problems = [r[0] for r in con.execute(f"PRAGMA quick_check('{table}')") if r[0] != "ok"]
                 if problems:
                     raise sqlite3.DatabaseError(f"database disk image is malformed ({problems[0]})")
+        wal = str(con.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal"  # left by a crash
         if not read_only:
-            con.execute("PRAGMA journal_mode = WAL")
             con.execute(f"PRAGMA synchronous = {SYNCHRONOUS}")
-            con.execute("BEGIN IMMEDIATE")  # takes (and, in exclusive mode, keeps) the write lock now
-            con.execute("COMMIT")
+            if eager_wal or wal:
+                con.execute("PRAGMA journal_mode = WAL")
+                con.execute("BEGIN IMMEDIATE")  # takes (and, in exclusive mode, keeps) the write lock now
+                con.execute("COMMIT")
+                wal = True
     except sqlite3.Error as exc:
         con.close()
         raise map_sqlite_error(path, exc, "opening the project") from exc
-    return con, running
+    return con, running, wal
 
 
 def _validate(path: Path) -> int:
@@ -366,10 +412,13 @@ class Database:
     """One open project connection: SQLAlchemy sessions over it (one session = one SQLite transaction, behind
     one lock) and closing it. Methods are safe to call from several threads, but keep writes on one thread."""
 
-    def __init__(self, path: Path, con: sqlite3.Connection, read_only: bool):
+    def __init__(self, path: Path, con: sqlite3.Connection, read_only: bool, lock_fd: int | None = None,
+                 wal: bool = False):
         self.path = path
         self.read_only = read_only
         self.con = con
+        self._lock_fd = lock_fd  # the writer's flock (see _flock), released at close
+        self._wal = wal  # in WAL mode: switched by the first save, or already at open
         self.lock = threading.RLock()
         self._engine = create_engine("sqlite://", creator=lambda: con, poolclass=StaticPool)
         install_begin(self._engine)
@@ -384,7 +433,7 @@ class Database:
                 return
             self.closed = True
             failure = None
-            if not self.read_only:
+            if self._wal and not self.read_only:
                 try:
                     mode = self.con.execute("PRAGMA journal_mode = DELETE").fetchone()
                     if not mode or str(mode[0]).lower() != "delete":
@@ -411,6 +460,19 @@ class Database:
             self._engine.dispose()
         with contextlib.suppress(sqlite3.Error):
             self.con.close()
+        if self._lock_fd is not None:  # after SQLite let go of the file
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _enter_wal(self, doing: str) -> None:
+        # The first save: WAL from here on (this takes SQLite's exclusive lock and keeps it until close).
+        try:
+            mode = self.con.execute("PRAGMA journal_mode = WAL").fetchone()
+        except sqlite3.Error as exc:
+            raise map_sqlite_error(self.path, exc, doing) from exc
+        if not mode or str(mode[0]).lower() != "wal":
+            raise _locked(self.path)
+        self._wal = True
 
     @contextlib.contextmanager
     def session(self, doing: str, write: bool = False) -> Iterator[Session]:
@@ -422,6 +484,8 @@ class Database:
             raise ProjectReadOnlyError(self.path, f"opened read-only, cannot save while {doing}",
                                        "open it for writing")
         with self.lock:
+            if write and not self._wal:
+                self._enter_wal(doing)
             try:
                 with Session(self._engine, expire_on_commit=False) as session, session.begin():
                     yield session

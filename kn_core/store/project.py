@@ -66,10 +66,11 @@ def open_project(path, read_only: bool = False, upgrade: bool = True) -> "Projec
     untruncated SQLite file (a `-wal` left next to it is replayed first), it is a project, its schema is not
     newer than this app's, its tables read back, nobody else has it open, and (unless `read_only`) it can be
     written. An older schema is upgraded after a backup copy (`NAME.vN-backup-STAMP.knproj` next to it). Runs
-    left `running` by a dead process become `interrupted` (the only write an open makes on its own)."""
+    left `running` by a dead process become `interrupted` (the only write an open makes on its own; the file
+    switches to WAL mode with the first save, and back to one self-contained file at close)."""
     path = Path(path).expanduser()
-    con, running = database.open_connection(path, read_only, upgrade)
-    project = Project(path, con, read_only)
+    db, running = database.open_database(path, read_only, upgrade)
+    project = Project(db)
     if running and not read_only:
         try:
             project._mark_interrupted()
@@ -113,11 +114,11 @@ class Project(RunStore):
     """An open project. Use `create_project`, `open_project` or `open_or_create_project`; close it (or use
     `with`). Methods are safe to call from several threads (one lock), but keep writes on one thread."""
 
-    def __init__(self, path: Path, con, read_only: bool):
-        self.path = path
-        self.read_only = read_only
-        self._db = database.Database(path, con, read_only)
-        self._con = con
+    def __init__(self, db: database.Database):
+        self.path = db.path
+        self.read_only = db.read_only
+        self._db = db
+        self._con = db.con
         self._clock: dict[int, float] = {}
 
     # -- lifecycle
