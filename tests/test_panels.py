@@ -335,7 +335,7 @@ def test_update_form_shows_objects_as_words(edits, tiny_lm):
     title = edits.result_title.text()
     assert title.startswith("Update 1 neurons: ' Paris' \u2192 ' Berlin'") and "[7]" not in title
     assert title.endswith("evaluated on France \u2192 Paris")
-    assert edits.table.displayed_rows()[0][12] == "\u2714 ' Berlin' is top-1"
+    assert edits.table.displayed_rows()[0][9] == "\u2714 ' Berlin' is top-1"
     assert edits.result_warning.isHidden()
 
 
@@ -356,7 +356,7 @@ def test_failed_update_says_so_in_words(edits):
     rows = report_rows([(0.5, 0.4), (0.6, 0.5)], new=[(0.02, 1e-40, " Paris"), (0.02, 0.3, " Rome")])
     edits.show_report({"title": "Update", "rows": rows, "new_object": "Berlin",
                        "edit": {"kind": "update", "neurons": [[0, 1]], "new_ids": [9]}})
-    goals = [row[12] for row in edits.table.displayed_rows()]
+    goals = [row[9] for row in edits.table.displayed_rows()]
     assert goals[0] == "\u2718 p(o') fell 0.020 \u2192 1.0e-40; not top-1 (model says ' Paris')"
     assert goals[1] == "\u2718 not top-1 (model says ' Rome')"
     warning = edits.result_warning.text()
@@ -516,3 +516,18 @@ def test_model_says_shows_the_top1_word(qtbot, tiny_lm):
     fact_item = panel._find_fact_item(FRANCE)
     says = [fact_item.child(r, 1).text() for r in range(2)]
     assert says == ["\u2714 ' Paris'", "\u2718 ' Lyon'"]
+
+
+def test_erase_report_from_the_edit_plan_alone_says_both_counts(edits):
+    """The controller's report carries EditPlan.skipped; the requested count and the relation come from it and
+    the panel's fact."""
+    why = "the 1 attributed facts of P36 have only 3 distinct refined neurons"
+    edits.set_fact(FRANCE)
+    edits.show_report({"title": "Erase (P36)", "rows": report_rows([(0.5, 0.1)]),
+                       "edit": {"kind": "erase", "neurons": [[0, 1], [1, 2], [2, 3]]},
+                       "skipped": [["17 of the 20 neurons asked for", why]]})
+    assert "Edited 3 of the 20 neurons asked for: " + why in edits.result_warning.text()
+    asked = []
+    edits.attribute_relation_requested.connect(asked.append)
+    edits.attribute_button.click()
+    assert asked == ["P36"]
