@@ -55,7 +55,8 @@ class EditRequest:
 
     Update `strength`: "paper" uses lambda1/lambda2 as given (the paper: 1 and 8); "calibrated" scales both
     by the smallest s in CALIBRATION_RANGE at which o' becomes the greedy answer on the fact's prompts (see
-    `calibrate_update`; it is always sign-aware)."""
+    `calibrate_update`; it is always sign-aware). Suppress `to`: "zero" (the paper) or "mean" (mean ablation:
+    each neuron set to its mean activation from the `activation_stats` given to `plan_edit`)."""
 
     kind: str
     neurons: tuple[Neuron, ...] = ()
@@ -67,6 +68,7 @@ class EditRequest:
     lambda2: float = 8.0
     sign_aware: bool = False
     strength: str = "paper"
+    to: str = "zero"
     k: int = 20
     fill: str = "zero"
     relation: str | None = None
@@ -99,6 +101,8 @@ class EditRequest:
             raise EditPlanError(f"exclusion_fraction must lie in [0, 1], not {self.exclusion_fraction!r}")
         if self.control_facts < 0:
             raise EditPlanError(f"control_facts must be >= 0, not {self.control_facts!r}")
+        if self.to not in ("zero", "mean"):
+            raise EditPlanError(f"suppress to must be 'zero' or 'mean' (mean ablation), not {self.to!r}")
         if self.strength not in ("paper", "calibrated"):
             raise EditPlanError(f"update strength must be 'paper' or 'calibrated', not {self.strength!r}")
         if self.control_prompts_per_fact is not None and self.control_prompts_per_fact < 1:
@@ -126,17 +130,21 @@ class EditPlan:
 
 def plan_edit(lm, factset, request: EditRequest,
               relation_neuron_sets: Mapping[Fact, Sequence[Neuron]] | Sequence[Sequence[Neuron]] = (),
-              task=None) -> EditPlan:
+              activation_stats=None, task=None) -> EditPlan:
     """Builds the edit of `request`, its random-neuron control and its evaluation prompts (see the module
     notes). `relation_neuron_sets`: refined neurons of facts of the relation, best as {fact: neurons}; update
     uses the *other* facts' sets to leave out neurons shared by more than `exclusion_fraction` of them
-    (the paper's 10%), erase takes the k most frequent neurons of all of them.
+    (the paper's 10%), erase takes the k most frequent neurons of all of them. `activation_stats`
+    (`kn_core.neurons.ActivationStats`): the means for a suppress with to="mean".
 
     Sign-aware updates run one forward pass over the fact's prompts (the neurons' mean activation), calibrated
     updates a few evaluations of the fact's prompts (`task` reports them and can cancel); nothing else here runs
     the model."""
     skipped: list[tuple[str, str]] = []
     relation_id = _relation_of(factset, request)
+    if request.kind == "suppress" and request.to == "mean" and activation_stats is None:
+        raise EditPlanError("mean ablation needs activation statistics (kn_core.neurons.activation_stats on the "
+                            "run's prompts); pass activation_stats or suppress to zero")
     sets = _neuron_sets(relation_neuron_sets)
     if request.kind == "erase":
         edit, fact_prompts = _erase(lm, factset, request, relation_id, sets, skipped)
@@ -148,12 +156,13 @@ def plan_edit(lm, factset, request: EditRequest,
         _check_neurons(lm, request.neurons)
         fact_prompts = _prompts(lm, factset, request.fact, skipped, required=True)
         measured = {request.fact}
+        neurons = _chosen(request, skipped)
         if request.kind == "update":
-            edit, fact_prompts, new_prompts = _update(lm, factset, request, fact_prompts, sets, skipped)
+            edit, fact_prompts, new_prompts = _update(lm, factset, request, neurons, fact_prompts, sets, skipped)
         elif request.kind == "suppress":
-            edit = E.Suppress(request.neurons, request.scope)
+            edit = _suppress(neurons, request, activation_stats)
         else:
-            edit = E.Amplify(request.neurons, float(request.factor), request.scope)
+            edit = E.Amplify(neurons, float(request.factor), request.scope)
     _check_neurons(lm, edit.neurons)
     prompts = {"fact": fact_prompts}
     same = [f for f in factset.facts_of(relation_id) if f not in measured]
@@ -169,7 +178,7 @@ def plan_edit(lm, factset, request: EditRequest,
             if not calibration["reached"]:
                 skipped.append(("calibration", f"o' did not become the top answer on every prompt even at "
                                                f"{calibration['scale']:g} x the lambdas (the update failed)"))
-    control = _control(lm, edit, request)
+    control = _control(lm, edit, request, activation_stats)
     return EditPlan(request, edit, control, {g: prompts[g] for g in _GROUPS if g in prompts}, skipped, calibration)
 
 
@@ -229,7 +238,24 @@ def _control_prompts(lm, factset, facts: list[Fact], request: EditRequest, seed:
     return out
 
 
-def _update(lm, factset, request: EditRequest, fact_prompts, sets, skipped):
+def _chosen(request: EditRequest, skipped) -> tuple[Neuron, ...]:
+    """The requested neurons without the excluded (flagged) ones, which are listed in `skipped`."""
+    excluded = set(request.exclude)
+    skipped.extend((f"neuron L{l}.{i}", "flagged (massive or unspecific), excluded") for l, i in request.neurons
+                   if (l, i) in excluded)
+    neurons = tuple(n for n in request.neurons if n not in excluded)
+    if not neurons:
+        raise EditPlanError("every chosen neuron is flagged (massive or unspecific) and excluded; choose others")
+    return neurons
+
+
+def _suppress(neurons, request: EditRequest, stats) -> E.Suppress:
+    if request.to == "zero":
+        return E.Suppress(neurons, request.scope)
+    return E.Suppress(neurons, request.scope, "mean", tuple(float(stats.mean[layer, index]) for layer, index in neurons))
+
+
+def _update(lm, factset, request: EditRequest, neurons, fact_prompts, sets, skipped):
     fact, new_object = request.fact, (request.new_object or "").strip()
     if not new_object:
         raise EditPlanError("type the new object o' (e.g. another object of the relation)")
@@ -258,11 +284,6 @@ def _update(lm, factset, request: EditRequest, fact_prompts, sets, skipped):
         raise EditPlanError(f"no template of {fact.relation} renders both {fact.object!r} and {new_object!r} "
                             f"with different first tokens for this {lm.kind} model; choose another new object")
     others = [n for f, n in sets if f != fact]
-    neurons = tuple(n for n in request.neurons if n not in set(request.exclude))
-    skipped.extend((f"neuron L{l}.{i}", "flagged (massive or unspecific), excluded") for l, i in request.neurons
-                   if (l, i) in set(request.exclude))
-    if not neurons:
-        raise EditPlanError("every chosen neuron is flagged (massive or unspecific) and excluded; choose others")
     activations = None
     if request.sign_aware or request.strength == "calibrated":
         from .evaluation import neuron_activations
@@ -316,7 +337,7 @@ def _erase(lm, factset, request: EditRequest, relation_id: str, sets, skipped):
     return E.Erase(tuple(neurons), request.fill, E.default_embedding(lm)), prompts
 
 
-def _control(lm, edit, request: EditRequest) -> E.Edit:
+def _control(lm, edit, request: EditRequest, stats) -> E.Edit:
     neurons = tuple(E.random_neurons(lm, edit.neurons, seed=request.seed, exclude=request.exclude))
     if isinstance(edit, E.Update):
         return E.Update(neurons, edit.old_ids, edit.new_ids, edit.lambda1, edit.lambda2, edit.embedding,
@@ -325,7 +346,7 @@ def _control(lm, edit, request: EditRequest) -> E.Edit:
         return E.Erase(neurons, edit.fill, edit.embedding)
     if isinstance(edit, E.Amplify):
         return E.Amplify(neurons, edit.factor, edit.scope)
-    return E.Suppress(neurons, edit.scope)
+    return _suppress(neurons, request, stats)
 
 
 # --------------------------------------------------------------------------------------------------------

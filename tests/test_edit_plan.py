@@ -220,3 +220,23 @@ def test_calibrated_update_is_sign_aware_and_reports_failure():
     assert any(what == "calibration" and "failed" in why for what, why in failed.skipped)
     with pytest.raises(EditPlanError, match="strength"):
         EditRequest("update", neurons, FRANCE, new_object="Berlin", strength="strong")
+
+
+def test_mean_ablation_and_flagged_neurons_in_plans():
+    class Stats:  # the part of kn_core.neurons.ActivationStats that plans read
+        mean = np.arange(3 * 72, dtype=np.float32).reshape(3, 72) / 100
+
+    lm = tiny(TINY_CAUSAL)
+    with pytest.raises(EditPlanError, match="mean ablation needs activation statistics") as exc:
+        plan_edit(lm, FS, EditRequest("suppress", ((2, 3),), FRANCE, to="mean"))
+    one_line(exc)
+    plan = plan_edit(lm, FS, EditRequest("suppress", ((2, 3), (1, 4), (0, 9)), FRANCE, to="mean",
+                                         exclude=((0, 9),)), activation_stats=Stats())
+    assert plan.edit == E.Suppress(((2, 3), (1, 4)), "answer", "mean", (Stats.mean[2, 3], Stats.mean[1, 4]))
+    assert plan.control.to == "mean" and plan.control.means == tuple(Stats.mean[n] for n in plan.control.neurons)
+    assert (0, 9) not in plan.control.neurons and any("L0.9" in what for what, _ in plan.skipped)
+    with pytest.raises(EditPlanError, match="flagged") as exc:
+        plan_edit(lm, FS, EditRequest("amplify", ((0, 9),), FRANCE, exclude=((0, 9),)))
+    one_line(exc)
+    with pytest.raises(EditPlanError, match="'zero' or 'mean'"):
+        EditRequest("suppress", ((0, 1),), FRANCE, to="half")
