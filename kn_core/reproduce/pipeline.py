@@ -337,12 +337,23 @@ class _Phases:
         return result
 
 
+def _new_report(lm, factset, relations, params, base_params, timings: dict, parameters: dict) -> dict:
+    return {
+        "status": "running", "model": lm.describe(), "facts": factset.name, "relations": relations,
+        "parameters": {**parameters, "baseline_t": 0.5, "attribution": params.to_dict(),
+                       "baseline_attribution": base_params.to_dict(), "suppress_scope": "answer",
+                       "amplify_factor": 2.0, "update": {"lambda1": 1.0, "lambda2": 8.0, "exclusion_fraction": 0.1}},
+        "versions": _versions(), "paper": PAPER, "timings": timings,
+    }
+
+
 def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: int = 10, seed: int = 0,
                   steps: int = 20, prompts_per_fact: int | None = None, select: str = "known",
                   control_prompts: int = 20, t: float = 0.2, p: float = 0.7, erase_k: int = 20,
                   erase_fill: str = "zero", *, causal_templates: str = "prefix", sample_factor: int = 5,
                   check_prompts: int = 3, keep_massive: bool = False, say=_say, task: Task | None = None) -> dict:
-    """Runs the reproduction and writes OUT/report.json, report.md and figures; returns the report.
+    """Runs the reproduction and writes OUT/report.json, report.md and figures; returns the report. (One
+    function on purpose: the phases read top to bottom, each saving the partial report.)
     Massive/unspecific neurons (kn_core.neurons) are kept out of refined and relation-level neurons unless
     ``keep_massive``; the neuron numbers are reported both ways. A
     cancelled or failed run leaves a partial report.json (status "interrupted ...") and its cache, from which
@@ -362,19 +373,12 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
     timings: dict[str, float] = {}
     params = AttributionParams(steps=steps, seed=seed)
     base_params = AttributionParams(method="activation", seed=seed)
-    report: dict = {
-        "status": "running",
-        "model": lm.describe(), "facts": factset.name, "relations": relations,
-        "parameters": {"facts_per_relation": facts_per_relation, "seed": seed, "select": select,
-                       "sample_factor": sample_factor, "check_prompts": check_prompts, "min_prompts": MIN_PROMPTS,
-                       "causal_templates": causal_templates if lm.kind == "causal" else None,
-                       "prompts_per_fact": prompts_per_fact, "control_prompts": control_prompts,
-                       "t": t, "p_start": p, "baseline_t": 0.5, "attribution": params.to_dict(),
-                       "baseline_attribution": base_params.to_dict(), "suppress_scope": "answer",
-                       "amplify_factor": 2.0, "update": {"lambda1": 1.0, "lambda2": 8.0, "exclusion_fraction": 0.1},
-                       "erase": {"k": erase_k, "fill": erase_fill}, "keep_massive": keep_massive},
-        "versions": _versions(), "paper": PAPER, "timings": timings,
-    }
+    report = _new_report(lm, factset, relations, params, base_params, timings, {
+        "facts_per_relation": facts_per_relation, "seed": seed, "select": select, "sample_factor": sample_factor,
+        "check_prompts": check_prompts, "min_prompts": MIN_PROMPTS,
+        "causal_templates": causal_templates if lm.kind == "causal" else None,
+        "prompts_per_fact": prompts_per_fact, "control_prompts": control_prompts, "t": t, "p_start": p,
+        "erase": {"k": erase_k, "fill": erase_fill}, "keep_massive": keep_massive})
 
     def save():
         timings["total"] = time.perf_counter() - started
