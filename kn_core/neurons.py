@@ -17,11 +17,14 @@ Flags (`NeuronFlags`), beyond the paper:
   "large on at least half of the inputs", not on one -- and (2) its mean |activation| is among the
   `top_fraction` (0.1%, at least one) largest of the whole model. The rule was chosen from the literature
   before it was run on any model; it was not tuned on any fact set.
-- unspecific: coarse for facts of most relations. A relation "uses" a neuron when it is in the coarse sets of
-  at least `fact_fraction` (10%, the paper's relation-level threshold) of the relation's facts; the neuron is
+- unspecific: coarse for facts of most relations. A fact's coarse set is the neurons coarse in at least half of
+  its prompts (`fact_coarse_set`). A relation "uses" a neuron when it is in the coarse sets of at least
+  `fact_fraction` (10%, the paper's relation-level threshold) of the relation's facts; the neuron is
   unspecific when more than `relation_fraction` (half) of the relations use it, given at least `min_relations`
   (3) relations (with fewer, nothing is flagged: "most relations" means nothing). Compute the coarse sets with
-  the massive neurons excluded, or the massive neurons' threshold hides everything else.
+  the massive neurons excluded, or the massive neurons' threshold hides everything else. Relations that share
+  answers (official language and native language: "French") share output neurons too; flag on relations
+  whose answers differ, or expect those neurons among the unspecific ones.
 
 Activation statistics (`ActivationStats`) are read at the answer position, as attribution reads activations:
 either from the activations an attribution run already has (`ActivationStats.from_activations`, no extra
@@ -31,6 +34,7 @@ sentence prefixes). They also give each neuron's mean activation for mean-ablati
 Callers (CLI, GUI, reproduction) use, with `keep_massive` to keep flagged neurons in:
 
     flags = run_flags(lm, [r.activations for r in results])          # run's prompts + the neutral set
+    # with several relations' runs: run_flags(lm, acts, {relation: [fact_coarse_set(scores, t, massive), ...]})
     exclude = () if keep_massive else flags.excluded
     refined = refined_neurons([r.scores for r in results], t, p, exclude=exclude)
 """
@@ -139,6 +143,13 @@ def adapt_p(facts_scores: Sequence[Sequence[np.ndarray]], t: float = 0.2, p: flo
             break
         history.append((p, mean_at(p)))
     return AdaptedP(p=history[-1][0], mean_neurons=history[-1][1], history=history)
+
+
+def fact_coarse_set(score_list: Sequence[np.ndarray], t: float = 0.2, exclude: Iterable[Neuron] = ()) -> set[Neuron]:
+    """A fact's coarse set for `flag_unspecific`: neurons coarse in at least half of its prompts (one wording's
+    coarse neurons say little about the fact; the refined set's 70% would hide what most facts share)."""
+    counts = coarse_counts(score_list, t, exclude)
+    return {n for n, c in counts.items() if 2 * c >= len(score_list)}
 
 
 def relation_neurons(refined_sets: Sequence[Iterable[Neuron]], fraction: float = 0.1,

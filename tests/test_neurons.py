@@ -14,8 +14,9 @@ from hypothesis import given, settings
 
 from kn_core.attribution import AttributionParams, attribute, encode_answer
 from kn_core.neurons import (ActivationStats, NeuronFlags, activation_stats, adapt_p, answer_activations,
-                             coarse_counts, coarse_neurons, flag_massive, flag_unspecific, neuron_flags,
-                             neutral_sentences, refined_from_counts, refined_neurons, relation_neurons, run_flags)
+                             coarse_counts, coarse_neurons, fact_coarse_set, flag_massive, flag_unspecific,
+                             neuron_flags, neutral_sentences, refined_from_counts, refined_neurons, relation_neurons,
+                             run_flags)
 from tiny import make_tiny
 
 
@@ -238,3 +239,11 @@ def test_a_relation_where_fewer_than_a_tenth_of_facts_have_it_does_not_use_it():
     sets = {"P1": [{(0, 3)}], "P2": [{(0, 3)}], "P3": [{(1, 4)}] * 10 + [{(0, 3)}]}  # 1 of 11 facts: 9%
     assert flag_unspecific(sets) == {(0, 3)}  # 2 of 3 relations
     assert flag_unspecific(sets | {"P4": [{(1, 1)}]}) == frozenset()  # 2 of 4 is not more than half
+
+
+def test_a_facts_coarse_set_is_what_half_of_its_prompts_agree_on():
+    a, b = np.zeros((2, 3), dtype=np.float32), np.zeros((2, 3), dtype=np.float32)
+    a[0, 1], a[1, 2], b[0, 1], b[1, 0] = 1.0, 0.9, 1.0, 0.9
+    assert fact_coarse_set([a, a, b, b]) == {(0, 1), (1, 2), (1, 0)}  # 4, 2 and 2 of 4 prompts
+    assert fact_coarse_set([a, a, a, b]) == {(0, 1), (1, 2)}  # (1, 0) in 1 of 4
+    assert fact_coarse_set([a, b, b], exclude=[(0, 1)]) == {(1, 0)}
