@@ -63,9 +63,10 @@ def main(argv=None) -> int:
     window = MainWindow()
     install_excepthook(window)
     window.show()
-    if args.project:
+    recovered = window.offer_recovery()  # work a killed app left in its autosave file
+    if args.project and not recovered:
         window.open_project(args.project)
-    if args.model:
+    if args.model:  # queued behind the opening: the project's edits are re-applied once the model is there
         window.model_panel.source.setEditText(args.model)
         window.load_model(args.model, args.device, args.dtype)
     return app.exec()

@@ -24,20 +24,23 @@ class FactSetCommand(QUndoCommand):
 
 class EditCommand(QUndoCommand):
     """One knowledge edit: redo() applies it through the EditStack, undo() reverts it (bitwise for weight edits,
-    hooks removed for activation edits). `report` (before/after probabilities) is the evaluation that travels
-    with the edit, so the table can show it again when the user walks the history."""
+    hooks removed for activation edits). Its evaluation report lives in the EditStack entry, so the table can
+    show it again when the user walks the history and the project saves it with the edit."""
 
     def __init__(self, edit_stack, edit, text: str | None = None, report=None):
         super().__init__(text or edit.describe())
         self.edit_stack = edit_stack
         self.edit = edit
-        self.report = report
-        self._pushed = False
+        self._report = report  # until the first redo() creates the entry
+        self.index: int | None = None  # the entry in edit_stack
+
+    @property
+    def report(self) -> dict | None:
+        return self._report if self.index is None else self.edit_stack.entries[self.index].report
 
     def redo(self):
-        if not self._pushed:
-            self.edit_stack.push(self.edit)  # raises on a bad edit: the controller validates before pushing
-            self._pushed = True
+        if self.index is None:  # raises on a bad edit: the controller validates before pushing
+            self.index = self.edit_stack.push(self.edit, report=self._report)
         else:
             self.edit_stack.redo()
 

@@ -172,6 +172,7 @@ class MainWindow(ActionsMixin, QMainWindow):
         np_.error.connect(self.show_error)
         np_.message.connect(self.status)
         self.edits_panel.apply_requested.connect(self.apply_edit)
+        self.edits_panel.attribute_relation_requested.connect(self.attribute_relation)
         self.edits_panel.message.connect(self.status)
 
     # ================================================================= layout, title
@@ -387,13 +388,13 @@ class MainWindow(ActionsMixin, QMainWindow):
         stack = self.history.next_undo()
         if stack is None or (stack is self.history.edits and not self._need_free("undo an edit")):
             return
-        stack.undo()
+        self.history.undo(stack)
 
     def redo(self):
         stack = self.history.next_redo()
         if stack is None or (stack is self.history.edits and not self._need_free("redo an edit")):
             return
-        stack.redo()
+        self.history.redo(stack)
 
     # ================================================================= facts
     def import_facts(self, path: str) -> bool:
@@ -426,6 +427,7 @@ class MainWindow(ActionsMixin, QMainWindow):
             return
         self.attribution_panel.show_run(run)
         self.neurons_panel.set_run(run)
+        self.edits_panel.set_fact(fact)
         self.edits_panel.set_objects([o for o in s.factset.objects_of(fact.relation) if o != fact.object])
         relation = s.factset.relations.get(fact.relation)
         if (s.lm is not None and not self.runner.busy and relation is not None
@@ -466,6 +468,13 @@ class MainWindow(ActionsMixin, QMainWindow):
             self.facts_panel.select_fact(first.fact)
         self.select_fact(first.fact)
         self.attribution_panel.show_run(first)
+
+    def attribute_relation(self, relation_id: str):
+        """Attributes every fact of a relation (the erase edit's offer when it found too few neurons)."""
+        facts = self.session.factset.facts_of(relation_id)
+        if facts and self._need_model():
+            self.facts_panel.select_facts(facts)
+            self.run_attribution("selection")
 
     def _attribution_event(self, ev):
         ap = self.attribution_panel
@@ -597,7 +606,10 @@ class MainWindow(ActionsMixin, QMainWindow):
     def _edits_event(self, ev):
         if isinstance(ev, E.EditEvaluated):
             self.edits_panel.show_report(ev.report)
-            self.status(f"{ev.command.text()}: {self.edits_panel.result_summary.text()}", 20000)
+            skipped = ev.report.get("skipped") or []
+            note = f"   |   left out: {skipped[0][0]} ({skipped[0][1]})" + (
+                f" and {len(skipped) - 1} more" if len(skipped) > 1 else "") if skipped else ""
+            self.status(f"{ev.command.text()}: {self.edits_panel.result_summary.text()}{note}", 20000)
             self.edit_evaluated.emit(ev.report)
             self.edits_dock.raise_()
         elif isinstance(ev, E.EditFailed):

@@ -53,6 +53,7 @@ def make_window(qtbot, settings, lm=None, load_model_fn=None, factset=None):
                         confirm_dialogs=False)
     qtbot.addWidget(window)
     window.auto_discard = True
+    window.project.autosave_folder = os.path.join(os.path.dirname(settings.fileName()), "autosave")
     window.show()
     if lm is not None:
         window.set_model(lm)
@@ -573,6 +574,7 @@ def test_app_main_parses_arguments(monkeypatch, app):
     monkeypatch.setattr("kn_gui.main_window.MainWindow.load_model",
                         lambda self, m, d, t: opened.setdefault("m", (m, d, t)))
     monkeypatch.setattr("kn_gui.main_window.MainWindow.show", lambda self: None)
+    monkeypatch.setattr("kn_gui.main_window.MainWindow.offer_recovery", lambda self: False)
     windows = []
     monkeypatch.setattr(app_module, "install_excepthook", windows.append)
     assert app_module.main(["x.knproj", "--model", "gpt2", "--dtype", "float32"]) == 0

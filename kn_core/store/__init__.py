@@ -10,6 +10,7 @@ from .codec import decode_array, encode_array
 from .errors import (
     CorruptProjectError,
     NotAProjectError,
+    ProjectCheckpointError,
     ProjectClosedError,
     ProjectDataError,
     ProjectDiskFullError,
@@ -22,7 +23,7 @@ from .errors import (
 )
 from .export import export_project
 from .database import SUFFIX
-from .project import Project, create_project, open_or_create_project, open_project
+from .project import Project, create_project, open_or_create_project, open_project, recover_project
 from .records import (
     EvaluationRecord,
     FactRecord,
@@ -40,11 +41,11 @@ from .schema import APPLICATION_ID, SCHEMA_VERSION
 
 __all__ = [
     "APPLICATION_ID", "SCHEMA_VERSION", "SUFFIX",
-    "Project", "create_project", "open_project", "open_or_create_project", "export_project",
+    "Project", "create_project", "open_project", "open_or_create_project", "recover_project", "export_project",
     "HistoryCheck", "library_versions", "record_to_dict",
     "encode_array", "decode_array", "RunRecorder",
     "RelationRecord", "FactRecord", "ModelRecord", "PromptRecord", "RunRecord", "NeuronSetRecord", "EvaluationRecord",
     "ProjectError", "ProjectNotFoundError", "ProjectExistsError", "NotAProjectError", "CorruptProjectError",
     "ProjectVersionError", "ProjectLockedError", "ProjectReadOnlyError", "ProjectDiskFullError",
-    "ProjectClosedError", "ProjectDataError",
+    "ProjectCheckpointError", "ProjectClosedError", "ProjectDataError",
 ]

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import os
 import sqlite3
+import stat
 import threading
 from datetime import datetime
 from pathlib import Path
@@ -28,6 +29,7 @@ from . import migrations, schema
 from .errors import (
     CorruptProjectError,
     NotAProjectError,
+    ProjectCheckpointError,
     ProjectClosedError,
     ProjectDataError,
     ProjectDiskFullError,
@@ -53,6 +55,11 @@ def _sqlite_code(exc: BaseException) -> int | None:
     return None if code is None else code & 0xFF
 
 
+def _locked(path) -> ProjectLockedError:
+    return ProjectLockedError(path, "the project is open in another process (Knowledge Neuron Studio or another "
+                                    "program has it locked)", "close it there, or work on a copy of the file")
+
+
 def map_sqlite_error(path, exc: BaseException, doing: str) -> ProjectError:
     code = _sqlite_code(exc)
     msg = str(getattr(exc, "orig", exc))
@@ -61,9 +68,7 @@ def map_sqlite_error(path, exc: BaseException, doing: str) -> ProjectError:
                                           f"holds everything saved before it",
                                     "free space on that drive (or save the project elsewhere) and retry")
     if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or "database is locked" in msg:
-        return ProjectLockedError(path, "the project is open in another process (Knowledge Neuron Studio or "
-                                        "another program has it locked)",
-                                  "close it there, or work on a copy of the file")
+        return _locked(path)
     if code == sqlite3.SQLITE_READONLY:
         return ProjectReadOnlyError(path, f"cannot write while {doing}: the file or its folder is read-only",
                                     "copy the project to a writable folder, or open it read-only")
@@ -76,6 +81,12 @@ def map_sqlite_error(path, exc: BaseException, doing: str) -> ProjectError:
     if code == sqlite3.SQLITE_CANTOPEN:
         return ProjectError(path, f"cannot open the file ({msg})", "check that the path and its folder exist and "
                                                                    "are accessible")
+    wal = wal_path(Path(path)) if path is not None else None
+    if code == sqlite3.SQLITE_IOERR and wal is not None and wal.exists():
+        return ProjectError(path, f"disk I/O error while {doing} ({msg}); nothing is lost: the saved changes are "
+                                  f"in {wal.name}",
+                            f"if the drive is full, free space (or copy both files to a drive with room) and run "
+                            f"`kn project recover {path}`")
     if code == sqlite3.SQLITE_IOERR:
         return ProjectError(path, f"disk I/O error while {doing} ({msg}); the change was rolled back",
                             "check the drive (removed? network share gone?) and retry")
@@ -93,16 +104,50 @@ def connect(path: Path, read_only: bool) -> sqlite3.Connection:
     return con
 
 
+def wal_path(path: Path) -> Path:
+    """The write-ahead log SQLite keeps next to an open project (and leaves behind after a crash or a failed
+    close): it holds committed changes not yet copied into the file."""
+    return path.with_name(path.name + "-wal")
+
+
+def _special_kind(mode: int) -> str | None:
+    if stat.S_ISREG(mode):
+        return None
+    return {stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+            stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}.get(stat.S_IFMT(mode), "not a regular file")
+
+
 def header_check(path: Path) -> None:
-    """Cheap checks on the raw file before SQLite sees it: exists, is SQLite, is not truncated."""
-    if not path.exists():
-        raise ProjectNotFoundError(path, "no such project file", "check the path, or create a new project")
-    if path.is_dir():
-        raise ProjectNotFoundError(path, "is a folder, not a project file", "pass the .knproj file inside it")
+    """Cheap checks on the raw file before SQLite sees it: exists, is a regular file, is SQLite, is not
+    truncated. Special files are refused without opening them for reading (a FIFO would block forever). When a
+    `-wal` holds committed pages, SQLite replays it before the size means anything, so truncation is then left
+    to SQLite (a real hole shows up as CorruptProjectError on the first read)."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            header = f.read(100)
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise ProjectNotFoundError(path, "no such project file", "check the path, or create a new project") from None
+    except OSError as exc:
+        raise ProjectError(path, f"cannot read the file ({exc.strerror})", "check the drive and the path") from exc
+    if stat.S_ISDIR(mode):
+        raise ProjectNotFoundError(path, "is a folder, not a project file", "pass the .knproj file inside it")
+    kind = _special_kind(mode)
+    if kind:
+        raise NotAProjectError(path, f"is {kind}, not a project file", "pass a .knproj file saved by the app")
+    wal = wal_path(path)
+    wal_kind = _special_kind(wal.lstat().st_mode) if wal.exists() or wal.is_symlink() else None
+    if wal_kind:
+        raise NotAProjectError(path, f"its journal {wal.name} is {wal_kind}", f"move {wal.name} away")
+    try:
+        # O_NONBLOCK: should the path have become a FIFO since the stat, opening still does not wait for a writer
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        try:
+            kind = _special_kind(os.fstat(fd).st_mode)
+            if kind:
+                raise NotAProjectError(path, f"is {kind}, not a project file", "pass a .knproj file saved by the app")
+            size = os.fstat(fd).st_size
+            header = os.pread(fd, 100, 0) if hasattr(os, "pread") else os.read(fd, 100)
+        finally:
+            os.close(fd)
     except PermissionError as exc:
         raise ProjectReadOnlyError(path, f"cannot read the file ({exc.strerror})",
                                    "check its permissions") from exc
@@ -120,10 +165,12 @@ def header_check(path: Path) -> None:
     if page_size < 512 or page_size & (page_size - 1):
         raise CorruptProjectError(path, "the SQLite header is damaged (bad page size)",
                                   "restore the project from a backup copy")
-    if counter_ok and pages and size < pages * page_size:
+    has_wal = wal.is_file() and wal.stat().st_size > 0
+    if counter_ok and pages and size < pages * page_size and not has_wal:
         raise CorruptProjectError(path, f"the file is truncated ({size} bytes; its header says "
                                         f"{pages * page_size})",
-                                  "copy it again from where it came from, or restore a backup copy")
+                                  f"if a {wal.name} file belonged with it, put it next to it and run "
+                                  f"`kn project recover {path}`; else copy the file again or restore a backup copy")
 
 
 def location_writable(path: Path) -> str | None:
@@ -198,9 +245,53 @@ def create_file(path: Path, name: str | None = None) -> None:
         raise ProjectError(path, f"cannot create the project ({exc.strerror})", "check the path") from exc
 
 
-def open_connection(path: Path, read_only: bool = False, upgrade: bool = True) -> sqlite3.Connection:
-    """A connection to a checked project file holding its lock (see `open_project`)."""
+def _flock(path: Path, exclusive: bool) -> int | None:
+    """An advisory lock (flock) on the project file: a writer holds it exclusively while the project is open.
+    SQLite's own exclusive lock comes only with the first write (taking it sooner means switching the file to
+    WAL, a write), so this is what keeps a second writer or a reader out of a project opened for writing.
+    Returns the descriptor holding it, or None where flock does not exist (Windows) or the file system has none;
+    then the writer takes SQLite's lock at open by switching to WAL, as before."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise _locked(path) from None
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def open_database(path: Path, read_only: bool = False, upgrade: bool = True) -> tuple[Database, int]:
+    """(the open Database, how many runs were left `running`) for a checked project file (see `open_project`).
+
+    Nothing is written before every check has passed: the header checks, the project table read back and, when
+    runs were left `running` (to be marked interrupted), SQLite's quick check of the two tables written then.
+    Opening itself writes nothing else: an older schema is upgraded (after a backup copy), and the file is
+    switched to WAL by the first save (or at open, where flock is missing or a WAL is already there)."""
     header_check(path)
+    lock_fd = None
+    try:
+        if read_only:  # refused while a writer has it open; readers do not keep writers out
+            fd = _flock(path, exclusive=False)
+            if fd is not None:
+                os.close(fd)
+        else:
+            lock_fd = _flock(path, exclusive=True)
+        con, running, wal = _connect_checked(path, read_only, upgrade, eager_wal=lock_fd is None)
+    except BaseException:
+        if lock_fd is not None:
+            os.close(lock_fd)
+        raise
+    return Database(path, con, read_only, lock_fd, wal), running
+
+
+def _connect_checked(path: Path, read_only: bool, upgrade: bool, eager_wal: bool):
     version = _validate(path)
     if not read_only:
         reason = location_writable(path)
@@ -219,17 +310,26 @@ def open_connection(path: Path, read_only: bool = False, upgrade: bool = True) -
         raise map_sqlite_error(path, exc, "opening the project") from exc
     try:
         con.execute("PRAGMA foreign_keys = ON")
+        # the first read takes the shared lock (kept: exclusive locking mode) and proves the tables readable
+        con.execute("SELECT count(*) FROM project").fetchone()
+        running = con.execute("SELECT count(*) FROM runs WHERE status = 'running'").fetchone()[0]
+        if running and not read_only:  # the tables `open_project` will write to must be sound first
+            for table in ("project", "runs"):
+                problems = [r[0] for r in con.execute(f"PRAGMA quick_check('{table}')") if r[0] != "ok"]
+                if problems:
+                    raise sqlite3.DatabaseError(f"database disk image is malformed ({problems[0]})")
+        wal = str(con.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal"  # left by a crash
         if not read_only:
-            con.execute("PRAGMA journal_mode = WAL")
             con.execute(f"PRAGMA synchronous = {SYNCHRONOUS}")
-            con.execute("BEGIN IMMEDIATE")  # takes (and, in exclusive mode, keeps) the write lock now
-            con.execute("COMMIT")
-        else:
-            con.execute("SELECT count(*) FROM project").fetchone()  # takes the read lock now
+            if eager_wal or wal:
+                con.execute("PRAGMA journal_mode = WAL")
+                con.execute("BEGIN IMMEDIATE")  # takes (and, in exclusive mode, keeps) the write lock now
+                con.execute("COMMIT")
+                wal = True
     except sqlite3.Error as exc:
         con.close()
         raise map_sqlite_error(path, exc, "opening the project") from exc
-    return con
+    return con, running, wal
 
 
 def _validate(path: Path) -> int:
@@ -312,35 +412,67 @@ class Database:
     """One open project connection: SQLAlchemy sessions over it (one session = one SQLite transaction, behind
     one lock) and closing it. Methods are safe to call from several threads, but keep writes on one thread."""
 
-    def __init__(self, path: Path, con: sqlite3.Connection, read_only: bool):
+    def __init__(self, path: Path, con: sqlite3.Connection, read_only: bool, lock_fd: int | None = None,
+                 wal: bool = False):
         self.path = path
         self.read_only = read_only
         self.con = con
+        self._lock_fd = lock_fd  # the writer's flock (see _flock), released at close
+        self._wal = wal  # in WAL mode: switched by the first save, or already at open
         self.lock = threading.RLock()
         self._engine = create_engine("sqlite://", creator=lambda: con, poolclass=StaticPool)
         install_begin(self._engine)
         self.closed = False
 
     def close(self) -> None:
+        """Checkpoints the WAL into the file and leaves it in rollback-journal mode, so that a closed project is
+        one self-contained file (safe to copy; readable from read-only media). Raises ProjectCheckpointError
+        when that copy fails (disk full): the changes then stay, safe, in the `-wal` file."""
         with self.lock:
             if self.closed:
                 return
             self.closed = True
-            single_file = False
-            try:
-                if not self.read_only:
-                    # Checkpoint the WAL into the file and leave it in rollback-journal mode: a closed project
-                    # is one self-contained file (safe to copy; readable from read-only media).
+            failure = None
+            if self._wal and not self.read_only:
+                try:
                     mode = self.con.execute("PRAGMA journal_mode = DELETE").fetchone()
-                    single_file = bool(mode) and str(mode[0]).lower() == "delete"
-                self._engine.dispose()
-                self.con.close()
-            except sqlite3.Error:  # pragma: no cover - the WAL stays and is replayed on the next open
-                with contextlib.suppress(sqlite3.Error):
-                    self.con.close()
-            if single_file:  # a reader in normal locking mode may have left an index file; nobody needs it now
+                    if not mode or str(mode[0]).lower() != "delete":
+                        failure = f"SQLite stayed in {mode[0] if mode else 'an unknown'} journal mode"
+                except sqlite3.Error as exc:
+                    failure = str(exc)
+            self.abandon()
+            wal = wal_path(self.path)
+            if failure is not None and wal.exists():
+                size = wal.stat().st_size
+                raise ProjectCheckpointError(
+                    self.path, f"closing could not copy the saved changes into the file ({failure}); nothing is "
+                               f"lost: every saved change is in {wal.name} ({size / 1e6:.1f} MB)",
+                    f"keep {wal.name} next to it, free {size / 1e6:.1f} MB on that drive (or copy both files to "
+                    f"one with room) and run `kn project recover {self.path}`")
+            if failure is None:  # a reader in normal locking mode may have left an index file; nobody needs it now
                 with contextlib.suppress(OSError):
                     Path(str(self.path) + "-shm").unlink(missing_ok=True)
+
+    def abandon(self) -> None:
+        """Closes the connection without checkpointing first: what is committed stays in the file or its WAL."""
+        self.closed = True
+        with contextlib.suppress(sqlite3.Error):
+            self._engine.dispose()
+        with contextlib.suppress(sqlite3.Error):
+            self.con.close()
+        if self._lock_fd is not None:  # after SQLite let go of the file
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _enter_wal(self, doing: str) -> None:
+        # The first save: WAL from here on (this takes SQLite's exclusive lock and keeps it until close).
+        try:
+            mode = self.con.execute("PRAGMA journal_mode = WAL").fetchone()
+        except sqlite3.Error as exc:
+            raise map_sqlite_error(self.path, exc, doing) from exc
+        if not mode or str(mode[0]).lower() != "wal":
+            raise _locked(self.path)
+        self._wal = True
 
     @contextlib.contextmanager
     def session(self, doing: str, write: bool = False) -> Iterator[Session]:
@@ -352,6 +484,8 @@ class Database:
             raise ProjectReadOnlyError(self.path, f"opened read-only, cannot save while {doing}",
                                        "open it for writing")
         with self.lock:
+            if write and not self._wal:
+                self._enter_wal(doing)
             try:
                 with Session(self._engine, expire_on_commit=False) as session, session.begin():
                     yield session

@@ -9,6 +9,7 @@ committed before the crash stays).
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from . import database, records, schema
 from .codec import ArrayCodecError, decode_array
-from .errors import ProjectDataError
+from .errors import ProjectDataError, ProjectDiskFullError
 from .records import (
     EvaluationRecord,
     FactRecord,
@@ -61,15 +62,46 @@ def create_project(path, name: str | None = None) -> "Project":
 
 
 def open_project(path, read_only: bool = False, upgrade: bool = True) -> "Project":
-    """Opens a project. Checks, in this order and before writing anything: the file exists and is an
-    untruncated SQLite file, it is a project, its schema is not newer than this app's, nobody else has it open,
-    and (unless `read_only`) it can be written. An older schema is upgraded after a backup copy
-    (`NAME.vN-backup-STAMP.knproj` next to it). Runs left `running` by a dead process become `interrupted`."""
+    """Opens a project. Checks, in this order and before writing anything: the file exists and is a regular,
+    untruncated SQLite file (a `-wal` left next to it is replayed first), it is a project, its schema is not
+    newer than this app's, its tables read back, nobody else has it open, and (unless `read_only`) it can be
+    written. An older schema is upgraded after a backup copy (`NAME.vN-backup-STAMP.knproj` next to it). Runs
+    left `running` by a dead process become `interrupted` (the only write an open makes on its own; the file
+    switches to WAL mode with the first save, and back to one self-contained file at close)."""
     path = Path(path).expanduser()
-    project = Project(path, database.open_connection(path, read_only, upgrade), read_only)
-    if not read_only:
-        project._mark_interrupted()
+    db, running = database.open_database(path, read_only, upgrade)
+    project = Project(db)
+    if running and not read_only:
+        try:
+            project._mark_interrupted()
+        except BaseException:
+            project._db.abandon()
+            raise
     return project
+
+
+def recover_project(path) -> dict:
+    """Finishes what a failed close left (ProjectCheckpointError): replays the project's `-wal`, copies it into
+    the file (needs about the `-wal`'s size free on that drive), then runs the full integrity check read-only.
+    Returns {file, wal_bytes (before), integrity: [problems] or ["ok"], counts}. On a file without a `-wal` it
+    only checks. Raises ProjectDiskFullError before touching anything when the drive has less room than the
+    `-wal`'s size, ProjectCheckpointError if the copy still fails; either way nothing is lost."""
+    path = Path(path).expanduser()
+    wal = database.wal_path(path)
+    wal_bytes = wal.stat().st_size if wal.is_file() else 0
+    free = shutil.disk_usage(path.resolve().parent).free if wal_bytes else 0
+    if free < wal_bytes:  # the file grows by up to the WAL's size
+        raise ProjectDiskFullError(path, f"recovering needs up to {wal_bytes / 1e6:.1f} MB free on its drive, "
+                                         f"{free / 1e6:.1f} MB are; nothing is lost: every saved change is still "
+                                         f"in {wal.name}",
+                                   f"free space there (or copy both files to a drive with room) and run "
+                                   f"`kn project recover {path}` again")
+    with open_project(path):
+        pass  # opening replays the WAL; closing copies it into the file
+    with open_project(path, read_only=True) as project:
+        problems = project.check_integrity()
+        counts = project.counts()
+    return {"file": str(path), "wal_bytes": wal_bytes, "integrity": problems or ["ok"], "counts": counts}
 
 
 def open_or_create_project(path, name: str | None = None) -> "Project":
@@ -82,11 +114,11 @@ class Project(RunStore):
     """An open project. Use `create_project`, `open_project` or `open_or_create_project`; close it (or use
     `with`). Methods are safe to call from several threads (one lock), but keep writes on one thread."""
 
-    def __init__(self, path: Path, con, read_only: bool):
-        self.path = path
-        self.read_only = read_only
-        self._db = database.Database(path, con, read_only)
-        self._con = con
+    def __init__(self, db: database.Database):
+        self.path = db.path
+        self.read_only = db.read_only
+        self._db = db
+        self._con = db.con
         self._clock: dict[int, float] = {}
 
     # -- lifecycle

@@ -190,8 +190,7 @@ class AttributionController(QObject):
         from kn_core.evaluation import answer_probabilities
 
         def job(task):
-            results = answer_probabilities(lm, items, progress=lambda f, _=None: task.progress(f, "checking prompts"),
-                                           cancel=task)
+            results = answer_probabilities(lm, items, task=task)
             return list(zip(items, results))
 
         def done(pairs):

@@ -43,10 +43,6 @@ class Autosaved:
     error: str = ""
 
 
-def documents_folder() -> str:
-    return QStandardPaths.writableLocation(QStandardPaths.DocumentsLocation) or str(Path.home())
-
-
 class ProjectController(QObject):
     event = Signal(object)
     _autosave_done = Signal(object)
@@ -59,6 +55,7 @@ class ProjectController(QObject):
         self.settings = settings
         self.path: str | None = None
         self._autosave_file: str | None = None
+        self.autosave_folder: str | None = None  # for untitled projects; None: the app's data folder
         self._autosaving: threading.Thread | None = None
         self._autosave_done.connect(self.event.emit)
 
@@ -142,7 +139,8 @@ class ProjectController(QObject):
                 folder, name = os.path.split(os.path.abspath(self.path))
                 self._autosave_file = os.path.join(folder, f".{name}.autosave.knproj")
             else:
-                folder = Path(QStandardPaths.writableLocation(QStandardPaths.AppDataLocation)) / "autosave"
+                folder = Path(self.autosave_folder or Path(QStandardPaths.writableLocation(
+                    QStandardPaths.AppDataLocation)) / "autosave")
                 folder.mkdir(parents=True, exist_ok=True)
                 self._autosave_file = str(folder / f"untitled-{os.getpid()}-{id(self):x}.knproj")
         return self._autosave_file

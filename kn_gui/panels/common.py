@@ -19,6 +19,15 @@ def hint(text: str) -> QLabel:
     return label
 
 
+def problem_label() -> QLabel:
+    """A red line in a dialog saying what to fix; hidden until there is a problem."""
+    label = QLabel("")
+    label.setObjectName("problem")
+    label.setWordWrap(True)
+    label.hide()
+    return label
+
+
 def heading(text: str) -> QLabel:
     label = QLabel(text)
     label.setObjectName("heading")
@@ -47,6 +56,8 @@ def fmt_prob(p: float | None) -> str:
 def fmt_delta(d: float | None) -> str:
     if d is None:
         return ""
+    if d == 0:
+        return "0"
     return f"{d:+.3f}" if abs(d) >= 0.001 else f"{d:+.1e}"
 
 
