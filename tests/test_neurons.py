@@ -247,3 +247,12 @@ def test_a_facts_coarse_set_is_what_half_of_its_prompts_agree_on():
     assert fact_coarse_set([a, a, b, b]) == {(0, 1), (1, 2), (1, 0)}  # 4, 2 and 2 of 4 prompts
     assert fact_coarse_set([a, a, a, b]) == {(0, 1), (1, 2)}  # (1, 0) in 1 of 4
     assert fact_coarse_set([a, b, b], exclude=[(0, 1)]) == {(1, 0)}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_batched_texts_of_different_lengths_read_like_one_by_one(family):
+    lm = make_tiny(family)
+    texts = ["The capital of France is", "Paris", "The official language of the country which lies in Europe is"]
+    together = answer_activations(lm, texts, batch_size=3)
+    for text, batched in zip(texts, together):
+        np.testing.assert_allclose(batched, answer_activations(lm, [text])[0], rtol=1e-4, atol=1e-5)
