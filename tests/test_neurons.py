@@ -256,3 +256,18 @@ def test_batched_texts_of_different_lengths_read_like_one_by_one(family):
     together = answer_activations(lm, texts, batch_size=3)
     for text, batched in zip(texts, together):
         np.testing.assert_allclose(batched, answer_activations(lm, [text])[0], rtol=1e-4, atol=1e-5)
+
+
+def test_run_flags_finds_unspecific_neurons_from_scores_by_relation():
+    lm = make_tiny("gpt2")
+    plant(lm, 1, 5, 150.0)
+    text = "The capital of France is"
+    result = attribute(lm, text, AttributionParams(steps=2), answer_ids=encode_answer(lm, text, " Paris"))
+    common = np.zeros((3, 72), dtype=np.float32)
+    common[1, 5], common[2, 9], common[0, 1] = 9.0, 1.0, 0.1  # (1, 5) is massive: (2, 9) sets the threshold
+    other = np.zeros_like(common)
+    other[0, 4] = 1.0
+    by_relation = {"P1": [[common, common]], "P2": [[common, other], [other, other]], "P3": [[other, other]]}
+    flags = run_flags(lm, [result.activations], by_relation)
+    assert flags.massive == {(1, 5)} and flags.unspecific == {(2, 9), (0, 4)}
+    assert flags.rule["relations"] == 3 and "neutral sentences" in flags.rule["stats_source"]
