@@ -17,11 +17,14 @@ Flags (`NeuronFlags`), beyond the paper:
   "large on at least half of the inputs", not on one -- and (2) its mean |activation| is among the
   `top_fraction` (0.1%, at least one) largest of the whole model. The rule was chosen from the literature
   before it was run on any model; it was not tuned on any fact set.
-- unspecific: coarse for facts of most relations. A relation "uses" a neuron when it is in the coarse sets of
-  at least `fact_fraction` (10%, the paper's relation-level threshold) of the relation's facts; the neuron is
+- unspecific: coarse for facts of most relations. A fact's coarse set is the neurons coarse in at least half of
+  its prompts (`fact_coarse_set`). A relation "uses" a neuron when it is in the coarse sets of at least
+  `fact_fraction` (10%, the paper's relation-level threshold) of the relation's facts; the neuron is
   unspecific when more than `relation_fraction` (half) of the relations use it, given at least `min_relations`
   (3) relations (with fewer, nothing is flagged: "most relations" means nothing). Compute the coarse sets with
-  the massive neurons excluded, or the massive neurons' threshold hides everything else.
+  the massive neurons excluded, or the massive neurons' threshold hides everything else. Relations that share
+  answers (official language and native language: "French") share output neurons too; flag on relations
+  whose answers differ, or expect those neurons among the unspecific ones.
 
 Activation statistics (`ActivationStats`) are read at the answer position, as attribution reads activations:
 either from the activations an attribution run already has (`ActivationStats.from_activations`, no extra
@@ -31,6 +34,7 @@ sentence prefixes). They also give each neuron's mean activation for mean-ablati
 Callers (CLI, GUI, reproduction) use, with `keep_massive` to keep flagged neurons in:
 
     flags = run_flags(lm, [r.activations for r in results])          # run's prompts + the neutral set
+    # several relations: run_flags(lm, activations, {relation: [[r.scores for r in fact_results], ...]}, t)
     exclude = () if keep_massive else flags.excluded
     refined = refined_neurons([r.scores for r in results], t, p, exclude=exclude)
 """
@@ -139,6 +143,13 @@ def adapt_p(facts_scores: Sequence[Sequence[np.ndarray]], t: float = 0.2, p: flo
             break
         history.append((p, mean_at(p)))
     return AdaptedP(p=history[-1][0], mean_neurons=history[-1][1], history=history)
+
+
+def fact_coarse_set(score_list: Sequence[np.ndarray], t: float = 0.2, exclude: Iterable[Neuron] = ()) -> set[Neuron]:
+    """A fact's coarse set for `flag_unspecific`: neurons coarse in at least half of its prompts (one wording's
+    coarse neurons say little about the fact; the refined set's 70% would hide what most facts share)."""
+    counts = coarse_counts(score_list, t, exclude)
+    return {n for n, c in counts.items() if 2 * c >= len(score_list)}
 
 
 def relation_neurons(refined_sets: Sequence[Iterable[Neuron]], fraction: float = 0.1,
@@ -357,12 +368,20 @@ def neuron_flags(stats: ActivationStats, coarse_sets_by_relation: Mapping | None
     return NeuronFlags(massive=flag_massive(stats, ratio, top_fraction), unspecific=unspecific, rule=rule)
 
 
-def run_flags(lm, activations: Sequence[np.ndarray] = (), coarse_sets_by_relation: Mapping | None = None,
+def run_flags(lm, activations: Sequence[np.ndarray] = (),
+              scores_by_relation: Mapping[str, Sequence[Sequence[np.ndarray]]] | None = None, t: float = 0.2,
               task: Task | None = None) -> NeuronFlags:
-    """Flags for a run: activation statistics over the run's prompts (`PromptScores.activations`, free) plus
-    the built-in neutral sentences (one batched forward pass each), so "on almost every input" never rests on
-    one fact's paraphrases alone."""
+    """The flags for a run, in one call. Massive: activation statistics over the run's prompts
+    (`PromptScores.activations`, free) plus the built-in neutral sentences (one batched forward pass each), so
+    "on almost every input" never rests on one fact's paraphrases. Unspecific, when `scores_by_relation`
+    ({relation: [one fact's prompt scores, ...]}) is given: from each fact's coarse set at threshold t with the
+    massive neurons excluded."""
     neutral = answer_activations(lm, neutral_sentences(), task)
     source = f"{len(activations)} run prompts + {len(neutral)} neutral sentences"
     stats = ActivationStats.from_activations(list(activations) + neutral, source=source)
-    return neuron_flags(stats, coarse_sets_by_relation)
+    if scores_by_relation is None:
+        return neuron_flags(stats)
+    massive = flag_massive(stats)
+    sets = {relation: [fact_coarse_set(scores, t, massive) for scores in facts]
+            for relation, facts in scores_by_relation.items()}
+    return neuron_flags(stats, sets)

@@ -14,8 +14,9 @@ from hypothesis import given, settings
 
 from kn_core.attribution import AttributionParams, attribute, encode_answer
 from kn_core.neurons import (ActivationStats, NeuronFlags, activation_stats, adapt_p, answer_activations,
-                             coarse_counts, coarse_neurons, flag_massive, flag_unspecific, neuron_flags,
-                             neutral_sentences, refined_from_counts, refined_neurons, relation_neurons, run_flags)
+                             coarse_counts, coarse_neurons, fact_coarse_set, flag_massive, flag_unspecific,
+                             neuron_flags, neutral_sentences, refined_from_counts, refined_neurons, relation_neurons,
+                             run_flags)
 from tiny import make_tiny
 
 
@@ -238,3 +239,35 @@ def test_a_relation_where_fewer_than_a_tenth_of_facts_have_it_does_not_use_it():
     sets = {"P1": [{(0, 3)}], "P2": [{(0, 3)}], "P3": [{(1, 4)}] * 10 + [{(0, 3)}]}  # 1 of 11 facts: 9%
     assert flag_unspecific(sets) == {(0, 3)}  # 2 of 3 relations
     assert flag_unspecific(sets | {"P4": [{(1, 1)}]}) == frozenset()  # 2 of 4 is not more than half
+
+
+def test_a_facts_coarse_set_is_what_half_of_its_prompts_agree_on():
+    a, b = np.zeros((2, 3), dtype=np.float32), np.zeros((2, 3), dtype=np.float32)
+    a[0, 1], a[1, 2], b[0, 1], b[1, 0] = 1.0, 0.9, 1.0, 0.9
+    assert fact_coarse_set([a, a, b, b]) == {(0, 1), (1, 2), (1, 0)}  # 4, 2 and 2 of 4 prompts
+    assert fact_coarse_set([a, a, a, b]) == {(0, 1), (1, 2)}  # (1, 0) in 1 of 4
+    assert fact_coarse_set([a, b, b], exclude=[(0, 1)]) == {(1, 0)}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_batched_texts_of_different_lengths_read_like_one_by_one(family):
+    lm = make_tiny(family)
+    texts = ["The capital of France is", "Paris", "The official language of the country which lies in Europe is"]
+    together = answer_activations(lm, texts, batch_size=3)
+    for text, batched in zip(texts, together):
+        np.testing.assert_allclose(batched, answer_activations(lm, [text])[0], rtol=1e-4, atol=1e-5)
+
+
+def test_run_flags_finds_unspecific_neurons_from_scores_by_relation():
+    lm = make_tiny("gpt2")
+    plant(lm, 1, 5, 150.0)
+    text = "The capital of France is"
+    result = attribute(lm, text, AttributionParams(steps=2), answer_ids=encode_answer(lm, text, " Paris"))
+    common = np.zeros((3, 72), dtype=np.float32)
+    common[1, 5], common[2, 9], common[0, 1] = 9.0, 1.0, 0.1  # (1, 5) is massive: (2, 9) sets the threshold
+    other = np.zeros_like(common)
+    other[0, 4] = 1.0
+    by_relation = {"P1": [[common, common]], "P2": [[common, other], [other, other]], "P3": [[other, other]]}
+    flags = run_flags(lm, [result.activations], by_relation)
+    assert flags.massive == {(1, 5)} and flags.unspecific == {(2, 9), (0, 4)}
+    assert flags.rule["relations"] == 3 and "neutral sentences" in flags.rule["stats_source"]
