@@ -73,7 +73,7 @@ def test_perplexity_changes_are_ratios_never_long_numbers():
 
 def test_relations_all_and_unknown_relations():
     fs = _factset()
-    assert resolve_relations(fs, "all") == ["P36", "P37", "P99"]
+    assert resolve_relations(fs, "all") == resolve_relations(fs, ["all"]) == ["P36", "P37", "P99"]
     assert resolve_relations(fs, "P37, P36,P37") == ["P37", "P36"]
     assert len(resolve_relations(fs, None)) == 3
     with pytest.raises(KeyError, match="P404"):

@@ -170,7 +170,8 @@ def select_facts(lm, factset, relations, facts_per_relation: int, select: str = 
         task.check()
         task.progress(n / max(len(relations), 1), f"selecting facts: {rid} ({n + 1}/{len(relations)})")
         _select_relation(lm, factset, rid, sel, facts_per_relation, select, seed, min_prompts, prompts_per_fact,
-                         causal_templates, sample_factor, check_prompts, cache, task)
+                         causal_templates, sample_factor, check_prompts, cache,
+                         task.slice(n / len(relations), (n + 1) / len(relations)))
     task.progress(1.0, "facts selected")
     return sel
 
@@ -244,18 +245,18 @@ def _knowledge_neurons(chosen: dict, ig: dict, base: dict, t: float, p: float, e
 
 
 def _flags(lm, chosen: dict, ig: dict, t: float, task: Task):
-    """Massive and unspecific neurons of this run (kn_core.neurons' documented rules), and the activation
-    statistics they rest on: the run's prompts plus the built-in neutral sentences. Unspecific neurons come
-    from each fact's coarse neurons (coarse in any of its prompts) with the massive ones left out, since one
-    massive score would otherwise set every prompt's threshold."""
-    from ..neurons import ActivationStats, answer_activations, coarse_neurons, neuron_flags, neutral_sentences
+    """Massive and unspecific neurons of this run and the activation statistics they rest on (the run's prompts
+    plus the built-in neutral sentences): ``neurons.run_flags``' steps, kept here because the statistics also
+    give the means for mean-ablation."""
+    from ..neurons import (ActivationStats, answer_activations, fact_coarse_set, flag_massive, neuron_flags,
+                           neutral_sentences)
 
     run = [s.activations for facts in chosen.values() for f, _ in facts for s in ig[f]]
     neutral = answer_activations(lm, neutral_sentences(), task)
     stats = ActivationStats.from_activations(run + neutral,
                                              source=f"{len(run)} run prompts + {len(neutral)} neutral sentences")
-    massive = neuron_flags(stats).massive
-    coarse = {rid: [set().union(*(coarse_neurons(s.scores, t, exclude=massive) for s in ig[f])) for f, _ in facts]
+    massive = flag_massive(stats)
+    coarse = {rid: [fact_coarse_set([s.scores for s in ig[f]], t, massive) for f, _ in facts]
               for rid, facts in chosen.items()}
     return neuron_flags(stats, coarse), stats
 
@@ -309,8 +310,10 @@ def resolve_relations(factset, relations) -> list[str]:
     if relations is None:
         return default_relations(factset)
     if isinstance(relations, str):
-        relations = list(factset.relations) if relations.strip().lower() == "all" else relations.split(",")
+        relations = relations.split(",")
     out = list(dict.fromkeys(r.strip() for r in relations if r.strip()))
+    if [r.lower() for r in out] == ["all"]:
+        return list(factset.relations)
     missing = [r for r in out if r not in factset.relations]
     if missing:
         raise KeyError(f"no relation {', '.join(missing)} in fact set {factset.name!r}; "
