@@ -177,6 +177,8 @@ def test_a_cancelled_run_resumes_from_its_cache(lm, tmp_path, monkeypatch):
     first = list(calls)
     assert 0 < len(first) < total
     assert json.loads((tmp_path / "resumed" / "report.json").read_text())["status"].startswith("interrupted")
+    partial = (tmp_path / "resumed" / "report.md").read_text()
+    assert "interrupted" in partial and "| P36 |" in partial and "| P99 |" in partial
 
     calls.clear()
     resumed = _run(lm, tmp_path / "resumed")

@@ -31,7 +31,7 @@ from .. import evaluation as ev
 from .. import experiments as ex
 from ..facts import CAUSAL_TEMPLATES, render_prompts
 from ..tasks import Cancelled, Task, as_task
-from .report import PAPER, jsonable, write_report
+from .report import PAPER, jsonable, render_markdown, write_report
 
 MIN_PROMPTS = 3  # refinement keeps neurons coarse in at least max(p * n, 3) prompts
 SELECT_MODES = ("known", "random")
@@ -208,17 +208,20 @@ def attribute_cached(lm, prompt, params, cache: Path | None, task: Task | None =
 
 
 def _attribute_all(lm, chosen: dict, params, base_params, cache: Path, task: Task) -> tuple[dict, dict]:
+    """Every chosen prompt's attribution and activation baseline. Facts go round-robin over the relations (the
+    best-known fact of each relation first), so a run stopped early has covered every relation alike."""
     total = max(sum(len(ps) for facts in chosen.values() for _, ps in facts), 1)
+    order = [(rid, facts[k]) for k in range(max(map(len, chosen.values()), default=0))
+             for rid, facts in chosen.items() if k < len(facts)]
     ig, base, done = {}, {}, 0
-    for rid, facts in chosen.items():
-        for fact, prompts in facts:
-            ig[fact], base[fact] = [], []
-            for prompt in prompts:
-                task.check()
-                ig[fact].append(attribute_cached(lm, prompt, params, cache, task))
-                base[fact].append(attribute_cached(lm, prompt, base_params, cache, task))
-                done += 1
-                task.progress(done / total, f"attribution: {rid} {fact.subject} ({done}/{total} prompts)")
+    for rid, (fact, prompts) in order:
+        ig[fact], base[fact] = [], []
+        for prompt in prompts:
+            task.check()
+            ig[fact].append(attribute_cached(lm, prompt, params, cache, task))
+            base[fact].append(attribute_cached(lm, prompt, base_params, cache, task))
+            done += 1
+            task.progress(done / total, f"attribution: {rid} {fact.subject} ({done}/{total} prompts)")
     return ig, base
 
 
@@ -396,6 +399,7 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
             causal_templates, sample_factor, check_prompts, cache, sub))
         report["selection"] = sel.relations
         report["left_out"] = sel.left_out
+        save()
         chosen = sel.chosen
         n_facts = sum(len(v) for v in chosen.values())
         say(f"[reproduce] attributing {n_facts} facts, "
@@ -422,9 +426,10 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
             exclude=exclude, task=sub))
         report["status"] = "done"
     except BaseException as exc:  # Cancelled / KeyboardInterrupt / an error: keep what is done, then re-raise
-        report["status"] = f"interrupted ({type(exc).__name__})"
+        report["status"] = f"interrupted ({type(exc).__name__}); run again with the same arguments to resume"
         save()
-        say(f"[reproduce] stopped; partial report in {out / 'report.json'}; run again to resume from {cache}")
+        (out / "report.md").write_text(render_markdown(report))  # how far it got, readable
+        say(f"[reproduce] stopped; partial report in {out / 'report.md'}; run again to resume from {cache}")
         raise
     say("[reproduce] figures and report.md")
     save()
