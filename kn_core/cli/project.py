@@ -1,0 +1,74 @@
+"""`kn project info|export`: read-only looks at a .knproj file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from ..store import ProjectError, export_project, open_project
+
+
+def cmd_project_info(args) -> int:
+    try:
+        with open_project(args.file, read_only=True) as proj:
+            info = proj.info()
+            counts = proj.counts()
+            problems = proj.check_integrity() if args.check else None
+    except ProjectError as exc:
+        return _fail(args, exc)
+    doc = {"ok": True, **info, "file_bytes": os.path.getsize(args.file), "counts": counts}
+    if problems is not None:
+        doc["integrity"] = problems or ["ok"]
+    if args.json:
+        print(json.dumps(doc))
+    else:
+        print(f"{doc['file']}: project {doc['name']!r}, schema v{doc['schema_version']}, "
+              f"last written by {doc['app_version']}, {doc['file_bytes'] / 1e6:.1f} MB")
+        for key, value in counts.items():
+            print(f"  {key}: {value}")
+        if problems is not None:
+            print("  integrity: " + ("; ".join(problems) if problems else "ok"))
+    return 1 if problems else 0
+
+
+def cmd_project_export(args) -> int:
+    try:
+        written = export_project(args.file, args.out, with_arrays=args.arrays)
+    except ProjectError as exc:
+        return _fail(args, exc)
+    if args.json:
+        print(json.dumps({"ok": True, "file": args.file, "out": args.out, "written": written}))
+    else:
+        for name, n in written.items():
+            print(f"{args.out}/{name}: {n}")
+    return 0
+
+
+def _fail(args, exc: ProjectError) -> int:
+    if getattr(args, "json", False):
+        print(json.dumps({"ok": False, "error": str(exc), "error_type": type(exc).__name__}))
+    else:
+        print(f"error: {exc}", file=sys.stderr)
+    return 2
+
+
+def add_commands(sub) -> argparse.ArgumentParser:
+    """`project info FILE [--json] [--check]` and `project export FILE --out DIR [--arrays] [--json]`."""
+    project = sub.add_parser("project", help="inspect or export a project file (.knproj)")
+    project_sub = project.add_subparsers(dest="project_command", required=True)
+
+    info = project_sub.add_parser("info", help="counts, schema version and file size of a project")
+    info.add_argument("file", help="the .knproj project file")
+    info.add_argument("--json", action="store_true", help="print one JSON document")
+    info.add_argument("--check", action="store_true", help="also run a full integrity check (reads the whole file)")
+    info.set_defaults(func=cmd_project_info)
+
+    export = project_sub.add_parser("export", help="write facts, neuron sets, runs and edits as JSON/CSV")
+    export.add_argument("file", help="the .knproj project file")
+    export.add_argument("--out", required=True, help="output folder (created if needed)")
+    export.add_argument("--arrays", action="store_true", help="also write every score array as a .npy file")
+    export.add_argument("--json", action="store_true", help="print one JSON document")
+    export.set_defaults(func=cmd_project_export)
+    return project
