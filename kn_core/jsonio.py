@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-
-import numpy as np
+import numbers
 
 _NOTE_LIMIT = 8  # positions named in one list note; the count is always given
 
@@ -25,15 +24,15 @@ def _convert(obj, path: str, found: list):
     """`obj` made JSON-safe; every non-finite number is appended to `found` as (path, name)."""
     if isinstance(obj, dict):
         return _convert_dict(obj)
-    if isinstance(obj, np.ndarray):
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):  # numpy/torch arrays and scalars
         obj = obj.tolist()
     if isinstance(obj, (list, tuple)):
         return [_convert(v, f"{path}[{k}]", found) for k, v in enumerate(obj)]
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (np.integer,)):
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, numbers.Integral):
         return int(obj)
-    if isinstance(obj, (float, np.floating)):
+    if isinstance(obj, numbers.Real):
         value = float(obj)
         if math.isfinite(value):
             return value

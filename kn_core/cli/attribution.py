@@ -13,7 +13,8 @@ def params_of(args):
     from ..attribution import AttributionParams
 
     share = {"auto": None, "on": True, "off": False}[getattr(args, "share_prompts", "auto")]
-    return AttributionParams(steps=args.steps, rule=args.rule, method=args.method, share_prompts=share)
+    return AttributionParams(steps=args.steps, rule=args.rule, method=args.method, share_prompts=share,
+                             force=args.force)
 
 
 def cmd_attribute(args) -> int:
@@ -94,7 +95,8 @@ def cmd_neurons(args) -> int:
 
 
 def attribution_options(p) -> None:
-    p.add_argument("--steps", type=int, default=20, help="integration steps m (paper: 20)")
+    p.add_argument("--steps", type=int, default=20, help="integration steps m (paper: 20; at most 1000)")
+    p.add_argument("--force", action="store_true", help="allow more than 1000 steps")
     p.add_argument("--rule", choices=["right", "left"], default="right",
                    help="right: alpha=k/m, k=1..m (paper); left: k=0..m-1 (authors' code)")
     p.add_argument("--method", choices=["ig", "activation"], default="ig",

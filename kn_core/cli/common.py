@@ -16,7 +16,8 @@ COMMON = argparse.ArgumentParser(add_help=False)
 COMMON.add_argument("--model", default="default",
                     help="Hugging Face id, local folder, or 'default' (the embedded SmolLM2-135M-Instruct)")
 COMMON.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
-COMMON.add_argument("--dtype", default="auto", help="auto (float32), float32, bfloat16 or float16")
+COMMON.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="auto (float32), float32, bfloat16 or float16")
 COMMON.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
 COMMON.add_argument("--json", action="store_true", help="print one JSON document on stdout")
 COMMON.add_argument("--project", help="a .knproj project file to store what this command computes")

@@ -18,7 +18,7 @@ def _fact_neurons(args, lm, factset, fact, results: list | None = None):
         raise CliError(f"no template of {fact.relation} can be used with this {lm.kind} model: "
                        + "; ".join(s.reason for s in skipped))
     with progress_bar(f"attributing {fact.relation} {fact.subject}") as task:
-        scores = attribute_fact(lm, prompts, AttributionParams(steps=args.steps, seed=args.seed), reporter(task))
+        scores = attribute_fact(lm, prompts, AttributionParams(steps=args.steps, seed=args.seed, force=args.force), reporter(task))
     if results is not None:
         results.extend(scores)
     return prompts, refined_neurons([s.scores for s in scores], args.t, args.p)
@@ -176,8 +176,11 @@ def cmd_edit_erase(args) -> int:
 
 def cmd_neuron(args) -> int:
     from .. import evaluation as ev
+    from ..validation import check_int
 
     lm = load(args)
+    check_int("--layer", args.layer, 0, lm.layout.layers - 1, " (the model's layers)")
+    check_int("--index", args.index, 0, lm.layout.neurons - 1, " (the neurons of a layer)")
     info = ev.neuron_tokens(lm, args.layer, args.index, args.top_k)
     if args.prompt:
         acts = ev.neuron_activations(lm, [(args.layer, args.index)], args.prompt, position=args.position)[:, 0]
@@ -196,7 +199,8 @@ def cmd_neuron(args) -> int:
 
 def _fact_edit_options(p) -> None:
     p.add_argument("--facts", default="builtin", help="'builtin' or a PARAREL folder / .csv / .jsonl")
-    p.add_argument("--steps", type=int, default=20, help="integration steps (paper: 20)")
+    p.add_argument("--steps", type=int, default=20, help="integration steps (paper: 20; at most 1000)")
+    p.add_argument("--force", action="store_true", help="allow more than 1000 steps")
     p.add_argument("--t", type=float, default=0.2, help="coarse threshold (paper: 0.2)")
     p.add_argument("--p", type=float, default=0.7, help="refinement share of prompts (paper: starts at 0.7)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random control neurons")

@@ -7,10 +7,11 @@ import json
 import os
 import sys
 
-from ..store import ProjectError, export_project, open_project
 
 
 def cmd_project_info(args) -> int:
+    from ..store import ProjectError, open_project
+
     try:
         with open_project(args.file, read_only=True) as proj:
             info = proj.info()
@@ -34,6 +35,8 @@ def cmd_project_info(args) -> int:
 
 
 def cmd_project_export(args) -> int:
+    from ..store import ProjectError, export_project
+
     try:
         written = export_project(args.file, args.out, with_arrays=args.arrays)
     except ProjectError as exc:
@@ -46,11 +49,10 @@ def cmd_project_export(args) -> int:
     return 0
 
 
-def _fail(args, exc: ProjectError) -> int:
+def _fail(args, exc) -> int:
     if getattr(args, "json", False):
         print(json.dumps({"ok": False, "error": str(exc), "error_type": type(exc).__name__}))
-    else:
-        print(f"error: {exc}", file=sys.stderr)
+    print(f"error: {exc}", file=sys.stderr)
     return 2
 
 
