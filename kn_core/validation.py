@@ -92,7 +92,7 @@ def check_text(name: str, value, allow_blank: bool = False) -> str:
     if "\x00" in value:
         _fail(name, value, f"expected text without NUL characters (one at position {value.index(chr(0))})")
     if not allow_blank and not value.strip():
-        _fail(name, value, "expected non-blank text")
+        _fail(name, value, "expected non-empty text (not only whitespace)")
     return value
 
 
