@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from . import evaluation as ev
+from . import experiments as ex
 from .jsonio import dumps
 from .tasks import Task, as_task
 
@@ -119,7 +120,8 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
                   control_prompts: int = 20, t: float = 0.2, p: float = 0.7, erase_k: int = 20,
                   erase_fill: str = "zero", say=None, cancel=None, task: Task | None = None) -> dict:
     """Runs the pipeline above; `say` receives phase messages, `task` the progress of the whole run."""
-    from .attribution import AttributionParams, adapt_p, refined_neurons
+    from .attribution import AttributionParams
+    from .neurons import adapt_p, refined_neurons
 
     task = as_task(task)
     say = say or (lambda message: None)
@@ -177,7 +179,7 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
         timings["attribution_per_fact"] = timings["attribution"] / max(len(ig), 1)
 
         # refined neurons with p adapted per relation
-        records: list[ev.FactRecord] = []
+        records: list[ex.FactNeurons] = []
         adapted = {}
         for rid, facts in chosen.items():
             a = adapt_p([[s.scores for s in ig[f]] for f, _ in facts], t=t, p=p)
@@ -185,7 +187,7 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
             adapted[rid] = {"p": a.p, "mean_neurons": a.mean_neurons, "history": a.history,
                             "baseline_p": b.p, "baseline_mean_neurons": b.mean_neurons}
             for fact, prompts in facts:
-                records.append(ev.FactRecord(
+                records.append(ex.FactNeurons(
                     fact, prompts, refined_neurons([s.scores for s in ig[fact]], t, a.p),
                     refined_neurons([s.scores for s in base[fact]], 0.5, b.p),
                     [s.activations for s in ig[fact]]))
@@ -197,34 +199,31 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
             for r in records]
 
         phase("neuron statistics")
-        report["neuron_statistics"] = ev.neuron_statistics([r.neurons for r in records],
+        report["neuron_statistics"] = ex.neuron_statistics([r.neurons for r in records],
                                                            [r.relation for r in records], lm.layout.layers)
-        report["baseline_neuron_statistics"] = ev.neuron_statistics(
+        report["baseline_neuron_statistics"] = ex.neuron_statistics(
             [r.baseline_neurons for r in records], [r.relation for r in records], lm.layout.layers)
-        report["activation_by_prompt"] = ev.activation_by_prompt(records)
+        report["activation_by_prompt"] = ex.activation_by_prompt(lm, records, factset)
         write()
 
         t0 = time.perf_counter()
         phase("suppress and amplify, with controls")
-        report["suppress_amplify"] = ev.suppress_amplify_experiment(
-            lm, records, seed=seed, control_prompts=control_prompts,
-            progress=_reporter(task.slice(0.55, 0.75), "suppress/amplify"), cancel=cancel)
+        report["suppress_amplify"] = ex.suppress_amplify_experiment(
+            lm, records, seed=seed, control_prompts=control_prompts, task=task.slice(0.55, 0.75))
         timings["suppress_amplify"] = time.perf_counter() - t0
         write()
 
         t0 = time.perf_counter()
         phase("update")
-        report["update"] = ev.update_experiment(lm, records, factset, seed=seed, facts_per_relation=10,
-                                                control_prompts=control_prompts,
-                                                progress=_reporter(task.slice(0.75, 0.9), "update"), cancel=cancel)
+        report["update"] = ex.update_experiment(lm, records, factset, seed=seed, facts_per_relation=10,
+                                                control_prompts=control_prompts, task=task.slice(0.75, 0.9))
         timings["update"] = time.perf_counter() - t0
         write()
 
         t0 = time.perf_counter()
         phase("erase")
-        report["erase"] = ev.erase_experiment(lm, records, k=erase_k, fill=erase_fill, seed=seed,
-                                              control_prompts=2 * control_prompts,
-                                              progress=_reporter(task.slice(0.9, 1.0), "erase"), cancel=cancel)
+        report["erase"] = ex.erase_experiment(lm, records, k=erase_k, fill=erase_fill, seed=seed,
+                                              control_prompts=2 * control_prompts, task=task.slice(0.9, 1.0))
         timings["erase"] = time.perf_counter() - t0
         report["status"] = "done"
     except BaseException as exc:  # KeyboardInterrupt / Cancelled: keep what is done
@@ -240,11 +239,6 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
     (out / "report.md").write_text(render_markdown(report))
     say(f"[reproduce] done in {report['timings']['total']:.0f} s: {out / 'report.md'}")
     return report
-
-
-def _reporter(task: Task, message: str):
-    """The experiments' `progress(fraction, info)` callback feeding `task` (until they take task=)."""
-    return lambda fraction, info=None: task.progress(fraction, message)
 
 
 def default_relations(factset, n: int = 3) -> list[str]:
@@ -343,13 +337,14 @@ def render_markdown(report: dict) -> str:
     a = report.get("activation_by_prompt")
     if a:
         lines += ["## Activation by prompt", "",
-                  "Mean activation of a fact's knowledge neurons at the answer position (ours: prompts of the fact, "
-                  "of other facts of the relation, of other relations; paper: open-domain sentences expressing the "
-                  "fact, with the subject only, random).", "",
+                  "Mean activation of a fact's knowledge neurons at the answer position, in the direction that raises "
+                  "the answer (ours: the fact's prompts, other relations' templates with the same subject, prompts of "
+                  "other relations and subjects; paper: open-domain sentences expressing the fact, with the subject "
+                  "only, random).", "",
                   "| | ours | paper |", "|---|---|---|",
-                  f"| the fact's own prompts / expressing the fact | {_num(a['own_prompts'], '{:.3f}')} | {PAPER['activation_expressing']} |",
-                  f"| other facts of the relation / subject only | {_num(a['same_relation_other_facts'], '{:.3f}')} | {PAPER['activation_subject_only']} |",
-                  f"| other relations / random | {_num(a['other_relations'], '{:.3f}')} | {PAPER['activation_random']} |", ""]
+                  f"| expressing the fact (its prompts) | {_num(a['expressing'], '{:.3f}')} | {PAPER['activation_expressing']} |",
+                  f"| subject only (other relations' templates) | {_num(a['subject_only'], '{:.3f}')} | {PAPER['activation_subject_only']} |",
+                  f"| random (other relations and subjects) | {_num(a['random'], '{:.3f}')} | {PAPER['activation_random']} |", ""]
     sa = report.get("suppress_amplify")
     if sa:
         lines += ["## Suppressing and amplifying knowledge neurons", "",
@@ -383,8 +378,8 @@ def render_markdown(report: dict) -> str:
         n_neurons = sum(len(f["neurons"]) for f in up["facts"])
 
         def ppl(arm, kind):
-            return (f"{_num(arm.get(f'ppl_{kind}_change_median'), '{:+.2f}')} "
-                    f"({_num(arm.get(f'ppl_{kind}_change'), '{:+.3g}')})")
+            return (f"{(arm.get(f'ppl_{kind}_ratio_median') or {}).get('text', '-')} "
+                    f"({(arm.get(f'ppl_{kind}_ratio_geomean') or {}).get('text', '-')})")
 
         lines += ["## Updating facts", "",
                   f"λ1 = {up['lambda1']}, λ2 = {up['lambda2']}, {up['embedding']} embeddings ({up['multi_token']} token "
@@ -398,7 +393,7 @@ def render_markdown(report: dict) -> str:
                   f"| change rate | {_pct(k.get('change_rate'))} | {_pct(sa.get('change_rate'))} | {_pct(r.get('change_rate'))} | {_pct(PAPER['update_change_rate'])} | {_pct(PAPER['update_random_change_rate'])} |",
                   f"| success rate (argmax = o') | {_pct(k.get('success_rate'))} | {_pct(sa.get('success_rate'))} | {_pct(r.get('success_rate'))} | {_pct(PAPER['update_success_rate'])} | {_pct(PAPER['update_random_success_rate'])} |",
                   f"| o' in top 5 | {_pct(k.get('top5_rate'))} | {_pct(sa.get('top5_rate'))} | {_pct(r.get('top5_rate'))} | - | - |",
-                  *(f"| {kind}-relation perplexity change, median (mean) | {ppl(k, kind)} | {ppl(sa, kind)} | "
+                  *(f"| {kind}-relation perplexity ratio, median (geometric mean) | {ppl(k, kind)} | {ppl(sa, kind)} | "
                     f"{ppl(r, kind)} | +{PAPER[f'update_ppl_{kind}']} | - |" for kind in ("intra", "inter")),
                   ""]
     er = report.get("erase")

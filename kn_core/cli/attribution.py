@@ -20,7 +20,8 @@ def params_of(args):
 def cmd_attribute(args) -> int:
     import numpy as np
 
-    from ..attribution import attribute, coarse_neurons, default_t, encode_answer
+    from ..attribution import attribute, default_t, encode_answer
+    from ..neurons import coarse_neurons
 
     lm = load(args)
     params = params_of(args)
@@ -52,8 +53,9 @@ def cmd_attribute(args) -> int:
 
 
 def cmd_neurons(args) -> int:
-    from ..attribution import attribute_fact, coarse_neurons, default_t, refined_neurons
+    from ..attribution import attribute_fact, default_t
     from ..facts import render_prompts
+    from ..neurons import coarse_neurons, refined_neurons
 
     factset = factset_of(args)
     fact = find_fact(factset, args.relation, args.subject)

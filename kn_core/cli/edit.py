@@ -10,8 +10,9 @@ from .common import COMMON, CliError, emit, factset_of, find_fact, load, neuron_
 def _fact_neurons(args, lm, factset, fact, results: list | None = None):
     """Attribution of one fact's prompts -> (prompts, refined neurons); `results` receives each prompt's
     PromptScores."""
-    from ..attribution import AttributionParams, attribute_fact, refined_neurons
+    from ..attribution import AttributionParams, attribute_fact
     from ..facts import render_prompts
+    from ..neurons import refined_neurons
 
     prompts, skipped = render_prompts(fact, factset.relation(fact.relation), lm.tokenizer, lm.kind)
     if not prompts:
@@ -27,6 +28,7 @@ def _fact_neurons(args, lm, factset, fact, results: list | None = None):
 def cmd_edit_activation(args) -> int:
     from .. import edits as E
     from .. import evaluation as ev
+    from ..edit_stack import export_model
 
     factset = factset_of(args)
     fact = find_fact(factset, args.relation, args.subject)
@@ -43,7 +45,7 @@ def cmd_edit_activation(args) -> int:
     if args.export:
         if args.scope != "all":
             raise CliError("--export needs --scope all (an answer-position edit is not a weight change)")
-        E.export_model(lm, [make(neurons)], args.export)
+        export_model(lm, [make(neurons)], args.export)
     doc = {"fact": {"relation": fact.relation, "subject": fact.subject, "object": fact.object},
            "edit": make(neurons).to_dict(), "neurons": neuron_list(neurons),
            "prompts": [p.text for p in prompts], "before": effect["before"], "after": effect["after"],
@@ -65,6 +67,7 @@ def cmd_edit_update(args) -> int:
 
     from .. import edits as E
     from .. import evaluation as ev
+    from ..edit_stack import export_model
     from ..facts import Fact, render_prompts
 
     factset = factset_of(args)
@@ -95,7 +98,7 @@ def cmd_edit_update(args) -> int:
     before_old, before_new = measure()
     after_old, after_new = ev.with_edits(lm, [update], measure)
     if args.export:
-        ev.with_edits(lm, [update], lambda: E.export_model(lm, [update], args.export))
+        ev.with_edits(lm, [update], lambda: export_model(lm, [update], args.export))
     doc = {"fact": {"relation": fact.relation, "subject": fact.subject, "object": fact.object},
            "new_object": args.new_object, "edit": update.to_dict(), "neurons": neuron_list(update.neurons),
            "excluded": neuron_list(update.excluded), "flipped": neuron_list(update.flipped),
@@ -122,6 +125,8 @@ def cmd_edit_erase(args) -> int:
 
     from .. import edits as E
     from .. import evaluation as ev
+    from .. import experiments as ex
+    from ..edit_stack import export_model
     from ..facts import render_prompts
 
     factset = factset_of(args)
@@ -134,7 +139,7 @@ def cmd_edit_erase(args) -> int:
     records = []
     for fact in facts:
         prompts, neurons = _fact_neurons(args, lm, factset, fact)
-        records.append(ev.FactRecord(fact, prompts, neurons, []))
+        records.append(ex.FactNeurons(fact, prompts, neurons, []))
     others = [f for f in factset.facts if f.relation != args.relation]
     rng = np.random.default_rng(args.seed)
     other_prompts = []
@@ -161,7 +166,7 @@ def cmd_edit_erase(args) -> int:
     control = ev.with_edits(lm, [E.Erase(tuple(E.random_neurons(lm, neurons, seed=args.seed)), args.fill,
                                          E.default_embedding(lm))], measure)
     if args.export:
-        ev.with_edits(lm, [erase], lambda: E.export_model(lm, [erase], args.export))
+        ev.with_edits(lm, [erase], lambda: export_model(lm, [erase], args.export))
     doc = {"relation": args.relation, "facts": len(records), "edit": erase.to_dict(), "neurons": neuron_list(neurons),
            "before": before, "after": after, "control": {"kind": "random neurons from the same layers", **control},
            "exported_to": args.export}

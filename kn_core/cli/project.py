@@ -1,4 +1,4 @@
-"""`kn project info|export`: read-only looks at a .knproj file."""
+"""`kn project info|export|recover`: look at, export or recover a .knproj file."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-
 
 
 def cmd_project_info(args) -> int:
@@ -49,6 +48,22 @@ def cmd_project_export(args) -> int:
     return 0
 
 
+def cmd_project_recover(args) -> int:
+    from ..store import ProjectError, recover_project
+
+    try:
+        report = recover_project(args.file)
+    except ProjectError as exc:
+        return _fail(args, exc)
+    ok = report["integrity"] == ["ok"]
+    if args.json:
+        print(json.dumps({"ok": ok, **report}))
+    else:
+        print(f"{args.file}: {report['wal_bytes'] / 1e6:.1f} MB of saved changes copied from its -wal; integrity: "
+              + "; ".join(report["integrity"]) + f"; {report['counts']['facts']} facts, {report['counts']['runs']} runs")
+    return 0 if ok else 1
+
+
 def _fail(args, exc) -> int:
     if getattr(args, "json", False):
         print(json.dumps({"ok": False, "error": str(exc), "error_type": type(exc).__name__}))
@@ -57,7 +72,8 @@ def _fail(args, exc) -> int:
 
 
 def add_commands(sub) -> argparse.ArgumentParser:
-    """`project info FILE [--json] [--check]` and `project export FILE --out DIR [--arrays] [--json]`."""
+    """`project info FILE [--json] [--check]`, `project export FILE --out DIR [--arrays] [--json]` and
+    `project recover FILE [--json]`."""
     project = sub.add_parser("project", help="inspect or export a project file (.knproj)")
     project_sub = project.add_subparsers(dest="project_command", required=True)
 
@@ -73,4 +89,10 @@ def add_commands(sub) -> argparse.ArgumentParser:
     export.add_argument("--arrays", action="store_true", help="also write every score array as a .npy file")
     export.add_argument("--json", action="store_true", help="print one JSON document")
     export.set_defaults(func=cmd_project_export)
+
+    recover = project_sub.add_parser("recover", help="copy the changes a failed close left in FILE-wal into the "
+                                                     "file, then check it")
+    recover.add_argument("file", help="the .knproj project file (its FILE-wal next to it)")
+    recover.add_argument("--json", action="store_true", help="print one JSON document")
+    recover.set_defaults(func=cmd_project_recover)
     return project
