@@ -33,14 +33,6 @@ def engine(reason):
     return pytest.mark.xfail(strict=True, reason=f"room engine: {reason}")
 
 
-def facts_room(reason):
-    return pytest.mark.xfail(strict=True, reason=f"room repro (facts importer): {reason}")
-
-
-def store_room(reason):
-    return pytest.mark.xfail(strict=True, reason=f"room store: {reason}")
-
-
 S = ["neurons", "--relation", "P36", "--subject", "France"]
 ATTR = ["attribute", "--prompt", "The capital of France is", "--answer", " Paris"]
 UPD = ["edit", "update", "--relation", "P36", "--subject", "France"]
@@ -193,14 +185,11 @@ CASES = [
     ("project-export-missing", ["project", "export", "/missing.knproj", "--out", "{tmp}/e"], ["no such project"]),
     ("project-info-json-missing", ["project", "info", "/missing.knproj", "--json"], ["no such project file"]),
     # the facts importer
-    pytest.param("csv-unterminated-quote", ["facts", "import", "{csv_quote}"], ["quote"], id="csv-unterminated-quote",
-                 marks=facts_room("an unterminated quote is reported as a missing object")),
-    pytest.param("jsonl-deeply-nested", ["facts", "import", "{jsonl_nested}"], ["line 1"], id="jsonl-deeply-nested",
-                 marks=facts_room("a deeply nested JSONL line raises RecursionError")),
+    pytest.param("csv-unterminated-quote", ["facts", "import", "{csv_quote}"], ["quote"], id="csv-unterminated-quote"),
+    pytest.param("jsonl-deeply-nested", ["facts", "import", "{jsonl_nested}"], ["line 1"], id="jsonl-deeply-nested"),
     pytest.param("pararel-file-is-a-folder", ["facts", "import", "{pararel_dir}"], ["P36"],
-                 id="pararel-file-is-a-folder", marks=facts_room("a relation file that is a folder")),
-    pytest.param("pararel-no-facts", ["facts", "import", "{pararel_empty}"], ["no facts"], id="pararel-no-facts",
-                 marks=facts_room("a PARAREL folder with no facts is accepted")),
+                 id="pararel-file-is-a-folder"),
+    pytest.param("pararel-no-facts", ["facts", "import", "{pararel_empty}"], ["no facts"], id="pararel-no-facts"),
     ("jsonl-not-json", ["facts", "import", "{jsonl_bad}"], ["line 1"]),
     ("csv-empty", ["facts", "import", "{csv_empty}"], ["empty"]),
 ]
@@ -305,7 +294,6 @@ def test_bad_arguments_fail_before_any_import_of_the_engine(argv):
     assert torch_loaded == "False" and float(seconds) < 1.0
 
 
-@store_room("open_project on a FIFO blocks forever")
 def test_project_info_on_a_fifo_does_not_hang(tmp_path):
     fifo = tmp_path / "p.knproj"
     os.mkfifo(fifo)
@@ -397,7 +385,6 @@ def test_api_coarse_neurons_of_nothing():
         coarse_neurons(np.zeros((0, 0)))
 
 
-@pytest.mark.xfail(strict=True, reason="room edits: edit_from_dict with an extra key")
 def test_api_edit_from_dict_with_an_extra_key():
     from kn_core.edits import Suppress, edit_from_dict
 
