@@ -3,7 +3,7 @@ facts, attributes them (cached, so an interrupted run resumes) and runs the expe
 report.json, report.md and the figures. Nothing here imports the CLI."""
 
 from .pipeline import Selection, attribute_cached, default_relations, resolve_relations, run_reproduce, select_facts
-from .report import PAPER, jsonable, render_markdown, write_figures, write_report
+from .report import PAPER, render_markdown, write_figures, write_report
 
-__all__ = ["PAPER", "Selection", "attribute_cached", "default_relations", "jsonable", "render_markdown",
+__all__ = ["PAPER", "Selection", "attribute_cached", "default_relations", "render_markdown",
            "resolve_relations", "run_reproduce", "select_facts", "write_figures", "write_report"]

@@ -31,7 +31,8 @@ from .. import evaluation as ev
 from .. import experiments as ex
 from ..facts import CAUSAL_TEMPLATES, render_prompts
 from ..tasks import Cancelled, Task, as_task
-from .report import PAPER, jsonable, render_markdown, write_report
+from ..jsonio import dumps
+from .report import PAPER, render_markdown, write_report
 
 MIN_PROMPTS = 3  # refinement keeps neurons coarse in at least max(p * n, 3) prompts
 SELECT_MODES = ("known", "random")
@@ -388,7 +389,7 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
 
     def save():
         timings["total"] = time.perf_counter() - started
-        (out / "report.json").write_text(json.dumps(jsonable(report), indent=2, allow_nan=False))
+        (out / "report.json").write_text(dumps(report, indent=2), encoding="utf-8")
 
     phases = _Phases(task, say, timings, {"select": (0.0, 0.05), "attribution": (0.05, 0.6), "neurons": (0.6, 0.62),
                                           "activation_by_prompt": (0.62, 0.67), "suppress_amplify": (0.67, 0.8),
@@ -428,7 +429,7 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
     except BaseException as exc:  # Cancelled / KeyboardInterrupt / an error: keep what is done, then re-raise
         report["status"] = f"interrupted ({type(exc).__name__}); run again with the same arguments to resume"
         save()
-        (out / "report.md").write_text(render_markdown(report))  # how far it got, readable
+        (out / "report.md").write_text(render_markdown(report), encoding="utf-8")  # how far it got, readable
         say(f"[reproduce] stopped; partial report in {out / 'report.md'}; run again to resume from {cache}")
         raise
     say("[reproduce] figures and report.md")

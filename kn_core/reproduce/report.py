@@ -1,4 +1,4 @@
-"""The reproduction's report: report.json (everything, strict JSON), report.md (tables beside the paper's
+"""The reproduction's report: report.json (everything, strict JSON by ``kn_core.jsonio``), report.md (tables beside the paper's
 numbers, and a "Left out" section naming every template, fact and relation that was not used, with its
 reason) and PNG figures. Pure functions of the report dict, so a report can be re-rendered from its JSON.
 
@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..jsonio import dumps
+
 PAPER = {
     "model": "bert-base-cased on PARAREL (34 relations, 27,738 facts)",
     "mean_neurons_per_fact": 4.13, "shared_intra_relation": 1.23, "shared_inter_relation": 0.09,
@@ -24,22 +26,6 @@ PAPER = {
     "erase_ppl_increase": "+36% to +141% (P19 1450 -> 2996, P106 2279 -> 5202)", "erase_other": "+1% to +10%",
     "seconds_per_fact": "about 13 s per fact (9 prompts) on a V100",
 }
-
-
-def jsonable(obj):
-    """Plain JSON types; non-finite floats become None (report.json is strict JSON)."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        value = float(obj)
-        return value if math.isfinite(value) else None
-    if isinstance(obj, (np.integer, np.bool_)):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return jsonable(obj.tolist())
-    return obj
 
 
 def _finite(x) -> bool:
@@ -414,5 +400,5 @@ def write_report(report: dict, out: Path) -> None:
     """Derived numbers, figures, report.json and report.md in ``out``."""
     out = Path(out)
     report["figures"] = write_figures(report, out)
-    (out / "report.json").write_text(json.dumps(jsonable(report), indent=2, allow_nan=False))
-    (out / "report.md").write_text(render_markdown(report))
+    (out / "report.json").write_text(dumps(report, indent=2), encoding="utf-8")
+    (out / "report.md").write_text(render_markdown(report), encoding="utf-8")
