@@ -16,7 +16,7 @@ from kn_core.attribution import AttributionParams, attribute, encode_answer
 from kn_core.neurons import (ActivationStats, NeuronFlags, activation_stats, adapt_p, answer_activations,
                              coarse_counts, coarse_neurons, fact_coarse_set, flag_massive, flag_unspecific,
                              neuron_flags, neutral_sentences, refined_from_counts, refined_neurons, relation_neurons,
-                             run_flags)
+                             run_flags, run_stats, scored_flags)
 from tiny import make_tiny
 
 
@@ -271,3 +271,5 @@ def test_run_flags_finds_unspecific_neurons_from_scores_by_relation():
     flags = run_flags(lm, [result.activations], by_relation)
     assert flags.massive == {(1, 5)} and flags.unspecific == {(2, 9), (0, 4)}
     assert flags.rule["relations"] == 3 and "neutral sentences" in flags.rule["stats_source"]
+    stats = run_stats(lm, [result.activations])
+    assert stats.n_prompts == 1 + len(neutral_sentences()) and scored_flags(stats, by_relation) == flags
