@@ -16,7 +16,7 @@ from kn_core.attribution import AttributionParams, attribute, encode_answer
 from kn_core.neurons import (ActivationStats, NeuronFlags, activation_stats, adapt_p, answer_activations,
                              coarse_counts, coarse_neurons, fact_coarse_set, flag_massive, flag_unspecific,
                              neuron_flags, neutral_sentences, refined_from_counts, refined_neurons, relation_neurons,
-                             run_flags)
+                             run_flags, run_stats, scored_flags)
 from tiny import make_tiny
 
 
@@ -247,3 +247,52 @@ def test_a_facts_coarse_set_is_what_half_of_its_prompts_agree_on():
     assert fact_coarse_set([a, a, b, b]) == {(0, 1), (1, 2), (1, 0)}  # 4, 2 and 2 of 4 prompts
     assert fact_coarse_set([a, a, a, b]) == {(0, 1), (1, 2)}  # (1, 0) in 1 of 4
     assert fact_coarse_set([a, b, b], exclude=[(0, 1)]) == {(1, 0)}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_batched_texts_of_different_lengths_read_like_one_by_one(family):
+    lm = make_tiny(family)
+    texts = ["The capital of France is", "Paris", "The official language of the country which lies in Europe is"]
+    together = answer_activations(lm, texts, batch_size=3)
+    for text, batched in zip(texts, together):
+        np.testing.assert_allclose(batched, answer_activations(lm, [text])[0], rtol=1e-4, atol=1e-5)
+
+
+def test_run_flags_finds_unspecific_neurons_from_scores_by_relation():
+    lm = make_tiny("gpt2")
+    plant(lm, 1, 5, 150.0)
+    text = "The capital of France is"
+    result = attribute(lm, text, AttributionParams(steps=2), answer_ids=encode_answer(lm, text, " Paris"))
+    common = np.zeros((3, 72), dtype=np.float32)
+    common[1, 5], common[2, 9], common[0, 1] = 9.0, 1.0, 0.1  # (1, 5) is massive: (2, 9) sets the threshold
+    other = np.zeros_like(common)
+    other[0, 4] = 1.0
+    by_relation = {"P1": [[common, common]], "P2": [[common, other], [other, other]], "P3": [[other, other]]}
+    flags = run_flags(lm, [result.activations], by_relation)
+    assert flags.massive == {(1, 5)} and flags.unspecific == {(2, 9), (0, 4)}
+    assert flags.rule["relations"] == 3 and "neutral sentences" in flags.rule["stats_source"]
+    stats = run_stats(lm, [result.activations])
+    assert stats.n_prompts == 1 + len(neutral_sentences()) and scored_flags(stats, by_relation) == flags
+
+
+def test_kn_neurons_flags_massive_neurons_and_keeps_them_out_unless_asked(tmp_path, capsys):
+    from kn_core.cli import main
+
+    lm = make_tiny("gpt2")
+    plant(lm, 1, 5, 150.0)
+    lm.model.save_pretrained(tmp_path)
+    lm.tokenizer.save_pretrained(tmp_path)
+    docs = {}
+    for keep in ([], ["--keep-massive"]):
+        assert main(["neurons", "--relation", "P36", "--subject", "France", "--model", str(tmp_path), "--steps", "2",
+                     "--p", "0.1", "--json"] + keep) == 0
+        docs[bool(keep)] = json.loads(capsys.readouterr().out)
+    excluded, kept = docs[False], docs[True]
+    assert excluded["flags"]["massive"] == [[1, 5]] and excluded["flags"]["excluded_from_neurons"]
+    assert not kept["flags"]["excluded_from_neurons"]
+
+    def listed(doc):
+        return [(n["layer"], n["neuron"]) for n in doc["refined"] + [e for c in doc["coarse"] for e in c]]
+
+    assert (1, 5) not in listed(excluded) and (1, 5) in listed(kept)
+    assert all(n["flags"] == (["massive"] if (n["layer"], n["neuron"]) == (1, 5) else []) for n in kept["refined"])
