@@ -91,6 +91,14 @@ def cmd_edit_update(args) -> int:
         raise CliError("no knowledge neurons left to update" + (" (all shared by >10% of the relation's facts)"
                                                                   if update.excluded else ""))
     own, new = [p for p, _ in pairs], [q for _, q in pairs]
+    calibration = None
+    if args.strength == "calibrated":  # sign-aware, lambdas scaled to the smallest strength at which o' wins
+        from dataclasses import replace
+
+        from ..edit_plan import calibrate_update
+
+        flipped = E.negatively_active(update.neurons, [r.activations for r in results])
+        update, calibration = calibrate_update(lm, replace(update, flipped=flipped), new)
 
     def measure():
         return ev.answer_probabilities(lm, own, top_k=5), ev.answer_probabilities(lm, new, top_k=5)
@@ -109,13 +117,18 @@ def cmd_edit_update(args) -> int:
            "after": {"old": [r["prob"] for r in after_old], "new": [r["prob"] for r in after_new]},
            "top1_after": [r["top1_token"] for r in after_old],
            "change_rate": float(np.mean([a["top1_id"] != b["top1_id"] for a, b in zip(after_old, before_old)])),
-           "success_rate": float(np.mean([r["correct"] for r in after_new])), "exported_to": args.export}
+           "success_rate": float(np.mean([r["correct"] for r in after_new])), "exported_to": args.export,
+           **({"calibration": calibration} if calibration is not None else {})}
     text = [f"update {fact.relation} {fact.subject}: {fact.object} -> {args.new_object} "
             f"({len(update.neurons)} neurons, {len(update.excluded)} left out"
             + (f", edit reversed on {len(update.flipped)} negatively active" if args.sign_aware else "") + ")",
             *[f"  {p.text!r}: P(old) {b['prob']:.4f} -> {a['prob']:.4f}, P(new) {bn['prob']:.4f} -> {an['prob']:.4f}, "
               f"top-1 {a['top1_token']!r}" for p, b, a, bn, an in zip(own, before_old, after_old, before_new, after_new)],
             f"change rate {doc['change_rate']:.2f}, success rate {doc['success_rate']:.2f}"]
+    if calibration is not None:
+        text.append(f"calibrated: {calibration['scale']:.3g} x the lambdas (λ2 = {calibration['lambda2']:.3g}); "
+                    + ("o' is the top answer on every prompt" if calibration["reached"] else
+                       "FAILED: o' is not the top answer on every prompt even at the largest scale"))
     emit(args, doc, "\n".join(text))
     return 0
 
@@ -183,10 +196,15 @@ def cmd_neuron(args) -> int:
     from .. import evaluation as ev
     from ..validation import check_int
 
+    if args.sign == "auto" and not args.prompt:
+        raise CliError("--sign auto reads the sign of the activation on the --prompt texts; give at least one --prompt")
     lm = load(args)
     check_int("--layer", args.layer, 0, lm.layout.layers - 1, " (the model's layers)")
     check_int("--index", args.index, 0, lm.layout.neurons - 1, " (the neurons of a layer)")
-    info = ev.neuron_tokens(lm, args.layer, args.index, args.top_k)
+    sign = {"none": None, "positive": 1, "negative": -1}.get(args.sign)
+    if args.sign == "auto":
+        sign = ev.activation_sign(lm, args.layer, args.index, args.prompt)
+    info = ev.neuron_tokens(lm, args.layer, args.index, args.top_k, sign=sign)
     if args.prompt:
         acts = ev.neuron_activations(lm, [(args.layer, args.index)], args.prompt, position=args.position)[:, 0]
         info["activations"] = [{"text": t, "activation": float(a)} for t, a in zip(args.prompt, acts)]
@@ -194,8 +212,8 @@ def cmd_neuron(args) -> int:
         sentences = [s.strip() for s in Path(args.rank_file).read_text(encoding="utf-8").splitlines() if s.strip()]
         info["ranked"] = ev.rank_by_activation(lm, [(args.layer, args.index)], sentences, args.position)
     text = [f"L{args.layer} #{args.index} (|v| = {info['norm']:.3f})",
-            "promotes:   " + ", ".join(f"{r['token']!r} {r['logit']:+.2f}" for r in info["promotes"]),
-            "suppresses: " + ", ".join(f"{r['token']!r} {r['logit']:+.2f}" for r in info["suppresses"])]
+            f"{info['labels']['promotes']}: " + ", ".join(f"{r['token']!r} {r['logit']:+.2f}" for r in info["promotes"]),
+            f"{info['labels']['suppresses']}: " + ", ".join(f"{r['token']!r} {r['logit']:+.2f}" for r in info["suppresses"])]
     text += [f"  {a['activation']:+.4f}  {a['text']!r}" for a in info.get("activations", [])]
     text += [f"  #{r['rank']} {r['activation']:+.4f}  {r['text']!r}" for r in info.get("ranked", [])]
     emit(args, info, "\n".join(text))
@@ -236,6 +254,10 @@ def add_commands(sub) -> None:
     p.add_argument("--sign-aware", action="store_true",
                    help="reverse the edit on neurons whose mean activation on the fact's prompts is negative "
                         "(gated FFNs; not in the paper)")
+    p.add_argument("--strength", choices=["paper", "calibrated"], default="paper",
+                   help="paper: the lambdas as given; calibrated: sign-aware, both lambdas scaled by the smallest "
+                        "factor in [1/64, 4] at which o' becomes the top answer on the fact's prompts (not in the "
+                        "paper; a failure is reported)")
     _fact_edit_options(p)
     p.set_defaults(func=cmd_edit_update)
     p = edit_sub.add_parser("erase", parents=[COMMON], help="erase a relation (its k most frequent knowledge neurons)")
@@ -254,4 +276,8 @@ def add_commands(sub) -> None:
     neuron.add_argument("--prompt", action="append", help="show the activation on this text (repeatable)")
     neuron.add_argument("--rank-file", help="rank the sentences of this text file (one a line) by activation")
     neuron.add_argument("--position", choices=["answer", "max", "mean", "last"], default="answer")
+    neuron.add_argument("--sign", choices=["none", "positive", "negative", "auto"], default="none",
+                        help="read the value vector as the neuron acts when its activation has this sign (auto: "
+                             "the sign of its mean activation on the --prompt texts; SwiGLU/GELU neurons fire "
+                             "negative, and then promote what the value vector alone suppresses)")
     neuron.set_defaults(func=cmd_neuron)
