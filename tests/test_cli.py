@@ -118,3 +118,50 @@ def test_default_model_sign_aware_update_reverses_negatively_active_neurons(caps
     assert ours["flipped"] and all(n in ours["neurons"] for n in ours["flipped"])
     assert ours["edit"]["flipped"] == [[n["layer"], n["neuron"]] for n in ours["flipped"]]
     assert ours["neurons"] == paper["neurons"] and ours["after"] != paper["after"]
+
+
+def strict(text: str):
+    """json.loads that refuses NaN/Infinity (Python's json accepts them; JSON does not)."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_jsonio_writes_non_finite_numbers_as_null_with_a_note():
+    import math
+
+    import numpy as np
+
+    from kn_core.jsonio import dumps
+
+    doc = strict(dumps({"p": math.nan, "after": [0.5, math.inf, np.float32("nan")], "n": np.int64(3),
+                        "inner": {"x": -math.inf}, "ok": np.arange(2)}))
+    assert doc["p"] is None and doc["p_note"] == "NaN"
+    assert doc["after"] == [0.5, None, None] and "[1]=Infinity" in doc["after_note"] and "[2]=NaN" in doc["after_note"]
+    assert doc["n"] == 3 and doc["inner"] == {"x": None, "x_note": "-Infinity"} and doc["ok"] == [0, 1]
+    assert strict(dumps({"a": 1.5, "b": "x"})) == {"a": 1.5, "b": "x"}  # finite data: plain json.dumps
+
+
+@pytest.mark.parametrize("kind", ["suppress", "amplify", "update", "erase"])
+def test_edit_commands_build_through_edit_plan_and_print_strict_json(capsys, saved, kind):
+    argv = ["edit", kind, "--relation", "P36", "--model", saved["gpt2"], "--steps", "2", "--t", "0.1", "--p", "0.2",
+            "--json"]
+    if kind != "erase":
+        argv += ["--subject", "France"]
+    if kind == "update":
+        argv += ["--new-object", "Berlin", "--relation-facts", "1"]
+    if kind == "erase":
+        argv += ["--max-facts", "2", "--control-facts", "2", "--k", "3"]
+    code, out, err = run(capsys, *argv)
+    doc = strict(out)
+    assert code == 0, err
+    assert doc["edit"]["kind"] == kind and [[n["layer"], n["neuron"]] for n in doc["neurons"]] == doc["edit"]["neurons"]
+    assert doc["prompt_groups"]["fact"] and set(doc["groups"]) == {"edit", "control"}
+    assert doc["groups"]["edit"]["fact"]["n"] == len(doc["prompt_groups"]["fact"])
+    if kind == "update":
+        assert doc["prompts"] == doc["prompt_groups"]["fact"] and len(doc["after"]["new"]) == len(doc["prompts"])
+        assert doc["success_rate"] == doc["groups"]["edit"]["success_rate"]
+    if kind in ("suppress", "amplify"):
+        assert doc["prompts"] == doc["prompt_groups"]["fact"]
+        assert doc["relative_change"] == pytest.approx(doc["groups"]["edit"]["fact"]["relative_change"])
