@@ -29,20 +29,20 @@ def saved(tmp_path_factory):
 
 def test_model_info_from_a_folder(capsys, saved):
     code, out, _ = run(capsys, "model", "info", "--model", saved["bert"], "--json")
-    info = json.loads(out)
+    info = strict(out)
     assert code == 0 and info["family"] == "bert" and info["kind"] == "masked"
     assert (info["layers"], info["neurons"]) == (3, 72) and len(info["sha256"]) == 64
 
 
 def test_predict_masked_needs_a_mask(capsys, saved):
     code, out, err = run(capsys, "predict", "The capital of France is Paris .", "--model", saved["bert"], "--json")
-    assert code == 2 and "mask" in json.loads(out)["error"]
+    assert code == 2 and "mask" in strict(out)["error"]
     assert err.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in err
     code, out, _ = run(capsys, "predict", "The capital of France is [MASK] .", "--model", saved["bert"], "--json",
                        "--top", "3", "--project", str(saved["project"]))
-    assert code == 0 and len(json.loads(out)["predictions"]) == 3
+    assert code == 0 and len(strict(out)["predictions"]) == 3
     code, out, _ = run(capsys, "project", "info", str(saved["project"]), "--json")
-    assert json.loads(out)["counts"]["evaluations"] == 1
+    assert strict(out)["counts"]["evaluations"] == 1
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -76,30 +76,30 @@ def test_attribute_json_and_project(capsys, saved, tmp_path):
     code, out, _ = run(capsys, "attribute", "--prompt", "The capital of France is", "--answer", " Paris",
                        "--model", saved["gpt2"], "--steps", "4", "--json", "--project", str(project),
                        "--save", str(tmp_path / "s.npz"))
-    doc = json.loads(out)
+    doc = strict(out)
     assert code == 0 and doc["layers"] == 3 and doc["neurons"] == 72
     assert all(n["score"] > 0.2 * doc["max"] for n in doc["coarse"]) and len(doc["completeness"]) == 3
     code, out, _ = run(capsys, "project", "info", str(project), "--json")
-    assert json.loads(out)["counts"]["runs"] == 1
+    assert strict(out)["counts"]["runs"] == 1
 
 
 @pytest.mark.default_model
 def test_default_model_predicts_paris(capsys):
     code, out, _ = run(capsys, "predict", "The capital of France is", "--json")
-    assert code == 0 and json.loads(out)["predictions"][0]["token"] == " Paris"
+    assert code == 0 and strict(out)["predictions"][0]["token"] == " Paris"
 
 
 @pytest.mark.default_model
 def test_default_model_knows_most_capitals(capsys):
     code, out, _ = run(capsys, "facts", "check", "--relation", "P36", "--json")
-    doc = json.loads(out)
+    doc = strict(out)
     assert code == 0 and doc["facts_known"] >= doc["facts"] / 2
 
 
 @pytest.mark.default_model
 def test_default_model_refined_neurons_of_france(capsys):
     code, out, _ = run(capsys, "neurons", "--relation", "P36", "--subject", "France", "--json")
-    doc = json.loads(out)
+    doc = strict(out)
     assert code == 0 and doc["refined"], doc
     # knowledge neurons concentrate in the top layers (paper, Figure 3)
     assert sum(n["layer"] >= 15 for n in doc["refined"]) * 2 > len(doc["refined"])
@@ -110,9 +110,9 @@ def test_default_model_sign_aware_update_reverses_negatively_active_neurons(caps
     argv = ["edit", "update", "--relation", "P36", "--subject", "Japan", "--new-object", "Berlin", "--steps", "4",
             "--json"]
     code, out, _ = run(capsys, *argv)
-    paper = json.loads(out)
+    paper = strict(out)
     code2, out2, _ = run(capsys, *argv, "--sign-aware")
-    ours = json.loads(out2)
+    ours = strict(out2)
     assert code == code2 == 0 and paper["flipped"] == [] and paper["edit"]["flipped"] == []
     # SmolLM2's gated FFN: some of the fact's knowledge neurons are negatively active on its prompts
     assert ours["flipped"] and all(n in ours["neurons"] for n in ours["flipped"])
