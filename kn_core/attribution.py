@@ -39,6 +39,7 @@ from torch import nn
 from . import neurons as kn_neurons
 from .ffn import ActivationPatch, capture_activations
 from .models import LoadedModel
+from .validation import check_choice, check_int, check_positive, check_steps
 
 CPU_ROWS_PER_PASS = 120
 CPU_TOKENS_PER_PASS = 400
@@ -81,16 +82,21 @@ class AttributionParams:
     memory_budget_mb: int | None = None  # None: 2 GiB on CPU, a quarter of free memory on CUDA
     seed: int = 0
     share_prompts: bool | None = None  # a fact's prompts in shared passes (`shares_passes`); None: on accelerators
+    # steps above validation.MAX_STEPS only on purpose; not a scoring parameter, so not in to_dict()
+    force: bool = field(default=False, compare=False, repr=False)
 
     def __post_init__(self):
-        if self.steps < 1:
-            raise ValueError("steps must be at least 1")
-        if self.rule not in ("right", "left"):
-            raise ValueError(f"rule must be 'right' or 'left', not {self.rule!r}")
-        if self.method not in ("ig", "activation"):
-            raise ValueError(f"method must be 'ig' or 'activation', not {self.method!r}")
-        if self.multi_token not in ("mean", "sum", "first"):
-            raise ValueError(f"multi_token must be 'mean', 'sum' or 'first', not {self.multi_token!r}")
+        check_steps(self.steps, self.force)
+        check_choice("rule", self.rule, ("right", "left"))
+        check_choice("method", self.method, ("ig", "activation"))
+        check_choice("multi_token", self.multi_token, ("mean", "sum", "first"))
+        for name in ("layers_per_pass", "passes_per_backward"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), 1)
+        if self.memory_budget_mb is not None:
+            check_positive("memory_budget_mb", self.memory_budget_mb)
+        check_int("seed", self.seed, 0)
+        check_choice("share_prompts", self.share_prompts, (None, True, False))
 
     def alphas(self) -> list[float]:
         m = self.steps
@@ -98,7 +104,9 @@ class AttributionParams:
         return [k / m for k in ks]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        del out["force"]
+        return out
 
 
 def default_t(method: str) -> float:

@@ -1,16 +1,13 @@
-"""The main window: docks, menus, toolbar, status bar. It builds the widgets and wires the panels to the
-controllers (kn_gui/controllers), which hold the logic and report typed events; dialogs live here."""
+"""The main window: it builds the docks and wires the panels to the controllers (kn_gui/controllers), which hold
+the logic and report typed events. Menus, file dialogs and exports: actions.py; sizes and layout: layout.py."""
 
 from __future__ import annotations
 
-import os
-import time
 from pathlib import Path
 
-from PySide6.QtCore import QByteArray, QSettings, Qt, QTimer, Signal
-from PySide6.QtGui import QAction, QIcon, QKeySequence
-from PySide6.QtWidgets import (QDockWidget, QFileDialog, QLabel, QMainWindow, QMessageBox, QProgressBar,
-                               QPushButton, QStyle, QWidget)
+from PySide6.QtCore import QSettings, Qt, QTimer, Signal
+from PySide6.QtGui import QIcon
+from PySide6.QtWidgets import QDockWidget, QMainWindow, QMessageBox, QWidget
 
 from kn_core.facts import Fact
 
@@ -23,8 +20,10 @@ from .panels.edits_panel import EditsPanel
 from .panels.facts_panel import FactsPanel
 from .panels.model_panel import ModelPanel
 from .panels.neurons_panel import NeuronsPanel
-from .session import NeuronSet, Run, Session, fact_key, fact_label, merge_factsets, starter_factset
 from .actions import ActionsMixin
+from .job_status import JobStatus
+from .layout import LayoutMixin, PanelScroll
+from .session import Run, Session, fact_key, starter_factset
 from .worker import JobRunner
 
 RESOURCES = Path(__file__).resolve().parent.parent / "resources"
@@ -33,7 +32,7 @@ AUTOSAVE_MS = 3 * 60 * 1000
 RECHECK_DELAY_MS = 300
 
 
-class MainWindow(ActionsMixin, QMainWindow):
+class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
     model_loaded = Signal(object)
     run_finished = Signal(object)  # the Run
     edit_evaluated = Signal(dict)
@@ -91,7 +90,7 @@ class MainWindow(ActionsMixin, QMainWindow):
     def _dock(self, title: str, widget: QWidget, area, name: str) -> QDockWidget:
         dock = QDockWidget(title, self)
         dock.setObjectName(name)
-        dock.setWidget(widget)
+        dock.setWidget(PanelScroll(widget))
         dock.setFeatures(QDockWidget.DockWidgetMovable | QDockWidget.DockWidgetFloatable
                          | QDockWidget.DockWidgetClosable)
         self.addDockWidget(area, dock)
@@ -104,42 +103,23 @@ class MainWindow(ActionsMixin, QMainWindow):
         self.attribution_panel = AttributionPanel(s)
         self.neurons_panel = NeuronsPanel(s)
         self.edits_panel = EditsPanel(s, self.undo_stack)
-        self.setCentralWidget(self.attribution_panel)
+        self.setCentralWidget(PanelScroll(self.attribution_panel))
         self.model_dock = self._dock("Model", self.model_panel, Qt.LeftDockWidgetArea, "dock_model")
         self.facts_dock = self._dock("Facts", self.facts_panel, Qt.LeftDockWidgetArea, "dock_facts")
         self.tabifyDockWidget(self.model_dock, self.facts_dock)
         self.neurons_dock = self._dock("Neurons", self.neurons_panel, Qt.RightDockWidgetArea, "dock_neurons")
         self.edits_dock = self._dock("Edits and history", self.edits_panel, Qt.BottomDockWidgetArea, "dock_edits")
+        # the side docks run the full height (their lists and the inspector need it); edits sit under the plots
+        self.setCorner(Qt.BottomLeftCorner, Qt.LeftDockWidgetArea)
+        self.setCorner(Qt.BottomRightCorner, Qt.RightDockWidgetArea)
         self.model_dock.raise_()
 
-    def _default_dock_sizes(self):
-        """Every panel's content visible at 1280x800 and up: the side docks take about a quarter of the width
-        each, the edits dock about a third of the height."""
-        w, h = max(self.width(), 1024), max(self.height(), 700)
-        self.resizeDocks([self.model_dock, self.neurons_dock], [int(w * 0.25), int(w * 0.25)], Qt.Horizontal)
-        self.resizeDocks([self.edits_dock], [int(h * 0.32)], Qt.Vertical)
-
     def _build_status(self):
-        sb = self.statusBar()
-        self.progress = QProgressBar()
-        self.progress.setRange(0, 1000)
-        self.progress.setFixedWidth(220)
-        self.progress.setVisible(False)
-        self.eta = QLabel("")
-        self.eta.setMinimumWidth(170)
-        self.cancel_button = QPushButton(self.style().standardIcon(QStyle.SP_BrowserStop), "Cancel")
-        self.cancel_button.setObjectName("danger")
-        self.cancel_button.clicked.connect(self.cancel_job)
-        self.cancel_button.setVisible(False)
-        self.model_label = QLabel("no model")
-        self.model_label.setObjectName("hint")
-        for widget in (self.eta, self.progress, self.cancel_button, self.model_label):
-            sb.addPermanentWidget(widget)
+        self.job_status = JobStatus(self.statusBar(), self.runner, self.cancel_job)
+        self.cancel_button, self.model_label = self.job_status.cancel_button, self.job_status.model_label
 
     def _connect(self):
         r = self.runner
-        r.job_started.connect(self._job_started)
-        r.job_progress.connect(self._job_progress)
         r.job_ended.connect(self._job_ended)
         r.busy_changed.connect(self._busy_changed)
         for stack in (self.history.edits, self.history.facts):
@@ -176,22 +156,6 @@ class MainWindow(ActionsMixin, QMainWindow):
         self.edits_panel.message.connect(self.status)
 
     # ================================================================= layout, title
-    def _restore_layout(self):
-        geometry = self.settings.value("window/geometry")
-        state = self.settings.value("window/state")
-        if isinstance(geometry, (QByteArray, bytes)):
-            self.restoreGeometry(geometry)
-        else:
-            self.resize(1600, 1000)
-        self._default_dock_sizes()
-        self._default_state = self.saveState()
-        if isinstance(state, (QByteArray, bytes)):
-            self.restoreState(state)
-
-    def reset_layout(self):
-        self.restoreState(self._default_state)
-        self._default_dock_sizes()
-
     def _update_title(self):
         name = Path(self.project.path).name if self.project.path else "untitled"
         self.setWindowTitle(f"{name}[*] \u2014 {APP_NAME}")
@@ -227,24 +191,6 @@ class MainWindow(ActionsMixin, QMainWindow):
             return False
         return True
 
-    def _job_started(self, name: str):
-        self.progress.setVisible(True)
-        self.progress.setRange(0, 1000)
-        self.progress.setValue(0)
-        self.cancel_button.setVisible(True)
-        self.eta.setText(name)
-        self.status(name + "\u2026", 0)
-
-    def _job_progress(self, fraction: float, message: str, eta: float):
-        if fraction < 0:
-            self.progress.setRange(0, 0)
-        else:
-            self.progress.setRange(0, 1000)
-            self.progress.setValue(int(fraction * 1000))
-        self.eta.setText(f"ETA {int(eta) // 60}:{int(eta) % 60:02d}" if eta >= 0 else "")
-        if message:
-            self.statusBar().showMessage(message, 0)
-
     def _job_ended(self, name: str, outcome: str, message: str):
         if outcome == "failed":
             self.show_error(f"{name} failed", message)
@@ -256,10 +202,6 @@ class MainWindow(ActionsMixin, QMainWindow):
             self.project.autosave()
 
     def _busy_changed(self, busy: bool):
-        self.progress.setVisible(busy)
-        self.cancel_button.setVisible(busy)
-        if not busy:
-            self.eta.setText("")
         self.model_panel.set_loading(busy)
         self._update_actions()
 
@@ -397,19 +339,6 @@ class MainWindow(ActionsMixin, QMainWindow):
         self.history.redo(stack)
 
     # ================================================================= facts
-    def import_facts(self, path: str) -> bool:
-        from kn_core.facts import import_facts
-
-        try:
-            imported = import_facts(path)
-        except Exception as exc:  # noqa: BLE001 - FactImportError names file, line and problem
-            self.show_error("Could not import the facts", f"{exc}. Fix the file (or pick another) and import again.")
-            return False
-        merged, added = merge_factsets(self.session.factset, imported)
-        self._push_factset(f"Import {added} facts from {Path(path).name}", merged)
-        self.status(f"Imported {added} new facts ({len(imported.relations)} relations) from {Path(path).name}.")
-        return True
-
     def check_facts(self, facts):
         if not self._need_model() or not facts:
             return
@@ -513,15 +442,8 @@ class MainWindow(ActionsMixin, QMainWindow):
             self.status("The model changed: answer checks cleared; press Check (F6) to measure them again.")
 
     def _update_auto_sets(self, run: Run):
-        """The current fact's refined (and union of coarse) neurons as named sets, kept in step with t and p."""
-        if not run.scores:
-            return
-        s, label = self.session, fact_label(run.fact)
-        s.put_set(NeuronSet(f"refined: {label}", "refined", s.refined(run),
-                            f"{run.fact.relation}, t={s.t:.2f} p={s.p:.2f}"))
-        coarse = sorted({n for i in range(len(run.scores)) for n in s.coarse(run, i)})
-        s.put_set(NeuronSet(f"coarse: {label}", "coarse", coarse, f"{run.fact.relation}, t={s.t:.2f}"))
-        self._sets_changed()
+        if self.attribution.update_auto_sets(run):
+            self._sets_changed()
 
     def _thresholds_changed(self, t: float, p: float):
         run = self.attribution_panel.run
@@ -530,36 +452,26 @@ class MainWindow(ActionsMixin, QMainWindow):
         self._mark_dirty()
 
     def adapt_p(self):
-        fact = self.current_fact
-        if fact is None:
-            self.show_error("No fact selected", "Pick a fact of the relation whose p should be adapted.")
-            return
         try:
-            result = self.session.adapt_p(fact.relation)
-        except ValueError as exc:
-            self.show_error("Cannot adapt p", str(exc))
+            result = self.attribution.adapt_p(self.current_fact)
+        except UserError as exc:
+            self.show_error(exc.title, str(exc))
             return
         self.attribution_panel.set_thresholds(self.session.t, result.p)
         self.attribution_panel._thresholds()
         steps = " \u2192 ".join(f"{p:.2f} ({m:.1f})" for p, m in result.history)
-        self.status(f"p adapted for {fact.relation}: {steps}; mean refined neurons per fact "
+        self.status(f"p adapted for {self.current_fact.relation}: {steps}; mean refined neurons per fact "
                     f"{result.mean_neurons:.2f}.")
 
     def make_relation_set(self):
-        fact = self.current_fact
-        if fact is None:
-            self.show_error("No fact selected", "Pick a fact of the relation first.")
+        try:
+            neuron_set = self.attribution.relation_set(self.current_fact)
+        except UserError as exc:
+            self.show_error(exc.title, str(exc))
             return
-        runs = self.session.relation_runs(fact.relation)
-        if not runs:
-            self.show_error("No runs", f"Run attribution on some facts of {fact.relation} first.")
-            return
-        neurons = self.session.relation_level(fact.relation)
-        rel = self.session.factset.relations.get(fact.relation)
-        name = f"relation: {fact.relation} {rel.name if rel else ''}".strip()
-        self.neurons_panel.add_set(NeuronSet(name, "relation", [n for n, _ in neurons],
-                                             f"{len(runs)} facts, \u2265 10%"))
-        self.status(f"{name}: {len(neurons)} neurons refined for \u2265 10% of {len(runs)} facts.")
+        self.neurons_panel.add_set(neuron_set)
+        self.status(f"{neuron_set.name}: {len(neuron_set.neurons)} neurons refined for \u2265 10% of "
+                    f"{neuron_set.source.split()[0]} facts.")
 
     # ================================================================= neurons
     def _neurons_selected(self, neurons):
@@ -614,106 +526,6 @@ class MainWindow(ActionsMixin, QMainWindow):
             self.edits_dock.raise_()
         elif isinstance(ev, E.EditFailed):
             self.show_error("Cannot apply the edit", ev.message)
-
-    # ================================================================= projects
-    def _project_event(self, ev):
-        if isinstance(ev, P.ProjectOpened):
-            self._project_loaded(ev)
-        elif isinstance(ev, P.ProjectSaved):
-            self._add_recent(ev.path)
-            self._update_title()
-            self.project_saved.emit(ev.path)
-            self.status(f"Saved {ev.path}.")
-        elif isinstance(ev, P.Autosaved) and ev.error:
-            self.status(f"Autosave to {ev.path} failed: {ev.error}", 15000)
-
-    def _project_loaded(self, ev):
-        snap, s = ev.snapshot, self.session
-        self.attribution_panel.set_thresholds(s.t, s.p)
-        self.facts_panel.rebuild()
-        self.current_fact = None
-        self.attribution_panel.show_run(None)
-        self.edits_panel.show_report(None)
-        self._sets_changed()
-        self.edits.pending = None
-        if snap.edit_state and snap.edit_state.get("entries"):
-            self._restore_history(snap.edit_state, snap.edit_sha)
-        self.history.set_clean()
-        first = next(iter(s.runs.values()), None)
-        if first is not None:
-            self.facts_panel.select_fact(first.fact)
-            self.select_fact(first.fact)
-        if not ev.recovered:
-            self._add_recent(snap.path)
-        self._update_title()
-        self.project_opened.emit(snap.path)
-        what = "Recovered unsaved work" if ev.recovered else f"Opened {snap.path}"
-        self.status(f"{what}: {len(s.factset.facts)} facts, {len(s.runs)} runs, {len(s.neuron_sets)} neuron sets.")
-
-    def new_project(self):
-        if not self._confirm_discard() or not self._need_free("start a new project", "session"):
-            return
-        self.project.new()
-        s = self.session
-        s.factset = starter_factset()
-        s.runs.clear()
-        s.partial_runs.clear()
-        s.neuron_sets.clear()
-        s.results_dirty = False
-        self.current_fact = None
-        self.facts_panel.rebuild()
-        self.attribution_panel.show_run(None)
-        self.neurons_panel.refresh()
-        self.edits_panel.show_report(None)
-        self._sets_changed()
-        self._update_title()
-        self.status("New project.")
-
-    def open_project(self, path: str):
-        if not self._confirm_discard():
-            return
-        try:
-            self.project.open(path)
-        except UserError as exc:
-            self.show_error(exc.title, str(exc))
-            if exc.title == "Project not found":
-                self._forget_recent(path)
-
-    def save(self, wait: bool = False) -> bool:
-        if self.project.path is None:
-            return self.save_as(wait=wait)
-        return self.save_to(self.project.path, wait=wait)
-
-    def save_to(self, path: str, wait: bool = False) -> bool:
-        """Queues the save; with `wait`, returns whether it reached the disk."""
-        if not self._need_free("save", "session"):
-            return False
-        saved = []
-        self.project_saved.connect(saved.append)
-        try:
-            self.project.save_to(path)
-            if wait:
-                self.runner.wait_idle(120000)
-        finally:
-            self.project_saved.disconnect(saved.append)
-        return bool(saved) or not wait
-
-    def offer_recovery(self) -> bool:
-        """At start: autosave files a killed app left behind are offered for recovery. True if one was opened."""
-        found = self.project.recoverable()
-        if not found:
-            return False
-        path = max(found, key=os.path.getmtime)
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(path)))
-        if self.quiet:
-            recover = self.auto_recover
-        else:
-            recover = QMessageBox.question(
-                self, "Recover unsaved work?", f"Knowledge Neuron Studio did not close cleanly. Unsaved work from "
-                f"{when} was autosaved ({path}). Recover it? (No keeps the file for later.)") == QMessageBox.Yes
-        if recover:
-            self.project.open(path, recovered=True)
-        return recover
 
     def closeEvent(self, event):
         if not self._confirm_discard():
