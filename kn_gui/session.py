@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from kn_core import neurons as kn_neurons
-from kn_core.facts import Fact, FactSet, Prompt, Relation, Skipped, render_prompts
+from kn_core.facts import Fact, FactSet, Prompt, Skipped, render_prompts
 
 Neuron = tuple[int, int]
 
