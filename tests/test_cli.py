@@ -83,6 +83,26 @@ def test_attribute_json_and_project(capsys, saved, tmp_path):
     assert strict(out)["counts"]["runs"] == 1
 
 
+def test_neuron_sign_and_calibrated_update(capsys, saved):
+    from kn_core import evaluation as ev
+    from kn_core.models import load_model
+
+    code, out, _ = run(capsys, "neuron", "--layer", "1", "--index", "2", "--model", saved["gpt2"], "--sign", "auto",
+                       "--prompt", "The capital of France is", "--prompt", "France", "--json")
+    doc = json.loads(out)
+    lm = load_model(saved["gpt2"], device="cpu")
+    expect = ev.activation_sign(lm, 1, 2, ["The capital of France is", "France"])
+    assert code == 0 and doc["sign"] == expect and doc["labels"]["promotes"].startswith("promotes")
+    code, _, err = run(capsys, "neuron", "--layer", "1", "--index", "2", "--model", saved["gpt2"], "--sign", "auto")
+    assert code == 2 and "--prompt" in err and len(err.strip().splitlines()) == 1
+    code, out, _ = run(capsys, "edit", "update", "--relation", "P36", "--subject", "France", "--new-object", "Berlin",
+                       "--model", saved["gpt2"], "--steps", "2", "--p", "0.3", "--strength", "calibrated", "--json")
+    doc = json.loads(out)
+    cal = doc["calibration"]
+    assert code == 0 and cal["lambda2"] == pytest.approx(8.0 * cal["scale"]) and doc["edit"]["lambda2"] == cal["lambda2"]
+    assert cal["reached"] == (doc["success_rate"] == 1.0)
+
+
 @pytest.mark.default_model
 def test_default_model_predicts_paris(capsys):
     code, out, _ = run(capsys, "predict", "The capital of France is", "--json")

@@ -4,7 +4,9 @@ With --json exactly one JSON document goes to stdout; progress and messages go t
 a one-line error and exit status 2, never a traceback.
 
 One module per verb group, each with `add_commands(subparsers)`; handlers are `cmd_*(args) -> int`. To add a
-verb: write `cmd_x` and register it in its group's `add_commands` (or add a module and list it in VERB_GROUPS).
+verb: write `cmd_x` and register it in its group's `add_commands` (or add a module and list it in VERB_GROUPS);
+give every new argument a check in `checks.CHECKS` (kn_core.validation), so that bad input fails before any
+model loads; raise `CliError` for a one-line user error; print with `common.emit` (strict JSON with --json).
 """
 
 from __future__ import annotations

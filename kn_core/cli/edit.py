@@ -105,7 +105,8 @@ def cmd_edit_update(args) -> int:
                        f"lower --p")
     plan = _planned(lm, factset, EditRequest("update", tuple(neurons), fact, new_object=args.new_object,
                                              lambda1=args.lambda1, lambda2=args.lambda2,
-                                             sign_aware=args.sign_aware, seed=args.seed), relation_sets)
+                                             sign_aware=args.sign_aware, strength=args.strength, seed=args.seed),
+                    relation_sets)
     update = plan.edit
     own, new = plan.prompts["fact"], plan.prompts["new object"]
 
@@ -128,6 +129,7 @@ def cmd_edit_update(args) -> int:
            "change_rate": float(np.mean([a["top1_id"] != b["top1_id"] for a, b in zip(after_old, before_old)])),
            "success_rate": float(np.mean([r["correct"] for r in after_new])), "exported_to": args.export,
            "control": {"kind": "random neurons from the same layers", "edit": plan.control.to_dict()},
+           **({"calibration": plan.calibration} if plan.calibration is not None else {}),
            **_plan_fields(lm, plan)}
     text = [f"update {fact.relation} {fact.subject}: {fact.object} -> {args.new_object} "
             f"({len(update.neurons)} neurons, {len(update.excluded)} left out"
@@ -135,6 +137,11 @@ def cmd_edit_update(args) -> int:
             *[f"  {p.text!r}: P(old) {b['prob']:.4f} -> {a['prob']:.4f}, P(new) {bn['prob']:.4f} -> {an['prob']:.4f}, "
               f"top-1 {a['top1_token']!r}" for p, b, a, bn, an in zip(own, before_old, after_old, before_new, after_new)],
             f"change rate {doc['change_rate']:.2f}, success rate {doc['success_rate']:.2f}"]
+    if plan.calibration is not None:
+        cal = plan.calibration
+        text.append(f"calibrated: {cal['scale']:.3g} x the lambdas (λ2 = {cal['lambda2']:.3g}); "
+                    + ("o' is the top answer on every prompt" if cal["reached"] else
+                       "FAILED: o' is not the top answer on every prompt even at the largest scale"))
     emit(args, doc, "\n".join(text))
     return 0
 
@@ -192,10 +199,15 @@ def cmd_neuron(args) -> int:
     from .. import evaluation as ev
     from ..validation import check_int
 
+    if args.sign == "auto" and not args.prompt:
+        raise CliError("--sign auto reads the sign of the activation on the --prompt texts; give at least one --prompt")
     lm = load(args)
     check_int("--layer", args.layer, 0, lm.layout.layers - 1, " (the model's layers)")
     check_int("--index", args.index, 0, lm.layout.neurons - 1, " (the neurons of a layer)")
-    info = ev.neuron_tokens(lm, args.layer, args.index, args.top_k)
+    sign = {"none": None, "positive": 1, "negative": -1}.get(args.sign)
+    if args.sign == "auto":
+        sign = ev.activation_sign(lm, args.layer, args.index, args.prompt)
+    info = ev.neuron_tokens(lm, args.layer, args.index, args.top_k, sign=sign)
     if args.prompt:
         acts = ev.neuron_activations(lm, [(args.layer, args.index)], args.prompt, position=args.position)[:, 0]
         info["activations"] = [{"text": t, "activation": float(a)} for t, a in zip(args.prompt, acts)]
@@ -203,8 +215,8 @@ def cmd_neuron(args) -> int:
         sentences = [s.strip() for s in Path(args.rank_file).read_text(encoding="utf-8").splitlines() if s.strip()]
         info["ranked"] = ev.rank_by_activation(lm, [(args.layer, args.index)], sentences, args.position)
     text = [f"L{args.layer} #{args.index} (|v| = {info['norm']:.3f})",
-            "promotes:   " + ", ".join(f"{r['token']!r} {r['logit']:+.2f}" for r in info["promotes"]),
-            "suppresses: " + ", ".join(f"{r['token']!r} {r['logit']:+.2f}" for r in info["suppresses"])]
+            f"{info['labels']['promotes']}: " + ", ".join(f"{r['token']!r} {r['logit']:+.2f}" for r in info["promotes"]),
+            f"{info['labels']['suppresses']}: " + ", ".join(f"{r['token']!r} {r['logit']:+.2f}" for r in info["suppresses"])]
     text += [f"  {a['activation']:+.4f}  {a['text']!r}" for a in info.get("activations", [])]
     text += [f"  #{r['rank']} {r['activation']:+.4f}  {r['text']!r}" for r in info.get("ranked", [])]
     emit(args, info, "\n".join(text))
@@ -245,6 +257,10 @@ def add_commands(sub) -> None:
     p.add_argument("--sign-aware", action="store_true",
                    help="reverse the edit on neurons whose mean activation on the fact's prompts is negative "
                         "(gated FFNs; not in the paper)")
+    p.add_argument("--strength", choices=["paper", "calibrated"], default="paper",
+                   help="paper: the lambdas as given; calibrated: sign-aware, both lambdas scaled by the smallest "
+                        "factor in [1/64, 4] at which o' becomes the top answer on the fact's prompts (not in the "
+                        "paper; a failure is reported)")
     _fact_edit_options(p)
     p.set_defaults(func=cmd_edit_update)
     p = edit_sub.add_parser("erase", parents=[COMMON], help="erase a relation (its k most frequent knowledge neurons)")
@@ -263,4 +279,8 @@ def add_commands(sub) -> None:
     neuron.add_argument("--prompt", action="append", help="show the activation on this text (repeatable)")
     neuron.add_argument("--rank-file", help="rank the sentences of this text file (one a line) by activation")
     neuron.add_argument("--position", choices=["answer", "max", "mean", "last"], default="answer")
+    neuron.add_argument("--sign", choices=["none", "positive", "negative", "auto"], default="none",
+                        help="read the value vector as the neuron acts when its activation has this sign (auto: "
+                             "the sign of its mean activation on the --prompt texts; SwiGLU/GELU neurons fire "
+                             "negative, and then promote what the value vector alone suppresses)")
     neuron.set_defaults(func=cmd_neuron)
