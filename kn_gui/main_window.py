@@ -307,7 +307,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         self._update_title()
         self.edits_panel.show_report(self.edits.report_shown())
         # the weights changed: the answer checks in the Facts tree describe the old ones
-        self.session.checks.clear()
+        self.attribution.model_changed()
         self.facts_panel.rebuild()
         self._recheck.start()
 
@@ -315,7 +315,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         if self.runner.busy:
             self._recheck.start()
             return
-        self.attribution.model_changed()
+        self.attribution.recheck()
 
     def _facts_index_changed(self, _index: int):
         self.facts_panel.rebuild()
@@ -438,8 +438,9 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
                 for fact in ev.facts:
                     self.facts_panel.refresh_fact(fact)
             self.status(f"Checked {ev.prompts} prompts: the model answers {ev.correct} correctly (\u2714).")
-        elif isinstance(ev, A.ChecksCleared) and not ev.rechecking:
-            self.status("The model changed: answer checks cleared; press Check (F6) to measure them again.")
+        elif isinstance(ev, A.ChecksCleared):
+            self.status(f"The model changed: the answer checks of {ev.facts} facts were cleared; press Check (F6) "
+                        "to measure them again.")
 
     def _update_auto_sets(self, run: Run):
         if self.attribution.update_auto_sets(run):
