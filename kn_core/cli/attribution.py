@@ -55,7 +55,7 @@ def cmd_attribute(args) -> int:
 def cmd_neurons(args) -> int:
     from ..attribution import attribute_fact, default_t
     from ..facts import render_prompts
-    from ..neurons import coarse_neurons, refined_neurons
+    from ..neurons import coarse_neurons, refined_neurons, run_flags
 
     factset = factset_of(args)
     fact = find_fact(factset, args.relation, args.subject)
@@ -78,20 +78,29 @@ def cmd_neurons(args) -> int:
                     results = attribute_fact(lm, prompts, params, reporter(task), on_prompt=rec.add)
             else:
                 results = attribute_fact(lm, prompts, params, reporter(task))
-        refined = refined_neurons([r.scores for r in results], t, args.p)
+        flags = run_flags(lm, [r.activations for r in results])  # massive neurons (kn_core.neurons)
+        exclude = () if args.keep_massive else flags.excluded
+        refined = refined_neurons([r.scores for r in results], t, args.p, exclude=exclude)
         if project is not None:
-            project.add_neuron_set("refined", refined, params={"t": t, "p": args.p, **params.to_dict()}, fact=fact)
-    coarse = [sorted(coarse_neurons(r.scores, t), key=lambda n, r=r: -r.scores[n]) for r in results]
+            project.add_neuron_set("refined", refined, fact=fact,
+                                   params={"t": t, "p": args.p, "keep_massive": args.keep_massive, **params.to_dict()})
+    coarse = [sorted(coarse_neurons(r.scores, t, exclude), key=lambda n, r=r: -r.scores[n]) for r in results]
     doc = {"fact": {"relation": fact.relation, "subject": fact.subject, "object": fact.object},
            "prompts": [{"text": p.text, "answer": p.answer, "prob": r.prob} for p, r in zip(prompts, results)],
            "skipped": [{"template": s.template, "reason": s.reason} for s in skipped],
            "coarse": [neuron_list(c, r.scores) for c, r in zip(coarse, results)],
            "refined": neuron_list(refined), "t": t, "p": args.p, "params": params.to_dict(),
+           "flags": {**flags.to_dict(), "excluded_from_neurons": not args.keep_massive},
            "seconds": time.perf_counter() - started}
+    for entry in doc["refined"] + [e for c in doc["coarse"] for e in c]:
+        entry["flags"] = list(flags.of((entry["layer"], entry["neuron"])))
     lines = [f"{fact.relation} {fact.subject} -> {fact.object}: {len(prompts)} prompts, {len(refined)} refined "
              f"neurons (t={t}, p={args.p}) in {doc['seconds']:.1f} s"]
     lines += [f"  {p.text!r} -> {p.answer!r} P={r.prob:.3f}, {len(c)} coarse" for p, r, c in zip(prompts, results, coarse)]
-    lines += [f"  refined L{l} #{i}" for l, i in refined]
+    lines += [f"  refined L{l} #{i} {' '.join(flags.of((l, i)))}".rstrip() for l, i in refined]
+    if flags.massive:
+        kept = "kept (--keep-massive)" if args.keep_massive else "excluded (--keep-massive keeps them)"
+        lines.append(f"  massive neurons {kept}: " + ", ".join(f"L{l} #{i}" for l, i in sorted(flags.massive)))
     emit(args, doc, "\n".join(lines))
     return 0
 
@@ -119,6 +128,8 @@ def add_commands(sub) -> None:
     neurons.add_argument("--subject", required=True)
     neurons.add_argument("--facts", default="builtin")
     neurons.add_argument("--p", type=float, default=0.7, help="refined: coarse in >= max(p x prompts, 3) prompts")
+    neurons.add_argument("--keep-massive", action="store_true",
+                         help="keep massive-activation neurons in the coarse and refined sets (the paper's method)")
     neurons.add_argument("--share-prompts", choices=["auto", "on", "off"], default="auto",
                          help="run the fact's prompts in shared passes (BERT-style masked LMs; auto: on GPUs)")
     attribution_options(neurons)

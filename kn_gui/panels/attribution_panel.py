@@ -163,9 +163,11 @@ class AttributionPanel(QWidget):
         self.hist_plot.addItem(self.hist_bars)
         self.hist_plot.setXLink(self.layer_plot)
         for plot in (self.layer_plot, self.hist_plot):
+            plot.setTitle(plot.titleLabel.text, size="9pt")
+            plot.getAxis("left").setStyle(maxTickLevel=1)
             plot.getAxis("left").enableAutoSIPrefix(False)
             plot.getAxis("left").setWidth(48)
-        self.layer_widget.setMinimumHeight(120)
+        self.layer_widget.setMinimumHeight(140)
 
         self.colormap = pg.colormap.get("CET-D1")
         self.heat_widget = NeuronMap(self.colormap)
