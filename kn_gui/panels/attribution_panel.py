@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt, QTimer, Signal
-from PySide6.QtWidgets import (QAbstractSpinBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, QLabel,
+from PySide6.QtWidgets import (QAbstractSpinBox, QComboBox, QDoubleSpinBox, QGroupBox, QLabel,
                                QSlider, QSpinBox, QSplitter, QTabWidget, QWidget)
 
 from .common import TableView, button, fmt_prob, hbox, hint, vbox
@@ -527,7 +527,3 @@ class AttributionPanel(QWidget):
         tip = "" if has_model else " \u2014 load a model first"
         self.run_button.setToolTip("Integrated gradients over every FFN neuron, for all prompts of the current "
                                    "fact" + tip)
-
-    # ----------------------------------------------------------------- export
-    def plot_items(self) -> dict:
-        return {"layers": self.layer_widget.scene(), "heatmap": self.heat_plot, "prompts": self.prompt_plot}
