@@ -208,13 +208,15 @@ def attribute_cached(lm, prompt, params, cache: Path | None, task: Task | None =
     return out
 
 
-def _attribute_all(lm, chosen: dict, params, base_params, cache: Path, task: Task) -> tuple[dict, dict]:
+def _attribute_all(lm, chosen: dict, params, base_params, cache: Path, task: Task,
+                   counts: dict) -> tuple[dict, dict]:
     """Every chosen prompt's attribution and activation baseline. Facts go round-robin over the relations (the
     best-known fact of each relation first), so a run stopped early has covered every relation alike."""
     total = max(sum(len(ps) for facts in chosen.values() for _, ps in facts), 1)
     order = [(rid, facts[k]) for k in range(max(map(len, chosen.values()), default=0))
              for rid, facts in chosen.items() if k < len(facts)]
     ig, base, done = {}, {}, 0
+    counts.update(prompts=total, done=0)
     for rid, (fact, prompts) in order:
         ig[fact], base[fact] = [], []
         for prompt in prompts:
@@ -222,6 +224,7 @@ def _attribute_all(lm, chosen: dict, params, base_params, cache: Path, task: Tas
             ig[fact].append(attribute_cached(lm, prompt, params, cache, task))
             base[fact].append(attribute_cached(lm, prompt, base_params, cache, task))
             done += 1
+            counts["done"] = done
             task.progress(done / total, f"attribution: {rid} {fact.subject} ({done}/{total} prompts)")
     return ig, base
 
@@ -337,11 +340,12 @@ class _Phases:
         start, end = self.bounds[name]
         self.say(f"[reproduce] {name}")
         t0, c0 = time.perf_counter(), time.process_time()
-        result = fn(self.task.slice(start, end))
-        self.timings[name] = time.perf_counter() - t0
-        # CPU seconds beside wall seconds: on a shared machine the wall time says more about the neighbours
-        self.timings[f"{name}_cpu"] = time.process_time() - c0
-        return result
+        try:
+            return fn(self.task.slice(start, end))
+        finally:  # also for a phase that was stopped: the partial report says how long it ran
+            self.timings[name] = time.perf_counter() - t0
+            # CPU seconds beside wall seconds: on a shared machine the wall time says more about the neighbours
+            self.timings[f"{name}_cpu"] = time.process_time() - c0
 
 
 def _new_report(lm, factset, relations, params, base_params, timings: dict, parameters: dict) -> dict:
@@ -405,7 +409,9 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
         n_facts = sum(len(v) for v in chosen.values())
         say(f"[reproduce] attributing {n_facts} facts, "
             f"{sum(len(ps) for v in chosen.values() for _, ps in v)} prompts ({steps} steps; cached in {cache})")
-        ig, base = phases.run("attribution", lambda sub: _attribute_all(lm, chosen, params, base_params, cache, sub))
+        report["attribution_progress"] = counts = {}
+        ig, base = phases.run("attribution", lambda sub: _attribute_all(lm, chosen, params, base_params, cache, sub,
+                                                                         counts))
         timings["attribution_per_fact"] = timings["attribution"] / max(n_facts, 1)
         records, neurons = phases.run("neurons", lambda sub: knowledge_neurons(
             lm, chosen, ig, base, t, p, keep_massive, sub))

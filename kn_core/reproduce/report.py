@@ -116,9 +116,12 @@ def _header(report: dict) -> list[str]:
     templates = (f", causal templates: {par['causal_templates']} (text after [Y] dropped)"
                  if par.get("causal_templates") == "prefix" else
                  f", causal templates: {par['causal_templates']}" if par.get("causal_templates") else "")
+    progress = report.get("attribution_progress") or {}
+    done = (f" ({progress['done']} of {progress['prompts']} prompts attributed)"
+            if progress and progress["done"] < progress["prompts"] else "")
     return [
         "# Knowledge neurons: reproduction report", "",
-        f"Status: **{report['status']}**.  ",
+        f"Status: **{report['status']}**{done}.  ",
         f"Model: **{m.get('name', m.get('source'))}** ({m['family']}, {m['kind']}, {m['layers']} layers x "
         f"{m['neurons']} neurons), weights sha256 `{m['sha256'][:16]}...`, {m['dtype']} on {m['device']}.  ",
         f"Facts: `{report['facts']}`, relations {', '.join(report['relations'])}, up to "
