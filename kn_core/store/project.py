@@ -18,7 +18,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from . import database, records, schema
-from .codec import ArrayCodecError, decode_array
+from .codec import ArrayCodecError
 from .errors import ProjectDataError, ProjectDiskFullError
 from .records import (
     EvaluationRecord,
@@ -33,7 +33,7 @@ from .records import (
     neuron_list,
     now,
 )
-from .runs import INTERRUPTED, RunStore
+from .runs import INTERRUPTED, RunStore, decode_stored
 from .schema import (
     EditRow,
     EvaluationRow,
@@ -188,11 +188,11 @@ class Project(RunStore):
         with self._session("checking integrity") as s:
             rows = s.connection().exec_driver_sql("PRAGMA integrity_check").all()
             problems += [r[0] for r in rows if r[0] != "ok"]
-            for rid, run_id, idx, name, crc, blob, codec in s.execute(select(
+            for rid, run_id, idx, name, crc, blob, codec, shape in s.execute(select(
                     ScoreArrayRow.id, ScoreArrayRow.run_id, ScoreArrayRow.prompt_index, ScoreArrayRow.name,
-                    ScoreArrayRow.crc32, ScoreArrayRow.data, ScoreArrayRow.codec)):
+                    ScoreArrayRow.crc32, ScoreArrayRow.data, ScoreArrayRow.codec, ScoreArrayRow.shape)):
                 try:
-                    decode_array(blob, crc, codec)
+                    decode_stored(blob, crc, codec, shape)
                 except ArrayCodecError as exc:
                     problems.append(f"run {run_id} prompt {idx} {name}: {exc}")
         return problems
