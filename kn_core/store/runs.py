@@ -33,6 +33,7 @@ class RunStore:
     """Mixed into `Project`: attribution runs (started, one prompt per transaction, finished) and their arrays."""
 
     _clock: dict[int, float]  # run id -> time.monotonic() at start_run in this process
+    _storage: dict | None = None  # the score storage setting, cached: while we write, nobody else can change it
 
     # -- how score arrays are stored (a project setting, read at every save)
     def set_score_storage(self, form: str = "full", floor: float = DEFAULT_FLOOR, guard: int = DEFAULT_GUARD) -> None:
@@ -48,11 +49,14 @@ class RunStore:
         if not (isinstance(guard, int) and 0 <= guard <= 4096):
             raise ProjectDataError(self.path, f"score storage guard {guard!r} is outside 0..4096",
                                    "use how many flagged neurons may be excluded, e.g. 16")
+        self._storage = None
         self.set_setting(SCORE_STORAGE, {"form": form, "floor": float(floor), "guard": int(guard)})
 
     def score_storage(self) -> dict:
-        return self.get_setting(SCORE_STORAGE, None) or {"form": "full", "floor": DEFAULT_FLOOR,
-                                                         "guard": DEFAULT_GUARD}
+        if self._storage is None:
+            self._storage = self.get_setting(SCORE_STORAGE, None) or {"form": "full", "floor": DEFAULT_FLOOR,
+                                                                      "guard": DEFAULT_GUARD}
+        return dict(self._storage)
 
     # -- attribution runs
     def start_run(self, fact=None, prompts: Iterable = (), params: dict | Any = None, model=None,
