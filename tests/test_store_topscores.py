@@ -175,3 +175,19 @@ def test_exact_at_the_floor_with_the_top_guard_neurons_excluded(kind):
             top = TopScores.compress(full, 0.1, guard)
             exclude = [divmod(int(i), full.shape[1]) for i in np.argsort(full.ravel())[::-1][:guard]]
             assert sorted(top.coarse(0.1, exclude)) == slow_coarse(full, 0.1, exclude)
+
+
+def test_listed_records_do_not_share_their_dicts(tmp_path):
+    """Listing decodes each distinct JSON text once (fast for 27,600 runs); no two records may share a dict."""
+    run = _project_with(tmp_path / "p.knproj", "full", [sample(np.random.default_rng(9))])
+    with open_project(tmp_path / "p.knproj") as proj:
+        proj.start_run(fact=1, prompts=["x"], params={"t": 1}, model=MODEL)
+        proj.add_neuron_set("refined", [(1, 2)], {"t": 0.2}, fact=1, run_ids=[run])
+        proj.add_neuron_set("refined", [(1, 3)], {"t": 0.2}, fact=1, run_ids=[run])
+        first, second = proj.list_runs()
+        assert first.params == second.params == {"t": 1} and first.params is not second.params
+        first.params["t"] = 99
+        assert proj.list_runs()[1].params == {"t": 1}
+        a, b = proj.list_neuron_sets()
+        assert a.params == b.params and a.params is not b.params and (a.neurons, b.neurons) == (((1, 2),), ((1, 3),))
+        assert proj.list_facts()[0].info == {}
