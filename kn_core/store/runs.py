@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any, Iterable, Iterator
 
 import numpy as np
-from sqlalchemy import Text, delete, func, select, type_coerce, update
+from sqlalchemy import Text, delete, func, select, text, type_coerce, update
 from sqlalchemy.orm import Session
 
 from . import records
@@ -27,6 +27,7 @@ _ARRAY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 INTERRUPTED = "the process stopped before this run finished (killed, crashed or powered off)"
 SCORE_STORAGE = "store.scores"  # the setting: {"form": full|float16|top, "floor": .., "guard": ..}
 STORAGE_FORMS = ("full", "float16", "top")
+_DONE_INDEX = "CREATE INDEX IF NOT EXISTS ix_run_prompts_run_done ON run_prompts (run_id, done)"
 
 
 class RunStore:
@@ -70,6 +71,7 @@ class RunStore:
         if not device and model is not None and not isinstance(model, (int, dict)) and hasattr(model, "device"):
             device = str(model.device)
         with self._session("starting a run", write=True) as s:
+            s.execute(text(_DONE_INDEX))  # files created before the index existed get it with their next run
             row = RunRow(fact_id=None if fact is None else self._fact_id(s, fact, relation),
                          model_id=self._model_id(s, model), method=method or str(params.get("method", "ig")),
                          params=params, library_versions=library_versions or records.library_versions(),
