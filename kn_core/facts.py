@@ -212,7 +212,8 @@ def _unknown(tokenizer, ids, answer: str) -> bool:
 def _render_causal(fact: Fact, template: str, tokenizer, causal_templates: str) -> Prompt | Skipped:
     before, after = _split_at_object(template, fact.subject)
     if causal_templates == "end-only" and not _DROPPABLE_TAIL.match(after):
-        return Skipped(template, f"[Y] is not at the end (followed by {after.strip()!r}); "
+        # The template's own text in the reason (not the filled one), so it reads the same for every fact.
+        return Skipped(template, f"[Y] is not at the end (followed by {template.split(Y, 1)[1].strip()!r}); "
                                  "a causal model can only predict the object as a continuation "
                                  "(causal_templates='prefix' would use the text before [Y])")
     text = before.rstrip(" ")

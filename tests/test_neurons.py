@@ -296,3 +296,24 @@ def test_kn_neurons_flags_massive_neurons_and_keeps_them_out_unless_asked(tmp_pa
 
     assert (1, 5) not in listed(excluded) and (1, 5) in listed(kept)
     assert all(n["flags"] == (["massive"] if (n["layer"], n["neuron"]) == (1, 5) else []) for n in kept["refined"])
+
+
+def test_gui_session_keeps_flagged_neurons_out_unless_keep_massive():
+    from kn_core.facts import Fact
+    from kn_gui.session import COMPLETE, Run, Session
+
+    scores = np.full((2, 4), 0.1, dtype=np.float32)
+    scores[0, 0], scores[1, 2], scores[1, 1] = 100.0, 1.0, 0.3
+    fact = Fact("P36", "France", "Paris")
+    run = Run(fact, [None] * 3, state=COMPLETE,
+              scores=[SimpleNamespace(scores=scores, activations=np.zeros_like(scores))] * 3)
+    session = Session()
+    session.runs[("P36", "France", "Paris")] = run
+    paper = (session.coarse(run, 0), session.refined(run), session.relation_level("P36"))
+    assert paper == ([(0, 0)], [(0, 0)], [((0, 0), 1)])  # not measured yet: the paper's sets
+    session.flags = NeuronFlags(massive=frozenset({(0, 0)}))
+    assert session.coarse(run, 0) == session.refined(run) == [(1, 1), (1, 2)]
+    assert session.relation_level("P36") == [((1, 1), 1), ((1, 2), 1)] and (0, 0) not in session.refined_counts(run)
+    assert session.adapt_p("P36").history[0] == (0.7, 2.0)
+    session.keep_massive = True
+    assert (session.coarse(run, 0), session.refined(run), session.relation_level("P36")) == paper
