@@ -17,7 +17,7 @@ from kn_core.neurons import (ActivationStats, NeuronFlags, activation_stats, ada
                              coarse_counts, coarse_neurons, fact_coarse_set, flag_massive, flag_unspecific,
                              neuron_flags, neutral_sentences, refined_from_counts, refined_neurons, relation_neurons,
                              run_flags, run_stats, scored_flags)
-from tiny import make_tiny
+from tiny import ALL_FAMILIES, make_tiny
 
 
 def test_coarse_refined_relation_thresholds():
@@ -249,13 +249,20 @@ def test_a_facts_coarse_set_is_what_half_of_its_prompts_agree_on():
     assert fact_coarse_set([a, b, b], exclude=[(0, 1)]) == {(1, 0)}
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
-def test_batched_texts_of_different_lengths_read_like_one_by_one(family):
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_every_family_reads_batched_texts_like_one_by_one_and_prompts_like_attribution(family):
     lm = make_tiny(family)
     texts = ["The capital of France is", "Paris", "The official language of the country which lies in Europe is"]
     together = answer_activations(lm, texts, batch_size=3)
     for text, batched in zip(texts, together):
-        np.testing.assert_allclose(batched, answer_activations(lm, [text])[0], rtol=1e-4, atol=1e-5)
+        assert batched.shape == (3, lm.layout.neurons)
+        np.testing.assert_allclose(batched, answer_activations(lm, [text])[0], rtol=1e-4, atol=5e-5)
+    causal = lm.kind == "causal"
+    text, answer = ("The capital of France is", " Paris") if causal else ("The capital of France is [MASK].", "Paris")
+    ids = encode_answer(lm, text, answer)
+    result = attribute(lm, text, AttributionParams(steps=1), answer_ids=ids)
+    measured = answer_activations(lm, [SimpleNamespace(text=text, answer_ids=ids)])[0]
+    np.testing.assert_allclose(measured, result.activations, rtol=1e-4, atol=5e-5)
 
 
 def test_run_flags_finds_unspecific_neurons_from_scores_by_relation():
