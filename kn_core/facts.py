@@ -219,6 +219,9 @@ def _render_causal(fact: Fact, template: str, tokenizer, causal_templates: str) 
     text = before.rstrip(" ")
     if not text.strip():
         return Skipped(template, "[Y] comes first: nothing comes before it for a causal model to continue")
+    if X not in template.split(Y, 1)[0]:
+        # e.g. "the [Y] debut of [X]." -> "the": the same prompt for every fact, which asks nothing about it
+        return Skipped(template, "[X] comes after [Y]: the text before [Y] does not name the subject")
     # The leading space belongs to the answer: BPE vocabularies spell " Paris" as one token.
     answer = (" " if before != text else "") + fact.object
     prefix, full = _ids(tokenizer, text), _ids(tokenizer, text + answer)
