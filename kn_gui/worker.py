@@ -19,12 +19,7 @@ from typing import Any, Callable
 
 from PySide6.QtCore import QObject, QThread, Signal, Slot
 
-from kn_core import attribution as _attribution
 from kn_core.tasks import Cancelled, Task
-
-# evaluation.answer_probabilities still raises attribution's own Cancelled when its task is cancelled; both are
-# the engine's "the task was cancelled" (the engine's move to kn_core.tasks makes them one class)
-CANCELLED = (Cancelled, _attribution.Cancelled)
 
 
 def format_error(exc: BaseException) -> str:
@@ -86,7 +81,7 @@ class Worker(QObject):
         self._lower_priority()
         try:
             result = fn(task)
-        except CANCELLED:
+        except Cancelled:
             self.cancelled.emit()
             return
         except BaseException as exc:  # noqa: BLE001 - every failure becomes a message, never a crash

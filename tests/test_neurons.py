@@ -153,6 +153,21 @@ def test_massive_needs_consistency_magnitude_and_rank():
     assert "100 x its layer's median" in flags.rule["massive"] and flags.rule["n_prompts"] == 10
 
 
+def test_a_mostly_zero_relu_layer_does_not_flag_its_ordinary_neurons():
+    rng = np.random.default_rng(0)
+    acts = []
+    for _ in range(10):
+        a = np.maximum(rng.normal(-0.5, 1.0, (2, 600)), 0).astype(np.float32)  # ~70% exact zeros
+        a[1, :20] = 1.0 + rng.random(20)  # a few always-on neurons of ordinary size
+        acts.append(a)
+    stats = ActivationStats.from_activations(acts)
+    assert stats.layer_median_abs[1] == 0
+    assert flag_massive(stats) == frozenset()
+    for a in acts:
+        a[1, 7] = 300.0
+    assert flag_massive(ActivationStats.from_activations(acts)) == {(1, 7)}
+
+
 def plant(lm, layer: int, neuron: int, value: float):
     """A bias on the FFN's input side that makes one neuron fire at ~`value` on every input."""
     with torch.no_grad():
