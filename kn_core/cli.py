@@ -13,6 +13,8 @@ import sys
 import time
 from contextlib import contextmanager
 
+from .tasks import Task
+
 COMMON = argparse.ArgumentParser(add_help=False)
 COMMON.add_argument("--model", default="default",
                     help="Hugging Face id, local folder, or 'default' (the embedded SmolLM2-135M-Instruct)")
@@ -43,7 +45,7 @@ def load(args):
 
     hf_logging.disable_progress_bar()
     return load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                      progress=lambda message, fraction: say(f"[model] {message}"))
+                      task=Task(on_progress=lambda fraction, message: say(f"[model] {message}")))
 
 
 @contextmanager
@@ -82,6 +84,11 @@ def tqdm_progress(desc: str):
     return update
 
 
+def bar_task(bar) -> Task:
+    """A task whose progress drives a `tqdm_progress` bar."""
+    return Task(on_progress=lambda fraction, message: bar(fraction) if fraction is not None else None)
+
+
 def factset_of(args):
     from .facts import builtin_facts, import_facts
 
@@ -113,7 +120,7 @@ def neuron_list(neurons, scores=None) -> list[dict]:
 def cmd_model_fetch(args) -> int:
     from .models import ensure_default_model
 
-    path = ensure_default_model(lambda message, fraction: say(f"[default model] {message}"))
+    path = ensure_default_model(Task(on_progress=lambda fraction, message: say(f"[default model] {message}")))
     emit(args, {"path": str(path)}, f"default model ready in {path}")
     return 0
 
@@ -250,11 +257,11 @@ def cmd_attribute(args) -> int:
             project.add_model(lm)
             with project.recording_run(prompts=[{"text": args.prompt, "answer": args.answer}], params=params,
                                        model=lm) as rec:
-                result = attribute(lm, args.prompt, params, bar, answer_ids=answer_ids)
+                result = attribute(lm, args.prompt, params, task=bar_task(bar), answer_ids=answer_ids)
                 result.answer = args.answer
                 rec.add(0, result)
         else:
-            result = attribute(lm, args.prompt, params, bar, answer_ids=answer_ids)
+            result = attribute(lm, args.prompt, params, task=bar_task(bar), answer_ids=answer_ids)
     bar.close()
     if args.save:
         np.savez_compressed(args.save, scores=result.scores, activations=result.activations,
@@ -293,9 +300,9 @@ def cmd_neurons(args) -> int:
             project.add_model(lm)
             project.import_factset(factset)
             with project.recording_run(fact=fact, prompts=prompts, params=params, model=lm) as rec:
-                results = attribute_fact(lm, prompts, params, bar, on_prompt=rec.add)
+                results = attribute_fact(lm, prompts, params, task=bar_task(bar), on_prompt=rec.add)
         else:
-            results = attribute_fact(lm, prompts, params, bar)
+            results = attribute_fact(lm, prompts, params, task=bar_task(bar))
         bar.close()
         refined = refined_neurons([r.scores for r in results], t, args.p)
         if project is not None:
@@ -384,11 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from .attribution import Cancelled, PromptError
+    from .attribution import PromptError
     from .facts import FactImportError
-    from .ffn import UnsupportedModelError
+    from .families import UnsupportedModelError
     from .models import ModelLoadError
     from .store import ProjectError
+    from .tasks import Cancelled
 
     return (CliError, ModelLoadError, UnsupportedModelError, PromptError, FactImportError, ProjectError,
             Cancelled, KeyError, ValueError, FileNotFoundError)

@@ -86,7 +86,7 @@ def _attribute_cached(lm, prompt, params, cache: Path | None, cancel=None) -> _S
     if path is not None and path.exists():
         with np.load(path) as data:
             return _Scores(data["scores"], data["activations"], float(data["prob"]))
-    result = attribute(lm, prompt, params, cancel=cancel)
+    result = attribute(lm, prompt, params, task=cancel)
     out = _Scores(result.scores, result.activations, result.prob)
     if path is not None:
         tmp = path.with_suffix(".tmp.npz")
@@ -451,7 +451,7 @@ def _fact_neurons(args, lm, factset, fact, say, results: list | None = None):
     """Attribution of one fact's prompts -> (prompts, refined neurons); `results` receives each prompt's
     PromptScores."""
     from .attribution import AttributionParams, attribute_fact, refined_neurons
-    from .cli import CliError, tqdm_progress
+    from .cli import CliError, bar_task, tqdm_progress
     from .facts import render_prompts
 
     prompts, skipped = render_prompts(fact, factset.relation(fact.relation), lm.tokenizer, lm.kind)
@@ -459,7 +459,7 @@ def _fact_neurons(args, lm, factset, fact, say, results: list | None = None):
         raise CliError(f"no template of {fact.relation} can be used with this {lm.kind} model: "
                        + "; ".join(s.reason for s in skipped))
     bar = tqdm_progress(f"attributing {fact.relation} {fact.subject}")
-    scores = attribute_fact(lm, prompts, AttributionParams(steps=args.steps, seed=args.seed), bar)
+    scores = attribute_fact(lm, prompts, AttributionParams(steps=args.steps, seed=args.seed), task=bar_task(bar))
     bar.close()
     if results is not None:
         results.extend(scores)

@@ -390,7 +390,7 @@ class MainWindow(QMainWindow):
         self.model_panel.set_loading(True, f"Loading {source}\u2026")
 
         def job(ctx):
-            return fn(source, device=device, dtype=dtype, progress=lambda msg, frac: ctx.progress(frac, msg))
+            return fn(source, device=device, dtype=dtype, task=ctx.task())
 
         def failed(message, tb):
             self.model_panel.set_loading(False, f"Could not load {source}. See the message for what to do.")
@@ -599,16 +599,15 @@ class MainWindow(QMainWindow):
             for ri, run in enumerate(runs):
                 n = len(run.prompts)
 
-                def progress(fraction, partial, ri=ri, run=run, n=n, base=done):
-                    k = (partial or {}).get("prompt", 0)
-                    ctx.progress((base + fraction * n) / total,
-                                 f"attributing {fact_label(run.fact)}: prompt {k + 1}/{n}"
+                def progress(fraction, message, ri=ri, run=run, n=n, base=done):
+                    ctx.progress((base + fraction * n) / total, f"attributing {fact_label(run.fact)}: {message}"
                                  + (f", fact {ri + 1}/{len(runs)}" if len(runs) > 1 else ""))
-                    if partial and "scores" in partial and "layers" in partial:
-                        ctx.partial(("chunk", ri, k, tuple(partial["layers"]), partial["scores"]))
+
+                def chunk(partial, ri=ri):
+                    ctx.partial(("chunk", ri, partial["prompt"], tuple(partial["layers"]), partial["scores"]))
 
                 ctx.check()
-                attribute_fact(lm, run.prompts, params, progress=progress, cancel=ctx.cancel,
+                attribute_fact(lm, run.prompts, params, task=ctx.task(progress, chunk),
                                on_prompt=lambda k, result, ri=ri: ctx.partial(("prompt", ri, k, result)))
                 done += n
             return len(runs)

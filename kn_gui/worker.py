@@ -1,9 +1,9 @@
 """The one worker thread for long jobs (model loading, checks, attribution, evaluations, export).
 
 A job is a plain callable `fn(ctx) -> result`. `ctx.progress(fraction, message)` reports progress,
-`ctx.partial(obj)` streams a partial result to the main thread, `ctx.cancel` is the CancelToken the engine
-checks between batches, and `ctx.check()` raises `Cancelled` once cancel was asked for. Jobs never touch
-widgets: results travel back through queued signals.
+`ctx.partial(obj)` streams a partial result to the main thread, `ctx.cancel` is the job's `tasks.Task` (the
+runner cancels it), `ctx.task()` gives engine calls a task cancelled with the job, and `ctx.check()` raises
+`Cancelled` once cancel was asked for. Jobs never touch widgets: results travel back through queued signals.
 
 Only one job uses the model at a time: a job submitted while another runs waits in a FIFO queue.
 """
@@ -19,22 +19,7 @@ from typing import Any, Callable
 
 from PySide6.QtCore import QObject, QThread, Signal, Slot
 
-try:  # the engine's cancel token; the fallback has the same interface until attribution.py lands
-    from kn_core.attribution import CancelToken, Cancelled  # type: ignore
-except Exception:  # pragma: no cover - only while the engine module is missing
-    class Cancelled(Exception):
-        pass
-
-    class CancelToken:
-        def __init__(self):
-            self.cancelled = False
-
-        def cancel(self):
-            self.cancelled = True
-
-        def raise_if_cancelled(self):
-            if self.cancelled:
-                raise Cancelled()
+from kn_core.tasks import Cancelled, Task
 
 
 class JobContext:
@@ -45,11 +30,14 @@ class JobContext:
 
     @property
     def cancelled(self) -> bool:
-        return bool(getattr(self.cancel, "cancelled", False))
+        return self.cancel.cancelled
 
     def check(self):
-        if self.cancelled:
-            raise Cancelled("cancelled")
+        self.cancel.check()
+
+    def task(self, on_progress=None, on_partial=None) -> Task:
+        """A task for an engine call: cancelled with this job; reports to these listeners, by default the job's."""
+        return self.cancel.relay(on_progress or self.progress, on_partial or self.partial)
 
     def progress(self, fraction: float | None, message: str = ""):
         now = time.monotonic()
@@ -119,12 +107,9 @@ class Worker(QObject):
             self.cancelled.emit()
             return
         except BaseException as exc:  # noqa: BLE001 - every failure becomes a message, never a crash
-            if getattr(token, "cancelled", False) and type(exc).__name__ in ("Cancelled", "CancelledError"):
-                self.cancelled.emit()
-                return
             self.failed.emit(format_error(exc), traceback.format_exc())
             return
-        if getattr(token, "cancelled", False) and result is None:
+        if token.cancelled and result is None:
             self.cancelled.emit()
             return
         self.finished.emit(result)
@@ -140,7 +125,7 @@ class Job:
     on_cancel: Callable[[], None] | None = None
     uses_model: bool = True
     started_at: float = 0.0
-    token: Any = field(default_factory=CancelToken)
+    token: Task = field(default_factory=Task)
 
 
 class JobRunner(QObject):

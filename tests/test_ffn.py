@@ -4,7 +4,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
-from kn_core.ffn import FAMILIES, ActivationPatch, FFNLayout, UnsupportedModelError, capture_activations
+from kn_core.families import FAMILIES, UnsupportedModelError
+from kn_core.ffn import FFNLayout
+from kn_core.hooks import ActivationPatch, capture_activations
 from tiny import ALL_FAMILIES, make_tiny, make_tokenizer
 
 PROMPT = "The capital of France is Paris ."
