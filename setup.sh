@@ -21,6 +21,34 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install --disable-pip-version-check "torch==2.13.0"
 fi
 .venv/bin/pip install --disable-pip-version-check -q -e ".[dev]"
+
+# Qt's window system plugin (xcb) needs system libraries that a bare Debian/Ubuntu lacks; the tests also need
+# a virtual X server. Install what is missing (as root), or say exactly how and stop.
+missing=$(.venv/bin/python -m kn_gui.platform_check || true)
+tools=""
+if [ "$mode" = test ]; then
+  command -v Xvfb >/dev/null || tools="$tools xvfb"
+  command -v xwininfo >/dev/null || tools="$tools x11-utils"
+fi
+if [ -n "$missing$tools" ]; then
+  debian=$(.venv/bin/python -c "from kn_gui.platform_check import DEBIAN_PACKAGES; print(DEBIAN_PACKAGES)")
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing Qt's system libraries${tools:+ and$tools} with apt-get" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $debian $tools >/dev/null
+  else
+    fedora=$(.venv/bin/python -c "from kn_gui.platform_check import FEDORA_PACKAGES; print(FEDORA_PACKAGES)")
+    echo "Qt's xcb platform plugin cannot load (missing: ${missing:-none}${tools:+; test tools:$tools}). Install, then run this again:" >&2
+    echo "  Debian/Ubuntu: sudo apt-get update && sudo apt-get install -y $debian${tools:+ $tools}" >&2
+    echo "  Fedora:        sudo dnf install -y $fedora${tools:+ xorg-x11-server-Xvfb xorg-x11-utils}" >&2
+    exit 2
+  fi
+  missing=$(.venv/bin/python -m kn_gui.platform_check || true)
+  if [ -n "$missing" ]; then
+    echo "Qt's xcb platform plugin still cannot load: missing $missing" >&2
+    exit 2
+  fi
+fi
 .venv/bin/kn model fetch
 
 if [ "$mode" = app ]; then

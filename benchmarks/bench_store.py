@@ -112,7 +112,7 @@ def main(argv=None) -> int:
             label = ("scores" + (" + activations" if act else "")) + (" float16" if f16 else " float32")
             print(f"  {label:32s} {bytes_per_run(tmp, args.prompts, act, f16) / 1e6:7.2f} MB")
 
-        store.project.SYNCHRONOUS = "FULL"
+        store.database.SYNCHRONOUS = "FULL"
         path = tmp / "full-sync.knproj"
         with create_project(path) as proj:
             fact = proj.add_fact({"relation": "P1", "subject": "s", "object": "o"})
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
 
         path = tmp / "bench.knproj"
         path.unlink(missing_ok=True)
-        store.project.SYNCHRONOUS = "NORMAL"
+        store.database.SYNCHRONOUS = "NORMAL"
         t = time.perf_counter()
         rng = np.random.default_rng(0)
         with create_project(path, name="benchmark") as proj:
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
         print(f"built {args.facts} facts, {args.runs} runs in {build:.0f} s; file {size / 1e9:.2f} GB, "
               f"{size / max(args.runs, 1) / 1e6:.2f} MB per run")
 
-        store.project.SYNCHRONOUS = "FULL"
+        store.database.SYNCHRONOUS = "FULL"
         warm = timed_open_and_list(path)
         out = subprocess.run([sys.executable, __file__, "--child", str(path)], capture_output=True, text=True,
                              check=True)

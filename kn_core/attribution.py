@@ -1,4 +1,5 @@
-"""Integrated gradients over FFN neurons (Dai et al., 2022), and coarse, refined and relation-level neurons.
+"""Integrated gradients over FFN neurons (Dai et al., 2022). Coarse, refined and relation-level neurons are
+selected from these scores in `kn_core.neurons`.
 
 Attr(w_i^l) = (w_i / m) * sum_k dP(alpha_k * w^l)/dw_i, where the whole activation vector of layer l at the
 answer position is scaled by alpha_k and P is the answer's probability. Right Riemann points alpha_k = k/m
@@ -13,19 +14,17 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+from . import neurons as kn_neurons
 from .encoding import PromptError, Target, encode_answer, encode_prompt  # noqa: F401 (part of this API)
 from .models import LoadedModel
 from .passes import Runner, SharedRunner, check_memory_budget, integrate
 from .tasks import Task, as_task
-
-Neuron = tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -77,8 +76,8 @@ class PromptScores:
     seconds: float
     params: dict = field(default_factory=dict)
 
-    def coarse(self, t: float = 0.2) -> list[Neuron]:
-        return coarse_neurons(self.scores, t)
+    def coarse(self, t: float = 0.2) -> list[kn_neurons.Neuron]:
+        return kn_neurons.coarse_neurons(self.scores, t)
 
 
 def _attribute_target(lm: LoadedModel, target: Target, params: AttributionParams,
@@ -234,71 +233,3 @@ def _attribute_shared(lm: LoadedModel, parts: list, params: AttributionParams, t
     seconds = (time.perf_counter() - started) / len(parts)
     return [_prompt_scores(text, answer, ids, per_prompt[k], params, seconds)
             for k, (text, answer, ids, _) in enumerate(parts)]
-
-
-# --- thresholds: pure functions over stored scores, instant to recompute -------------------------------------
-
-def coarse_neurons(scores: np.ndarray, t: float = 0.2) -> list[Neuron]:
-    """Neurons whose score exceeds t x the maximum over all layers (none when the maximum is not positive)."""
-    top = float(np.max(scores))
-    if not top > 0:
-        return []
-    layers, neurons = np.nonzero(scores > t * top)
-    return list(zip(layers.tolist(), neurons.tolist()))
-
-
-def refine_threshold(n_prompts: int, p: float) -> float:
-    return max(p * n_prompts, 3)
-
-
-def coarse_counts(score_list: Iterable[np.ndarray], t: float = 0.2) -> Counter:
-    counts: Counter = Counter()
-    for scores in score_list:
-        counts.update(coarse_neurons(scores, t))
-    return counts
-
-
-def refined_from_counts(counts: Counter, n_prompts: int, p: float) -> list[Neuron]:
-    need = refine_threshold(n_prompts, p)
-    return sorted(n for n, c in counts.items() if c >= need)
-
-
-def refined_neurons(score_list: Sequence[np.ndarray], t: float = 0.2, p: float = 0.7) -> list[Neuron]:
-    """Neurons coarse in at least max(p x n_prompts, 3) of a fact's prompts."""
-    return refined_from_counts(coarse_counts(score_list, t), len(score_list), p)
-
-
-@dataclass
-class AdaptedP:
-    p: float
-    mean_neurons: float
-    history: list[tuple[float, float]]  # (p, mean refined neurons per fact) at each try
-
-
-def adapt_p(facts_scores: Sequence[Sequence[np.ndarray]], t: float = 0.2, p: float = 0.7, step: float = 0.05,
-            max_moves: int = 6, target: tuple[float, float] = (2.0, 5.0)) -> AdaptedP:
-    """The paper's per-relation p: move by +-step (up to max_moves) until the mean refined count is in target."""
-    counts = [(coarse_counts(scores, t), len(scores)) for scores in facts_scores]
-
-    def mean_at(q):
-        return float(np.mean([len(refined_from_counts(c, n, q)) for c, n in counts])) if counts else 0.0
-
-    history = [(p, mean_at(p))]
-    for _ in range(max_moves):
-        mean = history[-1][1]
-        if target[0] <= mean <= target[1]:
-            break
-        p = round(p - step if mean < target[0] else p + step, 10)
-        if not 0 < p <= 1:
-            break
-        history.append((p, mean_at(p)))
-    return AdaptedP(p=history[-1][0], mean_neurons=history[-1][1], history=history)
-
-
-def relation_neurons(refined_sets: Sequence[Iterable[Neuron]], fraction: float = 0.1) -> list[tuple[Neuron, int]]:
-    """Neurons refined for at least `fraction` of a relation's facts, most frequent first, with their counts."""
-    counts: Counter = Counter()
-    for neurons in refined_sets:
-        counts.update(set(map(tuple, neurons)))
-    need = fraction * len(refined_sets)
-    return sorted(((n, c) for n, c in counts.items() if c >= need), key=lambda nc: (-nc[1], nc[0]))

@@ -245,7 +245,8 @@ def params_of(args):
 def cmd_attribute(args) -> int:
     import numpy as np
 
-    from .attribution import attribute, coarse_neurons, default_t, encode_answer
+    from .attribution import attribute, default_t, encode_answer
+    from .neurons import coarse_neurons
 
     lm = load(args)
     params = params_of(args)
@@ -279,7 +280,8 @@ def cmd_attribute(args) -> int:
 
 
 def cmd_neurons(args) -> int:
-    from .attribution import attribute_fact, coarse_neurons, default_t, refined_neurons
+    from .attribution import attribute_fact, default_t
+    from .neurons import coarse_neurons, refined_neurons
     from .facts import render_prompts
 
     factset = factset_of(args)

@@ -1,4 +1,4 @@
-"""Knowledge edits as values: Suppress, Amplify, Update, Erase; an EditStack with undo/redo; export.
+"""Knowledge edits as values: Suppress, Amplify, Update, Erase (their history and export: `edit_stack`).
 
 An edit is an immutable description (kind, neurons, parameters). `edit.apply(lm)` changes the loaded model
 and returns a handle whose `revert()` undoes exactly that change:
@@ -15,20 +15,16 @@ and returns a handle whose `revert()` undoes exactly that change:
 of each sequence in each forward (also during generation with a KV cache), and a masked model's are the
 positions of its mask token, read from the `input_ids` given to the model.
 
-Weight edits must be reverted in the reverse order of application when they touch the same value vectors;
-`EditStack` guarantees that (to switch off an edit in the middle it reverts the edits above it, then
-re-applies them), so any sequence of stack operations that returns to no active edits restores every
-parameter bitwise.
+Weight edits must be reverted in the reverse order of application when they touch the same value vectors
+(`edit_stack.EditStack` guarantees that). Every number that reaches the weights is checked to be finite.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import json
 import random
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, fields
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -52,6 +48,17 @@ def answer_positions(mask: torch.Tensor):
         _ANSWER_MASK.reset(token)
 
 
+def _finite(value, name: str) -> float:
+    """float(value), or a one-line ValueError naming the parameter: NaN/Inf must never reach the weights."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, not {value!r}") from None
+    if isinstance(value, bool) or not np.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, not {value!r}")
+    return number
+
+
 def _norm_neurons(neurons: Iterable) -> tuple[Neuron, ...]:
     seen: dict[Neuron, None] = {}
     for layer, index in neurons:
@@ -66,7 +73,8 @@ def _by_layer(neurons: Iterable[Neuron]) -> dict[int, list[int]]:
     return {layer: sorted(set(idx)) for layer, idx in sorted(out.items())}
 
 
-def _check_neurons(lm, neurons: Sequence[Neuron]) -> None:
+def check_neurons(lm, neurons: Sequence[Neuron]) -> None:
+    """ValueError naming the first neuron outside the loaded model (e.g. a set made on another model)."""
     layout = lm.layout
     for layer, index in neurons:
         if not (0 <= layer < layout.layers and 0 <= index < layout.neurons):
@@ -159,10 +167,17 @@ class _ActivationEdit(Edit):
     def _factor(self) -> float:
         raise NotImplementedError
 
+    def _values(self) -> dict[Neuron, float] | None:
+        """Constant activations to set (mean ablation), or None to scale by `_factor()`."""
+        return None
+
     def apply(self, lm) -> EditHandle:
-        _check_neurons(lm, self.neurons)
+        check_neurons(lm, self.neurons)
         groups = _by_layer(self.neurons)
         factor = self._factor()
+        values = self._values()
+        constants = None if values is None else \
+            {layer: torch.tensor([values[(layer, i)] for i in idx]) for layer, idx in groups.items()}
         capture = InputCapture(lm.model) if self.scope == "answer" else None
         index_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
 
@@ -172,14 +187,20 @@ class _ActivationEdit(Edit):
                 index_cache[key] = torch.tensor(groups[layer], dtype=torch.long, device=x.device)
             idx = index_cache[key]
             x = x.clone()
+
+            def changed(old):
+                if constants is not None:
+                    return constants[layer].to(device=old.device, dtype=old.dtype).expand_as(old)
+                return old * factor if factor != 0.0 else torch.zeros_like(old)
+
             if self.scope == "all":
-                x[..., idx] = x[..., idx] * factor if factor != 0.0 else torch.zeros_like(x[..., idx])
+                x[..., idx] = changed(x[..., idx])
                 return x
             mask = _position_mask(lm, capture, x)
             if mask is None:
                 return None
             sel = x[mask]  # (n_positions, neurons)
-            sel[:, idx] = sel[:, idx] * factor if factor != 0.0 else 0.0
+            sel[:, idx] = changed(sel[:, idx])
             x[mask] = sel
             return x
 
@@ -195,30 +216,65 @@ class _ActivationEdit(Edit):
 
 @dataclass(frozen=True)
 class Suppress(_ActivationEdit):
-    """Sets the neurons' activation to 0 (at the answer positions, or everywhere with scope='all')."""
+    """Sets the neurons' activation to 0 (the paper; at the answer positions, or everywhere with
+    scope='all'), or with to='mean' to each neuron's mean activation (`means`, aligned with `neurons`, e.g.
+    from `kn_core.neurons.ActivationStats`): mean ablation removes what is specific to the input without
+    pushing the model to an activation it never sees, which matters for neurons whose typical activation is
+    far from 0 (massive activations)."""
 
     neurons: tuple[Neuron, ...]
     scope: str = "answer"
+    to: str = "zero"
+    means: tuple[float, ...] = ()
     kind = "suppress"
+
+    def __post_init__(self):
+        if self.to not in ("zero", "mean"):
+            raise ValueError(f"suppress to must be 'zero' or 'mean', not {self.to!r}")
+        raw = [(int(l), int(i)) for l, i in self.neurons]
+        means = tuple(_finite(m, "mean activation") for m in self.means)
+        if self.to == "mean" and len(means) != len(raw):
+            raise ValueError(f"mean ablation needs one mean per neuron ({len(raw)} neurons, {len(means)} means)")
+        if self.to == "zero" and means:
+            raise ValueError("means are only used with to='mean'")
+        if means:
+            by_neuron = dict(zip(raw, means))
+            object.__setattr__(self, "means", tuple(by_neuron[n] for n in _norm_neurons(raw)))
+        super().__post_init__()
 
     def _factor(self) -> float:
         return 0.0
 
+    def _values(self) -> dict[Neuron, float] | None:
+        return dict(zip(self.neurons, self.means)) if self.to == "mean" else None
+
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "neurons": [list(n) for n in self.neurons], "scope": self.scope}
+        out = {"kind": self.kind, "neurons": [list(n) for n in self.neurons], "scope": self.scope}
+        if self.to == "mean":
+            out |= {"to": self.to, "means": list(self.means)}
+        return out
 
     def describe(self) -> str:
-        return f"Suppress {_neurons_str(self.neurons)}, {self.scope} positions"
+        return (f"Suppress {_neurons_str(self.neurons)}" + (" to their mean activation" if self.to == "mean" else "")
+                + f", {self.scope} positions")
 
 
 @dataclass(frozen=True)
 class Amplify(_ActivationEdit):
-    """Multiplies the neurons' activation by `factor` (2 by default)."""
+    """Multiplies the neurons' activation by `factor` (2 by default: the paper's "double the activation").
+
+    The factor multiplies the *signed* activation: a neuron at -3 goes to -6. Its contribution to the residual
+    stream, activation x value vector, is then doubled in the direction it already pushes, which is what
+    "strengthen this neuron" means for the negative activations of SwiGLU/GELU models; it is not |a| x 2."""
 
     neurons: tuple[Neuron, ...]
     factor: float = 2.0
     scope: str = "answer"
     kind = "amplify"
+
+    def __post_init__(self):
+        object.__setattr__(self, "factor", _finite(self.factor, "amplify factor"))
+        super().__post_init__()
 
     def _factor(self) -> float:
         return float(self.factor)
@@ -241,7 +297,7 @@ class _WeightEditBase(Edit):
         raise NotImplementedError
 
     def apply(self, lm) -> EditHandle:
-        _check_neurons(lm, self.neurons)
+        check_neurons(lm, self.neurons)
         layout = lm.layout
         saved = []
         with torch.no_grad():
@@ -295,6 +351,9 @@ def _target_embedding(lm, ids: Sequence[int], which: str, multi_token: str) -> t
         ids = ids[:1]
     elif multi_token != "mean":
         raise ValueError(f"multi_token must be 'first' or 'mean', not {multi_token!r}")
+    bad = [i for i in ids if not 0 <= i < matrix.shape[0]]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is outside this model's vocabulary (0..{matrix.shape[0] - 1})")
     index = torch.tensor(ids, dtype=torch.long, device=matrix.device)
     return matrix.index_select(0, index).float().mean(dim=0)
 
@@ -331,6 +390,8 @@ class Update(_WeightEditBase):
             raise ValueError("flipped neurons must be among the updated neurons")
         object.__setattr__(self, "old_ids", tuple(int(i) for i in self.old_ids))
         object.__setattr__(self, "new_ids", tuple(int(i) for i in self.new_ids))
+        object.__setattr__(self, "lambda1", _finite(self.lambda1, "lambda1"))
+        object.__setattr__(self, "lambda2", _finite(self.lambda2, "lambda2"))
 
     def _new_vectors(self, lm, layer, idx, old):
         e_old = _target_embedding(lm, self.old_ids, self.embedding, self.multi_token).to(old.device)
@@ -394,19 +455,32 @@ _KINDS = {"suppress": Suppress, "amplify": Amplify, "update": Update, "erase": E
 
 
 def edit_from_dict(d: dict) -> Edit:
+    """The edit described by `Edit.to_dict()` output; a one-line ValueError for anything else (an unknown
+    kind, a missing, unknown or malformed field)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"an edit must be a JSON object, not {type(d).__name__}")
     d = dict(d)
     kind = d.pop("kind", None)
     cls = _KINDS.get(kind)
     if cls is None:
         raise ValueError(f"unknown edit kind {kind!r}; known: {', '.join(_KINDS)}")
-    d["neurons"] = tuple(tuple(n) for n in d.get("neurons", ()))
-    for key in ("excluded", "flipped"):
-        if key in d:
-            d[key] = tuple(tuple(n) for n in d[key])
-    for key in ("old_ids", "new_ids"):
-        if key in d:
-            d[key] = tuple(d[key])
-    return cls(**d)
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(d) - set(known), key=str)
+    if unknown:
+        raise ValueError(f"{kind} edit has unknown field(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
+    if "neurons" not in d:
+        raise ValueError(f"{kind} edit has no 'neurons'")
+    try:
+        for key in ("neurons", "excluded", "flipped"):
+            if key in d:
+                d[key] = tuple((int(layer), int(index)) for layer, index in d[key])
+        for key in ("old_ids", "new_ids", "means"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
+    except (TypeError, ValueError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"malformed {kind} edit: {message}") from None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -470,174 +544,3 @@ def random_neurons(lm, like: Sequence[Neuron], seed: int = 0, exclude: Iterable[
         taken.add(n)
         out.append(n)
     return out
-
-
-# --------------------------------------------------------------------------------------------------------
-# EditStack
-# --------------------------------------------------------------------------------------------------------
-
-@dataclass
-class _Entry:
-    edit: Edit
-    enabled: bool = True
-
-
-class EditStack:
-    """An undo/redo history of edits on one loaded model.
-
-    Entries below the cursor are *done*; `undo()` moves the cursor down (reverting), `redo()` up
-    (re-applying); `push()` drops everything above the cursor (the redo branch). A done entry can also be
-    switched off and on (`set_enabled`) without losing its place. The model always equals the original with
-    the active edits applied in stack order."""
-
-    def __init__(self, lm):
-        self.lm = lm
-        self.entries: list[_Entry] = []
-        self.cursor = 0
-        self._applied: list[tuple[int, EditHandle]] = []  # in application (= stack) order
-
-    # -- internal
-    def _active_indices(self) -> list[int]:
-        return [i for i in range(self.cursor) if self.entries[i].enabled]
-
-    def _unwind_to(self, index: int) -> None:
-        """Reverts applied edits with stack index >= index (last first)."""
-        while self._applied and self._applied[-1][0] >= index:
-            _, handle = self._applied.pop()
-            handle.revert()
-
-    def _rewind(self) -> None:
-        applied = {i for i, _ in self._applied}
-        for i in self._active_indices():
-            if i not in applied:
-                self._applied.append((i, self.entries[i].edit.apply(self.lm)))
-
-    # -- public
-    def push(self, edit: Edit) -> int:
-        self._unwind_to(self.cursor)
-        del self.entries[self.cursor:]
-        self.entries.append(_Entry(edit))
-        self.cursor = len(self.entries)
-        try:
-            self._rewind()
-        except Exception:
-            self.entries.pop()
-            self.cursor -= 1
-            raise
-        return self.cursor - 1
-
-    def can_undo(self) -> bool:
-        return self.cursor > 0
-
-    def can_redo(self) -> bool:
-        return self.cursor < len(self.entries)
-
-    def undo(self) -> Edit:
-        if not self.can_undo():
-            raise IndexError("nothing to undo")
-        self.cursor -= 1
-        self._unwind_to(self.cursor)
-        self._rewind()
-        return self.entries[self.cursor].edit
-
-    def redo(self) -> Edit:
-        if not self.can_redo():
-            raise IndexError("nothing to redo")
-        self.cursor += 1
-        self._unwind_to(self.cursor - 1)
-        self._rewind()
-        return self.entries[self.cursor - 1].edit
-
-    def set_enabled(self, index: int, enabled: bool) -> None:
-        if not 0 <= index < len(self.entries):
-            raise IndexError(f"no edit #{index}")
-        self._unwind_to(index)
-        self.entries[index].enabled = bool(enabled)
-        self._rewind()
-
-    def revert_all(self) -> None:
-        """Reverts every applied edit (history is kept; cursor goes to 0)."""
-        self._unwind_to(0)
-        self.cursor = 0
-
-    def clear(self) -> None:
-        self._unwind_to(0)
-        self.entries.clear()
-        self.cursor = 0
-
-    def active_edits(self) -> list[Edit]:
-        return [self.entries[i].edit for i in self._active_indices()]
-
-    def history(self) -> list[dict]:
-        return [{"index": i, "edit": e.edit, "description": e.edit.describe(), "done": i < self.cursor,
-                 "enabled": e.enabled, "active": i < self.cursor and e.enabled} for i, e in enumerate(self.entries)]
-
-    def to_dict(self) -> dict:
-        return {"version": 1, "cursor": self.cursor,
-                "entries": [{"edit": e.edit.to_dict(), "enabled": e.enabled} for e in self.entries]}
-
-    def load_dict(self, state: dict) -> None:
-        """Reverts everything, then takes the saved history and applies its active edits."""
-        if state.get("version", 1) != 1:
-            raise ValueError(f"unknown edit-stack version {state.get('version')!r}")
-        entries = [_Entry(edit_from_dict(e["edit"]), bool(e.get("enabled", True))) for e in state.get("entries", [])]
-        cursor = int(state.get("cursor", len(entries)))
-        if not 0 <= cursor <= len(entries):
-            raise ValueError(f"cursor {cursor} outside 0..{len(entries)}")
-        self.clear()
-        self.entries, self.cursor = entries, cursor
-        self._rewind()
-
-    @classmethod
-    def from_dict(cls, lm, state: dict) -> "EditStack":
-        stack = cls(lm)
-        stack.load_dict(state)
-        return stack
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-
-# --------------------------------------------------------------------------------------------------------
-# Export
-# --------------------------------------------------------------------------------------------------------
-
-def export_model(lm, edits, folder, skip_unexportable: bool = False) -> dict:
-    """Writes the model as it is with its active edits (an EditStack or a list of active edits) to `folder`
-    with `save_pretrained` (+ tokenizer) and a `kn-edits.json` describing them.
-
-    Weight edits are already in the weights; activation edits with scope 'all' are baked in exactly (zeroing
-    or scaling an activation everywhere equals scaling its value vector) for the save and taken out again.
-    Answer-scoped activation edits cannot be expressed as weights: ValueError, or with
-    `skip_unexportable=True` they are left out and listed."""
-    active = edits.active_edits() if isinstance(edits, EditStack) else list(edits)
-    skipped = [e for e in active if isinstance(e, _ActivationEdit) and e.scope == "answer"]
-    if skipped and not skip_unexportable:
-        raise ValueError(f"{len(skipped)} active edit(s) act only at the answer position and cannot be saved as "
-                         f"weights ({skipped[0].describe()}); re-apply them with scope 'all' or skip them")
-    baked = [_Scale(e.neurons, e._factor()) for e in active if isinstance(e, _ActivationEdit) and e.scope == "all"]
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    handles = [b.apply(lm) for b in baked]
-    try:
-        lm.model.save_pretrained(folder)
-        if lm.tokenizer is not None:
-            lm.tokenizer.save_pretrained(folder)
-    finally:
-        for handle in reversed(handles):
-            handle.revert()
-    info = {"source": lm.source, "sha256_before_edits": lm.sha256,
-            "edits": [e.to_dict() for e in active if e not in skipped],
-            "skipped": [e.to_dict() for e in skipped]}
-    (folder / "kn-edits.json").write_text(json.dumps(info, indent=2))
-    return info
-
-
-@dataclass(frozen=True)
-class _Scale(_WeightEditBase):
-    neurons: tuple[Neuron, ...]
-    factor: float
-    kind = "scale"
-
-    def _new_vectors(self, lm, layer, idx, old):
-        return old * self.factor

@@ -21,7 +21,11 @@ from pathlib import Path
 
 X, Y = "[X]", "[Y]"
 KINDS = ("masked", "causal")
-# What may follow [Y] in a causal template and still be dropped: closing punctuation and spaces only.
+# How a causal model uses a template with text after [Y]. "prefix": the text before [Y] is the prompt and the
+# rest is dropped (a causal model predicts [Y] from what precedes it, so nearly every template gives a prompt);
+# "end-only": only templates that end in [Y] (plus closing punctuation) are used, the others are skipped.
+CAUSAL_TEMPLATES = ("prefix", "end-only")
+# What may follow [Y] in an end-only causal template: closing punctuation and spaces only.
 _DROPPABLE_TAIL = re.compile(r"^[\s.!?,;:]*$")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
 BUILTIN_FILE = "builtin_facts.jsonl"
@@ -205,14 +209,15 @@ def _unknown(tokenizer, ids, answer: str) -> bool:
     return unk is not None and unk in ids and (tokenizer.unk_token or "") not in answer
 
 
-def _render_causal(fact: Fact, template: str, tokenizer) -> Prompt | Skipped:
+def _render_causal(fact: Fact, template: str, tokenizer, causal_templates: str) -> Prompt | Skipped:
     before, after = _split_at_object(template, fact.subject)
-    if not _DROPPABLE_TAIL.match(after):
+    if causal_templates == "end-only" and not _DROPPABLE_TAIL.match(after):
         return Skipped(template, f"[Y] is not at the end (followed by {after.strip()!r}); "
-                                 "a causal model can only predict the object as a continuation")
+                                 "a causal model can only predict the object as a continuation "
+                                 "(causal_templates='prefix' would use the text before [Y])")
     text = before.rstrip(" ")
     if not text.strip():
-        return Skipped(template, "nothing comes before [Y]; a causal model needs a prefix to continue")
+        return Skipped(template, "[Y] comes first: nothing comes before it for a causal model to continue")
     # The leading space belongs to the answer: BPE vocabularies spell " Paris" as one token.
     answer = (" " if before != text else "") + fact.object
     prefix, full = _ids(tokenizer, text), _ids(tokenizer, text + answer)
@@ -266,27 +271,40 @@ def _render_masked(fact: Fact, template: str, tokenizer) -> Prompt | Skipped:
     return Prompt(masked, fact.object, tuple(span), template, fact, "masked")
 
 
-def render_prompts(fact: Fact, relation: Relation, tokenizer, kind: str) -> tuple[list[Prompt], list[Skipped]]:
-    """One prompt per usable template of ``relation`` for ``fact``; the others come back as Skipped."""
+def render_prompts(fact: Fact, relation: Relation, tokenizer, kind: str,
+                   causal_templates: str = "prefix") -> tuple[list[Prompt], list[Skipped]]:
+    """One prompt per usable template of ``relation`` for ``fact``; the others come back as Skipped, each with
+    its reason. ``causal_templates`` (causal models only, see CAUSAL_TEMPLATES) says whether a template with
+    text after [Y] is used as its prefix or skipped. Two templates that give the same prompt (e.g. once the
+    text after [Y] is dropped) are used once: a repeated prompt would count twice in the refinement."""
     if kind not in KINDS:
         raise ValueError(f"unknown model kind {kind!r}; use 'masked' or 'causal'")
+    if causal_templates not in CAUSAL_TEMPLATES:
+        raise ValueError(f"unknown causal_templates {causal_templates!r}; use 'prefix' or 'end-only'")
     if fact.relation != relation.id:
         raise ValueError(f"fact of {fact.relation} rendered with relation {relation.id}")
     if kind == "masked" and getattr(tokenizer, "mask_token", None) is None:
         raise ValueError("this tokenizer has no mask token, so it cannot render masked prompts")
-    render = _render_masked if kind == "masked" else _render_causal
-    prompts, skipped = [], []
+    prompts, skipped, seen = [], [], {}
     for template in relation.templates:
-        result = render(fact, template, tokenizer)
+        if kind == "masked":
+            result = _render_masked(fact, template, tokenizer)
+        else:
+            result = _render_causal(fact, template, tokenizer, causal_templates)
+        if isinstance(result, Prompt):
+            first = seen.setdefault((result.text, result.answer_ids), template)
+            if first != template:
+                result = Skipped(template, f"gives the same prompt {result.text!r} as the template {first!r}")
         (prompts if isinstance(result, Prompt) else skipped).append(result)
     return prompts, skipped
 
 
-def render_factset(factset: FactSet, tokenizer, kind: str) -> tuple[list[Prompt], list[Skipped]]:
+def render_factset(factset: FactSet, tokenizer, kind: str,
+                   causal_templates: str = "prefix") -> tuple[list[Prompt], list[Skipped]]:
     """All prompts of a fact set (a convenience for checks and batch runs)."""
     prompts, skipped = [], []
     for fact in factset.facts:
-        p, s = render_prompts(fact, factset.relation(fact.relation), tokenizer, kind)
+        p, s = render_prompts(fact, factset.relation(fact.relation), tokenizer, kind, causal_templates)
         prompts += p
         skipped += s
     return prompts, skipped
@@ -352,21 +370,43 @@ class _Builder:
 CSV_COLUMNS = ["kind", "relation", "name", "template", "subject", "object"]
 
 
+# csv's default limit (128 KiB a field) is below what export_facts may write; a field can never be larger
+# than its file, and 2**31 - 1 fits the C long that csv.field_size_limit takes on every platform.
+_CSV_FIELD_CAP = 2**31 - 1
+
+
+def _csv_rows(path: Path, b: _Builder, handle):
+    """(line where the row starts, cells) for each row; a malformed row fails naming that line."""
+    csv.field_size_limit(max(csv.field_size_limit(), min(_CSV_FIELD_CAP, path.stat().st_size + 1)))
+    reader = csv.reader(handle, strict=True)
+    while True:
+        start = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            if "unexpected end of data" in str(exc):
+                b.fail(start, 'a quoted field is never closed (an unterminated ") before the end of the file; '
+                              'close the quote or double a quote inside a field ("")')
+            b.fail(reader.line_num, f"not valid CSV ({exc}); a quote inside a quoted field must be doubled (\"\")")
+        yield start, row
+
+
 def _import_csv(path: Path) -> FactSet:
     b = _Builder(path)
     set_name = path.stem
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: spreadsheets write a BOM
-            reader = csv.reader(handle)
-            header = next(reader, None)
+            rows = _csv_rows(path, b, handle)
+            _, header = next(rows, (1, None))
             if header is None:
                 b.fail(1, "the file is empty; expected the header " + ",".join(CSV_COLUMNS))
             header = [h.strip().lower() for h in header]
             missing = [c for c in ("kind", "relation") if c not in header]
             if missing:
                 b.fail(1, f"the header lacks the column(s) {', '.join(missing)}; expected " + ",".join(CSV_COLUMNS))
-            for row in reader:
-                line = reader.line_num
+            for line, row in rows:
                 if not any(cell.strip() for cell in row):
                     continue
                 if len(row) > len(header):
@@ -383,8 +423,10 @@ def _import_csv(path: Path) -> FactSet:
                     b.fact(line, cells["relation"], cells.get("subject"), cells.get("object"))
                 else:
                     b.fail(line, f"unknown row kind {cells['kind']!r}; use set, relation, template or fact")
-    except (UnicodeDecodeError, csv.Error) as exc:
+    except UnicodeDecodeError as exc:
         b.fail(None, f"not a readable UTF-8 CSV file ({exc})")
+    except OSError as exc:
+        b.fail(None, f"cannot be read ({exc.strerror or exc})")
     return b.build(set_name)
 
 
@@ -399,11 +441,15 @@ def _jsonl_records(path: Path, b: _Builder):
                     record = json.loads(raw)
                 except json.JSONDecodeError as exc:
                     b.fail(number, f"not valid JSON ({exc.msg} at column {exc.colno})")
+                except RecursionError:
+                    b.fail(number, "the JSON is nested too deeply to be a record; expected a flat {...} object")
                 if not isinstance(record, dict):
                     b.fail(number, "expected a JSON object ({...}) on each line")
                 yield number, record
     except UnicodeDecodeError as exc:
         b.fail(None, f"not a readable UTF-8 file ({exc})")
+    except OSError as exc:  # e.g. a directory where a file should be, or no permission
+        b.fail(None, f"cannot be read as a file ({exc.strerror or exc})")
 
 
 def _text(b: _Builder, line, record, key, required=True) -> str:
@@ -452,6 +498,10 @@ def _import_pararel(folder: Path, root: Path) -> FactSet:
     patterns = sorted((root / "pattern_data" / "graphs_json").glob("*.jsonl"))
     if not patterns:
         raise FactImportError(root / "pattern_data" / "graphs_json", None, "no relation files (P*.jsonl) found")
+    for file in patterns + sorted((root / "trex_lms_vocab").glob("*.jsonl")):
+        if not file.is_file():
+            raise FactImportError(file, None, "is a folder or a special file, not a JSON Lines file; remove or "
+                                              "replace it")
     names = {}
     for candidate in (root / "relations.jsonl", folder / "relations.jsonl"):
         if candidate.is_file():  # optional, LAMA-style: {"relation": "P36", "label": "capital"}
@@ -478,6 +528,9 @@ def _import_pararel(folder: Path, root: Path) -> FactSet:
         for rid, templates in b.templates.items():
             merged.templates[rid].extend(t for t in templates if t not in merged.templates[rid])
         merged.facts.update(b.facts)
+    if not merged.facts:
+        raise FactImportError(root / "trex_lms_vocab", None, "no facts found: expected P*.jsonl files named like "
+                                                            "the relations, with sub_label and obj_label on each line")
     return merged.build(folder.name)
 
 

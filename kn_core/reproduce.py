@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from . import evaluation as ev
+from . import experiments as ex
 from .cli import tqdm_progress
 
 PAPER = {
@@ -137,7 +138,8 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
                   steps: int = 20, prompts_per_fact: int | None = None, select: str = "known",
                   control_prompts: int = 20, t: float = 0.2, p: float = 0.7, erase_k: int = 20,
                   erase_fill: str = "zero", progress=None, say=_say, cancel=None) -> dict:
-    from .attribution import AttributionParams, adapt_p, refined_neurons
+    from .attribution import AttributionParams
+    from .neurons import adapt_p, refined_neurons
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -194,7 +196,7 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
         timings["attribution_per_fact"] = timings["attribution"] / max(len(ig), 1)
 
         # refined neurons with p adapted per relation
-        records: list[ev.FactRecord] = []
+        records: list[ex.FactNeurons] = []
         adapted = {}
         for rid, facts in chosen.items():
             a = adapt_p([[s.scores for s in ig[f]] for f, _ in facts], t=t, p=p)
@@ -202,7 +204,7 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
             adapted[rid] = {"p": a.p, "mean_neurons": a.mean_neurons, "history": a.history,
                             "baseline_p": b.p, "baseline_mean_neurons": b.mean_neurons}
             for fact, prompts in facts:
-                records.append(ev.FactRecord(
+                records.append(ex.FactNeurons(
                     fact, prompts, refined_neurons([s.scores for s in ig[fact]], t, a.p),
                     refined_neurons([s.scores for s in base[fact]], 0.5, b.p),
                     [s.activations for s in ig[fact]]))
@@ -214,18 +216,18 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
             for r in records]
 
         phase("neuron statistics")
-        report["neuron_statistics"] = ev.neuron_statistics([r.neurons for r in records],
+        report["neuron_statistics"] = ex.neuron_statistics([r.neurons for r in records],
                                                            [r.relation for r in records], lm.layout.layers)
-        report["baseline_neuron_statistics"] = ev.neuron_statistics(
+        report["baseline_neuron_statistics"] = ex.neuron_statistics(
             [r.baseline_neurons for r in records], [r.relation for r in records], lm.layout.layers)
-        report["activation_by_prompt"] = ev.activation_by_prompt(records)
+        report["activation_by_prompt"] = ex.activation_by_prompt(records)
         write()
 
         t0 = time.perf_counter()
         phase("suppress and amplify, with controls")
         bar = tqdm_progress("suppress/amplify")
-        report["suppress_amplify"] = ev.suppress_amplify_experiment(
-            lm, records, seed=seed, control_prompts=control_prompts, progress=bar, cancel=cancel)
+        report["suppress_amplify"] = ex.suppress_amplify_experiment(
+            lm, records, seed=seed, control_prompts=control_prompts, task=_task(bar))
         bar.close()
         timings["suppress_amplify"] = time.perf_counter() - t0
         write()
@@ -233,8 +235,8 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
         t0 = time.perf_counter()
         phase("update")
         bar = tqdm_progress("update")
-        report["update"] = ev.update_experiment(lm, records, factset, seed=seed, facts_per_relation=10,
-                                                control_prompts=control_prompts, progress=bar, cancel=cancel)
+        report["update"] = ex.update_experiment(lm, records, factset, seed=seed, facts_per_relation=10,
+                                                control_prompts=control_prompts, task=_task(bar))
         bar.close()
         timings["update"] = time.perf_counter() - t0
         write()
@@ -242,8 +244,8 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
         t0 = time.perf_counter()
         phase("erase")
         bar = tqdm_progress("erase")
-        report["erase"] = ev.erase_experiment(lm, records, k=erase_k, fill=erase_fill, seed=seed,
-                                              control_prompts=2 * control_prompts, progress=bar, cancel=cancel)
+        report["erase"] = ex.erase_experiment(lm, records, k=erase_k, fill=erase_fill, seed=seed,
+                                              control_prompts=2 * control_prompts, task=_task(bar))
         bar.close()
         timings["erase"] = time.perf_counter() - t0
         report["status"] = "done"
@@ -260,6 +262,12 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
     (out / "report.md").write_text(render_markdown(report))
     say(f"[reproduce] done in {report['timings']['total']:.0f} s: {out / 'report.md'}")
     return report
+
+
+def _task(bar):
+    from .tasks import Task
+
+    return Task(on_progress=lambda fraction, message: bar(fraction or 0.0))
 
 
 def _tick(items, bar):
@@ -450,8 +458,9 @@ def render_markdown(report: dict) -> str:
 def _fact_neurons(args, lm, factset, fact, say, results: list | None = None):
     """Attribution of one fact's prompts -> (prompts, refined neurons); `results` receives each prompt's
     PromptScores."""
-    from .attribution import AttributionParams, attribute_fact, refined_neurons
+    from .attribution import AttributionParams, attribute_fact
     from .cli import CliError, bar_task, tqdm_progress
+    from .neurons import refined_neurons
     from .facts import render_prompts
 
     prompts, skipped = render_prompts(fact, factset.relation(fact.relation), lm.tokenizer, lm.kind)
@@ -472,6 +481,7 @@ def _neurons_doc(neurons):
 
 def cmd_edit_activation(args) -> int:
     from . import edits as E
+    from .edit_stack import export_model
     from .cli import CliError, emit, factset_of, find_fact, load, say
 
     factset = factset_of(args)
@@ -489,7 +499,7 @@ def cmd_edit_activation(args) -> int:
     if args.export:
         if args.scope != "all":
             raise CliError("--export needs --scope all (an answer-position edit is not a weight change)")
-        E.export_model(lm, [make(neurons)], args.export)
+        export_model(lm, [make(neurons)], args.export)
     doc = {"fact": {"relation": fact.relation, "subject": fact.subject, "object": fact.object},
            "edit": make(neurons).to_dict(), "neurons": _neurons_doc(neurons),
            "prompts": [p.text for p in prompts], "before": effect["before"], "after": effect["after"],
@@ -508,6 +518,7 @@ def cmd_edit_activation(args) -> int:
 
 def cmd_edit_update(args) -> int:
     from . import edits as E
+    from .edit_stack import export_model
     from .cli import CliError, emit, factset_of, find_fact, load, say
     from .facts import Fact, render_prompts
 
@@ -539,7 +550,7 @@ def cmd_edit_update(args) -> int:
     before_old, before_new = measure()
     after_old, after_new = ev.with_edits(lm, [update], measure)
     if args.export:
-        ev.with_edits(lm, [update], lambda: E.export_model(lm, [update], args.export))
+        ev.with_edits(lm, [update], lambda: export_model(lm, [update], args.export))
     doc = {"fact": {"relation": fact.relation, "subject": fact.subject, "object": fact.object},
            "new_object": args.new_object, "edit": update.to_dict(), "neurons": _neurons_doc(update.neurons),
            "excluded": _neurons_doc(update.excluded), "flipped": _neurons_doc(update.flipped),
@@ -563,6 +574,7 @@ def cmd_edit_update(args) -> int:
 
 def cmd_edit_erase(args) -> int:
     from . import edits as E
+    from .edit_stack import export_model
     from .cli import CliError, emit, factset_of, load, say
 
     factset = factset_of(args)
@@ -575,7 +587,7 @@ def cmd_edit_erase(args) -> int:
     records = []
     for fact in facts:
         prompts, neurons = _fact_neurons(args, lm, factset, fact, say)
-        records.append(ev.FactRecord(fact, prompts, neurons, []))
+        records.append(ex.FactNeurons(fact, prompts, neurons, []))
     others = [f for f in factset.facts if f.relation != args.relation]
     rng = np.random.default_rng(args.seed)
     from .facts import render_prompts
@@ -604,7 +616,7 @@ def cmd_edit_erase(args) -> int:
     control = ev.with_edits(lm, [E.Erase(tuple(E.random_neurons(lm, neurons, seed=args.seed)), args.fill,
                                          E.default_embedding(lm))], measure)
     if args.export:
-        ev.with_edits(lm, [erase], lambda: E.export_model(lm, [erase], args.export))
+        ev.with_edits(lm, [erase], lambda: export_model(lm, [erase], args.export))
     doc = {"relation": args.relation, "facts": len(records), "edit": erase.to_dict(), "neurons": _neurons_doc(neurons),
            "before": before, "after": after, "control": {"kind": "random neurons from the same layers", **control},
            "exported_to": args.export}

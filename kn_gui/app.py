@@ -51,15 +51,22 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    from .platform_check import startup_problem
+
+    problem = startup_problem()
+    if problem:
+        print(f"kn-studio: {problem}", file=sys.stderr)
+        return 2
     app = build_app()
     from .main_window import MainWindow
 
     window = MainWindow()
     install_excepthook(window)
     window.show()
-    if args.project:
+    recovered = window.offer_recovery()  # work a killed app left in its autosave file
+    if args.project and not recovered:
         window.open_project(args.project)
-    if args.model:
+    if args.model:  # queued behind the opening: the project's edits are re-applied once the model is there
         window.model_panel.source.setEditText(args.model)
         window.load_model(args.model, args.device, args.dtype)
     return app.exec()

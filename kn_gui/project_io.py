@@ -1,36 +1,53 @@
-"""Saving and opening projects through kn_core.store. Runs in the worker thread on plain snapshots."""
+"""Saving and opening projects through kn_core.store. Runs in a worker thread on a `ProjectSnapshot`: a copy of
+everything to save, taken in the main thread (the worker never reads live GUI state)."""
 
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from kn_core.attribution import PromptScores
 from kn_core.facts import Fact, FactSet, Prompt, Relation
 
-from .session import NeuronSet, Run, fact_key
+from .session import CANCELLED, COMPLETE, FAILED, INTERRUPTED, RUNNING, NeuronSet, Run, Session, fact_key
 
 GUI_SETTING = "gui.state"
+_STORE_STATUS = {COMPLETE: "done", CANCELLED: "cancelled", FAILED: "failed", INTERRUPTED: "cancelled"}
 
 
-def snapshot(session, edit_state: dict | None, model_info, reports: list) -> dict:
-    """Everything to save, captured in the main thread (the worker never reads live GUI state)."""
-    runs = [(run.fact, list(run.prompts), list(run.scores), dict(run.params), dict(run.model), run.seconds,
-             run.complete) for run in session.runs.values() if run.scores]
-    return {
-        "factset": session.factset,
-        "runs": runs,
-        "sets": [NeuronSet(s.name, s.kind, list(s.neurons), s.source) for s in session.neuron_sets.values()],
-        "edit_state": edit_state,
-        "reports": reports,
-        "model": model_info,
-        "gui": {"t": session.t, "p": session.p,
-                "checks": [[list(k[0]), k[1], v] for k, v in session.checks.items()]},
-    }
+@dataclass
+class ProjectSnapshot:
+    """A whole project: what is saved, and what opening a file gives back."""
+
+    factset: FactSet
+    runs: list[Run] = field(default_factory=list)  # every kept run: complete ones and partial ones
+    sets: list[NeuronSet] = field(default_factory=list)
+    edit_state: dict | None = None  # EditStack.to_dict(), each entry with its evaluation report
+    model: dict | None = None  # the un-edited model the edits apply to
+    edit_sha: str | None = None
+    t: float = 0.2
+    p: float = 0.7
+    checks: dict = field(default_factory=dict)  # (fact key, template) -> answer check
+    path: str = ""
+    autosave_of: str | None = None  # set in autosave files: the project they are the unsaved state of
 
 
-def save_project(path: str, snap: dict, ctx=None) -> str:
+def snapshot(session: Session, edit_state: dict | None, model_info: dict | None) -> ProjectSnapshot:
+    """Copies the session (lists copied, so later appends by a running job do not leak into the save)."""
+    runs = [replace(run, prompts=list(run.prompts), scores=list(run.scores), params=dict(run.params),
+                    model=dict(run.model), edits=list(run.edits))
+            for run in [*session.runs.values(), *session.partial_runs.values()] if run.scores]
+    return ProjectSnapshot(factset=session.factset, runs=runs,
+                           sets=[NeuronSet(s.name, s.kind, list(s.neurons), s.source)
+                                 for s in session.neuron_sets.values()],
+                           edit_state=edit_state, model=model_info, t=session.t, p=session.p,
+                           checks=dict(session.checks))
+
+
+def save_project(path: str, snap: ProjectSnapshot, task=None) -> str:
+    """Writes the snapshot to a temporary file beside `path` and renames it into place (never half a file)."""
     from kn_core.store import create_project
 
     path = str(Path(path).expanduser())
@@ -38,29 +55,28 @@ def save_project(path: str, snap: dict, ctx=None) -> str:
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{int(time.time() * 1000)}.saving.knproj")
     project = create_project(tmp, name=Path(path).stem)
     try:
-        fs: FactSet = snap["factset"]
+        fs = snap.factset
         project.set_setting("factset.name", fs.name)
         for relation in fs.relations.values():
             project.add_relation(relation)
         project.add_facts(fs.facts, fs.relations)
-        n = max(1, len(snap["runs"]))
-        for i, (fact, prompts, scores, params, model, seconds, complete) in enumerate(snap["runs"]):
-            if ctx is not None:
-                ctx.progress(i / n, f"saving run {i + 1}/{n}")
-            run_id = project.start_run(fact=fact, prompts=prompts, params=params, model=model or None,
-                                       info={"complete": complete})
-            for k, ps in enumerate(scores):
+        n = max(1, len(snap.runs))
+        for i, run in enumerate(snap.runs):
+            if task is not None:
+                task.progress(i / n, f"saving run {i + 1}/{n}")
+            state = INTERRUPTED if run.state == RUNNING else run.state
+            run_id = project.start_run(fact=run.fact, prompts=run.prompts, params=run.params,
+                                       model=run.model or None, info={"state": state, "edits": run.edits})
+            for k, ps in enumerate(run.scores):
                 project.add_prompt_result(run_id, k, ps)
-            project.finish_run(run_id, "done" if complete else "cancelled", elapsed_s=seconds)
-        for s in snap["sets"]:
-            fact = None
+            project.finish_run(run_id, _STORE_STATUS[state], elapsed_s=run.seconds)
+        for s in snap.sets:
             project.add_neuron_set(s.kind if s.kind in ("coarse", "refined", "relation", "user") else "user",
-                                   s.neurons, params={"source": s.source}, name=s.name, fact=fact)
-        if snap["edit_state"] is not None and snap["edit_state"].get("entries"):
-            state = dict(snap["edit_state"])
-            state["entries"] = [dict(e, report=r) for e, r in zip(state["entries"], snap["reports"])]
-            project.save_edit_history(state, model=snap["model"])
-        project.set_setting(GUI_SETTING, snap["gui"])
+                                   s.neurons, params={"source": s.source}, name=s.name)
+        if snap.edit_state is not None and snap.edit_state.get("entries"):
+            project.save_edit_history(snap.edit_state, model=snap.model)
+        project.set_setting(GUI_SETTING, {"t": snap.t, "p": snap.p, "autosave_of": snap.autosave_of,
+                                          "checks": [[list(k[0]), k[1], v] for k, v in snap.checks.items()]})
     finally:
         project.close()
     os.replace(tmp, path)
@@ -72,7 +88,39 @@ def _prompt_from(d: dict, fact: Fact) -> Prompt:
                   template=d.get("template", ""), fact=fact, kind=d.get("kind", ""))
 
 
-def open_project_file(path: str, ctx=None) -> dict:
+def _run_state(rec) -> str:
+    """The run's state; files from before states were saved have only `complete` (a stopped run was 'running')."""
+    state = rec.info.get("state")
+    if state in (COMPLETE, CANCELLED, FAILED, INTERRUPTED):
+        return state
+    if rec.info.get("complete", rec.status == "done"):
+        return COMPLETE
+    return {"cancelled": CANCELLED, "failed": FAILED}.get(rec.status, INTERRUPTED)
+
+
+def _read_run(project, rec, fact: Fact, models: dict) -> Run:
+    full = project.get_run(rec.id)
+    scores = project.load_scores(rec.id, "scores")
+    acts = project.load_scores(rec.id, "activations")
+    results = []
+    for p in full.prompts:
+        if p.prompt_index not in scores:
+            break
+        d = p.prompt
+        results.append(PromptScores(
+            prompt=d.get("text", ""), answer=d.get("answer", ""), answer_ids=tuple(d.get("answer_ids", ())),
+            scores=scores[p.prompt_index], activations=acts.get(p.prompt_index, scores[p.prompt_index] * 0),
+            prob=p.prob if p.prob is not None else float("nan"), token_probs=[],
+            completeness=p.completeness or [], seconds=p.seconds or 0.0, params=dict(rec.params)))
+    state = _run_state(rec)
+    if state == COMPLETE and len(results) < len(full.prompts):
+        state = INTERRUPTED
+    return Run(fact=fact, prompts=[_prompt_from(p.prompt, fact) for p in full.prompts], scores=results,
+               params=dict(rec.params), model=models.get(rec.model_id, {}), seconds=rec.elapsed_s or 0.0,
+               state=state, edits=list(rec.info.get("edits", [])), store_id=rec.id)
+
+
+def open_project_file(path: str, task=None) -> ProjectSnapshot:
     from kn_core.store import open_project
 
     project = open_project(path, read_only=True)
@@ -82,45 +130,57 @@ def open_project_file(path: str, ctx=None) -> dict:
         facts_by_id = {f.id: Fact(f.relation, f.subject, f.object) for f in fact_records}
         name = project.get_setting("factset.name", Path(path).stem)
         factset = FactSet(name, relations, [facts_by_id[f.id] for f in fact_records])
-        runs = {}
-        records = project.list_runs()
+        models = {m.id: dict(m.info) or {"source": m.source, "sha256": m.sha256} for m in project.list_models()}
+        records = [r for r in project.list_runs() if r.fact_id in facts_by_id]
+        runs = []
         for i, rec in enumerate(records):
-            if ctx is not None:
-                ctx.progress(i / max(1, len(records)), f"reading run {i + 1}/{len(records)}")
-            fact = facts_by_id.get(rec.fact_id)
-            if fact is None:
-                continue
-            full = project.get_run(rec.id)
-            scores = project.load_scores(rec.id, "scores")
-            acts = project.load_scores(rec.id, "activations")
-            prompts = [_prompt_from(p.prompt, fact) for p in full.prompts]
-            results = []
-            for p in full.prompts:
-                if p.prompt_index not in scores:
-                    break
-                d = p.prompt
-                results.append(PromptScores(
-                    prompt=d.get("text", ""), answer=d.get("answer", ""), answer_ids=tuple(d.get("answer_ids", ())),
-                    scores=scores[p.prompt_index], activations=acts.get(p.prompt_index, scores[p.prompt_index] * 0),
-                    prob=p.prob if p.prob is not None else float("nan"), token_probs=[],
-                    completeness=p.completeness or [], seconds=p.seconds or 0.0, params=dict(rec.params)))
-            model = {}
-            if rec.model_id is not None:
-                for m in project.list_models():
-                    if m.id == rec.model_id:
-                        model = dict(m.info) or {"source": m.source, "sha256": m.sha256}
-            runs[fact_key(fact)] = Run(fact=fact, prompts=prompts, scores=results, params=dict(rec.params),
-                                       model=model, seconds=rec.elapsed_s or 0.0,
-                                       complete=bool(rec.info.get("complete", rec.status == "done")),
-                                       store_id=rec.id)
+            if task is not None:
+                task.progress(i / max(1, len(records)), f"reading run {i + 1}/{len(records)}")
+            runs.append(_read_run(project, rec, facts_by_id[rec.fact_id], models))
         sets = [NeuronSet(r.name or f"set {r.id}", r.kind, [tuple(n) for n in r.neurons],
                           (r.params or {}).get("source", "")) for r in project.list_neuron_sets()]
         edit_state, edit_sha = project.load_edit_history()
         gui = project.get_setting(GUI_SETTING, {}) or {}
     finally:
         project.close()
-    checks = {}
-    for key, template, value in gui.get("checks", []):
-        checks[(tuple(key), template)] = value
-    return {"factset": factset, "runs": runs, "sets": sets, "edit_state": edit_state, "edit_sha": edit_sha,
-            "t": gui.get("t", 0.2), "p": gui.get("p", 0.7), "checks": checks, "path": path}
+    checks = {(tuple(key), template): value for key, template, value in gui.get("checks", [])}
+    return ProjectSnapshot(factset=factset, runs=runs, sets=sets, edit_state=edit_state, edit_sha=edit_sha,
+                           t=gui.get("t", 0.2), p=gui.get("p", 0.7), checks=checks, path=path,
+                           autosave_of=gui.get("autosave_of"))
+
+
+def place_runs(runs: list[Run]) -> tuple[dict, dict]:
+    """(current run per fact, partial run kept beside it): the newest complete run of each fact is current and
+    a later partial one is kept beside it; a fact with no complete run shows its newest partial run."""
+    current: dict[tuple, Run] = {}
+    partial: dict[tuple, Run] = {}
+    for run in runs:  # oldest first
+        key = fact_key(run.fact)
+        if run.complete:
+            current[key] = run
+            partial.pop(key, None)
+        elif key in current and current[key].complete:
+            partial[key] = run
+        else:
+            current[key] = run
+    return current, partial
+
+
+def results_dict(session: Session, edit_commands: list) -> dict:
+    """Runs (with each prompt's coarse set and the refined set at the current t, p), neuron sets and edits with
+    their reports, for `Export results (JSON)`."""
+    s = session
+    runs = []
+    for run in [*s.runs.values(), *s.partial_runs.values()]:
+        if not run.scores:
+            continue
+        runs.append({"fact": {"relation": run.fact.relation, "subject": run.fact.subject, "object": run.fact.object},
+                     "params": run.params, "model": run.model, "seconds": run.seconds, "complete": run.complete,
+                     "state": run.state, "edits_active": run.edits,
+                     "prompts": [{"text": p.text, "answer": p.answer, "prob": ps.prob,
+                                  "coarse": [list(n) for n in s.coarse(run, i)]}
+                                 for i, (p, ps) in enumerate(zip(run.prompts, run.scores))],
+                     "refined": [list(n) for n in s.refined(run)]})
+    edits = [{"edit": c.edit.to_dict(), "description": c.text(), "report": c.report} for c in edit_commands]
+    return {"t": s.t, "p": s.p, "model": s.lm.describe() if s.lm else None, "runs": runs,
+            "neuron_sets": [ns.to_dict() for ns in s.neuron_sets.values()], "edits": edits}

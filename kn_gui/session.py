@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from kn_core import attribution as kn_attr
+from kn_core import neurons as kn_neurons
 from kn_core.facts import Fact, FactSet, Prompt, Relation, Skipped, render_prompts
 
 Neuron = tuple[int, int]
@@ -40,9 +40,15 @@ def starter_factset() -> FactSet:
         return empty_factset("built-in facts unavailable")
 
 
+RUNNING, COMPLETE = "running", "complete"
+CANCELLED, FAILED, INTERRUPTED = "cancelled", "failed", "interrupted"  # stopped early: a partial run
+
+
 @dataclass
 class Run:
-    """One attribution run over the prompts of one fact."""
+    """One attribution run over the prompts of one fact. `state`: running, complete, or (stopped early, with the
+    prompts finished so far) cancelled / failed / interrupted (the app ended while it ran). `edits`: the model
+    edits active while it ran (empty: the model's own weights)."""
 
     fact: Fact
     prompts: list[Prompt]
@@ -51,8 +57,25 @@ class Run:
     model: dict = field(default_factory=dict)
     started: float = field(default_factory=time.time)
     seconds: float = 0.0
-    complete: bool = False
+    state: str = RUNNING
+    edits: list[str] = field(default_factory=list)
     store_id: Any = None
+
+    @property
+    def complete(self) -> bool:
+        return self.state == COMPLETE
+
+    def header_note(self) -> str:
+        """What the run's header must say beside the fact: still running, partial, on edited weights."""
+        done, n = len(self.scores), len(self.prompts)
+        parts = []
+        if self.state == RUNNING:
+            parts.append(f"running: {done}/{n} prompts done")
+        elif self.state != COMPLETE:
+            parts.append(f"partial run ({self.state}): {done}/{n} prompts")
+        if self.edits:
+            parts.append(f"on edited weights ({len(self.edits)} active edit{'s' if len(self.edits) > 1 else ''})")
+        return "".join(f"  \u2014 {p}" for p in parts)
 
     def score_arrays(self) -> list[np.ndarray]:
         return [s.scores for s in self.scores]
@@ -66,6 +89,25 @@ class Run:
         if not self.scores:
             return None
         return np.mean(np.stack([s.activations for s in self.scores]), axis=0)
+
+
+def merge_factsets(fs, imported):
+    """(fs with the imported relations' new templates and the new facts, number of facts added)."""
+    merged, added = fs, 0
+    for relation in imported.relations.values():
+        if relation.id in merged.relations:
+            old = merged.relation(relation.id)
+            templates = old.templates + tuple(t for t in relation.templates if t not in old.templates)
+            merged = merged.with_relation(type(old)(old.id, old.name or relation.name, templates))
+        else:
+            merged = merged.with_relation(relation)
+    present = set(merged.facts)
+    for fact in imported.facts:
+        if fact not in present:
+            merged = merged.with_fact(fact)
+            present.add(fact)
+            added += 1
+    return merged, added
 
 
 @dataclass
@@ -85,7 +127,8 @@ class Session:
         self.factset: FactSet = factset if factset is not None else empty_factset()
         self.lm = None
         self.checks: dict[tuple, dict] = {}  # (fact key, template) -> answer_probabilities item
-        self.runs: dict[tuple, Run] = {}  # fact key -> latest run
+        self.runs: dict[tuple, Run] = {}  # fact key -> latest complete run (or the running / only partial one)
+        self.partial_runs: dict[tuple, Run] = {}  # fact key -> a stopped re-run kept beside its complete run
         self.t = 0.2
         self.p = 0.7
         self.neuron_sets: dict[str, NeuronSet] = {}
@@ -106,28 +149,28 @@ class Session:
 
     # ----------------------------------------------------------------- thresholds (views over stored scores)
     def coarse(self, run: Run, prompt_index: int) -> list[Neuron]:
-        return kn_attr.coarse_neurons(run.scores[prompt_index].scores, self.t)
+        return kn_neurons.coarse_neurons(run.scores[prompt_index].scores, self.t)
 
     def refined(self, run: Run) -> list[Neuron]:
         if not run.scores:
             return []
-        return [tuple(n) for n in kn_attr.refined_neurons(run.score_arrays(), self.t, self.p)]
+        return [tuple(n) for n in kn_neurons.refined_neurons(run.score_arrays(), self.t, self.p)]
 
     def refined_counts(self, run: Run):
-        return kn_attr.coarse_counts(run.score_arrays(), self.t)
+        return kn_neurons.coarse_counts(run.score_arrays(), self.t)
 
     def relation_runs(self, relation_id: str) -> list[Run]:
         return [r for k, r in self.runs.items() if k[0] == relation_id and r.scores]
 
     def relation_level(self, relation_id: str, fraction: float = 0.1) -> list[tuple[Neuron, int]]:
         runs = self.relation_runs(relation_id)
-        return kn_attr.relation_neurons([self.refined(r) for r in runs], fraction)
+        return kn_neurons.relation_neurons([self.refined(r) for r in runs], fraction)
 
     def adapt_p(self, relation_id: str):
         runs = self.relation_runs(relation_id)
         if not runs:
             raise ValueError(f"no attribution runs for relation {relation_id} yet; run some of its facts first")
-        return kn_attr.adapt_p([r.score_arrays() for r in runs], self.t, self.p)
+        return kn_neurons.adapt_p([r.score_arrays() for r in runs], self.t, self.p)
 
     # ----------------------------------------------------------------- neuron sets
     def unique_set_name(self, base: str) -> str:

@@ -1,11 +1,11 @@
-"""The one worker thread for long jobs (model loading, checks, attribution, evaluations, export).
+"""The one worker thread for long jobs (model loading, checks, attribution, evaluations, saving).
 
-A job is a plain callable `fn(ctx) -> result`. `ctx.progress(fraction, message)` reports progress,
-`ctx.partial(obj)` streams a partial result to the main thread, `ctx.cancel` is the job's `tasks.Task` (the
-runner cancels it), `ctx.task()` gives engine calls a task cancelled with the job, and `ctx.check()` raises
-`Cancelled` once cancel was asked for. Jobs never touch widgets: results travel back through queued signals.
+A job is a plain callable `fn(task) -> result` that gets a `kn_core.tasks.Task`: `task.progress(fraction,
+message)` reports progress, `task.partial(obj)` streams a partial result to the main thread, and the engine calls
+`task.check()` between batches, which raises `Cancelled` once the Cancel button called `task.cancel()`. Jobs
+never touch widgets: results travel back through queued signals.
 
-Only one job uses the model at a time: a job submitted while another runs waits in a FIFO queue.
+Jobs run one at a time: a job submitted while another runs waits in a FIFO queue.
 """
 
 from __future__ import annotations
@@ -22,38 +22,8 @@ from PySide6.QtCore import QObject, QThread, Signal, Slot
 from kn_core.tasks import Cancelled, Task
 
 
-class JobContext:
-    def __init__(self, worker: "Worker", token):
-        self._worker = worker
-        self.cancel = token
-        self._last_emit = 0.0
-
-    @property
-    def cancelled(self) -> bool:
-        return self.cancel.cancelled
-
-    def check(self):
-        self.cancel.check()
-
-    def task(self, on_progress=None, on_partial=None) -> Task:
-        """A task for an engine call: cancelled with this job; reports to these listeners, by default the job's."""
-        return self.cancel.relay(on_progress or self.progress, on_partial or self.partial)
-
-    def progress(self, fraction: float | None, message: str = ""):
-        now = time.monotonic()
-        # at most ~25 updates a second: the UI thread must never drown in progress events
-        if fraction is not None and fraction < 1.0 and now - self._last_emit < 0.04:
-            return
-        self._last_emit = now
-        self._worker.progress.emit(-1.0 if fraction is None else float(fraction), str(message))
-
-    def partial(self, obj: Any):
-        self._worker.partial.emit(obj)
-
-
 def format_error(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text
+    return str(exc).strip() or type(exc).__name__
 
 
 class Worker(QObject):
@@ -75,41 +45,49 @@ class Worker(QObject):
         if self._niced:
             return
         self._niced = True
-        try:
-            import os
-            import threading
+        import os
 
+        try:
             if hasattr(os, "setpriority") and sys.platform.startswith("linux"):
+                import threading
+
                 tid = threading.get_native_id()
                 os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + 5))
             else:
                 QThread.currentThread().setPriority(QThread.LowPriority)
-        except (OSError, AttributeError):
+        except OSError:
             pass
-        try:  # leave a core to the UI thread on small machines (torch's intra-op pool would take them all)
-            import os
+        import torch  # leave a core to the UI thread on small machines (torch's intra-op pool takes them all)
 
-            import torch
+        cores = os.cpu_count() or 1
+        if cores <= 4 and torch.get_num_threads() >= cores:
+            torch.set_num_threads(max(1, cores - 1))
 
-            cores = os.cpu_count() or 1
-            if cores <= 4 and torch.get_num_threads() >= cores:
-                torch.set_num_threads(max(1, cores - 1))
-        except Exception:  # noqa: BLE001 - only a scheduling hint
-            pass
+    def make_task(self) -> Task:
+        last = [0.0]
+
+        def progress(fraction, message):
+            now = time.monotonic()
+            # at most ~25 updates a second: the UI thread must never drown in progress events
+            if fraction is not None and fraction < 1.0 and now - last[0] < 0.04:
+                return
+            last[0] = now
+            self.progress.emit(-1.0 if fraction is None else float(fraction), str(message))
+
+        return Task(on_progress=progress, on_partial=self.partial.emit)
 
     @Slot(object, object)
-    def _execute(self, fn, token):
+    def _execute(self, fn, task: Task):
         self._lower_priority()
-        ctx = JobContext(self, token)
         try:
-            result = fn(ctx)
+            result = fn(task)
         except Cancelled:
             self.cancelled.emit()
             return
         except BaseException as exc:  # noqa: BLE001 - every failure becomes a message, never a crash
             self.failed.emit(format_error(exc), traceback.format_exc())
             return
-        if token.cancelled and result is None:
+        if task.cancelled:  # cancelled after its last check: what it returns is not what the user asked for
             self.cancelled.emit()
             return
         self.finished.emit(result)
@@ -118,14 +96,18 @@ class Worker(QObject):
 @dataclass
 class Job:
     name: str
-    fn: Callable[[JobContext], Any]
+    fn: Callable[[Task], Any]
     on_done: Callable[[Any], None] | None = None
     on_partial: Callable[[Any], None] | None = None
     on_error: Callable[[str, str], None] | None = None
     on_cancel: Callable[[], None] | None = None
-    uses_model: bool = True
+    uses: frozenset = frozenset()  # what the job reads while it runs: "model", "session"
     started_at: float = 0.0
-    token: Task = field(default_factory=Task)
+    task: Task | None = field(default=None)
+
+    def cancel(self):
+        if self.task is not None:
+            self.task.cancel()
 
 
 class JobRunner(QObject):
@@ -155,8 +137,16 @@ class JobRunner(QObject):
     def busy(self) -> bool:
         return self.current is not None
 
-    def submit(self, name: str, fn, on_done=None, on_partial=None, on_error=None, on_cancel=None) -> Job:
-        job = Job(name, fn, on_done, on_partial, on_error, on_cancel)
+    def in_use(self, resource: str) -> Job | None:
+        """The running or queued job that reads `resource` ("model", "session"), if any."""
+        for job in ([self.current] if self.current else []) + list(self.queue):
+            if resource in job.uses:
+                return job
+        return None
+
+    def submit(self, name: str, fn, on_done=None, on_partial=None, on_error=None, on_cancel=None,
+               uses=("model",)) -> Job:
+        job = Job(name, fn, on_done, on_partial, on_error, on_cancel, frozenset(uses))
         self.queue.append(job)
         if self.current is None:
             self._start_next()
@@ -168,9 +158,9 @@ class JobRunner(QObject):
         self.queue.clear()
         for job in dropped:
             if job.on_cancel:
-                job.on_cancel()
+                self._safe(job.on_cancel)
         if self.current is not None:
-            self.current.token.cancel()
+            self.current.cancel()
 
     def _start_next(self):
         if not self.queue:
@@ -178,12 +168,13 @@ class JobRunner(QObject):
                 self.busy_changed.emit(False)
             return
         was_idle = self.current is None
-        self.current = self.queue.popleft()
-        self.current.started_at = time.monotonic()
+        job = self.current = self.queue.popleft()
+        job.started_at = time.monotonic()
+        job.task = self.worker.make_task()
         if was_idle:
             self.busy_changed.emit(True)
-        self.job_started.emit(self.current.name)
-        self.worker._run.emit(self.current.fn, self.current.token)
+        self.job_started.emit(job.name)
+        self.worker._run.emit(job.fn, job.task)
 
     def _on_progress(self, fraction: float, message: str):
         job = self.current
@@ -197,7 +188,7 @@ class JobRunner(QObject):
 
     def _on_partial(self, obj):
         job = self.current
-        if job is not None and job.on_partial and not job.token.cancelled:
+        if job is not None and job.on_partial and not job.task.cancelled:
             self._safe(job.on_partial, obj)
 
     def _finish(self, outcome: str, callback, *args, message: str = ""):
@@ -226,7 +217,7 @@ class JobRunner(QObject):
             traceback.print_exc()
 
     def wait_idle(self, timeout_ms: int = 30000) -> bool:
-        from PySide6.QtCore import QCoreApplication, QDeadlineTimer, QEventLoop
+        from PySide6.QtCore import QCoreApplication, QEventLoop
 
         deadline = time.monotonic() + timeout_ms / 1000
         while self.busy and time.monotonic() < deadline:

@@ -1,13 +1,15 @@
 """Child process for tests/test_store.py: writes into a project through the store API until killed, or holds a
-project open, or reports what opening does under another user. Prints one line per committed step."""
+project open, or reports what opening does under another user, or fills a WAL that closing cannot checkpoint.
+Prints one line per committed step."""
 
 import json
+import signal
 import sys
 import time
 
 import numpy as np
 
-from kn_core.store import ProjectError, open_or_create_project, open_project
+from kn_core.store import ProjectError, create_project, open_or_create_project, open_project
 
 SHAPE = (30, 1536)  # the default model: 30 layers x 1536 FFN neurons
 MODEL = {"source": "default", "sha256": "5" * 64, "dtype": "float32", "family": "llama", "kind": "causal",
@@ -57,5 +59,24 @@ def try_open(path: str) -> None:
     say(json.dumps(out))
 
 
+def fill_wal(path: str) -> None:
+    """A project of 3000 facts, then 2000 more under a file-size limit that the WAL fits in but the grown file
+    does not: the import commits, the checkpoint at close fails (a full disk, without needing root)."""
+    import resource  # POSIX only, like this case
+    with create_project(path) as proj:
+        proj.add_facts([{"relation": "P1", "subject": f"before {i}", "object": "o" * 40} for i in range(3000)])
+    proj = open_project(path)
+    size = proj._con.execute("PRAGMA page_count").fetchone()[0] * proj._con.execute("PRAGMA page_size").fetchone()[0]
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing us
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size + 100_000, resource.RLIM_INFINITY))
+    ids = proj.add_facts([{"relation": "P1", "subject": f"after {i}", "object": "o" * 40} for i in range(2000)])
+    say(f"stored {len(ids)}")
+    try:
+        proj.close()
+        say(json.dumps({"closed": True}))
+    except ProjectError as exc:
+        say(json.dumps({"closed": False, "type": type(exc).__name__, "message": str(exc)}))
+
+
 if __name__ == "__main__":
-    {"attribute": attribute, "hold": hold, "try_open": try_open}[sys.argv[1]](sys.argv[2])
+    {"attribute": attribute, "hold": hold, "try_open": try_open, "fill_wal": fill_wal}[sys.argv[1]](sys.argv[2])

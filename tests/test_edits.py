@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kn_core import edits as E
+from kn_core.edit_stack import EditStack, export_model
 from tiny import TINY_CAUSAL, TINY_MASKED, make_tiny
 
 _MODELS: dict = {}
@@ -58,11 +59,14 @@ def edit_strategy():
                   neurons, st.sampled_from([1.0, 0.3]), st.sampled_from([8.0, 2.5]),
                   st.sampled_from(["input", "output"]), st.sampled_from(["first", "mean"]), st.booleans()),
         st.builds(E.Erase, neurons, st.sampled_from(["zero", "unk"])),
+        st.builds(lambda n, scope: E.Suppress(n, scope, "mean", tuple(0.25 * k - 0.5 for k in range(len(n)))),
+                  neurons, st.sampled_from(["answer", "all"])),
     )
 
 
 op = st.one_of(
     st.tuples(st.just("push"), edit_strategy()),
+    st.tuples(st.just("push+report"), edit_strategy()),
     st.tuples(st.just("undo"), st.none()),
     st.tuples(st.just("redo"), st.none()),
     st.tuples(st.just("toggle"), st.integers(0, 20)),
@@ -75,11 +79,13 @@ op = st.one_of(
 def test_stack_sequences_restore_bitwise(family, ops):
     lm = tiny(family)
     original = snapshot(lm)
-    stack = E.EditStack(lm)
+    stack = EditStack(lm)
     try:
         for name, arg in ops:
             if name == "push":
                 stack.push(arg)
+            elif name == "push+report":
+                stack.push(arg, report={"title": arg.describe(), "rows": [{"before": 0.5, "after": 0.25}]})
             elif name == "undo" and stack.can_undo():
                 stack.undo()
             elif name == "redo" and stack.can_redo():
@@ -99,8 +105,9 @@ def test_stack_sequences_restore_bitwise(family, ops):
         assert_bitwise(lm, original)
         # the state survives a round trip through plain data
         saved = stack.to_dict()
-        restored = E.EditStack.from_dict(lm, saved)
+        restored = EditStack.from_dict(lm, saved)
         assert restored.to_dict() == saved
+        assert [e.report for e in restored.entries] == [e.report for e in stack.entries]
         restored.clear()
         assert_bitwise(lm, original)
     finally:
@@ -114,7 +121,7 @@ def test_stack_sequences_restore_bitwise(family, ops):
 
 def test_undo_redo_semantics():
     lm = tiny(TINY_CAUSAL)
-    stack = E.EditStack(lm)
+    stack = EditStack(lm)
     a, b, c = E.Suppress(((0, 1),)), E.Erase(((1, 2),)), E.Amplify(((2, 3),), 3.0)
     stack.push(a)
     stack.push(b)
@@ -139,6 +146,133 @@ def test_edit_dict_roundtrip():
         E.edit_from_dict({"kind": "melt", "neurons": []})
     with pytest.raises(ValueError, match="flipped"):
         E.Update(((0, 1),), (3,), (4,), flipped=((1, 1),))
+    mean = E.Suppress(((0, 1), (2, 5), (0, 1)), "all", "mean", (0.5, -2.0, 0.5))
+    assert mean.neurons == ((0, 1), (2, 5)) and mean.means == (0.5, -2.0)
+    assert E.edit_from_dict(mean.to_dict()) == mean
+    assert "to" not in E.Suppress(((0, 1),)).to_dict()  # the paper's suppress keeps its saved form
+
+
+def one_line_error(fn, match):
+    with pytest.raises(ValueError, match=match) as exc:
+        fn()
+    assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), "nan", "x", None])
+def test_non_finite_numbers_never_reach_the_weights(bad):
+    one_line_error(lambda: E.Update(((0, 1),), (3,), (4,), lambda1=bad), "lambda1")
+    one_line_error(lambda: E.Update(((0, 1),), (3,), (4,), lambda2=bad), "lambda2")
+    one_line_error(lambda: E.Amplify(((0, 1),), factor=bad), "amplify factor")
+    one_line_error(lambda: E.Suppress(((0, 1),), "answer", "mean", (bad,)), "mean activation")
+    one_line_error(lambda: E.edit_from_dict({"kind": "update", "neurons": [[0, 1]], "old_ids": [3], "new_ids": [4],
+                                             "lambda2": bad}), "lambda2")
+    from kn_core.edit_stack import _Scale
+
+    one_line_error(lambda: _Scale(((0, 1),), bad), "scale factor")
+
+
+def test_edit_from_dict_refuses_unknown_or_malformed_fields():
+    one_line_error(lambda: E.edit_from_dict({"kind": "suppress", "neurons": [[0, 1]], "scope": "all", "extra": 1}),
+                   "unknown field.*'extra'")
+    one_line_error(lambda: E.edit_from_dict({"kind": "update", "neurons": [[0, 1]]}), "malformed update edit")
+    one_line_error(lambda: E.edit_from_dict({"kind": "erase"}), "no 'neurons'")
+    one_line_error(lambda: E.edit_from_dict({"kind": "erase", "neurons": [[0]]}), "malformed erase edit")
+    one_line_error(lambda: E.edit_from_dict({"kind": "suppress", "neurons": [[0, 1]], "to": "half"}), "zero.*mean")
+    one_line_error(lambda: E.edit_from_dict(["suppress"]), "JSON object")
+
+
+def test_update_with_a_token_outside_the_vocabulary_is_refused():
+    lm = tiny(TINY_CAUSAL)
+    original = snapshot(lm)
+    one_line_error(lambda: E.Update(((0, 1),), (3,), (10 ** 6,)).apply(lm), "outside this model's vocabulary")
+    assert_bitwise(lm, original)
+
+
+@pytest.mark.parametrize("family", [TINY_MASKED, TINY_CAUSAL])
+def test_load_dict_is_all_or_nothing(family):
+    lm = tiny(family)
+    original = snapshot(lm)
+    stack = EditStack(lm)
+    stack.push(E.Update(((1, 2),), (6,), (7,)), report={"title": "before"})
+    weights_before = snapshot(lm)
+    good = [{"edit": E.Erase(((0, 3),)).to_dict(), "enabled": True},
+            {"edit": E.Update(((2, 3),), (6,), (8,)).to_dict(), "enabled": True}]
+    bad_entries = [
+        ({"edit": E.Update(((2, 4),), (6,), (10 ** 6,)).to_dict(), "enabled": True}, "#2 cannot be applied"),
+        ({"edit": E.Suppress(((3, 0),)).to_dict(), "enabled": True}, "#2: neuron \\(3, 0\\) is outside"),
+        ({"edit": {"kind": "suppress", "neurons": [[0, 1]], "oops": 1}, "enabled": True}, "#2: .*unknown field"),
+        ({"edit": E.Suppress(((0, 1),)).to_dict(), "enabled": "yes"}, "#2: 'enabled'"),
+        ({"enabled": True}, "#2 has no 'edit'"),
+    ]
+    for bad, match in bad_entries:
+        state_before = stack.to_dict()
+        state = {"version": 1, "cursor": 3, "entries": good + [bad]}
+        one_line_error(lambda: stack.load_dict(state), match)
+        # nothing of the new history stays applied; the old one is intact and the stack still works
+        assert stack.to_dict() == state_before
+        assert_bitwise(lm, weights_before)
+        stack.push(E.Suppress(((0, 5),)))
+        stack.undo()
+    one_line_error(lambda: stack.load_dict({"version": 1, "cursor": 7, "entries": good}), "cursor 7")
+    one_line_error(lambda: stack.load_dict({"version": 2, "entries": []}), "version")
+    stack.load_dict({"version": 1, "cursor": 2, "entries": good})
+    assert len(stack.active_edits()) == 2
+    stack.clear()
+    assert_bitwise(lm, original)
+
+
+def test_reports_travel_with_their_entries():
+    lm = tiny(TINY_CAUSAL)
+    stack = EditStack(lm)
+    stack.push(E.Suppress(((0, 1),)), report={"title": "a"})
+    stack.push(E.Amplify(((0, 2),), 3.0))
+    stack.set_report(1, {"title": "b", "rows": []})
+    saved = stack.to_dict()
+    assert [e.get("report") for e in saved["entries"]] == [{"title": "a"}, {"title": "b", "rows": []}]
+    stack.undo()
+    assert stack.history()[1]["report"] == {"title": "b", "rows": []} and not stack.history()[1]["done"]
+    restored = EditStack.from_dict(lm, saved)
+    assert [h["report"]["title"] for h in restored.history()] == ["a", "b"]
+    with pytest.raises(IndexError):
+        stack.set_report(5, {})
+    restored.clear()
+    stack.clear()
+
+
+@pytest.mark.parametrize("family", [TINY_MASKED, TINY_CAUSAL])
+@pytest.mark.parametrize("scope", ["answer", "all"])
+def test_mean_ablation_sets_the_activation_to_the_given_means(family, scope):
+    lm = tiny(family)
+    text = "The capital of France is [MASK] ." if lm.kind == "masked" else "The capital of France is"
+    ids = _inputs(lm, text)
+    if lm.kind == "masked":
+        positions = [int((ids[0] == lm.tokenizer.mask_token_id).nonzero()[0, 0])]
+    else:
+        positions = [ids.shape[1] - 1]
+    if scope == "all":
+        positions = list(range(ids.shape[1]))
+    chosen, means = ((0, 2), (2, 33), (2, 5)), (0.7, -1.3, 2.0)
+
+    def reference_hook(layer_idx):
+        def hook(module, args):
+            x = args[0].clone()
+            for (layer, i), m in zip(chosen, means):
+                if layer == layer_idx:
+                    x[0, positions, i] = m
+            return (x,)
+        return hook
+
+    with torch.no_grad():
+        h = E.Suppress(chosen, scope, "mean", means).apply(lm)
+        got = lm.model(input_ids=ids).logits
+        h.revert()
+        hooks = [lm.layout.out_projs[l].register_forward_pre_hook(reference_hook(l)) for l in range(3)]
+        expect = lm.model(input_ids=ids).logits
+        for hk in hooks:
+            hk.remove()
+        clean = lm.model(input_ids=ids).logits
+    torch.testing.assert_close(got, expect)
+    assert not torch.allclose(got, clean)
 
 
 # ------------------------------------------------------------------ effects, computed independently
@@ -309,20 +443,20 @@ def test_export_bakes_all_scope_and_refuses_answer_scope(tmp_path):
 
     lm = tiny(TINY_CAUSAL)
     original = snapshot(lm)
-    stack = E.EditStack(lm)
+    stack = EditStack(lm)
     stack.push(E.Update(((2, 3),), (6,), (7,)))
     stack.push(E.Suppress(((1, 4),), "all"))
     ids = _inputs(lm, "The capital of France is")
     with torch.no_grad():
         edited = lm.model(input_ids=ids).logits
-    info = E.export_model(lm, stack, tmp_path / "out")
+    info = export_model(lm, stack, tmp_path / "out")
     assert len(info["edits"]) == 2
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, edited, rtol=1e-5, atol=1e-5)
     stack.push(E.Amplify(((0, 1),), 2.0, "answer"))
     with pytest.raises(ValueError, match="answer position"):
-        E.export_model(lm, stack, tmp_path / "out2")
+        export_model(lm, stack, tmp_path / "out2")
     stack.clear()
     assert_bitwise(lm, original)
 
@@ -350,7 +484,7 @@ def test_default_model_stack_restores_bitwise_and_edits_act():
     # value vectors touched: every layer's top block, so the edits visibly move the answer
     neurons = tuple((l, i) for l in range(24, 30) for i in range(0, 1536, 16))
     original = {k: v.clone() for k, v in lm.model.state_dict().items()}
-    stack = E.EditStack(lm)
+    stack = EditStack(lm)
     stack.push(E.Update(neurons, prompt.answer_ids, berlin.answer_ids))
     assert ev.answer_probabilities(lm, [berlin])[0]["prob"] > ev.answer_probabilities(lm, [prompt])[0]["prob"]
     stack.push(E.Suppress(neurons))  # the updated value vectors are silenced again

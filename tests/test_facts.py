@@ -95,8 +95,9 @@ def test_render_text():
 
 # ---------------------------------------------------------------- causal rendering
 
-def test_causal_prompts_and_skips(smol):
-    prompts, skipped = render_prompts(Fact("P36", "France", "Paris"), CAPITAL, smol, "causal")
+def test_causal_end_only_prompts_and_skips(smol):
+    prompts, skipped = render_prompts(Fact("P36", "France", "Paris"), CAPITAL, smol, "causal",
+                                      causal_templates="end-only")
     assert [p.text for p in prompts] == ["The capital of France is", "France's capital city is"]
     for p in prompts:
         assert isinstance(p, Prompt) and p.kind == "causal" and p.answer == " Paris"
@@ -107,6 +108,46 @@ def test_causal_prompts_and_skips(smol):
     assert [s.template for s in skipped] == [CAPITAL.templates[2], CAPITAL.templates[3]]
     assert all(isinstance(s, Skipped) and "not at the end" in s.reason for s in skipped)
     assert "a city" in skipped[1].reason
+
+
+def test_causal_prefix_uses_the_text_before_the_object(smol):
+    rel = Relation("P19", "place of birth", (
+        "[X] was born in [Y] .",
+        "[X] was born in [Y], a city in Europe .",   # same prefix as the first: used once
+        "[X] was born in the city of [Y], which is in Europe .",
+        "[Y] is the birthplace of [X] .",            # nothing before [Y]
+    ))
+    fact = Fact("P19", "Mozart", "Salzburg")
+    prompts, skipped = render_prompts(fact, rel, smol, "causal")  # prefix is the default
+    assert [(p.text, p.answer, p.template) for p in prompts] == [
+        ("Mozart was born in", " Salzburg", rel.templates[0]),
+        ("Mozart was born in the city of", " Salzburg", rel.templates[2])]
+    assert prompts[1].answer_ids == tuple(smol("Mozart was born in the city of Salzburg",
+                                               add_special_tokens=False)["input_ids"][-len(prompts[1].answer_ids):])
+    assert smol.decode(list(prompts[1].answer_ids)) == " Salzburg"
+    reasons = {s.template: s.reason for s in skipped}
+    assert set(reasons) == {rel.templates[1], rel.templates[3]}  # every template is used or has a reason
+    assert "same prompt" in reasons[rel.templates[1]] and rel.templates[0] in reasons[rel.templates[1]]
+    assert "nothing comes before" in reasons[rel.templates[3]]
+    assert render_prompts(fact, rel, smol, "causal", causal_templates="prefix") == (prompts, skipped)
+
+    end_only, end_skipped = render_prompts(fact, rel, smol, "causal", causal_templates="end-only")
+    assert [p.text for p in end_only] == ["Mozart was born in"]
+    assert [s.template for s in end_skipped] == list(rel.templates[1:])
+    with pytest.raises(ValueError, match="causal_templates"):
+        render_prompts(fact, rel, smol, "causal", causal_templates="suffix")
+
+    fs = FactSet("t", {"P19": rel}, [fact, Fact("P19", "Bach", "Eisenach")])
+    all_prompts, all_skipped = render_factset(fs, smol, "causal")
+    assert len(all_prompts) == 4 and len(all_skipped) == 4
+    assert len(render_factset(fs, smol, "causal", "end-only")[0]) == 2
+
+
+def test_causal_prefix_of_a_template_that_starts_with_the_object(smol):
+    rel = Relation("P1", "r", ("[Y] is where [X] was born .", " [Y]: [X]"))
+    prompts, skipped = render_prompts(Fact("P1", "Mozart", "Salzburg"), rel, smol, "causal")
+    assert prompts == [] and len(skipped) == 2
+    assert all("nothing comes before" in s.reason for s in skipped)
 
 
 def test_causal_multi_token_answer_is_kept_whole(smol):
@@ -123,7 +164,7 @@ def test_causal_without_space_and_without_prefix(smol):
     (prompt,), _ = render_prompts(Fact("P1", "Mozart", "K525"), rel, smol, "causal")
     assert prompt.text == "Mozart code:" and prompt.answer == "K525"  # no space before [Y]: none in the answer
     rel = Relation("P1", "r", ("[Y] is [X]",))
-    _, (skip,) = render_prompts(Fact("P1", "Mozart", "Salzburg"), rel, smol, "causal")
+    _, (skip,) = render_prompts(Fact("P1", "Mozart", "Salzburg"), rel, smol, "causal", causal_templates="end-only")
     assert "not at the end" in skip.reason
 
 
@@ -267,6 +308,65 @@ def test_import_errors_name_file_and_line(tmp_path):
     (tmp_path / "notpararel").mkdir()
     with pytest.raises(FactImportError, match="PARAREL"):
         import_facts(tmp_path / "notpararel")
+
+
+def _one_line(err) -> str:
+    message = str(err.value)
+    assert "\n" not in message and isinstance(err.value, FactImportError)
+    return message
+
+
+def test_csv_with_an_unterminated_quote_says_so(tmp_path):
+    path = tmp_path / "quote.csv"
+    path.write_text('kind,relation,name,template,subject,object\n'
+                    'fact,P36,,,France,Paris\n'
+                    'fact,P36,,,"Italy,Rome\n'
+                    'fact,P36,,,Spain,Madrid\n')
+    with pytest.raises(FactImportError) as err:
+        import_facts(path)
+    assert "quote.csv, line 3" in _one_line(err) and "never closed" in str(err.value)
+    path.write_text('kind,relation,name,template,subject,object\nfact,P36,,,"Ita"ly,Rome\n')
+    with pytest.raises(FactImportError, match=r"line 2: not valid CSV"):
+        import_facts(path)
+
+
+def test_a_one_mebibyte_field_survives_export_and_import(tmp_path):
+    import csv
+
+    limit = csv.field_size_limit()
+    big = "x" * (1 << 20)
+    fs = FactSet("big", {"P1": Relation("P1", "r", ("[X] is [Y] .",))}, [Fact("P1", "a", big)])
+    assert import_facts(export_facts(fs, tmp_path / "big.csv")) == fs
+    assert import_facts(export_facts(fs, tmp_path / "big.jsonl")) == fs
+    assert csv.field_size_limit() >= max(limit, 1 << 20)  # raised, never lowered for other readers
+
+
+def test_pararel_folder_with_a_directory_for_a_file_or_without_facts(tmp_path):
+    root = tmp_path / "pararel"
+    export_pararel(_sample(), root)
+    (root / "pattern_data" / "graphs_json" / "P50.jsonl").mkdir()
+    with pytest.raises(FactImportError) as err:
+        import_facts(root)
+    assert "P50.jsonl" in _one_line(err) and "folder" in str(err.value)
+    (root / "pattern_data" / "graphs_json" / "P50.jsonl").rmdir()
+    (root / "trex_lms_vocab" / "P37.jsonl").unlink()
+    (root / "trex_lms_vocab" / "P37.jsonl").mkdir()
+    with pytest.raises(FactImportError, match=r"P37\.jsonl: is a folder"):
+        import_facts(root)
+
+    empty = tmp_path / "empty"
+    export_pararel(FactSet("e", {"P36": _sample().relation("P36")}, []), empty)
+    with pytest.raises(FactImportError) as err:
+        import_facts(empty)
+    assert "no facts found" in _one_line(err)
+
+
+def test_deeply_nested_jsonl_line_is_one_error(tmp_path):
+    path = tmp_path / "deep.jsonl"
+    path.write_text(json.dumps({"kind": "set", "name": "d"}) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(FactImportError) as err:
+        import_facts(path)
+    assert "deep.jsonl, line 2" in _one_line(err) and "nested too deeply" in str(err.value)
 
 
 def test_minimal_hand_written_csv(tmp_path):

@@ -32,6 +32,7 @@ def new_window(qtbot, settings):
     window = MainWindow(settings=settings, confirm_dialogs=False)
     qtbot.addWidget(window)
     window.auto_discard = True
+    window.project.autosave_folder = os.path.join(os.path.dirname(settings.fileName()), "autosave")
     window.show()
     return window
 

@@ -28,8 +28,6 @@ from kn_core.store import (
     ProjectReadOnlyError,
     ProjectVersionError,
     create_project,
-    edit_history_applies,
-    load_edit_history,
     open_or_create_project,
     open_project,
 )
@@ -65,7 +63,7 @@ def facts_module():
 def no_fsync_per_commit(monkeypatch):
     # Power-loss durability (fsync per commit) costs ~10 ms a commit and is not what these tests check; the
     # kill -9 test's child keeps the default FULL.
-    monkeypatch.setattr(store.project, "SYNCHRONOUS", "NORMAL")
+    monkeypatch.setattr(store.database, "SYNCHRONOUS", "NORMAL")
 
 
 @pytest.fixture
@@ -216,18 +214,18 @@ def test_facts_are_idempotent_and_runs_accept_dataclasses(proj_path):
 
 def test_edit_history_applies_only_to_the_same_weights(proj_path):
     with create_project(proj_path) as p:
-        assert edit_history_applies(p, "b" * 64)  # nothing saved: nothing to refuse
+        assert p.edit_history_applies("b" * 64)  # nothing saved: nothing to refuse
         p.save_edit_history([{"kind": "suppress", "neurons": [(1, 2)], "params": {"scope": "answer"}}],
                             model=MODEL)
     with open_project(proj_path) as p:
-        state, model_sha = load_edit_history(p)
+        state, model_sha = p.load_edit_history()
         assert model_sha == "a" * 64 and state["cursor"] == 1
         assert state["entries"][0]["edit"] == {"kind": "suppress", "neurons": [[1, 2]], "scope": "answer"}
-        ok = edit_history_applies(p, "a" * 64)
+        ok = p.edit_history_applies("a" * 64)
         assert ok and ok.ok
-        check = edit_history_applies(p, "b" * 64)
+        check = p.edit_history_applies("b" * 64)
         assert not check and "kept but not applied" in check.reason
-        assert load_edit_history(p)[0] == state  # the history is kept
+        assert p.load_edit_history()[0] == state  # the history is kept
 
 
 def test_edit_stack_state_round_trips(proj_path):

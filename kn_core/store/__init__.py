@@ -1,12 +1,16 @@
 """The project store: one SQLite file (.knproj) per project, through SQLAlchemy. See docs/STORE.md.
 
 Only this package talks to SQLite. The CLI and the GUI use `Project` methods with plain Python data.
+Modules: `records` (what goes in and comes out), `database` (SQLite: checks, connection, errors, create/upgrade),
+`project` (the `Project` facade) with `runs` (attribution runs and arrays), `export`, `codec`, `schema`,
+`migrations`, `errors`.
 """
 
 from .codec import decode_array, encode_array
 from .errors import (
     CorruptProjectError,
     NotAProjectError,
+    ProjectCheckpointError,
     ProjectClosedError,
     ProjectDataError,
     ProjectDiskFullError,
@@ -18,35 +22,30 @@ from .errors import (
     ProjectVersionError,
 )
 from .export import export_project
-from .project import (
-    SUFFIX,
+from .database import SUFFIX
+from .project import Project, create_project, open_or_create_project, open_project, recover_project
+from .records import (
     EvaluationRecord,
     FactRecord,
     HistoryCheck,
     ModelRecord,
     NeuronSetRecord,
-    Project,
     PromptRecord,
     RelationRecord,
     RunRecord,
-    RunRecorder,
-    create_project,
-    edit_history_applies,
     library_versions,
-    load_edit_history,
-    open_or_create_project,
-    open_project,
     record_to_dict,
 )
+from .runs import RunRecorder
 from .schema import APPLICATION_ID, SCHEMA_VERSION
 
 __all__ = [
     "APPLICATION_ID", "SCHEMA_VERSION", "SUFFIX",
-    "Project", "create_project", "open_project", "open_or_create_project", "export_project",
-    "load_edit_history", "edit_history_applies", "HistoryCheck", "library_versions", "record_to_dict",
+    "Project", "create_project", "open_project", "open_or_create_project", "recover_project", "export_project",
+    "HistoryCheck", "library_versions", "record_to_dict",
     "encode_array", "decode_array", "RunRecorder",
     "RelationRecord", "FactRecord", "ModelRecord", "PromptRecord", "RunRecord", "NeuronSetRecord", "EvaluationRecord",
     "ProjectError", "ProjectNotFoundError", "ProjectExistsError", "NotAProjectError", "CorruptProjectError",
     "ProjectVersionError", "ProjectLockedError", "ProjectReadOnlyError", "ProjectDiskFullError",
-    "ProjectClosedError", "ProjectDataError",
+    "ProjectCheckpointError", "ProjectClosedError", "ProjectDataError",
 ]

@@ -9,11 +9,12 @@ import sys
 
 from .errors import ProjectError
 from .export import export_project
-from .project import open_project
+from .project import open_project, recover_project
 
 
 def add_project_commands(subparsers) -> argparse.ArgumentParser:
-    """Registers `project info FILE [--json] [--check]` and `project export FILE --out DIR [--arrays] [--json]`."""
+    """Registers `project info FILE [--json] [--check]`, `project export FILE --out DIR [--arrays] [--json]` and
+    `project recover FILE [--json]`."""
     project = subparsers.add_parser("project", help="inspect or export a project file (.knproj)")
     sub = project.add_subparsers(dest="project_command", required=True)
 
@@ -29,6 +30,12 @@ def add_project_commands(subparsers) -> argparse.ArgumentParser:
     export.add_argument("--arrays", action="store_true", help="also write every score array as a .npy file")
     export.add_argument("--json", action="store_true", help="print one JSON document")
     export.set_defaults(func=cmd_project_export)
+
+    recover = sub.add_parser("recover", help="copy the changes a failed close left in FILE-wal into the file, "
+                                             "then check it")
+    recover.add_argument("file", help="the .knproj project file (its FILE-wal next to it)")
+    recover.add_argument("--json", action="store_true", help="print one JSON document")
+    recover.set_defaults(func=cmd_project_recover)
     return project
 
 
@@ -76,3 +83,17 @@ def cmd_project_export(args) -> int:
         for name, n in written.items():
             print(f"{args.out}/{name}: {n}")
     return 0
+
+
+def cmd_project_recover(args) -> int:
+    try:
+        report = recover_project(args.file)
+    except ProjectError as exc:
+        return _fail(args, exc)
+    ok = report["integrity"] == ["ok"]
+    if args.json:
+        print(json.dumps({"ok": ok, **report}))
+    else:
+        print(f"{args.file}: {report['wal_bytes'] / 1e6:.1f} MB of saved changes copied from its -wal; integrity: "
+              + "; ".join(report["integrity"]) + f"; {report['counts']['facts']} facts, {report['counts']['runs']} runs")
+    return 0 if ok else 1

@@ -49,6 +49,12 @@ class ProjectDiskFullError(ProjectError):
     """The disk (or the SQLite size limit) is full; the failed change was rolled back."""
 
 
+class ProjectCheckpointError(ProjectError):
+    """Closing could not copy the saved changes from the `-wal` file into the project file (usually a full disk).
+    Nothing is lost: they stay in the `-wal`, which SQLite replays on the next open; `recover_project` (or
+    `kn project recover FILE`) finishes the copy once there is room."""
+
+
 class ProjectClosedError(ProjectError):
     """The Project object was used after close()."""
 

@@ -16,6 +16,7 @@ from PySide6.QtWidgets import (QAbstractSpinBox, QComboBox, QDoubleSpinBox, QFor
                                QSlider, QSpinBox, QSplitter, QTabWidget, QWidget)
 
 from .common import TableView, button, fmt_prob, hbox, hint, vbox
+from .neuron_map import FLAG, NeuronMap
 
 pg.setConfigOptions(imageAxisOrder="row-major", antialias=False, background="w", foreground="#33475b")
 
@@ -161,27 +162,39 @@ class AttributionPanel(QWidget):
         for plot in (self.layer_plot, self.hist_plot):
             plot.getAxis("left").enableAutoSIPrefix(False)
             plot.getAxis("left").setWidth(48)
-        self.layer_widget.setMinimumHeight(190)
+        self.layer_widget.setMinimumHeight(150)
 
-        self.heat_widget = pg.GraphicsLayoutWidget()
-        self.heat_plot = self.heat_widget.addPlot(title="Scores: layer \u00d7 neuron")
-        self.heat_plot.setLabel("bottom", "neuron")
-        self.heat_plot.setLabel("left", "layer")
-        self.heat_plot.setMenuEnabled(True)
-        self.image = pg.ImageItem(autoDownsample=True)
-        self.heat_plot.addItem(self.image)
         self.colormap = pg.colormap.get("CET-D1")
-        self.image.setColorMap(self.colormap)
-        self.colorbar = pg.ColorBarItem(values=(-1, 1), colorMap=self.colormap, label="score (clipped)",
-                                        interactive=False, width=14)
-        self.colorbar.setImageItem(self.image, insert_in=self.heat_plot)
-        self.refined_marks = pg.ScatterPlotItem(size=13, pen=pg.mkPen(REFINED, width=2), brush=None, symbol="o")
-        self.selected_marks = pg.ScatterPlotItem(size=15, pen=pg.mkPen("#7d6608", width=2),
-                                                 brush=pg.mkBrush(241, 196, 15, 120), symbol="s")
-        self.heat_plot.addItem(self.refined_marks)
-        self.heat_plot.addItem(self.selected_marks)
-        self.heat_widget.scene().sigMouseMoved.connect(self._hovered)
-        self.heat_widget.scene().sigMouseClicked.connect(self._clicked)
+        self.heat_widget = NeuronMap(self.colormap)
+        self.heat_plot = self.heat_widget.plot
+        self.image = self.heat_widget.image
+        self.colorbar = self.heat_widget.colorbar
+        self.refined_marks = self.heat_widget.refined_marks
+        self.selected_marks = self.heat_widget.selected_marks
+        self.heat_widget.hovered.connect(self._show_hover)
+        self.heat_widget.clicked.connect(lambda layer, neuron, add: self.select_neuron(layer, neuron, add=add))
+        self.flags = None  # kn_core.neurons.NeuronFlags of the model, when measured
+        self.goto_layer = QSpinBox()
+        self.goto_layer.setPrefix("L ")
+        self.goto_layer.setToolTip("Layer of the neuron to go to")
+        self.goto_neuron = QSpinBox()
+        self.goto_neuron.setPrefix("N ")
+        self.goto_neuron.setToolTip("Index of the neuron within its layer")
+        self.goto_neuron.lineEdit().returnPressed.connect(self._go_to_clicked)
+        self.goto_button = button("Go to", self._go_to_clicked, "Centre the map on this neuron and select it")
+        zoom_in = button("+", lambda: self.heat_widget.zoom(0.5), "Zoom in on the neurons (or the mouse wheel)")
+        zoom_out = button("\u2212", lambda: self.heat_widget.zoom(2.0), "Zoom out")
+        fit = button("All", self.heat_widget.fit, "Show every neuron")
+        for b in (zoom_in, zoom_out):
+            b.setFixedWidth(30)
+        self.map_legend = QLabel(
+            f'<span style="color:{REFINED}">\u25cb refined</span> &nbsp; '
+            '<span style="color:#7d6608">\u25a0 selected</span> &nbsp; '
+            f'<span style="color:{FLAG}">\u2605 massive &nbsp; \u25c7 unspecific</span>')
+        self.map_legend.setToolTip("Massive: activation far beyond its layer's; unspecific: coarse for facts of "
+                                   "most relations (kn_core.neurons flags)")
+        self.map_tools = hbox(QLabel("go to"), self.goto_layer, self.goto_neuron, self.goto_button, None,
+                              self.map_legend, None, zoom_in, zoom_out, fit)
 
         self.prompt_widget = pg.GraphicsLayoutWidget()
         self.prompt_plot = self.prompt_widget.addPlot(title="Refined neurons across prompts")
@@ -189,14 +202,21 @@ class AttributionPanel(QWidget):
         self.prompt_plot.setLabel("left", "score / prompt max")
         self.prompt_plot.showGrid(y=True, alpha=0.25)
         self.prompt_legend = self.prompt_plot.addLegend(offset=(-10, 10), labelTextSize="8pt")
-        self.prompt_table = TableView(["#", "prompt", "answer", "p(answer)", "coarse", "completeness", "seconds"])
+        self.prompt_table = TableView(["#", "prompt", "answer", "p(answer)", "coarse", "completeness", "seconds"],
+                                      formats={3: fmt_prob, 5: "{:.2f}".format, 6: "{:.1f}".format})
+        # the per-prompt lines get a usable height by default; the table below shows at least 3 rows
+        self.prompt_widget.setMinimumHeight(180)
+        self.prompt_table.setMinimumHeight(90)
         prompt_split = QSplitter(Qt.Vertical)
         prompt_split.addWidget(self.prompt_widget)
         prompt_split.addWidget(self.prompt_table)
+        prompt_split.setStretchFactor(0, 3)
+        prompt_split.setStretchFactor(1, 2)
+        prompt_split.setChildrenCollapsible(False)
 
         self.tabs = QTabWidget()
         heat_page = QWidget()
-        heat_page.setLayout(vbox(self.hover, self.heat_widget, margins=(2, 2, 2, 2)))
+        heat_page.setLayout(vbox(self.map_tools, self.hover, self.heat_widget, margins=(2, 2, 2, 2)))
         self.tabs.addTab(heat_page, "Layer \u00d7 neuron")
         self.tabs.addTab(prompt_split, "Per prompt")
         self.tabs.currentChanged.connect(lambda i: self._draw_prompts() if i == 1 else None)
@@ -204,8 +224,9 @@ class AttributionPanel(QWidget):
         split = QSplitter(Qt.Vertical)
         split.addWidget(self.layer_widget)
         split.addWidget(self.tabs)
-        split.setStretchFactor(0, 2)
+        split.setStretchFactor(0, 1)
         split.setStretchFactor(1, 3)
+        split.setChildrenCollapsible(False)
 
         run_box = QGroupBox("Run")
         run_box.setLayout(vbox(hbox(self.run_button, self.run_sel_button, None), params))
@@ -215,10 +236,8 @@ class AttributionPanel(QWidget):
                                     QLabel("show"), self.view_of, None)))
         self.setLayout(vbox(hbox(run_box, thr_box), self.title, self.summary, split))
         for axis in ("left", "bottom"):
-            self.heat_plot.getAxis(axis).enableAutoSIPrefix(False)
             self.layer_plot.getAxis(axis).enableAutoSIPrefix(False)
             self.hist_plot.getAxis(axis).enableAutoSIPrefix(False)
-        self.heat_plot.setRange(xRange=(0, 100), yRange=(0, 10), padding=0)
         self._fill_view_of()
         self.set_running(False, has_model=False)
         self.redraw()
@@ -319,9 +338,8 @@ class AttributionPanel(QWidget):
             self.summary.setText("")
         else:
             done, n = len(run.scores), len(run.prompts)
-            state = "" if run.complete else f"  \u2014 running: {done}/{n} prompts done"
             self.title.setText(f"{run.fact.subject} \u2192 {run.fact.object}  ({run.fact.relation}, {n} prompts)"
-                               + state)
+                               + run.header_note())
             if run.scores:
                 coarse = [len(self.session.coarse(run, i)) for i in range(done)]
                 need = max(self.session.p * done, 3)
@@ -355,16 +373,13 @@ class AttributionPanel(QWidget):
             magnitude = np.abs(scores)
             top = float(np.nanmax(magnitude)) or 1.0
             bound = max(float(np.nanpercentile(magnitude, 99.9)), self.session.t * top, 1e-12)
-            self.image.setImage(scores, levels=(-bound, bound), autoLevels=False)
-            self.image.setRect(0, 0, scores.shape[1], scores.shape[0])
-            self.colorbar.setLevels((-bound, bound))
-            if getattr(self, "_autorange", True):
-                self.heat_plot.setRange(xRange=(0, scores.shape[1]), yRange=(0, scores.shape[0]), padding=0.01)
-                self._autorange = False
+            self.heat_widget.set_scores(scores, bound, fit=getattr(self, "_autorange", True))
+            self._autorange = False
+            self.goto_layer.setRange(0, scores.shape[0] - 1)
+            self.goto_neuron.setRange(0, scores.shape[1] - 1)
         else:
-            self.image.clear()
-        self.refined_marks.setData([n + 0.5 for _, n in self.refined], [l + 0.5 for l, _ in self.refined])
-        self.selected_marks.setData([n + 0.5 for _, n in self.selected], [l + 0.5 for l, _ in self.selected])
+            self.heat_widget.set_scores(None)
+        self._draw_marks()
         self._draw_prompts()
 
     def _draw_prompts(self, force: bool = False):
@@ -415,29 +430,43 @@ class AttributionPanel(QWidget):
         self.prompt_plot.getAxis("bottom").setTicks([[(k, str(k)) for k in range(1, n + 1)]])
         for k, (prompt, ps) in enumerate(zip(run.prompts, run.scores)):
             ratios = [c["ratio"] for c in ps.completeness if c.get("ratio") == c.get("ratio")]
-            comp = f"{np.median(ratios):.2f}" if ratios else "\u2014"
-            self.prompt_table.add_row([k + 1, prompt.text, prompt.answer, fmt_prob(ps.prob),
-                                       len(self.session.coarse(run, k)), comp, f"{ps.seconds:.1f}"])
+            comp = float(np.median(ratios)) if ratios else float("nan")
+            self.prompt_table.add_row([k + 1, prompt.text, prompt.answer, float(ps.prob),
+                                       len(self.session.coarse(run, k)), comp, float(ps.seconds)])
         self.prompt_table.resizeColumnToContents(0)
         self.prompt_table.setColumnWidth(1, 260)
 
     # ----------------------------------------------------------------- hover and click on the heatmap
     def neuron_at(self, scene_pos):
-        if self._shown_scores is None or not self.heat_plot.sceneBoundingRect().contains(scene_pos):
-            return None
-        point = self.heat_plot.vb.mapSceneToView(scene_pos)
-        layer, neuron = int(np.floor(point.y())), int(np.floor(point.x()))
+        """The (layer, neuron) cell under a scene position, exactly (None outside the map)."""
+        return self.heat_widget.neuron_at(scene_pos)
+
+    def _draw_marks(self):
+        flags = self.flags
+        self.heat_widget.set_marks(self.refined, self.selected, flags.massive if flags else (),
+                                   flags.unspecific if flags else ())
+
+    def set_flags(self, flags):
+        """Marks the neurons flagged massive / unspecific (kn_core.neurons.NeuronFlags, or None)."""
+        self.flags = flags
+        self._draw_marks()
+
+    def go_to(self, layer: int, neuron: int):
+        """Centres the map on (layer, neuron), zoomed so single neurons can be clicked, and selects it."""
+        if self._shown_scores is None:
+            return False
         L, N = self._shown_scores.shape
         if not (0 <= layer < L and 0 <= neuron < N):
-            return None
-        # a screen pixel may cover several neurons: snap to the strongest one under the pointer
-        (x0, x1), _ = self.heat_plot.vb.viewRange()
-        width_px = max(1.0, self.heat_plot.vb.sceneBoundingRect().width())
-        radius = int((x1 - x0) / width_px * 2)
-        if radius > 0:
-            lo, hi = max(0, neuron - radius), min(N, neuron + radius + 1)
-            neuron = lo + int(np.argmax(np.abs(self._shown_scores[layer, lo:hi])))
-        return layer, neuron
+            return False
+        self.tabs.setCurrentIndex(0)
+        self.goto_layer.setValue(layer)
+        self.goto_neuron.setValue(neuron)
+        self.heat_widget.centre_on(layer, neuron)
+        self.select_neuron(layer, neuron)
+        return True
+
+    def _go_to_clicked(self):
+        self.go_to(self.goto_layer.value(), self.goto_neuron.value())
 
     def describe_neuron(self, layer: int, neuron: int) -> str:
         text = f"layer {layer}, neuron {neuron}"
@@ -447,10 +476,15 @@ class AttributionPanel(QWidget):
             text += f",  activation {self._shown_acts[layer, neuron]:.4g}"
         if (layer, neuron) in self.refined:
             text += "   (refined)"
+        flagged = self.flags.of((layer, neuron)) if self.flags is not None else ()
+        if flagged:
+            text += "   \u26a0 flagged " + ", ".join(flagged)
         return text
 
     def _hovered(self, pos):
-        hit = self.neuron_at(pos)
+        self._show_hover(self.neuron_at(pos))
+
+    def _show_hover(self, hit):
         if hit is None:
             self.hover.setText(" ")
             self.heat_widget.setToolTip("")
@@ -458,15 +492,6 @@ class AttributionPanel(QWidget):
         text = self.describe_neuron(*hit)
         self.hover.setText(text)
         self.heat_widget.setToolTip(text)
-
-    def _clicked(self, event):
-        if event.button() != Qt.LeftButton:
-            return
-        hit = self.neuron_at(event.scenePos())
-        if hit is None:
-            return
-        add = bool(event.modifiers() & (Qt.ControlModifier | Qt.ShiftModifier))
-        self.select_neuron(*hit, add=add)
 
     def select_neuron(self, layer: int, neuron: int, add: bool = False):
         key = (int(layer), int(neuron))
@@ -478,14 +503,14 @@ class AttributionPanel(QWidget):
         else:
             self.selected = [key]
         self.hover.setText(self.describe_neuron(*key))
-        self.selected_marks.setData([n + 0.5 for _, n in self.selected], [l + 0.5 for l, _ in self.selected])
+        self._draw_marks()
         self._draw_prompts()
         self.neurons_selected.emit(list(self.selected))
         self.neuron_clicked.emit(*key)
 
     def set_selected(self, neurons):
         self.selected = [tuple(map(int, n)) for n in neurons]
-        self.selected_marks.setData([n + 0.5 for _, n in self.selected], [l + 0.5 for l, _ in self.selected])
+        self._draw_marks()
         self._draw_prompts()
 
     def set_running(self, running: bool, has_model: bool = True):

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from PySide6.QtCore import Qt
-from PySide6.QtGui import QStandardItem, QStandardItemModel
+from PySide6.QtGui import QBrush, QColor, QStandardItem, QStandardItemModel
 from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QHeaderView, QLabel, QPushButton,
                                QTableView, QVBoxLayout, QWidget)
 
@@ -16,6 +16,15 @@ def hint(text: str) -> QLabel:
     label = QLabel(text)
     label.setObjectName("hint")
     label.setWordWrap(True)
+    return label
+
+
+def problem_label() -> QLabel:
+    """A red line in a dialog saying what to fix; hidden until there is a problem."""
+    label = QLabel("")
+    label.setObjectName("problem")
+    label.setWordWrap(True)
+    label.hide()
     return label
 
 
@@ -50,13 +59,28 @@ def fmt_delta(d: float | None) -> str:
     return f"{d:+.3f}" if abs(d) >= 0.001 else f"{d:+.1e}"
 
 
-class TableView(QTableView):
-    """A read-only table over a QStandardItemModel with CSV export."""
+RAW = Qt.UserRole + 1  # the full value behind a cell (sorting and CSV use it, never the rounded display text)
 
-    def __init__(self, headers: list[str], parent=None):
+
+def fmt_number(value: float) -> str:
+    """Display text for a score-like number: 4 significant digits, scientific when tiny or huge."""
+    return f"{value:.4g}"
+
+
+class TableView(QTableView):
+    """A read-only table over a QStandardItemModel with CSV export.
+
+    Cells keep their raw value in the RAW role: numbers are shown rounded (`formats` maps a column to a
+    formatter, default fmt_prob for |x| < 1 else 3 significant digits) but sorted and exported in full.
+    `context` lines (e.g. the edit and the model) are written above the CSV header as "# " comments."""
+
+    def __init__(self, headers: list[str], parent=None, formats: dict | None = None):
         super().__init__(parent)
         self.table = QStandardItemModel(0, len(headers), self)
         self.table.setHorizontalHeaderLabels(headers)
+        self.table.setSortRole(RAW)
+        self.formats = dict(formats or {})
+        self.context: list[str] = []
         self.setModel(self.table)
         self.setAlternatingRowColors(True)
         self.setSelectionBehavior(QAbstractItemView.SelectRows)
@@ -70,48 +94,82 @@ class TableView(QTableView):
     def clear_rows(self):
         self.table.removeRows(0, self.table.rowCount())
 
-    def add_row(self, values: list, data=None, colors: dict | None = None):
+    def _text(self, col: int, value) -> str:
+        if value is None:
+            return ""
+        if isinstance(value, float) and value != value:
+            return "\u2014"
+        if col in self.formats:
+            return self.formats[col](value)
+        if isinstance(value, float):
+            return fmt_prob(value) if 0 <= value < 1 else f"{value:.3g}"
+        return str(value)
+
+    def add_row(self, values: list, data=None, colors: dict | None = None, tooltips: dict | None = None):
         items = []
         for col, value in enumerate(values):
-            item = QStandardItem()
-            if isinstance(value, float):
-                item.setData(value, Qt.UserRole + 1)
-                item.setText(fmt_prob(value) if abs(value) < 1 else f"{value:.3g}")
-            elif isinstance(value, int) and not isinstance(value, bool):
-                item.setData(value, Qt.DisplayRole)
+            item = QStandardItem(self._text(col, value))
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                item.setData(value, RAW)
             else:
-                item.setText("" if value is None else str(value))
+                item.setData("" if value is None else str(value), RAW)
             if data is not None and col == 0:
                 item.setData(data, Qt.UserRole)
             if colors and col in colors:
-                from PySide6.QtGui import QBrush, QColor
                 item.setForeground(QBrush(QColor(colors[col])))
+            if tooltips and col in tooltips:
+                item.setToolTip(tooltips[col])
             items.append(item)
         self.table.appendRow(items)
         return items
 
     def rows(self) -> list[list[str]]:
+        """The table as text for CSV: numbers in full (repr round-trips a float), not as displayed."""
         out = []
         for r in range(self.table.rowCount()):
-            out.append([self.table.item(r, c).text() if self.table.item(r, c) else ""
-                        for c in range(self.table.columnCount())])
+            row = []
+            for c in range(self.table.columnCount()):
+                item = self.table.item(r, c)
+                raw = item.data(RAW) if item is not None else None
+                if isinstance(raw, bool) or raw is None:
+                    row.append(item.text() if item is not None else "")
+                elif isinstance(raw, float):
+                    row.append(repr(raw))
+                else:
+                    row.append(str(raw))
+            out.append(row)
         return out
+
+    def displayed_rows(self) -> list[list[str]]:
+        return [[self.table.item(r, c).text() if self.table.item(r, c) else ""
+                 for c in range(self.table.columnCount())] for r in range(self.table.rowCount())]
 
     def headers(self) -> list[str]:
         return [self.table.horizontalHeaderItem(c).text() for c in range(self.table.columnCount())]
 
     def write_csv(self, path: str | Path):
         with open(path, "w", newline="", encoding="utf-8") as handle:
+            for line in self.context:
+                handle.write(f"# {line}\n")
             writer = csv.writer(handle)
             writer.writerow(self.headers())
             writer.writerows(self.rows())
 
     def export_csv_dialog(self, parent, default_name: str = "table.csv") -> str | None:
-        path, _ = QFileDialog.getSaveFileName(parent, "Export table as CSV", default_name, "CSV (*.csv)")
+        path, _ = QFileDialog.getSaveFileName(parent, "Export table as CSV", str(default_folder() / default_name),
+                                              "CSV (*.csv)")
         if path:
             self.write_csv(path)
             return path
         return None
+
+
+def default_folder() -> Path:
+    """Where save dialogs start: the user's documents folder (the home folder when there is none)."""
+    from PySide6.QtCore import QStandardPaths
+
+    folder = QStandardPaths.writableLocation(QStandardPaths.DocumentsLocation)
+    return Path(folder) if folder and Path(folder).is_dir() else Path.home()
 
 
 def write_json(path: str | Path, obj) -> None:

@@ -1,21 +1,32 @@
 """Edits: suppress, amplify, update (new object, autocompleted from the relation's objects), erase (relation),
-on the selected neurons or a named set; the history (QUndoView) and the before/after table with controls."""
+on the selected neurons or a named set; the history (QUndoView) and the before/after table with controls.
+
+The report shown by `show_report` is a dict: "title", "rows" ({"group", "fact", "prompt", "answer", "before",
+"after", "top_before", "top_after", and for an update's fact rows "new_before", "new_after"; optionally
+"top_after_id"}), "edit" (Edit.to_dict()), "new_object"; optional: "model" ({"name", "sha256"}), "requested"
+(the neuron count asked for, e.g. erase's top k), "skipped" ([(what, why)], as EditPlan.skipped), "relation"
+(the relation id, for the offer to attribute it), "summary" (edit_plan.summarize_plan's dict).
+"""
 
 from __future__ import annotations
 
-from PySide6.QtCore import Qt, Signal
-from PySide6.QtWidgets import (QComboBox, QCompleter, QDoubleSpinBox, QFormLayout, QGroupBox, QLabel, QLineEdit,
-                               QSpinBox, QSplitter, QStackedWidget, QUndoView, QWidget)
+from PySide6.QtCore import QStringListModel, Qt, Signal
+from PySide6.QtWidgets import (QComboBox, QCompleter, QDoubleSpinBox, QFormLayout, QGroupBox, QLabel, QSpinBox,
+                               QSplitter, QStackedWidget, QUndoView, QWidget)
+
+from kn_core.facts import Fact
 
 from .common import TableView, button, fmt_delta, fmt_prob, hbox, hint, vbox
 
 KINDS = ["Suppress", "Amplify", "Update", "Erase relation"]
 UP, DOWN = "#1e8449", "#c0392b"
+UNCHANGED = 1e-6  # no probability moved more than this: the edit changed nothing measurable
 
 
 class EditsPanel(QWidget):
     apply_requested = Signal(dict)  # {"kind", "target", ...params}
     message = Signal(str)
+    attribute_relation_requested = Signal(str)  # relation id: attribute its facts (erase found too few neurons)
 
     def __init__(self, session, undo_stack, parent=None):
         super().__init__(parent)
@@ -34,12 +45,19 @@ class EditsPanel(QWidget):
         self.factor.setRange(-10, 100)
         self.factor.setValue(2.0)
         self.factor.setSingleStep(0.5)
-        self.new_object = QLineEdit()
-        self.new_object.setPlaceholderText("new object o' (e.g. Rome)")
-        self.completer = QCompleter([])
+        # an editable combo box: the relation's objects in its list, inline completion while typing. A popup
+        # completer would swallow the first click outside it (the click on "Apply edit" right after typing)
+        self.new_object = QComboBox()
+        self.new_object.setEditable(True)
+        self.new_object.setInsertPolicy(QComboBox.NoInsert)
+        self.new_object.lineEdit().setPlaceholderText("new object o' (e.g. Rome)")
+        self.completer = QCompleter(QStringListModel([]), self.new_object)
         self.completer.setCaseSensitivity(Qt.CaseInsensitive)
-        self.completer.setFilterMode(Qt.MatchContains)
+        self.completer.setCompletionMode(QCompleter.InlineCompletion)
         self.new_object.setCompleter(self.completer)
+        self.new_object.editTextChanged.connect(lambda _: self._show_objects())
+        self.objects_line = hint("")
+        self.fact: Fact | None = None
         self.lambda1 = QDoubleSpinBox()
         self.lambda1.setRange(0, 100)
         self.lambda1.setValue(1.0)
@@ -76,13 +94,23 @@ class EditsPanel(QWidget):
         self.result_title.setObjectName("heading")
         self.result_title.setWordWrap(True)
         self.result_summary = hint("")
+        self.result_warning = QLabel("")
+        self.result_warning.setObjectName("warning")
+        self.result_warning.setWordWrap(True)
+        self.result_warning.hide()
+        self.attribute_button = button("Attribute the relation\u2026", self._attribute_relation,
+                                       "Run attribution on every fact of the relation, then erase again")
+        self.attribute_button.hide()
+        self._relation: str | None = None
         self.table = TableView(["group", "fact", "prompt", "answer", "p before", "p after", "\u0394p", "top-1 before",
-                                "top-1 after", "flip"])
+                                "top-1 after", "flip", "p(o') before", "p(o') after", "goal"],
+                               formats={4: fmt_prob, 5: fmt_prob, 6: fmt_delta, 10: fmt_prob, 11: fmt_prob})
         self.export_button = button("Export table\u2026", lambda: self.table.export_csv_dialog(self, "edit.csv"))
         result_box = QGroupBox("Before / after (the fact's prompts, then controls)")
         title_row = hbox(self.result_title, self.export_button)
         title_row.setStretch(0, 1)
-        result_box.setLayout(vbox(title_row, self.result_summary, self.table))
+        result_box.setLayout(vbox(title_row, self.result_summary, hbox(self.result_warning, self.attribute_button),
+                                  self.table))
 
         split = QSplitter(Qt.Horizontal)
         left = QWidget()
@@ -116,6 +144,7 @@ class EditsPanel(QWidget):
         f = QFormLayout(w)
         f.setContentsMargins(0, 0, 0, 0)
         f.addRow("New object", self.new_object)
+        f.addRow(self.objects_line)
         f.addRow("\u03bb1 (remove o)", self.lambda1)
         f.addRow("\u03bb2 (add o')", self.lambda2)
         return w
@@ -162,9 +191,36 @@ class EditsPanel(QWidget):
 
     def set_objects(self, objects: list[str]):
         """Autocompletion of the new object from the relation's other objects."""
-        from PySide6.QtCore import QStringListModel
-
+        text = self.new_object.currentText()
+        self.new_object.blockSignals(True)
+        self.new_object.clear()
+        self.new_object.addItems(objects)
+        self.new_object.setEditText(text)
+        self.new_object.blockSignals(False)
         self.completer.setModel(QStringListModel(objects, self.completer))
+        self._show_objects()
+
+    def set_fact(self, fact: Fact | None):
+        """The fact an update starts from (its object o is shown as the model reads it)."""
+        self.fact = fact
+        self._show_objects()
+
+    def answer_words(self, obj: str) -> str:
+        """The object as the model's prompts continue with it (e.g. ' Paris' for a causal model)."""
+        fact = self.fact
+        if fact is None or not obj:
+            return obj
+        prompts, _ = self.session.prompts_for(Fact(fact.relation, fact.subject, obj))
+        return prompts[0].answer if prompts else obj
+
+    def _show_objects(self):
+        new = self.new_object.currentText().strip()
+        if self.fact is None:
+            self.objects_line.setText("Pick a fact: the update moves its object o to o'.")
+            return
+        old = self.answer_words(self.fact.object)
+        self.objects_line.setText(f"o = {old!r} \u2192 o' = {self.answer_words(new)!r}" if new
+                                  else f"o = {old!r} \u2192 o' = ?")
 
     def _apply(self):
         kind = self.kind.currentText()
@@ -175,7 +231,7 @@ class EditsPanel(QWidget):
             request["factor"] = self.factor.value()
             request["scope"] = self.scope_amp.currentText()
         elif kind == "Update":
-            request["new_object"] = self.new_object.text().strip()
+            request["new_object"] = self.new_object.currentText().strip()
             request["lambda1"] = self.lambda1.value()
             request["lambda2"] = self.lambda2.value()
         else:
@@ -188,36 +244,155 @@ class EditsPanel(QWidget):
         self.history.setEnabled(not busy)
 
     # ----------------------------------------------------------------- the before/after table
+    def _attribute_relation(self):
+        if self._relation:
+            self.attribute_relation_requested.emit(self._relation)
+
     def show_report(self, report: dict | None):
         self.table.clear_rows()
+        self.table.context = []
+        self.result_warning.hide()
+        self.attribute_button.hide()
         if not report:
             self.result_title.setText("Apply an edit to see its effect here.")
             self.result_summary.setText("")
             return
-        self.result_title.setText(report["title"])
+        rows = report["rows"]
+        edit = report.get("edit") or {}
+        self.result_title.setText(self._title(report))
+        self.result_summary.setText("   |   ".join(self._group_summaries(report)))
+        warnings = [w for w in (self._unchanged(rows), self._fewer_neurons(report), self._goal(report)) if w]
+        warnings += [f"Skipped {what}: {why}." for what, why in report.get("skipped") or []
+                     if not what.endswith("neurons asked for")]
+        if warnings:
+            self.result_warning.setText("\n".join(warnings))
+            self.result_warning.show()
+        self.table.context = self._context(report)
+        is_update = edit.get("kind") == "update" or bool(report.get("new_object"))
+        for r in rows:
+            delta = r["after"] - r["before"]
+            flip = r["top_before"] != r["top_after"]
+            goal = self._row_goal(r, report) if is_update and r["group"] == "fact" else ""
+            self.table.add_row([r["group"], r["fact"], r["prompt"], r["answer"], float(r["before"]),
+                                float(r["after"]), float(delta), repr(r["top_before"]), repr(r["top_after"]),
+                                "\u21c4 flip" if flip else "", _maybe_float(r.get("new_before")),
+                                _maybe_float(r.get("new_after")), goal],
+                               colors={6: UP if delta > 0 else DOWN, 9: DOWN,
+                                       12: DOWN if goal.startswith("\u2718") else UP})
+        for col in (10, 11, 12):
+            self.table.setColumnHidden(col, not is_update)
+        self.table.resizeColumnsToContents()
+        self.table.setColumnWidth(2, min(260, self.table.columnWidth(2)))
+
+    def _title(self, report: dict) -> str:
+        """The report's title; an update names its objects as words, not token ids."""
+        edit = report.get("edit") or {}
+        title = report["title"]
+        if edit.get("kind") != "update" or not report.get("new_object"):
+            return title
+        fact_rows = [r for r in report["rows"] if r["group"] == "fact"]
+        old = fact_rows[0]["answer"] if fact_rows else "o"
+        words = (f"Update {len(edit.get('neurons', []))} neurons: {old!r} \u2192 "
+                 f"{self.answer_words(report['new_object'])!r} (\u03bb1 = {edit.get('lambda1', 1):g}, "
+                 f"\u03bb2 = {edit.get('lambda2', 8):g})")
+        _, sep, rest = title.partition(" \u2014 ")
+        return words + (sep + rest if sep else "")
+
+    @staticmethod
+    def _group_summaries(report: dict) -> list[str]:
         rows = report["rows"]
         summary = []
-        for group in ("fact", "same relation", "other relations"):
+        for group in dict.fromkeys(r["group"] for r in rows):
             g = [r for r in rows if r["group"] == group]
-            if not g:
-                continue
             mean_before = sum(r["before"] for r in g) / len(g)
             mean_delta = sum(r["after"] - r["before"] for r in g) / len(g)
             rel = f" ({100 * mean_delta / mean_before:+.1f}%)" if mean_before > 0 else ""
             flips = sum(r["top_before"] != r["top_after"] for r in g)
             summary.append(f"{group}: mean \u0394p {fmt_delta(mean_delta)}{rel}, {flips}/{len(g)} top-1 flips")
-        if report.get("new_object"):
-            nb = [r for r in rows if r["group"] == "fact" and r.get("new_before") is not None]
-            if nb:
-                summary.append(f"p({report['new_object']!r}): {fmt_prob(sum(r['new_before'] for r in nb) / len(nb))}"
-                               f" \u2192 {fmt_prob(sum(r['new_after'] for r in nb) / len(nb))}")
-        self.result_summary.setText("   |   ".join(summary))
-        for r in rows:
-            delta = r["after"] - r["before"]
-            flip = r["top_before"] != r["top_after"]
-            self.table.add_row([r["group"], r["fact"], r["prompt"], r["answer"], fmt_prob(r["before"]),
-                                fmt_prob(r["after"]), fmt_delta(delta), repr(r["top_before"]),
-                                repr(r["top_after"]), "\u21c4 flip" if flip else ""],
-                               colors={6: UP if delta > 0 else DOWN, 9: DOWN})
-        self.table.resizeColumnsToContents()
-        self.table.setColumnWidth(2, min(260, self.table.columnWidth(2)))
+        nb = [r for r in rows if r["group"] == "fact" and r.get("new_before") is not None]
+        if report.get("new_object") and nb:
+            summary.append(f"p({report['new_object']!r}): {fmt_prob(sum(r['new_before'] for r in nb) / len(nb))}"
+                           f" \u2192 {fmt_prob(sum(r['new_after'] for r in nb) / len(nb))}")
+        return summary
+
+    @staticmethod
+    def _unchanged(rows: list[dict]) -> str:
+        moved = max((abs(r["after"] - r["before"]) for r in rows), default=0.0)
+        moved = max([moved] + [abs(r["new_after"] - r["new_before"]) for r in rows
+                               if r.get("new_before") is not None and r.get("new_after") is not None])
+        if rows and moved <= UNCHANGED and all(r["top_before"] == r["top_after"] for r in rows):
+            return (f"This edit changed nothing: no probability on these {len(rows)} prompts moved by more than "
+                    f"{UNCHANGED:g} (e.g. the neurons are not active at these positions, so zeroing or "
+                    "amplifying them has no effect).")
+        return ""
+
+    def _fewer_neurons(self, report: dict) -> str:
+        """Erase (or any edit asked for k neurons) that found fewer: both counts, why, and the offer."""
+        requested = report.get("requested")
+        actual = len((report.get("edit") or {}).get("neurons", []))
+        if not requested or actual >= requested:
+            return ""
+        why = [why for what, why in report.get("skipped") or [] if what.endswith("neurons asked for")]
+        self._relation = report.get("relation")
+        if self._relation:
+            self.attribute_button.setText(f"Attribute {self._relation}\u2026")
+            self.attribute_button.show()
+        return (f"Edited {actual} of the {requested} neurons asked for: "
+                + (why[0] if why else "the relation's attributed facts have no more refined neurons")
+                + ". Attribute more of the relation's facts to find more neurons.")
+
+    def _goal(self, report: dict) -> str:
+        """An update's goal: o' becomes the top-1 answer and its probability rises."""
+        if not report.get("new_object"):
+            return ""
+        fact_rows = [r for r in report["rows"] if r["group"] == "fact" and r.get("new_after") is not None]
+        if not fact_rows:
+            return ""
+        goals = [self._row_goal(r, report) for r in fact_rows]
+        failed = [g for g in goals if g.startswith("\u2718")]
+        new = self.answer_words(report["new_object"])
+        if not failed:
+            return ""
+        fell = sum("fell" in g for g in failed)
+        not_top = sum("not top-1" in g for g in failed)
+        parts = []
+        if fell:
+            parts.append(f"p({new!r}) went down on {fell} of {len(goals)} prompts")
+        if not_top:
+            parts.append(f"{new!r} is not the top-1 answer on {not_top} of {len(goals)} prompts")
+        return "The update failed its goal: " + "; ".join(parts) + "."
+
+    def _row_goal(self, r: dict, report: dict) -> str:
+        if r.get("new_before") is None or r.get("new_after") is None:
+            return ""
+        new = self.answer_words(report["new_object"])
+        new_ids = (report.get("edit") or {}).get("new_ids") or []
+        if r.get("top_after_id") is not None and new_ids:
+            top1 = r["top_after_id"] == new_ids[0]
+        else:  # by text: the top-1 token is o' or its first word
+            token = str(r["top_after"]).strip()
+            top1 = bool(token) and token in (new.strip(), (new.split() or [""])[0])
+        fell = r["new_after"] < r["new_before"]
+        if top1 and not fell:
+            return f"\u2714 {new!r} is top-1"
+        problems = ([f"p(o') fell {fmt_prob(r['new_before'])} \u2192 {fmt_prob(r['new_after'])}"] if fell else []) \
+            + ([] if top1 else [f"not top-1 (model says {r['top_after']!r})"])
+        return "\u2718 " + "; ".join(problems)
+
+    def _context(self, report: dict) -> list[str]:
+        """The CSV's header lines: which edit, on which model."""
+        import json
+
+        model = report.get("model") or {}
+        lm = self.session.lm
+        if not model and lm is not None:
+            info = lm.describe()
+            model = {"name": info.get("name") or getattr(lm, "source", ""), "sha256": info.get("sha256", "")}
+        return [f"edit: {self._title(report)}",
+                f"edit parameters: {json.dumps(report.get('edit') or {}, default=str)}",
+                f"model: {model.get('name') or 'unknown'}"
+                + (f" (weights sha256 {model['sha256']})" if model.get("sha256") else "")]
+
+
+def _maybe_float(value):
+    return None if value is None else float(value)

@@ -10,16 +10,47 @@ from PySide6.QtWidgets import (QAbstractItemView, QComboBox, QDialog, QDialogBut
 from kn_core.facts import Fact, Relation
 
 from ..session import fact_key, fact_label
-from .common import button, fmt_prob, hbox, hint, vbox
+from .common import button, fmt_prob, hbox, hint, problem_label, vbox
 
 ROLE = Qt.UserRole + 10
 OK, BAD = "#1e8449", "#c0392b"
 
 
+# Attribution time per answer token per prompt when no run of the loaded model has been timed yet: the
+# default model (SmolLM2-135M), 20 steps, on a 2-core CPU (README, "Speed": 1.74 s per one-token prompt).
+SECONDS_PER_TOKEN_PROMPT = 1.75
+LONG_ANSWER_TOKENS = 5  # PARAREL objects are 1-3 tokens; a longer answer multiplies the attribution time
+
+
+def seconds_per_token_prompt(session) -> float:
+    """Measured on this machine and model when the session has runs (their seconds per answer token), else the
+    documented constant."""
+    per_token = [ps.seconds / max(1, len(ps.answer_ids)) for run in session.runs.values() for ps in run.scores
+                 if ps.seconds > 0]
+    return sum(per_token) / len(per_token) if per_token else SECONDS_PER_TOKEN_PROMPT
+
+
+def fmt_duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 class FactDialog(QDialog):
-    def __init__(self, factset, fact: Fact | None = None, relation_id: str | None = None, parent=None):
+    """Add or edit a fact. Bad input keeps the dialog open with the typed text and a line saying what to fix;
+    an answer longer than LONG_ANSWER_TOKENS is accepted only on a second OK, after a warning with the
+    expected attribution time."""
+
+    def __init__(self, factset, fact: Fact | None = None, relation_id: str | None = None, parent=None,
+                 session=None, seconds_per_token: float | None = None):
         super().__init__(parent)
         self.setWindowTitle("Edit fact" if fact else "Add fact")
+        self.factset = factset
+        self.original = fact
+        self.session = session
+        self.seconds_per_token = seconds_per_token
         self.relation = QComboBox()
         for rid, rel in factset.relations.items():
             self.relation.addItem(f"{rid}: {rel.name}", rid)
@@ -30,23 +61,93 @@ class FactDialog(QDialog):
         self.subject.setPlaceholderText("e.g. France")
         self.object = QLineEdit(fact.object if fact else "")
         self.object.setPlaceholderText("e.g. Paris")
+        self.problem = problem_label()
         form = QFormLayout(self)
         form.addRow("Relation", self.relation)
         form.addRow("Subject [X]", self.subject)
         form.addRow("Object [Y]", self.object)
-        buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
-        buttons.accepted.connect(self.accept)
-        buttons.rejected.connect(self.reject)
-        form.addRow(buttons)
+        form.addRow(self.problem)
+        self.buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
+        self.buttons.accepted.connect(self.accept)
+        self.buttons.rejected.connect(self.reject)
+        form.addRow(self.buttons)
+        self._confirmed: Fact | None = None  # the long-answer fact the user was warned about
+        for field in (self.subject, self.object):
+            field.textEdited.connect(self._edited)
+        self.relation.currentIndexChanged.connect(self._edited)
 
     def fact(self) -> Fact:
         return Fact(self.relation.currentData(), self.subject.text().strip(), self.object.text().strip())
 
+    def _edited(self, *_):
+        self._confirmed = None
+        self.buttons.button(QDialogButtonBox.Ok).setText("OK")
+
+    def _say(self, text: str, field=None):
+        self.problem.setText(text)
+        self.problem.show()
+        if field is not None:
+            field.setFocus()
+
+    def problem_with_input(self) -> tuple[str, object]:
+        """What is wrong with the typed fact ("" when nothing), and the field to fix."""
+        if self.relation.currentData() is None:
+            return "Add a relation first (Edit \u2192 Add relation), then its facts.", None
+        if not self.subject.text().strip():
+            return "Type the subject, the text that replaces [X] (e.g. France).", self.subject
+        if not self.object.text().strip():
+            return "Type the object, the answer that replaces [Y] (e.g. Paris).", self.object
+        fact = self.fact()
+        if fact != self.original and fact in self.factset.facts:
+            return f"{fact.subject} \u2192 {fact.object} is already in {fact.relation}: change the subject or the " \
+                   "object.", self.object
+        relation = self.factset.relations[fact.relation]
+        if not relation.templates:
+            return f"Relation {relation.id} has no templates, so this fact has no prompts: add a template to the " \
+                   "relation first (select it and choose Edit).", None
+        return "", None
+
+    def long_answer_warning(self, fact: Fact) -> str:
+        """A warning when the answer is long (with the expected attribution time), else ""."""
+        if self.session is None or self.session.lm is None:
+            return ""
+        prompts, _ = self.session.prompts_for(fact)
+        if not prompts:
+            return ""
+        tokens = max(len(p.answer_ids) for p in prompts)
+        if tokens <= LONG_ANSWER_TOKENS:
+            return ""
+        per_token = self.seconds_per_token or seconds_per_token_prompt(self.session)
+        expected = tokens * len(prompts) * per_token
+        return (f"The answer {fact.object!r} is {tokens} tokens long: attribution integrates every answer token, "
+                f"so this fact's {len(prompts)} prompts take about {fmt_duration(expected)} "
+                f"({tokens} tokens \u00d7 {len(prompts)} prompts \u00d7 {per_token:.2g} s). "
+                "Press \u201cAdd anyway\u201d to keep it, or shorten the answer.")
+
+    def accept(self):
+        problem, field = self.problem_with_input()
+        if problem:
+            self._say(problem, field)
+            return
+        fact = self.fact()
+        if self._confirmed != fact:
+            warning = self.long_answer_warning(fact)
+            if warning:
+                self._confirmed = fact
+                self.buttons.button(QDialogButtonBox.Ok).setText("Add anyway")
+                self._say(warning, self.object)
+                return
+        super().accept()
+
 
 class RelationDialog(QDialog):
-    def __init__(self, relation: Relation | None = None, parent=None):
+    """Add or edit a relation; refuses (and stays open) an empty id, a taken id, no templates or a template
+    without [X] or [Y], saying which line to fix."""
+
+    def __init__(self, relation: Relation | None = None, parent=None, taken_ids=()):
         super().__init__(parent)
         self.setWindowTitle("Edit relation" if relation else "Add relation")
+        self.taken_ids = set(taken_ids) - ({relation.id} if relation else set())
         self.rid = QLineEdit(relation.id if relation else "")
         self.rid.setPlaceholderText("e.g. P36")
         self.rid.setReadOnly(relation is not None)
@@ -54,18 +155,56 @@ class RelationDialog(QDialog):
         self.name.setPlaceholderText("e.g. capital")
         self.templates = QPlainTextEdit("\n".join(relation.templates) if relation else "")
         self.templates.setPlaceholderText("One template per line, e.g.\nThe capital of [X] is [Y].")
+        self.problem = problem_label()
         form = QFormLayout(self)
         form.addRow("Id", self.rid)
         form.addRow("Name", self.name)
         form.addRow("Templates", self.templates)
+        form.addRow(self.problem)
         buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
         buttons.accepted.connect(self.accept)
         buttons.rejected.connect(self.reject)
         form.addRow(buttons)
 
+    def template_lines(self) -> list[str]:
+        return [t.strip() for t in self.templates.toPlainText().splitlines() if t.strip()]
+
     def relation(self) -> Relation:
-        templates = tuple(t.strip() for t in self.templates.toPlainText().splitlines() if t.strip())
-        return Relation(self.rid.text().strip(), self.name.text().strip() or self.rid.text().strip(), templates)
+        return Relation(self.rid.text().strip(), self.name.text().strip() or self.rid.text().strip(),
+                        tuple(self.template_lines()))
+
+    def problem_with_input(self) -> str:
+        rid = self.rid.text().strip()
+        if not rid:
+            return "Type an id for the relation (e.g. P36)."
+        if rid in self.taken_ids:
+            return f"Relation {rid} exists already: choose another id, or select {rid} and choose Edit."
+        lines = self.template_lines()
+        if not lines:
+            return ("A relation needs at least one template: type one per line with [X] for the subject and [Y] "
+                    "for the object, e.g. The capital of [X] is [Y].")
+        for number, line in enumerate(lines, 1):
+            for slot, what in (("[X]", "the subject"), ("[Y]", "the object")):
+                if slot not in line:
+                    return f"Template {number} ({line!r}) has no {slot}: write {slot} where {what} goes."
+            if line.count("[Y]") > 1:
+                return f"Template {number} ({line!r}) has [Y] more than once: the object has one slot."
+        if len(set(lines)) != len(lines):
+            return "A template is listed twice: delete the repeated line."
+        try:
+            self.relation()
+        except ValueError as exc:
+            return f"{exc}."
+        return ""
+
+    def accept(self):
+        problem = self.problem_with_input()
+        if problem:
+            self.problem.setText(problem)
+            self.problem.show()
+            self.templates.setFocus() if "emplate" in problem else self.rid.setFocus()
+            return
+        super().accept()
 
 
 class FactsPanel(QWidget):
@@ -77,9 +216,10 @@ class FactsPanel(QWidget):
 
     HEADERS = ["Relation / fact / prompt", "Model says", "p(answer)"]
 
-    def __init__(self, session, parent=None):
+    def __init__(self, session, parent=None, seconds_per_token: float | None = None):
         super().__init__(parent)
         self.session = session
+        self.seconds_per_token = seconds_per_token  # attribution s per answer token per prompt; None: measured
         self.model = QStandardItemModel(0, len(self.HEADERS), self)
         self.model.setHorizontalHeaderLabels(self.HEADERS)
         self.tree = QTreeView()
@@ -160,7 +300,7 @@ class FactsPanel(QWidget):
             if check is not None:
                 n_checked += 1
                 n_ok += bool(check["correct"])
-                says.setText("\u2714" if check["correct"] else f"\u2718 {check['top1_token']!r}")
+                says.setText(("\u2714 " if check["correct"] else "\u2718 ") + repr(check["top1_token"]))
                 color = QBrush(QColor(OK if check["correct"] else BAD))
                 says.setForeground(color)
                 prob.setText(fmt_prob(check["prob"]))
@@ -296,7 +436,7 @@ class FactsPanel(QWidget):
 
     # ----------------------------------------------------------------- editing (undoable via the window)
     def add_relation(self):
-        dialog = RelationDialog(parent=self)
+        dialog = RelationDialog(parent=self, taken_ids=self.session.factset.relations)
         if dialog.exec() != QDialog.Accepted:
             return
         try:
@@ -315,7 +455,8 @@ class FactsPanel(QWidget):
             self.error.emit("No relation yet", "Add a relation (with templates such as 'The capital of [X] is "
                             "[Y].') first, or import a fact set.")
             return
-        dialog = FactDialog(fs, relation_id=self.current_relation(), parent=self)
+        dialog = FactDialog(fs, relation_id=self.current_relation(), parent=self, session=self.session,
+                            seconds_per_token=self.seconds_per_token)
         if dialog.exec() != QDialog.Accepted:
             return
         try:
@@ -342,7 +483,8 @@ class FactsPanel(QWidget):
                 self.change_requested.emit(f"Edit relation {relation.id}", fs.with_relation(relation))
             else:
                 old = data[1]
-                dialog = FactDialog(fs, fact=old, parent=self)
+                dialog = FactDialog(fs, fact=old, parent=self, session=self.session,
+                                    seconds_per_token=self.seconds_per_token)
                 if dialog.exec() != QDialog.Accepted:
                     return
                 new_fact = dialog.fact()

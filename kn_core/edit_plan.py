@@ -1,0 +1,355 @@
+"""From a request to an edit: fact + neurons + what to do -> the edit, its control and the prompts to judge it.
+
+The GUI's Edits panel, the CLI's `kn edit ...` and the reproduction all build edits here, so an edit means
+the same thing everywhere and is refused for the same reasons:
+
+    plan = plan_edit(lm, factset, EditRequest("update", neurons, fact, new_object="Berlin"),
+                     relation_neuron_sets={other_fact: its_refined_neurons, ...})
+    plan.edit        # the edit (edits.Update), ready for EditStack.push / with_edits
+    plan.control     # the same edit on as many random neurons from the same layers (seeded)
+    plan.prompts     # {"fact": [...], "relation": [...], "other relations": [...], "new object": [...]}
+    plan.skipped     # [(what, why)]: templates, facts and neurons left out, each with its reason
+
+Every refusal is an `EditPlanError` (a ValueError) with a one-line message naming the problem and the fix,
+raised before any forward pass. `measure_plan` and `summarize_plan` run and condense the evaluation the
+same way for every caller.
+
+Groups of evaluation prompts:
+- "fact": the edited fact's prompts (update: those whose template also renders the new object, in the same
+  order as "new object"); erase: the prompts of the relation's facts whose neurons chose the erased set.
+- "relation": other facts of the same relation (controls for specificity within the relation).
+- "other relations": facts of other relations.
+- "new object": update only; the fact's prompts rendered with o' (aligned with "fact").
+Control facts are a seeded sample (`control_facts` per group, `control_prompts_per_fact` prompts each).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from . import edits as E
+from .facts import Fact, Prompt, render_prompts
+
+Neuron = tuple[int, int]
+KINDS = ("suppress", "amplify", "update", "erase")
+
+
+class EditPlanError(ValueError):
+    """An edit that cannot be built as requested; the message is one line naming the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """What the user asked for. `neurons` are required for suppress/amplify/update (erase chooses the
+    relation's `k` most frequent refined neurons from `relation_neuron_sets`); `fact` is the fact the edit is
+    evaluated on (erase: any fact of the relation to erase, or give `relation`).
+
+    `exclude`: neurons never edited (e.g. `NeuronFlags.excluded`: massive/unspecific neurons); for erase
+    they are skipped when choosing the k most frequent. `allow_fewer`: erase fewer than k neurons when the
+    relation has fewer candidates (otherwise that is an error saying how many there are)."""
+
+    kind: str
+    neurons: tuple[Neuron, ...] = ()
+    fact: Fact | None = None
+    new_object: str | None = None
+    factor: float = 2.0
+    scope: str = "answer"
+    lambda1: float = 1.0
+    lambda2: float = 8.0
+    sign_aware: bool = False
+    k: int = 20
+    fill: str = "zero"
+    relation: str | None = None
+    exclude: tuple[Neuron, ...] = ()
+    allow_fewer: bool = False
+    exclusion_fraction: float = 0.1
+    seed: int = 0
+    control_facts: int = 4
+    control_prompts_per_fact: int | None = 1
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise EditPlanError(f"unknown edit kind {self.kind!r}; use one of {', '.join(KINDS)}")
+        try:
+            object.__setattr__(self, "neurons", E._norm_neurons(self.neurons))
+            object.__setattr__(self, "exclude", E._norm_neurons(self.exclude))
+        except (TypeError, ValueError):
+            raise EditPlanError("neurons must be (layer, index) pairs of integers") from None
+        for name in ("factor", "lambda1", "lambda2", "exclusion_fraction"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise EditPlanError(f"{name} must be a finite number, not {value!r}")
+        if self.scope not in ("answer", "all"):
+            raise EditPlanError(f"scope must be 'answer' or 'all', not {self.scope!r}")
+        if self.fill not in ("zero", "unk"):
+            raise EditPlanError(f"fill must be 'zero' or 'unk', not {self.fill!r}")
+        if not isinstance(self.k, int) or self.k < 1:
+            raise EditPlanError(f"k (neurons to erase) must be an integer >= 1, not {self.k!r}")
+        if not 0 <= self.exclusion_fraction <= 1:
+            raise EditPlanError(f"exclusion_fraction must lie in [0, 1], not {self.exclusion_fraction!r}")
+        if self.control_facts < 0:
+            raise EditPlanError(f"control_facts must be >= 0, not {self.control_facts!r}")
+        if self.control_prompts_per_fact is not None and self.control_prompts_per_fact < 1:
+            raise EditPlanError("control_prompts_per_fact must be >= 1 (or None for all prompts)")
+
+
+@dataclass(frozen=True)
+class EditPlan:
+    request: EditRequest
+    edit: E.Edit
+    control: E.Edit
+    prompts: dict[str, list[Prompt]]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """Plain data (for reports and the CLI's JSON): the edit, its control, the prompts by group, the
+        skipped items."""
+        return {"edit": self.edit.to_dict(), "control": {"kind": "random neurons from the same layers",
+                                                           "edit": self.control.to_dict()},
+                "prompts": {g: [p.text for p in ps] for g, ps in self.prompts.items()},
+                "skipped": [{"what": w, "reason": r} for w, r in self.skipped]}
+
+
+def plan_edit(lm, factset, request: EditRequest,
+              relation_neuron_sets: Mapping[Fact, Sequence[Neuron]] | Sequence[Sequence[Neuron]] = ()) -> EditPlan:
+    """Builds the edit of `request`, its random-neuron control and its evaluation prompts (see the module
+    notes). `relation_neuron_sets`: refined neurons of facts of the relation, best as {fact: neurons}; update
+    uses the *other* facts' sets to leave out neurons shared by more than `exclusion_fraction` of them
+    (the paper's 10%), erase takes the k most frequent neurons of all of them.
+
+    Sign-aware updates run one forward pass over the fact's prompts (the neurons' mean activation); nothing
+    else here runs the model."""
+    skipped: list[tuple[str, str]] = []
+    relation_id = _relation_of(factset, request)
+    sets = _neuron_sets(relation_neuron_sets)
+    if request.kind == "erase":
+        edit, fact_prompts = _erase(lm, factset, request, relation_id, sets, skipped)
+        measured = {f for f, _ in sets if f is not None}
+    else:
+        if not request.neurons:
+            raise EditPlanError("no neurons to edit: choose neurons (e.g. the fact's refined set) or lower t or p "
+                                "to get some")
+        _check_neurons(lm, request.neurons)
+        fact_prompts = _prompts(lm, factset, request.fact, skipped, required=True)
+        measured = {request.fact}
+        if request.kind == "update":
+            edit, fact_prompts, new_prompts = _update(lm, factset, request, fact_prompts, sets, skipped)
+        elif request.kind == "suppress":
+            edit = E.Suppress(request.neurons, request.scope)
+        else:
+            edit = E.Amplify(request.neurons, float(request.factor), request.scope)
+    _check_neurons(lm, edit.neurons)
+    prompts = {"fact": fact_prompts}
+    same = [f for f in factset.facts_of(relation_id) if f not in measured]
+    other = [f for f in factset.facts if f.relation != relation_id]
+    # drawn first from the seed so that `kn edit erase` keeps its earlier control sample
+    prompts["other relations"] = _control_prompts(lm, factset, other, request, request.seed, skipped)
+    prompts["relation"] = _control_prompts(lm, factset, same, request, request.seed + 1, skipped)
+    if request.kind == "update":
+        prompts["new object"] = new_prompts
+    control = _control(lm, edit, request)
+    return EditPlan(request, edit, control, {g: prompts[g] for g in _GROUPS if g in prompts}, skipped)
+
+
+_GROUPS = ("fact", "relation", "other relations", "new object")
+
+
+def _check_neurons(lm, neurons) -> None:
+    try:
+        E.check_neurons(lm, neurons)
+    except ValueError as exc:
+        raise EditPlanError(f"{exc}; was the set made on another model?") from None
+
+
+def _relation_of(factset, request: EditRequest) -> str:
+    if request.kind != "erase" and request.fact is None:
+        raise EditPlanError("pick the fact to evaluate the edit on")
+    rid = request.relation or (request.fact.relation if request.fact is not None else None)
+    if rid is None:
+        raise EditPlanError("name the relation to erase (or pick one of its facts)")
+    try:
+        factset.relation(rid)
+    except KeyError:
+        raise EditPlanError(f"no relation {rid!r} in fact set {factset.name!r}; relations: "
+                            f"{', '.join(sorted(factset.relations))}") from None
+    return rid
+
+
+def _neuron_sets(sets) -> list[tuple[Fact | None, tuple[Neuron, ...]]]:
+    if isinstance(sets, Mapping):
+        return [(f, E._norm_neurons(n)) for f, n in sets.items()]
+    return [(None, E._norm_neurons(n)) for n in sets]
+
+
+def _prompts(lm, factset, fact: Fact, skipped, required: bool = False) -> list[Prompt]:
+    prompts, left_out = render_prompts(fact, factset.relation(fact.relation), lm.tokenizer, lm.kind)
+    label = f"{fact.relation} {fact.subject} -> {fact.object}"
+    if not prompts and required:
+        reasons = "; ".join(dict.fromkeys(s.reason for s in left_out)) or "the relation has no templates"
+        raise EditPlanError(f"no template of {fact.relation} renders {label} for this {lm.kind} model: {reasons}")
+    if required:
+        skipped.extend((f"template {s.template!r} of {label}", s.reason) for s in left_out)
+    return prompts
+
+
+def _control_prompts(lm, factset, facts: list[Fact], request: EditRequest, seed: int, skipped) -> list[Prompt]:
+    if not facts or not request.control_facts:
+        return []
+    order = np.random.default_rng(seed).permutation(len(facts))[: request.control_facts]
+    out: list[Prompt] = []
+    for k in order:
+        fact = facts[int(k)]
+        prompts = _prompts(lm, factset, fact, skipped)
+        if not prompts:
+            skipped.append((f"control fact {fact.relation} {fact.subject} -> {fact.object}",
+                            f"no template renders it for this {lm.kind} model"))
+        out += prompts[: request.control_prompts_per_fact]
+    return out
+
+
+def _update(lm, factset, request: EditRequest, fact_prompts, sets, skipped):
+    fact, new_object = request.fact, (request.new_object or "").strip()
+    if not new_object:
+        raise EditPlanError("type the new object o' (e.g. another object of the relation)")
+    if new_object == fact.object:
+        raise EditPlanError(f"the new object equals the current one ({fact.object!r}); choose another object")
+    try:
+        new_fact = Fact(fact.relation, fact.subject, new_object)
+    except ValueError as exc:
+        raise EditPlanError(f"the new object {new_object!r} is not usable: {exc}") from None
+    new_prompts, new_left_out = render_prompts(new_fact, factset.relation(fact.relation), lm.tokenizer, lm.kind)
+    by_template = {p.template: p for p in new_prompts}
+    reasons = {s.template: s.reason for s in new_left_out}
+    own, new = [], []
+    for p in fact_prompts:
+        q = by_template.get(p.template)
+        if q is None:
+            skipped.append((f"template {p.template!r}", f"cannot render the new object {new_object!r}: "
+                                                        f"{reasons.get(p.template, 'not rendered')}"))
+        elif q.answer_ids[:1] == p.answer_ids[:1]:
+            skipped.append((f"template {p.template!r}", f"{fact.object!r} and {new_object!r} start with the same "
+                                                        "token here, so the edit cannot tell them apart"))
+        else:
+            own.append(p)
+            new.append(q)
+    if not own:
+        raise EditPlanError(f"no template of {fact.relation} renders both {fact.object!r} and {new_object!r} "
+                            f"with different first tokens for this {lm.kind} model; choose another new object")
+    others = [n for f, n in sets if f != fact]
+    neurons = tuple(n for n in request.neurons if n not in set(request.exclude))
+    skipped.extend((f"neuron L{l}.{i}", "flagged (massive or unspecific), excluded") for l, i in request.neurons
+                   if (l, i) in set(request.exclude))
+    if not neurons:
+        raise EditPlanError("every chosen neuron is flagged (massive or unspecific) and excluded; choose others")
+    activations = None
+    if request.sign_aware:
+        from .evaluation import neuron_activations
+
+        mean = neuron_activations(lm, neurons, fact_prompts).mean(axis=0)
+        activations = [_dense(lm, neurons, mean)]
+    update = E.make_update(lm, neurons, own[0].answer_ids, new[0].answer_ids, others, request.exclusion_fraction,
+                           request.lambda1, request.lambda2, activations=activations)
+    skipped.extend((f"neuron L{l}.{i}", f"shared by more than {request.exclusion_fraction:.0%} of the relation's "
+                                        f"{len(others)} other facts (the paper leaves these out)")
+                   for l, i in update.excluded)
+    if not update.neurons:
+        raise EditPlanError(f"every chosen neuron is shared by more than {request.exclusion_fraction:.0%} of the "
+                            f"relation's {len(others)} other facts, so the update leaves them all out; choose "
+                            "other neurons")
+    return update, own, new
+
+
+def _dense(lm, neurons, values) -> np.ndarray:
+    out = np.zeros((lm.layout.layers, lm.layout.neurons), dtype=np.float64)
+    for (layer, index), value in zip(neurons, values):
+        out[layer, index] = value
+    return out
+
+
+def _erase(lm, factset, request: EditRequest, relation_id: str, sets, skipped):
+    if not sets:
+        raise EditPlanError(f"run attribution on some facts of {relation_id} first: erase uses the relation's "
+                            "most frequent refined neurons")
+    excluded = set(request.exclude)
+    counts = E.neuron_frequencies([n for _, n in sets])
+    flagged = [n for n in counts if n in excluded]
+    candidates = [n for n in counts if n not in excluded]
+    if not candidates:
+        raise EditPlanError(f"the {len(sets)} facts of {relation_id} have no refined neurons"
+                            + (f" other than {len(flagged)} flagged ones" if flagged else "")
+                            + "; lower t or p, or attribute more facts")
+    neurons = E.erase_neurons([[n for n in s if n not in excluded] for _, s in sets], request.k)
+    if len(neurons) < request.k:
+        why = (f"the {len(sets)} attributed facts of {relation_id} have only {len(candidates)} distinct refined "
+               "neurons" + (f" once {len(flagged)} flagged ones are left out" if flagged else ""))
+        if not request.allow_fewer:
+            raise EditPlanError(f"asked to erase {request.k} neurons but {why}; ask for k={len(candidates)}, "
+                                "attribute more facts, or allow fewer")
+        skipped.append((f"{request.k - len(neurons)} of the {request.k} neurons asked for", why))
+    skipped.extend((f"neuron L{l}.{i}", "flagged (massive or unspecific), excluded") for l, i in flagged)
+    facts = [f for f, _ in sets if f is not None] or factset.facts_of(relation_id)[: len(sets)]
+    prompts = [p for f in facts for p in _prompts(lm, factset, f, skipped)]
+    if not prompts:
+        raise EditPlanError(f"no prompt of {relation_id}'s facts renders for this {lm.kind} model")
+    return E.Erase(tuple(neurons), request.fill, E.default_embedding(lm)), prompts
+
+
+def _control(lm, edit, request: EditRequest) -> E.Edit:
+    neurons = tuple(E.random_neurons(lm, edit.neurons, seed=request.seed, exclude=request.exclude))
+    if isinstance(edit, E.Update):
+        return E.Update(neurons, edit.old_ids, edit.new_ids, edit.lambda1, edit.lambda2, edit.embedding,
+                        edit.multi_token)
+    if isinstance(edit, E.Erase):
+        return E.Erase(neurons, edit.fill, edit.embedding)
+    if isinstance(edit, E.Amplify):
+        return E.Amplify(neurons, edit.factor, edit.scope)
+    return E.Suppress(neurons, edit.scope)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Measuring a plan
+# --------------------------------------------------------------------------------------------------------
+
+def measure_plan(lm, plan: EditPlan, task=None, top_k: int = 5) -> dict[str, list[dict]]:
+    """`evaluation.answer_probabilities` of every group's prompts under the model as it is now (call it before
+    and after applying `plan.edit`, or inside `with_edits(lm, [plan.control], ...)`)."""
+    from .evaluation import answer_probabilities
+    from .tasks import as_task
+
+    task = as_task(task)
+    groups = [g for g, ps in plan.prompts.items() if ps]
+    total = max(sum(len(plan.prompts[g]) for g in groups), 1)
+    out, done = {g: [] for g in plan.prompts}, 0
+    for g in groups:
+        task.check()
+        out[g] = answer_probabilities(lm, plan.prompts[g], top_k=top_k)
+        done += len(plan.prompts[g])
+        task.progress(done / total, f"evaluating {g} prompts")
+    return out
+
+
+def summarize_plan(plan: EditPlan, before: dict[str, list[dict]], after: dict[str, list[dict]]) -> dict:
+    """Per group: mean probability before/after, the paper's relative change mean(Δp)/mean(p), the top-1 flip
+    rate and accuracy before/after; for an update also the success rate (o' greedy at every answer token)
+    and o''s probability, read from the "new object" group."""
+    from .evaluation import relative_change
+
+    out = {}
+    for g, rows_before in before.items():
+        rows_after = after.get(g, [])
+        if not rows_before:
+            continue
+        pb, pa = [r["prob"] for r in rows_before], [r["prob"] for r in rows_after]
+        out[g] = {"n": len(pb), "p_before": float(np.mean(pb)), "p_after": float(np.mean(pa)),
+                  "relative_change": relative_change(pb, pa),
+                  "flip_rate": float(np.mean([b["top1_id"] != a["top1_id"] for b, a in zip(rows_before, rows_after)])),
+                  "accuracy_before": float(np.mean([r["correct"] for r in rows_before])),
+                  "accuracy_after": float(np.mean([r["correct"] for r in rows_after]))}
+    if "new object" in out:
+        out["success_rate"] = out["new object"]["accuracy_after"]
+    return out

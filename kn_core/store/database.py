@@ -1,0 +1,499 @@
+"""SQLite under the project store: connecting (pragmas, the exclusive lock), checking a file before SQLite reads
+it, mapping SQLite's errors to one-line `ProjectError`s, creating, validating and upgrading files, and `Database`,
+one open connection with its SQLAlchemy sessions (one session = one SQLite transaction).
+
+Durability: WAL journal, `synchronous=FULL`, foreign keys on, one transaction per logical change, and an
+exclusive lock held while the project is open (a second process gets `ProjectLockedError`; the OS drops the
+lock if the holder dies).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import sqlite3
+import stat
+import threading
+from datetime import datetime
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import quote
+
+from sqlalchemy import create_engine, event, update
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import StaticPool
+
+from . import migrations, schema
+from .errors import (
+    CorruptProjectError,
+    NotAProjectError,
+    ProjectCheckpointError,
+    ProjectClosedError,
+    ProjectDataError,
+    ProjectDiskFullError,
+    ProjectError,
+    ProjectExistsError,
+    ProjectLockedError,
+    ProjectNotFoundError,
+    ProjectReadOnlyError,
+    ProjectVersionError,
+)
+from .records import app_version, now
+
+SUFFIX = ".knproj"
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_BUSY_TIMEOUT_S = 0.1  # the holder keeps its lock while open, so waiting longer rarely helps
+# FULL: a commit survives power loss (fsync per transaction). Tests that only crash processes may use NORMAL.
+SYNCHRONOUS = "FULL"
+
+
+def _sqlite_code(exc: BaseException) -> int | None:
+    orig = getattr(exc, "orig", exc)
+    code = getattr(orig, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF
+
+
+def _locked(path) -> ProjectLockedError:
+    return ProjectLockedError(path, "the project is open in another process (Knowledge Neuron Studio or another "
+                                    "program has it locked)", "close it there, or work on a copy of the file")
+
+
+def map_sqlite_error(path, exc: BaseException, doing: str) -> ProjectError:
+    code = _sqlite_code(exc)
+    msg = str(getattr(exc, "orig", exc))
+    if code == sqlite3.SQLITE_FULL or "disk is full" in msg:
+        return ProjectDiskFullError(path, f"disk full while {doing}; that change was rolled back, the project "
+                                          f"holds everything saved before it",
+                                    "free space on that drive (or save the project elsewhere) and retry")
+    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or "database is locked" in msg:
+        return _locked(path)
+    if code == sqlite3.SQLITE_READONLY:
+        return ProjectReadOnlyError(path, f"cannot write while {doing}: the file or its folder is read-only",
+                                    "copy the project to a writable folder, or open it read-only")
+    if code == sqlite3.SQLITE_NOTADB:
+        return NotAProjectError(path, "not a SQLite file (or its header is destroyed)",
+                                "open a .knproj project file; a damaged project can be restored from a backup copy")
+    if code == sqlite3.SQLITE_CORRUPT or "malformed" in msg:
+        return CorruptProjectError(path, f"the file is damaged or truncated ({msg}) while {doing}",
+                                   "restore it from a backup copy (the .vN-backup files next to it, or your own)")
+    if code == sqlite3.SQLITE_CANTOPEN:
+        return ProjectError(path, f"cannot open the file ({msg})", "check that the path and its folder exist and "
+                                                                   "are accessible")
+    wal = wal_path(Path(path)) if path is not None else None
+    if code == sqlite3.SQLITE_IOERR and wal is not None and wal.exists():
+        return ProjectError(path, f"disk I/O error while {doing} ({msg}); nothing is lost: the saved changes are "
+                                  f"in {wal.name}",
+                            f"if the drive is full, free space (or copy both files to a drive with room) and run "
+                            f"`kn project recover {path}`")
+    if code == sqlite3.SQLITE_IOERR:
+        return ProjectError(path, f"disk I/O error while {doing} ({msg}); the change was rolled back",
+                            "check the drive (removed? network share gone?) and retry")
+    return ProjectError(path, f"SQLite error while {doing}: {msg}", "report this if it persists")
+
+
+def connect(path: Path, read_only: bool) -> sqlite3.Connection:
+    mode = "ro" if read_only else "rw"  # never "rwc": opening must not create a file
+    uri = f"file:{quote(str(path.resolve()))}?mode={mode}"
+    con = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=_BUSY_TIMEOUT_S)
+    if not read_only:
+        # Before the first access: hold the file lock for the connection's life and keep WAL's index in memory
+        # (no -shm file). SQLite cannot read a WAL file in this mode read-only, so readers use normal locking.
+        con.execute("PRAGMA locking_mode = EXCLUSIVE")
+    return con
+
+
+def wal_path(path: Path) -> Path:
+    """The write-ahead log SQLite keeps next to an open project (and leaves behind after a crash or a failed
+    close): it holds committed changes not yet copied into the file."""
+    return path.with_name(path.name + "-wal")
+
+
+def _special_kind(mode: int) -> str | None:
+    if stat.S_ISREG(mode):
+        return None
+    return {stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+            stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}.get(stat.S_IFMT(mode), "not a regular file")
+
+
+def header_check(path: Path) -> None:
+    """Cheap checks on the raw file before SQLite sees it: exists, is a regular file, is SQLite, is not
+    truncated. Special files are refused without opening them for reading (a FIFO would block forever). When a
+    `-wal` holds committed pages, SQLite replays it before the size means anything, so truncation is then left
+    to SQLite (a real hole shows up as CorruptProjectError on the first read)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise ProjectNotFoundError(path, "no such project file", "check the path, or create a new project") from None
+    except OSError as exc:
+        raise ProjectError(path, f"cannot read the file ({exc.strerror})", "check the drive and the path") from exc
+    if stat.S_ISDIR(mode):
+        raise ProjectNotFoundError(path, "is a folder, not a project file", "pass the .knproj file inside it")
+    kind = _special_kind(mode)
+    if kind:
+        raise NotAProjectError(path, f"is {kind}, not a project file", "pass a .knproj file saved by the app")
+    wal = wal_path(path)
+    wal_kind = _special_kind(wal.lstat().st_mode) if wal.exists() or wal.is_symlink() else None
+    if wal_kind:
+        raise NotAProjectError(path, f"its journal {wal.name} is {wal_kind}", f"move {wal.name} away")
+    try:
+        # O_NONBLOCK: should the path have become a FIFO since the stat, opening still does not wait for a writer
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        try:
+            kind = _special_kind(os.fstat(fd).st_mode)
+            if kind:
+                raise NotAProjectError(path, f"is {kind}, not a project file", "pass a .knproj file saved by the app")
+            size = os.fstat(fd).st_size
+            header = os.pread(fd, 100, 0) if hasattr(os, "pread") else os.read(fd, 100)
+        finally:
+            os.close(fd)
+    except PermissionError as exc:
+        raise ProjectReadOnlyError(path, f"cannot read the file ({exc.strerror})",
+                                   "check its permissions") from exc
+    except OSError as exc:
+        raise ProjectError(path, f"cannot read the file ({exc.strerror})", "check the drive and the path") from exc
+    if size == 0 or not header.startswith(_SQLITE_MAGIC[:6]):
+        raise NotAProjectError(path, "not a Knowledge Neuron Studio project (not a SQLite file)",
+                               "open a .knproj file saved by the app")
+    if not header.startswith(_SQLITE_MAGIC) or len(header) < 100:
+        raise CorruptProjectError(path, "the SQLite header is damaged", "restore the project from a backup copy")
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big")
+    counter_ok = header[24:28] == header[92:96]  # the in-header size is valid only when these match
+    if page_size < 512 or page_size & (page_size - 1):
+        raise CorruptProjectError(path, "the SQLite header is damaged (bad page size)",
+                                  "restore the project from a backup copy")
+    has_wal = wal.is_file() and wal.stat().st_size > 0
+    if counter_ok and pages and size < pages * page_size and not has_wal:
+        raise CorruptProjectError(path, f"the file is truncated ({size} bytes; its header says "
+                                        f"{pages * page_size})",
+                                  f"if a {wal.name} file belonged with it, put it next to it and run "
+                                  f"`kn project recover {path}`; else copy the file again or restore a backup copy")
+
+
+def location_writable(path: Path) -> str | None:
+    """None when the file and its folder can be written (WAL needs sidecar files next to it); else why not."""
+    folder = path.resolve().parent
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return "it is on a read-only file system"
+    except (AttributeError, OSError):  # no statvfs on Windows
+        pass
+    if not os.access(path, os.W_OK):
+        return "the file is read-only"
+    if not os.access(folder, os.W_OK):
+        return "its folder is read-only (the app writes a journal file next to the project)"
+    return None
+
+
+
+def create_file(path: Path, name: str | None = None) -> None:
+    """Creates a new, empty project file (closed). Refuses to overwrite an existing file.
+
+    The file is built under a temporary name in the same folder and renamed into place, so a failure (disk
+    full, read-only folder) leaves nothing behind."""
+    if path.exists():
+        raise ProjectExistsError(path, "a file with that name already exists",
+                                 "open it, choose another name, or delete it first")
+    folder = path.resolve().parent
+    if not folder.is_dir():
+        raise ProjectNotFoundError(path, "its folder does not exist", "create the folder first")
+    reason = None
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            reason = "the folder is on a read-only file system"
+    except (AttributeError, OSError):
+        pass
+    if reason is None and not os.access(folder, os.W_OK):
+        reason = "the folder is read-only"
+    if reason:
+        raise ProjectReadOnlyError(path, f"cannot create the project: {reason}", "save it in a writable folder")
+    tmp = folder / f".{path.name}.{os.getpid()}.creating"
+    stamp = now()
+    try:
+        con = sqlite3.connect(str(tmp), isolation_level=None)
+        try:
+            engine = create_engine("sqlite://", creator=lambda: con, poolclass=StaticPool)
+            install_begin(engine)
+            with engine.begin() as conn:
+                migrations.create_all(conn, app_version(), stamp)
+                conn.execute(schema.ProjectRow.__table__.insert().values(
+                    id=1, name=name or path.stem, created_at=stamp, modified_at=stamp, app_version=app_version(),
+                    created_by=app_version(), schema_version=schema.SCHEMA_VERSION, notes=""))
+            engine.dispose()
+        finally:
+            con.close()
+        if path.exists():
+            raise ProjectExistsError(path, "a file with that name appeared while creating the project",
+                                     "choose another name")
+        os.replace(tmp, path)
+    except ProjectError:
+        tmp.unlink(missing_ok=True)
+        raise
+    except (sqlite3.Error, DBAPIError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise map_sqlite_error(path, exc, "creating the project") from exc
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC:
+            raise ProjectDiskFullError(path, "disk full while creating the project", "free space and retry") from exc
+        if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+            raise ProjectReadOnlyError(path, f"cannot create the project ({exc.strerror})",
+                                       "save it in a writable folder") from exc
+        raise ProjectError(path, f"cannot create the project ({exc.strerror})", "check the path") from exc
+
+
+def _flock(path: Path, exclusive: bool) -> int | None:
+    """An advisory lock (flock) on the project file: a writer holds it exclusively while the project is open.
+    SQLite's own exclusive lock comes only with the first write (taking it sooner means switching the file to
+    WAL, a write), so this is what keeps a second writer or a reader out of a project opened for writing.
+    Returns the descriptor holding it, or None where flock does not exist (Windows) or the file system has none;
+    then the writer takes SQLite's lock at open by switching to WAL, as before."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise _locked(path) from None
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def open_database(path: Path, read_only: bool = False, upgrade: bool = True) -> tuple[Database, int]:
+    """(the open Database, how many runs were left `running`) for a checked project file (see `open_project`).
+
+    Nothing is written before every check has passed: the header checks, the project table read back and, when
+    runs were left `running` (to be marked interrupted), SQLite's quick check of the two tables written then.
+    Opening itself writes nothing else: an older schema is upgraded (after a backup copy), and the file is
+    switched to WAL by the first save (or at open, where flock is missing or a WAL is already there)."""
+    header_check(path)
+    lock_fd = None
+    try:
+        if read_only:  # refused while a writer has it open; readers do not keep writers out
+            fd = _flock(path, exclusive=False)
+            if fd is not None:
+                os.close(fd)
+        else:
+            lock_fd = _flock(path, exclusive=True)
+        con, running, wal = _connect_checked(path, read_only, upgrade, eager_wal=lock_fd is None)
+    except BaseException:
+        if lock_fd is not None:
+            os.close(lock_fd)
+        raise
+    return Database(path, con, read_only, lock_fd, wal), running
+
+
+def _connect_checked(path: Path, read_only: bool, upgrade: bool, eager_wal: bool):
+    version = _validate(path)
+    if not read_only:
+        reason = location_writable(path)
+        if reason:
+            raise ProjectReadOnlyError(path, f"cannot open for writing: {reason}",
+                                       "copy the project to a writable folder, or open it read-only")
+    if version < schema.SCHEMA_VERSION:
+        if read_only or not upgrade:
+            raise ProjectVersionError(path, f"written by an older version (project schema v{version}; this app "
+                                            f"uses v{schema.SCHEMA_VERSION}) and must be upgraded",
+                                      "open it once for writing to upgrade it (a backup copy is kept)")
+        _upgrade(path, version)
+    try:
+        con = connect(path, read_only)
+    except sqlite3.Error as exc:
+        raise map_sqlite_error(path, exc, "opening the project") from exc
+    try:
+        con.execute("PRAGMA foreign_keys = ON")
+        # the first read takes the shared lock (kept: exclusive locking mode) and proves the tables readable
+        con.execute("SELECT count(*) FROM project").fetchone()
+        running = con.execute("SELECT count(*) FROM runs WHERE status = 'running'").fetchone()[0]
+        if running and not read_only:  # the tables `open_project` will write to must be sound first
+            for table in ("project", "runs"):
+                problems = [r[0] for r in con.execute(f"PRAGMA quick_check('{table}')") if r[0] != "ok"]
+                if problems:
+                    raise sqlite3.DatabaseError(f"database disk image is malformed ({problems[0]})")
+        wal = str(con.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal"  # left by a crash
+        if not read_only:
+            con.execute(f"PRAGMA synchronous = {SYNCHRONOUS}")
+            if eager_wal or wal:
+                con.execute("PRAGMA journal_mode = WAL")
+                con.execute("BEGIN IMMEDIATE")  # takes (and, in exclusive mode, keeps) the write lock now
+                con.execute("COMMIT")
+                wal = True
+    except sqlite3.Error as exc:
+        con.close()
+        raise map_sqlite_error(path, exc, "opening the project") from exc
+    return con, running, wal
+
+
+def _validate(path: Path) -> int:
+    """Read-only look at the file: is it ours, which schema version. Returns the version."""
+    try:
+        con = connect(path, read_only=True)
+    except sqlite3.Error as exc:
+        raise map_sqlite_error(path, exc, "opening the project") from exc
+    try:
+        app_id = con.execute("PRAGMA application_id").fetchone()[0]
+        version = con.execute("PRAGMA user_version").fetchone()[0]
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if app_id != schema.APPLICATION_ID or "project" not in tables:
+            raise NotAProjectError(path, "a SQLite database, but not a Knowledge Neuron Studio project",
+                                   "open a .knproj file saved by the app (this file was left unchanged)")
+        if version > schema.SCHEMA_VERSION:
+            raise ProjectVersionError(path, f"written by a newer version of Knowledge Neuron Studio (project "
+                                            f"schema v{version}; this app reads up to v{schema.SCHEMA_VERSION})",
+                                      "update the app (pip install -U knowledge-neuron-studio); the file was "
+                                      "left unchanged")
+        if version < 1:
+            raise CorruptProjectError(path, "the project has no schema version (its creation never finished)",
+                                      "create the project again")
+        con.execute("SELECT count(*) FROM project").fetchone()
+        return version
+    except sqlite3.Error as exc:
+        raise map_sqlite_error(path, exc, "reading the project") from exc
+    finally:
+        con.close()
+
+
+def _upgrade(path: Path, version: int) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    backup = path.with_name(f"{path.stem}.v{version}-backup-{stamp}{path.suffix or SUFFIX}")
+    try:
+        con = connect(path, read_only=False)
+    except sqlite3.Error as exc:
+        raise map_sqlite_error(path, exc, "opening the project to upgrade it") from exc
+    try:
+        try:
+            dst = sqlite3.connect(str(backup))
+            try:
+                con.backup(dst)
+            finally:
+                dst.close()
+        except (sqlite3.Error, OSError) as exc:
+            backup.unlink(missing_ok=True)
+            raise ProjectError(path, f"could not write the backup copy {backup.name} before upgrading ({exc})",
+                               "free space in that folder and open the project again") from exc
+        engine = create_engine("sqlite://", creator=lambda: con, poolclass=StaticPool)
+        install_begin(engine)
+        try:
+            with engine.begin() as conn:
+                migrations.upgrade(conn, version, app_version(), now())
+        except ProjectError:
+            raise
+        except Exception as exc:
+            mapped = map_sqlite_error(path, exc, f"upgrading from schema v{version}") \
+                if isinstance(exc, (sqlite3.Error, DBAPIError)) else \
+                ProjectError(path, f"upgrade from schema v{version} failed ({exc}); the file was left as it was",
+                             f"report this; the backup copy is {backup.name}")
+            raise mapped from exc
+        finally:
+            engine.dispose()
+    finally:
+        con.close()
+    return backup
+
+
+def install_begin(engine) -> None:
+    # pysqlite's own transaction handling starts transactions late and not for DDL; take control so that a
+    # SQLAlchemy transaction is exactly one SQLite transaction (SQLAlchemy's documented recipe).
+    @event.listens_for(engine, "begin")
+    def _begin(conn):  # pragma: no cover - trivial
+        conn.exec_driver_sql("BEGIN")
+
+
+
+class Database:
+    """One open project connection: SQLAlchemy sessions over it (one session = one SQLite transaction, behind
+    one lock) and closing it. Methods are safe to call from several threads, but keep writes on one thread."""
+
+    def __init__(self, path: Path, con: sqlite3.Connection, read_only: bool, lock_fd: int | None = None,
+                 wal: bool = False):
+        self.path = path
+        self.read_only = read_only
+        self.con = con
+        self._lock_fd = lock_fd  # the writer's flock (see _flock), released at close
+        self._wal = wal  # in WAL mode: switched by the first save, or already at open
+        self.lock = threading.RLock()
+        self._engine = create_engine("sqlite://", creator=lambda: con, poolclass=StaticPool)
+        install_begin(self._engine)
+        self.closed = False
+
+    def close(self) -> None:
+        """Checkpoints the WAL into the file and leaves it in rollback-journal mode, so that a closed project is
+        one self-contained file (safe to copy; readable from read-only media). Raises ProjectCheckpointError
+        when that copy fails (disk full): the changes then stay, safe, in the `-wal` file."""
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            failure = None
+            if self._wal and not self.read_only:
+                try:
+                    mode = self.con.execute("PRAGMA journal_mode = DELETE").fetchone()
+                    if not mode or str(mode[0]).lower() != "delete":
+                        failure = f"SQLite stayed in {mode[0] if mode else 'an unknown'} journal mode"
+                except sqlite3.Error as exc:
+                    failure = str(exc)
+            self.abandon()
+            wal = wal_path(self.path)
+            if failure is not None and wal.exists():
+                size = wal.stat().st_size
+                raise ProjectCheckpointError(
+                    self.path, f"closing could not copy the saved changes into the file ({failure}); nothing is "
+                               f"lost: every saved change is in {wal.name} ({size / 1e6:.1f} MB)",
+                    f"keep {wal.name} next to it, free {size / 1e6:.1f} MB on that drive (or copy both files to "
+                    f"one with room) and run `kn project recover {self.path}`")
+            if failure is None:  # a reader in normal locking mode may have left an index file; nobody needs it now
+                with contextlib.suppress(OSError):
+                    Path(str(self.path) + "-shm").unlink(missing_ok=True)
+
+    def abandon(self) -> None:
+        """Closes the connection without checkpointing first: what is committed stays in the file or its WAL."""
+        self.closed = True
+        with contextlib.suppress(sqlite3.Error):
+            self._engine.dispose()
+        with contextlib.suppress(sqlite3.Error):
+            self.con.close()
+        if self._lock_fd is not None:  # after SQLite let go of the file
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _enter_wal(self, doing: str) -> None:
+        # The first save: WAL from here on (this takes SQLite's exclusive lock and keeps it until close).
+        try:
+            mode = self.con.execute("PRAGMA journal_mode = WAL").fetchone()
+        except sqlite3.Error as exc:
+            raise map_sqlite_error(self.path, exc, doing) from exc
+        if not mode or str(mode[0]).lower() != "wal":
+            raise _locked(self.path)
+        self._wal = True
+
+    @contextlib.contextmanager
+    def session(self, doing: str, write: bool = False) -> Iterator[Session]:
+        """A session in one transaction, committed when the block ends; SQLite's errors become `ProjectError`s
+        that say what was being done (`doing`). A write also stamps the project's modified_at."""
+        if self.closed:
+            raise ProjectClosedError(self.path, "the project was closed", "open it again")
+        if write and self.read_only:
+            raise ProjectReadOnlyError(self.path, f"opened read-only, cannot save while {doing}",
+                                       "open it for writing")
+        with self.lock:
+            if write and not self._wal:
+                self._enter_wal(doing)
+            try:
+                with Session(self._engine, expire_on_commit=False) as session, session.begin():
+                    yield session
+                    if write:
+                        session.execute(update(schema.ProjectRow).values(modified_at=now(),
+                                                                         app_version=app_version()))
+            except IntegrityError as exc:
+                raise ProjectDataError(self.path, f"rejected while {doing}: {exc.orig}",
+                                       "check the ids and values passed") from exc
+            except DBAPIError as exc:
+                raise map_sqlite_error(self.path, exc, doing) from exc

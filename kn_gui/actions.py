@@ -1,0 +1,289 @@
+"""The window's actions, menus, toolbar, recent projects, file dialogs and exports (a mixin of MainWindow, kept
+apart so the window module is only construction and wiring)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from PySide6.QtCore import QSize, Qt
+from PySide6.QtGui import QAction, QKeySequence
+from PySide6.QtWidgets import QFileDialog, QMessageBox, QStyle
+
+from .controllers.project import documents_folder
+from .panels.common import write_json
+from .project_io import results_dict
+
+MAX_RECENT = 8
+
+
+class ActionsMixin:
+    def _action(self, text, slot, shortcut=None, tip="", icon=None, short=None) -> QAction:
+        action = QAction(text, self)
+        action.triggered.connect(slot)
+        if icon is not None:
+            action.setIcon(self.style().standardIcon(icon))
+        if short:
+            action.setIconText(short)  # the toolbar's label; menus show the full text
+        if shortcut is not None:
+            action.setShortcut(QKeySequence(shortcut))
+        if tip:
+            action.setStatusTip(tip)
+            action.setToolTip(tip + (f" ({QKeySequence(shortcut).toString()})" if shortcut else ""))
+        return action
+
+    def _build_actions(self):
+        S = QStyle
+        self.act_new = self._action("&New project", self.new_project, QKeySequence.New, "Start an empty project",
+                                    S.SP_FileIcon, "New")
+        self.act_open = self._action("&Open project\u2026", self.open_project_dialog, QKeySequence.Open,
+                                     "Open a .knproj project", S.SP_DialogOpenButton, "Open")
+        self.act_save = self._action("&Save", self.save, QKeySequence.Save, "Save the project",
+                                     S.SP_DialogSaveButton, "Save")
+        self.act_save_as = self._action("Save &as\u2026", self.save_as, QKeySequence.SaveAs,
+                                        "Save the project under a new name")
+        self.act_import = self._action("&Import facts\u2026", self.import_facts_dialog, "Ctrl+I",
+                                       "Import a PARAREL folder, CSV or JSONL")
+        self.act_import_pararel = self._action("Import PARAREL &folder\u2026", self.import_pararel_dialog, None,
+                                               "Import a PARAREL folder (pattern files + TREx facts)")
+        self.act_export_facts = self._action("Export facts\u2026", self.export_facts_dialog, None,
+                                             "Save the fact set as CSV or JSONL")
+        self.act_export_plots = self._action("Export plots (PNG/SVG)\u2026", self.export_plots_dialog, None,
+                                             "Save the three plots as PNG or SVG")
+        self.act_export_json = self._action("Export results (JSON)\u2026", self.export_results_dialog, None,
+                                            "Runs, neuron sets and edits as JSON")
+        self.act_export_table = self._action(
+            "Export before/after table (CSV)\u2026",
+            lambda: self.edits_panel.table.export_csv_dialog(self, os.path.join(documents_folder(), "edit.csv")))
+        self.act_export_model = self._action("Export edited model\u2026", self.export_model_dialog, None,
+                                             "Save the model with its active edits to a folder")
+        self.act_quit = self._action("&Quit", self.close, QKeySequence.Quit)
+        self.act_undo = self._action("&Undo", self.undo, QKeySequence.Undo, "Undo the last change",
+                                     S.SP_ArrowBack, "Undo")
+        self.act_redo = self._action("&Redo", self.redo, QKeySequence("Ctrl+Shift+Z"), "Redo", S.SP_ArrowForward,
+                                     "Redo")
+        self.act_redo.setShortcuts([QKeySequence("Ctrl+Shift+Z"), QKeySequence("Ctrl+Y")])
+        self.act_load = self._action("&Load model", self.model_panel._load, "Ctrl+L", "Load the chosen model",
+                                     S.SP_ComputerIcon, "Load model")
+        self.act_run = self._action("&Run attribution", lambda: self.run_attribution("current"), "F5",
+                                    "Attribute every prompt of the current fact", S.SP_MediaPlay, "Run")
+        self.act_run_sel = self._action("Run &selected facts", lambda: self.run_attribution("selection"),
+                                        "Shift+F5", "Attribute every fact selected in the Facts panel")
+        self.act_check = self._action("&Check prompts", lambda: self.check_facts(self.facts_panel.selected_facts()
+                                                                                  or self.session.factset.facts),
+                                      "F6", "Ask the model for each prompt's answer", S.SP_DialogApplyButton, "Check")
+        self.act_cancel = self._action("&Cancel", self.cancel_job, "Esc", "Cancel the running job", S.SP_BrowserStop,
+                                       "Cancel")
+        self.act_reset_layout = self._action("Reset layout", self.reset_layout)
+        self.act_about = self._action("&About", self.about)
+
+    def _build_menus(self):
+        bar = self.menuBar()
+        file_menu = bar.addMenu("&File")
+        file_menu.addActions([self.act_new, self.act_open])
+        self.recent_menu = file_menu.addMenu("Open &recent")
+        file_menu.addActions([self.act_save, self.act_save_as])
+        file_menu.addSeparator()
+        file_menu.addActions([self.act_import, self.act_import_pararel, self.act_export_facts])
+        export = file_menu.addMenu("&Export")
+        export.addActions([self.act_export_plots, self.act_export_table, self.act_export_json,
+                           self.act_export_model])
+        file_menu.addSeparator()
+        file_menu.addAction(self.act_quit)
+        edit_menu = bar.addMenu("&Edit")
+        edit_menu.addActions([self.act_undo, self.act_redo])
+        edit_menu.addSeparator()
+        edit_menu.addAction(self._action("Add relation\u2026", self.facts_panel.add_relation))
+        edit_menu.addAction(self._action("Add fact\u2026", self.facts_panel.add_fact, "Ctrl+Shift+N"))
+        edit_menu.addAction(self._action("Delete facts", self.facts_panel.delete_selected))
+        run_menu = bar.addMenu("&Run")
+        run_menu.addActions([self.act_load, self.act_check, self.act_run, self.act_run_sel, self.act_cancel])
+        view_menu = bar.addMenu("&View")
+        for dock in (self.model_dock, self.facts_dock, self.neurons_dock, self.edits_dock):
+            view_menu.addAction(dock.toggleViewAction())
+        view_menu.addSeparator()
+        view_menu.addAction(self.act_reset_layout)
+        bar.addMenu("&Help").addAction(self.act_about)
+
+        # short labels beside icons: the bar fits 1024 px, so Cancel (last) is never pushed into the overflow
+        tb = self.addToolBar("Main")
+        tb.setObjectName("toolbar_main")
+        tb.setToolButtonStyle(Qt.ToolButtonTextBesideIcon)
+        tb.setIconSize(QSize(18, 18))
+        tb.addActions([self.act_new, self.act_open, self.act_save])
+        tb.addSeparator()
+        tb.addActions([self.act_undo, self.act_redo])
+        tb.addSeparator()
+        tb.addActions([self.act_load, self.act_check, self.act_run, self.act_cancel])
+        self.toolbar = tb
+        self._rebuild_recent()
+
+    # ----------------------------------------------------------------------------------------- recent
+    def recent_projects(self) -> list[str]:
+        value = self.settings.value("recent", [])
+        if isinstance(value, str):
+            value = [value]
+        return [v for v in (value or []) if v]
+
+    def _add_recent(self, path: str):
+        path = os.path.abspath(path)
+        recent = [p for p in self.recent_projects() if p != path]
+        self.settings.setValue("recent", ([path] + recent)[:MAX_RECENT])
+        self._rebuild_recent()
+
+    def _forget_recent(self, path: str):
+        self.settings.setValue("recent", [p for p in self.recent_projects() if p != os.path.abspath(path)])
+        self._rebuild_recent()
+
+    def _rebuild_recent(self):
+        self.recent_menu.clear()
+        recent = self.recent_projects()
+        for path in recent:
+            self.recent_menu.addAction(self._action(Path(path).name, lambda _=False, p=path: self.open_project(p),
+                                                    tip=path))
+        self.recent_menu.setEnabled(bool(recent))
+
+    # ----------------------------------------------------------------------------------------- dialogs
+    def _start_folder(self) -> str:
+        """Where file dialogs open: the project's folder, else the user's documents folder."""
+        return os.path.dirname(os.path.abspath(self.project.path)) if self.project.path else documents_folder()
+
+    def _confirm_discard(self) -> bool:
+        if not self.is_modified():
+            return True
+        if self.quiet:
+            return self.auto_discard
+        answer = QMessageBox.question(self, "Unsaved changes", "The project has unsaved changes. Save them first?",
+                                      QMessageBox.Save | QMessageBox.Discard | QMessageBox.Cancel)
+        if answer == QMessageBox.Save:
+            return self.save(wait=True)
+        return answer == QMessageBox.Discard
+
+    def open_project_dialog(self):
+        path, _ = QFileDialog.getOpenFileName(self, "Open project", self._start_folder(),
+                                              "Projects (*.knproj);;All (*)")
+        if path:
+            self.open_project(path)
+
+    def save_as(self, wait: bool = False) -> bool:
+        name = Path(self.project.path).name if self.project.path else "project.knproj"
+        path, _ = QFileDialog.getSaveFileName(self, "Save project", os.path.join(self._start_folder(), name),
+                                              "Projects (*.knproj)")
+        if not path:
+            return False
+        if not path.endswith(".knproj"):
+            path += ".knproj"
+        return self.save_to(path, wait=wait)
+
+    def import_facts_dialog(self):
+        path, _ = QFileDialog.getOpenFileName(self, "Import facts", self._start_folder(),
+                                              "Fact sets (*.jsonl *.csv *.json);;All (*)")
+        if path:
+            self.import_facts(path)
+
+    def import_pararel_dialog(self):
+        folder = QFileDialog.getExistingDirectory(self, "Import a PARAREL folder", self._start_folder())
+        if folder:
+            self.import_facts(folder)
+
+    def export_facts_dialog(self):
+        from kn_core.facts import export_facts
+
+        path, _ = QFileDialog.getSaveFileName(self, "Export facts", os.path.join(self._start_folder(), "facts.jsonl"),
+                                              "JSONL (*.jsonl);;CSV (*.csv)")
+        if not path:
+            return
+        try:
+            export_facts(self.session.factset, path)
+        except Exception as exc:  # noqa: BLE001
+            self.show_error("Could not export the facts", f"{exc}. Choose another file name or folder.")
+            return
+        self.status(f"Facts exported to {path}.")
+
+    # ----------------------------------------------------------------------------------------- exports
+    def export_plots(self, folder: str, fmt: str = "png") -> list[str]:
+        """The three plots as PNG (pyqtgraph's exporter, 1400 px wide) or SVG (Qt's SVG generator)."""
+        import pyqtgraph.exporters as ex
+        from PySide6.QtCore import QRect
+        from PySide6.QtGui import QPainter
+        from PySide6.QtSvg import QSvgGenerator
+
+        ap = self.attribution_panel
+        ap._draw_prompts(force=True)
+        written = []
+        for name, widget in {"layers": ap.layer_widget, "heatmap": ap.heat_widget,
+                             "prompts": ap.prompt_widget}.items():
+            path = os.path.join(folder, f"{name}.{fmt}")
+            if fmt == "svg":
+                size = widget.size() if widget.width() > 50 else QSize(900, 400)
+                generator = QSvgGenerator()
+                generator.setFileName(path)
+                generator.setSize(size)
+                generator.setViewBox(QRect(0, 0, size.width(), size.height()))
+                generator.setTitle(f"Knowledge Neuron Studio: {name}")
+                painter = QPainter(generator)
+                try:
+                    widget.scene().render(painter, widget.rect().toRectF(), widget.sceneRect())
+                finally:
+                    painter.end()
+            else:
+                exporter = ex.ImageExporter(widget.scene())
+                exporter.parameters()["width"] = 1400
+                exporter.export(path)
+            if not os.path.exists(path):
+                raise OSError(f"nothing was written to {path}")
+            written.append(path)
+        return written
+
+    def export_plots_dialog(self):
+        folder = QFileDialog.getExistingDirectory(self, "Export plots to folder", self._start_folder())
+        if not folder:
+            return
+        fmt = "svg" if (not self.quiet and QMessageBox.question(
+            self, "Format", "Save as SVG (vector)? No saves PNG.") == QMessageBox.Yes) else "png"
+        try:
+            written = self.export_plots(folder, fmt)
+        except Exception as exc:  # noqa: BLE001
+            self.show_error("Could not export the plots", f"{exc}. Choose a folder you can write to.")
+            return
+        self.status(f"Wrote {', '.join(Path(p).name for p in written)} to {folder}.")
+
+    def results_dict(self) -> dict:
+        return results_dict(self.session, self.edits.commands())
+
+    def export_results_dialog(self):
+        path, _ = QFileDialog.getSaveFileName(self, "Export results", os.path.join(self._start_folder(),
+                                                                                   "results.json"), "JSON (*.json)")
+        if not path:
+            return
+        try:
+            write_json(path, self.results_dict())
+        except OSError as exc:
+            self.show_error("Could not export the results", f"{exc}. Choose a folder you can write to.")
+            return
+        self.status(f"Results written to {path}.")
+
+    def export_model_dialog(self):
+        folder = QFileDialog.getExistingDirectory(self, "Export the edited model to folder", self._start_folder())
+        if folder:
+            self.export_model(folder)
+
+    def export_model(self, folder: str):
+        if not self._need_model() or not self._need_free("export the model"):
+            return
+        from kn_core.edit_stack import export_model
+
+        lm, stack = self.session.lm, self.edit_stack
+
+        def done(info):
+            skipped = info.get("skipped") or []
+            note = f"; {len(skipped)} answer-position edit(s) cannot be weights and were left out" if skipped else ""
+            self.status(f"Model with {len(info.get('edits', []))} edit(s) saved to {folder}{note}.")
+
+        self.runner.submit(f"Exporting the model to {folder}",
+                           lambda task: export_model(lm, stack, folder, skip_unexportable=True), on_done=done)
+
+    def about(self):
+        QMessageBox.about(self, "Knowledge Neuron Studio", "<b>Knowledge Neuron Studio</b><p>Find, inspect and edit "
+                          "the feed-forward neurons that store facts in pretrained transformers (Dai et al., ACL "
+                          "2022: Knowledge Neurons in Pretrained Transformers).</p>")

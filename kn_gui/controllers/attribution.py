@@ -1,0 +1,224 @@
+"""Attribution runs and answer checks: worker jobs that fill the session, reported as typed events.
+
+A re-run never loses the run it replaces: while it runs it is the fact's current run (the plots stream it); if
+it stops early, the earlier complete run comes back and the stopped one is kept beside it as a partial run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from PySide6.QtCore import QObject, Signal
+
+from kn_core.facts import Fact
+
+from ..session import CANCELLED, COMPLETE, FAILED, Run, Session, fact_key, fact_label
+from ..worker import JobRunner
+from . import UserError
+
+AUTO_CHECK_PROMPTS = 400  # beyond this many prompts a check is left to the user (it takes a while)
+
+
+@dataclass(frozen=True)
+class ChunkReady:
+    """A layer chunk of the prompt being attributed, before the prompt is complete."""
+    run: Run
+    prompt: int
+    layers: tuple[int, int]
+    scores: np.ndarray
+
+
+@dataclass(frozen=True)
+class PromptScored:
+    """Sent by the job (worker thread); the controller appends the result to the run in the main thread."""
+    run: Run
+    prompt: int
+    result: object  # kn_core.attribution.PromptScores
+
+
+@dataclass(frozen=True)
+class PromptDone:
+    run: Run
+    prompt: int
+
+
+@dataclass(frozen=True)
+class RunFinished:
+    run: Run
+
+
+@dataclass(frozen=True)
+class RunsStopped:
+    """The job ended early (cancelled or failed): `kept` finished prompts of `total` are kept as partial runs."""
+    runs: list[Run]
+    outcome: str  # "cancelled" | "failed"
+    kept: int
+    total: int
+
+
+@dataclass(frozen=True)
+class AllDone:
+    runs: list[Run]
+    prompts: int
+
+
+@dataclass(frozen=True)
+class ChecksDone:
+    facts: list[Fact]
+    prompts: int
+    correct: int
+
+
+@dataclass(frozen=True)
+class ChecksCleared:
+    """The model changed: the stored answer checks no longer describe it and were dropped."""
+    rechecking: bool
+
+
+class AttributionController(QObject):
+    event = Signal(object)
+
+    def __init__(self, session: Session, runner: JobRunner, active_edits: Callable[[], list[str]], parent=None):
+        super().__init__(parent)
+        self.session = session
+        self.runner = runner
+        self.active_edits = active_edits  # descriptions of the model edits in force now
+        self.running: list[Run] = []
+
+    # ----------------------------------------------------------------------------------------- attribution
+    def start(self, facts: list[Fact], params) -> list[Run]:
+        """Queues one job attributing every prompt of `facts`; raises UserError when none has usable prompts."""
+        s = self.session
+        if s.lm is None:
+            raise UserError("No model loaded", "Load a model first: Model panel \u2192 Load model (Ctrl+L). The "
+                            "embedded default works offline.")
+        lm = s.lm
+        edits = list(self.active_edits())
+        runs, skipped = [], []
+        for fact in facts:
+            prompts, skips = s.prompts_for(fact)
+            if not prompts:
+                reasons = "; ".join(sk.reason for sk in skips[:2]) or "the relation has no templates"
+                skipped.append(f"{fact_label(fact)} ({reasons})")
+                continue
+            runs.append(Run(fact=fact, prompts=prompts, params=params.to_dict(), model=lm.describe(), edits=edits))
+        if not runs:
+            raise UserError("Nothing to attribute", "No usable prompts for: " + "; ".join(skipped)
+                            + ". Add templates whose [Y] is at the end (causal models) or fix the facts.")
+        previous = {fact_key(r.fact): s.runs.get(fact_key(r.fact)) for r in runs}
+        for run in runs:
+            s.runs[fact_key(run.fact)] = run
+        self.running = runs
+        total = sum(len(r.prompts) for r in runs)
+        from kn_core.attribution import attribute_fact
+
+        def job(task):
+            done = 0
+            for ri, run in enumerate(runs):
+                n = len(run.prompts)
+
+                def progress(fraction, message, ri=ri, run=run, n=n, base=done):
+                    task.progress((base + fraction * n) / total, f"attributing {fact_label(run.fact)}: {message}"
+                                  + (f", fact {ri + 1}/{len(runs)}" if len(runs) > 1 else ""))
+
+                def chunk(partial, run=run):
+                    task.partial(ChunkReady(run, partial["prompt"], tuple(partial["layers"]), partial["scores"]))
+
+                task.check()
+                attribute_fact(lm, run.prompts, params, task=task.relay(progress, chunk),
+                               on_prompt=lambda k, result, run=run: task.partial(PromptScored(run, k, result)))
+                done += n
+            return len(runs)
+
+        def stopped(outcome):
+            self.running = []
+            for run in runs:
+                if run.state != COMPLETE:
+                    self._keep_stopped(run, previous.get(fact_key(run.fact)), outcome)
+            self.event.emit(RunsStopped(runs, outcome, sum(len(r.scores) for r in runs if not r.complete), total))
+
+        def finished(_):
+            self.running = []
+            self.event.emit(AllDone(runs, total))
+
+        self.runner.submit(f"Attribution ({total} prompts)", job, on_done=finished, on_partial=self._partial,
+                           on_cancel=lambda: stopped("cancelled"), on_error=lambda m, tb: stopped("failed"),
+                           uses=("model", "session"))
+        return runs
+
+    def _partial(self, item):
+        if isinstance(item, ChunkReady):
+            self.event.emit(item)
+            return
+        run = item.run
+        run.scores.append(item.result)
+        run.seconds += item.result.seconds
+        self.session.results_dirty = True
+        if len(run.scores) == len(run.prompts):
+            run.state = COMPLETE
+            self.session.partial_runs.pop(fact_key(run.fact), None)  # superseded by a complete run
+        self.event.emit(PromptDone(run, item.prompt))
+        if run.complete:
+            self.event.emit(RunFinished(run))
+
+    def _keep_stopped(self, run: Run, previous: Run | None, outcome: str):
+        """A run that stopped early never replaces a complete one: the complete one comes back and the stopped
+        one, if it finished any prompt, is kept beside it marked partial."""
+        s, key = self.session, fact_key(run.fact)
+        run.state = CANCELLED if outcome == "cancelled" else FAILED
+        if previous is not None and (previous.complete or not run.scores):
+            s.runs[key] = previous
+            if run.scores:
+                s.partial_runs[key] = run
+        elif run.scores:
+            s.runs[key] = run
+        else:
+            s.runs.pop(key, None)
+
+    # ----------------------------------------------------------------------------------------- answer checks
+    def check(self, facts: list[Fact]) -> bool:
+        """Queues a job asking the model for each prompt's answer; False when there is nothing to check."""
+        s = self.session
+        if s.lm is None:
+            raise UserError("No model loaded", "Load a model first: Model panel \u2192 Load model (Ctrl+L).")
+        lm = s.lm
+        items = [p for fact in facts for p in s.prompts_for(fact)[0]]
+        if not items:
+            return False
+        from kn_core.evaluation import answer_probabilities
+
+        def job(task):
+            results = answer_probabilities(lm, items, task=task)
+            return list(zip(items, results))
+
+        def done(pairs):
+            if s.lm is not lm:
+                return
+            touched = []
+            for prompt, result in pairs:
+                s.checks[(fact_key(prompt.fact), prompt.template)] = {
+                    "correct": bool(result["correct"]), "prob": float(result["prob"]),
+                    "top1_token": result["top1_token"]}
+                if prompt.fact not in touched:
+                    touched.append(prompt.fact)
+            self.event.emit(ChecksDone(touched, len(pairs), sum(r["correct"] for _, r in pairs)))
+
+        self.runner.submit(f"Checking {len(items)} prompts", job, on_done=done)
+        return True
+
+    def prompt_count(self, facts: list[Fact]) -> int:
+        fs = self.session.factset
+        return sum(len(fs.relations[f.relation].templates) for f in facts if f.relation in fs.relations)
+
+    def model_changed(self):
+        """The weights changed (edit, undo, redo): the answer checks describe the old weights. Drop them, and
+        check again at once when that is quick."""
+        s = self.session
+        s.checks.clear()
+        facts = list(s.factset.facts)
+        again = s.lm is not None and 0 < self.prompt_count(facts) <= AUTO_CHECK_PROMPTS
+        self.event.emit(ChecksCleared(again))
+        if again:
+            self.check(facts)

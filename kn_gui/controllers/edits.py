@@ -1,0 +1,233 @@
+"""Knowledge edits and the two undo histories.
+
+Model edits and fact-set changes live in separate QUndoStacks, so a change to the facts never truncates the
+model edits' redo list; Undo/Redo take whichever of the two changed last (`History`). An edit's evaluation
+report travels with its history entry and is saved with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from PySide6.QtCore import QObject, Signal
+from PySide6.QtGui import QUndoStack
+
+from kn_core.facts import Fact
+
+from ..commands import EditCommand, FactSetCommand
+from ..session import Session, fact_label
+from ..worker import JobRunner
+from . import UserError
+
+GROUP_LABELS = {"fact": "fact", "relation": "same relation", "other relations": "other relations"}
+
+
+@dataclass(frozen=True)
+class EditEvaluated:
+    command: EditCommand
+    report: dict
+
+
+@dataclass(frozen=True)
+class EditFailed:
+    message: str
+
+
+@dataclass(frozen=True)
+class HistoryRestored:
+    applied: int
+    total: int
+
+
+class History:
+    """Two undo stacks with one undo order. Each command is stamped when it is done or undone; Undo takes the
+    stack whose next undo was done last, Redo the stack whose next redo was undone last, as if both were one
+    stack, except that a new change truncates only its own stack's redo list. Works whatever moved a stack's
+    index (the History view moves the edits stack directly)."""
+
+    def __init__(self, parent=None):
+        self.edits = QUndoStack(parent)
+        self.facts = QUndoStack(parent)
+        self._clock = 0
+
+    def _stamp(self, command):
+        self._clock += 1
+        command.stamp = self._clock
+
+    def push(self, stack: QUndoStack, command):
+        self._stamp(command)
+        stack.push(command)
+
+    def next_undo(self) -> QUndoStack | None:
+        candidates = [(s.command(s.index() - 1).stamp, s) for s in (self.edits, self.facts) if s.canUndo()]
+        return max(candidates, key=lambda c: c[0])[1] if candidates else None
+
+    def next_redo(self) -> QUndoStack | None:
+        candidates = [(s.command(s.index()).stamp, s) for s in (self.edits, self.facts) if s.canRedo()]
+        return max(candidates, key=lambda c: c[0])[1] if candidates else None
+
+    def undo(self, stack: QUndoStack):
+        self._stamp(stack.command(stack.index() - 1))
+        stack.undo()
+
+    def redo(self, stack: QUndoStack):
+        self._stamp(stack.command(stack.index()))
+        stack.redo()
+
+    def is_clean(self) -> bool:
+        return self.edits.isClean() and self.facts.isClean()
+
+    def set_clean(self):
+        self.edits.setClean()
+        self.facts.setClean()
+
+    def clear(self):
+        self.edits.clear()
+        self.facts.clear()
+
+
+class EditsController(QObject):
+    event = Signal(object)
+
+    def __init__(self, session: Session, runner: JobRunner, history: History, parent=None):
+        super().__init__(parent)
+        self.session = session
+        self.runner = runner
+        self.history = history
+        self.edit_stack = None  # kn_core.edits.EditStack of the loaded model
+        self.pending = None  # (state, sha256) of an opened project's edits, waiting for their model
+
+    # ----------------------------------------------------------------------------------------- model
+    def set_model(self, lm) -> bool:
+        """A new model: a fresh EditStack; the old model's edits leave the history. True if there were any."""
+        from kn_core.edit_stack import EditStack
+
+        had = self.edit_stack is not None and self.history.edits.count() > 0
+        if self.edit_stack is not None:
+            self.edit_stack.clear()
+            self.history.edits.clear()
+        self.edit_stack = EditStack(lm)
+        return had
+
+    def active_descriptions(self) -> list[str]:
+        return [e.describe() for e in self.edit_stack.active_edits()] if self.edit_stack is not None else []
+
+    def commands(self) -> list[EditCommand]:
+        stack = self.history.edits
+        return [stack.command(i) for i in range(stack.count())]
+
+    def push_factset(self, text: str, factset):
+        self.history.push(self.history.facts, FactSetCommand(self.session, factset, text))
+
+    # ----------------------------------------------------------------------------------------- applying
+    def plan(self, request: dict, fact: Fact | None, neurons: list):
+        """The edit plan (kn_core.edit_plan) of a request from the Edits panel; EditPlanError says what to change.
+        Erase takes the k most frequent neurons there are and says in the report when there were fewer."""
+        from kn_core.edit_plan import EditRequest, plan_edit
+
+        s, kind = self.session, request["kind"].split()[0].lower()
+        options = {"suppress": ("scope",), "amplify": ("factor", "scope"), "update": ("new_object", "lambda1",
+                                                                                       "lambda2"),
+                   "erase": ("k", "fill")}[kind]
+        runs = s.relation_runs(fact.relation) if fact is not None else []
+        edit_request = EditRequest(kind, tuple(neurons), fact, allow_fewer=True,
+                                   **{name: request[name] for name in options})
+        return plan_edit(s.lm, s.factset, edit_request, relation_neuron_sets={r.fact: s.refined(r) for r in runs})
+
+    def apply(self, request: dict, fact: Fact | None, neurons: list):
+        """Measures the plan's evaluation prompts, applies the edit (one undoable command), measures again, and
+        sends EditEvaluated with the before/after report. Raises UserError before any work when the request is
+        bad."""
+        from kn_core.edit_plan import measure_plan
+
+        if self.session.lm is None:
+            raise UserError("No model loaded", "Load a model first: Model panel \u2192 Load model (Ctrl+L). The "
+                            "embedded default works offline.")
+        lm = self.session.lm
+        try:
+            plan = self.plan(request, fact, neurons)
+        except ValueError as exc:  # EditPlanError: one line naming the problem and the fix
+            raise UserError("Cannot apply the edit", f"{exc}.") from exc
+
+        def before_done(before):
+            try:  # validate on the real model (the worker is idle now) before it enters the history
+                plan.edit.apply(lm).revert()
+                command = EditCommand(self.edit_stack, plan.edit, text=plan.edit.describe())
+                self.history.push(self.history.edits, command)
+            except Exception as exc:  # noqa: BLE001
+                self.event.emit(EditFailed(f"{exc}."))
+                return
+            self.runner.submit("Evaluating the edit (after)", lambda task: measure_plan(lm, plan, task),
+                               on_done=lambda after: after_done(command, before, after))
+
+        def after_done(command, before, after):
+            self.edit_stack.set_report(command.index, edit_report(plan, before, after))
+            self.event.emit(EditEvaluated(command, command.report))
+
+        self.runner.submit("Evaluating the edit (before)", lambda task: measure_plan(lm, plan, task),
+                           on_done=before_done)
+
+    def report_shown(self) -> dict | None:
+        """The report of the newest edit in force (what the before/after table shows)."""
+        stack = self.history.edits
+        return stack.command(stack.index() - 1).report if stack.index() > 0 else None
+
+    # ----------------------------------------------------------------------------------------- saving
+    def saved_state(self) -> tuple[dict | None, dict | None]:
+        """(history with each entry's report, the un-edited model it applies to) for the project file."""
+        if self.edit_stack is not None and len(self.edit_stack):
+            return self.edit_stack.to_dict(), self.session.lm.describe()
+        if self.pending:
+            return self.pending[0], {"sha256": self.pending[1], "source": "?"}
+        return None, None
+
+    def restore(self, state: dict, sha: str | None) -> HistoryRestored | None:
+        """Re-applies an opened project's edits to the loaded model (or keeps them pending until one is loaded).
+        Raises UserError when they were made on other weights or cannot be applied."""
+        self.pending = (state, sha) if state and state.get("entries") else None
+        lm = self.session.lm
+        if self.pending is None or lm is None:
+            return None
+        if sha is not None and sha != lm.sha256:
+            raise UserError("Saved edits not applied", "The project's edits were made on another model (weights "
+                            f"sha256 {sha[:12]}\u2026, loaded {lm.sha256[:12]}\u2026). They are kept in the file; load "
+                            "the model they were made on to re-apply them.")
+        from kn_core.edits import edit_from_dict
+
+        self.pending = None
+        entries = state["entries"]
+        try:
+            for entry in entries:
+                edit = edit_from_dict(entry["edit"])
+                self.history.push(self.history.edits, EditCommand(self.edit_stack, edit, report=entry.get("report")))
+            cursor = int(state.get("cursor", len(entries)))
+            self.history.edits.setIndex(cursor)
+        except Exception as exc:  # noqa: BLE001
+            self.edit_stack.clear()
+            self.history.edits.clear()
+            raise UserError("Saved edits not applied", f"{exc}. The history was left out; the model is unedited.") \
+                from exc
+        return HistoryRestored(cursor, len(entries))
+
+
+def edit_report(plan, before: dict, after: dict) -> dict:
+    """The before/after table of an edit: one row per evaluated prompt (an update's rows also carry the new
+    object's probability), the engine's per-group summary and what the plan left out, with reasons."""
+    from kn_core.edit_plan import summarize_plan
+
+    request, edit = plan.request, plan.edit
+    rows = []
+    for group, label in GROUP_LABELS.items():
+        for p, b, a in zip(plan.prompts.get(group, []), before.get(group, []), after.get(group, [])):
+            rows.append({"group": label, "fact": fact_label(p.fact), "prompt": p.text, "answer": p.answer,
+                         "before": b["prob"], "after": a["prob"], "top_before": b["top1_token"],
+                         "top_after": a["top1_token"]})
+    for row, b, a in zip(rows, before.get("new object", []), after.get("new object", [])):
+        row["new_before"], row["new_after"] = b["prob"], a["prob"]
+    if request.kind == "erase":
+        title = f"Erase {edit.describe()} ({request.fact.relation})"
+    else:
+        title = f"{edit.describe()} \u2014 evaluated on {fact_label(request.fact)}"
+    return {"title": title, "rows": rows, "edit": edit.to_dict(), "summary": summarize_plan(plan, before, after),
+            "skipped": [list(item) for item in plan.skipped],
+            "new_object": request.new_object if request.kind == "update" else None}

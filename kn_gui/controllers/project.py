@@ -1,0 +1,190 @@
+"""Projects: save, open, and autosave with recovery after a crash.
+
+Autosave writes the whole project to a sibling file (`.NAME.autosave.knproj` beside a saved project, or one in
+the app's data folder for an untitled one) every few minutes and after every finished job while there are
+unsaved changes. The files are listed in the settings; a clean save or close deletes its file, so a file still
+listed at the next start is work a killed app left behind, and the window offers to recover it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from PySide6.QtCore import QObject, QStandardPaths, Signal
+
+from .. import project_io
+from ..project_io import ProjectSnapshot, place_runs
+from ..session import Session
+from ..worker import JobRunner
+from . import UserError
+from .edits import EditsController
+
+AUTOSAVE_KEY = "autosave/files"
+
+
+@dataclass(frozen=True)
+class ProjectOpened:
+    snapshot: ProjectSnapshot
+    recovered: bool = False
+
+
+@dataclass(frozen=True)
+class ProjectSaved:
+    path: str
+
+
+@dataclass(frozen=True)
+class Autosaved:
+    path: str
+    error: str = ""
+
+
+def documents_folder() -> str:
+    return QStandardPaths.writableLocation(QStandardPaths.DocumentsLocation) or str(Path.home())
+
+
+class ProjectController(QObject):
+    event = Signal(object)
+    _autosave_done = Signal(object)
+
+    def __init__(self, session: Session, runner: JobRunner, edits: EditsController, settings, parent=None):
+        super().__init__(parent)
+        self.session = session
+        self.runner = runner
+        self.edits = edits
+        self.settings = settings
+        self.path: str | None = None
+        self._autosave_file: str | None = None
+        self.autosave_folder: str | None = None  # for untitled projects; None: the app's data folder
+        self._autosaving: threading.Thread | None = None
+        self._autosave_done.connect(self.event.emit)
+
+    def modified(self) -> bool:
+        return not self.edits.history.is_clean() or self.session.results_dirty
+
+    def snapshot(self) -> ProjectSnapshot:
+        state, model = self.edits.saved_state()
+        return project_io.snapshot(self.session, state, model)
+
+    # ----------------------------------------------------------------------------------------- save / open
+    def save_to(self, path: str):
+        """Queues the save of the project as it is now; ProjectSaved when it is on disk."""
+        snap = self.snapshot()
+        indexes = (self.edits.history.edits.index(), self.edits.history.facts.index())
+
+        def done(saved_path):
+            self.path = saved_path
+            history = self.edits.history
+            if (history.edits.index(), history.facts.index()) == indexes:
+                history.set_clean()
+            self.session.results_dirty = False
+            self.discard_autosave()
+            self.event.emit(ProjectSaved(saved_path))
+
+        return self.runner.submit(f"Saving {Path(path).name}", lambda task: project_io.save_project(path, snap, task),
+                                  on_done=done, uses=())
+
+    def open(self, path: str, recovered: bool = False):
+        """Queues reading the project; when read, it replaces the session and ProjectOpened follows."""
+        if not os.path.exists(path):
+            raise UserError("Project not found", f"{path} does not exist (moved or deleted?). Pick it again with "
+                            "File \u2192 Open.")
+        job = self.runner.in_use("session")
+        if job is not None:
+            raise UserError("Busy", f"Cannot open a project while \u201c{job.name}\u201d runs: wait for it or press "
+                            "Cancel (Esc).")
+        self.runner.submit(f"Opening {Path(path).name}", lambda task: project_io.open_project_file(path, task),
+                           on_done=lambda snap: self._opened(snap, recovered), uses=("session",))
+
+    def _opened(self, snap: ProjectSnapshot, recovered: bool):
+        self.edits.history.clear()
+        if self.edits.edit_stack is not None:
+            self.edits.edit_stack.clear()
+        s = self.session
+        s.factset = snap.factset
+        s.runs, s.partial_runs = place_runs(snap.runs)
+        s.neuron_sets = {ns.name: ns for ns in snap.sets}
+        s.t, s.p = snap.t, snap.p
+        s.checks = snap.checks if s.lm is not None else {}
+        self.discard_autosave()
+        if recovered:
+            self._autosave_file = snap.path  # keep writing to the recovered file until the user saves
+            self.path = snap.autosave_of
+        else:
+            self.path = snap.path
+        self.edits.history.set_clean()
+        s.results_dirty = recovered
+        self.event.emit(ProjectOpened(snap, recovered))
+
+    def new(self):
+        self.edits.history.clear()
+        if self.edits.edit_stack is not None:
+            self.edits.edit_stack.clear()
+        self.edits.pending = None
+        self.discard_autosave()
+        self.path = None
+
+    # ----------------------------------------------------------------------------------------- autosave
+    def _listed(self) -> list[str]:
+        value = self.settings.value(AUTOSAVE_KEY, [])
+        return [v for v in ([value] if isinstance(value, str) else (value or [])) if v]
+
+    def _set_listed(self, paths: list[str]):
+        self.settings.setValue(AUTOSAVE_KEY, paths)
+        self.settings.sync()
+
+    def autosave_path(self) -> str:
+        if self._autosave_file is None:
+            if self.path:
+                folder, name = os.path.split(os.path.abspath(self.path))
+                self._autosave_file = os.path.join(folder, f".{name}.autosave.knproj")
+            else:
+                folder = Path(self.autosave_folder or Path(QStandardPaths.writableLocation(
+                    QStandardPaths.AppDataLocation)) / "autosave")
+                folder.mkdir(parents=True, exist_ok=True)
+                self._autosave_file = str(folder / f"untitled-{os.getpid()}-{id(self):x}.knproj")
+        return self._autosave_file
+
+    def autosave(self) -> threading.Thread | None:
+        """Writes the unsaved state in a background thread (a long job may hold the worker); Autosaved after."""
+        if not self.modified() or (self._autosaving is not None and self._autosaving.is_alive()):
+            return None
+        snap = self.snapshot()
+        path = self.autosave_path()
+        snap.autosave_of = self.path
+        listed = self._listed()
+        if path not in listed:
+            self._set_listed(listed + [path])
+
+        def write():
+            try:
+                project_io.save_project(path, snap)
+                self._autosave_done.emit(Autosaved(path))
+            except Exception as exc:  # noqa: BLE001 - autosave must never disturb the user's work
+                traceback.print_exc()
+                self._autosave_done.emit(Autosaved(path, str(exc)))
+
+        self._autosaving = threading.Thread(target=write, name="kn-autosave", daemon=True)
+        self._autosaving.start()
+        return self._autosaving
+
+    def discard_autosave(self):
+        """The work is saved (or deliberately dropped): its autosave file goes."""
+        if self._autosaving is not None:
+            self._autosaving.join()
+        path, self._autosave_file = self._autosave_file, None
+        if path is None:
+            return
+        self._set_listed([p for p in self._listed() if p != path])
+        if os.path.exists(path):
+            os.remove(path)
+
+    def recoverable(self) -> list[str]:
+        """Autosave files left by an app that did not end cleanly (not this window's own)."""
+        found = [p for p in self._listed() if os.path.exists(p) and p != self._autosave_file]
+        self._set_listed(found + ([self._autosave_file] if self._autosave_file in self._listed() else []))
+        return found

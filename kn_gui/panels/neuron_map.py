@@ -1,0 +1,177 @@
+"""The layer x neuron map: a score image with exact cell hit-testing, zoom and pan along the neurons, go-to,
+and markers for refined, selected and flagged (massive / unspecific) neurons.
+
+Cell (layer l, neuron n) covers view x in [n, n + 1) and y in [l, l + 1); layer 0 is at the bottom. A click
+selects exactly the cell under the pointer (no snapping to a stronger neighbour: the hover line always names
+the cell a click will select). With 1536 neurons in a few hundred pixels one pixel covers several neurons,
+so the image is drawn with max-|score| pooling over the columns a pixel covers (a single strong neuron stays
+visible at any zoom); the wheel zooms the neuron axis and dragging pans it (layers always fill the height).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import QPointF, QTimer, Signal
+
+REFINED = "#e74c3c"
+FLAG = "#6c3483"
+MIN_LAYER_PX = 8  # each layer gets at least this many pixels of height
+GO_TO_SPAN = 64  # neurons shown around a go-to target (about 10 px per neuron in a 640 px wide map)
+
+
+class CellAxis(pg.AxisItem):
+    """Integer ticks at cell centres (cell i spans [i, i + 1)), labelled with the index i."""
+
+    def tickSpacing(self, minVal, maxVal, size):
+        spacings = [(s, o) for s, o in super().tickSpacing(minVal, maxVal, size) if s >= 1]
+        return spacings or [(1.0, 0.0)]
+
+    def tickValues(self, minVal, maxVal, size):
+        levels = super().tickValues(minVal - 0.5, maxVal - 0.5, size)
+        return [(spacing, [v + 0.5 for v in values if float(v).is_integer()]) for spacing, values in levels]
+
+    def tickStrings(self, values, scale, spacing):
+        return [str(int(math.floor(v))) for v in values]
+
+
+def pooled_columns(scores: np.ndarray, factor: int) -> np.ndarray:
+    """Columns grouped by `factor`, each group shown by its value of largest magnitude (sign kept)."""
+    if factor <= 1:
+        return scores
+    layers, neurons = scores.shape
+    padded = np.pad(scores, ((0, 0), (0, (-neurons) % factor)))
+    blocks = padded.reshape(layers, -1, factor)
+    strongest = np.abs(blocks).argmax(axis=2)
+    return np.take_along_axis(blocks, strongest[..., None], axis=2)[..., 0]
+
+
+class NeuronMap(pg.GraphicsLayoutWidget):
+    hovered = Signal(object)  # (layer, neuron) | None
+    clicked = Signal(int, int, bool)  # layer, neuron, add to the selection
+
+    def __init__(self, colormap, parent=None):
+        super().__init__(parent)
+        self.plot = self.addPlot(title="Scores: layer \u00d7 neuron",
+                                 axisItems={"left": CellAxis("left"), "bottom": CellAxis("bottom")})
+        self.plot.setLabel("bottom", "neuron")
+        self.plot.setLabel("left", "layer")
+        for axis in ("left", "bottom"):
+            self.plot.getAxis(axis).enableAutoSIPrefix(False)
+        self.plot.getAxis("left").setWidth(40)
+        self.vb = self.plot.vb
+        self.vb.setMouseEnabled(x=True, y=False)
+        self.image = pg.ImageItem(autoDownsample=False)
+        self.plot.addItem(self.image)
+        self.image.setColorMap(colormap)
+        self.colorbar = pg.ColorBarItem(values=(-1, 1), colorMap=colormap, label="score (clipped)",
+                                        interactive=False, width=14)
+        self.colorbar.setImageItem(self.image, insert_in=self.plot)
+        self.colorbar.axis.setWidth(62)
+        self.refined_marks = pg.ScatterPlotItem(size=13, pen=pg.mkPen(REFINED, width=2), brush=None, symbol="o")
+        self.selected_marks = pg.ScatterPlotItem(size=15, pen=pg.mkPen("#7d6608", width=2),
+                                                 brush=pg.mkBrush(241, 196, 15, 120), symbol="s")
+        self.massive_marks = pg.ScatterPlotItem(size=14, pen=pg.mkPen("w", width=1), brush=pg.mkBrush(FLAG),
+                                                symbol="star")
+        self.unspecific_marks = pg.ScatterPlotItem(size=11, pen=pg.mkPen(FLAG, width=2), brush=None, symbol="d")
+        for marks in (self.massive_marks, self.unspecific_marks, self.refined_marks, self.selected_marks):
+            self.plot.addItem(marks)
+        self.scores: np.ndarray | None = None
+        self._bound = 1.0
+        self._pool = 0
+        self._pool_timer = QTimer(self)
+        self._pool_timer.setSingleShot(True)
+        self._pool_timer.setInterval(60)
+        self._pool_timer.timeout.connect(self._draw_image)
+        self.vb.sigXRangeChanged.connect(lambda *_: self._pool_timer.start())
+        self.scene().sigMouseMoved.connect(lambda pos: self.hovered.emit(self.neuron_at(pos)))
+        self.scene().sigMouseClicked.connect(self._clicked)
+        self.plot.setRange(xRange=(0, 100), yRange=(0, 10), padding=0)
+
+    # ----------------------------------------------------------------- data
+    def set_scores(self, scores: np.ndarray | None, bound: float = 1.0, fit: bool = False):
+        """Shows `scores` (layers x neurons); colours saturate at +-bound."""
+        reshaped = self.scores is None or scores is None or self.scores.shape != scores.shape
+        self.scores = None if scores is None else np.asarray(scores, dtype=np.float32)
+        self._bound = bound
+        if self.scores is None:
+            self.image.clear()
+            return
+        layers, neurons = self.scores.shape
+        self.setMinimumHeight(min(MIN_LAYER_PX * layers, 400) + 90)
+        self.vb.setLimits(xMin=0, xMax=neurons, yMin=0, yMax=layers, minXRange=min(8, neurons))
+        self.plot.getAxis("left").setTicks(None if layers <= 12 else [
+            [(l + 0.5, str(l)) for l in range(0, layers, 5)],
+            [(l + 0.5, str(l)) for l in range(layers) if l % 5]])
+        self.colorbar.setLevels((-bound, bound))
+        self.colorbar.axis.setTicks([[(-bound, f"{-bound:.2g}"), (0.0, "0"), (bound, f"{bound:.2g}")]])
+        if fit or reshaped:
+            self.fit()
+        self._pool = 0
+        self._draw_image()
+
+    def _draw_image(self):
+        if self.scores is None:
+            return
+        layers, neurons = self.scores.shape
+        (x0, x1), _ = self.vb.viewRange()
+        width_px = max(1.0, self.vb.sceneBoundingRect().width())
+        factor = max(1, int((x1 - x0) / width_px))
+        if factor == self._pool and self.image.image is not None:
+            return
+        self._pool = factor
+        shown = pooled_columns(self.scores, factor)
+        self.image.setImage(shown, levels=(-self._bound, self._bound), autoLevels=False)
+        self.image.setRect(0, 0, shown.shape[1] * factor, layers)
+
+    def set_marks(self, refined=(), selected=(), massive=(), unspecific=()):
+        for marks, neurons in ((self.refined_marks, refined), (self.selected_marks, selected),
+                               (self.massive_marks, massive), (self.unspecific_marks, unspecific)):
+            neurons = list(neurons)
+            marks.setData([n + 0.5 for _, n in neurons], [l + 0.5 for l, _ in neurons])
+
+    # ----------------------------------------------------------------- view
+    def fit(self):
+        if self.scores is not None:
+            layers, neurons = self.scores.shape
+            self.plot.setRange(xRange=(0, neurons), yRange=(0, layers), padding=0)
+
+    def zoom(self, factor: float):
+        """Zooms the neuron axis about the view's centre (factor < 1 zooms in)."""
+        (x0, x1), _ = self.vb.viewRange()
+        centre, half = (x0 + x1) / 2, (x1 - x0) * factor / 2
+        self.vb.setXRange(centre - half, centre + half, padding=0)
+
+    def centre_on(self, layer: int, neuron: int, span: int = GO_TO_SPAN):
+        if self.scores is None:
+            return
+        layers, neurons = self.scores.shape
+        half = min(span, neurons) / 2
+        left = min(max(0.0, neuron + 0.5 - half), neurons - 2 * half)
+        self.plot.setRange(xRange=(left, left + 2 * half), yRange=(0, layers), padding=0)
+
+    def cell_scene_pos(self, layer: int, neuron: int) -> QPointF:
+        """The scene position of a cell's centre (what a click there selects)."""
+        return self.vb.mapViewToScene(QPointF(neuron + 0.5, layer + 0.5))
+
+    # ----------------------------------------------------------------- hit-testing
+    def neuron_at(self, scene_pos) -> tuple[int, int] | None:
+        if self.scores is None or not self.vb.sceneBoundingRect().contains(scene_pos):
+            return None
+        point = self.vb.mapSceneToView(scene_pos)
+        layer, neuron = math.floor(point.y()), math.floor(point.x())
+        layers, neurons = self.scores.shape
+        if not (0 <= layer < layers and 0 <= neuron < neurons):
+            return None
+        return layer, neuron
+
+    def _clicked(self, event):
+        from PySide6.QtCore import Qt
+
+        if event.button() != Qt.LeftButton or event.double():
+            return
+        hit = self.neuron_at(event.scenePos())
+        if hit is not None:
+            self.clicked.emit(*hit, bool(event.modifiers() & (Qt.ControlModifier | Qt.ShiftModifier)))

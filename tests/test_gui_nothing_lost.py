@@ -1,0 +1,193 @@
+"""Issue 12, "nothing lost, nothing stale" and "start": each test replays a sequence that lost or misreported
+work in the window before the fix (tiny random models, fast)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytest.importorskip("pytestqt")
+
+from PySide6.QtCore import Qt  # noqa: E402
+
+from kn_core.facts import Fact, Relation  # noqa: E402
+from test_gui import FRANCE, apply_edit, app, geo_factset, lm, make_window, run_fact, settings, window  # noqa: E402,F401
+
+KEY = ("P36", "France", "Paris")
+REFINED = ("set", "refined: France \u2192 Paris")
+
+
+def loose_thresholds(window):
+    window.attribution_panel.t_control.spin.setValue(0.1)
+    window.attribution_panel.p_control.spin.setValue(0.3)
+
+
+def start_and_cancel_after_one_prompt(qtbot, window, steps=150):
+    window.facts_panel.select_fact(FRANCE)
+    window.attribution_panel.steps.setValue(steps)
+    window.run_attribution("current")
+    running = window.attribution.running[0]
+    qtbot.waitUntil(lambda: len(running.scores) >= 1, timeout=60000)
+    qtbot.mouseClick(window.cancel_button, Qt.LeftButton)
+    assert window.runner.wait_idle(60000)
+    return running
+
+
+def test_cancelled_rerun_never_replaces_the_complete_run(window, qtbot, settings, lm, tmp_path):
+    first = run_fact(qtbot, window, steps=2)
+    partial = start_and_cancel_after_one_prompt(qtbot, window)
+    s = window.session
+    assert s.runs[KEY] is first and first.complete
+    assert s.partial_runs[KEY] is partial and partial.state == "cancelled" and 1 <= len(partial.scores) < 4
+    title = window.attribution_panel.title.text()
+    assert "running" not in title and window.attribution_panel.run is first
+    path = str(tmp_path / "rerun.knproj")
+    assert window.save_to(path, wait=True)
+    again = make_window(qtbot, settings, lm)
+    with qtbot.waitSignal(again.project_opened, timeout=30000):
+        again.open_project(path)
+    assert again.runner.wait_idle(30000)
+    reopened, kept = again.session.runs[KEY], again.session.partial_runs[KEY]
+    assert reopened.complete and len(reopened.scores) == len(first.scores)
+    assert kept.state == "cancelled" and len(kept.scores) == len(partial.scores)
+    assert "running" not in again.attribution_panel.title.text()
+    again.close()
+
+
+def test_cancelled_first_run_is_marked_partial_not_running(window, qtbot, settings, lm, tmp_path):
+    partial = start_and_cancel_after_one_prompt(qtbot, window)
+    assert window.session.runs[KEY] is partial and KEY not in window.session.partial_runs
+    title = window.attribution_panel.title.text()
+    assert "running" not in title and "partial run (cancelled)" in title
+    path = str(tmp_path / "partial.knproj")
+    assert window.save_to(path, wait=True)
+    again = make_window(qtbot, settings, lm)
+    with qtbot.waitSignal(again.project_opened, timeout=30000):
+        again.open_project(path)
+    assert again.runner.wait_idle(30000)
+    assert again.session.runs[KEY].state == "cancelled"
+    assert "partial run (cancelled)" in again.attribution_panel.title.text()
+    again.close()
+
+
+def test_fact_change_keeps_the_model_edits_redo_list(window, qtbot):
+    """The issue's sequence: two model edits, back to <original model> in the History, add a relation."""
+    run_fact(qtbot, window, steps=2)
+    loose_thresholds(window)
+    apply_edit(qtbot, window, {"kind": "Suppress", "target": REFINED, "scope": "answer"})
+    apply_edit(qtbot, window, {"kind": "Amplify", "target": REFINED, "factor": 2.0, "scope": "all"})
+    assert len(window.edit_stack.active_edits()) == 2
+    window.undo_stack.setIndex(0)  # what clicking "<original model>" in the History view does
+    assert window.edit_stack.active_edits() == []
+    relation = Relation("P99", "made up", ("[X] is made of [Y].",))
+    window.facts_panel.change_requested.emit("Add relation P99", window.session.factset.with_relation(relation))
+    assert "P99" in window.session.factset.relations
+    assert window.undo_stack.count() == 2 and window.act_redo.isEnabled()
+    window.redo()
+    window.redo()
+    assert [e.kind for e in window.edit_stack.active_edits()] == ["suppress", "amplify"]
+    assert "P99" in window.session.factset.relations
+    # one undo order across both histories: the redone amplify goes first, then the suppress, then the relation
+    window.undo()
+    assert [e.kind for e in window.edit_stack.active_edits()] == ["suppress"]
+    window.undo()
+    window.undo()
+    assert window.edit_stack.active_edits() == [] and "P99" not in window.session.factset.relations
+
+
+def france_checks(window):
+    return {k[1]: v["prob"] for k, v in window.session.checks.items() if k[0] == KEY}
+
+
+def test_undo_and_redo_recheck_the_facts_tree(window, qtbot):
+    run_fact(qtbot, window, steps=2)
+    loose_thresholds(window)
+    original = france_checks(window)
+    assert len(original) == 4
+    apply_edit(qtbot, window, {"kind": "Suppress", "target": REFINED, "scope": "answer"})
+    qtbot.waitUntil(lambda: len(france_checks(window)) == 4 and not window.runner.busy, timeout=30000)
+    edited = france_checks(window)
+    assert any(abs(edited[t] - original[t]) > 1e-6 for t in original)
+    window.undo()
+    assert france_checks(window) == {}  # never the previous model state's numbers
+    qtbot.waitUntil(lambda: len(france_checks(window)) == 4 and not window.runner.busy, timeout=30000)
+    assert france_checks(window) == pytest.approx(original, rel=1e-5, abs=1e-9)
+    window.redo()
+    assert france_checks(window) == {}
+    qtbot.waitUntil(lambda: len(france_checks(window)) == 4 and not window.runner.busy, timeout=30000)
+    assert france_checks(window) == pytest.approx(edited, rel=1e-5, abs=1e-9)
+
+
+def test_attribution_on_edited_weights_says_so(window, qtbot, settings, lm, tmp_path):
+    window.facts_panel.select_fact(FRANCE)
+    window.attribution_panel.select_neuron(0, 1)
+    apply_edit(qtbot, window, {"kind": "Suppress", "target": ("selection", None), "scope": "all"})
+    run = run_fact(qtbot, window, steps=2)
+    assert run.edits == [window.edit_stack.active_edits()[0].describe()]
+    assert "on edited weights (1 active edit)" in window.attribution_panel.title.text()
+    assert window.results_dict()["runs"][0]["edits_active"] == run.edits
+    path = str(tmp_path / "edited.knproj")
+    assert window.save_to(path, wait=True)
+    window.undo()
+    again = make_window(qtbot, settings, lm)
+    with qtbot.waitSignal(again.project_opened, timeout=30000):
+        again.open_project(path)
+    assert again.runner.wait_idle(30000)
+    assert again.session.runs[KEY].edits == run.edits
+    assert "on edited weights" in again.attribution_panel.title.text()
+    again.close()
+
+
+def test_autosave_after_a_job_and_recovery_at_the_next_start(app, qtbot, settings, lm):
+    crashed = make_window(qtbot, settings, lm)
+    crashed._push_factset("Add fact", crashed.session.factset.with_fact(Fact("P36", "Germany", "Berlin")))
+    run_fact(qtbot, crashed, steps=2)  # a finished job with unsaved changes: autosaved
+    crashed.project._autosaving.join(30)
+    autosaved = crashed.project.autosave_path()
+    assert os.path.exists(autosaved)
+    # the app is killed here (kill -9: nothing more runs); a new start finds the file and offers it
+    fresh = make_window(qtbot, settings, lm)
+    fresh.auto_recover = True
+    with qtbot.waitSignal(fresh.project_opened, timeout=30000):
+        assert fresh.offer_recovery()
+    assert fresh.runner.wait_idle(30000)
+    s = fresh.session
+    assert Fact("P36", "Germany", "Berlin") in s.factset.facts
+    assert s.runs[KEY].complete and len(s.runs[KEY].scores) == 4
+    assert fresh.isWindowModified()  # recovered work is unsaved until the user saves it
+    path = os.path.join(os.path.dirname(settings.fileName()), "recovered.knproj")
+    assert fresh.save_to(path, wait=True)
+    assert not os.path.exists(autosaved)  # saved: the autosave goes, and is not offered again
+    assert fresh.project.recoverable() == []
+    fresh.close()
+    crashed.close()
+
+
+def test_no_recovery_offered_after_a_clean_close(app, qtbot, settings, lm):
+    first = make_window(qtbot, settings, lm)
+    first._push_factset("Add fact", first.session.factset.with_fact(Fact("P36", "Germany", "Berlin")))
+    first.project.autosave().join(30)
+    first.close()  # the user discards the changes (auto_discard)
+    second = make_window(qtbot, settings, lm)
+    assert not second.offer_recovery()
+    second.close()
+
+
+def test_open_project_then_load_model_are_queued(app, qtbot, settings, lm, tmp_path):
+    """`kn-studio PROJECT.knproj --model default`: the load waits for the opening instead of being refused."""
+    saver = make_window(qtbot, settings, lm)
+    run_fact(qtbot, saver, steps=2)
+    path = str(tmp_path / "start.knproj")
+    assert saver.save_to(path, wait=True)
+    saver.close()
+    window = make_window(qtbot, settings, load_model_fn=lambda *a, **k: lm)
+    seen = []
+    window.error_shown.connect(lambda title, message: seen.append(title))
+    window.open_project(path)
+    window.load_model("default")
+    assert window.runner.wait_idle(30000)
+    assert not seen, seen
+    assert window.session.lm is lm and window.project.path == path
+    assert window.session.runs[KEY].complete
+    window.close()
