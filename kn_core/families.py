@@ -52,6 +52,7 @@ FAMILIES: dict[str, FamilySpec] = {
     "roberta": _ROBERTA,
     "xlm-roberta": _ROBERTA,
     "camembert": _ROBERTA,
+    "ernie": FamilySpec(blocks="ernie.encoder.layer", head=("cls",), **_BERT_LIKE),
     "electra": FamilySpec(blocks="electra.encoder.layer", head=("generator_predictions", "generator_lm_head"),
                           **_BERT_LIKE),
     "distilbert": FamilySpec("masked", "distilbert.transformer.layer", "ffn.lin2",
