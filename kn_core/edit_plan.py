@@ -51,7 +51,12 @@ class EditRequest:
 
     `exclude`: neurons never edited (e.g. `NeuronFlags.excluded`: massive/unspecific neurons); for erase
     they are skipped when choosing the k most frequent. `allow_fewer`: erase fewer than k neurons when the
-    relation has fewer candidates (otherwise that is an error saying how many there are)."""
+    relation has fewer candidates (otherwise that is an error saying how many there are).
+
+    Update `strength`: "paper" uses lambda1/lambda2 as given (the paper: 1 and 8); "calibrated" scales both
+    by the smallest s in CALIBRATION_RANGE at which o' becomes the greedy answer on the fact's prompts (see
+    `calibrate_update`; it is always sign-aware). Suppress `to`: "zero" (the paper) or "mean" (mean ablation:
+    each neuron set to its mean activation from the `activation_stats` given to `plan_edit`)."""
 
     kind: str
     neurons: tuple[Neuron, ...] = ()
@@ -62,6 +67,8 @@ class EditRequest:
     lambda1: float = 1.0
     lambda2: float = 8.0
     sign_aware: bool = False
+    strength: str = "paper"
+    to: str = "zero"
     k: int = 20
     fill: str = "zero"
     relation: str | None = None
@@ -94,6 +101,10 @@ class EditRequest:
             raise EditPlanError(f"exclusion_fraction must lie in [0, 1], not {self.exclusion_fraction!r}")
         if self.control_facts < 0:
             raise EditPlanError(f"control_facts must be >= 0, not {self.control_facts!r}")
+        if self.to not in ("zero", "mean"):
+            raise EditPlanError(f"suppress to must be 'zero' or 'mean' (mean ablation), not {self.to!r}")
+        if self.strength not in ("paper", "calibrated"):
+            raise EditPlanError(f"update strength must be 'paper' or 'calibrated', not {self.strength!r}")
         if self.control_prompts_per_fact is not None and self.control_prompts_per_fact < 1:
             raise EditPlanError("control_prompts_per_fact must be >= 1 (or None for all prompts)")
 
@@ -105,6 +116,7 @@ class EditPlan:
     control: E.Edit
     prompts: dict[str, list[Prompt]]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    calibration: dict | None = None  # calibrated updates: see `calibrate_update`
 
     def to_dict(self) -> dict:
         """Plain data (for reports and the CLI's JSON): the edit, its control, the prompts by group, the
@@ -112,20 +124,27 @@ class EditPlan:
         return {"edit": self.edit.to_dict(), "control": {"kind": "random neurons from the same layers",
                                                            "edit": self.control.to_dict()},
                 "prompts": {g: [p.text for p in ps] for g, ps in self.prompts.items()},
-                "skipped": [{"what": w, "reason": r} for w, r in self.skipped]}
+                "skipped": [{"what": w, "reason": r} for w, r in self.skipped],
+                **({"calibration": self.calibration} if self.calibration is not None else {})}
 
 
 def plan_edit(lm, factset, request: EditRequest,
-              relation_neuron_sets: Mapping[Fact, Sequence[Neuron]] | Sequence[Sequence[Neuron]] = ()) -> EditPlan:
+              relation_neuron_sets: Mapping[Fact, Sequence[Neuron]] | Sequence[Sequence[Neuron]] = (),
+              activation_stats=None, task=None) -> EditPlan:
     """Builds the edit of `request`, its random-neuron control and its evaluation prompts (see the module
     notes). `relation_neuron_sets`: refined neurons of facts of the relation, best as {fact: neurons}; update
     uses the *other* facts' sets to leave out neurons shared by more than `exclusion_fraction` of them
-    (the paper's 10%), erase takes the k most frequent neurons of all of them.
+    (the paper's 10%), erase takes the k most frequent neurons of all of them. `activation_stats`
+    (`kn_core.neurons.ActivationStats`): the means for a suppress with to="mean".
 
-    Sign-aware updates run one forward pass over the fact's prompts (the neurons' mean activation); nothing
-    else here runs the model."""
+    Sign-aware updates run one forward pass over the fact's prompts (the neurons' mean activation), calibrated
+    updates a few evaluations of the fact's prompts (`task` reports them and can cancel); nothing else here runs
+    the model."""
     skipped: list[tuple[str, str]] = []
     relation_id = _relation_of(factset, request)
+    if request.kind == "suppress" and request.to == "mean" and activation_stats is None:
+        raise EditPlanError("mean ablation needs activation statistics (kn_core.neurons.activation_stats on the "
+                            "run's prompts); pass activation_stats or suppress to zero")
     sets = _neuron_sets(relation_neuron_sets)
     if request.kind == "erase":
         edit, fact_prompts = _erase(lm, factset, request, relation_id, sets, skipped)
@@ -137,12 +156,13 @@ def plan_edit(lm, factset, request: EditRequest,
         _check_neurons(lm, request.neurons)
         fact_prompts = _prompts(lm, factset, request.fact, skipped, required=True)
         measured = {request.fact}
+        neurons = _chosen(request, skipped)
         if request.kind == "update":
-            edit, fact_prompts, new_prompts = _update(lm, factset, request, fact_prompts, sets, skipped)
+            edit, fact_prompts, new_prompts = _update(lm, factset, request, neurons, fact_prompts, sets, skipped)
         elif request.kind == "suppress":
-            edit = E.Suppress(request.neurons, request.scope)
+            edit = _suppress(neurons, request, activation_stats)
         else:
-            edit = E.Amplify(request.neurons, float(request.factor), request.scope)
+            edit = E.Amplify(neurons, float(request.factor), request.scope)
     _check_neurons(lm, edit.neurons)
     prompts = {"fact": fact_prompts}
     same = [f for f in factset.facts_of(relation_id) if f not in measured]
@@ -150,10 +170,16 @@ def plan_edit(lm, factset, request: EditRequest,
     # drawn first from the seed so that `kn edit erase` keeps its earlier control sample
     prompts["other relations"] = _control_prompts(lm, factset, other, request, request.seed, skipped)
     prompts["relation"] = _control_prompts(lm, factset, same, request, request.seed + 1, skipped)
+    calibration = None
     if request.kind == "update":
         prompts["new object"] = new_prompts
-    control = _control(lm, edit, request)
-    return EditPlan(request, edit, control, {g: prompts[g] for g in _GROUPS if g in prompts}, skipped)
+        if request.strength == "calibrated":
+            edit, calibration = calibrate_update(lm, edit, new_prompts, task=task)
+            if not calibration["reached"]:
+                skipped.append(("calibration", f"o' did not become the top answer on every prompt even at "
+                                               f"{calibration['scale']:g} x the lambdas (the update failed)"))
+    control = _control(lm, edit, request, activation_stats)
+    return EditPlan(request, edit, control, {g: prompts[g] for g in _GROUPS if g in prompts}, skipped, calibration)
 
 
 _GROUPS = ("fact", "relation", "other relations", "new object")
@@ -212,7 +238,24 @@ def _control_prompts(lm, factset, facts: list[Fact], request: EditRequest, seed:
     return out
 
 
-def _update(lm, factset, request: EditRequest, fact_prompts, sets, skipped):
+def _chosen(request: EditRequest, skipped) -> tuple[Neuron, ...]:
+    """The requested neurons without the excluded (flagged) ones, which are listed in `skipped`."""
+    excluded = set(request.exclude)
+    skipped.extend((f"neuron L{l}.{i}", "flagged (massive or unspecific), excluded") for l, i in request.neurons
+                   if (l, i) in excluded)
+    neurons = tuple(n for n in request.neurons if n not in excluded)
+    if not neurons:
+        raise EditPlanError("every chosen neuron is flagged (massive or unspecific) and excluded; choose others")
+    return neurons
+
+
+def _suppress(neurons, request: EditRequest, stats) -> E.Suppress:
+    if request.to == "zero":
+        return E.Suppress(neurons, request.scope)
+    return E.Suppress(neurons, request.scope, "mean", tuple(float(stats.mean[layer, index]) for layer, index in neurons))
+
+
+def _update(lm, factset, request: EditRequest, neurons, fact_prompts, sets, skipped):
     fact, new_object = request.fact, (request.new_object or "").strip()
     if not new_object:
         raise EditPlanError("type the new object o' (e.g. another object of the relation)")
@@ -241,13 +284,8 @@ def _update(lm, factset, request: EditRequest, fact_prompts, sets, skipped):
         raise EditPlanError(f"no template of {fact.relation} renders both {fact.object!r} and {new_object!r} "
                             f"with different first tokens for this {lm.kind} model; choose another new object")
     others = [n for f, n in sets if f != fact]
-    neurons = tuple(n for n in request.neurons if n not in set(request.exclude))
-    skipped.extend((f"neuron L{l}.{i}", "flagged (massive or unspecific), excluded") for l, i in request.neurons
-                   if (l, i) in set(request.exclude))
-    if not neurons:
-        raise EditPlanError("every chosen neuron is flagged (massive or unspecific) and excluded; choose others")
     activations = None
-    if request.sign_aware:
+    if request.sign_aware or request.strength == "calibrated":
         from .evaluation import neuron_activations
 
         mean = neuron_activations(lm, neurons, fact_prompts).mean(axis=0)
@@ -299,7 +337,7 @@ def _erase(lm, factset, request: EditRequest, relation_id: str, sets, skipped):
     return E.Erase(tuple(neurons), request.fill, E.default_embedding(lm)), prompts
 
 
-def _control(lm, edit, request: EditRequest) -> E.Edit:
+def _control(lm, edit, request: EditRequest, stats) -> E.Edit:
     neurons = tuple(E.random_neurons(lm, edit.neurons, seed=request.seed, exclude=request.exclude))
     if isinstance(edit, E.Update):
         return E.Update(neurons, edit.old_ids, edit.new_ids, edit.lambda1, edit.lambda2, edit.embedding,
@@ -308,7 +346,7 @@ def _control(lm, edit, request: EditRequest) -> E.Edit:
         return E.Erase(neurons, edit.fill, edit.embedding)
     if isinstance(edit, E.Amplify):
         return E.Amplify(neurons, edit.factor, edit.scope)
-    return E.Suppress(neurons, edit.scope)
+    return _suppress(neurons, request, stats)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -353,3 +391,70 @@ def summarize_plan(plan: EditPlan, before: dict[str, list[dict]], after: dict[st
     if "new object" in out:
         out["success_rate"] = out["new object"]["accuracy_after"]
     return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Calibrated update
+# --------------------------------------------------------------------------------------------------------
+
+CALIBRATION_RANGE = (1 / 64, 4.0)  # scales of the update's lambdas that are tried (1 = as given)
+CALIBRATION_BISECTIONS = 6
+
+
+def calibrate_update(lm, update: E.Update, new_prompts: Sequence[Prompt], scale_range=CALIBRATION_RANGE,
+                     bisections: int = CALIBRATION_BISECTIONS, task=None) -> tuple[E.Update, dict]:
+    """The update with both lambda terms scaled by the smallest s in `scale_range` at which o' is the greedy
+    answer (every answer token, teacher-forced) on every prompt of `new_prompts` (the fact's prompts rendered
+    with o'), and what was tried.
+
+    Search (deterministic): s doubles from the low end of the range until o' wins (at most log2(high/low) + 1
+    evaluations), then `bisections` steps in log space between the last failing and the first winning s keep
+    the smallest winning s found. Success is not guaranteed to be monotone in s, so this finds the first
+    winning s of the doubling grid, refined. If o' does not win even at the high end, the update at the high
+    end comes back with reached=False: the caller must say the update failed. The edit stays an ordinary
+    `Update` (exact undo like every weight edit)."""
+    from dataclasses import replace
+
+    from .evaluation import answer_probabilities, with_edits
+    from .tasks import as_task
+
+    task = as_task(task)
+    low, high = (float(x) for x in scale_range)
+    if not (0 < low <= high and math.isfinite(high)):
+        raise EditPlanError(f"the calibration range must satisfy 0 < low <= high, not {scale_range!r}")
+    if not new_prompts:
+        raise EditPlanError("a calibrated update needs prompts of the new object")
+    tried: list[tuple[float, bool]] = []
+
+    def scaled(s: float) -> E.Update:
+        return replace(update, lambda1=update.lambda1 * s, lambda2=update.lambda2 * s)
+
+    def wins(s: float) -> bool:
+        task.check()
+        rows = with_edits(lm, [scaled(s)], lambda: answer_probabilities(lm, new_prompts))
+        tried.append((s, all(r["correct"] for r in rows)))
+        task.progress(min(len(tried) / (len(grid) + bisections), 1.0), f"calibrating the update: scale {s:.3g}")
+        return tried[-1][1]
+
+    grid = [low]
+    while grid[-1] * 2 < high:
+        grid.append(grid[-1] * 2)
+    if grid[-1] < high:
+        grid.append(high)
+    failing, winning = None, None
+    for s in grid:
+        if wins(s):
+            winning = s
+            break
+        failing = s
+    if winning is not None and failing is not None:
+        for _ in range(bisections):
+            middle = math.sqrt(failing * winning)
+            if wins(middle):
+                winning = middle
+            else:
+                failing = middle
+    scale = winning if winning is not None else high
+    return scaled(scale), {"reached": winning is not None, "scale": scale, "range": [low, high],
+                           "lambda1": update.lambda1 * scale, "lambda2": update.lambda2 * scale,
+                           "tried": [{"scale": s, "reached": ok} for s, ok in tried]}

@@ -227,28 +227,47 @@ def predict_masks(lm, text: str, top_k: int = 10) -> list[list[dict]]:
 # Neuron inspection and activation by prompt
 # --------------------------------------------------------------------------------------------------------
 
-def neuron_tokens(lm, layer: int, index: int, top_k: int = 10) -> dict:
-    """The key-value reading (Geva et al., 2021): the neuron's value vector projected to the vocabulary
-    (through the final norm where the family has one, and the head), the tokens it promotes and suppresses
-    most. Returns {"layer", "index", "promotes": [{"token", "id", "logit"}], "suppresses": [...]}."""
+def neuron_tokens(lm, layer: int, index: int, top_k: int = 10, sign: int | None = None) -> dict:
+    """The key-value reading (Geva et al., 2021): what the neuron writes to the residual stream, activation x
+    value vector, projected to the vocabulary (through the final norm where the family has one, and the head).
+
+    `sign`: the sign of the neuron's activation on the prompts of interest (see `activation_sign`). SwiGLU and
+    GELU neurons also fire negative, and then they promote what their value vector alone would suppress, so
+    the tokens are ranked by sign x the projection. None reads the value vector as if the activation were
+    positive (the usual reading). Returns {"layer", "index", "norm", "sign" (+1, -1 or None), "promotes",
+    "suppresses" ([{"token", "id", "logit"}], logit = sign x projection), "labels" (what each list means)}."""
     layout = lm.layout
     if not (0 <= layer < layout.layers and 0 <= index < layout.neurons):
         raise ValueError(f"neuron ({layer}, {index}) is outside this model ({layout.layers} layers x "
                          f"{layout.neurons} neurons)")
+    if sign not in (None, 1, -1):
+        raise ValueError(f"sign must be +1, -1 or None, not {sign!r}")
     with torch.no_grad():
         v = layout.value_vector(layer, index)
         head = layout.vocab_head()
-        logits = head(v[None, None, :].to(layout.output_embeddings().device)).float()[0, 0].cpu()
+        logits = head(v[None, None, :].to(layout.output_embeddings().device)).float()[0, 0].cpu() * (sign or 1)
     k = min(top_k, logits.shape[-1])
     top = logits.topk(k)
     bottom = (-logits).topk(k)
 
-    def rows(values, indices, sign):
-        return [{"token": _token_text(lm.tokenizer, int(i)), "id": int(i), "logit": sign * float(v)}
+    def rows(values, indices, factor):
+        return [{"token": _token_text(lm.tokenizer, int(i)), "id": int(i), "logit": factor * float(v)}
                 for v, i in zip(values, indices)]
 
-    return {"layer": int(layer), "index": int(index), "norm": float(v.float().norm()),
-            "promotes": rows(top.values, top.indices, 1.0), "suppresses": rows(bottom.values, bottom.indices, -1.0)}
+    when = {None: "when positive (sign not given)", 1: "when active as on these prompts (positive)",
+            -1: "when active as on these prompts (negative)"}[sign]
+    return {"layer": int(layer), "index": int(index), "norm": float(v.float().norm()), "sign": sign,
+            "promotes": rows(top.values, top.indices, 1.0), "suppresses": rows(bottom.values, bottom.indices, -1.0),
+            "labels": {"promotes": f"promotes {when}", "suppresses": f"suppresses {when}"}}
+
+
+def activation_sign(lm, layer: int, index: int, prompts: Sequence) -> int:
+    """+1 or -1: the sign of the neuron's mean activation at the answer position over `prompts` (e.g. a fact's
+    prompts), the `sign` that `neuron_tokens` reads the value vector with. A mean of exactly 0 gives +1."""
+    if not prompts:
+        raise ValueError("the activation sign needs at least one prompt")
+    mean = float(neuron_activations(lm, [(layer, index)], prompts)[:, 0].mean())
+    return -1 if mean < 0 else 1
 
 
 def neuron_activations(lm, neurons: Sequence[tuple[int, int]], items: Sequence, position: str = "answer",
@@ -326,6 +345,25 @@ def rank_by_activation(lm, neurons: Sequence[tuple[int, int]], items: Sequence, 
 # --------------------------------------------------------------------------------------------------------
 # Effects of edits
 # --------------------------------------------------------------------------------------------------------
+
+def ratio(before: float, after: float) -> dict:
+    """A change of a positive quantity (e.g. a perplexity) as {"ratio", "log10", "text"}: "x3.2", "x1.2e26",
+    "x0.85"; never a raw difference (perplexities after a bad edit differ by 30 digits). Non-finite or
+    non-positive inputs give None values and the text "n/a"."""
+    if not (before > 0 and after > 0 and math.isfinite(before) and math.isfinite(after)):
+        return {"ratio": None, "log10": None, "text": "n/a"}
+    log10 = math.log10(after) - math.log10(before)
+    return ratio_from_log10(log10)
+
+
+def ratio_from_log10(log10: float) -> dict:
+    """{"ratio", "log10", "text"} from a log10 ratio (e.g. a median or mean of per-fact log10 ratios)."""
+    if log10 is None or not math.isfinite(log10):
+        return {"ratio": None, "log10": None, "text": "n/a"}
+    value = 10.0 ** log10 if log10 < 300 else float("inf")
+    text = f"x{value:.2g}" if abs(log10) < 3 else f"x{10 ** (log10 % 1):.1f}e{int(math.floor(log10))}"
+    return {"ratio": value if math.isfinite(value) else None, "log10": float(log10), "text": text}
+
 
 def relative_change(before: Sequence[float], after: Sequence[float]) -> float:
     """The paper's figure: mean(Δp) / mean(p) (= Σ(after - before) / Σ before)."""

@@ -11,7 +11,8 @@ from typing import Sequence
 import numpy as np
 
 from . import edits as _edits
-from .evaluation import answer_perplexity, answer_probabilities, with_edits
+from .edit_plan import CALIBRATION_RANGE, calibrate_update
+from .evaluation import answer_perplexity, answer_probabilities, ratio, ratio_from_log10, with_edits
 from .tasks import Task, as_task
 
 # --------------------------------------------------------------------------------------------------------
@@ -68,6 +69,20 @@ def _sample(items: list, k: int, rng: np.random.Generator) -> list:
     return [items[i] for i in sorted(rng.choice(len(items), size=k, replace=False))]
 
 
+def _without(records: Sequence[FactNeurons], exclude) -> list[FactNeurons]:
+    """The records with the `exclude`d neurons (e.g. `NeuronFlags.excluded`: massive/unspecific) taken out of
+    their knowledge and baseline sets."""
+    exclude = set(map(tuple, exclude))
+    if not exclude:
+        return list(records)
+    return [replace(r, neurons=[n for n in r.neurons if tuple(n) not in exclude],
+                    baseline_neurons=[n for n in r.baseline_neurons if tuple(n) not in exclude]) for r in records]
+
+
+AMPLIFY_MEANING = ("activation x factor of the signed activation: a negative activation becomes more negative, so "
+                   "the neuron's contribution (activation x value vector) grows in the direction it already pushes")
+
+
 def _pool(acc: dict) -> dict:
     rc = (acc["after"] - acc["before"]) / acc["before"] if acc["before"] > 0 else float("nan")
     return {"relative_change": rc, "flip_rate": acc["flips"] / acc["n"] if acc["n"] else float("nan"),
@@ -75,8 +90,12 @@ def _pool(acc: dict) -> dict:
 
 
 def suppress_amplify_experiment(lm, records: Sequence[FactNeurons], factor: float = 2.0, seed: int = 0,
-                                control_prompts: int = 20, batch_size: int = 32, task: Task | None = None) -> dict:
-    """Suppress (activation -> 0) and amplify (x factor) each fact's knowledge neurons at the answer position.
+                                control_prompts: int = 20, batch_size: int = 32, exclude=(),
+                                activation_stats=None, task: Task | None = None) -> dict:
+    """Suppress (activation -> 0) and amplify (x factor, see AMPLIFY_MEANING) each fact's knowledge neurons at
+    the answer position. `exclude`: neurons never edited (flagged massive/unspecific; also kept out of the
+    random control). `activation_stats` (`kn_core.neurons.ActivationStats`) adds "suppress_mean": mean
+    ablation, each neuron set to its mean activation instead of 0.
 
     Per relation: mean(Δp)/mean(p) pooled over the prompts of its facts, for three groups of prompts (the
     fact's own; `control_prompts` sampled from other facts of the same relation; as many from other
@@ -85,10 +104,20 @@ def suppress_amplify_experiment(lm, records: Sequence[FactNeurons], factor: floa
     whose baseline set is empty contributes Δp = 0 to the baseline. `average` averages relations."""
     task = as_task(task)
     rng = np.random.default_rng(seed)
+    records = _without(records, exclude)
     all_prompts = [p for r in records for p in r.prompts]
     key = {id(p): i for i, p in enumerate(all_prompts)}
     base = answer_probabilities(lm, all_prompts, batch_size)
-    methods, ops, groups = ("knowledge", "baseline", "random"), ("suppress", "amplify"), ("own", "same_relation", "other_relations")
+    methods, groups = ("knowledge", "baseline", "random"), ("own", "same_relation", "other_relations")
+    ops = ("suppress", "amplify") + (("suppress_mean",) if activation_stats is not None else ())
+
+    def make(op, neurons):
+        if op == "amplify":
+            return _edits.Amplify(neurons, factor)
+        if op == "suppress_mean":
+            return _edits.Suppress(neurons, "answer", "mean", tuple(float(activation_stats.mean[n]) for n in neurons))
+        return _edits.Suppress(neurons)
+
     acc: dict = {}
     used = [r for r in records if r.neurons]
     skipped = [f"{r.fact.relation}:{r.fact.subject}" for r in records if not r.neurons]
@@ -100,13 +129,13 @@ def suppress_amplify_experiment(lm, records: Sequence[FactNeurons], factor: floa
                 "other_relations": _sample(other, control_prompts, rng)}
         prompts = [p for g in groups for p in sets[g]]
         neuron_sets = {"knowledge": rec.neurons, "baseline": rec.baseline_neurons,
-                       "random": _edits.random_neurons(lm, rec.neurons, seed=seed * 1_000_003 + i)}
+                       "random": _edits.random_neurons(lm, rec.neurons, seed=seed * 1_000_003 + i, exclude=exclude)}
         before = [base[key[id(p)]] for p in prompts]
         for method in methods:
             for op in ops:
-                neurons = neuron_sets[method]
+                neurons = tuple(map(tuple, neuron_sets[method]))
                 if neurons:
-                    edit = _edits.Suppress(tuple(neurons)) if op == "suppress" else _edits.Amplify(tuple(neurons), factor)
+                    edit = make(op, neurons)
                     after = with_edits(lm, [edit], lambda: answer_probabilities(lm, prompts, batch_size))
                 else:
                     after = before
@@ -128,9 +157,9 @@ def suppress_amplify_experiment(lm, records: Sequence[FactNeurons], factor: floa
                         if relations else float("nan") for g in groups} for op in ops} for m in methods}
     flips = {m: {op: {g: float(np.nanmean([per_relation[rel][m][op][g]["flip_rate"] for rel in relations]))
                       if relations else float("nan") for g in groups} for op in ops} for m in methods}
-    return {"factor": factor, "control_prompts": control_prompts, "seed": seed, "per_relation": per_relation,
-            "average": average, "average_flip_rate": flips, "facts_used": len(used),
-            "facts_without_neurons": skipped}
+    return {"factor": factor, "amplify_meaning": AMPLIFY_MEANING, "control_prompts": control_prompts, "seed": seed,
+            "excluded_neurons": len(set(map(tuple, exclude))), "per_relation": per_relation, "average": average,
+            "average_flip_rate": flips, "facts_used": len(used), "facts_without_neurons": skipped}
 
 
 def _counterfactual_prompts(lm, factset, fact, new_object: str, templates: Sequence[str]) -> dict:
@@ -144,35 +173,64 @@ def _counterfactual_prompts(lm, factset, fact, new_object: str, templates: Seque
 def update_experiment(lm, records: Sequence[FactNeurons], factset, seed: int = 0, facts_per_relation: int = 10,
                       lambda1: float = 1.0, lambda2: float = 8.0, fraction: float = 0.1,
                       control_prompts: int = 20, batch_size: int = 32, embedding: str | None = None,
-                      task: Task | None = None) -> dict:
+                      exclude=(), calibrated: bool = True, task: Task | None = None) -> dict:
     """The paper's update <s, r, o> -> <s, r, o'> on up to `facts_per_relation` correctly answered facts per
     relation (o' a random other object of the relation, seeded), beside random neurons from the same layers.
 
-    Per fact, on its own prompts: change rate (top-1 no longer the old top-1), success rate (o' is the greedy
-    answer at every answer token), top-5 rate (o''s first token in the top 5); on prompts of other facts of
-    the same relation (intra) and of other relations (inter): answer perplexity before and after."""
+    Arms per fact: "knowledge" (the paper's edit), "random" (the same edit on random neurons), with the
+    prompts' activations "sign_aware" (reversed on negatively active neurons), and with `calibrated`
+    "calibrated" (sign-aware, lambdas scaled by the smallest s at which o' wins on the fact's prompts, see
+    `edit_plan.calibrate_update`) beside "calibrated_random" (random neurons at the same scale).
+    Per arm, on the fact's prompts: change rate (top-1 no longer the old top-1), success rate (o' greedy at
+    every answer token), top-5 rate; on prompts of other facts of the same relation (intra) and of other
+    relations (inter): answer perplexity before and after, summarised as ratios (`update_summary`)."""
     task = as_task(task)
     rng = np.random.default_rng(seed + 17)
+    records = _without(records, exclude)
     by_relation: dict[str, list[FactNeurons]] = {}
     for r in records:
         by_relation.setdefault(r.relation, []).append(r)
+    candidates, skipped = _update_candidates(lm, by_relation, factset, facts_per_relation, fraction, lambda1,
+                                             lambda2, embedding, batch_size, rng)
+    rows = []
+    for n_done, (rec, update, (new_object, cf)) in enumerate(candidates):
+        task.check()
+        same = _sample([p for r in by_relation[rec.relation] if r is not rec for p in r.prompts], control_prompts, rng)
+        other = _sample([p for r in records if r.relation != rec.relation for p in r.prompts], control_prompts, rng)
+        rows.append(_update_row(lm, rec, update, new_object, cf, same, other, seed * 7919 + n_done, exclude,
+                                calibrated, batch_size, task.slice(n_done / len(candidates), (n_done + 1) / len(candidates))))
+        task.progress((n_done + 1) / max(len(candidates), 1), rows[-1]["fact"])
+    arms = ("knowledge", "random", "sign_aware") + (("calibrated", "calibrated_random") if calibrated else ())
+    return {"lambda1": lambda1, "lambda2": lambda2, "exclusion_fraction": fraction,
+            "embedding": embedding or _edits.default_embedding(lm), "multi_token": _edits.default_multi_token(lm),
+            "calibration_range": list(CALIBRATION_RANGE) if calibrated else None,
+            "facts": rows, "skipped": skipped,
+            **{arm: update_summary([r for r in rows if arm in r], arm) for arm in arms}}
 
-    rows, skipped = [], []
-    candidates = []
+
+def _update_candidates(lm, by_relation, factset, facts_per_relation, fraction, lambda1, lambda2, embedding,
+                       batch_size, rng):
+    """Per relation, up to `facts_per_relation` facts that the model answers, with an update (o' not chosen
+    yet) and o' with its prompts; the others skipped with a reason."""
+    candidates, skipped = [], []
     for rel, recs in by_relation.items():
         picked = 0
         for rec in recs:
             if picked >= facts_per_relation:
                 break
+            label = f"{rel}:{rec.fact.subject}"
+            if not rec.neurons:
+                skipped.append({"fact": label, "reason": "no knowledge neurons"})
+                continue
             before = answer_probabilities(lm, rec.prompts, batch_size)
-            if not rec.neurons or np.mean([b["correct"] for b in before]) < 0.5:
-                skipped.append({"fact": f"{rel}:{rec.fact.subject}", "reason": "not answered correctly" if rec.neurons else "no knowledge neurons"})
+            if np.mean([b["correct"] for b in before]) < 0.5:
+                skipped.append({"fact": label, "reason": "not answered correctly"})
                 continue
             others_sets = [r.neurons for r in recs if r is not rec]
             update = _edits.make_update(lm, rec.neurons, rec.prompts[0].answer_ids, (), others_sets, fraction,
                                         lambda1, lambda2, embedding)
             if not update.neurons:
-                skipped.append({"fact": f"{rel}:{rec.fact.subject}", "reason": "all its neurons are shared by >10% of the relation's facts"})
+                skipped.append({"fact": label, "reason": "all its neurons are shared by >10% of the relation's facts"})
                 continue
             others = [o for o in dict.fromkeys(r.fact.object for r in recs) if o != rec.fact.object]
             rng.shuffle(others)
@@ -183,82 +241,95 @@ def update_experiment(lm, records: Sequence[FactNeurons], factset, seed: int = 0
                     chosen = (o, cf)
                     break
             if chosen is None:
-                skipped.append({"fact": f"{rel}:{rec.fact.subject}", "reason": "no other object of the relation to move to"})
+                skipped.append({"fact": label, "reason": "no other object of the relation to move to"})
                 continue
             picked += 1
-            candidates.append((rec, update, before, chosen))
-    for n_done, (rec, update, before, (new_object, cf)) in enumerate(candidates):
-        task.check()
-        own = [p for p in rec.prompts if p.template in cf]
-        new_prompts = [cf[p.template] for p in own]
-        update = _edits.Update(update.neurons, own[0].answer_ids, new_prompts[0].answer_ids, update.lambda1,
-                               update.lambda2, update.embedding, update.multi_token, update.excluded)
-        same = _sample([p for r in by_relation[rec.relation] if r is not rec for p in r.prompts], control_prompts, rng)
-        other = _sample([p for r in records if r.relation != rec.relation for p in r.prompts], control_prompts, rng)
-        before_own = answer_probabilities(lm, own, batch_size, top_k=5)
-        ppl_before = {"intra": answer_perplexity(lm, same, batch_size) if same else float("nan"),
-                      "inter": answer_perplexity(lm, other, batch_size) if other else float("nan")}
-        row = {"fact": f"{rec.relation}:{rec.fact.subject}", "object": rec.fact.object, "new_object": new_object,
-               "neurons": [list(n) for n in update.neurons], "excluded": [list(n) for n in update.excluded]}
-        random_update = _edits.Update(tuple(_edits.random_neurons(lm, update.neurons, seed=seed * 7919 + n_done)),
-                                      update.old_ids, update.new_ids, update.lambda1, update.lambda2,
-                                      update.embedding, update.multi_token)
-        arms = [("knowledge", update), ("random", random_update)]
-        if rec.activations:  # ours, beyond the paper: the edit reversed on negatively active neurons
-            flipped = _edits.negatively_active(update.neurons, rec.activations)
-            row["flipped"] = [list(n) for n in flipped]
-            arms.append(("sign_aware", replace(update, flipped=flipped)))
-        for name, edit in arms:
-            def measure():
-                after_own = answer_probabilities(lm, own, batch_size, top_k=5)
-                after_new = answer_probabilities(lm, new_prompts, batch_size, top_k=5)
-                return after_own, after_new, {
-                    "intra": answer_perplexity(lm, same, batch_size) if same else float("nan"),
-                    "inter": answer_perplexity(lm, other, batch_size) if other else float("nan")}
-            after_own, after_new, ppl_after = with_edits(lm, [edit], measure)
-            row[name] = {
-                "change_rate": float(np.mean([b["top1_id"] != a["top1_id"] for b, a in zip(before_own, after_own)])),
-                "success_rate": float(np.mean([a["correct"] for a in after_new])),
-                "top5_rate": float(np.mean([a["in_top_k"] for a in after_new])),
-                "p_old_before": float(np.mean([b["prob"] for b in before_own])),
-                "p_old_after": float(np.mean([a["prob"] for a in after_own])),
-                "p_new_after": float(np.mean([a["prob"] for a in after_new])),
-                "ppl_intra_before": ppl_before["intra"], "ppl_intra_after": ppl_after["intra"],
-                "ppl_inter_before": ppl_before["inter"], "ppl_inter_after": ppl_after["inter"],
-            }
-        rows.append(row)
-        task.progress((n_done + 1) / max(len(candidates), 1), row["fact"])
+            candidates.append((rec, update, chosen))
+    return candidates, skipped
 
-    return {"lambda1": lambda1, "lambda2": lambda2, "exclusion_fraction": fraction,
-            "embedding": embedding or _edits.default_embedding(lm), "multi_token": _edits.default_multi_token(lm),
-            "facts": rows, "skipped": skipped, "knowledge": update_summary(rows, "knowledge"),
-            "random": update_summary(rows, "random"),
-            "sign_aware": update_summary([r for r in rows if "sign_aware" in r], "sign_aware")}
+
+def _update_row(lm, rec, update, new_object, cf, same, other, seed, exclude, calibrated, batch_size, task) -> dict:
+    """One updated fact: every arm applied in turn and measured, the model restored after each."""
+    own = [p for p in rec.prompts if p.template in cf]
+    new_prompts = [cf[p.template] for p in own]
+    update = _edits.Update(update.neurons, own[0].answer_ids, new_prompts[0].answer_ids, update.lambda1,
+                           update.lambda2, update.embedding, update.multi_token, update.excluded)
+    before_own = answer_probabilities(lm, own, batch_size, top_k=5)
+    ppl_before = {"intra": answer_perplexity(lm, same, batch_size) if same else float("nan"),
+                  "inter": answer_perplexity(lm, other, batch_size) if other else float("nan")}
+    row = {"fact": f"{rec.relation}:{rec.fact.subject}", "object": rec.fact.object, "new_object": new_object,
+           "neurons": [list(n) for n in update.neurons], "excluded": [list(n) for n in update.excluded]}
+    random_neurons = tuple(_edits.random_neurons(lm, update.neurons, seed=seed, exclude=exclude))
+    arms = [("knowledge", update), ("random", replace(update, neurons=random_neurons, excluded=()))]
+    flipped = _edits.negatively_active(update.neurons, rec.activations) if rec.activations else None
+    if flipped is not None:  # ours, beyond the paper: the edit reversed on negatively active neurons
+        row["flipped"] = [list(n) for n in flipped]
+        arms.append(("sign_aware", replace(update, flipped=flipped)))
+    extra: dict[str, dict] = {}
+    if calibrated:
+        if flipped is None:
+            from .evaluation import neuron_activations
+
+            mean = neuron_activations(lm, update.neurons, rec.prompts).mean(axis=0)
+            flipped = tuple(n for n, m in zip(update.neurons, mean) if m < 0)
+        edit, info = calibrate_update(lm, replace(update, flipped=flipped), new_prompts, task=task)
+        row["calibration"] = info
+        extra = {"calibrated": {"scale": info["scale"], "reached": float(info["reached"])},
+                 "calibrated_random": {"scale": info["scale"]}}
+        arms += [("calibrated", edit), ("calibrated_random", replace(edit, neurons=random_neurons, excluded=(),
+                                                                        flipped=()))]
+    for name, edit in arms:
+        def measure():
+            after_own = answer_probabilities(lm, own, batch_size, top_k=5)
+            after_new = answer_probabilities(lm, new_prompts, batch_size, top_k=5)
+            return after_own, after_new, {
+                "intra": answer_perplexity(lm, same, batch_size) if same else float("nan"),
+                "inter": answer_perplexity(lm, other, batch_size) if other else float("nan")}
+        after_own, after_new, ppl_after = with_edits(lm, [edit], measure)
+        row[name] = {
+            "change_rate": float(np.mean([b["top1_id"] != a["top1_id"] for b, a in zip(before_own, after_own)])),
+            "success_rate": float(np.mean([a["correct"] for a in after_new])),
+            "top5_rate": float(np.mean([a["in_top_k"] for a in after_new])),
+            "p_old_before": float(np.mean([b["prob"] for b in before_own])),
+            "p_old_after": float(np.mean([a["prob"] for a in after_own])),
+            "p_new_after": float(np.mean([a["prob"] for a in after_new])),
+            "ppl_intra_before": ppl_before["intra"], "ppl_intra_after": ppl_after["intra"],
+            "ppl_inter_before": ppl_before["inter"], "ppl_inter_after": ppl_after["inter"],
+            **extra.get(name, {}),
+        }
+    return row
 
 
 def update_summary(rows: list[dict], name: str) -> dict:
-    """Means over updated facts of one arm ("knowledge" or "random"), and perplexity changes as mean and
-    median: one edit that wrecks a prompt's perplexity dominates the mean, so the median is reported beside it."""
+    """Means over updated facts of one arm, and the perplexity changes as ratios after/before per fact
+    ({"ratio", "log10", "text"}: median and geometric mean over facts; "x1.2e26", never a 30-digit
+    difference). A calibrated arm also gives its median scale and the share of facts where o' won."""
     if not rows:
         return {}
     vals = [r[name] for r in rows]
-    out = {k: float(np.nanmean([v[k] for v in vals])) for k in vals[0]}
+    out = {k: float(np.nanmean([v[k] for v in vals])) for k in vals[0] if not k.startswith("ppl_")}
+    if "scale" in out:
+        out["scale"] = float(np.median([v["scale"] for v in vals]))
+    if "reached" in out:
+        out["reached_rate"] = out.pop("reached")
     for kind in ("intra", "inter"):
-        before = np.array([v[f"ppl_{kind}_before"] for v in vals], dtype=float)
-        after = np.array([v[f"ppl_{kind}_after"] for v in vals], dtype=float)
-        out[f"ppl_{kind}_change"] = float(np.nanmean(after - before))
-        out[f"ppl_{kind}_change_rel"] = float(np.nanmean(after / before - 1))
-        out[f"ppl_{kind}_change_median"] = float(np.nanmedian(after - before))
+        logs = [ratio(v[f"ppl_{kind}_before"], v[f"ppl_{kind}_after"])["log10"] for v in vals]
+        logs = [x for x in logs if x is not None]
+        out[f"ppl_{kind}_ratio_median"] = ratio_from_log10(float(np.median(logs)) if logs else None)
+        out[f"ppl_{kind}_ratio_geomean"] = ratio_from_log10(float(np.mean(logs)) if logs else None)
     return out
 
 
 def erase_experiment(lm, records: Sequence[FactNeurons], k: int = 20, fill: str = "zero", seed: int = 0,
-                     control_prompts: int = 40, batch_size: int = 32, task: Task | None = None) -> dict:
+                     control_prompts: int = 40, batch_size: int = 32, exclude=(), task: Task | None = None) -> dict:
     """Erase each relation (its k most frequent knowledge neurons' value vectors -> zero or [UNK]); accuracy
     and answer perplexity on its prompts and on `control_prompts` sampled from other relations, beside the
-    same number of random neurons from the same layers."""
+    same number of random neurons from the same layers. Perplexity changes also as ratios after/before
+    ({"ratio", "log10", "text"}). `exclude`: neurons never erased (flagged massive/unspecific: erasing a
+    massive neuron breaks every relation, which says nothing about the erased one)."""
     task = as_task(task)
     rng = np.random.default_rng(seed + 29)
+    records = _without(records, exclude)
     relations = sorted({r.relation for r in records})
     out = {}
     for n_done, rel in enumerate(relations):
@@ -280,32 +351,75 @@ def erase_experiment(lm, records: Sequence[FactNeurons], k: int = 20, fill: str 
                     "other_accuracy": float(np.mean([x["correct"] for x in a_other])) if a_other else float("nan"),
                     "other_perplexity": answer_perplexity(lm, other, batch_size) if other else float("nan")}
 
+        def with_ratios(after):
+            return after | {"perplexity_ratio": ratio(before["perplexity"], after["perplexity"]),
+                            "other_perplexity_ratio": ratio(before["other_perplexity"], after["other_perplexity"])}
+
         before = measure()
-        random_set = _edits.random_neurons(lm, neurons, seed=seed * 104729 + n_done)
+        random_set = _edits.random_neurons(lm, neurons, seed=seed * 104729 + n_done, exclude=exclude)
         out[rel] = {"neurons": [list(n) for n in neurons], "before": before,
-                    "knowledge": with_edits(lm, [_edits.Erase(tuple(neurons), fill, emb)], measure),
-                    "random": with_edits(lm, [_edits.Erase(tuple(random_set), fill, emb)], measure)}
+                    "knowledge": with_ratios(with_edits(lm, [_edits.Erase(tuple(neurons), fill, emb)], measure)),
+                    "random": with_ratios(with_edits(lm, [_edits.Erase(tuple(random_set), fill, emb)], measure))}
+        if len(neurons) < k:
+            out[rel]["fewer_neurons"] = f"only {len(neurons)} distinct knowledge neurons in {len(recs)} facts"
         task.progress((n_done + 1) / len(relations), rel)
-    return {"k": k, "fill": fill, "per_relation": out}
+    return {"k": k, "fill": fill, "excluded_neurons": len(set(map(tuple, exclude))), "per_relation": out}
 
 
-def activation_by_prompt(records: Sequence[FactNeurons]) -> dict:
-    """Mean activation of a fact's knowledge neurons at the answer position on its own prompts, on prompts of
-    other facts of its relation and on prompts of other relations (from the activations attribution
-    recorded), averaged over facts."""
-    own, same, other = [], [], []
-    for rec in records:
-        if not rec.neurons or rec.activations is None:
-            continue
-        idx = tuple(np.array(rec.neurons).T)
+def activation_by_prompt(lm, records: Sequence[FactNeurons], factset, prompts_per_group: int = 20,
+                         corpus: Sequence[str] | None = None, seed: int = 0, batch_size: int = 32,
+                         task: Task | None = None) -> dict:
+    """The paper's activation-by-prompt comparison: a fact's knowledge neurons' mean activation on prompts
+    that express the fact (its own prompts), that only share its subject (other relations' templates filled
+    with the same subject), and random prompts (other relations' prompts about other subjects), plus an
+    optional `corpus` of sentences (e.g. one per line of a user's text file; the activation is averaged
+    over a sentence's tokens).
 
-        def mean_act(recs):
-            vals = [a[idx].mean() for r in recs if r.activations is not None for a in r.activations]
-            return float(np.mean(vals)) if vals else float("nan")
+    Direction: each neuron's activation is multiplied by the direction that raises the answer. A refined
+    neuron has Attr = w x (integrated gradient) > 0, so that direction is the sign of its activation w on the
+    fact's prompts; without this, the negative activations of SwiGLU/GELU neurons cancel the positive ones
+    and the comparison says nothing. Up to `prompts_per_group` prompts per group and fact (seeded sample).
+    Returns the means over facts ("expressing", "subject_only", "random", "corpus") and "per_fact"."""
+    from .evaluation import neuron_activations
+    from .facts import Fact, render_prompts
 
-        own.append(mean_act([rec]))
-        same.append(mean_act([r for r in records if r.relation == rec.relation and r is not rec]))
-        other.append(mean_act([r for r in records if r.relation != rec.relation]))
-    return {"own_prompts": float(np.nanmean(own)) if own else float("nan"),
-            "same_relation_other_facts": float(np.nanmean(same)) if same else float("nan"),
-            "other_relations": float(np.nanmean(other)) if other else float("nan"), "facts": len(own)}
+    task = as_task(task)
+    rng = np.random.default_rng(seed + 41)
+    groups = ("expressing", "subject_only", "random") + (("corpus",) if corpus else ())
+    per_fact = []
+    used = [r for r in records if r.neurons]
+    for n_done, rec in enumerate(used):
+        task.check()
+        neurons = [tuple(n) for n in rec.neurons]
+        subject_only = []
+        for rid, relation in factset.relations.items():
+            if rid == rec.relation:
+                continue
+            known = [f for f in factset.facts_of(rid) if f.subject == rec.fact.subject]
+            objects = factset.objects_of(rid)
+            fact = known[0] if known else (Fact(rid, rec.fact.subject, objects[0]) if objects else None)
+            if fact is not None:
+                subject_only += render_prompts(fact, relation, lm.tokenizer, lm.kind)[0]
+        random_prompts = [p for r in records if r.relation != rec.relation and r.fact.subject != rec.fact.subject
+                          for p in r.prompts]
+        items = {"expressing": list(rec.prompts), "subject_only": _sample(subject_only, prompts_per_group, rng),
+                 "random": _sample(random_prompts, prompts_per_group, rng)}
+        if corpus:
+            items["corpus"] = list(corpus)
+        own = neuron_activations(lm, neurons, items["expressing"], batch_size=batch_size)
+        direction = np.where(own.mean(axis=0) < 0, -1.0, 1.0)
+        row = {"fact": f"{rec.relation}:{rec.fact.subject}", "direction": direction.astype(int).tolist()}
+        for g in groups:
+            if not items[g]:
+                row[g] = float("nan")
+                continue
+            acts = own if g == "expressing" else neuron_activations(
+                lm, neurons, items[g], position="mean" if g == "corpus" else "answer", batch_size=batch_size)
+            row[g] = float((acts * direction).mean())
+            row[f"n_{g}"] = len(items[g])
+        per_fact.append(row)
+        task.progress((n_done + 1) / max(len(used), 1), row["fact"])
+    means = {g: float(np.nanmean([r[g] for r in per_fact])) if per_fact else float("nan") for g in groups}
+    return {**means, "facts": len(per_fact), "prompts_per_group": prompts_per_group,
+            "direction": "activation x sign of the neuron's activation on the fact's prompts (the sign that "
+                         "raises the answer, as Attr > 0)", "per_fact": per_fact}

@@ -1,48 +1,119 @@
-"""Selecting knowledge neurons from attribution scores (Dai et al., 2022, section 3.2): coarse neurons per
-prompt, refined neurons per fact, the paper's per-relation p, and relation-level neurons.
+"""Selecting knowledge neurons from attribution scores (Dai et al., 2022, section 3.2), and keeping apart the
+neurons that would look like knowledge neurons of every fact.
 
-Pure functions over stored [layers, neurons] score arrays, instant to recompute when t or p change.
+Selection (pure functions over stored [layers, neurons] score arrays, instant to recompute when t or p change):
+coarse neurons per prompt (score > t x max), refined neurons per fact (coarse in >= max(p x n_prompts, 3) of
+its prompts), the paper's per-relation p, relation-level neurons (refined for >= 10% of a relation's facts).
+Every selection function takes `exclude`: neurons that never set the t x max threshold and are never returned.
+The defaults (`exclude=()`) are the paper's method exactly.
+
+Flags (`NeuronFlags`), beyond the paper:
+- massive: a few neurons fire orders of magnitude above the rest on almost every input (Sun et al. 2024,
+  "Massive activations in large language models": magnitude > 100 and ~1,000x the median; Yu et al. 2024,
+  "The super weight"). Integrating from 0 to such an activation moves the output for any fact, and one such
+  score sets the t x max threshold of every prompt. The rule, scale-free so it holds for any model size:
+  a neuron is massive when (1) its median |activation| over prompts exceeds `ratio` (100) x the median
+  |activation| of its layer (over all the layer's neurons and prompts) -- the median over prompts makes it
+  "large on at least half of the inputs", not on one -- and (2) its mean |activation| is among the
+  `top_fraction` (0.1%, at least one) largest of the whole model. The rule was chosen from the literature
+  before it was run on any model; it was not tuned on any fact set.
+- unspecific: coarse for facts of most relations. A fact's coarse set is the neurons coarse in at least half of
+  its prompts (`fact_coarse_set`). A relation "uses" a neuron when it is in the coarse sets of at least
+  `fact_fraction` (10%, the paper's relation-level threshold) of the relation's facts; the neuron is
+  unspecific when more than `relation_fraction` (half) of the relations use it, given at least `min_relations`
+  (3) relations (with fewer, nothing is flagged: "most relations" means nothing). Compute the coarse sets with
+  the massive neurons excluded, or the massive neurons' threshold hides everything else. Relations that share
+  answers (official language and native language: "French") share output neurons too; flag on relations
+  whose answers differ, or expect those neurons among the unspecific ones.
+
+Activation statistics (`ActivationStats`) are read at the answer position, as attribution reads activations:
+either from the activations an attribution run already has (`ActivationStats.from_activations`, no extra
+forward pass) or measured on prompts or plain text (`activation_stats`, by default on a built-in set of neutral
+sentence prefixes). They also give each neuron's mean activation for mean-ablation.
+
+Callers (CLI, GUI, reproduction) use, with `keep_massive` to keep flagged neurons in:
+
+    flags = run_flags(lm, [r.activations for r in results])          # run's prompts + the neutral set
+    # several relations: run_flags(lm, activations, {relation: [[r.scores for r in fact_results], ...]}, t)
+    exclude = () if keep_massive else flags.excluded
+    refined = refined_neurons([r.scores for r in results], t, p, exclude=exclude)
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
-from dataclasses import dataclass
-from typing import Iterable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .tasks import Task, as_task
+
 Neuron = tuple[int, int]
+MASSIVE_RATIO = 100.0
+MASSIVE_TOP_FRACTION = 0.001
+UNSPECIFIC_FACT_FRACTION = 0.1
+UNSPECIFIC_RELATION_FRACTION = 0.5
+UNSPECIFIC_MIN_RELATIONS = 3
 
 
-def coarse_neurons(scores: np.ndarray, t: float = 0.2) -> list[Neuron]:
-    """Neurons whose score exceeds t x the maximum over all layers (none when the maximum is not positive)."""
+# --- selection ------------------------------------------------------------------------------------------------
+
+def _exclusion(exclude: Iterable[Neuron], shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The excluded neurons as index arrays into a [layers, neurons] array; a clear error when out of range."""
+    pairs = sorted({(int(layer), int(index)) for layer, index in exclude})
+    for layer, index in pairs:
+        if not (0 <= layer < shape[0] and 0 <= index < shape[1]):
+            raise ValueError(f"excluded neuron ({layer}, {index}) is outside the scores' {shape[0]} layers x "
+                             f"{shape[1]} neurons; pass neurons of the model the scores come from")
+    return (np.array([p[0] for p in pairs], dtype=np.int64), np.array([p[1] for p in pairs], dtype=np.int64))
+
+
+def _coarse(scores: np.ndarray, t: float, excluded: tuple[np.ndarray, np.ndarray]) -> list[Neuron]:
+    if excluded[0].size:
+        scores = np.array(scores, dtype=np.float64)
+        scores[excluded] = -np.inf
     top = float(np.max(scores))
-    if not top > 0:
+    if not (top > 0 and math.isfinite(top)):
         return []
     layers, neurons = np.nonzero(scores > t * top)
     return list(zip(layers.tolist(), neurons.tolist()))
+
+
+def coarse_neurons(scores: np.ndarray, t: float = 0.2, exclude: Iterable[Neuron] = ()) -> list[Neuron]:
+    """Neurons whose score exceeds t x the maximum over all layers (none when the maximum is not positive).
+    Excluded neurons neither set the maximum nor are returned."""
+    return _coarse(scores, t, _exclusion(exclude, np.shape(scores)))
 
 
 def refine_threshold(n_prompts: int, p: float) -> float:
     return max(p * n_prompts, 3)
 
 
-def coarse_counts(score_list: Iterable[np.ndarray], t: float = 0.2) -> Counter:
+def coarse_counts(score_list: Iterable[np.ndarray], t: float = 0.2, exclude: Iterable[Neuron] = ()) -> Counter:
+    """In how many prompts each neuron is coarse."""
     counts: Counter = Counter()
+    exclude = list(exclude)
+    excluded = None
     for scores in score_list:
-        counts.update(coarse_neurons(scores, t))
+        if excluded is None:
+            excluded = _exclusion(exclude, np.shape(scores))
+        counts.update(_coarse(scores, t, excluded))
     return counts
 
 
-def refined_from_counts(counts: Counter, n_prompts: int, p: float) -> list[Neuron]:
+def refined_from_counts(counts: Counter, n_prompts: int, p: float, exclude: Iterable[Neuron] = ()) -> list[Neuron]:
     need = refine_threshold(n_prompts, p)
-    return sorted(n for n, c in counts.items() if c >= need)
+    skip = {(int(layer), int(index)) for layer, index in exclude}
+    return sorted(n for n, c in counts.items() if c >= need and tuple(n) not in skip)
 
 
-def refined_neurons(score_list: Sequence[np.ndarray], t: float = 0.2, p: float = 0.7) -> list[Neuron]:
+def refined_neurons(score_list: Sequence[np.ndarray], t: float = 0.2, p: float = 0.7,
+                    exclude: Iterable[Neuron] = ()) -> list[Neuron]:
     """Neurons coarse in at least max(p x n_prompts, 3) of a fact's prompts."""
-    return refined_from_counts(coarse_counts(score_list, t), len(score_list), p)
+    return refined_from_counts(coarse_counts(score_list, t, exclude), len(score_list), p)
 
 
 @dataclass
@@ -53,9 +124,11 @@ class AdaptedP:
 
 
 def adapt_p(facts_scores: Sequence[Sequence[np.ndarray]], t: float = 0.2, p: float = 0.7, step: float = 0.05,
-            max_moves: int = 6, target: tuple[float, float] = (2.0, 5.0)) -> AdaptedP:
+            max_moves: int = 6, target: tuple[float, float] = (2.0, 5.0),
+            exclude: Iterable[Neuron] = ()) -> AdaptedP:
     """The paper's per-relation p: move by +-step (up to max_moves) until the mean refined count is in target."""
-    counts = [(coarse_counts(scores, t), len(scores)) for scores in facts_scores]
+    exclude = list(exclude)
+    counts = [(coarse_counts(scores, t, exclude), len(scores)) for scores in facts_scores]
 
     def mean_at(q):
         return float(np.mean([len(refined_from_counts(c, n, q)) for c, n in counts])) if counts else 0.0
@@ -72,10 +145,243 @@ def adapt_p(facts_scores: Sequence[Sequence[np.ndarray]], t: float = 0.2, p: flo
     return AdaptedP(p=history[-1][0], mean_neurons=history[-1][1], history=history)
 
 
-def relation_neurons(refined_sets: Sequence[Iterable[Neuron]], fraction: float = 0.1) -> list[tuple[Neuron, int]]:
+def fact_coarse_set(score_list: Sequence[np.ndarray], t: float = 0.2, exclude: Iterable[Neuron] = ()) -> set[Neuron]:
+    """A fact's coarse set for `flag_unspecific`: neurons coarse in at least half of its prompts (one wording's
+    coarse neurons say little about the fact; the refined set's 70% would hide what most facts share)."""
+    counts = coarse_counts(score_list, t, exclude)
+    return {n for n, c in counts.items() if 2 * c >= len(score_list)}
+
+
+def relation_neurons(refined_sets: Sequence[Iterable[Neuron]], fraction: float = 0.1,
+                     exclude: Iterable[Neuron] = ()) -> list[tuple[Neuron, int]]:
     """Neurons refined for at least `fraction` of a relation's facts, most frequent first, with their counts."""
+    skip = {(int(layer), int(index)) for layer, index in exclude}
     counts: Counter = Counter()
     for neurons in refined_sets:
-        counts.update(set(map(tuple, neurons)))
+        counts.update(set(map(tuple, neurons)) - skip)
     need = fraction * len(refined_sets)
     return sorted(((n, c) for n, c in counts.items() if c >= need), key=lambda nc: (-nc[1], nc[0]))
+
+
+# --- activation statistics ------------------------------------------------------------------------------------
+
+def _array(rows, dtype=np.float32) -> np.ndarray:
+    return np.asarray(rows, dtype=dtype)
+
+
+@dataclass(frozen=True, eq=False)
+class ActivationStats:
+    """Per neuron, at the answer position over `n_prompts` prompts: mean activation (signed; the value for
+    mean-ablation), mean |activation|, median |activation|; per layer, the median |activation| over all its
+    neurons and prompts. Arrays are float32, [layers, neurons] or [layers]."""
+    mean: np.ndarray
+    mean_abs: np.ndarray
+    median_abs: np.ndarray
+    layer_median_abs: np.ndarray
+    n_prompts: int
+    source: str = ""
+
+    @classmethod
+    def from_activations(cls, activations: Sequence[np.ndarray], source: str = "") -> "ActivationStats":
+        """From per-prompt [layers, neurons] activations at the answer position, e.g. `PromptScores.activations`
+        of an attribution run (no forward pass needed)."""
+        arrays = [np.asarray(a, dtype=np.float32) for a in activations]
+        if not arrays:
+            raise ValueError("activation statistics need the activations of at least one prompt")
+        shape = arrays[0].shape
+        if len(shape) != 2 or any(a.shape != shape for a in arrays):
+            raise ValueError(f"every prompt's activations must be one [layers, neurons] array of the same shape; "
+                             f"got {sorted({a.shape for a in arrays})}")
+        stacked = np.stack(arrays)  # [prompts, layers, neurons]
+        absolute = np.abs(stacked)
+        layer_median = np.median(absolute.transpose(1, 0, 2).reshape(shape[0], -1), axis=1)
+        return cls(mean=stacked.mean(axis=0), mean_abs=absolute.mean(axis=0), median_abs=np.median(absolute, axis=0),
+                   layer_median_abs=layer_median.astype(np.float32), n_prompts=len(arrays), source=source)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.mean.shape)
+
+    def mean_of(self, neurons: Iterable[Neuron]) -> list[float]:
+        """Each neuron's mean activation: what mean-ablation sets it to."""
+        return [float(self.mean[int(layer), int(index)]) for layer, index in neurons]
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean.tolist(), "mean_abs": self.mean_abs.tolist(), "median_abs": self.median_abs.tolist(),
+                "layer_median_abs": self.layer_median_abs.tolist(), "n_prompts": self.n_prompts,
+                "source": self.source}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "ActivationStats":
+        return cls(mean=_array(d["mean"]), mean_abs=_array(d["mean_abs"]), median_abs=_array(d["median_abs"]),
+                   layer_median_abs=_array(d["layer_median_abs"]), n_prompts=int(d["n_prompts"]),
+                   source=str(d.get("source", "")))
+
+
+def neutral_sentences() -> list[str]:
+    """The built-in neutral set: plain everyday sentence prefixes that stop before a word (no facts of any
+    relation, no final punctuation: delimiter tokens carry massive activations of their own)."""
+    text = resources.files("kn_core").joinpath("data/neutral_sentences.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _answer_rows(lm, item) -> tuple[list[int], list[int]]:
+    """(input ids, positions read) for a Prompt or a plain text prefix, as attribution reads activations:
+    causal -- the positions predicting the answer tokens (a text: its last token); masked -- the mask slots (a
+    text without a mask gets " <mask>." appended)."""
+    tokenizer = lm.tokenizer
+    text = item if isinstance(item, str) else item.text
+    if not text or not text.strip():
+        raise ValueError("an empty text has no answer position; remove empty lines from the texts")
+    if lm.kind == "causal":
+        ids = list(tokenizer(text)["input_ids"])
+        if not ids:
+            raise ValueError(f"{text!r} has no tokens")
+        answer = [] if isinstance(item, str) else [int(t) for t in item.answer_ids]
+        start = len(ids) - 1
+        return ids + answer[:-1], list(range(start, start + max(len(answer), 1)))
+    mask = tokenizer.mask_token
+    if mask not in text:
+        text = f"{text} {mask}."
+    ids = list(tokenizer(text)["input_ids"])
+    return ids, [i for i, t in enumerate(ids) if t == tokenizer.mask_token_id]
+
+
+def answer_activations(lm, items: Sequence, task: Task | None = None, batch_size: int = 16) -> list[np.ndarray]:
+    """Each item's [layers, neurons] activations at its answer position (mean over a multi-token answer's).
+    `items`: Prompts or plain text prefixes."""
+    import torch
+
+    from .ffn import capture_activations
+
+    task = as_task(task)
+    rows = [_answer_rows(lm, item) for item in items]  # all input errors before any forward pass
+    pad = next((v for v in (getattr(lm.tokenizer, n, None) for n in ("pad_token_id", "eos_token_id", "unk_token_id"))
+                if v is not None), 0)
+    out: list[np.ndarray] = []
+    for start in range(0, len(rows), batch_size):
+        task.check()
+        chunk = rows[start:start + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), int(pad), dtype=torch.long)
+        attention = torch.zeros((len(chunk), width), dtype=torch.long)
+        for r, (row_ids, _) in enumerate(chunk):
+            ids[r, :len(row_ids)] = torch.tensor(row_ids)
+            attention[r, :len(row_ids)] = 1
+
+        def run():
+            with torch.no_grad():
+                return lm.model(input_ids=ids.to(lm.device), attention_mask=attention.to(lm.device))
+
+        _, acts = capture_activations(lm.layout, run)
+        layers = sorted(acts)
+        for r, (_, positions) in enumerate(chunk):
+            out.append(torch.stack([acts[layer][r, positions].float().mean(dim=0) for layer in layers])
+                       .cpu().numpy())
+        task.progress(min(start + batch_size, len(rows)) / len(rows), "activation statistics")
+    return out
+
+
+def activation_stats(lm, prompts: Sequence | None = None, task: Task | None = None) -> ActivationStats:
+    """Activation statistics measured on `prompts` (Prompts or plain text prefixes; default: the built-in
+    neutral sentences), one forward pass per batch."""
+    items = neutral_sentences() if prompts is None else list(prompts)
+    source = "neutral sentences" if prompts is None else f"{len(items)} prompts"
+    return ActivationStats.from_activations(answer_activations(lm, items, task), source=source)
+
+
+# --- flags ----------------------------------------------------------------------------------------------------
+
+def flag_massive(stats: ActivationStats, ratio: float = MASSIVE_RATIO,
+                 top_fraction: float = MASSIVE_TOP_FRACTION) -> frozenset[Neuron]:
+    """Neurons whose median |activation| over prompts is > ratio x their layer's median |activation| and
+    whose mean |activation| is among the top_fraction (at least one) largest of the model."""
+    size = stats.mean_abs.size
+    top = max(1, math.ceil(top_fraction * size))
+    kth_largest = np.partition(stats.mean_abs.ravel(), size - top)[size - top]
+    big = stats.median_abs > ratio * stats.layer_median_abs[:, None]
+    few = stats.mean_abs >= kth_largest
+    layers, neurons = np.nonzero(big & few & (stats.median_abs > 0))
+    return frozenset(zip(layers.tolist(), neurons.tolist()))
+
+
+def flag_unspecific(coarse_sets_by_relation: Mapping[str, Sequence[Iterable[Neuron]]],
+                    fact_fraction: float = UNSPECIFIC_FACT_FRACTION,
+                    relation_fraction: float = UNSPECIFIC_RELATION_FRACTION,
+                    min_relations: int = UNSPECIFIC_MIN_RELATIONS) -> frozenset[Neuron]:
+    """Neurons used by more than relation_fraction of the relations (at least min_relations of them), where a
+    relation uses a neuron in the coarse sets of >= fact_fraction of its facts."""
+    relations = {r: [set(map(tuple, s)) for s in sets] for r, sets in coarse_sets_by_relation.items() if sets}
+    if len(relations) < min_relations:
+        return frozenset()
+    used: Counter = Counter()
+    for fact_sets in relations.values():
+        per_fact = Counter(n for s in fact_sets for n in s)
+        used.update(n for n, c in per_fact.items() if c >= fact_fraction * len(fact_sets))
+    return frozenset((int(n[0]), int(n[1])) for n, c in used.items() if c > relation_fraction * len(relations))
+
+
+@dataclass(frozen=True)
+class NeuronFlags:
+    """Neurons kept apart from knowledge neurons, and the rule that flagged them."""
+    massive: frozenset[Neuron] = frozenset()
+    unspecific: frozenset[Neuron] = frozenset()
+    rule: dict = field(default_factory=dict)
+
+    @property
+    def excluded(self) -> frozenset[Neuron]:
+        return self.massive | self.unspecific
+
+    def of(self, neuron: Neuron) -> tuple[str, ...]:
+        """The flags of one neuron: () or some of ("massive", "unspecific")."""
+        neuron = (int(neuron[0]), int(neuron[1]))
+        return tuple(name for name, group in (("massive", self.massive), ("unspecific", self.unspecific))
+                     if neuron in group)
+
+    def to_dict(self) -> dict:
+        return {"massive": [list(n) for n in sorted(self.massive)],
+                "unspecific": [list(n) for n in sorted(self.unspecific)], "rule": dict(self.rule)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "NeuronFlags":
+        def neurons(key):
+            return frozenset((int(layer), int(index)) for layer, index in d.get(key, ()))
+        return cls(massive=neurons("massive"), unspecific=neurons("unspecific"), rule=dict(d.get("rule", {})))
+
+
+def neuron_flags(stats: ActivationStats, coarse_sets_by_relation: Mapping | None = None, *,
+                 ratio: float = MASSIVE_RATIO, top_fraction: float = MASSIVE_TOP_FRACTION,
+                 fact_fraction: float = UNSPECIFIC_FACT_FRACTION,
+                 relation_fraction: float = UNSPECIFIC_RELATION_FRACTION,
+                 min_relations: int = UNSPECIFIC_MIN_RELATIONS) -> NeuronFlags:
+    """Massive neurons from `stats`; unspecific ones from the coarse sets of each relation's facts, if given."""
+    rule = {"massive": f"median |activation| over prompts > {ratio:g} x its layer's median |activation|, and "
+                       f"mean |activation| among the {top_fraction:.2%} largest of the model (at least one)",
+            "ratio": ratio, "top_fraction": top_fraction, "n_prompts": stats.n_prompts, "stats_source": stats.source}
+    unspecific: frozenset[Neuron] = frozenset()
+    if coarse_sets_by_relation is not None:
+        unspecific = flag_unspecific(coarse_sets_by_relation, fact_fraction, relation_fraction, min_relations)
+        rule.update({"unspecific": f"in the coarse sets of >= {fact_fraction:.0%} of the facts of more than "
+                                   f"{relation_fraction:.0%} of the relations (at least {min_relations} relations)",
+                     "fact_fraction": fact_fraction, "relation_fraction": relation_fraction,
+                     "min_relations": min_relations, "relations": len(coarse_sets_by_relation)})
+    return NeuronFlags(massive=flag_massive(stats, ratio, top_fraction), unspecific=unspecific, rule=rule)
+
+
+def run_flags(lm, activations: Sequence[np.ndarray] = (),
+              scores_by_relation: Mapping[str, Sequence[Sequence[np.ndarray]]] | None = None, t: float = 0.2,
+              task: Task | None = None) -> NeuronFlags:
+    """The flags for a run, in one call. Massive: activation statistics over the run's prompts
+    (`PromptScores.activations`, free) plus the built-in neutral sentences (one batched forward pass each), so
+    "on almost every input" never rests on one fact's paraphrases. Unspecific, when `scores_by_relation`
+    ({relation: [one fact's prompt scores, ...]}) is given: from each fact's coarse set at threshold t with the
+    massive neurons excluded."""
+    neutral = answer_activations(lm, neutral_sentences(), task)
+    source = f"{len(activations)} run prompts + {len(neutral)} neutral sentences"
+    stats = ActivationStats.from_activations(list(activations) + neutral, source=source)
+    if scores_by_relation is None:
+        return neuron_flags(stats)
+    massive = flag_massive(stats)
+    sets = {relation: [fact_coarse_set(scores, t, massive) for scores in facts]
+            for relation, facts in scores_by_relation.items()}
+    return neuron_flags(stats, sets)

@@ -220,7 +220,7 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
                                                            [r.relation for r in records], lm.layout.layers)
         report["baseline_neuron_statistics"] = ex.neuron_statistics(
             [r.baseline_neurons for r in records], [r.relation for r in records], lm.layout.layers)
-        report["activation_by_prompt"] = ex.activation_by_prompt(records)
+        report["activation_by_prompt"] = ex.activation_by_prompt(lm, records, factset)
         write()
 
         t0 = time.perf_counter()
@@ -372,13 +372,14 @@ def render_markdown(report: dict) -> str:
     a = report.get("activation_by_prompt")
     if a:
         lines += ["## Activation by prompt", "",
-                  "Mean activation of a fact's knowledge neurons at the answer position (ours: prompts of the fact, "
-                  "of other facts of the relation, of other relations; paper: open-domain sentences expressing the "
-                  "fact, with the subject only, random).", "",
+                  "Mean activation of a fact's knowledge neurons at the answer position, in the direction that raises "
+                  "the answer (ours: the fact's prompts, other relations' templates with the same subject, prompts of "
+                  "other relations and subjects; paper: open-domain sentences expressing the fact, with the subject "
+                  "only, random).", "",
                   "| | ours | paper |", "|---|---|---|",
-                  f"| the fact's own prompts / expressing the fact | {_num(a['own_prompts'], '{:.3f}')} | {PAPER['activation_expressing']} |",
-                  f"| other facts of the relation / subject only | {_num(a['same_relation_other_facts'], '{:.3f}')} | {PAPER['activation_subject_only']} |",
-                  f"| other relations / random | {_num(a['other_relations'], '{:.3f}')} | {PAPER['activation_random']} |", ""]
+                  f"| expressing the fact (its prompts) | {_num(a['expressing'], '{:.3f}')} | {PAPER['activation_expressing']} |",
+                  f"| subject only (other relations' templates) | {_num(a['subject_only'], '{:.3f}')} | {PAPER['activation_subject_only']} |",
+                  f"| random (other relations and subjects) | {_num(a['random'], '{:.3f}')} | {PAPER['activation_random']} |", ""]
     sa = report.get("suppress_amplify")
     if sa:
         lines += ["## Suppressing and amplifying knowledge neurons", "",
@@ -412,8 +413,8 @@ def render_markdown(report: dict) -> str:
         n_neurons = sum(len(f["neurons"]) for f in up["facts"])
 
         def ppl(arm, kind):
-            return (f"{_num(arm.get(f'ppl_{kind}_change_median'), '{:+.2f}')} "
-                    f"({_num(arm.get(f'ppl_{kind}_change'), '{:+.3g}')})")
+            return (f"{(arm.get(f'ppl_{kind}_ratio_median') or {}).get('text', '-')} "
+                    f"({(arm.get(f'ppl_{kind}_ratio_geomean') or {}).get('text', '-')})")
 
         lines += ["## Updating facts", "",
                   f"λ1 = {up['lambda1']}, λ2 = {up['lambda2']}, {up['embedding']} embeddings ({up['multi_token']} token "
@@ -427,7 +428,7 @@ def render_markdown(report: dict) -> str:
                   f"| change rate | {_pct(k.get('change_rate'))} | {_pct(sa.get('change_rate'))} | {_pct(r.get('change_rate'))} | {_pct(PAPER['update_change_rate'])} | {_pct(PAPER['update_random_change_rate'])} |",
                   f"| success rate (argmax = o') | {_pct(k.get('success_rate'))} | {_pct(sa.get('success_rate'))} | {_pct(r.get('success_rate'))} | {_pct(PAPER['update_success_rate'])} | {_pct(PAPER['update_random_success_rate'])} |",
                   f"| o' in top 5 | {_pct(k.get('top5_rate'))} | {_pct(sa.get('top5_rate'))} | {_pct(r.get('top5_rate'))} | - | - |",
-                  *(f"| {kind}-relation perplexity change, median (mean) | {ppl(k, kind)} | {ppl(sa, kind)} | "
+                  *(f"| {kind}-relation perplexity ratio, median (geometric mean) | {ppl(k, kind)} | {ppl(sa, kind)} | "
                     f"{ppl(r, kind)} | +{PAPER[f'update_ppl_{kind}']} | - |" for kind in ("intra", "inter")),
                   ""]
     er = report.get("erase")

@@ -10,8 +10,7 @@ from PySide6.QtCore import QSize, Qt
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import QFileDialog, QMessageBox, QStyle
 
-from .controllers.project import documents_folder
-from .panels.common import write_json
+from .panels.common import default_folder, write_json
 from .project_io import results_dict
 
 MAX_RECENT = 8
@@ -48,13 +47,13 @@ class ActionsMixin:
                                                "Import a PARAREL folder (pattern files + TREx facts)")
         self.act_export_facts = self._action("Export facts\u2026", self.export_facts_dialog, None,
                                              "Save the fact set as CSV or JSONL")
-        self.act_export_plots = self._action("Export plots (PNG/SVG)\u2026", self.export_plots_dialog, None,
-                                             "Save the three plots as PNG or SVG")
+        self.act_export_plots = self._action("Export figure (PNG/SVG/PDF)\u2026", self.export_plots_dialog, None,
+                                             "A paper-ready figure of the attribution plots at a chosen size and dpi")
         self.act_export_json = self._action("Export results (JSON)\u2026", self.export_results_dialog, None,
                                             "Runs, neuron sets and edits as JSON")
         self.act_export_table = self._action(
             "Export before/after table (CSV)\u2026",
-            lambda: self.edits_panel.table.export_csv_dialog(self, os.path.join(documents_folder(), "edit.csv")))
+            lambda: self.edits_panel.table.export_csv_dialog(self, os.path.join(self._start_folder(), "edit.csv")))
         self.act_export_model = self._action("Export edited model\u2026", self.export_model_dialog, None,
                                              "Save the model with its active edits to a folder")
         self.act_quit = self._action("&Quit", self.close, QKeySequence.Quit)
@@ -146,7 +145,7 @@ class ActionsMixin:
     # ----------------------------------------------------------------------------------------- dialogs
     def _start_folder(self) -> str:
         """Where file dialogs open: the project's folder, else the user's documents folder."""
-        return os.path.dirname(os.path.abspath(self.project.path)) if self.project.path else documents_folder()
+        return os.path.dirname(os.path.abspath(self.project.path)) if self.project.path else str(default_folder())
 
     def _confirm_discard(self) -> bool:
         if not self.is_modified():
@@ -202,51 +201,18 @@ class ActionsMixin:
 
     # ----------------------------------------------------------------------------------------- exports
     def export_plots(self, folder: str, fmt: str = "png") -> list[str]:
-        """The three plots as PNG (pyqtgraph's exporter, 1400 px wide) or SVG (Qt's SVG generator)."""
-        import pyqtgraph.exporters as ex
-        from PySide6.QtCore import QRect
-        from PySide6.QtGui import QPainter
-        from PySide6.QtSvg import QSvgGenerator
+        """Every figure of the attribution panel with something to show, as paper figures in `folder`."""
+        from .panels.figures import export_figures
 
-        ap = self.attribution_panel
-        ap._draw_prompts(force=True)
-        written = []
-        for name, widget in {"layers": ap.layer_widget, "heatmap": ap.heat_widget,
-                             "prompts": ap.prompt_widget}.items():
-            path = os.path.join(folder, f"{name}.{fmt}")
-            if fmt == "svg":
-                size = widget.size() if widget.width() > 50 else QSize(900, 400)
-                generator = QSvgGenerator()
-                generator.setFileName(path)
-                generator.setSize(size)
-                generator.setViewBox(QRect(0, 0, size.width(), size.height()))
-                generator.setTitle(f"Knowledge Neuron Studio: {name}")
-                painter = QPainter(generator)
-                try:
-                    widget.scene().render(painter, widget.rect().toRectF(), widget.sceneRect())
-                finally:
-                    painter.end()
-            else:
-                exporter = ex.ImageExporter(widget.scene())
-                exporter.parameters()["width"] = 1400
-                exporter.export(path)
-            if not os.path.exists(path):
-                raise OSError(f"nothing was written to {path}")
-            written.append(path)
-        return written
+        written, _ = export_figures(self.attribution_panel, folder, fmt)
+        return [str(p) for p in written]
 
     def export_plots_dialog(self):
-        folder = QFileDialog.getExistingDirectory(self, "Export plots to folder", self._start_folder())
-        if not folder:
-            return
-        fmt = "svg" if (not self.quiet and QMessageBox.question(
-            self, "Format", "Save as SVG (vector)? No saves PNG.") == QMessageBox.Yes) else "png"
-        try:
-            written = self.export_plots(folder, fmt)
-        except Exception as exc:  # noqa: BLE001
-            self.show_error("Could not export the plots", f"{exc}. Choose a folder you can write to.")
-            return
-        self.status(f"Wrote {', '.join(Path(p).name for p in written)} to {folder}.")
+        from .panels.figures import FigureExportDialog
+
+        dialog = FigureExportDialog(self.attribution_panel, self, folder=self._start_folder())
+        dialog.accepted.connect(lambda: self.status(f"Figure written to {dialog.written}."))
+        dialog.open()
 
     def results_dict(self) -> dict:
         return results_dict(self.session, self.edits.commands())

@@ -9,8 +9,7 @@ from pathlib import Path
 
 from PySide6.QtCore import QByteArray, QSettings, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QIcon, QKeySequence
-from PySide6.QtWidgets import (QDockWidget, QFileDialog, QLabel, QMainWindow, QMessageBox, QProgressBar,
-                               QPushButton, QStyle, QWidget)
+from PySide6.QtWidgets import QDockWidget, QFrame, QMainWindow, QMessageBox, QScrollArea, QWidget
 
 from kn_core.facts import Fact
 
@@ -25,12 +24,22 @@ from .panels.model_panel import ModelPanel
 from .panels.neurons_panel import NeuronsPanel
 from .session import NeuronSet, Run, Session, fact_key, fact_label, merge_factsets, starter_factset
 from .actions import ActionsMixin
+from .job_status import JobStatus
 from .worker import JobRunner
 
 RESOURCES = Path(__file__).resolve().parent.parent / "resources"
 APP_NAME = "Knowledge Neuron Studio"
 AUTOSAVE_MS = 3 * 60 * 1000
 RECHECK_DELAY_MS = 300
+
+
+def scrolling(widget: QWidget) -> QScrollArea:
+    """The panel inside a scroll area: its minimum size never forces the window past the screen."""
+    area = QScrollArea()
+    area.setWidgetResizable(True)
+    area.setFrameShape(QFrame.NoFrame)
+    area.setWidget(widget)
+    return area
 
 
 class MainWindow(ActionsMixin, QMainWindow):
@@ -91,7 +100,7 @@ class MainWindow(ActionsMixin, QMainWindow):
     def _dock(self, title: str, widget: QWidget, area, name: str) -> QDockWidget:
         dock = QDockWidget(title, self)
         dock.setObjectName(name)
-        dock.setWidget(widget)
+        dock.setWidget(scrolling(widget))
         dock.setFeatures(QDockWidget.DockWidgetMovable | QDockWidget.DockWidgetFloatable
                          | QDockWidget.DockWidgetClosable)
         self.addDockWidget(area, dock)
@@ -104,7 +113,7 @@ class MainWindow(ActionsMixin, QMainWindow):
         self.attribution_panel = AttributionPanel(s)
         self.neurons_panel = NeuronsPanel(s)
         self.edits_panel = EditsPanel(s, self.undo_stack)
-        self.setCentralWidget(self.attribution_panel)
+        self.setCentralWidget(scrolling(self.attribution_panel))
         self.model_dock = self._dock("Model", self.model_panel, Qt.LeftDockWidgetArea, "dock_model")
         self.facts_dock = self._dock("Facts", self.facts_panel, Qt.LeftDockWidgetArea, "dock_facts")
         self.tabifyDockWidget(self.model_dock, self.facts_dock)
@@ -113,33 +122,29 @@ class MainWindow(ActionsMixin, QMainWindow):
         self.model_dock.raise_()
 
     def _default_dock_sizes(self):
-        """Every panel's content visible at 1280x800 and up: the side docks take about a quarter of the width
-        each, the edits dock about a third of the height."""
+        """Dock sizes that leave the plots their minimum and show every panel (scrolling inside a dock only
+        where the window is smaller than all minimums together). Below 1500 px the Neurons dock joins the
+        Model and Facts tabs, so the plots keep their width at 1280 px."""
         w, h = max(self.width(), 1024), max(self.height(), 700)
-        self.resizeDocks([self.model_dock, self.neurons_dock], [int(w * 0.25), int(w * 0.25)], Qt.Horizontal)
-        self.resizeDocks([self.edits_dock], [int(h * 0.32)], Qt.Vertical)
+        central = self.attribution_panel.minimumSizeHint()
+        if w < 1500:
+            self.tabifyDockWidget(self.facts_dock, self.neurons_dock)
+            self.resizeDocks([self.model_dock], [max(300, w - central.width() - 30)], Qt.Horizontal)
+        else:
+            self.addDockWidget(Qt.RightDockWidgetArea, self.neurons_dock)
+            side = max(280, (w - central.width() - 40) // 2)
+            self.resizeDocks([self.model_dock, self.neurons_dock], [side + 60, side - 60], Qt.Horizontal)
+        self.model_dock.raise_()
+        chrome = self.menuBar().sizeHint().height() + self.toolbar.sizeHint().height() + \
+            self.statusBar().sizeHint().height() + 60
+        self.resizeDocks([self.edits_dock], [max(240, h - chrome - central.height())], Qt.Vertical)
 
     def _build_status(self):
-        sb = self.statusBar()
-        self.progress = QProgressBar()
-        self.progress.setRange(0, 1000)
-        self.progress.setFixedWidth(220)
-        self.progress.setVisible(False)
-        self.eta = QLabel("")
-        self.eta.setMinimumWidth(170)
-        self.cancel_button = QPushButton(self.style().standardIcon(QStyle.SP_BrowserStop), "Cancel")
-        self.cancel_button.setObjectName("danger")
-        self.cancel_button.clicked.connect(self.cancel_job)
-        self.cancel_button.setVisible(False)
-        self.model_label = QLabel("no model")
-        self.model_label.setObjectName("hint")
-        for widget in (self.eta, self.progress, self.cancel_button, self.model_label):
-            sb.addPermanentWidget(widget)
+        self.job_status = JobStatus(self.statusBar(), self.runner, self.cancel_job)
+        self.cancel_button, self.model_label = self.job_status.cancel_button, self.job_status.model_label
 
     def _connect(self):
         r = self.runner
-        r.job_started.connect(self._job_started)
-        r.job_progress.connect(self._job_progress)
         r.job_ended.connect(self._job_ended)
         r.busy_changed.connect(self._busy_changed)
         for stack in (self.history.edits, self.history.facts):
@@ -172,20 +177,28 @@ class MainWindow(ActionsMixin, QMainWindow):
         np_.error.connect(self.show_error)
         np_.message.connect(self.status)
         self.edits_panel.apply_requested.connect(self.apply_edit)
+        self.edits_panel.attribute_relation_requested.connect(self.attribute_relation)
         self.edits_panel.message.connect(self.status)
 
     # ================================================================= layout, title
     def _restore_layout(self):
         geometry = self.settings.value("window/geometry")
         state = self.settings.value("window/state")
+        self._sized = isinstance(state, (QByteArray, bytes))  # a saved layout wins over the default sizes
         if isinstance(geometry, (QByteArray, bytes)):
             self.restoreGeometry(geometry)
         else:
-            self.resize(1600, 1000)
-        self._default_dock_sizes()
+            screen = self.screen().availableGeometry()
+            self.resize(min(1600, screen.width()), min(1000, screen.height()))
         self._default_state = self.saveState()
-        if isinstance(state, (QByteArray, bytes)):
+        if self._sized:
             self.restoreState(state)
+
+    def showEvent(self, event):
+        super().showEvent(event)
+        if not self._sized:  # first start: dock sizes for the size the window really got
+            self._sized = True
+            self._default_dock_sizes()
 
     def reset_layout(self):
         self.restoreState(self._default_state)
@@ -226,24 +239,6 @@ class MainWindow(ActionsMixin, QMainWindow):
             return False
         return True
 
-    def _job_started(self, name: str):
-        self.progress.setVisible(True)
-        self.progress.setRange(0, 1000)
-        self.progress.setValue(0)
-        self.cancel_button.setVisible(True)
-        self.eta.setText(name)
-        self.status(name + "\u2026", 0)
-
-    def _job_progress(self, fraction: float, message: str, eta: float):
-        if fraction < 0:
-            self.progress.setRange(0, 0)
-        else:
-            self.progress.setRange(0, 1000)
-            self.progress.setValue(int(fraction * 1000))
-        self.eta.setText(f"ETA {int(eta) // 60}:{int(eta) % 60:02d}" if eta >= 0 else "")
-        if message:
-            self.statusBar().showMessage(message, 0)
-
     def _job_ended(self, name: str, outcome: str, message: str):
         if outcome == "failed":
             self.show_error(f"{name} failed", message)
@@ -255,10 +250,6 @@ class MainWindow(ActionsMixin, QMainWindow):
             self.project.autosave()
 
     def _busy_changed(self, busy: bool):
-        self.progress.setVisible(busy)
-        self.cancel_button.setVisible(busy)
-        if not busy:
-            self.eta.setText("")
         self.model_panel.set_loading(busy)
         self._update_actions()
 
@@ -426,6 +417,7 @@ class MainWindow(ActionsMixin, QMainWindow):
             return
         self.attribution_panel.show_run(run)
         self.neurons_panel.set_run(run)
+        self.edits_panel.set_fact(fact)
         self.edits_panel.set_objects([o for o in s.factset.objects_of(fact.relation) if o != fact.object])
         relation = s.factset.relations.get(fact.relation)
         if (s.lm is not None and not self.runner.busy and relation is not None
@@ -467,6 +459,13 @@ class MainWindow(ActionsMixin, QMainWindow):
         self.select_fact(first.fact)
         self.attribution_panel.show_run(first)
 
+    def attribute_relation(self, relation_id: str):
+        """Attributes every fact of a relation (the erase edit's offer when it found too few neurons)."""
+        facts = self.session.factset.facts_of(relation_id)
+        if facts and self._need_model():
+            self.facts_panel.select_facts(facts)
+            self.run_attribution("selection")
+
     def _attribution_event(self, ev):
         ap = self.attribution_panel
         if isinstance(ev, A.ChunkReady):
@@ -504,15 +503,8 @@ class MainWindow(ActionsMixin, QMainWindow):
             self.status("The model changed: answer checks cleared; press Check (F6) to measure them again.")
 
     def _update_auto_sets(self, run: Run):
-        """The current fact's refined (and union of coarse) neurons as named sets, kept in step with t and p."""
-        if not run.scores:
-            return
-        s, label = self.session, fact_label(run.fact)
-        s.put_set(NeuronSet(f"refined: {label}", "refined", s.refined(run),
-                            f"{run.fact.relation}, t={s.t:.2f} p={s.p:.2f}"))
-        coarse = sorted({n for i in range(len(run.scores)) for n in s.coarse(run, i)})
-        s.put_set(NeuronSet(f"coarse: {label}", "coarse", coarse, f"{run.fact.relation}, t={s.t:.2f}"))
-        self._sets_changed()
+        if self.attribution.update_auto_sets(run):
+            self._sets_changed()
 
     def _thresholds_changed(self, t: float, p: float):
         run = self.attribution_panel.run
@@ -521,36 +513,26 @@ class MainWindow(ActionsMixin, QMainWindow):
         self._mark_dirty()
 
     def adapt_p(self):
-        fact = self.current_fact
-        if fact is None:
-            self.show_error("No fact selected", "Pick a fact of the relation whose p should be adapted.")
-            return
         try:
-            result = self.session.adapt_p(fact.relation)
-        except ValueError as exc:
-            self.show_error("Cannot adapt p", str(exc))
+            result = self.attribution.adapt_p(self.current_fact)
+        except UserError as exc:
+            self.show_error(exc.title, str(exc))
             return
         self.attribution_panel.set_thresholds(self.session.t, result.p)
         self.attribution_panel._thresholds()
         steps = " \u2192 ".join(f"{p:.2f} ({m:.1f})" for p, m in result.history)
-        self.status(f"p adapted for {fact.relation}: {steps}; mean refined neurons per fact "
+        self.status(f"p adapted for {self.current_fact.relation}: {steps}; mean refined neurons per fact "
                     f"{result.mean_neurons:.2f}.")
 
     def make_relation_set(self):
-        fact = self.current_fact
-        if fact is None:
-            self.show_error("No fact selected", "Pick a fact of the relation first.")
+        try:
+            neuron_set = self.attribution.relation_set(self.current_fact)
+        except UserError as exc:
+            self.show_error(exc.title, str(exc))
             return
-        runs = self.session.relation_runs(fact.relation)
-        if not runs:
-            self.show_error("No runs", f"Run attribution on some facts of {fact.relation} first.")
-            return
-        neurons = self.session.relation_level(fact.relation)
-        rel = self.session.factset.relations.get(fact.relation)
-        name = f"relation: {fact.relation} {rel.name if rel else ''}".strip()
-        self.neurons_panel.add_set(NeuronSet(name, "relation", [n for n, _ in neurons],
-                                             f"{len(runs)} facts, \u2265 10%"))
-        self.status(f"{name}: {len(neurons)} neurons refined for \u2265 10% of {len(runs)} facts.")
+        self.neurons_panel.add_set(neuron_set)
+        self.status(f"{neuron_set.name}: {len(neuron_set.neurons)} neurons refined for \u2265 10% of "
+                    f"{neuron_set.source.split()[0]} facts.")
 
     # ================================================================= neurons
     def _neurons_selected(self, neurons):

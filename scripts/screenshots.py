@@ -1,13 +1,14 @@
 """Regenerates the screenshots in docs/screenshots/ (and the one the README shows) from the real app.
 
 Drives the real window through the journey on the embedded default model: load the model, pick a fact, run
-attribution, inspect a neuron, suppress the refined set, and grabs each panel at work.
+attribution (grabbing the whole window mid-run), inspect a neuron, suppress the refined set, and grabs the
+inspector and the before/after table; then the same window at 1280x800 to check the default dock sizes.
 
-    xvfb-run -a -s "-screen 0 1920x1200x24" .venv/bin/python scripts/screenshots.py      # real X server (xcb)
-    QT_QPA_PLATFORM=offscreen .venv/bin/python scripts/screenshots.py                 # no X server at all
+    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/screenshots.py   # real X server (xcb)
+    QT_QPA_PLATFORM=offscreen .venv/bin/python scripts/screenshots.py              # no X server at all
 
 Options: --steps N (integrated-gradient steps, default 20 = the paper), --fact "France" (subject in P36),
---out DIR (default docs/screenshots).
+--out DIR (default docs/screenshots), --width/--height (default 1600x1000).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ def main(argv=None) -> int:
     parser.add_argument("--relation", default="P36")
     parser.add_argument("--fact", default="France")
     parser.add_argument("--out", default=str(ROOT / "docs" / "screenshots"))
-    parser.add_argument("--width", type=int, default=1680)
-    parser.add_argument("--height", type=int, default=1020)
+    parser.add_argument("--width", type=int, default=1600)
+    parser.add_argument("--height", type=int, default=1000)
     args = parser.parse_args(argv)
     if "QT_QPA_PLATFORM" not in os.environ:
         os.environ["QT_QPA_PLATFORM"] = "xcb" if os.environ.get("DISPLAY") else "offscreen"
@@ -47,6 +48,7 @@ def main(argv=None) -> int:
     settings = QSettings(os.path.join(tmp, "settings.ini"), QSettings.IniFormat)
     window = MainWindow(settings=settings, confirm_dialogs=False)
     window.auto_discard = True
+    window.project.autosave_folder = os.path.join(tmp, "autosave")
     window.resize(args.width, args.height)
     window.show()
 
@@ -55,13 +57,16 @@ def main(argv=None) -> int:
         QTimer.singleShot(ms, loop.quit)
         loop.exec()
 
-    def wait(signal, timeout_s: float, what: str):
+    def wait(signal, timeout_s: float, what: str, action=lambda: None):
+        """Runs `action` and waits for `signal` (an error message ends the script, saying what failed)."""
         loop = QEventLoop()
         got = []
         signal.connect(lambda *a: (got.append(a), loop.quit()))
         window.error_shown.connect(lambda title, message: (got.append(("error", title, message)), loop.quit()))
         QTimer.singleShot(int(timeout_s * 1000), loop.quit)
-        loop.exec()
+        action()
+        if not got:
+            loop.exec()
         if not got:
             raise SystemExit(f"timed out waiting for {what}")
         if got[0] and got[0][0] == "error":
@@ -74,15 +79,18 @@ def main(argv=None) -> int:
             pump(100)
 
     def shot(widget, name: str):
-        pump(250)
+        """The window as the screen shows it (frame and all, on a real X server); a panel as it draws itself."""
+        pump(400)
         path = out / name
-        widget.grab().save(str(path))
-        print("wrote", path)
+        if widget is window and os.environ["QT_QPA_PLATFORM"] == "xcb":
+            image = window.screen().grabWindow(window.winId())
+        else:
+            image = widget.grab()
+        image.save(str(path))
+        print("wrote", path, f"{image.width()}x{image.height()}")
 
-    shot(window, "00_start.png")
     window.model_dock.raise_()
-    window.load_model("default")
-    wait(window.model_loaded, 600, "the default model")
+    wait(window.model_loaded, 600, "the default model", lambda: window.load_model("default"))
     idle()
     shot(window.model_dock, "model_panel.png")
 
@@ -100,20 +108,23 @@ def main(argv=None) -> int:
     window.attribution_panel.steps.setValue(args.steps)
     started = time.monotonic()
     window.run_attribution("current")
-    pump(4000)
-    shot(window, "01_attribution_running.png")
-    wait(window.run_finished, 3600, "attribution")
+    run = window.session.runs[(fact.relation, fact.subject, fact.object)]
+    while len(run.scores) < 2 and window.runner.busy:  # mid-analysis: some prompts done, the rest streaming
+        pump(200)
+    shot(window, "main_window_running.png")
+    if not run.complete:
+        wait(window.run_finished, 3600, "attribution")
     idle()
     print(f"attribution: {time.monotonic() - started:.0f} s")
-    run = window.session.runs[(fact.relation, fact.subject, fact.object)]
     refined = window.session.refined(run)
     ap = window.attribution_panel
     if refined:
         layer, neuron = max(refined, key=lambda n: float(run.mean_scores()[n]))
         ap.select_neuron(layer, neuron)
+        window.inspect_neuron(layer, neuron)
         idle()
     shot(ap, "attribution_panel.png")
-    shot(window.neurons_dock, "neurons_panel.png")
+    shot(window.neurons_dock, "inspector.png")
     ap.tabs.setCurrentIndex(1)
     shot(ap, "per_prompt.png")
     ap.tabs.setCurrentIndex(0)
@@ -121,12 +132,14 @@ def main(argv=None) -> int:
     name = f"refined: {fact.subject} \u2192 {fact.object}"
     window.edits_panel.kind.setCurrentText("Suppress")
     window.edits_panel.set_target_set(name)
-    window.edits_panel.apply_button.click()
-    wait(window.edit_evaluated, 600, "the edit evaluation")
+    wait(window.edit_evaluated, 600, "the edit evaluation", window.edits_panel.apply_button.click)
     idle()
-    shot(window.edits_dock, "edits_panel.png")
+    shot(window.edits_dock, "before_after.png")
     window.facts_dock.raise_()
     shot(window, "main_window.png")
+    window.resize(1280, 800)
+    window._default_dock_sizes()
+    shot(window, "main_window_1280x800.png")
 
     project = os.path.join(tmp, "journey.knproj")
     window.save_to(project, wait=True)

@@ -162,3 +162,81 @@ def test_measure_and_summarize_leave_the_model_unchanged(family):
     assert summary["new object"]["p_after"] > summary["new object"]["p_before"]
     for name, tensor in lm.model.state_dict().items():
         assert torch.equal(tensor, original[name]), name
+
+
+def _value_change(lm, before):
+    return sum(float((lm.layout.out_projs[l].weight - before[l]).norm() ** 2) for l in range(3)) ** 0.5
+
+
+def test_calibrated_update_reaches_o_prime_with_a_smaller_change_and_undoes_bitwise():
+    from kn_core.edit_plan import CALIBRATION_RANGE
+    from kn_core.evaluation import answer_probabilities, with_edits
+    from kn_core.edit_stack import EditStack
+
+    lm = tiny(TINY_CAUSAL)
+    original = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    neurons = tuple((2, i) for i in range(0, 72, 4))
+    paper = plan_edit(lm, FS, EditRequest("update", neurons, FRANCE, new_object="Berlin"))
+    calibrated = plan_edit(lm, FS, EditRequest("update", neurons, FRANCE, new_object="Berlin", strength="calibrated"))
+    new = calibrated.prompts["new object"]
+    assert paper.calibration is None and calibrated.calibration["reached"]
+    scale = calibrated.calibration["scale"]
+    assert CALIBRATION_RANGE[0] <= scale < 1
+    assert calibrated.edit.lambda2 == pytest.approx(8.0 * scale) and calibrated.edit.lambda1 == pytest.approx(scale)
+    assert calibrated.control.lambda2 == calibrated.edit.lambda2  # the control at the same strength
+    tried = calibrated.calibration["tried"]
+    assert min(t["scale"] for t in tried if t["reached"]) == scale
+    assert all(not t["reached"] for t in tried if t["scale"] < scale)
+    for plan in (paper, calibrated):  # both reach o' as the top answer on every prompt
+        rows = with_edits(lm, [plan.edit], lambda: answer_probabilities(lm, new))
+        assert all(r["correct"] for r in rows)
+    below = [t["scale"] for t in tried if not t["reached"]]
+    assert below and max(below) < scale  # just below the chosen scale, o' does not win everywhere
+    before = {l: lm.layout.out_projs[l].weight.detach().clone() for l in range(3)}
+    stack = EditStack(lm)
+    stack.push(paper.edit)
+    paper_change = _value_change(lm, before)
+    stack.undo()
+    stack.push(calibrated.edit)
+    assert 0 < _value_change(lm, before) < paper_change
+    stack.clear()
+    for name, tensor in lm.model.state_dict().items():
+        assert torch.equal(tensor, original[name]), name
+    # same request, same answer: deterministic
+    again = plan_edit(lm, FS, EditRequest("update", neurons, FRANCE, new_object="Berlin", strength="calibrated"))
+    assert again.edit == calibrated.edit and again.calibration == calibrated.calibration
+
+
+def test_calibrated_update_is_sign_aware_and_reports_failure():
+    from tiny import tiny_llama
+
+    lm = tiny_llama()
+    neurons = tuple((2, i) for i in range(0, 72, 4))
+    plan = plan_edit(lm, FS, EditRequest("update", neurons, FRANCE, new_object="Berlin", strength="calibrated"))
+    assert plan.calibration["reached"] and plan.edit.flipped  # SwiGLU neurons fire negative: reversed there
+    many = tuple((l, i) for l in (1, 2) for i in range(0, 72, 3))
+    failed = plan_edit(lm, FS, EditRequest("update", many, FRANCE, new_object="Berlin", strength="calibrated"))
+    assert not failed.calibration["reached"] and failed.calibration["scale"] == 4.0
+    assert any(what == "calibration" and "failed" in why for what, why in failed.skipped)
+    with pytest.raises(EditPlanError, match="strength"):
+        EditRequest("update", neurons, FRANCE, new_object="Berlin", strength="strong")
+
+
+def test_mean_ablation_and_flagged_neurons_in_plans():
+    class Stats:  # the part of kn_core.neurons.ActivationStats that plans read
+        mean = np.arange(3 * 72, dtype=np.float32).reshape(3, 72) / 100
+
+    lm = tiny(TINY_CAUSAL)
+    with pytest.raises(EditPlanError, match="mean ablation needs activation statistics") as exc:
+        plan_edit(lm, FS, EditRequest("suppress", ((2, 3),), FRANCE, to="mean"))
+    one_line(exc)
+    plan = plan_edit(lm, FS, EditRequest("suppress", ((2, 3), (1, 4), (0, 9)), FRANCE, to="mean",
+                                         exclude=((0, 9),)), activation_stats=Stats())
+    assert plan.edit == E.Suppress(((2, 3), (1, 4)), "answer", "mean", (Stats.mean[2, 3], Stats.mean[1, 4]))
+    assert plan.control.to == "mean" and plan.control.means == tuple(Stats.mean[n] for n in plan.control.neurons)
+    assert (0, 9) not in plan.control.neurons and any("L0.9" in what for what, _ in plan.skipped)
+    with pytest.raises(EditPlanError, match="flagged") as exc:
+        plan_edit(lm, FS, EditRequest("amplify", ((0, 9),), FRANCE, exclude=((0, 9),)))
+    one_line(exc)
+    with pytest.raises(EditPlanError, match="'zero' or 'mean'"):
+        EditRequest("suppress", ((0, 1),), FRANCE, to="half")

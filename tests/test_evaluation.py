@@ -140,3 +140,32 @@ def test_reproduce_on_tiny_writes_report(tmp_path):
     again = run_reproduce(lm, factset, tmp_path, ["P36", "P37"], facts_per_relation=2, steps=1,
                           control_prompts=4, say=lambda m: None)
     assert again["neuron_statistics"] == report["neuron_statistics"]
+
+
+def test_sign_aware_inspector_on_a_planted_negative_neuron():
+    """A SwiGLU neuron made to fire negative on every input (up = -4 x gate, so silu(g) x up = -4 g silu(g) <= 0)
+    whose value vector points away from ' Paris': active as it is, it promotes ' Paris'."""
+    from tiny import tiny_llama
+
+    lm = tiny_llama()
+    layer, index = 1, 7
+    mlp = lm.model.model.layers[layer].mlp
+    paris = lm.tokenizer.convert_tokens_to_ids("▁Paris")
+    with torch.no_grad():
+        mlp.up_proj.weight[index] = -4.0 * mlp.gate_proj.weight[index]
+        mlp.down_proj.weight[:, index] = -lm.model.get_input_embeddings().weight[paris]
+    prompts = prompts_of(lm, FACTS[0])
+    acts = ev.neuron_activations(lm, [(layer, index)], prompts)[:, 0]
+    assert (acts < 0).all()
+    sign = ev.activation_sign(lm, layer, index, prompts)
+    assert sign == -1
+    aware = ev.neuron_tokens(lm, layer, index, top_k=3, sign=sign)
+    naive = ev.neuron_tokens(lm, layer, index, top_k=3)
+    assert aware["sign"] == -1 and naive["sign"] is None
+    assert aware["promotes"][0]["id"] == paris and naive["suppresses"][0]["id"] == paris
+    assert aware["promotes"][0]["logit"] == pytest.approx(-naive["suppresses"][0]["logit"])
+    assert [r["id"] for r in aware["suppresses"]] == [r["id"] for r in naive["promotes"]]
+    assert "negative" in aware["labels"]["promotes"] and "suppresses" in aware["labels"]["suppresses"]
+    assert ev.neuron_tokens(lm, layer, index, top_k=3, sign=1)["promotes"] == naive["promotes"]
+    with pytest.raises(ValueError, match="sign"):
+        ev.neuron_tokens(lm, layer, index, sign=2)

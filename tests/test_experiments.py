@@ -41,8 +41,9 @@ def test_experiments_run_and_restore(family):
     er = ex.erase_experiment(lm, recs, k=3, control_prompts=4)
     assert len(er["per_relation"]["P36"]["neurons"]) == 3
     assert "accuracy" in er["per_relation"]["P36"]["knowledge"]
-    act = ex.activation_by_prompt(recs)
-    assert act["facts"] == len(recs)
+    factset = FactSet("t", {"P36": REL, "P37": REL2}, FACTS)
+    act = ex.activation_by_prompt(lm, recs, factset, prompts_per_group=3)
+    assert act["facts"] == len(recs) and {"expressing", "subject_only", "random"} <= set(act)
     for name, tensor in lm.model.state_dict().items():
         assert torch.equal(tensor, original[name]), name
 
@@ -67,8 +68,12 @@ def test_update_experiment_on_tiny(monkeypatch):
     assert up["facts"], up["skipped"]
     row = up["facts"][0]
     assert row["new_object"] != row["object"]
-    for key in ("change_rate", "success_rate", "top5_rate", "ppl_intra_change", "ppl_inter_change"):
-        assert key in up["knowledge"] and key in up["random"] and key in up["sign_aware"]
+    for key in ("change_rate", "success_rate", "top5_rate", "ppl_intra_ratio_median", "ppl_inter_ratio_geomean"):
+        for arm in ("knowledge", "random", "sign_aware", "calibrated", "calibrated_random"):
+            assert key in up[arm], (arm, key)
+    assert {"scale", "reached_rate"} <= set(up["calibrated"]) and "scale" in up["calibrated_random"]
+    assert row["calibration"]["scale"] == row["calibrated"]["scale"]
+    assert not any(k.startswith("ppl_") and "ratio" not in k for k in up["knowledge"])
     rec = next(r for r in recs if f"{r.relation}:{r.fact.subject}" == row["fact"])
     assert row["flipped"] == [list(rec.neurons[0])]
     assert row["sign_aware"]["p_new_after"] != row["knowledge"]["p_new_after"]
@@ -76,14 +81,102 @@ def test_update_experiment_on_tiny(monkeypatch):
         assert torch.equal(tensor, original[name]), name
 
 
-def test_update_summary_reports_median_beside_a_mean_one_outlier_dominates():
+def test_update_summary_reports_perplexity_ratios_not_differences():
     def row(before, after):
         return {"knowledge": {"change_rate": 1.0, "ppl_intra_before": before, "ppl_intra_after": after,
                               "ppl_inter_before": 2.0, "ppl_inter_after": 3.0}}
 
-    out = ex.update_summary([row(1.0, 2.0), row(1.0, 3.0), row(1.0, 1e12)], "knowledge")
-    assert out["ppl_intra_change_median"] == 2.0
-    assert out["ppl_intra_change"] == pytest.approx((1.0 + 2.0 + (1e12 - 1)) / 3)
-    assert out["ppl_intra_change_rel"] == pytest.approx((1.0 + 2.0 + (1e12 - 1)) / 3)
-    assert out["ppl_inter_change_median"] == 1.0 and out["change_rate"] == 1.0
+    out = ex.update_summary([row(1.0, 2.0), row(1.0, 3.0), row(1.0, 1.2e26)], "knowledge")
+    assert out["ppl_intra_ratio_median"]["ratio"] == pytest.approx(3.0)
+    assert out["ppl_intra_ratio_median"]["text"] == "x3"
+    geomean = (np.log10(2.0) + np.log10(3.0) + np.log10(1.2e26)) / 3
+    assert out["ppl_intra_ratio_geomean"]["log10"] == pytest.approx(geomean)
+    assert out["ppl_inter_ratio_median"]["ratio"] == pytest.approx(1.5) and out["change_rate"] == 1.0
+    assert not any(k.startswith("ppl_") and "ratio" not in k for k in out)
     assert ex.update_summary([], "knowledge") == {}
+
+
+def test_ratio_text():
+    from kn_core.evaluation import ratio
+
+    assert ratio(2.0, 6.4) | {"ratio": 3.2} == {"ratio": 3.2, "log10": pytest.approx(0.50515), "text": "x3.2"}
+    assert ratio(1.0, 1.2e26)["text"] == "x1.2e26" and ratio(1.0, 1.2e26)["log10"] == pytest.approx(26.0792)
+    assert ratio(10.0, 8.5)["text"] == "x0.85"
+    assert ratio(1.0, float("nan")) == {"ratio": None, "log10": None, "text": "n/a"}
+    assert ratio(0.0, 1.0)["ratio"] is None
+
+
+class _Stats:
+    """The part of kn_core.neurons.ActivationStats the experiments read: `mean` [layers, neurons]."""
+
+    def __init__(self, mean):
+        self.mean = mean
+
+
+def test_flagged_neurons_are_never_edited_and_mean_ablation_runs(monkeypatch):
+    from kn_core import edits as E
+
+    lm = tiny(TINY_CAUSAL)
+    recs = _records(lm)
+    flagged = {tuple(recs[0].neurons[0]), (2, 5)}
+    seen = []
+    real_apply = {cls: cls.apply for cls in (E.Suppress, E.Amplify, E.Erase)}
+
+    def spy(cls):
+        def apply(self, lm_):
+            seen.append((cls.__name__, self))
+            return real_apply[cls](self, lm_)
+        return apply
+
+    for cls in real_apply:
+        monkeypatch.setattr(cls, "apply", spy(cls))
+    stats = _Stats(np.full((3, 72), 0.25, dtype=np.float32))
+    sa = ex.suppress_amplify_experiment(lm, recs, control_prompts=3, exclude=flagged, activation_stats=stats)
+    er = ex.erase_experiment(lm, recs, k=3, control_prompts=3, exclude=flagged)
+    assert seen and not any(set(edit.neurons) & flagged for _, edit in seen)
+    assert sa["excluded_neurons"] == 2 and er["excluded_neurons"] == 2
+    means = [edit for _, edit in seen if isinstance(edit, E.Suppress) and edit.to == "mean"]
+    assert means and all(m.means == (0.25,) * len(m.neurons) for m in means)
+    assert "suppress_mean" in sa["average"]["knowledge"] and "negative" in sa["amplify_meaning"]
+    erased = er["per_relation"]["P36"]["knowledge"]
+    assert erased["perplexity_ratio"]["log10"] == pytest.approx(
+        np.log10(erased["perplexity"] / er["per_relation"]["P36"]["before"]["perplexity"]))
+
+
+def test_activation_by_prompt_on_a_planted_negative_neuron():
+    """A neuron that fires negative (-6) where the text has the fact's subject and relation word, -3 with the
+    subject only, and as the model makes it elsewhere: measured in the direction that raises the answer, the
+    paper's order expressing > subject only > random must come out (raw signed means give the reverse)."""
+    from tiny import tiny_llama
+
+    lm = tiny_llama()
+    tok = lm.tokenizer
+    france, capital = {tok.convert_tokens_to_ids(t) for t in ("France", "▁France")}, \
+        {tok.convert_tokens_to_ids(t) for t in ("capital", "▁capital")}
+    planted = (1, 5)
+    seen_ids = {}
+    capture = lm.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen_ids.update(ids=kwargs.get("input_ids", args[0] if args else None)),
+        with_kwargs=True)
+
+    def plant(module, args):
+        x = args[0].clone()
+        for row, ids in enumerate(seen_ids["ids"].tolist()):
+            has_subject, has_relation = bool(france & set(ids)), bool(capital & set(ids))
+            x[row, :, planted[1]] += -6.0 if has_subject and has_relation else -3.0 if has_subject else 0.0
+        return (x,)
+
+    hook = lm.layout.out_projs[planted[0]].register_forward_pre_hook(plant)
+    try:
+        factset = FactSet("t", {"P36": REL, "P37": REL2}, FACTS)
+        recs = [ex.FactNeurons(f, prompts_of(lm, f), [planted] if f == FACTS[0] else [], []) for f in FACTS]
+        corpus = ["The capital of France is Paris .", "France is in Europe .", "Tokyo is a city ."]
+        out = ex.activation_by_prompt(lm, recs, factset, corpus=corpus)
+    finally:
+        hook.remove()
+        capture.remove()
+    assert out["facts"] == 1 and out["per_fact"][0]["direction"] == [-1]
+    assert out["expressing"] > out["subject_only"] > out["random"]
+    assert out["expressing"] - out["subject_only"] == pytest.approx(3.0, abs=0.5)
+    assert out["subject_only"] - out["random"] == pytest.approx(3.0, abs=0.5)
+    assert out["corpus"] == pytest.approx((6 + 3 + 0) / 3, abs=0.5)

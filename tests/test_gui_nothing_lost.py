@@ -191,3 +191,30 @@ def test_open_project_then_load_model_are_queued(app, qtbot, settings, lm, tmp_p
     assert window.session.lm is lm and window.project.path == path
     assert window.session.runs[KEY].complete
     window.close()
+
+
+def test_erase_with_fewer_neurons_offers_to_attribute_the_relation(window, qtbot):
+    run_fact(qtbot, window, steps=2)
+    loose_thresholds(window)
+    report = apply_edit(qtbot, window, {"kind": "Erase relation", "target": None, "k": 1000, "fill": "zero"})
+    assert report["requested"] == 1000 and len(report["edit"]["neurons"]) < 1000
+    assert report["relation"] == "P36" and report["model"]["sha256"] == window.session.lm.sha256
+    assert window.edits_panel.attribute_button.isVisibleTo(window)
+    finished = []
+    window.run_finished.connect(finished.append)
+    window.undo()
+    qtbot.mouseClick(window.edits_panel.attribute_button, Qt.LeftButton)
+    assert window.runner.wait_idle(60000)
+    assert {r.fact for r in finished} == set(window.session.factset.facts_of("P36"))
+
+
+def test_save_dialogs_start_in_the_documents_folder(window, monkeypatch):
+    from PySide6.QtWidgets import QFileDialog
+
+    from kn_gui.panels.common import default_folder
+
+    asked = []
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (asked.append(a[2]), ("", ""))[1])
+    window.save_as()
+    window.export_results_dialog()
+    assert asked and all(os.path.dirname(p) == str(default_folder()) for p in asked)

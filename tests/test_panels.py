@@ -133,8 +133,7 @@ def test_go_to_centres_and_selects(attribution):
     assert x0 < 238.5 < x1 and x1 - x0 <= 100
     px_per_neuron = attribution.heat_widget.vb.sceneBoundingRect().width() / (x1 - x0)
     assert px_per_neuron >= 5
-    # zoomed in, the map draws one column per neuron again
-    attribution.heat_widget._draw_image()
+    # zoomed in, the map draws one column per neuron again, at once
     assert attribution.heat_widget._pool == 1
     assert not attribution.go_to(30, 0) and not attribution.go_to(0, NEURONS)
 
@@ -335,7 +334,7 @@ def test_update_form_shows_objects_as_words(edits, tiny_lm):
     title = edits.result_title.text()
     assert title.startswith("Update 1 neurons: ' Paris' \u2192 ' Berlin'") and "[7]" not in title
     assert title.endswith("evaluated on France \u2192 Paris")
-    assert edits.table.displayed_rows()[0][12] == "\u2714 ' Berlin' is top-1"
+    assert edits.table.displayed_rows()[0][9] == "\u2714 ' Berlin' is top-1"
     assert edits.result_warning.isHidden()
 
 
@@ -356,7 +355,7 @@ def test_failed_update_says_so_in_words(edits):
     rows = report_rows([(0.5, 0.4), (0.6, 0.5)], new=[(0.02, 1e-40, " Paris"), (0.02, 0.3, " Rome")])
     edits.show_report({"title": "Update", "rows": rows, "new_object": "Berlin",
                        "edit": {"kind": "update", "neurons": [[0, 1]], "new_ids": [9]}})
-    goals = [row[12] for row in edits.table.displayed_rows()]
+    goals = [row[9] for row in edits.table.displayed_rows()]
     assert goals[0] == "\u2718 p(o') fell 0.020 \u2192 1.0e-40; not top-1 (model says ' Paris')"
     assert goals[1] == "\u2718 not top-1 (model says ' Rome')"
     warning = edits.result_warning.text()
@@ -516,3 +515,83 @@ def test_model_says_shows_the_top1_word(qtbot, tiny_lm):
     fact_item = panel._find_fact_item(FRANCE)
     says = [fact_item.child(r, 1).text() for r in range(2)]
     assert says == ["\u2714 ' Paris'", "\u2718 ' Lyon'"]
+
+
+def test_erase_report_from_the_edit_plan_alone_says_both_counts(edits):
+    """The controller's report carries EditPlan.skipped; the requested count and the relation come from it and
+    the panel's fact."""
+    why = "the 1 attributed facts of P36 have only 3 distinct refined neurons"
+    edits.set_fact(FRANCE)
+    edits.show_report({"title": "Erase (P36)", "rows": report_rows([(0.5, 0.1)]),
+                       "edit": {"kind": "erase", "neurons": [[0, 1], [1, 2], [2, 3]]},
+                       "skipped": [["17 of the 20 neurons asked for", why]]})
+    assert "Edited 3 of the 20 neurons asked for: " + why in edits.result_warning.text()
+    asked = []
+    edits.attribute_relation_requested.connect(asked.append)
+    edits.attribute_button.click()
+    assert asked == ["P36"]
+
+
+# ----------------------------------------------------------------------------------------------- neurons panel
+
+@pytest.fixture
+def neurons(qtbot):
+    from kn_gui.panels.neurons_panel import NeuronsPanel
+    from kn_gui.session import NeuronSet
+
+    session = session_with_run()
+    panel = NeuronsPanel(session)
+    qtbot.addWidget(panel)
+    panel.show()
+    panel.set_run(session.runs[("P36", "France", "Paris")])
+    panel.add_set(NeuronSet("refined: France \u2192 Paris", "refined", [(29, 238), (3, 1000), (5, 5)], "France"))
+    return panel
+
+
+def test_flagged_neurons_are_marked_in_the_table_and_exported(neurons, tmp_path):
+    neurons.set_flags(flags_for(massive={(3, 1000)}, unspecific={(3, 1000), (5, 5)}))
+    rows = neurons.contents.displayed_rows()
+    assert [r[4] for r in rows] == ["", "\u26a0 massive, unspecific", "\u26a0 unspecific"]
+    item = neurons.contents.table.item(1, 0)
+    assert item.foreground().color().name() == "#6c3483" and "massive activation" in item.toolTip()
+    neurons.export_set(str(tmp_path / "set.csv"))
+    lines = (tmp_path / "set.csv").read_text(encoding="utf-8").splitlines()
+    assert lines[0].startswith("# neuron set: refined: France \u2192 Paris")
+    data = list(csv.reader([l for l in lines if not l.startswith("#")]))
+    assert data[0] == ["layer", "neuron", "score", "activation", "flags"]
+    run = neurons.run
+    assert data[2][:2] == ["3", "1000"] and data[2][4] == "massive;unspecific" and data[1][4] == ""
+    assert float(data[2][2]) == float(run.mean_scores()[3, 1000])  # in full, not the displayed 4 digits
+    neurons.export_set(str(tmp_path / "set.json"))
+    import json
+
+    saved = json.loads((tmp_path / "set.json").read_text())
+    assert saved["flags"] == {"3,1000": ["massive", "unspecific"], "5,5": ["unspecific"]}
+
+
+def test_inspector_reads_a_negative_neuron_with_its_sign(neurons):
+    tokens = {"promoted": [(" junk", 2.0), ("##x", 1.0)], "suppressed": [(" capitals", -5.0), (" metropolis", -4.0)],
+              "norm": 1.5}
+    neurons.show_inspection(29, 238, tokens)  # its activation is -3 on every prompt of the run
+    promoted = neurons.promoted.displayed_rows()
+    assert promoted == [["' capitals'", "+5.000"], ["' metropolis'", "+4.000"]]
+    assert neurons.suppressed.displayed_rows()[0] == ["' junk'", "-2.000"]
+    assert neurons.inspect_tabs.tabText(0) == "Promotes (\u2212v)"
+    assert "Sign used: negative (mean activation -3 on the 3 prompts of France \u2192 Paris)" in \
+        neurons.sign_line.text()
+    assert neurons.inspect_tabs.tabText(2) == "Most negative activations"
+    assert neurons.activating.displayed_rows()[0][2] == "-3"
+
+
+def test_inspector_takes_the_engines_sign_and_labels_lists(neurons):
+    tokens = {"sign": -1, "sign_source": "activation on the fact's prompts",
+              "promotes": [{"token": " capitals", "id": 1, "logit": 5.0}],
+              "suppresses": [{"token": " junk", "id": 2, "logit": -2.0}], "norm": 1.0}
+    neurons.show_inspection(29, 238, tokens)  # the engine applied the sign already: no second swap
+    assert neurons.promoted.displayed_rows() == [["' capitals'", "+5.000"]]
+    assert "negative (activation on the fact's prompts)" in neurons.sign_line.text()
+    neurons.run = None
+    neurons.show_inspection(1, 1, {"promoted": [("a", 1.0)], "suppressed": [("b", -1.0)]})
+    assert neurons.promoted.displayed_rows() == [["'a'", "+1.000"]]
+    assert "read as if the activation were positive" in neurons.sign_line.text()
+    assert neurons.inspect_tabs.tabText(0) == "Promotes (+v)"

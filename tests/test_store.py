@@ -56,7 +56,9 @@ def child_env():
 
 
 def facts_module():
-    return pytest.importorskip("kn_core.facts")
+    from kn_core import facts
+
+    return facts
 
 
 @pytest.fixture(autouse=True)
@@ -212,6 +214,37 @@ def test_facts_are_idempotent_and_runs_accept_dataclasses(proj_path):
         assert [r.status for r in p.list_runs()] == ["failed"]
 
 
+def test_completed_runs_are_what_a_resumed_attribution_skips(proj_path):
+    params = {"steps": 20, "method": "ig", "t": 0.2}
+    with create_project(proj_path) as p:
+        f1, f2, f3, f4 = p.add_facts([{"relation": "P1", "subject": s, "object": "o"} for s in "abcd"])
+
+        def run(fact, prompts=2, done=2, status="done", model=MODEL, run_params=params):
+            rid = p.start_run(fact=fact, prompts=["x"] * prompts, params=run_params, model=model)
+            for k in range(done):
+                p.add_prompt_result(rid, k, scores=rand(k, (2, 3)))
+            p.finish_run(rid, status)
+            return rid
+
+        run(f1)
+        latest = run(f1)
+        run(f2, done=1)  # "done" but a prompt never stored: not complete
+        run(f3, status="cancelled")
+        run(f4, run_params={**params, "steps": 50})
+        other = run(f4, model={**MODEL, "sha256": "b" * 64})
+        assert p.completed_runs(MODEL, params) == {f1: latest}
+        assert p.completed_runs({**MODEL, "source": "elsewhere"}, params) == {f1: latest}  # same weights
+        assert p.completed_runs({**MODEL, "dtype": "bfloat16"}, params) == {}
+        assert p.completed_runs({**MODEL, "sha256": "b" * 64}, params) == {f4: other}
+        assert p.completed_runs({"source": "default", "dtype": "float32"}, params) == {}  # unknown weights
+        assert p.completed_runs(1, {**params, "steps": 50}) == {f4: 5}
+        assert p.completed_runs(99, params) == {}
+    before = sha(proj_path)
+    with open_project(proj_path, read_only=True) as p:
+        assert p.completed_runs(MODEL, params) == {f1: latest}
+    assert sha(proj_path) == before
+
+
 def test_edit_history_applies_only_to_the_same_weights(proj_path):
     with create_project(proj_path) as p:
         assert p.edit_history_applies("b" * 64)  # nothing saved: nothing to refuse
@@ -229,9 +262,7 @@ def test_edit_history_applies_only_to_the_same_weights(proj_path):
 
 
 def test_edit_stack_state_round_trips(proj_path):
-    edits = pytest.importorskip("kn_core.edits")
-    if not hasattr(edits, "EditStack"):
-        pytest.skip("no EditStack yet")
+    from kn_core import edits
     state = {"version": 1, "cursor": 1, "entries": [
         {"edit": {"kind": "suppress", "neurons": [[0, 1]], "scope": "answer"}, "enabled": True},
         {"edit": {"kind": "amplify", "neurons": [[0, 2]], "scope": "answer", "factor": 2.0}, "enabled": True}]}

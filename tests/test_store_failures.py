@@ -238,7 +238,7 @@ def test_full_disk_through_the_cli(small_disk, tmp_path, capsys):
     finds no room. Exit status 2, one line saying the data is in the -wal; copied with its -wal to a disk with
     room, the project holds every fact, and `kn project recover` makes it one file again."""
     facts = facts_module()
-    cli = pytest.importorskip("kn_core.cli")
+    from kn_core import cli
     rel = facts.Relation("P1", "rel", ("[X] is [Y].",))
     big = tmp_path / "big.jsonl"
     facts.export_facts(facts.FactSet("big", {"P1": rel}, [facts.Fact("P1", f"subject {i} " + "x" * 20, f"object {i}")

@@ -17,8 +17,8 @@ from sqlalchemy.orm import Session
 from . import records
 from .codec import CODEC, ArrayCodecError, decode_array, encode_array
 from .errors import CorruptProjectError, ProjectDataError, ProjectError
-from .records import PromptRecord, RunRecord, get_field, jsonable, now, prompt_dict, to_numpy
-from .schema import RunPromptRow, RunRow, ScoreArrayRow
+from .records import PromptRecord, RunRecord, get_field, jsonable, model_fields, now, prompt_dict, to_numpy
+from .schema import ModelRow, RunPromptRow, RunRow, ScoreArrayRow
 
 # array names become file names in exports: one plain name part
 _ARRAY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
@@ -160,6 +160,32 @@ class RunStore:
             if status is not None:
                 where.append(RunRow.status == status)
             return self._run_records(s, where)
+
+    def completed_runs(self, model, params) -> dict[int, int]:
+        """{fact id: id of its latest run} over the runs that finished `done` with every prompt attributed, on
+        weights with the same sha256 and dtype as `model` (a LoadedModel, dict or model id) and with exactly these
+        `params` (a dict or an object with `to_dict()`). What a resumed fact-set attribution may skip; a model of
+        unknown weights (no sha256) never matches. Reads only."""
+        params = jsonable(params.to_dict() if hasattr(params, "to_dict") else (params or {}))
+        with self._session("finding completed runs") as s:
+            if isinstance(model, (int, np.integer)):
+                row = s.get(ModelRow, int(model))
+                if row is None:
+                    return {}
+                sha, dtype = row.sha256, row.dtype
+            else:
+                f = model_fields(model)
+                sha, dtype = f["sha256"], f["dtype"]
+            if not sha:
+                return {}
+            done = (select(func.count()).where(RunPromptRow.run_id == RunRow.id, RunPromptRow.done.is_(True))
+                    .scalar_subquery())
+            rows = s.execute(select(RunRow.fact_id, RunRow.id, RunRow.params)
+                             .join(ModelRow, ModelRow.id == RunRow.model_id)
+                             .where(ModelRow.sha256 == sha, ModelRow.dtype == dtype, RunRow.status == "done",
+                                    RunRow.fact_id.is_not(None), RunRow.n_prompts > 0, done == RunRow.n_prompts)
+                             .order_by(RunRow.id))
+            return {fact_id: run_id for fact_id, run_id, stored in rows if stored == params}
 
     def get_run(self, run_id: int) -> RunRecord:
         """One run with its prompts (text, prob, completeness, which arrays are stored)."""

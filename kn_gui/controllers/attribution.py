@@ -14,7 +14,7 @@ from PySide6.QtCore import QObject, Signal
 
 from kn_core.facts import Fact
 
-from ..session import CANCELLED, COMPLETE, FAILED, Run, Session, fact_key, fact_label
+from ..session import CANCELLED, COMPLETE, FAILED, NeuronSet, Run, Session, fact_key, fact_label
 from ..worker import JobRunner
 from . import UserError
 
@@ -176,6 +176,39 @@ class AttributionController(QObject):
             s.runs[key] = run
         else:
             s.runs.pop(key, None)
+
+    # ----------------------------------------------------------------------------------------- neuron sets
+    def update_auto_sets(self, run: Run) -> bool:
+        """The fact's refined neurons and the union of its coarse ones as named sets, in step with t and p."""
+        if not run.scores:
+            return False
+        s, label = self.session, fact_label(run.fact)
+        s.put_set(NeuronSet(f"refined: {label}", "refined", s.refined(run),
+                            f"{run.fact.relation}, t={s.t:.2f} p={s.p:.2f}"))
+        coarse = sorted({n for i in range(len(run.scores)) for n in s.coarse(run, i)})
+        s.put_set(NeuronSet(f"coarse: {label}", "coarse", coarse, f"{run.fact.relation}, t={s.t:.2f}"))
+        return True
+
+    def adapt_p(self, fact: Fact | None):
+        """The paper's adaptive p for the fact's relation (kn_core.neurons.adapt_p over its runs)."""
+        if fact is None:
+            raise UserError("No fact selected", "Pick a fact of the relation whose p should be adapted.")
+        try:
+            return self.session.adapt_p(fact.relation)
+        except ValueError as exc:
+            raise UserError("Cannot adapt p", str(exc)) from exc
+
+    def relation_set(self, fact: Fact | None) -> NeuronSet:
+        """The relation's neurons: refined for at least 10% of its attributed facts."""
+        if fact is None:
+            raise UserError("No fact selected", "Pick a fact of the relation first.")
+        runs = self.session.relation_runs(fact.relation)
+        if not runs:
+            raise UserError("No runs", f"Run attribution on some facts of {fact.relation} first.")
+        neurons = self.session.relation_level(fact.relation)
+        rel = self.session.factset.relations.get(fact.relation)
+        name = f"relation: {fact.relation} {rel.name if rel else ''}".strip()
+        return NeuronSet(name, "relation", [n for n, _ in neurons], f"{len(runs)} facts, \u2265 10%")
 
     # ----------------------------------------------------------------------------------------- answer checks
     def check(self, facts: list[Fact]) -> bool:

@@ -161,7 +161,9 @@ class EditsController(QObject):
                                on_done=lambda after: after_done(command, before, after))
 
         def after_done(command, before, after):
-            self.edit_stack.set_report(command.index, edit_report(plan, before, after))
+            info = lm.describe()
+            model = {"name": info.get("name") or lm.source, "sha256": lm.sha256}
+            self.edit_stack.set_report(command.index, edit_report(plan, before, after, model))
             self.event.emit(EditEvaluated(command, command.report))
 
         self.runner.submit("Evaluating the edit (before)", lambda task: measure_plan(lm, plan, task),
@@ -210,7 +212,7 @@ class EditsController(QObject):
         return HistoryRestored(cursor, len(entries))
 
 
-def edit_report(plan, before: dict, after: dict) -> dict:
+def edit_report(plan, before: dict, after: dict, model: dict) -> dict:
     """The before/after table of an edit: one row per evaluated prompt (an update's rows also carry the new
     object's probability), the engine's per-group summary and what the plan left out, with reasons."""
     from kn_core.edit_plan import summarize_plan
@@ -221,7 +223,7 @@ def edit_report(plan, before: dict, after: dict) -> dict:
         for p, b, a in zip(plan.prompts.get(group, []), before.get(group, []), after.get(group, [])):
             rows.append({"group": label, "fact": fact_label(p.fact), "prompt": p.text, "answer": p.answer,
                          "before": b["prob"], "after": a["prob"], "top_before": b["top1_token"],
-                         "top_after": a["top1_token"]})
+                         "top_after": a["top1_token"], "top_before_id": b["top1_id"], "top_after_id": a["top1_id"]})
     for row, b, a in zip(rows, before.get("new object", []), after.get("new object", [])):
         row["new_before"], row["new_after"] = b["prob"], a["prob"]
     if request.kind == "erase":
@@ -229,5 +231,7 @@ def edit_report(plan, before: dict, after: dict) -> dict:
     else:
         title = f"{edit.describe()} \u2014 evaluated on {fact_label(request.fact)}"
     return {"title": title, "rows": rows, "edit": edit.to_dict(), "summary": summarize_plan(plan, before, after),
-            "skipped": [list(item) for item in plan.skipped],
+            "skipped": [list(item) for item in plan.skipped], "model": model,
+            "requested": request.k if request.kind == "erase" else None,
+            "relation": request.relation or (request.fact.relation if request.fact is not None else None),
             "new_object": request.new_object if request.kind == "update" else None}

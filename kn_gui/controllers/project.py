@@ -43,10 +43,6 @@ class Autosaved:
     error: str = ""
 
 
-def documents_folder() -> str:
-    return QStandardPaths.writableLocation(QStandardPaths.DocumentsLocation) or str(Path.home())
-
-
 class ProjectController(QObject):
     event = Signal(object)
     _autosave_done = Signal(object)

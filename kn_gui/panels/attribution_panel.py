@@ -16,7 +16,7 @@ from PySide6.QtWidgets import (QAbstractSpinBox, QComboBox, QDoubleSpinBox, QFor
                                QSlider, QSpinBox, QSplitter, QTabWidget, QWidget)
 
 from .common import TableView, button, fmt_prob, hbox, hint, vbox
-from .neuron_map import FLAG, NeuronMap
+from .neuron_map import NeuronMap
 
 pg.setConfigOptions(imageAxisOrder="row-major", antialias=False, background="w", foreground="#33475b")
 
@@ -35,6 +35,7 @@ class ThresholdControl(QWidget):
     def __init__(self, label: str, value: float, tooltip: str, parent=None):
         super().__init__(parent)
         self.slider = QSlider(Qt.Horizontal)
+        self.slider.setMinimumWidth(50)
         self.slider.setRange(0, 100)
         self.spin = QDoubleSpinBox()
         self.spin.setRange(0.0, 1.0)
@@ -103,7 +104,7 @@ class AttributionPanel(QWidget):
         self.run_button = button("Run attribution (F5)", lambda: self.run_requested.emit("current"),
                                  "Integrated gradients over every FFN neuron, for all prompts of the current fact",
                                  name="primary")
-        self.run_sel_button = button("Run selected facts", lambda: self.run_requested.emit("selection"),
+        self.run_sel_button = button("Run selected", lambda: self.run_requested.emit("selection"),
                                      "Run every fact selected in the Facts panel, one after another")
         self.steps = QSpinBox()
         self.steps.setRange(1, 200)
@@ -134,6 +135,8 @@ class AttributionPanel(QWidget):
         self.agg.currentTextChanged.connect(lambda _: self.redraw())
         self.view_of = QComboBox()
         self.view_of.setToolTip("Plot the mean over the fact's prompts, or one prompt")
+        self.view_of.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+        self.view_of.setMinimumContentsLength(12)
         self.view_of.currentIndexChanged.connect(lambda _: self.redraw())
 
         self.title = QLabel("No attribution yet: pick a fact and press F5.")
@@ -162,7 +165,7 @@ class AttributionPanel(QWidget):
         for plot in (self.layer_plot, self.hist_plot):
             plot.getAxis("left").enableAutoSIPrefix(False)
             plot.getAxis("left").setWidth(48)
-        self.layer_widget.setMinimumHeight(150)
+        self.layer_widget.setMinimumHeight(120)
 
         self.colormap = pg.colormap.get("CET-D1")
         self.heat_widget = NeuronMap(self.colormap)
@@ -187,14 +190,11 @@ class AttributionPanel(QWidget):
         fit = button("All", self.heat_widget.fit, "Show every neuron")
         for b in (zoom_in, zoom_out):
             b.setFixedWidth(30)
-        self.map_legend = QLabel(
-            f'<span style="color:{REFINED}">\u25cb refined</span> &nbsp; '
-            '<span style="color:#7d6608">\u25a0 selected</span> &nbsp; '
-            f'<span style="color:{FLAG}">\u2605 massive &nbsp; \u25c7 unspecific</span>')
-        self.map_legend.setToolTip("Massive: activation far beyond its layer's; unspecific: coarse for facts of "
-                                   "most relations (kn_core.neurons flags)")
-        self.map_tools = hbox(QLabel("go to"), self.goto_layer, self.goto_neuron, self.goto_button, None,
-                              self.map_legend, None, zoom_in, zoom_out, fit)
+        self.hover.setMinimumWidth(120)
+        # go-to and zoom sit in the tab bar's corner; the hover line names the cell a click selects
+        self.map_tools = QWidget()
+        self.map_tools.setLayout(hbox(QLabel("go to"), self.goto_layer, self.goto_neuron, self.goto_button,
+                                      zoom_in, zoom_out, fit, margins=(0, 0, 2, 2)))
 
         self.prompt_widget = pg.GraphicsLayoutWidget()
         self.prompt_plot = self.prompt_widget.addPlot(title="Refined neurons across prompts")
@@ -216,10 +216,11 @@ class AttributionPanel(QWidget):
 
         self.tabs = QTabWidget()
         heat_page = QWidget()
-        heat_page.setLayout(vbox(self.map_tools, self.hover, self.heat_widget, margins=(2, 2, 2, 2)))
+        heat_page.setLayout(vbox(self.hover, self.heat_widget, margins=(2, 2, 2, 2), spacing=2))
         self.tabs.addTab(heat_page, "Layer \u00d7 neuron")
         self.tabs.addTab(prompt_split, "Per prompt")
-        self.tabs.currentChanged.connect(lambda i: self._draw_prompts() if i == 1 else None)
+        self.tabs.setCornerWidget(self.map_tools, Qt.TopRightCorner)
+        self.tabs.currentChanged.connect(self._tab_changed)
 
         split = QSplitter(Qt.Vertical)
         split.addWidget(self.layer_widget)
@@ -241,6 +242,11 @@ class AttributionPanel(QWidget):
         self._fill_view_of()
         self.set_running(False, has_model=False)
         self.redraw()
+
+    def _tab_changed(self, index: int):
+        self.map_tools.setVisible(index == 0)
+        if index == 1:
+            self._draw_prompts()
 
     # ----------------------------------------------------------------- params
     def params(self):

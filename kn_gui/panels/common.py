@@ -56,6 +56,8 @@ def fmt_prob(p: float | None) -> str:
 def fmt_delta(d: float | None) -> str:
     if d is None:
         return ""
+    if d == 0:
+        return "0"
     return f"{d:+.3f}" if abs(d) >= 0.001 else f"{d:+.1e}"
 
 

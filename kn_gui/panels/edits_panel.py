@@ -10,6 +10,8 @@ The report shown by `show_report` is a dict: "title", "rows" ({"group", "fact", 
 
 from __future__ import annotations
 
+import re
+
 from PySide6.QtCore import QStringListModel, Qt, Signal
 from PySide6.QtWidgets import (QComboBox, QCompleter, QDoubleSpinBox, QFormLayout, QGroupBox, QLabel, QSpinBox,
                                QSplitter, QStackedWidget, QUndoView, QWidget)
@@ -102,15 +104,16 @@ class EditsPanel(QWidget):
                                        "Run attribution on every fact of the relation, then erase again")
         self.attribute_button.hide()
         self._relation: str | None = None
-        self.table = TableView(["group", "fact", "prompt", "answer", "p before", "p after", "\u0394p", "top-1 before",
-                                "top-1 after", "flip", "p(o') before", "p(o') after", "goal"],
-                               formats={4: fmt_prob, 5: fmt_prob, 6: fmt_delta, 10: fmt_prob, 11: fmt_prob})
+        self.table = TableView(["group", "fact", "prompt", "answer", "p before", "p after", "\u0394p", "p(o') before",
+                                "p(o') after", "goal", "top-1 before", "top-1 after", "flip"],
+                               formats={4: fmt_prob, 5: fmt_prob, 6: fmt_delta, 7: fmt_prob, 8: fmt_prob})
         self.export_button = button("Export table\u2026", lambda: self.table.export_csv_dialog(self, "edit.csv"))
         result_box = QGroupBox("Before / after (the fact's prompts, then controls)")
         title_row = hbox(self.result_title, self.export_button)
         title_row.setStretch(0, 1)
-        result_box.setLayout(vbox(title_row, self.result_summary, hbox(self.result_warning, self.attribute_button),
-                                  self.table))
+        warning_row = hbox(self.result_warning, self.attribute_button)
+        warning_row.setStretch(0, 1)
+        result_box.setLayout(vbox(title_row, self.result_summary, warning_row, self.table))
 
         split = QSplitter(Qt.Horizontal)
         left = QWidget()
@@ -260,7 +263,7 @@ class EditsPanel(QWidget):
         rows = report["rows"]
         edit = report.get("edit") or {}
         self.result_title.setText(self._title(report))
-        self.result_summary.setText("   |   ".join(self._group_summaries(report)))
+        self.result_summary.setText("   |   ".join(self._group_summaries(report, self.answer_words)))
         warnings = [w for w in (self._unchanged(rows), self._fewer_neurons(report), self._goal(report)) if w]
         warnings += [f"Skipped {what}: {why}." for what, why in report.get("skipped") or []
                      if not what.endswith("neurons asked for")]
@@ -273,13 +276,13 @@ class EditsPanel(QWidget):
             delta = r["after"] - r["before"]
             flip = r["top_before"] != r["top_after"]
             goal = self._row_goal(r, report) if is_update and r["group"] == "fact" else ""
-            self.table.add_row([r["group"], r["fact"], r["prompt"], r["answer"], float(r["before"]),
-                                float(r["after"]), float(delta), repr(r["top_before"]), repr(r["top_after"]),
-                                "\u21c4 flip" if flip else "", _maybe_float(r.get("new_before")),
-                                _maybe_float(r.get("new_after")), goal],
-                               colors={6: UP if delta > 0 else DOWN, 9: DOWN,
-                                       12: DOWN if goal.startswith("\u2718") else UP})
-        for col in (10, 11, 12):
+            self.table.add_row([r["group"], r["fact"], r["prompt"], repr(r["answer"]), float(r["before"]),
+                                float(r["after"]), float(delta), _maybe_float(r.get("new_before")),
+                                _maybe_float(r.get("new_after")), goal, repr(r["top_before"]), repr(r["top_after"]),
+                                "\u21c4 flip" if flip else ""],
+                               colors={6: UP if delta > 0 else DOWN if delta < 0 else "#5d6d7e", 9: DOWN if goal.startswith("\u2718") else UP,
+                                       12: DOWN})
+        for col in (7, 8, 9):
             self.table.setColumnHidden(col, not is_update)
         self.table.resizeColumnsToContents()
         self.table.setColumnWidth(2, min(260, self.table.columnWidth(2)))
@@ -299,7 +302,7 @@ class EditsPanel(QWidget):
         return words + (sep + rest if sep else "")
 
     @staticmethod
-    def _group_summaries(report: dict) -> list[str]:
+    def _group_summaries(report: dict, words=str) -> list[str]:
         rows = report["rows"]
         summary = []
         for group in dict.fromkeys(r["group"] for r in rows):
@@ -311,7 +314,7 @@ class EditsPanel(QWidget):
             summary.append(f"{group}: mean \u0394p {fmt_delta(mean_delta)}{rel}, {flips}/{len(g)} top-1 flips")
         nb = [r for r in rows if r["group"] == "fact" and r.get("new_before") is not None]
         if report.get("new_object") and nb:
-            summary.append(f"p({report['new_object']!r}): {fmt_prob(sum(r['new_before'] for r in nb) / len(nb))}"
+            summary.append(f"p({words(report['new_object'])!r}): {fmt_prob(sum(r['new_before'] for r in nb) / len(nb))}"
                            f" \u2192 {fmt_prob(sum(r['new_after'] for r in nb) / len(nb))}")
         return summary
 
@@ -328,12 +331,17 @@ class EditsPanel(QWidget):
 
     def _fewer_neurons(self, report: dict) -> str:
         """Erase (or any edit asked for k neurons) that found fewer: both counts, why, and the offer."""
-        requested = report.get("requested")
         actual = len((report.get("edit") or {}).get("neurons", []))
+        requested = report.get("requested")
+        why = []
+        for what, reason in report.get("skipped") or []:
+            asked = re.fullmatch(r"\d+ of the (\d+) neurons asked for", what)
+            if asked:  # EditPlan.skipped's entry for an erase that found fewer neurons than asked for
+                requested = requested or int(asked.group(1))
+                why.append(reason)
         if not requested or actual >= requested:
             return ""
-        why = [why for what, why in report.get("skipped") or [] if what.endswith("neurons asked for")]
-        self._relation = report.get("relation")
+        self._relation = report.get("relation") or (self.fact.relation if self.fact is not None else None)
         if self._relation:
             self.attribute_button.setText(f"Attribute {self._relation}\u2026")
             self.attribute_button.show()
@@ -351,6 +359,8 @@ class EditsPanel(QWidget):
         goals = [self._row_goal(r, report) for r in fact_rows]
         failed = [g for g in goals if g.startswith("\u2718")]
         new = self.answer_words(report["new_object"])
+        rate = (report.get("summary") or {}).get("success_rate")
+        success = f" (the engine's success rate: {100 * rate:.0f}% of the prompts)" if rate is not None else ""
         if not failed:
             return ""
         fell = sum("fell" in g for g in failed)
@@ -360,7 +370,7 @@ class EditsPanel(QWidget):
             parts.append(f"p({new!r}) went down on {fell} of {len(goals)} prompts")
         if not_top:
             parts.append(f"{new!r} is not the top-1 answer on {not_top} of {len(goals)} prompts")
-        return "The update failed its goal: " + "; ".join(parts) + "."
+        return "The update failed its goal: " + "; ".join(parts) + success + "."
 
     def _row_goal(self, r: dict, report: dict) -> str:
         if r.get("new_before") is None or r.get("new_after") is None:

@@ -71,6 +71,7 @@ class FactDialog(QDialog):
         self.buttons.accepted.connect(self.accept)
         self.buttons.rejected.connect(self.reject)
         form.addRow(self.buttons)
+        self.setMinimumWidth(480)
         self._confirmed: Fact | None = None  # the long-answer fact the user was warned about
         for field in (self.subject, self.object):
             field.textEdited.connect(self._edited)
@@ -86,6 +87,7 @@ class FactDialog(QDialog):
     def _say(self, text: str, field=None):
         self.problem.setText(text)
         self.problem.show()
+        self.adjustSize()
         if field is not None:
             field.setFocus()
 
@@ -119,7 +121,8 @@ class FactDialog(QDialog):
             return ""
         per_token = self.seconds_per_token or seconds_per_token_prompt(self.session)
         expected = tokens * len(prompts) * per_token
-        return (f"The answer {fact.object!r} is {tokens} tokens long: attribution integrates every answer token, "
+        shown = fact.object if len(fact.object) <= 40 else fact.object[:37] + "\u2026"
+        return (f"The answer {shown!r} is {tokens} tokens long: attribution integrates every answer token, "
                 f"so this fact's {len(prompts)} prompts take about {fmt_duration(expected)} "
                 f"({tokens} tokens \u00d7 {len(prompts)} prompts \u00d7 {per_token:.2g} s). "
                 "Press \u201cAdd anyway\u201d to keep it, or shorten the answer.")
@@ -202,6 +205,7 @@ class RelationDialog(QDialog):
         if problem:
             self.problem.setText(problem)
             self.problem.show()
+            self.adjustSize()
             self.templates.setFocus() if "emplate" in problem else self.rid.setFocus()
             return
         super().accept()

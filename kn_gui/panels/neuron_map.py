@@ -18,8 +18,14 @@ from PySide6.QtCore import QPointF, QTimer, Signal
 
 REFINED = "#e74c3c"
 FLAG = "#6c3483"
-MIN_LAYER_PX = 8  # each layer gets at least this many pixels of height
+MIN_LAYER_PX = 6  # each layer gets at least this many pixels of height (30 layers: 180 px)
 GO_TO_SPAN = 64  # neurons shown around a go-to target (about 10 px per neuron in a 640 px wide map)
+
+
+# the title doubles as the markers' legend (a legend inside the plot would cover neurons)
+LEGEND = (f'Scores: layer \u00d7 neuron &nbsp;&nbsp; <span style="color:{REFINED}">\u25cb refined</span> &nbsp; '
+          '<span style="color:#7d6608">\u25a0 selected</span> &nbsp; '
+          f'<span style="color:{FLAG}">\u2605 massive &nbsp; \u25c7 unspecific</span>')
 
 
 class CellAxis(pg.AxisItem):
@@ -54,7 +60,7 @@ class NeuronMap(pg.GraphicsLayoutWidget):
 
     def __init__(self, colormap, parent=None):
         super().__init__(parent)
-        self.plot = self.addPlot(title="Scores: layer \u00d7 neuron",
+        self.plot = self.addPlot(title=LEGEND,
                                  axisItems={"left": CellAxis("left"), "bottom": CellAxis("bottom")})
         self.plot.setLabel("bottom", "neuron")
         self.plot.setLabel("left", "layer")
@@ -100,7 +106,7 @@ class NeuronMap(pg.GraphicsLayoutWidget):
             self.image.clear()
             return
         layers, neurons = self.scores.shape
-        self.setMinimumHeight(min(MIN_LAYER_PX * layers, 400) + 90)
+        self.setMinimumHeight(min(MIN_LAYER_PX * layers, 300) + 80)
         self.vb.setLimits(xMin=0, xMax=neurons, yMin=0, yMax=layers, minXRange=min(8, neurons))
         self.plot.getAxis("left").setTicks(None if layers <= 12 else [
             [(l + 0.5, str(l)) for l in range(0, layers, 5)],
@@ -137,12 +143,14 @@ class NeuronMap(pg.GraphicsLayoutWidget):
         if self.scores is not None:
             layers, neurons = self.scores.shape
             self.plot.setRange(xRange=(0, neurons), yRange=(0, layers), padding=0)
+            self._draw_image()
 
     def zoom(self, factor: float):
         """Zooms the neuron axis about the view's centre (factor < 1 zooms in)."""
         (x0, x1), _ = self.vb.viewRange()
         centre, half = (x0 + x1) / 2, (x1 - x0) * factor / 2
         self.vb.setXRange(centre - half, centre + half, padding=0)
+        self._draw_image()
 
     def centre_on(self, layer: int, neuron: int, span: int = GO_TO_SPAN):
         if self.scores is None:
@@ -151,6 +159,7 @@ class NeuronMap(pg.GraphicsLayoutWidget):
         half = min(span, neurons) / 2
         left = min(max(0.0, neuron + 0.5 - half), neurons - 2 * half)
         self.plot.setRange(xRange=(left, left + 2 * half), yRange=(0, layers), padding=0)
+        self._draw_image()
 
     def cell_scene_pos(self, layer: int, neuron: int) -> QPointF:
         """The scene position of a cell's centre (what a click there selects)."""

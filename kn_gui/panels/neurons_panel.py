@@ -1,14 +1,27 @@
-"""Neuron sets (coarse, refined, relation-level, user; named, listed, exportable) and the neuron inspector."""
+"""Neuron sets (coarse, refined, relation-level, user; named, listed, exportable) and the neuron inspector.
+
+Neurons flagged massive / unspecific (kn_core.neurons.NeuronFlags, given with `set_flags`) are marked in the
+set's table (a warning glyph, purple text and the rule as tooltip) and in a "flags" column of CSV exports.
+The inspector reads a value vector with the sign of the neuron's activation: a neuron firing negative writes
+-v, so what it promotes is what +v suppresses. The sign comes from the engine's answer when it gives one
+("sign"), else from the mean activation on the shown run's prompts; the inspector says which.
+"""
 
 from __future__ import annotations
 
 import json
 
+import csv
+
 from PySide6.QtCore import Qt, Signal
+from PySide6.QtGui import QBrush, QColor
 from PySide6.QtWidgets import (QFileDialog, QHeaderView, QGroupBox, QInputDialog, QLabel, QSplitter, QTabWidget, QWidget)
 
 from ..session import NeuronSet
-from .common import TableView, button, hbox, hint, vbox
+from .common import TableView, button, default_folder, hbox, hint, vbox
+from .neuron_map import FLAG
+
+FLAG_GLYPH = "\u26a0"
 
 
 class NeuronsPanel(QWidget):
@@ -25,14 +38,16 @@ class NeuronsPanel(QWidget):
 
         self.sets = TableView(["name", "kind", "neurons"])
         self.sets.setSortingEnabled(False)
-        from PySide6.QtWidgets import QHeaderView
         self.sets.horizontalHeader().setSectionResizeMode(0, QHeaderView.Stretch)
         self.sets.horizontalHeader().setStretchLastSection(False)
         for col in (1, 2):
             self.sets.horizontalHeader().setSectionResizeMode(col, QHeaderView.ResizeToContents)
         self.contents_header_fixed = False
         self.sets.selectionModel().currentRowChanged.connect(lambda *_: self._show_set())
-        self.contents = TableView(["layer", "neuron", "score", "activation"])
+        self.flags = None  # kn_core.neurons.NeuronFlags of the model, when measured
+        self.contents = TableView(["layer", "neuron", "score", "activation", "flags"],
+                                  formats={2: "{:.4g}".format, 3: "{:.4g}".format})
+        self.contents.setMinimumHeight(130)  # about five rows
         self.contents.doubleClicked.connect(self._inspect_row)
         self.contents.setToolTip("Double-click a neuron to inspect it")
 
@@ -52,26 +67,28 @@ class NeuronsPanel(QWidget):
         self.inspect_title = QLabel("Click a neuron in the layer \u00d7 neuron plot to inspect it.")
         self.inspect_title.setObjectName("heading")
         self.inspect_title.setWordWrap(True)
-        self.promoted = TableView(["token", "logit"])
-        self.suppressed = TableView(["token", "logit"])
-        self.activating = TableView(["prompt", "answer", "activation", "score"])
+        self.promoted = TableView(["token", "logit"], formats={1: "{:+.3f}".format})
+        self.suppressed = TableView(["token", "logit"], formats={1: "{:+.3f}".format})
+        self.activating = TableView(["prompt", "answer", "activation", "score"],
+                                    formats={2: "{:.4g}".format, 3: "{:.4g}".format})
         tabs = QTabWidget()
         tabs.addTab(self.promoted, "Promotes")
         tabs.addTab(self.suppressed, "Suppresses")
         tabs.addTab(self.activating, "Top-activating prompts")
+        tabs.setMinimumHeight(190)  # about six rows of each list
         self.inspect_tabs = tabs
+        self.sign_line = hint("")
         inspector = QGroupBox("Neuron inspector")
-        inspector.setLayout(vbox(self.inspect_title,
-                                 hint("Tokens its value vector writes toward (promotes) and away from "
-                                      "(suppresses) through the vocabulary head; prompts of this project ranked "
-                                      "by its activation."),
+        inspector.setLayout(vbox(self.inspect_title, self.sign_line,
                                  tabs))
         split = QSplitter(Qt.Vertical)
         split.addWidget(sets_box)
         split.addWidget(inspector)
         split.setSizes([330, 420])
-        for table in (self.contents, self.promoted, self.suppressed):
+        for table in (self.promoted, self.suppressed):
             table.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
+        for col in range(4):
+            self.contents.horizontalHeader().setSectionResizeMode(col, QHeaderView.ResizeToContents)
         self.setLayout(vbox(split, margins=(4, 4, 4, 4)))
         self.inspected: tuple[int, int] | None = None
 
@@ -117,8 +134,29 @@ class NeuronsPanel(QWidget):
         for l, n in s.neurons:
             score = float(mean[l, n]) if mean is not None and l < mean.shape[0] else None
             act = float(acts[l, n]) if acts is not None and l < acts.shape[0] else None
-            self.contents.add_row([int(l), int(n), "" if score is None else f"{score:.4g}",
-                                   "" if act is None else f"{act:.4g}"], data=(l, n))
+            flagged = self.flags_of((l, n))
+            items = self.contents.add_row([int(l), int(n), score, act, ", ".join(flagged)], data=(l, n))
+            if flagged:
+                tip = self._flag_tooltip(flagged)
+                items[4].setText(f"{FLAG_GLYPH} {', '.join(flagged)}")
+                for item in items:
+                    item.setForeground(QBrush(QColor(FLAG)))
+                    item.setToolTip(tip)
+
+    def flags_of(self, neuron) -> tuple[str, ...]:
+        return tuple(self.flags.of((int(neuron[0]), int(neuron[1])))) if self.flags is not None else ()
+
+    def _flag_tooltip(self, flagged) -> str:
+        rule = getattr(self.flags, "rule", None) or {}
+        text = f"Flagged {', '.join(flagged)}: " + "; ".join(
+            {"massive": "its activation is far beyond its layer's (a massive activation, Sun et al. 2024)",
+             "unspecific": "coarse for facts of most relations, not specific to this one"}.get(f, f) for f in flagged)
+        return text + (f"\nrule: {rule}" if rule else "") + "\nLeft out of refined and relation neurons by default."
+
+    def set_flags(self, flags):
+        """Marks the neurons flagged massive / unspecific (kn_core.neurons.NeuronFlags, or None)."""
+        self.flags = flags
+        self._show_set()
 
     def set_run(self, run):
         self.run = run
@@ -179,22 +217,41 @@ class NeuronsPanel(QWidget):
             self.error.emit("No set selected", "Select a neuron set in the list first.")
             return
         if path is None:
-            path, _ = QFileDialog.getSaveFileName(self, "Export neuron set", f"{s.name}.json",
+            path, _ = QFileDialog.getSaveFileName(self, "Export neuron set", str(default_folder() / f"{s.name}.json"),
                                                   "JSON (*.json);;CSV (*.csv)")
         if not path:
             return
         try:
             if path.lower().endswith(".csv"):
-                with open(path, "w", encoding="utf-8") as handle:
-                    handle.write("layer,neuron\n")
-                    handle.writelines(f"{l},{n}\n" for l, n in s.neurons)
+                self._write_set_csv(s, path)
             else:
+                data = s.to_dict()
+                flagged = {f"{l},{n}": list(self.flags_of((l, n))) for l, n in s.neurons if self.flags_of((l, n))}
+                if flagged:
+                    data["flags"] = flagged  # "layer,neuron" -> ["massive", ...]
                 with open(path, "w", encoding="utf-8") as handle:
-                    json.dump(s.to_dict(), handle, indent=2)
+                    json.dump(data, handle, indent=2)
         except OSError as exc:
             self.error.emit("Could not export the set", f"{exc}. Choose a folder you can write to.")
             return
         self.message.emit(f"Exported {s.name} to {path}")
+
+    def _write_set_csv(self, s: NeuronSet, path: str):
+        """layer, neuron, the shown run's mean score and activation in full, and the neuron's flags."""
+        run = getattr(self, "run", None)
+        mean = run.mean_scores() if run is not None and run.scores else None
+        acts = run.mean_activations() if run is not None and run.scores else None
+        with open(path, "w", newline="", encoding="utf-8") as handle:
+            handle.write(f"# neuron set: {s.name} ({s.kind}{', from ' + s.source if s.source else ''})\n")
+            if run is not None and run.scores:
+                handle.write(f"# score, activation: mean over the {len(run.scores)} prompts of "
+                             f"{run.fact.subject} -> {run.fact.object} ({run.fact.relation})\n")
+            writer = csv.writer(handle)
+            writer.writerow(["layer", "neuron", "score", "activation", "flags"])
+            for l, n in s.neurons:
+                inside = mean is not None and l < mean.shape[0]
+                writer.writerow([l, n, repr(float(mean[l, n])) if inside else "",
+                                 repr(float(acts[l, n])) if inside else "", ";".join(self.flags_of((l, n)))])
 
     def _inspect_row(self, index):
         data = self.contents.table.item(index.row(), 0).data(Qt.UserRole)
@@ -203,19 +260,62 @@ class NeuronsPanel(QWidget):
 
     # ----------------------------------------------------------------- inspector
     def show_inspection(self, layer: int, neuron: int, tokens: dict | None):
+        """`tokens`: kn_core.evaluation.neuron_tokens' answer ("promotes"/"suppresses" rows, optionally "sign" when
+        the engine already read the value vector with the activation's sign) or the older adapter's
+        {"promoted", "suppressed", "norm"} (read as +v)."""
         self.inspected = (layer, neuron)
         sets = [s.name for s in self.session.neuron_sets.values() if (layer, neuron) in map(tuple, s.neurons)]
         extra = f"  \u2014 in {', '.join(sets)}" if sets else ""
-        norm = f", |v| = {tokens['norm']:.3g}" if tokens and "norm" in tokens else ""
-        self.inspect_title.setText(f"Layer {layer}, neuron {neuron}{norm}{extra}")
+        flagged = self.flags_of((layer, neuron))
+        flag_text = f"  {FLAG_GLYPH} flagged {', '.join(flagged)}" if flagged else ""
+        norm = f", |v| = {tokens['norm']:.3g}" if tokens and tokens.get("norm") is not None else ""
+        self.inspect_title.setText(f"Layer {layer}, neuron {neuron}{norm}{extra}{flag_text}")
+        self.inspect_title.setToolTip(self._flag_tooltip(flagged) if flagged else "")
         self.promoted.clear_rows()
         self.suppressed.clear_rows()
-        if tokens:
-            for tok, v in tokens["promoted"]:
-                self.promoted.add_row([repr(tok), f"{v:.3f}"])
-            for tok, v in tokens["suppressed"]:
-                self.suppressed.add_row([repr(tok), f"{v:.3f}"])
+        sign, source = self._sign(layer, neuron, tokens)
+        promoted, suppressed = _token_lists(tokens)
+        if tokens is not None and tokens.get("sign") is None and sign < 0:
+            # the neuron fires negative: it writes -v, so it promotes what +v suppresses (logits negated)
+            promoted, suppressed = ([(t, -v) for t, v in suppressed], [(t, -v) for t, v in promoted])
+        for table, rows in ((self.promoted, promoted), (self.suppressed, suppressed)):
+            for tok, v in rows:
+                table.add_row([repr(tok), float(v)])
+        vector = "\u2212v" if sign < 0 else "+v"
+        self.inspect_tabs.setTabText(0, f"Promotes ({vector})")
+        self.inspect_tabs.setTabText(1, f"Suppresses ({vector})")
+        self.sign_line.setText(f"Sign used: {'negative' if sign < 0 else 'positive'} ({source}). The lists rank "
+                               f"the tokens that {vector} writes toward and away from through the vocabulary head; "
+                               "the prompts are ranked by the activation in that direction.")
         self.activating.clear_rows()
-        for prompt, answer, act, score in self.session.top_activating(layer, neuron):
-            self.activating.add_row([prompt, answer, f"{act:.4g}", f"{score:.4g}"])
+        rows = self.session.top_activating(layer, neuron, k=10 ** 9)
+        rows.sort(key=lambda r: -sign * r[2])
+        for prompt, answer, act, score in rows[:10]:
+            self.activating.add_row([prompt, answer, act, score])
         self.activating.setColumnWidth(0, 240)
+        self.inspect_tabs.setTabText(2, "Top-activating prompts" if sign > 0 else "Most negative activations")
+
+    def _sign(self, layer: int, neuron: int, tokens: dict | None) -> tuple[int, str]:
+        """(+1 or -1, where it came from)."""
+        if tokens is not None and tokens.get("sign") is not None:
+            sign = -1 if tokens["sign"] < 0 else 1
+            return sign, tokens.get("sign_source") or "from the engine"
+        run = getattr(self, "run", None)
+        acts = run.mean_activations() if run is not None and run.scores else None
+        if acts is not None and layer < acts.shape[0] and neuron < acts.shape[1]:
+            mean = float(acts[layer, neuron])
+            return (-1 if mean < 0 else 1), (f"mean activation {mean:+.3g} on the {len(run.scores)} prompts of "
+                                             f"{run.fact.subject} \u2192 {run.fact.object}")
+        return 1, "no run of a fact to take it from: read as if the activation were positive"
+
+
+def _token_lists(tokens: dict | None) -> tuple[list, list]:
+    """(promoted, suppressed) as [(token, logit)] from either answer shape."""
+    if not tokens:
+        return [], []
+
+    def pairs(rows):
+        return [(r["token"], r["logit"]) if isinstance(r, dict) else (r[0], r[1]) for r in rows or []]
+
+    return (pairs(tokens.get("promotes", tokens.get("promoted"))),
+            pairs(tokens.get("suppresses", tokens.get("suppressed"))))
