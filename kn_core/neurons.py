@@ -35,6 +35,7 @@ Callers (CLI, GUI, reproduction) use, with `keep_massive` to keep flagged neuron
 
     flags = run_flags(lm, [r.activations for r in results])          # run's prompts + the neutral set
     # several relations: run_flags(lm, activations, {relation: [[r.scores for r in fact_results], ...]}, t)
+    # needing the statistics too (mean-ablation): stats = run_stats(lm, acts); flags = scored_flags(stats, ...)
     exclude = () if keep_massive else flags.excluded
     refined = refined_neurons([r.scores for r in results], t, p, exclude=exclude)
 """
@@ -368,20 +369,29 @@ def neuron_flags(stats: ActivationStats, coarse_sets_by_relation: Mapping | None
     return NeuronFlags(massive=flag_massive(stats, ratio, top_fraction), unspecific=unspecific, rule=rule)
 
 
-def run_flags(lm, activations: Sequence[np.ndarray] = (),
-              scores_by_relation: Mapping[str, Sequence[Sequence[np.ndarray]]] | None = None, t: float = 0.2,
-              task: Task | None = None) -> NeuronFlags:
-    """The flags for a run, in one call. Massive: activation statistics over the run's prompts
-    (`PromptScores.activations`, free) plus the built-in neutral sentences (one batched forward pass each), so
-    "on almost every input" never rests on one fact's paraphrases. Unspecific, when `scores_by_relation`
-    ({relation: [one fact's prompt scores, ...]}) is given: from each fact's coarse set at threshold t with the
-    massive neurons excluded."""
+def run_stats(lm, activations: Sequence[np.ndarray] = (), task: Task | None = None) -> ActivationStats:
+    """Activation statistics for a run: its prompts' activations (`PromptScores.activations`, free) plus the
+    built-in neutral sentences (one batched forward pass each), so "on almost every input" never rests on one
+    fact's paraphrases. Also the means for mean-ablation."""
     neutral = answer_activations(lm, neutral_sentences(), task)
-    source = f"{len(activations)} run prompts + {len(neutral)} neutral sentences"
-    stats = ActivationStats.from_activations(list(activations) + neutral, source=source)
+    return ActivationStats.from_activations(list(activations) + neutral,
+                                            source=f"{len(activations)} run prompts + {len(neutral)} neutral sentences")
+
+
+def scored_flags(stats: ActivationStats, scores_by_relation: Mapping[str, Sequence[Sequence[np.ndarray]]] | None = None,
+                 t: float = 0.2) -> NeuronFlags:
+    """Massive neurons from `stats`; unspecific ones, when `scores_by_relation` ({relation: [one fact's prompt
+    scores, ...]}) is given, from each fact's coarse set at threshold t with the massive neurons excluded."""
     if scores_by_relation is None:
         return neuron_flags(stats)
     massive = flag_massive(stats)
     sets = {relation: [fact_coarse_set(scores, t, massive) for scores in facts]
             for relation, facts in scores_by_relation.items()}
     return neuron_flags(stats, sets)
+
+
+def run_flags(lm, activations: Sequence[np.ndarray] = (),
+              scores_by_relation: Mapping[str, Sequence[Sequence[np.ndarray]]] | None = None, t: float = 0.2,
+              task: Task | None = None) -> NeuronFlags:
+    """The flags for a run in one call: `scored_flags(run_stats(lm, activations), scores_by_relation, t)`."""
+    return scored_flags(run_stats(lm, activations, task), scores_by_relation, t)

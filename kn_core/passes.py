@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 from collections import Counter
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -397,15 +396,6 @@ def _row_bytes(lm: LoadedModel, seq_len: int, layers_run: int) -> int:
     return 4 * (per_layer * layers_run + vocab * 4)
 
 
-def check_memory_budget(mb):
-    """A memory budget in MiB must be a positive, finite number (None: chosen from the device)."""
-    if mb is None:
-        return None
-    if isinstance(mb, bool) or not isinstance(mb, (int, float)) or not math.isfinite(mb) or mb <= 0:
-        raise ValueError(f"memory_budget_mb must be a positive number of MiB (or None for automatic), not {mb!r}")
-    return mb
-
-
 def plan_passes(lm: LoadedModel, params: AttributionParams, seq_len: int, rows_per_layer: int) -> list[list[range]]:
     """Groups of passes: each pass is a range of layers whose rows share blocks; each group shares a backward.
 
@@ -416,7 +406,7 @@ def plan_passes(lm: LoadedModel, params: AttributionParams, seq_len: int, rows_p
     L = lm.layout.layers
     device = lm.device
     if params.memory_budget_mb is not None:
-        budget = int(check_memory_budget(params.memory_budget_mb) * 2**20)
+        budget = int(params.memory_budget_mb * 2**20)  # validated positive and finite by AttributionParams
     elif device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = free // 4

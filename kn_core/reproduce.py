@@ -1,5 +1,5 @@
 """`kn reproduce`: the paper's experiments with controls on any model and fact set, written as report.json,
-report.md (tables beside the paper's numbers) and PNG figures; and the `kn edit ...` / `kn neuron` commands.
+report.md (tables beside the paper's numbers) and PNG figures. The command line is kn_core/cli/reproduce.py.
 
 Pipeline of `run_reproduce`:
 1. pick relations and facts (by default the facts the model answers best: knowledge neurons of a fact the
@@ -18,7 +18,6 @@ import hashlib
 import json
 import math
 import platform
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,8 @@ import numpy as np
 
 from . import evaluation as ev
 from . import experiments as ex
-from .cli import tqdm_progress
+from .jsonio import dumps
+from .tasks import Task, as_task
 
 PAPER = {
     "model": "bert-base-cased on PARAREL (34 relations, 27,738 facts)",
@@ -41,29 +41,10 @@ PAPER = {
 }
 
 
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def _versions() -> dict:
     from .store import library_versions
 
     return {**library_versions(), "platform": platform.platform()}
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        value = float(obj)
-        return value if math.isfinite(value) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    return obj
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -77,7 +58,7 @@ class _Scores:
     prob: float
 
 
-def _attribute_cached(lm, prompt, params, cache: Path | None, cancel=None) -> _Scores:
+def _attribute_cached(lm, prompt, params, cache: Path | None, task: Task | None = None) -> _Scores:
     from .attribution import attribute
 
     scoring = {k: v for k, v in params.to_dict().items() if k != "share_prompts"}  # sharing never changes scores
@@ -87,7 +68,7 @@ def _attribute_cached(lm, prompt, params, cache: Path | None, cancel=None) -> _S
     if path is not None and path.exists():
         with np.load(path) as data:
             return _Scores(data["scores"], data["activations"], float(data["prob"]))
-    result = attribute(lm, prompt, params, task=cancel)
+    result = attribute(lm, prompt, params, task=task)
     out = _Scores(result.scores, result.activations, result.prob)
     if path is not None:
         tmp = path.with_suffix(".tmp.npz")
@@ -137,10 +118,13 @@ def select_facts(lm, factset, relations, facts_per_relation: int, select: str, s
 def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: int = 10, seed: int = 0,
                   steps: int = 20, prompts_per_fact: int | None = None, select: str = "known",
                   control_prompts: int = 20, t: float = 0.2, p: float = 0.7, erase_k: int = 20,
-                  erase_fill: str = "zero", progress=None, say=_say, cancel=None) -> dict:
+                  erase_fill: str = "zero", say=None, cancel=None, task: Task | None = None) -> dict:
+    """Runs the pipeline above; `say` receives phase messages, `task` the progress of the whole run."""
     from .attribution import AttributionParams
     from .neurons import adapt_p, refined_neurons
 
+    task = as_task(task)
+    say = say or (lambda message: None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cache = out / "cache"
@@ -166,7 +150,7 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
 
     def write():
         report["timings"]["total"] = time.perf_counter() - started
-        (out / "report.json").write_text(json.dumps(_jsonable(report), indent=2))
+        (out / "report.json").write_text(dumps(report, indent=2), encoding="utf-8")
 
     def phase(name):
         say(f"[reproduce] {name}")
@@ -178,20 +162,20 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
                                      prompts_per_fact=prompts_per_fact)
         report["selection_notes"] = notes
         timings["select"] = time.perf_counter() - t0
-        from tqdm import tqdm
-
         t0 = time.perf_counter()
         n_prompts = sum(len(ps) for facts in chosen.values() for _, ps in facts)
         phase(f"attributing {sum(len(v) for v in chosen.values())} facts, {n_prompts} prompts "
               f"({steps} steps; cached in {cache})")
         ig: dict = {}
         base: dict = {}
-        bar = tqdm(total=n_prompts, desc="attribution", file=sys.stderr, unit="prompt")
+        attributing, done = task.slice(0.05, 0.55), 0
         for rid, facts in chosen.items():
             for fact, prompts in facts:
-                ig[fact] = [_attribute_cached(lm, q, params, cache, cancel) for q in _tick(prompts, bar)]
-                base[fact] = [_attribute_cached(lm, q, base_params, cache, cancel) for q in prompts]
-        bar.close()
+                # relay: cancelled with the run, while the run reports its own progress per prompt
+                ig[fact] = [_attribute_cached(lm, q, params, cache, task.relay()) for q in prompts]
+                base[fact] = [_attribute_cached(lm, q, base_params, cache, task.relay()) for q in prompts]
+                done += len(prompts)
+                attributing.progress(done / max(n_prompts, 1), "attribution")
         timings["attribution"] = time.perf_counter() - t0
         timings["attribution_per_fact"] = timings["attribution"] / max(len(ig), 1)
 
@@ -225,28 +209,22 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
 
         t0 = time.perf_counter()
         phase("suppress and amplify, with controls")
-        bar = tqdm_progress("suppress/amplify")
         report["suppress_amplify"] = ex.suppress_amplify_experiment(
-            lm, records, seed=seed, control_prompts=control_prompts, task=_task(bar))
-        bar.close()
+            lm, records, seed=seed, control_prompts=control_prompts, task=task.slice(0.55, 0.75))
         timings["suppress_amplify"] = time.perf_counter() - t0
         write()
 
         t0 = time.perf_counter()
         phase("update")
-        bar = tqdm_progress("update")
         report["update"] = ex.update_experiment(lm, records, factset, seed=seed, facts_per_relation=10,
-                                                control_prompts=control_prompts, task=_task(bar))
-        bar.close()
+                                                control_prompts=control_prompts, task=task.slice(0.75, 0.9))
         timings["update"] = time.perf_counter() - t0
         write()
 
         t0 = time.perf_counter()
         phase("erase")
-        bar = tqdm_progress("erase")
         report["erase"] = ex.erase_experiment(lm, records, k=erase_k, fill=erase_fill, seed=seed,
-                                              control_prompts=2 * control_prompts, task=_task(bar))
-        bar.close()
+                                              control_prompts=2 * control_prompts, task=task.slice(0.9, 1.0))
         timings["erase"] = time.perf_counter() - t0
         report["status"] = "done"
     except BaseException as exc:  # KeyboardInterrupt / Cancelled: keep what is done
@@ -262,18 +240,6 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
     (out / "report.md").write_text(render_markdown(report))
     say(f"[reproduce] done in {report['timings']['total']:.0f} s: {out / 'report.md'}")
     return report
-
-
-def _task(bar):
-    from .tasks import Task
-
-    return Task(on_progress=lambda fraction, message: bar(fraction or 0.0))
-
-
-def _tick(items, bar):
-    for item in items:
-        yield item
-        bar.update(1)
 
 
 def default_relations(factset, n: int = 3) -> list[str]:
@@ -450,287 +416,3 @@ def render_markdown(report: dict) -> str:
         lines += [f"| paper (BERT) | | | | | {PAPER['erase_ppl_increase']} | | | {PAPER['erase_other']} |", ""]
     lines += ["## Versions", "", "```", json.dumps(report["versions"], indent=1), "```", ""]
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------------------
-# Command line: kn edit ..., kn neuron, kn reproduce
-# --------------------------------------------------------------------------------------------------------
-
-def _fact_neurons(args, lm, factset, fact, say, results: list | None = None):
-    """Attribution of one fact's prompts -> (prompts, refined neurons); `results` receives each prompt's
-    PromptScores."""
-    from .attribution import AttributionParams, attribute_fact
-    from .cli import CliError, bar_task, tqdm_progress
-    from .neurons import refined_neurons
-    from .facts import render_prompts
-
-    prompts, skipped = render_prompts(fact, factset.relation(fact.relation), lm.tokenizer, lm.kind)
-    if not prompts:
-        raise CliError(f"no template of {fact.relation} can be used with this {lm.kind} model: "
-                       + "; ".join(s.reason for s in skipped))
-    bar = tqdm_progress(f"attributing {fact.relation} {fact.subject}")
-    scores = attribute_fact(lm, prompts, AttributionParams(steps=args.steps, seed=args.seed), task=bar_task(bar))
-    bar.close()
-    if results is not None:
-        results.extend(scores)
-    return prompts, refined_neurons([s.scores for s in scores], args.t, args.p)
-
-
-def _neurons_doc(neurons):
-    return [{"layer": int(l), "neuron": int(i)} for l, i in neurons]
-
-
-def cmd_edit_activation(args) -> int:
-    from . import edits as E
-    from .edit_stack import export_model
-    from .cli import CliError, emit, factset_of, find_fact, load, say
-
-    factset = factset_of(args)
-    fact = find_fact(factset, args.relation, args.subject)
-    lm = load(args)
-    prompts, neurons = _fact_neurons(args, lm, factset, fact, say)
-    if not neurons:
-        raise CliError(f"{fact.relation} {fact.subject}: no refined knowledge neurons at t={args.t}, p={args.p}; "
-                       f"lower --p")
-    make = (lambda n: E.Suppress(tuple(n), args.scope)) if args.edit_kind == "suppress" else \
-        (lambda n: E.Amplify(tuple(n), args.factor, args.scope))
-    effect = ev.edit_effect(lm, [make(neurons)], prompts)
-    control_neurons = E.random_neurons(lm, neurons, seed=args.seed)
-    control = ev.edit_effect(lm, [make(control_neurons)], prompts)
-    if args.export:
-        if args.scope != "all":
-            raise CliError("--export needs --scope all (an answer-position edit is not a weight change)")
-        export_model(lm, [make(neurons)], args.export)
-    doc = {"fact": {"relation": fact.relation, "subject": fact.subject, "object": fact.object},
-           "edit": make(neurons).to_dict(), "neurons": _neurons_doc(neurons),
-           "prompts": [p.text for p in prompts], "before": effect["before"], "after": effect["after"],
-           "relative_change": effect["relative_change"], "flip_rate": effect["flip_rate"],
-           "control": {"kind": "random neurons from the same layers", "neurons": _neurons_doc(control_neurons),
-                       "after": control["after"], "relative_change": control["relative_change"],
-                       "flip_rate": control["flip_rate"]},
-           "exported_to": args.export}
-    text = [f"{args.edit_kind} {len(neurons)} knowledge neurons of {fact.relation} {fact.subject} -> {fact.object}:",
-            *[f"  {p.text!r}: {b:.4f} -> {a:.4f}" for p, b, a in zip(prompts, effect["before"], effect["after"])],
-            f"relative change {100 * effect['relative_change']:+.1f}% (random neurons: "
-            f"{100 * control['relative_change']:+.1f}%)"]
-    emit(args, _jsonable(doc), "\n".join(text))
-    return 0
-
-
-def cmd_edit_update(args) -> int:
-    from . import edits as E
-    from .edit_stack import export_model
-    from .cli import CliError, emit, factset_of, find_fact, load, say
-    from .facts import Fact, render_prompts
-
-    factset = factset_of(args)
-    fact = find_fact(factset, args.relation, args.subject)
-    lm = load(args)
-    results: list = []
-    prompts, neurons = _fact_neurons(args, lm, factset, fact, say, results)
-    relation_sets = []
-    others = [f for f in factset.facts_of(fact.relation) if f != fact][: args.relation_facts]
-    for other in others:  # to leave out neurons shared by >10% of the relation's facts
-        relation_sets.append(_fact_neurons(args, lm, factset, other, say)[1])
-    new_prompts, _ = render_prompts(Fact(fact.relation, fact.subject, args.new_object),
-                                    factset.relation(fact.relation), lm.tokenizer, lm.kind)
-    pairs = [(p, q) for p in prompts for q in new_prompts if p.template == q.template]
-    if not pairs:
-        raise CliError(f"no template renders both {fact.object!r} and {args.new_object!r}")
-    update = E.make_update(lm, neurons, pairs[0][0].answer_ids, pairs[0][1].answer_ids,
-                           relation_sets if others else (), 0.1, args.lambda1, args.lambda2,
-                           activations=[r.activations for r in results] if args.sign_aware else None)
-    if not update.neurons:
-        raise CliError("no knowledge neurons left to update" + (" (all shared by >10% of the relation's facts)"
-                                                                  if update.excluded else ""))
-    own, new = [p for p, _ in pairs], [q for _, q in pairs]
-
-    def measure():
-        return ev.answer_probabilities(lm, own, top_k=5), ev.answer_probabilities(lm, new, top_k=5)
-
-    before_old, before_new = measure()
-    after_old, after_new = ev.with_edits(lm, [update], measure)
-    if args.export:
-        ev.with_edits(lm, [update], lambda: export_model(lm, [update], args.export))
-    doc = {"fact": {"relation": fact.relation, "subject": fact.subject, "object": fact.object},
-           "new_object": args.new_object, "edit": update.to_dict(), "neurons": _neurons_doc(update.neurons),
-           "excluded": _neurons_doc(update.excluded), "flipped": _neurons_doc(update.flipped),
-           "exclusion": f"computed over {len(relation_sets)} other facts of {fact.relation}" if others else
-           "not computed (use --relation-facts N to attribute N other facts of the relation)",
-           "prompts": [p.text for p in own],
-           "before": {"old": [r["prob"] for r in before_old], "new": [r["prob"] for r in before_new]},
-           "after": {"old": [r["prob"] for r in after_old], "new": [r["prob"] for r in after_new]},
-           "top1_after": [r["top1_token"] for r in after_old],
-           "change_rate": float(np.mean([a["top1_id"] != b["top1_id"] for a, b in zip(after_old, before_old)])),
-           "success_rate": float(np.mean([r["correct"] for r in after_new])), "exported_to": args.export}
-    text = [f"update {fact.relation} {fact.subject}: {fact.object} -> {args.new_object} "
-            f"({len(update.neurons)} neurons, {len(update.excluded)} left out"
-            + (f", edit reversed on {len(update.flipped)} negatively active" if args.sign_aware else "") + ")",
-            *[f"  {p.text!r}: P(old) {b['prob']:.4f} -> {a['prob']:.4f}, P(new) {bn['prob']:.4f} -> {an['prob']:.4f}, "
-              f"top-1 {a['top1_token']!r}" for p, b, a, bn, an in zip(own, before_old, after_old, before_new, after_new)],
-            f"change rate {doc['change_rate']:.2f}, success rate {doc['success_rate']:.2f}"]
-    emit(args, _jsonable(doc), "\n".join(text))
-    return 0
-
-
-def cmd_edit_erase(args) -> int:
-    from . import edits as E
-    from .edit_stack import export_model
-    from .cli import CliError, emit, factset_of, load, say
-
-    factset = factset_of(args)
-    try:
-        factset.relation(args.relation)
-    except KeyError:
-        raise CliError(f"no relation {args.relation!r}; relations: {', '.join(sorted(factset.relations))}") from None
-    lm = load(args)
-    facts = factset.facts_of(args.relation)[: args.max_facts]
-    records = []
-    for fact in facts:
-        prompts, neurons = _fact_neurons(args, lm, factset, fact, say)
-        records.append(ex.FactNeurons(fact, prompts, neurons, []))
-    others = [f for f in factset.facts if f.relation != args.relation]
-    rng = np.random.default_rng(args.seed)
-    from .facts import render_prompts
-
-    other_prompts = []
-    for k in rng.permutation(len(others))[: args.control_facts]:
-        f = others[k]
-        other_prompts += render_prompts(f, factset.relation(f.relation), lm.tokenizer, lm.kind)[0]
-    neurons = E.erase_neurons([r.neurons for r in records], args.k)
-    if not neurons:
-        raise CliError(f"{args.relation}: no knowledge neurons found in {len(records)} facts")
-    erase = E.Erase(tuple(neurons), args.fill, E.default_embedding(lm))
-    own = [p for r in records for p in r.prompts]
-
-    def measure():
-        a = ev.answer_probabilities(lm, own)
-        out = {"accuracy": float(np.mean([x["correct"] for x in a])), "perplexity": ev.answer_perplexity(lm, own)}
-        if other_prompts:
-            b = ev.answer_probabilities(lm, other_prompts)
-            out |= {"other_accuracy": float(np.mean([x["correct"] for x in b])),
-                    "other_perplexity": ev.answer_perplexity(lm, other_prompts)}
-        return out
-
-    before = measure()
-    after = ev.with_edits(lm, [erase], measure)
-    control = ev.with_edits(lm, [E.Erase(tuple(E.random_neurons(lm, neurons, seed=args.seed)), args.fill,
-                                         E.default_embedding(lm))], measure)
-    if args.export:
-        ev.with_edits(lm, [erase], lambda: export_model(lm, [erase], args.export))
-    doc = {"relation": args.relation, "facts": len(records), "edit": erase.to_dict(), "neurons": _neurons_doc(neurons),
-           "before": before, "after": after, "control": {"kind": "random neurons from the same layers", **control},
-           "exported_to": args.export}
-    text = [f"erase {args.relation} ({len(neurons)} neurons from {len(records)} facts):",
-            f"  accuracy {before['accuracy']:.2f} -> {after['accuracy']:.2f} (random {control['accuracy']:.2f})",
-            f"  perplexity {before['perplexity']:.1f} -> {after['perplexity']:.1f} (random {control['perplexity']:.1f})"]
-    if "other_perplexity" in before:
-        text.append(f"  other relations' perplexity {before['other_perplexity']:.1f} -> {after['other_perplexity']:.1f}")
-    emit(args, _jsonable(doc), "\n".join(text))
-    return 0
-
-
-def cmd_neuron(args) -> int:
-    from .cli import emit, load
-
-    lm = load(args)
-    info = ev.neuron_tokens(lm, args.layer, args.index, args.top_k)
-    if args.prompt:
-        acts = ev.neuron_activations(lm, [(args.layer, args.index)], args.prompt, position=args.position)[:, 0]
-        info["activations"] = [{"text": t, "activation": float(a)} for t, a in zip(args.prompt, acts)]
-    if args.rank_file:
-        sentences = [s.strip() for s in Path(args.rank_file).read_text(encoding="utf-8").splitlines() if s.strip()]
-        info["ranked"] = ev.rank_by_activation(lm, [(args.layer, args.index)], sentences, args.position)
-    text = [f"L{args.layer} #{args.index} (|v| = {info['norm']:.3f})",
-            "promotes:   " + ", ".join(f"{r['token']!r} {r['logit']:+.2f}" for r in info["promotes"]),
-            "suppresses: " + ", ".join(f"{r['token']!r} {r['logit']:+.2f}" for r in info["suppresses"])]
-    text += [f"  {a['activation']:+.4f}  {a['text']!r}" for a in info.get("activations", [])]
-    text += [f"  #{r['rank']} {r['activation']:+.4f}  {r['text']!r}" for r in info.get("ranked", [])]
-    emit(args, _jsonable(info), "\n".join(text))
-    return 0
-
-
-def cmd_reproduce(args) -> int:
-    from .cli import emit, factset_of, load, say
-
-    factset = factset_of(args)
-    lm = load(args)
-    relations = [r.strip() for r in args.relations.split(",") if r.strip()] if args.relations else None
-    report = run_reproduce(lm, factset, Path(args.out), relations, args.facts_per_relation, args.seed, args.steps,
-                           args.prompts_per_fact, args.select, args.control_prompts, say=say)
-    sa = report.get("suppress_amplify", {}).get("average", {})
-    doc = {"out": str(args.out), "status": report["status"], "report": str(Path(args.out) / "report.json"),
-           "suppress": sa.get("knowledge", {}).get("suppress", {}).get("own"),
-           "amplify": sa.get("knowledge", {}).get("amplify", {}).get("own"),
-           "seconds": report["timings"].get("total")}
-    emit(args, _jsonable(doc), (Path(args.out) / "report.md").read_text())
-    return 0
-
-
-def add_edit_commands(subparsers) -> None:
-    """Adds `kn edit suppress|amplify|update|erase`, `kn neuron` and `kn reproduce` (handlers: func(args))."""
-    from .cli import COMMON
-
-    def attribution_options(p):
-        p.add_argument("--facts", default="builtin", help="'builtin' or a PARAREL folder / .csv / .jsonl")
-        p.add_argument("--steps", type=int, default=20, help="integration steps (paper: 20)")
-        p.add_argument("--t", type=float, default=0.2, help="coarse threshold (paper: 0.2)")
-        p.add_argument("--p", type=float, default=0.7, help="refinement share of prompts (paper: starts at 0.7)")
-        p.add_argument("--seed", type=int, default=0, help="seed of the random control neurons")
-        p.add_argument("--export", metavar="DIR", help="save the edited model (save_pretrained) to DIR")
-
-    edit = subparsers.add_parser("edit", help="suppress, amplify, update or erase knowledge, with a control")
-    edit_sub = edit.add_subparsers(dest="edit_kind", required=True)
-    for kind in ("suppress", "amplify"):
-        p = edit_sub.add_parser(kind, parents=[COMMON], help=f"{kind} a fact's knowledge neurons")
-        p.add_argument("--relation", required=True)
-        p.add_argument("--subject", required=True)
-        p.add_argument("--scope", choices=["answer", "all"], default="answer",
-                       help="answer: only at the answer position (the paper); all: every position")
-        if kind == "amplify":
-            p.add_argument("--factor", type=float, default=2.0)
-        attribution_options(p)
-        p.set_defaults(func=cmd_edit_activation)
-    p = edit_sub.add_parser("update", parents=[COMMON], help="move a fact's object to a new one")
-    p.add_argument("--relation", required=True)
-    p.add_argument("--subject", required=True)
-    p.add_argument("--new-object", required=True)
-    p.add_argument("--lambda1", type=float, default=1.0)
-    p.add_argument("--lambda2", type=float, default=8.0)
-    p.add_argument("--relation-facts", type=int, default=0,
-                   help="attribute N other facts of the relation to leave out neurons shared by >10%% of them")
-    p.add_argument("--sign-aware", action="store_true",
-                   help="reverse the edit on neurons whose mean activation on the fact's prompts is negative "
-                        "(gated FFNs; not in the paper)")
-    attribution_options(p)
-    p.set_defaults(func=cmd_edit_update)
-    p = edit_sub.add_parser("erase", parents=[COMMON], help="erase a relation (its k most frequent knowledge neurons)")
-    p.add_argument("--relation", required=True)
-    p.add_argument("--k", type=int, default=20)
-    p.add_argument("--fill", choices=["zero", "unk"], default="zero")
-    p.add_argument("--max-facts", type=int, default=10, help="facts of the relation to attribute")
-    p.add_argument("--control-facts", type=int, default=10, help="facts of other relations to measure")
-    attribution_options(p)
-    p.set_defaults(func=cmd_edit_erase)
-
-    neuron = subparsers.add_parser("neuron", parents=[COMMON], help="what one neuron's value vector promotes")
-    neuron.add_argument("--layer", type=int, required=True)
-    neuron.add_argument("--index", type=int, required=True)
-    neuron.add_argument("--top-k", type=int, default=10)
-    neuron.add_argument("--prompt", action="append", help="show the activation on this text (repeatable)")
-    neuron.add_argument("--rank-file", help="rank the sentences of this text file (one a line) by activation")
-    neuron.add_argument("--position", choices=["answer", "max", "mean", "last"], default="answer")
-    neuron.set_defaults(func=cmd_neuron)
-
-    rep = subparsers.add_parser("reproduce", parents=[COMMON], help="the paper's experiments with controls")
-    rep.add_argument("--facts", default="builtin", help="'builtin' or a PARAREL folder / .csv / .jsonl")
-    rep.add_argument("--relations", help="comma-separated relation ids (default: 3 relations)")
-    rep.add_argument("--facts-per-relation", type=int, default=10)
-    rep.add_argument("--seed", type=int, default=0)
-    rep.add_argument("--steps", type=int, default=20, help="integration steps (paper: 20)")
-    rep.add_argument("--prompts-per-fact", type=int, default=None, help="use at most N templates per fact")
-    rep.add_argument("--select", choices=["known", "random"], default="known",
-                     help="known: the facts the model answers best; random: a seeded sample")
-    rep.add_argument("--control-prompts", type=int, default=20, help="prompts sampled per control group")
-    rep.add_argument("--out", required=True, help="folder for report.json, report.md and the figures")
-    rep.set_defaults(func=cmd_reproduce)

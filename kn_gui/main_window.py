@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from PySide6.QtCore import QByteArray, QSettings, Qt, QTimer, Signal
+from PySide6.QtCore import QByteArray, QEvent, QSettings, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QIcon, QKeySequence
 from PySide6.QtWidgets import QDockWidget, QFrame, QMainWindow, QMessageBox, QScrollArea, QWidget
 
@@ -33,13 +33,30 @@ AUTOSAVE_MS = 3 * 60 * 1000
 RECHECK_DELAY_MS = 300
 
 
-def scrolling(widget: QWidget) -> QScrollArea:
-    """The panel inside a scroll area: its minimum size never forces the window past the screen."""
-    area = QScrollArea()
-    area.setWidgetResizable(True)
-    area.setFrameShape(QFrame.NoFrame)
-    area.setWidget(widget)
-    return area
+class PanelScroll(QScrollArea):
+    """A panel inside a scroll area, so its minimum size never forces the window past the screen. The panel
+    fills the viewport but never shrinks below its minimum size hint (QScrollArea's own resizing would keep
+    word-wrapped panels at their full preferred height, scrolling where nothing needs to)."""
+
+    def __init__(self, widget: QWidget):
+        super().__init__()
+        self.setFrameShape(QFrame.NoFrame)
+        self.setWidget(widget)
+        widget.installEventFilter(self)
+
+    def _fit(self):
+        view, least = self.viewport().size(), self.widget().minimumSizeHint()
+        self.widget().resize(max(view.width(), least.width()), max(view.height(), least.height()))
+
+    def viewportEvent(self, event):
+        if event.type() == QEvent.Resize:
+            self._fit()
+        return super().viewportEvent(event)
+
+    def eventFilter(self, watched, event):
+        if event.type() == QEvent.LayoutRequest:
+            self._fit()
+        return False
 
 
 class MainWindow(ActionsMixin, QMainWindow):
@@ -100,7 +117,7 @@ class MainWindow(ActionsMixin, QMainWindow):
     def _dock(self, title: str, widget: QWidget, area, name: str) -> QDockWidget:
         dock = QDockWidget(title, self)
         dock.setObjectName(name)
-        dock.setWidget(scrolling(widget))
+        dock.setWidget(PanelScroll(widget))
         dock.setFeatures(QDockWidget.DockWidgetMovable | QDockWidget.DockWidgetFloatable
                          | QDockWidget.DockWidgetClosable)
         self.addDockWidget(area, dock)
@@ -113,12 +130,15 @@ class MainWindow(ActionsMixin, QMainWindow):
         self.attribution_panel = AttributionPanel(s)
         self.neurons_panel = NeuronsPanel(s)
         self.edits_panel = EditsPanel(s, self.undo_stack)
-        self.setCentralWidget(scrolling(self.attribution_panel))
+        self.setCentralWidget(PanelScroll(self.attribution_panel))
         self.model_dock = self._dock("Model", self.model_panel, Qt.LeftDockWidgetArea, "dock_model")
         self.facts_dock = self._dock("Facts", self.facts_panel, Qt.LeftDockWidgetArea, "dock_facts")
         self.tabifyDockWidget(self.model_dock, self.facts_dock)
         self.neurons_dock = self._dock("Neurons", self.neurons_panel, Qt.RightDockWidgetArea, "dock_neurons")
         self.edits_dock = self._dock("Edits and history", self.edits_panel, Qt.BottomDockWidgetArea, "dock_edits")
+        # the side docks run the full height (their lists and the inspector need it); edits sit under the plots
+        self.setCorner(Qt.BottomLeftCorner, Qt.LeftDockWidgetArea)
+        self.setCorner(Qt.BottomRightCorner, Qt.RightDockWidgetArea)
         self.model_dock.raise_()
 
     def _default_dock_sizes(self):
@@ -136,8 +156,8 @@ class MainWindow(ActionsMixin, QMainWindow):
             self.resizeDocks([self.model_dock, self.neurons_dock], [side + 60, side - 60], Qt.Horizontal)
         self.model_dock.raise_()
         chrome = self.menuBar().sizeHint().height() + self.toolbar.sizeHint().height() + \
-            self.statusBar().sizeHint().height() + 60
-        self.resizeDocks([self.edits_dock], [max(240, h - chrome - central.height())], Qt.Vertical)
+            self.statusBar().sizeHint().height() + 50
+        self.resizeDocks([self.edits_dock], [max(250, h - chrome - central.height())], Qt.Vertical)
 
     def _build_status(self):
         self.job_status = JobStatus(self.statusBar(), self.runner, self.cancel_job)

@@ -257,7 +257,7 @@ def test_a_prompt_longer_than_the_model_is_refused_before_any_work(family):
 def test_a_memory_budget_must_be_positive_and_finite(budget):
     lm = make_tiny("gpt2")
     ids = encode_answer(lm, "The capital of France is", " Paris")
-    with _Forwards(lm) as forwards, pytest.raises(ValueError, match="memory_budget_mb must be a positive"):
+    with _Forwards(lm) as forwards, pytest.raises(ValueError, match="memory_budget_mb = .* expected a finite number > 0"):
         attribute(lm, "The capital of France is", AttributionParams(steps=2, memory_budget_mb=budget), answer_ids=ids)
     assert forwards.n == 0
 
@@ -266,29 +266,29 @@ def test_answer_ids_and_prompt_text_are_checked():
     lm = make_tiny("gpt2")
     text = "The capital of France is"
     vocab = lm.layout.output_embeddings().shape[0]
+    messages = []
     with _Forwards(lm) as forwards:
-        with pytest.raises(TypeError, match="without answer_ids; pass a facts.Prompt"):
+        with pytest.raises(TypeError, match="without answer_ids; pass a facts.Prompt") as info:
             attribute(lm, text)
+        assert isinstance(info.value, PromptError)  # a ValueError too, so the CLI reports it in one line
         with pytest.raises(TypeError, match="not int"):
             attribute(lm, 42, answer_ids=(5,))
-        for bad in [(-1,), (5, vocab), (10**12,)]:
-            with pytest.raises(PromptError, match=r"outside this model's vocabulary \(0..%d\)" % (vocab - 1)):
+        for bad, at in [((-1,), 0), ((5, vocab), 1), ((10**12,), 0)]:
+            with pytest.raises(ValueError, match=r"answer_ids\[%d\] = .* from 0 to %d" % (at, vocab - 1)) as info:
                 attribute(lm, text, answer_ids=bad)
-        with pytest.raises(PromptError, match="integer token ids"):
+            messages.append(str(info.value))
+        with pytest.raises(ValueError, match="answer_ids\\[0\\] = 1.5"):
             attribute(lm, text, answer_ids=(1.5,))
-        with pytest.raises(PromptError, match="NUL"):
+        with pytest.raises(ValueError, match="prompt = .*NUL") as info:
             attribute(lm, "The capital\x00 of France is", answer_ids=(5,))
-        with pytest.raises(PromptError, match="lone surrogate"):
+        messages.append(str(info.value))
+        with pytest.raises(ValueError, match="prompt = .*lone surrogate") as info:
             attribute(lm, "The capital of \ud800 France is", answer_ids=(5,))
-        with pytest.raises(PromptError, match="answer .*NUL"):
+        messages.append(str(info.value))
+        with pytest.raises(ValueError, match="answer = .*NUL"):
             encode_answer(lm, text, " Par\x00is")
     assert forwards.n == 0
-    for error in ("NUL", "surrogate", "vocabulary"):  # one line each
-        try:
-            attribute(lm, {"NUL": "a\x00", "surrogate": "\udfff"}.get(error, text),
-                      answer_ids=(vocab,) if error == "vocabulary" else (5,))
-        except PromptError as exc:
-            assert "\n" not in str(exc)
+    assert all("\n" not in message for message in messages)
 
 
 @pytest.mark.parametrize("name", ["cuda:99", "cuda:abc", "tpu", "cpu:1", "mps:0", ""])

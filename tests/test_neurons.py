@@ -16,7 +16,7 @@ from kn_core.attribution import AttributionParams, attribute, encode_answer
 from kn_core.neurons import (ActivationStats, NeuronFlags, activation_stats, adapt_p, answer_activations,
                              coarse_counts, coarse_neurons, fact_coarse_set, flag_massive, flag_unspecific,
                              neuron_flags, neutral_sentences, refined_from_counts, refined_neurons, relation_neurons,
-                             run_flags)
+                             run_flags, run_stats, scored_flags)
 from tiny import make_tiny
 
 
@@ -271,3 +271,28 @@ def test_run_flags_finds_unspecific_neurons_from_scores_by_relation():
     flags = run_flags(lm, [result.activations], by_relation)
     assert flags.massive == {(1, 5)} and flags.unspecific == {(2, 9), (0, 4)}
     assert flags.rule["relations"] == 3 and "neutral sentences" in flags.rule["stats_source"]
+    stats = run_stats(lm, [result.activations])
+    assert stats.n_prompts == 1 + len(neutral_sentences()) and scored_flags(stats, by_relation) == flags
+
+
+def test_kn_neurons_flags_massive_neurons_and_keeps_them_out_unless_asked(tmp_path, capsys):
+    from kn_core.cli import main
+
+    lm = make_tiny("gpt2")
+    plant(lm, 1, 5, 150.0)
+    lm.model.save_pretrained(tmp_path)
+    lm.tokenizer.save_pretrained(tmp_path)
+    docs = {}
+    for keep in ([], ["--keep-massive"]):
+        assert main(["neurons", "--relation", "P36", "--subject", "France", "--model", str(tmp_path), "--steps", "2",
+                     "--p", "0.1", "--json"] + keep) == 0
+        docs[bool(keep)] = json.loads(capsys.readouterr().out)
+    excluded, kept = docs[False], docs[True]
+    assert excluded["flags"]["massive"] == [[1, 5]] and excluded["flags"]["excluded_from_neurons"]
+    assert not kept["flags"]["excluded_from_neurons"]
+
+    def listed(doc):
+        return [(n["layer"], n["neuron"]) for n in doc["refined"] + [e for c in doc["coarse"] for e in c]]
+
+    assert (1, 5) not in listed(excluded) and (1, 5) in listed(kept)
+    assert all(n["flags"] == (["massive"] if (n["layer"], n["neuron"]) == (1, 5) else []) for n in kept["refined"])

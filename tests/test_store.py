@@ -32,7 +32,7 @@ from kn_core.store import (
     open_project,
 )
 from kn_core.store import migrations, schema
-from kn_core.store.cli import add_project_commands
+from kn_core.cli.project import add_commands as add_project_commands
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = Path(__file__).with_name("store_child.py")

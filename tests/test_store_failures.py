@@ -26,7 +26,7 @@ from kn_core.store import (
     create_project,
     open_project,
 )
-from kn_core.store.cli import add_project_commands
+from kn_core.cli.project import add_commands as add_project_commands
 from test_store import CHILD, MODEL, assert_refused, child_env, facts_module, filled_project, rand, sha
 
 

@@ -1,0 +1,72 @@
+"""Every argument of every verb checked before a model loads or anything is computed (kn_core.validation),
+and argparse's own errors as one line."""
+
+from __future__ import annotations
+
+import argparse
+
+from .. import validation as v
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (usage stays in --help)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _text(flag):
+    return lambda value, args: v.check_text(flag, value)
+
+
+def _at_least(flag, minimum):
+    return lambda value, args: v.check_int(flag, value, minimum)
+
+
+# dest -> check(value, args); a dest means the same thing in every verb that has it. None values are defaults
+# meaning "not given" and are not checked.
+CHECKS = {
+    "steps": lambda value, args: v.check_steps(value, getattr(args, "force", False), "--steps"),
+    "t": lambda value, args: v.check_fraction("--t", value),
+    "p": lambda value, args: v.check_fraction("--p", value),
+    "top": _at_least("--top", 1),
+    "top_k": _at_least("--top-k", 1),
+    "k": _at_least("--k", 1),
+    "max_facts": _at_least("--max-facts", 1),
+    "control_facts": _at_least("--control-facts", 0),
+    "relation_facts": _at_least("--relation-facts", 0),
+    "facts_per_relation": _at_least("--facts-per-relation", 1),
+    "control_prompts": _at_least("--control-prompts", 1),
+    "prompts_per_fact": lambda value, args: v.check_int("--prompts-per-fact", value, 3,
+                                                        hint=" (refinement needs at least 3 prompts per fact)"),
+    "seed": _at_least("--seed", 0),
+    "layer": _at_least("--layer", 0),
+    "index": _at_least("--index", 0),
+    "factor": lambda value, args: v.check_number("--factor", value),
+    "lambda1": lambda value, args: v.check_number("--lambda1", value),
+    "lambda2": lambda value, args: v.check_number("--lambda2", value),
+    "prompt": lambda value, args: ([v.check_text("--prompt", text) for text in value] if isinstance(value, list)
+                                   else v.check_text("prompt" if args.command == "predict" else "--prompt", value)),
+    "answer": _text("--answer"),
+    "subject": _text("--subject"),
+    "relation": _text("--relation"),
+    "relations": _text("--relations"),
+    "new_object": _text("--new-object"),
+    "model": _text("--model"),
+    "facts": _text("--facts"),
+    "device": lambda value, args: v.check_device_name("--device", value),
+    "save": lambda value, args: v.check_output_file("--save", value),
+    "project": lambda value, args: v.check_output_file("--project", value),
+    "out": lambda value, args: v.check_output_folder("--out", value),
+    "export": lambda value, args: v.check_output_folder("--export", value),
+    "rank_file": lambda value, args: v.check_input_file("--rank-file", value),
+    "path": lambda value, args: v.check_text("path", value),
+    "file": lambda value, args: v.check_text("file", value),
+}
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Raises ValidationError naming the first bad argument."""
+    for dest, value in vars(args).items():
+        if value is not None and dest in CHECKS:
+            CHECKS[dest](value, args)

@@ -1,0 +1,117 @@
+"""What every `kn` verb shares: the common options, the one-line error, output, model loading, the
+project, and the progress bar (a tqdm bar listening to a `kn_core.tasks.Task`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+from ..jsonio import dumps
+from ..tasks import Task
+
+COMMON = argparse.ArgumentParser(add_help=False)
+COMMON.add_argument("--model", default="default",
+                    help="Hugging Face id, local folder, or 'default' (the embedded SmolLM2-135M-Instruct)")
+COMMON.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+COMMON.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="auto (float32), float32, bfloat16 or float16")
+COMMON.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+COMMON.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+COMMON.add_argument("--project", help="a .knproj project file to store what this command computes")
+
+
+class CliError(Exception):
+    """A user-facing failure: one line, exit status 2."""
+
+
+def say(message: str) -> None:
+    """A message for the user: stderr, so that stdout stays one JSON document with --json."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def emit(args, document: dict, text: str) -> None:
+    """With --json: `document` as strict JSON (non-finite numbers -> null with a note, see jsonio)."""
+    print(dumps(document) if args.json else text, flush=True)
+
+
+def load(args):
+    from ..models import load_model
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    return load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                      task=Task(on_progress=lambda fraction, message: say(f"[model] {message}")))
+
+
+@contextmanager
+def project_of(args):
+    """The project named by --project (created if missing), or None."""
+    if not getattr(args, "project", None):
+        yield None
+        return
+    from ..store import open_or_create_project
+
+    project = open_or_create_project(args.project)
+    try:
+        yield project
+    finally:
+        project.close()
+
+
+def store_evaluation(args, lm, kind: str, report: dict, params: dict) -> None:
+    with project_of(args) as project:
+        if project is not None:
+            project.add_model(lm)
+            project.add_evaluation(kind, report, params=params, model=lm)
+
+
+@contextmanager
+def progress_bar(desc: str) -> Iterator[Task]:
+    """A Task whose progress draws a tqdm bar on stderr; the bar goes away when the block ends."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=1000, desc=desc, file=sys.stderr, leave=False,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
+
+    def show(fraction, message):
+        if message:
+            bar.set_description_str(f"{desc}: {message}", refresh=False)
+        if fraction is not None:
+            bar.n = int(1000 * fraction)
+        bar.refresh()
+
+    try:
+        yield Task(on_progress=show)
+    finally:
+        bar.close()
+
+
+def factset_of(args):
+    from ..facts import builtin_facts, import_facts
+
+    name = getattr(args, "facts", None) or "builtin"
+    return builtin_facts() if name == "builtin" else import_facts(name)
+
+
+def find_fact(factset, relation: str, subject: str):
+    try:
+        factset.relation(relation)
+    except KeyError:
+        raise CliError(f"no relation {relation!r} in fact set {factset.name!r}; "
+                       f"relations: {', '.join(sorted(factset.relations))}") from None
+    for fact in factset.facts_of(relation):
+        if fact.subject.lower() == subject.lower():
+            return fact
+    subjects = ", ".join(f.subject for f in factset.facts_of(relation)[:12])
+    raise CliError(f"no fact with subject {subject!r} in relation {relation}; subjects include: {subjects}")
+
+
+def neuron_list(neurons, scores=None) -> list[dict]:
+    if scores is None:
+        return [{"layer": int(l), "neuron": int(i)} for l, i in neurons]
+    return [{"layer": int(l), "neuron": int(i), "score": float(scores[l, i])} for l, i in neurons]

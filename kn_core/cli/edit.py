@@ -1,0 +1,257 @@
+"""`kn edit suppress|amplify|update|erase` (each with a random-neuron control) and `kn neuron`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .common import COMMON, CliError, emit, factset_of, find_fact, load, neuron_list, progress_bar, say
+
+
+def _fact_neurons(args, lm, factset, fact, results: list | None = None):
+    """Attribution of one fact's prompts -> (prompts, refined neurons); `results` receives each prompt's
+    PromptScores."""
+    from ..attribution import AttributionParams, attribute_fact
+    from ..facts import render_prompts
+    from ..neurons import refined_neurons
+
+    prompts, skipped = render_prompts(fact, factset.relation(fact.relation), lm.tokenizer, lm.kind)
+    if not prompts:
+        raise CliError(f"no template of {fact.relation} can be used with this {lm.kind} model: "
+                       + "; ".join(s.reason for s in skipped))
+    with progress_bar(f"attributing {fact.relation} {fact.subject}") as task:
+        scores = attribute_fact(lm, prompts, AttributionParams(steps=args.steps, seed=args.seed, force=args.force), task=task)
+    if results is not None:
+        results.extend(scores)
+    return prompts, refined_neurons([s.scores for s in scores], args.t, args.p)
+
+
+def cmd_edit_activation(args) -> int:
+    from .. import edits as E
+    from .. import evaluation as ev
+    from ..edit_stack import export_model
+
+    factset = factset_of(args)
+    fact = find_fact(factset, args.relation, args.subject)
+    lm = load(args)
+    prompts, neurons = _fact_neurons(args, lm, factset, fact)
+    if not neurons:
+        raise CliError(f"{fact.relation} {fact.subject}: no refined knowledge neurons at t={args.t}, p={args.p}; "
+                       f"lower --p")
+    make = (lambda n: E.Suppress(tuple(n), args.scope)) if args.edit_kind == "suppress" else \
+        (lambda n: E.Amplify(tuple(n), args.factor, args.scope))
+    effect = ev.edit_effect(lm, [make(neurons)], prompts)
+    control_neurons = E.random_neurons(lm, neurons, seed=args.seed)
+    control = ev.edit_effect(lm, [make(control_neurons)], prompts)
+    if args.export:
+        if args.scope != "all":
+            raise CliError("--export needs --scope all (an answer-position edit is not a weight change)")
+        export_model(lm, [make(neurons)], args.export)
+    doc = {"fact": {"relation": fact.relation, "subject": fact.subject, "object": fact.object},
+           "edit": make(neurons).to_dict(), "neurons": neuron_list(neurons),
+           "prompts": [p.text for p in prompts], "before": effect["before"], "after": effect["after"],
+           "relative_change": effect["relative_change"], "flip_rate": effect["flip_rate"],
+           "control": {"kind": "random neurons from the same layers", "neurons": neuron_list(control_neurons),
+                       "after": control["after"], "relative_change": control["relative_change"],
+                       "flip_rate": control["flip_rate"]},
+           "exported_to": args.export}
+    text = [f"{args.edit_kind} {len(neurons)} knowledge neurons of {fact.relation} {fact.subject} -> {fact.object}:",
+            *[f"  {p.text!r}: {b:.4f} -> {a:.4f}" for p, b, a in zip(prompts, effect["before"], effect["after"])],
+            f"relative change {100 * effect['relative_change']:+.1f}% (random neurons: "
+            f"{100 * control['relative_change']:+.1f}%)"]
+    emit(args, doc, "\n".join(text))
+    return 0
+
+
+def cmd_edit_update(args) -> int:
+    import numpy as np
+
+    from .. import edits as E
+    from .. import evaluation as ev
+    from ..edit_stack import export_model
+    from ..facts import Fact, render_prompts
+
+    factset = factset_of(args)
+    fact = find_fact(factset, args.relation, args.subject)
+    lm = load(args)
+    results: list = []
+    prompts, neurons = _fact_neurons(args, lm, factset, fact, results)
+    relation_sets = []
+    others = [f for f in factset.facts_of(fact.relation) if f != fact][: args.relation_facts]
+    for other in others:  # to leave out neurons shared by >10% of the relation's facts
+        relation_sets.append(_fact_neurons(args, lm, factset, other)[1])
+    new_prompts, _ = render_prompts(Fact(fact.relation, fact.subject, args.new_object),
+                                    factset.relation(fact.relation), lm.tokenizer, lm.kind)
+    pairs = [(p, q) for p in prompts for q in new_prompts if p.template == q.template]
+    if not pairs:
+        raise CliError(f"no template renders both {fact.object!r} and {args.new_object!r}")
+    update = E.make_update(lm, neurons, pairs[0][0].answer_ids, pairs[0][1].answer_ids,
+                           relation_sets if others else (), 0.1, args.lambda1, args.lambda2,
+                           activations=[r.activations for r in results] if args.sign_aware else None)
+    if not update.neurons:
+        raise CliError("no knowledge neurons left to update" + (" (all shared by >10% of the relation's facts)"
+                                                                  if update.excluded else ""))
+    own, new = [p for p, _ in pairs], [q for _, q in pairs]
+
+    def measure():
+        return ev.answer_probabilities(lm, own, top_k=5), ev.answer_probabilities(lm, new, top_k=5)
+
+    before_old, before_new = measure()
+    after_old, after_new = ev.with_edits(lm, [update], measure)
+    if args.export:
+        ev.with_edits(lm, [update], lambda: export_model(lm, [update], args.export))
+    doc = {"fact": {"relation": fact.relation, "subject": fact.subject, "object": fact.object},
+           "new_object": args.new_object, "edit": update.to_dict(), "neurons": neuron_list(update.neurons),
+           "excluded": neuron_list(update.excluded), "flipped": neuron_list(update.flipped),
+           "exclusion": f"computed over {len(relation_sets)} other facts of {fact.relation}" if others else
+           "not computed (use --relation-facts N to attribute N other facts of the relation)",
+           "prompts": [p.text for p in own],
+           "before": {"old": [r["prob"] for r in before_old], "new": [r["prob"] for r in before_new]},
+           "after": {"old": [r["prob"] for r in after_old], "new": [r["prob"] for r in after_new]},
+           "top1_after": [r["top1_token"] for r in after_old],
+           "change_rate": float(np.mean([a["top1_id"] != b["top1_id"] for a, b in zip(after_old, before_old)])),
+           "success_rate": float(np.mean([r["correct"] for r in after_new])), "exported_to": args.export}
+    text = [f"update {fact.relation} {fact.subject}: {fact.object} -> {args.new_object} "
+            f"({len(update.neurons)} neurons, {len(update.excluded)} left out"
+            + (f", edit reversed on {len(update.flipped)} negatively active" if args.sign_aware else "") + ")",
+            *[f"  {p.text!r}: P(old) {b['prob']:.4f} -> {a['prob']:.4f}, P(new) {bn['prob']:.4f} -> {an['prob']:.4f}, "
+              f"top-1 {a['top1_token']!r}" for p, b, a, bn, an in zip(own, before_old, after_old, before_new, after_new)],
+            f"change rate {doc['change_rate']:.2f}, success rate {doc['success_rate']:.2f}"]
+    emit(args, doc, "\n".join(text))
+    return 0
+
+
+def cmd_edit_erase(args) -> int:
+    import numpy as np
+
+    from .. import edits as E
+    from .. import evaluation as ev
+    from .. import experiments as ex
+    from ..edit_stack import export_model
+    from ..facts import render_prompts
+
+    factset = factset_of(args)
+    try:
+        factset.relation(args.relation)
+    except KeyError:
+        raise CliError(f"no relation {args.relation!r}; relations: {', '.join(sorted(factset.relations))}") from None
+    lm = load(args)
+    facts = factset.facts_of(args.relation)[: args.max_facts]
+    records = []
+    for fact in facts:
+        prompts, neurons = _fact_neurons(args, lm, factset, fact)
+        records.append(ex.FactNeurons(fact, prompts, neurons, []))
+    others = [f for f in factset.facts if f.relation != args.relation]
+    rng = np.random.default_rng(args.seed)
+    other_prompts = []
+    for k in rng.permutation(len(others))[: args.control_facts]:
+        f = others[k]
+        other_prompts += render_prompts(f, factset.relation(f.relation), lm.tokenizer, lm.kind)[0]
+    neurons = E.erase_neurons([r.neurons for r in records], args.k)
+    if not neurons:
+        raise CliError(f"{args.relation}: no knowledge neurons found in {len(records)} facts")
+    erase = E.Erase(tuple(neurons), args.fill, E.default_embedding(lm))
+    own = [p for r in records for p in r.prompts]
+
+    def measure():
+        a = ev.answer_probabilities(lm, own)
+        out = {"accuracy": float(np.mean([x["correct"] for x in a])), "perplexity": ev.answer_perplexity(lm, own)}
+        if other_prompts:
+            b = ev.answer_probabilities(lm, other_prompts)
+            out |= {"other_accuracy": float(np.mean([x["correct"] for x in b])),
+                    "other_perplexity": ev.answer_perplexity(lm, other_prompts)}
+        return out
+
+    before = measure()
+    after = ev.with_edits(lm, [erase], measure)
+    control = ev.with_edits(lm, [E.Erase(tuple(E.random_neurons(lm, neurons, seed=args.seed)), args.fill,
+                                         E.default_embedding(lm))], measure)
+    if args.export:
+        ev.with_edits(lm, [erase], lambda: export_model(lm, [erase], args.export))
+    doc = {"relation": args.relation, "facts": len(records), "edit": erase.to_dict(), "neurons": neuron_list(neurons),
+           "before": before, "after": after, "control": {"kind": "random neurons from the same layers", **control},
+           "exported_to": args.export}
+    text = [f"erase {args.relation} ({len(neurons)} neurons from {len(records)} facts):",
+            f"  accuracy {before['accuracy']:.2f} -> {after['accuracy']:.2f} (random {control['accuracy']:.2f})",
+            f"  perplexity {before['perplexity']:.1f} -> {after['perplexity']:.1f} (random {control['perplexity']:.1f})"]
+    if "other_perplexity" in before:
+        text.append(f"  other relations' perplexity {before['other_perplexity']:.1f} -> {after['other_perplexity']:.1f}")
+    emit(args, doc, "\n".join(text))
+    return 0
+
+
+def cmd_neuron(args) -> int:
+    from .. import evaluation as ev
+    from ..validation import check_int
+
+    lm = load(args)
+    check_int("--layer", args.layer, 0, lm.layout.layers - 1, " (the model's layers)")
+    check_int("--index", args.index, 0, lm.layout.neurons - 1, " (the neurons of a layer)")
+    info = ev.neuron_tokens(lm, args.layer, args.index, args.top_k)
+    if args.prompt:
+        acts = ev.neuron_activations(lm, [(args.layer, args.index)], args.prompt, position=args.position)[:, 0]
+        info["activations"] = [{"text": t, "activation": float(a)} for t, a in zip(args.prompt, acts)]
+    if args.rank_file:
+        sentences = [s.strip() for s in Path(args.rank_file).read_text(encoding="utf-8").splitlines() if s.strip()]
+        info["ranked"] = ev.rank_by_activation(lm, [(args.layer, args.index)], sentences, args.position)
+    text = [f"L{args.layer} #{args.index} (|v| = {info['norm']:.3f})",
+            "promotes:   " + ", ".join(f"{r['token']!r} {r['logit']:+.2f}" for r in info["promotes"]),
+            "suppresses: " + ", ".join(f"{r['token']!r} {r['logit']:+.2f}" for r in info["suppresses"])]
+    text += [f"  {a['activation']:+.4f}  {a['text']!r}" for a in info.get("activations", [])]
+    text += [f"  #{r['rank']} {r['activation']:+.4f}  {r['text']!r}" for r in info.get("ranked", [])]
+    emit(args, info, "\n".join(text))
+    return 0
+
+
+def _fact_edit_options(p) -> None:
+    p.add_argument("--facts", default="builtin", help="'builtin' or a PARAREL folder / .csv / .jsonl")
+    p.add_argument("--steps", type=int, default=20, help="integration steps (paper: 20; at most 1000)")
+    p.add_argument("--force", action="store_true", help="allow more than 1000 steps")
+    p.add_argument("--t", type=float, default=0.2, help="coarse threshold (paper: 0.2)")
+    p.add_argument("--p", type=float, default=0.7, help="refinement share of prompts (paper: starts at 0.7)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random control neurons")
+    p.add_argument("--export", metavar="DIR", help="save the edited model (save_pretrained) to DIR")
+
+
+def add_commands(sub) -> None:
+    edit = sub.add_parser("edit", help="suppress, amplify, update or erase knowledge, with a control")
+    edit_sub = edit.add_subparsers(dest="edit_kind", required=True)
+    for kind in ("suppress", "amplify"):
+        p = edit_sub.add_parser(kind, parents=[COMMON], help=f"{kind} a fact's knowledge neurons")
+        p.add_argument("--relation", required=True)
+        p.add_argument("--subject", required=True)
+        p.add_argument("--scope", choices=["answer", "all"], default="answer",
+                       help="answer: only at the answer position (the paper); all: every position")
+        if kind == "amplify":
+            p.add_argument("--factor", type=float, default=2.0)
+        _fact_edit_options(p)
+        p.set_defaults(func=cmd_edit_activation)
+    p = edit_sub.add_parser("update", parents=[COMMON], help="move a fact's object to a new one")
+    p.add_argument("--relation", required=True)
+    p.add_argument("--subject", required=True)
+    p.add_argument("--new-object", required=True)
+    p.add_argument("--lambda1", type=float, default=1.0)
+    p.add_argument("--lambda2", type=float, default=8.0)
+    p.add_argument("--relation-facts", type=int, default=0,
+                   help="attribute N other facts of the relation to leave out neurons shared by >10%% of them")
+    p.add_argument("--sign-aware", action="store_true",
+                   help="reverse the edit on neurons whose mean activation on the fact's prompts is negative "
+                        "(gated FFNs; not in the paper)")
+    _fact_edit_options(p)
+    p.set_defaults(func=cmd_edit_update)
+    p = edit_sub.add_parser("erase", parents=[COMMON], help="erase a relation (its k most frequent knowledge neurons)")
+    p.add_argument("--relation", required=True)
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--fill", choices=["zero", "unk"], default="zero")
+    p.add_argument("--max-facts", type=int, default=10, help="facts of the relation to attribute")
+    p.add_argument("--control-facts", type=int, default=10, help="facts of other relations to measure")
+    _fact_edit_options(p)
+    p.set_defaults(func=cmd_edit_erase)
+
+    neuron = sub.add_parser("neuron", parents=[COMMON], help="what one neuron's value vector promotes")
+    neuron.add_argument("--layer", type=int, required=True)
+    neuron.add_argument("--index", type=int, required=True)
+    neuron.add_argument("--top-k", type=int, default=10)
+    neuron.add_argument("--prompt", action="append", help="show the activation on this text (repeatable)")
+    neuron.add_argument("--rank-file", help="rank the sentences of this text file (one a line) by activation")
+    neuron.add_argument("--position", choices=["answer", "max", "mean", "last"], default="answer")
+    neuron.set_defaults(func=cmd_neuron)

@@ -1,0 +1,171 @@
+"""Checks of user-facing parameters, shared by the `kn` CLI and the Python API.
+
+Each `check_*` returns the value (normalised where that is unambiguous) or raises `ValidationError`, a
+ValueError whose one-line message names the parameter, the bad value and what is allowed. Call them before
+loading a model or computing anything, so bad input costs nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import re
+from pathlib import Path
+
+MAX_STEPS = 1000  # more integration steps only on purpose (--force): 1000 steps already take ~50x the paper's 20
+
+
+class ValidationError(ValueError):
+    """A parameter is out of its allowed range; the message names it, its value and the range."""
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _fail(name: str, value, allowed: str):
+    raise ValidationError(f"{name} = {_show(value)} is not allowed: {allowed}")
+
+
+def check_int(name: str, value, minimum: int | None = None, maximum: int | None = None, hint: str = "") -> int:
+    """An integer (not a bool, float or string) in [minimum, maximum]."""
+    bounds = _bounds(minimum, maximum)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        _fail(name, value, f"expected an integer{bounds}{hint}")
+    value = int(value)
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        _fail(name, value, f"expected an integer{bounds}{hint}")
+    return value
+
+
+def _bounds(minimum, maximum) -> str:
+    if minimum is not None and maximum is not None:
+        return f" from {minimum} to {maximum}"
+    if minimum is not None:
+        return f" >= {minimum}"
+    if maximum is not None:
+        return f" <= {maximum}"
+    return ""
+
+
+def check_steps(value, force: bool = False, name: str = "steps") -> int:
+    """Integration steps: 1..MAX_STEPS, more only with force (the cost grows linearly)."""
+    hint = "" if force else " (more only with --force / force=True; the paper uses 20)"
+    return check_int(name, value, 1, None if force else MAX_STEPS, hint)
+
+
+def check_number(name: str, value, minimum: float | None = None, maximum: float | None = None,
+                 positive: bool = False) -> float:
+    """A finite real number (not a bool or string) in [minimum, maximum]; > 0 when `positive`."""
+    allowed = "a finite number" + (" > 0" if positive else "") + _bounds(minimum, maximum)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        _fail(name, value, f"expected {allowed}")
+    number = float(value)
+    if (not math.isfinite(number) or (positive and number <= 0) or (minimum is not None and number < minimum)
+            or (maximum is not None and number > maximum)):
+        _fail(name, value, f"expected {allowed}")
+    return number
+
+
+def check_fraction(name: str, value) -> float:
+    """A threshold or share in [0, 1] (the coarse threshold t, the refinement share p)."""
+    return check_number(name, value, 0.0, 1.0)
+
+
+def check_positive(name: str, value) -> float:
+    """A finite number > 0 (a memory budget, a scale)."""
+    return check_number(name, value, positive=True)
+
+
+def check_text(name: str, value, allow_blank: bool = False) -> str:
+    """Text a tokenizer can take: a str of valid Unicode (no lone surrogates), without NUL characters, and
+    (unless allow_blank) not empty or whitespace only."""
+    if not isinstance(value, str):
+        _fail(name, value, "expected text (a str)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        _fail(name, value, f"expected valid Unicode text (a lone surrogate {value[exc.start]!r} at position "
+                           f"{exc.start}; was the input decoded with the right encoding?)")
+    if "\x00" in value:
+        _fail(name, value, f"expected text without NUL characters (one at position {value.index(chr(0))})")
+    if not allow_blank and not value.strip():
+        _fail(name, value, "expected non-empty text (not only whitespace)")
+    return value
+
+
+def check_token_ids(name: str, ids, vocab_size: int) -> tuple[int, ...]:
+    """A non-empty sequence of token ids in [0, vocab_size)."""
+    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+        _fail(name, ids, f"expected a sequence of token ids from 0 to {vocab_size - 1}")
+    out = tuple(ids)
+    if not out:
+        _fail(name, ids, "expected at least one token id")
+    for k, token in enumerate(out):
+        check_int(f"{name}[{k}]", token, 0, vocab_size - 1, " (the model's vocabulary)")
+    return out
+
+
+def check_output_file(name: str, path) -> Path:
+    """A file to write: its folder exists and is writable, and the path is not a folder."""
+    path = Path(_path_text(name, path))
+    if path.is_dir():
+        _fail(name, str(path), "expected a file name, not an existing folder")
+    folder = path.parent
+    if not folder.is_dir():
+        _fail(name, str(path), f"the folder {str(folder)!r} does not exist; create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        _fail(name, str(path), f"the folder {str(folder)!r} is not writable")
+    return path
+
+
+def check_output_folder(name: str, path) -> Path:
+    """A folder to write into: an existing writable folder, or a new one whose nearest existing parent is a
+    writable folder; never an existing file."""
+    path = Path(_path_text(name, path))
+    if path.exists() and not path.is_dir():
+        _fail(name, str(path), "expected a folder, but that is an existing file")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        _fail(name, str(path), f"{str(existing)!r} is a file, so the folder cannot be created")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        _fail(name, str(path), f"the folder {str(existing)!r} is not writable")
+    return path
+
+
+def check_input_file(name: str, path) -> Path:
+    """An existing regular file to read."""
+    path = Path(_path_text(name, path))
+    if not path.exists():
+        _fail(name, str(path), "no such file")
+    if not path.is_file():
+        _fail(name, str(path), "expected a regular file")
+    if not os.access(path, os.R_OK):
+        _fail(name, str(path), "the file is not readable")
+    return path
+
+
+def _path_text(name: str, path) -> str:
+    text = os.fspath(path) if isinstance(path, os.PathLike) else path
+    return check_text(name, text)
+
+
+def check_choice(name: str, value, choices) -> object:
+    """One of `choices`."""
+    if value not in choices:
+        _fail(name, value, "expected one of " + ", ".join(repr(c) for c in choices))
+    return value
+
+
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def check_device_name(name: str, value) -> str:
+    """A device spelled as auto, cpu, mps, cuda or cuda:N (whether it exists is the loader's check)."""
+    if not isinstance(value, str) or not _DEVICE.fullmatch(value):
+        _fail(name, value, "expected auto, cpu, mps, cuda or cuda:N (N a GPU number)")
+    return value

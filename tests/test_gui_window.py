@@ -1,0 +1,69 @@
+"""Issue 12, "a window a researcher would work in all day": the default layout at 1600x1000 and 1280x800, and a
+toolbar that never hides Cancel (tiny random models, fast)."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("pytestqt")
+
+from PySide6.QtCore import QCoreApplication  # noqa: E402
+
+from test_gui import FRANCE, apply_edit, app, lm, make_window, run_fact, settings, window  # noqa: E402,F401
+from tiny import TINY_CAUSAL, make_tiny  # noqa: E402
+
+
+def shown_height(widget) -> int:
+    """Pixels of `widget`'s height on screen: its rectangle clipped by every parent (scroll areas, docks)."""
+    if not widget.isVisible():
+        return 0
+    rect = widget.rect()
+    while widget.parentWidget() is not None:
+        rect = rect.translated(widget.pos()).intersected(widget.parentWidget().rect())
+        widget = widget.parentWidget()
+    return max(0, rect.height())
+
+
+def rows_shown(table) -> float:
+    """How many rows of `table` are on screen."""
+    return min(table.viewport().height(), shown_height(table)) / max(1, table.verticalHeader().defaultSectionSize())
+
+
+@pytest.mark.parametrize("size", [(1600, 1000), (1280, 800)])
+def test_default_layout_shows_every_panel(app, qtbot, settings, size):
+    window = make_window(qtbot, settings, make_tiny(TINY_CAUSAL, n_layer=30))
+    window.resize(*size)
+    window._default_dock_sizes()
+    run_fact(qtbot, window, steps=1)
+    window.attribution_panel.select_neuron(3, 5)
+    QCoreApplication.processEvents()
+    assert (window.width(), window.height()) == size  # no panel's minimum pushes the window past the screen
+    ap, np_ = window.attribution_panel, window.neurons_panel
+    assert shown_height(ap) >= 400  # the plots, not a strip
+    assert shown_height(ap.heat_widget) >= (200 if size[1] >= 1000 else 100)  # the rest scrolls into view
+    ap.tabs.setCurrentIndex(1)
+    QCoreApplication.processEvents()
+    assert shown_height(ap.prompt_widget) >= 100  # the per-prompt plot
+    window.neurons_dock.raise_()
+    QCoreApplication.processEvents()
+    assert rows_shown(np_.contents) >= 3 and rows_shown(np_.promoted) >= 3  # neuron table and inspector
+    assert shown_height(window.edits_panel) >= 200
+    assert shown_height(window.edits_panel.apply_button) > 0
+    window.close()
+
+
+def test_toolbar_has_icons_short_labels_and_always_shows_cancel(window, qtbot):
+    run_fact(qtbot, window, steps=2)
+    window.attribution_panel.select_neuron(0, 1)
+    apply_edit(qtbot, window, {"kind": "Suppress", "target": ("selection", None), "scope": "answer"})
+    undo = window.act_undo
+    assert undo.text().startswith("&Undo Suppress") and undo.iconText() == "Undo"
+    assert "Suppress" in undo.toolTip()
+    window.resize(1024, 768)
+    QCoreApplication.processEvents()
+    tb = window.toolbar
+    for action in tb.actions():
+        if not action.isSeparator():
+            assert not action.icon().isNull(), action.text()
+            assert tb.widgetForAction(action).isVisible(), f"{action.iconText()} is hidden in the overflow"
+    assert tb.widgetForAction(window.act_cancel).text() == "Cancel"
