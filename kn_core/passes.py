@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections import Counter
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -35,9 +35,6 @@ from .encoding import Target
 from .hooks import ActivationPatch, Hooks, Override, capture_activations, hidden_states_of, replacing_hidden, replay
 from .models import LoadedModel
 from .tasks import Task
-
-if TYPE_CHECKING:
-    from .attribution import AttributionParams
 
 CPU_ROWS_PER_PASS = 120
 CPU_TOKENS_PER_PASS = 400
@@ -396,12 +393,13 @@ def _row_bytes(lm: LoadedModel, seq_len: int, layers_run: int) -> int:
     return 4 * (per_layer * layers_run + vocab * 4)
 
 
-def plan_passes(lm: LoadedModel, params: AttributionParams, seq_len: int, rows_per_layer: int) -> list[list[range]]:
+def plan_passes(lm: LoadedModel, params, seq_len: int, rows_per_layer: int) -> list[list[range]]:
     """Groups of passes: each pass is a range of layers whose rows share blocks; each group shares a backward.
+    `params`: an attribution.AttributionParams (not imported: attribution imports this module).
 
     A pass grows its batch layer by layer, so it runs no block that need not run: passes hold as many layers as
-    the memory budget allows. Families that cannot grow a batch (`FamilySpec.fixed_batch`) run every row of a pass from
-    its lowest block; on CPU, where FLOPs are the cost, their passes stay small.
+    the memory budget allows. Families that cannot grow a batch (`FamilySpec.fixed_batch`) run every row of a
+    pass from its lowest block; on CPU, where FLOPs are the cost, their passes stay small.
     """
     L = lm.layout.layers
     device = lm.device
@@ -428,7 +426,7 @@ def plan_passes(lm: LoadedModel, params: AttributionParams, seq_len: int, rows_p
     return [passes[i:i + per_group] for i in range(0, len(passes), per_group)]
 
 
-def integrate(lm: LoadedModel, runner: "Runner | SharedRunner", params: AttributionParams, seq_len: int,
+def integrate(lm: LoadedModel, runner: "Runner | SharedRunner", params, seq_len: int,
                report: Callable[[int, int, torch.Tensor], None], task: Task):
     """IG scores [targets, L, N] and P(0 at layer l) [targets, L] from a runner's patched passes."""
     acts = runner.acts if runner.acts.dim() == 3 else runner.acts[None]
