@@ -212,12 +212,16 @@ def _unknown(tokenizer, ids, answer: str) -> bool:
 def _render_causal(fact: Fact, template: str, tokenizer, causal_templates: str) -> Prompt | Skipped:
     before, after = _split_at_object(template, fact.subject)
     if causal_templates == "end-only" and not _DROPPABLE_TAIL.match(after):
-        return Skipped(template, f"[Y] is not at the end (followed by {after.strip()!r}); "
+        # The template's own text in the reason (not the filled one), so it reads the same for every fact.
+        return Skipped(template, f"[Y] is not at the end (followed by {template.split(Y, 1)[1].strip()!r}); "
                                  "a causal model can only predict the object as a continuation "
                                  "(causal_templates='prefix' would use the text before [Y])")
     text = before.rstrip(" ")
     if not text.strip():
         return Skipped(template, "[Y] comes first: nothing comes before it for a causal model to continue")
+    if X not in template.split(Y, 1)[0]:
+        # e.g. "the [Y] debut of [X]." -> "the": the same prompt for every fact, which asks nothing about it
+        return Skipped(template, "[X] comes after [Y]: the text before [Y] does not name the subject")
     # The leading space belongs to the answer: BPE vocabularies spell " Paris" as one token.
     answer = (" " if before != text else "") + fact.object
     prefix, full = _ids(tokenizer, text), _ids(tokenizer, text + answer)

@@ -14,7 +14,8 @@ Flags (`NeuronFlags`), beyond the paper:
   score sets the t x max threshold of every prompt. The rule, scale-free so it holds for any model size:
   a neuron is massive when (1) its median |activation| over prompts exceeds `ratio` (100) x the median
   |activation| of its layer (over all the layer's neurons and prompts) -- the median over prompts makes it
-  "large on at least half of the inputs", not on one -- and (2) its mean |activation| is among the
+  "large on at least half of the inputs", not on one; a layer whose median is 0 (ReLU, mostly exact zeros)
+  is measured by its mean |activation| instead -- and (2) its mean |activation| is among the
   `top_fraction` (0.1%, at least one) largest of the whole model. The rule was chosen from the literature
   before it was run on any model; it was not tuned on any fact set.
 - unspecific: coarse for facts of most relations. A fact's coarse set is the neurons coarse in at least half of
@@ -300,7 +301,10 @@ def flag_massive(stats: ActivationStats, ratio: float = MASSIVE_RATIO,
     size = stats.mean_abs.size
     top = max(1, math.ceil(top_fraction * size))
     kth_largest = np.partition(stats.mean_abs.ravel(), size - top)[size - top]
-    big = stats.median_abs > ratio * stats.layer_median_abs[:, None]
+    # ReLU layers (OPT) can be more than half exact zeros: a median of 0 makes any ratio true, so their mean
+    # |activation| stands in as the layer's typical size
+    typical = np.where(stats.layer_median_abs > 0, stats.layer_median_abs, stats.mean_abs.mean(axis=1))
+    big = stats.median_abs > ratio * typical[:, None]
     few = stats.mean_abs >= kth_largest
     layers, neurons = np.nonzero(big & few & (stats.median_abs > 0))
     return frozenset(zip(layers.tolist(), neurons.tolist()))
@@ -356,8 +360,9 @@ def neuron_flags(stats: ActivationStats, coarse_sets_by_relation: Mapping | None
                  relation_fraction: float = UNSPECIFIC_RELATION_FRACTION,
                  min_relations: int = UNSPECIFIC_MIN_RELATIONS) -> NeuronFlags:
     """Massive neurons from `stats`; unspecific ones from the coarse sets of each relation's facts, if given."""
-    rule = {"massive": f"median |activation| over prompts > {ratio:g} x its layer's median |activation|, and "
-                       f"mean |activation| among the {top_fraction:.2%} largest of the model (at least one)",
+    rule = {"massive": f"median |activation| over prompts > {ratio:g} x its layer's median |activation| (its mean "
+                       f"where the median is 0), and mean |activation| among the {top_fraction:.2%} largest of the "
+                       f"model (at least one)",
             "ratio": ratio, "top_fraction": top_fraction, "n_prompts": stats.n_prompts, "stats_source": stats.source}
     unspecific: frozenset[Neuron] = frozenset()
     if coarse_sets_by_relation is not None:

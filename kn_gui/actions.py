@@ -1,17 +1,21 @@
-"""The window's actions, menus, toolbar, recent projects, file dialogs and exports (a mixin of MainWindow, kept
-apart so the window module is only construction and wiring)."""
+"""The window's actions, menus, toolbar, recent projects, file dialogs, projects (new, open, save, recovery) and
+exports: a mixin of MainWindow, kept apart so the window module is construction and wiring."""
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from PySide6.QtCore import QSize, Qt
 from PySide6.QtGui import QAction, QKeySequence
 from PySide6.QtWidgets import QFileDialog, QMessageBox, QStyle
 
+from .controllers import UserError
+from .controllers import project as P
 from .panels.common import default_folder, write_json
 from .project_io import results_dict
+from .session import merge_factsets, starter_factset
 
 MAX_RECENT = 8
 
@@ -253,3 +257,116 @@ class ActionsMixin:
         QMessageBox.about(self, "Knowledge Neuron Studio", "<b>Knowledge Neuron Studio</b><p>Find, inspect and edit "
                           "the feed-forward neurons that store facts in pretrained transformers (Dai et al., ACL "
                           "2022: Knowledge Neurons in Pretrained Transformers).</p>")
+
+    # ----------------------------------------------------------------------------------------- projects and facts
+    def import_facts(self, path: str) -> bool:
+        from kn_core.facts import import_facts
+
+        try:
+            imported = import_facts(path)
+        except Exception as exc:  # noqa: BLE001 - FactImportError names file, line and problem
+            self.show_error("Could not import the facts", f"{exc}. Fix the file (or pick another) and import again.")
+            return False
+        merged, added = merge_factsets(self.session.factset, imported)
+        self._push_factset(f"Import {added} facts from {Path(path).name}", merged)
+        self.status(f"Imported {added} new facts ({len(imported.relations)} relations) from {Path(path).name}.")
+        return True
+
+    def _project_event(self, ev):
+        if isinstance(ev, P.ProjectOpened):
+            self._project_loaded(ev)
+        elif isinstance(ev, P.ProjectSaved):
+            self._add_recent(ev.path)
+            self._update_title()
+            self.project_saved.emit(ev.path)
+            self.status(f"Saved {ev.path}.")
+        elif isinstance(ev, P.Autosaved) and ev.error:
+            self.status(f"Autosave to {ev.path} failed: {ev.error}", 15000)
+
+    def _project_loaded(self, ev):
+        snap, s = ev.snapshot, self.session
+        self.attribution_panel.set_thresholds(s.t, s.p)
+        self.facts_panel.rebuild()
+        self.current_fact = None
+        self.attribution_panel.show_run(None)
+        self.edits_panel.show_report(None)
+        self._sets_changed()
+        self.edits.pending = None
+        if snap.edit_state and snap.edit_state.get("entries"):
+            self._restore_history(snap.edit_state, snap.edit_sha)
+        self.history.set_clean()
+        first = next(iter(s.runs.values()), None)
+        if first is not None:
+            self.facts_panel.select_fact(first.fact)
+            self.select_fact(first.fact)
+        if not ev.recovered:
+            self._add_recent(snap.path)
+        self._update_title()
+        self.project_opened.emit(snap.path)
+        what = "Recovered unsaved work" if ev.recovered else f"Opened {snap.path}"
+        self.status(f"{what}: {len(s.factset.facts)} facts, {len(s.runs)} runs, {len(s.neuron_sets)} neuron sets.")
+
+    def new_project(self):
+        if not self._confirm_discard() or not self._need_free("start a new project", "session"):
+            return
+        self.project.new()
+        s = self.session
+        s.factset = starter_factset()
+        s.runs.clear()
+        s.partial_runs.clear()
+        s.neuron_sets.clear()
+        s.results_dirty = False
+        self.current_fact = None
+        self.facts_panel.rebuild()
+        self.attribution_panel.show_run(None)
+        self.neurons_panel.refresh()
+        self.edits_panel.show_report(None)
+        self._sets_changed()
+        self._update_title()
+        self.status("New project.")
+
+    def open_project(self, path: str):
+        if not self._confirm_discard():
+            return
+        try:
+            self.project.open(path)
+        except UserError as exc:
+            self.show_error(exc.title, str(exc))
+            if exc.title == "Project not found":
+                self._forget_recent(path)
+
+    def save(self, wait: bool = False) -> bool:
+        if self.project.path is None:
+            return self.save_as(wait=wait)
+        return self.save_to(self.project.path, wait=wait)
+
+    def save_to(self, path: str, wait: bool = False) -> bool:
+        """Queues the save; with `wait`, returns whether it reached the disk."""
+        if not self._need_free("save", "session"):
+            return False
+        saved = []
+        self.project_saved.connect(saved.append)
+        try:
+            self.project.save_to(path)
+            if wait:
+                self.runner.wait_idle(120000)
+        finally:
+            self.project_saved.disconnect(saved.append)
+        return bool(saved) or not wait
+
+    def offer_recovery(self) -> bool:
+        """At start: autosave files a killed app left behind are offered for recovery. True if one was opened."""
+        found = self.project.recoverable()
+        if not found:
+            return False
+        path = max(found, key=os.path.getmtime)
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(path)))
+        if self.quiet:
+            recover = self.auto_recover
+        else:
+            recover = QMessageBox.question(
+                self, "Recover unsaved work?", f"Knowledge Neuron Studio did not close cleanly. Unsaved work from "
+                f"{when} was autosaved ({path}). Recover it? (No keeps the file for later.)") == QMessageBox.Yes
+        if recover:
+            self.project.open(path, recovered=True)
+        return recover

@@ -1,15 +1,13 @@
-"""The main window: docks, menus, toolbar, status bar. It builds the widgets and wires the panels to the
-controllers (kn_gui/controllers), which hold the logic and report typed events; dialogs live here."""
+"""The main window: it builds the docks and wires the panels to the controllers (kn_gui/controllers), which hold
+the logic and report typed events. Menus, file dialogs and exports: actions.py; sizes and layout: layout.py."""
 
 from __future__ import annotations
 
-import os
-import time
 from pathlib import Path
 
-from PySide6.QtCore import QByteArray, QEvent, QSettings, Qt, QTimer, Signal
-from PySide6.QtGui import QAction, QIcon, QKeySequence
-from PySide6.QtWidgets import QDockWidget, QFrame, QMainWindow, QMessageBox, QScrollArea, QWidget
+from PySide6.QtCore import QSettings, Qt, QTimer, Signal
+from PySide6.QtGui import QIcon
+from PySide6.QtWidgets import QDockWidget, QMainWindow, QMessageBox, QWidget
 
 from kn_core.facts import Fact
 
@@ -22,9 +20,10 @@ from .panels.edits_panel import EditsPanel
 from .panels.facts_panel import FactsPanel
 from .panels.model_panel import ModelPanel
 from .panels.neurons_panel import NeuronsPanel
-from .session import NeuronSet, Run, Session, fact_key, fact_label, merge_factsets, starter_factset
 from .actions import ActionsMixin
 from .job_status import JobStatus
+from .layout import LayoutMixin, PanelScroll
+from .session import Run, Session, fact_key, starter_factset
 from .worker import JobRunner
 
 RESOURCES = Path(__file__).resolve().parent.parent / "resources"
@@ -33,33 +32,7 @@ AUTOSAVE_MS = 3 * 60 * 1000
 RECHECK_DELAY_MS = 300
 
 
-class PanelScroll(QScrollArea):
-    """A panel inside a scroll area, so its minimum size never forces the window past the screen. The panel
-    fills the viewport but never shrinks below its minimum size hint (QScrollArea's own resizing would keep
-    word-wrapped panels at their full preferred height, scrolling where nothing needs to)."""
-
-    def __init__(self, widget: QWidget):
-        super().__init__()
-        self.setFrameShape(QFrame.NoFrame)
-        self.setWidget(widget)
-        widget.installEventFilter(self)
-
-    def _fit(self):
-        view, least = self.viewport().size(), self.widget().minimumSizeHint()
-        self.widget().resize(max(view.width(), least.width()), max(view.height(), least.height()))
-
-    def viewportEvent(self, event):
-        if event.type() == QEvent.Resize:
-            self._fit()
-        return super().viewportEvent(event)
-
-    def eventFilter(self, watched, event):
-        if event.type() == QEvent.LayoutRequest:
-            self._fit()
-        return False
-
-
-class MainWindow(ActionsMixin, QMainWindow):
+class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
     model_loaded = Signal(object)
     run_finished = Signal(object)  # the Run
     edit_evaluated = Signal(dict)
@@ -141,24 +114,6 @@ class MainWindow(ActionsMixin, QMainWindow):
         self.setCorner(Qt.BottomRightCorner, Qt.RightDockWidgetArea)
         self.model_dock.raise_()
 
-    def _default_dock_sizes(self):
-        """Dock sizes that leave the plots their minimum and show every panel (scrolling inside a dock only
-        where the window is smaller than all minimums together). Below 1500 px the Neurons dock joins the
-        Model and Facts tabs, so the plots keep their width at 1280 px."""
-        w, h = max(self.width(), 1024), max(self.height(), 700)
-        central = self.attribution_panel.minimumSizeHint()
-        if w < 1500:
-            self.tabifyDockWidget(self.facts_dock, self.neurons_dock)
-            self.resizeDocks([self.model_dock], [max(300, w - central.width() - 30)], Qt.Horizontal)
-        else:
-            self.addDockWidget(Qt.RightDockWidgetArea, self.neurons_dock)
-            side = max(280, (w - central.width() - 40) // 2)
-            self.resizeDocks([self.model_dock, self.neurons_dock], [side + 60, side - 60], Qt.Horizontal)
-        self.model_dock.raise_()
-        chrome = self.menuBar().sizeHint().height() + self.toolbar.sizeHint().height() + \
-            self.statusBar().sizeHint().height() + 50
-        self.resizeDocks([self.edits_dock], [max(250, h - chrome - central.height())], Qt.Vertical)
-
     def _build_status(self):
         self.job_status = JobStatus(self.statusBar(), self.runner, self.cancel_job)
         self.cancel_button, self.model_label = self.job_status.cancel_button, self.job_status.model_label
@@ -201,29 +156,6 @@ class MainWindow(ActionsMixin, QMainWindow):
         self.edits_panel.message.connect(self.status)
 
     # ================================================================= layout, title
-    def _restore_layout(self):
-        geometry = self.settings.value("window/geometry")
-        state = self.settings.value("window/state")
-        self._sized = isinstance(state, (QByteArray, bytes))  # a saved layout wins over the default sizes
-        if isinstance(geometry, (QByteArray, bytes)):
-            self.restoreGeometry(geometry)
-        else:
-            screen = self.screen().availableGeometry()
-            self.resize(min(1600, screen.width()), min(1000, screen.height()))
-        self._default_state = self.saveState()
-        if self._sized:
-            self.restoreState(state)
-
-    def showEvent(self, event):
-        super().showEvent(event)
-        if not self._sized:  # first start: dock sizes for the size the window really got
-            self._sized = True
-            self._default_dock_sizes()
-
-    def reset_layout(self):
-        self.restoreState(self._default_state)
-        self._default_dock_sizes()
-
     def _update_title(self):
         name = Path(self.project.path).name if self.project.path else "untitled"
         self.setWindowTitle(f"{name}[*] \u2014 {APP_NAME}")
@@ -375,7 +307,7 @@ class MainWindow(ActionsMixin, QMainWindow):
         self._update_title()
         self.edits_panel.show_report(self.edits.report_shown())
         # the weights changed: the answer checks in the Facts tree describe the old ones
-        self.session.checks.clear()
+        self.attribution.model_changed()
         self.facts_panel.rebuild()
         self._recheck.start()
 
@@ -383,7 +315,7 @@ class MainWindow(ActionsMixin, QMainWindow):
         if self.runner.busy:
             self._recheck.start()
             return
-        self.attribution.model_changed()
+        self.attribution.recheck()
 
     def _facts_index_changed(self, _index: int):
         self.facts_panel.rebuild()
@@ -407,19 +339,6 @@ class MainWindow(ActionsMixin, QMainWindow):
         self.history.redo(stack)
 
     # ================================================================= facts
-    def import_facts(self, path: str) -> bool:
-        from kn_core.facts import import_facts
-
-        try:
-            imported = import_facts(path)
-        except Exception as exc:  # noqa: BLE001 - FactImportError names file, line and problem
-            self.show_error("Could not import the facts", f"{exc}. Fix the file (or pick another) and import again.")
-            return False
-        merged, added = merge_factsets(self.session.factset, imported)
-        self._push_factset(f"Import {added} facts from {Path(path).name}", merged)
-        self.status(f"Imported {added} new facts ({len(imported.relations)} relations) from {Path(path).name}.")
-        return True
-
     def check_facts(self, facts):
         if not self._need_model() or not facts:
             return
@@ -519,8 +438,9 @@ class MainWindow(ActionsMixin, QMainWindow):
                 for fact in ev.facts:
                     self.facts_panel.refresh_fact(fact)
             self.status(f"Checked {ev.prompts} prompts: the model answers {ev.correct} correctly (\u2714).")
-        elif isinstance(ev, A.ChecksCleared) and not ev.rechecking:
-            self.status("The model changed: answer checks cleared; press Check (F6) to measure them again.")
+        elif isinstance(ev, A.ChecksCleared):
+            self.status(f"The model changed: the answer checks of {ev.facts} facts were cleared; press Check (F6) "
+                        "to measure them again.")
 
     def _update_auto_sets(self, run: Run):
         if self.attribution.update_auto_sets(run):
@@ -607,106 +527,6 @@ class MainWindow(ActionsMixin, QMainWindow):
             self.edits_dock.raise_()
         elif isinstance(ev, E.EditFailed):
             self.show_error("Cannot apply the edit", ev.message)
-
-    # ================================================================= projects
-    def _project_event(self, ev):
-        if isinstance(ev, P.ProjectOpened):
-            self._project_loaded(ev)
-        elif isinstance(ev, P.ProjectSaved):
-            self._add_recent(ev.path)
-            self._update_title()
-            self.project_saved.emit(ev.path)
-            self.status(f"Saved {ev.path}.")
-        elif isinstance(ev, P.Autosaved) and ev.error:
-            self.status(f"Autosave to {ev.path} failed: {ev.error}", 15000)
-
-    def _project_loaded(self, ev):
-        snap, s = ev.snapshot, self.session
-        self.attribution_panel.set_thresholds(s.t, s.p)
-        self.facts_panel.rebuild()
-        self.current_fact = None
-        self.attribution_panel.show_run(None)
-        self.edits_panel.show_report(None)
-        self._sets_changed()
-        self.edits.pending = None
-        if snap.edit_state and snap.edit_state.get("entries"):
-            self._restore_history(snap.edit_state, snap.edit_sha)
-        self.history.set_clean()
-        first = next(iter(s.runs.values()), None)
-        if first is not None:
-            self.facts_panel.select_fact(first.fact)
-            self.select_fact(first.fact)
-        if not ev.recovered:
-            self._add_recent(snap.path)
-        self._update_title()
-        self.project_opened.emit(snap.path)
-        what = "Recovered unsaved work" if ev.recovered else f"Opened {snap.path}"
-        self.status(f"{what}: {len(s.factset.facts)} facts, {len(s.runs)} runs, {len(s.neuron_sets)} neuron sets.")
-
-    def new_project(self):
-        if not self._confirm_discard() or not self._need_free("start a new project", "session"):
-            return
-        self.project.new()
-        s = self.session
-        s.factset = starter_factset()
-        s.runs.clear()
-        s.partial_runs.clear()
-        s.neuron_sets.clear()
-        s.results_dirty = False
-        self.current_fact = None
-        self.facts_panel.rebuild()
-        self.attribution_panel.show_run(None)
-        self.neurons_panel.refresh()
-        self.edits_panel.show_report(None)
-        self._sets_changed()
-        self._update_title()
-        self.status("New project.")
-
-    def open_project(self, path: str):
-        if not self._confirm_discard():
-            return
-        try:
-            self.project.open(path)
-        except UserError as exc:
-            self.show_error(exc.title, str(exc))
-            if exc.title == "Project not found":
-                self._forget_recent(path)
-
-    def save(self, wait: bool = False) -> bool:
-        if self.project.path is None:
-            return self.save_as(wait=wait)
-        return self.save_to(self.project.path, wait=wait)
-
-    def save_to(self, path: str, wait: bool = False) -> bool:
-        """Queues the save; with `wait`, returns whether it reached the disk."""
-        if not self._need_free("save", "session"):
-            return False
-        saved = []
-        self.project_saved.connect(saved.append)
-        try:
-            self.project.save_to(path)
-            if wait:
-                self.runner.wait_idle(120000)
-        finally:
-            self.project_saved.disconnect(saved.append)
-        return bool(saved) or not wait
-
-    def offer_recovery(self) -> bool:
-        """At start: autosave files a killed app left behind are offered for recovery. True if one was opened."""
-        found = self.project.recoverable()
-        if not found:
-            return False
-        path = max(found, key=os.path.getmtime)
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(path)))
-        if self.quiet:
-            recover = self.auto_recover
-        else:
-            recover = QMessageBox.question(
-                self, "Recover unsaved work?", f"Knowledge Neuron Studio did not close cleanly. Unsaved work from "
-                f"{when} was autosaved ({path}). Recover it? (No keeps the file for later.)") == QMessageBox.Yes
-        if recover:
-            self.project.open(path, recovered=True)
-        return recover
 
     def closeEvent(self, event):
         if not self._confirm_discard():

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from kn_core import neurons as kn_neurons
-from kn_core.facts import Fact, FactSet, Prompt, Relation, Skipped, render_prompts
+from kn_core.facts import Fact, FactSet, Prompt, Skipped, render_prompts
 
 Neuron = tuple[int, int]
 
@@ -131,6 +131,8 @@ class Session:
         self.partial_runs: dict[tuple, Run] = {}  # fact key -> a stopped re-run kept beside its complete run
         self.t = 0.2
         self.p = 0.7
+        self.flags = None  # kn_core.neurons.NeuronFlags of the loaded model (run_flags), once measured
+        self.keep_massive = False  # True: flagged neurons stay in the sets (the paper's method)
         self.neuron_sets: dict[str, NeuronSet] = {}
         self.results_dirty = False
         self.path: str | None = None
@@ -148,16 +150,20 @@ class Session:
         return self.checks.get((fact_key(fact), template))
 
     # ----------------------------------------------------------------- thresholds (views over stored scores)
+    def excluded(self) -> frozenset:
+        """Neurons kept out of every set: the flagged ones, unless keep_massive or not measured yet."""
+        return frozenset() if self.flags is None or self.keep_massive else self.flags.excluded
+
     def coarse(self, run: Run, prompt_index: int) -> list[Neuron]:
-        return kn_neurons.coarse_neurons(run.scores[prompt_index].scores, self.t)
+        return kn_neurons.coarse_neurons(run.scores[prompt_index].scores, self.t, self.excluded())
 
     def refined(self, run: Run) -> list[Neuron]:
         if not run.scores:
             return []
-        return [tuple(n) for n in kn_neurons.refined_neurons(run.score_arrays(), self.t, self.p)]
+        return [tuple(n) for n in kn_neurons.refined_neurons(run.score_arrays(), self.t, self.p, self.excluded())]
 
     def refined_counts(self, run: Run):
-        return kn_neurons.coarse_counts(run.score_arrays(), self.t)
+        return kn_neurons.coarse_counts(run.score_arrays(), self.t, self.excluded())
 
     def relation_runs(self, relation_id: str) -> list[Run]:
         return [r for k, r in self.runs.items() if k[0] == relation_id and r.scores]
@@ -170,7 +176,7 @@ class Session:
         runs = self.relation_runs(relation_id)
         if not runs:
             raise ValueError(f"no attribution runs for relation {relation_id} yet; run some of its facts first")
-        return kn_neurons.adapt_p([r.score_arrays() for r in runs], self.t, self.p)
+        return kn_neurons.adapt_p([r.score_arrays() for r in runs], self.t, self.p, exclude=self.excluded())
 
     # ----------------------------------------------------------------- neuron sets
     def unique_set_name(self, base: str) -> str:

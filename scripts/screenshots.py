@@ -133,8 +133,12 @@ def main(argv=None) -> int:
     window.edits_panel.kind.setCurrentText("Suppress")
     window.edits_panel.set_target_set(name)
     wait(window.edit_evaluated, 600, "the edit evaluation", window.edits_panel.apply_button.click)
+    pump(800)  # the answer checks the edit made stale are measured again: wait for them
     idle()
+    window.edits_dock.setFloating(True)  # the whole table, at a width a reader can follow
+    window.edits_dock.resize(args.width, 430)
     shot(window.edits_dock, "before_after.png")
+    window.edits_dock.setFloating(False)
     window.facts_dock.raise_()
     shot(window, "main_window.png")
     window.resize(1280, 800)

@@ -409,3 +409,27 @@ def test_validation_functions(check, args, words):
     with pytest.raises(validation.ValidationError) as info:
         getattr(validation, check)(*args)
     assert all(word in str(info.value) for word in words), str(info.value)
+
+
+def test_every_argument_of_every_verb_is_checked():
+    """A new option gets a check in kn_core/cli/checks.py (or has choices, or is a flag)."""
+    import argparse
+
+    from kn_core.cli import build_parser
+    from kn_core.cli.checks import CHECKS
+
+    def parsers(parser):
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from parsers(sub)
+
+    unchecked = set()
+    for parser in parsers(build_parser()):
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction, argparse._StoreTrueAction)):
+                continue
+            if action.choices is None and action.dest not in CHECKS:
+                unchecked.add(f"{parser.prog} {action.dest}")
+    assert not unchecked, sorted(unchecked)

@@ -29,20 +29,20 @@ def saved(tmp_path_factory):
 
 def test_model_info_from_a_folder(capsys, saved):
     code, out, _ = run(capsys, "model", "info", "--model", saved["bert"], "--json")
-    info = json.loads(out)
+    info = strict(out)
     assert code == 0 and info["family"] == "bert" and info["kind"] == "masked"
     assert (info["layers"], info["neurons"]) == (3, 72) and len(info["sha256"]) == 64
 
 
 def test_predict_masked_needs_a_mask(capsys, saved):
     code, out, err = run(capsys, "predict", "The capital of France is Paris .", "--model", saved["bert"], "--json")
-    assert code == 2 and "mask" in json.loads(out)["error"]
+    assert code == 2 and "mask" in strict(out)["error"]
     assert err.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in err
     code, out, _ = run(capsys, "predict", "The capital of France is [MASK] .", "--model", saved["bert"], "--json",
                        "--top", "3", "--project", str(saved["project"]))
-    assert code == 0 and len(json.loads(out)["predictions"]) == 3
+    assert code == 0 and len(strict(out)["predictions"]) == 3
     code, out, _ = run(capsys, "project", "info", str(saved["project"]), "--json")
-    assert json.loads(out)["counts"]["evaluations"] == 1
+    assert strict(out)["counts"]["evaluations"] == 1
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -76,30 +76,50 @@ def test_attribute_json_and_project(capsys, saved, tmp_path):
     code, out, _ = run(capsys, "attribute", "--prompt", "The capital of France is", "--answer", " Paris",
                        "--model", saved["gpt2"], "--steps", "4", "--json", "--project", str(project),
                        "--save", str(tmp_path / "s.npz"))
-    doc = json.loads(out)
+    doc = strict(out)
     assert code == 0 and doc["layers"] == 3 and doc["neurons"] == 72
     assert all(n["score"] > 0.2 * doc["max"] for n in doc["coarse"]) and len(doc["completeness"]) == 3
     code, out, _ = run(capsys, "project", "info", str(project), "--json")
-    assert json.loads(out)["counts"]["runs"] == 1
+    assert strict(out)["counts"]["runs"] == 1
+
+
+def test_neuron_sign_and_calibrated_update(capsys, saved):
+    from kn_core import evaluation as ev
+    from kn_core.models import load_model
+
+    code, out, _ = run(capsys, "neuron", "--layer", "1", "--index", "2", "--model", saved["gpt2"], "--sign", "auto",
+                       "--prompt", "The capital of France is", "--prompt", "France", "--json")
+    doc = json.loads(out)
+    lm = load_model(saved["gpt2"], device="cpu")
+    expect = ev.activation_sign(lm, 1, 2, ["The capital of France is", "France"])
+    assert code == 0 and doc["sign"] == expect and doc["labels"]["promotes"].startswith("promotes")
+    code, _, err = run(capsys, "neuron", "--layer", "1", "--index", "2", "--model", saved["gpt2"], "--sign", "auto")
+    assert code == 2 and "--prompt" in err and len(err.strip().splitlines()) == 1
+    code, out, _ = run(capsys, "edit", "update", "--relation", "P36", "--subject", "France", "--new-object", "Berlin",
+                       "--model", saved["gpt2"], "--steps", "2", "--p", "0.3", "--strength", "calibrated", "--json")
+    doc = json.loads(out)
+    cal = doc["calibration"]
+    assert code == 0 and cal["lambda2"] == pytest.approx(8.0 * cal["scale"]) and doc["edit"]["lambda2"] == cal["lambda2"]
+    assert cal["reached"] == (doc["success_rate"] == 1.0)
 
 
 @pytest.mark.default_model
 def test_default_model_predicts_paris(capsys):
     code, out, _ = run(capsys, "predict", "The capital of France is", "--json")
-    assert code == 0 and json.loads(out)["predictions"][0]["token"] == " Paris"
+    assert code == 0 and strict(out)["predictions"][0]["token"] == " Paris"
 
 
 @pytest.mark.default_model
 def test_default_model_knows_most_capitals(capsys):
     code, out, _ = run(capsys, "facts", "check", "--relation", "P36", "--json")
-    doc = json.loads(out)
+    doc = strict(out)
     assert code == 0 and doc["facts_known"] >= doc["facts"] / 2
 
 
 @pytest.mark.default_model
 def test_default_model_refined_neurons_of_france(capsys):
     code, out, _ = run(capsys, "neurons", "--relation", "P36", "--subject", "France", "--json")
-    doc = json.loads(out)
+    doc = strict(out)
     assert code == 0 and doc["refined"], doc
     # knowledge neurons concentrate in the top layers (paper, Figure 3)
     assert sum(n["layer"] >= 15 for n in doc["refined"]) * 2 > len(doc["refined"])
@@ -110,11 +130,58 @@ def test_default_model_sign_aware_update_reverses_negatively_active_neurons(caps
     argv = ["edit", "update", "--relation", "P36", "--subject", "Japan", "--new-object", "Berlin", "--steps", "4",
             "--json"]
     code, out, _ = run(capsys, *argv)
-    paper = json.loads(out)
+    paper = strict(out)
     code2, out2, _ = run(capsys, *argv, "--sign-aware")
-    ours = json.loads(out2)
+    ours = strict(out2)
     assert code == code2 == 0 and paper["flipped"] == [] and paper["edit"]["flipped"] == []
     # SmolLM2's gated FFN: some of the fact's knowledge neurons are negatively active on its prompts
     assert ours["flipped"] and all(n in ours["neurons"] for n in ours["flipped"])
     assert ours["edit"]["flipped"] == [[n["layer"], n["neuron"]] for n in ours["flipped"]]
     assert ours["neurons"] == paper["neurons"] and ours["after"] != paper["after"]
+
+
+def strict(text: str):
+    """json.loads that refuses NaN/Infinity (Python's json accepts them; JSON does not)."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_jsonio_writes_non_finite_numbers_as_null_with_a_note():
+    import math
+
+    import numpy as np
+
+    from kn_core.jsonio import dumps
+
+    doc = strict(dumps({"p": math.nan, "after": [0.5, math.inf, np.float32("nan")], "n": np.int64(3),
+                        "inner": {"x": -math.inf}, "ok": np.arange(2)}))
+    assert doc["p"] is None and doc["p_note"] == "NaN"
+    assert doc["after"] == [0.5, None, None] and "[1]=Infinity" in doc["after_note"] and "[2]=NaN" in doc["after_note"]
+    assert doc["n"] == 3 and doc["inner"] == {"x": None, "x_note": "-Infinity"} and doc["ok"] == [0, 1]
+    assert strict(dumps({"a": 1.5, "b": "x"})) == {"a": 1.5, "b": "x"}  # finite data: plain json.dumps
+
+
+@pytest.mark.parametrize("kind", ["suppress", "amplify", "update", "erase"])
+def test_edit_commands_build_through_edit_plan_and_print_strict_json(capsys, saved, kind):
+    argv = ["edit", kind, "--relation", "P36", "--model", saved["gpt2"], "--steps", "2", "--t", "0.1", "--p", "0.2",
+            "--json"]
+    if kind != "erase":
+        argv += ["--subject", "France"]
+    if kind == "update":
+        argv += ["--new-object", "Berlin", "--relation-facts", "1"]
+    if kind == "erase":
+        argv += ["--max-facts", "2", "--control-facts", "2", "--k", "3"]
+    code, out, err = run(capsys, *argv)
+    doc = strict(out)
+    assert code == 0, err
+    assert doc["edit"]["kind"] == kind and [[n["layer"], n["neuron"]] for n in doc["neurons"]] == doc["edit"]["neurons"]
+    assert doc["prompt_groups"]["fact"] and set(doc["groups"]) == {"edit", "control"}
+    assert doc["groups"]["edit"]["fact"]["n"] == len(doc["prompt_groups"]["fact"])
+    if kind == "update":
+        assert doc["prompts"] == doc["prompt_groups"]["fact"] and len(doc["after"]["new"]) == len(doc["prompts"])
+        assert doc["success_rate"] == doc["groups"]["edit"]["success_rate"]
+    if kind in ("suppress", "amplify"):
+        assert doc["prompts"] == doc["prompt_groups"]["fact"]
+        assert doc["relative_change"] == pytest.approx(doc["groups"]["edit"]["fact"]["relative_change"])

@@ -29,8 +29,11 @@ def snapshot(lm):
 
 
 def assert_bitwise(lm, snap):
+    """Every tensor byte for byte (torch.equal alone would accept -0.0 for 0.0)."""
     for name, tensor in lm.model.state_dict().items():
-        assert torch.equal(tensor, snap[name]), name
+        assert tensor.dtype == snap[name].dtype and tensor.shape == snap[name].shape, name
+        assert tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() == \
+            snap[name].cpu().contiguous().view(torch.uint8).numpy().tobytes(), name
 
 
 def value_matrix(lm, layer):

@@ -150,6 +150,14 @@ def test_causal_prefix_of_a_template_that_starts_with_the_object(smol):
     assert all("nothing comes before" in s.reason for s in skipped)
 
 
+def test_causal_prefix_without_the_subject_is_skipped(smol):
+    """ "the [Y] debut of [X]." (a PARAREL template) would give the prompt "the" for every fact."""
+    rel = Relation("P449", "original broadcaster", ("the [Y] debut of [X].", "[X] premiered on [Y]."))
+    prompts, (skip,) = render_prompts(Fact("P449", "Friends", "NBC"), rel, smol, "causal")
+    assert [p.text for p in prompts] == ["Friends premiered on"]
+    assert skip.template == rel.templates[0] and "does not name the subject" in skip.reason
+
+
 def test_causal_multi_token_answer_is_kept_whole(smol):
     (prompt, *_), _ = render_prompts(Fact("P36", "Burkina Faso", "Ouagadougou"), CAPITAL, smol, "causal")
     assert len(prompt.answer_ids) > 1

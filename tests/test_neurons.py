@@ -17,7 +17,7 @@ from kn_core.neurons import (ActivationStats, NeuronFlags, activation_stats, ada
                              coarse_counts, coarse_neurons, fact_coarse_set, flag_massive, flag_unspecific,
                              neuron_flags, neutral_sentences, refined_from_counts, refined_neurons, relation_neurons,
                              run_flags, run_stats, scored_flags)
-from tiny import make_tiny
+from tiny import ALL_FAMILIES, make_tiny
 
 
 def test_coarse_refined_relation_thresholds():
@@ -153,6 +153,21 @@ def test_massive_needs_consistency_magnitude_and_rank():
     assert "100 x its layer's median" in flags.rule["massive"] and flags.rule["n_prompts"] == 10
 
 
+def test_a_mostly_zero_relu_layer_does_not_flag_its_ordinary_neurons():
+    rng = np.random.default_rng(0)
+    acts = []
+    for _ in range(10):
+        a = np.maximum(rng.normal(-0.5, 1.0, (2, 600)), 0).astype(np.float32)  # ~70% exact zeros
+        a[1, :20] = 1.0 + rng.random(20)  # a few always-on neurons of ordinary size
+        acts.append(a)
+    stats = ActivationStats.from_activations(acts)
+    assert stats.layer_median_abs[1] == 0
+    assert flag_massive(stats) == frozenset()
+    for a in acts:
+        a[1, 7] = 300.0
+    assert flag_massive(ActivationStats.from_activations(acts)) == {(1, 7)}
+
+
 def plant(lm, layer: int, neuron: int, value: float):
     """A bias on the FFN's input side that makes one neuron fire at ~`value` on every input."""
     with torch.no_grad():
@@ -249,13 +264,20 @@ def test_a_facts_coarse_set_is_what_half_of_its_prompts_agree_on():
     assert fact_coarse_set([a, b, b], exclude=[(0, 1)]) == {(1, 0)}
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
-def test_batched_texts_of_different_lengths_read_like_one_by_one(family):
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_every_family_reads_batched_texts_like_one_by_one_and_prompts_like_attribution(family):
     lm = make_tiny(family)
     texts = ["The capital of France is", "Paris", "The official language of the country which lies in Europe is"]
     together = answer_activations(lm, texts, batch_size=3)
     for text, batched in zip(texts, together):
-        np.testing.assert_allclose(batched, answer_activations(lm, [text])[0], rtol=1e-4, atol=1e-5)
+        assert batched.shape == (3, lm.layout.neurons)
+        np.testing.assert_allclose(batched, answer_activations(lm, [text])[0], rtol=1e-4, atol=5e-5)
+    causal = lm.kind == "causal"
+    text, answer = ("The capital of France is", " Paris") if causal else ("The capital of France is [MASK].", "Paris")
+    ids = encode_answer(lm, text, answer)
+    result = attribute(lm, text, AttributionParams(steps=1), answer_ids=ids)
+    measured = answer_activations(lm, [SimpleNamespace(text=text, answer_ids=ids)])[0]
+    np.testing.assert_allclose(measured, result.activations, rtol=1e-4, atol=5e-5)
 
 
 def test_run_flags_finds_unspecific_neurons_from_scores_by_relation():
@@ -296,3 +318,24 @@ def test_kn_neurons_flags_massive_neurons_and_keeps_them_out_unless_asked(tmp_pa
 
     assert (1, 5) not in listed(excluded) and (1, 5) in listed(kept)
     assert all(n["flags"] == (["massive"] if (n["layer"], n["neuron"]) == (1, 5) else []) for n in kept["refined"])
+
+
+def test_gui_session_keeps_flagged_neurons_out_unless_keep_massive():
+    from kn_core.facts import Fact
+    from kn_gui.session import COMPLETE, Run, Session
+
+    scores = np.full((2, 4), 0.1, dtype=np.float32)
+    scores[0, 0], scores[1, 2], scores[1, 1] = 100.0, 1.0, 0.3
+    fact = Fact("P36", "France", "Paris")
+    run = Run(fact, [None] * 3, state=COMPLETE,
+              scores=[SimpleNamespace(scores=scores, activations=np.zeros_like(scores))] * 3)
+    session = Session()
+    session.runs[("P36", "France", "Paris")] = run
+    paper = (session.coarse(run, 0), session.refined(run), session.relation_level("P36"))
+    assert paper == ([(0, 0)], [(0, 0)], [((0, 0), 1)])  # not measured yet: the paper's sets
+    session.flags = NeuronFlags(massive=frozenset({(0, 0)}))
+    assert session.coarse(run, 0) == session.refined(run) == [(1, 1), (1, 2)]
+    assert session.relation_level("P36") == [((1, 1), 1), ((1, 2), 1)] and (0, 0) not in session.refined_counts(run)
+    assert session.adapt_p("P36").history[0] == (0.7, 2.0)
+    session.keep_massive = True
+    assert (session.coarse(run, 0), session.refined(run), session.relation_level("P36")) == paper

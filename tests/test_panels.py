@@ -595,3 +595,23 @@ def test_inspector_takes_the_engines_sign_and_labels_lists(neurons):
     assert neurons.promoted.displayed_rows() == [["'a'", "+1.000"]]
     assert "read as if the activation were positive" in neurons.sign_line.text()
     assert neurons.inspect_tabs.tabText(0) == "Promotes (+v)"
+
+
+def test_inspector_sign_from_the_run_matches_the_engines_signed_reading(qtbot, tiny_lm):
+    """The engine's unsigned answer, read with a run whose activation is negative, lists what neuron_tokens
+    gives with sign = -1 (an independent path: the engine negates the projection before ranking)."""
+    from kn_core.evaluation import neuron_tokens
+    from kn_gui.panels.neurons_panel import NeuronsPanel
+
+    layers, neurons_ = tiny_lm.layout.layers, tiny_lm.layout.neurons
+    session = session_with_run(make_run(layers, neurons_, hot=((1, 5),)))  # activation -3 at (1, 5)
+    panel = NeuronsPanel(session)
+    qtbot.addWidget(panel)
+    panel.set_run(session.runs[("P36", "France", "Paris")])
+    panel.show_inspection(1, 5, neuron_tokens(tiny_lm, 1, 5, top_k=8))
+    from_run = panel.promoted.rows(), panel.suppressed.rows()
+    signed = neuron_tokens(tiny_lm, 1, 5, top_k=8, sign=-1)
+    panel.show_inspection(1, 5, signed)
+    assert (panel.promoted.rows(), panel.suppressed.rows()) == from_run
+    assert [r[0] for r in from_run[0]] == [repr(row["token"]) for row in signed["promotes"]]
+    assert panel.inspect_tabs.tabToolTip(0) == signed["labels"]["promotes"]

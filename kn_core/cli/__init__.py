@@ -4,16 +4,18 @@ With --json exactly one JSON document goes to stdout; progress and messages go t
 a one-line error and exit status 2, never a traceback.
 
 One module per verb group, each with `add_commands(subparsers)`; handlers are `cmd_*(args) -> int`. To add a
-verb: write `cmd_x` and register it in its group's `add_commands` (or add a module and list it in VERB_GROUPS).
+verb: write `cmd_x` and register it in its group's `add_commands` (or add a module and list it in VERB_GROUPS);
+give every new argument a check in `checks.CHECKS` (kn_core.validation), so that bad input fails before any
+model loads; raise `CliError` for a one-line user error; print with `common.emit` (strict JSON with --json).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 from . import attribution, edit, facts, model, project, reproduce
+from ..jsonio import dumps
 from .checks import Parser, check_args
 from .common import CliError, say
 
@@ -44,7 +46,7 @@ def _engine_errors() -> tuple[type[BaseException], ...]:
 def _fail(args, exc: BaseException) -> int:
     message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
     if getattr(args, "json", False):
-        print(json.dumps({"error": message, "error_type": type(exc).__name__}))
+        print(dumps({"error": message, "error_type": type(exc).__name__}))
     say(f"error: {message}")
     return 2
 
@@ -66,7 +68,7 @@ def main(argv=None) -> int:
         return _fail(args, exc)
     except Exception as exc:  # a bug, or the hardware: still one line, and the type says which
         if getattr(args, "json", False):
-            print(json.dumps({"error": str(exc), "error_type": type(exc).__name__}))
+            print(dumps({"error": str(exc), "error_type": type(exc).__name__}))
         say(f"error: {type(exc).__name__}: {exc} (set KN_DEBUG=1 for the traceback)")
         if os.environ.get("KN_DEBUG"):
             raise

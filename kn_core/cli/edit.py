@@ -7,9 +7,8 @@ from pathlib import Path
 from .common import COMMON, CliError, emit, factset_of, find_fact, load, neuron_list, progress_bar, say
 
 
-def _fact_neurons(args, lm, factset, fact, results: list | None = None):
-    """Attribution of one fact's prompts -> (prompts, refined neurons); `results` receives each prompt's
-    PromptScores."""
+def _fact_neurons(args, lm, factset, fact):
+    """Attribution of one fact's prompts -> (prompts, refined neurons)."""
     from ..attribution import AttributionParams, attribute_fact
     from ..facts import render_prompts
     from ..neurons import refined_neurons
@@ -19,42 +18,65 @@ def _fact_neurons(args, lm, factset, fact, results: list | None = None):
         raise CliError(f"no template of {fact.relation} can be used with this {lm.kind} model: "
                        + "; ".join(s.reason for s in skipped))
     with progress_bar(f"attributing {fact.relation} {fact.subject}") as task:
-        scores = attribute_fact(lm, prompts, AttributionParams(steps=args.steps, seed=args.seed, force=args.force), task=task)
-    if results is not None:
-        results.extend(scores)
+        params = AttributionParams(steps=args.steps, seed=args.seed, force=args.force)
+        scores = attribute_fact(lm, prompts, params, task=task)
     return prompts, refined_neurons([s.scores for s in scores], args.t, args.p)
 
 
+def _planned(lm, factset, request, relation_neuron_sets=()):
+    """The edit of `request` built by kn_core.edit_plan (as the GUI and the reproduction build it)."""
+    from ..edit_plan import plan_edit
+
+    return plan_edit(lm, factset, request, relation_neuron_sets)
+
+
+def _groups(lm, plan) -> dict:
+    """Per prompt group (fact, relation, other relations, new object): the edit's and the control's effect."""
+    from ..edit_plan import measure_plan, summarize_plan
+    from ..evaluation import with_edits
+
+    before = measure_plan(lm, plan)
+    return {"edit": summarize_plan(plan, before, with_edits(lm, [plan.edit], lambda: measure_plan(lm, plan))),
+            "control": summarize_plan(plan, before, with_edits(lm, [plan.control], lambda: measure_plan(lm, plan)))}
+
+
+def _plan_fields(lm, plan) -> dict:
+    return {"skipped": [{"what": what, "reason": why} for what, why in plan.skipped],
+            "prompt_groups": {g: [p.text for p in ps] for g, ps in plan.prompts.items()},
+            "groups": _groups(lm, plan)}
+
+
 def cmd_edit_activation(args) -> int:
-    from .. import edits as E
     from .. import evaluation as ev
+    from ..edit_plan import EditRequest
     from ..edit_stack import export_model
 
     factset = factset_of(args)
     fact = find_fact(factset, args.relation, args.subject)
+    if args.export and args.scope != "all":
+        raise CliError("--export needs --scope all (an answer-position edit is not a weight change)")
     lm = load(args)
-    prompts, neurons = _fact_neurons(args, lm, factset, fact)
+    _, neurons = _fact_neurons(args, lm, factset, fact)
     if not neurons:
         raise CliError(f"{fact.relation} {fact.subject}: no refined knowledge neurons at t={args.t}, p={args.p}; "
                        f"lower --p")
-    make = (lambda n: E.Suppress(tuple(n), args.scope)) if args.edit_kind == "suppress" else \
-        (lambda n: E.Amplify(tuple(n), args.factor, args.scope))
-    effect = ev.edit_effect(lm, [make(neurons)], prompts)
-    control_neurons = E.random_neurons(lm, neurons, seed=args.seed)
-    control = ev.edit_effect(lm, [make(control_neurons)], prompts)
+    plan = _planned(lm, factset, EditRequest(args.edit_kind, tuple(neurons), fact, factor=getattr(args, "factor", 2.0),
+                                             scope=args.scope, seed=args.seed))
+    prompts = plan.prompts["fact"]
+    effect = ev.edit_effect(lm, [plan.edit], prompts)
+    control = ev.edit_effect(lm, [plan.control], prompts)
     if args.export:
-        if args.scope != "all":
-            raise CliError("--export needs --scope all (an answer-position edit is not a weight change)")
-        export_model(lm, [make(neurons)], args.export)
+        export_model(lm, [plan.edit], args.export)
     doc = {"fact": {"relation": fact.relation, "subject": fact.subject, "object": fact.object},
-           "edit": make(neurons).to_dict(), "neurons": neuron_list(neurons),
+           "edit": plan.edit.to_dict(), "neurons": neuron_list(plan.edit.neurons),
            "prompts": [p.text for p in prompts], "before": effect["before"], "after": effect["after"],
            "relative_change": effect["relative_change"], "flip_rate": effect["flip_rate"],
-           "control": {"kind": "random neurons from the same layers", "neurons": neuron_list(control_neurons),
+           "control": {"kind": "random neurons from the same layers", "neurons": neuron_list(plan.control.neurons),
                        "after": control["after"], "relative_change": control["relative_change"],
                        "flip_rate": control["flip_rate"]},
-           "exported_to": args.export}
-    text = [f"{args.edit_kind} {len(neurons)} knowledge neurons of {fact.relation} {fact.subject} -> {fact.object}:",
+           "exported_to": args.export, **_plan_fields(lm, plan)}
+    text = [f"{args.edit_kind} {len(plan.edit.neurons)} knowledge neurons of {fact.relation} {fact.subject} -> "
+            f"{fact.object}:",
             *[f"  {p.text!r}: {b:.4f} -> {a:.4f}" for p, b, a in zip(prompts, effect["before"], effect["after"])],
             f"relative change {100 * effect['relative_change']:+.1f}% (random neurons: "
             f"{100 * control['relative_change']:+.1f}%)"]
@@ -65,32 +87,28 @@ def cmd_edit_activation(args) -> int:
 def cmd_edit_update(args) -> int:
     import numpy as np
 
-    from .. import edits as E
     from .. import evaluation as ev
+    from ..edit_plan import EditRequest
     from ..edit_stack import export_model
-    from ..facts import Fact, render_prompts
 
     factset = factset_of(args)
     fact = find_fact(factset, args.relation, args.subject)
+    if args.new_object.strip() == fact.object:
+        raise CliError(f"--new-object {args.new_object!r} is the fact's current object; choose another object")
     lm = load(args)
-    results: list = []
-    prompts, neurons = _fact_neurons(args, lm, factset, fact, results)
-    relation_sets = []
+    _, neurons = _fact_neurons(args, lm, factset, fact)
     others = [f for f in factset.facts_of(fact.relation) if f != fact][: args.relation_facts]
-    for other in others:  # to leave out neurons shared by >10% of the relation's facts
-        relation_sets.append(_fact_neurons(args, lm, factset, other)[1])
-    new_prompts, _ = render_prompts(Fact(fact.relation, fact.subject, args.new_object),
-                                    factset.relation(fact.relation), lm.tokenizer, lm.kind)
-    pairs = [(p, q) for p in prompts for q in new_prompts if p.template == q.template]
-    if not pairs:
-        raise CliError(f"no template renders both {fact.object!r} and {args.new_object!r}")
-    update = E.make_update(lm, neurons, pairs[0][0].answer_ids, pairs[0][1].answer_ids,
-                           relation_sets if others else (), 0.1, args.lambda1, args.lambda2,
-                           activations=[r.activations for r in results] if args.sign_aware else None)
-    if not update.neurons:
-        raise CliError("no knowledge neurons left to update" + (" (all shared by >10% of the relation's facts)"
-                                                                  if update.excluded else ""))
-    own, new = [p for p, _ in pairs], [q for _, q in pairs]
+    # to leave out neurons shared by >10% of the relation's facts
+    relation_sets = {other: _fact_neurons(args, lm, factset, other)[1] for other in others}
+    if not neurons:
+        raise CliError(f"{fact.relation} {fact.subject}: no refined knowledge neurons at t={args.t}, p={args.p}; "
+                       f"lower --p")
+    plan = _planned(lm, factset, EditRequest("update", tuple(neurons), fact, new_object=args.new_object,
+                                             lambda1=args.lambda1, lambda2=args.lambda2,
+                                             sign_aware=args.sign_aware, strength=args.strength, seed=args.seed),
+                    relation_sets)
+    update = plan.edit
+    own, new = plan.prompts["fact"], plan.prompts["new object"]
 
     def measure():
         return ev.answer_probabilities(lm, own, top_k=5), ev.answer_probabilities(lm, new, top_k=5)
@@ -109,13 +127,21 @@ def cmd_edit_update(args) -> int:
            "after": {"old": [r["prob"] for r in after_old], "new": [r["prob"] for r in after_new]},
            "top1_after": [r["top1_token"] for r in after_old],
            "change_rate": float(np.mean([a["top1_id"] != b["top1_id"] for a, b in zip(after_old, before_old)])),
-           "success_rate": float(np.mean([r["correct"] for r in after_new])), "exported_to": args.export}
+           "success_rate": float(np.mean([r["correct"] for r in after_new])), "exported_to": args.export,
+           "control": {"kind": "random neurons from the same layers", "edit": plan.control.to_dict()},
+           **({"calibration": plan.calibration} if plan.calibration is not None else {}),
+           **_plan_fields(lm, plan)}
     text = [f"update {fact.relation} {fact.subject}: {fact.object} -> {args.new_object} "
             f"({len(update.neurons)} neurons, {len(update.excluded)} left out"
             + (f", edit reversed on {len(update.flipped)} negatively active" if args.sign_aware else "") + ")",
             *[f"  {p.text!r}: P(old) {b['prob']:.4f} -> {a['prob']:.4f}, P(new) {bn['prob']:.4f} -> {an['prob']:.4f}, "
               f"top-1 {a['top1_token']!r}" for p, b, a, bn, an in zip(own, before_old, after_old, before_new, after_new)],
             f"change rate {doc['change_rate']:.2f}, success rate {doc['success_rate']:.2f}"]
+    if plan.calibration is not None:
+        cal = plan.calibration
+        text.append(f"calibrated: {cal['scale']:.3g} x the lambdas (λ2 = {cal['lambda2']:.3g}); "
+                    + ("o' is the top answer on every prompt" if cal["reached"] else
+                       "FAILED: o' is not the top answer on every prompt even at the largest scale"))
     emit(args, doc, "\n".join(text))
     return 0
 
@@ -123,11 +149,9 @@ def cmd_edit_update(args) -> int:
 def cmd_edit_erase(args) -> int:
     import numpy as np
 
-    from .. import edits as E
     from .. import evaluation as ev
-    from .. import experiments as ex
+    from ..edit_plan import EditRequest
     from ..edit_stack import export_model
-    from ..facts import render_prompts
 
     factset = factset_of(args)
     try:
@@ -136,21 +160,14 @@ def cmd_edit_erase(args) -> int:
         raise CliError(f"no relation {args.relation!r}; relations: {', '.join(sorted(factset.relations))}") from None
     lm = load(args)
     facts = factset.facts_of(args.relation)[: args.max_facts]
-    records = []
-    for fact in facts:
-        prompts, neurons = _fact_neurons(args, lm, factset, fact)
-        records.append(ex.FactNeurons(fact, prompts, neurons, []))
-    others = [f for f in factset.facts if f.relation != args.relation]
-    rng = np.random.default_rng(args.seed)
-    other_prompts = []
-    for k in rng.permutation(len(others))[: args.control_facts]:
-        f = others[k]
-        other_prompts += render_prompts(f, factset.relation(f.relation), lm.tokenizer, lm.kind)[0]
-    neurons = E.erase_neurons([r.neurons for r in records], args.k)
-    if not neurons:
-        raise CliError(f"{args.relation}: no knowledge neurons found in {len(records)} facts")
-    erase = E.Erase(tuple(neurons), args.fill, E.default_embedding(lm))
-    own = [p for r in records for p in r.prompts]
+    sets = {fact: _fact_neurons(args, lm, factset, fact)[1] for fact in facts}
+    if not any(sets.values()):
+        raise CliError(f"{args.relation}: no knowledge neurons found in {len(sets)} facts")
+    plan = _planned(lm, factset, EditRequest("erase", relation=args.relation, k=args.k, fill=args.fill,
+                                             allow_fewer=True, seed=args.seed, control_facts=args.control_facts,
+                                             control_prompts_per_fact=None), sets)
+    erase = plan.edit
+    own, other_prompts = plan.prompts["fact"], plan.prompts["other relations"]
 
     def measure():
         a = ev.answer_probabilities(lm, own)
@@ -163,14 +180,13 @@ def cmd_edit_erase(args) -> int:
 
     before = measure()
     after = ev.with_edits(lm, [erase], measure)
-    control = ev.with_edits(lm, [E.Erase(tuple(E.random_neurons(lm, neurons, seed=args.seed)), args.fill,
-                                         E.default_embedding(lm))], measure)
+    control = ev.with_edits(lm, [plan.control], measure)
     if args.export:
         ev.with_edits(lm, [erase], lambda: export_model(lm, [erase], args.export))
-    doc = {"relation": args.relation, "facts": len(records), "edit": erase.to_dict(), "neurons": neuron_list(neurons),
+    doc = {"relation": args.relation, "facts": len(sets), "edit": erase.to_dict(), "neurons": neuron_list(erase.neurons),
            "before": before, "after": after, "control": {"kind": "random neurons from the same layers", **control},
-           "exported_to": args.export}
-    text = [f"erase {args.relation} ({len(neurons)} neurons from {len(records)} facts):",
+           "exported_to": args.export, **_plan_fields(lm, plan)}
+    text = [f"erase {args.relation} ({len(erase.neurons)} neurons from {len(sets)} facts):",
             f"  accuracy {before['accuracy']:.2f} -> {after['accuracy']:.2f} (random {control['accuracy']:.2f})",
             f"  perplexity {before['perplexity']:.1f} -> {after['perplexity']:.1f} (random {control['perplexity']:.1f})"]
     if "other_perplexity" in before:
@@ -183,10 +199,15 @@ def cmd_neuron(args) -> int:
     from .. import evaluation as ev
     from ..validation import check_int
 
+    if args.sign == "auto" and not args.prompt:
+        raise CliError("--sign auto reads the sign of the activation on the --prompt texts; give at least one --prompt")
     lm = load(args)
     check_int("--layer", args.layer, 0, lm.layout.layers - 1, " (the model's layers)")
     check_int("--index", args.index, 0, lm.layout.neurons - 1, " (the neurons of a layer)")
-    info = ev.neuron_tokens(lm, args.layer, args.index, args.top_k)
+    sign = {"none": None, "positive": 1, "negative": -1}.get(args.sign)
+    if args.sign == "auto":
+        sign = ev.activation_sign(lm, args.layer, args.index, args.prompt)
+    info = ev.neuron_tokens(lm, args.layer, args.index, args.top_k, sign=sign)
     if args.prompt:
         acts = ev.neuron_activations(lm, [(args.layer, args.index)], args.prompt, position=args.position)[:, 0]
         info["activations"] = [{"text": t, "activation": float(a)} for t, a in zip(args.prompt, acts)]
@@ -194,8 +215,8 @@ def cmd_neuron(args) -> int:
         sentences = [s.strip() for s in Path(args.rank_file).read_text(encoding="utf-8").splitlines() if s.strip()]
         info["ranked"] = ev.rank_by_activation(lm, [(args.layer, args.index)], sentences, args.position)
     text = [f"L{args.layer} #{args.index} (|v| = {info['norm']:.3f})",
-            "promotes:   " + ", ".join(f"{r['token']!r} {r['logit']:+.2f}" for r in info["promotes"]),
-            "suppresses: " + ", ".join(f"{r['token']!r} {r['logit']:+.2f}" for r in info["suppresses"])]
+            f"{info['labels']['promotes']}: " + ", ".join(f"{r['token']!r} {r['logit']:+.2f}" for r in info["promotes"]),
+            f"{info['labels']['suppresses']}: " + ", ".join(f"{r['token']!r} {r['logit']:+.2f}" for r in info["suppresses"])]
     text += [f"  {a['activation']:+.4f}  {a['text']!r}" for a in info.get("activations", [])]
     text += [f"  #{r['rank']} {r['activation']:+.4f}  {r['text']!r}" for r in info.get("ranked", [])]
     emit(args, info, "\n".join(text))
@@ -236,6 +257,10 @@ def add_commands(sub) -> None:
     p.add_argument("--sign-aware", action="store_true",
                    help="reverse the edit on neurons whose mean activation on the fact's prompts is negative "
                         "(gated FFNs; not in the paper)")
+    p.add_argument("--strength", choices=["paper", "calibrated"], default="paper",
+                   help="paper: the lambdas as given; calibrated: sign-aware, both lambdas scaled by the smallest "
+                        "factor in [1/64, 4] at which o' becomes the top answer on the fact's prompts (not in the "
+                        "paper; a failure is reported)")
     _fact_edit_options(p)
     p.set_defaults(func=cmd_edit_update)
     p = edit_sub.add_parser("erase", parents=[COMMON], help="erase a relation (its k most frequent knowledge neurons)")
@@ -254,4 +279,8 @@ def add_commands(sub) -> None:
     neuron.add_argument("--prompt", action="append", help="show the activation on this text (repeatable)")
     neuron.add_argument("--rank-file", help="rank the sentences of this text file (one a line) by activation")
     neuron.add_argument("--position", choices=["answer", "max", "mean", "last"], default="answer")
+    neuron.add_argument("--sign", choices=["none", "positive", "negative", "auto"], default="none",
+                        help="read the value vector as the neuron acts when its activation has this sign (auto: "
+                             "the sign of its mean activation on the --prompt texts; SwiGLU/GELU neurons fire "
+                             "negative, and then promote what the value vector alone suppresses)")
     neuron.set_defaults(func=cmd_neuron)

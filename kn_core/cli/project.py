@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+
+from ..jsonio import dumps
 
 
 def cmd_project_info(args) -> int:
@@ -22,7 +23,7 @@ def cmd_project_info(args) -> int:
     if problems is not None:
         doc["integrity"] = problems or ["ok"]
     if args.json:
-        print(json.dumps(doc))
+        print(dumps(doc))
     else:
         print(f"{doc['file']}: project {doc['name']!r}, schema v{doc['schema_version']}, "
               f"last written by {doc['app_version']}, {doc['file_bytes'] / 1e6:.1f} MB")
@@ -41,7 +42,7 @@ def cmd_project_export(args) -> int:
     except ProjectError as exc:
         return _fail(args, exc)
     if args.json:
-        print(json.dumps({"ok": True, "file": args.file, "out": args.out, "written": written}))
+        print(dumps({"ok": True, "file": args.file, "out": args.out, "written": written}))
     else:
         for name, n in written.items():
             print(f"{args.out}/{name}: {n}")
@@ -57,7 +58,7 @@ def cmd_project_recover(args) -> int:
         return _fail(args, exc)
     ok = report["integrity"] == ["ok"]
     if args.json:
-        print(json.dumps({"ok": ok, **report}))
+        print(dumps({"ok": ok, **report}))
     else:
         print(f"{args.file}: {report['wal_bytes'] / 1e6:.1f} MB of saved changes copied from its -wal; integrity: "
               + "; ".join(report["integrity"]) + f"; {report['counts']['facts']} facts, {report['counts']['runs']} runs")
@@ -66,7 +67,7 @@ def cmd_project_recover(args) -> int:
 
 def _fail(args, exc) -> int:
     if getattr(args, "json", False):
-        print(json.dumps({"ok": False, "error": str(exc), "error_type": type(exc).__name__}))
+        print(dumps({"ok": False, "error": str(exc), "error_type": type(exc).__name__}))
     print(f"error: {exc}", file=sys.stderr)
     return 2
 

@@ -15,13 +15,15 @@ def cmd_reproduce(args) -> int:
     relations = [r.strip() for r in args.relations.split(",") if r.strip()] if args.relations else None
     with progress_bar("reproduce") as task:
         report = run_reproduce(lm, factset, Path(args.out), relations, args.facts_per_relation, args.seed,
-                               args.steps, args.prompts_per_fact, args.select, args.control_prompts, say=say,
+                               args.steps, args.prompts_per_fact, args.select, args.control_prompts,
+                               causal_templates=args.causal_templates, keep_massive=args.keep_massive, say=say,
                                task=task)
     sa = report.get("suppress_amplify", {}).get("average", {})
     doc = {"out": str(args.out), "status": report["status"], "report": str(Path(args.out) / "report.json"),
            "suppress": sa.get("knowledge", {}).get("suppress", {}).get("own"),
            "amplify": sa.get("knowledge", {}).get("amplify", {}).get("own"),
-           "seconds": report["timings"].get("total")}
+           "seconds": report["timings"].get("total"), "selection": report.get("selection"),
+           "left_out": report.get("left_out")}
     emit(args, doc, (Path(args.out) / "report.md").read_text())
     return 0
 
@@ -29,7 +31,7 @@ def cmd_reproduce(args) -> int:
 def add_commands(sub) -> None:
     rep = sub.add_parser("reproduce", parents=[COMMON], help="the paper's experiments with controls")
     rep.add_argument("--facts", default="builtin", help="'builtin' or a PARAREL folder / .csv / .jsonl")
-    rep.add_argument("--relations", help="comma-separated relation ids (default: 3 relations)")
+    rep.add_argument("--relations", help="comma-separated relation ids, or 'all' (default: 3 relations)")
     rep.add_argument("--facts-per-relation", type=int, default=10)
     rep.add_argument("--seed", type=int, default=0)
     rep.add_argument("--steps", type=int, default=20, help="integration steps (paper: 20)")
@@ -37,5 +39,10 @@ def add_commands(sub) -> None:
     rep.add_argument("--select", choices=["known", "random"], default="known",
                      help="known: the facts the model answers best; random: a seeded sample")
     rep.add_argument("--control-prompts", type=int, default=20, help="prompts sampled per control group")
+    rep.add_argument("--causal-templates", choices=["prefix", "end-only"], default="prefix",
+                     help="causal models: prefix uses the text before [Y] of every template; end-only only "
+                          "templates that end in [Y]")
+    rep.add_argument("--keep-massive", action="store_true",
+                     help="keep massive/unspecific neurons in refined and relation-level neurons (default: left out)")
     rep.add_argument("--out", required=True, help="folder for report.json, report.md and the figures")
     rep.set_defaults(func=cmd_reproduce)

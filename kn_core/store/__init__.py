@@ -3,7 +3,7 @@
 Only this package talks to SQLite. The CLI and the GUI use `Project` methods with plain Python data.
 Modules: `records` (what goes in and comes out), `database` (SQLite: checks, connection, errors, create/upgrade),
 `project` (the `Project` facade) with `runs` (attribution runs and arrays), `export`, `codec`, `schema`,
-`migrations`, `errors`.
+`migrations`, `errors`, `topscores` (compact score storage).
 """
 
 from .codec import decode_array, encode_array
@@ -37,13 +37,14 @@ from .records import (
     record_to_dict,
 )
 from .runs import RunRecorder
+from .topscores import ScoresTooCoarseError, TopScores
 from .schema import APPLICATION_ID, SCHEMA_VERSION
 
 __all__ = [
     "APPLICATION_ID", "SCHEMA_VERSION", "SUFFIX",
     "Project", "create_project", "open_project", "open_or_create_project", "recover_project", "export_project",
     "HistoryCheck", "library_versions", "record_to_dict",
-    "encode_array", "decode_array", "RunRecorder",
+    "encode_array", "decode_array", "RunRecorder", "TopScores", "ScoresTooCoarseError",
     "RelationRecord", "FactRecord", "ModelRecord", "PromptRecord", "RunRecord", "NeuronSetRecord", "EvaluationRecord",
     "ProjectError", "ProjectNotFoundError", "ProjectExistsError", "NotAProjectError", "CorruptProjectError",
     "ProjectVersionError", "ProjectLockedError", "ProjectReadOnlyError", "ProjectDiskFullError",

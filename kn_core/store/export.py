@@ -14,6 +14,7 @@ import numpy as np
 from .errors import ProjectError
 from .project import Project, open_project
 from .records import record_to_dict
+from .topscores import TopScores
 
 
 # what one export writes: an existing folder holding only these (an earlier export) is replaced
@@ -122,8 +123,13 @@ def _write_all(proj: Project, out: Path, with_arrays: bool) -> dict[str, int]:
                         k += 1
                         file = f"{stem}-{k}.npy"
                     used.add(file)
-                    np.save(out / "arrays" / file, proj.load_array(run.id, p.prompt_index, name),
-                            allow_pickle=False)
+                    stored = proj.load_stored(run.id, p.prompt_index, name)
+                    if isinstance(stored, TopScores):  # indices into the flattened shape, values, what was kept
+                        np.savez(out / "arrays" / file.replace(".npy", ".top.npz"), shape=np.array(stored.shape),
+                                 indices=stored.indices, values=stored.values,
+                                 bound=stored.bound, floor=stored.floor, guard=stored.guard)
+                    else:
+                        np.save(out / "arrays" / file, stored, allow_pickle=False)
     _json(out / "runs.json", runs)
     _csv(out / "runs.csv", ["id", "fact_id", "model_id", "method", "status", "started_at", "finished_at",
                             "elapsed_s", "n_prompts", "n_done", "params"],

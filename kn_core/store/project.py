@@ -9,21 +9,23 @@ committed before the crash stays).
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Text, delete, func, select, type_coerce, update
 from sqlalchemy.orm import Session
 
 from . import database, records, schema
-from .codec import ArrayCodecError, decode_array
+from .codec import ArrayCodecError
 from .errors import ProjectDataError, ProjectDiskFullError
 from .records import (
     EvaluationRecord,
     FactRecord,
     HistoryCheck,
+    JsonMemo,
     ModelRecord,
     NeuronSetRecord,
     RelationRecord,
@@ -33,7 +35,7 @@ from .records import (
     neuron_list,
     now,
 )
-from .runs import INTERRUPTED, RunStore
+from .runs import INTERRUPTED, RunStore, decode_stored
 from .schema import (
     EditRow,
     EvaluationRow,
@@ -188,11 +190,11 @@ class Project(RunStore):
         with self._session("checking integrity") as s:
             rows = s.connection().exec_driver_sql("PRAGMA integrity_check").all()
             problems += [r[0] for r in rows if r[0] != "ok"]
-            for rid, run_id, idx, name, crc, blob, codec in s.execute(select(
+            for rid, run_id, idx, name, crc, blob, codec, shape in s.execute(select(
                     ScoreArrayRow.id, ScoreArrayRow.run_id, ScoreArrayRow.prompt_index, ScoreArrayRow.name,
-                    ScoreArrayRow.crc32, ScoreArrayRow.data, ScoreArrayRow.codec)):
+                    ScoreArrayRow.crc32, ScoreArrayRow.data, ScoreArrayRow.codec, ScoreArrayRow.shape)):
                 try:
-                    decode_array(blob, crc, codec)
+                    decode_stored(blob, crc, codec, shape)
                 except ArrayCodecError as exc:
                     problems.append(f"run {run_id} prompt {idx} {name}: {exc}")
         return problems
@@ -355,13 +357,15 @@ class Project(RunStore):
     def list_facts(self, relation=None) -> list[FactRecord]:
         with self._session("listing facts") as s:
             q = (select(FactRow.id, FactRow.relation_id, RelationRow.key, FactRow.subject, FactRow.object,
-                        FactRow.info).join(RelationRow, RelationRow.id == FactRow.relation_id).order_by(FactRow.id))
+                        type_coerce(FactRow.info, Text))
+                 .join(RelationRow, RelationRow.id == FactRow.relation_id).order_by(FactRow.id))
             if relation is not None:
                 try:
                     q = q.where(FactRow.relation_id == self._relation_id(s, relation, create=False))
                 except ProjectDataError:
                     return []
-            return [FactRecord(*row) for row in s.execute(q)]
+            decode = JsonMemo()
+            return [FactRecord(*row[:5], decode(row[5])) for row in s.execute(q)]
 
     def get_fact(self, fact_id: int) -> FactRecord:
         with self._session("reading a fact") as s:
@@ -410,7 +414,10 @@ class Project(RunStore):
 
     def list_neuron_sets(self, kind: str | None = None, fact=None, relation=None) -> list[NeuronSetRecord]:
         with self._session("listing neuron sets") as s:
-            q = select(NeuronSetRow).order_by(NeuronSetRow.id)
+            raw = [type_coerce(c, Text) for c in (NeuronSetRow.neurons, NeuronSetRow.params, NeuronSetRow.run_ids)]
+            q = select(NeuronSetRow.id, NeuronSetRow.name, NeuronSetRow.kind, *raw, NeuronSetRow.fact_id,
+                       NeuronSetRow.relation_id, NeuronSetRow.model_id, NeuronSetRow.prompt_index,
+                       NeuronSetRow.created_at, NeuronSetRow.note).order_by(NeuronSetRow.id)
             if kind is not None:
                 q = q.where(NeuronSetRow.kind == kind)
             try:
@@ -420,7 +427,12 @@ class Project(RunStore):
                     q = q.where(NeuronSetRow.relation_id == self._relation_id(s, relation, create=False))
             except ProjectDataError:
                 return []
-            return [self._set_record(r) for r in s.scalars(q)]
+            decode = JsonMemo()  # columns and memoized JSON, as list_runs: tens of thousands of sets stay fast
+            return [NeuronSetRecord(set_id, name, kind_, tuple((int(a), int(b)) for a, b in json.loads(neurons)),
+                                    decode(params), fact_id, relation_id, model_id, tuple(decode(run_ids) or ()),
+                                    prompt_index, created, note)
+                    for set_id, name, kind_, neurons, params, run_ids, fact_id, relation_id, model_id, prompt_index,
+                    created, note in s.execute(q)]
 
     def get_neuron_set(self, set_id: int) -> NeuronSetRecord:
         with self._session("reading a neuron set") as s:

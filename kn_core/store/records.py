@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import json
 import platform
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -85,6 +86,27 @@ class PromptRecord:
     completeness: list | None
     seconds: float | None
     arrays: tuple[str, ...] = ()  # names of the stored arrays ("scores", "activations")
+
+
+class JsonMemo:
+    """Decodes stored JSON text once per distinct text (the runs of one fact-set attribution share their
+    parameters and library versions, which makes listing 27,600 runs several times faster). Every call returns
+    its own object: flat dicts and lists are copied, anything nested is decoded afresh."""
+
+    def __init__(self):
+        self._flat: dict[str, Any] = {}
+
+    def __call__(self, text):
+        if text is None:
+            return None
+        hit = self._flat.get(text)
+        if hit is None:
+            value = json.loads(text)
+            items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+            if items is None or any(isinstance(v, (dict, list)) for v in items):
+                return value
+            self._flat[text] = hit = value
+        return dict(hit) if isinstance(hit, dict) else list(hit)
 
 
 @dataclass(frozen=True)

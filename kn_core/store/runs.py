@@ -7,28 +7,57 @@ import contextlib
 import dataclasses
 import re
 import time
+import zlib
 from datetime import datetime
 from typing import Any, Iterable, Iterator
 
 import numpy as np
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Text, delete, func, select, text, type_coerce, update
 from sqlalchemy.orm import Session
 
 from . import records
 from .codec import CODEC, ArrayCodecError, decode_array, encode_array
 from .errors import CorruptProjectError, ProjectDataError, ProjectError
-from .records import PromptRecord, RunRecord, get_field, jsonable, model_fields, now, prompt_dict, to_numpy
+from .records import JsonMemo, PromptRecord, RunRecord, get_field, jsonable, model_fields, now, prompt_dict, to_numpy
 from .schema import ModelRow, RunPromptRow, RunRow, ScoreArrayRow
+from .topscores import DEFAULT_FLOOR, DEFAULT_GUARD, TOP_CODEC, TopScores, decode_top, encode_top
 
 # array names become file names in exports: one plain name part
 _ARRAY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 INTERRUPTED = "the process stopped before this run finished (killed, crashed or powered off)"
+SCORE_STORAGE = "store.scores"  # the setting: {"form": full|float16|top, "floor": .., "guard": ..}
+STORAGE_FORMS = ("full", "float16", "top")
+_DONE_INDEX = "CREATE INDEX IF NOT EXISTS ix_run_prompts_run_done ON run_prompts (run_id, done)"
 
 
 class RunStore:
     """Mixed into `Project`: attribution runs (started, one prompt per transaction, finished) and their arrays."""
 
     _clock: dict[int, float]  # run id -> time.monotonic() at start_run in this process
+    _storage: dict | None = None  # the score storage setting, cached: while we write, nobody else can change it
+
+    # -- how score arrays are stored (a project setting, read at every save)
+    def set_score_storage(self, form: str = "full", floor: float = DEFAULT_FLOOR, guard: int = DEFAULT_GUARD) -> None:
+        """How later prompt results store their `scores`: "full" (float32 as computed), "float16" (every array at
+        half precision, lossy) or "top" (per prompt the top scores only, exact for coarse selection at any
+        t >= floor with up to `guard` excluded neurons; see topscores.py; other arrays at float16). Arrays
+        already stored keep their form."""
+        if form not in STORAGE_FORMS:
+            raise ProjectDataError(self.path, f"unknown score storage {form!r}", "use full, float16 or top")
+        if not (isinstance(floor, (int, float)) and 0 < floor <= 1):
+            raise ProjectDataError(self.path, f"score storage floor {floor!r} is outside (0, 1]",
+                                   "use the smallest t you will want, e.g. 0.1")
+        if not (isinstance(guard, int) and 0 <= guard <= 4096):
+            raise ProjectDataError(self.path, f"score storage guard {guard!r} is outside 0..4096",
+                                   "use how many flagged neurons may be excluded, e.g. 16")
+        self._storage = None
+        self.set_setting(SCORE_STORAGE, {"form": form, "floor": float(floor), "guard": int(guard)})
+
+    def score_storage(self) -> dict:
+        if self._storage is None:
+            self._storage = self.get_setting(SCORE_STORAGE, None) or {"form": "full", "floor": DEFAULT_FLOOR,
+                                                                      "guard": DEFAULT_GUARD}
+        return dict(self._storage)
 
     # -- attribution runs
     def start_run(self, fact=None, prompts: Iterable = (), params: dict | Any = None, model=None,
@@ -42,6 +71,7 @@ class RunStore:
         if not device and model is not None and not isinstance(model, (int, dict)) and hasattr(model, "device"):
             device = str(model.device)
         with self._session("starting a run", write=True) as s:
+            s.execute(text(_DONE_INDEX))  # files created before the index existed get it with their next run
             row = RunRow(fact_id=None if fact is None else self._fact_id(s, fact, relation),
                          model_id=self._model_id(s, model), method=method or str(params.get("method", "ig")),
                          params=params, library_versions=library_versions or records.library_versions(),
@@ -77,12 +107,18 @@ class RunStore:
             if not isinstance(name, str) or not _ARRAY_NAME.fullmatch(name) or ".." in name:
                 raise ProjectDataError(self.path, f"bad array name {name!r}",
                                        "use 1-64 letters, digits, '_', '-' or '.' (not leading, no '..')")
+        storage = self.score_storage()
+        float16 = float16 or storage["form"] != "full"
         encoded = {}
         for name, arr in arrays.items():
             arr = to_numpy(arr)
+            if name == "scores" and storage["form"] == "top":
+                top = TopScores.compress(arr, storage["floor"], storage["guard"])
+                encoded[name] = (list(arr.shape), str(arr.dtype), *encode_top(top), TOP_CODEC)
+                continue
             blob, crc = encode_array(arr, float16=float16)
             encoded[name] = (list(arr.shape), str(np.float16 if float16 and arr.dtype.kind == "f" else arr.dtype),
-                             blob, crc)
+                             blob, crc, CODEC)
         with self._session(f"saving run {run_id} prompt {prompt_index}", write=True) as s:
             pr = s.scalar(select(RunPromptRow).where(RunPromptRow.run_id == run_id,
                                                      RunPromptRow.prompt_index == prompt_index))
@@ -98,9 +134,9 @@ class RunStore:
             pr.completeness = None if completeness is None else jsonable(completeness)
             s.execute(delete(ScoreArrayRow).where(ScoreArrayRow.run_id == run_id,
                                                   ScoreArrayRow.prompt_index == prompt_index))
-            for name, (shape, dtype, blob, crc) in encoded.items():
+            for name, (shape, dtype, blob, crc, codec) in encoded.items():
                 s.add(ScoreArrayRow(run_id=run_id, prompt_index=prompt_index, name=name, shape=shape,
-                                    dtype=dtype, codec=CODEC, crc32=crc, nbytes=len(blob), data=blob))
+                                    dtype=dtype, codec=codec, crc32=crc, nbytes=len(blob), data=blob))
 
     def finish_run(self, run_id: int, status: str = "done", error: str = "", elapsed_s: float | None = None) -> None:
         """Marks a run done / cancelled / failed. `elapsed_s` defaults to the time since start_run (this
@@ -140,12 +176,18 @@ class RunStore:
         done = dict(s.execute(select(RunPromptRow.run_id, func.count()).where(RunPromptRow.done.is_(True))
                               .group_by(RunPromptRow.run_id)).all())
         out = []
-        for r in s.scalars(select(RunRow).where(*where).order_by(RunRow.id)):
-            status = "interrupted" if (self.read_only and r.status == "running") else r.status
-            error = INTERRUPTED if status != r.status else r.error
-            out.append(RunRecord(r.id, r.fact_id, r.model_id, r.method, r.params, r.library_versions, r.device,
-                                 status, error, r.started_at, r.finished_at, r.elapsed_s, r.n_prompts,
-                                 done.get(r.id, 0), r.info))
+        decode = JsonMemo()
+        raw = [type_coerce(c, Text) for c in (RunRow.params, RunRow.library_versions, RunRow.info)]
+        # columns, not ORM objects, and JSON decoded once per distinct text: listing 27,600 runs stays fast
+        for (run_id, fact_id, model_id, method, params, versions, device, status, error, started, finished,
+             elapsed, n_prompts, info) in s.execute(
+                select(RunRow.id, RunRow.fact_id, RunRow.model_id, RunRow.method, raw[0], raw[1], RunRow.device,
+                       RunRow.status, RunRow.error, RunRow.started_at, RunRow.finished_at, RunRow.elapsed_s,
+                       RunRow.n_prompts, raw[2]).where(*where).order_by(RunRow.id)):
+            shown = "interrupted" if (self.read_only and status == "running") else status
+            out.append(RunRecord(run_id, fact_id, model_id, method, decode(params), decode(versions), device, shown,
+                                 INTERRUPTED if shown != status else error, started, finished, elapsed, n_prompts,
+                                 done.get(run_id, 0), decode(info)))
         return out
 
     def list_runs(self, fact=None, status: str | None = None) -> list[RunRecord]:
@@ -203,9 +245,10 @@ class RunStore:
                                                .order_by(RunPromptRow.prompt_index)))
             return dataclasses.replace(recs[0], prompts=prompts)
 
-    def load_array(self, run_id: int, prompt_index: int, name: str = "scores") -> np.ndarray:
+    def load_stored(self, run_id: int, prompt_index: int, name: str = "scores") -> np.ndarray | TopScores:
+        """One array as stored: a numpy array, or a TopScores for scores saved in the "top" form."""
         with self._session("reading a score array") as s:
-            row = s.execute(select(ScoreArrayRow.data, ScoreArrayRow.crc32, ScoreArrayRow.codec)
+            row = s.execute(select(ScoreArrayRow.data, ScoreArrayRow.crc32, ScoreArrayRow.codec, ScoreArrayRow.shape)
                             .where(ScoreArrayRow.run_id == run_id, ScoreArrayRow.prompt_index == prompt_index,
                                    ScoreArrayRow.name == name)).first()
             if row is None:
@@ -213,21 +256,41 @@ class RunStore:
                                        "get_run() lists what each prompt holds")
             return self._decode(row, f"run {run_id} prompt {prompt_index} {name}")
 
+    def load_array(self, run_id: int, prompt_index: int, name: str = "scores") -> np.ndarray:
+        return self._dense_only(self.load_stored(run_id, prompt_index, name), run_id)
+
+    def load_top_scores(self, run_id: int, name: str = "scores") -> dict[int, TopScores]:
+        """{prompt_index: TopScores} for every prompt of the run with the named array, whatever its stored form
+        (a full array is a TopScores keeping everything): what coarse/refined selection over stored runs reads
+        (`topscores.refined_neurons(list(...values()), t, p, exclude)`)."""
+        return {idx: a if isinstance(a, TopScores) else TopScores.keep_all(a)
+                for idx, a in self._load_all(run_id, name).items()}
+
     def load_scores(self, run_id: int, name: str = "scores") -> dict[int, np.ndarray]:
-        """{prompt_index: array} for every prompt of the run that has the named array."""
+        """{prompt_index: array} for every prompt of the run that has the named array (full arrays only)."""
+        return {idx: self._dense_only(a, run_id) for idx, a in self._load_all(run_id, name).items()}
+
+    def _load_all(self, run_id: int, name: str) -> dict[int, np.ndarray | TopScores]:
         with self._session("reading score arrays") as s:
             if s.get(RunRow, run_id) is None:
                 raise ProjectDataError(self.path, f"no run with id {run_id}", "list the runs to see their ids")
             rows = s.execute(select(ScoreArrayRow.prompt_index, ScoreArrayRow.data, ScoreArrayRow.crc32,
-                                    ScoreArrayRow.codec)
+                                    ScoreArrayRow.codec, ScoreArrayRow.shape)
                              .where(ScoreArrayRow.run_id == run_id, ScoreArrayRow.name == name)
                              .order_by(ScoreArrayRow.prompt_index)).all()
-            return {idx: self._decode((data, crc, codec), f"run {run_id} prompt {idx} {name}")
-                    for idx, data, crc, codec in rows}
+            return {idx: self._decode((data, crc, codec, shape), f"run {run_id} prompt {idx} {name}")
+                    for idx, data, crc, codec, shape in rows}
 
-    def _decode(self, row, what: str) -> np.ndarray:
+    def _dense_only(self, array, run_id: int) -> np.ndarray:
+        if isinstance(array, TopScores):
+            raise ProjectDataError(self.path, f"run {run_id} stores only its top scores (>= {array.floor} x the "
+                                   f"{array.guard + 1}th largest), not the full array",
+                                   "read them with load_top_scores(), or re-run into a project storing full scores")
+        return array
+
+    def _decode(self, row, what: str) -> np.ndarray | TopScores:
         try:
-            return decode_array(*row)
+            return decode_stored(*row)
         except ArrayCodecError as exc:
             raise CorruptProjectError(self.path, f"{what}: {exc}",
                                       "re-run that attribution, or restore the project from a backup copy") from exc
@@ -240,6 +303,19 @@ class RunStore:
             s.execute(delete(ScoreArrayRow).where(ScoreArrayRow.run_id == run_id))
             s.execute(delete(RunPromptRow).where(RunPromptRow.run_id == run_id))
             s.execute(delete(RunRow).where(RunRow.id == run_id))
+
+
+def decode_stored(data: bytes, crc: int | None, codec: str, shape) -> np.ndarray | TopScores:
+    """A stored array's bytes back to a numpy array or TopScores; ArrayCodecError when damaged."""
+    if codec != TOP_CODEC:
+        return decode_array(data, crc, codec)
+    blob = bytes(data)
+    if crc is not None and zlib.crc32(blob) != crc:
+        raise ArrayCodecError("stored array fails its CRC-32 check")
+    try:
+        return decode_top(zlib.decompress(blob), shape)
+    except Exception as exc:  # zlib.error, ValueError from a bad npy header or shape
+        raise ArrayCodecError(f"stored top scores cannot be decoded ({exc})") from exc
 
 
 class RunRecorder:

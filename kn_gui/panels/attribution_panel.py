@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt, QTimer, Signal
-from PySide6.QtWidgets import (QAbstractSpinBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, QLabel,
+from PySide6.QtWidgets import (QAbstractSpinBox, QComboBox, QDoubleSpinBox, QGroupBox, QLabel,
                                QSlider, QSpinBox, QSplitter, QTabWidget, QWidget)
 
 from .common import TableView, button, fmt_prob, hbox, hint, vbox
@@ -163,9 +163,11 @@ class AttributionPanel(QWidget):
         self.hist_plot.addItem(self.hist_bars)
         self.hist_plot.setXLink(self.layer_plot)
         for plot in (self.layer_plot, self.hist_plot):
+            plot.setTitle(plot.titleLabel.text, size="9pt")
+            plot.getAxis("left").setStyle(maxTickLevel=1)
             plot.getAxis("left").enableAutoSIPrefix(False)
             plot.getAxis("left").setWidth(48)
-        self.layer_widget.setMinimumHeight(120)
+        self.layer_widget.setMinimumHeight(140)
 
         self.colormap = pg.colormap.get("CET-D1")
         self.heat_widget = NeuronMap(self.colormap)
@@ -525,7 +527,3 @@ class AttributionPanel(QWidget):
         tip = "" if has_model else " \u2014 load a model first"
         self.run_button.setToolTip("Integrated gradients over every FFN neuron, for all prompts of the current "
                                    "fact" + tip)
-
-    # ----------------------------------------------------------------- export
-    def plot_items(self) -> dict:
-        return {"layers": self.layer_widget.scene(), "heatmap": self.heat_plot, "prompts": self.prompt_plot}

@@ -124,6 +124,7 @@ class EditsPanel(QWidget):
         split.setStretchFactor(1, 3)
         self.setLayout(vbox(split, margins=(4, 4, 4, 4)))
         self.refresh_targets()
+        self.show_report(None)
 
     def _page_suppress(self):
         w = QWidget()
@@ -254,6 +255,8 @@ class EditsPanel(QWidget):
     def show_report(self, report: dict | None):
         self.table.clear_rows()
         self.table.context = []
+        for col in (7, 8, 9):  # p(o') and the goal: shown for updates only
+            self.table.setColumnHidden(col, True)
         self.result_warning.hide()
         self.attribute_button.hide()
         if not report:

@@ -62,6 +62,7 @@ class NeuronMap(pg.GraphicsLayoutWidget):
         super().__init__(parent)
         self.plot = self.addPlot(title=LEGEND,
                                  axisItems={"left": CellAxis("left"), "bottom": CellAxis("bottom")})
+        self.plot.setTitle(LEGEND, size="9pt")
         self.plot.setLabel("bottom", "neuron")
         self.plot.setLabel("left", "layer")
         for axis in ("left", "bottom"):

@@ -284,6 +284,9 @@ class NeuronsPanel(QWidget):
         vector = "\u2212v" if sign < 0 else "+v"
         self.inspect_tabs.setTabText(0, f"Promotes ({vector})")
         self.inspect_tabs.setTabText(1, f"Suppresses ({vector})")
+        labels = (tokens or {}).get("labels") or {}
+        self.inspect_tabs.setTabToolTip(0, labels.get("promotes", f"what {vector} writes toward"))
+        self.inspect_tabs.setTabToolTip(1, labels.get("suppresses", f"what {vector} writes away from"))
         self.sign_line.setText(f"Sign used: {'negative' if sign < 0 else 'positive'} ({source}). The lists rank "
                                f"the tokens that {vector} writes toward and away from through the vocabulary head; "
                                "the prompts are ranked by the activation in that direction.")
@@ -299,7 +302,7 @@ class NeuronsPanel(QWidget):
         """(+1 or -1, where it came from)."""
         if tokens is not None and tokens.get("sign") is not None:
             sign = -1 if tokens["sign"] < 0 else 1
-            return sign, tokens.get("sign_source") or "from the engine"
+            return sign, tokens.get("sign_source") or "the engine's: its mean activation on the fact's prompts"
         run = getattr(self, "run", None)
         acts = run.mean_activations() if run is not None and run.scores else None
         if acts is not None and layer < acts.shape[0] and neuron < acts.shape[1]:

@@ -1,0 +1,451 @@
+"""The reproduction's pipeline: select facts, attribute them (cached), find knowledge neurons, run the paper's
+experiments with controls. The report (markdown, JSON, figures) is written by ``report.py``.
+
+1. Selection (``select_facts``): per relation, a seeded random order of its facts; facts are rendered in that
+   order until enough have at least ``min_prompts`` usable prompts (``sample_factor`` x the facts needed with
+   ``select="known"``, which then keeps the ones the model answers best; exactly the facts needed with
+   ``select="random"``). "Known" is judged on each sampled fact's first ``check_prompts`` (3) prompts: enough to
+   tell a fact the model knows from one it does not, at a fraction of the cost of every paraphrase (scoring
+   all prompts of every fact took ~40 of 50 minutes on five PARAREL relations). Every template, fact and
+   relation that is left out keeps its reason.
+2. Attribution of every prompt, cached under OUT/cache per prompt, so an interrupted run resumes where it
+   stopped; the activation baseline likewise.
+3. Refined neurons per fact with p adapted per relation, as in the paper.
+4. Neuron statistics, activation by prompt, suppress/amplify, update and erase, each beside its controls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import evaluation as ev
+from .. import experiments as ex
+from ..facts import CAUSAL_TEMPLATES, render_prompts
+from ..tasks import Cancelled, Task, as_task
+from ..jsonio import dumps
+from .report import PAPER, render_markdown, write_report
+
+MIN_PROMPTS = 3  # refinement keeps neurons coarse in at least max(p * n, 3) prompts
+SELECT_MODES = ("known", "random")
+
+
+def _say(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr, flush=True)
+
+
+def _versions() -> dict:
+    from ..store import library_versions
+
+    return {**library_versions(), "platform": platform.platform()}
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Selection
+# --------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Selection:
+    """The chosen facts with their prompts, what was checked per relation, and everything left out."""
+    chosen: dict = field(default_factory=dict)        # relation -> [(fact, prompts)]
+    relations: dict = field(default_factory=dict)     # relation -> summary (facts, checked, chosen, templates)
+    left_out: dict = field(default_factory=lambda: {"relations": [], "templates": [], "facts": []})
+
+
+def _relation_rng(seed: int, rid: str) -> np.random.Generator:
+    # Seeded per relation, so a relation's sample does not depend on which other relations run beside it.
+    return np.random.default_rng([seed, zlib.crc32(rid.encode("utf-8"))])
+
+
+def _known_scores(lm, rid, candidates, check_prompts: int, cache: Path | None,
+                  task: Task) -> list[tuple[float, float]]:
+    """(accuracy, mean probability) of each candidate fact over its first ``check_prompts`` prompts, cached per
+    relation sample."""
+    candidates = [(fact, ps[:check_prompts]) for fact, ps in candidates]
+    prompts = [p for _, ps in candidates for p in ps]
+    path = None
+    if cache is not None:
+        path = cache / f"select-{_key(lm.sha256, rid, [[p.text, list(p.answer_ids)] for p in prompts])}.json"
+        if path.exists():
+            rows = json.loads(path.read_text())
+            return [tuple(r) for r in rows]
+    probs = ev.answer_probabilities(lm, prompts, batch_size=32, task=task)
+    rows, at = [], 0
+    for _, ps in candidates:
+        chunk = probs[at:at + len(ps)]
+        at += len(ps)
+        rows.append((float(np.mean([r["correct"] for r in chunk])), float(np.mean([r["prob"] for r in chunk]))))
+    if path is not None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rows))
+        tmp.replace(path)
+    return rows
+
+
+def _select_relation(lm, factset, rid, sel: Selection, facts_per_relation, select, seed, min_prompts,
+                     prompts_per_fact, causal_templates, sample_factor, check_prompts, cache, task) -> None:
+    relation = factset.relation(rid)
+    facts = factset.facts_of(rid)
+    budget = facts_per_relation * (sample_factor if select == "known" else 1)
+    template_reasons: dict[str, Counter] = {}
+    candidates, rendered = [], 0
+    for k in _relation_rng(seed, rid).permutation(len(facts)):
+        if len(candidates) >= budget:
+            break
+        fact = facts[k]
+        prompts, skipped = render_prompts(fact, relation, lm.tokenizer, lm.kind, causal_templates)
+        rendered += 1
+        for s in skipped:
+            template_reasons.setdefault(s.template, Counter())[s.reason] += 1
+        if prompts_per_fact:
+            prompts = prompts[:prompts_per_fact]
+        if len(prompts) >= min_prompts:
+            candidates.append((fact, prompts))
+        else:
+            sel.left_out["facts"].append({
+                "relation": rid, "subject": fact.subject, "object": fact.object,
+                "reason": f"{len(prompts)} usable prompt(s); refinement needs at least {min_prompts}"})
+    for template, reasons in template_reasons.items():
+        for reason, n in reasons.items():
+            sel.left_out["templates"].append({"relation": rid, "template": template, "reason": reason,
+                                              "facts": n, "of_facts": rendered})
+    summary = {"facts": len(facts), "rendered": rendered, "checked": 0, "chosen": 0,
+               "templates": len(relation.templates),
+               "templates_used_by_every_fact": len(relation.templates) - len(template_reasons),
+               "prompts_per_fact": [len(ps) for _, ps in candidates]}
+    sel.relations[rid] = summary
+    if not candidates:
+        reason = (f"the relation has no facts" if not facts else
+                  f"none of the {rendered} facts has {min_prompts} usable prompts for a {lm.kind} model "
+                  f"(templates left out are listed with their reasons)")
+        sel.left_out["relations"].append({"relation": rid, "reason": reason})
+        return
+    if select == "known":
+        scores = _known_scores(lm, rid, candidates, check_prompts, cache, task)
+        summary["checked"] = len(candidates)
+        order = sorted(range(len(candidates)), key=lambda k: (-scores[k][0], -scores[k][1], k))
+        for k in order[facts_per_relation:]:
+            fact = candidates[k][0]
+            sel.left_out["facts"].append({
+                "relation": rid, "subject": fact.subject, "object": fact.object,
+                "reason": f"checked, answered less well than the {facts_per_relation} chosen "
+                          f"(accuracy {scores[k][0]:.2f}, mean p {scores[k][1]:.3g})"})
+        summary["chosen_accuracy"] = float(np.mean([scores[k][0] for k in order[:facts_per_relation]]))
+    else:
+        order = list(range(len(candidates)))
+    sel.chosen[rid] = [candidates[k] for k in order[:facts_per_relation]]
+    summary["chosen"] = len(sel.chosen[rid])
+    summary["prompts_per_fact"] = [len(ps) for _, ps in sel.chosen[rid]]
+    if summary["chosen"] < facts_per_relation:
+        summary["note"] = (f"only {summary['chosen']} of the {facts_per_relation} facts asked for have "
+                           f"{min_prompts} usable prompts")
+
+
+def select_facts(lm, factset, relations, facts_per_relation: int, select: str = "known", seed: int = 0,
+                 min_prompts: int = MIN_PROMPTS, prompts_per_fact: int | None = None,
+                 causal_templates: str = "prefix", sample_factor: int = 5, check_prompts: int = 3,
+                 cache: Path | None = None, task: Task | None = None) -> Selection:
+    """Chooses up to ``facts_per_relation`` facts per relation (see the module notes); nothing is dropped
+    without a reason in ``Selection.left_out``. ``select="known"`` checks at most ``sample_factor`` x
+    ``facts_per_relation`` facts per relation (a seeded random sample), never every fact, each on its first
+    ``check_prompts`` prompts."""
+    if select not in SELECT_MODES:
+        raise ValueError(f"unknown select {select!r}; use 'known' or 'random'")
+    task = as_task(task)
+    sel = Selection()
+    for n, rid in enumerate(relations):
+        task.check()
+        task.progress(n / max(len(relations), 1), f"selecting facts: {rid} ({n + 1}/{len(relations)})")
+        _select_relation(lm, factset, rid, sel, facts_per_relation, select, seed, min_prompts, prompts_per_fact,
+                         causal_templates, sample_factor, check_prompts, cache,
+                         task.slice(n / len(relations), (n + 1) / len(relations)))
+    task.progress(1.0, "facts selected")
+    return sel
+
+
+# --------------------------------------------------------------------------------------------------------
+# Attribution with a cache
+# --------------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Scores:
+    scores: np.ndarray
+    activations: np.ndarray
+    prob: float
+
+
+def attribute_cached(lm, prompt, params, cache: Path | None, task: Task | None = None) -> _Scores:
+    """One prompt's attribution, read from ``cache`` when an earlier (possibly interrupted) run computed it."""
+    from ..attribution import attribute
+
+    scoring = {k: v for k, v in params.to_dict().items() if k != "share_prompts"}  # sharing never changes scores
+    key = hashlib.sha256(json.dumps([lm.sha256, prompt.text, list(prompt.answer_ids), scoring],
+                                    sort_keys=True).encode()).hexdigest()[:24]
+    path = cache / f"{key}.npz" if cache is not None else None
+    if path is not None and path.exists():
+        with np.load(path) as data:
+            return _Scores(data["scores"], data["activations"], float(data["prob"]))
+    # relay: cancelled with the run; the run reports its own progress per prompt
+    result = attribute(lm, prompt, params, task=task.relay() if task is not None else None)
+    out = _Scores(result.scores, result.activations, result.prob)
+    if path is not None:
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez_compressed(tmp, scores=out.scores, activations=out.activations, prob=np.float64(out.prob))
+        tmp.replace(path)
+    return out
+
+
+def _attribute_all(lm, chosen: dict, params, base_params, cache: Path, task: Task,
+                   counts: dict) -> tuple[dict, dict]:
+    """Every chosen prompt's attribution and activation baseline. Facts go round-robin over the relations (the
+    best-known fact of each relation first), so a run stopped early has covered every relation alike."""
+    total = max(sum(len(ps) for facts in chosen.values() for _, ps in facts), 1)
+    order = [(rid, facts[k]) for k in range(max(map(len, chosen.values()), default=0))
+             for rid, facts in chosen.items() if k < len(facts)]
+    ig, base, done = {}, {}, 0
+    counts.update(prompts=total, done=0)
+    for rid, (fact, prompts) in order:
+        ig[fact], base[fact] = [], []
+        for prompt in prompts:
+            task.check()
+            ig[fact].append(attribute_cached(lm, prompt, params, cache, task))
+            base[fact].append(attribute_cached(lm, prompt, base_params, cache, task))
+            done += 1
+            counts["done"] = done
+            task.progress(done / total, f"attribution: {rid} {fact.subject} ({done}/{total} prompts)")
+    return ig, base
+
+
+# --------------------------------------------------------------------------------------------------------
+# Knowledge neurons
+# --------------------------------------------------------------------------------------------------------
+
+def _knowledge_neurons(chosen: dict, ig: dict, base: dict, t: float, p: float, exclude=()) -> tuple[list, dict]:
+    """Refined neurons per fact (p adapted per relation), never one of ``exclude``; also for the baseline."""
+    from ..neurons import adapt_p, refined_neurons
+
+    records, adapted = [], {}
+    for rid, facts in chosen.items():
+        a = adapt_p([[s.scores for s in ig[f]] for f, _ in facts], t=t, p=p, exclude=exclude)
+        b = adapt_p([[s.scores for s in base[f]] for f, _ in facts], t=0.5, p=p, exclude=exclude)
+        adapted[rid] = {"p": a.p, "mean_neurons": a.mean_neurons, "history": a.history,
+                        "baseline_p": b.p, "baseline_mean_neurons": b.mean_neurons}
+        for fact, prompts in facts:
+            records.append(ex.FactNeurons(
+                fact, prompts, refined_neurons([s.scores for s in ig[fact]], t, a.p, exclude=exclude),
+                refined_neurons([s.scores for s in base[fact]], 0.5, b.p, exclude=exclude),
+                [s.activations for s in ig[fact]]))
+    return records, adapted
+
+
+def _flags(lm, chosen: dict, ig: dict, t: float, task: Task):
+    """Massive and unspecific neurons of this run and the activation statistics they rest on (the run's prompts
+    plus the built-in neutral sentences): ``neurons.run_flags``' steps, kept here because the statistics also
+    give the means for mean-ablation."""
+    from ..neurons import (ActivationStats, answer_activations, fact_coarse_set, flag_massive, neuron_flags,
+                           neutral_sentences)
+
+    run = [s.activations for facts in chosen.values() for f, _ in facts for s in ig[f]]
+    neutral = answer_activations(lm, neutral_sentences(), task)
+    stats = ActivationStats.from_activations(run + neutral,
+                                             source=f"{len(run)} run prompts + {len(neutral)} neutral sentences")
+    massive = flag_massive(stats)
+    coarse = {rid: [fact_coarse_set([s.scores for s in ig[f]], t, massive) for f, _ in facts]
+              for rid, facts in chosen.items()}
+    return neuron_flags(stats, coarse), stats
+
+
+def _neuron_summary(records, adapted, flags, layers: int) -> dict:
+    stats = ex.neuron_statistics([r.neurons for r in records], [r.relation for r in records], layers)
+    flagged = [n for r in records for n in r.neurons if flags.of(n)]
+    return {**stats, "flagged_among_refined": len(flagged), "refined_total": sum(len(r.neurons) for r in records),
+            "adapted_p": {rid: a["p"] for rid, a in adapted.items()}}
+
+
+def knowledge_neurons(lm, chosen: dict, ig: dict, base: dict, t: float, p: float, keep_massive: bool,
+                      task: Task) -> tuple[list, dict]:
+    """The records the experiments use (flagged neurons excluded unless ``keep_massive``) and the report's
+    neuron sections, with the main numbers both ways (flagged neurons excluded and kept)."""
+    flags, stats = _flags(lm, chosen, ig, t, task)
+    excluded, adapted_x = _knowledge_neurons(chosen, ig, base, t, p, flags.excluded)
+    kept, adapted_k = _knowledge_neurons(chosen, ig, base, t, p)
+    records, adapted = (kept, adapted_k) if keep_massive else (excluded, adapted_x)
+    layers = lm.layout.layers
+    part = {
+        "flags": {**flags.to_dict(), "excluded_from_neurons": not keep_massive},
+        "adapted_p": adapted,
+        "facts_detail": [
+            {"relation": r.relation, "subject": r.fact.subject, "object": r.fact.object, "prompts": len(r.prompts),
+             "prob": float(np.mean([s.prob for s in ig[r.fact]])),
+             "neurons": [list(n) for n in r.neurons], "baseline_neurons": [list(n) for n in r.baseline_neurons],
+             "flagged_neurons_when_kept": [list(n) for n in k.neurons if flags.of(n)]}
+            for r, k in zip(records, kept)],
+        "neuron_statistics": ex.neuron_statistics([r.neurons for r in records], [r.relation for r in records], layers),
+        "baseline_neuron_statistics": ex.neuron_statistics([r.baseline_neurons for r in records],
+                                                           [r.relation for r in records], layers),
+        "both_ways": {"flagged_excluded": _neuron_summary(excluded, adapted_x, flags, layers),
+                      "flagged_kept": _neuron_summary(kept, adapted_k, flags, layers)},
+    }
+    return records, {"part": part, "flags": flags, "stats": stats}
+
+
+# --------------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------------
+
+def default_relations(factset, n: int = 3) -> list[str]:
+    preferred = [r for r in ("P36", "P37", "P30", "P19", "P103", "P1412") if r in factset.relations]
+    rest = [r for r in factset.relations if r not in preferred]
+    return (preferred + rest)[:n]
+
+
+def resolve_relations(factset, relations) -> list[str]:
+    """The relation ids to run: ``None`` -> a default three, ``"all"`` -> every relation of the fact set."""
+    if relations is None:
+        return default_relations(factset)
+    if isinstance(relations, str):
+        relations = relations.split(",")
+    out = list(dict.fromkeys(r.strip() for r in relations if r.strip()))
+    if [r.lower() for r in out] == ["all"]:
+        return list(factset.relations)
+    missing = [r for r in out if r not in factset.relations]
+    if missing:
+        raise KeyError(f"no relation {', '.join(missing)} in fact set {factset.name!r}; "
+                       f"it has {', '.join(sorted(factset.relations))}")
+    return out
+
+
+@dataclass
+class _Phases:
+    """Each phase reports into its own slice of the task's bar and records its time."""
+    task: Task
+    say: object
+    timings: dict
+    bounds: dict
+
+    def run(self, name: str, fn):
+        start, end = self.bounds[name]
+        self.say(f"[reproduce] {name}")
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            return fn(self.task.slice(start, end))
+        finally:  # also for a phase that was stopped: the partial report says how long it ran
+            self.timings[name] = time.perf_counter() - t0
+            # CPU seconds beside wall seconds: on a shared machine the wall time says more about the neighbours
+            self.timings[f"{name}_cpu"] = time.process_time() - c0
+
+
+def _new_report(lm, factset, relations, params, base_params, timings: dict, parameters: dict) -> dict:
+    return {
+        "status": "running", "model": lm.describe(), "facts": factset.name, "relations": relations,
+        "parameters": {**parameters, "baseline_t": 0.5, "attribution": params.to_dict(),
+                       "baseline_attribution": base_params.to_dict(), "suppress_scope": "answer",
+                       "amplify_factor": 2.0, "update": {"lambda1": 1.0, "lambda2": 8.0, "exclusion_fraction": 0.1}},
+        "versions": _versions(), "paper": PAPER, "timings": timings,
+    }
+
+
+def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: int = 10, seed: int = 0,
+                  steps: int = 20, prompts_per_fact: int | None = None, select: str = "known",
+                  control_prompts: int = 20, t: float = 0.2, p: float = 0.7, erase_k: int = 20,
+                  erase_fill: str = "zero", *, causal_templates: str = "prefix", sample_factor: int = 5,
+                  check_prompts: int = 3, keep_massive: bool = False, say=_say, task: Task | None = None) -> dict:
+    """Runs the reproduction and writes OUT/report.json, report.md and figures; returns the report. (One
+    function on purpose: the phases read top to bottom, each saving the partial report.)
+    Massive/unspecific neurons (kn_core.neurons) are kept out of refined and relation-level neurons unless
+    ``keep_massive``; the neuron numbers are reported both ways. A
+    cancelled or failed run leaves a partial report.json (status "interrupted ...") and its cache, from which
+    the next run with the same arguments resumes."""
+    from ..attribution import AttributionParams
+
+    if causal_templates not in CAUSAL_TEMPLATES:
+        raise ValueError(f"unknown causal_templates {causal_templates!r}; use 'prefix' or 'end-only'")
+    if select not in SELECT_MODES:
+        raise ValueError(f"unknown select {select!r}; use 'known' or 'random'")
+    relations = resolve_relations(factset, relations)
+    task = as_task(task)
+    out = Path(out)
+    cache = out / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    params = AttributionParams(steps=steps, seed=seed)
+    base_params = AttributionParams(method="activation", seed=seed)
+    report = _new_report(lm, factset, relations, params, base_params, timings, {
+        "facts_per_relation": facts_per_relation, "seed": seed, "select": select, "sample_factor": sample_factor,
+        "check_prompts": check_prompts, "min_prompts": MIN_PROMPTS,
+        "causal_templates": causal_templates if lm.kind == "causal" else None,
+        "prompts_per_fact": prompts_per_fact, "control_prompts": control_prompts, "t": t, "p_start": p,
+        "erase": {"k": erase_k, "fill": erase_fill}, "keep_massive": keep_massive})
+
+    def save():
+        timings["total"] = time.perf_counter() - started
+        (out / "report.json").write_text(dumps(report, indent=2), encoding="utf-8")
+
+    phases = _Phases(task, say, timings, {"select": (0.0, 0.05), "attribution": (0.05, 0.6), "neurons": (0.6, 0.62),
+                                          "activation_by_prompt": (0.62, 0.67), "suppress_amplify": (0.67, 0.8),
+                                          "update": (0.8, 0.92), "erase": (0.92, 1.0)})
+    try:
+        sel = phases.run("select", lambda sub: select_facts(
+            lm, factset, relations, facts_per_relation, select, seed, MIN_PROMPTS, prompts_per_fact,
+            causal_templates, sample_factor, check_prompts, cache, sub))
+        report["selection"] = sel.relations
+        report["left_out"] = sel.left_out
+        save()
+        chosen = sel.chosen
+        n_facts = sum(len(v) for v in chosen.values())
+        say(f"[reproduce] attributing {n_facts} facts, "
+            f"{sum(len(ps) for v in chosen.values() for _, ps in v)} prompts ({steps} steps; cached in {cache})")
+        report["attribution_progress"] = counts = {}
+        ig, base = phases.run("attribution", lambda sub: _attribute_all(lm, chosen, params, base_params, cache, sub,
+                                                                         counts))
+        timings["attribution_per_fact"] = timings["attribution"] / max(n_facts, 1)
+        records, neurons = phases.run("neurons", lambda sub: knowledge_neurons(
+            lm, chosen, ig, base, t, p, keep_massive, sub))
+        report.update(neurons["part"])
+        exclude = () if keep_massive else neurons["flags"].excluded  # also keeps the random controls off them
+        report["activation_by_prompt"] = phases.run("activation_by_prompt", lambda sub: ex.activation_by_prompt(
+            lm, records, factset, seed=seed, task=sub))
+        save()
+        report["suppress_amplify"] = phases.run("suppress_amplify", lambda sub: ex.suppress_amplify_experiment(
+            lm, records, seed=seed, control_prompts=control_prompts, exclude=exclude,
+            activation_stats=neurons["stats"], task=sub))
+        save()
+        report["update"] = phases.run("update", lambda sub: ex.update_experiment(
+            lm, records, factset, seed=seed, facts_per_relation=10, control_prompts=control_prompts,
+            exclude=exclude, task=sub))
+        save()
+        report["erase"] = phases.run("erase", lambda sub: ex.erase_experiment(
+            lm, records, k=erase_k, fill=erase_fill, seed=seed, control_prompts=2 * control_prompts,
+            exclude=exclude, task=sub))
+        report["status"] = "done"
+    except BaseException as exc:  # Cancelled / KeyboardInterrupt / an error: keep what is done, then re-raise
+        report["status"] = f"interrupted ({type(exc).__name__}); run again with the same arguments to resume"
+        save()
+        (out / "report.md").write_text(render_markdown(report), encoding="utf-8")  # how far it got, readable
+        say(f"[reproduce] stopped; partial report in {out / 'report.md'}; run again to resume from {cache}")
+        raise
+    say("[reproduce] figures and report.md")
+    save()
+    write_report(report, out)
+    timings["total"] = time.perf_counter() - started
+    say(f"[reproduce] done in {timings['total']:.0f} s: {out / 'report.md'}")
+    return report
+
+
+__all__ = ["Cancelled", "Selection", "attribute_cached", "default_relations", "resolve_relations",
+           "run_reproduce", "select_facts"]

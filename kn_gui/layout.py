@@ -1,0 +1,75 @@
+"""The window's layout: panels in scroll areas, default dock sizes, and the saved layout (a mixin of MainWindow)."""
+
+from __future__ import annotations
+
+from PySide6.QtCore import QByteArray, QEvent, Qt
+from PySide6.QtWidgets import QFrame, QScrollArea, QWidget
+
+
+class PanelScroll(QScrollArea):
+    """A panel inside a scroll area, so its minimum size never forces the window past the screen. The panel
+    fills the viewport but never shrinks below its minimum size hint (QScrollArea's own resizing would keep
+    word-wrapped panels at their full preferred height, scrolling where nothing needs to)."""
+
+    def __init__(self, widget: QWidget):
+        super().__init__()
+        self.setFrameShape(QFrame.NoFrame)
+        self.setWidget(widget)
+        widget.installEventFilter(self)
+
+    def _fit(self):
+        view, least = self.viewport().size(), self.widget().minimumSizeHint()
+        self.widget().resize(max(view.width(), least.width()), max(view.height(), least.height()))
+
+    def viewportEvent(self, event):
+        if event.type() == QEvent.Resize:
+            self._fit()
+        return super().viewportEvent(event)
+
+    def eventFilter(self, watched, event):
+        if event.type() == QEvent.LayoutRequest:
+            self._fit()
+        return False
+
+
+class LayoutMixin:
+    def _default_dock_sizes(self):
+        """Dock sizes that leave the plots their minimum and show every panel (scrolling inside a dock only
+        where the window is smaller than all minimums together). Below 1500 px the Neurons dock joins the
+        Model and Facts tabs, so the plots keep their width at 1280 px."""
+        w, h = max(self.width(), 1024), max(self.height(), 700)
+        central = self.attribution_panel.minimumSizeHint()
+        if w < 1500:
+            self.tabifyDockWidget(self.facts_dock, self.neurons_dock)
+            self.resizeDocks([self.model_dock], [max(300, w - central.width() - 30)], Qt.Horizontal)
+        else:
+            self.addDockWidget(Qt.RightDockWidgetArea, self.neurons_dock)
+            side = max(280, (w - central.width() - 40) // 2)
+            self.resizeDocks([self.model_dock, self.neurons_dock], [side + 60, side - 60], Qt.Horizontal)
+        self.model_dock.raise_()
+        chrome = self.menuBar().sizeHint().height() + self.toolbar.sizeHint().height() + \
+            self.statusBar().sizeHint().height() + 50
+        self.resizeDocks([self.edits_dock], [max(250, h - chrome - central.height())], Qt.Vertical)
+
+    def _restore_layout(self):
+        geometry = self.settings.value("window/geometry")
+        state = self.settings.value("window/state")
+        self._sized = isinstance(state, (QByteArray, bytes))  # a saved layout wins over the default sizes
+        if isinstance(geometry, (QByteArray, bytes)):
+            self.restoreGeometry(geometry)
+        else:
+            screen = self.screen().availableGeometry()
+            self.resize(min(1600, screen.width()), min(1000, screen.height()))
+        self._default_state = self.saveState()
+        if self._sized:
+            self.restoreState(state)
+
+    def showEvent(self, event):
+        super().showEvent(event)
+        if not self._sized:  # first start: dock sizes for the size the window really got
+            self._sized = True
+            self._default_dock_sizes()
+
+    def reset_layout(self):
+        self.restoreState(self._default_state)
+        self._default_dock_sizes()

@@ -1,0 +1,101 @@
+"""The GUI's controllers driven headless (no window, no panels): typed events, the two histories, projects."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("pytestqt")
+
+from PySide6.QtGui import QUndoCommand  # noqa: E402
+
+from kn_core.attribution import AttributionParams  # noqa: E402
+from kn_core.facts import Fact, Relation  # noqa: E402
+from kn_gui.controllers import UserError  # noqa: E402
+from kn_gui.controllers import attribution as A  # noqa: E402
+from kn_gui.controllers import edits as E  # noqa: E402
+from kn_gui.controllers import project as P  # noqa: E402
+from kn_gui.project_io import open_project_file  # noqa: E402
+from kn_gui.session import Session  # noqa: E402
+from kn_gui.worker import JobRunner  # noqa: E402
+from test_gui import FRANCE, geo_factset  # noqa: E402
+from tiny import TINY_CAUSAL, make_tiny  # noqa: E402
+
+
+@pytest.fixture
+def parts(qapp, tmp_path):
+    from PySide6.QtCore import QSettings
+
+    session = Session(geo_factset())
+    session.lm = make_tiny(TINY_CAUSAL)
+    runner = JobRunner()
+    history = E.History()
+    edits = E.EditsController(session, runner, history)
+    edits.set_model(session.lm)
+    attribution = A.AttributionController(session, runner, edits.active_descriptions)
+    project = P.ProjectController(session, runner, edits, QSettings(str(tmp_path / "s.ini"), QSettings.IniFormat))
+    project.autosave_folder = str(tmp_path / "autosave")
+    events = []
+    for controller in (attribution, edits, project):
+        controller.event.connect(events.append)
+    yield session, runner, history, edits, attribution, project, events
+    runner.shutdown()
+
+
+def test_history_one_undo_order_and_no_cross_truncation(qapp):
+    history = E.History()
+    a, b, c = QUndoCommand("edit a"), QUndoCommand("edit b"), QUndoCommand("fact c")
+    history.push(history.edits, a)
+    history.push(history.edits, b)
+    assert history.next_undo() is history.edits
+    history.undo(history.edits)
+    history.undo(history.edits)
+    history.push(history.facts, c)  # a fact-set change: the edits' redo list stays
+    assert history.edits.count() == 2 and history.edits.canRedo()
+    assert history.next_undo() is history.facts and history.next_redo() is history.edits
+    history.redo(history.edits)
+    assert history.next_undo() is history.edits  # the edit just redone is undone first
+
+
+def test_attribution_events_are_typed_and_cancel_keeps_the_complete_run(parts, qtbot):
+    session, runner, history, edits, attribution, project, events = parts
+    odd = Fact("P99", "France", "Europe")  # [Y] before [X]: no prompt a causal model can continue
+    session.factset = session.factset.with_relation(Relation("P99", "in", ("[Y] contains [X].",))).with_fact(odd)
+    with pytest.raises(UserError, match="No usable prompts"):
+        attribution.start([odd], AttributionParams(steps=1))
+    assert not runner.busy and ("P99", "France", "Europe") not in session.runs
+    attribution.start([FRANCE], AttributionParams(steps=2))
+    assert runner.wait_idle(60000)
+    kinds = [type(e) for e in events]
+    assert A.PromptDone in kinds and A.RunFinished in kinds and kinds[-1] is A.AllDone
+    assert all(not isinstance(e, tuple) for e in events)
+    first = session.runs[("P36", "France", "Paris")]
+    assert first.complete and first.edits == []
+    attribution.start([FRANCE], AttributionParams(steps=150))
+    run = attribution.running[0]
+    qtbot.waitUntil(lambda: len(run.scores) >= 1, timeout=60000)
+    runner.cancel()
+    assert runner.wait_idle(60000)
+    stopped = [e for e in events if isinstance(e, A.RunsStopped)][-1]
+    assert stopped.outcome == "cancelled" and stopped.kept == len(run.scores)
+    assert session.runs[("P36", "France", "Paris")] is first
+    assert session.partial_runs[("P36", "France", "Paris")] is run and run.state == "cancelled"
+
+
+def test_edit_report_lives_in_the_edit_stack_and_project_round_trip(parts, qtbot, tmp_path):
+    session, runner, history, edits, attribution, project, events = parts
+    attribution.start([FRANCE], AttributionParams(steps=2))
+    assert runner.wait_idle(60000)
+    edits.apply({"kind": "Suppress", "scope": "answer"}, FRANCE, [(0, 1), (1, 2)])
+    assert runner.wait_idle(60000)
+    evaluated = [e for e in events if isinstance(e, E.EditEvaluated)][-1]
+    assert edits.edit_stack.entries[0].report is evaluated.report
+    assert {r["group"] for r in evaluated.report["rows"]} >= {"fact", "same relation", "other relations"}
+    state, model = edits.saved_state()
+    assert state["entries"][0]["report"]["title"] == evaluated.report["title"]
+    path = str(tmp_path / "p.knproj")
+    project.save_to(path)
+    assert runner.wait_idle(60000)
+    assert isinstance(events[-1], P.ProjectSaved) and not project.modified()
+    snap = open_project_file(path)
+    assert [r.state for r in snap.runs] == ["complete"] and snap.edit_state["entries"][0]["report"]
+    assert snap.t == session.t and snap.factset.facts == session.factset.facts

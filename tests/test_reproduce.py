@@ -1,0 +1,216 @@
+"""The reproduction on a tiny model: every selected relation in the report, everything left out listed with
+its reason, a bounded fact selection, resuming an interrupted run from its cache, and readable ratios."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from kn_core import evaluation as ev
+from kn_core.facts import Fact, FactSet, Relation
+from kn_core import experiments as ex
+from kn_core.reproduce import resolve_relations, run_reproduce, select_facts
+from kn_core.tasks import Cancelled, Task
+from tiny import GEOGRAPHY, TINY_CAUSAL, make_tiny
+
+CAPITAL = Relation("P36", "capital", (
+    "The capital of [X] is [Y].", "[X]'s capital city is [Y].", "The capital city of [X] is [Y].",
+    "[X]'s capital, [Y], is a city.",      # text after [Y]: used as its prefix
+    "[Y] is the capital of [X]."))         # [Y] first: nothing to continue
+LANGUAGE = Relation("P37", "official language", (
+    "The official language of [X] is [Y].", "In [X], the official language is [Y].", "People in [X] speak [Y]."))
+OBJECT_FIRST = Relation("P99", "spoken in", ("[Y] is spoken in [X].", "[Y] is the language of [X]."))
+
+
+def _factset() -> FactSet:
+    facts = [Fact("P36", country, capital) for country, capital, _, _ in GEOGRAPHY[:12]]
+    facts += [Fact("P36", "Narnia", "Cairparavel")]  # an object the tokenizer cannot spell: no usable prompt
+    facts += [Fact("P37", country, language) for country, _, language, _ in GEOGRAPHY[:8]]
+    facts += [Fact("P99", country, language) for country, _, language, _ in GEOGRAPHY[:4]]
+    return FactSet("tiny", {"P36": CAPITAL, "P37": LANGUAGE, "P99": OBJECT_FIRST}, facts)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return make_tiny(TINY_CAUSAL)
+
+
+def _run(lm, out, **kwargs):
+    args = dict(relations=["P36", "P37", "P99"], facts_per_relation=2, steps=1, control_prompts=4,
+                say=lambda m: None)
+    return run_reproduce(lm, _factset(), out, **(args | kwargs))
+
+
+# ---------------------------------------------------------------- ratios
+
+def test_perplexity_changes_are_ratios_never_long_numbers():
+    from kn_core.reproduce.report import _erase_section, _update_section
+
+    def arm(before, after, success):
+        return {"change_rate": 1.0, "success_rate": success, "top5_rate": 1.0, "ppl_intra_before": before,
+                "ppl_intra_after": after, "ppl_inter_before": 2.0, "ppl_inter_after": 2.5}
+
+    rows = [{"fact": "P36:France", "object": "Paris", "new_object": "Rome",
+             "knowledge": arm(3.0, 3.0 * 1.2e26, 0.0), "random": arm(3.0, 3.3, 0.0)}]
+    summary = {"knowledge": ex.update_summary(rows, "knowledge"), "random": ex.update_summary(rows, "random")}
+    report = {"relations": ["P36"], "update": {"lambda1": 1, "lambda2": 8, "embedding": "input",
+                                               "multi_token": "first", "facts": rows, "skipped": [], **summary}}
+    text = "\n".join(_update_section(report))
+    assert "x1.2e26" in text and "x1.1" in text and "x1.2" in text  # the fact's, random's, inter
+    assert "**failed**" in text  # o' never became the answer: said, not hidden in a rate
+    assert not re.search(r"\d{7,}", text)
+    report["erase"] = {"k": 20, "fill": "zero", "per_relation": {"P36": {
+        "before": {"accuracy": 1.0, "perplexity": 1.5, "other_perplexity": 2.0, "other_accuracy": 1.0},
+        "knowledge": {"accuracy": 0.0, "perplexity": 1.5e30, "other_perplexity": 4.0, "other_accuracy": 1.0},
+        "random": {"accuracy": 1.0, "perplexity": 1.5, "other_perplexity": 2.0, "other_accuracy": 1.0}}}}
+    erase = "\n".join(_erase_section(report))
+    assert "x1.0e30" in erase and "x2" in erase and "x1 |" in erase and not re.search(r"\d{7,}", erase)
+
+
+# ---------------------------------------------------------------- selection
+
+def test_relations_all_and_unknown_relations():
+    fs = _factset()
+    assert resolve_relations(fs, "all") == resolve_relations(fs, ["all"]) == ["P36", "P37", "P99"]
+    assert resolve_relations(fs, "P37, P36,P37") == ["P37", "P36"]
+    assert len(resolve_relations(fs, None)) == 3
+    with pytest.raises(KeyError, match="P404"):
+        resolve_relations(fs, ["P36", "P404"])
+
+
+def test_select_known_checks_a_bounded_seeded_sample(lm, monkeypatch):
+    scored = []
+    real = ev.answer_probabilities
+
+    def counting(lm_, prompts, *args, **kwargs):
+        scored.extend(prompts)
+        return real(lm_, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(ev, "answer_probabilities", counting)
+    fs = _factset()
+    sel = select_facts(lm, fs, ["P36"], facts_per_relation=2, select="known", seed=3, sample_factor=2)
+    summary = sel.relations["P36"]
+    assert summary["checked"] == 4 and summary["chosen"] == 2 and summary["facts"] == 13
+    assert len({p.fact for p in scored}) == 4  # only the sample was scored, not all 12 usable facts
+    assert summary["rendered"] >= 4 and summary["rendered"] - 4 <= 1  # at most the unusable fact besides
+    # the sample of a relation does not depend on the relations selected beside it
+    again = select_facts(lm, fs, ["P37", "P36"], facts_per_relation=2, select="known", seed=3, sample_factor=2)
+    assert [f for f, _ in again.chosen["P36"]] == [f for f, _ in sel.chosen["P36"]]
+    other_seed = select_facts(lm, fs, ["P36"], 2, "random", seed=4)
+    assert other_seed.relations["P36"]["checked"] == 0 and len(other_seed.chosen["P36"]) == 2
+
+
+def test_causal_templates_change_the_prompts_and_are_recorded(lm, tmp_path):
+    prefix = select_facts(lm, _factset(), ["P36"], 1, "random", seed=0)
+    end_only = select_facts(lm, _factset(), ["P36"], 1, "random", seed=0, causal_templates="end-only")
+    (_, prompts), = prefix.chosen["P36"]
+    (_, end_prompts), = end_only.chosen["P36"]
+    assert len(prompts) == 4 and len(end_prompts) == 3
+    assert any(p.template == CAPITAL.templates[3] and p.text.endswith("capital,") for p in prompts)
+    reasons = {x["template"]: x["reason"] for x in end_only.left_out["templates"]}
+    assert set(reasons) == {CAPITAL.templates[3], CAPITAL.templates[4]}
+    assert all("not at the end" in r for r in reasons.values())
+    assert [x["template"] for x in prefix.left_out["templates"]] == [CAPITAL.templates[4]]
+    assert "nothing comes before" in prefix.left_out["templates"][0]["reason"]
+    assert prefix.left_out["templates"][0]["facts"] == prefix.relations["P36"]["rendered"]
+
+
+# ---------------------------------------------------------------- the report
+
+def test_no_relation_missing_and_everything_left_out_listed(lm, tmp_path):
+    report = _run(lm, tmp_path)
+    assert report["status"] == "done" and report["parameters"]["causal_templates"] == "prefix"
+    text = (tmp_path / "report.md").read_text()
+    data = json.loads((tmp_path / "report.json").read_text())
+    relations_table = text.split("## Relations")[1].split("##")[0]
+    for rid in ("P36", "P37", "P99"):
+        assert f"| {rid} |" in relations_table, rid
+    assert "| P99 |" in text.split("### Suppress")[1] and "| P99 |" in text.split("## Erasing")[1]
+    left = data["left_out"]
+    assert [x["relation"] for x in left["relations"]] == ["P99"]
+    assert "usable prompts" in left["relations"][0]["reason"]
+    object_first = [x for x in left["templates"] if x["template"] == CAPITAL.templates[4]]
+    assert object_first and "nothing comes before" in object_first[0]["reason"]
+    assert {x["template"] for x in left["templates"] if x["relation"] == "P99"} == set(OBJECT_FIRST.templates)
+    narnia = [x for x in left["facts"] if x["subject"] == "Narnia"]
+    assert len(narnia) <= 1 and all("usable prompt" in x["reason"] for x in narnia)
+    assert any("answered less well" in x["reason"] for x in left["facts"])
+    left_md = text.split("## Left out")[1]
+    assert "P99:" in left_md and CAPITAL.templates[4] in left_md and "answered less well" in left_md
+    for x in left["templates"]:
+        assert x["template"] in left_md
+    # strict JSON and readable ratios
+    assert "NaN" not in (tmp_path / "report.json").read_text()
+    erase_md = text.split("## Erasing relations")[1].split("##")[0]
+    assert re.search(r"\| x\d", erase_md) and not re.search(r"\d{9,}", text)
+
+
+def test_a_cancelled_run_resumes_from_its_cache(lm, tmp_path, monkeypatch):
+    import kn_core.attribution as attribution
+
+    calls = []
+    real = attribution.attribute
+
+    def counting(lm_, prompt, params=None, *args, **kwargs):
+        calls.append((prompt.text, params.method))
+        return real(lm_, prompt, params, *args, **kwargs)
+
+    monkeypatch.setattr(attribution, "attribute", counting)
+    _run(lm, tmp_path / "whole")
+    total = len(calls)
+    assert total > 6 and len(set(calls)) == total
+
+    calls.clear()
+    seen = []
+
+    def cancel_mid_attribution(fraction, message):
+        if message.startswith("attribution"):
+            seen.append(message)
+            if len(seen) == 3:
+                task.cancel()
+
+    task = Task(on_progress=cancel_mid_attribution)
+    with pytest.raises(Cancelled):
+        _run(lm, tmp_path / "resumed", task=task)
+    first = list(calls)
+    assert 0 < len(first) < total
+    assert json.loads((tmp_path / "resumed" / "report.json").read_text())["status"].startswith("interrupted")
+    partial = (tmp_path / "resumed" / "report.md").read_text()
+    assert "interrupted" in partial and "| P36 |" in partial and "| P99 |" in partial
+
+    calls.clear()
+    resumed = _run(lm, tmp_path / "resumed")
+    assert len(first) + len(calls) == total and not set(first) & set(calls)  # nothing computed twice
+
+    def comparable(folder):
+        return {k: v for k, v in json.loads((folder / "report.json").read_text()).items() if k != "timings"}
+
+    assert resumed["status"] == "done" and comparable(tmp_path / "resumed") == comparable(tmp_path / "whole")
+
+    def text(folder):
+        return [line for line in (folder / "report.md").read_text().splitlines() if not line.startswith("Total time")]
+
+    assert text(tmp_path / "resumed") == text(tmp_path / "whole")
+
+
+def test_massive_neurons_are_kept_out_unless_asked_and_reported_both_ways(tmp_path):
+    import torch
+
+    lm = make_tiny(TINY_CAUSAL)
+    with torch.no_grad():  # one neuron firing at ~100 on every input: ~600x its layer's median
+        lm.model.transformer.h[1].mlp.c_fc.bias[5] = 100.0
+    args = dict(relations=["P36", "P37"], facts_per_relation=2, steps=1, control_prompts=4, say=lambda m: None)
+    default = run_reproduce(lm, _factset(), tmp_path, **args)
+    assert [1, 5] in default["flags"]["massive"] and default["parameters"]["keep_massive"] is False
+    assert all([1, 5] not in f["neurons"] and [1, 5] not in f["baseline_neurons"] for f in default["facts_detail"])
+    kept = run_reproduce(lm, _factset(), tmp_path, keep_massive=True, **args)  # same cache: no new attribution
+    assert kept["parameters"]["keep_massive"] is True
+    assert sum([1, 5] in f["neurons"] for f in kept["facts_detail"]) >= 2  # refined for half of the 4 facts or more
+    for report in (default, kept):
+        both = report["both_ways"]
+        assert both["flagged_excluded"]["flagged_among_refined"] == 0
+        assert both["flagged_kept"]["flagged_among_refined"] >= 2
+    text = (tmp_path / "report.md").read_text()
+    assert "massive" in text and "flagged neurons kept" in text.lower()
