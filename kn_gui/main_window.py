@@ -257,7 +257,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         self.model_panel.set_loading(True, f"Loading {source}\u2026")
 
         def job(task):
-            return fn(source, device=device, dtype=dtype, progress=lambda msg, frac: task.progress(frac, msg))
+            return fn(source, device=device, dtype=dtype, task=task)
 
         self.runner.submit(f"Loading model {source}", job, on_done=self.set_model, uses=(),
                            on_error=lambda m, tb: self.model_panel.set_loading(

@@ -4,9 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from kn_core.attribution import (AttributionParams, CancelToken, Cancelled, PromptError, attribute,
-                                 attribute_fact, encode_answer, shares_passes)
-from kn_core.ffn import ActivationPatch
+from kn_core.attribution import AttributionParams, PromptError, attribute, attribute_fact, encode_answer, shares_passes
+from kn_core.encoding import max_positions
+from kn_core.hooks import ActivationPatch
+from kn_core.models import ModelLoadError, available_devices, pick_device
+from kn_core.tasks import Cancelled, Task
 from tiny import ALL_FAMILIES, make_tiny, tiny_llama
 
 
@@ -131,10 +133,11 @@ def test_which_models_share_passes():
 def test_shared_passes_equal_prompt_by_prompt_with_progress_and_cancel():
     lm = double(make_tiny("bert"))
     prompts = fact_prompts(lm)
-    seen, ready = [], []
+    seen, ready, fractions = [], [], []
     shared = attribute_fact(lm, prompts, AttributionParams(steps=3, layers_per_pass=1, passes_per_backward=1,
                                                            share_prompts=True),
-                            progress=lambda f, partial: seen.append((f, partial["prompt"], partial["layers"])),
+                            task=Task(on_progress=lambda f, message: fractions.append(f),
+                                      on_partial=lambda partial: seen.append((partial["prompt"], partial["layers"]))),
                             on_prompt=lambda k, result: ready.append(k))
     alone = attribute_fact(lm, prompts, AttributionParams(steps=3, share_prompts=False))
     for a, b in zip(shared, alone):
@@ -142,13 +145,14 @@ def test_shared_passes_equal_prompt_by_prompt_with_progress_and_cancel():
         np.testing.assert_allclose(a.activations, b.activations, rtol=1e-12)
         assert a.prob == pytest.approx(b.prob, rel=1e-12) and len(a.completeness) == lm.layout.layers
     assert ready == [0, 1, 2]
-    assert [(k, layers) for _, k, layers in seen] == [(k, (l, l + 1)) for l in range(3) for k in range(3)]
-    assert seen[-1][0] == pytest.approx(1.0)
-    token = CancelToken()
+    assert [(k, layers) for k, layers in seen] == [(k, (l, l + 1)) for l in range(3) for k in range(3)]
+    assert fractions[-1] == pytest.approx(1.0)
+    token = Task()
     with pytest.raises(Cancelled):
         attribute_fact(lm, prompts, AttributionParams(steps=2, layers_per_pass=1, passes_per_backward=1,
-                                                      share_prompts=True), cancel=token,
-                       progress=lambda f, partial: token.cancel(), on_prompt=lambda k, result: ready.append(k))
+                                                      share_prompts=True),
+                       task=token.relay(on_progress=lambda f, message: token.cancel()),
+                       on_prompt=lambda k, result: ready.append(k))
     assert ready == [0, 1, 2]
 
 
@@ -216,22 +220,105 @@ def test_bad_prompts_have_clear_errors():
         attribute(lm, "The capital of France is [MASK] .", answer_ids=(5, 6))
 
 
+class _Forwards:
+    """Counts the model's forward passes: bad input must be refused before the first one."""
+
+    def __init__(self, lm):
+        self.n = 0
+        self.handle = lm.model.register_forward_pre_hook(lambda *args: setattr(self, "n", self.n + 1))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert", "roberta", "llama"])
+def test_a_prompt_longer_than_the_model_is_refused_before_any_work(family):
+    lm = make_tiny(family)
+    limit = max_positions(lm)
+    pad = lm.model.config.pad_token_id  # RoBERTa's positions start after its padding index
+    assert limit == (64 - pad - 1 if family == "roberta" else 64)
+    with torch.no_grad():  # the limit is the model's: the longest input runs, one more token would not
+        lm.model(input_ids=torch.full((1, limit), 5))
+    mask = " [MASK]" if lm.kind == "masked" else ""
+    ok = _Prompt("The capital of France is" + mask, encode_answer(lm, "The capital of France is" + mask, " Paris"))
+    long_text = "France " * 100 + "is" + mask
+    with _Forwards(lm) as forwards:
+        with pytest.raises(PromptError, match=r"\d+ tokens, more than this model's %d positions" % limit):
+            attribute(lm, long_text, answer_ids=ok.answer_ids)
+        with pytest.raises(PromptError, match="positions"):  # the fact's first prompt is fine: nothing runs
+            attribute_fact(lm, [ok, _Prompt(long_text, ok.answer_ids)])
+    assert forwards.n == 0
+
+
+@pytest.mark.parametrize("budget", [-1, 0, float("nan"), float("inf"), "20"])
+def test_a_memory_budget_must_be_positive_and_finite(budget):
+    lm = make_tiny("gpt2")
+    ids = encode_answer(lm, "The capital of France is", " Paris")
+    with _Forwards(lm) as forwards, pytest.raises(ValueError, match="memory_budget_mb = .* expected a finite number > 0"):
+        attribute(lm, "The capital of France is", AttributionParams(steps=2, memory_budget_mb=budget), answer_ids=ids)
+    assert forwards.n == 0
+
+
+def test_answer_ids_and_prompt_text_are_checked():
+    lm = make_tiny("gpt2")
+    text = "The capital of France is"
+    vocab = lm.layout.output_embeddings().shape[0]
+    messages = []
+    with _Forwards(lm) as forwards:
+        with pytest.raises(TypeError, match="without answer_ids; pass a facts.Prompt") as info:
+            attribute(lm, text)
+        assert isinstance(info.value, PromptError)  # a ValueError too, so the CLI reports it in one line
+        with pytest.raises(TypeError, match="not int"):
+            attribute(lm, 42, answer_ids=(5,))
+        for bad, at in [((-1,), 0), ((5, vocab), 1), ((10**12,), 0)]:
+            with pytest.raises(ValueError, match=r"answer_ids\[%d\] = .* from 0 to %d" % (at, vocab - 1)) as info:
+                attribute(lm, text, answer_ids=bad)
+            messages.append(str(info.value))
+        with pytest.raises(ValueError, match="answer_ids\\[0\\] = 1.5"):
+            attribute(lm, text, answer_ids=(1.5,))
+        with pytest.raises(ValueError, match="prompt = .*NUL") as info:
+            attribute(lm, "The capital\x00 of France is", answer_ids=(5,))
+        messages.append(str(info.value))
+        with pytest.raises(ValueError, match="prompt = .*lone surrogate") as info:
+            attribute(lm, "The capital of \ud800 France is", answer_ids=(5,))
+        messages.append(str(info.value))
+        with pytest.raises(ValueError, match="answer = .*NUL"):
+            encode_answer(lm, text, " Par\x00is")
+    assert forwards.n == 0
+    assert all("\n" not in message for message in messages)
+
+
+@pytest.mark.parametrize("name", ["cuda:99", "cuda:abc", "tpu", "cpu:1", "mps:0", ""])
+def test_unknown_or_missing_devices_name_the_ones_that_exist(name):
+    with pytest.raises(ModelLoadError) as info:
+        pick_device(name)
+    message = str(info.value)
+    assert "\n" not in message and repr(name) in message
+    assert all(device in message for device in available_devices()) and "cpu" in message
+    assert pick_device("cpu") == torch.device("cpu") and pick_device("auto").type in ("cpu", "cuda", "mps")
+
+
 def test_progress_and_cancel():
     lm = make_tiny("gpt2")
     ids = encode_answer(lm, "The capital of France is", " Paris")
-    seen = []
+    seen, fractions = [], []
     attribute(lm, "The capital of France is", AttributionParams(steps=2, layers_per_pass=1, passes_per_backward=1),
-              progress=lambda f, partial: seen.append((f, partial["layers"], partial["scores"].shape)), answer_ids=ids)
-    assert [s[1] for s in seen] == [(0, 1), (1, 2), (2, 3)] and seen[-1][0] == pytest.approx(1.0)
-    assert seen[0][2] == (1, lm.layout.neurons)
-    token = CancelToken()
+              task=Task(on_progress=lambda f, message: fractions.append(f),
+                        on_partial=lambda partial: seen.append((partial["layers"], partial["scores"].shape))),
+              answer_ids=ids)
+    assert [s[0] for s in seen] == [(0, 1), (1, 2), (2, 3)] and fractions[-1] == pytest.approx(1.0)
+    assert seen[0][1] == (1, lm.layout.neurons)
+    token = Task()
 
-    def cancel_after_first(fraction, partial):
+    def cancel_after_first(fraction, message):
         token.cancel()
 
     with pytest.raises(Cancelled):
         attribute(lm, "The capital of France is", AttributionParams(steps=2, layers_per_pass=1, passes_per_backward=1),
-                  progress=cancel_after_first, cancel=token, answer_ids=ids)
+                  task=token.relay(on_progress=cancel_after_first), answer_ids=ids)
 
 
 def test_deterministic():

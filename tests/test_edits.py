@@ -396,8 +396,8 @@ def test_answer_scope_causal_only_touches_the_last_position():
         reference = copy.deepcopy(lm.model)
         for layer, i in chosen:
             lm.layout.__class__(reference).out_projs[layer].weight[i] = 0.0
-        past = lm.model(input_ids=ids[:, :-1], use_cache=True).past_key_values
-        last = reference(input_ids=ids[:, -1:], past_key_values=past).logits
+        past = lm.model(input_ids=ids[:, :-1], use_cache=True).cache
+        last = reference(input_ids=ids[:, -1:], cache=past).logits
     torch.testing.assert_close(got[:, :-1], clean[:, :-1])
     torch.testing.assert_close(got[:, -1], last[:, -1], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got[:, -1], clean[:, -1])

@@ -4,7 +4,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
-from kn_core.ffn import FAMILIES, ActivationPatch, FFNLayout, UnsupportedModelError, capture_activations
+from kn_core.families import FAMILIES, UnsupportedModelError
+from kn_core.ffn import FFNLayout
+from kn_core.hooks import ActivationPatch, capture_activations
 from tiny import ALL_FAMILIES, make_tiny, make_tokenizer
 
 PROMPT = "The capital of France is Paris ."
@@ -163,3 +165,36 @@ def test_model_without_lm_head_is_explained():
     config = AutoConfig.for_model("gpt2", vocab_size=50, n_embd=16, n_layer=1, n_head=2)
     with pytest.raises(UnsupportedModelError, match="AutoModelForCausalLM"):
         FFNLayout(AutoModel.from_config(config))
+
+
+def test_no_engine_module_branches_on_a_family_name():
+    """Per-family facts live in families.FAMILIES only: adding a family must never need an edit elsewhere."""
+    import re
+    from pathlib import Path
+
+    import kn_core
+
+    names = "|".join(re.escape(family) for family in FAMILIES)
+    branching = re.compile(rf"(family|model_type)\s*(==|!=|\bin\b)|[\"']({names})[\"']")
+    offenders = [f"{path.name}:{n}: {line.strip()}"
+                 for path in Path(kn_core.__file__).parent.rglob("*.py") if path.name != "families.py"
+                 for n, line in enumerate(path.read_text().splitlines(), 1) if branching.search(line)]
+    assert offenders == []
+
+
+def _looks_bert_style(block) -> bool:
+    """The structure attribution's BERT-style passes rely on, read from the block itself."""
+    attention = getattr(block, "attention", None)
+    heads = getattr(attention, "self", None)
+    return (hasattr(attention, "output") and hasattr(block, "intermediate") and hasattr(block, "output")
+            and not getattr(block, "is_decoder", True)
+            and all(hasattr(heads, name) for name in ("query", "key", "value", "scaling", "attention_head_size")))
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_family_rows_agree_with_the_models(family):
+    lm = make_tiny(family)
+    spec = FAMILIES[family]
+    assert lm.layout.spec is spec and lm.kind == spec.kind
+    assert spec.bert_style == all(_looks_bert_style(block) for block in lm.layout.blocks)
+    assert all(hasattr(lm.model, dotted.split(".")[0]) for dotted in spec.head)

@@ -98,15 +98,29 @@ def test_map_gives_every_layer_room(attribution):
     assert (x0, x1) == pytest.approx((0, NEURONS)) and (y0, y1) == pytest.approx((0, LAYERS))
 
 
-def test_click_on_a_cell_selects_exactly_that_cell(attribution, qtbot):
+def test_click_selects_the_neuron_its_pixel_shows_and_exactly_the_cell_when_zoomed(attribution, qtbot):
     selected = []
     attribution.neurons_selected.connect(selected.append)
     widget = attribution.heat_widget
-    for layer, neuron in [(29, 238), (28, 241), (0, 0), (29, NEURONS - 1), (15, 777)]:
-        scene = widget.cell_scene_pos(layer, neuron)
-        assert attribution.neuron_at(scene) == (layer, neuron)
-        qtbot.mouseClick(widget.viewport(), Qt.LeftButton, pos=widget.mapFromScene(scene))
-        assert selected[-1] == [(layer, neuron)], (layer, neuron)
+    scores = widget.scores
+    cells = [(29, 238), (28, 241), (0, 0), (29, NEURONS - 1), (15, 777)]
+    for layer, neuron in cells:  # the whole map in view: several neurons per pixel
+        pixel = widget.mapFromScene(widget.cell_scene_pos(layer, neuron))
+        qtbot.mouseClick(widget.viewport(), Qt.LeftButton, pos=pixel)
+        [(hit_layer, hit)] = selected[-1]
+        pool = widget._pool
+        assert pool > 1 and hit_layer == layer and abs(hit - neuron) < 2 * pool
+        group = scores[layer, hit - hit % pool:hit - hit % pool + pool]
+        assert abs(scores[layer, hit]) == np.abs(group).max()  # the neuron drawn in that pixel
+    for layer, neuron in cells:  # zoomed in (go to), one neuron spans several pixels: exactly that cell
+        attribution.goto_layer.setValue(layer)
+        attribution.goto_neuron.setValue(neuron)
+        attribution.goto_button.click()
+        QApplication.processEvents()
+        for target in (neuron, min(neuron + 1, NEURONS - 1)):
+            pixel = widget.mapFromScene(widget.cell_scene_pos(layer, target))
+            qtbot.mouseClick(widget.viewport(), Qt.LeftButton, pos=pixel)
+            assert selected[-1] == [(layer, target)], (layer, target)
     # a strong neighbour does not capture the click (it used to snap to the strongest neuron within 4)
     assert attribution._shown_scores[29, 238] > attribution._shown_scores[29, 237]
 

@@ -42,3 +42,18 @@ def test_partials_go_to_the_root_and_a_missing_task_is_silent():
     silent.partial(object())
     silent.check()
     assert as_task(task) is task
+
+
+def test_a_relay_has_its_own_listeners_and_is_cancelled_with_its_origin():
+    outer, inner = [], []
+    job = Task(on_progress=lambda f, m: outer.append(m))
+    phase = job.relay(on_progress=lambda f, m: inner.append((f, m)), on_partial=inner.append)
+    phase.progress(0.5, "half")
+    phase.partial("chunk")
+    assert inner == [(0.5, "half"), "chunk"] and outer == []
+    job.cancel()
+    with pytest.raises(Cancelled):
+        phase.check()
+    relayed_cancel = Task().relay()
+    relayed_cancel.cancel()  # cancels the origin too: one cancel per job
+    assert relayed_cancel.cancelled

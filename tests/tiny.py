@@ -21,7 +21,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, PreTrainedTokenizerFast
 
-from kn_core.ffn import FAMILIES
+from kn_core.families import FAMILIES
 from kn_core.models import LoadedModel, wrap_model
 
 TINY_MASKED = "bert"

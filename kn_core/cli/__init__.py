@@ -33,15 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _engine_errors() -> tuple[type[BaseException], ...]:
     """The engine's user-facing errors (imported only once something failed, so a bad argument costs no torch
     import)."""
-    from ..attribution import Cancelled, PromptError
+    from ..attribution import PromptError
     from ..facts import FactImportError
-    from ..ffn import UnsupportedModelError
+    from ..families import UnsupportedModelError
     from ..models import ModelLoadError
     from ..store import ProjectError
-    from ..tasks import Cancelled as TaskCancelled
+    from ..tasks import Cancelled
 
-    return (ModelLoadError, UnsupportedModelError, PromptError, FactImportError, ProjectError, Cancelled,
-            TaskCancelled)
+    return (ModelLoadError, UnsupportedModelError, PromptError, FactImportError, ProjectError, Cancelled)
 
 
 def _fail(args, exc: BaseException) -> int:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from .common import (COMMON, CliError, emit, factset_of, find_fact, load, neuron_list, progress_bar, project_of,
-                     reporter, say)
+from .common import (COMMON, CliError, emit, factset_of, find_fact, load, neuron_list, progress_bar, project_of, say)
 
 
 def params_of(args):
@@ -32,11 +31,11 @@ def cmd_attribute(args) -> int:
             project.add_model(lm)
             with project.recording_run(prompts=[{"text": args.prompt, "answer": args.answer}], params=params,
                                        model=lm) as rec:
-                result = attribute(lm, args.prompt, params, reporter(task), answer_ids=answer_ids)
+                result = attribute(lm, args.prompt, params, task=task, answer_ids=answer_ids)
                 result.answer = args.answer
                 rec.add(0, result)
         else:
-            result = attribute(lm, args.prompt, params, reporter(task), answer_ids=answer_ids)
+            result = attribute(lm, args.prompt, params, task=task, answer_ids=answer_ids)
     if args.save:
         np.savez_compressed(args.save, scores=result.scores, activations=result.activations,
                             params=json.dumps(params.to_dict()), prompt=args.prompt, answer=args.answer)
@@ -75,9 +74,9 @@ def cmd_neurons(args) -> int:
                 project.add_model(lm)
                 project.import_factset(factset)
                 with project.recording_run(fact=fact, prompts=prompts, params=params, model=lm) as rec:
-                    results = attribute_fact(lm, prompts, params, reporter(task), on_prompt=rec.add)
+                    results = attribute_fact(lm, prompts, params, task=task, on_prompt=rec.add)
             else:
-                results = attribute_fact(lm, prompts, params, reporter(task))
+                results = attribute_fact(lm, prompts, params, task=task)
         flags = run_flags(lm, [r.activations for r in results])  # massive neurons (kn_core.neurons)
         exclude = () if args.keep_massive else flags.excluded
         refined = refined_neurons([r.scores for r in results], t, args.p, exclude=exclude)

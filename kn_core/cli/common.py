@@ -45,7 +45,7 @@ def load(args):
 
     hf_logging.disable_progress_bar()
     return load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                      progress=lambda message, fraction: say(f"[model] {message}"))
+                      task=Task(on_progress=lambda fraction, message: say(f"[model] {message}")))
 
 
 @contextmanager
@@ -89,11 +89,6 @@ def progress_bar(desc: str) -> Iterator[Task]:
         yield Task(on_progress=show)
     finally:
         bar.close()
-
-
-def reporter(task: Task):
-    """The engine's `progress(fraction, partial)` callback feeding `task` (until those calls take task=)."""
-    return lambda fraction, partial=None: task.progress(fraction)
 
 
 def factset_of(args):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import COMMON, CliError, emit, factset_of, find_fact, load, neuron_list, progress_bar, reporter, say
+from .common import COMMON, CliError, emit, factset_of, find_fact, load, neuron_list, progress_bar, say
 
 
 def _fact_neurons(args, lm, factset, fact):
@@ -19,7 +19,7 @@ def _fact_neurons(args, lm, factset, fact):
                        + "; ".join(s.reason for s in skipped))
     with progress_bar(f"attributing {fact.relation} {fact.subject}") as task:
         params = AttributionParams(steps=args.steps, seed=args.seed, force=args.force)
-        scores = attribute_fact(lm, prompts, params, reporter(task))
+        scores = attribute_fact(lm, prompts, params, task=task)
     return prompts, refined_neurons([s.scores for s in scores], args.t, args.p)
 
 

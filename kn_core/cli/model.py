@@ -7,8 +7,9 @@ from .common import COMMON, CliError, emit, load, project_of, say, store_evaluat
 
 def cmd_model_fetch(args) -> int:
     from ..models import ensure_default_model
+    from ..tasks import Task
 
-    path = ensure_default_model(lambda message, fraction: say(f"[default model] {message}"))
+    path = ensure_default_model(Task(on_progress=lambda fraction, message: say(f"[default model] {message}")))
     emit(args, {"path": str(path)}, f"default model ready in {path}")
     return 0
 

@@ -199,7 +199,8 @@ def attribute_cached(lm, prompt, params, cache: Path | None, task: Task | None =
     if path is not None and path.exists():
         with np.load(path) as data:
             return _Scores(data["scores"], data["activations"], float(data["prob"]))
-    result = attribute(lm, prompt, params, cancel=task)
+    # relay: cancelled with the run; the run reports its own progress per prompt
+    result = attribute(lm, prompt, params, task=task.relay() if task is not None else None)
     out = _Scores(result.scores, result.activations, result.prob)
     if path is not None:
         tmp = path.with_suffix(".tmp.npz")

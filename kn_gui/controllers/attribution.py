@@ -120,15 +120,15 @@ class AttributionController(QObject):
             for ri, run in enumerate(runs):
                 n = len(run.prompts)
 
-                def progress(fraction, partial, ri=ri, run=run, n=n, base=done):
-                    k = (partial or {}).get("prompt", 0)
-                    task.progress((base + fraction * n) / total, f"attributing {fact_label(run.fact)}: prompt "
-                                  f"{k + 1}/{n}" + (f", fact {ri + 1}/{len(runs)}" if len(runs) > 1 else ""))
-                    if partial and "scores" in partial and "layers" in partial:
-                        task.partial(ChunkReady(run, k, tuple(partial["layers"]), partial["scores"]))
+                def progress(fraction, message, ri=ri, run=run, n=n, base=done):
+                    task.progress((base + fraction * n) / total, f"attributing {fact_label(run.fact)}: {message}"
+                                  + (f", fact {ri + 1}/{len(runs)}" if len(runs) > 1 else ""))
+
+                def chunk(partial, run=run):
+                    task.partial(ChunkReady(run, partial["prompt"], tuple(partial["layers"]), partial["scores"]))
 
                 task.check()
-                attribute_fact(lm, run.prompts, params, progress=progress, cancel=task,
+                attribute_fact(lm, run.prompts, params, task=task.relay(progress, chunk),
                                on_prompt=lambda k, result, run=run: task.partial(PromptScored(run, k, result)))
                 done += n
             return len(runs)

@@ -1,11 +1,12 @@
 """The layer x neuron map: a score image with exact cell hit-testing, zoom and pan along the neurons, go-to,
 and markers for refined, selected and flagged (massive / unspecific) neurons.
 
-Cell (layer l, neuron n) covers view x in [n, n + 1) and y in [l, l + 1); layer 0 is at the bottom. A click
-selects exactly the cell under the pointer (no snapping to a stronger neighbour: the hover line always names
-the cell a click will select). With 1536 neurons in a few hundred pixels one pixel covers several neurons,
-so the image is drawn with max-|score| pooling over the columns a pixel covers (a single strong neuron stays
-visible at any zoom); the wheel zooms the neuron axis and dragging pans it (layers always fill the height).
+Cell (layer l, neuron n) covers view x in [n, n + 1) and y in [l, l + 1); layer 0 is at the bottom. With 1536
+neurons in a few hundred pixels one pixel covers several neurons, so the image is drawn with max-|score|
+pooling over the columns a pixel covers (a single strong neuron stays visible at any zoom), and a click selects
+the neuron its pixel shows: the strongest of that group, never one from a neighbouring pixel or layer (the hover
+line names it). Zoomed in to a pixel or more per neuron, a click selects exactly the cell under the pointer; the
+wheel zooms the neuron axis, dragging pans it (layers always fill the height) and "go to" centres a neuron.
 """
 
 from __future__ import annotations
@@ -125,7 +126,8 @@ class NeuronMap(pg.GraphicsLayoutWidget):
         layers, neurons = self.scores.shape
         (x0, x1), _ = self.vb.viewRange()
         width_px = max(1.0, self.vb.sceneBoundingRect().width())
-        factor = max(1, int((x1 - x0) / width_px))
+        # a group never spans less than a pixel, so every drawn column is one the pointer can land on
+        factor = max(1, math.ceil((x1 - x0) / width_px - 1e-9))
         if factor == self._pool and self.image.image is not None:
             return
         self._pool = factor
@@ -175,6 +177,10 @@ class NeuronMap(pg.GraphicsLayoutWidget):
         layers, neurons = self.scores.shape
         if not (0 <= layer < layers and 0 <= neuron < neurons):
             return None
+        if self._pool > 1:  # the pixel shows the strongest neuron of its column group: that is the one under it
+            start = neuron - neuron % self._pool
+            group = self.scores[layer, start:start + self._pool]
+            neuron = start + int(np.abs(group).argmax())
         return layer, neuron
 
     def _clicked(self, event):

@@ -1,0 +1,161 @@
+"""Every way the engine reaches into a running model, each scoped: hooks live for a with-block (and are removed
+on the way out, also after an exception) or until `remove()` for edits that stay on until reverted.
+
+- `Hooks`: forward-pre-hooks (with kwargs) and forward hooks on any modules.
+- `ActivationPatch`: the named hook point of the whole engine, the FFN neurons (input of each out-projection),
+  always seen as (batch, seq, neurons); `capture_activations` reads them.
+- `Override` / `replay`: a module's forward replaced (attribution replays clean outputs instead of computing).
+- `InputCapture`: the ids and attention mask of the model's latest forward (answer-scoped edits).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+PreHook = Callable  # (module, args, kwargs) -> None | (args, kwargs)
+PostHook = Callable  # (module, args, output) -> None | output
+
+
+class Hooks:
+    """Forward-pre-hooks (with kwargs) and forward hooks, registered now and removed by `remove()` or at the end
+    of a with-block."""
+
+    def __init__(self, pre: Iterable[tuple[nn.Module, PreHook]] = (),
+                 post: Iterable[tuple[nn.Module, PostHook]] = ()):
+        self._handles: list = []
+        try:
+            for module, hook in pre:
+                self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            for module, hook in post:
+                self._handles.append(module.register_forward_hook(hook))
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        for handle in reversed(self._handles):
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def hidden_states_of(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """A block's input hidden states, passed positionally or as a keyword."""
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    return hidden if isinstance(hidden, torch.Tensor) else None
+
+
+def replacing_hidden(fn: Callable[[torch.Tensor], torch.Tensor]) -> PreHook:
+    """A pre-hook that replaces a block's input hidden states (positional or keyword) with `fn(hidden)`."""
+    def hook(module, args, kwargs):
+        if args:
+            return (fn(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+    return hook
+
+
+class ActivationPatch(Hooks):
+    """Pre-hooks on the out-projections of `layers` (all by default); `fn(layer, x) -> x | None` sees each FFN
+    activation x (batch, seq, neurons) and may return a replacement.
+
+    Families whose blocks flatten tokens to (batch * seq, ...) before the FFN (`FamilySpec.flattens_tokens`) get
+    a second pre-hook on the block that records the token shape, so `fn` still sees (batch, seq, neurons).
+    """
+
+    def __init__(self, layout, fn: Callable[[int, torch.Tensor], torch.Tensor | None], layers=None):
+        pre = []
+        for layer in (range(layout.layers) if layers is None else layers):
+            token_shape: list[torch.Size] = []
+
+            def remember(module, args, kwargs, token_shape=token_shape):
+                hidden = hidden_states_of(args, kwargs)
+                token_shape[:] = [hidden.shape[:-1]] if hidden is not None else []
+
+            def hook(module, args, kwargs, layer=layer, token_shape=token_shape):
+                x = args[0]
+                flat = x.dim() == 2 and bool(token_shape)
+                out = fn(layer, x.view(*token_shape[0], x.shape[-1]) if flat else x)
+                if out is None:
+                    return None
+                return ((out.reshape(x.shape) if flat else out), *args[1:]), kwargs
+
+            if layout.spec.flattens_tokens:
+                pre.append((layout.blocks[layer], remember))
+            pre.append((layout.out_projs[layer], hook))
+        super().__init__(pre)
+
+
+def capture_activations(layout, run: Callable[[], object], layers=None) -> tuple[object, dict[int, torch.Tensor]]:
+    """Runs `run()` and returns its result and the FFN activations (batch, seq, neurons) per layer."""
+    captured: dict[int, torch.Tensor] = {}
+
+    def record(layer, x):
+        captured[layer] = x.detach()
+
+    with ActivationPatch(layout, record, layers):
+        result = run()
+    return result, captured
+
+
+class Override:
+    """Replaces the forward of modules with the given functions for the duration of a with-block.
+
+    The module's own instance `forward`, if any (accelerate's device hooks put one there), is restored after.
+    """
+
+    def __init__(self, forwards: Sequence[tuple[nn.Module, Callable]]):
+        self.forwards = list(forwards)
+
+    def __enter__(self):
+        self.saved = []
+        try:
+            for module, forward in self.forwards:
+                self.saved.append(module.__dict__.get("forward"))
+                module.forward = forward
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        for (module, _), saved in zip(self.forwards, self.saved):
+            if saved is None:
+                del module.forward  # back to the class's forward
+            else:
+                module.forward = saved
+
+
+def _expand(obj, rows: int):
+    if isinstance(obj, torch.Tensor):
+        return obj.expand(rows, *obj.shape[1:]) if obj.dim() and obj.shape[0] == 1 else obj
+    if isinstance(obj, tuple):
+        return tuple(_expand(o, rows) for o in obj)
+    return obj
+
+
+def replay(replays: Iterable[tuple[nn.Module, object]], rows: int) -> Override:
+    """Modules that return a recorded output, expanded to `rows`, instead of computing it."""
+    return Override([(module, lambda *args, _out=_expand(out, rows), **kwargs: _out) for module, out in replays])
+
+
+class InputCapture(Hooks):
+    """Remembers the input_ids and attention_mask of the model's latest forward, until `remove()`."""
+
+    def __init__(self, model: nn.Module):
+        self.input_ids: torch.Tensor | None = None
+        self.attention_mask: torch.Tensor | None = None
+        super().__init__(pre=[(model, self._remember)])
+
+    def _remember(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.input_ids = ids if isinstance(ids, torch.Tensor) else None
+        mask = kwargs.get("attention_mask")
+        self.attention_mask = mask if isinstance(mask, torch.Tensor) else None
