@@ -52,6 +52,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from .tasks import Task, as_task
+from .validation import ValidationError, check_fraction
 
 Neuron = tuple[int, int]
 MASSIVE_RATIO = 100.0
@@ -74,6 +75,10 @@ def _exclusion(exclude: Iterable[Neuron], shape: tuple[int, ...]) -> tuple[np.nd
 
 
 def _coarse(scores: np.ndarray, t: float, excluded: tuple[np.ndarray, np.ndarray]) -> list[Neuron]:
+    if np.ndim(scores) != 2 or np.size(scores) == 0:
+        raise ValidationError(f"scores must be one prompt's non-empty [layers, neurons] array, got shape "
+                              f"{np.shape(scores)}")
+    check_fraction("t", t)
     if excluded[0].size:
         scores = np.array(scores, dtype=np.float64)
         scores[excluded] = -np.inf

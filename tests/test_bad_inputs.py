@@ -3,8 +3,6 @@ names the problem, no traceback, within 10 s, and any --project file byte for by
 
 Cases run in-process through `main(argv)` on tiny models saved to folders, or on the default model where they
 must fail before it loads. `[model] ...` lines (the loader's progress) are not counted as output lines.
-Cases whose fix belongs to another room are marked xfail(strict=True) with that room named; the marker comes
-off when the fix lands.
 """
 
 from __future__ import annotations
@@ -27,10 +25,6 @@ from tiny import make_tiny
 ROOT = Path(__file__).resolve().parents[1]
 SURROGATE = "Fr\udcffance"  # what a mis-decoded byte becomes (surrogateescape)
 LONG = " ".join(["Paris"] * 300)  # more tokens than the tiny models' 64 positions
-
-
-def engine(reason):
-    return pytest.mark.xfail(strict=True, reason=f"room engine: {reason}")
 
 
 S = ["neurons", "--relation", "P36", "--subject", "France"]
@@ -375,12 +369,15 @@ def test_api_attribute_bad_input(name, tiny_gpt2):
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="room neurons: coarse_neurons of an empty array")
-def test_api_coarse_neurons_of_nothing():
-    from kn_core.attribution import coarse_neurons
+@pytest.mark.parametrize("scores,t,words", [
+    (np.zeros((0, 0)), 0.2, "scores"), (np.zeros(5), 0.2, "scores"), (np.ones((2, 3)), float("nan"), "t"),
+    (np.ones((2, 3)), -1, "t"), (np.ones((2, 3)), 5, "t")], ids=["empty", "1-D", "t nan", "t -1", "t 5"])
+def test_api_coarse_neurons_of_bad_scores_or_t(scores, t, words):
+    from kn_core.neurons import coarse_neurons
 
-    with pytest.raises(ValueError, match="scores"):  # not numpy's "zero-size array to reduction operation"
-        coarse_neurons(np.zeros((0, 0)))
+    with pytest.raises(ValueError, match=words) as info:  # not numpy's "zero-size array to reduction operation"
+        coarse_neurons(scores, t)
+    assert "\n" not in str(info.value)
 
 
 def test_api_edit_from_dict_with_an_extra_key():
