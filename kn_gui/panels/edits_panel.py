@@ -35,7 +35,7 @@ class EditsPanel(QWidget):
         self.session = session
         self.kind = QComboBox()
         self.kind.addItems(KINDS)
-        self.kind.setToolTip("Suppress: activation \u2192 0 at the answer position; Amplify: \u00d7 factor; "
+        self.kind.setToolTip("Suppress: activation \u2192 0 (or its mean) at the answer position; Amplify: \u00d7 factor; "
                              "Update: move value vectors from o to o'; Erase: zero the relation's top neurons")
         self.target = QComboBox()
         self.target.setToolTip("Which neurons to edit")
