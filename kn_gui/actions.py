@@ -295,6 +295,9 @@ class ActionsMixin:
         if snap.edit_state and snap.edit_state.get("entries"):
             self._restore_history(snap.edit_state, snap.edit_sha)
         self.history.set_clean()
+        s.reset_flags()  # the opened runs decide the flags: measured again on them
+        self._show_flags()
+        self.attribution.measure_flags()
         first = next(iter(s.runs.values()), None)
         if first is not None:
             self.facts_panel.select_fact(first.fact)

@@ -270,6 +270,8 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
             self.session.results_dirty = True
         self.session.lm = lm
         self.session.checks.clear()
+        self.session.reset_flags()
+        self._show_flags()
         self.model_panel.show_model(lm)
         info = lm.describe()
         self.model_label.setText(f"{info.get('name') or lm.source} \u00b7 {lm.family} \u00b7 {lm.layout.layers}\u00d7"
@@ -286,6 +288,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
             self.check_facts(facts)
         if self.current_fact is not None:
             self.select_fact(self.current_fact)
+        self.attribution.measure_flags()
 
     def _restore_history(self, state, sha):
         was_clean = self.history.is_clean()
@@ -422,6 +425,14 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
             self.run_finished.emit(ev.run)
         elif isinstance(ev, A.AllDone):
             self.status(f"Attribution done: {len(ev.runs)} fact(s), {ev.prompts} prompts.")
+            self.attribution.measure_flags()
+        elif isinstance(ev, A.FlagsMeasured):
+            self._show_flags()
+            f = ev.flags
+            self.status(f"Flagged {len(f.massive)} massive and {len(f.unspecific)} unspecific neurons "
+                        f"({f.rule.get('stats_source') or f'{ev.prompts} prompts'}); "
+                        + ("kept in the sets (Keep massive/unspecific is on)." if self.session.keep_massive
+                           else "left out of the coarse/refined sets."))
         elif isinstance(ev, A.RunsStopped):
             self._mark_dirty()
             ap.live.clear()
@@ -441,6 +452,17 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         elif isinstance(ev, A.ChecksCleared):
             self.status(f"The model changed: the answer checks of {ev.facts} facts were cleared; press Check (F6) "
                         "to measure them again.")
+
+    def _show_flags(self):
+        """The session's flags (or none) on the panels, and the sets recomputed with them left out."""
+        s = self.session
+        self.attribution_panel.set_flags(s.flags)
+        self.neurons_panel.set_flags(s.flags)
+        self.edits_panel.set_stats(s.activation_stats)
+        run = self.attribution_panel.run
+        if run is not None and run.scores:
+            self.attribution_panel.redraw()
+            self._update_auto_sets(run)
 
     def _update_auto_sets(self, run: Run):
         if self.attribution.update_auto_sets(run):

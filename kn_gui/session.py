@@ -133,6 +133,7 @@ class Session:
         self.p = 0.7
         self.flags = None  # kn_core.neurons.NeuronFlags of the loaded model (run_flags), once measured
         self.keep_massive = False  # True: flagged neurons stay in the sets (the paper's method)
+        self.activation_stats = None  # kn_core.neurons.ActivationStats measured with the flags (mean ablation)
         self.neuron_sets: dict[str, NeuronSet] = {}
         self.results_dirty = False
         self.path: str | None = None
@@ -148,6 +149,24 @@ class Session:
 
     def check_for(self, fact: Fact, template: str) -> dict | None:
         return self.checks.get((fact_key(fact), template))
+
+    def reset_flags(self):
+        """The model changed: its flags and activation statistics no longer describe it."""
+        self.flags = None
+        self.activation_stats = None
+
+    def flag_inputs(self) -> tuple[list[np.ndarray], dict[str, list[list[np.ndarray]]]]:
+        """What `run_flags` measures on: the answer-position activations of every prompt attributed on the loaded
+        model's own weights (runs on edited weights or another model are left out), and those runs' prompt scores
+        grouped by relation."""
+        sha = getattr(self.lm, "sha256", None)
+        activations, by_relation = [], {}
+        for run in list(self.runs.values()):
+            if not run.scores or run.edits or run.model.get("sha256") != sha:
+                continue
+            activations += [ps.activations for ps in run.scores]
+            by_relation.setdefault(run.fact.relation, []).append(run.score_arrays())
+        return activations, by_relation
 
     # ----------------------------------------------------------------- thresholds (views over stored scores)
     def excluded(self) -> frozenset:

@@ -131,6 +131,7 @@ def main(argv=None) -> int:
 
     name = f"refined: {fact.subject} \u2192 {fact.object}"
     window.edits_panel.kind.setCurrentText("Suppress")
+    window.edits_panel.suppress_to.setCurrentIndex(1)  # mean ablation: the flags job measured the statistics
     window.edits_panel.set_target_set(name)
     wait(window.edit_evaluated, 600, "the edit evaluation", window.edits_panel.apply_button.click)
     pump(800)  # the answer checks the edit made stale are measured again: wait for them

@@ -77,6 +77,13 @@ class ChecksCleared:
     facts: int
 
 
+@dataclass(frozen=True)
+class FlagsMeasured:
+    """Massive / unspecific neurons and activation statistics of the loaded model, now in the session."""
+    flags: object  # kn_core.neurons.NeuronFlags
+    prompts: int  # run prompts measured (besides the neutral sentences)
+
+
 class AttributionController(QObject):
     event = Signal(object)
 
@@ -177,6 +184,32 @@ class AttributionController(QObject):
             s.runs[key] = run
         else:
             s.runs.pop(key, None)
+
+    # ----------------------------------------------------------------------------------------- flags
+    def measure_flags(self) -> bool:
+        """Queues a job measuring the loaded model's activation statistics (the runs' prompts plus neutral
+        sentences) and flagging massive / unspecific neurons (kn_core.neurons); FlagsMeasured follows. False when
+        there is no model or no run to measure on."""
+        s = self.session
+        lm = s.lm
+        activations, by_relation = s.flag_inputs()
+        if lm is None or not activations:
+            return False
+        t = s.t
+        from kn_core.neurons import run_stats, scored_flags
+
+        def job(task):  # run_flags(lm, activations, by_relation, t), keeping the statistics for mean ablation
+            stats = run_stats(lm, activations, task)
+            return stats, scored_flags(stats, by_relation, t)
+
+        def done(result):
+            if s.lm is not lm:  # the model changed meanwhile: these describe the old one
+                return
+            s.activation_stats, s.flags = result
+            self.event.emit(FlagsMeasured(s.flags, len(activations)))
+
+        self.runner.submit("Flagging massive / unspecific neurons", job, on_done=done)
+        return True
 
     # ----------------------------------------------------------------------------------------- neuron sets
     def update_auto_sets(self, run: Run) -> bool:

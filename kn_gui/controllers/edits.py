@@ -7,7 +7,7 @@ report travels with its history entry and is saved with it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from PySide6.QtCore import QObject, Signal
 from PySide6.QtGui import QUndoStack
@@ -120,34 +120,53 @@ class EditsController(QObject):
         self.history.push(self.history.facts, FactSetCommand(self.session, factset, text))
 
     # ----------------------------------------------------------------------------------------- applying
-    def plan(self, request: dict, fact: Fact | None, neurons: list):
-        """The edit plan (kn_core.edit_plan) of a request from the Edits panel; EditPlanError says what to change.
-        Erase takes the k most frequent neurons there are and says in the report when there were fewer."""
-        from kn_core.edit_plan import EditRequest, plan_edit
+    def request(self, request: dict, fact: Fact | None, neurons: list):
+        """The kn_core.edit_plan.EditRequest of a request from the Edits panel (EditPlanError: what to change)."""
+        from kn_core.edit_plan import EditRequest
 
-        s, kind = self.session, request["kind"].split()[0].lower()
-        options = {"suppress": ("scope",), "amplify": ("factor", "scope"), "update": ("new_object", "lambda1",
-                                                                                       "lambda2"),
-                   "erase": ("k", "fill")}[kind]
+        kind = request["kind"].split()[0].lower()
+        options = {"suppress": ("scope", "to"), "amplify": ("factor", "scope"),
+                   "update": ("new_object", "lambda1", "lambda2", "strength"), "erase": ("k", "fill")}[kind]
+        return EditRequest(kind, tuple(neurons), fact, allow_fewer=True,
+                           **{name: request[name] for name in options if name in request})
+
+    def planner(self, edit_request):
+        """A function of a task returning the edit plan of an EditRequest on the loaded model, its inputs read from
+        the session now (it may run on the worker: a calibrated update runs the model). Erase takes the k most
+        frequent neurons there are and says in the report when there were fewer."""
+        from kn_core.edit_plan import plan_edit
+
+        s, fact = self.session, edit_request.fact
         runs = s.relation_runs(fact.relation) if fact is not None else []
-        edit_request = EditRequest(kind, tuple(neurons), fact, allow_fewer=True,
-                                   **{name: request[name] for name in options})
-        return plan_edit(s.lm, s.factset, edit_request, relation_neuron_sets={r.fact: s.refined(r) for r in runs})
+        lm, factset, stats, sets = s.lm, s.factset, s.activation_stats, {r.fact: s.refined(r) for r in runs}
+        return lambda task=None: plan_edit(lm, factset, edit_request, relation_neuron_sets=sets,
+                                           activation_stats=stats, task=task)
 
     def apply(self, request: dict, fact: Fact | None, neurons: list):
         """Measures the plan's evaluation prompts, applies the edit (one undoable command), measures again, and
         sends EditEvaluated with the before/after report. Raises UserError before any work when the request is
         bad."""
-        from kn_core.edit_plan import measure_plan
-
         if self.session.lm is None:
             raise UserError("No model loaded", "Load a model first: Model panel \u2192 Load model (Ctrl+L). The "
                             "embedded default works offline.")
         lm = self.session.lm
         try:
-            plan = self.plan(request, fact, neurons)
+            edit_request = self.request(request, fact, neurons)
+            calibrated = edit_request.kind == "update" and edit_request.strength == "calibrated"
+            planner = self.planner(edit_request)
+            # a calibrated update's plan runs the model: its request is first checked as a paper update (no model
+            # run), so a bad request is refused at once with the engine's one-line message
+            plan = self.planner(replace(edit_request, strength="paper"))() if calibrated else planner()
         except ValueError as exc:  # EditPlanError: one line naming the problem and the fix
             raise UserError("Cannot apply the edit", f"{exc}.") from exc
+        if calibrated:  # the line search evaluates the model several times: on the worker
+            self.runner.submit("Calibrating the update", planner, on_done=lambda result: self._measure(lm, result))
+        else:
+            self._measure(lm, plan)
+
+    def _measure(self, lm, plan):
+        """Measures the plan's prompts, applies its edit as one undoable command, measures again, reports."""
+        from kn_core.edit_plan import measure_plan
 
         def before_done(before):
             try:  # validate on the real model (the worker is idle now) before it enters the history
@@ -234,4 +253,5 @@ def edit_report(plan, before: dict, after: dict, model: dict) -> dict:
             "skipped": [list(item) for item in plan.skipped], "model": model,
             "requested": request.k if request.kind == "erase" else None,
             "relation": request.relation or (request.fact.relation if request.fact is not None else None),
-            "new_object": request.new_object if request.kind == "update" else None}
+            "new_object": request.new_object if request.kind == "update" else None,
+            "request": {"to": request.to, "strength": request.strength}, "calibration": plan.calibration}

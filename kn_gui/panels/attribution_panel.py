@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt, QTimer, Signal
-from PySide6.QtWidgets import (QAbstractSpinBox, QComboBox, QDoubleSpinBox, QGroupBox, QLabel,
+from PySide6.QtWidgets import (QAbstractSpinBox, QCheckBox, QComboBox, QDoubleSpinBox, QGroupBox, QLabel,
                                QSlider, QSpinBox, QSplitter, QTabWidget, QWidget)
 
 from .common import TableView, button, fmt_prob, hbox, hint, vbox
@@ -77,6 +77,18 @@ class ThresholdControl(QWidget):
         self.changed.emit(self.value())
 
 
+KEEP_TIP = ("Checked: neurons flagged massive or unspecific stay in the coarse/refined sets (the paper's method). "
+            "Unchecked (default): they are marked but left out, and never set the coarse threshold's max.")
+
+
+def _rule_text(rule: dict) -> str:
+    """The flag rules in words (NeuronFlags.rule), one line per flag, then what they were measured on."""
+    lines = [f"{name}: {rule[name]}" for name in ("massive", "unspecific") if isinstance(rule.get(name), str)]
+    if rule.get("stats_source"):
+        lines.append(f"measured on {rule['stats_source']}")
+    return "\n".join(lines)
+
+
 class AttributionPanel(QWidget):
     run_requested = Signal(str)  # "current" | "selection"
     thresholds_changed = Signal(float, float)
@@ -129,6 +141,9 @@ class AttributionPanel(QWidget):
                                    "refined neurons on average")
         self.relation_button = button("Relation neurons", self.relation_set_requested.emit,
                                       "Neurons refined for \u2265 10% of the relation's facts, as a neuron set")
+        self.keep_massive = QCheckBox("Keep massive/unspecific neurons")
+        self.keep_massive.setToolTip(KEEP_TIP)
+        self.keep_massive.toggled.connect(self._keep_massive)
         self.agg = QComboBox()
         self.agg.addItems(["sum", "max"])
         self.agg.setToolTip("Per-layer bars: sum or max of the scores in each layer")
@@ -235,7 +250,7 @@ class AttributionPanel(QWidget):
         run_box.setLayout(vbox(hbox(self.run_button, self.run_sel_button, None), params))
         thr_box = QGroupBox("Thresholds (views over stored scores)")
         thr_box.setLayout(vbox(hbox(self.t_control, self.p_control),
-                               hbox(self.adapt_button, self.relation_button, QLabel("bars"), self.agg,
+                               hbox(self.adapt_button, self.relation_button, self.keep_massive, QLabel("bars"), self.agg,
                                     QLabel("show"), self.view_of, None)))
         self.setLayout(vbox(hbox(run_box, thr_box), self.title, self.summary, split))
         for axis in ("left", "bottom"):
@@ -260,6 +275,10 @@ class AttributionPanel(QWidget):
     def set_thresholds(self, t: float, p: float):
         self.t_control.set_value(t)
         self.p_control.set_value(p)
+
+    def _keep_massive(self, keep: bool):
+        self.session.keep_massive = bool(keep)
+        self._thresholds()
 
     def _thresholds(self, _=None):
         self.session.t = self.t_control.value()
@@ -457,6 +476,8 @@ class AttributionPanel(QWidget):
     def set_flags(self, flags):
         """Marks the neurons flagged massive / unspecific (kn_core.neurons.NeuronFlags, or None)."""
         self.flags = flags
+        self.keep_massive.setToolTip(KEEP_TIP + (f"\n{_rule_text(flags.rule)}" if flags and flags.rule else
+                                                 "\nNot measured yet: flags come after a run completes."))
         self._draw_marks()
 
     def go_to(self, layer: int, neuron: int):

@@ -35,7 +35,7 @@ class EditsPanel(QWidget):
         self.session = session
         self.kind = QComboBox()
         self.kind.addItems(KINDS)
-        self.kind.setToolTip("Suppress: activation \u2192 0 at the answer position; Amplify: \u00d7 factor; "
+        self.kind.setToolTip("Suppress: activation \u2192 0 (or its mean) at the answer position; Amplify: \u00d7 factor; "
                              "Update: move value vectors from o to o'; Erase: zero the relation's top neurons")
         self.target = QComboBox()
         self.target.setToolTip("Which neurons to edit")
@@ -66,6 +66,17 @@ class EditsPanel(QWidget):
         self.lambda2 = QDoubleSpinBox()
         self.lambda2.setRange(0, 100)
         self.lambda2.setValue(8.0)
+        self.strength = QComboBox()
+        self.strength.addItem("paper (\u03bb1=1, \u03bb2=8)", "paper")
+        self.strength.addItem("calibrated", "calibrated")
+        self.strength.setToolTip("paper: the \u03bbs as given. calibrated: both \u03bbs scaled by the smallest factor "
+                                 "(1/64 to 4, line search) at which o' becomes the top answer on the fact's prompts; "
+                                 "sign-aware. The report says the scale chosen, or that none worked.")
+        self.strength.currentIndexChanged.connect(self._strength_changed)
+        self.suppress_to = QComboBox()
+        self.suppress_to.addItem("zero", "zero")
+        self.suppress_to.addItem("mean activation", "mean")
+        self.set_stats(None)
         self.erase_k = QSpinBox()
         self.erase_k.setRange(1, 1000)
         self.erase_k.setValue(20)
@@ -130,6 +141,7 @@ class EditsPanel(QWidget):
         w = QWidget()
         f = QFormLayout(w)
         f.setContentsMargins(0, 0, 0, 0)
+        f.addRow("Set to", self.suppress_to)
         f.addRow("Positions", self.scope)
         return w
 
@@ -149,6 +161,7 @@ class EditsPanel(QWidget):
         f.setContentsMargins(0, 0, 0, 0)
         f.addRow("New object", self.new_object)
         f.addRow(self.objects_line)
+        f.addRow("Strength", self.strength)
         f.addRow("\u03bb1 (remove o)", self.lambda1)
         f.addRow("\u03bb2 (add o')", self.lambda2)
         return w
@@ -161,6 +174,25 @@ class EditsPanel(QWidget):
         f.addRow("Fill", self.erase_fill)
         f.addRow(hint("Uses the relation's most frequent refined neurons over its facts' runs."))
         return w
+
+    def set_stats(self, stats):
+        """Mean ablation needs the model's activation statistics (kn_core.neurons.ActivationStats, or None)."""
+        item = self.suppress_to.model().item(1)
+        item.setEnabled(stats is not None)
+        if stats is None:
+            self.suppress_to.setCurrentIndex(0)
+            self.suppress_to.setToolTip("zero: the paper's suppression. Mean activation is available once the "
+                                        "model's activation statistics are measured (after an attribution run).")
+        else:
+            self.suppress_to.setToolTip(f"zero: the paper's suppression; mean activation: each neuron set to its "
+                                        f"mean activation at the answer position ({stats.source or stats.n_prompts}"
+                                        f" prompts), a milder baseline than 0 for neurons that are never near 0")
+
+    def _strength_changed(self, _=None):
+        paper = self.strength.currentData() == "paper"
+        for spin, value in ((self.lambda1, 1.0), (self.lambda2, 8.0)):
+            if paper:
+                spin.setValue(value)
 
     def _update_target_enabled(self):
         self.target.setEnabled(self.kind.currentText() != "Erase relation")
@@ -231,6 +263,7 @@ class EditsPanel(QWidget):
         request = {"kind": kind, "target": self.target.currentData()}
         if kind == "Suppress":
             request["scope"] = self.scope.currentText()
+            request["to"] = self.suppress_to.currentData()
         elif kind == "Amplify":
             request["factor"] = self.factor.value()
             request["scope"] = self.scope_amp.currentText()
@@ -238,6 +271,7 @@ class EditsPanel(QWidget):
             request["new_object"] = self.new_object.currentText().strip()
             request["lambda1"] = self.lambda1.value()
             request["lambda2"] = self.lambda2.value()
+            request["strength"] = self.strength.currentData()
         else:
             request["k"] = self.erase_k.value()
             request["fill"] = self.erase_fill.currentText()
@@ -266,7 +300,9 @@ class EditsPanel(QWidget):
         rows = report["rows"]
         edit = report.get("edit") or {}
         self.result_title.setText(self._title(report))
-        self.result_summary.setText("   |   ".join(self._group_summaries(report, self.answer_words)))
+        method = self._method(report)
+        self.result_summary.setText("   |   ".join(([method] if method else [])
+                                                + self._group_summaries(report, self.answer_words)))
         warnings = [w for w in (self._unchanged(rows), self._fewer_neurons(report), self._goal(report)) if w]
         warnings += [f"Skipped {what}: {why}." for what, why in report.get("skipped") or []
                      if not what.endswith("neurons asked for")]
@@ -303,6 +339,25 @@ class EditsPanel(QWidget):
                  f"\u03bb2 = {edit.get('lambda2', 8):g})")
         _, sep, rest = title.partition(" \u2014 ")
         return words + (sep + rest if sep else "")
+
+    @staticmethod
+    def _method(report: dict) -> str:
+        """Which variant was used: suppress to zero or the mean activation; an update's paper or calibrated strength
+        (the scale chosen, or that calibration failed)."""
+        kind, request = (report.get("edit") or {}).get("kind"), report.get("request") or {}
+        if kind == "suppress" and request.get("to"):
+            return ("set to the mean activation (mean ablation)" if request["to"] == "mean"
+                    else "set to zero (paper)")
+        if kind != "update" or not request.get("strength"):
+            return ""
+        cal = report.get("calibration")
+        if request["strength"] != "calibrated" or not cal:
+            return "strength: paper (\u03bbs as given)"
+        scaled = f"\u03bb1 = {cal['lambda1']:.3g}, \u03bb2 = {cal['lambda2']:.3g}"
+        if cal.get("reached"):
+            return f"strength: calibrated, \u03bbs \u00d7 {cal['scale']:.3g} ({scaled})"
+        return (f"strength: calibrated FAILED: o' never became the top answer, up to \u03bbs \u00d7 {cal['scale']:.3g} "
+                f"({scaled}, applied)")
 
     @staticmethod
     def _group_summaries(report: dict, words=str) -> list[str]:
