@@ -98,6 +98,8 @@ class AttributionPanel(QWidget):
     relation_set_requested = Signal()
 
     def __init__(self, session, parent=None):
+        # Long on purpose: one flat list of the panel's widgets in reading order, each built and connected where
+        # it is placed, reads better than the same steps scattered over helpers used once.
         super().__init__(parent)
         self.session = session
         self.run = None
