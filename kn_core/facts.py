@@ -333,16 +333,21 @@ class _Builder:
         self.names: dict[str, str] = {}
         self.templates: dict[str, list[str]] = {}
         self.facts: dict[Fact, None] = {}  # ordered, duplicates dropped
+        self.undeclared: dict[str, object] = {}  # relations named only by facts -> the first such line
 
     def fail(self, line, problem):
         raise FactImportError(self.path, line, problem)
 
-    def relation(self, line, rid, name=None):
+    def relation(self, line, rid, name=None, declare=True):
         rid = (rid or "").strip()
         if not rid:
             self.fail(line, "missing relation id")
         if rid not in self.templates:
             self.templates[rid] = []
+            if not declare:
+                self.undeclared[rid] = line
+        if declare:
+            self.undeclared.pop(rid, None)
         if name:
             if self.names.get(rid, name) != name:
                 self.fail(line, f"relation {rid} is named both {self.names[rid]!r} and {name!r}")
@@ -359,13 +364,16 @@ class _Builder:
             self.templates[rid].append(template)
 
     def fact(self, line, rid, subject, obj):
-        rid = self.relation(line, rid)
+        rid = self.relation(line, rid, declare=False)
         try:
             self.facts[Fact(rid, (subject or "").strip(), (obj or "").strip())] = None
         except ValueError as exc:
             self.fail(line, str(exc))
 
     def build(self, name) -> FactSet:
+        for rid, line in self.undeclared.items():  # it would have no templates, so its facts no prompt at all
+            self.fail(line, f"a fact names relation {rid}, which no relation or template line declares; add the "
+                            f"relation with its templates (with [X] and [Y]) or drop its facts")
         relations = {rid: Relation(rid, self.names.get(rid) or RELATION_NAMES.get(rid, rid), tuple(ts))
                      for rid, ts in self.templates.items()}
         return FactSet(name, relations, list(self.facts))

@@ -184,6 +184,10 @@ CASES = [
     pytest.param("pararel-file-is-a-folder", ["facts", "import", "{pararel_dir}"], ["P36"],
                  id="pararel-file-is-a-folder"),
     pytest.param("pararel-no-facts", ["facts", "import", "{pararel_empty}"], ["no facts"], id="pararel-no-facts"),
+    pytest.param("jsonl-undeclared-relation", ["facts", "list", "--facts", "{jsonl_undeclared}"],
+                 ["P999", "declares"], id="jsonl-undeclared-relation"),
+    pytest.param("csv-undeclared-relation", ["facts", "import", "{csv_undeclared}"], ["P999", "declares"],
+                 id="csv-undeclared-relation"),
     ("jsonl-not-json", ["facts", "import", "{jsonl_bad}"], ["line 1"]),
     ("csv-empty", ["facts", "import", "{csv_empty}"], ["empty"]),
 ]
@@ -222,7 +226,10 @@ def world(tmp_path_factory):
     files = {"csv_quote": ("q.csv", 'kind,relation,subject,object\nrelation,P1,,\nfact,P1,"France,Paris\n'),
              "jsonl_nested": ("n.jsonl", "[" * 100000 + "]" * 100000 + "\n"),
              "jsonl_bad": ("b.jsonl", "{not json\n"),
-             "csv_empty": ("e.csv", "")}
+             "csv_empty": ("e.csv", ""),
+             "jsonl_undeclared": ("u.jsonl", '{"kind": "fact", "relation": "P999", "subject": "France", '
+                                             '"object": "Paris"}\n'),
+             "csv_undeclared": ("u.csv", "kind,relation,name,template,subject,object\nfact,P999,,,France,Paris\n")}
     for key, (name, text) in files.items():
         (root / name).write_text(text)
         places[key] = str(root / name)

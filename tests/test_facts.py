@@ -378,15 +378,23 @@ def test_deeply_nested_jsonl_line_is_one_error(tmp_path):
 
 
 def test_minimal_hand_written_csv(tmp_path):
-    """Relation rows are optional: templates and facts declare their relation; names default to Wikidata's."""
+    """Relation rows are optional: templates (or a relation row) declare their relation; names default to
+    Wikidata's. A fact alone never declares one: its relation would have no template, so no prompt."""
     path = tmp_path / "mine.csv"
-    path.write_text("kind,relation,template,subject,object\n"
-                    "template,P36,The capital of [X] is [Y] .,,\n"
-                    "fact,P36,,France,Paris\n"
-                    "fact,X1,,a,b\n")
+    path.write_text("kind,relation,name,template,subject,object\n"
+                    "template,P36,,The capital of [X] is [Y] .,,\n"
+                    "relation,X1,,,,\n"
+                    "fact,P36,,,France,Paris\n"
+                    "fact,X1,,,a,b\n")
     fs = import_facts(path)
     assert fs.name == "mine" and fs.relation("P36").name == "capital" and fs.relation("X1").name == "X1"
     assert fs.facts_of("X1") == [Fact("X1", "a", "b")]
+    path.write_text("kind,relation,template,subject,object\n"
+                    "template,P36,The capital of [X] is [Y] .,,\n"
+                    "fact,P36,,France,Paris\n"
+                    "fact,X2,,a,b\n")
+    with pytest.raises(FactImportError, match=r"line 4: a fact names relation X2, which no relation or template"):
+        import_facts(path)
 
 
 def test_export_rejects_unknown_suffix(tmp_path):
