@@ -188,7 +188,9 @@ class JobRunner(QObject):
 
     def _on_partial(self, obj):
         job = self.current
-        if job is not None and job.on_partial and not job.task.cancelled:
+        # Delivered even after a cancel was asked for: the job produced it before stopping (signals keep their
+        # order, so it arrives before the job's end), and a finished prompt must not be lost to a late click.
+        if job is not None and job.on_partial:
             self._safe(job.on_partial, obj)
 
     def _finish(self, outcome: str, callback, *args, message: str = ""):

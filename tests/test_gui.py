@@ -220,7 +220,7 @@ def test_masked_model_journey(app, qtbot, settings):
     window.close()
 
 
-def test_cancel_mid_run_keeps_finished_prompts(window, qtbot):
+def test_cancel_mid_run_keeps_finished_prompts(window, qtbot, pause_after_first_prompt):
     fact = FRANCE
     window.facts_panel.select_fact(fact)
     window.attribution_panel.steps.setValue(150)

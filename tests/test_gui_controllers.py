@@ -56,7 +56,7 @@ def test_history_one_undo_order_and_no_cross_truncation(qapp):
     assert history.next_undo() is history.edits  # the edit just redone is undone first
 
 
-def test_attribution_events_are_typed_and_cancel_keeps_the_complete_run(parts, qtbot):
+def test_attribution_events_are_typed_and_cancel_keeps_the_complete_run(parts, qtbot, request):
     session, runner, history, edits, attribution, project, events = parts
     odd = Fact("P99", "France", "Europe")  # [Y] before [X]: no prompt a causal model can continue
     session.factset = session.factset.with_relation(Relation("P99", "in", ("[Y] contains [X].",))).with_fact(odd)
@@ -70,6 +70,7 @@ def test_attribution_events_are_typed_and_cancel_keeps_the_complete_run(parts, q
     assert all(not isinstance(e, tuple) for e in events)
     first = session.runs[("P36", "France", "Paris")]
     assert first.complete and first.edits == []
+    request.getfixturevalue("pause_after_first_prompt")
     attribution.start([FRANCE], AttributionParams(steps=150))
     run = attribution.running[0]
     qtbot.waitUntil(lambda: len(run.scores) >= 1, timeout=60000)

@@ -34,8 +34,9 @@ def start_and_cancel_after_one_prompt(qtbot, window, steps=150):
     return running
 
 
-def test_cancelled_rerun_never_replaces_the_complete_run(window, qtbot, settings, lm, tmp_path):
+def test_cancelled_rerun_never_replaces_the_complete_run(window, qtbot, settings, lm, tmp_path, request):
     first = run_fact(qtbot, window, steps=2)
+    request.getfixturevalue("pause_after_first_prompt")
     partial = start_and_cancel_after_one_prompt(qtbot, window)
     s = window.session
     assert s.runs[KEY] is first and first.complete
@@ -55,7 +56,8 @@ def test_cancelled_rerun_never_replaces_the_complete_run(window, qtbot, settings
     again.close()
 
 
-def test_cancelled_first_run_is_marked_partial_not_running(window, qtbot, settings, lm, tmp_path):
+def test_cancelled_first_run_is_marked_partial_not_running(window, qtbot, settings, lm, tmp_path,
+                                                          pause_after_first_prompt):
     partial = start_and_cancel_after_one_prompt(qtbot, window)
     assert window.session.runs[KEY] is partial and KEY not in window.session.partial_runs
     title = window.attribution_panel.title.text()

