@@ -362,7 +362,14 @@ def ratio_from_log10(log10: float) -> dict:
     if log10 is None or not math.isfinite(log10):
         return {"ratio": None, "log10": None, "text": "n/a"}
     value = 10.0 ** log10 if log10 < 300 else float("inf")
-    text = f"x{value:.2g}" if abs(log10) < 3 else f"x{10 ** (log10 % 1):.1f}e{int(math.floor(log10))}"
+    if -2 <= log10 < 2:  # x0.85, x3.2, x12
+        text = f"x{value:.2g}" if value < 10 else f"x{value:.0f}"
+    else:  # x4.4e2, x1.2e26, x5.0e-3: one mantissa digit after the point, renormalised after rounding
+        exponent = math.floor(log10)
+        mantissa = round(10 ** (log10 - exponent), 1)
+        if mantissa >= 10:
+            mantissa, exponent = mantissa / 10, exponent + 1
+        text = f"x{mantissa:.1f}e{exponent}"
     return {"ratio": value if math.isfinite(value) else None, "log10": float(log10), "text": text}
 
 

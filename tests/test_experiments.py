@@ -102,6 +102,8 @@ def test_ratio_text():
     assert ratio(2.0, 6.4) | {"ratio": 3.2} == {"ratio": 3.2, "log10": pytest.approx(0.50515), "text": "x3.2"}
     assert ratio(1.0, 1.2e26)["text"] == "x1.2e26" and ratio(1.0, 1.2e26)["log10"] == pytest.approx(26.0792)
     assert ratio(10.0, 8.5)["text"] == "x0.85"
+    assert [ratio(1.0, x)["text"] for x in (440.0, 9.99e5, 99.7, 12.3, 0.005, 1.0)] == [
+        "x4.4e2", "x1.0e6", "x100", "x12", "x5.0e-3", "x1"]  # no "4.4e+02" beside "1.2e26", no "10.0e5"
     assert ratio(1.0, float("nan")) == {"ratio": None, "log10": None, "text": "n/a"}
     assert ratio(0.0, 1.0)["ratio"] is None
 
