@@ -254,19 +254,12 @@ def _knowledge_neurons(chosen: dict, ig: dict, base: dict, t: float, p: float, e
 
 def _flags(lm, chosen: dict, ig: dict, t: float, task: Task):
     """Massive and unspecific neurons of this run and the activation statistics they rest on (the run's prompts
-    plus the built-in neutral sentences): ``neurons.run_flags``' steps, kept here because the statistics also
-    give the means for mean-ablation."""
-    from ..neurons import (ActivationStats, answer_activations, fact_coarse_set, flag_massive, neuron_flags,
-                           neutral_sentences)
+    plus the built-in neutral sentences); the statistics also give the means for mean-ablation."""
+    from ..neurons import run_stats, scored_flags
 
-    run = [s.activations for facts in chosen.values() for f, _ in facts for s in ig[f]]
-    neutral = answer_activations(lm, neutral_sentences(), task)
-    stats = ActivationStats.from_activations(run + neutral,
-                                             source=f"{len(run)} run prompts + {len(neutral)} neutral sentences")
-    massive = flag_massive(stats)
-    coarse = {rid: [fact_coarse_set([s.scores for s in ig[f]], t, massive) for f, _ in facts]
-              for rid, facts in chosen.items()}
-    return neuron_flags(stats, coarse), stats
+    stats = run_stats(lm, [s.activations for facts in chosen.values() for f, _ in facts for s in ig[f]], task)
+    scores = {rid: [[s.scores for s in ig[f]] for f, _ in facts] for rid, facts in chosen.items()}
+    return scored_flags(stats, scores, t), stats
 
 
 def _neuron_summary(records, adapted, flags, layers: int) -> dict:
