@@ -85,7 +85,8 @@ def _coarse(scores: np.ndarray, t: float, excluded: tuple[np.ndarray, np.ndarray
     top = float(np.max(scores))
     if not (top > 0 and math.isfinite(top)):
         return []
-    layers, neurons = np.nonzero(scores > t * top)
+    # In float64: NumPy would round t x top to float32 scores' precision, so t just below 1 would drop the top.
+    layers, neurons = np.nonzero(np.asarray(scores, dtype=np.float64) > t * top)
     return list(zip(layers.tolist(), neurons.tolist()))
 
 
