@@ -327,3 +327,66 @@ def test_requests_without_neurons_or_plans_are_left_out_with_reasons():
     assert result.report["applied"] == 1
     assert [x["line"] for x in result.report["left_out"]] == [2, 3]
     assert "no neurons" in result.report["left_out"][0]["reason"]
+
+
+# ---------------------------------------------------------------- the CLI
+
+@pytest.fixture(scope="module")
+def saved_gpt2(tmp_path_factory):
+    lm = tiny()
+    folder = tmp_path_factory.mktemp("gpt2")
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_cli_batch_stores_metrics_and_one_history_entry_and_reuses_neurons(capsys, tmp_path, saved_gpt2):
+    from kn_core.cli import main
+    from kn_core.store import open_project
+
+    requests = tmp_path / "req.jsonl"
+    requests.write_text("\n".join(lines(
+        {"prompt": "The capital of France is", "subject": "France", "ground_truth": "Paris", "target_new": "Rome",
+         "rephrase_prompts": ["France's capital city is"], "neurons": [[2, 5], [1, 7]],
+         "locality_prompts": [{"prompt": "The capital of Japan is", "ground_truth": "Tokyo"}]},
+        {"relation": "P36", "subject": "Japan", "kind": "suppress"},
+    )) + "\n")
+    project = tmp_path / "b.knproj"
+    argv = ["edit", "batch", str(requests), "--model", saved_gpt2, "--mode", "sequential", "--steps", "2",
+            "--t", "0.1", "--p", "0.2", "--project", str(project), "--json"]
+    assert main(argv) == 0, capsys.readouterr().err
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["applied"] == 2 and doc["history_entry"] == 0 and len(doc["steps"]) == 2
+    easy, japan = doc["requests"]
+    assert easy["neurons_from"] == "explicit" and japan["neurons_from"].startswith("attribution (ig, 2 steps")
+    assert {"fact", "rephrase", "new object", "rephrase new object", "locality"} <= set(easy["prompts"])
+    with open_project(project) as p:
+        evaluation = p.list_evaluations("edit batch")[-1]
+        assert evaluation.report["requests"][1]["metrics"] == japan["metrics"]
+        state, sha = p.load_edit_history()
+        assert [e["edit"]["kind"] for e in state["entries"]] == ["batch"] and state["cursor"] == 1
+        assert state["entries"][0]["report"]["batch"]["evaluation_id"] == evaluation.id
+    assert main(argv) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["requests"][1]["neurons_from"].startswith("project neuron set #")
+    assert doc["history_entry"] == 1  # on top of the saved batch
+
+
+def test_cli_batch_refuses_bad_lines_unless_skipped(capsys, tmp_path, saved_gpt2):
+    from kn_core.cli import main
+
+    requests = tmp_path / "req.jsonl"
+    requests.write_text("\n".join(lines({"relation": "P36", "subject": "France", "kind": "suppress",
+                                         "neurons": [[0, 1]]}, "{oops", {"relation": "P36", "subject": "Mars"})))
+    argv = ["edit", "batch", str(requests), "--model", saved_gpt2, "--control-facts", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "line 2: not valid JSON" in err and "line 3: no fact of P36 with subject 'Mars'" in err
+    assert "error: 2 bad request(s)" in err and "--skip-bad" in err
+    assert main(argv + ["--skip-bad", "--json"]) == 0
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
+    assert doc["applied"] == 1 and [x["line"] for x in doc["left_out"]] == [2, 3]
+    assert "skipped line 2" in captured.err
+    assert main(["edit", "batch", str(tmp_path / "missing.jsonl")]) == 2
+    assert "REQUESTS" in capsys.readouterr().err
