@@ -59,8 +59,8 @@ class DegeneracyParams:
         if self.criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}, not {self.criterion!r}")
         if isinstance(self.removed_below, bool) or not isinstance(self.removed_below, (int, float)) \
-                or not 0 < self.removed_below < 1:
-            raise ValueError(f"removed_below must be a fraction in (0, 1), not {self.removed_below!r}")
+                or not 0 < self.removed_below <= 1:
+            raise ValueError(f"removed_below must be a fraction in (0, 1], not {self.removed_below!r}")
         for name, low in (("max_neurons", 2), ("batch_size", 1), ("seed", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:

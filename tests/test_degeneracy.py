@@ -196,3 +196,26 @@ def test_bad_input_one_line(call, message):
     with pytest.raises(ValueError) as exc:
         call(lm, prompts_of(lm))
     assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_cli_prints_the_table_and_strict_json(capsys, tmp_path):
+    import json
+
+    from kn_core.cli import main
+
+    lm = make_tiny(TINY_CAUSAL)
+    lm.model.save_pretrained(tmp_path)
+    lm.tokenizer.save_pretrained(tmp_path)
+    argv = ["edit", "degeneracy", "--relation", "P36", "--subject", "France", "--model", str(tmp_path), "--steps",
+            "2", "--t", "0.1", "--p", "0.2", "--criterion", "prob", "--max-neurons", "3"]
+    assert main(argv + ["--json"]) == 0
+    doc = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
+    n = len(doc["neurons"])
+    assert n >= 2 and doc["fact"]["object"] == "Paris" and len(doc["singles"]) == n
+    assert doc["pairs_tested"] == min(n, 3) * (min(n, 3) - 1) // 2 and len(doc["left_out"]) == max(n - 3, 0)
+    assert doc["params"]["criterion"] == "prob" and "0.5 x" in doc["params"]["definition"]
+    assert doc["control"]["kind"] == "random neurons from the same layers"
+    assert [x["layer"] for x in doc["neuron_scores"]] == [l for l, _ in doc["neurons"]]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "removes = the answer's mean probability falls below 0.5" in text and "random control:" in text
