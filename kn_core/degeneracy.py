@@ -259,3 +259,47 @@ def relation_summary(results: Sequence[dict]) -> dict:
     if controls:
         out["random"] = counts(controls)
     return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Over many facts (the reproduction)
+# --------------------------------------------------------------------------------------------------------
+
+def _compact(r: dict) -> dict:
+    """What a report keeps of one analysis: the verdicts, single neurons and all (pairs: the redundant ones)."""
+    keep = ("applicable", "reason", "neurons", "prompts", "known_prompts", "unedited", "singles", "all",
+            "pairs_tested", "pairs_total", "left_out", "necessary", "redundant_pairs", "degenerate")
+    return {k: r[k] for k in keep}
+
+
+def degeneracy_experiment(lm, records: Sequence, params: DegeneracyParams | None = None,
+                          scores: Mapping | None = None, exclude: Iterable[Neuron] = (),
+                          task: Task | None = None) -> dict:
+    """The degeneracy test of every fact of `records` (`experiments.FactNeurons`) that has knowledge neurons;
+    `scores`: {fact: scores [layer, neuron]} to pair the strongest first; the random control of fact i is
+    seeded with params.seed * 1_000_003 + i and never draws `exclude`. Returns the parameters, per relation
+    and in total the counts of `relation_summary`, each fact's compact result, and the facts left out (no
+    knowledge neurons)."""
+    from dataclasses import replace
+
+    params = params or DegeneracyParams()
+    task = as_task(task)
+    exclude = list(exclude)
+    used = [r for r in records if r.neurons]
+    facts, results = [], {}
+    for i, rec in enumerate(used):
+        task.check()
+        fact_params = replace(params, seed=params.seed * 1_000_003 + i)
+        result = degeneracy_test(lm, rec.prompts, rec.neurons, fact_params,
+                                 scores=(scores or {}).get(rec.fact), exclude=exclude,
+                                 task=task.slice(i / len(used), (i + 1) / len(used)))
+        results.setdefault(rec.relation, []).append(result)
+        facts.append({"relation": rec.relation, "subject": rec.fact.subject, "object": rec.fact.object,
+                      **_compact(result),
+                      **({"control": _compact(result["control"])} if "control" in result else {})})
+        task.progress((i + 1) / len(used), f"degeneracy {rec.relation}:{rec.fact.subject}")
+    return {"params": params.to_dict(),
+            "per_relation": {rid: relation_summary(rs) for rid, rs in results.items()},
+            "total": relation_summary([r for rs in results.values() for r in rs]),
+            "facts": facts,
+            "facts_without_neurons": [f"{r.relation}:{r.fact.subject}" for r in records if not r.neurons]}

@@ -219,3 +219,25 @@ def test_cli_prints_the_table_and_strict_json(capsys, tmp_path):
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "removes = the answer's mean probability falls below 0.5" in text and "random control:" in text
+
+
+def test_reproduction_counts_per_relation_and_report_section():
+    from kn_core.degeneracy import degeneracy_experiment
+    from kn_core.experiments import FactNeurons
+    from kn_core.reproduce.report import _degeneracy_section
+
+    lm = carrying(6, 6)
+    japan = Fact("P36", "Japan", "Tokyo")
+    records = [FactNeurons(FRANCE, prompts_of(lm), [A, B, OTHER], []),
+               FactNeurons(japan, prompts_of(lm, japan), [], [])]
+    part = degeneracy_experiment(lm, records)
+    counts = part["per_relation"]["P36"]["knowledge"]
+    assert counts == {"facts": 1, "applicable": 1, "with_redundant_pairs": 1, "whole_set_redundant": 1,
+                      "degenerate": 1, "all_removes": 1, "redundant_pairs": 1, "pairs_tested": 3}
+    assert part["per_relation"]["P36"]["random"]["degenerate"] == 0 and part["total"] == part["per_relation"]["P36"]
+    assert part["facts_without_neurons"] == ["P36:Japan"]
+    assert part["facts"][0]["redundant_pairs"] == [[list(A), list(B)]]
+    text = "\n".join(_degeneracy_section({"degeneracy": part, "relations": ["P36"], "left_out": {}}))
+    assert "| P36 | 1 | 1 | 1 | 1 | 1 | 1 | 1 / 3 | 0 |" in text
+    assert "- P36 France -> Paris: pairs L2.5 + L2.9; the whole set (L2.5 + L2.9 + L1.3)" in text
+    assert "P36:Japan: no knowledge neurons" in text
