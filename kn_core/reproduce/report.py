@@ -39,7 +39,13 @@ def _ratio_text(before, after) -> str:
 
 
 def _pct(x) -> str:
+    """A relative change: signed."""
     return f"{100 * x:+.2f}%" if _finite(x) else "n/a"
+
+
+def _rate(x) -> str:
+    """A share of prompts or facts: unsigned."""
+    return f"{100 * x:.1f}%" if _finite(x) else "n/a"
 
 
 def _num(x, fmt="{:.2f}") -> str:
@@ -289,13 +295,13 @@ def _update_section(report: dict) -> list[str]:
     lines += ["| | " + " | ".join(label for _, label in arms) + " | paper | paper random |",
               "|---" * (len(arms) + 3) + "|"]
 
-    def row(name, key, paper="-", paper_random="-", fmt=_pct):
+    def row(name, key, paper="-", paper_random="-", fmt=_rate):
         return f"| {name} | " + " | ".join(fmt(up[arm].get(key)) for arm, _ in arms) + f" | {paper} | {paper_random} |"
 
-    lines += [row("change rate", "change_rate", _pct(PAPER["update_change_rate"]),
-                  _pct(PAPER["update_random_change_rate"])),
-              row("success rate (argmax = o')", "success_rate", _pct(PAPER["update_success_rate"]),
-                  _pct(PAPER["update_random_success_rate"])),
+    lines += [row("change rate", "change_rate", _rate(PAPER["update_change_rate"]),
+                  _rate(PAPER["update_random_change_rate"])),
+              row("success rate (argmax = o')", "success_rate", _rate(PAPER["update_success_rate"]),
+                  _rate(PAPER["update_random_success_rate"])),
               row("o' in top 5", "top5_rate")]
     for kind in ("intra", "inter"):
         lines.append(f"| {kind}-relation perplexity, median ratio | "
@@ -303,7 +309,7 @@ def _update_section(report: dict) -> list[str]:
                      + f" | +{PAPER[f'update_ppl_{kind}']} (a difference) | - |")
     if up.get("calibrated"):
         lines.append(row("calibrated: median scale of λ", "scale", fmt=lambda v: _num(v, "{:.3g}")))
-        lines.append(row("calibrated: o' reached within the range", "reached_rate"))
+        lines.append(row("calibrated: facts where o' won every prompt at a scale in the range", "reached_rate"))
     lines += ["", "Per fact (a failed update says so: o' did not become the model's answer on most prompts):", "",
               "| fact | o -> o' | " + " | ".join(label for arm, label in arms if "random" not in arm) + " |",
               "|---|---" + "|---" * sum("random" not in arm for arm, _ in arms) + "|"]
@@ -318,7 +324,7 @@ def _update_section(report: dict) -> list[str]:
                 continue
             verdict = "succeeded" if x["success_rate"] >= 0.5 else "**failed**"
             scale = f", scale {x['scale']:.3g}" if _finite(x.get("scale")) else ""
-            cells.append(f"{verdict} ({_pct(x['success_rate'])} of prompts{scale}); perplexity intra "
+            cells.append(f"{verdict} ({_rate(x['success_rate'])} of prompts{scale}); perplexity intra "
                          f"{_ratio_text(x['ppl_intra_before'], x['ppl_intra_after'])}, inter "
                          f"{_ratio_text(x['ppl_inter_before'], x['ppl_inter_after'])}")
         lines.append(f"| {r['fact']} | {r['object']} -> {r['new_object']} | " + " | ".join(cells) + " |")
