@@ -284,10 +284,15 @@ class NeuronSource:
 
 
 def resolve_neurons(lm, parsed: ParsedRequests, source: NeuronSource = NeuronSource(), project=None,
-                    task=None) -> dict[int, tuple[tuple[Neuron, ...], str]]:
-    """{line: (neurons, where they came from)} for every request: explicit neurons; else the project's latest
-    refined set of the fact made on these weights (same sha256); else attribution of the fact's prompts, whose
-    refined set is stored in the project (so a rerun reuses it)."""
+                    task=None) -> dict[int, tuple[tuple[Neuron, ...], str, tuple[str, ...] | None]]:
+    """{line: (neurons, where they came from, the templates that found them)} for every request: explicit
+    neurons; else the project's latest refined set of the fact made on these weights (same sha256); else
+    attribution of the fact's prompts, whose refined set is stored in the project (so a rerun reuses it).
+
+    The templates decide generality (docs/METRICS.md: measured on templates that did not find the neurons):
+    attribution used every template of the fact (so none is held out); explicit neurons of an EasyEdit request
+    count as found on its prompt, so its rephrases are held out, as EasyEdit measures generality; other
+    explicit or stored neurons: not known (None)."""
     from .attribution import AttributionParams, attribute_fact
     from .neurons import refined_neurons
 
@@ -300,11 +305,11 @@ def resolve_neurons(lm, parsed: ParsedRequests, source: NeuronSource = NeuronSou
     for r in parsed.requests:
         task.check()
         if r.neurons is not None:
-            out[r.line] = (r.neurons, "explicit")
+            out[r.line] = (r.neurons, "explicit", (r.main_template,) if r.main_template else None)
             continue
         found = stored(r.fact)
         if found is not None:
-            out[r.line] = (found[1], f"project neuron set #{found[0]}")
+            out[r.line] = (found[1], f"project neuron set #{found[0]}", None)
         else:
             prompts, _ = render_prompts(r.fact, r.relation, lm.tokenizer, lm.kind)
             part = task.slice(done / len(todo), (done + 1) / len(todo))
@@ -316,7 +321,7 @@ def resolve_neurons(lm, parsed: ParsedRequests, source: NeuronSource = NeuronSou
                 set_id = project.add_neuron_set("refined", neurons, fact=r.fact, model=lm, note="kn edit batch",
                                                 params={"t": source.t, "p": source.p, **params.to_dict()})
                 how += f", stored as project neuron set #{set_id}"
-            out[r.line] = (neurons, how)
+            out[r.line] = (neurons, how, tuple(p.template for p in prompts))
         done += 1
         task.progress(done / max(len(todo), 1), f"neurons of {done}/{len(todo)} requests")
     return out
@@ -367,13 +372,14 @@ class _PlanningFacts:
         return view
 
 
-def run_batch(lm, parsed: ParsedRequests, neurons: dict[int, tuple[tuple[Neuron, ...], str]], mode: str = "compound",
+def run_batch(lm, parsed: ParsedRequests, neurons: dict, mode: str = "compound",
               *, seed: int = 0, control_facts: int = 4, forgetting_prompts: int = 1, relation_exclusion: bool = True,
               label: str = "", task=None) -> BatchResult:
     """Plans, applies and measures every request of `parsed` (see the module notes for the two modes) and
     leaves the model as it found it, also when cancelled (`tasks.Cancelled`) or on an error. Requests that
     cannot be planned (e.g. no neurons, an update no template can render) are left out and listed in
-    report["left_out"] with their reason, as are the bad lines of `parsed`."""
+    report["left_out"] with their reason, as are the bad lines of `parsed`. `neurons`: `resolve_neurons`'s
+    answer (a request's entry may omit the templates)."""
     if mode not in MODES:
         raise BatchError(f"unknown mode {mode!r}; use compound or sequential")
     if forgetting_prompts < 1:
@@ -396,11 +402,10 @@ def run_batch(lm, parsed: ParsedRequests, neurons: dict[int, tuple[tuple[Neuron,
     return BatchResult(edit, control, report)
 
 
-METRICS_NOTE = ("per request: edit_plan.summarize_plan per prompt group (p before/after, relative change, top-1 flip "
-                "rate, accuracy before/after; update: success_rate = o' greedy on the new-object prompts), for the "
-                "edit and its random-neuron control; 'holds' (sequential forgetting): update: o' greedy, suppress: "
-                "the old answer no longer greedy, amplify: p above its value before the batch, on the request's "
-                "first forgetting_prompts reliability prompts")
+METRICS_NOTE = ("per request: kn_core.metrics.edit_metrics (docs/METRICS.md) of its edit and of its random-neuron "
+                "control; summary: their means over the requests where a metric applies; 'holds' (sequential "
+                "forgetting): update: o' greedy, suppress: the old answer no longer greedy, amplify: p above its "
+                "value before the batch, on the request's first forgetting_prompts reliability prompts")
 
 
 def _relation_sets(requests, neurons) -> dict[str, dict[Fact, tuple[Neuron, ...]]]:
@@ -416,35 +421,24 @@ def _plan(lm, planning: _PlanningFacts, r: BatchRequest, neurons, settings, left
     listing why it was left out."""
     from .edit_plan import EditPlanError, EditRequest, plan_edit
 
-    chosen, _ = neurons.get(r.line, ((), ""))
+    chosen, source, templates = (tuple(neurons.get(r.line, ())) + ((), "not resolved", None))[:3]
     if not chosen:
-        left_out.append({"line": r.line, "reason": f"no neurons: {neurons.get(r.line, ((), 'not resolved'))[1]} "
-                                                   "found none (give explicit neurons or lower t or p)"})
+        left_out.append({"line": r.line, "reason": f"no neurons: {source} found none (give explicit neurons or "
+                                                   "lower t or p)"})
         return None
     try:
         plan = plan_edit(lm, planning.for_request(r.fact),
                          EditRequest(r.kind, chosen, r.fact, new_object=r.new_object, seed=settings["seed"],
-                                     control_facts=settings["control_facts"], control_prompts_per_fact=1),
+                                     control_facts=settings["control_facts"], control_prompts_per_fact=1,
+                                     neuron_templates=templates),
                          settings["relation_sets"].get(r.fact.relation, {}), task=task)
     except EditPlanError as exc:
         left_out.append({"line": r.line, "reason": str(exc)})
         return None
     groups, skipped = dict(plan.prompts), list(plan.skipped) + list(r.left_out)
-    if r.main_template is not None:
-        _split_rephrases(groups, r.main_template)
     if r.locality:
         groups["locality"] = _locality_prompts(lm, r.locality, skipped)
     return replace(plan, prompts=groups, skipped=skipped)
-
-
-def _split_rephrases(groups: dict, main: str) -> None:
-    """EasyEdit form: "fact" keeps the request's own prompt, "rephrase" gets the rephrases (and "new object" /
-    "rephrase new object" likewise, aligned)."""
-    for own, new in (("fact", "rephrase"), ("new object", "rephrase new object")):
-        if own in groups:
-            prompts = groups[own]
-            groups[own] = [p for p in prompts if p.template == main]
-            groups[new] = [p for p in prompts if p.template != main]
 
 
 def _locality_prompts(lm, pairs, skipped) -> list[Prompt]:
@@ -466,10 +460,19 @@ def _measure(lm, group_list: Sequence[dict[str, list[Prompt]]], task) -> list[di
     return [{g: [next(rows) for _ in ps] for g, ps in groups.items()} for groups in group_list]
 
 
-def _metrics(plan, before, after, control_after) -> dict:
-    from .edit_plan import summarize_plan
+def _metrics(lm, plan, before, after, control_after) -> dict:
+    """edit_metrics of the request (sizes measured on the model as it is: unedited, or before the step), and
+    for EasyEdit locality prompts their own "locality_prompts" entry (kept top-1 and |Δp|, as locality)."""
+    from .metrics import _kept, edit_metrics, edit_size, not_applicable
 
-    return {"edit": summarize_plan(plan, before, after), "control": summarize_plan(plan, before, control_after)}
+    prompts = plan.prompts.get("fact", [])
+    out = edit_metrics(plan, before, after, control_after=control_after, size=edit_size(lm, plan.edit, prompts),
+                       control_size=edit_size(lm, plan.control, prompts))
+    for side, rows in ((out, after), (out["control"], control_after)):
+        given = before.get("locality") or []
+        side["locality_prompts"] = (_kept(given, rows["locality"]) if given else
+                                    not_applicable("the request gives no locality prompts"))
+    return out
 
 
 def _compound(lm, requests, neurons, planning, settings, left_out, forgetting_prompts, task):
@@ -488,7 +491,8 @@ def _compound(lm, requests, neurons, planning, settings, left_out, forgetting_pr
     control = _with(lm, E.Batch(tuple(e["plan"].control for e in entries)),
                     lambda: _measure(lm, groups, task.slice(0.7, 1.0)))
     for e, b, a, c in zip(entries, before, after, control):
-        e["metrics"] = _metrics(e["plan"], b, a, c)
+        task.check()
+        e["metrics"] = _metrics(lm, e["plan"], b, a, c)
     return entries, None
 
 
@@ -515,7 +519,7 @@ def _sequential(lm, requests, neurons, planning, settings, left_out, forgetting_
             (control,) = _with(lm, plan.control, lambda: _measure(lm, [plan.prompts], step.slice(0.4, 0.6)))
             handles.append(plan.edit.apply(lm))
             (after,) = _measure(lm, [plan.prompts], step.slice(0.6, 0.8))
-            entry["metrics"] = _metrics(plan, before, after, control)
+            entry["metrics"] = _metrics(lm, plan, before, after, control)
             entry["probe"] = _probe(entry, before, forgetting_prompts)
             entries.append(entry)
             steps.append(_step_report(lm, entries, step.slice(0.8, 1.0)))
@@ -572,25 +576,49 @@ def _request_report(e) -> dict:
 
 
 def _summary(entries, steps) -> dict:
-    """Means over the applied requests of each group's numbers, for the edit and the control."""
-    out: dict = {"requests": len(entries)}
-    for side in ("edit", "control"):
-        groups: dict[str, dict[str, list[float]]] = {}
-        for e in entries:
-            for g, values in e["metrics"][side].items():
-                if isinstance(values, dict):
-                    for key, v in values.items():
-                        if isinstance(v, (int, float)) and np.isfinite(v):
-                            groups.setdefault(g, {}).setdefault(key, []).append(float(v))
-        out[side] = {g: {"requests": len(vals.get("n", [])), **{k: float(np.mean(v)) for k, v in vals.items() if k != "n"}}
-                     for g, vals in groups.items()}
-        rates = [e["metrics"][side]["success_rate"] for e in entries if "success_rate" in e["metrics"][side]]
-        if rates:
-            out[side]["success_rate"] = float(np.mean(rates))
+    """The batch's metrics in edit_metrics' shape (so metrics.metrics_lines prints them): each number is the
+    mean over the requests where the metric applies ("requests" says how many; the reasons of the others are
+    counted), for the edits and for their random-neuron controls."""
+    from .metrics import METRIC_NAMES
+
+    def side(ms: list[dict]) -> dict:
+        out = {name: _mean_metric([m[name] for m in ms]) for name in METRIC_NAMES + ("locality_prompts",)}
+        out["flip_rate"] = _mean_of([m["flip_rate"] for m in ms])
+        for key in ("rank_old", "rank_new"):
+            ranks = [m[key] for m in ms if m[key].get("applicable", True)]
+            out[key] = ({k: _mean_of([r[k] for r in ranks]) for k in ("before", "after", "median_before",
+                                                                       "median_after")} | {"n": len(ranks)}
+                        if ranks else {"applicable": False, "reason": "no request has a new object"})
+        sizes = [m["edit_size"] for m in ms]
+        out["edit_size"] = {k: _mean_of([z.get(k) for z in sizes]) for k in ("neurons", "weight_change",
+                                                                             "activation_change")}
+        return out
+
+    out: dict = {"requests": len(entries), "metrics": side([e["metrics"] for e in entries])}
+    out["metrics"]["control"] = side([e["metrics"]["control"] for e in entries])
     if steps:
         first = [e["holds"][0][1] for e in entries if e["holds"] and np.isfinite(e["holds"][0][1])]
         last = [e["holds"][-1][1] for e in entries if e["holds"] and np.isfinite(e["holds"][-1][1])]
-        out["forgetting"] = {"holds_right_after_own_step": float(np.mean(first)) if first else None,
-                             "holds_at_the_end": float(np.mean(last)) if last else None,
+        out["forgetting"] = {"holds_right_after_own_step": _mean_of(first), "holds_at_the_end": _mean_of(last),
                              "note": "mean over requests of the fraction of probe prompts where the edit holds"}
+    return out
+
+
+def _mean_of(values) -> float | None:
+    values = [float(v) for v in values if v is not None and np.isfinite(v)]
+    return float(np.mean(values)) if values else None
+
+
+def _mean_metric(metrics: list[dict]) -> dict:
+    used = [m for m in metrics if m.get("applicable", True)]
+    if not used:
+        reasons = sorted({m.get("reason", "") for m in metrics})
+        return {"applicable": False, "reason": "; ".join(reasons) or "no requests"}
+    out = {k: _mean_of([m.get(k) for m in used]) for k in ("rate", "mean_prob", "mean_rank")}
+    if any("mean_abs_dp" in m for m in used):
+        out["mean_abs_dp"] = _mean_of([m.get("mean_abs_dp") for m in used])
+    out |= {"n": sum(m["n"] for m in used), "requests": len(used)}
+    skipped = len(metrics) - len(used)
+    if skipped:
+        out["not_applicable_requests"] = skipped
     return out

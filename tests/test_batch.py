@@ -129,7 +129,7 @@ def overlapping_updates():
 
 
 def explicit(parsed):
-    return {r.line: (r.neurons, "explicit") for r in parsed.requests}
+    return {r.line: (r.neurons, "explicit", None) for r in parsed.requests}
 
 
 def reference_update(v0, steps, lm):
@@ -198,20 +198,24 @@ def test_compound_metrics_are_measured_with_every_edit_and_control_applied():
     result = run_batch(lm, parsed, explicit(parsed), "compound", relation_exclusion=False)
     first = result.report["requests"][0]
     plan_prompts = result.report["requests"][0]["prompts"]
-    assert plan_prompts["fact"] >= 1 and plan_prompts["new object"] == plan_prompts["fact"]
-    # independent: France's fact prompts under the whole batch, and under the batch of controls
-    prompts, _ = render_prompts(FACTS[0], REL, lm.tokenizer, lm.kind)
+    assert plan_prompts["fact"] == 4 and plan_prompts["new object"] == plan_prompts["fact"]
+    # independent: France -> Rome's prompts under the whole batch, and under the batch of controls
+    prompts, _ = render_prompts(Fact("P36", "France", "Rome"), REL, lm.tokenizer, lm.kind)
     before = answer_probabilities(lm, prompts)
     after = with_edits(lm, [result.edit], lambda: answer_probabilities(lm, prompts))
     control = with_edits(lm, [result.control], lambda: answer_probabilities(lm, prompts))
-    fact = first["metrics"]["edit"]["fact"]
-    n = fact["n"]
-    assert fact["p_before"] == pytest.approx(np.mean([r["prob"] for r in before[:n]]), rel=1e-9)
-    assert fact["p_after"] == pytest.approx(np.mean([r["prob"] for r in after[:n]]), rel=1e-9)
-    assert first["metrics"]["control"]["fact"]["p_after"] == pytest.approx(np.mean([r["prob"] for r in control[:n]]),
-                                                                           rel=1e-9)
+    reliability = first["metrics"]["reliability"]
+    assert reliability["before"]["mean_prob"] == pytest.approx(np.mean([r["prob"] for r in before]), rel=1e-9)
+    assert reliability["mean_prob"] == pytest.approx(np.mean([r["prob"] for r in after]), rel=1e-9)
+    assert reliability["rate"] == np.mean([r["correct"] for r in after])
+    assert first["metrics"]["control"]["reliability"]["mean_prob"] == pytest.approx(
+        np.mean([r["prob"] for r in control]), rel=1e-9)
     assert result.control.neurons and not set(result.control.neurons) & {SHARED}
-    assert result.report["summary"]["edit"]["fact"]["requests"] == 4
+    summary = result.report["summary"]["metrics"]
+    assert summary["reliability"]["requests"] == 4
+    assert summary["reliability"]["mean_prob"] == pytest.approx(
+        np.mean([r["metrics"]["reliability"]["mean_prob"] for r in result.report["requests"]]))
+    assert summary["rank_new"]["n"] == 2 and summary["portability"]["applicable"] is False
     json.dumps(result.report)  # plain JSON
 
 
@@ -238,8 +242,7 @@ def test_sequential_measures_forgetting_of_earlier_edits():
     japan = result.report["requests"][2]
     prompts, _ = render_prompts(FACTS[1], REL, lm.tokenizer, lm.kind)
     after = with_edits(lm, list(result.edit.edits[:3]), lambda: answer_probabilities(lm, prompts))
-    n = japan["metrics"]["edit"]["fact"]["n"]
-    assert japan["metrics"]["edit"]["fact"]["p_after"] == pytest.approx(np.mean([r["prob"] for r in after[:n]]), rel=1e-9)
+    assert japan["metrics"]["reliability"]["mean_prob"] == pytest.approx(np.mean([r["prob"] for r in after]), rel=1e-9)
 
 
 @pytest.mark.parametrize("mode", ["compound", "sequential"])
@@ -306,7 +309,8 @@ def test_neurons_from_attribution_are_stored_in_the_project_and_reused(tmp_path)
     with open_or_create_project(tmp_path / "p.knproj") as project:
         project.add_model(lm)
         first = resolve_neurons(lm, parsed, source, project)
-        assert first[2] == (((0, 1),), "explicit")
+        assert first[2] == (((0, 1),), "explicit", None)
+        assert first[1][2] == tuple(REL.templates)  # attribution used every template: none is held out
         assert first[1][1].startswith("attribution (ig, 2 steps, t=0.2, p=0.5, 4 prompts), stored as project neuron set #")
         again = resolve_neurons(lm, parsed, source, project)
         assert again[1][0] == first[1][0] and again[1][1].startswith("project neuron set #")
@@ -323,7 +327,8 @@ def test_requests_without_neurons_or_plans_are_left_out_with_reasons():
     parsed = parse_requests(lines({"relation": "P36", "subject": "France", "kind": "suppress", "neurons": [[0, 1]]},
                                   {"relation": "P36", "subject": "Japan", "kind": "suppress"},
                                   "{bad"), FS)
-    result = run_batch(lm, parsed, {1: (((0, 1),), "explicit"), 2: ((), "attribution (t=0.2)")}, "compound")
+    result = run_batch(lm, parsed, {1: (((0, 1),), "explicit", None), 2: ((), "attribution (t=0.2)", None)},
+                       "compound")
     assert result.report["applied"] == 1
     assert [x["line"] for x in result.report["left_out"]] == [2, 3]
     assert "no neurons" in result.report["left_out"][0]["reason"]
@@ -359,7 +364,10 @@ def test_cli_batch_stores_metrics_and_one_history_entry_and_reuses_neurons(capsy
     assert doc["applied"] == 2 and doc["history_entry"] == 0 and len(doc["steps"]) == 2
     easy, japan = doc["requests"]
     assert easy["neurons_from"] == "explicit" and japan["neurons_from"].startswith("attribution (ig, 2 steps")
-    assert {"fact", "rephrase", "new object", "rephrase new object", "locality"} <= set(easy["prompts"])
+    # explicit neurons of an EasyEdit request: its rephrase is held out (generality), as EasyEdit measures it
+    assert easy["prompts"]["fact"] == 1 and easy["prompts"]["held-out"] == 1 and easy["prompts"]["locality"] == 1
+    assert easy["metrics"]["generality"]["n"] == 1 and easy["metrics"]["locality_prompts"]["n"] == 1
+    assert japan["metrics"]["generality"]["applicable"] is False
     with open_project(project) as p:
         evaluation = p.list_evaluations("edit batch")[-1]
         assert evaluation.report["requests"][1]["metrics"] == japan["metrics"]

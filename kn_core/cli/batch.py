@@ -76,28 +76,25 @@ def _saved_history(project, lm) -> dict:
 
 
 def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+    return "n/a" if value is None else f"{100 * value:.0f}%"
 
 
 def _text(doc: dict) -> str:
+    from ..metrics import metric_text, metrics_lines
+
     summary = doc["summary"]
     lines = [f"{doc['mode']} batch: {doc['applied']} of {doc['requests_read']} requests applied as one edit"
-             + (f" (history entry #{doc['history_entry']})" if doc["history_entry"] is not None else "")]
+             + (f" (history entry #{doc['history_entry']})" if doc["history_entry"] is not None else "")
+             + "; means over the requests:"]
     sources: dict[str, int] = {}
     for r in doc["requests"]:
         key = r["neurons_from"].split(" #")[0].split(", stored")[0]
         sources[key] = sources.get(key, 0) + 1
     lines += [f"  neurons: {n} request(s) from {src}" for src, n in sources.items()]
-    for group, edit in summary.get("edit", {}).items():
-        if not isinstance(edit, dict):
-            continue
-        control = summary["control"].get(group, {})
-        lines.append(f"  {group:<20} p {_fmt(edit.get('p_before'))} -> {_fmt(edit.get('p_after'))} "
-                     f"(random neurons: {_fmt(control.get('p_after'))}), top-1 flips {_fmt(edit.get('flip_rate'))} "
-                     f"(random: {_fmt(control.get('flip_rate'))}), over {edit['requests']} requests")
-    if "success_rate" in summary.get("edit", {}):
-        lines.append(f"  update success rate {summary['edit']['success_rate']:.3f} "
-                     f"(random neurons: {_fmt(summary['control'].get('success_rate'))})")
+    lines += metrics_lines(summary["metrics"])
+    if summary["metrics"]["locality_prompts"].get("applicable", True):
+        lines.append(f"  (locality prompts given with EasyEdit requests: "
+                     f"{metric_text(summary['metrics']['locality_prompts'])})")
     if "forgetting" in summary:
         f = summary["forgetting"]
         lines.append(f"  edits holding right after their step {_fmt(f['holds_right_after_own_step'])}, "
