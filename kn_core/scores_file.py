@@ -3,7 +3,8 @@ the CLI and the app (File -> Open scores) agree on it.
 
 Keys: ``scores`` and ``activations`` (float32 [layers, neurons]), ``prompt`` and ``answer`` (strings),
 ``params`` (the AttributionParams as a JSON object) and, since the app opens these files, ``model`` (the
-model's description as a JSON object: name, sha256, layers, neurons; older files lack it) and ``prob``.
+model's description as a JSON object: name, sha256, layers, neurons), ``answer_ids`` and ``prob`` (older files
+lack these three).
 Read without pickle: a scores file can never run code.
 """
 
@@ -34,13 +35,15 @@ class SavedScores:
     params: dict
     model: dict = field(default_factory=dict)  # empty for files written before the model was saved
     prob: float = float("nan")
+    answer_ids: tuple[int, ...] = ()
 
 
-def save_scores(path, result, params: dict, prompt: str, answer: str, model: dict | None = None) -> None:
+def save_scores(path, result, params: dict, prompt: str, answer: str, model: dict | None = None,
+                answer_ids=()) -> None:
     """Writes one prompt's attribution result (kn_core.attribution.PromptScores) to ``path``."""
     np.savez_compressed(path, scores=result.scores, activations=result.activations, params=json.dumps(params),
                         prompt=prompt, answer=answer, model=json.dumps(model or {}),
-                        prob=np.float64(result.prob))
+                        prob=np.float64(result.prob), answer_ids=np.asarray(list(answer_ids), dtype=np.int64))
 
 
 def _text(data, key: str, name: str) -> str:
@@ -97,6 +100,9 @@ def load_scores(path) -> SavedScores:
             params = _json_object(data, "params", name)
             model = _json_object(data, "model", name) if "model" in data.files else {}
             prob = float(data["prob"]) if "prob" in data.files and data["prob"].shape == () else float("nan")
+            ids = data["answer_ids"] if "answer_ids" in data.files else np.zeros(0, np.int64)
+            if ids.ndim != 1 or ids.dtype.kind not in "iu":
+                raise ScoresFileError(f"{name}: 'answer_ids' is not a list of token ids; write the file again")
     except ScoresFileError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, KeyError) as exc:
@@ -107,4 +113,5 @@ def load_scores(path) -> SavedScores:
         raise ScoresFileError(f"{name}: the scores are {list(scores.shape)} but the file says the model has "
                               f"{layers} layers x {neurons} neurons; the file is damaged")
     return SavedScores(prompt=prompt, answer=answer, scores=scores, activations=activations, params=params,
-                       model=model, prob=prob if math.isfinite(prob) else float("nan"))
+                       model=model, prob=prob if math.isfinite(prob) else float("nan"),
+                       answer_ids=tuple(int(i) for i in ids))

@@ -35,7 +35,8 @@ def cmd_attribute(args) -> int:
         else:
             result = attribute(lm, args.prompt, params, task=task, answer_ids=answer_ids)
     if args.save:
-        save_scores(args.save, result, params.to_dict(), args.prompt, args.answer, model=lm.describe())
+        save_scores(args.save, result, params.to_dict(), args.prompt, args.answer, model=lm.describe(),
+                    answer_ids=answer_ids)
     coarse = sorted(coarse_neurons(result.scores, t), key=lambda n: -result.scores[n])
     doc = {"prompt": args.prompt, "answer": args.answer, "answer_tokens": list(answer_ids), "prob": result.prob,
            "layers": lm.layout.layers, "neurons": lm.layout.neurons, "max": float(result.scores.max()), "t": t,
