@@ -64,7 +64,13 @@ def cmd_edit_degeneracy(args) -> int:
     return 0
 
 
-def add_command(edit_sub) -> None:
+def add_commands(sub) -> None:
+    """`kn edit degeneracy`, under the `edit` verb that kn_core.cli.edit registers (listed before this module in
+    VERB_GROUPS; this module uses its attribution helper, so edit cannot import it back)."""
+    import argparse
+
+    edit = sub.choices["edit"]
+    edit_sub = next(a for a in edit._actions if isinstance(a, argparse._SubParsersAction))
     p = edit_sub.add_parser("degeneracy", parents=[COMMON],
                             help="suppress each knowledge neuron, each pair and all: which subsets carry the fact "
                                  "redundantly (Chen et al. 2024), beside a random control")

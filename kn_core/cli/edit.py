@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import degeneracy
 from .common import COMMON, CliError, emit, factset_of, find_fact, load, neuron_list, progress_bar, say
 
 
@@ -273,7 +272,6 @@ def add_commands(sub) -> None:
     p.add_argument("--control-facts", type=int, default=10, help="facts of other relations to measure")
     _fact_edit_options(p)
     p.set_defaults(func=cmd_edit_erase)
-    degeneracy.add_command(edit_sub)
 
     neuron = sub.add_parser("neuron", parents=[COMMON], help="what one neuron's value vector promotes")
     neuron.add_argument("--layer", type=int, required=True)
