@@ -374,20 +374,24 @@ class _PlanningFacts:
 
 def run_batch(lm, parsed: ParsedRequests, neurons: dict, mode: str = "compound",
               *, seed: int = 0, control_facts: int = 4, forgetting_prompts: int = 1, relation_exclusion: bool = True,
-              label: str = "", task=None) -> BatchResult:
+              max_prompts: int | None = None, label: str = "", task=None) -> BatchResult:
     """Plans, applies and measures every request of `parsed` (see the module notes for the two modes) and
     leaves the model as it found it, also when cancelled (`tasks.Cancelled`) or on an error. Requests that
     cannot be planned (e.g. no neurons, an update no template can render) are left out and listed in
     report["left_out"] with their reason, as are the bad lines of `parsed`. `neurons`: `resolve_neurons`'s
-    answer (a request's entry may omit the templates)."""
+    answer (a request's entry may omit the templates). `max_prompts`: measure at most this many prompts of each
+    group of each request (the first ones, in template order; None: all), stated in the report, for batches
+    too large to measure every template on this machine."""
     if mode not in MODES:
         raise BatchError(f"unknown mode {mode!r}; use compound or sequential")
     if forgetting_prompts < 1:
         raise BatchError("forgetting_prompts must be >= 1")
+    if max_prompts is not None and max_prompts < 1:
+        raise BatchError("max_prompts must be >= 1 (or None for every prompt)")
     task = as_task(task)
     left_out = [{"line": n, "reason": why} for n, why in parsed.bad]
     planning = _PlanningFacts(parsed.factset, {r.fact for r in parsed.requests})
-    settings = dict(seed=seed, control_facts=control_facts,
+    settings = dict(seed=seed, control_facts=control_facts, max_prompts=max_prompts,
                     relation_sets=_relation_sets(parsed.requests, neurons) if relation_exclusion else {})
     runner = _compound if mode == "compound" else _sequential
     entries, steps = runner(lm, parsed.requests, neurons, planning, settings, left_out, forgetting_prompts, task)
@@ -395,6 +399,7 @@ def run_batch(lm, parsed: ParsedRequests, neurons: dict, mode: str = "compound",
     edit = E.Batch(tuple(e["plan"].edit for e in entries), label) if entries else None
     control = E.Batch(tuple(e["plan"].control for e in entries), f"controls of {label}".strip()) if entries else None
     report = {"mode": mode, "requests_read": len(parsed.requests) + len(parsed.bad), "applied": len(entries),
+              "max_prompts_per_group": max_prompts, "control_facts": control_facts,
               "left_out": left_out, "requests": [_request_report(e) for e in entries],
               "summary": _summary(entries, steps), "metrics_definition": METRICS_NOTE}
     if steps is not None:
@@ -436,6 +441,8 @@ def _plan(lm, planning: _PlanningFacts, r: BatchRequest, neurons, settings, left
         left_out.append({"line": r.line, "reason": str(exc)})
         return None
     groups, skipped = dict(plan.prompts), list(plan.skipped) + list(r.left_out)
+    if settings["max_prompts"] is not None:  # aligned groups (fact / new object) keep the same first prompts
+        groups = {g: ps[: settings["max_prompts"]] for g, ps in groups.items()}
     if r.locality:
         groups["locality"] = _locality_prompts(lm, r.locality, skipped)
     return replace(plan, prompts=groups, skipped=skipped)
