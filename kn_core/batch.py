@@ -374,14 +374,16 @@ class _PlanningFacts:
 
 def run_batch(lm, parsed: ParsedRequests, neurons: dict, mode: str = "compound",
               *, seed: int = 0, control_facts: int = 4, forgetting_prompts: int = 1, relation_exclusion: bool = True,
-              max_prompts: int | None = None, label: str = "", task=None) -> BatchResult:
+              max_prompts: int | None = None, options: dict | None = None, activation_stats=None, label: str = "",
+              task=None) -> BatchResult:
     """Plans, applies and measures every request of `parsed` (see the module notes for the two modes) and
     leaves the model as it found it, also when cancelled (`tasks.Cancelled`) or on an error. Requests that
     cannot be planned (e.g. no neurons, an update no template can render) are left out and listed in
     report["left_out"] with their reason, as are the bad lines of `parsed`. `neurons`: `resolve_neurons`'s
     answer (a request's entry may omit the templates). `max_prompts`: measure at most this many prompts of each
     group of each request (the first ones, in template order; None: all), stated in the report, for batches
-    too large to measure every template on this machine."""
+    too large to measure every template on this machine. `options`: EditRequest fields shared by every request
+    (e.g. scope, factor, lambda1, lambda2, strength, to); `activation_stats`: for a suppress to the mean."""
     if mode not in MODES:
         raise BatchError(f"unknown mode {mode!r}; use compound or sequential")
     if forgetting_prompts < 1:
@@ -391,7 +393,8 @@ def run_batch(lm, parsed: ParsedRequests, neurons: dict, mode: str = "compound",
     task = as_task(task)
     left_out = [{"line": n, "reason": why} for n, why in parsed.bad]
     planning = _PlanningFacts(parsed.factset, {r.fact for r in parsed.requests})
-    settings = dict(seed=seed, control_facts=control_facts, max_prompts=max_prompts,
+    settings = dict(seed=seed, control_facts=control_facts, max_prompts=max_prompts, options=dict(options or {}),
+                    stats=activation_stats,
                     relation_sets=_relation_sets(parsed.requests, neurons) if relation_exclusion else {})
     runner = _compound if mode == "compound" else _sequential
     entries, steps = runner(lm, parsed.requests, neurons, planning, settings, left_out, forgetting_prompts, task)
@@ -435,8 +438,9 @@ def _plan(lm, planning: _PlanningFacts, r: BatchRequest, neurons, settings, left
         plan = plan_edit(lm, planning.for_request(r.fact),
                          EditRequest(r.kind, chosen, r.fact, new_object=r.new_object, seed=settings["seed"],
                                      control_facts=settings["control_facts"], control_prompts_per_fact=1,
-                                     neuron_templates=templates),
-                         settings["relation_sets"].get(r.fact.relation, {}), task=task)
+                                     neuron_templates=templates, **settings["options"]),
+                         settings["relation_sets"].get(r.fact.relation, {}), activation_stats=settings["stats"],
+                         task=task)
     except EditPlanError as exc:
         left_out.append({"line": r.line, "reason": str(exc)})
         return None
