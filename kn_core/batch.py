@@ -629,6 +629,11 @@ def _mean_metric(metrics: list[dict]) -> dict:
     if any("mean_abs_dp" in m for m in used):
         out["mean_abs_dp"] = _mean_of([m.get("mean_abs_dp") for m in used])
     out |= {"n": sum(m["n"] for m in used), "requests": len(used)}
+    broken = sum(1 for m in used if m.get("mean_prob") is None or not np.isfinite(m["mean_prob"]))
+    if broken:  # e.g. a compound batch of updates that overflowed the model: its probabilities are NaN
+        out["non_finite_requests"] = broken
+        out["note"] = f"{broken} request(s) gave a non-finite probability (the model's output overflowed); the " \
+                      "means are over the others"
     skipped = len(metrics) - len(used)
     if skipped:
         out["not_applicable_requests"] = skipped
