@@ -33,7 +33,7 @@ th.sortable:after{content:" \\21C5";color:#9aa4ae}th[aria-sort=ascending]:after{
 th[aria-sort=descending]:after{content:" \\25BC";color:#1d2329}tfoot td{background:#fafbfc}
 tbody tr:nth-child(even){background:#fafbfc}code{background:#f3f5f7;padding:0 3px;border-radius:3px}
 pre{background:#f3f5f7;padding:.6em;overflow:auto}img{max-width:100%;display:block;margin:.5em 0}
-.missing,.broken{color:#b3261e;font-weight:600}nav{font-size:13px;margin:.5em 0 1em}nav a{margin-right:.8em}
+.missing,.broken{color:#b3261e;font-weight:600}nav{font-size:13px;margin:.5em 0 1em}nav a{margin-right:.8em;white-space:nowrap}
 .provenance td:first-child{white-space:nowrap;font-weight:600}.provenance td{font-family:ui-monospace,monospace}
 """
 
@@ -290,7 +290,7 @@ def render_html(markdown: str, figures: dict[str, bytes], provenance: list[tuple
     first = re.search(r"^#\s+(.*)$", markdown, re.M)
     title = title or (first.group(1) if first else "Knowledge Neuron Studio report")
     toc.append(("provenance", "Provenance"))
-    nav = "<nav>" + "".join(f'<a href="#{a}">{html.escape(t)}</a>' for a, t in toc) + "</nav>"
+    nav = "<nav>" + " ".join(f'<a href="#{a}">{html.escape(t)}</a>' for a, t in toc) + "</nav>"
     prov = ['<h2 id="provenance">Provenance</h2>', '<table class="provenance sortable">',
             "<thead><tr><th>what</th><th>value</th></tr></thead>", "<tbody>"]
     prov += [f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in provenance]
