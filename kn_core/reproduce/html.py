@@ -9,8 +9,8 @@ style and the one inline script (allowed by their sha256, not by 'unsafe-inline'
 shown as text, never as live references.
 
 The Markdown is our own generated subset (headings, pipe tables, paragraphs, lists, code fences, ``**bold**``,
-`` `code` ``, images, and ``<details>``/``<summary>`` lines), so a small converter is enough and no library
-is needed.
+``*italic*``, `` `code` ``, images, and ``<details>``/``<summary>`` lines), so a small converter is enough and
+no library is needed.
 """
 
 from __future__ import annotations
@@ -94,6 +94,7 @@ CSP = (f"default-src 'none'; img-src data:; style-src {_csp_hash(STYLE)}; script
 _IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
 _LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)")
 _BOLD = re.compile(r"\*\*(.+?)\*\*")
+_ITALIC = re.compile(r"(?<![*\w])\*(?=\S)([^*]+?)(?<=\S)\*(?![*\w])")
 _TABLE_RULE = re.compile(r"^\|(\s*:?-+:?\s*\|)+\s*$")
 _DETAILS = re.compile(r"^<details>\s*<summary>(.*)</summary>$")
 _MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif"}
@@ -143,6 +144,7 @@ class _Inline:
             part = html.escape(part, quote=False)
             part = _LINK.sub(self.link, part)
             part = _BOLD.sub(r"<strong>\1</strong>", part)
+            part = _ITALIC.sub(r"<em>\1</em>", part)
             out.append(re.sub("\x00(\\d+)\x00", lambda m: images[int(m.group(1))], part))
         return "".join(out)
 
