@@ -278,3 +278,26 @@ def metrics_lines(metrics: dict) -> list[str]:
 def _rank_text(ranks: dict) -> str:
     return (f"mean {format_value(ranks['before'], 'rank')} -> {format_value(ranks['after'], 'rank')} "
             f"(median {format_value(ranks['median_before'], 'rank')} -> {format_value(ranks['median_after'], 'rank')})")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Held-out templates (generality)
+# --------------------------------------------------------------------------------------------------------
+
+MIN_FINDING_PROMPTS = 3  # refined neurons must be coarse in >= max(p x n, 3) prompts (neurons.refine_threshold)
+
+
+def held_out_templates(templates: Sequence[str], n: int, seed: int = 0) -> tuple[str, ...]:
+    """`n` of `templates` (distinct, in their order) drawn with `seed`: the paraphrases kept away from finding
+    the neurons so that generality is measured on wordings the neurons never saw. Refuses (ValueError, one
+    line) when fewer than MIN_FINDING_PROMPTS templates would remain, since refined neurons then cannot exist."""
+    templates = list(dict.fromkeys(templates))
+    if n < 0:
+        raise ValueError(f"the number of held-out templates must be >= 0, not {n}")
+    if n == 0:
+        return ()
+    if len(templates) - n < MIN_FINDING_PROMPTS:
+        raise ValueError(f"only {len(templates)} templates render; holding out {n} leaves fewer than "
+                         f"{MIN_FINDING_PROMPTS} to find neurons with (hold out 0: generality is then not measured)")
+    picked = set(np.random.default_rng(seed).choice(len(templates), size=n, replace=False).tolist())
+    return tuple(t for i, t in enumerate(templates) if i in picked)

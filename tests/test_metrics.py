@@ -234,3 +234,32 @@ def test_metric_formulas_on_hand_made_rows():
     assert m["locality"]["groups"]["same relation"]["rate"] == 0.0
     assert m["locality"]["mean_rank"] == 2.0 and m["locality"]["mean_prob"] == pytest.approx(0.2)
     assert m["rank_old"]["after"] == pytest.approx((4 + (n_fact - 1)) / n_fact)
+
+
+def test_kn_edit_prints_metrics_and_holds_out_a_template(capsys, tmp_path):
+    import json
+
+    from kn_core.cli import main
+    from kn_core.metrics import held_out_templates
+
+    lm = make_tiny(TINY_CAUSAL)
+    lm.model.save_pretrained(tmp_path)
+    lm.tokenizer.save_pretrained(tmp_path)
+    argv = ["edit", "suppress", "--relation", "P36", "--subject", "France", "--model", str(tmp_path), "--steps", "2",
+            "--t", "0.1", "--p", "0.2"]
+    assert main(argv + ["--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    m = doc["metrics"]
+    assert set(m) >= {"reliability", "generality", "locality", "portability", "flip_rate", "rank_old", "rank_new",
+                      "edit_size", "control", "kind"}
+    assert m["generality"]["n"] == len(doc["prompt_groups"]["held-out"]) == 1
+    assert m["reliability"]["n"] == len(doc["prompts"]) and m["edit_size"]["activation_change"] > 0
+    assert m["control"]["edit_size"]["neurons"] == m["edit_size"]["neurons"] == len(doc["neurons"])
+    assert held_out_templates(["a", "b", "c"], 0) == ()
+    with pytest.raises(ValueError, match="fewer than 3"):
+        held_out_templates(["a", "b", "c"], 1)
+    assert main(argv + ["--hold-out", "0"]) == 0
+    text = capsys.readouterr().out
+    assert "generality" in text and "n/a: every template" in text and "[random neurons:" in text
+    assert main(argv + ["--hold-out", "9", "--json"]) == 2
+    assert "--hold-out 0" in json.loads(capsys.readouterr().out)["error"]
