@@ -80,8 +80,8 @@ def _reliability(plan, before: dict, after: dict, generality: bool = False) -> d
         if plan.request.neuron_templates is None:
             return not_applicable("which templates found the neurons is not known, so no paraphrase is held out "
                                   "(give EditRequest.neuron_templates; kn edit --hold-out)")
-        return not_applicable("every template of the fact that renders was used to find the neurons; hold out "
-                              "at least one (kn edit --hold-out 1)")
+        return not_applicable("every template of the fact that renders was used to find the neurons; find them "
+                              "on fewer templates to hold one out (kn edit --hold-out 1)")
     if len(rows_after) != len(rows_before):
         raise ValueError(f"the {group!r} group has {len(rows_before)} prompts before the edit but "
                          f"{len(rows_after)} after; measure both with the same plan")
@@ -272,7 +272,8 @@ def metrics_lines(metrics: dict) -> list[str]:
     rows.append(("edit size", size_text(metrics["edit_size"]),
                  size_text(control["edit_size"]) if control else "not measured"))
     width = max(len(r[0]) for r in rows)
-    return [f"  {name:<{width}}  {edit}   [random neurons: {ctl}]" for name, edit, ctl in rows]
+    return [f"  {name:<{width}}  {edit}   " + ("[the same for the random control]" if ctl == edit and edit.startswith("n/a")
+                                              else f"[random neurons: {ctl}]") for name, edit, ctl in rows]
 
 
 def _rank_text(ranks: dict) -> str:
