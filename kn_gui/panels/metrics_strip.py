@@ -99,7 +99,9 @@ class MetricsStrip(QWidget):
             main, detail = _card_texts(key, value)
             was = _was(key, value)
             value_label.setText(main)
-            detail_label.setText("   ".join(t for t in (detail if len(detail) < 40 else "", was) if t))
+            # a long reason is cut here and given in full in the tooltip
+            shown = detail if len(detail) <= 36 else detail[:34].rstrip() + "\u2026"
+            detail_label.setText("   ".join(t for t in (shown, was) if t))
             if control is None:
                 control_label.setText("random: not measured")
             else:
