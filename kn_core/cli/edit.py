@@ -7,10 +7,10 @@ from pathlib import Path
 from .common import COMMON, CliError, emit, factset_of, find_fact, load, neuron_list, progress_bar, say
 
 
-def _fact_neurons(args, lm, factset, fact, held_out=None):
-    """Attribution of one fact's prompts except those of the held-out templates (`args.hold_out` of them drawn
+def _fact_neurons(args, lm, factset, fact, held_out=None, with_scores=False):
+    """Attribution of one fact's prompts except those of the held-out templates (`args.hold_out` of them, if the verb has it, drawn
     with `args.seed` unless `held_out` names them; kept for generality, docs/METRICS.md) -> (prompts that found
-    the neurons, refined neurons)."""
+    the neurons, refined neurons[, scores summed over those prompts])."""
     from ..attribution import AttributionParams, attribute_fact
     from ..facts import render_prompts
     from ..metrics import held_out_templates
@@ -22,14 +22,15 @@ def _fact_neurons(args, lm, factset, fact, held_out=None):
                        + "; ".join(s.reason for s in skipped))
     if held_out is None:
         try:
-            held_out = held_out_templates([p.template for p in prompts], args.hold_out, args.seed)
+            held_out = held_out_templates([p.template for p in prompts], getattr(args, "hold_out", 0), args.seed)
         except ValueError as exc:
             raise CliError(f"{fact.relation} {fact.subject}: {exc} (--hold-out 0)") from None
     prompts = [p for p in prompts if p.template not in held_out]
     with progress_bar(f"attributing {fact.relation} {fact.subject}") as task:
         params = AttributionParams(steps=args.steps, seed=args.seed, force=args.force)
         scores = attribute_fact(lm, prompts, params, task=task)
-    return prompts, refined_neurons([s.scores for s in scores], args.t, args.p)
+    neurons = refined_neurons([s.scores for s in scores], args.t, args.p)
+    return (prompts, neurons, sum(s.scores for s in scores)) if with_scores else (prompts, neurons)
 
 
 def _templates(prompts) -> tuple[str, ...]:
