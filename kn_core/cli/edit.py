@@ -8,9 +8,9 @@ from .common import COMMON, CliError, emit, factset_of, find_fact, load, neuron_
 
 
 def _fact_neurons(args, lm, factset, fact, held_out=None, with_scores=False):
-    """Attribution of one fact's prompts except those of the held-out templates (`args.hold_out` of them, if the verb has it, drawn
-    with `args.seed` unless `held_out` names them; kept for generality, docs/METRICS.md) -> (prompts that found
-    the neurons, refined neurons[, scores summed over those prompts])."""
+    """Attribution of one fact's prompts except those of the held-out templates (`args.hold_out` of them where the
+    verb has the option, drawn with `args.seed`, unless `held_out` names them; kept for generality,
+    docs/METRICS.md) -> (prompts that found the neurons, refined neurons[, scores summed over those prompts])."""
     from ..attribution import AttributionParams, attribute_fact
     from ..facts import render_prompts
     from ..metrics import held_out_templates
