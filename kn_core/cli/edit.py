@@ -1,9 +1,11 @@
-"""`kn edit suppress|amplify|update|erase` (each with a random-neuron control) and `kn neuron`."""
+"""`kn edit suppress|amplify|update|erase` (each with a random-neuron control) and `kn neuron` (`kn edit batch`:
+kn_core/cli/batch.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from .batch import add_batch_command
 from .common import COMMON, CliError, emit, factset_of, find_fact, load, neuron_list, progress_bar, say
 
 
@@ -316,6 +318,7 @@ def add_commands(sub) -> None:
     p.add_argument("--control-facts", type=int, default=10, help="facts of other relations to measure")
     _fact_edit_options(p)
     p.set_defaults(func=cmd_edit_erase)
+    add_batch_command(edit_sub)
 
     neuron = sub.add_parser("neuron", parents=[COMMON], help="what one neuron's value vector promotes")
     neuron.add_argument("--layer", type=int, required=True)
