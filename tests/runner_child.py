@@ -1,7 +1,7 @@
 """The fact set and saved tiny model of tests/test_runner.py and tests/test_cluster.py, and a child process that
 attributes that fact set into a project until it is killed (one line per stored fact):
 
-    python runner_child.py MODEL_FOLDER FACTS_FILE PROJECT [RAY_ADDRESS]
+    python runner_child.py MODEL_FOLDER FACTS_FILE PROJECT STEPS [RAY_ADDRESS]
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def save_tiny(folder: Path) -> str:
     return str(folder)
 
 
-def main(model: str, facts: str, project_path: str, address: str | None = None) -> None:
+def main(model: str, facts: str, project_path: str, steps: str, address: str | None = None) -> None:
     from kn_core.attribution import AttributionParams
     from kn_core.facts import import_facts
     from kn_core.models import load_model
@@ -54,7 +54,8 @@ def main(model: str, facts: str, project_path: str, address: str | None = None) 
         time.sleep(0.3)  # time for the test to kill this process between facts or in the next one
 
     with open_or_create_project(project_path) as project:
-        attribute_factset(project, lm, import_facts(facts), AttributionParams(), backend=backend, on_fact=stored)
+        attribute_factset(project, lm, import_facts(facts), AttributionParams(steps=int(steps)), backend=backend,
+                          on_fact=stored)
     print("finished", flush=True)
 
 

@@ -115,7 +115,8 @@ def test_cancel_keeps_what_was_stored_and_a_rerun_finishes(setup, reference, tmp
 def test_a_killed_driver_resumes_without_storing_a_fact_twice(setup, tmp_path):
     path = tmp_path / "p.knproj"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)]), "OMP_NUM_THREADS": "1"}
-    child = subprocess.Popen([sys.executable, str(HERE / "runner_child.py"), setup["model"], setup["facts"], str(path)],
+    child = subprocess.Popen([sys.executable, str(HERE / "runner_child.py"), setup["model"], setup["facts"], str(path),
+                              "20"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         lines = [child.stdout.readline() for _ in range(2)]

@@ -64,11 +64,14 @@ def _fact_set_backend(args):
 
     if args.cluster is None:
         return SerialBackend(), args.device
-    from ..cluster import RayBackend, cluster_address
+    from ..cluster import ClusterError, RayBackend, cluster_address
 
     backend = RayBackend(address=cluster_address(args.cluster), workers=args.workers, threads=args.worker_threads,
                          device=args.device, trust_remote_code=args.trust_remote_code)
-    backend.check_available()
+    try:
+        backend.check_available()
+    except ClusterError as exc:
+        raise CliError(str(exc)) from None
     return backend, "cpu"
 
 
@@ -97,8 +100,13 @@ def cmd_attribute_facts(args) -> int:
     with project_of(args) as project, progress_bar("attributing facts") as task:
         if args.scores is not None:
             project.set_score_storage(args.scores)
-        report = attribute_factset(project, lm, factset, params, relations=args.relations, selection=selection,
-                                   backend=backend, task=task)
+        try:
+            report = attribute_factset(project, lm, factset, params, relations=args.relations, selection=selection,
+                                       backend=backend, task=task)
+        except RuntimeError as exc:
+            if type(exc).__name__ != "ClusterError":  # cluster.py is imported only with --cluster
+                raise
+            raise CliError(str(exc)) from None
         storage = project.score_storage()
     doc = {"project": str(args.project), "params": params.to_dict(), **selection.to_dict(), "score_storage": storage,
            **report.to_dict()}
