@@ -7,8 +7,8 @@ from pathlib import Path
 from .common import COMMON, CliError, emit, factset_of, find_fact, load, neuron_list, progress_bar, say
 
 
-def _fact_neurons(args, lm, factset, fact):
-    """Attribution of one fact's prompts -> (prompts, refined neurons)."""
+def _fact_neurons(args, lm, factset, fact, with_scores=False):
+    """Attribution of one fact's prompts -> (prompts, refined neurons[, scores summed over the prompts])."""
     from ..attribution import AttributionParams, attribute_fact
     from ..facts import render_prompts
     from ..neurons import refined_neurons
@@ -20,7 +20,8 @@ def _fact_neurons(args, lm, factset, fact):
     with progress_bar(f"attributing {fact.relation} {fact.subject}") as task:
         params = AttributionParams(steps=args.steps, seed=args.seed, force=args.force)
         scores = attribute_fact(lm, prompts, params, task=task)
-    return prompts, refined_neurons([s.scores for s in scores], args.t, args.p)
+    neurons = refined_neurons([s.scores for s in scores], args.t, args.p)
+    return (prompts, neurons, sum(s.scores for s in scores)) if with_scores else (prompts, neurons)
 
 
 def _planned(lm, factset, request, relation_neuron_sets=()):

@@ -29,6 +29,7 @@ import numpy as np
 
 from .. import evaluation as ev
 from .. import experiments as ex
+from ..degeneracy import DegeneracyParams, degeneracy_experiment
 from ..facts import CAUSAL_TEMPLATES, render_prompts
 from ..tasks import Cancelled, Task, as_task
 from ..jsonio import dumps
@@ -391,7 +392,8 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
 
     phases = _Phases(task, say, timings, {"select": (0.0, 0.05), "attribution": (0.05, 0.6), "neurons": (0.6, 0.62),
                                           "activation_by_prompt": (0.62, 0.67), "suppress_amplify": (0.67, 0.8),
-                                          "update": (0.8, 0.92), "erase": (0.92, 1.0)})
+                                          "update": (0.8, 0.92), "erase": (0.92, 0.97),
+                                          "degeneracy": (0.97, 1.0)})
     try:
         sel = phases.run("select", lambda sub: select_facts(
             lm, factset, relations, facts_per_relation, select, seed, MIN_PROMPTS, prompts_per_fact,
@@ -425,6 +427,9 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
         report["erase"] = phases.run("erase", lambda sub: ex.erase_experiment(
             lm, records, k=erase_k, fill=erase_fill, seed=seed, control_prompts=2 * control_prompts,
             exclude=exclude, task=sub))
+        save()
+        report["degeneracy"] = phases.run("degeneracy", lambda sub: degeneracy_experiment(
+            lm, records, DegeneracyParams(seed=seed), {f: sum(s.scores for s in ig[f]) for f in ig}, exclude, sub))
         report["status"] = "done"
     except BaseException as exc:  # Cancelled / KeyboardInterrupt / an error: keep what is done, then re-raise
         report["status"] = f"interrupted ({type(exc).__name__}); run again with the same arguments to resume"
