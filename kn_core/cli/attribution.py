@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 
 from .common import (COMMON, CliError, emit, factset_of, find_fact, load, neuron_list, progress_bar, project_of, say)
@@ -18,8 +17,6 @@ def params_of(args):
 
 
 def cmd_attribute(args) -> int:
-    import numpy as np
-
     if args.facts is not None:
         return cmd_attribute_facts(args)
     if args.prompt is None or args.answer is None:
@@ -27,6 +24,7 @@ def cmd_attribute(args) -> int:
                        "fact of a fact set)")
     from ..attribution import attribute, default_t, encode_answer
     from ..neurons import coarse_neurons
+    from ..scores_file import save_scores
 
     lm = load(args)
     params = params_of(args)
@@ -43,8 +41,8 @@ def cmd_attribute(args) -> int:
         else:
             result = attribute(lm, args.prompt, params, task=task, answer_ids=answer_ids)
     if args.save:
-        np.savez_compressed(args.save, scores=result.scores, activations=result.activations,
-                            params=json.dumps(params.to_dict()), prompt=args.prompt, answer=args.answer)
+        save_scores(args.save, result, params.to_dict(), args.prompt, args.answer, model=lm.describe(),
+                    answer_ids=answer_ids)
     coarse = sorted(coarse_neurons(result.scores, t), key=lambda n: -result.scores[n])
     doc = {"prompt": args.prompt, "answer": args.answer, "answer_tokens": list(answer_ids), "prob": result.prob,
            "layers": lm.layout.layers, "neurons": lm.layout.neurons, "max": float(result.scores.max()), "t": t,
@@ -189,7 +187,7 @@ def add_commands(sub) -> None:
     attr = sub.add_parser("attribute", parents=[COMMON], help="attribution scores of every FFN neuron for one prompt")
     attr.add_argument("--prompt", help="one prompt (with --answer)")
     attr.add_argument("--answer", help="causal: the continuation with its leading space, e.g. ' Paris'")
-    attr.add_argument("--save", help="write scores and activations to this .npz")
+    attr.add_argument("--save", help="write scores and activations to this .npz (opens in the app: File > Open scores)")
     attribution_options(attr)
     whole = attr.add_argument_group("a whole fact set (with --project; resumes where a killed run stopped)")
     whole.add_argument("--facts", help="every fact of this fact set (a file, a PARAREL folder, or 'builtin')")

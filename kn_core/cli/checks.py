@@ -65,6 +65,8 @@ CHECKS = {
     "out": lambda value, args: v.check_output_folder("--out", value),
     "export": lambda value, args: v.check_output_folder("--export", value),
     "rank_file": lambda value, args: v.check_input_file("--rank-file", value),
+    "requests": lambda value, args: v.check_input_file("REQUESTS", value),
+    "forgetting_prompts": _at_least("--forgetting-prompts", 1),
     "path": lambda value, args: v.check_text("path", value),
     "file": lambda value, args: v.check_text("file", value),
 }

@@ -16,6 +16,7 @@ experiments with controls. The report (markdown, JSON, figures) is written by ``
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import platform
@@ -33,7 +34,7 @@ from ..degeneracy import DegeneracyParams, degeneracy_experiment
 from ..facts import CAUSAL_TEMPLATES, render_prompts
 from ..tasks import Cancelled, Task, as_task
 from ..jsonio import dumps
-from .report import PAPER, render_markdown, write_report
+from .report import PAPER, render_markdown, write_html, write_report
 
 MIN_PROMPTS = 3  # refinement keeps neurons coarse in at least max(p * n, 3) prompts
 SELECT_MODES = ("known", "random")
@@ -343,13 +344,16 @@ class _Phases:
             self.timings[f"{name}_cpu"] = time.process_time() - c0
 
 
-def _new_report(lm, factset, relations, params, base_params, timings: dict, parameters: dict) -> dict:
+def _new_report(lm, factset, relations, params, base_params, timings: dict, parameters: dict,
+                command: str | None = None) -> dict:
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     return {
         "status": "running", "model": lm.describe(), "facts": factset.name, "relations": relations,
         "parameters": {**parameters, "baseline_t": 0.5, "attribution": params.to_dict(),
                        "baseline_attribution": base_params.to_dict(), "suppress_scope": "answer",
                        "amplify_factor": 2.0, "update": {"lambda1": 1.0, "lambda2": 8.0, "exclusion_fraction": 0.1}},
         "versions": _versions(), "paper": PAPER, "timings": timings,
+        "provenance": {"started": started, "command": command},
     }
 
 
@@ -357,13 +361,14 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
                   steps: int = 20, prompts_per_fact: int | None = None, select: str = "known",
                   control_prompts: int = 20, t: float = 0.2, p: float = 0.7, erase_k: int = 20,
                   erase_fill: str = "zero", *, causal_templates: str = "prefix", sample_factor: int = 5,
-                  check_prompts: int = 3, keep_massive: bool = False, say=_say, task: Task | None = None) -> dict:
+                  check_prompts: int = 3, keep_massive: bool = False, say=_say, task: Task | None = None,
+                  command: str | None = None) -> dict:
     """Runs the reproduction and writes OUT/report.json, report.md and figures; returns the report. (One
     function on purpose: the phases read top to bottom, each saving the partial report.)
     Massive/unspecific neurons (kn_core.neurons) are kept out of refined and relation-level neurons unless
     ``keep_massive``; the neuron numbers are reported both ways. A
     cancelled or failed run leaves a partial report.json (status "interrupted ...") and its cache, from which
-    the next run with the same arguments resumes."""
+    the next run with the same arguments resumes. ``command``: how the run was started, for the provenance."""
     from ..attribution import AttributionParams
 
     if causal_templates not in CAUSAL_TEMPLATES:
@@ -384,7 +389,7 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
         "check_prompts": check_prompts, "min_prompts": MIN_PROMPTS,
         "causal_templates": causal_templates if lm.kind == "causal" else None,
         "prompts_per_fact": prompts_per_fact, "control_prompts": control_prompts, "t": t, "p_start": p,
-        "erase": {"k": erase_k, "fill": erase_fill}, "keep_massive": keep_massive})
+        "erase": {"k": erase_k, "fill": erase_fill}, "keep_massive": keep_massive}, command)
 
     def save():
         timings["total"] = time.perf_counter() - started
@@ -435,6 +440,7 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
         report["status"] = f"interrupted ({type(exc).__name__}); run again with the same arguments to resume"
         save()
         (out / "report.md").write_text(render_markdown(report), encoding="utf-8")  # how far it got, readable
+        write_html(report, out)
         say(f"[reproduce] stopped; partial report in {out / 'report.md'}; run again to resume from {cache}")
         raise
     say("[reproduce] figures and report.md")

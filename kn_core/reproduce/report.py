@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..jsonio import dumps
+from .html import provenance_rows, read_figures, render_html
 
 PAPER = {
     "model": "bert-base-cased on PARAREL (34 relations, 27,738 facts)",
@@ -447,9 +448,20 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def write_html(report: dict, out: Path) -> Path:
+    """report.html: report.md's Markdown with the figures in ``out`` embedded and the run's provenance."""
+    markdown = render_markdown(report)
+    path = Path(out) / "report.html"
+    path.write_text(render_html(markdown, read_figures(Path(out), markdown), provenance_rows(report)),
+                    encoding="utf-8")
+    return path
+
+
 def write_report(report: dict, out: Path) -> None:
-    """Derived numbers, figures, report.json and report.md in ``out``."""
+    """Derived numbers, figures, report.json, report.md and report.html (the same Markdown, self-contained) in
+    ``out``."""
     out = Path(out)
     report["figures"] = write_figures(report, out)
     (out / "report.json").write_text(dumps(report, indent=2), encoding="utf-8")
     (out / "report.md").write_text(render_markdown(report), encoding="utf-8")
+    write_html(report, out)

@@ -19,6 +19,7 @@ from PySide6.QtWidgets import (QComboBox, QCompleter, QDoubleSpinBox, QFormLayou
 from kn_core.facts import Fact
 
 from .common import TableView, button, fmt_delta, fmt_prob, hbox, hint, vbox
+from .metrics_strip import MetricsStrip
 
 KINDS = ["Suppress", "Amplify", "Update", "Erase relation"]
 UP, DOWN = "#1e8449", "#c0392b"
@@ -126,7 +127,8 @@ class EditsPanel(QWidget):
         title_row.setStretch(0, 1)
         warning_row = hbox(self.result_warning, self.attribute_button)
         warning_row.setStretch(0, 1)
-        result_box.setLayout(vbox(title_row, self.result_summary, warning_row, self.table))
+        self.metrics_strip = MetricsStrip()
+        result_box.setLayout(vbox(title_row, self.result_summary, warning_row, self.metrics_strip, self.table))
 
         split = QSplitter(Qt.Horizontal)
         left = QWidget()
@@ -295,6 +297,7 @@ class EditsPanel(QWidget):
             self.table.setColumnHidden(col, True)
         self.result_warning.hide()
         self.attribute_button.hide()
+        self.metrics_strip.show_metrics((report or {}).get("metrics"))
         if not report:
             self.result_title.setText("Apply an edit to see its effect here.")
             self.result_summary.setText("")
