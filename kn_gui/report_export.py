@@ -14,7 +14,7 @@ from kn_core.reproduce.html import provenance_rows, read_figures, render_html
 
 from .session import Run, Session, fact_label
 
-GROUP_ORDER = ("own", "same relation", "other relations", "new object")
+GROUP_ORDER = ("fact", "relation", "other relations", "new object")  # edit_plan.summarize_plan's groups
 
 
 def _cell(value) -> str:
