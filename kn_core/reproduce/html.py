@@ -150,8 +150,10 @@ class _Inline:
 
 
 def _cells(line: str) -> list[str]:
+    """A table row's cells; ``\\|`` is a pipe inside a cell (e.g. |Δp|)."""
     line = line.strip()
-    return [c.strip() for c in line[1:-1 if line.endswith("|") else None].split("|")]
+    inner = line[1:-1] if line.endswith("|") and not line.endswith("\\|") else line[1:]
+    return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", inner)]
 
 
 def _is_summary_row(cells: list[str]) -> bool:
