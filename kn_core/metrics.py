@@ -80,8 +80,8 @@ def _reliability(plan, before: dict, after: dict, generality: bool = False) -> d
         if plan.request.neuron_templates is None:
             return not_applicable("which templates found the neurons is not known, so no paraphrase is held out "
                                   "(give EditRequest.neuron_templates; kn edit --hold-out)")
-        return not_applicable("every template of the fact that renders was used to find the neurons; hold out "
-                              "at least one (kn edit --hold-out 1)")
+        return not_applicable("every template of the fact that renders was used to find the neurons; find them "
+                              "on fewer templates to hold one out (kn edit --hold-out 1)")
     if len(rows_after) != len(rows_before):
         raise ValueError(f"the {group!r} group has {len(rows_before)} prompts before the edit but "
                          f"{len(rows_after)} after; measure both with the same plan")
@@ -259,8 +259,8 @@ def size_text(size: dict) -> str:
     return ", ".join(parts)
 
 
-def metrics_lines(metrics: dict) -> list[str]:
-    """Text lines: each metric for the edit beside the random-neuron control."""
+def metrics_rows(metrics: dict) -> list[tuple[str, str, str]]:
+    """(metric, the edit's value, the random-neuron control's value) as text, one row per metric."""
     control = metrics.get("control") if applicable(metrics.get("control")) else None
     rows = [(name, metric_text(metrics[name]), metric_text(control[name]) if control else "not measured")
             for name in METRIC_NAMES]
@@ -271,10 +271,40 @@ def metrics_lines(metrics: dict) -> list[str]:
             rows.append((label, _rank_text(metrics[key]), _rank_text(control[key]) if control else "not measured"))
     rows.append(("edit size", size_text(metrics["edit_size"]),
                  size_text(control["edit_size"]) if control else "not measured"))
+    return rows
+
+
+def metrics_lines(metrics: dict) -> list[str]:
+    """Text lines: each metric for the edit beside the random-neuron control."""
+    rows = metrics_rows(metrics)
     width = max(len(r[0]) for r in rows)
-    return [f"  {name:<{width}}  {edit}   [random neurons: {ctl}]" for name, edit, ctl in rows]
+    return [f"  {name:<{width}}  {edit}   " + ("[the same for the random control]" if ctl == edit and edit.startswith("n/a")
+                                              else f"[random neurons: {ctl}]") for name, edit, ctl in rows]
 
 
 def _rank_text(ranks: dict) -> str:
     return (f"mean {format_value(ranks['before'], 'rank')} -> {format_value(ranks['after'], 'rank')} "
             f"(median {format_value(ranks['median_before'], 'rank')} -> {format_value(ranks['median_after'], 'rank')})")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Held-out templates (generality)
+# --------------------------------------------------------------------------------------------------------
+
+MIN_FINDING_PROMPTS = 3  # refined neurons must be coarse in >= max(p x n, 3) prompts (neurons.refine_threshold)
+
+
+def held_out_templates(templates: Sequence[str], n: int, seed: int = 0) -> tuple[str, ...]:
+    """`n` of `templates` (distinct, in their order) drawn with `seed`: the paraphrases kept away from finding
+    the neurons so that generality is measured on wordings the neurons never saw. Refuses (ValueError, one
+    line) when fewer than MIN_FINDING_PROMPTS templates would remain, since refined neurons then cannot exist."""
+    templates = list(dict.fromkeys(templates))
+    if n < 0:
+        raise ValueError(f"the number of held-out templates must be >= 0, not {n}")
+    if n == 0:
+        return ()
+    if len(templates) - n < MIN_FINDING_PROMPTS:
+        raise ValueError(f"only {len(templates)} templates render; holding out {n} leaves fewer than "
+                         f"{MIN_FINDING_PROMPTS} to find neurons with (hold out 0: generality is then not measured)")
+    picked = set(np.random.default_rng(seed).choice(len(templates), size=n, replace=False).tolist())
+    return tuple(t for i, t in enumerate(templates) if i in picked)

@@ -122,7 +122,7 @@ def test_generality_needs_a_held_out_template():
     plan = plan_edit(lm, FS, EditRequest("suppress", ((2, 3),), FRANCE, neuron_templates=REL.templates))
     b = measure_plan(lm, plan)
     reason = edit_metrics(plan, b, b)["generality"]["reason"]
-    assert "every template" in reason and "hold out" in reason
+    assert "every template" in reason and "hold one out" in reason
 
 
 def _plant_answer(lm, fact):
@@ -234,3 +234,120 @@ def test_metric_formulas_on_hand_made_rows():
     assert m["locality"]["groups"]["same relation"]["rate"] == 0.0
     assert m["locality"]["mean_rank"] == 2.0 and m["locality"]["mean_prob"] == pytest.approx(0.2)
     assert m["rank_old"]["after"] == pytest.approx((4 + (n_fact - 1)) / n_fact)
+
+
+def test_kn_edit_prints_metrics_and_holds_out_a_template(capsys, tmp_path):
+    import json
+
+    from kn_core.cli import main
+    from kn_core.metrics import held_out_templates
+
+    lm = make_tiny(TINY_CAUSAL)
+    lm.model.save_pretrained(tmp_path)
+    lm.tokenizer.save_pretrained(tmp_path)
+    argv = ["edit", "suppress", "--relation", "P36", "--subject", "France", "--model", str(tmp_path), "--steps", "2",
+            "--t", "0.1", "--p", "0.2"]
+    assert main(argv + ["--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    m = doc["metrics"]
+    assert set(m) >= {"reliability", "generality", "locality", "portability", "flip_rate", "rank_old", "rank_new",
+                      "edit_size", "control", "kind"}
+    assert m["generality"]["n"] == len(doc["prompt_groups"]["held-out"]) == 1
+    assert m["reliability"]["n"] == len(doc["prompts"]) and m["edit_size"]["activation_change"] > 0
+    assert m["control"]["edit_size"]["neurons"] == m["edit_size"]["neurons"] == len(doc["neurons"])
+    assert held_out_templates(["a", "b", "c"], 0) == ()
+    with pytest.raises(ValueError, match="fewer than 3"):
+        held_out_templates(["a", "b", "c"], 1)
+    assert main(argv + ["--hold-out", "0"]) == 0
+    text = capsys.readouterr().out
+    assert "generality" in text and "n/a: every template" in text and "[random neurons:" in text
+    assert main(argv + ["--hold-out", "9", "--json"]) == 2
+    assert "--hold-out 0" in json.loads(capsys.readouterr().out)["error"]
+
+
+def test_gui_evaluates_the_control_in_the_worker_and_the_strip_shows_both(qtbot, tmp_path):
+    pytest.importorskip("pytestqt")
+    from PySide6.QtGui import QUndoStack
+
+    from kn_core.attribution import AttributionParams
+    from kn_core.jsonio import dumps
+    from kn_core.tasks import Cancelled, Task
+    from kn_gui.controllers import attribution as A
+    from kn_gui.controllers import edits as C
+    from kn_gui.panels.edits_panel import EditsPanel
+    from kn_gui.session import Session
+    from kn_gui.worker import JobRunner
+    from test_gui import FRANCE, geo_factset
+
+    session = Session(geo_factset())
+    session.lm = lm = make_tiny(TINY_CAUSAL)
+    runner, history = JobRunner(), C.History()
+    edits = C.EditsController(session, runner, history)
+    edits.set_model(lm)
+    events = []
+    edits.event.connect(events.append)
+    try:
+        attribution = A.AttributionController(session, runner, edits.active_descriptions)
+        run_fact = session.factset.facts_of(FRANCE.relation)[0]
+        attribution.start([run_fact], AttributionParams(steps=2))
+        assert runner.wait_idle(60000)
+        request = edits.request({"kind": "Suppress", "scope": "answer"}, run_fact, [(0, 1), (1, 2)])
+        run = session.relation_runs(run_fact.relation)[0]
+        assert request.neuron_templates == tuple(p.template for p in run.prompts)
+        # cancelled before it starts: nothing measured, the model untouched
+        plan = edits.planner(request)()
+        task = Task()
+        task.cancel()
+        with pytest.raises(Cancelled):
+            C.measure_before_and_control(lm, plan, task)
+        edits.apply({"kind": "Suppress", "scope": "answer"}, run_fact, [(0, 1), (1, 2)])
+        assert runner.wait_idle(60000)
+        report = [e for e in events if isinstance(e, C.EditEvaluated)][-1].report
+    finally:
+        runner.shutdown()
+    m = report["metrics"]
+    assert m["edit_size"]["neurons"] == 2 and m["edit_size"]["activation_change"] > 0
+    assert m["control"]["edit_size"]["neurons"] == 2 and m["control"]["locality"]["n"] == m["locality"]["n"]
+    assert "every template" in m["generality"]["reason"]  # the run used them all
+    dumps(report)  # saved with the history entry
+    panel = EditsPanel(session, QUndoStack())
+    qtbot.addWidget(panel)
+    panel.show()
+    panel.show_report(report)
+    texts = panel.metrics_strip.texts()
+    assert panel.metrics_strip.isVisible()
+    assert texts["reliability"][0] == f"{100 * m['reliability']['rate']:.0f}%"
+    assert texts["reliability"][2] == f"random: {100 * m['control']['reliability']['rate']:.0f}%"
+    assert texts["generality"][0] == "n/a" and texts["edit_size"][1] == "2 neurons"
+    panel.show_report(None)
+    assert not panel.metrics_strip.isVisible()
+
+
+def test_reproduction_reports_metrics_per_kind_beside_the_control(tmp_path):
+    import json
+
+    from kn_core.reproduce import run_reproduce
+    from tiny import GEOGRAPHY
+
+    capital = Relation("P36", "capital", REL.templates + ("The capital city of [X] is called [Y].",))
+    facts = [Fact("P36", country, city) for country, city, _, _ in GEOGRAPHY[:8]]
+    facts += [Fact("P37", country, language) for country, _, language, _ in GEOGRAPHY[:4]] + [FACTS[-1]]
+    fs = FactSet("tiny", {"P36": capital, "P37": REL2, "P131": REL3}, facts)
+    report = run_reproduce(make_tiny(TINY_CAUSAL), fs, tmp_path, relations=["P36"], facts_per_relation=3, steps=1,
+                           control_prompts=4, say=lambda m: None)
+    section = json.loads((tmp_path / "report.json").read_text())["edit_metrics"]
+    assert section == json.loads(json.dumps(report["edit_metrics"]))
+    measured = [f for f in section["facts"] if f["kinds"]]
+    assert measured, section["skipped"]
+    for fact in measured:
+        assert len(fact["held_out"]) == 1 and fact["held_out"][0] in capital.templates
+        for kind, m in fact["kinds"].items():
+            assert m["generality"]["n"] == 1 and m["control"]["generality"]["n"] == 1, kind
+            assert m["locality"]["n"] > 0 and m["edit_size"]["neurons"] == m["control"]["edit_size"]["neurons"]
+    summary = section["summary"]
+    assert set(summary) >= {"suppress", "amplify"}
+    rates = [f["kinds"]["suppress"]["reliability"]["rate"] for f in measured if "suppress" in f["kinds"]]
+    assert summary["suppress"]["reliability"]["edit"] == pytest.approx(np.mean(rates))
+    text = (tmp_path / "report.md").read_text()
+    table = text.split("## Edit metrics")[1].split("\n## ")[0]
+    assert "| suppress |" in table and "%)" in table
