@@ -278,17 +278,19 @@ class ActionsMixin:
             self.show_error("Could not open the scores", f"{exc}.")
             return False
         key, name = fact_key(run.fact), Path(path).name
+        shown = run.fact in s.factset.facts
         earlier = s.runs.get(key)
-        if earlier is not None and not same_scores(earlier, run):
+        if shown and earlier is not None and not same_scores(earlier, run):
             self.show_error("Could not open the scores", f"{name}: a different run for this prompt and answer is "
                             f"already open ({run.fact.subject!r} \u2192 {run.fact.object!r}); delete that fact "
                             "first to replace it.")
             return False
-        if earlier is None:
+        again = shown and earlier is not None
+        if not again:  # a fact deleted earlier (its run left behind) comes back with this file's run
             fs = s.factset
             if SCORES_RELATION.id not in fs.relations:
                 fs = fs.with_relation(SCORES_RELATION)
-            if run.fact not in fs.facts:
+            if not shown:
                 fs = fs.with_fact(run.fact)
             s.runs[key] = run
             self._push_factset(f"Open scores {name}", fs)
@@ -296,7 +298,7 @@ class ActionsMixin:
         self.facts_panel.select_fact(run.fact)
         self.select_fact(run.fact)
         self.status(f"Opened {name} as a run: {run.fact.subject!r} \u2192 {run.fact.object!r}"
-                    + (" (already open)." if earlier is not None else "."))
+                    + (" (already open)." if again else "."))
         return True
 
     def export_model_dialog(self):
