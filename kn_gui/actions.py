@@ -246,17 +246,15 @@ class ActionsMixin:
             self.export_report(path if path.endswith((".html", ".htm")) else path + ".html")
 
     def export_report(self, path: str) -> bool:
-        """The project as one self-contained HTML page (kn_gui.report_export), the current run's figures in it."""
-        from .report_export import write_project_report
+        """The project as one self-contained HTML page (kn_gui.report_export): a snapshot now, the figures drawn
+        and the file written by a worker job. False if nothing was queued."""
+        from .report_export import project_report_job
 
         run = self.session.runs.get(fact_key(self.current_fact)) if self.current_fact is not None else None
-        try:
-            write_project_report(path, self.session, self.edits.commands(), run, self.attribution_panel,
+        job = project_report_job(path, self.session, self.edits.commands(), run, self.attribution_panel,
                                  self.project.path)
-        except OSError as exc:
-            self.show_error("Could not export the report", f"{exc}. Choose a folder you can write to.")
-            return False
-        self.status(f"Report written to {path}.")
+        self.runner.submit(f"Exporting the report to {Path(path).name}", job,  # a failure: the window's error
+                           on_done=lambda written: self.status(f"Report written to {written}."), uses=())
         return True
 
     def open_scores_dialog(self):

@@ -21,7 +21,8 @@ def test_export_report_has_runs_figures_edits_and_provenance(window, qtbot, tmp_
     window.attribution_panel.select_neuron(0, 1)
     apply_edit(qtbot, window, {"kind": "Suppress", "target": ("selection", None), "scope": "answer"})
     path = tmp_path / "report.html"
-    assert window.export_report(str(path))
+    assert window.export_report(str(path))  # a snapshot now; the worker draws the figures and writes the page
+    assert window.runner.wait_idle(60000)
     page = path.read_text()
     for text in ("Attribution runs", "France \u2192 Paris", "Current run", "Edits in force", "mean(\u0394p)/mean(p)",
                  "reliability", "random neurons", "edit size", "|\u0394p|",
@@ -34,10 +35,17 @@ def test_export_report_has_runs_figures_edits_and_provenance(window, qtbot, tmp_
     assert len(widths) == figures and all(w > 100 for w in widths)
 
 
-def test_export_report_without_runs_says_so(window, tmp_path):
+def test_export_report_without_runs_says_so_and_a_bad_folder_is_an_error(window, tmp_path):
     path = tmp_path / "empty.html"
     assert window.export_report(str(path))
+    assert window.runner.wait_idle(30000)
     assert "No attribution run yet." in path.read_text()
+    seen = errors(window)
+    window.export_report(str(tmp_path / "missing" / "r.html"))
+    assert window.runner.wait_idle(30000)
+    assert [t for t, _ in seen] == ["Exporting the report to r.html failed"]
+    assert "could not write" in seen[0][1] and "missing" in seen[0][1] and "\n" not in seen[0][1]
+    assert not (tmp_path / "missing").exists()
 
 
 def test_open_scores_becomes_a_run_and_survives_save_and_reopen(window, qtbot, tmp_path):
