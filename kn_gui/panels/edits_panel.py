@@ -319,7 +319,7 @@ class EditsPanel(QWidget):
         for r in rows:
             delta = r["after"] - r["before"]
             flip = r["top_before"] != r["top_after"]
-            goal = self._row_goal(r, report) if is_update and r["group"] == "fact" else ""
+            goal = self._row_goal(r, report) if is_update and r["group"] in ("fact", "held-out template") else ""
             self.table.add_row([r["group"], r["fact"], r["prompt"], repr(r["answer"]), float(r["before"]),
                                 float(r["after"]), float(delta), _maybe_float(r.get("new_before")),
                                 _maybe_float(r.get("new_after")), goal, repr(r["top_before"]), repr(r["top_after"]),
