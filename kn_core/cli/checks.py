@@ -44,6 +44,7 @@ CHECKS = {
     "worker_threads": _at_least("--worker-threads", 1),
     "cluster": lambda value, args: v.check_text("--cluster", value) and _cluster(value),
     "max_neurons": _at_least("--max-neurons", 2),
+    "hold_out": _at_least("--hold-out", 0),
     "removed_below": lambda value, args: v.check_number("--removed-below", value, maximum=1.0, positive=True),
     "layer": _at_least("--layer", 0),
     "index": _at_least("--index", 0),
