@@ -68,6 +68,7 @@ CHECKS = {
     "rank_file": lambda value, args: v.check_input_file("--rank-file", value),
     "requests": lambda value, args: v.check_input_file("REQUESTS", value),
     "forgetting_prompts": _at_least("--forgetting-prompts", 1),
+    "max_prompts": _at_least("--max-prompts", 1),
     "path": lambda value, args: v.check_text("path", value),
     "file": lambda value, args: v.check_text("file", value),
 }
