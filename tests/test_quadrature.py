@@ -274,3 +274,20 @@ def test_cli_refuses_bad_options_in_one_line_before_loading(capsys, argv, needle
                  "/nonexistent/model/folder", *argv])
     err = capsys.readouterr().err
     assert code == 2 and needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_gui_attribution_panel_passes_the_quadrature(qtbot):
+    pytest.importorskip("pytestqt")
+    from kn_core.facts import FactSet
+    from kn_gui.panels.attribution_panel import AttributionPanel
+    from kn_gui.session import Session
+
+    panel = AttributionPanel(Session(FactSet("empty", {}, [])))
+    qtbot.addWidget(panel)
+    assert panel.params() == AttributionParams()  # the paper's mode by default
+    panel.quadrature.setCurrentText("auto")
+    assert panel.params() == AttributionParams(quadrature="auto") and panel.params().steps == 4
+    assert not panel.rule.isEnabled()
+    panel.steps.setValue(6)
+    panel.quadrature.setCurrentText("riemann")  # a chosen number of points stays
+    assert panel.params() == AttributionParams(steps=6) and panel.rule.isEnabled()
