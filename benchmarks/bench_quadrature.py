@@ -13,7 +13,8 @@ with the reference:
 - refined neurons per fact (t = 0.2, p = 0.7; massive neurons excluded as the app does by default, and kept):
   mean Jaccard with the reference's; coarse neurons per prompt likewise;
 - scores: the largest |score - reference| per prompt over the reference's largest |score|, median over prompts;
-- cost: seconds per prompt and, machine-independent, integrand evaluations (rows: one per layer and point) and
+- cost: seconds per prompt, as CPU time of this process (with one thread, what the work costs however loaded
+  the machine is) and wall time, and, machine-independent, integrand evaluations (rows: one per layer and point) and
   block evaluations (a row of layer l runs the L - l blocks above it), each as a ratio to Riemann-20's.
 Timings on a shared CPU are pessimistic; only the ratios within one run mean something. The load average is
 printed. The one-time measurement of massive neurons (gauss/auto need it, once per model) is timed apart.
@@ -117,26 +118,29 @@ def rows_of(result, params, L) -> tuple[int, int]:
 def run_set(lm, facts, settings, reference, say) -> dict:
     L = lm.layout.layers
     labels = [label for label, _ in settings] + ["reference"]
-    out = {label: {"seconds": [], "rows": [], "blocks": [], "score_error": [], "coarse_jaccard": [],
-                   "completeness_error": []} for label in labels}
+    out = {label: {"seconds": [], "cpu_seconds": [], "rows": [], "blocks": [], "score_error": [], "coarse_jaccard": [],
+                   "completeness_error": [], "points_per_layer": []} for label in labels}
     scores = {label: [] for label in labels}
     acts = []
     for f, (fact, prompts) in enumerate(facts):
         for k, prompt in enumerate(prompts):
             for label, params in settings + [("reference", reference)]:
-                started = time.perf_counter()
+                started, cpu = time.perf_counter(), time.process_time()
                 result = attribute(lm, prompt, params)
                 out[label]["seconds"].append(time.perf_counter() - started)
+                out[label]["cpu_seconds"].append(time.process_time() - cpu)
                 rows, blocks = rows_of(result, params, L)
                 out[label]["rows"].append(rows)
                 out[label]["blocks"].append(blocks)
                 out[label]["completeness_error"].append(max(
                     abs(c["sum"] - c["delta"]) / max(result.prob, abs(c["delta"]), 1e-30) for c in result.completeness))
                 scores[label].append((f, result.scores))
+                if params.quadrature != "riemann":
+                    out[label]["points_per_layer"].append([row["points"] for row in result.completeness])
                 if label == "reference":
                     acts.append(result.activations)
             say(f"  fact {f + 1}/{len(facts)} prompt {k + 1}/{len(prompts)}: "
-                + ", ".join(f"{label} {out[label]['seconds'][-1]:.1f}s" for label in labels))
+                + ", ".join(f"{label} {out[label]['cpu_seconds'][-1]:.1f}s" for label in labels) + " (CPU)")
     massive = flag_massive(run_stats(lm, acts))
     ref = scores["reference"]
     for label in labels:
@@ -163,20 +167,36 @@ def summary(result: dict, baseline: str) -> list[dict]:
                      "score_error_max": max(d["score_error"]),
                      "completeness_error_median": statistics.median(d["completeness_error"]),
                      "seconds_per_prompt": statistics.mean(d["seconds"]),
+                     "cpu_seconds_per_prompt": statistics.mean(d["cpu_seconds"]),
                      "speedup_vs_riemann20": sum(base["seconds"]) / sum(d["seconds"]),
+                     "cpu_speedup_vs_riemann20": sum(base["cpu_seconds"]) / sum(d["cpu_seconds"]),
                      "rows_ratio": sum(d["rows"]) / sum(base["rows"]),
                      "blocks_ratio": sum(d["blocks"]) / sum(base["blocks"])})
     return rows
 
 
+def chosen_points(result: dict) -> str:
+    """What gauss/auto chose: mean rows per layer over prompts, the layers above the fewest listed."""
+    lines = []
+    for label, d in result["per_setting"].items():
+        if not d["points_per_layer"]:
+            continue
+        mean = np.mean(d["points_per_layer"], axis=0)
+        low = mean.min()
+        more = ", ".join(f"L{layer} {mean[layer]:.1f}" for layer in np.argsort(-mean) if mean[layer] > low)
+        lines.append(f"- {label}: {low:.1f} rows per layer" + (f"; more in {more}" if more else ""))
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
     head = ("| setting | refined Jaccard (massive out / kept) | coarse Jaccard | score error median (max) | "
-            "s/prompt | speed-up vs R-20 | rows | block evals |")
+            "CPU s/prompt (wall) | faster than R-20: CPU (wall) | rows | block evals |")
     lines = [head, "|" + "---|" * 8]
     for r in rows:
         lines.append(f"| {r['setting']} | {r['refined_jaccard']:.3f} / {r['refined_jaccard_keep_massive']:.3f} | "
                      f"{r['coarse_jaccard']:.3f} | {r['score_error_median']:.2%} ({r['score_error_max']:.2%}) | "
-                     f"{r['seconds_per_prompt']:.1f} | x{r['speedup_vs_riemann20']:.2f} | "
+                     f"{r['cpu_seconds_per_prompt']:.2f} ({r['seconds_per_prompt']:.1f}) | "
+                     f"x{r['cpu_speedup_vs_riemann20']:.2f} (x{r['speedup_vs_riemann20']:.2f}) | "
                      f"{r['rows_ratio']:.2f} | {r['blocks_ratio']:.2f} |")
     return "\n".join(lines)
 
@@ -229,7 +249,8 @@ def main() -> None:
                                       "flag_seconds": flag_seconds,
                                       "facts": [f"{f.relation} {f.subject} -> {f.object}" for f, _ in facts]}
             text = (f"### {key}: {result['n_prompts']} prompts, {result['n_facts']} facts, reference "
-                    f"{args.reference}\n\n{table(rows)}")
+                    f"{args.reference}\n\n{table(rows)}\n\nRows per layer (mean over prompts; one row = one point of "
+                    f"one layer, alpha = 0 included):\n{chosen_points(result)}")
             markdown.append(text)
             say(text)
     report["load_average_end"] = os.getloadavg()

@@ -36,7 +36,7 @@ from .validation import ValidationError, check_choice, check_int, check_number, 
 
 @dataclass(frozen=True)
 class AttributionParams:
-    steps: int | None = None  # m: Riemann steps, or Gauss points per panel; None: 20 (riemann), 4 (gauss, auto)
+    steps: int | None = None  # m: Riemann steps, or Gauss points per panel; None: 20 riemann, 4 gauss, 3 auto
     rule: str = "right"  # "right": alpha = k/m, k=1..m (paper); "left": k=0..m-1 (authors' code)
     method: str = "ig"  # "ig" or "activation" (the paper's baseline: score = raw activation)
     multi_token: str = "mean"  # how per-token scores of a multi-token answer combine: "mean", "sum", "first"

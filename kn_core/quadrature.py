@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 QUADRATURES = ("riemann", "gauss", "auto")
-DEFAULT_POINTS = {"riemann": 20, "gauss": 4, "auto": 4}
+DEFAULT_POINTS = {"riemann": 20, "gauss": 4, "auto": 3}
 DEFAULT_TOLERANCE = 0.01
 DENSE_PANELS = 16
 MAX_DEPTH = 6  # auto: panels no narrower than 1/64

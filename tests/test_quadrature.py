@@ -224,7 +224,7 @@ def test_progress_ends_at_one_and_cancel_stops_between_rounds():
 
 def test_params_are_validated_in_one_line_and_stored():
     gauss = AttributionParams(quadrature="gauss")
-    assert gauss.steps == 4 and AttributionParams().steps == 20 and AttributionParams(quadrature="auto").steps == 4
+    assert gauss.steps == 4 and AttributionParams().steps == 20 and AttributionParams(quadrature="auto").steps == 3
     assert gauss.to_dict()["quadrature"] == "gauss" and gauss.to_dict()["tolerance"] == 0.01
     for bad, needle in [(dict(quadrature="simpson"), "quadrature = 'simpson'"),
                         (dict(quadrature="GAUSS"), "quadrature"),
@@ -255,7 +255,7 @@ def test_cli_option_is_used_and_stored_with_the_run(capsys, saved_gpt2, tmp_path
     code = main(["attribute", "--prompt", "The capital of France is", "--answer", " Paris", "--model", saved_gpt2,
                  "--quadrature", "auto", "--tolerance", "0.001", "--json", "--project", str(project)])
     doc = json.loads(capsys.readouterr().out)
-    assert code == 0 and doc["params"]["quadrature"] == "auto" and doc["params"]["steps"] == 4
+    assert code == 0 and doc["params"]["quadrature"] == "auto" and doc["params"]["steps"] == 3
     assert all(row["within_tolerance"] for row in doc["completeness"])
     with open_project(project, read_only=True) as p:
         (run,) = p.list_runs()
@@ -286,7 +286,7 @@ def test_gui_attribution_panel_passes_the_quadrature(qtbot):
     qtbot.addWidget(panel)
     assert panel.params() == AttributionParams()  # the paper's mode by default
     panel.quadrature.setCurrentText("auto")
-    assert panel.params() == AttributionParams(quadrature="auto") and panel.params().steps == 4
+    assert panel.params() == AttributionParams(quadrature="auto") and panel.params().steps == 3
     assert not panel.rule.isEnabled()
     panel.steps.setValue(6)
     panel.quadrature.setCurrentText("riemann")  # a chosen number of points stays

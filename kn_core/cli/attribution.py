@@ -106,8 +106,8 @@ def cmd_neurons(args) -> int:
 
 def attribution_options(p) -> None:
     p.add_argument("--steps", type=int, default=None,
-                   help="integration steps m: Riemann steps (paper: 20) or Gauss points per panel (default 4); "
-                        "at most 1000")
+                   help="integration steps m: Riemann steps (paper: 20) or Gauss points per panel (default 4 "
+                        "gauss, 3 auto); at most 1000")
     quadrature_options(p)
     p.add_argument("--force", action="store_true", help="allow more than 1000 steps")
     p.add_argument("--rule", choices=["right", "left"], default="right",

@@ -39,7 +39,8 @@ def add_commands(sub) -> None:
     rep.add_argument("--facts-per-relation", type=int, default=10)
     rep.add_argument("--seed", type=int, default=0)
     rep.add_argument("--steps", type=int, default=None,
-                     help="integration steps: Riemann steps (paper: 20) or Gauss points per panel (default 4)")
+                     help="integration steps: Riemann steps (paper: 20) or Gauss points per panel (default 4 gauss, "
+                          "3 auto)")
     quadrature_options(rep)
     rep.add_argument("--prompts-per-fact", type=int, default=None, help="use at most N templates per fact")
     rep.add_argument("--select", choices=["known", "random"], default="known",

@@ -129,7 +129,8 @@ def _header(report: dict) -> list[str]:
         + (f", at most {par['sample_factor']}x as many checked per relation on their first "
            f"{par['check_prompts']} prompts" if par["select"] == "known" else "")
         + f"), seed {par['seed']}{templates}.  ",
-        f"Attribution: integrated gradients, {_quadrature_text(par['attribution'])}, t = {par['t']}, p adapted per relation from {par['p_start']}; baseline: activation, "
+        f"Attribution: integrated gradients, {_quadrature_text(par['attribution'])}, t = {par['t']}, p adapted "
+        f"per relation from {par['p_start']}; baseline: activation, "
         f"t = 0.5.  ",
         f"The paper: {PAPER['model']}. Different model, different facts, far fewer facts: compare the direction "
         f"and the gap to the controls, not the digits.", "",
