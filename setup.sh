@@ -20,7 +20,9 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   # An exact pin: on these machines it resolves to the local CPU build, never the multi-GB CUDA wheels.
   .venv/bin/pip install --disable-pip-version-check "torch==2.13.0"
 fi
-.venv/bin/pip install --disable-pip-version-check -q -e ".[dev]"
+# the tests also run the Ray backend (kn_core/cluster.py), an optional extra for users
+extras="dev"; [ "$mode" = test ] && extras="dev,cluster"
+.venv/bin/pip install --disable-pip-version-check -q -e ".[$extras]"
 
 # Qt's window system plugin (xcb) needs system libraries that a bare Debian/Ubuntu lacks; the tests also need
 # a virtual X server. Install what is missing (as root), or say exactly how and stop.
@@ -29,6 +31,8 @@ tools=""
 if [ "$mode" = test ]; then
   command -v Xvfb >/dev/null || tools="$tools xvfb"
   command -v xwininfo >/dev/null || tools="$tools x11-utils"
+  # tests/test_html_report.py opens the HTML report in a real headless browser
+  command -v chromium >/dev/null || command -v chromium-browser >/dev/null || tools="$tools chromium"
 fi
 if [ -n "$missing$tools" ]; then
   debian=$(.venv/bin/python -c "from kn_gui.platform_check import DEBIAN_PACKAGES; print(DEBIAN_PACKAGES)")
@@ -40,7 +44,8 @@ if [ -n "$missing$tools" ]; then
     fedora=$(.venv/bin/python -c "from kn_gui.platform_check import FEDORA_PACKAGES; print(FEDORA_PACKAGES)")
     echo "Qt's xcb platform plugin cannot load (missing: ${missing:-none}${tools:+; test tools:$tools}). Install, then run this again:" >&2
     echo "  Debian/Ubuntu: sudo apt-get update && sudo apt-get install -y $debian${tools:+ $tools}" >&2
-    echo "  Fedora:        sudo dnf install -y $fedora${tools:+ xorg-x11-server-Xvfb xorg-x11-utils}" >&2
+    echo "  Fedora:        sudo dnf install -y $fedora${tools:+ xorg-x11-server-Xvfb xorg-x11-utils chromium}" >&2
+    echo "  (elsewhere: any Chromium on PATH as chromium, for tests/test_html_report.py)" >&2
     exit 2
   fi
   missing=$(.venv/bin/python -m kn_gui.platform_check || true)

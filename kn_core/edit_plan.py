@@ -7,7 +7,7 @@ the same thing everywhere and is refused for the same reasons:
                      relation_neuron_sets={other_fact: its_refined_neurons, ...})
     plan.edit        # the edit (edits.Update), ready for EditStack.push / with_edits
     plan.control     # the same edit on as many random neurons from the same layers (seeded)
-    plan.prompts     # {"fact": [...], "relation": [...], "other relations": [...], "new object": [...]}
+    plan.prompts     # {"fact": [...], "held-out": [...], "relation": [...], "other relations": [...], ...}
     plan.skipped     # [(what, why)]: templates, facts and neurons left out, each with its reason
 
 Every refusal is an `EditPlanError` (a ValueError) with a one-line message naming the problem and the fix,
@@ -20,6 +20,11 @@ Groups of evaluation prompts:
 - "relation": other facts of the same relation (controls for specificity within the relation).
 - "other relations": facts of other relations.
 - "new object": update only; the fact's prompts rendered with o' (aligned with "fact").
+- "held-out" (and for an update "held-out new object", aligned with it): the fact's prompts whose template
+  did NOT find the neurons (`EditRequest.neuron_templates`), for generality (docs/METRICS.md); the "fact"
+  group then keeps only the prompts whose template did. Without `neuron_templates` the held-out groups are empty.
+- "portability": update only; facts whose subject is the new object o' (e.g. the new capital's country), with
+  their own answers, where the fact set has any.
 Control facts are a seeded sample (`control_facts` per group, `control_prompts_per_fact` prompts each).
 """
 
@@ -56,7 +61,11 @@ class EditRequest:
     Update `strength`: "paper" uses lambda1/lambda2 as given (the paper: 1 and 8); "calibrated" scales both
     by the smallest s in CALIBRATION_RANGE at which o' becomes the greedy answer on the fact's prompts (see
     `calibrate_update`; it is always sign-aware). Suppress `to`: "zero" (the paper) or "mean" (mean ablation:
-    each neuron set to its mean activation from the `activation_stats` given to `plan_edit`)."""
+    each neuron set to its mean activation from the `activation_stats` given to `plan_edit`).
+
+    `neuron_templates`: the templates of the prompts that found the neurons (a run's prompts). The fact's
+    prompts of other templates form the "held-out" group that generality is measured on; None: not known,
+    every prompt of the fact is a reliability prompt and generality is not applicable."""
 
     kind: str
     neurons: tuple[Neuron, ...] = ()
@@ -75,6 +84,7 @@ class EditRequest:
     exclude: tuple[Neuron, ...] = ()
     allow_fewer: bool = False
     exclusion_fraction: float = 0.1
+    neuron_templates: tuple[str, ...] | None = None
     seed: int = 0
     control_facts: int = 4
     control_prompts_per_fact: int | None = 1
@@ -107,6 +117,10 @@ class EditRequest:
             raise EditPlanError(f"update strength must be 'paper' or 'calibrated', not {self.strength!r}")
         if self.control_prompts_per_fact is not None and self.control_prompts_per_fact < 1:
             raise EditPlanError("control_prompts_per_fact must be >= 1 (or None for all prompts)")
+        if self.neuron_templates is not None:
+            if isinstance(self.neuron_templates, str):
+                raise EditPlanError("neuron_templates must be a sequence of template strings, not one string")
+            object.__setattr__(self, "neuron_templates", tuple(str(t) for t in self.neuron_templates))
 
 
 @dataclass(frozen=True)
@@ -170,9 +184,15 @@ def plan_edit(lm, factset, request: EditRequest,
     # drawn first from the seed so that `kn edit erase` keeps its earlier control sample
     prompts["other relations"] = _control_prompts(lm, factset, other, request, request.seed, skipped)
     prompts["relation"] = _control_prompts(lm, factset, same, request, request.seed + 1, skipped)
+    keep = _found_neurons(request, fact_prompts)
+    prompts["fact"] = [p for p, k in zip(fact_prompts, keep) if k]
+    prompts["held-out"] = [p for p, k in zip(fact_prompts, keep) if not k]
     calibration = None
     if request.kind == "update":
-        prompts["new object"] = new_prompts
+        prompts["held-out new object"] = [p for p, k in zip(new_prompts, keep) if not k]
+        prompts["new object"] = new_prompts = [p for p, k in zip(new_prompts, keep) if k]
+        prompts["portability"] = _control_prompts(lm, factset, _facts_about(factset, request.new_object),
+                                                  request, request.seed + 2, skipped)
         if request.strength == "calibrated":
             edit, calibration = calibrate_update(lm, edit, new_prompts, task=task)
             if not calibration["reached"]:
@@ -182,7 +202,25 @@ def plan_edit(lm, factset, request: EditRequest,
     return EditPlan(request, edit, control, {g: prompts[g] for g in _GROUPS if g in prompts}, skipped, calibration)
 
 
-_GROUPS = ("fact", "relation", "other relations", "new object")
+_GROUPS = ("fact", "held-out", "relation", "other relations", "new object", "held-out new object", "portability")
+
+
+def _found_neurons(request: EditRequest, fact_prompts: list[Prompt]) -> list[bool]:
+    """Per prompt of the fact: whether its template is one that found the neurons (all, when not known)."""
+    if request.neuron_templates is None:
+        return [True] * len(fact_prompts)
+    used = set(request.neuron_templates)
+    keep = [p.template in used for p in fact_prompts]
+    if not any(keep):
+        raise EditPlanError("none of the fact's prompts uses a template that found the neurons "
+                            "(neuron_templates); pass the templates of the run that found them, or None")
+    return keep
+
+
+def _facts_about(factset, subject: str | None) -> list[Fact]:
+    """Facts whose subject is `subject` (the new object of an update: its portability facts)."""
+    subject = (subject or "").strip()
+    return [f for f in factset.facts if f.subject == subject]
 
 
 def _check_neurons(lm, neurons) -> None:

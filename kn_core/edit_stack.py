@@ -12,7 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .edits import Edit, EditHandle, Neuron, _ActivationEdit, _WeightEditBase, _finite, check_neurons, edit_from_dict
+from .edits import (Batch, Edit, EditHandle, Neuron, _ActivationEdit, _WeightEditBase, _finite, check_neurons,
+                    edit_from_dict)
 
 # --------------------------------------------------------------------------------------------------------
 # EditStack
@@ -206,6 +207,7 @@ def export_model(lm, edits, folder, skip_unexportable: bool = False) -> dict:
     Answer-scoped activation edits cannot be expressed as weights: ValueError, or with
     `skip_unexportable=True` they are left out and listed."""
     active = edits.active_edits() if isinstance(edits, EditStack) else list(edits)
+    active = [part for e in active for part in (e.edits if isinstance(e, Batch) else (e,))]
     skipped = [e for e in active if isinstance(e, _ActivationEdit) and (e.scope == "answer" or e._values())]
     if skipped and not skip_unexportable:
         raise ValueError(f"{len(skipped)} active edit(s) act only at the answer position or set activations to a "

@@ -451,6 +451,98 @@ class Erase(_WeightEditBase):
         return f"Erase {_neurons_str(self.neurons)} (value vectors -> {self.fill})"
 
 
+@dataclass(frozen=True)
+class Batch(Edit):
+    """Several edits as one history entry (`kn edit batch`, the GUI's multi-fact apply): applied in order and
+    reverted in reverse order, so a batch changes the model exactly as pushing its edits one by one would.
+    Requests that share neurons compose in that order: a weight edit reads the value vectors the edits
+    before it left (an update scales by the current |v|), activation hooks run one after another.
+
+    Consecutive zero-suppressions with the same scope share one hook (zeroing a neuron twice is zeroing it
+    once), so a thousand suppress requests cost one hook per layer at every forward pass, not a thousand."""
+
+    edits: tuple[Edit, ...]
+    label: str = ""
+    kind = "batch"
+
+    def __post_init__(self):
+        object.__setattr__(self, "edits", tuple(self.edits))
+        if not self.edits:
+            raise ValueError("a batch needs at least one edit")
+        for e in self.edits:
+            if not isinstance(e, Edit) or isinstance(e, Batch):
+                raise ValueError(f"a batch holds single edits, not {type(e).__name__}")
+
+    @property
+    def neurons(self) -> tuple[Neuron, ...]:
+        return _norm_neurons(n for e in self.edits for n in e.neurons)
+
+    @property
+    def is_weight_edit(self) -> bool:
+        return any(e.is_weight_edit for e in self.edits)
+
+    def _coalesced(self) -> list[Edit]:
+        out: list[Edit] = []
+        for e in self.edits:
+            last = out[-1] if out else None
+            if (isinstance(e, Suppress) and e.to == "zero" and isinstance(last, Suppress) and last.to == "zero"
+                    and last.scope == e.scope):
+                out[-1] = Suppress(last.neurons + e.neurons, e.scope)
+            else:
+                out.append(e)
+        return out
+
+    def apply(self, lm) -> EditHandle:
+        check_neurons(lm, self.neurons)
+        handles: list[EditHandle] = []
+
+        def revert():
+            for handle in reversed(handles):
+                handle.revert()
+
+        try:
+            for e in self._coalesced():
+                handles.append(e.apply(lm))
+        except Exception:
+            revert()
+            raise
+        return EditHandle(self, revert)
+
+    def to_dict(self) -> dict:
+        # "neurons" (the union) is derived; it is written for readers of the saved history and ignored on load
+        return {"kind": self.kind, "neurons": [list(n) for n in self.neurons], "label": self.label,
+                "edits": [e.to_dict() for e in self.edits]}
+
+    def describe(self) -> str:
+        counts: dict[str, int] = {}
+        for e in self.edits:
+            counts[e.kind] = counts.get(e.kind, 0) + 1
+        kinds = ", ".join(f"{n} {k}" for k, n in counts.items())
+        return f"Batch of {len(self.edits)} edits ({kinds}; {_neurons_str(self.neurons)})" + \
+            (f": {self.label}" if self.label else "")
+
+
+def _batch_from_dict(d: dict) -> Batch:
+    unknown = sorted(set(d) - {"edits", "label", "neurons"}, key=str)
+    if unknown:
+        raise ValueError(f"batch edit has unknown field(s) {', '.join(map(repr, unknown))}; known: edits, label")
+    raw = d.get("edits")
+    if not isinstance(raw, list) or not raw:
+        raise ValueError("batch edit needs a non-empty list 'edits'")
+    parts = []
+    for i, e in enumerate(raw):
+        if isinstance(e, dict) and e.get("kind") == "batch":
+            raise ValueError(f"batch edit: edit {i} is itself a batch")
+        try:
+            parts.append(edit_from_dict(e))
+        except ValueError as exc:
+            raise ValueError(f"batch edit {i}: {exc}") from None
+    label = d.get("label", "")
+    if not isinstance(label, str):
+        raise ValueError(f"batch edit label must be text, not {label!r}")
+    return Batch(tuple(parts), label)
+
+
 _KINDS = {"suppress": Suppress, "amplify": Amplify, "update": Update, "erase": Erase}
 
 
@@ -461,9 +553,11 @@ def edit_from_dict(d: dict) -> Edit:
         raise ValueError(f"an edit must be a JSON object, not {type(d).__name__}")
     d = dict(d)
     kind = d.pop("kind", None)
+    if kind == "batch":
+        return _batch_from_dict(d)
     cls = _KINDS.get(kind)
     if cls is None:
-        raise ValueError(f"unknown edit kind {kind!r}; known: {', '.join(_KINDS)}")
+        raise ValueError(f"unknown edit kind {kind!r}; known: {', '.join(_KINDS)}, batch")
     known = [f.name for f in fields(cls)]
     unknown = sorted(set(d) - set(known), key=str)
     if unknown:

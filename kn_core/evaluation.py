@@ -12,6 +12,10 @@ Conventions used throughout:
   with the true tokens and the later ones still masked (one forward per answer token), as `attribution`
   does, so both report the same probability. `correct` means the greedy choice equals the true token at
   every answer position (teacher-forced), `top1_token` is the top choice at the first answer position.
+* **Ranks** (`rank`, `ranks`): the rank of a true answer token among the whole vocabulary at its answer
+  position, 1 = the greedy choice, counted as 1 + the number of tokens with a strictly higher probability
+  (ties share the better rank). `ranks` has one per answer token (teacher-forced as above); `rank` is the
+  first token's, the usual "rank of the object" (docs/METRICS.md).
 * The **answer positions** of a batch (the positions that predict answer tokens) are published to
   activation edits through `edits.answer_positions`, so "suppress at the answer position" means exactly
   those positions, also for multi-token answers.
@@ -93,7 +97,8 @@ def answer_probabilities(lm, prompts: Sequence, batch_size: int = 16, task: Task
     """Probability of each prompt's answer under the model as it is now (with whatever edits are active).
 
     Returns one dict per prompt: `prob` (product over answer tokens, see the module notes), `logprob`,
-    `token_probs`, `top1_token`, `top1_id`, `correct` (greedy == answer at every answer position) and, with
+    `token_probs`, `top1_token`, `top1_id`, `correct` (greedy == answer at every answer position), `rank` and
+    `ranks` (see the module notes) and, with
     `top_k`, `top` (the k best first tokens with their probabilities) and `in_top_k`.
     """
     per_prompt = [_encode_prompt(lm, p) for p in prompts]
@@ -113,6 +118,7 @@ def answer_probabilities(lm, prompts: Sequence, batch_size: int = 16, task: Task
         targets = torch.tensor([t for e in rows for t in e.targets])
         token_lp = logp.gather(1, targets[:, None])[:, 0]
         greedy = logp.argmax(dim=-1)
+        ranks = [int(r) for r in ((logp > token_lp[:, None]).sum(dim=-1) + 1)]
         lp = float(token_lp.sum())
         item = {
             "prob": math.exp(lp),
@@ -121,6 +127,8 @@ def answer_probabilities(lm, prompts: Sequence, batch_size: int = 16, task: Task
             "top1_id": int(greedy[0]),
             "top1_token": _token_text(lm.tokenizer, int(greedy[0])),
             "correct": bool(torch.equal(greedy, targets)),
+            "rank": ranks[0],
+            "ranks": ranks,
         }
         if top_k:
             values, indices = logp[0].topk(top_k)

@@ -15,7 +15,7 @@ from .controllers import UserError
 from .controllers import project as P
 from .panels.common import default_folder, write_json
 from .project_io import results_dict
-from .session import merge_factsets, starter_factset
+from .session import fact_key, merge_factsets, starter_factset
 
 MAX_RECENT = 8
 
@@ -60,6 +60,11 @@ class ActionsMixin:
             lambda: self.edits_panel.table.export_csv_dialog(self, os.path.join(self._start_folder(), "edit.csv")))
         self.act_export_model = self._action("Export edited model\u2026", self.export_model_dialog, None,
                                              "Save the model with its active edits to a folder")
+        self.act_export_report = self._action("Export report (HTML)\u2026", self.export_report_dialog, None,
+                                              "One self-contained page: runs, figures, neuron sets, edits and "
+                                              "provenance; opens in any browser")
+        self.act_open_scores = self._action("Open s&cores\u2026", self.open_scores_dialog, None,
+                                            "Open a scores file (kn attribute --save) as a run")
         self.act_quit = self._action("&Quit", self.close, QKeySequence.Quit)
         self.act_undo = self._action("&Undo", self.undo, QKeySequence.Undo, "Undo the last change",
                                      S.SP_ArrowBack, "Undo")
@@ -85,12 +90,13 @@ class ActionsMixin:
         file_menu = bar.addMenu("&File")
         file_menu.addActions([self.act_new, self.act_open])
         self.recent_menu = file_menu.addMenu("Open &recent")
+        file_menu.addAction(self.act_open_scores)
         file_menu.addActions([self.act_save, self.act_save_as])
         file_menu.addSeparator()
         file_menu.addActions([self.act_import, self.act_import_pararel, self.act_export_facts])
         export = file_menu.addMenu("&Export")
-        export.addActions([self.act_export_plots, self.act_export_table, self.act_export_json,
-                           self.act_export_model])
+        export.addActions([self.act_export_report, self.act_export_plots, self.act_export_table,
+                           self.act_export_json, self.act_export_model])
         file_menu.addSeparator()
         file_menu.addAction(self.act_quit)
         edit_menu = bar.addMenu("&Edit")
@@ -232,6 +238,66 @@ class ActionsMixin:
             self.show_error("Could not export the results", f"{exc}. Choose a folder you can write to.")
             return
         self.status(f"Results written to {path}.")
+
+    def export_report_dialog(self):
+        path, _ = QFileDialog.getSaveFileName(self, "Export report", os.path.join(self._start_folder(), "report.html"),
+                                              "HTML (*.html)")
+        if path:
+            self.export_report(path if path.endswith((".html", ".htm")) else path + ".html")
+
+    def export_report(self, path: str) -> bool:
+        """The project as one self-contained HTML page (kn_gui.report_export), the current run's figures in it."""
+        from .report_export import write_project_report
+
+        run = self.session.runs.get(fact_key(self.current_fact)) if self.current_fact is not None else None
+        try:
+            write_project_report(path, self.session, self.edits.commands(), run, self.attribution_panel,
+                                 self.project.path)
+        except OSError as exc:
+            self.show_error("Could not export the report", f"{exc}. Choose a folder you can write to.")
+            return False
+        self.status(f"Report written to {path}.")
+        return True
+
+    def open_scores_dialog(self):
+        path, _ = QFileDialog.getOpenFileName(self, "Open scores", self._start_folder(),
+                                              "Scores (kn attribute --save) (*.npz);;All (*)")
+        if path:
+            self.open_scores(path)
+
+    def open_scores(self, path: str) -> bool:
+        """A `kn attribute --save` file as a run of the project (undoable: its fact is added to the fact set)."""
+        from kn_core.scores_file import ScoresFileError, load_scores
+
+        from .open_scores import SCORES_RELATION, same_scores, scores_run
+
+        s = self.session
+        try:
+            run = scores_run(load_scores(path), path, s.lm)
+        except ScoresFileError as exc:
+            self.show_error("Could not open the scores", f"{exc}.")
+            return False
+        key, name = fact_key(run.fact), Path(path).name
+        earlier = s.runs.get(key)
+        if earlier is not None and not same_scores(earlier, run):
+            self.show_error("Could not open the scores", f"{name}: a different run for this prompt and answer is "
+                            f"already open ({run.fact.subject!r} \u2192 {run.fact.object!r}); delete that fact "
+                            "first to replace it.")
+            return False
+        if earlier is None:
+            fs = s.factset
+            if SCORES_RELATION.id not in fs.relations:
+                fs = fs.with_relation(SCORES_RELATION)
+            if run.fact not in fs.facts:
+                fs = fs.with_fact(run.fact)
+            s.runs[key] = run
+            self._push_factset(f"Open scores {name}", fs)
+            self._mark_dirty()
+        self.facts_panel.select_fact(run.fact)
+        self.select_fact(run.fact)
+        self.status(f"Opened {name} as a run: {run.fact.subject!r} \u2192 {run.fact.object!r}"
+                    + (" (already open)." if earlier is not None else "."))
+        return True
 
     def export_model_dialog(self):
         folder = QFileDialog.getExistingDirectory(self, "Export the edited model to folder", self._start_folder())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from PySide6.QtCore import QByteArray, QEvent, Qt
-from PySide6.QtWidgets import QFrame, QScrollArea, QWidget
+from PySide6.QtWidgets import QFrame, QScrollArea, QSizePolicy, QWidget
 
 
 class PanelScroll(QScrollArea):
@@ -32,24 +32,46 @@ class PanelScroll(QScrollArea):
         return False
 
 
+SIDE_WIDTH = 340  # a side dock's default width; the plots get the rest
+EDITS_HEIGHT = 280  # the edits dock down to its Apply button (the history below it may scroll)
+
+
+def show_current_page_only(stack):
+    """A QStackedWidget sized by its current page, not its tallest one (the short edit forms leave room)."""
+    def fit(index):
+        for i in range(stack.count()):
+            page = stack.widget(i)
+            vertical = QSizePolicy.Preferred if i == index else QSizePolicy.Ignored
+            page.setSizePolicy(QSizePolicy.Preferred, vertical)
+        stack.updateGeometry()
+
+    stack.currentChanged.connect(fit)
+    fit(stack.currentIndex())
+
+
 class LayoutMixin:
     def _default_dock_sizes(self):
-        """Dock sizes that leave the plots their minimum and show every panel (scrolling inside a dock only
-        where the window is smaller than all minimums together). Below 1500 px the Neurons dock joins the
-        Model and Facts tabs, so the plots keep their width at 1280 px."""
+        """Dock sizes that give the neuron map at least its minimum height and show the edits dock down to its
+        Apply button. Below 1500 px wide the Neurons dock joins the Model and Facts tabs, so the plots keep their
+        width at 1280 px; when the window is too short for the per-layer plots above the map (about 900 px) the
+        attribution panel folds them into a tab (AttributionPanel.set_folded) and the edits dock gets the rest."""
         w, h = max(self.width(), 1024), max(self.height(), 700)
-        central = self.attribution_panel.minimumSizeHint()
+        ap = self.attribution_panel
+        central = ap.minimumSizeHint()
         if w < 1500:
             self.tabifyDockWidget(self.facts_dock, self.neurons_dock)
-            self.resizeDocks([self.model_dock], [max(300, w - central.width() - 30)], Qt.Horizontal)
+            self.resizeDocks([self.model_dock], [max(300, min(SIDE_WIDTH, w - central.width() - 40))], Qt.Horizontal)
         else:
             self.addDockWidget(Qt.RightDockWidgetArea, self.neurons_dock)
-            side = max(280, (w - central.width() - 40) // 2)
+            side = max(280, min(SIDE_WIDTH, (w - central.width() - 40) // 2))
             self.resizeDocks([self.model_dock, self.neurons_dock], [side + 60, side - 60], Qt.Horizontal)
-        self.model_dock.raise_()
+        (self.model_dock if self.session.lm is None else self.facts_dock).raise_()  # loading first, then facts
         chrome = self.menuBar().sizeHint().height() + self.toolbar.sizeHint().height() + \
-            self.statusBar().sizeHint().height() + 50
-        self.resizeDocks([self.edits_dock], [max(250, h - chrome - central.height())], Qt.Vertical)
+            self.statusBar().sizeHint().height() + 40
+        unfolded = ap._unfolded_height()
+        folded = unfolded - (0 if ap.folded else ap.layer_widget.minimumHeight() + ap.split.handleWidth())
+        central_height = (unfolded if h - chrome - unfolded >= EDITS_HEIGHT else folded) + 8  # + rounding slack
+        self.resizeDocks([self.edits_dock], [max(EDITS_HEIGHT, h - chrome - central_height)], Qt.Vertical)
 
     def _restore_layout(self):
         geometry = self.settings.value("window/geometry")

@@ -22,7 +22,7 @@ from .panels.model_panel import ModelPanel
 from .panels.neurons_panel import NeuronsPanel
 from .actions import ActionsMixin
 from .job_status import JobStatus
-from .layout import LayoutMixin, PanelScroll
+from .layout import LayoutMixin, PanelScroll, show_current_page_only
 from .session import Run, Session, fact_key, starter_factset
 from .worker import JobRunner
 
@@ -103,6 +103,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         self.attribution_panel = AttributionPanel(s)
         self.neurons_panel = NeuronsPanel(s)
         self.edits_panel = EditsPanel(s, self.undo_stack)
+        show_current_page_only(self.edits_panel.pages)
         self.setCentralWidget(PanelScroll(self.attribution_panel))
         self.model_dock = self._dock("Model", self.model_panel, Qt.LeftDockWidgetArea, "dock_model")
         self.facts_dock = self._dock("Facts", self.facts_panel, Qt.LeftDockWidgetArea, "dock_facts")
@@ -277,6 +278,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         self.model_label.setText(f"{info.get('name') or lm.source} \u00b7 {lm.family} \u00b7 {lm.layout.layers}\u00d7"
                                  f"{lm.layout.neurons} \u00b7 {info['device']}")
         self.facts_panel.rebuild()
+        self.facts_dock.raise_()  # the next step is picking a fact (the model's summary stays in the status bar)
         if self.edits.pending:
             self._restore_history(*self.edits.pending)
         self._update_actions()
@@ -549,6 +551,9 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
             self.edits_dock.raise_()
         elif isinstance(ev, E.EditFailed):
             self.show_error("Cannot apply the edit", ev.message)
+        elif isinstance(ev, E.DegeneracyTested):
+            self.edits_panel.show_degeneracy(ev.result, ev.fact, ev.edits_in_force)
+            self.edits_dock.raise_()
 
     def closeEvent(self, event):
         if not self._confirm_discard():

@@ -33,6 +33,7 @@ UPD = ["edit", "update", "--relation", "P36", "--subject", "France"]
 SUP = ["edit", "suppress", "--relation", "P36", "--subject", "France"]
 AMP = ["edit", "amplify", "--relation", "P36", "--subject", "France"]
 ERASE = ["edit", "erase", "--relation", "P36"]
+DEG = ["edit", "degeneracy", "--relation", "P36", "--subject", "France"]
 NEURON = ["neuron", "--layer", "1", "--index", "2"]
 REP = ["reproduce", "--out", "{tmp}/rep"]
 
@@ -134,6 +135,11 @@ CASES = [
     ("share-prompts-maybe", S + ["--share-prompts", "maybe"], ["--share-prompts", "maybe"]),
     ("scope-everywhere", SUP + ["--scope", "everywhere"], ["--scope", "everywhere"]),
     ("fill-one", ERASE + ["--fill", "one"], ["--fill", "one"]),
+    ("degeneracy-criterion-rank", DEG + ["--criterion", "rank"], ["--criterion", "rank"]),
+    ("degeneracy-removed-below-2", DEG + ["--removed-below", "2"], ["--removed-below", "2"]),
+    ("degeneracy-removed-below-0", DEG + ["--removed-below", "0"], ["--removed-below", "> 0"]),
+    ("degeneracy-max-neurons-1", DEG + ["--max-neurons", "1"], ["--max-neurons", "1"]),
+    ("degeneracy-subject-unknown", ["edit", "degeneracy", "--relation", "P36", "--subject", "Atlantis"], ["Atlantis"]),
     ("position-first", NEURON + ["--position", "first"], ["--position", "first"]),
     ("select-best", REP + ["--select", "best"], ["--select", "best"]),
     ("unknown-verb", ["frobnicate"], ["frobnicate"]),

@@ -1,26 +1,42 @@
-"""`kn edit suppress|amplify|update|erase` (each with a random-neuron control) and `kn neuron`."""
+"""`kn edit suppress|amplify|update|erase` (each with a random-neuron control) and `kn neuron` (`kn edit batch`:
+kn_core/cli/batch.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from .batch import add_batch_command
 from .common import COMMON, CliError, emit, factset_of, find_fact, load, neuron_list, progress_bar, say
 
 
-def _fact_neurons(args, lm, factset, fact):
-    """Attribution of one fact's prompts -> (prompts, refined neurons)."""
+def _fact_neurons(args, lm, factset, fact, held_out=None, with_scores=False):
+    """Attribution of one fact's prompts except those of the held-out templates (`args.hold_out` of them where the
+    verb has the option, drawn with `args.seed`, unless `held_out` names them; kept for generality,
+    docs/METRICS.md) -> (prompts that found the neurons, refined neurons[, scores summed over those prompts])."""
     from ..attribution import AttributionParams, attribute_fact
     from ..facts import render_prompts
+    from ..metrics import held_out_templates
     from ..neurons import refined_neurons
 
     prompts, skipped = render_prompts(fact, factset.relation(fact.relation), lm.tokenizer, lm.kind)
     if not prompts:
         raise CliError(f"no template of {fact.relation} can be used with this {lm.kind} model: "
                        + "; ".join(s.reason for s in skipped))
+    if held_out is None:
+        try:
+            held_out = held_out_templates([p.template for p in prompts], getattr(args, "hold_out", 0), args.seed)
+        except ValueError as exc:
+            raise CliError(f"{fact.relation} {fact.subject}: {exc} (--hold-out 0)") from None
+    prompts = [p for p in prompts if p.template not in held_out]
     with progress_bar(f"attributing {fact.relation} {fact.subject}") as task:
         params = AttributionParams(steps=args.steps, seed=args.seed, force=args.force)
         scores = attribute_fact(lm, prompts, params, task=task)
-    return prompts, refined_neurons([s.scores for s in scores], args.t, args.p)
+    neurons = refined_neurons([s.scores for s in scores], args.t, args.p)
+    return (prompts, neurons, sum(s.scores for s in scores)) if with_scores else (prompts, neurons)
+
+
+def _templates(prompts) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(p.template for p in prompts))
 
 
 def _planned(lm, factset, request, relation_neuron_sets=()):
@@ -30,20 +46,26 @@ def _planned(lm, factset, request, relation_neuron_sets=()):
     return plan_edit(lm, factset, request, relation_neuron_sets)
 
 
-def _groups(lm, plan) -> dict:
-    """Per prompt group (fact, relation, other relations, new object): the edit's and the control's effect."""
-    from ..edit_plan import measure_plan, summarize_plan
-    from ..evaluation import with_edits
-
-    before = measure_plan(lm, plan)
-    return {"edit": summarize_plan(plan, before, with_edits(lm, [plan.edit], lambda: measure_plan(lm, plan))),
-            "control": summarize_plan(plan, before, with_edits(lm, [plan.control], lambda: measure_plan(lm, plan)))}
-
-
 def _plan_fields(lm, plan) -> dict:
+    """The plan's skipped items and prompt groups; per group the edit's and the control's effect (`groups`);
+    the field's metrics beside the control's (`metrics`, docs/METRICS.md)."""
+    from ..edit_plan import summarize_plan
+    from ..metrics import measure_edit
+
+    with progress_bar("measuring the edit and its control") as task:
+        measured = measure_edit(lm, plan, task=task)
+    before = measured["before"]
     return {"skipped": [{"what": what, "reason": why} for what, why in plan.skipped],
             "prompt_groups": {g: [p.text for p in ps] for g, ps in plan.prompts.items()},
-            "groups": _groups(lm, plan)}
+            "groups": {"edit": summarize_plan(plan, before, measured["after"]),
+                       "control": summarize_plan(plan, before, measured["control_after"])},
+            "metrics": measured["metrics"]}
+
+
+def _metrics_text(doc: dict) -> list[str]:
+    from ..metrics import metrics_lines
+
+    return ["metrics (docs/METRICS.md):", *metrics_lines(doc["metrics"])]
 
 
 def cmd_edit_activation(args) -> int:
@@ -56,12 +78,12 @@ def cmd_edit_activation(args) -> int:
     if args.export and args.scope != "all":
         raise CliError("--export needs --scope all (an answer-position edit is not a weight change)")
     lm = load(args)
-    _, neurons = _fact_neurons(args, lm, factset, fact)
+    found_with, neurons = _fact_neurons(args, lm, factset, fact)
     if not neurons:
         raise CliError(f"{fact.relation} {fact.subject}: no refined knowledge neurons at t={args.t}, p={args.p}; "
                        f"lower --p")
     plan = _planned(lm, factset, EditRequest(args.edit_kind, tuple(neurons), fact, factor=getattr(args, "factor", 2.0),
-                                             scope=args.scope, seed=args.seed))
+                                             scope=args.scope, seed=args.seed, neuron_templates=_templates(found_with)))
     prompts = plan.prompts["fact"]
     effect = ev.edit_effect(lm, [plan.edit], prompts)
     control = ev.edit_effect(lm, [plan.control], prompts)
@@ -79,7 +101,7 @@ def cmd_edit_activation(args) -> int:
             f"{fact.object}:",
             *[f"  {p.text!r}: {b:.4f} -> {a:.4f}" for p, b, a in zip(prompts, effect["before"], effect["after"])],
             f"relative change {100 * effect['relative_change']:+.1f}% (random neurons: "
-            f"{100 * control['relative_change']:+.1f}%)"]
+            f"{100 * control['relative_change']:+.1f}%)", *_metrics_text(doc)]
     emit(args, doc, "\n".join(text))
     return 0
 
@@ -96,7 +118,7 @@ def cmd_edit_update(args) -> int:
     if args.new_object.strip() == fact.object:
         raise CliError(f"--new-object {args.new_object!r} is the fact's current object; choose another object")
     lm = load(args)
-    _, neurons = _fact_neurons(args, lm, factset, fact)
+    found_with, neurons = _fact_neurons(args, lm, factset, fact)
     others = [f for f in factset.facts_of(fact.relation) if f != fact][: args.relation_facts]
     # to leave out neurons shared by >10% of the relation's facts
     relation_sets = {other: _fact_neurons(args, lm, factset, other)[1] for other in others}
@@ -105,7 +127,8 @@ def cmd_edit_update(args) -> int:
                        f"lower --p")
     plan = _planned(lm, factset, EditRequest("update", tuple(neurons), fact, new_object=args.new_object,
                                              lambda1=args.lambda1, lambda2=args.lambda2,
-                                             sign_aware=args.sign_aware, strength=args.strength, seed=args.seed),
+                                             sign_aware=args.sign_aware, strength=args.strength, seed=args.seed,
+                                             neuron_templates=_templates(found_with)),
                     relation_sets)
     update = plan.edit
     own, new = plan.prompts["fact"], plan.prompts["new object"]
@@ -142,6 +165,7 @@ def cmd_edit_update(args) -> int:
         text.append(f"calibrated: {cal['scale']:.3g} x the lambdas (λ2 = {cal['lambda2']:.3g}); "
                     + ("o' is the top answer on every prompt" if cal["reached"] else
                        "FAILED: o' is not the top answer on every prompt even at the largest scale"))
+    text += _metrics_text(doc)
     emit(args, doc, "\n".join(text))
     return 0
 
@@ -160,12 +184,16 @@ def cmd_edit_erase(args) -> int:
         raise CliError(f"no relation {args.relation!r}; relations: {', '.join(sorted(factset.relations))}") from None
     lm = load(args)
     facts = factset.facts_of(args.relation)[: args.max_facts]
-    sets = {fact: _fact_neurons(args, lm, factset, fact)[1] for fact in facts}
+    held_out = _relation_held_out(args, lm, factset, facts)
+    found = {fact: _fact_neurons(args, lm, factset, fact, held_out) for fact in facts}
+    sets = {fact: neurons for fact, (_, neurons) in found.items()}
     if not any(sets.values()):
         raise CliError(f"{args.relation}: no knowledge neurons found in {len(sets)} facts")
     plan = _planned(lm, factset, EditRequest("erase", relation=args.relation, k=args.k, fill=args.fill,
                                              allow_fewer=True, seed=args.seed, control_facts=args.control_facts,
-                                             control_prompts_per_fact=None), sets)
+                                             control_prompts_per_fact=None,
+                                             neuron_templates=_templates(p for ps, _ in found.values() for p in ps)),
+                    sets)
     erase = plan.edit
     own, other_prompts = plan.prompts["fact"], plan.prompts["other relations"]
 
@@ -191,8 +219,24 @@ def cmd_edit_erase(args) -> int:
             f"  perplexity {before['perplexity']:.1f} -> {after['perplexity']:.1f} (random {control['perplexity']:.1f})"]
     if "other_perplexity" in before:
         text.append(f"  other relations' perplexity {before['other_perplexity']:.1f} -> {after['other_perplexity']:.1f}")
+    text += _metrics_text(doc)
     emit(args, doc, "\n".join(text))
     return 0
+
+
+def _relation_held_out(args, lm, factset, facts) -> tuple[str, ...]:
+    """Erase: the same held-out templates for every fact of the relation (drawn from the first fact's), so that no
+    template both found neurons for one fact and measures generality on another."""
+    from ..facts import render_prompts
+    from ..metrics import held_out_templates
+
+    if not facts:
+        return ()
+    prompts, _ = render_prompts(facts[0], factset.relation(facts[0].relation), lm.tokenizer, lm.kind)
+    try:
+        return held_out_templates([p.template for p in prompts], args.hold_out, args.seed)
+    except ValueError as exc:
+        raise CliError(f"{facts[0].relation} {facts[0].subject}: {exc} (--hold-out 0)") from None
 
 
 def cmd_neuron(args) -> int:
@@ -231,6 +275,9 @@ def _fact_edit_options(p) -> None:
     p.add_argument("--p", type=float, default=0.7, help="refinement share of prompts (paper: starts at 0.7)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random control neurons")
     p.add_argument("--export", metavar="DIR", help="save the edited model (save_pretrained) to DIR")
+    p.add_argument("--hold-out", type=int, default=1, metavar="N",
+                   help="templates per fact kept away from finding the neurons, to measure generality on "
+                        "(drawn with --seed; 0: use every template, generality is then not measured)")
 
 
 def add_commands(sub) -> None:
@@ -271,6 +318,7 @@ def add_commands(sub) -> None:
     p.add_argument("--control-facts", type=int, default=10, help="facts of other relations to measure")
     _fact_edit_options(p)
     p.set_defaults(func=cmd_edit_erase)
+    add_batch_command(edit_sub)
 
     neuron = sub.add_parser("neuron", parents=[COMMON], help="what one neuron's value vector promotes")
     neuron.add_argument("--layer", type=int, required=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 
 from .attribution import quadrature_options
@@ -21,9 +23,11 @@ def cmd_reproduce(args) -> int:
         report = run_reproduce(lm, factset, Path(args.out), relations, args.facts_per_relation, args.seed,
                                args.steps, args.prompts_per_fact, args.select, args.control_prompts,
                                causal_templates=args.causal_templates, keep_massive=args.keep_massive, say=say,
-                               task=task, quadrature=args.quadrature, tolerance=args.tolerance)
+                               task=task, command=shlex.join(["kn", *sys.argv[1:]]), quadrature=args.quadrature,
+                               tolerance=args.tolerance)
     sa = report.get("suppress_amplify", {}).get("average", {})
     doc = {"out": str(args.out), "status": report["status"], "report": str(Path(args.out) / "report.json"),
+           "html": str(Path(args.out) / "report.html"),
            "suppress": sa.get("knowledge", {}).get("suppress", {}).get("own"),
            "amplify": sa.get("knowledge", {}).get("amplify", {}).get("own"),
            "seconds": report["timings"].get("total"), "selection": report.get("selection"),
@@ -51,5 +55,5 @@ def add_commands(sub) -> None:
                           "templates that end in [Y]")
     rep.add_argument("--keep-massive", action="store_true",
                      help="keep massive/unspecific neurons in refined and relation-level neurons (default: left out)")
-    rep.add_argument("--out", required=True, help="folder for report.json, report.md and the figures")
+    rep.add_argument("--out", required=True, help="folder for report.json, report.md, report.html and the figures")
     rep.set_defaults(func=cmd_reproduce)

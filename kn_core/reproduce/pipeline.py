@@ -12,10 +12,12 @@ experiments with controls. The report (markdown, JSON, figures) is written by ``
    stopped; the activation baseline likewise.
 3. Refined neurons per fact with p adapted per relation, as in the paper.
 4. Neuron statistics, activation by prompt, suppress/amplify, update and erase, each beside its controls.
+5. The field's edit metrics per edit kind beside the random control (``metrics_section``, docs/METRICS.md).
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import platform
@@ -29,10 +31,12 @@ import numpy as np
 
 from .. import evaluation as ev
 from .. import experiments as ex
+from ..degeneracy import DegeneracyParams, degeneracy_experiment
+from .metrics_section import edit_metrics_experiment
 from ..facts import CAUSAL_TEMPLATES, render_prompts
 from ..tasks import Cancelled, Task, as_task
 from ..jsonio import dumps
-from .report import PAPER, render_markdown, write_report
+from .report import PAPER, render_markdown, write_html, write_report
 
 MIN_PROMPTS = 3  # refinement keeps neurons coarse in at least max(p * n, 3) prompts
 SELECT_MODES = ("known", "random")
@@ -342,13 +346,16 @@ class _Phases:
             self.timings[f"{name}_cpu"] = time.process_time() - c0
 
 
-def _new_report(lm, factset, relations, params, base_params, timings: dict, parameters: dict) -> dict:
+def _new_report(lm, factset, relations, params, base_params, timings: dict, parameters: dict,
+                command: str | None = None) -> dict:
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     return {
         "status": "running", "model": lm.describe(), "facts": factset.name, "relations": relations,
         "parameters": {**parameters, "baseline_t": 0.5, "attribution": params.to_dict(),
                        "baseline_attribution": base_params.to_dict(), "suppress_scope": "answer",
                        "amplify_factor": 2.0, "update": {"lambda1": 1.0, "lambda2": 8.0, "exclusion_fraction": 0.1}},
         "versions": _versions(), "paper": PAPER, "timings": timings,
+        "provenance": {"started": started, "command": command},
     }
 
 
@@ -357,13 +364,13 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
                   control_prompts: int = 20, t: float = 0.2, p: float = 0.7, erase_k: int = 20,
                   erase_fill: str = "zero", *, causal_templates: str = "prefix", sample_factor: int = 5,
                   check_prompts: int = 3, keep_massive: bool = False, say=_say, task: Task | None = None,
-                  quadrature: str = "riemann", tolerance: float = 0.01) -> dict:
+                  command: str | None = None, quadrature: str = "riemann", tolerance: float = 0.01) -> dict:
     """Runs the reproduction and writes OUT/report.json, report.md and figures; returns the report. (One
     function on purpose: the phases read top to bottom, each saving the partial report.)
     Massive/unspecific neurons (kn_core.neurons) are kept out of refined and relation-level neurons unless
     ``keep_massive``; the neuron numbers are reported both ways. A
     cancelled or failed run leaves a partial report.json (status "interrupted ...") and its cache, from which
-    the next run with the same arguments resumes."""
+    the next run with the same arguments resumes. ``command``: how the run was started, for the provenance."""
     from ..attribution import AttributionParams
 
     if causal_templates not in CAUSAL_TEMPLATES:
@@ -384,7 +391,7 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
         "check_prompts": check_prompts, "min_prompts": MIN_PROMPTS,
         "causal_templates": causal_templates if lm.kind == "causal" else None,
         "prompts_per_fact": prompts_per_fact, "control_prompts": control_prompts, "t": t, "p_start": p,
-        "erase": {"k": erase_k, "fill": erase_fill}, "keep_massive": keep_massive})
+        "erase": {"k": erase_k, "fill": erase_fill}, "keep_massive": keep_massive}, command)
 
     def save():
         timings["total"] = time.perf_counter() - started
@@ -392,7 +399,8 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
 
     phases = _Phases(task, say, timings, {"select": (0.0, 0.05), "attribution": (0.05, 0.6), "neurons": (0.6, 0.62),
                                           "activation_by_prompt": (0.62, 0.67), "suppress_amplify": (0.67, 0.8),
-                                          "update": (0.8, 0.92), "erase": (0.92, 1.0)})
+                                          "update": (0.8, 0.9), "erase": (0.9, 0.93),
+                                          "degeneracy": (0.93, 0.96), "edit_metrics": (0.96, 1.0)})
     try:
         sel = phases.run("select", lambda sub: select_facts(
             lm, factset, relations, facts_per_relation, select, seed, MIN_PROMPTS, prompts_per_fact,
@@ -427,11 +435,18 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
         report["erase"] = phases.run("erase", lambda sub: ex.erase_experiment(
             lm, records, k=erase_k, fill=erase_fill, seed=seed, control_prompts=2 * control_prompts,
             exclude=exclude, task=sub))
+        save()
+        report["degeneracy"] = phases.run("degeneracy", lambda sub: degeneracy_experiment(
+            lm, records, DegeneracyParams(seed=seed), {f: sum(s.scores for s in ig[f]) for f in ig}, exclude, sub))
+        save()
+        report["edit_metrics"] = phases.run("edit_metrics", lambda sub: edit_metrics_experiment(
+            lm, factset, chosen, ig, report["adapted_p"], t, exclude, neurons["stats"], seed, sub))
         report["status"] = "done"
     except BaseException as exc:  # Cancelled / KeyboardInterrupt / an error: keep what is done, then re-raise
         report["status"] = f"interrupted ({type(exc).__name__}); run again with the same arguments to resume"
         save()
         (out / "report.md").write_text(render_markdown(report), encoding="utf-8")  # how far it got, readable
+        write_html(report, out)
         say(f"[reproduce] stopped; partial report in {out / 'report.md'}; run again to resume from {cache}")
         raise
     say("[reproduce] figures and report.md")

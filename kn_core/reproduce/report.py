@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from ..jsonio import dumps
+from .html import provenance_rows, read_figures, render_html
+from .metrics_section import metrics_markdown
 
 PAPER = {
     "model": "bert-base-cased on PARAREL (34 relations, 27,738 facts)",
@@ -39,7 +41,13 @@ def _ratio_text(before, after) -> str:
 
 
 def _pct(x) -> str:
+    """A relative change: signed."""
     return f"{100 * x:+.2f}%" if _finite(x) else "n/a"
+
+
+def _rate(x) -> str:
+    """A share of prompts or facts: unsigned."""
+    return f"{100 * x:.1f}%" if _finite(x) else "n/a"
 
 
 def _num(x, fmt="{:.2f}") -> str:
@@ -289,13 +297,13 @@ def _update_section(report: dict) -> list[str]:
     lines += ["| | " + " | ".join(label for _, label in arms) + " | paper | paper random |",
               "|---" * (len(arms) + 3) + "|"]
 
-    def row(name, key, paper="-", paper_random="-", fmt=_pct):
+    def row(name, key, paper="-", paper_random="-", fmt=_rate):
         return f"| {name} | " + " | ".join(fmt(up[arm].get(key)) for arm, _ in arms) + f" | {paper} | {paper_random} |"
 
-    lines += [row("change rate", "change_rate", _pct(PAPER["update_change_rate"]),
-                  _pct(PAPER["update_random_change_rate"])),
-              row("success rate (argmax = o')", "success_rate", _pct(PAPER["update_success_rate"]),
-                  _pct(PAPER["update_random_success_rate"])),
+    lines += [row("change rate", "change_rate", _rate(PAPER["update_change_rate"]),
+                  _rate(PAPER["update_random_change_rate"])),
+              row("success rate (argmax = o')", "success_rate", _rate(PAPER["update_success_rate"]),
+                  _rate(PAPER["update_random_success_rate"])),
               row("o' in top 5", "top5_rate")]
     for kind in ("intra", "inter"):
         lines.append(f"| {kind}-relation perplexity, median ratio | "
@@ -303,7 +311,7 @@ def _update_section(report: dict) -> list[str]:
                      + f" | +{PAPER[f'update_ppl_{kind}']} (a difference) | - |")
     if up.get("calibrated"):
         lines.append(row("calibrated: median scale of λ", "scale", fmt=lambda v: _num(v, "{:.3g}")))
-        lines.append(row("calibrated: o' reached within the range", "reached_rate"))
+        lines.append(row("calibrated: facts where o' won every prompt at a scale in the range", "reached_rate"))
     lines += ["", "Per fact (a failed update says so: o' did not become the model's answer on most prompts):", "",
               "| fact | o -> o' | " + " | ".join(label for arm, label in arms if "random" not in arm) + " |",
               "|---|---" + "|---" * sum("random" not in arm for arm, _ in arms) + "|"]
@@ -318,7 +326,7 @@ def _update_section(report: dict) -> list[str]:
                 continue
             verdict = "succeeded" if x["success_rate"] >= 0.5 else "**failed**"
             scale = f", scale {x['scale']:.3g}" if _finite(x.get("scale")) else ""
-            cells.append(f"{verdict} ({_pct(x['success_rate'])} of prompts{scale}); perplexity intra "
+            cells.append(f"{verdict} ({_rate(x['success_rate'])} of prompts{scale}); perplexity intra "
                          f"{_ratio_text(x['ppl_intra_before'], x['ppl_intra_after'])}, inter "
                          f"{_ratio_text(x['ppl_inter_before'], x['ppl_inter_after'])}")
         lines.append(f"| {r['fact']} | {r['object']} -> {r['new_object']} | " + " | ".join(cells) + " |")
@@ -350,6 +358,48 @@ def _erase_section(report: dict) -> list[str]:
                      f"{_ratio_text(b['other_perplexity'], rnd['other_perplexity'])} |"
                      + (f" ({e['fewer_neurons']})" if e.get("fewer_neurons") else ""))
     return lines + [f"| paper (BERT) | | | | | {PAPER['erase_ppl_increase']} | | | {PAPER['erase_other']} | |", ""]
+
+
+def _degeneracy_section(report: dict) -> list[str]:
+    dg = report.get("degeneracy")
+    if not dg:
+        return []
+    lines = ["## Degeneracy (Chen et al., AAAI 2024)", "",
+             "Each fact's knowledge neurons suppressed one at a time, in pairs and all together (activation -> 0 at "
+             f"the answer position). {dg['params']['definition'].capitalize()}. A *redundant pair* leaves the fact "
+             "when either neuron is suppressed and removes it when both are (either alone suffices: Chen et al.'s "
+             "degenerate knowledge neurons); the *whole set* is redundant when all together remove the fact but no "
+             f"single neuron does. Pairs among at most {dg['params']['max_neurons']} strongest neurons per fact. "
+             "Random: as many random neurons from the same layers, tested the same way.", "",
+             "| relation | facts | applicable | with redundant pairs | whole set redundant | degenerate | "
+             "all removes | redundant / tested pairs | random: degenerate | random: all removes |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [(rid, dg["per_relation"].get(rid)) for rid in report["relations"]] + [("**total**", dg["total"])]
+    for rid, r in rows:
+        if r is None:
+            lines.append(f"| {rid} | 0 | left out: {_left_out_reason(report, rid) or 'no fact has knowledge neurons'}"
+                         " | | | | | | | |")
+            continue
+        k, rnd = r["knowledge"], r.get("random", {})
+        lines.append(f"| {rid} | {k['facts']} | {k['applicable']} | {k['with_redundant_pairs']} | "
+                     f"{k['whole_set_redundant']} | {k['degenerate']} | {k['all_removes']} | "
+                     f"{k['redundant_pairs']} / {k['pairs_tested']} | {rnd.get('degenerate', '-')} | "
+                     f"{rnd.get('all_removes', '-')} |")
+    named = [f for f in dg["facts"] if f["redundant_pairs"] or f["all"]["redundant"]]
+    if named:
+        lines += ["", "Redundant subsets:", ""]
+        for f in named:
+            pairs = ", ".join(" + ".join(f"L{l}.{i}" for l, i in p) for p in f["redundant_pairs"]) or "none"
+            whole = "; the whole set (" + " + ".join(f"L{l}.{i}" for l, i in f["neurons"]) + ")" \
+                if f["all"]["redundant"] else ""
+            lines.append(f"- {f['relation']} {f['subject']} -> {f['object']}: pairs {pairs}{whole}")
+    skipped = [f"{f['relation']} {f['subject']}: {f['reason']}" for f in dg["facts"] if not f["applicable"]]
+    skipped += [f"{x}: no knowledge neurons" for x in dg["facts_without_neurons"]]
+    skipped += [f"{f['relation']} {f['subject']}: {x['what']} ({x['reason']})" for f in dg["facts"]
+                for x in f["left_out"]]
+    if skipped:
+        lines += ["", "Not tested: " + "; ".join(skipped) + "."]
+    return lines + [""]
 
 
 def _left_out_section(report: dict) -> list[str]:
@@ -393,18 +443,29 @@ def _left_out_section(report: dict) -> list[str]:
 def render_markdown(report: dict) -> str:
     lines = _header(report) + _relations_table(report)
     for section in (_neurons_section, _activation_section, _suppress_amplify_section, _update_section,
-                    _erase_section, _left_out_section):
+                    _erase_section, _degeneracy_section, metrics_markdown, _left_out_section):
         lines += section(report)
     lines += ["## Versions", "", "```", json.dumps(report["versions"], indent=1), "```", ""]
     return "\n".join(lines)
 
 
+def write_html(report: dict, out: Path) -> Path:
+    """report.html: report.md's Markdown with the figures in ``out`` embedded and the run's provenance."""
+    markdown = render_markdown(report)
+    path = Path(out) / "report.html"
+    path.write_text(render_html(markdown, read_figures(Path(out), markdown), provenance_rows(report)),
+                    encoding="utf-8")
+    return path
+
+
 def write_report(report: dict, out: Path) -> None:
-    """Derived numbers, figures, report.json and report.md in ``out``."""
+    """Derived numbers, figures, report.json, report.md and report.html (the same Markdown, self-contained) in
+    ``out``."""
     out = Path(out)
     report["figures"] = write_figures(report, out)
     (out / "report.json").write_text(dumps(report, indent=2), encoding="utf-8")
     (out / "report.md").write_text(render_markdown(report), encoding="utf-8")
+    write_html(report, out)
 
 
 def _quadrature_text(attribution: dict) -> str:

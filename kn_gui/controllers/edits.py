@@ -19,7 +19,9 @@ from ..session import Session, fact_label
 from ..worker import JobRunner
 from . import UserError
 
-GROUP_LABELS = {"fact": "fact", "relation": "same relation", "other relations": "other relations"}
+GROUP_LABELS = {"fact": "fact", "held-out": "held-out template", "relation": "same relation",
+                "other relations": "other relations", "portability": "new object's facts"}
+NEW_OBJECT_GROUPS = {"fact": "new object", "held-out": "held-out new object"}  # an update's o' rows, aligned
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,13 @@ class EditEvaluated:
 @dataclass(frozen=True)
 class EditFailed:
     message: str
+
+
+@dataclass(frozen=True)
+class DegeneracyTested:
+    result: dict  # kn_core.degeneracy.degeneracy_test
+    fact: str
+    edits_in_force: int
 
 
 @dataclass(frozen=True)
@@ -128,7 +137,18 @@ class EditsController(QObject):
         options = {"suppress": ("scope", "to"), "amplify": ("factor", "scope"),
                    "update": ("new_object", "lambda1", "lambda2", "strength"), "erase": ("k", "fill")}[kind]
         return EditRequest(kind, tuple(neurons), fact, allow_fewer=True,
+                           neuron_templates=self._neuron_templates(kind, fact),
                            **{name: request[name] for name in options if name in request})
+
+    def _neuron_templates(self, kind: str, fact: Fact | None) -> tuple[str, ...] | None:
+        """The templates whose prompts found the neurons (the fact's run; erase: the relation's runs), so that the
+        fact's other templates measure generality; None when no run of the fact says so."""
+        if fact is None:
+            return None
+        runs = [r for r in self.session.relation_runs(fact.relation) if kind == "erase" or r.fact == fact]
+        if not runs:
+            return None
+        return tuple(dict.fromkeys(p.template for r in runs for p in r.prompts[: len(r.scores)]))
 
     def planner(self, edit_request):
         """A function of a task returning the edit plan of an EditRequest on the loaded model, its inputs read from
@@ -150,6 +170,8 @@ class EditsController(QObject):
             raise UserError("No model loaded", "Load a model first: Model panel \u2192 Load model (Ctrl+L). The "
                             "embedded default works offline.")
         lm = self.session.lm
+        if request["kind"] == "Degeneracy":
+            return self.test_degeneracy(request, fact, neurons)
         try:
             edit_request = self.request(request, fact, neurons)
             calibrated = edit_request.kind == "update" and edit_request.strength == "calibrated"
@@ -164,11 +186,42 @@ class EditsController(QObject):
         else:
             self._measure(lm, plan)
 
+    def test_degeneracy(self, request: dict, fact: Fact | None, neurons: list):
+        """Runs kn_core.degeneracy on the worker (cancelable) for the fact's prompts and the chosen neurons, on the
+        model as it is now (edits in force included), and sends DegeneracyTested. Bad requests: UserError first."""
+        from kn_core.degeneracy import DegeneracyParams, degeneracy_test
+        from kn_core.edits import check_neurons
+
+        from ..session import fact_key
+
+        s, lm = self.session, self.session.lm
+        if fact is None:
+            raise UserError("No fact chosen", "Select a fact in the Facts panel: the test runs on its prompts.")
+        prompts, _ = s.prompts_for(fact)
+        try:
+            if not neurons:
+                raise ValueError("no neurons chosen: select neurons in the map or choose a neuron set")
+            check_neurons(lm, neurons)
+            if not prompts:
+                raise ValueError(f"no template of {fact.relation} renders {fact_label(fact)} for this model")
+            params = DegeneracyParams(criterion=request["criterion"], removed_below=float(request["removed_below"]),
+                                      max_neurons=int(request["max_neurons"]))
+        except ValueError as exc:
+            raise UserError("Cannot test degeneracy", f"{exc}.") from exc
+        run = s.runs.get(fact_key(fact))
+        scores = run.mean_scores() if run is not None and run.scores else None
+        exclude, label, in_force = s.excluded(), fact_label(fact), len(self.active_descriptions())
+        self.runner.submit("Degeneracy test", lambda task: degeneracy_test(
+            lm, prompts, neurons, params, scores=scores, exclude=exclude, task=task),
+            on_done=lambda result: self.event.emit(DegeneracyTested(result, label, in_force)))
+
     def _measure(self, lm, plan):
-        """Measures the plan's prompts, applies its edit as one undoable command, measures again, reports."""
+        """Measures the plan's prompts (and, in the same job, under the random-neuron control, with both edits'
+        sizes), applies its edit as one undoable command, measures again, reports with the metrics."""
         from kn_core.edit_plan import measure_plan
 
-        def before_done(before):
+        def before_done(measured):
+            before = measured["before"]
             try:  # validate on the real model (the worker is idle now) before it enters the history
                 plan.edit.apply(lm).revert()
                 command = EditCommand(self.edit_stack, plan.edit, text=plan.edit.describe())
@@ -177,16 +230,20 @@ class EditsController(QObject):
                 self.event.emit(EditFailed(f"{exc}."))
                 return
             self.runner.submit("Evaluating the edit (after)", lambda task: measure_plan(lm, plan, task),
-                               on_done=lambda after: after_done(command, before, after))
+                               on_done=lambda after: after_done(command, measured, after))
 
-        def after_done(command, before, after):
+        def after_done(command, measured, after):
+            from kn_core.metrics import edit_metrics
+
             info = lm.describe()
             model = {"name": info.get("name") or lm.source, "sha256": lm.sha256}
-            self.edit_stack.set_report(command.index, edit_report(plan, before, after, model))
+            metrics = edit_metrics(plan, measured["before"], after, control_after=measured["control_after"],
+                                   size=measured["size"], control_size=measured["control_size"])
+            self.edit_stack.set_report(command.index, edit_report(plan, measured["before"], after, model, metrics))
             self.event.emit(EditEvaluated(command, command.report))
 
-        self.runner.submit("Evaluating the edit (before)", lambda task: measure_plan(lm, plan, task),
-                           on_done=before_done)
+        self.runner.submit("Evaluating the edit (before) and its random control",
+                           lambda task: measure_before_and_control(lm, plan, task), on_done=before_done)
 
     def report_shown(self) -> dict | None:
         """The report of the newest edit in force (what the before/after table shows)."""
@@ -231,20 +288,39 @@ class EditsController(QObject):
         return HistoryRestored(cursor, len(entries))
 
 
-def edit_report(plan, before: dict, after: dict, model: dict) -> dict:
+def measure_before_and_control(lm, plan, task) -> dict:
+    """On the model as it is (before the edit): the plan's groups, the same under the random-neuron control, and
+    both edits' sizes (kn_core.metrics.edit_size). One worker job: progress over the parts, cancel between them."""
+    from kn_core.edit_plan import measure_plan
+    from kn_core.evaluation import with_edits
+    from kn_core.metrics import edit_size
+
+    before = measure_plan(lm, plan, task.slice(0.0, 0.45))
+    control_after = with_edits(lm, [plan.control], lambda: measure_plan(lm, plan, task.slice(0.45, 0.9)))
+    task.check()
+    task.progress(0.9, "measuring the size of the edit and of its control")
+    prompts = plan.prompts.get("fact", [])
+    return {"before": before, "control_after": control_after, "size": edit_size(lm, plan.edit, prompts),
+            "control_size": edit_size(lm, plan.control, prompts)}
+
+
+def edit_report(plan, before: dict, after: dict, model: dict, metrics: dict | None = None) -> dict:
     """The before/after table of an edit: one row per evaluated prompt (an update's rows also carry the new
-    object's probability), the engine's per-group summary and what the plan left out, with reasons."""
+    object's probability), the engine's per-group summary, the field's metrics beside the random control
+    (`metrics`, kn_core.metrics) and what the plan left out, with reasons."""
     from kn_core.edit_plan import summarize_plan
 
     request, edit = plan.request, plan.edit
     rows = []
     for group, label in GROUP_LABELS.items():
-        for p, b, a in zip(plan.prompts.get(group, []), before.get(group, []), after.get(group, [])):
+        new_before = before.get(NEW_OBJECT_GROUPS.get(group, ""), [])
+        new_after = after.get(NEW_OBJECT_GROUPS.get(group, ""), [])
+        for i, (p, b, a) in enumerate(zip(plan.prompts.get(group, []), before.get(group, []), after.get(group, []))):
             rows.append({"group": label, "fact": fact_label(p.fact), "prompt": p.text, "answer": p.answer,
                          "before": b["prob"], "after": a["prob"], "top_before": b["top1_token"],
                          "top_after": a["top1_token"], "top_before_id": b["top1_id"], "top_after_id": a["top1_id"]})
-    for row, b, a in zip(rows, before.get("new object", []), after.get("new object", [])):
-        row["new_before"], row["new_after"] = b["prob"], a["prob"]
+            if i < min(len(new_before), len(new_after)):
+                rows[-1]["new_before"], rows[-1]["new_after"] = new_before[i]["prob"], new_after[i]["prob"]
     if request.kind == "erase":
         title = f"Erase {edit.describe()} ({request.fact.relation})"
     else:
@@ -254,4 +330,5 @@ def edit_report(plan, before: dict, after: dict, model: dict) -> dict:
             "requested": request.k if request.kind == "erase" else None,
             "relation": request.relation or (request.fact.relation if request.fact is not None else None),
             "new_object": request.new_object if request.kind == "update" else None,
-            "request": {"to": request.to, "strength": request.strength}, "calibration": plan.calibration}
+            "request": {"to": request.to, "strength": request.strength}, "calibration": plan.calibration,
+            **({"metrics": metrics} if metrics is not None else {})}

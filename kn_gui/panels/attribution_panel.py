@@ -12,8 +12,10 @@ from __future__ import annotations
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt, QTimer, Signal
-from PySide6.QtWidgets import (QAbstractSpinBox, QCheckBox, QComboBox, QDoubleSpinBox, QGroupBox, QLabel,
+from PySide6.QtWidgets import (QAbstractSpinBox, QCheckBox, QComboBox, QDoubleSpinBox, QLabel,
                                QSlider, QSpinBox, QSplitter, QTabWidget, QWidget)
+
+from kn_core.facts import CAUSAL_TEMPLATES
 
 from .common import TableView, button, fmt_prob, hbox, hint, vbox
 from .neuron_map import NeuronMap
@@ -77,6 +79,9 @@ class ThresholdControl(QWidget):
         self.changed.emit(self.value())
 
 
+TEMPLATES_TIP = ("Causal models: prefix uses every template, cut before [Y] (\"The capital of [X] is [Y], a "
+                 "city.\" asks \"The capital of France is\"); end-only uses only templates that end with [Y]. "
+                 "Recorded with each run; masked models fill [Y] wherever it is.")
 KEEP_TIP = ("Checked: neurons flagged massive or unspecific stay in the coarse/refined sets (the paper's method). "
             "Unchecked (default): they are marked but left out, and never set the coarse threshold's max.")
 
@@ -136,8 +141,11 @@ class AttributionPanel(QWidget):
                                    "where needed); auto: points added per layer until its completeness error is "
                                    "within 1% (kn_core/quadrature.py)")
         self.quadrature.currentTextChanged.connect(self._quadrature_changed)
+        self.templates = QComboBox()
+        self.templates.addItems(CAUSAL_TEMPLATES)
+        self.templates.setToolTip(TEMPLATES_TIP)
         params = hbox(QLabel("steps"), self.steps, QLabel("quadrature"), self.quadrature, QLabel("rule"), self.rule,
-                      QLabel("method"), self.method, None)
+                      QLabel("method"), self.method, QLabel("templates"), self.templates, None)
 
         # --- thresholds
         self.t_control = ThresholdControl("t", 0.2, "Coarse: score > t \u00d7 the prompt's max score (paper: 0.2)")
@@ -167,6 +175,7 @@ class AttributionPanel(QWidget):
         self.title.setObjectName("heading")
         self.title.setWordWrap(True)
         self.summary = hint("")
+        self.summary.setMinimumHeight(self.summary.fontMetrics().height())  # empty or not: the map keeps its place
         self.hover = QLabel(" ")
         self.hover.setObjectName("value")
         self.hover.setTextInteractionFlags(Qt.TextSelectableByMouse)
@@ -241,27 +250,33 @@ class AttributionPanel(QWidget):
         prompt_split.setChildrenCollapsible(False)
 
         self.tabs = QTabWidget()
-        heat_page = QWidget()
-        heat_page.setLayout(vbox(self.hover, self.heat_widget, margins=(2, 2, 2, 2), spacing=2))
-        self.tabs.addTab(heat_page, "Layer \u00d7 neuron")
+        self.heat_page = QWidget()
+        self.heat_page.setLayout(vbox(self.hover, self.heat_widget, margins=(2, 2, 2, 2), spacing=2))
+        self.tabs.addTab(self.heat_page, "Layer \u00d7 neuron")
         self.tabs.addTab(prompt_split, "Per prompt")
+        self.prompt_page = prompt_split
         self.tabs.setCornerWidget(self.map_tools, Qt.TopRightCorner)
         self.tabs.currentChanged.connect(self._tab_changed)
 
-        split = QSplitter(Qt.Vertical)
-        split.addWidget(self.layer_widget)
-        split.addWidget(self.tabs)
-        split.setStretchFactor(0, 1)
-        split.setStretchFactor(1, 3)
-        split.setChildrenCollapsible(False)
+        self.split = QSplitter(Qt.Vertical)
+        self.split.addWidget(self.layer_widget)
+        self.split.addWidget(self.tabs)
+        self.split.setStretchFactor(0, 1)
+        self.split.setStretchFactor(1, 3)
+        self.split.setChildrenCollapsible(False)
+        self.folded = False  # True: the per-layer plots are a tab beside the map (a short panel)
 
-        run_box = QGroupBox("Run")
-        run_box.setLayout(vbox(hbox(self.run_button, self.run_sel_button, None), params))
-        thr_box = QGroupBox("Thresholds (views over stored scores)")
-        thr_box.setLayout(vbox(hbox(self.t_control, self.p_control),
-                               hbox(self.adapt_button, self.relation_button, self.keep_massive, QLabel("bars"), self.agg,
-                                    QLabel("show"), self.view_of, None)))
-        self.setLayout(vbox(hbox(run_box, thr_box), self.title, self.summary, split))
+        # two rows of controls, then the title with the view choices: the panel fits a 1280 px wide screen
+        self.run_row = QWidget()
+        self.run_row.setLayout(hbox(self.run_button, self.run_sel_button, params))
+        self.thresholds_row = QWidget()
+        self.thresholds_row.setToolTip("Thresholds are views over the stored scores: moving them recomputes the "
+                                       "coarse and refined sets at once, without running anything")
+        self.thresholds_row.setLayout(hbox(self.t_control, self.p_control, self.adapt_button,
+                                           self.relation_button, self.keep_massive))
+        title_row = hbox(self.title, QLabel("show"), self.view_of, QLabel("bars"), self.agg)
+        title_row.setStretch(0, 1)
+        self.setLayout(vbox(self.run_row, self.thresholds_row, title_row, self.summary, self.split, spacing=4))
         for axis in ("left", "bottom"):
             self.layer_plot.getAxis(axis).enableAutoSIPrefix(False)
             self.hist_plot.getAxis(axis).enableAutoSIPrefix(False)
@@ -269,9 +284,35 @@ class AttributionPanel(QWidget):
         self.set_running(False, has_model=False)
         self.redraw()
 
+    # ----------------------------------------------------------------- layout
+    def resizeEvent(self, event):
+        super().resizeEvent(event)
+        view = self.parentWidget()  # the scroll area's viewport: the height the panel really has on screen
+        self.set_folded((view.height() if view is not None else self.height()) < self._unfolded_height())
+
+    def _unfolded_height(self) -> int:
+        least = self.minimumSizeHint().height()
+        return least if not self.folded else least + self.layer_widget.minimumHeight() + self.split.handleWidth()
+
+    def set_folded(self, folded: bool):
+        """Too short for the per-layer plots above the map at its minimum height: they become the "Per layer"
+        tab (after "Per prompt"), so the map keeps its height; tall enough again, they go back above the tabs."""
+        if folded == self.folded:
+            return
+        self.folded = folded
+        if folded:
+            self.tabs.addTab(self.layer_widget, "Per layer")
+            return
+        shown = self.tabs.currentWidget() is self.layer_widget
+        self.tabs.removeTab(self.tabs.indexOf(self.layer_widget))
+        self.split.insertWidget(0, self.layer_widget)
+        self.layer_widget.show()
+        if shown:
+            self.tabs.setCurrentWidget(self.heat_page)
+
     def _tab_changed(self, index: int):
-        self.map_tools.setVisible(index == 0)
-        if index == 1:
+        self.map_tools.setVisible(self.tabs.widget(index) is self.heat_page)
+        if self.tabs.widget(index) is self.prompt_page:
             self._draw_prompts()
 
     # ----------------------------------------------------------------- params
@@ -430,7 +471,7 @@ class AttributionPanel(QWidget):
 
     def _draw_prompts(self, force: bool = False):
         """The per-prompt view; drawn only while its tab is visible (it is the costly one to redraw)."""
-        if not force and self.tabs.currentIndex() != 1:
+        if not force and self.tabs.currentWidget() is not self.prompt_page:
             self._prompts_stale = True
             return
         self._prompts_stale = False
@@ -506,7 +547,7 @@ class AttributionPanel(QWidget):
         L, N = self._shown_scores.shape
         if not (0 <= layer < L and 0 <= neuron < N):
             return False
-        self.tabs.setCurrentIndex(0)
+        self.tabs.setCurrentWidget(self.heat_page)
         self.goto_layer.setValue(layer)
         self.goto_neuron.setValue(neuron)
         self.heat_widget.centre_on(layer, neuron)

@@ -25,6 +25,9 @@ class ModelPanel(QWidget):
         self.source.setToolTip("The embedded default, a Hugging Face id (must be in the local cache when offline) "
                                "or a folder written by save_pretrained")
         self.source.lineEdit().setPlaceholderText("Hugging Face id or local folder")
+        self.source.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)  # fits a narrow dock
+        self.source.setMinimumContentsLength(14)
+        self.source.lineEdit().setCursorPosition(0)  # the name's start, not its end, when the field is narrow
         browse = button("Folder\u2026", self._browse, "Pick a local model folder (with config.json)")
         self.device = QComboBox()
         self.device.addItems(["auto", "cpu", "cuda", "mps"])

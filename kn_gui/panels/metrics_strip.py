@@ -1,0 +1,118 @@
+"""The metrics strip above the before/after table: the field's edit metrics (kn_core.metrics, docs/METRICS.md),
+each with its random-neuron control beside it, so a number is never read without its baseline.
+
+One card per metric: the edit's value in large type, "random: value" under it, the unedited model's value
+("was ...") where it has one; a metric that does not apply shows "n/a" and its reason (also as the tooltip)."""
+
+from __future__ import annotations
+
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QFrame, QGridLayout, QLabel, QWidget
+
+from kn_core.metrics import applicable, format_value
+
+# (key, title, what it measures: the card's tooltip)
+CARDS = (
+    ("reliability", "Reliability", "The edited fact's own prompts reach the target (update: o' top-1; suppress/erase: "
+                                   "the old answer no longer top-1; amplify: P(o) rose)."),
+    ("generality", "Generality", "The same on paraphrase templates that were not used to find the neurons."),
+    ("locality", "Locality", "Other facts (same relation, other relations) keep their top-1 answer; |\u0394p| of their "
+                             "answers."),
+    ("portability", "Portability", "Facts whose subject is the new object still hold (update only)."),
+    ("flip_rate", "Top-1 flips", "Share of the fact's prompts whose top-1 token changed."),
+    ("rank_old", "Rank of o", "Mean rank of the old object on the fact's prompts, before \u2192 after."),
+    ("rank_new", "Rank of o'", "Mean rank of the new object on the fact's prompts, before \u2192 after."),
+    ("edit_size", "Edit size", "Neurons edited; \u2016\u0394W\u2016 of a weight edit or \u2016\u0394a\u2016 of an "
+                               "activation edit (0: the edit did nothing)."),
+)
+
+
+def _card_texts(key: str, value) -> tuple[str, str]:
+    """(main text, detail line) for one metric of the edit or the control."""
+    if value is None:
+        return "n/a", ""
+    if key == "flip_rate":
+        return format_value(value), ""
+    if key == "edit_size":
+        main = (f"\u2016\u0394W\u2016 {value['weight_change']:.3g}" if value.get("weight_change") is not None else
+                f"\u2016\u0394a\u2016 {value['activation_change']:.3g}" if value.get("activation_change") is not None
+                else "not measured")
+        return main, f"{value['neurons']} neurons"
+    if not applicable(value):
+        return "n/a", value["reason"]
+    if key in ("rank_old", "rank_new"):
+        return (f"{format_value(value['before'], 'rank')} \u2192 {format_value(value['after'], 'rank')}",
+                f"median {format_value(value['median_before'], 'rank')} \u2192 "
+                f"{format_value(value['median_after'], 'rank')}")
+    detail = f"p {format_value(value['mean_prob'], 'prob')}, rank {format_value(value['mean_rank'], 'rank')}, n {value['n']}"
+    if value.get("mean_abs_dp") is not None:
+        detail = f"|\u0394p| {format_value(value['mean_abs_dp'], 'prob')}, n {value['n']}"
+    return format_value(value["rate"]), detail
+
+
+def _was(key: str, value) -> str:
+    before = value.get("before") if isinstance(value, dict) and applicable(value) else None
+    if key in ("reliability", "generality", "portability") and isinstance(before, dict) and before.get("rate") is not None:
+        return f"was {format_value(before['rate'])}"
+    return ""
+
+
+class MetricsStrip(QWidget):
+    """Shows `report["metrics"]` (kn_core.metrics.edit_metrics) or hides itself when there is none."""
+
+    def __init__(self, parent=None):
+        super().__init__(parent)
+        grid = QGridLayout(self)
+        grid.setContentsMargins(0, 0, 0, 0)
+        grid.setHorizontalSpacing(6)
+        self.cards: dict[str, tuple[QFrame, QLabel, QLabel, QLabel, QLabel]] = {}
+        for column, (key, title, tip) in enumerate(CARDS):
+            frame = QFrame()
+            frame.setObjectName("metricCard")
+            frame.setFrameShape(QFrame.StyledPanel)
+            frame.setToolTip(tip)
+            labels = [QLabel(title), QLabel(), QLabel(), QLabel()]
+            labels[0].setObjectName("hint")
+            labels[1].setObjectName("metricValue")
+            labels[1].setStyleSheet("font-size: 15pt; font-weight: 600; color: #1f3b57;")
+            labels[2].setStyleSheet("color: #5d6d7e;")
+            labels[3].setStyleSheet("color: #7b4f9d;")
+            inner = QGridLayout(frame)
+            inner.setContentsMargins(6, 4, 6, 4)
+            inner.setVerticalSpacing(1)
+            for row, label in enumerate(labels):
+                label.setAlignment(Qt.AlignLeft | Qt.AlignVCenter)
+                inner.addWidget(label, row, 0)
+            grid.addWidget(frame, 0, column)
+            grid.setColumnStretch(column, 1)
+            self.cards[key] = (frame, *labels)
+        self.hide()
+
+    def show_metrics(self, metrics: dict | None) -> None:
+        if not metrics:
+            self.hide()
+            return
+        control = metrics.get("control") if applicable(metrics.get("control")) else None
+        for key, title, tip in CARDS:
+            frame, _, value_label, detail_label, control_label = self.cards[key]
+            value = metrics.get(key)
+            main, detail = _card_texts(key, value)
+            was = _was(key, value)
+            value_label.setText(main)
+            # a long reason is cut here and given in full in the tooltip
+            shown = detail if len(detail) <= 36 else detail[:34].rstrip() + "\u2026"
+            detail_label.setText("   ".join(t for t in (shown, was) if t))
+            if control is None:
+                control_label.setText("random: not measured")
+            else:
+                control_main, _ = _card_texts(key, control.get(key))
+                control_label.setText(f"random: {control_main}")
+            reason = detail if main == "n/a" and detail else ""
+            frame.setToolTip(tip + (f"\n\nNot applicable: {reason}" if reason else "")
+                             + "\n\nThe random control applies the same edit to as many random neurons of the same "
+                               "layers (docs/METRICS.md).")
+        self.show()
+
+    def texts(self) -> dict[str, tuple[str, str, str]]:
+        """(value, detail, control) per card, as shown (for tests and exports)."""
+        return {key: (v.text(), d.text(), c.text()) for key, (_, _, v, d, c) in self.cards.items()}
