@@ -146,6 +146,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         ap.neuron_clicked.connect(self.inspect_neuron)
         ap.adapt_p_requested.connect(self.adapt_p)
         ap.relation_set_requested.connect(self.make_relation_set)
+        ap.templates_changed.connect(self._templates_changed)
         np_ = self.neurons_panel
         np_.select_neurons.connect(self._select_from_set)
         np_.inspect_requested.connect(self.inspect_neuron)
@@ -277,6 +278,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         info = lm.describe()
         self.model_label.setText(f"{info.get('name') or lm.source} \u00b7 {lm.family} \u00b7 {lm.layout.layers}\u00d7"
                                  f"{lm.layout.neurons} \u00b7 {info['device']}")
+        self.attribution_panel.templates.setEnabled(lm.kind == "causal")
         self.facts_panel.rebuild()
         self.facts_dock.raise_()  # the next step is picking a fact (the model's summary stays in the status bar)
         if self.edits.pending:
@@ -469,6 +471,11 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
     def _update_auto_sets(self, run: Run):
         if self.attribution.update_auto_sets(run):
             self._sets_changed()
+
+    def _templates_changed(self, mode: str):
+        self.facts_panel.rebuild()  # each fact's prompts and skipped templates, for the new choice
+        how = ("every template, cut before [Y]" if mode == "prefix" else "only templates that end with [Y]")
+        self.status(f"Causal templates: {mode} ({how}); runs from now on record it, earlier runs keep theirs.")
 
     def _thresholds_changed(self, t: float, p: float):
         run = self.attribution_panel.run

@@ -29,6 +29,7 @@ class ProjectSnapshot:
     edit_sha: str | None = None
     t: float = 0.2
     p: float = 0.7
+    causal_templates: str = "prefix"  # the window's choice for new runs (each run records its own in its params)
     checks: dict = field(default_factory=dict)  # (fact key, template) -> answer check
     path: str = ""
     autosave_of: str | None = None  # set in autosave files: the project they are the unsaved state of
@@ -43,7 +44,7 @@ def snapshot(session: Session, edit_state: dict | None, model_info: dict | None)
                            sets=[NeuronSet(s.name, s.kind, list(s.neurons), s.source)
                                  for s in session.neuron_sets.values()],
                            edit_state=edit_state, model=model_info, t=session.t, p=session.p,
-                           checks=dict(session.checks))
+                           causal_templates=session.causal_templates, checks=dict(session.checks))
 
 
 def save_project(path: str, snap: ProjectSnapshot, task=None) -> str:
@@ -76,6 +77,7 @@ def save_project(path: str, snap: ProjectSnapshot, task=None) -> str:
         if snap.edit_state is not None and snap.edit_state.get("entries"):
             project.save_edit_history(snap.edit_state, model=snap.model)
         project.set_setting(GUI_SETTING, {"t": snap.t, "p": snap.p, "autosave_of": snap.autosave_of,
+                                          "causal_templates": snap.causal_templates,
                                           "checks": [[list(k[0]), k[1], v] for k, v in snap.checks.items()]})
     finally:
         project.close()
@@ -146,6 +148,7 @@ def open_project_file(path: str, task=None) -> ProjectSnapshot:
     checks = {(tuple(key), template): value for key, template, value in gui.get("checks", [])}
     return ProjectSnapshot(factset=factset, runs=runs, sets=sets, edit_state=edit_state, edit_sha=edit_sha,
                            t=gui.get("t", 0.2), p=gui.get("p", 0.7), checks=checks, path=path,
+                           causal_templates=gui.get("causal_templates", "prefix"),
                            autosave_of=gui.get("autosave_of"))
 
 

@@ -133,19 +133,26 @@ class Session:
         self.p = 0.7
         self.flags = None  # kn_core.neurons.NeuronFlags of the loaded model (run_flags), once measured
         self.keep_massive = False  # True: flagged neurons stay in the sets (the paper's method)
+        self.causal_templates = "prefix"  # causal models: templates cut before [Y], or only those ending in [Y]
         self.activation_stats = None  # kn_core.neurons.ActivationStats measured with the flags (mean ablation)
         self.neuron_sets: dict[str, NeuronSet] = {}
         self.results_dirty = False
         self.path: str | None = None
 
     # ----------------------------------------------------------------- prompts
-    def prompts_for(self, fact: Fact) -> tuple[list[Prompt], list[Skipped]]:
+    def prompts_for(self, fact: Fact, causal_templates: str | None = None) -> tuple[list[Prompt], list[Skipped]]:
         if self.lm is None:
             return [], []
         relation = self.factset.relations.get(fact.relation)
         if relation is None:
             return [], [Skipped("", f"unknown relation {fact.relation}")]
-        return render_prompts(fact, relation, self.lm.tokenizer, self.lm.kind)
+        return render_prompts(fact, relation, self.lm.tokenizer, self.lm.kind,
+                              causal_templates or self.causal_templates)
+
+    def prompt_params(self) -> dict:
+        """How the prompts were made, recorded in every run's params as the CLI records it (None: masked)."""
+        return {"causal_templates": self.causal_templates if self.lm is not None and self.lm.kind == "causal"
+                else None}
 
     def check_for(self, fact: Fact, template: str) -> dict | None:
         return self.checks.get((fact_key(fact), template))

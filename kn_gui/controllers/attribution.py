@@ -84,6 +84,17 @@ class FlagsMeasured:
     prompts: int  # run prompts measured (besides the neutral sentences)
 
 
+def no_prompts_fix(kind: str, prefix_helps: bool) -> str:
+    """What to change when no template of a fact gives a prompt (kn_core.facts.render_prompts' rules);
+    `prefix_helps`: end-only templates are in use and prefix ones would give prompts."""
+    if kind != "causal":
+        return "Fix the relation's templates (each needs [X] and [Y]) or the facts."
+    if prefix_helps:
+        return ("Set templates to prefix (beside Run) to use templates with text after [Y], or add templates "
+                "that end with [Y].")
+    return "Add templates that name [X] before [Y]: a causal model continues the text before [Y]."
+
+
 class AttributionController(QObject):
     event = Signal(object)
 
@@ -104,17 +115,19 @@ class AttributionController(QObject):
                             "embedded default works offline.")
         lm = s.lm
         edits = list(self.active_edits())
-        runs, skipped = [], []
+        runs, skipped, prefix_helps = [], [], False
         for fact in facts:
             prompts, skips = s.prompts_for(fact)
             if not prompts:
                 reasons = "; ".join(sk.reason for sk in skips[:2]) or "the relation has no templates"
                 skipped.append(f"{fact_label(fact)} ({reasons})")
+                prefix_helps |= bool(lm.kind == "causal" and s.prompts_for(fact, "prefix")[0])
                 continue
-            runs.append(Run(fact=fact, prompts=prompts, params=params.to_dict(), model=lm.describe(), edits=edits))
+            runs.append(Run(fact=fact, prompts=prompts, params={**params.to_dict(), **s.prompt_params()},
+                            model=lm.describe(), edits=edits))
         if not runs:
-            raise UserError("Nothing to attribute", "No usable prompts for: " + "; ".join(skipped)
-                            + ". Add templates whose [Y] is at the end (causal models) or fix the facts.")
+            raise UserError("Nothing to attribute", "No usable prompts for: " + "; ".join(skipped) + ". "
+                            + no_prompts_fix(lm.kind, prefix_helps))
         previous = {fact_key(r.fact): s.runs.get(fact_key(r.fact)) for r in runs}
         for run in runs:
             s.runs[fact_key(run.fact)] = run

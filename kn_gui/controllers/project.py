@@ -105,6 +105,7 @@ class ProjectController(QObject):
         s.runs, s.partial_runs = place_runs(snap.runs)
         s.neuron_sets = {ns.name: ns for ns in snap.sets}
         s.t, s.p = snap.t, snap.p
+        s.causal_templates = snap.causal_templates
         s.checks = snap.checks if s.lm is not None else {}
         self.discard_autosave()
         if recovered:

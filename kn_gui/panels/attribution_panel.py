@@ -101,6 +101,7 @@ class AttributionPanel(QWidget):
     neuron_clicked = Signal(int, int)
     adapt_p_requested = Signal()
     relation_set_requested = Signal()
+    templates_changed = Signal(str)  # "prefix" | "end-only": the prompts of causal models change
 
     def __init__(self, session, parent=None):
         # Long on purpose: one flat list of the panel's widgets in reading order, each built and connected where
@@ -138,6 +139,7 @@ class AttributionPanel(QWidget):
         self.templates = QComboBox()
         self.templates.addItems(CAUSAL_TEMPLATES)
         self.templates.setToolTip(TEMPLATES_TIP)
+        self.templates.currentTextChanged.connect(self._templates_chosen)
         params = hbox(QLabel("steps"), self.steps, QLabel("rule"), self.rule, QLabel("method"), self.method,
                       QLabel("templates"), self.templates, None)
 
@@ -320,6 +322,15 @@ class AttributionPanel(QWidget):
         self.t_control.set_value(t)
         self.p_control.set_value(p)
 
+    def set_causal_templates(self, mode: str):
+        self.templates.blockSignals(True)
+        self.templates.setCurrentText(mode)
+        self.templates.blockSignals(False)
+
+    def _templates_chosen(self, mode: str):
+        self.session.causal_templates = mode
+        self.templates_changed.emit(mode)
+
     def _keep_massive(self, keep: bool):
         self.session.keep_massive = bool(keep)
         self._thresholds()
@@ -409,8 +420,9 @@ class AttributionPanel(QWidget):
             self.summary.setText("")
         else:
             done, n = len(run.scores), len(run.prompts)
-            self.title.setText(f"{run.fact.subject} \u2192 {run.fact.object}  ({run.fact.relation}, {n} prompts)"
-                               + run.header_note())
+            templates = run.params.get("causal_templates")
+            self.title.setText(f"{run.fact.subject} \u2192 {run.fact.object}  ({run.fact.relation}, {n} prompts"
+                               + (f", {templates} templates" if templates else "") + ")" + run.header_note())
             if run.scores:
                 coarse = [len(self.session.coarse(run, i)) for i in range(done)]
                 need = max(self.session.p * done, 3)
