@@ -23,7 +23,7 @@ from .panels.neurons_panel import NeuronsPanel
 from .actions import ActionsMixin
 from .job_status import JobStatus
 from .layout import LayoutMixin, PanelScroll, show_current_page_only
-from .session import Run, Session, fact_key, starter_factset
+from .session import Run, Session, TooCoarse, fact_key, starter_factset
 from .worker import JobRunner
 
 RESOURCES = Path(__file__).resolve().parent.parent / "resources"
@@ -147,6 +147,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         ap.adapt_p_requested.connect(self.adapt_p)
         ap.relation_set_requested.connect(self.make_relation_set)
         ap.templates_changed.connect(self._templates_changed)
+        ap.problem.connect(lambda message: self.status(message, 20000))
         np_ = self.neurons_panel
         np_.select_neurons.connect(self._select_from_set)
         np_.inspect_requested.connect(self.inspect_neuron)
@@ -190,6 +191,9 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
             fn(*args)
         except UserError as exc:
             self.show_error(exc.title, str(exc))
+            return False
+        except TooCoarse as exc:  # e.g. erase over a relation whose compactly stored runs cannot decide the sets
+            self.show_error("Scores stored compactly", str(exc))
             return False
         return True
 
@@ -436,7 +440,8 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
             self.status(f"Flagged {len(f.massive)} massive and {len(f.unspecific)} unspecific neurons "
                         f"({f.rule.get('stats_source') or f'{ev.prompts} prompts'}); "
                         + ("kept in the sets (Keep massive/unspecific is on)." if self.session.keep_massive
-                           else "left out of the coarse/refined sets."))
+                           else "left out of the coarse/refined sets.")
+                        + (f"   |   {ev.left_out}" if ev.left_out else ""), 20000)
         elif isinstance(ev, A.RunsStopped):
             self._mark_dirty()
             ap.live.clear()

@@ -51,7 +51,8 @@ def test_causal_templates_are_chosen_recorded_shown_and_reopened(app, qtbot, set
     assert again.runner.wait_idle(30000)
     run = again.session.runs[("P36", "France", "Paris")]
     assert run.params["causal_templates"] == "end-only" and len(run.prompts) == 2
-    assert again.session.causal_templates == "end-only" and again.attribution_panel.templates.currentText() == "end-only"
+    assert again.session.causal_templates == "end-only"
+    assert again.attribution_panel.templates.currentText() == "end-only"
     again.facts_panel.select_fact(FACT)
     again.select_fact(FACT)
     QCoreApplication.processEvents()
