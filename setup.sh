@@ -20,7 +20,9 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   # An exact pin: on these machines it resolves to the local CPU build, never the multi-GB CUDA wheels.
   .venv/bin/pip install --disable-pip-version-check "torch==2.13.0"
 fi
-.venv/bin/pip install --disable-pip-version-check -q -e ".[dev]"
+# the tests also run the Ray backend (kn_core/cluster.py), an optional extra for users
+extras="dev"; [ "$mode" = test ] && extras="dev,cluster"
+.venv/bin/pip install --disable-pip-version-check -q -e ".[$extras]"
 
 # Qt's window system plugin (xcb) needs system libraries that a bare Debian/Ubuntu lacks; the tests also need
 # a virtual X server. Install what is missing (as root), or say exactly how and stop.

@@ -563,6 +563,9 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
             self.edits_dock.raise_()
         elif isinstance(ev, E.EditFailed):
             self.show_error("Cannot apply the edit", ev.message)
+        elif isinstance(ev, E.DegeneracyTested):
+            self.edits_panel.show_degeneracy(ev.result, ev.fact, ev.edits_in_force)
+            self.edits_dock.raise_()
 
     def closeEvent(self, event):
         if not self._confirm_discard():

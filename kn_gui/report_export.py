@@ -14,12 +14,12 @@ from kn_core.reproduce.html import provenance_rows, read_figures, render_html
 
 from .session import Run, Session, fact_label
 
-GROUP_ORDER = ("own", "same relation", "other relations", "new object")
+GROUP_ORDER = ("fact", "relation", "other relations", "new object")  # edit_plan.summarize_plan's groups
 
 
 def _cell(value) -> str:
-    """A table cell: no pipes or line breaks (they would split the Markdown row)."""
-    return str(value).replace("|", "/").replace("\n", " ")
+    """A table cell: pipes escaped and no line breaks (either would split the Markdown row)."""
+    return str(value).replace("|", "\\|").replace("\n", " ")
 
 
 def _num(value, fmt="{:.4f}") -> str:
@@ -28,12 +28,6 @@ def _num(value, fmt="{:.4f}") -> str:
 
 def _pct(value) -> str:
     return f"{100 * value:+.2f}%" if isinstance(value, (int, float)) and math.isfinite(value) else "n/a"
-
-
-def _value(value) -> str:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return _num(value, "{:.4g}")
-    return _cell(value)
 
 
 def _neurons(neurons, limit=12) -> str:
@@ -69,16 +63,6 @@ def _sets_section(session: Session) -> list[str]:
     return lines + [""]
 
 
-def _flat(d: dict, prefix="") -> list[tuple[str, object]]:
-    out = []
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out += _flat(value, f"{prefix}{key}.")
-        elif not isinstance(value, list):
-            out.append((f"{prefix}{key}", value))
-    return out
-
-
 def _edit_section(k: int, command) -> list[str]:
     report = command.report or {}
     lines = [f"### {k}. {_cell(report.get('title') or command.text())}", ""]
@@ -97,9 +81,11 @@ def _edit_section(k: int, command) -> list[str]:
             lines += ["", f"Update success rate (o' is the answer): {_pct(summary['success_rate'])}."]
         lines.append("")
     metrics = report.get("metrics")
-    if isinstance(metrics, dict) and metrics:  # the field's metrics, when the edit was evaluated with them
-        lines += ["| metric | value |", "|---|---|"]
-        lines += [f"| {_cell(name)} | {_value(v)} |" for name, v in _flat(metrics)]
+    if metrics:  # the field's metrics beside the random-neuron control (docs/METRICS.md)
+        from kn_core.metrics import metrics_rows
+
+        lines += ["| metric (docs/METRICS.md) | this edit | random neurons |", "|---|---|---|"]
+        lines += [f"| {name} | {_cell(edit)} | {_cell(control)} |" for name, edit, control in metrics_rows(metrics)]
         lines.append("")
     skipped = report.get("skipped") or []
     if skipped:

@@ -4,6 +4,7 @@ them): CI must check the report in a browser."""
 
 from __future__ import annotations
 
+import html
 import http.server
 import json
 import re
@@ -51,26 +52,42 @@ def report_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def tiny_run_dir(tmp_path_factory) -> Path:
+    """A whole `kn reproduce` run on a tiny model: every section the pipeline writes today."""
+    from test_reproduce import _factset
+    from tiny import TINY_CAUSAL, make_tiny
+
+    from kn_core.reproduce import run_reproduce
+
+    out = tmp_path_factory.mktemp("tiny-run")
+    run_reproduce(make_tiny(TINY_CAUSAL), _factset(), out, relations=["P36", "P37", "P99"], facts_per_relation=2,
+                  steps=1, control_prompts=4, say=lambda m: None, command="kn reproduce --test")
+    return out
+
+
 def _report(out: Path) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
 # ---------------------------------------------------------------- the file itself
 
-def test_html_is_written_beside_report_md_with_every_section_and_figure(report_dir):
+@pytest.mark.parametrize("which", ["report_dir", "tiny_run_dir"])
+def test_html_is_written_beside_report_md_with_every_section_and_figure(which, request):
+    report_dir = request.getfixturevalue(which)
     page = (report_dir / "report.html").read_text()
     md = (report_dir / "report.md").read_text()
-    headings = re.findall(r"^#{2,3} (.*)$", md, re.M)
+    headings = [re.sub(r"[*`]", "", t) for t in re.findall(r"^#{2,3} (.*)$", md, re.M)]
+    shown = [html.unescape(re.sub(r"<[^>]+>", "", t)) for t in re.findall(r"<h[23] id=\"[^\"]+\">(.*?)</h[23]>", page)]
     assert len(headings) > 5
-    for title in headings:  # every section of report.md, including ones added later, is in the page
-        plain = re.sub(r"[*`]", "", title)
-        assert re.search(r"<h[23] id=\"[^\"]+\">" + re.escape(plain.replace("&", "&amp;").replace(">", "&gt;")
-                                                                   .replace("<", "&lt;")), page), title
+    assert headings == shown[:len(headings)]  # every section of report.md, also ones added later, in order
     figures = _report(report_dir)["figures"]
     assert figures and page.count('src="data:image/png;base64,') == len(figures)
     assert "was not written" not in page
     model = _report(report_dir)["model"]
     assert model["sha256"] in page and "torch" in page and "parameter: attribution.steps" in page
+    if which == "tiny_run_dir":  # a run records when and how it was started
+        assert "<td>kn reproduce --test</td>" in page and re.search(r"run started</td><td>\d{4}-\d\d-\d\d ", page)
 
 
 def test_numbers_in_the_page_are_the_numbers_in_report_md(report_dir):
@@ -84,14 +101,17 @@ def test_numbers_in_the_page_are_the_numbers_in_report_md(report_dir):
 
 
 def test_markdown_text_is_escaped_and_new_sections_render():
-    md = ("# Title\n\n## Degeneracy\n\nA fact about <img src=x onerror=alert(1)> & `a<b>` **bold**\n\n"
-          "| neuron set | answer kept |\n|---|---|\n| L3#7 | yes |\n| **average** | 0.5 |\n\n"
+    md = ("# Title\n\n## Degeneracy\n\nA fact about <img src=x onerror=alert(1)> & `a<b>` **bold**, a *redundant "
+          "pair*, 2 * 3 and 2*3\n\n"
+          "| neuron set | answer kept |\n|---|---|\n| L3#7 | yes, \\|Δp\\| 0.1 |\n| **average** | 0.5 |\n\n"
           "- [a link](https://example.org/x) stays text\n")
     body, toc = markdown_to_html(md, {})
     assert toc == [("degeneracy", "Degeneracy")]
     assert "<img" not in body and "&lt;img src=x onerror=alert(1)&gt; &amp;" in body
     assert "<code>a&lt;b&gt;</code>" in body and "<strong>bold</strong>" in body
+    assert "<em>redundant pair</em>, 2 * 3 and 2*3" in body
     assert "<tfoot><tr><td><strong>average</strong></td>" in body.replace("\n", "")
+    assert "<tr><td>L3#7</td><td>yes, |Δp| 0.1</td></tr>" in body
     assert "<a " not in body and "a link (https://example.org/x)" in body
 
 
@@ -132,7 +152,9 @@ def test_the_page_references_nothing_outside_itself(report_dir):
 
 # ---------------------------------------------------------------- in Chromium
 
-def test_chromium_decodes_every_figure(chromium, report_dir, tmp_path):
+@pytest.mark.parametrize("which", ["report_dir", "tiny_run_dir"])
+def test_chromium_decodes_every_figure(chromium, which, request, tmp_path):
+    report_dir = request.getfixturevalue(which)
     dom = _browse(chromium, report_dir / "report.html", tmp_path)
     widths = [int(w) for w in re.findall(r'data-natural-width="(\d+)"', dom)]
     figures = _report(report_dir)["figures"]

@@ -24,6 +24,7 @@ def test_export_report_has_runs_figures_edits_and_provenance(window, qtbot, tmp_
     assert window.export_report(str(path))
     page = path.read_text()
     for text in ("Attribution runs", "France \u2192 Paris", "Current run", "Edits in force", "mean(\u0394p)/mean(p)",
+                 "reliability", "random neurons", "edit size", "|\u0394p|",
                  window.session.lm.sha256, "parameter: attribution.steps", "File &gt; Export &gt; Report"):
         assert text in page, text
     figures = page.count('src="data:image/png;base64,')

@@ -1,4 +1,5 @@
-"""`kn attribute` (one prompt) and `kn neurons` (one fact's coarse and refined knowledge neurons)."""
+"""`kn attribute` (one prompt, or with --facts a whole fact set into a project: kn_core.runner) and `kn neurons`
+(one fact's coarse and refined knowledge neurons)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,11 @@ def params_of(args):
 
 
 def cmd_attribute(args) -> int:
+    if args.facts is not None:
+        return cmd_attribute_facts(args)
+    if args.prompt is None or args.answer is None:
+        raise CliError("kn attribute needs --prompt and --answer (one prompt), or --facts and --project (every "
+                       "fact of a fact set)")
     from ..attribution import attribute, default_t, encode_answer
     from ..neurons import coarse_neurons
     from ..scores_file import save_scores
@@ -45,6 +51,71 @@ def cmd_attribute(args) -> int:
     lines = [f"P({args.answer!r}) = {result.prob:.4f}; {len(coarse)} coarse neurons (score > {t} x max "
              f"{doc['max']:.4g}) in {result.seconds:.1f} s"]
     lines += [f"  L{n['layer']:>2} #{n['neuron']:<6} {n['score']:.4g}" for n in doc["coarse"][:30]]
+    emit(args, doc, "\n".join(lines))
+    return 0
+
+
+def _fact_set_backend(args):
+    """The backend for --cluster (checked before the model loads), and the device the driver loads on: with a
+    cluster the workers compute and the driver only renders prompts, hashes the weights and writes."""
+    from ..runner import SerialBackend
+
+    if args.cluster is None:
+        return SerialBackend(), args.device
+    from ..cluster import ClusterError, RayBackend, cluster_address
+
+    backend = RayBackend(address=cluster_address(args.cluster), workers=args.workers, threads=args.worker_threads,
+                         device=args.device, trust_remote_code=args.trust_remote_code)
+    try:
+        backend.check_available()
+    except ClusterError as exc:
+        raise CliError(str(exc)) from None
+    return backend, "cpu"
+
+
+def cmd_attribute_facts(args) -> int:
+    from ..attribution import default_t
+    from ..runner import Selection, attribute_factset
+
+    for flag, value in (("--prompt", args.prompt), ("--answer", args.answer), ("--save", args.save)):
+        if value is not None:
+            raise CliError(f"{flag} is for one prompt; with --facts every fact's prompts come from its templates "
+                           f"(leave {flag} out)")
+    if not args.project:
+        raise CliError("kn attribute --facts stores every fact's scores in a project: add --project FILE.knproj")
+    if args.cluster is None and (args.workers is not None or args.worker_threads != 1):
+        raise CliError("--workers and --worker-threads size a cluster run: add --cluster ray (or leave them out)")
+    factset = factset_of(args)
+    params = params_of(args)
+    selection = Selection(t=args.t if args.t is not None else default_t(params.method), p=args.p,
+                          keep_massive=args.keep_massive)
+    backend, device = _fact_set_backend(args)
+    from ..runner import select_relations
+
+    select_relations(factset, args.relations)  # an unknown relation fails before the model loads
+    args.device = device
+    lm = load(args)
+    with project_of(args) as project, progress_bar("attributing facts") as task:
+        if args.scores is not None:
+            project.set_score_storage(args.scores)
+        try:
+            report = attribute_factset(project, lm, factset, params, relations=args.relations, selection=selection,
+                                       backend=backend, task=task)
+        except RuntimeError as exc:
+            if type(exc).__name__ != "ClusterError":  # cluster.py is imported only with --cluster
+                raise
+            raise CliError(str(exc)) from None
+        storage = project.score_storage()
+    doc = {"project": str(args.project), "params": params.to_dict(), **selection.to_dict(), "score_storage": storage,
+           **report.to_dict()}
+    rate = f", {report.facts_per_hour:.3g} facts/h" if report.facts_per_hour else ""
+    lines = [f"{report.attributed} fact(s) attributed ({report.prompts} prompts) in {report.seconds:.1f} s{rate} "
+             f"[{report.backend['backend']}, {report.backend['workers']} worker(s)]; {report.already_stored} stored "
+             f"before (same weights and parameters); {len(report.skipped)} without a usable prompt"]
+    lines += [f"  skipped {s.fact.relation} {s.fact.subject!r} -> {s.fact.object!r}: {s.reason}"
+              for s in report.skipped[:20]]
+    if len(report.skipped) > 20:
+        lines.append(f"  ... and {len(report.skipped) - 20} more skipped (--json lists every one)")
     emit(args, doc, "\n".join(lines))
     return 0
 
@@ -114,10 +185,23 @@ def attribution_options(p) -> None:
 
 def add_commands(sub) -> None:
     attr = sub.add_parser("attribute", parents=[COMMON], help="attribution scores of every FFN neuron for one prompt")
-    attr.add_argument("--prompt", required=True)
-    attr.add_argument("--answer", required=True, help="causal: the continuation with its leading space, e.g. ' Paris'")
+    attr.add_argument("--prompt", help="one prompt (with --answer)")
+    attr.add_argument("--answer", help="causal: the continuation with its leading space, e.g. ' Paris'")
     attr.add_argument("--save", help="write scores and activations to this .npz (opens in the app: File > Open scores)")
     attribution_options(attr)
+    whole = attr.add_argument_group("a whole fact set (with --project; resumes where a killed run stopped)")
+    whole.add_argument("--facts", help="every fact of this fact set (a file, a PARAREL folder, or 'builtin')")
+    whole.add_argument("--relations", default="all", help="all, or relation ids R1,R2")
+    whole.add_argument("--p", type=float, default=0.7, help="refined: coarse in >= max(p x prompts, 3) prompts")
+    whole.add_argument("--keep-massive", action="store_true",
+                       help="keep the fact's massive-activation neurons in its refined set (the paper's method)")
+    whole.add_argument("--scores", choices=["full", "float16", "top"], default=None,
+                       help="how the project stores score arrays from now on (default: its setting, full at first); "
+                            "top keeps per prompt the scores coarse selection needs at t >= 0.1 (PARAREL-size runs)")
+    whole.add_argument("--cluster", help="ray (a local Ray instance, or the cluster RAY_ADDRESS names) or "
+                                         "ray:ADDRESS (e.g. ray:auto, ray:10.0.0.1:6379); needs pip install .[cluster]")
+    whole.add_argument("--workers", type=int, help="Ray workers (default: one per GPU, else one per CPU core)")
+    whole.add_argument("--worker-threads", type=int, default=1, help="torch threads per CPU worker (default 1)")
     attr.set_defaults(func=cmd_attribute)
 
     neurons = sub.add_parser("neurons", parents=[COMMON], help="coarse and refined knowledge neurons of one fact")

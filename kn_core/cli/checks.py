@@ -40,6 +40,9 @@ CHECKS = {
     "prompts_per_fact": lambda value, args: v.check_int("--prompts-per-fact", value, 3,
                                                         hint=" (refinement needs at least 3 prompts per fact)"),
     "seed": _at_least("--seed", 0),
+    "workers": _at_least("--workers", 1),
+    "worker_threads": _at_least("--worker-threads", 1),
+    "cluster": lambda value, args: v.check_text("--cluster", value) and _cluster(value),
     "max_neurons": _at_least("--max-neurons", 2),
     "removed_below": lambda value, args: v.check_number("--removed-below", value, maximum=1.0, positive=True),
     "layer": _at_least("--layer", 0),
@@ -67,6 +70,14 @@ CHECKS = {
     "path": lambda value, args: v.check_text("path", value),
     "file": lambda value, args: v.check_text("file", value),
 }
+
+
+def _cluster(value):
+    kind, _, address = value.partition(":")
+    if kind != "ray" or (":" in value and not address.strip()):
+        raise v.ValidationError(f"--cluster = {value!r} is not allowed: use ray (local, or RAY_ADDRESS) or "
+                                f"ray:ADDRESS (e.g. ray:auto or ray:10.0.0.1:6379)")
+    return value
 
 
 def check_args(args: argparse.Namespace) -> None:

@@ -40,6 +40,8 @@ def _text(fact, result: dict) -> str:
 
 def cmd_edit_degeneracy(args) -> int:
     from ..degeneracy import DegeneracyParams, degeneracy_test
+    from ..edit_plan import EditRequest, plan_edit
+    from ..metrics import measure_edit, metrics_lines
     from .common import progress_bar
     from .edit import _fact_neurons
 
@@ -55,12 +57,17 @@ def cmd_edit_degeneracy(args) -> int:
     if len(neurons) > params.max_neurons:
         say(f"{len(neurons)} neurons: pairs only among the {params.max_neurons} strongest (--max-neurons)")
     with progress_bar("degeneracy") as task:
-        result = degeneracy_test(lm, prompts, neurons, params, scores=scores, task=task)
+        result = degeneracy_test(lm, prompts, neurons, params, scores=scores, task=task.slice(0.0, 0.8))
+        # suppressing all of them as an ordinary edit, in the field's metrics (its control: the same random set)
+        plan = plan_edit(lm, factset, EditRequest("suppress", tuple(map(tuple, result["neurons"])), fact,
+                                                  seed=args.seed))
+        metrics = measure_edit(lm, plan, task=task.slice(0.8, 1.0))["metrics"]
     doc = {"fact": {"relation": fact.relation, "subject": fact.subject, "object": fact.object},
            "neuron_scores": neuron_list(result["neurons"], scores), "prompt_texts": [p.text for p in prompts],
-           **result}
+           **result, "all_suppressed_metrics": metrics}
     store_evaluation(args, lm, "degeneracy", doc, {**params.to_dict(), "t": args.t, "p": args.p, "steps": args.steps})
-    emit(args, doc, _text(fact, result))
+    emit(args, doc, "\n".join([_text(fact, result), "suppressing all of them (kn_core.metrics):",
+                                *metrics_lines(metrics)]))
     return 0
 
 

@@ -9,8 +9,8 @@ style and the one inline script (allowed by their sha256, not by 'unsafe-inline'
 shown as text, never as live references.
 
 The Markdown is our own generated subset (headings, pipe tables, paragraphs, lists, code fences, ``**bold**``,
-`` `code` ``, images, and ``<details>``/``<summary>`` lines), so a small converter is enough and no library
-is needed.
+``*italic*``, `` `code` ``, images, and ``<details>``/``<summary>`` lines), so a small converter is enough and
+no library is needed.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ th.sortable:after{content:" \\21C5";color:#9aa4ae}th[aria-sort=ascending]:after{
 th[aria-sort=descending]:after{content:" \\25BC";color:#1d2329}tfoot td{background:#fafbfc}
 tbody tr:nth-child(even){background:#fafbfc}code{background:#f3f5f7;padding:0 3px;border-radius:3px}
 pre{background:#f3f5f7;padding:.6em;overflow:auto}img{max-width:100%;display:block;margin:.5em 0}
-.missing,.broken{color:#b3261e;font-weight:600}nav{font-size:13px;margin:.5em 0 1em}nav a{margin-right:.8em}
+.missing,.broken{color:#b3261e;font-weight:600}nav{font-size:13px;margin:.5em 0 1em}nav a{margin-right:.8em;white-space:nowrap}
 .provenance td:first-child{white-space:nowrap;font-weight:600}.provenance td{font-family:ui-monospace,monospace}
 """
 
@@ -94,6 +94,7 @@ CSP = (f"default-src 'none'; img-src data:; style-src {_csp_hash(STYLE)}; script
 _IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
 _LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)")
 _BOLD = re.compile(r"\*\*(.+?)\*\*")
+_ITALIC = re.compile(r"(?<![*\w])\*(?=\S)([^*]+?)(?<=\S)\*(?![*\w])")
 _TABLE_RULE = re.compile(r"^\|(\s*:?-+:?\s*\|)+\s*$")
 _DETAILS = re.compile(r"^<details>\s*<summary>(.*)</summary>$")
 _MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif"}
@@ -143,13 +144,16 @@ class _Inline:
             part = html.escape(part, quote=False)
             part = _LINK.sub(self.link, part)
             part = _BOLD.sub(r"<strong>\1</strong>", part)
+            part = _ITALIC.sub(r"<em>\1</em>", part)
             out.append(re.sub("\x00(\\d+)\x00", lambda m: images[int(m.group(1))], part))
         return "".join(out)
 
 
 def _cells(line: str) -> list[str]:
+    """A table row's cells; ``\\|`` is a pipe inside a cell (e.g. |Δp|)."""
     line = line.strip()
-    return [c.strip() for c in line[1:-1 if line.endswith("|") else None].split("|")]
+    inner = line[1:-1] if line.endswith("|") and not line.endswith("\\|") else line[1:]
+    return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", inner)]
 
 
 def _is_summary_row(cells: list[str]) -> bool:
@@ -290,7 +294,7 @@ def render_html(markdown: str, figures: dict[str, bytes], provenance: list[tuple
     first = re.search(r"^#\s+(.*)$", markdown, re.M)
     title = title or (first.group(1) if first else "Knowledge Neuron Studio report")
     toc.append(("provenance", "Provenance"))
-    nav = "<nav>" + "".join(f'<a href="#{a}">{html.escape(t)}</a>' for a, t in toc) + "</nav>"
+    nav = "<nav>" + " ".join(f'<a href="#{a}">{html.escape(t)}</a>' for a, t in toc) + "</nav>"
     prov = ['<h2 id="provenance">Provenance</h2>', '<table class="provenance sortable">',
             "<thead><tr><th>what</th><th>value</th></tr></thead>", "<tbody>"]
     prov += [f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in provenance]

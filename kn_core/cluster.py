@@ -1,0 +1,186 @@
+"""Attributing a fact set on a Ray cluster: `RayBackend`, a backend of `kn_core.runner.attribute_factset`.
+
+Ray is an optional extra (`pip install .[cluster]`). Each worker is a Ray actor that loads the model once (one
+GPU per worker where the cluster has GPUs, else `threads` CPU cores) and attributes one fact per call with the
+runner's `FactAttributor`, so its results are bitwise those of the serial run on the same hardware. Workers
+only compute and return; the driver stores every fact (SQLite keeps one writer) and stores a fact that comes
+back twice only once. A worker that dies (killed, out of memory, its node lost) is restarted by Ray and its
+facts are retried (`max_restarts`, `max_task_retries`); a fact whose retries run out is handed to another
+worker, and after `max_attempts` the run stops with the fact's name (everything stored stays; run again to
+resume).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+from .runner import FactAttributor, FactOutcome, FactWork, Progress, Selection
+from .tasks import Cancelled, Task
+
+RAY_RANGE = ">=2.40,<3"  # keep in step with pyproject's `cluster` extra
+RAY_MISSING = (f"--cluster ray needs Ray, an optional extra: pip install 'knowledge-neuron-studio[cluster]' "
+               f"(from a checkout: pip install '.[cluster]', or pip install 'ray{RAY_RANGE}')")
+IN_FLIGHT = 2  # facts queued per worker: the next one starts while the driver stores the last
+
+
+class ClusterError(RuntimeError):
+    """A cluster run cannot start or go on; the message says why and what to do."""
+
+
+def cluster_address(option: str) -> str | None:
+    """`--cluster ray` -> None (a local instance, or the cluster RAY_ADDRESS names); `ray:ADDRESS` -> ADDRESS."""
+    kind, _, address = option.partition(":")
+    if kind != "ray":
+        raise ClusterError(f"unknown cluster {option!r}: use ray or ray:ADDRESS")
+    return address.strip() or None
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise ClusterError(RAY_MISSING) from None
+    return ray
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How a worker loads the driver's model, and the weights' hash it must find."""
+    source: str
+    dtype: str
+    trust_remote_code: bool
+    sha256: str
+    device: str  # the workers' device: "auto" picks CUDA on a GPU worker
+
+
+def model_spec(lm, device: str = "auto", trust_remote_code: bool = False) -> ModelSpec:
+    return ModelSpec(source=lm.source, dtype=str(lm.dtype).replace("torch.", ""), trust_remote_code=trust_remote_code,
+                     sha256=lm.sha256, device=device)
+
+
+class FactWorker:
+    """The body of a Ray actor: the model, loaded once, and the runner's attributor."""
+
+    def __init__(self, spec: ModelSpec, params, selection: Selection, threads: int):
+        import torch
+
+        from .models import load_model
+        from .runner import worker_name
+
+        torch.set_num_threads(threads)
+        lm = load_model(spec.source, device=spec.device, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code)
+        if lm.sha256 != spec.sha256:
+            raise ClusterError(f"worker {worker_name()} loaded {spec.source!r} with weights {lm.sha256[:12]}..., the "
+                               f"driver's are {spec.sha256[:12]}...: give every node the same model files")
+        self.attributor = FactAttributor(lm, params, selection)
+
+    def attribute(self, work: FactWork) -> FactOutcome:
+        return self.attributor(work)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class RayBackend:
+    """Facts sharded over Ray actors, one fact per task. `address`: None starts a local Ray instance (or joins
+    the cluster RAY_ADDRESS names); "auto" or "HOST:PORT" joins a running cluster. An already initialised Ray
+    (e.g. a test's `ray.init(num_cpus=2)`) is used as it is and left running."""
+    name = "ray"
+
+    def __init__(self, address: str | None = None, workers: int | None = None, threads: int = 1,
+                 device: str = "auto", trust_remote_code: bool = False, max_retries: int = 3, max_attempts: int = 3):
+        self.address, self.workers, self.threads, self.device = address, workers, threads, device
+        self.trust_remote_code = trust_remote_code
+        self.max_retries, self.max_attempts = max_retries, max_attempts
+        self.actors: list = []  # the running workers' handles (tests kill one)
+        self._gpus = None
+
+    def check_available(self) -> None:
+        """ClusterError (one line, how to install) when Ray is missing: call before loading any model."""
+        import_ray()
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "address": self.address, "workers": self.workers,
+                "threads_per_worker": self.threads, "gpus_per_worker": self._gpus}
+
+    def _connect(self, ray) -> bool:
+        if ray.is_initialized():
+            return False
+        kwargs = {"include_dashboard": False, "log_to_driver": False, "logging_level": "warning"}
+        if self.address:
+            kwargs["address"] = self.address
+        try:
+            ray.init(**kwargs)
+        except ConnectionError as exc:
+            raise ClusterError(f"cannot reach the Ray cluster at {self.address or os.environ.get('RAY_ADDRESS')}: "
+                               f"{exc}; start it with `ray start --head` (see docs/SCALE.md)") from exc
+        return True
+
+    def _start_workers(self, ray, lm, params, selection: Selection, n_facts: int) -> list:
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        self._gpus = 1 if gpus else 0
+        capacity = gpus if gpus else max(1, int(resources.get("CPU", 1)) // self.threads)
+        if self.workers is None:
+            self.workers = capacity
+        elif self.workers > capacity:
+            raise ClusterError(f"--workers {self.workers} but the cluster has room for {capacity} "
+                               f"({'GPUs' if gpus else f'CPU cores / {self.threads} threads each'}); ask for fewer")
+        self.workers = max(1, min(self.workers, n_facts))
+        device = ("auto" if gpus else "cpu") if self.device == "auto" else self.device
+        spec = model_spec(lm, device, self.trust_remote_code)
+        actor = ray.remote(FactWorker).options(num_cpus=0 if gpus else self.threads, num_gpus=self._gpus,
+                                               max_restarts=self.max_retries, max_task_retries=self.max_retries)
+        self.actors = [actor.remote(spec, params, selection, self.threads) for _ in range(self.workers)]
+        return self.actors
+
+    def outcomes(self, lm, works: Sequence[FactWork], params, selection: Selection, progress: Progress,
+                 task: Task) -> Iterator[FactOutcome]:
+        ray = import_ray()
+        from ray.exceptions import RayActorError, RayTaskError
+
+        started_here = self._connect(ray)
+        try:
+            actors = self._start_workers(ray, lm, params, selection, len(works))
+            queue = list(reversed(works))  # pop() takes them in order
+            inflight: dict = {}  # object ref -> (work, actor index)
+            attempts = {w.index: 0 for w in works}
+
+            def submit(i):
+                work = queue.pop()
+                attempts[work.index] += 1
+                inflight[actors[i].attribute.remote(work)] = (work, i)
+
+            for i in range(len(actors)):
+                for _ in range(IN_FLIGHT):
+                    if queue:
+                        submit(i)
+            while inflight:
+                if task.cancelled:
+                    raise Cancelled("cancelled")
+                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
+                for ref in ready:
+                    work, i = inflight.pop(ref)
+                    try:
+                        outcome = ray.get(ref)
+                    except RayActorError as exc:  # Ray's own restarts and retries ran out
+                        if attempts[work.index] >= self.max_attempts:
+                            raise ClusterError(f"{work.fact.relation} {work.fact.subject!r} failed on "
+                                               f"{attempts[work.index]} workers (the last: {exc}); every fact stored "
+                                               f"so far stays: run again to resume") from None
+                        queue.append(work)
+                        i = (i + 1) % len(actors)
+                    except RayTaskError as exc:  # an error in our code (e.g. a prompt the model cannot take)
+                        raise exc.as_instanceof_cause() from None
+                    else:
+                        yield outcome
+                    if queue:
+                        submit(i)
+        finally:
+            for actor in self.actors:
+                ray.kill(actor)
+            self.actors = []
+            if started_here:
+                ray.shutdown()

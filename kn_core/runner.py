@@ -1,0 +1,310 @@
+"""Attributing a whole fact set into a project: every fact's prompts attributed, its scores and refined neurons
+stored per fact, resumable (`attribute_factset`, behind `kn attribute --facts` and the GUI's "Run selected
+facts" through `attribute_each`).
+
+- Resume: a fact whose run finished `done` on the same weights (sha256, dtype) with the same attribution
+  parameters is skipped (`Project.completed_runs`), so a killed run, started again, goes on where it stopped
+  and never stores a fact's run twice. A run cut off mid-fact stays `interrupted` (as every run the store finds
+  unfinished) and the fact is attributed again.
+- Facts with no usable prompt are listed with the reason (`SkippedFact`), never dropped silently.
+- Where the work runs is a backend: `SerialBackend` (this process) or `cluster.RayBackend` (Ray workers). Both
+  attribute with the same `FactAttributor`, so results are bitwise equal; only this process writes to the
+  project (SQLite keeps one writer), and an outcome that arrives twice (a retried worker) is stored once.
+- Progress (with throughput and ETA) and cancel go through `kn_core.tasks.Task`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Sequence
+
+from .facts import Fact, FactSet, Prompt, render_prompts
+from .tasks import Task, as_task
+
+
+@dataclass(frozen=True)
+class FactWork:
+    """One fact to attribute: `index` is its place in the plan (how a worker's answer finds its fact)."""
+    index: int
+    fact: Fact
+    prompts: tuple[Prompt, ...]
+
+
+@dataclass(frozen=True)
+class SkippedFact:
+    fact: Fact
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"relation": self.fact.relation, "subject": self.fact.subject, "object": self.fact.object,
+                "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class Selection:
+    """How a fact's refined neurons are chosen from its scores (as `kn neurons`): coarse at t x max, refined in
+    >= max(p x prompts, 3) prompts, the fact's massive neurons left out unless keep_massive."""
+    t: float = 0.2
+    p: float = 0.7
+    keep_massive: bool = False
+
+    def to_dict(self) -> dict:
+        return {"t": self.t, "p": self.p, "keep_massive": self.keep_massive}
+
+
+@dataclass
+class FactOutcome:
+    """What attributing one fact gives, wherever it ran."""
+    index: int
+    results: list  # attribution.PromptScores, one per prompt
+    refined: list  # [(layer, neuron)]
+    massive: list  # the fact's massive neurons (left out of `refined` unless keep_massive)
+    seconds: float
+    worker: str  # host:pid that computed it
+    device: str
+
+
+def select_relations(factset: FactSet, relations: str | Iterable[str] | None = "all") -> list[str]:
+    """The relation ids to run: "all" (or None) -> every relation; else a list or "R1,R2"; unknown ones are a
+    KeyError naming what the fact set has."""
+    if relations is None:
+        return list(factset.relations)
+    if isinstance(relations, str):
+        relations = relations.split(",")
+    chosen = list(dict.fromkeys(r.strip() for r in relations if r.strip()))
+    if [r.lower() for r in chosen] in ([], ["all"]):
+        return list(factset.relations)
+    missing = [r for r in chosen if r not in factset.relations]
+    if missing:
+        raise KeyError(f"no relation {', '.join(missing)} in fact set {factset.name!r}; "
+                       f"it has {', '.join(sorted(factset.relations))}")
+    return chosen
+
+
+def plan_facts(factset: FactSet, relations, tokenizer, kind: str) -> tuple[list[FactWork], list[SkippedFact]]:
+    """Every fact of the chosen relations with its usable prompts; a fact without any is a SkippedFact whose
+    reason gives each template's."""
+    chosen = set(select_relations(factset, relations))
+    work, skipped = [], []
+    for fact in factset.facts:
+        if fact.relation not in chosen:
+            continue
+        relation = factset.relation(fact.relation)
+        prompts, skips = render_prompts(fact, relation, tokenizer, kind)
+        if prompts:
+            work.append(FactWork(len(work), fact, tuple(prompts)))
+        else:
+            reasons = "; ".join(f"{s.template!r}: {s.reason}" for s in skips) or "its relation has no templates"
+            skipped.append(SkippedFact(fact, f"no usable prompt ({reasons})"))
+    return work, skipped
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class FactAttributor:
+    """Attributes one fact at a time on a loaded model: its prompts, then its refined neurons with the fact's
+    massive neurons flagged as `kn neurons` does (its prompts' activations plus the neutral sentences, which are
+    measured once). The same code runs in this process and in every Ray worker."""
+
+    def __init__(self, lm, params, selection: Selection):
+        self.lm, self.params, self.selection = lm, params, selection
+        self._neutral: list | None = None
+
+    def __call__(self, work: FactWork, task: Task | None = None,
+                 on_prompt: Callable[[int, object], None] | None = None) -> FactOutcome:
+        from .attribution import attribute_fact
+        from .neurons import ActivationStats, answer_activations, neutral_sentences, refined_neurons, scored_flags
+
+        started = time.perf_counter()
+        results = attribute_fact(self.lm, work.prompts, self.params, task=task, on_prompt=on_prompt)
+        if self._neutral is None:
+            self._neutral = answer_activations(self.lm, neutral_sentences())
+        activations = [r.activations for r in results]
+        stats = ActivationStats.from_activations(  # = neurons.run_stats without measuring the neutral set again
+            activations + self._neutral, source=f"{len(activations)} run prompts + {len(self._neutral)} neutral sentences")
+        massive = sorted(scored_flags(stats).excluded)
+        sel = self.selection
+        refined = refined_neurons([r.scores for r in results], sel.t, sel.p, exclude=() if sel.keep_massive else massive)
+        return FactOutcome(work.index, results, refined, massive, time.perf_counter() - started, worker_name(),
+                           str(self.lm.device))
+
+
+class Progress:
+    """Throughput and ETA over the facts attributed in this session (facts stored before are not counted)."""
+
+    def __init__(self, task: Task, works: Sequence[FactWork], already: int):
+        self.task, self.already = task, already
+        self.total_facts = len(works)
+        self.total_prompts = sum(len(w.prompts) for w in works) or 1
+        self.facts = self.prompts = 0
+        self.started = time.perf_counter()
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def facts_per_hour(self) -> float | None:
+        return 3600 * self.facts / self.elapsed if self.facts and self.elapsed > 0 else None
+
+    def message(self) -> str:
+        parts = [f"{self.facts}/{self.total_facts} facts"]
+        if self.already:
+            parts.append(f"{self.already} stored before")
+        rate = self.facts_per_hour()
+        if rate is not None:
+            left = (self.total_prompts - self.prompts) * self.elapsed / max(self.prompts, 1)
+            parts += [f"{rate:.3g} facts/h", f"ETA {format_seconds(left)}"]
+        return ", ".join(parts)
+
+    def within(self, work: FactWork, fraction: float, detail: str = "") -> None:
+        """Part of one fact done (the serial backend reports inside a fact)."""
+        done = (self.prompts + fraction * len(work.prompts)) / self.total_prompts
+        label = f"{work.fact.relation} {work.fact.subject}" + (f": {detail}" if detail else "")
+        self.task.progress(done, f"{label}; {self.message()}")
+
+    def fact_done(self, work: FactWork) -> None:
+        self.facts += 1
+        self.prompts += len(work.prompts)
+        self.task.progress(self.prompts / self.total_prompts, self.message())
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 3600:
+        return f"{seconds // 60}:{seconds % 60:02d}"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class SerialBackend:
+    """Every fact in this process, one after another, on the driver's loaded model."""
+    name = "serial"
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "workers": 1}
+
+    def outcomes(self, lm, works: Sequence[FactWork], params, selection: Selection, progress: Progress,
+                 task: Task) -> Iterator[FactOutcome]:
+        attributor = FactAttributor(lm, params, selection)
+        for work in works:
+            task.check()
+            inner = task.relay(lambda fraction, message, work=work: progress.within(work, fraction or 0.0, message))
+            yield attributor(work, task=inner)
+
+
+@dataclass
+class RunnerReport:
+    facts: int  # of the chosen relations
+    attributed: int = 0  # in this session
+    already_stored: int = 0
+    skipped: list[SkippedFact] = field(default_factory=list)
+    prompts: int = 0
+    seconds: float = 0.0
+    facts_per_hour: float | None = None
+    backend: dict = field(default_factory=dict)
+    run_ids: list[int] = field(default_factory=list)
+    duplicates_ignored: int = 0
+
+    def to_dict(self) -> dict:
+        return {"facts": self.facts, "attributed": self.attributed, "already_stored": self.already_stored,
+                "skipped": [s.to_dict() for s in self.skipped], "prompts": self.prompts, "seconds": self.seconds,
+                "facts_per_hour": self.facts_per_hour,
+                "prompts_per_hour": 3600 * self.prompts / self.seconds if self.prompts and self.seconds > 0 else None,
+                "backend": self.backend, "run_ids": self.run_ids, "duplicates_ignored": self.duplicates_ignored}
+
+
+def _store(project, lm, work: FactWork, outcome: FactOutcome, params, selection: Selection) -> int:
+    """One fact's run (every prompt's scores) and its refined set, the run ending `done` last: a driver killed
+    before that leaves the run `interrupted`, and the fact is attributed again when the run resumes."""
+    info = {"runner": {"worker": outcome.worker, "seconds": outcome.seconds}}
+    with project.recording_run(fact=work.fact, prompts=work.prompts, params=params, model=lm, device=outcome.device,
+                               info=info) as rec:
+        for k, result in enumerate(outcome.results):
+            rec.add(k, result)
+        project.add_neuron_set("refined", outcome.refined, fact=work.fact, run_ids=[rec.run_id], model=lm,
+                               params={**selection.to_dict(), **params.to_dict(),
+                                       "massive": [list(n) for n in outcome.massive]})
+    return rec.run_id
+
+
+def attribute_factset(project, lm, factset: FactSet, params=None, *, relations="all",
+                      selection: Selection | None = None, backend=None, task: Task | None = None,
+                      on_fact: Callable[[FactWork, int], None] | None = None) -> RunnerReport:
+    """Attributes every fact of `relations` into `project` (see the module's doc); returns what it did.
+
+    `lm` is the driver's model: it renders the prompts and names the weights (its sha256) that resume matches
+    on; `backend` (default `SerialBackend()`) also uses it to compute. `on_fact(work, run_id)` is called after
+    each fact is stored. Cancelling the task raises tasks.Cancelled; every fact stored before stays."""
+    from .attribution import AttributionParams
+
+    params = params or AttributionParams()
+    selection = selection or Selection()
+    backend = backend or SerialBackend()
+    task = as_task(task)
+    works, skipped = plan_facts(factset, relations, lm.tokenizer, lm.kind)
+    chosen = select_relations(factset, relations)
+    report = RunnerReport(facts=len(works) + len(skipped), skipped=skipped, backend=backend.describe())
+    project.add_model(lm)
+    fact_ids = project.add_facts([w.fact for w in works], [factset.relation(r) for r in chosen])
+    completed = project.completed_runs(lm, params)
+    pending = [w for w, fid in zip(works, fact_ids) if fid not in completed]
+    report.already_stored = len(works) - len(pending)
+    progress = Progress(task, pending, report.already_stored)
+    task.progress(0.0, progress.message())
+    stored: set[int] = set()
+    by_index = {w.index: w for w in pending}
+    outcomes = backend.outcomes(lm, pending, params, selection, progress, task) if pending else (o for o in ())
+    with contextlib.closing(outcomes):  # a stop here (cancel, Ctrl-C, an error) lets the backend end its workers
+        for outcome in outcomes:
+            work = by_index[outcome.index]
+            if outcome.index in stored:  # a retried worker answered twice: the fact is stored once
+                report.duplicates_ignored += 1
+                continue
+            run_id = _store(project, lm, work, outcome, params, selection)
+            stored.add(outcome.index)
+            report.run_ids.append(run_id)
+            report.attributed += 1
+            report.prompts += len(work.prompts)
+            progress.fact_done(work)
+            if on_fact is not None:
+                on_fact(work, run_id)
+    missing = [w for w in pending if w.index not in stored]
+    if missing:  # a backend that ended early without saying why must not pass for a finished run
+        raise RuntimeError(f"the {report.backend['backend']} backend returned no result for {len(missing)} fact(s), "
+                           f"e.g. {missing[0].fact.relation} {missing[0].fact.subject!r}; run again to resume")
+    report.seconds = progress.elapsed
+    report.facts_per_hour = progress.facts_per_hour()
+    return report
+
+
+def attribute_each(lm, items: Sequence[tuple[Fact, Sequence[Prompt]]], params, *, task: Task | None = None,
+                   on_prompt: Callable[[int, int, object], None] | None = None,
+                   on_chunk: Callable[[int, dict], None] | None = None) -> list[list]:
+    """The facts' prompts in this process, one fact after another, with the runner's progress (throughput,
+    ETA) and without a project: what the GUI's "Run selected facts" runs. `on_prompt(i, k, result)` as prompt k
+    of fact i is ready; `on_chunk(i, partial)` for each chunk of layers (`attribute`'s partial results)."""
+    from .attribution import attribute_fact
+
+    task = as_task(task)
+    works = [FactWork(i, fact, tuple(prompts)) for i, (fact, prompts) in enumerate(items)]
+    progress = Progress(task, works, 0)
+    out = []
+    for work in works:
+        task.check()
+        i = work.index
+
+        def chunk(partial, i=i):
+            if on_chunk is not None:
+                on_chunk(i, partial)
+
+        inner = task.relay(lambda fraction, message, work=work: progress.within(work, fraction or 0.0, message),
+                           chunk)
+        out.append(attribute_fact(lm, work.prompts, params, task=inner,
+                                  on_prompt=None if on_prompt is None else (lambda k, r, i=i: on_prompt(i, k, r))))
+        progress.fact_done(work)
+    return out

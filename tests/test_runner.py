@@ -1,0 +1,206 @@
+"""kn_core.runner: a whole fact set into a project, every fact once, resumable, against an independent
+reference (attribute_fact + run_flags + refined_neurons per fact, as `kn neurons` computes them)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kn_core.attribution import AttributionParams, attribute_fact
+from kn_core.cli import main
+from kn_core.facts import export_facts, render_prompts
+from kn_core.models import load_model
+from kn_core.neurons import refined_neurons, run_flags
+from kn_core.runner import Selection, SerialBackend, attribute_each, attribute_factset, plan_facts
+from kn_core.store import create_project, open_project
+from kn_core.tasks import Cancelled, Task
+from runner_child import tiny_factset, save_tiny
+
+HERE = Path(__file__).resolve().parent
+PARAMS = AttributionParams(steps=8)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runner")
+    model = save_tiny(root / "model")
+    facts = export_facts(tiny_factset(), root / "facts.jsonl")
+    return {"root": root, "model": model, "facts": str(facts), "lm": load_model(model, device="cpu")}
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    """Each usable fact attributed on its own, the way `kn neurons` does it."""
+    lm, factset = setup["lm"], tiny_factset()
+    out = {}
+    for fact in factset.facts:
+        prompts, _ = render_prompts(fact, factset.relation(fact.relation), lm.tokenizer, lm.kind)
+        if prompts:
+            results = attribute_fact(lm, prompts, PARAMS)
+            flags = run_flags(lm, [r.activations for r in results])
+            out[fact.subject] = (results, refined_neurons([r.scores for r in results], 0.2, 0.7, flags.excluded))
+    return out
+
+
+def stored_facts(project) -> dict:
+    """{subject: (done run, [scores per prompt], refined neurons of that run)}; asserts one done run per fact."""
+    facts = {f.id: f.subject for f in project.list_facts()}
+    done = [r for r in project.list_runs(status="done")]
+    per_fact = Counter(facts[r.fact_id] for r in done)
+    assert all(n == 1 for n in per_fact.values()), per_fact
+    sets = {s.run_ids[0]: s for s in project.list_neuron_sets(kind="refined")}
+    return {facts[r.fact_id]: (r, project.load_scores(r.id), sets[r.id].neurons) for r in done}
+
+
+def assert_matches(project, reference):
+    got = stored_facts(project)
+    assert set(got) == set(reference)
+    for subject, (results, refined) in reference.items():
+        run, scores, neurons = got[subject]
+        assert run.n_prompts == run.n_done == len(results)
+        for k, result in enumerate(results):
+            assert np.array_equal(scores[k], result.scores), (subject, k)  # bitwise: same code, same order
+        assert list(neurons) == list(refined), subject
+
+
+def test_plan_lists_facts_without_a_usable_prompt(setup):
+    lm = setup["lm"]
+    works, skipped = plan_facts(tiny_factset(), "all", lm.tokenizer, lm.kind)
+    assert [w.fact.subject for w in works] == ["France", "Germany", "Italy", "Spain", "Japan", "Egypt"]
+    assert all(len(w.prompts) == 5 for w in works)
+    assert [s.fact.subject for s in skipped] == ["Peru"]
+    assert "no usable prompt" in skipped[0].reason and "[Y] comes first" in skipped[0].reason
+    works, skipped = plan_facts(tiny_factset(), "P1376", lm.tokenizer, lm.kind)
+    assert works == [] and len(skipped) == 1
+    with pytest.raises(KeyError, match="no relation P999"):
+        plan_facts(tiny_factset(), "P36,P999", lm.tokenizer, lm.kind)
+
+
+def test_whole_fact_set_matches_one_fact_at_a_time_and_resumes(setup, reference, tmp_path):
+    messages = []
+    task = Task(on_progress=lambda fraction, message: messages.append((fraction, message)))
+    with create_project(tmp_path / "p.knproj") as project:
+        report = attribute_factset(project, setup["lm"], tiny_factset(), PARAMS, task=task)
+        assert (report.facts, report.attributed, report.already_stored, report.prompts) == (7, 6, 0, 30)
+        assert [s.fact.subject for s in report.skipped] == ["Peru"]
+        assert_matches(project, reference)
+        again = attribute_factset(project, setup["lm"], tiny_factset(), PARAMS)
+        assert (again.attributed, again.already_stored, again.run_ids) == (0, 6, [])
+        other = attribute_factset(project, setup["lm"], tiny_factset(), AttributionParams(steps=4), relations="P36")
+        assert other.attributed == 6  # other parameters: not the same result, so attributed anew
+    fractions = [f for f, _ in messages if f is not None]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    assert "6/6 facts" in messages[-1][1] and "facts/h" in messages[-1][1] and "ETA" in messages[-1][1]
+
+
+def test_cancel_keeps_what_was_stored_and_a_rerun_finishes(setup, reference, tmp_path):
+    task = Task()
+    with create_project(tmp_path / "p.knproj") as project:
+        with pytest.raises(Cancelled):
+            attribute_factset(project, setup["lm"], tiny_factset(), PARAMS, task=task,
+                              on_fact=lambda work, run_id: work.index == 1 and task.cancel())
+        assert len(project.list_runs(status="done")) == 2
+        report = attribute_factset(project, setup["lm"], tiny_factset(), PARAMS)
+        assert (report.attributed, report.already_stored) == (4, 2)
+        assert_matches(project, reference)
+
+
+def test_a_killed_driver_resumes_without_storing_a_fact_twice(setup, tmp_path):
+    path = tmp_path / "p.knproj"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)]), "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, str(HERE / "runner_child.py"), setup["model"], setup["facts"], str(path),
+                              "20"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        lines = [child.stdout.readline() for _ in range(2)]
+        assert all(line.startswith("stored") for line in lines), (lines, child.stderr.read() if child.poll() else "")
+    finally:
+        child.kill()
+        child.wait()
+    lm = setup["lm"]
+    with open_project(path) as project:
+        assert 2 <= len(project.list_runs(status="done")) < 6
+        report = attribute_factset(project, lm, tiny_factset(), AttributionParams())
+        assert report.attributed + report.already_stored == 6 and report.already_stored >= 2
+        got = stored_facts(project)
+    with create_project(tmp_path / "serial.knproj") as serial:
+        attribute_factset(serial, lm, tiny_factset(), AttributionParams())
+        want = stored_facts(serial)
+    assert set(got) == set(want)
+    for subject in want:
+        assert all(np.array_equal(got[subject][1][k], want[subject][1][k]) for k in want[subject][1])
+        assert got[subject][2] == want[subject][2]
+
+
+def test_attribute_each_is_the_same_attribution_without_a_project(setup, reference):
+    lm, factset = setup["lm"], tiny_factset()
+    items = [(f, render_prompts(f, factset.relation("P36"), lm.tokenizer, lm.kind)[0]) for f in factset.facts_of("P36")]
+    seen, chunks = [], []
+    out = attribute_each(lm, items, PARAMS, on_prompt=lambda i, k, r: seen.append((i, k)),
+                         on_chunk=lambda i, c: chunks.append(i))
+    assert seen == [(i, k) for i in range(6) for k in range(5)] and sorted(set(chunks)) == list(range(6))
+    for (fact, _), results in zip(items, out):
+        assert all(np.array_equal(a.scores, b.scores) for a, b in zip(results, reference[fact.subject][0]))
+
+
+def test_cli_attributes_a_fact_set_and_resumes(setup, capsys, tmp_path):
+    argv = ["attribute", "--facts", setup["facts"], "--model", setup["model"], "--device", "cpu",
+            "--project", str(tmp_path / "cli.knproj"), "--steps", "8", "--scores", "top", "--json"]
+    assert main(argv) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert (doc["attributed"], doc["already_stored"], doc["prompts"]) == (6, 0, 30)
+    assert doc["skipped"][0]["subject"] == "Peru" and "[Y] comes first" in doc["skipped"][0]["reason"]
+    assert doc["score_storage"]["form"] == "top" and doc["backend"]["backend"] == "serial"
+    assert doc["facts_per_hour"] > 0 and doc["params"]["steps"] == 8
+    assert main(argv[:-1]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("0 fact(s) attributed") and "6 stored before" in text and "skipped P1376 'Peru'" in text
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--prompt", "The capital of France is"], "--prompt is for one prompt"),
+    (["--workers", "2"], "add --cluster ray"),
+    (["--cluster", "spark"], "--cluster"),
+    (["--cluster", "ray:"], "ray:ADDRESS"),
+    (["--relations", "P999"], "no relation P999"),
+])
+def test_cli_bad_fact_set_options_fail_before_the_model_loads(setup, capsys, tmp_path, extra, needle):
+    argv = ["attribute", "--facts", setup["facts"], "--model", "/nonexistent", "--project", str(tmp_path / "x.knproj")]
+    assert main(argv + extra) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and not (tmp_path / "x.knproj").exists()
+
+
+def test_cli_one_prompt_or_a_fact_set(capsys):
+    assert main(["attribute", "--model", "/nonexistent"]) == 2
+    assert "--prompt and --answer" in capsys.readouterr().err
+    assert main(["attribute", "--facts", "builtin", "--model", "/nonexistent"]) == 2
+    assert "--project" in capsys.readouterr().err
+
+
+def test_serial_backend_describes_itself():
+    assert SerialBackend().describe() == {"backend": "serial", "workers": 1}
+    assert Selection().to_dict() == {"t": 0.2, "p": 0.7, "keep_massive": False}
+
+
+def test_a_run_cut_off_mid_fact_is_attributed_again(setup, reference, tmp_path):
+    lm, factset = setup["lm"], tiny_factset()
+    path = tmp_path / "p.knproj"
+    with create_project(path) as project:  # what a driver killed while storing France leaves
+        france = factset.facts[0]
+        prompts, _ = render_prompts(france, factset.relation("P36"), lm.tokenizer, lm.kind)
+        run = project.start_run(fact=france, prompts=prompts, params=PARAMS, model=lm)
+        project.add_prompt_result(run, 0, reference["France"][0][0])
+    with open_project(path) as project:
+        assert project.get_run(run).status == "interrupted"
+        report = attribute_factset(project, lm, factset, PARAMS)
+        assert report.attributed == 6
+        assert_matches(project, reference)
+        assert project.get_run(run).status == "interrupted"  # kept, as every interrupted run
