@@ -374,20 +374,27 @@ class _PlanningFacts:
 
 def run_batch(lm, parsed: ParsedRequests, neurons: dict, mode: str = "compound",
               *, seed: int = 0, control_facts: int = 4, forgetting_prompts: int = 1, relation_exclusion: bool = True,
-              label: str = "", task=None) -> BatchResult:
+              max_prompts: int | None = None, options: dict | None = None, activation_stats=None, label: str = "",
+              task=None) -> BatchResult:
     """Plans, applies and measures every request of `parsed` (see the module notes for the two modes) and
     leaves the model as it found it, also when cancelled (`tasks.Cancelled`) or on an error. Requests that
     cannot be planned (e.g. no neurons, an update no template can render) are left out and listed in
     report["left_out"] with their reason, as are the bad lines of `parsed`. `neurons`: `resolve_neurons`'s
-    answer (a request's entry may omit the templates)."""
+    answer (a request's entry may omit the templates). `max_prompts`: measure at most this many prompts of each
+    group of each request (the first ones, in template order; None: all), stated in the report, for batches
+    too large to measure every template on this machine. `options`: EditRequest fields shared by every request
+    (e.g. scope, factor, lambda1, lambda2, strength, to); `activation_stats`: for a suppress to the mean."""
     if mode not in MODES:
         raise BatchError(f"unknown mode {mode!r}; use compound or sequential")
     if forgetting_prompts < 1:
         raise BatchError("forgetting_prompts must be >= 1")
+    if max_prompts is not None and max_prompts < 1:
+        raise BatchError("max_prompts must be >= 1 (or None for every prompt)")
     task = as_task(task)
     left_out = [{"line": n, "reason": why} for n, why in parsed.bad]
     planning = _PlanningFacts(parsed.factset, {r.fact for r in parsed.requests})
-    settings = dict(seed=seed, control_facts=control_facts,
+    settings = dict(seed=seed, control_facts=control_facts, max_prompts=max_prompts, options=dict(options or {}),
+                    stats=activation_stats,
                     relation_sets=_relation_sets(parsed.requests, neurons) if relation_exclusion else {})
     runner = _compound if mode == "compound" else _sequential
     entries, steps = runner(lm, parsed.requests, neurons, planning, settings, left_out, forgetting_prompts, task)
@@ -395,6 +402,7 @@ def run_batch(lm, parsed: ParsedRequests, neurons: dict, mode: str = "compound",
     edit = E.Batch(tuple(e["plan"].edit for e in entries), label) if entries else None
     control = E.Batch(tuple(e["plan"].control for e in entries), f"controls of {label}".strip()) if entries else None
     report = {"mode": mode, "requests_read": len(parsed.requests) + len(parsed.bad), "applied": len(entries),
+              "max_prompts_per_group": max_prompts, "control_facts": control_facts,
               "left_out": left_out, "requests": [_request_report(e) for e in entries],
               "summary": _summary(entries, steps), "metrics_definition": METRICS_NOTE}
     if steps is not None:
@@ -430,12 +438,15 @@ def _plan(lm, planning: _PlanningFacts, r: BatchRequest, neurons, settings, left
         plan = plan_edit(lm, planning.for_request(r.fact),
                          EditRequest(r.kind, chosen, r.fact, new_object=r.new_object, seed=settings["seed"],
                                      control_facts=settings["control_facts"], control_prompts_per_fact=1,
-                                     neuron_templates=templates),
-                         settings["relation_sets"].get(r.fact.relation, {}), task=task)
+                                     neuron_templates=templates, **settings["options"]),
+                         settings["relation_sets"].get(r.fact.relation, {}), activation_stats=settings["stats"],
+                         task=task)
     except EditPlanError as exc:
         left_out.append({"line": r.line, "reason": str(exc)})
         return None
     groups, skipped = dict(plan.prompts), list(plan.skipped) + list(r.left_out)
+    if settings["max_prompts"] is not None:  # aligned groups (fact / new object) keep the same first prompts
+        groups = {g: ps[: settings["max_prompts"]] for g, ps in groups.items()}
     if r.locality:
         groups["locality"] = _locality_prompts(lm, r.locality, skipped)
     return replace(plan, prompts=groups, skipped=skipped)
@@ -618,6 +629,11 @@ def _mean_metric(metrics: list[dict]) -> dict:
     if any("mean_abs_dp" in m for m in used):
         out["mean_abs_dp"] = _mean_of([m.get("mean_abs_dp") for m in used])
     out |= {"n": sum(m["n"] for m in used), "requests": len(used)}
+    broken = sum(1 for m in used if m.get("mean_prob") is None or not np.isfinite(m["mean_prob"]))
+    if broken:  # e.g. a compound batch of updates that overflowed the model: its probabilities are NaN
+        out["non_finite_requests"] = broken
+        out["note"] = f"{broken} request(s) gave a non-finite probability (the model's output overflowed); the " \
+                      "means are over the others"
     skipped = len(metrics) - len(used)
     if skipped:
         out["not_applicable_requests"] = skipped

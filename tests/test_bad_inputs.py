@@ -138,6 +138,7 @@ CASES = [
     ("degeneracy-criterion-rank", DEG + ["--criterion", "rank"], ["--criterion", "rank"]),
     ("degeneracy-removed-below-2", DEG + ["--removed-below", "2"], ["--removed-below", "2"]),
     ("degeneracy-removed-below-0", DEG + ["--removed-below", "0"], ["--removed-below", "> 0"]),
+    ("hold-out-negative", SUP + ["--hold-out", "-1"], ["--hold-out", "-1"]),
     ("degeneracy-max-neurons-1", DEG + ["--max-neurons", "1"], ["--max-neurons", "1"]),
     ("degeneracy-subject-unknown", ["edit", "degeneracy", "--relation", "P36", "--subject", "Atlantis"], ["Atlantis"]),
     ("position-first", NEURON + ["--position", "first"], ["--position", "first"]),

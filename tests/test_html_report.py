@@ -37,8 +37,9 @@ def _browse(chromium: str, page: Path, tmp: Path, *flags: str) -> str:
     """The DOM after load (scripts run) of a local page, in headless Chromium with its own profile."""
     profile = tmp / f"profile-{page.stem}"
     done = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                           "--disable-background-networking", f"--user-data-dir={profile}", *flags,
-                           "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+                           "--disable-background-networking", "--disable-dev-shm-usage",
+                           f"--user-data-dir={profile}", *flags, "--dump-dom", page.as_uri()],
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 

@@ -50,7 +50,7 @@ def cmd_edit_degeneracy(args) -> int:
     factset = factset_of(args)
     fact = find_fact(factset, args.relation, args.subject)
     lm = load(args)
-    prompts, neurons, scores = _fact_neurons(args, lm, factset, fact, with_scores=True)
+    prompts, neurons, scores, _ = _fact_neurons(args, lm, factset, fact)
     if not neurons:
         raise CliError(f"{fact.relation} {fact.subject}: no refined knowledge neurons at t={args.t}, p={args.p}; "
                        f"lower --p")
@@ -76,6 +76,8 @@ def add_commands(sub) -> None:
     VERB_GROUPS; this module uses its attribution helper, so edit cannot import it back)."""
     import argparse
 
+    from .edit import neuron_options
+
     edit = sub.choices["edit"]
     edit_sub = next(a for a in edit._actions if isinstance(a, argparse._SubParsersAction))
     p = edit_sub.add_parser("degeneracy", parents=[COMMON],
@@ -92,10 +94,5 @@ def add_commands(sub) -> None:
     p.add_argument("--max-neurons", type=int, default=20,
                    help="pairs among at most this many strongest neurons (20 -> 190 pairs); the rest are listed")
     p.add_argument("--no-control", action="store_true", help="skip the random-neuron control")
-    p.add_argument("--facts", default="builtin", help="'builtin' or a PARAREL folder / .csv / .jsonl")
-    p.add_argument("--steps", type=int, default=20, help="integration steps (paper: 20; at most 1000)")
-    p.add_argument("--force", action="store_true", help="allow more than 1000 steps")
-    p.add_argument("--t", type=float, default=0.2, help="coarse threshold (paper: 0.2)")
-    p.add_argument("--p", type=float, default=0.7, help="refinement share of prompts (paper: starts at 0.7)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random control neurons")
+    neuron_options(p)
     p.set_defaults(func=cmd_edit_degeneracy)

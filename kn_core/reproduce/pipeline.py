@@ -452,7 +452,7 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
     save()
     write_report(report, out)
     timings["total"] = time.perf_counter() - started
-    say(f"[reproduce] done in {timings['total']:.0f} s: {out / 'report.md'}")
+    say(f"[reproduce] done in {timings['total']:.0f} s: {out / 'report.md'} and {out / 'report.html'}")
     return report
 
 

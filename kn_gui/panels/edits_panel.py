@@ -272,6 +272,10 @@ class EditsPanel(QWidget):
                                   else f"o = {old!r} \u2192 o' = ?")
 
     def _apply(self):
+        self.apply_requested.emit(self.current_request())
+
+    def current_request(self) -> dict:
+        """The form as a request (also applied to several facts at once: the Facts panel's Apply to selected)."""
         kind = self.kind.currentText()
         request = {"kind": kind, "target": self.target.currentData()}
         if kind == "Suppress":
@@ -288,7 +292,7 @@ class EditsPanel(QWidget):
         else:
             request["k"] = self.erase_k.value()
             request["fill"] = self.erase_fill.currentText()
-        self.apply_requested.emit(request)
+        return request
 
     def set_busy(self, busy: bool, has_model: bool = True):
         self.apply_button.setEnabled(has_model and not busy)
