@@ -3,7 +3,8 @@ another, and 100 / 1,000 suppress requests together; undo must give bitwise the 
 into a project, and peak RSS should not grow with the batch.
 
     python benchmarks/bench_batch.py                          # all scenarios (each in its own process)
-    python benchmarks/bench_batch.py --one suppress 1000 compound
+    python benchmarks/bench_batch.py --one suppress 1000 compound --max-prompts 1 --no-sizes
+    python benchmarks/bench_batch.py --scenarios suppress:100:compound,suppress:1000:compound --max-prompts 1 --no-sizes
 
 Requests are PARAREL dev facts (/work/shared/pararel-dev), drawn with a fixed seed from relations with at least
 3 prompts for the model; an update's new object is another object of the same relation (seeded). They are
@@ -36,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SCENARIOS = [("update", 100, "compound,sequential"), ("suppress", 100, "compound"), ("suppress", 1000, "compound")]
+SCENARIOS = [("update", 100, "compound+sequential"), ("suppress", 100, "compound"), ("suppress", 1000, "compound")]
 FACTS = "/work/shared/pararel-dev"
 
 
@@ -72,7 +73,8 @@ def activation_neurons(lm, chosen):
     return out, sorted(flags.excluded)
 
 
-def one(kind: str, n: int, modes: list[str], max_prompts: int, control_facts: int, seed: int) -> dict:
+def one(kind: str, n: int, modes: list[str], max_prompts: int, control_facts: int, seed: int, sizes: bool,
+        keep_shared: bool = False) -> dict:
     import torch
 
     from kn_core.batch import check_requests, parse_requests, run_batch
@@ -83,7 +85,8 @@ def one(kind: str, n: int, modes: list[str], max_prompts: int, control_facts: in
     from kn_core.store import create_project
 
     torch.set_num_threads(1)
-    out = {"kind": kind, "requests": n, "load_average_start": os.getloadavg()}
+    out = {"kind": kind, "requests": n, "max_prompts": max_prompts, "control_facts": control_facts,
+           "edit_sizes_measured": sizes, "relation_exclusion": not keep_shared, "load_average_start": os.getloadavg()}
     lm = load_model("default")
     factset = import_facts(FACTS)
     out["rss_after_load_mb"] = peak_rss_mb()
@@ -118,7 +121,7 @@ def one(kind: str, n: int, modes: list[str], max_prompts: int, control_facts: in
     for mode in modes:
         started = time.perf_counter()
         result = run_batch(lm, parsed, resolved, mode, control_facts=control_facts, max_prompts=max_prompts,
-                           label=f"bench {kind} x{n}")
+                           measure_sizes=sizes, relation_exclusion=not keep_shared, label=f"bench {kind} x{n}")
         elapsed = time.perf_counter() - started
         measured = sum(sum(r["prompts"].values()) for r in result.report["requests"])
         project_path = folder / f"{mode}.knproj"
@@ -158,16 +161,25 @@ def main() -> None:
     parser.add_argument("--max-prompts", type=int, default=2)
     parser.add_argument("--control-facts", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-sizes", action="store_true", help="leave the edits' sizes unmeasured (an activation "
+                                                                   "edit's size costs a forward pass per request)")
+    parser.add_argument("--keep-shared", action="store_true", help="updates: keep neurons shared by more than 10%% "
+                                                                     "of the batch's facts of a relation (the paper "
+                                                                     "leaves them out)")
+    parser.add_argument("--scenarios", help="e.g. suppress:100:compound,suppress:1000:compound (default: all)")
     parser.add_argument("--out", help="write all results as JSON here")
     args = parser.parse_args()
     if args.one:
         kind, n, modes = args.one
-        print(json.dumps(one(kind, int(n), modes.split(","), args.max_prompts, args.control_facts, args.seed)))
+        print(json.dumps(one(kind, int(n), modes.split("+"), args.max_prompts, args.control_facts, args.seed,
+                             not args.no_sizes, args.keep_shared)))
         return
     results = []
-    for kind, n, modes in SCENARIOS:
+    scenarios = SCENARIOS if not args.scenarios else [tuple(x.split(":")) for x in args.scenarios.split(",")]
+    for kind, n, modes in scenarios:
         cmd = [sys.executable, __file__, "--one", kind, str(n), modes, "--max-prompts", str(args.max_prompts),
-               "--control-facts", str(args.control_facts), "--seed", str(args.seed)]
+               "--control-facts", str(args.control_facts), "--seed", str(args.seed)] + \
+            (["--no-sizes"] if args.no_sizes else []) + (["--keep-shared"] if args.keep_shared else [])
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)
         result = json.loads(done.stdout.strip().splitlines()[-1])
         results.append(result)

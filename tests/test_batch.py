@@ -332,7 +332,9 @@ def test_requests_without_neurons_or_plans_are_left_out_with_reasons():
                                   {"relation": "P36", "subject": "Japan", "kind": "suppress"},
                                   "{bad"), FS)
     result = run_batch(lm, parsed, {1: (((0, 1),), "explicit", None), 2: ((), "attribution (t=0.2)", None)},
-                       "compound")
+                       "compound", measure_sizes=False)
+    size = result.report["requests"][0]["metrics"]["edit_size"]
+    assert size["neurons"] == 1 and size["activation_change"] is None and "not measured" in size["note"]
     assert result.report["applied"] == 1
     assert [x["line"] for x in result.report["left_out"]] == [2, 3]
     assert "no neurons" in result.report["left_out"][0]["reason"]

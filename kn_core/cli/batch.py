@@ -109,7 +109,7 @@ def _text(doc: dict) -> str:
 
 def add_batch_command(edit_sub) -> None:
     p = edit_sub.add_parser("batch", parents=[COMMON], help="apply many edit requests as one undoable edit")
-    p.add_argument("requests", help=REQUESTS_HELP)
+    p.add_argument("requests", metavar="REQUESTS.jsonl", help=REQUESTS_HELP)
     p.add_argument("--mode", choices=["compound", "sequential"], default="compound",
                    help="compound: all edits at once, measured after; sequential: one after another, with the "
                         "earlier edits measured again after each step (forgetting)")
