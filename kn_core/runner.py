@@ -165,7 +165,7 @@ class Progress:
     def within(self, work: FactWork, fraction: float, detail: str = "") -> None:
         """Part of one fact done (the serial backend reports inside a fact)."""
         done = (self.prompts + fraction * len(work.prompts)) / self.total_prompts
-        label = f"{work.fact.relation} {work.fact.subject}" + (f": {detail}" if detail else "")
+        label = f"attributing {work.fact.relation} {work.fact.subject}" + (f": {detail}" if detail else "")
         self.task.progress(done, f"{label}; {self.message()}")
 
     def fact_done(self, work: FactWork) -> None:
