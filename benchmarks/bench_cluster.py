@@ -7,7 +7,8 @@ local Ray workers (one thread each), all in one run so the ratios hold on a busy
 
 Each setting attributes the same facts into its own new project (every fact's prompts, scores and refined
 neurons stored, as the CLI does). "end to end" includes starting the workers and loading the model in each;
-"steady" is the rate between the first and the last stored fact, what a long run approaches. Efficiency is the
+"steady" is the rate after every worker's first fact, what a long run approaches (give it several facts per
+worker). Efficiency is the
 steady rate over (workers x the single-process rate). Needs the cluster extra (pip install .[cluster]).
 """
 
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def measure(lm, factset, params, relations, backend, folder: Path, name: str) -> dict:
+def measure(lm, factset, params, relations, backend, folder: Path, name: str, workers: int = 1) -> dict:
     from kn_core.runner import attribute_factset
     from kn_core.store import create_project
 
@@ -35,10 +36,13 @@ def measure(lm, factset, params, relations, backend, folder: Path, name: str) ->
         report = attribute_factset(project, lm, factset, params, relations=relations, backend=backend,
                                    on_fact=lambda work, run_id: stamps.append(time.perf_counter()))
         wall = time.perf_counter() - started
-    steady = 3600 * (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None
+    # steady: after every worker's first fact (which includes starting it and loading its model)
+    warm = stamps[workers - 1] if len(stamps) > workers else None
+    steady = 3600 * (len(stamps) - workers) / (stamps[-1] - warm) if warm is not None and stamps[-1] > warm else None
     return {"setting": name, "facts": report.attributed, "prompts": report.prompts, "seconds": wall,
             "facts_per_hour_end_to_end": 3600 * report.attributed / wall, "facts_per_hour_steady": steady,
-            "first_fact_after_s": stamps[0] - started if stamps else None}
+            "first_fact_after_s": stamps[0] - started if stamps else None,
+            "stored_at_s": [t - started for t in stamps]}
 
 
 def main() -> None:
@@ -79,7 +83,7 @@ def main() -> None:
             for workers in settings:
                 backend = RayBackend(workers=workers, threads=1, device=args.device if gpus else "cpu")
                 rows.append(measure(lm, factset, params, chosen, backend, folder,
-                                    f"ray, {workers} worker{'s' if workers > 1 else ''}"))
+                                    f"ray, {workers} worker{'s' if workers > 1 else ''}", workers))
         finally:
             ray.shutdown()
     base = rows[0]["facts_per_hour_steady"] or rows[0]["facts_per_hour_end_to_end"]
