@@ -54,6 +54,11 @@ if [ -n "$missing$tools" ]; then
     exit 2
   fi
 fi
+if [ "$mode" = test ] && ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+  echo "Chromium is still missing; tests/test_html_report.py opens the HTML report in it. Install Debian's chromium" >&2
+  echo "(sudo apt-get install -y chromium) or any Chromium on PATH, then run this again." >&2
+  exit 2
+fi
 .venv/bin/kn model fetch
 
 if [ "$mode" = app ]; then

@@ -374,20 +374,29 @@ class _PlanningFacts:
 
 def run_batch(lm, parsed: ParsedRequests, neurons: dict, mode: str = "compound",
               *, seed: int = 0, control_facts: int = 4, forgetting_prompts: int = 1, relation_exclusion: bool = True,
-              label: str = "", task=None) -> BatchResult:
+              max_prompts: int | None = None, options: dict | None = None, activation_stats=None,
+              measure_sizes: bool = True, label: str = "", task=None) -> BatchResult:
     """Plans, applies and measures every request of `parsed` (see the module notes for the two modes) and
     leaves the model as it found it, also when cancelled (`tasks.Cancelled`) or on an error. Requests that
     cannot be planned (e.g. no neurons, an update no template can render) are left out and listed in
     report["left_out"] with their reason, as are the bad lines of `parsed`. `neurons`: `resolve_neurons`'s
-    answer (a request's entry may omit the templates)."""
+    answer (a request's entry may omit the templates). `max_prompts`: measure at most this many prompts of each
+    group of each request (the first ones, in template order; None: all), stated in the report, for batches
+    too large to measure every template on this machine. `options`: EditRequest fields shared by every request
+    (e.g. scope, factor, lambda1, lambda2, strength, to); `activation_stats`: for a suppress to the mean.
+    `measure_sizes=False` leaves ‖Δa‖/‖ΔW‖ unmeasured (an activation edit's size costs a forward pass per request;
+    the metrics then say "not measured")."""
     if mode not in MODES:
         raise BatchError(f"unknown mode {mode!r}; use compound or sequential")
     if forgetting_prompts < 1:
         raise BatchError("forgetting_prompts must be >= 1")
+    if max_prompts is not None and max_prompts < 1:
+        raise BatchError("max_prompts must be >= 1 (or None for every prompt)")
     task = as_task(task)
     left_out = [{"line": n, "reason": why} for n, why in parsed.bad]
     planning = _PlanningFacts(parsed.factset, {r.fact for r in parsed.requests})
-    settings = dict(seed=seed, control_facts=control_facts,
+    settings = dict(seed=seed, control_facts=control_facts, max_prompts=max_prompts, options=dict(options or {}),
+                    stats=activation_stats, sizes=measure_sizes,
                     relation_sets=_relation_sets(parsed.requests, neurons) if relation_exclusion else {})
     runner = _compound if mode == "compound" else _sequential
     entries, steps = runner(lm, parsed.requests, neurons, planning, settings, left_out, forgetting_prompts, task)
@@ -395,6 +404,7 @@ def run_batch(lm, parsed: ParsedRequests, neurons: dict, mode: str = "compound",
     edit = E.Batch(tuple(e["plan"].edit for e in entries), label) if entries else None
     control = E.Batch(tuple(e["plan"].control for e in entries), f"controls of {label}".strip()) if entries else None
     report = {"mode": mode, "requests_read": len(parsed.requests) + len(parsed.bad), "applied": len(entries),
+              "max_prompts_per_group": max_prompts, "control_facts": control_facts,
               "left_out": left_out, "requests": [_request_report(e) for e in entries],
               "summary": _summary(entries, steps), "metrics_definition": METRICS_NOTE}
     if steps is not None:
@@ -430,12 +440,15 @@ def _plan(lm, planning: _PlanningFacts, r: BatchRequest, neurons, settings, left
         plan = plan_edit(lm, planning.for_request(r.fact),
                          EditRequest(r.kind, chosen, r.fact, new_object=r.new_object, seed=settings["seed"],
                                      control_facts=settings["control_facts"], control_prompts_per_fact=1,
-                                     neuron_templates=templates),
-                         settings["relation_sets"].get(r.fact.relation, {}), task=task)
+                                     neuron_templates=templates, **settings["options"]),
+                         settings["relation_sets"].get(r.fact.relation, {}), activation_stats=settings["stats"],
+                         task=task)
     except EditPlanError as exc:
         left_out.append({"line": r.line, "reason": str(exc)})
         return None
     groups, skipped = dict(plan.prompts), list(plan.skipped) + list(r.left_out)
+    if settings["max_prompts"] is not None:  # aligned groups (fact / new object) keep the same first prompts
+        groups = {g: ps[: settings["max_prompts"]] for g, ps in groups.items()}
     if r.locality:
         groups["locality"] = _locality_prompts(lm, r.locality, skipped)
     return replace(plan, prompts=groups, skipped=skipped)
@@ -460,14 +473,15 @@ def _measure(lm, group_list: Sequence[dict[str, list[Prompt]]], task) -> list[di
     return [{g: [next(rows) for _ in ps] for g, ps in groups.items()} for groups in group_list]
 
 
-def _metrics(lm, plan, before, after, control_after) -> dict:
+def _metrics(lm, plan, before, after, control_after, sizes: bool = True) -> dict:
     """edit_metrics of the request (sizes measured on the model as it is: unedited, or before the step), and
     for EasyEdit locality prompts their own "locality_prompts" entry (kept top-1 and |Δp|, as locality)."""
     from .metrics import _kept, edit_metrics, edit_size, not_applicable
 
     prompts = plan.prompts.get("fact", [])
-    out = edit_metrics(plan, before, after, control_after=control_after, size=edit_size(lm, plan.edit, prompts),
-                       control_size=edit_size(lm, plan.control, prompts))
+    out = edit_metrics(plan, before, after, control_after=control_after,
+                       size=edit_size(lm, plan.edit, prompts) if sizes else None,
+                       control_size=edit_size(lm, plan.control, prompts) if sizes else None)
     for side, rows in ((out, after), (out["control"], control_after)):
         given = before.get("locality") or []
         side["locality_prompts"] = (_kept(given, rows["locality"]) if given else
@@ -492,7 +506,7 @@ def _compound(lm, requests, neurons, planning, settings, left_out, forgetting_pr
                     lambda: _measure(lm, groups, task.slice(0.7, 1.0)))
     for e, b, a, c in zip(entries, before, after, control):
         task.check()
-        e["metrics"] = _metrics(lm, e["plan"], b, a, c)
+        e["metrics"] = _metrics(lm, e["plan"], b, a, c, settings["sizes"])
     return entries, None
 
 
@@ -519,7 +533,7 @@ def _sequential(lm, requests, neurons, planning, settings, left_out, forgetting_
             (control,) = _with(lm, plan.control, lambda: _measure(lm, [plan.prompts], step.slice(0.4, 0.6)))
             handles.append(plan.edit.apply(lm))
             (after,) = _measure(lm, [plan.prompts], step.slice(0.6, 0.8))
-            entry["metrics"] = _metrics(lm, plan, before, after, control)
+            entry["metrics"] = _metrics(lm, plan, before, after, control, settings["sizes"])
             entry["probe"] = _probe(entry, before, forgetting_prompts)
             entries.append(entry)
             steps.append(_step_report(lm, entries, step.slice(0.8, 1.0)))
@@ -618,6 +632,11 @@ def _mean_metric(metrics: list[dict]) -> dict:
     if any("mean_abs_dp" in m for m in used):
         out["mean_abs_dp"] = _mean_of([m.get("mean_abs_dp") for m in used])
     out |= {"n": sum(m["n"] for m in used), "requests": len(used)}
+    broken = sum(1 for m in used if m.get("mean_prob") is None or not np.isfinite(m["mean_prob"]))
+    if broken:  # e.g. a compound batch of updates that overflowed the model: its probabilities are NaN
+        out["non_finite_requests"] = broken
+        out["note"] = f"{broken} request(s) gave a non-finite probability (the model's output overflowed); the " \
+                      "means are over the others"
     skipped = len(metrics) - len(used)
     if skipped:
         out["not_applicable_requests"] = skipped

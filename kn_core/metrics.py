@@ -259,8 +259,8 @@ def size_text(size: dict) -> str:
     return ", ".join(parts)
 
 
-def metrics_lines(metrics: dict) -> list[str]:
-    """Text lines: each metric for the edit beside the random-neuron control."""
+def metrics_rows(metrics: dict) -> list[tuple[str, str, str]]:
+    """(metric, the edit's value, the random-neuron control's value) as text, one row per metric."""
     control = metrics.get("control") if applicable(metrics.get("control")) else None
     rows = [(name, metric_text(metrics[name]), metric_text(control[name]) if control else "not measured")
             for name in METRIC_NAMES]
@@ -271,6 +271,12 @@ def metrics_lines(metrics: dict) -> list[str]:
             rows.append((label, _rank_text(metrics[key]), _rank_text(control[key]) if control else "not measured"))
     rows.append(("edit size", size_text(metrics["edit_size"]),
                  size_text(control["edit_size"]) if control else "not measured"))
+    return rows
+
+
+def metrics_lines(metrics: dict) -> list[str]:
+    """Text lines: each metric for the edit beside the random-neuron control."""
+    rows = metrics_rows(metrics)
     width = max(len(r[0]) for r in rows)
     return [f"  {name:<{width}}  {edit}   " + ("[the same for the random control]" if ctl == edit and edit.startswith("n/a")
                                               else f"[random neurons: {ctl}]") for name, edit, ctl in rows]

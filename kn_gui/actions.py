@@ -246,17 +246,15 @@ class ActionsMixin:
             self.export_report(path if path.endswith((".html", ".htm")) else path + ".html")
 
     def export_report(self, path: str) -> bool:
-        """The project as one self-contained HTML page (kn_gui.report_export), the current run's figures in it."""
-        from .report_export import write_project_report
+        """The project as one self-contained HTML page (kn_gui.report_export): a snapshot now, the figures drawn
+        and the file written by a worker job. False if nothing was queued."""
+        from .report_export import project_report_job
 
         run = self.session.runs.get(fact_key(self.current_fact)) if self.current_fact is not None else None
-        try:
-            write_project_report(path, self.session, self.edits.commands(), run, self.attribution_panel,
+        job = project_report_job(path, self.session, self.edits.commands(), run, self.attribution_panel,
                                  self.project.path)
-        except OSError as exc:
-            self.show_error("Could not export the report", f"{exc}. Choose a folder you can write to.")
-            return False
-        self.status(f"Report written to {path}.")
+        self.runner.submit(f"Exporting the report to {Path(path).name}", job,  # a failure: the window's error
+                           on_done=lambda written: self.status(f"Report written to {written}."), uses=())
         return True
 
     def open_scores_dialog(self):
@@ -278,17 +276,19 @@ class ActionsMixin:
             self.show_error("Could not open the scores", f"{exc}.")
             return False
         key, name = fact_key(run.fact), Path(path).name
+        shown = run.fact in s.factset.facts
         earlier = s.runs.get(key)
-        if earlier is not None and not same_scores(earlier, run):
+        if shown and earlier is not None and not same_scores(earlier, run):
             self.show_error("Could not open the scores", f"{name}: a different run for this prompt and answer is "
                             f"already open ({run.fact.subject!r} \u2192 {run.fact.object!r}); delete that fact "
                             "first to replace it.")
             return False
-        if earlier is None:
+        again = shown and earlier is not None
+        if not again:  # a fact deleted earlier (its run left behind) comes back with this file's run
             fs = s.factset
             if SCORES_RELATION.id not in fs.relations:
                 fs = fs.with_relation(SCORES_RELATION)
-            if run.fact not in fs.facts:
+            if not shown:
                 fs = fs.with_fact(run.fact)
             s.runs[key] = run
             self._push_factset(f"Open scores {name}", fs)
@@ -296,7 +296,7 @@ class ActionsMixin:
         self.facts_panel.select_fact(run.fact)
         self.select_fact(run.fact)
         self.status(f"Opened {name} as a run: {run.fact.subject!r} \u2192 {run.fact.object!r}"
-                    + (" (already open)." if earlier is not None else "."))
+                    + (" (already open)." if again else "."))
         return True
 
     def export_model_dialog(self):

@@ -13,6 +13,7 @@ from kn_core.facts import Fact
 
 from .controllers import UserError
 from .controllers import attribution as A
+from .controllers.batch import BatchApplied, BatchController
 from .controllers import edits as E
 from .controllers import project as P
 from .panels.attribution_panel import AttributionPanel
@@ -56,6 +57,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         self.history = E.History(self)
         self.undo_stack = self.history.edits  # the model edits (the History view shows them)
         self.edits = E.EditsController(self.session, self.runner, self.history, self)
+        self.batch = BatchController(self.session, self.runner, self.history, self.edits, self)
         self.attribution = A.AttributionController(self.session, self.runner, self.edits.active_descriptions, self)
         self.project = P.ProjectController(self.session, self.runner, self.edits, self.settings, self)
         self.current_fact: Fact | None = None
@@ -131,6 +133,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         self.history.facts.indexChanged.connect(self._facts_index_changed)
         self.attribution.event.connect(self._attribution_event)
         self.edits.event.connect(self._edits_event)
+        self.batch.event.connect(self._batch_event)
         self.project.event.connect(self._project_event)
         self.model_panel.load_requested.connect(self.load_model)
         fp = self.facts_panel
@@ -138,6 +141,8 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         fp.change_requested.connect(self._push_factset)
         fp.import_requested.connect(self.import_facts_dialog)
         fp.check_requested.connect(self.check_facts)
+        fp.batch_edit_requested.connect(lambda facts: self._try(self.batch.apply, self.edits_panel.current_request(),
+                                                                facts))
         fp.error.connect(self.show_error)
         ap = self.attribution_panel
         ap.run_requested.connect(self.run_attribution)
@@ -551,6 +556,21 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
             self.edits_dock.raise_()
         elif isinstance(ev, E.EditFailed):
             self.show_error("Cannot apply the edit", ev.message)
+        elif isinstance(ev, E.DegeneracyTested):
+            self.edits_panel.show_degeneracy(ev.result, ev.fact, ev.edits_in_force)
+            self.edits_dock.raise_()
+
+    def _batch_event(self, ev):
+        if isinstance(ev, BatchApplied):
+            self.edits_panel.show_report(ev.report)
+            self.status(f"{ev.command.text()}: {ev.report['batch']['applied']} facts edited as one history entry"
+                        + (f", {len(ev.report['skipped'])} left out (listed in the Edits panel)"
+                           if ev.report["skipped"] else ""), 20000)
+            self.edits_dock.raise_()
+        elif ev.cancelled:
+            self.status(ev.message)
+        else:
+            self.show_error("Batch edit not applied", ev.message)
 
     def closeEvent(self, event):
         if not self._confirm_discard():

@@ -18,8 +18,8 @@ GROUP_ORDER = ("fact", "relation", "other relations", "new object")  # edit_plan
 
 
 def _cell(value) -> str:
-    """A table cell: no pipes or line breaks (they would split the Markdown row)."""
-    return str(value).replace("|", "/").replace("\n", " ")
+    """A table cell: pipes escaped and no line breaks (either would split the Markdown row)."""
+    return str(value).replace("|", "\\|").replace("\n", " ")
 
 
 def _num(value, fmt="{:.4f}") -> str:
@@ -28,12 +28,6 @@ def _num(value, fmt="{:.4f}") -> str:
 
 def _pct(value) -> str:
     return f"{100 * value:+.2f}%" if isinstance(value, (int, float)) and math.isfinite(value) else "n/a"
-
-
-def _value(value) -> str:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return _num(value, "{:.4g}")
-    return _cell(value)
 
 
 def _neurons(neurons, limit=12) -> str:
@@ -69,16 +63,6 @@ def _sets_section(session: Session) -> list[str]:
     return lines + [""]
 
 
-def _flat(d: dict, prefix="") -> list[tuple[str, object]]:
-    out = []
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out += _flat(value, f"{prefix}{key}.")
-        elif not isinstance(value, list):
-            out.append((f"{prefix}{key}", value))
-    return out
-
-
 def _edit_section(k: int, command) -> list[str]:
     report = command.report or {}
     lines = [f"### {k}. {_cell(report.get('title') or command.text())}", ""]
@@ -97,9 +81,11 @@ def _edit_section(k: int, command) -> list[str]:
             lines += ["", f"Update success rate (o' is the answer): {_pct(summary['success_rate'])}."]
         lines.append("")
     metrics = report.get("metrics")
-    if isinstance(metrics, dict) and metrics:  # the field's metrics, when the edit was evaluated with them
-        lines += ["| metric | value |", "|---|---|"]
-        lines += [f"| {_cell(name)} | {_value(v)} |" for name, v in _flat(metrics)]
+    if metrics:  # the field's metrics beside the random-neuron control (docs/METRICS.md)
+        from kn_core.metrics import metrics_rows
+
+        lines += ["| metric (docs/METRICS.md) | this edit | random neurons |", "|---|---|---|"]
+        lines += [f"| {name} | {_cell(edit)} | {_cell(control)} |" for name, edit, control in metrics_rows(metrics)]
         lines.append("")
     skipped = report.get("skipped") or []
     if skipped:
@@ -139,39 +125,64 @@ def project_markdown(session: Session, edit_commands: list, run: Run | None, fig
     return "\n".join(lines)
 
 
-def project_provenance(session: Session, run: Run | None) -> list[tuple[str, str]]:
-    from kn_core.store import library_versions
-
+def provenance_of(session: Session, run: Run | None) -> dict:
+    """What produced the numbers, as plain data (main thread); ``provenance_rows`` of it in the worker (reading
+    the library versions imports the store)."""
     model = session.lm.describe() if session.lm is not None else (run.model if run is not None else {})
     started = (datetime.datetime.fromtimestamp(run.started, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
                if run is not None else None)
     params = {"t": session.t, "p": session.p, "keep_massive": session.keep_massive}
     if run is not None:
-        params["attribution"] = run.params
-    return provenance_rows({"model": model, "versions": library_versions(), "parameters": params,
-                            "status": "exported from the app",
-                            "provenance": {"started": started,
-                                           "command": "Knowledge Neuron Studio: File > Export > Report (HTML)"}})
+        params["attribution"] = dict(run.params)
+    return {"model": dict(model), "parameters": params, "status": "exported from the app",
+            "provenance": {"started": started, "command": "Knowledge Neuron Studio: File > Export > Report (HTML)"}}
 
 
-def write_project_report(path: str | Path, session: Session, edit_commands: list, run: Run | None, panel,
-                         project_path: str | None = None) -> Path:
-    """Writes the page to ``path``; the current run's figures are drawn from the attribution ``panel``."""
-    from .panels.figures import NothingToPlot, export_figures
+def project_report_job(path: str | Path, session: Session, edit_commands: list, run: Run | None, panel,
+                       project_path: str | None = None):
+    """Main thread: takes what the page shows (the current run's figure data from the attribution ``panel``, the
+    Markdown, the provenance); returns the job (a function of a Task, for the worker) that draws the figures and
+    writes the page to ``path``, never half a file."""
+    import numpy as np
 
-    with tempfile.TemporaryDirectory() as folder:
-        names, note = [], ""
-        if run is not None:
+    from .panels.figures import FIGURES, NothingToPlot, figure_data
+
+    datas, refused = {}, []
+    if run is not None:
+        for which in FIGURES:
             try:
-                written, refused = export_figures(panel, folder, "png", dpi=110)
-                names = [p.name for p in written]
-                note = "; ".join(refused)
+                if which == "prompts":
+                    panel._draw_prompts(force=True)  # as export_figure does: the lines follow the current sets
+                data = figure_data(panel, which)
             except NothingToPlot as exc:
-                note = f"No figure: {exc}"
-        markdown = project_markdown(session, edit_commands, run, names, note, project_path)
-        page = render_html(markdown, read_figures(Path(folder), markdown), project_provenance(session, run))
+                refused.append(f"{FIGURES[which]}: {exc}")
+                continue
+            datas[which] = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in data.items()}
+    note = ("No figure: " if not datas else "Not drawn: ") + "; ".join(refused) if refused else ""
+    markdown = project_markdown(session, edit_commands, run, [f"{w}.png" for w in datas], note, project_path)
+    provenance = provenance_of(session, run)
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.writing")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)  # never half a file where the old report was
-    return path
+
+    def job(task) -> Path:
+        from kn_core.store import library_versions
+
+        from .panels.figures import render_figure
+
+        with tempfile.TemporaryDirectory() as folder:
+            for k, (which, data) in enumerate(datas.items()):
+                task.check()
+                task.progress(k / (len(datas) + 1), f"drawing {FIGURES[which].lower()}")
+                render_figure(data, Path(folder) / f"{which}.png", dpi=110)
+            rows = provenance_rows({**provenance, "versions": library_versions()})
+            page = render_html(markdown, read_figures(Path(folder), markdown), rows)
+        tmp = path.with_name(f".{path.name}.writing")
+        try:
+            tmp.write_text(page, encoding="utf-8")
+            tmp.replace(path)
+        except OSError as exc:  # the window shows this one line as the job's failure
+            tmp.unlink(missing_ok=True)
+            raise OSError(f"could not write {path} ({exc.strerror or exc}); choose a folder you can write "
+                          "to") from None
+        return path
+
+    return job

@@ -34,6 +34,7 @@ SUP = ["edit", "suppress", "--relation", "P36", "--subject", "France"]
 AMP = ["edit", "amplify", "--relation", "P36", "--subject", "France"]
 ERASE = ["edit", "erase", "--relation", "P36"]
 DEG = ["edit", "degeneracy", "--relation", "P36", "--subject", "France"]
+BATCH = ["edit", "batch", "{jsonl_bad}"]
 NEURON = ["neuron", "--layer", "1", "--index", "2"]
 REP = ["reproduce", "--out", "{tmp}/rep"]
 
@@ -138,7 +139,14 @@ CASES = [
     ("degeneracy-criterion-rank", DEG + ["--criterion", "rank"], ["--criterion", "rank"]),
     ("degeneracy-removed-below-2", DEG + ["--removed-below", "2"], ["--removed-below", "2"]),
     ("degeneracy-removed-below-0", DEG + ["--removed-below", "0"], ["--removed-below", "> 0"]),
+    ("hold-out-negative", SUP + ["--hold-out", "-1"], ["--hold-out", "-1"]),
     ("degeneracy-max-neurons-1", DEG + ["--max-neurons", "1"], ["--max-neurons", "1"]),
+    ("batch-requests-missing", ["edit", "batch", "{tmp}/none.jsonl"], ["REQUESTS", "no such file"]),
+    ("batch-requests-folder", ["edit", "batch", "{tmp}"], ["REQUESTS", "regular file"]),
+    ("batch-mode", BATCH + ["--mode", "parallel"], ["--mode", "parallel"]),
+    ("batch-kind-erase", BATCH + ["--kind", "erase"], ["--kind", "erase"]),
+    ("batch-max-prompts-0", BATCH + ["--max-prompts", "0"], ["--max-prompts", "0"]),
+    ("batch-forgetting-prompts-0", BATCH + ["--forgetting-prompts", "0"], ["--forgetting-prompts", "0"]),
     ("degeneracy-subject-unknown", ["edit", "degeneracy", "--relation", "P36", "--subject", "Atlantis"], ["Atlantis"]),
     ("position-first", NEURON + ["--position", "first"], ["--position", "first"]),
     ("select-best", REP + ["--select", "best"], ["--select", "best"]),

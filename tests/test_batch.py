@@ -216,6 +216,10 @@ def test_compound_metrics_are_measured_with_every_edit_and_control_applied():
     assert summary["reliability"]["mean_prob"] == pytest.approx(
         np.mean([r["metrics"]["reliability"]["mean_prob"] for r in result.report["requests"]]))
     assert summary["rank_new"]["n"] == 2 and summary["portability"]["applicable"] is False
+    from kn_core.batch import _mean_metric
+    nan = {"rate": 0.0, "mean_prob": float("nan"), "mean_rank": 3.0, "n": 2}
+    mixed = _mean_metric([nan, {"rate": 1.0, "mean_prob": 0.5, "mean_rank": 1.0, "n": 2}])
+    assert mixed["mean_prob"] == 0.5 and mixed["non_finite_requests"] == 1 and "non-finite" in mixed["note"]
     json.dumps(result.report)  # plain JSON
 
 
@@ -328,7 +332,9 @@ def test_requests_without_neurons_or_plans_are_left_out_with_reasons():
                                   {"relation": "P36", "subject": "Japan", "kind": "suppress"},
                                   "{bad"), FS)
     result = run_batch(lm, parsed, {1: (((0, 1),), "explicit", None), 2: ((), "attribution (t=0.2)", None)},
-                       "compound")
+                       "compound", measure_sizes=False)
+    size = result.report["requests"][0]["metrics"]["edit_size"]
+    assert size["neurons"] == 1 and size["activation_change"] is None and "not measured" in size["note"]
     assert result.report["applied"] == 1
     assert [x["line"] for x in result.report["left_out"]] == [2, 3]
     assert "no neurons" in result.report["left_out"][0]["reason"]

@@ -185,3 +185,35 @@ def test_edit_commands_build_through_edit_plan_and_print_strict_json(capsys, sav
     if kind in ("suppress", "amplify"):
         assert doc["prompts"] == doc["prompt_groups"]["fact"]
         assert doc["relative_change"] == pytest.approx(doc["groups"]["edit"]["fact"]["relative_change"])
+
+
+@pytest.mark.parametrize("kind", ["suppress", "update", "erase"])
+def test_edit_leaves_out_flagged_neurons_as_kn_neurons_does(capsys, saved, monkeypatch, kind):
+    """An edit never rests on a massive neuron unless --keep-massive: the flagged neuron is left out of the
+    knowledge neurons (and of the edit), named in `flagged_excluded`, and kept with --keep-massive."""
+    import kn_core.neurons as kn_neurons
+
+    argv = ["edit", kind, "--relation", "P36", "--model", saved["gpt2"], "--steps", "2", "--t", "0.1", "--p", "0.2",
+            "--json"]
+    argv += ["--max-facts", "2", "--control-facts", "2", "--k", "3"] if kind == "erase" else ["--subject", "France"]
+    if kind == "update":
+        argv += ["--new-object", "Berlin"]
+    code, out, err = run(capsys, *argv, "--keep-massive")
+    kept = strict(out)
+    assert code == 0, err
+    assert kept["flagged_excluded"] == [] and kept["keep_massive"] is True
+    target = tuple(kept["edit"]["neurons"][0])
+    real = kn_neurons.run_flags
+    monkeypatch.setattr(kn_neurons, "run_flags", lambda lm, acts, *a, **k: kn_neurons.NeuronFlags(
+        massive=frozenset({target}), unspecific=frozenset(), rule=real(lm, acts, *a, **k).rule))
+    code, out, err = run(capsys, *argv)
+    doc = strict(out)
+    assert code == 0, err
+    assert doc["flagged_excluded"] == [{"layer": target[0], "neuron": target[1]}] and doc["keep_massive"] is False
+    assert list(target) not in doc["edit"]["neurons"]
+    control = doc["control"].get("edit", {}).get("neurons") or [[n["layer"], n["neuron"]]
+                                                                 for n in doc["control"].get("neurons", [])]
+    assert kind == "erase" or (control and list(target) not in control)
+    assert "massive neurons left out" in err
+    code, out, err = run(capsys, *argv, "--keep-massive")
+    assert code == 0 and list(target) in strict(out)["edit"]["neurons"]

@@ -216,9 +216,13 @@ def test_cli_prints_the_table_and_strict_json(capsys, tmp_path):
     assert doc["params"]["criterion"] == "prob" and "0.5 x" in doc["params"]["definition"]
     assert doc["control"]["kind"] == "random neurons from the same layers"
     assert [x["layer"] for x in doc["neuron_scores"]] == [l for l, _ in doc["neurons"]]
+    # suppressing all as an ordinary edit, in kn_core.metrics' terms, with the same random control set
+    assert doc["all_suppressed_metrics"]["edit_size"]["neurons"] == n
+    assert doc["all_suppressed_metrics"]["control"]["edit_size"]["neurons"] == n
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "removes = the answer's mean probability falls below 0.5" in text and "random control:" in text
+    assert "reliability" in text and "[random neurons:" in text
 
 
 def test_reproduction_counts_per_relation_and_report_section():

@@ -54,6 +54,12 @@ neurons = st.lists(neuron, min_size=1, max_size=6, unique=True).map(tuple)
 
 
 def edit_strategy():
+    single = _single_edits()
+    # a batch of edits (kn edit batch, the GUI's multi-fact apply) is one history entry with the same guarantees
+    return st.one_of(single, st.lists(single, min_size=2, max_size=4).map(lambda parts: E.Batch(tuple(parts))))
+
+
+def _single_edits():
     return st.one_of(
         st.builds(E.Suppress, neurons, st.sampled_from(["answer", "all"])),
         st.builds(E.Amplify, neurons, st.sampled_from([2.0, -1.5, 0.5]), st.sampled_from(["answer", "all"])),

@@ -37,8 +37,9 @@ def _browse(chromium: str, page: Path, tmp: Path, *flags: str) -> str:
     """The DOM after load (scripts run) of a local page, in headless Chromium with its own profile."""
     profile = tmp / f"profile-{page.stem}"
     done = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                           "--disable-background-networking", f"--user-data-dir={profile}", *flags,
-                           "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+                           "--disable-background-networking", "--disable-dev-shm-usage",
+                           f"--user-data-dir={profile}", *flags, "--dump-dom", page.as_uri()],
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 
@@ -103,7 +104,7 @@ def test_numbers_in_the_page_are_the_numbers_in_report_md(report_dir):
 def test_markdown_text_is_escaped_and_new_sections_render():
     md = ("# Title\n\n## Degeneracy\n\nA fact about <img src=x onerror=alert(1)> & `a<b>` **bold**, a *redundant "
           "pair*, 2 * 3 and 2*3\n\n"
-          "| neuron set | answer kept |\n|---|---|\n| L3#7 | yes |\n| **average** | 0.5 |\n\n"
+          "| neuron set | answer kept |\n|---|---|\n| L3#7 | yes, \\|Δp\\| 0.1 |\n| **average** | 0.5 |\n\n"
           "- [a link](https://example.org/x) stays text\n")
     body, toc = markdown_to_html(md, {})
     assert toc == [("degeneracy", "Degeneracy")]
@@ -111,6 +112,7 @@ def test_markdown_text_is_escaped_and_new_sections_render():
     assert "<code>a&lt;b&gt;</code>" in body and "<strong>bold</strong>" in body
     assert "<em>redundant pair</em>, 2 * 3 and 2*3" in body
     assert "<tfoot><tr><td><strong>average</strong></td>" in body.replace("\n", "")
+    assert "<tr><td>L3#7</td><td>yes, |Δp| 0.1</td></tr>" in body
     assert "<a " not in body and "a link (https://example.org/x)" in body
 
 

@@ -321,3 +321,33 @@ def test_gui_evaluates_the_control_in_the_worker_and_the_strip_shows_both(qtbot,
     assert texts["generality"][0] == "n/a" and texts["edit_size"][1] == "2 neurons"
     panel.show_report(None)
     assert not panel.metrics_strip.isVisible()
+
+
+def test_reproduction_reports_metrics_per_kind_beside_the_control(tmp_path):
+    import json
+
+    from kn_core.reproduce import run_reproduce
+    from tiny import GEOGRAPHY
+
+    capital = Relation("P36", "capital", REL.templates + ("The capital city of [X] is called [Y].",))
+    facts = [Fact("P36", country, city) for country, city, _, _ in GEOGRAPHY[:8]]
+    facts += [Fact("P37", country, language) for country, _, language, _ in GEOGRAPHY[:4]] + [FACTS[-1]]
+    fs = FactSet("tiny", {"P36": capital, "P37": REL2, "P131": REL3}, facts)
+    report = run_reproduce(make_tiny(TINY_CAUSAL), fs, tmp_path, relations=["P36"], facts_per_relation=3, steps=1,
+                           control_prompts=4, say=lambda m: None)
+    section = json.loads((tmp_path / "report.json").read_text())["edit_metrics"]
+    assert section == json.loads(json.dumps(report["edit_metrics"]))
+    measured = [f for f in section["facts"] if f["kinds"]]
+    assert measured, section["skipped"]
+    for fact in measured:
+        assert len(fact["held_out"]) == 1 and fact["held_out"][0] in capital.templates
+        for kind, m in fact["kinds"].items():
+            assert m["generality"]["n"] == 1 and m["control"]["generality"]["n"] == 1, kind
+            assert m["locality"]["n"] > 0 and m["edit_size"]["neurons"] == m["control"]["edit_size"]["neurons"]
+    summary = section["summary"]
+    assert set(summary) >= {"suppress", "amplify"}
+    rates = [f["kinds"]["suppress"]["reliability"]["rate"] for f in measured if "suppress" in f["kinds"]]
+    assert summary["suppress"]["reliability"]["edit"] == pytest.approx(np.mean(rates))
+    text = (tmp_path / "report.md").read_text()
+    table = text.split("## Edit metrics")[1].split("\n## ")[0]
+    assert "| suppress |" in table and "%)" in table

@@ -21,9 +21,11 @@ def test_export_report_has_runs_figures_edits_and_provenance(window, qtbot, tmp_
     window.attribution_panel.select_neuron(0, 1)
     apply_edit(qtbot, window, {"kind": "Suppress", "target": ("selection", None), "scope": "answer"})
     path = tmp_path / "report.html"
-    assert window.export_report(str(path))
+    assert window.export_report(str(path))  # a snapshot now; the worker draws the figures and writes the page
+    assert window.runner.wait_idle(60000)
     page = path.read_text()
     for text in ("Attribution runs", "France \u2192 Paris", "Current run", "Edits in force", "mean(\u0394p)/mean(p)",
+                 "reliability", "random neurons", "edit size", "|\u0394p|",
                  window.session.lm.sha256, "parameter: attribution.steps", "File &gt; Export &gt; Report"):
         assert text in page, text
     figures = page.count('src="data:image/png;base64,')
@@ -33,10 +35,17 @@ def test_export_report_has_runs_figures_edits_and_provenance(window, qtbot, tmp_
     assert len(widths) == figures and all(w > 100 for w in widths)
 
 
-def test_export_report_without_runs_says_so(window, tmp_path):
+def test_export_report_without_runs_says_so_and_a_bad_folder_is_an_error(window, tmp_path):
     path = tmp_path / "empty.html"
     assert window.export_report(str(path))
+    assert window.runner.wait_idle(30000)
     assert "No attribution run yet." in path.read_text()
+    seen = errors(window)
+    window.export_report(str(tmp_path / "missing" / "r.html"))
+    assert window.runner.wait_idle(30000)
+    assert [t for t, _ in seen] == ["Exporting the report to r.html failed"]
+    assert "could not write" in seen[0][1] and "missing" in seen[0][1] and "\n" not in seen[0][1]
+    assert not (tmp_path / "missing").exists()
 
 
 def test_open_scores_becomes_a_run_and_survives_save_and_reopen(window, qtbot, tmp_path):
@@ -82,3 +91,27 @@ def test_bad_scores_files_are_one_line_errors_and_lose_nothing(window, qtbot, tm
     assert all("\n" not in m and name in m for (_, m), name in zip(seen, ("junk.npz", "missing.npz", "other.npz")))
     assert "5 layers" in seen[2][1] and "load the model" in seen[2][1]
     assert s.factset is factset and s.runs == runs
+
+
+def test_open_scores_without_a_model_and_the_menus(app, qtbot, settings, tmp_path):  # noqa: F811
+    window = make_window(qtbot, settings)
+    other = make_tiny(TINY_CAUSAL)
+    ids = encode_answer(other, "The capital of Italy is", " Rome")
+    result = attribute(other, "The capital of Italy is", AttributionParams(steps=1), answer_ids=ids)
+    save_scores(tmp_path / "it.npz", result, {"steps": 1}, "The capital of Italy is", " Rome",
+                model=other.describe(), answer_ids=ids)
+    assert window.open_scores(str(tmp_path / "it.npz"))
+    run = window.session.runs[("scores", "The capital of Italy is", "Rome")]
+    assert run.model["sha256"] == other.sha256 and window.attribution_panel.run is run
+    window.undo()  # the fact goes with its undo entry; the run stays in the session until the project drops it
+    assert ("scores", "The capital of Italy is", "Rome") not in {(f.relation, f.subject, f.object)
+                                                                 for f in window.session.factset.facts}
+    assert window.open_scores(str(tmp_path / "it.npz"))  # opened again after the undo: the fact is back
+    assert window.session.factset.facts[-1] == run.fact and window.current_fact == run.fact
+    file_menu = window.menuBar().actions()[0].menu()
+    texts = [a.text() for a in file_menu.actions()]
+    assert "Open s&cores\u2026" in texts
+    export = next(a.menu() for a in file_menu.actions() if a.menu() is not None and a.text() == "&Export")
+    assert export.actions()[0].text() == "Export report (HTML)\u2026"
+    window.auto_discard = True
+    window.close()

@@ -79,3 +79,22 @@ def test_a_truncated_file_is_an_error_not_a_crash(tmp_path):
         (tmp_path / "cut.npz").write_bytes(data[:cut])
         with pytest.raises(ScoresFileError, match="not a readable .npz"):
             load_scores(tmp_path / "cut.npz")
+
+
+def test_kn_attribute_save_writes_a_file_that_reads_back(capsys, tmp_path):
+    from kn_core.cli import main
+    from kn_core.models import load_model
+    from tiny import make_tiny
+
+    tiny = make_tiny("gpt2")
+    tiny.model.save_pretrained(tmp_path / "model")
+    tiny.tokenizer.save_pretrained(tmp_path / "model")
+    code = main(["attribute", "--prompt", "The capital of France is", "--answer", " Paris", "--model",
+                 str(tmp_path / "model"), "--steps", "2", "--json", "--save", str(tmp_path / "s.npz")])
+    doc = json.loads(capsys.readouterr().out)
+    saved = load_scores(tmp_path / "s.npz")
+    lm = load_model(str(tmp_path / "model"), device="cpu")
+    assert code == 0 and saved.scores.shape == (doc["layers"], doc["neurons"])
+    assert float(saved.scores.max()) == pytest.approx(doc["max"], rel=1e-6)
+    assert saved.model["sha256"] == lm.sha256 and saved.answer_ids == tuple(doc["answer_tokens"])
+    assert saved.params["steps"] == 2 and saved.prob == pytest.approx(doc["prob"])

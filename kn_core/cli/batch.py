@@ -32,7 +32,7 @@ def cmd_edit_batch(args) -> int:
         with progress_bar(f"{args.mode} batch of {len(parsed.requests)}") as task:
             result = run_batch(lm, parsed, neurons, args.mode, seed=args.seed, control_facts=args.control_facts,
                                forgetting_prompts=args.forgetting_prompts,
-                               relation_exclusion=not args.no_relation_exclusion,
+                               relation_exclusion=not args.no_relation_exclusion, max_prompts=args.max_prompts,
                                label=f"{args.mode} batch of {args.requests}", task=task)
         if result.edit is None:
             for x in result.report["left_out"]:
@@ -85,7 +85,9 @@ def _text(doc: dict) -> str:
     summary = doc["summary"]
     lines = [f"{doc['mode']} batch: {doc['applied']} of {doc['requests_read']} requests applied as one edit"
              + (f" (history entry #{doc['history_entry']})" if doc["history_entry"] is not None else "")
-             + "; means over the requests:"]
+             + "; means over the requests"
+             + (f" (at most {doc['max_prompts_per_group']} prompts per group)" if doc["max_prompts_per_group"] else "")
+             + ":"]
     sources: dict[str, int] = {}
     for r in doc["requests"]:
         key = r["neurons_from"].split(" #")[0].split(", stored")[0]
@@ -107,7 +109,7 @@ def _text(doc: dict) -> str:
 
 def add_batch_command(edit_sub) -> None:
     p = edit_sub.add_parser("batch", parents=[COMMON], help="apply many edit requests as one undoable edit")
-    p.add_argument("requests", help=REQUESTS_HELP)
+    p.add_argument("requests", metavar="REQUESTS.jsonl", help=REQUESTS_HELP)
     p.add_argument("--mode", choices=["compound", "sequential"], default="compound",
                    help="compound: all edits at once, measured after; sequential: one after another, with the "
                         "earlier edits measured again after each step (forgetting)")
@@ -128,6 +130,9 @@ def add_batch_command(edit_sub) -> None:
     p.add_argument("--control-facts", type=int, default=4, help="facts per control group (same relation, others)")
     p.add_argument("--forgetting-prompts", type=int, default=1,
                    help="sequential: prompts per earlier request measured again after each step")
+    p.add_argument("--max-prompts", type=int, default=None,
+                   help="measure at most N prompts of each prompt group of each request (default: all; stated in "
+                        "the output)")
     p.add_argument("--no-relation-exclusion", action="store_true",
                    help="updates: keep neurons shared by more than 10%% of the batch's other facts of the relation "
                         "(the paper leaves them out)")

@@ -44,6 +44,7 @@ CHECKS = {
     "worker_threads": _at_least("--worker-threads", 1),
     "cluster": lambda value, args: v.check_text("--cluster", value) and _cluster(value),
     "max_neurons": _at_least("--max-neurons", 2),
+    "hold_out": _at_least("--hold-out", 0),
     "removed_below": lambda value, args: v.check_number("--removed-below", value, maximum=1.0, positive=True),
     "layer": _at_least("--layer", 0),
     "index": _at_least("--index", 0),
@@ -67,6 +68,7 @@ CHECKS = {
     "rank_file": lambda value, args: v.check_input_file("--rank-file", value),
     "requests": lambda value, args: v.check_input_file("REQUESTS", value),
     "forgetting_prompts": _at_least("--forgetting-prompts", 1),
+    "max_prompts": _at_least("--max-prompts", 1),
     "path": lambda value, args: v.check_text("path", value),
     "file": lambda value, args: v.check_text("file", value),
 }

@@ -40,6 +40,8 @@ def _text(fact, result: dict) -> str:
 
 def cmd_edit_degeneracy(args) -> int:
     from ..degeneracy import DegeneracyParams, degeneracy_test
+    from ..edit_plan import EditRequest, plan_edit
+    from ..metrics import measure_edit, metrics_lines
     from .common import progress_bar
     from .edit import _fact_neurons
 
@@ -48,19 +50,24 @@ def cmd_edit_degeneracy(args) -> int:
     factset = factset_of(args)
     fact = find_fact(factset, args.relation, args.subject)
     lm = load(args)
-    prompts, neurons, scores = _fact_neurons(args, lm, factset, fact, with_scores=True)
+    prompts, neurons, scores, _ = _fact_neurons(args, lm, factset, fact)
     if not neurons:
         raise CliError(f"{fact.relation} {fact.subject}: no refined knowledge neurons at t={args.t}, p={args.p}; "
                        f"lower --p")
     if len(neurons) > params.max_neurons:
         say(f"{len(neurons)} neurons: pairs only among the {params.max_neurons} strongest (--max-neurons)")
     with progress_bar("degeneracy") as task:
-        result = degeneracy_test(lm, prompts, neurons, params, scores=scores, task=task)
+        result = degeneracy_test(lm, prompts, neurons, params, scores=scores, task=task.slice(0.0, 0.8))
+        # suppressing all of them as an ordinary edit, in the field's metrics (its control: the same random set)
+        plan = plan_edit(lm, factset, EditRequest("suppress", tuple(map(tuple, result["neurons"])), fact,
+                                                  seed=args.seed))
+        metrics = measure_edit(lm, plan, task=task.slice(0.8, 1.0))["metrics"]
     doc = {"fact": {"relation": fact.relation, "subject": fact.subject, "object": fact.object},
            "neuron_scores": neuron_list(result["neurons"], scores), "prompt_texts": [p.text for p in prompts],
-           **result}
+           **result, "all_suppressed_metrics": metrics}
     store_evaluation(args, lm, "degeneracy", doc, {**params.to_dict(), "t": args.t, "p": args.p, "steps": args.steps})
-    emit(args, doc, _text(fact, result))
+    emit(args, doc, "\n".join([_text(fact, result), "suppressing all of them (kn_core.metrics):",
+                                *metrics_lines(metrics)]))
     return 0
 
 
@@ -68,6 +75,8 @@ def add_commands(sub) -> None:
     """`kn edit degeneracy`, under the `edit` verb that kn_core.cli.edit registers (listed before this module in
     VERB_GROUPS; this module uses its attribution helper, so edit cannot import it back)."""
     import argparse
+
+    from .edit import neuron_options
 
     edit = sub.choices["edit"]
     edit_sub = next(a for a in edit._actions if isinstance(a, argparse._SubParsersAction))
@@ -85,10 +94,5 @@ def add_commands(sub) -> None:
     p.add_argument("--max-neurons", type=int, default=20,
                    help="pairs among at most this many strongest neurons (20 -> 190 pairs); the rest are listed")
     p.add_argument("--no-control", action="store_true", help="skip the random-neuron control")
-    p.add_argument("--facts", default="builtin", help="'builtin' or a PARAREL folder / .csv / .jsonl")
-    p.add_argument("--steps", type=int, default=20, help="integration steps (paper: 20; at most 1000)")
-    p.add_argument("--force", action="store_true", help="allow more than 1000 steps")
-    p.add_argument("--t", type=float, default=0.2, help="coarse threshold (paper: 0.2)")
-    p.add_argument("--p", type=float, default=0.7, help="refinement share of prompts (paper: starts at 0.7)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random control neurons")
+    neuron_options(p)
     p.set_defaults(func=cmd_edit_degeneracy)

@@ -4,19 +4,28 @@ kn_core/cli/batch.py)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 from .batch import add_batch_command
 from .common import COMMON, CliError, emit, factset_of, find_fact, load, neuron_list, progress_bar, say
 
 
-def _fact_neurons(args, lm, factset, fact, held_out=None, with_scores=False):
+class FoundNeurons(NamedTuple):
+    prompts: list  # the prompts that found the neurons (held-out templates left out)
+    neurons: list  # refined, without flagged neurons unless --keep-massive
+    scores: object  # attribution scores summed over `prompts`
+    flags: object  # kn_core.neurons.NeuronFlags of the run
+
+
+def _fact_neurons(args, lm, factset, fact, held_out=None) -> FoundNeurons:
     """Attribution of one fact's prompts except those of the held-out templates (`args.hold_out` of them where the
     verb has the option, drawn with `args.seed`, unless `held_out` names them; kept for generality,
-    docs/METRICS.md) -> (prompts that found the neurons, refined neurons[, scores summed over those prompts])."""
+    docs/METRICS.md), and its refined neurons. Massive-activation neurons are left out as `kn neurons` leaves
+    them out (`--keep-massive` keeps them), so an edit never rests on a neuron that fires on every prompt."""
     from ..attribution import AttributionParams, attribute_fact
     from ..facts import render_prompts
     from ..metrics import held_out_templates
-    from ..neurons import refined_neurons
+    from ..neurons import refined_neurons, run_flags
 
     prompts, skipped = render_prompts(fact, factset.relation(fact.relation), lm.tokenizer, lm.kind)
     if not prompts:
@@ -31,8 +40,22 @@ def _fact_neurons(args, lm, factset, fact, held_out=None, with_scores=False):
     with progress_bar(f"attributing {fact.relation} {fact.subject}") as task:
         params = AttributionParams(steps=args.steps, seed=args.seed, force=args.force)
         scores = attribute_fact(lm, prompts, params, task=task)
-    neurons = refined_neurons([s.scores for s in scores], args.t, args.p)
-    return (prompts, neurons, sum(s.scores for s in scores)) if with_scores else (prompts, neurons)
+    flags = run_flags(lm, [s.activations for s in scores])
+    exclude = () if getattr(args, "keep_massive", False) else flags.excluded
+    neurons = refined_neurons([s.scores for s in scores], args.t, args.p, exclude=exclude)
+    if exclude:
+        say(f"{fact.relation} {fact.subject}: massive neurons left out (--keep-massive keeps them): "
+            + ", ".join(f"L{l}.{i}" for l, i in sorted(exclude)))
+    return FoundNeurons(prompts, neurons, sum(s.scores for s in scores), flags)
+
+
+def _excluded(found: FoundNeurons, args) -> frozenset:
+    return frozenset() if getattr(args, "keep_massive", False) else found.flags.excluded
+
+
+def _flags_field(excluded, args) -> dict:
+    """The flagged (massive/unspecific) neurons left out of the edit, for --json."""
+    return {"flagged_excluded": neuron_list(sorted(excluded)), "keep_massive": getattr(args, "keep_massive", False)}
 
 
 def _templates(prompts) -> tuple[str, ...]:
@@ -78,12 +101,14 @@ def cmd_edit_activation(args) -> int:
     if args.export and args.scope != "all":
         raise CliError("--export needs --scope all (an answer-position edit is not a weight change)")
     lm = load(args)
-    found_with, neurons = _fact_neurons(args, lm, factset, fact)
-    if not neurons:
+    found = _fact_neurons(args, lm, factset, fact)
+    if not found.neurons:
         raise CliError(f"{fact.relation} {fact.subject}: no refined knowledge neurons at t={args.t}, p={args.p}; "
                        f"lower --p")
-    plan = _planned(lm, factset, EditRequest(args.edit_kind, tuple(neurons), fact, factor=getattr(args, "factor", 2.0),
-                                             scope=args.scope, seed=args.seed, neuron_templates=_templates(found_with)))
+    plan = _planned(lm, factset, EditRequest(args.edit_kind, tuple(found.neurons), fact,
+                                             factor=getattr(args, "factor", 2.0), scope=args.scope, seed=args.seed,
+                                             neuron_templates=_templates(found.prompts),
+                                             exclude=tuple(_excluded(found, args))))
     prompts = plan.prompts["fact"]
     effect = ev.edit_effect(lm, [plan.edit], prompts)
     control = ev.edit_effect(lm, [plan.control], prompts)
@@ -96,7 +121,8 @@ def cmd_edit_activation(args) -> int:
            "control": {"kind": "random neurons from the same layers", "neurons": neuron_list(plan.control.neurons),
                        "after": control["after"], "relative_change": control["relative_change"],
                        "flip_rate": control["flip_rate"]},
-           "exported_to": args.export, **_plan_fields(lm, plan)}
+           "exported_to": args.export, **_plan_fields(lm, plan),
+           **_flags_field(_excluded(found, args), args)}
     text = [f"{args.edit_kind} {len(plan.edit.neurons)} knowledge neurons of {fact.relation} {fact.subject} -> "
             f"{fact.object}:",
             *[f"  {p.text!r}: {b:.4f} -> {a:.4f}" for p, b, a in zip(prompts, effect["before"], effect["after"])],
@@ -118,17 +144,19 @@ def cmd_edit_update(args) -> int:
     if args.new_object.strip() == fact.object:
         raise CliError(f"--new-object {args.new_object!r} is the fact's current object; choose another object")
     lm = load(args)
-    found_with, neurons = _fact_neurons(args, lm, factset, fact)
+    found = _fact_neurons(args, lm, factset, fact)
+    neurons = found.neurons
     others = [f for f in factset.facts_of(fact.relation) if f != fact][: args.relation_facts]
     # to leave out neurons shared by >10% of the relation's facts
-    relation_sets = {other: _fact_neurons(args, lm, factset, other)[1] for other in others}
+    relation_sets = {other: _fact_neurons(args, lm, factset, other).neurons for other in others}
     if not neurons:
         raise CliError(f"{fact.relation} {fact.subject}: no refined knowledge neurons at t={args.t}, p={args.p}; "
                        f"lower --p")
     plan = _planned(lm, factset, EditRequest("update", tuple(neurons), fact, new_object=args.new_object,
                                              lambda1=args.lambda1, lambda2=args.lambda2,
                                              sign_aware=args.sign_aware, strength=args.strength, seed=args.seed,
-                                             neuron_templates=_templates(found_with)),
+                                             neuron_templates=_templates(found.prompts),
+                                             exclude=tuple(_excluded(found, args))),
                     relation_sets)
     update = plan.edit
     own, new = plan.prompts["fact"], plan.prompts["new object"]
@@ -151,6 +179,7 @@ def cmd_edit_update(args) -> int:
            "top1_after": [r["top1_token"] for r in after_old],
            "change_rate": float(np.mean([a["top1_id"] != b["top1_id"] for a, b in zip(after_old, before_old)])),
            "success_rate": float(np.mean([r["correct"] for r in after_new])), "exported_to": args.export,
+           **_flags_field(_excluded(found, args), args),
            "control": {"kind": "random neurons from the same layers", "edit": plan.control.to_dict()},
            **({"calibration": plan.calibration} if plan.calibration is not None else {}),
            **_plan_fields(lm, plan)}
@@ -186,13 +215,15 @@ def cmd_edit_erase(args) -> int:
     facts = factset.facts_of(args.relation)[: args.max_facts]
     held_out = _relation_held_out(args, lm, factset, facts)
     found = {fact: _fact_neurons(args, lm, factset, fact, held_out) for fact in facts}
-    sets = {fact: neurons for fact, (_, neurons) in found.items()}
+    sets = {fact: f.neurons for fact, f in found.items()}
+    excluded = frozenset().union(*(_excluded(f, args) for f in found.values()))
     if not any(sets.values()):
         raise CliError(f"{args.relation}: no knowledge neurons found in {len(sets)} facts")
     plan = _planned(lm, factset, EditRequest("erase", relation=args.relation, k=args.k, fill=args.fill,
                                              allow_fewer=True, seed=args.seed, control_facts=args.control_facts,
                                              control_prompts_per_fact=None,
-                                             neuron_templates=_templates(p for ps, _ in found.values() for p in ps)),
+                                             neuron_templates=_templates(p for f in found.values() for p in f.prompts),
+                                             exclude=tuple(excluded)),
                     sets)
     erase = plan.edit
     own, other_prompts = plan.prompts["fact"], plan.prompts["other relations"]
@@ -213,7 +244,7 @@ def cmd_edit_erase(args) -> int:
         ev.with_edits(lm, [erase], lambda: export_model(lm, [erase], args.export))
     doc = {"relation": args.relation, "facts": len(sets), "edit": erase.to_dict(), "neurons": neuron_list(erase.neurons),
            "before": before, "after": after, "control": {"kind": "random neurons from the same layers", **control},
-           "exported_to": args.export, **_plan_fields(lm, plan)}
+           "exported_to": args.export, **_plan_fields(lm, plan), **_flags_field(excluded, args)}
     text = [f"erase {args.relation} ({len(erase.neurons)} neurons from {len(sets)} facts):",
             f"  accuracy {before['accuracy']:.2f} -> {after['accuracy']:.2f} (random {control['accuracy']:.2f})",
             f"  perplexity {before['perplexity']:.1f} -> {after['perplexity']:.1f} (random {control['perplexity']:.1f})"]
@@ -267,13 +298,21 @@ def cmd_neuron(args) -> int:
     return 0
 
 
-def _fact_edit_options(p) -> None:
+def neuron_options(p) -> None:
+    """How a verb finds a fact's knowledge neurons (see `_fact_neurons`)."""
     p.add_argument("--facts", default="builtin", help="'builtin' or a PARAREL folder / .csv / .jsonl")
     p.add_argument("--steps", type=int, default=20, help="integration steps (paper: 20; at most 1000)")
     p.add_argument("--force", action="store_true", help="allow more than 1000 steps")
+    p.add_argument("--keep-massive", action="store_true",
+                   help="keep massive-activation neurons among the knowledge neurons (the paper's method; default: "
+                        "left out, as in kn neurons)")
     p.add_argument("--t", type=float, default=0.2, help="coarse threshold (paper: 0.2)")
     p.add_argument("--p", type=float, default=0.7, help="refinement share of prompts (paper: starts at 0.7)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random control neurons")
+
+
+def _fact_edit_options(p) -> None:
+    neuron_options(p)
     p.add_argument("--export", metavar="DIR", help="save the edited model (save_pretrained) to DIR")
     p.add_argument("--hold-out", type=int, default=1, metavar="N",
                    help="templates per fact kept away from finding the neurons, to measure generality on "

@@ -33,7 +33,8 @@ th.sortable:after{content:" \\21C5";color:#9aa4ae}th[aria-sort=ascending]:after{
 th[aria-sort=descending]:after{content:" \\25BC";color:#1d2329}tfoot td{background:#fafbfc}
 tbody tr:nth-child(even){background:#fafbfc}code{background:#f3f5f7;padding:0 3px;border-radius:3px}
 pre{background:#f3f5f7;padding:.6em;overflow:auto}img{max-width:100%;display:block;margin:.5em 0}
-.missing,.broken{color:#b3261e;font-weight:600}nav{font-size:13px;margin:.5em 0 1em}nav a{margin-right:.8em;white-space:nowrap}
+.missing,.broken{color:#b3261e;font-weight:600}nav{font-size:13px;margin:.5em 0 1em}
+nav a{margin-right:.8em;white-space:nowrap}
 .provenance td:first-child{white-space:nowrap;font-weight:600}.provenance td{font-family:ui-monospace,monospace}
 """
 
@@ -150,8 +151,10 @@ class _Inline:
 
 
 def _cells(line: str) -> list[str]:
+    """A table row's cells; ``\\|`` is a pipe inside a cell (e.g. |Δp|)."""
     line = line.strip()
-    return [c.strip() for c in line[1:-1 if line.endswith("|") else None].split("|")]
+    inner = line[1:-1] if line.endswith("|") and not line.endswith("\\|") else line[1:]
+    return [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", inner)]
 
 
 def _is_summary_row(cells: list[str]) -> bool:

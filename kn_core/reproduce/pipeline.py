@@ -12,6 +12,7 @@ experiments with controls. The report (markdown, JSON, figures) is written by ``
    stopped; the activation baseline likewise.
 3. Refined neurons per fact with p adapted per relation, as in the paper.
 4. Neuron statistics, activation by prompt, suppress/amplify, update and erase, each beside its controls.
+5. The field's edit metrics per edit kind beside the random control (``metrics_section``, docs/METRICS.md).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import numpy as np
 from .. import evaluation as ev
 from .. import experiments as ex
 from ..degeneracy import DegeneracyParams, degeneracy_experiment
+from .metrics_section import edit_metrics_experiment
 from ..facts import CAUSAL_TEMPLATES, render_prompts
 from ..tasks import Cancelled, Task, as_task
 from ..jsonio import dumps
@@ -397,8 +399,8 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
 
     phases = _Phases(task, say, timings, {"select": (0.0, 0.05), "attribution": (0.05, 0.6), "neurons": (0.6, 0.62),
                                           "activation_by_prompt": (0.62, 0.67), "suppress_amplify": (0.67, 0.8),
-                                          "update": (0.8, 0.92), "erase": (0.92, 0.97),
-                                          "degeneracy": (0.97, 1.0)})
+                                          "update": (0.8, 0.9), "erase": (0.9, 0.93),
+                                          "degeneracy": (0.93, 0.96), "edit_metrics": (0.96, 1.0)})
     try:
         sel = phases.run("select", lambda sub: select_facts(
             lm, factset, relations, facts_per_relation, select, seed, MIN_PROMPTS, prompts_per_fact,
@@ -435,6 +437,9 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
         save()
         report["degeneracy"] = phases.run("degeneracy", lambda sub: degeneracy_experiment(
             lm, records, DegeneracyParams(seed=seed), {f: sum(s.scores for s in ig[f]) for f in ig}, exclude, sub))
+        save()
+        report["edit_metrics"] = phases.run("edit_metrics", lambda sub: edit_metrics_experiment(
+            lm, factset, chosen, ig, report["adapted_p"], t, exclude, neurons["stats"], seed, sub))
         report["status"] = "done"
     except BaseException as exc:  # Cancelled / KeyboardInterrupt / an error: keep what is done, then re-raise
         report["status"] = f"interrupted ({type(exc).__name__}); run again with the same arguments to resume"
@@ -447,7 +452,7 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
     save()
     write_report(report, out)
     timings["total"] = time.perf_counter() - started
-    say(f"[reproduce] done in {timings['total']:.0f} s: {out / 'report.md'}")
+    say(f"[reproduce] done in {timings['total']:.0f} s: {out / 'report.md'} and {out / 'report.html'}")
     return report
 
 

@@ -36,6 +36,13 @@ class EditFailed:
 
 
 @dataclass(frozen=True)
+class DegeneracyTested:
+    result: dict  # kn_core.degeneracy.degeneracy_test
+    fact: str
+    edits_in_force: int
+
+
+@dataclass(frozen=True)
 class HistoryRestored:
     applied: int
     total: int
@@ -163,6 +170,8 @@ class EditsController(QObject):
             raise UserError("No model loaded", "Load a model first: Model panel \u2192 Load model (Ctrl+L). The "
                             "embedded default works offline.")
         lm = self.session.lm
+        if request["kind"] == "Degeneracy":
+            return self.test_degeneracy(request, fact, neurons)
         try:
             edit_request = self.request(request, fact, neurons)
             calibrated = edit_request.kind == "update" and edit_request.strength == "calibrated"
@@ -176,6 +185,35 @@ class EditsController(QObject):
             self.runner.submit("Calibrating the update", planner, on_done=lambda result: self._measure(lm, result))
         else:
             self._measure(lm, plan)
+
+    def test_degeneracy(self, request: dict, fact: Fact | None, neurons: list):
+        """Runs kn_core.degeneracy on the worker (cancelable) for the fact's prompts and the chosen neurons, on the
+        model as it is now (edits in force included), and sends DegeneracyTested. Bad requests: UserError first."""
+        from kn_core.degeneracy import DegeneracyParams, degeneracy_test
+        from kn_core.edits import check_neurons
+
+        from ..session import fact_key
+
+        s, lm = self.session, self.session.lm
+        if fact is None:
+            raise UserError("No fact chosen", "Select a fact in the Facts panel: the test runs on its prompts.")
+        prompts, _ = s.prompts_for(fact)
+        try:
+            if not neurons:
+                raise ValueError("no neurons chosen: select neurons in the map or choose a neuron set")
+            check_neurons(lm, neurons)
+            if not prompts:
+                raise ValueError(f"no template of {fact.relation} renders {fact_label(fact)} for this model")
+            params = DegeneracyParams(criterion=request["criterion"], removed_below=float(request["removed_below"]),
+                                      max_neurons=int(request["max_neurons"]))
+        except ValueError as exc:
+            raise UserError("Cannot test degeneracy", f"{exc}.") from exc
+        run = s.runs.get(fact_key(fact))
+        scores = run.mean_scores() if run is not None and run.scores else None
+        exclude, label, in_force = s.excluded(), fact_label(fact), len(self.active_descriptions())
+        self.runner.submit("Degeneracy test", lambda task: degeneracy_test(
+            lm, prompts, neurons, params, scores=scores, exclude=exclude, task=task),
+            on_done=lambda result: self.event.emit(DegeneracyTested(result, label, in_force)))
 
     def _measure(self, lm, plan):
         """Measures the plan's prompts (and, in the same job, under the random-neuron control, with both edits'

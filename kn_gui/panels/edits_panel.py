@@ -14,11 +14,12 @@ import re
 
 from PySide6.QtCore import QStringListModel, Qt, Signal
 from PySide6.QtWidgets import (QComboBox, QCompleter, QDoubleSpinBox, QFormLayout, QGroupBox, QLabel, QSpinBox,
-                               QSplitter, QStackedWidget, QUndoView, QWidget)
+                               QSplitter, QStackedWidget, QTabWidget, QUndoView, QWidget)
 
 from kn_core.facts import Fact
 
 from .common import TableView, button, fmt_delta, fmt_prob, hbox, hint, vbox
+from .degeneracy_table import DegeneracyTable
 from .metrics_strip import MetricsStrip
 
 KINDS = ["Suppress", "Amplify", "Update", "Erase relation"]
@@ -134,7 +135,15 @@ class EditsPanel(QWidget):
         left = QWidget()
         left.setLayout(vbox(controls, history_box, margins=(0, 0, 0, 0)))
         split.addWidget(left)
-        split.addWidget(result_box)
+        # the degeneracy test (kn_core.degeneracy) asks through apply_requested, so it uses the same neurons
+        self.degeneracy = DegeneracyTable()
+        self.degeneracy.run_requested.connect(lambda params: self.apply_requested.emit(
+            {"kind": "Degeneracy", "target": self.target.currentData(), **params}))
+        self.result_tabs = QTabWidget()
+        self.result_tabs.addTab(result_box, "Before / after")
+        self.result_tabs.addTab(self.degeneracy, "Degeneracy")
+        self.apply_button.clicked.connect(lambda: self.result_tabs.setCurrentIndex(0))
+        split.addWidget(self.result_tabs)
         split.setStretchFactor(0, 1)
         split.setStretchFactor(1, 3)
         self.setLayout(vbox(split, margins=(4, 4, 4, 4)))
@@ -263,6 +272,10 @@ class EditsPanel(QWidget):
                                   else f"o = {old!r} \u2192 o' = ?")
 
     def _apply(self):
+        self.apply_requested.emit(self.current_request())
+
+    def current_request(self) -> dict:
+        """The form as a request (also applied to several facts at once: the Facts panel's Apply to selected)."""
         kind = self.kind.currentText()
         request = {"kind": kind, "target": self.target.currentData()}
         if kind == "Suppress":
@@ -279,11 +292,16 @@ class EditsPanel(QWidget):
         else:
             request["k"] = self.erase_k.value()
             request["fill"] = self.erase_fill.currentText()
-        self.apply_requested.emit(request)
+        return request
 
     def set_busy(self, busy: bool, has_model: bool = True):
         self.apply_button.setEnabled(has_model and not busy)
+        self.degeneracy.set_busy(busy, has_model)
         self.history.setEnabled(not busy)
+
+    def show_degeneracy(self, result: dict, fact: str, edits_in_force: int = 0):
+        self.degeneracy.show_result(result, fact, edits_in_force)
+        self.result_tabs.setCurrentWidget(self.degeneracy)
 
     # ----------------------------------------------------------------- the before/after table
     def _attribute_relation(self):
@@ -319,7 +337,7 @@ class EditsPanel(QWidget):
         for r in rows:
             delta = r["after"] - r["before"]
             flip = r["top_before"] != r["top_after"]
-            goal = self._row_goal(r, report) if is_update and r["group"] == "fact" else ""
+            goal = self._row_goal(r, report) if is_update and r["group"] in ("fact", "held-out template") else ""
             self.table.add_row([r["group"], r["fact"], r["prompt"], repr(r["answer"]), float(r["before"]),
                                 float(r["after"]), float(delta), _maybe_float(r.get("new_before")),
                                 _maybe_float(r.get("new_after")), goal, repr(r["top_before"]), repr(r["top_after"]),

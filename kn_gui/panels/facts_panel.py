@@ -216,6 +216,7 @@ class FactsPanel(QWidget):
     change_requested = Signal(str, object)  # description, new FactSet (pushed as an undoable command)
     import_requested = Signal()
     check_requested = Signal(list)  # facts to check
+    batch_edit_requested = Signal(list)  # facts: apply the Edits panel's edit to each (one history entry)
     error = Signal(str, str)  # title, message
 
     HEADERS = ["Relation / fact / prompt", "Model says", "p(answer)"]
@@ -255,10 +256,13 @@ class FactsPanel(QWidget):
                                     "Import PARAREL folder, CSV or JSONL")
         self.check_button = button("Check", self._check, "Ask the model for each prompt's answer (selected "
                                    "relation or facts; all when nothing is selected)")
+        self.batch_button = button("Apply edit to selected", lambda: self.batch_edit_requested.emit(
+            self.selected_facts()), "Apply the Edits panel's edit to every selected fact, each with its own refined "
+            "neurons, as one undoable entry (progress and Cancel in the status bar)")
         self.summary = hint("")
         self.setLayout(vbox(self.filter, self.tree,
                             hbox(self.add_rel_button, self.add_button, self.edit_button, self.delete_button, None),
-                            hbox(self.import_button, self.check_button, None),
+                            hbox(self.import_button, self.check_button, self.batch_button, None),
                             self.summary))
         self.rebuild()
 

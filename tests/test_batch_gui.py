@@ -1,0 +1,97 @@
+"""The GUI's multi-fact apply (kn_gui.controllers.batch): one history entry, facts left out listed, cancel."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("pytestqt")
+
+import torch  # noqa: E402
+
+from kn_core.attribution import AttributionParams  # noqa: E402
+from kn_core.edits import Batch  # noqa: E402
+from kn_core.facts import Fact  # noqa: E402
+from kn_gui.controllers import UserError  # noqa: E402
+from kn_gui.controllers import attribution as A  # noqa: E402
+from kn_gui.controllers import edits as E  # noqa: E402
+from kn_gui.controllers.batch import BatchApplied, BatchController, BatchNotApplied  # noqa: E402
+from kn_gui.session import Session  # noqa: E402
+from kn_gui.worker import JobRunner  # noqa: E402
+from test_gui import FRANCE, geo_factset  # noqa: E402
+from tiny import TINY_CAUSAL, make_tiny  # noqa: E402
+
+JAPAN, SPAIN = Fact("P36", "Japan", "Tokyo"), Fact("P36", "Spain", "Madrid")
+
+
+@pytest.fixture
+def parts(qapp):
+    session = Session(geo_factset())
+    session.lm = make_tiny(TINY_CAUSAL)
+    session.p = 0.3
+    runner = JobRunner()
+    history = E.History()
+    edits = E.EditsController(session, runner, history)
+    edits.set_model(session.lm)
+    attribution = A.AttributionController(session, runner, edits.active_descriptions)
+    batch = BatchController(session, runner, history, edits)
+    events = []
+    batch.event.connect(events.append)
+    attribution.start([FRANCE, JAPAN], AttributionParams(steps=2))
+    assert runner.wait_idle(60000)
+    yield session, runner, history, edits, batch, events
+    runner.shutdown()
+
+
+def weights(lm):
+    return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
+
+
+def same(lm, saved) -> bool:
+    return all(torch.equal(v, lm.model.state_dict()[k]) for k, v in saved.items())
+
+
+def test_selected_facts_become_one_history_entry_and_undo_bitwise(parts):
+    session, runner, history, edits, batch, events = parts
+    assert session.refined(session.runs[("P36", "France", "Paris")])  # the facts have neurons to edit
+    original = weights(session.lm)
+    batch.apply({"kind": "Update", "new_object": "Rome", "lambda1": 1.0, "lambda2": 8.0, "strength": "paper"},
+                [FRANCE, JAPAN, SPAIN])
+    assert runner.wait_idle(60000)
+    applied = [e for e in events if isinstance(e, BatchApplied)]
+    assert len(applied) == 1 and history.edits.count() == 1
+    entry = edits.edit_stack.entries[0]
+    assert isinstance(entry.edit, Batch) and len(entry.edit.edits) == 2
+    report = applied[0].report
+    assert [r["fact"] for r in report["rows"]] and len(report["rows"]) == 2
+    assert report["skipped"] == [["Spain \u2192 Madrid", "not attributed yet (run attribution on the selection)"]]
+    assert entry.report["batch"]["requests"][0]["metrics"]["reliability"]["n"] >= 1  # saved with the history
+    assert not same(session.lm, original)
+    history.undo(history.edits)
+    assert same(session.lm, original)
+    history.redo(history.edits)
+    assert not same(session.lm, original)
+
+
+def test_cancel_leaves_model_and_history_unchanged(parts):
+    session, runner, history, edits, batch, events = parts
+    original = weights(session.lm)
+    batch.apply({"kind": "Update", "new_object": "Rome", "strength": "paper"}, [FRANCE, JAPAN])
+    runner.cancel()
+    assert runner.wait_idle(60000)
+    assert [type(e) for e in events] == [BatchNotApplied] and events[0].cancelled
+    assert history.edits.count() == 0 and same(session.lm, original)
+    assert sum(len(m._forward_pre_hooks) for m in session.lm.model.modules()) == 0
+
+
+@pytest.mark.parametrize("request_, facts, needle", [
+    ({"kind": "Erase relation"}, [FRANCE], "Erase acts on a whole relation"),
+    ({"kind": "Suppress"}, [], "Select facts"),
+    ({"kind": "Update", "new_object": " "}, [FRANCE], "new object"),
+    ({"kind": "Suppress"}, [SPAIN], "Run attribution on the selected facts first"),
+])
+def test_refusals_before_any_work(parts, request_, facts, needle):
+    session, runner, history, edits, batch, events = parts
+    with pytest.raises(UserError) as exc:
+        batch.apply(request_, facts)
+    assert needle in str(exc.value) and "\n" not in str(exc.value)
+    assert not runner.busy and history.edits.count() == 0
