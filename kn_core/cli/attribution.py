@@ -13,7 +13,7 @@ def params_of(args):
 
     share = {"auto": None, "on": True, "off": False}[getattr(args, "share_prompts", "auto")]
     return AttributionParams(steps=args.steps, rule=args.rule, method=args.method, share_prompts=share,
-                             force=args.force)
+                             quadrature=args.quadrature, tolerance=args.tolerance, force=args.force)
 
 
 def cmd_attribute(args) -> int:
@@ -26,8 +26,8 @@ def cmd_attribute(args) -> int:
     from ..neurons import coarse_neurons
     from ..scores_file import save_scores
 
+    params = params_of(args)  # a bad combination fails before the model loads
     lm = load(args)
-    params = params_of(args)
     t = args.t if args.t is not None else default_t(params.method)
     answer_ids = encode_answer(lm, args.prompt, args.answer)
     with progress_bar("attributing") as task, project_of(args) as project:
@@ -125,6 +125,7 @@ def cmd_neurons(args) -> int:
     from ..facts import render_prompts
     from ..neurons import coarse_neurons, refined_neurons, run_flags
 
+    params = params_of(args)
     factset = factset_of(args)
     fact = find_fact(factset, args.relation, args.subject)
     lm = load(args)
@@ -134,7 +135,6 @@ def cmd_neurons(args) -> int:
                        + "; ".join(s.reason for s in skipped))
     for s in skipped:
         say(f"skipped template {s.template!r}: {s.reason}")
-    params = params_of(args)
     t = args.t if args.t is not None else default_t(params.method)
     started = time.perf_counter()
     with project_of(args) as project:
@@ -174,13 +174,24 @@ def cmd_neurons(args) -> int:
 
 
 def attribution_options(p) -> None:
-    p.add_argument("--steps", type=int, default=20, help="integration steps m (paper: 20; at most 1000)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="integration steps m: Riemann steps (paper: 20) or Gauss points per panel (default 4 "
+                        "gauss, 3 auto); at most 1000")
+    quadrature_options(p)
     p.add_argument("--force", action="store_true", help="allow more than 1000 steps")
     p.add_argument("--rule", choices=["right", "left"], default="right",
                    help="right: alpha=k/m, k=1..m (paper); left: k=0..m-1 (authors' code)")
     p.add_argument("--method", choices=["ig", "activation"], default="ig",
                    help="ig (integrated gradients) or the activation baseline")
     p.add_argument("--t", type=float, default=None, help="coarse threshold: score > t x max (0.2; 0.5 activation)")
+
+
+def quadrature_options(p) -> None:
+    p.add_argument("--quadrature", choices=["riemann", "gauss", "auto"], default="riemann",
+                   help="riemann: the paper's m-step sum; gauss: m Gauss-Legendre points per layer (dense where "
+                        "needed); auto: points raised per layer until its completeness error is within --tolerance")
+    p.add_argument("--tolerance", type=float, default=0.01,
+                   help="gauss/auto: completeness error per layer that is good enough (relative; default 0.01)")
 
 
 def add_commands(sub) -> None:

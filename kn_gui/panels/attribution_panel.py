@@ -90,12 +90,18 @@ class AttributionPanel(QWidget):
         self.method = QComboBox()
         self.method.addItems(["ig", "activation"])
         self.method.setToolTip("ig: integrated gradients; activation: the paper's baseline (raw activation)")
+        self.quadrature = QComboBox()
+        self.quadrature.addItems(["riemann", "gauss", "auto"])
+        self.quadrature.setToolTip("riemann: the paper's m-step sum; gauss: m Gauss-Legendre points per layer (dense "
+                                   "where needed); auto: points added per layer until its completeness error is "
+                                   "within 1% (kn_core/quadrature.py)")
+        self.quadrature.currentTextChanged.connect(self._quadrature_changed)
         self.templates = QComboBox()
         self.templates.addItems(CAUSAL_TEMPLATES)
         self.templates.setToolTip(TEMPLATES_TIP)
         self.templates.currentTextChanged.connect(self._templates_chosen)
-        params = hbox(QLabel("steps"), self.steps, QLabel("rule"), self.rule, QLabel("method"), self.method,
-                      QLabel("templates"), self.templates, None)
+        params = hbox(QLabel("steps"), self.steps, QLabel("quadrature"), self.quadrature, QLabel("rule"), self.rule,
+                      QLabel("method"), self.method, QLabel("templates"), self.templates, None)
 
         # --- thresholds
         self.t_control = ThresholdControl("t", 0.2, "Coarse: score > t \u00d7 the prompt's max score (paper: 0.2)")
@@ -269,8 +275,18 @@ class AttributionPanel(QWidget):
     def params(self):
         from kn_core.attribution import AttributionParams
 
-        return AttributionParams(steps=self.steps.value(), rule=self.rule.currentText(),
+        quadrature = self.quadrature.currentText()
+        return AttributionParams(steps=self.steps.value(), quadrature=quadrature,
+                                 rule=self.rule.currentText() if quadrature == "riemann" else "right",
                                  method=self.method.currentText())
+
+    def _quadrature_changed(self, quadrature: str):
+        """Steps mean Riemann steps or Gauss points: a default of one becomes the other's; the rule is Riemann's."""
+        from kn_core.quadrature import DEFAULT_POINTS
+
+        if self.steps.value() in DEFAULT_POINTS.values():
+            self.steps.setValue(DEFAULT_POINTS[quadrature])
+        self.rule.setEnabled(quadrature == "riemann")
 
     def set_thresholds(self, t: float, p: float):
         self.t_control.set_value(t)
