@@ -153,24 +153,13 @@ class AttributionController(QObject):
             s.runs[fact_key(run.fact)] = run
         self.running = runs
         total = sum(len(r.prompts) for r in runs)
-        from kn_core.attribution import attribute_fact
+        from kn_core.runner import attribute_each
 
-        def job(task):
-            done = 0
-            for ri, run in enumerate(runs):
-                n = len(run.prompts)
-
-                def progress(fraction, message, ri=ri, run=run, n=n, base=done):
-                    task.progress((base + fraction * n) / total, f"attributing {fact_label(run.fact)}: {message}"
-                                  + (f", fact {ri + 1}/{len(runs)}" if len(runs) > 1 else ""))
-
-                def chunk(partial, run=run):
-                    task.partial(ChunkReady(run, partial["prompt"], tuple(partial["layers"]), partial["scores"]))
-
-                task.check()
-                attribute_fact(lm, run.prompts, params, task=task.relay(progress, chunk),
-                               on_prompt=lambda k, result, run=run: task.partial(PromptScored(run, k, result)))
-                done += n
+        def job(task):  # the runner's loop (kn attribute --facts), with its throughput and ETA, into the session
+            attribute_each(lm, [(r.fact, r.prompts) for r in runs], params, task=task,
+                           on_prompt=lambda i, k, result: task.partial(PromptScored(runs[i], k, result)),
+                           on_chunk=lambda i, c: task.partial(ChunkReady(runs[i], c["prompt"], tuple(c["layers"]),
+                                                                         c["scores"])))
             return len(runs)
 
         def stopped(outcome):
