@@ -5,6 +5,10 @@ Attr(w_i^l) = (w_i / m) * sum_k dP(alpha_k * w^l)/dw_i, where the whole activati
 answer position is scaled by alpha_k and P is the answer's probability. Right Riemann points alpha_k = k/m
 (k = 1..m, the paper) or left points k = 0..m-1 (the authors' code).
 
+`quadrature` (AttributionParams) chooses the rule: `riemann` (the above, the default), `gauss` (Gauss-Legendre with
+m points) or `auto` (points raised per layer until its completeness error is within `tolerance`); see
+`quadrature.py`.
+
 One prompt: `attribute`; a fact's prompts: `attribute_fact`. The passes that compute the gradients exactly but
 fast (replayed clean values, batches that grow layer by layer, shared prefix caches, shared prompts) are in
 `passes.py`; prompts are encoded by `encoding.py`.
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
@@ -24,13 +29,14 @@ from . import neurons as kn_neurons
 from .encoding import PromptError, PromptTypeError, Target, encode_answer, encode_prompt  # noqa: F401 (API)
 from .models import LoadedModel
 from .passes import Runner, SharedRunner, integrate
+from .quadrature import DEFAULT_POINTS, DEFAULT_TOLERANCE, QUADRATURES
 from .tasks import Task, as_task
-from .validation import check_choice, check_int, check_positive, check_steps
+from .validation import ValidationError, check_choice, check_int, check_number, check_positive, check_steps
 
 
 @dataclass(frozen=True)
 class AttributionParams:
-    steps: int = 20
+    steps: int | None = None  # m: Riemann steps, or Gauss points per panel; None: 20 riemann, 4 gauss, 3 auto
     rule: str = "right"  # "right": alpha = k/m, k=1..m (paper); "left": k=0..m-1 (authors' code)
     method: str = "ig"  # "ig" or "activation" (the paper's baseline: score = raw activation)
     multi_token: str = "mean"  # how per-token scores of a multi-token answer combine: "mean", "sum", "first"
@@ -39,11 +45,20 @@ class AttributionParams:
     memory_budget_mb: int | None = None  # None: 2 GiB on CPU, a quarter of free memory on CUDA
     seed: int = 0
     share_prompts: bool | None = None  # a fact's prompts in shared passes (`shares_passes`); None: on accelerators
+    quadrature: str = "riemann"  # "riemann" (paper), "gauss" or "auto" (quadrature.py)
+    tolerance: float = DEFAULT_TOLERANCE  # gauss/auto: the completeness error per layer that is good enough
     # steps above validation.MAX_STEPS only on purpose; not a scoring parameter, so not in to_dict()
     force: bool = field(default=False, compare=False, repr=False)
 
     def __post_init__(self):
+        check_choice("quadrature", self.quadrature, QUADRATURES)
+        if self.steps is None:
+            object.__setattr__(self, "steps", DEFAULT_POINTS[self.quadrature])
         check_steps(self.steps, self.force)
+        check_number("tolerance", self.tolerance, maximum=1.0, positive=True)
+        if self.quadrature != "riemann" and self.rule != "right":
+            raise ValidationError(f"rule = {self.rule!r} applies to the Riemann sum only; drop it (or --rule) "
+                                  f"with quadrature = {self.quadrature!r}")
         check_choice("rule", self.rule, ("right", "left"))
         check_choice("method", self.method, ("ig", "activation"))
         check_choice("multi_token", self.multi_token, ("mean", "sum", "first"))
@@ -61,8 +76,13 @@ class AttributionParams:
         return [k / m for k in ks]
 
     def to_dict(self) -> dict:
+        """The scoring parameters, stored with a run. The Riemann sum (the default) stores no `quadrature` or
+        `tolerance`, so its dict is the one runs stored before those options existed (and caches keyed on it
+        still match): a dict without `quadrature` means "riemann"."""
         out = asdict(self)
         del out["force"]
+        if self.quadrature == "riemann":
+            del out["quadrature"], out["tolerance"]
         return out
 
 
@@ -80,7 +100,8 @@ class PromptScores:
     activations: np.ndarray  # float32 [layers, neurons], mean over answer tokens
     prob: float  # P(answer): product of the teacher-forced token probabilities
     token_probs: list[float]
-    completeness: list[dict]  # per layer: {"layer", "sum", "delta", "ratio"}
+    completeness: list[dict]  # per layer: {"layer", "sum", "delta", "ratio"}; gauss/auto add "points" (rows
+    # evaluated), "error" (quadrature.py's completeness error) and "within_tolerance"
     seconds: float
     params: dict = field(default_factory=dict)
 
@@ -89,15 +110,33 @@ class PromptScores:
 
 
 def _attribute_target(lm: LoadedModel, target: Target, params: AttributionParams,
-                      report: Callable[[int, int, torch.Tensor], None], task: Task):
-    """Scores [L, N], activations [L, N], P(w) and P(0 at layer l) [L] for one answer token."""
+                      report: Callable[..., None], task: Task):
+    """Scores [L, N], activations [L, N], P(w), P(0 at layer l) [L] and the quadrature's notes per layer (None
+    for the Riemann sum) for one answer token."""
     runner = Runner(lm, target, patching=params.method == "ig")
     if params.method == "activation":
         report(0, lm.layout.layers, runner.acts)
-        return runner.acts, runner.acts, runner.prob, None
+        return runner.acts, runner.acts, runner.prob, None, None
     seq_len = 1 if runner.prefix_cache is not None else len(target.ids)
-    scores, p_zero = integrate(lm, runner, params, seq_len, lambda a, b, chunk: report(a, b, chunk[0]), task)
-    return scores[0], runner.acts, runner.prob, p_zero[0]
+    scores, p_zero, notes = integrate(lm, runner, params, seq_len,
+                                      lambda a, b, chunk, done=None: report(a, b, chunk[0], done), task,
+                                      dense_layers(lm, params))
+    return scores[0], runner.acts, runner.prob, p_zero[0], notes
+
+
+_MASSIVE_LAYERS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, ...]]" = weakref.WeakKeyDictionary()
+
+
+def dense_layers(lm: LoadedModel, params: AttributionParams) -> tuple[int, ...]:
+    """The layers that `gauss` and `auto` integrate on a dense grid from the start: those holding a massive
+    neuron (`neurons.flag_massive` on the built-in neutral sentences; measured once per model, a few seconds).
+    Their integrand is not smooth along the path (quadrature.py); the Riemann sum needs none."""
+    if params.quadrature == "riemann" or params.method != "ig":
+        return ()
+    if lm.model not in _MASSIVE_LAYERS:
+        massive = kn_neurons.flag_massive(kn_neurons.activation_stats(lm))
+        _MASSIVE_LAYERS[lm.model] = tuple(sorted({layer for layer, _ in massive}))
+    return _MASSIVE_LAYERS[lm.model]
 
 
 def _combine(arrays: list[torch.Tensor], how: str) -> torch.Tensor:
@@ -132,16 +171,21 @@ def _prompt_scores(text: str, answer: str, ids: tuple[int, ...], per_token: list
                    seconds: float) -> PromptScores:
     """One prompt's result from its answer tokens' (scores, activations, P(w), P(0 at each layer))."""
     how = params.multi_token
-    scores = _combine([s for s, _, _, _ in per_token], how)
-    acts = _combine([a for _, a, _, _ in per_token], "mean")
-    token_probs = [p for _, _, p, _ in per_token]
+    scores = _combine([s for s, _, _, _, _ in per_token], how)
+    acts = _combine([a for _, a, _, _, _ in per_token], "mean")
+    token_probs = [p for _, _, p, _, _ in per_token]
     completeness = []
     if params.method == "ig":
-        delta = _combine([p - pz for _, _, p, pz in per_token], how)
+        delta = _combine([p - pz for _, _, p, pz, _ in per_token], how)
         sums = scores.sum(1).cpu()
         for layer in range(len(sums)):
             d, s = float(delta[layer]), float(sums[layer])
             completeness.append({"layer": layer, "sum": s, "delta": d, "ratio": s / d if d else math.nan})
+            notes = [n[layer] for _, _, _, _, n in per_token if n is not None]
+            if notes:  # gauss/auto: how many rows the layer took and whether its check passed (every token)
+                error = max(n["error"] for n in notes)
+                completeness[-1].update(points=sum(n["rows"] for n in notes), error=error,
+                                        within_tolerance=error <= params.tolerance)
     return PromptScores(
         prompt=text, answer=answer, answer_ids=ids,
         scores=scores.float().cpu().numpy().astype(np.float32),
@@ -172,9 +216,9 @@ def _attribute_one(lm: LoadedModel, parts, params: AttributionParams, task: Task
     L = lm.layout.layers
     per_token = []
     for j, target in enumerate(targets):
-        def report(a, b, chunk_scores, j=j):
+        def report(a, b, chunk_scores, done=None, j=j):
             where = f"prompt {index + 1}/{of}, " if of > 1 else ""
-            task.progress((j + b / L) / len(targets),
+            task.progress((j + (b / L if done is None else done)) / len(targets),
                           f"{where}answer token {j + 1}/{len(targets)}, layers {a}-{b - 1} of {L}")
             task.partial({"prompt": index, "token": j, "layers": (a, b), "scores": chunk_scores.float().cpu().numpy()})
         per_token.append(_attribute_target(lm, target, params, report, task))
@@ -227,15 +271,15 @@ def _attribute_shared(lm: LoadedModel, parts: list, params: AttributionParams, t
     shared = SharedRunner(lm, runners)
     L = lm.layout.layers
 
-    def report(a, b, chunk):
-        task.progress(b / L, f"{len(parts)} prompts together, layers {a}-{b - 1} of {L}")
+    def report(a, b, chunk, done=None):
+        task.progress(b / L if done is None else done, f"{len(parts)} prompts together, layers {a}-{b - 1} of {L}")
         for (k, j), chunk_scores in zip(owner, chunk):
             task.partial({"prompt": k, "token": j, "layers": (a, b), "scores": chunk_scores.float().cpu().numpy()})
 
-    scores, p_zero = integrate(lm, shared, params, shared.seq, report, task)
+    scores, p_zero, notes = integrate(lm, shared, params, shared.seq, report, task, dense_layers(lm, params))
     per_prompt: list[list] = [[] for _ in parts]
     for i, (k, _) in enumerate(owner):
-        per_prompt[k].append((scores[i], runners[i].acts, runners[i].prob, p_zero[i]))
+        per_prompt[k].append((scores[i], runners[i].acts, runners[i].prob, p_zero[i], notes))
     seconds = (time.perf_counter() - started) / len(parts)
     return [_prompt_scores(text, answer, ids, per_prompt[k], params, seconds)
             for k, (text, answer, ids, _) in enumerate(parts)]

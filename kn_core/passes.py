@@ -34,6 +34,7 @@ from torch import nn
 from .encoding import Target
 from .hooks import ActivationPatch, Hooks, Override, capture_activations, hidden_states_of, replacing_hidden, replay
 from .models import LoadedModel
+from .quadrature import integrate_panels
 from .tasks import Task
 
 CPU_ROWS_PER_PASS = 120
@@ -182,19 +183,20 @@ class Runner:
         self.prob = float(prob[0])
         self.acts = torch.stack([_at_least_fp32(acts[l][0, self.pos]).to(self.device) for l in range(self.layout.layers)])
 
-    def patched(self, passes: Sequence[range], alphas: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gradients [layers, alphas, N] at the patched points and probabilities [layers, alphas].
+    def patched(self, passes: Sequence[range], alphas) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradients [layers, alphas, N] at the patched points and probabilities [layers, alphas]. `alphas`: one
+        list for every layer, or {layer: list} (the same length for all layers).
 
         The final hidden states of all passes go through one vocabulary head and one backward.
         """
-        n_alpha = len(alphas)
-        alpha = torch.tensor(alphas, device=self.acts.device, dtype=self.acts.dtype)
+        table = _alpha_table(alphas, passes, self.acts)
+        n_alpha = table.shape[1]
         leaves, hiddens = [], []
         run_pass = self._fixed_pass if self.layout.spec.fixed_batch else self._grown_pass
         with torch.enable_grad():
-            for layers in passes:
+            for layers, alpha in zip(passes, table.split([len(r) for r in passes])):
                 base = self.acts[layers.start:layers.stop]
-                patch = (alpha[None, :, None] * base[:, None, :]).reshape(len(layers) * n_alpha, -1)
+                patch = (alpha[:, :, None] * base[:, None, :]).reshape(len(layers) * n_alpha, -1)
                 leaves.append(patch.requires_grad_(True))
                 hiddens.append(run_pass(layers, patch, n_alpha))
             head_device = hiddens[0].device
@@ -300,15 +302,16 @@ class SharedRunner:
         return all(isinstance(v, torch.Tensor) and v.dim() >= 3 and v.shape[:2] == (1, len(r.target.ids))
                    for v, r in zip(values, self.runners))
 
-    def patched(self, passes: Sequence[range], alphas: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gradients [layers, targets, alphas, N] and probabilities [layers, targets, alphas]."""
-        n_alpha, n_targets = len(alphas), len(self.runners)
-        alpha = torch.tensor(alphas, device=self.acts.device, dtype=self.acts.dtype)
+    def patched(self, passes: Sequence[range], alphas) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradients [layers, targets, alphas, N] and probabilities [layers, targets, alphas]; `alphas` as in
+        `Runner.patched`."""
+        table = _alpha_table(alphas, passes, self.acts)
+        n_alpha, n_targets = table.shape[1], len(self.runners)
         leaves, hiddens = [], []
         with torch.enable_grad():
-            for layers in passes:
+            for layers, alpha in zip(passes, table.split([len(r) for r in passes])):
                 base = self.acts[:, layers.start:layers.stop].transpose(0, 1)  # [layers, targets, N]
-                patch = (alpha[None, :, None, None] * base[:, None]).reshape(-1, n_targets, base.shape[-1])
+                patch = (alpha[:, :, None, None] * base[:, None]).reshape(-1, n_targets, base.shape[-1])
                 leaves.append(patch.requires_grad_(True))
                 hiddens.append(self._pass(layers, patch, n_alpha))
             hidden = torch.cat([h.to(hiddens[0].device) for h in hiddens])  # [rows, targets, hidden]
@@ -347,6 +350,14 @@ class SharedRunner:
             zeros = torch.zeros_like(self.ids)
             return self.layout.base_model()(input_ids=self.ids, position_ids=zeros,
                                             token_type_ids=zeros).last_hidden_state
+
+
+def _alpha_table(alphas, passes: Sequence[range], like: torch.Tensor) -> torch.Tensor:
+    """[layers of the passes, rows] alphas: one list for every layer, or {layer: list}."""
+    if isinstance(alphas, dict):
+        return torch.tensor([alphas[l] for layers in passes for l in layers], device=like.device, dtype=like.dtype)
+    alpha = torch.tensor(alphas, device=like.device, dtype=like.dtype)
+    return alpha[None].expand(sum(len(r) for r in passes), -1)
 
 
 def _joins(layout, layers: range, block_inputs, inside_outputs, answer, n_alpha: int, bert_style: bool) -> list:
@@ -393,9 +404,11 @@ def _row_bytes(lm: LoadedModel, seq_len: int, layers_run: int) -> int:
     return 4 * (per_layer * layers_run + vocab * 4)
 
 
-def plan_passes(lm: LoadedModel, params, seq_len: int, rows_per_layer: int) -> list[list[range]]:
+def plan_passes(lm: LoadedModel, params, seq_len: int, rows_per_layer: int,
+                layers: Sequence[int] | None = None) -> list[list[range]]:
     """Groups of passes: each pass is a range of layers whose rows share blocks; each group shares a backward.
-    `params`: an attribution.AttributionParams (not imported: attribution imports this module).
+    `params`: an attribution.AttributionParams (not imported: attribution imports this module). `layers`: only
+    these (default all); a pass never spans a layer left out.
 
     A pass grows its batch layer by layer, so it runs no block that need not run: passes hold as many layers as
     the memory budget allows. Families that cannot grow a batch (`FamilySpec.fixed_batch`) run every row of a
@@ -421,39 +434,89 @@ def plan_passes(lm: LoadedModel, params, seq_len: int, rows_per_layer: int) -> l
     else:
         per_pass = fits
     per_pass = max(1, min(per_pass, L))
-    passes = [range(a, min(L, a + per_pass)) for a in range(0, L, per_pass)]
+    passes = [range(a, min(run.stop, a + per_pass)) for run in _runs(range(L) if layers is None else layers)
+              for a in range(run.start, run.stop, per_pass)]
     per_group = params.passes_per_backward or (max(1, fits // per_pass) if device.type == "cpu" else 1)
     return [passes[i:i + per_group] for i in range(0, len(passes), per_group)]
 
 
-def integrate(lm: LoadedModel, runner: "Runner | SharedRunner", params, seq_len: int,
-               report: Callable[[int, int, torch.Tensor], None], task: Task):
-    """IG scores [targets, L, N] and P(0 at layer l) [targets, L] from a runner's patched passes."""
-    acts = runner.acts if runner.acts.dim() == 3 else runner.acts[None]
-    n_targets, L = acts.shape[0], lm.layout.layers
-    alphas = params.alphas()
-    zero_extra = params.rule == "right"  # the left rule already has alpha = 0; right needs it for completeness
-    run_alphas = alphas + ([0.0] if zero_extra else [])
-    todo = plan_passes(lm, params, seq_len, len(run_alphas) * n_targets)
-    scores = torch.empty_like(acts)
-    p_zero = torch.empty(n_targets, L)
+def _runs(layers: Sequence[int]) -> list[range]:
+    """Sorted layers as ranges of consecutive ones."""
+    runs: list[range] = []
+    for layer in sorted(layers):
+        if runs and runs[-1].stop == layer:
+            runs[-1] = range(runs[-1].start, layer + 1)
+        else:
+            runs.append(range(layer, layer + 1))
+    return runs
+
+
+def _each_group(lm, runner, params, seq_len: int, alphas, n_rows: int, task: Task, layers=None):
+    """Yields (group, gradients [layers, targets, rows, N], probabilities [layers, targets, rows]) for each group
+    of passes over `layers` (default all) with `alphas` (one list, or {layer: list} of n_rows each); on CUDA
+    out-of-memory a group is split and retried."""
+    n_targets = runner.acts.shape[0] if runner.acts.dim() == 3 else 1
+    todo = plan_passes(lm, params, seq_len, n_rows * n_targets, layers)
     while todo:
         task.check()
         group = todo[0]
         try:
-            grads, probs = runner.patched(group, run_alphas)
+            grads, probs = runner.patched(group, alphas)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             todo[:1] = _split(group)
             continue
         if grads.dim() == 3:  # one target
             grads, probs = grads[:, None], probs[:, None]
+        yield group, grads, probs
+        todo.pop(0)
+
+
+def integrate(lm: LoadedModel, runner: "Runner | SharedRunner", params, seq_len: int,
+              report: Callable[..., None], task: Task, dense_layers: Sequence[int] = ()):
+    """IG scores [targets, L, N], P(0 at layer l) [targets, L] and per-layer notes of the quadrature (None for
+    the Riemann sum) from a runner's patched passes. `report(a, b, scores of layers a..b-1, done=fraction)`
+    as layers become final. `dense_layers`: layers that `gauss`/`auto` integrate on a dense grid (quadrature.py).
+    """
+    acts = runner.acts if runner.acts.dim() == 3 else runner.acts[None]
+    if params.quadrature != "riemann":
+        return _integrate_panels(lm, runner, params, seq_len, acts, report, task, dense_layers)
+    n_targets, L = acts.shape[0], lm.layout.layers
+    alphas = params.alphas()
+    zero_extra = params.rule == "right"  # the left rule already has alpha = 0; right needs it for completeness
+    run_alphas = alphas + ([0.0] if zero_extra else [])
+    scores = torch.empty_like(acts)
+    p_zero = torch.empty(n_targets, L)
+    for group, grads, probs in _each_group(lm, runner, params, seq_len, run_alphas, len(run_alphas), task):
         a, b = group[0].start, group[-1].stop
         scores[:, a:b] = acts[:, a:b] * grads[:, :, : len(alphas)].sum(2).transpose(0, 1) / params.steps
         p_zero[:, a:b] = probs[:, :, len(alphas) if zero_extra else 0].T.cpu()
         report(a, b, scores[:, a:b])
-        todo.pop(0)
-    return scores, p_zero
+    return scores, p_zero, None
+
+
+def _integrate_panels(lm, runner, params, seq_len: int, acts: torch.Tensor, report, task: Task, dense_layers):
+    """`integrate` for the `gauss` and `auto` quadratures (quadrature.integrate_panels): rounds of rows, each
+    layer with its own alphas, batched and planned like the Riemann sum's."""
+    prob = torch.tensor([r.prob for r in getattr(runner, "runners", [runner])], dtype=acts.dtype,
+                        device=acts.device)
+
+    def run_rows(layers: list[int], alphas: list[list[float]]):
+        table = dict(zip(layers, alphas))
+        grads = torch.empty(acts.shape[0], len(layers), len(alphas[0]), acts.shape[2], dtype=acts.dtype,
+                            device=acts.device)
+        probs = torch.empty(acts.shape[0], len(layers), len(alphas[0]), dtype=acts.dtype, device=acts.device)
+        where = {layer: j for j, layer in enumerate(layers)}
+        for group, g, p in _each_group(lm, runner, params, seq_len, table, len(alphas[0]), task, layers):
+            at = [where[l] for r in group for l in r]
+            grads[:, at], probs[:, at] = g.transpose(0, 1).to(grads.dtype), p.transpose(0, 1).to(probs.dtype)
+        return grads, probs
+
+    def finished(layer_scores: dict, done: float):
+        for run in _runs(layer_scores):
+            report(run.start, run.stop, torch.stack([layer_scores[l] for l in run], dim=1), done=done)
+
+    return integrate_panels(acts, prob, params, dense_layers, run_rows, finished, task.check)
 
 
 def _split(group: list[range]) -> list[list[range]]:

@@ -165,7 +165,7 @@ class Progress:
     def within(self, work: FactWork, fraction: float, detail: str = "") -> None:
         """Part of one fact done (the serial backend reports inside a fact)."""
         done = (self.prompts + fraction * len(work.prompts)) / self.total_prompts
-        label = f"{work.fact.relation} {work.fact.subject}" + (f": {detail}" if detail else "")
+        label = f"attributing {work.fact.relation} {work.fact.subject}" + (f": {detail}" if detail else "")
         self.task.progress(done, f"{label}; {self.message()}")
 
     def fact_done(self, work: FactWork) -> None:
@@ -222,10 +222,14 @@ def _store(project, lm, work: FactWork, outcome: FactOutcome, params, selection:
     """One fact's run (every prompt's scores) and its refined set, the run ending `done` last: a driver killed
     before that leaves the run `interrupted`, and the fact is attributed again when the run resumes."""
     info = {"runner": {"worker": outcome.worker, "seconds": outcome.seconds}}
+    # the compact "top" form is for fact sets the size of PARAREL: activations (float16, 85 kB a prompt, 15x its top
+    # scores) would make it ~20 GB, so there it keeps scores only; the fact's massive neurons are in its refined set
+    compact = project.score_storage()["form"] == "top"
     with project.recording_run(fact=work.fact, prompts=work.prompts, params=params, model=lm, device=outcome.device,
                                info=info) as rec:
-        for k, result in enumerate(outcome.results):
-            rec.add(k, result)
+        for k, r in enumerate(outcome.results):
+            rec.add(k, scores=r.scores, activations=None if compact else r.activations, prob=r.prob,
+                    completeness=r.completeness, seconds=r.seconds)
         project.add_neuron_set("refined", outcome.refined, fact=work.fact, run_ids=[rec.run_id], model=lm,
                                params={**selection.to_dict(), **params.to_dict(),
                                        "massive": [list(n) for n in outcome.massive]})

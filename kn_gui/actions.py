@@ -352,6 +352,7 @@ class ActionsMixin:
     def _project_loaded(self, ev):
         snap, s = ev.snapshot, self.session
         self.attribution_panel.set_thresholds(s.t, s.p)
+        self.attribution_panel.set_causal_templates(s.causal_templates)
         self.facts_panel.rebuild()
         self.current_fact = None
         self.attribution_panel.show_run(None)

@@ -64,7 +64,7 @@ class LayoutMixin:
         else:
             self.addDockWidget(Qt.RightDockWidgetArea, self.neurons_dock)
             side = max(280, min(SIDE_WIDTH, (w - central.width() - 40) // 2))
-            self.resizeDocks([self.model_dock, self.neurons_dock], [side + 60, side - 60], Qt.Horizontal)
+            self.resizeDocks([self.model_dock, self.neurons_dock], [side, side - 40], Qt.Horizontal)
         (self.model_dock if self.session.lm is None else self.facts_dock).raise_()  # loading first, then facts
         chrome = self.menuBar().sizeHint().height() + self.toolbar.sizeHint().height() + \
             self.statusBar().sizeHint().height() + 40

@@ -24,7 +24,7 @@ from .panels.neurons_panel import NeuronsPanel
 from .actions import ActionsMixin
 from .job_status import JobStatus
 from .layout import LayoutMixin, PanelScroll, show_current_page_only
-from .session import Run, Session, fact_key, starter_factset
+from .session import Run, Session, TooCoarse, fact_key, starter_factset
 from .worker import JobRunner
 
 RESOURCES = Path(__file__).resolve().parent.parent / "resources"
@@ -151,6 +151,8 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         ap.neuron_clicked.connect(self.inspect_neuron)
         ap.adapt_p_requested.connect(self.adapt_p)
         ap.relation_set_requested.connect(self.make_relation_set)
+        ap.templates_changed.connect(self._templates_changed)
+        ap.problem.connect(lambda message: self.status(message, 20000))
         np_ = self.neurons_panel
         np_.select_neurons.connect(self._select_from_set)
         np_.inspect_requested.connect(self.inspect_neuron)
@@ -194,6 +196,9 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
             fn(*args)
         except UserError as exc:
             self.show_error(exc.title, str(exc))
+            return False
+        except TooCoarse as exc:  # e.g. erase over a relation whose compactly stored runs cannot decide the sets
+            self.show_error("Scores stored compactly", str(exc))
             return False
         return True
 
@@ -282,6 +287,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         info = lm.describe()
         self.model_label.setText(f"{info.get('name') or lm.source} \u00b7 {lm.family} \u00b7 {lm.layout.layers}\u00d7"
                                  f"{lm.layout.neurons} \u00b7 {info['device']}")
+        self.attribution_panel.templates.setEnabled(lm.kind == "causal")
         self.facts_panel.rebuild()
         self.facts_dock.raise_()  # the next step is picking a fact (the model's summary stays in the status bar)
         if self.edits.pending:
@@ -439,7 +445,8 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
             self.status(f"Flagged {len(f.massive)} massive and {len(f.unspecific)} unspecific neurons "
                         f"({f.rule.get('stats_source') or f'{ev.prompts} prompts'}); "
                         + ("kept in the sets (Keep massive/unspecific is on)." if self.session.keep_massive
-                           else "left out of the coarse/refined sets."))
+                           else "left out of the coarse/refined sets.")
+                        + (f"   |   {ev.left_out}" if ev.left_out else ""), 20000)
         elif isinstance(ev, A.RunsStopped):
             self._mark_dirty()
             ap.live.clear()
@@ -474,6 +481,11 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
     def _update_auto_sets(self, run: Run):
         if self.attribution.update_auto_sets(run):
             self._sets_changed()
+
+    def _templates_changed(self, mode: str):
+        self.facts_panel.rebuild()  # each fact's prompts and skipped templates, for the new choice
+        how = ("every template, cut before [Y]" if mode == "prefix" else "only templates that end with [Y]")
+        self.status(f"Causal templates: {mode} ({how}); runs from now on record it, earlier runs keep theirs.")
 
     def _thresholds_changed(self, t: float, p: float):
         run = self.attribution_panel.run

@@ -8,10 +8,12 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 from kn_core.attribution import PromptScores
 from kn_core.facts import Fact, FactSet, Prompt, Relation
 
-from .session import CANCELLED, COMPLETE, FAILED, INTERRUPTED, RUNNING, NeuronSet, Run, Session, fact_key
+from .session import CANCELLED, COMPLETE, FAILED, INTERRUPTED, RUNNING, NeuronSet, Run, Session, TooCoarse, fact_key
 
 GUI_SETTING = "gui.state"
 _STORE_STATUS = {COMPLETE: "done", CANCELLED: "cancelled", FAILED: "failed", INTERRUPTED: "cancelled"}
@@ -29,9 +31,11 @@ class ProjectSnapshot:
     edit_sha: str | None = None
     t: float = 0.2
     p: float = 0.7
+    causal_templates: str = "prefix"  # the window's choice for new runs (each run records its own in its params)
     checks: dict = field(default_factory=dict)  # (fact key, template) -> answer check
     path: str = ""
     autosave_of: str | None = None  # set in autosave files: the project they are the unsaved state of
+    score_storage: dict | None = None  # the project's Project.score_storage(); saving keeps it (None: full)
 
 
 def snapshot(session: Session, edit_state: dict | None, model_info: dict | None) -> ProjectSnapshot:
@@ -43,7 +47,8 @@ def snapshot(session: Session, edit_state: dict | None, model_info: dict | None)
                            sets=[NeuronSet(s.name, s.kind, list(s.neurons), s.source)
                                  for s in session.neuron_sets.values()],
                            edit_state=edit_state, model=model_info, t=session.t, p=session.p,
-                           checks=dict(session.checks))
+                           causal_templates=session.causal_templates, checks=dict(session.checks),
+                           score_storage=session.score_storage)
 
 
 def save_project(path: str, snap: ProjectSnapshot, task=None) -> str:
@@ -55,6 +60,8 @@ def save_project(path: str, snap: ProjectSnapshot, task=None) -> str:
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{int(time.time() * 1000)}.saving.knproj")
     project = create_project(tmp, name=Path(path).stem)
     try:
+        if snap.score_storage and snap.score_storage.get("form", "full") != "full":
+            project.set_score_storage(**snap.score_storage)  # the project's choice, for the runs made since
         fs = snap.factset
         project.set_setting("factset.name", fs.name)
         for relation in fs.relations.values():
@@ -67,8 +74,8 @@ def save_project(path: str, snap: ProjectSnapshot, task=None) -> str:
             state = INTERRUPTED if run.state == RUNNING else run.state
             run_id = project.start_run(fact=run.fact, prompts=run.prompts, params=run.params,
                                        model=run.model or None, info={"state": state, "edits": run.edits})
-            for k, ps in enumerate(run.scores):
-                project.add_prompt_result(run_id, k, ps)
+            for k, ps in enumerate(run.scores):  # a compact run's kept scores go back as they were read
+                project.add_prompt_result(run_id, k, ps, scores=run.compact[k] if run.compact is not None else None)
             project.finish_run(run_id, _STORE_STATUS[state], elapsed_s=run.seconds)
         for s in snap.sets:
             project.add_neuron_set(s.kind if s.kind in ("coarse", "refined", "relation", "user") else "user",
@@ -76,6 +83,7 @@ def save_project(path: str, snap: ProjectSnapshot, task=None) -> str:
         if snap.edit_state is not None and snap.edit_state.get("entries"):
             project.save_edit_history(snap.edit_state, model=snap.model)
         project.set_setting(GUI_SETTING, {"t": snap.t, "p": snap.p, "autosave_of": snap.autosave_of,
+                                          "causal_templates": snap.causal_templates,
                                           "checks": [[list(k[0]), k[1], v] for k, v in snap.checks.items()]})
     finally:
         project.close()
@@ -99,17 +107,24 @@ def _run_state(rec) -> str:
 
 
 def _read_run(project, rec, fact: Fact, models: dict) -> Run:
+    """One stored run. Scores stored in the compact "top" form come back as `Run.compact` (TopScores), with
+    arrays that hold NaN where a score was not kept (the map shows what is stored, never a made-up value)."""
     full = project.get_run(rec.id)
-    scores = project.load_scores(rec.id, "scores")
+    tops = project.load_top_scores(rec.id, "scores")  # full arrays too, as TopScores keeping every score
     acts = project.load_scores(rec.id, "activations")
-    results = []
+    compact = any(not top.exact_everywhere for top in tops.values())
+    results, kept = [], []
     for p in full.prompts:
-        if p.prompt_index not in scores:
+        if p.prompt_index not in tops:
             break
+        top = tops[p.prompt_index]
+        scores = top.dense(np.nan).astype(np.float32) if compact else top.dense()
+        act = acts.get(p.prompt_index)
         d = p.prompt
+        kept.append(top)
         results.append(PromptScores(
             prompt=d.get("text", ""), answer=d.get("answer", ""), answer_ids=tuple(d.get("answer_ids", ())),
-            scores=scores[p.prompt_index], activations=acts.get(p.prompt_index, scores[p.prompt_index] * 0),
+            scores=scores, activations=np.zeros_like(scores) if act is None else act.astype(np.float32, copy=False),
             prob=p.prob if p.prob is not None else float("nan"), token_probs=[],
             completeness=p.completeness or [], seconds=p.seconds or 0.0, params=dict(rec.params)))
     state = _run_state(rec)
@@ -117,7 +132,7 @@ def _read_run(project, rec, fact: Fact, models: dict) -> Run:
         state = INTERRUPTED
     return Run(fact=fact, prompts=[_prompt_from(p.prompt, fact) for p in full.prompts], scores=results,
                params=dict(rec.params), model=models.get(rec.model_id, {}), seconds=rec.elapsed_s or 0.0,
-               state=state, edits=list(rec.info.get("edits", [])), store_id=rec.id)
+               state=state, edits=list(rec.info.get("edits", [])), store_id=rec.id, compact=kept if compact else None)
 
 
 def open_project_file(path: str, task=None) -> ProjectSnapshot:
@@ -141,11 +156,13 @@ def open_project_file(path: str, task=None) -> ProjectSnapshot:
                           (r.params or {}).get("source", "")) for r in project.list_neuron_sets()]
         edit_state, edit_sha = project.load_edit_history()
         gui = project.get_setting(GUI_SETTING, {}) or {}
+        storage = project.score_storage()
     finally:
         project.close()
     checks = {(tuple(key), template): value for key, template, value in gui.get("checks", [])}
     return ProjectSnapshot(factset=factset, runs=runs, sets=sets, edit_state=edit_state, edit_sha=edit_sha,
                            t=gui.get("t", 0.2), p=gui.get("p", 0.7), checks=checks, path=path,
+                           causal_templates=gui.get("causal_templates", "prefix"), score_storage=storage,
                            autosave_of=gui.get("autosave_of"))
 
 
@@ -168,19 +185,24 @@ def place_runs(runs: list[Run]) -> tuple[dict, dict]:
 
 def results_dict(session: Session, edit_commands: list) -> dict:
     """Runs (with each prompt's coarse set and the refined set at the current t, p), neuron sets and edits with
-    their reports, for `Export results (JSON)`."""
+    their reports, for `Export results (JSON)`. A compactly stored run whose kept scores do not decide the sets
+    at this t has null sets and `sets_not_decided` saying why (never a smaller set)."""
     s = session
     runs = []
     for run in [*s.runs.values(), *s.partial_runs.values()]:
         if not run.scores:
             continue
+        try:
+            coarse = [[list(n) for n in s.coarse(run, i)] for i in range(len(run.scores))]
+            refined, note = [list(n) for n in s.refined(run)], None
+        except TooCoarse as exc:
+            coarse, refined, note = [None] * len(run.scores), None, str(exc)
         runs.append({"fact": {"relation": run.fact.relation, "subject": run.fact.subject, "object": run.fact.object},
                      "params": run.params, "model": run.model, "seconds": run.seconds, "complete": run.complete,
                      "state": run.state, "edits_active": run.edits,
-                     "prompts": [{"text": p.text, "answer": p.answer, "prob": ps.prob,
-                                  "coarse": [list(n) for n in s.coarse(run, i)]}
-                                 for i, (p, ps) in enumerate(zip(run.prompts, run.scores))],
-                     "refined": [list(n) for n in s.refined(run)]})
+                     "prompts": [{"text": p.text, "answer": p.answer, "prob": ps.prob, "coarse": c}
+                                 for p, ps, c in zip(run.prompts, run.scores, coarse)],
+                     "refined": refined, **({"sets_not_decided": note} if note else {})})
     edits = [{"edit": c.edit.to_dict(), "description": c.text(), "report": c.report} for c in edit_commands]
     return {"t": s.t, "p": s.p, "model": s.lm.describe() if s.lm else None, "runs": runs,
             "neuron_sets": [ns.to_dict() for ns in s.neuron_sets.values()], "edits": edits}

@@ -1,7 +1,10 @@
 """The document behind the window: fact set, per-prompt checks, attribution runs, thresholds, neuron sets.
 
-Plain Python (no widgets) so it is easy to test and to save. Scores are kept in full; coarse and refined sets
-are views over them recomputed from t and p through the engine's pure functions.
+Plain Python (no widgets) so it is easy to test and to save. Coarse and refined sets are views over the stored
+scores recomputed from t and p through the engine's pure functions. Runs read from a project that stores its
+scores compactly (kn_core/store/topscores.py) keep them as `Run.compact`; their arrays hold NaN where a score was
+not kept, and a t or exclusion for which the kept scores do not decide the sets raises TooCoarse (the store's
+ScoresTooCoarseError).
 """
 
 from __future__ import annotations
@@ -40,6 +43,22 @@ def starter_factset() -> FactSet:
         return empty_factset("built-in facts unavailable")
 
 
+class TooCoarse(ValueError):
+    """A compact run's kept scores do not decide the sets at this t or with these exclusions; the message is the
+    store's one-line ScoresTooCoarseError (kn_core/store/topscores.py), naming the t and exclusions that work."""
+
+
+def compact_call(call):
+    """call(the topscores module), its ScoresTooCoarseError raised as TooCoarse. The store (SQLAlchemy, slow to
+    import) loads here, with the first compact run: only an opened project has those."""
+    from kn_core.store import topscores
+
+    try:
+        return call(topscores)
+    except topscores.ScoresTooCoarseError as exc:
+        raise TooCoarse(str(exc)) from exc
+
+
 RUNNING, COMPLETE = "running", "complete"
 CANCELLED, FAILED, INTERRUPTED = "cancelled", "failed", "interrupted"  # stopped early: a partial run
 
@@ -60,6 +79,7 @@ class Run:
     state: str = RUNNING
     edits: list[str] = field(default_factory=list)
     store_id: Any = None
+    compact: list | None = None  # per prompt a topscores.TopScores: the run was stored with its top scores only
 
     @property
     def complete(self) -> bool:
@@ -133,19 +153,27 @@ class Session:
         self.p = 0.7
         self.flags = None  # kn_core.neurons.NeuronFlags of the loaded model (run_flags), once measured
         self.keep_massive = False  # True: flagged neurons stay in the sets (the paper's method)
+        self.causal_templates = "prefix"  # causal models: templates cut before [Y], or only those ending in [Y]
         self.activation_stats = None  # kn_core.neurons.ActivationStats measured with the flags (mean ablation)
         self.neuron_sets: dict[str, NeuronSet] = {}
         self.results_dirty = False
         self.path: str | None = None
+        self.score_storage: dict | None = None  # the opened project's Project.score_storage(), kept when saving
 
     # ----------------------------------------------------------------- prompts
-    def prompts_for(self, fact: Fact) -> tuple[list[Prompt], list[Skipped]]:
+    def prompts_for(self, fact: Fact, causal_templates: str | None = None) -> tuple[list[Prompt], list[Skipped]]:
         if self.lm is None:
             return [], []
         relation = self.factset.relations.get(fact.relation)
         if relation is None:
             return [], [Skipped("", f"unknown relation {fact.relation}")]
-        return render_prompts(fact, relation, self.lm.tokenizer, self.lm.kind)
+        return render_prompts(fact, relation, self.lm.tokenizer, self.lm.kind,
+                              causal_templates or self.causal_templates)
+
+    def prompt_params(self) -> dict:
+        """How the prompts were made, recorded in every run's params as the CLI records it (None: masked)."""
+        return {"causal_templates": self.causal_templates if self.lm is not None and self.lm.kind == "causal"
+                else None}
 
     def check_for(self, fact: Fact, template: str) -> dict | None:
         return self.checks.get((fact_key(fact), template))
@@ -155,17 +183,18 @@ class Session:
         self.flags = None
         self.activation_stats = None
 
-    def flag_inputs(self) -> tuple[list[np.ndarray], dict[str, list[list[np.ndarray]]]]:
+    def flag_inputs(self) -> tuple[list[np.ndarray], dict[str, list[list]]]:
         """What `run_flags` measures on: the answer-position activations of every prompt attributed on the loaded
         model's own weights (runs on edited weights or another model are left out), and those runs' prompt scores
-        grouped by relation."""
+        grouped by relation (a compact run's as its list of TopScores: the flags job checks them)."""
         sha = getattr(self.lm, "sha256", None)
         activations, by_relation = [], {}
         for run in list(self.runs.values()):
             if not run.scores or run.edits or run.model.get("sha256") != sha:
                 continue
             activations += [ps.activations for ps in run.scores]
-            by_relation.setdefault(run.fact.relation, []).append(run.score_arrays())
+            by_relation.setdefault(run.fact.relation, []).append(
+                run.compact[:len(run.scores)] if run.compact is not None else run.score_arrays())
         return activations, by_relation
 
     # ----------------------------------------------------------------- thresholds (views over stored scores)
@@ -174,15 +203,34 @@ class Session:
         return frozenset() if self.flags is None or self.keep_massive else self.flags.excluded
 
     def coarse(self, run: Run, prompt_index: int) -> list[Neuron]:
+        if run.compact is not None:
+            return compact_call(lambda _: run.compact[prompt_index].coarse(self.t, self.excluded()))
         return kn_neurons.coarse_neurons(run.scores[prompt_index].scores, self.t, self.excluded())
 
     def refined(self, run: Run) -> list[Neuron]:
         if not run.scores:
             return []
-        return [tuple(n) for n in kn_neurons.refined_neurons(run.score_arrays(), self.t, self.p, self.excluded())]
+        if run.compact is not None:
+            found = compact_call(lambda ts: ts.refined_neurons(run.compact[:len(run.scores)], self.t, self.p,
+                                                           self.excluded()))
+        else:
+            found = kn_neurons.refined_neurons(run.score_arrays(), self.t, self.p, self.excluded())
+        return [tuple(n) for n in found]
 
     def refined_counts(self, run: Run):
+        if run.compact is not None:
+            return compact_call(lambda ts: ts.coarse_counts(run.compact[:len(run.scores)], self.t, self.excluded()))
         return kn_neurons.coarse_counts(run.score_arrays(), self.t, self.excluded())
+
+    def selection_arrays(self, run: Run, exclude=None) -> list[np.ndarray]:
+        """Score arrays whose coarse sets at t (with `exclude`, default the session's exclusions) are the true
+        ones: the full arrays, or a compact run's kept scores with the rest at -inf once the check passed
+        (TooCoarse otherwise). For engine functions that take arrays (adapt_p, the flags)."""
+        if run.compact is None:
+            return run.score_arrays()
+        tops = run.compact[:len(run.scores)]
+        compact_call(lambda ts: ts.coarse_counts(tops, self.t, self.excluded() if exclude is None else exclude))
+        return [top.dense() for top in tops]
 
     def relation_runs(self, relation_id: str) -> list[Run]:
         return [r for k, r in self.runs.items() if k[0] == relation_id and r.scores]
@@ -195,7 +243,7 @@ class Session:
         runs = self.relation_runs(relation_id)
         if not runs:
             raise ValueError(f"no attribution runs for relation {relation_id} yet; run some of its facts first")
-        return kn_neurons.adapt_p([r.score_arrays() for r in runs], self.t, self.p, exclude=self.excluded())
+        return kn_neurons.adapt_p([self.selection_arrays(r) for r in runs], self.t, self.p, exclude=self.excluded())
 
     # ----------------------------------------------------------------- neuron sets
     def unique_set_name(self, base: str) -> str:

@@ -162,6 +162,10 @@ def test_cli_attributes_a_fact_set_and_resumes(setup, capsys, tmp_path):
     assert main(argv[:-1]) == 0
     text = capsys.readouterr().out
     assert text.startswith("0 fact(s) attributed") and "6 stored before" in text and "skipped P1376 'Peru'" in text
+    with open_project(tmp_path / "cli.knproj", read_only=True) as project:  # compact: top scores, no activations
+        runs = [project.get_run(r.id) for r in project.list_runs(status="done")]
+        assert len(runs) == 6 and all(p.arrays == ("scores",) for r in runs for p in r.prompts)
+        assert len(project.load_top_scores(runs[0].id)) == 5
 
 
 @pytest.mark.parametrize("extra,needle", [

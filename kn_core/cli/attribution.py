@@ -13,7 +13,7 @@ def params_of(args):
 
     share = {"auto": None, "on": True, "off": False}[getattr(args, "share_prompts", "auto")]
     return AttributionParams(steps=args.steps, rule=args.rule, method=args.method, share_prompts=share,
-                             force=args.force)
+                             quadrature=args.quadrature, tolerance=args.tolerance, force=args.force)
 
 
 def cmd_attribute(args) -> int:
@@ -26,8 +26,8 @@ def cmd_attribute(args) -> int:
     from ..neurons import coarse_neurons
     from ..scores_file import save_scores
 
+    params = params_of(args)  # a bad combination fails before the model loads
     lm = load(args)
-    params = params_of(args)
     t = args.t if args.t is not None else default_t(params.method)
     answer_ids = encode_answer(lm, args.prompt, args.answer)
     with progress_bar("attributing") as task, project_of(args) as project:
@@ -51,6 +51,7 @@ def cmd_attribute(args) -> int:
     lines = [f"P({args.answer!r}) = {result.prob:.4f}; {len(coarse)} coarse neurons (score > {t} x max "
              f"{doc['max']:.4g}) in {result.seconds:.1f} s"]
     lines += [f"  L{n['layer']:>2} #{n['neuron']:<6} {n['score']:.4g}" for n in doc["coarse"][:30]]
+    lines += tolerance_lines([result], params)
     emit(args, doc, "\n".join(lines))
     return 0
 
@@ -125,6 +126,7 @@ def cmd_neurons(args) -> int:
     from ..facts import render_prompts
     from ..neurons import coarse_neurons, refined_neurons, run_flags
 
+    params = params_of(args)
     factset = factset_of(args)
     fact = find_fact(factset, args.relation, args.subject)
     lm = load(args)
@@ -134,7 +136,6 @@ def cmd_neurons(args) -> int:
                        + "; ".join(s.reason for s in skipped))
     for s in skipped:
         say(f"skipped template {s.template!r}: {s.reason}")
-    params = params_of(args)
     t = args.t if args.t is not None else default_t(params.method)
     started = time.perf_counter()
     with project_of(args) as project:
@@ -169,18 +170,42 @@ def cmd_neurons(args) -> int:
     if flags.massive:
         kept = "kept (--keep-massive)" if args.keep_massive else "excluded (--keep-massive keeps them)"
         lines.append(f"  massive neurons {kept}: " + ", ".join(f"L{l} #{i}" for l, i in sorted(flags.massive)))
+    lines += tolerance_lines(results, params)
     emit(args, doc, "\n".join(lines))
     return 0
 
 
 def attribution_options(p) -> None:
-    p.add_argument("--steps", type=int, default=20, help="integration steps m (paper: 20; at most 1000)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="integration steps m: Riemann steps (paper: 20) or Gauss points per panel (default 4 "
+                        "gauss, 3 auto); at most 1000")
+    quadrature_options(p)
     p.add_argument("--force", action="store_true", help="allow more than 1000 steps")
     p.add_argument("--rule", choices=["right", "left"], default="right",
                    help="right: alpha=k/m, k=1..m (paper); left: k=0..m-1 (authors' code)")
     p.add_argument("--method", choices=["ig", "activation"], default="ig",
                    help="ig (integrated gradients) or the activation baseline")
     p.add_argument("--t", type=float, default=None, help="coarse threshold: score > t x max (0.2; 0.5 activation)")
+
+
+def tolerance_lines(results, params) -> list[str]:
+    """gauss/auto: the layers whose completeness error stayed above the tolerance (kept, and said so)."""
+    over = sorted({(row["layer"], row["error"]) for r in results for row in r.completeness
+                   if row.get("within_tolerance") is False})
+    if not over:
+        return []
+    worst = max(error for _, error in over)
+    layers = ", ".join(f"L{layer}" for layer in sorted({layer for layer, _ in over}))
+    return [f"  completeness error above --tolerance {params.tolerance:g} in {layers} (worst {worst:.3g}); "
+            f"the scores are kept: more --steps, or --quadrature auto, integrates them closer"]
+
+
+def quadrature_options(p) -> None:
+    p.add_argument("--quadrature", choices=["riemann", "gauss", "auto"], default="riemann",
+                   help="riemann: the paper's m-step sum; gauss: m Gauss-Legendre points per layer (dense where "
+                        "needed); auto: points raised per layer until its completeness error is within --tolerance")
+    p.add_argument("--tolerance", type=float, default=0.01,
+                   help="gauss/auto: completeness error per layer that is good enough (relative; default 0.01)")
 
 
 def add_commands(sub) -> None:

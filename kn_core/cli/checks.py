@@ -28,6 +28,7 @@ def _at_least(flag, minimum):
 CHECKS = {
     "steps": lambda value, args: v.check_steps(value, getattr(args, "force", False), "--steps"),
     "t": lambda value, args: v.check_fraction("--t", value),
+    "tolerance": lambda value, args: v.check_number("--tolerance", value, maximum=1.0, positive=True),
     "p": lambda value, args: v.check_fraction("--p", value),
     "top": _at_least("--top", 1),
     "top_k": _at_least("--top-k", 1),

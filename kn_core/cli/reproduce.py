@@ -6,12 +6,16 @@ import shlex
 import sys
 from pathlib import Path
 
+from .attribution import quadrature_options
 from .common import COMMON, emit, factset_of, load, progress_bar, say
 
 
 def cmd_reproduce(args) -> int:
     from ..reproduce import run_reproduce
 
+    from ..attribution import AttributionParams
+
+    AttributionParams(steps=args.steps, quadrature=args.quadrature, tolerance=args.tolerance)  # before loading
     factset = factset_of(args)
     lm = load(args)
     relations = [r.strip() for r in args.relations.split(",") if r.strip()] if args.relations else None
@@ -19,7 +23,8 @@ def cmd_reproduce(args) -> int:
         report = run_reproduce(lm, factset, Path(args.out), relations, args.facts_per_relation, args.seed,
                                args.steps, args.prompts_per_fact, args.select, args.control_prompts,
                                causal_templates=args.causal_templates, keep_massive=args.keep_massive, say=say,
-                               task=task, command=shlex.join(["kn", *sys.argv[1:]]))
+                               task=task, command=shlex.join(["kn", *sys.argv[1:]]), quadrature=args.quadrature,
+                               tolerance=args.tolerance)
     sa = report.get("suppress_amplify", {}).get("average", {})
     doc = {"out": str(args.out), "status": report["status"], "report": str(Path(args.out) / "report.json"),
            "html": str(Path(args.out) / "report.html"),
@@ -37,7 +42,10 @@ def add_commands(sub) -> None:
     rep.add_argument("--relations", help="comma-separated relation ids, or 'all' (default: 3 relations)")
     rep.add_argument("--facts-per-relation", type=int, default=10)
     rep.add_argument("--seed", type=int, default=0)
-    rep.add_argument("--steps", type=int, default=20, help="integration steps (paper: 20)")
+    rep.add_argument("--steps", type=int, default=None,
+                     help="integration steps: Riemann steps (paper: 20) or Gauss points per panel (default 4 gauss, "
+                          "3 auto)")
+    quadrature_options(rep)
     rep.add_argument("--prompts-per-fact", type=int, default=None, help="use at most N templates per fact")
     rep.add_argument("--select", choices=["known", "random"], default="known",
                      help="known: the facts the model answers best; random: a seeded sample")

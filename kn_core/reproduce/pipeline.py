@@ -364,7 +364,7 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
                   control_prompts: int = 20, t: float = 0.2, p: float = 0.7, erase_k: int = 20,
                   erase_fill: str = "zero", *, causal_templates: str = "prefix", sample_factor: int = 5,
                   check_prompts: int = 3, keep_massive: bool = False, say=_say, task: Task | None = None,
-                  command: str | None = None) -> dict:
+                  command: str | None = None, quadrature: str = "riemann", tolerance: float = 0.01) -> dict:
     """Runs the reproduction and writes OUT/report.json, report.md and figures; returns the report. (One
     function on purpose: the phases read top to bottom, each saving the partial report.)
     Massive/unspecific neurons (kn_core.neurons) are kept out of refined and relation-level neurons unless
@@ -384,7 +384,7 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
     cache.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    params = AttributionParams(steps=steps, seed=seed)
+    params = AttributionParams(steps=steps, seed=seed, quadrature=quadrature, tolerance=tolerance)
     base_params = AttributionParams(method="activation", seed=seed)
     report = _new_report(lm, factset, relations, params, base_params, timings, {
         "facts_per_relation": facts_per_relation, "seed": seed, "select": select, "sample_factor": sample_factor,
@@ -411,7 +411,8 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
         chosen = sel.chosen
         n_facts = sum(len(v) for v in chosen.values())
         say(f"[reproduce] attributing {n_facts} facts, "
-            f"{sum(len(ps) for v in chosen.values() for _, ps in v)} prompts ({steps} steps; cached in {cache})")
+            f"{sum(len(ps) for v in chosen.values() for _, ps in v)} prompts ({params.steps} steps, "
+            f"{params.quadrature}; cached in {cache})")
         report["attribution_progress"] = counts = {}
         ig, base = phases.run("attribution", lambda sub: _attribute_all(lm, chosen, params, base_params, cache, sub,
                                                                          counts))

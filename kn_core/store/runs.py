@@ -90,7 +90,8 @@ class RunStore:
                           float16: bool = False, extra_arrays: dict | None = None) -> None:
         """Commits one prompt's results in one transaction: `result` may be an attribution.PromptScores
         (scores, activations, prob, completeness, seconds); keywords override its fields. Arrays are stored
-        as compressed .npy bytes (`float16=True` halves them, lossy). Re-adding a prompt replaces it."""
+        as compressed .npy bytes (`float16=True` halves them, lossy). Re-adding a prompt replaces it. `scores` may
+        be a TopScores (read back from a compact project): it is stored as it is, whatever the project's form."""
         if result is not None:
             scores = scores if scores is not None else get_field(result, "scores")
             activations = activations if activations is not None else get_field(result, "activations")
@@ -111,6 +112,9 @@ class RunStore:
         float16 = float16 or storage["form"] != "full"
         encoded = {}
         for name, arr in arrays.items():
+            if isinstance(arr, TopScores):  # already compact: re-compressing its dense form could not add scores
+                encoded[name] = (list(arr.shape), str(arr.values.dtype), *encode_top(arr), TOP_CODEC)
+                continue
             arr = to_numpy(arr)
             if name == "scores" and storage["form"] == "top":
                 top = TopScores.compress(arr, storage["floor"], storage["guard"])

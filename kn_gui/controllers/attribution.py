@@ -14,7 +14,8 @@ from PySide6.QtCore import QObject, Signal
 
 from kn_core.facts import Fact
 
-from ..session import CANCELLED, COMPLETE, FAILED, NeuronSet, Run, Session, fact_key, fact_label
+from ..session import (CANCELLED, COMPLETE, FAILED, NeuronSet, Run, Session, TooCoarse, compact_call,
+                       fact_key, fact_label)
 from ..worker import JobRunner
 from . import UserError
 
@@ -82,6 +83,36 @@ class FlagsMeasured:
     """Massive / unspecific neurons and activation statistics of the loaded model, now in the session."""
     flags: object  # kn_core.neurons.NeuronFlags
     prompts: int  # run prompts measured (besides the neutral sentences)
+    left_out: str = ""  # compactly stored facts left out of the unspecific flag, and why ("" when none)
+
+
+def no_prompts_fix(kind: str, prefix_helps: bool) -> str:
+    """What to change when no template of a fact gives a prompt (kn_core.facts.render_prompts' rules);
+    `prefix_helps`: end-only templates are in use and prefix ones would give prompts."""
+    if kind != "causal":
+        return "Fix the relation's templates (each needs [X] and [Y]) or the facts."
+    if prefix_helps:
+        return ("Set templates to prefix (beside Run) to use templates with text after [Y], or add templates "
+                "that end with [Y].")
+    return "Add templates that name [X] before [Y]: a causal model continues the text before [Y]."
+
+
+def decided_scores(by_relation: dict, t: float, massive) -> tuple[dict, str]:
+    """Session.flag_inputs' scores as arrays for neurons.scored_flags: a compact fact (a list of TopScores) is
+    kept when its coarse sets at t with the massive neurons excluded are decided by the kept scores (its unkept
+    ones at -inf), else left out and counted in the returned note."""
+    out, dropped, reason = {}, 0, ""
+    for relation, facts in by_relation.items():
+        for scores in facts:
+            if scores and not isinstance(scores[0], np.ndarray):
+                try:
+                    compact_call(lambda ts, scores=scores: ts.coarse_counts(scores, t, massive))
+                except TooCoarse as exc:
+                    dropped, reason = dropped + 1, str(exc)
+                    continue
+                scores = [top.dense() for top in scores]
+            out.setdefault(relation, []).append(scores)
+    return out, (f"{dropped} compactly stored fact(s) left out of the unspecific flag: {reason}" if dropped else "")
 
 
 class AttributionController(QObject):
@@ -104,40 +135,31 @@ class AttributionController(QObject):
                             "embedded default works offline.")
         lm = s.lm
         edits = list(self.active_edits())
-        runs, skipped = [], []
+        runs, skipped, prefix_helps = [], [], False
         for fact in facts:
             prompts, skips = s.prompts_for(fact)
             if not prompts:
                 reasons = "; ".join(sk.reason for sk in skips[:2]) or "the relation has no templates"
                 skipped.append(f"{fact_label(fact)} ({reasons})")
+                prefix_helps |= bool(lm.kind == "causal" and s.prompts_for(fact, "prefix")[0])
                 continue
-            runs.append(Run(fact=fact, prompts=prompts, params=params.to_dict(), model=lm.describe(), edits=edits))
+            runs.append(Run(fact=fact, prompts=prompts, params={**params.to_dict(), **s.prompt_params()},
+                            model=lm.describe(), edits=edits))
         if not runs:
-            raise UserError("Nothing to attribute", "No usable prompts for: " + "; ".join(skipped)
-                            + ". Add templates whose [Y] is at the end (causal models) or fix the facts.")
+            raise UserError("Nothing to attribute", "No usable prompts for: " + "; ".join(skipped) + ". "
+                            + no_prompts_fix(lm.kind, prefix_helps))
         previous = {fact_key(r.fact): s.runs.get(fact_key(r.fact)) for r in runs}
         for run in runs:
             s.runs[fact_key(run.fact)] = run
         self.running = runs
         total = sum(len(r.prompts) for r in runs)
-        from kn_core.attribution import attribute_fact
+        from kn_core.runner import attribute_each
 
-        def job(task):
-            done = 0
-            for ri, run in enumerate(runs):
-                n = len(run.prompts)
-
-                def progress(fraction, message, ri=ri, run=run, n=n, base=done):
-                    task.progress((base + fraction * n) / total, f"attributing {fact_label(run.fact)}: {message}"
-                                  + (f", fact {ri + 1}/{len(runs)}" if len(runs) > 1 else ""))
-
-                def chunk(partial, run=run):
-                    task.partial(ChunkReady(run, partial["prompt"], tuple(partial["layers"]), partial["scores"]))
-
-                task.check()
-                attribute_fact(lm, run.prompts, params, task=task.relay(progress, chunk),
-                               on_prompt=lambda k, result, run=run: task.partial(PromptScored(run, k, result)))
-                done += n
+        def job(task):  # the runner's loop (kn attribute --facts), with its throughput and ETA, into the session
+            attribute_each(lm, [(r.fact, r.prompts) for r in runs], params, task=task,
+                           on_prompt=lambda i, k, result: task.partial(PromptScored(runs[i], k, result)),
+                           on_chunk=lambda i, c: task.partial(ChunkReady(runs[i], c["prompt"], tuple(c["layers"]),
+                                                                         c["scores"])))
             return len(runs)
 
         def stopped(outcome):
@@ -196,17 +218,18 @@ class AttributionController(QObject):
         if lm is None or not activations:
             return False
         t = s.t
-        from kn_core.neurons import run_stats, scored_flags
+        from kn_core.neurons import flag_massive, run_stats, scored_flags
 
         def job(task):  # run_flags(lm, activations, by_relation, t), keeping the statistics for mean ablation
             stats = run_stats(lm, activations, task)
-            return stats, scored_flags(stats, by_relation, t)
+            scores, left_out = decided_scores(by_relation, t, flag_massive(stats))
+            return stats, scored_flags(stats, scores, t), left_out
 
         def done(result):
             if s.lm is not lm:  # the model changed meanwhile: these describe the old one
                 return
-            s.activation_stats, s.flags = result
-            self.event.emit(FlagsMeasured(s.flags, len(activations)))
+            s.activation_stats, s.flags, left_out = result
+            self.event.emit(FlagsMeasured(s.flags, len(activations), left_out))
 
         self.runner.submit("Flagging massive / unspecific neurons", job, on_done=done)
         return True
@@ -217,9 +240,12 @@ class AttributionController(QObject):
         if not run.scores:
             return False
         s, label = self.session, fact_label(run.fact)
-        s.put_set(NeuronSet(f"refined: {label}", "refined", s.refined(run),
-                            f"{run.fact.relation}, t={s.t:.2f} p={s.p:.2f}"))
-        coarse = sorted({n for i in range(len(run.scores)) for n in s.coarse(run, i)})
+        try:
+            refined = s.refined(run)
+            coarse = sorted({n for i in range(len(run.scores)) for n in s.coarse(run, i)})
+        except TooCoarse:  # the sets stay as they were; the attribution panel says why
+            return False
+        s.put_set(NeuronSet(f"refined: {label}", "refined", refined, f"{run.fact.relation}, t={s.t:.2f} p={s.p:.2f}"))
         s.put_set(NeuronSet(f"coarse: {label}", "coarse", coarse, f"{run.fact.relation}, t={s.t:.2f}"))
         return True
 
@@ -229,7 +255,7 @@ class AttributionController(QObject):
             raise UserError("No fact selected", "Pick a fact of the relation whose p should be adapted.")
         try:
             return self.session.adapt_p(fact.relation)
-        except ValueError as exc:
+        except ValueError as exc:  # TooCoarse included: a compact run's kept scores do not decide the sets
             raise UserError("Cannot adapt p", str(exc)) from exc
 
     def relation_set(self, fact: Fact | None) -> NeuronSet:
@@ -239,7 +265,10 @@ class AttributionController(QObject):
         runs = self.session.relation_runs(fact.relation)
         if not runs:
             raise UserError("No runs", f"Run attribution on some facts of {fact.relation} first.")
-        neurons = self.session.relation_level(fact.relation)
+        try:
+            neurons = self.session.relation_level(fact.relation)
+        except TooCoarse as exc:
+            raise UserError("Cannot make the relation's neurons", str(exc)) from exc
         rel = self.session.factset.relations.get(fact.relation)
         name = f"relation: {fact.relation} {rel.name if rel else ''}".strip()
         return NeuronSet(name, "relation", [n for n, _ in neurons], f"{len(runs)} facts, \u2265 10%")

@@ -105,6 +105,8 @@ class ProjectController(QObject):
         s.runs, s.partial_runs = place_runs(snap.runs)
         s.neuron_sets = {ns.name: ns for ns in snap.sets}
         s.t, s.p = snap.t, snap.p
+        s.causal_templates = snap.causal_templates
+        s.score_storage = snap.score_storage
         s.checks = snap.checks if s.lm is not None else {}
         self.discard_autosave()
         if recovered:
@@ -123,6 +125,7 @@ class ProjectController(QObject):
         self.edits.pending = None
         self.discard_autosave()
         self.path = None
+        self.session.score_storage = None  # a new project stores full scores
 
     # ----------------------------------------------------------------------------------------- autosave
     def _listed(self) -> list[str]:

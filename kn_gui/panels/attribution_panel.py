@@ -4,7 +4,9 @@
 - a layer x neuron heatmap: hover shows (layer, neuron, score, activation), click selects neurons
   (Ctrl/Shift-click adds), refined neurons are ringed;
 - per-prompt comparison: each refined neuron's score / the prompt's max, per prompt, against the t line.
-Thresholds are views: moving t or p recomputes coarse and refined sets from the stored scores at once.
+Thresholds are views: moving t or p recomputes coarse and refined sets from the stored scores at once (a run
+stored compactly keeps the last t, p whose sets its kept scores decide, and says why in the status bar).
+When the panel is short the per-layer plots fold into a tab, so the map keeps its height (`set_folded`).
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ from __future__ import annotations
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt, QTimer, Signal
-from PySide6.QtWidgets import (QAbstractSpinBox, QCheckBox, QComboBox, QDoubleSpinBox, QLabel,
-                               QSlider, QSpinBox, QSplitter, QTabWidget, QWidget)
+from PySide6.QtWidgets import QCheckBox, QComboBox, QLabel, QSpinBox, QSplitter, QTabWidget, QWidget
 
 from kn_core.facts import CAUSAL_TEMPLATES
 
+from ..session import TooCoarse
 from .common import TableView, button, fmt_prob, hbox, hint, vbox
 from .neuron_map import NeuronMap
+from .thresholds import ThresholdControl
 
 pg.setConfigOptions(imageAxisOrder="row-major", antialias=False, background="w", foreground="#33475b")
 
@@ -27,56 +30,6 @@ REFINED = "#e74c3c"
 SELECTED = "#f1c40f"
 PALETTE = ["#e74c3c", "#2e86c1", "#28b463", "#af7ac5", "#f39c12", "#17a589", "#d35400", "#5d6d7e",
            "#c0392b", "#1abc9c"]
-
-
-class ThresholdControl(QWidget):
-    """A slider and a spin box bound together (0..1)."""
-
-    changed = Signal(float)
-
-    def __init__(self, label: str, value: float, tooltip: str, parent=None):
-        super().__init__(parent)
-        self.slider = QSlider(Qt.Horizontal)
-        self.slider.setMinimumWidth(50)
-        self.slider.setRange(0, 100)
-        self.spin = QDoubleSpinBox()
-        self.spin.setRange(0.0, 1.0)
-        self.spin.setSingleStep(0.05)
-        self.spin.setDecimals(2)
-        self.spin.setKeyboardTracking(False)
-        self.spin.setButtonSymbols(QAbstractSpinBox.UpDownArrows)
-        name = QLabel(label)
-        name.setObjectName("heading")
-        name.setToolTip(tooltip)
-        self.slider.setToolTip(tooltip)
-        self.spin.setToolTip(tooltip)
-        self.setLayout(hbox(name, self.slider, self.spin))
-        self.set_value(value)
-        self.slider.valueChanged.connect(self._from_slider)
-        self.spin.valueChanged.connect(self._from_spin)
-
-    def value(self) -> float:
-        return round(self.spin.value(), 2)
-
-    def set_value(self, value: float):
-        self.spin.blockSignals(True)
-        self.slider.blockSignals(True)
-        self.spin.setValue(value)
-        self.slider.setValue(int(round(value * 100)))
-        self.spin.blockSignals(False)
-        self.slider.blockSignals(False)
-
-    def _from_slider(self, v: int):
-        self.spin.blockSignals(True)
-        self.spin.setValue(v / 100)
-        self.spin.blockSignals(False)
-        self.changed.emit(self.value())
-
-    def _from_spin(self, v: float):
-        self.slider.blockSignals(True)
-        self.slider.setValue(int(round(v * 100)))
-        self.slider.blockSignals(False)
-        self.changed.emit(self.value())
 
 
 TEMPLATES_TIP = ("Causal models: prefix uses every template, cut before [Y] (\"The capital of [X] is [Y], a "
@@ -101,6 +54,8 @@ class AttributionPanel(QWidget):
     neuron_clicked = Signal(int, int)
     adapt_p_requested = Signal()
     relation_set_requested = Signal()
+    templates_changed = Signal(str)  # "prefix" | "end-only": the prompts of causal models change
+    problem = Signal(str)  # one line for the status bar (e.g. compact scores that cannot decide the sets at t)
 
     def __init__(self, session, parent=None):
         # Long on purpose: one flat list of the panel's widgets in reading order, each built and connected where
@@ -135,11 +90,18 @@ class AttributionPanel(QWidget):
         self.method = QComboBox()
         self.method.addItems(["ig", "activation"])
         self.method.setToolTip("ig: integrated gradients; activation: the paper's baseline (raw activation)")
+        self.quadrature = QComboBox()
+        self.quadrature.addItems(["riemann", "gauss", "auto"])
+        self.quadrature.setToolTip("riemann: the paper's m-step sum; gauss: m Gauss-Legendre points per layer (dense "
+                                   "where needed); auto: points added per layer until its completeness error is "
+                                   "within 1% (kn_core/quadrature.py)")
+        self.quadrature.currentTextChanged.connect(self._quadrature_changed)
         self.templates = QComboBox()
         self.templates.addItems(CAUSAL_TEMPLATES)
         self.templates.setToolTip(TEMPLATES_TIP)
-        params = hbox(QLabel("steps"), self.steps, QLabel("rule"), self.rule, QLabel("method"), self.method,
-                      QLabel("templates"), self.templates, None)
+        self.templates.currentTextChanged.connect(self._templates_chosen)
+        params = hbox(QLabel("steps"), self.steps, QLabel("quadrature"), self.quadrature, QLabel("rule"), self.rule,
+                      QLabel("method"), self.method, QLabel("templates"), self.templates, None)
 
         # --- thresholds
         self.t_control = ThresholdControl("t", 0.2, "Coarse: score > t \u00d7 the prompt's max score (paper: 0.2)")
@@ -313,22 +275,65 @@ class AttributionPanel(QWidget):
     def params(self):
         from kn_core.attribution import AttributionParams
 
-        return AttributionParams(steps=self.steps.value(), rule=self.rule.currentText(),
+        quadrature = self.quadrature.currentText()
+        return AttributionParams(steps=self.steps.value(), quadrature=quadrature,
+                                 rule=self.rule.currentText() if quadrature == "riemann" else "right",
                                  method=self.method.currentText())
+
+    def _quadrature_changed(self, quadrature: str):
+        """Steps mean Riemann steps or Gauss points: a default of one becomes the other's; the rule is Riemann's."""
+        from kn_core.quadrature import DEFAULT_POINTS
+
+        if self.steps.value() in DEFAULT_POINTS.values():
+            self.steps.setValue(DEFAULT_POINTS[quadrature])
+        self.rule.setEnabled(quadrature == "riemann")
 
     def set_thresholds(self, t: float, p: float):
         self.t_control.set_value(t)
         self.p_control.set_value(p)
 
-    def _keep_massive(self, keep: bool):
-        self.session.keep_massive = bool(keep)
-        self._thresholds()
+    def set_causal_templates(self, mode: str):
+        self.templates.blockSignals(True)
+        self.templates.setCurrentText(mode)
+        self.templates.blockSignals(False)
 
-    def _thresholds(self, _=None):
-        self.session.t = self.t_control.value()
-        self.session.p = self.p_control.value()
+    def _templates_chosen(self, mode: str):
+        self.session.causal_templates = mode
+        self.templates_changed.emit(mode)
+
+    def _keep_massive(self, keep: bool):
+        if not self._decided(keep_massive=bool(keep)):
+            self.keep_massive.blockSignals(True)
+            self.keep_massive.setChecked(self.session.keep_massive)
+            self.keep_massive.blockSignals(False)
+            return
         self.thresholds_changed.emit(self.session.t, self.session.p)
         self.redraw()
+
+    def _thresholds(self, _=None):
+        if not self._decided(t=self.t_control.value(), p=self.p_control.value()):
+            self.set_thresholds(self.session.t, self.session.p)
+            return
+        self.thresholds_changed.emit(self.session.t, self.session.p)
+        self.redraw()
+
+    def _decided(self, **change) -> bool:
+        """Applies the change (t, p, keep_massive) to the session when the shown run's stored scores decide its
+        sets with it; a compactly stored run that cannot keeps the last valid values and says why (status bar)."""
+        s = self.session
+        before = {key: getattr(s, key) for key in change}
+        for key, value in change.items():
+            setattr(s, key, value)
+        if self.run is None or self.run.compact is None or not self.run.scores:
+            return True
+        try:
+            s.refined(self.run)
+        except TooCoarse as exc:
+            for key, value in before.items():
+                setattr(s, key, value)
+            self.problem.emit(f"Kept t = {s.t:.2f}: {exc}")
+            return False
+        return True
 
     # ----------------------------------------------------------------- data in
     def show_run(self, run):
@@ -402,30 +407,16 @@ class AttributionPanel(QWidget):
         scores, acts = self._arrays()
         self._shown_scores, self._shown_acts = scores, acts
         run = self.run
-        self.refined = self.session.refined(run) if run is not None and run.scores else []
-        # title and summary
-        if run is None:
-            self.title.setText("No attribution yet: pick a fact and press F5.")
-            self.summary.setText("")
-        else:
-            done, n = len(run.scores), len(run.prompts)
-            self.title.setText(f"{run.fact.subject} \u2192 {run.fact.object}  ({run.fact.relation}, {n} prompts)"
-                               + run.header_note())
-            if run.scores:
-                coarse = [len(self.session.coarse(run, i)) for i in range(done)]
-                need = max(self.session.p * done, 3)
-                self.summary.setText(
-                    f"coarse per prompt: {', '.join(map(str, coarse))}   |   refined (coarse in \u2265 {need:g} of "
-                    f"{done} prompts): {len(self.refined)}   |   t = {self.session.t:.2f}, p = {self.session.p:.2f}"
-                    + ("" if done >= 3 else "   (refinement needs \u2265 3 prompts)"))
-            else:
-                self.summary.setText("waiting for the first prompt\u2026")
-        # per-layer bars
+        self._describe(run)
+        # per-layer bars (a compact run: over the stored scores only, and the axis says so)
         if scores is not None and scores.size:
-            per_layer = scores.sum(1) if self.agg.currentText() == "sum" else scores.max(1)
+            agg = self.agg.currentText()
+            per_layer = np.nansum(scores, 1) if agg == "sum" else np.nanmax(np.where(np.isnan(scores), -np.inf,
+                                                                                     scores), 1)
             x = np.arange(len(per_layer))
-            self.layer_bars.setOpts(x=x, height=per_layer, width=0.8)
-            self.layer_plot.setLabel("left", f"{self.agg.currentText()} of scores")
+            self.layer_bars.setOpts(x=x, height=np.where(np.isfinite(per_layer), per_layer, 0), width=0.8)
+            compact = run is not None and run.compact is not None
+            self.layer_plot.setLabel("left", f"{agg} of {'stored ' if compact else ''}scores")
         else:
             self.layer_bars.setOpts(x=[], height=[])
         lm = self.session.lm
@@ -441,9 +432,9 @@ class AttributionPanel(QWidget):
         # heatmap
         if scores is not None:
             # colour saturates at the strongest ~0.1% (never below t x max): single neurons stay visible
-            magnitude = np.abs(scores)
-            top = float(np.nanmax(magnitude)) or 1.0
-            bound = max(float(np.nanpercentile(magnitude, 99.9)), self.session.t * top, 1e-12)
+            magnitude = np.abs(scores[np.isfinite(scores)])  # NaN: not stored (compact runs)
+            top = float(magnitude.max()) if magnitude.size else 1.0
+            bound = max(float(np.percentile(magnitude, 99.9)) if magnitude.size else 1.0, self.session.t * top, 1e-12)
             self.heat_widget.set_scores(scores, bound, fit=getattr(self, "_autorange", True))
             self._autorange = False
             self.goto_layer.setRange(0, scores.shape[0] - 1)
@@ -452,6 +443,35 @@ class AttributionPanel(QWidget):
             self.heat_widget.set_scores(None)
         self._draw_marks()
         self._draw_prompts()
+
+    def _describe(self, run):
+        """The title and summary line, and `self.refined`: when a compactly stored run's kept scores cannot decide
+        the sets at t, no set (never a smaller one) and the store's one-line reason in their place."""
+        self.refined = []
+        if run is None:
+            self.title.setText("No attribution yet: pick a fact and press F5.")
+            self.summary.setText("")
+            return
+        done, n = len(run.scores), len(run.prompts)
+        templates = run.params.get("causal_templates")
+        self.title.setText(f"{run.fact.subject} \u2192 {run.fact.object}  ({run.fact.relation}, {n} prompts"
+                           + (f", {templates} templates" if templates else "")
+                           + (", top scores stored" if run.compact is not None else "") + ")" + run.header_note())
+        if not run.scores:
+            self.summary.setText("waiting for the first prompt\u2026")
+            return
+        try:
+            self.refined = self.session.refined(run)
+            coarse = [len(self.session.coarse(run, i)) for i in range(done)]
+        except TooCoarse as exc:
+            self.summary.setText(f"\u26a0 no coarse or refined sets at t = {self.session.t:.2f}: {exc}")
+            self.problem.emit(str(exc))
+            return
+        need = max(self.session.p * done, 3)
+        self.summary.setText(
+            f"coarse per prompt: {', '.join(map(str, coarse))}   |   refined (coarse in \u2265 {need:g} of "
+            f"{done} prompts): {len(self.refined)}   |   t = {self.session.t:.2f}, p = {self.session.p:.2f}"
+            + ("" if done >= 3 else "   (refinement needs \u2265 3 prompts)"))
 
     def _draw_prompts(self, force: bool = False):
         """The per-prompt view; drawn only while its tab is visible (it is the costly one to redraw)."""
@@ -491,9 +511,9 @@ class AttributionPanel(QWidget):
             l, i = shown[k]
             ys = []
             for ps in run.scores:
-                top = float(np.max(ps.scores))
+                top = float(np.nanmax(ps.scores))  # a compact run keeps every prompt's top scores
                 ys.append(float(ps.scores[l, i]) / top if top > 0 else 0.0)
-            line.setData(np.arange(1, len(ys) + 1), ys)
+            line.setData(np.arange(1, len(ys) + 1), ys, connect="finite")  # NaN: a score not stored
         if run is None or not run.scores:
             return
         n = len(run.scores)
@@ -502,8 +522,12 @@ class AttributionPanel(QWidget):
         for k, (prompt, ps) in enumerate(zip(run.prompts, run.scores)):
             ratios = [c["ratio"] for c in ps.completeness if c.get("ratio") == c.get("ratio")]
             comp = float(np.median(ratios)) if ratios else float("nan")
-            self.prompt_table.add_row([k + 1, prompt.text, prompt.answer, float(ps.prob),
-                                       len(self.session.coarse(run, k)), comp, float(ps.seconds)])
+            try:
+                coarse = len(self.session.coarse(run, k))
+            except TooCoarse:  # not decided by the kept scores at this t: no count rather than a smaller one
+                coarse = None
+            self.prompt_table.add_row([k + 1, prompt.text, prompt.answer, float(ps.prob), coarse, comp,
+                                       float(ps.seconds)])
         self.prompt_table.resizeColumnToContents(0)
         self.prompt_table.setColumnWidth(1, 260)
 
@@ -544,7 +568,9 @@ class AttributionPanel(QWidget):
     def describe_neuron(self, layer: int, neuron: int) -> str:
         text = f"layer {layer}, neuron {neuron}"
         if self._shown_scores is not None:
-            text += f":  score {self._shown_scores[layer, neuron]:.4g}"
+            score = self._shown_scores[layer, neuron]
+            text += (f":  score {score:.4g}" if not np.isnan(score) else
+                     ":  score not stored (below this run's kept top scores in at least one prompt shown)")
         if self._shown_acts is not None:
             text += f",  activation {self._shown_acts[layer, neuron]:.4g}"
         if (layer, neuron) in self.refined:

@@ -300,7 +300,7 @@ class FactsPanel(QWidget):
         prompts, skipped = self.session.prompts_for(fact)
         n_ok = n_checked = 0
         for prompt in prompts:
-            p_item = QStandardItem(prompt.text + " ___")
+            p_item = QStandardItem(prompt.text + (" ___" if prompt.kind == "causal" else ""))  # masked: has its [MASK]
             p_item.setData(("prompt", fact, prompt.template), ROLE)
             p_item.setToolTip(f"{prompt.text} [{prompt.answer!r}]\ntemplate: {prompt.template}")
             says, prob = QStandardItem(""), QStandardItem("")

@@ -44,15 +44,20 @@ class CellAxis(pg.AxisItem):
         return [str(int(math.floor(v))) for v in values]
 
 
+def strongest(values: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Index of the value of largest magnitude; NaN (a score not stored) only where nothing else is."""
+    return np.nan_to_num(np.abs(values), nan=-1.0).argmax(axis=axis)
+
+
 def pooled_columns(scores: np.ndarray, factor: int) -> np.ndarray:
     """Columns grouped by `factor`, each group shown by its value of largest magnitude (sign kept)."""
     if factor <= 1:
         return scores
     layers, neurons = scores.shape
-    padded = np.pad(scores, ((0, 0), (0, (-neurons) % factor)))
+    padded = np.pad(scores, ((0, 0), (0, (-neurons) % factor)), constant_values=np.nan)
     blocks = padded.reshape(layers, -1, factor)
-    strongest = np.abs(blocks).argmax(axis=2)
-    return np.take_along_axis(blocks, strongest[..., None], axis=2)[..., 0]
+    strongest_index = strongest(blocks, axis=2)
+    return np.take_along_axis(blocks, strongest_index[..., None], axis=2)[..., 0]
 
 
 class NeuronMap(pg.GraphicsLayoutWidget):
@@ -180,7 +185,7 @@ class NeuronMap(pg.GraphicsLayoutWidget):
         if self._pool > 1:  # the pixel shows the strongest neuron of its column group: that is the one under it
             start = neuron - neuron % self._pool
             group = self.scores[layer, start:start + self._pool]
-            neuron = start + int(np.abs(group).argmax())
+            neuron = start + int(strongest(group))
         return layer, neuron
 
     def _clicked(self, event):

@@ -151,7 +151,9 @@ class NeuronsPanel(QWidget):
         text = f"Flagged {', '.join(flagged)}: " + "; ".join(
             {"massive": "its activation is far beyond its layer's (a massive activation, Sun et al. 2024)",
              "unspecific": "coarse for facts of most relations, not specific to this one"}.get(f, f) for f in flagged)
-        return text + (f"\nrule: {rule}" if rule else "") + "\nLeft out of refined and relation neurons by default."
+        return text + (f"\nrule: {rule}" if rule else "") + ("\nLeft out of the coarse, refined and relation sets "
+                                                           "(and of the coarse threshold's maximum) unless Keep "
+                                                           "massive/unspecific neurons is checked.")
 
     def set_flags(self, flags):
         """Marks the neurons flagged massive / unspecific (kn_core.neurons.NeuronFlags, or None)."""
