@@ -2,7 +2,8 @@
 
 Drives the real window through the journey on the embedded default model: load the model, pick a fact, run
 attribution (grabbing the whole window mid-run), inspect a neuron, suppress the refined set, and grabs the
-inspector and the before/after table; then the same window at 1280x800 to check the default dock sizes.
+inspector and the before/after table; then the same window at 1280x800 (where the per-layer plots fold into a
+tab beside the map) to check the default dock sizes.
 
     xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/screenshots.py   # real X server (xcb)
     QT_QPA_PLATFORM=offscreen .venv/bin/python scripts/screenshots.py              # no X server at all
@@ -92,6 +93,7 @@ def main(argv=None) -> int:
     window.model_dock.raise_()
     wait(window.model_loaded, 600, "the default model", lambda: window.load_model("default"))
     idle()
+    window.model_dock.raise_()  # loading raises the Facts tab (the next step); the model's summary first
     shot(window.model_dock, "model_panel.png")
 
     fs = window.session.factset
@@ -142,7 +144,7 @@ def main(argv=None) -> int:
     window.edits_dock.setFloating(False)
     window.facts_dock.raise_()
     shot(window, "main_window.png")
-    window.resize(1280, 800)
+    window.resize(1280, 800)  # a laptop screen: the per-layer plots fold into a tab, the map keeps its height
     window._default_dock_sizes()
     shot(window, "main_window_1280x800.png")
 

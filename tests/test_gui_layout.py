@@ -10,7 +10,7 @@ pytest.importorskip("pytestqt")
 
 from PySide6.QtCore import QCoreApplication, QPoint, QRect  # noqa: E402
 
-from test_gui import FRANCE, app, make_window, run_fact, settings  # noqa: E402,F401
+from test_gui import FRANCE, app, apply_edit, make_window, run_fact, settings  # noqa: E402,F401
 from tiny import TINY_CAUSAL, make_tiny  # noqa: E402
 
 SIZES = [(1280, 800), (1600, 1000)]
@@ -60,6 +60,20 @@ def test_window_fits_and_shows_the_map_the_buttons_and_the_facts(sized, qtbot):
         assert not scroll.verticalScrollBar().isVisible() or scroll is window.edits_dock.widget()
         assert not scroll.horizontalScrollBar().isVisible()
     assert ap.folded == (height < 900)  # the short window folds the per-layer plots into a tab
+
+
+def test_an_edit_report_keeps_the_window_on_screen(sized, qtbot):
+    window, (width, height) = sized
+    run_fact(qtbot, window, steps=1)
+    window.attribution_panel.select_neuron(3, 5)
+    report = apply_edit(qtbot, window, {"kind": "Suppress", "target": ("selection", None), "scope": "answer"})
+    qtbot.wait(300)  # the report's layout requests are delivered
+    assert report.get("metrics") and window.edits_panel.metrics_strip.isVisible()  # the widest part of the report
+    hint = window.minimumSizeHint()
+    assert hint.width() <= width and hint.height() <= height, hint
+    assert not window.edits_dock.widget().horizontalScrollBar().isVisible()
+    assert fully_shown(window.edits_panel.apply_button) and fully_shown(window.attribution_panel.run_button)
+    assert fully_shown(window.edits_panel.result_title)
 
 
 @pytest.mark.parametrize("kind", ["Suppress", "Amplify", "Update", "Erase relation"])

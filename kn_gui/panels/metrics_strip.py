@@ -7,7 +7,7 @@ One card per metric: the edit's value in large type, "random: value" under it, t
 from __future__ import annotations
 
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import QFrame, QGridLayout, QLabel, QWidget
+from PySide6.QtWidgets import QFrame, QGridLayout, QLabel, QScrollArea, QWidget
 
 from kn_core.metrics import applicable, format_value
 
@@ -57,12 +57,18 @@ def _was(key: str, value) -> str:
     return ""
 
 
-class MetricsStrip(QWidget):
-    """Shows `report["metrics"]` (kn_core.metrics.edit_metrics) or hides itself when there is none."""
+class MetricsStrip(QScrollArea):
+    """Shows `report["metrics"]` (kn_core.metrics.edit_metrics) or hides itself when there is none. The cards
+    scroll sideways where the dock is narrower than all of them (1280 px screens), never widening the window."""
 
     def __init__(self, parent=None):
         super().__init__(parent)
-        grid = QGridLayout(self)
+        self.setFrameShape(QFrame.NoFrame)
+        self.setWidgetResizable(True)
+        self.setVerticalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        inner = QWidget()
+        self.setWidget(inner)
+        grid = QGridLayout(inner)
         grid.setContentsMargins(0, 0, 0, 0)
         grid.setHorizontalSpacing(6)
         self.cards: dict[str, tuple[QFrame, QLabel, QLabel, QLabel, QLabel]] = {}
@@ -111,6 +117,7 @@ class MetricsStrip(QWidget):
             frame.setToolTip(tip + (f"\n\nNot applicable: {reason}" if reason else "")
                              + "\n\nThe random control applies the same edit to as many random neurons of the same "
                                "layers (docs/METRICS.md).")
+        self.setFixedHeight(self.widget().sizeHint().height() + self.horizontalScrollBar().sizeHint().height())
         self.show()
 
     def texts(self) -> dict[str, tuple[str, str, str]]:
