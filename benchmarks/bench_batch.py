@@ -16,7 +16,8 @@ explicit neurons from the paper's activation baseline (score = the neuron's acti
 kn_core.neurons.run_flags), computed in batched forward passes. Every group of every request is measured on its
 first --max-prompts prompts (default 2) with --control-facts 1 fact per control group: both printed.
 
-Each scenario runs in a fresh process, so its peak RSS (ru_maxrss) is its own. Timings are printed beside a
+Each scenario runs in a fresh process, so its peak RSS (ru_maxrss) is its own; the batch's own peak (VmHWM reset
+just before it, Linux) and the RSS before it are printed too, apart from the neuron step's. Timings are printed beside a
 reference measured in the same process (seconds per prompt of one plain `answer_probabilities` pass) and the
 load average, because this machine is shared.
 """
@@ -45,6 +46,26 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def status_mb(field: str) -> float | None:
+    """VmRSS (now) or VmHWM (peak since the last reset_peak) from /proc (Linux), in MB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak() -> bool:
+    """Resets VmHWM to the current RSS (Linux >= 4.0), so the batch's own peak can be read after it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def choose_facts(lm, factset, n: int, seed: int):
     from kn_core.facts import render_prompts
 
@@ -60,17 +81,20 @@ def choose_facts(lm, factset, n: int, seed: int):
     raise SystemExit(f"only {len(chosen)} facts with 3 prompts")
 
 
-def activation_neurons(lm, chosen):
-    """The activation baseline's refined neurons per fact (see the module notes), batched."""
+def activation_neurons(lm, chosen, chunk: int = 64):
+    """The activation baseline's refined neurons per fact (see the module notes), batched in chunks of facts so
+    that their activations (184 KB per prompt on the default model) are not all held at once; the massive
+    neurons are flagged on the first chunk's prompts."""
     from kn_core.neurons import answer_activations, refined_neurons, run_flags
 
-    prompts = [p for _, ps in chosen for p in ps]
-    acts = answer_activations(lm, prompts)
-    flags = run_flags(lm, acts)
-    out = []
-    for i in range(len(chosen)):
-        out.append(refined_neurons(acts[3 * i:3 * i + 3], t=0.5, p=0.7, exclude=flags.excluded))
-    return out, sorted(flags.excluded)
+    out, excluded = [], None
+    for start in range(0, len(chosen), chunk):
+        part = chosen[start:start + chunk]
+        acts = answer_activations(lm, [p for _, ps in part for p in ps])
+        if excluded is None:
+            excluded = run_flags(lm, acts).excluded
+        out += [refined_neurons(acts[3 * i:3 * i + 3], t=0.5, p=0.7, exclude=excluded) for i in range(len(part))]
+    return out, sorted(excluded)
 
 
 def one(kind: str, n: int, modes: list[str], max_prompts: int, control_facts: int, seed: int, sizes: bool,
@@ -119,10 +143,13 @@ def one(kind: str, n: int, modes: list[str], max_prompts: int, control_facts: in
     original = lm.sha256
     edits = {}
     for mode in modes:
+        out[f"rss_before_{mode}_mb"] = status_mb("VmRSS")
+        peak_reset = reset_peak()
         started = time.perf_counter()
         result = run_batch(lm, parsed, resolved, mode, control_facts=control_facts, max_prompts=max_prompts,
                            measure_sizes=sizes, relation_exclusion=not keep_shared, label=f"bench {kind} x{n}")
         elapsed = time.perf_counter() - started
+        out[f"peak_rss_during_{mode}_mb"] = status_mb("VmHWM") if peak_reset else None
         measured = sum(sum(r["prompts"].values()) for r in result.report["requests"])
         project_path = folder / f"{mode}.knproj"
         with create_project(project_path) as project:

@@ -100,7 +100,8 @@ class PromptScores:
     activations: np.ndarray  # float32 [layers, neurons], mean over answer tokens
     prob: float  # P(answer): product of the teacher-forced token probabilities
     token_probs: list[float]
-    completeness: list[dict]  # per layer: {"layer", "sum", "delta", "ratio"}
+    completeness: list[dict]  # per layer: {"layer", "sum", "delta", "ratio"}; gauss/auto add "points" (rows
+    # evaluated), "error" (quadrature.py's completeness error) and "within_tolerance"
     seconds: float
     params: dict = field(default_factory=dict)
 

@@ -291,3 +291,11 @@ def test_gui_attribution_panel_passes_the_quadrature(qtbot):
     panel.steps.setValue(6)
     panel.quadrature.setCurrentText("riemann")  # a chosen number of points stays
     assert panel.params() == AttributionParams(steps=6) and panel.rule.isEnabled()
+
+
+def test_cli_says_which_layers_stayed_above_the_tolerance(capsys, saved_gpt2):
+    """gauss with one point cannot reach 1e-9 even on the dense grid: the layers are named, the scores kept."""
+    code = main(["attribute", "--prompt", "The capital of France is", "--answer", " Paris", "--model", saved_gpt2,
+                 "--quadrature", "gauss", "--steps", "1", "--tolerance", "1e-9"])
+    out = capsys.readouterr().out
+    assert code == 0 and "completeness error above --tolerance 1e-09 in L0, L1, L2" in out and "coarse neurons" in out

@@ -51,6 +51,7 @@ def cmd_attribute(args) -> int:
     lines = [f"P({args.answer!r}) = {result.prob:.4f}; {len(coarse)} coarse neurons (score > {t} x max "
              f"{doc['max']:.4g}) in {result.seconds:.1f} s"]
     lines += [f"  L{n['layer']:>2} #{n['neuron']:<6} {n['score']:.4g}" for n in doc["coarse"][:30]]
+    lines += tolerance_lines([result], params)
     emit(args, doc, "\n".join(lines))
     return 0
 
@@ -169,6 +170,7 @@ def cmd_neurons(args) -> int:
     if flags.massive:
         kept = "kept (--keep-massive)" if args.keep_massive else "excluded (--keep-massive keeps them)"
         lines.append(f"  massive neurons {kept}: " + ", ".join(f"L{l} #{i}" for l, i in sorted(flags.massive)))
+    lines += tolerance_lines(results, params)
     emit(args, doc, "\n".join(lines))
     return 0
 
@@ -184,6 +186,18 @@ def attribution_options(p) -> None:
     p.add_argument("--method", choices=["ig", "activation"], default="ig",
                    help="ig (integrated gradients) or the activation baseline")
     p.add_argument("--t", type=float, default=None, help="coarse threshold: score > t x max (0.2; 0.5 activation)")
+
+
+def tolerance_lines(results, params) -> list[str]:
+    """gauss/auto: the layers whose completeness error stayed above the tolerance (kept, and said so)."""
+    over = sorted({(row["layer"], row["error"]) for r in results for row in r.completeness
+                   if row.get("within_tolerance") is False})
+    if not over:
+        return []
+    worst = max(error for _, error in over)
+    layers = ", ".join(f"L{layer}" for layer in sorted({layer for layer, _ in over}))
+    return [f"  completeness error above --tolerance {params.tolerance:g} in {layers} (worst {worst:.3g}); "
+            f"the scores are kept: more --steps, or --quadrature auto, integrates them closer"]
 
 
 def quadrature_options(p) -> None:
