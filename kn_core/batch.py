@@ -464,12 +464,20 @@ def _locality_prompts(lm, pairs, skipped) -> list[Prompt]:
     return out
 
 
+MEASURE_CHUNK = 256  # prompts per answer_probabilities call: it holds every prompt's full-vocabulary log-probs
+
+
 def _measure(lm, group_list: Sequence[dict[str, list[Prompt]]], task) -> list[dict[str, list[dict]]]:
-    """answer_probabilities of every group of every plan, in one batched pass over all of them."""
+    """answer_probabilities of every group of every plan, batched across plans, in chunks of MEASURE_CHUNK
+    prompts so that memory does not grow with the number of requests."""
     from .evaluation import answer_probabilities
 
     flat = [p for groups in group_list for ps in groups.values() for p in ps]
-    rows = iter(answer_probabilities(lm, flat, task=task) if flat else [])
+    measured: list[dict] = []
+    for start in range(0, len(flat), MEASURE_CHUNK):
+        part = task.slice(start / len(flat), min(start + MEASURE_CHUNK, len(flat)) / len(flat))
+        measured += answer_probabilities(lm, flat[start:start + MEASURE_CHUNK], task=part)
+    rows = iter(measured)
     return [{g: [next(rows) for _ in ps] for g, ps in groups.items()} for groups in group_list]
 
 

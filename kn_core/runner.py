@@ -153,6 +153,8 @@ class Progress:
         return 3600 * self.facts / self.elapsed if self.facts and self.elapsed > 0 else None
 
     def message(self) -> str:
+        if self.total_facts == 1 and not self.already:
+            return ""  # one fact: its own progress says it all
         parts = [f"{self.facts}/{self.total_facts} facts"]
         if self.already:
             parts.append(f"{self.already} stored before")
@@ -166,7 +168,8 @@ class Progress:
         """Part of one fact done (the serial backend reports inside a fact)."""
         done = (self.prompts + fraction * len(work.prompts)) / self.total_prompts
         label = f"attributing {work.fact.relation} {work.fact.subject}" + (f": {detail}" if detail else "")
-        self.task.progress(done, f"{label}; {self.message()}")
+        summary = self.message()
+        self.task.progress(done, f"{label}; {summary}" if summary else label)
 
     def fact_done(self, work: FactWork) -> None:
         self.facts += 1

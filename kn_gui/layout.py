@@ -33,7 +33,7 @@ class PanelScroll(QScrollArea):
 
 
 SIDE_WIDTH = 340  # a side dock's default width; the plots get the rest
-EDITS_HEIGHT = 280  # the edits dock down to its Apply button (the history below it may scroll)
+EDITS_HEIGHT = 270  # the edits dock down to its Apply button (the history below it may scroll)
 
 
 def show_current_page_only(stack):

@@ -146,6 +146,7 @@ def main(argv=None) -> int:
     shot(window, "main_window.png")
     window.resize(1280, 800)  # a laptop screen: the per-layer plots fold into a tab, the map keeps its height
     window._default_dock_sizes()
+    pump(1000)  # the docks, the fold and the scroll areas settle at the new size
     shot(window, "main_window_1280x800.png")
 
     project = os.path.join(tmp, "journey.knproj")

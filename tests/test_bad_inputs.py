@@ -192,6 +192,16 @@ CASES = [
     ("project-info-folder", ["project", "info", "{dir}"], ["{dir}"]),
     ("project-export-missing", ["project", "export", "/missing.knproj", "--out", "{tmp}/e"], ["no such project"]),
     ("project-info-json-missing", ["project", "info", "/missing.knproj", "--json"], ["no such project file"]),
+    # a whole fact set (kn attribute --facts; docs/SCALE.md)
+    ("facts-run-no-project", ["attribute", "--facts", "builtin"], ["--project"]),
+    ("facts-run-relation-unknown", ["attribute", "--facts", "builtin", "--relations", "P999", "--project",
+                                    "{project}"], ["P999"]),
+    ("facts-run-cluster-unknown", ["attribute", "--facts", "builtin", "--project", "{project}", "--cluster", "spark"],
+     ["--cluster", "spark"]),
+    ("facts-run-workers-0", ["attribute", "--facts", "builtin", "--project", "{project}", "--cluster", "ray",
+                             "--workers", "0"], ["--workers", "0"]),
+    ("facts-run-workers-without-cluster", ["attribute", "--facts", "builtin", "--project", "{project}", "--workers",
+                                           "2"], ["--cluster ray"]),
     # the facts importer
     pytest.param("csv-unterminated-quote", ["facts", "import", "{csv_quote}"], ["quote"], id="csv-unterminated-quote"),
     pytest.param("jsonl-deeply-nested", ["facts", "import", "{jsonl_nested}"], ["line 1"], id="jsonl-deeply-nested"),
