@@ -12,7 +12,7 @@ from pathlib import Path
 
 from kn_core.reproduce.html import provenance_rows, read_figures, render_html
 
-from .session import Run, Session, fact_label
+from .session import Run, Session, TooCoarse, fact_label
 
 GROUP_ORDER = ("fact", "relation", "other relations", "new object")  # edit_plan.summarize_plan's groups
 
@@ -46,9 +46,13 @@ def _runs_section(session: Session) -> list[str]:
     lines += ["| relation | fact | prompts | state | refined neurons | count | seconds | weights |",
               "|---|---|---|---|---|---|---|---|"]
     for run in runs:
-        refined = session.refined(run)
+        try:
+            refined = session.refined(run)
+            neurons, count = _neurons(refined), len(refined)
+        except TooCoarse as exc:  # a compact run at a t its kept scores do not decide: say so, never a smaller set
+            neurons, count = _cell(f"not decided: {exc}"), "n/a"
         lines.append(f"| {run.fact.relation} | {_cell(fact_label(run.fact))} | {len(run.scores)} of "
-                     f"{len(run.prompts)} | {run.state} | {_neurons(refined)} | {len(refined)} | "
+                     f"{len(run.prompts)} | {run.state} | {neurons} | {count} | "
                      f"{run.seconds:.1f} | {'edited (' + str(len(run.edits)) + ')' if run.edits else 'original'} |")
     return lines + [""]
 
@@ -154,7 +158,7 @@ def project_report_job(path: str | Path, session: Session, edit_commands: list, 
                 if which == "prompts":
                     panel._draw_prompts(force=True)  # as export_figure does: the lines follow the current sets
                 data = figure_data(panel, which)
-            except NothingToPlot as exc:
+            except (NothingToPlot, TooCoarse) as exc:
                 refused.append(f"{FIGURES[which]}: {exc}")
                 continue
             datas[which] = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in data.items()}
