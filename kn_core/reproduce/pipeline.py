@@ -312,18 +312,9 @@ def default_relations(factset, n: int = 3) -> list[str]:
 
 def resolve_relations(factset, relations) -> list[str]:
     """The relation ids to run: ``None`` -> a default three, ``"all"`` -> every relation of the fact set."""
-    if relations is None:
-        return default_relations(factset)
-    if isinstance(relations, str):
-        relations = relations.split(",")
-    out = list(dict.fromkeys(r.strip() for r in relations if r.strip()))
-    if [r.lower() for r in out] == ["all"]:
-        return list(factset.relations)
-    missing = [r for r in out if r not in factset.relations]
-    if missing:
-        raise KeyError(f"no relation {', '.join(missing)} in fact set {factset.name!r}; "
-                       f"it has {', '.join(sorted(factset.relations))}")
-    return out
+    from ..runner import select_relations
+
+    return default_relations(factset) if relations is None else select_relations(factset, relations)
 
 
 @dataclass
