@@ -41,3 +41,16 @@ def pause_after_first_prompt(monkeypatch):
         return original(lm, prompts, params, task=task, on_prompt=first_then_wait)
 
     monkeypatch.setattr(attribution, "attribute_fact", attribute_fact)
+
+
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """Runs are bitwise equal only at the same number of CPU threads (it sets a matmul's summation order, and a
+    tiny random model's near-tied scores then pick other neurons): for modules that compare with processes (Ray
+    workers, a child driver) that use one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

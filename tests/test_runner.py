@@ -27,16 +27,7 @@ HERE = Path(__file__).resolve().parent
 PARAMS = AttributionParams(steps=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """Runs are bitwise equal only at the same number of CPU threads (it sets a matmul's summation order, and a
-    tiny random model's near-tied scores then pick other neurons); the Ray workers and the child driver use one."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ class FoundNeurons(NamedTuple):
     prompts: list  # the prompts that found the neurons (held-out templates left out)
     neurons: list  # refined, without flagged neurons unless --keep-massive
     scores: object  # attribution scores summed over `prompts`
-    flags: object  # kn_core.neurons.NeuronFlags of the run
+    excluded: frozenset  # flagged (massive/unspecific) neurons left out; empty with --keep-massive
 
 
 def _fact_neurons(args, lm, factset, fact, held_out=None) -> FoundNeurons:
@@ -40,17 +40,13 @@ def _fact_neurons(args, lm, factset, fact, held_out=None) -> FoundNeurons:
     with progress_bar(f"attributing {fact.relation} {fact.subject}") as task:
         params = AttributionParams(steps=args.steps, seed=args.seed, force=args.force)
         scores = attribute_fact(lm, prompts, params, task=task)
-    flags = run_flags(lm, [s.activations for s in scores])
-    exclude = () if getattr(args, "keep_massive", False) else flags.excluded
-    neurons = refined_neurons([s.scores for s in scores], args.t, args.p, exclude=exclude)
-    if exclude:
+    keep = getattr(args, "keep_massive", False)
+    excluded = frozenset() if keep else run_flags(lm, [s.activations for s in scores]).excluded
+    neurons = refined_neurons([s.scores for s in scores], args.t, args.p, exclude=excluded)
+    if excluded:
         say(f"{fact.relation} {fact.subject}: massive neurons left out (--keep-massive keeps them): "
-            + ", ".join(f"L{l}.{i}" for l, i in sorted(exclude)))
-    return FoundNeurons(prompts, neurons, sum(s.scores for s in scores), flags)
-
-
-def _excluded(found: FoundNeurons, args) -> frozenset:
-    return frozenset() if getattr(args, "keep_massive", False) else found.flags.excluded
+            + ", ".join(f"L{l}.{i}" for l, i in sorted(excluded)))
+    return FoundNeurons(prompts, neurons, sum(s.scores for s in scores), excluded)
 
 
 def _flags_field(excluded, args) -> dict:
@@ -108,7 +104,7 @@ def cmd_edit_activation(args) -> int:
     plan = _planned(lm, factset, EditRequest(args.edit_kind, tuple(found.neurons), fact,
                                              factor=getattr(args, "factor", 2.0), scope=args.scope, seed=args.seed,
                                              neuron_templates=_templates(found.prompts),
-                                             exclude=tuple(_excluded(found, args))))
+                                             exclude=tuple(found.excluded)))
     prompts = plan.prompts["fact"]
     effect = ev.edit_effect(lm, [plan.edit], prompts)
     control = ev.edit_effect(lm, [plan.control], prompts)
@@ -122,7 +118,7 @@ def cmd_edit_activation(args) -> int:
                        "after": control["after"], "relative_change": control["relative_change"],
                        "flip_rate": control["flip_rate"]},
            "exported_to": args.export, **_plan_fields(lm, plan),
-           **_flags_field(_excluded(found, args), args)}
+           **_flags_field(found.excluded, args)}
     text = [f"{args.edit_kind} {len(plan.edit.neurons)} knowledge neurons of {fact.relation} {fact.subject} -> "
             f"{fact.object}:",
             *[f"  {p.text!r}: {b:.4f} -> {a:.4f}" for p, b, a in zip(prompts, effect["before"], effect["after"])],
@@ -156,7 +152,7 @@ def cmd_edit_update(args) -> int:
                                              lambda1=args.lambda1, lambda2=args.lambda2,
                                              sign_aware=args.sign_aware, strength=args.strength, seed=args.seed,
                                              neuron_templates=_templates(found.prompts),
-                                             exclude=tuple(_excluded(found, args))),
+                                             exclude=tuple(found.excluded)),
                     relation_sets)
     update = plan.edit
     own, new = plan.prompts["fact"], plan.prompts["new object"]
@@ -179,7 +175,7 @@ def cmd_edit_update(args) -> int:
            "top1_after": [r["top1_token"] for r in after_old],
            "change_rate": float(np.mean([a["top1_id"] != b["top1_id"] for a, b in zip(after_old, before_old)])),
            "success_rate": float(np.mean([r["correct"] for r in after_new])), "exported_to": args.export,
-           **_flags_field(_excluded(found, args), args),
+           **_flags_field(found.excluded, args),
            "control": {"kind": "random neurons from the same layers", "edit": plan.control.to_dict()},
            **({"calibration": plan.calibration} if plan.calibration is not None else {}),
            **_plan_fields(lm, plan)}
@@ -216,7 +212,7 @@ def cmd_edit_erase(args) -> int:
     held_out = _relation_held_out(args, lm, factset, facts)
     found = {fact: _fact_neurons(args, lm, factset, fact, held_out) for fact in facts}
     sets = {fact: f.neurons for fact, f in found.items()}
-    excluded = frozenset().union(*(_excluded(f, args) for f in found.values()))
+    excluded = frozenset().union(*(f.excluded for f in found.values()))
     if not any(sets.values()):
         raise CliError(f"{args.relation}: no knowledge neurons found in {len(sets)} facts")
     plan = _planned(lm, factset, EditRequest("erase", relation=args.relation, k=args.k, fill=args.fill,
