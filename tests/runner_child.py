@@ -42,7 +42,7 @@ def save_tiny(folder: Path) -> str:
 
 def main(model: str, facts: str, project_path: str, steps: str, address: str | None = None) -> None:
     from kn_core.attribution import AttributionParams
-    from kn_core.facts import import_facts
+    from kn_core.fact_files import import_facts
     from kn_core.models import load_model
     from kn_core.runner import attribute_factset
     from kn_core.store import open_or_create_project

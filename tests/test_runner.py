@@ -15,7 +15,8 @@ import pytest
 
 from kn_core.attribution import AttributionParams, attribute_fact
 from kn_core.cli import main
-from kn_core.facts import export_facts, render_prompts
+from kn_core.fact_files import export_facts
+from kn_core.facts import render_prompts
 from kn_core.models import load_model
 from kn_core.neurons import refined_neurons, run_flags
 from kn_core.runner import Selection, SerialBackend, attribute_each, attribute_factset, plan_facts
