@@ -54,7 +54,7 @@ def measure(form: str, facts: int, prompts: int, folder: Path) -> dict:
     works = [runner.FactWork(i, Fact("P36", f"country {i}", f"city {i}"),
                              tuple(f"prompt {k} of fact {i}" for k in range(prompts))) for i in range(facts)]
     outcomes = [outcome(rng, i, prompts) for i in range(facts)]
-    params, selection = AttributionParams(), runner.Selection()
+    params, selection = runner.run_params(AttributionParams(), "causal"), runner.Selection()
     with create_project(folder / f"{form}.knproj") as project:
         project.set_score_storage(form)
         project.add_model(MODEL)

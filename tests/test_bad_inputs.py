@@ -202,6 +202,8 @@ CASES = [
                              "--workers", "0"], ["--workers", "0"]),
     ("facts-run-workers-without-cluster", ["attribute", "--facts", "builtin", "--project", "{project}", "--workers",
                                            "2"], ["--cluster ray"]),
+    ("facts-run-causal-templates-unknown", ["attribute", "--facts", "builtin", "--project", "{project}",
+                                            "--causal-templates", "suffix"], ["--causal-templates", "suffix"]),
     # the facts importer
     pytest.param("csv-unterminated-quote", ["facts", "import", "{csv_quote}"], ["quote"], id="csv-unterminated-quote"),
     pytest.param("jsonl-deeply-nested", ["facts", "import", "{jsonl_nested}"], ["line 1"], id="jsonl-deeply-nested"),
