@@ -17,7 +17,7 @@ Conventions used throughout:
   (ties share the better rank). `ranks` has one per answer token (teacher-forced as above); `rank` is the
   first token's, the usual "rank of the object" (docs/METRICS.md).
 * The **answer positions** of a batch (the positions that predict answer tokens) are published to
-  activation edits through `edits.answer_positions`, so "suppress at the answer position" means exactly
+  activation edits through `hooks.answer_positions`, so "suppress at the answer position" means exactly
   those positions, also for multi-token answers.
 """
 
@@ -30,8 +30,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from . import edits as _edits
 from .encoding import check_length, encode_prompt
+from .hooks import answer_positions, capture_activations
 from .tasks import Task, as_task
 
 
@@ -79,7 +79,7 @@ def _batch_forward(lm, encoded: Sequence[_Encoded]):
         ids[row, : len(e.ids)] = torch.tensor(e.ids)
         attention[row, : len(e.ids)] = 1
         answer_mask[row, e.positions] = True
-    with torch.no_grad(), _edits.answer_positions(answer_mask.to(device)):
+    with torch.no_grad(), answer_positions(answer_mask.to(device)):
         logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits
     rows = []
     for row, e in enumerate(encoded):
@@ -287,8 +287,6 @@ def neuron_activations(lm, neurons: Sequence[tuple[int, int]], items: Sequence, 
     answer, masked the mask slots; mean over a multi-token answer's positions) or plain strings (position
     'answer': causal the last token, masked the mask tokens or, without one, the maximum over tokens;
     'max' / 'mean' / 'last': over all tokens)."""
-    from .hooks import capture_activations
-
     if position not in ("answer", "max", "mean", "last"):
         raise ValueError(f"position must be answer, max, mean or last, not {position!r}")
     neurons = [(int(l), int(i)) for l, i in neurons]

@@ -11,7 +11,8 @@ from typing import Sequence
 import numpy as np
 
 from . import edits as _edits
-from .edit_plan import CALIBRATION_RANGE, calibrate_update
+from .edit_plan import (CALIBRATION_RANGE, calibrate_update, erase_neurons, make_update, negatively_active,
+                        random_neurons)
 from .evaluation import answer_perplexity, answer_probabilities, ratio, ratio_from_log10, with_edits
 from .tasks import Task, as_task
 
@@ -129,7 +130,7 @@ def suppress_amplify_experiment(lm, records: Sequence[FactNeurons], factor: floa
                 "other_relations": _sample(other, control_prompts, rng)}
         prompts = [p for g in groups for p in sets[g]]
         neuron_sets = {"knowledge": rec.neurons, "baseline": rec.baseline_neurons,
-                       "random": _edits.random_neurons(lm, rec.neurons, seed=seed * 1_000_003 + i, exclude=exclude)}
+                       "random": random_neurons(lm, rec.neurons, seed=seed * 1_000_003 + i, exclude=exclude)}
         before = [base[key[id(p)]] for p in prompts]
         for method in methods:
             for op in ops:
@@ -227,8 +228,8 @@ def _update_candidates(lm, by_relation, factset, facts_per_relation, fraction, l
                 skipped.append({"fact": label, "reason": "not answered correctly"})
                 continue
             others_sets = [r.neurons for r in recs if r is not rec]
-            update = _edits.make_update(lm, rec.neurons, rec.prompts[0].answer_ids, (), others_sets, fraction,
-                                        lambda1, lambda2, embedding)
+            update = make_update(lm, rec.neurons, rec.prompts[0].answer_ids, (), others_sets, fraction, lambda1,
+                                 lambda2, embedding)
             if not update.neurons:
                 skipped.append({"fact": label, "reason": "all its neurons are shared by >10% of the relation's facts"})
                 continue
@@ -259,9 +260,9 @@ def _update_row(lm, rec, update, new_object, cf, same, other, seed, exclude, cal
                   "inter": answer_perplexity(lm, other, batch_size) if other else float("nan")}
     row = {"fact": f"{rec.relation}:{rec.fact.subject}", "object": rec.fact.object, "new_object": new_object,
            "neurons": [list(n) for n in update.neurons], "excluded": [list(n) for n in update.excluded]}
-    random_neurons = tuple(_edits.random_neurons(lm, update.neurons, seed=seed, exclude=exclude))
-    arms = [("knowledge", update), ("random", replace(update, neurons=random_neurons, excluded=()))]
-    flipped = _edits.negatively_active(update.neurons, rec.activations) if rec.activations else None
+    random_set = tuple(random_neurons(lm, update.neurons, seed=seed, exclude=exclude))
+    arms = [("knowledge", update), ("random", replace(update, neurons=random_set, excluded=()))]
+    flipped = negatively_active(update.neurons, rec.activations) if rec.activations else None
     if flipped is not None:  # ours, beyond the paper: the edit reversed on negatively active neurons
         row["flipped"] = [list(n) for n in flipped]
         arms.append(("sign_aware", replace(update, flipped=flipped)))
@@ -276,7 +277,7 @@ def _update_row(lm, rec, update, new_object, cf, same, other, seed, exclude, cal
         row["calibration"] = info
         extra = {"calibrated": {"scale": info["scale"], "reached": float(info["reached"])},
                  "calibrated_random": {"scale": info["scale"]}}
-        arms += [("calibrated", edit), ("calibrated_random", replace(edit, neurons=random_neurons, excluded=(),
+        arms += [("calibrated", edit), ("calibrated_random", replace(edit, neurons=random_set, excluded=(),
                                                                         flipped=()))]
     for name, edit in arms:
         def measure():
@@ -335,7 +336,7 @@ def erase_experiment(lm, records: Sequence[FactNeurons], k: int = 20, fill: str 
     for n_done, rel in enumerate(relations):
         task.check()
         recs = [r for r in records if r.relation == rel]
-        neurons = _edits.erase_neurons([r.neurons for r in recs], k)
+        neurons = erase_neurons([r.neurons for r in recs], k)
         if not neurons:
             out[rel] = {"skipped": "no knowledge neurons"}
             continue
@@ -356,7 +357,7 @@ def erase_experiment(lm, records: Sequence[FactNeurons], k: int = 20, fill: str 
                             "other_perplexity_ratio": ratio(before["other_perplexity"], after["other_perplexity"])}
 
         before = measure()
-        random_set = _edits.random_neurons(lm, neurons, seed=seed * 104729 + n_done, exclude=exclude)
+        random_set = random_neurons(lm, neurons, seed=seed * 104729 + n_done, exclude=exclude)
         out[rel] = {"neurons": [list(n) for n in neurons], "before": before,
                     "knowledge": with_ratios(with_edits(lm, [_edits.Erase(tuple(neurons), fill, emb)], measure)),
                     "random": with_ratios(with_edits(lm, [_edits.Erase(tuple(random_set), fill, emb)], measure))}

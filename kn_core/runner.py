@@ -4,8 +4,8 @@ facts" through `attribute_each`).
 
 - Resume: a fact whose run finished `done` on the same weights (sha256, dtype) with the same attribution
   parameters is skipped (`Project.completed_runs`), so a killed run, started again, goes on where it stopped
-  and never stores a fact's run twice. A run cut off mid-fact stays `interrupted` (as every run the store finds
-  unfinished) and the fact is attributed again.
+  and never stores a fact's run twice. A fact is stored in one transaction (its run, every prompt's scores,
+  its refined set), so a run cut off mid-fact leaves nothing of that fact and it is attributed again.
 - Facts with no usable prompt are listed with the reason (`SkippedFact`), never dropped silently.
 - Where the work runs is a backend: `SerialBackend` (this process) or `cluster.RayBackend` (Ray workers). Both
   attribute with the same `FactAttributor`, so results are bitwise equal; only this process writes to the
@@ -222,21 +222,25 @@ class RunnerReport:
 
 
 def _store(project, lm, work: FactWork, outcome: FactOutcome, params, selection: Selection) -> int:
-    """One fact's run (every prompt's scores) and its refined set, the run ending `done` last: a driver killed
-    before that leaves the run `interrupted`, and the fact is attributed again when the run resumes."""
+    """One fact's run (every prompt's scores, status `done`) and its refined set in one transaction: a driver
+    killed while storing leaves nothing of the fact, and it is attributed again when the run resumes. One commit
+    per fact (not one per prompt), so a cluster's driver is not held up by the disk."""
     info = {"runner": {"worker": outcome.worker, "seconds": outcome.seconds}}
     # the compact "top" form is for fact sets the size of PARAREL: activations (float16, 85 kB a prompt, 15x its top
     # scores) would make it ~20 GB, so there it keeps scores only; the fact's massive neurons are in its refined set
     compact = project.score_storage()["form"] == "top"
-    with project.recording_run(fact=work.fact, prompts=work.prompts, params=params, model=lm, device=outcome.device,
-                               info=info) as rec:
+    fact = work.fact
+    with project.atomic(f"storing {fact.relation} {fact.subject!r}"):
+        run_id = project.start_run(fact=fact, prompts=work.prompts, params=params, model=lm, device=outcome.device,
+                                   info=info)
         for k, r in enumerate(outcome.results):
-            rec.add(k, scores=r.scores, activations=None if compact else r.activations, prob=r.prob,
-                    completeness=r.completeness, seconds=r.seconds)
-        project.add_neuron_set("refined", outcome.refined, fact=work.fact, run_ids=[rec.run_id], model=lm,
+            project.add_prompt_result(run_id, k, scores=r.scores, activations=None if compact else r.activations,
+                                      prob=r.prob, completeness=r.completeness, seconds=r.seconds)
+        project.finish_run(run_id, "done", elapsed_s=outcome.seconds)  # the attribution's time, not the storing's
+        project.add_neuron_set("refined", outcome.refined, fact=fact, run_ids=[run_id], model=lm,
                                params={**selection.to_dict(), **params.to_dict(),
                                        "massive": [list(n) for n in outcome.massive]})
-    return rec.run_id
+    return run_id
 
 
 def attribute_factset(project, lm, factset: FactSet, params=None, *, relations="all",

@@ -36,7 +36,7 @@ def empty_factset(name: str = "untitled") -> FactSet:
 def starter_factset() -> FactSet:
     """The engine's built-in fact set; an empty one if the package data is missing."""
     try:
-        from kn_core.facts import builtin_facts
+        from kn_core.fact_files import builtin_facts
 
         return builtin_facts()
     except Exception:  # noqa: BLE001 - the app starts without it and says so in the status bar

@@ -15,7 +15,8 @@ import pytest
 
 from kn_core.attribution import AttributionParams, attribute_fact
 from kn_core.cli import main
-from kn_core.facts import export_facts, render_prompts
+from kn_core.fact_files import export_facts
+from kn_core.facts import render_prompts
 from kn_core.models import load_model
 from kn_core.neurons import refined_neurons, run_flags
 from kn_core.runner import Selection, SerialBackend, attribute_each, attribute_factset, plan_facts
@@ -211,3 +212,44 @@ def test_a_run_cut_off_mid_fact_is_attributed_again(setup, reference, tmp_path):
         assert report.attributed == 6
         assert_matches(project, reference)
         assert project.get_run(run).status == "interrupted"  # kept, as every interrupted run
+
+
+def test_storing_a_fact_is_one_commit(setup, tmp_path):
+    """Each fact's run, its prompts' scores, its done status and its refined set commit together: one commit per
+    fact (it was 3 + one per prompt), counted on the project's engine (the first fact's count also has the
+    run's set-up: the model, the facts, what is already stored)."""
+    from sqlalchemy import event
+
+    commits, per_fact = [], []
+    with create_project(tmp_path / "p.knproj") as project:
+        event.listen(project._db._engine, "commit", lambda conn: commits.append(1))
+        before = len(commits)
+
+        def stored(work, run_id):
+            nonlocal before
+            per_fact.append(len(commits) - before)
+            before = len(commits)
+
+        attribute_factset(project, setup["lm"], tiny_factset(), AttributionParams(steps=2), on_fact=stored)
+        assert len(project.list_neuron_sets(kind="refined")) == 6
+    assert per_fact[1:] == [1] * 5
+
+
+def test_a_driver_killed_mid_store_leaves_no_half_stored_fact(setup, tmp_path):
+    """A driver that dies while storing a fact (after 3 of its 5 prompts reached the store) leaves that fact out
+    entirely: no run of it, interrupted or otherwise, no neuron set; the rerun stores it once."""
+    path = tmp_path / "p.knproj"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)]), "OMP_NUM_THREADS": "1",
+           "KN_TEST_DIE_AFTER_PROMPTS": "8"}
+    child = subprocess.run([sys.executable, str(HERE / "runner_child.py"), setup["model"], setup["facts"], str(path),
+                            "2"], capture_output=True, text=True, env=env, timeout=600)
+    assert child.returncode == 9, child.stderr
+    assert child.stdout.splitlines()[0].startswith("stored France")
+    with open_project(path) as project:
+        runs = project.list_runs()
+        assert [(r.status, r.n_done) for r in runs] == [("done", 5)]
+        assert len(project.list_neuron_sets()) == 1 and project.check_integrity() == []
+        report = attribute_factset(project, setup["lm"], tiny_factset(), AttributionParams(steps=2))
+        assert (report.attributed, report.already_stored) == (5, 1)
+        assert sorted(r.status for r in project.list_runs()) == ["done"] * 6
+        stored_facts(project)  # one done run per fact

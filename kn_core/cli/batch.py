@@ -12,7 +12,8 @@ REQUESTS_HELP = """one request a line, EasyEdit's form {"prompt", "subject", "gr
 def cmd_edit_batch(args) -> int:
     from ..attribution import AttributionParams, default_t
     from ..edit_stack import EditStack
-    from ..batch import NeuronSource, check_requests, parse_requests, resolve_neurons, run_batch
+    from ..batch import NeuronSource, resolve_neurons, run_batch
+    from ..batch_requests import check_requests, parse_requests
 
     factset = factset_of(args)
     params = AttributionParams(steps=args.steps, method=args.method, seed=args.seed, force=args.force)
@@ -52,7 +53,7 @@ def cmd_edit_batch(args) -> int:
 
 
 def _refuse_or_skip(parsed, skip_bad: bool) -> None:
-    from ..batch import BatchError
+    from ..batch_requests import BatchError
 
     try:
         parsed.refuse_or_skip(skip_bad)
