@@ -154,10 +154,10 @@ def suppress_amplify_experiment(lm, records: Sequence[FactNeurons], factor: floa
     relations = sorted({r.relation for r in used})
     per_relation = {rel: {m: {op: {g: _pool(acc[(rel, m, op, g)]) for g in groups} for op in ops} for m in methods}
                     | {"facts": sum(r.relation == rel for r in used)} for rel in relations}
-    average = {m: {op: {g: float(np.nanmean([per_relation[rel][m][op][g]["relative_change"] for rel in relations]))
-                        if relations else float("nan") for g in groups} for op in ops} for m in methods}
-    flips = {m: {op: {g: float(np.nanmean([per_relation[rel][m][op][g]["flip_rate"] for rel in relations]))
-                      if relations else float("nan") for g in groups} for op in ops} for m in methods}
+    average = {m: {op: {g: _mean_ignoring_nan([per_relation[rel][m][op][g]["relative_change"] for rel in relations])
+                        for g in groups} for op in ops} for m in methods}
+    flips = {m: {op: {g: _mean_ignoring_nan([per_relation[rel][m][op][g]["flip_rate"] for rel in relations])
+                      for g in groups} for op in ops} for m in methods}
     return {"factor": factor, "amplify_meaning": AMPLIFY_MEANING, "control_prompts": control_prompts, "seed": seed,
             "excluded_neurons": len(set(map(tuple, exclude))), "per_relation": per_relation, "average": average,
             "average_flip_rate": flips, "facts_used": len(used), "facts_without_neurons": skipped}
@@ -308,7 +308,7 @@ def update_summary(rows: list[dict], name: str) -> dict:
     if not rows:
         return {}
     vals = [r[name] for r in rows]
-    out = {k: float(np.nanmean([v[k] for v in vals])) for k in vals[0] if not k.startswith("ppl_")}
+    out = {k: _mean_ignoring_nan([v[k] for v in vals]) for k in vals[0] if not k.startswith("ppl_")}
     if "scale" in out:
         out["scale"] = float(np.median([v["scale"] for v in vals]))
     if "reached" in out:
@@ -420,7 +420,14 @@ def activation_by_prompt(lm, records: Sequence[FactNeurons], factset, prompts_pe
             row[f"n_{g}"] = len(items[g])
         per_fact.append(row)
         task.progress((n_done + 1) / max(len(used), 1), row["fact"])
-    means = {g: float(np.nanmean([r[g] for r in per_fact])) if per_fact else float("nan") for g in groups}
+    means = {g: _mean_ignoring_nan([r[g] for r in per_fact]) for g in groups}
     return {**means, "facts": len(per_fact), "prompts_per_group": prompts_per_group,
             "direction": "activation x sign of the neuron's activation on the fact's prompts (the sign that "
                          "raises the answer, as Attr > 0)", "per_fact": per_fact}
+
+
+def _mean_ignoring_nan(values) -> float:
+    """np.nanmean without its warning: NaN (which the reports print as n/a) when no value is a number, e.g. a
+    relation without a measurable fact."""
+    numbers = [float(v) for v in values if v is not None and not np.isnan(v)]
+    return float(np.mean(numbers)) if numbers else float("nan")
