@@ -217,3 +217,37 @@ def test_edit_leaves_out_flagged_neurons_as_kn_neurons_does(capsys, saved, monke
     assert "massive neurons left out" in err
     code, out, err = run(capsys, *argv, "--keep-massive")
     assert code == 0 and list(target) in strict(out)["edit"]["neurons"]
+
+
+@pytest.mark.parametrize("kind", ["suppress", "amplify", "update", "erase", "batch"])
+def test_edit_verbs_find_neurons_with_the_quadrature_asked_for(capsys, saved, monkeypatch, tmp_path, kind):
+    """--quadrature/--tolerance reach the attribution that finds the neurons to edit, and --json reports them
+    (neuron_params, as kn edit batch reports its own); without them it is the paper's Riemann sum."""
+    import kn_core.attribution as attribution
+
+    seen, real = [], attribution.attribute_fact
+    monkeypatch.setattr(attribution, "attribute_fact",
+                        lambda lm, prompts, params, **kw: seen.append(params) or real(lm, prompts, params, **kw))
+    argv = ["edit", kind, "--model", saved["gpt2"], "--t", "0.1", "--p", "0.2", "--json"]
+    if kind == "batch":
+        requests = tmp_path / "req.jsonl"
+        requests.write_text(json.dumps({"relation": "P36", "subject": "Japan", "kind": "suppress"}) + "\n")
+        argv[2:2] = [str(requests)]
+        argv += ["--control-facts", "1"]
+    else:
+        argv += ["--relation", "P36"]
+        argv += ["--max-facts", "2", "--control-facts", "2", "--k", "3"] if kind == "erase" else ["--subject", "France"]
+    if kind == "update":
+        argv += ["--new-object", "Berlin"]
+    code, out, err = run(capsys, *argv, "--quadrature", "gauss", "--steps", "2", "--tolerance", "0.05")
+    assert code == 0, err
+    assert seen and all((p.quadrature, p.steps, p.tolerance) == ("gauss", 2, 0.05) for p in seen)
+    reported = strict(out)["neuron_params"]
+    assert (reported["t"], reported["p"], reported["quadrature"], reported["steps"], reported["tolerance"]) == \
+        (0.1, 0.2, "gauss", 2, 0.05)
+    seen.clear()
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    assert seen and all((p.quadrature, p.steps) == ("riemann", 20) for p in seen)
+    reported = strict(out)["neuron_params"]
+    assert reported["steps"] == 20 and "quadrature" not in reported and "tolerance" not in reported

@@ -176,11 +176,7 @@ def cmd_neurons(args) -> int:
 
 
 def attribution_options(p) -> None:
-    p.add_argument("--steps", type=int, default=None,
-                   help="integration steps m: Riemann steps (paper: 20) or Gauss points per panel (default 4 "
-                        "gauss, 3 auto); at most 1000")
-    quadrature_options(p)
-    p.add_argument("--force", action="store_true", help="allow more than 1000 steps")
+    integration_options(p)
     p.add_argument("--rule", choices=["right", "left"], default="right",
                    help="right: alpha=k/m, k=1..m (paper); left: k=0..m-1 (authors' code)")
     p.add_argument("--method", choices=["ig", "activation"], default="ig",
@@ -198,6 +194,15 @@ def tolerance_lines(results, params) -> list[str]:
     layers = ", ".join(f"L{layer}" for layer in sorted({layer for layer, _ in over}))
     return [f"  completeness error above --tolerance {params.tolerance:g} in {layers} (worst {worst:.3g}); "
             f"the scores are kept: more --steps, or --quadrature auto, integrates them closer"]
+
+
+def integration_options(p) -> None:
+    """--steps, --quadrature, --tolerance, --force: how every verb that attributes integrates (AttributionParams)."""
+    p.add_argument("--steps", type=int, default=None,
+                   help="integration steps m: Riemann steps (paper: 20) or Gauss points per panel (default 4 "
+                        "gauss, 3 auto); at most 1000")
+    quadrature_options(p)
+    p.add_argument("--force", action="store_true", help="allow more than 1000 steps")
 
 
 def quadrature_options(p) -> None:
