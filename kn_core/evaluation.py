@@ -397,15 +397,14 @@ def with_edits(lm, edit_list: Sequence, fn: Callable):
             handle.revert()
 
 
-def edit_effect(lm, edit_list: Sequence, prompts: Sequence, before: list[dict] | None = None,
-                batch_size: int = 16) -> dict:
-    """Answer probabilities before and after the edits, with the relative change and the top-1 flip rate."""
-    before = before if before is not None else answer_probabilities(lm, prompts, batch_size)
-    after = with_edits(lm, edit_list, lambda: answer_probabilities(lm, prompts, batch_size))
+def effect_between(before: list[dict], after: list[dict]) -> dict:
+    """An edit's effect on prompts measured before it and with it (`answer_probabilities` rows, e.g. one group of
+    `edit_plan.measure_plan` each time): the probabilities, the relative change, the top-1 flip rate and the
+    accuracies."""
     pb, pa = [r["prob"] for r in before], [r["prob"] for r in after]
     flips = [b["top1_id"] != a["top1_id"] for b, a in zip(before, after)]
     return {"before": pb, "after": pa, "relative_change": relative_change(pb, pa),
             "flip_rate": float(np.mean(flips)) if flips else float("nan"),
             "accuracy_before": float(np.mean([r["correct"] for r in before])) if before else float("nan"),
             "accuracy_after": float(np.mean([r["correct"] for r in after])) if after else float("nan"),
-            "n": len(prompts)}
+            "n": len(before)}

@@ -79,14 +79,21 @@ def _planned(lm, factset, request, relation_neuron_sets=()):
     return plan_edit(lm, factset, request, relation_neuron_sets)
 
 
-def _plan_fields(lm, plan) -> dict:
-    """The plan's skipped items and prompt groups; per group the edit's and the control's effect (`groups`);
-    the field's metrics beside the control's (`metrics`, docs/METRICS.md)."""
-    from ..edit_plan import summarize_plan
+def _measured(lm, plan) -> dict:
+    """`metrics.measure_edit`: every prompt group evaluated once before, once with the edit, once with the control."""
     from ..metrics import measure_edit
 
     with progress_bar("measuring the edit and its control") as task:
-        measured = measure_edit(lm, plan, task=task)
+        return measure_edit(lm, plan, task=task)
+
+
+def _plan_fields(lm, plan, measured: dict | None = None) -> dict:
+    """The plan's skipped items and prompt groups; per group the edit's and the control's effect (`groups`);
+    the field's metrics beside the control's (`metrics`, docs/METRICS.md). Measures the plan unless `measured`
+    (`_measured`) is given."""
+    from ..edit_plan import summarize_plan
+
+    measured = measured if measured is not None else _measured(lm, plan)
     before = measured["before"]
     return {"skipped": [{"what": what, "reason": why} for what, why in plan.skipped],
             "prompt_groups": {g: [p.text for p in ps] for g, ps in plan.prompts.items()},
@@ -121,8 +128,9 @@ def cmd_edit_activation(args) -> int:
                                              neuron_templates=_templates(found.prompts),
                                              exclude=tuple(found.excluded)))
     prompts = plan.prompts["fact"]
-    effect = ev.edit_effect(lm, [plan.edit], prompts)
-    control = ev.edit_effect(lm, [plan.control], prompts)
+    measured = _measured(lm, plan)  # the fact's prompts evaluated once per model state, for every figure below
+    effect = ev.effect_between(measured["before"]["fact"], measured["after"]["fact"])
+    control = ev.effect_between(measured["before"]["fact"], measured["control_after"]["fact"])
     if args.export:
         export_model(lm, [plan.edit], args.export)
     doc = {"fact": {"relation": fact.relation, "subject": fact.subject, "object": fact.object},
@@ -132,7 +140,7 @@ def cmd_edit_activation(args) -> int:
            "control": {"kind": "random neurons from the same layers", "neurons": neuron_list(plan.control.neurons),
                        "after": control["after"], "relative_change": control["relative_change"],
                        "flip_rate": control["flip_rate"]},
-           "exported_to": args.export, **_plan_fields(lm, plan),
+           "exported_to": args.export, **_plan_fields(lm, plan, measured),
            **_flags_field(found.excluded, args), **_neuron_params_field(args)}
     text = [f"{args.edit_kind} {len(plan.edit.neurons)} knowledge neurons of {fact.relation} {fact.subject} -> "
             f"{fact.object}:",
