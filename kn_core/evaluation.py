@@ -161,7 +161,11 @@ class _SwappedPrompt:
 def answer_perplexity(lm, prompts: Sequence, batch_size: int = 16) -> float:
     """exp of the mean negative log-probability per answer token over the prompts (the paper's perplexity of
     the gold object)."""
-    rows = answer_probabilities(lm, prompts, batch_size=batch_size)
+    return perplexity_of(answer_probabilities(lm, prompts, batch_size=batch_size))
+
+
+def perplexity_of(rows: Sequence[dict]) -> float:
+    """`answer_perplexity` of prompts already evaluated (`answer_probabilities` rows)."""
     nll = [-math.log(max(p, 1e-45)) for r in rows for p in r["token_probs"]]
     return float(math.exp(sum(nll) / max(len(nll), 1)))
 

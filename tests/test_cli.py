@@ -260,6 +260,32 @@ def test_edit_activation_evaluates_the_fact_once_per_model_state(capsys, saved, 
     with the control (it was 7 times), and the figures equal an evaluation made here on their own."""
     import numpy as np
 
+    import kn_core.evaluation as ev
+
+    plans, calls, real_probs = _record_plans_and_evaluations(monkeypatch)
+    code, out, err = run(capsys, "edit", kind, "--relation", "P36", "--subject", "France", "--model", saved["gpt2"],
+                         "--steps", "2", "--t", "0.1", "--p", "0.2", "--json")
+    assert code == 0, err
+    doc = strict(out)
+    (lm, plan), = plans
+    prompts = plan.prompts["fact"]
+    assert doc["prompts"] == [p.text for p in prompts] and calls.count(_pairs(prompts)) == 3
+    before = real_probs(lm, prompts)
+    for key, edit in (("edit", plan.edit), ("control", plan.control)):
+        after = ev.with_edits(lm, [edit], lambda: real_probs(lm, prompts))
+        pb, pa = [r["prob"] for r in before], [r["prob"] for r in after]
+        got = doc if key == "edit" else doc["control"]
+        if key == "edit":
+            assert got["before"] == pb
+        assert got["after"] == pa
+        assert got["relative_change"] == pytest.approx((sum(pa) - sum(pb)) / sum(pb), rel=1e-12)
+        assert got["flip_rate"] == sum(b["top1_id"] != a["top1_id"] for b, a in zip(before, after)) / len(prompts)
+    assert np.isfinite(doc["relative_change"])
+
+
+def _record_plans_and_evaluations(monkeypatch):
+    """Every plan `plan_edit` builds (with its model) and every list of prompts `answer_probabilities` scores,
+    as (text, answer) pairs (an update's new-object prompts share the fact's texts)."""
     import kn_core.edit_plan as edit_plan
     import kn_core.evaluation as ev
 
@@ -272,22 +298,67 @@ def test_edit_activation_evaluates_the_fact_once_per_model_state(capsys, saved, 
 
     monkeypatch.setattr(edit_plan, "plan_edit", plan_edit)
     monkeypatch.setattr(ev, "answer_probabilities", lambda lm, prompts, *a, **k: calls.append(
-        [p.text for p in prompts]) or real_probs(lm, prompts, *a, **k))
-    code, out, err = run(capsys, "edit", kind, "--relation", "P36", "--subject", "France", "--model", saved["gpt2"],
-                         "--steps", "2", "--t", "0.1", "--p", "0.2", "--json")
+        [(p.text, p.answer) for p in prompts]) or real_probs(lm, prompts, *a, **k))
+    return plans, calls, real_probs
+
+
+def _pairs(prompts) -> list:
+    return [(p.text, p.answer) for p in prompts]
+
+
+def test_edit_update_evaluates_each_prompt_once_per_model_state(capsys, saved, monkeypatch):
+    """kn edit update reads its top-level before/after, top-1, change and success rates off the measured "fact"
+    and "new object" groups: each is evaluated once unedited, once with the update and once with the control
+    (it was 5 times), and the figures equal an evaluation made here on its own."""
+    import numpy as np
+
+    import kn_core.evaluation as ev
+
+    plans, calls, real_probs = _record_plans_and_evaluations(monkeypatch)
+    code, out, err = run(capsys, "edit", "update", "--relation", "P36", "--subject", "France", "--new-object", "Berlin",
+                         "--model", saved["gpt2"], "--steps", "2", "--t", "0.1", "--p", "0.2", "--json")
     assert code == 0, err
     doc = strict(out)
     (lm, plan), = plans
-    prompts = plan.prompts["fact"]
-    assert doc["prompts"] == [p.text for p in prompts] and calls.count(doc["prompts"]) == 3
-    before = real_probs(lm, prompts)
-    for key, edit in (("edit", plan.edit), ("control", plan.control)):
-        after = ev.with_edits(lm, [edit], lambda: real_probs(lm, prompts))
-        pb, pa = [r["prob"] for r in before], [r["prob"] for r in after]
-        got = doc if key == "edit" else doc["control"]
-        if key == "edit":
-            assert got["before"] == pb
-        assert got["after"] == pa
-        assert got["relative_change"] == pytest.approx((sum(pa) - sum(pb)) / sum(pb), rel=1e-12)
-        assert got["flip_rate"] == sum(b["top1_id"] != a["top1_id"] for b, a in zip(before, after)) / len(prompts)
-    assert np.isfinite(doc["relative_change"])
+    own, new = plan.prompts["fact"], plan.prompts["new object"]
+    assert own and new and doc["prompts"] == [p.text for p in own]
+    assert calls.count(_pairs(own)) == 3 and calls.count(_pairs(new)) == 3
+    before_old, before_new = real_probs(lm, own, top_k=5), real_probs(lm, new, top_k=5)
+    after_old, after_new = ev.with_edits(lm, [plan.edit], lambda: (real_probs(lm, own), real_probs(lm, new)))
+    assert doc["before"] == {"old": [r["prob"] for r in before_old], "new": [r["prob"] for r in before_new]}
+    assert doc["after"] == {"old": [r["prob"] for r in after_old], "new": [r["prob"] for r in after_new]}
+    assert doc["top1_after"] == [r["top1_token"] for r in after_old]
+    assert doc["change_rate"] == np.mean([a["top1_id"] != b["top1_id"] for a, b in zip(after_old, before_old)])
+    assert doc["success_rate"] == np.mean([r["correct"] for r in after_new])
+
+
+def test_edit_erase_evaluates_each_prompt_once_per_model_state(capsys, saved, monkeypatch):
+    """kn edit erase reads its accuracies and perplexities (the edit's and the control's) off the measured "fact"
+    and "other relations" groups: each is evaluated once per model state (the relation's prompts were evaluated 9
+    times), and the figures equal `answer_perplexity` and an accuracy computed here on their own."""
+    import numpy as np
+
+    import kn_core.evaluation as ev
+
+    plans, calls, real_probs = _record_plans_and_evaluations(monkeypatch)
+    code, out, err = run(capsys, "edit", "erase", "--relation", "P36", "--max-facts", "2", "--control-facts", "2",
+                         "--k", "3", "--model", saved["gpt2"], "--steps", "2", "--t", "0.1", "--p", "0.2", "--json")
+    assert code == 0, err
+    doc = strict(out)
+    (lm, plan), = plans
+    own, other = plan.prompts["fact"], plan.prompts["other relations"]
+    assert own and other
+    assert calls.count(_pairs(own)) == 3 and calls.count(_pairs(other)) == 3
+    monkeypatch.setattr(ev, "answer_probabilities", real_probs)
+
+    def figures():
+        return {"accuracy": np.mean([r["correct"] for r in real_probs(lm, own)]),
+                "perplexity": ev.answer_perplexity(lm, own),
+                "other_accuracy": np.mean([r["correct"] for r in real_probs(lm, other)]),
+                "other_perplexity": ev.answer_perplexity(lm, other)}
+
+    assert doc["before"] == figures()
+    assert doc["after"] == ev.with_edits(lm, [plan.edit], figures)
+    assert doc["control"] == {"kind": "random neurons from the same layers",
+                              **ev.with_edits(lm, [plan.control], figures)}
+    assert doc["after"] != doc["before"]

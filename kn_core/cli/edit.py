@@ -179,13 +179,10 @@ def cmd_edit_update(args) -> int:
                                              exclude=tuple(found.excluded)),
                     relation_sets)
     update = plan.edit
-    own, new = plan.prompts["fact"], plan.prompts["new object"]
-
-    def measure():
-        return ev.answer_probabilities(lm, own, top_k=5), ev.answer_probabilities(lm, new, top_k=5)
-
-    before_old, before_new = measure()
-    after_old, after_new = ev.with_edits(lm, [update], measure)
+    own = plan.prompts["fact"]
+    measured = _measured(lm, plan)  # the fact's and the new object's prompts evaluated once per model state
+    before_old, before_new = measured["before"]["fact"], measured["before"]["new object"]
+    after_old, after_new = measured["after"]["fact"], measured["after"]["new object"]
     if args.export:
         ev.with_edits(lm, [update], lambda: export_model(lm, [update], args.export))
     doc = {"fact": {"relation": fact.relation, "subject": fact.subject, "object": fact.object},
@@ -202,7 +199,7 @@ def cmd_edit_update(args) -> int:
            **_flags_field(found.excluded, args), **_neuron_params_field(args),
            "control": {"kind": "random neurons from the same layers", "edit": plan.control.to_dict()},
            **({"calibration": plan.calibration} if plan.calibration is not None else {}),
-           **_plan_fields(lm, plan)}
+           **_plan_fields(lm, plan, measured)}
     text = [f"update {fact.relation} {fact.subject}: {fact.object} -> {args.new_object} "
             f"({len(update.neurons)} neurons, {len(update.excluded)} left out"
             + (f", edit reversed on {len(update.flipped)} negatively active" if args.sign_aware else "") + ")",
@@ -220,8 +217,6 @@ def cmd_edit_update(args) -> int:
 
 
 def cmd_edit_erase(args) -> int:
-    import numpy as np
-
     from .. import evaluation as ev
     from ..edit_plan import EditRequest
     from ..edit_stack import export_model
@@ -247,25 +242,13 @@ def cmd_edit_erase(args) -> int:
                                              exclude=tuple(excluded)),
                     sets)
     erase = plan.edit
-    own, other_prompts = plan.prompts["fact"], plan.prompts["other relations"]
-
-    def measure():
-        a = ev.answer_probabilities(lm, own)
-        out = {"accuracy": float(np.mean([x["correct"] for x in a])), "perplexity": ev.answer_perplexity(lm, own)}
-        if other_prompts:
-            b = ev.answer_probabilities(lm, other_prompts)
-            out |= {"other_accuracy": float(np.mean([x["correct"] for x in b])),
-                    "other_perplexity": ev.answer_perplexity(lm, other_prompts)}
-        return out
-
-    before = measure()
-    after = ev.with_edits(lm, [erase], measure)
-    control = ev.with_edits(lm, [plan.control], measure)
+    measured = _measured(lm, plan)  # the relation's and the other relations' prompts evaluated once per model state
+    before, after, control = (_erase_figures(measured[state]) for state in ("before", "after", "control_after"))
     if args.export:
         ev.with_edits(lm, [erase], lambda: export_model(lm, [erase], args.export))
     doc = {"relation": args.relation, "facts": len(sets), "edit": erase.to_dict(), "neurons": neuron_list(erase.neurons),
            "before": before, "after": after, "control": {"kind": "random neurons from the same layers", **control},
-           "exported_to": args.export, **_plan_fields(lm, plan), **_flags_field(excluded, args),
+           "exported_to": args.export, **_plan_fields(lm, plan, measured), **_flags_field(excluded, args),
            **_neuron_params_field(args)}
     text = [f"erase {args.relation} ({len(erase.neurons)} neurons from {len(sets)} facts):",
             f"  accuracy {before['accuracy']:.2f} -> {after['accuracy']:.2f} (random {control['accuracy']:.2f})",
@@ -275,6 +258,21 @@ def cmd_edit_erase(args) -> int:
     text += _metrics_text(doc)
     emit(args, doc, "\n".join(text))
     return 0
+
+
+def _erase_figures(rows: dict) -> dict:
+    """Erase's accuracy and answer perplexity of the relation's prompts (and of the other relations', when there
+    are some) from one model state's `measure_plan` groups."""
+    import numpy as np
+
+    from .. import evaluation as ev
+
+    own, other = rows["fact"], rows["other relations"]
+    out = {"accuracy": float(np.mean([x["correct"] for x in own])), "perplexity": ev.perplexity_of(own)}
+    if other:
+        out |= {"other_accuracy": float(np.mean([x["correct"] for x in other])),
+                "other_perplexity": ev.perplexity_of(other)}
+    return out
 
 
 def _relation_held_out(args, lm, factset, facts) -> tuple[str, ...]:
