@@ -300,3 +300,29 @@ def test_causal_templates_render_the_prompts_and_resume_matches_on_them(setup, t
         assert (end_only.attributed, end_only.already_stored) == (6, 0)
         prefix = attribute_factset(project, lm, factset, params, relations="P36")
         assert (prefix.attributed, prefix.already_stored) == (5, 1)  # France's old run is a prefix run
+
+
+def test_kn_neurons_records_its_runs_as_the_runner_does(setup, capsys, tmp_path):
+    """kn neurons --project renders with --causal-templates and records the choice in its run and refined set
+    (runner.run_params), so resuming kn attribute --facts with the same choice skips that fact and with the other
+    choice does not."""
+    p36 = tiny_factset().relation("P36")
+    factset = tiny_factset().with_relation(Relation("P36", "capital", (*p36.templates, "[X]'s capital [Y] is old")))
+    facts = str(export_facts(factset, tmp_path / "facts.jsonl"))
+    common = ["--facts", facts, "--model", setup["model"], "--device", "cpu", "--steps", "2", "--json"]
+    for templates, n_prompts in (("end-only", 5), ("prefix", 6)):
+        project = str(tmp_path / f"{templates}.knproj")
+        assert main(["neurons", "--relation", "P36", "--subject", "France", "--project", project,
+                     "--causal-templates", templates, *common]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert len(doc["prompts"]) == n_prompts and doc["causal_templates"] == templates
+        with open_project(project, read_only=True) as stored:
+            run, = stored.list_runs(status="done")
+            assert run.params == run_params(AttributionParams(steps=2), "causal", templates)
+            refined, = stored.list_neuron_sets(kind="refined")
+            assert refined.params["causal_templates"] == templates
+        other = "prefix" if templates == "end-only" else "end-only"
+        for choice, stored_before in ((templates, 1), (other, 0)):
+            assert main(["attribute", "--relations", "P36", "--project", project, "--causal-templates", choice,
+                         *common]) == 0
+            assert json.loads(capsys.readouterr().out)["already_stored"] == stored_before

@@ -125,12 +125,14 @@ def cmd_neurons(args) -> int:
     from ..attribution import attribute_fact, default_t
     from ..facts import render_prompts
     from ..neurons import coarse_neurons, refined_neurons, run_flags
+    from ..runner import prompt_params, run_params
 
     params = params_of(args)
     factset = factset_of(args)
     fact = find_fact(factset, args.relation, args.subject)
     lm = load(args)
-    prompts, skipped = render_prompts(fact, factset.relation(args.relation), lm.tokenizer, lm.kind)
+    prompts, skipped = render_prompts(fact, factset.relation(args.relation), lm.tokenizer, lm.kind,
+                                      args.causal_templates)
     if not prompts:
         raise CliError(f"no template of {args.relation} can be used with this {lm.kind} model: "
                        + "; ".join(s.reason for s in skipped))
@@ -138,12 +140,13 @@ def cmd_neurons(args) -> int:
         say(f"skipped template {s.template!r}: {s.reason}")
     t = args.t if args.t is not None else default_t(params.method)
     started = time.perf_counter()
+    recorded = run_params(params, lm.kind, args.causal_templates)  # as the runner and the GUI record it, for resume
     with project_of(args) as project:
         with progress_bar(f"{args.relation} {fact.subject}") as task:
             if project is not None:
                 project.add_model(lm)
                 project.import_factset(factset)
-                with project.recording_run(fact=fact, prompts=prompts, params=params, model=lm) as rec:
+                with project.recording_run(fact=fact, prompts=prompts, params=recorded, model=lm) as rec:
                     results = attribute_fact(lm, prompts, params, task=task, on_prompt=rec.add)
             else:
                 results = attribute_fact(lm, prompts, params, task=task)
@@ -152,13 +155,14 @@ def cmd_neurons(args) -> int:
         refined = refined_neurons([r.scores for r in results], t, args.p, exclude=exclude)
         if project is not None:
             project.add_neuron_set("refined", refined, fact=fact,
-                                   params={"t": t, "p": args.p, "keep_massive": args.keep_massive, **params.to_dict()})
+                                   params={"t": t, "p": args.p, "keep_massive": args.keep_massive, **recorded})
     coarse = [sorted(coarse_neurons(r.scores, t, exclude), key=lambda n, r=r: -r.scores[n]) for r in results]
     doc = {"fact": {"relation": fact.relation, "subject": fact.subject, "object": fact.object},
            "prompts": [{"text": p.text, "answer": p.answer, "prob": r.prob} for p, r in zip(prompts, results)],
            "skipped": [{"template": s.template, "reason": s.reason} for s in skipped],
            "coarse": [neuron_list(c, r.scores) for c, r in zip(coarse, results)],
            "refined": neuron_list(refined), "t": t, "p": args.p, "params": params.to_dict(),
+           **prompt_params(lm.kind, args.causal_templates),
            "flags": {**flags.to_dict(), "excluded_from_neurons": not args.keep_massive},
            "seconds": time.perf_counter() - started}
     for entry in doc["refined"] + [e for c in doc["coarse"] for e in c]:
@@ -223,9 +227,7 @@ def add_commands(sub) -> None:
     whole.add_argument("--facts", help="every fact of this fact set (a file, a PARAREL folder, or 'builtin')")
     whole.add_argument("--relations", default="all", help="all, or relation ids R1,R2")
     whole.add_argument("--p", type=float, default=0.7, help="refined: coarse in >= max(p x prompts, 3) prompts")
-    whole.add_argument("--causal-templates", choices=["prefix", "end-only"], default="prefix",
-                       help="causal models: prefix (default) uses the text before [Y] of every template; end-only "
-                            "only templates that end in [Y] (recorded with each run: resume matches on it)")
+    causal_templates_option(whole)
     whole.add_argument("--keep-massive", action="store_true",
                        help="keep the fact's massive-activation neurons in its refined set (the paper's method)")
     whole.add_argument("--scores", choices=["full", "float16", "top"], default=None,
@@ -246,5 +248,13 @@ def add_commands(sub) -> None:
                          help="keep massive-activation neurons in the coarse and refined sets (the paper's method)")
     neurons.add_argument("--share-prompts", choices=["auto", "on", "off"], default="auto",
                          help="run the fact's prompts in shared passes (BERT-style masked LMs; auto: on GPUs)")
+    causal_templates_option(neurons)
     attribution_options(neurons)
     neurons.set_defaults(func=cmd_neurons)
+
+
+def causal_templates_option(p) -> None:
+    """--causal-templates of the verbs that store runs (the choice is part of what resume matches on)."""
+    p.add_argument("--causal-templates", choices=["prefix", "end-only"], default="prefix",
+                   help="causal models: prefix (default) uses the text before [Y] of every template; end-only "
+                        "only templates that end in [Y] (recorded with each run: resume matches on it)")
