@@ -52,7 +52,9 @@ def snapshot(session: Session, edit_state: dict | None, model_info: dict | None)
 
 
 def save_project(path: str, snap: ProjectSnapshot, task=None) -> str:
-    """Writes the snapshot to a temporary file beside `path` and renames it into place (never half a file)."""
+    """Writes the snapshot to a temporary file beside `path` and renames it into place (never half a file). The
+    temporary file is written in one transaction: one commit (one wait for the disk) instead of one per prompt of
+    every run; a failure rolls all of it back and leaves `path` as it was."""
     from kn_core.store import create_project
 
     path = str(Path(path).expanduser())
@@ -60,35 +62,40 @@ def save_project(path: str, snap: ProjectSnapshot, task=None) -> str:
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{int(time.time() * 1000)}.saving.knproj")
     project = create_project(tmp, name=Path(path).stem)
     try:
-        if snap.score_storage and snap.score_storage.get("form", "full") != "full":
-            project.set_score_storage(**snap.score_storage)  # the project's choice, for the runs made since
-        fs = snap.factset
-        project.set_setting("factset.name", fs.name)
-        for relation in fs.relations.values():
-            project.add_relation(relation)
-        project.add_facts(fs.facts, fs.relations)
-        n = max(1, len(snap.runs))
-        for i, run in enumerate(snap.runs):
-            if task is not None:
-                task.progress(i / n, f"saving run {i + 1}/{n}")
-            state = INTERRUPTED if run.state == RUNNING else run.state
-            run_id = project.start_run(fact=run.fact, prompts=run.prompts, params=run.params,
-                                       model=run.model or None, info={"state": state, "edits": run.edits})
-            for k, ps in enumerate(run.scores):  # a compact run's kept scores go back as they were read
-                project.add_prompt_result(run_id, k, ps, scores=run.compact[k] if run.compact is not None else None)
-            project.finish_run(run_id, _STORE_STATUS[state], elapsed_s=run.seconds)
-        for s in snap.sets:
-            project.add_neuron_set(s.kind if s.kind in ("coarse", "refined", "relation", "user") else "user",
-                                   s.neurons, params={"source": s.source}, name=s.name)
-        if snap.edit_state is not None and snap.edit_state.get("entries"):
-            project.save_edit_history(snap.edit_state, model=snap.model)
-        project.set_setting(GUI_SETTING, {"t": snap.t, "p": snap.p, "autosave_of": snap.autosave_of,
-                                          "causal_templates": snap.causal_templates,
-                                          "checks": [[list(k[0]), k[1], v] for k, v in snap.checks.items()]})
+        with project.atomic(f"saving {Path(path).name}"):
+            _write_snapshot(project, snap, task)
     finally:
         project.close()
     os.replace(tmp, path)
     return path
+
+
+def _write_snapshot(project, snap: ProjectSnapshot, task) -> None:
+    if snap.score_storage and snap.score_storage.get("form", "full") != "full":
+        project.set_score_storage(**snap.score_storage)  # the project's choice, for the runs made since
+    fs = snap.factset
+    project.set_setting("factset.name", fs.name)
+    for relation in fs.relations.values():
+        project.add_relation(relation)
+    project.add_facts(fs.facts, fs.relations)
+    n = max(1, len(snap.runs))
+    for i, run in enumerate(snap.runs):
+        if task is not None:
+            task.progress(i / n, f"saving run {i + 1}/{n}")
+        state = INTERRUPTED if run.state == RUNNING else run.state
+        run_id = project.start_run(fact=run.fact, prompts=run.prompts, params=run.params,
+                                   model=run.model or None, info={"state": state, "edits": run.edits})
+        for k, ps in enumerate(run.scores):  # a compact run's kept scores go back as they were read
+            project.add_prompt_result(run_id, k, ps, scores=run.compact[k] if run.compact is not None else None)
+        project.finish_run(run_id, _STORE_STATUS[state], elapsed_s=run.seconds)
+    for s in snap.sets:
+        project.add_neuron_set(s.kind if s.kind in ("coarse", "refined", "relation", "user") else "user",
+                               s.neurons, params={"source": s.source}, name=s.name)
+    if snap.edit_state is not None and snap.edit_state.get("entries"):
+        project.save_edit_history(snap.edit_state, model=snap.model)
+    project.set_setting(GUI_SETTING, {"t": snap.t, "p": snap.p, "autosave_of": snap.autosave_of,
+                                      "causal_templates": snap.causal_templates,
+                                      "checks": [[list(k[0]), k[1], v] for k, v in snap.checks.items()]})
 
 
 def _prompt_from(d: dict, fact: Fact) -> Prompt:

@@ -220,3 +220,82 @@ def test_save_dialogs_start_in_the_documents_folder(window, monkeypatch):
     window.save_as()
     window.export_results_dialog()
     assert asked and all(os.path.dirname(p) == str(default_folder()) for p in asked)
+
+
+def saved_snapshot(runs: int = 3, prompts: int = 2):
+    """A project of `runs` complete runs (of geo_factset's facts) with `prompts` random prompts each, one cancelled
+    run and a neuron set, without a model: what project_io.save_project writes."""
+    import numpy as np
+
+    from kn_core.attribution import PromptScores
+    from kn_core.facts import Prompt
+    from kn_gui.project_io import ProjectSnapshot
+    from kn_gui.session import CANCELLED, COMPLETE, NeuronSet, Run
+
+    factset, rng = geo_factset(), np.random.default_rng(0)
+    kept = []
+    for i, fact in enumerate(factset.facts[: runs + 1]):
+        texts = [Prompt(f"{k}: the capital of {fact.subject} is", f" {fact.object}", (7,), f"[X] {k} [Y]", fact,
+                        "causal") for k in range(prompts)]
+        scores = [PromptScores(p.text, p.answer, p.answer_ids, rng.standard_normal((3, 72)).astype(np.float32),
+                               rng.standard_normal((3, 72)).astype(np.float32), 0.5, [0.5], [], 1.0, {"steps": 2})
+                  for p in texts]
+        state = COMPLETE if i < runs else CANCELLED
+        kept.append(Run(fact, texts, scores if i < runs else scores[:1], {"steps": 2}, seconds=1.0, state=state))
+    return ProjectSnapshot(factset, runs=kept, sets=[NeuronSet("mine", "user", [(0, 1), (2, 5)], "test")])
+
+
+def test_a_save_is_one_commit(tmp_path, monkeypatch):
+    """project_io.save_project writes the temporary file in one transaction (one commit, one wait for the disk,
+    not one per prompt of every run), and the file reads back as the snapshot was."""
+    from sqlalchemy import event
+
+    import kn_core.store as store
+    from kn_gui.project_io import open_project_file, save_project
+
+    commits, real = [], store.create_project
+
+    def counting(*args, **kwargs):  # commits after the empty project is created
+        project = real(*args, **kwargs)
+        event.listen(project._db._engine, "commit", lambda connection: commits.append(1))
+        return project
+
+    monkeypatch.setattr(store, "create_project", counting)
+    snap = saved_snapshot(runs=3, prompts=2)
+    path = save_project(str(tmp_path / "one.knproj"), snap)
+    assert len(commits) == 1
+    back = open_project_file(path)
+    assert [(r.fact, r.state, len(r.scores)) for r in back.runs] == \
+        [(r.fact, r.state, len(r.scores)) for r in snap.runs]
+    for got, want in zip(back.runs, snap.runs):
+        for a, b in zip(got.scores, want.scores):
+            assert (a.scores == b.scores).all() and (a.activations == b.activations).all() and a.prob == b.prob
+    assert [(s.name, list(s.neurons)) for s in back.sets] == [("mine", [(0, 1), (2, 5)])]
+
+
+def test_a_failed_save_changes_nothing(tmp_path, monkeypatch):
+    """A save that fails half-way (here the third prompt's arrays) leaves the project file it was replacing
+    byte for byte, and nothing of the snapshot in the temporary file: the transaction is rolled back whole."""
+    from kn_core.store import Project, open_project
+    from kn_gui.project_io import save_project
+
+    path = tmp_path / "kept.knproj"
+    save_project(str(path), saved_snapshot(runs=1, prompts=1))
+    before = path.read_bytes()
+    real, calls = Project.add_prompt_result, []
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("disk gone")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Project, "add_prompt_result", failing)
+    with pytest.raises(OSError, match="disk gone"):
+        save_project(str(path), saved_snapshot(runs=3, prompts=2))
+    assert path.read_bytes() == before
+    left = [p for p in tmp_path.iterdir() if p.name.endswith(".saving.knproj")]
+    assert len(left) <= 1
+    for tmp in left:
+        with open_project(tmp, read_only=True) as project:
+            assert project.list_runs() == [] and project.list_facts() == []
