@@ -86,6 +86,16 @@ class AttributionParams:
         return out
 
 
+def integration_text(params: dict) -> str:
+    """How the integral is computed, in words, from `AttributionParams.to_dict()` (a stored run's params: without a
+    `quadrature` key it is the paper's Riemann sum). Reports and notes say it this one way."""
+    quadrature = params.get("quadrature", "riemann")
+    if quadrature == "riemann":
+        return f"{params['steps']} steps ({params.get('rule', 'right')} Riemann points)"
+    return (f"{quadrature} quadrature ({params['steps']} Gauss-Legendre points per panel, completeness "
+            f"tolerance {params.get('tolerance')})")
+
+
 def default_t(method: str) -> float:
     """The paper's coarse threshold: 0.2 x max for attribution, 0.5 x max for the activation baseline."""
     return 0.5 if method == "activation" else 0.2

@@ -50,7 +50,7 @@ def resolve_neurons(lm, parsed: ParsedRequests, source: NeuronSource = NeuronSou
     attribution used every template of the fact (so none is held out); explicit neurons of an EasyEdit request
     count as found on its prompt, so its rephrases are held out, as EasyEdit measures generality; other
     explicit or stored neurons: not known (None)."""
-    from .attribution import AttributionParams, attribute_fact
+    from .attribution import AttributionParams, attribute_fact, integration_text
     from .neurons import refined_neurons
 
     task = as_task(task)
@@ -72,7 +72,8 @@ def resolve_neurons(lm, parsed: ParsedRequests, source: NeuronSource = NeuronSou
             part = task.slice(done / len(todo), (done + 1) / len(todo))
             scores = attribute_fact(lm, prompts, params, task=part)
             neurons = tuple(refined_neurons([s.scores for s in scores], source.t, source.p))
-            how = f"attribution ({params.method}, {params.steps} steps, t={source.t}, p={source.p}, {len(prompts)} prompts)"
+            how = (f"attribution ({params.method}, {integration_text(params.to_dict())}, t={source.t}, p={source.p}, "
+                   f"{len(prompts)} prompts)")
             if project is not None:
                 project.import_factset(FactSet("batch", {r.relation.id: r.relation}, [r.fact]))
                 set_id = project.add_neuron_set("refined", neurons, fact=r.fact, model=lm, note="kn edit batch",

@@ -316,7 +316,8 @@ def test_neurons_from_attribution_are_stored_in_the_project_and_reused(tmp_path)
         first = resolve_neurons(lm, parsed, source, project)
         assert first[2] == (((0, 1),), "explicit", None)
         assert first[1][2] == tuple(REL.templates)  # attribution used every template: none is held out
-        assert first[1][1].startswith("attribution (ig, 2 steps, t=0.2, p=0.5, 4 prompts), stored as project neuron set #")
+        assert first[1][1].startswith("attribution (ig, 2 steps (right Riemann points), t=0.2, p=0.5, 4 prompts), "
+                                      "stored as project neuron set #")
         again = resolve_neurons(lm, parsed, source, project)
         assert again[1][0] == first[1][0] and again[1][1].startswith("project neuron set #")
     from kn_core.attribution import attribute_fact
@@ -325,6 +326,25 @@ def test_neurons_from_attribution_are_stored_in_the_project_and_reused(tmp_path)
     prompts, _ = render_prompts(FACTS[0], REL, lm.tokenizer, lm.kind)
     scores = attribute_fact(lm, prompts, AttributionParams(steps=2))
     assert first[1][0] == tuple(refined_neurons([s.scores for s in scores], 0.2, 0.5))
+
+
+@pytest.mark.parametrize("quadrature", ["gauss", "auto"])
+def test_neurons_from_attribution_name_the_quadrature(quadrature):
+    """The note on neurons found by attribution says how the integral was computed, as the reproduction report
+    says it (attribution.integration_text): the quadrature, its points and its tolerance, not only "N steps"; the
+    neurons are those of that attribution."""
+    from kn_core.attribution import AttributionParams, attribute_fact
+    from kn_core.batch import NeuronSource
+    from kn_core.neurons import refined_neurons
+
+    lm = tiny()
+    parsed = parse_requests(lines({"relation": "P36", "subject": "France", "kind": "suppress"}), FS)
+    params = AttributionParams(steps=2, quadrature=quadrature, tolerance=0.05)
+    (neurons, how, _), = resolve_neurons(lm, parsed, NeuronSource(t=0.2, p=0.5, params=params)).values()
+    assert how == (f"attribution (ig, {quadrature} quadrature (2 Gauss-Legendre points per panel, completeness "
+                   f"tolerance 0.05), t=0.2, p=0.5, 4 prompts)")
+    prompts, _ = render_prompts(FACTS[0], REL, lm.tokenizer, lm.kind)
+    assert neurons == tuple(refined_neurons([s.scores for s in attribute_fact(lm, prompts, params)], 0.2, 0.5))
 
 
 def test_requests_without_neurons_or_plans_are_left_out_with_reasons():

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..attribution import integration_text
 from ..jsonio import dumps
 from .html import provenance_rows, read_figures, render_html
 from .metrics_section import metrics_markdown
@@ -137,7 +138,7 @@ def _header(report: dict) -> list[str]:
         + (f", at most {par['sample_factor']}x as many checked per relation on their first "
            f"{par['check_prompts']} prompts" if par["select"] == "known" else "")
         + f"), seed {par['seed']}{templates}.  ",
-        f"Attribution: integrated gradients, {_quadrature_text(par['attribution'])}, t = {par['t']}, p adapted "
+        f"Attribution: integrated gradients, {integration_text(par['attribution'])}, t = {par['t']}, p adapted "
         f"per relation from {par['p_start']}; baseline: activation, "
         f"t = 0.5.  ",
         f"The paper: {PAPER['model']}. Different model, different facts, far fewer facts: compare the direction "
@@ -466,12 +467,3 @@ def write_report(report: dict, out: Path) -> None:
     (out / "report.json").write_text(dumps(report, indent=2), encoding="utf-8")
     (out / "report.md").write_text(render_markdown(report), encoding="utf-8")
     write_html(report, out)
-
-
-def _quadrature_text(attribution: dict) -> str:
-    """How the integral was computed, from the run's params (no `quadrature` key: the paper's Riemann sum)."""
-    quadrature = attribution.get("quadrature", "riemann")
-    if quadrature == "riemann":
-        return f"{attribution['steps']} steps ({attribution['rule']} Riemann points)"
-    return (f"{quadrature} quadrature ({attribution['steps']} Gauss-Legendre points per panel, completeness "
-            f"tolerance {attribution.get('tolerance')})")
