@@ -36,6 +36,7 @@ import numpy as np
 from . import edits as E
 from .facts import Fact, FactSet, Prompt, Relation, render_prompts
 from .tasks import Cancelled, as_task
+from .validation import ValidationError, check_fraction, check_int, check_text
 
 Neuron = tuple[int, int]
 BATCH_KINDS = ("suppress", "amplify", "update")
@@ -43,6 +44,7 @@ MODES = ("compound", "sequential")
 EASYEDIT_FIELDS = ("prompt", "subject", "ground_truth", "target_new", "rephrase_prompts", "locality_prompts",
                    "neurons", "kind")
 OUR_FIELDS = ("relation", "subject", "new_object", "neurons", "kind")
+_LISTED = 20  # bad lines named in the one-line refusal; --skip-bad lists every one
 
 
 class BatchError(ValueError):
@@ -73,11 +75,13 @@ class ParsedRequests:
     factset: FactSet | None = None  # the given fact set plus the EasyEdit requests' relations and facts
 
     def refuse_or_skip(self, skip_bad: bool) -> None:
-        """BatchError listing every bad line unless `skip_bad` (then they stay listed in `bad`)."""
+        """BatchError naming the bad lines (the first _LISTED of them, with their reasons) in one line unless
+        `skip_bad` (then they stay listed in `bad`)."""
         if self.bad and not skip_bad:
-            lines = "\n".join(f"  line {n}: {why}" for n, why in self.bad)
-            raise BatchError(f"{len(self.bad)} bad request(s); fix them, or skip them explicitly "
-                             f"(--skip-bad):\n{lines}")
+            named = "; ".join(f"line {n}: {why}" for n, why in self.bad[:_LISTED])
+            more = f"; and {len(self.bad) - _LISTED} more" if len(self.bad) > _LISTED else ""
+            raise BatchError(f"{len(self.bad)} bad request(s); fix them, or skip them explicitly (--skip-bad): "
+                             f"{named}{more}")
         if not self.requests:
             raise BatchError("no usable requests" + (f" ({len(self.bad)} bad)" if self.bad else " (empty file)"))
 
@@ -121,7 +125,12 @@ def _lines(source) -> list[tuple[int, str]]:
         except (OSError, UnicodeDecodeError) as exc:
             raise BatchError(f"cannot read the requests file {str(path)!r}: {getattr(exc, 'strerror', None) or exc}")
         source = text.splitlines()
-    return [(i, raw) for i, raw in enumerate(source, 1) if raw.strip()]
+    elif isinstance(source, (bytes, bytearray)) or not isinstance(source, Iterable):
+        raise BatchError(f"requests must come from a file path or lines of text, not {type(source).__name__}")
+    lines = list(source)
+    if not all(isinstance(raw, str) for raw in lines):
+        raise BatchError("requests given as lines must be lines of text (str), one JSON object each")
+    return [(i, raw) for i, raw in enumerate(lines, 1) if raw.strip()]
 
 
 def _parse_line(number: int, raw: str, factset: FactSet | None, default_kind: str) -> BatchRequest:
@@ -144,9 +153,12 @@ def _parse_line(number: int, raw: str, factset: FactSet | None, default_kind: st
         raise _BadLine(f"kind {kind!r} is not a batch edit kind; use one of {', '.join(BATCH_KINDS)} (erase acts "
                        "on a whole relation: kn edit erase)")
     neurons = _neurons(record["neurons"]) if "neurons" in record else None
-    if easyedit:
-        return _easyedit(number, record, kind, neurons)
-    return _ours(record, kind, neurons, factset, number)
+    try:
+        if easyedit:
+            return _easyedit(number, record, kind, neurons)
+        return _ours(record, kind, neurons, factset, number)
+    except ValueError as exc:  # a template or fact the data model refuses
+        raise _BadLine(str(exc)) from None
 
 
 def _text(record: dict, key: str, required: bool = True) -> str | None:
@@ -155,7 +167,15 @@ def _text(record: dict, key: str, required: bool = True) -> str | None:
         return None
     if not isinstance(value, str) or not value.strip():
         raise _BadLine(f"{key!r} must be non-empty text" + ("" if key in record else " and is missing"))
-    return value.strip()
+    return _valid_text(key, value).strip()
+
+
+def _valid_text(key: str, value: str) -> str:
+    """Text a tokenizer takes (valid Unicode, no NULs), else the line is bad."""
+    try:
+        return check_text(key, value, allow_blank=True)
+    except ValidationError as exc:
+        raise _BadLine(str(exc)) from None
 
 
 def _neurons(raw) -> tuple[Neuron, ...]:
@@ -192,7 +212,7 @@ def _easyedit(number: int, record: dict, kind: str, neurons) -> BatchRequest:
     if not isinstance(rephrases, list) or not all(isinstance(r, str) for r in rephrases):
         raise _BadLine("'rephrase_prompts' must be a list of texts")
     for r in rephrases:
-        r = r.strip()
+        r = _valid_text("rephrase_prompts", r).strip()
         if subject not in r or "[X]" in r or "[Y]" in r:
             left_out.append((f"rephrase {r!r}", "does not name the subject, so it is not a paraphrase of the fact"
                              if subject not in r else "contains [X] or [Y]"))
@@ -223,7 +243,8 @@ def _locality(raw) -> tuple[tuple[str, str], ...]:
                 and isinstance(item.get("ground_truth"), str) and item["ground_truth"].strip()):
             raise _BadLine("each locality prompt must be {\"prompt\": text, \"ground_truth\": text} (the answer to "
                            "keep); a bare prompt has no answer to measure")
-        out.append((item["prompt"].strip(), item["ground_truth"].strip()))
+        out.append((_valid_text("locality prompt", item["prompt"]).strip(),
+                    _valid_text("locality ground_truth", item["ground_truth"]).strip()))
     return tuple(out)
 
 
@@ -254,7 +275,9 @@ def _combined_factset(factset: FactSet | None, relations: dict[str, Relation], r
 
 def check_requests(lm, parsed: ParsedRequests) -> None:
     """Moves to `parsed.bad` the requests the loaded model cannot take (explicit neurons outside it, no
-    renderable prompt); tokenizing only, no forward pass."""
+    renderable prompt, a prompt longer than the model's positions); tokenizing only, no forward pass."""
+    from .encoding import encode_prompt
+
     keep = []
     for r in parsed.requests:
         try:
@@ -264,6 +287,8 @@ def check_requests(lm, parsed: ParsedRequests) -> None:
             if not prompts:
                 reasons = "; ".join(dict.fromkeys(s.reason for s in skipped)) or "no templates"
                 raise ValueError(f"no prompt renders for this {lm.kind} model: {reasons}")
+            for prompt in prompts + _locality_prompts(lm, r.locality, []):
+                encode_prompt(lm, prompt.text, prompt.answer_ids)  # what measuring will encode, checked now
         except ValueError as exc:
             parsed.bad.append((r.line, str(exc).splitlines()[0]))
             continue
@@ -281,6 +306,10 @@ class NeuronSource:
     t: float = 0.2
     p: float = 0.7
     params: object = None  # attribution.AttributionParams; None: the defaults
+
+    def __post_init__(self):  # refused here, not after the first request's attribution
+        check_fraction("t", self.t)
+        check_fraction("p", self.p)
 
 
 def resolve_neurons(lm, parsed: ParsedRequests, source: NeuronSource = NeuronSource(), project=None,
@@ -388,10 +417,7 @@ def run_batch(lm, parsed: ParsedRequests, neurons: dict, mode: str = "compound",
     the metrics then say "not measured")."""
     if mode not in MODES:
         raise BatchError(f"unknown mode {mode!r}; use compound or sequential")
-    if forgetting_prompts < 1:
-        raise BatchError("forgetting_prompts must be >= 1")
-    if max_prompts is not None and max_prompts < 1:
-        raise BatchError("max_prompts must be >= 1 (or None for every prompt)")
+    _check_settings(seed, control_facts, forgetting_prompts, max_prompts, options)
     task = as_task(task)
     left_out = [{"line": n, "reason": why} for n, why in parsed.bad]
     planning = _PlanningFacts(parsed.factset, {r.fact for r in parsed.requests})
@@ -416,6 +442,27 @@ METRICS_NOTE = ("per request: kn_core.metrics.edit_metrics (docs/METRICS.md) of 
                 "control; summary: their means over the requests where a metric applies; 'holds' (sequential "
                 "forgetting): update: o' greedy, suppress: the old answer no longer greedy, amplify: p above its "
                 "value before the batch, on the request's first forgetting_prompts reliability prompts")
+
+
+def _check_settings(seed, control_facts, forgetting_prompts, max_prompts, options) -> None:
+    """run_batch's settings, refused in one line before any request is planned."""
+    from dataclasses import fields
+
+    from .edit_plan import EditRequest
+
+    check_int("seed", seed, 0)
+    check_int("control_facts", control_facts, 0)
+    check_int("forgetting_prompts", forgetting_prompts, 1)
+    if max_prompts is not None:
+        check_int("max_prompts", max_prompts, 1, hint=" (or None for every prompt)")
+    per_request = {"kind", "neurons", "fact", "new_object", "neuron_templates", "seed", "control_facts",
+                   "control_prompts_per_fact"}  # set by run_batch itself
+    shared = {f.name for f in fields(EditRequest)} - per_request
+    unknown = sorted(set(options or {}) - shared)
+    if unknown:
+        raise BatchError(f"unknown option(s) {', '.join(map(repr, unknown))}; options are EditRequest fields "
+                         f"shared by every request: {', '.join(sorted(shared))}")
+    EditRequest("suppress", **(options or {}))  # their values (a NaN factor or lambda) fail here, not per request
 
 
 def _relation_sets(requests, neurons) -> dict[str, dict[Fact, tuple[Neuron, ...]]]:

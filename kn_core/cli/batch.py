@@ -56,11 +56,8 @@ def _refuse_or_skip(parsed, skip_bad: bool) -> None:
 
     try:
         parsed.refuse_or_skip(skip_bad)
-    except BatchError as exc:
-        first, *rest = str(exc).splitlines()
-        for line in rest:
-            say(line)
-        raise CliError(first + (" (listed above)" if rest else "")) from None
+    except BatchError as exc:  # one line naming the bad lines
+        raise CliError(str(exc)) from None
 
 
 def _saved_history(project, lm) -> dict:

@@ -272,6 +272,7 @@ def cmd_neuron(args) -> int:
 
     if args.sign == "auto" and not args.prompt:
         raise CliError("--sign auto reads the sign of the activation on the --prompt texts; give at least one --prompt")
+    sentences = _rank_sentences(args.rank_file) if args.rank_file else None
     lm = load(args)
     check_int("--layer", args.layer, 0, lm.layout.layers - 1, " (the model's layers)")
     check_int("--index", args.index, 0, lm.layout.neurons - 1, " (the neurons of a layer)")
@@ -282,8 +283,7 @@ def cmd_neuron(args) -> int:
     if args.prompt:
         acts = ev.neuron_activations(lm, [(args.layer, args.index)], args.prompt, position=args.position)[:, 0]
         info["activations"] = [{"text": t, "activation": float(a)} for t, a in zip(args.prompt, acts)]
-    if args.rank_file:
-        sentences = [s.strip() for s in Path(args.rank_file).read_text(encoding="utf-8").splitlines() if s.strip()]
+    if sentences is not None:
         info["ranked"] = ev.rank_by_activation(lm, [(args.layer, args.index)], sentences, args.position)
     text = [f"L{args.layer} #{args.index} (|v| = {info['norm']:.3f})",
             f"{info['labels']['promotes']}: " + ", ".join(f"{r['token']!r} {r['logit']:+.2f}" for r in info["promotes"]),
@@ -292,6 +292,21 @@ def cmd_neuron(args) -> int:
     text += [f"  #{r['rank']} {r['activation']:+.4f}  {r['text']!r}" for r in info.get("ranked", [])]
     emit(args, info, "\n".join(text))
     return 0
+
+
+def _rank_sentences(path) -> list[str]:
+    """The --rank-file's sentences (one a line), read before the model loads so that a bad file costs nothing."""
+    from ..validation import check_text
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CliError(f"--rank-file {path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                       f"{exc.start}); save it as UTF-8") from None
+    lines = [(number, line.strip()) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    for number, line in lines:
+        check_text(f"--rank-file line {number}", line)
+    return [line for _, line in lines]
 
 
 def neuron_options(p) -> None:

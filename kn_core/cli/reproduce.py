@@ -11,14 +11,14 @@ from .common import COMMON, emit, factset_of, load, progress_bar, say
 
 
 def cmd_reproduce(args) -> int:
-    from ..reproduce import run_reproduce
-
     from ..attribution import AttributionParams
+    from ..reproduce import resolve_relations, run_reproduce
 
     AttributionParams(steps=args.steps, quadrature=args.quadrature, tolerance=args.tolerance)  # before loading
     factset = factset_of(args)
-    lm = load(args)
     relations = [r.strip() for r in args.relations.split(",") if r.strip()] if args.relations else None
+    resolve_relations(factset, relations)  # an unknown relation fails before the model loads
+    lm = load(args)
     with progress_bar("reproduce") as task:
         report = run_reproduce(lm, factset, Path(args.out), relations, args.facts_per_relation, args.seed,
                                args.steps, args.prompts_per_fact, args.select, args.control_prompts,
