@@ -8,7 +8,7 @@ into a project, and peak RSS should not grow with the batch.
 
 Requests are PARAREL dev facts (/work/shared/pararel-dev), drawn with a fixed seed from relations with at least
 3 prompts for the model; an update's new object is another object of the same relation (seeded). They are
-written to a REQUESTS.jsonl in our relation/subject form and read back through `kn_core.batch.parse_requests`.
+written to a REQUESTS.jsonl in our relation/subject form and read back through `kn_core.batch_requests.parse_requests`.
 
 Neurons: integrated gradients for 1,000 facts would take hours on this shared 2-core CPU, so the requests carry
 explicit neurons from the paper's activation baseline (score = the neuron's activation at the answer; coarse
@@ -101,10 +101,11 @@ def one(kind: str, n: int, modes: list[str], max_prompts: int, control_facts: in
         keep_shared: bool = False) -> dict:
     import torch
 
-    from kn_core.batch import check_requests, parse_requests, run_batch
+    from kn_core.batch import run_batch
+    from kn_core.batch_requests import check_requests, parse_requests
     from kn_core.edit_stack import EditStack
     from kn_core.evaluation import answer_probabilities
-    from kn_core.facts import import_facts
+    from kn_core.fact_files import import_facts
     from kn_core.models import load_model, weights_sha256
     from kn_core.store import create_project
 

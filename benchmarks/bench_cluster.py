@@ -60,7 +60,7 @@ def main() -> None:
 
     from kn_core.attribution import AttributionParams
     from kn_core.cluster import RayBackend
-    from kn_core.facts import builtin_facts
+    from kn_core.fact_files import builtin_facts
     from kn_core.models import load_model
     from kn_core.runner import select_relations
 

@@ -39,7 +39,8 @@ sys.path.insert(0, str(ROOT))
 
 from kn_core import attribution as kn_attribution  # noqa: E402
 from kn_core.attribution import AttributionParams, attribute  # noqa: E402
-from kn_core.facts import builtin_facts, import_facts, render_prompts  # noqa: E402
+from kn_core.fact_files import builtin_facts, import_facts  # noqa: E402
+from kn_core.facts import render_prompts  # noqa: E402
 from kn_core.models import load_model, pick_device, wrap_model  # noqa: E402
 from kn_core.neurons import coarse_neurons, flag_massive, refined_neurons, run_stats  # noqa: E402
 

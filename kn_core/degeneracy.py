@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from . import edits as E
+from .edit_plan import random_neurons
 from .evaluation import _batch_forward, _encode_prompt, ratio
 from .hooks import ActivationPatch
 from .tasks import Task, as_task
@@ -222,7 +223,7 @@ def degeneracy_test(lm, prompts: Sequence, neurons: Iterable[Neuron], params: De
     out = {"params": params.to_dict(),
            **_analyse(lm, prompts, neurons, params, task.slice(0.0, share))}
     if params.control:
-        control = E.random_neurons(lm, neurons, seed=params.seed, exclude=exclude)
+        control = random_neurons(lm, neurons, seed=params.seed, exclude=exclude)
         out["control"] = {"kind": "random neurons from the same layers",
                           **_analyse(lm, prompts, control, params, task.slice(share, 1.0))}
     return out

@@ -12,7 +12,8 @@ the same thing everywhere and is refused for the same reasons:
 
 Every refusal is an `EditPlanError` (a ValueError) with a one-line message naming the problem and the fix,
 raised before any forward pass. `measure_plan` and `summarize_plan` run and condense the evaluation the
-same way for every caller.
+same way for every caller; `make_update`, `erase_neurons` and `random_neurons` (the controls) choose the
+neurons, for the experiments too.
 
 Groups of evaluation prompts:
 - "fact": the edited fact's prompts (update: those whose template also renders the new object, in the same
@@ -31,9 +32,10 @@ Control facts are a seeded sample (`control_facts` per group, `control_prompts_p
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -328,8 +330,8 @@ def _update(lm, factset, request: EditRequest, neurons, fact_prompts, sets, skip
 
         mean = neuron_activations(lm, neurons, fact_prompts).mean(axis=0)
         activations = [_dense(lm, neurons, mean)]
-    update = E.make_update(lm, neurons, own[0].answer_ids, new[0].answer_ids, others, request.exclusion_fraction,
-                           request.lambda1, request.lambda2, activations=activations)
+    update = make_update(lm, neurons, own[0].answer_ids, new[0].answer_ids, others, request.exclusion_fraction,
+                         request.lambda1, request.lambda2, activations=activations)
     skipped.extend((f"neuron L{l}.{i}", f"shared by more than {request.exclusion_fraction:.0%} of the relation's "
                                         f"{len(others)} other facts (the paper leaves these out)")
                    for l, i in update.excluded)
@@ -352,14 +354,14 @@ def _erase(lm, factset, request: EditRequest, relation_id: str, sets, skipped):
         raise EditPlanError(f"run attribution on some facts of {relation_id} first: erase uses the relation's "
                             "most frequent refined neurons")
     excluded = set(request.exclude)
-    counts = E.neuron_frequencies([n for _, n in sets])
+    counts = neuron_frequencies([n for _, n in sets])
     flagged = [n for n in counts if n in excluded]
     candidates = [n for n in counts if n not in excluded]
     if not candidates:
         raise EditPlanError(f"the {len(sets)} facts of {relation_id} have no refined neurons"
                             + (f" other than {len(flagged)} flagged ones" if flagged else "")
                             + "; lower t or p, or attribute more facts")
-    neurons = E.erase_neurons([[n for n in s if n not in excluded] for _, s in sets], request.k)
+    neurons = erase_neurons([[n for n in s if n not in excluded] for _, s in sets], request.k)
     if len(neurons) < request.k:
         why = (f"the {len(sets)} attributed facts of {relation_id} have only {len(candidates)} distinct refined "
                "neurons" + (f" once {len(flagged)} flagged ones are left out" if flagged else ""))
@@ -376,7 +378,7 @@ def _erase(lm, factset, request: EditRequest, relation_id: str, sets, skipped):
 
 
 def _control(lm, edit, request: EditRequest, stats) -> E.Edit:
-    neurons = tuple(E.random_neurons(lm, edit.neurons, seed=request.seed, exclude=request.exclude))
+    neurons = tuple(random_neurons(lm, edit.neurons, seed=request.seed, exclude=request.exclude))
     if isinstance(edit, E.Update):
         return E.Update(neurons, edit.old_ids, edit.new_ids, edit.lambda1, edit.lambda2, edit.embedding,
                         edit.multi_token)
@@ -385,6 +387,66 @@ def _control(lm, edit, request: EditRequest, stats) -> E.Edit:
     if isinstance(edit, E.Amplify):
         return E.Amplify(neurons, edit.factor, edit.scope)
     return _suppress(neurons, request, stats)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Choosing neurons: an update's exclusions and signs, erase's most frequent, the random controls
+# --------------------------------------------------------------------------------------------------------
+
+
+def neuron_frequencies(neuron_sets: Sequence[Iterable[Neuron]]) -> dict[Neuron, int]:
+    counts: dict[Neuron, int] = {}
+    for neurons in neuron_sets:
+        for n in set(E._norm_neurons(neurons)):
+            counts[n] = counts.get(n, 0) + 1
+    return counts
+
+
+def make_update(lm, neurons: Iterable[Neuron], old_ids, new_ids, relation_neuron_sets=(), fraction: float = 0.1,
+                lambda1: float = 1.0, lambda2: float = 8.0, embedding: str | None = None,
+                multi_token: str | None = None, activations: Sequence[np.ndarray] | None = None) -> E.Update:
+    """An Update of one fact's knowledge neurons, leaving out neurons that are knowledge neurons of more than
+    `fraction` of the relation's *other* facts (`relation_neuron_sets`: their refined sets, without this
+    fact's own; counting the fact itself would exclude every neuron of a relation with fewer than 10 facts).
+
+    `activations` (each prompt's [layers, neurons] at the answer) makes the update sign-aware: neurons whose
+    mean activation over the prompts is negative get the edit reversed (`Update.flipped`)."""
+    neurons = E._norm_neurons(neurons)
+    counts = neuron_frequencies(relation_neuron_sets)
+    n_facts = len(relation_neuron_sets)
+    excluded = tuple(n for n in neurons if n_facts and counts.get(n, 0) > fraction * n_facts)
+    kept = tuple(n for n in neurons if n not in excluded)
+    return E.Update(kept, tuple(old_ids), tuple(new_ids), lambda1, lambda2, embedding or E.default_embedding(lm),
+                    multi_token or E.default_multi_token(lm), excluded, negatively_active(kept, activations))
+
+
+def negatively_active(neurons: Sequence[Neuron], activations: Sequence[np.ndarray] | None) -> tuple[Neuron, ...]:
+    """The neurons whose activation, averaged over prompts ([layers, neurons] each), is negative."""
+    if not activations:
+        return ()
+    mean = np.mean(np.stack([np.asarray(a, dtype=np.float64) for a in activations]), axis=0)
+    return tuple(n for n in neurons if mean[n] < 0)
+
+
+def erase_neurons(relation_neuron_sets: Sequence[Iterable[Neuron]], k: int = 20) -> list[Neuron]:
+    """The k most frequent knowledge neurons of a relation (ties: lower layer, lower index first)."""
+    counts = neuron_frequencies(relation_neuron_sets)
+    return [n for n, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:k]]
+
+
+def random_neurons(lm, like: Sequence[Neuron], seed: int = 0, exclude: Iterable[Neuron] = ()) -> list[Neuron]:
+    """As many random neurons as `like`, drawn from the same layers (one per neuron of `like`), seeded."""
+    rng = random.Random(seed)
+    taken = set(E._norm_neurons(exclude)) | set(E._norm_neurons(like))
+    out: list[Neuron] = []
+    for layer, _ in E._norm_neurons(like):
+        for _ in range(1000):
+            n = (layer, rng.randrange(lm.layout.neurons))
+            if n not in taken:
+                break
+        taken.add(n)
+        out.append(n)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -10,10 +10,7 @@ and returns a handle whose `revert()` undoes exactly that change:
   keep a copy of the original slices and restore them with `index_copy_`, so reverting is bitwise exact
   (`torch.equal`).
 
-"Answer positions": when `evaluation` runs a batch it publishes the exact positions through
-`answer_positions(mask)`. Without that, a causal model's answer position is the last (non-padding) position
-of each sequence in each forward (also during generation with a KV cache), and a masked model's are the
-positions of its mask token, read from the `input_ids` given to the model.
+Which positions are the "answer positions" of a forward: `hooks.answer_position_mask`.
 
 Weight edits must be reverted in the reverse order of application when they touch the same value vectors
 (`edit_stack.EditStack` guarantees that). Every number that reaches the weights is checked to be finite.
@@ -21,31 +18,15 @@ Weight edits must be reverted in the reverse order of application when they touc
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import random
 from dataclasses import dataclass, fields
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
-from .hooks import ActivationPatch, InputCapture
+from .hooks import ActivationPatch, InputCapture, answer_position_mask
 
 Neuron = tuple[int, int]
-
-_ANSWER_MASK: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("kn_answer_mask", default=None)
-
-
-@contextlib.contextmanager
-def answer_positions(mask: torch.Tensor):
-    """Within this block, answer-scoped activation edits act on the positions where `mask` (batch, seq) is
-    True (used by `evaluation` to point at the exact answer positions of a padded batch)."""
-    token = _ANSWER_MASK.set(mask)
-    try:
-        yield
-    finally:
-        _ANSWER_MASK.reset(token)
 
 
 def _finite(value, name: str) -> float:
@@ -98,34 +79,6 @@ class EditHandle:
         if self.active:
             self._revert_fn()
             self.active = False
-
-
-def _position_mask(lm, capture: InputCapture, x: torch.Tensor) -> torch.Tensor | None:
-    """Bool mask (batch, seq) of answer positions for an activation x (batch, seq, neurons)."""
-    if x.dim() != 3:
-        return None
-    batch, seq = x.shape[0], x.shape[1]
-    mask = _ANSWER_MASK.get()
-    if mask is not None and tuple(mask.shape) == (batch, seq):
-        return mask.to(x.device)
-    if lm.kind == "masked":
-        ids = capture.input_ids
-        mask_id = getattr(lm.tokenizer, "mask_token_id", None)
-        if ids is None or mask_id is None or tuple(ids.shape) != (batch, seq):
-            return None
-        return (ids == mask_id).to(x.device)
-    out = torch.zeros((batch, seq), dtype=torch.bool, device=x.device)
-    attention = capture.attention_mask
-    if attention is not None and attention.dim() == 2 and attention.shape[0] == batch and attention.shape[1] >= seq:
-        attention = attention[:, -seq:].to(x.device)
-        # last position whose attention mask is 1 (right padding); left padding gives seq - 1
-        idx = torch.arange(seq, device=x.device).expand(batch, seq)
-        last = torch.where(attention.bool(), idx, torch.full_like(idx, -1)).max(dim=1).values
-        last = torch.where(last < 0, torch.full_like(last, seq - 1), last)
-        out[torch.arange(batch, device=x.device), last] = True
-    else:
-        out[:, -1] = True
-    return out
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -196,7 +149,7 @@ class _ActivationEdit(Edit):
             if self.scope == "all":
                 x[..., idx] = changed(x[..., idx])
                 return x
-            mask = _position_mask(lm, capture, x)
+            mask = answer_position_mask(lm, capture, x)
             if mask is None:
                 return None
             sel = x[mask]  # (n_positions, neurons)
@@ -575,66 +528,3 @@ def edit_from_dict(d: dict) -> Edit:
     except (TypeError, ValueError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ValueError(f"malformed {kind} edit: {message}") from None
-
-
-# --------------------------------------------------------------------------------------------------------
-# Builders used by the experiments and the CLI
-# --------------------------------------------------------------------------------------------------------
-
-def neuron_frequencies(neuron_sets: Sequence[Iterable[Neuron]]) -> dict[Neuron, int]:
-    counts: dict[Neuron, int] = {}
-    for neurons in neuron_sets:
-        for n in set(_norm_neurons(neurons)):
-            counts[n] = counts.get(n, 0) + 1
-    return counts
-
-
-def make_update(lm, neurons: Iterable[Neuron], old_ids, new_ids, relation_neuron_sets=(), fraction: float = 0.1,
-                lambda1: float = 1.0, lambda2: float = 8.0, embedding: str | None = None,
-                multi_token: str | None = None, activations: Sequence[np.ndarray] | None = None) -> Update:
-    """An Update of one fact's knowledge neurons, leaving out neurons that are knowledge neurons of more than
-    `fraction` of the relation's *other* facts (`relation_neuron_sets`: their refined sets, without this
-    fact's own; counting the fact itself would exclude every neuron of a relation with fewer than 10 facts).
-
-    `activations` (each prompt's [layers, neurons] at the answer) makes the update sign-aware: neurons whose
-    mean activation over the prompts is negative get the edit reversed (`Update.flipped`)."""
-    neurons = _norm_neurons(neurons)
-    counts = neuron_frequencies(relation_neuron_sets)
-    n_facts = len(relation_neuron_sets)
-    excluded = tuple(n for n in neurons if n_facts and counts.get(n, 0) > fraction * n_facts)
-    kept = tuple(n for n in neurons if n not in excluded)
-    return Update(kept, tuple(old_ids), tuple(new_ids), lambda1, lambda2, embedding or default_embedding(lm),
-                  multi_token or default_multi_token(lm), excluded, negatively_active(kept, activations))
-
-
-def negatively_active(neurons: Sequence[Neuron], activations: Sequence[np.ndarray] | None) -> tuple[Neuron, ...]:
-    """The neurons whose activation, averaged over prompts ([layers, neurons] each), is negative."""
-    if not activations:
-        return ()
-    mean = np.mean(np.stack([np.asarray(a, dtype=np.float64) for a in activations]), axis=0)
-    return tuple(n for n in neurons if mean[n] < 0)
-
-
-def erase_neurons(relation_neuron_sets: Sequence[Iterable[Neuron]], k: int = 20) -> list[Neuron]:
-    """The k most frequent knowledge neurons of a relation (ties: lower layer, lower index first)."""
-    counts = neuron_frequencies(relation_neuron_sets)
-    return [n for n, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:k]]
-
-
-def make_erase(lm, relation_neuron_sets, k: int = 20, fill: str = "zero", embedding: str | None = None) -> Erase:
-    return Erase(tuple(erase_neurons(relation_neuron_sets, k)), fill, embedding or default_embedding(lm))
-
-
-def random_neurons(lm, like: Sequence[Neuron], seed: int = 0, exclude: Iterable[Neuron] = ()) -> list[Neuron]:
-    """As many random neurons as `like`, drawn from the same layers (one per neuron of `like`), seeded."""
-    rng = random.Random(seed)
-    taken = set(_norm_neurons(exclude)) | set(_norm_neurons(like))
-    out: list[Neuron] = []
-    for layer, _ in _norm_neurons(like):
-        for _ in range(1000):
-            n = (layer, rng.randrange(lm.layout.neurons))
-            if n not in taken:
-                break
-        taken.add(n)
-        out.append(n)
-    return out

@@ -17,7 +17,7 @@ Conventions used throughout:
   (ties share the better rank). `ranks` has one per answer token (teacher-forced as above); `rank` is the
   first token's, the usual "rank of the object" (docs/METRICS.md).
 * The **answer positions** of a batch (the positions that predict answer tokens) are published to
-  activation edits through `edits.answer_positions`, so "suppress at the answer position" means exactly
+  activation edits through `hooks.answer_positions`, so "suppress at the answer position" means exactly
   those positions, also for multi-token answers.
 """
 
@@ -30,8 +30,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from . import edits as _edits
 from .encoding import check_length, encode_prompt
+from .hooks import answer_positions, capture_activations
 from .tasks import Task, as_task
 from .validation import check_text
 
@@ -80,7 +80,7 @@ def _batch_forward(lm, encoded: Sequence[_Encoded]):
         ids[row, : len(e.ids)] = torch.tensor(e.ids)
         attention[row, : len(e.ids)] = 1
         answer_mask[row, e.positions] = True
-    with torch.no_grad(), _edits.answer_positions(answer_mask.to(device)):
+    with torch.no_grad(), answer_positions(answer_mask.to(device)):
         logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits
     rows = []
     for row, e in enumerate(encoded):
@@ -290,8 +290,6 @@ def neuron_activations(lm, neurons: Sequence[tuple[int, int]], items: Sequence, 
     answer, masked the mask slots; mean over a multi-token answer's positions) or plain strings (position
     'answer': causal the last token, masked the mask tokens or, without one, the maximum over tokens;
     'max' / 'mean' / 'last': over all tokens)."""
-    from .hooks import capture_activations
-
     if position not in ("answer", "max", "mean", "last"):
         raise ValueError(f"position must be answer, max, mean or last, not {position!r}")
     neurons = [(int(l), int(i)) for l, i in neurons]
@@ -403,15 +401,14 @@ def with_edits(lm, edit_list: Sequence, fn: Callable):
             handle.revert()
 
 
-def edit_effect(lm, edit_list: Sequence, prompts: Sequence, before: list[dict] | None = None,
-                batch_size: int = 16) -> dict:
-    """Answer probabilities before and after the edits, with the relative change and the top-1 flip rate."""
-    before = before if before is not None else answer_probabilities(lm, prompts, batch_size)
-    after = with_edits(lm, edit_list, lambda: answer_probabilities(lm, prompts, batch_size))
+def effect_between(before: list[dict], after: list[dict]) -> dict:
+    """An edit's effect on prompts measured before it and with it (`answer_probabilities` rows, e.g. one group of
+    `edit_plan.measure_plan` each time): the probabilities, the relative change, the top-1 flip rate and the
+    accuracies."""
     pb, pa = [r["prob"] for r in before], [r["prob"] for r in after]
     flips = [b["top1_id"] != a["top1_id"] for b, a in zip(before, after)]
     return {"before": pb, "after": pa, "relative_change": relative_change(pb, pa),
             "flip_rate": float(np.mean(flips)) if flips else float("nan"),
             "accuracy_before": float(np.mean([r["correct"] for r in before])) if before else float("nan"),
             "accuracy_after": float(np.mean([r["correct"] for r in after])) if after else float("nan"),
-            "n": len(prompts)}
+            "n": len(before)}

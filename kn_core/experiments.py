@@ -11,7 +11,8 @@ from typing import Sequence
 import numpy as np
 
 from . import edits as _edits
-from .edit_plan import CALIBRATION_RANGE, calibrate_update
+from .edit_plan import (CALIBRATION_RANGE, calibrate_update, erase_neurons, make_update, negatively_active,
+                        random_neurons)
 from .evaluation import answer_perplexity, answer_probabilities, ratio, ratio_from_log10, with_edits
 from .tasks import Task, as_task
 
@@ -129,7 +130,7 @@ def suppress_amplify_experiment(lm, records: Sequence[FactNeurons], factor: floa
                 "other_relations": _sample(other, control_prompts, rng)}
         prompts = [p for g in groups for p in sets[g]]
         neuron_sets = {"knowledge": rec.neurons, "baseline": rec.baseline_neurons,
-                       "random": _edits.random_neurons(lm, rec.neurons, seed=seed * 1_000_003 + i, exclude=exclude)}
+                       "random": random_neurons(lm, rec.neurons, seed=seed * 1_000_003 + i, exclude=exclude)}
         before = [base[key[id(p)]] for p in prompts]
         for method in methods:
             for op in ops:
@@ -153,10 +154,10 @@ def suppress_amplify_experiment(lm, records: Sequence[FactNeurons], factor: floa
     relations = sorted({r.relation for r in used})
     per_relation = {rel: {m: {op: {g: _pool(acc[(rel, m, op, g)]) for g in groups} for op in ops} for m in methods}
                     | {"facts": sum(r.relation == rel for r in used)} for rel in relations}
-    average = {m: {op: {g: float(np.nanmean([per_relation[rel][m][op][g]["relative_change"] for rel in relations]))
-                        if relations else float("nan") for g in groups} for op in ops} for m in methods}
-    flips = {m: {op: {g: float(np.nanmean([per_relation[rel][m][op][g]["flip_rate"] for rel in relations]))
-                      if relations else float("nan") for g in groups} for op in ops} for m in methods}
+    average = {m: {op: {g: _mean_ignoring_nan([per_relation[rel][m][op][g]["relative_change"] for rel in relations])
+                        for g in groups} for op in ops} for m in methods}
+    flips = {m: {op: {g: _mean_ignoring_nan([per_relation[rel][m][op][g]["flip_rate"] for rel in relations])
+                      for g in groups} for op in ops} for m in methods}
     return {"factor": factor, "amplify_meaning": AMPLIFY_MEANING, "control_prompts": control_prompts, "seed": seed,
             "excluded_neurons": len(set(map(tuple, exclude))), "per_relation": per_relation, "average": average,
             "average_flip_rate": flips, "facts_used": len(used), "facts_without_neurons": skipped}
@@ -227,8 +228,8 @@ def _update_candidates(lm, by_relation, factset, facts_per_relation, fraction, l
                 skipped.append({"fact": label, "reason": "not answered correctly"})
                 continue
             others_sets = [r.neurons for r in recs if r is not rec]
-            update = _edits.make_update(lm, rec.neurons, rec.prompts[0].answer_ids, (), others_sets, fraction,
-                                        lambda1, lambda2, embedding)
+            update = make_update(lm, rec.neurons, rec.prompts[0].answer_ids, (), others_sets, fraction, lambda1,
+                                 lambda2, embedding)
             if not update.neurons:
                 skipped.append({"fact": label, "reason": "all its neurons are shared by >10% of the relation's facts"})
                 continue
@@ -259,9 +260,9 @@ def _update_row(lm, rec, update, new_object, cf, same, other, seed, exclude, cal
                   "inter": answer_perplexity(lm, other, batch_size) if other else float("nan")}
     row = {"fact": f"{rec.relation}:{rec.fact.subject}", "object": rec.fact.object, "new_object": new_object,
            "neurons": [list(n) for n in update.neurons], "excluded": [list(n) for n in update.excluded]}
-    random_neurons = tuple(_edits.random_neurons(lm, update.neurons, seed=seed, exclude=exclude))
-    arms = [("knowledge", update), ("random", replace(update, neurons=random_neurons, excluded=()))]
-    flipped = _edits.negatively_active(update.neurons, rec.activations) if rec.activations else None
+    random_set = tuple(random_neurons(lm, update.neurons, seed=seed, exclude=exclude))
+    arms = [("knowledge", update), ("random", replace(update, neurons=random_set, excluded=()))]
+    flipped = negatively_active(update.neurons, rec.activations) if rec.activations else None
     if flipped is not None:  # ours, beyond the paper: the edit reversed on negatively active neurons
         row["flipped"] = [list(n) for n in flipped]
         arms.append(("sign_aware", replace(update, flipped=flipped)))
@@ -276,7 +277,7 @@ def _update_row(lm, rec, update, new_object, cf, same, other, seed, exclude, cal
         row["calibration"] = info
         extra = {"calibrated": {"scale": info["scale"], "reached": float(info["reached"])},
                  "calibrated_random": {"scale": info["scale"]}}
-        arms += [("calibrated", edit), ("calibrated_random", replace(edit, neurons=random_neurons, excluded=(),
+        arms += [("calibrated", edit), ("calibrated_random", replace(edit, neurons=random_set, excluded=(),
                                                                         flipped=()))]
     for name, edit in arms:
         def measure():
@@ -307,7 +308,7 @@ def update_summary(rows: list[dict], name: str) -> dict:
     if not rows:
         return {}
     vals = [r[name] for r in rows]
-    out = {k: float(np.nanmean([v[k] for v in vals])) for k in vals[0] if not k.startswith("ppl_")}
+    out = {k: _mean_ignoring_nan([v[k] for v in vals]) for k in vals[0] if not k.startswith("ppl_")}
     if "scale" in out:
         out["scale"] = float(np.median([v["scale"] for v in vals]))
     if "reached" in out:
@@ -335,7 +336,7 @@ def erase_experiment(lm, records: Sequence[FactNeurons], k: int = 20, fill: str 
     for n_done, rel in enumerate(relations):
         task.check()
         recs = [r for r in records if r.relation == rel]
-        neurons = _edits.erase_neurons([r.neurons for r in recs], k)
+        neurons = erase_neurons([r.neurons for r in recs], k)
         if not neurons:
             out[rel] = {"skipped": "no knowledge neurons"}
             continue
@@ -356,7 +357,7 @@ def erase_experiment(lm, records: Sequence[FactNeurons], k: int = 20, fill: str 
                             "other_perplexity_ratio": ratio(before["other_perplexity"], after["other_perplexity"])}
 
         before = measure()
-        random_set = _edits.random_neurons(lm, neurons, seed=seed * 104729 + n_done, exclude=exclude)
+        random_set = random_neurons(lm, neurons, seed=seed * 104729 + n_done, exclude=exclude)
         out[rel] = {"neurons": [list(n) for n in neurons], "before": before,
                     "knowledge": with_ratios(with_edits(lm, [_edits.Erase(tuple(neurons), fill, emb)], measure)),
                     "random": with_ratios(with_edits(lm, [_edits.Erase(tuple(random_set), fill, emb)], measure))}
@@ -419,7 +420,14 @@ def activation_by_prompt(lm, records: Sequence[FactNeurons], factset, prompts_pe
             row[f"n_{g}"] = len(items[g])
         per_fact.append(row)
         task.progress((n_done + 1) / max(len(used), 1), row["fact"])
-    means = {g: float(np.nanmean([r[g] for r in per_fact])) if per_fact else float("nan") for g in groups}
+    means = {g: _mean_ignoring_nan([r[g] for r in per_fact]) for g in groups}
     return {**means, "facts": len(per_fact), "prompts_per_group": prompts_per_group,
             "direction": "activation x sign of the neuron's activation on the fact's prompts (the sign that "
                          "raises the answer, as Attr > 0)", "per_fact": per_fact}
+
+
+def _mean_ignoring_nan(values) -> float:
+    """np.nanmean without its warning: NaN (which the reports print as n/a) when no value is a number, e.g. a
+    relation without a measurable fact."""
+    numbers = [float(v) for v in values if v is not None and not np.isnan(v)]
+    return float(np.mean(numbers)) if numbers else float("nan")

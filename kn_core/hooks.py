@@ -6,10 +6,17 @@ on the way out, also after an exception) or until `remove()` for edits that stay
   always seen as (batch, seq, neurons); `capture_activations` reads them.
 - `Override` / `replay`: a module's forward replaced (attribution replays clean outputs instead of computing).
 - `InputCapture`: the ids and attention mask of the model's latest forward (answer-scoped edits).
+- `answer_positions` / `answer_position_mask`: where the answer is in a forward, for answer-scoped edits. When
+  `evaluation` runs a batch it publishes the exact positions through `answer_positions(mask)`. Without that,
+  a causal model's answer position is the last (non-padding) position of each sequence in each forward (also
+  during generation with a KV cache), and a masked model's are the positions of its mask token, read from the
+  `input_ids` given to the model.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -159,3 +166,46 @@ class InputCapture(Hooks):
         self.input_ids = ids if isinstance(ids, torch.Tensor) else None
         mask = kwargs.get("attention_mask")
         self.attention_mask = mask if isinstance(mask, torch.Tensor) else None
+
+
+_ANSWER_MASK: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("kn_answer_mask", default=None)
+
+
+@contextlib.contextmanager
+def answer_positions(mask: torch.Tensor):
+    """Within this block, answer-scoped activation edits act on the positions where `mask` (batch, seq) is
+    True (used by `evaluation` to point at the exact answer positions of a padded batch)."""
+    token = _ANSWER_MASK.set(mask)
+    try:
+        yield
+    finally:
+        _ANSWER_MASK.reset(token)
+
+
+def answer_position_mask(lm, capture: InputCapture, x: torch.Tensor) -> torch.Tensor | None:
+    """Bool mask (batch, seq) of answer positions for an activation x (batch, seq, neurons); None when they
+    cannot be told (an answer-scoped edit then leaves x as it is)."""
+    if x.dim() != 3:
+        return None
+    batch, seq = x.shape[0], x.shape[1]
+    mask = _ANSWER_MASK.get()
+    if mask is not None and tuple(mask.shape) == (batch, seq):
+        return mask.to(x.device)
+    if lm.kind == "masked":
+        ids = capture.input_ids
+        mask_id = getattr(lm.tokenizer, "mask_token_id", None)
+        if ids is None or mask_id is None or tuple(ids.shape) != (batch, seq):
+            return None
+        return (ids == mask_id).to(x.device)
+    out = torch.zeros((batch, seq), dtype=torch.bool, device=x.device)
+    attention = capture.attention_mask
+    if attention is not None and attention.dim() == 2 and attention.shape[0] == batch and attention.shape[1] >= seq:
+        attention = attention[:, -seq:].to(x.device)
+        # last position whose attention mask is 1 (right padding); left padding gives seq - 1
+        idx = torch.arange(seq, device=x.device).expand(batch, seq)
+        last = torch.where(attention.bool(), idx, torch.full_like(idx, -1)).max(dim=1).values
+        last = torch.where(last < 0, torch.full_like(last, seq - 1), last)
+        out[torch.arange(batch, device=x.device), last] = True
+    else:
+        out[:, -1] = True
+    return out

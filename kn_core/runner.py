@@ -3,9 +3,9 @@ stored per fact, resumable (`attribute_factset`, behind `kn attribute --facts` a
 facts" through `attribute_each`).
 
 - Resume: a fact whose run finished `done` on the same weights (sha256, dtype) with the same attribution
-  parameters is skipped (`Project.completed_runs`), so a killed run, started again, goes on where it stopped
-  and never stores a fact's run twice. A run cut off mid-fact stays `interrupted` (as every run the store finds
-  unfinished) and the fact is attributed again.
+  parameters and the same causal templates (`run_params`: what the GUI records too) is skipped (`Project.completed_runs`), so a killed run, started again, goes on where it stopped
+  and never stores a fact's run twice. A fact is stored in one transaction (its run, every prompt's scores,
+  its refined set), so a run cut off mid-fact leaves nothing of that fact and it is attributed again.
 - Facts with no usable prompt are listed with the reason (`SkippedFact`), never dropped silently.
 - Where the work runs is a backend: `SerialBackend` (this process) or `cluster.RayBackend` (Ray workers). Both
   attribute with the same `FactAttributor`, so results are bitwise equal; only this process writes to the
@@ -22,9 +22,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
-from .facts import Fact, FactSet, Prompt, render_prompts
+from .facts import CAUSAL_TEMPLATES, Fact, FactSet, Prompt, render_prompts
 from .tasks import Task, as_task
-from .validation import ValidationError, check_fraction
+from .validation import ValidationError, check_choice, check_fraction
 
 
 @dataclass(frozen=True)
@@ -99,22 +99,35 @@ def select_relations(factset: FactSet, relations: str | Iterable[str] | None = "
     return chosen
 
 
-def plan_facts(factset: FactSet, relations, tokenizer, kind: str) -> tuple[list[FactWork], list[SkippedFact]]:
-    """Every fact of the chosen relations with its usable prompts; a fact without any is a SkippedFact whose
-    reason gives each template's."""
+def plan_facts(factset: FactSet, relations, tokenizer, kind: str,
+               causal_templates: str = "prefix") -> tuple[list[FactWork], list[SkippedFact]]:
+    """Every fact of the chosen relations with its usable prompts (`facts.render_prompts` with
+    `causal_templates`); a fact without any is a SkippedFact whose reason gives each template's."""
     chosen = set(select_relations(factset, relations))
     work, skipped = [], []
     for fact in factset.facts:
         if fact.relation not in chosen:
             continue
         relation = factset.relation(fact.relation)
-        prompts, skips = render_prompts(fact, relation, tokenizer, kind)
+        prompts, skips = render_prompts(fact, relation, tokenizer, kind, causal_templates)
         if prompts:
             work.append(FactWork(len(work), fact, tuple(prompts)))
         else:
             reasons = "; ".join(f"{s.template!r}: {s.reason}" for s in skips) or "its relation has no templates"
             skipped.append(SkippedFact(fact, f"no usable prompt ({reasons})"))
     return work, skipped
+
+
+def prompt_params(kind: str, causal_templates: str) -> dict:
+    """How a run's prompts were rendered, recorded in its params by the runner and the GUI alike: the causal
+    templates choice for a causal model, None for a masked one (its templates are used whole)."""
+    return {"causal_templates": causal_templates if kind == "causal" else None}
+
+
+def run_params(params, kind: str, causal_templates: str = "prefix") -> dict:
+    """A run's recorded params: the attribution parameters and how its prompts were rendered (what resume
+    matches on)."""
+    return {**params.to_dict(), **prompt_params(kind, causal_templates)}
 
 
 def worker_name() -> str:
@@ -235,28 +248,34 @@ class RunnerReport:
                 "backend": self.backend, "run_ids": self.run_ids, "duplicates_ignored": self.duplicates_ignored}
 
 
-def _store(project, lm, work: FactWork, outcome: FactOutcome, params, selection: Selection) -> int:
-    """One fact's run (every prompt's scores) and its refined set, the run ending `done` last: a driver killed
-    before that leaves the run `interrupted`, and the fact is attributed again when the run resumes."""
+def _store(project, lm, work: FactWork, outcome: FactOutcome, recorded: dict, selection: Selection) -> int:
+    """One fact's run (every prompt's scores, status `done`) and its refined set in one transaction: a driver
+    killed while storing leaves nothing of the fact, and it is attributed again when the run resumes. One commit
+    per fact (not one per prompt), so a cluster's driver is not held up by the disk."""
     info = {"runner": {"worker": outcome.worker, "seconds": outcome.seconds}}
     # the compact "top" form is for fact sets the size of PARAREL: activations (float16, 85 kB a prompt, 15x its top
     # scores) would make it ~20 GB, so there it keeps scores only; the fact's massive neurons are in its refined set
     compact = project.score_storage()["form"] == "top"
-    with project.recording_run(fact=work.fact, prompts=work.prompts, params=params, model=lm, device=outcome.device,
-                               info=info) as rec:
+    fact = work.fact
+    with project.atomic(f"storing {fact.relation} {fact.subject!r}"):
+        run_id = project.start_run(fact=fact, prompts=work.prompts, params=recorded, model=lm, device=outcome.device,
+                                   info=info)
         for k, r in enumerate(outcome.results):
-            rec.add(k, scores=r.scores, activations=None if compact else r.activations, prob=r.prob,
-                    completeness=r.completeness, seconds=r.seconds)
-        project.add_neuron_set("refined", outcome.refined, fact=work.fact, run_ids=[rec.run_id], model=lm,
-                               params={**selection.to_dict(), **params.to_dict(),
+            project.add_prompt_result(run_id, k, scores=r.scores, activations=None if compact else r.activations,
+                                      prob=r.prob, completeness=r.completeness, seconds=r.seconds)
+        project.finish_run(run_id, "done", elapsed_s=outcome.seconds)  # the attribution's time, not the storing's
+        project.add_neuron_set("refined", outcome.refined, fact=fact, run_ids=[run_id], model=lm,
+                               params={**selection.to_dict(), **recorded,
                                        "massive": [list(n) for n in outcome.massive]})
-    return rec.run_id
+    return run_id
 
 
 def attribute_factset(project, lm, factset: FactSet, params=None, *, relations="all",
                       selection: Selection | None = None, backend=None, task: Task | None = None,
-                      on_fact: Callable[[FactWork, int], None] | None = None) -> RunnerReport:
+                      on_fact: Callable[[FactWork, int], None] | None = None,
+                      causal_templates: str = "prefix") -> RunnerReport:
     """Attributes every fact of `relations` into `project` (see the module's doc); returns what it did.
+    `causal_templates` ("prefix" or "end-only", facts.CAUSAL_TEMPLATES) renders a causal model's prompts.
 
     `lm` is the driver's model: it renders the prompts and names the weights (its sha256) that resume matches
     on; `backend` (default `SerialBackend()`) also uses it to compute. `on_fact(work, run_id)` is called after
@@ -264,18 +283,22 @@ def attribute_factset(project, lm, factset: FactSet, params=None, *, relations="
     from .attribution import AttributionParams
 
     params = params or AttributionParams()
+    check_choice("causal_templates", causal_templates, CAUSAL_TEMPLATES)
     selection = selection or Selection()
     if not isinstance(params, AttributionParams) or not isinstance(selection, Selection):
         raise ValidationError(f"expected AttributionParams and a runner.Selection, got {type(params).__name__} and "
                               f"{type(selection).__name__}")
     backend = backend or SerialBackend()
     task = as_task(task)
-    works, skipped = plan_facts(factset, relations, lm.tokenizer, lm.kind)
+    works, skipped = plan_facts(factset, relations, lm.tokenizer, lm.kind, causal_templates)
     chosen = select_relations(factset, relations)
     report = RunnerReport(facts=len(works) + len(skipped), skipped=skipped, backend=backend.describe())
     project.add_model(lm)
     fact_ids = project.add_facts([w.fact for w in works], [factset.relation(r) for r in chosen])
-    completed = project.completed_runs(lm, params)
+    recorded = run_params(params, lm.kind, causal_templates)
+    completed = project.completed_runs(lm, recorded)
+    if lm.kind != "causal" or causal_templates == "prefix":  # runs stored before the choice was recorded
+        completed = {**project.completed_runs(lm, params.to_dict()), **completed}  # rendered these prompts
     pending = [w for w, fid in zip(works, fact_ids) if fid not in completed]
     report.already_stored = len(works) - len(pending)
     progress = Progress(task, pending, report.already_stored)
@@ -289,7 +312,7 @@ def attribute_factset(project, lm, factset: FactSet, params=None, *, relations="
             if outcome.index in stored:  # a retried worker answered twice: the fact is stored once
                 report.duplicates_ignored += 1
                 continue
-            run_id = _store(project, lm, work, outcome, params, selection)
+            run_id = _store(project, lm, work, outcome, recorded, selection)
             stored.add(outcome.index)
             report.run_ids.append(run_id)
             report.attributed += 1

@@ -196,7 +196,7 @@ class ActionsMixin:
             self.import_facts(folder)
 
     def export_facts_dialog(self):
-        from kn_core.facts import export_facts
+        from kn_core.fact_files import export_facts
 
         path, _ = QFileDialog.getSaveFileName(self, "Export facts", os.path.join(self._start_folder(), "facts.jsonl"),
                                               "JSONL (*.jsonl);;CSV (*.csv)")
@@ -326,7 +326,7 @@ class ActionsMixin:
 
     # ----------------------------------------------------------------------------------------- projects and facts
     def import_facts(self, path: str) -> bool:
-        from kn_core.facts import import_facts
+        from kn_core.fact_files import import_facts
 
         try:
             imported = import_facts(path)

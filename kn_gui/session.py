@@ -36,7 +36,7 @@ def empty_factset(name: str = "untitled") -> FactSet:
 def starter_factset() -> FactSet:
     """The engine's built-in fact set; an empty one if the package data is missing."""
     try:
-        from kn_core.facts import builtin_facts
+        from kn_core.fact_files import builtin_facts
 
         return builtin_facts()
     except Exception:  # noqa: BLE001 - the app starts without it and says so in the status bar
@@ -171,9 +171,11 @@ class Session:
                               causal_templates or self.causal_templates)
 
     def prompt_params(self) -> dict:
-        """How the prompts were made, recorded in every run's params as the CLI records it (None: masked)."""
-        return {"causal_templates": self.causal_templates if self.lm is not None and self.lm.kind == "causal"
-                else None}
+        """How the prompts were made, recorded in every run's params as `kn attribute --facts` records it, so
+        that its resume recognises the GUI's runs (None: masked)."""
+        from kn_core.runner import prompt_params
+
+        return prompt_params(self.lm.kind if self.lm is not None else "", self.causal_templates)
 
     def check_for(self, fact: Fact, template: str) -> dict | None:
         return self.checks.get((fact_key(fact), template))

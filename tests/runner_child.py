@@ -2,10 +2,14 @@
 attributes that fact set into a project until it is killed (one line per stored fact):
 
     python runner_child.py MODEL_FOLDER FACTS_FILE PROJECT STEPS [RAY_ADDRESS]
+
+With KN_TEST_DIE_AFTER_PROMPTS=N in its environment the process dies (os._exit, as a kill would leave it) right
+after the store has taken the Nth prompt result, in the middle of storing a fact.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -38,7 +42,7 @@ def save_tiny(folder: Path) -> str:
 
 def main(model: str, facts: str, project_path: str, steps: str, address: str | None = None) -> None:
     from kn_core.attribution import AttributionParams
-    from kn_core.facts import import_facts
+    from kn_core.fact_files import import_facts
     from kn_core.models import load_model
     from kn_core.runner import attribute_factset
     from kn_core.store import open_or_create_project
@@ -53,6 +57,19 @@ def main(model: str, facts: str, project_path: str, steps: str, address: str | N
         print(f"stored {work.fact.subject} {run_id}", flush=True)
         time.sleep(0.3)  # time for the test to kill this process between facts or in the next one
 
+    die_after = int(os.environ.get("KN_TEST_DIE_AFTER_PROMPTS", "0"))
+    if die_after:
+        from kn_core.store.runs import RunStore
+
+        save_prompt, taken = RunStore.add_prompt_result, []
+
+        def add_prompt_result(self, *args, **kwargs):
+            save_prompt(self, *args, **kwargs)
+            taken.append(1)
+            if len(taken) == die_after:
+                os._exit(9)
+
+        RunStore.add_prompt_result = add_prompt_result
     with open_or_create_project(project_path) as project:
         attribute_factset(project, lm, import_facts(facts), AttributionParams(steps=int(steps)), backend=backend,
                           on_fact=stored)

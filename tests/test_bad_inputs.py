@@ -52,6 +52,16 @@ CASES = [
     ("steps-suppress", SUP + ["--steps", "5000"], ["--steps", "5000"]),
     ("steps-reproduce", REP + ["--steps", "0"], ["--steps", "0"]),
     ("steps-reproduce-force-not-offered", REP + ["--steps", "2000", "--force"], ["--force"]),
+    # quadrature and its tolerance (kn attribute, kn neurons, and the verbs that find neurons to edit)
+    ("quadrature-suppress-unknown", SUP + ["--quadrature", "simpson"], ["--quadrature", "simpson", "riemann"]),
+    ("quadrature-batch-unknown", BATCH + ["--quadrature", "trapezoid"], ["--quadrature", "trapezoid", "riemann"]),
+    ("tolerance-suppress-0", SUP + ["--tolerance", "0"], ["--tolerance", "0", "> 0"]),
+    ("tolerance-amplify-word", AMP + ["--tolerance", "low"], ["--tolerance", "low", "invalid float"]),
+    ("tolerance-update-nan", UPD + ["--new-object", "Berlin", "--tolerance", "nan"], ["--tolerance", "nan", "<= 1.0"]),
+    ("tolerance-erase-above-1", ERASE + ["--tolerance", "2"], ["--tolerance", "2", "<= 1.0"]),
+    ("tolerance-batch-negative", BATCH + ["--tolerance=-0.1"], ["--tolerance", "-0.1", "> 0"]),
+    ("steps-suppress-gauss-1001", SUP + ["--quadrature", "gauss", "--steps", "1001"], ["--steps", "1001", "--force"]),
+    ("steps-batch-auto-0", BATCH + ["--quadrature", "auto", "--steps", "0"], ["--steps", "0", "1 to 1000"]),
     # thresholds t and p
     ("t-nan", S + ["--t", "nan"], ["--t", "nan", "0.0 to 1.0"]),
     ("t-inf", S + ["--t", "inf"], ["--t", "inf"]),
@@ -203,6 +213,8 @@ CASES = [
                              "--workers", "0"], ["--workers", "0"]),
     ("facts-run-workers-without-cluster", ["attribute", "--facts", "builtin", "--project", "{project}", "--workers",
                                            "2"], ["--cluster ray"]),
+    ("facts-run-causal-templates-unknown", ["attribute", "--facts", "builtin", "--project", "{project}",
+                                            "--causal-templates", "suffix"], ["--causal-templates", "suffix"]),
     # the facts importer
     pytest.param("csv-unterminated-quote", ["facts", "import", "{csv_quote}"], ["quote"], id="csv-unterminated-quote"),
     pytest.param("jsonl-deeply-nested", ["facts", "import", "{jsonl_nested}"], ["line 1"], id="jsonl-deeply-nested"),

@@ -140,7 +140,8 @@ REQUEST = '{"relation": "P36", "subject": "France", "kind": "suppress", "neurons
     ({"options": {"colour": "red"}}, ["'colour'"])], ids=["forgetting-text", "max-prompts-fraction",
                                                           "control-facts-negative", "option-nan", "option-unknown"])
 def test_api_run_batch_settings_are_refused_before_any_request_is_planned(settings, words, tiny_gpt2):
-    from kn_core.batch import parse_requests, run_batch
+    from kn_core.batch import run_batch
+    from kn_core.batch_requests import parse_requests
 
     parsed = parse_requests([REQUEST], _builtin())
     with pytest.raises(ValueError) as info:
@@ -150,7 +151,7 @@ def test_api_run_batch_settings_are_refused_before_any_request_is_planned(settin
 
 @pytest.mark.parametrize("source", [b'{"relation": "P36"}', 5, [b"{}"]], ids=["bytes", "int", "byte-lines"])
 def test_api_parse_requests_of_something_that_is_not_text(source):
-    from kn_core.batch import BatchError, parse_requests
+    from kn_core.batch_requests import BatchError, parse_requests
 
     with pytest.raises(BatchError, match="lines of text"):
         parse_requests(source, _builtin())

@@ -1,5 +1,5 @@
-"""Batch and sequential editing (kn_core.batch, edits.Batch): parsing, composition, bitwise undo, forgetting,
-cancel, neurons from the project."""
+"""Batch and sequential editing (kn_core.batch_requests, kn_core.batch, edits.Batch): parsing, composition,
+bitwise undo, forgetting, cancel, neurons from the project."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from kn_core import edits as E
-from kn_core.batch import BatchError, check_requests, parse_requests, resolve_neurons, run_batch
+from kn_core.batch import resolve_neurons, run_batch
+from kn_core.batch_requests import BatchError, check_requests, parse_requests
 from kn_core.edit_stack import EditStack
 from kn_core.evaluation import answer_probabilities, with_edits
 from kn_core.facts import Fact, FactSet, Relation, render_prompts

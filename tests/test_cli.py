@@ -217,3 +217,77 @@ def test_edit_leaves_out_flagged_neurons_as_kn_neurons_does(capsys, saved, monke
     assert "massive neurons left out" in err
     code, out, err = run(capsys, *argv, "--keep-massive")
     assert code == 0 and list(target) in strict(out)["edit"]["neurons"]
+
+
+@pytest.mark.parametrize("kind", ["suppress", "amplify", "update", "erase", "batch"])
+def test_edit_verbs_find_neurons_with_the_quadrature_asked_for(capsys, saved, monkeypatch, tmp_path, kind):
+    """--quadrature/--tolerance reach the attribution that finds the neurons to edit, and --json reports them
+    (neuron_params, as kn edit batch reports its own); without them it is the paper's Riemann sum."""
+    import kn_core.attribution as attribution
+
+    seen, real = [], attribution.attribute_fact
+    monkeypatch.setattr(attribution, "attribute_fact",
+                        lambda lm, prompts, params, **kw: seen.append(params) or real(lm, prompts, params, **kw))
+    argv = ["edit", kind, "--model", saved["gpt2"], "--t", "0.1", "--p", "0.2", "--json"]
+    if kind == "batch":
+        requests = tmp_path / "req.jsonl"
+        requests.write_text(json.dumps({"relation": "P36", "subject": "Japan", "kind": "suppress"}) + "\n")
+        argv[2:2] = [str(requests)]
+        argv += ["--control-facts", "1"]
+    else:
+        argv += ["--relation", "P36"]
+        argv += ["--max-facts", "2", "--control-facts", "2", "--k", "3"] if kind == "erase" else ["--subject", "France"]
+    if kind == "update":
+        argv += ["--new-object", "Berlin"]
+    code, out, err = run(capsys, *argv, "--quadrature", "gauss", "--steps", "2", "--tolerance", "0.05")
+    assert code == 0, err
+    assert seen and all((p.quadrature, p.steps, p.tolerance) == ("gauss", 2, 0.05) for p in seen)
+    reported = strict(out)["neuron_params"]
+    assert (reported["t"], reported["p"], reported["quadrature"], reported["steps"], reported["tolerance"]) == \
+        (0.1, 0.2, "gauss", 2, 0.05)
+    seen.clear()
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    assert seen and all((p.quadrature, p.steps) == ("riemann", 20) for p in seen)
+    reported = strict(out)["neuron_params"]
+    assert reported["steps"] == 20 and "quadrature" not in reported and "tolerance" not in reported
+
+
+@pytest.mark.parametrize("kind", ["suppress", "amplify"])
+def test_edit_activation_evaluates_the_fact_once_per_model_state(capsys, saved, monkeypatch, kind):
+    """kn edit suppress|amplify read their top-level before/after/relative_change/flip_rate (and the control's)
+    off the measured "fact" group: the fact's prompts are evaluated once unedited, once with the edit and once
+    with the control (it was 7 times), and the figures equal an evaluation made here on their own."""
+    import numpy as np
+
+    import kn_core.edit_plan as edit_plan
+    import kn_core.evaluation as ev
+
+    plans, calls = [], []
+    real_plan, real_probs = edit_plan.plan_edit, ev.answer_probabilities
+
+    def plan_edit(lm, *args, **kwargs):
+        plans.append((lm, real_plan(lm, *args, **kwargs)))
+        return plans[-1][1]
+
+    monkeypatch.setattr(edit_plan, "plan_edit", plan_edit)
+    monkeypatch.setattr(ev, "answer_probabilities", lambda lm, prompts, *a, **k: calls.append(
+        [p.text for p in prompts]) or real_probs(lm, prompts, *a, **k))
+    code, out, err = run(capsys, "edit", kind, "--relation", "P36", "--subject", "France", "--model", saved["gpt2"],
+                         "--steps", "2", "--t", "0.1", "--p", "0.2", "--json")
+    assert code == 0, err
+    doc = strict(out)
+    (lm, plan), = plans
+    prompts = plan.prompts["fact"]
+    assert doc["prompts"] == [p.text for p in prompts] and calls.count(doc["prompts"]) == 3
+    before = real_probs(lm, prompts)
+    for key, edit in (("edit", plan.edit), ("control", plan.control)):
+        after = ev.with_edits(lm, [edit], lambda: real_probs(lm, prompts))
+        pb, pa = [r["prob"] for r in before], [r["prob"] for r in after]
+        got = doc if key == "edit" else doc["control"]
+        if key == "edit":
+            assert got["before"] == pb
+        assert got["after"] == pa
+        assert got["relative_change"] == pytest.approx((sum(pa) - sum(pb)) / sum(pb), rel=1e-12)
+        assert got["flip_rate"] == sum(b["top1_id"] != a["top1_id"] for b, a in zip(before, after)) / len(prompts)
+    assert np.isfinite(doc["relative_change"])

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from kn_core.attribution import AttributionParams
-from kn_core.facts import export_facts
+from kn_core.fact_files import export_facts
 from kn_core.models import load_model
 from kn_core.runner import attribute_factset
 from kn_core.store import create_project, open_project

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kn_core import edits as E
+from kn_core.edit_plan import erase_neurons, make_update, random_neurons
 from kn_core.edit_stack import EditStack, export_model
 from tiny import TINY_CAUSAL, TINY_MASKED, make_tiny
 
@@ -323,9 +324,9 @@ def test_sign_aware_update_reverses_the_edit_of_negatively_active_neurons(family
     acts = [np.zeros((3, 72)), np.zeros((3, 72))]
     acts[0][2, 10], acts[1][2, 10] = -0.5, 0.2  # mean -0.15: negatively active
     acts[0][0, 3], acts[1][0, 3] = 0.4, -0.1  # mean +0.15
-    update = E.make_update(lm, chosen, ids_for(lm, "Paris"), ids_for(lm, "Berlin"), activations=acts)
+    update = make_update(lm, chosen, ids_for(lm, "Paris"), ids_for(lm, "Berlin"), activations=acts)
     assert update.flipped == ((2, 10),)
-    assert E.make_update(lm, chosen, ids_for(lm, "Paris"), ids_for(lm, "Berlin")).flipped == ()
+    assert make_update(lm, chosen, ids_for(lm, "Paris"), ids_for(lm, "Berlin")).flipped == ()
     before = {l: value_matrix(lm, l) for l in range(3)}
     emb = lm.model.get_input_embeddings().weight.detach() if update.embedding == "input" else \
         lm.model.get_output_embeddings().weight.detach()
@@ -438,12 +439,12 @@ def test_answer_scope_masked_touches_only_mask_positions():
 def test_builders_exclusion_and_erase_choice():
     lm = tiny(TINY_CAUSAL)
     sets = [[(2, 1), (2, 2)], [(2, 1), (1, 4)], [(2, 1)]] + [[(0, k)] for k in range(10, 17)]
-    upd = E.make_update(lm, [(2, 1), (2, 2), (1, 4)], (6,), (7,), sets, fraction=0.1)
+    upd = make_update(lm, [(2, 1), (2, 2), (1, 4)], (6,), (7,), sets, fraction=0.1)
     # 10 facts: (2, 1) is in 3 (> 1) -> excluded; (2, 2) and (1, 4) in 1 (not > 1) -> kept
     assert upd.excluded == ((2, 1),) and upd.neurons == ((2, 2), (1, 4))
-    assert E.erase_neurons(sets, k=2) == [(2, 1), (0, 10)]
-    r = E.random_neurons(lm, [(2, 1), (2, 2), (0, 5)], seed=3)
-    assert [l for l, _ in r] == [2, 2, 0] and r == E.random_neurons(lm, [(2, 1), (2, 2), (0, 5)], seed=3)
+    assert erase_neurons(sets, k=2) == [(2, 1), (0, 10)]
+    r = random_neurons(lm, [(2, 1), (2, 2), (0, 5)], seed=3)
+    assert [l for l, _ in r] == [2, 2, 0] and r == random_neurons(lm, [(2, 1), (2, 2), (0, 5)], seed=3)
     assert not set(r) & {(2, 1), (2, 2), (0, 5)}
 
 

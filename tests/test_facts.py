@@ -8,9 +8,9 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from kn_core.fact_files import FactImportError, builtin_facts, export_facts, export_pararel, import_facts
 from kn_core.facts import (
-    Fact, FactImportError, FactSet, Prompt, Relation, Skipped, builtin_facts, export_facts, export_pararel,
-    import_facts, render_factset, render_prompts, render_text, validate_template,
+    Fact, FactSet, Prompt, Relation, Skipped, render_factset, render_prompts, render_text, validate_template,
 )
 from kn_core.models import default_model_dir
 

@@ -100,3 +100,29 @@ def test_edit_report_lives_in_the_edit_stack_and_project_round_trip(parts, qtbot
     snap = open_project_file(path)
     assert [r.state for r in snap.runs] == ["complete"] and snap.edit_state["entries"][0]["report"]
     assert snap.t == session.t and snap.factset.facts == session.factset.facts
+
+
+@pytest.mark.parametrize("templates", ["prefix", "end-only"])
+def test_a_gui_run_is_what_the_runner_resumes_with_the_same_templates(parts, tmp_path, templates):
+    """A fact attributed in the GUI and saved is recognised by `kn attribute --facts`' resume (runner) when the
+    model, the attribution parameters and the causal templates are the same; other templates attribute it anew."""
+    from kn_core.runner import attribute_factset
+    from kn_core.store import open_project
+
+    session, runner, history, edits, attribution, project, events = parts
+    session.causal_templates = templates
+    attribution.start([FRANCE], AttributionParams(steps=2))
+    assert runner.wait_idle(60000)
+    path = str(tmp_path / "gui.knproj")
+    project.save_to(path)
+    assert runner.wait_idle(60000)
+    other = "end-only" if templates == "prefix" else "prefix"
+    with open_project(path) as stored:
+        same = attribute_factset(stored, session.lm, session.factset, AttributionParams(steps=2), relations="P36",
+                                 causal_templates=templates)
+        assert (same.already_stored, same.attributed) == (1, 3)  # France was the GUI's
+        different = attribute_factset(stored, session.lm, session.factset, AttributionParams(steps=2),
+                                      relations="P36", causal_templates=other)
+        assert (different.already_stored, different.attributed) == (0, 4)
+    snap = open_project_file(path)  # and the GUI reads the runner's runs with their templates
+    assert sorted(r.params["causal_templates"] for r in snap.runs) == sorted([templates] * 4 + [other] * 4)

@@ -15,10 +15,12 @@ import pytest
 
 from kn_core.attribution import AttributionParams, attribute_fact
 from kn_core.cli import main
-from kn_core.facts import export_facts, render_prompts
+from kn_core.fact_files import export_facts
+from kn_core.facts import Relation, render_prompts
 from kn_core.models import load_model
 from kn_core.neurons import refined_neurons, run_flags
-from kn_core.runner import Selection, SerialBackend, attribute_each, attribute_factset, plan_facts
+from kn_core.runner import (Selection, SerialBackend, attribute_each, attribute_factset, plan_facts, prompt_params,
+                            run_params)
 from kn_core.store import create_project, open_project
 from kn_core.tasks import Cancelled, Task
 from runner_child import tiny_factset, save_tiny
@@ -161,7 +163,7 @@ def test_cli_attributes_a_fact_set_and_resumes(setup, capsys, tmp_path):
     assert (doc["attributed"], doc["already_stored"], doc["prompts"]) == (6, 0, 30)
     assert doc["skipped"][0]["subject"] == "Peru" and "[Y] comes first" in doc["skipped"][0]["reason"]
     assert doc["score_storage"]["form"] == "top" and doc["backend"]["backend"] == "serial"
-    assert doc["facts_per_hour"] > 0 and doc["params"]["steps"] == 8
+    assert doc["facts_per_hour"] > 0 and doc["params"]["steps"] == 8 and doc["causal_templates"] == "prefix"
     assert main(argv[:-1]) == 0
     text = capsys.readouterr().out
     assert text.startswith("0 fact(s) attributed") and "6 stored before" in text and "skipped P1376 'Peru'" in text
@@ -169,6 +171,8 @@ def test_cli_attributes_a_fact_set_and_resumes(setup, capsys, tmp_path):
         runs = [project.get_run(r.id) for r in project.list_runs(status="done")]
         assert len(runs) == 6 and all(p.arrays == ("scores",) for r in runs for p in r.prompts)
         assert len(project.load_top_scores(runs[0].id)) == 5
+    assert main([*argv[:-1], "--causal-templates", "end-only", "--relations", "P36"]) == 0  # another rendering
+    assert capsys.readouterr().out.startswith("6 fact(s) attributed (30 prompts)")
 
 
 @pytest.mark.parametrize("extra,needle", [
@@ -211,3 +215,88 @@ def test_a_run_cut_off_mid_fact_is_attributed_again(setup, reference, tmp_path):
         assert report.attributed == 6
         assert_matches(project, reference)
         assert project.get_run(run).status == "interrupted"  # kept, as every interrupted run
+
+
+def test_storing_a_fact_is_one_commit(setup, tmp_path):
+    """Each fact's run, its prompts' scores, its done status and its refined set commit together: one commit per
+    fact (it was 3 + one per prompt), counted on the project's engine (the first fact's count also has the
+    run's set-up: the model, the facts, what is already stored)."""
+    from sqlalchemy import event
+
+    commits, per_fact = [], []
+    with create_project(tmp_path / "p.knproj") as project:
+        event.listen(project._db._engine, "commit", lambda conn: commits.append(1))
+        before = len(commits)
+
+        def stored(work, run_id):
+            nonlocal before
+            per_fact.append(len(commits) - before)
+            before = len(commits)
+
+        attribute_factset(project, setup["lm"], tiny_factset(), AttributionParams(steps=2), on_fact=stored)
+        assert len(project.list_neuron_sets(kind="refined")) == 6
+    assert per_fact[1:] == [1] * 5
+
+
+def test_a_driver_killed_mid_store_leaves_no_half_stored_fact(setup, tmp_path):
+    """A driver that dies while storing a fact (after 3 of its 5 prompts reached the store) leaves that fact out
+    entirely: no run of it, interrupted or otherwise, no neuron set; the rerun stores it once."""
+    path = tmp_path / "p.knproj"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)]), "OMP_NUM_THREADS": "1",
+           "KN_TEST_DIE_AFTER_PROMPTS": "8"}
+    child = subprocess.run([sys.executable, str(HERE / "runner_child.py"), setup["model"], setup["facts"], str(path),
+                            "2"], capture_output=True, text=True, env=env, timeout=600)
+    assert child.returncode == 9, child.stderr
+    assert child.stdout.splitlines()[0].startswith("stored France")
+    with open_project(path) as project:
+        runs = project.list_runs()
+        assert [(r.status, r.n_done) for r in runs] == [("done", 5)]
+        assert len(project.list_neuron_sets()) == 1 and project.check_integrity() == []
+        report = attribute_factset(project, setup["lm"], tiny_factset(), AttributionParams(steps=2))
+        assert (report.attributed, report.already_stored) == (5, 1)
+        assert sorted(r.status for r in project.list_runs()) == ["done"] * 6
+        stored_facts(project)  # one done run per fact
+
+
+def test_causal_templates_render_the_prompts_and_resume_matches_on_them(setup, tmp_path):
+    """--causal-templates: end-only drops the template with text after [Y]; each run records the choice as the GUI
+    does (Session.prompt_params), and only a run made with the same choice is skipped on resume; runs stored
+    before the choice was recorded rendered prefix prompts, and count as prefix runs."""
+    from kn_gui.session import Session
+
+    lm = setup["lm"]
+    p36 = tiny_factset().relation("P36")
+    factset = tiny_factset().with_relation(Relation("P36", "capital", (*p36.templates, "[X]'s capital [Y] is old")))
+    works, _ = plan_facts(factset, "P36", lm.tokenizer, lm.kind, "prefix")
+    assert all(len(w.prompts) == 6 for w in works) and works[0].prompts[5].text == "France's capital"
+    works, _ = plan_facts(factset, "P36", lm.tokenizer, lm.kind, "end-only")
+    assert all(len(w.prompts) == 5 for w in works)
+    params = AttributionParams(steps=2)
+    gui = Session(factset)
+    gui.lm = lm
+    for templates in ("prefix", "end-only"):
+        gui.causal_templates = templates
+        assert {**params.to_dict(), **gui.prompt_params()} == run_params(params, "causal", templates)
+    assert prompt_params("masked", "end-only") == {"causal_templates": None}
+    with create_project(tmp_path / "p.knproj") as project:
+        first = attribute_factset(project, lm, factset, params, relations="P36", causal_templates="end-only")
+        assert first.prompts == 30 and all(project.get_run(r).params["causal_templates"] == "end-only"
+                                           for r in first.run_ids)
+        sets = project.list_neuron_sets(kind="refined")
+        assert all(s.params["causal_templates"] == "end-only" for s in sets)
+        again = attribute_factset(project, lm, factset, params, relations="P36", causal_templates="end-only")
+        assert (again.attributed, again.already_stored) == (0, 6)
+        prefix = attribute_factset(project, lm, factset, params, relations="P36")
+        assert (prefix.attributed, prefix.already_stored, prefix.prompts) == (6, 0, 36)
+        with pytest.raises(ValueError, match="causal_templates"):
+            attribute_factset(project, lm, factset, params, causal_templates="suffix")
+    with create_project(tmp_path / "old.knproj") as project:  # a run stored before the choice was recorded
+        france = factset.facts[0]
+        prompts, _ = render_prompts(france, factset.relation("P36"), lm.tokenizer, lm.kind)
+        with project.recording_run(fact=france, prompts=prompts, params=params, model=lm) as rec:
+            for k, result in enumerate(attribute_fact(lm, prompts, params)):
+                rec.add(k, result)
+        end_only = attribute_factset(project, lm, factset, params, relations="P36", causal_templates="end-only")
+        assert (end_only.attributed, end_only.already_stored) == (6, 0)
+        prefix = attribute_factset(project, lm, factset, params, relations="P36")
+        assert (prefix.attributed, prefix.already_stored) == (5, 1)  # France's old run is a prefix run

@@ -245,6 +245,40 @@ def test_completed_runs_are_what_a_resumed_attribution_skips(proj_path):
     assert sha(proj_path) == before
 
 
+def test_atomic_commits_everything_inside_once_or_nothing(proj_path):
+    """`Project.atomic`: the saves inside commit together (once, nested blocks included, reads inside seeing them)
+    or, on an exception (a rejected save among them too), none of them."""
+    from sqlalchemy import event
+
+    with create_project(proj_path) as p:
+        fact = p.add_fact({"relation": "P1", "subject": "a", "object": "o"})
+        commits = []
+        event.listen(p._db._engine, "commit", lambda conn: commits.append(1))
+        with p.atomic("storing a fact"):
+            run = p.start_run(fact=fact, prompts=["x", "y"], params={"steps": 2}, model=MODEL)
+            with p.atomic("nested"):
+                p.add_prompt_result(run, 0, scores=rand(0, (2, 3)))
+            p.add_prompt_result(run, 1, scores=rand(1, (2, 3)))
+            p.finish_run(run)
+            assert p.get_run(run).n_done == 2  # a read inside sees the block's saves
+            p.add_neuron_set("refined", [(1, 2)], fact=fact, run_ids=[run])
+        assert len(commits) == 1
+        with pytest.raises(RuntimeError, match="stop"):
+            with p.atomic("storing another"):
+                p.start_run(fact=fact, prompts=["x"], params={"steps": 2}, model=MODEL)
+                p.add_neuron_set("user", [(0, 0)])
+                raise RuntimeError("stop")
+        with pytest.raises(ProjectDataError, match="no run with id 99"):
+            with p.atomic("storing a third"):
+                p.add_neuron_set("user", [(0, 1)])
+                p.add_prompt_result(99, 0, scores=rand(2, (2, 3)))
+        assert [(r.id, r.status, r.n_done) for r in p.list_runs()] == [(run, "done", 2)]
+        assert [s.kind for s in p.list_neuron_sets()] == ["refined"]
+        p.add_neuron_set("user", [(0, 2)])  # the project goes on saving after a rolled-back block
+    with open_project(proj_path, read_only=True) as p:
+        assert [s.kind for s in p.list_neuron_sets()] == ["refined", "user"] and p.check_integrity() == []
+
+
 def test_edit_history_applies_only_to_the_same_weights(proj_path):
     with create_project(proj_path) as p:
         assert p.edit_history_applies("b" * 64)  # nothing saved: nothing to refuse

@@ -256,10 +256,11 @@ def test_full_disk_through_the_cli(small_disk, tmp_path, capsys):
     room, the project holds every fact, and `kn project recover` makes it one file again."""
     facts = facts_module()
     from kn_core import cli
+    from kn_core.fact_files import export_facts
     rel = facts.Relation("P1", "rel", ("[X] is [Y].",))
     big = tmp_path / "big.jsonl"
-    facts.export_facts(facts.FactSet("big", {"P1": rel}, [facts.Fact("P1", f"subject {i} " + "x" * 20, f"object {i}")
-                                                          for i in range(9000)]), big)
+    export_facts(facts.FactSet("big", {"P1": rel}, [facts.Fact("P1", f"subject {i} " + "x" * 20, f"object {i}")
+                                                    for i in range(9000)]), big)
     path = small_disk / "p.knproj"
     with create_project(path) as p:
         p.add_facts([facts.Fact("P1", f"pre {i}", "o") for i in range(3000)], {"P1": rel})

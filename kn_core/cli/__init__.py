@@ -34,7 +34,7 @@ def _engine_errors() -> tuple[type[BaseException], ...]:
     """The engine's user-facing errors (imported only once something failed, so a bad argument costs no torch
     import)."""
     from ..attribution import PromptError
-    from ..facts import FactImportError
+    from ..fact_files import FactImportError
     from ..families import UnsupportedModelError
     from ..models import ModelLoadError
     from ..store import ProjectError

@@ -76,7 +76,7 @@ def _fact_set_backend(args):
 
 def cmd_attribute_facts(args) -> int:
     from ..attribution import default_t
-    from ..runner import Selection, attribute_factset
+    from ..runner import Selection, attribute_factset, prompt_params
 
     for flag, value in (("--prompt", args.prompt), ("--answer", args.answer), ("--save", args.save)):
         if value is not None:
@@ -101,14 +101,14 @@ def cmd_attribute_facts(args) -> int:
             project.set_score_storage(args.scores)
         try:
             report = attribute_factset(project, lm, factset, params, relations=args.relations, selection=selection,
-                                       backend=backend, task=task)
+                                       backend=backend, task=task, causal_templates=args.causal_templates)
         except RuntimeError as exc:
             if type(exc).__name__ != "ClusterError":  # cluster.py is imported only with --cluster
                 raise
             raise CliError(str(exc)) from None
         storage = project.score_storage()
     doc = {"project": str(args.project), "params": params.to_dict(), **selection.to_dict(), "score_storage": storage,
-           **report.to_dict()}
+           **prompt_params(lm.kind, args.causal_templates), **report.to_dict()}
     rate = f", {report.facts_per_hour:.3g} facts/h" if report.facts_per_hour else ""
     lines = [f"{report.attributed} fact(s) attributed ({report.prompts} prompts) in {report.seconds:.1f} s{rate} "
              f"[{report.backend['backend']}, {report.backend['workers']} worker(s)]; {report.already_stored} stored "
@@ -176,11 +176,7 @@ def cmd_neurons(args) -> int:
 
 
 def attribution_options(p) -> None:
-    p.add_argument("--steps", type=int, default=None,
-                   help="integration steps m: Riemann steps (paper: 20) or Gauss points per panel (default 4 "
-                        "gauss, 3 auto); at most 1000")
-    quadrature_options(p)
-    p.add_argument("--force", action="store_true", help="allow more than 1000 steps")
+    integration_options(p)
     p.add_argument("--rule", choices=["right", "left"], default="right",
                    help="right: alpha=k/m, k=1..m (paper); left: k=0..m-1 (authors' code)")
     p.add_argument("--method", choices=["ig", "activation"], default="ig",
@@ -198,6 +194,15 @@ def tolerance_lines(results, params) -> list[str]:
     layers = ", ".join(f"L{layer}" for layer in sorted({layer for layer, _ in over}))
     return [f"  completeness error above --tolerance {params.tolerance:g} in {layers} (worst {worst:.3g}); "
             f"the scores are kept: more --steps, or --quadrature auto, integrates them closer"]
+
+
+def integration_options(p) -> None:
+    """--steps, --quadrature, --tolerance, --force: how every verb that attributes integrates (AttributionParams)."""
+    p.add_argument("--steps", type=int, default=None,
+                   help="integration steps m: Riemann steps (paper: 20) or Gauss points per panel (default 4 "
+                        "gauss, 3 auto); at most 1000")
+    quadrature_options(p)
+    p.add_argument("--force", action="store_true", help="allow more than 1000 steps")
 
 
 def quadrature_options(p) -> None:
@@ -218,6 +223,9 @@ def add_commands(sub) -> None:
     whole.add_argument("--facts", help="every fact of this fact set (a file, a PARAREL folder, or 'builtin')")
     whole.add_argument("--relations", default="all", help="all, or relation ids R1,R2")
     whole.add_argument("--p", type=float, default=0.7, help="refined: coarse in >= max(p x prompts, 3) prompts")
+    whole.add_argument("--causal-templates", choices=["prefix", "end-only"], default="prefix",
+                       help="causal models: prefix (default) uses the text before [Y] of every template; end-only "
+                            "only templates that end in [Y] (recorded with each run: resume matches on it)")
     whole.add_argument("--keep-massive", action="store_true",
                        help="keep the fact's massive-activation neurons in its refined set (the paper's method)")
     whole.add_argument("--scores", choices=["full", "float16", "top"], default=None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .attribution import integration_options
 from .common import COMMON, CliError, emit, factset_of, load, progress_bar, project_of, say
 
 REQUESTS_HELP = """one request a line, EasyEdit's form {"prompt", "subject", "ground_truth", "target_new",
@@ -12,10 +13,12 @@ REQUESTS_HELP = """one request a line, EasyEdit's form {"prompt", "subject", "gr
 def cmd_edit_batch(args) -> int:
     from ..attribution import AttributionParams, default_t
     from ..edit_stack import EditStack
-    from ..batch import NeuronSource, check_requests, parse_requests, resolve_neurons, run_batch
+    from ..batch import NeuronSource, resolve_neurons, run_batch
+    from ..batch_requests import check_requests, parse_requests
 
     factset = factset_of(args)
-    params = AttributionParams(steps=args.steps, method=args.method, seed=args.seed, force=args.force)
+    params = AttributionParams(steps=args.steps, method=args.method, seed=args.seed, quadrature=args.quadrature,
+                               tolerance=args.tolerance, force=args.force)
     t = args.t if args.t is not None else default_t(args.method)
     parsed = parse_requests(args.requests, factset, args.kind)
     _refuse_or_skip(parsed, args.skip_bad)
@@ -52,7 +55,7 @@ def cmd_edit_batch(args) -> int:
 
 
 def _refuse_or_skip(parsed, skip_bad: bool) -> None:
-    from ..batch import BatchError
+    from ..batch_requests import BatchError
 
     try:
         parsed.refuse_or_skip(skip_bad)
@@ -119,8 +122,7 @@ def add_batch_command(edit_sub) -> None:
     p.add_argument("--method", choices=["ig", "activation"], default="ig",
                    help="attribution for requests without neurons (none stored in --project): ig (the paper) or "
                         "the activation baseline")
-    p.add_argument("--steps", type=int, default=20, help="integration steps (paper: 20; at most 1000)")
-    p.add_argument("--force", action="store_true", help="allow more than 1000 steps")
+    integration_options(p)
     p.add_argument("--t", type=float, default=None, help="coarse threshold (0.2; 0.5 for the activation baseline)")
     p.add_argument("--p", type=float, default=0.7, help="refinement share of prompts (paper: starts at 0.7)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random control neurons and control facts")

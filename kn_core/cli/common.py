@@ -92,7 +92,7 @@ def progress_bar(desc: str) -> Iterator[Task]:
 
 
 def factset_of(args):
-    from ..facts import builtin_facts, import_facts
+    from ..fact_files import builtin_facts, import_facts
 
     name = getattr(args, "facts", None) or "builtin"
     return builtin_facts() if name == "builtin" else import_facts(name)

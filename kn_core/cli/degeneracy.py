@@ -43,12 +43,13 @@ def cmd_edit_degeneracy(args) -> int:
     from ..edit_plan import EditRequest, plan_edit
     from ..metrics import measure_edit, metrics_lines
     from .common import progress_bar
-    from .edit import _fact_neurons
+    from .edit import _fact_neurons, neuron_params
 
     params = DegeneracyParams(criterion=args.criterion, removed_below=args.removed_below,
                               max_neurons=args.max_neurons, control=not args.no_control, seed=args.seed)
     factset = factset_of(args)
     fact = find_fact(factset, args.relation, args.subject)
+    integration = {k: v for k, v in neuron_params(args).to_dict().items() if k in ("steps", "quadrature", "tolerance")}
     lm = load(args)
     prompts, neurons, scores, _ = _fact_neurons(args, lm, factset, fact)
     if not neurons:
@@ -65,7 +66,7 @@ def cmd_edit_degeneracy(args) -> int:
     doc = {"fact": {"relation": fact.relation, "subject": fact.subject, "object": fact.object},
            "neuron_scores": neuron_list(result["neurons"], scores), "prompt_texts": [p.text for p in prompts],
            **result, "all_suppressed_metrics": metrics}
-    store_evaluation(args, lm, "degeneracy", doc, {**params.to_dict(), "t": args.t, "p": args.p, "steps": args.steps})
+    store_evaluation(args, lm, "degeneracy", doc, {**params.to_dict(), "t": args.t, "p": args.p, **integration})
     emit(args, doc, "\n".join([_text(fact, result), "suppressing all of them (kn_core.metrics):",
                                 *metrics_lines(metrics)]))
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
+from .attribution import integration_options
 from .batch import add_batch_command
 from .common import COMMON, CliError, emit, factset_of, find_fact, load, neuron_list, progress_bar, say
 
@@ -22,7 +23,7 @@ def _fact_neurons(args, lm, factset, fact, held_out=None) -> FoundNeurons:
     verb has the option, drawn with `args.seed`, unless `held_out` names them; kept for generality,
     docs/METRICS.md), and its refined neurons. Massive-activation neurons are left out as `kn neurons` leaves
     them out (`--keep-massive` keeps them), so an edit never rests on a neuron that fires on every prompt."""
-    from ..attribution import AttributionParams, attribute_fact
+    from ..attribution import attribute_fact
     from ..facts import render_prompts
     from ..metrics import held_out_templates
     from ..neurons import refined_neurons, run_flags
@@ -38,8 +39,7 @@ def _fact_neurons(args, lm, factset, fact, held_out=None) -> FoundNeurons:
             raise CliError(f"{fact.relation} {fact.subject}: {exc} (--hold-out 0)") from None
     prompts = [p for p in prompts if p.template not in held_out]
     with progress_bar(f"attributing {fact.relation} {fact.subject}") as task:
-        params = AttributionParams(steps=args.steps, seed=args.seed, force=args.force)
-        scores = attribute_fact(lm, prompts, params, task=task)
+        scores = attribute_fact(lm, prompts, neuron_params(args), task=task)
     keep = getattr(args, "keep_massive", False)
     excluded = frozenset() if keep else run_flags(lm, [s.activations for s in scores]).excluded
     neurons = refined_neurons([s.scores for s in scores], args.t, args.p, exclude=excluded)
@@ -47,6 +47,20 @@ def _fact_neurons(args, lm, factset, fact, held_out=None) -> FoundNeurons:
         say(f"{fact.relation} {fact.subject}: massive neurons left out (--keep-massive keeps them): "
             + ", ".join(f"L{l}.{i}" for l, i in sorted(excluded)))
     return FoundNeurons(prompts, neurons, sum(s.scores for s in scores), excluded)
+
+
+def neuron_params(args):
+    """The attribution that finds a verb's knowledge neurons (--steps, --quadrature, --tolerance, --seed, --force);
+    each verb builds it once before the model loads, so that a bad combination fails first."""
+    from ..attribution import AttributionParams
+
+    return AttributionParams(steps=args.steps, quadrature=args.quadrature, tolerance=args.tolerance, seed=args.seed,
+                             force=args.force)
+
+
+def _neuron_params_field(args) -> dict:
+    """How the knowledge neurons were found, for --json (as `kn edit batch` reports it)."""
+    return {"neuron_params": {"t": args.t, "p": args.p, **neuron_params(args).to_dict()}}
 
 
 def _flags_field(excluded, args) -> dict:
@@ -65,14 +79,21 @@ def _planned(lm, factset, request, relation_neuron_sets=()):
     return plan_edit(lm, factset, request, relation_neuron_sets)
 
 
-def _plan_fields(lm, plan) -> dict:
-    """The plan's skipped items and prompt groups; per group the edit's and the control's effect (`groups`);
-    the field's metrics beside the control's (`metrics`, docs/METRICS.md)."""
-    from ..edit_plan import summarize_plan
+def _measured(lm, plan) -> dict:
+    """`metrics.measure_edit`: every prompt group evaluated once before, once with the edit, once with the control."""
     from ..metrics import measure_edit
 
     with progress_bar("measuring the edit and its control") as task:
-        measured = measure_edit(lm, plan, task=task)
+        return measure_edit(lm, plan, task=task)
+
+
+def _plan_fields(lm, plan, measured: dict | None = None) -> dict:
+    """The plan's skipped items and prompt groups; per group the edit's and the control's effect (`groups`);
+    the field's metrics beside the control's (`metrics`, docs/METRICS.md). Measures the plan unless `measured`
+    (`_measured`) is given."""
+    from ..edit_plan import summarize_plan
+
+    measured = measured if measured is not None else _measured(lm, plan)
     before = measured["before"]
     return {"skipped": [{"what": what, "reason": why} for what, why in plan.skipped],
             "prompt_groups": {g: [p.text for p in ps] for g, ps in plan.prompts.items()},
@@ -96,6 +117,7 @@ def cmd_edit_activation(args) -> int:
     fact = find_fact(factset, args.relation, args.subject)
     if args.export and args.scope != "all":
         raise CliError("--export needs --scope all (an answer-position edit is not a weight change)")
+    neuron_params(args)
     lm = load(args)
     found = _fact_neurons(args, lm, factset, fact)
     if not found.neurons:
@@ -106,8 +128,9 @@ def cmd_edit_activation(args) -> int:
                                              neuron_templates=_templates(found.prompts),
                                              exclude=tuple(found.excluded)))
     prompts = plan.prompts["fact"]
-    effect = ev.edit_effect(lm, [plan.edit], prompts)
-    control = ev.edit_effect(lm, [plan.control], prompts)
+    measured = _measured(lm, plan)  # the fact's prompts evaluated once per model state, for every figure below
+    effect = ev.effect_between(measured["before"]["fact"], measured["after"]["fact"])
+    control = ev.effect_between(measured["before"]["fact"], measured["control_after"]["fact"])
     if args.export:
         export_model(lm, [plan.edit], args.export)
     doc = {"fact": {"relation": fact.relation, "subject": fact.subject, "object": fact.object},
@@ -117,8 +140,8 @@ def cmd_edit_activation(args) -> int:
            "control": {"kind": "random neurons from the same layers", "neurons": neuron_list(plan.control.neurons),
                        "after": control["after"], "relative_change": control["relative_change"],
                        "flip_rate": control["flip_rate"]},
-           "exported_to": args.export, **_plan_fields(lm, plan),
-           **_flags_field(found.excluded, args)}
+           "exported_to": args.export, **_plan_fields(lm, plan, measured),
+           **_flags_field(found.excluded, args), **_neuron_params_field(args)}
     text = [f"{args.edit_kind} {len(plan.edit.neurons)} knowledge neurons of {fact.relation} {fact.subject} -> "
             f"{fact.object}:",
             *[f"  {p.text!r}: {b:.4f} -> {a:.4f}" for p, b, a in zip(prompts, effect["before"], effect["after"])],
@@ -139,6 +162,7 @@ def cmd_edit_update(args) -> int:
     fact = find_fact(factset, args.relation, args.subject)
     if args.new_object.strip() == fact.object:
         raise CliError(f"--new-object {args.new_object!r} is the fact's current object; choose another object")
+    neuron_params(args)
     lm = load(args)
     found = _fact_neurons(args, lm, factset, fact)
     neurons = found.neurons
@@ -175,7 +199,7 @@ def cmd_edit_update(args) -> int:
            "top1_after": [r["top1_token"] for r in after_old],
            "change_rate": float(np.mean([a["top1_id"] != b["top1_id"] for a, b in zip(after_old, before_old)])),
            "success_rate": float(np.mean([r["correct"] for r in after_new])), "exported_to": args.export,
-           **_flags_field(found.excluded, args),
+           **_flags_field(found.excluded, args), **_neuron_params_field(args),
            "control": {"kind": "random neurons from the same layers", "edit": plan.control.to_dict()},
            **({"calibration": plan.calibration} if plan.calibration is not None else {}),
            **_plan_fields(lm, plan)}
@@ -207,6 +231,7 @@ def cmd_edit_erase(args) -> int:
         factset.relation(args.relation)
     except KeyError:
         raise CliError(f"no relation {args.relation!r}; relations: {', '.join(sorted(factset.relations))}") from None
+    neuron_params(args)
     lm = load(args)
     facts = factset.facts_of(args.relation)[: args.max_facts]
     held_out = _relation_held_out(args, lm, factset, facts)
@@ -240,7 +265,8 @@ def cmd_edit_erase(args) -> int:
         ev.with_edits(lm, [erase], lambda: export_model(lm, [erase], args.export))
     doc = {"relation": args.relation, "facts": len(sets), "edit": erase.to_dict(), "neurons": neuron_list(erase.neurons),
            "before": before, "after": after, "control": {"kind": "random neurons from the same layers", **control},
-           "exported_to": args.export, **_plan_fields(lm, plan), **_flags_field(excluded, args)}
+           "exported_to": args.export, **_plan_fields(lm, plan), **_flags_field(excluded, args),
+           **_neuron_params_field(args)}
     text = [f"erase {args.relation} ({len(erase.neurons)} neurons from {len(sets)} facts):",
             f"  accuracy {before['accuracy']:.2f} -> {after['accuracy']:.2f} (random {control['accuracy']:.2f})",
             f"  perplexity {before['perplexity']:.1f} -> {after['perplexity']:.1f} (random {control['perplexity']:.1f})"]
@@ -312,8 +338,7 @@ def _rank_sentences(path) -> list[str]:
 def neuron_options(p) -> None:
     """How a verb finds a fact's knowledge neurons (see `_fact_neurons`)."""
     p.add_argument("--facts", default="builtin", help="'builtin' or a PARAREL folder / .csv / .jsonl")
-    p.add_argument("--steps", type=int, default=20, help="integration steps (paper: 20; at most 1000)")
-    p.add_argument("--force", action="store_true", help="allow more than 1000 steps")
+    integration_options(p)
     p.add_argument("--keep-massive", action="store_true",
                    help="keep massive-activation neurons among the knowledge neurons (the paper's method; default: "
                         "left out, as in kn neurons)")

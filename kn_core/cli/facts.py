@@ -22,7 +22,7 @@ def cmd_facts_list(args) -> int:
 
 
 def cmd_facts_import(args) -> int:
-    from ..facts import import_facts
+    from ..fact_files import import_facts
 
     factset = import_facts(args.path)
     with project_of(args) as project:

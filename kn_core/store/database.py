@@ -439,6 +439,7 @@ class Database:
         self._engine = create_engine("sqlite://", creator=lambda: con, poolclass=StaticPool)
         install_begin(self._engine)
         self.closed = False
+        self._joined: Session | None = None  # the session of the `atomic` block in progress (its thread holds lock)
 
     def close(self) -> None:
         """Checkpoints the WAL into the file and leaves it in rollback-journal mode, so that a closed project is
@@ -493,23 +494,50 @@ class Database:
     @contextlib.contextmanager
     def session(self, doing: str, write: bool = False) -> Iterator[Session]:
         """A session in one transaction, committed when the block ends; SQLite's errors become `ProjectError`s
-        that say what was being done (`doing`). A write also stamps the project's modified_at."""
+        that say what was being done (`doing`). A write also stamps the project's modified_at. Inside an
+        `atomic` block (on its thread) the session is that block's: nothing commits before the block ends."""
         if self.closed:
             raise ProjectClosedError(self.path, "the project was closed", "open it again")
         if write and self.read_only:
             raise ProjectReadOnlyError(self.path, f"opened read-only, cannot save while {doing}",
                                        "open it for writing")
         with self.lock:
+            if self._joined is not None:  # only the atomic block's thread gets here while it holds the lock
+                with self._mapped_errors(doing):
+                    yield self._joined
+                    self._joined.flush()  # a rejected row is reported as what this block was doing
+                return
             if write and not self._wal:
                 self._enter_wal(doing)
-            try:
+            with self._mapped_errors(doing):
                 with Session(self._engine, expire_on_commit=False) as session, session.begin():
                     yield session
                     if write:
                         session.execute(update(schema.ProjectRow).values(modified_at=now(),
                                                                          app_version=app_version()))
-            except IntegrityError as exc:
-                raise ProjectDataError(self.path, f"rejected while {doing}: {exc.orig}",
-                                       "check the ids and values passed") from exc
-            except DBAPIError as exc:
-                raise map_sqlite_error(self.path, exc, doing) from exc
+
+    @contextlib.contextmanager
+    def atomic(self, doing: str) -> Iterator[None]:
+        """Every save made inside the block (on this thread) joins one transaction: all of them are committed
+        when the block ends, none if it ends with an exception or the process dies first. One commit instead of
+        one per save (each waits for the disk: synchronous=FULL). Nested blocks join the outer one."""
+        with self.lock:
+            if self._joined is not None:
+                yield
+                return
+            with self.session(doing, write=True) as session:
+                self._joined = session
+                try:
+                    yield
+                finally:
+                    self._joined = None
+
+    @contextlib.contextmanager
+    def _mapped_errors(self, doing: str) -> Iterator[None]:
+        try:
+            yield
+        except IntegrityError as exc:
+            raise ProjectDataError(self.path, f"rejected while {doing}: {exc.orig}",
+                                   "check the ids and values passed") from exc
+        except DBAPIError as exc:
+            raise map_sqlite_error(self.path, exc, doing) from exc

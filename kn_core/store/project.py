@@ -152,6 +152,12 @@ class Project(RunStore):
     def _session(self, doing: str, write: bool = False):
         return self._db.session(doing, write)
 
+    def atomic(self, doing: str = "saving"):
+        """`with project.atomic("storing a fact"):` every save inside commits together when the block ends, or
+        none of them (an exception, a killed process): e.g. a run, its prompts' scores and its neuron set at once.
+        Keep the block to writing: the project's lock is held until it ends."""
+        return self._db.atomic(doing)
+
     def _mark_interrupted(self) -> None:
         with self._session("recovering interrupted runs", write=True) as s:
             s.execute(update(RunRow).where(RunRow.status == "running").values(status="interrupted",

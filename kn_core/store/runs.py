@@ -31,7 +31,8 @@ _DONE_INDEX = "CREATE INDEX IF NOT EXISTS ix_run_prompts_run_done ON run_prompts
 
 
 class RunStore:
-    """Mixed into `Project`: attribution runs (started, one prompt per transaction, finished) and their arrays."""
+    """Mixed into `Project`: attribution runs (started, one prompt per transaction, finished; or all of it in one
+    `Project.atomic` block) and their arrays."""
 
     _clock: dict[int, float]  # run id -> time.monotonic() at start_run in this process
     _storage: dict | None = None  # the score storage setting, cached: while we write, nobody else can change it
@@ -153,8 +154,8 @@ class RunStore:
             row = s.get(RunRow, run_id)
             if row is None:
                 raise ProjectDataError(self.path, f"no run with id {run_id}", "start the run first")
+            start = self._clock.pop(run_id, None)
             if elapsed_s is None:
-                start = self._clock.pop(run_id, None)
                 elapsed_s = time.monotonic() - start if start is not None else (
                     datetime.fromisoformat(finished) - datetime.fromisoformat(row.started_at)).total_seconds()
             row.status, row.error, row.finished_at, row.elapsed_s = status, str(error or ""), finished, float(elapsed_s)

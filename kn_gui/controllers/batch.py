@@ -42,7 +42,7 @@ class BatchController(QObject):
     def apply(self, request: dict, facts: list[Fact]):
         """Plans, applies and measures the Edits panel's `request` on each of `facts` (with each fact's refined
         neurons) on the worker; UserError before any work when the batch cannot be built."""
-        from kn_core.batch import BatchRequest, ParsedRequests
+        from kn_core.batch_requests import BatchRequest, ParsedRequests
 
         s = self.session
         if s.lm is None:
