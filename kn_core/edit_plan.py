@@ -40,7 +40,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from . import edits as E
-from .facts import Fact, Prompt, render_prompts
+from .facts import CAUSAL_TEMPLATES, Fact, Prompt, render_prompts
 
 Neuron = tuple[int, int]
 KINDS = ("suppress", "amplify", "update", "erase")
@@ -67,7 +67,11 @@ class EditRequest:
 
     `neuron_templates`: the templates of the prompts that found the neurons (a run's prompts). The fact's
     prompts of other templates form the "held-out" group that generality is measured on; None: not known,
-    every prompt of the fact is a reliability prompt and generality is not applicable."""
+    every prompt of the fact is a reliability prompt and generality is not applicable.
+
+    `causal_templates` ("prefix" or "end-only", facts.CAUSAL_TEMPLATES): how a causal model's evaluation prompts
+    are rendered; pass the run's own choice (its params' `causal_templates`), so that the edit is judged on the
+    prompts that found its neurons."""
 
     kind: str
     neurons: tuple[Neuron, ...] = ()
@@ -90,10 +94,14 @@ class EditRequest:
     seed: int = 0
     control_facts: int = 4
     control_prompts_per_fact: int | None = 1
+    causal_templates: str = "prefix"
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise EditPlanError(f"unknown edit kind {self.kind!r}; use one of {', '.join(KINDS)}")
+        if self.causal_templates not in CAUSAL_TEMPLATES:
+            raise EditPlanError(f"causal_templates must be one of {', '.join(CAUSAL_TEMPLATES)}, not "
+                                f"{self.causal_templates!r}")
         try:
             object.__setattr__(self, "neurons", E._norm_neurons(self.neurons))
             object.__setattr__(self, "exclude", E._norm_neurons(self.exclude))
@@ -170,7 +178,7 @@ def plan_edit(lm, factset, request: EditRequest,
             raise EditPlanError("no neurons to edit: choose neurons (e.g. the fact's refined set) or lower t or p "
                                 "to get some")
         _check_neurons(lm, request.neurons)
-        fact_prompts = _prompts(lm, factset, request.fact, skipped, required=True)
+        fact_prompts = _prompts(lm, factset, request.fact, request, skipped, required=True)
         measured = {request.fact}
         neurons = _chosen(request, skipped)
         if request.kind == "update":
@@ -252,8 +260,9 @@ def _neuron_sets(sets) -> list[tuple[Fact | None, tuple[Neuron, ...]]]:
     return [(None, E._norm_neurons(n)) for n in sets]
 
 
-def _prompts(lm, factset, fact: Fact, skipped, required: bool = False) -> list[Prompt]:
-    prompts, left_out = render_prompts(fact, factset.relation(fact.relation), lm.tokenizer, lm.kind)
+def _prompts(lm, factset, fact: Fact, request: EditRequest, skipped, required: bool = False) -> list[Prompt]:
+    prompts, left_out = render_prompts(fact, factset.relation(fact.relation), lm.tokenizer, lm.kind,
+                                       request.causal_templates)
     label = f"{fact.relation} {fact.subject} -> {fact.object}"
     if not prompts and required:
         reasons = "; ".join(dict.fromkeys(s.reason for s in left_out)) or "the relation has no templates"
@@ -270,7 +279,7 @@ def _control_prompts(lm, factset, facts: list[Fact], request: EditRequest, seed:
     out: list[Prompt] = []
     for k in order:
         fact = facts[int(k)]
-        prompts = _prompts(lm, factset, fact, skipped)
+        prompts = _prompts(lm, factset, fact, request, skipped)
         if not prompts:
             skipped.append((f"control fact {fact.relation} {fact.subject} -> {fact.object}",
                             f"no template renders it for this {lm.kind} model"))
@@ -305,7 +314,8 @@ def _update(lm, factset, request: EditRequest, neurons, fact_prompts, sets, skip
         new_fact = Fact(fact.relation, fact.subject, new_object)
     except ValueError as exc:
         raise EditPlanError(f"the new object {new_object!r} is not usable: {exc}") from None
-    new_prompts, new_left_out = render_prompts(new_fact, factset.relation(fact.relation), lm.tokenizer, lm.kind)
+    new_prompts, new_left_out = render_prompts(new_fact, factset.relation(fact.relation), lm.tokenizer, lm.kind,
+                                               request.causal_templates)
     by_template = {p.template: p for p in new_prompts}
     reasons = {s.template: s.reason for s in new_left_out}
     own, new = [], []
@@ -371,7 +381,7 @@ def _erase(lm, factset, request: EditRequest, relation_id: str, sets, skipped):
         skipped.append((f"{request.k - len(neurons)} of the {request.k} neurons asked for", why))
     skipped.extend((f"neuron L{l}.{i}", "flagged (massive or unspecific), excluded") for l, i in flagged)
     facts = [f for f, _ in sets if f is not None] or factset.facts_of(relation_id)[: len(sets)]
-    prompts = [p for f in facts for p in _prompts(lm, factset, f, skipped)]
+    prompts = [p for f in facts for p in _prompts(lm, factset, f, request, skipped)]
     if not prompts:
         raise EditPlanError(f"no prompt of {relation_id}'s facts renders for this {lm.kind} model")
     return E.Erase(tuple(neurons), request.fill, E.default_embedding(lm)), prompts

@@ -66,6 +66,35 @@ def test_causal_template_that_cannot_be_used_is_listed():
 
 
 @pytest.mark.parametrize("family", [TINY_MASKED, TINY_CAUSAL])
+@pytest.mark.parametrize("kind", ["suppress", "update", "erase"])
+def test_evaluation_prompts_are_rendered_with_the_runs_causal_templates(family, kind):
+    """A run made with end-only templates is judged on end-only prompts in every group (a template with text
+    after [Y] is left out, with its reason); prefix keeps it, cut before [Y]. Masked models use every template."""
+    lm = tiny(family)
+    tail = "[X]'s capital [Y] is old"
+    rel = Relation("P36", "capital", REL.templates + (tail,))
+    rel2 = Relation("P37", "official language", REL2.templates + ("[X] speaks [Y] at home",))
+    fs = FactSet("t", {"P36": rel, "P37": rel2}, FACTS)
+    extra = {"update": dict(new_object="Berlin"), "erase": dict(relation="P36", k=1, allow_fewer=True)}.get(kind, {})
+    sets = {f: [(0, 1)] for f in FACTS[:2]} if kind == "erase" else {}
+    neurons = () if kind == "erase" else ((2, 3),)
+    plans = {templates: plan_edit(lm, fs, EditRequest(kind, neurons, FRANCE, causal_templates=templates,
+                                                       control_prompts_per_fact=None, **extra), sets)
+             for templates in ("prefix", "end-only")}
+    used = {templates: {p.template for ps in plan.prompts.values() for p in ps} for templates, plan in plans.items()}
+    assert {tail, "[X] speaks [Y] at home"} <= used["prefix"]
+    if family == TINY_MASKED:
+        assert plans["end-only"].prompts == plans["prefix"].prompts
+    else:
+        assert used["end-only"] == used["prefix"] - {tail, "[X] speaks [Y] at home"}
+        assert kind == "erase" or any(tail in what and "not at the end" in why  # the edited fact's are listed
+                                      for what, why in plans["end-only"].skipped)
+    with pytest.raises(EditPlanError, match="causal_templates") as exc:
+        EditRequest(kind, neurons, FRANCE, causal_templates="suffix")
+    one_line(exc)
+
+
+@pytest.mark.parametrize("family", [TINY_MASKED, TINY_CAUSAL])
 def test_update_plan_pairs_prompts_and_excludes_shared_neurons(family):
     lm = tiny(family)
     others = {FACTS[1]: [(2, 3)], FACTS[2]: [(2, 3), (0, 1)], FACTS[3]: [(1, 2)], FRANCE: [(2, 3), (1, 4)]}

@@ -126,3 +126,25 @@ def test_a_gui_run_is_what_the_runner_resumes_with_the_same_templates(parts, tmp
         assert (different.already_stored, different.attributed) == (0, 4)
     snap = open_project_file(path)  # and the GUI reads the runner's runs with their templates
     assert sorted(r.params["causal_templates"] for r in snap.runs) == sorted([templates] * 4 + [other] * 4)
+
+
+def test_an_edit_is_judged_on_prompts_rendered_as_its_run_rendered_them(parts):
+    """The Edits panel's plan renders the evaluation prompts with the causal templates of the run that found the
+    neurons (end-only here), even after the window's choice changed; with no run, the window's choice."""
+    from test_gui import CAPITAL
+
+    session, runner, history, edits, attribution, project, events = parts
+    tail = "[X]'s capital [Y] is old"
+    session.factset = session.factset.with_relation(Relation("P36", "capital", CAPITAL + (tail,)))
+    session.causal_templates = "end-only"
+    attribution.start([FRANCE], AttributionParams(steps=2))
+    assert runner.wait_idle(60000)
+    run = session.runs[("P36", "France", "Paris")]
+    assert run.params["causal_templates"] == "end-only" and tail not in {p.template for p in run.prompts}
+    session.causal_templates = "prefix"
+    request = edits.request({"kind": "Suppress", "scope": "answer"}, FRANCE, [(0, 1), (1, 2)])
+    assert request.causal_templates == "end-only"
+    plan = edits.planner(request)()
+    assert [p.text for p in plan.prompts["fact"]] == [p.text for p in run.prompts] and plan.prompts["held-out"] == []
+    japan = Fact("P36", "Japan", "Tokyo")  # no run of it: the window's choice
+    assert edits.request({"kind": "Suppress", "scope": "answer"}, japan, [(0, 1)]).causal_templates == "prefix"

@@ -215,3 +215,17 @@ def test_massive_neurons_are_kept_out_unless_asked_and_reported_both_ways(tmp_pa
         assert both["flagged_kept"]["flagged_among_refined"] >= 2
     text = (tmp_path / "report.md").read_text()
     assert "massive" in text and "flagged neurons kept" in text.lower()
+
+
+def test_edit_metrics_are_judged_on_prompts_rendered_with_the_runs_templates(lm, tmp_path, monkeypatch):
+    """With end-only templates the metrics section's edits are planned with them too: no evaluation prompt comes
+    from a template with text after [Y] (prefix would cut it and judge the edit on a prompt no run used)."""
+    from kn_core.reproduce import metrics_section
+
+    plans, real = [], metrics_section.plan_edit
+    monkeypatch.setattr(metrics_section, "plan_edit", lambda *a, **k: plans.append(real(*a, **k)) or plans[-1])
+    report = _run(lm, tmp_path, relations=["P36", "P37"], causal_templates="end-only")
+    assert report["status"] == "done" and plans
+    assert all(plan.request.causal_templates == "end-only" for plan in plans)
+    used = {p.template for plan in plans for prompts in plan.prompts.values() for p in prompts}
+    assert CAPITAL.templates[3] not in used and used

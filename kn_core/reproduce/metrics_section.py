@@ -33,8 +33,9 @@ def _neurons(fact, prompts, scores, t: float, p: float, exclude, seed: int):
     return tuple(dict.fromkeys(prompts[i].template for i in kept)), [tuple(n) for n in neurons], held
 
 
-def _request(kind: str, fact, neurons, templates, new_object, exclude, seed: int) -> EditRequest:
-    base = dict(neuron_templates=templates, exclude=tuple(exclude), seed=seed)
+def _request(kind: str, fact, neurons, templates, new_object, exclude, seed: int,
+             causal_templates: str) -> EditRequest:
+    base = dict(neuron_templates=templates, exclude=tuple(exclude), seed=seed, causal_templates=causal_templates)
     if kind == "suppress":
         return EditRequest("suppress", tuple(neurons), fact, **base)
     if kind == "amplify":
@@ -51,9 +52,10 @@ def _new_objects(factset, fact, seed: int) -> list[str]:
 
 
 def edit_metrics_experiment(lm, factset, chosen: dict, ig: dict, adapted: dict, t: float, exclude, stats,
-                            seed: int = 0, task=None) -> dict:
+                            seed: int = 0, task=None, causal_templates: str = "prefix") -> dict:
     """{"facts": [{relation, subject, object, neurons, held_out, new_object, kinds: {kind: metrics}}],
-    "summary": {kind: {metric: {"edit", "control", "facts"}}}, "skipped": [{what, reason}]}."""
+    "summary": {kind: {metric: {"edit", "control", "facts"}}}, "skipped": [{what, reason}]}. The edits are
+    judged on prompts rendered with the `causal_templates` the chosen facts' prompts were rendered with."""
     task = as_task(task)
     found, skipped = {}, []
     for rid, facts in chosen.items():
@@ -77,7 +79,8 @@ def edit_metrics_experiment(lm, factset, chosen: dict, ig: dict, adapted: dict, 
         for k, kind in enumerate(KINDS):
             kind_task = sub.slice(k / len(KINDS), (k + 1) / len(KINDS))
             try:
-                plan = _plan(lm, factset, kind, fact, neurons, templates, sets, exclude, stats, seed, kind_task)
+                plan = _plan(lm, factset, kind, fact, neurons, templates, sets, exclude, stats, seed, kind_task,
+                             causal_templates)
             except EditPlanError as exc:
                 skipped.append({"what": f"{kind} of {label}", "reason": str(exc)})
                 continue
@@ -88,14 +91,14 @@ def edit_metrics_experiment(lm, factset, chosen: dict, ig: dict, adapted: dict, 
     return {"hold_out": HOLD_OUT, "facts": out_facts, "summary": summarize(out_facts), "skipped": skipped}
 
 
-def _plan(lm, factset, kind, fact, neurons, templates, sets, exclude, stats, seed, task):
+def _plan(lm, factset, kind, fact, neurons, templates, sets, exclude, stats, seed, task, causal_templates):
     """The plan of one kind; an update tries o' candidates until one renders with a different first token."""
     candidates = _new_objects(factset, fact, seed)[:5] if kind.startswith("update") else [None]
     error = None
     for new_object in candidates:
         try:
-            return plan_edit(lm, factset, _request(kind, fact, neurons, templates, new_object, exclude, seed), sets,
-                             activation_stats=stats, task=task)
+            request = _request(kind, fact, neurons, templates, new_object, exclude, seed, causal_templates)
+            return plan_edit(lm, factset, request, sets, activation_stats=stats, task=task)
         except EditPlanError as exc:
             error = exc
     raise error if error is not None else EditPlanError("the relation has no other object to update to")

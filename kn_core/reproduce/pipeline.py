@@ -431,7 +431,7 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
             lm, records, DegeneracyParams(seed=seed), {f: sum(s.scores for s in ig[f]) for f in ig}, exclude, sub))
         save()
         report["edit_metrics"] = phases.run("edit_metrics", lambda sub: edit_metrics_experiment(
-            lm, factset, chosen, ig, report["adapted_p"], t, exclude, neurons["stats"], seed, sub))
+            lm, factset, chosen, ig, report["adapted_p"], t, exclude, neurons["stats"], seed, sub, causal_templates))
         report["status"] = "done"
     except BaseException as exc:  # Cancelled / KeyboardInterrupt / an error: keep what is done, then re-raise
         report["status"] = f"interrupted ({type(exc).__name__}); run again with the same arguments to resume"

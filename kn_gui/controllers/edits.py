@@ -138,17 +138,31 @@ class EditsController(QObject):
                    "update": ("new_object", "lambda1", "lambda2", "strength"), "erase": ("k", "fill")}[kind]
         return EditRequest(kind, tuple(neurons), fact, allow_fewer=True,
                            neuron_templates=self._neuron_templates(kind, fact),
+                           causal_templates=self._causal_templates(kind, fact),
                            **{name: request[name] for name in options if name in request})
 
-    def _neuron_templates(self, kind: str, fact: Fact | None) -> tuple[str, ...] | None:
-        """The templates whose prompts found the neurons (the fact's run; erase: the relation's runs), so that the
-        fact's other templates measure generality; None when no run of the fact says so."""
+    def _runs_of(self, kind: str, fact: Fact | None) -> list:
+        """The runs that found the neurons: the fact's run (erase: the relation's runs)."""
         if fact is None:
-            return None
-        runs = [r for r in self.session.relation_runs(fact.relation) if kind == "erase" or r.fact == fact]
+            return []
+        return [r for r in self.session.relation_runs(fact.relation) if kind == "erase" or r.fact == fact]
+
+    def _neuron_templates(self, kind: str, fact: Fact | None) -> tuple[str, ...] | None:
+        """The templates whose prompts found the neurons, so that the fact's other templates measure generality;
+        None when no run of the fact says so."""
+        runs = self._runs_of(kind, fact)
         if not runs:
             return None
         return tuple(dict.fromkeys(p.template for r in runs for p in r.prompts[: len(r.scores)]))
+
+    def _causal_templates(self, kind: str, fact: Fact | None) -> str:
+        """How the evaluation prompts are rendered: as the runs that found the neurons rendered theirs (their
+        params' causal_templates); the window's choice when no run says; prefix (every template) when runs of
+        an erased relation disagree."""
+        chosen = {r.params.get("causal_templates") for r in self._runs_of(kind, fact)} - {None}
+        if not chosen:
+            return self.session.causal_templates
+        return chosen.pop() if len(chosen) == 1 else "prefix"
 
     def planner(self, edit_request):
         """A function of a task returning the edit plan of an EditRequest on the loaded model, its inputs read from
