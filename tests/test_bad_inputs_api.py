@@ -70,7 +70,9 @@ def _facts():
 
 
 def _builtin():
-    return _facts().builtin_facts()
+    from kn_core.fact_files import builtin_facts
+
+    return builtin_facts()
 
 
 def _held_out(n):
