@@ -9,6 +9,7 @@ that escapes is (the real `kn` prints it on stderr). The Python API's catalogue:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from kn_core.cli import main
 from tiny import make_tiny
@@ -274,6 +276,12 @@ def world(tmp_path_factory):
         lm.model.save_pretrained(folder)
         lm.tokenizer.save_pretrained(folder)
         places[family] = str(folder)
+    nan_model = make_tiny("gpt2")
+    with torch.no_grad():
+        nan_model.layout.blocks[0].mlp.c_proj.weight[0, 0] = float("nan")  # as an overflowed fine-tune leaves it
+    nan_model.model.save_pretrained(root / "nan_weights")
+    nan_model.tokenizer.save_pretrained(root / "nan_weights")
+    places["nan_weights"] = str(root / "nan_weights")
     (root / "a_file.txt").write_text("not a project, not a model\n")
     places["file"] = str(root / "a_file.txt")
     (root / "a_dir").mkdir()
@@ -391,6 +399,19 @@ def test_bad_input_is_one_line_status_2(name, argv, words, world, capsys):
         assert _fill(word, world) in lines[0], (word, lines[0])
     assert seconds < 10, seconds
     assert {path: _sha(path) for path in projects} == before
+
+
+def test_non_finite_scores_end_the_run_in_one_line(world, capsys):
+    """NaN scores (here from a NaN weight; in practice an overflow in float16) would make every threshold
+    t x max undefined and the prompt's neurons silently missing: found only by attributing, so after the progress
+    bar, the run ends with one error line and status 2."""
+    code = main(["attribute", "--model", world["nan_weights"], "--prompt", "The capital of", "--answer", " Paris",
+                 "--steps", "2", "--json"])
+    out, err = capsys.readouterr()
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and "Traceback" not in err
+    assert len(errors) == 1 and "NaN or infinite" in errors[0] and "float32" in errors[0], err
+    assert json.loads(out)["error_type"] == "NonFiniteScoresError"
 
 
 # what Python does not show by default outside __main__
