@@ -47,7 +47,7 @@ CASES = [
     ("steps-0", S + ["--steps", "0"], ["--steps", "0", "1000"]),
     ("steps-negative", S + ["--steps", "-1"], ["--steps", "-1"]),
     ("steps-huge", S + ["--steps", "100000"], ["--steps", "100000", "--force"]),
-    ("steps-1e9", S + ["--steps", "1e9"], ["--steps", "1e9"]),
+    ("steps-1e9", S + ["--steps", "1e9"], ["--steps", "1000000000", "1 to 1000"]),
     ("steps-fraction", S + ["--steps", "2.5"], ["--steps", "2.5"]),
     ("steps-word", ERASE + ["--steps", "abc"], ["--steps", "abc"]),
     ("steps-attribute-1001", ATTR + ["--steps", "1001"], ["--steps", "1001"]),

@@ -8,6 +8,22 @@ import argparse
 from .. import validation as v
 
 
+def whole_number(text: str) -> int:
+    """argparse type for counts: also takes whole numbers written as 1e3 or 20.0, so that the range check
+    (CHECKS) can say what is allowed; a fraction or a word is refused here, naming what is wanted."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not number.is_integer():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    return int(number)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (usage stays in --help)."""
 

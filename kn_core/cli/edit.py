@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
+from .checks import whole_number
 from .attribution import integration_options
 from .batch import add_batch_command
 from .common import COMMON, CliError, emit, factset_of, find_fact, load, neuron_list, progress_bar, say
@@ -344,13 +345,13 @@ def neuron_options(p) -> None:
                         "left out, as in kn neurons)")
     p.add_argument("--t", type=float, default=0.2, help="coarse threshold (paper: 0.2)")
     p.add_argument("--p", type=float, default=0.7, help="refinement share of prompts (paper: starts at 0.7)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random control neurons")
+    p.add_argument("--seed", type=whole_number, default=0, help="seed of the random control neurons")
 
 
 def _fact_edit_options(p) -> None:
     neuron_options(p)
     p.add_argument("--export", metavar="DIR", help="save the edited model (save_pretrained) to DIR")
-    p.add_argument("--hold-out", type=int, default=1, metavar="N",
+    p.add_argument("--hold-out", type=whole_number, default=1, metavar="N",
                    help="templates per fact kept away from finding the neurons, to measure generality on "
                         "(drawn with --seed; 0: use every template, generality is then not measured)")
 
@@ -374,7 +375,7 @@ def add_commands(sub) -> None:
     p.add_argument("--new-object", required=True)
     p.add_argument("--lambda1", type=float, default=1.0)
     p.add_argument("--lambda2", type=float, default=8.0)
-    p.add_argument("--relation-facts", type=int, default=0,
+    p.add_argument("--relation-facts", type=whole_number, default=0,
                    help="attribute N other facts of the relation to leave out neurons shared by >10%% of them")
     p.add_argument("--sign-aware", action="store_true",
                    help="reverse the edit on neurons whose mean activation on the fact's prompts is negative "
@@ -387,18 +388,18 @@ def add_commands(sub) -> None:
     p.set_defaults(func=cmd_edit_update)
     p = edit_sub.add_parser("erase", parents=[COMMON], help="erase a relation (its k most frequent knowledge neurons)")
     p.add_argument("--relation", required=True)
-    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--k", type=whole_number, default=20)
     p.add_argument("--fill", choices=["zero", "unk"], default="zero")
-    p.add_argument("--max-facts", type=int, default=10, help="facts of the relation to attribute")
-    p.add_argument("--control-facts", type=int, default=10, help="facts of other relations to measure")
+    p.add_argument("--max-facts", type=whole_number, default=10, help="facts of the relation to attribute")
+    p.add_argument("--control-facts", type=whole_number, default=10, help="facts of other relations to measure")
     _fact_edit_options(p)
     p.set_defaults(func=cmd_edit_erase)
     add_batch_command(edit_sub)
 
     neuron = sub.add_parser("neuron", parents=[COMMON], help="what one neuron's value vector promotes")
-    neuron.add_argument("--layer", type=int, required=True)
-    neuron.add_argument("--index", type=int, required=True)
-    neuron.add_argument("--top-k", type=int, default=10)
+    neuron.add_argument("--layer", type=whole_number, required=True)
+    neuron.add_argument("--index", type=whole_number, required=True)
+    neuron.add_argument("--top-k", type=whole_number, default=10)
     neuron.add_argument("--prompt", action="append", help="show the activation on this text (repeatable)")
     neuron.add_argument("--rank-file", help="rank the sentences of this text file (one a line) by activation")
     neuron.add_argument("--position", choices=["answer", "max", "mean", "last"], default="answer")
