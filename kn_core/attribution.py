@@ -177,11 +177,28 @@ def _short(text: str, limit: int = 40) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
+class NonFiniteScoresError(ArithmeticError):
+    """Attribution gave NaN or infinite scores (an overflow in half precision, or weights that hold NaN). Never
+    passed on: the coarse threshold of such a prompt would be undefined and its neurons silently missing."""
+
+
+def _check_finite(text: str, scores: torch.Tensor) -> None:
+    bad = ~torch.isfinite(scores)
+    if bool(bad.any()):
+        layers = sorted(set(torch.nonzero(bad)[:, 0].tolist()))
+        shown = ", ".join(map(str, layers[:8])) + (", ..." if len(layers) > 8 else "")
+        raise NonFiniteScoresError(
+            f"{int(bad.sum())} attribution scores of {_short(text)} are NaN or infinite (layers {shown}; the model "
+            f"ran in {str(scores.dtype).replace('torch.', '')}): run it in float32 (--dtype float32), or check its "
+            f"weights for NaN")
+
+
 def _prompt_scores(text: str, answer: str, ids: tuple[int, ...], per_token: list, params: AttributionParams,
                    seconds: float) -> PromptScores:
     """One prompt's result from its answer tokens' (scores, activations, P(w), P(0 at each layer))."""
     how = params.multi_token
     scores = _combine([s for s, _, _, _, _ in per_token], how)
+    _check_finite(text, scores)
     acts = _combine([a for _, a, _, _, _ in per_token], "mean")
     token_probs = [p for _, _, p, _, _ in per_token]
     completeness = []

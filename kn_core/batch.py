@@ -21,9 +21,10 @@ from typing import Sequence
 import numpy as np
 
 from . import edits as E
-from .batch_requests import BatchError, BatchRequest, ParsedRequests
+from .batch_requests import BatchError, BatchRequest, ParsedRequests, locality_prompts
 from .facts import Fact, FactSet, Prompt, Relation, render_prompts
 from .tasks import as_task
+from .validation import check_fraction, check_int
 
 Neuron = tuple[int, int]
 MODES = ("compound", "sequential")
@@ -38,6 +39,10 @@ class NeuronSource:
     t: float = 0.2
     p: float = 0.7
     params: object = None  # attribution.AttributionParams; None: the defaults
+
+    def __post_init__(self):  # refused here, not after the first request's attribution
+        check_fraction("t", self.t)
+        check_fraction("p", self.p)
 
 
 def resolve_neurons(lm, parsed: ParsedRequests, source: NeuronSource = NeuronSource(), project=None,
@@ -146,10 +151,7 @@ def run_batch(lm, parsed: ParsedRequests, neurons: dict, mode: str = "compound",
     the metrics then say "not measured")."""
     if mode not in MODES:
         raise BatchError(f"unknown mode {mode!r}; use compound or sequential")
-    if forgetting_prompts < 1:
-        raise BatchError("forgetting_prompts must be >= 1")
-    if max_prompts is not None and max_prompts < 1:
-        raise BatchError("max_prompts must be >= 1 (or None for every prompt)")
+    _check_settings(seed, control_facts, forgetting_prompts, max_prompts, options)
     task = as_task(task)
     left_out = [{"line": n, "reason": why} for n, why in parsed.bad]
     planning = _PlanningFacts(parsed.factset, {r.fact for r in parsed.requests})
@@ -174,6 +176,27 @@ METRICS_NOTE = ("per request: kn_core.metrics.edit_metrics (docs/METRICS.md) of 
                 "control; summary: their means over the requests where a metric applies; 'holds' (sequential "
                 "forgetting): update: o' greedy, suppress: the old answer no longer greedy, amplify: p above its "
                 "value before the batch, on the request's first forgetting_prompts reliability prompts")
+
+
+def _check_settings(seed, control_facts, forgetting_prompts, max_prompts, options) -> None:
+    """run_batch's settings, refused in one line before any request is planned."""
+    from dataclasses import fields
+
+    from .edit_plan import EditRequest
+
+    check_int("seed", seed, 0)
+    check_int("control_facts", control_facts, 0)
+    check_int("forgetting_prompts", forgetting_prompts, 1)
+    if max_prompts is not None:
+        check_int("max_prompts", max_prompts, 1, hint=" (or None for every prompt)")
+    per_request = {"kind", "neurons", "fact", "new_object", "neuron_templates", "seed", "control_facts",
+                   "control_prompts_per_fact"}  # set by run_batch itself
+    shared = {f.name for f in fields(EditRequest)} - per_request
+    unknown = sorted(set(options or {}) - shared)
+    if unknown:
+        raise BatchError(f"unknown option(s) {', '.join(map(repr, unknown))}; options are EditRequest fields "
+                         f"shared by every request: {', '.join(sorted(shared))}")
+    EditRequest("suppress", **(options or {}))  # their values (a NaN factor or lambda) fail here, not per request
 
 
 def _relation_sets(requests, neurons) -> dict[str, dict[Fact, tuple[Neuron, ...]]]:
@@ -208,18 +231,8 @@ def _plan(lm, planning: _PlanningFacts, r: BatchRequest, neurons, settings, left
     if settings["max_prompts"] is not None:  # aligned groups (fact / new object) keep the same first prompts
         groups = {g: ps[: settings["max_prompts"]] for g, ps in groups.items()}
     if r.locality:
-        groups["locality"] = _locality_prompts(lm, r.locality, skipped)
+        groups["locality"] = locality_prompts(lm, r.locality, skipped)
     return replace(plan, prompts=groups, skipped=skipped)
-
-
-def _locality_prompts(lm, pairs, skipped) -> list[Prompt]:
-    relation = Relation("locality", "locality prompt", ("[X] [Y]",))
-    out = []
-    for text, truth in pairs:
-        prompts, left = render_prompts(Fact("locality", text, truth), relation, lm.tokenizer, lm.kind)
-        out += prompts
-        skipped.extend((f"locality prompt {text!r}", s.reason) for s in left)
-    return out
 
 
 MEASURE_CHUNK = 256  # prompts per answer_probabilities call: it holds every prompt's full-vocabulary log-probs

@@ -11,7 +11,8 @@ Requests come one per line of a JSON Lines file (docs: `kn edit batch --help`), 
 Either form may say ``"kind"`` (suppress, amplify or update; the batch's default otherwise) and give explicit
 ``"neurons": [[layer, index], ...]``. `parse_requests` names every bad line with its number and reason before
 any model work; `check_requests` adds what only the loaded model can tell (neurons outside it, prompts that do
-not render), still before any forward pass. `batch.run_batch` runs them.
+not render, prompts longer than the model's positions), still before any forward pass. `batch.run_batch` runs
+them.
 """
 
 from __future__ import annotations
@@ -20,19 +21,22 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 from . import edits as E
-from .facts import Fact, FactSet, Relation, render_prompts
+from .facts import Fact, FactSet, Prompt, Relation, render_prompts
+from .validation import ValidationError, check_text
 
 Neuron = tuple[int, int]
 BATCH_KINDS = ("suppress", "amplify", "update")
 EASYEDIT_FIELDS = ("prompt", "subject", "ground_truth", "target_new", "rephrase_prompts", "locality_prompts",
                    "neurons", "kind")
 OUR_FIELDS = ("relation", "subject", "new_object", "neurons", "kind")
+_LISTED = 20  # bad lines named in the one-line refusal; --skip-bad lists every one
 
 
 class BatchError(ValueError):
-    """Bad requests; the message lists each bad line with its reason (one line per bad request)."""
+    """Bad requests; the one-line message names the bad lines with their reasons."""
 
 
 @dataclass(frozen=True)
@@ -59,11 +63,13 @@ class ParsedRequests:
     factset: FactSet | None = None  # the given fact set plus the EasyEdit requests' relations and facts
 
     def refuse_or_skip(self, skip_bad: bool) -> None:
-        """BatchError listing every bad line unless `skip_bad` (then they stay listed in `bad`)."""
+        """BatchError naming the bad lines (the first _LISTED of them, with their reasons) in one line unless
+        `skip_bad` (then they stay listed in `bad`)."""
         if self.bad and not skip_bad:
-            lines = "\n".join(f"  line {n}: {why}" for n, why in self.bad)
-            raise BatchError(f"{len(self.bad)} bad request(s); fix them, or skip them explicitly "
-                             f"(--skip-bad):\n{lines}")
+            named = "; ".join(f"line {n}: {why}" for n, why in self.bad[:_LISTED])
+            more = f"; and {len(self.bad) - _LISTED} more" if len(self.bad) > _LISTED else ""
+            raise BatchError(f"{len(self.bad)} bad request(s); fix them, or skip them explicitly (--skip-bad): "
+                             f"{named}{more}")
         if not self.requests:
             raise BatchError("no usable requests" + (f" ({len(self.bad)} bad)" if self.bad else " (empty file)"))
 
@@ -107,7 +113,12 @@ def _lines(source) -> list[tuple[int, str]]:
         except (OSError, UnicodeDecodeError) as exc:
             raise BatchError(f"cannot read the requests file {str(path)!r}: {getattr(exc, 'strerror', None) or exc}")
         source = text.splitlines()
-    return [(i, raw) for i, raw in enumerate(source, 1) if raw.strip()]
+    elif isinstance(source, (bytes, bytearray)) or not isinstance(source, Iterable):
+        raise BatchError(f"requests must come from a file path or lines of text, not {type(source).__name__}")
+    lines = list(source)
+    if not all(isinstance(raw, str) for raw in lines):
+        raise BatchError("requests given as lines must be lines of text (str), one JSON object each")
+    return [(i, raw) for i, raw in enumerate(lines, 1) if raw.strip()]
 
 
 def _parse_line(number: int, raw: str, factset: FactSet | None, default_kind: str) -> BatchRequest:
@@ -130,9 +141,12 @@ def _parse_line(number: int, raw: str, factset: FactSet | None, default_kind: st
         raise _BadLine(f"kind {kind!r} is not a batch edit kind; use one of {', '.join(BATCH_KINDS)} (erase acts "
                        "on a whole relation: kn edit erase)")
     neurons = _neurons(record["neurons"]) if "neurons" in record else None
-    if easyedit:
-        return _easyedit(number, record, kind, neurons)
-    return _ours(record, kind, neurons, factset, number)
+    try:
+        if easyedit:
+            return _easyedit(number, record, kind, neurons)
+        return _ours(record, kind, neurons, factset, number)
+    except ValueError as exc:  # a template or fact the data model refuses
+        raise _BadLine(str(exc)) from None
 
 
 def _text(record: dict, key: str, required: bool = True) -> str | None:
@@ -141,7 +155,15 @@ def _text(record: dict, key: str, required: bool = True) -> str | None:
         return None
     if not isinstance(value, str) or not value.strip():
         raise _BadLine(f"{key!r} must be non-empty text" + ("" if key in record else " and is missing"))
-    return value.strip()
+    return _valid_text(key, value).strip()
+
+
+def _valid_text(key: str, value: str) -> str:
+    """Text a tokenizer takes (valid Unicode, no NULs), else the line is bad."""
+    try:
+        return check_text(key, value, allow_blank=True)
+    except ValidationError as exc:
+        raise _BadLine(str(exc)) from None
 
 
 def _neurons(raw) -> tuple[Neuron, ...]:
@@ -178,7 +200,7 @@ def _easyedit(number: int, record: dict, kind: str, neurons) -> BatchRequest:
     if not isinstance(rephrases, list) or not all(isinstance(r, str) for r in rephrases):
         raise _BadLine("'rephrase_prompts' must be a list of texts")
     for r in rephrases:
-        r = r.strip()
+        r = _valid_text("rephrase_prompts", r).strip()
         if subject not in r or "[X]" in r or "[Y]" in r:
             left_out.append((f"rephrase {r!r}", "does not name the subject, so it is not a paraphrase of the fact"
                              if subject not in r else "contains [X] or [Y]"))
@@ -209,7 +231,8 @@ def _locality(raw) -> tuple[tuple[str, str], ...]:
                 and isinstance(item.get("ground_truth"), str) and item["ground_truth"].strip()):
             raise _BadLine("each locality prompt must be {\"prompt\": text, \"ground_truth\": text} (the answer to "
                            "keep); a bare prompt has no answer to measure")
-        out.append((item["prompt"].strip(), item["ground_truth"].strip()))
+        out.append((_valid_text("locality prompt", item["prompt"]).strip(),
+                    _valid_text("locality ground_truth", item["ground_truth"]).strip()))
     return tuple(out)
 
 
@@ -240,7 +263,9 @@ def _combined_factset(factset: FactSet | None, relations: dict[str, Relation], r
 
 def check_requests(lm, parsed: ParsedRequests) -> None:
     """Moves to `parsed.bad` the requests the loaded model cannot take (explicit neurons outside it, no
-    renderable prompt); tokenizing only, no forward pass."""
+    renderable prompt, a prompt longer than the model's positions); tokenizing only, no forward pass."""
+    from .encoding import encode_prompt
+
     keep = []
     for r in parsed.requests:
         try:
@@ -250,9 +275,23 @@ def check_requests(lm, parsed: ParsedRequests) -> None:
             if not prompts:
                 reasons = "; ".join(dict.fromkeys(s.reason for s in skipped)) or "no templates"
                 raise ValueError(f"no prompt renders for this {lm.kind} model: {reasons}")
+            for prompt in prompts + locality_prompts(lm, r.locality, []):
+                encode_prompt(lm, prompt.text, prompt.answer_ids)  # what measuring will encode, checked now
         except ValueError as exc:
             parsed.bad.append((r.line, str(exc).splitlines()[0]))
             continue
         keep.append(r)
     parsed.bad.sort()
     parsed.requests = keep
+
+
+def locality_prompts(lm, pairs, skipped) -> list[Prompt]:
+    """A request's locality (prompt, ground truth) pairs as prompts; the ones that do not render are added to
+    `skipped` with the reason."""
+    relation = Relation("locality", "locality prompt", ("[X] [Y]",))
+    out = []
+    for text, truth in pairs:
+        prompts, left = render_prompts(Fact("locality", text, truth), relation, lm.tokenizer, lm.kind)
+        out += prompts
+        skipped.extend((f"locality prompt {text!r}", s.reason) for s in left)
+    return out

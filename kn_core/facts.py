@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, replace
 
+from .validation import check_text
+
 X, Y = "[X]", "[Y]"
 KINDS = ("masked", "causal")
 # How a causal model uses a template with text after [Y]. "prefix": the text before [Y] is the prompt and the
@@ -29,6 +31,7 @@ def validate_template(template: str) -> str:
     """Returns the template unchanged, or raises ValueError saying what is wrong with it."""
     if not isinstance(template, str) or not template.strip():
         raise ValueError("a template must be non-empty text with the slots [X] and [Y]")
+    check_text("template", template)  # a tokenizer cannot take lone surrogates; NULs are no text
     if X not in template:
         raise ValueError(f"template {template!r} has no [X] (the subject's slot)")
     if Y not in template:
@@ -47,6 +50,7 @@ class Relation:
     def __post_init__(self):
         if not isinstance(self.id, str) or not self.id.strip():
             raise ValueError("a relation needs a non-empty id (e.g. P36)")
+        check_text("relation id", self.id)
         object.__setattr__(self, "templates", tuple(self.templates))  # accept lists; keep it immutable
         for template in self.templates:
             validate_template(template)
@@ -81,6 +85,7 @@ class Fact:
                 raise ValueError(f"a fact needs a non-empty {name}")
             if value != value.strip():
                 raise ValueError(f"the {name} {value!r} has leading or trailing spaces")
+            check_text(name, value)  # every prompt is rendered from these: valid Unicode, no NULs
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from . import edits as E
+from .validation import check_int
 
 METRIC_NAMES = ("reliability", "generality", "locality", "portability")
 
@@ -299,8 +300,8 @@ def held_out_templates(templates: Sequence[str], n: int, seed: int = 0) -> tuple
     the neurons so that generality is measured on wordings the neurons never saw. Refuses (ValueError, one
     line) when fewer than MIN_FINDING_PROMPTS templates would remain, since refined neurons then cannot exist."""
     templates = list(dict.fromkeys(templates))
-    if n < 0:
-        raise ValueError(f"the number of held-out templates must be >= 0, not {n}")
+    check_int("held-out templates", n, 0)
+    check_int("seed", seed, 0)
     if n == 0:
         return ()
     if len(templates) - n < MIN_FINDING_PROMPTS:

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -284,6 +285,22 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def _weights_error(path: str, exc: BaseException) -> str:
+    """One line for weights in a folder that do not load. A pickle that fails is never retried unsafely: torch
+    loads it with weights_only, so its advice to turn that off (which would run the file's code) is not passed on."""
+    from safetensors import SafetensorError
+
+    files = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".safetensors", ".pt", ".pth")))
+    where = f"could not load the weights in {path} ({', '.join(files) or 'no weight files'})"
+    if isinstance(exc, (pickle.UnpicklingError, EOFError)):
+        return (f"{where}: the pickle is empty, damaged, or holds objects other than tensors, which are never "
+                f"unpickled (that could run code); get the weights again as model.safetensors (save_pretrained "
+                f"writes one) from a source you trust")
+    if isinstance(exc, SafetensorError):
+        return f"{where}: {_first_line(exc)}; the file is damaged or incomplete: get the model again"
+    return f"{where}: {_first_line(exc)}"
+
+
 def _hub_error(source: str, exc: Exception) -> ModelLoadError:
     return ModelLoadError(
         f"could not load {source!r}: it is not a local folder and the Hugging Face hub could not provide it "
@@ -355,19 +372,25 @@ def load_model(source: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "
         kwargs["device_map"] = "auto"  # accelerate spreads models larger than one GPU across GPUs (and CPU)
     task.check()
     task.progress(0.1, "loading weights")
+    from safetensors import SafetensorError
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
-                                                  local_files_only=local_only)
-        model = auto.from_pretrained(path, **kwargs)
+        # held back while reading the files: a failed load is one line (torch warns about a pickle's protocol
+        # before refusing it); a successful one passes them on below
+        with warnings.catch_warnings(record=True) as library_warnings:
+            warnings.simplefilter("always")
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                      local_files_only=local_only)
+            model = auto.from_pretrained(path, **kwargs)
     except torch.cuda.OutOfMemoryError as exc:
         raise ModelLoadError(f"out of GPU memory while loading {source!r}; choose --dtype bfloat16 or "
                              f"--device cpu") from exc
-    except (OSError, ValueError, pickle.UnpicklingError, RuntimeError) as exc:
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError, RuntimeError, SafetensorError) as exc:
         if os.path.isdir(path):
-            files = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".safetensors", ".pt", ".pth")))
-            raise ModelLoadError(f"could not load the weights in {path} ({', '.join(files) or 'no weight files'}): "
-                                 f"{_first_line(exc)}") from exc
+            raise ModelLoadError(_weights_error(path, exc)) from exc
         raise _hub_error(source, exc) from exc
+    for caught in library_warnings:
+        warnings.warn_explicit(caught.message, caught.category, caught.filename, caught.lineno)
     if "device_map" not in kwargs:
         model.to(target)
     model.eval()

@@ -83,7 +83,11 @@ def _coarse(scores: np.ndarray, t: float, excluded: tuple[np.ndarray, np.ndarray
         scores = np.array(scores, dtype=np.float64)
         scores[excluded] = -np.inf
     top = float(np.max(scores))
-    if not (top > 0 and math.isfinite(top)):
+    if math.isnan(top) or top == math.inf:  # -inf is fine: a compact form's unstored scores, or all excluded
+        raise ValidationError(f"scores hold {int(np.sum(~np.isfinite(scores) & (scores != -np.inf)))} NaN or "
+                              f"infinite values, so no threshold t x max exists; attribute the prompt again in "
+                              f"float32")
+    if not top > 0:
         return []
     # In float64: NumPy would round t x top to float32 scores' precision, so t just below 1 would drop the top.
     layers, neurons = np.nonzero(np.asarray(scores, dtype=np.float64) > t * top)

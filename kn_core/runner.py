@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 from .facts import CAUSAL_TEMPLATES, Fact, FactSet, Prompt, render_prompts
 from .tasks import Task, as_task
-from .validation import check_choice
+from .validation import ValidationError, check_choice, check_fraction
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,12 @@ class Selection:
     p: float = 0.7
     keep_massive: bool = False
 
+    def __post_init__(self):  # refused here, not after the first fact's attribution
+        check_fraction("t", self.t)
+        check_fraction("p", self.p)
+        if not isinstance(self.keep_massive, bool):
+            raise ValidationError(f"keep_massive = {self.keep_massive!r} is not allowed: expected True or False")
+
     def to_dict(self) -> dict:
         return {"t": self.t, "p": self.p, "keep_massive": self.keep_massive}
 
@@ -71,13 +77,20 @@ class FactOutcome:
 
 def select_relations(factset: FactSet, relations: str | Iterable[str] | None = "all") -> list[str]:
     """The relation ids to run: "all" (or None) -> every relation; else a list or "R1,R2"; unknown ones are a
-    KeyError naming what the fact set has."""
+    KeyError naming what the fact set has; a selection naming none ("", ",,", []) is a ValidationError."""
     if relations is None:
         return list(factset.relations)
+    given = relations
     if isinstance(relations, str):
         relations = relations.split(",")
+    relations = list(relations) if isinstance(relations, Iterable) else relations
+    if not isinstance(relations, list) or not all(isinstance(r, str) for r in relations):
+        raise ValidationError(f"relations = {given!r} is not allowed: expected 'all', 'R1,R2' or a list of "
+                              f"relation ids")
     chosen = list(dict.fromkeys(r.strip() for r in relations if r.strip()))
-    if [r.lower() for r in chosen] in ([], ["all"]):
+    if not chosen:  # ",," or [] is a slip, not a request for every relation
+        raise ValidationError(f"relations = {given!r} names no relation: give 'all' or relation ids R1,R2")
+    if [r.lower() for r in chosen] == ["all"]:
         return list(factset.relations)
     missing = [r for r in chosen if r not in factset.relations]
     if missing:
@@ -272,6 +285,9 @@ def attribute_factset(project, lm, factset: FactSet, params=None, *, relations="
     params = params or AttributionParams()
     check_choice("causal_templates", causal_templates, CAUSAL_TEMPLATES)
     selection = selection or Selection()
+    if not isinstance(params, AttributionParams) or not isinstance(selection, Selection):
+        raise ValidationError(f"expected AttributionParams and a runner.Selection, got {type(params).__name__} and "
+                              f"{type(selection).__name__}")
     backend = backend or SerialBackend()
     task = as_task(task)
     works, skipped = plan_facts(factset, relations, lm.tokenizer, lm.kind, causal_templates)

@@ -109,10 +109,14 @@ def check_token_ids(name: str, ids, vocab_size: int) -> tuple[int, ...]:
 
 
 def check_output_file(name: str, path) -> Path:
-    """A file to write: its folder exists and is writable, and the path is not a folder."""
+    """A file to write: its folder exists and is writable, and the path is not a folder or a special file (a
+    FIFO would block the writer, a device would take the bytes)."""
     path = Path(_path_text(name, path))
     if path.is_dir():
         _fail(name, str(path), "expected a file name, not an existing folder")
+    if path.exists() and not path.is_file():
+        _fail(name, str(path), "that is a special file (a FIFO, device or socket), not a regular file; choose "
+                               "another name")
     folder = path.parent
     if not folder.is_dir():
         _fail(name, str(path), f"the folder {str(folder)!r} does not exist; create it first")

@@ -2,22 +2,24 @@
 names the problem, no traceback, within 10 s, and any --project file byte for byte unchanged.
 
 Cases run in-process through `main(argv)` on tiny models saved to folders, or on the default model where they
-must fail before it loads. `[model] ...` lines (the loader's progress) are not counted as output lines.
+must fail before it loads. `[model] ...` lines (the loader's progress) are not counted as output lines; a warning
+that escapes is (the real `kn` prints it on stderr). The Python API's catalogue: tests/test_bad_inputs_api.py.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
+import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
+import torch
 
 from kn_core.cli import main
 from tiny import make_tiny
@@ -37,6 +39,7 @@ DEG = ["edit", "degeneracy", "--relation", "P36", "--subject", "France"]
 BATCH = ["edit", "batch", "{jsonl_bad}"]
 NEURON = ["neuron", "--layer", "1", "--index", "2"]
 REP = ["reproduce", "--out", "{tmp}/rep"]
+NO_MODEL = ["--model", "/nonexistent/model"]  # a case with this fails on its own input, before the model loads
 
 # (id, argv, words the error line must contain) or pytest.param(...) with marks.
 CASES = [
@@ -44,7 +47,7 @@ CASES = [
     ("steps-0", S + ["--steps", "0"], ["--steps", "0", "1000"]),
     ("steps-negative", S + ["--steps", "-1"], ["--steps", "-1"]),
     ("steps-huge", S + ["--steps", "100000"], ["--steps", "100000", "--force"]),
-    ("steps-1e9", S + ["--steps", "1e9"], ["--steps", "1e9"]),
+    ("steps-1e9", S + ["--steps", "1e9"], ["--steps", "1000000000", "1 to 1000"]),
     ("steps-fraction", S + ["--steps", "2.5"], ["--steps", "2.5"]),
     ("steps-word", ERASE + ["--steps", "abc"], ["--steps", "abc"]),
     ("steps-attribute-1001", ATTR + ["--steps", "1001"], ["--steps", "1001"]),
@@ -226,6 +229,37 @@ CASES = [
                  id="csv-undeclared-relation"),
     ("jsonl-not-json", ["facts", "import", "{jsonl_bad}"], ["line 1"]),
     ("csv-empty", ["facts", "import", "{csv_empty}"], ["empty"]),
+    # found by the audit before closing issue 14 (each failed before its fix)
+    ("jsonl-nul-subject", ["facts", "import", "{jsonl_nul}"], ["line 2", "subject", "NUL"]),
+    ("jsonl-surrogate-object", ["facts", "import", "{jsonl_surrogate}"], ["line 2", "object", "surrogate"]),
+    ("csv-nul-template", ["facts", "import", "{csv_nul_template}"], ["line 3", "template", "NUL"]),
+    pytest.param("neuron-prompt-too-long", NEURON + ["--prompt", LONG, "--model", "{gpt2}"], ["positions"],
+                 id="neuron-prompt-too-long"),
+    pytest.param("neuron-rank-file-too-long", NEURON + ["--rank-file", "{rank_long}", "--model", "{gpt2}"],
+                 ["positions"], id="neuron-rank-file-too-long"),
+    ("neuron-rank-file-not-utf8", NEURON + ["--rank-file", "{rank_latin1}"] + NO_MODEL, ["--rank-file", "UTF-8"]),
+    ("neuron-rank-file-nul", NEURON + ["--rank-file", "{rank_nul}"] + NO_MODEL, ["--rank-file line 2", "NUL"]),
+    pytest.param("model-empty-pickle", ["model", "info", "--model", "{empty_pickle}"],
+                 ["pytorch_model.bin", "empty", "safetensors"], id="model-empty-pickle"),
+    pytest.param("model-damaged-safetensors", ["model", "info", "--model", "{bad_safetensors}"],
+                 ["model.safetensors", "damaged"], id="model-damaged-safetensors"),
+    pytest.param("model-bad-pickle-no-unsafe-advice", ["model", "info", "--model", "{bad_pickle}"],
+                 ["never unpickled"], id="model-bad-pickle-no-unsafe-advice"),
+    ("save-fifo", ATTR + ["--save", "{fifo}"] + NO_MODEL, ["--save", "special file"]),
+    ("project-fifo-before-model", ["predict", "hi", "--project", "{fifo}"] + NO_MODEL, ["--project", "special file"]),
+    ("project-truncated-before-model", S + ["--project", "{truncated_project}"] + NO_MODEL,
+     ["truncated", "kn project recover"]),
+    ("project-not-a-project-before-model", ["predict", "hi", "--project", "{file}"] + NO_MODEL,
+     ["not a Knowledge Neuron Studio project"]),
+    ("facts-run-relations-none", ["attribute", "--facts", "builtin", "--project", "{project}", "--relations", ",,"]
+     + NO_MODEL, ["--relations", "',,'"]),
+    ("reproduce-relation-unknown-before-model", REP + ["--relations", "P999"] + NO_MODEL, ["P999"]),
+    ("batch-nul-object", ["edit", "batch", "{batch_nul}"] + NO_MODEL, ["line 1", "new_object", "NUL"]),
+    ("batch-surrogate-prompt", ["edit", "batch", "{batch_surrogate}"] + NO_MODEL, ["line 1", "surrogate"]),
+    ("batch-bad-lines-in-one-line", ["edit", "batch", "{batch_two_bad}"] + NO_MODEL,
+     ["2 bad request(s)", "line 1: not valid JSON", "line 2: no fact", "--skip-bad"]),
+    pytest.param("batch-prompt-too-long", ["edit", "batch", "{batch_long}", "--model", "{gpt2}"],
+                 ["line 1", "positions"], id="batch-prompt-too-long"),
 ]
 
 
@@ -242,6 +276,12 @@ def world(tmp_path_factory):
         lm.model.save_pretrained(folder)
         lm.tokenizer.save_pretrained(folder)
         places[family] = str(folder)
+    nan_model = make_tiny("gpt2")
+    with torch.no_grad():
+        nan_model.layout.blocks[0].mlp.c_proj.weight[0, 0] = float("nan")  # as an overflowed fine-tune leaves it
+    nan_model.model.save_pretrained(root / "nan_weights")
+    nan_model.tokenizer.save_pretrained(root / "nan_weights")
+    places["nan_weights"] = str(root / "nan_weights")
     (root / "a_file.txt").write_text("not a project, not a model\n")
     places["file"] = str(root / "a_file.txt")
     (root / "a_dir").mkdir()
@@ -279,7 +319,49 @@ def world(tmp_path_factory):
     (root / "pararel_empty" / "trex_lms_vocab").mkdir()
     (empty / "P36.jsonl").write_text('{"pattern": "[X] is the capital of [Y] ."}\n')
     places["pararel_empty"] = str(root / "pararel_empty")
+    _audit_files(root, places)
     return places
+
+
+def _audit_files(root: Path, places: dict) -> None:
+    """The inputs of the cases the audit before closing issue 14 added."""
+    relation = '{"kind": "relation", "id": "P1", "name": "in", "templates": ["[X] is in [Y] ."]}\n'
+    texts = {
+        "jsonl_nul": ("nul.jsonl", relation + '{"kind": "fact", "relation": "P1", "subject": "Fr\\u0000ance", '
+                                              '"object": "Paris"}\n'),
+        "jsonl_surrogate": ("sur.jsonl", relation + '{"kind": "fact", "relation": "P1", "subject": "France", '
+                                                    '"object": "Par\\udcffis"}\n'),
+        "csv_nul_template": ("t.csv", "kind,relation,name,template,subject,object\nrelation,P1,in,,,\n"
+                                      "template,P1,,[X] is\x00 in [Y] .,,\nfact,P1,,,France,Paris\n"),
+        "rank_long": ("long.txt", "Paris is nice\n" + LONG + "\n"),
+        "rank_nul": ("nul.txt", "Paris is nice\nParis\x00 too\n"),
+        "batch_nul": ("nul_requests.jsonl", '{"relation": "P36", "subject": "France", "new_object": "Ber\\u0000lin"}\n'),
+        "batch_surrogate": ("sur_requests.jsonl", '{"prompt": "The capital of Fr\\udcffance is", "subject": '
+                                                  '"Fr\\udcffance", "ground_truth": "Paris", "target_new": "Rome"}\n'),
+        "batch_two_bad": ("bad_requests.jsonl", '{oops\n{"relation": "P36", "subject": "Atlantis"}\n'),
+        "batch_long": ("long_requests.jsonl", '{"prompt": "' + LONG + ' The capital of France is", "subject": '
+                                              '"France", "ground_truth": "Paris", "target_new": "Berlin", '
+                                              '"neurons": [[0, 1]]}\n'),
+    }
+    for key, (name, text) in texts.items():
+        (root / name).write_text(text)
+        places[key] = str(root / name)
+    (root / "latin1.txt").write_bytes("Caf\xe9 de Paris\n".encode("latin-1"))
+    places["rank_latin1"] = str(root / "latin1.txt")
+    os.mkfifo(root / "pipe.npz")
+    places["fifo"] = str(root / "pipe.npz")
+    truncated = root / "truncated.knproj"
+    truncated.write_bytes(Path(places["project"]).read_bytes()[:5000])
+    places["truncated_project"] = str(truncated)
+    empty = root / "empty_pickle"
+    shutil.copytree(places["bad_pickle"], empty)
+    (empty / "pytorch_model.bin").write_bytes(b"")
+    places["empty_pickle"] = str(empty)
+    damaged = root / "bad_safetensors"
+    shutil.copytree(places["gpt2"], damaged)
+    weights = next(damaged.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    places["bad_safetensors"] = str(damaged)
 
 
 def _fill(text: str, places: dict) -> str:
@@ -300,18 +382,51 @@ def _sha(path: str) -> str:
 @pytest.mark.parametrize("name,argv,words", list(_params()))
 def test_bad_input_is_one_line_status_2(name, argv, words, world, capsys):
     argv = [_fill(a, world) for a in argv]
-    before = _sha(world["project"])
+    projects = [world["project"]] + [a for a in argv if a.endswith(".knproj") and Path(a).is_file()]
+    before = {path: _sha(path) for path in projects}
     started = time.perf_counter()
-    code = main(argv)
+    with warnings.catch_warnings(record=True) as escaped:  # the real `kn` prints each one on stderr
+        warnings.simplefilter("always")
+        code = main(argv)
     seconds = time.perf_counter() - started
     out, err = capsys.readouterr()
     lines = [line for line in err.splitlines() if line.strip() and not line.startswith("[model]")]
+    lines += [f"{w.category.__name__}: {w.message}" for w in escaped if not issubclass(w.category, _HIDDEN)]
     assert code == 2, (code, err)
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
     assert "Traceback" not in err and "Traceback" not in out
     for word in words:
         assert _fill(word, world) in lines[0], (word, lines[0])
     assert seconds < 10, seconds
+    assert {path: _sha(path) for path in projects} == before
+
+
+def test_non_finite_scores_end_the_run_in_one_line(world, capsys):
+    """NaN scores (here from a NaN weight; in practice an overflow in float16) would make every threshold
+    t x max undefined and the prompt's neurons silently missing: found only by attributing, so after the progress
+    bar, the run ends with one error line and status 2."""
+    code = main(["attribute", "--model", world["nan_weights"], "--prompt", "The capital of", "--answer", " Paris",
+                 "--steps", "2", "--json"])
+    out, err = capsys.readouterr()
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and "Traceback" not in err
+    assert len(errors) == 1 and "NaN or infinite" in errors[0] and "float32" in errors[0], err
+    assert json.loads(out)["error_type"] == "NonFiniteScoresError"
+
+
+# what Python does not show by default outside __main__
+_HIDDEN = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+
+
+def test_a_project_open_elsewhere_fails_before_the_model_loads(world, capsys):
+    """The GUI (or another kn) holding the project: refused at once, not when the results are to be saved."""
+    from kn_core.store import open_project
+
+    before = _sha(world["project"])
+    with open_project(world["project"]):  # flock is per open file, so this process's second open is refused too
+        code = main(S + ["--project", world["project"]] + NO_MODEL)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "open in another process" in err, err
     assert _sha(world["project"]) == before
 
 
@@ -341,114 +456,6 @@ def test_project_info_on_a_fifo_does_not_hang(tmp_path):
     except subprocess.TimeoutExpired:
         pytest.fail("kn project info on a FIFO hung")
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
-
-
-# --- the Python API --------------------------------------------------------------------------------------
-
-def _attribution_params(**kwargs):
-    from kn_core.attribution import AttributionParams
-
-    return AttributionParams(**kwargs)
-
-
-API = [
-    ("steps-nan", lambda: _attribution_params(steps=math.nan), ["steps", "nan"]),
-    ("steps-fraction", lambda: _attribution_params(steps=2.5), ["steps", "2.5"]),
-    ("steps-string", lambda: _attribution_params(steps="20"), ["steps", "'20'"]),
-    ("steps-0", lambda: _attribution_params(steps=0), ["steps", "0"]),
-    ("steps-huge", lambda: _attribution_params(steps=100000), ["steps", "100000", "force"]),
-    ("steps-bool", lambda: _attribution_params(steps=True), ["steps", "True"]),
-    ("memory-negative", lambda: _attribution_params(memory_budget_mb=-1), ["memory_budget_mb", "-1"]),
-    ("memory-zero", lambda: _attribution_params(memory_budget_mb=0), ["memory_budget_mb", "0"]),
-    ("memory-nan", lambda: _attribution_params(memory_budget_mb=math.nan), ["memory_budget_mb", "nan"]),
-    ("rule-middle", lambda: _attribution_params(rule="middle"), ["rule", "middle"]),
-    ("method-x", lambda: _attribution_params(method="x"), ["method"]),
-    ("multi-token-x", lambda: _attribution_params(multi_token="max"), ["multi_token", "max"]),
-    ("layers-per-pass-0", lambda: _attribution_params(layers_per_pass=0), ["layers_per_pass", "0"]),
-    ("passes-per-backward-negative", lambda: _attribution_params(passes_per_backward=-2), ["passes_per_backward"]),
-    ("seed-negative", lambda: _attribution_params(seed=-1), ["seed", "-1"]),
-    ("share-prompts-string", lambda: _attribution_params(share_prompts="yes"), ["share_prompts", "yes"]),
-]
-
-
-@pytest.mark.parametrize("name,call,words", [pytest.param(*case, id=case[0]) for case in API])
-def test_api_bad_input_is_a_one_line_value_error(name, call, words):
-    from kn_core.validation import ValidationError
-
-    started = time.perf_counter()
-    with pytest.raises(ValidationError) as info:
-        call()
-    message = str(info.value)
-    assert "\n" not in message and all(word in message for word in words), message
-    assert time.perf_counter() - started < 10
-
-
-def test_api_force_allows_many_steps_and_is_not_a_scoring_parameter():
-    params = _attribution_params(steps=5000, force=True)
-    assert params.steps == 5000 and "force" not in params.to_dict()
-    assert params == _attribution_params(steps=5000, force=True)
-
-
-@pytest.fixture(scope="module")
-def tiny_gpt2():
-    return make_tiny("gpt2")
-
-
-@pytest.mark.parametrize("name", [
-    "bare-string", "ids-beyond-vocabulary", "negative-ids",
-])
-def test_api_attribute_bad_input(name, tiny_gpt2):
-    from kn_core.attribution import AttributionParams, attribute
-
-    params = AttributionParams(steps=1)
-    vocab = tiny_gpt2.model.config.vocab_size
-    with pytest.raises(ValueError) as info:
-        if name == "bare-string":
-            attribute(tiny_gpt2, "The capital of France is", params)
-        elif name == "ids-beyond-vocabulary":
-            attribute(tiny_gpt2, "The capital of France is", params, answer_ids=(vocab + 5,))
-        else:
-            attribute(tiny_gpt2, "The capital of France is", params, answer_ids=(-3,))
-    assert "\n" not in str(info.value)
-
-
-@pytest.mark.parametrize("scores,t,words", [
-    (np.zeros((0, 0)), 0.2, "scores"), (np.zeros(5), 0.2, "scores"), (np.ones((2, 3)), float("nan"), "t"),
-    (np.ones((2, 3)), -1, "t"), (np.ones((2, 3)), 5, "t")], ids=["empty", "1-D", "t nan", "t -1", "t 5"])
-def test_api_coarse_neurons_of_bad_scores_or_t(scores, t, words):
-    from kn_core.neurons import coarse_neurons
-
-    with pytest.raises(ValueError, match=words) as info:  # not numpy's "zero-size array to reduction operation"
-        coarse_neurons(scores, t)
-    assert "\n" not in str(info.value)
-
-
-def test_api_edit_from_dict_with_an_extra_key():
-    from kn_core.edits import Suppress, edit_from_dict
-
-    entry = Suppress(((0, 1),), "answer").to_dict() | {"surprise": 1}
-    with pytest.raises(ValueError):
-        edit_from_dict(entry)
-
-
-@pytest.mark.parametrize("check,args,words", [
-    ("check_token_ids", ("answer_ids", [5, 100], 50), ["answer_ids[1]", "100", "0 to 49"]),
-    ("check_token_ids", ("answer_ids", [-1], 50), ["answer_ids[0]", "-1"]),
-    ("check_token_ids", ("answer_ids", [], 50), ["answer_ids", "at least one"]),
-    ("check_token_ids", ("answer_ids", "Paris", 50), ["answer_ids", "sequence"]),
-    ("check_text", ("prompt", b"bytes"), ["prompt", "str"]),
-    ("check_fraction", ("t", "0.2"), ["t", "'0.2'"]),
-    ("check_number", ("lambda1", math.inf), ["lambda1", "inf"]),
-    ("check_positive", ("scale", -0.0), ["scale", "> 0"]),
-    ("check_choice", ("fill", "one", ("zero", "unk")), ["fill", "'zero'"]),
-    ("check_device_name", ("device", "cuda:x"), ["device", "cuda:N"]),
-])
-def test_validation_functions(check, args, words):
-    from kn_core import validation
-
-    with pytest.raises(validation.ValidationError) as info:
-        getattr(validation, check)(*args)
-    assert all(word in str(info.value) for word in words), str(info.value)
 
 
 def test_every_argument_of_every_verb_is_checked():

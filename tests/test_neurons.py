@@ -17,6 +17,7 @@ from kn_core.neurons import (ActivationStats, NeuronFlags, activation_stats, ada
                              coarse_counts, coarse_neurons, fact_coarse_set, flag_massive, flag_unspecific,
                              neuron_flags, neutral_sentences, refined_from_counts, refined_neurons, relation_neurons,
                              run_flags, run_stats, scored_flags)
+from kn_core.validation import ValidationError
 from tiny import ALL_FAMILIES, make_tiny
 
 
@@ -339,3 +340,17 @@ def test_gui_session_keeps_flagged_neurons_out_unless_keep_massive():
     assert session.adapt_p("P36").history[0] == (0.7, 2.0)
     session.keep_massive = True
     assert (session.coarse(run, 0), session.refined(run), session.relation_level("P36")) == paper
+
+
+def test_nan_or_infinite_scores_are_refused_not_read_as_no_neurons():
+    scores = np.ones((2, 3), dtype=np.float32)
+    for bad in (np.nan, np.inf):
+        broken = scores.copy()
+        broken[1, 2] = bad
+        with pytest.raises(ValidationError, match="NaN or infinite") as info:
+            coarse_neurons(broken, 0.2)
+        assert "\n" not in str(info.value)
+    compact = scores.copy()
+    compact[0, :2] = -np.inf  # a compact form's unstored scores
+    assert coarse_neurons(compact, 0.2) == [(0, 2), (1, 0), (1, 1), (1, 2)]
+    assert coarse_neurons(broken, 0.2, exclude=[(1, 2)]) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]

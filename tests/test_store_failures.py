@@ -212,6 +212,23 @@ def test_export_cleans_names_and_writes_atomically(proj_path, tmp_path, monkeypa
     assert (out / "my notes.txt").read_text() == "mine"
 
 
+def test_export_writes_strict_json_for_stored_non_finite_numbers(proj_path, tmp_path):
+    """JSON has no NaN/Infinity: a NaN stored in a report (SQLite keeps Python's JSON text) is exported as null
+    with a note saying what it was (kn_core.jsonio), never as a bare NaN that JSON readers refuse."""
+    import math
+
+    with create_project(proj_path) as p:
+        p.add_evaluation("edit", {"p": math.nan, "after": [0.5, math.inf]}, params={"factor": 2.0})
+    store.export_project(proj_path, tmp_path / "out")
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    report = json.loads((tmp_path / "out" / "evaluations.json").read_text(), parse_constant=refuse)[0]["report"]
+    assert report == {"p": None, "after": [0.5, None], "p_note": "NaN",
+                      "after_note": "1 non-finite value(s) written as null: [1]=Infinity"}
+
+
 # ------------------------------------------------------------------------------------------ a real full disk
 
 

@@ -33,14 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _engine_errors() -> tuple[type[BaseException], ...]:
     """The engine's user-facing errors (imported only once something failed, so a bad argument costs no torch
     import)."""
-    from ..attribution import PromptError
+    from ..attribution import NonFiniteScoresError, PromptError
     from ..fact_files import FactImportError
     from ..families import UnsupportedModelError
     from ..models import ModelLoadError
     from ..store import ProjectError
     from ..tasks import Cancelled
 
-    return (ModelLoadError, UnsupportedModelError, PromptError, FactImportError, ProjectError, Cancelled)
+    return (ModelLoadError, UnsupportedModelError, PromptError, NonFiniteScoresError, FactImportError, ProjectError,
+            Cancelled)
 
 
 def _fail(args, exc: BaseException) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+from .checks import whole_number
 from .common import (COMMON, CliError, emit, factset_of, find_fact, load, neuron_list, progress_bar, project_of, say)
 
 
@@ -202,7 +203,7 @@ def tolerance_lines(results, params) -> list[str]:
 
 def integration_options(p) -> None:
     """--steps, --quadrature, --tolerance, --force: how every verb that attributes integrates (AttributionParams)."""
-    p.add_argument("--steps", type=int, default=None,
+    p.add_argument("--steps", type=whole_number, default=None,
                    help="integration steps m: Riemann steps (paper: 20) or Gauss points per panel (default 4 "
                         "gauss, 3 auto); at most 1000")
     quadrature_options(p)
@@ -235,8 +236,8 @@ def add_commands(sub) -> None:
                             "top keeps per prompt the scores coarse selection needs at t >= 0.1 (PARAREL-size runs)")
     whole.add_argument("--cluster", help="ray (a local Ray instance, or the cluster RAY_ADDRESS names) or "
                                          "ray:ADDRESS (e.g. ray:auto, ray:10.0.0.1:6379); needs pip install .[cluster]")
-    whole.add_argument("--workers", type=int, help="Ray workers (default: one per GPU, else one per CPU core)")
-    whole.add_argument("--worker-threads", type=int, default=1, help="torch threads per CPU worker (default 1)")
+    whole.add_argument("--workers", type=whole_number, help="Ray workers (default: one per GPU, else one per CPU core)")
+    whole.add_argument("--worker-threads", type=whole_number, default=1, help="torch threads per CPU worker (default 1)")
     attr.set_defaults(func=cmd_attribute)
 
     neurons = sub.add_parser("neurons", parents=[COMMON], help="coarse and refined knowledge neurons of one fact")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .attribution import integration_options
+from .checks import whole_number
 from .common import COMMON, CliError, emit, factset_of, load, progress_bar, project_of, say
 
 REQUESTS_HELP = """one request a line, EasyEdit's form {"prompt", "subject", "ground_truth", "target_new",
@@ -59,11 +60,8 @@ def _refuse_or_skip(parsed, skip_bad: bool) -> None:
 
     try:
         parsed.refuse_or_skip(skip_bad)
-    except BatchError as exc:
-        first, *rest = str(exc).splitlines()
-        for line in rest:
-            say(line)
-        raise CliError(first + (" (listed above)" if rest else "")) from None
+    except BatchError as exc:  # one line naming the bad lines
+        raise CliError(str(exc)) from None
 
 
 def _saved_history(project, lm) -> dict:
@@ -128,11 +126,11 @@ def add_batch_command(edit_sub) -> None:
     integration_options(p)
     p.add_argument("--t", type=float, default=None, help="coarse threshold (0.2; 0.5 for the activation baseline)")
     p.add_argument("--p", type=float, default=0.7, help="refinement share of prompts (paper: starts at 0.7)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random control neurons and control facts")
-    p.add_argument("--control-facts", type=int, default=4, help="facts per control group (same relation, others)")
-    p.add_argument("--forgetting-prompts", type=int, default=1,
+    p.add_argument("--seed", type=whole_number, default=0, help="seed of the random control neurons and control facts")
+    p.add_argument("--control-facts", type=whole_number, default=4, help="facts per control group (same relation, others)")
+    p.add_argument("--forgetting-prompts", type=whole_number, default=1,
                    help="sequential: prompts per earlier request measured again after each step")
-    p.add_argument("--max-prompts", type=int, default=None,
+    p.add_argument("--max-prompts", type=whole_number, default=None,
                    help="measure at most N prompts of each prompt group of each request (default: all; stated in "
                         "the output)")
     p.add_argument("--no-relation-exclusion", action="store_true",

@@ -8,6 +8,22 @@ import argparse
 from .. import validation as v
 
 
+def whole_number(text: str) -> int:
+    """argparse type for counts: also takes whole numbers written as 1e3 or 20.0, so that the range check
+    (CHECKS) can say what is allowed; a fraction or a word is refused here, naming what is wanted."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        number = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not number.is_integer():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    return int(number)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (usage stays in --help)."""
 
@@ -57,13 +73,13 @@ CHECKS = {
     "answer": _text("--answer"),
     "subject": _text("--subject"),
     "relation": _text("--relation"),
-    "relations": _text("--relations"),
+    "relations": lambda value, args: _relations(value),
     "new_object": _text("--new-object"),
     "model": _text("--model"),
     "facts": _text("--facts"),
     "device": lambda value, args: v.check_device_name("--device", value),
     "save": lambda value, args: v.check_output_file("--save", value),
-    "project": lambda value, args: v.check_output_file("--project", value),
+    "project": lambda value, args: _project(value),
     "out": lambda value, args: v.check_output_folder("--out", value),
     "export": lambda value, args: v.check_output_folder("--export", value),
     "rank_file": lambda value, args: v.check_input_file("--rank-file", value),
@@ -73,6 +89,24 @@ CHECKS = {
     "path": lambda value, args: v.check_text("path", value),
     "file": lambda value, args: v.check_text("file", value),
 }
+
+
+def _project(value):
+    """A project to create, or an existing one that opens for writing: a damaged, locked or read-only file fails
+    here, not once the work it is to hold is done."""
+    path = v.check_output_file("--project", value)
+    if path.exists():
+        from ..store import check_project_file  # numpy and SQLAlchemy, no torch: only when the file exists
+
+        check_project_file(path)
+    return path
+
+
+def _relations(value):
+    v.check_text("--relations", value)
+    if not any(r.strip() for r in value.split(",")):
+        raise v.ValidationError(f"--relations = {value!r} is not allowed: expected all or relation ids R1,R2")
+    return value
 
 
 def _cluster(value):

@@ -3,6 +3,7 @@ random-neuron control."""
 
 from __future__ import annotations
 
+from .checks import whole_number
 from .common import COMMON, CliError, emit, factset_of, find_fact, load, neuron_list, say, store_evaluation
 
 
@@ -92,7 +93,7 @@ def add_commands(sub) -> None:
                         "below --removed-below x the unedited one")
     p.add_argument("--removed-below", type=float, default=0.5,
                    help="criterion prob: the fraction of the unedited probability below which the fact is removed")
-    p.add_argument("--max-neurons", type=int, default=20,
+    p.add_argument("--max-neurons", type=whole_number, default=20,
                    help="pairs among at most this many strongest neurons (20 -> 190 pairs); the rest are listed")
     p.add_argument("--no-control", action="store_true", help="skip the random-neuron control")
     neuron_options(p)

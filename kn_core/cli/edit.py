@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
+from .checks import whole_number
 from .attribution import integration_options
 from .batch import add_batch_command
 from .common import COMMON, CliError, emit, factset_of, find_fact, load, neuron_list, progress_bar, say
@@ -296,6 +297,7 @@ def cmd_neuron(args) -> int:
 
     if args.sign == "auto" and not args.prompt:
         raise CliError("--sign auto reads the sign of the activation on the --prompt texts; give at least one --prompt")
+    sentences = _rank_sentences(args.rank_file) if args.rank_file else None
     lm = load(args)
     check_int("--layer", args.layer, 0, lm.layout.layers - 1, " (the model's layers)")
     check_int("--index", args.index, 0, lm.layout.neurons - 1, " (the neurons of a layer)")
@@ -306,8 +308,7 @@ def cmd_neuron(args) -> int:
     if args.prompt:
         acts = ev.neuron_activations(lm, [(args.layer, args.index)], args.prompt, position=args.position)[:, 0]
         info["activations"] = [{"text": t, "activation": float(a)} for t, a in zip(args.prompt, acts)]
-    if args.rank_file:
-        sentences = [s.strip() for s in Path(args.rank_file).read_text(encoding="utf-8").splitlines() if s.strip()]
+    if sentences is not None:
         info["ranked"] = ev.rank_by_activation(lm, [(args.layer, args.index)], sentences, args.position)
     text = [f"L{args.layer} #{args.index} (|v| = {info['norm']:.3f})",
             f"{info['labels']['promotes']}: " + ", ".join(f"{r['token']!r} {r['logit']:+.2f}" for r in info["promotes"]),
@@ -316,6 +317,21 @@ def cmd_neuron(args) -> int:
     text += [f"  #{r['rank']} {r['activation']:+.4f}  {r['text']!r}" for r in info.get("ranked", [])]
     emit(args, info, "\n".join(text))
     return 0
+
+
+def _rank_sentences(path) -> list[str]:
+    """The --rank-file's sentences (one a line), read before the model loads so that a bad file costs nothing."""
+    from ..validation import check_text
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CliError(f"--rank-file {path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                       f"{exc.start}); save it as UTF-8") from None
+    lines = [(number, line.strip()) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    for number, line in lines:
+        check_text(f"--rank-file line {number}", line)
+    return [line for _, line in lines]
 
 
 def neuron_options(p) -> None:
@@ -327,13 +343,13 @@ def neuron_options(p) -> None:
                         "left out, as in kn neurons)")
     p.add_argument("--t", type=float, default=0.2, help="coarse threshold (paper: 0.2)")
     p.add_argument("--p", type=float, default=0.7, help="refinement share of prompts (paper: starts at 0.7)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random control neurons")
+    p.add_argument("--seed", type=whole_number, default=0, help="seed of the random control neurons")
 
 
 def _fact_edit_options(p) -> None:
     neuron_options(p)
     p.add_argument("--export", metavar="DIR", help="save the edited model (save_pretrained) to DIR")
-    p.add_argument("--hold-out", type=int, default=1, metavar="N",
+    p.add_argument("--hold-out", type=whole_number, default=1, metavar="N",
                    help="templates per fact kept away from finding the neurons, to measure generality on "
                         "(drawn with --seed; 0: use every template, generality is then not measured)")
 
@@ -357,7 +373,7 @@ def add_commands(sub) -> None:
     p.add_argument("--new-object", required=True)
     p.add_argument("--lambda1", type=float, default=1.0)
     p.add_argument("--lambda2", type=float, default=8.0)
-    p.add_argument("--relation-facts", type=int, default=0,
+    p.add_argument("--relation-facts", type=whole_number, default=0,
                    help="attribute N other facts of the relation to leave out neurons shared by >10%% of them")
     p.add_argument("--sign-aware", action="store_true",
                    help="reverse the edit on neurons whose mean activation on the fact's prompts is negative "
@@ -370,18 +386,18 @@ def add_commands(sub) -> None:
     p.set_defaults(func=cmd_edit_update)
     p = edit_sub.add_parser("erase", parents=[COMMON], help="erase a relation (its k most frequent knowledge neurons)")
     p.add_argument("--relation", required=True)
-    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--k", type=whole_number, default=20)
     p.add_argument("--fill", choices=["zero", "unk"], default="zero")
-    p.add_argument("--max-facts", type=int, default=10, help="facts of the relation to attribute")
-    p.add_argument("--control-facts", type=int, default=10, help="facts of other relations to measure")
+    p.add_argument("--max-facts", type=whole_number, default=10, help="facts of the relation to attribute")
+    p.add_argument("--control-facts", type=whole_number, default=10, help="facts of other relations to measure")
     _fact_edit_options(p)
     p.set_defaults(func=cmd_edit_erase)
     add_batch_command(edit_sub)
 
     neuron = sub.add_parser("neuron", parents=[COMMON], help="what one neuron's value vector promotes")
-    neuron.add_argument("--layer", type=int, required=True)
-    neuron.add_argument("--index", type=int, required=True)
-    neuron.add_argument("--top-k", type=int, default=10)
+    neuron.add_argument("--layer", type=whole_number, required=True)
+    neuron.add_argument("--index", type=whole_number, required=True)
+    neuron.add_argument("--top-k", type=whole_number, default=10)
     neuron.add_argument("--prompt", action="append", help="show the activation on this text (repeatable)")
     neuron.add_argument("--rank-file", help="rank the sentences of this text file (one a line) by activation")
     neuron.add_argument("--position", choices=["answer", "max", "mean", "last"], default="answer")

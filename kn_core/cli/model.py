@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .checks import whole_number
 from .common import COMMON, CliError, emit, load, project_of, say, store_evaluation
 
 
@@ -48,5 +49,5 @@ def add_commands(sub) -> None:
 
     predict = sub.add_parser("predict", parents=[COMMON], help="next token (causal) or mask fill (masked)")
     predict.add_argument("prompt")
-    predict.add_argument("--top", type=int, default=10)
+    predict.add_argument("--top", type=whole_number, default=10)
     predict.set_defaults(func=cmd_predict)

@@ -6,19 +6,20 @@ import shlex
 import sys
 from pathlib import Path
 
+from .checks import whole_number
 from .attribution import quadrature_options
 from .common import COMMON, emit, factset_of, load, progress_bar, say
 
 
 def cmd_reproduce(args) -> int:
-    from ..reproduce import run_reproduce
-
     from ..attribution import AttributionParams
+    from ..reproduce import resolve_relations, run_reproduce
 
     AttributionParams(steps=args.steps, quadrature=args.quadrature, tolerance=args.tolerance)  # before loading
     factset = factset_of(args)
-    lm = load(args)
     relations = [r.strip() for r in args.relations.split(",") if r.strip()] if args.relations else None
+    resolve_relations(factset, relations)  # an unknown relation fails before the model loads
+    lm = load(args)
     with progress_bar("reproduce") as task:
         report = run_reproduce(lm, factset, Path(args.out), relations, args.facts_per_relation, args.seed,
                                args.steps, args.prompts_per_fact, args.select, args.control_prompts,
@@ -40,16 +41,16 @@ def add_commands(sub) -> None:
     rep = sub.add_parser("reproduce", parents=[COMMON], help="the paper's experiments with controls")
     rep.add_argument("--facts", default="builtin", help="'builtin' or a PARAREL folder / .csv / .jsonl")
     rep.add_argument("--relations", help="comma-separated relation ids, or 'all' (default: 3 relations)")
-    rep.add_argument("--facts-per-relation", type=int, default=10)
-    rep.add_argument("--seed", type=int, default=0)
-    rep.add_argument("--steps", type=int, default=None,
+    rep.add_argument("--facts-per-relation", type=whole_number, default=10)
+    rep.add_argument("--seed", type=whole_number, default=0)
+    rep.add_argument("--steps", type=whole_number, default=None,
                      help="integration steps: Riemann steps (paper: 20) or Gauss points per panel (default 4 gauss, "
                           "3 auto)")
     quadrature_options(rep)
-    rep.add_argument("--prompts-per-fact", type=int, default=None, help="use at most N templates per fact")
+    rep.add_argument("--prompts-per-fact", type=whole_number, default=None, help="use at most N templates per fact")
     rep.add_argument("--select", choices=["known", "random"], default="known",
                      help="known: the facts the model answers best; random: a seeded sample")
-    rep.add_argument("--control-prompts", type=int, default=20, help="prompts sampled per control group")
+    rep.add_argument("--control-prompts", type=whole_number, default=20, help="prompts sampled per control group")
     rep.add_argument("--causal-templates", choices=["prefix", "end-only"], default="prefix",
                      help="causal models: prefix uses the text before [Y] of every template; end-only only "
                           "templates that end in [Y]")

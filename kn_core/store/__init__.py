@@ -23,7 +23,8 @@ from .errors import (
 )
 from .export import export_project
 from .database import SUFFIX
-from .project import Project, create_project, open_or_create_project, open_project, recover_project
+from .project import (Project, check_project_file, create_project, open_or_create_project, open_project,
+                      recover_project)
 from .records import (
     EvaluationRecord,
     FactRecord,
@@ -42,7 +43,8 @@ from .schema import APPLICATION_ID, SCHEMA_VERSION
 
 __all__ = [
     "APPLICATION_ID", "SCHEMA_VERSION", "SUFFIX",
-    "Project", "create_project", "open_project", "open_or_create_project", "recover_project", "export_project",
+    "Project", "create_project", "open_project", "open_or_create_project", "check_project_file", "recover_project",
+    "export_project",
     "HistoryCheck", "library_versions", "record_to_dict",
     "encode_array", "decode_array", "RunRecorder", "TopScores", "ScoresTooCoarseError",
     "RelationRecord", "FactRecord", "ModelRecord", "PromptRecord", "RunRecord", "NeuronSetRecord", "EvaluationRecord",

@@ -291,13 +291,29 @@ def open_database(path: Path, read_only: bool = False, upgrade: bool = True) -> 
     return Database(path, con, read_only, lock_fd, wal), running
 
 
+def check_openable(path: Path) -> None:
+    """The checks `open_database(path)` makes before it writes, run without writing or keeping anything open,
+    so that `--project FILE` fails before hours of work rather than when the results are to be saved. The open
+    itself checks again (the file may change in between)."""
+    header_check(path)
+    _validate(path)
+    _refuse_unwritable(path)
+    lock_fd = _flock(path, exclusive=True)
+    if lock_fd is not None:
+        os.close(lock_fd)
+
+
+def _refuse_unwritable(path: Path) -> None:
+    reason = location_writable(path)
+    if reason:
+        raise ProjectReadOnlyError(path, f"cannot open for writing: {reason}",
+                                   "copy the project to a writable folder, or open it read-only")
+
+
 def _connect_checked(path: Path, read_only: bool, upgrade: bool, eager_wal: bool):
     version = _validate(path)
     if not read_only:
-        reason = location_writable(path)
-        if reason:
-            raise ProjectReadOnlyError(path, f"cannot open for writing: {reason}",
-                                       "copy the project to a writable folder, or open it read-only")
+        _refuse_unwritable(path)
     if version < schema.SCHEMA_VERSION:
         if read_only or not upgrade:
             raise ProjectVersionError(path, f"written by an older version (project schema v{version}; this app "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 import re
 import shutil
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..jsonio import dumps
 from .errors import ProjectError
 from .project import Project, open_project
 from .records import record_to_dict
@@ -29,7 +29,8 @@ def safe_name(name: str) -> str:
 
 
 def _json(path: Path, data) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    """Strict JSON (a stored NaN, e.g. in an evaluation report, becomes null with a note; kn_core.jsonio)."""
+    path.write_text(dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def _csv(path: Path, header: list[str], rows) -> None:
@@ -134,7 +135,7 @@ def _write_all(proj: Project, out: Path, with_arrays: bool) -> dict[str, int]:
     _csv(out / "runs.csv", ["id", "fact_id", "model_id", "method", "status", "started_at", "finished_at",
                             "elapsed_s", "n_prompts", "n_done", "params"],
          ([r["id"], r["fact_id"], r["model_id"], r["method"], r["status"], r["started_at"], r["finished_at"],
-           r["elapsed_s"], r["n_prompts"], r["n_done"], json.dumps(r["params"], sort_keys=True)] for r in runs))
+           r["elapsed_s"], r["n_prompts"], r["n_done"], dumps(r["params"], sort_keys=True)] for r in runs))
     written["runs.json"] = len(runs)
     sets = proj.list_neuron_sets()
     _json(out / "neuron_sets.json", [record_to_dict(s) for s in sets])

@@ -112,6 +112,15 @@ def open_or_create_project(path, name: str | None = None) -> "Project":
     return open_project(path) if path.exists() else create_project(path, name)
 
 
+def check_project_file(path) -> None:
+    """Raises the ProjectError that `open_or_create_project(path)` would raise at its checks (not a project,
+    damaged, newer, read-only, open elsewhere), without writing anything: for checking `--project FILE` before
+    the work whose results it is to hold. A missing file passes (it will be created)."""
+    path = Path(path).expanduser()
+    if path.exists():
+        database.check_openable(path)
+
+
 class Project(RunStore):
     """An open project. Use `create_project`, `open_project` or `open_or_create_project`; close it (or use
     `with`). Methods are safe to call from several threads (one lock), but keep writes on one thread."""
