@@ -208,7 +208,7 @@ def main() -> None:
     ap.add_argument("--prompts-per-fact", type=int, default=5)
     ap.add_argument("--models", default="default,bert-base")
     ap.add_argument("--sets", default="builtin,pararel")
-    ap.add_argument("--settings", default="riemann:20,gauss:4,auto:4:0.01,auto:3:0.03",
+    ap.add_argument("--settings", default="riemann:20,gauss:4,auto:3:0.01,auto:2:0.05",
                     help="quadrature:points[:tolerance], comma-separated; the first is the baseline (Riemann-20)")
     ap.add_argument("--reference", default="riemann:200")
     ap.add_argument("--pararel", default=str(PARAREL))
