@@ -62,12 +62,24 @@ def save_project(path: str, snap: ProjectSnapshot, task=None) -> str:
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{int(time.time() * 1000)}.saving.knproj")
     project = create_project(tmp, name=Path(path).stem)
     try:
-        with project.atomic(f"saving {Path(path).name}"):
-            _write_snapshot(project, snap, task)
-    finally:
-        project.close()
+        try:
+            with project.atomic(f"saving {Path(path).name}"):
+                _write_snapshot(project, snap, task)
+        finally:
+            project.close()
+    except BaseException:
+        _remove_partial(tmp)  # a copy of what the app still holds in memory: nothing is lost with it
+        raise
     os.replace(tmp, path)
     return path
+
+
+def _remove_partial(tmp: str) -> None:
+    for leftover in (tmp, tmp + "-wal", tmp + "-shm", tmp + "-journal"):
+        try:
+            os.remove(leftover)
+        except OSError:
+            pass
 
 
 def _write_snapshot(project, snap: ProjectSnapshot, task) -> None:
