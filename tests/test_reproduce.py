@@ -194,6 +194,13 @@ def test_a_cancelled_run_resumes_from_its_cache(lm, tmp_path, monkeypatch):
         return [line for line in (folder / "report.md").read_text().splitlines() if not line.startswith("Total time")]
 
     assert text(tmp_path / "resumed") == text(tmp_path / "whole")
+    # the resumed run's seconds cover only what it computed, and its report says so instead of a time per fact
+    whole = json.loads((tmp_path / "whole" / "report.json").read_text())["timings"]
+    assert whole["attribution_cached_prompts"] == 0 and whole["attribution_per_fact"] > 0
+    assert 0 < resumed["timings"]["attribution_cached_prompts"] and resumed["timings"]["attribution_per_fact"] is None
+    total_line = [line for line in (tmp_path / "resumed" / "report.md").read_text().splitlines()
+                  if line.startswith("Total time")]
+    assert "read from the cache" in total_line[0] and " s per fact" not in total_line[0].split("paper")[0]
 
 
 def test_massive_neurons_are_kept_out_unless_asked_and_reported_both_ways(tmp_path):

@@ -68,6 +68,7 @@ class Selection:
     chosen: dict = field(default_factory=dict)        # relation -> [(fact, prompts)]
     relations: dict = field(default_factory=dict)     # relation -> summary (facts, checked, chosen, templates)
     left_out: dict = field(default_factory=lambda: {"relations": [], "templates": [], "facts": []})
+    checks_cached: int = 0  # relations whose known-fact check was read from the cache (computed by an earlier run)
 
 
 def _relation_rng(seed: int, rid: str) -> np.random.Generator:
@@ -76,9 +77,9 @@ def _relation_rng(seed: int, rid: str) -> np.random.Generator:
 
 
 def _known_scores(lm, rid, candidates, check_prompts: int, cache: Path | None,
-                  task: Task) -> list[tuple[float, float]]:
+                  task: Task) -> tuple[list[tuple[float, float]], bool]:
     """(accuracy, mean probability) of each candidate fact over its first ``check_prompts`` prompts, cached per
-    relation sample."""
+    relation sample; and whether they came from the cache."""
     candidates = [(fact, ps[:check_prompts]) for fact, ps in candidates]
     prompts = [p for _, ps in candidates for p in ps]
     path = None
@@ -86,7 +87,7 @@ def _known_scores(lm, rid, candidates, check_prompts: int, cache: Path | None,
         path = cache / f"select-{_key(lm.sha256, rid, [[p.text, list(p.answer_ids)] for p in prompts])}.json"
         if path.exists():
             rows = json.loads(path.read_text())
-            return [tuple(r) for r in rows]
+            return [tuple(r) for r in rows], True
     probs = ev.answer_probabilities(lm, prompts, batch_size=32, task=task)
     rows, at = [], 0
     for _, ps in candidates:
@@ -97,7 +98,7 @@ def _known_scores(lm, rid, candidates, check_prompts: int, cache: Path | None,
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(rows))
         tmp.replace(path)
-    return rows
+    return rows, False
 
 
 def _select_relation(lm, factset, rid, sel: Selection, facts_per_relation, select, seed, min_prompts,
@@ -139,7 +140,8 @@ def _select_relation(lm, factset, rid, sel: Selection, facts_per_relation, selec
         sel.left_out["relations"].append({"relation": rid, "reason": reason})
         return
     if select == "known":
-        scores = _known_scores(lm, rid, candidates, check_prompts, cache, task)
+        scores, cached = _known_scores(lm, rid, candidates, check_prompts, cache, task)
+        sel.checks_cached += cached
         summary["checked"] = len(candidates)
         order = sorted(range(len(candidates)), key=lambda k: (-scores[k][0], -scores[k][1], k))
         for k in order[facts_per_relation:]:
@@ -190,6 +192,7 @@ class _Scores:
     scores: np.ndarray
     activations: np.ndarray
     prob: float
+    cached: bool = False  # read from the cache: computed by an earlier run
 
 
 def attribute_cached(lm, prompt, params, cache: Path | None, task: Task | None = None) -> _Scores:
@@ -202,7 +205,7 @@ def attribute_cached(lm, prompt, params, cache: Path | None, task: Task | None =
     path = cache / f"{key}.npz" if cache is not None else None
     if path is not None and path.exists():
         with np.load(path) as data:
-            return _Scores(data["scores"], data["activations"], float(data["prob"]))
+            return _Scores(data["scores"], data["activations"], float(data["prob"]), cached=True)
     # relay: cancelled with the run; the run reports its own progress per prompt
     result = attribute(lm, prompt, params, task=task.relay() if task is not None else None)
     out = _Scores(result.scores, result.activations, result.prob)
@@ -407,7 +410,11 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
         report["attribution_progress"] = counts = {}
         ig, base = phases.run("attribution", lambda sub: _attribute_all(lm, chosen, params, base_params, cache, sub,
                                                                          counts))
-        timings["attribution_per_fact"] = timings["attribution"] / max(n_facts, 1)
+        # a time per fact only where this run computed every prompt: cached ones took an earlier run's time
+        cached = sum(scores.cached for per_fact in ig.values() for scores in per_fact)
+        timings["attribution_per_fact"] = timings["attribution"] / max(n_facts, 1) if not cached else None
+        timings["attribution_cached_prompts"] = cached
+        timings["select_cached_relations"] = sel.checks_cached
         records, neurons = phases.run("neurons", lambda sub: knowledge_neurons(
             lm, chosen, ig, base, t, p, keep_massive, sub))
         report.update(neurons["part"])

@@ -143,10 +143,7 @@ def _header(report: dict) -> list[str]:
         f"t = 0.5.  ",
         f"The paper: {PAPER['model']}. Different model, different facts, far fewer facts: compare the direction "
         f"and the gap to the controls, not the digits.", "",
-        f"Total time {tm.get('total', 0):.0f} s (fact selection {tm.get('select', 0):.0f} s, "
-        f"{tm.get('select_cpu', 0):.0f} CPU s; attribution "
-        f"{tm.get('attribution', 0):.0f} s, {tm.get('attribution_per_fact', 0):.1f} s per fact; paper: "
-        f"{PAPER['seconds_per_fact']}).", "",
+        _timing_text(tm), "",
     ]
 
 
@@ -467,3 +464,19 @@ def write_report(report: dict, out: Path) -> None:
     (out / "report.json").write_text(dumps(report, indent=2), encoding="utf-8")
     (out / "report.md").write_text(render_markdown(report), encoding="utf-8")
     write_html(report, out)
+
+
+def _timing_text(tm: dict) -> str:
+    """The run's times, saying which parts were read from the cache (an earlier run computed them, so they are
+    not in these seconds and no time per fact can be given)."""
+    select = f"fact selection {tm.get('select', 0):.0f} s, {tm.get('select_cpu', 0):.0f} CPU s"
+    if tm.get("select_cached_relations"):
+        select += f" (the check of {tm['select_cached_relations']} relation(s) read from the cache)"
+    cached = tm.get("attribution_cached_prompts", 0)
+    if cached or tm.get("attribution_per_fact", 0) is None:
+        what = f"with {cached} prompt(s) read from the cache" if cached else "resumed from the cache"
+        attribution = (f"attribution {tm.get('attribution', 0):.0f} s, {what} (computed by an earlier run), so no "
+                       f"time per fact is given; run without the cache folder for one")
+    else:
+        attribution = f"attribution {tm.get('attribution', 0):.0f} s, {tm.get('attribution_per_fact', 0):.1f} s per fact"
+    return f"Total time {tm.get('total', 0):.0f} s ({select}; {attribution}; paper: {PAPER['seconds_per_fact']})."
