@@ -6,7 +6,9 @@ facts" through `attribute_each`).
   parameters and the same causal templates (`run_params`: what the GUI records too) is skipped (`Project.completed_runs`), so a killed run, started again, goes on where it stopped
   and never stores a fact's run twice. A fact is stored in one transaction (its run, every prompt's scores,
   its refined set), so a run cut off mid-fact leaves nothing of that fact and it is attributed again.
-- Facts with no usable prompt are listed with the reason (`SkippedFact`), never dropped silently.
+- Facts with no usable prompt are listed with the reason (`SkippedFact`), never dropped silently; so is a fact
+  whose attribution gave NaN or infinite scores (`RunnerReport.failed`: not stored, tried again on resume). If
+  the first NON_FINITE_LIMIT facts all do, the run stops (`NonFiniteRunError`): then it is the model's dtype.
 - Where the work runs is a backend: `SerialBackend` (this process) or `cluster.RayBackend` (Ray workers). Both
   attribute with the same `FactAttributor`, so results are bitwise equal; only this process writes to the
   project (SQLite keeps one writer), and an outcome that arrives twice (a retried worker) is stored once.
@@ -25,6 +27,13 @@ from typing import Callable, Iterable, Iterator, Sequence
 from .facts import CAUSAL_TEMPLATES, Fact, FactSet, Prompt, render_prompts
 from .tasks import Task, as_task
 from .validation import ValidationError, check_choice, check_fraction
+
+
+NON_FINITE_LIMIT = 3  # facts in a row with NaN scores before any stored one: the model's dtype, not the facts
+
+
+class NonFiniteRunError(ArithmeticError):
+    """Every fact so far gave NaN or infinite scores: the run stops instead of listing the whole fact set."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,7 @@ class FactOutcome:
     seconds: float
     worker: str  # host:pid that computed it
     device: str
+    error: str | None = None  # the fact could not be attributed (NaN or infinite scores): listed, not stored
 
 
 def select_relations(factset: FactSet, relations: str | Iterable[str] | None = "all") -> list[str]:
@@ -148,8 +158,14 @@ class FactAttributor:
         from .attribution import attribute_fact
         from .neurons import ActivationStats, answer_activations, neutral_sentences, refined_neurons, scored_flags
 
+        from .attribution import NonFiniteScoresError
+
         started = time.perf_counter()
-        results = attribute_fact(self.lm, work.prompts, self.params, task=task, on_prompt=on_prompt)
+        try:
+            results = attribute_fact(self.lm, work.prompts, self.params, task=task, on_prompt=on_prompt)
+        except NonFiniteScoresError as exc:  # this fact only: the driver lists it and goes on (see NON_FINITE_LIMIT)
+            return FactOutcome(work.index, [], [], [], time.perf_counter() - started, worker_name(),
+                               str(self.lm.device), error=str(exc))
         if self._neutral is None:
             self._neutral = answer_activations(self.lm, neutral_sentences())
         activations = [r.activations for r in results]
@@ -232,7 +248,8 @@ class RunnerReport:
     facts: int  # of the chosen relations
     attributed: int = 0  # in this session
     already_stored: int = 0
-    skipped: list[SkippedFact] = field(default_factory=list)
+    skipped: list[SkippedFact] = field(default_factory=list)  # no usable prompt
+    failed: list[SkippedFact] = field(default_factory=list)  # attributed, but NaN or infinite scores: not stored
     prompts: int = 0
     seconds: float = 0.0
     facts_per_hour: float | None = None
@@ -242,7 +259,8 @@ class RunnerReport:
 
     def to_dict(self) -> dict:
         return {"facts": self.facts, "attributed": self.attributed, "already_stored": self.already_stored,
-                "skipped": [s.to_dict() for s in self.skipped], "prompts": self.prompts, "seconds": self.seconds,
+                "skipped": [s.to_dict() for s in self.skipped], "failed": [s.to_dict() for s in self.failed],
+                "prompts": self.prompts, "seconds": self.seconds,
                 "facts_per_hour": self.facts_per_hour,
                 "prompts_per_hour": 3600 * self.prompts / self.seconds if self.prompts and self.seconds > 0 else None,
                 "backend": self.backend, "run_ids": self.run_ids, "duplicates_ignored": self.duplicates_ignored}
@@ -311,6 +329,14 @@ def attribute_factset(project, lm, factset: FactSet, params=None, *, relations="
             work = by_index[outcome.index]
             if outcome.index in stored:  # a retried worker answered twice: the fact is stored once
                 report.duplicates_ignored += 1
+                continue
+            if outcome.error is not None:
+                stored.add(outcome.index)
+                report.failed.append(SkippedFact(work.fact, outcome.error))
+                progress.fact_done(work)
+                if not report.attributed and len(report.failed) >= NON_FINITE_LIMIT:
+                    raise NonFiniteRunError(f"the first {len(report.failed)} facts all gave NaN or infinite scores, "
+                                            f"e.g. {outcome.error}")
                 continue
             run_id = _store(project, lm, work, outcome, recorded, selection)
             stored.add(outcome.index)

@@ -19,8 +19,8 @@ from kn_core.fact_files import export_facts
 from kn_core.facts import Relation, render_prompts
 from kn_core.models import load_model
 from kn_core.neurons import refined_neurons, run_flags
-from kn_core.runner import (Selection, SerialBackend, attribute_each, attribute_factset, plan_facts, prompt_params,
-                            run_params)
+from kn_core.runner import (NonFiniteRunError, Selection, SerialBackend, attribute_each, attribute_factset, plan_facts,
+                            prompt_params, run_params)
 from kn_core.store import create_project, open_project
 from kn_core.tasks import Cancelled, Task
 from runner_child import tiny_factset, save_tiny
@@ -326,3 +326,39 @@ def test_kn_neurons_records_its_runs_as_the_runner_does(setup, capsys, tmp_path)
             assert main(["attribute", "--relations", "P36", "--project", project, "--causal-templates", choice,
                          *common]) == 0
             assert json.loads(capsys.readouterr().out)["already_stored"] == stored_before
+
+
+def _non_finite_for(monkeypatch, subjects):
+    """attribute_fact as if the prompts of `subjects` overflowed (the engine's own check is tested in
+    test_bad_inputs and test_neurons)."""
+    import kn_core.attribution as attribution
+
+    real = attribution.attribute_fact
+
+    def overflowing(lm, prompts, params, **kwargs):
+        if any(s in prompts[0].text for s in subjects):
+            raise attribution.NonFiniteScoresError(f"12 attribution scores of {prompts[0].text!r} are NaN or infinite")
+        return real(lm, prompts, params, **kwargs)
+
+    monkeypatch.setattr(attribution, "attribute_fact", overflowing)
+
+
+def test_a_fact_with_non_finite_scores_is_listed_not_stored_and_tried_again(setup, reference, tmp_path, monkeypatch):
+    _non_finite_for(monkeypatch, ["Italy"])
+    with create_project(tmp_path / "p.knproj") as project:
+        report = attribute_factset(project, setup["lm"], tiny_factset(), PARAMS)
+        assert report.attributed == 5 and [s.fact.subject for s in report.failed] == ["Italy"]
+        assert "NaN or infinite" in report.failed[0].reason and report.to_dict()["failed"][0]["subject"] == "Italy"
+        assert_matches(project, {k: v for k, v in reference.items() if k != "Italy"})
+        monkeypatch.undo()
+        again = attribute_factset(project, setup["lm"], tiny_factset(), PARAMS)
+        assert (again.attributed, again.already_stored, again.failed) == (1, 5, [])
+        assert_matches(project, reference)
+
+
+def test_a_run_whose_first_facts_all_overflow_stops(setup, tmp_path, monkeypatch):
+    _non_finite_for(monkeypatch, ["France", "Germany", "Italy", "Spain", "Japan", "Egypt"])
+    with create_project(tmp_path / "p.knproj") as project:
+        with pytest.raises(NonFiniteRunError, match="first 3 facts all gave NaN or infinite scores"):
+            attribute_factset(project, setup["lm"], tiny_factset(), PARAMS)
+        assert project.list_runs() == []

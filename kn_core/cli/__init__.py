@@ -37,11 +37,12 @@ def _engine_errors() -> tuple[type[BaseException], ...]:
     from ..fact_files import FactImportError
     from ..families import UnsupportedModelError
     from ..models import ModelLoadError
+    from ..runner import NonFiniteRunError
     from ..store import ProjectError
     from ..tasks import Cancelled
 
-    return (ModelLoadError, UnsupportedModelError, PromptError, NonFiniteScoresError, FactImportError, ProjectError,
-            Cancelled)
+    return (ModelLoadError, UnsupportedModelError, PromptError, NonFiniteScoresError, NonFiniteRunError,
+            FactImportError, ProjectError, Cancelled)
 
 
 def _fail(args, exc: BaseException) -> int:

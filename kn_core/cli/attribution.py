@@ -114,6 +114,10 @@ def cmd_attribute_facts(args) -> int:
     lines = [f"{report.attributed} fact(s) attributed ({report.prompts} prompts) in {report.seconds:.1f} s{rate} "
              f"[{report.backend['backend']}, {report.backend['workers']} worker(s)]; {report.already_stored} stored "
              f"before (same weights and parameters); {len(report.skipped)} without a usable prompt"]
+    if report.failed:
+        lines[0] += f"; {len(report.failed)} not stored (NaN or infinite scores; tried again when resumed)"
+    lines += [f"  not stored {s.fact.relation} {s.fact.subject!r} -> {s.fact.object!r}: {s.reason}"
+              for s in report.failed[:20]]
     lines += [f"  skipped {s.fact.relation} {s.fact.subject!r} -> {s.fact.object!r}: {s.reason}"
               for s in report.skipped[:20]]
     if len(report.skipped) > 20:
