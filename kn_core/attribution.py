@@ -182,23 +182,24 @@ class NonFiniteScoresError(ArithmeticError):
     passed on: the coarse threshold of such a prompt would be undefined and its neurons silently missing."""
 
 
-def _check_finite(text: str, scores: torch.Tensor) -> None:
+def _check_finite(text: str, scores: torch.Tensor, model_dtype: torch.dtype) -> None:
     bad = ~torch.isfinite(scores)
     if bool(bad.any()):
         layers = sorted(set(torch.nonzero(bad)[:, 0].tolist()))
         shown = ", ".join(map(str, layers[:8])) + (", ..." if len(layers) > 8 else "")
-        raise NonFiniteScoresError(
-            f"{int(bad.sum())} attribution scores of {_short(text)} are NaN or infinite (layers {shown}; the model "
-            f"ran in {str(scores.dtype).replace('torch.', '')}): run it in float32 (--dtype float32), or check its "
-            f"weights for NaN")
+        dtype = str(model_dtype).replace("torch.", "")
+        fix = ("check the model's weights for NaN or infinite values" if model_dtype in (torch.float32, torch.float64)
+               else "run it in float32 (--dtype float32), where half precision does not overflow, or check its weights")
+        raise NonFiniteScoresError(f"{int(bad.sum())} attribution scores of {_short(text)} are NaN or infinite "
+                                   f"(layers {shown}; the model ran in {dtype}): {fix}")
 
 
 def _prompt_scores(text: str, answer: str, ids: tuple[int, ...], per_token: list, params: AttributionParams,
-                   seconds: float) -> PromptScores:
+                   seconds: float, model_dtype: torch.dtype) -> PromptScores:
     """One prompt's result from its answer tokens' (scores, activations, P(w), P(0 at each layer))."""
     how = params.multi_token
     scores = _combine([s for s, _, _, _, _ in per_token], how)
-    _check_finite(text, scores)
+    _check_finite(text, scores, model_dtype)
     acts = _combine([a for _, a, _, _, _ in per_token], "mean")
     token_probs = [p for _, _, p, _, _ in per_token]
     completeness = []
@@ -249,7 +250,7 @@ def _attribute_one(lm: LoadedModel, parts, params: AttributionParams, task: Task
                           f"{where}answer token {j + 1}/{len(targets)}, layers {a}-{b - 1} of {L}")
             task.partial({"prompt": index, "token": j, "layers": (a, b), "scores": chunk_scores.float().cpu().numpy()})
         per_token.append(_attribute_target(lm, target, params, report, task))
-    return _prompt_scores(text, answer, ids, per_token, params, time.perf_counter() - started)
+    return _prompt_scores(text, answer, ids, per_token, params, time.perf_counter() - started, lm.model.dtype)
 
 
 def shares_passes(lm: LoadedModel, params: AttributionParams) -> bool:
@@ -308,5 +309,5 @@ def _attribute_shared(lm: LoadedModel, parts: list, params: AttributionParams, t
     for i, (k, _) in enumerate(owner):
         per_prompt[k].append((scores[i], runners[i].acts, runners[i].prob, p_zero[i], notes))
     seconds = (time.perf_counter() - started) / len(parts)
-    return [_prompt_scores(text, answer, ids, per_prompt[k], params, seconds)
+    return [_prompt_scores(text, answer, ids, per_prompt[k], params, seconds, lm.model.dtype)
             for k, (text, answer, ids, _) in enumerate(parts)]

@@ -342,3 +342,17 @@ def test_completeness_on_default_model_capitals():
         sums = np.array([row["sum"] for row in result.completeness])
         deltas = np.array([row["delta"] for row in result.completeness])
         assert np.abs(sums - deltas).sum() / np.abs(deltas).sum() < 0.08, country
+
+
+def test_non_finite_scores_name_the_prompt_the_layers_and_the_fix():
+    from kn_core.attribution import NonFiniteScoresError, _check_finite
+
+    scores = torch.zeros(4, 6)
+    _check_finite("fine", scores, torch.float32)
+    scores[2, 3], scores[3, 0] = float("nan"), float("inf")
+    for dtype, fix in ((torch.bfloat16, "--dtype float32"), (torch.float32, "weights")):
+        with pytest.raises(NonFiniteScoresError) as info:
+            _check_finite("The capital of France is", scores, dtype)
+        message = str(info.value)
+        assert "2 attribution scores of 'The capital of France is'" in message and "layers 2, 3" in message
+        assert fix in message and "\n" not in message
