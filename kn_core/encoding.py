@@ -127,6 +127,14 @@ def max_positions(lm) -> int | None:
     return limit if isinstance(limit, int) and 0 < limit < _NO_LIMIT else None
 
 
+def text_ids(lm, name: str, text: str) -> list[int]:
+    """The token ids of a plain text (no answer appended), refused in one line before any forward pass when it
+    is not valid text (`name` says which) or is longer than the model's positions."""
+    ids = list(lm.tokenizer(check_text(name, text, allow_blank=True))["input_ids"])
+    check_length(lm, len(ids))
+    return ids
+
+
 def check_length(lm, n_tokens: int) -> None:
     """Refuses an input longer than the model's positions (before it costs anything)."""
     limit = max_positions(lm)

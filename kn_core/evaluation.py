@@ -30,10 +30,9 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from .encoding import check_length, encode_prompt
+from .encoding import encode_prompt, text_ids
 from .hooks import answer_positions, capture_activations
 from .tasks import Task, as_task
-from .validation import check_text
 
 
 
@@ -185,8 +184,7 @@ def perplexity(lm, items: Sequence, batch_size: int = 16) -> float:
     if lm.kind == "causal":
         encoded = []
         for text in items:
-            ids = tokenizer(check_text("text", text, allow_blank=True))["input_ids"]
-            check_length(lm, len(ids))
+            ids = text_ids(lm, "text", text)
             if len(ids) < 2:
                 continue
             encoded.append(_Encoded(ids, list(range(len(ids) - 1)), ids[1:]))
@@ -194,8 +192,7 @@ def perplexity(lm, items: Sequence, batch_size: int = 16) -> float:
         encoded = []
         specials = set(getattr(tokenizer, "all_special_ids", []))
         for text in items:
-            ids = tokenizer(check_text("text", text, allow_blank=True))["input_ids"]
-            check_length(lm, len(ids))
+            ids = text_ids(lm, "text", text)
             for i, t in enumerate(ids):
                 if t in specials:
                     continue
@@ -217,8 +214,7 @@ def predict(lm, text: str, top_k: int = 10) -> list[dict]:
 
 def predict_masks(lm, text: str, top_k: int = 10) -> list[list[dict]]:
     tokenizer = lm.tokenizer
-    ids = tokenizer(check_text("prompt", text, allow_blank=True))["input_ids"]
-    check_length(lm, len(ids))
+    ids = text_ids(lm, "prompt", text)
     if lm.kind == "causal":
         if not ids:
             raise ValueError("the prompt is empty")
@@ -302,10 +298,9 @@ def neuron_activations(lm, neurons: Sequence[tuple[int, int]], items: Sequence, 
     encoded: list[_Encoded] = []
     for item in items:
         if isinstance(item, str):
-            ids = list(tokenizer(check_text("sentence", item, allow_blank=True))["input_ids"])
+            ids = text_ids(lm, "sentence", item)
             if not ids:
                 raise ValueError("an empty sentence has no activation")
-            check_length(lm, len(ids))
             if position == "answer" and lm.kind == "masked":
                 slots = [i for i, t in enumerate(ids) if t == tokenizer.mask_token_id]
                 pos = slots or list(range(len(ids)))

@@ -259,7 +259,8 @@ def add_commands(sub) -> None:
 
 
 def causal_templates_option(p) -> None:
-    """--causal-templates of the verbs that store runs (the choice is part of what resume matches on)."""
+    """--causal-templates: how a causal model's prompts are rendered from the templates (facts.render_prompts).
+    Recorded with every stored run, and part of what resume matches on."""
     p.add_argument("--causal-templates", choices=["prefix", "end-only"], default="prefix",
                    help="causal models: prefix (default) uses the text before [Y] of every template; end-only "
-                        "only templates that end in [Y] (recorded with each run: resume matches on it)")
+                        "only templates that end in [Y] (recorded with the results)")

@@ -6,8 +6,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from .attribution import causal_templates_option, quadrature_options
 from .checks import whole_number
-from .attribution import quadrature_options
 from .common import COMMON, emit, factset_of, load, progress_bar, say
 
 
@@ -51,9 +51,7 @@ def add_commands(sub) -> None:
     rep.add_argument("--select", choices=["known", "random"], default="known",
                      help="known: the facts the model answers best; random: a seeded sample")
     rep.add_argument("--control-prompts", type=whole_number, default=20, help="prompts sampled per control group")
-    rep.add_argument("--causal-templates", choices=["prefix", "end-only"], default="prefix",
-                     help="causal models: prefix uses the text before [Y] of every template; end-only only "
-                          "templates that end in [Y]")
+    causal_templates_option(rep)
     rep.add_argument("--keep-massive", action="store_true",
                      help="keep massive/unspecific neurons in refined and relation-level neurons (default: left out)")
     rep.add_argument("--out", required=True, help="folder for report.json, report.md, report.html and the figures")
