@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from . import edits as E
+from .encoding import prompt_format, prompt_format_params
 from .batch_requests import BatchError, BatchRequest, ParsedRequests, locality_prompts
 from .facts import Fact, FactSet, Prompt, Relation, render_prompts
 from .tasks import as_task
@@ -56,7 +57,7 @@ def resolve_neurons(lm, parsed: ParsedRequests, source: NeuronSource = NeuronSou
     count as found on its prompt, so its rephrases are held out, as EasyEdit measures generality; other
     explicit or stored neurons: not known (None)."""
     from .attribution import AttributionParams, attribute_fact, integration_text
-    from .neurons import refined_neurons
+    from .neurons import case_neurons, empty_neurons_fix
 
     task = as_task(task)
     params = source.params or AttributionParams()
@@ -76,13 +77,17 @@ def resolve_neurons(lm, parsed: ParsedRequests, source: NeuronSource = NeuronSou
             prompts, _ = render_prompts(r.fact, r.relation, lm.tokenizer, lm.kind)
             part = task.slice(done / len(todo), (done + 1) / len(todo))
             scores = attribute_fact(lm, prompts, params, task=part)
-            neurons = tuple(refined_neurons([s.scores for s in scores], source.t, source.p))
+            found, rule = case_neurons([s.scores for s in scores], source.t, source.p)
+            neurons = tuple(found)
             how = (f"attribution ({params.method}, {integration_text(params.to_dict())}, t={source.t}, p={source.p}, "
-                   f"{len(prompts)} prompts)")
+                   f"{len(prompts)} prompts; {rule['text']})")
+            if not neurons:
+                how += f"; none found: {empty_neurons_fix(len(prompts), source.p)}"
             if project is not None:
                 project.import_factset(FactSet("batch", {r.relation.id: r.relation}, [r.fact]))
                 set_id = project.add_neuron_set("refined", neurons, fact=r.fact, model=lm, note="kn edit batch",
-                                                params={"t": source.t, "p": source.p, **params.to_dict()})
+                                                params={"t": source.t, "p": source.p, **params.to_dict(),
+                                                        "selection": rule, **prompt_format_params(lm)})
                 how += f", stored as project neuron set #{set_id}"
             out[r.line] = (neurons, how, tuple(p.template for p in prompts))
         done += 1
@@ -138,7 +143,7 @@ class _PlanningFacts:
 def run_batch(lm, parsed: ParsedRequests, neurons: dict, mode: str = "compound",
               *, seed: int = 0, control_facts: int = 4, forgetting_prompts: int = 1, relation_exclusion: bool = True,
               max_prompts: int | None = None, options: dict | None = None, activation_stats=None,
-              measure_sizes: bool = True, label: str = "", task=None) -> BatchResult:
+              measure_sizes: bool = True, label: str = "", evaluation: str = "forced", task=None) -> BatchResult:
     """Plans, applies and measures every request of `parsed` (see the module notes for the two modes) and
     leaves the model as it found it, also when cancelled (`tasks.Cancelled`) or on an error. Requests that
     cannot be planned (e.g. no neurons, an update no template can render) are left out and listed in
@@ -148,22 +153,28 @@ def run_batch(lm, parsed: ParsedRequests, neurons: dict, mode: str = "compound",
     too large to measure every template on this machine. `options`: EditRequest fields shared by every request
     (e.g. scope, factor, lambda1, lambda2, strength, to); `activation_stats`: for a suppress to the mean.
     `measure_sizes=False` leaves ‖Δa‖/‖ΔW‖ unmeasured (an activation edit's size costs a forward pass per request;
-    the metrics then say "not measured")."""
+    the metrics then say "not measured"). `evaluation`: "forced" (teacher-forced `correct`) or "generate" (greedy
+    generation matches the answer: `evaluation.judge_by_generation`), recorded in the report."""
+    from .evaluation import EVALUATIONS
+
     if mode not in MODES:
         raise BatchError(f"unknown mode {mode!r}; use compound or sequential")
+    if evaluation not in EVALUATIONS:
+        raise BatchError(f"unknown evaluation {evaluation!r}; use forced or generate")
     _check_settings(seed, control_facts, forgetting_prompts, max_prompts, options)
     task = as_task(task)
     left_out = [{"line": n, "reason": why} for n, why in parsed.bad]
     planning = _PlanningFacts(parsed.factset, {r.fact for r in parsed.requests})
     settings = dict(seed=seed, control_facts=control_facts, max_prompts=max_prompts, options=dict(options or {}),
-                    stats=activation_stats, sizes=measure_sizes,
+                    stats=activation_stats, sizes=measure_sizes, evaluation=evaluation,
                     relation_sets=_relation_sets(parsed.requests, neurons) if relation_exclusion else {})
     runner = _compound if mode == "compound" else _sequential
     entries, steps = runner(lm, parsed.requests, neurons, planning, settings, left_out, forgetting_prompts, task)
     left_out.sort(key=lambda x: x["line"])
     edit = E.Batch(tuple(e["plan"].edit for e in entries), label) if entries else None
     control = E.Batch(tuple(e["plan"].control for e in entries), f"controls of {label}".strip()) if entries else None
-    report = {"mode": mode, "requests_read": len(parsed.requests) + len(parsed.bad), "applied": len(entries),
+    report = {"mode": mode, "evaluation": evaluation, "prompt_format": prompt_format(lm),
+              "requests_read": len(parsed.requests) + len(parsed.bad), "applied": len(entries),
               "max_prompts_per_group": max_prompts, "control_facts": control_facts,
               "left_out": left_out, "requests": [_request_report(e) for e in entries],
               "summary": _summary(entries, steps), "metrics_definition": METRICS_NOTE}
@@ -214,8 +225,8 @@ def _plan(lm, planning: _PlanningFacts, r: BatchRequest, neurons, settings, left
 
     chosen, source, templates = (tuple(neurons.get(r.line, ())) + ((), "not resolved", None))[:3]
     if not chosen:
-        left_out.append({"line": r.line, "reason": f"no neurons: {source} found none (give explicit neurons or "
-                                                   "lower t or p)"})
+        fix = "" if "none found" in source else " found none (give explicit neurons, or attribute again with a lower t)"
+        left_out.append({"line": r.line, "reason": f"no neurons: {source}{fix}"})
         return None
     try:
         plan = plan_edit(lm, planning.for_request(r.fact),
@@ -238,16 +249,20 @@ def _plan(lm, planning: _PlanningFacts, r: BatchRequest, neurons, settings, left
 MEASURE_CHUNK = 256  # prompts per answer_probabilities call: it holds every prompt's full-vocabulary log-probs
 
 
-def _measure(lm, group_list: Sequence[dict[str, list[Prompt]]], task) -> list[dict[str, list[dict]]]:
+def _measure(lm, group_list: Sequence[dict[str, list[Prompt]]], task, evaluation: str = "forced"
+             ) -> list[dict[str, list[dict]]]:
     """answer_probabilities of every group of every plan, batched across plans, in chunks of MEASURE_CHUNK
-    prompts so that memory does not grow with the number of requests."""
-    from .evaluation import answer_probabilities
+    prompts so that memory does not grow with the number of requests; `evaluation` "generate" judges `correct`
+    by greedy generation (`evaluation.judge_by_generation`)."""
+    from .evaluation import answer_probabilities, judge_by_generation
 
     flat = [p for groups in group_list for ps in groups.values() for p in ps]
     measured: list[dict] = []
     for start in range(0, len(flat), MEASURE_CHUNK):
         part = task.slice(start / len(flat), min(start + MEASURE_CHUNK, len(flat)) / len(flat))
-        measured += answer_probabilities(lm, flat[start:start + MEASURE_CHUNK], task=part)
+        chunk = flat[start:start + MEASURE_CHUNK]
+        rows = answer_probabilities(lm, chunk, task=part)
+        measured += judge_by_generation(lm, chunk, rows) if evaluation == "generate" else rows
     rows = iter(measured)
     return [{g: [next(rows) for _ in ps] for g, ps in groups.items()} for groups in group_list]
 
@@ -279,10 +294,11 @@ def _compound(lm, requests, neurons, planning, settings, left_out, forgetting_pr
     if not entries:
         return entries, None
     groups = [e["plan"].prompts for e in entries]
-    before = _measure(lm, groups, task.slice(0.1, 0.4))
-    after = _with(lm, E.Batch(tuple(e["plan"].edit for e in entries)), lambda: _measure(lm, groups, task.slice(0.4, 0.7)))
+    ev = settings["evaluation"]
+    before = _measure(lm, groups, task.slice(0.1, 0.4), ev)
+    after = _with(lm, E.Batch(tuple(e["plan"].edit for e in entries)), lambda: _measure(lm, groups, task.slice(0.4, 0.7), ev))
     control = _with(lm, E.Batch(tuple(e["plan"].control for e in entries)),
-                    lambda: _measure(lm, groups, task.slice(0.7, 1.0)))
+                    lambda: _measure(lm, groups, task.slice(0.7, 1.0), ev))
     for e, b, a, c in zip(entries, before, after, control):
         task.check()
         e["metrics"] = _metrics(lm, e["plan"], b, a, c, settings["sizes"])
@@ -308,14 +324,15 @@ def _sequential(lm, requests, neurons, planning, settings, left_out, forgetting_
             if plan is None:
                 continue
             entry = {"request": r, "plan": plan, "source": neurons[r.line][1], "holds": []}
-            (before,) = _measure(lm, [plan.prompts], step.slice(0.2, 0.4))
-            (control,) = _with(lm, plan.control, lambda: _measure(lm, [plan.prompts], step.slice(0.4, 0.6)))
+            ev = settings["evaluation"]
+            (before,) = _measure(lm, [plan.prompts], step.slice(0.2, 0.4), ev)
+            (control,) = _with(lm, plan.control, lambda: _measure(lm, [plan.prompts], step.slice(0.4, 0.6), ev))
             handles.append(plan.edit.apply(lm))
-            (after,) = _measure(lm, [plan.prompts], step.slice(0.6, 0.8))
+            (after,) = _measure(lm, [plan.prompts], step.slice(0.6, 0.8), ev)
             entry["metrics"] = _metrics(lm, plan, before, after, control, settings["sizes"])
             entry["probe"] = _probe(entry, before, forgetting_prompts)
             entries.append(entry)
-            steps.append(_step_report(lm, entries, step.slice(0.8, 1.0)))
+            steps.append(_step_report(lm, entries, step.slice(0.8, 1.0), ev))
             task.progress((k + 1) / n, f"step {k + 1}/{n}")
     finally:
         for handle in reversed(handles):
@@ -343,9 +360,9 @@ def _holds(probe, rows) -> float:
     return float(np.mean(ok))
 
 
-def _step_report(lm, entries, task) -> dict:
+def _step_report(lm, entries, task, evaluation: str = "forced") -> dict:
     """After a sequential step: whether each edit so far still holds (the last is the one just applied)."""
-    measured = _measure(lm, [{"probe": e["probe"]["prompts"]} for e in entries], task)
+    measured = _measure(lm, [{"probe": e["probe"]["prompts"]} for e in entries], task, evaluation)
     holds = []
     for e, rows in zip(entries, measured):
         value = _holds(e["probe"], rows["probe"])

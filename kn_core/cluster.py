@@ -53,11 +53,14 @@ class ModelSpec:
     trust_remote_code: bool
     sha256: str
     device: str  # the workers' device: "auto" picks CUDA on a GPU worker
+    prompt_format: str = "plain"  # the driver's (encoding.set_prompt_format): workers encode prompts as it does
 
 
 def model_spec(lm, device: str = "auto", trust_remote_code: bool = False) -> ModelSpec:
+    from .encoding import prompt_format
+
     return ModelSpec(source=lm.source, dtype=str(lm.dtype).replace("torch.", ""), trust_remote_code=trust_remote_code,
-                     sha256=lm.sha256, device=device)
+                     sha256=lm.sha256, device=device, prompt_format=prompt_format(lm))
 
 
 class FactWorker:
@@ -74,6 +77,9 @@ class FactWorker:
         if lm.sha256 != spec.sha256:
             raise ClusterError(f"worker {worker_name()} loaded {spec.source!r} with weights {lm.sha256[:12]}..., the "
                                f"driver's are {spec.sha256[:12]}...: give every node the same model files")
+        from .encoding import set_prompt_format
+
+        set_prompt_format(lm, spec.prompt_format)
         self.attributor = FactAttributor(lm, params, selection)
 
     def attribute(self, work: FactWork) -> FactOutcome:

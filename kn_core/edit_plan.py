@@ -463,12 +463,16 @@ def random_neurons(lm, like: Sequence[Neuron], seed: int = 0, exclude: Iterable[
 # Measuring a plan
 # --------------------------------------------------------------------------------------------------------
 
-def measure_plan(lm, plan: EditPlan, task=None, top_k: int = 5) -> dict[str, list[dict]]:
+def measure_plan(lm, plan: EditPlan, task=None, top_k: int = 5, evaluation: str = "forced") -> dict[str, list[dict]]:
     """`evaluation.answer_probabilities` of every group's prompts under the model as it is now (call it before
-    and after applying `plan.edit`, or inside `with_edits(lm, [plan.control], ...)`)."""
-    from .evaluation import answer_probabilities
+    and after applying `plan.edit`, or inside `with_edits(lm, [plan.control], ...)`). `evaluation` "generate"
+    judges `correct` by greedy generation instead (`evaluation.judge_by_generation`; probabilities stay
+    teacher-forced)."""
+    from .evaluation import EVALUATIONS, answer_probabilities, judge_by_generation
     from .tasks import as_task
 
+    if evaluation not in EVALUATIONS:
+        raise EditPlanError(f"evaluation must be forced or generate, not {evaluation!r}")
     task = as_task(task)
     groups = [g for g, ps in plan.prompts.items() if ps]
     total = max(sum(len(plan.prompts[g]) for g in groups), 1)
@@ -476,6 +480,8 @@ def measure_plan(lm, plan: EditPlan, task=None, top_k: int = 5) -> dict[str, lis
     for g in groups:
         task.check()
         out[g] = answer_probabilities(lm, plan.prompts[g], top_k=top_k)
+        if evaluation == "generate":
+            judge_by_generation(lm, plan.prompts[g], out[g])
         done += len(plan.prompts[g])
         task.progress(done / total, f"evaluating {g} prompts")
     return out

@@ -6,12 +6,23 @@ answer token; token j is predicted at slot j with the earlier slots filled with 
 ones still masked. Attribution and evaluation both encode through here, so both report the same probability.
 Bad prompts are refused here, before any forward pass, with a one-line `PromptError` (or the validation layer's
 `ValidationError` for text that is not valid Unicode and token ids outside the vocabulary).
+
+Prompt formats (`PROMPT_FORMATS`, set on a loaded model with `set_prompt_format`, read by every encoding here):
+"plain" tokenizes the prompt text as it is (the paper; every run before the option). "chat" (causal models
+with a chat template) renders the prompt as the start of the assistant's reply: the user's message asks to
+complete the sentence (`CHAT_REQUEST`), `apply_chat_template(..., add_generation_prompt=True)` opens the
+assistant's turn, the prompt's own tokens follow, and the answer continues them. Why not EasyEdit's rendering
+(EasyEdit #374: the prompt as the user's message, the answer as the reply's first token): our prompts are cloze
+prefixes ("The capital of France is"), and a reply does not begin with " Paris" (the default model gives it
+1e-5 there, 0.77 plain), so that would score a token the model is not asked to produce. The answer's token
+ids are the same in both formats (the answer continuing the plain prompt), so plain and chat scores of one
+fact compare the same tokens, at positions shifted by the chat prefix.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from .validation import check_text, check_token_ids
 
@@ -59,7 +70,7 @@ def encode_prompt(lm, text: str, answer_ids: Sequence[int]) -> EncodedPrompt:
     if not text.strip():
         raise PromptError("the prompt is empty; type the sentence that leads to the answer")
     answer = _checked_answer_ids(lm, answer_ids)
-    ids = tuple(tok(text)["input_ids"])
+    ids = tuple(prompt_ids(lm, text))
     if lm.kind == "causal":
         if not ids:
             raise PromptError(f"the prompt {text!r} has no tokens before the answer")
@@ -99,6 +110,52 @@ def encode_answer(lm, text: str, answer: str) -> tuple[int, ...]:
     return tuple(ids)
 
 
+PROMPT_FORMATS = ("plain", "chat")
+CHAT_REQUEST = "Complete this sentence: {prompt}"  # the user's message of a chat-format prompt (module notes)
+
+
+def prompt_format(lm) -> str:
+    """The loaded model's prompt format ("plain" unless `set_prompt_format` said otherwise)."""
+    return getattr(lm, "prompt_format", "plain")
+
+
+def prompt_format_params(lm) -> dict:
+    """The prompt format as recorded in run, neuron-set and edit params: {"prompt_format": "chat"} for chat,
+    nothing for plain (every record made before the option is plain, and stays comparable for resume)."""
+    return {"prompt_format": "chat"} if prompt_format(lm) == "chat" else {}
+
+
+def check_prompt_format(lm, fmt: str) -> str:
+    """`fmt` when `lm` can use it, else a one-line PromptError naming the fix (before any forward pass)."""
+    if fmt not in PROMPT_FORMATS:
+        raise PromptError(f"prompt format {fmt!r} is unknown; use plain or chat")
+    if fmt == "chat":
+        if lm.kind != "causal":
+            raise PromptError(f"{lm.family} is a masked model: chat templates are for causal (instruct) models; "
+                              "use --prompt-format plain")
+        if not getattr(lm.tokenizer, "chat_template", None):
+            raise PromptError(f"the tokenizer of {lm.source} has no chat template; use --prompt-format plain, or an "
+                              "instruct model whose tokenizer_config.json has a chat_template")
+    return fmt
+
+
+def set_prompt_format(lm, fmt: str) -> None:
+    """Every prompt of `lm` is encoded in `fmt` from now on (attribution and evaluation alike)."""
+    lm.prompt_format = check_prompt_format(lm, fmt)
+
+
+def prompt_ids(lm, text: str) -> list[int]:
+    """The token ids of a prompt (the text before the answer) in the model's prompt format (module notes)."""
+    tok = lm.tokenizer
+    if prompt_format(lm) == "plain":
+        return list(tok(text)["input_ids"])
+    opening = tok.apply_chat_template([{"role": "user", "content": CHAT_REQUEST.format(prompt=text)}],
+                                      add_generation_prompt=True, tokenize=True)
+    if isinstance(opening, Mapping):  # recent transformers answer with a BatchEncoding
+        opening = opening["input_ids"]
+    return [int(i) for i in opening] + list(tok(text, add_special_tokens=False)["input_ids"])
+
+
 def _checked_answer_ids(lm, answer_ids) -> tuple[int, ...]:
     if not isinstance(answer_ids, (str, bytes)) and hasattr(answer_ids, "__len__") and len(answer_ids) == 0:
         raise PromptError("the answer has no tokens; give the object to attribute")
@@ -125,6 +182,13 @@ def max_positions(lm) -> int | None:
             return value
     limit = getattr(lm.tokenizer, "model_max_length", None)
     return limit if isinstance(limit, int) and 0 < limit < _NO_LIMIT else None
+
+
+def prompt_text_ids(lm, text: str) -> list[int]:
+    """`text_ids` of a prompt whose next token is read (e.g. `evaluation.predict`), in the prompt format."""
+    ids = prompt_ids(lm, check_text("prompt", text, allow_blank=True))
+    check_length(lm, len(ids))
+    return ids
 
 
 def text_ids(lm, name: str, text: str) -> list[int]:

@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from .encoding import encode_prompt, text_ids
+from .encoding import encode_prompt, prompt_text_ids, text_ids
 from .hooks import answer_positions, capture_activations
 from .tasks import Task, as_task
 
@@ -139,6 +139,82 @@ def answer_probabilities(lm, prompts: Sequence, batch_size: int = 16, task: Task
     return results
 
 
+# --------------------------------------------------------------------------------------------------------
+# Generation-based evaluation (beside teacher forcing)
+# --------------------------------------------------------------------------------------------------------
+
+EVALUATIONS = ("forced", "generate")
+GENERATION_MARGIN = 2  # new tokens beyond the longest answer's, so a closing token or a longer wording shows
+
+
+def greedy_continuations(lm, prompts: Sequence, max_new_tokens: Sequence[int], batch_size: int = 16,
+                         task: Task | None = None) -> list[list[int]]:
+    """The greedy (argmax) continuation of each prompt (`max_new_tokens[i]` tokens at most, ending early at the
+    end-of-sequence token), under the model as it is now (with whatever edits are active).
+
+    Batched over prompts, right-padded, without a KV cache: each step is one forward pass over the prompts and
+    their tokens so far, encoded as teacher forcing encodes them (`encoding.encode_prompt`, so in the model's
+    prompt format), with the positions that predict the continuation published as answer positions, so that an
+    answer-scoped activation edit acts while generating exactly where it acts when scored. On an unedited
+    model this equals transformers' generate(do_sample=False) (tests/test_generation.py)."""
+    if lm.kind != "causal":
+        raise ValueError(f"{lm.family} is a masked model: generation-based evaluation needs a causal model; "
+                         "use forced evaluation")
+    task = as_task(task)
+    eos = getattr(lm.tokenizer, "eos_token_id", None)
+    starts = []
+    for prompt in prompts:
+        encoded = encode_prompt(lm, prompt.text, prompt.answer_ids)
+        starts.append(list(encoded.ids[:encoded.positions[0] + 1]))
+    out: list[list[int]] = [[] for _ in prompts]
+    for start, chunk in _batches(list(range(len(prompts))), batch_size):
+        task.check()
+        live = [i for i in chunk if max_new_tokens[i] > 0]
+        while live:
+            encoded = [_Encoded(starts[i] + out[i], list(range(len(starts[i]) - 1, len(starts[i]) + len(out[i]))),
+                                [0]) for i in live]
+            logps = _batch_forward(lm, encoded)
+            for i, logp in zip(live, logps):
+                out[i].append(int(logp[-1].argmax()))
+            live = [i for i in live if len(out[i]) < max_new_tokens[i] and out[i][-1] != eos]
+        task.progress(min(1.0, (start + len(chunk)) / max(len(prompts), 1)), "generating")
+    return out
+
+
+def _normalised(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def answer_matches(generated: str, answers: Iterable[str]) -> bool:
+    """Whether a continuation starts with one of the answers, ignoring case and spaces (leading, repeated):
+    the whole answer, then the end of the text or a character that is not a letter or digit (" Parisian" does
+    not match "Paris"; " Paris." does)."""
+    text = _normalised(generated)
+    for answer in answers:
+        want = _normalised(answer)
+        if want and text.startswith(want) and (len(text) == len(want) or not text[len(want)].isalnum()):
+            return True
+    return False
+
+
+def judge_by_generation(lm, prompts: Sequence, rows: list[dict], batch_size: int = 16,
+                        task: Task | None = None) -> list[dict]:
+    """`answer_probabilities` rows of `prompts` judged by generation: `correct` becomes whether the greedy
+    continuation (the answer's token count + GENERATION_MARGIN new tokens, or the longest alias's) matches the
+    answer or one of the prompt's `aliases` (`answer_matches`); the teacher-forced verdict stays as
+    `correct_forced`, the text as `generated`. Probabilities and ranks stay teacher-forced."""
+    answers = [(p.answer, *getattr(p, "aliases", ())) for p in prompts]
+    budgets = [max([len(p.answer_ids)] + [len(lm.tokenizer(" " + a.strip(), add_special_tokens=False)["input_ids"])
+                                          for a in names[1:]]) + GENERATION_MARGIN
+               for p, names in zip(prompts, answers)]
+    continuations = greedy_continuations(lm, prompts, budgets, batch_size, task)
+    for row, names, ids, budget in zip(rows, answers, continuations, budgets):
+        text = lm.tokenizer.decode(ids, skip_special_tokens=True)
+        row.update(correct_forced=row["correct"], correct=answer_matches(text, names), generated=text,
+                   max_new_tokens=budget)
+    return rows
+
+
 def token_probabilities(lm, prompts: Sequence, token_ids: Sequence[Sequence[int]], batch_size: int = 16) -> list[dict]:
     """Like `answer_probabilities` but scores other answer tokens (e.g. the new object o' of an update).
 
@@ -214,7 +290,7 @@ def predict(lm, text: str, top_k: int = 10) -> list[dict]:
 
 def predict_masks(lm, text: str, top_k: int = 10) -> list[list[dict]]:
     tokenizer = lm.tokenizer
-    ids = text_ids(lm, "prompt", text)
+    ids = prompt_text_ids(lm, text)
     if lm.kind == "causal":
         if not ids:
             raise ValueError("the prompt is empty")

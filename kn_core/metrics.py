@@ -202,20 +202,21 @@ def edit_size(lm, edit, prompts: Sequence = ()) -> dict:
     return out | {"activation_change": float(np.linalg.norm(target - acts, axis=1).mean())}
 
 
-def measure_edit(lm, plan, task=None) -> dict:
+def measure_edit(lm, plan, task=None, evaluation: str = "forced") -> dict:
     """Measures `plan` on the model as it is now (unedited): every group before, with the edit, with the random
     control; the sizes of both. Returns {"metrics": edit_metrics(...), "before", "after", "control_after"}.
     The task's progress runs over the three measurements; cancel raises `tasks.Cancelled` with nothing
-    applied."""
+    applied. `evaluation`: "forced" or "generate" (`edit_plan.measure_plan`)."""
     from .edit_plan import measure_plan
     from .evaluation import with_edits
     from .tasks import as_task
 
     task = as_task(task)
     prompts = plan.prompts.get("fact", [])
-    before = measure_plan(lm, plan, task=task.slice(0.0, 0.3))
-    after = with_edits(lm, [plan.edit], lambda: measure_plan(lm, plan, task=task.slice(0.3, 0.6)))
-    control_after = with_edits(lm, [plan.control], lambda: measure_plan(lm, plan, task=task.slice(0.6, 0.9)))
+    before = measure_plan(lm, plan, task=task.slice(0.0, 0.3), evaluation=evaluation)
+    after = with_edits(lm, [plan.edit], lambda: measure_plan(lm, plan, task=task.slice(0.3, 0.6), evaluation=evaluation))
+    control_after = with_edits(lm, [plan.control],
+                               lambda: measure_plan(lm, plan, task=task.slice(0.6, 0.9), evaluation=evaluation))
     task.check()
     sizes = edit_size(lm, plan.edit, prompts), edit_size(lm, plan.control, prompts)
     task.progress(1.0, "metrics measured")

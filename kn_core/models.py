@@ -249,6 +249,7 @@ class LoadedModel:
     sha256: str
     dtype: torch.dtype
     info: dict = field(default_factory=dict)
+    prompt_format: str = "plain"  # how prompts are encoded: encoding.set_prompt_format / PROMPT_FORMATS
 
     @property
     def kind(self) -> str:

@@ -51,6 +51,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .encoding import prompt_ids
 from .tasks import Task, as_task
 from .validation import ValidationError, check_fraction
 
@@ -126,6 +127,45 @@ def refined_neurons(score_list: Sequence[np.ndarray], t: float = 0.2, p: float =
                     exclude: Iterable[Neuron] = ()) -> list[Neuron]:
     """Neurons coarse in at least max(p x n_prompts, 3) of a fact's prompts."""
     return refined_from_counts(coarse_counts(score_list, t, exclude), len(score_list), p)
+
+
+REFINE_MIN_PROMPTS = 3  # the floor of refine_threshold
+
+
+def case_neurons(score_list: Sequence[np.ndarray], t: float = 0.2, p: float = 0.7,
+                 exclude: Iterable[Neuron] = ()) -> tuple[list[Neuron], dict]:
+    """A case's knowledge neurons for any number of prompts, with the rule that chose them (record it).
+
+    With >= 3 prompts this is `refined_neurons` exactly. With 1 or 2 (EasyEdit's single-prompt request, zsRE's
+    prompt and rephrase) refinement can select nothing, as no neuron is coarse in 3 of them; the rule then
+    asks for the neurons coarse in every prompt: min(max(p x n, 3), n) prompts. That is the paper's own
+    threshold where it can be met (with exactly 3 prompts it already means all of them), and below it: with 1
+    prompt its coarse neurons (the paper's coarse step is per prompt), with 2 the neurons coarse in both (the
+    agreement across paraphrases refinement asks for, at its strictest). p does not matter below 3 prompts."""
+    n = len(score_list)
+    if n >= REFINE_MIN_PROMPTS:
+        need = refine_threshold(n, p)
+        rule = {"rule": "refined", "prompts": n, "coarse_in_at_least": math.ceil(need - 1e-9),
+                "text": f"refined: coarse (t={t:g}) in >= max(p x n, 3) = {need:g} of the {n} prompts"}
+        return refined_neurons(score_list, t, p, exclude), rule
+    if n == 0:
+        raise ValidationError("a case needs at least one attributed prompt to have knowledge neurons")
+    found = sorted(nrn for nrn, c in coarse_counts(score_list, t, exclude).items() if c >= n)
+    what = "the prompt's coarse neurons" if n == 1 else "neurons coarse in both prompts"
+    rule = {"rule": "coarse in every prompt", "prompts": n, "coarse_in_at_least": n,
+            "text": f"{n} prompt(s), fewer than the 3 refinement needs: {what} (score > t={t:g} x max)"}
+    return found, rule
+
+
+def empty_neurons_fix(n_prompts: int, p: float) -> str:
+    """What can give a case knowledge neurons when its set came back empty (lowering p below 3/n cannot)."""
+    if n_prompts < REFINE_MIN_PROMPTS:
+        return ("lower t (the coarse threshold), or give the case more paraphrased prompts so that fewer have to "
+                "agree")
+    if p * n_prompts > REFINE_MIN_PROMPTS:
+        return f"lower p (needs {p * n_prompts:g} of {n_prompts} prompts now; the floor is 3) or lower t"
+    return (f"lower t, or attribute more prompts: refinement already needs only its floor of 3 of the {n_prompts} "
+            "prompts, so lowering p cannot help")
 
 
 @dataclass
@@ -245,8 +285,8 @@ def _answer_rows(lm, item) -> tuple[list[int], list[int]]:
     text = item if isinstance(item, str) else item.text
     if not text or not text.strip():
         raise ValueError("an empty text has no answer position; remove empty lines from the texts")
-    if lm.kind == "causal":
-        ids = list(tokenizer(text)["input_ids"])
+    if lm.kind == "causal":  # a Prompt in the model's prompt format (as attribution reads it); a text as it is
+        ids = list(tokenizer(text)["input_ids"]) if isinstance(item, str) else prompt_ids(lm, text)
         if not ids:
             raise ValueError(f"{text!r} has no tokens")
         answer = [] if isinstance(item, str) else [int(t) for t in item.answer_ids]

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
 from .facts import CAUSAL_TEMPLATES, Fact, FactSet, Prompt, render_prompts
+from .encoding import prompt_format
 from .tasks import Task, as_task
 from .validation import ValidationError, check_choice, check_fraction
 
@@ -128,16 +129,18 @@ def plan_facts(factset: FactSet, relations, tokenizer, kind: str,
     return work, skipped
 
 
-def prompt_params(kind: str, causal_templates: str) -> dict:
+def prompt_params(kind: str, causal_templates: str, prompt_format: str = "plain") -> dict:
     """How a run's prompts were rendered, recorded in its params by the runner and the GUI alike: the causal
-    templates choice for a causal model, None for a masked one (its templates are used whole)."""
-    return {"causal_templates": causal_templates if kind == "causal" else None}
+    templates choice for a causal model, None for a masked one (its templates are used whole); and
+    "prompt_format": "chat" for chat-rendered prompts (absent: plain, as every run before the option)."""
+    return {"causal_templates": causal_templates if kind == "causal" else None,
+            **({"prompt_format": "chat"} if prompt_format == "chat" else {})}
 
 
-def run_params(params, kind: str, causal_templates: str = "prefix") -> dict:
+def run_params(params, kind: str, causal_templates: str = "prefix", prompt_format: str = "plain") -> dict:
     """A run's recorded params: the attribution parameters and how its prompts were rendered (what resume
     matches on)."""
-    return {**params.to_dict(), **prompt_params(kind, causal_templates)}
+    return {**params.to_dict(), **prompt_params(kind, causal_templates, prompt_format)}
 
 
 def worker_name() -> str:
@@ -313,9 +316,9 @@ def attribute_factset(project, lm, factset: FactSet, params=None, *, relations="
     report = RunnerReport(facts=len(works) + len(skipped), skipped=skipped, backend=backend.describe())
     project.add_model(lm)
     fact_ids = project.add_facts([w.fact for w in works], [factset.relation(r) for r in chosen])
-    recorded = run_params(params, lm.kind, causal_templates)
+    recorded = run_params(params, lm.kind, causal_templates, prompt_format(lm))
     completed = project.completed_runs(lm, recorded)
-    if lm.kind != "causal" or causal_templates == "prefix":  # runs stored before the choice was recorded
+    if (lm.kind != "causal" or causal_templates == "prefix") and prompt_format(lm) == "plain":  # runs stored before the choice was recorded
         completed = {**project.completed_runs(lm, params.to_dict()), **completed}  # rendered these prompts
     pending = [w for w, fid in zip(works, fact_ids) if fid not in completed]
     report.already_stored = len(works) - len(pending)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import time
 
 from .checks import whole_number
-from .common import (COMMON, CliError, emit, factset_of, find_fact, load, neuron_list, progress_bar, project_of, say)
+from .common import (COMMON, CliError, emit, factset_of, find_fact, load, neuron_list, progress_bar, project_of,
+                     prompt_format_field, prompt_format_option, say)
 
 
 def params_of(args):
@@ -24,6 +25,7 @@ def cmd_attribute(args) -> int:
         raise CliError("kn attribute needs --prompt and --answer (one prompt), or --facts and --project (every "
                        "fact of a fact set)")
     from ..attribution import attribute, default_t, encode_answer
+    from ..encoding import prompt_format_params
     from ..neurons import coarse_neurons
     from ..scores_file import save_scores
 
@@ -34,21 +36,22 @@ def cmd_attribute(args) -> int:
     with progress_bar("attributing") as task, project_of(args) as project:
         if project is not None:
             project.add_model(lm)
-            with project.recording_run(prompts=[{"text": args.prompt, "answer": args.answer}], params=params,
-                                       model=lm) as rec:
+            with project.recording_run(prompts=[{"text": args.prompt, "answer": args.answer}],
+                                       params={**params.to_dict(), **prompt_format_params(lm)}, model=lm) as rec:
                 result = attribute(lm, args.prompt, params, task=task, answer_ids=answer_ids)
                 result.answer = args.answer
                 rec.add(0, result)
         else:
             result = attribute(lm, args.prompt, params, task=task, answer_ids=answer_ids)
     if args.save:
-        save_scores(args.save, result, params.to_dict(), args.prompt, args.answer, model=lm.describe(),
+        save_scores(args.save, result, {**params.to_dict(), **prompt_format_params(lm)}, args.prompt, args.answer,
+                    model=lm.describe(),
                     answer_ids=answer_ids)
     coarse = sorted(coarse_neurons(result.scores, t), key=lambda n: -result.scores[n])
     doc = {"prompt": args.prompt, "answer": args.answer, "answer_tokens": list(answer_ids), "prob": result.prob,
            "layers": lm.layout.layers, "neurons": lm.layout.neurons, "max": float(result.scores.max()), "t": t,
            "coarse": neuron_list(coarse, result.scores), "completeness": result.completeness,
-           "params": params.to_dict(), "seconds": result.seconds}
+           "params": params.to_dict(), **prompt_format_field(lm), "seconds": result.seconds}
     lines = [f"P({args.answer!r}) = {result.prob:.4f}; {len(coarse)} coarse neurons (score > {t} x max "
              f"{doc['max']:.4g}) in {result.seconds:.1f} s"]
     lines += [f"  L{n['layer']:>2} #{n['neuron']:<6} {n['score']:.4g}" for n in doc["coarse"][:30]]
@@ -109,7 +112,7 @@ def cmd_attribute_facts(args) -> int:
             raise CliError(str(exc)) from None
         storage = project.score_storage()
     doc = {"project": str(args.project), "params": params.to_dict(), **selection.to_dict(), "score_storage": storage,
-           **prompt_params(lm.kind, args.causal_templates), **report.to_dict()}
+           **prompt_params(lm.kind, args.causal_templates), **prompt_format_field(lm), **report.to_dict()}
     rate = f", {report.facts_per_hour:.3g} facts/h" if report.facts_per_hour else ""
     lines = [f"{report.attributed} fact(s) attributed ({report.prompts} prompts) in {report.seconds:.1f} s{rate} "
              f"[{report.backend['backend']}, {report.backend['workers']} worker(s)]; {report.already_stored} stored "
@@ -129,7 +132,8 @@ def cmd_attribute_facts(args) -> int:
 def cmd_neurons(args) -> int:
     from ..attribution import attribute_fact, default_t
     from ..facts import render_prompts
-    from ..neurons import coarse_neurons, refined_neurons, run_flags
+    from ..encoding import prompt_format
+    from ..neurons import case_neurons, coarse_neurons, empty_neurons_fix, run_flags
     from ..runner import prompt_params, run_params
 
     params = params_of(args)
@@ -145,7 +149,7 @@ def cmd_neurons(args) -> int:
         say(f"skipped template {s.template!r}: {s.reason}")
     t = args.t if args.t is not None else default_t(params.method)
     started = time.perf_counter()
-    recorded = run_params(params, lm.kind, args.causal_templates)  # as the runner and the GUI record it, for resume
+    recorded = run_params(params, lm.kind, args.causal_templates, prompt_format(lm))  # as the runner and the GUI
     with project_of(args) as project:
         with progress_bar(f"{args.relation} {fact.subject}") as task:
             if project is not None:
@@ -157,23 +161,25 @@ def cmd_neurons(args) -> int:
                 results = attribute_fact(lm, prompts, params, task=task)
         flags = run_flags(lm, [r.activations for r in results])  # massive neurons (kn_core.neurons)
         exclude = () if args.keep_massive else flags.excluded
-        refined = refined_neurons([r.scores for r in results], t, args.p, exclude=exclude)
+        refined, selection = case_neurons([r.scores for r in results], t, args.p, exclude=exclude)
         if project is not None:
             project.add_neuron_set("refined", refined, fact=fact,
-                                   params={"t": t, "p": args.p, "keep_massive": args.keep_massive, **recorded})
+                                   params={"t": t, "p": args.p, "keep_massive": args.keep_massive, **recorded,
+                                           **({"selection": selection} if selection["rule"] != "refined" else {})})
     coarse = [sorted(coarse_neurons(r.scores, t, exclude), key=lambda n, r=r: -r.scores[n]) for r in results]
     doc = {"fact": {"relation": fact.relation, "subject": fact.subject, "object": fact.object},
            "prompts": [{"text": p.text, "answer": p.answer, "prob": r.prob} for p, r in zip(prompts, results)],
            "skipped": [{"template": s.template, "reason": s.reason} for s in skipped],
            "coarse": [neuron_list(c, r.scores) for c, r in zip(coarse, results)],
-           "refined": neuron_list(refined), "t": t, "p": args.p, "params": params.to_dict(),
-           **prompt_params(lm.kind, args.causal_templates),
+           "refined": neuron_list(refined), "selection": selection, "t": t, "p": args.p, "params": params.to_dict(),
+           **prompt_params(lm.kind, args.causal_templates), **prompt_format_field(lm),
            "flags": {**flags.to_dict(), "excluded_from_neurons": not args.keep_massive},
            "seconds": time.perf_counter() - started}
     for entry in doc["refined"] + [e for c in doc["coarse"] for e in c]:
         entry["flags"] = list(flags.of((entry["layer"], entry["neuron"])))
     lines = [f"{fact.relation} {fact.subject} -> {fact.object}: {len(prompts)} prompts, {len(refined)} refined "
-             f"neurons (t={t}, p={args.p}) in {doc['seconds']:.1f} s"]
+             f"neurons (t={t}, p={args.p}) in {doc['seconds']:.1f} s",
+             f"  neurons: {selection['text']}" + ("" if refined else f"; none: {empty_neurons_fix(len(prompts), args.p)}")]
     lines += [f"  {p.text!r} -> {p.answer!r} P={r.prob:.3f}, {len(c)} coarse" for p, r, c in zip(prompts, results, coarse)]
     lines += [f"  refined L{l} #{i} {' '.join(flags.of((l, i)))}".rstrip() for l, i in refined]
     if flags.massive:
@@ -233,6 +239,7 @@ def add_commands(sub) -> None:
     whole.add_argument("--relations", default="all", help="all, or relation ids R1,R2")
     whole.add_argument("--p", type=float, default=0.7, help="refined: coarse in >= max(p x prompts, 3) prompts")
     causal_templates_option(whole)
+    prompt_format_option(attr)
     whole.add_argument("--keep-massive", action="store_true",
                        help="keep the fact's massive-activation neurons in its refined set (the paper's method)")
     whole.add_argument("--scores", choices=["full", "float16", "top"], default=None,
@@ -254,6 +261,7 @@ def add_commands(sub) -> None:
     neurons.add_argument("--share-prompts", choices=["auto", "on", "off"], default="auto",
                          help="run the fact's prompts in shared passes (BERT-style masked LMs; auto: on GPUs)")
     causal_templates_option(neurons)
+    prompt_format_option(neurons)
     attribution_options(neurons)
     neurons.set_defaults(func=cmd_neurons)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from .attribution import integration_options
 from .checks import whole_number
-from .common import COMMON, CliError, emit, factset_of, load, progress_bar, project_of, say
+from .common import (COMMON, CliError, emit, eval_option, factset_of, load, progress_bar, project_of,
+                     prompt_format_option, say)
 
 REQUESTS_HELP = """one request a line, EasyEdit's form {"prompt", "subject", "ground_truth", "target_new",
 "rephrase_prompts"?, "locality_prompts"?: [{"prompt", "ground_truth"}]} or ours {"relation", "subject",
@@ -37,7 +38,7 @@ def cmd_edit_batch(args) -> int:
             result = run_batch(lm, parsed, neurons, args.mode, seed=args.seed, control_facts=args.control_facts,
                                forgetting_prompts=args.forgetting_prompts,
                                relation_exclusion=not args.no_relation_exclusion, max_prompts=args.max_prompts,
-                               label=f"{args.mode} batch of {args.requests}", task=task)
+                               label=f"{args.mode} batch of {args.requests}", evaluation=args.eval, task=task)
         if result.edit is None:
             for x in result.report["left_out"]:
                 say(f"left out line {x['line']}: {x['reason']}")
@@ -46,7 +47,9 @@ def cmd_edit_batch(args) -> int:
                "history_entry": None, "evaluation_id": None, "project": args.project}
         if project is not None:
             doc["evaluation_id"] = project.add_evaluation(
-                "edit batch", result.report, params={"mode": args.mode, "requests": str(args.requests)}, model=lm)
+                "edit batch", result.report, params={"mode": args.mode, "requests": str(args.requests),
+                                                     "evaluation": args.eval, "prompt_format": args.prompt_format},
+                model=lm)
         entry = {"summary": result.report["summary"], "evaluation_id": doc["evaluation_id"], "mode": args.mode}
         doc["history_entry"] = stack.push(result.edit, report={"batch": entry})
         if project is not None:
@@ -88,7 +91,8 @@ def _text(doc: dict) -> str:
              + (f" (history entry #{doc['history_entry']})" if doc["history_entry"] is not None else "")
              + "; means over the requests"
              + (f" (at most {doc['max_prompts_per_group']} prompts per group)" if doc["max_prompts_per_group"] else "")
-             + ":"]
+             + f"; correct judged {'by greedy generation' if doc['evaluation'] == 'generate' else 'teacher-forced'}, "
+               f"{doc['prompt_format']} prompts:"]
     sources: dict[str, int] = {}
     for r in doc["requests"]:
         key = r["neurons_from"].split(" #")[0].split(", stored")[0]
@@ -133,6 +137,8 @@ def add_batch_command(edit_sub) -> None:
     p.add_argument("--max-prompts", type=whole_number, default=None,
                    help="measure at most N prompts of each prompt group of each request (default: all; stated in "
                         "the output)")
+    eval_option(p)
+    prompt_format_option(p)
     p.add_argument("--no-relation-exclusion", action="store_true",
                    help="updates: keep neurons shared by more than 10%% of the batch's other facts of the relation "
                         "(the paper leaves them out)")

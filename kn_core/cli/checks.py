@@ -88,6 +88,8 @@ CHECKS = {
     "max_prompts": _at_least("--max-prompts", 1),
     "path": lambda value, args: v.check_text("path", value),
     "file": lambda value, args: v.check_text("file", value),
+    "prompt_format": lambda value, args: v.check_choice("--prompt-format", value, ("plain", "chat")),
+    "eval": lambda value, args: v.check_choice("--eval", value, ("forced", "generate")),
 }
 
 

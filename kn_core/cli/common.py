@@ -44,8 +44,43 @@ def load(args):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    return load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                      task=Task(on_progress=lambda fraction, message: say(f"[model] {message}")))
+    lm = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                    task=Task(on_progress=lambda fraction, message: say(f"[model] {message}")))
+    if getattr(args, "prompt_format", None) is not None:  # verbs with --prompt-format (prompt_format_option)
+        from ..encoding import PromptError, set_prompt_format
+
+        try:
+            set_prompt_format(lm, args.prompt_format)
+        except PromptError as exc:
+            raise CliError(str(exc)) from None
+    if getattr(args, "eval", None) == "generate" and lm.kind != "causal":
+        raise CliError(f"--eval generate needs a causal model ({lm.family} is masked: it fills a slot, it does not "
+                       "continue); use --eval forced")
+    return lm
+
+
+def prompt_format_option(p) -> None:
+    """--prompt-format: how every prompt of the verb is encoded (kn_core.encoding: plain, or the model's chat
+    template); applied by `load` and recorded with what the verb stores and prints."""
+    p.add_argument("--prompt-format", choices=["plain", "chat"], default="plain",
+                   help="plain (default): the prompt as it is; chat: the tokenizer's chat template, the user asking "
+                        "to complete the sentence and the prompt starting the assistant's reply (instruct models; "
+                        "recorded with the results)")
+
+
+def eval_option(p) -> None:
+    """--eval: how an edit's prompts are judged correct (kn_core.evaluation.generation_rows)."""
+    p.add_argument("--eval", choices=["forced", "generate"], default="forced",
+                   help="forced (default): teacher-forced, every answer token the greedy choice; generate: the greedy "
+                        "continuation (answer tokens + 2 new tokens) starts with the answer or an alias (case and "
+                        "spaces ignored); probabilities stay teacher-forced (recorded with the results)")
+
+
+def prompt_format_field(lm) -> dict:
+    """The prompt format for --json output: always named, plain included."""
+    from ..encoding import prompt_format
+
+    return {"prompt_format": prompt_format(lm)}
 
 
 @contextmanager

@@ -52,7 +52,7 @@ def cmd_edit_degeneracy(args) -> int:
     fact = find_fact(factset, args.relation, args.subject)
     integration = {k: v for k, v in neuron_params(args).to_dict().items() if k in ("steps", "quadrature", "tolerance")}
     lm = load(args)
-    prompts, neurons, scores, _ = _fact_neurons(args, lm, factset, fact)
+    prompts, neurons, scores = _fact_neurons(args, lm, factset, fact)[:3]
     if not neurons:
         raise CliError(f"{fact.relation} {fact.subject}: no refined knowledge neurons at t={args.t}, p={args.p}; "
                        f"lower --p")

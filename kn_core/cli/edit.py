@@ -9,7 +9,8 @@ from typing import NamedTuple
 from .attribution import integration_options
 from .checks import whole_number
 from .batch import add_batch_command
-from .common import COMMON, CliError, emit, factset_of, find_fact, load, neuron_list, progress_bar, say
+from .common import (COMMON, CliError, emit, factset_of, find_fact, load, neuron_list, progress_bar,
+                     eval_option, prompt_format_field, prompt_format_option, say)
 
 
 class FoundNeurons(NamedTuple):
@@ -17,6 +18,7 @@ class FoundNeurons(NamedTuple):
     neurons: list  # refined, without flagged neurons unless --keep-massive
     scores: object  # attribution scores summed over `prompts`
     excluded: frozenset  # flagged (massive/unspecific) neurons left out; empty with --keep-massive
+    selection: dict  # the rule that chose the neurons (neurons.case_neurons: refined, or few prompts)
 
 
 def _fact_neurons(args, lm, factset, fact, held_out=None) -> FoundNeurons:
@@ -27,7 +29,7 @@ def _fact_neurons(args, lm, factset, fact, held_out=None) -> FoundNeurons:
     from ..attribution import attribute_fact
     from ..facts import render_prompts
     from ..metrics import held_out_templates
-    from ..neurons import refined_neurons, run_flags
+    from ..neurons import case_neurons, run_flags
 
     prompts, skipped = render_prompts(fact, factset.relation(fact.relation), lm.tokenizer, lm.kind)
     if not prompts:
@@ -43,11 +45,22 @@ def _fact_neurons(args, lm, factset, fact, held_out=None) -> FoundNeurons:
         scores = attribute_fact(lm, prompts, neuron_params(args), task=task)
     keep = getattr(args, "keep_massive", False)
     excluded = frozenset() if keep else run_flags(lm, [s.activations for s in scores]).excluded
-    neurons = refined_neurons([s.scores for s in scores], args.t, args.p, exclude=excluded)
+    neurons, selection = case_neurons([s.scores for s in scores], args.t, args.p, exclude=excluded)
     if excluded:
         say(f"{fact.relation} {fact.subject}: massive neurons left out (--keep-massive keeps them): "
             + ", ".join(f"L{l}.{i}" for l, i in sorted(excluded)))
-    return FoundNeurons(prompts, neurons, sum(s.scores for s in scores), excluded)
+    if selection["rule"] != "refined":
+        say(f"{fact.relation} {fact.subject}: {selection['text']}")
+    return FoundNeurons(prompts, neurons, sum(s.scores for s in scores), excluded, selection)
+
+
+def _no_neurons(args, fact, found: FoundNeurons) -> CliError:
+    """The refusal when a fact has no knowledge neurons, naming a fix that can help (neurons.empty_neurons_fix)."""
+    from ..neurons import empty_neurons_fix
+
+    fix = empty_neurons_fix(len(found.prompts), args.p).replace("lower t", "lower --t").replace("lower p", "lower --p")
+    return CliError(f"{fact.relation} {fact.subject}: no knowledge neurons at t={args.t}, p={args.p} "
+                    f"({found.selection['text']}); {fix}")
 
 
 def neuron_params(args):
@@ -59,9 +72,11 @@ def neuron_params(args):
                              force=args.force)
 
 
-def _neuron_params_field(args) -> dict:
-    """How the knowledge neurons were found, for --json (as `kn edit batch` reports it)."""
-    return {"neuron_params": {"t": args.t, "p": args.p, **neuron_params(args).to_dict()}}
+def _neuron_params_field(args, lm, selection: dict) -> dict:
+    """How the knowledge neurons were found and how prompts were encoded and judged, for --json (as `kn edit
+    batch` reports it)."""
+    return {"neuron_params": {"t": args.t, "p": args.p, **neuron_params(args).to_dict(), "selection": selection},
+            **prompt_format_field(lm), "eval": args.eval}
 
 
 def _flags_field(excluded, args) -> dict:
@@ -80,21 +95,22 @@ def _planned(lm, factset, request, relation_neuron_sets=()):
     return plan_edit(lm, factset, request, relation_neuron_sets)
 
 
-def _measured(lm, plan) -> dict:
-    """`metrics.measure_edit`: every prompt group evaluated once before, once with the edit, once with the control."""
+def _measured(lm, plan, args) -> dict:
+    """`metrics.measure_edit`: every prompt group evaluated once before, once with the edit, once with the control
+    (--eval generate: correct = the greedy continuation matches the answer)."""
     from ..metrics import measure_edit
 
     with progress_bar("measuring the edit and its control") as task:
-        return measure_edit(lm, plan, task=task)
+        return measure_edit(lm, plan, task=task, evaluation=args.eval)
 
 
-def _plan_fields(lm, plan, measured: dict | None = None) -> dict:
+def _plan_fields(lm, plan, args, measured: dict | None = None) -> dict:
     """The plan's skipped items and prompt groups; per group the edit's and the control's effect (`groups`);
     the field's metrics beside the control's (`metrics`, docs/METRICS.md). Measures the plan unless `measured`
     (`_measured`) is given."""
     from ..edit_plan import summarize_plan
 
-    measured = measured if measured is not None else _measured(lm, plan)
+    measured = measured if measured is not None else _measured(lm, plan, args)
     before = measured["before"]
     return {"skipped": [{"what": what, "reason": why} for what, why in plan.skipped],
             "prompt_groups": {g: [p.text for p in ps] for g, ps in plan.prompts.items()},
@@ -106,7 +122,9 @@ def _plan_fields(lm, plan, measured: dict | None = None) -> dict:
 def _metrics_text(doc: dict) -> list[str]:
     from ..metrics import metrics_lines
 
-    return ["metrics (docs/METRICS.md):", *metrics_lines(doc["metrics"])]
+    judged = "by greedy generation" if doc["eval"] == "generate" else "teacher-forced"
+    return [f"metrics (docs/METRICS.md; correct judged {judged}, {doc['prompt_format']} prompts):",
+            *metrics_lines(doc["metrics"])]
 
 
 def cmd_edit_activation(args) -> int:
@@ -122,14 +140,13 @@ def cmd_edit_activation(args) -> int:
     lm = load(args)
     found = _fact_neurons(args, lm, factset, fact)
     if not found.neurons:
-        raise CliError(f"{fact.relation} {fact.subject}: no refined knowledge neurons at t={args.t}, p={args.p}; "
-                       f"lower --p")
+        raise _no_neurons(args, fact, found)
     plan = _planned(lm, factset, EditRequest(args.edit_kind, tuple(found.neurons), fact,
                                              factor=getattr(args, "factor", 2.0), scope=args.scope, seed=args.seed,
                                              neuron_templates=_templates(found.prompts),
                                              exclude=tuple(found.excluded)))
     prompts = plan.prompts["fact"]
-    measured = _measured(lm, plan)  # the fact's prompts evaluated once per model state, for every figure below
+    measured = _measured(lm, plan, args)  # the fact's prompts evaluated once per model state, for every figure below
     effect = ev.effect_between(measured["before"]["fact"], measured["after"]["fact"])
     control = ev.effect_between(measured["before"]["fact"], measured["control_after"]["fact"])
     if args.export:
@@ -141,8 +158,8 @@ def cmd_edit_activation(args) -> int:
            "control": {"kind": "random neurons from the same layers", "neurons": neuron_list(plan.control.neurons),
                        "after": control["after"], "relative_change": control["relative_change"],
                        "flip_rate": control["flip_rate"]},
-           "exported_to": args.export, **_plan_fields(lm, plan, measured),
-           **_flags_field(found.excluded, args), **_neuron_params_field(args)}
+           "exported_to": args.export, **_plan_fields(lm, plan, args, measured),
+           **_flags_field(found.excluded, args), **_neuron_params_field(args, lm, found.selection)}
     text = [f"{args.edit_kind} {len(plan.edit.neurons)} knowledge neurons of {fact.relation} {fact.subject} -> "
             f"{fact.object}:",
             *[f"  {p.text!r}: {b:.4f} -> {a:.4f}" for p, b, a in zip(prompts, effect["before"], effect["after"])],
@@ -171,8 +188,7 @@ def cmd_edit_update(args) -> int:
     # to leave out neurons shared by >10% of the relation's facts
     relation_sets = {other: _fact_neurons(args, lm, factset, other).neurons for other in others}
     if not neurons:
-        raise CliError(f"{fact.relation} {fact.subject}: no refined knowledge neurons at t={args.t}, p={args.p}; "
-                       f"lower --p")
+        raise _no_neurons(args, fact, found)
     plan = _planned(lm, factset, EditRequest("update", tuple(neurons), fact, new_object=args.new_object,
                                              lambda1=args.lambda1, lambda2=args.lambda2,
                                              sign_aware=args.sign_aware, strength=args.strength, seed=args.seed,
@@ -181,7 +197,7 @@ def cmd_edit_update(args) -> int:
                     relation_sets)
     update = plan.edit
     own = plan.prompts["fact"]
-    measured = _measured(lm, plan)  # the fact's and the new object's prompts evaluated once per model state
+    measured = _measured(lm, plan, args)  # the fact's and the new object's prompts evaluated once per model state
     before_old, before_new = measured["before"]["fact"], measured["before"]["new object"]
     after_old, after_new = measured["after"]["fact"], measured["after"]["new object"]
     if args.export:
@@ -197,10 +213,10 @@ def cmd_edit_update(args) -> int:
            "top1_after": [r["top1_token"] for r in after_old],
            "change_rate": float(np.mean([a["top1_id"] != b["top1_id"] for a, b in zip(after_old, before_old)])),
            "success_rate": float(np.mean([r["correct"] for r in after_new])), "exported_to": args.export,
-           **_flags_field(found.excluded, args), **_neuron_params_field(args),
+           **_flags_field(found.excluded, args), **_neuron_params_field(args, lm, found.selection),
            "control": {"kind": "random neurons from the same layers", "edit": plan.control.to_dict()},
            **({"calibration": plan.calibration} if plan.calibration is not None else {}),
-           **_plan_fields(lm, plan, measured)}
+           **_plan_fields(lm, plan, args, measured)}
     text = [f"update {fact.relation} {fact.subject}: {fact.object} -> {args.new_object} "
             f"({len(update.neurons)} neurons, {len(update.excluded)} left out"
             + (f", edit reversed on {len(update.flipped)} negatively active" if args.sign_aware else "") + ")",
@@ -243,14 +259,14 @@ def cmd_edit_erase(args) -> int:
                                              exclude=tuple(excluded)),
                     sets)
     erase = plan.edit
-    measured = _measured(lm, plan)  # the relation's and the other relations' prompts evaluated once per model state
+    measured = _measured(lm, plan, args)  # the relation's and the other relations' prompts evaluated once per model state
     before, after, control = (_erase_figures(measured[state]) for state in ("before", "after", "control_after"))
     if args.export:
         ev.with_edits(lm, [erase], lambda: export_model(lm, [erase], args.export))
     doc = {"relation": args.relation, "facts": len(sets), "edit": erase.to_dict(), "neurons": neuron_list(erase.neurons),
            "before": before, "after": after, "control": {"kind": "random neurons from the same layers", **control},
-           "exported_to": args.export, **_plan_fields(lm, plan, measured), **_flags_field(excluded, args),
-           **_neuron_params_field(args)}
+           "exported_to": args.export, **_plan_fields(lm, plan, args, measured), **_flags_field(excluded, args),
+           **_neuron_params_field(args, lm, {"per_fact": {f.subject: x.selection["text"] for f, x in found.items()}})}
     text = [f"erase {args.relation} ({len(erase.neurons)} neurons from {len(sets)} facts):",
             f"  accuracy {before['accuracy']:.2f} -> {after['accuracy']:.2f} (random {control['accuracy']:.2f})",
             f"  perplexity {before['perplexity']:.1f} -> {after['perplexity']:.1f} (random {control['perplexity']:.1f})"]
@@ -344,10 +360,12 @@ def neuron_options(p) -> None:
     p.add_argument("--t", type=float, default=0.2, help="coarse threshold (paper: 0.2)")
     p.add_argument("--p", type=float, default=0.7, help="refinement share of prompts (paper: starts at 0.7)")
     p.add_argument("--seed", type=whole_number, default=0, help="seed of the random control neurons")
+    prompt_format_option(p)
 
 
 def _fact_edit_options(p) -> None:
     neuron_options(p)
+    eval_option(p)
     p.add_argument("--export", metavar="DIR", help="save the edited model (save_pretrained) to DIR")
     p.add_argument("--hold-out", type=whole_number, default=1, metavar="N",
                    help="templates per fact kept away from finding the neurons, to measure generality on "

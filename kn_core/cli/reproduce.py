@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .attribution import causal_templates_option, quadrature_options
 from .checks import whole_number
-from .common import COMMON, emit, factset_of, load, progress_bar, say
+from .common import COMMON, emit, factset_of, load, progress_bar, prompt_format_option, say
 
 
 def cmd_reproduce(args) -> int:
@@ -52,6 +52,7 @@ def add_commands(sub) -> None:
                      help="known: the facts the model answers best; random: a seeded sample")
     rep.add_argument("--control-prompts", type=whole_number, default=20, help="prompts sampled per control group")
     causal_templates_option(rep)
+    prompt_format_option(rep)
     rep.add_argument("--keep-massive", action="store_true",
                      help="keep massive/unspecific neurons in refined and relation-level neurons (default: left out)")
     rep.add_argument("--out", required=True, help="folder for report.json, report.md, report.html and the figures")

@@ -33,6 +33,7 @@ from .. import evaluation as ev
 from .. import experiments as ex
 from ..degeneracy import DegeneracyParams, degeneracy_experiment
 from .metrics_section import edit_metrics_experiment
+from ..encoding import prompt_format, prompt_format_params
 from ..facts import CAUSAL_TEMPLATES, render_prompts
 from ..tasks import Cancelled, Task, as_task
 from ..jsonio import dumps
@@ -84,7 +85,8 @@ def _known_scores(lm, rid, candidates, check_prompts: int, cache: Path | None,
     prompts = [p for _, ps in candidates for p in ps]
     path = None
     if cache is not None:
-        path = cache / f"select-{_key(lm.sha256, rid, [[p.text, list(p.answer_ids)] for p in prompts])}.json"
+        how = [[p.text, list(p.answer_ids)] for p in prompts] + ([["chat"]] if prompt_format(lm) == "chat" else [])
+        path = cache / f"select-{_key(lm.sha256, rid, how)}.json"
         if path.exists():
             rows = json.loads(path.read_text())
             return [tuple(r) for r in rows], True
@@ -200,6 +202,7 @@ def attribute_cached(lm, prompt, params, cache: Path | None, task: Task | None =
     from ..attribution import attribute
 
     scoring = {k: v for k, v in params.to_dict().items() if k != "share_prompts"}  # sharing never changes scores
+    scoring |= prompt_format_params(lm)  # chat-rendered prompts are other inputs (plain: the keys of earlier runs)
     key = hashlib.sha256(json.dumps([lm.sha256, prompt.text, list(prompt.answer_ids), scoring],
                                     sort_keys=True).encode()).hexdigest()[:24]
     path = cache / f"{key}.npz" if cache is not None else None
@@ -383,7 +386,7 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
     report = _new_report(lm, factset, relations, params, base_params, timings, {
         "facts_per_relation": facts_per_relation, "seed": seed, "select": select, "sample_factor": sample_factor,
         "check_prompts": check_prompts, "min_prompts": MIN_PROMPTS,
-        "causal_templates": causal_templates if lm.kind == "causal" else None,
+        "causal_templates": causal_templates if lm.kind == "causal" else None, "prompt_format": prompt_format(lm),
         "prompts_per_fact": prompts_per_fact, "control_prompts": control_prompts, "t": t, "p_start": p,
         "erase": {"k": erase_k, "fill": erase_fill}, "keep_massive": keep_massive}, command)
 
