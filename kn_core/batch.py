@@ -79,8 +79,9 @@ def resolve_neurons(lm, parsed: ParsedRequests, source: NeuronSource = NeuronSou
             scores = attribute_fact(lm, prompts, params, task=part)
             found, rule = case_neurons([s.scores for s in scores], source.t, source.p)
             neurons = tuple(found)
+            few = f"; {rule['text']}" if rule["rule"] != "refined" else ""  # refined: the paper's rule, as before
             how = (f"attribution ({params.method}, {integration_text(params.to_dict())}, t={source.t}, p={source.p}, "
-                   f"{len(prompts)} prompts; {rule['text']})")
+                   f"{len(prompts)} prompts{few})")
             if not neurons:
                 how += f"; none found: {empty_neurons_fix(len(prompts), source.p)}"
             if project is not None:

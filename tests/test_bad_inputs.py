@@ -260,6 +260,18 @@ CASES = [
      ["2 bad request(s)", "line 1: not valid JSON", "line 2: no fact", "--skip-bad"]),
     pytest.param("batch-prompt-too-long", ["edit", "batch", "{batch_long}", "--model", "{gpt2}"],
                  ["line 1", "positions"], id="batch-prompt-too-long"),
+    # prompt formats and generation-based evaluation (issue 22)
+    ("prompt-format-unknown", S + ["--prompt-format", "markdown"], ["--prompt-format", "markdown", "plain"]),
+    ("prompt-format-reproduce-unknown", REP + ["--prompt-format", "Chat"], ["--prompt-format", "Chat"]),
+    ("prompt-format-batch-unknown", BATCH + ["--prompt-format", "json"], ["--prompt-format", "json"]),
+    ("eval-unknown", SUP + ["--eval", "sample"], ["--eval", "sample", "forced"]),
+    ("eval-batch-unknown", BATCH + ["--eval", "greedy"], ["--eval", "greedy"]),
+    pytest.param("prompt-format-chat-without-template", ATTR + ["--prompt-format", "chat", "--model", "{gpt2}"],
+                 ["no chat template", "--prompt-format plain"], id="prompt-format-chat-without-template"),
+    pytest.param("prompt-format-chat-masked", S + ["--prompt-format", "chat", "--model", "{bert}"],
+                 ["masked", "--prompt-format plain"], id="prompt-format-chat-masked"),
+    pytest.param("eval-generate-masked", SUP + ["--eval", "generate", "--model", "{bert}"],
+                 ["--eval generate", "causal", "--eval forced"], id="eval-generate-masked"),
 ]
 
 
