@@ -150,11 +150,16 @@ def case_neurons(score_list: Sequence[np.ndarray], t: float = 0.2, p: float = 0.
         return refined_neurons(score_list, t, p, exclude), rule
     if n == 0:
         raise ValidationError("a case needs at least one attributed prompt to have knowledge neurons")
-    found = sorted(nrn for nrn, c in coarse_counts(score_list, t, exclude).items() if c >= n)
+    found = few_prompt_neurons(coarse_counts(score_list, t, exclude), n)
     what = "the prompt's coarse neurons" if n == 1 else "neurons coarse in both prompts"
     rule = {"rule": "coarse in every prompt", "prompts": n, "coarse_in_at_least": n,
             "text": f"{n} prompt(s), fewer than the 3 refinement needs: {what} (score > t={t:g} x max)"}
     return found, rule
+
+
+def few_prompt_neurons(counts: Counter, n_prompts: int) -> list[Neuron]:
+    """`case_neurons` below 3 prompts from coarse counts (e.g. a stored run's): coarse in every prompt."""
+    return sorted(tuple(nrn) for nrn, c in counts.items() if c >= n_prompts)
 
 
 def empty_neurons_fix(n_prompts: int, p: float) -> str:

@@ -152,6 +152,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         ap.adapt_p_requested.connect(self.adapt_p)
         ap.relation_set_requested.connect(self.make_relation_set)
         ap.templates_changed.connect(self._templates_changed)
+        ap.prompt_format_changed.connect(self._prompt_format_changed)
         ap.problem.connect(lambda message: self.status(message, 20000))
         np_ = self.neurons_panel
         np_.select_neurons.connect(self._select_from_set)
@@ -288,6 +289,8 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         self.model_label.setText(f"{info.get('name') or lm.source} \u00b7 {lm.family} \u00b7 {lm.layout.layers}\u00d7"
                                  f"{lm.layout.neurons} \u00b7 {info['device']}")
         self.attribution_panel.templates.setEnabled(lm.kind == "causal")
+        self.attribution_panel.prompt_format.setEnabled(lm.kind == "causal")
+        self._prompt_format_changed(self.attribution_panel.prompt_format.currentText())  # the new model gets it
         self.facts_panel.rebuild()
         self.facts_dock.raise_()  # the next step is picking a fact (the model's summary stays in the status bar)
         if self.edits.pending:
@@ -486,6 +489,25 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         self.facts_panel.rebuild()  # each fact's prompts and skipped templates, for the new choice
         how = ("every template, cut before [Y]" if mode == "prefix" else "only templates that end with [Y]")
         self.status(f"Causal templates: {mode} ({how}); runs from now on record it, earlier runs keep theirs.")
+
+    def _prompt_format_changed(self, mode: str):
+        """The model encodes every prompt in `mode` from now on (kn_core.encoding); a model that cannot (no chat
+        template, a masked model) stays plain and the status bar says why."""
+        from kn_core.encoding import PromptError, set_prompt_format
+
+        lm = self.session.lm
+        if lm is None:
+            return
+        try:
+            set_prompt_format(lm, mode)
+        except PromptError as exc:
+            set_prompt_format(lm, "plain")
+            self.attribution_panel.set_prompt_format("plain")
+            self.status(f"Prompts stay plain: {exc}")
+            return
+        if mode == "chat":
+            self.status("Prompts: chat (the model's chat template, the prompt starting the assistant's reply); runs "
+                        "from now on record it, earlier runs keep theirs.")
 
     def _thresholds_changed(self, t: float, p: float):
         run = self.attribution_panel.run

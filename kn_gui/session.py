@@ -175,7 +175,10 @@ class Session:
         that its resume recognises the GUI's runs (None: masked)."""
         from kn_core.runner import prompt_params
 
-        return prompt_params(self.lm.kind if self.lm is not None else "", self.causal_templates)
+        from kn_core.encoding import prompt_format
+
+        return prompt_params(self.lm.kind if self.lm is not None else "", self.causal_templates,
+                             prompt_format(self.lm))
 
     def check_for(self, fact: Fact, template: str) -> dict | None:
         return self.checks.get((fact_key(fact), template))
@@ -212,6 +215,8 @@ class Session:
     def refined(self, run: Run) -> list[Neuron]:
         if not run.scores:
             return []
+        if len(run.prompts) < kn_neurons.REFINE_MIN_PROMPTS:  # kn_core.neurons.case_neurons: coarse in all of them
+            return kn_neurons.few_prompt_neurons(self.refined_counts(run), len(run.scores))
         if run.compact is not None:
             found = compact_call(lambda ts: ts.refined_neurons(run.compact[:len(run.scores)], self.t, self.p,
                                                            self.excluded()))

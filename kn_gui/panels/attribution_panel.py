@@ -16,6 +16,7 @@ import pyqtgraph as pg
 from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import QCheckBox, QComboBox, QLabel, QSpinBox, QSplitter, QTabWidget, QWidget
 
+from kn_core.encoding import PROMPT_FORMATS
 from kn_core.facts import CAUSAL_TEMPLATES
 
 from ..session import TooCoarse
@@ -55,6 +56,7 @@ class AttributionPanel(QWidget):
     adapt_p_requested = Signal()
     relation_set_requested = Signal()
     templates_changed = Signal(str)  # "prefix" | "end-only": the prompts of causal models change
+    prompt_format_changed = Signal(str)  # "plain" | "chat" (kn_core.encoding.PROMPT_FORMATS)
     problem = Signal(str)  # one line for the status bar (e.g. compact scores that cannot decide the sets at t)
 
     def __init__(self, session, parent=None):
@@ -100,8 +102,15 @@ class AttributionPanel(QWidget):
         self.templates.addItems(CAUSAL_TEMPLATES)
         self.templates.setToolTip(TEMPLATES_TIP)
         self.templates.currentTextChanged.connect(self._templates_chosen)
+        self.prompt_format = QComboBox()
+        self.prompt_format.addItems(PROMPT_FORMATS)
+        self.prompt_format.setToolTip("plain: the prompt as it is; chat: through the model's chat template, the user "
+                                      "asking to complete the sentence and the prompt starting the assistant's reply "
+                                      "(instruct models), for attribution and evaluation alike; recorded with runs")
+        self.prompt_format.currentTextChanged.connect(self.prompt_format_changed.emit)
         params = hbox(QLabel("steps"), self.steps, QLabel("quadrature"), self.quadrature, QLabel("rule"), self.rule,
-                      QLabel("method"), self.method, QLabel("templates"), self.templates, None)
+                      QLabel("method"), self.method, QLabel("templates"), self.templates, QLabel("prompts"),
+                      self.prompt_format, None)
 
         # --- thresholds
         self.t_control = ThresholdControl("t", 0.2, "Coarse: score > t \u00d7 the prompt's max score (paper: 0.2)")
@@ -297,6 +306,11 @@ class AttributionPanel(QWidget):
         self.templates.setCurrentText(mode)
         self.templates.blockSignals(False)
 
+    def set_prompt_format(self, mode: str):
+        self.prompt_format.blockSignals(True)
+        self.prompt_format.setCurrentText(mode)
+        self.prompt_format.blockSignals(False)
+
     def _templates_chosen(self, mode: str):
         self.session.causal_templates = mode
         self.templates_changed.emit(mode)
@@ -454,8 +468,9 @@ class AttributionPanel(QWidget):
             return
         done, n = len(run.scores), len(run.prompts)
         templates = run.params.get("causal_templates")
+        chat = run.params.get("prompt_format") == "chat"
         self.title.setText(f"{run.fact.subject} \u2192 {run.fact.object}  ({run.fact.relation}, {n} prompts"
-                           + (f", {templates} templates" if templates else "")
+                           + (f", {templates} templates" if templates else "") + (", chat prompts" if chat else "")
                            + (", top scores stored" if run.compact is not None else "") + ")" + run.header_note())
         if not run.scores:
             self.summary.setText("waiting for the first prompt\u2026")
@@ -468,10 +483,13 @@ class AttributionPanel(QWidget):
             self.problem.emit(str(exc))
             return
         need = max(self.session.p * done, 3)
+        if n < 3:  # kn_core.neurons.case_neurons: refinement cannot select anything below 3 prompts
+            rule = f"neurons (fewer than 3 prompts: coarse in all {done})"
+        else:
+            rule = f"refined (coarse in \u2265 {need:g} of {done} prompts)"
         self.summary.setText(
-            f"coarse per prompt: {', '.join(map(str, coarse))}   |   refined (coarse in \u2265 {need:g} of "
-            f"{done} prompts): {len(self.refined)}   |   t = {self.session.t:.2f}, p = {self.session.p:.2f}"
-            + ("" if done >= 3 else "   (refinement needs \u2265 3 prompts)"))
+            f"coarse per prompt: {', '.join(map(str, coarse))}   |   {rule}: {len(self.refined)}   |   "
+            f"t = {self.session.t:.2f}, p = {self.session.p:.2f}")
 
     def _draw_prompts(self, force: bool = False):
         """The per-prompt view; drawn only while its tab is visible (it is the costly one to redraw)."""
