@@ -6,19 +6,13 @@ import json
 
 import pytest
 
-from kn_core.cli import main
+from test_cli import run
 from test_prompt_format import TEMPLATE
 from tiny import make_tiny
 
 ONE_TEMPLATE = ('{"kind": "relation", "id": "P1", "name": "capital", "templates": ["The capital of [X] is [Y] ."]}\n'
                 '{"kind": "fact", "relation": "P1", "subject": "France", "object": "Paris"}\n'
                 '{"kind": "fact", "relation": "P1", "subject": "Japan", "object": "Tokyo"}\n')
-
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

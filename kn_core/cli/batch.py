@@ -50,7 +50,8 @@ def cmd_edit_batch(args) -> int:
                 "edit batch", result.report, params={"mode": args.mode, "requests": str(args.requests),
                                                      "evaluation": args.eval, "prompt_format": args.prompt_format},
                 model=lm)
-        entry = {"summary": result.report["summary"], "evaluation_id": doc["evaluation_id"], "mode": args.mode}
+        entry = {"summary": result.report["summary"], "evaluation_id": doc["evaluation_id"], "mode": args.mode,
+                 "evaluation": args.eval, "prompt_format": args.prompt_format}
         doc["history_entry"] = stack.push(result.edit, report={"batch": entry})
         if project is not None:
             project.save_edit_history(stack.to_dict(), model=lm)

@@ -125,6 +125,7 @@ def _header(report: dict) -> list[str]:
     templates = (f", causal templates: {par['causal_templates']} (text after [Y] dropped)"
                  if par.get("causal_templates") == "prefix" else
                  f", causal templates: {par['causal_templates']}" if par.get("causal_templates") else "")
+    templates += ", prompts through the chat template" if par.get("prompt_format") == "chat" else ""
     progress = report.get("attribution_progress") or {}
     done = (f" ({progress['done']} of {progress['prompts']} prompts attributed)"
             if progress and progress["done"] < progress["prompts"] else "")
