@@ -145,7 +145,7 @@ def case_neurons(score_list: Sequence[np.ndarray], t: float = 0.2, p: float = 0.
     n = len(score_list)
     if n >= REFINE_MIN_PROMPTS:
         need = refine_threshold(n, p)
-        rule = {"rule": "refined", "prompts": n, "coarse_in_at_least": math.ceil(need - 1e-9),
+        rule = {"rule": "refined", "prompts": n, "coarse_in_at_least": math.ceil(need),  # as applied
                 "text": f"refined: coarse (t={t:g}) in >= max(p x n, 3) = {need:g} of the {n} prompts"}
         return refined_neurons(score_list, t, p, exclude), rule
     if n == 0:
@@ -165,8 +165,8 @@ def few_prompt_neurons(counts: Counter, n_prompts: int) -> list[Neuron]:
 def empty_neurons_fix(n_prompts: int, p: float) -> str:
     """What can give a case knowledge neurons when its set came back empty (lowering p below 3/n cannot)."""
     if n_prompts < REFINE_MIN_PROMPTS:
-        return ("lower t (the coarse threshold), or give the case more paraphrased prompts so that fewer have to "
-                "agree")
+        return ("lower t (the coarse threshold: below 3 prompts a neuron must be coarse in every one), or give the "
+                "case 4 or more paraphrased prompts, so that refinement need not have every one agree")
     if p * n_prompts > REFINE_MIN_PROMPTS:
         return f"lower p (needs {p * n_prompts:g} of {n_prompts} prompts now; the floor is 3) or lower t"
     return (f"lower t, or attribute more prompts: refinement already needs only its floor of 3 of the {n_prompts} "
