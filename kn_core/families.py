@@ -79,6 +79,29 @@ FAMILIES: dict[str, FamilySpec] = {
     "stablelm": _LLAMA_LIKE,
     "granite": _LLAMA_LIKE,
     "smollm3": _LLAMA_LIKE,
+    # Dense decoders of 2025-2026 with the Llama layout; their quirks live inside the blocks and the model class,
+    # which the engine runs as they are: Gemma 3's sliding/global layers and sqrt(hidden)-scaled embeddings,
+    # Cohere's parallel attention+FFN blocks and logit_scale, GLM's fused gate_up_proj (down_proj's input is
+    # still act(gate) * up), Qwen 3.5's linear-attention layers, Apertus' and Arcee's ungated FFNs.
+    "gemma3_text": _LLAMA_LIKE,
+    "olmo3": _LLAMA_LIKE,
+    "qwen3_5_text": _LLAMA_LIKE,
+    "glm": _LLAMA_LIKE,
+    "glm4": _LLAMA_LIKE,
+    "cohere": _LLAMA_LIKE,
+    "cohere2": _LLAMA_LIKE,
+    "exaone4": _LLAMA_LIKE,
+    "ministral": _LLAMA_LIKE,
+    "ministral3": _LLAMA_LIKE,
+    "seed_oss": _LLAMA_LIKE,
+    "arcee": _LLAMA_LIKE,
+    "apertus": _LLAMA_LIKE,
+    "hunyuan_v1_dense": _LLAMA_LIKE,
+    "helium": _LLAMA_LIKE,
+    "ernie4_5": _LLAMA_LIKE,
+    "vaultgemma": _LLAMA_LIKE,
+    "nemotron": _LLAMA_LIKE,
+    "starcoder2": FamilySpec("causal", "model.layers", "mlp.c_proj", "model.norm"),
 }
 
 

@@ -133,17 +133,20 @@ class FFNLayout:
                 return h
             return through
         head = model.get_output_embeddings()
-        config = model.config
+        config = model.config.get_text_config()  # an image-text wrapper keeps these in its text config
         # The causal-LM classes of some families post-process lm_head's output; the hidden state alone is not enough.
         scaling = getattr(config, "logits_scaling", None)  # Granite divides the logits
+        multiplier = getattr(config, "logit_scale", None)  # Cohere multiplies them
         softcap = getattr(config, "final_logit_softcapping", None)  # Gemma-2: tanh(x / cap) * cap
-        if not scaling and not softcap:
+        if not scaling and not softcap and not multiplier:
             return head
 
         def finish(h: torch.Tensor) -> torch.Tensor:
             out = head(h)
             if scaling:
                 out = out / scaling
+            if multiplier:
+                out = out * multiplier
             if softcap:
                 out = torch.tanh(out / softcap) * softcap
             return out

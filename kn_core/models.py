@@ -111,7 +111,8 @@ def weights_sha256(model: torch.nn.Module) -> str:
         seen.add(tensor.data_ptr())
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         data = tensor.detach().to("cpu").contiguous()
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        # reshape: a 0-d parameter (Apertus' xIELU alphas) has no byte view
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return digest.hexdigest()
 
 

@@ -151,7 +151,22 @@ def _config_kwargs(family: str, tokenizer) -> dict:
         kwargs["embedding_size"] = HIDDEN
     if FAMILIES[family].blocks == "model.layers" and family != "phi":
         kwargs.update(num_key_value_heads=2, head_dim=HIDDEN // HEADS)  # grouped-query attention, like Llama
-    return kwargs
+    return kwargs | _QUIRKS.get(family, {})
+
+
+# Sizes that make each family's quirk act in a 3-layer model on prompts of ~6 tokens: a sliding window shorter
+# than the prompt next to global layers, linear-attention layers, a logit scale that is not 1.
+_SLIDING = dict(sliding_window=3, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+_QUIRKS: dict[str, dict] = {
+    "gemma3_text": _SLIDING | dict(query_pre_attn_scalar=HIDDEN // HEADS, final_logit_softcapping=30.0),
+    "cohere2": _SLIDING,
+    "exaone4": _SLIDING,
+    "ministral": _SLIDING,
+    "cohere": dict(logit_scale=0.5),
+    "qwen3_5_text": dict(layer_types=["linear_attention", "full_attention", "linear_attention"],
+                         linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                         linear_value_head_dim=8, linear_conv_kernel_dim=2),
+}
 
 
 def make_tiny(family: str, seed: int = 0, **overrides) -> LoadedModel:
