@@ -102,6 +102,12 @@ FAMILIES: dict[str, FamilySpec] = {
     "vaultgemma": _LLAMA_LIKE,
     "nemotron": _LLAMA_LIKE,
     "starcoder2": FamilySpec("causal", "model.layers", "mlp.c_proj", "model.norm"),
+    # Masked encoders of today. Not BERT-style (DeBERTa's disentangled relative attention, ModernBERT's fused
+    # Wqkv and alternating global/local attention), so a fact's prompts are attributed one by one: the packed
+    # shared passes need BERT's attention internals to make their attention block-diagonal.
+    "modernbert": FamilySpec("masked", "model.layers", "mlp.Wo", head=("head", "decoder")),
+    "deberta-v2": FamilySpec("masked", "deberta.encoder.layer", "output.dense", head=("cls",)),
+    "deberta": FamilySpec("masked", "deberta.encoder.layer", "output.dense", head=("cls",)),
 }
 
 

@@ -163,6 +163,15 @@ _QUIRKS: dict[str, dict] = {
     "exaone4": _SLIDING,
     "ministral": _SLIDING,
     "cohere": dict(logit_scale=0.5),
+    # DeBERTa-v3's setup (relative attention both ways, log buckets, no absolute positions); DeBERTa v1's
+    "deberta-v2": dict(relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=4,
+                       max_relative_positions=-1, position_biased_input=False, norm_rel_ebd="layer_norm",
+                       share_att_key=True, type_vocab_size=0),
+    "deberta": dict(relative_attention=True, pos_att_type=["c2p", "p2c"], max_relative_positions=-1,
+                    position_biased_input=False, type_vocab_size=0),
+    # a local window shorter than the prompts next to a global layer
+    "modernbert": dict(local_attention=4, global_attn_every_n_layers=2, cls_token_id=2, sep_token_id=3,
+                       bos_token_id=2, eos_token_id=3),
     "qwen3_5_text": dict(layer_types=["linear_attention", "full_attention", "linear_attention"],
                          linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
                          linear_value_head_dim=8, linear_conv_kernel_dim=2),
