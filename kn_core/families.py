@@ -8,7 +8,7 @@ family's name.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 class UnsupportedModelError(ValueError):
@@ -36,9 +36,14 @@ class FamilySpec:
     # Positions start after the padding index (RoBERTa): a max_position_embeddings of 514 with padding index 1
     # holds 512 tokens.
     positions_after_padding: bool = False
+    # An image-text checkpoint (`IMAGE_TEXT_WRAPPERS`): loaded whole, prompts are text and run through the
+    # wrapper's own text path (its language model and head); the vision tower is loaded but never runs.
+    image_text: bool = False
 
     @property
     def auto_class(self) -> str:
+        if self.image_text:
+            return "AutoModelForImageTextToText"
         return "AutoModelForMaskedLM" if self.kind == "masked" else "AutoModelForCausalLM"
 
 
@@ -111,8 +116,34 @@ FAMILIES: dict[str, FamilySpec] = {
 }
 
 
+# Image-text checkpoints (Gemma 3, Mistral 3, Llava, Qwen2.5-VL, Qwen 3.5) keep their language model at
+# `model.language_model` and the head at `lm_head`; its blocks are those of the text family named by the text
+# config, whose row (or, for text models that exist only inside a wrapper, `_WRAPPED_TEXT`'s) gives the rest.
+IMAGE_TEXT_WRAPPERS = ("gemma3", "mistral3", "llava", "qwen2_5_vl", "qwen3_5")
+_WRAPPED_TEXT = {"qwen2_5_vl_text": _LLAMA_LIKE}
+
+
+def _inside_wrapper(text: FamilySpec) -> FamilySpec:
+    def inside(dotted: str | None) -> str | None:
+        return dotted and dotted.replace("model.", "model.language_model.", 1)
+    return replace(text, blocks=inside(text.blocks), final_norm=inside(text.final_norm), image_text=True)
+
+
 def supported_families() -> list[str]:
-    return sorted(FAMILIES)
+    return sorted([*FAMILIES, *IMAGE_TEXT_WRAPPERS])
+
+
+def spec_for_config(config, source: str | None = None) -> FamilySpec:
+    """The row of a model's config; for an image-text wrapper, its language model's row moved inside it."""
+    if config.model_type in IMAGE_TEXT_WRAPPERS:
+        text_type = config.get_text_config().model_type
+        text = FAMILIES.get(text_type) or _WRAPPED_TEXT.get(text_type)
+        if text is None or text.kind != "causal" or not text.blocks.startswith("model."):
+            raise UnsupportedModelError(
+                f"{source or 'this'} {config.model_type!r} checkpoint's language model is a {text_type!r} model, "
+                f"which is not supported; supported families: " + ", ".join(supported_families()))
+        return _inside_wrapper(text)
+    return family_spec(config.model_type, source)
 
 
 def family_spec(model_type: str | None, source: str | None = None) -> FamilySpec:

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .families import UnsupportedModelError, family_spec, get_path
+from .families import UnsupportedModelError, get_path, spec_for_config
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -26,7 +26,7 @@ class FFNLayout:
 
     def __init__(self, model: nn.Module):
         model_type = getattr(model.config, "model_type", None)
-        spec = family_spec(model_type)
+        spec = spec_for_config(model.config)
         self.model = model
         self.family = model_type
         self.spec = spec
@@ -133,7 +133,8 @@ class FFNLayout:
                 return h
             return through
         head = model.get_output_embeddings()
-        config = model.config.get_text_config()  # an image-text wrapper keeps these in its text config
+        # an image-text wrapper's own config: its text path does not apply its text config's softcapping (Gemma 3)
+        config = model.config
         # The causal-LM classes of some families post-process lm_head's output; the hidden state alone is not enough.
         scaling = getattr(config, "logits_scaling", None)  # Granite divides the logits
         multiplier = getattr(config, "logit_scale", None)  # Cohere multiplies them

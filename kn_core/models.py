@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 
-from .families import family_spec
+from .families import spec_for_config
 from .ffn import FFNLayout
 from .tasks import Task, as_task
 
@@ -366,8 +366,15 @@ def load_model(source: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "
         if os.path.isdir(path):
             raise ModelLoadError(f"{path} has a config.json that transformers cannot read: {_first_line(exc)}") from exc
         raise _hub_error(source, exc) from exc
-    spec = family_spec(config.model_type, source)
+    spec = spec_for_config(config, source)
     auto = AutoModelForMaskedLM if spec.kind == "masked" else AutoModelForCausalLM
+    if spec.image_text:
+        from transformers import AutoModelForImageTextToText as auto
+
+        info["loaded"] = (f"the {config.get_text_config().model_type} language model and head of this "
+                          f"{config.model_type} image-text checkpoint; prompts are text (its vision tower is "
+                          f"loaded but never runs)")
+        task.progress(0.05, info["loaded"])
     kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code, "local_files_only": local_only}
     if target.type == "cuda" and device == "auto":
         kwargs["device_map"] = "auto"  # accelerate spreads models larger than one GPU across GPUs (and CPU)

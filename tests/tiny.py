@@ -193,3 +193,39 @@ def make_tiny(family: str, seed: int = 0, **overrides) -> LoadedModel:
 def tiny_llama(seed: int = 0, **overrides) -> LoadedModel:
     """A tiny Llama (gated FFN, RMSNorm, tied embeddings like the default SmolLM2-135M)."""
     return make_tiny("llama", seed, **({"tie_word_embeddings": True} | overrides))
+
+
+# Image-text wrappers: the text family whose tiny config their language model gets, and a one-layer vision tower.
+_VIT = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+            patch_size=14)
+_QWEN_VIT = dict(hidden_size=16, intermediate_size=24, depth=1, num_heads=2, out_hidden_size=HIDDEN)
+IMAGE_TEXT = {
+    "gemma3": ("gemma3_text", _VIT),
+    "mistral3": ("mistral", _VIT | dict(head_dim=8)),
+    "llava": ("llama", _VIT),
+    "qwen2_5_vl": ("qwen2", _QWEN_VIT),
+    "qwen3_5": ("qwen3_5_text", _QWEN_VIT),
+}
+
+
+def image_text_config(wrapper: str, tokenizer):
+    text_family, vision = IMAGE_TEXT[wrapper]
+    text = _config_kwargs(text_family, tokenizer)
+    text["model_type"] = AutoConfig.for_model(wrapper).get_text_config().model_type
+    if wrapper == "qwen2_5_vl":  # the three rotary sections (time, height, width) must fill head_dim / 2
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}
+    ids = {k: text[k] for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
+    config = AutoConfig.for_model(wrapper, text_config=text, vision_config=vision, **ids)
+    config.get_text_config()._attn_implementation = "eager"
+    return config
+
+
+def save_tiny_image_text(wrapper: str, folder, seed: int = 0) -> None:
+    """A random fp32 image-text checkpoint (tiny language model, one-layer vision tower) and tokenizer, saved."""
+    from transformers import AutoModelForImageTextToText
+
+    tokenizer = make_tokenizer("causal")
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(image_text_config(wrapper, tokenizer), dtype=torch.float32)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
