@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 
-from .families import spec_for_config
+from .families import UnsupportedModelError, spec_for_config
 from .ffn import FFNLayout
 from .tasks import Task, as_task
 
@@ -335,6 +335,18 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def _head_class_without_row(config, trust_remote_code: bool, no_row: Exception):
+    """The causal- or masked-LM auto class transformers has for a family without a row; `no_row` otherwise."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    for auto in (AutoModelForCausalLM, AutoModelForMaskedLM):
+        remote = trust_remote_code and auto.__name__ in (getattr(config, "auto_map", None) or {})
+        if remote or type(config) in auto._model_mapping:
+            return auto
+    raise UnsupportedModelError(f"{no_row} (transformers has no causal or masked language-model class for "
+                                f"{config.model_type!r})") from None
+
+
 def load_model(source: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
                trust_remote_code: bool = False, task: Task | None = None) -> LoadedModel:
     """Loads a model for knowledge-neuron work (eval mode, parameters frozen); progress messages go to `task`."""
@@ -366,9 +378,13 @@ def load_model(source: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "
         if os.path.isdir(path):
             raise ModelLoadError(f"{path} has a config.json that transformers cannot read: {_first_line(exc)}") from exc
         raise _hub_error(source, exc) from exc
-    spec = spec_for_config(config, source)
-    auto = AutoModelForMaskedLM if spec.kind == "masked" else AutoModelForCausalLM
-    if spec.image_text:
+    try:
+        spec = spec_for_config(config, source)
+    except UnsupportedModelError as no_row:  # the layout then reads a row from the model's structure, or refuses
+        spec, auto = None, _head_class_without_row(config, trust_remote_code, no_row)
+    else:
+        auto = AutoModelForMaskedLM if spec.kind == "masked" else AutoModelForCausalLM
+    if spec is not None and spec.image_text:
         from transformers import AutoModelForImageTextToText as auto
 
         info["loaded"] = (f"the {config.get_text_config().model_type} language model and head of this "
@@ -406,6 +422,9 @@ def load_model(source: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "
         parameter.requires_grad_(False)
     task.progress(0.9, "hashing the weights")
     layout = FFNLayout(model)
+    if layout.found:
+        info["structure"] = layout.found
+        task.progress(0.9, layout.found)
     sha = known_sha or weights_sha256(model)
     task.progress(1.0, "model ready")
     return LoadedModel(model=model, tokenizer=tokenizer, layout=layout, source=source, sha256=sha,
