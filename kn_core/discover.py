@@ -26,7 +26,8 @@ from torch import nn
 
 from .families import FamilySpec, UnsupportedModelError, get_path
 
-_FFN_NAME = re.compile(r"mlp|ffn|feed_?forward|ff$", re.IGNORECASE)
+_FFN_NAME = re.compile(r"mlp|ffn|feed_?forward|ff", re.IGNORECASE)  # a whole attribute name
+_FFN_CLASS = re.compile(r"MLP|FeedForward|FFN")
 _EXPERTS = re.compile(r"expert|router|moe", re.IGNORECASE)
 _NOT_TEXT = re.compile(r"vision|visual|image|audio|speech|encoder_decoder", re.IGNORECASE)
 
@@ -63,7 +64,8 @@ def _out_proj(block: nn.Module, hidden: int) -> str:
     """The dotted path, inside one block, of its FFN's out-projection."""
     candidates = []
     for name, module in block.named_modules():
-        if not name or not (_FFN_NAME.search(name.rsplit(".", 1)[-1]) or _FFN_NAME.search(type(module).__name__)):
+        kind = type(module).__name__
+        if not name or "Norm" in kind or not (_FFN_NAME.fullmatch(name.rsplit(".", 1)[-1]) or _FFN_CLASS.search(kind)):
             continue
         inner = [(f"{name}.{sub}", _projects(m)) for sub, m in module.named_modules() if _projects(m)]
         if any(_EXPERTS.search(sub) or _EXPERTS.search(type(m).__name__) for sub, m in module.named_modules()):

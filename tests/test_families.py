@@ -231,3 +231,27 @@ def test_load_model_reads_a_family_without_a_row_from_its_folder(tmp_path):
     lm = load_model(str(tmp_path), device="cpu", task=Task(on_progress=lambda f, message: seen.append(message)))
     assert lm.describe()["structure"].startswith("no row for 'kn-toy'; read from its structure: 3 blocks")
     assert lm.describe()["structure"] in seen
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "bert"])
+def test_bfloat16_on_cpu_loads_attributes_and_edits(family, tmp_path):
+    """bfloat16 weights from a folder: scores (computed in float32 from the bfloat16 forward) within bfloat16's
+    precision of the float32 model's, and edits undone bit for bit."""
+    built = make_tiny(family)
+    built.model.save_pretrained(tmp_path)
+    built.tokenizer.save_pretrained(tmp_path)
+    lm = load_model(str(tmp_path), device="cpu", dtype="bfloat16")
+    assert lm.dtype == torch.bfloat16 and next(lm.model.parameters()).dtype == torch.bfloat16
+    text, answer = _prompt(lm)
+    ids = encode_answer(lm, text, answer)
+    half = attribute(lm, text, AttributionParams(steps=4), answer_ids=ids)
+    full = attribute(built, text, AttributionParams(steps=4), answer_ids=ids)
+    assert half.scores.dtype == np.float32 and np.isfinite(half.scores).all()
+    assert np.abs(half.scores - full.scores).max() <= 0.05 * np.abs(full.scores).max()
+    assert half.prob == pytest.approx(full.prob, rel=0.05)
+    original = snapshot(lm)
+    stack = EditStack(lm)
+    stack.push(E.Update(((0, 1), (2, 5)), (6,), (7,), 1.0, 8.0))
+    stack.push(E.Suppress(((1, 3),), "all"))
+    stack.clear()
+    assert_bitwise(lm, original)
