@@ -338,10 +338,12 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 def _head_class_without_row(config, trust_remote_code: bool, no_row: Exception):
     """The causal- or masked-LM auto class transformers has for a family without a row; `no_row` otherwise."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
 
-    for auto in (AutoModelForCausalLM, AutoModelForMaskedLM):
+    for auto, mapping in ((AutoModelForCausalLM, MODEL_FOR_CAUSAL_LM_MAPPING),
+                          (AutoModelForMaskedLM, MODEL_FOR_MASKED_LM_MAPPING)):
         remote = trust_remote_code and auto.__name__ in (getattr(config, "auto_map", None) or {})
-        if remote or type(config) in auto._model_mapping:
+        if remote or type(config) in mapping:  # registered classes are in the mapping too
             return auto
     raise UnsupportedModelError(f"{no_row} (transformers has no causal or masked language-model class for "
                                 f"{config.model_type!r})") from None

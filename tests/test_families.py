@@ -14,15 +14,8 @@ from kn_core.families import IMAGE_TEXT_WRAPPERS
 from kn_core.models import load_model
 from test_attribution import reference_scores
 from test_edits import assert_bitwise, snapshot
+from test_ffn import one_thread  # noqa: F401 - the module's autouse fixture: tiny models on one thread
 from tiny import ALL_FAMILIES, IMAGE_TEXT, make_tiny, save_tiny_image_text
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _prompt(lm):
@@ -255,3 +248,19 @@ def test_bfloat16_on_cpu_loads_attributes_and_edits(family, tmp_path):
     stack.push(E.Suppress(((1, 3),), "all"))
     stack.clear()
     assert_bitwise(lm, original)
+
+
+def test_transformers_family_without_a_row_is_read_from_its_structure():
+    """A real family of the installed transformers with no row (DiffLlama: differential attention, Llama FFN)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tiny import _config_kwargs
+
+    tokenizer = make_tokenizer("causal")
+    config = AutoConfig.for_model("diffllama", **_config_kwargs("llama", tokenizer))
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    lm = wrap_model(AutoModelForCausalLM.from_config(config, dtype=torch.float32), tokenizer)
+    assert lm.layout.found.startswith("no row for 'diffllama'; read from its structure: 3 blocks at model.layers, "
+                                      "FFN neurons at the input of mlp.down_proj, final norm model.norm")
+    _attributes_and_edits(lm)
