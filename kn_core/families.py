@@ -8,7 +8,7 @@ family's name.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 class UnsupportedModelError(ValueError):
@@ -36,9 +36,14 @@ class FamilySpec:
     # Positions start after the padding index (RoBERTa): a max_position_embeddings of 514 with padding index 1
     # holds 512 tokens.
     positions_after_padding: bool = False
+    # An image-text checkpoint (`IMAGE_TEXT_WRAPPERS`): loaded whole, prompts are text and run through the
+    # wrapper's own text path (its language model and head); the vision tower is loaded but never runs.
+    image_text: bool = False
 
     @property
     def auto_class(self) -> str:
+        if self.image_text:
+            return "AutoModelForImageTextToText"
         return "AutoModelForMaskedLM" if self.kind == "masked" else "AutoModelForCausalLM"
 
 
@@ -79,11 +84,66 @@ FAMILIES: dict[str, FamilySpec] = {
     "stablelm": _LLAMA_LIKE,
     "granite": _LLAMA_LIKE,
     "smollm3": _LLAMA_LIKE,
+    # Dense decoders of 2025-2026 with the Llama layout; their quirks live inside the blocks and the model class,
+    # which the engine runs as they are: Gemma 3's sliding/global layers and sqrt(hidden)-scaled embeddings,
+    # Cohere's parallel attention+FFN blocks and logit_scale, GLM's fused gate_up_proj (down_proj's input is
+    # still act(gate) * up), Qwen 3.5's linear-attention layers, Apertus' and Arcee's ungated FFNs.
+    "gemma3_text": _LLAMA_LIKE,
+    "olmo3": _LLAMA_LIKE,
+    "qwen3_5_text": _LLAMA_LIKE,
+    "glm": _LLAMA_LIKE,
+    "glm4": _LLAMA_LIKE,
+    "cohere": _LLAMA_LIKE,
+    "cohere2": _LLAMA_LIKE,
+    "exaone4": _LLAMA_LIKE,
+    "ministral": _LLAMA_LIKE,
+    "ministral3": _LLAMA_LIKE,
+    "seed_oss": _LLAMA_LIKE,
+    "arcee": _LLAMA_LIKE,
+    "apertus": _LLAMA_LIKE,
+    "hunyuan_v1_dense": _LLAMA_LIKE,
+    "helium": _LLAMA_LIKE,
+    "ernie4_5": _LLAMA_LIKE,
+    "vaultgemma": _LLAMA_LIKE,
+    "nemotron": _LLAMA_LIKE,
+    "starcoder2": FamilySpec("causal", "model.layers", "mlp.c_proj", "model.norm"),
+    # Masked encoders of today. Not BERT-style (DeBERTa's disentangled relative attention, ModernBERT's fused
+    # Wqkv and alternating global/local attention), so a fact's prompts are attributed one by one: the packed
+    # shared passes need BERT's attention internals to make their attention block-diagonal.
+    "modernbert": FamilySpec("masked", "model.layers", "mlp.Wo", head=("head", "decoder")),
+    "deberta-v2": FamilySpec("masked", "deberta.encoder.layer", "output.dense", head=("cls",)),
+    "deberta": FamilySpec("masked", "deberta.encoder.layer", "output.dense", head=("cls",)),
 }
 
 
+# Image-text checkpoints (Gemma 3, Mistral 3, Llava, Qwen2.5-VL, Qwen 3.5) keep their language model at
+# `model.language_model` and the head at `lm_head`; its blocks are those of the text family named by the text
+# config, whose row (or, for text models that exist only inside a wrapper, `_WRAPPED_TEXT`'s) gives the rest.
+IMAGE_TEXT_WRAPPERS = ("gemma3", "mistral3", "llava", "qwen2_5_vl", "qwen3_5")
+_WRAPPED_TEXT = {"qwen2_5_vl_text": _LLAMA_LIKE}
+
+
+def _inside_wrapper(text: FamilySpec) -> FamilySpec:
+    def inside(dotted: str | None) -> str | None:
+        return dotted and dotted.replace("model.", "model.language_model.", 1)
+    return replace(text, blocks=inside(text.blocks), final_norm=inside(text.final_norm), image_text=True)
+
+
 def supported_families() -> list[str]:
-    return sorted(FAMILIES)
+    return sorted([*FAMILIES, *IMAGE_TEXT_WRAPPERS])
+
+
+def spec_for_config(config, source: str | None = None) -> FamilySpec:
+    """The row of a model's config; for an image-text wrapper, its language model's row moved inside it."""
+    if config.model_type in IMAGE_TEXT_WRAPPERS:
+        text_type = config.get_text_config().model_type
+        text = FAMILIES.get(text_type) or _WRAPPED_TEXT.get(text_type)
+        if text is None or text.kind != "causal" or not text.blocks.startswith("model."):
+            raise UnsupportedModelError(
+                f"{source or 'this'} {config.model_type!r} checkpoint's language model is a {text_type!r} model, "
+                f"which is not supported; supported families: " + ", ".join(supported_families()))
+        return _inside_wrapper(text)
+    return family_spec(config.model_type, source)
 
 
 def family_spec(model_type: str | None, source: str | None = None) -> FamilySpec:

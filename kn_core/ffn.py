@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .families import UnsupportedModelError, family_spec, get_path
+from .families import FamilySpec, UnsupportedModelError, get_path, spec_for_config
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -21,12 +21,31 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D"
 
 
+def _discovered(model: nn.Module, no_row: UnsupportedModelError) -> tuple[FamilySpec, str]:
+    """A row read from the structure of a model whose family has none, or the refusal: why, and the row to add."""
+    from .discover import discover_spec
+
+    try:
+        return discover_spec(model)
+    except UnsupportedModelError as reason:
+        message = str(no_row).replace(" is not supported;", f" is not supported ({reason}); add its row to "
+                                      f"kn_core/families.py (see docs/ARCHITECTURE.md);", 1)
+        raise UnsupportedModelError(message) from None
+
+
 class FFNLayout:
     """The FFN neurons of one loaded model: hook points, value vectors, embeddings and the vocabulary head."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, spec: FamilySpec | None = None):
+        """`spec`: the family's row; by default the row of the model's config, or for a family without one a
+        row read from the model's structure (`discover`), which `found` then describes in one line."""
         model_type = getattr(model.config, "model_type", None)
-        spec = family_spec(model_type)
+        self.found: str | None = None
+        if spec is None:
+            try:
+                spec = spec_for_config(model.config)
+            except UnsupportedModelError as no_row:
+                spec, self.found = _discovered(model, no_row)
         self.model = model
         self.family = model_type
         self.spec = spec
@@ -133,17 +152,21 @@ class FFNLayout:
                 return h
             return through
         head = model.get_output_embeddings()
+        # an image-text wrapper's own config: its text path does not apply its text config's softcapping (Gemma 3)
         config = model.config
         # The causal-LM classes of some families post-process lm_head's output; the hidden state alone is not enough.
         scaling = getattr(config, "logits_scaling", None)  # Granite divides the logits
+        multiplier = getattr(config, "logit_scale", None)  # Cohere multiplies them
         softcap = getattr(config, "final_logit_softcapping", None)  # Gemma-2: tanh(x / cap) * cap
-        if not scaling and not softcap:
+        if not scaling and not softcap and not multiplier:
             return head
 
         def finish(h: torch.Tensor) -> torch.Tensor:
             out = head(h)
             if scaling:
                 out = out / scaling
+            if multiplier:
+                out = out * multiplier
             if softcap:
                 out = torch.tanh(out / softcap) * softcap
             return out

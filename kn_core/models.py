@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 
-from .families import family_spec
+from .families import UnsupportedModelError, spec_for_config
 from .ffn import FFNLayout
 from .tasks import Task, as_task
 
@@ -111,7 +111,8 @@ def weights_sha256(model: torch.nn.Module) -> str:
         seen.add(tensor.data_ptr())
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         data = tensor.detach().to("cpu").contiguous()
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        # reshape: a 0-d parameter (Apertus' xIELU alphas) has no byte view
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return digest.hexdigest()
 
 
@@ -335,6 +336,20 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def _head_class_without_row(config, trust_remote_code: bool, no_row: Exception):
+    """The causal- or masked-LM auto class transformers has for a family without a row; `no_row` otherwise."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
+
+    for auto, mapping in ((AutoModelForCausalLM, MODEL_FOR_CAUSAL_LM_MAPPING),
+                          (AutoModelForMaskedLM, MODEL_FOR_MASKED_LM_MAPPING)):
+        remote = trust_remote_code and auto.__name__ in (getattr(config, "auto_map", None) or {})
+        if remote or type(config) in mapping:  # registered classes are in the mapping too
+            return auto
+    raise UnsupportedModelError(f"{no_row} (transformers has no causal or masked language-model class for "
+                                f"{config.model_type!r})") from None
+
+
 def load_model(source: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
                trust_remote_code: bool = False, task: Task | None = None) -> LoadedModel:
     """Loads a model for knowledge-neuron work (eval mode, parameters frozen); progress messages go to `task`."""
@@ -366,8 +381,19 @@ def load_model(source: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "
         if os.path.isdir(path):
             raise ModelLoadError(f"{path} has a config.json that transformers cannot read: {_first_line(exc)}") from exc
         raise _hub_error(source, exc) from exc
-    spec = family_spec(config.model_type, source)
-    auto = AutoModelForMaskedLM if spec.kind == "masked" else AutoModelForCausalLM
+    try:
+        spec = spec_for_config(config, source)
+    except UnsupportedModelError as no_row:  # the layout then reads a row from the model's structure, or refuses
+        spec, auto = None, _head_class_without_row(config, trust_remote_code, no_row)
+    else:
+        auto = AutoModelForMaskedLM if spec.kind == "masked" else AutoModelForCausalLM
+    if spec is not None and spec.image_text:
+        from transformers import AutoModelForImageTextToText as auto
+
+        info["loaded"] = (f"the {config.get_text_config().model_type} language model and head of this "
+                          f"{config.model_type} image-text checkpoint; prompts are text (its vision tower is "
+                          f"loaded but never runs)")
+        task.progress(0.05, info["loaded"])
     kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code, "local_files_only": local_only}
     if target.type == "cuda" and device == "auto":
         kwargs["device_map"] = "auto"  # accelerate spreads models larger than one GPU across GPUs (and CPU)
@@ -399,6 +425,9 @@ def load_model(source: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "
         parameter.requires_grad_(False)
     task.progress(0.9, "hashing the weights")
     layout = FFNLayout(model)
+    if layout.found:
+        info["structure"] = layout.found
+        task.progress(0.9, layout.found)
     sha = known_sha or weights_sha256(model)
     task.progress(1.0, "model ready")
     return LoadedModel(model=model, tokenizer=tokenizer, layout=layout, source=source, sha256=sha,

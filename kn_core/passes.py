@@ -132,7 +132,13 @@ class Runner:
         if lm.kind == "causal" and len(target.ids) > 1:
             with torch.no_grad():
                 out = lm.model(input_ids=ids[:, :-1], use_cache=True, logits_to_keep=1)
-            self.prefix_cache = out.cache
+            # Linear-attention layers (Qwen 3.5's) overwrite their cached recurrent state in place after reading
+            # it, which the backward through the rows still needs: such models, and models without a cache, run
+            # the whole prompt in every row.
+            cache = getattr(out, "cache", None)
+            if cache is not None and not any(getattr(layer, "recurrent_states", None) for layer in cache.layers):
+                self.prefix_cache = cache
+        if self.prefix_cache is not None:
             self.step_ids = ids[:, -1:]
             self.pos = 0  # each row computes only the answer position
         else:

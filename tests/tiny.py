@@ -151,7 +151,31 @@ def _config_kwargs(family: str, tokenizer) -> dict:
         kwargs["embedding_size"] = HIDDEN
     if FAMILIES[family].blocks == "model.layers" and family != "phi":
         kwargs.update(num_key_value_heads=2, head_dim=HIDDEN // HEADS)  # grouped-query attention, like Llama
-    return kwargs
+    return kwargs | _QUIRKS.get(family, {})
+
+
+# Sizes that make each family's quirk act in a 3-layer model on prompts of ~6 tokens: a sliding window shorter
+# than the prompt next to global layers, linear-attention layers, a logit scale that is not 1.
+_SLIDING = dict(sliding_window=3, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+_QUIRKS: dict[str, dict] = {
+    "gemma3_text": _SLIDING | dict(query_pre_attn_scalar=HIDDEN // HEADS, final_logit_softcapping=30.0),
+    "cohere2": _SLIDING,
+    "exaone4": _SLIDING,
+    "ministral": _SLIDING,
+    "cohere": dict(logit_scale=0.5),
+    # DeBERTa-v3's setup (relative attention both ways, log buckets, no absolute positions); DeBERTa v1's
+    "deberta-v2": dict(relative_attention=True, pos_att_type=["p2c", "c2p"], position_buckets=4,
+                       max_relative_positions=-1, position_biased_input=False, norm_rel_ebd="layer_norm",
+                       share_att_key=True, type_vocab_size=0),
+    "deberta": dict(relative_attention=True, pos_att_type=["c2p", "p2c"], max_relative_positions=-1,
+                    position_biased_input=False, type_vocab_size=0),
+    # a local window shorter than the prompts next to a global layer
+    "modernbert": dict(local_attention=4, global_attn_every_n_layers=2, cls_token_id=2, sep_token_id=3,
+                       bos_token_id=2, eos_token_id=3),
+    "qwen3_5_text": dict(layer_types=["linear_attention", "full_attention", "linear_attention"],
+                         linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                         linear_value_head_dim=8, linear_conv_kernel_dim=2),
+}
 
 
 def make_tiny(family: str, seed: int = 0, **overrides) -> LoadedModel:
@@ -169,3 +193,39 @@ def make_tiny(family: str, seed: int = 0, **overrides) -> LoadedModel:
 def tiny_llama(seed: int = 0, **overrides) -> LoadedModel:
     """A tiny Llama (gated FFN, RMSNorm, tied embeddings like the default SmolLM2-135M)."""
     return make_tiny("llama", seed, **({"tie_word_embeddings": True} | overrides))
+
+
+# Image-text wrappers: the text family whose tiny config their language model gets, and a one-layer vision tower.
+_VIT = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+            patch_size=14)
+_QWEN_VIT = dict(hidden_size=16, intermediate_size=24, depth=1, num_heads=2, out_hidden_size=HIDDEN)
+IMAGE_TEXT = {
+    "gemma3": ("gemma3_text", _VIT),
+    "mistral3": ("mistral", _VIT | dict(head_dim=8)),
+    "llava": ("llama", _VIT),
+    "qwen2_5_vl": ("qwen2", _QWEN_VIT),
+    "qwen3_5": ("qwen3_5_text", _QWEN_VIT),
+}
+
+
+def image_text_config(wrapper: str, tokenizer):
+    text_family, vision = IMAGE_TEXT[wrapper]
+    text = _config_kwargs(text_family, tokenizer)
+    text["model_type"] = AutoConfig.for_model(wrapper).get_text_config().model_type
+    if wrapper == "qwen2_5_vl":  # the three rotary sections (time, height, width) must fill head_dim / 2
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}
+    ids = {k: text[k] for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
+    config = AutoConfig.for_model(wrapper, text_config=text, vision_config=vision, **ids)
+    config.get_text_config()._attn_implementation = "eager"
+    return config
+
+
+def save_tiny_image_text(wrapper: str, folder, seed: int = 0) -> None:
+    """A random fp32 image-text checkpoint (tiny language model, one-layer vision tower) and tokenizer, saved."""
+    from transformers import AutoModelForImageTextToText
+
+    tokenizer = make_tokenizer("causal")
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(image_text_config(wrapper, tokenizer), dtype=torch.float32)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)

@@ -1,0 +1,150 @@
+"""A row for a model family that has none in `families.FAMILIES`, read from the model's structure.
+
+What it looks for, and why each is enough:
+- kind: the class transformers built (causal-LM or masked-LM head class).
+- blocks: the one `nn.ModuleList` with `num_hidden_layers` entries (text config), outside any vision tower.
+- the FFN of a block: a submodule named or typed like one (mlp, ffn, feed_forward, ...); its out-projection is
+  the last Linear in it that maps the intermediate width back to the hidden width, where another Linear in it
+  maps the hidden width to that intermediate width (or twice it, a fused gate and up projection). The same path
+  in every block.
+- the final norm (causal): the base model's last direct child that is a norm.
+- the head: causal, the output embeddings; masked, the top model's children after the base model.
+Then the model itself checks the reading: on a few tokens every out-projection runs once per forward on
+(..., intermediate) inputs, and the head reproduces the model's own logits from the last block's output (a
+model that post-processes logits in a way the reading misses fails here). Anything else is refused in one line
+naming why and the row to add. Blocks of unknown families might build tensors sized to the batch (ALiBi), so
+rows of a pass all start at its lowest block (`fixed_batch`): slower, never wrong for that reason.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from .families import FamilySpec, UnsupportedModelError, get_path
+
+_FFN_NAME = re.compile(r"mlp|ffn|feed_?forward|ff", re.IGNORECASE)  # a whole attribute name
+_FFN_CLASS = re.compile(r"MLP|FeedForward|FFN")
+_EXPERTS = re.compile(r"expert|router|moe", re.IGNORECASE)
+_NOT_TEXT = re.compile(r"vision|visual|image|audio|speech|encoder_decoder", re.IGNORECASE)
+
+
+def _projects(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) widths of a Linear or transformers' Conv1D (which stores its weight transposed)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D":
+        return tuple(module.weight.shape)
+    return None
+
+
+def _kind(model: nn.Module) -> str:
+    name = type(model).__name__
+    if name.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")):
+        return "causal"
+    if name.endswith("ForMaskedLM"):
+        return "masked"
+    raise UnsupportedModelError(f"{name} is neither a causal nor a masked language model class")
+
+
+def _blocks(model: nn.Module, layers: int) -> str:
+    found = [name for name, module in model.named_modules()
+             if isinstance(module, nn.ModuleList) and len(module) == layers and not _NOT_TEXT.search(name)
+             and all(isinstance(block, nn.Module) and list(block.children()) for block in module)]
+    if len(found) != 1:
+        what = "no list" if not found else f"{len(found)} lists ({', '.join(found)})"
+        raise UnsupportedModelError(f"{what} of {layers} blocks (num_hidden_layers) found")
+    return found[0]
+
+
+def _out_proj(block: nn.Module, hidden: int) -> str:
+    """The dotted path, inside one block, of its FFN's out-projection."""
+    candidates = []
+    for name, module in block.named_modules():
+        kind = type(module).__name__
+        if not name or "Norm" in kind or not (_FFN_NAME.fullmatch(name.rsplit(".", 1)[-1]) or _FFN_CLASS.search(kind)):
+            continue
+        inner = [(f"{name}.{sub}", _projects(m)) for sub, m in module.named_modules() if _projects(m)]
+        if any(_EXPERTS.search(sub) or _EXPERTS.search(type(m).__name__) for sub, m in module.named_modules()):
+            raise UnsupportedModelError(f"its FFN {name} is a mixture of experts")
+        outs = [(path, w) for path, w in inner if w[1] == hidden and w[0] != hidden]
+        if outs:
+            path, (width, _) = outs[-1]
+            if any(w[0] == hidden and w[1] in (width, 2 * width) for _, w in inner):
+                candidates.append(path)
+    if not candidates:
+        raise UnsupportedModelError(f"no FFN submodule (mlp, ffn, feed_forward) with a Linear from the hidden "
+                                    f"width {hidden} up and one back down in {type(block).__name__}")
+    return candidates[0]
+
+
+def _final_norm(base: nn.Module, base_path: str) -> str | None:
+    norms = [name for name, module in base.named_children() if "norm" in type(module).__name__.lower()]
+    return f"{base_path}.{norms[-1]}" if norms and base_path else (norms[-1] if norms else None)
+
+
+def _head(model: nn.Module, base_path: str) -> tuple[str, ...]:
+    names = [name for name, _ in model.named_children()]
+    return tuple(names[names.index(base_path) + 1:]) if base_path in names else ()
+
+
+def discover_spec(model: nn.Module) -> tuple[FamilySpec, str]:
+    """A row read from the model's structure and checked on the model, and one line saying what was found;
+    UnsupportedModelError with the reason otherwise."""
+    config = model.config.get_text_config()
+    kind = _kind(model)
+    blocks_path = _blocks(model, config.num_hidden_layers)
+    blocks = list(get_path(model, blocks_path))
+    hidden = getattr(config, "hidden_size", None) or model.get_input_embeddings().weight.shape[1]
+    paths = {_out_proj(block, hidden) for block in blocks}
+    if len(paths) != 1:
+        raise UnsupportedModelError(f"its blocks have their FFNs at different places ({', '.join(sorted(paths))})")
+    out_proj = paths.pop()
+    base_path = model.base_model_prefix if model.base_model is not model else ""
+    spec = FamilySpec(kind, blocks_path, out_proj,
+                      final_norm=_final_norm(model.base_model, base_path) if kind == "causal" else None,
+                      head=() if kind == "causal" else _head(model, base_path), fixed_batch=True)
+    if _check(model, spec, blocks):
+        spec = replace(spec, flattens_tokens=True)
+    found = (f"no row for {config.model_type!r}; read from its structure: {len(blocks)} blocks at {blocks_path}, "
+             f"FFN neurons at the input of {out_proj}, final norm {spec.final_norm or 'none'}, head "
+             f"{'.'.join(spec.head) or 'output embeddings'} (checked against the model's logits)")
+    return spec, found
+
+
+def _check(model: nn.Module, spec: FamilySpec, blocks: list[nn.Module]) -> bool:
+    """Runs a few tokens; True when the out-projections see flattened (tokens, intermediate) inputs."""
+    from .ffn import FFNLayout  # the layout reads the spec exactly as for a row
+
+    layout = FFNLayout(model, spec=spec)
+    vocab = layout.input_embeddings().shape[0]
+    ids = (torch.arange(2, 8) % vocab)[None].to(layout.input_embeddings().device)
+    calls: list[tuple[int, torch.Size]] = []
+    last: list[torch.Tensor] = []
+    handles = [proj.register_forward_pre_hook(lambda m, a, l=l: calls.append((l, a[0].shape)))
+               for l, proj in enumerate(layout.out_projs)]
+    handles.append(blocks[-1].register_forward_hook(
+        lambda m, a, out: last.append(out[0] if isinstance(out, tuple) else out)))
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits.float()
+            if spec.kind == "causal":
+                ours = layout.vocab_head()(last[0]).float()
+            else:
+                ours = layout.logits_head()(layout.base_model()(input_ids=ids).last_hidden_state).float()
+    finally:
+        for handle in handles:
+            handle.remove()
+    if sorted(l for l, _ in calls[:len(blocks)]) != list(range(len(blocks))) or len(calls) > 2 * len(blocks):
+        raise UnsupportedModelError("its FFN out-projections do not run exactly once per block")
+    if any(shape[-1] != layout.neurons for _, shape in calls):
+        raise UnsupportedModelError("its FFN out-projections get inputs of another width than their weights")
+    tolerance = 1e-4 if next(model.parameters()).dtype in (torch.float32, torch.float64) else 2e-2
+    scale = float(logits.abs().max()) or 1.0
+    if ours.shape != logits.shape or not torch.allclose(ours, logits, rtol=tolerance, atol=tolerance * scale):
+        raise UnsupportedModelError("the final norm and head read from its structure do not reproduce its "
+                                    "logits (it post-processes them in a way only a row can say)")
+    return len(calls[0][1]) == 2

@@ -1,0 +1,97 @@
+"""Every causal- and masked-LM model type of the installed transformers, decided: a row in kn_core/families.py,
+a row read from its structure (kn_core/discover.py), or refused with the reason. Writes docs/FAMILIES.md.
+
+Each type is built as a tiny random model from its own config class (2 layers, hidden 32, 72 FFN neurons where
+the config takes those names) in a forked process with a 6 GiB memory cap, so one that does not build is listed
+with its error instead of stopping the census. About 3 s per type on one core:
+
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python scripts/family_census.py > docs/FAMILIES.md
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import warnings
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                    MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+from transformers.utils import logging
+
+from kn_core.families import FAMILIES, IMAGE_TEXT_WRAPPERS, UnsupportedModelError
+from kn_core.ffn import FFNLayout
+
+SIZES = dict(vocab_size=100, hidden_size=32, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0)
+
+
+def decide(model_type: str, auto) -> str:
+    try:
+        config = AutoConfig.for_model(model_type, **SIZES)
+        if model_type in IMAGE_TEXT_WRAPPERS:
+            return "row (image-text: its language model)"
+        if config.get_text_config() is not config:
+            return f"refused: a wrapper around a {config.get_text_config().model_type!r} model without a row"
+        model = auto.from_config(config)
+    except BaseException as exc:  # noqa: BLE001 - any failure to build is reported, not raised
+        first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
+        return f"not built from its config here ({type(exc).__name__}: {first})"
+    try:
+        layout = FFNLayout(model)
+    except UnsupportedModelError as exc:
+        reason = str(exc)
+        return "refused: " + (reason[reason.index("(") + 1:reason.index(")")] if "(" in reason else reason)
+    if layout.found:
+        return f"read from its structure: {layout.spec.blocks}[i].{layout.spec.out_proj}"
+    return "row"
+
+
+def in_child(model_type: str, auto) -> str:
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+        try:
+            answer = decide(model_type, auto)
+        except BaseException as exc:  # noqa: BLE001
+            answer = f"not built from its config here ({type(exc).__name__})"
+        os.write(write, answer.replace("|", "/").encode())
+        os._exit(0)
+    os.close(write)
+    data = b""
+    while chunk := os.read(read, 65536):
+        data += chunk
+    os.close(read)
+    os.waitpid(pid, 0)
+    return data.decode() or "not built from its config here (the process died: memory)"
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore")
+    logging.set_verbosity_error()
+    torch.set_num_threads(1)
+    print(f"# Model families of transformers {transformers.__version__}\n")
+    print("Written by `scripts/family_census.py`: every causal- and masked-LM model type of the installed "
+          "transformers, built as a tiny random model from its config. *row*: kn_core/families.py has one (tested in "
+          "the suite); *read from its structure*: no row, kn_core/discover.py found the FFN and checked the head "
+          "against the model's logits (not in the suite: add a row and a tiny config to test it); *refused*: why. "
+          "Mixture-of-experts rows are the MoE section's.\n")
+    for kind, names, auto in (("causal", MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, AutoModelForCausalLM),
+                              ("masked", MODEL_FOR_MASKED_LM_MAPPING_NAMES, AutoModelForMaskedLM)):
+        print(f"\n## {kind}\n\n| model type | decision |\n|---|---|")
+        for model_type in sorted(names):
+            if FAMILIES.get(model_type) is not None and FAMILIES[model_type].kind != kind:
+                answer = f"row as {FAMILIES[model_type].kind} (its {kind} class is not used)"
+            else:
+                answer = in_child(model_type, auto)
+            print(f"| {model_type} | {answer} |", flush=True)
+            print(model_type, file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    main()
