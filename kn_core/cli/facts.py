@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .bench import add_facts_command
 from .common import COMMON, emit, factset_of, load, progress_bar, project_of, store_evaluation
 from ..tasks import Task, as_task
 
@@ -101,3 +102,4 @@ def add_commands(sub) -> None:
                                                                   "(and store it with --project)")
     imp.add_argument("path")
     imp.set_defaults(func=cmd_facts_import)
+    add_facts_command(facts_sub)
