@@ -63,6 +63,7 @@ class EditCase:
     new_answers: Answers = ()  # MQuAKE: after the edits, with aliases
     single_hops: tuple[Item, ...] = ()  # MQuAKE new_single_hops: (cloze, answers) after the edits
     rewrite_question: str | None = None  # MQuAKE: the rewrite asked as a question
+    more_prompts: tuple[str, ...] = ()  # further rewrite prompts (a fact's other templates that found the neurons)
 
     def template(self) -> str:
         """The rewrite prompt as a template: the subject's first occurrence is [X], the answer [Y] after."""
@@ -281,6 +282,7 @@ def _groups(raw, what: str) -> dict[str, tuple[Item, ...]]:
 # --------------------------------------------------------------------------------------------------------
 
 _CF_REASONS = {"pararel_idx": "the PARAREL index is provenance, not measured",
+               "pararel_relation": "provenance (kn facts to-counterfact): the relation id is in requested_rewrite",
                "requested_rewrite": None, "case_id": None, "paraphrase_prompts": None,
                "neighborhood_prompts": None, "generation_prompts": None, "attribute_prompts": None}
 
@@ -323,7 +325,7 @@ def _zsre(record: dict, number: int) -> EditCase:
 
 
 _FLAT_REASONS = {"prompt": None, "subject": None, "target_new": None, "ground_truth": None,
-                 "rephrase_prompt": None, "rephrase_prompts": None, "locality_prompt": None,
+                 "rephrase_prompt": None, "rephrase_prompts": None, "rephrase": None, "locality_prompt": None,
                  "locality_ground_truth": None, "portability_prompt": None, "portability_ground_truth": None,
                  "portability": None, "locality": None, "case_id": None, "relation_id": None,
                  "cond": "MEND's conditioning string (hypernetwork input), not a prompt",
@@ -335,7 +337,8 @@ def _flat(record: dict, number: int) -> EditCase:
     """EasyEdit's flat keys and KnowEdit (the same keys with nested portability/locality groups)."""
     subject = _text(record.get("subject"), "subject")
     prompt = _subject_prompt(_text(record.get("prompt"), "prompt"), subject, "prompt")
-    rephrase = _texts(record.get("rephrase_prompt", record.get("rephrase_prompts")), "rephrase_prompt")
+    rephrase = _texts(next((record[k] for k in ("rephrase_prompt", "rephrase_prompts", "rephrase") if k in record),
+                           None), "rephrase_prompt")
     locality = _groups(record.get("locality"), "locality")
     portability = _groups(record.get("portability"), "portability")
     if record.get("locality_prompt") is not None:
@@ -438,3 +441,13 @@ def cases_to_factset(read: FieldFile, name: str):
                 what, "a fact set holds relations, templates and facts; kn edit batch / kn bench measure these")})
     relations = {rid: Relation(rid, names.get(rid, rid), tuple(ts)) for rid, ts in templates.items()}
     return FactSet(name, relations, list(facts)), left
+
+
+def import_field_facts(path):
+    """(FactSet, the FieldFile read, what the fact set left out) of a benchmark file; FieldFormatError as the
+    readers raise it."""
+    read = read_field_file(path)
+    factset, left = cases_to_factset(read, Path(path).stem)
+    if not factset.facts:
+        raise FieldFormatError(f"{path}: {read.summary()} gives no fact (every case lacks its ground truth)")
+    return factset, read, left

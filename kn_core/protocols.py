@@ -128,7 +128,7 @@ def case_pairs(case, protocol: str) -> dict[str, list[tuple[str, str]]]:
     ``neighborhood:new`` (o*), ``locality:<group>``, ``portability:<group>`` (the first answer, as EasyEdit
     scores it), and for MQuAKE ``edit:<k>``, ``hop:<k>:<alias>``, ``question:<k>:<alias>``."""
     out: dict[str, list[tuple[str, str]]] = {}
-    prompts = {"rewrite": [case.prompt], "paraphrase": list(case.paraphrases)}
+    prompts = {"rewrite": [case.prompt, *case.more_prompts], "paraphrase": list(case.paraphrases)}
     for group, texts in prompts.items():
         if case.target_new:
             out[f"{group}:new"] = [(t, case.target_new) for t in texts]
@@ -160,6 +160,9 @@ def case_prompts(lm, case, protocol: str) -> tuple[dict[str, list], list[tuple[s
     (``:new`` and ``:true`` stay aligned)."""
     from .batch_requests import locality_prompts
 
+    if lm.kind != "causal":
+        raise ValueError(f"the {protocol} protocol scores an answer continuing its prompt (EasyEdit, ROME and MQuAKE "
+                         "evaluate causal models); this model is masked: use --protocol kn")
     skipped: list[tuple[str, str]] = []
     rendered = {g: [locality_prompts(lm, [pair], skipped) for pair in pairs]
                 for g, pairs in case_pairs(case, protocol).items()}
@@ -171,6 +174,29 @@ def case_prompts(lm, case, protocol: str) -> tuple[dict[str, list], list[tuple[s
         if keep:
             out[g] = keep
     return out, skipped
+
+
+def case_from_plan(plan):
+    """A protocol case from an edit plan over a fact set (kn edit, our request form): the rewrite prompts are the
+    fact's prompts that found the neurons, the paraphrases the held-out ones, the neighbourhood the relation's
+    other facts (each with its own answer), locality the other relations' facts, portability (update) the facts
+    about o'. Causal prompts only (a prompt's text is the prefix its answer continues)."""
+    from .field_formats import EditCase
+
+    request, fact = plan.request, plan.request.fact
+
+    def items(group):
+        return tuple((p.text, (p.answer.strip(),)) for p in plan.prompts.get(group, []))
+
+    texts = [p.text for p in plan.prompts.get("fact", [])]
+    if not texts:
+        raise ValueError("the plan has no prompt of the fact to score")
+    return EditCase(f"{fact.relation}:{fact.subject}", texts[0], fact.subject, fact.object, request.new_object,
+                    fact.relation, paraphrases=tuple(p.text for p in plan.prompts.get("held-out", [])),
+                    neighborhood=items("relation"),
+                    locality={"other relations": items("other relations")} if items("other relations") else {},
+                    portability={"facts about o'": items("portability")} if items("portability") else {},
+                    more_prompts=tuple(texts[1:]))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -306,3 +332,28 @@ def summarize(protocol: str, scores: Sequence[dict]) -> dict:
     if protocol == "rome" and all(_number(out.get(k)) for k in ("ES", "PS", "NS")):
         out["S"] = harmonic_mean([out["ES"], out["PS"], out["NS"]])
     return out
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for k, v in d.items():
+        if k == "n":
+            continue
+        if isinstance(v, dict) and v.get("applicable", True):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def summary_lines(protocol: str, summary: dict) -> list[str]:
+    """One line per number: pre -> post (random-neuron control), in percent (fluency in bits)."""
+    pre, post, control = (_flat(summary.get(side) or {}) for side in ("pre", "post", "control"))
+    lines = [f"  {protocol} protocol, means over the requests: before -> after (random-neuron control)"]
+    for key, value in post.items():
+        def text(v):
+            if not _number(v):
+                return "n/a"
+            return f"{v:.2f} bits" if key == "fluency" else f"{100 * v:.1f}%"
+        lines.append(f"    {key}: {text(pre.get(key))} -> {text(value)} ({text(control.get(key))})")
+    return lines
