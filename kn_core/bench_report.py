@@ -30,9 +30,13 @@ COLUMNS = {
 def build_report(lm, read, results: list[dict], settings, params, *, source: str, command: str, timing: dict) -> dict:
     """Plain JSON: settings, provenance, per condition the protocol's summary over the edited cases, the cases,
     and what was left out."""
-    from .protocols import summarize
+    from .protocols import n_gram_entropy, summarize
 
     edited = [r for r in results if "conditions" in r]
+    for r in edited:  # fluency from the stored texts, so a report rewritten later uses the current tokenizer
+        for condition in r["conditions"].values():
+            if settings.protocol == "rome" and condition.get("generations"):
+                condition["scores"]["fluency"] = n_gram_entropy(condition["generations"])
     labels = list(dict.fromkeys(label for r in edited for label in r["conditions"]))
     summary = {label: summarize(settings.protocol, [r["conditions"][label]["scores"] for r in edited
                                                     if label in r["conditions"]]) for label in labels}

@@ -74,12 +74,13 @@ def harmonic_mean(values: Sequence[float]) -> float | None:
     return float(len(values) / sum(1.0 / v for v in values))
 
 
-_WORD = re.compile(r"[A-Za-z0-9]+(?:[.'][A-Za-z0-9]+)*|n't|'[a-z]+|[^\sA-Za-z0-9]")
+# NLTK's Treebank splits: "don't" -> do n't, "France's" -> France 's, punctuation apart, decimals kept whole
+_WORD = re.compile(r"[A-Za-z0-9]+?(?=n't)|n't|'[A-Za-z]+|[A-Za-z0-9]+(?:\.[0-9]+)?|[^\sA-Za-z0-9]")
 
 
 def word_tokens(text: str) -> list[str]:
-    """Words, numbers and punctuation marks, each its own token (ROME uses nltk.word_tokenize, which splits
-    ordinary English the same way; NLTK is not a dependency here)."""
+    """Words, numbers, clitics and punctuation marks, each its own token, as nltk.word_tokenize (which ROME uses)
+    splits ordinary English; NLTK is not a dependency here, and rarer cases (abbreviations, quotes) may differ."""
     return _WORD.findall(text)
 
 
