@@ -180,6 +180,25 @@ def _conditions(lm, case: EditCase, neurons, prompts, settings: BenchSettings, t
     return out
 
 
+def protocol_scores(lm, case: EditCase, protocol: str, edit, control) -> dict:
+    """{"pre", "post", "control", "skipped"}: `case` scored by `protocol` on the unedited model, with `edit` and with
+    its random-neuron `control` (teacher-forced rows, no generation: fluency is n/a here)."""
+    from .evaluation import answer_probabilities, with_edits
+    from .protocols import case_prompts, score_case
+
+    groups, skipped = case_prompts(lm, case, protocol)
+
+    def rows():
+        return {g: answer_probabilities(lm, ps) for g, ps in groups.items()}
+
+    pre = rows()
+    kind = edit.kind
+    return {"pre": score_case(protocol, groups, pre, None, kind),
+            "post": score_case(protocol, groups, with_edits(lm, [edit], rows), pre, kind),
+            "control": score_case(protocol, groups, with_edits(lm, [control], rows), pre, kind),
+            "skipped": [{"what": w, "reason": r} for w, r in skipped]}
+
+
 def run_case(lm, case: EditCase, params, settings: BenchSettings, cache: Path, task=None) -> dict:
     """One case measured before the edit, after each condition, and scored by the protocol (plain JSON)."""
     from .evaluation import answer_probabilities, with_edits
