@@ -102,8 +102,8 @@ def load_records(path) -> tuple[list[dict], str]:
     elif stripped.startswith("{"):
         try:
             whole = json.loads(text)
-        except json.JSONDecodeError:
-            whole = None  # JSON Lines: one object per line
+        except (json.JSONDecodeError, RecursionError):
+            whole = None  # JSON Lines: one object per line (a line nested too deeply is named below)
         if isinstance(whole, dict) and isinstance(whole.get("records"), list):
             records, container = whole["records"], "records object"
         elif isinstance(whole, dict):
@@ -117,6 +117,8 @@ def load_records(path) -> tuple[list[dict], str]:
                 except json.JSONDecodeError as exc:
                     raise FieldFormatError(f"{path}, line {number}: not valid JSON ({exc.msg} at column "
                                            f"{exc.colno})") from None
+                except RecursionError:
+                    raise FieldFormatError(f"{path}, line {number}: the JSON is nested too deeply") from None
     for number, record in enumerate(records, 1):
         if not isinstance(record, dict):
             raise FieldFormatError(f"{path}: record {number} is not a JSON object ({{...}})")
