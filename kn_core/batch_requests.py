@@ -267,18 +267,22 @@ def _combined_factset(factset: FactSet | None, relations: dict[str, Relation], r
 
 
 def _benchmark_file(path) -> bool:
-    """A benchmark file of the field (field_formats) that is not in the line form read below: CounterFact,
-    zsRE, KnowEdit, MQuAKE, a JSON array, or EasyEdit requests with keys the line form does not know."""
+    """A benchmark file of the field (field_formats) rather than the line form read below: every record reads as
+    a benchmark format, and the file is not all line-form requests (CounterFact, zsRE, KnowEdit, MQuAKE, a JSON
+    array, or EasyEdit requests with keys the line form does not know, e.g. rephrase_prompt)."""
     from .field_formats import FieldFormatError, detect_format, load_records
 
     try:
         records, container = load_records(path)
     except FieldFormatError:
         return False
-    fmt = detect_format(records[0])
-    if fmt is None:
+
+    def line_form(r):
+        return set(r) <= set(EASYEDIT_FIELDS if "prompt" in r else OUR_FIELDS)
+
+    if container == "json lines" and all(line_form(r) for r in records):
         return False
-    return fmt != "easyedit" or container != "json lines" or any(set(r) - set(EASYEDIT_FIELDS) for r in records)
+    return all(detect_format(r) is not None for r in records)
 
 
 def _parse_benchmark(path, factset: FactSet | None, kind: str) -> ParsedRequests:
