@@ -199,6 +199,22 @@ def protocol_scores(lm, case: EditCase, protocol: str, edit, control) -> dict:
             "skipped": [{"what": w, "reason": r} for w, r in skipped]}
 
 
+def _combined(per_edit: list[list[tuple]]) -> list[tuple]:
+    """One condition list for a case: a single rewrite's as it is; several rewrites' (MQuAKE) as one Batch per
+    label, their calibrations listed."""
+    from .edits import Batch
+
+    if len(per_edit) == 1:
+        return per_edit[0]
+    out = []
+    for k, (label, *_) in enumerate(per_edit[0]):
+        parts = [conditions[k] for conditions in per_edit]
+        calibrations = [p[2] for p in parts if len(p) > 2]
+        batch = Batch(tuple(p[1] for p in parts), label)
+        out.append((label, batch, calibrations) if calibrations else (label, batch))
+    return out
+
+
 def run_case(lm, case: EditCase, params, settings: BenchSettings, cache: Path, task=None) -> dict:
     """One case measured before the edit, after each condition, and scored by the protocol (plain JSON)."""
     from .evaluation import answer_probabilities, with_edits
@@ -206,14 +222,24 @@ def run_case(lm, case: EditCase, params, settings: BenchSettings, cache: Path, t
 
     task = as_task(task)
     start = time.time()
-    neurons, found_on, excluded, cached = _neurons(lm, case, params, settings, cache, task.slice(0, 0.6))
+    Path(cache).mkdir(parents=True, exist_ok=True)
+    edits = case.edits()  # MQuAKE: every rewrite of the case, each with its own neurons, applied together
+    found = [_neurons(lm, e, params, settings, cache, task.slice(0.6 * k / len(edits), 0.6 * (k + 1) / len(edits)))
+             for k, e in enumerate(edits)]
+    neurons, found_on, excluded, _ = found[0]
     out = {"case_id": case.case_id, "subject": case.subject, "target_true": case.target_true,
            "target_new": case.target_new, "relation_id": case.relation_id, "neurons": [list(n) for n in neurons],
            "massive_left_out": [list(n) for n in sorted(excluded)], "neuron_prompts": len(found_on),
-           "attribution_cached_prompts": cached}
-    if not neurons:
-        out["left_out"] = (f"no refined neurons (coarse at t={settings.t} in >= max(p={settings.p} x "
-                           f"{len(found_on)}, 3) of the {len(found_on)} prompts)")
+           "attribution_cached_prompts": sum(f[3] for f in found)}
+    if len(edits) > 1:
+        out["rewrites"] = [{"subject": e.subject, "target_new": e.target_new, "neurons": [list(n) for n in f[0]]}
+                           for e, f in zip(edits, found)]
+    empty = [k for k, f in enumerate(found) if not f[0]]
+    if empty:
+        k = empty[0]
+        out["left_out"] = (f"no refined neurons{f' for rewrite {k}' if len(edits) > 1 else ''} (coarse at "
+                           f"t={settings.t} in >= max(p={settings.p} x {len(found[k][1])}, 3) of the "
+                           f"{len(found[k][1])} prompts)")
         out["seconds"] = time.time() - start
         return out
     groups, skipped = case_prompts(lm, case, settings.protocol if settings.protocol != "kn" else "rome")
@@ -231,10 +257,11 @@ def run_case(lm, case: EditCase, params, settings: BenchSettings, cache: Path, t
     out["conditions"] = {"unedited": {"scores": score_case(settings.protocol, groups, before, None, settings.edit,
                                                            before_gen, case.reference_texts),
                                       "generations": before_gen}}
-    conditions = _conditions(lm, case, neurons, found_on, settings, task.slice(0.6, 0.7))
+    conditions = _combined([_conditions(lm, e, f[0], f[1], settings, task.slice(0.6, 0.7))
+                            for e, f in zip(edits, found)])
     for k, (label, edit, *calibration) in enumerate(conditions):
         task.check()
-        rows, gen = measured([edit], edit.kind == "update")
+        rows, gen = measured([edit], settings.edit == "update")
         out["conditions"][label] = {"scores": score_case(settings.protocol, groups, rows, before, settings.edit, gen,
                                                          case.reference_texts),
                                     "edit": edit.to_dict(), "generations": gen,

@@ -40,8 +40,8 @@ def build_report(lm, read, results: list[dict], settings, params, *, source: str
     labels = list(dict.fromkeys(label for r in edited for label in r["conditions"]))
     summary = {label: summarize(settings.protocol, [r["conditions"][label]["scores"] for r in edited
                                                     if label in r["conditions"]]) for label in labels}
-    calibrated = [r["conditions"]["update (calibrated)"].get("calibration") for r in edited
-                  if "update (calibrated)" in r["conditions"]]
+    calibrated = [c for r in edited if "update (calibrated)" in r["conditions"]
+                  for c in _as_list(r["conditions"]["update (calibrated)"].get("calibration"))]
     model = {"source": getattr(lm, "source", None), "sha256": lm.sha256, "kind": lm.kind,
              "layers": getattr(lm, "num_layers", None), "neurons": getattr(lm, "ffn_size", None)}
     resumed = sum(1 for r in results if r.get("resumed"))
@@ -68,6 +68,11 @@ def build_report(lm, read, results: list[dict], settings, params, *, source: str
                      "cases": [{"case_id": r["case_id"], "reason": r["left_out"]} for r in results if "left_out" in r]},
         "cases": results,
     }
+
+
+def _as_list(calibration) -> list:
+    """A case's calibration(s): one per rewrite (several for MQuAKE)."""
+    return calibration if isinstance(calibration, list) else [calibration]
 
 
 def _cpus() -> int:
@@ -144,7 +149,7 @@ def _notes(report: dict) -> list[str]:
         c = report["calibration"]
         out.append(f"- Calibrated update: both lambdas scaled by the smallest factor in [1/64, 4] at which o' is "
                    f"the greedy answer on the prompts that found the neurons; reached on {c['reached']} of {c['of']} "
-                   "cases (the others use the factor 4).")
+                   "rewrites (the others use the factor 4).")
         out.append(f"- Fluency: {p['generation_prompts']} generation prompt(s) per case, {p['gen_tokens']} new tokens "
                    "sampled from the top 5 (as ROME's generate_fast), ROME's n-gram entropy of prompt + text.")
     return out + [""]

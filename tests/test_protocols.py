@@ -228,3 +228,33 @@ def test_bench_runs_resumes_and_writes_the_report(tmp_path):
     assert len(edited) + len(report["left_out"]["cases"]) == 2
     again = run_bench(lm, read, tmp_path / "out", params, settings)
     assert again["timing"]["cases_resumed"] == 2 and again["summary"] == report["summary"]
+
+
+def test_kn_protocol_by_hand():
+    a, b = {"correct": True, "top1_id": 1, "prob": 0.5}, {"correct": False, "top1_id": 2, "prob": 0.2}
+    rows = {"rewrite:new": [a, b], "rewrite:true": [b, b], "paraphrase:new": [a], "neighborhood:true": [a, b]}
+    before = dict(rows, **{"neighborhood:true": [a, a]})
+    s = score_case("kn", {}, rows, before, "update")
+    assert s == {"reliability": 0.5, "generality": 1.0, "locality": 0.5}
+    assert score_case("kn", {}, rows, before, "suppress")["reliability"] == 1.0  # o greedy on no prompt
+
+
+def test_bench_suppress_and_a_multi_rewrite_case(tmp_path):
+    from kn_core.attribution import AttributionParams
+
+    lm = tiny()
+    path, _ = _tiny_counterfact(tmp_path)
+    params = AttributionParams(steps=2, quadrature="gauss")
+    report = run_bench(lm, read_field_file(path), tmp_path / "s", params,
+                       BenchSettings(edit="suppress", protocol="kn", cases=1, t=0.1, p=0.5))
+    if report["cases_edited"]:
+        assert set(report["summary"]) == {"unedited", "suppress", "random neurons"}
+        assert set(report["summary"]["suppress"]) >= {"reliability", "generality"}
+    assert report["cases_edited"] + len(report["left_out"]["cases"]) == 1
+    case = EditCase("m", "The capital of France is", "France", "Paris", "Berlin",
+                    paraphrases=("France, whose capital is", "The capital city of France is"),
+                    extra_edits=(EditCase("m.1", "The capital of Japan is", "Japan", "Tokyo", "Rome"),))
+    from kn_core.bench import run_case
+
+    out = run_case(lm, case, params, BenchSettings(protocol="mquake", t=0.1, p=0.5), tmp_path / "cache")
+    assert out["left_out"].startswith("no refined neurons for rewrite 1")  # one prompt: refinement needs 3
