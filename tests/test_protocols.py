@@ -258,3 +258,10 @@ def test_bench_suppress_and_a_multi_rewrite_case(tmp_path):
 
     out = run_case(lm, case, params, BenchSettings(protocol="mquake", t=0.1, p=0.5), tmp_path / "cache")
     assert out["left_out"].startswith("no refined neurons for rewrite 1")  # one prompt: refinement needs 3
+
+
+def test_the_cli_offers_every_protocol():
+    from kn_core.cli.bench import PROTOCOL_CHOICES
+    from kn_core.protocols import PROTOCOLS
+
+    assert tuple(PROTOCOL_CHOICES) == PROTOCOLS

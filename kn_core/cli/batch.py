@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .attribution import integration_options
 from .checks import whole_number
+from .bench import PROTOCOL_CHOICES
 from .common import COMMON, CliError, emit, factset_of, load, progress_bar, project_of, say
 
 REQUESTS_HELP = """one request a line, EasyEdit's form {"prompt", "subject", "ground_truth", "target_new",
@@ -145,7 +146,7 @@ def add_batch_command(edit_sub) -> None:
     p.add_argument("--max-prompts", type=whole_number, default=None,
                    help="measure at most N prompts of each prompt group of each request (default: all; stated in "
                         "the output)")
-    p.add_argument("--protocol", choices=["kn", "easyedit", "rome", "mquake"], default="kn",
+    p.add_argument("--protocol", choices=PROTOCOL_CHOICES, default="kn",
                    help="score every request also by this protocol (docs/METRICS.md): easyedit (token accuracies), "
                         "rome (CounterFact ES/PS/NS, S), mquake (edit-wise, multi-hop); kn: ours only")
     p.add_argument("--no-relation-exclusion", action="store_true",

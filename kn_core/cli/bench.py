@@ -80,16 +80,17 @@ def cmd_to_counterfact(args) -> int:
     return 0
 
 
-def add_commands(sub) -> None:
-    from ..protocols import PROTOCOLS
+PROTOCOL_CHOICES = ("kn", "easyedit", "rome", "mquake")  # protocols.PROTOCOLS (not imported: numpy at parse time)
 
+
+def add_commands(sub) -> None:
     b = sub.add_parser("bench", parents=[COMMON], help="knowledge-neuron edits on a benchmark file (CounterFact, "
                                                        "zsRE, KnowEdit, MQuAKE, EasyEdit), with controls")
     b.add_argument("bench_file", metavar="FILE", help="a benchmark file: JSON array, JSON Lines or {\"records\": [...]}")
     b.add_argument("--format", choices=["counterfact", "zsre", "knowedit", "mquake", "easyedit"], default=None,
                    help="the file's format (default: detected from its first record)")
     b.add_argument("--edit", choices=["suppress", "amplify", "update"], default="update")
-    b.add_argument("--protocol", choices=list(PROTOCOLS), default="rome",
+    b.add_argument("--protocol", choices=PROTOCOL_CHOICES, default="rome",
                    help="rome: CounterFact's ES/PS/NS, S, fluency; easyedit: token accuracies; mquake: multi-hop; "
                         "kn: ours (docs/METRICS.md)")
     b.add_argument("--cases", type=whole_number, default=100, help="cases sampled (seeded) from the file")
