@@ -265,3 +265,28 @@ def test_the_cli_offers_every_protocol():
     from kn_core.protocols import PROTOCOLS
 
     assert tuple(PROTOCOL_CHOICES) == PROTOCOLS
+
+
+@pytest.mark.default_model
+def test_pre_edit_rome_and_easyedit_scores_on_the_default_model_equal_transformers():
+    """A real CounterFact record (tests/data) on the embedded default model: the protocols' pre-edit numbers from
+    answer_probabilities rows equal EasyEdit's / ROME's formulas on the transformers forward of prompt + ' ' + target."""
+    from pathlib import Path
+
+    from kn_core.evaluation import answer_probabilities
+    from kn_core.models import load_model
+
+    lm = load_model("default", device="cpu")
+    case = read_field_file(Path(__file__).parent / "data" / "counterfact_sample.json").cases[0]
+    prompts, skipped = case_prompts(lm, case, "rome")
+    assert not skipped
+    rows = {g: answer_probabilities(lm, ps) for g, ps in prompts.items()}
+    rome, easy = score_case("rome", prompts, rows), score_case("easyedit", prompts, rows)
+    texts = {"rewrite": [case.prompt], "paraphrase": list(case.paraphrases),
+             "neighborhood": [p for p, _ in case.neighborhood]}
+    for name, group, sign in (("EM", "rewrite", 1), ("PM", "paraphrase", 1), ("NM", "neighborhood", -1)):
+        diffs = [math.exp(_direct(lm, t, case.target_new)[1]) - math.exp(_direct(lm, t, case.target_true)[1])
+                 for t in texts[group]]
+        assert rome[name] == pytest.approx(sign * float(np.mean(diffs)), abs=1e-5)
+    accs = [_direct(lm, t, case.target_new)[0] for t in texts["paraphrase"]]
+    assert easy["rephrase_acc"] == pytest.approx(float(np.mean(accs)))
