@@ -290,3 +290,13 @@ def test_pre_edit_rome_and_easyedit_scores_on_the_default_model_equal_transforme
         assert rome[name] == pytest.approx(sign * float(np.mean(diffs)), abs=1e-5)
     accs = [_direct(lm, t, case.target_new)[0] for t in texts["paraphrase"]]
     assert easy["rephrase_acc"] == pytest.approx(float(np.mean(accs)))
+
+
+def test_summary_lines_read_pre_post_control():
+    from kn_core.protocols import summary_lines
+
+    lines = summary_lines("rome", {"pre": {"ES": 0.25, "fluency": 5.0}, "post": {"ES": 1.0, "fluency": 4.5,
+                                                                             "consistency": {"applicable": False}},
+                                   "control": {"ES": 0.5, "fluency": 5.1}})
+    assert "ES: 25.0% -> 100.0% (50.0%)" in lines[1] and "fluency: 5.00 bits -> 4.50 bits (5.10 bits)" in lines[2]
+    assert lines[3].strip().startswith("consistency: n/a -> n/a")
