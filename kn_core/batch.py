@@ -144,7 +144,8 @@ class _PlanningFacts:
 def run_batch(lm, parsed: ParsedRequests, neurons: dict, mode: str = "compound",
               *, seed: int = 0, control_facts: int = 4, forgetting_prompts: int = 1, relation_exclusion: bool = True,
               max_prompts: int | None = None, options: dict | None = None, activation_stats=None,
-              measure_sizes: bool = True, label: str = "", evaluation: str = "forced", task=None) -> BatchResult:
+              measure_sizes: bool = True, label: str = "", evaluation: str = "forced", protocol: str = "kn",
+              task=None) -> BatchResult:
     """Plans, applies and measures every request of `parsed` (see the module notes for the two modes) and
     leaves the model as it found it, also when cancelled (`tasks.Cancelled`) or on an error. Requests that
     cannot be planned (e.g. no neurons, an update no template can render) are left out and listed in
@@ -155,9 +156,14 @@ def run_batch(lm, parsed: ParsedRequests, neurons: dict, mode: str = "compound",
     (e.g. scope, factor, lambda1, lambda2, strength, to); `activation_stats`: for a suppress to the mean.
     `measure_sizes=False` leaves ‖Δa‖/‖ΔW‖ unmeasured (an activation edit's size costs a forward pass per request;
     the metrics then say "not measured"). `evaluation`: "forced" (teacher-forced `correct`) or "generate" (greedy
-    generation matches the answer: `evaluation.judge_by_generation`), recorded in the report."""
+    generation matches the answer: `evaluation.judge_by_generation`), recorded in the report. `protocol`
+    (kn_core.protocols.PROTOCOLS): besides our metrics, each request's case is scored by that protocol before,
+    after and under the control (report["protocol"], report["cases"], report["summary"]["pre"|"post"|"control"])."""
     from .evaluation import EVALUATIONS
+    from .protocols import PROTOCOLS
 
+    if protocol not in PROTOCOLS:
+        raise BatchError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
     if mode not in MODES:
         raise BatchError(f"unknown mode {mode!r}; use compound or sequential")
     if evaluation not in EVALUATIONS:
@@ -167,7 +173,7 @@ def run_batch(lm, parsed: ParsedRequests, neurons: dict, mode: str = "compound",
     left_out = [{"line": n, "reason": why} for n, why in parsed.bad]
     planning = _PlanningFacts(parsed.factset, {r.fact for r in parsed.requests})
     settings = dict(seed=seed, control_facts=control_facts, max_prompts=max_prompts, options=dict(options or {}),
-                    stats=activation_stats, sizes=measure_sizes, evaluation=evaluation,
+                    stats=activation_stats, sizes=measure_sizes, evaluation=evaluation, protocol=protocol,
                     relation_sets=_relation_sets(parsed.requests, neurons) if relation_exclusion else {})
     runner = _compound if mode == "compound" else _sequential
     entries, steps = runner(lm, parsed.requests, neurons, planning, settings, left_out, forgetting_prompts, task)
@@ -178,7 +184,9 @@ def run_batch(lm, parsed: ParsedRequests, neurons: dict, mode: str = "compound",
               "requests_read": len(parsed.requests) + len(parsed.bad), "applied": len(entries),
               "max_prompts_per_group": max_prompts, "control_facts": control_facts,
               "left_out": left_out, "requests": [_request_report(e) for e in entries],
-              "summary": _summary(entries, steps), "metrics_definition": METRICS_NOTE}
+              "summary": _summary(entries, steps), "metrics_definition": METRICS_NOTE, "protocol": protocol}
+    report["summary"].update(_protocol_summary(protocol, entries))
+    report["cases"] = [_case_report(protocol, e) for e in entries]
     if steps is not None:
         report["steps"] = steps
     return BatchResult(edit, control, report)
@@ -244,7 +252,37 @@ def _plan(lm, planning: _PlanningFacts, r: BatchRequest, neurons, settings, left
         groups = {g: ps[: settings["max_prompts"]] for g, ps in groups.items()}
     if r.locality:
         groups["locality"] = locality_prompts(lm, r.locality, skipped)
+    if settings["protocol"] != "kn":
+        groups.update(_protocol_groups(lm, plan, r, settings["protocol"], skipped))
     return replace(plan, prompts=groups, skipped=skipped)
+
+
+PROTOCOL_PREFIX = "protocol/"  # plan groups measured only for the protocol's scores (kn_core.protocols)
+
+
+def _protocol_groups(lm, plan, r: BatchRequest, protocol: str, skipped) -> dict[str, list[Prompt]]:
+    """The protocol's prompt groups of the request's case (a benchmark file's case, or one made from the plan's
+    own prompts), prefixed so that they never mix with the groups our metrics read."""
+    from .protocols import case_from_plan, case_prompts
+
+    case = r.case if r.case is not None else case_from_plan(plan)
+    groups, left = case_prompts(lm, case, protocol)
+    skipped.extend(left)
+    return {PROTOCOL_PREFIX + g: ps for g, ps in groups.items()}
+
+
+def _protocol_scores(plan, protocol: str, before, after, control_after) -> dict:
+    """{"pre", "post", "control"}: the protocol's scores of the request (kn_core.protocols.score_case)."""
+    from .protocols import score_case
+
+    def strip(rows):
+        return {g[len(PROTOCOL_PREFIX):]: v for g, v in rows.items() if g.startswith(PROTOCOL_PREFIX)}
+
+    prompts, pre = strip(plan.prompts), strip(before)
+    kind = plan.request.kind
+    return {"pre": score_case(protocol, prompts, pre, None, kind),
+            "post": score_case(protocol, prompts, strip(after), pre, kind),
+            "control": score_case(protocol, prompts, strip(control_after), pre, kind)}
 
 
 MEASURE_CHUNK = 256  # prompts per answer_probabilities call: it holds every prompt's full-vocabulary log-probs
@@ -268,7 +306,7 @@ def _measure(lm, group_list: Sequence[dict[str, list[Prompt]]], task, evaluation
     return [{g: [next(rows) for _ in ps] for g, ps in groups.items()} for groups in group_list]
 
 
-def _metrics(lm, plan, before, after, control_after, sizes: bool = True) -> dict:
+def _metrics(lm, plan, before, after, control_after, sizes: bool = True, protocol: str = "kn") -> dict:
     """edit_metrics of the request (sizes measured on the model as it is: unedited, or before the step), and
     for EasyEdit locality prompts their own "locality_prompts" entry (kept top-1 and |Δp|, as locality)."""
     from .metrics import _kept, edit_metrics, edit_size, not_applicable
@@ -281,6 +319,8 @@ def _metrics(lm, plan, before, after, control_after, sizes: bool = True) -> dict
         given = before.get("locality") or []
         side["locality_prompts"] = (_kept(given, rows["locality"]) if given else
                                     not_applicable("the request gives no locality prompts"))
+    if protocol != "kn":
+        out["protocol"] = _protocol_scores(plan, protocol, before, after, control_after)
     return out
 
 
@@ -302,7 +342,7 @@ def _compound(lm, requests, neurons, planning, settings, left_out, forgetting_pr
                     lambda: _measure(lm, groups, task.slice(0.7, 1.0), ev))
     for e, b, a, c in zip(entries, before, after, control):
         task.check()
-        e["metrics"] = _metrics(lm, e["plan"], b, a, c, settings["sizes"])
+        e["metrics"] = _metrics(lm, e["plan"], b, a, c, settings["sizes"], settings["protocol"])
     return entries, None
 
 
@@ -330,7 +370,7 @@ def _sequential(lm, requests, neurons, planning, settings, left_out, forgetting_
             (control,) = _with(lm, plan.control, lambda: _measure(lm, [plan.prompts], step.slice(0.4, 0.6), ev))
             handles.append(plan.edit.apply(lm))
             (after,) = _measure(lm, [plan.prompts], step.slice(0.6, 0.8), ev)
-            entry["metrics"] = _metrics(lm, plan, before, after, control, settings["sizes"])
+            entry["metrics"] = _metrics(lm, plan, before, after, control, settings["sizes"], settings["protocol"])
             entry["probe"] = _probe(entry, before, forgetting_prompts)
             entries.append(entry)
             steps.append(_step_report(lm, entries, step.slice(0.8, 1.0), ev))
@@ -413,6 +453,38 @@ def _summary(entries, steps) -> dict:
         out["forgetting"] = {"holds_right_after_own_step": _mean_of(first), "holds_at_the_end": _mean_of(last),
                              "note": "mean over requests of the fraction of probe prompts where the edit holds"}
     return out
+
+
+def _protocol_summary(protocol: str, entries) -> dict:
+    """{"pre", "post", "control"}: the protocol's means over the requests (kn: our metrics' rates, and their
+    rates on the unedited model where a metric has one)."""
+    from .protocols import summarize
+
+    if protocol != "kn":
+        scores = [e["metrics"]["protocol"] for e in entries]
+        return {side: summarize(protocol, [s[side] for s in scores]) for side in ("pre", "post", "control")}
+    metrics = _summary(entries, None)["metrics"]
+    names = ("reliability", "generality", "locality", "portability")
+
+    def pre(name):
+        rates = [(e["metrics"][name].get("before") or {}).get("rate") for e in entries
+                 if e["metrics"][name].get("applicable", True)]
+        return _mean_of(rates)
+
+    def rate(m):
+        return m.get("rate") if m.get("applicable", True) else m
+
+    return {"pre": {n: pre(n) for n in names}, "post": {n: rate(metrics[n]) for n in names},
+            "control": {n: rate(metrics["control"][n]) for n in names}}
+
+
+def _case_report(protocol: str, e) -> dict:
+    r = e["request"]
+    scores = e["metrics"].get("protocol") if protocol != "kn" else {
+        "post": {k: e["metrics"][k].get("rate") for k in ("reliability", "generality", "locality")},
+        "control": {k: e["metrics"]["control"][k].get("rate") for k in ("reliability", "generality", "locality")}}
+    return {"line": r.line, "case_id": getattr(r.case, "case_id", None), "subject": r.fact.subject,
+            "target_true": r.fact.object, "target_new": r.new_object, **(scores or {})}
 
 
 def _mean_of(values) -> float | None:

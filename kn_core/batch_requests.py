@@ -50,6 +50,7 @@ class BatchRequest:
     locality: tuple[tuple[str, str], ...] = ()  # (prompt, ground truth)
     main_template: str | None = None  # EasyEdit form: the prompt's own template (the rest are rephrases)
     left_out: tuple[tuple[str, str], ...] = ()  # parts of the line not used, with the reason
+    case: object = None  # field_formats.EditCase of a benchmark file: what the protocols (kn_core.protocols) measure
 
     def label(self) -> str:
         tail = f" -> {self.new_object}" if self.new_object else ""
@@ -61,6 +62,8 @@ class ParsedRequests:
     requests: list[BatchRequest]
     bad: list[tuple[int, str]] = field(default_factory=list)  # (line, reason)
     factset: FactSet | None = None  # the given fact set plus the EasyEdit requests' relations and facts
+    format: str = "kn"  # "easyedit" / "kn" line forms, or the benchmark format read (field_formats.FORMATS)
+    left_out_fields: list = field(default_factory=list)  # a benchmark file's fields left out, with reasons
 
     def refuse_or_skip(self, skip_bad: bool) -> None:
         """BatchError naming the bad lines (the first _LISTED of them, with their reasons) in one line unless
@@ -85,6 +88,8 @@ def parse_requests(source, factset: FactSet | None = None, default_kind: str = "
     the prompt); a masked model gets the same template, with the mask at the end."""
     if default_kind not in BATCH_KINDS:
         raise BatchError(f"unknown edit kind {default_kind!r}; use one of {', '.join(BATCH_KINDS)}")
+    if isinstance(source, (str, Path)) and _benchmark_file(source):
+        return _parse_benchmark(source, factset, default_kind)
     lines = _lines(source)
     requests, bad = [], []
     relations: dict[str, Relation] = {}
@@ -259,6 +264,71 @@ def _combined_factset(factset: FactSet | None, relations: dict[str, Relation], r
             facts.append(r.fact)
     base = dict(factset.relations) if factset is not None else {}
     return FactSet(factset.name if factset is not None else "batch", {**base, **relations}, facts)
+
+
+def _benchmark_file(path) -> bool:
+    """A benchmark file of the field (field_formats) rather than the line form read below: every record reads as
+    a benchmark format, and the file is not all line-form requests (CounterFact, zsRE, KnowEdit, MQuAKE, a JSON
+    array, or EasyEdit requests with keys the line form does not know, e.g. rephrase_prompt)."""
+    from .field_formats import FieldFormatError, detect_format, load_records
+
+    try:
+        records, container = load_records(path)
+    except FieldFormatError:
+        return False
+
+    def line_form(r):
+        return set(r) <= set(EASYEDIT_FIELDS if "prompt" in r else OUR_FIELDS)
+
+    if container == "json lines" and all(line_form(r) for r in records):
+        return False
+    return all(detect_format(r) is not None for r in records)
+
+
+def _parse_benchmark(path, factset: FactSet | None, kind: str) -> ParsedRequests:
+    """Every case of a benchmark file as requests (a MQuAKE case gives one request per rewrite; the first one
+    carries the case's questions); `line` is the record's number. A file the reader refuses is one BatchError."""
+    from .field_formats import FieldFormatError, read_field_file
+
+    try:
+        read = read_field_file(path)
+    except FieldFormatError as exc:
+        raise BatchError(str(exc)) from None
+    requests, bad = [], []
+    relations: dict[str, Relation] = {}
+    for number, case in enumerate(read.cases, 1):
+        for k, edit in enumerate(case.edits()):
+            try:
+                request = _case_request(number, edit, kind, case if k == 0 else None, read.format)
+            except (_BadLine, ValueError) as exc:
+                bad.append((number, str(exc)))
+                continue
+            relations[request.relation.id] = request.relation
+            requests.append(request)
+    parsed = ParsedRequests(requests, bad, _combined_factset(factset, relations, requests))
+    parsed.format, parsed.left_out_fields = read.format, read.left_out
+    return parsed
+
+
+def _case_request(number: int, edit, kind: str, case, fmt: str) -> BatchRequest:
+    """One rewrite of a benchmark case as a request of its own relation (the prompt and the paraphrases that
+    name the subject, as the line form builds it); `case` (the whole case) rides along for the protocols."""
+    if edit.target_true is None:
+        raise _BadLine("no ground truth (the fact to edit); EasyEdit's ground_truth is needed")
+    given = {"target_new": edit.target_new} if edit.target_new and kind == "update" else {}
+    new = _new_object(given, "target_new", kind, edit.target_true)  # suppress/amplify: the case's o* unused
+    templates, left_out = [edit.template()], []
+    for r in (*edit.more_prompts, *edit.paraphrases):
+        if edit.subject not in r or "[X]" in r or "[Y]" in r:
+            left_out.append((f"paraphrase {r!r}", "does not name the subject, so it cannot find the fact's neurons "
+                             "(it is still measured by the protocols)" if edit.subject not in r else "contains [X] or [Y]"))
+        elif (t := r.replace(edit.subject, "[X]", 1) + " [Y]") not in templates:
+            templates.append(t)
+    locality = tuple((p, a[0]) for items in (edit.neighborhood, *edit.locality.values()) for p, a in items)
+    digest = hashlib.sha1(json.dumps([templates, edit.subject, edit.target_true]).encode()).hexdigest()[:12]
+    relation = Relation(f"{fmt}-{digest}", f"{fmt} case {edit.case_id}: {edit.prompt}", tuple(templates))
+    return BatchRequest(number, kind, Fact(relation.id, edit.subject, edit.target_true), relation, new, None,
+                        locality, templates[0], tuple(left_out), case)
 
 
 def check_requests(lm, parsed: ParsedRequests) -> None:

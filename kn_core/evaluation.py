@@ -97,8 +97,8 @@ def answer_probabilities(lm, prompts: Sequence, batch_size: int = 16, task: Task
     """Probability of each prompt's answer under the model as it is now (with whatever edits are active).
 
     Returns one dict per prompt: `prob` (product over answer tokens, see the module notes), `logprob`,
-    `token_probs`, `top1_token`, `top1_id`, `correct` (greedy == answer at every answer position), `rank` and
-    `ranks` (see the module notes) and, with
+    `token_probs`, `top1_token`, `top1_id`, `greedy_ids` (the argmax at every answer position, teacher-forced),
+    `correct` (greedy == answer at every answer position), `rank` and `ranks` (see the module notes) and, with
     `top_k`, `top` (the k best first tokens with their probabilities) and `in_top_k`.
     """
     per_prompt = [_encode_prompt(lm, p) for p in prompts]
@@ -125,6 +125,7 @@ def answer_probabilities(lm, prompts: Sequence, batch_size: int = 16, task: Task
             "logprob": lp,
             "token_probs": [math.exp(float(x)) for x in token_lp],
             "top1_id": int(greedy[0]),
+            "greedy_ids": [int(g) for g in greedy],  # the argmax at every answer position (token-level protocols)
             "top1_token": _token_text(lm.tokenizer, int(greedy[0])),
             "correct": bool(torch.equal(greedy, targets)),
             "rank": ranks[0],

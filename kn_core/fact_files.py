@@ -251,7 +251,8 @@ def _import_pararel(folder: Path, root: Path) -> FactSet:
 
 
 def import_facts(path) -> FactSet:
-    """Reads a PARAREL folder, or a .csv / .jsonl file in our format. Raises FactImportError (file, line,
+    """Reads a PARAREL folder, a .csv / .jsonl file in our format, or a benchmark file of the field (CounterFact,
+    zsRE, KnowEdit, MQuAKE, EasyEdit requests: `field_formats`, their facts only). Raises FactImportError (file, line,
     problem) on malformed input; nothing is returned half-read."""
     path = Path(path).expanduser()
     if path.is_dir():
@@ -266,6 +267,13 @@ def import_facts(path) -> FactSet:
     if suffix == ".csv":
         return _import_csv(path)
     if suffix in (".jsonl", ".json"):
+        from .field_formats import FieldFormatError, import_field_facts, is_field_file
+
+        if is_field_file(path):  # CounterFact, zsRE, KnowEdit, MQuAKE, EasyEdit requests (field_formats)
+            try:
+                return import_field_facts(path)[0]
+            except FieldFormatError as exc:
+                raise FactImportError(path, None, str(exc).removeprefix(f"{path}: ")) from None
         return _import_jsonl(path)
     raise FactImportError(path, None, f"unknown file type {suffix!r}; use .csv, .jsonl or a PARAREL folder")
 

@@ -126,6 +126,16 @@ CASES = [
     ("save-is-a-folder", ATTR + ["--save", "{dir}"], ["--save", "folder"]),
     ("save-under-a-file", ATTR + ["--save", "{file}/x.npz"], ["--save"]),
     ("reproduce-out-is-a-file", ["reproduce", "--out", "{file}"], ["--out", "existing file"]),
+    ("bench-file-missing", ["bench", "/missing/cf.json", "--out", "{tmp}/b"], ["FILE", "no such file"]),
+    ("bench-cases-zero", ["bench", "{file}", "--cases", "0", "--out", "{tmp}/b"], ["--cases", "0"]),
+    ("bench-gen-tokens-zero", ["bench", "{file}", "--gen-tokens", "0", "--out", "{tmp}/b"], ["--gen-tokens"]),
+    ("bench-not-a-benchmark", ["bench", "{file}", "--out", "{tmp}/b"], ["line 1", "not valid JSON"]),
+    ("bench-unknown-format", ["bench", "{jsonl_unknown_format}", "--out", "{tmp}/b"], ["not a known benchmark format"]),
+    ("bench-mquake-protocol-on-counterfact", ["bench", "{counterfact}", "--protocol", "mquake", "--out", "{tmp}/b"],
+     ["--protocol mquake", "counterfact"]),
+    ("to-counterfact-output-is-a-folder", ["facts", "to-counterfact", "--output", "{dir}"], ["--output", "folder"]),
+    ("to-counterfact-per-relation-zero", ["facts", "to-counterfact", "--output", "{tmp}/c.json", "--per-relation",
+                                          "0"], ["--per-relation"]),
     ("reproduce-out-under-a-file", ["reproduce", "--out", "{file}/sub"], ["--out", "is a file"]),
     ("export-is-a-file", SUP + ["--export", "{file}"], ["--export", "existing file"]),
     ("project-export-out-is-a-file", ["project", "export", "{project}", "--out", "{file}"], ["--out", "file"]),
@@ -298,6 +308,7 @@ def world(tmp_path_factory):
     places["file"] = str(root / "a_file.txt")
     (root / "a_dir").mkdir()
     places["dir"] = str(root / "a_dir")
+    places["counterfact"] = str(ROOT / "tests" / "data" / "counterfact_sample.json")
     with create_project(root / "p.knproj") as project:
         project.add_fact({"relation": "P36", "subject": "France", "object": "Paris"})
     places["project"] = str(root / "p.knproj")
@@ -350,6 +361,7 @@ def _audit_files(root: Path, places: dict) -> None:
         "batch_nul": ("nul_requests.jsonl", '{"relation": "P36", "subject": "France", "new_object": "Ber\\u0000lin"}\n'),
         "batch_surrogate": ("sur_requests.jsonl", '{"prompt": "The capital of Fr\\udcffance is", "subject": '
                                                   '"Fr\\udcffance", "ground_truth": "Paris", "target_new": "Rome"}\n'),
+        "jsonl_unknown_format": ("unknown_format.json", '[{"question": "What?", "answer": "x"}]'),
         "batch_two_bad": ("bad_requests.jsonl", '{oops\n{"relation": "P36", "subject": "Atlantis"}\n'),
         "batch_long": ("long_requests.jsonl", '{"prompt": "' + LONG + ' The capital of France is", "subject": '
                                               '"France", "ground_truth": "Paris", "target_new": "Berlin", '

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .attribution import integration_options
 from .checks import whole_number
+from .bench import PROTOCOL_CHOICES
 from .common import (COMMON, CliError, emit, eval_option, factset_of, load, progress_bar, project_of,
                      prompt_format_option, say)
 
@@ -24,6 +25,13 @@ def cmd_edit_batch(args) -> int:
     t = args.t if args.t is not None else default_t(args.method)
     parsed = parse_requests(args.requests, factset, args.kind)
     _refuse_or_skip(parsed, args.skip_bad)
+    if parsed.format != "kn":
+        say(f"{args.requests}: {parsed.format} file, {len(parsed.requests)} request(s)")
+    for x in parsed.left_out_fields:
+        say(f"left out field {x['field']} ({x['records']} records): {x['reason']}")
+    if args.protocol == "mquake" and parsed.format != "mquake":
+        raise CliError(f"--protocol mquake needs MQuAKE cases (multi-hop questions); {args.requests} is "
+                       f"{parsed.format}")
     lm = load(args)
     check_requests(lm, parsed)  # explicit neurons inside the model, prompts that render: no forward pass yet
     _refuse_or_skip(parsed, args.skip_bad)
@@ -38,12 +46,14 @@ def cmd_edit_batch(args) -> int:
             result = run_batch(lm, parsed, neurons, args.mode, seed=args.seed, control_facts=args.control_facts,
                                forgetting_prompts=args.forgetting_prompts,
                                relation_exclusion=not args.no_relation_exclusion, max_prompts=args.max_prompts,
-                               label=f"{args.mode} batch of {args.requests}", evaluation=args.eval, task=task)
+                               label=f"{args.mode} batch of {args.requests}", evaluation=args.eval,
+                               protocol=args.protocol, task=task)
         if result.edit is None:
             for x in result.report["left_out"]:
                 say(f"left out line {x['line']}: {x['reason']}")
             raise CliError(f"every one of the {result.report['requests_read']} requests was left out (listed above)")
-        doc = {**result.report, "neuron_params": {"t": t, "p": args.p, **params.to_dict()},
+        doc = {**result.report, "format": parsed.format, "fields_left_out": parsed.left_out_fields,
+               "neuron_params": {"t": t, "p": args.p, **params.to_dict()},
                "history_entry": None, "evaluation_id": None, "project": args.project}
         if project is not None:
             doc["evaluation_id"] = project.add_evaluation(
@@ -100,6 +110,10 @@ def _text(doc: dict) -> str:
         sources[key] = sources.get(key, 0) + 1
     lines += [f"  neurons: {n} request(s) from {src}" for src, n in sources.items()]
     lines += metrics_lines(summary["metrics"])
+    if doc.get("protocol", "kn") != "kn":
+        from ..protocols import summary_lines
+
+        lines += summary_lines(doc["protocol"], summary)
     if summary["metrics"]["locality_prompts"].get("applicable", True):
         lines.append(f"  (locality prompts given with EasyEdit requests: "
                      f"{metric_text(summary['metrics']['locality_prompts'])})")
@@ -140,6 +154,9 @@ def add_batch_command(edit_sub) -> None:
                         "the output)")
     eval_option(p)
     prompt_format_option(p)
+    p.add_argument("--protocol", choices=PROTOCOL_CHOICES, default="kn",
+                   help="score every request also by this protocol (docs/METRICS.md): easyedit (token accuracies), "
+                        "rome (CounterFact ES/PS/NS, S), mquake (edit-wise, multi-hop); kn: ours only")
     p.add_argument("--no-relation-exclusion", action="store_true",
                    help="updates: keep neurons shared by more than 10%% of the batch's other facts of the relation "
                         "(the paper leaves them out)")

@@ -90,6 +90,14 @@ CHECKS = {
     "file": lambda value, args: v.check_text("file", value),
     "prompt_format": lambda value, args: v.check_choice("--prompt-format", value, ("plain", "chat")),
     "eval": lambda value, args: v.check_choice("--eval", value, ("forced", "generate")),
+    "bench_file": lambda value, args: v.check_input_file("FILE", value),
+    "cases": _at_least("--cases", 1),
+    "gen_tokens": _at_least("--gen-tokens", 1),
+    "generation_prompts": _at_least("--generation-prompts", 0),
+    "per_relation": _at_least("--per-relation", 1),
+    "max_paraphrases": _at_least("--max-paraphrases", 0),
+    "min_prompts": _at_least("--min-prompts", 1),
+    "output": lambda value, args: v.check_output_file("--output", value),
 }
 
 

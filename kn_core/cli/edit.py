@@ -123,8 +123,27 @@ def _metrics_text(doc: dict) -> list[str]:
     from ..metrics import metrics_lines
 
     judged = "by greedy generation" if doc["eval"] == "generate" else "teacher-forced"
-    return [f"metrics (docs/METRICS.md; correct judged {judged}, {doc['prompt_format']} prompts):",
-            *metrics_lines(doc["metrics"])]
+    lines = [f"metrics (docs/METRICS.md; correct judged {judged}, {doc['prompt_format']} prompts):",
+             *metrics_lines(doc["metrics"])]
+    if doc.get("protocol", "kn") != "kn":
+        from ..protocols import summary_lines
+
+        lines += summary_lines(doc["protocol"], doc["protocol_scores"])
+    return lines
+
+
+def _protocol_fields(lm, plan, args) -> dict:
+    """--protocol: the edit's fact scored by EasyEdit's or ROME's definitions too (kn_core.protocols), its
+    held-out prompts as paraphrases and the control facts as neighbourhood/locality; kn: ours only."""
+    protocol = getattr(args, "protocol", "kn")
+    if protocol == "kn":
+        return {"protocol": "kn"}
+    from ..bench import protocol_scores
+    from ..protocols import case_from_plan
+
+    with progress_bar(f"{protocol} protocol"):
+        return {"protocol": protocol,
+                "protocol_scores": protocol_scores(lm, case_from_plan(plan), protocol, plan.edit, plan.control)}
 
 
 def cmd_edit_activation(args) -> int:
@@ -159,7 +178,8 @@ def cmd_edit_activation(args) -> int:
                        "after": control["after"], "relative_change": control["relative_change"],
                        "flip_rate": control["flip_rate"]},
            "exported_to": args.export, **_plan_fields(lm, plan, args, measured),
-           **_flags_field(found.excluded, args), **_neuron_params_field(args, lm, found.selection)}
+           **_flags_field(found.excluded, args), **_neuron_params_field(args, lm, found.selection),
+           **_protocol_fields(lm, plan, args)}
     text = [f"{args.edit_kind} {len(plan.edit.neurons)} knowledge neurons of {fact.relation} {fact.subject} -> "
             f"{fact.object}:",
             *[f"  {p.text!r}: {b:.4f} -> {a:.4f}" for p, b, a in zip(prompts, effect["before"], effect["after"])],
@@ -216,7 +236,7 @@ def cmd_edit_update(args) -> int:
            **_flags_field(found.excluded, args), **_neuron_params_field(args, lm, found.selection),
            "control": {"kind": "random neurons from the same layers", "edit": plan.control.to_dict()},
            **({"calibration": plan.calibration} if plan.calibration is not None else {}),
-           **_plan_fields(lm, plan, args, measured)}
+           **_plan_fields(lm, plan, args, measured), **_protocol_fields(lm, plan, args)}
     text = [f"update {fact.relation} {fact.subject}: {fact.object} -> {args.new_object} "
             f"({len(update.neurons)} neurons, {len(update.excluded)} left out"
             + (f", edit reversed on {len(update.flipped)} negatively active" if args.sign_aware else "") + ")",
@@ -372,6 +392,12 @@ def _fact_edit_options(p) -> None:
                         "(drawn with --seed; 0: use every template, generality is then not measured)")
 
 
+def protocol_option(p) -> None:
+    p.add_argument("--protocol", choices=["kn", "easyedit", "rome"], default="kn",
+                   help="also score the edit by EasyEdit's token accuracies or ROME's CounterFact scores "
+                        "(docs/METRICS.md); kn: ours only")
+
+
 def add_commands(sub) -> None:
     edit = sub.add_parser("edit", help="suppress, amplify, update or erase knowledge, with a control")
     edit_sub = edit.add_subparsers(dest="edit_kind", required=True)
@@ -384,6 +410,7 @@ def add_commands(sub) -> None:
         if kind == "amplify":
             p.add_argument("--factor", type=float, default=2.0)
         _fact_edit_options(p)
+        protocol_option(p)
         p.set_defaults(func=cmd_edit_activation)
     p = edit_sub.add_parser("update", parents=[COMMON], help="move a fact's object to a new one")
     p.add_argument("--relation", required=True)
@@ -401,6 +428,7 @@ def add_commands(sub) -> None:
                         "factor in [1/64, 4] at which o' becomes the top answer on the fact's prompts (not in the "
                         "paper; a failure is reported)")
     _fact_edit_options(p)
+    protocol_option(p)
     p.set_defaults(func=cmd_edit_update)
     p = edit_sub.add_parser("erase", parents=[COMMON], help="erase a relation (its k most frequent knowledge neurons)")
     p.add_argument("--relation", required=True)

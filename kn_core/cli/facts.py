@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .bench import add_facts_command
 from .common import COMMON, emit, factset_of, load, progress_bar, project_of, store_evaluation
 from ..tasks import Task, as_task
 
@@ -22,16 +23,27 @@ def cmd_facts_list(args) -> int:
 
 
 def cmd_facts_import(args) -> int:
-    from ..fact_files import import_facts
+    from ..fact_files import FactImportError, import_facts
+    from ..field_formats import FieldFormatError, import_field_facts, is_field_file
 
-    factset = import_facts(args.path)
+    read, left = None, []
+    if is_field_file(args.path):
+        try:
+            factset, read, left = import_field_facts(args.path)
+        except FieldFormatError as exc:
+            raise FactImportError(args.path, None, str(exc)) from None
+    else:
+        factset = import_facts(args.path)
     with project_of(args) as project:
         if project is not None:
             project.import_factset(factset)
-    doc = {"name": factset.name, "relations": len(factset.relations), "facts": len(factset.facts),
-           "templates": sum(len(r.templates) for r in factset.relations.values()), "stored": bool(args.project)}
-    emit(args, doc, f"{args.path}: {doc['relations']} relations, {doc['templates']} templates, "
-                    f"{doc['facts']} facts" + (f" stored in {args.project}" if args.project else ""))
+    doc = {"name": factset.name, "format": read.format if read else "kn", "relations": len(factset.relations),
+           "facts": len(factset.facts), "templates": sum(len(r.templates) for r in factset.relations.values()),
+           "stored": bool(args.project), "left_out": left}
+    lines = [f"{args.path}: " + (f"{read.summary()}; " if read else "") + f"{doc['relations']} relations, "
+             f"{doc['templates']} templates, {doc['facts']} facts" + (f" stored in {args.project}" if args.project else "")]
+    lines += [f"  left out {x['field']} ({x['records']}): {x['reason']}" for x in left]
+    emit(args, doc, "\n".join(lines))
     return 0
 
 
@@ -101,3 +113,4 @@ def add_commands(sub) -> None:
                                                                   "(and store it with --project)")
     imp.add_argument("path")
     imp.set_defaults(func=cmd_facts_import)
+    add_facts_command(facts_sub)
