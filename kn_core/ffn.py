@@ -102,6 +102,14 @@ class FFNLayout:
                 return expert.expert, index - expert.offset
         raise ValueError(f"neuron ({layer}, {index}) is outside layer {layer}'s {self.width(layer)} neurons")
 
+    def neuron_dict(self, layer: int, index: int) -> dict:
+        """A neuron as JSON names it: {"layer", "neuron"}; in an MoE model {"layer", "expert", "neuron" (within
+        the expert), "index" (in the layer's flattened axis)}."""
+        if self.experts is None:
+            return {"layer": layer, "neuron": index}
+        expert, local = self.expert_of(layer, index)
+        return {"layer": layer, "expert": expert, "neuron": local, "index": index}
+
     def value_slices(self, layer: int, neurons):
         """(2-D weight, neuron axis, positions in `neurons`, indices into that weight) for each weight holding
         some of the value vectors of `neurons` (one layer): one for a dense layer, one per expert in an MoE

@@ -246,3 +246,66 @@ def test_padding_of_a_dense_layer_is_refused(family):
     assert width < lm.layout.neurons
     with pytest.raises(ValueError, match="outside layer 0"):
         Suppress([(0, width)], "all").apply(lm)
+
+
+def test_massive_is_measured_against_the_neurons_own_expert():
+    """An MoE layer's median mixes experts of very different sizes (and zeros of unrouted ones): a neuron 150x
+    its own always-routed expert is massive even where the layer's median would hide it; a large neuron of an
+    expert that half the prompts or fewer reach is not (it is not large on most inputs)."""
+    from kn_core.moe import Expert
+    from kn_core.neurons import ActivationStats, flag_massive, neuron_flags
+
+    rng = np.random.default_rng(0)
+    prompts, size, few = 40, 50, 19  # expert 2 reaches fewer than half the prompts
+    acts = np.zeros((prompts, 1, 5 * size), dtype=np.float32)
+    acts[:, 0, :size] = rng.uniform(0.5, 1.5, (prompts, size))  # expert 0: every prompt, typical size 1
+    acts[:, 0, 7] = 150.0
+    acts[:, 0, size:4 * size] = rng.uniform(90, 110, (prompts, 3 * size))  # expert 1: every prompt, typical 100
+    acts[:few, 0, 4 * size:] = rng.uniform(0.5, 1.5, (few, size))
+    acts[:few, 0, 4 * size + 3] = 5000.0
+    spans = [[Expert(0, 0, size), Expert(1, size, 3 * size), Expert(2, 4 * size, size)]]
+    per_layer = ActivationStats.from_activations(list(acts))
+    per_expert = ActivationStats.from_activations(list(acts), experts=spans)
+    assert (0, 7) not in flag_massive(per_layer, top_fraction=0.02)
+    assert flag_massive(per_expert, top_fraction=0.02) == {(0, 7)}
+    assert "expert" in neuron_flags(per_expert).rule["massive"]
+    assert ActivationStats.from_dict(per_expert.to_dict()).expert_median_abs.tolist() == \
+        per_expert.expert_median_abs.tolist()
+
+
+def test_flags_and_random_controls_on_an_moe_model():
+    from kn_core.edit_plan import random_neurons
+    from kn_core.neurons import run_flags
+
+    lm = make_tiny("qwen2_moe")
+    flags = run_flags(lm)
+    assert all(i < lm.layout.width(l) for l, i in flags.massive)
+    like = [(2, lm.layout.experts[2][1].offset + 3), (0, 5), (2, lm.layout.experts[2][-1].offset)]
+    control = random_neurons(lm, like, seed=3)
+    for (layer, index), (_, drawn) in zip(like, control):
+        assert lm.layout.expert_of(layer, index)[0] == lm.layout.expert_of(layer, drawn)[0]
+        assert drawn < lm.layout.width(layer)
+
+
+@pytest.fixture(scope="module")
+def saved_moe(tmp_path_factory):
+    lm = make_tiny("qwen2_moe")
+    folder = tmp_path_factory.mktemp("qwen2_moe")
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_cli_json_names_each_neurons_expert(capsys, saved_moe):
+    import json
+
+    from kn_core.cli import main
+
+    code = main(["attribute", "--prompt", TEXT, "--answer", ANSWER, "--model", saved_moe, "--steps", "2", "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0 and doc["coarse"]
+    lm = make_tiny("qwen2_moe")
+    for entry in doc["coarse"]:
+        assert set(entry) == {"layer", "expert", "neuron", "index", "score"}
+        expert = lm.layout.experts[entry["layer"]][entry["expert"]]
+        assert entry["index"] == expert.offset + entry["neuron"] and entry["neuron"] < expert.size

@@ -47,7 +47,8 @@ def cmd_attribute(args) -> int:
     coarse = sorted(coarse_neurons(result.scores, t), key=lambda n: -result.scores[n])
     doc = {"prompt": args.prompt, "answer": args.answer, "answer_tokens": list(answer_ids), "prob": result.prob,
            "layers": lm.layout.layers, "neurons": lm.layout.neurons, "max": float(result.scores.max()), "t": t,
-           "coarse": neuron_list(coarse, result.scores), "completeness": result.completeness,
+           "coarse": neuron_list(coarse, result.scores, layout=lm.layout),
+           "completeness": result.completeness,
            "params": params.to_dict(), "seconds": result.seconds}
     lines = [f"P({args.answer!r}) = {result.prob:.4f}; {len(coarse)} coarse neurons (score > {t} x max "
              f"{doc['max']:.4g}) in {result.seconds:.1f} s"]
@@ -165,13 +166,13 @@ def cmd_neurons(args) -> int:
     doc = {"fact": {"relation": fact.relation, "subject": fact.subject, "object": fact.object},
            "prompts": [{"text": p.text, "answer": p.answer, "prob": r.prob} for p, r in zip(prompts, results)],
            "skipped": [{"template": s.template, "reason": s.reason} for s in skipped],
-           "coarse": [neuron_list(c, r.scores) for c, r in zip(coarse, results)],
-           "refined": neuron_list(refined), "t": t, "p": args.p, "params": params.to_dict(),
+           "coarse": [neuron_list(c, r.scores, layout=lm.layout) for c, r in zip(coarse, results)],
+           "refined": neuron_list(refined, layout=lm.layout), "t": t, "p": args.p, "params": params.to_dict(),
            **prompt_params(lm.kind, args.causal_templates),
            "flags": {**flags.to_dict(), "excluded_from_neurons": not args.keep_massive},
            "seconds": time.perf_counter() - started}
     for entry in doc["refined"] + [e for c in doc["coarse"] for e in c]:
-        entry["flags"] = list(flags.of((entry["layer"], entry["neuron"])))
+        entry["flags"] = list(flags.of((entry["layer"], entry.get("index", entry["neuron"]))))
     lines = [f"{fact.relation} {fact.subject} -> {fact.object}: {len(prompts)} prompts, {len(refined)} refined "
              f"neurons (t={t}, p={args.p}) in {doc['seconds']:.1f} s"]
     lines += [f"  {p.text!r} -> {p.answer!r} P={r.prob:.3f}, {len(c)} coarse" for p, r, c in zip(prompts, results, coarse)]

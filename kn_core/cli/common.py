@@ -111,7 +111,12 @@ def find_fact(factset, relation: str, subject: str):
     raise CliError(f"no fact with subject {subject!r} in relation {relation}; subjects include: {subjects}")
 
 
-def neuron_list(neurons, scores=None) -> list[dict]:
-    if scores is None:
-        return [{"layer": int(l), "neuron": int(i)} for l, i in neurons]
-    return [{"layer": int(l), "neuron": int(i), "score": float(scores[l, i])} for l, i in neurons]
+def neuron_list(neurons, scores=None, layout=None) -> list[dict]:
+    """Neurons for JSON: {"layer", "neuron"}; in a mixture-of-experts model (`layout` given)
+    {"layer", "expert", "neuron" (within the expert), "index" (in the layer's flattened axis, what inputs take)}."""
+    out = [layout.neuron_dict(int(l), int(i)) if layout is not None else {"layer": int(l), "neuron": int(i)}
+           for l, i in neurons]
+    if scores is not None:
+        for entry, (l, i) in zip(out, neurons):
+            entry["score"] = float(scores[l, i])
+    return out
