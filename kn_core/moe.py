@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .families import UnsupportedModelError, get_path
+from .hooks import routing_for, routing_mode
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,6 @@ class ExpertNeurons(nn.Module):
         return getattr(self.moe, self.spec.shared_expert) if self.spec.shared_expert else None
 
     def in_use(self) -> bool:
-        from .hooks import routing_mode
         return bool(self._forward_pre_hooks or self._forward_hooks) or routing_mode() is not None
 
     # --- the neurons and what they write -----------------------------------------------------------------
@@ -164,7 +164,6 @@ def _wrapped_forward(module: nn.Module, hidden_states: torch.Tensor, *args, **kw
         inner = module.__dict__.get("_kn_inner_forward")
         return inner(hidden_states, *args, **kwargs) if inner is not None else \
             type(module).forward(module, hidden_states, *args, **kwargs)
-    from .hooks import routing_for
     shape = hidden_states.shape
     flat = hidden_states.reshape(-1, shape[-1])
     routing = routing_for(module, flat.shape[0], lambda: point.route(flat))
