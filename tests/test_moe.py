@@ -309,3 +309,16 @@ def test_cli_json_names_each_neurons_expert(capsys, saved_moe):
         assert set(entry) == {"layer", "expert", "neuron", "index", "score"}
         expert = lm.layout.experts[entry["layer"]][entry["expert"]]
         assert entry["index"] == expert.offset + entry["neuron"] and entry["neuron"] < expert.size
+
+
+def test_experts_the_neuron_path_cannot_compute_are_refused_in_one_line():
+    from transformers import AutoModelForCausalLM
+
+    from kn_core.families import UnsupportedModelError
+    from kn_core.ffn import FFNLayout
+
+    model = AutoModelForCausalLM.from_config(make_tiny("mixtral").model.config)
+    model.model.layers[1].mlp.experts.has_post_expert_norm = True
+    with pytest.raises(UnsupportedModelError, match=r"layer 1's mlp.experts .* not supported") as info:
+        FFNLayout(model)
+    assert "\n" not in str(info.value)

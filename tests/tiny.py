@@ -176,7 +176,8 @@ def _moe_kwargs(family: str) -> dict:
                       kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, head_dim=8,
                       num_key_value_heads=HEADS, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     if family == "gpt_oss":
-        kwargs.update(layer_types=["sliding_attention", "full_attention", "sliding_attention"], sliding_window=8)
+        kwargs.update(layer_types=["sliding_attention", "full_attention", "sliding_attention"], sliding_window=8,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     return kwargs
 
 
