@@ -14,18 +14,13 @@ from kn_core.attribution import AttributionParams, attribute, encode_answer
 from kn_core.edits import Amplify, Erase, Suppress, Update
 from kn_core.families import FAMILIES, get_path
 from kn_core.hooks import Hooks, capture_activations
-from tiny import make_tiny
+from test_ffn import one_thread  # noqa: F401 (autouse: tiny models run on one thread)
+from tiny import make_tiny, save_tiny
 
 MOE_FAMILIES = sorted(f for f, spec in FAMILIES.items() if spec.moe)
 TEXT, ANSWER = "The capital of France is", " Paris"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def moe_module(lm, layer):
@@ -289,11 +284,7 @@ def test_flags_and_random_controls_on_an_moe_model():
 
 @pytest.fixture(scope="module")
 def saved_moe(tmp_path_factory):
-    lm = make_tiny("qwen2_moe")
-    folder = tmp_path_factory.mktemp("qwen2_moe")
-    lm.model.save_pretrained(folder)
-    lm.tokenizer.save_pretrained(folder)
-    return str(folder)
+    return save_tiny(make_tiny("qwen2_moe"), tmp_path_factory.mktemp("qwen2_moe"))
 
 
 def test_cli_json_names_each_neurons_expert(capsys, saved_moe):

@@ -195,6 +195,13 @@ def make_tiny(family: str, seed: int = 0, **overrides) -> LoadedModel:
     return wrap_model(model, tokenizer, source=f"tiny-{family}")
 
 
+def save_tiny(lm: LoadedModel, folder) -> str:
+    """Saves a tiny model and its tokenizer as a model folder (what `kn --model FOLDER` loads); returns the path."""
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 def tiny_llama(seed: int = 0, **overrides) -> LoadedModel:
     """A tiny Llama (gated FFN, RMSNorm, tied embeddings like the default SmolLM2-135M)."""
     return make_tiny("llama", seed, **({"tie_word_embeddings": True} | overrides))
