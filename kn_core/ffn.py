@@ -42,6 +42,7 @@ class FFNLayout:
             self.blocks: list[nn.Module] = list(get_path(model, spec.blocks))
             if spec.moe:
                 self.out_projs, self.experts = moe.install(self)
+                self._widths = [sum(expert.size for expert in spans) for spans in self.experts]
             else:
                 self.out_projs: list[nn.Module] = [get_path(block, spec.out_proj) for block in self.blocks]
         except AttributeError as exc:
@@ -77,15 +78,13 @@ class FFNLayout:
     @property
     def neurons(self) -> int:
         if self.experts is not None:
-            return max(self.width(layer) for layer in range(self.layers))
+            return max(self._widths)
         proj = self.out_projs[0]
         return proj.weight.shape[0] if _is_conv1d(proj) else proj.weight.shape[1]
 
     def width(self, layer: int) -> int:
         """The neurons of one layer (all layers have `neurons` but a dense layer of an MoE model)."""
-        if self.experts is None:
-            return self.neurons
-        return sum(expert.size for expert in self.experts[layer])
+        return self.neurons if self.experts is None else self._widths[layer]
 
     @property
     def hidden(self) -> int:

@@ -73,8 +73,9 @@ def expert_at(experts, layer: int, neuron: int):
 
 
 def expert_text(experts, layer: int, neuron: int, activations=()) -> str:
-    """"expert e (shared), neuron i (index n)" and, given the prompts' answer-position activations ([layers, neurons] each),
-    how many of them route to the expert (a routed prompt gives the expert's neurons a nonzero activation)."""
+    """"expert e (shared), neuron i (index n)" and, given the prompts' answer-position activations ([layers,
+    neurons] each), how many of them route to the expert (a routed prompt gives the expert's neurons a nonzero
+    activation)."""
     span = expert_at(experts, layer, neuron)
     if span is None:
         return ""
