@@ -292,6 +292,11 @@ def test_cli_json_names_each_neurons_expert(capsys, saved_moe):
 
     from kn_core.cli import main
 
+    assert main(["model", "info", "--model", saved_moe, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["neurons"] == 144 and info["moe"] == {"experts": [1, 5, 5], "shared": [0, 1, 1],
+                                                      "layer_neurons": [72, 144, 144]}
+
     code = main(["attribute", "--prompt", TEXT, "--answer", ANSWER, "--model", saved_moe, "--steps", "2", "--json"])
     doc = json.loads(capsys.readouterr().out)
     assert code == 0 and doc["coarse"]
