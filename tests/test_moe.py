@@ -318,3 +318,21 @@ def test_experts_the_neuron_path_cannot_compute_are_refused_in_one_line():
     with pytest.raises(UnsupportedModelError, match=r"layer 1's mlp.experts .* not supported") as info:
         FFNLayout(model)
     assert "\n" not in str(info.value)
+
+
+def test_cli_neurons_name_experts_in_json_and_text(capsys, saved_moe):
+    import json
+
+    from kn_core.cli import main
+
+    argv = ["neurons", "--relation", "P36", "--subject", "France", "--model", saved_moe, "--steps", "2", "--t", "0.1",
+            "--p", "0.1"]
+    assert main(argv + ["--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    entries = doc["refined"] + [e for c in doc["coarse"] for e in c]
+    assert entries and all({"layer", "expert", "neuron", "index", "flags"} <= set(e) for e in entries)
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    first = doc["refined"][0] if doc["refined"] else None
+    if first:
+        assert f"refined L{first['layer']} E{first['expert']} #{first['neuron']}" in text

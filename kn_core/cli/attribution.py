@@ -6,7 +6,8 @@ from __future__ import annotations
 import time
 
 from .checks import whole_number
-from .common import (COMMON, CliError, emit, factset_of, find_fact, load, neuron_list, progress_bar, project_of, say)
+from .common import (COMMON, CliError, emit, factset_of, find_fact, load, neuron_list, neuron_name, progress_bar,
+                     project_of, say)
 
 
 def params_of(args):
@@ -176,10 +177,11 @@ def cmd_neurons(args) -> int:
     lines = [f"{fact.relation} {fact.subject} -> {fact.object}: {len(prompts)} prompts, {len(refined)} refined "
              f"neurons (t={t}, p={args.p}) in {doc['seconds']:.1f} s"]
     lines += [f"  {p.text!r} -> {p.answer!r} P={r.prob:.3f}, {len(c)} coarse" for p, r, c in zip(prompts, results, coarse)]
-    lines += [f"  refined L{l} #{i} {' '.join(flags.of((l, i)))}".rstrip() for l, i in refined]
+    lines += [f"  refined {neuron_name(lm.layout, l, i)} {' '.join(flags.of((l, i)))}".rstrip() for l, i in refined]
     if flags.massive:
         kept = "kept (--keep-massive)" if args.keep_massive else "excluded (--keep-massive keeps them)"
-        lines.append(f"  massive neurons {kept}: " + ", ".join(f"L{l} #{i}" for l, i in sorted(flags.massive)))
+        lines.append(f"  massive neurons {kept}: " + ", ".join(neuron_name(lm.layout, l, i)
+                                                                   for l, i in sorted(flags.massive)))
     lines += tolerance_lines(results, params)
     emit(args, doc, "\n".join(lines))
     return 0
