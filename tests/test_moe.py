@@ -336,3 +336,14 @@ def test_cli_neurons_name_experts_in_json_and_text(capsys, saved_moe):
     first = doc["refined"][0] if doc["refined"] else None
     if first:
         assert f"refined L{first['layer']} E{first['expert']} #{first['neuron']}" in text
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_held_routing_makes_completeness_hold(family):
+    """With routing held, each layer's path is smooth: Gauss-Legendre quadrature meets completeness (the layer's
+    scores sum to P(clean) - P(layer zeroed, routing held)) within its tolerance in every layer."""
+    lm = make_tiny(family)
+    lm.model.double()
+    answer = encode_answer(lm, TEXT, ANSWER)
+    result = attribute(lm, TEXT, AttributionParams(quadrature="gauss"), answer_ids=answer)
+    assert all(c["within_tolerance"] for c in result.completeness), result.completeness
