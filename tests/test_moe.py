@@ -347,3 +347,14 @@ def test_held_routing_makes_completeness_hold(family):
     answer = encode_answer(lm, TEXT, ANSWER)
     result = attribute(lm, TEXT, AttributionParams(quadrature="gauss"), answer_ids=answer)
     assert all(c["within_tolerance"] for c in result.completeness), result.completeness
+
+
+def test_reproduction_report_names_the_experts_of_each_facts_neurons(tmp_path):
+    from test_reproduce import _run
+
+    report = _run(make_tiny("qwen2_moe"), tmp_path, t=0.05, p=0.1)
+    details = report["facts_detail"]
+    assert details and any(fact["neurons"] for fact in details)
+    lm = make_tiny("qwen2_moe")
+    for fact in details:
+        assert fact["neurons_named"] == [lm.layout.neuron_dict(l, i) for l, i in fact["neurons"]]
