@@ -179,6 +179,9 @@ def _check_experts(experts: nn.Module, where: str) -> None:
         raise UnsupportedModelError(
             f"{where} is not a transformers-5 experts module with fused gate/up weights (missing or different: "
             f"{', '.join(missing) or 'gate or post-expert norm'}); knowledge neurons in its experts are not supported")
+    if experts.down_proj.device.type == "meta":  # offloaded: the neuron path reads the weights directly
+        raise UnsupportedModelError(f"{where} has its weights offloaded (on the meta device); knowledge neurons in "
+                                    f"experts need them in memory: load the model without disk or CPU offload")
 
 
 def install(layout) -> tuple[list[nn.Module], list[list[Expert]]]:

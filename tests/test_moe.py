@@ -358,3 +358,16 @@ def test_reproduction_report_names_the_experts_of_each_facts_neurons(tmp_path):
     lm = make_tiny("qwen2_moe")
     for fact in details:
         assert fact["neurons_named"] == [lm.layout.neuron_dict(l, i) for l, i in fact["neurons"]]
+
+
+def test_offloaded_experts_are_refused_in_one_line():
+    from transformers import AutoModelForCausalLM
+
+    from kn_core.families import UnsupportedModelError
+    from kn_core.ffn import FFNLayout
+
+    config = make_tiny("olmoe").model.config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(UnsupportedModelError, match="offloaded"):
+        FFNLayout(model)
