@@ -136,10 +136,8 @@ class FFNLayout:
             parts.append((positions, picked if axis == 0 else picked.T))
         if len(parts) == 1:
             return parts[0][1]
-        weight = self.output_embeddings()
-        out = torch.zeros(len(neurons), self.hidden, dtype=weight.dtype, device=weight.device)
-        if not parts:
-            return out
+        if not parts:  # no neurons asked for in an MoE layer
+            return self.output_embeddings().new_zeros(0, self.hidden)
         out = torch.empty(len(neurons), self.hidden, dtype=parts[0][1].dtype, device=parts[0][1].device)
         for positions, vectors in parts:
             out[torch.as_tensor(positions, device=out.device)] = vectors.to(out.device)
