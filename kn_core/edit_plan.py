@@ -445,13 +445,19 @@ def erase_neurons(relation_neuron_sets: Sequence[Iterable[Neuron]], k: int = 20)
 
 
 def random_neurons(lm, like: Sequence[Neuron], seed: int = 0, exclude: Iterable[Neuron] = ()) -> list[Neuron]:
-    """As many random neurons as `like`, drawn from the same layers (one per neuron of `like`), seeded."""
+    """As many random neurons as `like`, drawn from the same layers (one per neuron of `like`), seeded. In an MoE
+    model from the same expert: its neurons share the routing, so the control is reached by the same tokens."""
     rng = random.Random(seed)
     taken = set(E._norm_neurons(exclude)) | set(E._norm_neurons(like))
     out: list[Neuron] = []
-    for layer, _ in E._norm_neurons(like):
+    layout = lm.layout
+    for layer, index in E._norm_neurons(like):
+        start, stop = 0, layout.neurons
+        if layout.experts is not None:
+            span = next(e for e in layout.experts[layer] if e.offset <= index < e.offset + e.size)
+            start, stop = span.offset, span.offset + span.size
         for _ in range(1000):
-            n = (layer, rng.randrange(lm.layout.neurons))
+            n = (layer, start + rng.randrange(stop - start))
             if n not in taken:
                 break
         taken.add(n)

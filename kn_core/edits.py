@@ -61,6 +61,9 @@ def check_neurons(lm, neurons: Sequence[Neuron]) -> None:
         if not (0 <= layer < layout.layers and 0 <= index < layout.neurons):
             raise ValueError(f"neuron ({layer}, {index}) is outside this model ({layout.layers} layers x "
                              f"{layout.neurons} neurons)")
+        if index >= layout.width(layer):  # the padding of a narrower (dense) layer of an MoE model
+            raise ValueError(f"neuron ({layer}, {index}) is outside layer {layer}, which has "
+                             f"{layout.width(layer)} neurons")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -255,14 +258,14 @@ class _WeightEditBase(Edit):
         saved = []
         with torch.no_grad():
             for layer, idx in _by_layer(self.neurons).items():
-                weight = layout.value_weight(layer)
-                axis = layout.neuron_axis(layer)
-                index = torch.tensor(idx, dtype=torch.long, device=weight.device)
-                original = weight.index_select(axis, index).clone()
-                vectors = original if axis == 0 else original.T  # (k, hidden)
-                new = self._new_vectors(lm, layer, idx, vectors.float()).to(weight.dtype)
-                weight.index_copy_(axis, index, new if axis == 0 else new.T.contiguous())
-                saved.append((weight, axis, index, original))
+                # one weight per expert in an MoE layer (its down projection, a view of the 3-D parameter)
+                for weight, axis, positions, local in layout.value_slices(layer, idx):
+                    index = torch.tensor(local, dtype=torch.long, device=weight.device)
+                    original = weight.index_select(axis, index).clone()
+                    vectors = original if axis == 0 else original.T  # (k, hidden)
+                    new = self._new_vectors(lm, layer, [idx[k] for k in positions], vectors.float()).to(weight.dtype)
+                    weight.index_copy_(axis, index, new if axis == 0 else new.T.contiguous())
+                    saved.append((weight, axis, index, original))
 
         def revert():
             with torch.no_grad():

@@ -329,6 +329,8 @@ def neuron_tokens(lm, layer: int, index: int, top_k: int = 10, sign: int | None 
     if not (0 <= layer < layout.layers and 0 <= index < layout.neurons):
         raise ValueError(f"neuron ({layer}, {index}) is outside this model ({layout.layers} layers x "
                          f"{layout.neurons} neurons)")
+    if index >= layout.width(layer):  # the padding of a narrower (dense) layer of an MoE model
+        raise ValueError(f"neuron ({layer}, {index}) is outside layer {layer}, which has {layout.width(layer)} neurons")
     if sign not in (None, 1, -1):
         raise ValueError(f"sign must be +1, -1 or None, not {sign!r}")
     with torch.no_grad():

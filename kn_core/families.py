@@ -39,6 +39,13 @@ class FamilySpec:
     # An image-text checkpoint (`IMAGE_TEXT_WRAPPERS`): loaded whole, prompts are text and run through the
     # wrapper's own text path (its language model and head); the vision tower is loaded but never runs.
     image_text: bool = False
+    # Mixture of experts (kn_core/moe.py): dotted path from a block to its FFN module; a layer whose module has
+    # `experts` (transformers-5 3-D expert weights) is an MoE layer, any other is dense (its `out_proj`).
+    moe: str | None = None
+    router: str = "gate"  # the MoE module's router: returns (logits, top-k weights, top-k expert ids)
+    shared_expert: str | None = None  # the MoE module's shared-expert MLP (every token; expert id E)
+    shared_expert_gate: str | None = None  # its gate (sigmoid of a linear), if it has one
+    moe_returns_scores: bool = False  # the MoE module returns (output, routing weights)
 
     @property
     def auto_class(self) -> str:
@@ -51,6 +58,7 @@ _BERT_LIKE = dict(kind="masked", out_proj="output.dense", bert_style=True)
 _ROBERTA = FamilySpec(blocks="roberta.encoder.layer", head=("lm_head",), positions_after_padding=True, **_BERT_LIKE)
 _GPT2_LIKE = dict(kind="causal", blocks="transformer.h", out_proj="mlp.c_proj", final_norm="transformer.ln_f")
 _LLAMA_LIKE = FamilySpec("causal", "model.layers", "mlp.down_proj", "model.norm")
+_MOE = dict(kind="causal", blocks="model.layers", out_proj="mlp.down_proj", final_norm="model.norm", moe="mlp")
 
 FAMILIES: dict[str, FamilySpec] = {
     "bert": FamilySpec(blocks="bert.encoder.layer", head=("cls",), **_BERT_LIKE),
@@ -113,6 +121,16 @@ FAMILIES: dict[str, FamilySpec] = {
     "modernbert": FamilySpec("masked", "model.layers", "mlp.Wo", head=("head", "decoder")),
     "deberta-v2": FamilySpec("masked", "deberta.encoder.layer", "output.dense", head=("cls",)),
     "deberta": FamilySpec("masked", "deberta.encoder.layer", "output.dense", head=("cls",)),
+
+    # mixture of experts (kn_core/moe.py)
+    "mixtral": FamilySpec(**_MOE),
+    "qwen2_moe": FamilySpec(**_MOE, shared_expert="shared_expert", shared_expert_gate="shared_expert_gate"),
+    "qwen3_moe": FamilySpec(**_MOE),
+    "olmoe": FamilySpec(**_MOE),
+    "deepseek_v3": FamilySpec(**_MOE, shared_expert="shared_experts"),
+    "gpt_oss": FamilySpec(**_MOE, router="router", moe_returns_scores=True),
+    "granitemoe": FamilySpec(**{**_MOE, "out_proj": "block_sparse_moe.down_proj", "moe": "block_sparse_moe"},
+                             router="router"),
 }
 
 

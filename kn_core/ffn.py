@@ -4,6 +4,11 @@ A knowledge neuron is a coordinate of the *input* of the FFN's output projection
 FFNs act(gate) * up). Its value vector is the matching column of that projection's weight (row for GPT-2's
 Conv1D, which stores the weight transposed). Reading, scaling and zeroing neurons are forward-pre-hooks on that
 module (`hooks.ActivationPatch`); update and erase write its weight.
+
+Mixture-of-experts families (`FamilySpec.moe`): a layer's neurons are its experts' neurons flattened into one
+axis (`moe.py`); `experts[layer]` lists each expert's span, `width(layer)` the layer's size. `neurons` is the
+widest layer; a narrower one (a dense layer of an MoE model) is padded with zero activations and scores, which no
+threshold selects and `check_neurons` refuses.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import moe
 from .families import FamilySpec, UnsupportedModelError, get_path, spec_for_config
 
 
@@ -50,9 +56,14 @@ class FFNLayout:
         self.family = model_type
         self.spec = spec
         self.kind = spec.kind
+        self.experts: list[list[moe.Expert]] | None = None  # per layer, in MoE models
         try:
             self.blocks: list[nn.Module] = list(get_path(model, spec.blocks))
-            self.out_projs: list[nn.Module] = [get_path(block, spec.out_proj) for block in self.blocks]
+            if spec.moe:
+                self.out_projs, self.experts = moe.install(self)
+                self._widths = [sum(expert.size for expert in spans) for spans in self.experts]
+            else:
+                self.out_projs: list[nn.Module] = [get_path(block, spec.out_proj) for block in self.blocks]
         except AttributeError as exc:
             raise UnsupportedModelError(
                 f"{type(model).__name__} ({model_type}) does not have the expected layout "
@@ -85,13 +96,48 @@ class FFNLayout:
 
     @property
     def neurons(self) -> int:
+        if self.experts is not None:
+            return max(self._widths)
         proj = self.out_projs[0]
         return proj.weight.shape[0] if _is_conv1d(proj) else proj.weight.shape[1]
 
+    def width(self, layer: int) -> int:
+        """The neurons of one layer (all layers have `neurons` but a dense layer of an MoE model)."""
+        return self.neurons if self.experts is None else self._widths[layer]
+
     @property
     def hidden(self) -> int:
+        return int(self.input_embeddings().shape[1]) if self.experts is not None else self._dense_hidden()
+
+    def _dense_hidden(self) -> int:
         proj = self.out_projs[0]
         return proj.weight.shape[1] if _is_conv1d(proj) else proj.weight.shape[0]
+
+    def expert_of(self, layer: int, index: int) -> tuple[int, int]:
+        """(expert, expert-local neuron) of a neuron of an MoE model's layer."""
+        for expert in self.experts[layer]:
+            if expert.offset <= index < expert.offset + expert.size:
+                return expert.expert, index - expert.offset
+        raise ValueError(f"neuron ({layer}, {index}) is outside layer {layer}'s {self.width(layer)} neurons")
+
+    def neuron_dict(self, layer: int, index: int) -> dict:
+        """A neuron as JSON names it: {"layer", "neuron"}; in an MoE model {"layer", "expert", "neuron" (within
+        the expert), "index" (in the layer's flattened axis)}."""
+        if self.experts is None:
+            return {"layer": layer, "neuron": index}
+        expert, local = self.expert_of(layer, index)
+        return {"layer": layer, "expert": expert, "neuron": local, "index": index}
+
+    def value_slices(self, layer: int, neurons):
+        """(2-D weight, neuron axis, positions in `neurons`, indices into that weight) for each weight holding
+        some of the value vectors of `neurons` (one layer): one for a dense layer, one per expert in an MoE
+        layer. Writing a slice of such a weight writes the model's weights."""
+        neurons = [int(i) for i in neurons]
+        point = self.out_projs[layer]
+        if isinstance(point, moe.ExpertNeurons):
+            yield from point.value_slices(neurons)
+        else:
+            yield point.weight, self.neuron_axis(layer), list(range(len(neurons))), neurons
 
     def neuron_axis(self, layer: int) -> int:
         """The axis of the out-projection weight that indexes neurons (0 for Conv1D, 1 for Linear)."""
@@ -102,10 +148,19 @@ class FFNLayout:
 
     def value_vectors(self, layer: int, neurons) -> torch.Tensor:
         """Value vectors of the given neurons of one layer, shape (len(neurons), hidden)."""
-        weight = self.value_weight(layer)
-        index = torch.as_tensor(neurons, dtype=torch.long, device=weight.device)
-        picked = weight.index_select(self.neuron_axis(layer), index)
-        return picked if self.neuron_axis(layer) == 0 else picked.T
+        parts = []
+        for weight, axis, positions, local in self.value_slices(layer, neurons):
+            index = torch.as_tensor(local, dtype=torch.long, device=weight.device)
+            picked = weight.index_select(axis, index)
+            parts.append((positions, picked if axis == 0 else picked.T))
+        if len(parts) == 1:
+            return parts[0][1]
+        if not parts:  # no neurons asked for in an MoE layer
+            return self.output_embeddings().new_zeros(0, self.hidden)
+        out = torch.empty(len(neurons), self.hidden, dtype=parts[0][1].dtype, device=parts[0][1].device)
+        for positions, vectors in parts:
+            out[torch.as_tensor(positions, device=out.device)] = vectors.to(out.device)
+        return out
 
     def value_vector(self, layer: int, neuron: int) -> torch.Tensor:
         return self.value_vectors(layer, [neuron])[0]

@@ -6,6 +6,8 @@ on the way out, also after an exception) or until `remove()` for edits that stay
   always seen as (batch, seq, neurons); `capture_activations` reads them.
 - `Override` / `replay`: a module's forward replaced (attribution replays clean outputs instead of computing).
 - `InputCapture`: the ids and attention mask of the model's latest forward (answer-scoped edits).
+- `capture_routing` / `hold_routing`: a mixture-of-experts model's routing (top-k experts and weights per token,
+  per MoE layer) recorded in one forward and held fixed in later ones (attribution holds the clean run's).
 - `answer_positions` / `answer_position_mask`: where the answer is in a forward, for answer-scoped edits. When
   `evaluation` runs a batch it publishes the exact positions through `answer_positions(mask)`. Without that,
   a causal model's answer position is the last (non-padding) position of each sequence in each forward (also
@@ -89,9 +91,14 @@ class ActivationPatch(Hooks):
             def hook(module, args, kwargs, layer=layer, token_shape=token_shape):
                 x = args[0]
                 flat = x.dim() == 2 and bool(token_shape)
-                out = fn(layer, x.view(*token_shape[0], x.shape[-1]) if flat else x)
+                seen = x.view(*token_shape[0], x.shape[-1]) if flat else x
+                width = seen.shape[-1]
+                if width < layout.neurons:  # a narrower layer of an MoE model: zero padding, never selected
+                    seen = torch.nn.functional.pad(seen, (0, layout.neurons - width))
+                out = fn(layer, seen)
                 if out is None:
                     return None
+                out = out[..., :width]
                 return ((out.reshape(x.shape) if flat else out), *args[1:]), kwargs
 
             if layout.spec.flattens_tokens:
@@ -151,6 +158,50 @@ def _expand(obj, rows: int):
 def replay(replays: Iterable[tuple[nn.Module, object]], rows: int) -> Override:
     """Modules that return a recorded output, expanded to `rows`, instead of computing it."""
     return Override([(module, lambda *args, _out=_expand(out, rows), **kwargs: _out) for module, out in replays])
+
+
+_ROUTING: contextvars.ContextVar[tuple[str, dict] | None] = contextvars.ContextVar("kn_routing", default=None)
+
+
+@contextlib.contextmanager
+def capture_routing():
+    """Within this block every MoE layer's routing is recorded (the latest forward's), into the dict yielded:
+    {MoE module: moe.Routing}. Dense models record nothing."""
+    recorded: dict = {}
+    token = _ROUTING.set(("capture", recorded))
+    try:
+        yield recorded
+    finally:
+        _ROUTING.reset(token)
+
+
+@contextlib.contextmanager
+def hold_routing(routing: dict):
+    """Within this block the MoE layers in `routing` (from `capture_routing`) route every token as recorded,
+    whatever their input: a batch of rows repeats the recorded tokens (rows of the recorded sequence)."""
+    token = _ROUTING.set(("hold", routing))
+    try:
+        yield
+    finally:
+        _ROUTING.reset(token)
+
+
+def routing_mode() -> str | None:
+    mode = _ROUTING.get()
+    return None if mode is None else mode[0]
+
+
+def routing_for(module: nn.Module, tokens: int, compute: Callable):
+    """The routing an MoE module uses for a forward of `tokens` tokens: held, or `compute()` (recorded while
+    capturing)."""
+    mode = _ROUTING.get()
+    if mode is not None and mode[0] == "hold" and module in mode[1]:
+        return mode[1][module].repeated(tokens)
+    routing = compute()
+    if mode is not None and mode[0] == "capture":
+        mode[1][module] = type(routing)(routing.index.detach(), routing.weights.detach(),
+                                        None if routing.shared is None else routing.shared.detach())
+    return routing
 
 
 class InputCapture(Hooks):

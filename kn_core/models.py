@@ -277,8 +277,18 @@ class LoadedModel:
             "dtype": str(self.dtype).replace("torch.", ""),
             "device": str(self.device),
             "sha256": self.sha256,
+            **self._experts_info(),
             **self.info,
         }
+
+    def _experts_info(self) -> dict:
+        """An MoE model's experts per layer (docs/MOE.md): how many, how many shared, and each layer's neurons."""
+        experts = self.layout.experts
+        if experts is None:
+            return {}
+        return {"moe": {"experts": [len(spans) for spans in experts],
+                        "shared": [sum(e.shared for e in spans) for spans in experts],
+                        "layer_neurons": [self.layout.width(layer) for layer in range(self.layout.layers)]}}
 
 
 def _first_line(exc: BaseException) -> str:

@@ -237,11 +237,15 @@ class ActivationStats:
     layer_median_abs: np.ndarray
     n_prompts: int
     source: str = ""
+    # Mixture of experts: per neuron, the median |activation| of its expert (its neurons, on the prompts routed
+    # to it); the massive rule measures an expert neuron against its own expert, not its layer. None: dense.
+    expert_median_abs: np.ndarray | None = None
 
     @classmethod
-    def from_activations(cls, activations: Sequence[np.ndarray], source: str = "") -> "ActivationStats":
+    def from_activations(cls, activations: Sequence[np.ndarray], source: str = "",
+                         experts=None) -> "ActivationStats":
         """From per-prompt [layers, neurons] activations at the answer position, e.g. `PromptScores.activations`
-        of an attribution run (no forward pass needed)."""
+        of an attribution run (no forward pass needed). `experts`: an MoE model's `FFNLayout.experts`."""
         arrays = [np.asarray(a, dtype=np.float32) for a in activations]
         if not arrays:
             raise ValueError("activation statistics need the activations of at least one prompt")
@@ -253,26 +257,51 @@ class ActivationStats:
         absolute = np.abs(stacked)
         layer_median = np.median(absolute.transpose(1, 0, 2).reshape(shape[0], -1), axis=1)
         return cls(mean=stacked.mean(axis=0), mean_abs=absolute.mean(axis=0), median_abs=np.median(absolute, axis=0),
-                   layer_median_abs=layer_median.astype(np.float32), n_prompts=len(arrays), source=source)
+                   layer_median_abs=layer_median.astype(np.float32), n_prompts=len(arrays), source=source,
+                   expert_median_abs=None if experts is None else _expert_medians(absolute, experts))
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.mean.shape)
+
+    def typical_abs(self) -> np.ndarray:
+        """[layers, neurons]: the typical |activation| a neuron is compared with by the massive rule: its layer's
+        median (its expert's in an MoE model), or where that is 0 (ReLU layers, mostly exact zeros) the mean
+        |activation| of its layer."""
+        median = (np.broadcast_to(self.layer_median_abs[:, None], self.mean.shape) if self.expert_median_abs is None
+                  else self.expert_median_abs)
+        return np.where(median > 0, median, self.mean_abs.mean(axis=1)[:, None])
 
     def mean_of(self, neurons: Iterable[Neuron]) -> list[float]:
         """Each neuron's mean activation: what mean-ablation sets it to."""
         return [float(self.mean[int(layer), int(index)]) for layer, index in neurons]
 
     def to_dict(self) -> dict:
-        return {"mean": self.mean.tolist(), "mean_abs": self.mean_abs.tolist(), "median_abs": self.median_abs.tolist(),
-                "layer_median_abs": self.layer_median_abs.tolist(), "n_prompts": self.n_prompts,
-                "source": self.source}
+        out = {"mean": self.mean.tolist(), "mean_abs": self.mean_abs.tolist(), "median_abs": self.median_abs.tolist(),
+               "layer_median_abs": self.layer_median_abs.tolist(), "n_prompts": self.n_prompts,
+               "source": self.source}
+        if self.expert_median_abs is not None:
+            out["expert_median_abs"] = self.expert_median_abs.tolist()
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "ActivationStats":
+        experts = d.get("expert_median_abs")
         return cls(mean=_array(d["mean"]), mean_abs=_array(d["mean_abs"]), median_abs=_array(d["median_abs"]),
                    layer_median_abs=_array(d["layer_median_abs"]), n_prompts=int(d["n_prompts"]),
-                   source=str(d.get("source", "")))
+                   source=str(d.get("source", "")), expert_median_abs=None if experts is None else _array(experts))
+
+
+def _expert_medians(absolute: np.ndarray, experts) -> np.ndarray:
+    """Per neuron [layers, neurons], the median |activation| of its expert over the expert's neurons and the
+    prompts that reach it (any neuron of the expert nonzero); 0 for padding and experts no prompt reached."""
+    out = np.zeros(absolute.shape[1:], dtype=np.float32)
+    for layer, spans in enumerate(experts):
+        for expert in spans:
+            block = absolute[:, layer, expert.offset:expert.offset + expert.size]  # [prompts, neurons]
+            routed = block[block.max(axis=1) > 0]
+            out[layer, expert.offset:expert.offset + expert.size] = np.median(routed) if routed.size else 0.0
+    return out
 
 
 def neutral_sentences() -> list[str]:
@@ -344,7 +373,8 @@ def activation_stats(lm, prompts: Sequence | None = None, task: Task | None = No
     neutral sentences), one forward pass per batch."""
     items = neutral_sentences() if prompts is None else list(prompts)
     source = "neutral sentences" if prompts is None else f"{len(items)} prompts"
-    return ActivationStats.from_activations(answer_activations(lm, items, task), source=source)
+    return ActivationStats.from_activations(answer_activations(lm, items, task), source=source,
+                                            experts=lm.layout.experts)
 
 
 # --- flags ----------------------------------------------------------------------------------------------------
@@ -357,9 +387,8 @@ def flag_massive(stats: ActivationStats, ratio: float = MASSIVE_RATIO,
     top = max(1, math.ceil(top_fraction * size))
     kth_largest = np.partition(stats.mean_abs.ravel(), size - top)[size - top]
     # ReLU layers (OPT) can be more than half exact zeros: a median of 0 makes any ratio true, so their mean
-    # |activation| stands in as the layer's typical size
-    typical = np.where(stats.layer_median_abs > 0, stats.layer_median_abs, stats.mean_abs.mean(axis=1))
-    big = stats.median_abs > ratio * typical[:, None]
+    # |activation| stands in as the layer's typical size (`typical_abs`; per expert in MoE models)
+    big = stats.median_abs > ratio * stats.typical_abs()
     few = stats.mean_abs >= kth_largest
     layers, neurons = np.nonzero(big & few & (stats.median_abs > 0))
     return frozenset(zip(layers.tolist(), neurons.tolist()))
@@ -415,9 +444,10 @@ def neuron_flags(stats: ActivationStats, coarse_sets_by_relation: Mapping | None
                  relation_fraction: float = UNSPECIFIC_RELATION_FRACTION,
                  min_relations: int = UNSPECIFIC_MIN_RELATIONS) -> NeuronFlags:
     """Massive neurons from `stats`; unspecific ones from the coarse sets of each relation's facts, if given."""
-    rule = {"massive": f"median |activation| over prompts > {ratio:g} x its layer's median |activation| (its mean "
-                       f"where the median is 0), and mean |activation| among the {top_fraction:.2%} largest of the "
-                       f"model (at least one)",
+    reference = ("its layer's median |activation| (its mean where the median is 0)" if stats.expert_median_abs is None
+                 else "its expert's median |activation| on the prompts routed to it (its layer's mean where that is 0)")
+    rule = {"massive": f"median |activation| over prompts > {ratio:g} x {reference}, and mean |activation| among "
+                       f"the {top_fraction:.2%} largest of the model (at least one)",
             "ratio": ratio, "top_fraction": top_fraction, "n_prompts": stats.n_prompts, "stats_source": stats.source}
     unspecific: frozenset[Neuron] = frozenset()
     if coarse_sets_by_relation is not None:
@@ -435,7 +465,8 @@ def run_stats(lm, activations: Sequence[np.ndarray] = (), task: Task | None = No
     fact's paraphrases. Also the means for mean-ablation."""
     neutral = answer_activations(lm, neutral_sentences(), task)
     return ActivationStats.from_activations(list(activations) + neutral,
-                                            source=f"{len(activations)} run prompts + {len(neutral)} neutral sentences")
+                                            source=f"{len(activations)} run prompts + {len(neutral)} neutral sentences",
+                                            experts=lm.layout.experts)
 
 
 def scored_flags(stats: ActivationStats, scores_by_relation: Mapping[str, Sequence[Sequence[np.ndarray]]] | None = None,

@@ -16,6 +16,8 @@ gradients. How it is fast without approximating anything:
 - A fact's prompts can share passes (masked LMs with BERT-style blocks): their sequences are packed side by side
   in every row with block-diagonal attention, so a row patches one (layer, alpha) pair at every prompt's answer
   at once, with no padding (`SharedRunner`).
+- Mixture-of-experts layers route every row as the clean run did (`hooks.hold_routing`): the integral scales
+  a neuron's contribution with the router's choice and weights fixed (docs/MOE.md).
 - Parameters never need gradients; one backward gives the gradient of every row at once.
 - Groups are sized to a memory budget; on CUDA out-of-memory a group is split and retried.
 """
@@ -32,7 +34,8 @@ import torch
 from torch import nn
 
 from .encoding import Target
-from .hooks import ActivationPatch, Hooks, Override, capture_activations, hidden_states_of, replacing_hidden, replay
+from .hooks import (ActivationPatch, Hooks, Override, capture_activations, capture_routing, hidden_states_of,
+                    hold_routing, replacing_hidden, replay)
 from .models import LoadedModel
 from .quadrature import integrate_panels
 from .tasks import Task
@@ -181,8 +184,10 @@ class Runner:
                     post=[(block, lambda m, a, o, j=j: outputs.__setitem__(j, o)) for j, block in blocks]))
                 for j in range(self.layout.layers):
                     recording.enter_context(_recording_replayable(self.layout, j, inside[j]))
+            routing = recording.enter_context(capture_routing())  # MoE layers: held in the patched passes
             with torch.no_grad():
                 prob, acts = capture_activations(self.layout, lambda: self._probs(self._hidden(1)))
+        self.routing = routing
         self.block_outputs = [outputs.get(j) for j in range(self.layout.layers)]
         self.block_inputs = [inputs.get(j) for j in range(self.layout.layers)]
         self.inside_outputs = inside
@@ -199,7 +204,7 @@ class Runner:
         n_alpha = table.shape[1]
         leaves, hiddens = [], []
         run_pass = self._fixed_pass if self.layout.spec.fixed_batch else self._grown_pass
-        with torch.enable_grad():
+        with torch.enable_grad(), hold_routing(self.routing):
             for layers, alpha in zip(passes, table.split([len(r) for r in passes])):
                 base = self.acts[layers.start:layers.stop]
                 patch = (alpha[:, :, None] * base[:, None, :]).reshape(len(layers) * n_alpha, -1)

@@ -6,7 +6,7 @@ import torch
 
 from kn_core.attribution import AttributionParams, PromptError, attribute, attribute_fact, encode_answer, shares_passes
 from kn_core.encoding import max_positions
-from kn_core.hooks import ActivationPatch
+from kn_core.hooks import ActivationPatch, capture_routing, hold_routing
 from kn_core.models import ModelLoadError, available_devices, pick_device
 from kn_core.tasks import Cancelled, Task
 from tiny import ALL_FAMILIES, make_tiny, tiny_llama
@@ -31,7 +31,8 @@ def reference_scores(lm, text, answer_ids, steps=20, rule="right"):
         scores = []
         for layer in range(layout.layers):
             seen = {}
-            with torch.no_grad(), ActivationPatch(layout, lambda l, a: seen.__setitem__(l, a[0, pos].clone()), [layer]):
+            with torch.no_grad(), capture_routing() as routing, \
+                    ActivationPatch(layout, lambda l, a: seen.__setitem__(l, a[0, pos].clone()), [layer]):
                 lm.model(input_ids=x)
             w = seen[layer]
             total = torch.zeros_like(w)
@@ -44,7 +45,8 @@ def reference_scores(lm, text, answer_ids, steps=20, rule="right"):
                     a[0, pos] = point
                     return a
 
-                with torch.enable_grad(), ActivationPatch(layout, put, [layer]):
+                # mixture-of-experts layers route as in the clean run (docs/MOE.md); dense models have none
+                with torch.enable_grad(), hold_routing(routing), ActivationPatch(layout, put, [layer]):
                     prob = lm.model(input_ids=x).logits[0, pos].softmax(-1)[target]
                     (grad,) = torch.autograd.grad(prob, point)
                 total += grad

@@ -31,7 +31,21 @@ def encode(lm, text=PROMPT):
     return lm.tokenizer(text, return_tensors="pt").input_ids
 
 
+def moe_config_neurons(config) -> int:
+    """The widest layer of an MoE config: routed experts x their size, plus shared experts; or a dense layer."""
+    experts = next(getattr(config, n) for n in ("n_routed_experts", "num_local_experts", "num_experts")
+                   if getattr(config, n, None))
+    size = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    shared = getattr(config, "shared_expert_intermediate_size", 0) or \
+        getattr(config, "n_shared_experts", 0) * getattr(config, "moe_intermediate_size", 0)
+    dense = config.intermediate_size if (getattr(config, "mlp_only_layers", None)
+                                         or getattr(config, "first_k_dense_replace", 0)) else 0
+    return max(experts * size + (shared or 0), dense)
+
+
 def config_neurons(config) -> int:
+    if FAMILIES[config.model_type].moe:
+        return moe_config_neurons(config)
     for name in ("intermediate_size", "n_inner", "ffn_dim", "hidden_dim", "ffn_hidden_size"):
         if getattr(config, name, None):
             return getattr(config, name)
@@ -87,7 +101,10 @@ def test_value_vectors_agree_with_value_vector(lm):
     vectors = layout.value_vectors(1, [0, 5, 7])
     assert vectors.shape == (3, layout.hidden)
     assert torch.equal(vectors[1], layout.value_vector(1, 5))
-    assert layout.value_weight(1).shape[layout.neuron_axis(1)] == layout.neurons
+    if layout.experts is None:
+        assert layout.value_weight(1).shape[layout.neuron_axis(1)] == layout.neurons
+    else:  # one weight per expert, together as wide as the layer
+        assert sum(e.size for e in layout.experts[1]) == layout.width(1) <= layout.neurons
 
 
 def test_embedding_shapes(lm):

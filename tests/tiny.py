@@ -151,6 +151,8 @@ def _config_kwargs(family: str, tokenizer) -> dict:
         kwargs["embedding_size"] = HIDDEN
     if FAMILIES[family].blocks == "model.layers" and family != "phi":
         kwargs.update(num_key_value_heads=2, head_dim=HIDDEN // HEADS)  # grouped-query attention, like Llama
+    if FAMILIES[family].moe:
+        kwargs.update(_moe_kwargs(family))
     return kwargs | _QUIRKS.get(family, {})
 
 
@@ -178,16 +180,50 @@ _QUIRKS: dict[str, dict] = {
 }
 
 
+EXPERTS = 4  # routed experts per MoE layer, 2 of them per token
+EXPERT_NEURONS = 24  # each expert's intermediate size (dense layers of MoE models keep NEURONS)
+
+
+def _moe_kwargs(family: str) -> dict:
+    """Tiny mixture-of-experts sizes; where a family has them, a dense first layer and shared experts, so
+    layers of different widths and shared-expert neurons are tested too."""
+    kwargs = dict(num_local_experts=EXPERTS, num_experts=EXPERTS, n_routed_experts=EXPERTS, num_experts_per_tok=2,
+                  moe_intermediate_size=EXPERT_NEURONS, router_aux_loss_coef=0.0)
+    if family in ("mixtral", "olmoe", "gpt_oss", "granitemoe"):
+        kwargs["intermediate_size"] = EXPERT_NEURONS
+    if family in ("qwen2_moe", "qwen3_moe"):
+        kwargs.update(mlp_only_layers=[0], decoder_sparse_step=1, norm_topk_prob=family == "qwen3_moe")
+    if family == "qwen2_moe":
+        kwargs["shared_expert_intermediate_size"] = 2 * EXPERT_NEURONS
+    if family == "deepseek_v3":
+        kwargs.update(first_k_dense_replace=1, n_shared_experts=1, n_group=2, topk_group=1, q_lora_rank=16,
+                      kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, head_dim=8,
+                      num_key_value_heads=HEADS, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    if family == "gpt_oss":
+        kwargs.update(layer_types=["sliding_attention", "full_attention", "sliding_attention"], sliding_window=8,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    return kwargs
+
+
 def make_tiny(family: str, seed: int = 0, **overrides) -> LoadedModel:
     """A random fp32 model of `family` (3 layers, hidden 32, 72 neurons, eval mode) with its tiny tokenizer."""
     spec = FAMILIES[family]
     tokenizer = make_tokenizer(spec.kind)
     config = AutoConfig.for_model(family, **(_config_kwargs(family, tokenizer) | overrides))
     config._attn_implementation = "eager"  # same numbers on every machine, and Gemma-2's softcapping needs it
+    if spec.moe:  # the per-expert loop: the default grouped matmul has no float64, which the references use
+        config._experts_implementation = "eager"
     auto = AutoModelForMaskedLM if spec.kind == "masked" else AutoModelForCausalLM
     torch.manual_seed(seed)
     model = auto.from_config(config, dtype=torch.float32)
     return wrap_model(model, tokenizer, source=f"tiny-{family}")
+
+
+def save_tiny(lm: LoadedModel, folder) -> str:
+    """Saves a tiny model and its tokenizer as a model folder (what `kn --model FOLDER` loads); returns the path."""
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return str(folder)
 
 
 def tiny_llama(seed: int = 0, **overrides) -> LoadedModel:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import time
 
 from .checks import whole_number
-from .common import (COMMON, CliError, emit, factset_of, find_fact, load, neuron_list, progress_bar, project_of,
-                     prompt_format_field, prompt_format_option, say)
+from .common import (COMMON, CliError, emit, factset_of, find_fact, load, neuron_list, neuron_name, progress_bar,
+                     project_of, prompt_format_field, prompt_format_option, say)
 
 
 def params_of(args):
@@ -50,7 +50,7 @@ def cmd_attribute(args) -> int:
     coarse = sorted(coarse_neurons(result.scores, t), key=lambda n: -result.scores[n])
     doc = {"prompt": args.prompt, "answer": args.answer, "answer_tokens": list(answer_ids), "prob": result.prob,
            "layers": lm.layout.layers, "neurons": lm.layout.neurons, "max": float(result.scores.max()), "t": t,
-           "coarse": neuron_list(coarse, result.scores), "completeness": result.completeness,
+           "coarse": neuron_list(coarse, result.scores, layout=lm.layout), "completeness": result.completeness,
            "params": params.to_dict(), **prompt_format_field(lm), "seconds": result.seconds}
     lines = [f"P({args.answer!r}) = {result.prob:.4f}; {len(coarse)} coarse neurons (score > {t} x max "
              f"{doc['max']:.4g}) in {result.seconds:.1f} s"]
@@ -170,21 +170,22 @@ def cmd_neurons(args) -> int:
     doc = {"fact": {"relation": fact.relation, "subject": fact.subject, "object": fact.object},
            "prompts": [{"text": p.text, "answer": p.answer, "prob": r.prob} for p, r in zip(prompts, results)],
            "skipped": [{"template": s.template, "reason": s.reason} for s in skipped],
-           "coarse": [neuron_list(c, r.scores) for c, r in zip(coarse, results)],
-           "refined": neuron_list(refined), "selection": selection, "t": t, "p": args.p, "params": params.to_dict(),
-           **prompt_params(lm.kind, args.causal_templates), **prompt_format_field(lm),
+           "coarse": [neuron_list(c, r.scores, layout=lm.layout) for c, r in zip(coarse, results)],
+           "refined": neuron_list(refined, layout=lm.layout), "selection": selection, "t": t, "p": args.p,
+           "params": params.to_dict(), **prompt_params(lm.kind, args.causal_templates), **prompt_format_field(lm),
            "flags": {**flags.to_dict(), "excluded_from_neurons": not args.keep_massive},
            "seconds": time.perf_counter() - started}
     for entry in doc["refined"] + [e for c in doc["coarse"] for e in c]:
-        entry["flags"] = list(flags.of((entry["layer"], entry["neuron"])))
+        entry["flags"] = list(flags.of((entry["layer"], entry.get("index", entry["neuron"]))))
     lines = [f"{fact.relation} {fact.subject} -> {fact.object}: {len(prompts)} prompts, {len(refined)} refined "
              f"neurons (t={t}, p={args.p}) in {doc['seconds']:.1f} s",
              f"  neurons: {selection['text']}" + ("" if refined else f"; none: {empty_neurons_fix(len(prompts), args.p)}")]
     lines += [f"  {p.text!r} -> {p.answer!r} P={r.prob:.3f}, {len(c)} coarse" for p, r, c in zip(prompts, results, coarse)]
-    lines += [f"  refined L{l} #{i} {' '.join(flags.of((l, i)))}".rstrip() for l, i in refined]
+    lines += [f"  refined {neuron_name(lm.layout, l, i)} {' '.join(flags.of((l, i)))}".rstrip() for l, i in refined]
     if flags.massive:
         kept = "kept (--keep-massive)" if args.keep_massive else "excluded (--keep-massive keeps them)"
-        lines.append(f"  massive neurons {kept}: " + ", ".join(f"L{l} #{i}" for l, i in sorted(flags.massive)))
+        lines.append(f"  massive neurons {kept}: " + ", ".join(neuron_name(lm.layout, l, i)
+                                                                   for l, i in sorted(flags.massive)))
     lines += tolerance_lines(results, params)
     emit(args, doc, "\n".join(lines))
     return 0

@@ -146,7 +146,20 @@ def find_fact(factset, relation: str, subject: str):
     raise CliError(f"no fact with subject {subject!r} in relation {relation}; subjects include: {subjects}")
 
 
-def neuron_list(neurons, scores=None) -> list[dict]:
-    if scores is None:
-        return [{"layer": int(l), "neuron": int(i)} for l, i in neurons]
-    return [{"layer": int(l), "neuron": int(i), "score": float(scores[l, i])} for l, i in neurons]
+def neuron_name(layout, layer: int, index: int) -> str:
+    """"L3 #120" for text output; in an MoE model "L3 E5 #24" (expert 5's neuron 24)."""
+    if layout.experts is None:
+        return f"L{layer} #{index}"
+    expert, local = layout.expert_of(layer, index)
+    return f"L{layer} E{expert} #{local}"
+
+
+def neuron_list(neurons, scores=None, layout=None) -> list[dict]:
+    """Neurons for JSON: {"layer", "neuron"}; in a mixture-of-experts model (`layout` given)
+    {"layer", "expert", "neuron" (within the expert), "index" (in the layer's flattened axis, what inputs take)}."""
+    out = [layout.neuron_dict(int(l), int(i)) if layout is not None else {"layer": int(l), "neuron": int(i)}
+           for l, i in neurons]
+    if scores is not None:
+        for entry, (l, i) in zip(out, neurons):
+            entry["score"] = float(scores[l, i])
+    return out

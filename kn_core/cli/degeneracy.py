@@ -65,7 +65,8 @@ def cmd_edit_degeneracy(args) -> int:
                                                   seed=args.seed))
         metrics = measure_edit(lm, plan, task=task.slice(0.8, 1.0))["metrics"]
     doc = {"fact": {"relation": fact.relation, "subject": fact.subject, "object": fact.object},
-           "neuron_scores": neuron_list(result["neurons"], scores), "prompt_texts": [p.text for p in prompts],
+           "neuron_scores": neuron_list(result["neurons"], scores, layout=lm.layout),
+           "prompt_texts": [p.text for p in prompts],
            **result, "all_suppressed_metrics": metrics}
     store_evaluation(args, lm, "degeneracy", doc, {**params.to_dict(), "t": args.t, "p": args.p, **integration})
     emit(args, doc, "\n".join([_text(fact, result), "suppressing all of them (kn_core.metrics):",

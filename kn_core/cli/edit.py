@@ -79,9 +79,10 @@ def _neuron_params_field(args, lm, selection: dict) -> dict:
             **prompt_format_field(lm), "eval": args.eval}
 
 
-def _flags_field(excluded, args) -> dict:
+def _flags_field(excluded, args, lm) -> dict:
     """The flagged (massive/unspecific) neurons left out of the edit, for --json."""
-    return {"flagged_excluded": neuron_list(sorted(excluded)), "keep_massive": getattr(args, "keep_massive", False)}
+    return {"flagged_excluded": neuron_list(sorted(excluded), layout=lm.layout),
+            "keep_massive": getattr(args, "keep_massive", False)}
 
 
 def _templates(prompts) -> tuple[str, ...]:
@@ -171,14 +172,15 @@ def cmd_edit_activation(args) -> int:
     if args.export:
         export_model(lm, [plan.edit], args.export)
     doc = {"fact": {"relation": fact.relation, "subject": fact.subject, "object": fact.object},
-           "edit": plan.edit.to_dict(), "neurons": neuron_list(plan.edit.neurons),
+           "edit": plan.edit.to_dict(), "neurons": neuron_list(plan.edit.neurons, layout=lm.layout),
            "prompts": [p.text for p in prompts], "before": effect["before"], "after": effect["after"],
            "relative_change": effect["relative_change"], "flip_rate": effect["flip_rate"],
-           "control": {"kind": "random neurons from the same layers", "neurons": neuron_list(plan.control.neurons),
+           "control": {"kind": "random neurons from the same layers", "neurons":
+                       neuron_list(plan.control.neurons, layout=lm.layout),
                        "after": control["after"], "relative_change": control["relative_change"],
                        "flip_rate": control["flip_rate"]},
            "exported_to": args.export, **_plan_fields(lm, plan, args, measured),
-           **_flags_field(found.excluded, args), **_neuron_params_field(args, lm, found.selection),
+           **_flags_field(found.excluded, args, lm), **_neuron_params_field(args, lm, found.selection),
            **_protocol_fields(lm, plan, args)}
     text = [f"{args.edit_kind} {len(plan.edit.neurons)} knowledge neurons of {fact.relation} {fact.subject} -> "
             f"{fact.object}:",
@@ -223,8 +225,9 @@ def cmd_edit_update(args) -> int:
     if args.export:
         ev.with_edits(lm, [update], lambda: export_model(lm, [update], args.export))
     doc = {"fact": {"relation": fact.relation, "subject": fact.subject, "object": fact.object},
-           "new_object": args.new_object, "edit": update.to_dict(), "neurons": neuron_list(update.neurons),
-           "excluded": neuron_list(update.excluded), "flipped": neuron_list(update.flipped),
+           "new_object": args.new_object, "edit": update.to_dict(), "neurons":
+           neuron_list(update.neurons, layout=lm.layout), "excluded": neuron_list(update.excluded, layout=lm.layout),
+           "flipped": neuron_list(update.flipped, layout=lm.layout),
            "exclusion": f"computed over {len(relation_sets)} other facts of {fact.relation}" if others else
            "not computed (use --relation-facts N to attribute N other facts of the relation)",
            "prompts": [p.text for p in own],
@@ -233,7 +236,7 @@ def cmd_edit_update(args) -> int:
            "top1_after": [r["top1_token"] for r in after_old],
            "change_rate": float(np.mean([a["top1_id"] != b["top1_id"] for a, b in zip(after_old, before_old)])),
            "success_rate": float(np.mean([r["correct"] for r in after_new])), "exported_to": args.export,
-           **_flags_field(found.excluded, args), **_neuron_params_field(args, lm, found.selection),
+           **_flags_field(found.excluded, args, lm), **_neuron_params_field(args, lm, found.selection),
            "control": {"kind": "random neurons from the same layers", "edit": plan.control.to_dict()},
            **({"calibration": plan.calibration} if plan.calibration is not None else {}),
            **_plan_fields(lm, plan, args, measured), **_protocol_fields(lm, plan, args)}
@@ -283,9 +286,10 @@ def cmd_edit_erase(args) -> int:
     before, after, control = (_erase_figures(measured[state]) for state in ("before", "after", "control_after"))
     if args.export:
         ev.with_edits(lm, [erase], lambda: export_model(lm, [erase], args.export))
-    doc = {"relation": args.relation, "facts": len(sets), "edit": erase.to_dict(), "neurons": neuron_list(erase.neurons),
+    doc = {"relation": args.relation, "facts": len(sets), "edit": erase.to_dict(), "neurons":
+           neuron_list(erase.neurons, layout=lm.layout),
            "before": before, "after": after, "control": {"kind": "random neurons from the same layers", **control},
-           "exported_to": args.export, **_plan_fields(lm, plan, args, measured), **_flags_field(excluded, args),
+           "exported_to": args.export, **_plan_fields(lm, plan, args, measured), **_flags_field(excluded, args, lm),
            **_neuron_params_field(args, lm, {"per_fact": {f.subject: x.selection["text"] for f, x in found.items()}})}
     text = [f"erase {args.relation} ({len(erase.neurons)} neurons from {len(sets)} facts):",
             f"  accuracy {before['accuracy']:.2f} -> {after['accuracy']:.2f} (random {control['accuracy']:.2f})",

@@ -295,7 +295,10 @@ def knowledge_neurons(lm, chosen: dict, ig: dict, base: dict, t: float, p: float
             {"relation": r.relation, "subject": r.fact.subject, "object": r.fact.object, "prompts": len(r.prompts),
              "prob": float(np.mean([s.prob for s in ig[r.fact]])),
              "neurons": [list(n) for n in r.neurons], "baseline_neurons": [list(n) for n in r.baseline_neurons],
-             "flagged_neurons_when_kept": [list(n) for n in k.neurons if flags.of(n)]}
+             "flagged_neurons_when_kept": [list(n) for n in k.neurons if flags.of(n)],
+             # an MoE model's neurons are [layer, index in the layer's flattened experts]: name each one's expert
+             **({"neurons_named": [lm.layout.neuron_dict(l, i) for l, i in r.neurons]}
+                if lm.layout.experts is not None else {})}
             for r, k in zip(records, kept)],
         "neuron_statistics": ex.neuron_statistics([r.neurons for r in records], [r.relation for r in records], layers),
         "baseline_neuron_statistics": ex.neuron_statistics([r.baseline_neurons for r in records],

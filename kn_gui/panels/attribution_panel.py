@@ -21,7 +21,7 @@ from kn_core.facts import CAUSAL_TEMPLATES
 
 from ..session import TooCoarse
 from .common import TableView, button, fmt_prob, hbox, hint, vbox
-from .neuron_map import NeuronMap
+from .neuron_map import NeuronMap, expert_text
 from .thresholds import ThresholdControl
 
 pg.setConfigOptions(imageAxisOrder="row-major", antialias=False, background="w", foreground="#33475b")
@@ -450,6 +450,7 @@ class AttributionPanel(QWidget):
             top = float(magnitude.max()) if magnitude.size else 1.0
             bound = max(float(np.percentile(magnitude, 99.9)) if magnitude.size else 1.0, self.session.t * top, 1e-12)
             self.heat_widget.set_scores(scores, bound, fit=getattr(self, "_autorange", True))
+            self.heat_widget.set_experts(self._experts(scores))
             self._autorange = False
             self.goto_layer.setRange(0, scores.shape[0] - 1)
             self.goto_neuron.setRange(0, scores.shape[1] - 1)
@@ -583,8 +584,19 @@ class AttributionPanel(QWidget):
     def _go_to_clicked(self):
         self.go_to(self.goto_layer.value(), self.goto_neuron.value())
 
+    def _experts(self, scores):
+        """The loaded MoE model's expert spans when the shown scores are its (same shape), else None."""
+        lm = getattr(self.session, "lm", None)
+        experts = getattr(getattr(lm, "layout", None), "experts", None)
+        if experts is None or scores.shape != (lm.layout.layers, lm.layout.neurons):
+            return None
+        return experts
+
     def describe_neuron(self, layer: int, neuron: int) -> str:
         text = f"layer {layer}, neuron {neuron}"
+        in_expert = expert_text(self.heat_widget.experts, layer, neuron)
+        if in_expert:
+            text = f"layer {layer}, {in_expert}"
         if self._shown_scores is not None:
             score = self._shown_scores[layer, neuron]
             text += (f":  score {score:.4g}" if not np.isnan(score) else

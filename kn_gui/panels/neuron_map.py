@@ -7,6 +7,10 @@ pooling over the columns a pixel covers (a single strong neuron stays visible at
 the neuron its pixel shows: the strongest of that group, never one from a neighbouring pixel or layer (the hover
 line names it). Zoomed in to a pixel or more per neuron, a click selects exactly the cell under the pointer; the
 wheel zooms the neuron axis, dragging pans it (layers always fill the height) and "go to" centres a neuron.
+
+Mixture-of-experts models (`set_experts`): a layer's neurons are its experts' side by side (kn_core/moe.py);
+dashed lines mark the expert boundaries, the axis names the experts, and the padding of a narrower (dense) layer
+is greyed out.
 """
 
 from __future__ import annotations
@@ -60,6 +64,29 @@ def pooled_columns(scores: np.ndarray, factor: int) -> np.ndarray:
     return np.take_along_axis(blocks, strongest_index[..., None], axis=2)[..., 0]
 
 
+def expert_at(experts, layer: int, neuron: int):
+    """The expert span (kn_core.moe.Expert) holding a neuron of an MoE model's layer; None for dense models or
+    the padding of a narrower layer."""
+    if experts is None or not 0 <= layer < len(experts):
+        return None
+    return next((e for e in experts[layer] if e.offset <= neuron < e.offset + e.size), None)
+
+
+def expert_text(experts, layer: int, neuron: int, activations=()) -> str:
+    """"expert e (shared), neuron i (index n)" and, given the prompts' answer-position activations ([layers,
+    neurons] each), how many of them route to the expert (a routed prompt gives the expert's neurons a nonzero
+    activation)."""
+    span = expert_at(experts, layer, neuron)
+    if span is None:
+        return ""
+    kind = " (shared)" if span.shared else (" (dense layer)" if len(experts[layer]) == 1 else "")
+    text = f"expert {span.expert}{kind}, neuron {neuron - span.offset} (index {neuron})"
+    if activations and len(experts[layer]) > 1 and not span.shared:
+        routed = sum(bool(np.any(a[layer, span.offset:span.offset + span.size])) for a in activations)
+        text += f"; {routed}/{len(activations)} of the fact's prompts route their answer to it"
+    return text
+
+
 class NeuronMap(pg.GraphicsLayoutWidget):
     hovered = Signal(object)  # (layer, neuron) | None
     clicked = Signal(int, int, bool)  # layer, neuron, add to the selection
@@ -92,6 +119,8 @@ class NeuronMap(pg.GraphicsLayoutWidget):
         for marks in (self.massive_marks, self.unspecific_marks, self.refined_marks, self.selected_marks):
             self.plot.addItem(marks)
         self.scores: np.ndarray | None = None
+        self.experts = None  # kn_core FFNLayout.experts of an MoE model
+        self._expert_items: list = []
         self._bound = 1.0
         self._pool = 0
         self._pool_timer = QTimer(self)
@@ -139,6 +168,40 @@ class NeuronMap(pg.GraphicsLayoutWidget):
         shown = pooled_columns(self.scores, factor)
         self.image.setImage(shown, levels=(-self._bound, self._bound), autoLevels=False)
         self.image.setRect(0, 0, shown.shape[1] * factor, layers)
+
+    def set_experts(self, experts) -> None:
+        """Expert boundaries of an MoE model (per layer a list of spans with offset, size, expert), or None."""
+        if experts == self.experts:
+            return
+        for item in self._expert_items:
+            self.plot.removeItem(item)
+        self._expert_items = []
+        self.experts = experts
+        self.plot.setLabel("bottom", "neuron" if experts is None else
+                           "neuron (experts side by side: dashed lines; shared experts last)")
+        if experts is None:
+            return
+        widest = max(experts, key=lambda spans: sum(e.size for e in spans))
+        # each layer's own boundaries (a dense layer of an MoE model has none)
+        cuts = [(span.offset, layer) for layer, spans in enumerate(experts) for span in spans[1:]]
+        xs = np.repeat([x for x, _ in cuts], 2).astype(float)
+        ys = np.array([y + d for _, y in cuts for d in (0, 1)], dtype=float)
+        self._expert_items.append(pg.PlotCurveItem(xs, ys, connect="pairs", pen=pg.mkPen(
+            "#566573", width=1, style=pg.QtCore.Qt.DashLine)))
+        for span in widest:  # the expert's id over its first column, so the boundaries read without hovering
+            label = pg.TextItem(f"E{span.expert}{'s' if span.shared else ''}", color="#566573", anchor=(0, 0))
+            label.setPos(span.offset, len(experts))
+            self._expert_items.append(label)
+        total = sum(e.size for e in widest)
+        for layer, spans in enumerate(experts):
+            width = sum(e.size for e in spans)
+            if width < total:  # a narrower layer's padding holds no neurons
+                rect = pg.QtWidgets.QGraphicsRectItem(width, layer, total - width, 1)
+                rect.setBrush(pg.mkBrush(200, 200, 200, 220))
+                rect.setPen(pg.mkPen(None))
+                self._expert_items.append(rect)
+        for item in self._expert_items:
+            self.plot.addItem(item)
 
     def set_marks(self, refined=(), selected=(), massive=(), unspecific=()):
         for marks, neurons in ((self.refined_marks, refined), (self.selected_marks, selected),

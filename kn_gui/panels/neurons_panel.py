@@ -19,7 +19,7 @@ from PySide6.QtWidgets import (QFileDialog, QHeaderView, QGroupBox, QInputDialog
 
 from ..session import NeuronSet
 from .common import TableView, button, default_folder, hbox, hint, vbox
-from .neuron_map import FLAG
+from .neuron_map import FLAG, expert_text
 
 FLAG_GLYPH = "\u26a0"
 
@@ -271,7 +271,7 @@ class NeuronsPanel(QWidget):
         flagged = self.flags_of((layer, neuron))
         flag_text = f"  {FLAG_GLYPH} flagged {', '.join(flagged)}" if flagged else ""
         norm = f", |v| = {tokens['norm']:.3g}" if tokens and tokens.get("norm") is not None else ""
-        self.inspect_title.setText(f"Layer {layer}, neuron {neuron}{norm}{extra}{flag_text}")
+        self.inspect_title.setText(f"Layer {layer}, {self._expert_part(layer, neuron)}{norm}{extra}{flag_text}")
         self.inspect_title.setToolTip(self._flag_tooltip(flagged) if flagged else "")
         self.promoted.clear_rows()
         self.suppressed.clear_rows()
@@ -299,6 +299,15 @@ class NeuronsPanel(QWidget):
             self.activating.add_row([prompt, answer, act, score])
         self.activating.setColumnWidth(0, 240)
         self.inspect_tabs.setTabText(2, "Top-activating prompts" if sign > 0 else "Most negative activations")
+
+    def _expert_part(self, layer: int, neuron: int) -> str:
+        """"neuron i", or in an MoE model "expert e, neuron i (index n); k/n of the fact's prompts route to it"."""
+        lm = getattr(self.session, "lm", None)
+        experts = getattr(getattr(lm, "layout", None), "experts", None)
+        run = getattr(self, "run", None)
+        acts = [s.activations for s in run.scores] if run is not None and run.scores else []
+        text = expert_text(experts, layer, neuron, acts)
+        return text or f"neuron {neuron}"
 
     def _sign(self, layer: int, neuron: int, tokens: dict | None) -> tuple[int, str]:
         """(+1 or -1, where it came from)."""
