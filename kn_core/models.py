@@ -349,6 +349,19 @@ def _head_class_without_row(config, trust_remote_code: bool, no_row: Exception):
                                 f"{config.model_type!r})") from None
 
 
+def _refuse_unreadable_structure(auto, config, trust_remote_code: bool, no_row: Exception) -> None:
+    """Reads the structure of a family without a row from a weightless (meta device) model, so that one whose
+    FFN cannot be found is refused before any weights are read; the full check runs once they are loaded."""
+    from .ffn import spec_from_structure
+
+    try:
+        with torch.device("meta"):
+            skeleton = auto.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - a config that builds no skeleton is judged after the real load
+        return
+    spec_from_structure(skeleton, no_row, check=False)
+
+
 def load_model(source: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
                trust_remote_code: bool = False, task: Task | None = None) -> LoadedModel:
     """Loads a model for knowledge-neuron work (eval mode, parameters frozen); progress messages go to `task`."""
@@ -384,6 +397,7 @@ def load_model(source: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "
         spec = spec_for_config(config, source)
     except UnsupportedModelError as no_row:  # the layout then reads a row from the model's structure, or refuses
         spec, auto = None, _head_class_without_row(config, trust_remote_code, no_row)
+        _refuse_unreadable_structure(auto, config, trust_remote_code, no_row)
     else:
         auto = AutoModelForMaskedLM if spec.kind == "masked" else AutoModelForCausalLM
     if spec is not None and spec.image_text:
