@@ -14,7 +14,6 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .discover import check_reading, discover_spec
 from .families import FamilySpec, UnsupportedModelError, get_path, spec_for_config
 
 
@@ -27,6 +26,8 @@ def spec_from_structure(model: nn.Module, no_row: UnsupportedModelError,
                         check: bool = True) -> tuple[FamilySpec, str]:
     """A row read from the structure of a model whose family has none, or the refusal: why, and the row to add.
     `check=False` reads the structure only (a model on the meta device, before its weights are loaded)."""
+    from .discover import check_reading, discover_spec
+
     try:
         spec, found = discover_spec(model)
         if check and check_reading(FFNLayout(model, spec=spec)):
