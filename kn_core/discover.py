@@ -19,7 +19,6 @@ rows of a pass all start at its lowest block (`fixed_batch`): slower, never wron
 from __future__ import annotations
 
 import re
-from dataclasses import replace
 
 import torch
 from torch import nn
@@ -92,8 +91,8 @@ def _head(model: nn.Module, base_path: str) -> tuple[str, ...]:
 
 
 def discover_spec(model: nn.Module) -> tuple[FamilySpec, str]:
-    """A row read from the model's structure and checked on the model, and one line saying what was found;
-    UnsupportedModelError with the reason otherwise."""
+    """A row read from the model's structure (to be checked with `check_reading`), and one line saying what was
+    found; UnsupportedModelError with the reason otherwise."""
     config = model.config.get_text_config()
     kind = _kind(model)
     blocks_path = _blocks(model, config.num_hidden_layers)
@@ -107,19 +106,17 @@ def discover_spec(model: nn.Module) -> tuple[FamilySpec, str]:
     spec = FamilySpec(kind, blocks_path, out_proj,
                       final_norm=_final_norm(model.base_model, base_path) if kind == "causal" else None,
                       head=() if kind == "causal" else _head(model, base_path), fixed_batch=True)
-    if _check(model, spec, blocks):
-        spec = replace(spec, flattens_tokens=True)
     found = (f"no row for {config.model_type!r}; read from its structure: {len(blocks)} blocks at {blocks_path}, "
              f"FFN neurons at the input of {out_proj}, final norm {spec.final_norm or 'none'}, head "
              f"{'.'.join(spec.head) or 'output embeddings'} (checked against the model's logits)")
     return spec, found
 
 
-def _check(model: nn.Module, spec: FamilySpec, blocks: list[nn.Module]) -> bool:
-    """Runs a few tokens; True when the out-projections see flattened (tokens, intermediate) inputs."""
-    from .ffn import FFNLayout  # the layout reads the spec exactly as for a row
-
-    layout = FFNLayout(model, spec=spec)
+def check_reading(layout) -> bool:
+    """Runs a few tokens through the layout's model (an `FFNLayout` built on a discovered row): refuses when an
+    out-projection does not run once per block on inputs of its width, or when the final norm and head do not
+    reproduce the model's logits. True when the out-projections see flattened (tokens, intermediate) inputs."""
+    model, blocks = layout.model, layout.blocks
     vocab = layout.input_embeddings().shape[0]
     ids = (torch.arange(2, 8) % vocab)[None].to(layout.input_embeddings().device)
     calls: list[tuple[int, torch.Size]] = []
@@ -131,7 +128,7 @@ def _check(model: nn.Module, spec: FamilySpec, blocks: list[nn.Module]) -> bool:
     try:
         with torch.no_grad():
             logits = model(input_ids=ids).logits.float()
-            if spec.kind == "causal":
+            if layout.kind == "causal":
                 ours = layout.vocab_head()(last[0]).float()
             else:
                 ours = layout.logits_head()(layout.base_model()(input_ids=ids).last_hidden_state).float()

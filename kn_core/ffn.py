@@ -13,6 +13,7 @@ threshold selects and `check_neurons` refuses.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -27,12 +28,17 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D"
 
 
-def _discovered(model: nn.Module, no_row: UnsupportedModelError) -> tuple[FamilySpec, str]:
-    """A row read from the structure of a model whose family has none, or the refusal: why, and the row to add."""
-    from .discover import discover_spec
+def spec_from_structure(model: nn.Module, no_row: UnsupportedModelError,
+                        check: bool = True) -> tuple[FamilySpec, str]:
+    """A row read from the structure of a model whose family has none, or the refusal: why, and the row to add.
+    `check=False` reads the structure only (a model on the meta device, before its weights are loaded)."""
+    from .discover import check_reading, discover_spec
 
     try:
-        return discover_spec(model)
+        spec, found = discover_spec(model)
+        if check and check_reading(FFNLayout(model, spec=spec)):
+            spec = replace(spec, flattens_tokens=True)
+        return spec, found
     except UnsupportedModelError as reason:
         message = str(no_row).replace(" is not supported;", f" is not supported ({reason}); add its row to "
                                       f"kn_core/families.py (see docs/ARCHITECTURE.md);", 1)
@@ -51,7 +57,7 @@ class FFNLayout:
             try:
                 spec = spec_for_config(model.config)
             except UnsupportedModelError as no_row:
-                spec, self.found = _discovered(model, no_row)
+                spec, self.found = spec_from_structure(model, no_row)
         self.model = model
         self.family = model_type
         self.spec = spec

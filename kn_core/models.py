@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 
-from .families import UnsupportedModelError, spec_for_config
+from .families import IMAGE_TEXT_WRAPPERS, UnsupportedModelError, spec_for_config
 from .ffn import FFNLayout
 from .tasks import Task, as_task
 
@@ -351,6 +351,8 @@ def _head_class_without_row(config, trust_remote_code: bool, no_row: Exception):
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
 
+    if config.model_type in IMAGE_TEXT_WRAPPERS:
+        raise no_row  # it names the wrapper's language model that has no row
     for auto, mapping in ((AutoModelForCausalLM, MODEL_FOR_CAUSAL_LM_MAPPING),
                           (AutoModelForMaskedLM, MODEL_FOR_MASKED_LM_MAPPING)):
         remote = trust_remote_code and auto.__name__ in (getattr(config, "auto_map", None) or {})
@@ -358,6 +360,19 @@ def _head_class_without_row(config, trust_remote_code: bool, no_row: Exception):
             return auto
     raise UnsupportedModelError(f"{no_row} (transformers has no causal or masked language-model class for "
                                 f"{config.model_type!r})") from None
+
+
+def _refuse_unreadable_structure(auto, config, trust_remote_code: bool, no_row: Exception) -> None:
+    """Reads the structure of a family without a row from a weightless (meta device) model, so that one whose
+    FFN cannot be found is refused before any weights are read; the full check runs once they are loaded."""
+    from .ffn import spec_from_structure
+
+    try:
+        with torch.device("meta"):
+            skeleton = auto.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - a config that builds no skeleton is judged after the real load
+        return
+    spec_from_structure(skeleton, no_row, check=False)
 
 
 def load_model(source: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
@@ -395,6 +410,7 @@ def load_model(source: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "
         spec = spec_for_config(config, source)
     except UnsupportedModelError as no_row:  # the layout then reads a row from the model's structure, or refuses
         spec, auto = None, _head_class_without_row(config, trust_remote_code, no_row)
+        _refuse_unreadable_structure(auto, config, trust_remote_code, no_row)
     else:
         auto = AutoModelForMaskedLM if spec.kind == "masked" else AutoModelForCausalLM
     if spec is not None and spec.image_text:

@@ -264,3 +264,15 @@ def test_transformers_family_without_a_row_is_read_from_its_structure():
     assert lm.layout.found.startswith("no row for 'diffllama'; read from its structure: 3 blocks at model.layers, "
                                       "FFN neurons at the input of mlp.down_proj, final norm model.norm")
     _attributes_and_edits(lm)
+
+
+def test_image_text_checkpoint_with_an_unsupported_language_model_is_refused_in_one_line(tmp_path):
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("llava", text_config={"model_type": "gpt2", "n_embd": 16, "n_layer": 1, "n_head": 2},
+                         vision_config={"hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1,
+                                        "num_attention_heads": 2}).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError) as refused:
+        load_model(str(tmp_path), device="cpu")
+    message = str(refused.value)
+    assert "\n" not in message and "'llava' checkpoint's language model is a 'gpt2' model" in message
