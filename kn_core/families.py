@@ -36,16 +36,20 @@ class FamilySpec:
     # Positions start after the padding index (RoBERTa): a max_position_embeddings of 514 with padding index 1
     # holds 512 tokens.
     positions_after_padding: bool = False
+    # Dotted path from one block to the attention's output projection: its output is the attention sublayer's
+    # contribution at each position (before dropout, residual and any post-norm), which causal tracing restores.
+    attn_out: str | None = None
 
     @property
     def auto_class(self) -> str:
         return "AutoModelForMaskedLM" if self.kind == "masked" else "AutoModelForCausalLM"
 
 
-_BERT_LIKE = dict(kind="masked", out_proj="output.dense", bert_style=True)
+_BERT_LIKE = dict(kind="masked", out_proj="output.dense", bert_style=True, attn_out="attention.output.dense")
 _ROBERTA = FamilySpec(blocks="roberta.encoder.layer", head=("lm_head",), positions_after_padding=True, **_BERT_LIKE)
-_GPT2_LIKE = dict(kind="causal", blocks="transformer.h", out_proj="mlp.c_proj", final_norm="transformer.ln_f")
-_LLAMA_LIKE = FamilySpec("causal", "model.layers", "mlp.down_proj", "model.norm")
+_GPT2_LIKE = dict(kind="causal", blocks="transformer.h", out_proj="mlp.c_proj", final_norm="transformer.ln_f",
+                  attn_out="attn.c_proj")
+_LLAMA_LIKE = FamilySpec("causal", "model.layers", "mlp.down_proj", "model.norm", attn_out="self_attn.o_proj")
 
 FAMILIES: dict[str, FamilySpec] = {
     "bert": FamilySpec(blocks="bert.encoder.layer", head=("cls",), **_BERT_LIKE),
@@ -56,17 +60,21 @@ FAMILIES: dict[str, FamilySpec] = {
     "electra": FamilySpec(blocks="electra.encoder.layer", head=("generator_predictions", "generator_lm_head"),
                           **_BERT_LIKE),
     "distilbert": FamilySpec("masked", "distilbert.transformer.layer", "ffn.lin2",
-                             head=("vocab_transform", "activation", "vocab_layer_norm", "vocab_projector")),
+                             head=("vocab_transform", "activation", "vocab_layer_norm", "vocab_projector"),
+                             attn_out="attention.out_lin"),
     "gpt2": FamilySpec(**_GPT2_LIKE),
     "gpt_bigcode": FamilySpec(**_GPT2_LIKE, fixed_batch=True),
-    "gpt_neo": FamilySpec(**_GPT2_LIKE),
-    "gptj": FamilySpec("causal", "transformer.h", "mlp.fc_out", "transformer.ln_f"),
-    "gpt_neox": FamilySpec("causal", "gpt_neox.layers", "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm"),
+    "gpt_neo": FamilySpec(**(_GPT2_LIKE | {"attn_out": "attn.attention.out_proj"})),
+    "gptj": FamilySpec("causal", "transformer.h", "mlp.fc_out", "transformer.ln_f", attn_out="attn.out_proj"),
+    "gpt_neox": FamilySpec("causal", "gpt_neox.layers", "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm",
+                          attn_out="attention.dense"),
     "opt": FamilySpec("causal", "model.decoder.layers", "fc2", "model.decoder.final_layer_norm",
-                      project_out="model.decoder.project_out", flattens_tokens=True),
-    "bloom": FamilySpec("causal", "transformer.h", "mlp.dense_4h_to_h", "transformer.ln_f", fixed_batch=True),
-    "falcon": FamilySpec("causal", "transformer.h", "mlp.dense_4h_to_h", "transformer.ln_f"),
-    "phi": FamilySpec("causal", "model.layers", "mlp.fc2", "model.final_layernorm"),
+                      project_out="model.decoder.project_out", flattens_tokens=True, attn_out="self_attn.out_proj"),
+    "bloom": FamilySpec("causal", "transformer.h", "mlp.dense_4h_to_h", "transformer.ln_f", fixed_batch=True,
+                       attn_out="self_attention.dense"),
+    "falcon": FamilySpec("causal", "transformer.h", "mlp.dense_4h_to_h", "transformer.ln_f",
+                         attn_out="self_attention.dense"),
+    "phi": FamilySpec("causal", "model.layers", "mlp.fc2", "model.final_layernorm", attn_out="self_attn.dense"),
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,

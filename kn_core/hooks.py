@@ -4,7 +4,9 @@ on the way out, also after an exception) or until `remove()` for edits that stay
 - `Hooks`: forward-pre-hooks (with kwargs) and forward hooks on any modules.
 - `ActivationPatch`: the named hook point of the whole engine, the FFN neurons (input of each out-projection),
   always seen as (batch, seq, neurons); `capture_activations` reads them.
-- `Override` / `replay`: a module's forward replaced (attribution replays clean outputs instead of computing).
+- `Override` / `replay` / `tiled_replay`: a module's forward replaced (attribution replays clean outputs, causal
+  tracing the corrupted run's, instead of computing).
+- `replacing_output`: a forward hook that edits a module's output tensor (the first element of a tuple output).
 - `InputCapture`: the ids and attention mask of the model's latest forward (answer-scoped edits).
 - `answer_positions` / `answer_position_mask`: where the answer is in a forward, for answer-scoped edits. When
   `evaluation` runs a batch it publishes the exact positions through `answer_positions(mask)`. Without that,
@@ -151,6 +153,30 @@ def _expand(obj, rows: int):
 def replay(replays: Iterable[tuple[nn.Module, object]], rows: int) -> Override:
     """Modules that return a recorded output, expanded to `rows`, instead of computing it."""
     return Override([(module, lambda *args, _out=_expand(out, rows), **kwargs: _out) for module, out in replays])
+
+
+def _tile(obj, per_copy: int, times: int):
+    if isinstance(obj, torch.Tensor):
+        return obj.repeat(times, *[1] * (obj.dim() - 1)) if obj.dim() and obj.shape[0] == per_copy else obj
+    if isinstance(obj, tuple):
+        return tuple(_tile(o, per_copy, times) for o in obj)
+    return obj
+
+
+def tiled_replay(replays: Iterable[tuple[nn.Module, object]], per_copy: int, times: int) -> Override:
+    """Modules that return a recorded output of `per_copy` rows tiled `times` over the batch (row k * per_copy
+    + j is recorded row j), instead of computing it."""
+    return Override([(module, lambda *args, _out=_tile(out, per_copy, times), **kwargs: _out)
+                     for module, out in replays])
+
+
+def replacing_output(fn: Callable[[torch.Tensor], torch.Tensor]) -> PostHook:
+    """A forward hook that replaces a module's output tensor (or a tuple output's first element) with `fn(it)`."""
+    def hook(module, args, output):
+        if isinstance(output, tuple):
+            return (fn(output[0]), *output[1:])
+        return fn(output)
+    return hook
 
 
 class InputCapture(Hooks):
