@@ -320,3 +320,37 @@ def trace(lm, text: str, subject: str, answer_ids: Sequence[int], params: TraceP
     return TraceResult(text, subject, lm.tokenizer.decode([target.token]), int(target.token), tokens,
                        [int(t) for t in target.ids], span, int(target.pos), tracer.p_clean, tracer.p_corrupted,
                        restored, std, std_tokens, params, time.perf_counter() - started, list(range(first)))
+
+
+FIGURE_SUFFIXES = (".png", ".svg", ".pdf")
+COLOURS = {"residual": "Purples", "mlp": "Greens", "attn": "Reds"}  # ROME's
+
+
+def plot_trace(result: TraceResult, path) -> None:
+    """ROME's heat maps: one panel per kind, tokens (subject tokens starred) x layers, coloured by P(o) restored
+    from P(o) corrupted (the colour scale's floor) up."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(result.restored)
+    labels = [repr(t)[1:-1] + ("*" if result.subject_span[0] <= i < result.subject_span[1] else "")
+              for i, t in enumerate(result.tokens)]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 0.8 + 0.32 * len(labels)), squeeze=False,
+                             dpi=150)
+    for ax, kind in zip(axes[0], kinds):
+        grid = result.restored[kind]
+        image = ax.imshow(grid, aspect="auto", cmap=COLOURS[kind], vmin=min(result.p_corrupted, grid.min()),
+                          interpolation="nearest")
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.set_xlabel("restored layer" if kind == "residual" or result.params.window == 1
+                      else f"centre of {result.params.window} restored layers")
+        ax.set_title(f"restoring the {KIND_NAMES[kind]}", fontsize=9)
+        bar = fig.colorbar(image, ax=ax)
+        bar.set_label(f"p({result.answer.strip()}) restored", fontsize=8)
+    fig.suptitle(f"{result.prompt!r}: P(clean) {result.p_clean:.3f}, subject corrupted {result.p_corrupted:.3f} "
+                 f"({result.params.samples} samples, noise {result.params.noise:g}x std)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

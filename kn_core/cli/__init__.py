@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import os
 
-from . import attribution, degeneracy, edit, facts, model, project, reproduce
+from . import attribution, degeneracy, edit, facts, model, project, reproduce, trace
 from ..jsonio import dumps
 from .checks import Parser, check_args
 from .common import CliError, say
 
-VERB_GROUPS = (model, facts, attribution, project, edit, degeneracy, reproduce)
+VERB_GROUPS = (model, facts, attribution, project, edit, degeneracy, reproduce, trace)
 
 
 def build_parser() -> argparse.ArgumentParser:
