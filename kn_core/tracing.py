@@ -326,7 +326,7 @@ FIGURE_SUFFIXES = (".png", ".svg", ".pdf")
 COLOURS = {"residual": "Purples", "mlp": "Greens", "attn": "Reds"}  # ROME's
 
 
-def plot_trace(result: TraceResult, path) -> None:
+def plot_trace(result: TraceResult, path, dpi: int = 150) -> None:
     """ROME's heat maps: one panel per kind, tokens (subject tokens starred) x layers, coloured by P(o) restored
     from P(o) corrupted (the colour scale's floor) up."""
     import matplotlib
@@ -352,5 +352,5 @@ def plot_trace(result: TraceResult, path) -> None:
     fig.suptitle(f"{result.prompt!r}: P(clean) {result.p_clean:.3f}, subject corrupted {result.p_corrupted:.3f} "
                  f"({result.params.samples} samples, noise {result.params.noise:g}x std)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
