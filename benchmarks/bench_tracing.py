@@ -115,7 +115,8 @@ def main() -> None:
     ratio = float(np.mean([r["ratio"] for r in rows]))
     load_after = os.getloadavg()
     summary = {"seconds_per_prompt": per_prompt, "all_kinds_seconds_per_prompt": sum(per_prompt.values()),
-               "cpu_seconds_per_prompt": cpu_per_prompt, "all_kinds_cpu_seconds_per_prompt": sum(cpu_per_prompt.values()),
+               "cpu_seconds_per_prompt": cpu_per_prompt,
+               "all_kinds_cpu_seconds_per_prompt": sum(cpu_per_prompt.values()),
                "mean_ratio_vs_reference": ratio, "samples": args.samples, "load_before": load_before,
                "load_after": load_after, "cpu_threads": torch.get_num_threads(), "rows": rows}
     print("seconds per prompt (CPU seconds): " + ", ".join(f"{k} {v:.1f} ({cpu_per_prompt[k]:.1f})"

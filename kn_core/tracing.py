@@ -28,7 +28,6 @@ How it is fast, without approximating anything:
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
@@ -118,7 +117,8 @@ class TraceResult:
             kinds[kind] = {
                 "state": KIND_NAMES[kind],
                 "restored": grid.tolist(), "indirect_effect": self.effect(kind).tolist(),
-                "peak": {"token": int(t), "layer": int(layer), "indirect_effect": float(grid[t, layer] - self.p_corrupted)},
+                "peak": {"token": int(t), "layer": int(layer),
+                         "indirect_effect": float(grid[t, layer] - self.p_corrupted)},
                 "peak_layer_at_last_subject_token": self.peak_layer(kind),
             }
         return {

@@ -87,7 +87,8 @@ def add_commands(sub) -> None:
     p = sub.add_parser("trace", parents=[COMMON],
                        help="causal tracing (Meng et al. 2022): corrupt the subject, restore one state at a time")
     p.add_argument("--relation", help="a fact of the fact set: its relation id (with --subject)")
-    p.add_argument("--subject", help="a fact of the fact set: its subject (with --relation); its first prompt is traced")
+    p.add_argument("--subject",
+                   help="a fact of the fact set: its subject (with --relation); its first prompt is traced")
     p.add_argument("--prompt", help="or your own prompt (with --subject-text and --answer)")
     p.add_argument("--subject-text", help="the words of --prompt to corrupt, as the prompt writes them")
     p.add_argument("--answer", help="the answer to --prompt (its first token is traced)")

@@ -194,7 +194,8 @@ def localisation_markdown(report: dict) -> list[str]:
                      + " | ".join(f"{e:+.3f}" for e in f["trace_effect_by_band"]) + " | "
                      + " | ".join(_pct(c) for c in f["edit_change_by_band"]) + " |")
     agree = sec["strongest_band_agrees"]
-    lines += ["", f"- Tracing's peak layer vs the knowledge neurons' mean layer: {_corr_text(sec['peak_vs_neuron_layer'])}.",
+    lines += ["", "- Tracing's peak layer vs the knowledge neurons' mean layer: "
+                  f"{_corr_text(sec['peak_vs_neuron_layer'])}.",
               f"- A band's tracing effect vs the drop its edit causes ((fact, band) pairs): "
               f"{_corr_text(sec['trace_effect_vs_edit_drop'])}.",
               f"- The band where tracing is strongest is the band whose edit lowers p(answer) most for "

@@ -73,6 +73,7 @@ class TracePanel(QWidget):
         self.colorbar = pg.ColorBarItem(values=(0, 1), colorMap=pg.colormap.get("viridis"), interactive=False,
                                         width=14)
         self.colorbar.setImageItem(self.image, insert_in=self.plot)
+        self.colorbar.axis.enableAutoSIPrefix(False)  # probabilities read as they are, never "x0.001"
         controls = hbox(QLabel("State"), self.kind, QLabel("samples"), self.samples, QLabel("noise \u00d7"),
                         self.noise, QLabel("window"), self.window, QLabel("seed"), self.seed, self.trace_button,
                         self.export_button, None)
@@ -117,7 +118,7 @@ class TracePanel(QWidget):
             f"{result.prompt!r} \u2192 {result.answer!r}: P(clean) {result.p_clean:.3f}, subject corrupted "
             f"{result.p_corrupted:.3f} ({result.params.samples} samples, noise {result.params.noise:g}\u00d7 std). "
             f"Colour: P(answer) with the {KIND_NAMES[kind]} at (token, layer) restored; \u25b8 and * mark the "
-            f"subject. At the last subject token the {KIND_LABELS[kind].lower()} helps most at layer {peak} "
+            f"subject. At the last subject token restoring the {KIND_NAMES[kind]} helps most at layer {peak} "
             f"({result.effect(kind)[end - 1, peak]:+.3f}).")
 
     def export_dialog(self):
