@@ -398,7 +398,8 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
                                           "activation_by_prompt": (0.62, 0.67), "suppress_amplify": (0.67, 0.8),
                                           "update": (0.8, 0.9), "erase": (0.9, 0.93),
                                           "degeneracy": (0.93, 0.96), "edit_metrics": (0.96, 1.0)})
-    phases.bounds["localisation"] = (0.9, 1.0) if trace else (1.0, 1.0)  # tracing: about a tenth of the run
+    if trace:  # the optional last phase takes the end of the bar (never moving it backwards)
+        phases.bounds.update(edit_metrics=(0.96, 0.98), localisation=(0.98, 1.0))
     try:
         sel = phases.run("select", lambda sub: select_facts(
             lm, factset, relations, facts_per_relation, select, seed, MIN_PROMPTS, prompts_per_fact,
