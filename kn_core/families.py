@@ -46,6 +46,9 @@ class FamilySpec:
     shared_expert: str | None = None  # the MoE module's shared-expert MLP (every token; expert id E)
     shared_expert_gate: str | None = None  # its gate (sigmoid of a linear), if it has one
     moe_returns_scores: bool = False  # the MoE module returns (output, routing weights)
+    # Dotted path from one block to the attention's output projection: its output is the attention sublayer's
+    # contribution at each position (before dropout, residual and any post-norm), which causal tracing restores.
+    attn_out: str | None = None
 
     @property
     def auto_class(self) -> str:
@@ -54,11 +57,13 @@ class FamilySpec:
         return "AutoModelForMaskedLM" if self.kind == "masked" else "AutoModelForCausalLM"
 
 
-_BERT_LIKE = dict(kind="masked", out_proj="output.dense", bert_style=True)
+_BERT_LIKE = dict(kind="masked", out_proj="output.dense", bert_style=True, attn_out="attention.output.dense")
 _ROBERTA = FamilySpec(blocks="roberta.encoder.layer", head=("lm_head",), positions_after_padding=True, **_BERT_LIKE)
-_GPT2_LIKE = dict(kind="causal", blocks="transformer.h", out_proj="mlp.c_proj", final_norm="transformer.ln_f")
-_LLAMA_LIKE = FamilySpec("causal", "model.layers", "mlp.down_proj", "model.norm")
-_MOE = dict(kind="causal", blocks="model.layers", out_proj="mlp.down_proj", final_norm="model.norm", moe="mlp")
+_GPT2_LIKE = dict(kind="causal", blocks="transformer.h", out_proj="mlp.c_proj", final_norm="transformer.ln_f",
+                  attn_out="attn.c_proj")
+_LLAMA_LIKE = FamilySpec("causal", "model.layers", "mlp.down_proj", "model.norm", attn_out="self_attn.o_proj")
+_MOE = dict(kind="causal", blocks="model.layers", out_proj="mlp.down_proj", final_norm="model.norm", moe="mlp",
+            attn_out="self_attn.o_proj")
 
 FAMILIES: dict[str, FamilySpec] = {
     "bert": FamilySpec(blocks="bert.encoder.layer", head=("cls",), **_BERT_LIKE),
@@ -69,17 +74,21 @@ FAMILIES: dict[str, FamilySpec] = {
     "electra": FamilySpec(blocks="electra.encoder.layer", head=("generator_predictions", "generator_lm_head"),
                           **_BERT_LIKE),
     "distilbert": FamilySpec("masked", "distilbert.transformer.layer", "ffn.lin2",
-                             head=("vocab_transform", "activation", "vocab_layer_norm", "vocab_projector")),
+                             head=("vocab_transform", "activation", "vocab_layer_norm", "vocab_projector"),
+                             attn_out="attention.out_lin"),
     "gpt2": FamilySpec(**_GPT2_LIKE),
     "gpt_bigcode": FamilySpec(**_GPT2_LIKE, fixed_batch=True),
-    "gpt_neo": FamilySpec(**_GPT2_LIKE),
-    "gptj": FamilySpec("causal", "transformer.h", "mlp.fc_out", "transformer.ln_f"),
-    "gpt_neox": FamilySpec("causal", "gpt_neox.layers", "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm"),
+    "gpt_neo": FamilySpec(**(_GPT2_LIKE | {"attn_out": "attn.attention.out_proj"})),
+    "gptj": FamilySpec("causal", "transformer.h", "mlp.fc_out", "transformer.ln_f", attn_out="attn.out_proj"),
+    "gpt_neox": FamilySpec("causal", "gpt_neox.layers", "mlp.dense_4h_to_h", "gpt_neox.final_layer_norm",
+                          attn_out="attention.dense"),
     "opt": FamilySpec("causal", "model.decoder.layers", "fc2", "model.decoder.final_layer_norm",
-                      project_out="model.decoder.project_out", flattens_tokens=True),
-    "bloom": FamilySpec("causal", "transformer.h", "mlp.dense_4h_to_h", "transformer.ln_f", fixed_batch=True),
-    "falcon": FamilySpec("causal", "transformer.h", "mlp.dense_4h_to_h", "transformer.ln_f"),
-    "phi": FamilySpec("causal", "model.layers", "mlp.fc2", "model.final_layernorm"),
+                      project_out="model.decoder.project_out", flattens_tokens=True, attn_out="self_attn.out_proj"),
+    "bloom": FamilySpec("causal", "transformer.h", "mlp.dense_4h_to_h", "transformer.ln_f", fixed_batch=True,
+                       attn_out="self_attention.dense"),
+    "falcon": FamilySpec("causal", "transformer.h", "mlp.dense_4h_to_h", "transformer.ln_f",
+                         attn_out="self_attention.dense"),
+    "phi": FamilySpec("causal", "model.layers", "mlp.fc2", "model.final_layernorm", attn_out="self_attn.dense"),
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
@@ -114,13 +123,15 @@ FAMILIES: dict[str, FamilySpec] = {
     "ernie4_5": _LLAMA_LIKE,
     "vaultgemma": _LLAMA_LIKE,
     "nemotron": _LLAMA_LIKE,
-    "starcoder2": FamilySpec("causal", "model.layers", "mlp.c_proj", "model.norm"),
+    "starcoder2": FamilySpec("causal", "model.layers", "mlp.c_proj", "model.norm", attn_out="self_attn.o_proj"),
     # Masked encoders of today. Not BERT-style (DeBERTa's disentangled relative attention, ModernBERT's fused
     # Wqkv and alternating global/local attention), so a fact's prompts are attributed one by one: the packed
     # shared passes need BERT's attention internals to make their attention block-diagonal.
-    "modernbert": FamilySpec("masked", "model.layers", "mlp.Wo", head=("head", "decoder")),
-    "deberta-v2": FamilySpec("masked", "deberta.encoder.layer", "output.dense", head=("cls",)),
-    "deberta": FamilySpec("masked", "deberta.encoder.layer", "output.dense", head=("cls",)),
+    "modernbert": FamilySpec("masked", "model.layers", "mlp.Wo", head=("head", "decoder"), attn_out="attn.Wo"),
+    "deberta-v2": FamilySpec("masked", "deberta.encoder.layer", "output.dense", head=("cls",),
+                            attn_out="attention.output.dense"),
+    "deberta": FamilySpec("masked", "deberta.encoder.layer", "output.dense", head=("cls",),
+                         attn_out="attention.output.dense"),
 
     # mixture of experts (kn_core/moe.py)
     "mixtral": FamilySpec(**_MOE),

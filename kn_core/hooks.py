@@ -4,7 +4,9 @@ on the way out, also after an exception) or until `remove()` for edits that stay
 - `Hooks`: forward-pre-hooks (with kwargs) and forward hooks on any modules.
 - `ActivationPatch`: the named hook point of the whole engine, the FFN neurons (input of each out-projection),
   always seen as (batch, seq, neurons); `capture_activations` reads them.
-- `Override` / `replay`: a module's forward replaced (attribution replays clean outputs instead of computing).
+- `Override` / `replay` / `tiled_replay`: a module's forward replaced (attribution replays clean outputs, causal
+  tracing the corrupted run's, instead of computing).
+- `replacing_output`: a forward hook that edits a module's output tensor (the first element of a tuple output).
 - `InputCapture`: the ids and attention mask of the model's latest forward (answer-scoped edits).
 - `capture_routing` / `hold_routing`: a mixture-of-experts model's routing (top-k experts and weights per token,
   per MoE layer) recorded in one forward and held fixed in later ones (attribution holds the clean run's).
@@ -202,6 +204,30 @@ def routing_for(module: nn.Module, tokens: int, compute: Callable):
         mode[1][module] = type(routing)(routing.index.detach(), routing.weights.detach(),
                                         None if routing.shared is None else routing.shared.detach())
     return routing
+
+
+def _tile(obj, per_copy: int, times: int):
+    if isinstance(obj, torch.Tensor):
+        return obj.repeat(times, *[1] * (obj.dim() - 1)) if obj.dim() and obj.shape[0] == per_copy else obj
+    if isinstance(obj, tuple):
+        return tuple(_tile(o, per_copy, times) for o in obj)
+    return obj
+
+
+def tiled_replay(replays: Iterable[tuple[nn.Module, object]], per_copy: int, times: int) -> Override:
+    """Modules that return a recorded output of `per_copy` rows tiled `times` over the batch (row k * per_copy
+    + j is recorded row j), instead of computing it."""
+    return Override([(module, lambda *args, _out=_tile(out, per_copy, times), **kwargs: _out)
+                     for module, out in replays])
+
+
+def replacing_output(fn: Callable[[torch.Tensor], torch.Tensor]) -> PostHook:
+    """A forward hook that replaces a module's output tensor (or a tuple output's first element) with `fn(it)`."""
+    def hook(module, args, output):
+        if isinstance(output, tuple):
+            return (fn(output[0]), *output[1:])
+        return fn(output)
+    return hook
 
 
 class InputCapture(Hooks):

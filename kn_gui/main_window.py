@@ -16,7 +16,9 @@ from .controllers import attribution as A
 from .controllers.batch import BatchApplied, BatchController
 from .controllers import edits as E
 from .controllers import project as P
+from .controllers.trace import TraceController
 from .panels.attribution_panel import AttributionPanel
+from .panels.trace_panel import TracePanel
 from .panels.edits_panel import EditsPanel
 from .panels.facts_panel import FactsPanel
 from .panels.model_panel import ModelPanel
@@ -103,6 +105,9 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         self.model_panel = ModelPanel()
         self.facts_panel = FactsPanel(s)
         self.attribution_panel = AttributionPanel(s)
+        self.trace_panel = TracePanel()  # causal tracing, a tab beside the attribution map
+        self.attribution_panel.tabs.addTab(self.trace_panel, "Causal trace")
+        self.trace = TraceController(s, self.runner, self.trace_panel, lambda: self.current_fact, self.status, self)
         self.neurons_panel = NeuronsPanel(s)
         self.edits_panel = EditsPanel(s, self.undo_stack)
         show_current_page_only(self.edits_panel.pages)

@@ -39,6 +39,8 @@ DEG = ["edit", "degeneracy", "--relation", "P36", "--subject", "France"]
 BATCH = ["edit", "batch", "{jsonl_bad}"]
 NEURON = ["neuron", "--layer", "1", "--index", "2"]
 REP = ["reproduce", "--out", "{tmp}/rep"]
+TRACE = ["trace", "--relation", "P36", "--subject", "France"]
+TRACE_PROMPT = ["trace", "--prompt", "The capital of France is", "--subject-text", "France", "--answer", " Paris"]
 NO_MODEL = ["--model", "/nonexistent/model"]  # a case with this fails on its own input, before the model loads
 
 # (id, argv, words the error line must contain) or pytest.param(...) with marks.
@@ -282,6 +284,27 @@ CASES = [
                  ["masked", "--prompt-format plain"], id="prompt-format-chat-masked"),
     pytest.param("eval-generate-masked", SUP + ["--eval", "generate", "--model", "{bert}"],
                  ["--eval generate", "causal", "--eval forced"], id="eval-generate-masked"),
+    # kn trace (causal tracing)
+    ("trace-subject-not-in-prompt", ["trace", "--prompt", "The capital of France is", "--subject-text", "Japan",
+                                     "--answer", " Paris"], ["--subject-text", "Japan", "does not occur", "exactly"]),
+    ("trace-fact-and-prompt", TRACE + ["--prompt", "The capital of France is"], ["either", "not both"]),
+    ("trace-relation-without-subject", ["trace", "--relation", "P36"], ["--relation and --subject", "both"]),
+    ("trace-prompt-without-answer", ["trace", "--prompt", "The capital of France is", "--subject-text", "France"],
+     ["--answer"]),
+    ("trace-nothing", ["trace"], ["--relation R --subject S", "--prompt"]),
+    ("trace-samples-0", TRACE + ["--samples", "0"], ["--samples", "0", ">= 1"]),
+    ("trace-samples-fraction", TRACE + ["--samples", "2.5"], ["--samples", "2.5"]),
+    ("trace-noise-0", TRACE + ["--noise", "0"], ["--noise", "> 0"]),
+    ("trace-noise-nan", TRACE + ["--noise", "nan"], ["--noise", "nan"]),
+    ("trace-window-0", TRACE + ["--window", "0"], ["--window", ">= 1"]),
+    ("trace-seed-negative", TRACE_PROMPT + ["--seed", "-1"], ["--seed", "-1"]),
+    ("trace-kind-unknown", TRACE + ["--kind", "ffn"], ["--kind", "ffn", "residual"]),
+    ("trace-out-not-an-image", TRACE + ["--out", "{tmp}/trace.txt"], ["--out", ".png"]),
+    ("trace-out-is-a-folder", TRACE + ["--out", "{dir}"], ["--out", "folder"]),
+    ("trace-subject-text-empty", TRACE_PROMPT[:3] + ["--subject-text", "", "--answer", " Paris"], ["--subject-text"]),
+    ("trace-relation-unknown", ["trace", "--relation", "P999", "--subject", "France"], ["no relation", "P999"]),
+    pytest.param("trace-prompt-too-long", ["trace", "--prompt", LONG, "--subject-text", "Paris", "--answer",
+                                           " Paris", "--model", "{gpt2}"], ["positions"], id="trace-prompt-too-long"),
 ]
 
 

@@ -362,3 +362,24 @@ def test_edit_erase_evaluates_each_prompt_once_per_model_state(capsys, saved, mo
     assert doc["control"] == {"kind": "random neurons from the same layers",
                               **ev.with_edits(lm, [plan.control], figures)}
     assert doc["after"] != doc["before"]
+
+
+def test_trace_json_project_export_and_figure(capsys, saved, tmp_path):
+    project, figure = tmp_path / "trace.knproj", tmp_path / "trace.png"
+    code, out, err = run(capsys, "trace", "--prompt", "The capital of New Zealand is", "--subject-text", "New Zealand",
+                         "--answer", " Wellington", "--model", saved["gpt2"], "--samples", "2", "--json",
+                         "--project", str(project), "--out", str(figure))
+    doc = strict(out)
+    assert code == 0, err
+    assert doc["subject_span"] == [3, 5] and doc["params"]["samples"] == 2 and set(doc["kinds"]) == {"residual",
+                                                                                                    "mlp", "attn"}
+    assert len(doc["kinds"]["mlp"]["restored"]) == len(doc["tokens"]) == 6
+    assert figure.stat().st_size > 1000
+    code, out, _ = run(capsys, "project", "export", str(project), "--out", str(tmp_path / "export"))
+    assert code == 0
+    stored = json.loads((tmp_path / "export" / "evaluations.json").read_text())
+    assert [e["kind"] for e in stored] == ["trace"]
+    assert stored[0]["report"]["kinds"]["mlp"]["restored"] == doc["kinds"]["mlp"]["restored"]
+    code, out, err = run(capsys, "trace", "--relation", "P36", "--subject", "France", "--model", saved["bert"],
+                         "--kind", "mlp", "--samples", "1", "--window", "2")
+    assert code == 0 and "MLP output" in out and "France" in out, err

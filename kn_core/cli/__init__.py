@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import os
 
-from . import attribution, bench, degeneracy, edit, facts, model, project, reproduce
+from . import attribution, bench, degeneracy, edit, facts, model, project, reproduce, trace
 from ..jsonio import dumps
 from .checks import Parser, check_args
 from .common import CliError, say
 
-VERB_GROUPS = (model, facts, attribution, project, edit, degeneracy, reproduce, bench)
+VERB_GROUPS = (model, facts, attribution, project, edit, degeneracy, reproduce, bench, trace)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -86,6 +86,11 @@ CHECKS = {
     "requests": lambda value, args: v.check_input_file("REQUESTS", value),
     "forgetting_prompts": _at_least("--forgetting-prompts", 1),
     "max_prompts": _at_least("--max-prompts", 1),
+    "subject_text": _text("--subject-text"),
+    "samples": _at_least("--samples", 1),
+    "noise": lambda value, args: v.check_number("--noise", value, positive=True),
+    "window": _at_least("--window", 1),
+    "figure": lambda value, args: _figure(value),
     "path": lambda value, args: v.check_text("path", value),
     "file": lambda value, args: v.check_text("file", value),
     "prompt_format": lambda value, args: v.check_choice("--prompt-format", value, ("plain", "chat")),
@@ -109,6 +114,14 @@ def _project(value):
         from ..store import check_project_file  # numpy and SQLAlchemy, no torch: only when the file exists
 
         check_project_file(path)
+    return path
+
+
+def _figure(value):
+    path = v.check_output_file("--out", value)
+    if path.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise v.ValidationError(f"--out = {value!r} is not allowed: expected an image file ending in .png, .svg or "
+                                f".pdf")
     return path
 
 

@@ -25,7 +25,7 @@ def cmd_reproduce(args) -> int:
                                args.steps, args.prompts_per_fact, args.select, args.control_prompts,
                                causal_templates=args.causal_templates, keep_massive=args.keep_massive, say=say,
                                task=task, command=shlex.join(["kn", *sys.argv[1:]]), quadrature=args.quadrature,
-                               tolerance=args.tolerance)
+                               tolerance=args.tolerance, trace=args.trace)
     sa = report.get("suppress_amplify", {}).get("average", {})
     doc = {"out": str(args.out), "status": report["status"], "report": str(Path(args.out) / "report.json"),
            "html": str(Path(args.out) / "report.html"),
@@ -55,5 +55,8 @@ def add_commands(sub) -> None:
     prompt_format_option(rep)
     rep.add_argument("--keep-massive", action="store_true",
                      help="keep massive/unspecific neurons in refined and relation-level neurons (default: left out)")
+    rep.add_argument("--trace", action="store_true",
+                     help="add localisation vs editing (Hase et al. 2023): causal tracing of every fact beside its "
+                          "neurons' layers and band-wise edits (off by default: it costs time)")
     rep.add_argument("--out", required=True, help="folder for report.json, report.md, report.html and the figures")
     rep.set_defaults(func=cmd_reproduce)

@@ -32,6 +32,7 @@ import numpy as np
 from .. import evaluation as ev
 from .. import experiments as ex
 from ..degeneracy import DegeneracyParams, degeneracy_experiment
+from .localisation import localisation_experiment
 from .metrics_section import edit_metrics_experiment
 from ..encoding import prompt_format, prompt_format_params
 from ..facts import CAUSAL_TEMPLATES, render_prompts
@@ -364,13 +365,15 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
                   control_prompts: int = 20, t: float = 0.2, p: float = 0.7, erase_k: int = 20,
                   erase_fill: str = "zero", *, causal_templates: str = "prefix", sample_factor: int = 5,
                   check_prompts: int = 3, keep_massive: bool = False, say=_say, task: Task | None = None,
-                  command: str | None = None, quadrature: str = "riemann", tolerance: float = 0.01) -> dict:
+                  command: str | None = None, quadrature: str = "riemann", tolerance: float = 0.01,
+                  trace: bool = False) -> dict:
     """Runs the reproduction and writes OUT/report.json, report.md and figures; returns the report. (One
     function on purpose: the phases read top to bottom, each saving the partial report.)
     Massive/unspecific neurons (kn_core.neurons) are kept out of refined and relation-level neurons unless
     ``keep_massive``; the neuron numbers are reported both ways. A
     cancelled or failed run leaves a partial report.json (status "interrupted ...") and its cache, from which
-    the next run with the same arguments resumes. ``command``: how the run was started, for the provenance."""
+    the next run with the same arguments resumes. ``command``: how the run was started, for the provenance.
+    ``trace``: add the localisation-vs-editing section (causal tracing of every fact; ``localisation.py``)."""
     from ..attribution import AttributionParams
 
     if causal_templates not in CAUSAL_TEMPLATES:
@@ -391,7 +394,7 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
         "check_prompts": check_prompts, "min_prompts": MIN_PROMPTS,
         "causal_templates": causal_templates if lm.kind == "causal" else None, "prompt_format": prompt_format(lm),
         "prompts_per_fact": prompts_per_fact, "control_prompts": control_prompts, "t": t, "p_start": p,
-        "erase": {"k": erase_k, "fill": erase_fill}, "keep_massive": keep_massive}, command)
+        "erase": {"k": erase_k, "fill": erase_fill}, "keep_massive": keep_massive, "trace": trace}, command)
 
     def save():
         timings["total"] = time.perf_counter() - started
@@ -401,6 +404,8 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
                                           "activation_by_prompt": (0.62, 0.67), "suppress_amplify": (0.67, 0.8),
                                           "update": (0.8, 0.9), "erase": (0.9, 0.93),
                                           "degeneracy": (0.93, 0.96), "edit_metrics": (0.96, 1.0)})
+    if trace:  # the optional last phase takes the end of the bar (never moving it backwards)
+        phases.bounds.update(edit_metrics=(0.96, 0.98), localisation=(0.98, 1.0))
     try:
         sel = phases.run("select", lambda sub: select_facts(
             lm, factset, relations, facts_per_relation, select, seed, MIN_PROMPTS, prompts_per_fact,
@@ -445,6 +450,10 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
         save()
         report["edit_metrics"] = phases.run("edit_metrics", lambda sub: edit_metrics_experiment(
             lm, factset, chosen, ig, report["adapted_p"], t, exclude, neurons["stats"], seed, sub, causal_templates))
+        if trace:
+            save()
+            report["localisation"] = phases.run("localisation", lambda sub: localisation_experiment(
+                lm, records, ig, exclude, seed, sub))
         report["status"] = "done"
     except BaseException as exc:  # Cancelled / KeyboardInterrupt / an error: keep what is done, then re-raise
         report["status"] = f"interrupted ({type(exc).__name__}); run again with the same arguments to resume"

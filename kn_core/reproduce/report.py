@@ -17,6 +17,7 @@ import numpy as np
 from ..attribution import integration_text
 from ..jsonio import dumps
 from .html import provenance_rows, read_figures, render_html
+from .localisation import localisation_markdown
 from .metrics_section import metrics_markdown
 
 PAPER = {
@@ -442,7 +443,7 @@ def _left_out_section(report: dict) -> list[str]:
 def render_markdown(report: dict) -> str:
     lines = _header(report) + _relations_table(report)
     for section in (_neurons_section, _activation_section, _suppress_amplify_section, _update_section,
-                    _erase_section, _degeneracy_section, metrics_markdown, _left_out_section):
+                    _erase_section, _degeneracy_section, metrics_markdown, localisation_markdown, _left_out_section):
         lines += section(report)
     lines += ["## Versions", "", "```", json.dumps(report["versions"], indent=1), "```", ""]
     return "\n".join(lines)
