@@ -511,6 +511,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
             self.session.reset_flags()
             self._show_flags()
             self.facts_panel.rebuild()
+            self._update_actions()  # as after set_model: the rebuild leaves Run disabled until the actions update
         if mode == "chat":
             self.status("Prompts: chat (the model's chat template, the prompt starting the assistant's reply); runs "
                         "from now on record it, earlier runs keep theirs.")
