@@ -503,6 +503,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         lm = self.session.lm
         if lm is None:
             return
+        before = lm.prompt_format
         try:
             set_prompt_format(lm, mode)
         except PromptError as exc:
@@ -510,6 +511,12 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
             self.attribution_panel.set_prompt_format("plain")
             self.status(f"Prompts stay plain: {exc}")
             return
+        if lm.prompt_format != before:  # the facts' checked answers and the flags were measured on other inputs
+            self.session.checks.clear()
+            self.session.reset_flags()
+            self._show_flags()
+            self.facts_panel.rebuild()
+            self._update_actions()  # as after set_model: the rebuild leaves Run disabled until the actions update
         if mode == "chat":
             self.status("Prompts: chat (the model's chat template, the prompt starting the assistant's reply); runs "
                         "from now on record it, earlier runs keep theirs.")

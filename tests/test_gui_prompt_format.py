@@ -9,7 +9,7 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 from kn_core.encoding import prompt_format  # noqa: E402
 from kn_core.facts import Fact, FactSet, Relation  # noqa: E402
-from test_gui import app, make_window, run_fact, settings  # noqa: E402,F401 (fixtures)
+from test_gui import FRANCE, app, make_window, run_fact, settings  # noqa: E402,F401 (fixtures)
 from test_prompt_format import TEMPLATE  # noqa: E402
 from tiny import make_tiny  # noqa: E402
 
@@ -20,6 +20,8 @@ def test_chat_combo_sets_the_models_format_and_runs_record_it(app, qtbot, settin
     window = make_window(qtbot, settings, lm)
     window.attribution_panel.prompt_format.setCurrentText("chat")
     assert prompt_format(lm) == "chat" and window.session.prompt_params()["prompt_format"] == "chat"
+    window.facts_panel.select_fact(FRANCE)  # its answers were checked in plain: selecting it checks them in chat
+    assert window.runner.wait_idle(30000) and window.session.checks
     run = run_fact(qtbot, window, steps=2)
     assert run.params["prompt_format"] == "chat" and "chat prompts" in window.attribution_panel.title.text()
     plain = make_tiny("gpt2")  # no chat template: the new model stays plain and the combo says so

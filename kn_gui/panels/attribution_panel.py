@@ -109,8 +109,7 @@ class AttributionPanel(QWidget):
                                       "(instruct models), for attribution and evaluation alike; recorded with runs")
         self.prompt_format.currentTextChanged.connect(self.prompt_format_changed.emit)
         params = hbox(QLabel("steps"), self.steps, QLabel("quadrature"), self.quadrature, QLabel("rule"), self.rule,
-                      QLabel("method"), self.method, QLabel("templates"), self.templates, QLabel("prompts"),
-                      self.prompt_format, None)
+                      QLabel("method"), self.method, QLabel("templates"), self.templates, None)
 
         # --- thresholds
         self.t_control = ThresholdControl("t", 0.2, "Coarse: score > t \u00d7 the prompt's max score (paper: 0.2)")
@@ -237,8 +236,10 @@ class AttributionPanel(QWidget):
         self.thresholds_row = QWidget()
         self.thresholds_row.setToolTip("Thresholds are views over the stored scores: moving them recomputes the "
                                        "coarse and refined sets at once, without running anything")
+        # the prompt format sits here, not beside "templates": the run row is already as wide as 1280 px allows
         self.thresholds_row.setLayout(hbox(self.t_control, self.p_control, self.adapt_button,
-                                           self.relation_button, self.keep_massive))
+                                           self.relation_button, self.keep_massive, QLabel("prompts"),
+                                           self.prompt_format))
         title_row = hbox(self.title, QLabel("show"), self.view_of, QLabel("bars"), self.agg)
         title_row.setStretch(0, 1)
         self.setLayout(vbox(self.run_row, self.thresholds_row, title_row, self.summary, self.split, spacing=4))
