@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from .attribution import integration_options
 from .checks import whole_number
-from .bench import PROTOCOL_CHOICES
-from .common import (COMMON, CliError, emit, eval_option, factset_of, load, progress_bar, project_of,
-                     prompt_format_option, say)
+from .common import (COMMON, PROTOCOL_CHOICES, CliError, emit, eval_option, factset_of, load, progress_bar,
+                     project_of, prompt_format_option, say)
 
 REQUESTS_HELP = """one request a line, EasyEdit's form {"prompt", "subject", "ground_truth", "target_new",
 "rephrase_prompts"?, "locality_prompts"?: [{"prompt", "ground_truth"}]} or ours {"relation", "subject",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .attribution import integration_options
 from .checks import whole_number
-from .common import COMMON, CliError, emit, factset_of, load, progress_bar, say
+from .common import COMMON, PROTOCOL_CHOICES, CliError, emit, factset_of, load, progress_bar, say
 
 
 def read_benchmark(path, fmt=None):
@@ -80,7 +80,6 @@ def cmd_to_counterfact(args) -> int:
     return 0
 
 
-PROTOCOL_CHOICES = ("kn", "easyedit", "rome", "mquake")  # protocols.PROTOCOLS (not imported: numpy at parse time)
 
 
 def add_commands(sub) -> None:

@@ -163,3 +163,6 @@ def neuron_list(neurons, scores=None, layout=None) -> list[dict]:
         for entry, (l, i) in zip(out, neurons):
             entry["score"] = float(scores[l, i])
     return out
+
+
+PROTOCOL_CHOICES = ("kn", "easyedit", "rome", "mquake")  # protocols.PROTOCOLS (not imported: numpy at parse time)
