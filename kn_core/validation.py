@@ -173,3 +173,31 @@ def check_device_name(name: str, value) -> str:
     if not isinstance(value, str) or not _DEVICE.fullmatch(value):
         _fail(name, value, "expected auto, cpu, mps, cuda or cuda:N (N a GPU number)")
     return value
+
+
+class NonFiniteOutputError(ValueError):
+    """A model's output holds NaN or infinity (its weights, its config, an overflow in its dtype, or an edit):
+    refused, never shown or stored as a probability."""
+
+
+def check_finite_output(logits, what: str = "the model's output") -> None:
+    """Refuses logits with NaN or +infinity (-infinity is a token the model rules out, a valid logit)."""
+    import torch
+
+    bad = torch.isnan(logits) | torch.isposinf(logits)
+    if bool(bad.any()):
+        raise NonFiniteOutputError(
+            f"{what} is NaN or infinite ({int(bad.sum())} of {bad.numel()} logits): the weights, the config or an "
+            f"edit (a huge --lambda2 or --factor) overflow; with float16/bfloat16 use --dtype float32, else check "
+            f"the model's files; nothing was stored")
+
+
+SHOWN_CHARS = 200  # of a user's field quoted in an error line
+
+
+def shown(value, limit: int = SHOWN_CHARS) -> str:
+    """repr(value) for an error line, at most about `limit` characters (a 12 MB field is not echoed whole)."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value):,} characters)"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"

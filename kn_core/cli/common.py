@@ -19,6 +19,9 @@ COMMON.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then
 COMMON.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="auto (float32), float32, bfloat16 or float16")
 COMMON.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+COMMON.add_argument("--allow-missing-weights", action="store_true",
+                    help="load a model whose weight files lack tensors (random values), or hold unknown or "
+                         "mis-shaped ones; which ones is recorded with the results (off: refused)")
 COMMON.add_argument("--json", action="store_true", help="print one JSON document on stdout")
 COMMON.add_argument("--project", help="a .knproj project file to store what this command computes")
 
@@ -45,6 +48,7 @@ def load(args):
 
     hf_logging.disable_progress_bar()
     return load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                      allow_missing_weights=getattr(args, "allow_missing_weights", False),
                       task=Task(on_progress=lambda fraction, message: say(f"[model] {message}")))
 
 
