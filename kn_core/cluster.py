@@ -37,6 +37,48 @@ def cluster_address(option: str) -> str | None:
     return address.strip() or None
 
 
+ADDRESS_TIMEOUT_S = 3.0  # resolving the host and opening a TCP connection to the head node, each
+
+
+def check_address(address: str | None, timeout: float = ADDRESS_TIMEOUT_S) -> None:
+    """A cluster address HOST:PORT (or ray://HOST:PORT) must resolve and accept a TCP connection within
+    `timeout` seconds; otherwise ray.init would retry for minutes. None and "auto" (a local instance, found
+    through Ray's own files) are not checked here."""
+    import socket
+    import threading
+
+    if not address or address == "auto" or address.startswith("local"):
+        return
+    where = address.split("://", 1)[-1]
+    host, _, port = where.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ClusterError(f"cluster address {address!r} is not HOST:PORT (e.g. 10.0.0.1:6379, or auto)")
+    found: list = []
+
+    def resolve():
+        try:
+            found.append(socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM))
+        except OSError as exc:
+            found.append(exc)
+
+    resolver = threading.Thread(target=resolve, daemon=True)  # getaddrinfo has no timeout of its own
+    resolver.start()
+    resolver.join(timeout)
+    if not found or isinstance(found[0], OSError):
+        why = f"{found[0].strerror or found[0]}" if found else f"no answer in {timeout:g} s"
+        raise ClusterError(f"cannot resolve the cluster host {host!r} ({why}); check the address in --cluster "
+                           f"ray:{address} (or RAY_ADDRESS)")
+    family, kind, proto, _, sockaddr = found[0][0]
+    try:
+        with socket.socket(family, kind, proto) as probe:
+            probe.settimeout(timeout)
+            probe.connect(sockaddr)
+    except OSError as exc:
+        raise ClusterError(f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); start it with "
+                           f"`ray start --head` there (see docs/SCALE.md) or check the address") from None
+
+
 def import_ray():
     try:
         import ray
@@ -98,8 +140,10 @@ class RayBackend:
         self._gpus = None
 
     def check_available(self) -> None:
-        """ClusterError (one line, how to install) when Ray is missing: call before loading any model."""
+        """ClusterError (one line) when Ray is missing or the cluster's address does not answer within a few
+        seconds: call before loading any model or opening the project."""
         import_ray()
+        check_address(self.address or os.environ.get("RAY_ADDRESS"))
 
     def describe(self) -> dict:
         return {"backend": self.name, "address": self.address, "workers": self.workers,

@@ -53,18 +53,42 @@ def load(args):
 
 
 @contextmanager
-def project_of(args):
-    """The project named by --project (created if missing), or None."""
+def project_of(args, whole_set: bool = False):
+    """The project named by --project (created if missing), or None.
+
+    What the block stores is one transaction: a command that fails stores nothing (no model row, no failed run,
+    no facts) and a project it created is removed again. `whole_set` (kn attribute --facts): every fact commits
+    on its own (a killed run keeps its completed facts), and a new project is removed only if it holds nothing."""
     if not getattr(args, "project", None):
         yield None
         return
+    from pathlib import Path
+
     from ..store import open_or_create_project
 
-    project = open_or_create_project(args.project)
+    path = Path(args.project).expanduser()
+    existed = path.exists()
+    project = open_or_create_project(path)
+    failed = True
     try:
-        yield project
+        if whole_set:
+            yield project
+        else:
+            with project.atomic(f"storing what kn {args.command} computed"):
+                yield project
+        failed = False
     finally:
+        empty = failed and not existed and not any(project.counts().get(k) for k in ("models", "facts", "runs"))
         project.close()
+        if empty:  # a failed command leaves no project that did not exist
+            path.unlink(missing_ok=True)
+
+
+def command_params(args) -> dict:
+    """The options a command ran with, as they are recorded beside what it computed."""
+    skip = ("func", "json", "project", "command")
+    return {k: v for k, v in vars(args).items() if k not in skip and (v is None or isinstance(v, (str, int, float,
+                                                                                                  bool, list)))}
 
 
 def store_evaluation(args, lm, kind: str, report: dict, params: dict) -> None:

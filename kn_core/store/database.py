@@ -38,6 +38,7 @@ from .errors import (
     ProjectLockedError,
     ProjectNotFoundError,
     ProjectReadOnlyError,
+    ProjectReplacedError,
     ProjectVersionError,
 )
 from .records import app_version, now
@@ -267,6 +268,12 @@ def _flock(path: Path, exclusive: bool) -> int | None:
     return fd
 
 
+def _identity(path: Path, fd: int | None) -> tuple[int, int] | None:
+    """(device, inode) of the open file (`fd`) or of what `path` names now."""
+    st = os.fstat(fd) if fd is not None else os.stat(path)
+    return st.st_dev, st.st_ino
+
+
 def open_database(path: Path, read_only: bool = False, upgrade: bool = True) -> tuple[Database, int]:
     """(the open Database, how many runs were left `running`) for a checked project file (see `open_project`).
 
@@ -440,6 +447,22 @@ class Database:
         install_begin(self._engine)
         self.closed = False
         self._joined: Session | None = None  # the session of the `atomic` block in progress (its thread holds lock)
+        self._identity = _identity(path, lock_fd)  # the file this connection writes to (see check_not_replaced)
+
+    def check_not_replaced(self, doing: str) -> None:
+        """Before each commit: the path still names the file opened (same device and inode). `mv other p.knproj`
+        or `rm p.knproj` under a running writer would otherwise let it go on committing into an unlinked file
+        and report success while the path holds none of it."""
+        try:
+            now_there = _identity(self.path, None)
+        except OSError:
+            now_there = None
+        if self._identity is not None and now_there != self._identity:
+            what = "deleted or moved away" if now_there is None else "replaced by another file"
+            raise ProjectReplacedError(self.path, f"the project file was {what} while open for writing; stopped "
+                                                  f"before {doing}, which was not stored",
+                                       "do not move, replace or delete a project while a program writes to it; "
+                                       "run the command again on the file you want the results in")
 
     def close(self) -> None:
         """Checkpoints the WAL into the file and leaves it in rollback-journal mode, so that a closed project is
@@ -515,6 +538,7 @@ class Database:
                     if write:
                         session.execute(update(schema.ProjectRow).values(modified_at=now(),
                                                                          app_version=app_version()))
+                        self.check_not_replaced(doing)  # raising here rolls the transaction back
 
     @contextlib.contextmanager
     def atomic(self, doing: str) -> Iterator[None]:
