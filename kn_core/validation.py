@@ -204,12 +204,14 @@ def shown(value, limit: int = SHOWN_CHARS) -> str:
 
 
 def shortened(message: str, limit: int = SHOWN_CHARS) -> str:
-    """An error line with every stretch between quotes longer than `limit` characters cut to `limit` (and its
-    length said): whichever layer quoted a user's 12 MB field, the line stays readable. Linear in the length."""
+    """An error line with every stretch between quotes longer than 2 x `limit` characters cut to its first and
+    last `limit` (saying how much was cut; the end keeps the fix): whichever layer quoted a user's 12 MB field,
+    the line stays readable. Linear in the length."""
     if len(message) <= 4 * limit:
         return message
     pieces = re.split(r"(['\"])", message)
-    return "".join(p if len(p) <= limit else f"{p[:limit]}... ({len(p):,} characters)" for p in pieces)
+    return "".join(p if len(p) <= 2 * limit else f"{p[:limit]} [... {len(p) - 2 * limit:,} characters cut ...] "
+                   f"{p[-limit:]}" for p in pieces)
 
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what spreadsheets read as a formula (OWASP: CSV injection)

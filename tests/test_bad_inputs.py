@@ -412,8 +412,8 @@ def run_failing(argv, places: dict, capsys) -> tuple[int, list[str], str, str, f
         code = main(argv)
     seconds = time.perf_counter() - started
     out, err = capsys.readouterr()
-    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("[model]")
-             and "\r" not in line]
+    shown = [line.rsplit("\r", 1)[-1] for line in err.split("\n")]  # what a terminal shows: progress bars redraw
+    lines = [line for line in shown if line.strip() and not line.startswith("[model]")]
     lines += [f"{w.category.__name__}: {w.message}" for w in escaped if not issubclass(w.category, _HIDDEN)]
     after = snapshot(argv, places)
     changed = {path: (before[path], after.get(path)) for path in before if after.get(path) != before[path]}

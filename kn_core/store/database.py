@@ -448,6 +448,7 @@ class Database:
         self.closed = False
         self._joined: Session | None = None  # the session of the `atomic` block in progress (its thread holds lock)
         self._identity = _identity(path, lock_fd)  # the file this connection writes to (see check_not_replaced)
+        self._saved = False  # a write transaction committed since the open
 
     def check_not_replaced(self, doing: str) -> None:
         """Before each commit: the path still names the file opened (same device and inode). `mv other p.knproj`
@@ -515,10 +516,13 @@ class Database:
         self._wal = True
 
     @contextlib.contextmanager
-    def session(self, doing: str, write: bool = False) -> Iterator[Session]:
+    def session(self, doing: str, write: bool = False, first_in_place: bool = False) -> Iterator[Session]:
         """A session in one transaction, committed when the block ends; SQLite's errors become `ProjectError`s
         that say what was being done (`doing`). A write also stamps the project's modified_at. Inside an
-        `atomic` block (on its thread) the session is that block's: nothing commits before the block ends."""
+        `atomic` block (on its thread) the session is that block's: nothing commits before the block ends.
+        `first_in_place`: if nothing was saved since the open, this transaction goes through SQLite's rollback
+        journal instead of switching the file to WAL first (a switch rewrites header bytes), so that a block
+        that fails leaves the file byte-identical; WAL starts with the next save."""
         if self.closed:
             raise ProjectClosedError(self.path, "the project was closed", "open it again")
         if write and self.read_only:
@@ -530,7 +534,7 @@ class Database:
                     yield self._joined
                     self._joined.flush()  # a rejected row is reported as what this block was doing
                 return
-            if write and not self._wal:
+            if write and not self._wal and not (first_in_place and not self._saved):
                 self._enter_wal(doing)
             with self._mapped_errors(doing):
                 with Session(self._engine, expire_on_commit=False) as session, session.begin():
@@ -539,17 +543,19 @@ class Database:
                         session.execute(update(schema.ProjectRow).values(modified_at=now(),
                                                                          app_version=app_version()))
                         self.check_not_replaced(doing)  # raising here rolls the transaction back
+            self._saved = self._saved or write
 
     @contextlib.contextmanager
     def atomic(self, doing: str) -> Iterator[None]:
         """Every save made inside the block (on this thread) joins one transaction: all of them are committed
         when the block ends, none if it ends with an exception or the process dies first. One commit instead of
-        one per save (each waits for the disk: synchronous=FULL). Nested blocks join the outer one."""
+        one per save (each waits for the disk: synchronous=FULL). Nested blocks join the outer one. A block that
+        fails before anything else was saved leaves the file byte-identical (`session`'s first_in_place)."""
         with self.lock:
             if self._joined is not None:
                 yield
                 return
-            with self.session(doing, write=True) as session:
+            with self.session(doing, write=True, first_in_place=True) as session:
                 self._joined = session
                 try:
                     yield
