@@ -284,12 +284,16 @@ def open_database(path: Path, read_only: bool = False, upgrade: bool = True) -> 
     header_check(path)
     lock_fd = None
     try:
-        if read_only:  # refused while a writer has it open; readers do not keep writers out
-            fd = _flock(path, exclusive=False)
+        if read_only:  # readers do not keep writers out; with a writer at work they read its last commit
+            try:
+                fd = _flock(path, exclusive=False)
+            except ProjectLockedError:
+                return _open_snapshot(path), 0
             if fd is not None:
                 os.close(fd)
         else:
             lock_fd = _flock(path, exclusive=True)
+        _settle_journal(path, read_only)
         con, running, wal = _connect_checked(path, read_only, upgrade, eager_wal=lock_fd is None)
     except BaseException:
         if lock_fd is not None:
@@ -303,11 +307,95 @@ def check_openable(path: Path) -> None:
     so that `--project FILE` fails before hours of work rather than when the results are to be saved. The open
     itself checks again (the file may change in between)."""
     header_check(path)
-    _validate(path)
-    _refuse_unwritable(path)
     lock_fd = _flock(path, exclusive=True)
-    if lock_fd is not None:
-        os.close(lock_fd)
+    try:
+        _settle_journal(path, read_only=False)
+        _validate(path)
+        _refuse_unwritable(path)
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
+
+
+_SNAPSHOT_TRIES = 20
+
+
+def _open_snapshot(path: Path) -> "Database":
+    """A read-only view of what a running writer (which holds SQLite's exclusive lock, WAL index in its own
+    memory) has committed: the file and its journal files copied to a private folder, the copy's WAL replayed
+    there, and the copy opened read-only. Consistent: the WAL's header (salts) is read before and after the
+    copy, and the copy is taken again if the writer restarted its WAL in between; frames of a transaction not
+    yet committed fail SQLite's checksums and are ignored; a hot rollback journal is rolled back in the copy."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="kn-snapshot-"))
+    copy = folder / path.name
+    try:
+        for _ in range(_SNAPSHOT_TRIES):
+            before = _wal_header(path)
+            for suffix in ("", "-journal", "-wal"):
+                source = path.with_name(path.name + suffix)
+                with contextlib.suppress(FileNotFoundError):
+                    shutil.copyfile(source, folder / source.name)
+            if _wal_header(folder / path.name) == before == _wal_header(path):
+                break
+        else:
+            raise _locked(path)  # a writer restarting its WAL all the time: give up, as before
+        _settle_journal(copy, read_only=False)
+        con = connect(copy, read_only=False)
+        try:  # fold the copied WAL into the copy: one self-contained file, then opened read-only
+            con.execute("PRAGMA journal_mode = DELETE").fetchone()
+        finally:
+            con.close()
+        con, _, _ = _connect_checked(copy, True, upgrade=False, eager_wal=False)
+    except sqlite3.Error as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise map_sqlite_error(path, exc, "reading the last commit of a project another process writes") from exc
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    db = Database(copy, con, True)
+    db.path, db.snapshot_folder = path, folder
+    return db
+
+
+def _wal_header(path: Path) -> bytes:
+    """The first 32 bytes of FILE-wal (its salts change when the writer restarts the log), b"" if none."""
+    try:
+        with open(path.with_name(path.name + "-wal"), "rb") as handle:
+            return handle.read(32)
+    except OSError:
+        return b""
+
+
+_JOURNAL_MAGIC = bytes.fromhex("d9d505f920a163d7")
+
+
+def _settle_journal(path: Path, read_only: bool) -> None:
+    """A save cut off (a kill, a full disk) while it went through the rollback journal leaves FILE-journal
+    "hot": the file may hold part of that save until SQLite rolls it back, which needs write access. A writer
+    does it here, before the read-only checks (which could not); a reader is told how."""
+    journal = path.with_name(path.name + "-journal")
+    try:
+        with open(journal, "rb") as handle:
+            hot = handle.read(8) == _JOURNAL_MAGIC
+    except OSError:
+        return
+    if not hot:
+        return
+    if read_only:
+        raise ProjectError(path, f"a save was cut off and {journal.name} holds what it changed; the file is "
+                                 f"consistent only after SQLite rolls that back, which needs write access",
+                           "open it once for writing (a kn command with --project FILE, or the app) on a writable drive")
+    try:
+        con = connect(path, read_only=False)
+        try:
+            con.execute("SELECT count(*) FROM sqlite_master").fetchone()  # the first read rolls the journal back
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        raise map_sqlite_error(path, exc, "rolling back a save that was cut off") from exc
 
 
 def _refuse_unwritable(path: Path) -> None:
@@ -449,6 +537,7 @@ class Database:
         self._joined: Session | None = None  # the session of the `atomic` block in progress (its thread holds lock)
         self._identity = _identity(path, lock_fd)  # the file this connection writes to (see check_not_replaced)
         self._saved = False  # a write transaction committed since the open
+        self.snapshot_folder: Path | None = None  # a read-only open of a copy while a writer works (_open_snapshot)
 
     def check_not_replaced(self, doing: str) -> None:
         """Before each commit: the path still names the file opened (same device and inode). `mv other p.knproj`
@@ -504,6 +593,11 @@ class Database:
         if self._lock_fd is not None:  # after SQLite let go of the file
             os.close(self._lock_fd)
             self._lock_fd = None
+        if self.snapshot_folder is not None:
+            import shutil
+
+            shutil.rmtree(self.snapshot_folder, ignore_errors=True)
+            self.snapshot_folder = None
 
     def _enter_wal(self, doing: str) -> None:
         # The first save: WAL from here on (this takes SQLite's exclusive lock and keeps it until close).
@@ -570,4 +664,8 @@ class Database:
             raise ProjectDataError(self.path, f"rejected while {doing}: {exc.orig}",
                                    "check the ids and values passed") from exc
         except DBAPIError as exc:
+            # After a failed write (a full disk) in rollback-journal mode SQLite leaves the pager in its error
+            # state and the journal hot; the next read rolls it back, while this connection holds the lock.
+            with contextlib.suppress(sqlite3.Error):
+                self.con.execute("SELECT count(*) FROM project").fetchone()
             raise map_sqlite_error(self.path, exc, doing) from exc

@@ -172,7 +172,8 @@ class Project(RunStore):
                         for m in s.scalars(select(schema.SchemaMigration).order_by(schema.SchemaMigration.version))]
             return {"file": str(self.path), "name": p.name, "created_at": p.created_at, "modified_at": p.modified_at,
                     "app_version": p.app_version, "created_by": p.created_by, "schema_version": p.schema_version,
-                    "notes": p.notes, "migrations": migrated}
+                    "notes": p.notes, "migrations": migrated,
+                    "read_while_written": self._db.snapshot_folder is not None}  # its last commit, another writes
 
     def set_name(self, name: str, notes: str | None = None) -> None:
         with self._session("renaming the project", write=True) as s:
