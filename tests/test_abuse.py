@@ -103,6 +103,7 @@ def test_a_project_replaced_or_deleted_under_a_whole_set_run_stops_it(setup, tmp
         out, err = child.communicate(timeout=120)
     finally:
         child.kill()
+        child.wait()
     assert child.returncode != 0 and "finished" not in out, (out, err[-2000:])
     assert "ProjectReplacedError" in err and ("replaced by another file" if how == "replaced" else "deleted") in err
     if how == "replaced":
@@ -226,6 +227,7 @@ def test_a_whole_set_run_on_a_disk_that_fills_loses_nothing(setup, small_disk, t
         out, err = child.communicate(timeout=120)
     finally:
         child.kill()
+        child.wait()
     assert child.returncode != 0 and "finished" not in out
     assert "ProjectDiskFullError" in err or "ProjectCheckpointError" in err, err[-2000:]
     stored_before = out.count("stored") + 1

@@ -78,9 +78,10 @@ def project_of(args, whole_set: bool = False):
                 yield project
         failed = False
     finally:
-        empty = failed and not existed and not any(project.counts().get(k) for k in ("models", "facts", "runs"))
+        empty = (failed and not existed and project.at_its_path()
+                 and not any(project.counts().get(k) for k in ("models", "facts", "runs")))
         project.close()
-        if empty:  # a failed command leaves no project that did not exist
+        if empty:  # a failed command leaves no project that did not exist (never another file put there)
             path.unlink(missing_ok=True)
 
 

@@ -628,6 +628,8 @@ class Database:
                     yield self._joined
                     self._joined.flush()  # a rejected row is reported as what this block was doing
                 return
+            if write:
+                self.check_not_replaced(doing)
             if write and not self._wal and not (first_in_place and not self._saved):
                 self._enter_wal(doing)
             with self._mapped_errors(doing):
@@ -664,6 +666,8 @@ class Database:
             raise ProjectDataError(self.path, f"rejected while {doing}: {exc.orig}",
                                    "check the ids and values passed") from exc
         except DBAPIError as exc:
+            if not self.read_only:  # SQLite's own I/O error on a file deleted under it says less than this
+                self.check_not_replaced(doing)
             # After a failed write (a full disk) in rollback-journal mode SQLite leaves the pager in its error
             # state and the journal hot; the next read rolls it back, while this connection holds the lock.
             with contextlib.suppress(sqlite3.Error):

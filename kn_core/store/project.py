@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from . import database, records, schema
 from .codec import ArrayCodecError
-from .errors import ProjectDataError, ProjectDiskFullError
+from .errors import ProjectDataError, ProjectDiskFullError, ProjectError
 from .records import (
     EvaluationRecord,
     FactRecord,
@@ -164,6 +164,14 @@ class Project(RunStore):
                                                                               error=INTERRUPTED))
 
     # -- project level
+    def at_its_path(self) -> bool:
+        """False when the file was moved, replaced or deleted since it was opened for writing."""
+        try:
+            self._db.check_not_replaced("checking the file")
+        except ProjectError:
+            return False
+        return True
+
     def info(self) -> dict:
         with self._session("reading the project") as s:
             p = s.get(ProjectRow, 1)
