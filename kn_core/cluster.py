@@ -43,11 +43,11 @@ ADDRESS_TIMEOUT_S = 3.0  # resolving the host and opening a TCP connection to th
 def check_address(address: str | None, timeout: float = ADDRESS_TIMEOUT_S) -> None:
     """A cluster address HOST:PORT (or ray://HOST:PORT) must resolve and accept a TCP connection within
     `timeout` seconds; otherwise ray.init would retry for minutes. None and "auto" (a local instance, found
-    through Ray's own files) are not checked here."""
+    through Ray's own files) and "local" (a new instance) are not checked here."""
     import socket
     import threading
 
-    if not address or address == "auto" or address.startswith("local"):
+    if not address or address in ("auto", "local"):
         return
     where = address.split("://", 1)[-1]
     host, _, port = where.rpartition(":")
@@ -84,7 +84,24 @@ def import_ray():
         import ray
     except ImportError:
         raise ClusterError(RAY_MISSING) from None
+    _ray_messages_to_stderr(ray)
     return ray
+
+
+def _ray_messages_to_stderr(ray) -> None:
+    """Ray's driver prints the cluster's messages about its workers ("(raylet) A worker died or was killed ...")
+    on stdout, where they would land before `--json`'s one document: they are messages, so stderr. (Ray's
+    `print_to_stdstream` is looked up at each call by its error listener; a Ray without it is left alone.)"""
+    worker = getattr(getattr(ray, "_private", None), "worker", None)
+    original = getattr(worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "to_stderr", False):
+        return
+
+    def to_stderr(data, ignore_prefix):
+        return original({**data, "is_err": True}, ignore_prefix)
+
+    to_stderr.to_stderr = True
+    worker.print_to_stdstream = to_stderr
 
 
 @dataclass(frozen=True)
@@ -123,6 +140,53 @@ class FactWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+
+_WATCHDOG = """
+import os, select, sys
+import psutil
+driver, seen = psutil.Process(int(sys.argv[1])), {}
+while True:
+    try:
+        seen.update((p.pid, p) for p in driver.children(recursive=True) if p.pid != os.getpid())
+    except psutil.Error:
+        break
+    if select.select([sys.stdin], [], [], 0.5)[0]:
+        if sys.stdin.readline().strip() == "done":
+            sys.exit(0)
+        break
+for process in seen.values():
+    try:
+        if process.is_running():  # psutil compares the start time too: never a reused pid
+            process.kill()
+    except psutil.Error:
+        pass
+"""
+
+
+class RayWatchdog:
+    """Ray's node processes die with a driver that is killed, but agents they start (DashboardAgent,
+    RuntimeEnvAgent) do not. A small process watches the driver through a pipe: on a normal end the driver says
+    "done"; when the pipe closes without it (the driver was killed), it kills the processes the driver started,
+    by the pids it saw while the driver lived. Only for a Ray instance this driver started itself."""
+
+    def __init__(self):
+        import subprocess
+        import sys
+
+        try:
+            self.process = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid())],
+                                            stdin=subprocess.PIPE, text=True)
+        except OSError:
+            self.process = None  # no watchdog: Ray's own fate sharing only
+
+    def release(self) -> None:
+        if self.process is not None:
+            try:
+                self.process.communicate("done\n", timeout=10)
+            except Exception:  # noqa: BLE001 - it is gone already, or stuck: it must not outlive us either way
+                self.process.kill()
+            self.process = None
 
 
 class RayBackend:
@@ -186,6 +250,7 @@ class RayBackend:
         from ray.exceptions import RayActorError, RayTaskError
 
         started_here = self._connect(ray)
+        watchdog = RayWatchdog() if started_here else None
         try:
             actors = self._start_workers(ray, lm, params, selection, len(works))
             queue = list(reversed(works))  # pop() takes them in order
@@ -228,3 +293,5 @@ class RayBackend:
             self.actors = []
             if started_here:
                 ray.shutdown()
+            if watchdog is not None:
+                watchdog.release()

@@ -368,7 +368,7 @@ def load_model(source: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "
     local_only = os.path.isdir(path) or _cached_on_disk(path, trust_remote_code) or not _hub_reachable()
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=local_only)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - OSError, ValueError, and transformers' strict field checks (TypeError)
         if os.path.isdir(path):
             raise ModelLoadError(f"{path} has a config.json that transformers cannot read: {_first_line(exc)}") from exc
         raise _hub_error(source, exc) from exc

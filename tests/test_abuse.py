@@ -187,43 +187,14 @@ def test_a_batch_edit_killed_mid_way_leaves_the_project_as_it_was(setup, tmp_pat
 
 # ------------------------------------------------------------------------------------------- a full disk
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 2 MB tmpfs (needs root and a kernel that lets this process mount)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode})")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
-
-
-def fill(folder: Path) -> Path:
-    """Writes a file until the drive is full; returns it (delete it to free the space)."""
-    filler = folder / "filler"
-    with open(filler, "wb", buffering=0) as handle:
-        try:
-            while True:
-                handle.write(b"\0" * 4096)
-        except OSError:
-            pass
-    return filler
-
-
-def test_a_whole_set_run_on_a_disk_that_fills_loses_nothing(setup, small_disk, tmp_path):
+def test_a_whole_set_run_on_a_disk_that_fills_loses_nothing(setup, small_disk, fill_disk, tmp_path):
     """The disk fills after the first stored fact: the run stops (a one-line store error), every fact stored
     before is there, bitwise, and running again with room finishes the set without storing a fact twice."""
     path = small_disk / "p.knproj"
     child = start_runner(setup, path)
     try:
         first_stored(child)
-        filler = fill(small_disk)
+        filler = fill_disk(small_disk)
         out, err = child.communicate(timeout=120)
     finally:
         child.kill()
@@ -241,12 +212,13 @@ def test_a_whole_set_run_on_a_disk_that_fills_loses_nothing(setup, small_disk, t
     resumed_matches(setup, roomy / "p.knproj")
 
 
-def test_a_batch_edit_on_a_full_disk_fails_in_one_line_and_changes_nothing(setup, small_disk, capsys):
+def test_a_batch_edit_on_a_full_disk_fails_in_one_line_and_changes_nothing(setup, small_disk, fill_disk,
+                                                                             capsys):
     path = small_disk / "p.knproj"
     with create_project(path) as project:
         project.add_fact({"relation": "P36", "subject": "France", "object": "Paris"})
     before = sha(path)
-    filler = fill(small_disk)
+    filler = fill_disk(small_disk)
     argv = ["edit", "batch", setup["requests"], "--model", setup["model"], "--project", str(path)]
     code = main(argv)
     err = capsys.readouterr().err

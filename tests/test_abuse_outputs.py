@@ -102,44 +102,19 @@ def test_report_md_escapes_html_links_pipes_and_newlines(tmp_path):
 
 # ---------------------------------------------------------------------------- reports on a full disk
 
-def test_a_report_written_on_a_full_disk_keeps_the_earlier_one_whole(small_disk):
+def test_a_report_written_on_a_full_disk_keeps_the_earlier_one_whole(small_disk, fill_disk):
     """write_text_atomic on a real full drive: ENOSPC, the earlier report.json byte for byte, no temporary
     file left."""
     from kn_core import jsonio
 
     target = small_disk / "report.json"
     target.write_text('{"complete": true}')
-    filler = small_disk / "filler"
-    with open(filler, "wb", buffering=0) as handle:
-        try:
-            while True:
-                handle.write(b"\0" * 4096)
-        except OSError:
-            pass
+    fill_disk(small_disk)
     with pytest.raises(OSError) as info:
         jsonio.write_text_atomic(target, "x" * 100000)
     assert info.value.errno == errno.ENOSPC
     assert target.read_text() == '{"complete": true}'
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "report.json"]
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 1 MB tmpfs (needs root and a kernel that lets this process mount)."""
-    import os
-    import subprocess
-
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode})")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
 
 
 def test_kn_reproduce_on_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):

@@ -232,24 +232,6 @@ def test_export_writes_strict_json_for_stored_non_finite_numbers(proj_path, tmp_
 # ------------------------------------------------------------------------------------------ a real full disk
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 2 MB tmpfs (needs root and a kernel that lets this process mount)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root; the file-size-limit variant "
-                    "(test_failed_close_is_an_error_and_the_wal_keeps_everything) runs everywhere")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode})")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
-
-
 def test_full_disk_through_the_cli(small_disk, tmp_path, capsys):
     """On a real 2 MB file system. `kn facts import` is one transaction, the first save of its open, which goes
     through SQLite's rollback journal: on the full disk it fails with exit status 2 and one line, and the file
