@@ -96,7 +96,8 @@ def encode_answer(lm, text: str, answer: str) -> tuple[int, ...]:
         check_length(lm, len(prompt_ids))
     if ids is None:
         ids = tok(answer, add_special_tokens=False)["input_ids"]
-    if tok.unk_token_id is not None and tok.unk_token_id in ids:  # its scores would be those of "<unk>"
+    if tok.unk_token_id is not None and tok.unk_token_id in ids and (tok.unk_token or "") not in answer:
+        # its scores would be those of "<unk>" (as facts.render_prompts skips such objects)
         raise PromptError(f"the tokenizer maps {answer!r} to the unknown token; pick a word in its vocabulary")
     return tuple(ids)
 
