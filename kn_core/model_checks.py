@@ -124,8 +124,8 @@ def weights_not_from_files(loading: dict, path: str, allow: bool) -> dict:
     the files); refused in one line unless `allow`."""
     found = {"missing": sorted(loading.get("missing_keys") or ()),
              "unexpected": sorted(loading.get("unexpected_keys") or ()),
-             "mismatched": sorted(f"{k[0]} (file {tuple(k[1])}, model {tuple(k[2])})" if isinstance(k, tuple) else str(k)
-                                  for k in (loading.get("mismatched_keys") or ()))}
+             "mismatched": sorted(f"{k[0]} (file {tuple(k[1])}, model {tuple(k[2])})" if isinstance(k, tuple)
+                                  else str(k) for k in (loading.get("mismatched_keys") or ()))}
     found = {kind: names for kind, names in found.items() if names}
     if not found or allow:
         return found

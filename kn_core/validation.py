@@ -235,13 +235,14 @@ def csv_uncell(text: str) -> str:
     return text[1:] if text.startswith("'") and text[1:].startswith(_FORMULA_START) else text
 
 
-_MARKDOWN_SPECIAL = re.compile(r"([\\`\[\]<>|!])")
+_MARKDOWN_SPECIAL = re.compile(r"([\\`<>|]|(?<=\])\()")  # and "(" after "]": no [text](link) or ![image](src)
 
 
 def markdown_text(text: str) -> str:
     """A user's text (a fact, a template, a reason) as plain text inside Markdown: one line, and the characters
-    that would start HTML (<script>, <img onerror>), a link or image ([..](javascript:..)), a code span or a
-    table cell escaped with a backslash (CommonMark); report.html shows them as the characters."""
+    that would start HTML (<script>, <img onerror>), a link or image (the "(" of "](javascript:..)"), a code
+    span or a table cell escaped with a backslash (CommonMark); templates keep their [X] and [Y] as they are.
+    report.html shows them as the characters."""
     one_line = " ".join(str(text).replace("\x01", "").splitlines())
     return re.sub(r"(?i)javascript:", "javascript\\:", _MARKDOWN_SPECIAL.sub(r"\\\1", one_line))
 

@@ -99,7 +99,8 @@ NOTHING_TO_STORE = {("model", "fetch"): "kn model fetch only downloads the defau
 def _project(value, args=None):
     """A project to create, or an existing one that opens for writing: a damaged, locked or read-only file fails
     here, not once the work it is to hold is done."""
-    verb = (getattr(args, "command", None), getattr(args, "model_command", None) or getattr(args, "facts_command", None))
+    verb = (getattr(args, "command", None),
+            getattr(args, "model_command", None) or getattr(args, "facts_command", None))
     if verb in NOTHING_TO_STORE:
         raise v.ValidationError(f"--project is not used by kn {' '.join(verb)}: {NOTHING_TO_STORE[verb]}; leave "
                                 f"--project out")

@@ -106,7 +106,7 @@ def figure_uri(data: bytes, name: str) -> str:
     return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
 
 
-_ESCAPED = re.compile(r"\\([\\`\[\]<>|!*_:])")
+_ESCAPED = re.compile(r"\\([\\`\[\]<>|!*_:(])")
 
 
 class _Inline:
