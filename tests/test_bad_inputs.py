@@ -1,5 +1,6 @@
 """The bad-input catalogue (issue 14): every case ends with exit status 2 and exactly one line on stderr that
-names the problem, no traceback, within 10 s, and any --project file byte for byte unchanged.
+names the problem, no traceback, within 10 s, and every path it was given byte for byte unchanged (`run_failing`:
+files, folders, and paths that did not exist stay absent).
 
 Cases run in-process through `main(argv)` on tiny models saved to folders, or on the default model where they
 must fail before it loads. `[model] ...` lines (the loader's progress) are not counted as output lines; a warning
