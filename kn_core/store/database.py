@@ -227,6 +227,9 @@ def _open_snapshot(path: Path) -> "Database":
         raise
     db = Database(copy, con, True)
     db.path, db.snapshot_folder = path, folder
+    import weakref
+
+    weakref.finalize(db, shutil.rmtree, folder, True)  # also when the project is never closed (at exit at the latest)
     return db
 
 
