@@ -102,8 +102,29 @@ def parse_requests(source, factset: FactSet | None = None, default_kind: str = "
         if request.relation.id not in (factset.relations if factset is not None else {}):
             relations[request.relation.id] = request.relation
         requests.append(request)
+    requests = _without_repeats(requests, bad)
     combined = _combined_factset(factset, relations, requests)
     return ParsedRequests(requests, bad, combined)
+
+
+def _without_repeats(requests: list, bad: list) -> list:
+    """A second request for a fact already requested is a bad line: the same request twice would be applied
+    (and counted) twice, and two different ones (another new object or kind) cannot both hold."""
+    first: dict = {}
+    keep = []
+    for r in requests:
+        earlier = first.setdefault(r.fact, r)
+        if earlier is r:
+            keep.append(r)
+        elif (earlier.kind, earlier.new_object, earlier.neurons) == (r.kind, r.new_object, r.neurons):
+            bad.append((r.line, f"repeats line {earlier.line} ({r.fact.relation} {r.fact.subject!r}); give each "
+                                 f"request once"))
+        else:
+            bad.append((r.line, f"contradicts line {earlier.line}: both edit {r.fact.relation} {r.fact.subject!r} "
+                                 f"({earlier.kind} -> {earlier.new_object!r} there, {r.kind} -> {r.new_object!r} "
+                                 f"here); keep one"))
+    bad.sort()
+    return keep
 
 
 class _BadLine(Exception):
@@ -114,7 +135,7 @@ def _lines(source) -> list[tuple[int, str]]:
     if isinstance(source, (str, Path)):
         path = Path(source)
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark, as fact files accept
         except (OSError, UnicodeDecodeError) as exc:
             raise BatchError(f"cannot read the requests file {str(path)!r}: {getattr(exc, 'strerror', None) or exc}")
         source = text.splitlines()
@@ -196,21 +217,23 @@ def _easyedit(number: int, record: dict, kind: str, neurons) -> BatchRequest:
         raise _BadLine("the prompt contains [X] or [Y]; EasyEdit prompts are plain text")
     if subject not in prompt:
         raise _BadLine(f"the subject {subject!r} does not occur in the prompt {prompt!r}")
+    if _as_word(subject, prompt) is None:
+        raise _BadLine(f"the subject {subject!r} occurs in the prompt {prompt!r} only inside another word; give "
+                       f"the whole word as the subject")
     new = _new_object(record, "target_new", kind, truth)
-    main = prompt.replace(subject, "[X]", 1) + " [Y]"
+    main = _as_word(subject, prompt) + " [Y]"
     templates, left_out = [main], []
     rephrases = record.get("rephrase_prompts", [])
-    if isinstance(rephrases, str):
-        rephrases = [rephrases]
     if not isinstance(rephrases, list) or not all(isinstance(r, str) for r in rephrases):
-        raise _BadLine("'rephrase_prompts' must be a list of texts")
+        raise _BadLine("'rephrase_prompts' must be a list of texts" + (
+            " (one text was given: write it as [\"...\"])" if isinstance(rephrases, str) else ""))
     for r in rephrases:
         r = _valid_text("rephrase_prompts", r).strip()
-        if subject not in r or "[X]" in r or "[Y]" in r:
+        if _as_word(subject, r) is None or "[X]" in r or "[Y]" in r:
             left_out.append((f"rephrase {r!r}", "does not name the subject, so it is not a paraphrase of the fact"
-                             if subject not in r else "contains [X] or [Y]"))
+                             if _as_word(subject, r) is None else "contains [X] or [Y]"))
             continue
-        template = r.replace(subject, "[X]", 1) + " [Y]"
+        template = _as_word(subject, r) + " [Y]"
         if template not in templates:
             templates.append(template)
     locality = _locality(record.get("locality_prompts", []))
@@ -218,6 +241,15 @@ def _easyedit(number: int, record: dict, kind: str, neurons) -> BatchRequest:
     relation = Relation(f"easyedit-{digest}", f"EasyEdit request: {prompt}", tuple(templates))
     return BatchRequest(number, kind, Fact(relation.id, subject, truth), relation, new, neurons, locality, main,
                         tuple(left_out))
+
+
+def _as_word(subject: str, text: str) -> str | None:
+    """`text` with its first whole-word occurrence of `subject` replaced by [X]; None when the subject occurs
+    only inside other words ("France" in "Francesca")."""
+    import re
+
+    pattern = re.compile(r"(?<!\w)" + re.escape(subject) + r"(?!\w)")
+    return pattern.sub("[X]", text, count=1) if pattern.search(text) else None
 
 
 def _locality(raw) -> tuple[tuple[str, str], ...]:

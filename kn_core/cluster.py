@@ -37,12 +37,71 @@ def cluster_address(option: str) -> str | None:
     return address.strip() or None
 
 
+ADDRESS_TIMEOUT_S = 3.0  # resolving the host and opening a TCP connection to the head node, each
+
+
+def check_address(address: str | None, timeout: float = ADDRESS_TIMEOUT_S) -> None:
+    """A cluster address HOST:PORT (or ray://HOST:PORT) must resolve and accept a TCP connection within
+    `timeout` seconds; otherwise ray.init would retry for minutes. None and "auto" (a local instance, found
+    through Ray's own files) and "local" (a new instance) are not checked here."""
+    import socket
+    import threading
+
+    if not address or address in ("auto", "local"):
+        return
+    where = address.split("://", 1)[-1]
+    host, _, port = where.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ClusterError(f"cluster address {address!r} is not HOST:PORT (e.g. 10.0.0.1:6379, or auto)")
+    found: list = []
+
+    def resolve():
+        try:
+            found.append(socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM))
+        except OSError as exc:
+            found.append(exc)
+
+    resolver = threading.Thread(target=resolve, daemon=True)  # getaddrinfo has no timeout of its own
+    resolver.start()
+    resolver.join(timeout)
+    if not found or isinstance(found[0], OSError):
+        why = f"{found[0].strerror or found[0]}" if found else f"no answer in {timeout:g} s"
+        raise ClusterError(f"cannot resolve the cluster host {host!r} ({why}); check the address in --cluster "
+                           f"ray:{address} (or RAY_ADDRESS)")
+    family, kind, proto, _, sockaddr = found[0][0]
+    try:
+        with socket.socket(family, kind, proto) as probe:
+            probe.settimeout(timeout)
+            probe.connect(sockaddr)
+    except OSError as exc:
+        raise ClusterError(f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); start it with "
+                           f"`ray start --head` there (see docs/SCALE.md) or check the address") from None
+
+
 def import_ray():
     try:
         import ray
     except ImportError:
         raise ClusterError(RAY_MISSING) from None
+    _ray_messages_to_stderr(ray)
     return ray
+
+
+def _ray_messages_to_stderr(ray) -> None:
+    """Ray's driver prints the cluster's messages about its workers ("(raylet) A worker died or was killed ...")
+    on stdout, where they would land before `--json`'s one document: they are messages, so stderr. (Ray's
+    `print_to_stdstream` is looked up at each call by its error listener; a Ray without it is left alone.)"""
+    worker = getattr(getattr(ray, "_private", None), "worker", None)
+    original = getattr(worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "to_stderr", False):
+        return
+
+    def to_stderr(data, ignore_prefix):
+        return original({**data, "is_err": True}, ignore_prefix)
+
+    to_stderr.to_stderr = True
+    worker.print_to_stdstream = to_stderr
 
 
 @dataclass(frozen=True)
@@ -89,6 +148,53 @@ class FactWorker:
         return os.getpid()
 
 
+_WATCHDOG = """
+import os, select, sys
+import psutil
+driver, seen = psutil.Process(int(sys.argv[1])), {}
+while True:
+    try:
+        seen.update((p.pid, p) for p in driver.children(recursive=True) if p.pid != os.getpid())
+    except psutil.Error:
+        break
+    if select.select([sys.stdin], [], [], 0.5)[0]:
+        if sys.stdin.readline().strip() == "done":
+            sys.exit(0)
+        break
+for process in seen.values():
+    try:
+        if process.is_running():  # psutil compares the start time too: never a reused pid
+            process.kill()
+    except psutil.Error:
+        pass
+"""
+
+
+class RayWatchdog:
+    """Ray's node processes die with a driver that is killed, but agents they start (DashboardAgent,
+    RuntimeEnvAgent) do not. A small process watches the driver through a pipe: on a normal end the driver says
+    "done"; when the pipe closes without it (the driver was killed), it kills the processes the driver started,
+    by the pids it saw while the driver lived. Only for a Ray instance this driver started itself."""
+
+    def __init__(self):
+        import subprocess
+        import sys
+
+        try:
+            self.process = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid())],
+                                            stdin=subprocess.PIPE, text=True)
+        except OSError:
+            self.process = None  # no watchdog: Ray's own fate sharing only
+
+    def release(self) -> None:
+        if self.process is not None:
+            try:
+                self.process.communicate("done\n", timeout=10)
+            except Exception:  # noqa: BLE001 - it is gone already, or stuck: it must not outlive us either way
+                self.process.kill()
+            self.process = None
+
+
 class RayBackend:
     """Facts sharded over Ray actors, one fact per task. `address`: None starts a local Ray instance (or joins
     the cluster RAY_ADDRESS names); "auto" or "HOST:PORT" joins a running cluster. An already initialised Ray
@@ -104,8 +210,10 @@ class RayBackend:
         self._gpus = None
 
     def check_available(self) -> None:
-        """ClusterError (one line, how to install) when Ray is missing: call before loading any model."""
+        """ClusterError (one line) when Ray is missing or the cluster's address does not answer within a few
+        seconds: call before loading any model or opening the project."""
         import_ray()
+        check_address(self.address or os.environ.get("RAY_ADDRESS"))
 
     def describe(self) -> dict:
         return {"backend": self.name, "address": self.address, "workers": self.workers,
@@ -148,6 +256,7 @@ class RayBackend:
         from ray.exceptions import RayActorError, RayTaskError
 
         started_here = self._connect(ray)
+        watchdog = RayWatchdog() if started_here else None
         try:
             actors = self._start_workers(ray, lm, params, selection, len(works))
             queue = list(reversed(works))  # pop() takes them in order
@@ -190,3 +299,5 @@ class RayBackend:
             self.actors = []
             if started_here:
                 ray.shutdown()
+            if watchdog is not None:
+                watchdog.release()

@@ -97,15 +97,18 @@ def encode_answer(lm, text: str, answer: str) -> tuple[int, ...]:
     check_text("prompt", text, allow_blank=True)
     check_text("answer", answer, allow_blank=True)
     prompt_ids = tok(text)["input_ids"]
+    ids = None
     if lm.kind == "causal":
         full_ids = tok(text + answer)["input_ids"]
         check_length(lm, len(full_ids))  # callers encode the answer first: refuse a long prompt before any work
         if full_ids[: len(prompt_ids)] == prompt_ids and len(full_ids) > len(prompt_ids):
-            return tuple(full_ids[len(prompt_ids):])
+            ids = full_ids[len(prompt_ids):]
     else:
         check_length(lm, len(prompt_ids))
-    ids = tok(answer, add_special_tokens=False)["input_ids"]
-    if tok.unk_token_id is not None and tok.unk_token_id in ids and lm.kind == "masked":
+    if ids is None:
+        ids = tok(answer, add_special_tokens=False)["input_ids"]
+    if tok.unk_token_id is not None and tok.unk_token_id in ids and (tok.unk_token or "") not in answer:
+        # its scores would be those of "<unk>" (as facts.render_prompts skips such objects)
         raise PromptError(f"the tokenizer maps {answer!r} to the unknown token; pick a word in its vocabulary")
     return tuple(ids)
 

@@ -33,6 +33,7 @@ import torch
 from .encoding import encode_prompt, prompt_text_ids, text_ids
 from .hooks import answer_positions, capture_activations
 from .tasks import Task, as_task
+from .validation import check_finite_output
 
 
 
@@ -84,6 +85,7 @@ def _batch_forward(lm, encoded: Sequence[_Encoded]):
     rows = []
     for row, e in enumerate(encoded):
         rows.append(torch.log_softmax(logits[row, e.positions].float(), dim=-1).cpu())
+        check_finite_output(logits[row, e.positions])  # never a NaN probability passed off as a result
     return rows
 
 

@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 from .facts import Fact, FactSet, Relation, validate_template
+from .validation import csv_row, csv_uncell  # export_facts protects formula-like cells, the import reads them back
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
 BUILTIN_FILE = "builtin_facts.jsonl"
@@ -127,7 +128,7 @@ def _import_csv(path: Path) -> FactSet:
                     continue
                 if len(row) > len(header):
                     b.fail(line, f"{len(row)} cells but the header has {len(header)} columns")
-                cells = {h: (row[i] if i < len(row) else "") for i, h in enumerate(header)}
+                cells = {h: csv_uncell(row[i]) if i < len(row) else "" for i, h in enumerate(header)}
                 kind = cells["kind"].strip().lower()
                 if kind == "set":
                     set_name = cells.get("name", "").strip() or set_name
@@ -297,11 +298,11 @@ def export_facts(factset: FactSet, path) -> Path:
         writer.writerow(CSV_COLUMNS)
         writer.writerow(["set", "", factset.name, "", "", ""])
         for relation in factset.relations.values():
-            writer.writerow(["relation", relation.id, relation.name, "", "", ""])
+            writer.writerow(csv_row(["relation", relation.id, relation.name, "", "", ""]))
             for template in relation.templates:
-                writer.writerow(["template", relation.id, "", template, "", ""])
+                writer.writerow(csv_row(["template", relation.id, "", template, "", ""]))
         for fact in factset.facts:
-            writer.writerow(["fact", fact.relation, "", "", fact.subject, fact.object])
+            writer.writerow(csv_row(["fact", fact.relation, "", "", fact.subject, fact.object]))
         _write_atomic(path, out.getvalue())
     elif suffix == ".jsonl":
         lines = [{"kind": "set", "name": factset.name}]

@@ -70,3 +70,22 @@ def dumps(obj, **kwargs) -> str:
     """Strict JSON text (never NaN/Infinity) of `obj` under the rules above."""
     kwargs.setdefault("ensure_ascii", False)
     return json.dumps(jsonable(obj), allow_nan=False, **kwargs)
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Writes `text` (UTF-8) to `path` through a temporary file in the same folder renamed over it: a full disk
+    or a kill leaves the earlier file whole (never a truncated report.json), and no temporary file behind."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 import torch
 
+from . import model_checks
 from .families import IMAGE_TEXT_WRAPPERS, UnsupportedModelError, spec_for_config
+from .model_checks import ModelLoadError
 from .ffn import FFNLayout
 from .tasks import Task, as_task
 
@@ -36,8 +38,6 @@ DEFAULT_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728
 _MARKER = "kn-default-model.json"
 
 
-class ModelLoadError(RuntimeError):
-    pass
 
 
 def cache_dir() -> Path:
@@ -376,8 +376,15 @@ def _refuse_unreadable_structure(auto, config, trust_remote_code: bool, no_row: 
 
 
 def load_model(source: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "auto",
-               trust_remote_code: bool = False, task: Task | None = None) -> LoadedModel:
-    """Loads a model for knowledge-neuron work (eval mode, parameters frozen); progress messages go to `task`."""
+               trust_remote_code: bool = False, task: Task | None = None,
+               allow_missing_weights: bool = False) -> LoadedModel:
+    """Loads a model for knowledge-neuron work (eval mode, parameters frozen); progress messages go to `task`.
+
+    Refused in one line (ModelLoadError) before the model is built: a config with no layers, a non-finite
+    number, or more parameters than its weight files can hold (`model_checks`); after reading the weights, a
+    tensor the model needs that is not in the files (transformers would fill it with random values), one the
+    model does not know, or one of another shape. `allow_missing_weights=True` loads such weights anyway and
+    records what was not read from the files in `info["weights_not_from_files"]` (stored with every result)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     task = as_task(task)
@@ -402,10 +409,11 @@ def load_model(source: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "
     local_only = os.path.isdir(path) or _cached_on_disk(path, trust_remote_code) or not _hub_reachable()
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=local_only)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - OSError, ValueError, and transformers' strict field checks (TypeError)
         if os.path.isdir(path):
             raise ModelLoadError(f"{path} has a config.json that transformers cannot read: {_first_line(exc)}") from exc
         raise _hub_error(source, exc) from exc
+    model_checks.check_config(config, path)
     try:
         spec = spec_for_config(config, source)
     except UnsupportedModelError as no_row:  # the layout then reads a row from the model's structure, or refuses
@@ -420,21 +428,23 @@ def load_model(source: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "
                           f"{config.model_type} image-text checkpoint; prompts are text (its vision tower is "
                           f"loaded but never runs)")
         task.progress(0.05, info["loaded"])
-    kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code, "local_files_only": local_only}
+    if os.path.isdir(path) and not trust_remote_code and source not in (DEFAULT_MODEL, DEFAULT_MODEL_NAME, "embedded"):
+        model_checks.check_size(auto, config, path)
+    kwargs: dict = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code, "local_files_only": local_only,
+                    "output_loading_info": True, "ignore_mismatched_sizes": True}  # refused below, by name
     if target.type == "cuda" and device == "auto":
         kwargs["device_map"] = "auto"  # accelerate spreads models larger than one GPU across GPUs (and CPU)
     task.check()
     task.progress(0.1, "loading weights")
     from safetensors import SafetensorError
 
+    tokenizer = model_checks.load_tokenizer(AutoTokenizer, path, source, trust_remote_code, local_only)
     try:
         # held back while reading the files: a failed load is one line (torch warns about a pickle's protocol
         # before refusing it); a successful one passes them on below
         with warnings.catch_warnings(record=True) as library_warnings:
             warnings.simplefilter("always")
-            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
-                                                      local_files_only=local_only)
-            model = auto.from_pretrained(path, **kwargs)
+            model, loading = auto.from_pretrained(path, **kwargs)
     except torch.cuda.OutOfMemoryError as exc:
         raise ModelLoadError(f"out of GPU memory while loading {source!r}; choose --dtype bfloat16 or "
                              f"--device cpu") from exc
@@ -442,6 +452,9 @@ def load_model(source: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "
         if os.path.isdir(path):
             raise ModelLoadError(_weights_error(path, exc)) from exc
         raise _hub_error(source, exc) from exc
+    not_from_files = model_checks.weights_not_from_files(loading, path, allow_missing_weights)
+    if not_from_files:
+        info["weights_not_from_files"] = not_from_files
     for caught in library_warnings:
         warnings.warn_explicit(caught.message, caught.category, caught.filename, caught.lineno)
     if "device_map" not in kwargs:

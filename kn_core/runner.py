@@ -294,13 +294,17 @@ def _store(project, lm, work: FactWork, outcome: FactOutcome, recorded: dict, se
 def attribute_factset(project, lm, factset: FactSet, params=None, *, relations="all",
                       selection: Selection | None = None, backend=None, task: Task | None = None,
                       on_fact: Callable[[FactWork, int], None] | None = None,
-                      causal_templates: str = "prefix") -> RunnerReport:
+                      causal_templates: str = "prefix",
+                      before_first_store: Callable[[], None] | None = None) -> RunnerReport:
     """Attributes every fact of `relations` into `project` (see the module's doc); returns what it did.
     `causal_templates` ("prefix" or "end-only", facts.CAUSAL_TEMPLATES) renders a causal model's prompts.
 
     `lm` is the driver's model: it renders the prompts and names the weights (its sha256) that resume matches
     on; `backend` (default `SerialBackend()`) also uses it to compute. `on_fact(work, run_id)` is called after
-    each fact is stored. Cancelling the task raises tasks.Cancelled; every fact stored before stays."""
+    each fact is stored. Cancelling the task raises tasks.Cancelled; every fact stored before stays.
+
+    Nothing is written before the first fact is stored: the model, the fact set and `before_first_store()` (e.g.
+    a score-storage setting) commit with it, so a run that stores no fact leaves the project as it was."""
     from .attribution import AttributionParams
 
     params = params or AttributionParams()
@@ -314,13 +318,20 @@ def attribute_factset(project, lm, factset: FactSet, params=None, *, relations="
     works, skipped = plan_facts(factset, relations, lm.tokenizer, lm.kind, causal_templates)
     chosen = select_relations(factset, relations)
     report = RunnerReport(facts=len(works) + len(skipped), skipped=skipped, backend=backend.describe())
-    project.add_model(lm)
-    fact_ids = project.add_facts([w.fact for w in works], [factset.relation(r) for r in chosen])
+    known = {(f.relation, f.subject, f.object): f.id for f in project.list_facts()}  # reads only
+    fact_ids = [known.get((w.fact.relation, w.fact.subject, w.fact.object)) for w in works]
+
+    def setup() -> None:  # in the first stored fact's transaction
+        project.add_model(lm)
+        project.add_facts([w.fact for w in works], [factset.relation(r) for r in chosen])
+        if before_first_store is not None:
+            before_first_store()
+
     recorded = run_params(params, lm.kind, causal_templates, prompt_format(lm))
     completed = project.completed_runs(lm, recorded)
     if (lm.kind != "causal" or causal_templates == "prefix") and prompt_format(lm) == "plain":  # runs stored before the choice was recorded
         completed = {**project.completed_runs(lm, params.to_dict()), **completed}  # rendered these prompts
-    pending = [w for w, fid in zip(works, fact_ids) if fid not in completed]
+    pending = [w for w, fid in zip(works, fact_ids) if fid is None or fid not in completed]
     report.already_stored = len(works) - len(pending)
     progress = Progress(task, pending, report.already_stored)
     task.progress(0.0, progress.message())
@@ -341,7 +352,10 @@ def attribute_factset(project, lm, factset: FactSet, params=None, *, relations="
                     raise NonFiniteRunError(f"the first {len(report.failed)} facts all gave NaN or infinite scores, "
                                             f"e.g. {outcome.error}")
                 continue
-            run_id = _store(project, lm, work, outcome, recorded, selection)
+            with project.atomic("storing the run's first fact") if not report.attributed else contextlib.nullcontext():
+                if not report.attributed:
+                    setup()
+                run_id = _store(project, lm, work, outcome, recorded, selection)
             stored.add(outcome.index)
             report.run_ids.append(run_id)
             report.attributed += 1

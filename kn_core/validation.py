@@ -173,3 +173,86 @@ def check_device_name(name: str, value) -> str:
     if not isinstance(value, str) or not _DEVICE.fullmatch(value):
         _fail(name, value, "expected auto, cpu, mps, cuda or cuda:N (N a GPU number)")
     return value
+
+
+class NonFiniteOutputError(ValueError):
+    """A model's output holds NaN or infinity (its weights, its config, an overflow in its dtype, or an edit):
+    refused, never shown or stored as a probability."""
+
+
+def check_finite_output(logits, what: str = "the model's output") -> None:
+    """Refuses logits with NaN or +infinity (-infinity is a token the model rules out, a valid logit)."""
+    import torch
+
+    bad = torch.isnan(logits) | torch.isposinf(logits)
+    if bool(bad.any()):
+        raise NonFiniteOutputError(
+            f"{what} is NaN or infinite ({int(bad.sum())} of {bad.numel()} logits): the weights, the config or an "
+            f"edit (a huge --lambda2 or --factor) overflow; with float16/bfloat16 use --dtype float32, else check "
+            f"the model's files; nothing was stored")
+
+
+SHOWN_CHARS = 200  # of a user's field quoted in an error line
+
+
+def shown(value, limit: int = SHOWN_CHARS) -> str:
+    """repr(value) for an error line, at most about `limit` characters (a 12 MB field is not echoed whole)."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value):,} characters)"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def shortened(message: str, limit: int = SHOWN_CHARS) -> str:
+    """An error line with every stretch between quotes longer than 2 x `limit` characters cut to its first and
+    last `limit` (saying how much was cut; the end keeps the fix): whichever layer quoted a user's 12 MB field,
+    the line stays readable. Linear in the length."""
+    if len(message) <= 4 * limit:
+        return message
+    pieces = re.split(r"(['\"])", message)
+    return "".join(p if len(p) <= 2 * limit else f"{p[:limit]} [... {len(p) - 2 * limit:,} characters cut ...] "
+                   f"{p[-limit:]}" for p in pieces)
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what spreadsheets read as a formula (OWASP: CSV injection)
+_PLAIN_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|nan|infinity)", re.IGNORECASE)
+
+
+def csv_cell(value):
+    """A CSV cell a spreadsheet shows as text: a text cell that starts like a formula gets a leading single
+    quote (OWASP); numbers, and text that is just a number ("-0.25"), stay as they are."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START) and not _PLAIN_NUMBER.fullmatch(value):
+        return "'" + value
+    return value
+
+
+def csv_row(row) -> list:
+    return [csv_cell(value) for value in row]
+
+
+def csv_uncell(text: str) -> str:
+    """What `csv_cell` wrote, read back: the quote it added before a formula character is dropped."""
+    return text[1:] if text.startswith("'") and text[1:].startswith(_FORMULA_START) else text
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`<>|]|(?<=\])\()")  # and "(" after "]": no [text](link) or ![image](src)
+
+
+def markdown_text(text: str) -> str:
+    """A user's text (a fact, a template, a reason) as plain text inside Markdown: one line, and the characters
+    that would start HTML (<script>, <img onerror>), a link or image (the "(" of "](javascript:..)"), a code
+    span or a table cell escaped with a backslash (CommonMark); templates keep their [X] and [Y] as they are.
+    report.html shows them as the characters."""
+    one_line = " ".join(str(text).replace("\x01", "").splitlines())
+    return re.sub(r"(?i)javascript:", "javascript\\:", _MARKDOWN_SPECIAL.sub(r"\\\1", one_line))
+
+
+def markdown_safe(tree):
+    """`markdown_text` over every string value of a report (dict keys and numbers unchanged)."""
+    if isinstance(tree, str):
+        return markdown_text(tree)
+    if isinstance(tree, dict):
+        return {key: markdown_safe(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [markdown_safe(value) for value in tree]
+    return tree

@@ -54,3 +54,41 @@ def one_cpu_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 2 MB tmpfs for full-disk tests (needs root and a kernel that lets this process mount; skipped,
+    saying why, elsewhere: tests/test_store_failures.py has a file-size-limit variant that runs everywhere)."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root; the file-size-limit variant "
+                    "(test_failed_close_is_an_error_and_the_wal_keeps_everything) runs everywhere")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode})")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.fixture
+def fill_disk():
+    """fill_disk(folder) writes a file there until the drive is full and returns it (delete it to free the
+    space)."""
+    def fill(folder):
+        filler = folder / "filler"
+        with open(filler, "wb", buffering=0) as handle:
+            try:
+                while True:
+                    handle.write(b"\0" * 4096)
+            except OSError:
+                pass
+        return filler
+
+    return fill

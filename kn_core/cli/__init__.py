@@ -12,6 +12,7 @@ model loads; raise `CliError` for a one-line user error; print with `common.emit
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 
 from . import attribution, bench, degeneracy, edit, facts, model, project, reproduce, trace
@@ -46,7 +47,10 @@ def _engine_errors() -> tuple[type[BaseException], ...]:
 
 
 def _fail(args, exc: BaseException) -> int:
-    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    from ..validation import shortened
+
+    message = shortened(exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc))
+    message = " ".join(message.splitlines()) or type(exc).__name__  # one line, whatever the library wrote
     if getattr(args, "json", False):
         print(dumps({"error": message, "error_type": type(exc).__name__}))
     say(f"error: {message}")
@@ -68,10 +72,17 @@ def main(argv=None) -> int:
         return _fail(args, exc)
     except _engine_errors() as exc:  # evaluated only when the clause above did not match
         return _fail(args, exc)
+    except OSError as exc:  # the disk (full, read-only, gone) under an output: one line, exit 2
+        where = f" ({exc.filename})" if exc.filename else ""
+        fix = "free space on that drive and run again" if exc.errno == errno.ENOSPC else "check the drive and the path"
+        return _fail(args, OSError(f"{exc.strerror or exc}{where}; {fix}"))
     except Exception as exc:  # a bug, or the hardware: still one line, and the type says which
+        from ..validation import shortened
+
+        message = " ".join(shortened(str(exc)).splitlines())
         if getattr(args, "json", False):
-            print(dumps({"error": str(exc), "error_type": type(exc).__name__}))
-        say(f"error: {type(exc).__name__}: {exc} (set KN_DEBUG=1 for the traceback)")
+            print(dumps({"error": message, "error_type": type(exc).__name__}))
+        say(f"error: {type(exc).__name__}: {message} (set KN_DEBUG=1 for the traceback)")
         if os.environ.get("KN_DEBUG"):
             raise
         return 1

@@ -100,12 +100,12 @@ def cmd_attribute_facts(args) -> int:
     select_relations(factset, args.relations)  # an unknown relation fails before the model loads
     args.device = device
     lm = load(args)
-    with project_of(args) as project, progress_bar("attributing facts") as task:
-        if args.scores is not None:
-            project.set_score_storage(args.scores)
+    with project_of(args, whole_set=True) as project, progress_bar("attributing facts") as task:
+        setup = None if args.scores is None else (lambda: project.set_score_storage(args.scores))
         try:
             report = attribute_factset(project, lm, factset, params, relations=args.relations, selection=selection,
-                                       backend=backend, task=task, causal_templates=args.causal_templates)
+                                       backend=backend, task=task, causal_templates=args.causal_templates,
+                                       before_first_store=setup)
         except RuntimeError as exc:
             if type(exc).__name__ != "ClusterError":  # cluster.py is imported only with --cluster
                 raise

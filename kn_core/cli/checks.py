@@ -79,7 +79,7 @@ CHECKS = {
     "facts": _text("--facts"),
     "device": lambda value, args: v.check_device_name("--device", value),
     "save": lambda value, args: v.check_output_file("--save", value),
-    "project": lambda value, args: _project(value),
+    "project": lambda value, args: _project(value, args),
     "out": lambda value, args: v.check_output_folder("--out", value),
     "export": lambda value, args: v.check_output_folder("--export", value),
     "rank_file": lambda value, args: v.check_input_file("--rank-file", value),
@@ -106,9 +106,19 @@ CHECKS = {
 }
 
 
-def _project(value):
+# verbs that compute nothing to store: --project there is refused rather than silently ignored
+NOTHING_TO_STORE = {("model", "fetch"): "kn model fetch only downloads the default model",
+                    ("facts", "list"): "kn facts list only shows a fact set (kn facts import --project stores one)"}
+
+
+def _project(value, args=None):
     """A project to create, or an existing one that opens for writing: a damaged, locked or read-only file fails
     here, not once the work it is to hold is done."""
+    verb = (getattr(args, "command", None),
+            getattr(args, "model_command", None) or getattr(args, "facts_command", None))
+    if verb in NOTHING_TO_STORE:
+        raise v.ValidationError(f"--project is not used by kn {' '.join(verb)}: {NOTHING_TO_STORE[verb]}; leave "
+                                f"--project out")
     path = v.check_output_file("--project", value)
     if path.exists():
         from ..store import check_project_file  # numpy and SQLAlchemy, no torch: only when the file exists

@@ -19,6 +19,9 @@ COMMON.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then
 COMMON.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                     help="auto (float32), float32, bfloat16 or float16")
 COMMON.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (off by default)")
+COMMON.add_argument("--allow-missing-weights", action="store_true",
+                    help="load a model whose weight files lack tensors (random values), or hold unknown or "
+                         "mis-shaped ones; which ones is recorded with the results (off: refused)")
 COMMON.add_argument("--json", action="store_true", help="print one JSON document on stdout")
 COMMON.add_argument("--project", help="a .knproj project file to store what this command computes")
 
@@ -45,6 +48,7 @@ def load(args):
 
     hf_logging.disable_progress_bar()
     lm = load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                    allow_missing_weights=getattr(args, "allow_missing_weights", False),
                     task=Task(on_progress=lambda fraction, message: say(f"[model] {message}")))
     if getattr(args, "prompt_format", None) is not None:  # verbs with --prompt-format (prompt_format_option)
         from ..encoding import PromptError, set_prompt_format
@@ -84,18 +88,43 @@ def prompt_format_field(lm) -> dict:
 
 
 @contextmanager
-def project_of(args):
-    """The project named by --project (created if missing), or None."""
+def project_of(args, whole_set: bool = False):
+    """The project named by --project (created if missing), or None.
+
+    What the block stores is one transaction: a command that fails stores nothing (no model row, no failed run,
+    no facts) and a project it created is removed again. `whole_set` (kn attribute --facts): every fact commits
+    on its own (a killed run keeps its completed facts), and a new project is removed only if it holds nothing."""
     if not getattr(args, "project", None):
         yield None
         return
+    from pathlib import Path
+
     from ..store import open_or_create_project
 
-    project = open_or_create_project(args.project)
+    path = Path(args.project).expanduser()
+    existed = path.exists()
+    project = open_or_create_project(path)
+    failed = True
     try:
-        yield project
+        if whole_set:
+            yield project
+        else:
+            with project.atomic(f"storing what kn {args.command} computed"):
+                yield project
+        failed = False
     finally:
+        empty = (failed and not existed and project.at_its_path()
+                 and not any(project.counts().get(k) for k in ("models", "facts", "runs")))
         project.close()
+        if empty:  # a failed command leaves no project that did not exist (never another file put there)
+            path.unlink(missing_ok=True)
+
+
+def command_params(args) -> dict:
+    """The options a command ran with, as they are recorded beside what it computed."""
+    skip = ("func", "json", "project", "command")
+    return {k: v for k, v in vars(args).items() if k not in skip and (v is None or isinstance(v, (str, int, float,
+                                                                                                  bool, list)))}
 
 
 def store_evaluation(args, lm, kind: str, report: dict, params: dict) -> None:

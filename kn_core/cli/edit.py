@@ -9,8 +9,8 @@ from typing import NamedTuple
 from .attribution import integration_options
 from .checks import whole_number
 from .batch import add_batch_command
-from .common import (COMMON, CliError, emit, factset_of, find_fact, load, neuron_list, progress_bar,
-                     eval_option, prompt_format_field, prompt_format_option, say)
+from .common import (COMMON, CliError, command_params, emit, eval_option, factset_of, find_fact, load, neuron_list,
+                     progress_bar, prompt_format_field, prompt_format_option, say, store_evaluation)
 
 
 class FoundNeurons(NamedTuple):
@@ -187,6 +187,7 @@ def cmd_edit_activation(args) -> int:
             *[f"  {p.text!r}: {b:.4f} -> {a:.4f}" for p, b, a in zip(prompts, effect["before"], effect["after"])],
             f"relative change {100 * effect['relative_change']:+.1f}% (random neurons: "
             f"{100 * control['relative_change']:+.1f}%)", *_metrics_text(doc)]
+    store_evaluation(args, lm, f"edit {args.edit_kind}", doc, command_params(args))
     emit(args, doc, "\n".join(text))
     return 0
 
@@ -252,6 +253,7 @@ def cmd_edit_update(args) -> int:
                     + ("o' is the top answer on every prompt" if cal["reached"] else
                        "FAILED: o' is not the top answer on every prompt even at the largest scale"))
     text += _metrics_text(doc)
+    store_evaluation(args, lm, "edit update", doc, command_params(args))
     emit(args, doc, "\n".join(text))
     return 0
 
@@ -297,6 +299,7 @@ def cmd_edit_erase(args) -> int:
     if "other_perplexity" in before:
         text.append(f"  other relations' perplexity {before['other_perplexity']:.1f} -> {after['other_perplexity']:.1f}")
     text += _metrics_text(doc)
+    store_evaluation(args, lm, "edit erase", doc, command_params(args))
     emit(args, doc, "\n".join(text))
     return 0
 
@@ -355,6 +358,7 @@ def cmd_neuron(args) -> int:
             f"{info['labels']['suppresses']}: " + ", ".join(f"{r['token']!r} {r['logit']:+.2f}" for r in info["suppresses"])]
     text += [f"  {a['activation']:+.4f}  {a['text']!r}" for a in info.get("activations", [])]
     text += [f"  #{r['rank']} {r['activation']:+.4f}  {r['text']!r}" for r in info.get("ranked", [])]
+    store_evaluation(args, lm, "neuron", info, command_params(args))
     emit(args, info, "\n".join(text))
     return 0
 

@@ -26,7 +26,9 @@ def cmd_project_info(args) -> int:
         print(dumps(doc))
     else:
         print(f"{doc['file']}: project {doc['name']!r}, schema v{doc['schema_version']}, "
-              f"last written by {doc['app_version']}, {doc['file_bytes'] / 1e6:.1f} MB")
+              f"last written by {doc['app_version']}, {doc['file_bytes'] / 1e6:.1f} MB"
+              + (" (open in another process that writes it: shown as of its last commit)"
+                 if doc["read_while_written"] else ""))
         for key, value in counts.items():
             print(f"  {key}: {value}")
         if problems is not None:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from .attribution import causal_templates_option, quadrature_options
 from .checks import whole_number
-from .common import COMMON, emit, factset_of, load, progress_bar, prompt_format_option, say
+from .common import (COMMON, command_params, emit, factset_of, load, progress_bar, prompt_format_option, say,
+                     store_evaluation)
 
 
 def cmd_reproduce(args) -> int:
@@ -33,6 +34,7 @@ def cmd_reproduce(args) -> int:
            "amplify": sa.get("knowledge", {}).get("amplify", {}).get("own"),
            "seconds": report["timings"].get("total"), "selection": report.get("selection"),
            "left_out": report.get("left_out")}
+    store_evaluation(args, lm, "reproduce", report, command_params(args))
     emit(args, doc, (Path(args.out) / "report.md").read_text())
     return 0
 

@@ -106,6 +106,9 @@ def figure_uri(data: bytes, name: str) -> str:
     return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
 
 
+_ESCAPED = re.compile(r"\\([\\`\[\]<>|!*_:(])")
+
+
 class _Inline:
     """Inline Markdown (code spans, bold, images, links) to HTML, with every piece of text escaped."""
 
@@ -127,6 +130,16 @@ class _Inline:
         return f"{text} ({target})"
 
     def __call__(self, text: str) -> str:
+        held: list[str] = []  # backslash-escaped characters (validation.markdown_text): shown as themselves
+
+        def hold_escape(m):
+            held.append(m.group(1))
+            return f"\x01{len(held) - 1}\x01"
+
+        return re.sub("\x01(\\d+)\x01", lambda m: html.escape(held[int(m.group(1))]),
+                      self._render(_ESCAPED.sub(hold_escape, text)))
+
+    def _render(self, text: str) -> str:
         parts = text.split("`")
         out = []
         for k, part in enumerate(parts):

@@ -37,7 +37,7 @@ from .metrics_section import edit_metrics_experiment
 from ..encoding import prompt_format, prompt_format_params
 from ..facts import CAUSAL_TEMPLATES, render_prompts
 from ..tasks import Cancelled, Task, as_task
-from ..jsonio import dumps
+from ..jsonio import dumps, write_text_atomic
 from .report import PAPER, render_markdown, write_html, write_report
 
 MIN_PROMPTS = 3  # refinement keeps neurons coarse in at least max(p * n, 3) prompts
@@ -398,7 +398,7 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
 
     def save():
         timings["total"] = time.perf_counter() - started
-        (out / "report.json").write_text(dumps(report, indent=2), encoding="utf-8")
+        write_text_atomic(out / "report.json", dumps(report, indent=2))  # never a truncated report.json
 
     phases = _Phases(task, say, timings, {"select": (0.0, 0.05), "attribution": (0.05, 0.6), "neurons": (0.6, 0.62),
                                           "activation_by_prompt": (0.62, 0.67), "suppress_amplify": (0.67, 0.8),
@@ -458,7 +458,7 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
     except BaseException as exc:  # Cancelled / KeyboardInterrupt / an error: keep what is done, then re-raise
         report["status"] = f"interrupted ({type(exc).__name__}); run again with the same arguments to resume"
         save()
-        (out / "report.md").write_text(render_markdown(report), encoding="utf-8")  # how far it got, readable
+        write_text_atomic(out / "report.md", render_markdown(report))  # how far it got, readable
         write_html(report, out)
         say(f"[reproduce] stopped; partial report in {out / 'report.md'}; run again to resume from {cache}")
         raise

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from ..attribution import integration_text
-from ..jsonio import dumps
+from ..jsonio import dumps, write_text_atomic
+from ..validation import markdown_safe
 from .html import provenance_rows, read_figures, render_html
 from .localisation import localisation_markdown
 from .metrics_section import metrics_markdown
@@ -441,11 +442,13 @@ def _left_out_section(report: dict) -> list[str]:
 
 
 def render_markdown(report: dict) -> str:
+    versions = report["versions"]
+    report = markdown_safe(report)  # fact texts may hold <script>, [x](javascript:...), | or newlines
     lines = _header(report) + _relations_table(report)
     for section in (_neurons_section, _activation_section, _suppress_amplify_section, _update_section,
                     _erase_section, _degeneracy_section, metrics_markdown, localisation_markdown, _left_out_section):
         lines += section(report)
-    lines += ["## Versions", "", "```", json.dumps(report["versions"], indent=1), "```", ""]
+    lines += ["## Versions", "", "```", json.dumps(versions, indent=1), "```", ""]
     return "\n".join(lines)
 
 
@@ -453,8 +456,7 @@ def write_html(report: dict, out: Path) -> Path:
     """report.html: report.md's Markdown with the figures in ``out`` embedded and the run's provenance."""
     markdown = render_markdown(report)
     path = Path(out) / "report.html"
-    path.write_text(render_html(markdown, read_figures(Path(out), markdown), provenance_rows(report)),
-                    encoding="utf-8")
+    write_text_atomic(path, render_html(markdown, read_figures(Path(out), markdown), provenance_rows(report)))
     return path
 
 
@@ -463,8 +465,8 @@ def write_report(report: dict, out: Path) -> None:
     ``out``."""
     out = Path(out)
     report["figures"] = write_figures(report, out)
-    (out / "report.json").write_text(dumps(report, indent=2), encoding="utf-8")
-    (out / "report.md").write_text(render_markdown(report), encoding="utf-8")
+    write_text_atomic(out / "report.json", dumps(report, indent=2))  # a full disk keeps the earlier file whole
+    write_text_atomic(out / "report.md", render_markdown(report))
     write_html(report, out)
 
 

@@ -19,6 +19,7 @@ from .errors import (
     ProjectLockedError,
     ProjectNotFoundError,
     ProjectReadOnlyError,
+    ProjectReplacedError,
     ProjectVersionError,
 )
 from .export import export_project
@@ -49,6 +50,6 @@ __all__ = [
     "encode_array", "decode_array", "RunRecorder", "TopScores", "ScoresTooCoarseError",
     "RelationRecord", "FactRecord", "ModelRecord", "PromptRecord", "RunRecord", "NeuronSetRecord", "EvaluationRecord",
     "ProjectError", "ProjectNotFoundError", "ProjectExistsError", "NotAProjectError", "CorruptProjectError",
-    "ProjectVersionError", "ProjectLockedError", "ProjectReadOnlyError", "ProjectDiskFullError",
+    "ProjectVersionError", "ProjectLockedError", "ProjectReadOnlyError", "ProjectReplacedError", "ProjectDiskFullError",
     "ProjectCheckpointError", "ProjectClosedError", "ProjectDataError",
 ]

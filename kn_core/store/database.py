@@ -13,7 +13,6 @@ import contextlib
 import errno
 import os
 import sqlite3
-import stat
 import threading
 from datetime import datetime
 from pathlib import Path
@@ -38,59 +37,16 @@ from .errors import (
     ProjectLockedError,
     ProjectNotFoundError,
     ProjectReadOnlyError,
+    ProjectReplacedError,
     ProjectVersionError,
 )
+from .filecheck import _locked, header_check, location_writable, map_sqlite_error, wal_path  # noqa: F401 - wal_path
 from .records import app_version, now
 
 SUFFIX = ".knproj"
-_SQLITE_MAGIC = b"SQLite format 3\x00"
 _BUSY_TIMEOUT_S = 0.1  # the holder keeps its lock while open, so waiting longer rarely helps
 # FULL: a commit survives power loss (fsync per transaction). Tests that only crash processes may use NORMAL.
 SYNCHRONOUS = "FULL"
-
-
-def _sqlite_code(exc: BaseException) -> int | None:
-    orig = getattr(exc, "orig", exc)
-    code = getattr(orig, "sqlite_errorcode", None)
-    return None if code is None else code & 0xFF
-
-
-def _locked(path) -> ProjectLockedError:
-    return ProjectLockedError(path, "the project is open in another process (Knowledge Neuron Studio or another "
-                                    "program has it locked)", "close it there, or work on a copy of the file")
-
-
-def map_sqlite_error(path, exc: BaseException, doing: str) -> ProjectError:
-    code = _sqlite_code(exc)
-    msg = str(getattr(exc, "orig", exc))
-    if code == sqlite3.SQLITE_FULL or "disk is full" in msg:
-        return ProjectDiskFullError(path, f"disk full while {doing}; that change was rolled back, the project "
-                                          f"holds everything saved before it",
-                                    "free space on that drive (or save the project elsewhere) and retry")
-    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or "database is locked" in msg:
-        return _locked(path)
-    if code == sqlite3.SQLITE_READONLY:
-        return ProjectReadOnlyError(path, f"cannot write while {doing}: the file or its folder is read-only",
-                                    "copy the project to a writable folder, or open it read-only")
-    if code == sqlite3.SQLITE_NOTADB:
-        return NotAProjectError(path, "not a SQLite file (or its header is destroyed)",
-                                "open a .knproj project file; a damaged project can be restored from a backup copy")
-    if code == sqlite3.SQLITE_CORRUPT or "malformed" in msg:
-        return CorruptProjectError(path, f"the file is damaged or truncated ({msg}) while {doing}",
-                                   "restore it from a backup copy (the .vN-backup files next to it, or your own)")
-    if code == sqlite3.SQLITE_CANTOPEN:
-        return ProjectError(path, f"cannot open the file ({msg})", "check that the path and its folder exist and "
-                                                                   "are accessible")
-    wal = wal_path(Path(path)) if path is not None else None
-    if code == sqlite3.SQLITE_IOERR and wal is not None and wal.exists():
-        return ProjectError(path, f"disk I/O error while {doing} ({msg}); nothing is lost: the saved changes are "
-                                  f"in {wal.name}",
-                            f"if the drive is full, free space (or copy both files to a drive with room) and run "
-                            f"`kn project recover {path}`")
-    if code == sqlite3.SQLITE_IOERR:
-        return ProjectError(path, f"disk I/O error while {doing} ({msg}); the change was rolled back",
-                            "check the drive (removed? network share gone?) and retry")
-    return ProjectError(path, f"SQLite error while {doing}: {msg}", "report this if it persists")
 
 
 def connect(path: Path, read_only: bool) -> sqlite3.Connection:
@@ -102,91 +58,6 @@ def connect(path: Path, read_only: bool) -> sqlite3.Connection:
         # (no -shm file). SQLite cannot read a WAL file in this mode read-only, so readers use normal locking.
         con.execute("PRAGMA locking_mode = EXCLUSIVE")
     return con
-
-
-def wal_path(path: Path) -> Path:
-    """The write-ahead log SQLite keeps next to an open project (and leaves behind after a crash or a failed
-    close): it holds committed changes not yet copied into the file."""
-    return path.with_name(path.name + "-wal")
-
-
-def _special_kind(mode: int) -> str | None:
-    if stat.S_ISREG(mode):
-        return None
-    return {stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
-            stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a folder"}.get(stat.S_IFMT(mode), "not a regular file")
-
-
-def header_check(path: Path) -> None:
-    """Cheap checks on the raw file before SQLite sees it: exists, is a regular file, is SQLite, is not
-    truncated. Special files are refused without opening them for reading (a FIFO would block forever). When a
-    `-wal` holds committed pages, SQLite replays it before the size means anything, so truncation is then left
-    to SQLite (a real hole shows up as CorruptProjectError on the first read)."""
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise ProjectNotFoundError(path, "no such project file", "check the path, or create a new project") from None
-    except OSError as exc:
-        raise ProjectError(path, f"cannot read the file ({exc.strerror})", "check the drive and the path") from exc
-    if stat.S_ISDIR(mode):
-        raise ProjectNotFoundError(path, "is a folder, not a project file", "pass the .knproj file inside it")
-    kind = _special_kind(mode)
-    if kind:
-        raise NotAProjectError(path, f"is {kind}, not a project file", "pass a .knproj file saved by the app")
-    wal = wal_path(path)
-    wal_kind = _special_kind(wal.lstat().st_mode) if wal.exists() or wal.is_symlink() else None
-    if wal_kind:
-        raise NotAProjectError(path, f"its journal {wal.name} is {wal_kind}", f"move {wal.name} away")
-    try:
-        # O_NONBLOCK: should the path have become a FIFO since the stat, opening still does not wait for a writer
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        try:
-            kind = _special_kind(os.fstat(fd).st_mode)
-            if kind:
-                raise NotAProjectError(path, f"is {kind}, not a project file", "pass a .knproj file saved by the app")
-            size = os.fstat(fd).st_size
-            header = os.pread(fd, 100, 0) if hasattr(os, "pread") else os.read(fd, 100)
-        finally:
-            os.close(fd)
-    except PermissionError as exc:
-        raise ProjectReadOnlyError(path, f"cannot read the file ({exc.strerror})",
-                                   "check its permissions") from exc
-    except OSError as exc:
-        raise ProjectError(path, f"cannot read the file ({exc.strerror})", "check the drive and the path") from exc
-    if size == 0 or not header.startswith(_SQLITE_MAGIC[:6]):
-        raise NotAProjectError(path, "not a Knowledge Neuron Studio project (not a SQLite file)",
-                               "open a .knproj file saved by the app")
-    if not header.startswith(_SQLITE_MAGIC) or len(header) < 100:
-        raise CorruptProjectError(path, "the SQLite header is damaged", "restore the project from a backup copy")
-    page_size = int.from_bytes(header[16:18], "big")
-    page_size = 65536 if page_size == 1 else page_size
-    pages = int.from_bytes(header[28:32], "big")
-    counter_ok = header[24:28] == header[92:96]  # the in-header size is valid only when these match
-    if page_size < 512 or page_size & (page_size - 1):
-        raise CorruptProjectError(path, "the SQLite header is damaged (bad page size)",
-                                  "restore the project from a backup copy")
-    has_wal = wal.is_file() and wal.stat().st_size > 0
-    if counter_ok and pages and size < pages * page_size and not has_wal:
-        raise CorruptProjectError(path, f"the file is truncated ({size} bytes; its header says "
-                                        f"{pages * page_size})",
-                                  f"if a {wal.name} file belonged with it, put it next to it and run "
-                                  f"`kn project recover {path}`; else copy the file again or restore a backup copy")
-
-
-def location_writable(path: Path) -> str | None:
-    """None when the file and its folder can be written (WAL needs sidecar files next to it); else why not."""
-    folder = path.resolve().parent
-    try:
-        if os.statvfs(folder).f_flag & os.ST_RDONLY:
-            return "it is on a read-only file system"
-    except (AttributeError, OSError):  # no statvfs on Windows
-        pass
-    if not os.access(path, os.W_OK):
-        return "the file is read-only"
-    if not os.access(folder, os.W_OK):
-        return "its folder is read-only (the app writes a journal file next to the project)"
-    return None
-
 
 
 def create_file(path: Path, name: str | None = None) -> None:
@@ -267,6 +138,12 @@ def _flock(path: Path, exclusive: bool) -> int | None:
     return fd
 
 
+def _identity(path: Path, fd: int | None) -> tuple[int, int] | None:
+    """(device, inode) of the open file (`fd`) or of what `path` names now."""
+    st = os.fstat(fd) if fd is not None else os.stat(path)
+    return st.st_dev, st.st_ino
+
+
 def open_database(path: Path, read_only: bool = False, upgrade: bool = True) -> tuple[Database, int]:
     """(the open Database, how many runs were left `running`) for a checked project file (see `open_project`).
 
@@ -277,12 +154,16 @@ def open_database(path: Path, read_only: bool = False, upgrade: bool = True) -> 
     header_check(path)
     lock_fd = None
     try:
-        if read_only:  # refused while a writer has it open; readers do not keep writers out
-            fd = _flock(path, exclusive=False)
+        if read_only:  # readers do not keep writers out; with a writer at work they read its last commit
+            try:
+                fd = _flock(path, exclusive=False)
+            except ProjectLockedError:
+                return _open_snapshot(path), 0
             if fd is not None:
                 os.close(fd)
         else:
             lock_fd = _flock(path, exclusive=True)
+        _settle_journal(path, read_only)
         con, running, wal = _connect_checked(path, read_only, upgrade, eager_wal=lock_fd is None)
     except BaseException:
         if lock_fd is not None:
@@ -296,11 +177,99 @@ def check_openable(path: Path) -> None:
     so that `--project FILE` fails before hours of work rather than when the results are to be saved. The open
     itself checks again (the file may change in between)."""
     header_check(path)
-    _validate(path)
-    _refuse_unwritable(path)
     lock_fd = _flock(path, exclusive=True)
-    if lock_fd is not None:
-        os.close(lock_fd)
+    try:
+        _settle_journal(path, read_only=False)
+        _validate(path)
+        _refuse_unwritable(path)
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
+
+
+_SNAPSHOT_TRIES = 20
+
+
+def _open_snapshot(path: Path) -> "Database":
+    """A read-only view of what a running writer (which holds SQLite's exclusive lock, WAL index in its own
+    memory) has committed: the file and its journal files copied to a private folder, the copy's WAL replayed
+    there, and the copy opened read-only. Consistent: the WAL's header (salts) is read before and after the
+    copy, and the copy is taken again if the writer restarted its WAL in between; frames of a transaction not
+    yet committed fail SQLite's checksums and are ignored; a hot rollback journal is rolled back in the copy."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="kn-snapshot-"))
+    copy = folder / path.name
+    try:
+        for _ in range(_SNAPSHOT_TRIES):
+            before = _wal_header(path)
+            for suffix in ("", "-journal", "-wal"):
+                source = path.with_name(path.name + suffix)
+                with contextlib.suppress(FileNotFoundError):
+                    shutil.copyfile(source, folder / source.name)
+            if _wal_header(folder / path.name) == before == _wal_header(path):
+                break
+        else:
+            raise _locked(path)  # a writer restarting its WAL all the time: give up, as before
+        _settle_journal(copy, read_only=False)
+        con = connect(copy, read_only=False)
+        try:  # fold the copied WAL into the copy: one self-contained file, then opened read-only
+            con.execute("PRAGMA journal_mode = DELETE").fetchone()
+        finally:
+            con.close()
+        con, _, _ = _connect_checked(copy, True, upgrade=False, eager_wal=False)
+    except sqlite3.Error as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise map_sqlite_error(path, exc, "reading the last commit of a project another process writes") from exc
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    db = Database(copy, con, True)
+    db.path, db.snapshot_folder = path, folder
+    import weakref
+
+    weakref.finalize(db, shutil.rmtree, folder, True)  # also when the project is never closed (at exit at the latest)
+    return db
+
+
+def _wal_header(path: Path) -> bytes:
+    """The first 32 bytes of FILE-wal (its salts change when the writer restarts the log), b"" if none."""
+    try:
+        with open(path.with_name(path.name + "-wal"), "rb") as handle:
+            return handle.read(32)
+    except OSError:
+        return b""
+
+
+_JOURNAL_MAGIC = bytes.fromhex("d9d505f920a163d7")
+
+
+def _settle_journal(path: Path, read_only: bool) -> None:
+    """A save cut off (a kill, a full disk) while it went through the rollback journal leaves FILE-journal
+    "hot": the file may hold part of that save until SQLite rolls it back, which needs write access. A writer
+    does it here, before the read-only checks (which could not); a reader is told how."""
+    journal = path.with_name(path.name + "-journal")
+    try:
+        with open(journal, "rb") as handle:
+            hot = handle.read(8) == _JOURNAL_MAGIC
+    except OSError:
+        return
+    if not hot:
+        return
+    if read_only:
+        raise ProjectError(path, f"a save was cut off and {journal.name} holds what it changed; the file is "
+                                 f"consistent only after SQLite rolls that back, which needs write access",
+                           "open it once for writing (a kn command with --project FILE, or the app) on a "
+                           "writable drive")
+    try:
+        con = connect(path, read_only=False)
+        try:
+            con.execute("SELECT count(*) FROM sqlite_master").fetchone()  # the first read rolls the journal back
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        raise map_sqlite_error(path, exc, "rolling back a save that was cut off") from exc
 
 
 def _refuse_unwritable(path: Path) -> None:
@@ -440,6 +409,24 @@ class Database:
         install_begin(self._engine)
         self.closed = False
         self._joined: Session | None = None  # the session of the `atomic` block in progress (its thread holds lock)
+        self._identity = _identity(path, lock_fd)  # the file this connection writes to (see check_not_replaced)
+        self._saved = False  # a write transaction committed since the open
+        self.snapshot_folder: Path | None = None  # a read-only open of a copy while a writer works (_open_snapshot)
+
+    def check_not_replaced(self, doing: str) -> None:
+        """Before each commit: the path still names the file opened (same device and inode). `mv other p.knproj`
+        or `rm p.knproj` under a running writer would otherwise let it go on committing into an unlinked file
+        and report success while the path holds none of it."""
+        try:
+            now_there = _identity(self.path, None)
+        except OSError:
+            now_there = None
+        if self._identity is not None and now_there != self._identity:
+            what = "deleted or moved away" if now_there is None else "replaced by another file"
+            raise ProjectReplacedError(self.path, f"the project file was {what} while open for writing; stopped "
+                                                  f"before {doing}, which was not stored",
+                                       "do not move, replace or delete a project while a program writes to it; "
+                                       "run the command again on the file you want the results in")
 
     def close(self) -> None:
         """Checkpoints the WAL into the file and leaves it in rollback-journal mode, so that a closed project is
@@ -480,6 +467,11 @@ class Database:
         if self._lock_fd is not None:  # after SQLite let go of the file
             os.close(self._lock_fd)
             self._lock_fd = None
+        if self.snapshot_folder is not None:
+            import shutil
+
+            shutil.rmtree(self.snapshot_folder, ignore_errors=True)
+            self.snapshot_folder = None
 
     def _enter_wal(self, doing: str) -> None:
         # The first save: WAL from here on (this takes SQLite's exclusive lock and keeps it until close).
@@ -492,10 +484,13 @@ class Database:
         self._wal = True
 
     @contextlib.contextmanager
-    def session(self, doing: str, write: bool = False) -> Iterator[Session]:
+    def session(self, doing: str, write: bool = False, first_in_place: bool = False) -> Iterator[Session]:
         """A session in one transaction, committed when the block ends; SQLite's errors become `ProjectError`s
         that say what was being done (`doing`). A write also stamps the project's modified_at. Inside an
-        `atomic` block (on its thread) the session is that block's: nothing commits before the block ends."""
+        `atomic` block (on its thread) the session is that block's: nothing commits before the block ends.
+        `first_in_place`: if nothing was saved since the open, this transaction goes through SQLite's rollback
+        journal instead of switching the file to WAL first (a switch rewrites header bytes), so that a block
+        that fails leaves the file byte-identical; WAL starts with the next save."""
         if self.closed:
             raise ProjectClosedError(self.path, "the project was closed", "open it again")
         if write and self.read_only:
@@ -507,7 +502,9 @@ class Database:
                     yield self._joined
                     self._joined.flush()  # a rejected row is reported as what this block was doing
                 return
-            if write and not self._wal:
+            if write:
+                self.check_not_replaced(doing)
+            if write and not self._wal and not (first_in_place and not self._saved):
                 self._enter_wal(doing)
             with self._mapped_errors(doing):
                 with Session(self._engine, expire_on_commit=False) as session, session.begin():
@@ -515,17 +512,20 @@ class Database:
                     if write:
                         session.execute(update(schema.ProjectRow).values(modified_at=now(),
                                                                          app_version=app_version()))
+                        self.check_not_replaced(doing)  # raising here rolls the transaction back
+            self._saved = self._saved or write
 
     @contextlib.contextmanager
     def atomic(self, doing: str) -> Iterator[None]:
         """Every save made inside the block (on this thread) joins one transaction: all of them are committed
         when the block ends, none if it ends with an exception or the process dies first. One commit instead of
-        one per save (each waits for the disk: synchronous=FULL). Nested blocks join the outer one."""
+        one per save (each waits for the disk: synchronous=FULL). Nested blocks join the outer one. A block that
+        fails before anything else was saved leaves the file byte-identical (`session`'s first_in_place)."""
         with self.lock:
             if self._joined is not None:
                 yield
                 return
-            with self.session(doing, write=True) as session:
+            with self.session(doing, write=True, first_in_place=True) as session:
                 self._joined = session
                 try:
                     yield
@@ -540,4 +540,10 @@ class Database:
             raise ProjectDataError(self.path, f"rejected while {doing}: {exc.orig}",
                                    "check the ids and values passed") from exc
         except DBAPIError as exc:
+            if not self.read_only:  # SQLite's own I/O error on a file deleted under it says less than this
+                self.check_not_replaced(doing)
+            # After a failed write (a full disk) in rollback-journal mode SQLite leaves the pager in its error
+            # state and the journal hot; the next read rolls it back, while this connection holds the lock.
+            with contextlib.suppress(sqlite3.Error):
+                self.con.execute("SELECT count(*) FROM project").fetchone()
             raise map_sqlite_error(self.path, exc, doing) from exc

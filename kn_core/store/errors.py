@@ -61,3 +61,8 @@ class ProjectClosedError(ProjectError):
 
 class ProjectDataError(ProjectError):
     """A request names something the project does not hold (unknown run, fact, ...), or bad data was passed."""
+
+
+class ProjectReplacedError(ProjectError):
+    """The project file was moved, replaced or deleted while it was open for writing: the save that found it so
+    was not made (a save into the old, unlinked file would be lost with it)."""

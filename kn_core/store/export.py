@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..jsonio import dumps
+from ..validation import csv_row
 from .errors import ProjectError
 from .project import Project, open_project
 from .records import record_to_dict
@@ -37,7 +38,7 @@ def _csv(path: Path, header: list[str], rows) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(header)
-        w.writerows(rows)
+        w.writerows(csv_row(row) for row in rows)  # fact texts starting with = + - @ stay text in a spreadsheet
 
 
 def _check_target(out: Path) -> None:

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from . import database, records, schema
 from .codec import ArrayCodecError
-from .errors import ProjectDataError, ProjectDiskFullError
+from .errors import ProjectDataError, ProjectDiskFullError, ProjectError
 from .records import (
     EvaluationRecord,
     FactRecord,
@@ -164,6 +164,14 @@ class Project(RunStore):
                                                                               error=INTERRUPTED))
 
     # -- project level
+    def at_its_path(self) -> bool:
+        """False when the file was moved, replaced or deleted since it was opened for writing."""
+        try:
+            self._db.check_not_replaced("checking the file")
+        except ProjectError:
+            return False
+        return True
+
     def info(self) -> dict:
         with self._session("reading the project") as s:
             p = s.get(ProjectRow, 1)
@@ -172,7 +180,8 @@ class Project(RunStore):
                         for m in s.scalars(select(schema.SchemaMigration).order_by(schema.SchemaMigration.version))]
             return {"file": str(self.path), "name": p.name, "created_at": p.created_at, "modified_at": p.modified_at,
                     "app_version": p.app_version, "created_by": p.created_by, "schema_version": p.schema_version,
-                    "notes": p.notes, "migrations": migrated}
+                    "notes": p.notes, "migrations": migrated,
+                    "read_while_written": self._db.snapshot_folder is not None}  # its last commit, another writes
 
     def set_name(self, name: str, notes: str | None = None) -> None:
         with self._session("renaming the project", write=True) as s:

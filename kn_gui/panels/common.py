@@ -11,6 +11,8 @@ from PySide6.QtGui import QBrush, QColor, QStandardItem, QStandardItemModel
 from PySide6.QtWidgets import (QAbstractItemView, QFileDialog, QHBoxLayout, QHeaderView, QLabel, QPushButton,
                                QTableView, QVBoxLayout, QWidget)
 
+from kn_core.validation import csv_row
+
 
 def hint(text: str) -> QLabel:
     label = QLabel(text)
@@ -155,7 +157,7 @@ class TableView(QTableView):
                 handle.write(f"# {line}\n")
             writer = csv.writer(handle)
             writer.writerow(self.headers())
-            writer.writerows(self.rows())
+            writer.writerows(csv_row(row) for row in self.rows())  # text starting with = + - @ stays text
 
     def export_csv_dialog(self, parent, default_name: str = "table.csv") -> str | None:
         path, _ = QFileDialog.getSaveFileName(parent, "Export table as CSV", str(default_folder() / default_name),
