@@ -254,7 +254,8 @@ class ActionsMixin:
         job = project_report_job(path, self.session, self.edits.commands(), run, self.attribution_panel,
                                  self.project.path)
         self.runner.submit(f"Exporting the report to {Path(path).name}", job,  # a failure: the window's error
-                           on_done=lambda written: self.status(f"Report written to {written}."), uses=())
+                           on_done=lambda written: self.status(f"Report written to {written}."), uses=(),
+                           project_bound=False)
         return True
 
     def open_scores_dialog(self):
@@ -317,7 +318,8 @@ class ActionsMixin:
             self.status(f"Model with {len(info.get('edits', []))} edit(s) saved to {folder}{note}.")
 
         self.runner.submit(f"Exporting the model to {folder}",
-                           lambda task: export_model(lm, stack, folder, skip_unexportable=True), on_done=done)
+                           lambda task: export_model(lm, stack, folder, skip_unexportable=True), on_done=done,
+                           project_bound=False)
 
     def about(self):
         QMessageBox.about(self, "Knowledge Neuron Studio", "<b>Knowledge Neuron Studio</b><p>Find, inspect and edit "
@@ -362,9 +364,7 @@ class ActionsMixin:
         if snap.edit_state and snap.edit_state.get("entries"):
             self._restore_history(snap.edit_state, snap.edit_sha)
         self.history.set_clean()
-        s.reset_flags()  # the opened runs decide the flags: measured again on them
-        self._show_flags()
-        self.attribution.measure_flags()
+        self._flags_for_model()
         first = next(iter(s.runs.values()), None)
         if first is not None:
             self.facts_panel.select_fact(first.fact)

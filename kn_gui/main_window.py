@@ -54,6 +54,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         self._load_model_fn = load_model_fn
         self.session = Session(factset if factset is not None else starter_factset())
         self.runner = JobRunner(self)
+        self.runner.project_token = lambda: self.session.generation
         self.history = E.History(self)
         self.undo_stack = self.history.edits  # the model edits (the History view shows them)
         self.edits = E.EditsController(self.session, self.runner, self.history, self)
@@ -207,6 +208,8 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
             self.show_error(f"{name} failed", message)
         elif outcome == "cancelled":
             self.status(f"{name}: cancelled.")
+        elif outcome == "dropped":
+            self.status(f"{name} finished after another project was opened: {message}.", 15000)
         else:
             if self.statusBar().currentMessage().endswith("\u2026") or not self.statusBar().currentMessage():
                 self.status(f"{name}: done.")
@@ -270,7 +273,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         def job(task):
             return fn(source, device=device, dtype=dtype, task=task)
 
-        self.runner.submit(f"Loading model {source}", job, on_done=self.set_model, uses=(),
+        self.runner.submit(f"Loading model {source}", job, on_done=self.set_model, uses=(), project_bound=False,
                            on_error=lambda m, tb: self.model_panel.set_loading(
                                False, f"Could not load {source}. See the message for what to do."),
                            on_cancel=lambda: self.model_panel.set_loading(False, "Loading cancelled."))
@@ -281,8 +284,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
             self.session.results_dirty = True
         self.session.lm = lm
         self.session.checks.clear()
-        self.session.reset_flags()
-        self._show_flags()
+        self.session.reset_flags()  # at once: the old model's flags never describe the new one
         self.model_panel.show_model(lm)
         info = lm.describe()
         self.model_label.setText(f"{info.get('name') or lm.source} \u00b7 {lm.family} \u00b7 {lm.layout.layers}\u00d7"
@@ -301,7 +303,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
             self.check_facts(facts)
         if self.current_fact is not None:
             self.select_fact(self.current_fact)
-        self.attribution.measure_flags()
+        self._flags_for_model()
 
     def _restore_history(self, state, sha):
         was_clean = self.history.is_clean()
@@ -466,6 +468,16 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         elif isinstance(ev, A.ChecksCleared):
             self.status(f"The model changed: the answer checks of {ev.facts} facts were cleared; press Check (F6) "
                         "to measure them again.")
+
+    def _flags_for_model(self):
+        """The flags of the loaded model and the runs: the project's saved ones when they describe them (shown at
+        once: the sets never include a flagged neuron while they are measured), else measured again on a job."""
+        s = self.session
+        s.reset_flags()
+        restored = s.restore_flags()
+        self._show_flags()
+        if not restored:
+            self.attribution.measure_flags()
 
     def _show_flags(self):
         """The session's flags (or none) on the panels, and the sets recomputed with them left out."""

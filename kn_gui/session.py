@@ -155,10 +155,13 @@ class Session:
         self.keep_massive = False  # True: flagged neurons stay in the sets (the paper's method)
         self.causal_templates = "prefix"  # causal models: templates cut before [Y], or only those ending in [Y]
         self.activation_stats = None  # kn_core.neurons.ActivationStats measured with the flags (mean ablation)
+        self.flags_measured_on = 0  # how many run prompts the flags were measured on (with the neutral sentences)
+        self.saved_flags: dict | None = None  # the opened project's flags_record(), used when its model is loaded
         self.neuron_sets: dict[str, NeuronSet] = {}
         self.results_dirty = False
         self.path: str | None = None
         self.score_storage: dict | None = None  # the opened project's Project.score_storage(), kept when saving
+        self.generation = 0  # which project is open: +1 at each open / new (a job's result is kept only for its own)
 
     # ----------------------------------------------------------------- prompts
     def prompts_for(self, fact: Fact, causal_templates: str | None = None) -> tuple[list[Prompt], list[Skipped]]:
@@ -184,6 +187,25 @@ class Session:
         """The model changed: its flags and activation statistics no longer describe it."""
         self.flags = None
         self.activation_stats = None
+        self.flags_measured_on = 0
+
+    def flags_record(self) -> dict | None:
+        """The flags as saved with the project: with the weights and the number of run prompts they describe."""
+        if self.flags is None or self.activation_stats is None or self.lm is None:
+            return None
+        return {"sha256": getattr(self.lm, "sha256", None), "run_prompts": self.flags_measured_on, "flags": self.flags,
+                "stats": self.activation_stats}
+
+    def restore_flags(self) -> bool:
+        """The saved flags, when they describe the loaded weights and exactly the runs measured now (a run added
+        or removed since, or other weights: False, they are measured again)."""
+        saved = self.saved_flags
+        if (saved is None or self.lm is None or saved["sha256"] != getattr(self.lm, "sha256", None)
+                or saved["run_prompts"] != len(self.flag_inputs()[0])):
+            return False
+        self.flags, self.activation_stats = saved["flags"], saved["stats"]
+        self.flags_measured_on = saved["run_prompts"]
+        return True
 
     def flag_inputs(self) -> tuple[list[np.ndarray], dict[str, list[list]]]:
         """What `run_flags` measures on: the answer-position activations of every prompt attributed on the loaded

@@ -229,6 +229,7 @@ class AttributionController(QObject):
             if s.lm is not lm:  # the model changed meanwhile: these describe the old one
                 return
             s.activation_stats, s.flags, left_out = result
+            s.flags_measured_on = len(activations)
             self.event.emit(FlagsMeasured(s.flags, len(activations), left_out))
 
         self.runner.submit("Flagging massive / unspecific neurons", job, on_done=done)
