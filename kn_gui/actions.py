@@ -384,6 +384,7 @@ class ActionsMixin:
         s.factset = starter_factset()
         s.runs.clear()
         s.partial_runs.clear()
+        s.earlier_runs.clear()
         s.neuron_sets.clear()
         s.results_dirty = False
         self.current_fact = None

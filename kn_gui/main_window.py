@@ -207,11 +207,12 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         if outcome == "failed":
             self.show_error(f"{name} failed", message)
         elif outcome == "cancelled":
-            self.status(f"{name}: cancelled.")
+            if not self.statusBar().currentMessage():  # a note the job's end left (what was kept) stays
+                self.status(f"{name}: cancelled.")
         elif outcome == "dropped":
             self.status(f"{name} finished after another project was opened: {message}.", 15000)
         else:
-            if self.statusBar().currentMessage().endswith("\u2026") or not self.statusBar().currentMessage():
+            if not self.statusBar().currentMessage():
                 self.status(f"{name}: done.")
             self.project.autosave()
 
@@ -239,7 +240,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
     def cancel_job(self):
         if self.runner.busy:
             self.runner.cancel()
-            self.status("Cancelling\u2026 (the job stops at the next batch)")
+            self.job_status.cancel_requested()
 
     def _need_model(self) -> bool:
         if self.session.lm is None:
@@ -456,8 +457,9 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
             if self.current_fact is not None:
                 self.current_fact, fact = None, self.current_fact
                 self.select_fact(fact)
+            # stays until the next note (0): job progress shows beside it, never over it
             self.status(f"Attribution {ev.outcome}; kept {ev.kept} finished prompt(s) of {ev.total} as a partial "
-                        "run (a complete earlier run stays the fact's run).")
+                        "run (a complete earlier run stays the fact's run; Runs\u2026 lists every run).", 0)
         elif isinstance(ev, A.ChecksDone):
             if len(ev.facts) > 30:
                 self.facts_panel.rebuild()

@@ -45,7 +45,7 @@ def snapshot(session: Session, edit_state: dict | None, model_info: dict | None)
     """Copies the session (lists copied, so later appends by a running job do not leak into the save)."""
     runs = [replace(run, prompts=list(run.prompts), scores=list(run.scores), params=dict(run.params),
                     model=dict(run.model), edits=list(run.edits))
-            for run in [*session.runs.values(), *session.partial_runs.values()] if run.scores]
+            for run in session.all_runs()]
     return ProjectSnapshot(factset=session.factset, runs=runs,
                            sets=[NeuronSet(s.name, s.kind, list(s.neurons), s.source)
                                  for s in session.neuron_sets.values()],
@@ -99,7 +99,8 @@ def _write_snapshot(project, snap: ProjectSnapshot, task) -> None:
             task.progress(i / n, f"saving run {i + 1}/{n}")
         state = INTERRUPTED if run.state == RUNNING else run.state
         run_id = project.start_run(fact=run.fact, prompts=run.prompts, params=run.params,
-                                   model=run.model or None, info={"state": state, "edits": run.edits})
+                                   model=run.model or None, info={"state": state, "edits": run.edits,
+                                                                  "started": run.started, "name": run.name})
         for k, ps in enumerate(run.scores):  # a compact run's kept scores go back as they were read
             project.add_prompt_result(run_id, k, ps, scores=run.compact[k] if run.compact is not None else None)
         project.finish_run(run_id, _STORE_STATUS[state], elapsed_s=run.seconds)
@@ -156,7 +157,18 @@ def _read_run(project, rec, fact: Fact, models: dict) -> Run:
         state = INTERRUPTED
     return Run(fact=fact, prompts=[_prompt_from(p.prompt, fact) for p in full.prompts], scores=results,
                params=dict(rec.params), model=models.get(rec.model_id, {}), seconds=rec.elapsed_s or 0.0,
-               state=state, edits=list(rec.info.get("edits", [])), store_id=rec.id, compact=kept if compact else None)
+               state=state, edits=list(rec.info.get("edits", [])), store_id=rec.id, compact=kept if compact else None,
+               started=float(rec.info.get("started") or _epoch(rec.started_at)), name=str(rec.info.get("name", "")))
+
+
+def _epoch(iso: str | None) -> float:
+    """The store's ISO start time as seconds (runs saved before the app recorded its own start time)."""
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(iso).timestamp() if iso else 0.0
+    except ValueError:
+        return 0.0
 
 
 def open_project_file(path: str, task=None) -> ProjectSnapshot:
@@ -228,21 +240,31 @@ def flags_from_json(d: dict | None) -> dict | None:
         return None
 
 
-def place_runs(runs: list[Run]) -> tuple[dict, dict]:
-    """(current run per fact, partial run kept beside it): the newest complete run of each fact is current and
-    a later partial one is kept beside it; a fact with no complete run shows its newest partial run."""
+def place_runs(runs: list[Run]) -> tuple[dict, dict, dict]:
+    """(current run per fact, partial run kept beside it, earlier runs): the newest complete run of each fact is
+    current and a later partial one is kept beside it; a fact with no complete run shows its newest partial run;
+    every run these replace is an earlier run (kept, listed in the runs browser)."""
     current: dict[tuple, Run] = {}
     partial: dict[tuple, Run] = {}
+    earlier: dict[tuple, list[Run]] = {}
+
+    def retire(run):
+        if run is not None:
+            earlier.setdefault(fact_key(run.fact), []).append(run)
+
     for run in runs:  # oldest first
         key = fact_key(run.fact)
         if run.complete:
+            retire(partial.pop(key, None))
+            retire(current.get(key))
             current[key] = run
-            partial.pop(key, None)
         elif key in current and current[key].complete:
+            retire(partial.get(key))
             partial[key] = run
         else:
+            retire(current.get(key))
             current[key] = run
-    return current, partial
+    return current, partial, earlier
 
 
 def results_dict(session: Session, edit_commands: list) -> dict:
@@ -251,9 +273,7 @@ def results_dict(session: Session, edit_commands: list) -> dict:
     at this t has null sets and `sets_not_decided` saying why (never a smaller set)."""
     s = session
     runs = []
-    for run in [*s.runs.values(), *s.partial_runs.values()]:
-        if not run.scores:
-            continue
+    for run in s.all_runs():
         try:
             coarse = [[list(n) for n in s.coarse(run, i)] for i in range(len(run.scores))]
             refined, note = [list(n) for n in s.refined(run)], None

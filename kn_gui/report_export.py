@@ -36,7 +36,7 @@ def _neurons(neurons, limit=12) -> str:
 
 
 def _runs_section(session: Session) -> list[str]:
-    runs = [r for r in [*session.runs.values(), *session.partial_runs.values()] if r.scores]
+    runs = session.all_runs()
     lines = ["## Attribution runs", "",
              f"Refined neurons at t = {session.t}, p = {session.p}"
              + ("" if session.keep_massive or session.flags is None else

@@ -63,7 +63,7 @@ RUNNING, COMPLETE = "running", "complete"
 CANCELLED, FAILED, INTERRUPTED = "cancelled", "failed", "interrupted"  # stopped early: a partial run
 
 
-@dataclass
+@dataclass(eq=False)  # a run is itself: compared by identity (its scores are arrays)
 class Run:
     """One attribution run over the prompts of one fact. `state`: running, complete, or (stopped early, with the
     prompts finished so far) cancelled / failed / interrupted (the app ended while it ran). `edits`: the model
@@ -80,6 +80,7 @@ class Run:
     edits: list[str] = field(default_factory=list)
     store_id: Any = None
     compact: list | None = None  # per prompt a topscores.TopScores: the run was stored with its top scores only
+    name: str = ""  # the user's name for the run (runs browser); "" shows its fact and date
 
     @property
     def complete(self) -> bool:
@@ -149,6 +150,7 @@ class Session:
         self.checks: dict[tuple, dict] = {}  # (fact key, template) -> answer_probabilities item
         self.runs: dict[tuple, Run] = {}  # fact key -> latest complete run (or the running / only partial one)
         self.partial_runs: dict[tuple, Run] = {}  # fact key -> a stopped re-run kept beside its complete run
+        self.earlier_runs: dict[tuple, list[Run]] = {}  # fact key -> runs a newer one replaced (never dropped)
         self.t = 0.2
         self.p = 0.7
         self.flags = None  # kn_core.neurons.NeuronFlags of the loaded model (run_flags), once measured
@@ -172,6 +174,21 @@ class Session:
             return [], [Skipped("", f"unknown relation {fact.relation}")]
         return render_prompts(fact, relation, self.lm.tokenizer, self.lm.kind,
                               causal_templates or self.causal_templates)
+
+    def keep_earlier(self, run: Run | None):
+        """A run a newer one replaces stays in the project (the runs browser lists it, the file keeps it)."""
+        if run is None or not run.scores:
+            return
+        kept = self.earlier_runs.setdefault(fact_key(run.fact), [])
+        if all(r is not run for r in kept):
+            kept.append(run)
+
+    def all_runs(self) -> list[Run]:
+        """Every run of the project with scores: current, partial beside them, earlier ones (oldest first)."""
+        found = [*self.runs.values(), *self.partial_runs.values(), *(r for runs in self.earlier_runs.values()
+                                                                     for r in runs)]
+        unique = list({id(r): r for r in found if r.scores}.values())
+        return sorted(unique, key=lambda r: r.started)
 
     def prompt_params(self) -> dict:
         """How the prompts were made, recorded in every run's params as `kn attribute --facts` records it, so

@@ -124,6 +124,7 @@ class AttributionController(QObject):
         self.runner = runner
         self.active_edits = active_edits  # descriptions of the model edits in force now
         self.running: list[Run] = []
+        self._replaced: dict = {}  # fact key -> the run a running one replaces once it completes
         self._stale: list[Fact] = []  # facts whose answer checks a model change dropped
 
     # ----------------------------------------------------------------------------------------- attribution
@@ -149,6 +150,7 @@ class AttributionController(QObject):
             raise UserError("Nothing to attribute", "No usable prompts for: " + "; ".join(skipped) + ". "
                             + no_prompts_fix(lm.kind, prefix_helps))
         previous = {fact_key(r.fact): s.runs.get(fact_key(r.fact)) for r in runs}
+        self._replaced = dict(previous)
         for run in runs:
             s.runs[fact_key(run.fact)] = run
         self.running = runs
@@ -188,7 +190,9 @@ class AttributionController(QObject):
         self.session.results_dirty = True
         if len(run.scores) == len(run.prompts):
             run.state = COMPLETE
-            self.session.partial_runs.pop(fact_key(run.fact), None)  # superseded by a complete run
+            key = fact_key(run.fact)  # the runs it supersedes stay in the project as earlier runs
+            self.session.keep_earlier(self.session.partial_runs.pop(key, None))
+            self.session.keep_earlier(self._replaced.pop(key, None))
         self.event.emit(PromptDone(run, item.prompt))
         if run.complete:
             self.event.emit(RunFinished(run))
@@ -201,8 +205,10 @@ class AttributionController(QObject):
         if previous is not None and (previous.complete or not run.scores):
             s.runs[key] = previous
             if run.scores:
+                s.keep_earlier(s.partial_runs.get(key))
                 s.partial_runs[key] = run
         elif run.scores:
+            s.keep_earlier(previous)  # an earlier partial run: kept too
             s.runs[key] = run
         else:
             s.runs.pop(key, None)

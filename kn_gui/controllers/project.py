@@ -104,7 +104,7 @@ class ProjectController(QObject):
         s = self.session
         s.generation += 1  # from now on, results of the jobs started for the previous project are dropped
         s.factset = snap.factset
-        s.runs, s.partial_runs = place_runs(snap.runs)
+        s.runs, s.partial_runs, s.earlier_runs = place_runs(snap.runs)
         s.neuron_sets = {ns.name: ns for ns in snap.sets}
         s.t, s.p = snap.t, snap.p
         s.causal_templates = snap.causal_templates

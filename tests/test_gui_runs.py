@@ -1,0 +1,100 @@
+"""Partial and earlier runs (issue 24): the cancel note stays, "Cancelling..." stays until the job ends, and every
+run (complete, partial, replaced) is kept in the saved file."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+pytest.importorskip("pytestqt")
+
+from PySide6.QtCore import Qt  # noqa: E402
+
+from test_gui import FRANCE, app, lm, make_window, run_fact, settings, window  # noqa: E402,F401 (fixtures)
+
+KEY = ("P36", "France", "Paris")
+
+
+@pytest.fixture
+def pause_every_run(monkeypatch):
+    """Every attribution job waits after its first prompt until it is cancelled (or 60 s)."""
+    import kn_core.attribution as attribution
+
+    original = attribution.attribute_fact
+
+    def attribute_fact(lm, prompts, params=None, *, task=None, on_prompt=None):
+        def first_then_wait(k, result):
+            if on_prompt is not None:
+                on_prompt(k, result)
+            deadline = time.monotonic() + 60
+            while k == 0 and not task.cancelled and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+        return original(lm, prompts, params, task=task, on_prompt=first_then_wait)
+
+    monkeypatch.setattr(attribution, "attribute_fact", attribute_fact)
+
+
+def start_paused_run(qtbot, window):
+    window.facts_panel.select_fact(FRANCE)
+    window.attribution_panel.steps.setValue(3)
+    window.run_attribution("current")
+    running = window.attribution.running[0]
+    qtbot.waitUntil(lambda: len(running.scores) >= 1, timeout=60000)
+    return running
+
+
+def test_cancelling_is_not_overwritten_and_the_note_stays(window, qtbot, pause_every_run):
+    window.session.checks.clear()  # the fact is checked again after the cancel: a job whose progress must not hide
+    start_paused_run(qtbot, window)  # the note
+    qtbot.keyClick(window, Qt.Key_Escape)
+    label = window.job_status.job_label
+    assert label.toolTip().startswith("Cancelling")
+    window.runner.job_progress.emit(0.5, "prompt 2/4 step 3", 1.0)  # a late progress message
+    assert label.toolTip().startswith("Cancelling")
+    assert window.runner.wait_idle(60000)
+    qtbot.wait(50)
+    assert window.runner.wait_idle(60000)
+    assert "kept 1 finished prompt(s) of 4" in window.statusBar().currentMessage()
+
+
+def test_every_run_is_kept_in_the_file(window, qtbot, settings, lm, tmp_path, pause_every_run):
+    """A complete run, then two re-runs cancelled one after the other (Esc, then the Cancel button), then a
+    complete re-run: all four are in the saved file, the newest complete one is the fact's run."""
+    window.attribution_panel.steps.setValue(2)
+    first = start_paused_run(qtbot, window)
+    qtbot.keyClick(window, Qt.Key_Escape)
+    assert window.runner.wait_idle(60000)
+    second = start_paused_run(qtbot, window)
+    qtbot.mouseClick(window.cancel_button, Qt.LeftButton)
+    assert window.runner.wait_idle(60000)
+    s = window.session
+    assert first in s.all_runs() and second in s.all_runs()
+    assert {r.state for r in s.all_runs()} == {"cancelled"}
+    path = str(tmp_path / "runs.knproj")
+    assert window.save_to(path, wait=True)
+    again = make_window(qtbot, settings, lm)
+    with qtbot.waitSignal(again.project_opened, timeout=30000):
+        again.open_project(path)
+    assert again.runner.wait_idle(30000)
+    reopened = again.session.all_runs()
+    assert [(r.state, len(r.scores)) for r in reopened] == [("cancelled", 1), ("cancelled", 1)]
+    assert [r.started for r in reopened] == [first.started, second.started]
+    again.close()
+
+
+def test_a_complete_rerun_keeps_the_run_it_replaces(window, qtbot, tmp_path, settings, lm):
+    first = run_fact(qtbot, window, steps=2)
+    second = run_fact(qtbot, window, steps=3)
+    s = window.session
+    assert s.runs[KEY] is second and s.earlier_runs[KEY] == [first]
+    path = str(tmp_path / "two.knproj")
+    assert window.save_to(path, wait=True)
+    again = make_window(qtbot, settings, lm)
+    with qtbot.waitSignal(again.project_opened, timeout=30000):
+        again.open_project(path)
+    assert again.runner.wait_idle(30000)
+    current, earlier = again.session.runs[KEY], again.session.earlier_runs[KEY]
+    assert current.params["steps"] == 3 and [r.params["steps"] for r in earlier] == [2]
+    again.close()
