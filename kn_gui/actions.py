@@ -13,7 +13,7 @@ from PySide6.QtWidgets import QFileDialog, QMessageBox, QStyle
 
 from .controllers import UserError
 from .controllers import project as P
-from .panels.common import default_folder, write_json
+from .panels.common import default_folder, export_folder, remember_folder, save_file_dialog, write_json
 from .project_io import results_dict
 from .session import fact_key, merge_factsets, starter_factset
 
@@ -57,7 +57,7 @@ class ActionsMixin:
                                             "Runs, neuron sets and edits as JSON")
         self.act_export_table = self._action(
             "Export before/after table (CSV)\u2026",
-            lambda: self.edits_panel.table.export_csv_dialog(self, os.path.join(self._start_folder(), "edit.csv")))
+            lambda: self.edits_panel.table.export_csv_dialog(self, "edit.csv"))
         self.act_export_model = self._action("Export edited model\u2026", self.export_model_dialog, None,
                                              "Save the model with its active edits to a folder")
         self.act_export_report = self._action("Export report (HTML)\u2026", self.export_report_dialog, None,
@@ -198,8 +198,7 @@ class ActionsMixin:
     def export_facts_dialog(self):
         from kn_core.fact_files import export_facts
 
-        path, _ = QFileDialog.getSaveFileName(self, "Export facts", os.path.join(self._start_folder(), "facts.jsonl"),
-                                              "JSONL (*.jsonl);;CSV (*.csv)")
+        path = save_file_dialog(self, "Export facts", "facts.jsonl", "JSONL (*.jsonl);;CSV (*.csv)")
         if not path:
             return
         try:
@@ -220,16 +219,16 @@ class ActionsMixin:
     def export_plots_dialog(self):
         from .panels.figures import FigureExportDialog
 
-        dialog = FigureExportDialog(self.attribution_panel, self, folder=self._start_folder())
-        dialog.accepted.connect(lambda: self.status(f"Figure written to {dialog.written}."))
+        dialog = FigureExportDialog(self.attribution_panel, self, folder=str(export_folder()))
+        dialog.accepted.connect(lambda: (remember_folder(dialog.written), self.status(f"Figure written to "
+                                                                                     f"{dialog.written}.")))
         dialog.open()
 
     def results_dict(self) -> dict:
         return results_dict(self.session, self.edits.commands())
 
     def export_results_dialog(self):
-        path, _ = QFileDialog.getSaveFileName(self, "Export results", os.path.join(self._start_folder(),
-                                                                                   "results.json"), "JSON (*.json)")
+        path = save_file_dialog(self, "Export results", "results.json", "JSON (*.json)")
         if not path:
             return
         try:
@@ -240,8 +239,7 @@ class ActionsMixin:
         self.status(f"Results written to {path}.")
 
     def export_report_dialog(self):
-        path, _ = QFileDialog.getSaveFileName(self, "Export report", os.path.join(self._start_folder(), "report.html"),
-                                              "HTML (*.html)")
+        path = save_file_dialog(self, "Export report", "report.html", "HTML (*.html)")
         if path:
             self.export_report(path if path.endswith((".html", ".htm")) else path + ".html")
 

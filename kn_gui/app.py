@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -69,7 +70,31 @@ def main(argv=None) -> int:
     if args.model:  # queued behind the opening: the project's edits are re-applied once the model is there
         window.model_panel.source.setEditText(args.model)
         window.load_model(args.model, args.device, args.dtype)
-    return app.exec()
+    code = app.exec()
+    teardown(window, code)
+    return code
+
+
+def teardown(window, code: int = 0) -> None:
+    """An orderly end before Python's own teardown (which once ended in "Fatal Python error: none_dealloc"): the
+    worker thread stopped, the window and its plots deleted while the QApplication still exists, then
+    pyqtgraph's exit clean-up (ViewBox registry) run once, here rather than from atexit."""
+    import gc
+
+    import pyqtgraph as pg
+    import shiboken6
+    from PySide6.QtWidgets import QApplication
+
+    stopped = window.runner.shutdown()
+    if shiboken6.isValid(window):
+        shiboken6.delete(window)
+    QApplication.processEvents()
+    pg.cleanup()
+    gc.collect()
+    if not stopped:  # a job step that cannot be cancelled still runs: end without destroying its thread
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":

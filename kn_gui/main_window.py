@@ -24,6 +24,7 @@ from .panels.neurons_panel import NeuronsPanel
 from .actions import ActionsMixin
 from .job_status import JobStatus
 from .layout import LayoutMixin, PanelScroll, show_current_page_only
+from .panels.common import set_settings
 from .session import Run, Session, TooCoarse, fact_key, starter_factset
 from .worker import JobRunner
 
@@ -49,6 +50,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         if icon.exists():
             self.setWindowIcon(QIcon(str(icon)))
         self.settings = settings or QSettings("KnowledgeNeuronStudio", "Studio")
+        set_settings(self.settings)  # export dialogs remember their last folder there
         if load_model_fn is None:
             from kn_core.models import load_model as load_model_fn
         self._load_model_fn = load_model_fn
@@ -605,6 +607,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         self.settings.setValue("window/geometry", self.saveGeometry())
         self.settings.setValue("window/state", self.saveState())
         self._autosave_timer.stop()
+        self._recheck.stop()
         self.runner.shutdown()
         self.project.discard_autosave()
         for stack in (self.history.edits, self.history.facts):

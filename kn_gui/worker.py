@@ -239,7 +239,16 @@ class JobRunner(QObject):
             time.sleep(0.005)
         return not self.busy
 
-    def shutdown(self, timeout_ms: int = 5000):
+    def shutdown(self, timeout_ms: int = 60000) -> bool:
+        """Cancels the jobs and ends the worker thread, the worker's signals disconnected first (a signal from a
+        job that ends during the app's teardown must not reach half-destroyed objects). True when the thread
+        ended; a thread still running (a step that cannot be cancelled) is left to the process's exit."""
         self.cancel()
+        for signal in (self.worker.progress, self.worker.partial, self.worker.finished, self.worker.failed,
+                       self.worker.cancelled):
+            try:
+                signal.disconnect()
+            except (RuntimeError, TypeError):  # already disconnected (shutdown called twice)
+                pass
         self.thread.quit()
-        self.thread.wait(timeout_ms)
+        return self.thread.wait(timeout_ms)

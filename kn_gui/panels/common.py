@@ -158,8 +158,7 @@ class TableView(QTableView):
             writer.writerows(self.rows())
 
     def export_csv_dialog(self, parent, default_name: str = "table.csv") -> str | None:
-        path, _ = QFileDialog.getSaveFileName(parent, "Export table as CSV", str(default_folder() / default_name),
-                                              "CSV (*.csv)")
+        path = save_file_dialog(parent, "Export table as CSV", default_name, "CSV (*.csv)")
         if path:
             self.write_csv(path)
             return path
@@ -172,6 +171,38 @@ def default_folder() -> Path:
 
     folder = QStandardPaths.writableLocation(QStandardPaths.DocumentsLocation)
     return Path(folder) if folder and Path(folder).is_dir() else Path.home()
+
+
+_SETTINGS = []  # the window's QSettings (set_settings): where the export dialogs' last folder is remembered
+EXPORT_FOLDER_KEY = "folders/export"
+
+
+def set_settings(settings) -> None:
+    _SETTINGS[:] = [settings]
+
+
+def export_folder() -> Path:
+    """The folder of the last export (remembered across sessions), else the documents folder."""
+    folder = _SETTINGS[0].value(EXPORT_FOLDER_KEY, "") if _SETTINGS else ""
+    return Path(folder) if folder and Path(folder).is_dir() else default_folder()
+
+
+def remember_folder(path: str | Path) -> None:
+    if _SETTINGS and path:
+        _SETTINGS[0].setValue(EXPORT_FOLDER_KEY, str(Path(path).parent))
+
+
+def save_file_dialog(parent, title: str, name: str, filters: str) -> str:
+    """A save dialog starting in the last export folder; the chosen file's folder is remembered ("" if none)."""
+    path, _ = QFileDialog.getSaveFileName(parent, title, str(export_folder() / name), filters)
+    remember_folder(path)
+    return path
+
+
+def safe_file_name(name: str) -> str:
+    """A set or fact name as a file name (a set is named e.g. "refined: France \u2192 Paris")."""
+    cleaned = "".join(c if c.isalnum() or c in "-_. " else "_" for c in name).strip(" ._")
+    return cleaned or "export"
 
 
 def write_json(path: str | Path, obj) -> None:

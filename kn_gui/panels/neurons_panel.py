@@ -15,10 +15,10 @@ import csv
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QBrush, QColor
-from PySide6.QtWidgets import (QFileDialog, QHeaderView, QGroupBox, QInputDialog, QLabel, QSplitter, QTabWidget, QWidget)
+from PySide6.QtWidgets import (QHeaderView, QGroupBox, QInputDialog, QLabel, QSplitter, QTabWidget, QWidget)
 
 from ..session import NeuronSet
-from .common import TableView, button, default_folder, hbox, hint, vbox
+from .common import TableView, button, hbox, hint, safe_file_name, save_file_dialog, vbox
 from .neuron_map import FLAG
 
 FLAG_GLYPH = "\u26a0"
@@ -56,7 +56,8 @@ class NeuronsPanel(QWidget):
         self.rename_button = button("Rename", self.rename_set)
         self.delete_button = button("Delete", self.delete_set, name="danger")
         self.use_button = button("Select in plot", self._use_set, "Select this set's neurons in the plots")
-        self.export_button = button("Export\u2026", self.export_set, "Save the set as CSV or JSON")
+        # a lambda: clicked(bool) would pass False as the path (and the export did nothing)
+        self.export_button = button("Export\u2026", lambda: self.export_set(), "Save the set as CSV or JSON")
 
         sets_box = QWidget()
         sets_box.setLayout(vbox(self.sets, hbox(self.save_sel_button, self.rename_button, self.delete_button, None),
@@ -219,8 +220,8 @@ class NeuronsPanel(QWidget):
             self.error.emit("No set selected", "Select a neuron set in the list first.")
             return
         if path is None:
-            path, _ = QFileDialog.getSaveFileName(self, "Export neuron set", str(default_folder() / f"{s.name}.json"),
-                                                  "JSON (*.json);;CSV (*.csv)")
+            path = save_file_dialog(self, "Export neuron set", f"{safe_file_name(s.name)}.json",
+                                    "JSON (*.json);;CSV (*.csv)")
         if not path:
             return
         try:
