@@ -604,8 +604,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         if not self._confirm_discard():
             event.ignore()
             return
-        self.settings.setValue("window/geometry", self.saveGeometry())
-        self.settings.setValue("window/state", self.saveState())
+        self.save_layout()
         self._autosave_timer.stop()
         self._recheck.stop()
         self.runner.shutdown()

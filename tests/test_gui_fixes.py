@@ -44,13 +44,17 @@ def test_a_degeneracy_result_never_grows_the_edits_panel(window, qtbot):
     from kn_core.degeneracy import DegeneracyParams, degeneracy_test
 
     panel = window.edits_panel
-    before = panel.minimumSizeHint().height()
+    window.edits_dock.raise_()
+    qtbot.wait(50)
+    before = (panel.height(), panel.minimumSizeHint().height(), panel.apply_button.visibleRegion().isEmpty())
     prompts, _ = window.session.prompts_for(FRANCE)
     neurons = [(layer, n) for layer in range(2) for n in range(12)]
     result = degeneracy_test(window.session.lm, prompts, neurons, DegeneracyParams(max_neurons=3))
     result["left_out"] = [{"what": f"L{i} N{i}", "reason": "a long reason " * 8} for i in range(12)]
     panel.show_degeneracy(result, "France \u2192 Paris")
-    assert panel.minimumSizeHint().height() <= before
+    qtbot.wait(50)
+    after = (panel.height(), panel.minimumSizeHint().height(), panel.apply_button.visibleRegion().isEmpty())
+    assert after[0] <= before[0] and after[1] <= before[1] and not after[2], (before, after)
 
 
 @pytest.mark.parametrize("while_a_job_runs", [False, True])
@@ -87,3 +91,30 @@ sys.exit(app_module.main([]))
     for _ in range(2 if while_a_job_runs else 1):
         done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and "Fatal" not in done.stderr, done.stderr[-2000:]
+
+
+def test_the_window_never_asks_for_more_than_the_screen(app, qtbot, settings):
+    from kn_gui.layout import FRAME_GUESS
+
+    window = make_window(qtbot, settings)
+    screen = window.screen().availableGeometry()
+    assert window.width() + FRAME_GUESS[0] <= screen.width() and window.height() + FRAME_GUESS[1] <= screen.height()
+    window.close()
+
+
+def test_a_layout_saved_on_a_big_screen_fits_a_small_one(app, qtbot, settings):
+    from PySide6.QtCore import QRect
+
+    big = make_window(qtbot, settings)
+    big.setGeometry(QRect(0, 0, 1600, 1000))
+    big.save_layout()
+    settings.setValue("window/screen", "2560x1440")  # as if saved on a bigger screen than this one
+    big.close()
+    window = make_window(qtbot, settings)
+    screen = window.screen().availableGeometry()
+    assert window.width() <= screen.width() and window.height() <= screen.height()
+    assert window._sized  # the default dock sizes were computed for this screen at show
+    for dock in (window.model_dock, window.edits_dock):
+        scroll = dock.widget()
+        assert not scroll.verticalScrollBar().isVisible() or dock is window.edits_dock
+    window.close()
