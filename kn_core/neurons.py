@@ -64,6 +64,11 @@ UNSPECIFIC_MIN_RELATIONS = 3
 
 # --- selection ------------------------------------------------------------------------------------------------
 
+def neuron_name(layer: int, neuron: int) -> str:
+    """The one way the CLI, the reports and the app write a neuron (as the README does): "L24 N1005"."""
+    return f"L{int(layer)} N{int(neuron)}"
+
+
 def _exclusion(exclude: Iterable[Neuron], shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """The excluded neurons as index arrays into a [layers, neurons] array; a clear error when out of range."""
     pairs = sorted({(int(layer), int(index)) for layer, index in exclude})

@@ -120,9 +120,10 @@ class LayoutMixin:
 
     def showEvent(self, event):
         super().showEvent(event)
-        if not getattr(self, "_fitted", False):  # once the window manager has framed it (the first show)
-            self._fitted = True
-            QTimer.singleShot(100, self._fit_to_screen)
+        if not hasattr(self, "_fit_timer"):  # once the window manager has framed it (the first show); a timer the
+            # window owns, so it dies with the window
+            self._fit_timer = QTimer(self, singleShot=True, interval=100, timeout=self._fit_to_screen)
+            self._fit_timer.start()
         if not self._sized:  # first start or another screen: dock sizes for the size the window really got
             self._sized = True
             self._default_dock_sizes()

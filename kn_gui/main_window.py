@@ -25,7 +25,7 @@ from .actions import ActionsMixin
 from .job_status import JobStatus
 from .layout import LayoutMixin, PanelScroll, show_current_page_only
 from .panels.common import set_settings
-from .session import Run, Session, TooCoarse, fact_key, starter_factset
+from .session import Run, Session, TooCoarse, fact_key, fact_label, neuron_name, starter_factset
 from .worker import JobRunner
 
 RESOURCES = Path(__file__).resolve().parent.parent / "resources"
@@ -385,8 +385,20 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
             self.check_facts([fact])  # a handful of prompts: the marker appears as soon as the fact is picked
         if run is not None:
             self._update_auto_sets(run)
+        self._edit_target_follows(fact)
 
-    # ================================================================= attribution
+    def _edit_target_follows(self, fact: Fact):
+        """The Edits panel's neurons follow the selected fact: another fact's refined or coarse set becomes this
+        fact's set of the same kind (or the plot selection when this fact has none), never left on the old one."""
+        ep = self.edits_panel
+        data = ep.target.currentData()
+        if not data or data[0] != "set" or not data[1].startswith(("refined: ", "coarse: ")):
+            return  # the selection, a relation or user set: the user's own choice
+        kind = data[1].split(": ", 1)[0]
+        own = f"{kind}: {fact_label(fact)}"
+        if data[1] != own:
+            index = ep._find_target(("set", own))
+            ep.target.setCurrentIndex(max(index, 0))
     def run_attribution(self, which: str = "current"):
         if not self._need_model():
             return
@@ -560,7 +572,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
                     "suppressed": [(row["token"], row["logit"]) for row in result["suppresses"]],
                     "norm": result.get("norm")})
 
-        self.runner.submit(f"Inspecting L{layer} N{neuron}", lambda task: neuron_tokens(lm, layer, neuron, top_k=12),
+        self.runner.submit(f"Inspecting {neuron_name(layer, neuron)}", lambda task: neuron_tokens(lm, layer, neuron, top_k=12),
                            on_done=done)
 
     # ================================================================= edits

@@ -149,7 +149,9 @@ def _read_run(project, rec, fact: Fact, models: dict) -> Run:
         kept.append(top)
         results.append(PromptScores(
             prompt=d.get("text", ""), answer=d.get("answer", ""), answer_ids=tuple(d.get("answer_ids", ())),
-            scores=scores, activations=np.zeros_like(scores) if act is None else act.astype(np.float32, copy=False),
+            # NaN, never 0, where the activations were not stored (a compact run): shown as "not stored"
+            scores=scores, activations=(np.full_like(scores, np.nan, dtype=np.float32) if act is None
+                                        else act.astype(np.float32, copy=False)),
             prob=p.prob if p.prob is not None else float("nan"), token_probs=[],
             completeness=p.completeness or [], seconds=p.seconds or 0.0, params=dict(rec.params)))
     state = _run_state(rec)

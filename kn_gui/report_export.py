@@ -12,7 +12,7 @@ from pathlib import Path
 
 from kn_core.reproduce.html import provenance_rows, read_figures, render_html
 
-from .session import Run, Session, TooCoarse, fact_label
+from .session import Run, Session, TooCoarse, fact_label, neuron_name
 
 GROUP_ORDER = ("fact", "relation", "other relations", "new object")  # edit_plan.summarize_plan's groups
 
@@ -31,7 +31,7 @@ def _pct(value) -> str:
 
 
 def _neurons(neurons, limit=12) -> str:
-    text = ", ".join(f"L{l}#{n}" for l, n in list(neurons)[:limit])
+    text = ", ".join(neuron_name(l, n) for l, n in list(neurons)[:limit])
     return text + (f" and {len(neurons) - limit} more" if len(neurons) > limit else "") if neurons else "none"
 
 

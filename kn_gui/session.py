@@ -17,6 +17,7 @@ import numpy as np
 
 from kn_core import neurons as kn_neurons
 from kn_core.facts import Fact, FactSet, Prompt, Skipped, render_prompts
+from kn_core.neurons import neuron_name  # noqa: F401 - the app's panels take it from here
 
 Neuron = tuple[int, int]
 
@@ -110,6 +111,11 @@ class Run:
         if not self.scores:
             return None
         return np.mean(np.stack([s.activations for s in self.scores]), axis=0)
+
+
+def activations_stored(run: Run) -> bool:
+    """False for a run read from a file that kept no activations (NaN arrays): left out of the statistics."""
+    return not run.scores or not np.isnan(run.scores[0].activations).all()
 
 
 def merge_factsets(fs, imported):
@@ -233,7 +239,8 @@ class Session:
         for run in list(self.runs.values()):
             if not run.scores or run.edits or run.model.get("sha256") != sha:
                 continue
-            activations += [ps.activations for ps in run.scores]
+            if activations_stored(run):  # a compact run kept no activations: only its scores count
+                activations += [ps.activations for ps in run.scores]
             by_relation.setdefault(run.fact.relation, []).append(
                 run.compact[:len(run.scores)] if run.compact is not None else run.score_arrays())
         return activations, by_relation
@@ -301,6 +308,8 @@ class Session:
         """Prompts with stored activations, ranked by this neuron's activation: (prompt, answer, act, score)."""
         rows = []
         for run in self.runs.values():
+            if not activations_stored(run):
+                continue
             for ps in run.scores:
                 rows.append((ps.prompt, ps.answer, float(ps.activations[layer, neuron]),
                              float(ps.scores[layer, neuron])))

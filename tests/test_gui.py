@@ -298,6 +298,7 @@ def test_run_selected_facts_streams_each_fact(window, qtbot):
     original = weights(window.session.lm)
     report = apply_edit(qtbot, window, {"kind": "Erase relation", "target": None, "k": 20, "fill": "zero"})
     assert report["edit"]["kind"] == "erase"
+    assert report["title"].startswith("Erase ") and "Erase Erase" not in report["title"]
     assert not same_weights(window.session.lm, original)
     window.undo()
     assert same_weights(window.session.lm, original)

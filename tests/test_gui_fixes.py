@@ -17,6 +17,7 @@ from PySide6.QtWidgets import QFileDialog  # noqa: E402
 
 from kn_gui.session import NeuronSet  # noqa: E402
 from test_gui import FRANCE, app, lm, make_window, run_fact, settings, window  # noqa: E402,F401 (fixtures)
+from test_gui_compact import compact_project  # noqa: E402,F401 (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -118,3 +119,100 @@ def test_a_layout_saved_on_a_big_screen_fits_a_small_one(app, qtbot, settings):
         scroll = dock.widget()
         assert not scroll.verticalScrollBar().isVisible() or dock is window.edits_dock
     window.close()
+
+
+def test_one_way_to_write_a_neuron(window, qtbot):
+    from kn_core.edits import Suppress
+    from kn_gui.panels.degeneracy_table import _names
+
+    window.neurons_panel.show_inspection(1, 2, None)
+    assert window.neurons_panel.inspect_title.text().startswith("L1 N2")
+    assert _names([(1, 2), (0, 7)]) == "L1 N2 + L0 N7"
+    assert "L1 N2" in Suppress(((1, 2),), "answer").describe()
+
+
+def test_refined_threshold_is_said_as_a_whole_number(window, qtbot):
+    window.attribution_panel.p_control.spin.setValue(0.7)
+    run_fact(qtbot, window, steps=1)  # 4 prompts: p x 4 = 2.8, at least 3
+    text = window.attribution_panel.summary.text()
+    assert "coarse in \u2265 3 of 4 prompts" in text
+    window.attribution_panel.p_control.spin.setValue(0.9)  # 3.6: a count of at least 4
+    assert "coarse in \u2265 4 of 4 prompts" in window.attribution_panel.summary.text()
+
+
+def test_the_edit_target_follows_the_selected_fact(window, qtbot):
+    from test_gui import geo_factset
+
+    japan = [f for f in geo_factset().facts if f.subject == "Japan"][0]
+    run_fact(qtbot, window, FRANCE, steps=1)
+    run_fact(qtbot, window, japan, steps=1)
+    ep = window.edits_panel
+    window.facts_panel.select_fact(FRANCE)
+    window.select_fact(FRANCE)
+    ep.set_target_set("refined: France \u2192 Paris")
+    window.facts_panel.select_fact(japan)
+    window.select_fact(japan)
+    assert ep.target.currentData() == ("set", "refined: Japan \u2192 Tokyo")
+    italy = [f for f in geo_factset().facts if f.subject == "Italy"][0]  # no run: no set of its own
+    window.facts_panel.select_fact(italy)
+    window.select_fact(italy)
+    assert ep.target.currentData()[0] == "selection"
+
+
+def test_a_jsonl_error_names_the_column_where_the_line_ends(window, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"kind": "fact", "relation": "P36",\n "subject": "a", "object": "b"}\n', encoding="utf-8")
+    assert not window.import_facts(str(path))
+    title, message = window.last_error
+    assert "line 1" in message and "column 36" in message and "one line" in message
+
+
+def test_heatmap_legend_is_outside_the_map(tmp_path):
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    from kn_gui.panels.figures import _draw_heatmap
+
+    scores = np.zeros((6, 40), dtype=np.float32)
+    scores[5, 39] = 1.0  # a refined neuron in the top-right corner, where the legend used to sit
+    figure = Figure(figsize=(6, 4), dpi=100, layout="constrained")
+    _draw_heatmap(figure, {"scores": scores, "bound": 1.0, "refined": [(5, 39)], "selected": [(0, 1)],
+                           "massive": [(2, 3)], "unspecific": []})
+    figure.canvas.draw()
+    axes = figure.axes[0]
+    legend = axes.get_legend().get_window_extent()
+    assert not legend.overlaps(axes.get_window_extent())
+
+
+def test_compact_runs_say_activation_not_stored(window, qtbot, tmp_path):
+    """`kn attribute --facts` into a compact project keeps no activations (kn_core/runner.py): not 0, not stored."""
+    import numpy as np
+
+    from kn_core.attribution import AttributionParams, attribute_fact
+    from kn_core.facts import render_prompts
+    from kn_core.store import create_project
+    from test_gui import geo_factset
+    from test_gui_compact import open_in_window
+
+    fs, lm, path = geo_factset(), window.session.lm, str(tmp_path / "compact.knproj")
+    project = create_project(path)
+    try:
+        project.set_score_storage("top", floor=0.05, guard=16)
+        for relation in fs.relations.values():
+            project.add_relation(relation)
+        project.add_facts(fs.facts, fs.relations)
+        prompts, _ = render_prompts(FRANCE, fs.relation("P36"), lm.tokenizer, lm.kind)
+        run_id = project.start_run(fact=FRANCE, prompts=prompts, params=AttributionParams(steps=1).to_dict(),
+                                   model=lm)
+        for k, result in enumerate(attribute_fact(lm, prompts, AttributionParams(steps=1))):
+            project.add_prompt_result(run_id, k, scores=result.scores, activations=None, prob=result.prob)
+        project.finish_run(run_id, "done")
+    finally:
+        project.close()
+    open_in_window(qtbot, window, path)
+    run = window.session.runs[("P36", "France", "Paris")]
+    assert all(np.isnan(ps.activations).all() for ps in run.scores)  # not stored: never zeros
+    window.neurons_panel.set_run(run)
+    window.neurons_panel.add_set(NeuronSet("some", "user", [(1, 2), (0, 5)]))
+    table = window.neurons_panel.contents.table
+    assert table.rowCount() == 2 and all(table.item(r, 3).text() == "not stored" for r in range(2))

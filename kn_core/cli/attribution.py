@@ -129,7 +129,7 @@ def cmd_attribute_facts(args) -> int:
 def cmd_neurons(args) -> int:
     from ..attribution import attribute_fact, default_t
     from ..facts import render_prompts
-    from ..neurons import coarse_neurons, refined_neurons, run_flags
+    from ..neurons import coarse_neurons, neuron_name, refined_neurons, run_flags
     from ..runner import prompt_params, run_params
 
     params = params_of(args)
@@ -175,10 +175,10 @@ def cmd_neurons(args) -> int:
     lines = [f"{fact.relation} {fact.subject} -> {fact.object}: {len(prompts)} prompts, {len(refined)} refined "
              f"neurons (t={t}, p={args.p}) in {doc['seconds']:.1f} s"]
     lines += [f"  {p.text!r} -> {p.answer!r} P={r.prob:.3f}, {len(c)} coarse" for p, r, c in zip(prompts, results, coarse)]
-    lines += [f"  refined L{l} #{i} {' '.join(flags.of((l, i)))}".rstrip() for l, i in refined]
+    lines += [f"  refined {neuron_name(l, i)} {' '.join(flags.of((l, i)))}".rstrip() for l, i in refined]
     if flags.massive:
         kept = "kept (--keep-massive)" if args.keep_massive else "excluded (--keep-massive keeps them)"
-        lines.append(f"  massive neurons {kept}: " + ", ".join(f"L{l} #{i}" for l, i in sorted(flags.massive)))
+        lines.append(f"  massive neurons {kept}: " + ", ".join(neuron_name(l, i) for l, i in sorted(flags.massive)))
     lines += tolerance_lines(results, params)
     emit(args, doc, "\n".join(lines))
     return 0

@@ -221,7 +221,7 @@ class AttributionController(QObject):
         s = self.session
         lm = s.lm
         activations, by_relation = s.flag_inputs()
-        if lm is None or not activations:
+        if lm is None or not (activations or by_relation):
             return False
         t = s.t
         from kn_core.neurons import flag_massive, run_stats, scored_flags

@@ -11,15 +11,18 @@ When the panel is short the per-layer plots fold into a tab, so the map keeps it
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import QCheckBox, QComboBox, QLabel, QSpinBox, QSplitter, QTabWidget, QWidget
 
 from kn_core.facts import CAUSAL_TEMPLATES
+from kn_core.neurons import refine_threshold
 
-from ..session import TooCoarse
-from .common import TableView, button, fmt_prob, hbox, hint, vbox
+from ..session import TooCoarse, neuron_name
+from .common import TableView, button, fmt_activation, fmt_prob, hbox, hint, vbox
 from .neuron_map import NeuronMap
 from .thresholds import ThresholdControl
 
@@ -467,9 +470,9 @@ class AttributionPanel(QWidget):
             self.summary.setText(f"\u26a0 no coarse or refined sets at t = {self.session.t:.2f}: {exc}")
             self.problem.emit(str(exc))
             return
-        need = max(self.session.p * done, 3)
+        need = math.ceil(refine_threshold(done, self.session.p))  # a count: >= 4.2 of 6 means >= 5 of 6
         self.summary.setText(
-            f"coarse per prompt: {', '.join(map(str, coarse))}   |   refined (coarse in \u2265 {need:g} of "
+            f"coarse per prompt: {', '.join(map(str, coarse))}   |   refined (coarse in \u2265 {need} of "
             f"{done} prompts): {len(self.refined)}   |   t = {self.session.t:.2f}, p = {self.session.p:.2f}"
             + ("" if done >= 3 else "   (refinement needs \u2265 3 prompts)"))
 
@@ -498,7 +501,7 @@ class AttributionPanel(QWidget):
         shown = []
         if run is not None and run.scores:
             shown = (self.selected + [r for r in self.refined if r not in self.selected])[:len(self._prompt_lines)]
-        names = [f"L{l} N{i}" for l, i in shown]
+        names = [neuron_name(l, i) for l, i in shown]
         if names != self._legend_names:
             self.prompt_legend.clear()
             for line, name in zip(self._prompt_lines, names):
@@ -572,7 +575,7 @@ class AttributionPanel(QWidget):
             text += (f":  score {score:.4g}" if not np.isnan(score) else
                      ":  score not stored (below this run's kept top scores in at least one prompt shown)")
         if self._shown_acts is not None:
-            text += f",  activation {self._shown_acts[layer, neuron]:.4g}"
+            text += f",  activation {fmt_activation(self._shown_acts[layer, neuron])}"
         if (layer, neuron) in self.refined:
             text += "   (refined)"
         flagged = self.flags.of((layer, neuron)) if self.flags is not None else ()

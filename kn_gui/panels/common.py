@@ -45,6 +45,11 @@ def button(text: str, slot=None, tooltip: str = "", name: str = "") -> QPushButt
     return b
 
 
+def fmt_activation(value) -> str:
+    """An activation, or "not stored" (NaN: a compact run's activations were not saved)."""
+    return "not stored" if value is None or value != value else f"{float(value):.4g}"
+
+
 def fmt_prob(p: float | None) -> str:
     if p is None:
         return ""
@@ -76,12 +81,13 @@ class TableView(QTableView):
     formatter, default fmt_prob for |x| < 1 else 3 significant digits) but sorted and exported in full.
     `context` lines (e.g. the edit and the model) are written above the CSV header as "# " comments."""
 
-    def __init__(self, headers: list[str], parent=None, formats: dict | None = None):
+    def __init__(self, headers: list[str], parent=None, formats: dict | None = None, missing: dict | None = None):
         super().__init__(parent)
         self.table = QStandardItemModel(0, len(headers), self)
         self.table.setHorizontalHeaderLabels(headers)
         self.table.setSortRole(RAW)
         self.formats = dict(formats or {})
+        self.missing = dict(missing or {})  # column -> what a NaN means there (default an em dash)
         self.context: list[str] = []
         self.setModel(self.table)
         self.setAlternatingRowColors(True)
@@ -100,7 +106,7 @@ class TableView(QTableView):
         if value is None:
             return ""
         if isinstance(value, float) and value != value:
-            return "\u2014"
+            return self.missing.get(col, "\u2014")
         if col in self.formats:
             return self.formats[col](value)
         if isinstance(value, float):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import QComboBox, QDoubleSpinBox, QFrame, QLabel, QScrollArea, QSpinBox, QWidget
 
+from ..session import neuron_name
 from .common import TableView, button, hbox, hint, vbox
 
 REDUNDANT, REMOVES = "#1e8449", "#c0392b"
@@ -17,7 +18,7 @@ HEADERS = ["neurons", "suppressed", "size", "p after", "\u00d7 p", "top-1 kept",
 
 
 def _names(neurons) -> str:
-    return " + ".join(f"L{l}.{i}" for l, i in neurons)
+    return " + ".join(neuron_name(l, i) for l, i in neurons)
 
 
 class DegeneracyTable(QWidget):

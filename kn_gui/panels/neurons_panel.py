@@ -17,7 +17,7 @@ from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QBrush, QColor
 from PySide6.QtWidgets import (QHeaderView, QGroupBox, QInputDialog, QLabel, QSplitter, QTabWidget, QWidget)
 
-from ..session import NeuronSet
+from ..session import NeuronSet, neuron_name
 from .common import TableView, button, hbox, hint, safe_file_name, save_file_dialog, vbox
 from .neuron_map import FLAG
 
@@ -46,7 +46,7 @@ class NeuronsPanel(QWidget):
         self.sets.selectionModel().currentRowChanged.connect(lambda *_: self._show_set())
         self.flags = None  # kn_core.neurons.NeuronFlags of the model, when measured
         self.contents = TableView(["layer", "neuron", "score", "activation", "flags"],
-                                  formats={2: "{:.4g}".format, 3: "{:.4g}".format})
+                                  formats={2: "{:.4g}".format, 3: "{:.4g}".format}, missing={3: "not stored"})
         self.contents.setMinimumHeight(130)  # about five rows
         self.contents.doubleClicked.connect(self._inspect_row)
         self.contents.setToolTip("Double-click a neuron to inspect it")
@@ -272,7 +272,7 @@ class NeuronsPanel(QWidget):
         flagged = self.flags_of((layer, neuron))
         flag_text = f"  {FLAG_GLYPH} flagged {', '.join(flagged)}" if flagged else ""
         norm = f", |v| = {tokens['norm']:.3g}" if tokens and tokens.get("norm") is not None else ""
-        self.inspect_title.setText(f"Layer {layer}, neuron {neuron}{norm}{extra}{flag_text}")
+        self.inspect_title.setText(f"{neuron_name(layer, neuron)}{norm}{extra}{flag_text}")
         self.inspect_title.setToolTip(self._flag_tooltip(flagged) if flagged else "")
         self.promoted.clear_rows()
         self.suppressed.clear_rows()
