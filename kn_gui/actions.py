@@ -53,7 +53,7 @@ class ActionsMixin:
                                              "Save the fact set as CSV or JSONL")
         self.act_export_plots = self._action("Export figure (PNG/SVG/PDF)\u2026", self.export_plots_dialog, None,
                                              "A paper-ready figure of the attribution plots at a chosen size and dpi")
-        self.act_export_json = self._action("Export results (JSON)\u2026", self.export_results_dialog, None,
+        self.act_export_json = self._action("Export results (JSON)\u2026", self.export_results_dialog, "Ctrl+Shift+E",
                                             "Runs, neuron sets and edits as JSON")
         self.act_export_table = self._action(
             "Export before/after table (CSV)\u2026",
@@ -82,6 +82,8 @@ class ActionsMixin:
                                       "F6", "Ask the model for each prompt's answer", S.SP_DialogApplyButton, "Check")
         self.act_cancel = self._action("&Cancel", self.cancel_job, "Esc", "Cancel the running job", S.SP_BrowserStop,
                                        "Cancel")
+        self.act_apply_edit = self._action("&Apply edit", lambda: self.edits_panel._apply(), "Ctrl+Return",
+                                           "Apply the edit set up in the Edits panel (undo with Ctrl+Z)")
         self.act_reset_layout = self._action("Reset layout", self.reset_layout)
         self.act_about = self._action("&About", self.about)
 
@@ -107,6 +109,8 @@ class ActionsMixin:
         edit_menu.addAction(self._action("Delete facts", self.facts_panel.delete_selected))
         run_menu = bar.addMenu("&Run")
         run_menu.addActions([self.act_load, self.act_check, self.act_run, self.act_run_sel, self.act_cancel])
+        run_menu.addSeparator()
+        run_menu.addAction(self.act_apply_edit)
         view_menu = bar.addMenu("&View")
         for dock in (self.model_dock, self.facts_dock, self.neurons_dock, self.edits_dock):
             view_menu.addAction(dock.toggleViewAction())
@@ -162,8 +166,11 @@ class ActionsMixin:
             return True
         if self.quiet:
             return self.auto_discard
-        answer = QMessageBox.question(self, "Unsaved changes", "The project has unsaved changes. Save them first?",
-                                      QMessageBox.Save | QMessageBox.Discard | QMessageBox.Cancel)
+        box = QMessageBox(QMessageBox.Question, "Unsaved changes", "The project has unsaved changes. Save them first?",
+                          QMessageBox.Save | QMessageBox.Discard | QMessageBox.Cancel, self)
+        box.button(QMessageBox.Save).setText("&Save")  # keyboard answers: Alt+S, Alt+D, Esc
+        box.button(QMessageBox.Discard).setText("&Discard")
+        answer = box.exec()
         if answer == QMessageBox.Save:
             return self.save(wait=True)
         return answer == QMessageBox.Discard

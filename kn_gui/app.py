@@ -63,6 +63,9 @@ def main(argv=None) -> int:
 
     window = MainWindow()
     install_excepthook(window)
+    from .event_log import attach
+
+    attach(window)
     window.show()
     recovered = window.offer_recovery()  # work a killed app left in its autosave file
     if args.project and not recovered:
@@ -77,11 +80,10 @@ def main(argv=None) -> int:
 
 def teardown(window, code: int = 0) -> None:
     """An orderly end before Python's own teardown (which once ended in "Fatal Python error: none_dealloc"): the
-    worker thread stopped, the window and its plots deleted while the QApplication still exists, then
-    pyqtgraph's exit clean-up (ViewBox registry) run once, here rather than from atexit."""
+    worker thread stopped and the window with its plots deleted while the QApplication still exists (pyqtgraph's
+    own clean-up already ran when the application quit)."""
     import gc
 
-    import pyqtgraph as pg
     import shiboken6
     from PySide6.QtWidgets import QApplication
 
@@ -89,7 +91,6 @@ def teardown(window, code: int = 0) -> None:
     if shiboken6.isValid(window):
         shiboken6.delete(window)
     QApplication.processEvents()
-    pg.cleanup()
     gc.collect()
     if not stopped:  # a job step that cannot be cancelled still runs: end without destroying its thread
         sys.stdout.flush()

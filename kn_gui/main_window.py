@@ -233,7 +233,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         self.act_undo.setToolTip(self.act_undo.text().replace("&", "") + " (Ctrl+Z)")
         self.act_redo.setToolTip(self.act_redo.text().replace("&", "") + " (Ctrl+Shift+Z)")
         self.act_cancel.setEnabled(busy)
-        for a in (self.act_run, self.act_run_sel, self.act_check, self.act_export_model):
+        for a in (self.act_run, self.act_run_sel, self.act_check, self.act_export_model, self.act_apply_edit):
             a.setEnabled(has_model and not busy)
         self.attribution_panel.set_running(busy, has_model)
         self.edits_panel.set_busy(busy, has_model)
@@ -374,6 +374,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         s = self.session
         run = s.runs.get(fact_key(fact))
         if same and run is self.attribution_panel.run:
+            self._edit_target_follows(fact)
             return
         self.attribution_panel.show_run(run)
         self.neurons_panel.set_run(run)
@@ -389,11 +390,14 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
 
     def _edit_target_follows(self, fact: Fact):
         """The Edits panel's neurons follow the selected fact: another fact's refined or coarse set becomes this
-        fact's set of the same kind (or the plot selection when this fact has none), never left on the old one."""
+        fact's set of the same kind (or the plot selection when this fact has none), never left on the old one;
+        an empty plot selection gives way to the fact's refined set."""
         ep = self.edits_panel
         data = ep.target.currentData()
+        if data and data[0] == "selection" and not self.attribution_panel.selected:
+            data = ("set", "refined: ")
         if not data or data[0] != "set" or not data[1].startswith(("refined: ", "coarse: ")):
-            return  # the selection, a relation or user set: the user's own choice
+            return  # a non-empty selection, a relation or user set: the user's own choice
         kind = data[1].split(": ", 1)[0]
         own = f"{kind}: {fact_label(fact)}"
         if data[1] != own:

@@ -216,3 +216,13 @@ def test_compact_runs_say_activation_not_stored(window, qtbot, tmp_path):
     window.neurons_panel.add_set(NeuronSet("some", "user", [(1, 2), (0, 5)]))
     table = window.neurons_panel.contents.table
     assert table.rowCount() == 2 and all(table.item(r, 3).text() == "not stored" for r in range(2))
+
+
+def test_an_empty_plot_selection_gives_way_to_the_facts_refined_set(window, qtbot):
+    window.attribution_panel.t_control.spin.setValue(0.05)
+    window.attribution_panel.p_control.spin.setValue(0.3)
+    run_fact(qtbot, window, FRANCE, steps=1)
+    ep = window.edits_panel
+    ep.target.setCurrentIndex(0)  # "selected in plot (0)"
+    window.select_fact(FRANCE)
+    assert ep.target.currentData() == ("set", "refined: France \u2192 Paris")
