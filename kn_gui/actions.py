@@ -84,6 +84,8 @@ class ActionsMixin:
                                        "Cancel")
         self.act_apply_edit = self._action("&Apply edit", lambda: self.edits_panel._apply(), "Ctrl+Return",
                                            "Apply the edit set up in the Edits panel (undo with Ctrl+Z)")
+        self.act_runs = self._action("R&uns\u2026", self.show_runs, "Ctrl+R", "Every run of the fact or the project: "
+                                     "open, rename, delete, compare two")
         self.act_reset_layout = self._action("Reset layout", self.reset_layout)
         self.act_about = self._action("&About", self.about)
 
@@ -110,7 +112,7 @@ class ActionsMixin:
         run_menu = bar.addMenu("&Run")
         run_menu.addActions([self.act_load, self.act_check, self.act_run, self.act_run_sel, self.act_cancel])
         run_menu.addSeparator()
-        run_menu.addAction(self.act_apply_edit)
+        run_menu.addActions([self.act_runs, self.act_apply_edit])
         view_menu = bar.addMenu("&View")
         for dock in (self.model_dock, self.facts_dock, self.neurons_dock, self.edits_dock):
             view_menu.addAction(dock.toggleViewAction())

@@ -342,6 +342,28 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         self.facts_panel.rebuild()
         self._update_actions()
         self._update_title()
+        if self.current_fact is not None:  # a run opened, deleted or restored: the fact's run may be another
+            self.current_fact, fact = None, self.current_fact
+            self.select_fact(fact)
+
+    # ================================================================= runs browser
+    def show_runs(self):
+        """Run → Runs… (Ctrl+R): the runs of the selected fact or of the project (panels/runs_browser.py)."""
+        from .commands import RenameRunCommand, RunsCommand
+        from .panels.runs_browser import RunsDialog
+
+        s, facts = self.session, self.history.facts
+        dialog = RunsDialog(s, self.current_fact, self)
+        dialog.open_requested.connect(lambda run: self.history.push(facts, RunsCommand(
+            s, f"Open the {run.state} run of {fact_label(run.fact)}", lambda: s.make_current(run))))
+        dialog.delete_requested.connect(lambda run: self.history.push(facts, RunsCommand(
+            s, f"Delete a {run.state} run of {fact_label(run.fact)}", lambda: s.delete_run(run))))
+        dialog.rename_requested.connect(lambda run, name: self.history.push(facts, RenameRunCommand(run, name)))
+        facts.indexChanged.connect(dialog.refresh)
+        dialog.finished.connect(lambda _: facts.indexChanged.disconnect(dialog.refresh))
+        self.runs_dialog = dialog
+        dialog.open()
+        return dialog
 
     def _push_factset(self, text: str, new_factset):
         self.edits.push_factset(text, new_factset)

@@ -196,6 +196,46 @@ class Session:
         unique = list({id(r): r for r in found if r.scores}.values())
         return sorted(unique, key=lambda r: r.started)
 
+    def run_maps(self) -> tuple[dict, dict, dict]:
+        """Which runs the project keeps and where (copies of the maps, the runs shared): for undo."""
+        return dict(self.runs), dict(self.partial_runs), {k: list(v) for k, v in self.earlier_runs.items()}
+
+    def set_run_maps(self, maps: tuple[dict, dict, dict]):
+        runs, partial, earlier = maps
+        self.runs, self.partial_runs = dict(runs), dict(partial)
+        self.earlier_runs = {k: list(v) for k, v in earlier.items()}
+        self.results_dirty = True
+
+    def _take_out(self, run: Run):
+        key = fact_key(run.fact)
+        if self.runs.get(key) is run:
+            del self.runs[key]
+        if self.partial_runs.get(key) is run:
+            del self.partial_runs[key]
+        self.earlier_runs[key] = [r for r in self.earlier_runs.get(key, []) if r is not run]
+        if not self.earlier_runs[key]:
+            del self.earlier_runs[key]
+
+    def make_current(self, run: Run):
+        """`run` becomes its fact's run (the one the plots show and the sets come from); the one it replaces is
+        kept as an earlier run."""
+        key = fact_key(run.fact)
+        self._take_out(run)
+        self.keep_earlier(self.runs.get(key))
+        self.runs[key] = run
+
+    def delete_run(self, run: Run):
+        """Drops `run`; if it was its fact's run, the newest complete one left (else the newest) takes its place."""
+        key = fact_key(run.fact)
+        was_current = self.runs.get(key) is run
+        self._take_out(run)
+        if was_current:
+            left = sorted([*self.earlier_runs.get(key, []), *([self.partial_runs[key]] if key in self.partial_runs
+                                                              else [])], key=lambda r: (r.complete, r.started))
+            if left:
+                self._take_out(left[-1])
+                self.runs[key] = left[-1]
+
     def prompt_params(self) -> dict:
         """How the prompts were made, recorded in every run's params as `kn attribute --facts` records it, so
         that its resume recognises the GUI's runs (None: masked)."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+
 import pytest
 
 pytest.importorskip("pytestqt")
@@ -97,4 +99,53 @@ def test_a_complete_rerun_keeps_the_run_it_replaces(window, qtbot, tmp_path, set
     assert again.runner.wait_idle(30000)
     current, earlier = again.session.runs[KEY], again.session.earlier_runs[KEY]
     assert current.params["steps"] == 3 and [r.params["steps"] for r in earlier] == [2]
+    again.close()
+
+
+def test_runs_browser_lists_opens_renames_deletes_and_compares(window, qtbot):
+    from kn_gui.panels.runs_browser import compare_runs
+
+    first = run_fact(qtbot, window, steps=1)
+    second = run_fact(qtbot, window, steps=2)
+    s = window.session
+    dialog = window.show_runs()
+    assert [r is x for r, x in zip(dialog.shown, [first, second])] == [True, True]
+    texts = dialog.table.rows()
+    assert texts[0][5] == "1" and texts[1][5] == "2" and "the fact's run" in texts[1][2]
+    dialog.select_runs([first])
+    dialog._open()  # the earlier run becomes the fact's run; undo brings the newer one back
+    assert s.runs[KEY] is first and second in s.earlier_runs[KEY]
+    assert window.attribution_panel.run is first
+    window.undo()
+    assert s.runs[KEY] is second and window.attribution_panel.run is second
+    dialog.select_runs([second])
+    dialog._delete()
+    assert s.runs[KEY] is first and all(r is not second for r in s.all_runs())
+    window.undo()
+    assert s.runs[KEY] is second and any(r is first for r in s.all_runs())
+    dialog.select_runs([first])
+    dialog.rename_requested.emit(first, "two steps fewer")
+    assert first.name == "two steps fewer"
+    window.undo()
+    assert first.name == ""
+    dialog.select_runs([first, second])
+    dialog._compare()
+    result = compare_runs(s, first, second)
+    a, b = set(s.refined(first)), set(s.refined(second))
+    expected = len(a & b) / len(a | b) if a | b else None
+    assert result["jaccard"] == expected and result["both"] == sorted(a & b)
+    assert np.array_equal(result["difference"], first.mean_scores() - second.mean_scores())
+    assert "Jaccard" in dialog.summary.text()
+    dialog.close()
+
+
+def test_renamed_runs_keep_their_name_in_the_file(window, qtbot, settings, lm, tmp_path):
+    run = run_fact(qtbot, window, steps=1)
+    run.name = "baseline"
+    path = str(tmp_path / "named.knproj")
+    assert window.save_to(path, wait=True)
+    again = make_window(qtbot, settings, lm)
+    with qtbot.waitSignal(again.project_opened, timeout=30000):
+        again.open_project(path)
+    assert again.session.runs[KEY].name == "baseline"
     again.close()

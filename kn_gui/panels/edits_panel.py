@@ -141,6 +141,8 @@ class EditsPanel(QWidget):
         header_scroll.setWidgetResizable(True)
         header_scroll.setWidget(header)
         header_scroll.setMinimumHeight(48)
+        header_scroll.viewport().setAutoFillBackground(False)
+        header.setAutoFillBackground(False)
         self.table.setMinimumHeight(TABLE_ROWS_SHOWN * 26 + 30)
         result_split = QSplitter(Qt.Vertical)
         result_split.addWidget(header_scroll)
@@ -336,6 +338,7 @@ class EditsPanel(QWidget):
         self.result_warning.hide()
         self.attribute_button.hide()
         self.metrics_strip.show_metrics((report or {}).get("metrics"))
+        self.result_split.widget(0).setVisible(bool(report))  # no empty box above an empty table
         if not report:
             self.result_title.setText("Apply an edit to see its effect here.")
             self.result_summary.setText("")
