@@ -144,8 +144,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         fp.change_requested.connect(self._push_factset)
         fp.import_requested.connect(self.import_facts_dialog)
         fp.check_requested.connect(self.check_facts)
-        fp.batch_edit_requested.connect(lambda facts: self._try(self.batch.apply, self.edits_panel.current_request(),
-                                                                facts))
+        fp.batch_edit_requested.connect(self.batch_edit)
         fp.error.connect(self.show_error)
         ap = self.attribution_panel
         ap.run_requested.connect(self.run_attribution)
@@ -625,6 +624,22 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         elif isinstance(ev, E.DegeneracyTested):
             self.edits_panel.show_degeneracy(ev.result, ev.fact, ev.edits_in_force)
             self.edits_dock.raise_()
+
+    def batch_edit(self, facts):
+        """The Edits panel's request on each selected fact; facts without a run are named before anything runs
+        (a question, or in quiet mode the status bar) and left out."""
+        missing = self.batch.unattributed(list(facts))
+        if missing and len(missing) < len(facts):
+            names = ", ".join(fact_label(f) for f in missing[:4]) + (f" and {len(missing) - 4} more"
+                                                                       if len(missing) > 4 else "")
+            note = (f"{len(missing)} of the {len(facts)} selected facts have no attribution run and will be "
+                    f"skipped: {names}.")
+            if self.quiet:
+                self.status(note, 20000)
+            elif QMessageBox.question(self, "Skip facts without a run?", note + " Edit the other "
+                                      f"{len(facts) - len(missing)}?") != QMessageBox.Yes:
+                return
+        self._try(self.batch.apply, self.edits_panel.current_request(), list(facts))
 
     def _batch_event(self, ev):
         if isinstance(ev, BatchApplied):

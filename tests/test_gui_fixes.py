@@ -226,3 +226,19 @@ def test_an_empty_plot_selection_gives_way_to_the_facts_refined_set(window, qtbo
     ep.target.setCurrentIndex(0)  # "selected in plot (0)"
     window.select_fact(FRANCE)
     assert ep.target.currentData() == ("set", "refined: France \u2192 Paris")
+
+
+def test_batch_edit_says_before_running_which_facts_it_skips(window, qtbot):
+    from test_gui import geo_factset
+
+    japan = [f for f in geo_factset().facts if f.subject == "Japan"][0]
+    run_fact(qtbot, window, FRANCE, steps=1)
+    said, started = [], []
+    window.statusBar().messageChanged.connect(said.append)
+    window.runner.job_started.connect(lambda name: started.append((name, list(said))))
+    window.edits_panel.kind.setCurrentText("Suppress")
+    window.batch_edit([FRANCE, japan])
+    assert window.runner.wait_idle(60000)
+    name, before = started[0]
+    assert name.startswith("Batch edit") and any("1 of the 2 selected facts" in m and "Japan" in m for m in before)
+    assert window.edits_panel.metrics_strip.isVisible()
