@@ -20,6 +20,27 @@ from .session import fact_key, merge_factsets, starter_factset
 MAX_RECENT = 8
 
 
+def about_text() -> str:
+    """The About box: what the app is, its version and the versions of what it runs on."""
+    import platform
+
+    import PySide6
+
+    from kn_core import __version__
+
+    try:
+        import torch
+
+        torch_version = torch.__version__
+    except ImportError:  # the app starts without it only in tests of the window
+        torch_version = "not installed"
+    return ("<b>Knowledge Neuron Studio</b> " + __version__ + "<p>Find, inspect and edit the feed-forward neurons "
+            "that store facts in pretrained transformers (Dai et al., ACL 2022: Knowledge Neurons in Pretrained "
+            "Transformers).</p><p>Python " + platform.python_version() + " \u00b7 PySide6 " + PySide6.__version__
+            + " \u00b7 PyTorch " + torch_version + "</p><p>Help \u2192 Documentation opens the README; F1 lists "
+            "the keyboard shortcuts.</p>")
+
+
 class ActionsMixin:
     def _action(self, text, slot, shortcut=None, tip="", icon=None, short=None) -> QAction:
         action = QAction(text, self)
@@ -88,6 +109,10 @@ class ActionsMixin:
                                      "open, rename, delete, compare two")
         self.act_reset_layout = self._action("Reset layout", self.reset_layout)
         self.act_about = self._action("&About", self.about)
+        self.act_shortcuts = self._action("&Keyboard shortcuts", self.show_shortcuts, "F1",
+                                          "Every action that has a shortcut")
+        self.act_docs = self._action("&Documentation", self.open_docs, None, "The README (the method, the app, the "
+                                     "kn command) and docs/", S.SP_DialogHelpButton)
 
     def _build_menus(self):
         bar = self.menuBar()
@@ -118,7 +143,10 @@ class ActionsMixin:
             view_menu.addAction(dock.toggleViewAction())
         view_menu.addSeparator()
         view_menu.addAction(self.act_reset_layout)
-        bar.addMenu("&Help").addAction(self.act_about)
+        help_menu = bar.addMenu("&Help")
+        help_menu.addActions([self.act_shortcuts, self.act_docs])
+        help_menu.addSeparator()
+        help_menu.addAction(self.act_about)
 
         # short labels beside icons: the bar fits 1024 px, so Cancel (last) is never pushed into the overflow
         tb = self.addToolBar("Main")
@@ -329,9 +357,37 @@ class ActionsMixin:
                            project_bound=False)
 
     def about(self):
-        QMessageBox.about(self, "Knowledge Neuron Studio", "<b>Knowledge Neuron Studio</b><p>Find, inspect and edit "
-                          "the feed-forward neurons that store facts in pretrained transformers (Dai et al., ACL "
-                          "2022: Knowledge Neurons in Pretrained Transformers).</p>")
+        QMessageBox.about(self, "Knowledge Neuron Studio", about_text())
+
+    def shortcuts(self) -> list[tuple[str, str]]:
+        """(action, shortcut) for every action of the window that has one, in menu order."""
+        from PySide6.QtGui import QAction
+
+        seen, rows = set(), []
+        for action in self.findChildren(QAction):
+            keys = ", ".join(k.toString(QKeySequence.NativeText) for k in action.shortcuts())
+            name = action.text().replace("&", "").replace("\u2026", "")
+            if keys and name and (name, keys) not in seen:
+                seen.add((name, keys))
+                rows.append((name, keys))
+        return rows
+
+    def show_shortcuts(self):
+        rows = "".join(f"<tr><td>{name}</td><td><b>{keys}</b></td></tr>" for name, keys in self.shortcuts())
+        box = QMessageBox(QMessageBox.Information, "Keyboard shortcuts", f"<table cellpadding=3>{rows}</table>"
+                          "<p>In the map: click selects a neuron, Ctrl-click adds, the wheel zooms, drag pans.</p>",
+                          QMessageBox.Ok, self)
+        box.open()
+        return box
+
+    def open_docs(self):
+        from PySide6.QtCore import QUrl
+        from PySide6.QtGui import QDesktopServices
+
+        readme = Path(__file__).resolve().parent.parent / "README.md"
+        if not readme.exists() or not QDesktopServices.openUrl(QUrl.fromLocalFile(str(readme))):
+            self.status(f"The documentation is {readme} and the docs/ folder beside it; no viewer could open it "
+                        "here.", 15000)
 
     # ----------------------------------------------------------------------------------------- projects and facts
     def import_facts(self, path: str) -> bool:

@@ -343,6 +343,22 @@ class Session:
     def put_set(self, neuron_set: NeuronSet):
         self.neuron_sets[neuron_set.name] = neuron_set
 
+    def facts_using(self, neuron: Neuron) -> tuple[list[Fact], int]:
+        """The facts whose refined set (their current run, at t and p) holds `neuron`, and how many facts were
+        looked at (runs whose stored scores cannot decide the sets at this t are not counted)."""
+        neuron, found, looked = (int(neuron[0]), int(neuron[1])), [], 0
+        for run in self.runs.values():
+            if not run.scores:
+                continue
+            try:
+                refined = self.refined(run)
+            except TooCoarse:
+                continue
+            looked += 1
+            if neuron in refined:
+                found.append(run.fact)
+        return found, looked
+
     # ----------------------------------------------------------------- inspector data (stored, no model)
     def top_activating(self, layer: int, neuron: int, k: int = 10) -> list[tuple[str, str, float, float]]:
         """Prompts with stored activations, ranked by this neuron's activation: (prompt, answer, act, score)."""

@@ -242,3 +242,37 @@ def test_batch_edit_says_before_running_which_facts_it_skips(window, qtbot):
     name, before = started[0]
     assert name.startswith("Batch edit") and any("1 of the 2 selected facts" in m and "Japan" in m for m in before)
     assert window.edits_panel.metrics_strip.isVisible()
+
+
+def test_the_before_after_csv_carries_the_metrics_and_the_control(window, qtbot, tmp_path):
+    from test_gui import apply_edit
+
+    run_fact(qtbot, window, FRANCE, steps=1)
+    window.attribution_panel.select_neuron(1, 5)
+    report = apply_edit(qtbot, window, {"kind": "Suppress", "target": ("selection", None), "scope": "answer"})
+    assert report.get("metrics")
+    window.edits_panel.table.write_csv(tmp_path / "edit.csv")
+    text = (tmp_path / "edit.csv").read_text(encoding="utf-8")
+    assert "# metrics (edit [random-neuron control]):" in text and "[random neurons:" in text
+    assert "# reliability" in text.lower()
+
+
+def test_help_lists_shortcuts_and_says_the_version(window):
+    from kn_core import __version__
+    from kn_gui.actions import about_text
+
+    shortcuts = dict(window.shortcuts())
+    assert shortcuts["Run attribution"] == "F5" and "Runs" in shortcuts and "Apply edit" in shortcuts
+    box = window.show_shortcuts()
+    assert "F5" in box.text()
+    box.close()
+    assert __version__ in about_text()
+
+
+def test_the_inspector_says_which_facts_use_the_neuron(window, qtbot):
+    window.attribution_panel.t_control.spin.setValue(0.05)
+    window.attribution_panel.p_control.spin.setValue(0.3)
+    run = run_fact(qtbot, window, FRANCE, steps=1)
+    neuron = window.session.refined(run)[0]
+    window.neurons_panel.show_inspection(*neuron, None)
+    assert "refined for 1 of 1 attributed facts: France \u2192 Paris" in window.neurons_panel.inspect_title.text()

@@ -510,10 +510,16 @@ class EditsPanel(QWidget):
         if not model and lm is not None:
             info = lm.describe()
             model = {"name": info.get("name") or getattr(lm, "source", ""), "sha256": info.get("sha256", "")}
-        return [f"edit: {self._title(report)}",
-                f"edit parameters: {json.dumps(report.get('edit') or {}, default=str)}",
-                f"model: {model.get('name') or 'unknown'}"
-                + (f" (weights sha256 {model['sha256']})" if model.get("sha256") else "")]
+        lines = [f"edit: {self._title(report)}",
+                 f"edit parameters: {json.dumps(report.get('edit') or {}, default=str)}",
+                 f"model: {model.get('name') or 'unknown'}"
+                 + (f" (weights sha256 {model['sha256']})" if model.get("sha256") else "")]
+        if report.get("metrics"):  # the metrics strip's numbers, each beside the random control (kn_core.metrics)
+            from kn_core.metrics import metrics_lines
+
+            lines += ["metrics (edit [random-neuron control]):"] + [line.strip() for line in
+                                                                     metrics_lines(report["metrics"])]
+        return lines
 
 
 def _maybe_float(value):

@@ -17,7 +17,7 @@ from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QBrush, QColor
 from PySide6.QtWidgets import (QHeaderView, QGroupBox, QInputDialog, QLabel, QSplitter, QTabWidget, QWidget)
 
-from ..session import NeuronSet, neuron_name
+from ..session import NeuronSet, fact_label, neuron_name
 from .common import TableView, button, hbox, hint, safe_file_name, save_file_dialog, vbox
 from .neuron_map import FLAG
 
@@ -267,8 +267,9 @@ class NeuronsPanel(QWidget):
         the engine already read the value vector with the activation's sign) or the older adapter's
         {"promoted", "suppressed", "norm"} (read as +v)."""
         self.inspected = (layer, neuron)
-        sets = [s.name for s in self.session.neuron_sets.values() if (layer, neuron) in map(tuple, s.neurons)]
-        extra = f"  \u2014 in {', '.join(sets)}" if sets else ""
+        users, looked = self.session.facts_using((layer, neuron))
+        names = ", ".join(fact_label(f) for f in users[:6]) + (f" and {len(users) - 6} more" if len(users) > 6 else "")
+        extra = f"  \u2014 refined for {len(users)} of {looked} attributed facts" + (f": {names}" if users else "")
         flagged = self.flags_of((layer, neuron))
         flag_text = f"  {FLAG_GLYPH} flagged {', '.join(flagged)}" if flagged else ""
         norm = f", |v| = {tokens['norm']:.3g}" if tokens and tokens.get("norm") is not None else ""
