@@ -444,7 +444,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
             self.show_error("Invalid parameters", f"{exc}.")
             return
         try:
-            runs = self.attribution.start(facts, params)
+            runs = self.attribution.start(facts, params, self.attribution_panel.hold_out.value())
         except UserError as exc:
             self.show_error(exc.title, str(exc))
             return

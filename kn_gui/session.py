@@ -95,6 +95,9 @@ class Run:
             parts.append(f"running: {done}/{n} prompts done")
         elif self.state != COMPLETE:
             parts.append(f"partial run ({self.state}): {done}/{n} prompts")
+        held = self.params.get("held_out_templates") or []
+        if held:
+            parts.append(f"{len(held)} template{'s' if len(held) > 1 else ''} held out for generality")
         if self.edits:
             parts.append(f"on edited weights ({len(self.edits)} active edit{'s' if len(self.edits) > 1 else ''})")
         return "".join(f"  \u2014 {p}" for p in parts)

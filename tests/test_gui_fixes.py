@@ -276,3 +276,22 @@ def test_the_inspector_says_which_facts_use_the_neuron(window, qtbot):
     neuron = window.session.refined(run)[0]
     window.neurons_panel.show_inspection(*neuron, None)
     assert "refined for 1 of 1 attributed facts: France \u2192 Paris" in window.neurons_panel.inspect_title.text()
+
+
+def test_held_out_templates_make_generality_measurable(window, qtbot):
+    from test_gui import apply_edit
+
+    window.attribution_panel.hold_out.setValue(1)
+    run = run_fact(qtbot, window, FRANCE, steps=1)
+    held = run.params["held_out_templates"]
+    assert len(held) == 1 and held[0] not in [p.template for p in run.prompts] and len(run.prompts) == 3
+    assert "1 template held out for generality" in window.attribution_panel.title.text()
+    window.attribution_panel.select_neuron(1, 5)
+    report = apply_edit(qtbot, window, {"kind": "Suppress", "target": ("selection", None), "scope": "answer"})
+    generality = report["metrics"]["generality"]
+    assert generality.get("applicable", True) and generality["n"] >= 1  # measured on the held-out wording
+    window.attribution_panel.hold_out.setValue(3)  # 4 templates: fewer than 3 would be left to find neurons
+    errors = []
+    window.error_shown.connect(lambda title, message: errors.append(title))
+    window.run_attribution("current")
+    assert errors == ["Cannot hold out templates"] and not window.runner.busy

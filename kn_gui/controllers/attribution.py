@@ -128,8 +128,10 @@ class AttributionController(QObject):
         self._stale: list[Fact] = []  # facts whose answer checks a model change dropped
 
     # ----------------------------------------------------------------------------------------- attribution
-    def start(self, facts: list[Fact], params) -> list[Run]:
-        """Queues one job attributing every prompt of `facts`; raises UserError when none has usable prompts."""
+    def start(self, facts: list[Fact], params, hold_out: int = 0) -> list[Run]:
+        """Queues one job attributing every prompt of `facts`, but for `hold_out` templates of each fact kept for
+        measuring generality (kn_core.metrics.held_out_templates, drawn with the params' seed, recorded in the
+        run's params); raises UserError when none has usable prompts or too few would be left."""
         s = self.session
         if s.lm is None:
             raise UserError("No model loaded", "Load a model first: Model panel \u2192 Load model (Ctrl+L). The "
@@ -144,8 +146,10 @@ class AttributionController(QObject):
                 skipped.append(f"{fact_label(fact)} ({reasons})")
                 prefix_helps |= bool(lm.kind == "causal" and s.prompts_for(fact, "prefix")[0])
                 continue
-            runs.append(Run(fact=fact, prompts=prompts, params={**params.to_dict(), **s.prompt_params()},
-                            model=lm.describe(), edits=edits))
+            held = self._held_out(fact, prompts, hold_out, params.seed)
+            runs.append(Run(fact=fact, prompts=[p for p in prompts if p.template not in held], model=lm.describe(),
+                            params={**params.to_dict(), **s.prompt_params(), "held_out_templates": list(held)},
+                            edits=edits))
         if not runs:
             raise UserError("Nothing to attribute", "No usable prompts for: " + "; ".join(skipped) + ". "
                             + no_prompts_fix(lm.kind, prefix_helps))
@@ -179,6 +183,15 @@ class AttributionController(QObject):
                            on_cancel=lambda: stopped("cancelled"), on_error=lambda m, tb: stopped("failed"),
                            uses=("model", "session"))
         return runs
+
+    @staticmethod
+    def _held_out(fact: Fact, prompts, hold_out: int, seed) -> tuple[str, ...]:
+        from kn_core.metrics import held_out_templates
+
+        try:
+            return held_out_templates([p.template for p in prompts], hold_out, int(seed or 0))
+        except ValueError as exc:
+            raise UserError("Cannot hold out templates", f"{fact_label(fact)}: {exc}.") from exc
 
     def _partial(self, item):
         if isinstance(item, ChunkReady):

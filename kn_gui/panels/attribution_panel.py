@@ -103,8 +103,14 @@ class AttributionPanel(QWidget):
         self.templates.addItems(CAUSAL_TEMPLATES)
         self.templates.setToolTip(TEMPLATES_TIP)
         self.templates.currentTextChanged.connect(self._templates_chosen)
+        self.hold_out = QSpinBox()
+        self.hold_out.setRange(0, 20)
+        self.hold_out.setToolTip("Templates of each fact kept out of the attribution (drawn with the run's seed): "
+                                 "an edit then measures generality on wordings its neurons never saw (0: every "
+                                 "template finds the neurons and generality is n/a)")
         params = hbox(QLabel("steps"), self.steps, QLabel("quadrature"), self.quadrature, QLabel("rule"), self.rule,
-                      QLabel("method"), self.method, QLabel("templates"), self.templates, None)
+                      QLabel("method"), self.method, QLabel("templates"), self.templates, QLabel("hold out"),
+                      self.hold_out, None)
 
         # --- thresholds
         self.t_control = ThresholdControl("t", 0.2, "Coarse: score > t \u00d7 the prompt's max score (paper: 0.2)")
@@ -569,7 +575,7 @@ class AttributionPanel(QWidget):
         self.go_to(self.goto_layer.value(), self.goto_neuron.value())
 
     def describe_neuron(self, layer: int, neuron: int) -> str:
-        text = f"layer {layer}, neuron {neuron}"
+        text = neuron_name(layer, neuron)
         if self._shown_scores is not None:
             score = self._shown_scores[layer, neuron]
             text += (f":  score {score:.4g}" if not np.isnan(score) else
