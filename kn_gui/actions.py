@@ -15,7 +15,7 @@ from .controllers import UserError
 from .controllers import project as P
 from .panels.common import default_folder, export_folder, remember_folder, save_file_dialog, write_json
 from .project_io import results_dict
-from .session import fact_key, merge_factsets, starter_factset
+from .session import fact_key, fact_label, merge_factsets, starter_factset
 
 MAX_RECENT = 8
 
@@ -388,6 +388,41 @@ class ActionsMixin:
         if not readme.exists() or not QDesktopServices.openUrl(QUrl.fromLocalFile(str(readme))):
             self.status(f"The documentation is {readme} and the docs/ folder beside it; no viewer could open it "
                         "here.", 15000)
+
+    # ----------------------------------------------------------------------------------------- runs, batch edits
+    def show_runs(self):
+        """Run → Runs… (Ctrl+R): the runs of the selected fact or of the project (panels/runs_browser.py)."""
+        from .commands import RenameRunCommand, RunsCommand
+        from .panels.runs_browser import RunsDialog
+
+        s, facts = self.session, self.history.facts
+        dialog = RunsDialog(s, self.current_fact, self)
+        dialog.open_requested.connect(lambda run: self.history.push(facts, RunsCommand(
+            s, f"Open the {run.state} run of {fact_label(run.fact)}", lambda: s.make_current(run))))
+        dialog.delete_requested.connect(lambda run: self.history.push(facts, RunsCommand(
+            s, f"Delete a {run.state} run of {fact_label(run.fact)}", lambda: s.delete_run(run))))
+        dialog.rename_requested.connect(lambda run, name: self.history.push(facts, RenameRunCommand(run, name)))
+        facts.indexChanged.connect(dialog.refresh)
+        dialog.finished.connect(lambda _: facts.indexChanged.disconnect(dialog.refresh))
+        self.runs_dialog = dialog
+        dialog.open()
+        return dialog
+
+    def batch_edit(self, facts):
+        """The Edits panel's request on each selected fact; facts without a run are named before anything runs
+        (a question, or in quiet mode the status bar) and left out."""
+        missing = self.batch.unattributed(list(facts))
+        if missing and len(missing) < len(facts):
+            names = ", ".join(fact_label(f) for f in missing[:4]) + (f" and {len(missing) - 4} more"
+                                                                       if len(missing) > 4 else "")
+            note = (f"{len(missing)} of the {len(facts)} selected facts have no attribution run and will be "
+                    f"skipped: {names}.")
+            if self.quiet:
+                self.status(note, 20000)
+            elif QMessageBox.question(self, "Skip facts without a run?", note + " Edit the other "
+                                      f"{len(facts) - len(missing)}?") != QMessageBox.Yes:
+                return
+        self._try(self.batch.apply, self.edits_panel.current_request(), list(facts))
 
     # ----------------------------------------------------------------------------------------- projects and facts
     def import_facts(self, path: str) -> bool:

@@ -345,25 +345,6 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
             self.current_fact, fact = None, self.current_fact
             self.select_fact(fact)
 
-    # ================================================================= runs browser
-    def show_runs(self):
-        """Run → Runs… (Ctrl+R): the runs of the selected fact or of the project (panels/runs_browser.py)."""
-        from .commands import RenameRunCommand, RunsCommand
-        from .panels.runs_browser import RunsDialog
-
-        s, facts = self.session, self.history.facts
-        dialog = RunsDialog(s, self.current_fact, self)
-        dialog.open_requested.connect(lambda run: self.history.push(facts, RunsCommand(
-            s, f"Open the {run.state} run of {fact_label(run.fact)}", lambda: s.make_current(run))))
-        dialog.delete_requested.connect(lambda run: self.history.push(facts, RunsCommand(
-            s, f"Delete a {run.state} run of {fact_label(run.fact)}", lambda: s.delete_run(run))))
-        dialog.rename_requested.connect(lambda run, name: self.history.push(facts, RenameRunCommand(run, name)))
-        facts.indexChanged.connect(dialog.refresh)
-        dialog.finished.connect(lambda _: facts.indexChanged.disconnect(dialog.refresh))
-        self.runs_dialog = dialog
-        dialog.open()
-        return dialog
-
     def _push_factset(self, text: str, new_factset):
         self.edits.push_factset(text, new_factset)
 
@@ -624,22 +605,6 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         elif isinstance(ev, E.DegeneracyTested):
             self.edits_panel.show_degeneracy(ev.result, ev.fact, ev.edits_in_force)
             self.edits_dock.raise_()
-
-    def batch_edit(self, facts):
-        """The Edits panel's request on each selected fact; facts without a run are named before anything runs
-        (a question, or in quiet mode the status bar) and left out."""
-        missing = self.batch.unattributed(list(facts))
-        if missing and len(missing) < len(facts):
-            names = ", ".join(fact_label(f) for f in missing[:4]) + (f" and {len(missing) - 4} more"
-                                                                       if len(missing) > 4 else "")
-            note = (f"{len(missing)} of the {len(facts)} selected facts have no attribution run and will be "
-                    f"skipped: {names}.")
-            if self.quiet:
-                self.status(note, 20000)
-            elif QMessageBox.question(self, "Skip facts without a run?", note + " Edit the other "
-                                      f"{len(facts) - len(missing)}?") != QMessageBox.Yes:
-                return
-        self._try(self.batch.apply, self.edits_panel.current_request(), list(facts))
 
     def _batch_event(self, ev):
         if isinstance(ev, BatchApplied):

@@ -47,6 +47,16 @@ def start_paused_run(qtbot, window):
     return running
 
 
+def reopened(qtbot, window, settings, lm, path):
+    """Saves the window's project to `path` and opens it in a fresh window (closed by the caller)."""
+    assert window.save_to(path, wait=True)
+    again = make_window(qtbot, settings, lm)
+    with qtbot.waitSignal(again.project_opened, timeout=30000):
+        again.open_project(path)
+    assert again.runner.wait_idle(30000)
+    return again
+
+
 def test_cancelling_is_not_overwritten_and_the_note_stays(window, qtbot, pause_every_run):
     window.session.checks.clear()  # the fact is checked again after the cancel: a job whose progress must not hide
     start_paused_run(qtbot, window)  # the note
@@ -74,12 +84,7 @@ def test_every_run_is_kept_in_the_file(window, qtbot, settings, lm, tmp_path, pa
     s = window.session
     assert first in s.all_runs() and second in s.all_runs()
     assert {r.state for r in s.all_runs()} == {"cancelled"}
-    path = str(tmp_path / "runs.knproj")
-    assert window.save_to(path, wait=True)
-    again = make_window(qtbot, settings, lm)
-    with qtbot.waitSignal(again.project_opened, timeout=30000):
-        again.open_project(path)
-    assert again.runner.wait_idle(30000)
+    again = reopened(qtbot, window, settings, lm, str(tmp_path / "runs.knproj"))
     reopened = again.session.all_runs()
     assert [(r.state, len(r.scores)) for r in reopened] == [("cancelled", 1), ("cancelled", 1)]
     assert [r.started for r in reopened] == [first.started, second.started]
@@ -91,12 +96,7 @@ def test_a_complete_rerun_keeps_the_run_it_replaces(window, qtbot, tmp_path, set
     second = run_fact(qtbot, window, steps=3)
     s = window.session
     assert s.runs[KEY] is second and s.earlier_runs[KEY] == [first]
-    path = str(tmp_path / "two.knproj")
-    assert window.save_to(path, wait=True)
-    again = make_window(qtbot, settings, lm)
-    with qtbot.waitSignal(again.project_opened, timeout=30000):
-        again.open_project(path)
-    assert again.runner.wait_idle(30000)
+    again = reopened(qtbot, window, settings, lm, str(tmp_path / "two.knproj"))
     current, earlier = again.session.runs[KEY], again.session.earlier_runs[KEY]
     assert current.params["steps"] == 3 and [r.params["steps"] for r in earlier] == [2]
     again.close()
@@ -142,10 +142,6 @@ def test_runs_browser_lists_opens_renames_deletes_and_compares(window, qtbot):
 def test_renamed_runs_keep_their_name_in_the_file(window, qtbot, settings, lm, tmp_path):
     run = run_fact(qtbot, window, steps=1)
     run.name = "baseline"
-    path = str(tmp_path / "named.knproj")
-    assert window.save_to(path, wait=True)
-    again = make_window(qtbot, settings, lm)
-    with qtbot.waitSignal(again.project_opened, timeout=30000):
-        again.open_project(path)
+    again = reopened(qtbot, window, settings, lm, str(tmp_path / "named.knproj"))
     assert again.session.runs[KEY].name == "baseline"
     again.close()

@@ -134,11 +134,14 @@ class RunsDialog(QDialog):
             b.setEnabled(n == 1)
         self.compare_button.setEnabled(n == 2)
 
-    def _open(self):
+    def _for_the_selected_run(self, signal):
         chosen = self.selected()
         if len(chosen) == 1:
-            self.open_requested.emit(chosen[0])
+            signal.emit(chosen[0])
             self.refresh()
+
+    def _open(self):
+        self._for_the_selected_run(self.open_requested)
 
     def _rename(self):
         chosen = self.selected()
@@ -150,10 +153,7 @@ class RunsDialog(QDialog):
             self.refresh()
 
     def _delete(self):
-        chosen = self.selected()
-        if len(chosen) == 1:
-            self.delete_requested.emit(chosen[0])
-            self.refresh()
+        self._for_the_selected_run(self.delete_requested)
 
     def _compare(self):
         chosen = self.selected()
