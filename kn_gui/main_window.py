@@ -341,8 +341,9 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         self.facts_panel.rebuild()
         self._update_actions()
         self._update_title()
-        if self.current_fact is not None:  # a run opened, deleted or restored: the fact's run may be another
-            self.current_fact, fact = None, self.current_fact
+        fact = self.current_fact  # a run opened, deleted or restored (runs browser): the fact's run changed
+        if fact is not None and self.session.runs.get(fact_key(fact)) is not self.attribution_panel.run:
+            self.current_fact = None
             self.select_fact(fact)
 
     def _push_factset(self, text: str, new_factset):

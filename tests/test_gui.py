@@ -317,7 +317,7 @@ def test_heatmap_hover_and_click_select_neurons(window, qtbot):
     scene = vb.mapViewToScene(QPointF(neuron + 0.5, layer + 0.5))
     assert ap.neuron_at(scene) == (layer, neuron)
     ap._hovered(scene)
-    assert ap.hover.text().startswith(f"layer {layer}, neuron {neuron}:  score")
+    assert ap.hover.text().startswith(f"L{layer} N{neuron}:  score")  # kn_core.neurons.neuron_name
     assert "activation" in ap.hover.text()
     view_pos = ap.heat_widget.mapFromScene(scene)
     selected = []

@@ -147,9 +147,11 @@ class AttributionController(QObject):
                 prefix_helps |= bool(lm.kind == "causal" and s.prompts_for(fact, "prefix")[0])
                 continue
             held = self._held_out(fact, prompts, hold_out, params.seed)
+            # held-out templates recorded only when there are some: a run of every template keeps the params that
+            # `kn attribute --facts` resumes from
             runs.append(Run(fact=fact, prompts=[p for p in prompts if p.template not in held], model=lm.describe(),
-                            params={**params.to_dict(), **s.prompt_params(), "held_out_templates": list(held)},
-                            edits=edits))
+                            params={**params.to_dict(), **s.prompt_params(),
+                                    **({"held_out_templates": list(held)} if held else {})}, edits=edits))
         if not runs:
             raise UserError("Nothing to attribute", "No usable prompts for: " + "; ".join(skipped) + ". "
                             + no_prompts_fix(lm.kind, prefix_helps))
