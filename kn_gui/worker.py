@@ -133,6 +133,7 @@ class JobRunner(QObject):
         self.thread.start()
         self.current: Job | None = None
         self.queue: deque[Job] = deque()
+        self._shut = False  # shutdown() ran: the worker's signals are disconnected
         # the open project's token (MainWindow: Session.generation); a job's callbacks run only while the project
         # it was submitted for is still open, so a result is never applied to the next project
         self.project_token: Callable[[], Any] = lambda: None
@@ -244,11 +245,12 @@ class JobRunner(QObject):
         job that ends during the app's teardown must not reach half-destroyed objects). True when the thread
         ended; a thread still running (a step that cannot be cancelled) is left to the process's exit."""
         self.cancel()
-        for signal in (self.worker.progress, self.worker.partial, self.worker.finished, self.worker.failed,
-                       self.worker.cancelled):
-            try:
-                signal.disconnect()
-            except (RuntimeError, TypeError):  # already disconnected (shutdown called twice)
-                pass
+        connections = ((self.worker.progress, self._on_progress), (self.worker.partial, self._on_partial),
+                       (self.worker.finished, self._on_finished), (self.worker.failed, self._on_failed),
+                       (self.worker.cancelled, self._on_cancelled))
+        if not self._shut:
+            self._shut = True
+            for signal, slot in connections:
+                signal.disconnect(slot)
         self.thread.quit()
         return self.thread.wait(timeout_ms)

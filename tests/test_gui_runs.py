@@ -85,9 +85,9 @@ def test_every_run_is_kept_in_the_file(window, qtbot, settings, lm, tmp_path, pa
     assert first in s.all_runs() and second in s.all_runs()
     assert {r.state for r in s.all_runs()} == {"cancelled"}
     again = reopened(qtbot, window, settings, lm, str(tmp_path / "runs.knproj"))
-    reopened = again.session.all_runs()
-    assert [(r.state, len(r.scores)) for r in reopened] == [("cancelled", 1), ("cancelled", 1)]
-    assert [r.started for r in reopened] == [first.started, second.started]
+    back = again.session.all_runs()
+    assert [(r.state, len(r.scores)) for r in back] == [("cancelled", 1), ("cancelled", 1)]
+    assert [r.started for r in back] == [first.started, second.started]
     again.close()
 
 

@@ -105,12 +105,12 @@ class AttributionPanel(QWidget):
         self.templates.currentTextChanged.connect(self._templates_chosen)
         self.hold_out = QSpinBox()
         self.hold_out.setRange(0, 20)
+        self.hold_out.setPrefix("hold out ")
         self.hold_out.setToolTip("Templates of each fact kept out of the attribution (drawn with the run's seed): "
                                  "an edit then measures generality on wordings its neurons never saw (0: every "
                                  "template finds the neurons and generality is n/a)")
         params = hbox(QLabel("steps"), self.steps, QLabel("quadrature"), self.quadrature, QLabel("rule"), self.rule,
-                      QLabel("method"), self.method, QLabel("templates"), self.templates, QLabel("hold out"),
-                      self.hold_out, None)
+                      QLabel("method"), self.method, QLabel("templates"), self.templates, None)
 
         # --- thresholds
         self.t_control = ThresholdControl("t", 0.2, "Coarse: score > t \u00d7 the prompt's max score (paper: 0.2)")
@@ -237,8 +237,9 @@ class AttributionPanel(QWidget):
         self.thresholds_row = QWidget()
         self.thresholds_row.setToolTip("Thresholds are views over the stored scores: moving them recomputes the "
                                        "coarse and refined sets at once, without running anything")
+        # hold out sits here: the parameters' row is the panel's widest (1280x800 must fit without scrolling)
         self.thresholds_row.setLayout(hbox(self.t_control, self.p_control, self.adapt_button,
-                                           self.relation_button, self.keep_massive))
+                                           self.relation_button, self.keep_massive, self.hold_out))
         title_row = hbox(self.title, QLabel("show"), self.view_of, QLabel("bars"), self.agg)
         title_row.setStretch(0, 1)
         self.setLayout(vbox(self.run_row, self.thresholds_row, title_row, self.summary, self.split, spacing=4))
