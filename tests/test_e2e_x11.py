@@ -85,10 +85,12 @@ class XSession:
                                and e["outcome"] == outcome, f"{name_start} {outcome}")
 
     def wait_idle(self, quiet_s: float = 1.0):
-        """Every job started has ended, and none started for quiet_s."""
+        """Every job this app instance started has ended, and none started for quiet_s."""
         deadline = time.monotonic() + TIMEOUT
         while time.monotonic() < deadline:
             events = self.events()
+            starts = [i for i, e in enumerate(events) if e["event"] == "started"]
+            events = events[starts[-1]:] if starts else events  # a killed instance's jobs never end
             started = sum(e["event"] == "job_started" for e in events)
             ended = sum(e["event"] == "job_ended" for e in events)
             if started == ended and (not events or time.time() - events[-1]["t"] >= quiet_s):
