@@ -31,6 +31,9 @@ tools=""
 if [ "$mode" = test ]; then
   command -v Xvfb >/dev/null || tools="$tools xvfb"
   command -v xwininfo >/dev/null || tools="$tools x11-utils"
+  # tests/test_e2e_x11.py drives the real app with real X input events under a window manager
+  command -v xdotool >/dev/null || tools="$tools xdotool"
+  command -v openbox >/dev/null || tools="$tools openbox"
   # tests/test_html_report.py opens the HTML report in a real headless browser
   command -v chromium >/dev/null || command -v chromium-browser >/dev/null || tools="$tools chromium"
 fi
@@ -44,7 +47,7 @@ if [ -n "$missing$tools" ]; then
     fedora=$(.venv/bin/python -c "from kn_gui.platform_check import FEDORA_PACKAGES; print(FEDORA_PACKAGES)")
     echo "Qt's xcb platform plugin cannot load (missing: ${missing:-none}${tools:+; test tools:$tools}). Install, then run this again:" >&2
     echo "  Debian/Ubuntu: sudo apt-get update && sudo apt-get install -y $debian${tools:+ $tools}" >&2
-    echo "  Fedora:        sudo dnf install -y $fedora${tools:+ xorg-x11-server-Xvfb xorg-x11-utils chromium}" >&2
+    echo "  Fedora:        sudo dnf install -y $fedora${tools:+ xorg-x11-server-Xvfb xorg-x11-utils chromium xdotool openbox}" >&2
     echo "  (elsewhere: any Chromium on PATH as chromium, for tests/test_html_report.py)" >&2
     exit 2
   fi

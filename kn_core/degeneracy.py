@@ -159,7 +159,9 @@ def _verdict(answers: list[dict], base: list[dict], known: list[int], params: De
 
 
 def _name(n: Neuron) -> str:
-    return f"L{n[0]}.{n[1]}"
+    from .neurons import neuron_name
+
+    return neuron_name(*n)
 
 
 def _analyse(lm, prompts, neurons: list[Neuron], params: DegeneracyParams, task: Task) -> dict:

@@ -41,6 +41,7 @@ import numpy as np
 
 from . import edits as E
 from .facts import CAUSAL_TEMPLATES, Fact, Prompt, render_prompts
+from .neurons import neuron_name
 
 Neuron = tuple[int, int]
 KINDS = ("suppress", "amplify", "update", "erase")
@@ -290,7 +291,7 @@ def _control_prompts(lm, factset, facts: list[Fact], request: EditRequest, seed:
 def _chosen(request: EditRequest, skipped) -> tuple[Neuron, ...]:
     """The requested neurons without the excluded (flagged) ones, which are listed in `skipped`."""
     excluded = set(request.exclude)
-    skipped.extend((f"neuron L{l}.{i}", "flagged (massive or unspecific), excluded") for l, i in request.neurons
+    skipped.extend((f"neuron {neuron_name(l, i)}", "flagged (massive or unspecific), excluded") for l, i in request.neurons
                    if (l, i) in excluded)
     neurons = tuple(n for n in request.neurons if n not in excluded)
     if not neurons:
@@ -342,7 +343,7 @@ def _update(lm, factset, request: EditRequest, neurons, fact_prompts, sets, skip
         activations = [_dense(lm, neurons, mean)]
     update = make_update(lm, neurons, own[0].answer_ids, new[0].answer_ids, others, request.exclusion_fraction,
                          request.lambda1, request.lambda2, activations=activations)
-    skipped.extend((f"neuron L{l}.{i}", f"shared by more than {request.exclusion_fraction:.0%} of the relation's "
+    skipped.extend((f"neuron {neuron_name(l, i)}", f"shared by more than {request.exclusion_fraction:.0%} of the relation's "
                                         f"{len(others)} other facts (the paper leaves these out)")
                    for l, i in update.excluded)
     if not update.neurons:
@@ -379,7 +380,7 @@ def _erase(lm, factset, request: EditRequest, relation_id: str, sets, skipped):
             raise EditPlanError(f"asked to erase {request.k} neurons but {why}; ask for k={len(candidates)}, "
                                 "attribute more facts, or allow fewer")
         skipped.append((f"{request.k - len(neurons)} of the {request.k} neurons asked for", why))
-    skipped.extend((f"neuron L{l}.{i}", "flagged (massive or unspecific), excluded") for l, i in flagged)
+    skipped.extend((f"neuron {neuron_name(l, i)}", "flagged (massive or unspecific), excluded") for l, i in flagged)
     facts = [f for f, _ in sets if f is not None] or factset.facts_of(relation_id)[: len(sets)]
     prompts = [p for f in facts for p in _prompts(lm, factset, f, request, skipped)]
     if not prompts:

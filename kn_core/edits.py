@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .hooks import ActivationPatch, InputCapture, answer_position_mask
+from .neurons import neuron_name
 
 Neuron = tuple[int, int]
 
@@ -106,7 +107,7 @@ class Edit:
 
 
 def _neurons_str(neurons: Sequence[Neuron], limit: int = 3) -> str:
-    shown = ", ".join(f"L{l}.{i}" for l, i in neurons[:limit])
+    shown = ", ".join(neuron_name(l, i) for l, i in neurons[:limit])
     more = f" +{len(neurons) - limit}" if len(neurons) > limit else ""
     return f"{len(neurons)} neuron{'s' if len(neurons) != 1 else ''} ({shown}{more})"
 

@@ -154,10 +154,13 @@ def _jsonl_records(path: Path, b: _Builder):
             for number, raw in enumerate(handle, 1):
                 if not raw.strip():
                     continue
+                text = raw.rstrip("\r\n")  # with its newline, an error at the line's end was put at column 1
                 try:
-                    record = json.loads(raw)
+                    record = json.loads(text)
                 except json.JSONDecodeError as exc:
-                    b.fail(number, f"not valid JSON ({exc.msg} at column {exc.colno})")
+                    where = (f"at the end of the line (column {exc.colno}): each record must be one JSON object on "
+                             "one line" if exc.pos >= len(text.rstrip()) else f"at column {exc.colno}")
+                    b.fail(number, f"not valid JSON ({exc.msg} {where})")
                 except RecursionError:
                     b.fail(number, "the JSON is nested too deeply to be a record; expected a flat {...} object")
                 if not isinstance(record, dict):

@@ -65,6 +65,15 @@ UNSPECIFIC_MIN_RELATIONS = 3
 
 # --- selection ------------------------------------------------------------------------------------------------
 
+def neuron_name(layer: int, neuron: int, layout=None) -> str:
+    """The one way the CLI, the reports and the app write a neuron (as the README does): "L24 N1005"; given the
+    layout of a mixture-of-experts model, "L3 E5 N24" (expert 5's neuron 24 in layer 3's flattened axis)."""
+    if layout is None or getattr(layout, "experts", None) is None:
+        return f"L{int(layer)} N{int(neuron)}"
+    expert, local = layout.expert_of(int(layer), int(neuron))
+    return f"L{int(layer)} E{expert} N{local}"
+
+
 def _exclusion(exclude: Iterable[Neuron], shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """The excluded neurons as index arrays into a [layers, neurons] array; a clear error when out of range."""
     pairs = sorted({(int(layer), int(index)) for layer, index in exclude})

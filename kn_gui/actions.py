@@ -13,11 +13,32 @@ from PySide6.QtWidgets import QFileDialog, QMessageBox, QStyle
 
 from .controllers import UserError
 from .controllers import project as P
-from .panels.common import default_folder, write_json
+from .panels.common import default_folder, export_folder, remember_folder, save_file_dialog, write_json
 from .project_io import results_dict
-from .session import fact_key, merge_factsets, starter_factset
+from .session import fact_key, fact_label, merge_factsets, starter_factset
 
 MAX_RECENT = 8
+
+
+def about_text() -> str:
+    """The About box: what the app is, its version and the versions of what it runs on."""
+    import platform
+
+    import PySide6
+
+    from kn_core import __version__
+
+    try:
+        import torch
+
+        torch_version = torch.__version__
+    except ImportError:  # the app starts without it only in tests of the window
+        torch_version = "not installed"
+    return ("<b>Knowledge Neuron Studio</b> " + __version__ + "<p>Find, inspect and edit the feed-forward neurons "
+            "that store facts in pretrained transformers (Dai et al., ACL 2022: Knowledge Neurons in Pretrained "
+            "Transformers).</p><p>Python " + platform.python_version() + " \u00b7 PySide6 " + PySide6.__version__
+            + " \u00b7 PyTorch " + torch_version + "</p><p>Help \u2192 Documentation opens the README; F1 lists "
+            "the keyboard shortcuts.</p>")
 
 
 class ActionsMixin:
@@ -53,11 +74,11 @@ class ActionsMixin:
                                              "Save the fact set as CSV or JSONL")
         self.act_export_plots = self._action("Export figure (PNG/SVG/PDF)\u2026", self.export_plots_dialog, None,
                                              "A paper-ready figure of the attribution plots at a chosen size and dpi")
-        self.act_export_json = self._action("Export results (JSON)\u2026", self.export_results_dialog, None,
+        self.act_export_json = self._action("Export results (JSON)\u2026", self.export_results_dialog, "Ctrl+Shift+E",
                                             "Runs, neuron sets and edits as JSON")
         self.act_export_table = self._action(
             "Export before/after table (CSV)\u2026",
-            lambda: self.edits_panel.table.export_csv_dialog(self, os.path.join(self._start_folder(), "edit.csv")))
+            lambda: self.edits_panel.table.export_csv_dialog(self, "edit.csv"))
         self.act_export_model = self._action("Export edited model\u2026", self.export_model_dialog, None,
                                              "Save the model with its active edits to a folder")
         self.act_export_report = self._action("Export report (HTML)\u2026", self.export_report_dialog, None,
@@ -82,8 +103,16 @@ class ActionsMixin:
                                       "F6", "Ask the model for each prompt's answer", S.SP_DialogApplyButton, "Check")
         self.act_cancel = self._action("&Cancel", self.cancel_job, "Esc", "Cancel the running job", S.SP_BrowserStop,
                                        "Cancel")
+        self.act_apply_edit = self._action("&Apply edit", lambda: self.edits_panel._apply(), "Ctrl+Return",
+                                           "Apply the edit set up in the Edits panel (undo with Ctrl+Z)")
+        self.act_runs = self._action("R&uns\u2026", self.show_runs, "Ctrl+R", "Every run of the fact or the project: "
+                                     "open, rename, delete, compare two")
         self.act_reset_layout = self._action("Reset layout", self.reset_layout)
         self.act_about = self._action("&About", self.about)
+        self.act_shortcuts = self._action("&Keyboard shortcuts", self.show_shortcuts, "F1",
+                                          "Every action that has a shortcut")
+        self.act_docs = self._action("&Documentation", self.open_docs, None, "The README (the method, the app, the "
+                                     "kn command) and docs/", S.SP_DialogHelpButton)
 
     def _build_menus(self):
         bar = self.menuBar()
@@ -107,12 +136,17 @@ class ActionsMixin:
         edit_menu.addAction(self._action("Delete facts", self.facts_panel.delete_selected))
         run_menu = bar.addMenu("&Run")
         run_menu.addActions([self.act_load, self.act_check, self.act_run, self.act_run_sel, self.act_cancel])
+        run_menu.addSeparator()
+        run_menu.addActions([self.act_runs, self.act_apply_edit])
         view_menu = bar.addMenu("&View")
         for dock in (self.model_dock, self.facts_dock, self.neurons_dock, self.edits_dock):
             view_menu.addAction(dock.toggleViewAction())
         view_menu.addSeparator()
         view_menu.addAction(self.act_reset_layout)
-        bar.addMenu("&Help").addAction(self.act_about)
+        help_menu = bar.addMenu("&Help")
+        help_menu.addActions([self.act_shortcuts, self.act_docs])
+        help_menu.addSeparator()
+        help_menu.addAction(self.act_about)
 
         # short labels beside icons: the bar fits 1024 px, so Cancel (last) is never pushed into the overflow
         tb = self.addToolBar("Main")
@@ -162,8 +196,11 @@ class ActionsMixin:
             return True
         if self.quiet:
             return self.auto_discard
-        answer = QMessageBox.question(self, "Unsaved changes", "The project has unsaved changes. Save them first?",
-                                      QMessageBox.Save | QMessageBox.Discard | QMessageBox.Cancel)
+        box = QMessageBox(QMessageBox.Question, "Unsaved changes", "The project has unsaved changes. Save them first?",
+                          QMessageBox.Save | QMessageBox.Discard | QMessageBox.Cancel, self)
+        box.button(QMessageBox.Save).setText("&Save")  # keyboard answers: Alt+S, Alt+D, Esc
+        box.button(QMessageBox.Discard).setText("&Discard")
+        answer = box.exec()
         if answer == QMessageBox.Save:
             return self.save(wait=True)
         return answer == QMessageBox.Discard
@@ -198,8 +235,7 @@ class ActionsMixin:
     def export_facts_dialog(self):
         from kn_core.fact_files import export_facts
 
-        path, _ = QFileDialog.getSaveFileName(self, "Export facts", os.path.join(self._start_folder(), "facts.jsonl"),
-                                              "JSONL (*.jsonl);;CSV (*.csv)")
+        path = save_file_dialog(self, "Export facts", "facts.jsonl", "JSONL (*.jsonl);;CSV (*.csv)")
         if not path:
             return
         try:
@@ -220,16 +256,16 @@ class ActionsMixin:
     def export_plots_dialog(self):
         from .panels.figures import FigureExportDialog
 
-        dialog = FigureExportDialog(self.attribution_panel, self, folder=self._start_folder())
-        dialog.accepted.connect(lambda: self.status(f"Figure written to {dialog.written}."))
+        dialog = FigureExportDialog(self.attribution_panel, self, folder=str(export_folder()))
+        dialog.accepted.connect(lambda: (remember_folder(dialog.written), self.status(f"Figure written to "
+                                                                                     f"{dialog.written}.")))
         dialog.open()
 
     def results_dict(self) -> dict:
         return results_dict(self.session, self.edits.commands())
 
     def export_results_dialog(self):
-        path, _ = QFileDialog.getSaveFileName(self, "Export results", os.path.join(self._start_folder(),
-                                                                                   "results.json"), "JSON (*.json)")
+        path = save_file_dialog(self, "Export results", "results.json", "JSON (*.json)")
         if not path:
             return
         try:
@@ -240,8 +276,7 @@ class ActionsMixin:
         self.status(f"Results written to {path}.")
 
     def export_report_dialog(self):
-        path, _ = QFileDialog.getSaveFileName(self, "Export report", os.path.join(self._start_folder(), "report.html"),
-                                              "HTML (*.html)")
+        path = save_file_dialog(self, "Export report", "report.html", "HTML (*.html)")
         if path:
             self.export_report(path if path.endswith((".html", ".htm")) else path + ".html")
 
@@ -254,7 +289,8 @@ class ActionsMixin:
         job = project_report_job(path, self.session, self.edits.commands(), run, self.attribution_panel,
                                  self.project.path)
         self.runner.submit(f"Exporting the report to {Path(path).name}", job,  # a failure: the window's error
-                           on_done=lambda written: self.status(f"Report written to {written}."), uses=())
+                           on_done=lambda written: self.status(f"Report written to {written}."), uses=(),
+                           project_bound=False)
         return True
 
     def open_scores_dialog(self):
@@ -317,12 +353,76 @@ class ActionsMixin:
             self.status(f"Model with {len(info.get('edits', []))} edit(s) saved to {folder}{note}.")
 
         self.runner.submit(f"Exporting the model to {folder}",
-                           lambda task: export_model(lm, stack, folder, skip_unexportable=True), on_done=done)
+                           lambda task: export_model(lm, stack, folder, skip_unexportable=True), on_done=done,
+                           project_bound=False)
 
     def about(self):
-        QMessageBox.about(self, "Knowledge Neuron Studio", "<b>Knowledge Neuron Studio</b><p>Find, inspect and edit "
-                          "the feed-forward neurons that store facts in pretrained transformers (Dai et al., ACL "
-                          "2022: Knowledge Neurons in Pretrained Transformers).</p>")
+        QMessageBox.about(self, "Knowledge Neuron Studio", about_text())
+
+    def shortcuts(self) -> list[tuple[str, str]]:
+        """(action, shortcut) for every action of the window that has one, in menu order."""
+        from PySide6.QtGui import QAction
+
+        seen, rows = set(), []
+        for action in self.findChildren(QAction):
+            keys = ", ".join(k.toString(QKeySequence.NativeText) for k in action.shortcuts())
+            name = action.text().replace("&", "").replace("\u2026", "")
+            if keys and name and (name, keys) not in seen:
+                seen.add((name, keys))
+                rows.append((name, keys))
+        return rows
+
+    def show_shortcuts(self):
+        rows = "".join(f"<tr><td>{name}</td><td><b>{keys}</b></td></tr>" for name, keys in self.shortcuts())
+        box = QMessageBox(QMessageBox.Information, "Keyboard shortcuts", f"<table cellpadding=3>{rows}</table>"
+                          "<p>In the map: click selects a neuron, Ctrl-click adds, the wheel zooms, drag pans.</p>",
+                          QMessageBox.Ok, self)
+        box.open()
+        return box
+
+    def open_docs(self):
+        from PySide6.QtCore import QUrl
+        from PySide6.QtGui import QDesktopServices
+
+        readme = Path(__file__).resolve().parent.parent / "README.md"
+        if not readme.exists() or not QDesktopServices.openUrl(QUrl.fromLocalFile(str(readme))):
+            self.status(f"The documentation is {readme} and the docs/ folder beside it; no viewer could open it "
+                        "here.", 15000)
+
+    # ----------------------------------------------------------------------------------------- runs, batch edits
+    def show_runs(self):
+        """Run → Runs… (Ctrl+R): the runs of the selected fact or of the project (panels/runs_browser.py)."""
+        from .commands import RenameRunCommand, RunsCommand
+        from .panels.runs_browser import RunsDialog
+
+        s, facts = self.session, self.history.facts
+        dialog = RunsDialog(s, self.current_fact, self)
+        dialog.open_requested.connect(lambda run: self.history.push(facts, RunsCommand(
+            s, f"Open the {run.state} run of {fact_label(run.fact)}", lambda: s.make_current(run))))
+        dialog.delete_requested.connect(lambda run: self.history.push(facts, RunsCommand(
+            s, f"Delete a {run.state} run of {fact_label(run.fact)}", lambda: s.delete_run(run))))
+        dialog.rename_requested.connect(lambda run, name: self.history.push(facts, RenameRunCommand(run, name)))
+        facts.indexChanged.connect(dialog.refresh)
+        dialog.finished.connect(lambda _: facts.indexChanged.disconnect(dialog.refresh))
+        self.runs_dialog = dialog
+        dialog.open()
+        return dialog
+
+    def batch_edit(self, facts):
+        """The Edits panel's request on each selected fact; facts without a run are named before anything runs
+        (a question, or in quiet mode the status bar) and left out."""
+        missing = self.batch.unattributed(list(facts))
+        if missing and len(missing) < len(facts):
+            names = ", ".join(fact_label(f) for f in missing[:4]) + (f" and {len(missing) - 4} more"
+                                                                       if len(missing) > 4 else "")
+            note = (f"{len(missing)} of the {len(facts)} selected facts have no attribution run and will be "
+                    f"skipped: {names}.")
+            if self.quiet:
+                self.status(note, 20000)
+            elif QMessageBox.question(self, "Skip facts without a run?", note + " Edit the other "
+                                      f"{len(facts) - len(missing)}?") != QMessageBox.Yes:
+                return
+        self._try(self.batch.apply, self.edits_panel.current_request(), list(facts))
 
     # ----------------------------------------------------------------------------------------- projects and facts
     def import_facts(self, path: str) -> bool:
@@ -362,9 +462,7 @@ class ActionsMixin:
         if snap.edit_state and snap.edit_state.get("entries"):
             self._restore_history(snap.edit_state, snap.edit_sha)
         self.history.set_clean()
-        s.reset_flags()  # the opened runs decide the flags: measured again on them
-        self._show_flags()
-        self.attribution.measure_flags()
+        self._flags_for_model()
         first = next(iter(s.runs.values()), None)
         if first is not None:
             self.facts_panel.select_fact(first.fact)
@@ -384,6 +482,7 @@ class ActionsMixin:
         s.factset = starter_factset()
         s.runs.clear()
         s.partial_runs.clear()
+        s.earlier_runs.clear()
         s.neuron_sets.clear()
         s.results_dirty = False
         self.current_fact = None

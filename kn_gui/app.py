@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -62,6 +63,9 @@ def main(argv=None) -> int:
 
     window = MainWindow()
     install_excepthook(window)
+    from .event_log import attach
+
+    attach(window)
     window.show()
     recovered = window.offer_recovery()  # work a killed app left in its autosave file
     if args.project and not recovered:
@@ -69,7 +73,29 @@ def main(argv=None) -> int:
     if args.model:  # queued behind the opening: the project's edits are re-applied once the model is there
         window.model_panel.source.setEditText(args.model)
         window.load_model(args.model, args.device, args.dtype)
-    return app.exec()
+    code = app.exec()
+    teardown(window, code)
+    return code
+
+
+def teardown(window, code: int = 0) -> None:
+    """An orderly end before Python's own teardown (which once ended in "Fatal Python error: none_dealloc"): the
+    worker thread stopped and the window with its plots deleted while the QApplication still exists (pyqtgraph's
+    own clean-up already ran when the application quit)."""
+    import gc
+
+    import shiboken6
+    from PySide6.QtWidgets import QApplication
+
+    stopped = window.runner.shutdown()
+    if shiboken6.isValid(window):
+        shiboken6.delete(window)
+    QApplication.processEvents()
+    gc.collect()
+    if not stopped:  # a job step that cannot be cancelled still runs: end without destroying its thread
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":

@@ -46,3 +46,34 @@ class EditCommand(QUndoCommand):
 
     def undo(self):
         self.edit_stack.undo()
+
+
+class RunsCommand(QUndoCommand):
+    """A change to which runs the project keeps and which one is each fact's (open a run as the fact's, delete a
+    run): the session's three run maps before and after, swapped whole (the runs themselves are not copied)."""
+
+    def __init__(self, session, text: str, change):
+        super().__init__(text)
+        self.session = session
+        self.before = session.run_maps()
+        change()
+        self.after = session.run_maps()
+        session.set_run_maps(self.before)  # the stack's first redo() applies it
+
+    def redo(self):
+        self.session.set_run_maps(self.after)
+
+    def undo(self):
+        self.session.set_run_maps(self.before)
+
+
+class RenameRunCommand(QUndoCommand):
+    def __init__(self, run, name: str):
+        super().__init__(f"Rename run to {name!r}" if name else "Clear the run's name")
+        self.run, self.old, self.new = run, run.name, name
+
+    def redo(self):
+        self.run.name = self.new
+
+    def undo(self):
+        self.run.name = self.old

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from PySide6.QtCore import QByteArray, QEvent, Qt
+from PySide6.QtCore import QByteArray, QEvent, Qt, QTimer
 from PySide6.QtWidgets import QFrame, QScrollArea, QSizePolicy, QWidget
 
 
@@ -32,6 +32,7 @@ class PanelScroll(QScrollArea):
         return False
 
 
+FRAME_GUESS = (16, 48)  # a window manager's borders and title bar, until the real frame is known
 SIDE_WIDTH = 340  # a side dock's default width; the plots get the rest
 EDITS_HEIGHT = 270  # the edits dock down to its Apply button (the history below it may scroll)
 
@@ -76,19 +77,54 @@ class LayoutMixin:
     def _restore_layout(self):
         geometry = self.settings.value("window/geometry")
         state = self.settings.value("window/state")
-        self._sized = isinstance(state, (QByteArray, bytes))  # a saved layout wins over the default sizes
+        screen = self.screen().availableGeometry()
+        saved_on = self.settings.value("window/screen")
+        same_screen = saved_on == f"{screen.width()}x{screen.height()}"
+        # a saved layout wins over the default sizes on the screen it was saved on; elsewhere (a laptop after a
+        # big monitor) the docks keep their places but get sizes for this screen
+        self._sized = isinstance(state, (QByteArray, bytes)) and same_screen
         if isinstance(geometry, (QByteArray, bytes)):
             self.restoreGeometry(geometry)
         else:
-            screen = self.screen().availableGeometry()
             self.resize(min(1600, screen.width()), min(1000, screen.height()))
+        self._fit_to_screen()
         self._default_state = self.saveState()
-        if self._sized:
+        if isinstance(state, (QByteArray, bytes)):
             self.restoreState(state)
+
+    def save_layout(self):
+        screen = self.screen().availableGeometry()
+        self.settings.setValue("window/geometry", self.saveGeometry())
+        self.settings.setValue("window/state", self.saveState())
+        self.settings.setValue("window/screen", f"{screen.width()}x{screen.height()}")
+
+    def _fit_to_screen(self):
+        """Never larger than the screen's available area with the window manager's frame (title bar, borders):
+        the status bar stays on screen. Before the first show the frame is unknown; FRAME_GUESS stands in."""
+        screen = self.screen().availableGeometry()
+        frame, inner = self.frameGeometry(), self.geometry()
+        extra_w, extra_h = frame.width() - inner.width(), frame.height() - inner.height()
+        if not self.isVisible():
+            extra_w, extra_h = FRAME_GUESS
+        elif (extra_w, extra_h) == (0, 0):  # shown without a frame: no window manager, nothing to fit
+            return
+        width = min(self.width(), screen.width() - extra_w)
+        height = min(self.height(), screen.height() - extra_h)
+        if (width, height) != (self.width(), self.height()):
+            self.resize(width, height)
+        frame = self.frameGeometry()
+        x = min(max(frame.x(), screen.x()), screen.right() - frame.width() + 1)
+        y = min(max(frame.y(), screen.y()), screen.bottom() - frame.height() + 1)
+        if (x, y) != (frame.x(), frame.y()):
+            self.move(x, y)
 
     def showEvent(self, event):
         super().showEvent(event)
-        if not self._sized:  # first start: dock sizes for the size the window really got
+        if not hasattr(self, "_fit_timer"):  # once the window manager has framed it (the first show); a timer the
+            # window owns, so it dies with the window
+            self._fit_timer = QTimer(self, singleShot=True, interval=100, timeout=self._fit_to_screen)
+            self._fit_timer.start()
+        if not self._sized:  # first start or another screen: dock sizes for the size the window really got
             self._sized = True
             self._default_dock_sizes()
 

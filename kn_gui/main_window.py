@@ -26,7 +26,8 @@ from .panels.neurons_panel import NeuronsPanel
 from .actions import ActionsMixin
 from .job_status import JobStatus
 from .layout import LayoutMixin, PanelScroll, show_current_page_only
-from .session import Run, Session, TooCoarse, fact_key, starter_factset
+from .panels.common import set_settings
+from .session import Run, Session, TooCoarse, fact_key, fact_label, neuron_name, starter_factset
 from .worker import JobRunner
 
 RESOURCES = Path(__file__).resolve().parent.parent / "resources"
@@ -51,11 +52,13 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         if icon.exists():
             self.setWindowIcon(QIcon(str(icon)))
         self.settings = settings or QSettings("KnowledgeNeuronStudio", "Studio")
+        set_settings(self.settings)  # export dialogs remember their last folder there
         if load_model_fn is None:
             from kn_core.models import load_model as load_model_fn
         self._load_model_fn = load_model_fn
         self.session = Session(factset if factset is not None else starter_factset())
         self.runner = JobRunner(self)
+        self.runner.project_token = lambda: self.session.generation
         self.history = E.History(self)
         self.undo_stack = self.history.edits  # the model edits (the History view shows them)
         self.edits = E.EditsController(self.session, self.runner, self.history, self)
@@ -146,8 +149,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         fp.change_requested.connect(self._push_factset)
         fp.import_requested.connect(self.import_facts_dialog)
         fp.check_requested.connect(self.check_facts)
-        fp.batch_edit_requested.connect(lambda facts: self._try(self.batch.apply, self.edits_panel.current_request(),
-                                                                facts))
+        fp.batch_edit_requested.connect(self.batch_edit)
         fp.error.connect(self.show_error)
         ap = self.attribution_panel
         ap.run_requested.connect(self.run_attribution)
@@ -212,9 +214,12 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         if outcome == "failed":
             self.show_error(f"{name} failed", message)
         elif outcome == "cancelled":
-            self.status(f"{name}: cancelled.")
+            if not self.statusBar().currentMessage():  # a note the job's end left (what was kept) stays
+                self.status(f"{name}: cancelled.")
+        elif outcome == "dropped":
+            self.status(f"{name} finished after another project was opened: {message}.", 15000)
         else:
-            if self.statusBar().currentMessage().endswith("\u2026") or not self.statusBar().currentMessage():
+            if not self.statusBar().currentMessage():
                 self.status(f"{name}: done.")
             self.project.autosave()
 
@@ -233,7 +238,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         self.act_undo.setToolTip(self.act_undo.text().replace("&", "") + " (Ctrl+Z)")
         self.act_redo.setToolTip(self.act_redo.text().replace("&", "") + " (Ctrl+Shift+Z)")
         self.act_cancel.setEnabled(busy)
-        for a in (self.act_run, self.act_run_sel, self.act_check, self.act_export_model):
+        for a in (self.act_run, self.act_run_sel, self.act_check, self.act_export_model, self.act_apply_edit):
             a.setEnabled(has_model and not busy)
         self.attribution_panel.set_running(busy, has_model)
         self.edits_panel.set_busy(busy, has_model)
@@ -242,7 +247,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
     def cancel_job(self):
         if self.runner.busy:
             self.runner.cancel()
-            self.status("Cancelling\u2026 (the job stops at the next batch)")
+            self.job_status.cancel_requested()
 
     def _need_model(self) -> bool:
         if self.session.lm is None:
@@ -276,7 +281,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         def job(task):
             return fn(source, device=device, dtype=dtype, task=task)
 
-        self.runner.submit(f"Loading model {source}", job, on_done=self.set_model, uses=(),
+        self.runner.submit(f"Loading model {source}", job, on_done=self.set_model, uses=(), project_bound=False,
                            on_error=lambda m, tb: self.model_panel.set_loading(
                                False, f"Could not load {source}. See the message for what to do."),
                            on_cancel=lambda: self.model_panel.set_loading(False, "Loading cancelled."))
@@ -287,8 +292,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
             self.session.results_dirty = True
         self.session.lm = lm
         self.session.checks.clear()
-        self.session.reset_flags()
-        self._show_flags()
+        self.session.reset_flags()  # at once: the old model's flags never describe the new one
         self.model_panel.show_model(lm)
         info = lm.describe()
         self.model_label.setText(f"{info.get('name') or lm.source} \u00b7 {lm.family} \u00b7 {lm.layout.layers}\u00d7"
@@ -309,7 +313,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
             self.check_facts(facts)
         if self.current_fact is not None:
             self.select_fact(self.current_fact)
-        self.attribution.measure_flags()
+        self._flags_for_model()
 
     def _restore_history(self, state, sha):
         was_clean = self.history.is_clean()
@@ -345,6 +349,10 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         self.facts_panel.rebuild()
         self._update_actions()
         self._update_title()
+        fact = self.current_fact  # a run opened, deleted or restored (runs browser): the fact's run changed
+        if fact is not None and self.session.runs.get(fact_key(fact)) is not self.attribution_panel.run:
+            self.current_fact = None
+            self.select_fact(fact)
 
     def _push_factset(self, text: str, new_factset):
         self.edits.push_factset(text, new_factset)
@@ -377,6 +385,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         s = self.session
         run = s.runs.get(fact_key(fact))
         if same and run is self.attribution_panel.run:
+            self._edit_target_follows(fact)
             return
         self.attribution_panel.show_run(run)
         self.neurons_panel.set_run(run)
@@ -388,8 +397,23 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
             self.check_facts([fact])  # a handful of prompts: the marker appears as soon as the fact is picked
         if run is not None:
             self._update_auto_sets(run)
+        self._edit_target_follows(fact)
 
-    # ================================================================= attribution
+    def _edit_target_follows(self, fact: Fact):
+        """The Edits panel's neurons follow the selected fact: another fact's refined or coarse set becomes this
+        fact's set of the same kind (or the plot selection when this fact has none), never left on the old one;
+        an empty plot selection gives way to the fact's refined set."""
+        ep = self.edits_panel
+        data = ep.target.currentData()
+        if data and data[0] == "selection" and not self.attribution_panel.selected:
+            data = ("set", "refined: ")
+        if not data or data[0] != "set" or not data[1].startswith(("refined: ", "coarse: ")):
+            return  # a non-empty selection, a relation or user set: the user's own choice
+        kind = data[1].split(": ", 1)[0]
+        own = f"{kind}: {fact_label(fact)}"
+        if data[1] != own:
+            index = ep._find_target(("set", own))
+            ep.target.setCurrentIndex(max(index, 0))
     def run_attribution(self, which: str = "current"):
         if not self._need_model():
             return
@@ -410,7 +434,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
             self.show_error("Invalid parameters", f"{exc}.")
             return
         try:
-            runs = self.attribution.start(facts, params)
+            runs = self.attribution.start(facts, params, self.attribution_panel.hold_out.value())
         except UserError as exc:
             self.show_error(exc.title, str(exc))
             return
@@ -462,8 +486,9 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
             if self.current_fact is not None:
                 self.current_fact, fact = None, self.current_fact
                 self.select_fact(fact)
+            # stays until the next note (0): job progress shows beside it, never over it
             self.status(f"Attribution {ev.outcome}; kept {ev.kept} finished prompt(s) of {ev.total} as a partial "
-                        "run (a complete earlier run stays the fact's run).")
+                        "run (a complete earlier run stays the fact's run; Runs\u2026 lists every run).", 0)
         elif isinstance(ev, A.ChecksDone):
             if len(ev.facts) > 30:
                 self.facts_panel.rebuild()
@@ -474,6 +499,16 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         elif isinstance(ev, A.ChecksCleared):
             self.status(f"The model changed: the answer checks of {ev.facts} facts were cleared; press Check (F6) "
                         "to measure them again.")
+
+    def _flags_for_model(self):
+        """The flags of the loaded model and the runs: the project's saved ones when they describe them (shown at
+        once: the sets never include a flagged neuron while they are measured), else measured again on a job."""
+        s = self.session
+        s.reset_flags()
+        restored = s.restore_flags()
+        self._show_flags()
+        if not restored:
+            self.attribution.measure_flags()
 
     def _show_flags(self):
         """The session's flags (or none) on the panels, and the sets recomputed with them left out."""
@@ -578,7 +613,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
                     "suppressed": [(row["token"], row["logit"]) for row in result["suppresses"]],
                     "norm": result.get("norm")})
 
-        self.runner.submit(f"Inspecting L{layer} N{neuron}", lambda task: neuron_tokens(lm, layer, neuron, top_k=12),
+        self.runner.submit(f"Inspecting {neuron_name(layer, neuron)}", lambda task: neuron_tokens(lm, layer, neuron, top_k=12),
                            on_done=done)
 
     # ================================================================= edits
@@ -622,9 +657,9 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         if not self._confirm_discard():
             event.ignore()
             return
-        self.settings.setValue("window/geometry", self.saveGeometry())
-        self.settings.setValue("window/state", self.saveState())
+        self.save_layout()
         self._autosave_timer.stop()
+        self._recheck.stop()
         self.runner.shutdown()
         self.project.discard_autosave()
         for stack in (self.history.edits, self.history.facts):

@@ -3,6 +3,7 @@ everything to save, taken in the main thread (the worker never reads live GUI st
 
 from __future__ import annotations
 
+import base64
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -16,6 +17,7 @@ from kn_core.facts import Fact, FactSet, Prompt, Relation
 from .session import CANCELLED, COMPLETE, FAILED, INTERRUPTED, RUNNING, NeuronSet, Run, Session, TooCoarse, fact_key
 
 GUI_SETTING = "gui.state"
+FLAGS_SETTING = "gui.flags"  # the massive / unspecific flags and activation statistics (Session.flags_record)
 _STORE_STATUS = {COMPLETE: "done", CANCELLED: "cancelled", FAILED: "failed", INTERRUPTED: "cancelled"}
 
 
@@ -36,19 +38,20 @@ class ProjectSnapshot:
     path: str = ""
     autosave_of: str | None = None  # set in autosave files: the project they are the unsaved state of
     score_storage: dict | None = None  # the project's Project.score_storage(); saving keeps it (None: full)
+    flags: dict | None = None  # Session.flags_record(): restored on open, so sets never include a flagged neuron
 
 
 def snapshot(session: Session, edit_state: dict | None, model_info: dict | None) -> ProjectSnapshot:
     """Copies the session (lists copied, so later appends by a running job do not leak into the save)."""
     runs = [replace(run, prompts=list(run.prompts), scores=list(run.scores), params=dict(run.params),
                     model=dict(run.model), edits=list(run.edits))
-            for run in [*session.runs.values(), *session.partial_runs.values()] if run.scores]
+            for run in session.all_runs()]
     return ProjectSnapshot(factset=session.factset, runs=runs,
                            sets=[NeuronSet(s.name, s.kind, list(s.neurons), s.source)
                                  for s in session.neuron_sets.values()],
                            edit_state=edit_state, model=model_info, t=session.t, p=session.p,
                            causal_templates=session.causal_templates, checks=dict(session.checks),
-                           score_storage=session.score_storage)
+                           score_storage=session.score_storage, flags=session.flags_record())
 
 
 def save_project(path: str, snap: ProjectSnapshot, task=None) -> str:
@@ -96,7 +99,8 @@ def _write_snapshot(project, snap: ProjectSnapshot, task) -> None:
             task.progress(i / n, f"saving run {i + 1}/{n}")
         state = INTERRUPTED if run.state == RUNNING else run.state
         run_id = project.start_run(fact=run.fact, prompts=run.prompts, params=run.params,
-                                   model=run.model or None, info={"state": state, "edits": run.edits})
+                                   model=run.model or None, info={"state": state, "edits": run.edits,
+                                                                  "started": run.started, "name": run.name})
         for k, ps in enumerate(run.scores):  # a compact run's kept scores go back as they were read
             project.add_prompt_result(run_id, k, ps, scores=run.compact[k] if run.compact is not None else None)
         project.finish_run(run_id, _STORE_STATUS[state], elapsed_s=run.seconds)
@@ -105,6 +109,8 @@ def _write_snapshot(project, snap: ProjectSnapshot, task) -> None:
                                s.neurons, params={"source": s.source}, name=s.name)
     if snap.edit_state is not None and snap.edit_state.get("entries"):
         project.save_edit_history(snap.edit_state, model=snap.model)
+    if snap.flags is not None:
+        project.set_setting(FLAGS_SETTING, flags_to_json(snap.flags))
     project.set_setting(GUI_SETTING, {"t": snap.t, "p": snap.p, "autosave_of": snap.autosave_of,
                                       "causal_templates": snap.causal_templates,
                                       "checks": [[list(k[0]), k[1], v] for k, v in snap.checks.items()]})
@@ -143,7 +149,9 @@ def _read_run(project, rec, fact: Fact, models: dict) -> Run:
         kept.append(top)
         results.append(PromptScores(
             prompt=d.get("text", ""), answer=d.get("answer", ""), answer_ids=tuple(d.get("answer_ids", ())),
-            scores=scores, activations=np.zeros_like(scores) if act is None else act.astype(np.float32, copy=False),
+            # NaN, never 0, where the activations were not stored (a compact run): shown as "not stored"
+            scores=scores, activations=(np.full_like(scores, np.nan, dtype=np.float32) if act is None
+                                        else act.astype(np.float32, copy=False)),
             prob=p.prob if p.prob is not None else float("nan"), token_probs=[],
             completeness=p.completeness or [], seconds=p.seconds or 0.0, params=dict(rec.params)))
     state = _run_state(rec)
@@ -151,7 +159,18 @@ def _read_run(project, rec, fact: Fact, models: dict) -> Run:
         state = INTERRUPTED
     return Run(fact=fact, prompts=[_prompt_from(p.prompt, fact) for p in full.prompts], scores=results,
                params=dict(rec.params), model=models.get(rec.model_id, {}), seconds=rec.elapsed_s or 0.0,
-               state=state, edits=list(rec.info.get("edits", [])), store_id=rec.id, compact=kept if compact else None)
+               state=state, edits=list(rec.info.get("edits", [])), store_id=rec.id, compact=kept if compact else None,
+               started=float(rec.info.get("started") or _epoch(rec.started_at)), name=str(rec.info.get("name", "")))
+
+
+def _epoch(iso: str | None) -> float:
+    """The store's ISO start time as seconds (runs saved before the app recorded its own start time)."""
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(iso).timestamp() if iso else 0.0
+    except ValueError:
+        return 0.0
 
 
 def open_project_file(path: str, task=None) -> ProjectSnapshot:
@@ -175,6 +194,7 @@ def open_project_file(path: str, task=None) -> ProjectSnapshot:
                           (r.params or {}).get("source", "")) for r in project.list_neuron_sets()]
         edit_state, edit_sha = project.load_edit_history()
         gui = project.get_setting(GUI_SETTING, {}) or {}
+        flags = flags_from_json(project.get_setting(FLAGS_SETTING))
         storage = project.score_storage()
     finally:
         project.close()
@@ -182,24 +202,71 @@ def open_project_file(path: str, task=None) -> ProjectSnapshot:
     return ProjectSnapshot(factset=factset, runs=runs, sets=sets, edit_state=edit_state, edit_sha=edit_sha,
                            t=gui.get("t", 0.2), p=gui.get("p", 0.7), checks=checks, path=path,
                            causal_templates=gui.get("causal_templates", "prefix"), score_storage=storage,
-                           autosave_of=gui.get("autosave_of"))
+                           autosave_of=gui.get("autosave_of"), flags=flags)
 
 
-def place_runs(runs: list[Run]) -> tuple[dict, dict]:
-    """(current run per fact, partial run kept beside it): the newest complete run of each fact is current and
-    a later partial one is kept beside it; a fact with no complete run shows its newest partial run."""
+def _array_to_json(a: np.ndarray) -> dict:
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    return {"shape": list(a.shape), "float32_base64": base64.b64encode(a.tobytes()).decode("ascii")}
+
+
+def _array_from_json(d: dict) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(d["float32_base64"]), dtype=np.float32).reshape(d["shape"]).copy()
+
+
+STATS_ARRAYS = ("mean", "mean_abs", "median_abs", "layer_median_abs")
+
+
+def flags_to_json(record: dict) -> dict:
+    """Session.flags_record() as JSON: the statistics' arrays as base64 float32 (bit-exact, a quarter of the size
+    of decimal lists: 46k neurons x 4 arrays for the default model)."""
+    stats = record["stats"]
+    return {"sha256": record["sha256"], "run_prompts": record["run_prompts"], "flags": record["flags"].to_dict(),
+            "stats": {**{k: _array_to_json(getattr(stats, k)) for k in STATS_ARRAYS},
+                      "n_prompts": stats.n_prompts, "source": stats.source}}
+
+
+def flags_from_json(d: dict | None) -> dict | None:
+    """The saved flags record, or None (none saved, or unreadable: then they are measured again)."""
+    from kn_core.neurons import ActivationStats, NeuronFlags
+
+    if not d:
+        return None
+    try:
+        s = d["stats"]
+        stats = ActivationStats(**{k: _array_from_json(s[k]) for k in STATS_ARRAYS}, n_prompts=int(s["n_prompts"]),
+                                source=str(s.get("source", "")))
+        return {"sha256": d["sha256"], "run_prompts": int(d["run_prompts"]),
+                "flags": NeuronFlags.from_dict(d["flags"]), "stats": stats}
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def place_runs(runs: list[Run]) -> tuple[dict, dict, dict]:
+    """(current run per fact, partial run kept beside it, earlier runs): the newest complete run of each fact is
+    current and a later partial one is kept beside it; a fact with no complete run shows its newest partial run;
+    every run these replace is an earlier run (kept, listed in the runs browser)."""
     current: dict[tuple, Run] = {}
     partial: dict[tuple, Run] = {}
+    earlier: dict[tuple, list[Run]] = {}
+
+    def retire(run):
+        if run is not None:
+            earlier.setdefault(fact_key(run.fact), []).append(run)
+
     for run in runs:  # oldest first
         key = fact_key(run.fact)
         if run.complete:
+            retire(partial.pop(key, None))
+            retire(current.get(key))
             current[key] = run
-            partial.pop(key, None)
         elif key in current and current[key].complete:
+            retire(partial.get(key))
             partial[key] = run
         else:
+            retire(current.get(key))
             current[key] = run
-    return current, partial
+    return current, partial, earlier
 
 
 def results_dict(session: Session, edit_commands: list) -> dict:
@@ -208,9 +275,7 @@ def results_dict(session: Session, edit_commands: list) -> dict:
     at this t has null sets and `sets_not_decided` saying why (never a smaller set)."""
     s = session
     runs = []
-    for run in [*s.runs.values(), *s.partial_runs.values()]:
-        if not run.scores:
-            continue
+    for run in s.all_runs():
         try:
             coarse = [[list(n) for n in s.coarse(run, i)] for i in range(len(run.scores))]
             refined, note = [list(n) for n in s.refined(run)], None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from kn_core.reproduce.html import provenance_rows, read_figures, render_html
 
-from .session import Run, Session, TooCoarse, fact_label
+from .session import Run, Session, TooCoarse, fact_label, neuron_name
 
 GROUP_ORDER = ("fact", "relation", "other relations", "new object")  # edit_plan.summarize_plan's groups
 
@@ -31,12 +31,12 @@ def _pct(value) -> str:
 
 
 def _neurons(neurons, limit=12) -> str:
-    text = ", ".join(f"L{l}#{n}" for l, n in list(neurons)[:limit])
+    text = ", ".join(neuron_name(l, n) for l, n in list(neurons)[:limit])
     return text + (f" and {len(neurons) - limit} more" if len(neurons) > limit else "") if neurons else "none"
 
 
 def _runs_section(session: Session) -> list[str]:
-    runs = [r for r in [*session.runs.values(), *session.partial_runs.values()] if r.scores]
+    runs = session.all_runs()
     lines = ["## Attribution runs", "",
              f"Refined neurons at t = {session.t}, p = {session.p}"
              + ("" if session.keep_massive or session.flags is None else

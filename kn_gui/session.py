@@ -17,6 +17,7 @@ import numpy as np
 
 from kn_core import neurons as kn_neurons
 from kn_core.facts import Fact, FactSet, Prompt, Skipped, render_prompts
+from kn_core.neurons import neuron_name  # noqa: F401 - the app's panels take it from here
 
 Neuron = tuple[int, int]
 
@@ -63,7 +64,7 @@ RUNNING, COMPLETE = "running", "complete"
 CANCELLED, FAILED, INTERRUPTED = "cancelled", "failed", "interrupted"  # stopped early: a partial run
 
 
-@dataclass
+@dataclass(eq=False)  # a run is itself: compared by identity (its scores are arrays)
 class Run:
     """One attribution run over the prompts of one fact. `state`: running, complete, or (stopped early, with the
     prompts finished so far) cancelled / failed / interrupted (the app ended while it ran). `edits`: the model
@@ -80,6 +81,7 @@ class Run:
     edits: list[str] = field(default_factory=list)
     store_id: Any = None
     compact: list | None = None  # per prompt a topscores.TopScores: the run was stored with its top scores only
+    name: str = ""  # the user's name for the run (runs browser); "" shows its fact and date
 
     @property
     def complete(self) -> bool:
@@ -93,6 +95,9 @@ class Run:
             parts.append(f"running: {done}/{n} prompts done")
         elif self.state != COMPLETE:
             parts.append(f"partial run ({self.state}): {done}/{n} prompts")
+        held = self.params.get("held_out_templates") or []
+        if held:
+            parts.append(f"{len(held)} template{'s' if len(held) > 1 else ''} held out for generality")
         if self.edits:
             parts.append(f"on edited weights ({len(self.edits)} active edit{'s' if len(self.edits) > 1 else ''})")
         return "".join(f"  \u2014 {p}" for p in parts)
@@ -109,6 +114,11 @@ class Run:
         if not self.scores:
             return None
         return np.mean(np.stack([s.activations for s in self.scores]), axis=0)
+
+
+def activations_stored(run: Run) -> bool:
+    """False for a run read from a file that kept no activations (NaN arrays): left out of the statistics."""
+    return not run.scores or not np.isnan(run.scores[0].activations).all()
 
 
 def merge_factsets(fs, imported):
@@ -149,16 +159,20 @@ class Session:
         self.checks: dict[tuple, dict] = {}  # (fact key, template) -> answer_probabilities item
         self.runs: dict[tuple, Run] = {}  # fact key -> latest complete run (or the running / only partial one)
         self.partial_runs: dict[tuple, Run] = {}  # fact key -> a stopped re-run kept beside its complete run
+        self.earlier_runs: dict[tuple, list[Run]] = {}  # fact key -> runs a newer one replaced (never dropped)
         self.t = 0.2
         self.p = 0.7
         self.flags = None  # kn_core.neurons.NeuronFlags of the loaded model (run_flags), once measured
         self.keep_massive = False  # True: flagged neurons stay in the sets (the paper's method)
         self.causal_templates = "prefix"  # causal models: templates cut before [Y], or only those ending in [Y]
         self.activation_stats = None  # kn_core.neurons.ActivationStats measured with the flags (mean ablation)
+        self.flags_measured_on = 0  # how many run prompts the flags were measured on (with the neutral sentences)
+        self.saved_flags: dict | None = None  # the opened project's flags_record(), used when its model is loaded
         self.neuron_sets: dict[str, NeuronSet] = {}
         self.results_dirty = False
         self.path: str | None = None
         self.score_storage: dict | None = None  # the opened project's Project.score_storage(), kept when saving
+        self.generation = 0  # which project is open: +1 at each open / new (a job's result is kept only for its own)
 
     # ----------------------------------------------------------------- prompts
     def prompts_for(self, fact: Fact, causal_templates: str | None = None) -> tuple[list[Prompt], list[Skipped]]:
@@ -169,6 +183,61 @@ class Session:
             return [], [Skipped("", f"unknown relation {fact.relation}")]
         return render_prompts(fact, relation, self.lm.tokenizer, self.lm.kind,
                               causal_templates or self.causal_templates)
+
+    def keep_earlier(self, run: Run | None):
+        """A run a newer one replaces stays in the project (the runs browser lists it, the file keeps it)."""
+        if run is None or not run.scores:
+            return
+        kept = self.earlier_runs.setdefault(fact_key(run.fact), [])
+        if all(r is not run for r in kept):
+            kept.append(run)
+
+    def all_runs(self) -> list[Run]:
+        """Every run of the project with scores: current, partial beside them, earlier ones (oldest first)."""
+        found = [*self.runs.values(), *self.partial_runs.values(), *(r for runs in self.earlier_runs.values()
+                                                                     for r in runs)]
+        unique = list({id(r): r for r in found if r.scores}.values())
+        return sorted(unique, key=lambda r: r.started)
+
+    def run_maps(self) -> tuple[dict, dict, dict]:
+        """Which runs the project keeps and where (copies of the maps, the runs shared): for undo."""
+        return dict(self.runs), dict(self.partial_runs), {k: list(v) for k, v in self.earlier_runs.items()}
+
+    def set_run_maps(self, maps: tuple[dict, dict, dict]):
+        runs, partial, earlier = maps
+        self.runs, self.partial_runs = dict(runs), dict(partial)
+        self.earlier_runs = {k: list(v) for k, v in earlier.items()}
+        self.results_dirty = True
+
+    def _take_out(self, run: Run):
+        key = fact_key(run.fact)
+        if self.runs.get(key) is run:
+            del self.runs[key]
+        if self.partial_runs.get(key) is run:
+            del self.partial_runs[key]
+        self.earlier_runs[key] = [r for r in self.earlier_runs.get(key, []) if r is not run]
+        if not self.earlier_runs[key]:
+            del self.earlier_runs[key]
+
+    def make_current(self, run: Run):
+        """`run` becomes its fact's run (the one the plots show and the sets come from); the one it replaces is
+        kept as an earlier run."""
+        key = fact_key(run.fact)
+        self._take_out(run)
+        self.keep_earlier(self.runs.get(key))
+        self.runs[key] = run
+
+    def delete_run(self, run: Run):
+        """Drops `run`; if it was its fact's run, the newest complete one left (else the newest) takes its place."""
+        key = fact_key(run.fact)
+        was_current = self.runs.get(key) is run
+        self._take_out(run)
+        if was_current:
+            left = sorted([*self.earlier_runs.get(key, []), *([self.partial_runs[key]] if key in self.partial_runs
+                                                              else [])], key=lambda r: (r.complete, r.started))
+            if left:
+                self._take_out(left[-1])
+                self.runs[key] = left[-1]
 
     def prompt_params(self) -> dict:
         """How the prompts were made, recorded in every run's params as `kn attribute --facts` records it, so
@@ -187,6 +256,25 @@ class Session:
         """The model changed: its flags and activation statistics no longer describe it."""
         self.flags = None
         self.activation_stats = None
+        self.flags_measured_on = 0
+
+    def flags_record(self) -> dict | None:
+        """The flags as saved with the project: with the weights and the number of run prompts they describe."""
+        if self.flags is None or self.activation_stats is None or self.lm is None:
+            return None
+        return {"sha256": getattr(self.lm, "sha256", None), "run_prompts": self.flags_measured_on, "flags": self.flags,
+                "stats": self.activation_stats}
+
+    def restore_flags(self) -> bool:
+        """The saved flags, when they describe the loaded weights and exactly the runs measured now (a run added
+        or removed since, or other weights: False, they are measured again)."""
+        saved = self.saved_flags
+        if (saved is None or self.lm is None or saved["sha256"] != getattr(self.lm, "sha256", None)
+                or saved["run_prompts"] != len(self.flag_inputs()[0])):
+            return False
+        self.flags, self.activation_stats = saved["flags"], saved["stats"]
+        self.flags_measured_on = saved["run_prompts"]
+        return True
 
     def flag_inputs(self) -> tuple[list[np.ndarray], dict[str, list[list]]]:
         """What `run_flags` measures on: the answer-position activations of every prompt attributed on the loaded
@@ -197,7 +285,8 @@ class Session:
         for run in list(self.runs.values()):
             if not run.scores or run.edits or run.model.get("sha256") != sha:
                 continue
-            activations += [ps.activations for ps in run.scores]
+            if activations_stored(run):  # a compact run kept no activations: only its scores count
+                activations += [ps.activations for ps in run.scores]
             by_relation.setdefault(run.fact.relation, []).append(
                 run.compact[:len(run.scores)] if run.compact is not None else run.score_arrays())
         return activations, by_relation
@@ -262,11 +351,29 @@ class Session:
     def put_set(self, neuron_set: NeuronSet):
         self.neuron_sets[neuron_set.name] = neuron_set
 
+    def facts_using(self, neuron: Neuron) -> tuple[list[Fact], int]:
+        """The facts whose refined set (their current run, at t and p) holds `neuron`, and how many facts were
+        looked at (runs whose stored scores cannot decide the sets at this t are not counted)."""
+        neuron, found, looked = (int(neuron[0]), int(neuron[1])), [], 0
+        for run in self.runs.values():
+            if not run.scores:
+                continue
+            try:
+                refined = self.refined(run)
+            except TooCoarse:
+                continue
+            looked += 1
+            if neuron in refined:
+                found.append(run.fact)
+        return found, looked
+
     # ----------------------------------------------------------------- inspector data (stored, no model)
     def top_activating(self, layer: int, neuron: int, k: int = 10) -> list[tuple[str, str, float, float]]:
         """Prompts with stored activations, ranked by this neuron's activation: (prompt, answer, act, score)."""
         rows = []
         for run in self.runs.values():
+            if not activations_stored(run):
+                continue
             for ps in run.scores:
                 rows.append((ps.prompt, ps.answer, float(ps.activations[layer, neuron]),
                              float(ps.scores[layer, neuron])))

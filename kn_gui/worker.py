@@ -102,6 +102,7 @@ class Job:
     on_error: Callable[[str, str], None] | None = None
     on_cancel: Callable[[], None] | None = None
     uses: frozenset = frozenset()  # what the job reads while it runs: "model", "session"
+    project: Any = None  # the project token when it was submitted; None: its result belongs to no project
     started_at: float = 0.0
     task: Task | None = field(default=None)
 
@@ -115,7 +116,7 @@ class JobRunner(QObject):
 
     job_started = Signal(str)
     job_progress = Signal(float, str, float)  # fraction (-1 = unknown), message, eta seconds (-1 = unknown)
-    job_ended = Signal(str, str, str)  # name, outcome ("done" | "failed" | "cancelled"), message
+    job_ended = Signal(str, str, str)  # name, outcome ("done" | "failed" | "cancelled" | "dropped"), message
     busy_changed = Signal(bool)
 
     def __init__(self, parent=None):
@@ -132,6 +133,10 @@ class JobRunner(QObject):
         self.thread.start()
         self.current: Job | None = None
         self.queue: deque[Job] = deque()
+        self._shut = False  # shutdown() ran: the worker's signals are disconnected
+        # the open project's token (MainWindow: Session.generation); a job's callbacks run only while the project
+        # it was submitted for is still open, so a result is never applied to the next project
+        self.project_token: Callable[[], Any] = lambda: None
 
     @property
     def busy(self) -> bool:
@@ -145,8 +150,12 @@ class JobRunner(QObject):
         return None
 
     def submit(self, name: str, fn, on_done=None, on_partial=None, on_error=None, on_cancel=None,
-               uses=("model",)) -> Job:
-        job = Job(name, fn, on_done, on_partial, on_error, on_cancel, frozenset(uses))
+               uses=("model",), project_bound: bool = True) -> Job:
+        """`project_bound` (the default): the job's result belongs to the project open now and is dropped if
+        another one is opened before it arrives. False for jobs that make the project (opening) or act outside
+        it (loading a model, exports)."""
+        job = Job(name, fn, on_done, on_partial, on_error, on_cancel, frozenset(uses),
+                  self.project_token() if project_bound else None)
         self.queue.append(job)
         if self.current is None:
             self._start_next()
@@ -162,17 +171,19 @@ class JobRunner(QObject):
         if self.current is not None:
             self.current.cancel()
 
+    def _stale(self, job: Job | None) -> bool:
+        return job is not None and job.project is not None and job.project != self.project_token()
+
     def _start_next(self):
-        if not self.queue:
-            if self.current is None:
-                self.busy_changed.emit(False)
+        if self.current is not None:  # a callback submitted a job that started at once: it runs first
             return
-        was_idle = self.current is None
+        if not self.queue:
+            self.busy_changed.emit(False)
+            return
         job = self.current = self.queue.popleft()
         job.started_at = time.monotonic()
         job.task = self.worker.make_task()
-        if was_idle:
-            self.busy_changed.emit(True)
+        self.busy_changed.emit(True)
         self.job_started.emit(job.name)
         self.worker._run.emit(job.fn, job.task)
 
@@ -190,12 +201,14 @@ class JobRunner(QObject):
         job = self.current
         # Delivered even after a cancel was asked for: the job produced it before stopping (signals keep their
         # order, so it arrives before the job's end), and a finished prompt must not be lost to a late click.
-        if job is not None and job.on_partial:
+        if job is not None and job.on_partial and not self._stale(job):
             self._safe(job.on_partial, obj)
 
     def _finish(self, outcome: str, callback, *args, message: str = ""):
         job, self.current = self.current, None
-        if job is not None and callback is not None:
+        if self._stale(job):
+            outcome, message = "dropped", "it belongs to a project that is no longer open; its result was dropped"
+        elif job is not None and callback is not None:
             self._safe(callback, *args)
         self.job_ended.emit(job.name if job else "", outcome, message)
         self._start_next()
@@ -227,7 +240,17 @@ class JobRunner(QObject):
             time.sleep(0.005)
         return not self.busy
 
-    def shutdown(self, timeout_ms: int = 5000):
+    def shutdown(self, timeout_ms: int = 60000) -> bool:
+        """Cancels the jobs and ends the worker thread, the worker's signals disconnected first (a signal from a
+        job that ends during the app's teardown must not reach half-destroyed objects). True when the thread
+        ended; a thread still running (a step that cannot be cancelled) is left to the process's exit."""
         self.cancel()
+        connections = ((self.worker.progress, self._on_progress), (self.worker.partial, self._on_partial),
+                       (self.worker.finished, self._on_finished), (self.worker.failed, self._on_failed),
+                       (self.worker.cancelled, self._on_cancelled))
+        if not self._shut:
+            self._shut = True
+            for signal, slot in connections:
+                signal.disconnect(slot)
         self.thread.quit()
-        self.thread.wait(timeout_ms)
+        return self.thread.wait(timeout_ms)

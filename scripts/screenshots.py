@@ -5,9 +5,13 @@ attribution (grabbing the whole window mid-run), inspect a neuron, suppress the 
 inspector and the before/after table; then the same window at 1280x800 (where the per-layer plots fold into a
 tab beside the map) to check the default dock sizes.
 
-    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/screenshots.py   # real X server (xcb)
+    .venv/bin/python scripts/screenshots.py --screen 1600x1000   # its own Xvfb + openbox (window manager)
+    .venv/bin/python scripts/screenshots.py --screen 1280x800 --only-window
+    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python scripts/screenshots.py   # an X server, no WM
     QT_QPA_PLATFORM=offscreen .venv/bin/python scripts/screenshots.py              # no X server at all
 
+With --screen the window is shown as a user sees it: maximized by the window manager onto a screen of that size
+(title bar and all, the whole screen grabbed) and saved as main_window_WxH.png; --only-window stops there.
 Options: --steps N (integrated-gradient steps, default 20 = the paper), --fact "France" (subject in P36),
 --out DIR (default docs/screenshots), --width/--height (default 1600x1000).
 """
@@ -33,7 +37,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / "docs" / "screenshots"))
     parser.add_argument("--width", type=int, default=1600)
     parser.add_argument("--height", type=int, default=1000)
+    parser.add_argument("--screen", help="WxH: start Xvfb of that size with openbox and grab the whole screen")
+    parser.add_argument("--only-window", action="store_true", help="with --screen: only the main window shot")
     args = parser.parse_args(argv)
+    if args.screen:
+        args.width, args.height = map(int, args.screen.lower().split("x"))
+        start_x_server(args.width, args.height)
     if "QT_QPA_PLATFORM" not in os.environ:
         os.environ["QT_QPA_PLATFORM"] = "xcb" if os.environ.get("DISPLAY") else "offscreen"
     out = Path(args.out)
@@ -50,8 +59,11 @@ def main(argv=None) -> int:
     window = MainWindow(settings=settings, confirm_dialogs=False)
     window.auto_discard = True
     window.project.autosave_folder = os.path.join(tmp, "autosave")
-    window.resize(args.width, args.height)
+    if not args.screen:
+        window.resize(args.width, args.height)
     window.show()
+    if args.screen:
+        window.showMaximized()  # as a user on that screen would: the window manager fits it, title bar and all
 
     def pump(ms: int = 300):
         loop = QEventLoop()
@@ -83,6 +95,13 @@ def main(argv=None) -> int:
         """The window as the screen shows it (frame and all, on a real X server); a panel as it draws itself."""
         pump(400)
         path = out / name
+        if widget is window and args.screen:
+            from PIL import ImageGrab
+
+            image = ImageGrab.grab(xdisplay=os.environ["DISPLAY"])
+            image.save(str(path))
+            print("wrote", path, f"{image.width}x{image.height}")
+            return
         if widget is window and os.environ["QT_QPA_PLATFORM"] == "xcb":
             image = window.screen().grabWindow(window.winId())
         else:
@@ -93,6 +112,14 @@ def main(argv=None) -> int:
     window.model_dock.raise_()
     wait(window.model_loaded, 600, "the default model", lambda: window.load_model("default"))
     idle()
+    if args.only_window:
+        fs = window.session.factset
+        fact = next(f for f in fs.facts_of(args.relation) if f.subject == args.fact)
+        window.facts_panel.select_fact(fact)
+        idle()
+        shot(window, f"main_window_{args.width}x{args.height}.png")
+        window.close()
+        return 0
     window.model_dock.raise_()  # loading raises the Facts tab (the next step); the model's summary first
     shot(window.model_dock, "model_panel.png")
 
@@ -144,6 +171,9 @@ def main(argv=None) -> int:
     window.edits_dock.setFloating(False)
     window.facts_dock.raise_()
     shot(window, "main_window.png")
+    if args.screen:
+        window.close()
+        return 0
     window.resize(1280, 800)  # a laptop screen: the per-layer plots fold into a tab, the map keeps its height
     window._default_dock_sizes()
     pump(1000)  # the docks, the fold and the scroll areas settle at the new size
@@ -154,6 +184,23 @@ def main(argv=None) -> int:
     window.close()
     print("project saved to", project)
     return 0
+
+
+def start_x_server(width: int, height: int) -> None:
+    """Xvfb of that size and openbox on it, for this process (both end with it)."""
+    import atexit
+    import subprocess
+
+    read, write = os.pipe()
+    xvfb = subprocess.Popen(["Xvfb", "-displayfd", str(write), "-screen", "0", f"{width}x{height}x24", "-nolisten",
+                             "tcp"], pass_fds=(write,), stderr=subprocess.DEVNULL)
+    os.close(write)
+    with os.fdopen(read) as handle:
+        os.environ["DISPLAY"] = f":{handle.readline().strip()}"
+    os.environ["QT_QPA_PLATFORM"] = "xcb"
+    wm = subprocess.Popen(["openbox", "--sm-disable"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1.0)  # openbox takes the screen before the window maps
+    atexit.register(lambda: (wm.terminate(), xvfb.terminate()))
 
 
 if __name__ == "__main__":

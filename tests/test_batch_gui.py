@@ -65,6 +65,9 @@ def test_selected_facts_become_one_history_entry_and_undo_bitwise(parts):
     assert [r["fact"] for r in report["rows"]] and len(report["rows"]) == 2
     assert report["skipped"] == [["Spain \u2192 Madrid", "not attributed yet (run attribution on the selection)"]]
     assert entry.report["batch"]["requests"][0]["metrics"]["reliability"]["n"] >= 1  # saved with the history
+    # the strip shows the engine's batch metrics beside the random control (never recomputed in the app)
+    assert report["metrics"] is report["batch"]["summary"]["metrics"] and "control" in report["metrics"]
+    assert batch.unattributed([FRANCE, JAPAN, SPAIN]) == [SPAIN]
     assert not same(session.lm, original)
     history.undo(history.edits)
     assert same(session.lm, original)

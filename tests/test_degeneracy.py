@@ -157,7 +157,7 @@ def test_cap_lists_what_was_not_paired_strongest_first():
     assert result["pairs_tested"] == 3 and result["pairs_total"] == 15
     assert result["neurons"][:3] == [[2, 2], [0, 2], [1, 1]]
     assert len(result["singles"]) == 6 and len(result["all"]["neurons"]) == 6
-    assert [x["what"] for x in result["left_out"]] == ["pairs with L0.1", "pairs with L1.2", "pairs with L2.1"]
+    assert [x["what"] for x in result["left_out"]] == ["pairs with L0 N1", "pairs with L1 N2", "pairs with L2 N1"]
     assert all("max_neurons" in x["reason"] for x in result["left_out"])
 
 
@@ -243,5 +243,5 @@ def test_reproduction_counts_per_relation_and_report_section():
     assert part["facts"][0]["redundant_pairs"] == [[list(A), list(B)]]
     text = "\n".join(_degeneracy_section({"degeneracy": part, "relations": ["P36"], "left_out": {}}))
     assert "| P36 | 1 | 1 | 1 | 1 | 1 | 1 | 1 / 3 | 0 |" in text
-    assert "- P36 France -> Paris: pairs L2.5 + L2.9; the whole set (L2.5 + L2.9 + L1.3)" in text
+    assert "- P36 France -> Paris: pairs L2 N5 + L2 N9; the whole set (L2 N5 + L2 N9 + L1 N3)" in text
     assert "P36:Japan: no knowledge neurons" in text

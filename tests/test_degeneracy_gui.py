@@ -96,7 +96,7 @@ def test_panel_asks_with_its_target_and_shows_every_row(qapp, qtbot):
     rows = panel.degeneracy.table.displayed_rows()
     assert len(rows) == 2 * (3 + 3 + 1)  # knowledge and random: 3 alone, 3 pairs, all
     assert [r[0] for r in rows] == ["knowledge"] * 7 + ["random"] * 7
-    assert rows[0][1] == "L1.3" and rows[3][1] == "L1.3 + L2.4" and rows[6][1].startswith("all: ")
+    assert rows[0][1] == "L1 N3" and rows[3][1] == "L1 N3 + L2 N4" and rows[6][1].startswith("all: ")
     assert all(r[6] in ("leaves", "removes", "redundant") for r in rows)
     assert rows[0][4] == result["singles"][0]["prob_ratio"]["text"]
     assert "1 edit(s) in force" in panel.degeneracy.title.text()

@@ -103,7 +103,7 @@ def test_update_plan_pairs_prompts_and_excludes_shared_neurons(family):
     assert isinstance(update, E.Update)
     # (2, 3) is in 2 of the 3 *other* facts (> 10%); the fact's own set does not count
     assert update.excluded == ((2, 3),) and update.neurons == ((1, 4),)
-    assert any("L2.3" in what and "10%" in why for what, why in plan.skipped)
+    assert any("L2 N3" in what and "10%" in why for what, why in plan.skipped)
     fact, new = plan.prompts["fact"], plan.prompts["new object"]
     assert len(fact) == len(new) > 0
     assert all(p.template == q.template and q.fact.object == "Berlin" for p, q in zip(fact, new))
@@ -263,7 +263,7 @@ def test_mean_ablation_and_flagged_neurons_in_plans():
                                          exclude=((0, 9),)), activation_stats=Stats())
     assert plan.edit == E.Suppress(((2, 3), (1, 4)), "answer", "mean", (Stats.mean[2, 3], Stats.mean[1, 4]))
     assert plan.control.to == "mean" and plan.control.means == tuple(Stats.mean[n] for n in plan.control.neurons)
-    assert (0, 9) not in plan.control.neurons and any("L0.9" in what for what, _ in plan.skipped)
+    assert (0, 9) not in plan.control.neurons and any("L0 N9" in what for what, _ in plan.skipped)
     with pytest.raises(EditPlanError, match="flagged") as exc:
         plan_edit(lm, FS, EditRequest("amplify", ((0, 9),), FRANCE, exclude=((0, 9),)))
     one_line(exc)

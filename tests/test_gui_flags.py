@@ -64,8 +64,8 @@ def test_flags_reset_with_the_model_and_come_back_with_runs(window, qtbot, plant
 def test_project_with_runs_is_flagged_when_opened(window, qtbot, tmp_path):
     run_fact(qtbot, window)
     path = str(tmp_path / "p.knproj")
+    window.session.reset_flags()  # a file saved without flags (before they were saved): measured when opened
     assert window.save_to(path, wait=True)
-    window.session.reset_flags()
     with qtbot.waitSignal(window.project_opened, timeout=30000):
         window.open_project(path)
     assert window.session.flags is None  # the opened runs are measured on the worker, not in the UI thread

@@ -74,6 +74,9 @@ def test_an_edit_report_keeps_the_window_on_screen(sized, qtbot):
     assert not window.edits_dock.widget().horizontalScrollBar().isVisible()
     assert fully_shown(window.edits_panel.apply_button) and fully_shown(window.attribution_panel.run_button)
     assert fully_shown(window.edits_panel.result_title)
+    table = window.edits_panel.table  # several rows of the before/after table, not about one
+    assert table.viewport().height() >= 3 * table.verticalHeader().defaultSectionSize()
+    assert on_screen(table).height() >= 3 * table.verticalHeader().defaultSectionSize()
 
 
 @pytest.mark.parametrize("kind", ["Suppress", "Amplify", "Update", "Erase relation"])

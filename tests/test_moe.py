@@ -335,7 +335,7 @@ def test_cli_neurons_name_experts_in_json_and_text(capsys, saved_moe):
     text = capsys.readouterr().out
     first = doc["refined"][0] if doc["refined"] else None
     if first:
-        assert f"refined L{first['layer']} E{first['expert']} #{first['neuron']}" in text
+        assert f"refined L{first['layer']} E{first['expert']} N{first['neuron']}" in text
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)

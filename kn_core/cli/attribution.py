@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from .checks import whole_number
-from .common import (COMMON, CliError, emit, factset_of, find_fact, load, neuron_list, neuron_name, progress_bar,
+from .common import (COMMON, CliError, emit, factset_of, find_fact, load, neuron_list, progress_bar,
                      project_of, prompt_format_field, prompt_format_option, say)
 
 
@@ -133,7 +133,7 @@ def cmd_neurons(args) -> int:
     from ..attribution import attribute_fact, default_t
     from ..facts import render_prompts
     from ..encoding import prompt_format
-    from ..neurons import case_neurons, coarse_neurons, empty_neurons_fix, run_flags
+    from ..neurons import case_neurons, coarse_neurons, neuron_name, run_flags
     from ..runner import prompt_params, run_params
 
     params = params_of(args)
@@ -181,10 +181,10 @@ def cmd_neurons(args) -> int:
              f"neurons (t={t}, p={args.p}) in {doc['seconds']:.1f} s",
              f"  neurons: {selection['text']}" + ("" if refined else f"; none: {empty_neurons_fix(len(prompts), args.p)}")]
     lines += [f"  {p.text!r} -> {p.answer!r} P={r.prob:.3f}, {len(c)} coarse" for p, r, c in zip(prompts, results, coarse)]
-    lines += [f"  refined {neuron_name(lm.layout, l, i)} {' '.join(flags.of((l, i)))}".rstrip() for l, i in refined]
+    lines += [f"  refined {neuron_name(l, i, lm.layout)} {' '.join(flags.of((l, i)))}".rstrip() for l, i in refined]
     if flags.massive:
         kept = "kept (--keep-massive)" if args.keep_massive else "excluded (--keep-massive keeps them)"
-        lines.append(f"  massive neurons {kept}: " + ", ".join(neuron_name(lm.layout, l, i)
+        lines.append(f"  massive neurons {kept}: " + ", ".join(neuron_name(l, i, lm.layout)
                                                                    for l, i in sorted(flags.massive)))
     lines += tolerance_lines(results, params)
     emit(args, doc, "\n".join(lines))

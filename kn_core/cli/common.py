@@ -175,14 +175,6 @@ def find_fact(factset, relation: str, subject: str):
     raise CliError(f"no fact with subject {subject!r} in relation {relation}; subjects include: {subjects}")
 
 
-def neuron_name(layout, layer: int, index: int) -> str:
-    """"L3 #120" for text output; in an MoE model "L3 E5 #24" (expert 5's neuron 24)."""
-    if layout.experts is None:
-        return f"L{layer} #{index}"
-    expert, local = layout.expert_of(layer, index)
-    return f"L{layer} E{expert} #{local}"
-
-
 def neuron_list(neurons, scores=None, layout=None) -> list[dict]:
     """Neurons for JSON: {"layer", "neuron"}; in a mixture-of-experts model (`layout` given)
     {"layer", "expert", "neuron" (within the expert), "index" (in the layer's flattened axis, what inputs take)}."""

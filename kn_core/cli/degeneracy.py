@@ -8,7 +8,9 @@ from .common import COMMON, CliError, emit, factset_of, find_fact, load, neuron_
 
 
 def _name(neurons) -> str:
-    return " + ".join(f"L{l}.{i}" for l, i in neurons)
+    from ..neurons import neuron_name
+
+    return " + ".join(neuron_name(l, i) for l, i in neurons)
 
 
 def _row(label: str, r: dict) -> str:

@@ -29,7 +29,7 @@ def _fact_neurons(args, lm, factset, fact, held_out=None) -> FoundNeurons:
     from ..attribution import attribute_fact
     from ..facts import render_prompts
     from ..metrics import held_out_templates
-    from ..neurons import case_neurons, run_flags
+    from ..neurons import case_neurons, neuron_name, run_flags
 
     prompts, skipped = render_prompts(fact, factset.relation(fact.relation), lm.tokenizer, lm.kind)
     if not prompts:
@@ -48,7 +48,7 @@ def _fact_neurons(args, lm, factset, fact, held_out=None) -> FoundNeurons:
     neurons, selection = case_neurons([s.scores for s in scores], args.t, args.p, exclude=excluded)
     if excluded:
         say(f"{fact.relation} {fact.subject}: massive neurons left out (--keep-massive keeps them): "
-            + ", ".join(f"L{l}.{i}" for l, i in sorted(excluded)))
+            + ", ".join(neuron_name(l, i, lm.layout) for l, i in sorted(excluded)))
     if selection["rule"] != "refined":
         say(f"{fact.relation} {fact.subject}: {selection['text']}")
     return FoundNeurons(prompts, neurons, sum(s.scores for s in scores), excluded, selection)
@@ -336,6 +336,7 @@ def _relation_held_out(args, lm, factset, facts) -> tuple[str, ...]:
 
 def cmd_neuron(args) -> int:
     from .. import evaluation as ev
+    from ..neurons import neuron_name
     from ..validation import check_int
 
     if args.sign == "auto" and not args.prompt:
@@ -353,7 +354,7 @@ def cmd_neuron(args) -> int:
         info["activations"] = [{"text": t, "activation": float(a)} for t, a in zip(args.prompt, acts)]
     if sentences is not None:
         info["ranked"] = ev.rank_by_activation(lm, [(args.layer, args.index)], sentences, args.position)
-    text = [f"L{args.layer} #{args.index} (|v| = {info['norm']:.3f})",
+    text = [f"{neuron_name(args.layer, args.index)} (|v| = {info['norm']:.3f})",
             f"{info['labels']['promotes']}: " + ", ".join(f"{r['token']!r} {r['logit']:+.2f}" for r in info["promotes"]),
             f"{info['labels']['suppresses']}: " + ", ".join(f"{r['token']!r} {r['logit']:+.2f}" for r in info["suppresses"])]
     text += [f"  {a['activation']:+.4f}  {a['text']!r}" for a in info.get("activations", [])]

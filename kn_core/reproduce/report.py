@@ -16,6 +16,7 @@ import numpy as np
 
 from ..attribution import integration_text
 from ..jsonio import dumps, write_text_atomic
+from ..neurons import neuron_name
 from ..validation import markdown_safe
 from .html import provenance_rows, read_figures, render_html
 from .localisation import localisation_markdown
@@ -187,7 +188,7 @@ def _neurons_section(report: dict) -> list[str]:
     if flags:
         rule = flags.get("rule", {})
         lines += [f"Flagged neurons (kept apart, beyond the paper): {len(flags['massive'])} massive "
-                  f"({', '.join(f'L{l}#{i}' for l, i in flags['massive'][:12]) or 'none'}), "
+                  f"({', '.join(neuron_name(l, i) for l, i in flags['massive'][:12]) or 'none'}), "
                   f"{len(flags['unspecific'])} unspecific. Massive: {rule.get('massive', '-')} "
                   f"({rule.get('stats_source', '')}). Unspecific: {rule.get('unspecific', '-')}. They are "
                   + ("**excluded** from refined and relation-level neurons (the default; `--keep-massive` keeps "
@@ -390,8 +391,8 @@ def _degeneracy_section(report: dict) -> list[str]:
     if named:
         lines += ["", "Redundant subsets:", ""]
         for f in named:
-            pairs = ", ".join(" + ".join(f"L{l}.{i}" for l, i in p) for p in f["redundant_pairs"]) or "none"
-            whole = "; the whole set (" + " + ".join(f"L{l}.{i}" for l, i in f["neurons"]) + ")" \
+            pairs = ", ".join(" + ".join(neuron_name(l, i) for l, i in p) for p in f["redundant_pairs"]) or "none"
+            whole = "; the whole set (" + " + ".join(neuron_name(l, i) for l, i in f["neurons"]) + ")" \
                 if f["all"]["redundant"] else ""
             lines.append(f"- {f['relation']} {f['subject']} -> {f['object']}: pairs {pairs}{whole}")
     skipped = [f"{f['relation']} {f['subject']}: {f['reason']}" for f in dg["facts"] if not f["applicable"]]

@@ -124,11 +124,14 @@ class AttributionController(QObject):
         self.runner = runner
         self.active_edits = active_edits  # descriptions of the model edits in force now
         self.running: list[Run] = []
+        self._replaced: dict = {}  # fact key -> the run a running one replaces once it completes
         self._stale: list[Fact] = []  # facts whose answer checks a model change dropped
 
     # ----------------------------------------------------------------------------------------- attribution
-    def start(self, facts: list[Fact], params) -> list[Run]:
-        """Queues one job attributing every prompt of `facts`; raises UserError when none has usable prompts."""
+    def start(self, facts: list[Fact], params, hold_out: int = 0) -> list[Run]:
+        """Queues one job attributing every prompt of `facts`, but for `hold_out` templates of each fact kept for
+        measuring generality (kn_core.metrics.held_out_templates, drawn with the params' seed, recorded in the
+        run's params); raises UserError when none has usable prompts or too few would be left."""
         s = self.session
         if s.lm is None:
             raise UserError("No model loaded", "Load a model first: Model panel \u2192 Load model (Ctrl+L). The "
@@ -143,12 +146,17 @@ class AttributionController(QObject):
                 skipped.append(f"{fact_label(fact)} ({reasons})")
                 prefix_helps |= bool(lm.kind == "causal" and s.prompts_for(fact, "prefix")[0])
                 continue
-            runs.append(Run(fact=fact, prompts=prompts, params={**params.to_dict(), **s.prompt_params()},
-                            model=lm.describe(), edits=edits))
+            held = self._held_out(fact, prompts, hold_out, params.seed)
+            # held-out templates recorded only when there are some: a run of every template keeps the params that
+            # `kn attribute --facts` resumes from
+            runs.append(Run(fact=fact, prompts=[p for p in prompts if p.template not in held], model=lm.describe(),
+                            params={**params.to_dict(), **s.prompt_params(),
+                                    **({"held_out_templates": list(held)} if held else {})}, edits=edits))
         if not runs:
             raise UserError("Nothing to attribute", "No usable prompts for: " + "; ".join(skipped) + ". "
                             + no_prompts_fix(lm.kind, prefix_helps))
         previous = {fact_key(r.fact): s.runs.get(fact_key(r.fact)) for r in runs}
+        self._replaced = dict(previous)
         for run in runs:
             s.runs[fact_key(run.fact)] = run
         self.running = runs
@@ -178,6 +186,15 @@ class AttributionController(QObject):
                            uses=("model", "session"))
         return runs
 
+    @staticmethod
+    def _held_out(fact: Fact, prompts, hold_out: int, seed) -> tuple[str, ...]:
+        from kn_core.metrics import held_out_templates
+
+        try:
+            return held_out_templates([p.template for p in prompts], hold_out, int(seed or 0))
+        except ValueError as exc:
+            raise UserError("Cannot hold out templates", f"{fact_label(fact)}: {exc}.") from exc
+
     def _partial(self, item):
         if isinstance(item, ChunkReady):
             self.event.emit(item)
@@ -188,7 +205,9 @@ class AttributionController(QObject):
         self.session.results_dirty = True
         if len(run.scores) == len(run.prompts):
             run.state = COMPLETE
-            self.session.partial_runs.pop(fact_key(run.fact), None)  # superseded by a complete run
+            key = fact_key(run.fact)  # the runs it supersedes stay in the project as earlier runs
+            self.session.keep_earlier(self.session.partial_runs.pop(key, None))
+            self.session.keep_earlier(self._replaced.pop(key, None))
         self.event.emit(PromptDone(run, item.prompt))
         if run.complete:
             self.event.emit(RunFinished(run))
@@ -201,8 +220,10 @@ class AttributionController(QObject):
         if previous is not None and (previous.complete or not run.scores):
             s.runs[key] = previous
             if run.scores:
+                s.keep_earlier(s.partial_runs.get(key))
                 s.partial_runs[key] = run
         elif run.scores:
+            s.keep_earlier(previous)  # an earlier partial run: kept too
             s.runs[key] = run
         else:
             s.runs.pop(key, None)
@@ -215,7 +236,7 @@ class AttributionController(QObject):
         s = self.session
         lm = s.lm
         activations, by_relation = s.flag_inputs()
-        if lm is None or not activations:
+        if lm is None or not (activations or by_relation):
             return False
         t = s.t
         from kn_core.neurons import flag_massive, run_stats, scored_flags
@@ -229,6 +250,7 @@ class AttributionController(QObject):
             if s.lm is not lm:  # the model changed meanwhile: these describe the old one
                 return
             s.activation_stats, s.flags, left_out = result
+            s.flags_measured_on = len(activations)
             self.event.emit(FlagsMeasured(s.flags, len(activations), left_out))
 
         self.runner.submit("Flagging massive / unspecific neurons", job, on_done=done)

@@ -39,6 +39,11 @@ class BatchController(QObject):
         super().__init__(parent)
         self.session, self.runner, self.history, self.edits = session, runner, history, edits
 
+    def unattributed(self, facts: list[Fact]) -> list[Fact]:
+        """The facts a batch edit would leave out for want of a run (said before it runs)."""
+        runs = self.session.runs
+        return [f for f in facts if runs.get(fact_key(f)) is None or not runs[fact_key(f)].scores]
+
     def apply(self, request: dict, facts: list[Fact]):
         """Plans, applies and measures the Edits panel's `request` on each of `facts` (with each fact's refined
         neurons) on the worker; UserError before any work when the batch cannot be built."""
@@ -136,4 +141,7 @@ def panel_report(batch: dict, facts: list[Fact], label: str, lm) -> dict:
     return {"title": f"Batch: {label}: {batch['applied']} of {len(facts)} facts edited as one history entry "
                      f"(rows: p of the edit's target, mean over each fact's prompts)",
             "rows": rows, "edit": {"kind": "batch"}, "summary": {}, "skipped": skipped,
-            "model": {"name": info.get("name") or lm.source, "sha256": lm.sha256}, "batch": batch}
+            "model": {"name": info.get("name") or lm.source, "sha256": lm.sha256}, "batch": batch,
+            # the engine's measurement (kn_core.batch): each metric the mean over the edited facts, beside the same
+            # for their random-neuron controls; locality over other facts of the relations (control facts)
+            "metrics": batch["summary"]["metrics"]}

@@ -336,7 +336,7 @@ def edit_report(plan, before: dict, after: dict, model: dict, metrics: dict | No
             if i < min(len(new_before), len(new_after)):
                 rows[-1]["new_before"], rows[-1]["new_after"] = new_before[i]["prob"], new_after[i]["prob"]
     if request.kind == "erase":
-        title = f"Erase {edit.describe()} ({request.fact.relation})"
+        title = f"{edit.describe()} ({request.fact.relation})"  # describe() already starts with "Erase"
     else:
         title = f"{edit.describe()} \u2014 evaluated on {fact_label(request.fact)}"
     return {"title": title, "rows": rows, "edit": edit.to_dict(), "summary": summarize_plan(plan, before, after),

@@ -94,20 +94,23 @@ class ProjectController(QObject):
             raise UserError("Busy", f"Cannot open a project while \u201c{job.name}\u201d runs: wait for it or press "
                             "Cancel (Esc).")
         self.runner.submit(f"Opening {Path(path).name}", lambda task: project_io.open_project_file(path, task),
-                           on_done=lambda snap: self._opened(snap, recovered), uses=("session",))
+                           on_done=lambda snap: self._opened(snap, recovered), uses=("session",),
+                           project_bound=False)
 
     def _opened(self, snap: ProjectSnapshot, recovered: bool):
         self.edits.history.clear()
         if self.edits.edit_stack is not None:
             self.edits.edit_stack.clear()
         s = self.session
+        s.generation += 1  # from now on, results of the jobs started for the previous project are dropped
         s.factset = snap.factset
-        s.runs, s.partial_runs = place_runs(snap.runs)
+        s.runs, s.partial_runs, s.earlier_runs = place_runs(snap.runs)
         s.neuron_sets = {ns.name: ns for ns in snap.sets}
         s.t, s.p = snap.t, snap.p
         s.causal_templates = snap.causal_templates
         s.score_storage = snap.score_storage
         s.checks = snap.checks if s.lm is not None else {}
+        s.saved_flags = snap.flags
         self.discard_autosave()
         if recovered:
             self._autosave_file = snap.path  # keep writing to the recovered file until the user saves
@@ -119,6 +122,7 @@ class ProjectController(QObject):
         self.event.emit(ProjectOpened(snap, recovered))
 
     def new(self):
+        self.session.generation += 1
         self.edits.history.clear()
         if self.edits.edit_stack is not None:
             self.edits.edit_stack.clear()
@@ -126,6 +130,7 @@ class ProjectController(QObject):
         self.discard_autosave()
         self.path = None
         self.session.score_storage = None  # a new project stores full scores
+        self.session.saved_flags = None
 
     # ----------------------------------------------------------------------------------------- autosave
     def _listed(self) -> list[str]:

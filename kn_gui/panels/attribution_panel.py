@@ -11,6 +11,8 @@ When the panel is short the per-layer plots fold into a tab, so the map keeps it
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import Qt, QTimer, Signal
@@ -18,9 +20,10 @@ from PySide6.QtWidgets import QCheckBox, QComboBox, QLabel, QSpinBox, QSplitter,
 
 from kn_core.encoding import PROMPT_FORMATS
 from kn_core.facts import CAUSAL_TEMPLATES
+from kn_core.neurons import refine_threshold
 
-from ..session import TooCoarse
-from .common import TableView, button, fmt_prob, hbox, hint, vbox
+from ..session import TooCoarse, neuron_name
+from .common import TableView, button, fmt_activation, fmt_prob, hbox, hint, vbox
 from .neuron_map import NeuronMap, expert_text
 from .thresholds import ThresholdControl
 
@@ -108,6 +111,12 @@ class AttributionPanel(QWidget):
                                       "asking to complete the sentence and the prompt starting the assistant's reply "
                                       "(instruct models), for attribution and evaluation alike; recorded with runs")
         self.prompt_format.currentTextChanged.connect(self.prompt_format_changed.emit)
+        self.hold_out = QSpinBox()
+        self.hold_out.setRange(0, 20)
+        self.hold_out.setPrefix("hold out ")
+        self.hold_out.setToolTip("Templates of each fact kept out of the attribution (drawn with the run's seed): "
+                                 "an edit then measures generality on wordings its neurons never saw (0: every "
+                                 "template finds the neurons and generality is n/a)")
         params = hbox(QLabel("steps"), self.steps, QLabel("quadrature"), self.quadrature, QLabel("rule"), self.rule,
                       QLabel("method"), self.method, QLabel("templates"), self.templates, None)
 
@@ -236,10 +245,10 @@ class AttributionPanel(QWidget):
         self.thresholds_row = QWidget()
         self.thresholds_row.setToolTip("Thresholds are views over the stored scores: moving them recomputes the "
                                        "coarse and refined sets at once, without running anything")
-        # the prompt format sits here, not beside "templates": the run row is already as wide as 1280 px allows
+        # hold out and the prompt format sit here: the parameters' row is the panel's widest (1280x800 must fit)
         self.thresholds_row.setLayout(hbox(self.t_control, self.p_control, self.adapt_button,
-                                           self.relation_button, self.keep_massive, QLabel("prompts"),
-                                           self.prompt_format))
+                                           self.relation_button, self.keep_massive, self.hold_out,
+                                           QLabel("prompts"), self.prompt_format))
         title_row = hbox(self.title, QLabel("show"), self.view_of, QLabel("bars"), self.agg)
         title_row.setStretch(0, 1)
         self.setLayout(vbox(self.run_row, self.thresholds_row, title_row, self.summary, self.split, spacing=4))
@@ -484,11 +493,11 @@ class AttributionPanel(QWidget):
             self.summary.setText(f"\u26a0 no coarse or refined sets at t = {self.session.t:.2f}: {exc}")
             self.problem.emit(str(exc))
             return
-        need = max(self.session.p * done, 3)
-        if n < 3:  # kn_core.neurons.case_neurons: refinement cannot select anything below 3 prompts
+        need = math.ceil(refine_threshold(done, self.session.p))  # a count: >= 4.2 of 6 means >= 5 of 6
+        if done < 3:  # kn_core.neurons.case_neurons: refinement cannot select anything below 3 prompts
             rule = f"neurons (fewer than 3 prompts: coarse in all {done})"
         else:
-            rule = f"refined (coarse in \u2265 {need:g} of {done} prompts)"
+            rule = f"refined (coarse in \u2265 {need} of {done} prompts)"
         self.summary.setText(
             f"coarse per prompt: {', '.join(map(str, coarse))}   |   {rule}: {len(self.refined)}   |   "
             f"t = {self.session.t:.2f}, p = {self.session.p:.2f}")
@@ -518,7 +527,7 @@ class AttributionPanel(QWidget):
         shown = []
         if run is not None and run.scores:
             shown = (self.selected + [r for r in self.refined if r not in self.selected])[:len(self._prompt_lines)]
-        names = [f"L{l} N{i}" for l, i in shown]
+        names = [neuron_name(l, i) for l, i in shown]
         if names != self._legend_names:
             self.prompt_legend.clear()
             for line, name in zip(self._prompt_lines, names):
@@ -594,7 +603,7 @@ class AttributionPanel(QWidget):
         return experts
 
     def describe_neuron(self, layer: int, neuron: int) -> str:
-        text = f"layer {layer}, neuron {neuron}"
+        text = neuron_name(layer, neuron)
         in_expert = expert_text(self.heat_widget.experts, layer, neuron)
         if in_expert:
             text = f"layer {layer}, {in_expert}"
@@ -603,7 +612,7 @@ class AttributionPanel(QWidget):
             text += (f":  score {score:.4g}" if not np.isnan(score) else
                      ":  score not stored (below this run's kept top scores in at least one prompt shown)")
         if self._shown_acts is not None:
-            text += f",  activation {self._shown_acts[layer, neuron]:.4g}"
+            text += f",  activation {fmt_activation(self._shown_acts[layer, neuron])}"
         if (layer, neuron) in self.refined:
             text += "   (refined)"
         flagged = self.flags.of((layer, neuron)) if self.flags is not None else ()

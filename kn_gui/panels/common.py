@@ -47,6 +47,11 @@ def button(text: str, slot=None, tooltip: str = "", name: str = "") -> QPushButt
     return b
 
 
+def fmt_activation(value) -> str:
+    """An activation, or "not stored" (NaN: a compact run's activations were not saved)."""
+    return "not stored" if value is None or value != value else f"{float(value):.4g}"
+
+
 def fmt_prob(p: float | None) -> str:
     if p is None:
         return ""
@@ -78,12 +83,13 @@ class TableView(QTableView):
     formatter, default fmt_prob for |x| < 1 else 3 significant digits) but sorted and exported in full.
     `context` lines (e.g. the edit and the model) are written above the CSV header as "# " comments."""
 
-    def __init__(self, headers: list[str], parent=None, formats: dict | None = None):
+    def __init__(self, headers: list[str], parent=None, formats: dict | None = None, missing: dict | None = None):
         super().__init__(parent)
         self.table = QStandardItemModel(0, len(headers), self)
         self.table.setHorizontalHeaderLabels(headers)
         self.table.setSortRole(RAW)
         self.formats = dict(formats or {})
+        self.missing = dict(missing or {})  # column -> what a NaN means there (default an em dash)
         self.context: list[str] = []
         self.setModel(self.table)
         self.setAlternatingRowColors(True)
@@ -102,7 +108,7 @@ class TableView(QTableView):
         if value is None:
             return ""
         if isinstance(value, float) and value != value:
-            return "\u2014"
+            return self.missing.get(col, "\u2014")
         if col in self.formats:
             return self.formats[col](value)
         if isinstance(value, float):
@@ -160,8 +166,7 @@ class TableView(QTableView):
             writer.writerows(csv_row(row) for row in self.rows())  # text starting with = + - @ stays text
 
     def export_csv_dialog(self, parent, default_name: str = "table.csv") -> str | None:
-        path, _ = QFileDialog.getSaveFileName(parent, "Export table as CSV", str(default_folder() / default_name),
-                                              "CSV (*.csv)")
+        path = save_file_dialog(parent, "Export table as CSV", default_name, "CSV (*.csv)")
         if path:
             self.write_csv(path)
             return path
@@ -174,6 +179,38 @@ def default_folder() -> Path:
 
     folder = QStandardPaths.writableLocation(QStandardPaths.DocumentsLocation)
     return Path(folder) if folder and Path(folder).is_dir() else Path.home()
+
+
+_SETTINGS = []  # the window's QSettings (set_settings): where the export dialogs' last folder is remembered
+EXPORT_FOLDER_KEY = "folders/export"
+
+
+def set_settings(settings) -> None:
+    _SETTINGS[:] = [settings]
+
+
+def export_folder() -> Path:
+    """The folder of the last export (remembered across sessions), else the documents folder."""
+    folder = _SETTINGS[0].value(EXPORT_FOLDER_KEY, "") if _SETTINGS else ""
+    return Path(folder) if folder and Path(folder).is_dir() else default_folder()
+
+
+def remember_folder(path: str | Path) -> None:
+    if _SETTINGS and path:
+        _SETTINGS[0].setValue(EXPORT_FOLDER_KEY, str(Path(path).parent))
+
+
+def save_file_dialog(parent, title: str, name: str, filters: str) -> str:
+    """A save dialog starting in the last export folder; the chosen file's folder is remembered ("" if none)."""
+    path, _ = QFileDialog.getSaveFileName(parent, title, str(export_folder() / name), filters)
+    remember_folder(path)
+    return path
+
+
+def safe_file_name(name: str) -> str:
+    """A set or fact name as a file name (a set is named e.g. "refined: France \u2192 Paris")."""
+    cleaned = "".join(c if c.isalnum() or c in "-_. " else "_" for c in name).strip(" ._")
+    return cleaned or "export"
 
 
 def write_json(path: str | Path, obj) -> None:

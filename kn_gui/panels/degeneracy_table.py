@@ -8,8 +8,9 @@ test on the worker, where the app's Cancel stops it."""
 from __future__ import annotations
 
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtWidgets import QComboBox, QDoubleSpinBox, QLabel, QSpinBox, QWidget
+from PySide6.QtWidgets import QComboBox, QDoubleSpinBox, QFrame, QLabel, QScrollArea, QSpinBox, QWidget
 
+from ..session import neuron_name
 from .common import TableView, button, hbox, hint, vbox
 
 REDUNDANT, REMOVES = "#1e8449", "#c0392b"
@@ -17,7 +18,7 @@ HEADERS = ["neurons", "suppressed", "size", "p after", "\u00d7 p", "top-1 kept",
 
 
 def _names(neurons) -> str:
-    return " + ".join(f"L{l}.{i}" for l, i in neurons)
+    return " + ".join(neuron_name(l, i) for l, i in neurons)
 
 
 class DegeneracyTable(QWidget):
@@ -59,7 +60,16 @@ class DegeneracyTable(QWidget):
                                     lambda: self.table.export_csv_dialog(self, "degeneracy.csv"))
         options = hbox(self.criterion, self.removed_below, self.max_neurons, self.run_button, None,
                        self.export_button)
-        self.setLayout(vbox(options, self.title, self.summary, self.table, self.notes))
+        self.table.setMinimumHeight(150)  # about five rows
+        # the result scrolls inside the tab: a long summary never grows the Edits panel (which pushed the edit form
+        # out of view until Reset layout)
+        result = QWidget()
+        result.setLayout(vbox(self.title, self.summary, self.table, self.notes, margins=(0, 0, 0, 0)))
+        scroll = QScrollArea()
+        scroll.setFrameShape(QFrame.NoFrame)
+        scroll.setWidgetResizable(True)
+        scroll.setWidget(result)
+        self.setLayout(vbox(options, scroll))
 
     def _run(self):
         self.run_requested.emit({"criterion": self.criterion.currentData(),

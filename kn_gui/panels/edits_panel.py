@@ -13,12 +13,15 @@ from __future__ import annotations
 import re
 
 from PySide6.QtCore import QStringListModel, Qt, Signal
-from PySide6.QtWidgets import (QComboBox, QCompleter, QDoubleSpinBox, QFormLayout, QGroupBox, QLabel, QSpinBox,
-                               QSplitter, QStackedWidget, QTabWidget, QUndoView, QWidget)
+from PySide6.QtWidgets import (QComboBox, QCompleter, QDoubleSpinBox, QFormLayout, QFrame, QGroupBox, QLabel,
+                               QScrollArea, QSpinBox, QSplitter, QStackedWidget, QTabWidget, QUndoView,
+                               QWidget)
 
 from kn_core.facts import Fact
 
 from .common import TableView, button, fmt_delta, fmt_prob, hbox, hint, vbox
+
+TABLE_ROWS_SHOWN = 4  # the before/after table's least height, in rows
 from .degeneracy_table import DegeneracyTable
 from .metrics_strip import MetricsStrip
 
@@ -129,7 +132,26 @@ class EditsPanel(QWidget):
         warning_row = hbox(self.result_warning, self.attribute_button)
         warning_row.setStretch(0, 1)
         self.metrics_strip = MetricsStrip()
-        result_box.setLayout(vbox(title_row, self.result_summary, warning_row, self.metrics_strip, self.table))
+        # the summary and the metrics above the table scroll in their own area, in a splitter with the table, so
+        # the table always shows several rows (at 1280x800 it used to show about one)
+        header = QWidget()
+        header.setLayout(vbox(self.result_summary, warning_row, self.metrics_strip, margins=(0, 0, 0, 0)))
+        header_scroll = QScrollArea()
+        header_scroll.setFrameShape(QFrame.NoFrame)
+        header_scroll.setWidgetResizable(True)
+        header_scroll.setWidget(header)
+        header_scroll.setMinimumHeight(48)
+        header_scroll.viewport().setAutoFillBackground(False)
+        header.setAutoFillBackground(False)
+        self.table.setMinimumHeight(TABLE_ROWS_SHOWN * 26 + 30)
+        result_split = QSplitter(Qt.Vertical)
+        result_split.addWidget(header_scroll)
+        result_split.addWidget(self.table)
+        result_split.setStretchFactor(0, 0)
+        result_split.setStretchFactor(1, 1)
+        result_split.setChildrenCollapsible(False)
+        self.result_split = result_split
+        result_box.setLayout(vbox(title_row, result_split))
 
         split = QSplitter(Qt.Horizontal)
         left = QWidget()
@@ -316,6 +338,7 @@ class EditsPanel(QWidget):
         self.result_warning.hide()
         self.attribute_button.hide()
         self.metrics_strip.show_metrics((report or {}).get("metrics"))
+        self.result_split.widget(0).setVisible(bool(report))  # no empty box above an empty table
         if not report:
             self.result_title.setText("Apply an edit to see its effect here.")
             self.result_summary.setText("")
@@ -348,6 +371,14 @@ class EditsPanel(QWidget):
             self.table.setColumnHidden(col, not is_update)
         self.table.resizeColumnsToContents()
         self.table.setColumnWidth(2, min(260, self.table.columnWidth(2)))
+        self._share_height()
+
+    def _share_height(self):
+        """The summary and metrics get what they need up to 40% of the height; the table the rest."""
+        total = sum(self.result_split.sizes())
+        if total > 0:
+            header = min(self.result_split.widget(0).widget().sizeHint().height(), int(0.4 * total))
+            self.result_split.setSizes([header, total - header])
 
     def _title(self, report: dict) -> str:
         """The report's title; an update names its objects as words, not token ids."""
@@ -479,10 +510,16 @@ class EditsPanel(QWidget):
         if not model and lm is not None:
             info = lm.describe()
             model = {"name": info.get("name") or getattr(lm, "source", ""), "sha256": info.get("sha256", "")}
-        return [f"edit: {self._title(report)}",
-                f"edit parameters: {json.dumps(report.get('edit') or {}, default=str)}",
-                f"model: {model.get('name') or 'unknown'}"
-                + (f" (weights sha256 {model['sha256']})" if model.get("sha256") else "")]
+        lines = [f"edit: {self._title(report)}",
+                 f"edit parameters: {json.dumps(report.get('edit') or {}, default=str)}",
+                 f"model: {model.get('name') or 'unknown'}"
+                 + (f" (weights sha256 {model['sha256']})" if model.get("sha256") else "")]
+        if report.get("metrics"):  # the metrics strip's numbers, each beside the random control (kn_core.metrics)
+            from kn_core.metrics import metrics_lines
+
+            lines += ["metrics (edit [random-neuron control]):"] + [line.strip() for line in
+                                                                     metrics_lines(report["metrics"])]
+        return lines
 
 
 def _maybe_float(value):

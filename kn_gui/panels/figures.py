@@ -14,6 +14,7 @@ import numpy as np
 from PySide6.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QDoubleSpinBox, QFileDialog, QFormLayout,
                                QLineEdit, QSpinBox)
 
+from ..session import neuron_name
 from .common import button, default_folder, hbox, hint, problem_label
 from .neuron_map import pooled_columns
 
@@ -82,7 +83,7 @@ def figure_data(panel, which: str) -> dict:
             for ps in run.scores:
                 top = float(np.max(ps.scores))
                 ys.append(float(ps.scores[layer, neuron]) / top if top > 0 else 0.0)
-            lines[f"L{layer} N{neuron}"] = ys
+            lines[neuron_name(layer, neuron)] = ys
         data["lines"] = lines
     return data
 
@@ -143,8 +144,8 @@ def _draw_heatmap(figure, data):
     for label, neurons_, style in marks:
         if neurons_:
             axes.scatter([n + 0.5 for _, n in neurons_], [l + 0.5 for l, _ in neurons_], label=label, **style)
-    if any(m[1] for m in marks):
-        axes.legend(fontsize=7, loc="upper right", framealpha=0.8)
+    if any(m[1] for m in marks):  # below the map, never over a marked neuron
+        axes.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4, frameon=False)
     axes.set_xlim(0, neurons)
     axes.set_ylim(0, layers)
     axes.set_xlabel("neuron" + (f" (one column = the strongest of {factor})" if factor > 1 else ""))

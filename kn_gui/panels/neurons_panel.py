@@ -15,10 +15,10 @@ import csv
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QBrush, QColor
-from PySide6.QtWidgets import (QFileDialog, QHeaderView, QGroupBox, QInputDialog, QLabel, QSplitter, QTabWidget, QWidget)
+from PySide6.QtWidgets import (QHeaderView, QGroupBox, QInputDialog, QLabel, QSplitter, QTabWidget, QWidget)
 
-from ..session import NeuronSet
-from .common import TableView, button, default_folder, hbox, hint, vbox
+from ..session import NeuronSet, fact_label, neuron_name
+from .common import TableView, button, hbox, hint, safe_file_name, save_file_dialog, vbox
 from .neuron_map import FLAG, expert_text
 
 FLAG_GLYPH = "\u26a0"
@@ -46,7 +46,7 @@ class NeuronsPanel(QWidget):
         self.sets.selectionModel().currentRowChanged.connect(lambda *_: self._show_set())
         self.flags = None  # kn_core.neurons.NeuronFlags of the model, when measured
         self.contents = TableView(["layer", "neuron", "score", "activation", "flags"],
-                                  formats={2: "{:.4g}".format, 3: "{:.4g}".format})
+                                  formats={2: "{:.4g}".format, 3: "{:.4g}".format}, missing={3: "not stored"})
         self.contents.setMinimumHeight(130)  # about five rows
         self.contents.doubleClicked.connect(self._inspect_row)
         self.contents.setToolTip("Double-click a neuron to inspect it")
@@ -56,7 +56,8 @@ class NeuronsPanel(QWidget):
         self.rename_button = button("Rename", self.rename_set)
         self.delete_button = button("Delete", self.delete_set, name="danger")
         self.use_button = button("Select in plot", self._use_set, "Select this set's neurons in the plots")
-        self.export_button = button("Export\u2026", self.export_set, "Save the set as CSV or JSON")
+        # a lambda: clicked(bool) would pass False as the path (and the export did nothing)
+        self.export_button = button("Export\u2026", lambda: self.export_set(), "Save the set as CSV or JSON")
 
         sets_box = QWidget()
         sets_box.setLayout(vbox(self.sets, hbox(self.save_sel_button, self.rename_button, self.delete_button, None),
@@ -219,8 +220,8 @@ class NeuronsPanel(QWidget):
             self.error.emit("No set selected", "Select a neuron set in the list first.")
             return
         if path is None:
-            path, _ = QFileDialog.getSaveFileName(self, "Export neuron set", str(default_folder() / f"{s.name}.json"),
-                                                  "JSON (*.json);;CSV (*.csv)")
+            path = save_file_dialog(self, "Export neuron set", f"{safe_file_name(s.name)}.json",
+                                    "JSON (*.json);;CSV (*.csv)")
         if not path:
             return
         try:
@@ -266,12 +267,15 @@ class NeuronsPanel(QWidget):
         the engine already read the value vector with the activation's sign) or the older adapter's
         {"promoted", "suppressed", "norm"} (read as +v)."""
         self.inspected = (layer, neuron)
-        sets = [s.name for s in self.session.neuron_sets.values() if (layer, neuron) in map(tuple, s.neurons)]
-        extra = f"  \u2014 in {', '.join(sets)}" if sets else ""
+        users, looked = self.session.facts_using((layer, neuron))
+        names = ", ".join(fact_label(f) for f in users[:6]) + (f" and {len(users) - 6} more" if len(users) > 6 else "")
+        extra = f"  \u2014 refined for {len(users)} of {looked} attributed facts" + (f": {names}" if users else "")
         flagged = self.flags_of((layer, neuron))
         flag_text = f"  {FLAG_GLYPH} flagged {', '.join(flagged)}" if flagged else ""
         norm = f", |v| = {tokens['norm']:.3g}" if tokens and tokens.get("norm") is not None else ""
-        self.inspect_title.setText(f"Layer {layer}, {self._expert_part(layer, neuron)}{norm}{extra}{flag_text}")
+        experts = getattr(getattr(getattr(self.session, "lm", None), "layout", None), "experts", None)
+        name = f"Layer {layer}, {self._expert_part(layer, neuron)}" if experts is not None else neuron_name(layer, neuron)
+        self.inspect_title.setText(f"{name}{norm}{extra}{flag_text}")
         self.inspect_title.setToolTip(self._flag_tooltip(flagged) if flagged else "")
         self.promoted.clear_rows()
         self.suppressed.clear_rows()

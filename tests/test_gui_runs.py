@@ -1,0 +1,147 @@
+"""Partial and earlier runs (issue 24): the cancel note stays, "Cancelling..." stays until the job ends, and every
+run (complete, partial, replaced) is kept in the saved file."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+import pytest
+
+pytest.importorskip("pytestqt")
+
+from PySide6.QtCore import Qt  # noqa: E402
+
+from test_gui import FRANCE, app, lm, make_window, run_fact, settings, window  # noqa: E402,F401 (fixtures)
+
+KEY = ("P36", "France", "Paris")
+
+
+@pytest.fixture
+def pause_every_run(monkeypatch):
+    """Every attribution job waits after its first prompt until it is cancelled (or 60 s)."""
+    import kn_core.attribution as attribution
+
+    original = attribution.attribute_fact
+
+    def attribute_fact(lm, prompts, params=None, *, task=None, on_prompt=None):
+        def first_then_wait(k, result):
+            if on_prompt is not None:
+                on_prompt(k, result)
+            deadline = time.monotonic() + 60
+            while k == 0 and not task.cancelled and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+        return original(lm, prompts, params, task=task, on_prompt=first_then_wait)
+
+    monkeypatch.setattr(attribution, "attribute_fact", attribute_fact)
+
+
+def start_paused_run(qtbot, window):
+    window.facts_panel.select_fact(FRANCE)
+    window.attribution_panel.steps.setValue(3)
+    window.run_attribution("current")
+    running = window.attribution.running[0]
+    qtbot.waitUntil(lambda: len(running.scores) >= 1, timeout=60000)
+    return running
+
+
+def reopened(qtbot, window, settings, lm, path):
+    """Saves the window's project to `path` and opens it in a fresh window (closed by the caller)."""
+    assert window.save_to(path, wait=True)
+    again = make_window(qtbot, settings, lm)
+    with qtbot.waitSignal(again.project_opened, timeout=30000):
+        again.open_project(path)
+    assert again.runner.wait_idle(30000)
+    return again
+
+
+def test_cancelling_is_not_overwritten_and_the_note_stays(window, qtbot, pause_every_run):
+    window.session.checks.clear()  # the fact is checked again after the cancel: a job whose progress must not hide
+    start_paused_run(qtbot, window)  # the note
+    qtbot.keyClick(window, Qt.Key_Escape)
+    label = window.job_status.job_label
+    assert label.toolTip().startswith("Cancelling")
+    window.runner.job_progress.emit(0.5, "prompt 2/4 step 3", 1.0)  # a late progress message
+    assert label.toolTip().startswith("Cancelling")
+    assert window.runner.wait_idle(60000)
+    qtbot.wait(50)
+    assert window.runner.wait_idle(60000)
+    assert "kept 1 finished prompt(s) of 4" in window.statusBar().currentMessage()
+
+
+def test_every_run_is_kept_in_the_file(window, qtbot, settings, lm, tmp_path, pause_every_run):
+    """A complete run, then two re-runs cancelled one after the other (Esc, then the Cancel button), then a
+    complete re-run: all four are in the saved file, the newest complete one is the fact's run."""
+    window.attribution_panel.steps.setValue(2)
+    first = start_paused_run(qtbot, window)
+    qtbot.keyClick(window, Qt.Key_Escape)
+    assert window.runner.wait_idle(60000)
+    second = start_paused_run(qtbot, window)
+    qtbot.mouseClick(window.cancel_button, Qt.LeftButton)
+    assert window.runner.wait_idle(60000)
+    s = window.session
+    assert first in s.all_runs() and second in s.all_runs()
+    assert {r.state for r in s.all_runs()} == {"cancelled"}
+    again = reopened(qtbot, window, settings, lm, str(tmp_path / "runs.knproj"))
+    back = again.session.all_runs()
+    assert [(r.state, len(r.scores)) for r in back] == [("cancelled", 1), ("cancelled", 1)]
+    assert [r.started for r in back] == [first.started, second.started]
+    again.close()
+
+
+def test_a_complete_rerun_keeps_the_run_it_replaces(window, qtbot, tmp_path, settings, lm):
+    first = run_fact(qtbot, window, steps=2)
+    second = run_fact(qtbot, window, steps=3)
+    s = window.session
+    assert s.runs[KEY] is second and s.earlier_runs[KEY] == [first]
+    again = reopened(qtbot, window, settings, lm, str(tmp_path / "two.knproj"))
+    current, earlier = again.session.runs[KEY], again.session.earlier_runs[KEY]
+    assert current.params["steps"] == 3 and [r.params["steps"] for r in earlier] == [2]
+    again.close()
+
+
+def test_runs_browser_lists_opens_renames_deletes_and_compares(window, qtbot):
+    from kn_gui.panels.runs_browser import compare_runs
+
+    first = run_fact(qtbot, window, steps=1)
+    second = run_fact(qtbot, window, steps=2)
+    s = window.session
+    dialog = window.show_runs()
+    assert [r is x for r, x in zip(dialog.shown, [first, second])] == [True, True]
+    texts = dialog.table.rows()
+    assert texts[0][5] == "1" and texts[1][5] == "2" and "the fact's run" in texts[1][2]
+    dialog.select_runs([first])
+    dialog._open()  # the earlier run becomes the fact's run; undo brings the newer one back
+    assert s.runs[KEY] is first and second in s.earlier_runs[KEY]
+    assert window.attribution_panel.run is first
+    window.undo()
+    assert s.runs[KEY] is second and window.attribution_panel.run is second
+    dialog.select_runs([second])
+    dialog._delete()
+    assert s.runs[KEY] is first and all(r is not second for r in s.all_runs())
+    window.undo()
+    assert s.runs[KEY] is second and any(r is first for r in s.all_runs())
+    dialog.select_runs([first])
+    dialog.rename_requested.emit(first, "two steps fewer")
+    assert first.name == "two steps fewer"
+    window.undo()
+    assert first.name == ""
+    dialog.select_runs([first, second])
+    dialog._compare()
+    result = compare_runs(s, first, second)
+    a, b = set(s.refined(first)), set(s.refined(second))
+    expected = len(a & b) / len(a | b) if a | b else None
+    assert result["jaccard"] == expected and result["both"] == sorted(a & b)
+    assert np.array_equal(result["difference"], first.mean_scores() - second.mean_scores())
+    assert "Jaccard" in dialog.summary.text()
+    dialog.close()
+
+
+def test_renamed_runs_keep_their_name_in_the_file(window, qtbot, settings, lm, tmp_path):
+    run = run_fact(qtbot, window, steps=1)
+    run.name = "baseline"
+    again = reopened(qtbot, window, settings, lm, str(tmp_path / "named.knproj"))
+    assert again.session.runs[KEY].name == "baseline"
+    again.close()
