@@ -276,7 +276,7 @@ class AttributionPanel(QWidget):
             return
         self.folded = folded
         if folded:
-            self.tabs.addTab(self.layer_widget, "Per layer")
+            self.tabs.insertTab(self.tabs.indexOf(self.prompt_page) + 1, self.layer_widget, "Per layer")
             return
         shown = self.tabs.currentWidget() is self.layer_widget
         self.tabs.removeTab(self.tabs.indexOf(self.layer_widget))
