@@ -85,8 +85,11 @@ def main() -> None:
           "the suite); *read from its structure*: no row, kn_core/discover.py found the FFN and checked the head "
           "against the model's logits (not in the suite: add a row and a tiny config to test it); *refused*: why. "
           "Mixture-of-experts rows are the MoE section's.\n")
+    kinds = sys.argv[1:] or ["causal", "masked"]  # e.g. `masked` alone
     for kind, names, auto in (("causal", MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, AutoModelForCausalLM),
                               ("masked", MODEL_FOR_MASKED_LM_MAPPING_NAMES, AutoModelForMaskedLM)):
+        if kind not in kinds:
+            continue
         print(f"\n## {kind}\n\n| model type | decision |\n|---|---|")
         for model_type in sorted(names):
             if FAMILIES.get(model_type) is not None:  # built and tested by the suite
