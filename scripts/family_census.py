@@ -37,7 +37,7 @@ def decide(model_type: str, auto) -> str:
         config = AutoConfig.for_model(model_type, **SIZES)
         if config.get_text_config() is not config:
             return f"refused: a wrapper around a {config.get_text_config().model_type!r} model without a row"
-        model = auto.from_config(config)
+        model = auto.from_config(config).eval()  # as load_model does: no dropout in the check's forward
     except BaseException as exc:  # noqa: BLE001 - any failure to build is reported, not raised
         first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
         return f"not built from its config here ({type(exc).__name__}: {first})"
