@@ -28,7 +28,8 @@ from .families import FamilySpec, UnsupportedModelError, get_path
 
 _FFN_NAME = re.compile(r"mlp|ffn|feed_?forward|ff", re.IGNORECASE)  # a whole attribute name
 _FFN_CLASS = re.compile(r"MLP|FeedForward|FFN")
-_EXPERTS = re.compile(r"expert|router|moe", re.IGNORECASE)
+_EXPERTS = re.compile(r"expert|router|moe", re.IGNORECASE)  # an attribute name
+_EXPERTS_CLASS = re.compile(r"Expert|Router|MoE|SparseMoe|Moe(Block|Layer)")  # not a family name's "moe" (Afmoe...)
 _ATTENTION = re.compile(r"attn|attention|self_att", re.IGNORECASE)
 _NOT_TEXT = re.compile(r"vision|visual|image|audio|speech|encoder_decoder", re.IGNORECASE)
 
@@ -75,7 +76,8 @@ def _out_proj(block: nn.Module, hidden: int) -> str:
     else (BERT-like blocks keep the FFN's two Linears in separate `intermediate` and `output` submodules) among
     the block's Linears outside its attention."""
     modules = [(name, module) for name, module in block.named_modules() if name]
-    experts = [name for name, module in modules if _EXPERTS.search(name) or _EXPERTS.search(type(module).__name__)]
+    experts = [name for name, module in modules
+               if _EXPERTS.search(name.rsplit(".", 1)[-1]) or _EXPERTS_CLASS.search(type(module).__name__)]
     if experts:
         raise UnsupportedModelError(f"its blocks hold a mixture of experts ({experts[0]})")
     for name, module in modules:
