@@ -5,8 +5,9 @@ What it looks for, and why each is enough:
 - blocks: the one `nn.ModuleList` with `num_hidden_layers` entries (text config), outside any vision tower.
 - the FFN of a block: a submodule named or typed like one (mlp, ffn, feed_forward, ...); its out-projection is
   the last Linear in it that maps the intermediate width back to the hidden width, where another Linear in it
-  maps the hidden width to that intermediate width (or twice it, a fused gate and up projection). The same path
-  in every block.
+  maps the hidden width to that intermediate width (or twice it, a fused gate and up projection). Without such a
+  submodule (BERT-like blocks: `intermediate` and `output`), the same pair among the block's Linears outside
+  its attention. The same path in every block; a block holding experts is refused (MoE families need a row).
 - the final norm (causal): the base model's last direct child that is a norm.
 - the head: causal, the output embeddings; masked, the top model's children after the base model.
 Then the model itself checks the reading: on a few tokens every out-projection runs once per forward on
@@ -27,7 +28,9 @@ from .families import FamilySpec, UnsupportedModelError, get_path
 
 _FFN_NAME = re.compile(r"mlp|ffn|feed_?forward|ff", re.IGNORECASE)  # a whole attribute name
 _FFN_CLASS = re.compile(r"MLP|FeedForward|FFN")
-_EXPERTS = re.compile(r"expert|router|moe", re.IGNORECASE)
+_EXPERTS = re.compile(r"expert|router|moe", re.IGNORECASE)  # an attribute name
+_EXPERTS_CLASS = re.compile(r"Expert|Router|MoE|SparseMoe|Moe(Block|Layer)")  # not a family name's "moe" (Afmoe...)
+_ATTENTION = re.compile(r"attn|attention|self_att", re.IGNORECASE)
 _NOT_TEXT = re.compile(r"vision|visual|image|audio|speech|encoder_decoder", re.IGNORECASE)
 
 
@@ -59,25 +62,38 @@ def _blocks(model: nn.Module, layers: int) -> str:
     return found[0]
 
 
+def _down_projection(linears: list[tuple[str, tuple[int, int]]], hidden: int) -> str | None:
+    """The last Linear back to the hidden width whose input width another Linear maps the hidden width up to."""
+    outs = [(path, widths) for path, widths in linears if widths[1] == hidden and widths[0] != hidden]
+    if not outs:
+        return None
+    path, (width, _) = outs[-1]
+    return path if any(w[0] == hidden and w[1] in (width, 2 * width) for _, w in linears) else None
+
+
 def _out_proj(block: nn.Module, hidden: int) -> str:
-    """The dotted path, inside one block, of its FFN's out-projection."""
-    candidates = []
-    for name, module in block.named_modules():
+    """The dotted path, inside one block, of its FFN's out-projection: in a submodule named or typed like an FFN,
+    else (BERT-like blocks keep the FFN's two Linears in separate `intermediate` and `output` submodules) among
+    the block's Linears outside its attention."""
+    modules = [(name, module) for name, module in block.named_modules() if name]
+    experts = [name for name, module in modules
+               if _EXPERTS.search(name.rsplit(".", 1)[-1]) or _EXPERTS_CLASS.search(type(module).__name__)]
+    if experts:
+        raise UnsupportedModelError(f"its blocks hold a mixture of experts ({experts[0]})")
+    for name, module in modules:
         kind = type(module).__name__
-        if not name or "Norm" in kind or not (_FFN_NAME.fullmatch(name.rsplit(".", 1)[-1]) or _FFN_CLASS.search(kind)):
+        if "Norm" in kind or not (_FFN_NAME.fullmatch(name.rsplit(".", 1)[-1]) or _FFN_CLASS.search(kind)):
             continue
-        inner = [(f"{name}.{sub}", _projects(m)) for sub, m in module.named_modules() if _projects(m)]
-        if any(_EXPERTS.search(sub) or _EXPERTS.search(type(m).__name__) for sub, m in module.named_modules()):
-            raise UnsupportedModelError(f"its FFN {name} is a mixture of experts")
-        outs = [(path, w) for path, w in inner if w[1] == hidden and w[0] != hidden]
-        if outs:
-            path, (width, _) = outs[-1]
-            if any(w[0] == hidden and w[1] in (width, 2 * width) for _, w in inner):
-                candidates.append(path)
-    if not candidates:
-        raise UnsupportedModelError(f"no FFN submodule (mlp, ffn, feed_forward) with a Linear from the hidden "
-                                    f"width {hidden} up and one back down in {type(block).__name__}")
-    return candidates[0]
+        found = _down_projection([(f"{name}.{sub}", _projects(m)) for sub, m in module.named_modules()
+                                  if sub and _projects(m)], hidden)
+        if found:
+            return found
+    found = _down_projection([(name, _projects(m)) for name, m in modules
+                              if _projects(m) and not _ATTENTION.search(name)], hidden)
+    if found:
+        return found
+    raise UnsupportedModelError(f"no FFN in {type(block).__name__}: no Linear from the hidden width {hidden} up "
+                                f"to an intermediate width and one back down, outside its attention")
 
 
 def _final_norm(base: nn.Module, base_path: str) -> str | None:

@@ -152,6 +152,11 @@ IMAGE_TEXT_WRAPPERS = ("gemma3", "mistral3", "llava", "qwen2_5_vl", "qwen3_5")
 _WRAPPED_TEXT = {"qwen2_5_vl_text": _LLAMA_LIKE}
 
 
+def is_image_text(config) -> bool:
+    """Whether the config is one of an image-text checkpoint that `spec_for_config` reads through its text model."""
+    return config.model_type in IMAGE_TEXT_WRAPPERS
+
+
 def _inside_wrapper(text: FamilySpec) -> FamilySpec:
     def inside(dotted: str | None) -> str | None:
         return dotted and dotted.replace("model.", "model.language_model.", 1)
@@ -164,7 +169,7 @@ def supported_families() -> list[str]:
 
 def spec_for_config(config, source: str | None = None) -> FamilySpec:
     """The row of a model's config; for an image-text wrapper, its language model's row moved inside it."""
-    if config.model_type in IMAGE_TEXT_WRAPPERS:
+    if is_image_text(config):
         text_type = config.get_text_config().model_type
         text = FAMILIES.get(text_type) or _WRAPPED_TEXT.get(text_type)
         if text is None or text.kind != "causal" or not text.blocks.startswith("model."):

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from . import model_checks
-from .families import IMAGE_TEXT_WRAPPERS, UnsupportedModelError, spec_for_config
+from .families import UnsupportedModelError, is_image_text, spec_for_config
 from .model_checks import ModelLoadError
 from .ffn import FFNLayout
 from .tasks import Task, as_task
@@ -351,7 +351,7 @@ def _head_class_without_row(config, trust_remote_code: bool, no_row: Exception):
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
 
-    if config.model_type in IMAGE_TEXT_WRAPPERS:
+    if is_image_text(config):
         raise no_row  # it names the wrapper's language model that has no row
     for auto, mapping in ((AutoModelForCausalLM, MODEL_FOR_CAUSAL_LM_MAPPING),
                           (AutoModelForMaskedLM, MODEL_FOR_MASKED_LM_MAPPING)):

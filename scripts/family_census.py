@@ -37,7 +37,7 @@ def decide(model_type: str, auto) -> str:
         config = AutoConfig.for_model(model_type, **SIZES)
         if config.get_text_config() is not config:
             return f"refused: a wrapper around a {config.get_text_config().model_type!r} model without a row"
-        model = auto.from_config(config)
+        model = auto.from_config(config).eval()  # as load_model does: no dropout in the check's forward
     except BaseException as exc:  # noqa: BLE001 - any failure to build is reported, not raised
         first = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else ""
         return f"not built from its config here ({type(exc).__name__}: {first})"
@@ -85,8 +85,11 @@ def main() -> None:
           "the suite); *read from its structure*: no row, kn_core/discover.py found the FFN and checked the head "
           "against the model's logits (not in the suite: add a row and a tiny config to test it); *refused*: why. "
           "Mixture-of-experts rows are the MoE section's.\n")
+    kinds = sys.argv[1:] or ["causal", "masked"]  # e.g. `masked` alone
     for kind, names, auto in (("causal", MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, AutoModelForCausalLM),
                               ("masked", MODEL_FOR_MASKED_LM_MAPPING_NAMES, AutoModelForMaskedLM)):
+        if kind not in kinds:
+            continue
         print(f"\n## {kind}\n\n| model type | decision |\n|---|---|")
         for model_type in sorted(names):
             if FAMILIES.get(model_type) is not None:  # built and tested by the suite

@@ -187,19 +187,20 @@ def _toy(claimed_layers=None, **config):
     return model, tokenizer
 
 
-def test_family_without_a_row_is_read_from_its_structure():
-    model, tokenizer = _toy()
+@pytest.mark.parametrize("ffn_name,out_proj", [("feed_forward", "feed_forward.w_out"), (None, "w_out")])
+def test_family_without_a_row_is_read_from_its_structure(ffn_name, out_proj):
+    model, tokenizer = _toy(ffn_name=ffn_name)
     lm = wrap_model(model, tokenizer, source="toy")
-    assert lm.layout.found == ("no row for 'kn-toy'; read from its structure: 3 blocks at toy.stack, FFN neurons "
-                               "at the input of feed_forward.w_out, final norm toy.norm_out, head output embeddings "
-                               "(checked against the model's logits)")
+    assert lm.layout.found == (f"no row for 'kn-toy'; read from its structure: 3 blocks at toy.stack, FFN neurons "
+                               f"at the input of {out_proj}, final norm toy.norm_out, head output embeddings "
+                               f"(checked against the model's logits)")
     assert (lm.layout.layers, lm.layout.neurons, lm.layout.hidden) == (LAYERS, NEURONS, HIDDEN)
     _attributes_and_edits(lm)
 
 
 @pytest.mark.parametrize("config,reason", [
     (dict(logit_multiplier=3.0), "do not reproduce its logits"),
-    (dict(ffn_name=None), "no FFN submodule"),
+    (dict(intermediate_size=HIDDEN), "no FFN in ToyBlock"),
     (dict(claimed_layers=5), "no list of 5 blocks"),
 ])
 def test_family_that_cannot_be_read_is_refused_in_one_line(config, reason):
@@ -250,20 +251,28 @@ def test_bfloat16_on_cpu_loads_attributes_and_edits(family, tmp_path):
     assert_bitwise(lm, original)
 
 
-def test_transformers_family_without_a_row_is_read_from_its_structure():
-    """A real family of the installed transformers with no row (DiffLlama: differential attention, Llama FFN)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+@pytest.mark.parametrize("family,base,found", [
+    ("diffllama", "llama", "3 blocks at model.layers, FFN neurons at the input of mlp.down_proj, final norm model.norm"),
+    ("megatron-bert", "bert", "3 blocks at bert.encoder.layer, FFN neurons at the input of output.dense, final norm "
+                              "none, head cls"),
+])
+def test_transformers_family_without_a_row_is_read_from_its_structure(family, base, found):
+    """Real families of the installed transformers with no row: DiffLlama (differential attention, Llama FFN) and
+    Megatron-BERT (pre-norm BERT: the FFN's Linears in the block's `intermediate` and `output`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
     from tiny import _config_kwargs
 
-    tokenizer = make_tokenizer("causal")
-    config = AutoConfig.for_model("diffllama", **_config_kwargs("llama", tokenizer))
+    kind = "masked" if base == "bert" else "causal"
+    tokenizer = make_tokenizer(kind)
+    config = AutoConfig.for_model(family, **_config_kwargs(base, tokenizer))
     config._attn_implementation = "eager"
     torch.manual_seed(0)
-    lm = wrap_model(AutoModelForCausalLM.from_config(config, dtype=torch.float32), tokenizer)
-    assert lm.layout.found.startswith("no row for 'diffllama'; read from its structure: 3 blocks at model.layers, "
-                                      "FFN neurons at the input of mlp.down_proj, final norm model.norm")
+    auto = AutoModelForMaskedLM if kind == "masked" else AutoModelForCausalLM
+    lm = wrap_model(auto.from_config(config, dtype=torch.float32), tokenizer)
+    assert lm.layout.found.startswith(f"no row for {family!r}; read from its structure: {found}")
     _attributes_and_edits(lm)
+
 
 
 def test_image_text_checkpoint_with_an_unsupported_language_model_is_refused_in_one_line(tmp_path):
