@@ -499,8 +499,8 @@ def integrate(lm: LoadedModel, runner: "Runner | SharedRunner", params, seq_len:
         a, b = group[0].start, group[-1].stop
         # a group's passes are consecutive when every layer runs; with chosen `layers` they may skip some
         at = [layer for run in group for layer in run]
-        scores[:, at] = acts[:, at] * grads[:, :, : len(alphas)].sum(2).transpose(0, 1) / params.steps
-        p_zero[:, at] = probs[:, :, len(alphas) if zero_extra else 0].T.cpu()
+        scores[:, at] = (acts[:, at] * grads[:, :, : len(alphas)].sum(2).transpose(0, 1) / params.steps).to(scores.dtype)
+        p_zero[:, at] = probs[:, :, len(alphas) if zero_extra else 0].T.cpu().to(p_zero.dtype)
         report(a, b, scores[:, a:b])
     return scores, p_zero, None
 

@@ -180,7 +180,7 @@ class SubjectControl:
                 "layers": self.layers, "candidates": [list(n) for n in self.candidates],
                 "template": [list(n) for n in sorted(self.template)],
                 "ratios": [[n[0], n[1], None if r != r else round(r, 4)] for n, r in sorted(self.ratios.items())],
-                "skipped": self.skipped, "seconds": round(self.seconds, 2)}
+                "skipped": self.skipped}
 
 
 Scorer = Callable[[object, Sequence[int]], LayerScores]
@@ -237,5 +237,4 @@ def control_summary(controls: Sequence[SubjectControl]) -> dict:
             "not_controlled": [{"relation": c.relation, "subject": c.subject, "reason": c.reason}
                                for c in controls if not c.controlled],
             "control_subjects": sum(len(c.subjects) for c in done), "control_prompts": sum(c.prompts for c in done),
-            "candidates": sum(len(c.candidates) for c in done), "template": sum(len(c.template) for c in done),
-            "seconds": round(sum(c.seconds for c in controls), 1)}
+            "candidates": sum(len(c.candidates) for c in done), "template": sum(len(c.template) for c in done)}

@@ -25,13 +25,16 @@ def cmd_reproduce(args) -> int:
                                args.steps, args.prompts_per_fact, args.select, args.control_prompts,
                                causal_templates=args.causal_templates, keep_massive=args.keep_massive, say=say,
                                task=task, command=shlex.join(["kn", *sys.argv[1:]]), quadrature=args.quadrature,
-                               tolerance=args.tolerance)
+                               tolerance=args.tolerance, subject_control=not args.no_subject_control,
+                               keep_template=args.keep_template)
     sa = report.get("suppress_amplify", {}).get("average", {})
     doc = {"out": str(args.out), "status": report["status"], "report": str(Path(args.out) / "report.json"),
            "html": str(Path(args.out) / "report.html"),
            "suppress": sa.get("knowledge", {}).get("suppress", {}).get("own"),
            "amplify": sa.get("knowledge", {}).get("amplify", {}).get("own"),
            "seconds": report["timings"].get("total"), "selection": report.get("selection"),
+           "facts": report.get("fact_answers"),
+           "subject_control": {k: v for k, v in (report.get("subject_control") or {}).items() if k != "per_fact"},
            "left_out": report.get("left_out")}
     emit(args, doc, (Path(args.out) / "report.md").read_text())
     return 0
@@ -54,5 +57,10 @@ def add_commands(sub) -> None:
     causal_templates_option(rep)
     rep.add_argument("--keep-massive", action="store_true",
                      help="keep massive/unspecific neurons in refined and relation-level neurons (default: left out)")
+    rep.add_argument("--no-subject-control", action="store_true",
+                     help="skip the subject-specificity control (docs/SPECIFICITY.md; default: every fact's refined "
+                          "neurons are re-scored with other subjects and its template neurons taken out)")
+    rep.add_argument("--keep-template", action="store_true",
+                     help="keep the neurons the subject control flags template in the facts' refined sets")
     rep.add_argument("--out", required=True, help="folder for report.json, report.md, report.html and the figures")
     rep.set_defaults(func=cmd_reproduce)

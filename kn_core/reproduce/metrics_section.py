@@ -12,13 +12,14 @@ import zlib
 
 import numpy as np
 
-from ..edit_plan import EditPlanError, EditRequest, plan_edit
+from ..edit_plan import EditPlanError, EditRequest, plan_edit, shared_rule_note
 from ..metrics import METRIC_NAMES, applicable, held_out_templates, measure_edit
 from ..neurons import refined_neurons
 from ..tasks import as_task
 
 KINDS = ("suppress", "amplify", "update (paper)", "update (calibrated)")
 HOLD_OUT = 1  # templates per fact kept away from finding the neurons
+EXCLUSION_FRACTION = EditRequest.exclusion_fraction  # the update's shared-neuron rule (the paper's 10%)
 
 
 def _neurons(fact, prompts, scores, t: float, p: float, exclude, seed: int):
@@ -52,15 +53,20 @@ def _new_objects(factset, fact, seed: int) -> list[str]:
 
 
 def edit_metrics_experiment(lm, factset, chosen: dict, ig: dict, adapted: dict, t: float, exclude, stats,
-                            seed: int = 0, task=None, causal_templates: str = "prefix") -> dict:
+                            seed: int = 0, task=None, causal_templates: str = "prefix", template=None) -> dict:
     """{"facts": [{relation, subject, object, neurons, held_out, new_object, kinds: {kind: metrics}}],
     "summary": {kind: {metric: {"edit", "control", "facts"}}}, "skipped": [{what, reason}]}. The edits are
-    judged on prompts rendered with the `causal_templates` the chosen facts' prompts were rendered with."""
+    judged on prompts rendered with the `causal_templates` the chosen facts' prompts were rendered with.
+    `template`: {fact: its neurons the subject control flagged}, taken out of its refined set (a neuron that only
+    becomes refined once a template is held out was not controlled and stays)."""
     task = as_task(task)
     found, skipped = {}, []
+    template = template or {}
     for rid, facts in chosen.items():
         for fact, prompts in facts:
-            found[fact] = _neurons(fact, prompts, ig[fact], t, adapted[rid]["p"], exclude, seed)
+            held_templates, neurons, held = _neurons(fact, prompts, ig[fact], t, adapted[rid]["p"], exclude, seed)
+            drop = template.get(fact, frozenset())
+            found[fact] = (held_templates, [n for n in neurons if n not in drop], held)
     out_facts = []
     total = max(len(found), 1)
     for done, (fact, (templates, neurons, held)) in enumerate(found.items()):
@@ -88,7 +94,13 @@ def edit_metrics_experiment(lm, factset, chosen: dict, ig: dict, adapted: dict, 
                 entry["new_object"] = plan.request.new_object
             entry["kinds"][kind] = measure_edit(lm, plan, task=kind_task)["metrics"]
         out_facts.append(entry)
-    return {"hold_out": HOLD_OUT, "facts": out_facts, "summary": summarize(out_facts), "skipped": skipped}
+    shared = [x for x in skipped if x["what"].startswith("update") and "shared by more than" in x["reason"]]
+    relations = {f.relation for f in found}
+    return {"hold_out": HOLD_OUT, "facts": out_facts, "summary": summarize(out_facts), "skipped": skipped,
+            "updates_asked": sum(k.startswith("update") for k in KINDS) * len(out_facts),
+            "updates_left_out_by_shared_rule": len(shared),
+            "shared_rule": {rid: shared_rule_note(sum(f.relation == rid for f in found) - 1, EXCLUSION_FRACTION)
+                            or "applied" for rid in sorted(relations)}}
 
 
 def _plan(lm, factset, kind, fact, neurons, templates, sets, exclude, stats, seed, task, causal_templates):
@@ -169,6 +181,10 @@ def metrics_markdown(report: dict) -> list[str]:
     notes = {f"{kind} {name}: {s[name]['reason']}" for kind, s in section["summary"].items() for name in METRIC_NAMES
              if s[name].get("reason")}
     lines += [""] + [f"- n/a: {n}" for n in sorted(notes)]
+    if "updates_asked" in section:
+        lines.append(f"- updates left out by the shared-neuron rule: {section['updates_left_out_by_shared_rule']} of "
+                     f"{section['updates_asked']}")
+        lines += [f"- {rid}: {note}" for rid, note in section.get("shared_rule", {}).items() if note != "applied"]
     if section["skipped"]:
         lines += [f"- left out: {s['what']}: {s['reason']}" for s in section["skipped"]]
     return lines + [""]

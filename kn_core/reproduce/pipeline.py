@@ -33,6 +33,7 @@ from .. import evaluation as ev
 from .. import experiments as ex
 from ..degeneracy import DegeneracyParams, degeneracy_experiment
 from .metrics_section import edit_metrics_experiment
+from .specificity_section import apply_control, control_part, run_subject_control
 from ..facts import CAUSAL_TEMPLATES, render_prompts
 from ..tasks import Cancelled, Task, as_task
 from ..jsonio import dumps
@@ -303,6 +304,23 @@ def knowledge_neurons(lm, chosen: dict, ig: dict, base: dict, t: float, p: float
     return records, {"part": part, "flags": flags, "stats": stats}
 
 
+def _subject_control(report, phases, lm, factset, records, params, cache, seed, causal_templates, answers,
+                     keep_template) -> tuple[list, dict]:
+    """Runs the subject control on every record (a phase), writes report["subject_control"] and marks the
+    facts' template neurons in "facts_detail"; returns the records the experiments use and {fact: template}."""
+    controls = phases.run("subject_control", lambda sub: run_subject_control(
+        lm, factset, records, params, cache, seed, causal_templates, sub))
+    controlled = apply_control(records, controls)
+    report["subject_control"] = control_part(records, controlled, controls, answers, lm.layout.layers)
+    for detail, control, kept in zip(report["facts_detail"], controls, controlled):
+        detail["template_neurons"] = [list(n) for n in sorted(control.template)]
+        detail["neurons"] = [list(n) for n in (control.candidates if keep_template else kept.neurons)]
+    template = {r.fact: c.template for r, c in zip(records, controls)}
+    if not keep_template:
+        report["neuron_statistics"] = report["subject_control"]["with_control"]["all"]
+    return (records if keep_template else controlled), template
+
+
 # --------------------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------------------
@@ -358,11 +376,14 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
                   control_prompts: int = 20, t: float = 0.2, p: float = 0.7, erase_k: int = 20,
                   erase_fill: str = "zero", *, causal_templates: str = "prefix", sample_factor: int = 5,
                   check_prompts: int = 3, keep_massive: bool = False, say=_say, task: Task | None = None,
-                  command: str | None = None, quadrature: str = "riemann", tolerance: float = 0.01) -> dict:
+                  command: str | None = None, quadrature: str = "riemann", tolerance: float = 0.01,
+                  subject_control: bool = True, keep_template: bool = False) -> dict:
     """Runs the reproduction and writes OUT/report.json, report.md and figures; returns the report. (One
     function on purpose: the phases read top to bottom, each saving the partial report.)
     Massive/unspecific neurons (kn_core.neurons) are kept out of refined and relation-level neurons unless
-    ``keep_massive``; the neuron numbers are reported both ways. A
+    ``keep_massive``; the neuron numbers are reported both ways. With ``subject_control`` (the default) each
+    fact's refined neurons get the subject-specificity control (kn_core.specificity) and its template neurons
+    are taken out unless ``keep_template``; the neuron numbers are reported with and without it. A
     cancelled or failed run leaves a partial report.json (status "interrupted ...") and its cache, from which
     the next run with the same arguments resumes. ``command``: how the run was started, for the provenance."""
     from ..attribution import AttributionParams
@@ -385,13 +406,15 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
         "check_prompts": check_prompts, "min_prompts": MIN_PROMPTS,
         "causal_templates": causal_templates if lm.kind == "causal" else None,
         "prompts_per_fact": prompts_per_fact, "control_prompts": control_prompts, "t": t, "p_start": p,
-        "erase": {"k": erase_k, "fill": erase_fill}, "keep_massive": keep_massive}, command)
+        "erase": {"k": erase_k, "fill": erase_fill}, "keep_massive": keep_massive,
+        "subject_control": subject_control, "keep_template": keep_template}, command)
 
     def save():
         timings["total"] = time.perf_counter() - started
         (out / "report.json").write_text(dumps(report, indent=2), encoding="utf-8")
 
-    phases = _Phases(task, say, timings, {"select": (0.0, 0.05), "attribution": (0.05, 0.6), "neurons": (0.6, 0.62),
+    phases = _Phases(task, say, timings, {"select": (0.0, 0.05), "attribution": (0.05, 0.5), "neurons": (0.5, 0.51),
+                                          "answers": (0.51, 0.52), "subject_control": (0.52, 0.62),
                                           "activation_by_prompt": (0.62, 0.67), "suppress_amplify": (0.67, 0.8),
                                           "update": (0.8, 0.9), "erase": (0.9, 0.93),
                                           "degeneracy": (0.93, 0.96), "edit_metrics": (0.96, 1.0)})
@@ -419,6 +442,13 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
             lm, chosen, ig, base, t, p, keep_massive, sub))
         report.update(neurons["part"])
         exclude = () if keep_massive else neurons["flags"].excluded  # also keeps the random controls off them
+        report["fact_answers"] = answers = phases.run("answers", lambda sub: ex.fact_answers(
+            lm, [(r.fact, r.prompts) for r in records], task=sub))
+        template: dict = {}
+        if subject_control:
+            records, template = _subject_control(report, phases, lm, factset, records, params, cache, seed,
+                                                 causal_templates, answers, keep_template)
+        save()
         report["activation_by_prompt"] = phases.run("activation_by_prompt", lambda sub: ex.activation_by_prompt(
             lm, records, factset, seed=seed, task=sub))
         save()
@@ -438,7 +468,8 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
             lm, records, DegeneracyParams(seed=seed), {f: sum(s.scores for s in ig[f]) for f in ig}, exclude, sub))
         save()
         report["edit_metrics"] = phases.run("edit_metrics", lambda sub: edit_metrics_experiment(
-            lm, factset, chosen, ig, report["adapted_p"], t, exclude, neurons["stats"], seed, sub, causal_templates))
+            lm, factset, chosen, ig, report["adapted_p"], t, exclude, neurons["stats"], seed, sub, causal_templates,
+            {} if keep_template else template))
         report["status"] = "done"
     except BaseException as exc:  # Cancelled / KeyboardInterrupt / an error: keep what is done, then re-raise
         report["status"] = f"interrupted ({type(exc).__name__}); run again with the same arguments to resume"

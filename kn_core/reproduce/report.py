@@ -18,6 +18,7 @@ from ..attribution import integration_text
 from ..jsonio import dumps
 from .html import provenance_rows, read_figures, render_html
 from .metrics_section import metrics_markdown
+from .specificity_section import facts_markdown, known_split_lines, specificity_markdown
 
 PAPER = {
     "model": "bert-base-cased on PARAREL (34 relations, 27,738 facts)",
@@ -222,8 +223,9 @@ def _activation_section(report: dict) -> list[str]:
              f"Mean activation of a fact's knowledge neurons at the answer position, measured in the direction "
              f"that raises the answer ({a.get('direction', '')}); up to {a.get('prompts_per_group', '-')} prompts "
              f"per group and fact, {a.get('facts', 0)} facts. Expressing: the fact's own prompts; subject only: "
-             f"other relations' templates with the same subject; random: other relations' prompts about other "
-             f"subjects (paper: open-domain sentences of each kind).", "",
+             f"other relations' templates with the same subject; random: "
+             + (a.get("random_prompts") or "other relations' prompts about other subjects")
+             + " (paper: open-domain sentences of each kind).", "",
              "| | ours | paper |", "|---|---|---|",
              f"| expressing the fact | {_num(a.get('expressing'), '{:.3f}')} | {PAPER['activation_expressing']} |",
              f"| subject only | {_num(a.get('subject_only'), '{:.3f}')} | {PAPER['activation_subject_only']} |",
@@ -234,7 +236,7 @@ def _activation_section(report: dict) -> list[str]:
     if all(_finite(v) for v in order):
         holds = order[0] > order[1] > order[2]
         lines += ["", f"Expressing > subject only > random, as in the paper: **{'yes' if holds else 'no'}**."]
-    return lines + [""]
+    return lines + [""] + known_split_lines(report, a.get("per_fact", []), ("expressing", "subject_only", "random"))
 
 
 def _suppress_amplify_section(report: dict) -> list[str]:
@@ -284,7 +286,10 @@ def _update_section(report: dict) -> list[str]:
     arms = [(arm, label) for arm, label in UPDATE_ARMS if up.get(arm)]
     lines = ["## Updating facts", "",
              f"λ1 = {up['lambda1']}, λ2 = {up['lambda2']}, {up['embedding']} embeddings ({up['multi_token']} token "
-             f"of multi-token objects), neurons in >10% of the relation's facts left out; {len(up['facts'])} "
+             f"of multi-token objects), neurons in >10% of the relation's other facts left out where at least 10 "
+             f"other facts support that share ("
+             + "; ".join(f"{rid}: {note}" for rid, note in (up.get("shared_rule") or {}).items())
+             + f"); only known facts are updated; {len(up['facts'])} "
              f"facts updated, {len(up['skipped'])} skipped (listed under Left out). Sign-aware: the edit reversed "
              f"on neurons whose activation on the fact's prompts is negative. Calibrated: sign-aware, with both λ "
              f"scaled by the smallest factor in {up.get('calibration_range')} at which o' becomes the answer on "
@@ -439,8 +444,8 @@ def _left_out_section(report: dict) -> list[str]:
 
 
 def render_markdown(report: dict) -> str:
-    lines = _header(report) + _relations_table(report)
-    for section in (_neurons_section, _activation_section, _suppress_amplify_section, _update_section,
+    lines = _header(report) + _relations_table(report) + facts_markdown(report)
+    for section in (_neurons_section, specificity_markdown, _activation_section, _suppress_amplify_section, _update_section,
                     _erase_section, _degeneracy_section, metrics_markdown, _left_out_section):
         lines += section(report)
     lines += ["## Versions", "", "```", json.dumps(report["versions"], indent=1), "```", ""]
