@@ -35,6 +35,7 @@ from ..degeneracy import DegeneracyParams, degeneracy_experiment
 from .metrics_section import edit_metrics_experiment
 from .specificity_section import apply_control, control_part, run_subject_control
 from ..facts import CAUSAL_TEMPLATES, render_prompts
+from ..syntax import syntax_experiment
 from ..tasks import Cancelled, Task, as_task
 from ..jsonio import dumps
 from .report import PAPER, render_markdown, write_html, write_report
@@ -414,7 +415,7 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
         (out / "report.json").write_text(dumps(report, indent=2), encoding="utf-8")
 
     phases = _Phases(task, say, timings, {"select": (0.0, 0.05), "attribution": (0.05, 0.5), "neurons": (0.5, 0.51),
-                                          "answers": (0.51, 0.52), "subject_control": (0.52, 0.62),
+                                          "answers": (0.51, 0.52), "subject_control": (0.52, 0.6), "syntax": (0.6, 0.62),
                                           "activation_by_prompt": (0.62, 0.67), "suppress_amplify": (0.67, 0.8),
                                           "update": (0.8, 0.9), "erase": (0.9, 0.93),
                                           "degeneracy": (0.93, 0.96), "edit_metrics": (0.96, 1.0)})
@@ -448,6 +449,9 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
         if subject_control:
             records, template = _subject_control(report, phases, lm, factset, records, params, cache, seed,
                                                  causal_templates, answers, keep_template)
+        save()
+        report["syntax"] = phases.run("syntax", lambda sub: syntax_experiment(
+            lm, lambda prompt: attribute_cached(lm, prompt, params, cache, sub), t, p, exclude, task=sub))
         save()
         report["activation_by_prompt"] = phases.run("activation_by_prompt", lambda sub: ex.activation_by_prompt(
             lm, records, factset, seed=seed, task=sub))

@@ -18,7 +18,7 @@ from ..attribution import integration_text
 from ..jsonio import dumps
 from .html import provenance_rows, read_figures, render_html
 from .metrics_section import metrics_markdown
-from .specificity_section import facts_markdown, known_split_lines, specificity_markdown
+from .specificity_section import facts_markdown, known_split_lines, specificity_markdown, syntax_markdown
 
 PAPER = {
     "model": "bert-base-cased on PARAREL (34 relations, 27,738 facts)",
@@ -445,7 +445,7 @@ def _left_out_section(report: dict) -> list[str]:
 
 def render_markdown(report: dict) -> str:
     lines = _header(report) + _relations_table(report) + facts_markdown(report)
-    for section in (_neurons_section, specificity_markdown, _activation_section, _suppress_amplify_section, _update_section,
+    for section in (_neurons_section, specificity_markdown, syntax_markdown, _activation_section, _suppress_amplify_section, _update_section,
                     _erase_section, _degeneracy_section, metrics_markdown, _left_out_section):
         lines += section(report)
     lines += ["## Versions", "", "```", json.dumps(report["versions"], indent=1), "```", ""]

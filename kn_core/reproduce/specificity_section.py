@@ -170,3 +170,35 @@ def known_split_lines(report: dict, rows: list[dict], keys: tuple[str, ...]) -> 
         lines.append(f"| {side} | {split[side]['facts']} | "
                      + " | ".join(_n(split[side][k], "{:.3f}") for k in keys) + " |")
     return lines + [""]
+
+
+def syntax_markdown(report: dict) -> list[str]:
+    """Syntax neurons beside knowledge neurons (kn_core.syntax)."""
+    sx = report.get("syntax")
+    if not sx:
+        return []
+    lines = ["## Syntax neurons (Niu et al., ICLR 2024)", "", f"Items: {sx['source']}.", ""]
+    if not sx.get("applicable"):
+        return lines + [f"n/a: {sx['reason']}", ""]
+    st, kn = sx["statistics"], report.get("neuron_statistics") or {}
+
+    def layers(hist):
+        return ", ".join(f"L{l}: {c}" for l, c in enumerate(hist or []) if c) or "none"
+
+    lines += [f"Each item is attributed as a fact is (its sentences as prompts, the grammatical next word as the "
+              f"answer; p adapted over the items: {sx['p']:.2f}); the neurons the experiments' facts use are beside "
+              "them.", "",
+              "| | items or facts | mean refined neurons | in layer 0 | layers |", "|---|---|---|---|---|",
+              f"| syntax items | {st['facts']} | {_n(st['mean_neurons_per_fact'])} | {_layer0(st)[0]} | "
+              f"{layers(st['layer_histogram'])} |"]
+    if kn.get("facts"):
+        lines.append(f"| facts (knowledge neurons) | {kn['facts']} | {_n(kn['mean_neurons_per_fact'])} | "
+                     f"{_layer0(kn)[0]} | {layers(kn['layer_histogram'])} |")
+    lines += ["", "| item | refined neurons | shared with its minimal-pair partner | model prefers the grammatical "
+              "form | p(grammatical) |", "|---|---|---|---|---|"]
+    for r in sx["items"]:
+        lines.append(f"| {r['id']} | {', '.join(f'L{l}#{i}' for l, i in r['refined']) or 'none'} | "
+                     f"{', '.join(f'L{l}#{i}' for l, i in r['shared_with_pair']) or 'none'} | "
+                     f"{_n(100 * r['prefers_grammatical'], '{:.0f}')}% of {r['prompts']} | "
+                     f"{_n(r['p_grammatical'], '{:.3g}')} |")
+    return lines + [""]
