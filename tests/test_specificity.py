@@ -128,3 +128,29 @@ def test_the_controls_ratios_equal_a_direct_attribution_of_the_swapped_prompts(l
     assert control.template == {n for n, r in expected.items() if r >= 0.5}
     d = control.to_dict()
     assert d["controlled"] and d["control_prompts"] == control.prompts and len(d["ratios"]) == len(candidates)
+
+
+def test_kn_neurons_subject_control_flags_template_and_lists_p_rank_known(capsys, tmp_path):
+    import json
+
+    from kn_core.cli import main
+
+    tiny = make_tiny(TINY_CAUSAL)
+    tiny.model.save_pretrained(tmp_path)
+    tiny.tokenizer.save_pretrained(tmp_path)
+    argv = ["neurons", "--relation", "P36", "--subject", "France", "--model", str(tmp_path), "--steps", "1",
+            "--p", "0.3", "--json"]
+    assert main(argv + ["--subject-control"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert {"prob", "rank_median", "rank_best", "top1_share", "known"} <= set(doc["fact"])
+    control = doc["subject_control"]
+    assert control["controlled"] and control["control_prompts"] > 0
+    template = [tuple(n) for n in control["template"]]
+    assert doc["flags"]["template"] == [list(n) for n in sorted(template)] and "template" in doc["flags"]["rule"]
+    refined = [(n["layer"], n["neuron"]) for n in doc["refined"]]
+    assert not set(template) & set(refined)
+    assert set(refined) | set(template) == {tuple(n) for n in control["candidates"]}
+    assert main(argv + ["--subject-control", "--keep-template"]) == 0
+    kept = json.loads(capsys.readouterr().out)
+    assert {(n["layer"], n["neuron"]) for n in kept["refined"]} == {tuple(n) for n in control["candidates"]}
+    assert all(("template" in n["flags"]) == ((n["layer"], n["neuron"]) in set(template)) for n in kept["refined"])
