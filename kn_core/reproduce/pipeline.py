@@ -415,10 +415,11 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
         (out / "report.json").write_text(dumps(report, indent=2), encoding="utf-8")
 
     phases = _Phases(task, say, timings, {"select": (0.0, 0.05), "attribution": (0.05, 0.5), "neurons": (0.5, 0.51),
-                                          "answers": (0.51, 0.52), "subject_control": (0.52, 0.6), "syntax": (0.6, 0.62),
-                                          "activation_by_prompt": (0.62, 0.67), "suppress_amplify": (0.67, 0.8),
-                                          "update": (0.8, 0.9), "erase": (0.9, 0.93),
-                                          "degeneracy": (0.93, 0.96), "edit_metrics": (0.96, 1.0)})
+                                          "answers": (0.51, 0.52), "subject_control": (0.52, 0.6),
+                                          "activation_by_prompt": (0.6, 0.63), "update": (0.63, 0.68),
+                                          "edit_metrics": (0.68, 0.78), "syntax": (0.78, 0.8),
+                                          "suppress_amplify": (0.8, 0.9), "erase": (0.9, 0.93),
+                                          "degeneracy": (0.93, 1.0)})
     try:
         sel = phases.run("select", lambda sub: select_facts(
             lm, factset, relations, facts_per_relation, select, seed, MIN_PROMPTS, prompts_per_fact,
@@ -450,19 +451,23 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
             records, template = _subject_control(report, phases, lm, factset, records, params, cache, seed,
                                                  causal_templates, answers, keep_template)
         save()
-        report["syntax"] = phases.run("syntax", lambda sub: syntax_experiment(
-            lm, lambda prompt: attribute_cached(lm, prompt, params, cache, sub), t, p, exclude, task=sub))
-        save()
         report["activation_by_prompt"] = phases.run("activation_by_prompt", lambda sub: ex.activation_by_prompt(
             lm, records, factset, seed=seed, task=sub))
-        save()
-        report["suppress_amplify"] = phases.run("suppress_amplify", lambda sub: ex.suppress_amplify_experiment(
-            lm, records, seed=seed, control_prompts=control_prompts, exclude=exclude,
-            activation_stats=neurons["stats"], task=sub))
         save()
         report["update"] = phases.run("update", lambda sub: ex.update_experiment(
             lm, records, factset, seed=seed, facts_per_relation=10, control_prompts=control_prompts,
             exclude=exclude, task=sub))
+        save()
+        report["edit_metrics"] = phases.run("edit_metrics", lambda sub: edit_metrics_experiment(
+            lm, factset, chosen, ig, report["adapted_p"], t, exclude, neurons["stats"], seed, sub, causal_templates,
+            {} if keep_template else template))
+        save()
+        report["syntax"] = phases.run("syntax", lambda sub: syntax_experiment(
+            lm, lambda prompt: attribute_cached(lm, prompt, params, cache, sub), t, p, exclude, task=sub))
+        save()
+        report["suppress_amplify"] = phases.run("suppress_amplify", lambda sub: ex.suppress_amplify_experiment(
+            lm, records, seed=seed, control_prompts=control_prompts, exclude=exclude,
+            activation_stats=neurons["stats"], task=sub))
         save()
         report["erase"] = phases.run("erase", lambda sub: ex.erase_experiment(
             lm, records, k=erase_k, fill=erase_fill, seed=seed, control_prompts=2 * control_prompts,
@@ -471,9 +476,6 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
         report["degeneracy"] = phases.run("degeneracy", lambda sub: degeneracy_experiment(
             lm, records, DegeneracyParams(seed=seed), {f: sum(s.scores for s in ig[f]) for f in ig}, exclude, sub))
         save()
-        report["edit_metrics"] = phases.run("edit_metrics", lambda sub: edit_metrics_experiment(
-            lm, factset, chosen, ig, report["adapted_p"], t, exclude, neurons["stats"], seed, sub, causal_templates,
-            {} if keep_template else template))
         report["status"] = "done"
     except BaseException as exc:  # Cancelled / KeyboardInterrupt / an error: keep what is done, then re-raise
         report["status"] = f"interrupted ({type(exc).__name__}); run again with the same arguments to resume"
