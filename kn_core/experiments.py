@@ -150,7 +150,8 @@ def _pool(acc: dict) -> dict:
 
 def suppress_amplify_experiment(lm, records: Sequence[FactNeurons], factor: float = 2.0, seed: int = 0,
                                 control_prompts: int = 20, batch_size: int = 32, exclude=(),
-                                activation_stats=None, task: Task | None = None) -> dict:
+                                activation_stats=None, known: Mapping[str, bool] | None = None,
+                                task: Task | None = None) -> dict:
     """Suppress (activation -> 0) and amplify (x factor, see AMPLIFY_MEANING) each fact's knowledge neurons at
     the answer position. `exclude`: neurons never edited (flagged massive/unspecific; also kept out of the
     random control). `activation_stats` (`kn_core.neurons.ActivationStats`) adds "suppress_mean": mean
@@ -201,12 +202,14 @@ def suppress_amplify_experiment(lm, records: Sequence[FactNeurons], factor: floa
                 at = 0
                 for g in groups:
                     n = len(sets[g])
-                    a = acc.setdefault((rec.relation, method, op, g), {"before": 0.0, "after": 0.0, "flips": 0, "n": 0})
-                    for b, x in zip(before[at:at + n], after[at:at + n]):
-                        a["before"] += b["prob"]
-                        a["after"] += x["prob"]
-                        a["flips"] += int(b["top1_id"] != x["top1_id"])
-                        a["n"] += 1
+                    side = {True: "known", False: "unknown"}.get((known or {}).get(f"{rec.relation}:{rec.fact.subject}"))
+                    for slot in ((rec.relation, method, op, g),) + (((side, method, op, g),) if side else ()):
+                        a = acc.setdefault(slot, {"before": 0.0, "after": 0.0, "flips": 0, "n": 0})
+                        for b, x in zip(before[at:at + n], after[at:at + n]):
+                            a["before"] += b["prob"]
+                            a["after"] += x["prob"]
+                            a["flips"] += int(b["top1_id"] != x["top1_id"])
+                            a["n"] += 1
                     at += n
         task.progress((n_done + 1) / max(len(used), 1), f"{rec.fact.relation}:{rec.fact.subject}")
     relations = sorted({r.relation for r in used})
@@ -216,7 +219,12 @@ def suppress_amplify_experiment(lm, records: Sequence[FactNeurons], factor: floa
                         for g in groups} for op in ops} for m in methods}
     flips = {m: {op: {g: _mean_ignoring_nan([per_relation[rel][m][op][g]["flip_rate"] for rel in relations])
                       for g in groups} for op in ops} for m in methods}
+    # known / unknown facts (`known`: {"relation:subject": bool}, KNOWN_RULE): pooled over the facts of each side
+    by_known = {side: {"facts": sum(known.get(f"{r.relation}:{r.fact.subject}") is (side == "known") for r in used),
+                       **{m: {op: {g: _pool(acc[(side, m, op, g)]) for g in groups} for op in ops} for m in methods}}
+                for side in ("known", "unknown") if known and (side, methods[0], ops[0], groups[0]) in acc}
     return {"factor": factor, "amplify_meaning": AMPLIFY_MEANING, "control_prompts": control_prompts, "seed": seed,
+            "by_known": by_known,
             "excluded_neurons": len(set(map(tuple, exclude))), "per_relation": per_relation, "average": average,
             "average_flip_rate": flips, "facts_used": len(used), "facts_without_neurons": skipped}
 

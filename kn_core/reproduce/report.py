@@ -276,7 +276,13 @@ def _suppress_amplify_section(report: dict) -> list[str]:
         if paper is not None:
             lines.append(f"| paper (BERT) | | {_pct(paper)} | | {_pct(paper_base)} | | | barely moves |")
         lines.append("")
-    return lines + ["![suppress and amplify](suppress_amplify.png)", ""]
+    for side, k in (sa.get("by_known") or {}).items():
+        lines.append(f"- {side} facts ({k['facts']}), pooled over their prompts: suppress "
+                     f"{_pct(k['knowledge']['suppress']['own']['relative_change'])} (random "
+                     f"{_pct(k['random']['suppress']['own']['relative_change'])}), amplify "
+                     f"{_pct(k['knowledge']['amplify']['own']['relative_change'])} (random "
+                     f"{_pct(k['random']['amplify']['own']['relative_change'])})")
+    return lines + ["", "![suppress and amplify](suppress_amplify.png)", ""]
 
 
 def _update_section(report: dict) -> list[str]:
@@ -289,7 +295,8 @@ def _update_section(report: dict) -> list[str]:
              f"of multi-token objects), neurons in >10% of the relation's other facts left out where at least 10 "
              f"other facts support that share ("
              + "; ".join(f"{rid}: {note}" for rid, note in (up.get("shared_rule") or {}).items())
-             + f"); only known facts are updated; {len(up['facts'])} "
+             + f"); only known facts are updated; left out by the shared-neuron rule: "
+             f"{up.get('left_out_by_shared_rule', 'n/a')}; {len(up['facts'])} "
              f"facts updated, {len(up['skipped'])} skipped (listed under Left out). Sign-aware: the edit reversed "
              f"on neurons whose activation on the fact's prompts is negative. Calibrated: sign-aware, with both λ "
              f"scaled by the smallest factor in {up.get('calibration_range')} at which o' becomes the answer on "
