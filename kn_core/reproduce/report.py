@@ -282,7 +282,8 @@ def _suppress_amplify_section(report: dict) -> list[str]:
                      f"{_pct(k['random']['suppress']['own']['relative_change'])}), amplify "
                      f"{_pct(k['knowledge']['amplify']['own']['relative_change'])} (random "
                      f"{_pct(k['random']['amplify']['own']['relative_change'])})")
-    return lines + ["", "![suppress and amplify](suppress_amplify.png)", ""]
+    figure = ["", "![suppress and amplify](suppress_amplify.png)"] if sa["per_relation"] else []  # write_figures
+    return lines + figure + [""]
 
 
 def _update_section(report: dict) -> list[str]:

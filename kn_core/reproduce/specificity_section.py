@@ -191,9 +191,13 @@ def syntax_markdown(report: dict) -> list[str]:
               "| | items or facts | mean refined neurons | in layer 0 | layers |", "|---|---|---|---|---|",
               f"| syntax items | {st['facts']} | {_n(st['mean_neurons_per_fact'])} | {_layer0(st)[0]} | "
               f"{layers(st['layer_histogram'])} |"]
-    if kn.get("facts"):
-        lines.append(f"| facts (knowledge neurons) | {kn['facts']} | {_n(kn['mean_neurons_per_fact'])} | "
-                     f"{_layer0(kn)[0]} | {layers(kn['layer_histogram'])} |")
+    before = ((report.get("subject_control") or {}).get("without_control") or {}).get("all")
+    rows = [("facts before the subject control (items have no subject to swap)", before)] if before else []
+    rows.append(("facts (knowledge neurons the experiments use)", kn))
+    for label, stats in rows:
+        if stats.get("facts"):
+            lines.append(f"| {label} | {stats['facts']} | {_n(stats['mean_neurons_per_fact'])} | "
+                         f"{_layer0(stats)[0]} | {layers(stats['layer_histogram'])} |")
     lines += ["", "| item | refined neurons | shared with its minimal-pair partner | model prefers the grammatical "
               "form | p(grammatical) |", "|---|---|---|---|---|"]
     for r in sx["items"]:
