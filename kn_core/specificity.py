@@ -24,7 +24,6 @@ controlled, with the reason. The numbers were fixed before the rule was run on a
 
 from __future__ import annotations
 
-import time
 import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
@@ -168,7 +167,6 @@ class SubjectControl:
     prompts: int = 0  # control prompts scored
     skipped: list[dict] = field(default_factory=list)
     reason: str | None = None
-    seconds: float = 0.0
 
     @property
     def controlled(self) -> bool:
@@ -191,7 +189,6 @@ def subject_control(lm, factset, fact: Fact, prompts: Sequence, candidates: Sequ
                     score: Scorer | None = None, task: Task | None = None) -> SubjectControl:
     """The subject control of one fact (module notes). `score(prompt, layers)`: how a prompt's `LayerScores` are
     obtained (default `attribute_layers` with `params`; the reproduction passes a cached one)."""
-    started = time.perf_counter()
     task = as_task(task)
     candidates = sorted({(int(a), int(b)) for a, b in candidates})
     result = SubjectControl(fact.relation, fact.subject, candidates)
@@ -224,7 +221,6 @@ def subject_control(lm, factset, fact: Fact, prompts: Sequence, candidates: Sequ
                                     candidates, layers)
     result.template = flag_template(result.ratios)
     result.prompts = len(controls)
-    result.seconds = time.perf_counter() - started
     return result
 
 
