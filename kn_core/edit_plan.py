@@ -343,6 +343,9 @@ def _update(lm, factset, request: EditRequest, neurons, fact_prompts, sets, skip
         activations = [_dense(lm, neurons, mean)]
     update = make_update(lm, neurons, own[0].answer_ids, new[0].answer_ids, others, request.exclusion_fraction,
                          request.lambda1, request.lambda2, activations=activations)
+    thin = shared_rule_note(len(others), request.exclusion_fraction)
+    if thin:
+        skipped.append(("shared-neuron rule", thin))
     skipped.extend((f"neuron {neuron_name(l, i)}", f"shared by more than {request.exclusion_fraction:.0%} of the relation's "
                                         f"{len(others)} other facts (the paper leaves these out)")
                    for l, i in update.excluded)
@@ -413,19 +416,39 @@ def neuron_frequencies(neuron_sets: Sequence[Iterable[Neuron]]) -> dict[Neuron, 
     return counts
 
 
+def shared_rule_min_facts(fraction: float) -> int:
+    """The fewest other facts on which "shared by more than `fraction` of them" differs from "shared with one other
+    fact": one fact is a share of 1/n, so n >= 1/fraction (10 for the paper's 10%; 1 for fraction 0)."""
+    return 1 if fraction <= 0 else math.ceil(1 / fraction - 1e-9)
+
+
+def shared_rule_note(n_facts: int, fraction: float) -> str | None:
+    """None when the shared-neuron rule can be applied on `n_facts` other facts; otherwise the one line saying
+    it is not, and what stands in for it (docs/SPECIFICITY.md)."""
+    need = shared_rule_min_facts(fraction)
+    if n_facts >= need:
+        return None
+    return (f"shared-neuron rule not applied: {n_facts} other attributed fact(s) of the relation cannot support a "
+            f"{fraction:.0%} share (one fact is already {1 / max(n_facts, 1):.0%}; at least {need} needed); "
+            "relation neurons are left out by the subject-specificity control where it ran (--subject-control)")
+
+
 def make_update(lm, neurons: Iterable[Neuron], old_ids, new_ids, relation_neuron_sets=(), fraction: float = 0.1,
                 lambda1: float = 1.0, lambda2: float = 8.0, embedding: str | None = None,
                 multi_token: str | None = None, activations: Sequence[np.ndarray] | None = None) -> E.Update:
     """An Update of one fact's knowledge neurons, leaving out neurons that are knowledge neurons of more than
     `fraction` of the relation's *other* facts (`relation_neuron_sets`: their refined sets, without this
     fact's own; counting the fact itself would exclude every neuron of a relation with fewer than 10 facts).
+    With fewer than `shared_rule_min_facts(fraction)` other facts the share cannot be estimated and nothing is
+    left out (`shared_rule_note` says so; the subject-specificity control catches relation neurons instead).
 
     `activations` (each prompt's [layers, neurons] at the answer) makes the update sign-aware: neurons whose
     mean activation over the prompts is negative get the edit reversed (`Update.flipped`)."""
     neurons = E._norm_neurons(neurons)
     counts = neuron_frequencies(relation_neuron_sets)
     n_facts = len(relation_neuron_sets)
-    excluded = tuple(n for n in neurons if n_facts and counts.get(n, 0) > fraction * n_facts)
+    applies = shared_rule_note(n_facts, fraction) is None
+    excluded = tuple(n for n in neurons if applies and n_facts and counts.get(n, 0) > fraction * n_facts)
     kept = tuple(n for n in neurons if n not in excluded)
     return E.Update(kept, tuple(old_ids), tuple(new_ids), lambda1, lambda2, embedding or E.default_embedding(lm),
                     multi_token or E.default_multi_token(lm), excluded, negatively_active(kept, activations))

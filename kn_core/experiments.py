@@ -6,13 +6,13 @@ Probabilities and perplexities come from `evaluation`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
 from . import edits as _edits
 from .edit_plan import (CALIBRATION_RANGE, calibrate_update, erase_neurons, make_update, negatively_active,
-                        random_neurons)
+                        random_neurons, shared_rule_note)
 from .evaluation import answer_perplexity, answer_probabilities, ratio, ratio_from_log10, with_edits
 from .tasks import Task, as_task
 
@@ -33,7 +33,10 @@ def neuron_statistics(fact_neurons: Sequence[Sequence[tuple[int, int]]], relatio
     for a in range(len(sets)):
         for b in range(a + 1, len(sets)):
             (intra if relations[a] == relations[b] else inter).append(len(sets[a] & sets[b]))
+    total = sum(counts)
     return {
+        "refined_total": total, "layer0_share": hist[0] / total if total and layers else None,
+        "layer0_in_every_fact": _layer0_in_every_fact(sets, relations),
         "facts": len(sets),
         "mean_neurons_per_fact": float(np.mean(counts)) if counts else float("nan"),
         "median_neurons_per_fact": float(np.median(counts)) if counts else float("nan"),
@@ -43,6 +46,61 @@ def neuron_statistics(fact_neurons: Sequence[Sequence[tuple[int, int]]], relatio
         "shared_inter_relation": float(np.mean(inter)) if inter else float("nan"),
         "pairs_intra": len(intra), "pairs_inter": len(inter),
     }
+
+
+def _layer0_in_every_fact(sets: list[set], relations: Sequence[str]) -> list[dict]:
+    """Layer-0 neurons refined for every fact of a relation that has at least two facts: a neuron of the
+    template's wording, not of any fact (issue #21)."""
+    out = []
+    for rel in dict.fromkeys(relations):
+        facts = [s for s, r in zip(sets, relations) if r == rel]
+        if len(facts) < 2:
+            continue
+        common = set.intersection(*facts)
+        out += [{"relation": rel, "neuron": [0, n[1]], "facts": len(facts)} for n in sorted(common) if n[0] == 0]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Known and unknown facts
+# --------------------------------------------------------------------------------------------------------
+
+KNOWN_RULE = ("known: the model's greedy answer is the fact's answer (every answer token top-1, teacher-forced) on "
+              "more than half of the fact's prompts")
+
+
+def is_known(accuracy: float) -> bool:
+    """A fact is known when its answer is the model's top-1 on more than half of its prompts (KNOWN_RULE)."""
+    return accuracy > 0.5
+
+
+def fact_answers(lm, facts_prompts: Sequence[tuple[object, Sequence]], batch_size: int = 32,
+                 task: Task | None = None) -> list[dict]:
+    """Per (fact, prompts): mean p(answer), median and best rank of its first token, the share of prompts where
+    it is top-1 and whether the fact is known (KNOWN_RULE); one batched forward pass over all prompts."""
+    prompts = [p for _, ps in facts_prompts for p in ps]
+    rows = answer_probabilities(lm, prompts, batch_size, task=task) if prompts else []
+    out, at = [], 0
+    for fact, ps in facts_prompts:
+        chunk, at = rows[at:at + len(ps)], at + len(ps)
+        accuracy = float(np.mean([r["correct"] for r in chunk])) if chunk else float("nan")
+        out.append({"relation": fact.relation, "subject": fact.subject, "object": fact.object,
+                    "prob": float(np.mean([r["prob"] for r in chunk])) if chunk else float("nan"),
+                    "rank_median": float(np.median([r["rank"] for r in chunk])) if chunk else float("nan"),
+                    "rank_best": int(min(r["rank"] for r in chunk)) if chunk else None,
+                    "top1_share": accuracy, "known": bool(chunk) and is_known(accuracy)})
+    return out
+
+
+def split_by_known(rows: Sequence[dict], known: Mapping[str, bool], keys: Sequence[str],
+                   fact_key: str = "fact") -> dict:
+    """Means of `keys` over rows of known and of unknown facts (`known`: {fact label: bool}); a fact missing
+    from `known` counts as neither, and each side says how many facts it holds."""
+    out = {}
+    for side, want in (("known", True), ("unknown", False)):
+        picked = [r for r in rows if known.get(r[fact_key]) is want]
+        out[side] = {"facts": len(picked), **{k: _mean_ignoring_nan([r.get(k) for r in picked]) for k in keys}}
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -92,7 +150,8 @@ def _pool(acc: dict) -> dict:
 
 def suppress_amplify_experiment(lm, records: Sequence[FactNeurons], factor: float = 2.0, seed: int = 0,
                                 control_prompts: int = 20, batch_size: int = 32, exclude=(),
-                                activation_stats=None, task: Task | None = None) -> dict:
+                                activation_stats=None, known: Mapping[str, bool] | None = None,
+                                task: Task | None = None) -> dict:
     """Suppress (activation -> 0) and amplify (x factor, see AMPLIFY_MEANING) each fact's knowledge neurons at
     the answer position. `exclude`: neurons never edited (flagged massive/unspecific; also kept out of the
     random control). `activation_stats` (`kn_core.neurons.ActivationStats`) adds "suppress_mean": mean
@@ -143,12 +202,14 @@ def suppress_amplify_experiment(lm, records: Sequence[FactNeurons], factor: floa
                 at = 0
                 for g in groups:
                     n = len(sets[g])
-                    a = acc.setdefault((rec.relation, method, op, g), {"before": 0.0, "after": 0.0, "flips": 0, "n": 0})
-                    for b, x in zip(before[at:at + n], after[at:at + n]):
-                        a["before"] += b["prob"]
-                        a["after"] += x["prob"]
-                        a["flips"] += int(b["top1_id"] != x["top1_id"])
-                        a["n"] += 1
+                    side = {True: "known", False: "unknown"}.get((known or {}).get(f"{rec.relation}:{rec.fact.subject}"))
+                    for slot in ((rec.relation, method, op, g),) + (((side, method, op, g),) if side else ()):
+                        a = acc.setdefault(slot, {"before": 0.0, "after": 0.0, "flips": 0, "n": 0})
+                        for b, x in zip(before[at:at + n], after[at:at + n]):
+                            a["before"] += b["prob"]
+                            a["after"] += x["prob"]
+                            a["flips"] += int(b["top1_id"] != x["top1_id"])
+                            a["n"] += 1
                     at += n
         task.progress((n_done + 1) / max(len(used), 1), f"{rec.fact.relation}:{rec.fact.subject}")
     relations = sorted({r.relation for r in used})
@@ -158,7 +219,12 @@ def suppress_amplify_experiment(lm, records: Sequence[FactNeurons], factor: floa
                         for g in groups} for op in ops} for m in methods}
     flips = {m: {op: {g: _mean_ignoring_nan([per_relation[rel][m][op][g]["flip_rate"] for rel in relations])
                       for g in groups} for op in ops} for m in methods}
+    # known / unknown facts (`known`: {"relation:subject": bool}, KNOWN_RULE): pooled over the facts of each side
+    by_known = {side: {"facts": sum(known.get(f"{r.relation}:{r.fact.subject}") is (side == "known") for r in used),
+                       **{m: {op: {g: _pool(acc[(side, m, op, g)]) for g in groups} for op in ops} for m in methods}}
+                for side in ("known", "unknown") if known and (side, methods[0], ops[0], groups[0]) in acc}
     return {"factor": factor, "amplify_meaning": AMPLIFY_MEANING, "control_prompts": control_prompts, "seed": seed,
+            "by_known": by_known,
             "excluded_neurons": len(set(map(tuple, exclude))), "per_relation": per_relation, "average": average,
             "average_flip_rate": flips, "facts_used": len(used), "facts_without_neurons": skipped}
 
@@ -202,7 +268,9 @@ def update_experiment(lm, records: Sequence[FactNeurons], factset, seed: int = 0
                                 calibrated, batch_size, task.slice(n_done / len(candidates), (n_done + 1) / len(candidates))))
         task.progress((n_done + 1) / max(len(candidates), 1), rows[-1]["fact"])
     arms = ("knowledge", "random", "sign_aware") + (("calibrated", "calibrated_random") if calibrated else ())
-    return {"lambda1": lambda1, "lambda2": lambda2, "exclusion_fraction": fraction,
+    shared_rule = {rel: shared_rule_note(len(recs) - 1, fraction) or "applied" for rel, recs in by_relation.items()}
+    return {"lambda1": lambda1, "lambda2": lambda2, "exclusion_fraction": fraction, "shared_rule": shared_rule,
+            "left_out_by_shared_rule": sum("shared by" in x["reason"] for x in skipped),
             "embedding": embedding or _edits.default_embedding(lm), "multi_token": _edits.default_multi_token(lm),
             "calibration_range": list(CALIBRATION_RANGE) if calibrated else None,
             "facts": rows, "skipped": skipped,
@@ -224,14 +292,16 @@ def _update_candidates(lm, by_relation, factset, facts_per_relation, fraction, l
                 skipped.append({"fact": label, "reason": "no knowledge neurons"})
                 continue
             before = answer_probabilities(lm, rec.prompts, batch_size)
-            if np.mean([b["correct"] for b in before]) < 0.5:
-                skipped.append({"fact": label, "reason": "not answered correctly"})
+            if not is_known(float(np.mean([b["correct"] for b in before]))):
+                skipped.append({"fact": label, "reason": "not known (the answer is top-1 on at most half of its "
+                                                         "prompts)"})
                 continue
             others_sets = [r.neurons for r in recs if r is not rec]
             update = make_update(lm, rec.neurons, rec.prompts[0].answer_ids, (), others_sets, fraction, lambda1,
                                  lambda2, embedding)
             if not update.neurons:
-                skipped.append({"fact": label, "reason": "all its neurons are shared by >10% of the relation's facts"})
+                skipped.append({"fact": label, "reason": f"all its neurons are shared by >{fraction:.0%} of the "
+                                                         f"relation's {len(others_sets)} other facts"})
                 continue
             others = [o for o in dict.fromkeys(r.fact.object for r in recs) if o != rec.fact.object]
             rng.shuffle(others)
@@ -372,9 +442,14 @@ def activation_by_prompt(lm, records: Sequence[FactNeurons], factset, prompts_pe
                          task: Task | None = None) -> dict:
     """The paper's activation-by-prompt comparison: a fact's knowledge neurons' mean activation on prompts
     that express the fact (its own prompts), that only share its subject (other relations' templates filled
-    with the same subject), and random prompts (other relations' prompts about other subjects), plus an
-    optional `corpus` of sentences (e.g. one per line of a user's text file; the activation is averaged
-    over a sentence's tokens).
+    with the same subject), and random prompts (the same templates of the other relations filled with other
+    subjects), plus an optional `corpus` of sentences (e.g. one per line of a user's text file; the activation
+    is averaged over a sentence's tokens).
+
+    Subject-only and random prompts are matched template for template: both are drawn from the same (relation,
+    template) pairs with the same seeded sample, so the two groups differ only in the subject. (Until issue #21
+    the random group was the run's other facts' prompts: other templates than the subject-only group's, so the
+    comparison measured the template sets as much as the subject.)
 
     Direction: each neuron's activation is multiplied by the direction that raises the answer. A refined
     neuron has Attr = w x (integrated gradient) > 0, so that direction is the sign of its activation w on the
@@ -382,7 +457,6 @@ def activation_by_prompt(lm, records: Sequence[FactNeurons], factset, prompts_pe
     and the comparison says nothing. Up to `prompts_per_group` prompts per group and fact (seeded sample).
     Returns the means over facts ("expressing", "subject_only", "random", "corpus") and "per_fact"."""
     from .evaluation import neuron_activations
-    from .facts import Fact, render_prompts
 
     task = as_task(task)
     rng = np.random.default_rng(seed + 41)
@@ -392,19 +466,10 @@ def activation_by_prompt(lm, records: Sequence[FactNeurons], factset, prompts_pe
     for n_done, rec in enumerate(used):
         task.check()
         neurons = [tuple(n) for n in rec.neurons]
-        subject_only = []
-        for rid, relation in factset.relations.items():
-            if rid == rec.relation:
-                continue
-            known = [f for f in factset.facts_of(rid) if f.subject == rec.fact.subject]
-            objects = factset.objects_of(rid)
-            fact = known[0] if known else (Fact(rid, rec.fact.subject, objects[0]) if objects else None)
-            if fact is not None:
-                subject_only += render_prompts(fact, relation, lm.tokenizer, lm.kind)[0]
-        random_prompts = [p for r in records if r.relation != rec.relation and r.fact.subject != rec.fact.subject
-                          for p in r.prompts]
-        items = {"expressing": list(rec.prompts), "subject_only": _sample(subject_only, prompts_per_group, rng),
-                 "random": _sample(random_prompts, prompts_per_group, rng)}
+        pairs = _matched_prompts(lm, rec, factset, rng)
+        picked = _sample(list(range(len(pairs))), prompts_per_group, rng)
+        items = {"expressing": list(rec.prompts), "subject_only": [pairs[i][0] for i in picked],
+                 "random": [pairs[i][1] for i in picked]}
         if corpus:
             items["corpus"] = list(corpus)
         own = neuron_activations(lm, neurons, items["expressing"], batch_size=batch_size)
@@ -423,7 +488,31 @@ def activation_by_prompt(lm, records: Sequence[FactNeurons], factset, prompts_pe
     means = {g: _mean_ignoring_nan([r[g] for r in per_fact]) for g in groups}
     return {**means, "facts": len(per_fact), "prompts_per_group": prompts_per_group,
             "direction": "activation x sign of the neuron's activation on the fact's prompts (the sign that "
-                         "raises the answer, as Attr > 0)", "per_fact": per_fact}
+                         "raises the answer, as Attr > 0)",
+            "random_prompts": "the subject-only prompts' templates filled with another subject of that relation "
+                              "(matched template for template)", "per_fact": per_fact}
+
+
+def _matched_prompts(lm, rec: FactNeurons, factset, rng: np.random.Generator) -> list[tuple]:
+    """(subject-only prompt, random prompt) pairs on the same template of each other relation: the fact's
+    subject, and a seeded random other subject of that relation."""
+    from .facts import Fact, render_prompts
+
+    pairs = []
+    for rid, relation in factset.relations.items():
+        if rid == rec.relation:
+            continue
+        facts = factset.facts_of(rid)
+        known = [f for f in facts if f.subject == rec.fact.subject]
+        others = [f for f in facts if f.subject != rec.fact.subject]
+        if not others:
+            continue
+        mine = known[0] if known else Fact(rid, rec.fact.subject, others[0].object)
+        other = others[int(rng.integers(len(others)))]
+        theirs = {p.template: p for p in render_prompts(other, relation, lm.tokenizer, lm.kind)[0]}
+        pairs += [(p, theirs[p.template]) for p in render_prompts(mine, relation, lm.tokenizer, lm.kind)[0]
+                  if p.template in theirs]
+    return pairs
 
 
 def _mean_ignoring_nan(values) -> float:

@@ -310,3 +310,61 @@ def held_out_templates(templates: Sequence[str], n: int, seed: int = 0) -> tuple
                          f"{MIN_FINDING_PROMPTS} to find neurons with (hold out 0: generality is then not measured)")
     picked = set(np.random.default_rng(seed).choice(len(templates), size=n, replace=False).tolist())
     return tuple(t for i, t in enumerate(templates) if i in picked)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The thesis checks (Niu et al., ICLR 2024): does an edit carry over to the symmetric query and to synonyms?
+# --------------------------------------------------------------------------------------------------------
+
+def reverse_prompts(lm, factset, fact, subject: str, causal_templates: str = "prefix") -> tuple[list, str | None]:
+    """The relation's templates read backwards: [X] and [Y] swapped, `subject` (an object of the relation) in the
+    subject slot and the fact's subject as the answer ("[Y] is the capital of [X]." -> "Rome is the capital of"
+    -> France). Only templates that put [Y] before [X] give a causal prompt; with none, the reason."""
+    from .facts import Fact, Relation, render_prompts
+
+    relation = factset.relation(fact.relation)
+    swapped = tuple(t.replace("[X]", "\0").replace("[Y]", "[X]").replace("\0", "[Y]") for t in relation.templates)
+    prompts, skipped = render_prompts(Fact(fact.relation, subject, fact.subject),
+                                      Relation(relation.id, relation.name, swapped), lm.tokenizer, lm.kind,
+                                      causal_templates)
+    if prompts:
+        return prompts, None
+    return [], (f"no template of {fact.relation} reads backwards for a {lm.kind} model (a reverse query needs "
+                f"[Y] before [X], with [X] where the model predicts)" if skipped else "the relation has no templates")
+
+
+def symmetry_metric(lm, factset, plan, task=None) -> dict:
+    """Bijective symmetry of an update s: o -> o' (Niu et al. 2024): on reverse prompts with o' as their subject
+    ("Rome is the capital of"), the share where s is the top-1 answer before the edit, after it and under the
+    random-neuron control; beside it, how often the unedited model answers the reverse query with the old object
+    ("Paris is the capital of" -> France): if it never does, no edit can be expected to carry over."""
+    from .evaluation import answer_probabilities, with_edits
+
+    request = plan.request
+    if plan.edit.kind != "update":
+        return not_applicable("symmetry asks whether the new object now leads back to the subject; only an update "
+                              "has a new object")
+    causal = request.causal_templates
+    new, reason = reverse_prompts(lm, factset, request.fact, request.new_object, causal)
+    if reason:
+        return not_applicable(reason)
+    old, _ = reverse_prompts(lm, factset, request.fact, request.fact.object, causal)
+
+    def rate(rows):
+        return _summary([r["correct"] for r in rows], rows)
+
+    out = rate(with_edits(lm, [plan.edit], lambda: answer_probabilities(lm, new)))
+    out["before"] = rate(answer_probabilities(lm, new))
+    out["control"] = rate(with_edits(lm, [plan.control], lambda: answer_probabilities(lm, new)))
+    out["reverse_known"] = rate(answer_probabilities(lm, old)) if old else not_applicable("no reverse prompt of o")
+    out["prompts"] = [p.text for p in new]
+    return out
+
+
+def synonymy_metric(metrics: dict) -> dict:
+    """Synonymy (Niu et al. 2024): the edit on wordings it was not found on. Held-out paraphrases are the
+    generality metric (edit and control, from `edit_metrics`); aliases are n/a: facts carry none (PARAREL has
+    none, and the fact-set format has no alias field)."""
+    control = metrics.get("control") if applicable(metrics.get("control")) else {}
+    return {"paraphrases": {"edit": metrics["generality"], "control": control.get("generality")},
+            "aliases": not_applicable("facts carry no aliases of their subject or object (PARAREL has none)")}

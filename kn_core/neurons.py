@@ -18,6 +18,9 @@ Flags (`NeuronFlags`), beyond the paper:
   is measured by its mean |activation| instead -- and (2) its mean |activation| is among the
   `top_fraction` (0.1%, at least one) largest of the whole model. The rule was chosen from the literature
   before it was run on any model; it was not tuned on any fact set.
+- template (per fact, `kn_core.specificity`, docs/SPECIFICITY.md): keeps at least half its effect on the fact's
+  answer when the subject is swapped for other subjects of the relation (same templates): a neuron of the
+  wording, not of the fact. Taken out of that fact's refined set unless the caller keeps it.
 - unspecific: coarse for facts of most relations. A fact's coarse set is the neurons coarse in at least half of
   its prompts (`fact_coarse_set`). A relation "uses" a neuron when it is in the coarse sets of at least
   `fact_fraction` (10%, the paper's relation-level threshold) of the relation's facts; the neuron is
@@ -419,32 +422,53 @@ def flag_unspecific(coarse_sets_by_relation: Mapping[str, Sequence[Iterable[Neur
     return frozenset((int(n[0]), int(n[1])) for n, c in used.items() if c > relation_fraction * len(relations))
 
 
+FLAG_NAMES = ("massive", "unspecific", "template")
+
+
 @dataclass(frozen=True)
 class NeuronFlags:
-    """Neurons kept apart from knowledge neurons, and the rule that flagged them."""
+    """Neurons kept apart from knowledge neurons, and the rule that flagged them. `template`: neurons the
+    subject-specificity control (kn_core.specificity) flagged for the fact(s) it ran on; a per-fact flag, so it
+    is not in `excluded` (which also keeps neurons from setting every prompt's t x max threshold): callers
+    take a fact's template neurons out of that fact's refined set (`without_template`)."""
     massive: frozenset[Neuron] = frozenset()
     unspecific: frozenset[Neuron] = frozenset()
     rule: dict = field(default_factory=dict)
+    template: frozenset[Neuron] = frozenset()
 
     @property
     def excluded(self) -> frozenset[Neuron]:
         return self.massive | self.unspecific
 
     def of(self, neuron: Neuron) -> tuple[str, ...]:
-        """The flags of one neuron: () or some of ("massive", "unspecific")."""
+        """The flags of one neuron: () or some of FLAG_NAMES ("massive", "unspecific", "template")."""
         neuron = (int(neuron[0]), int(neuron[1]))
-        return tuple(name for name, group in (("massive", self.massive), ("unspecific", self.unspecific))
-                     if neuron in group)
+        return tuple(name for name in FLAG_NAMES if neuron in getattr(self, name))
+
+    def with_template(self, neurons: Iterable[Neuron], rule: str) -> "NeuronFlags":
+        """These flags plus `neurons` flagged template by the subject control (`rule`: its rule in words)."""
+        from dataclasses import replace
+
+        return replace(self, template=self.template | {(int(a), int(b)) for a, b in neurons},
+                       rule={**self.rule, "template": rule})
 
     def to_dict(self) -> dict:
         return {"massive": [list(n) for n in sorted(self.massive)],
-                "unspecific": [list(n) for n in sorted(self.unspecific)], "rule": dict(self.rule)}
+                "unspecific": [list(n) for n in sorted(self.unspecific)],
+                "template": [list(n) for n in sorted(self.template)], "rule": dict(self.rule)}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "NeuronFlags":
         def neurons(key):
             return frozenset((int(layer), int(index)) for layer, index in d.get(key, ()))
-        return cls(massive=neurons("massive"), unspecific=neurons("unspecific"), rule=dict(d.get("rule", {})))
+        return cls(massive=neurons("massive"), unspecific=neurons("unspecific"), rule=dict(d.get("rule", {})),
+                   template=neurons("template"))
+
+
+def without_template(neurons: Iterable[Neuron], template: Iterable[Neuron]) -> list[Neuron]:
+    """A fact's refined neurons without those its subject control flagged template (order kept)."""
+    drop = {(int(a), int(b)) for a, b in template}
+    return [n for n in neurons if (int(n[0]), int(n[1])) not in drop]
 
 
 def neuron_flags(stats: ActivationStats, coarse_sets_by_relation: Mapping | None = None, *,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from collections import Counter
 from typing import Callable, Sequence
 
@@ -484,24 +485,33 @@ def _each_group(lm, runner, params, seq_len: int, alphas, n_rows: int, task: Tas
 
 
 def integrate(lm: LoadedModel, runner: "Runner | SharedRunner", params, seq_len: int,
-              report: Callable[..., None], task: Task, dense_layers: Sequence[int] = ()):
+              report: Callable[..., None], task: Task, dense_layers: Sequence[int] = (),
+              layers: Sequence[int] | None = None):
     """IG scores [targets, L, N], P(0 at layer l) [targets, L] and per-layer notes of the quadrature (None for
     the Riemann sum) from a runner's patched passes. `report(a, b, scores of layers a..b-1, done=fraction)`
     as layers become final. `dense_layers`: layers that `gauss`/`auto` integrate on a dense grid (quadrature.py).
+    `layers`: only these (Riemann sum only; the others stay NaN): a layer's scores do not depend on which other
+    layers are attributed, so a control that needs a few layers (`specificity`) pays for those only.
     """
     acts = runner.acts if runner.acts.dim() == 3 else runner.acts[None]
     if params.quadrature != "riemann":
+        if layers is not None:
+            raise ValueError("attributing chosen layers is implemented for the Riemann sum only; use "
+                             "quadrature='riemann' or attribute every layer")
         return _integrate_panels(lm, runner, params, seq_len, acts, report, task, dense_layers)
     n_targets, L = acts.shape[0], lm.layout.layers
     alphas = params.alphas()
     zero_extra = params.rule == "right"  # the left rule already has alpha = 0; right needs it for completeness
     run_alphas = alphas + ([0.0] if zero_extra else [])
-    scores = torch.empty_like(acts)
-    p_zero = torch.empty(n_targets, L)
-    for group, grads, probs in _each_group(lm, runner, params, seq_len, run_alphas, len(run_alphas), task):
+    scores = torch.full_like(acts, math.nan)
+    p_zero = torch.full((n_targets, L), math.nan)
+    for group, grads, probs in _each_group(lm, runner, params, seq_len, run_alphas, len(run_alphas), task,
+                                           layers):
         a, b = group[0].start, group[-1].stop
-        scores[:, a:b] = acts[:, a:b] * grads[:, :, : len(alphas)].sum(2).transpose(0, 1) / params.steps
-        p_zero[:, a:b] = probs[:, :, len(alphas) if zero_extra else 0].T.cpu()
+        # a group's passes are consecutive when every layer runs; with chosen `layers` they may skip some
+        at = [layer for run in group for layer in run]
+        scores[:, at] = (acts[:, at] * grads[:, :, : len(alphas)].sum(2).transpose(0, 1) / params.steps).to(scores.dtype)
+        p_zero[:, at] = probs[:, :, len(alphas) if zero_extra else 0].T.cpu().to(p_zero.dtype)
         report(a, b, scores[:, a:b])
     return scores, p_zero, None
 

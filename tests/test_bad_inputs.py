@@ -56,6 +56,9 @@ CASES = [
     ("steps-attribute-1001", ATTR + ["--steps", "1001"], ["--steps", "1001"]),
     ("steps-suppress", SUP + ["--steps", "5000"], ["--steps", "5000"]),
     ("steps-reproduce", REP + ["--steps", "0"], ["--steps", "0"]),
+    ("keep-template-without-control", S + ["--keep-template"], ["--keep-template", "--subject-control"]),
+    ("keep-template-no-control-reproduce", REP + ["--keep-template", "--no-subject-control"],
+     ["--keep-template", "--no-subject-control"]),
     ("steps-reproduce-force-not-offered", REP + ["--steps", "2000", "--force"], ["--force"]),
     # quadrature and its tolerance (kn attribute, kn neurons, and the verbs that find neurons to edit)
     ("quadrature-suppress-unknown", SUP + ["--quadrature", "simpson"], ["--quadrature", "simpson", "riemann"]),

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kn_core import edits as E
-from kn_core.edit_plan import EditPlanError, EditRequest, measure_plan, plan_edit, summarize_plan
+from kn_core.edit_plan import EditPlanError, EditRequest, measure_plan, plan_edit, shared_rule_note, summarize_plan
 from kn_core.facts import Fact, FactSet, Relation
 from tiny import TINY_CAUSAL, TINY_MASKED, make_tiny
 
@@ -101,15 +101,22 @@ def test_update_plan_pairs_prompts_and_excludes_shared_neurons(family):
     plan = plan_edit(lm, FS, EditRequest("update", ((2, 3), (1, 4)), FRANCE, new_object="Berlin"), others)
     update = plan.edit
     assert isinstance(update, E.Update)
-    # (2, 3) is in 2 of the 3 *other* facts (> 10%); the fact's own set does not count
-    assert update.excluded == ((2, 3),) and update.neurons == ((1, 4),)
-    assert any("L2 N3" in what and "10%" in why for what, why in plan.skipped)
+    # 3 other facts cannot support a 10% share (one fact is 33%): nothing left out, and the plan says so in one line
+    assert update.excluded == () and update.neurons == ((2, 3), (1, 4))
+    assert [why for what, why in plan.skipped if what == "shared-neuron rule"] == [shared_rule_note(3, 0.1)]
+    assert "at least 10 needed" in shared_rule_note(3, 0.1) and shared_rule_note(10, 0.1) is None
+    # with 10 other facts it is applied: (2, 3) is in 2 of them (> 10%); the fact's own set does not count
+    ten = [[(2, 3)], [(2, 3), (0, 1)]] + [[(1, 2)]] * 8
+    wide = plan_edit(lm, FS, EditRequest("update", ((2, 3), (1, 4)), FRANCE, new_object="Berlin"), ten)
+    assert wide.edit.excluded == ((2, 3),) and wide.edit.neurons == ((1, 4),)
+    assert any("L2 N3" in what and "10%" in why for what, why in wide.skipped)
+    assert not any(what == "shared-neuron rule" for what, _ in wide.skipped)
     fact, new = plan.prompts["fact"], plan.prompts["new object"]
     assert len(fact) == len(new) > 0
     assert all(p.template == q.template and q.fact.object == "Berlin" for p, q in zip(fact, new))
     assert update.old_ids == fact[0].answer_ids and update.new_ids == new[0].answer_ids
     assert isinstance(plan.control, E.Update) and plan.control.new_ids == update.new_ids
-    assert [l for l, _ in plan.control.neurons] == [1]
+    assert [l for l, _ in plan.control.neurons] == [2, 1] and [l for l, _ in wide.control.neurons] == [1]
 
 
 def test_sign_aware_update_flips_negatively_active_neurons():
@@ -159,7 +166,7 @@ def test_refusals_are_one_line():
         with pytest.raises(EditPlanError, match=message) as exc:
             plan_edit(lm, FS, request)
         one_line(exc)
-    shared = {f: [(0, 1)] for f in FACTS[1:4]}
+    shared = [[(0, 1)]] * 10  # ten other facts: enough to support the 10% share
     with pytest.raises(EditPlanError, match="shared by more than 10%") as exc:
         plan_edit(lm, FS, EditRequest("update", ((0, 1),), FRANCE, new_object="Berlin"), shared)
     one_line(exc)

@@ -510,3 +510,13 @@ def test_default_model_stack_restores_bitwise_and_edits_act():
     assert ev.answer_probabilities(lm, [prompt])[0]["prob"] == pytest.approx(p0["prob"], rel=1e-6)
     info = ev.neuron_tokens(lm, 29, 238, top_k=5)
     assert len(info["promotes"]) == 5 and info["promotes"][0]["logit"] > info["suppresses"][0]["logit"]
+
+
+def test_the_shared_neuron_rule_needs_a_sample_that_supports_its_share():
+    from kn_core.edit_plan import shared_rule_min_facts, shared_rule_note
+
+    assert [shared_rule_min_facts(f) for f in (0.1, 0.2, 0.25, 0.3, 0.0, 1.0)] == [10, 5, 4, 4, 1, 1]
+    assert shared_rule_note(9, 0.1) and shared_rule_note(10, 0.1) is None
+    lm = make_tiny(TINY_CAUSAL)
+    thin = make_update(lm, [(2, 1), (1, 4)], (6,), (7,), [[(2, 1)], [(2, 1)], [(1, 4)]], fraction=0.1)
+    assert thin.excluded == () and thin.neurons == ((2, 1), (1, 4))  # 3 other facts: not applied

@@ -182,3 +182,37 @@ def test_activation_by_prompt_on_a_planted_negative_neuron():
     assert out["expressing"] - out["subject_only"] == pytest.approx(3.0, abs=0.5)
     assert out["subject_only"] - out["random"] == pytest.approx(3.0, abs=0.5)
     assert out["corpus"] == pytest.approx((6 + 3 + 0) / 3, abs=0.5)
+
+
+def test_known_facts_are_pooled_apart_and_random_prompts_match_the_subject_only_templates():
+    lm = tiny(TINY_CAUSAL)
+    recs = _records(lm)
+    known = {f"{r.relation}:{r.fact.subject}": k % 2 == 0 for k, r in enumerate(recs)}
+    sa = ex.suppress_amplify_experiment(lm, recs, control_prompts=2, known=known)
+    own = {side: sa["by_known"][side]["knowledge"]["suppress"]["own"]["n_prompts"] for side in ("known", "unknown")}
+    assert own == {"known": sum(len(r.prompts) for r, k in zip(recs, known.values()) if k),
+                   "unknown": sum(len(r.prompts) for r, k in zip(recs, known.values()) if not k)}
+    assert sa["by_known"]["known"]["facts"] + sa["by_known"]["unknown"]["facts"] == len(recs)
+    assert ex.suppress_amplify_experiment(lm, recs[:1], control_prompts=1)["by_known"] == {}
+    factset = FactSet("t", {"P36": REL, "P37": REL2}, FACTS)
+    pairs = ex._matched_prompts(lm, recs[0], factset, np.random.default_rng(0))
+    assert pairs and all(a.template == b.template and a.fact.relation == b.fact.relation != recs[0].relation
+                         and a.fact.subject == recs[0].fact.subject != b.fact.subject for a, b in pairs)
+    act = ex.activation_by_prompt(lm, recs, factset, prompts_per_group=3)
+    assert all(row["n_subject_only"] == row["n_random"] for row in act["per_fact"])
+
+
+def test_fact_answers_and_the_known_rule():
+    lm = tiny(TINY_CAUSAL)
+    recs = _records(lm)
+    rows = ex.fact_answers(lm, [(r.fact, r.prompts) for r in recs])
+    assert [row["subject"] for row in rows] == [r.fact.subject for r in recs]
+    for row, rec in zip(rows, recs):
+        measured = ex.answer_probabilities(lm, rec.prompts)
+        assert row["prob"] == pytest.approx(np.mean([m["prob"] for m in measured]))
+        assert row["rank_best"] == min(m["rank"] for m in measured)
+        assert row["known"] == (np.mean([m["correct"] for m in measured]) > 0.5)
+    assert ex.is_known(0.51) and not ex.is_known(0.5)
+    split = ex.split_by_known([{"fact": "a", "x": 1.0}, {"fact": "b", "x": 3.0}, {"fact": "c", "x": 5.0}],
+                              {"a": True, "b": False}, ["x"])
+    assert split == {"known": {"facts": 1, "x": 1.0}, "unknown": {"facts": 1, "x": 3.0}}

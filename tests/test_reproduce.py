@@ -38,8 +38,10 @@ def lm():
 
 
 def _run(lm, out, **kwargs):
+    # keep_template: a random tiny model knows no fact, so its subject control flags every neuron (as it should)
+    # and the experiments below would have nothing to edit; test_subject_control_* runs the default
     args = dict(relations=["P36", "P37", "P99"], facts_per_relation=2, steps=1, control_prompts=4,
-                say=lambda m: None)
+                say=lambda m: None, keep_template=True)
     return run_reproduce(lm, _factset(), out, **(args | kwargs))
 
 
@@ -209,7 +211,8 @@ def test_massive_neurons_are_kept_out_unless_asked_and_reported_both_ways(tmp_pa
     lm = make_tiny(TINY_CAUSAL)
     with torch.no_grad():  # one neuron firing at ~100 on every input: ~600x its layer's median
         lm.model.transformer.h[1].mlp.c_fc.bias[5] = 100.0
-    args = dict(relations=["P36", "P37"], facts_per_relation=2, steps=1, control_prompts=4, say=lambda m: None)
+    args = dict(relations=["P36", "P37"], facts_per_relation=2, steps=1, control_prompts=4, say=lambda m: None,
+                keep_template=True)
     default = run_reproduce(lm, _factset(), tmp_path, **args)
     assert [1, 5] in default["flags"]["massive"] and default["parameters"]["keep_massive"] is False
     assert all([1, 5] not in f["neurons"] and [1, 5] not in f["baseline_neurons"] for f in default["facts_detail"])
@@ -236,3 +239,37 @@ def test_edit_metrics_are_judged_on_prompts_rendered_with_the_runs_templates(lm,
     assert all(plan.request.causal_templates == "end-only" for plan in plans)
     used = {p.template for plan in plans for prompts in plan.prompts.values() for p in prompts}
     assert CAPITAL.templates[3] not in used and used
+
+
+def test_subject_control_takes_template_neurons_out_and_reports_both_ways_and_known_apart(lm, tmp_path):
+    report = _run(lm, tmp_path, relations=["P36", "P37"], keep_template=False)
+    sc = report["subject_control"]
+    assert report["parameters"]["subject_control"] is True and report["parameters"]["keep_template"] is False
+    assert sc["facts"] == 4 and sc["controlled"] + len(sc["not_controlled"]) == 4
+    assert sc["control_prompts"] == sum(f["control_prompts"] for f in sc["per_fact"]) > 0
+    for detail, control in zip(report["facts_detail"], sc["per_fact"]):
+        assert detail["template_neurons"] == control["template"]
+        assert detail["neurons"] == [n for n in control["candidates"] if n not in control["template"]]
+    without, with_ = sc["without_control"]["all"], sc["with_control"]["all"]
+    assert with_["refined_total"] == without["refined_total"] - sc["template"]
+    assert report["neuron_statistics"] == with_
+    answers = report["fact_answers"]
+    assert len(answers) == 4 and all({"prob", "rank_median", "rank_best", "top1_share", "known"} <= set(a)
+                                     for a in answers)
+    known = sum(a["known"] for a in answers)
+    assert sc["without_control"]["known"]["facts"] == known and sc["without_control"]["unknown"]["facts"] == 4 - known
+    text = (tmp_path / "report.md").read_text()
+    assert "## Subject specificity" in text and "## Facts" in text and "with the control, unknown facts" in text
+    # the controls' scores are cached: a second run computes no attribution
+    import kn_core.reproduce.specificity_section as section
+
+    def fail(*a, **k):
+        raise AssertionError("the control was computed again instead of read from the cache")
+
+    real, section.attribute_layers = section.attribute_layers, fail
+    try:
+        again = _run(lm, tmp_path, relations=["P36", "P37"], keep_template=False)
+    finally:
+        section.attribute_layers = real
+    assert again["subject_control"]["per_fact"] == sc["per_fact"] or all(
+        a["template"] == b["template"] for a, b in zip(again["subject_control"]["per_fact"], sc["per_fact"]))

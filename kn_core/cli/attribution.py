@@ -131,11 +131,16 @@ def cmd_attribute_facts(args) -> int:
 
 def cmd_neurons(args) -> int:
     from ..attribution import attribute_fact, default_t
+    from ..experiments import fact_answers
     from ..facts import render_prompts
     from ..encoding import prompt_format
-    from ..neurons import case_neurons, coarse_neurons, neuron_name, run_flags
+    from ..neurons import case_neurons, coarse_neurons, empty_neurons_fix, neuron_name, run_flags, without_template
     from ..runner import prompt_params, run_params
+    from ..specificity import control_summary
 
+    if args.keep_template and not args.subject_control:
+        raise CliError("--keep-template keeps the neurons the subject control flags; add --subject-control (or "
+                       "leave --keep-template out)")
     params = params_of(args)
     factset = factset_of(args)
     fact = find_fact(factset, args.relation, args.subject)
@@ -162,23 +167,34 @@ def cmd_neurons(args) -> int:
         flags = run_flags(lm, [r.activations for r in results])  # massive neurons (kn_core.neurons)
         exclude = () if args.keep_massive else flags.excluded
         refined, selection = case_neurons([r.scores for r in results], t, args.p, exclude=exclude)
+        control = None
+        if args.subject_control:
+            control = _subject_control(lm, factset, fact, prompts, refined, params, args)
+            flags = flags.with_template(control.template, control_summary([control])["rule"])
+            if not args.keep_template:
+                refined = without_template(refined, control.template)
         if project is not None:
             project.add_neuron_set("refined", refined, fact=fact,
                                    params={"t": t, "p": args.p, "keep_massive": args.keep_massive, **recorded,
                                            **({"selection": selection} if selection["rule"] != "refined" else {})})
     coarse = [sorted(coarse_neurons(r.scores, t, exclude), key=lambda n, r=r: -r.scores[n]) for r in results]
-    doc = {"fact": {"relation": fact.relation, "subject": fact.subject, "object": fact.object},
+    answer = fact_answers(lm, [(fact, prompts)])[0]  # p, rank and whether the model knows the fact
+    doc = {"fact": {"relation": fact.relation, "subject": fact.subject, "object": fact.object,
+                    **{k: answer[k] for k in ("prob", "rank_median", "rank_best", "top1_share", "known")}},
            "prompts": [{"text": p.text, "answer": p.answer, "prob": r.prob} for p, r in zip(prompts, results)],
            "skipped": [{"template": s.template, "reason": s.reason} for s in skipped],
            "coarse": [neuron_list(c, r.scores, layout=lm.layout) for c, r in zip(coarse, results)],
            "refined": neuron_list(refined, layout=lm.layout), "selection": selection, "t": t, "p": args.p,
            "params": params.to_dict(), **prompt_params(lm.kind, args.causal_templates), **prompt_format_field(lm),
            "flags": {**flags.to_dict(), "excluded_from_neurons": not args.keep_massive},
+           "subject_control": control.to_dict() if control is not None else None,
            "seconds": time.perf_counter() - started}
     for entry in doc["refined"] + [e for c in doc["coarse"] for e in c]:
         entry["flags"] = list(flags.of((entry["layer"], entry.get("index", entry["neuron"]))))
     lines = [f"{fact.relation} {fact.subject} -> {fact.object}: {len(prompts)} prompts, {len(refined)} refined "
-             f"neurons (t={t}, p={args.p}) in {doc['seconds']:.1f} s",
+             f"neurons (t={t}, p={args.p}) in {doc['seconds']:.1f} s; p(answer) {answer['prob']:.3g}, median rank "
+             f"{answer['rank_median']:g}, {'known' if answer['known'] else 'NOT known'} (top-1 on "
+             f"{answer['top1_share']:.0%} of prompts)",
              f"  neurons: {selection['text']}" + ("" if refined else f"; none: {empty_neurons_fix(len(prompts), args.p)}")]
     lines += [f"  {p.text!r} -> {p.answer!r} P={r.prob:.3f}, {len(c)} coarse" for p, r, c in zip(prompts, results, coarse)]
     lines += [f"  refined {neuron_name(l, i, lm.layout)} {' '.join(flags.of((l, i)))}".rstrip() for l, i in refined]
@@ -186,9 +202,28 @@ def cmd_neurons(args) -> int:
         kept = "kept (--keep-massive)" if args.keep_massive else "excluded (--keep-massive keeps them)"
         lines.append(f"  massive neurons {kept}: " + ", ".join(neuron_name(l, i, lm.layout)
                                                                    for l, i in sorted(flags.massive)))
+    if control is not None:
+        lines.append(f"  subject control: {control.reason}" if not control.controlled else
+                     f"  subject control ({len(control.subjects)} subjects, {control.prompts} prompts): "
+                     f"{len(control.template)} template neuron(s) "
+                     + ("kept (--keep-template)" if args.keep_template else "left out (--keep-template keeps them)")
+                     + "".join(f", {neuron_name(l, i, lm.layout)}" for l, i in sorted(control.template)))
     lines += tolerance_lines(results, params)
     emit(args, doc, "\n".join(lines))
     return 0
+
+
+def _subject_control(lm, factset, fact, prompts, refined, params, args):
+    """`kn neurons --subject-control`: the fact's refined neurons re-scored with other subjects (docs/SPECIFICITY.md),
+    with the Riemann sum whatever --quadrature was (the control compares two scores of one kind)."""
+    from ..attribution import AttributionParams
+    from ..specificity import subject_control
+
+    if params.quadrature != "riemann":
+        params = AttributionParams(seed=params.seed)
+    with progress_bar(f"subject control {fact.relation} {fact.subject}") as task:
+        return subject_control(lm, factset, fact, prompts, refined, params, causal_templates=args.causal_templates,
+                               task=task)
 
 
 def attribution_options(p) -> None:
@@ -259,6 +294,11 @@ def add_commands(sub) -> None:
     neurons.add_argument("--p", type=float, default=0.7, help="refined: coarse in >= max(p x prompts, 3) prompts")
     neurons.add_argument("--keep-massive", action="store_true",
                          help="keep massive-activation neurons in the coarse and refined sets (the paper's method)")
+    neurons.add_argument("--subject-control", action="store_true",
+                         help="re-score the refined neurons with the subject swapped for other subjects of the relation "
+                              "and flag those that keep half their effect without it 'template' (docs/SPECIFICITY.md)")
+    neurons.add_argument("--keep-template", action="store_true",
+                         help="with --subject-control: keep the template neurons in the refined set (default: left out)")
     neurons.add_argument("--share-prompts", choices=["auto", "on", "off"], default="auto",
                          help="run the fact's prompts in shared passes (BERT-style masked LMs; auto: on GPUs)")
     causal_templates_option(neurons)

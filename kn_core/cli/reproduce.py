@@ -8,8 +8,8 @@ from pathlib import Path
 
 from .attribution import causal_templates_option, quadrature_options
 from .checks import whole_number
-from .common import (COMMON, command_params, emit, factset_of, load, progress_bar, prompt_format_option, say,
-                     store_evaluation)
+from .common import (COMMON, CliError, command_params, emit, factset_of, load, progress_bar, prompt_format_option,
+                     say, store_evaluation)
 
 
 def cmd_reproduce(args) -> int:
@@ -17,6 +17,9 @@ def cmd_reproduce(args) -> int:
     from ..reproduce import resolve_relations, run_reproduce
 
     AttributionParams(steps=args.steps, quadrature=args.quadrature, tolerance=args.tolerance)  # before loading
+    if args.keep_template and args.no_subject_control:
+        raise CliError("--keep-template keeps the neurons the subject control flags, and --no-subject-control "
+                       "skips that control; drop one of them")
     factset = factset_of(args)
     relations = [r.strip() for r in args.relations.split(",") if r.strip()] if args.relations else None
     resolve_relations(factset, relations)  # an unknown relation fails before the model loads
@@ -26,13 +29,16 @@ def cmd_reproduce(args) -> int:
                                args.steps, args.prompts_per_fact, args.select, args.control_prompts,
                                causal_templates=args.causal_templates, keep_massive=args.keep_massive, say=say,
                                task=task, command=shlex.join(["kn", *sys.argv[1:]]), quadrature=args.quadrature,
-                               tolerance=args.tolerance, trace=args.trace)
+                               tolerance=args.tolerance, trace=args.trace,
+                               subject_control=not args.no_subject_control, keep_template=args.keep_template)
     sa = report.get("suppress_amplify", {}).get("average", {})
     doc = {"out": str(args.out), "status": report["status"], "report": str(Path(args.out) / "report.json"),
            "html": str(Path(args.out) / "report.html"),
            "suppress": sa.get("knowledge", {}).get("suppress", {}).get("own"),
            "amplify": sa.get("knowledge", {}).get("amplify", {}).get("own"),
            "seconds": report["timings"].get("total"), "selection": report.get("selection"),
+           "facts": report.get("fact_answers"),
+           "subject_control": {k: v for k, v in (report.get("subject_control") or {}).items() if k != "per_fact"},
            "left_out": report.get("left_out")}
     store_evaluation(args, lm, "reproduce", report, command_params(args))
     emit(args, doc, (Path(args.out) / "report.md").read_text())
@@ -60,5 +66,10 @@ def add_commands(sub) -> None:
     rep.add_argument("--trace", action="store_true",
                      help="add localisation vs editing (Hase et al. 2023): causal tracing of every fact beside its "
                           "neurons' layers and band-wise edits (off by default: it costs time)")
+    rep.add_argument("--no-subject-control", action="store_true",
+                     help="skip the subject-specificity control (docs/SPECIFICITY.md; default: every fact's refined "
+                          "neurons are re-scored with other subjects and its template neurons taken out)")
+    rep.add_argument("--keep-template", action="store_true",
+                     help="keep the neurons the subject control flags template in the facts' refined sets")
     rep.add_argument("--out", required=True, help="folder for report.json, report.md, report.html and the figures")
     rep.set_defaults(func=cmd_reproduce)

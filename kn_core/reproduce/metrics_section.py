@@ -12,13 +12,15 @@ import zlib
 
 import numpy as np
 
-from ..edit_plan import EditPlanError, EditRequest, plan_edit
-from ..metrics import METRIC_NAMES, applicable, held_out_templates, measure_edit
+from ..edit_plan import EditPlanError, EditRequest, plan_edit, shared_rule_note
+from ..metrics import (METRIC_NAMES, applicable, held_out_templates, measure_edit, symmetry_metric,
+                       synonymy_metric)
 from ..neurons import refined_neurons
 from ..tasks import as_task
 
 KINDS = ("suppress", "amplify", "update (paper)", "update (calibrated)")
 HOLD_OUT = 1  # templates per fact kept away from finding the neurons
+EXCLUSION_FRACTION = EditRequest.exclusion_fraction  # the update's shared-neuron rule (the paper's 10%)
 
 
 def _neurons(fact, prompts, scores, t: float, p: float, exclude, seed: int):
@@ -52,15 +54,20 @@ def _new_objects(factset, fact, seed: int) -> list[str]:
 
 
 def edit_metrics_experiment(lm, factset, chosen: dict, ig: dict, adapted: dict, t: float, exclude, stats,
-                            seed: int = 0, task=None, causal_templates: str = "prefix") -> dict:
+                            seed: int = 0, task=None, causal_templates: str = "prefix", template=None) -> dict:
     """{"facts": [{relation, subject, object, neurons, held_out, new_object, kinds: {kind: metrics}}],
     "summary": {kind: {metric: {"edit", "control", "facts"}}}, "skipped": [{what, reason}]}. The edits are
-    judged on prompts rendered with the `causal_templates` the chosen facts' prompts were rendered with."""
+    judged on prompts rendered with the `causal_templates` the chosen facts' prompts were rendered with.
+    `template`: {fact: its neurons the subject control flagged}, taken out of its refined set (a neuron that only
+    becomes refined once a template is held out was not controlled and stays)."""
     task = as_task(task)
     found, skipped = {}, []
+    template = template or {}
     for rid, facts in chosen.items():
         for fact, prompts in facts:
-            found[fact] = _neurons(fact, prompts, ig[fact], t, adapted[rid]["p"], exclude, seed)
+            held_templates, neurons, held = _neurons(fact, prompts, ig[fact], t, adapted[rid]["p"], exclude, seed)
+            drop = template.get(fact, frozenset())
+            found[fact] = (held_templates, [n for n in neurons if n not in drop], held)
     out_facts = []
     total = max(len(found), 1)
     for done, (fact, (templates, neurons, held)) in enumerate(found.items()):
@@ -86,9 +93,19 @@ def edit_metrics_experiment(lm, factset, chosen: dict, ig: dict, adapted: dict, 
                 continue
             if plan.request.kind == "update":
                 entry["new_object"] = plan.request.new_object
-            entry["kinds"][kind] = measure_edit(lm, plan, task=kind_task)["metrics"]
+            entry["kinds"][kind] = metrics = measure_edit(lm, plan, task=kind_task)["metrics"]
+            if plan.request.kind == "update":
+                entry.setdefault("thesis", {})[kind] = {"symmetry": symmetry_metric(lm, factset, plan),
+                                                        "synonymy": synonymy_metric(metrics)}
         out_facts.append(entry)
-    return {"hold_out": HOLD_OUT, "facts": out_facts, "summary": summarize(out_facts), "skipped": skipped}
+    shared = [x for x in skipped if x["what"].startswith("update") and "shared by more than" in x["reason"]]
+    relations = {f.relation for f in found}
+    return {"hold_out": HOLD_OUT, "facts": out_facts, "summary": summarize(out_facts), "skipped": skipped,
+            "thesis": thesis_summary(out_facts),
+            "updates_asked": sum(k.startswith("update") for k in KINDS) * len(out_facts),
+            "updates_left_out_by_shared_rule": len(shared),
+            "shared_rule": {rid: shared_rule_note(sum(f.relation == rid for f in found) - 1, EXCLUSION_FRACTION)
+                            or "applied" for rid in sorted(relations)}}
 
 
 def _plan(lm, factset, kind, fact, neurons, templates, sets, exclude, stats, seed, task, causal_templates):
@@ -119,6 +136,23 @@ def summarize(facts: list[dict]) -> dict:
         out[kind]["edit_size"] = {"edit": _mean([r["edit_size"][size] for r in rows]),
                                   "control": _mean([r["control"]["edit_size"][size] for r in rows]),
                                   "facts": len(rows), "measure": size}
+    return out
+
+
+def thesis_summary(facts: list[dict]) -> dict:
+    """Per update kind, symmetry (Niu et al. 2024) as means over facts where it applies: the rate after the edit,
+    before it, under the random control, and how often the unedited model answers the reverse query with the
+    old object; the reasons where it does not apply. Synonymy by paraphrase is the generality row."""
+    out = {}
+    for kind in (k for k in KINDS if k.startswith("update")):
+        rows = [f["thesis"][kind]["symmetry"] for f in facts if kind in f.get("thesis", {})]
+        done = [r for r in rows if applicable(r)]
+        known = [r["reverse_known"] for r in done if applicable(r["reverse_known"])]
+        out[kind] = {"facts": len(done), "of": len(rows), "edit": _mean([r["rate"] for r in done]),
+                     "before": _mean([r["before"]["rate"] for r in done]),
+                     "control": _mean([r["control"]["rate"] for r in done]),
+                     "reverse_known": _mean([r["rate"] for r in known]),
+                     "not_applicable": sorted({r["reason"] for r in rows if not applicable(r)})}
     return out
 
 
@@ -169,6 +203,18 @@ def metrics_markdown(report: dict) -> list[str]:
     notes = {f"{kind} {name}: {s[name]['reason']}" for kind, s in section["summary"].items() for name in METRIC_NAMES
              if s[name].get("reason")}
     lines += [""] + [f"- n/a: {n}" for n in sorted(notes)]
+    for kind, t in (section.get("thesis") or {}).items():
+        pct = (lambda v: "n/a" if v is None else f"{100 * v:.0f}%")
+        lines.append(f"- symmetry (Niu et al. 2024), {kind}: the reverse query with o' as subject gives s on "
+                     f"{pct(t['edit'])} of prompts after the edit (before {pct(t['before'])}, random control "
+                     f"{pct(t['control'])}; the unedited model answers the reverse query with o on "
+                     f"{pct(t['reverse_known'])}), {t['facts']} of {t['of']} facts"
+                     + (f"; n/a: {'; '.join(t['not_applicable'])}" if t["not_applicable"] else "")
+                     + ". Synonymy: held-out paraphrases are the generality column; aliases n/a (facts carry none).")
+    if "updates_asked" in section:
+        lines.append(f"- updates left out by the shared-neuron rule: {section['updates_left_out_by_shared_rule']} of "
+                     f"{section['updates_asked']}")
+        lines += [f"- {rid}: {note}" for rid, note in section.get("shared_rule", {}).items() if note != "applied"]
     if section["skipped"]:
         lines += [f"- left out: {s['what']}: {s['reason']}" for s in section["skipped"]]
     return lines + [""]

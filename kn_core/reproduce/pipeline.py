@@ -35,7 +35,9 @@ from ..degeneracy import DegeneracyParams, degeneracy_experiment
 from .localisation import localisation_experiment
 from .metrics_section import edit_metrics_experiment
 from ..encoding import prompt_format, prompt_format_params
+from .specificity_section import apply_control, control_part, run_subject_control
 from ..facts import CAUSAL_TEMPLATES, render_prompts
+from ..syntax import syntax_experiment
 from ..tasks import Cancelled, Task, as_task
 from ..jsonio import dumps, write_text_atomic
 from .report import PAPER, render_markdown, write_html, write_report
@@ -310,6 +312,23 @@ def knowledge_neurons(lm, chosen: dict, ig: dict, base: dict, t: float, p: float
     return records, {"part": part, "flags": flags, "stats": stats}
 
 
+def _subject_control(report, phases, lm, factset, records, params, cache, seed, causal_templates, answers,
+                     keep_template) -> tuple[list, dict]:
+    """Runs the subject control on every record (a phase), writes report["subject_control"] and marks the
+    facts' template neurons in "facts_detail"; returns the records the experiments use and {fact: template}."""
+    controls = phases.run("subject_control", lambda sub: run_subject_control(
+        lm, factset, records, params, cache, seed, causal_templates, sub))
+    controlled = apply_control(records, controls)
+    report["subject_control"] = control_part(records, controlled, controls, answers, lm.layout.layers)
+    for detail, control, kept in zip(report["facts_detail"], controls, controlled):
+        detail["template_neurons"] = [list(n) for n in sorted(control.template)]
+        detail["neurons"] = [list(n) for n in (control.candidates if keep_template else kept.neurons)]
+    template = {r.fact: c.template for r, c in zip(records, controls)}
+    if not keep_template:
+        report["neuron_statistics"] = report["subject_control"]["with_control"]["all"]
+    return (records if keep_template else controlled), template
+
+
 # --------------------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------------------
@@ -366,11 +385,13 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
                   erase_fill: str = "zero", *, causal_templates: str = "prefix", sample_factor: int = 5,
                   check_prompts: int = 3, keep_massive: bool = False, say=_say, task: Task | None = None,
                   command: str | None = None, quadrature: str = "riemann", tolerance: float = 0.01,
-                  trace: bool = False) -> dict:
+                  trace: bool = False, subject_control: bool = True, keep_template: bool = False) -> dict:
     """Runs the reproduction and writes OUT/report.json, report.md and figures; returns the report. (One
     function on purpose: the phases read top to bottom, each saving the partial report.)
     Massive/unspecific neurons (kn_core.neurons) are kept out of refined and relation-level neurons unless
-    ``keep_massive``; the neuron numbers are reported both ways. A
+    ``keep_massive``; the neuron numbers are reported both ways. With ``subject_control`` (the default) each
+    fact's refined neurons get the subject-specificity control (kn_core.specificity) and its template neurons
+    are taken out unless ``keep_template``; the neuron numbers are reported with and without it. A
     cancelled or failed run leaves a partial report.json (status "interrupted ...") and its cache, from which
     the next run with the same arguments resumes. ``command``: how the run was started, for the provenance.
     ``trace``: add the localisation-vs-editing section (causal tracing of every fact; ``localisation.py``)."""
@@ -394,18 +415,21 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
         "check_prompts": check_prompts, "min_prompts": MIN_PROMPTS,
         "causal_templates": causal_templates if lm.kind == "causal" else None, "prompt_format": prompt_format(lm),
         "prompts_per_fact": prompts_per_fact, "control_prompts": control_prompts, "t": t, "p_start": p,
-        "erase": {"k": erase_k, "fill": erase_fill}, "keep_massive": keep_massive, "trace": trace}, command)
+        "erase": {"k": erase_k, "fill": erase_fill}, "keep_massive": keep_massive, "trace": trace,
+        "subject_control": subject_control, "keep_template": keep_template}, command)
 
     def save():
         timings["total"] = time.perf_counter() - started
         write_text_atomic(out / "report.json", dumps(report, indent=2))  # never a truncated report.json
 
-    phases = _Phases(task, say, timings, {"select": (0.0, 0.05), "attribution": (0.05, 0.6), "neurons": (0.6, 0.62),
-                                          "activation_by_prompt": (0.62, 0.67), "suppress_amplify": (0.67, 0.8),
-                                          "update": (0.8, 0.9), "erase": (0.9, 0.93),
-                                          "degeneracy": (0.93, 0.96), "edit_metrics": (0.96, 1.0)})
+    phases = _Phases(task, say, timings, {"select": (0.0, 0.05), "attribution": (0.05, 0.5), "neurons": (0.5, 0.51),
+                                          "answers": (0.51, 0.52), "subject_control": (0.52, 0.6),
+                                          "activation_by_prompt": (0.6, 0.63), "update": (0.63, 0.68),
+                                          "edit_metrics": (0.68, 0.78), "syntax": (0.78, 0.8),
+                                          "suppress_amplify": (0.8, 0.9), "erase": (0.9, 0.93),
+                                          "degeneracy": (0.93, 1.0)})
     if trace:  # the optional last phase takes the end of the bar (never moving it backwards)
-        phases.bounds.update(edit_metrics=(0.96, 0.98), localisation=(0.98, 1.0))
+        phases.bounds.update(degeneracy=(0.93, 0.98), localisation=(0.98, 1.0))
     try:
         sel = phases.run("select", lambda sub: select_facts(
             lm, factset, relations, facts_per_relation, select, seed, MIN_PROMPTS, prompts_per_fact,
@@ -430,16 +454,31 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
             lm, chosen, ig, base, t, p, keep_massive, sub))
         report.update(neurons["part"])
         exclude = () if keep_massive else neurons["flags"].excluded  # also keeps the random controls off them
+        report["fact_answers"] = answers = phases.run("answers", lambda sub: ex.fact_answers(
+            lm, [(r.fact, r.prompts) for r in records], task=sub))
+        template: dict = {}
+        if subject_control:
+            records, template = _subject_control(report, phases, lm, factset, records, params, cache, seed,
+                                                 causal_templates, answers, keep_template)
+        save()
         report["activation_by_prompt"] = phases.run("activation_by_prompt", lambda sub: ex.activation_by_prompt(
             lm, records, factset, seed=seed, task=sub))
-        save()
-        report["suppress_amplify"] = phases.run("suppress_amplify", lambda sub: ex.suppress_amplify_experiment(
-            lm, records, seed=seed, control_prompts=control_prompts, exclude=exclude,
-            activation_stats=neurons["stats"], task=sub))
         save()
         report["update"] = phases.run("update", lambda sub: ex.update_experiment(
             lm, records, factset, seed=seed, facts_per_relation=10, control_prompts=control_prompts,
             exclude=exclude, task=sub))
+        save()
+        report["edit_metrics"] = phases.run("edit_metrics", lambda sub: edit_metrics_experiment(
+            lm, factset, chosen, ig, report["adapted_p"], t, exclude, neurons["stats"], seed, sub, causal_templates,
+            {} if keep_template else template))
+        save()
+        report["syntax"] = phases.run("syntax", lambda sub: syntax_experiment(
+            lm, lambda prompt: attribute_cached(lm, prompt, params, cache, sub), t, p, exclude, task=sub))
+        save()
+        report["suppress_amplify"] = phases.run("suppress_amplify", lambda sub: ex.suppress_amplify_experiment(
+            lm, records, seed=seed, control_prompts=control_prompts, exclude=exclude,
+            activation_stats=neurons["stats"], known={f"{a['relation']}:{a['subject']}": a["known"] for a in answers},
+            task=sub))
         save()
         report["erase"] = phases.run("erase", lambda sub: ex.erase_experiment(
             lm, records, k=erase_k, fill=erase_fill, seed=seed, control_prompts=2 * control_prompts,
@@ -448,12 +487,10 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
         report["degeneracy"] = phases.run("degeneracy", lambda sub: degeneracy_experiment(
             lm, records, DegeneracyParams(seed=seed), {f: sum(s.scores for s in ig[f]) for f in ig}, exclude, sub))
         save()
-        report["edit_metrics"] = phases.run("edit_metrics", lambda sub: edit_metrics_experiment(
-            lm, factset, chosen, ig, report["adapted_p"], t, exclude, neurons["stats"], seed, sub, causal_templates))
         if trace:
-            save()
             report["localisation"] = phases.run("localisation", lambda sub: localisation_experiment(
                 lm, records, ig, exclude, seed, sub))
+            save()
         report["status"] = "done"
     except BaseException as exc:  # Cancelled / KeyboardInterrupt / an error: keep what is done, then re-raise
         report["status"] = f"interrupted ({type(exc).__name__}); run again with the same arguments to resume"

@@ -21,6 +21,7 @@ from ..validation import markdown_safe
 from .html import provenance_rows, read_figures, render_html
 from .localisation import localisation_markdown
 from .metrics_section import metrics_markdown
+from .specificity_section import facts_markdown, known_split_lines, specificity_markdown, syntax_markdown
 
 PAPER = {
     "model": "bert-base-cased on PARAREL (34 relations, 27,738 facts)",
@@ -226,8 +227,9 @@ def _activation_section(report: dict) -> list[str]:
              f"Mean activation of a fact's knowledge neurons at the answer position, measured in the direction "
              f"that raises the answer ({a.get('direction', '')}); up to {a.get('prompts_per_group', '-')} prompts "
              f"per group and fact, {a.get('facts', 0)} facts. Expressing: the fact's own prompts; subject only: "
-             f"other relations' templates with the same subject; random: other relations' prompts about other "
-             f"subjects (paper: open-domain sentences of each kind).", "",
+             f"other relations' templates with the same subject; random: "
+             + (a.get("random_prompts") or "other relations' prompts about other subjects")
+             + " (paper: open-domain sentences of each kind).", "",
              "| | ours | paper |", "|---|---|---|",
              f"| expressing the fact | {_num(a.get('expressing'), '{:.3f}')} | {PAPER['activation_expressing']} |",
              f"| subject only | {_num(a.get('subject_only'), '{:.3f}')} | {PAPER['activation_subject_only']} |",
@@ -238,7 +240,7 @@ def _activation_section(report: dict) -> list[str]:
     if all(_finite(v) for v in order):
         holds = order[0] > order[1] > order[2]
         lines += ["", f"Expressing > subject only > random, as in the paper: **{'yes' if holds else 'no'}**."]
-    return lines + [""]
+    return lines + [""] + known_split_lines(report, a.get("per_fact", []), ("expressing", "subject_only", "random"))
 
 
 def _suppress_amplify_section(report: dict) -> list[str]:
@@ -278,7 +280,14 @@ def _suppress_amplify_section(report: dict) -> list[str]:
         if paper is not None:
             lines.append(f"| paper (BERT) | | {_pct(paper)} | | {_pct(paper_base)} | | | barely moves |")
         lines.append("")
-    return lines + ["![suppress and amplify](suppress_amplify.png)", ""]
+    for side, k in (sa.get("by_known") or {}).items():
+        lines.append(f"- {side} facts ({k['facts']}), pooled over their prompts: suppress "
+                     f"{_pct(k['knowledge']['suppress']['own']['relative_change'])} (random "
+                     f"{_pct(k['random']['suppress']['own']['relative_change'])}), amplify "
+                     f"{_pct(k['knowledge']['amplify']['own']['relative_change'])} (random "
+                     f"{_pct(k['random']['amplify']['own']['relative_change'])})")
+    figure = ["", "![suppress and amplify](suppress_amplify.png)"] if sa["per_relation"] else []  # write_figures
+    return lines + figure + [""]
 
 
 def _update_section(report: dict) -> list[str]:
@@ -288,7 +297,11 @@ def _update_section(report: dict) -> list[str]:
     arms = [(arm, label) for arm, label in UPDATE_ARMS if up.get(arm)]
     lines = ["## Updating facts", "",
              f"λ1 = {up['lambda1']}, λ2 = {up['lambda2']}, {up['embedding']} embeddings ({up['multi_token']} token "
-             f"of multi-token objects), neurons in >10% of the relation's facts left out; {len(up['facts'])} "
+             f"of multi-token objects), neurons in >10% of the relation's other facts left out where at least 10 "
+             f"other facts support that share ("
+             + "; ".join(f"{rid}: {note}" for rid, note in (up.get("shared_rule") or {}).items())
+             + f"); only known facts are updated; left out by the shared-neuron rule: "
+             f"{up.get('left_out_by_shared_rule', 'n/a')}; {len(up['facts'])} "
              f"facts updated, {len(up['skipped'])} skipped (listed under Left out). Sign-aware: the edit reversed "
              f"on neurons whose activation on the fact's prompts is negative. Calibrated: sign-aware, with both λ "
              f"scaled by the smallest factor in {up.get('calibration_range')} at which o' becomes the answer on "
@@ -445,9 +458,10 @@ def _left_out_section(report: dict) -> list[str]:
 def render_markdown(report: dict) -> str:
     versions = report["versions"]
     report = markdown_safe(report)  # fact texts may hold <script>, [x](javascript:...), | or newlines
-    lines = _header(report) + _relations_table(report)
-    for section in (_neurons_section, _activation_section, _suppress_amplify_section, _update_section,
-                    _erase_section, _degeneracy_section, metrics_markdown, localisation_markdown, _left_out_section):
+    lines = _header(report) + _relations_table(report) + facts_markdown(report)
+    for section in (_neurons_section, specificity_markdown, syntax_markdown, _activation_section,
+                    _suppress_amplify_section, _update_section, _erase_section, _degeneracy_section,
+                    metrics_markdown, localisation_markdown, _left_out_section):
         lines += section(report)
     lines += ["## Versions", "", "```", json.dumps(versions, indent=1), "```", ""]
     return "\n".join(lines)

@@ -45,7 +45,8 @@ KEEP_TIP = ("Checked: neurons flagged massive or unspecific stay in the coarse/r
 
 def _rule_text(rule: dict) -> str:
     """The flag rules in words (NeuronFlags.rule), one line per flag, then what they were measured on."""
-    lines = [f"{name}: {rule[name]}" for name in ("massive", "unspecific") if isinstance(rule.get(name), str)]
+    lines = [f"{name}: {rule[name]}" for name in ("massive", "unspecific", "template")
+             if isinstance(rule.get(name), str)]
     if rule.get("stats_source"):
         lines.append(f"measured on {rule['stats_source']}")
     return "\n".join(lines)

@@ -151,7 +151,9 @@ class NeuronsPanel(QWidget):
         rule = getattr(self.flags, "rule", None) or {}
         text = f"Flagged {', '.join(flagged)}: " + "; ".join(
             {"massive": "its activation is far beyond its layer's (a massive activation, Sun et al. 2024)",
-             "unspecific": "coarse for facts of most relations, not specific to this one"}.get(f, f) for f in flagged)
+             "unspecific": "coarse for facts of most relations, not specific to this one",
+             "template": "keeps its effect with the subject swapped: the template's, not the fact's "
+                         "(docs/SPECIFICITY.md)"}.get(f, f) for f in flagged)
         return text + (f"\nrule: {rule}" if rule else "") + ("\nLeft out of the coarse, refined and relation sets "
                                                            "(and of the coarse threshold's maximum) unless Keep "
                                                            "massive/unspecific neurons is checked.")

@@ -1,0 +1,208 @@
+"""The reproduction's subject-specificity control (kn_core.specificity, docs/SPECIFICITY.md) and its known /
+unknown facts: running the control on every fact's refined neurons (the control prompts' scores cached like the
+attribution's, so a resumed run reads them back), the neuron numbers with and without it, split by known and
+unknown facts, and the report's sections for both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from .. import experiments as ex
+from ..specificity import LayerScores, attribute_layers, control_summary, subject_control
+from ..tasks import Task
+
+
+def cached_scorer(lm, params, cache: Path | None, task: Task):
+    """`subject_control`'s `score(prompt, layers)`: `attribute_layers`, read from `cache` when a run computed it."""
+    scoring = {k: v for k, v in params.to_dict().items() if k != "share_prompts"}
+
+    def score(prompt, layers) -> LayerScores:
+        key = hashlib.sha256(json.dumps(["layers", lm.sha256, prompt.text, list(prompt.answer_ids), list(layers),
+                                         scoring], sort_keys=True).encode()).hexdigest()[:24]
+        path = cache / f"control-{key}.npz" if cache is not None else None
+        if path is not None and path.exists():
+            with np.load(path) as data:
+                return LayerScores(tuple(int(x) for x in data["layers"]), data["scores"], data["normalized"],
+                                   [float(x) for x in data["token_probs"]])
+        result = attribute_layers(lm, prompt, layers, params, task.relay())
+        if path is not None:
+            tmp = path.with_suffix(".tmp.npz")
+            np.savez_compressed(tmp, layers=np.array(result.layers), scores=result.scores,
+                                normalized=result.normalized, token_probs=np.array(result.token_probs))
+            tmp.replace(path)
+        return result
+    return score
+
+
+def run_subject_control(lm, factset, records, params, cache: Path | None, seed: int, causal_templates: str,
+                        task: Task) -> list:
+    """Every record's subject control on its refined neurons (massive/unspecific already out). A non-Riemann
+    quadrature is controlled with the paper's Riemann sum (the control compares two scores of the same kind)."""
+    from ..attribution import AttributionParams
+
+    if params.quadrature != "riemann":
+        params = AttributionParams(seed=params.seed)
+    score = cached_scorer(lm, params, cache, task)
+    out = []
+    for n, rec in enumerate(records):
+        task.check()
+        out.append(subject_control(lm, factset, rec.fact, rec.prompts, rec.neurons, params, seed=seed,
+                                   causal_templates=causal_templates, score=score,
+                                   task=task.slice(n / len(records), (n + 1) / len(records))))
+    return out
+
+
+def apply_control(records, controls) -> list:
+    """The records with each fact's template neurons taken out of its refined set."""
+    from ..neurons import without_template
+
+    return [replace(r, neurons=without_template(r.neurons, c.template)) for r, c in zip(records, controls)]
+
+
+def _label(rec) -> str:
+    return f"{rec.relation}:{rec.fact.subject}"
+
+
+def control_part(records, controlled, controls, answers: list[dict], layers: int) -> dict:
+    """The report's "subject_control": the rule and what it used, per fact, and the neuron numbers without and
+    with the control, for all facts and for known / unknown facts apart."""
+    known = {f"{a['relation']}:{a['subject']}": a["known"] for a in answers}
+
+    def both(recs):
+        out = {"all": ex.neuron_statistics([r.neurons for r in recs], [r.relation for r in recs], layers)}
+        for side in (True, False):
+            part = [r for r in recs if known.get(_label(r)) is side]
+            out["known" if side else "unknown"] = ex.neuron_statistics(
+                [r.neurons for r in part], [r.relation for r in part], layers) if part else {"facts": 0}
+        return out
+
+    return {**control_summary(controls), "per_fact": [c.to_dict() for c in controls],
+            "without_control": both(records), "with_control": both(controlled)}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Markdown
+# --------------------------------------------------------------------------------------------------------
+
+def _n(x, fmt="{:.2f}") -> str:
+    return fmt.format(x) if isinstance(x, (int, float)) and x == x else "n/a"
+
+
+def _layer0(s: dict) -> tuple[str, str]:
+    """(refined neurons in layer 0 as "n of total (share)", the layer-0 neurons refined for every fact of a
+    relation)."""
+    total = s.get("refined_total", 0)
+    share = f"{s['layer_histogram'][0]} of {total} ({100 * s['layer0_share']:.1f}%)" if total else "0 of 0"
+    every = ", ".join(f"{e['relation']} L0#{e['neuron'][1]}" for e in s.get("layer0_in_every_fact", []))
+    return share, every or "none"
+
+
+def facts_markdown(report: dict) -> list[str]:
+    """One row per chosen fact: p and rank of its answer, known or not, its refined neurons (after the
+    control) and the ones the control flagged."""
+    answers = report.get("fact_answers")
+    if not answers:
+        return []
+    control = {(c["relation"], c["subject"]): c for c in (report.get("subject_control") or {}).get("per_fact", [])}
+    detail = {(d["relation"], d["subject"]): d for d in report.get("facts_detail", [])}
+    lines = ["## Facts", "", f"{ex.KNOWN_RULE}. p: mean p(answer) over the fact's prompts; rank: median rank of "
+             "the answer's first token (1 = top-1). Refined: the neurons the experiments use.", "",
+             "| relation | subject -> object | p | rank (median, best) | top-1 on | known | refined | template-flagged |",
+             "|---|---|---|---|---|---|---|---|"]
+    for a in answers:
+        key = (a["relation"], a["subject"])
+        c, d = control.get(key), detail.get(key)
+        flagged = ("not controlled: " + c["reason"]) if c and not c["controlled"] else (
+            ", ".join(f"L{l}#{i}" for l, i in c["template"]) or "none") if c else "-"
+        refined = ", ".join(f"L{l}#{i}" for l, i in d["neurons"]) if d else "-"
+        lines.append(f"| {a['relation']} | {a['subject']} -> {a['object']} | {_n(a['prob'], '{:.3g}')} | "
+                     f"{_n(a['rank_median'], '{:g}')}, {a['rank_best']} | {_n(100 * a['top1_share'], '{:.0f}')}% | "
+                     f"{'yes' if a['known'] else '**no**'} | {refined or 'none'} | {flagged} |")
+    n_known = sum(a["known"] for a in answers)
+    return lines + ["", f"Known: {n_known} of {len(answers)} facts.", ""]
+
+
+def specificity_markdown(report: dict) -> list[str]:
+    sc = report.get("subject_control")
+    if not sc:
+        return []
+    kept = report.get("parameters", {}).get("keep_template")
+    lines = ["## Subject specificity (knowledge, not templates)", "",
+             f"Rule (docs/SPECIFICITY.md, fixed before any relation was run): {sc['rule']}. "
+             f"{sc['controlled']} of {sc['facts']} facts controlled with {sc['control_subjects']} control subjects "
+             f"and {sc['control_prompts']} control prompts ({report.get('timings', {}).get('subject_control', 0):.0f} s); "
+             f"{sc['template']} of "
+             f"{sc['candidates']} candidate neurons flagged template, "
+             + ("**kept** (`--keep-template`)." if kept else "**taken out** of the facts' refined sets (the default; "
+                                                             "`--keep-template` keeps them)."), ""]
+    if sc["not_controlled"]:
+        lines += ["Not controlled (their neurons keep their place):", ""]
+        lines += [f"- {x['relation']} {x['subject']}: {x['reason']}" for x in sc["not_controlled"]] + [""]
+    lines += ["| | facts | mean refined per fact | shared, same relation | shared, other relations | in layer 0 | "
+              "layer-0 neurons refined for every fact of a relation |", "|---|---|---|---|---|---|---|"]
+    for name, key in (("without the control", "without_control"), ("with the control", "with_control")):
+        for side in ("all", "known", "unknown"):
+            s = sc[key][side]
+            if not s.get("facts"):
+                lines.append(f"| {name}, {side} facts | 0 | | | | | |")
+                continue
+            share, every = _layer0(s)
+            lines.append(f"| {name}, {side} facts | {s['facts']} | {_n(s['mean_neurons_per_fact'])} | "
+                         f"{_n(s['shared_intra_relation'])} | {_n(s['shared_inter_relation'])} | {share} | {every} |")
+    return lines + [""]
+
+
+def known_split_lines(report: dict, rows: list[dict], keys: tuple[str, ...]) -> list[str]:
+    """A per-fact experiment's means for known and unknown facts apart (rows keyed "relation:subject")."""
+    answers = report.get("fact_answers")
+    if not answers or not rows:
+        return []
+    known = {f"{a['relation']}:{a['subject']}": a["known"] for a in answers}
+    split = ex.split_by_known(rows, known, keys)
+    lines = ["| facts | n | " + " | ".join(k.replace("_", " ") for k in keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    for side in ("known", "unknown"):
+        lines.append(f"| {side} | {split[side]['facts']} | "
+                     + " | ".join(_n(split[side][k], "{:.3f}") for k in keys) + " |")
+    return lines + [""]
+
+
+def syntax_markdown(report: dict) -> list[str]:
+    """Syntax neurons beside knowledge neurons (kn_core.syntax)."""
+    sx = report.get("syntax")
+    if not sx:
+        return []
+    lines = ["## Syntax neurons (Niu et al., ICLR 2024)", "", f"Items: {sx['source']}.", ""]
+    if not sx.get("applicable"):
+        return lines + [f"n/a: {sx['reason']}", ""]
+    st, kn = sx["statistics"], report.get("neuron_statistics") or {}
+
+    def layers(hist):
+        return ", ".join(f"L{l}: {c}" for l, c in enumerate(hist or []) if c) or "none"
+
+    lines += [f"Each item is attributed as a fact is (its sentences as prompts, the grammatical next word as the "
+              f"answer; p adapted over the items: {sx['p']:.2f}); the neurons the experiments' facts use are beside "
+              "them.", "",
+              "| | items or facts | mean refined neurons | in layer 0 | layers |", "|---|---|---|---|---|",
+              f"| syntax items | {st['facts']} | {_n(st['mean_neurons_per_fact'])} | {_layer0(st)[0]} | "
+              f"{layers(st['layer_histogram'])} |"]
+    before = ((report.get("subject_control") or {}).get("without_control") or {}).get("all")
+    rows = [("facts before the subject control (items have no subject to swap)", before)] if before else []
+    rows.append(("facts (knowledge neurons the experiments use)", kn))
+    for label, stats in rows:
+        if stats.get("facts"):
+            lines.append(f"| {label} | {stats['facts']} | {_n(stats['mean_neurons_per_fact'])} | "
+                         f"{_layer0(stats)[0]} | {layers(stats['layer_histogram'])} |")
+    lines += ["", "| item | refined neurons | shared with its minimal-pair partner | model prefers the grammatical "
+              "form | p(grammatical) |", "|---|---|---|---|---|"]
+    for r in sx["items"]:
+        lines.append(f"| {r['id']} | {', '.join(f'L{l}#{i}' for l, i in r['refined']) or 'none'} | "
+                     f"{', '.join(f'L{l}#{i}' for l, i in r['shared_with_pair']) or 'none'} | "
+                     f"{_n(100 * r['prefers_grammatical'], '{:.0f}')}% of {r['prompts']} | "
+                     f"{_n(r['p_grammatical'], '{:.3g}')} |")
+    return lines + [""]
