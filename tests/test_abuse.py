@@ -164,10 +164,14 @@ def test_a_batch_edit_killed_mid_way_leaves_the_project_as_it_was(setup, tmp_pat
     with create_project(path) as project:
         project.add_fact({"relation": "P36", "subject": "France", "object": "Paris"})
     before = sha(path)
-    requests = tmp_path / "slow.jsonl"  # without explicit neurons: attributed first, time to be killed
-    requests.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "neurons"}) + "\n" for r in REQUESTS))
+    # Without explicit neurons every request is attributed first: 40 of them at 200 steps keep the child busy
+    # for seconds after its model is ready (a single-prompt request gets neurons, so it does not fail early).
+    requests = tmp_path / "slow.jsonl"
+    requests.write_text("".join(json.dumps({"prompt": f"The capital of Land{k} is", "subject": f"Land{k}",
+                                            "ground_truth": "Paris", "target_new": "Berlin"}) + "\n"
+                                for k in range(40)))
     child = subprocess.Popen([sys.executable, "-m", "kn_core.cli", "edit", "batch", str(requests), "--model",
-                              setup["model"], "--project", str(path), "--steps", "20"],
+                              setup["model"], "--project", str(path), "--steps", "200"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     try:
         deadline = time.monotonic() + 60
@@ -179,6 +183,7 @@ def test_a_batch_edit_killed_mid_way_leaves_the_project_as_it_was(setup, tmp_pat
         child.wait(timeout=60)
     finally:
         child.kill()
+    assert child.returncode == -signal.SIGKILL, "the batch ended before it was killed: make it longer"
     assert sha(path) == before
     with open_project(path) as project:
         assert project.counts()["facts"] == 1 and project.counts()["evaluations"] == 0
