@@ -47,7 +47,8 @@ class FamilySpec:
     shared_expert_gate: str | None = None  # its gate (sigmoid of a linear), if it has one
     moe_returns_scores: bool = False  # the MoE module returns (output, routing weights)
     # Dotted path from one block to the attention's output projection: its output is the attention sublayer's
-    # contribution at each position (before dropout, residual and any post-norm), which causal tracing restores.
+    # contribution at each position (before dropout, residual and any post-norm), which causal tracing restores;
+    # "a|b" where layers differ (the first path a block has).
     attn_out: str | None = None
 
     @property
@@ -107,7 +108,7 @@ FAMILIES: dict[str, FamilySpec] = {
     # still act(gate) * up), Qwen 3.5's linear-attention layers, Apertus' and Arcee's ungated FFNs.
     "gemma3_text": _LLAMA_LIKE,
     "olmo3": _LLAMA_LIKE,
-    "qwen3_5_text": _LLAMA_LIKE,
+    "qwen3_5_text": replace(_LLAMA_LIKE, attn_out="self_attn.o_proj|linear_attn.out_proj"),
     "glm": _LLAMA_LIKE,
     "glm4": _LLAMA_LIKE,
     "cohere": _LLAMA_LIKE,

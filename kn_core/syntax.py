@@ -37,11 +37,18 @@ def syntax_items() -> dict:
     return json.loads(text)
 
 
-def syntax_prompts(lm, item: dict) -> list[SyntaxPrompt]:
-    from .encoding import encode_answer
+def syntax_prompts(lm, item: dict) -> tuple[list[SyntaxPrompt], list[dict]]:
+    """The item's sentences this model's tokenizer can ask, and the others with the reason (e.g. a continuation
+    its vocabulary only has as the unknown token)."""
+    from .encoding import PromptError, encode_answer
 
-    return [SyntaxPrompt(text, good, encode_answer(lm, text, good), bad, encode_answer(lm, text, bad))
-            for text, good, bad in item["prompts"]]
+    kept, left_out = [], []
+    for text, good, bad in item["prompts"]:
+        try:
+            kept.append(SyntaxPrompt(text, good, encode_answer(lm, text, good), bad, encode_answer(lm, text, bad)))
+        except PromptError as exc:
+            left_out.append({"item": item["id"], "prompt": text, "reason": str(exc)})
+    return kept, left_out
 
 
 def syntax_experiment(lm, score: Callable, t: float = 0.2, p: float = 0.7, exclude=(), layers: int | None = None,
@@ -59,8 +66,16 @@ def syntax_experiment(lm, score: Callable, t: float = 0.2, p: float = 0.7, exclu
         return {"source": data["source"], "applicable": False,
                 "reason": "the built-in items are sentence prefixes for causal models; a masked model is not run"}
     task = as_task(task)
-    items = data["items"]
-    prompts = {item["id"]: syntax_prompts(lm, item) for item in items}
+    prompts, left_out = {}, []
+    for item in data["items"]:
+        prompts[item["id"]], dropped = syntax_prompts(lm, item)
+        left_out += dropped
+    items = [item for item in data["items"] if len(prompts[item["id"]]) >= 3]  # refinement needs 3 prompts
+    left_out += [{"item": item["id"], "prompt": None, "reason": f"{len(prompts[item['id']])} of its sentences can be "
+                  "asked of this model; refinement needs at least 3"} for item in data["items"] if item not in items]
+    if not items:
+        return {"source": data["source"], "applicable": False, "left_out": left_out,
+                "reason": "no item keeps 3 sentences this model's tokenizer can ask (listed under left_out)"}
     total, done, scores = sum(len(ps) for ps in prompts.values()), 0, {}
     for item in items:
         scores[item["id"]] = []
@@ -86,4 +101,4 @@ def syntax_experiment(lm, score: Callable, t: float = 0.2, p: float = 0.7, exclu
     n_layers = layers or int(np.shape(next(iter(scores.values()))[0])[0])
     stats = neuron_statistics([r["refined"] for r in rows], [r["phenomenon"] for r in rows], n_layers)
     return {"source": data["source"], "applicable": True, "p": adapted.p, "p_history": adapted.history,
-            "items": rows, "statistics": stats}
+            "items": rows, "statistics": stats, "left_out": left_out}

@@ -207,7 +207,18 @@ def state_modules(layout, kind: str) -> list:
         return list(layout.blocks)
     if kind == "mlp":
         return list(layout.out_projs)
-    return [get_path(block, layout.spec.attn_out) for block in layout.blocks]
+    return [_attention_output(block, layout.spec.attn_out) for block in layout.blocks]
+
+
+def _attention_output(block, paths: str):
+    """The block's attention output projection: the first of `attn_out`'s "|"-separated paths the block has
+    (a model mixing attention kinds, e.g. Qwen 3.5's linear-attention and full-attention layers)."""
+    for path in paths.split("|"):
+        try:
+            return get_path(block, path)
+        except AttributeError:
+            continue
+    raise AttributeError(f"{type(block).__name__} has none of the attention outputs {paths!r}")
 
 
 def _as_tokens(x: torch.Tensor, rows: int, seq: int) -> torch.Tensor:

@@ -210,8 +210,11 @@ def shortened(message: str, limit: int = SHOWN_CHARS) -> str:
     if len(message) <= 4 * limit:
         return message
     pieces = re.split(r"(['\"])", message)
-    return "".join(p if len(p) <= 2 * limit else f"{p[:limit]} [... {len(p) - 2 * limit:,} characters cut ...] "
-                   f"{p[-limit:]}" for p in pieces)
+    # pieces[2], [6], ... lie between an opening and a closing quote (a quoted field); our own unquoted text (a list
+    # of supported families, say) stays whole unless it is absurdly long (quotes inside a field shift the count)
+    return "".join(p if len(p) <= (2 * limit if k % 4 == 2 else 50 * limit) else
+                   f"{p[:limit]} [... {len(p) - 2 * limit:,} characters cut ...] {p[-limit:]}"
+                   for k, p in enumerate(pieces))
 
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # what spreadsheets read as a formula (OWASP: CSV injection)

@@ -68,9 +68,25 @@ def test_the_syntax_items_are_minimal_pairs_with_a_named_source():
             assert (good, bad) == (bad2, good2) and text != text2
 
 
-def test_syntax_experiment_refines_items_like_facts(lm):
+def _syntax_words() -> tuple[str, ...]:
+    return tuple(sorted({w for item in syntax_items()["items"] for text, good, bad in item["prompts"]
+                         for w in (*text.split(), good.strip(), bad.strip())}))
+
+
+def test_syntax_sentences_the_tokenizer_cannot_ask_are_left_out_with_the_reason(lm):
+    """The geography-only tiny vocabulary has no ' are': no item keeps 3 sentences, and every sentence is listed."""
+    result = syntax_experiment(lm, lambda prompt: pytest.fail("nothing should be attributed"))
+    assert not result["applicable"] and "left_out" in result["reason"]
+    dropped = [x for x in result["left_out"] if x["prompt"]]
+    assert dropped and all("unknown token" in x["reason"] for x in dropped)
+    assert {x["item"] for x in result["left_out"] if x["prompt"] is None} == {i["id"] for i in syntax_items()["items"]}
+
+
+def test_syntax_experiment_refines_items_like_facts():
+    lm = make_tiny(TINY_CAUSAL, extra_words=_syntax_words())
     params = AttributionParams(steps=1)
     result = syntax_experiment(lm, lambda prompt: attribute(lm, prompt, params))
+    assert result["left_out"] == []
     assert result["applicable"] and len(result["items"]) == 4
     assert result["statistics"]["facts"] == 4
     for row in result["items"]:

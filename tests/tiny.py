@@ -95,8 +95,8 @@ def vocabulary() -> list[str]:
     return list(seen)
 
 
-def make_tokenizer(kind: str) -> PreTrainedTokenizerFast:
-    words = vocabulary()
+def make_tokenizer(kind: str, extra_words: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    words = vocabulary() + [w for w in dict.fromkeys(extra_words) if w not in vocabulary()]
     if kind == "masked":
         specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
         tokens = specials + words + PUNCTUATION
@@ -205,10 +205,11 @@ def _moe_kwargs(family: str) -> dict:
     return kwargs
 
 
-def make_tiny(family: str, seed: int = 0, **overrides) -> LoadedModel:
-    """A random fp32 model of `family` (3 layers, hidden 32, 72 neurons, eval mode) with its tiny tokenizer."""
+def make_tiny(family: str, seed: int = 0, extra_words: tuple[str, ...] = (), **overrides) -> LoadedModel:
+    """A random fp32 model of `family` (3 layers, hidden 32, 72 neurons, eval mode) with its tiny tokenizer
+    (`extra_words`: words added to its vocabulary, for prompts beyond the geography set)."""
     spec = FAMILIES[family]
-    tokenizer = make_tokenizer(spec.kind)
+    tokenizer = make_tokenizer(spec.kind, extra_words)
     config = AutoConfig.for_model(family, **(_config_kwargs(family, tokenizer) | overrides))
     config._attn_implementation = "eager"  # same numbers on every machine, and Gemma-2's softcapping needs it
     if spec.moe:  # the per-expert loop: the default grouped matmul has no float64, which the references use

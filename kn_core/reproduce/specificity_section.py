@@ -178,6 +178,10 @@ def syntax_markdown(report: dict) -> list[str]:
     if not sx:
         return []
     lines = ["## Syntax neurons (Niu et al., ICLR 2024)", "", f"Items: {sx['source']}.", ""]
+    dropped = [f"- {x['item']}" + (f" {x['prompt']!r}" if x.get("prompt") else "") + f": {x['reason']}"
+               for x in sx.get("left_out", [])]
+    if dropped:
+        lines += ["Left out:", "", *dropped, ""]
     if not sx.get("applicable"):
         return lines + [f"n/a: {sx['reason']}", ""]
     st, kn = sx["statistics"], report.get("neuron_statistics") or {}
