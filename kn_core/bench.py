@@ -122,9 +122,10 @@ def pararel_to_counterfact(factset, per_relation: int | None = None, seed: int =
 # --------------------------------------------------------------------------------------------------------
 
 def _neurons(lm, case: EditCase, params, settings: BenchSettings, cache: Path, task):
-    """The case's refined neurons found on its rewrite prompt and paraphrases (with o), and the prompts used."""
+    """The case's knowledge neurons found on its rewrite prompt and paraphrases (with o), the prompts used, and the
+    rule that chose them (neurons.case_neurons: the paper's refinement from 3 prompts, coarse in every prompt below)."""
     from .batch_requests import locality_prompts
-    from .neurons import refined_neurons, run_flags
+    from .neurons import case_neurons, run_flags
     from .reproduce.pipeline import attribute_cached
 
     skipped: list = []
@@ -133,8 +134,8 @@ def _neurons(lm, case: EditCase, params, settings: BenchSettings, cache: Path, t
     for k, prompt in enumerate(prompts):
         scores.append(attribute_cached(lm, prompt, params, cache, task.slice(k / len(prompts), (k + 1) / len(prompts))))
     excluded = frozenset() if settings.keep_massive else run_flags(lm, [s.activations for s in scores]).excluded
-    neurons = refined_neurons([s.scores for s in scores], settings.t, settings.p, exclude=excluded)
-    return neurons, prompts, excluded, sum(s.cached for s in scores)
+    neurons, selection = case_neurons([s.scores for s in scores], settings.t, settings.p, exclude=excluded)
+    return neurons, prompts, excluded, sum(s.cached for s in scores), selection
 
 
 def _generate(lm, texts, settings: BenchSettings, seed: int) -> list[str]:
@@ -226,20 +227,19 @@ def run_case(lm, case: EditCase, params, settings: BenchSettings, cache: Path, t
     edits = case.edits()  # MQuAKE: every rewrite of the case, each with its own neurons, applied together
     found = [_neurons(lm, e, params, settings, cache, task.slice(0.6 * k / len(edits), 0.6 * (k + 1) / len(edits)))
              for k, e in enumerate(edits)]
-    neurons, found_on, excluded, _ = found[0]
+    neurons, found_on, excluded, _, selection = found[0]
     out = {"case_id": case.case_id, "subject": case.subject, "target_true": case.target_true,
            "target_new": case.target_new, "relation_id": case.relation_id, "neurons": [list(n) for n in neurons],
            "massive_left_out": [list(n) for n in sorted(excluded)], "neuron_prompts": len(found_on),
-           "attribution_cached_prompts": sum(f[3] for f in found)}
+           "attribution_cached_prompts": sum(f[3] for f in found), "neuron_rule": selection["text"]}
     if len(edits) > 1:
         out["rewrites"] = [{"subject": e.subject, "target_new": e.target_new, "neurons": [list(n) for n in f[0]]}
                            for e, f in zip(edits, found)]
     empty = [k for k, f in enumerate(found) if not f[0]]
     if empty:
         k = empty[0]
-        out["left_out"] = (f"no refined neurons{f' for rewrite {k}' if len(edits) > 1 else ''} (coarse at "
-                           f"t={settings.t} in >= max(p={settings.p} x {len(found[k][1])}, 3) of the "
-                           f"{len(found[k][1])} prompts)")
+        out["left_out"] = (f"no knowledge neurons{f' for rewrite {k}' if len(edits) > 1 else ''} "
+                           f"({found[k][4]['text']})")
         out["seconds"] = time.time() - start
         return out
     groups, skipped = case_prompts(lm, case, settings.protocol if settings.protocol != "kn" else "rome")
