@@ -28,7 +28,7 @@ from .job_status import JobStatus
 from .layout import LayoutMixin, PanelScroll, show_current_page_only
 from .panels.common import set_settings
 from .session import Run, Session, TooCoarse, fact_key, fact_label, neuron_name, starter_factset
-from .worker import JobRunner
+from .worker import JobRunner, collect_garbage_in_gui_thread
 
 RESOURCES = Path(__file__).resolve().parent.parent / "resources"
 APP_NAME = "Knowledge Neuron Studio"
@@ -47,6 +47,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
     def __init__(self, load_model_fn=None, factset=None, settings: QSettings | None = None, parent=None,
                  confirm_dialogs: bool = True):
         super().__init__(parent)
+        collect_garbage_in_gui_thread()  # never in the worker thread: see its docstring
         self.setObjectName("MainWindow")
         icon = RESOURCES / "icon.svg"
         if icon.exists():

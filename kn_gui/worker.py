@@ -22,6 +22,22 @@ from PySide6.QtCore import QObject, QThread, Signal, Slot
 from kn_core.tasks import Cancelled, Task
 
 
+_COLLECTOR = None
+
+
+def collect_garbage_in_gui_thread():
+    """Python's cyclic garbage collector runs in whichever thread crosses its threshold. When that is the worker
+    thread and the garbage holds Qt widgets (a closed window's menus), Qt deletes them there and deadlocks against
+    the GUI thread (seen: a QMenu destroyed under gc in an attribution job while the GUI thread painted).
+    pyqtgraph's GarbageCollector turns automatic collection off and collects on a timer in the GUI thread."""
+    global _COLLECTOR
+    if _COLLECTOR is None:
+        from pyqtgraph.util.garbage_collector import GarbageCollector
+
+        _COLLECTOR = GarbageCollector(interval=1.0)
+    return _COLLECTOR
+
+
 def format_error(exc: BaseException) -> str:
     return str(exc).strip() or type(exc).__name__
 

@@ -1,4 +1,5 @@
 import os
+import sys
 
 # Qt widgets need a platform plugin; tests must run without a display.
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
@@ -13,6 +14,17 @@ from hypothesis import settings  # noqa: E402
 settings.register_profile("default", derandomize=True, database=None)
 settings.register_profile("explore", max_examples=2000, database=None)
 settings.load_profile(os.environ.get("KN_HYPOTHESIS_PROFILE", "default"))
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_in_the_main_thread():
+    """Once a window exists, automatic garbage collection is off and the GUI thread collects on a timer
+    (kn_gui.worker.collect_garbage_in_gui_thread); tests that never spin the event loop still collect here,
+    in the main thread, after each test."""
+    yield
+    worker = sys.modules.get("kn_gui.worker")
+    if worker is not None and worker._COLLECTOR is not None:
+        worker._COLLECTOR.check()
 
 
 @pytest.fixture
