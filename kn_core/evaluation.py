@@ -23,9 +23,10 @@ Conventions used throughout:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -54,39 +55,96 @@ def _token_text(tokenizer, token_id: int) -> str:
 
 
 @dataclass
-class _Encoded:
+class PaddedRow:
+    """One row of a padded batch (`forward_rows`)."""
     ids: list[int]
     positions: list[int]  # positions whose logits predict the answer tokens
     targets: list[int]  # the answer tokens, one per position
 
 
-def _encode_prompt(lm, prompt) -> list[_Encoded]:
+def _encode_prompt(lm, prompt) -> list[PaddedRow]:
     """The rows one prompt needs (causal: one row for all answer tokens; masked: one row per token)."""
     encoded = encode_prompt(lm, prompt.text, prompt.answer_ids)
     if encoded.kind == "causal":
-        return [_Encoded(list(encoded.ids), list(encoded.positions), list(encoded.answer_ids))]
-    return [_Encoded(list(t.ids), [t.pos], [t.token]) for t in encoded.targets()]
+        return [PaddedRow(list(encoded.ids), list(encoded.positions), list(encoded.answer_ids))]
+    return [PaddedRow(list(t.ids), [t.pos], [t.token]) for t in encoded.targets()]
 
 
-def _batch_forward(lm, encoded: Sequence[_Encoded]):
-    """Runs one right-padded batch; returns (log-probs at answer positions per row, answer-position mask)."""
-    model, device = lm.model, lm.device
+@dataclass(frozen=True)
+class RowOutput:
+    """What one padded row's forward pass gives at its answer positions (`PaddedRow.positions`): the logits
+    [positions, vocab] and, for the layers asked for, the FFN activations [positions, neurons], both as the
+    model computed them (its dtype, its device)."""
+    logits: torch.Tensor
+    activations: dict[int, torch.Tensor]
+
+
+def forward_chunk(lm, encoded: Sequence[PaddedRow], layers: Sequence[int] | None = None,
+                  publish_answers: bool = True) -> list[RowOutput]:
+    """One forward pass over `encoded` as one right-padded batch (the padding is masked out; every supported
+    family puts position ids after the real tokens this way, `FamilySpec.positions_after_padding` included),
+    under no_grad. `layers`: also capture those layers' FFN activations. `publish_answers`: publish the rows'
+    answer positions to answer-scoped edits (`hooks.answer_positions`); the activation readers leave it off
+    (they read the model as it is, where an answer-scoped edit falls back to the last position). No back-off
+    here: a caller whose hooks depend on the batch's rows (`degeneracy`) needs exactly this batch."""
     width = max(len(e.ids) for e in encoded)
-    pad = _pad_id(lm.tokenizer)
-    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+    ids = torch.full((len(encoded), width), _pad_id(lm.tokenizer), dtype=torch.long)
     attention = torch.zeros((len(encoded), width), dtype=torch.long)
     answer_mask = torch.zeros((len(encoded), width), dtype=torch.bool)
     for row, e in enumerate(encoded):
         ids[row, : len(e.ids)] = torch.tensor(e.ids)
         attention[row, : len(e.ids)] = 1
         answer_mask[row, e.positions] = True
-    with torch.no_grad(), answer_positions(answer_mask.to(device)):
-        logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits
-    rows = []
-    for row, e in enumerate(encoded):
-        rows.append(torch.log_softmax(logits[row, e.positions].float(), dim=-1).cpu())
-        check_finite_output(logits[row, e.positions])  # never a NaN probability passed off as a result
-    return rows
+    scope = answer_positions(answer_mask.to(lm.device)) if publish_answers else contextlib.nullcontext()
+
+    def run():
+        with torch.no_grad(), scope:
+            return lm.model(input_ids=ids.to(lm.device), attention_mask=attention.to(lm.device))
+
+    output, acts = (run(), {}) if layers is None else capture_activations(lm.layout, run, layers)
+    return [RowOutput(output.logits[row, e.positions], {layer: a[row, e.positions] for layer, a in acts.items()})
+            for row, e in enumerate(encoded)]
+
+
+def _fitting(lm, encoded: Sequence[PaddedRow], layers, publish_answers: bool) -> list[RowOutput]:
+    """`forward_chunk`, halving the batch on a CUDA out-of-memory and retrying (as `passes` does for
+    attribution); one row that does not fit is refused with what to do."""
+    try:
+        return forward_chunk(lm, encoded, layers, publish_answers)
+    except torch.cuda.OutOfMemoryError:
+        if len(encoded) == 1:
+            raise torch.cuda.OutOfMemoryError("one prompt's forward pass does not fit in GPU memory; use a smaller "
+                                              "model, --dtype bfloat16, or --device cpu") from None
+        torch.cuda.empty_cache()
+    half = len(encoded) // 2
+    return (_fitting(lm, encoded[:half], layers, publish_answers)
+            + _fitting(lm, encoded[half:], layers, publish_answers))
+
+
+def forward_rows(lm, encoded: Sequence[PaddedRow], batch_size: int = 16, *, layers: Sequence[int] | None = None,
+                 publish_answers: bool = True, task: Task | None = None, message: str = "") -> Iterator[RowOutput]:
+    """The one forward over padded rows of different lengths: `RowOutput` of each row in order, `batch_size` rows
+    per right-padded forward pass (`forward_chunk`), halved on a CUDA out-of-memory. The task is checked before
+    each batch and, with a `message`, told the fraction of rows done after it."""
+    task = as_task(task)
+    for start, chunk in _batches(encoded, batch_size):
+        task.check()
+        yield from _fitting(lm, chunk, layers, publish_answers)
+        if message:
+            task.progress(min(1.0, (start + len(chunk)) / max(len(encoded), 1)), message)
+
+
+def _log_probs(out: RowOutput) -> torch.Tensor:
+    """Log-probabilities [positions, vocab] (float32, CPU) of a row; never a NaN probability passed off as a
+    result."""
+    logp = torch.log_softmax(out.logits.float(), dim=-1).cpu()
+    check_finite_output(out.logits)
+    return logp
+
+
+def _batch_forward(lm, encoded: Sequence[PaddedRow]) -> list[torch.Tensor]:
+    """Log-probabilities at the answer positions of each row of exactly one right-padded batch."""
+    return [_log_probs(out) for out in forward_chunk(lm, encoded)]
 
 
 def _batches(items: Sequence, size: int) -> Iterable[tuple[int, Sequence]]:
@@ -105,13 +163,7 @@ def answer_probabilities(lm, prompts: Sequence, batch_size: int = 16, task: Task
     """
     per_prompt = [_encode_prompt(lm, p) for p in prompts]
     flat = [e for rows in per_prompt for e in rows]
-    logps: list[torch.Tensor] = []
-    total = max(len(flat), 1)
-    task = as_task(task)
-    for start, chunk in _batches(flat, batch_size):
-        task.check()
-        logps.extend(_batch_forward(lm, chunk))
-        task.progress(min(1.0, (start + len(chunk)) / total), "scoring prompts")
+    logps = [_log_probs(out) for out in forward_rows(lm, flat, batch_size, task=task, message="scoring prompts")]
     results: list[dict] = []
     at = 0
     for rows in per_prompt:
@@ -174,11 +226,10 @@ def greedy_continuations(lm, prompts: Sequence, max_new_tokens: Sequence[int], b
         task.check()
         live = [i for i in chunk if max_new_tokens[i] > 0]
         while live:
-            encoded = [_Encoded(starts[i] + out[i], list(range(len(starts[i]) - 1, len(starts[i]) + len(out[i]))),
+            encoded = [PaddedRow(starts[i] + out[i], list(range(len(starts[i]) - 1, len(starts[i]) + len(out[i]))),
                                 [0]) for i in live]
-            logps = _batch_forward(lm, encoded)
-            for i, logp in zip(live, logps):
-                out[i].append(int(logp[-1].argmax()))
+            for i, row in zip(live, forward_rows(lm, encoded, len(encoded))):
+                out[i].append(int(_log_probs(row)[-1].argmax()))
             live = [i for i in live if len(out[i]) < max_new_tokens[i] and out[i][-1] != eos]
         task.progress(min(1.0, (start + len(chunk)) / max(len(prompts), 1)), "generating")
     return out
@@ -266,7 +317,7 @@ def perplexity(lm, items: Sequence, batch_size: int = 16) -> float:
             ids = text_ids(lm, "text", text)
             if len(ids) < 2:
                 continue
-            encoded.append(_Encoded(ids, list(range(len(ids) - 1)), ids[1:]))
+            encoded.append(PaddedRow(ids, list(range(len(ids) - 1)), ids[1:]))
     else:
         encoded = []
         specials = set(getattr(tokenizer, "all_special_ids", []))
@@ -277,10 +328,9 @@ def perplexity(lm, items: Sequence, batch_size: int = 16) -> float:
                     continue
                 masked = list(ids)
                 masked[i] = tokenizer.mask_token_id
-                encoded.append(_Encoded(masked, [i], [t]))
-    for _, chunk in _batches(encoded, batch_size):
-        for e, logp in zip(chunk, _batch_forward(lm, chunk)):
-            nll.extend((-logp.gather(1, torch.tensor(e.targets)[:, None])[:, 0]).tolist())
+                encoded.append(PaddedRow(masked, [i], [t]))
+    for e, row in zip(encoded, forward_rows(lm, encoded, batch_size)):
+        nll.extend((-_log_probs(row).gather(1, torch.tensor(e.targets)[:, None])[:, 0]).tolist())
     return float(math.exp(sum(nll) / max(len(nll), 1))) if nll else float("nan")
 
 
@@ -304,7 +354,7 @@ def predict_masks(lm, text: str, top_k: int = 10) -> list[list[dict]]:
         if not positions:
             raise ValueError(f"a masked model fills a mask token: put {mask} where the answer goes, "
                              f"e.g. 'The capital of France is {mask}.'")
-    e = _Encoded(list(ids), positions, [0] * len(positions))
+    e = PaddedRow(list(ids), positions, [0] * len(positions))
     logp = _batch_forward(lm, [e])[0]
     out = []
     for row in logp:
@@ -376,7 +426,7 @@ def neuron_activations(lm, neurons: Sequence[tuple[int, int]], items: Sequence, 
     neurons = [(int(l), int(i)) for l, i in neurons]
     layers = sorted({l for l, _ in neurons})
     tokenizer = lm.tokenizer
-    encoded: list[_Encoded] = []
+    encoded: list[PaddedRow] = []
     for item in items:
         if isinstance(item, str):
             ids = text_ids(lm, "sentence", item)
@@ -390,38 +440,24 @@ def neuron_activations(lm, neurons: Sequence[tuple[int, int]], items: Sequence, 
                 pos, mode = [len(ids) - 1], "mean"
             else:
                 pos, mode = list(range(len(ids))), position
-            encoded.append(_Encoded(ids, pos, [mode]))
+            encoded.append(PaddedRow(ids, pos, [mode]))
         else:
             rows = _encode_prompt(lm, item)
             if lm.kind == "causal":
                 e = rows[0]
-                encoded.append(_Encoded(e.ids, e.positions, ["mean"]))
+                encoded.append(PaddedRow(e.ids, e.positions, ["mean"]))
             else:  # the original prompt with all slots masked; mean over the slots
                 first = rows[0]
                 slots = [i for i, t in enumerate(first.ids) if t == tokenizer.mask_token_id]
-                encoded.append(_Encoded(first.ids, slots, ["mean"]))
+                encoded.append(PaddedRow(first.ids, slots, ["mean"]))
     out = np.zeros((len(encoded), len(neurons)), dtype=np.float32)
     if not neurons:
         return out
-    pad = _pad_id(tokenizer)
-    for start, chunk in _batches(encoded, batch_size):
-        width = max(len(e.ids) for e in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, e in enumerate(chunk):
-            ids[row, : len(e.ids)] = torch.tensor(e.ids)
-            attention[row, : len(e.ids)] = 1
-
-        def run():
-            with torch.no_grad():
-                return lm.model(input_ids=ids.to(lm.device), attention_mask=attention.to(lm.device))
-
-        _, acts = capture_activations(lm.layout, run, layers)
-        for row, e in enumerate(chunk):
-            for col, (l, i) in enumerate(neurons):
-                values = acts[l][row, e.positions, i].float()
-                mode = e.targets[0]
-                out[start + row, col] = float(values.max() if mode == "max" else values.mean())
+    rows = forward_rows(lm, encoded, batch_size, layers=layers, publish_answers=False)
+    for row, (e, forward) in enumerate(zip(encoded, rows)):
+        for col, (l, i) in enumerate(neurons):
+            values = forward.activations[l][:, i].float()
+            out[row, col] = float(values.max() if e.targets[0] == "max" else values.mean())
     return out
 
 

@@ -55,7 +55,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from .encoding import prompt_ids
-from .tasks import Task, as_task
+from .tasks import Task
 from .validation import ValidationError, check_fraction
 
 Neuron = tuple[int, int]
@@ -350,34 +350,13 @@ def answer_activations(lm, items: Sequence, task: Task | None = None, batch_size
     `items`: Prompts or plain text prefixes."""
     import torch
 
-    from .hooks import capture_activations
+    from .evaluation import PaddedRow, forward_rows
 
-    task = as_task(task)
-    rows = [_answer_rows(lm, item) for item in items]  # all input errors before any forward pass
-    pad = next((v for v in (getattr(lm.tokenizer, n, None) for n in ("pad_token_id", "eos_token_id", "unk_token_id"))
-                if v is not None), 0)
-    out: list[np.ndarray] = []
-    for start in range(0, len(rows), batch_size):
-        task.check()
-        chunk = rows[start:start + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.full((len(chunk), width), int(pad), dtype=torch.long)
-        attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        for r, (row_ids, _) in enumerate(chunk):
-            ids[r, :len(row_ids)] = torch.tensor(row_ids)
-            attention[r, :len(row_ids)] = 1
-
-        def run():
-            with torch.no_grad():
-                return lm.model(input_ids=ids.to(lm.device), attention_mask=attention.to(lm.device))
-
-        _, acts = capture_activations(lm.layout, run)
-        layers = sorted(acts)
-        for r, (_, positions) in enumerate(chunk):
-            out.append(torch.stack([acts[layer][r, positions].float().mean(dim=0) for layer in layers])
-                       .cpu().numpy())
-        task.progress(min(start + batch_size, len(rows)) / len(rows), "activation statistics")
-    return out
+    rows = [PaddedRow(*_answer_rows(lm, item), []) for item in items]  # all input errors before any forward pass
+    layers = range(lm.layout.layers)
+    return [torch.stack([out.activations[layer].float().mean(dim=0) for layer in layers]).cpu().numpy()
+            for out in forward_rows(lm, rows, batch_size, layers=layers, publish_answers=False, task=task,
+                                    message="activation statistics")]
 
 
 def activation_stats(lm, prompts: Sequence | None = None, task: Task | None = None) -> ActivationStats:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -169,3 +170,61 @@ def test_sign_aware_inspector_on_a_planted_negative_neuron():
     assert ev.neuron_tokens(lm, layer, index, top_k=3, sign=1)["promotes"] == naive["promotes"]
     with pytest.raises(ValueError, match="sign"):
         ev.neuron_tokens(lm, layer, index, sign=2)
+
+
+class _OutOfMemoryAbove:
+    """Wraps a model so that a forward pass over more than `rows` rows raises CUDA's out-of-memory error."""
+
+    def __init__(self, model, rows: int):
+        self.model, self.rows, self.calls = model, rows, []
+
+    def __getattr__(self, name):  # the config and the rest are the model's
+        return getattr(self.model, name)
+
+    def __call__(self, input_ids, **kwargs):
+        self.calls.append(input_ids.shape[0])
+        if input_ids.shape[0] > self.rows:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return self.model(input_ids=input_ids, **kwargs)
+
+
+@pytest.mark.parametrize("family", [TINY_MASKED, TINY_CAUSAL])
+def test_forward_halves_a_batch_on_out_of_memory(family, monkeypatch):
+    """The one padded forward (`evaluation.forward_rows`) retries a batch that ran out of GPU memory in halves:
+    the same probabilities and activations as one row at a time (the independent reference); one row that does
+    not fit is refused with what to do."""
+    from kn_core.neurons import answer_activations
+
+    lm = tiny(family)
+    prompts = [p for f in FACTS for p in prompts_of(lm, f)]
+    reference = [ev.answer_probabilities(lm, [p])[0]["prob"] for p in prompts]
+    acts_reference = [answer_activations(lm, [p])[0] for p in prompts]
+    small = _OutOfMemoryAbove(lm.model, 2)
+    monkeypatch.setattr(lm, "model", small)
+    got = ev.answer_probabilities(lm, prompts, batch_size=7)
+    assert max(small.calls) > 2 and any(n <= 2 for n in small.calls)
+    assert [g["prob"] for g in got] == pytest.approx(reference, rel=1e-4)
+    for a, b in zip(answer_activations(lm, prompts, batch_size=7), acts_reference):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=5e-5)
+    monkeypatch.setattr(lm, "model", _OutOfMemoryAbove(small.model, 0))
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="does not fit in GPU memory; use a smaller model"):
+        ev.answer_probabilities(lm, prompts[:3])
+
+
+def test_forward_rows_reads_logits_and_activations_at_the_answer_positions():
+    """`forward_rows` over rows of different lengths: each row's logits and activations at its own positions are
+    the unpadded single-row forward's (right padding is masked out)."""
+    from kn_core.hooks import capture_activations
+
+    lm = tiny(TINY_CAUSAL)
+    rows = [ev.PaddedRow([5, 9, 17, 3], [1, 3], []), ev.PaddedRow([8, 2], [1], []), ev.PaddedRow([4, 4, 4], [0, 2], [])]
+    got = list(ev.forward_rows(lm, rows, batch_size=3, layers=[0, 1]))
+    for row, out in zip(rows, got):
+        def run(row=row):
+            with torch.no_grad():
+                return lm.model(input_ids=torch.tensor([row.ids]))
+
+        single, acts = capture_activations(lm.layout, run, [0, 1])
+        torch.testing.assert_close(out.logits, single.logits[0, row.positions], rtol=1e-4, atol=1e-5)
+        for layer in (0, 1):
+            torch.testing.assert_close(out.activations[layer], acts[layer][0, row.positions], rtol=1e-4, atol=1e-5)
