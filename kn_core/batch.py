@@ -285,27 +285,6 @@ def _protocol_scores(plan, protocol: str, before, after, control_after) -> dict:
             "control": score_case(protocol, prompts, strip(control_after), pre, kind)}
 
 
-MEASURE_CHUNK = 256  # prompts per answer_probabilities call: it holds every prompt's full-vocabulary log-probs
-
-
-def _measure(lm, group_list: Sequence[dict[str, list[Prompt]]], task, evaluation: str = "forced"
-             ) -> list[dict[str, list[dict]]]:
-    """answer_probabilities of every group of every plan, batched across plans, in chunks of MEASURE_CHUNK
-    prompts so that memory does not grow with the number of requests; `evaluation` "generate" judges `correct`
-    by greedy generation (`evaluation.judge_by_generation`)."""
-    from .evaluation import answer_probabilities, judge_by_generation
-
-    flat = [p for groups in group_list for ps in groups.values() for p in ps]
-    measured: list[dict] = []
-    for start in range(0, len(flat), MEASURE_CHUNK):
-        part = task.slice(start / len(flat), min(start + MEASURE_CHUNK, len(flat)) / len(flat))
-        chunk = flat[start:start + MEASURE_CHUNK]
-        rows = answer_probabilities(lm, chunk, task=part)
-        measured += judge_by_generation(lm, chunk, rows) if evaluation == "generate" else rows
-    rows = iter(measured)
-    return [{g: [next(rows) for _ in ps] for g, ps in groups.items()} for groups in group_list]
-
-
 def _metrics(lm, plan, before, after, control_after, sizes: bool = True, protocol: str = "kn") -> dict:
     """edit_metrics of the request (sizes measured on the model as it is: unedited, or before the step), and
     for EasyEdit locality prompts their own "locality_prompts" entry (kept top-1 and |Δp|, as locality)."""
@@ -325,6 +304,8 @@ def _metrics(lm, plan, before, after, control_after, sizes: bool = True, protoco
 
 
 def _compound(lm, requests, neurons, planning, settings, left_out, forgetting_prompts, task):
+    from .evaluation import measure_groups
+
     entries = []
     for i, r in enumerate(requests):
         task.check()
@@ -336,10 +317,11 @@ def _compound(lm, requests, neurons, planning, settings, left_out, forgetting_pr
         return entries, None
     groups = [e["plan"].prompts for e in entries]
     ev = settings["evaluation"]
-    before = _measure(lm, groups, task.slice(0.1, 0.4), ev)
-    after = _with(lm, E.Batch(tuple(e["plan"].edit for e in entries)), lambda: _measure(lm, groups, task.slice(0.4, 0.7), ev))
+    before = measure_groups(lm, groups, task.slice(0.1, 0.4), ev)
+    after = _with(lm, E.Batch(tuple(e["plan"].edit for e in entries)),
+                  lambda: measure_groups(lm, groups, task.slice(0.4, 0.7), ev))
     control = _with(lm, E.Batch(tuple(e["plan"].control for e in entries)),
-                    lambda: _measure(lm, groups, task.slice(0.7, 1.0), ev))
+                    lambda: measure_groups(lm, groups, task.slice(0.7, 1.0), ev))
     for e, b, a, c in zip(entries, before, after, control):
         task.check()
         e["metrics"] = _metrics(lm, e["plan"], b, a, c, settings["sizes"], settings["protocol"])
@@ -355,6 +337,8 @@ def _with(lm, edit, fn):
 
 
 def _sequential(lm, requests, neurons, planning, settings, left_out, forgetting_prompts, task):
+    from .evaluation import measure_groups
+
     entries, steps, handles = [], [], []
     n = len(requests)
     try:
@@ -366,10 +350,10 @@ def _sequential(lm, requests, neurons, planning, settings, left_out, forgetting_
                 continue
             entry = {"request": r, "plan": plan, "source": neurons[r.line][1], "holds": []}
             ev = settings["evaluation"]
-            (before,) = _measure(lm, [plan.prompts], step.slice(0.2, 0.4), ev)
-            (control,) = _with(lm, plan.control, lambda: _measure(lm, [plan.prompts], step.slice(0.4, 0.6), ev))
+            (before,) = measure_groups(lm, [plan.prompts], step.slice(0.2, 0.4), ev)
+            (control,) = _with(lm, plan.control, lambda: measure_groups(lm, [plan.prompts], step.slice(0.4, 0.6), ev))
             handles.append(plan.edit.apply(lm))
-            (after,) = _measure(lm, [plan.prompts], step.slice(0.6, 0.8), ev)
+            (after,) = measure_groups(lm, [plan.prompts], step.slice(0.6, 0.8), ev)
             entry["metrics"] = _metrics(lm, plan, before, after, control, settings["sizes"], settings["protocol"])
             entry["probe"] = _probe(entry, before, forgetting_prompts)
             entries.append(entry)
@@ -403,7 +387,9 @@ def _holds(probe, rows) -> float:
 
 def _step_report(lm, entries, task, evaluation: str = "forced") -> dict:
     """After a sequential step: whether each edit so far still holds (the last is the one just applied)."""
-    measured = _measure(lm, [{"probe": e["probe"]["prompts"]} for e in entries], task, evaluation)
+    from .evaluation import measure_groups
+
+    measured = measure_groups(lm, [{"probe": e["probe"]["prompts"]} for e in entries], task, evaluation)
     holds = []
     for e, rows in zip(entries, measured):
         value = _holds(e["probe"], rows["probe"])

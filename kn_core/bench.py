@@ -184,13 +184,13 @@ def _conditions(lm, case: EditCase, neurons, prompts, settings: BenchSettings, t
 def protocol_scores(lm, case: EditCase, protocol: str, edit, control) -> dict:
     """{"pre", "post", "control", "skipped"}: `case` scored by `protocol` on the unedited model, with `edit` and with
     its random-neuron `control` (teacher-forced rows, no generation: fluency is n/a here)."""
-    from .evaluation import answer_probabilities, with_edits
+    from .evaluation import measure_groups, with_edits
     from .protocols import case_prompts, score_case
 
     groups, skipped = case_prompts(lm, case, protocol)
 
     def rows():
-        return {g: answer_probabilities(lm, ps) for g, ps in groups.items()}
+        return measure_groups(lm, [groups])[0]
 
     pre = rows()
     kind = edit.kind
@@ -218,7 +218,7 @@ def _combined(per_edit: list[list[tuple]]) -> list[tuple]:
 
 def run_case(lm, case: EditCase, params, settings: BenchSettings, cache: Path, task=None) -> dict:
     """One case measured before the edit, after each condition, and scored by the protocol (plain JSON)."""
-    from .evaluation import answer_probabilities, with_edits
+    from .evaluation import measure_groups, with_edits
     from .protocols import case_prompts, score_case
 
     task = as_task(task)
@@ -243,13 +243,12 @@ def run_case(lm, case: EditCase, params, settings: BenchSettings, cache: Path, t
         out["seconds"] = time.time() - start
         return out
     groups, skipped = case_prompts(lm, case, settings.protocol if settings.protocol != "kn" else "rome")
-    measure = {g: ps for g, ps in groups.items()}
     gen_texts = list(case.generation_prompts[: settings.generation_prompts])
     seed = int(hashlib.sha256(f"{settings.seed}:{case.case_id}".encode()).hexdigest()[:8], 16)
 
     def measured(edits, generate: bool):
         def run():
-            rows = {g: answer_probabilities(lm, ps) for g, ps in measure.items()}
+            rows = measure_groups(lm, [groups])[0]
             return rows, (_generate(lm, gen_texts, settings, seed) if generate and gen_texts else None)
         return with_edits(lm, edits, run)
 

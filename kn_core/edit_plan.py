@@ -498,30 +498,18 @@ def measure_plan(lm, plan: EditPlan, task=None, top_k: int = 5, evaluation: str 
     and after applying `plan.edit`, or inside `with_edits(lm, [plan.control], ...)`). `evaluation` "generate"
     judges `correct` by greedy generation instead (`evaluation.judge_by_generation`; probabilities stay
     teacher-forced)."""
-    from .evaluation import EVALUATIONS, answer_probabilities, judge_by_generation
-    from .tasks import as_task
+    from .evaluation import EVALUATIONS, measure_groups
 
     if evaluation not in EVALUATIONS:
         raise EditPlanError(f"evaluation must be forced or generate, not {evaluation!r}")
-    task = as_task(task)
-    groups = [g for g, ps in plan.prompts.items() if ps]
-    total = max(sum(len(plan.prompts[g]) for g in groups), 1)
-    out, done = {g: [] for g in plan.prompts}, 0
-    for g in groups:
-        task.check()
-        out[g] = answer_probabilities(lm, plan.prompts[g], top_k=top_k)
-        if evaluation == "generate":
-            judge_by_generation(lm, plan.prompts[g], out[g])
-        done += len(plan.prompts[g])
-        task.progress(done / total, f"evaluating {g} prompts")
-    return out
+    return measure_groups(lm, [plan.prompts], task, evaluation, top_k)[0]
 
 
 def summarize_plan(plan: EditPlan, before: dict[str, list[dict]], after: dict[str, list[dict]]) -> dict:
     """Per group: mean probability before/after, the paper's relative change mean(Δp)/mean(p), the top-1 flip
     rate and accuracy before/after; for an update also the success rate (o' greedy at every answer token)
     and o''s probability, read from the "new object" group."""
-    from .evaluation import relative_change
+    from .evaluation import flip_rate, relative_change
 
     out = {}
     for g, rows_before in before.items():
@@ -531,7 +519,7 @@ def summarize_plan(plan: EditPlan, before: dict[str, list[dict]], after: dict[st
         pb, pa = [r["prob"] for r in rows_before], [r["prob"] for r in rows_after]
         out[g] = {"n": len(pb), "p_before": float(np.mean(pb)), "p_after": float(np.mean(pa)),
                   "relative_change": relative_change(pb, pa),
-                  "flip_rate": float(np.mean([b["top1_id"] != a["top1_id"] for b, a in zip(rows_before, rows_after)])),
+                  "flip_rate": flip_rate(rows_before, rows_after),
                   "accuracy_before": float(np.mean([r["correct"] for r in rows_before])),
                   "accuracy_after": float(np.mean([r["correct"] for r in rows_after]))}
     if "new object" in out:

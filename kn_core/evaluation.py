@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -517,14 +517,46 @@ def with_edits(lm, edit_list: Sequence, fn: Callable):
             handle.revert()
 
 
+def flip_rate(before: Sequence[dict], after: Sequence[dict]) -> float:
+    """The top-1 flip rate: the share of prompts whose greedy first answer token (`top1_id`) differs between two
+    measurements of the same prompts (`answer_probabilities` rows, paired in order); NaN for no prompts. Every
+    summary's flip rate is this one."""
+    flips = [b["top1_id"] != a["top1_id"] for b, a in zip(before, after)]
+    return float(np.mean(flips)) if flips else float("nan")
+
+
+MEASURE_CHUNK = 256  # prompts per answer_probabilities call: it holds every prompt's full-vocabulary log-probs
+
+
+def measure_groups(lm, group_list: Sequence[Mapping[str, Sequence]], task: Task | None = None,
+                   evaluation: str = "forced", top_k: int = 0) -> list[dict[str, list[dict]]]:
+    """The one edit measurement: `answer_probabilities` rows of every named group of prompts of every entry of
+    `group_list` (e.g. one edit plan's groups each) under the model as it is now (with whatever edits are in
+    force), batched across groups and entries, in chunks of MEASURE_CHUNK prompts so that memory does not grow
+    with the number of entries. `evaluation` "generate" judges `correct` by greedy generation
+    (`judge_by_generation`; probabilities stay teacher-forced). Every summary (an edit's metrics, a batch's, the
+    protocols', the GUI's table) is derived from these rows."""
+    if evaluation not in EVALUATIONS:
+        raise ValueError(f"evaluation must be forced or generate, not {evaluation!r}")
+    task = as_task(task)
+    flat = [p for groups in group_list for ps in groups.values() for p in ps]
+    measured: list[dict] = []
+    for start in range(0, len(flat), MEASURE_CHUNK):
+        part = task.slice(start / len(flat), min(start + MEASURE_CHUNK, len(flat)) / len(flat))
+        chunk = flat[start:start + MEASURE_CHUNK]
+        rows = answer_probabilities(lm, chunk, task=part, top_k=top_k)
+        measured += judge_by_generation(lm, chunk, rows) if evaluation == "generate" else rows
+    rows = iter(measured)
+    return [{g: [next(rows) for _ in ps] for g, ps in groups.items()} for groups in group_list]
+
+
 def effect_between(before: list[dict], after: list[dict]) -> dict:
     """An edit's effect on prompts measured before it and with it (`answer_probabilities` rows, e.g. one group of
     `edit_plan.measure_plan` each time): the probabilities, the relative change, the top-1 flip rate and the
     accuracies."""
     pb, pa = [r["prob"] for r in before], [r["prob"] for r in after]
-    flips = [b["top1_id"] != a["top1_id"] for b, a in zip(before, after)]
     return {"before": pb, "after": pa, "relative_change": relative_change(pb, pa),
-            "flip_rate": float(np.mean(flips)) if flips else float("nan"),
+            "flip_rate": flip_rate(before, after),
             "accuracy_before": float(np.mean([r["correct"] for r in before])) if before else float("nan"),
             "accuracy_after": float(np.mean([r["correct"] for r in after])) if after else float("nan"),
             "n": len(before)}

@@ -13,7 +13,7 @@ import numpy as np
 from . import edits as _edits
 from .edit_plan import (CALIBRATION_RANGE, calibrate_update, erase_neurons, make_update, negatively_active,
                         random_neurons, shared_rule_note)
-from .evaluation import answer_perplexity, answer_probabilities, ratio, ratio_from_log10, with_edits
+from .evaluation import answer_perplexity, answer_probabilities, flip_rate, ratio, ratio_from_log10, with_edits
 from .tasks import Task, as_task
 
 # --------------------------------------------------------------------------------------------------------
@@ -142,10 +142,20 @@ AMPLIFY_MEANING = ("activation x factor of the signed activation: a negative act
                    "the neuron's contribution (activation x value vector) grows in the direction it already pushes")
 
 
+def _add(acc: dict, slot, before: Sequence[dict], after: Sequence[dict]) -> None:
+    """Pools one fact's rows of one prompt group into `acc[slot]` (`_pool` reads it)."""
+    a = acc.setdefault(slot, {"before": 0.0, "after": 0.0, "rows_before": [], "rows_after": [], "n": 0})
+    for b, x in zip(before, after):
+        a["before"] += b["prob"]
+        a["after"] += x["prob"]
+    a["rows_before"] += before
+    a["rows_after"] += after
+    a["n"] += len(before)
+
+
 def _pool(acc: dict) -> dict:
     rc = (acc["after"] - acc["before"]) / acc["before"] if acc["before"] > 0 else float("nan")
-    return {"relative_change": rc, "flip_rate": acc["flips"] / acc["n"] if acc["n"] else float("nan"),
-            "n_prompts": acc["n"]}
+    return {"relative_change": rc, "flip_rate": flip_rate(acc["rows_before"], acc["rows_after"]), "n_prompts": acc["n"]}
 
 
 def suppress_amplify_experiment(lm, records: Sequence[FactNeurons], factor: float = 2.0, seed: int = 0,
@@ -204,12 +214,7 @@ def suppress_amplify_experiment(lm, records: Sequence[FactNeurons], factor: floa
                     n = len(sets[g])
                     side = {True: "known", False: "unknown"}.get((known or {}).get(f"{rec.relation}:{rec.fact.subject}"))
                     for slot in ((rec.relation, method, op, g),) + (((side, method, op, g),) if side else ()):
-                        a = acc.setdefault(slot, {"before": 0.0, "after": 0.0, "flips": 0, "n": 0})
-                        for b, x in zip(before[at:at + n], after[at:at + n]):
-                            a["before"] += b["prob"]
-                            a["after"] += x["prob"]
-                            a["flips"] += int(b["top1_id"] != x["top1_id"])
-                            a["n"] += 1
+                        _add(acc, slot, before[at:at + n], after[at:at + n])
                     at += n
         task.progress((n_done + 1) / max(len(used), 1), f"{rec.fact.relation}:{rec.fact.subject}")
     relations = sorted({r.relation for r in used})
@@ -358,7 +363,7 @@ def _update_row(lm, rec, update, new_object, cf, same, other, seed, exclude, cal
                 "inter": answer_perplexity(lm, other, batch_size) if other else float("nan")}
         after_own, after_new, ppl_after = with_edits(lm, [edit], measure)
         row[name] = {
-            "change_rate": float(np.mean([b["top1_id"] != a["top1_id"] for b, a in zip(before_own, after_own)])),
+            "change_rate": flip_rate(before_own, after_own),
             "success_rate": float(np.mean([a["correct"] for a in after_new])),
             "top5_rate": float(np.mean([a["in_top_k"] for a in after_new])),
             "p_old_before": float(np.mean([b["prob"] for b in before_own])),

@@ -132,8 +132,10 @@ def _ranks(rows_before: list[dict], rows_after: list[dict]) -> dict:
 
 
 def _flip_rate(before: dict, after: dict) -> float | None:
+    from .evaluation import flip_rate
+
     rb, ra = _group(before, "fact"), _group(after, "fact")
-    return _mean(b["top1_id"] != a["top1_id"] for b, a in zip(rb, ra))
+    return flip_rate(rb, ra) if rb and ra else None
 
 
 def _one(plan, edit, before: dict, after: dict, size: dict | None) -> dict:
@@ -202,27 +204,40 @@ def edit_size(lm, edit, prompts: Sequence = ()) -> dict:
     return out | {"activation_change": float(np.linalg.norm(target - acts, axis=1).mean())}
 
 
-def measure_edit(lm, plan, task=None, evaluation: str = "forced") -> dict:
-    """Measures `plan` on the model as it is now (unedited): every group before, with the edit, with the random
-    control; the sizes of both. Returns {"metrics": edit_metrics(...), "before", "after", "control_after"}.
-    The task's progress runs over the three measurements; cancel raises `tasks.Cancelled` with nothing
-    applied. `evaluation`: "forced" or "generate" (`edit_plan.measure_plan`)."""
+MODEL_STATES = ("before", "after", "control_after")  # unedited, with the plan's edit, with its random control
+
+
+def measure_edit(lm, plan, task=None, evaluation: str = "forced", states: Sequence[str] = MODEL_STATES) -> dict:
+    """Measures `plan` on the model as it is now (before its edit): every group in each of `states` ("before":
+    as it is; "after": with `plan.edit`; "control_after": with `plan.control`; `edit_plan.measure_plan` rows),
+    and the sizes of both edits ("size", "control_size", `edit_size`). With all three states, "metrics" is
+    `edit_metrics(...)` of them; a caller that applies the edit itself (the GUI's undoable command) measures
+    "before" and "control_after" here and the edit's state with `measure_plan` after applying it. The task's
+    progress runs over the measurements; cancel raises `tasks.Cancelled` with nothing applied. `evaluation`:
+    "forced" or "generate" (`edit_plan.measure_plan`)."""
     from .edit_plan import measure_plan
     from .evaluation import with_edits
     from .tasks import as_task
 
+    unknown = sorted(set(states) - set(MODEL_STATES))
+    if unknown or not states:
+        raise ValueError(f"states must be some of {', '.join(MODEL_STATES)}, not {list(states)!r}")
     task = as_task(task)
-    prompts = plan.prompts.get("fact", [])
-    before = measure_plan(lm, plan, task=task.slice(0.0, 0.3), evaluation=evaluation)
-    after = with_edits(lm, [plan.edit], lambda: measure_plan(lm, plan, task=task.slice(0.3, 0.6), evaluation=evaluation))
-    control_after = with_edits(lm, [plan.control],
-                               lambda: measure_plan(lm, plan, task=task.slice(0.6, 0.9), evaluation=evaluation))
+    edits = {"before": [], "after": [plan.edit], "control_after": [plan.control]}
+    share = 0.9 / len(states)
+    out = {}
+    for k, state in enumerate(states):
+        part = task.slice(k * share, (k + 1) * share)
+        out[state] = with_edits(lm, edits[state], lambda: measure_plan(lm, plan, task=part, evaluation=evaluation))
     task.check()
-    sizes = edit_size(lm, plan.edit, prompts), edit_size(lm, plan.control, prompts)
+    task.progress(0.9, "measuring the size of the edit and of its control")
+    prompts = plan.prompts.get("fact", [])
+    out["size"], out["control_size"] = edit_size(lm, plan.edit, prompts), edit_size(lm, plan.control, prompts)
     task.progress(1.0, "metrics measured")
-    return {"metrics": edit_metrics(plan, before, after, control_after=control_after, size=sizes[0],
-                                    control_size=sizes[1]),
-            "before": before, "after": after, "control_after": control_after}
+    if set(states) == set(MODEL_STATES):
+        out["metrics"] = edit_metrics(plan, out["before"], out["after"], control_after=out["control_after"],
+                                      size=out["size"], control_size=out["control_size"])
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -239,11 +239,20 @@ class SerialBackend:
 
     def outcomes(self, lm, works: Sequence[FactWork], params, selection: Selection, progress: Progress,
                  task: Task) -> Iterator[FactOutcome]:
-        attributor = FactAttributor(lm, params, selection)
-        for work in works:
-            task.check()
-            inner = task.relay(lambda fraction, message, work=work: progress.within(work, fraction or 0.0, message))
-            yield attributor(work, task=inner)
+        yield from (outcome for _, outcome in one_by_one(works, progress, task, FactAttributor(lm, params, selection)))
+
+
+def one_by_one(works: Sequence[FactWork], progress: Progress, task: Task, attribute_one: Callable,
+               on_partial: Callable[[int, object], None] | None = None) -> Iterator[tuple[FactWork, object]]:
+    """The one fact-by-fact loop in this process (the serial backend's and `attribute_each`'s): (work,
+    `attribute_one(work, task)`) for each fact in turn, cancel checked between facts, each fact's progress
+    relayed as part of the run's (`Progress.within`) and its partial results to `on_partial(work.index, ...)`."""
+    for work in works:
+        task.check()
+        partial = None if on_partial is None else (lambda result, i=work.index: on_partial(i, result))
+        inner = task.relay(lambda fraction, message, work=work: progress.within(work, fraction or 0.0, message),
+                           partial)
+        yield work, attribute_one(work, inner)
 
 
 @dataclass
@@ -383,18 +392,13 @@ def attribute_each(lm, items: Sequence[tuple[Fact, Sequence[Prompt]]], params, *
     task = as_task(task)
     works = [FactWork(i, fact, tuple(prompts)) for i, (fact, prompts) in enumerate(items)]
     progress = Progress(task, works, 0)
+
+    def attribute_one(work: FactWork, inner: Task) -> list:
+        return attribute_fact(lm, work.prompts, params, task=inner, on_prompt=None if on_prompt is None else
+                              (lambda k, r, i=work.index: on_prompt(i, k, r)))
+
     out = []
-    for work in works:
-        task.check()
-        i = work.index
-
-        def chunk(partial, i=i):
-            if on_chunk is not None:
-                on_chunk(i, partial)
-
-        inner = task.relay(lambda fraction, message, work=work: progress.within(work, fraction or 0.0, message),
-                           chunk)
-        out.append(attribute_fact(lm, work.prompts, params, task=inner,
-                                  on_prompt=None if on_prompt is None else (lambda k, r, i=i: on_prompt(i, k, r))))
+    for work, results in one_by_one(works, progress, task, attribute_one, on_chunk):
+        out.append(results)
         progress.fact_done(work)
     return out

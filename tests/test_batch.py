@@ -428,11 +428,11 @@ def test_cli_batch_refuses_bad_lines_unless_skipped(capsys, tmp_path, saved_gpt2
 
 
 def test_measuring_in_chunks_gives_the_same_metrics(monkeypatch):
-    import kn_core.batch as B
+    import kn_core.evaluation as evaluation
 
     lm = tiny()
     parsed = overlapping_updates()
     whole = run_batch(lm, parsed, explicit(parsed), "compound", relation_exclusion=False)
-    monkeypatch.setattr(B, "MEASURE_CHUNK", 3)  # many chunk boundaries inside and between requests
+    monkeypatch.setattr(evaluation, "MEASURE_CHUNK", 3)  # many chunk boundaries inside and between requests
     chunked = run_batch(lm, parsed, explicit(parsed), "compound", relation_exclusion=False)
     assert chunked.report["requests"] == whole.report["requests"]

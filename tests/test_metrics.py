@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -299,7 +301,7 @@ def test_gui_evaluates_the_control_in_the_worker_and_the_strip_shows_both(qtbot,
         task = Task()
         task.cancel()
         with pytest.raises(Cancelled):
-            C.measure_before_and_control(lm, plan, task)
+            measure_edit(lm, plan, task, states=("before", "control_after"))
         edits.apply({"kind": "Suppress", "scope": "answer"}, run_fact, [(0, 1), (1, 2)])
         assert runner.wait_idle(60000)
         report = [e for e in events if isinstance(e, C.EditEvaluated)][-1].report
@@ -351,3 +353,58 @@ def test_reproduction_reports_metrics_per_kind_beside_the_control(tmp_path):
     text = (tmp_path / "report.md").read_text()
     table = text.split("## Edit metrics")[1].split("\n## ")[0]
     assert "| suppress |" in table and "%)" in table
+
+
+def test_measure_edit_in_parts_gives_what_the_whole_measurement_gives():
+    """The GUI measures "before" and the control in one job, applies the edit as an undoable command and measures
+    again: the same rows, sizes and metrics as `measure_edit` measuring all three states."""
+    lm = tiny(TINY_CAUSAL)
+    plan = plan_edit(lm, FS, EditRequest("suppress", ((2, 3), (1, 4)), FRANCE, scope="answer"))
+    whole = measure_edit(lm, plan)
+    parts = measure_edit(lm, plan, states=("before", "control_after"))
+    assert "metrics" not in parts and "after" not in parts
+    assert parts["before"] == whole["before"] and parts["control_after"] == whole["control_after"]
+    after = with_edits(lm, [plan.edit], lambda: measure_plan(lm, plan))
+    assert after == whole["after"]
+    assert edit_metrics(plan, parts["before"], after, control_after=parts["control_after"], size=parts["size"],
+                        control_size=parts["control_size"]) == whole["metrics"]
+    with pytest.raises(ValueError, match="states must be some of before, after, control_after"):
+        measure_edit(lm, plan, states=("later",))
+
+
+def test_every_summary_reads_the_one_flip_rate():
+    """The top-1 flip rate by hand (2 of 3 prompts changed their greedy first token), and the metrics, the plan
+    summary and the before/after effect all give it for the same rows."""
+    from kn_core.edit_plan import summarize_plan
+    from kn_core.evaluation import effect_between, flip_rate
+
+    lm = tiny(TINY_CAUSAL)
+    plan = plan_edit(lm, FS, EditRequest("suppress", ((2, 3),), FRANCE))
+    before = measure_plan(lm, plan)
+    after = {g: [dict(r, top1_id=r["top1_id"] + (k % 3 != 0)) for k, r in enumerate(rows)]
+             for g, rows in before.items()}
+    n = len(before["fact"])
+    by_hand = sum(k % 3 != 0 for k in range(n)) / n
+    assert flip_rate(before["fact"], after["fact"]) == by_hand
+    assert edit_metrics(plan, before, after)["flip_rate"] == by_hand
+    assert summarize_plan(plan, before, after)["fact"]["flip_rate"] == by_hand
+    assert effect_between(before["fact"], after["fact"])["flip_rate"] == by_hand
+    assert math.isnan(flip_rate([], []))
+
+
+def test_measure_groups_batches_across_entries_as_each_group_alone():
+    """`evaluation.measure_groups` over several plans' groups at once (batched across them, in chunks) gives each
+    group the rows `answer_probabilities` gives it alone."""
+    from kn_core import evaluation as ev
+
+    lm = tiny(TINY_MASKED)
+    plans = [plan_edit(lm, FS, EditRequest("suppress", ((2, 3),), fact)) for fact in FACTS[:3]]
+    measured = ev.measure_groups(lm, [p.prompts for p in plans], top_k=2)
+    for plan, groups in zip(plans, measured):
+        assert list(groups) == list(plan.prompts)
+        for g, ps in plan.prompts.items():
+            alone = answer_probabilities(lm, ps, top_k=2) if ps else []
+            assert [r["prob"] for r in groups[g]] == pytest.approx([r["prob"] for r in alone], rel=1e-5)
+            assert [r["top1_id"] for r in groups[g]] == [r["top1_id"] for r in alone]
+    with pytest.raises(ValueError, match="evaluation must be forced or generate"):
+        ev.measure_groups(lm, [plans[0].prompts], evaluation="sampled")

@@ -235,7 +235,7 @@ def cmd_edit_update(args) -> int:
            "before": {"old": [r["prob"] for r in before_old], "new": [r["prob"] for r in before_new]},
            "after": {"old": [r["prob"] for r in after_old], "new": [r["prob"] for r in after_new]},
            "top1_after": [r["top1_token"] for r in after_old],
-           "change_rate": float(np.mean([a["top1_id"] != b["top1_id"] for a, b in zip(after_old, before_old)])),
+           "change_rate": ev.flip_rate(before_old, after_old),
            "success_rate": float(np.mean([r["correct"] for r in after_new])), "exported_to": args.export,
            **_flags_field(found.excluded, args, lm), **_neuron_params_field(args, lm, found.selection),
            "control": {"kind": "random neurons from the same layers", "edit": plan.control.to_dict()},

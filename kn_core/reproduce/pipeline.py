@@ -191,6 +191,12 @@ def select_facts(lm, factset, relations, facts_per_relation: int, select: str = 
 # --------------------------------------------------------------------------------------------------------
 # Attribution with a cache
 # --------------------------------------------------------------------------------------------------------
+# Why this cache is not the runner's resumable driver (`runner.attribute_factset`, which resumes per fact in a
+# project): the reproduction needs what a project does not keep, every prompt's full [layers, neurons] scores and
+# activations under two parameter sets (IG and the activation baseline), and it resumes per prompt, keyed by
+# (weights sha256, prompt, answer, scoring parameters), so a rerun that selects other facts or prompts reuses
+# every prompt it shares, and the subject control and localisation read the same cache (`attribute_cached`).
+# Both drive the same computation (`attribution.attribute`).
 
 @dataclass
 class _Scores:

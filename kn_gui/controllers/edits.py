@@ -233,6 +233,7 @@ class EditsController(QObject):
         """Measures the plan's prompts (and, in the same job, under the random-neuron control, with both edits'
         sizes), applies its edit as one undoable command, measures again, reports with the metrics."""
         from kn_core.edit_plan import measure_plan
+        from kn_core.metrics import measure_edit
 
         def before_done(measured):
             before = measured["before"]
@@ -257,7 +258,8 @@ class EditsController(QObject):
             self.event.emit(EditEvaluated(command, command.report))
 
         self.runner.submit("Evaluating the edit (before) and its random control",
-                           lambda task: measure_before_and_control(lm, plan, task), on_done=before_done)
+                           lambda task: measure_edit(lm, plan, task, states=("before", "control_after")),
+                           on_done=before_done)
 
     def report_shown(self) -> dict | None:
         """The report of the newest edit in force (what the before/after table shows)."""
@@ -300,22 +302,6 @@ class EditsController(QObject):
             raise UserError("Saved edits not applied", f"{exc}. The history was left out; the model is unedited.") \
                 from exc
         return HistoryRestored(cursor, len(entries))
-
-
-def measure_before_and_control(lm, plan, task) -> dict:
-    """On the model as it is (before the edit): the plan's groups, the same under the random-neuron control, and
-    both edits' sizes (kn_core.metrics.edit_size). One worker job: progress over the parts, cancel between them."""
-    from kn_core.edit_plan import measure_plan
-    from kn_core.evaluation import with_edits
-    from kn_core.metrics import edit_size
-
-    before = measure_plan(lm, plan, task.slice(0.0, 0.45))
-    control_after = with_edits(lm, [plan.control], lambda: measure_plan(lm, plan, task.slice(0.45, 0.9)))
-    task.check()
-    task.progress(0.9, "measuring the size of the edit and of its control")
-    prompts = plan.prompts.get("fact", [])
-    return {"before": before, "control_after": control_after, "size": edit_size(lm, plan.edit, prompts),
-            "control_size": edit_size(lm, plan.control, prompts)}
 
 
 def edit_report(plan, before: dict, after: dict, model: dict, metrics: dict | None = None) -> dict:
