@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+from ..selection import DEFAULT_P
 from .checks import whole_number
 from .common import (COMMON, CliError, emit, factset_of, find_fact, load, neuron_list, progress_bar,
                      project_of, prompt_format_field, prompt_format_option, say)
@@ -80,7 +81,8 @@ def _fact_set_backend(args):
 
 def cmd_attribute_facts(args) -> int:
     from ..attribution import default_t
-    from ..runner import Selection, attribute_factset, prompt_params
+    from ..runner import attribute_factset, prompt_params
+    from ..selection import NeuronSelection
 
     for flag, value in (("--prompt", args.prompt), ("--answer", args.answer), ("--save", args.save)):
         if value is not None:
@@ -92,8 +94,8 @@ def cmd_attribute_facts(args) -> int:
         raise CliError("--workers and --worker-threads size a cluster run: add --cluster ray (or leave them out)")
     factset = factset_of(args)
     params = params_of(args)
-    selection = Selection(t=args.t if args.t is not None else default_t(params.method), p=args.p,
-                          keep_massive=args.keep_massive)
+    selection = NeuronSelection(t=args.t if args.t is not None else default_t(params.method), p=args.p,
+                                keep_massive=args.keep_massive)
     backend, device = _fact_set_backend(args)
     from ..runner import select_relations
 
@@ -273,7 +275,7 @@ def add_commands(sub) -> None:
     whole = attr.add_argument_group("a whole fact set (with --project; resumes where a killed run stopped)")
     whole.add_argument("--facts", help="every fact of this fact set (a file, a PARAREL folder, or 'builtin')")
     whole.add_argument("--relations", default="all", help="all, or relation ids R1,R2")
-    whole.add_argument("--p", type=float, default=0.7, help="refined: coarse in >= max(p x prompts, 3) prompts")
+    whole.add_argument("--p", type=float, default=DEFAULT_P, help="refined: coarse in >= max(p x prompts, 3) prompts")
     causal_templates_option(whole)
     prompt_format_option(attr)
     whole.add_argument("--keep-massive", action="store_true",
@@ -291,7 +293,7 @@ def add_commands(sub) -> None:
     neurons.add_argument("--relation", required=True)
     neurons.add_argument("--subject", required=True)
     neurons.add_argument("--facts", default="builtin")
-    neurons.add_argument("--p", type=float, default=0.7, help="refined: coarse in >= max(p x prompts, 3) prompts")
+    neurons.add_argument("--p", type=float, default=DEFAULT_P, help="refined: coarse in >= max(p x prompts, 3) prompts")
     neurons.add_argument("--keep-massive", action="store_true",
                          help="keep massive-activation neurons in the coarse and refined sets (the paper's method)")
     neurons.add_argument("--subject-control", action="store_true",
