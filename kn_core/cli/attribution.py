@@ -136,7 +136,7 @@ def cmd_neurons(args) -> int:
     from ..experiments import fact_answers
     from ..facts import render_prompts
     from ..encoding import prompt_format
-    from ..neurons import case_neurons, coarse_neurons, empty_neurons_fix, neuron_name, run_flags, without_template
+    from ..neurons import case_neurons, coarse_neurons, run_flags, without_template
     from ..runner import prompt_params, run_params
     from ..specificity import control_summary
 
@@ -193,8 +193,20 @@ def cmd_neurons(args) -> int:
            "seconds": time.perf_counter() - started}
     for entry in doc["refined"] + [e for c in doc["coarse"] for e in c]:
         entry["flags"] = list(flags.of((entry["layer"], entry.get("index", entry["neuron"]))))
+    lines = _neurons_text(args, lm, fact, prompts, results, coarse, refined, flags, control, answer, selection, t,
+                          doc["seconds"])
+    lines += tolerance_lines(results, params)
+    emit(args, doc, "\n".join(lines))
+    return 0
+
+
+def _neurons_text(args, lm, fact, prompts, results, coarse, refined, flags, control, answer, selection, t,
+                  seconds) -> list[str]:
+    """`kn neurons`'s plain-text lines (the --json document holds the same)."""
+    from ..neurons import empty_neurons_fix, neuron_name
+
     lines = [f"{fact.relation} {fact.subject} -> {fact.object}: {len(prompts)} prompts, {len(refined)} refined "
-             f"neurons (t={t}, p={args.p}) in {doc['seconds']:.1f} s; p(answer) {answer['prob']:.3g}, median rank "
+             f"neurons (t={t}, p={args.p}) in {seconds:.1f} s; p(answer) {answer['prob']:.3g}, median rank "
              f"{answer['rank_median']:g}, {'known' if answer['known'] else 'NOT known'} (top-1 on "
              f"{answer['top1_share']:.0%} of prompts)",
              f"  neurons: {selection['text']}" + ("" if refined else f"; none: {empty_neurons_fix(len(prompts), args.p)}")]
@@ -210,9 +222,7 @@ def cmd_neurons(args) -> int:
                      f"{len(control.template)} template neuron(s) "
                      + ("kept (--keep-template)" if args.keep_template else "left out (--keep-template keeps them)")
                      + "".join(f", {neuron_name(l, i, lm.layout)}" for l, i in sorted(control.template)))
-    lines += tolerance_lines(results, params)
-    emit(args, doc, "\n".join(lines))
-    return 0
+    return lines
 
 
 def _subject_control(lm, factset, fact, prompts, refined, params, args):

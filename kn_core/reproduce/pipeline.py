@@ -387,6 +387,7 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
                   check_prompts: int = 3, keep_massive: bool = False, say=_say, task: Task | None = None,
                   command: str | None = None, quadrature: str = "riemann", tolerance: float = 0.01,
                   trace: bool = False, subject_control: bool = True, keep_template: bool = False) -> dict:
+    # long: the phases read top to bottom, each saving the partial report (the phases are already helpers)
     """Runs the reproduction and writes OUT/report.json, report.md and figures; returns the report. (One
     function on purpose: the phases read top to bottom, each saving the partial report.)
     Massive/unspecific neurons (kn_core.neurons) are kept out of refined and relation-level neurons unless

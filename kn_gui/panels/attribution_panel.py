@@ -64,7 +64,7 @@ class AttributionPanel(QWidget):
     problem = Signal(str)  # one line for the status bar (e.g. compact scores that cannot decide the sets at t)
 
     def __init__(self, session, parent=None):
-        # Long on purpose: one flat list of the panel's widgets in reading order, each built and connected where
+        # long: one flat list of the panel's widgets in reading order, each built and connected where
         # it is placed, reads better than the same steps scattered over helpers used once.
         super().__init__(parent)
         self.session = session
