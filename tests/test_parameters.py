@@ -63,3 +63,15 @@ def test_t_and_p_defaults_come_from_selection():
     literal = [place for package in ("kn_core", "kn_gui") for path in sorted((root / package).rglob("*.py"))
                for place in _literal_t_p_defaults(path)]
     assert literal == [], "read DEFAULT_T / DEFAULT_P from kn_core.selection instead"
+
+
+def test_the_app_offers_the_engine_s_steps_and_defaults(qtbot):
+    from kn_core.facts import FactSet
+    from kn_core.selection import DEFAULT_P, DEFAULT_T
+    from kn_gui.panels.attribution_panel import AttributionPanel
+    from kn_gui.session import Session
+
+    panel = AttributionPanel(Session(FactSet("empty", {}, [])))
+    qtbot.addWidget(panel)
+    assert (panel.steps.minimum(), panel.steps.maximum()) == (v.STEPS_RANGE.minimum, v.STEPS_RANGE.maximum)
+    assert (panel.t_control.value(), panel.p_control.value()) == (DEFAULT_T, DEFAULT_P)
