@@ -4,6 +4,7 @@ every module has a place in the map (a new module must be placed, here and in AR
 
 from __future__ import annotations
 
+import ast
 import re
 
 import pytest
@@ -95,3 +96,28 @@ def test_architecture_md_names_each_module_in_its_layer(layer):
     unnamed = [n for n in names if n not in ("kn_core", "kn_gui")
                and not re.search(rf"`{re.escape(n)}(\.py|/)`", bullets[layer])]
     assert not unnamed, f"the {layer} bullet of docs/ARCHITECTURE.md does not name {unnamed}"
+
+
+# Modules that call a tokenizer themselves, and why; model inputs are encoded only by encoding.py (ARCHITECTURE.md)
+TOKENIZES = {
+    "kn_core.encoding": "the encoder of model inputs",
+    "kn_core.facts": "finds an answer's tokens when rendering a prompt (the tokenizer is passed in)",
+    "kn_core.tracing": "the subject's tokens: their span in an encoded prompt, their embeddings' spread (noise scale)",
+    "kn_core.evaluation": "counts an answer's tokens for a generation budget",
+}
+
+
+def _calls_a_tokenizer(path) -> bool:
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+            if name in ("tokenizer", "tok"):
+                return True
+    return False
+
+
+def test_only_encoding_encodes_model_inputs():
+    calling = {name for name, path in modules_of("kn_core").items() if _calls_a_tokenizer(path)}
+    assert calling <= set(TOKENIZES), f"encode through kn_core.encoding instead: {sorted(calling - set(TOKENIZES))}"
+    assert "kn_core.encoding" in calling  # the check sees a call
