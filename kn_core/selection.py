@@ -4,8 +4,8 @@ bottom layer so that the store's compact scores (`store/topscores.py`) select ex
 - `Neuron`: (layer, neuron index) as a plain tuple, the form the store, the saved edit history and JSON output
   keep (MoE models: the index into the layer's flattened expert axis; `neurons.neuron_name` writes it).
 - `NeuronSelection`: the one selection value (t, p, keep_massive) with the paper's defaults `DEFAULT_T`,
-  `DEFAULT_P` (`ACTIVATION_T` for the activation baseline), checked when made; the CLI's defaults, the runner
-  and the app read it.
+  `DEFAULT_P` (`ACTIVATION_T` for the activation baseline), checked when made; the runner takes it, and the
+  CLI's options and the app's controls start at its defaults.
 - The pure rules over [layers, neurons] score arrays: coarse neurons per prompt (score > t x max), refined
   neurons per fact (coarse in >= max(p x n_prompts, 3) prompts). Every rule takes `exclude`: neurons that never
   set the t x max threshold and are never returned. `kn_core.neurons` re-exports them beside the flags.
