@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kn_core import runner  # noqa: E402
 from kn_core.attribution import AttributionParams  # noqa: E402
 from kn_core.facts import Fact  # noqa: E402
+from kn_core.selection import NeuronSelection  # noqa: E402
 from kn_core.store import create_project  # noqa: E402
 
 SHAPE = (30, 1536)
@@ -54,7 +55,7 @@ def measure(form: str, facts: int, prompts: int, folder: Path) -> dict:
     works = [runner.FactWork(i, Fact("P36", f"country {i}", f"city {i}"),
                              tuple(f"prompt {k} of fact {i}" for k in range(prompts))) for i in range(facts)]
     outcomes = [outcome(rng, i, prompts) for i in range(facts)]
-    params, selection = runner.run_params(AttributionParams(), "causal"), runner.Selection()
+    params, selection = runner.run_params(AttributionParams(), "causal"), NeuronSelection()
     with create_project(folder / f"{form}.knproj") as project:
         project.set_score_storage(form)
         project.add_model(MODEL)

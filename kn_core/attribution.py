@@ -30,6 +30,7 @@ from .encoding import PromptError, PromptTypeError, Target, encode_answer, encod
 from .models import LoadedModel
 from .passes import Runner, SharedRunner, integrate
 from .quadrature import DEFAULT_POINTS, DEFAULT_TOLERANCE, QUADRATURES
+from .selection import DEFAULT_T, Neuron, default_t  # noqa: F401 (API: the CLI reads default_t here)
 from .tasks import Task, as_task
 from .validation import ValidationError, check_choice, check_int, check_number, check_positive, check_steps
 
@@ -96,11 +97,6 @@ def integration_text(params: dict) -> str:
             f"tolerance {params.get('tolerance')})")
 
 
-def default_t(method: str) -> float:
-    """The paper's coarse threshold: 0.2 x max for attribution, 0.5 x max for the activation baseline."""
-    return 0.5 if method == "activation" else 0.2
-
-
 @dataclass
 class PromptScores:
     prompt: str
@@ -115,7 +111,7 @@ class PromptScores:
     seconds: float
     params: dict = field(default_factory=dict)
 
-    def coarse(self, t: float = 0.2) -> list[kn_neurons.Neuron]:
+    def coarse(self, t: float = DEFAULT_T) -> list[Neuron]:
         return kn_neurons.coarse_neurons(self.scores, t)
 
 

@@ -24,10 +24,10 @@ from . import edits as E
 from .encoding import prompt_format, prompt_format_params
 from .batch_requests import BatchError, BatchRequest, ParsedRequests, locality_prompts
 from .facts import Fact, FactSet, Prompt, Relation, render_prompts
+from .selection import DEFAULT_P, DEFAULT_T, Neuron
 from .tasks import as_task
 from .validation import check_fraction, check_int
 
-Neuron = tuple[int, int]
 MODES = ("compound", "sequential")
 
 
@@ -37,8 +37,8 @@ MODES = ("compound", "sequential")
 
 @dataclass(frozen=True)
 class NeuronSource:
-    t: float = 0.2
-    p: float = 0.7
+    t: float = DEFAULT_T
+    p: float = DEFAULT_P
     params: object = None  # attribution.AttributionParams; None: the defaults
 
     def __post_init__(self):  # refused here, not after the first request's attribution

@@ -25,9 +25,9 @@ from typing import Iterable
 
 from . import edits as E
 from .facts import Fact, FactSet, Prompt, Relation, render_prompts
+from .selection import Neuron
 from .validation import ValidationError, check_text
 
-Neuron = tuple[int, int]
 BATCH_KINDS = ("suppress", "amplify", "update")
 EASYEDIT_FIELDS = ("prompt", "subject", "ground_truth", "target_new", "rephrase_prompts", "locality_prompts",
                    "neurons", "kind")

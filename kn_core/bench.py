@@ -25,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .encoding import text_ids
 from .field_formats import EditCase, FieldFile
+from .selection import DEFAULT_P, DEFAULT_T
 from .tasks import as_task
 
 EDITS = ("suppress", "amplify", "update")
@@ -38,8 +40,8 @@ class BenchSettings:
     protocol: str = "rome"
     cases: int = 100
     seed: int = 0
-    t: float = 0.2
-    p: float = 0.7
+    t: float = DEFAULT_T
+    p: float = DEFAULT_P
     gen_tokens: int = 40  # new tokens per generation prompt (ROME: up to 100 tokens in all)
     generation_prompts: int = 2  # per case (ROME uses all of CounterFact's, usually 10)
     keep_massive: bool = False
@@ -148,7 +150,7 @@ def _generate(lm, texts, settings: BenchSettings, seed: int) -> list[str]:
     try:
         torch.manual_seed(seed)
         for text in texts:
-            ids = lm.tokenizer(text, return_tensors="pt").input_ids.to(lm.device)
+            ids = torch.tensor([text_ids(lm, "generation prompt", text)], device=lm.device)
             with torch.no_grad():
                 gen = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=GEN_TOP_K,
                                         max_new_tokens=settings.gen_tokens, pad_token_id=lm.tokenizer.eos_token_id)

@@ -16,7 +16,8 @@ import os
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-from .runner import FactAttributor, FactOutcome, FactWork, Progress, Selection
+from .runner import FactAttributor, FactOutcome, FactWork, Progress
+from .selection import NeuronSelection
 from .tasks import Cancelled, Task
 
 RAY_RANGE = ">=2.40,<3"  # keep in step with pyproject's `cluster` extra
@@ -125,7 +126,7 @@ def model_spec(lm, device: str = "auto", trust_remote_code: bool = False) -> Mod
 class FactWorker:
     """The body of a Ray actor: the model, loaded once, and the runner's attributor."""
 
-    def __init__(self, spec: ModelSpec, params, selection: Selection, threads: int):
+    def __init__(self, spec: ModelSpec, params, selection: NeuronSelection, threads: int):
         import torch
 
         from .models import load_model
@@ -232,7 +233,7 @@ class RayBackend:
                                f"{exc}; start it with `ray start --head` (see docs/SCALE.md)") from exc
         return True
 
-    def _start_workers(self, ray, lm, params, selection: Selection, n_facts: int) -> list:
+    def _start_workers(self, ray, lm, params, selection: NeuronSelection, n_facts: int) -> list:
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
         self._gpus = 1 if gpus else 0
@@ -250,7 +251,7 @@ class RayBackend:
         self.actors = [actor.remote(spec, params, selection, self.threads) for _ in range(self.workers)]
         return self.actors
 
-    def outcomes(self, lm, works: Sequence[FactWork], params, selection: Selection, progress: Progress,
+    def outcomes(self, lm, works: Sequence[FactWork], params, selection: NeuronSelection, progress: Progress,
                  task: Task) -> Iterator[FactOutcome]:
         ray = import_ray()
         from ray.exceptions import RayActorError, RayTaskError

@@ -41,9 +41,9 @@ from . import edits as E
 from .edit_plan import random_neurons
 from .evaluation import _batch_forward, _encode_prompt, ratio
 from .hooks import ActivationPatch
+from .selection import Neuron
 from .tasks import Task, as_task
 
-Neuron = tuple[int, int]
 CRITERIA = ("top1", "prob")
 
 

@@ -42,8 +42,8 @@ import numpy as np
 from . import edits as E
 from .facts import CAUSAL_TEMPLATES, Fact, Prompt, render_prompts
 from .neurons import neuron_name
+from .selection import Neuron
 
-Neuron = tuple[int, int]
 KINDS = ("suppress", "amplify", "update", "erase")
 
 

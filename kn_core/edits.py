@@ -26,8 +26,7 @@ import torch
 
 from .hooks import ActivationPatch, InputCapture, answer_position_mask
 from .neurons import neuron_name
-
-Neuron = tuple[int, int]
+from .selection import Neuron
 
 
 def _finite(value, name: str) -> float:

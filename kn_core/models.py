@@ -391,29 +391,10 @@ def load_model(source: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "
     target = pick_device(device)
     torch_dtype = parse_dtype(dtype)
     info: dict = {}
-    if source in (DEFAULT_MODEL, DEFAULT_MODEL_NAME, "embedded"):
-        path = str(ensure_default_model(task))
-        marker = json.loads((Path(path) / _MARKER).read_text())
-        known_sha = marker["weights_sha256"] if torch_dtype == torch.float32 else None
-        info["name"] = DEFAULT_MODEL_NAME
-    else:
-        path, known_sha = source, None
-        if os.path.isdir(os.path.expanduser(source)):
-            path = os.path.expanduser(source)
-            if not os.path.exists(os.path.join(path, "config.json")):
-                raise ModelLoadError(f"{path} is a folder but not a model: it has no config.json "
-                                     f"(expected a folder written by save_pretrained)")
-        elif os.path.exists(source):
-            raise ModelLoadError(f"{source} is a file; pass the model's folder (with config.json) or a Hugging Face id")
+    path, known_sha = _model_path(source, torch_dtype, task, info)
     task.progress(0.0, "reading the model config")
     local_only = os.path.isdir(path) or _cached_on_disk(path, trust_remote_code) or not _hub_reachable()
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=local_only)
-    except Exception as exc:  # noqa: BLE001 - OSError, ValueError, and transformers' strict field checks (TypeError)
-        if os.path.isdir(path):
-            raise ModelLoadError(f"{path} has a config.json that transformers cannot read: {_first_line(exc)}") from exc
-        raise _hub_error(source, exc) from exc
-    model_checks.check_config(config, path)
+    config = _read_config(AutoConfig, path, source, trust_remote_code, local_only)
     try:
         spec = spec_for_config(config, source)
     except UnsupportedModelError as no_row:  # the layout then reads a row from the model's structure, or refuses
@@ -471,6 +452,37 @@ def load_model(source: str = DEFAULT_MODEL, device: str = "auto", dtype: str = "
     task.progress(1.0, "model ready")
     return LoadedModel(model=model, tokenizer=tokenizer, layout=layout, source=source, sha256=sha,
                        dtype=torch_dtype, info=info)
+
+
+def _model_path(source: str, torch_dtype, task: Task, info: dict) -> tuple[str, str | None]:
+    """(where the model's files are, their known weights sha256 or None) for a load; the embedded default model
+    is unpacked (and named in `info`) first. A folder without config.json or a plain file is refused here."""
+    if source in (DEFAULT_MODEL, DEFAULT_MODEL_NAME, "embedded"):
+        path = str(ensure_default_model(task))
+        marker = json.loads((Path(path) / _MARKER).read_text())
+        info["name"] = DEFAULT_MODEL_NAME
+        return path, marker["weights_sha256"] if torch_dtype == torch.float32 else None
+    path = source
+    if os.path.isdir(os.path.expanduser(source)):
+        path = os.path.expanduser(source)
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise ModelLoadError(f"{path} is a folder but not a model: it has no config.json "
+                                 f"(expected a folder written by save_pretrained)")
+    elif os.path.exists(source):
+        raise ModelLoadError(f"{source} is a file; pass the model's folder (with config.json) or a Hugging Face id")
+    return path, None
+
+
+def _read_config(auto_config, path: str, source: str, trust_remote_code: bool, local_only: bool):
+    """The model's config, checked (`model_checks.check_config`); unreadable ones refused in one line."""
+    try:
+        config = auto_config.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=local_only)
+    except Exception as exc:  # noqa: BLE001 - OSError, ValueError, and transformers' strict field checks (TypeError)
+        if os.path.isdir(path):
+            raise ModelLoadError(f"{path} has a config.json that transformers cannot read: {_first_line(exc)}") from exc
+        raise _hub_error(source, exc) from exc
+    model_checks.check_config(config, path)
+    return config
 
 
 def wrap_model(model: torch.nn.Module, tokenizer, source: str = "in-memory") -> LoadedModel:

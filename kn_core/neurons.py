@@ -2,8 +2,9 @@
 neurons that would look like knowledge neurons of every fact.
 
 Selection (pure functions over stored [layers, neurons] score arrays, instant to recompute when t or p change):
-coarse neurons per prompt (score > t x max), refined neurons per fact (coarse in >= max(p x n_prompts, 3) of
-its prompts), the paper's per-relation p, relation-level neurons (refined for >= 10% of a relation's facts).
+coarse neurons per prompt (score > t x max) and refined neurons per fact (coarse in >= max(p x n_prompts, 3) of
+its prompts) live in the bottom layer (`kn_core.selection`, re-exported here); here are the few-prompt rule, the
+paper's per-relation p and relation-level neurons (refined for >= 10% of a relation's facts).
 Every selection function takes `exclude`: neurons that never set the t x max threshold and are never returned.
 The defaults (`exclude=()`) are the paper's method exactly.
 
@@ -54,11 +55,11 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .encoding import prompt_ids
+from .encoding import prompt_ids, text_ids
+from .selection import (DEFAULT_P, DEFAULT_T, Neuron, coarse_counts, coarse_neurons,  # noqa: F401 (callers
+                        refine_threshold, refined_from_counts, refined_neurons)  # select through `neurons`)
 from .tasks import Task
-from .validation import ValidationError, check_fraction
-
-Neuron = tuple[int, int]
+from .validation import ValidationError
 MASSIVE_RATIO = 100.0
 MASSIVE_TOP_FRACTION = 0.001
 UNSPECIFIC_FACT_FRACTION = 0.1
@@ -77,74 +78,12 @@ def neuron_name(layer: int, neuron: int, layout=None) -> str:
     return f"L{int(layer)} E{expert} N{local}"
 
 
-def _exclusion(exclude: Iterable[Neuron], shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """The excluded neurons as index arrays into a [layers, neurons] array; a clear error when out of range."""
-    pairs = sorted({(int(layer), int(index)) for layer, index in exclude})
-    for layer, index in pairs:
-        if not (0 <= layer < shape[0] and 0 <= index < shape[1]):
-            raise ValueError(f"excluded neuron ({layer}, {index}) is outside the scores' {shape[0]} layers x "
-                             f"{shape[1]} neurons; pass neurons of the model the scores come from")
-    return (np.array([p[0] for p in pairs], dtype=np.int64), np.array([p[1] for p in pairs], dtype=np.int64))
-
-
-def _coarse(scores: np.ndarray, t: float, excluded: tuple[np.ndarray, np.ndarray]) -> list[Neuron]:
-    if np.ndim(scores) != 2 or np.size(scores) == 0:
-        raise ValidationError(f"scores must be one prompt's non-empty [layers, neurons] array, got shape "
-                              f"{np.shape(scores)}")
-    check_fraction("t", t)
-    if excluded[0].size:
-        scores = np.array(scores, dtype=np.float64)
-        scores[excluded] = -np.inf
-    top = float(np.max(scores))
-    if math.isnan(top) or top == math.inf:  # -inf is fine: a compact form's unstored scores, or all excluded
-        raise ValidationError(f"scores hold {int(np.sum(~np.isfinite(scores) & (scores != -np.inf)))} NaN or "
-                              f"infinite values, so no threshold t x max exists; attribute the prompt again in "
-                              f"float32")
-    if not top > 0:
-        return []
-    # In float64: NumPy would round t x top to float32 scores' precision, so t just below 1 would drop the top.
-    layers, neurons = np.nonzero(np.asarray(scores, dtype=np.float64) > t * top)
-    return list(zip(layers.tolist(), neurons.tolist()))
-
-
-def coarse_neurons(scores: np.ndarray, t: float = 0.2, exclude: Iterable[Neuron] = ()) -> list[Neuron]:
-    """Neurons whose score exceeds t x the maximum over all layers (none when the maximum is not positive).
-    Excluded neurons neither set the maximum nor are returned."""
-    return _coarse(scores, t, _exclusion(exclude, np.shape(scores)))
-
-
-def refine_threshold(n_prompts: int, p: float) -> float:
-    return max(p * n_prompts, 3)
-
-
-def coarse_counts(score_list: Iterable[np.ndarray], t: float = 0.2, exclude: Iterable[Neuron] = ()) -> Counter:
-    """In how many prompts each neuron is coarse."""
-    counts: Counter = Counter()
-    exclude = list(exclude)
-    excluded = None
-    for scores in score_list:
-        if excluded is None:
-            excluded = _exclusion(exclude, np.shape(scores))
-        counts.update(_coarse(scores, t, excluded))
-    return counts
-
-
-def refined_from_counts(counts: Counter, n_prompts: int, p: float, exclude: Iterable[Neuron] = ()) -> list[Neuron]:
-    need = refine_threshold(n_prompts, p)
-    skip = {(int(layer), int(index)) for layer, index in exclude}
-    return sorted(n for n, c in counts.items() if c >= need and tuple(n) not in skip)
-
-
-def refined_neurons(score_list: Sequence[np.ndarray], t: float = 0.2, p: float = 0.7,
-                    exclude: Iterable[Neuron] = ()) -> list[Neuron]:
-    """Neurons coarse in at least max(p x n_prompts, 3) of a fact's prompts."""
-    return refined_from_counts(coarse_counts(score_list, t, exclude), len(score_list), p)
 
 
 REFINE_MIN_PROMPTS = 3  # the floor of refine_threshold
 
 
-def case_neurons(score_list: Sequence[np.ndarray], t: float = 0.2, p: float = 0.7,
+def case_neurons(score_list: Sequence[np.ndarray], t: float = DEFAULT_T, p: float = DEFAULT_P,
                  exclude: Iterable[Neuron] = ()) -> tuple[list[Neuron], dict]:
     """A case's knowledge neurons for any number of prompts, with the rule that chose them (record it).
 
@@ -192,8 +131,8 @@ class AdaptedP:
     history: list[tuple[float, float]]  # (p, mean refined neurons per fact) at each try
 
 
-def adapt_p(facts_scores: Sequence[Sequence[np.ndarray]], t: float = 0.2, p: float = 0.7, step: float = 0.05,
-            max_moves: int = 6, target: tuple[float, float] = (2.0, 5.0),
+def adapt_p(facts_scores: Sequence[Sequence[np.ndarray]], t: float = DEFAULT_T, p: float = DEFAULT_P,
+            step: float = 0.05, max_moves: int = 6, target: tuple[float, float] = (2.0, 5.0),
             exclude: Iterable[Neuron] = ()) -> AdaptedP:
     """The paper's per-relation p: move by +-step (up to max_moves) until the mean refined count is in target."""
     exclude = list(exclude)
@@ -214,7 +153,8 @@ def adapt_p(facts_scores: Sequence[Sequence[np.ndarray]], t: float = 0.2, p: flo
     return AdaptedP(p=history[-1][0], mean_neurons=history[-1][1], history=history)
 
 
-def fact_coarse_set(score_list: Sequence[np.ndarray], t: float = 0.2, exclude: Iterable[Neuron] = ()) -> set[Neuron]:
+def fact_coarse_set(score_list: Sequence[np.ndarray], t: float = DEFAULT_T,
+                    exclude: Iterable[Neuron] = ()) -> set[Neuron]:
     """A fact's coarse set for `flag_unspecific`: neurons coarse in at least half of its prompts (one wording's
     coarse neurons say little about the fact; the refined set's 70% would hide what most facts share)."""
     counts = coarse_counts(score_list, t, exclude)
@@ -332,7 +272,7 @@ def _answer_rows(lm, item) -> tuple[list[int], list[int]]:
     if not text or not text.strip():
         raise ValueError("an empty text has no answer position; remove empty lines from the texts")
     if lm.kind == "causal":  # a Prompt in the model's prompt format (as attribution reads it); a text as it is
-        ids = list(tokenizer(text)["input_ids"]) if isinstance(item, str) else prompt_ids(lm, text)
+        ids = text_ids(lm, "text", text) if isinstance(item, str) else prompt_ids(lm, text)
         if not ids:
             raise ValueError(f"{text!r} has no tokens")
         answer = [] if isinstance(item, str) else [int(t) for t in item.answer_ids]
@@ -341,7 +281,7 @@ def _answer_rows(lm, item) -> tuple[list[int], list[int]]:
     mask = tokenizer.mask_token
     if mask not in text:
         text = f"{text} {mask}."
-    ids = list(tokenizer(text)["input_ids"])
+    ids = text_ids(lm, "text", text)
     return ids, [i for i, t in enumerate(ids) if t == tokenizer.mask_token_id]
 
 
@@ -482,7 +422,7 @@ def run_stats(lm, activations: Sequence[np.ndarray] = (), task: Task | None = No
 
 
 def scored_flags(stats: ActivationStats, scores_by_relation: Mapping[str, Sequence[Sequence[np.ndarray]]] | None = None,
-                 t: float = 0.2) -> NeuronFlags:
+                 t: float = DEFAULT_T) -> NeuronFlags:
     """Massive neurons from `stats`; unspecific ones, when `scores_by_relation` ({relation: [one fact's prompt
     scores, ...]}) is given, from each fact's coarse set at threshold t with the massive neurons excluded."""
     if scores_by_relation is None:
@@ -494,7 +434,7 @@ def scored_flags(stats: ActivationStats, scores_by_relation: Mapping[str, Sequen
 
 
 def run_flags(lm, activations: Sequence[np.ndarray] = (),
-              scores_by_relation: Mapping[str, Sequence[Sequence[np.ndarray]]] | None = None, t: float = 0.2,
+              scores_by_relation: Mapping[str, Sequence[Sequence[np.ndarray]]] | None = None, t: float = DEFAULT_T,
               task: Task | None = None) -> NeuronFlags:
     """The flags for a run in one call: `scored_flags(run_stats(lm, activations), scores_by_relation, t)`."""
     return scored_flags(run_stats(lm, activations, task), scores_by_relation, t)

@@ -27,7 +27,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 from .facts import CAUSAL_TEMPLATES, Fact, FactSet, Prompt, render_prompts
 from .encoding import prompt_format
 from .tasks import Task, as_task
-from .validation import ValidationError, check_choice, check_fraction
+from .selection import NeuronSelection
+from .validation import ValidationError, check_choice
 
 
 NON_FINITE_LIMIT = 3  # facts in a row with NaN scores before any stored one: the model's dtype, not the facts
@@ -53,24 +54,6 @@ class SkippedFact:
     def to_dict(self) -> dict:
         return {"relation": self.fact.relation, "subject": self.fact.subject, "object": self.fact.object,
                 "reason": self.reason}
-
-
-@dataclass(frozen=True)
-class Selection:
-    """How a fact's refined neurons are chosen from its scores (as `kn neurons`): coarse at t x max, refined in
-    >= max(p x prompts, 3) prompts, the fact's massive neurons left out unless keep_massive."""
-    t: float = 0.2
-    p: float = 0.7
-    keep_massive: bool = False
-
-    def __post_init__(self):  # refused here, not after the first fact's attribution
-        check_fraction("t", self.t)
-        check_fraction("p", self.p)
-        if not isinstance(self.keep_massive, bool):
-            raise ValidationError(f"keep_massive = {self.keep_massive!r} is not allowed: expected True or False")
-
-    def to_dict(self) -> dict:
-        return {"t": self.t, "p": self.p, "keep_massive": self.keep_massive}
 
 
 @dataclass
@@ -152,7 +135,7 @@ class FactAttributor:
     massive neurons flagged as `kn neurons` does (its prompts' activations plus the neutral sentences, which are
     measured once). The same code runs in this process and in every Ray worker."""
 
-    def __init__(self, lm, params, selection: Selection):
+    def __init__(self, lm, params, selection: NeuronSelection):
         self.lm, self.params, self.selection = lm, params, selection
         self._neutral: list | None = None
 
@@ -237,7 +220,7 @@ class SerialBackend:
     def describe(self) -> dict:
         return {"backend": self.name, "workers": 1}
 
-    def outcomes(self, lm, works: Sequence[FactWork], params, selection: Selection, progress: Progress,
+    def outcomes(self, lm, works: Sequence[FactWork], params, selection: NeuronSelection, progress: Progress,
                  task: Task) -> Iterator[FactOutcome]:
         yield from (outcome for _, outcome in one_by_one(works, progress, task, FactAttributor(lm, params, selection)))
 
@@ -278,7 +261,7 @@ class RunnerReport:
                 "backend": self.backend, "run_ids": self.run_ids, "duplicates_ignored": self.duplicates_ignored}
 
 
-def _store(project, lm, work: FactWork, outcome: FactOutcome, recorded: dict, selection: Selection) -> int:
+def _store(project, lm, work: FactWork, outcome: FactOutcome, recorded: dict, selection: NeuronSelection) -> int:
     """One fact's run (every prompt's scores, status `done`) and its refined set in one transaction: a driver
     killed while storing leaves nothing of the fact, and it is attributed again when the run resumes. One commit
     per fact (not one per prompt), so a cluster's driver is not held up by the disk."""
@@ -301,7 +284,7 @@ def _store(project, lm, work: FactWork, outcome: FactOutcome, recorded: dict, se
 
 
 def attribute_factset(project, lm, factset: FactSet, params=None, *, relations="all",
-                      selection: Selection | None = None, backend=None, task: Task | None = None,
+                      selection: NeuronSelection | None = None, backend=None, task: Task | None = None,
                       on_fact: Callable[[FactWork, int], None] | None = None,
                       causal_templates: str = "prefix",
                       before_first_store: Callable[[], None] | None = None) -> RunnerReport:
@@ -318,9 +301,9 @@ def attribute_factset(project, lm, factset: FactSet, params=None, *, relations="
 
     params = params or AttributionParams()
     check_choice("causal_templates", causal_templates, CAUSAL_TEMPLATES)
-    selection = selection or Selection()
-    if not isinstance(params, AttributionParams) or not isinstance(selection, Selection):
-        raise ValidationError(f"expected AttributionParams and a runner.Selection, got {type(params).__name__} and "
+    selection = selection or NeuronSelection()
+    if not isinstance(params, AttributionParams) or not isinstance(selection, NeuronSelection):
+        raise ValidationError(f"expected AttributionParams and a NeuronSelection, got {type(params).__name__} and "
                               f"{type(selection).__name__}")
     backend = backend or SerialBackend()
     task = as_task(task)

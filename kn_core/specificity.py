@@ -31,9 +31,9 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from .facts import Fact, render_prompts
+from .selection import Neuron
 from .tasks import Task, as_task
 
-Neuron = tuple[int, int]
 CONTROL_SUBJECTS = 3
 MIN_CONTROL_SUBJECTS = 2
 TEMPLATE_RATIO = 0.5

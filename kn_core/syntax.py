@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .tasks import Task, as_task
+from .selection import DEFAULT_P, DEFAULT_T
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,8 @@ def syntax_prompts(lm, item: dict) -> tuple[list[SyntaxPrompt], list[dict]]:
     return kept, left_out
 
 
-def syntax_experiment(lm, score: Callable, t: float = 0.2, p: float = 0.7, exclude=(), layers: int | None = None,
-                      task: Task | None = None) -> dict:
+def syntax_experiment(lm, score: Callable, t: float = DEFAULT_T, p: float = DEFAULT_P, exclude=(),
+                      layers: int | None = None, task: Task | None = None) -> dict:
     """Refined neurons of each built-in syntax item (p adapted over the items), their layers, the neurons
     shared by an item and its minimal-pair partner, and how often the model prefers the grammatical form.
     `score(prompt)`: the prompt's attribution (an object with `.scores` [layers, neurons]), e.g. the

@@ -11,9 +11,35 @@ import math
 import numbers
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 MAX_STEPS = 1000  # more integration steps only on purpose (--force): 1000 steps already take ~50x the paper's 20
+
+
+@dataclass(frozen=True)
+class Range:
+    """The closed interval [minimum, maximum] a numeric parameter may take (None: unbounded on that side). The one
+    source of a parameter's bounds: the checks below, the CLI's (`cli/checks.py`) and the app's spin boxes read
+    it, so the app cannot offer what the engine refuses, nor refuse what it accepts. A widget that needs a finite
+    top for an unbounded range picks its own (`widget_maximum`)."""
+    minimum: float | None
+    maximum: float | None
+
+    def widget_maximum(self, cap: float) -> float:
+        """The top of a spin box: the range's maximum, or `cap` where the range has none."""
+        return cap if self.maximum is None else self.maximum
+
+
+STEPS_RANGE = Range(1, MAX_STEPS)  # integration steps (more only with --force)
+FRACTION_RANGE = Range(0.0, 1.0)  # the coarse threshold t and the refinement share p
+HOLD_OUT_RANGE = Range(0, None)  # templates held out of attribution (for generality)
+ERASE_K_RANGE = Range(1, None)  # erase's most frequent neurons
+MAX_NEURONS_RANGE = Range(2, None)  # degeneracy: the neurons whose pairs are tried
+PROMPTS_PER_FACT_RANGE = Range(3, None)  # refinement needs at least 3 prompts per fact
+# by the CLI's option dest (`--k` is erase's k)
+RANGES = {"steps": STEPS_RANGE, "t": FRACTION_RANGE, "p": FRACTION_RANGE, "hold_out": HOLD_OUT_RANGE,
+          "k": ERASE_K_RANGE, "max_neurons": MAX_NEURONS_RANGE, "prompts_per_fact": PROMPTS_PER_FACT_RANGE}
 
 
 class ValidationError(ValueError):
@@ -53,7 +79,7 @@ def _bounds(minimum, maximum) -> str:
 def check_steps(value, force: bool = False, name: str = "steps") -> int:
     """Integration steps: 1..MAX_STEPS, more only with force (the cost grows linearly)."""
     hint = "" if force else " (more only with --force / force=True; the paper uses 20)"
-    return check_int(name, value, 1, None if force else MAX_STEPS, hint)
+    return check_int(name, value, STEPS_RANGE.minimum, None if force else STEPS_RANGE.maximum, hint)
 
 
 def check_number(name: str, value, minimum: float | None = None, maximum: float | None = None,
@@ -71,7 +97,7 @@ def check_number(name: str, value, minimum: float | None = None, maximum: float 
 
 def check_fraction(name: str, value) -> float:
     """A threshold or share in [0, 1] (the coarse threshold t, the refinement share p)."""
-    return check_number(name, value, 0.0, 1.0)
+    return check_number(name, value, FRACTION_RANGE.minimum, FRACTION_RANGE.maximum)
 
 
 def check_positive(name: str, value) -> float:

@@ -13,6 +13,7 @@ import numpy as np
 
 from kn_core.attribution import PromptScores
 from kn_core.facts import Fact, FactSet, Prompt, Relation
+from kn_core.selection import DEFAULT_P, DEFAULT_T
 
 from .session import CANCELLED, COMPLETE, FAILED, INTERRUPTED, RUNNING, NeuronSet, Run, Session, TooCoarse, fact_key
 
@@ -31,8 +32,8 @@ class ProjectSnapshot:
     edit_state: dict | None = None  # EditStack.to_dict(), each entry with its evaluation report
     model: dict | None = None  # the un-edited model the edits apply to
     edit_sha: str | None = None
-    t: float = 0.2
-    p: float = 0.7
+    t: float = DEFAULT_T
+    p: float = DEFAULT_P
     causal_templates: str = "prefix"  # the window's choice for new runs (each run records its own in its params)
     checks: dict = field(default_factory=dict)  # (fact key, template) -> answer check
     path: str = ""
@@ -200,7 +201,7 @@ def open_project_file(path: str, task=None) -> ProjectSnapshot:
         project.close()
     checks = {(tuple(key), template): value for key, template, value in gui.get("checks", [])}
     return ProjectSnapshot(factset=factset, runs=runs, sets=sets, edit_state=edit_state, edit_sha=edit_sha,
-                           t=gui.get("t", 0.2), p=gui.get("p", 0.7), checks=checks, path=path,
+                           t=gui.get("t", DEFAULT_T), p=gui.get("p", DEFAULT_P), checks=checks, path=path,
                            causal_templates=gui.get("causal_templates", "prefix"), score_storage=storage,
                            autosave_of=gui.get("autosave_of"), flags=flags)
 

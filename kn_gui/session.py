@@ -18,8 +18,8 @@ import numpy as np
 from kn_core import neurons as kn_neurons
 from kn_core.facts import Fact, FactSet, Prompt, Skipped, render_prompts
 from kn_core.neurons import neuron_name  # noqa: F401 - the app's panels take it from here
+from kn_core.selection import DEFAULT_P, DEFAULT_T, Neuron
 
-Neuron = tuple[int, int]
 
 
 def fact_key(fact: Fact) -> tuple[str, str, str]:
@@ -160,8 +160,8 @@ class Session:
         self.runs: dict[tuple, Run] = {}  # fact key -> latest complete run (or the running / only partial one)
         self.partial_runs: dict[tuple, Run] = {}  # fact key -> a stopped re-run kept beside its complete run
         self.earlier_runs: dict[tuple, list[Run]] = {}  # fact key -> runs a newer one replaced (never dropped)
-        self.t = 0.2
-        self.p = 0.7
+        self.t = DEFAULT_T
+        self.p = DEFAULT_P
         self.flags = None  # kn_core.neurons.NeuronFlags of the loaded model (run_flags), once measured
         self.keep_massive = False  # True: flagged neurons stay in the sets (the paper's method)
         self.causal_templates = "prefix"  # causal models: templates cut before [Y], or only those ending in [Y]

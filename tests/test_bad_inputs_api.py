@@ -38,8 +38,8 @@ API = [
     ("seed-negative", lambda: _attribution_params(seed=-1), ["seed", "-1"]),
     ("share-prompts-string", lambda: _attribution_params(share_prompts="yes"), ["share_prompts", "yes"]),
     # found by the audit before closing issue 14 (each failed before its fix)
-    ("selection-t-nan", lambda: _runner().Selection(t=math.nan), ["t", "nan"]),
-    ("selection-p-5", lambda: _runner().Selection(p=5), ["p", "5"]),
+    ("selection-t-nan", lambda: _selection().NeuronSelection(t=math.nan), ["t", "nan"]),
+    ("selection-p-5", lambda: _selection().NeuronSelection(p=5), ["p", "5"]),
     ("neuron-source-t-negative", lambda: _batch().NeuronSource(t=-1), ["t", "-1"]),
     ("select-relations-none", lambda: _runner().select_relations(_builtin(), ",,"), ["relations", "',,'"]),
     ("select-relations-int", lambda: _runner().select_relations(_builtin(), 5), ["relations", "5"]),
@@ -55,6 +55,12 @@ def _runner():
     from kn_core import runner
 
     return runner
+
+
+def _selection():
+    from kn_core import selection
+
+    return selection
 
 
 def _batch():

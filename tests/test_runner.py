@@ -19,8 +19,9 @@ from kn_core.fact_files import export_facts
 from kn_core.facts import Relation, render_prompts
 from kn_core.models import load_model
 from kn_core.neurons import refined_neurons, run_flags
-from kn_core.runner import (NonFiniteRunError, Selection, SerialBackend, attribute_each, attribute_factset, plan_facts,
+from kn_core.runner import (NonFiniteRunError, SerialBackend, attribute_each, attribute_factset, plan_facts,
                             prompt_params, run_params)
+from kn_core.selection import NeuronSelection
 from kn_core.store import create_project, open_project
 from kn_core.tasks import Cancelled, Task
 from runner_child import tiny_factset, save_tiny
@@ -198,7 +199,7 @@ def test_cli_one_prompt_or_a_fact_set(capsys):
 
 def test_serial_backend_describes_itself():
     assert SerialBackend().describe() == {"backend": "serial", "workers": 1}
-    assert Selection().to_dict() == {"t": 0.2, "p": 0.7, "keep_massive": False}
+    assert NeuronSelection().to_dict() == {"t": 0.2, "p": 0.7, "keep_massive": False}
 
 
 def test_a_run_cut_off_mid_fact_is_attributed_again(setup, reference, tmp_path):

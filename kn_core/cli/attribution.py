@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+from ..selection import DEFAULT_P
 from .checks import whole_number
 from .common import (COMMON, CliError, emit, factset_of, find_fact, load, neuron_list, progress_bar,
                      project_of, prompt_format_field, prompt_format_option, say)
@@ -80,7 +81,8 @@ def _fact_set_backend(args):
 
 def cmd_attribute_facts(args) -> int:
     from ..attribution import default_t
-    from ..runner import Selection, attribute_factset, prompt_params
+    from ..runner import attribute_factset, prompt_params
+    from ..selection import NeuronSelection
 
     for flag, value in (("--prompt", args.prompt), ("--answer", args.answer), ("--save", args.save)):
         if value is not None:
@@ -92,8 +94,8 @@ def cmd_attribute_facts(args) -> int:
         raise CliError("--workers and --worker-threads size a cluster run: add --cluster ray (or leave them out)")
     factset = factset_of(args)
     params = params_of(args)
-    selection = Selection(t=args.t if args.t is not None else default_t(params.method), p=args.p,
-                          keep_massive=args.keep_massive)
+    selection = NeuronSelection(t=args.t if args.t is not None else default_t(params.method), p=args.p,
+                                keep_massive=args.keep_massive)
     backend, device = _fact_set_backend(args)
     from ..runner import select_relations
 
@@ -134,7 +136,7 @@ def cmd_neurons(args) -> int:
     from ..experiments import fact_answers
     from ..facts import render_prompts
     from ..encoding import prompt_format
-    from ..neurons import case_neurons, coarse_neurons, empty_neurons_fix, neuron_name, run_flags, without_template
+    from ..neurons import case_neurons, coarse_neurons, run_flags, without_template
     from ..runner import prompt_params, run_params
     from ..specificity import control_summary
 
@@ -191,8 +193,20 @@ def cmd_neurons(args) -> int:
            "seconds": time.perf_counter() - started}
     for entry in doc["refined"] + [e for c in doc["coarse"] for e in c]:
         entry["flags"] = list(flags.of((entry["layer"], entry.get("index", entry["neuron"]))))
+    lines = _neurons_text(args, lm, fact, prompts, results, coarse, refined, flags, control, answer, selection, t,
+                          doc["seconds"])
+    lines += tolerance_lines(results, params)
+    emit(args, doc, "\n".join(lines))
+    return 0
+
+
+def _neurons_text(args, lm, fact, prompts, results, coarse, refined, flags, control, answer, selection, t,
+                  seconds) -> list[str]:
+    """`kn neurons`'s plain-text lines (the --json document holds the same)."""
+    from ..neurons import empty_neurons_fix, neuron_name
+
     lines = [f"{fact.relation} {fact.subject} -> {fact.object}: {len(prompts)} prompts, {len(refined)} refined "
-             f"neurons (t={t}, p={args.p}) in {doc['seconds']:.1f} s; p(answer) {answer['prob']:.3g}, median rank "
+             f"neurons (t={t}, p={args.p}) in {seconds:.1f} s; p(answer) {answer['prob']:.3g}, median rank "
              f"{answer['rank_median']:g}, {'known' if answer['known'] else 'NOT known'} (top-1 on "
              f"{answer['top1_share']:.0%} of prompts)",
              f"  neurons: {selection['text']}" + ("" if refined else f"; none: {empty_neurons_fix(len(prompts), args.p)}")]
@@ -208,9 +222,7 @@ def cmd_neurons(args) -> int:
                      f"{len(control.template)} template neuron(s) "
                      + ("kept (--keep-template)" if args.keep_template else "left out (--keep-template keeps them)")
                      + "".join(f", {neuron_name(l, i, lm.layout)}" for l, i in sorted(control.template)))
-    lines += tolerance_lines(results, params)
-    emit(args, doc, "\n".join(lines))
-    return 0
+    return lines
 
 
 def _subject_control(lm, factset, fact, prompts, refined, params, args):
@@ -273,7 +285,7 @@ def add_commands(sub) -> None:
     whole = attr.add_argument_group("a whole fact set (with --project; resumes where a killed run stopped)")
     whole.add_argument("--facts", help="every fact of this fact set (a file, a PARAREL folder, or 'builtin')")
     whole.add_argument("--relations", default="all", help="all, or relation ids R1,R2")
-    whole.add_argument("--p", type=float, default=0.7, help="refined: coarse in >= max(p x prompts, 3) prompts")
+    whole.add_argument("--p", type=float, default=DEFAULT_P, help="refined: coarse in >= max(p x prompts, 3) prompts")
     causal_templates_option(whole)
     prompt_format_option(attr)
     whole.add_argument("--keep-massive", action="store_true",
@@ -291,7 +303,7 @@ def add_commands(sub) -> None:
     neurons.add_argument("--relation", required=True)
     neurons.add_argument("--subject", required=True)
     neurons.add_argument("--facts", default="builtin")
-    neurons.add_argument("--p", type=float, default=0.7, help="refined: coarse in >= max(p x prompts, 3) prompts")
+    neurons.add_argument("--p", type=float, default=DEFAULT_P, help="refined: coarse in >= max(p x prompts, 3) prompts")
     neurons.add_argument("--keep-massive", action="store_true",
                          help="keep massive-activation neurons in the coarse and refined sets (the paper's method)")
     neurons.add_argument("--subject-control", action="store_true",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..selection import DEFAULT_P
 from .attribution import integration_options
 from .checks import whole_number
 from .common import (COMMON, PROTOCOL_CHOICES, CliError, emit, eval_option, factset_of, load, progress_bar,
@@ -143,7 +144,7 @@ def add_batch_command(edit_sub) -> None:
                         "the activation baseline")
     integration_options(p)
     p.add_argument("--t", type=float, default=None, help="coarse threshold (0.2; 0.5 for the activation baseline)")
-    p.add_argument("--p", type=float, default=0.7, help="refinement share of prompts (paper: starts at 0.7)")
+    p.add_argument("--p", type=float, default=DEFAULT_P, help="refinement share of prompts (paper: starts at 0.7)")
     p.add_argument("--seed", type=whole_number, default=0, help="seed of the random control neurons and control facts")
     p.add_argument("--control-facts", type=whole_number, default=4, help="facts per control group (same relation, others)")
     p.add_argument("--forgetting-prompts", type=whole_number, default=1,

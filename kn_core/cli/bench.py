@@ -9,6 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from ..selection import DEFAULT_P, DEFAULT_T
 from .attribution import integration_options
 from .checks import whole_number
 from .common import COMMON, PROTOCOL_CHOICES, CliError, emit, factset_of, load, progress_bar, say
@@ -95,8 +96,8 @@ def add_commands(sub) -> None:
     b.add_argument("--cases", type=whole_number, default=100, help="cases sampled (seeded) from the file")
     b.add_argument("--seed", type=whole_number, default=0, help="seed of the sample, the controls and the text")
     integration_options(b)
-    b.add_argument("--t", type=float, default=0.2, help="coarse threshold (paper 0.2)")
-    b.add_argument("--p", type=float, default=0.7, help="refinement share of prompts (paper 0.7)")
+    b.add_argument("--t", type=float, default=DEFAULT_T, help="coarse threshold (paper 0.2)")
+    b.add_argument("--p", type=float, default=DEFAULT_P, help="refinement share of prompts (paper 0.7)")
     b.add_argument("--gen-tokens", type=whole_number, default=40, help="new tokens per generation prompt (fluency)")
     b.add_argument("--generation-prompts", type=whole_number, default=2, help="generation prompts per case (0: none)")
     b.add_argument("--keep-massive", action="store_true", help="keep massive-activation neurons (default: left out)")

@@ -39,6 +39,10 @@ def _at_least(flag, minimum):
     return lambda value, args: v.check_int(flag, value, minimum)
 
 
+def _in_range(flag, allowed: v.Range, hint: str = ""):
+    return lambda value, args: v.check_int(flag, value, allowed.minimum, allowed.maximum, hint)
+
+
 # dest -> check(value, args); a dest means the same thing in every verb that has it. None values are defaults
 # meaning "not given" and are not checked.
 CHECKS = {
@@ -48,20 +52,20 @@ CHECKS = {
     "p": lambda value, args: v.check_fraction("--p", value),
     "top": _at_least("--top", 1),
     "top_k": _at_least("--top-k", 1),
-    "k": _at_least("--k", 1),
+    "k": _in_range("--k", v.ERASE_K_RANGE),
     "max_facts": _at_least("--max-facts", 1),
     "control_facts": _at_least("--control-facts", 0),
     "relation_facts": _at_least("--relation-facts", 0),
     "facts_per_relation": _at_least("--facts-per-relation", 1),
     "control_prompts": _at_least("--control-prompts", 1),
-    "prompts_per_fact": lambda value, args: v.check_int("--prompts-per-fact", value, 3,
-                                                        hint=" (refinement needs at least 3 prompts per fact)"),
+    "prompts_per_fact": _in_range("--prompts-per-fact", v.PROMPTS_PER_FACT_RANGE,
+                                  " (refinement needs at least 3 prompts per fact)"),
     "seed": _at_least("--seed", 0),
     "workers": _at_least("--workers", 1),
     "worker_threads": _at_least("--worker-threads", 1),
     "cluster": lambda value, args: v.check_text("--cluster", value) and _cluster(value),
-    "max_neurons": _at_least("--max-neurons", 2),
-    "hold_out": _at_least("--hold-out", 0),
+    "max_neurons": _in_range("--max-neurons", v.MAX_NEURONS_RANGE),
+    "hold_out": _in_range("--hold-out", v.HOLD_OUT_RANGE),
     "removed_below": lambda value, args: v.check_number("--removed-below", value, maximum=1.0, positive=True),
     "layer": _at_least("--layer", 0),
     "index": _at_least("--index", 0),

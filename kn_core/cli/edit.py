@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import NamedTuple
 
+from ..selection import DEFAULT_P, DEFAULT_T
 from .attribution import integration_options
 from .checks import whole_number
 from .batch import add_batch_command
@@ -386,8 +387,8 @@ def neuron_options(p) -> None:
     p.add_argument("--keep-massive", action="store_true",
                    help="keep massive-activation neurons among the knowledge neurons (the paper's method; default: "
                         "left out, as in kn neurons)")
-    p.add_argument("--t", type=float, default=0.2, help="coarse threshold (paper: 0.2)")
-    p.add_argument("--p", type=float, default=0.7, help="refinement share of prompts (paper: starts at 0.7)")
+    p.add_argument("--t", type=float, default=DEFAULT_T, help="coarse threshold (paper: 0.2)")
+    p.add_argument("--p", type=float, default=DEFAULT_P, help="refinement share of prompts (paper: starts at 0.7)")
     p.add_argument("--seed", type=whole_number, default=0, help="seed of the random control neurons")
     prompt_format_option(p)
 

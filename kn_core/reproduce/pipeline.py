@@ -37,6 +37,7 @@ from .metrics_section import edit_metrics_experiment
 from ..encoding import prompt_format, prompt_format_params
 from .specificity_section import apply_control, control_part, run_subject_control
 from ..facts import CAUSAL_TEMPLATES, render_prompts
+from ..selection import DEFAULT_P, DEFAULT_T
 from ..syntax import syntax_experiment
 from ..tasks import Cancelled, Task, as_task
 from ..jsonio import dumps, write_text_atomic
@@ -63,11 +64,11 @@ def _key(*parts) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Selection
+# Fact selection
 # --------------------------------------------------------------------------------------------------------
 
 @dataclass
-class Selection:
+class FactSelection:
     """The chosen facts with their prompts, what was checked per relation, and everything left out."""
     chosen: dict = field(default_factory=dict)        # relation -> [(fact, prompts)]
     relations: dict = field(default_factory=dict)     # relation -> summary (facts, checked, chosen, templates)
@@ -106,7 +107,7 @@ def _known_scores(lm, rid, candidates, check_prompts: int, cache: Path | None,
     return rows, False
 
 
-def _select_relation(lm, factset, rid, sel: Selection, facts_per_relation, select, seed, min_prompts,
+def _select_relation(lm, factset, rid, sel: FactSelection, facts_per_relation, select, seed, min_prompts,
                      prompts_per_fact, causal_templates, sample_factor, check_prompts, cache, task) -> None:
     relation = factset.relation(rid)
     facts = factset.facts_of(rid)
@@ -169,15 +170,15 @@ def _select_relation(lm, factset, rid, sel: Selection, facts_per_relation, selec
 def select_facts(lm, factset, relations, facts_per_relation: int, select: str = "known", seed: int = 0,
                  min_prompts: int = MIN_PROMPTS, prompts_per_fact: int | None = None,
                  causal_templates: str = "prefix", sample_factor: int = 5, check_prompts: int = 3,
-                 cache: Path | None = None, task: Task | None = None) -> Selection:
+                 cache: Path | None = None, task: Task | None = None) -> FactSelection:
     """Chooses up to ``facts_per_relation`` facts per relation (see the module notes); nothing is dropped
-    without a reason in ``Selection.left_out``. ``select="known"`` checks at most ``sample_factor`` x
+    without a reason in ``FactSelection.left_out``. ``select="known"`` checks at most ``sample_factor`` x
     ``facts_per_relation`` facts per relation (a seeded random sample), never every fact, each on its first
     ``check_prompts`` prompts."""
     if select not in SELECT_MODES:
         raise ValueError(f"unknown select {select!r}; use 'known' or 'random'")
     task = as_task(task)
-    sel = Selection()
+    sel = FactSelection()
     for n, rid in enumerate(relations):
         task.check()
         task.progress(n / max(len(relations), 1), f"selecting facts: {rid} ({n + 1}/{len(relations)})")
@@ -387,11 +388,12 @@ def _new_report(lm, factset, relations, params, base_params, timings: dict, para
 
 def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: int = 10, seed: int = 0,
                   steps: int = 20, prompts_per_fact: int | None = None, select: str = "known",
-                  control_prompts: int = 20, t: float = 0.2, p: float = 0.7, erase_k: int = 20,
+                  control_prompts: int = 20, t: float = DEFAULT_T, p: float = DEFAULT_P, erase_k: int = 20,
                   erase_fill: str = "zero", *, causal_templates: str = "prefix", sample_factor: int = 5,
                   check_prompts: int = 3, keep_massive: bool = False, say=_say, task: Task | None = None,
                   command: str | None = None, quadrature: str = "riemann", tolerance: float = 0.01,
                   trace: bool = False, subject_control: bool = True, keep_template: bool = False) -> dict:
+    # long: the phases read top to bottom, each saving the partial report (the phases are already helpers)
     """Runs the reproduction and writes OUT/report.json, report.md and figures; returns the report. (One
     function on purpose: the phases read top to bottom, each saving the partial report.)
     Massive/unspecific neurons (kn_core.neurons) are kept out of refined and relation-level neurons unless
@@ -513,5 +515,5 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
     return report
 
 
-__all__ = ["Cancelled", "Selection", "attribute_cached", "default_relations", "resolve_relations",
+__all__ = ["Cancelled", "FactSelection", "attribute_cached", "default_relations", "resolve_relations",
            "run_reproduce", "select_facts"]

@@ -2,7 +2,7 @@
 
 A `TopScores` keeps every score >= floor x r, where r is the (guard+1)-th largest score of the prompt (all of the
 top guard+1 scores are kept in any case), in the scores' own dtype, plus `bound`: no unstored score exceeds it.
-Coarse selection (`neurons.coarse_neurons`: scores > t x the maximum over the non-excluded neurons) is exact
+Coarse selection (`selection.coarse_neurons`: scores > t x the maximum over the non-excluded neurons) is exact
 whenever t x that maximum >= bound, because no unstored score can then pass the threshold. That holds for every
 t >= floor while at most `guard` neurons are excluded (then the maximum is >= r); past that, `coarse` checks
 the condition itself and refuses (`ScoresTooCoarseError`, one line) instead of returning a silently smaller set.
@@ -20,7 +20,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .. import neurons as kn_neurons
+from ..selection import DEFAULT_P, DEFAULT_T, Neuron, coarse_neurons, refined_from_counts
 
 TOP_CODEC = "top+zlib"
 DEFAULT_FLOOR = 0.1  # half the paper's t = 0.2: the slider can go that far down and stay exact
@@ -75,12 +75,12 @@ class TopScores:
         out[self.indices] = self.values
         return out.reshape(self.shape)
 
-    def coarse(self, t: float = 0.2, exclude: Iterable[kn_neurons.Neuron] = ()) -> list[kn_neurons.Neuron]:
-        """`neurons.coarse_neurons` of the full scores, or ScoresTooCoarseError when unstored scores could matter."""
+    def coarse(self, t: float = DEFAULT_T, exclude: Iterable[Neuron] = ()) -> list[Neuron]:
+        """`selection.coarse_neurons` of the full scores, or ScoresTooCoarseError when unstored scores could matter."""
         exclude = list(exclude)
         if not self.exact_everywhere:
             self._check(t, exclude)
-        return kn_neurons.coarse_neurons(self.dense(), t, exclude)
+        return coarse_neurons(self.dense(), t, exclude)
 
     def _check(self, t: float, exclude: list) -> None:
         skip = {int(layer) * self.shape[1] + int(index) for layer, index in exclude}
@@ -95,8 +95,8 @@ class TopScores:
                 f"most {self.guard} neurons, or re-run the attribution into a project storing full scores")
 
 
-def coarse_counts(tops: Iterable[TopScores], t: float = 0.2, exclude: Iterable[kn_neurons.Neuron] = ()) -> Counter:
-    """In how many prompts each neuron is coarse (as `neurons.coarse_counts`, refusing where not exact)."""
+def coarse_counts(tops: Iterable[TopScores], t: float = DEFAULT_T, exclude: Iterable[Neuron] = ()) -> Counter:
+    """In how many prompts each neuron is coarse (as `selection.coarse_counts`, refusing where not exact)."""
     exclude = list(exclude)
     counts: Counter = Counter()
     for top in tops:
@@ -104,11 +104,11 @@ def coarse_counts(tops: Iterable[TopScores], t: float = 0.2, exclude: Iterable[k
     return counts
 
 
-def refined_neurons(tops: Sequence[TopScores], t: float = 0.2, p: float = 0.7,
-                    exclude: Iterable[kn_neurons.Neuron] = ()) -> list[kn_neurons.Neuron]:
-    """`neurons.refined_neurons` over stored scores (full or compact)."""
+def refined_neurons(tops: Sequence[TopScores], t: float = DEFAULT_T, p: float = DEFAULT_P,
+                    exclude: Iterable[Neuron] = ()) -> list[Neuron]:
+    """`selection.refined_neurons` over stored scores (full or compact)."""
     exclude = list(exclude)
-    return kn_neurons.refined_from_counts(coarse_counts(tops, t, exclude), len(tops), p, exclude)
+    return refined_from_counts(coarse_counts(tops, t, exclude), len(tops), p, exclude)
 
 
 def encode_top(top: TopScores) -> tuple[bytes, int]:

@@ -21,6 +21,8 @@ from PySide6.QtWidgets import QCheckBox, QComboBox, QLabel, QSpinBox, QSplitter,
 from kn_core.encoding import PROMPT_FORMATS
 from kn_core.facts import CAUSAL_TEMPLATES
 from kn_core.neurons import refine_threshold
+from kn_core.selection import DEFAULT_P, DEFAULT_T
+from kn_core.validation import STEPS_RANGE
 
 from ..session import TooCoarse, neuron_name
 from .common import TableView, button, fmt_activation, fmt_prob, hbox, hint, vbox
@@ -64,7 +66,7 @@ class AttributionPanel(QWidget):
     problem = Signal(str)  # one line for the status bar (e.g. compact scores that cannot decide the sets at t)
 
     def __init__(self, session, parent=None):
-        # Long on purpose: one flat list of the panel's widgets in reading order, each built and connected where
+        # long: one flat list of the panel's widgets in reading order, each built and connected where
         # it is placed, reads better than the same steps scattered over helpers used once.
         super().__init__(parent)
         self.session = session
@@ -87,7 +89,7 @@ class AttributionPanel(QWidget):
         self.run_sel_button = button("Run selected", lambda: self.run_requested.emit("selection"),
                                      "Run every fact selected in the Facts panel, one after another")
         self.steps = QSpinBox()
-        self.steps.setRange(1, 200)
+        self.steps.setRange(STEPS_RANGE.minimum, STEPS_RANGE.maximum)  # the engine's (kn_core.validation)
         self.steps.setValue(20)
         self.steps.setToolTip("m, the number of Riemann steps of the integral (paper: 20)")
         self.rule = QComboBox()
@@ -122,8 +124,8 @@ class AttributionPanel(QWidget):
                       QLabel("method"), self.method, QLabel("templates"), self.templates, None)
 
         # --- thresholds
-        self.t_control = ThresholdControl("t", 0.2, "Coarse: score > t \u00d7 the prompt's max score (paper: 0.2)")
-        self.p_control = ThresholdControl("p", 0.7, "Refined: coarse in \u2265 max(p \u00d7 prompts, 3) prompts "
+        self.t_control = ThresholdControl("t", DEFAULT_T, "Coarse: score > t \u00d7 the prompt's max score (paper: 0.2)")
+        self.p_control = ThresholdControl("p", DEFAULT_P, "Refined: coarse in \u2265 max(p \u00d7 prompts, 3) prompts "
                                           "(paper: 0.7, adapted per relation)")
         self.t_control.changed.connect(self._thresholds)
         self.p_control.changed.connect(self._thresholds)

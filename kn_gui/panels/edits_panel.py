@@ -36,7 +36,7 @@ class EditsPanel(QWidget):
     attribute_relation_requested = Signal(str)  # relation id: attribute its facts (erase found too few neurons)
 
     def __init__(self, session, undo_stack, parent=None):
-        # Long on purpose: one flat list of the panel's widgets in reading order, each built and connected where
+        # long: one flat list of the panel's widgets in reading order, each built and connected where
         # it is placed, reads better than the same steps scattered over helpers used once.
         super().__init__(parent)
         self.session = session
