@@ -10,7 +10,7 @@ The semantics (tests/test_history.py checks them against a list-of-states refere
   undone one. One order, as if there were one stack.
 - A new command drops the redo list of *its own lane* only: pushing a fact change keeps the undone model edits
   redoable (and the other way round), at their place in the redo order. The old app kept two QUndoStacks merged
-  by a clock for this; here it is one list.
+  by a clock for this; here it is one history.
 - `undo(lane)` / `redo(lane)` move one lane alone (the app's History view walks the model edits this way), past
   newer commands of other lanes: they commute.
 - Within a lane, commands are reverted in the reverse order of application, so weight edits that touch the same
@@ -84,9 +84,6 @@ class History:
     def listen(self, callback: Callable[[frozenset], None]) -> None:
         self._listeners.append(callback)
 
-    def unlisten(self, callback: Callable[[frozenset], None]) -> None:
-        self._listeners.remove(callback)
-
     def _changed(self, lanes: Iterable[str]) -> None:
         lanes = frozenset(lanes)
         for callback in list(self._listeners):
@@ -148,11 +145,8 @@ class History:
             raise ValueError(f"{command.text!r} cannot be switched off; undo it instead")
         if command not in self.done and command not in self.undone:
             raise ValueError(f"{command.text!r} is not in this history")
-        if command not in self.done:
-            command.enabled = bool(enabled)
-            return
         lane = [c for c in self.done if c.lane == command.lane]
-        above = lane[lane.index(command):]
+        above = lane[lane.index(command):] if command in lane else []  # an undone command is only flagged
         for c in reversed(above):
             c.revert()
         command.enabled = bool(enabled)

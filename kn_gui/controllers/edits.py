@@ -184,9 +184,8 @@ class EditsController(QObject):
 
         def before_done(measured):
             before = measured["before"]
-            try:  # validate on the real model (the worker is idle now) before it enters the history
-                plan.edit.apply(lm).revert()
-                command = ModelEdit(lm, plan.edit)
+            command = ModelEdit(lm, plan.edit)
+            try:  # applied on the real model (the worker is idle now); one that cannot be leaves no trace
                 self.history.push(command)
             except Exception as exc:  # noqa: BLE001
                 self.event.emit(EditFailed(f"{exc}."))
