@@ -194,13 +194,17 @@ def two_edits():
     return E.Amplify(((0, 1),), 3.0, "all"), E.Erase(((0, 1), (1, 2)), "zero")
 
 
+def shared_history():
+    """(model, its original weights, a History, a session, the model's EditStack in that History)."""
+    lm = tiny("history")
+    history = History()
+    return lm, snapshot(lm), history, Session(), EditStack(lm, history)
+
+
 def test_a_fact_change_keeps_the_model_edits_redo_list():
     """Two edits, back to the original model, a fact change: both edits are still redoable, and the undo order
     is one: the redone edits first, then the fact change."""
-    lm = tiny("history")
-    original = snapshot(lm)
-    history, session = History(), Session()
-    stack = EditStack(lm, history)
+    lm, original, history, session, stack = shared_history()
     a, b = two_edits()
     stack.push(a)
     stack.push(b)
@@ -225,10 +229,7 @@ def test_a_fact_change_keeps_the_model_edits_redo_list():
 
 
 def test_the_history_view_walks_model_edits_past_newer_fact_changes():
-    lm = tiny("history")
-    original = snapshot(lm)
-    history, session = History(), Session()
-    stack = EditStack(lm, history)
+    lm, original, history, session, stack = shared_history()
     a, b = two_edits()
     stack.push(a)
     history.push(session_change(session, "factset", "facts-1"))
