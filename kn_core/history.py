@@ -27,6 +27,7 @@ The semantics (tests/test_history.py checks them against a list-of-states refere
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable, Iterable
 
 MODEL = "model"
@@ -41,6 +42,7 @@ class Command:
     can_disable = False  # True: `enabled` may be switched in place and apply()/revert() honour it
     enabled = True
     revert_when_dropped = False  # True: clear() reverts it if done (its effect must not outlive the entry)
+    serial = -1  # set by the History it enters
 
     def apply(self) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -77,8 +79,14 @@ class History:
     def __init__(self):
         self.done: list[Command] = []
         self.undone: list[Command] = []
+        self._serials = itertools.count()
         self._clean = self.position()
         self._listeners: list[Callable[[frozenset], None]] = []
+
+    def _enter(self, command: Command) -> None:
+        """Numbers a command entering the history: the clean mark keeps numbers, not the commands (a model
+        edit holds its model, which must be freed when the edit leaves)."""
+        command.serial = next(self._serials)
 
     # -- listeners
     def listen(self, callback: Callable[[frozenset], None]) -> None:
@@ -115,6 +123,7 @@ class History:
         """Applies `command` and makes it the newest; drops its lane's redo list. If apply() raises, nothing
         changes (apply must then leave its state untouched, as every command here does)."""
         command.apply()
+        self._enter(command)
         self.undone = [c for c in self.undone if c.lane != command.lane]
         self.done.append(command)
         self._changed({command.lane})
@@ -170,33 +179,29 @@ class History:
         its place, the first `index` done (applied in order, newest in the undo order), the rest undone (redo
         order as listed). If one cannot be applied, what was applied is reverted, the old lane is put back
         exactly and LaneNotApplied says which."""
-        old_done, old_undone = list(self.done), list(self.undone)
-        old_lane = [c for c in old_done if c.lane == name]
+        old_lane = [c for c in self.done if c.lane == name]
         for c in reversed(old_lane):
             c.revert()
-        applied = []
-        try:
-            for position, c in enumerate(commands[:index]):
-                try:
-                    c.apply()
-                except Exception as exc:
-                    raise LaneNotApplied(position, exc) from exc
-                applied.append(c)
-        except LaneNotApplied:
-            for c in reversed(applied):
-                c.revert()
-            for c in old_lane:
+        for position, c in enumerate(commands[:index]):
+            try:
                 c.apply()
-            raise
-        self.done = [c for c in old_done if c.lane != name] + list(commands[:index])
-        self.undone = [c for c in old_undone if c.lane != name] + list(reversed(commands[index:]))
+            except Exception as exc:
+                for applied in reversed(commands[:position]):
+                    applied.revert()
+                for old in old_lane:
+                    old.apply()
+                raise LaneNotApplied(position, exc) from exc
+        for c in commands:
+            self._enter(c)
+        self.done = [c for c in self.done if c.lane != name] + list(commands[:index])
+        self.undone = [c for c in self.undone if c.lane != name] + list(reversed(commands[index:]))
         self._changed({name})
 
     # -- saved or not
     def position(self) -> tuple:
-        """The state as a comparable value: each lane's done commands with their enabled flags."""
+        """The state as a comparable value: each lane's done commands (their numbers) with their enabled flags."""
         lanes = sorted({c.lane for c in self.done})
-        return tuple((lane, tuple((c, c.enabled) for c in self.done if c.lane == lane)) for lane in lanes)
+        return tuple((lane, tuple((c.serial, c.enabled) for c in self.done if c.lane == lane)) for lane in lanes)
 
     def set_clean(self, position: tuple | None = None) -> None:
         """Marks the current state (or an earlier `position()`) as the saved one."""

@@ -4,7 +4,9 @@ with the model's weights and outputs compared bitwise to the reference's active 
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -353,3 +355,15 @@ def test_restoring_into_a_shared_history_is_all_or_nothing_and_keeps_other_lanes
     stack.load_dict(json.loads(SAVED_BEFORE))
     assert stack.cursor == 3 and history.next_redo().edit.kind == "batch" and history.index(SESSION) == 1
     history.clear()
+
+
+def test_the_clean_mark_keeps_no_command_alive():
+    """A dropped model edit must free its model: the saved position holds numbers, not commands."""
+    history, session = History(), Session()
+    alive = weakref.ref(session)
+    history.push(session_change(session, "factset", "facts-1"))
+    history.set_clean()
+    history.clear()
+    del session
+    gc.collect()
+    assert alive() is None and not history.is_clean()
