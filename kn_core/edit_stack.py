@@ -1,8 +1,8 @@
-"""One undo/redo history of edits on a loaded model (`EditStack`), and exporting the edited model.
+"""The model edits of a `history.History` (`EditStack`, its save/restore format), and exporting the edited model.
 
-Weight edits must be reverted in the reverse order of application when they touch the same value vectors;
-`EditStack` guarantees that (to switch off an edit in the middle it reverts the edits above it, then
-re-applies them), so any sequence of stack operations that returns to no active edits restores every
+Weight edits must be reverted in the reverse order of application when they touch the same value vectors; the
+History guarantees that within its `MODEL` lane (to switch off an edit in the middle it reverts the edits above
+it, then re-applies them), so any sequence of operations that returns to no active edits restores every
 parameter bitwise.
 """
 
@@ -14,120 +14,109 @@ from pathlib import Path
 
 from .edits import (Batch, Edit, EditHandle, Neuron, _ActivationEdit, _WeightEditBase, _finite, check_neurons,
                     edit_from_dict)
+from .history import MODEL, Command, History, LaneNotApplied
 
 # --------------------------------------------------------------------------------------------------------
 # EditStack
 # --------------------------------------------------------------------------------------------------------
 
-@dataclass
-class _Entry:
-    edit: Edit
-    enabled: bool = True
-    report: dict | None = None  # what the caller measured for this edit (e.g. the GUI's evaluation)
+class ModelEdit(Command):
+    """One knowledge edit on a loaded model: apply() applies it (while enabled), revert() undoes it exactly
+    (edits.EditHandle: bitwise for weight edits, hooks removed for activation edits). `report` is what the caller
+    measured about it (plain JSON-able data), saved and restored with it."""
+
+    lane = MODEL
+    can_disable = True
+    revert_when_dropped = True  # the model never carries an edit that no history lists
+
+    def __init__(self, lm, edit: Edit, report: dict | None = None, enabled: bool = True, text: str | None = None):
+        self.lm, self.edit, self.report, self.enabled = lm, edit, report, enabled
+        self.text = text or edit.describe()
+        self._handle: EditHandle | None = None
+
+    def apply(self) -> None:
+        if self.enabled:
+            self._handle = self.edit.apply(self.lm)
+
+    def revert(self) -> None:
+        if self._handle is not None:
+            self._handle.revert()
+            self._handle = None
 
 
 class EditStack:
-    """An undo/redo history of edits on one loaded model.
+    """The model edits of one loaded model: the `MODEL` lane of a History (its own, or one shared with other
+    lanes, as the app's), seen as a stack. Entries (`ModelEdit`s) below the cursor are *done*; `undo()` moves the
+    cursor down, `redo()` up; `push()` drops the undone edits (the lane's redo branch). A done entry can be
+    switched off and on (`set_enabled`) without losing its place. The model always equals the original with the
+    active edits applied in stack order. A shared History must hold no other model's edits (clear its MODEL lane
+    when the model changes)."""
 
-    Entries below the cursor are *done*; `undo()` moves the cursor down (reverting), `redo()` up
-    (re-applying); `push()` drops everything above the cursor (the redo branch). A done entry can also be
-    switched off and on (`set_enabled`) without losing its place. The model always equals the original with
-    the active edits applied in stack order.
-
-    Each entry may carry a `report` (plain JSON-able data, e.g. the edit's evaluation), saved and restored
-    with the entry, so one history holds both the edits and what was measured about them."""
-
-    def __init__(self, lm):
+    def __init__(self, lm, history: History | None = None):
         self.lm = lm
-        self.entries: list[_Entry] = []
-        self.cursor = 0
-        self._applied: list[tuple[int, EditHandle]] = []  # in application (= stack) order
+        self.undo_history = history if history is not None else History()
 
-    # -- internal
-    def _active_indices(self) -> list[int]:
-        return [i for i in range(self.cursor) if self.entries[i].enabled]
+    @property
+    def entries(self) -> list[ModelEdit]:
+        return self.undo_history.lane(MODEL)
 
-    def _unwind_to(self, index: int) -> None:
-        """Reverts applied edits with stack index >= index (last first)."""
-        while self._applied and self._applied[-1][0] >= index:
-            _, handle = self._applied.pop()
-            handle.revert()
+    @property
+    def cursor(self) -> int:
+        return self.undo_history.index(MODEL)
 
-    def _rewind(self) -> None:
-        applied = {i for i, _ in self._applied}
-        for i in self._active_indices():
-            if i not in applied:
-                self._applied.append((i, self.entries[i].edit.apply(self.lm)))
-
-    # -- public
-    def push(self, edit: Edit, report: dict | None = None) -> int:
-        self._unwind_to(self.cursor)
-        del self.entries[self.cursor:]
-        self.entries.append(_Entry(edit, report=report))
-        self.cursor = len(self.entries)
-        try:
-            self._rewind()
-        except Exception:
-            self.entries.pop()
-            self.cursor -= 1
-            raise
+    def push(self, edit: Edit, report: dict | None = None, text: str | None = None) -> int:
+        """Applies `edit` as the newest entry (raises, changing nothing, when it cannot be applied); its index."""
+        self.undo_history.push(ModelEdit(self.lm, edit, report, text=text))
         return self.cursor - 1
 
     def can_undo(self) -> bool:
-        return self.cursor > 0
+        return self.undo_history.can_undo(MODEL)
 
     def can_redo(self) -> bool:
-        return self.cursor < len(self.entries)
+        return self.undo_history.can_redo(MODEL)
 
     def undo(self) -> Edit:
         if not self.can_undo():
             raise IndexError("nothing to undo")
-        self.cursor -= 1
-        self._unwind_to(self.cursor)
-        self._rewind()
-        return self.entries[self.cursor].edit
+        return self.undo_history.undo(MODEL).edit
 
     def redo(self) -> Edit:
         if not self.can_redo():
             raise IndexError("nothing to redo")
-        self.cursor += 1
-        self._unwind_to(self.cursor - 1)
-        self._rewind()
-        return self.entries[self.cursor - 1].edit
+        return self.undo_history.redo(MODEL).edit
+
+    def _entry(self, index: int) -> ModelEdit:
+        entries = self.entries
+        if not 0 <= index < len(entries):
+            raise IndexError(f"no edit #{index}")
+        return entries[index]
 
     def set_enabled(self, index: int, enabled: bool) -> None:
-        if not 0 <= index < len(self.entries):
-            raise IndexError(f"no edit #{index}")
-        self._unwind_to(index)
-        self.entries[index].enabled = bool(enabled)
-        self._rewind()
+        self.undo_history.set_enabled(self._entry(index), enabled)
 
     def set_report(self, index: int, report: dict | None) -> None:
         """Attaches (or replaces) the report of entry `index` (the model is not touched)."""
-        if not 0 <= index < len(self.entries):
-            raise IndexError(f"no edit #{index}")
-        self.entries[index].report = report
+        self._entry(index).report = report
 
     def revert_all(self) -> None:
         """Reverts every applied edit (history is kept; cursor goes to 0)."""
-        self._unwind_to(0)
-        self.cursor = 0
+        while self.can_undo():
+            self.undo()
 
     def clear(self) -> None:
-        self._unwind_to(0)
-        self.entries.clear()
-        self.cursor = 0
+        self.undo_history.clear(MODEL)
 
     def active_edits(self) -> list[Edit]:
-        return [self.entries[i].edit for i in self._active_indices()]
+        return [e.edit for e in self.entries[:self.cursor] if e.enabled]
 
     def history(self) -> list[dict]:
-        return [{"index": i, "edit": e.edit, "description": e.edit.describe(), "done": i < self.cursor,
-                 "enabled": e.enabled, "active": i < self.cursor and e.enabled, "report": e.report}
+        cursor = self.cursor
+        return [{"index": i, "edit": e.edit, "description": e.edit.describe(), "done": i < cursor,
+                 "enabled": e.enabled, "active": i < cursor and e.enabled, "report": e.report}
                 for i, e in enumerate(self.entries)]
 
     def to_dict(self) -> dict:
-        def entry(e: _Entry) -> dict:
+        def entry(e: ModelEdit) -> dict:
             out = {"edit": e.edit.to_dict(), "enabled": e.enabled}
             return out | ({"report": e.report} if e.report is not None else {})
 
@@ -137,23 +126,17 @@ class EditStack:
         """Reverts everything, then takes the saved history and applies its active edits. All or nothing: if
         any entry is invalid or cannot be applied to this model, a one-line ValueError says which, and the
         stack and the model are left exactly as they were."""
-        entries, cursor = _parse_state(state)
+        entries, cursor = _parse_state(self.lm, state)
         for i, e in enumerate(entries):
             try:
                 check_neurons(self.lm, e.edit.neurons)
             except ValueError as exc:
                 raise ValueError(f"edit #{i}: {exc}") from None
-        old_entries, old_cursor = self.entries, self.cursor
-        self._unwind_to(0)
-        self.entries, self.cursor = entries, cursor
         try:
-            self._rewind()
-        except Exception as exc:
-            failed = self._active_indices()[len(self._applied)]
-            self._unwind_to(0)
-            self.entries, self.cursor = old_entries, old_cursor
-            self._rewind()
-            raise ValueError(f"edit #{failed} cannot be applied to this model: "
+            self.undo_history.replace_lane(MODEL, entries, cursor)
+        except LaneNotApplied as failed:
+            exc = failed.cause
+            raise ValueError(f"edit #{failed.position} cannot be applied to this model: "
                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
     @classmethod
@@ -166,7 +149,7 @@ class EditStack:
         return len(self.entries)
 
 
-def _parse_state(state) -> tuple[list[_Entry], int]:
+def _parse_state(lm, state) -> tuple[list[ModelEdit], int]:
     """The entries and cursor of a saved stack, or a one-line ValueError naming the first bad entry."""
     if not isinstance(state, dict):
         raise ValueError(f"an edit history must be a JSON object, not {type(state).__name__}")
@@ -185,7 +168,7 @@ def _parse_state(state) -> tuple[list[_Entry], int]:
         if report is not None and not isinstance(report, dict):
             raise ValueError(f"edit #{i}: 'report' must be an object, not {type(report).__name__}")
         try:
-            entries.append(_Entry(edit_from_dict(e["edit"]), enabled, report))
+            entries.append(ModelEdit(lm, edit_from_dict(e["edit"]), report, enabled))
         except ValueError as exc:
             raise ValueError(f"edit #{i}: {exc}") from None
     cursor = state.get("cursor", len(entries))

@@ -392,18 +392,18 @@ class ActionsMixin:
     # ----------------------------------------------------------------------------------------- runs, batch edits
     def show_runs(self):
         """Run → Runs… (Ctrl+R): the runs of the selected fact or of the project (panels/runs_browser.py)."""
-        from .commands import RenameRunCommand, RunsCommand
+        from .commands import rename_run, runs_change
         from .panels.runs_browser import RunsDialog
 
-        s, facts = self.session, self.history.facts
+        s, history, changed = self.session, self.history, self.history_view.lane_changed
         dialog = RunsDialog(s, self.current_fact, self)
-        dialog.open_requested.connect(lambda run: self.history.push(facts, RunsCommand(
+        dialog.open_requested.connect(lambda run: history.push(runs_change(
             s, f"Open the {run.state} run of {fact_label(run.fact)}", lambda: s.make_current(run))))
-        dialog.delete_requested.connect(lambda run: self.history.push(facts, RunsCommand(
+        dialog.delete_requested.connect(lambda run: history.push(runs_change(
             s, f"Delete a {run.state} run of {fact_label(run.fact)}", lambda: s.delete_run(run))))
-        dialog.rename_requested.connect(lambda run, name: self.history.push(facts, RenameRunCommand(run, name)))
-        facts.indexChanged.connect(dialog.refresh)
-        dialog.finished.connect(lambda _: facts.indexChanged.disconnect(dialog.refresh))
+        dialog.rename_requested.connect(lambda run, name: history.push(rename_run(run, name)))
+        changed.connect(dialog.refresh)
+        dialog.finished.connect(lambda _: changed.disconnect(dialog.refresh))
         self.runs_dialog = dialog
         dialog.open()
         return dialog

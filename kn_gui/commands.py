@@ -1,79 +1,99 @@
-"""Undo commands. Each changes the model or the fact set and nothing else; the window listens to the stacks'
-signals to refresh what it shows."""
+"""The app's side of the one undo history (kn_core.history.History): the session's commands, and `QtHistory`,
+which maps the core history to Qt (signals for the window, the model edits as a QUndoStack for QUndoView).
+
+The QUndoStack holds no state of its own: its commands delegate to the core's, it is re-indexed (or rebuilt)
+from the core after every change, and a click in the History view walks the core's model lane."""
 
 from __future__ import annotations
 
-from PySide6.QtGui import QUndoCommand
+from PySide6.QtCore import QObject, Signal
+from PySide6.QtGui import QUndoCommand, QUndoStack
+
+from kn_core.history import MODEL, History, Replace
 
 
-class FactSetCommand(QUndoCommand):
+def factset_change(session, factset, text: str) -> Replace:
     """Swaps the session's immutable FactSet."""
-
-    def __init__(self, session, new_factset, text: str):
-        super().__init__(text)
-        self.session = session
-        self.old = session.factset
-        self.new = new_factset
-
-    def redo(self):
-        self.session.factset = self.new
-
-    def undo(self):
-        self.session.factset = self.old
+    return Replace(text, lambda value: setattr(session, "factset", value), session.factset, factset)
 
 
-class EditCommand(QUndoCommand):
-    """One knowledge edit: redo() applies it through the EditStack, undo() reverts it (bitwise for weight edits,
-    hooks removed for activation edits). Its evaluation report lives in the EditStack entry, so the table can
-    show it again when the user walks the history and the project saves it with the edit."""
-
-    def __init__(self, edit_stack, edit, text: str | None = None, report=None):
-        super().__init__(text or edit.describe())
-        self.edit_stack = edit_stack
-        self.edit = edit
-        self._report = report  # until the first redo() creates the entry
-        self.index: int | None = None  # the entry in edit_stack
-
-    @property
-    def report(self) -> dict | None:
-        return self._report if self.index is None else self.edit_stack.entries[self.index].report
-
-    def redo(self):
-        if self.index is None:  # raises on a bad edit: the controller validates before pushing
-            self.index = self.edit_stack.push(self.edit, report=self._report)
-        else:
-            self.edit_stack.redo()
-
-    def undo(self):
-        self.edit_stack.undo()
-
-
-class RunsCommand(QUndoCommand):
+def runs_change(session, text: str, change) -> Replace:
     """A change to which runs the project keeps and which one is each fact's (open a run as the fact's, delete a
-    run): the session's three run maps before and after, swapped whole (the runs themselves are not copied)."""
+    run): `change()` run on the session's three run maps, kept before and after and swapped whole (the runs
+    themselves are not copied)."""
+    before = session.run_maps()
+    change()
+    after = session.run_maps()
+    session.set_run_maps(before)  # History.push applies it
+    return Replace(text, session.set_run_maps, before, after)
 
-    def __init__(self, session, text: str, change):
-        super().__init__(text)
-        self.session = session
-        self.before = session.run_maps()
-        change()
-        self.after = session.run_maps()
-        session.set_run_maps(self.before)  # the stack's first redo() applies it
+
+def rename_run(run, name: str) -> Replace:
+    return Replace(f"Rename run to {name!r}" if name else "Clear the run's name",
+                   lambda value: setattr(run, "name", value), run.name, name)
+
+
+class _ViewCommand(QUndoCommand):
+    """A model edit of the core history as the History view shows it; undo/redo from the view walk the core."""
+
+    def __init__(self, adapter: "QtHistory", command):
+        super().__init__(command.text)
+        self.adapter, self.command = adapter, command
 
     def redo(self):
-        self.session.set_run_maps(self.after)
+        self.adapter._walk("redo")
 
     def undo(self):
-        self.session.set_run_maps(self.before)
+        self.adapter._walk("undo")
 
 
-class RenameRunCommand(QUndoCommand):
-    def __init__(self, run, name: str):
-        super().__init__(f"Rename run to {name!r}" if name else "Clear the run's name")
-        self.run, self.old, self.new = run, run.name, name
+class QtHistory(QObject):
+    """Listens to a core History: `lane_changed(lane)` after a lane's state changed, `changed()` after any change
+    (the clean mark included); `view_stack` mirrors the MODEL lane for QUndoView."""
 
-    def redo(self):
-        self.run.name = self.new
+    changed = Signal()
+    lane_changed = Signal(str)
 
-    def undo(self):
-        self.run.name = self.old
+    def __init__(self, history: History, parent=None):
+        super().__init__(parent)
+        self.history = history
+        self.view_stack = QUndoStack(self)
+        self._quiet = False  # True while the stack is set from the core (its commands must not walk it back)
+        self._walking = False  # True while a click in the view walks the core
+        history.listen(self._core_changed)
+
+    def _walk(self, direction: str):
+        if self._quiet:
+            return
+        self._walking = True
+        try:
+            getattr(self.history, direction)(MODEL)
+        finally:
+            self._walking = False
+
+    def _core_changed(self, lanes: frozenset):
+        if MODEL in lanes and not self._walking:  # (the view moved its own index)
+            self._mirror()
+        for lane in sorted(lanes):
+            self.lane_changed.emit(lane)
+        self.changed.emit()
+
+    def _mirror(self):
+        """The stack shows the lane's commands at the lane's index; a new command replaces the stack's redo
+        branch as QUndoStack.push does, a shorter lane (cleared, replaced) is rebuilt."""
+        commands, stack = self.history.lane(MODEL), self.view_stack
+        shown = [stack.command(i).command for i in range(stack.count())]
+        self._quiet = True
+        try:
+            if shown != commands:
+                kept = next((i for i, (a, b) in enumerate(zip(shown, commands)) if a is not b),
+                            min(len(shown), len(commands)))
+                if kept == len(commands):
+                    stack.clear()
+                    kept = 0
+                stack.setIndex(kept)
+                for command in commands[kept:]:
+                    stack.push(_ViewCommand(self, command))
+            stack.setIndex(self.history.index(MODEL))
+        finally:
+            self._quiet = False

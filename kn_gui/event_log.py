@@ -31,7 +31,8 @@ def attach(window) -> None:
     window.project_saved.connect(lambda path: write("project_saved", path=path))
     window.model_loaded.connect(lambda lm: write("model_loaded", source=str(lm.source)))
     window.edit_evaluated.connect(lambda report: write("edit_evaluated", title=report.get("title", "")))
-    window.history.edits.indexChanged.connect(lambda index: write("edits_index", index=index))
+    window.history_view.lane_changed.connect(lambda lane: lane == "model" and write(
+        "edits_index", index=window.history.index(lane)))
     window.error_shown.connect(lambda title, message: write("error", title=title, message=message))
     window.project.event.connect(lambda ev: isinstance(ev, P.Autosaved) and write("autosaved", path=ev.path,
                                                                                   error=ev.error))

@@ -10,6 +10,7 @@ from PySide6.QtGui import QIcon
 from PySide6.QtWidgets import QDockWidget, QMainWindow, QMessageBox, QWidget
 
 from kn_core.facts import Fact
+from kn_core.history import MODEL, History
 
 from .controllers import UserError
 from .controllers import attribution as A
@@ -24,6 +25,7 @@ from .panels.facts_panel import FactsPanel
 from .panels.model_panel import ModelPanel
 from .panels.neurons_panel import NeuronsPanel
 from .actions import ActionsMixin
+from .commands import QtHistory
 from .job_status import JobStatus
 from .layout import LayoutMixin, PanelScroll, show_current_page_only
 from .panels.common import set_settings
@@ -60,10 +62,11 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         self.session = Session(factset if factset is not None else starter_factset())
         self.runner = JobRunner(self)
         self.runner.project_token = lambda: self.session.generation
-        self.history = E.History(self)
-        self.undo_stack = self.history.edits  # the model edits (the History view shows them)
+        self.history = History()  # the one undo history: model edits, fact-set and run changes (kn_core.history)
+        self.history_view = QtHistory(self.history, self)
+        self.undo_stack = self.history_view.view_stack  # the model edits (the History view shows them)
         self.edits = E.EditsController(self.session, self.runner, self.history, self)
-        self.batch = BatchController(self.session, self.runner, self.history, self.edits, self)
+        self.batch = BatchController(self.session, self.runner, self.history, self)
         self.attribution = A.AttributionController(self.session, self.runner, self.edits.active_descriptions, self)
         self.project = P.ProjectController(self.session, self.runner, self.edits, self.settings, self)
         self.current_fact: Fact | None = None
@@ -134,12 +137,10 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         r = self.runner
         r.job_ended.connect(self._job_ended)
         r.busy_changed.connect(self._busy_changed)
-        for stack in (self.history.edits, self.history.facts):
-            stack.cleanChanged.connect(lambda _: self._update_title())
-            stack.canUndoChanged.connect(self._update_actions)
-            stack.canRedoChanged.connect(self._update_actions)
-        self.history.edits.indexChanged.connect(self._edits_index_changed)
-        self.history.facts.indexChanged.connect(self._facts_index_changed)
+        self.history_view.changed.connect(self._update_title)
+        self.history_view.changed.connect(self._update_actions)
+        self.history_view.lane_changed.connect(
+            lambda lane: self._edits_index_changed() if lane == MODEL else self._facts_index_changed())
         self.attribution.event.connect(self._attribution_event)
         self.edits.event.connect(self._edits_event)
         self.batch.event.connect(self._batch_event)
@@ -232,10 +233,10 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         busy, has_model = self.runner.busy, self.session.lm is not None
         undo, redo = self.history.next_undo(), self.history.next_redo()
         model_busy = busy and self.runner.in_use("model") is not None
-        self.act_undo.setEnabled(undo is not None and not (model_busy and undo is self.history.edits))
-        self.act_redo.setEnabled(redo is not None and not (model_busy and redo is self.history.edits))
-        self.act_undo.setText("&Undo " + undo.undoText() if undo is not None else "&Undo")
-        self.act_redo.setText("&Redo " + redo.redoText() if redo is not None else "&Redo")
+        self.act_undo.setEnabled(undo is not None and not (model_busy and undo.lane == MODEL))
+        self.act_redo.setEnabled(redo is not None and not (model_busy and redo.lane == MODEL))
+        self.act_undo.setText("&Undo " + undo.text if undo is not None else "&Undo")
+        self.act_redo.setText("&Redo " + redo.text if redo is not None else "&Redo")
         self.act_undo.setToolTip(self.act_undo.text().replace("&", "") + " (Ctrl+Z)")
         self.act_redo.setToolTip(self.act_redo.text().replace("&", "") + " (Ctrl+Shift+Z)")
         self.act_cancel.setEnabled(busy)
@@ -289,8 +290,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
 
     def set_model(self, lm):
         """Makes `lm` (a kn_core LoadedModel) the window's model. Tests pass tiny models here directly."""
-        if self.edits.set_model(lm) and not self.history.edits.isClean():
-            self.session.results_dirty = True
+        self.edits.set_model(lm)
         self.session.lm = lm
         self.session.checks.clear()
         self.session.reset_flags()  # at once: the old model's flags never describe the new one
@@ -331,7 +331,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         self.status(f"Re-applied {restored.applied} saved edit(s) to the model ({restored.total} in the history).")
 
     # ================================================================= undo / redo
-    def _edits_index_changed(self, _index: int):
+    def _edits_index_changed(self):
         self._update_actions()
         self._update_title()
         self.edits_panel.show_report(self.edits.report_shown())
@@ -346,7 +346,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
             return
         self.attribution.recheck()
 
-    def _facts_index_changed(self, _index: int):
+    def _facts_index_changed(self):
         self.facts_panel.rebuild()
         self._update_actions()
         self._update_title()
@@ -359,17 +359,17 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         self.edits.push_factset(text, new_factset)
 
     def undo(self):
-        """Undoes the newest change of either history; model edits wait for the model to be free."""
-        stack = self.history.next_undo()
-        if stack is None or (stack is self.history.edits and not self._need_free("undo an edit")):
+        """Undoes the newest change; model edits wait for the model to be free."""
+        command = self.history.next_undo()
+        if command is None or (command.lane == MODEL and not self._need_free("undo an edit")):
             return
-        self.history.undo(stack)
+        self.history.undo()
 
     def redo(self):
-        stack = self.history.next_redo()
-        if stack is None or (stack is self.history.edits and not self._need_free("redo an edit")):
+        command = self.history.next_redo()
+        if command is None or (command.lane == MODEL and not self._need_free("redo an edit")):
             return
-        self.history.redo(stack)
+        self.history.redo()
 
     # ================================================================= facts
     def check_facts(self, facts):
@@ -633,7 +633,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
             skipped = ev.report.get("skipped") or []
             note = f"   |   left out: {skipped[0][0]} ({skipped[0][1]})" + (
                 f" and {len(skipped) - 1} more" if len(skipped) > 1 else "") if skipped else ""
-            self.status(f"{ev.command.text()}: {self.edits_panel.result_summary.text()}{note}", 20000)
+            self.status(f"{ev.command.text}: {self.edits_panel.result_summary.text()}{note}", 20000)
             self.edit_evaluated.emit(ev.report)
             self.edits_dock.raise_()
         elif isinstance(ev, E.EditFailed):
@@ -645,7 +645,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
     def _batch_event(self, ev):
         if isinstance(ev, BatchApplied):
             self.edits_panel.show_report(ev.report)
-            self.status(f"{ev.command.text()}: {ev.report['batch']['applied']} facts edited as one history entry"
+            self.status(f"{ev.command.text}: {ev.report['batch']['applied']} facts edited as one history entry"
                         + (f", {len(ev.report['skipped'])} left out (listed in the Edits panel)"
                            if ev.report["skipped"] else ""), 20000)
             self.edits_dock.raise_()
@@ -663,9 +663,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         self._recheck.stop()
         self.runner.shutdown()
         self.project.discard_autosave()
-        for stack in (self.history.edits, self.history.facts):
-            stack.blockSignals(True)
-        if self.edit_stack is not None:
-            self.edit_stack.clear()
+        self.history_view.blockSignals(True)
+        self.history.clear()  # the model's edits are reverted
         event.accept()
 

@@ -288,6 +288,6 @@ def results_dict(session: Session, edit_commands: list) -> dict:
                      "prompts": [{"text": p.text, "answer": p.answer, "prob": ps.prob, "coarse": c}
                                  for p, ps, c in zip(run.prompts, run.scores, coarse)],
                      "refined": refined, **({"sets_not_decided": note} if note else {})})
-    edits = [{"edit": c.edit.to_dict(), "description": c.text(), "report": c.report} for c in edit_commands]
+    edits = [{"edit": c.edit.to_dict(), "description": c.text, "report": c.report} for c in edit_commands]
     return {"t": s.t, "p": s.p, "model": s.lm.describe() if s.lm else None, "runs": runs,
             "neuron_sets": [ns.to_dict() for ns in s.neuron_sets.values()], "edits": edits}

@@ -69,7 +69,7 @@ def _sets_section(session: Session) -> list[str]:
 
 def _edit_section(k: int, command) -> list[str]:
     report = command.report or {}
-    lines = [f"### {k}. {_cell(report.get('title') or command.text())}", ""]
+    lines = [f"### {k}. {_cell(report.get('title') or command.text)}", ""]
     summary = report.get("summary") or {}
     groups = [g for g in GROUP_ORDER if g in summary] + [g for g in summary if g not in GROUP_ORDER
                                                           and isinstance(summary[g], dict)]

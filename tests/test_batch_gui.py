@@ -11,6 +11,7 @@ import torch  # noqa: E402
 from kn_core.attribution import AttributionParams  # noqa: E402
 from kn_core.edits import Batch  # noqa: E402
 from kn_core.facts import Fact  # noqa: E402
+from kn_core.history import History  # noqa: E402
 from kn_gui.controllers import UserError  # noqa: E402
 from kn_gui.controllers import attribution as A  # noqa: E402
 from kn_gui.controllers import edits as E  # noqa: E402
@@ -29,11 +30,11 @@ def parts(qapp):
     session.lm = make_tiny(TINY_CAUSAL)
     session.p = 0.3
     runner = JobRunner()
-    history = E.History()
+    history = History()
     edits = E.EditsController(session, runner, history)
     edits.set_model(session.lm)
     attribution = A.AttributionController(session, runner, edits.active_descriptions)
-    batch = BatchController(session, runner, history, edits)
+    batch = BatchController(session, runner, history)
     events = []
     batch.event.connect(events.append)
     attribution.start([FRANCE, JAPAN], AttributionParams(steps=2))
@@ -58,7 +59,7 @@ def test_selected_facts_become_one_history_entry_and_undo_bitwise(parts):
                 [FRANCE, JAPAN, SPAIN])
     assert runner.wait_idle(60000)
     applied = [e for e in events if isinstance(e, BatchApplied)]
-    assert len(applied) == 1 and history.edits.count() == 1
+    assert len(applied) == 1 and len(edits.edit_stack) == 1
     entry = edits.edit_stack.entries[0]
     assert isinstance(entry.edit, Batch) and len(entry.edit.edits) == 2
     report = applied[0].report
@@ -69,9 +70,9 @@ def test_selected_facts_become_one_history_entry_and_undo_bitwise(parts):
     assert report["metrics"] is report["batch"]["summary"]["metrics"] and "control" in report["metrics"]
     assert batch.unattributed([FRANCE, JAPAN, SPAIN]) == [SPAIN]
     assert not same(session.lm, original)
-    history.undo(history.edits)
+    history.undo()
     assert same(session.lm, original)
-    history.redo(history.edits)
+    history.redo()
     assert not same(session.lm, original)
 
 
@@ -82,7 +83,7 @@ def test_cancel_leaves_model_and_history_unchanged(parts):
     runner.cancel()
     assert runner.wait_idle(60000)
     assert [type(e) for e in events] == [BatchNotApplied] and events[0].cancelled
-    assert history.edits.count() == 0 and same(session.lm, original)
+    assert len(edits.edit_stack) == 0 and same(session.lm, original)
     assert sum(len(m._forward_pre_hooks) for m in session.lm.model.modules()) == 0
 
 
@@ -97,4 +98,4 @@ def test_refusals_before_any_work(parts, request_, facts, needle):
     with pytest.raises(UserError) as exc:
         batch.apply(request_, facts)
     assert needle in str(exc.value) and "\n" not in str(exc.value)
-    assert not runner.busy and history.edits.count() == 0
+    assert not runner.busy and len(edits.edit_stack) == 0

@@ -10,6 +10,7 @@ import pytest
 pytest.importorskip("pytestqt")
 
 from kn_core import degeneracy as D  # noqa: E402
+from kn_core.history import History  # noqa: E402
 from kn_gui.controllers import UserError  # noqa: E402
 from kn_gui.controllers import edits as E  # noqa: E402
 from kn_gui.session import Session  # noqa: E402
@@ -27,7 +28,7 @@ def parts(qapp):
     session = Session(geo_factset())
     session.lm = make_tiny(TINY_CAUSAL)
     runner = JobRunner()
-    edits = E.EditsController(session, runner, E.History())
+    edits = E.EditsController(session, runner, History())
     edits.set_model(session.lm)
     events = []
     edits.event.connect(events.append)
@@ -43,7 +44,7 @@ def test_the_worker_runs_the_engine_test_and_sends_its_result(parts):
     prompts, _ = session.prompts_for(FRANCE)
     expected = D.degeneracy_test(session.lm, prompts, NEURONS, D.DegeneracyParams(criterion="prob"))
     assert event.result == expected and event.fact == "France \u2192 Paris" and event.edits_in_force == 0
-    assert edits.history.edits.count() == 0  # a test, not an edit: nothing enters the history
+    assert len(edits.edit_stack) == 0  # a test, not an edit: nothing enters the history
 
 
 @pytest.mark.parametrize("fact, neurons, words", [(None, NEURONS, "Select a fact"),

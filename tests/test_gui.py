@@ -18,7 +18,6 @@ from PySide6.QtWidgets import QApplication, QMessageBox  # noqa: E402
 
 from kn_core.facts import Fact, FactSet, Relation  # noqa: E402
 from kn_gui.app import build_app  # noqa: E402
-from kn_gui.commands import EditCommand  # noqa: E402
 from kn_gui.main_window import MainWindow  # noqa: E402
 from tiny import TINY_CAUSAL, TINY_MASKED, make_tiny  # noqa: E402
 

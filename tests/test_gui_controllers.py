@@ -1,4 +1,4 @@
-"""The GUI's controllers driven headless (no window, no panels): typed events, the two histories, projects."""
+"""The GUI's controllers driven headless (no window, no panels): typed events, the one history, projects."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import pytest
 
 pytest.importorskip("pytestqt")
 
-from PySide6.QtGui import QUndoCommand  # noqa: E402
-
 from kn_core.attribution import AttributionParams  # noqa: E402
+from kn_core.edit_stack import EditStack  # noqa: E402
+from kn_core.edits import Amplify, Suppress  # noqa: E402
+from kn_core.history import MODEL, SESSION, History  # noqa: E402
 from kn_core.facts import Fact, Relation  # noqa: E402
+from kn_gui.commands import QtHistory, factset_change  # noqa: E402
 from kn_gui.controllers import UserError  # noqa: E402
 from kn_gui.controllers import attribution as A  # noqa: E402
 from kn_gui.controllers import edits as E  # noqa: E402
@@ -28,7 +30,7 @@ def parts(qapp, tmp_path):
     session = Session(geo_factset())
     session.lm = make_tiny(TINY_CAUSAL)
     runner = JobRunner()
-    history = E.History()
+    history = History()
     edits = E.EditsController(session, runner, history)
     edits.set_model(session.lm)
     attribution = A.AttributionController(session, runner, edits.active_descriptions)
@@ -42,18 +44,31 @@ def parts(qapp, tmp_path):
 
 
 def test_history_one_undo_order_and_no_cross_truncation(qapp):
-    history = E.History()
-    a, b, c = QUndoCommand("edit a"), QUndoCommand("edit b"), QUndoCommand("fact c")
-    history.push(history.edits, a)
-    history.push(history.edits, b)
-    assert history.next_undo() is history.edits
-    history.undo(history.edits)
-    history.undo(history.edits)
-    history.push(history.facts, c)  # a fact-set change: the edits' redo list stays
-    assert history.edits.count() == 2 and history.edits.canRedo()
-    assert history.next_undo() is history.facts and history.next_redo() is history.edits
-    history.redo(history.edits)
-    assert history.next_undo() is history.edits  # the edit just redone is undone first
+    """The core history through the app's adapter: the History view's stack mirrors the model edits, a click in
+    it walks the core, a fact-set change keeps the edits' redo list, one undo order."""
+    lm = make_tiny(TINY_CAUSAL)
+    session, history = Session(geo_factset()), History()
+    view, stack = QtHistory(history), EditStack(lm, history)
+    changed = []
+    view.lane_changed.connect(changed.append)
+    a, b = Suppress(((0, 1),)), Amplify(((1, 2),), 2.0)
+    stack.push(a)
+    stack.push(b)
+    shown = view.view_stack
+    assert shown.count() == 2 and shown.index() == 2 and shown.text(1) == b.describe()
+    assert history.next_undo().edit is b
+    shown.setIndex(0)  # a click on <original model> in the History view
+    assert stack.active_edits() == [] and changed == [MODEL] * 4
+    history.push(factset_change(session, session.factset.with_relation(Relation("P99", "in", ("[X] in [Y].",))),
+                                "Add relation P99"))  # a fact-set change: the edits' redo list stays
+    assert shown.count() == 2 and history.can_redo(MODEL) and history.next_undo().lane == SESSION
+    assert history.next_redo().edit is a
+    history.redo()
+    assert shown.index() == 1 and history.next_undo().edit is a  # the edit just redone is undone first
+    stack.push(b)  # a new edit drops the model's redo list
+    assert shown.count() == 2 and shown.index() == 2 and history.next_undo().edit is b
+    history.clear()
+    assert shown.count() == 0 and stack.active_edits() == []
 
 
 def test_attribution_events_are_typed_and_cancel_keeps_the_complete_run(parts, qtbot, request):

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 
 from PySide6.QtCore import QObject, Signal
 
+from kn_core.edit_stack import ModelEdit
 from kn_core.facts import Fact
+from kn_core.history import History
 
-from ..commands import EditCommand
 from ..session import Session, fact_key, fact_label
 from ..worker import JobRunner
 from . import UserError
@@ -22,7 +23,7 @@ OPTIONS = {"suppress": ("scope", "to"), "amplify": ("factor", "scope"),
 
 @dataclass(frozen=True)
 class BatchApplied:
-    command: EditCommand
+    command: ModelEdit
     report: dict
 
 
@@ -35,9 +36,9 @@ class BatchNotApplied:
 class BatchController(QObject):
     event = Signal(object)
 
-    def __init__(self, session: Session, runner: JobRunner, history, edits, parent=None):
+    def __init__(self, session: Session, runner: JobRunner, history: History, parent=None):
         super().__init__(parent)
-        self.session, self.runner, self.history, self.edits = session, runner, history, edits
+        self.session, self.runner, self.history = session, runner, history
 
     def unattributed(self, facts: list[Fact]) -> list[Fact]:
         """The facts a batch edit would leave out for want of a run (said before it runs)."""
@@ -98,9 +99,9 @@ class BatchController(QObject):
             self.event.emit(BatchNotApplied(f"Every selected fact was left out: {reasons}."))
             return
         report = panel_report(result.report, facts, label, lm)
-        command = EditCommand(self.edits.edit_stack, result.edit, text=f"Batch: {label}", report=report)
+        command = ModelEdit(lm, result.edit, report, text=f"Batch: {label}")
         try:
-            self.history.push(self.history.edits, command)
+            self.history.push(command)
         except Exception as exc:  # noqa: BLE001 (the edit was applied and reverted on the worker already)
             self.event.emit(BatchNotApplied(f"{exc}."))
             return

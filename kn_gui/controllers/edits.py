@@ -1,8 +1,6 @@
-"""Knowledge edits and the two undo histories.
-
-Model edits and fact-set changes live in separate QUndoStacks, so a change to the facts never truncates the
-model edits' redo list; Undo/Redo take whichever of the two changed last (`History`). An edit's evaluation
-report travels with its history entry and is saved with it.
+"""Knowledge edits: planned, measured and applied as model-edit commands of the session's one undo history
+(kn_core.history.History, whose MODEL lane is the loaded model's kn_core.edit_stack.EditStack). An edit's
+evaluation report travels with its history entry and is saved with it.
 """
 
 from __future__ import annotations
@@ -10,11 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from PySide6.QtCore import QObject, Signal
-from PySide6.QtGui import QUndoStack
 
+from kn_core.edit_stack import ModelEdit
 from kn_core.facts import Fact
+from kn_core.history import MODEL, History
 
-from ..commands import EditCommand, FactSetCommand
+from ..commands import factset_change
 from ..session import Session, fact_label
 from ..worker import JobRunner
 from . import UserError
@@ -26,7 +25,7 @@ NEW_OBJECT_GROUPS = {"fact": "new object", "held-out": "held-out new object"}  #
 
 @dataclass(frozen=True)
 class EditEvaluated:
-    command: EditCommand
+    command: ModelEdit
     report: dict
 
 
@@ -48,53 +47,6 @@ class HistoryRestored:
     total: int
 
 
-class History:
-    """Two undo stacks with one undo order. Each command is stamped when it is done or undone; Undo takes the
-    stack whose next undo was done last, Redo the stack whose next redo was undone last, as if both were one
-    stack, except that a new change truncates only its own stack's redo list. Works whatever moved a stack's
-    index (the History view moves the edits stack directly)."""
-
-    def __init__(self, parent=None):
-        self.edits = QUndoStack(parent)
-        self.facts = QUndoStack(parent)
-        self._clock = 0
-
-    def _stamp(self, command):
-        self._clock += 1
-        command.stamp = self._clock
-
-    def push(self, stack: QUndoStack, command):
-        self._stamp(command)
-        stack.push(command)
-
-    def next_undo(self) -> QUndoStack | None:
-        candidates = [(s.command(s.index() - 1).stamp, s) for s in (self.edits, self.facts) if s.canUndo()]
-        return max(candidates, key=lambda c: c[0])[1] if candidates else None
-
-    def next_redo(self) -> QUndoStack | None:
-        candidates = [(s.command(s.index()).stamp, s) for s in (self.edits, self.facts) if s.canRedo()]
-        return max(candidates, key=lambda c: c[0])[1] if candidates else None
-
-    def undo(self, stack: QUndoStack):
-        self._stamp(stack.command(stack.index() - 1))
-        stack.undo()
-
-    def redo(self, stack: QUndoStack):
-        self._stamp(stack.command(stack.index()))
-        stack.redo()
-
-    def is_clean(self) -> bool:
-        return self.edits.isClean() and self.facts.isClean()
-
-    def set_clean(self):
-        self.edits.setClean()
-        self.facts.setClean()
-
-    def clear(self):
-        self.edits.clear()
-        self.facts.clear()
-
-
 class EditsController(QObject):
     event = Signal(object)
 
@@ -103,30 +55,26 @@ class EditsController(QObject):
         self.session = session
         self.runner = runner
         self.history = history
-        self.edit_stack = None  # kn_core.edits.EditStack of the loaded model
+        self.edit_stack = None  # kn_core.edit_stack.EditStack of the loaded model: the MODEL lane of `history`
         self.pending = None  # (state, sha256) of an opened project's edits, waiting for their model
 
     # ----------------------------------------------------------------------------------------- model
-    def set_model(self, lm) -> bool:
-        """A new model: a fresh EditStack; the old model's edits leave the history. True if there were any."""
+    def set_model(self, lm) -> None:
+        """A new model: the old model's edits leave the history (reverted; an unsaved change if they were saved),
+        the new model's EditStack is the history's MODEL lane."""
         from kn_core.edit_stack import EditStack
 
-        had = self.edit_stack is not None and self.history.edits.count() > 0
-        if self.edit_stack is not None:
-            self.edit_stack.clear()
-            self.history.edits.clear()
-        self.edit_stack = EditStack(lm)
-        return had
+        self.history.clear(MODEL)
+        self.edit_stack = EditStack(lm, self.history)
 
     def active_descriptions(self) -> list[str]:
         return [e.describe() for e in self.edit_stack.active_edits()] if self.edit_stack is not None else []
 
-    def commands(self) -> list[EditCommand]:
-        stack = self.history.edits
-        return [stack.command(i) for i in range(stack.count())]
+    def commands(self) -> list[ModelEdit]:
+        return self.edit_stack.entries if self.edit_stack is not None else []
 
     def push_factset(self, text: str, factset):
-        self.history.push(self.history.facts, FactSetCommand(self.session, factset, text))
+        self.history.push(factset_change(self.session, factset, text))
 
     # ----------------------------------------------------------------------------------------- applying
     def request(self, request: dict, fact: Fact | None, neurons: list):
@@ -237,10 +185,9 @@ class EditsController(QObject):
 
         def before_done(measured):
             before = measured["before"]
-            try:  # validate on the real model (the worker is idle now) before it enters the history
-                plan.edit.apply(lm).revert()
-                command = EditCommand(self.edit_stack, plan.edit, text=plan.edit.describe())
-                self.history.push(self.history.edits, command)
+            command = ModelEdit(lm, plan.edit)
+            try:  # applied on the real model (the worker is idle now); one that cannot be leaves no trace
+                self.history.push(command)
             except Exception as exc:  # noqa: BLE001
                 self.event.emit(EditFailed(f"{exc}."))
                 return
@@ -254,7 +201,7 @@ class EditsController(QObject):
             model = {"name": info.get("name") or lm.source, "sha256": lm.sha256}
             metrics = edit_metrics(plan, measured["before"], after, control_after=measured["control_after"],
                                    size=measured["size"], control_size=measured["control_size"])
-            self.edit_stack.set_report(command.index, edit_report(plan, measured["before"], after, model, metrics))
+            command.report = edit_report(plan, measured["before"], after, model, metrics)
             self.event.emit(EditEvaluated(command, command.report))
 
         self.runner.submit("Evaluating the edit (before) and its random control",
@@ -263,8 +210,8 @@ class EditsController(QObject):
 
     def report_shown(self) -> dict | None:
         """The report of the newest edit in force (what the before/after table shows)."""
-        stack = self.history.edits
-        return stack.command(stack.index() - 1).report if stack.index() > 0 else None
+        command = self.history.next_undo(MODEL)
+        return command.report if command is not None else None
 
     # ----------------------------------------------------------------------------------------- saving
     def saved_state(self) -> tuple[dict | None, dict | None]:
@@ -286,22 +233,13 @@ class EditsController(QObject):
             raise UserError("Saved edits not applied", "The project's edits were made on another model (weights "
                             f"sha256 {sha[:12]}\u2026, loaded {lm.sha256[:12]}\u2026). They are kept in the file; load "
                             "the model they were made on to re-apply them.")
-        from kn_core.edits import edit_from_dict
-
         self.pending = None
-        entries = state["entries"]
-        try:
-            for entry in entries:
-                edit = edit_from_dict(entry["edit"])
-                self.history.push(self.history.edits, EditCommand(self.edit_stack, edit, report=entry.get("report")))
-            cursor = int(state.get("cursor", len(entries)))
-            self.history.edits.setIndex(cursor)
-        except Exception as exc:  # noqa: BLE001
-            self.edit_stack.clear()
-            self.history.edits.clear()
+        try:  # all or nothing; the MODEL lane is empty here (a project was just opened or a model loaded)
+            self.edit_stack.load_dict(state)
+        except ValueError as exc:
             raise UserError("Saved edits not applied", f"{exc}. The history was left out; the model is unedited.") \
                 from exc
-        return HistoryRestored(cursor, len(entries))
+        return HistoryRestored(self.edit_stack.cursor, len(self.edit_stack))
 
 
 def edit_report(plan, before: dict, after: dict, model: dict, metrics: dict | None = None) -> dict:

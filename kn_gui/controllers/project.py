@@ -70,13 +70,11 @@ class ProjectController(QObject):
     def save_to(self, path: str):
         """Queues the save of the project as it is now; ProjectSaved when it is on disk."""
         snap = self.snapshot()
-        indexes = (self.edits.history.edits.index(), self.edits.history.facts.index())
+        saved_position = self.edits.history.position()
 
         def done(saved_path):
             self.path = saved_path
-            history = self.edits.history
-            if (history.edits.index(), history.facts.index()) == indexes:
-                history.set_clean()
+            self.edits.history.set_clean(saved_position)  # the state written (changes since stay unsaved)
             self.session.results_dirty = False
             self.discard_autosave()
             self.event.emit(ProjectSaved(saved_path))
@@ -98,9 +96,7 @@ class ProjectController(QObject):
                            project_bound=False)
 
     def _opened(self, snap: ProjectSnapshot, recovered: bool):
-        self.edits.history.clear()
-        if self.edits.edit_stack is not None:
-            self.edits.edit_stack.clear()
+        self.edits.history.clear()  # the model's edits are reverted
         s = self.session
         s.generation += 1  # from now on, results of the jobs started for the previous project are dropped
         s.factset = snap.factset
@@ -123,9 +119,8 @@ class ProjectController(QObject):
 
     def new(self):
         self.session.generation += 1
-        self.edits.history.clear()
-        if self.edits.edit_stack is not None:
-            self.edits.edit_stack.clear()
+        self.edits.history.clear()  # the model's edits are reverted
+        self.edits.history.set_clean()
         self.edits.pending = None
         self.discard_autosave()
         self.path = None
