@@ -14,7 +14,7 @@ from test_imports import ROOT, imported_names, modules_of
 # bottom to top; a name covers the module and, for a package, everything inside it. Same order and names as the
 # "The layers" section of docs/ARCHITECTURE.md.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("Bottom", ("kn_core", "tasks", "validation", "jsonio", "selection", "facts", "fact_files", "field_formats",
+    ("Bottom", ("kn_core", "tasks", "validation", "jsonio", "selection", "history", "facts", "fact_files", "field_formats",
                 "scores_file", "store")),
     ("Model access", ("families", "discover", "ffn", "moe", "hooks", "encoding", "models", "model_checks")),
     ("Science", ("attribution", "passes", "quadrature", "neurons", "edits", "edit_stack", "evaluation", "edit_plan",
