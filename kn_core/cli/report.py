@@ -10,7 +10,8 @@ from .common import emit, progress_bar
 
 
 def cmd_report(args) -> int:
-    from ..report import read_project, write_report
+    from ..report.document import read_project
+    from ..report.write import write_report
 
     with progress_bar("report") as task:
         doc = read_project(args.file, task=task.slice(0.0, 0.3))

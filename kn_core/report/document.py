@@ -162,14 +162,14 @@ def read_project(path, task=None) -> ProjectDocument:
     flags, note = None, "not measured: the sets keep every neuron"
     if saved_flags:
         flags = NeuronFlags.from_dict(saved_flags.get("flags") or {})
-        note = (f"as saved with the project: measured on {saved_flags.get('run_prompts', '?')} run prompts of the "
-                f"weights sha256 {str(saved_flags.get('sha256'))[:16]}...")
-    doc = ProjectDocument(path=str(path), factset_name=str(name), facts=len(fact_records), relations=relations,
-                          runs=mark_current(sorted(runs, key=lambda r: r.started)), neuron_sets=sets,
-                          edit_state=edit_state if edit_state.get("entries") else None, edit_sha256=edit_sha,
-                          t=float(gui.get("t", DEFAULT_T)), p=float(gui.get("p", DEFAULT_P)), flags=flags,
-                          flags_note=note, left_out=left_out)
-    return doc
+        note = (f"measured on {saved_flags.get('run_prompts', '?')} run prompts of the weights sha256 "
+                f"{str(saved_flags.get('sha256'))[:16]}...")
+    return ProjectDocument(path=str(Path(path).expanduser().absolute()), factset_name=str(name),
+                           facts=len(fact_records), relations=relations,
+                           runs=mark_current(sorted(runs, key=lambda r: r.started)), neuron_sets=sets,
+                           edit_state=edit_state if edit_state.get("entries") else None, edit_sha256=edit_sha,
+                           t=float(gui.get("t", DEFAULT_T)), p=float(gui.get("p", DEFAULT_P)), flags=flags,
+                           flags_note=note, left_out=left_out)
 
 
 def mark_current(runs: list[RunRecord]) -> list[RunRecord]:
