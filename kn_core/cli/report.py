@@ -4,7 +4,6 @@ from a .knproj file, the same report as the app's File > Export > Report (kn_cor
 from __future__ import annotations
 
 import shlex
-import sys
 
 from .common import emit, progress_bar
 
@@ -15,7 +14,8 @@ def cmd_report(args) -> int:
 
     with progress_bar("report") as task:
         doc = read_project(args.file, task=task.slice(0.0, 0.3))
-        written = write_report(doc, args.out, shlex.join(["kn", *sys.argv[1:]]), task=task.slice(0.3, 1.0))
+        command = shlex.join(["kn", "report", str(args.file), "--out", str(args.out)])
+        written = write_report(doc, args.out, command, task=task.slice(0.3, 1.0))
     left_out = written["left_out"]
     text = (f"{written['out']}/report.html: {written['runs']} runs, {written['figures']} figures "
             f"(also report.md and report.json)" + (f"; {len(left_out)} item(s) left out, each with its reason under "
