@@ -115,8 +115,8 @@ def test_report_has_every_section_strict_json_and_no_external_url(full, tmp_path
     relation = entries[0]["measurement"]["summary"]["relation"]
     assert relation["p_after"] is None and relation["p_after_note"] == "NaN"
     # every number readable: a 30-digit drop as a ratio, a missing one as n/a
-    assert "| fact | 6 | 0.5000 | 0.0000 | x2.0e-30 | -100.00% |" in markdown
-    assert "| relation | 3 | 0.2500 | n/a | n/a | n/a |" in markdown
+    assert "| fact | 6 | 0.5 | 1e-30 | x2.0e-30 | -100.00% |" in markdown
+    assert "| relation | 3 | 0.25 | n/a | n/a | n/a |" in markdown
     # every left-out item with its reason
     reasons = {item["what"]: item["reason"] for item in data["left_out"]}
     assert reasons["run 2 (P36: France \u2192 Paris)"].startswith("no finished prompt")
@@ -185,3 +185,20 @@ def test_run_neurons_match_the_paper_rule_below_three_prompts(full):
     found, rule, why = run_neurons(run, 0.2, 0.7)
     both = [set(map(tuple, np.argwhere(s > 0.2 * s.max()).tolist())) for s in scores[:2]]
     assert found == sorted(both[0] & both[1]) and "all 2 prompt(s)" in rule and why == ""
+
+
+def test_kn_edit_evaluations_are_reported_beside_their_control(lm, tmp_path, capsys):
+    from tiny import save_tiny
+
+    folder = save_tiny(lm, tmp_path / "model")
+    project = str(tmp_path / "e.knproj")
+    assert main(["edit", "suppress", "--relation", "P36", "--subject", "France", "--model", folder, "--steps", "2",
+                 "--project", project, "--json"]) == 0
+    edit = strict(capsys.readouterr().out)
+    assert main(["report", project, "--out", str(tmp_path / "r")]) == 0
+    data = strict((tmp_path / "r" / "report.json").read_text())
+    (evaluation,) = data["evaluations"]
+    assert evaluation["summary"] == edit["groups"]["edit"] and evaluation["control_summary"] == edit["groups"]["control"]
+    markdown = (tmp_path / "r" / "report.md").read_text()
+    assert "### Evaluation 1: edit suppress on France \u2192 Paris (P36)" in markdown
+    assert "Random-neuron control:" in markdown and "| reliability |" in markdown

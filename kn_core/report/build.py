@@ -79,6 +79,18 @@ def _edit_entries(doc: ProjectDocument) -> list[dict]:
     return out
 
 
+def _evaluation_entry(record) -> dict:
+    """A stored evaluation (`kn edit ... --project` stores one per edit): its summary by prompt group (the edit's
+    and the random-neuron control's), metrics and what it left out; other kinds are named, not summarised."""
+    report = record.report if isinstance(record.report, dict) else {}
+    groups = report.get("groups") if isinstance(report.get("groups"), dict) else {}
+    fact = report.get("fact") if isinstance(report.get("fact"), dict) else {}
+    return {"id": record.id, "kind": record.kind, "started": record.started_at, "status": record.status,
+            "fact": fact or None, "edit": report.get("edit"), "summary": groups.get("edit"),
+            "control_summary": groups.get("control"), "metrics": report.get("metrics"),
+            "skipped": report.get("skipped") or []}
+
+
 def build_report(doc: ProjectDocument) -> tuple[dict, list[dict]]:
     """(the report as plain data: report.json, which kn_core.jsonio writes strict; the figures to draw, each
     {run, figure, file, title, data}). The data names each figure file; `left_out` lists every item the report
@@ -96,6 +108,11 @@ def build_report(doc: ProjectDocument) -> tuple[dict, list[dict]]:
         if not e["measurement"]:
             left_out.append({"what": f"edit {e['index']} ({e['description']})",
                              "reason": "not measured: no before/after evaluation was stored with it"})
+    evaluations = [_evaluation_entry(e) for e in doc.evaluations]
+    for e in evaluations:
+        if e["summary"] is None:
+            left_out.append({"what": f"stored evaluation {e['id']} ({e['kind']})", "reason": "a kind this report "
+                             "does not summarise: `kn project export` writes it in full (evaluations.json)"})
     figures, refused = plan_figures(doc, runs)
     left_out += refused
     flags = doc.flags
@@ -113,6 +130,7 @@ def build_report(doc: ProjectDocument) -> tuple[dict, list[dict]]:
                                           for s in doc.neuron_sets],
             "edits": {"model_sha256": doc.edit_sha256, "in_force": sum(e["status"] == "in force" for e in edits),
                       "entries": edits},
+            "evaluations": evaluations,
             "figures": [{k: v for k, v in f.items() if k != "data"} for f in figures], "left_out": left_out}
     return data, figures
 
@@ -155,7 +173,7 @@ def _cell(value) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def _num(value, fmt="{:.4f}") -> str:
+def _num(value, fmt) -> str:
     return fmt.format(value) if isinstance(value, (int, float)) and math.isfinite(value) else "n/a"
 
 
@@ -238,37 +256,68 @@ def _sets_section(data: dict) -> list[str]:
     return lines + [""]
 
 
-def _edit_lines(edit: dict) -> list[str]:
-    report = edit["measurement"] or {}
-    lines = [f"### {edit['index']}. {_cell(report.get('title') or edit['description'])} ({edit['status']})", ""]
-    summary = report.get("summary") or {}
+def _summary_table(summary: dict) -> list[str]:
+    """Per prompt group: probabilities before and after, their ratio, the paper's relative change, flips and
+    accuracy (edit_plan.summarize_plan's fields)."""
     groups = [g for g in GROUP_ORDER if g in summary] + [g for g in summary if g not in GROUP_ORDER
                                                           and isinstance(summary[g], dict)]
-    if groups:
-        lines += ["| prompts | n | p before | p after | p after / p before | mean(\u0394p)/mean(p) | top-1 flips | "
-                  "accuracy before | accuracy after |", "|---|---|---|---|---|---|---|---|---|"]
-        for g in groups:
-            s = summary[g]
-            change = ratio(s.get("p_before") or 0.0, s.get("p_after") or 0.0)["text"]
-            lines.append(f"| {g} | {s.get('n', '-')} | {_num(s.get('p_before'))} | {_num(s.get('p_after'))} | "
-                         f"{change} | {_pct(s.get('relative_change'))} | {_num(s.get('flip_rate'), '{:.2f}')} | "
-                         f"{_num(s.get('accuracy_before'), '{:.2f}')} | {_num(s.get('accuracy_after'), '{:.2f}')} |")
-        if "success_rate" in summary:
-            lines += ["", f"Update success rate (o' is the answer): {_pct(summary['success_rate'])}."]
-        lines.append("")
-    metrics = report.get("metrics")
+    if not groups:
+        return []
+    lines = ["| prompts | n | p before | p after | p after / p before | mean(\u0394p)/mean(p) | top-1 flips | "
+             "accuracy before | accuracy after |", "|---|---|---|---|---|---|---|---|---|"]
+    for g in groups:
+        s = summary[g]
+        change = ratio(s.get("p_before") or 0.0, s.get("p_after") or 0.0)["text"]
+        lines.append(f"| {g} | {s.get('n', '-')} | {_num(s.get('p_before'), '{:.4g}')} | "
+                     f"{_num(s.get('p_after'), '{:.4g}')} | {change} | {_pct(s.get('relative_change'))} | "
+                     f"{_num(s.get('flip_rate'), '{:.2f}')} | {_num(s.get('accuracy_before'), '{:.2f}')} | "
+                     f"{_num(s.get('accuracy_after'), '{:.2f}')} |")
+    if "success_rate" in summary:
+        lines += ["", f"Update success rate (o' is the answer): {_pct(summary['success_rate'])}."]
+    return lines + [""]
+
+
+def _metrics_and_skipped(metrics, skipped) -> list[str]:
+    lines = []
     if metrics:  # the field's metrics beside the random-neuron control (docs/METRICS.md)
         from ..metrics import metrics_rows
 
         lines += ["| metric (docs/METRICS.md) | this edit | random neurons |", "|---|---|---|"]
         lines += [f"| {name} | {_cell(value)} | {_cell(control)} |" for name, value, control in metrics_rows(metrics)]
         lines.append("")
-    skipped = report.get("skipped") or []
-    if skipped:
-        lines += ["Left out of this edit's evaluation:", ""]
-        lines += [f"- {_cell(' '.join(map(str, item)))}" for item in skipped] + [""]
+    if skipped:  # the app stores [what, ..., reason] lists, `kn edit` {"what", "reason"} objects
+        lines += ["Left out of this evaluation:", ""]
+        texts = [": ".join(map(str, item.values())) if isinstance(item, dict) else " ".join(map(str, item))
+                 for item in skipped]
+        lines += [f"- {_cell(text)}" for text in texts] + [""]
+    return lines
+
+
+def _edit_lines(edit: dict) -> list[str]:
+    report = edit["measurement"] or {}
+    lines = [f"### {edit['index']}. {_cell(report.get('title') or edit['description'])} ({edit['status']})", ""]
+    lines += _summary_table(report.get("summary") or {})
+    lines += _metrics_and_skipped(report.get("metrics"), report.get("skipped") or [])
     if not report:
         lines += ["Not measured (no before/after evaluation stored with it).", ""]
+    return lines
+
+
+def _evaluations_section(data: dict) -> list[str]:
+    shown = [e for e in data["evaluations"] if e["summary"] is not None]
+    if not shown:
+        return []
+    lines = ["## Stored evaluations", "", "Edits measured by `kn edit ... --project` (each on a fresh copy of the "
+             "model, beside its random-neuron control).", ""]
+    for e in shown:
+        fact = e["fact"] or {}
+        about = f" on {fact.get('subject')} \u2192 {fact.get('object')} ({fact.get('relation')})" if fact else ""
+        lines += [f"### Evaluation {e['id']}: {_cell(e['kind'] + about)}", "", f"Started {e['started']}; "
+                  f"{e['status']}.", ""]
+        lines += _summary_table(e["summary"])
+        if e["control_summary"]:
+            lines += ["Random-neuron control:", ""] + _summary_table(e["control_summary"])
+        lines += _metrics_and_skipped(e["metrics"], e["skipped"])
     return lines
 
 
@@ -293,4 +342,4 @@ def _left_out_section(data: dict) -> list[str]:
 def render_markdown(data: dict) -> str:
     """report.md, from report.json's data only (so the two never disagree; report.html is rendered from it)."""
     return "\n".join(_header(data) + _runs_section(data) + _figures_section(data) + _sets_section(data)
-                     + _edits_section(data) + _left_out_section(data)).rstrip("\n") + "\n"
+                     + _edits_section(data) + _evaluations_section(data) + _left_out_section(data)).rstrip("\n") + "\n"

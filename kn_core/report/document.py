@@ -61,6 +61,7 @@ class ProjectDocument:
     keep_flagged: bool = False  # True: flagged neurons stay in the sets (the paper's method)
     flags_note: str = ""  # what the flags describe (the weights, the prompts they were measured on)
     left_out: list[dict] = field(default_factory=list)  # {"what", "reason"}: stored items the report cannot show
+    evaluations: list = field(default_factory=list)  # the store's EvaluationRecords (`kn edit --project`, ...)
 
     @property
     def excluded(self) -> frozenset:
@@ -159,6 +160,7 @@ def read_project(path, task=None) -> ProjectDocument:
         saved_flags = project.get_setting(FLAGS_SETTING) or None
         name = project.get_setting("factset.name", Path(path).stem)
         relations = len(project.list_relations())
+        evaluations = project.list_evaluations()
     flags, note = None, "not measured: the sets keep every neuron"
     if saved_flags:
         flags = NeuronFlags.from_dict(saved_flags.get("flags") or {})
@@ -169,7 +171,7 @@ def read_project(path, task=None) -> ProjectDocument:
                            runs=mark_current(sorted(runs, key=lambda r: r.started)), neuron_sets=sets,
                            edit_state=edit_state if edit_state.get("entries") else None, edit_sha256=edit_sha,
                            t=float(gui.get("t", DEFAULT_T)), p=float(gui.get("p", DEFAULT_P)), flags=flags,
-                           flags_note=note, left_out=left_out)
+                           flags_note=note, left_out=left_out, evaluations=evaluations)
 
 
 def mark_current(runs: list[RunRecord]) -> list[RunRecord]:
