@@ -19,7 +19,7 @@ def _flags_note(session: Session) -> str:
     if session.flags is None:
         return "not measured: the sets keep every neuron"
     sha = getattr(session.lm, "sha256", None)
-    return f"measured on {session.flags_measured_on} run prompts of the weights sha256 {str(sha)[:16]}..."
+    return f"measured on {session.flags_measured_on} run prompts of the weights sha256 {str(sha)[:16]}"
 
 
 def report_snapshot(session: Session, edit_state: tuple, project_path: str | None) -> dict:

@@ -165,7 +165,7 @@ def read_project(path, task=None) -> ProjectDocument:
     if saved_flags:
         flags = NeuronFlags.from_dict(saved_flags.get("flags") or {})
         note = (f"measured on {saved_flags.get('run_prompts', '?')} run prompts of the weights sha256 "
-                f"{str(saved_flags.get('sha256'))[:16]}...")
+                f"{str(saved_flags.get('sha256'))[:16]}")
     return ProjectDocument(path=str(Path(path).expanduser().absolute()), factset_name=str(name),
                            facts=len(fact_records), relations=relations,
                            runs=mark_current(sorted(runs, key=lambda r: r.started)), neuron_sets=sets,
