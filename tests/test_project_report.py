@@ -202,3 +202,25 @@ def test_kn_edit_evaluations_are_reported_beside_their_control(lm, tmp_path, cap
     markdown = (tmp_path / "r" / "report.md").read_text()
     assert "### Evaluation 1: edit suppress on France \u2192 Paris (P36)" in markdown
     assert "Random-neuron control:" in markdown and "| reliability |" in markdown
+
+
+def test_a_run_without_a_fact_is_listed_with_its_reason(tmp_path):
+    path = tmp_path / "p.knproj"
+    with create_project(path) as project:
+        run = project.start_run(prompts=["The capital of France is"], params={"steps": 2})
+        project.finish_run(run, "done")
+    data = report_data(read_project(path))
+    assert data["runs"] == [] and data["left_out"] == [
+        {"what": f"stored run {run}", "reason": "it has no fact of the project's fact set (a relation-level or "
+                                                "deleted fact's run): the report lists fact runs only"}]
+
+
+def test_the_apps_json_exports_are_strict(tmp_path):
+    pytest.importorskip("PySide6")
+    from kn_gui.panels.common import write_json
+
+    write_json(tmp_path / "r.json", {"prob": float("nan"), "ranks": [1, float("inf")], "when": tmp_path})
+    data = strict((tmp_path / "r.json").read_text())
+    assert data["prob"] is None and data["prob_note"] == "NaN" and data["ranks"] == [1, None]
+    assert "[1]=Infinity" in data["ranks_note"] and data["when"] == str(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left
