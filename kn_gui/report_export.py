@@ -46,7 +46,7 @@ def document_of(snap: dict):
     runs = []
     for run, scores, compact, current in snap["runs"]:
         tops = compact[:len(scores)] if compact is not None else [TopScores.keep_all(ps.scores) for ps in scores]
-        runs.append(RunRecord(fact=run.fact, prompts=[p.text for p in run.prompts], tops=tops,
+        runs.append(RunRecord(fact=run.fact, prompts=[p.text for p in run.prompts], tops=tops, done=len(tops),
                               params=dict(run.params), model=dict(run.model), started=run.started,
                               seconds=run.seconds, state="running" if run.state == RUNNING else run.state,
                               edits=list(run.edits), name=run.name, current=current))

@@ -224,3 +224,17 @@ def test_the_apps_json_exports_are_strict(tmp_path):
     assert data["prob"] is None and data["prob_note"] == "NaN" and data["ranks"] == [1, None]
     assert "[1]=Infinity" in data["ranks_note"] and data["when"] == str(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left
+
+
+def test_runs_beyond_the_figure_limit_keep_their_numbers_and_say_why_not_drawn(full, monkeypatch):
+    """read_project keeps the scores of the drawn runs only; the others are selected while read."""
+    import kn_core.report.figures as figures
+
+    path, scores = full
+    monkeypatch.setattr(figures, "FIGURE_RUNS", 0)
+    doc = read_project(path)
+    assert doc.runs[0].current and doc.runs[0].tops == [] and doc.runs[0].done == 6
+    data = report_data(doc)
+    assert [tuple(n) for n in data["runs"][0]["refined"]] == reference_refined(scores, 0.2, 0.7)
+    assert data["figures"] == [] and any(item["what"].startswith("figures of run 1") and "draws the first"
+                                         in item["reason"] for item in data["left_out"])

@@ -15,11 +15,10 @@ import math
 
 from ..evaluation import ratio
 from ..neurons import neuron_name
-from .document import ProjectDocument, run_neurons
-from .figures import FIGURES, run_figure_data
+from .document import ProjectDocument, drawn_runs, run_neurons
+from .figures import FIGURE_RUNS, FIGURES, run_figure_data
 
 REPORT_KIND = "kn project report"
-FIGURE_RUNS = 12  # runs drawn (3 figures each, ~60 KB as PNG): a report of 1000 facts stays a page, not 180 MB
 GROUP_ORDER = ("fact", "relation", "other relations", "new object")  # edit_plan.summarize_plan's groups
 TITLE = "Knowledge Neuron Studio: project report"
 
@@ -35,11 +34,12 @@ def _pairs(neurons) -> list[list[int]]:
 
 
 def _run_entry(index: int, run, doc: ProjectDocument) -> dict:
-    refined, rule, undecided = run_neurons(run, doc.t, doc.p, doc.excluded)
+    refined, rule, undecided = (run.selection if run.selection is not None
+                                else run_neurons(run, doc.t, doc.p, doc.excluded))
     fact = run.fact
     return {"index": index, "relation": fact.relation, "subject": fact.subject, "object": fact.object,
             "name": run.name, "state": run.state, "current": run.current, "prompts": len(run.prompts),
-            "prompts_done": len(run.tops), "started": _utc(run.started), "seconds": run.seconds,
+            "prompts_done": run.done, "started": _utc(run.started), "seconds": run.seconds,
             "model": run.model.get("name") or run.model.get("source"), "model_sha256": run.model.get("sha256"),
             "edits_active": list(run.edits), "params": dict(run.params),
             "refined": None if refined is None else _pairs(refined),
@@ -144,10 +144,12 @@ def plan_figures(doc: ProjectDocument, runs: list[dict]) -> tuple[list[dict], li
     """The figures of each fact's current run, up to FIGURE_RUNS runs: ([{run, figure, file, title, data}],
     [{what, reason}] for each one not drawn)."""
     figures, refused = [], []
-    current = [(entry, run) for entry, run in zip(runs, doc.runs) if run.current]
-    for k, (entry, run) in enumerate(current):
+    drawn = {id(run) for run in drawn_runs(doc.runs)}
+    for entry, run in zip(runs, doc.runs):
+        if not run.current:
+            continue
         what = f"figures of run {entry['index']} ({entry['relation']}: {entry['subject']} \u2192 {entry['object']})"
-        if k >= FIGURE_RUNS:
+        if id(run) not in drawn:
             refused.append({"what": what, "reason": f"the report draws the first {FIGURE_RUNS} facts' runs; "
                                                     "`kn attribute`'s plots or the app's figure export draw any run"})
             continue

@@ -30,7 +30,8 @@ class RunRecord:
 
     fact: Fact
     prompts: list[str]
-    tops: list  # kn_core.store.topscores.TopScores per finished prompt, in prompt order
+    tops: list  # kn_core.store.topscores.TopScores per finished prompt, in prompt order (read_project: drawn runs)
+    done: int  # finished prompts
     params: dict = field(default_factory=dict)
     model: dict = field(default_factory=dict)
     started: float = 0.0  # seconds since the epoch
@@ -39,6 +40,7 @@ class RunRecord:
     edits: list[str] = field(default_factory=list)  # the edits active while it ran (empty: the model's own weights)
     name: str = ""
     current: bool = False  # the run its fact's sets come from (the newest complete one; place_runs)
+    selection: tuple | None = None  # run_neurons at the document's t, p, exclusions, when computed while reading
 
     @property
     def complete(self) -> bool:
@@ -132,46 +134,82 @@ def run_neurons(run: RunRecord, t: float, p: float, exclude=frozenset()) -> tupl
 
 
 def read_project(path, task=None) -> ProjectDocument:
-    """The project file at `path` (opened read-only; ProjectError when it cannot be)."""
+    """The project file at `path` (opened read-only; ProjectError when it cannot be). Runs are read one at a time:
+    each run's refined set is selected as it is read (`RunRecord.selection`) and only the runs the report draws
+    keep their scores, so a 27,600-fact project is reported in the memory of a dozen runs."""
     from ..neurons import NeuronFlags
     from ..store import open_project
 
     with open_project(path, read_only=True) as project:
-        fact_records = project.list_facts()
-        facts = {f.id: Fact(f.relation, f.subject, f.object) for f in fact_records}
-        models = {m.id: dict(m.info) or {"source": m.source, "sha256": m.sha256} for m in project.list_models()}
-        records, left_out = [], []
-        for rec in project.list_runs():
-            if rec.fact_id in facts:
-                records.append(rec)
-            else:
-                left_out.append({"what": f"stored run {rec.id}", "reason": "it has no fact of the project's fact "
-                                 "set (a relation-level or deleted fact's run): the report lists fact runs only"})
-        runs = []
-        for i, rec in enumerate(records):
-            if task is not None:
-                task.check()
-                task.progress(0.5 * i / max(1, len(records)), f"reading run {i + 1}/{len(records)}")
-            runs.append(_read_run(project, rec, facts[rec.fact_id], models))
-        sets = [{"name": r.name or f"set {r.id}", "kind": r.kind, "source": (r.params or {}).get("source", ""),
-                 "neurons": [tuple(n) for n in r.neurons]} for r in project.list_neuron_sets()]
-        edit_state, edit_sha = project.load_edit_history()
         gui = project.get_setting(GUI_SETTING, {}) or {}
         saved_flags = project.get_setting(FLAGS_SETTING) or None
-        name = project.get_setting("factset.name", Path(path).stem)
-        relations = len(project.list_relations())
-        evaluations = project.list_evaluations()
-    flags, note = None, "not measured: the sets keep every neuron"
-    if saved_flags:
-        flags = NeuronFlags.from_dict(saved_flags.get("flags") or {})
-        note = (f"measured on {saved_flags.get('run_prompts', '?')} run prompts of the weights sha256 "
-                f"{str(saved_flags.get('sha256'))[:16]}")
-    return ProjectDocument(path=str(Path(path).expanduser().absolute()), factset_name=str(name),
-                           facts=len(fact_records), relations=relations,
-                           runs=mark_current(sorted(runs, key=lambda r: r.started)), neuron_sets=sets,
-                           edit_state=edit_state if edit_state.get("entries") else None, edit_sha256=edit_sha,
-                           t=float(gui.get("t", DEFAULT_T)), p=float(gui.get("p", DEFAULT_P)), flags=flags,
-                           flags_note=note, left_out=left_out, evaluations=evaluations)
+        flags, note = None, "not measured: the sets keep every neuron"
+        if saved_flags:
+            flags = NeuronFlags.from_dict(saved_flags.get("flags") or {})
+            note = (f"measured on {saved_flags.get('run_prompts', '?')} run prompts of the weights sha256 "
+                    f"{str(saved_flags.get('sha256'))[:16]}")
+        doc = ProjectDocument(path=str(Path(path).expanduser().absolute()),
+                              factset_name=str(project.get_setting("factset.name", Path(path).stem)), facts=0,
+                              relations=len(project.list_relations()), runs=[], neuron_sets=[], edit_state=None,
+                              t=float(gui.get("t", DEFAULT_T)), p=float(gui.get("p", DEFAULT_P)), flags=flags,
+                              flags_note=note)
+        fact_records = project.list_facts()
+        doc.facts = len(fact_records)
+        doc.runs = _read_runs(project, {f.id: Fact(f.relation, f.subject, f.object) for f in fact_records}, doc,
+                              task)
+        doc.neuron_sets = [{"name": r.name or f"set {r.id}", "kind": r.kind,
+                            "source": (r.params or {}).get("source", ""), "neurons": [tuple(n) for n in r.neurons]}
+                           for r in project.list_neuron_sets()]
+        edit_state, doc.edit_sha256 = project.load_edit_history()
+        doc.edit_state = edit_state if edit_state.get("entries") else None
+        doc.evaluations = project.list_evaluations()
+    return doc
+
+
+def drawn_runs(runs: list[RunRecord]) -> list[RunRecord]:
+    """The runs whose figures the report draws: each fact's current run, the first FIGURE_RUNS of them."""
+    from .figures import FIGURE_RUNS
+
+    return [run for run in runs if run.current][:FIGURE_RUNS]
+
+
+def _read_runs(project, facts: dict, doc: ProjectDocument, task) -> list[RunRecord]:
+    """Every fact run, oldest first: placed from the store's records (no scores read), then each run's scores read,
+    its neurons selected, and its scores kept only when the report draws it. Runs with no fact are left out."""
+    models = {m.id: dict(m.info) or {"source": m.source, "sha256": m.sha256} for m in project.list_models()}
+    runs, sources = [], {}
+    for rec in project.list_runs():
+        if rec.fact_id not in facts:
+            doc.left_out.append({"what": f"stored run {rec.id}", "reason": "it has no fact of the project's fact "
+                                 "set (a relation-level or deleted fact's run): the report lists fact runs only"})
+            continue
+        full = project.get_run(rec.id)
+        finished = []
+        for prompt in full.prompts:  # the finished prompts, in order, up to the first missing one
+            if "scores" not in prompt.arrays:
+                break
+            finished.append(prompt.prompt_index)
+        started = rec.info.get("started") or _epoch(rec.started_at)
+        state = run_state(rec.status, rec.info, len(finished), len(full.prompts))
+        run = RunRecord(fact=facts[rec.fact_id], prompts=[p.prompt.get("text", "") for p in full.prompts],
+                        tops=[], done=len(finished), params=dict(rec.params), model=models.get(rec.model_id, {}),
+                        started=float(started), seconds=rec.elapsed_s or 0.0, state=state,
+                        edits=list(rec.info.get("edits", [])), name=str(rec.info.get("name", "")))
+        runs.append(run)
+        sources[id(run)] = (rec.id, finished)
+    runs = mark_current(sorted(runs, key=lambda r: r.started))
+    drawn = {id(run) for run in drawn_runs(runs)}
+    for i, run in enumerate(runs):
+        if task is not None:
+            task.check()
+            task.progress(i / max(1, len(runs)), f"reading run {i + 1}/{len(runs)}")
+        run_id, finished = sources[id(run)]
+        tops = project.load_top_scores(run_id, "scores")
+        run.tops = [tops[k] for k in finished]
+        run.selection = run_neurons(run, doc.t, doc.p, doc.excluded)
+        if id(run) not in drawn:
+            run.tops = run.tops[:0]  # selected: the scores are not needed again
+    return runs
 
 
 def mark_current(runs: list[RunRecord]) -> list[RunRecord]:
@@ -182,21 +220,6 @@ def mark_current(runs: list[RunRecord]) -> list[RunRecord]:
     for run in runs:
         run.current = id(run) in chosen
     return runs
-
-
-def _read_run(project, rec, fact: Fact, models: dict) -> RunRecord:
-    full = project.get_run(rec.id)
-    tops = project.load_top_scores(rec.id, "scores")
-    kept = []
-    for p in full.prompts:  # the finished prompts, in order, up to the first missing one
-        if p.prompt_index not in tops:
-            break
-        kept.append(tops[p.prompt_index])
-    started = rec.info.get("started") or _epoch(rec.started_at)
-    return RunRecord(fact=fact, prompts=[p.prompt.get("text", "") for p in full.prompts], tops=kept,
-                     params=dict(rec.params), model=models.get(rec.model_id, {}), started=float(started),
-                     seconds=rec.elapsed_s or 0.0, state=run_state(rec.status, rec.info, len(kept), len(full.prompts)),
-                     edits=list(rec.info.get("edits", [])), name=str(rec.info.get("name", "")))
 
 
 def _epoch(iso: str | None) -> float:
