@@ -1,7 +1,6 @@
-"""The project's report: `report_data` (report.json: plain, strict JSON), `render_markdown` (report.md, from that
-data only) and `write_report` (report.html through kn_core.reproduce.html's self-contained renderer, the run
-figures as embedded PNGs, and the three files written together or not at all). `kn report` and the app's
-File > Export > Report both come here with a `ProjectDocument` (kn_core/report/document.py).
+"""The project's report as data and text: `build_report` / `report_data` (report.json: plain data, written strict)
+and `render_markdown` (report.md, from that data only; report.html is rendered from it by `write.write_report`).
+`kn report` and the app's File > Export > Report both come here with a `ProjectDocument` (document.py).
 
 Nothing is dropped silently: a run whose refined set cannot be decided, a run with no finished prompt, an edit
 with no before/after measurement, a figure not drawn, runs beyond the figure limit: each is listed under "Left
@@ -151,7 +150,7 @@ def plan_figures(doc: ProjectDocument, runs: list[dict]) -> tuple[list[dict], li
         what = f"figures of run {entry['index']} ({entry['relation']}: {entry['subject']} \u2192 {entry['object']})"
         if id(run) not in drawn:
             refused.append({"what": what, "reason": f"the report draws the first {FIGURE_RUNS} facts' runs; "
-                                                    "`kn attribute`'s plots or the app's figure export draw any run"})
+                                                    "File > Export > Export figure in the app draws any run"})
             continue
         title = (f"{run.fact.subject} \u2192 {run.fact.object} ({run.fact.relation}) \u2014 "
                  f"{entry['model'] or 'unknown model'}, mean over {len(run.tops)} prompts")
