@@ -82,8 +82,8 @@ class ActionsMixin:
         self.act_export_model = self._action("Export edited model\u2026", self.export_model_dialog, None,
                                              "Save the model with its active edits to a folder")
         self.act_export_report = self._action("Export report (HTML)\u2026", self.export_report_dialog, None,
-                                              "One self-contained page: runs, figures, neuron sets, edits and "
-                                              "provenance; opens in any browser")
+                                              "Into a folder, as `kn report`: report.html (one self-contained page: "
+                                              "runs, figures, neuron sets, edits, provenance), report.md, report.json")
         self.act_open_scores = self._action("Open s&cores\u2026", self.open_scores_dialog, None,
                                             "Open a scores file (kn attribute --save) as a run")
         self.act_quit = self._action("&Quit", self.close, QKeySequence.Quit)
