@@ -82,8 +82,8 @@ class ActionsMixin:
         self.act_export_model = self._action("Export edited model\u2026", self.export_model_dialog, None,
                                              "Save the model with its active edits to a folder")
         self.act_export_report = self._action("Export report (HTML)\u2026", self.export_report_dialog, None,
-                                              "One self-contained page: runs, figures, neuron sets, edits and "
-                                              "provenance; opens in any browser")
+                                              "Into a folder, as `kn report`: report.html (one self-contained page: "
+                                              "runs, figures, neuron sets, edits, provenance), report.md, report.json")
         self.act_open_scores = self._action("Open s&cores\u2026", self.open_scores_dialog, None,
                                             "Open a scores file (kn attribute --save) as a run")
         self.act_quit = self._action("&Quit", self.close, QKeySequence.Quit)
@@ -276,20 +276,20 @@ class ActionsMixin:
         self.status(f"Results written to {path}.")
 
     def export_report_dialog(self):
-        path = save_file_dialog(self, "Export report", "report.html", "HTML (*.html)")
-        if path:
-            self.export_report(path if path.endswith((".html", ".htm")) else path + ".html")
+        folder = QFileDialog.getExistingDirectory(self, "Export report into a folder", str(export_folder()))
+        if folder:
+            remember_folder(Path(folder) / "report.html")
+            self.export_report(folder)
 
-    def export_report(self, path: str) -> bool:
-        """The project as one self-contained HTML page (kn_gui.report_export): a snapshot now, the figures drawn
-        and the file written by a worker job. False if nothing was queued."""
+    def export_report(self, folder: str) -> bool:
+        """The project's report (kn_core.report, as `kn report`) into `folder`: a snapshot now, the figures drawn
+        and the files written by a worker job. False if nothing was queued."""
         from .report_export import project_report_job
 
-        run = self.session.runs.get(fact_key(self.current_fact)) if self.current_fact is not None else None
-        job = project_report_job(path, self.session, self.edits.commands(), run, self.attribution_panel,
-                                 self.project.path)
-        self.runner.submit(f"Exporting the report to {Path(path).name}", job,  # a failure: the window's error
-                           on_done=lambda written: self.status(f"Report written to {written}."), uses=(),
+        job = project_report_job(folder, self.session, self.edits.saved_state(), self.project.path)
+        self.runner.submit(f"Exporting the report to {Path(folder).name}", job,  # a failure: the window's error
+                           on_done=lambda written: self.status(f"Report written to {written} (report.html, "
+                                                               "report.md, report.json)."), uses=(),
                            project_bound=False)
         return True
 

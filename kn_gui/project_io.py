@@ -14,11 +14,10 @@ import numpy as np
 from kn_core.attribution import PromptScores
 from kn_core.facts import Fact, FactSet, Prompt, Relation
 from kn_core.selection import DEFAULT_P, DEFAULT_T
+from kn_core.report.document import FLAGS_SETTING, GUI_SETTING, place_runs, run_state  # noqa: F401 - one reading
 
-from .session import CANCELLED, COMPLETE, FAILED, INTERRUPTED, RUNNING, NeuronSet, Run, Session, TooCoarse, fact_key
+from .session import CANCELLED, COMPLETE, FAILED, INTERRUPTED, RUNNING, NeuronSet, Run, Session, TooCoarse
 
-GUI_SETTING = "gui.state"
-FLAGS_SETTING = "gui.flags"  # the massive / unspecific flags and activation statistics (Session.flags_record)
 _STORE_STATUS = {COMPLETE: "done", CANCELLED: "cancelled", FAILED: "failed", INTERRUPTED: "cancelled"}
 
 
@@ -122,16 +121,6 @@ def _prompt_from(d: dict, fact: Fact) -> Prompt:
                   template=d.get("template", ""), fact=fact, kind=d.get("kind", ""))
 
 
-def _run_state(rec) -> str:
-    """The run's state; files from before states were saved have only `complete` (a stopped run was 'running')."""
-    state = rec.info.get("state")
-    if state in (COMPLETE, CANCELLED, FAILED, INTERRUPTED):
-        return state
-    if rec.info.get("complete", rec.status == "done"):
-        return COMPLETE
-    return {"cancelled": CANCELLED, "failed": FAILED}.get(rec.status, INTERRUPTED)
-
-
 def _read_run(project, rec, fact: Fact, models: dict) -> Run:
     """One stored run. Scores stored in the compact "top" form come back as `Run.compact` (TopScores), with
     arrays that hold NaN where a score was not kept (the map shows what is stored, never a made-up value)."""
@@ -155,9 +144,7 @@ def _read_run(project, rec, fact: Fact, models: dict) -> Run:
                                         else act.astype(np.float32, copy=False)),
             prob=p.prob if p.prob is not None else float("nan"), token_probs=[],
             completeness=p.completeness or [], seconds=p.seconds or 0.0, params=dict(rec.params)))
-    state = _run_state(rec)
-    if state == COMPLETE and len(results) < len(full.prompts):
-        state = INTERRUPTED
+    state = run_state(rec.status, rec.info, len(results), len(full.prompts))
     return Run(fact=fact, prompts=[_prompt_from(p.prompt, fact) for p in full.prompts], scores=results,
                params=dict(rec.params), model=models.get(rec.model_id, {}), seconds=rec.elapsed_s or 0.0,
                state=state, edits=list(rec.info.get("edits", [])), store_id=rec.id, compact=kept if compact else None,
@@ -241,33 +228,6 @@ def flags_from_json(d: dict | None) -> dict | None:
                 "flags": NeuronFlags.from_dict(d["flags"]), "stats": stats}
     except (KeyError, TypeError, ValueError):
         return None
-
-
-def place_runs(runs: list[Run]) -> tuple[dict, dict, dict]:
-    """(current run per fact, partial run kept beside it, earlier runs): the newest complete run of each fact is
-    current and a later partial one is kept beside it; a fact with no complete run shows its newest partial run;
-    every run these replace is an earlier run (kept, listed in the runs browser)."""
-    current: dict[tuple, Run] = {}
-    partial: dict[tuple, Run] = {}
-    earlier: dict[tuple, list[Run]] = {}
-
-    def retire(run):
-        if run is not None:
-            earlier.setdefault(fact_key(run.fact), []).append(run)
-
-    for run in runs:  # oldest first
-        key = fact_key(run.fact)
-        if run.complete:
-            retire(partial.pop(key, None))
-            retire(current.get(key))
-            current[key] = run
-        elif key in current and current[key].complete:
-            retire(partial.get(key))
-            partial[key] = run
-        else:
-            retire(current.get(key))
-            current[key] = run
-    return current, partial, earlier
 
 
 def results_dict(session: Session, edit_commands: list) -> dict:

@@ -221,6 +221,15 @@ CASES = [
     ("project-info-folder", ["project", "info", "{dir}"], ["{dir}"]),
     ("project-export-missing", ["project", "export", "/missing.knproj", "--out", "{tmp}/e"], ["no such project"]),
     ("project-info-json-missing", ["project", "info", "/missing.knproj", "--json"], ["no such project file"]),
+    # kn report: nothing is written when the project or the folder is wrong
+    ("report-missing-project", ["report", "/missing.knproj", "--out", "{tmp}/r"], ["no such project file"]),
+    ("report-corrupt-project", ["report", "{truncated_project}", "--out", "{tmp}/r"], ["truncated"]),
+    ("report-not-a-project", ["report", "{file}", "--out", "{tmp}/r"], ["not a Knowledge Neuron Studio project"]),
+    ("report-out-is-a-file", ["report", "{project}", "--out", "{file}"], ["--out", "existing file"]),
+    ("report-out-under-a-file", ["report", "{project}", "--out", "{file}/r"], ["--out", "is a file"]),
+    ("report-out-unwritable", ["report", "{project}", "--out", "/proc/kn-report"], ["/proc/kn-report"]),
+    ("report-out-holds-other-files", ["report", "{project}", "--out", "{pararel_dir}"],
+     ["already holds other files", "new or empty folder"]),
     # a whole fact set (kn attribute --facts; docs/SCALE.md)
     ("facts-run-no-project", ["attribute", "--facts", "builtin"], ["--project"]),
     ("facts-run-relation-unknown", ["attribute", "--facts", "builtin", "--relations", "P999", "--project",

@@ -130,10 +130,11 @@ def test_compact_runs_save_as_stored_and_refuse_where_not_decided(app, qtbot, se
     results = window.results_dict()
     assert all(r["refined"] is None and f"use t >= {FLOOR}" in r["sets_not_decided"] for r in results["runs"])
     # the HTML report's Markdown says the sets are not decided, with the reason (no traceback, no smaller set)
-    from kn_gui.report_export import project_markdown
+    from kn_core.report.build import render_markdown, report_data
+    from kn_gui.report_export import document_of, report_snapshot
 
-    markdown = project_markdown(window.session, [], None, [])
-    rows = [line for line in markdown.splitlines() if line.startswith("| P36 ")]
+    markdown = render_markdown(report_data(document_of(report_snapshot(window.session, (None, None), None))))
+    rows = [line for line in markdown.splitlines() if "| P36 |" in line]
     assert rows and all("not decided" in row and f"use t >= {FLOOR}" in row for row in rows)
     # saving keeps the compact form and every kept score as read
     copy = str(tmp_path / "saved.knproj")

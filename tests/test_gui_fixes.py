@@ -171,7 +171,7 @@ def test_heatmap_legend_is_outside_the_map(tmp_path):
     import numpy as np
     from matplotlib.figure import Figure
 
-    from kn_gui.panels.figures import _draw_heatmap
+    from kn_core.report.figures import _draw_heatmap  # the figures are drawn in kn_core (no Qt)
 
     scores = np.zeros((6, 40), dtype=np.float32)
     scores[5, 39] = 1.0  # a refined neuron in the top-right corner, where the legend used to sit

@@ -1,4 +1,4 @@
-"""The app's File -> Export -> Report (HTML) and File -> Open scores (tiny random models, fast)."""
+"""The app's File -> Export -> Report (kn_core.report, as `kn report`) and File -> Open scores (tiny random models, fast)."""
 
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ def test_export_report_has_runs_figures_edits_and_provenance(window, qtbot, tmp_
     run_fact(qtbot, window, steps=2)
     window.attribution_panel.select_neuron(0, 1)
     apply_edit(qtbot, window, {"kind": "Suppress", "target": ("selection", None), "scope": "answer"})
-    path = tmp_path / "report.html"
-    assert window.export_report(str(path))  # a snapshot now; the worker draws the figures and writes the page
+    folder = tmp_path / "report"
+    assert window.export_report(str(folder))  # a snapshot now; the worker draws the figures and writes the folder
     assert window.runner.wait_idle(60000)
+    path = folder / "report.html"
     page = path.read_text()
     for text in ("Attribution runs", "France \u2192 Paris", "Current run", "Edits in force", "mean(\u0394p)/mean(p)",
                  "reliability", "random neurons", "edit size", "|\u0394p|",
@@ -36,16 +37,17 @@ def test_export_report_has_runs_figures_edits_and_provenance(window, qtbot, tmp_
 
 
 def test_export_report_without_runs_says_so_and_a_bad_folder_is_an_error(window, tmp_path):
-    path = tmp_path / "empty.html"
-    assert window.export_report(str(path))
+    folder = tmp_path / "empty"
+    assert window.export_report(str(folder))
     assert window.runner.wait_idle(30000)
-    assert "No attribution run yet." in path.read_text()
+    assert "No attribution run yet." in (folder / "report.html").read_text()
     seen = errors(window)
-    window.export_report(str(tmp_path / "missing" / "r.html"))
+    (tmp_path / "a_file").write_text("not a folder")
+    window.export_report(str(tmp_path / "a_file" / "r"))
     assert window.runner.wait_idle(30000)
-    assert [t for t, _ in seen] == ["Exporting the report to r.html failed"]
-    assert "could not write" in seen[0][1] and "missing" in seen[0][1] and "\n" not in seen[0][1]
-    assert not (tmp_path / "missing").exists()
+    assert [t for t, _ in seen] == ["Exporting the report to r failed"]
+    assert "a_file is a file" in seen[0][1] and "\n" not in seen[0][1]
+    assert (tmp_path / "a_file").read_text() == "not a folder"
 
 
 def test_open_scores_becomes_a_run_and_survives_save_and_reopen(window, qtbot, tmp_path):

@@ -15,12 +15,12 @@ import argparse
 import errno
 import os
 
-from . import attribution, bench, degeneracy, edit, facts, model, project, reproduce, trace
+from . import attribution, bench, degeneracy, edit, facts, model, project, report, reproduce, trace
 from ..jsonio import dumps
 from .checks import Parser, check_args
 from .common import CliError, say
 
-VERB_GROUPS = (model, facts, attribution, project, edit, degeneracy, reproduce, bench, trace)
+VERB_GROUPS = (model, facts, attribution, project, report, edit, degeneracy, reproduce, bench, trace)
 
 
 def build_parser() -> argparse.ArgumentParser:

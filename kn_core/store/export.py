@@ -52,7 +52,7 @@ def _check_target(out: Path) -> None:
                                "choose a new or empty folder with --out (an earlier export is replaced)")
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
+def move_into_place(tmp: Path, out: Path) -> None:
     """Renames the finished temporary folder to `out`; an earlier export there is swapped out, then removed."""
     if not out.exists():
         os.rename(tmp, out)
@@ -84,7 +84,7 @@ def export_project(project: Project | str | os.PathLike, out_dir, with_arrays: b
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()
             written = _write_all(proj, tmp, with_arrays)
-            _move_into_place(tmp, out)
+            move_into_place(tmp, out)
         except OSError as exc:
             raise ProjectError(out, f"cannot write the export ({exc.strerror or exc}); nothing was left half-written",
                                "choose a writable folder with room with --out") from exc

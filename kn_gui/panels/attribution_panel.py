@@ -23,6 +23,7 @@ from kn_core.facts import CAUSAL_TEMPLATES
 from kn_core.neurons import refine_threshold
 from kn_core.selection import DEFAULT_P, DEFAULT_T
 from kn_core.validation import STEPS_RANGE
+from kn_core.report.figures import colour_bound
 
 from ..session import TooCoarse, neuron_name
 from .common import TableView, button, fmt_activation, fmt_prob, hbox, hint, vbox
@@ -459,9 +460,7 @@ class AttributionPanel(QWidget):
         # heatmap
         if scores is not None:
             # colour saturates at the strongest ~0.1% (never below t x max): single neurons stay visible
-            magnitude = np.abs(scores[np.isfinite(scores)])  # NaN: not stored (compact runs)
-            top = float(magnitude.max()) if magnitude.size else 1.0
-            bound = max(float(np.percentile(magnitude, 99.9)) if magnitude.size else 1.0, self.session.t * top, 1e-12)
+            bound = colour_bound(scores, self.session.t)  # as the report's map (NaN: not stored, compact runs)
             self.heat_widget.set_scores(scores, bound, fit=getattr(self, "_autorange", True))
             self.heat_widget.set_experts(self._experts(scores))
             self._autorange = False

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 from PySide6.QtCore import Qt
@@ -214,7 +213,11 @@ def safe_file_name(name: str) -> str:
 
 
 def write_json(path: str | Path, obj) -> None:
-    Path(path).write_text(json.dumps(obj, indent=2, default=str), encoding="utf-8")
+    """The app's JSON exports: one strict document (kn_core.jsonio: a NaN becomes null with a note, never the
+    invalid `NaN` token), written atomically (a full disk leaves an earlier file whole)."""
+    from kn_core.jsonio import dumps, write_text_atomic
+
+    write_text_atomic(path, dumps(obj, indent=2, default=str) + "\n")
 
 
 def vbox(*widgets, margins=(6, 6, 6, 6), spacing=6) -> QVBoxLayout:

@@ -14,20 +14,10 @@ import numpy as np
 from PySide6.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QDoubleSpinBox, QFileDialog, QFormLayout,
                                QLineEdit, QSpinBox)
 
-from ..session import neuron_name
+from kn_core.report.figures import (DEFAULT_DPI, DEFAULT_SIZE_IN, FIGURES, FORMATS, PROMPT_LINES,  # noqa: F401
+                                   NothingToPlot, per_layer, prompt_lines, refined_per_layer, render_figure)
+
 from .common import button, default_folder, hbox, hint, problem_label
-from .neuron_map import pooled_columns
-
-FIGURES = {"layers": "Attribution per layer", "heatmap": "Layer \u00d7 neuron map",
-           "prompts": "Refined neurons across prompts"}
-FORMATS = ("png", "svg", "pdf")
-DEFAULT_DPI = 300
-DEFAULT_SIZE_IN = (7.0, 3.5)  # a two-column-wide paper figure
-PROMPT_LINES = 10
-
-
-class NothingToPlot(ValueError):
-    """The figure would be empty; the message says what to do first."""
 
 
 def _model_name(panel) -> str:
@@ -61,12 +51,9 @@ def figure_data(panel, which: str) -> dict:
     data = {"which": which, "title": _fact_title(panel), "t": session.t, "p": session.p}
     if which == "layers":
         agg = panel.agg.currentText()
-        data["per_layer"] = scores.sum(1) if agg == "sum" else scores.max(1)
+        data["per_layer"] = per_layer(scores, agg)
         data["agg"] = agg
-        counts = np.zeros(scores.shape[0], dtype=int)
-        for layer, _ in panel.refined:
-            counts[layer] += 1
-        data["refined_per_layer"] = counts
+        data["refined_per_layer"] = refined_per_layer(panel.refined, scores.shape[0])
     elif which == "heatmap":
         flags = panel.flags
         data.update(scores=scores, bound=panel.heat_widget._bound, refined=list(panel.refined),
@@ -77,91 +64,8 @@ def figure_data(panel, which: str) -> dict:
         if not shown:
             raise NothingToPlot("no refined or selected neurons to follow across prompts: select neurons in the "
                                 "map (Ctrl-click adds) or lower t or p")
-        lines = {}
-        for layer, neuron in shown:
-            ys = []
-            for ps in run.scores:
-                top = float(np.max(ps.scores))
-                ys.append(float(ps.scores[layer, neuron]) / top if top > 0 else 0.0)
-            lines[neuron_name(layer, neuron)] = ys
-        data["lines"] = lines
+        data["lines"] = prompt_lines([ps.scores for ps in run.scores], shown)
     return data
-
-
-def render_figure(data: dict, path: str | Path, size_in=DEFAULT_SIZE_IN, dpi: int = DEFAULT_DPI) -> Path:
-    """Writes the figure to `path`; the format follows the suffix (.png, .svg, .pdf)."""
-    import matplotlib
-    from matplotlib.figure import Figure
-
-    path = Path(path)
-    fmt = path.suffix.lower().lstrip(".")
-    if fmt not in FORMATS:
-        raise ValueError(f"the file name must end in .png, .svg or .pdf, not {path.name!r}")
-    width, height = size_in
-    if not (1 <= width <= 40 and 1 <= height <= 40) or not (50 <= dpi <= 1200):
-        raise ValueError(f"size {width} x {height} in at {dpi} dpi is out of range: use 1-40 in and 50-1200 dpi")
-    # text stays text (editable, searchable): SVG <text>, TrueType (Type 42) fonts in PDF, as journals ask
-    with matplotlib.rc_context({"svg.fonttype": "none", "pdf.fonttype": 42}):
-        figure = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
-        figure.suptitle(data["title"], fontsize=9)
-        {"layers": _draw_layers, "heatmap": _draw_heatmap, "prompts": _draw_prompts}[data["which"]](figure, data)
-        figure.savefig(path, format=fmt, dpi=dpi)
-    return path
-
-
-def _draw_layers(figure, data):
-    left, right = figure.subplots(1, 2)
-    x = np.arange(len(data["per_layer"]))
-    left.bar(x, data["per_layer"], color="#5dade2", edgecolor="#2e86c1",
-             label=f"{data['agg']} of attribution scores")
-    left.set_xlabel("layer")
-    left.set_ylabel(f"{data['agg']} of scores")
-    left.legend(fontsize=7, loc="best")
-    right.bar(x, data["refined_per_layer"], color="#e74c3c", edgecolor="#922b21",
-              label=f"refined neurons (t = {data['t']:.2f}, p = {data['p']:.2f})")
-    right.set_xlabel("layer")
-    right.set_ylabel("neurons")
-    right.yaxis.get_major_locator().set_params(integer=True)
-    right.legend(fontsize=7, loc="best")
-
-
-def _draw_heatmap(figure, data):
-    axes = figure.subplots()
-    scores, bound = data["scores"], data["bound"]
-    layers, neurons = scores.shape
-    width_px = figure.get_figwidth() * figure.dpi * 0.8
-    factor = max(1, int(np.ceil(neurons / width_px)))
-    shown = pooled_columns(scores, factor)
-    image = axes.imshow(shown, aspect="auto", origin="lower", cmap="RdBu_r", vmin=-bound, vmax=bound,
-                        interpolation="nearest", extent=(0, shown.shape[1] * factor, 0, layers))
-    colorbar = figure.colorbar(image, ax=axes, pad=0.01)
-    colorbar.set_label(f"attribution score (clipped at \u00b1{bound:.2g})", fontsize=8)
-    marks = [("refined", data["refined"], dict(marker="o", facecolors="none", edgecolors="#c0392b", s=40)),
-             ("selected", data["selected"], dict(marker="s", facecolors="none", edgecolors="#7d6608", s=50)),
-             ("flagged massive", data["massive"], dict(marker="*", color="#6c3483", s=50)),
-             ("flagged unspecific", data["unspecific"], dict(marker="D", facecolors="none", edgecolors="#6c3483",
-                                                             s=30))]
-    for label, neurons_, style in marks:
-        if neurons_:
-            axes.scatter([n + 0.5 for _, n in neurons_], [l + 0.5 for l, _ in neurons_], label=label, **style)
-    if any(m[1] for m in marks):  # below the map, never over a marked neuron
-        axes.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4, frameon=False)
-    axes.set_xlim(0, neurons)
-    axes.set_ylim(0, layers)
-    axes.set_xlabel("neuron" + (f" (one column = the strongest of {factor})" if factor > 1 else ""))
-    axes.set_ylabel("layer")
-
-
-def _draw_prompts(figure, data):
-    axes = figure.subplots()
-    for name, ys in data["lines"].items():
-        axes.plot(np.arange(1, len(ys) + 1), ys, marker="o", label=name)
-    axes.axhline(data["t"], color="#7f8c8d", linestyle="--", label=f"t = {data['t']:.2f}")
-    n = len(next(iter(data["lines"].values())))
-    axes.set_xticks(np.arange(1, n + 1))
-    axes.set_xlabel("prompt")
-    axes.set_ylabel("score / the prompt's max score")
-    axes.legend(fontsize=7, ncol=2)
 
 
 def export_figure(panel, which: str, path: str | Path, size_in=DEFAULT_SIZE_IN, dpi: int = DEFAULT_DPI) -> Path:

@@ -21,6 +21,8 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QPointF, QTimer, Signal
 
+from kn_core.report.figures import pooled_columns, strongest  # noqa: F401 - the map pools as the figures do
+
 REFINED = "#e74c3c"
 FLAG = "#6c3483"
 MIN_LAYER_PX = 6  # each layer gets at least this many pixels of height (30 layers: 180 px)
@@ -46,22 +48,6 @@ class CellAxis(pg.AxisItem):
 
     def tickStrings(self, values, scale, spacing):
         return [str(int(math.floor(v))) for v in values]
-
-
-def strongest(values: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Index of the value of largest magnitude; NaN (a score not stored) only where nothing else is."""
-    return np.nan_to_num(np.abs(values), nan=-1.0).argmax(axis=axis)
-
-
-def pooled_columns(scores: np.ndarray, factor: int) -> np.ndarray:
-    """Columns grouped by `factor`, each group shown by its value of largest magnitude (sign kept)."""
-    if factor <= 1:
-        return scores
-    layers, neurons = scores.shape
-    padded = np.pad(scores, ((0, 0), (0, (-neurons) % factor)), constant_values=np.nan)
-    blocks = padded.reshape(layers, -1, factor)
-    strongest_index = strongest(blocks, axis=2)
-    return np.take_along_axis(blocks, strongest_index[..., None], axis=2)[..., 0]
 
 
 def expert_at(experts, layer: int, neuron: int):

@@ -9,7 +9,6 @@ The inspector reads a value vector with the sign of the neuron's activation: a n
 
 from __future__ import annotations
 
-import json
 
 import csv
 
@@ -18,7 +17,7 @@ from PySide6.QtGui import QBrush, QColor
 from PySide6.QtWidgets import (QHeaderView, QGroupBox, QInputDialog, QLabel, QSplitter, QTabWidget, QWidget)
 
 from ..session import NeuronSet, fact_label, neuron_name
-from .common import TableView, button, hbox, hint, safe_file_name, save_file_dialog, vbox
+from .common import TableView, button, hbox, hint, safe_file_name, save_file_dialog, vbox, write_json
 from .neuron_map import FLAG, expert_text
 
 FLAG_GLYPH = "\u26a0"
@@ -234,8 +233,7 @@ class NeuronsPanel(QWidget):
                 flagged = {f"{l},{n}": list(self.flags_of((l, n))) for l, n in s.neurons if self.flags_of((l, n))}
                 if flagged:
                     data["flags"] = flagged  # "layer,neuron" -> ["massive", ...]
-                with open(path, "w", encoding="utf-8") as handle:
-                    json.dump(data, handle, indent=2)
+                write_json(path, data)
         except OSError as exc:
             self.error.emit("Could not export the set", f"{exc}. Choose a folder you can write to.")
             return
