@@ -39,6 +39,9 @@ class ProjectSnapshot:
     autosave_of: str | None = None  # set in autosave files: the project they are the unsaved state of
     score_storage: dict | None = None  # the project's Project.score_storage(); saving keeps it (None: full)
     flags: dict | None = None  # Session.flags_record(): restored on open, so sets never include a flagged neuron
+    # what the app does not show but other front ends stored (kn edit --project evaluations, kn trace, settings of
+    # other tools): read on open and written back on save, since saving rewrites the whole file
+    kept_records: dict = field(default_factory=dict)  # {"evaluations": [...], "settings": {...}}
 
 
 def snapshot(session: Session, edit_state: dict | None, model_info: dict | None) -> ProjectSnapshot:
@@ -51,7 +54,8 @@ def snapshot(session: Session, edit_state: dict | None, model_info: dict | None)
                                  for s in session.neuron_sets.values()],
                            edit_state=edit_state, model=model_info, t=session.t, p=session.p,
                            causal_templates=session.causal_templates, checks=dict(session.checks),
-                           score_storage=session.score_storage, flags=session.flags_record())
+                           score_storage=session.score_storage, flags=session.flags_record(),
+                           kept_records=session.kept_records)
 
 
 def save_project(path: str, snap: ProjectSnapshot, task=None) -> str:
@@ -89,6 +93,7 @@ def _write_snapshot(project, snap: ProjectSnapshot, task) -> None:
     if snap.score_storage and snap.score_storage.get("form", "full") != "full":
         project.set_score_storage(**snap.score_storage)  # the project's choice, for the runs made since
     fs = snap.factset
+    _write_kept_records(project, snap.kept_records)  # first, so the app's own settings below win
     project.set_setting("factset.name", fs.name)
     for relation in fs.relations.values():
         project.add_relation(relation)
@@ -114,6 +119,30 @@ def _write_snapshot(project, snap: ProjectSnapshot, task) -> None:
     project.set_setting(GUI_SETTING, {"t": snap.t, "p": snap.p, "autosave_of": snap.autosave_of,
                                       "causal_templates": snap.causal_templates,
                                       "checks": [[list(k[0]), k[1], v] for k, v in snap.checks.items()]})
+
+
+def _read_kept_records(project) -> dict:
+    """The evaluations (each with its model's description) and the settings the app does not write from its own
+    state on every save (its view, the edit history's, the score storage's), as plain data."""
+    from kn_core.store import EDIT_STATE_SETTING, SCORE_STORAGE
+
+    written_by_the_app = {GUI_SETTING, FLAGS_SETTING, "factset.name", SCORE_STORAGE, EDIT_STATE_SETTING}
+    models = {m.id: {"source": m.source, "sha256": m.sha256, "dtype": m.dtype, "family": m.family, "kind": m.kind,
+                     "layers": m.layers, "neurons": m.neurons} for m in project.list_models()}
+    evaluations = [{"kind": e.kind, "name": e.name, "model": models.get(e.model_id), "params": e.params,
+                    "report": e.report, "library_versions": e.library_versions, "status": e.status,
+                    "started_at": e.started_at, "elapsed_s": e.elapsed_s} for e in project.list_evaluations()]
+    return {"evaluations": evaluations,
+            "settings": {k: v for k, v in project.settings().items() if k not in written_by_the_app}}
+
+
+def _write_kept_records(project, kept: dict) -> None:
+    for key, value in (kept.get("settings") or {}).items():
+        project.set_setting(key, value)
+    for e in kept.get("evaluations") or ():
+        project.add_evaluation(e["kind"], e["report"], params=e["params"], model=e["model"], name=e["name"],
+                               status=e["status"], started_at=e["started_at"], elapsed_s=e["elapsed_s"],
+                               library_versions=e["library_versions"])
 
 
 def _prompt_from(d: dict, fact: Fact) -> Prompt:
@@ -184,13 +213,14 @@ def open_project_file(path: str, task=None) -> ProjectSnapshot:
         gui = project.get_setting(GUI_SETTING, {}) or {}
         flags = flags_from_json(project.get_setting(FLAGS_SETTING))
         storage = project.score_storage()
+        kept = _read_kept_records(project)
     finally:
         project.close()
     checks = {(tuple(key), template): value for key, template, value in gui.get("checks", [])}
     return ProjectSnapshot(factset=factset, runs=runs, sets=sets, edit_state=edit_state, edit_sha=edit_sha,
                            t=gui.get("t", DEFAULT_T), p=gui.get("p", DEFAULT_P), checks=checks, path=path,
                            causal_templates=gui.get("causal_templates", "prefix"), score_storage=storage,
-                           autosave_of=gui.get("autosave_of"), flags=flags)
+                           autosave_of=gui.get("autosave_of"), flags=flags, kept_records=kept)
 
 
 def _array_to_json(a: np.ndarray) -> dict:

@@ -172,6 +172,7 @@ class Session:
         self.results_dirty = False
         self.path: str | None = None
         self.score_storage: dict | None = None  # the opened project's Project.score_storage(), kept when saving
+        self.kept_records: dict = {}  # what the app does not show but must save again (project_io.KeptRecords)
         self.generation = 0  # which project is open: +1 at each open / new (a job's result is kept only for its own)
 
     # ----------------------------------------------------------------- prompts

@@ -295,3 +295,39 @@ def test_a_failed_save_changes_nothing(tmp_path, monkeypatch):
         save_project(str(path), saved_snapshot(runs=3, prompts=2))
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.knproj"]  # no temporary file left behind
+
+
+def test_saving_from_the_app_keeps_what_other_front_ends_stored(window, qtbot, tmp_path):
+    """The app saves by rewriting the whole file from its session: evaluations stored by `kn edit --project` or
+    `kn trace`, and settings of other tools, which the app does not show, were dropped by the first save. They
+    are read on open and written back, with their model; the app's own settings are still its own."""
+    from kn_core.store import open_project
+    from kn_gui.project_io import save_project
+
+    path = str(tmp_path / "shared.knproj")
+    save_project(path, saved_snapshot(runs=1, prompts=1))
+    model = {"source": "tiny", "sha256": "ab" * 32, "dtype": "float32", "family": "gpt2", "kind": "causal",
+             "layers": 3, "neurons": 72}
+    project = open_project(path)
+    with project.atomic("the CLI's records"):
+        project.add_evaluation("edit", {"metrics": {"reliability": 0.75}}, params={"edit": "suppress"},
+                               model=model, name="kn edit suppress", elapsed_s=2.5)
+        project.add_evaluation("trace", {"peak": [3, 1]}, name="kn trace")
+        project.set_setting("another.tool", {"kept": [1, 2]})
+    want = [(e.kind, e.name, e.params, e.report, e.status, e.started_at, e.elapsed_s)
+            for e in project.list_evaluations()]
+    project.close()
+
+    with qtbot.waitSignal(window.project_opened, timeout=30000):
+        window.open_project(path)
+    assert window.save_to(path, wait=True)
+
+    project = open_project(path, read_only=True)
+    try:
+        assert [(e.kind, e.name, e.params, e.report, e.status, e.started_at, e.elapsed_s)
+                for e in project.list_evaluations()] == want
+        (stored_model,) = [m for m in project.list_models() if m.sha256 == model["sha256"]]
+        assert project.list_evaluations("edit")[0].model_id == stored_model.id
+        assert project.get_setting("another.tool") == {"kept": [1, 2]}
+    finally:
+        project.close()

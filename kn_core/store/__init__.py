@@ -24,7 +24,7 @@ from .errors import (
 )
 from .export import export_project
 from .database import SUFFIX
-from .project import (Project, check_project_file, create_project, open_or_create_project, open_project,
+from .project import (EDIT_STATE_SETTING, Project, check_project_file, create_project, open_or_create_project, open_project,
                       recover_project)
 from .records import (
     EvaluationRecord,
@@ -38,12 +38,12 @@ from .records import (
     library_versions,
     record_to_dict,
 )
-from .runs import RunRecorder
+from .runs import SCORE_STORAGE, RunRecorder
 from .topscores import ScoresTooCoarseError, TopScores
 from .schema import APPLICATION_ID, SCHEMA_VERSION
 
 __all__ = [
-    "APPLICATION_ID", "SCHEMA_VERSION", "SUFFIX",
+    "APPLICATION_ID", "EDIT_STATE_SETTING", "SCORE_STORAGE", "SCHEMA_VERSION", "SUFFIX",
     "Project", "create_project", "open_project", "open_or_create_project", "check_project_file", "recover_project",
     "export_project",
     "HistoryCheck", "library_versions", "record_to_dict",

@@ -50,7 +50,7 @@ from .schema import (
     TemplateRow,
 )
 
-_EDIT_STATE_KEY = "edit_history.state"
+EDIT_STATE_SETTING = "edit_history.state"
 
 
 def create_project(path, name: str | None = None) -> "Project":
@@ -228,6 +228,11 @@ class Project(RunStore):
         with self._session("reading a setting") as s:
             row = s.get(Setting, key)
             return default if row is None else row.value
+
+    def settings(self) -> dict:
+        """Every setting, key -> value (what a front end that rewrites the file must carry over)."""
+        with self._session("reading the settings") as s:
+            return {row.key: row.value for row in s.scalars(select(Setting))}
 
     def set_setting(self, key: str, value) -> None:
         with self._session("saving a setting", write=True) as s:
@@ -486,7 +491,7 @@ class Project(RunStore):
                 neurons = neuron_list(edit.pop("neurons", []))
                 s.add(EditRow(position=pos, kind=kind, neurons=neurons, params=jsonable(edit), applied=applied,
                               enabled=enabled, model_id=model_id, extra=jsonable(extra), created_at=stamp))
-            s.merge(Setting(key=_EDIT_STATE_KEY, value=jsonable(extras)))
+            s.merge(Setting(key=EDIT_STATE_SETTING, value=jsonable(extras)))
 
     def list_edits(self) -> list[dict]:
         """The stored history as rows: position, kind, neurons, params, applied (done), enabled, model_id."""
@@ -502,7 +507,7 @@ class Project(RunStore):
         when no history). Feed `state` to `EditStack.load_dict` only if `edit_history_applies` says yes."""
         with self._session("reading the edit history") as s:
             rows = list(s.scalars(select(EditRow).order_by(EditRow.position)))
-            saved = s.get(Setting, _EDIT_STATE_KEY)
+            saved = s.get(Setting, EDIT_STATE_SETTING)
             extras = dict((saved.value if saved is not None else None) or {})
             sha = None
             model_ids = {r.model_id for r in rows if r.model_id is not None}

@@ -105,6 +105,7 @@ class ProjectController(QObject):
         s.t, s.p = snap.t, snap.p
         s.causal_templates = snap.causal_templates
         s.score_storage = snap.score_storage
+        s.kept_records = snap.kept_records
         s.checks = snap.checks if s.lm is not None else {}
         s.saved_flags = snap.flags
         self.discard_autosave()
@@ -125,6 +126,7 @@ class ProjectController(QObject):
         self.discard_autosave()
         self.path = None
         self.session.score_storage = None  # a new project stores full scores
+        self.session.kept_records = {}
         self.session.saved_flags = None
 
     # ----------------------------------------------------------------------------------------- autosave
