@@ -151,14 +151,16 @@ def test_compact_runs_save_as_stored_and_refuse_where_not_decided(app, qtbot, se
 
 def test_flags_see_the_coarse_sets_of_the_full_scores_or_leave_the_fact_out(compact_project):
     from kn_gui.controllers.attribution import decided_scores
+    from kn_gui.session import CompactScores, FullScores
 
     path, full = compact_project
     with open_project(path, read_only=True) as project:
         tops = [list(project.load_top_scores(r.id).values()) for r in project.list_runs()]
     massive = frozenset({(0, 1)})
-    decided, note = decided_scores({"P36": tops}, 0.4, massive)
+    decided, note = decided_scores({"P36": [CompactScores(t) for t in tops]}, 0.4, massive)
     assert note == "" and len(decided["P36"]) == 2
     for arrays, fact in zip(decided["P36"], (FRANCE, JAPAN)):
         assert kn_neurons.fact_coarse_set(arrays, 0.4, massive) == kn_neurons.fact_coarse_set(full[fact], 0.4, massive)
-    decided, note = decided_scores({"P36": tops, "P37": [full[FRANCE]]}, LOW_T, massive)
+    decided, note = decided_scores({"P36": [CompactScores(t) for t in tops], "P37": [FullScores(full[FRANCE])]},
+                                  LOW_T, massive)
     assert list(decided) == ["P37"] and note.startswith("2 compactly stored fact(s) left out") and "t >= 0.3" in note

@@ -14,8 +14,7 @@ from PySide6.QtCore import QObject, Signal
 
 from kn_core.facts import Fact
 
-from ..session import (CANCELLED, COMPLETE, FAILED, NeuronSet, Run, Session, TooCoarse, compact_call,
-                       fact_key, fact_label)
+from ..session import CANCELLED, COMPLETE, FAILED, NeuronSet, Run, Session, TooCoarse, fact_key, fact_label
 from ..worker import JobRunner
 from . import UserError
 
@@ -98,20 +97,18 @@ def no_prompts_fix(kind: str, prefix_helps: bool) -> str:
 
 
 def decided_scores(by_relation: dict, t: float, massive) -> tuple[dict, str]:
-    """Session.flag_inputs' scores as arrays for neurons.scored_flags: a compact fact (a list of TopScores) is
+    """Session.flag_inputs' stored scores (`Run.stored`) as arrays for neurons.scored_flags: a compact fact is
     kept when its coarse sets at t with the massive neurons excluded are decided by the kept scores (its unkept
     ones at -inf), else left out and counted in the returned note."""
     out, dropped, reason = {}, 0, ""
     for relation, facts in by_relation.items():
-        for scores in facts:
-            if scores and not isinstance(scores[0], np.ndarray):
-                try:
-                    compact_call(lambda ts, scores=scores: ts.coarse_counts(scores, t, massive))
-                except TooCoarse as exc:
-                    dropped, reason = dropped + 1, str(exc)
-                    continue
-                scores = [top.dense() for top in scores]
-            out.setdefault(relation, []).append(scores)
+        for stored in facts:
+            try:
+                arrays = stored.decided_arrays(t, massive)
+            except TooCoarse as exc:
+                dropped, reason = dropped + 1, str(exc)
+                continue
+            out.setdefault(relation, []).append(arrays)
     return out, (f"{dropped} compactly stored fact(s) left out of the unspecific flag: {reason}" if dropped else "")
 
 
