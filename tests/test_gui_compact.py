@@ -61,7 +61,7 @@ def stored(path):
 
 def open_in_window(qtbot, window, path):
     with qtbot.waitSignal(window.project_opened, timeout=30000):
-        window.open_project(path)
+        window.lifecycle.open_project(path)
     assert window.runner.wait_idle(30000)
     QCoreApplication.processEvents()
 
@@ -123,11 +123,11 @@ def test_compact_runs_save_as_stored_and_refuse_where_not_decided(app, qtbot, se
     window.facts_panel.select_fact(FRANCE)
     window.select_fact(FRANCE)
     # at t = 0.01 adapting p and the relation's neurons refuse with the reason (no crash, no partial answer)
-    window.adapt_p()
-    window.make_relation_set()
+    window.attributions.adapt_p()
+    window.attributions.make_relation_set()
     assert [title for title, _ in shown] == ["Cannot adapt p", "Cannot make the relation's neurons"]
     assert all(f"use t >= {FLOOR}" in message for _, message in shown)
-    results = window.results_dict()
+    results = window.files.results_dict()
     assert all(r["refined"] is None and f"use t >= {FLOOR}" in r["sets_not_decided"] for r in results["runs"])
     # the HTML report's Markdown says the sets are not decided, with the reason (no traceback, no smaller set)
     from kn_gui.report_export import project_markdown
@@ -137,7 +137,7 @@ def test_compact_runs_save_as_stored_and_refuse_where_not_decided(app, qtbot, se
     assert rows and all("not decided" in row and f"use t >= {FLOOR}" in row for row in rows)
     # saving keeps the compact form and every kept score as read
     copy = str(tmp_path / "saved.knproj")
-    assert window.save_to(copy, wait=True)
+    assert window.lifecycle.save_to(copy, wait=True)
     window.close()
     (form, before), (form_after, after) = stored(path), stored(copy)
     assert form == form_after and form_after["form"] == "top"

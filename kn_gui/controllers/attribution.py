@@ -253,6 +253,58 @@ class AttributionController(QObject):
         self.runner.submit("Flagging massive / unspecific neurons", job, on_done=done)
         return True
 
+    # ----------------------------------------------------------------------------------------- the model
+    def set_model(self, lm):
+        """`lm` is the session's model: the old one's answer checks and flags never describe it."""
+        s = self.session
+        s.lm = lm
+        s.checks.clear()
+        s.reset_flags()
+
+    def set_prompt_format(self, mode: str) -> bool:
+        """The loaded model encodes prompts in `mode` from now on (kn_core.encoding); True when that changed its
+        inputs (the answer checks and flags are dropped). A model that cannot (no chat template, a masked model)
+        is set back to plain: UserError saying why. False without a model."""
+        from kn_core.encoding import PromptError, set_prompt_format
+
+        lm = self.session.lm
+        if lm is None:
+            return False
+        before = lm.prompt_format
+        try:
+            set_prompt_format(lm, mode)
+        except PromptError as exc:
+            set_prompt_format(lm, "plain")
+            raise UserError("Prompts stay plain", f"Prompts stay plain: {exc}") from exc
+        if lm.prompt_format == before:
+            return False
+        self.session.checks.clear()
+        self.session.reset_flags()
+        return True
+
+    # ----------------------------------------------------------------------------------------- the selection rule
+    def change_selection(self, run: Run | None, **change) -> str:
+        """Applies t, p or keep_massive to the session when the shown `run`'s stored scores decide its sets with
+        them (full scores always do); a compactly stored run that cannot keeps the last valid values, and the
+        returned line says why ("" when applied)."""
+        s = self.session
+        before = {key: getattr(s, key) for key in change}
+        for key, value in change.items():
+            setattr(s, key, value)
+        if run is None or not run.scores:
+            return ""
+        try:
+            s.refined(run)
+        except TooCoarse as exc:
+            for key, value in before.items():
+                setattr(s, key, value)
+            return f"Kept t = {s.t:.2f}: {exc}"
+        return ""
+
+    def set_causal_templates(self, mode: str):
+        """Causal models' prompts from now on: every template cut before [Y], or only those ending in it."""
+        self.session.causal_templates = mode
+
     # ----------------------------------------------------------------------------------------- neuron sets
     def update_auto_sets(self, run: Run) -> bool:
         """The fact's refined neurons and the union of its coarse ones as named sets, in step with t and p."""
