@@ -137,7 +137,7 @@ class FileActions:
         except UserError as exc:
             self.show_error(exc.title, str(exc))
             return False
-        w._update_title()
+        w.update_title()
         w.facts_panel.select_fact(run.fact)
         w.select_fact(run.fact)
         self.status(f"Opened {Path(path).name} as a run: {run.fact.subject!r} \u2192 {run.fact.object!r}"
@@ -152,7 +152,7 @@ class FileActions:
 
     def export_model(self, folder: str):
         w = self.window
-        if not w._need_model() or not w._need_free("export the model"):
+        if not w.need_model() or not w.need_free("export the model"):
             return
         from kn_core.edit_stack import export_model
 

@@ -19,7 +19,7 @@ class AttributionFlow:
     # ----------------------------------------------------------------------------------------- runs
     def run_attribution(self, which: str = "current"):
         w = self.window
-        if not w._need_model():
+        if not w.need_model():
             return
         if which == "selection":
             facts = w.facts_panel.selected_facts()
@@ -53,12 +53,12 @@ class AttributionFlow:
     def attribute_relation(self, relation_id: str):
         """Attributes every fact of a relation (the erase edit's offer when it found too few neurons)."""
         facts = self.session.factset.facts_of(relation_id)
-        if facts and self.window._need_model():
+        if facts and self.window.need_model():
             self.window.facts_panel.select_facts(facts)
             self.run_attribution("selection")
 
     def check_facts(self, facts):
-        if not self.window._need_model() or not facts:
+        if not self.window.need_model() or not facts:
             return
         if not self.controller.check(list(facts)):
             self.status("No prompts to check (no templates usable for this model).")
@@ -82,7 +82,7 @@ class AttributionFlow:
             self.window.neurons_panel.set_run(ev.run)
 
     def _run_finished(self, ev):
-        self.window._mark_dirty()
+        self.window.mark_dirty()
         self.window.facts_panel.refresh_fact(ev.run.fact)
         if self.panel.run is ev.run:
             self.update_auto_sets(ev.run)
@@ -103,7 +103,7 @@ class AttributionFlow:
 
     def _runs_stopped(self, ev):
         w = self.window
-        w._mark_dirty()
+        w.mark_dirty()
         self.panel.live.clear()
         self.panel.show_run(None)
         if w.current_fact is not None:
@@ -149,7 +149,7 @@ class AttributionFlow:
 
     def update_auto_sets(self, run: Run):
         if self.controller.update_auto_sets(run):
-            self.window._sets_changed()
+            self.window.sets_changed()
 
     def change_selection(self, **change):
         """The panel's t, p or keep-massive request: applied by the controller when the shown run's stored scores
@@ -162,7 +162,7 @@ class AttributionFlow:
         run = self.panel.run
         if run is not None and run.scores:
             self.update_auto_sets(run)
-        self.window._mark_dirty()
+        self.window.mark_dirty()
         self.panel.redraw()
 
     def adapt_p(self):
@@ -208,7 +208,7 @@ class AttributionFlow:
         if changed:  # the facts' checked answers and the flags were measured on other inputs
             self.show_flags()
             self.window.facts_panel.rebuild()
-            self.window._update_actions()  # as after set_model: the rebuild leaves Run disabled until then
+            self.window.update_actions()  # as after set_model: the rebuild leaves Run disabled until then
         if mode == "chat":
             self.status("Prompts: chat (the model's chat template, the prompt starting the assistant's reply); runs "
                         "from now on record it, earlier runs keep theirs.")

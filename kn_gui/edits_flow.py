@@ -29,7 +29,7 @@ class EditsFlow:
         else:
             chosen = self.session.neuron_sets.get(target[1])
             neurons = list(map(tuple, chosen.neurons)) if chosen else []
-        w._try(w.edits.apply, request, w.current_fact, neurons)
+        w.attempt(w.edits.apply, request, w.current_fact, neurons)
 
     def batch_edit(self, facts):
         """The Edits panel's request on each selected fact; facts without a run are named before anything runs
@@ -46,7 +46,7 @@ class EditsFlow:
             elif QMessageBox.question(w, "Skip facts without a run?", note + " Edit the other "
                                       f"{len(facts) - len(missing)}?") != QMessageBox.Yes:
                 return
-        w._try(w.batch.apply, self.panel.current_request(), list(facts))
+        w.attempt(w.batch.apply, self.panel.current_request(), list(facts))
 
     def on_edits_event(self, ev):
         w = self.window

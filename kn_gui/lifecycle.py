@@ -45,7 +45,7 @@ class ProjectLifecycle:
     # ----------------------------------------------------------------------------------------- new, open
     def new_project(self):
         w = self.window
-        if not self.confirm_discard() or not w._need_free("start a new project", "session"):
+        if not self.confirm_discard() or not w.need_free("start a new project", "session"):
             return
         self.project.new()
         w.current_fact = None
@@ -53,8 +53,8 @@ class ProjectLifecycle:
         w.attribution_panel.show_run(None)
         w.neurons_panel.refresh()
         w.edits_panel.show_report(None)
-        w._sets_changed()
-        w._update_title()
+        w.sets_changed()
+        w.update_title()
         w.status("New project.")
 
     def open_project_dialog(self):
@@ -96,7 +96,7 @@ class ProjectLifecycle:
             self._project_loaded(ev)
         elif isinstance(ev, P.ProjectSaved):
             w.menus.add_recent(ev.path)
-            w._update_title()
+            w.update_title()
             w.project_saved.emit(ev.path)
             w.status(f"Saved {ev.path}.")
         elif isinstance(ev, P.Autosaved) and ev.error:
@@ -112,7 +112,7 @@ class ProjectLifecycle:
         w.current_fact = None
         w.attribution_panel.show_run(None)
         w.edits_panel.show_report(None)
-        w._sets_changed()
+        w.sets_changed()
         w.edits.pending = None
         if snap.edit_state and snap.edit_state.get("entries"):
             self.restore_history(snap.edit_state, snap.edit_sha)
@@ -124,7 +124,7 @@ class ProjectLifecycle:
             w.select_fact(first.fact)
         if not ev.recovered:
             w.menus.add_recent(snap.path)
-        w._update_title()
+        w.update_title()
         w.project_opened.emit(snap.path)
         what = "Recovered unsaved work" if ev.recovered else f"Opened {snap.path}"
         w.status(f"{what}: {len(s.factset.facts)} facts, {len(s.runs)} runs, {len(s.neuron_sets)} neuron sets.")
@@ -164,7 +164,7 @@ class ProjectLifecycle:
     def save_to(self, path: str, wait: bool = False) -> bool:
         """Queues the save; with `wait`, returns whether it reached the disk."""
         w = self.window
-        if not w._need_free("save", "session"):
+        if not w.need_free("save", "session"):
             return False
         saved = []
         w.project_saved.connect(saved.append)

@@ -3,7 +3,7 @@ owns, each holding its own state: `menus` (actions, menus, toolbar, recent proje
 sizes, the saved layout: layout.py), `lifecycle` (new, open, save, recovery: lifecycle.py), `files` (imports,
 exports, scores files, the runs browser: actions.py), `attributions` (runs, checks, flags, thresholds:
 attribution_flow.py) and `editing` (edits, batch edits, neuron selection: edits_flow.py). The controllers
-(kn_gui/controllers) change the session; panels only emit requests."""
+(kn_gui/controllers) change the session; the attribution panel only emits requests."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ class MainWindow(QMainWindow):
         self._build_status()
         self._connect()
         self.docks.restore()
-        self._update_title()
+        self.update_title()
         self.menus.update()
         self._autosave_timer.start()
         if not self.session.factset.facts and "unavailable" in self.session.factset.name:
@@ -147,9 +147,9 @@ class MainWindow(QMainWindow):
         r.job_ended.connect(self._job_ended)
         r.busy_changed.connect(self._busy_changed)
         for stack in (self.history.edits, self.history.facts):
-            stack.cleanChanged.connect(lambda _: self._update_title())
-            stack.canUndoChanged.connect(self._update_actions)
-            stack.canRedoChanged.connect(self._update_actions)
+            stack.cleanChanged.connect(lambda _: self.update_title())
+            stack.canUndoChanged.connect(self.update_actions)
+            stack.canRedoChanged.connect(self.update_actions)
         self.history.edits.indexChanged.connect(self._edits_index_changed)
         self.history.facts.indexChanged.connect(self._facts_index_changed)
         self.attribution.event.connect(flow.on_event)
@@ -177,7 +177,7 @@ class MainWindow(QMainWindow):
         np_ = self.neurons_panel
         np_.select_neurons.connect(editing.select_from_set)
         np_.inspect_requested.connect(editing.inspect_neuron)
-        np_.sets_changed.connect(self._sets_changed)
+        np_.sets_changed.connect(self.sets_changed)
         np_.error.connect(self.show_error)
         np_.message.connect(self.status)
         self.edits_panel.apply_requested.connect(editing.apply_edit)
@@ -185,7 +185,7 @@ class MainWindow(QMainWindow):
         self.edits_panel.message.connect(self.status)
 
     # ================================================================= title, status, errors, jobs
-    def _update_title(self):
+    def update_title(self):
         name = Path(self.project.path).name if self.project.path else "untitled"
         self.setWindowTitle(f"{name}[*] \u2014 {APP_NAME}")
         self.setWindowModified(self.is_modified())
@@ -193,9 +193,9 @@ class MainWindow(QMainWindow):
     def is_modified(self) -> bool:
         return self.project.modified()
 
-    def _mark_dirty(self):
+    def mark_dirty(self):
         self.session.results_dirty = True
-        self._update_title()
+        self.update_title()
 
     def status(self, message: str, timeout_ms: int = 8000):
         self.statusBar().showMessage(message, timeout_ms)
@@ -210,7 +210,7 @@ class MainWindow(QMainWindow):
             box.setWindowModality(Qt.WindowModal)
             box.open()  # not exec(): the event loop (and the worker's signals) keep running
 
-    def _try(self, fn, *args) -> bool:
+    def attempt(self, fn, *args) -> bool:
         """Runs a controller call; a UserError becomes a message. True when it went through."""
         try:
             fn(*args)
@@ -237,9 +237,9 @@ class MainWindow(QMainWindow):
 
     def _busy_changed(self, busy: bool):
         self.model_panel.set_loading(busy)
-        self._update_actions()
+        self.update_actions()
 
-    def _update_actions(self, *_):
+    def update_actions(self, *_):
         self.menus.update()
 
     def cancel_job(self):
@@ -247,14 +247,14 @@ class MainWindow(QMainWindow):
             self.runner.cancel()
             self.job_status.cancel_requested()
 
-    def _need_model(self) -> bool:
+    def need_model(self) -> bool:
         if self.session.lm is None:
             self.show_error("No model loaded", "Load a model first: Model panel \u2192 Load model (Ctrl+L). The "
                             "embedded default works offline.")
             return False
         return True
 
-    def _need_free(self, what: str, resource: str = "model") -> bool:
+    def need_free(self, what: str, resource: str = "model") -> bool:
         """False (with a message) while a running or queued job reads what this would change."""
         job = self.runner.in_use(resource)
         if job is not None:
@@ -266,7 +266,7 @@ class MainWindow(QMainWindow):
     # ================================================================= model
     def load_model(self, source: str = "default", device: str = "auto", dtype: str = "auto"):
         """Queued behind whatever runs (opening a project, saving), refused only while the model is in use."""
-        if not self._need_free("load a model"):
+        if not self.need_free("load a model"):
             return
         if self.edit_stack is not None and self.edit_stack.active_edits() and not self.quiet and \
                 QMessageBox.question(self, "Replace the model?", "The current model has active edits. Loading "
@@ -300,7 +300,7 @@ class MainWindow(QMainWindow):
         self.facts_dock.raise_()  # the next step is picking a fact (the model's summary stays in the status bar)
         if self.edits.pending:
             self.lifecycle.restore_history(*self.edits.pending)
-        self._update_actions()
+        self.update_actions()
         self.model_loaded.emit(lm)
         self.status(f"Model ready: {info.get('name') or lm.source} ({lm.family}, {lm.layout.layers} layers \u00d7 "
                     f"{lm.layout.neurons} neurons).")
@@ -313,8 +313,8 @@ class MainWindow(QMainWindow):
 
     # ================================================================= undo / redo
     def _edits_index_changed(self, _index: int):
-        self._update_actions()
-        self._update_title()
+        self.update_actions()
+        self.update_title()
         self.edits_panel.show_report(self.edits.report_shown())
         # the weights changed: the answer checks in the Facts tree describe the old ones
         self.attribution.model_changed()
@@ -329,8 +329,8 @@ class MainWindow(QMainWindow):
 
     def _facts_index_changed(self, _index: int):
         self.facts_panel.rebuild()
-        self._update_actions()
-        self._update_title()
+        self.update_actions()
+        self.update_title()
         fact = self.current_fact  # a run opened, deleted or restored (runs browser): the fact's run changed
         if fact is not None and self.session.runs.get(fact_key(fact)) is not self.attribution_panel.run:
             self.current_fact = None
@@ -342,13 +342,13 @@ class MainWindow(QMainWindow):
     def undo(self):
         """Undoes the newest change of either history; model edits wait for the model to be free."""
         stack = self.history.next_undo()
-        if stack is None or (stack is self.history.edits and not self._need_free("undo an edit")):
+        if stack is None or (stack is self.history.edits and not self.need_free("undo an edit")):
             return
         self.history.undo(stack)
 
     def redo(self):
         stack = self.history.next_redo()
-        if stack is None or (stack is self.history.edits and not self._need_free("redo an edit")):
+        if stack is None or (stack is self.history.edits and not self.need_free("redo an edit")):
             return
         self.history.redo(stack)
 
@@ -375,7 +375,7 @@ class MainWindow(QMainWindow):
             self.attributions.update_auto_sets(run)
         self.editing.target_follows(fact)
 
-    def _sets_changed(self):
+    def sets_changed(self):
         self.neurons_panel.refresh()
         self.edits_panel.refresh_targets()
 

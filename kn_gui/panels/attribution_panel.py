@@ -18,17 +18,15 @@ import pyqtgraph as pg
 from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import QCheckBox, QComboBox, QLabel, QSpinBox, QSplitter, QTabWidget, QWidget
 
-from kn_core.attribution import METHODS, RULES, AttributionParams
-from kn_core.encoding import PROMPT_FORMATS
-from kn_core.facts import CAUSAL_TEMPLATES
+from kn_core.attribution import AttributionParams
 from kn_core.neurons import refine_threshold
-from kn_core.quadrature import DEFAULT_POINTS, QUADRATURES
-from kn_core.validation import MAX_STEPS
+from kn_core.quadrature import DEFAULT_POINTS
 
 from ..session import TooCoarse, neuron_name
 from .common import TableView, button, fmt_activation, fmt_prob, hbox, hint, vbox
-from .form import Param, build_controls
+from .form import build_controls
 from .neuron_map import NeuronMap, expert_text
+from .run_params import ENGINE, PROMPT_PARAMS, RUN_PARAMS
 from .thresholds import ThresholdControl
 
 pg.setConfigOptions(imageAxisOrder="row-major", antialias=False, background="w", foreground="#33475b")
@@ -40,37 +38,8 @@ PALETTE = ["#e74c3c", "#2e86c1", "#28b463", "#af7ac5", "#f39c12", "#17a589", "#d
            "#c0392b", "#1abc9c"]
 
 
-TEMPLATES_TIP = ("Causal models: prefix uses every template, cut before [Y] (\"The capital of [X] is [Y], a "
-                 "city.\" asks \"The capital of France is\"); end-only uses only templates that end with [Y]. "
-                 "Recorded with each run; masked models fill [Y] wherever it is.")
 KEEP_TIP = ("Checked: neurons flagged massive or unspecific stay in the coarse/refined sets (the paper's method). "
             "Unchecked (default): they are marked but left out, and never set the coarse threshold's max.")
-
-
-ENGINE = AttributionParams()  # the engine's defaults (the paper's mode)
-# the run's parameters as the engine defines them: ranges from kn_core.validation, choices and defaults from
-# kn_core.attribution / kn_core.quadrature (more than MAX_STEPS steps only from the kn command with --force)
-RUN_PARAMS = (
-    Param("steps", "steps", "m, the number of Riemann steps of the integral (paper: 20); Gauss points per panel "
-          "with gauss or auto", ENGINE.steps, bounds=(1, MAX_STEPS)),
-    Param("quadrature", "quadrature", "riemann: the paper's m-step sum; gauss: m Gauss-Legendre points per layer "
-          "(dense where needed); auto: points added per layer until its completeness error is within 1% "
-          "(kn_core/quadrature.py)", ENGINE.quadrature, choices=QUADRATURES),
-    Param("rule", "rule", "right: alpha = k/m, k = 1..m (paper); left: k = 0..m-1 (authors' code)", ENGINE.rule,
-          choices=RULES),
-    Param("method", "method", "ig: integrated gradients; activation: the paper's baseline (raw activation)",
-          ENGINE.method, choices=METHODS),
-    Param("templates", "templates", TEMPLATES_TIP, CAUSAL_TEMPLATES[0], choices=CAUSAL_TEMPLATES),
-)
-HOLD_OUT_MAX = 20  # the engine takes any count >= 0 and refuses one that leaves too few templates (metrics)
-PROMPT_PARAMS = (
-    Param("hold_out", "", "Templates of each fact kept out of the attribution (drawn with the run's seed): an edit "
-          "then measures generality on wordings its neurons never saw (0: every template finds the neurons and "
-          "generality is n/a)", 0, bounds=(0, HOLD_OUT_MAX), prefix="hold out "),
-    Param("prompt_format", "prompts", "plain: the prompt as it is; chat: through the model's chat template, the "
-          "user asking to complete the sentence and the prompt starting the assistant's reply (instruct models), "
-          "for attribution and evaluation alike; recorded with runs", PROMPT_FORMATS[0], choices=PROMPT_FORMATS),
-)
 
 
 def _rule_text(rule: dict) -> str:
@@ -80,6 +49,16 @@ def _rule_text(rule: dict) -> str:
     if rule.get("stats_source"):
         lines.append(f"measured on {rule['stats_source']}")
     return "\n".join(lines)
+
+
+def _vsplit(*parts) -> QSplitter:
+    """A vertical splitter of (widget, stretch) parts that never collapses one."""
+    split = QSplitter(Qt.Vertical)
+    for k, (widget, stretch) in enumerate(parts):
+        split.addWidget(widget)
+        split.setStretchFactor(k, stretch)
+    split.setChildrenCollapsible(False)
+    return split
 
 
 class AttributionPanel(QWidget):
@@ -230,12 +209,7 @@ class AttributionPanel(QWidget):
         # the per-prompt lines get a usable height by default; the table below shows at least 3 rows
         self.prompt_widget.setMinimumHeight(180)
         self.prompt_table.setMinimumHeight(90)
-        self.prompt_page = QSplitter(Qt.Vertical)
-        self.prompt_page.addWidget(self.prompt_widget)
-        self.prompt_page.addWidget(self.prompt_table)
-        self.prompt_page.setStretchFactor(0, 3)
-        self.prompt_page.setStretchFactor(1, 2)
-        self.prompt_page.setChildrenCollapsible(False)
+        self.prompt_page = _vsplit((self.prompt_widget, 3), (self.prompt_table, 2))
 
     def _build_layout(self, params, prompt_row):
         """Two rows of controls, then the title with the view choices, the summary, then the plots: the panel
@@ -245,12 +219,7 @@ class AttributionPanel(QWidget):
         self.tabs.addTab(self.prompt_page, "Per prompt")
         self.tabs.setCornerWidget(self.map_tools, Qt.TopRightCorner)
         self.tabs.currentChanged.connect(self._tab_changed)
-        self.split = QSplitter(Qt.Vertical)
-        self.split.addWidget(self.layer_widget)
-        self.split.addWidget(self.tabs)
-        self.split.setStretchFactor(0, 1)
-        self.split.setStretchFactor(1, 3)
-        self.split.setChildrenCollapsible(False)
+        self.split = _vsplit((self.layer_widget, 1), (self.tabs, 3))
         self.folded = False  # True: the per-layer plots are a tab beside the map (a short panel)
         self.run_row = QWidget()
         self.run_row.setLayout(hbox(self.run_button, self.run_sel_button, params))

@@ -1,0 +1,50 @@
+"""The attribution panel's controls are declared from the engine's parameters, and the panel only requests."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("pytestqt")
+
+from kn_core.attribution import AttributionParams  # noqa: E402
+from kn_core.facts import FactSet  # noqa: E402
+from kn_core.validation import MAX_STEPS  # noqa: E402
+from kn_gui.panels.attribution_panel import AttributionPanel  # noqa: E402
+from kn_gui.panels.run_params import PROMPT_PARAMS, RUN_PARAMS  # noqa: E402
+from kn_gui.session import Session  # noqa: E402
+
+
+@pytest.fixture
+def panel(qtbot):
+    panel = AttributionPanel(Session(FactSet("empty", {}, [])))
+    qtbot.addWidget(panel)
+    return panel
+
+
+def test_run_controls_take_their_ranges_choices_and_defaults_from_the_engine(panel):
+    assert (panel.steps.minimum(), panel.steps.maximum()) == (1, MAX_STEPS)
+    assert panel.params() == AttributionParams()
+    for param in RUN_PARAMS + PROMPT_PARAMS:
+        control = getattr(panel, param.name)
+        if param.choices:
+            assert [control.itemText(i) for i in range(control.count())] == list(param.choices)
+            assert control.currentText() == param.default
+        else:
+            assert (control.minimum(), control.maximum(), control.value()) == (*param.bounds, param.default)
+    panel.steps.setValue(MAX_STEPS)  # every value the app offers is one the engine takes
+    assert panel.params().steps == MAX_STEPS
+
+
+def test_the_panel_requests_and_never_writes_the_session(panel):
+    requests = []
+    panel.thresholds_requested.connect(lambda t, p: requests.append((t, p)))
+    panel.keep_massive_requested.connect(requests.append)
+    panel.templates_changed.connect(requests.append)
+    panel.t_control.spin.setValue(0.5)
+    panel.keep_massive.setChecked(True)
+    panel.templates.setCurrentText("end-only")
+    s = panel.session
+    assert requests == [(0.5, 0.7), True, "end-only"]
+    assert (s.t, s.keep_massive, s.causal_templates) == (0.2, False, "prefix")
+    panel.show_selection()  # nobody applied them: the controls show the session's values again
+    assert panel.t_control.value() == 0.2 and not panel.keep_massive.isChecked()
