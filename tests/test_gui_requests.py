@@ -1,4 +1,5 @@
-"""The attribution panel's controls are declared from the engine's parameters, and the panel only requests."""
+"""The attribution panel's controls are declared from the engine's parameters and it only requests; the
+controllers change the session."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from kn_core.facts import FactSet  # noqa: E402
 from kn_core.validation import MAX_STEPS  # noqa: E402
 from kn_gui.panels.attribution_panel import AttributionPanel  # noqa: E402
 from kn_gui.panels.run_params import PROMPT_PARAMS, RUN_PARAMS  # noqa: E402
-from kn_gui.session import Session  # noqa: E402
+from kn_gui.session import NeuronSet, Session  # noqa: E402
+from test_gui_controllers import parts  # noqa: E402,F401 (fixture)
 
 
 @pytest.fixture
@@ -48,3 +50,16 @@ def test_the_panel_requests_and_never_writes_the_session(panel):
     assert (s.t, s.keep_massive, s.causal_templates) == (0.2, False, "prefix")
     panel.show_selection()  # nobody applied them: the controls show the session's values again
     assert panel.t_control.value() == 0.2 and not panel.keep_massive.isChecked()
+
+
+def test_the_controllers_change_the_session(parts, qtbot):
+    session, runner, history, edits, attribution, project, events = parts
+    assert attribution.change_selection(None, t=0.3, p=0.5, keep_massive=True) == ""
+    assert (session.t, session.p, session.keep_massive) == (0.3, 0.5, True)
+    attribution.set_causal_templates("end-only")
+    assert session.causal_templates == "end-only"
+    session.neuron_sets["mine"] = NeuronSet("mine", "user", [(0, 1)])
+    session.results_dirty = True
+    project.new()  # an empty project: the built-in facts, nothing else; the model stays
+    assert not session.runs and not session.neuron_sets and not session.results_dirty
+    assert session.factset.facts and session.lm is not None
