@@ -346,15 +346,17 @@ class Session:
     def coarse(self, run: Run, prompt_index: int) -> list[Neuron]:
         return run.stored().coarse(prompt_index, self.t, self.excluded())
 
-    def refined(self, run: Run) -> list[Neuron]:
+    def refined(self, run: Run, exclude: frozenset | None = None) -> list[Neuron]:
+        """`exclude`: None for the session's exclusions (the loaded model's flags)."""
         if not run.scores:
             return []
+        exclude = self.excluded() if exclude is None else exclude
         if len(run.prompts) < kn_neurons.REFINE_MIN_PROMPTS:  # kn_core.neurons.case_neurons: coarse in all of them
-            return kn_neurons.few_prompt_neurons(self.refined_counts(run), len(run.scores))
-        return [tuple(n) for n in run.stored().refined(self.t, self.p, self.excluded())]
+            return kn_neurons.few_prompt_neurons(self.refined_counts(run, exclude), len(run.scores))
+        return [tuple(n) for n in run.stored().refined(self.t, self.p, exclude)]
 
-    def refined_counts(self, run: Run):
-        return run.stored().counts(self.t, self.excluded())
+    def refined_counts(self, run: Run, exclude: frozenset | None = None):
+        return run.stored().counts(self.t, self.excluded() if exclude is None else exclude)
 
     def selection_arrays(self, run: Run, exclude=None) -> list[np.ndarray]:
         """Score arrays whose coarse sets at t (with `exclude`, default the session's exclusions) are the true
