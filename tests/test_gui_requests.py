@@ -63,3 +63,14 @@ def test_the_controllers_change_the_session(parts, qtbot):
     project.new()  # an empty project: the built-in facts, nothing else; the model stays
     assert not session.runs and not session.neuron_sets and not session.results_dirty
     assert session.factset.facts and session.lm is not None
+
+
+def test_declared_controls_take_value_pairs_and_float_steps(qtbot):
+    from kn_gui.panels.form import Param, build_control
+
+    combo = build_control(Param("fill", "", "", "unk", choices=(("zero", "zero"), ("<unk> token", "unk"))))
+    spin = build_control(Param("factor", "", "", 2.0, bounds=(-10, 100), step=0.5))
+    for control in (combo, spin):
+        qtbot.addWidget(control)
+    assert (combo.currentText(), combo.currentData()) == ("<unk> token", "unk")
+    assert (spin.value(), spin.singleStep(), spin.minimum()) == (2.0, 0.5, -10)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from PySide6.QtWidgets import QComboBox, QLabel, QSpinBox, QWidget
+from PySide6.QtWidgets import QComboBox, QDoubleSpinBox, QLabel, QSpinBox, QWidget
 
 
 @dataclass(frozen=True)
@@ -15,20 +15,25 @@ class Param:
     label: str  # shown before the control ("" for none: a spin box's prefix names it)
     tip: str
     default: object
-    choices: tuple = ()  # a combo box of these values
-    bounds: tuple[int, int] | None = None  # else a spin box over this closed range
+    choices: tuple = ()  # a combo box of these values, or of (shown text, value) pairs
+    bounds: tuple | None = None  # else a spin box over this closed range
     prefix: str = ""
+    step: float = 0  # 0: an integer spin box; else a float one moving by this step
 
 
 def build_control(param: Param) -> QWidget:
     if param.choices:
         control = QComboBox()
-        control.addItems([str(c) for c in param.choices])
-        control.setCurrentText(str(param.default))
+        for choice in param.choices:
+            text, value = choice if isinstance(choice, tuple) else (str(choice), choice)
+            control.addItem(text, value)
+        control.setCurrentIndex(max(0, control.findData(param.default)))
     else:
-        control = QSpinBox()
+        control = QDoubleSpinBox() if param.step else QSpinBox()
         control.setRange(*param.bounds)
-        control.setValue(int(param.default))
+        if param.step:
+            control.setSingleStep(param.step)
+        control.setValue(param.default)
         if param.prefix:
             control.setPrefix(param.prefix)
     control.setToolTip(param.tip)
