@@ -34,6 +34,9 @@ from .selection import DEFAULT_T, Neuron, default_t  # noqa: F401 (API: the CLI 
 from .tasks import Task, as_task
 from .validation import ValidationError, check_choice, check_int, check_number, check_positive, check_steps
 
+RULES = ("right", "left")  # Riemann sum points: alpha = k/m for k = 1..m (paper) or k = 0..m-1 (authors' code)
+METHODS = ("ig", "activation")  # integrated gradients, or the paper's baseline (the raw activation)
+
 
 @dataclass(frozen=True)
 class AttributionParams:
@@ -60,8 +63,8 @@ class AttributionParams:
         if self.quadrature != "riemann" and self.rule != "right":
             raise ValidationError(f"rule = {self.rule!r} applies to the Riemann sum only; drop it (or --rule) "
                                   f"with quadrature = {self.quadrature!r}")
-        check_choice("rule", self.rule, ("right", "left"))
-        check_choice("method", self.method, ("ig", "activation"))
+        check_choice("rule", self.rule, RULES)
+        check_choice("method", self.method, METHODS)
         check_choice("multi_token", self.multi_token, ("mean", "sum", "first"))
         for name in ("layers_per_pass", "passes_per_backward"):
             if getattr(self, name) is not None:

@@ -67,9 +67,9 @@ def main(argv=None) -> int:
 
     attach(window)
     window.show()
-    recovered = window.offer_recovery()  # work a killed app left in its autosave file
+    recovered = window.lifecycle.offer_recovery()  # work a killed app left in its autosave file
     if args.project and not recovered:
-        window.open_project(args.project)
+        window.lifecycle.open_project(args.project)
     if args.model:  # queued behind the opening: the project's edits are re-applied once the model is there
         window.model_panel.source.setEditText(args.model)
         window.load_model(args.model, args.device, args.dtype)

@@ -60,6 +60,47 @@ def compact_call(call):
         raise TooCoarse(str(exc)) from exc
 
 
+class FullScores:
+    """A run's full score arrays: the engine's set functions read them directly."""
+
+    def __init__(self, arrays: list[np.ndarray]):
+        self.arrays = arrays
+
+    def coarse(self, prompt_index: int, t: float, exclude) -> list[Neuron]:
+        return kn_neurons.coarse_neurons(self.arrays[prompt_index], t, exclude)
+
+    def counts(self, t: float, exclude):
+        return kn_neurons.coarse_counts(self.arrays, t, exclude)
+
+    def refined(self, t: float, p: float, exclude):
+        return kn_neurons.refined_neurons(self.arrays, t, p, exclude)
+
+    def decided_arrays(self, t: float, exclude) -> list[np.ndarray]:
+        return self.arrays
+
+
+class CompactScores:
+    """A run's compactly stored top scores (kn_core/store/topscores.py): each call raises TooCoarse when the kept
+    scores do not decide the answer at t with these exclusions."""
+
+    def __init__(self, tops: list):
+        self.tops = tops
+
+    def coarse(self, prompt_index: int, t: float, exclude) -> list[Neuron]:
+        return compact_call(lambda _: self.tops[prompt_index].coarse(t, exclude))
+
+    def counts(self, t: float, exclude):
+        return compact_call(lambda ts: ts.coarse_counts(self.tops, t, exclude))
+
+    def refined(self, t: float, p: float, exclude):
+        return compact_call(lambda ts: ts.refined_neurons(self.tops, t, p, exclude))
+
+    def decided_arrays(self, t: float, exclude) -> list[np.ndarray]:
+        """The kept scores with the rest at -inf, once the check passed: their coarse sets at t are the true ones."""
+        self.counts(t, exclude)
+        return [top.dense() for top in self.tops]
+
+
 RUNNING, COMPLETE = "running", "complete"
 CANCELLED, FAILED, INTERRUPTED = "cancelled", "failed", "interrupted"  # stopped early: a partial run
 
@@ -104,6 +145,13 @@ class Run:
 
     def score_arrays(self) -> list[np.ndarray]:
         return [s.scores for s in self.scores]
+
+    def stored(self) -> FullScores | CompactScores:
+        """The finished prompts' scores as the set functions read them: the one place that tells a compactly
+        stored run from a full one."""
+        if self.compact is not None:
+            return CompactScores(self.compact[:len(self.scores)])
+        return FullScores(self.score_arrays())
 
     def mean_scores(self) -> np.ndarray | None:
         if not self.scores:
@@ -279,8 +327,8 @@ class Session:
 
     def flag_inputs(self) -> tuple[list[np.ndarray], dict[str, list[list]]]:
         """What `run_flags` measures on: the answer-position activations of every prompt attributed on the loaded
-        model's own weights (runs on edited weights or another model are left out), and those runs' prompt scores
-        grouped by relation (a compact run's as its list of TopScores: the flags job checks them)."""
+        model's own weights (runs on edited weights or another model are left out), and those runs' stored scores
+        (`Run.stored`) grouped by relation (a compact run's are checked by the flags job)."""
         sha = getattr(self.lm, "sha256", None)
         activations, by_relation = [], {}
         for run in list(self.runs.values()):
@@ -288,8 +336,7 @@ class Session:
                 continue
             if activations_stored(run):  # a compact run kept no activations: only its scores count
                 activations += [ps.activations for ps in run.scores]
-            by_relation.setdefault(run.fact.relation, []).append(
-                run.compact[:len(run.scores)] if run.compact is not None else run.score_arrays())
+            by_relation.setdefault(run.fact.relation, []).append(run.stored())
         return activations, by_relation
 
     # ----------------------------------------------------------------- thresholds (views over stored scores)
@@ -298,36 +345,25 @@ class Session:
         return frozenset() if self.flags is None or self.keep_massive else self.flags.excluded
 
     def coarse(self, run: Run, prompt_index: int) -> list[Neuron]:
-        if run.compact is not None:
-            return compact_call(lambda _: run.compact[prompt_index].coarse(self.t, self.excluded()))
-        return kn_neurons.coarse_neurons(run.scores[prompt_index].scores, self.t, self.excluded())
+        return run.stored().coarse(prompt_index, self.t, self.excluded())
 
-    def refined(self, run: Run) -> list[Neuron]:
+    def refined(self, run: Run, exclude: frozenset | None = None) -> list[Neuron]:
+        """`exclude`: None for the session's exclusions (the loaded model's flags)."""
         if not run.scores:
             return []
+        exclude = self.excluded() if exclude is None else exclude
         if len(run.prompts) < kn_neurons.REFINE_MIN_PROMPTS:  # kn_core.neurons.case_neurons: coarse in all of them
-            return kn_neurons.few_prompt_neurons(self.refined_counts(run), len(run.scores))
-        if run.compact is not None:
-            found = compact_call(lambda ts: ts.refined_neurons(run.compact[:len(run.scores)], self.t, self.p,
-                                                           self.excluded()))
-        else:
-            found = kn_neurons.refined_neurons(run.score_arrays(), self.t, self.p, self.excluded())
-        return [tuple(n) for n in found]
+            return kn_neurons.few_prompt_neurons(self.refined_counts(run, exclude), len(run.scores))
+        return [tuple(n) for n in run.stored().refined(self.t, self.p, exclude)]
 
-    def refined_counts(self, run: Run):
-        if run.compact is not None:
-            return compact_call(lambda ts: ts.coarse_counts(run.compact[:len(run.scores)], self.t, self.excluded()))
-        return kn_neurons.coarse_counts(run.score_arrays(), self.t, self.excluded())
+    def refined_counts(self, run: Run, exclude: frozenset | None = None):
+        return run.stored().counts(self.t, self.excluded() if exclude is None else exclude)
 
     def selection_arrays(self, run: Run, exclude=None) -> list[np.ndarray]:
         """Score arrays whose coarse sets at t (with `exclude`, default the session's exclusions) are the true
-        ones: the full arrays, or a compact run's kept scores with the rest at -inf once the check passed
-        (TooCoarse otherwise). For engine functions that take arrays (adapt_p, the flags)."""
-        if run.compact is None:
-            return run.score_arrays()
-        tops = run.compact[:len(run.scores)]
-        compact_call(lambda ts: ts.coarse_counts(tops, self.t, self.excluded() if exclude is None else exclude))
-        return [top.dense() for top in tops]
+        ones (`FullScores` / `CompactScores.decided_arrays`; TooCoarse when a compact run's cannot be). For engine
+        functions that take arrays (adapt_p, the flags)."""
+        return run.stored().decided_arrays(self.t, self.excluded() if exclude is None else exclude)
 
     def relation_runs(self, relation_id: str) -> list[Run]:
         return [r for k, r in self.runs.items() if k[0] == relation_id and r.scores]

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     tmp = tempfile.mkdtemp(prefix="kn-shots-")
     settings = QSettings(os.path.join(tmp, "settings.ini"), QSettings.IniFormat)
     window = MainWindow(settings=settings, confirm_dialogs=False)
-    window.auto_discard = True
+    window.lifecycle.auto_discard = True
     window.project.autosave_folder = os.path.join(tmp, "autosave")
     if not args.screen:
         window.resize(args.width, args.height)
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     window.facts_dock.raise_()
     window.facts_panel.select_fact(fact)
     idle()
-    window.check_facts(fs.facts_of(args.relation))
+    window.attributions.check_facts(fs.facts_of(args.relation))
     idle()
     window.facts_panel.select_fact(fact)
     window.facts_panel.tree.expand(window.facts_panel._find_fact_item(fact).index())
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
 
     window.attribution_panel.steps.setValue(args.steps)
     started = time.monotonic()
-    window.run_attribution("current")
+    window.attributions.run_attribution("current")
     run = window.session.runs[(fact.relation, fact.subject, fact.object)]
     while len(run.scores) < 2 and window.runner.busy:  # mid-analysis: some prompts done, the rest streaming
         pump(200)
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     if refined:
         layer, neuron = max(refined, key=lambda n: float(run.mean_scores()[n]))
         ap.select_neuron(layer, neuron)
-        window.inspect_neuron(layer, neuron)
+        window.editing.inspect_neuron(layer, neuron)
         idle()
     shot(ap, "attribution_panel.png")
     shot(window.neurons_dock, "inspector.png")
@@ -175,12 +175,12 @@ def main(argv=None) -> int:
         window.close()
         return 0
     window.resize(1280, 800)  # a laptop screen: the per-layer plots fold into a tab, the map keeps its height
-    window._default_dock_sizes()
+    window.docks.default_dock_sizes()
     pump(1000)  # the docks, the fold and the scroll areas settle at the new size
     shot(window, "main_window_1280x800.png")
 
     project = os.path.join(tmp, "journey.knproj")
-    window.save_to(project, wait=True)
+    window.lifecycle.save_to(project, wait=True)
     window.close()
     print("project saved to", project)
     return 0

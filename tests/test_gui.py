@@ -51,7 +51,7 @@ def make_window(qtbot, settings, lm=None, load_model_fn=None, factset=None):
     window = MainWindow(load_model_fn=load_model_fn, factset=factset or geo_factset(), settings=settings,
                         confirm_dialogs=False)
     qtbot.addWidget(window)
-    window.auto_discard = True
+    window.lifecycle.auto_discard = True
     window.project.autosave_folder = os.path.join(os.path.dirname(settings.fileName()), "autosave")
     window.show()
     if lm is not None:
@@ -69,7 +69,7 @@ def lm():
 def window(app, qtbot, settings, lm):
     w = make_window(qtbot, settings, lm)
     yield w
-    w.auto_discard = True
+    w.lifecycle.auto_discard = True
     w.close()
 
 
@@ -99,7 +99,7 @@ def apply_edit(qtbot, window, request):
     reports, failures = [], []
     window.edit_evaluated.connect(reports.append)
     window.error_shown.connect(lambda title, message: failures.append(f"{title}: {message}"))
-    window.apply_edit(request)
+    window.editing.apply_edit(request)
     qtbot.waitUntil(lambda: bool(reports or failures), timeout=60000)
     assert not failures, failures
     assert window.runner.wait_idle(30000)
@@ -176,7 +176,7 @@ def test_full_journey_tiny_causal(app, qtbot, settings, lm, tmp_path):
     assert window.edit_stack.active_edits()[0].kind == "suppress"
     # save, close, reopen: same state
     path = str(tmp_path / "journey.knproj")
-    assert window.save_to(path, wait=True)
+    assert window.lifecycle.save_to(path, wait=True)
     assert not window.isWindowModified()
     saved_t, saved_p = window.session.t, window.session.p
     saved_scores = [s.scores.copy() for s in run.scores]
@@ -185,7 +185,7 @@ def test_full_journey_tiny_causal(app, qtbot, settings, lm, tmp_path):
     assert same_weights(lm, original) and hooks(lm) == 0  # closing reverts the edits
     again = make_window(qtbot, settings, lm)
     with qtbot.waitSignal(again.project_opened, timeout=30000):
-        again.open_project(path)
+        again.lifecycle.open_project(path)
     assert again.runner.wait_idle(30000)
     s = again.session
     assert s.factset.facts == geo_factset().facts
@@ -223,7 +223,7 @@ def test_cancel_mid_run_keeps_finished_prompts(window, qtbot, pause_after_first_
     fact = FRANCE
     window.facts_panel.select_fact(fact)
     window.attribution_panel.steps.setValue(150)
-    window.run_attribution("current")
+    window.attributions.run_attribution("current")
     run = window.session.runs[("P36", "France", "Paris")]
     qtbot.waitUntil(lambda: len(run.scores) >= 1, timeout=60000)
     outcomes = []
@@ -243,7 +243,7 @@ def test_cancel_mid_run_keeps_finished_prompts(window, qtbot, pause_after_first_
 def test_cancel_before_any_prompt_restores_previous_run(window, qtbot):
     first = run_fact(qtbot, window, steps=2)
     window.attribution_panel.steps.setValue(200)
-    window.run_attribution("current")
+    window.attributions.run_attribution("current")
     window.cancel_job()
     assert window.runner.wait_idle(60000)
     assert window.session.runs[("P36", "France", "Paris")] is first
@@ -268,7 +268,7 @@ def test_ui_thread_stays_responsive_during_attribution(app, qtbot, settings):
     started = time.perf_counter()
     with qtbot.waitSignal(window.runner.job_ended, timeout=300000):
         timer.start()
-        window.run_attribution("selection")
+        window.attributions.run_attribution("selection")
     ended = time.perf_counter()
     timer.stop()
     assert all(r.complete for r in (window.session.runs[(f.relation, f.subject, f.object)] for f in facts))
@@ -285,14 +285,14 @@ def test_run_selected_facts_streams_each_fact(window, qtbot):
     window.attribution_panel.steps.setValue(2)
     finished = []
     window.run_finished.connect(finished.append)
-    window.run_attribution("selection")
+    window.attributions.run_attribution("selection")
     assert window.runner.wait_idle(60000)
     assert [r.fact for r in finished] == facts
     # relation-level neurons and erase use the relation's runs
     window.attribution_panel.t_control.spin.setValue(0.1)
     window.attribution_panel.p_control.spin.setValue(0.3)
     window.facts_panel.select_fact(facts[0])
-    window.make_relation_set()
+    window.attributions.make_relation_set()
     assert any(s.kind == "relation" for s in window.session.neuron_sets.values())
     original = weights(window.session.lm)
     report = apply_edit(qtbot, window, {"kind": "Erase relation", "target": None, "k": 20, "fill": "zero"})
@@ -302,7 +302,7 @@ def test_run_selected_facts_streams_each_fact(window, qtbot):
     window.undo()
     assert same_weights(window.session.lm, original)
     # adapt p moves p within the paper's bounds
-    window.adapt_p()
+    window.attributions.adapt_p()
     assert 0 < window.session.p <= 1
 
 
@@ -365,23 +365,23 @@ def test_import_facts_merges_and_bad_file_explains(window, tmp_path):
                     + "\n" + json.dumps({"kind": "fact", "relation": "P36", "subject": "Germany",
                                           "object": "Berlin"}) + "\n")
     seen = errors(window)
-    assert window.import_facts(str(good))
+    assert window.files.import_facts(str(good))
     assert Fact("P36", "Germany", "Berlin") in window.session.factset.facts
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json\n")
-    assert not window.import_facts(str(bad))
+    assert not window.files.import_facts(str(bad))
     assert seen and seen[-1][0] == "Could not import the facts" and "bad.jsonl" in seen[-1][1]
 
 
 def test_exports(window, qtbot, tmp_path):
     run_fact(qtbot, window, steps=2)
-    written = window.export_plots(str(tmp_path), "png") + window.export_plots(str(tmp_path), "svg")
+    written = window.files.export_plots(str(tmp_path), "png") + window.files.export_plots(str(tmp_path), "svg")
     assert all(os.path.getsize(p) > 500 for p in written)
-    data = window.results_dict()
+    data = window.files.results_dict()
     assert data["runs"][0]["fact"]["subject"] == "France"
     window.attribution_panel.prompt_table.write_csv(tmp_path / "prompts.csv")
     assert (tmp_path / "prompts.csv").read_text().startswith("#,prompt")
-    window.export_model(str(tmp_path / "model"))
+    window.files.export_model(str(tmp_path / "model"))
     assert window.runner.wait_idle(30000)
     assert (tmp_path / "model" / "kn-edits.json").exists()
 
@@ -390,7 +390,7 @@ def test_unsaved_marker_and_close_confirmation(window, qtbot):
     assert not window.isWindowModified()
     window._push_factset("Add", window.session.factset.with_fact(Fact("P36", "Germany", "Berlin")))
     assert window.isWindowModified() and "[*]" in window.windowTitle()
-    window.auto_discard = False  # the user answers Cancel
+    window.lifecycle.auto_discard = False  # the user answers Cancel
     window.close()
     assert window.isVisible()
     window.undo()
@@ -403,12 +403,12 @@ def test_layout_and_recent_projects_are_remembered(app, qtbot, settings, lm, tmp
     w = make_window(qtbot, settings, lm)
     w.neurons_dock.hide()
     path = str(tmp_path / "p.knproj")
-    assert w.save_to(path, wait=True)
+    assert w.lifecycle.save_to(path, wait=True)
     w.close()
     w2 = make_window(qtbot, settings)
     assert not w2.neurons_dock.isVisible()
-    assert w2.recent_projects()[0] == os.path.abspath(path)
-    assert w2.recent_menu.actions()[0].text() == "p.knproj"
+    assert w2.menus.recent_projects()[0] == os.path.abspath(path)
+    assert w2.menus.recent_menu.actions()[0].text() == "p.knproj"
     w2.close()
 
 
@@ -433,27 +433,27 @@ def test_error_model_load_failure(app, qtbot, settings):
 def test_error_actions_without_model_or_fact(app, qtbot, settings, tmp_path):
     window = make_window(qtbot, settings)
     seen = errors(window)
-    window.run_attribution("current")
+    window.attributions.run_attribution("current")
     assert seen[-1][0] == "No model loaded" and "Load model" in seen[-1][1]
-    window.apply_edit({"kind": "Suppress", "target": None, "scope": "answer"})
+    window.editing.apply_edit({"kind": "Suppress", "target": None, "scope": "answer"})
     assert seen[-1][0] == "No model loaded"
-    window.export_model(str(tmp_path))
+    window.files.export_model(str(tmp_path))
     assert seen[-1][0] == "No model loaded"
     window.set_model(make_tiny(TINY_CAUSAL))
     window.runner.wait_idle()
     window.current_fact = None
     window.facts_panel.tree.setCurrentIndex(window.facts_panel.model.index(-1, -1))
-    window.run_attribution("current")
+    window.attributions.run_attribution("current")
     assert seen[-1][0] == "No fact selected"
     window.facts_panel.tree.selectionModel().clearSelection()
-    window.run_attribution("selection")
+    window.attributions.run_attribution("selection")
     assert seen[-1][0] == "No facts selected"
-    window.adapt_p()
+    window.attributions.adapt_p()
     assert seen[-1][0] == "No fact selected"
     window.facts_panel.select_fact(FRANCE)
-    window.adapt_p()
+    window.attributions.adapt_p()
     assert seen[-1][0] == "Cannot adapt p"
-    window.make_relation_set()
+    window.attributions.make_relation_set()
     assert seen[-1][0] == "No runs"
     window.close()
 
@@ -461,19 +461,19 @@ def test_error_actions_without_model_or_fact(app, qtbot, settings, tmp_path):
 def test_error_edit_requests(window, qtbot):
     seen = errors(window)
     window.facts_panel.select_fact(FRANCE)
-    window.apply_edit({"kind": "Suppress", "target": ("selection", None), "scope": "answer"})
+    window.editing.apply_edit({"kind": "Suppress", "target": ("selection", None), "scope": "answer"})
     assert seen[-1][0] == "Cannot apply the edit" and "no neurons" in seen[-1][1]
-    window.apply_edit({"kind": "Erase relation", "target": None, "k": 20, "fill": "zero"})
+    window.editing.apply_edit({"kind": "Erase relation", "target": None, "k": 20, "fill": "zero"})
     assert "run attribution" in seen[-1][1]
     window.attribution_panel.select_neuron(0, 1)
-    window.apply_edit({"kind": "Update", "target": ("selection", None), "new_object": "", "lambda1": 1,
+    window.editing.apply_edit({"kind": "Update", "target": ("selection", None), "new_object": "", "lambda1": 1,
                        "lambda2": 8})
     assert "new object" in seen[-1][1]
-    window.apply_edit({"kind": "Update", "target": ("selection", None), "new_object": "Paris", "lambda1": 1,
+    window.editing.apply_edit({"kind": "Update", "target": ("selection", None), "new_object": "Paris", "lambda1": 1,
                        "lambda2": 8})
     assert "equals" in seen[-1][1]
     window.attribution_panel.selected = [(99, 1)]
-    window.apply_edit({"kind": "Suppress", "target": ("selection", None), "scope": "answer"})
+    window.editing.apply_edit({"kind": "Suppress", "target": ("selection", None), "scope": "answer"})
     assert seen[-1][0] == "Cannot apply the edit"
     assert window.undo_stack.count() == 0 and hooks(window.session.lm) == 0
 
@@ -485,14 +485,14 @@ def test_error_busy_refuses_model_changes(window, qtbot):
     window.attribution_panel.select_neuron(0, 1)
     apply_edit(qtbot, window, {"kind": "Suppress", "target": ("selection", None), "scope": "answer"})
     window.attribution_panel.steps.setValue(200)
-    window.run_attribution("current")
+    window.attributions.run_attribution("current")
     assert window.runner.busy
     window.undo()
     assert seen[-1][0] == "Busy" and "Cancel" in seen[-1][1]
     assert len(window.edit_stack.active_edits()) == 1
     window.load_model("default")
     assert seen[-1][0] == "Busy"
-    assert not window.act_undo.isEnabled() and not window.act_run.isEnabled()
+    assert not window.menus.act_undo.isEnabled() and not window.menus.act_run.isEnabled()
     # fact changes stay undoable while the worker runs
     window._push_factset("Add", window.session.factset.with_fact(Fact("P36", "Germany", "Berlin")))
     window.undo()
@@ -505,14 +505,14 @@ def test_error_busy_refuses_model_changes(window, qtbot):
 
 def test_error_projects(window, qtbot, tmp_path):
     seen = errors(window)
-    window.open_project(str(tmp_path / "missing.knproj"))
+    window.lifecycle.open_project(str(tmp_path / "missing.knproj"))
     assert seen[-1][0] == "Project not found"
     junk = tmp_path / "junk.knproj"
     junk.write_bytes(b"this is not a project" * 10)
-    window.open_project(str(junk))
+    window.lifecycle.open_project(str(junk))
     assert window.runner.wait_idle(10000)
     assert seen[-1][0].startswith("Opening junk.knproj failed")
-    window.save_to(str(tmp_path / "no" / "such" / "folder" / "p.knproj"))
+    window.lifecycle.save_to(str(tmp_path / "no" / "such" / "folder" / "p.knproj"))
     assert window.runner.wait_idle(10000)
     assert seen[-1][0].startswith("Saving p.knproj failed") and window.isVisible()
 
@@ -523,11 +523,11 @@ def test_error_saved_edits_on_another_model(app, qtbot, settings, lm, tmp_path):
     window.facts_panel.select_fact(FRANCE)
     apply_edit(qtbot, window, {"kind": "Suppress", "target": ("selection", None), "scope": "answer"})
     path = str(tmp_path / "e.knproj")
-    assert window.save_to(path, wait=True)
+    assert window.lifecycle.save_to(path, wait=True)
     window.close()
     other = make_window(qtbot, settings, make_tiny(TINY_CAUSAL, seed=1))
     seen = errors(other)
-    other.open_project(path)
+    other.lifecycle.open_project(path)
     assert other.runner.wait_idle(10000)
     assert seen[-1][0] == "Saved edits not applied" and "another model" in seen[-1][1]
     assert other.undo_stack.count() == 0 and hooks(other.session.lm) == 0
@@ -538,7 +538,7 @@ def test_error_dialog_is_a_real_message_box(app, qtbot, settings):
     window = MainWindow(factset=geo_factset(), settings=settings, confirm_dialogs=True)
     qtbot.addWidget(window)
     window.show()
-    window.run_attribution("current")
+    window.attributions.run_attribution("current")
     boxes = [b for b in window.findChildren(QMessageBox) if b.isVisible()]
     assert boxes and boxes[0].windowTitle() == "No model loaded"
     assert "Load model" in boxes[0].text()
@@ -570,11 +570,11 @@ def test_app_main_parses_arguments(monkeypatch, app):
 
     opened = {}
     monkeypatch.setattr(app_module, "build_app", lambda: type("A", (), {"exec": lambda self: 0})())
-    monkeypatch.setattr("kn_gui.main_window.MainWindow.open_project", lambda self, p: opened.setdefault("p", p))
+    monkeypatch.setattr("kn_gui.lifecycle.ProjectLifecycle.open_project", lambda self, p: opened.setdefault("p", p))
     monkeypatch.setattr("kn_gui.main_window.MainWindow.load_model",
                         lambda self, m, d, t: opened.setdefault("m", (m, d, t)))
     monkeypatch.setattr("kn_gui.main_window.MainWindow.show", lambda self: None)
-    monkeypatch.setattr("kn_gui.main_window.MainWindow.offer_recovery", lambda self: False)
+    monkeypatch.setattr("kn_gui.lifecycle.ProjectLifecycle.offer_recovery", lambda self: False)
     windows = []
     monkeypatch.setattr(app_module, "install_excepthook", windows.append)
     assert app_module.main(["x.knproj", "--model", "gpt2", "--dtype", "float32"]) == 0

@@ -61,7 +61,7 @@ def stored(path):
 
 def open_in_window(qtbot, window, path):
     with qtbot.waitSignal(window.project_opened, timeout=30000):
-        window.open_project(path)
+        window.lifecycle.open_project(path)
     assert window.runner.wait_idle(30000)
     QCoreApplication.processEvents()
 
@@ -123,11 +123,11 @@ def test_compact_runs_save_as_stored_and_refuse_where_not_decided(app, qtbot, se
     window.facts_panel.select_fact(FRANCE)
     window.select_fact(FRANCE)
     # at t = 0.01 adapting p and the relation's neurons refuse with the reason (no crash, no partial answer)
-    window.adapt_p()
-    window.make_relation_set()
+    window.attributions.adapt_p()
+    window.attributions.make_relation_set()
     assert [title for title, _ in shown] == ["Cannot adapt p", "Cannot make the relation's neurons"]
     assert all(f"use t >= {FLOOR}" in message for _, message in shown)
-    results = window.results_dict()
+    results = window.files.results_dict()
     assert all(r["refined"] is None and f"use t >= {FLOOR}" in r["sets_not_decided"] for r in results["runs"])
     # the HTML report's Markdown says the sets are not decided, with the reason (no traceback, no smaller set)
     from kn_core.report.build import render_markdown, report_data
@@ -138,7 +138,7 @@ def test_compact_runs_save_as_stored_and_refuse_where_not_decided(app, qtbot, se
     assert rows and all("not decided" in row and f"use t >= {FLOOR}" in row for row in rows)
     # saving keeps the compact form and every kept score as read
     copy = str(tmp_path / "saved.knproj")
-    assert window.save_to(copy, wait=True)
+    assert window.lifecycle.save_to(copy, wait=True)
     window.close()
     (form, before), (form_after, after) = stored(path), stored(copy)
     assert form == form_after and form_after["form"] == "top"
@@ -152,14 +152,16 @@ def test_compact_runs_save_as_stored_and_refuse_where_not_decided(app, qtbot, se
 
 def test_flags_see_the_coarse_sets_of_the_full_scores_or_leave_the_fact_out(compact_project):
     from kn_gui.controllers.attribution import decided_scores
+    from kn_gui.session import CompactScores, FullScores
 
     path, full = compact_project
     with open_project(path, read_only=True) as project:
         tops = [list(project.load_top_scores(r.id).values()) for r in project.list_runs()]
     massive = frozenset({(0, 1)})
-    decided, note = decided_scores({"P36": tops}, 0.4, massive)
+    decided, note = decided_scores({"P36": [CompactScores(t) for t in tops]}, 0.4, massive)
     assert note == "" and len(decided["P36"]) == 2
     for arrays, fact in zip(decided["P36"], (FRANCE, JAPAN)):
         assert kn_neurons.fact_coarse_set(arrays, 0.4, massive) == kn_neurons.fact_coarse_set(full[fact], 0.4, massive)
-    decided, note = decided_scores({"P36": tops, "P37": [full[FRANCE]]}, LOW_T, massive)
+    decided, note = decided_scores({"P36": [CompactScores(t) for t in tops], "P37": [FullScores(full[FRANCE])]},
+                                  LOW_T, massive)
     assert list(decided) == ["P37"] and note.startswith("2 compactly stored fact(s) left out") and "t >= 0.3" in note

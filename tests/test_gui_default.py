@@ -31,7 +31,7 @@ def app():
 def new_window(qtbot, settings):
     window = MainWindow(settings=settings, confirm_dialogs=False)
     qtbot.addWidget(window)
-    window.auto_discard = True
+    window.lifecycle.auto_discard = True
     window.project.autosave_folder = os.path.join(os.path.dirname(settings.fileName()), "autosave")
     window.show()
     return window
@@ -96,14 +96,14 @@ def test_default_model_journey(app, qtbot, tmp_path):
     qtbot.keyClick(window, Qt.Key_Z, Qt.ControlModifier | Qt.ShiftModifier)  # redo: saved with the project
     # save, close, reopen
     path = str(tmp_path / "default.knproj")
-    assert window.save_to(path, wait=True)
+    assert window.lifecycle.save_to(path, wait=True)
     window.close()
     assert weights_sha256(lm.model) == original_sha
     again = new_window(qtbot, settings)
     again.set_model(lm)
     assert again.runner.wait_idle(60000)
     with qtbot.waitSignal(again.project_opened, timeout=120000):
-        again.open_project(path)
+        again.lifecycle.open_project(path)
     assert again.runner.wait_idle(60000)
     reopened = again.session.runs[("P36", "France", "Paris")]
     assert all(np.array_equal(a.scores, b.scores) for a, b in zip(reopened.scores, run.scores))

@@ -80,7 +80,7 @@ def slow_load(*a, task=None, **k):
 original = MainWindow.__init__
 def init(self, *a, **k):
     original(self, *a, load_model_fn=slow_load, **k)
-    self.quiet, self.auto_discard = True, True
+    self.quiet, self.lifecycle.auto_discard = True, True
     if {while_a_job_runs!r}:
         QTimer.singleShot(300, lambda: self.load_model("tiny"))
     QTimer.singleShot(800, self.close)
@@ -108,13 +108,13 @@ def test_a_layout_saved_on_a_big_screen_fits_a_small_one(app, qtbot, settings):
 
     big = make_window(qtbot, settings)
     big.setGeometry(QRect(0, 0, 1600, 1000))
-    big.save_layout()
+    big.docks.save()
     settings.setValue("window/screen", "2560x1440")  # as if saved on a bigger screen than this one
     big.close()
     window = make_window(qtbot, settings)
     screen = window.screen().availableGeometry()
     assert window.width() <= screen.width() and window.height() <= screen.height()
-    assert window._sized  # the default dock sizes were computed for this screen at show
+    assert window.docks.sized  # the default dock sizes were computed for this screen at show
     for dock in (window.model_dock, window.edits_dock):
         scroll = dock.widget()
         assert not scroll.verticalScrollBar().isVisible() or dock is window.edits_dock
@@ -162,7 +162,7 @@ def test_the_edit_target_follows_the_selected_fact(window, qtbot):
 def test_a_jsonl_error_names_the_column_where_the_line_ends(window, tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"kind": "fact", "relation": "P36",\n "subject": "a", "object": "b"}\n', encoding="utf-8")
-    assert not window.import_facts(str(path))
+    assert not window.files.import_facts(str(path))
     title, message = window.last_error
     assert "line 1" in message and "column 36" in message and "one line" in message
 
@@ -237,7 +237,7 @@ def test_batch_edit_says_before_running_which_facts_it_skips(window, qtbot):
     window.statusBar().messageChanged.connect(said.append)
     window.runner.job_started.connect(lambda name: started.append((name, list(said))))
     window.edits_panel.kind.setCurrentText("Suppress")
-    window.batch_edit([FRANCE, japan])
+    window.editing.batch_edit([FRANCE, japan])
     assert window.runner.wait_idle(60000)
     name, before = started[0]
     assert name.startswith("Batch edit") and any("1 of the 2 selected facts" in m and "Japan" in m for m in before)
@@ -259,11 +259,11 @@ def test_the_before_after_csv_carries_the_metrics_and_the_control(window, qtbot,
 
 def test_help_lists_shortcuts_and_says_the_version(window):
     from kn_core import __version__
-    from kn_gui.actions import about_text
+    from kn_gui.menus import about_text
 
-    shortcuts = dict(window.shortcuts())
+    shortcuts = dict(window.menus.shortcuts())
     assert shortcuts["Run attribution"] == "F5" and "Runs" in shortcuts and "Apply edit" in shortcuts
-    box = window.show_shortcuts()
+    box = window.menus.show_shortcuts()
     assert "F5" in box.text()
     box.close()
     assert __version__ in about_text()
@@ -293,5 +293,5 @@ def test_held_out_templates_make_generality_measurable(window, qtbot):
     window.attribution_panel.hold_out.setValue(3)  # 4 templates: fewer than 3 would be left to find neurons
     errors = []
     window.error_shown.connect(lambda title, message: errors.append(title))
-    window.run_attribution("current")
+    window.attributions.run_attribution("current")
     assert errors == ["Cannot hold out templates"] and not window.runner.busy

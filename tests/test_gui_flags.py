@@ -25,7 +25,7 @@ def planted():
 def window(app, qtbot, settings, planted):
     w = make_window(qtbot, settings, planted)
     yield w
-    w.auto_discard = True
+    w.lifecycle.auto_discard = True
     w.close()
 
 
@@ -65,9 +65,9 @@ def test_project_with_runs_is_flagged_when_opened(window, qtbot, tmp_path):
     run_fact(qtbot, window)
     path = str(tmp_path / "p.knproj")
     window.session.reset_flags()  # a file saved without flags (before they were saved): measured when opened
-    assert window.save_to(path, wait=True)
+    assert window.lifecycle.save_to(path, wait=True)
     with qtbot.waitSignal(window.project_opened, timeout=30000):
-        window.open_project(path)
+        window.lifecycle.open_project(path)
     assert window.session.flags is None  # the opened runs are measured on the worker, not in the UI thread
     assert window.runner.wait_idle(30000)
     assert window.session.flags is not None and MASSIVE in window.session.flags.massive

@@ -33,7 +33,7 @@ def fully_shown(widget) -> bool:
 def sized(request, app, qtbot, settings):
     window = make_window(qtbot, settings, make_tiny(TINY_CAUSAL, n_layer=30, n_inner=1536))
     window.resize(*request.param)
-    window._default_dock_sizes()
+    window.docks.default_dock_sizes()
     QCoreApplication.processEvents()
     yield window, request.param
     window.close()
@@ -91,7 +91,7 @@ def test_per_layer_plots_fold_into_a_tab_and_back(app, qtbot, settings):
     window = make_window(qtbot, settings, make_tiny(TINY_CAUSAL, n_layer=30))
     ap = window.attribution_panel
     window.resize(1280, 800)
-    window._default_dock_sizes()
+    window.docks.default_dock_sizes()
     QCoreApplication.processEvents()
     run_fact(qtbot, window, steps=1)
     assert ap.folded and ap.tabs.indexOf(ap.layer_widget) == 2 and ap.tabs.tabText(2) == "Per layer"
@@ -102,7 +102,7 @@ def test_per_layer_plots_fold_into_a_tab_and_back(app, qtbot, settings):
     assert not ap.map_tools.isVisible()  # go-to and zoom belong to the map's tab
     assert len(ap.layer_bars.opts["height"]) == 30  # drawn while folded
     window.resize(1600, 1100)
-    window._default_dock_sizes()
+    window.docks.default_dock_sizes()
     QCoreApplication.processEvents()
     assert not ap.folded and ap.tabs.indexOf(ap.layer_widget) == -1 and ap.split.indexOf(ap.layer_widget) == 0
     assert ap.tabs.currentWidget() is ap.heat_page and ap.map_tools.isVisible()

@@ -26,7 +26,7 @@ def loose_thresholds(window):
 def start_and_cancel_after_one_prompt(qtbot, window, steps=150):
     window.facts_panel.select_fact(FRANCE)
     window.attribution_panel.steps.setValue(steps)
-    window.run_attribution("current")
+    window.attributions.run_attribution("current")
     running = window.attribution.running[0]
     qtbot.waitUntil(lambda: len(running.scores) >= 1, timeout=60000)
     qtbot.mouseClick(window.cancel_button, Qt.LeftButton)
@@ -44,10 +44,10 @@ def test_cancelled_rerun_never_replaces_the_complete_run(window, qtbot, settings
     title = window.attribution_panel.title.text()
     assert "running" not in title and window.attribution_panel.run is first
     path = str(tmp_path / "rerun.knproj")
-    assert window.save_to(path, wait=True)
+    assert window.lifecycle.save_to(path, wait=True)
     again = make_window(qtbot, settings, lm)
     with qtbot.waitSignal(again.project_opened, timeout=30000):
-        again.open_project(path)
+        again.lifecycle.open_project(path)
     assert again.runner.wait_idle(30000)
     reopened, kept = again.session.runs[KEY], again.session.partial_runs[KEY]
     assert reopened.complete and len(reopened.scores) == len(first.scores)
@@ -63,10 +63,10 @@ def test_cancelled_first_run_is_marked_partial_not_running(window, qtbot, settin
     title = window.attribution_panel.title.text()
     assert "running" not in title and "partial run (cancelled)" in title
     path = str(tmp_path / "partial.knproj")
-    assert window.save_to(path, wait=True)
+    assert window.lifecycle.save_to(path, wait=True)
     again = make_window(qtbot, settings, lm)
     with qtbot.waitSignal(again.project_opened, timeout=30000):
-        again.open_project(path)
+        again.lifecycle.open_project(path)
     assert again.runner.wait_idle(30000)
     assert again.session.runs[KEY].state == "cancelled"
     assert "partial run (cancelled)" in again.attribution_panel.title.text()
@@ -85,7 +85,7 @@ def test_fact_change_keeps_the_model_edits_redo_list(window, qtbot):
     relation = Relation("P99", "made up", ("[X] is made of [Y].",))
     window.facts_panel.change_requested.emit("Add relation P99", window.session.factset.with_relation(relation))
     assert "P99" in window.session.factset.relations
-    assert window.undo_stack.count() == 2 and window.act_redo.isEnabled()
+    assert window.undo_stack.count() == 2 and window.menus.act_redo.isEnabled()
     window.redo()
     window.redo()
     assert [e.kind for e in window.edit_stack.active_edits()] == ["suppress", "amplify"]
@@ -128,13 +128,13 @@ def test_attribution_on_edited_weights_says_so(window, qtbot, settings, lm, tmp_
     run = run_fact(qtbot, window, steps=2)
     assert run.edits == [window.edit_stack.active_edits()[0].describe()]
     assert "on edited weights (1 active edit)" in window.attribution_panel.title.text()
-    assert window.results_dict()["runs"][0]["edits_active"] == run.edits
+    assert window.files.results_dict()["runs"][0]["edits_active"] == run.edits
     path = str(tmp_path / "edited.knproj")
-    assert window.save_to(path, wait=True)
+    assert window.lifecycle.save_to(path, wait=True)
     window.undo()
     again = make_window(qtbot, settings, lm)
     with qtbot.waitSignal(again.project_opened, timeout=30000):
-        again.open_project(path)
+        again.lifecycle.open_project(path)
     assert again.runner.wait_idle(30000)
     assert again.session.runs[KEY].edits == run.edits
     assert "on edited weights" in again.attribution_panel.title.text()
@@ -150,16 +150,16 @@ def test_autosave_after_a_job_and_recovery_at_the_next_start(app, qtbot, setting
     assert os.path.exists(autosaved)
     # the app is killed here (kill -9: nothing more runs); a new start finds the file and offers it
     fresh = make_window(qtbot, settings, lm)
-    fresh.auto_recover = True
+    fresh.lifecycle.auto_recover = True
     with qtbot.waitSignal(fresh.project_opened, timeout=30000):
-        assert fresh.offer_recovery()
+        assert fresh.lifecycle.offer_recovery()
     assert fresh.runner.wait_idle(30000)
     s = fresh.session
     assert Fact("P36", "Germany", "Berlin") in s.factset.facts
     assert s.runs[KEY].complete and len(s.runs[KEY].scores) == 4
     assert fresh.isWindowModified()  # recovered work is unsaved until the user saves it
     path = os.path.join(os.path.dirname(settings.fileName()), "recovered.knproj")
-    assert fresh.save_to(path, wait=True)
+    assert fresh.lifecycle.save_to(path, wait=True)
     assert not os.path.exists(autosaved)  # saved: the autosave goes, and is not offered again
     assert fresh.project.recoverable() == []
     fresh.close()
@@ -172,7 +172,7 @@ def test_no_recovery_offered_after_a_clean_close(app, qtbot, settings, lm):
     first.project.autosave().join(30)
     first.close()  # the user discards the changes (auto_discard)
     second = make_window(qtbot, settings, lm)
-    assert not second.offer_recovery()
+    assert not second.lifecycle.offer_recovery()
     second.close()
 
 
@@ -181,12 +181,12 @@ def test_open_project_then_load_model_are_queued(app, qtbot, settings, lm, tmp_p
     saver = make_window(qtbot, settings, lm)
     run_fact(qtbot, saver, steps=2)
     path = str(tmp_path / "start.knproj")
-    assert saver.save_to(path, wait=True)
+    assert saver.lifecycle.save_to(path, wait=True)
     saver.close()
     window = make_window(qtbot, settings, load_model_fn=lambda *a, **k: lm)
     seen = []
     window.error_shown.connect(lambda title, message: seen.append(title))
-    window.open_project(path)
+    window.lifecycle.open_project(path)
     window.load_model("default")
     assert window.runner.wait_idle(30000)
     assert not seen, seen
@@ -217,8 +217,8 @@ def test_save_dialogs_start_in_the_documents_folder(window, monkeypatch):
 
     asked = []
     monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (asked.append(a[2]), ("", ""))[1])
-    window.save_as()
-    window.export_results_dialog()
+    window.lifecycle.save_as()
+    window.files.export_results_dialog()
     assert asked and all(os.path.dirname(p) == str(default_folder()) for p in asked)
 
 
@@ -319,8 +319,8 @@ def test_saving_from_the_app_keeps_what_other_front_ends_stored(window, qtbot, t
     project.close()
 
     with qtbot.waitSignal(window.project_opened, timeout=30000):
-        window.open_project(path)
-    assert window.save_to(path, wait=True)
+        window.lifecycle.open_project(path)
+    assert window.lifecycle.save_to(path, wait=True)
 
     project = open_project(path, read_only=True)
     try:

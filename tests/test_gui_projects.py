@@ -45,11 +45,11 @@ def test_switching_project_while_its_flags_job_runs(window, qtbot, tmp_path, cap
     """Open A, and while its activation-statistics job runs open B: no traceback, and B's flags are B's."""
     run_fact(qtbot, window)
     a = str(tmp_path / "a.knproj")
-    assert window.save_to(a, wait=True)
-    window.new_project()
+    assert window.lifecycle.save_to(a, wait=True)
+    window.lifecycle.new_project()
     b = str(tmp_path / "b.knproj")  # no runs: no flags describe it; no answer checks
     window.session.checks.clear()
-    assert window.save_to(b, wait=True)
+    assert window.lifecycle.save_to(b, wait=True)
     window.session.saved_flags = None
     opened, statuses = [], []
 
@@ -57,15 +57,15 @@ def test_switching_project_while_its_flags_job_runs(window, qtbot, tmp_path, cap
         opened.append(path)
         if path == a:
             window.session.saved_flags = None  # measured again: a job runs for A now
-            window._flags_for_model()
+            window.attributions.flags_for_model()
             assert window.runner.busy
-            window.open_project(b)
+            window.lifecycle.open_project(b)
             assert window.attribution.check([FRANCE])  # queued behind B's opening: its answers are A's
 
     window.project_opened.connect(open_b_while_a_is_measured)
     window.statusBar().messageChanged.connect(statuses.append)
     capfd.readouterr()
-    window.open_project(a)
+    window.lifecycle.open_project(a)
     qtbot.waitUntil(lambda: len(opened) == 2, timeout=30000)
     assert window.runner.wait_idle(30000)
     assert "Traceback" not in capfd.readouterr().err
@@ -81,12 +81,12 @@ def test_flags_come_back_with_the_project_at_once(window, qtbot, tmp_path):
     flags = window.session.flags
     assert MASSIVE in flags.massive
     path = str(tmp_path / "p.knproj")
-    assert window.save_to(path, wait=True)
-    window.new_project()
+    assert window.lifecycle.save_to(path, wait=True)
+    window.lifecycle.new_project()
     seen = []
     window.project_opened.connect(lambda _: seen.append((window.session.flags, window.runner.busy)))
     with qtbot.waitSignal(window.project_opened, timeout=30000):
-        window.open_project(path)
+        window.lifecycle.open_project(path)
     restored, busy = seen[0]
     assert restored is not None and restored.massive == flags.massive and restored.unspecific == flags.unspecific
     assert not busy  # nothing to measure: the saved flags describe these weights and these runs
@@ -106,10 +106,10 @@ def test_saved_flags_of_other_weights_are_measured_again(window, qtbot, tmp_path
 
     run_fact(qtbot, window)
     path = str(tmp_path / "p.knproj")
-    assert window.save_to(path, wait=True)
+    assert window.lifecycle.save_to(path, wait=True)
     window.set_model(make_tiny(TINY_CAUSAL, seed=3))
     assert window.runner.wait_idle(30000)
     with qtbot.waitSignal(window.project_opened, timeout=30000):
-        window.open_project(path)
+        window.lifecycle.open_project(path)
     assert window.session.flags is None  # the saved flags describe other weights
     assert window.runner.wait_idle(30000)

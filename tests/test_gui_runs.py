@@ -41,7 +41,7 @@ def pause_every_run(monkeypatch):
 def start_paused_run(qtbot, window):
     window.facts_panel.select_fact(FRANCE)
     window.attribution_panel.steps.setValue(3)
-    window.run_attribution("current")
+    window.attributions.run_attribution("current")
     running = window.attribution.running[0]
     qtbot.waitUntil(lambda: len(running.scores) >= 1, timeout=60000)
     return running
@@ -49,10 +49,10 @@ def start_paused_run(qtbot, window):
 
 def reopened(qtbot, window, settings, lm, path):
     """Saves the window's project to `path` and opens it in a fresh window (closed by the caller)."""
-    assert window.save_to(path, wait=True)
+    assert window.lifecycle.save_to(path, wait=True)
     again = make_window(qtbot, settings, lm)
     with qtbot.waitSignal(again.project_opened, timeout=30000):
-        again.open_project(path)
+        again.lifecycle.open_project(path)
     assert again.runner.wait_idle(30000)
     return again
 
@@ -108,7 +108,7 @@ def test_runs_browser_lists_opens_renames_deletes_and_compares(window, qtbot):
     first = run_fact(qtbot, window, steps=1)
     second = run_fact(qtbot, window, steps=2)
     s = window.session
-    dialog = window.show_runs()
+    dialog = window.files.show_runs()
     assert [r is x for r, x in zip(dialog.shown, [first, second])] == [True, True]
     texts = dialog.table.rows()
     assert texts[0][5] == "1" and texts[1][5] == "2" and "the fact's run" in texts[1][2]

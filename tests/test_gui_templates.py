@@ -42,12 +42,12 @@ def test_causal_templates_are_chosen_recorded_shown_and_reopened(app, qtbot, set
     assert len(end_only.prompts) == 2 and end_only.params["causal_templates"] == "end-only"
     assert "2 prompts, end-only templates)" in ap.title.text()
     path = str(tmp_path / "templates.knproj")
-    assert window.save_to(path, wait=True)
+    assert window.lifecycle.save_to(path, wait=True)
     window.close()
 
     again = make_window(qtbot, settings, lm)
     with qtbot.waitSignal(again.project_opened, timeout=30000):
-        again.open_project(path)
+        again.lifecycle.open_project(path)
     assert again.runner.wait_idle(30000)
     run = again.session.runs[("P36", "France", "Paris")]
     assert run.params["causal_templates"] == "end-only" and len(run.prompts) == 2
@@ -69,7 +69,7 @@ def test_no_usable_prompt_names_the_fix_for_the_templates_in_use(app, qtbot, set
     window.attribution_panel.templates.setCurrentText(mode)
     seen = errors(window)
     window.facts_panel.select_fact(fact)
-    window.run_attribution("current")
+    window.attributions.run_attribution("current")
     (title, message), = seen
     assert title == "Nothing to attribute" and fix in message and reason in message
     assert "at the end (causal models)" not in message  # the text from before prefix templates

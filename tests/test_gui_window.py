@@ -33,7 +33,7 @@ def rows_shown(table) -> float:
 def test_default_layout_shows_every_panel(app, qtbot, settings, size):
     window = make_window(qtbot, settings, make_tiny(TINY_CAUSAL, n_layer=30))
     window.resize(*size)
-    window._default_dock_sizes()
+    window.docks.default_dock_sizes()
     run_fact(qtbot, window, steps=1)
     window.attribution_panel.select_neuron(3, 5)
     QCoreApplication.processEvents()
@@ -56,14 +56,14 @@ def test_toolbar_has_icons_short_labels_and_always_shows_cancel(window, qtbot):
     run_fact(qtbot, window, steps=2)
     window.attribution_panel.select_neuron(0, 1)
     apply_edit(qtbot, window, {"kind": "Suppress", "target": ("selection", None), "scope": "answer"})
-    undo = window.act_undo
+    undo = window.menus.act_undo
     assert undo.text().startswith("&Undo Suppress") and undo.iconText() == "Undo"
     assert "Suppress" in undo.toolTip()
     window.resize(1024, 768)
     QCoreApplication.processEvents()
-    tb = window.toolbar
+    tb = window.menus.toolbar
     for action in tb.actions():
         if not action.isSeparator():
             assert not action.icon().isNull(), action.text()
             assert tb.widgetForAction(action).isVisible(), f"{action.iconText()} is hidden in the overflow"
-    assert tb.widgetForAction(window.act_cancel).text() == "Cancel"
+    assert tb.widgetForAction(window.menus.act_cancel).text() == "Cancel"

@@ -26,7 +26,7 @@ def test_map_and_inspector_name_the_expert(app, qtbot, settings):  # noqa: F811
         assert text.startswith(f"layer 2, expert {shared.expert} (shared), neuron 2 (index {shared.offset + 2})")
         routed = lm.layout.experts[1][1]
         window.neurons_panel.run = run
-        window.inspect_neuron(1, routed.offset + 5)
+        window.editing.inspect_neuron(1, routed.offset + 5)
         qtbot.waitUntil(lambda: "expert 1" in window.neurons_panel.inspect_title.text(), timeout=20000)
         title = window.neurons_panel.inspect_title.text()
         reached = sum(bool(s.activations[1, routed.offset:routed.offset + routed.size].any()) for s in run.scores)
@@ -34,5 +34,5 @@ def test_map_and_inspector_name_the_expert(app, qtbot, settings):  # noqa: F811
         assert f"{reached}/{len(run.scores)} of the fact's prompts route their answer to it" in title
         assert window.runner.wait_idle(30000)
     finally:
-        window.auto_discard = True
+        window.lifecycle.auto_discard = True
         window.close()

@@ -27,8 +27,8 @@ def test_app_export_and_kn_report_write_the_same_report(window, qtbot, tmp_path,
     apply_edit(qtbot, window, {"kind": "Suppress", "target": ("selection", None), "scope": "answer"})
     assert window.runner.wait_idle(60000)
     project = str(tmp_path / "p.knproj")
-    assert window.save_to(project, wait=True)
-    assert window.export_report(str(tmp_path / "app"))
+    assert window.lifecycle.save_to(project, wait=True)
+    assert window.files.export_report(str(tmp_path / "app"))
     assert window.runner.wait_idle(60000)
     assert main(["report", project, "--out", str(tmp_path / "cli")]) == 0
     app_data, app_report = _without_provenance(tmp_path / "app" / "report.json")

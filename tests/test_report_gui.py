@@ -21,7 +21,7 @@ def test_export_report_has_runs_figures_edits_and_provenance(window, qtbot, tmp_
     window.attribution_panel.select_neuron(0, 1)
     apply_edit(qtbot, window, {"kind": "Suppress", "target": ("selection", None), "scope": "answer"})
     folder = tmp_path / "report"
-    assert window.export_report(str(folder))  # a snapshot now; the worker draws the figures and writes the folder
+    assert window.files.export_report(str(folder))  # a snapshot now; the worker draws the figures and writes the folder
     assert window.runner.wait_idle(60000)
     path = folder / "report.html"
     page = path.read_text()
@@ -38,12 +38,12 @@ def test_export_report_has_runs_figures_edits_and_provenance(window, qtbot, tmp_
 
 def test_export_report_without_runs_says_so_and_a_bad_folder_is_an_error(window, tmp_path):
     folder = tmp_path / "empty"
-    assert window.export_report(str(folder))
+    assert window.files.export_report(str(folder))
     assert window.runner.wait_idle(30000)
     assert "No attribution run yet." in (folder / "report.html").read_text()
     seen = errors(window)
     (tmp_path / "a_file").write_text("not a folder")
-    window.export_report(str(tmp_path / "a_file" / "r"))
+    window.files.export_report(str(tmp_path / "a_file" / "r"))
     assert window.runner.wait_idle(30000)
     assert [t for t, _ in seen] == ["Exporting the report to r failed"]
     assert "a_file is a file" in seen[0][1] and "\n" not in seen[0][1]
@@ -58,7 +58,7 @@ def test_open_scores_becomes_a_run_and_survives_save_and_reopen(window, qtbot, t
     save_scores(tmp_path / "s.npz", result, AttributionParams(steps=2).to_dict(), prompt, answer,
                 model=lm.describe(), answer_ids=ids)
     facts_before = len(window.session.factset.facts)
-    assert window.open_scores(str(tmp_path / "s.npz"))
+    assert window.files.open_scores(str(tmp_path / "s.npz"))
     s = window.session
     key = ("scores", prompt, "Tokyo")
     run = s.runs[key]
@@ -67,11 +67,11 @@ def test_open_scores_becomes_a_run_and_survives_save_and_reopen(window, qtbot, t
     assert len(s.factset.facts) == facts_before + 1 and window.current_fact == run.fact
     assert window.attribution_panel.run is run
     assert s.refined(run) == [tuple(n) for n in s.refined(run)]  # the sets are computed over it like any run
-    assert window.open_scores(str(tmp_path / "s.npz"))  # the same file again: already open, nothing doubled
+    assert window.files.open_scores(str(tmp_path / "s.npz"))  # the same file again: already open, nothing doubled
     assert len(s.factset.facts) == facts_before + 1
 
-    assert window.save_to(str(tmp_path / "p.knproj"), wait=True)
-    window.open_project(str(tmp_path / "p.knproj"))
+    assert window.lifecycle.save_to(str(tmp_path / "p.knproj"), wait=True)
+    window.lifecycle.open_project(str(tmp_path / "p.knproj"))
     assert window.runner.wait_idle(30000)
     reopened = window.session.runs[key]
     assert np.array_equal(reopened.scores[0].scores, result.scores)
@@ -88,7 +88,7 @@ def test_bad_scores_files_are_one_line_errors_and_lose_nothing(window, qtbot, tm
                        answer_ids=encode_answer(other, "The capital of Japan is", " Tokyo"))
     save_scores(tmp_path / "other.npz", result, {}, "The capital of Japan is", " Tokyo", model=other.describe())
     for name in ("junk.npz", "missing.npz", "other.npz"):
-        assert not window.open_scores(str(tmp_path / name))
+        assert not window.files.open_scores(str(tmp_path / name))
     assert [t for t, _ in seen] == ["Could not open the scores"] * 3
     assert all("\n" not in m and name in m for (_, m), name in zip(seen, ("junk.npz", "missing.npz", "other.npz")))
     assert "5 layers" in seen[2][1] and "load the model" in seen[2][1]
@@ -102,18 +102,18 @@ def test_open_scores_without_a_model_and_the_menus(app, qtbot, settings, tmp_pat
     result = attribute(other, "The capital of Italy is", AttributionParams(steps=1), answer_ids=ids)
     save_scores(tmp_path / "it.npz", result, {"steps": 1}, "The capital of Italy is", " Rome",
                 model=other.describe(), answer_ids=ids)
-    assert window.open_scores(str(tmp_path / "it.npz"))
+    assert window.files.open_scores(str(tmp_path / "it.npz"))
     run = window.session.runs[("scores", "The capital of Italy is", "Rome")]
     assert run.model["sha256"] == other.sha256 and window.attribution_panel.run is run
     window.undo()  # the fact goes with its undo entry; the run stays in the session until the project drops it
     assert ("scores", "The capital of Italy is", "Rome") not in {(f.relation, f.subject, f.object)
                                                                  for f in window.session.factset.facts}
-    assert window.open_scores(str(tmp_path / "it.npz"))  # opened again after the undo: the fact is back
+    assert window.files.open_scores(str(tmp_path / "it.npz"))  # opened again after the undo: the fact is back
     assert window.session.factset.facts[-1] == run.fact and window.current_fact == run.fact
     file_menu = window.menuBar().actions()[0].menu()
     texts = [a.text() for a in file_menu.actions()]
     assert "Open s&cores\u2026" in texts
     export = next(a.menu() for a in file_menu.actions() if a.menu() is not None and a.text() == "&Export")
     assert export.actions()[0].text() == "Export report (HTML)\u2026"
-    window.auto_discard = True
+    window.lifecycle.auto_discard = True
     window.close()

@@ -14,8 +14,7 @@ from PySide6.QtCore import QObject, Signal
 
 from kn_core.facts import Fact
 
-from ..session import (CANCELLED, COMPLETE, FAILED, NeuronSet, Run, Session, TooCoarse, compact_call,
-                       fact_key, fact_label)
+from ..session import CANCELLED, COMPLETE, FAILED, NeuronSet, Run, Session, TooCoarse, fact_key, fact_label
 from ..worker import JobRunner
 from . import UserError
 
@@ -98,20 +97,18 @@ def no_prompts_fix(kind: str, prefix_helps: bool) -> str:
 
 
 def decided_scores(by_relation: dict, t: float, massive) -> tuple[dict, str]:
-    """Session.flag_inputs' scores as arrays for neurons.scored_flags: a compact fact (a list of TopScores) is
+    """Session.flag_inputs' stored scores (`Run.stored`) as arrays for neurons.scored_flags: a compact fact is
     kept when its coarse sets at t with the massive neurons excluded are decided by the kept scores (its unkept
     ones at -inf), else left out and counted in the returned note."""
     out, dropped, reason = {}, 0, ""
     for relation, facts in by_relation.items():
-        for scores in facts:
-            if scores and not isinstance(scores[0], np.ndarray):
-                try:
-                    compact_call(lambda ts, scores=scores: ts.coarse_counts(scores, t, massive))
-                except TooCoarse as exc:
-                    dropped, reason = dropped + 1, str(exc)
-                    continue
-                scores = [top.dense() for top in scores]
-            out.setdefault(relation, []).append(scores)
+        for stored in facts:
+            try:
+                arrays = stored.decided_arrays(t, massive)
+            except TooCoarse as exc:
+                dropped, reason = dropped + 1, str(exc)
+                continue
+            out.setdefault(relation, []).append(arrays)
     return out, (f"{dropped} compactly stored fact(s) left out of the unspecific flag: {reason}" if dropped else "")
 
 
@@ -255,6 +252,58 @@ class AttributionController(QObject):
 
         self.runner.submit("Flagging massive / unspecific neurons", job, on_done=done)
         return True
+
+    # ----------------------------------------------------------------------------------------- the model
+    def set_model(self, lm):
+        """`lm` is the session's model: the old one's answer checks and flags never describe it."""
+        s = self.session
+        s.lm = lm
+        s.checks.clear()
+        s.reset_flags()
+
+    def set_prompt_format(self, mode: str) -> bool:
+        """The loaded model encodes prompts in `mode` from now on (kn_core.encoding); True when that changed its
+        inputs (the answer checks and flags are dropped). A model that cannot (no chat template, a masked model)
+        is set back to plain: UserError saying why. False without a model."""
+        from kn_core.encoding import PromptError, set_prompt_format
+
+        lm = self.session.lm
+        if lm is None:
+            return False
+        before = lm.prompt_format
+        try:
+            set_prompt_format(lm, mode)
+        except PromptError as exc:
+            set_prompt_format(lm, "plain")
+            raise UserError("Prompts stay plain", f"Prompts stay plain: {exc}") from exc
+        if lm.prompt_format == before:
+            return False
+        self.session.checks.clear()
+        self.session.reset_flags()
+        return True
+
+    # ----------------------------------------------------------------------------------------- the selection rule
+    def change_selection(self, run: Run | None, **change) -> str:
+        """Applies t, p or keep_massive to the session when the shown `run`'s stored scores decide its sets with
+        them (full scores always do); a compactly stored run that cannot keeps the last valid values, and the
+        returned line says why ("" when applied)."""
+        s = self.session
+        before = {key: getattr(s, key) for key in change}
+        for key, value in change.items():
+            setattr(s, key, value)
+        if run is None or not run.scores:
+            return ""
+        try:
+            s.refined(run)
+        except TooCoarse as exc:
+            for key, value in before.items():
+                setattr(s, key, value)
+            return f"Kept t = {s.t:.2f}: {exc}"
+        return ""
+
+    def set_causal_templates(self, mode: str):
+        """Causal models' prompts from now on: every template cut before [Y], or only those ending in it."""
+        self.session.causal_templates = mode
 
     # ----------------------------------------------------------------------------------------- neuron sets
     def update_auto_sets(self, run: Run) -> bool:

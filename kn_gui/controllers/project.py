@@ -18,7 +18,7 @@ from PySide6.QtCore import QObject, QStandardPaths, Signal
 
 from .. import project_io
 from ..project_io import ProjectSnapshot, place_runs
-from ..session import Session
+from ..session import Session, fact_key, starter_factset
 from ..worker import JobRunner
 from . import UserError
 from .edits import EditsController
@@ -119,15 +119,48 @@ class ProjectController(QObject):
         self.event.emit(ProjectOpened(snap, recovered))
 
     def new(self):
-        self.session.generation += 1
+        """An empty project: the built-in facts, no runs, sets or edits (the loaded model stays)."""
+        s = self.session
+        s.generation += 1
         self.edits.history.clear()  # the model's edits are reverted
         self.edits.history.set_clean()
         self.edits.pending = None
         self.discard_autosave()
         self.path = None
-        self.session.score_storage = None  # a new project stores full scores
-        self.session.kept_records = {}
-        self.session.saved_flags = None
+        s.score_storage = None  # a new project stores full scores
+        s.kept_records = {}
+        s.saved_flags = None
+        s.factset = starter_factset()
+        s.runs.clear()
+        s.partial_runs.clear()
+        s.earlier_runs.clear()
+        s.neuron_sets.clear()
+        s.results_dirty = False
+
+    def add_scores_run(self, run, name: str) -> bool:
+        """A scores file's run (open_scores.scores_run) into the project, its fact added to the fact set as one
+        undoable change when it is not there; True when this very run was open already. UserError when another
+        run for the same prompt and answer is open."""
+        from ..open_scores import SCORES_RELATION, same_scores
+
+        s, key = self.session, fact_key(run.fact)
+        shown = run.fact in s.factset.facts
+        earlier = s.runs.get(key)
+        if shown and earlier is not None:
+            if not same_scores(earlier, run):
+                raise UserError("Could not open the scores", f"{name}: a different run for this prompt and answer "
+                                f"is already open ({run.fact.subject!r} \u2192 {run.fact.object!r}); delete that "
+                                "fact first to replace it.")
+            return True
+        fs = s.factset  # a fact deleted earlier (its run left behind) comes back with this file's run
+        if SCORES_RELATION.id not in fs.relations:
+            fs = fs.with_relation(SCORES_RELATION)
+        if not shown:
+            fs = fs.with_fact(run.fact)
+        s.runs[key] = run
+        self.edits.push_factset(f"Open scores {name}", fs)
+        s.results_dirty = True
+        return False
 
     # ----------------------------------------------------------------------------------------- autosave
     def _listed(self) -> list[str]:

@@ -18,16 +18,17 @@ import pyqtgraph as pg
 from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import QCheckBox, QComboBox, QLabel, QSpinBox, QSplitter, QTabWidget, QWidget
 
-from kn_core.encoding import PROMPT_FORMATS
-from kn_core.facts import CAUSAL_TEMPLATES
+from kn_core.attribution import AttributionParams
 from kn_core.neurons import refine_threshold
-from kn_core.selection import DEFAULT_P, DEFAULT_T
-from kn_core.validation import STEPS_RANGE
+from kn_core.quadrature import DEFAULT_POINTS
 from kn_core.report.figures import colour_bound
+from kn_core.selection import DEFAULT_P, DEFAULT_T
 
 from ..session import TooCoarse, neuron_name
 from .common import TableView, button, fmt_activation, fmt_prob, hbox, hint, vbox
+from .form import build_controls
 from .neuron_map import NeuronMap, expert_text
+from .run_params import ENGINE, PROMPT_PARAMS, RUN_PARAMS
 from .thresholds import ThresholdControl
 
 pg.setConfigOptions(imageAxisOrder="row-major", antialias=False, background="w", foreground="#33475b")
@@ -39,9 +40,6 @@ PALETTE = ["#e74c3c", "#2e86c1", "#28b463", "#af7ac5", "#f39c12", "#17a589", "#d
            "#c0392b", "#1abc9c"]
 
 
-TEMPLATES_TIP = ("Causal models: prefix uses every template, cut before [Y] (\"The capital of [X] is [Y], a "
-                 "city.\" asks \"The capital of France is\"); end-only uses only templates that end with [Y]. "
-                 "Recorded with each run; masked models fill [Y] wherever it is.")
 KEEP_TIP = ("Checked: neurons flagged massive or unspecific stay in the coarse/refined sets (the paper's method). "
             "Unchecked (default): they are marked but left out, and never set the coarse threshold's max.")
 
@@ -55,76 +53,65 @@ def _rule_text(rule: dict) -> str:
     return "\n".join(lines)
 
 
+def _vsplit(*parts) -> QSplitter:
+    """A vertical splitter of (widget, stretch) parts that never collapses one."""
+    split = QSplitter(Qt.Vertical)
+    for k, (widget, stretch) in enumerate(parts):
+        split.addWidget(widget)
+        split.setStretchFactor(k, stretch)
+    split.setChildrenCollapsible(False)
+    return split
+
+
 class AttributionPanel(QWidget):
     run_requested = Signal(str)  # "current" | "selection"
-    thresholds_changed = Signal(float, float)
+    thresholds_requested = Signal(float, float)  # t, p: the controller applies them (or refuses: show_selection)
+    keep_massive_requested = Signal(bool)
     neurons_selected = Signal(list)  # [(layer, neuron)]
     neuron_clicked = Signal(int, int)
     adapt_p_requested = Signal()
     relation_set_requested = Signal()
-    templates_changed = Signal(str)  # "prefix" | "end-only": the prompts of causal models change
+    templates_changed = Signal(str)  # "prefix" | "end-only": the causal prompts requested from now on
     prompt_format_changed = Signal(str)  # "plain" | "chat" (kn_core.encoding.PROMPT_FORMATS)
-    problem = Signal(str)  # one line for the status bar (e.g. compact scores that cannot decide the sets at t)
+    problem = Signal(str)  # one line for the status bar (compact scores that cannot decide the shown run's sets)
 
     def __init__(self, session, parent=None):
-        # long: one flat list of the panel's widgets in reading order, each built and connected where
-        # it is placed, reads better than the same steps scattered over helpers used once.
         super().__init__(parent)
-        self.session = session
+        self.session = session  # read only: changes go out as requests (run, thresholds, templates, selection)
         self.run = None
         self.live: dict[int, np.ndarray] = {}  # prompt index -> scores being filled (NaN = not yet)
         self.selected: list[tuple[int, int]] = []
         self.refined: list[tuple[int, int]] = []
         self._shown_scores = None
         self._shown_acts = None
+        self.flags = None  # kn_core.neurons.NeuronFlags of the model, when measured
         # streamed results are drawn at most ~5 times a second: the UI thread stays free while a run pours in
-        self._redraw_timer = QTimer(self)
-        self._redraw_timer.setSingleShot(True)
-        self._redraw_timer.setInterval(200)
-        self._redraw_timer.timeout.connect(self.redraw)
+        self._redraw_timer = QTimer(self, singleShot=True, interval=200, timeout=self.redraw)
+        params, prompt_row = self._build_run_controls()
+        self._build_threshold_controls()
+        self._build_layer_plots()
+        self._build_map()
+        self._build_prompt_view()
+        self._build_layout(params, prompt_row)
+        self._fill_view_of()
+        self.set_running(False, has_model=False)
+        self.redraw()
 
-        # --- run controls
+    def _build_run_controls(self):
+        """The run's parameters (declared in RUN_PARAMS), the run buttons; the parameters' row."""
         self.run_button = button("Run attribution (F5)", lambda: self.run_requested.emit("current"),
                                  "Integrated gradients over every FFN neuron, for all prompts of the current fact",
                                  name="primary")
         self.run_sel_button = button("Run selected", lambda: self.run_requested.emit("selection"),
                                      "Run every fact selected in the Facts panel, one after another")
-        self.steps = QSpinBox()
-        self.steps.setRange(STEPS_RANGE.minimum, STEPS_RANGE.maximum)  # the engine's (kn_core.validation)
-        self.steps.setValue(20)
-        self.steps.setToolTip("m, the number of Riemann steps of the integral (paper: 20)")
-        self.rule = QComboBox()
-        self.rule.addItems(["right", "left"])
-        self.rule.setToolTip("right: alpha = k/m, k = 1..m (paper); left: k = 0..m-1 (authors' code)")
-        self.method = QComboBox()
-        self.method.addItems(["ig", "activation"])
-        self.method.setToolTip("ig: integrated gradients; activation: the paper's baseline (raw activation)")
-        self.quadrature = QComboBox()
-        self.quadrature.addItems(["riemann", "gauss", "auto"])
-        self.quadrature.setToolTip("riemann: the paper's m-step sum; gauss: m Gauss-Legendre points per layer (dense "
-                                   "where needed); auto: points added per layer until its completeness error is "
-                                   "within 1% (kn_core/quadrature.py)")
+        row = build_controls(self, RUN_PARAMS)
+        prompt_row = build_controls(self, PROMPT_PARAMS)
         self.quadrature.currentTextChanged.connect(self._quadrature_changed)
-        self.templates = QComboBox()
-        self.templates.addItems(CAUSAL_TEMPLATES)
-        self.templates.setToolTip(TEMPLATES_TIP)
-        self.templates.currentTextChanged.connect(self._templates_chosen)
-        self.prompt_format = QComboBox()
-        self.prompt_format.addItems(PROMPT_FORMATS)
-        self.prompt_format.setToolTip("plain: the prompt as it is; chat: through the model's chat template, the user "
-                                      "asking to complete the sentence and the prompt starting the assistant's reply "
-                                      "(instruct models), for attribution and evaluation alike; recorded with runs")
+        self.templates.currentTextChanged.connect(self.templates_changed.emit)
         self.prompt_format.currentTextChanged.connect(self.prompt_format_changed.emit)
-        self.hold_out = QSpinBox()
-        self.hold_out.setRange(0, 20)
-        self.hold_out.setPrefix("hold out ")
-        self.hold_out.setToolTip("Templates of each fact kept out of the attribution (drawn with the run's seed): "
-                                 "an edit then measures generality on wordings its neurons never saw (0: every "
-                                 "template finds the neurons and generality is n/a)")
-        params = hbox(QLabel("steps"), self.steps, QLabel("quadrature"), self.quadrature, QLabel("rule"), self.rule,
-                      QLabel("method"), self.method, QLabel("templates"), self.templates, None)
+        return hbox(*row, None), prompt_row
 
-        # --- thresholds
+    def _build_threshold_controls(self):
         self.t_control = ThresholdControl("t", DEFAULT_T, "Coarse: score > t \u00d7 the prompt's max score (paper: 0.2)")
         self.p_control = ThresholdControl("p", DEFAULT_P, "Refined: coarse in \u2265 max(p \u00d7 prompts, 3) prompts "
                                           "(paper: 0.7, adapted per relation)")
@@ -137,7 +124,7 @@ class AttributionPanel(QWidget):
                                       "Neurons refined for \u2265 10% of the relation's facts, as a neuron set")
         self.keep_massive = QCheckBox("Keep massive/unspecific neurons")
         self.keep_massive.setToolTip(KEEP_TIP)
-        self.keep_massive.toggled.connect(self._keep_massive)
+        self.keep_massive.toggled.connect(lambda keep: self.keep_massive_requested.emit(bool(keep)))
         self.agg = QComboBox()
         self.agg.addItems(["sum", "max"])
         self.agg.setToolTip("Per-layer bars: sum or max of the scores in each layer")
@@ -147,7 +134,6 @@ class AttributionPanel(QWidget):
         self.view_of.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
         self.view_of.setMinimumContentsLength(12)
         self.view_of.currentIndexChanged.connect(lambda _: self.redraw())
-
         self.title = QLabel("No attribution yet: pick a fact and press F5.")
         self.title.setObjectName("heading")
         self.title.setWordWrap(True)
@@ -157,7 +143,8 @@ class AttributionPanel(QWidget):
         self.hover.setObjectName("value")
         self.hover.setTextInteractionFlags(Qt.TextSelectableByMouse)
 
-        # --- plots
+    def _build_layer_plots(self):
+        """The per-layer bars beside the histogram of refined neurons per layer."""
         self.layer_widget = pg.GraphicsLayoutWidget()
         self.layer_plot = self.layer_widget.addPlot(title="Attribution per layer")
         self.layer_plot.setLabel("bottom", "layer")
@@ -175,10 +162,13 @@ class AttributionPanel(QWidget):
         for plot in (self.layer_plot, self.hist_plot):
             plot.setTitle(plot.titleLabel.text, size="9pt")
             plot.getAxis("left").setStyle(maxTickLevel=1)
-            plot.getAxis("left").enableAutoSIPrefix(False)
             plot.getAxis("left").setWidth(48)
+            for axis in ("left", "bottom"):
+                plot.getAxis(axis).enableAutoSIPrefix(False)
         self.layer_widget.setMinimumHeight(140)
 
+    def _build_map(self):
+        """The layer x neuron map, and its go-to and zoom tools (they sit in the tab bar's corner)."""
         self.colormap = pg.colormap.get("CET-D1")
         self.heat_widget = NeuronMap(self.colormap)
         self.heat_plot = self.heat_widget.plot
@@ -188,7 +178,6 @@ class AttributionPanel(QWidget):
         self.selected_marks = self.heat_widget.selected_marks
         self.heat_widget.hovered.connect(self._show_hover)
         self.heat_widget.clicked.connect(lambda layer, neuron, add: self.select_neuron(layer, neuron, add=add))
-        self.flags = None  # kn_core.neurons.NeuronFlags of the model, when measured
         self.goto_layer = QSpinBox()
         self.goto_layer.setPrefix("L ")
         self.goto_layer.setToolTip("Layer of the neuron to go to")
@@ -203,11 +192,14 @@ class AttributionPanel(QWidget):
         for b in (zoom_in, zoom_out):
             b.setFixedWidth(30)
         self.hover.setMinimumWidth(120)
-        # go-to and zoom sit in the tab bar's corner; the hover line names the cell a click selects
         self.map_tools = QWidget()
         self.map_tools.setLayout(hbox(QLabel("go to"), self.goto_layer, self.goto_neuron, self.goto_button,
                                       zoom_in, zoom_out, fit, margins=(0, 0, 2, 2)))
+        self.heat_page = QWidget()
+        self.heat_page.setLayout(vbox(self.hover, self.heat_widget, margins=(2, 2, 2, 2), spacing=2))
 
+    def _build_prompt_view(self):
+        """The refined neurons' scores across prompts above the table of prompts."""
         self.prompt_widget = pg.GraphicsLayoutWidget()
         self.prompt_plot = self.prompt_widget.addPlot(title="Refined neurons across prompts")
         self.prompt_plot.setLabel("bottom", "prompt")
@@ -219,31 +211,18 @@ class AttributionPanel(QWidget):
         # the per-prompt lines get a usable height by default; the table below shows at least 3 rows
         self.prompt_widget.setMinimumHeight(180)
         self.prompt_table.setMinimumHeight(90)
-        prompt_split = QSplitter(Qt.Vertical)
-        prompt_split.addWidget(self.prompt_widget)
-        prompt_split.addWidget(self.prompt_table)
-        prompt_split.setStretchFactor(0, 3)
-        prompt_split.setStretchFactor(1, 2)
-        prompt_split.setChildrenCollapsible(False)
+        self.prompt_page = _vsplit((self.prompt_widget, 3), (self.prompt_table, 2))
 
+    def _build_layout(self, params, prompt_row):
+        """Two rows of controls, then the title with the view choices, the summary, then the plots: the panel
+        fits a 1280 px wide screen."""
         self.tabs = QTabWidget()
-        self.heat_page = QWidget()
-        self.heat_page.setLayout(vbox(self.hover, self.heat_widget, margins=(2, 2, 2, 2), spacing=2))
         self.tabs.addTab(self.heat_page, "Layer \u00d7 neuron")
-        self.tabs.addTab(prompt_split, "Per prompt")
-        self.prompt_page = prompt_split
+        self.tabs.addTab(self.prompt_page, "Per prompt")
         self.tabs.setCornerWidget(self.map_tools, Qt.TopRightCorner)
         self.tabs.currentChanged.connect(self._tab_changed)
-
-        self.split = QSplitter(Qt.Vertical)
-        self.split.addWidget(self.layer_widget)
-        self.split.addWidget(self.tabs)
-        self.split.setStretchFactor(0, 1)
-        self.split.setStretchFactor(1, 3)
-        self.split.setChildrenCollapsible(False)
+        self.split = _vsplit((self.layer_widget, 1), (self.tabs, 3))
         self.folded = False  # True: the per-layer plots are a tab beside the map (a short panel)
-
-        # two rows of controls, then the title with the view choices: the panel fits a 1280 px wide screen
         self.run_row = QWidget()
         self.run_row.setLayout(hbox(self.run_button, self.run_sel_button, params))
         self.thresholds_row = QWidget()
@@ -251,17 +230,10 @@ class AttributionPanel(QWidget):
                                        "coarse and refined sets at once, without running anything")
         # hold out and the prompt format sit here: the parameters' row is the panel's widest (1280x800 must fit)
         self.thresholds_row.setLayout(hbox(self.t_control, self.p_control, self.adapt_button,
-                                           self.relation_button, self.keep_massive, self.hold_out,
-                                           QLabel("prompts"), self.prompt_format))
+                                           self.relation_button, self.keep_massive, *prompt_row))
         title_row = hbox(self.title, QLabel("show"), self.view_of, QLabel("bars"), self.agg)
         title_row.setStretch(0, 1)
         self.setLayout(vbox(self.run_row, self.thresholds_row, title_row, self.summary, self.split, spacing=4))
-        for axis in ("left", "bottom"):
-            self.layer_plot.getAxis(axis).enableAutoSIPrefix(False)
-            self.hist_plot.getAxis(axis).enableAutoSIPrefix(False)
-        self._fill_view_of()
-        self.set_running(False, has_model=False)
-        self.redraw()
 
     # ----------------------------------------------------------------- layout
     def resizeEvent(self, event):
@@ -296,17 +268,13 @@ class AttributionPanel(QWidget):
 
     # ----------------------------------------------------------------- params
     def params(self):
-        from kn_core.attribution import AttributionParams
-
         quadrature = self.quadrature.currentText()
         return AttributionParams(steps=self.steps.value(), quadrature=quadrature,
-                                 rule=self.rule.currentText() if quadrature == "riemann" else "right",
+                                 rule=self.rule.currentText() if quadrature == "riemann" else ENGINE.rule,
                                  method=self.method.currentText())
 
     def _quadrature_changed(self, quadrature: str):
         """Steps mean Riemann steps or Gauss points: a default of one becomes the other's; the rule is Riemann's."""
-        from kn_core.quadrature import DEFAULT_POINTS
-
         if self.steps.value() in DEFAULT_POINTS.values():
             self.steps.setValue(DEFAULT_POINTS[quadrature])
         self.rule.setEnabled(quadrature == "riemann")
@@ -325,43 +293,16 @@ class AttributionPanel(QWidget):
         self.prompt_format.setCurrentText(mode)
         self.prompt_format.blockSignals(False)
 
-    def _templates_chosen(self, mode: str):
-        self.session.causal_templates = mode
-        self.templates_changed.emit(mode)
-
-    def _keep_massive(self, keep: bool):
-        if not self._decided(keep_massive=bool(keep)):
-            self.keep_massive.blockSignals(True)
-            self.keep_massive.setChecked(self.session.keep_massive)
-            self.keep_massive.blockSignals(False)
-            return
-        self.thresholds_changed.emit(self.session.t, self.session.p)
-        self.redraw()
-
     def _thresholds(self, _=None):
-        if not self._decided(t=self.t_control.value(), p=self.p_control.value()):
-            self.set_thresholds(self.session.t, self.session.p)
-            return
-        self.thresholds_changed.emit(self.session.t, self.session.p)
-        self.redraw()
+        self.thresholds_requested.emit(self.t_control.value(), self.p_control.value())
 
-    def _decided(self, **change) -> bool:
-        """Applies the change (t, p, keep_massive) to the session when the shown run's stored scores decide its
-        sets with it; a compactly stored run that cannot keeps the last valid values and says why (status bar)."""
-        s = self.session
-        before = {key: getattr(s, key) for key in change}
-        for key, value in change.items():
-            setattr(s, key, value)
-        if self.run is None or self.run.compact is None or not self.run.scores:
-            return True
-        try:
-            s.refined(self.run)
-        except TooCoarse as exc:
-            for key, value in before.items():
-                setattr(s, key, value)
-            self.problem.emit(f"Kept t = {s.t:.2f}: {exc}")
-            return False
-        return True
+    def show_selection(self):
+        """The session's t, p and keep-massive choice on the controls (after the controller applied or refused a
+        request: a refused one's controls go back)."""
+        self.set_thresholds(self.session.t, self.session.p)
+        self.keep_massive.blockSignals(True)
+        self.keep_massive.setChecked(self.session.keep_massive)
+        self.keep_massive.blockSignals(False)
 
     # ----------------------------------------------------------------- data in
     def show_run(self, run):
