@@ -57,9 +57,40 @@ def _was(key: str, value) -> str:
     return ""
 
 
+PROTOCOL_TIPS = {
+    "easyedit": "EasyEdit's definition (easyeditor/evaluate/evaluate_utils.py): token accuracies, locality = share "
+                "of the target's positions whose argmax is unchanged (docs/METRICS.md).",
+    "rome": "ROME's CounterFact scores (experiments/py/eval_utils_counterfact.py): ES/PS/NS compare p(o*) with p(o) "
+            "per prompt; EM/PM/NM their magnitudes; S the harmonic mean of ES, PS, NS (docs/METRICS.md).",
+    "mquake": "MQuAKE's edit-wise and multi-hop accuracy (docs/METRICS.md).",
+}
+
+
+def _card(title: str) -> tuple[QFrame, list[QLabel]]:
+    """A card: title, value in large type, detail, "random: ..." (the control)."""
+    frame = QFrame()
+    frame.setObjectName("metricCard")
+    frame.setFrameShape(QFrame.StyledPanel)
+    labels = [QLabel(title), QLabel(), QLabel(), QLabel()]
+    labels[0].setObjectName("hint")
+    labels[1].setObjectName("metricValue")
+    labels[1].setStyleSheet("font-size: 15pt; font-weight: 600; color: #1f3b57;")
+    labels[2].setStyleSheet("color: #5d6d7e;")
+    labels[3].setStyleSheet("color: #7b4f9d;")
+    inner = QGridLayout(frame)
+    inner.setContentsMargins(6, 4, 6, 4)
+    inner.setVerticalSpacing(1)
+    for row, label in enumerate(labels):
+        label.setAlignment(Qt.AlignLeft | Qt.AlignVCenter)
+        inner.addWidget(label, row, 0)
+    return frame, labels
+
+
 class MetricsStrip(QScrollArea):
-    """Shows `report["metrics"]` (kn_core.metrics.edit_metrics) or hides itself when there is none. The cards
-    scroll sideways where the dock is narrower than all of them (1280 px screens), never widening the window."""
+    """Shows `report["metrics"]` (kn_core.metrics.edit_metrics) or hides itself when there is none; below them,
+    when the edit was scored by another protocol (`kn edit --protocol`), that protocol's scores under its own
+    names, each beside its random-neuron control. The cards scroll sideways where the dock is narrower than all
+    of them (1280 px screens), never widening the window."""
 
     def __init__(self, parent=None):
         super().__init__(parent)
@@ -68,33 +99,24 @@ class MetricsStrip(QScrollArea):
         self.setVerticalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
         inner = QWidget()
         self.setWidget(inner)
-        grid = QGridLayout(inner)
+        self.grid = grid = QGridLayout(inner)
         grid.setContentsMargins(0, 0, 0, 0)
         grid.setHorizontalSpacing(6)
         self.cards: dict[str, tuple[QFrame, QLabel, QLabel, QLabel, QLabel]] = {}
         for column, (key, title, tip) in enumerate(CARDS):
-            frame = QFrame()
-            frame.setObjectName("metricCard")
-            frame.setFrameShape(QFrame.StyledPanel)
+            frame, labels = _card(title)
             frame.setToolTip(tip)
-            labels = [QLabel(title), QLabel(), QLabel(), QLabel()]
-            labels[0].setObjectName("hint")
-            labels[1].setObjectName("metricValue")
-            labels[1].setStyleSheet("font-size: 15pt; font-weight: 600; color: #1f3b57;")
-            labels[2].setStyleSheet("color: #5d6d7e;")
-            labels[3].setStyleSheet("color: #7b4f9d;")
-            inner = QGridLayout(frame)
-            inner.setContentsMargins(6, 4, 6, 4)
-            inner.setVerticalSpacing(1)
-            for row, label in enumerate(labels):
-                label.setAlignment(Qt.AlignLeft | Qt.AlignVCenter)
-                inner.addWidget(label, row, 0)
             grid.addWidget(frame, 0, column)
             grid.setColumnStretch(column, 1)
             self.cards[key] = (frame, *labels)
+        self.protocol_heading = QLabel()
+        self.protocol_heading.setObjectName("hint")
+        grid.addWidget(self.protocol_heading, 1, 0, 1, len(CARDS))
+        self.protocol_cards: dict[str, tuple[QFrame, QLabel, QLabel, QLabel, QLabel]] = {}
         self.hide()
 
-    def show_metrics(self, metrics: dict | None) -> None:
+    def show_metrics(self, metrics: dict | None, protocol: str = "kn", protocol_scores: dict | None = None) -> None:
+        self._show_protocol(protocol, protocol_scores)
         if not metrics:
             self.hide()
             return
@@ -120,6 +142,32 @@ class MetricsStrip(QScrollArea):
         self.setFixedHeight(self.widget().sizeHint().height() + self.horizontalScrollBar().sizeHint().height())
         self.show()
 
+    def _show_protocol(self, protocol: str, scores: dict | None) -> None:
+        """A row of cards for the protocol's scores (kn_core.protocols: pre, post, control), as it names them."""
+        from kn_core.protocols import flat_scores, format_score
+
+        for frame, *_ in self.protocol_cards.values():
+            self.grid.removeWidget(frame)
+            frame.deleteLater()
+        self.protocol_cards = {}
+        self.protocol_heading.setVisible(bool(scores) and protocol != "kn")
+        if not scores or protocol == "kn":
+            return
+        pre, post, control = (flat_scores(scores.get(side) or {}) for side in ("pre", "post", "control"))
+        self.protocol_heading.setText(f"{protocol} protocol (its own names; teacher-forced): after the edit, "
+                                      "was = unedited, random = the random-neuron control")
+        for column, (key, value) in enumerate(post.items()):
+            frame, labels = _card(key)
+            labels[1].setText(format_score(key, value))
+            reason = value.get("reason", "") if isinstance(value, dict) else ""
+            detail = reason if len(reason) <= 36 else reason[:34].rstrip() + "\u2026"
+            labels[2].setText(detail or f"was {format_score(key, pre.get(key))}")
+            labels[3].setText(f"random: {format_score(key, control.get(key))}")
+            frame.setToolTip(PROTOCOL_TIPS.get(protocol, "") + (f"\n\nNot applicable: {reason}" if reason else ""))
+            self.grid.addWidget(frame, 2, column)
+            self.protocol_cards[key] = (frame, *labels)
+
     def texts(self) -> dict[str, tuple[str, str, str]]:
-        """(value, detail, control) per card, as shown (for tests and exports)."""
-        return {key: (v.text(), d.text(), c.text()) for key, (_, _, v, d, c) in self.cards.items()}
+        """(value, detail, control) per card, as shown; the protocol's cards after ours, as "protocol:<name>"."""
+        cards = {**self.cards, **{f"protocol:{k}": card for k, card in self.protocol_cards.items()}}
+        return {key: (v.text(), d.text(), c.text()) for key, (_, _, v, d, c) in cards.items()}
