@@ -453,6 +453,8 @@ class ActionsMixin:
         snap, s = ev.snapshot, self.session
         self.attribution_panel.set_thresholds(s.t, s.p)
         self.attribution_panel.set_causal_templates(s.causal_templates)
+        self.attribution_panel.set_prompt_format(s.prompt_format)
+        self._prompt_format_changed(s.prompt_format)  # the project's prompt format, on the loaded model
         self.facts_panel.rebuild()
         self.current_fact = None
         self.attribution_panel.show_run(None)

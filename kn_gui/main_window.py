@@ -536,6 +536,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
         template, a masked model) stays plain and the status bar says why."""
         from kn_core.encoding import PromptError, set_prompt_format
 
+        self.session.prompt_format = mode
         lm = self.session.lm
         if lm is None:
             return
@@ -544,6 +545,7 @@ class MainWindow(ActionsMixin, LayoutMixin, QMainWindow):
             set_prompt_format(lm, mode)
         except PromptError as exc:
             set_prompt_format(lm, "plain")
+            self.session.prompt_format = "plain"
             self.attribution_panel.set_prompt_format("plain")
             self.status(f"Prompts stay plain: {exc}")
             return
