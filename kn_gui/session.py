@@ -302,22 +302,25 @@ class Session:
             return compact_call(lambda _: run.compact[prompt_index].coarse(self.t, self.excluded()))
         return kn_neurons.coarse_neurons(run.scores[prompt_index].scores, self.t, self.excluded())
 
-    def refined(self, run: Run) -> list[Neuron]:
+    def refined(self, run: Run, exclude: frozenset | None = None) -> list[Neuron]:
+        """`exclude`: None for the session's exclusions (the loaded model's flags)."""
         if not run.scores:
             return []
+        exclude = self.excluded() if exclude is None else exclude
         if len(run.prompts) < kn_neurons.REFINE_MIN_PROMPTS:  # kn_core.neurons.case_neurons: coarse in all of them
-            return kn_neurons.few_prompt_neurons(self.refined_counts(run), len(run.scores))
+            return kn_neurons.few_prompt_neurons(self.refined_counts(run, exclude), len(run.scores))
         if run.compact is not None:
             found = compact_call(lambda ts: ts.refined_neurons(run.compact[:len(run.scores)], self.t, self.p,
-                                                           self.excluded()))
+                                                           exclude))
         else:
-            found = kn_neurons.refined_neurons(run.score_arrays(), self.t, self.p, self.excluded())
+            found = kn_neurons.refined_neurons(run.score_arrays(), self.t, self.p, exclude)
         return [tuple(n) for n in found]
 
-    def refined_counts(self, run: Run):
+    def refined_counts(self, run: Run, exclude: frozenset | None = None):
+        exclude = self.excluded() if exclude is None else exclude
         if run.compact is not None:
-            return compact_call(lambda ts: ts.coarse_counts(run.compact[:len(run.scores)], self.t, self.excluded()))
-        return kn_neurons.coarse_counts(run.score_arrays(), self.t, self.excluded())
+            return compact_call(lambda ts: ts.coarse_counts(run.compact[:len(run.scores)], self.t, exclude))
+        return kn_neurons.coarse_counts(run.score_arrays(), self.t, exclude)
 
     def selection_arrays(self, run: Run, exclude=None) -> list[np.ndarray]:
         """Score arrays whose coarse sets at t (with `exclude`, default the session's exclusions) are the true
