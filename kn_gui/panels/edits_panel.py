@@ -189,10 +189,10 @@ class EditsPanel(QWidget):
         warning_row = hbox(self.result_warning, self.attribute_button)
         warning_row.setStretch(0, 1)
         self.metrics_strip = MetricsStrip()
-        # the summary and the metrics above the table scroll in their own area, in a splitter with the table, so
-        # the table always shows several rows (at 1280x800 it used to show about one)
+        # the summary above the table scrolls in its own area, in a splitter with the table, so the table always
+        # shows several rows (at 1280x800 it used to show about one); the metric cards stand beside both
         header = QWidget()
-        header.setLayout(vbox(self.result_summary, warning_row, self.metrics_strip, margins=(0, 0, 0, 0)))
+        header.setLayout(vbox(self.result_summary, warning_row, margins=(0, 0, 0, 0)))
         header_scroll = QScrollArea()
         header_scroll.setFrameShape(QFrame.NoFrame)
         header_scroll.setWidgetResizable(True)
@@ -208,8 +208,18 @@ class EditsPanel(QWidget):
         result_split.setStretchFactor(1, 1)
         result_split.setChildrenCollapsible(False)
         self.result_split = result_split
-        result_box.setLayout(vbox(title_row, result_split))
+        beside = QSplitter(Qt.Horizontal)
+        beside.addWidget(result_split)
+        beside.addWidget(self.metrics_strip)
+        beside.setStretchFactor(0, 1)
+        beside.setStretchFactor(1, 0)
+        beside.setChildrenCollapsible(False)
+        result_box.setLayout(vbox(title_row, beside))
         return result_box
+
+    def resizeEvent(self, event):
+        super().resizeEvent(event)
+        self.metrics_strip.set_columns(3 if self.width() >= 1250 else 2)  # the table keeps most of a 1280 screen
 
     def set_stats(self, stats):
         """Mean ablation needs the model's activation statistics (kn_core.neurons.ActivationStats, or None)."""
