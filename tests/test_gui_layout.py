@@ -123,3 +123,19 @@ def test_metric_cards_show_their_values_and_controls_not_only_their_titles(sized
         frame, title, value, detail, control = strip.cards[key]
         assert fully_shown(value) and fully_shown(control), (key, on_screen(value), value.size())
         assert value.text() and control.text().startswith("random")
+
+
+def test_the_facts_tree_shows_a_facts_name_whole(sized, qtbot):
+    """Issue 24: at 1280x800 the Facts tree's first column cut every fact to 'France \u2192 \u2026'."""
+    window, (width, height) = sized
+    window.facts_dock.raise_()
+    panel = window.facts_panel
+    panel.select_fact(FRANCE)
+    window.check_facts([FRANCE])
+    assert window.runner.wait_idle(30000)
+    QCoreApplication.processEvents()
+    index = panel._find_fact_item(FRANCE).index()
+    text = panel.model.itemFromIndex(index).text()
+    needed = panel.tree.fontMetrics().horizontalAdvance(text)
+    assert panel.tree.visualRect(index).width() >= needed + 6, (text, panel.tree.visualRect(index).width(), needed)
+    assert panel.model.itemFromIndex(index.siblingAtColumn(2)).text()  # the checks are still shown beside it
