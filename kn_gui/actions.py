@@ -13,6 +13,7 @@ from PySide6.QtWidgets import QFileDialog, QMessageBox, QStyle
 
 from .controllers import UserError
 from .controllers import project as P
+from .icons import crisp_icon
 from .panels.common import default_folder, export_folder, remember_folder, save_file_dialog, write_json
 from .project_io import results_dict
 from .session import fact_key, fact_label, merge_factsets, starter_factset
@@ -46,7 +47,7 @@ class ActionsMixin:
         action = QAction(text, self)
         action.triggered.connect(slot)
         if icon is not None:
-            action.setIcon(self.style().standardIcon(icon))
+            action.setIcon(crisp_icon(self.style(), icon))  # SVG where the style's bitmaps are small (2x screens)
         if short:
             action.setIconText(short)  # the toolbar's label; menus show the full text
         if shortcut is not None:
