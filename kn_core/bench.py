@@ -281,10 +281,11 @@ def _load() -> list[float]:
 
 
 def run_bench(lm, read: FieldFile, out: Path, params, settings: BenchSettings, *, source: str = "",
-              command: str = "", say=None, task=None, backend=None) -> dict:
+              command: str = "", say=None, task=None, compute=None, cluster=None) -> dict:
     """Runs (or resumes) the benchmark into `out` and writes its report after every case; returns the report.
-    `backend`: a `cluster.RayBackend` computes the cases on Ray workers (`bench_cluster.ray_case_results`), each
-    case as `run_case` computes it here; None: here, one case after another."""
+    `compute(cases, pending indices, cache, task)`: yields (index, `run_case`'s result) as the cases finish, e.g.
+    on Ray workers (`bench_cluster.on_ray`; `cluster()` describes them in the report, as they are by then: the
+    workers' count is known once they started); None: here, one after another."""
     from .bench_report import build_report, write_bench_report
 
     task = as_task(task)
@@ -306,19 +307,17 @@ def run_bench(lm, read: FieldFile, out: Path, params, settings: BenchSettings, *
                                                        "computed_seconds": computed_seconds,
                                                        "load_start": load_start, "load_now": _load(),
                                                        "cases_total": len(chosen)})
-        if backend is not None:
-            report["machine"]["cluster"] = backend.describe()
+        if cluster is not None:
+            report["machine"]["cluster"] = cluster()
         write_bench_report(report, out)
         return report
 
     report = report_now()
-    if backend is None:
+    if compute is None:
         computed = ((k, run_case(lm, chosen[k], params, settings, out / "cache",
                                  task.slice(n / len(pending), (n + 1) / len(pending)))) for n, k in enumerate(pending))
     else:
-        from .bench_cluster import ray_case_results
-
-        computed = ray_case_results(backend, lm, chosen, pending, params, settings, out / "cache", task)
+        computed = compute(chosen, pending, out / "cache", task)
     for n, (k, result) in enumerate(computed):
         computed_seconds += result["seconds"]
         tmp = paths[k].with_suffix(".tmp")

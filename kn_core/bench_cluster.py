@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from .bench import run_case
 from .cluster import RayBackend, load_spec
 
 
@@ -20,9 +21,13 @@ class BenchWorker:
         self.lm = load_spec(spec, threads)
 
     def run(self, k: int, case, params, settings, cache: str) -> tuple[int, dict]:
-        from .bench import run_case
-
         return k, run_case(self.lm, case, params, settings, Path(cache))
+
+
+def on_ray(backend: RayBackend, lm, params, settings):
+    """`bench.run_bench`'s `compute` on `backend`'s workers."""
+    return lambda chosen, pending, cache, task: ray_case_results(backend, lm, chosen, pending, params, settings,
+                                                                 cache, task)
 
 
 def ray_case_results(backend: RayBackend, lm, chosen: Sequence, pending: Sequence[int], params, settings,

@@ -41,10 +41,16 @@ def cmd_bench(args) -> int:
     settings = BenchSettings(args.edit, args.protocol, args.cases, args.seed, args.t, args.p, args.gen_tokens,
                              args.generation_prompts, args.keep_massive)
     lm = load(args)
+    compute = cluster = None
+    if backend is not None:
+        from ..bench_cluster import on_ray
+
+        compute, cluster = on_ray(backend, lm, params, settings), backend.describe
     with progress_bar("bench") as task:
         try:
             report = run_bench(lm, read, Path(args.out), params, settings, source=str(args.bench_file),
-                               command=shlex.join(["kn", *sys.argv[1:]]), say=say, task=task, backend=backend)
+                               command=shlex.join(["kn", *sys.argv[1:]]), say=say, task=task, compute=compute,
+                               cluster=cluster)
         except RuntimeError as exc:
             if type(exc).__name__ != "ClusterError":  # cluster.py is imported only with --cluster
                 raise

@@ -201,20 +201,8 @@ class EditsPanel(QWidget):
         header_scroll.viewport().setAutoFillBackground(False)
         header.setAutoFillBackground(False)
         self.table.setMinimumHeight(TABLE_ROWS_SHOWN * 26 + 30)
-        result_split = QSplitter(Qt.Vertical)
-        result_split.addWidget(header_scroll)
-        result_split.addWidget(self.table)
-        result_split.setStretchFactor(0, 0)
-        result_split.setStretchFactor(1, 1)
-        result_split.setChildrenCollapsible(False)
-        self.result_split = result_split
-        beside = QSplitter(Qt.Horizontal)
-        beside.addWidget(result_split)
-        beside.addWidget(self.metrics_strip)
-        beside.setStretchFactor(0, 1)
-        beside.setStretchFactor(1, 0)
-        beside.setChildrenCollapsible(False)
-        result_box.setLayout(vbox(title_row, beside))
+        self.result_split = _split(Qt.Vertical, header_scroll, self.table)
+        result_box.setLayout(vbox(title_row, _split(Qt.Horizontal, self.result_split, self.metrics_strip)))
         return result_box
 
     def resizeEvent(self, event):
@@ -546,6 +534,18 @@ def _scoring(report: dict) -> str:
         return ""
     judged = "greedy generation" if report.get("eval") == "generate" else "teacher-forced"
     return f"scored by the {report['protocol']} protocol; correct judged by {judged}"
+
+
+def _split(orientation, first: QWidget, second: QWidget) -> QSplitter:
+    """Two parts, neither collapsing; the table's side takes the extra room: the second part of a vertical split
+    (the summary above the table), the first of a horizontal one (the table beside the metric cards)."""
+    split = QSplitter(orientation)
+    split.addWidget(first)
+    split.addWidget(second)
+    split.setStretchFactor(0, 0 if orientation == Qt.Vertical else 1)
+    split.setStretchFactor(1, 1 if orientation == Qt.Vertical else 0)
+    split.setChildrenCollapsible(False)
+    return split
 
 
 def _maybe_float(value):
