@@ -282,8 +282,11 @@ def _load() -> list[float]:
 
 
 def run_bench(lm, read: FieldFile, out: Path, params, settings: BenchSettings, *, source: str = "",
-              command: str = "", say=None, task=None) -> dict:
-    """Runs (or resumes) the benchmark into `out` and writes its report after every case; returns the report."""
+              command: str = "", say=None, task=None, compute=None, cluster=None) -> dict:
+    """Runs (or resumes) the benchmark into `out` and writes its report after every case; returns the report.
+    `compute(cases, pending indices, cache, task)`: yields (index, `run_case`'s result) as the cases finish, e.g.
+    on Ray workers (`bench_cluster.on_ray`; `cluster()` describes them in the report, as they are by then: the
+    workers' count is known once they started); None: here, one after another."""
     from .bench_report import build_report, write_bench_report
 
     task = as_task(task)
@@ -292,26 +295,39 @@ def run_bench(lm, read: FieldFile, out: Path, params, settings: BenchSettings, *
     (out / "cases").mkdir(parents=True, exist_ok=True)
     key = settings.key(lm, params)
     chosen = sample_cases(read.cases, settings.cases, settings.seed)
+    paths = [out / "cases" / f"{hashlib.sha256(str(c.case_id).encode()).hexdigest()[:12]}-{key}.json" for c in chosen]
     started, load_start = time.time(), _load()
-    results, computed_seconds = [], 0.0
-    for k, case in enumerate(chosen):
-        path = out / "cases" / f"{hashlib.sha256(str(case.case_id).encode()).hexdigest()[:12]}-{key}.json"
-        if path.exists():
-            results.append({**json.loads(path.read_text(encoding="utf-8")), "resumed": True})
-        else:
-            result = run_case(lm, case, params, settings, out / "cache",
-                              task.slice(k / len(chosen), (k + 1) / len(chosen)))
-            computed_seconds += result["seconds"]
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(result), encoding="utf-8")
-            tmp.replace(path)
-            results.append(result)
-        if say:
-            say(f"case {k + 1}/{len(chosen)} ({case.case_id}: {case.subject} -> {case.target_new}) done")
-        report = build_report(lm, read, results, settings, params, source=source, command=command,
-                              timing={"started": started, "seconds": time.time() - started,
-                                      "computed_seconds": computed_seconds, "load_start": load_start,
-                                      "load_now": _load(), "cases_total": len(chosen)})
+    results = {k: {**json.loads(p.read_text(encoding="utf-8")), "resumed": True} for k, p in enumerate(paths)
+               if p.exists()}
+    pending = [k for k in range(len(chosen)) if k not in results]
+    computed_seconds = 0.0
+
+    def report_now():
+        report = build_report(lm, read, [results[k] for k in sorted(results)], settings, params, source=source,
+                              command=command, timing={"started": started, "seconds": time.time() - started,
+                                                       "computed_seconds": computed_seconds,
+                                                       "load_start": load_start, "load_now": _load(),
+                                                       "cases_total": len(chosen)})
+        if cluster is not None:
+            report["machine"]["cluster"] = cluster()
         write_bench_report(report, out)
-        task.progress((k + 1) / len(chosen), f"{k + 1}/{len(chosen)} cases")
+        return report
+
+    report = report_now()
+    if compute is None:
+        computed = ((k, run_case(lm, chosen[k], params, settings, out / "cache",
+                                 task.slice(n / len(pending), (n + 1) / len(pending)))) for n, k in enumerate(pending))
+    else:
+        computed = compute(chosen, pending, out / "cache", task)
+    for n, (k, result) in enumerate(computed):
+        computed_seconds += result["seconds"]
+        tmp = paths[k].with_suffix(".tmp")
+        tmp.write_text(json.dumps(result), encoding="utf-8")
+        tmp.replace(paths[k])
+        results[k] = result
+        case = chosen[k]
+        if say:
+            say(f"case {len(results)}/{len(chosen)} ({case.case_id}: {case.subject} -> {case.target_new}) done")
+        report = report_now()
+        task.progress((n + 1) / len(pending), f"{len(results)}/{len(chosen)} cases")
     return report

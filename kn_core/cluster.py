@@ -13,6 +13,7 @@ resume).
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -123,24 +124,29 @@ def model_spec(lm, device: str = "auto", trust_remote_code: bool = False) -> Mod
                      sha256=lm.sha256, device=device, prompt_format=prompt_format(lm))
 
 
+def load_spec(spec: ModelSpec, threads: int):
+    """The driver's model on a worker (`threads` CPU threads), its weights checked against the driver's and its
+    prompts encoded as the driver encodes them."""
+    import torch
+
+    from .encoding import set_prompt_format
+    from .models import load_model
+    from .runner import worker_name
+
+    torch.set_num_threads(threads)
+    lm = load_model(spec.source, device=spec.device, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code)
+    if lm.sha256 != spec.sha256:
+        raise ClusterError(f"worker {worker_name()} loaded {spec.source!r} with weights {lm.sha256[:12]}..., the "
+                           f"driver's are {spec.sha256[:12]}...: give every node the same model files")
+    set_prompt_format(lm, spec.prompt_format)
+    return lm
+
+
 class FactWorker:
     """The body of a Ray actor: the model, loaded once, and the runner's attributor."""
 
     def __init__(self, spec: ModelSpec, params, selection: NeuronSelection, threads: int):
-        import torch
-
-        from .models import load_model
-        from .runner import worker_name
-
-        torch.set_num_threads(threads)
-        lm = load_model(spec.source, device=spec.device, dtype=spec.dtype, trust_remote_code=spec.trust_remote_code)
-        if lm.sha256 != spec.sha256:
-            raise ClusterError(f"worker {worker_name()} loaded {spec.source!r} with weights {lm.sha256[:12]}..., the "
-                               f"driver's are {spec.sha256[:12]}...: give every node the same model files")
-        from .encoding import set_prompt_format
-
-        set_prompt_format(lm, spec.prompt_format)
-        self.attributor = FactAttributor(lm, params, selection)
+        self.attributor = FactAttributor(load_spec(spec, threads), params, selection)
 
     def attribute(self, work: FactWork) -> FactOutcome:
         return self.attributor(work)
@@ -234,6 +240,11 @@ class RayBackend:
         return True
 
     def _start_workers(self, ray, lm, params, selection: NeuronSelection, n_facts: int) -> list:
+        return self.start_actors(ray, lm, FactWorker, (params, selection, self.threads), n_facts)
+
+    def start_actors(self, ray, lm, worker_class, args: tuple, n_items: int) -> list:
+        """`workers` Ray actors of `worker_class(spec, *args)` (spec: how to load the driver's model), one GPU
+        each where the cluster has GPUs, else `threads` CPU cores; never more than `n_items` of them."""
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
         self._gpus = 1 if gpus else 0
@@ -243,57 +254,23 @@ class RayBackend:
         elif self.workers > capacity:
             raise ClusterError(f"--workers {self.workers} but the cluster has room for {capacity} "
                                f"({'GPUs' if gpus else f'CPU cores / {self.threads} threads each'}); ask for fewer")
-        self.workers = max(1, min(self.workers, n_facts))
+        self.workers = max(1, min(self.workers, n_items))
         device = ("auto" if gpus else "cpu") if self.device == "auto" else self.device
         spec = model_spec(lm, device, self.trust_remote_code)
-        actor = ray.remote(FactWorker).options(num_cpus=0 if gpus else self.threads, num_gpus=self._gpus,
-                                               max_restarts=self.max_retries, max_task_retries=self.max_retries)
-        self.actors = [actor.remote(spec, params, selection, self.threads) for _ in range(self.workers)]
+        actor = ray.remote(worker_class).options(num_cpus=0 if gpus else self.threads, num_gpus=self._gpus,
+                                                 max_restarts=self.max_retries, max_task_retries=self.max_retries)
+        self.actors = [actor.remote(spec, *args) for _ in range(self.workers)]
         return self.actors
 
-    def outcomes(self, lm, works: Sequence[FactWork], params, selection: NeuronSelection, progress: Progress,
-                 task: Task) -> Iterator[FactOutcome]:
+    @contextmanager
+    def connected(self):
+        """Ray, initialised for the run (a local instance or the cluster), with the run's actors killed and a Ray
+        this run started shut down at the end, whatever happens."""
         ray = import_ray()
-        from ray.exceptions import RayActorError, RayTaskError
-
         started_here = self._connect(ray)
         watchdog = RayWatchdog() if started_here else None
         try:
-            actors = self._start_workers(ray, lm, params, selection, len(works))
-            queue = list(reversed(works))  # pop() takes them in order
-            inflight: dict = {}  # object ref -> (work, actor index)
-            attempts = {w.index: 0 for w in works}
-
-            def submit(i):
-                work = queue.pop()
-                attempts[work.index] += 1
-                inflight[actors[i].attribute.remote(work)] = (work, i)
-
-            for i in range(len(actors)):
-                for _ in range(IN_FLIGHT):
-                    if queue:
-                        submit(i)
-            while inflight:
-                if task.cancelled:
-                    raise Cancelled("cancelled")
-                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
-                for ref in ready:
-                    work, i = inflight.pop(ref)
-                    try:
-                        outcome = ray.get(ref)
-                    except RayActorError as exc:  # Ray's own restarts and retries ran out
-                        if attempts[work.index] >= self.max_attempts:
-                            raise ClusterError(f"{work.fact.relation} {work.fact.subject!r} failed on "
-                                               f"{attempts[work.index]} workers (the last: {exc}); every fact stored "
-                                               f"so far stays: run again to resume") from None
-                        queue.append(work)
-                        i = (i + 1) % len(actors)
-                    except RayTaskError as exc:  # an error in our code (e.g. a prompt the model cannot take)
-                        raise exc.as_instanceof_cause() from None
-                    else:
-                        yield outcome
-                    if queue:
-                        submit(i)
+            yield ray
         finally:
             for actor in self.actors:
                 ray.kill(actor)
@@ -302,3 +279,51 @@ class RayBackend:
                 ray.shutdown()
             if watchdog is not None:
                 watchdog.release()
+
+    def dispatch(self, ray, actors: list, items: Sequence, call, name, task: Task) -> Iterator:
+        """Each of `items` computed once by `call(actor, item)` (an object ref), IN_FLIGHT per actor, results in
+        the order they finish. An item whose worker died (Ray's restarts and retries ran out) goes to the next
+        worker, up to `max_attempts` times, then ClusterError naming it (`name(item)`); an error in our code is
+        raised as itself."""
+        from ray.exceptions import RayActorError, RayTaskError
+
+        queue = list(reversed(items))  # pop() takes them in order
+        inflight: dict = {}  # object ref -> (item, actor index)
+        attempts: dict[int, int] = {}
+
+        def submit(i):
+            item = queue.pop()
+            attempts[id(item)] = attempts.get(id(item), 0) + 1
+            inflight[call(actors[i], item)] = (item, i)
+
+        for i in range(len(actors)):
+            for _ in range(IN_FLIGHT):
+                if queue:
+                    submit(i)
+        while inflight:
+            if task.cancelled:
+                raise Cancelled("cancelled")
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
+            for ref in ready:
+                item, i = inflight.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except RayActorError as exc:  # Ray's own restarts and retries ran out
+                    if attempts[id(item)] >= self.max_attempts:
+                        raise ClusterError(f"{name(item)} failed on {attempts[id(item)]} workers (the last: {exc}); "
+                                           "everything stored so far stays: run again to resume") from None
+                    queue.append(item)
+                    i = (i + 1) % len(actors)
+                except RayTaskError as exc:  # an error in our code (e.g. a prompt the model cannot take)
+                    raise exc.as_instanceof_cause() from None
+                else:
+                    yield result
+                if queue:
+                    submit(i)
+
+    def outcomes(self, lm, works: Sequence[FactWork], params, selection: NeuronSelection, progress: Progress,
+                 task: Task) -> Iterator[FactOutcome]:
+        with self.connected() as ray:
+            actors = self._start_workers(ray, lm, params, selection, len(works))
+            yield from self.dispatch(ray, actors, works, lambda actor, work: actor.attribute.remote(work),
+                                     lambda work: f"{work.fact.relation} {work.fact.subject!r}", task)

@@ -335,26 +335,39 @@ def summarize(protocol: str, scores: Sequence[dict]) -> dict:
     return out
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, object]:
+def flat_scores(d: dict, prefix: str = "") -> dict[str, object]:
+    """One level: nested groups' numbers under "group.name" (e.g. "locality.neighborhood_acc"), counts left out."""
     out = {}
     for k, v in d.items():
         if k == "n":
             continue
         if isinstance(v, dict) and v.get("applicable", True):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flat_scores(v, f"{prefix}{k}."))
         else:
             out[prefix + k] = v
     return out
 
 
+def format_score(key: str, value) -> str:
+    """A protocol's number as a reader reads it: fractions in percent, ROME's magnitudes (EM, PM, NM: differences
+    of probabilities) in signed percentage points, fluency in bits, counts as counts; "n/a" otherwise."""
+    if not _number(value):
+        return "n/a"
+    name = key.rsplit(".", 1)[-1]
+    if name == "fluency":
+        return f"{value:.2f} bits"
+    if name in ("edits", "questions"):
+        return f"{value:g}"
+    if name in ("EM", "PM", "NM"):
+        return f"{100 * value:+.1f} pp"
+    return f"{100 * value:.1f}%"
+
+
 def summary_lines(protocol: str, summary: dict) -> list[str]:
     """One line per number: pre -> post (random-neuron control), in percent (fluency in bits)."""
-    pre, post, control = (_flat(summary.get(side) or {}) for side in ("pre", "post", "control"))
+    pre, post, control = (flat_scores(summary.get(side) or {}) for side in ("pre", "post", "control"))
     lines = [f"  {protocol} protocol, means over the requests: before -> after (random-neuron control)"]
     for key, value in post.items():
-        def text(v):
-            if not _number(v):
-                return "n/a"
-            return f"{v:.2f} bits" if key == "fluency" else f"{100 * v:.1f}%"
-        lines.append(f"    {key}: {text(pre.get(key))} -> {text(value)} ({text(control.get(key))})")
+        lines.append(f"    {key}: {format_score(key, pre.get(key))} -> {format_score(key, value)} "
+                     f"({format_score(key, control.get(key))})")
     return lines

@@ -197,8 +197,6 @@ class AttributionFlow:
     def prompt_format_changed(self, mode: str):
         """The model encodes every prompt in `mode` from now on (kn_core.encoding); a model that cannot (no chat
         template, a masked model) stays plain and the status bar says why."""
-        if self.session.lm is None:
-            return
         try:
             changed = self.controller.set_prompt_format(mode)
         except UserError as exc:

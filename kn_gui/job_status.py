@@ -7,6 +7,7 @@ from __future__ import annotations
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QLabel, QProgressBar, QPushButton, QStatusBar, QStyle
 
+from .icons import crisp_icon
 from .worker import JobRunner
 
 CANCELLING = "Cancelling\u2026 (the job stops at the next batch)"
@@ -24,7 +25,7 @@ class JobStatus:
         self.progress.setFixedWidth(160)
         self.progress.setVisible(False)
         self.eta = QLabel("")
-        self.cancel_button = QPushButton(bar.style().standardIcon(QStyle.SP_BrowserStop), "Cancel")
+        self.cancel_button = QPushButton(crisp_icon(bar.style(), QStyle.SP_BrowserStop), "Cancel")
         self.cancel_button.setObjectName("danger")
         self.cancel_button.clicked.connect(cancel)
         self.cancel_button.setVisible(False)

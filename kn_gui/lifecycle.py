@@ -108,6 +108,8 @@ class ProjectLifecycle:
         w, snap, s = self.window, ev.snapshot, self.window.session
         w.attribution_panel.set_thresholds(s.t, s.p)
         w.attribution_panel.set_causal_templates(s.causal_templates)
+        w.attribution_panel.set_prompt_format(s.prompt_format)
+        w.attributions.prompt_format_changed(s.prompt_format)  # the project's prompt format, on the loaded model
         w.facts_panel.rebuild()
         w.current_fact = None
         w.attribution_panel.show_run(None)

@@ -12,6 +12,8 @@ from PySide6.QtWidgets import QMessageBox, QStyle
 
 from kn_core.history import MODEL
 
+from .icons import crisp_icon
+
 MAX_RECENT = 8
 
 
@@ -50,7 +52,7 @@ class WindowMenus:
         action = QAction(text, self.window)
         action.triggered.connect(slot)
         if icon is not None:
-            action.setIcon(self.window.style().standardIcon(icon))
+            action.setIcon(crisp_icon(self.window.style(), icon))  # SVG where the style's bitmaps are small (2x)
         if short:
             action.setIconText(short)  # the toolbar's label; menus show the full text
         if shortcut is not None:

@@ -34,6 +34,7 @@ class ProjectSnapshot:
     t: float = DEFAULT_T
     p: float = DEFAULT_P
     causal_templates: str = "prefix"  # the window's choice for new runs (each run records its own in its params)
+    prompt_format: str = "plain"  # the window's prompt format (kn_core.encoding), as causal_templates
     checks: dict = field(default_factory=dict)  # (fact key, template) -> answer check
     path: str = ""
     autosave_of: str | None = None  # set in autosave files: the project they are the unsaved state of
@@ -54,6 +55,7 @@ def snapshot(session: Session, edit_state: dict | None, model_info: dict | None)
                                  for s in session.neuron_sets.values()],
                            edit_state=edit_state, model=model_info, t=session.t, p=session.p,
                            causal_templates=session.causal_templates, checks=dict(session.checks),
+                           prompt_format=session.prompt_format,
                            score_storage=session.score_storage, flags=session.flags_record(),
                            kept_records=session.kept_records)
 
@@ -117,7 +119,7 @@ def _write_snapshot(project, snap: ProjectSnapshot, task) -> None:
     if snap.flags is not None:
         project.set_setting(FLAGS_SETTING, flags_to_json(snap.flags))
     project.set_setting(GUI_SETTING, {"t": snap.t, "p": snap.p, "autosave_of": snap.autosave_of,
-                                      "causal_templates": snap.causal_templates,
+                                      "causal_templates": snap.causal_templates, "prompt_format": snap.prompt_format,
                                       "checks": [[list(k[0]), k[1], v] for k, v in snap.checks.items()]})
 
 
@@ -220,6 +222,7 @@ def open_project_file(path: str, task=None) -> ProjectSnapshot:
     return ProjectSnapshot(factset=factset, runs=runs, sets=sets, edit_state=edit_state, edit_sha=edit_sha,
                            t=gui.get("t", DEFAULT_T), p=gui.get("p", DEFAULT_P), checks=checks, path=path,
                            causal_templates=gui.get("causal_templates", "prefix"), score_storage=storage,
+                           prompt_format=gui.get("prompt_format", "plain"),
                            autosave_of=gui.get("autosave_of"), flags=flags, kept_records=kept)
 
 

@@ -213,6 +213,7 @@ class Session:
         self.flags = None  # kn_core.neurons.NeuronFlags of the loaded model (run_flags), once measured
         self.keep_massive = False  # True: flagged neurons stay in the sets (the paper's method)
         self.causal_templates = "prefix"  # causal models: templates cut before [Y], or only those ending in [Y]
+        self.prompt_format = "plain"  # the window's choice (kn_core.encoding), saved with the project
         self.activation_stats = None  # kn_core.neurons.ActivationStats measured with the flags (mean ablation)
         self.flags_measured_on = 0  # how many run prompts the flags were measured on (with the neutral sentences)
         self.saved_flags: dict | None = None  # the opened project's flags_record(), used when its model is loaded

@@ -108,3 +108,34 @@ def test_per_layer_plots_fold_into_a_tab_and_back(app, qtbot, settings):
     assert ap.tabs.currentWidget() is ap.heat_page and ap.map_tools.isVisible()
     assert fully_shown(ap.layer_widget.viewport())
     window.close()
+
+
+def test_metric_cards_show_their_values_and_controls_not_only_their_titles(sized, qtbot):
+    """Issue 24: at 1600x1000 the cards above the table were cut to their titles. The first three metrics (the
+    paper's reliability, generality, locality) show value and random control on screen at both sizes."""
+    window, (width, height) = sized
+    run_fact(qtbot, window, steps=1)
+    window.attribution_panel.select_neuron(3, 5)
+    apply_edit(qtbot, window, {"kind": "Suppress", "target": ("selection", None), "scope": "answer"})
+    qtbot.wait(300)
+    strip = window.edits_panel.metrics_strip
+    for key in ("reliability", "generality", "locality"):
+        frame, title, value, detail, control = strip.cards[key]
+        assert fully_shown(value) and fully_shown(control), (key, on_screen(value), value.size())
+        assert value.text() and control.text().startswith("random")
+
+
+def test_the_facts_tree_shows_a_facts_name_whole(sized, qtbot):
+    """Issue 24: at 1280x800 the Facts tree's first column cut every fact to 'France \u2192 \u2026'."""
+    window, (width, height) = sized
+    window.facts_dock.raise_()
+    panel = window.facts_panel
+    panel.select_fact(FRANCE)
+    window.attributions.check_facts([FRANCE])
+    assert window.runner.wait_idle(30000)
+    QCoreApplication.processEvents()
+    index = panel._find_fact_item(FRANCE).index()
+    text = panel.model.itemFromIndex(index).text()
+    needed = panel.tree.fontMetrics().horizontalAdvance(text)
+    assert panel.tree.visualRect(index).width() >= needed + 6, (text, panel.tree.visualRect(index).width(), needed)
+    assert panel.model.itemFromIndex(index.siblingAtColumn(2)).text()  # the checks are still shown beside it

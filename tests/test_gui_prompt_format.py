@@ -43,3 +43,34 @@ def test_a_fact_with_one_prompt_shows_its_coarse_neurons(app, qtbot, settings): 
     assert session.refined(run) == sorted(session.coarse(run, 0)) and session.refined(run)
     assert "fewer than 3 prompts: coarse in all 1" in window.attribution_panel.summary.text()
     window.close()
+
+
+def test_the_prompt_format_is_saved_with_the_project_and_restored_on_open(app, qtbot, settings, tmp_path):  # noqa: F811
+    lm = make_tiny("gpt2")
+    lm.tokenizer.chat_template = TEMPLATE
+    window = make_window(qtbot, settings, lm)
+    window.attribution_panel.prompt_format.setCurrentText("chat")
+    path = str(tmp_path / "chat.knproj")
+    assert window.lifecycle.save_to(path, wait=True)
+    window.attribution_panel.prompt_format.setCurrentText("plain")  # a later choice, not saved
+    assert prompt_format(lm) == "plain"
+    with qtbot.waitSignal(window.project_opened, timeout=30000):
+        window.lifecycle.open_project(path)
+    assert window.runner.wait_idle(30000)
+    assert window.attribution_panel.prompt_format.currentText() == "chat" and prompt_format(lm) == "chat"
+    assert window.session.prompt_params()["prompt_format"] == "chat"  # what the next run records
+    window.close()
+
+
+def test_the_prompt_format_cannot_change_while_a_job_runs(app, qtbot, settings):  # noqa: F811
+    lm = make_tiny("gpt2")
+    lm.tokenizer.chat_template = TEMPLATE
+    window = make_window(qtbot, settings, lm)
+    combo = window.attribution_panel.prompt_format
+    assert combo.isEnabled()
+    states = []
+    window.runner.job_started.connect(lambda *_: states.append(combo.isEnabled()))
+    run_fact(qtbot, window, steps=2)
+    assert states and not any(states)  # disabled while the run encoded its prompts
+    assert combo.isEnabled()
+    window.close()

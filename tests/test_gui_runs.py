@@ -145,3 +145,31 @@ def test_renamed_runs_keep_their_name_in_the_file(window, qtbot, settings, lm, t
     again = reopened(qtbot, window, settings, lm, str(tmp_path / "named.knproj"))
     assert again.session.runs[KEY].name == "baseline"
     again.close()
+
+
+def test_comparing_runs_of_models_of_different_shapes_says_so_and_compares_the_sets(window, qtbot):
+    """A run of another, smaller model beside one of the loaded model: no crash (the loaded model's flagged neurons
+    once raised outside the small run's shape), a message naming both shapes, the overlap by neuron name."""
+    from types import SimpleNamespace
+
+    from kn_gui.panels.runs_browser import compare_runs
+    from kn_gui.session import COMPLETE, Run
+
+    ours = run_fact(qtbot, window, steps=1)
+    s = window.session
+    layers, neurons = ours.mean_scores().shape
+    s.flags = SimpleNamespace(excluded=frozenset({(layers - 1, neurons - 1)}))  # outside the small model
+    small = np.zeros((2, 4), dtype=np.float32)
+    small[0, 1] = small[1, 3] = 1.0  # refined in every prompt: (0, 1) and (1, 3)
+    other = Run(ours.fact, ours.prompts[:3], [SimpleNamespace(scores=small, activations=small)] * 3,
+                params={"steps": 1}, model={"name": "small", "sha256": "f" * 64}, state=COMPLETE)
+    s.earlier_runs.setdefault(KEY, []).append(other)
+    dialog = window.files.show_runs()
+    dialog.select_runs([ours, other])
+    dialog._compare()
+    result = compare_runs(s, ours, other)
+    assert result["difference"] is None and result["b"] == [(0, 1), (1, 3)]
+    assert set(result["both"]) == set(result["a"]) & {(0, 1), (1, 3)}
+    text = dialog.summary.text()
+    assert f"({layers}x{neurons} vs 2x4)" in text and "by name" in text and "another model (small)" in text
+    dialog.close()

@@ -67,3 +67,19 @@ def test_toolbar_has_icons_short_labels_and_always_shows_cancel(window, qtbot):
             assert not action.icon().isNull(), action.text()
             assert tb.widgetForAction(action).isVisible(), f"{action.iconText()} is hidden in the overflow"
     assert tb.widgetForAction(window.menus.act_cancel).text() == "Cancel"
+
+
+def test_toolbar_and_cancel_icons_are_crisp_at_2x(app, qtbot, settings):  # noqa: F811
+    """Issue 24: every toolbar icon (and the status bar's Cancel) is drawn at twice its size on a 2x screen: an SVG
+    (scalable: no fixed sizes) or a bitmap at least twice the icon size, never a small bitmap scaled up."""
+    window = make_window(qtbot, settings)
+    need = 2 * window.menus.toolbar.iconSize().width()
+    icons = {a.text(): a.icon() for a in window.menus.toolbar.actions() if not a.icon().isNull()}
+    icons["status Cancel"] = window.job_status.cancel_button.icon()
+    assert len(icons) >= 8
+    small = {name: [s.width() for s in icon.availableSizes()] for name, icon in icons.items()
+             if icon.availableSizes() and max(s.width() for s in icon.availableSizes()) < need}
+    assert not small, small
+    for icon in icons.values():
+        assert icon.pixmap(window.menus.toolbar.iconSize(), 2.0).size().width() == need
+    window.close()

@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                  "experiments", "specificity", "syntax", "tracing", "metrics", "degeneracy", "batch_requests",
                  "protocols")),
     ("Whole sets", ("runner", "cluster", "batch")),
-    ("Front ends", ("cli", "reproduce", "report", "bench", "bench_report")),
+    ("Front ends", ("cli", "reproduce", "report", "bench", "bench_report", "bench_cluster")),
     ("App", ("kn_gui",)),
 ]
 

@@ -61,13 +61,13 @@ def cmd_attribute(args) -> int:
     return 0
 
 
-def _fact_set_backend(args):
-    """The backend for --cluster (checked before the model loads), and the device the driver loads on: with a
-    cluster the workers compute and the driver only renders prompts, hashes the weights and writes."""
-    from ..runner import SerialBackend
-
+def ray_backend(args):
+    """The RayBackend of --cluster/--workers/--worker-threads, Ray and the address checked before the model loads;
+    None without --cluster (then --workers and --worker-threads are refused: they size a cluster run)."""
     if args.cluster is None:
-        return SerialBackend(), args.device
+        if args.workers is not None or args.worker_threads != 1:
+            raise CliError("--workers and --worker-threads size a cluster run: add --cluster ray (or leave them out)")
+        return None
     from ..cluster import ClusterError, RayBackend, cluster_address
 
     backend = RayBackend(address=cluster_address(args.cluster), workers=args.workers, threads=args.worker_threads,
@@ -76,7 +76,23 @@ def _fact_set_backend(args):
         backend.check_available()
     except ClusterError as exc:
         raise CliError(str(exc)) from None
-    return backend, "cpu"
+    return backend
+
+
+def cluster_options(p) -> None:
+    p.add_argument("--cluster", help="ray (a local Ray instance, or the cluster RAY_ADDRESS names) or "
+                                     "ray:ADDRESS (e.g. ray:auto, ray:10.0.0.1:6379); needs pip install .[cluster]")
+    p.add_argument("--workers", type=whole_number, help="Ray workers (default: one per GPU, else one per CPU core)")
+    p.add_argument("--worker-threads", type=whole_number, default=1, help="torch threads per CPU worker (default 1)")
+
+
+def _fact_set_backend(args):
+    """The backend for --cluster (checked before the model loads), and the device the driver loads on: with a
+    cluster the workers compute and the driver only renders prompts, hashes the weights and writes."""
+    from ..runner import SerialBackend
+
+    backend = ray_backend(args)
+    return (SerialBackend(), args.device) if backend is None else (backend, "cpu")
 
 
 def cmd_attribute_facts(args) -> int:
@@ -90,8 +106,6 @@ def cmd_attribute_facts(args) -> int:
                            f"(leave {flag} out)")
     if not args.project:
         raise CliError("kn attribute --facts stores every fact's scores in a project: add --project FILE.knproj")
-    if args.cluster is None and (args.workers is not None or args.worker_threads != 1):
-        raise CliError("--workers and --worker-threads size a cluster run: add --cluster ray (or leave them out)")
     factset = factset_of(args)
     params = params_of(args)
     selection = NeuronSelection(t=args.t if args.t is not None else default_t(params.method), p=args.p,
@@ -293,10 +307,7 @@ def add_commands(sub) -> None:
     whole.add_argument("--scores", choices=["full", "float16", "top"], default=None,
                        help="how the project stores score arrays from now on (default: its setting, full at first); "
                             "top keeps per prompt the scores coarse selection needs at t >= 0.1 (PARAREL-size runs)")
-    whole.add_argument("--cluster", help="ray (a local Ray instance, or the cluster RAY_ADDRESS names) or "
-                                         "ray:ADDRESS (e.g. ray:auto, ray:10.0.0.1:6379); needs pip install .[cluster]")
-    whole.add_argument("--workers", type=whole_number, help="Ray workers (default: one per GPU, else one per CPU core)")
-    whole.add_argument("--worker-threads", type=whole_number, default=1, help="torch threads per CPU worker (default 1)")
+    cluster_options(whole)
     attr.set_defaults(func=cmd_attribute)
 
     neurons = sub.add_parser("neurons", parents=[COMMON], help="coarse and refined knowledge neurons of one fact")

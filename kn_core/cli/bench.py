@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ..selection import DEFAULT_P, DEFAULT_T
-from .attribution import integration_options
+from .attribution import cluster_options, integration_options, ray_backend
 from .checks import whole_number
 from .common import COMMON, PROTOCOL_CHOICES, CliError, emit, factset_of, load, progress_bar, say
 
@@ -30,6 +30,7 @@ def cmd_bench(args) -> int:
     from .edit import neuron_params
 
     params = neuron_params(args)  # a bad integration setting fails before the file is read or the model loads
+    backend = ray_backend(args)  # Ray and the cluster's address checked before the file is read
     read = read_benchmark(args.bench_file, args.format)
     if args.protocol == "mquake" and read.format != "mquake":
         raise CliError(f"--protocol mquake needs MQuAKE cases (multi-hop questions); {args.bench_file} is {read.format}")
@@ -41,9 +42,20 @@ def cmd_bench(args) -> int:
     settings = BenchSettings(args.edit, args.protocol, args.cases, args.seed, args.t, args.p, args.gen_tokens,
                              args.generation_prompts, args.keep_massive)
     lm = load(args)
+    compute = cluster = None
+    if backend is not None:
+        from ..bench_cluster import on_ray
+
+        compute, cluster = on_ray(backend, lm, params, settings), backend.describe
     with progress_bar("bench") as task:
-        report = run_bench(lm, read, Path(args.out), params, settings, source=str(args.bench_file),
-                           command=shlex.join(["kn", *sys.argv[1:]]), say=say, task=task)
+        try:
+            report = run_bench(lm, read, Path(args.out), params, settings, source=str(args.bench_file),
+                               command=shlex.join(["kn", *sys.argv[1:]]), say=say, task=task, compute=compute,
+                               cluster=cluster)
+        except RuntimeError as exc:
+            if type(exc).__name__ != "ClusterError":  # cluster.py is imported only with --cluster
+                raise
+            raise CliError(str(exc)) from None
     doc = {"protocol": report["protocol"], "summary": _summary(report), "format": report["format"],
            "status": report["status"], "out": str(args.out), "report": str(Path(args.out) / "report.json"),
            "timing": report["timing"], "machine": report["machine"], "left_out": report["left_out"]}
@@ -101,6 +113,7 @@ def add_commands(sub) -> None:
     b.add_argument("--gen-tokens", type=whole_number, default=40, help="new tokens per generation prompt (fluency)")
     b.add_argument("--generation-prompts", type=whole_number, default=2, help="generation prompts per case (0: none)")
     b.add_argument("--keep-massive", action="store_true", help="keep massive-activation neurons (default: left out)")
+    cluster_options(b)  # the cases computed on Ray workers, as kn attribute --facts --cluster
     b.add_argument("--out", required=True, help="folder for report.json/md/html, the case results and the cache "
                                                 "(run the same command again to resume)")
     b.set_defaults(func=cmd_bench)

@@ -267,6 +267,7 @@ class AttributionController(QObject):
         is set back to plain: UserError saying why. False without a model."""
         from kn_core.encoding import PromptError, set_prompt_format
 
+        self.session.prompt_format = mode  # the window's choice, saved with the project
         lm = self.session.lm
         if lm is None:
             return False
@@ -275,6 +276,7 @@ class AttributionController(QObject):
             set_prompt_format(lm, mode)
         except PromptError as exc:
             set_prompt_format(lm, "plain")
+            self.session.prompt_format = "plain"
             raise UserError("Prompts stay plain", f"Prompts stay plain: {exc}") from exc
         if lm.prompt_format == before:
             return False

@@ -15,6 +15,7 @@ from kn_core.history import History
 from ..session import Session, fact_key, fact_label
 from ..worker import JobRunner
 from . import UserError
+from .edits import scoring_of
 
 # the Edits panel's fields that every request of the batch shares, by kind
 OPTIONS = {"suppress": ("scope", "to"), "amplify": ("factor", "scope"),
@@ -82,12 +83,13 @@ class BatchController(QObject):
         options = {k: request[k] for k in OPTIONS[kind] if k in request}
         label = f"{kind} {len(facts)} facts" + (f" \u2192 {new_object!r}" if new_object else "")
         lm, stats = s.lm, s.activation_stats
+        scoring = scoring_of(request, lm, kind)
 
         def job(task):
             from kn_core.batch import run_batch
 
             return run_batch(lm, parsed, neurons, "compound", options=options, activation_stats=stats, label=label,
-                             task=task)
+                             evaluation=scoring["eval"], protocol=scoring["protocol"], task=task)
 
         self.runner.submit(f"Batch edit: {label}", job, on_done=lambda result: self._done(lm, result, facts, label),
                            on_cancel=lambda: self.event.emit(BatchNotApplied(
@@ -145,4 +147,8 @@ def panel_report(batch: dict, facts: list[Fact], label: str, lm) -> dict:
             "model": {"name": info.get("name") or lm.source, "sha256": lm.sha256}, "batch": batch,
             # the engine's measurement (kn_core.batch): each metric the mean over the edited facts, beside the same
             # for their random-neuron controls; locality over other facts of the relations (control facts)
-            "metrics": batch["summary"]["metrics"]}
+            "metrics": batch["summary"]["metrics"],
+            # how it was scored, named as `kn edit batch --json` names it; the protocol's means over the facts
+            "protocol": batch["protocol"], "eval": batch["evaluation"],
+            **({"protocol_scores": {side: batch["summary"][side] for side in ("pre", "post", "control")}}
+               if batch["protocol"] != "kn" else {})}

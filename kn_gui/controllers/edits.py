@@ -143,10 +143,12 @@ class EditsController(QObject):
             plan = self.planner(replace(edit_request, strength="paper"))() if calibrated else planner()
         except ValueError as exc:  # EditPlanError: one line naming the problem and the fix
             raise UserError("Cannot apply the edit", f"{exc}.") from exc
+        scoring = scoring_of(request, lm, edit_request.kind)
         if calibrated:  # the line search evaluates the model several times: on the worker
-            self.runner.submit("Calibrating the update", planner, on_done=lambda result: self._measure(lm, result))
+            self.runner.submit("Calibrating the update", planner,
+                               on_done=lambda result: self._measure(lm, result, scoring))
         else:
-            self._measure(lm, plan)
+            self._measure(lm, plan, scoring)
 
     def test_degeneracy(self, request: dict, fact: Fact | None, neurons: list):
         """Runs kn_core.degeneracy on the worker (cancelable) for the fact's prompts and the chosen neurons, on the
@@ -177,11 +179,14 @@ class EditsController(QObject):
             lm, prompts, neurons, params, scores=scores, exclude=exclude, task=task),
             on_done=lambda result: self.event.emit(DegeneracyTested(result, label, in_force)))
 
-    def _measure(self, lm, plan):
+    def _measure(self, lm, plan, scoring: dict | None = None):
         """Measures the plan's prompts (and, in the same job, under the random-neuron control, with both edits'
-        sizes), applies its edit as one undoable command, measures again, reports with the metrics."""
+        sizes, and the chosen protocol's scores: `scoring_of`), applies its edit as one undoable command,
+        measures again, reports with the metrics."""
         from kn_core.edit_plan import measure_plan
-        from kn_core.metrics import measure_edit
+
+        scoring = scoring or {"protocol": "kn", "eval": "forced"}
+        evaluation = scoring["eval"]
 
         def before_done(measured):
             before = measured["before"]
@@ -191,7 +196,8 @@ class EditsController(QObject):
             except Exception as exc:  # noqa: BLE001
                 self.event.emit(EditFailed(f"{exc}."))
                 return
-            self.runner.submit("Evaluating the edit (after)", lambda task: measure_plan(lm, plan, task),
+            self.runner.submit("Evaluating the edit (after)",
+                               lambda task: measure_plan(lm, plan, task, evaluation=evaluation),
                                on_done=lambda after: after_done(command, measured, after))
 
         def after_done(command, measured, after):
@@ -201,12 +207,14 @@ class EditsController(QObject):
             model = {"name": info.get("name") or lm.source, "sha256": lm.sha256}
             metrics = edit_metrics(plan, measured["before"], after, control_after=measured["control_after"],
                                    size=measured["size"], control_size=measured["control_size"])
-            command.report = edit_report(plan, measured["before"], after, model, metrics)
+            report = edit_report(plan, measured["before"], after, model, metrics)
+            # named as `kn edit --json` names them: the protocol, how "correct" was judged, the protocol's scores
+            report.update(scoring, **({"protocol_scores": measured["protocol"]} if "protocol" in measured else {}))
+            command.report = report
             self.event.emit(EditEvaluated(command, command.report))
 
         self.runner.submit("Evaluating the edit (before) and its random control",
-                           lambda task: measure_edit(lm, plan, task, states=("before", "control_after")),
-                           on_done=before_done)
+                           lambda task: measure_with_protocol(lm, plan, task, scoring), on_done=before_done)
 
     def report_shown(self) -> dict | None:
         """The report of the newest edit in force (what the before/after table shows)."""
@@ -240,6 +248,44 @@ class EditsController(QObject):
             raise UserError("Saved edits not applied", f"{exc}. The history was left out; the model is unedited.") \
                 from exc
         return HistoryRestored(self.edit_stack.cursor, len(self.edit_stack))
+        return HistoryRestored(cursor, len(entries))
+
+
+def scoring_of(request: dict, lm, kind: str) -> dict:
+    """{"protocol", "eval"} of a request from the Edits panel (`kn edit --protocol/--eval`); a protocol the edit
+    cannot be scored by is refused here, before any work, as the CLI refuses it."""
+    from kn_core.evaluation import EVALUATIONS
+    from kn_core.protocols import PROTOCOLS
+
+    protocol, evaluation = request.get("protocol") or "kn", request.get("eval") or "forced"
+    if protocol not in PROTOCOLS or evaluation not in EVALUATIONS:
+        raise UserError("Cannot score the edit", f"unknown protocol {protocol!r} or evaluation {evaluation!r}; "
+                        f"choose one of {', '.join(PROTOCOLS)} and one of {', '.join(EVALUATIONS)}.")
+    if protocol != "kn" and kind == "erase":
+        raise UserError("Cannot score the edit", f"the {protocol} protocol scores an edit of one fact (suppress, "
+                        "amplify, update), as `kn edit --protocol` does; score an erase with the kn protocol.")
+    if protocol != "kn" and lm.kind != "causal":
+        raise UserError("Cannot score the edit", f"the {protocol} protocol scores an answer continuing its prompt "
+                        "(EasyEdit, ROME and MQuAKE evaluate causal models); this model is masked: choose kn.")
+    return {"protocol": protocol, "eval": evaluation}
+
+
+def measure_with_protocol(lm, plan, task, scoring: dict) -> dict:
+    """The plan before the edit and under its random control (`metrics.measure_edit`), then the protocol's
+    pre/post/control scores of the plan's fact (bench.protocol_scores on protocols.case_from_plan, as `kn edit
+    --protocol`; teacher-forced as there)."""
+    from kn_core.metrics import measure_edit
+
+    if scoring["protocol"] == "kn":
+        return measure_edit(lm, plan, task, evaluation=scoring["eval"], states=("before", "control_after"))
+    from kn_core.bench import protocol_scores
+    from kn_core.protocols import case_from_plan
+
+    measured = measure_edit(lm, plan, task.slice(0.0, 0.8), evaluation=scoring["eval"],
+                            states=("before", "control_after"))
+    task.progress(0.8, f"scoring the edit by the {scoring['protocol']} protocol")
+    measured["protocol"] = protocol_scores(lm, case_from_plan(plan), scoring["protocol"], plan.edit, plan.control)
+    return measured
 
 
 def edit_report(plan, before: dict, after: dict, model: dict, metrics: dict | None = None) -> dict:

@@ -104,6 +104,7 @@ class ProjectController(QObject):
         s.neuron_sets = {ns.name: ns for ns in snap.sets}
         s.t, s.p = snap.t, snap.p
         s.causal_templates = snap.causal_templates
+        s.prompt_format = snap.prompt_format
         s.score_storage = snap.score_storage
         s.kept_records = snap.kept_records
         s.checks = snap.checks if s.lm is not None else {}

@@ -599,5 +599,8 @@ class AttributionPanel(QWidget):
         self.run_button.setEnabled(has_model and not running)
         self.run_sel_button.setEnabled(has_model and not running)
         tip = "" if has_model else " \u2014 load a model first"
+        # a job encodes its prompts as the model's prompt format says: never switched under it (masked: plain)
+        lm = self.session.lm
+        self.prompt_format.setEnabled(not running and (lm is None or lm.kind == "causal"))
         self.run_button.setToolTip("Integrated gradients over every FFN neuron, for all prompts of the current "
                                    "fact" + tip)

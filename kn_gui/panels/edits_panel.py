@@ -17,17 +17,55 @@ from PySide6.QtWidgets import (QComboBox, QCompleter, QDoubleSpinBox, QFormLayou
                                QScrollArea, QSpinBox, QSplitter, QStackedWidget, QTabWidget, QUndoView,
                                QWidget)
 
+from kn_core.evaluation import EVALUATIONS
 from kn_core.facts import Fact
+from kn_core.protocols import PROTOCOLS
 
 from .common import TableView, button, fmt_delta, fmt_prob, hbox, hint, vbox
 
-TABLE_ROWS_SHOWN = 4  # the before/after table's least height, in rows
 from .degeneracy_table import DegeneracyTable
 from .metrics_strip import MetricsStrip
+
+TABLE_ROWS_SHOWN = 4  # the before/after table's least height, in rows
 
 KINDS = ["Suppress", "Amplify", "Update", "Erase relation"]
 UP, DOWN = "#1e8449", "#c0392b"
 UNCHANGED = 1e-6  # no probability moved more than this: the edit changed nothing measurable
+ANSWER_OR_ALL = (("answer", "answer"), ("all", "all"))
+
+# The form's choices: attribute -> ((shown text, value), ...), tooltip. Built by `_declared_controls`.
+COMBOS = {
+    "kind": (tuple((k, k) for k in KINDS), "Suppress: activation \u2192 0 (or its mean) at the answer position; "
+             "Amplify: \u00d7 factor; Update: move value vectors from o to o'; Erase: zero the relation's top neurons"),
+    "target": ((), "Which neurons to edit"),
+    "scope": (ANSWER_OR_ALL, "answer: only positions that predict the answer (paper); all: every position "
+              "(exportable as weights)"),
+    "scope_amp": (ANSWER_OR_ALL, "answer: only positions that predict the answer (paper); all: every position"),
+    "strength": ((("paper (\u03bb1=1, \u03bb2=8)", "paper"), ("calibrated", "calibrated")),
+                 "paper: the \u03bbs as given. calibrated: both \u03bbs scaled by the smallest factor (1/64 to 4, "
+                 "line search) at which o' becomes the top answer on the fact's prompts; sign-aware. The report says "
+                 "the scale chosen, or that none worked."),
+    "suppress_to": ((("zero", "zero"), ("mean activation", "mean")), ""),
+    "erase_fill": ((("zero", "zero"), ("unk", "unk")), ""),
+    "protocol": (tuple((p, p) for p in PROTOCOLS),
+                 "How the metrics strip scores the edit (docs/METRICS.md), as `kn edit --protocol`: kn (ours, per "
+                 "prompt); easyedit (EasyEdit's token accuracies: rewrite_acc, rephrase_acc, locality, portability); "
+                 "rome (CounterFact's ES, PS, NS, their magnitudes and S); mquake (edit-wise accuracy). Each beside "
+                 "the random-neuron control; the report names the protocol."),
+    "evaluation": (tuple((e, e) for e in EVALUATIONS),
+                   "How 'correct' is judged, as `kn edit --eval`: forced (teacher-forced: every answer token is the "
+                   "top-1) or generate (greedy continuation matches the answer). Recorded with the edit."),
+}
+# (attribute, minimum, maximum, value, step): a float spin box; a step of 0 makes an integer spin box
+SPINS = (("factor", -10, 100, 2.0, 0.5), ("lambda1", 0, 100, 1.0, 1.0), ("lambda2", 0, 100, 8.0, 1.0),
+         ("erase_k", 1, 1000, 20, 0))
+# each edit kind's page of the form: (label, attribute); a label alone is a hint line
+PAGES = ((("Set to", "suppress_to"), ("Positions", "scope")),
+         (("Factor", "factor"), ("Positions", "scope_amp")),
+         (("New object", "new_object"), ("", "objects_line"), ("Strength", "strength"),
+          ("\u03bb1 (remove o)", "lambda1"), ("\u03bb2 (add o')", "lambda2")),
+         (("Top neurons", "erase_k"), ("Fill", "erase_fill"),
+          ("Uses the relation's most frequent refined neurons over its facts' runs.", None)))
 
 
 class EditsPanel(QWidget):
@@ -36,24 +74,55 @@ class EditsPanel(QWidget):
     attribute_relation_requested = Signal(str)  # relation id: attribute its facts (erase found too few neurons)
 
     def __init__(self, session, undo_stack, parent=None):
-        # long: one flat list of the panel's widgets in reading order, each built and connected where
-        # it is placed, reads better than the same steps scattered over helpers used once.
         super().__init__(parent)
         self.session = session
-        self.kind = QComboBox()
-        self.kind.addItems(KINDS)
-        self.kind.setToolTip("Suppress: activation \u2192 0 (or its mean) at the answer position; Amplify: \u00d7 factor; "
-                             "Update: move value vectors from o to o'; Erase: zero the relation's top neurons")
-        self.target = QComboBox()
-        self.target.setToolTip("Which neurons to edit")
-        self.scope = QComboBox()
-        self.scope.addItems(["answer", "all"])
-        self.scope.setToolTip("answer: only positions that predict the answer (paper); all: every position "
-                              "(exportable as weights)")
-        self.factor = QDoubleSpinBox()
-        self.factor.setRange(-10, 100)
-        self.factor.setValue(2.0)
-        self.factor.setSingleStep(0.5)
+        self.fact: Fact | None = None
+        self._relation: str | None = None
+        self._declared_controls()
+        self._new_object_box()
+        self.strength.currentIndexChanged.connect(self._strength_changed)
+        self.set_stats(None)
+        self.history = QUndoView(undo_stack)
+        self.history.setEmptyLabel("<original model>")
+        history_box = QGroupBox("History (click to go back)")
+        history_box.setLayout(vbox(self.history))
+
+        split = QSplitter(Qt.Horizontal)
+        left = QWidget()
+        left.setLayout(vbox(self._controls_box(), history_box, margins=(0, 0, 0, 0)))
+        split.addWidget(left)
+        # the degeneracy test (kn_core.degeneracy) asks through apply_requested, so it uses the same neurons
+        self.degeneracy = DegeneracyTable()
+        self.degeneracy.run_requested.connect(lambda params: self.apply_requested.emit(
+            {"kind": "Degeneracy", "target": self.target.currentData(), **params}))
+        self.result_tabs = QTabWidget()
+        self.result_tabs.addTab(self._result_box(), "Before / after")
+        self.result_tabs.addTab(self.degeneracy, "Degeneracy")
+        self.apply_button.clicked.connect(lambda: self.result_tabs.setCurrentIndex(0))
+        split.addWidget(self.result_tabs)
+        split.setStretchFactor(0, 1)
+        split.setStretchFactor(1, 3)
+        self.setLayout(vbox(split, margins=(4, 4, 4, 4)))
+        self.refresh_targets()
+        self.show_report(None)
+
+    def _declared_controls(self):
+        """The combo boxes of COMBOS and the spin boxes of SPINS, as attributes of the panel."""
+        for name, (items, tip) in COMBOS.items():
+            combo = QComboBox()
+            for text, value in items:
+                combo.addItem(text, value)
+            combo.setToolTip(tip)
+            setattr(self, name, combo)
+        for name, low, high, value, step in SPINS:
+            spin = QSpinBox() if step == 0 else QDoubleSpinBox()
+            spin.setRange(low, high)
+            spin.setValue(value)
+            if step:
+                spin.setSingleStep(step)
+            setattr(self, name, spin)
+
+    def _new_object_box(self):
         # an editable combo box: the relation's objects in its list, inline completion while typing. A popup
         # completer would swallow the first click outside it (the click on "Apply edit" right after typing)
         self.new_object = QComboBox()
@@ -66,50 +135,39 @@ class EditsPanel(QWidget):
         self.new_object.setCompleter(self.completer)
         self.new_object.editTextChanged.connect(lambda _: self._show_objects())
         self.objects_line = hint("")
-        self.fact: Fact | None = None
-        self.lambda1 = QDoubleSpinBox()
-        self.lambda1.setRange(0, 100)
-        self.lambda1.setValue(1.0)
-        self.lambda2 = QDoubleSpinBox()
-        self.lambda2.setRange(0, 100)
-        self.lambda2.setValue(8.0)
-        self.strength = QComboBox()
-        self.strength.addItem("paper (\u03bb1=1, \u03bb2=8)", "paper")
-        self.strength.addItem("calibrated", "calibrated")
-        self.strength.setToolTip("paper: the \u03bbs as given. calibrated: both \u03bbs scaled by the smallest factor "
-                                 "(1/64 to 4, line search) at which o' becomes the top answer on the fact's prompts; "
-                                 "sign-aware. The report says the scale chosen, or that none worked.")
-        self.strength.currentIndexChanged.connect(self._strength_changed)
-        self.suppress_to = QComboBox()
-        self.suppress_to.addItem("zero", "zero")
-        self.suppress_to.addItem("mean activation", "mean")
-        self.set_stats(None)
-        self.erase_k = QSpinBox()
-        self.erase_k.setRange(1, 1000)
-        self.erase_k.setValue(20)
-        self.erase_fill = QComboBox()
-        self.erase_fill.addItems(["zero", "unk"])
 
-        pages = QStackedWidget()
-        for build in (self._page_suppress, self._page_amplify, self._page_update, self._page_erase):
-            pages.addWidget(build())
-        self.kind.currentIndexChanged.connect(pages.setCurrentIndex)
+    def _controls_box(self) -> QGroupBox:
+        """The form: kind, neurons, the kind's page (PAGES), how the edit is scored, Apply."""
+        self.pages = QStackedWidget()
+        for rows in PAGES:
+            page = QWidget()
+            form = QFormLayout(page)
+            form.setContentsMargins(0, 0, 0, 0)
+            for label, name in rows:
+                if name is None:
+                    form.addRow(hint(label))
+                elif label:
+                    form.addRow(label, getattr(self, name))
+                else:
+                    form.addRow(getattr(self, name))
+            self.pages.addWidget(page)
+        self.kind.currentIndexChanged.connect(self.pages.setCurrentIndex)
         self.kind.currentIndexChanged.connect(lambda _: self._update_target_enabled())
-        self.pages = pages
         self.apply_button = button("Apply edit", self._apply, "Apply to the model (undo with Ctrl+Z)",
                                    name="primary")
         form = QFormLayout()
         form.setLabelAlignment(Qt.AlignRight)
         form.addRow("Edit", self.kind)
         form.addRow("Neurons", self.target)
+        scoring = QFormLayout()
+        scoring.setLabelAlignment(Qt.AlignRight)
+        scoring.addRow("Scored by", hbox(self.protocol, self.evaluation))  # one row: 1280x800 keeps the table
         controls = QGroupBox("Edit the model")
-        controls.setLayout(vbox(form, pages, self.apply_button, None))
+        controls.setLayout(vbox(form, self.pages, scoring, self.apply_button, None))
+        return controls
 
-        self.history = QUndoView(undo_stack)
-        self.history.setEmptyLabel("<original model>")
-        history_box = QGroupBox("History (click to go back)")
-        history_box.setLayout(vbox(self.history))
-
+    def _result_box(self) -> QGroupBox:
+        """The report: title, summary, warnings and metrics above the before/after table."""
         self.result_title = QLabel("Apply an edit to see its effect here.")
         self.result_title.setObjectName("heading")
         self.result_title.setWordWrap(True)
@@ -121,7 +179,6 @@ class EditsPanel(QWidget):
         self.attribute_button = button("Attribute the relation\u2026", self._attribute_relation,
                                        "Run attribution on every fact of the relation, then erase again")
         self.attribute_button.hide()
-        self._relation: str | None = None
         self.table = TableView(["group", "fact", "prompt", "answer", "p before", "p after", "\u0394p", "p(o') before",
                                 "p(o') after", "goal", "top-1 before", "top-1 after", "flip"],
                                formats={4: fmt_prob, 5: fmt_prob, 6: fmt_delta, 7: fmt_prob, 8: fmt_prob})
@@ -132,10 +189,10 @@ class EditsPanel(QWidget):
         warning_row = hbox(self.result_warning, self.attribute_button)
         warning_row.setStretch(0, 1)
         self.metrics_strip = MetricsStrip()
-        # the summary and the metrics above the table scroll in their own area, in a splitter with the table, so
-        # the table always shows several rows (at 1280x800 it used to show about one)
+        # the summary above the table scrolls in its own area, in a splitter with the table, so the table always
+        # shows several rows (at 1280x800 it used to show about one); the metric cards stand beside both
         header = QWidget()
-        header.setLayout(vbox(self.result_summary, warning_row, self.metrics_strip, margins=(0, 0, 0, 0)))
+        header.setLayout(vbox(self.result_summary, warning_row, margins=(0, 0, 0, 0)))
         header_scroll = QScrollArea()
         header_scroll.setFrameShape(QFrame.NoFrame)
         header_scroll.setWidgetResizable(True)
@@ -144,71 +201,13 @@ class EditsPanel(QWidget):
         header_scroll.viewport().setAutoFillBackground(False)
         header.setAutoFillBackground(False)
         self.table.setMinimumHeight(TABLE_ROWS_SHOWN * 26 + 30)
-        result_split = QSplitter(Qt.Vertical)
-        result_split.addWidget(header_scroll)
-        result_split.addWidget(self.table)
-        result_split.setStretchFactor(0, 0)
-        result_split.setStretchFactor(1, 1)
-        result_split.setChildrenCollapsible(False)
-        self.result_split = result_split
-        result_box.setLayout(vbox(title_row, result_split))
+        self.result_split = _split(Qt.Vertical, header_scroll, self.table)
+        result_box.setLayout(vbox(title_row, _split(Qt.Horizontal, self.result_split, self.metrics_strip)))
+        return result_box
 
-        split = QSplitter(Qt.Horizontal)
-        left = QWidget()
-        left.setLayout(vbox(controls, history_box, margins=(0, 0, 0, 0)))
-        split.addWidget(left)
-        # the degeneracy test (kn_core.degeneracy) asks through apply_requested, so it uses the same neurons
-        self.degeneracy = DegeneracyTable()
-        self.degeneracy.run_requested.connect(lambda params: self.apply_requested.emit(
-            {"kind": "Degeneracy", "target": self.target.currentData(), **params}))
-        self.result_tabs = QTabWidget()
-        self.result_tabs.addTab(result_box, "Before / after")
-        self.result_tabs.addTab(self.degeneracy, "Degeneracy")
-        self.apply_button.clicked.connect(lambda: self.result_tabs.setCurrentIndex(0))
-        split.addWidget(self.result_tabs)
-        split.setStretchFactor(0, 1)
-        split.setStretchFactor(1, 3)
-        self.setLayout(vbox(split, margins=(4, 4, 4, 4)))
-        self.refresh_targets()
-        self.show_report(None)
-
-    def _page_suppress(self):
-        w = QWidget()
-        f = QFormLayout(w)
-        f.setContentsMargins(0, 0, 0, 0)
-        f.addRow("Set to", self.suppress_to)
-        f.addRow("Positions", self.scope)
-        return w
-
-    def _page_amplify(self):
-        w = QWidget()
-        f = QFormLayout(w)
-        f.setContentsMargins(0, 0, 0, 0)
-        self.scope_amp = QComboBox()
-        self.scope_amp.addItems(["answer", "all"])
-        f.addRow("Factor", self.factor)
-        f.addRow("Positions", self.scope_amp)
-        return w
-
-    def _page_update(self):
-        w = QWidget()
-        f = QFormLayout(w)
-        f.setContentsMargins(0, 0, 0, 0)
-        f.addRow("New object", self.new_object)
-        f.addRow(self.objects_line)
-        f.addRow("Strength", self.strength)
-        f.addRow("\u03bb1 (remove o)", self.lambda1)
-        f.addRow("\u03bb2 (add o')", self.lambda2)
-        return w
-
-    def _page_erase(self):
-        w = QWidget()
-        f = QFormLayout(w)
-        f.setContentsMargins(0, 0, 0, 0)
-        f.addRow("Top neurons", self.erase_k)
-        f.addRow("Fill", self.erase_fill)
-        f.addRow(hint("Uses the relation's most frequent refined neurons over its facts' runs."))
-        return w
+    def resizeEvent(self, event):
+        super().resizeEvent(event)
+        self.metrics_strip.set_columns(3 if self.width() >= 1250 else 2)  # the table keeps most of a 1280 screen
 
     def set_stats(self, stats):
         """Mean ablation needs the model's activation statistics (kn_core.neurons.ActivationStats, or None)."""
@@ -299,7 +298,8 @@ class EditsPanel(QWidget):
     def current_request(self) -> dict:
         """The form as a request (also applied to several facts at once: the Facts panel's Apply to selected)."""
         kind = self.kind.currentText()
-        request = {"kind": kind, "target": self.target.currentData()}
+        request = {"kind": kind, "target": self.target.currentData(), "protocol": self.protocol.currentData(),
+                   "eval": self.evaluation.currentData()}
         if kind == "Suppress":
             request["scope"] = self.scope.currentText()
             request["to"] = self.suppress_to.currentData()
@@ -337,7 +337,8 @@ class EditsPanel(QWidget):
             self.table.setColumnHidden(col, True)
         self.result_warning.hide()
         self.attribute_button.hide()
-        self.metrics_strip.show_metrics((report or {}).get("metrics"))
+        self.metrics_strip.show_metrics((report or {}).get("metrics"), (report or {}).get("protocol", "kn"),
+                                        (report or {}).get("protocol_scores"))
         self.result_split.widget(0).setVisible(bool(report))  # no empty box above an empty table
         if not report:
             self.result_title.setText("Apply an edit to see its effect here.")
@@ -346,8 +347,8 @@ class EditsPanel(QWidget):
         rows = report["rows"]
         edit = report.get("edit") or {}
         self.result_title.setText(self._title(report))
-        method = self._method(report)
-        self.result_summary.setText("   |   ".join(([method] if method else [])
+        method = [m for m in (self._method(report), _scoring(report)) if m]
+        self.result_summary.setText("   |   ".join(method
                                                 + self._group_summaries(report, self.answer_words)))
         warnings = [w for w in (self._unchanged(rows), self._fewer_neurons(report), self._goal(report)) if w]
         warnings += [f"Skipped {what}: {why}." for what, why in report.get("skipped") or []
@@ -519,7 +520,32 @@ class EditsPanel(QWidget):
 
             lines += ["metrics (edit [random-neuron control]):"] + [line.strip() for line in
                                                                      metrics_lines(report["metrics"])]
-        return lines
+        if report.get("protocol_scores"):
+            from kn_core.protocols import summary_lines
+
+            lines += [line.strip() for line in summary_lines(report["protocol"], report["protocol_scores"])]
+        scoring = _scoring(report)
+        return lines + ([scoring] if scoring else [])
+
+
+def _scoring(report: dict) -> str:
+    """How the edit was scored (`kn edit --protocol/--eval`); edits made before the app recorded it say nothing."""
+    if "protocol" not in report:
+        return ""
+    judged = "greedy generation" if report.get("eval") == "generate" else "teacher-forced"
+    return f"scored by the {report['protocol']} protocol; correct judged by {judged}"
+
+
+def _split(orientation, first: QWidget, second: QWidget) -> QSplitter:
+    """Two parts, neither collapsing; the table's side takes the extra room: the second part of a vertical split
+    (the summary above the table), the first of a horizontal one (the table beside the metric cards)."""
+    split = QSplitter(orientation)
+    split.addWidget(first)
+    split.addWidget(second)
+    split.setStretchFactor(0, 0 if orientation == Qt.Vertical else 1)
+    split.setStretchFactor(1, 1 if orientation == Qt.Vertical else 0)
+    split.setChildrenCollapsible(False)
+    return split
 
 
 def _maybe_float(value):

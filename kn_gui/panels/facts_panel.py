@@ -219,7 +219,10 @@ class FactsPanel(QWidget):
     batch_edit_requested = Signal(list)  # facts: apply the Edits panel's edit to each (one history entry)
     error = Signal(str, str)  # title, message
 
-    HEADERS = ["Relation / fact / prompt", "Model says", "p(answer)"]
+    # short check headers (their tooltips say them in full): the dock is narrow, the first column needs the room
+    HEADERS = ["Relation / fact / prompt", "says", "p"]
+    HEADER_TIPS = ["", "The model's top-1 token for the prompt (\u2714 the answer, \u2718 not); a fact: its prompts "
+                   "answered / checked", "p(answer): the probability of the answer on the prompt"]
 
     def __init__(self, session, parent=None, seconds_per_token: float | None = None):
         super().__init__(parent)
@@ -227,7 +230,10 @@ class FactsPanel(QWidget):
         self.seconds_per_token = seconds_per_token  # attribution s per answer token per prompt; None: measured
         self.model = QStandardItemModel(0, len(self.HEADERS), self)
         self.model.setHorizontalHeaderLabels(self.HEADERS)
+        for col, tip in enumerate(self.HEADER_TIPS):
+            self.model.horizontalHeaderItem(col).setToolTip(tip)
         self.tree = QTreeView()
+        self.tree.setIndentation(12)  # three levels deep: the default 20 px each cut the prompts at 1280x800
         self.tree.setModel(self.model)
         self.tree.setAlternatingRowColors(True)
         self.tree.setSelectionMode(QAbstractItemView.ExtendedSelection)

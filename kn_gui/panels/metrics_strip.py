@@ -57,44 +57,99 @@ def _was(key: str, value) -> str:
     return ""
 
 
-class MetricsStrip(QScrollArea):
-    """Shows `report["metrics"]` (kn_core.metrics.edit_metrics) or hides itself when there is none. The cards
-    scroll sideways where the dock is narrower than all of them (1280 px screens), never widening the window."""
+PROTOCOL_TIPS = {
+    "easyedit": "EasyEdit's definition (easyeditor/evaluate/evaluate_utils.py): token accuracies, locality = share "
+                "of the target's positions whose argmax is unchanged (docs/METRICS.md).",
+    "rome": "ROME's CounterFact scores (experiments/py/eval_utils_counterfact.py): ES/PS/NS compare p(o*) with p(o) "
+            "per prompt; EM/PM/NM their magnitudes; S the harmonic mean of ES, PS, NS (docs/METRICS.md).",
+    "mquake": "MQuAKE's edit-wise and multi-hop accuracy (docs/METRICS.md).",
+}
 
-    def __init__(self, parent=None):
+
+def _card(title: str) -> tuple[QFrame, list[QLabel]]:
+    """A compact card (3 lines): the title with the value in bold beside it, "random: ..." (the control), the
+    detail in small type (all of it in the tooltip)."""
+    frame = QFrame()
+    frame.setObjectName("metricCard")
+    frame.setFrameShape(QFrame.StyledPanel)
+    labels = [QLabel(title), QLabel(), QLabel(), QLabel()]
+    labels[0].setObjectName("hint")
+    labels[1].setObjectName("metricValue")
+    labels[1].setStyleSheet("font-size: 12pt; font-weight: 600; color: #1f3b57;")
+    labels[2].setStyleSheet("color: #5d6d7e; font-size: 8pt;")
+    labels[3].setStyleSheet("color: #7b4f9d;")
+    inner = QGridLayout(frame)
+    inner.setContentsMargins(5, 2, 5, 2)
+    inner.setVerticalSpacing(0)
+    inner.setHorizontalSpacing(6)
+    for label in labels:
+        label.setAlignment(Qt.AlignLeft | Qt.AlignVCenter)
+    inner.addWidget(labels[0], 0, 0)
+    inner.addWidget(labels[1], 0, 1, Qt.AlignRight)
+    inner.addWidget(labels[3], 1, 0, 1, 2)
+    inner.addWidget(labels[2], 2, 0, 1, 2)
+    return frame, labels
+
+
+def _cut(text: str, width: int = 26) -> str:
+    return text if len(text) <= width else text[:width - 2].rstrip() + "\u2026"
+
+
+class MetricsStrip(QScrollArea):
+    """Shows `report["metrics"]` (kn_core.metrics.edit_metrics) or hides itself when there is none; after them,
+    when the edit was scored by another protocol (`kn edit --protocol`), that protocol's scores under its own
+    names, each beside its random-neuron control. The cards stand in a grid of `columns` beside the before/after
+    table (the Edits dock is short and wide: stacked above the table they were cut to their titles at 1600x1000);
+    it scrolls down when there are more cards than room."""
+
+    def __init__(self, parent=None, columns: int = 3):
         super().__init__(parent)
         self.setFrameShape(QFrame.NoFrame)
         self.setWidgetResizable(True)
-        self.setVerticalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
         inner = QWidget()
         self.setWidget(inner)
-        grid = QGridLayout(inner)
-        grid.setContentsMargins(0, 0, 0, 0)
-        grid.setHorizontalSpacing(6)
+        self.grid = QGridLayout(inner)
+        self.grid.setContentsMargins(0, 0, 0, 0)
+        self.grid.setSpacing(4)
+        self.columns = columns
         self.cards: dict[str, tuple[QFrame, QLabel, QLabel, QLabel, QLabel]] = {}
-        for column, (key, title, tip) in enumerate(CARDS):
-            frame = QFrame()
-            frame.setObjectName("metricCard")
-            frame.setFrameShape(QFrame.StyledPanel)
+        for key, title, tip in CARDS:
+            frame, labels = _card(title)
             frame.setToolTip(tip)
-            labels = [QLabel(title), QLabel(), QLabel(), QLabel()]
-            labels[0].setObjectName("hint")
-            labels[1].setObjectName("metricValue")
-            labels[1].setStyleSheet("font-size: 15pt; font-weight: 600; color: #1f3b57;")
-            labels[2].setStyleSheet("color: #5d6d7e;")
-            labels[3].setStyleSheet("color: #7b4f9d;")
-            inner = QGridLayout(frame)
-            inner.setContentsMargins(6, 4, 6, 4)
-            inner.setVerticalSpacing(1)
-            for row, label in enumerate(labels):
-                label.setAlignment(Qt.AlignLeft | Qt.AlignVCenter)
-                inner.addWidget(label, row, 0)
-            grid.addWidget(frame, 0, column)
-            grid.setColumnStretch(column, 1)
             self.cards[key] = (frame, *labels)
+        self.protocol_heading = QLabel()
+        self.protocol_heading.setObjectName("hint")
+        self.protocol_heading.setWordWrap(True)
+        self.protocol_cards: dict[str, tuple[QFrame, QLabel, QLabel, QLabel, QLabel]] = {}
+        self._place()
         self.hide()
 
-    def show_metrics(self, metrics: dict | None) -> None:
+    def set_columns(self, columns: int) -> None:
+        if columns != self.columns:
+            self.columns = columns
+            self._place()
+
+    def _place(self):
+        """Our cards, then the protocol's heading and cards, `columns` to a row."""
+        for i in reversed(range(self.grid.count())):
+            self.grid.takeAt(i)
+        for k, (frame, *_) in enumerate(self.cards.values()):
+            self.grid.addWidget(frame, k // self.columns, k % self.columns)
+        row = (len(self.cards) + self.columns - 1) // self.columns
+        self.grid.addWidget(self.protocol_heading, row, 0, 1, self.columns)
+        for k, (frame, *_) in enumerate(self.protocol_cards.values()):
+            self.grid.addWidget(frame, row + 1 + k // self.columns, k % self.columns)
+        self.grid.setRowStretch(self.grid.rowCount(), 1)
+        self._fit_width()
+
+    def _fit_width(self):
+        """As wide as the cards' texts need (the splitter never squeezes a card's value out of view)."""
+        self.widget().layout().activate()
+        self.setMinimumWidth(self.widget().minimumSizeHint().width() + self.verticalScrollBar().sizeHint().width())
+
+    def show_metrics(self, metrics: dict | None, protocol: str = "kn", protocol_scores: dict | None = None) -> None:
+        self._show_protocol(protocol, protocol_scores)
         if not metrics:
             self.hide()
             return
@@ -106,20 +161,45 @@ class MetricsStrip(QScrollArea):
             was = _was(key, value)
             value_label.setText(main)
             # a long reason is cut here and given in full in the tooltip
-            shown = detail if len(detail) <= 36 else detail[:34].rstrip() + "\u2026"
-            detail_label.setText("   ".join(t for t in (shown, was) if t))
+            detail_label.setText("   ".join(t for t in (_cut(detail), was) if t))
             if control is None:
                 control_label.setText("random: not measured")
             else:
                 control_main, _ = _card_texts(key, control.get(key))
                 control_label.setText(f"random: {control_main}")
             reason = detail if main == "n/a" and detail else ""
-            frame.setToolTip(tip + (f"\n\nNot applicable: {reason}" if reason else "")
+            frame.setToolTip(tip + (f"\n\n{detail}" if detail and not reason else "")
+                             + (f"\n\nNot applicable: {reason}" if reason else "")
                              + "\n\nThe random control applies the same edit to as many random neurons of the same "
                                "layers (docs/METRICS.md).")
-        self.setFixedHeight(self.widget().sizeHint().height() + self.horizontalScrollBar().sizeHint().height())
         self.show()
+        self._fit_width()
+
+    def _show_protocol(self, protocol: str, scores: dict | None) -> None:
+        """Cards for the protocol's scores (kn_core.protocols: pre, post, control), named as the protocol names
+        them."""
+        from kn_core.protocols import flat_scores, format_score
+
+        for frame, *_ in self.protocol_cards.values():
+            self.grid.removeWidget(frame)
+            frame.deleteLater()
+        self.protocol_cards = {}
+        self.protocol_heading.setVisible(bool(scores) and protocol != "kn")
+        if scores and protocol != "kn":
+            pre, post, control = (flat_scores(scores.get(side) or {}) for side in ("pre", "post", "control"))
+            self.protocol_heading.setText(f"{protocol} protocol (its names; teacher-forced): after the edit, "
+                                          "random = the random-neuron control, was = unedited")
+            for key, value in post.items():
+                frame, labels = _card(key)
+                labels[1].setText(format_score(key, value))
+                reason = value.get("reason", "") if isinstance(value, dict) else ""
+                labels[2].setText(_cut(reason) if reason else f"was {format_score(key, pre.get(key))}")
+                labels[3].setText(f"random: {format_score(key, control.get(key))}")
+                frame.setToolTip(PROTOCOL_TIPS.get(protocol, "") + (f"\n\nNot applicable: {reason}" if reason else ""))
+                self.protocol_cards[key] = (frame, *labels)
+        self._place()
 
     def texts(self) -> dict[str, tuple[str, str, str]]:
-        """(value, detail, control) per card, as shown (for tests and exports)."""
-        return {key: (v.text(), d.text(), c.text()) for key, (_, _, v, d, c) in self.cards.items()}
+        """(value, detail, control) per card, as shown; the protocol's cards after ours, as "protocol:<name>"."""
+        cards = {**self.cards, **{f"protocol:{k}": card for k, card in self.protocol_cards.items()}}
+        return {key: (v.text(), d.text(), c.text()) for key, (_, _, v, d, c) in cards.items()}

@@ -24,7 +24,7 @@ HEADERS = ["fact", "name", "state", "prompts", "refined", "steps", "quadrature",
 def run_row(session: Session, run: Run) -> list:
     p = run.params
     try:
-        refined = len(session.refined(run)) if run.scores else 0
+        refined = len(session.refined(run, _exclusions(session, run)[0])) if run.scores else 0
     except TooCoarse:
         refined = "not decided"
     current = session.runs.get(fact_key(run.fact)) is run
@@ -35,11 +35,34 @@ def run_row(session: Session, run: Run) -> list:
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.started)) if run.started else ""]
 
 
+def _shape(run: Run) -> tuple[int, int] | None:
+    return tuple(run.scores[0].scores.shape) if run.scores and run.compact is None else (
+        tuple(run.compact[0].shape) if run.compact else None)
+
+
+def _exclusions(session: Session, run: Run) -> tuple[frozenset, str]:
+    """The loaded model's flagged neurons leave its own runs' sets (as in the map); a run of another model (other
+    weights, or another shape when the run recorded no hash) keeps every neuron: the flags do not describe it."""
+    lm = session.lm
+    if lm is None:
+        return session.excluded(), ""
+    sha = run.model.get("sha256")
+    own = sha == lm.sha256 if sha else _shape(run) in (None, (lm.layout.layers, lm.layout.neurons))
+    if own:
+        return session.excluded(), ""
+    return frozenset(), (f"{fact_label(run.fact)} [{run.name or run.state}] is a run of another model "
+                         f"({run.model.get('name') or run.model.get('source') or 'unnamed'}): the loaded model's "
+                         "flagged neurons are not left out of it")
+
+
 def compare_runs(session: Session, a: Run, b: Run) -> dict:
-    """Refined sets of two runs at the session's t and p (flagged neurons excluded as in the map), their overlap
-    and Jaccard index |A ∩ B| / |A ∪ B| (None when both are empty), and the difference of their mean scores
-    (None, with the reason, when the runs' models differ in shape)."""
-    sets = [set(session.refined(run)) for run in (a, b)]
+    """Refined sets of two runs at the session's t and p (the loaded model's flagged neurons excluded from its own
+    runs, as in the map), their overlap and Jaccard index |A ∩ B| / |A ∪ B| (None when both are empty), and the
+    difference of their mean scores (None, with the reason, when the runs' models differ in shape: then the sets
+    are compared by neuron name only, and "notes" says so)."""
+    exclusions = [_exclusions(session, run) for run in (a, b)]
+    sets = [set(session.refined(run, exclude)) for run, (exclude, _) in zip((a, b), exclusions)]
+    notes = [note for _, note in exclusions if note]
     union = sets[0] | sets[1]
     both = sets[0] & sets[1]
     mean_a, mean_b = a.mean_scores(), b.mean_scores()
@@ -48,11 +71,13 @@ def compare_runs(session: Session, a: Run, b: Run) -> dict:
         why = "a run has no finished prompt"
     elif mean_a.shape != mean_b.shape:
         why = f"the models differ in shape ({mean_a.shape[0]}x{mean_a.shape[1]} vs {mean_b.shape[0]}x{mean_b.shape[1]})"
+        notes.append("The runs come from models of different shapes: the overlap below matches neurons by name "
+                     "(layer, index) only, and the same name in two models is not the same neuron")
     else:
         difference = np.nan_to_num(mean_a) - np.nan_to_num(mean_b)
     return {"a": sorted(sets[0]), "b": sorted(sets[1]), "both": sorted(both), "only_a": sorted(sets[0] - sets[1]),
             "only_b": sorted(sets[1] - sets[0]), "jaccard": len(both) / len(union) if union else None,
-            "difference": difference, "difference_note": why}
+            "difference": difference, "difference_note": why, "notes": notes}
 
 
 def _names(neurons, limit: int = 12) -> str:
@@ -172,7 +197,8 @@ class RunsDialog(QDialog):
             f"First: {label(a)}: {len(result['a'])} refined. Second: {label(b)}: {len(result['b'])} refined.\n"
             f"Overlap {len(result['both'])} (Jaccard {jaccard}): {_names(result['both'])}.\n"
             f"Only the first: {_names(result['only_a'])}.   Only the second: {_names(result['only_b'])}."
-            + (f"\nNo difference map: {result['difference_note']}." if result["difference"] is None else ""))
+            + (f"\nNo difference map: {result['difference_note']}." if result["difference"] is None else "")
+            + "".join(f"\n{note}." for note in result["notes"]))
         diff = result["difference"]
         if diff is not None:
             bound = float(np.max(np.abs(diff))) or 1.0
