@@ -45,7 +45,7 @@ def test_an_edit_scored_by_a_protocol_names_it_and_the_strip_shows_its_numbers(q
     key = {"rome": "ES", "easyedit": "rewrite_acc"}[protocol]
     assert key in scores["post"] and key in scores["control"]
     assert edits.edit_stack.entries[0].report["protocol"] == protocol  # saved with the edit
-    panel = EditsPanel(session, history.edits)
+    panel = EditsPanel(session, QUndoStack())
     panel.show_report(report)
     shown = panel.metrics_strip.texts()
     post, control = flat_scores(scores["post"]), flat_scores(scores["control"])
@@ -64,7 +64,7 @@ def test_a_protocol_that_cannot_score_the_edit_is_refused_before_any_work(qapp, 
         edits.apply({"kind": "Erase relation", "k": 2, "fill": "zero", "protocol": "rome"}, FRANCE, [])
     with pytest.raises(UserError, match="unknown protocol"):
         edits.apply({"kind": "Suppress", "scope": "answer", "protocol": "memit"}, FRANCE, NEURONS)
-    assert not runner.busy and history.edits.count() == 0
+    assert not runner.busy and history.next_undo() is None
 
 
 def test_a_batch_edit_is_scored_by_the_chosen_protocol(qapp, parts):  # noqa: F811
