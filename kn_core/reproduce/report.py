@@ -140,7 +140,9 @@ def _header(report: dict) -> list[str]:
         f"{m['neurons']} neurons), weights sha256 `{m['sha256'][:16]}...`, {m['dtype']} on {m['device']}.  ",
         f"Facts: `{report['facts']}`, relations {', '.join(report['relations'])}, up to "
         f"{par['facts_per_relation']} facts per relation (selection: {par['select']}"
-        + (f", at most {par['sample_factor']}x as many checked per relation on their first "
+        + (f", screened in a seeded order on their first {par['check_prompts']} prompts until enough are known, "
+           f"at most {par['screen_cap']} per relation" if par["select"] == "known" and "screen_cap" in par else
+           f", at most {par.get('sample_factor')}x as many checked per relation on their first "
            f"{par['check_prompts']} prompts" if par["select"] == "known" else "")
         + f"), seed {par['seed']}{templates}.  ",
         f"Attribution: integrated gradients, {integration_text(par['attribution'])}, t = {par['t']}, p adapted "
