@@ -39,6 +39,7 @@ class ProjectSnapshot:
     autosave_of: str | None = None  # set in autosave files: the project they are the unsaved state of
     score_storage: dict | None = None  # the project's Project.score_storage(); saving keeps it (None: full)
     flags: dict | None = None  # Session.flags_record(): restored on open, so sets never include a flagged neuron
+    traces: list = field(default_factory=list)  # causal traces: evaluations of kind "trace" ({"name", "report", "params"})
 
 
 def snapshot(session: Session, edit_state: dict | None, model_info: dict | None) -> ProjectSnapshot:
@@ -51,7 +52,8 @@ def snapshot(session: Session, edit_state: dict | None, model_info: dict | None)
                                  for s in session.neuron_sets.values()],
                            edit_state=edit_state, model=model_info, t=session.t, p=session.p,
                            causal_templates=session.causal_templates, checks=dict(session.checks),
-                           score_storage=session.score_storage, flags=session.flags_record())
+                           score_storage=session.score_storage, flags=session.flags_record(),
+                           traces=list(session.traces))
 
 
 def save_project(path: str, snap: ProjectSnapshot, task=None) -> str:
@@ -109,6 +111,8 @@ def _write_snapshot(project, snap: ProjectSnapshot, task) -> None:
                                s.neurons, params={"source": s.source}, name=s.name)
     if snap.edit_state is not None and snap.edit_state.get("entries"):
         project.save_edit_history(snap.edit_state, model=snap.model)
+    for trace in snap.traces:  # as `kn trace --project` stores them
+        project.add_evaluation("trace", trace["report"], params=trace.get("params") or {}, name=trace.get("name", ""))
     if snap.flags is not None:
         project.set_setting(FLAGS_SETTING, flags_to_json(snap.flags))
     project.set_setting(GUI_SETTING, {"t": snap.t, "p": snap.p, "autosave_of": snap.autosave_of,
@@ -196,13 +200,14 @@ def open_project_file(path: str, task=None) -> ProjectSnapshot:
         gui = project.get_setting(GUI_SETTING, {}) or {}
         flags = flags_from_json(project.get_setting(FLAGS_SETTING))
         storage = project.score_storage()
+        traces = [{"name": e.name, "report": e.report, "params": e.params} for e in project.list_evaluations("trace")]
     finally:
         project.close()
     checks = {(tuple(key), template): value for key, template, value in gui.get("checks", [])}
     return ProjectSnapshot(factset=factset, runs=runs, sets=sets, edit_state=edit_state, edit_sha=edit_sha,
                            t=gui.get("t", 0.2), p=gui.get("p", 0.7), checks=checks, path=path,
                            causal_templates=gui.get("causal_templates", "prefix"), score_storage=storage,
-                           autosave_of=gui.get("autosave_of"), flags=flags)
+                           autosave_of=gui.get("autosave_of"), flags=flags, traces=traces)
 
 
 def _array_to_json(a: np.ndarray) -> dict:

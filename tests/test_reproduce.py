@@ -241,8 +241,9 @@ def test_a_cancelled_run_resumes_from_its_cache(lm, tmp_path, monkeypatch):
 
     assert resumed["status"] == "done" and comparable(tmp_path / "resumed") == comparable(tmp_path / "whole")
 
-    def text(folder):
-        return [line for line in (folder / "report.md").read_text().splitlines() if not line.startswith("Total time")]
+    def text(folder):  # a phase's seconds (the subject control's "(37 s)") differ between runs
+        return [re.sub(r"\(\d+ s\)", "(N s)", line) for line in (folder / "report.md").read_text().splitlines()
+                if not line.startswith("Total time")]
 
     assert text(tmp_path / "resumed") == text(tmp_path / "whole")
     # the resumed run's seconds cover only what it computed, and its report says so instead of a time per fact
@@ -308,7 +309,9 @@ def test_subject_control_takes_template_neurons_out_and_reports_both_ways_and_kn
     known = sum(a["known"] for a in answers)
     assert sc["without_control"]["known"]["facts"] == known and sc["without_control"]["unknown"]["facts"] == 4 - known
     text = (tmp_path / "report.md").read_text()
-    assert "## Subject specificity" in text and "## Facts" in text and "with the control, unknown facts" in text
+    assert "## Subject specificity" in text and "## Facts" in text
+    assert "with the control, neurons of facts the model does not know (template-like by construction)" in text
+    assert "### Known facts (the headline) and facts the model does not know" in text
     # the controls' scores are cached: a second run computes no attribution
     import kn_core.reproduce.specificity_section as section
 
@@ -322,3 +325,34 @@ def test_subject_control_takes_template_neurons_out_and_reports_both_ways_and_kn
         section.attribute_layers = real
     assert again["subject_control"]["per_fact"] == sc["per_fact"] or all(
         a["template"] == b["template"] for a, b in zip(again["subject_control"]["per_fact"], sc["per_fact"]))
+
+
+def test_summaries_give_known_facts_first_and_unknown_facts_apart_never_mixed():
+    from kn_core.reproduce.report import _activation_section, _neurons_section
+    from kn_core.reproduce.specificity_section import UNKNOWN, neurons_by_known
+
+    answers = [{"relation": "P1", "subject": s, "object": "o", "known": k}
+               for s, k in (("a", True), ("b", True), ("c", False), ("d", False))]
+    neurons = {"a": [[5, 1], [9, 2]], "b": [[5, 1]], "c": [[0, 7]], "d": [[0, 7], [3, 3]]}
+    report = {"model": {"layers": 12}, "fact_answers": answers,
+              "facts_detail": [{"relation": "P1", "subject": s, "neurons": n} for s, n in neurons.items()],
+              "neuron_statistics": {"layer_histogram": [2] + [0] * 11, "mean_neurons_per_fact": 1.5,
+                                    "facts_without_neurons": 0, "facts": 4, "shared_intra_relation": 1.0,
+                                    "shared_inter_relation": float("nan")},
+              "activation_by_prompt": {"facts": 4, "expressing": 2.5, "subject_only": 1.25, "random": 1.5,
+                                       "per_fact": [{"fact": f"P1:{s}", "expressing": e, "subject_only": so,
+                                                     "random": r} for s, e, so, r in
+                                                    (("a", 3, 1, 0), ("b", 3, 1, 0), ("c", 2, 1.5, 3),
+                                                     ("d", 2, 1.5, 3))]}}
+    split = neurons_by_known(report)
+    assert split["known"]["refined_total"] == 3 and split["known"]["layer_histogram"][0] == 0
+    assert split["known"]["shared_intra_relation"] == 1.0
+    assert split["unknown"]["refined_total"] == 3 and split["unknown"]["layer_histogram"][0] == 2
+    assert split["unknown"]["layer0_in_every_fact"] == [{"relation": "P1", "neuron": [0, 7], "facts": 2}]
+    text = "\n".join(_neurons_section(report))
+    row = next(line for line in text.splitlines() if line.startswith("| refined neurons in layer 0 |"))
+    assert row == "| refined neurons in layer 0 | 0 of 3 (0.0%) | 2 of 3 (66.7%) |"
+    assert f"| | known facts | {UNKNOWN} |" in text
+    activation = "\n".join(_activation_section(report))
+    assert "| expressing the fact | 3.000 | 2.000 | 2.500 |" in activation
+    assert "as in the paper, known facts: **yes**" in activation and "as in the paper, all facts: **no**" in activation

@@ -111,6 +111,7 @@ class ProjectController(QObject):
         s.score_storage = snap.score_storage
         s.checks = snap.checks if s.lm is not None else {}
         s.saved_flags = snap.flags
+        s.traces = list(snap.traces)
         self.discard_autosave()
         if recovered:
             self._autosave_file = snap.path  # keep writing to the recovered file until the user saves
@@ -123,6 +124,7 @@ class ProjectController(QObject):
 
     def new(self):
         self.session.generation += 1
+        self.session.traces = []
         self.edits.history.clear()
         if self.edits.edit_stack is not None:
             self.edits.edit_stack.clear()
