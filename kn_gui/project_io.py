@@ -39,7 +39,7 @@ class ProjectSnapshot:
     autosave_of: str | None = None  # set in autosave files: the project they are the unsaved state of
     score_storage: dict | None = None  # the project's Project.score_storage(); saving keeps it (None: full)
     flags: dict | None = None  # Session.flags_record(): restored on open, so sets never include a flagged neuron
-    traces: list = field(default_factory=list)  # causal traces: evaluations of kind "trace" ({"name", "report", "params"})
+    traces: list = field(default_factory=list)  # causal traces, stored as evaluations of kind "trace"
 
 
 def snapshot(session: Session, edit_state: dict | None, model_info: dict | None) -> ProjectSnapshot:

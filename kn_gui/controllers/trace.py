@@ -53,7 +53,8 @@ class TraceController(QObject):
         def done(result):
             if self.session.generation == generation:  # kept with the project it was run for
                 self.session.traces.append({
-                    "name": f"{fact.relation} {fact.subject}: {prompt.text!r}",
+                    "name": f"{fact.relation} {fact.subject}: {prompt.text!r} ({params.samples} samples, noise "
+                            f"{params.noise:g}\u00d7, window {params.window}, seed {params.seed})",
                     "report": {"fact": {"relation": fact.relation, "subject": fact.subject, "object": fact.object},
                                **result.to_dict()},
                     "params": {**params.to_dict(), "facts": self.session.factset.name}})

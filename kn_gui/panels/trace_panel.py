@@ -95,7 +95,7 @@ class TracePanel(QWidget):
         self.saved.clear()
         self.saved.addItem(f"{len(traces)} saved" if traces else "none saved", None)
         for k, trace in enumerate(traces):
-            self.saved.addItem(trace.get("name") or f"trace {k + 1}", k)
+            self.saved.addItem(f"{k + 1}. {trace.get('name') or 'trace'}", k)
         self.saved.setEnabled(bool(traces))
 
     def _open_saved(self, index: int) -> None:
