@@ -205,7 +205,8 @@ def _select_relation(lm, factset, rid, sel: Selection, facts_per_relation, selec
         if chosen and n_known < facts_per_relation:
             where = ("every usable fact of the relation" if exhausted else
                      f"the cap of {screen_cap} screened facts" if len(screened) >= screen_cap else "")
-            summary["note"] = (f"only {n_known} known fact(s) among the {len(screened)} screened ({where}); "
+            found = f"only {n_known} known fact(s)" if n_known else "no known fact"
+            summary["note"] = (f"{found} among the {len(screened)} screened ({where}); "
                                f"filled with {len(chosen) - n_known} fact(s) the model does not know, the best "
                                f"answered first")
     else:

@@ -115,7 +115,8 @@ def by_known_markdown(report: dict) -> list[str]:
              f"{ex.KNOWN_RULE}. The neurons the experiments use; a fact the model does not know has neurons that "
              "push the answer's type from the template, so they are counted apart.", "",
              f"| | known facts | {UNKNOWN} |", "|---|---|---|"]
-    lines += [f"| {name} | {cell(k, fn)} | {cell(u, fn)} |" for name, fn in rows]
+    lines.append(f"| facts | {k.get('facts', 0)} | {u.get('facts', 0)} |")
+    lines += [f"| {name} | {cell(k, fn)} | {cell(u, fn)} |" for name, fn in rows[1:]]
     return lines + [""]
 
 
