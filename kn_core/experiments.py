@@ -69,6 +69,11 @@ KNOWN_RULE = ("known: the model's greedy answer is the fact's answer (every answ
               "more than half of the fact's prompts")
 
 
+# One line wherever a fact's neurons are shown and the model does not know the fact (docs/SPECIFICITY.md)
+NOT_KNOWN_NOTE = ("its neurons push the answer's type from the template, not this fact (template-like by "
+                  "construction)")
+
+
 def is_known(accuracy: float) -> bool:
     """A fact is known when its answer is the model's top-1 on more than half of its prompts (KNOWN_RULE)."""
     return accuracy > 0.5

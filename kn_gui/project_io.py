@@ -43,6 +43,7 @@ class ProjectSnapshot:
     # what the app does not show but other front ends stored (kn edit --project evaluations, kn trace, settings of
     # other tools): read on open and written back on save, since saving rewrites the whole file
     kept_records: dict = field(default_factory=dict)  # {"evaluations": [...], "settings": {...}}
+    traces: list = field(default_factory=list)  # causal traces, stored as evaluations of kind "trace"
 
 
 def snapshot(session: Session, edit_state: dict | None, model_info: dict | None) -> ProjectSnapshot:
@@ -57,7 +58,7 @@ def snapshot(session: Session, edit_state: dict | None, model_info: dict | None)
                            causal_templates=session.causal_templates, checks=dict(session.checks),
                            prompt_format=session.prompt_format,
                            score_storage=session.score_storage, flags=session.flags_record(),
-                           kept_records=session.kept_records)
+                           kept_records=session.kept_records, traces=list(session.traces))
 
 
 def save_project(path: str, snap: ProjectSnapshot, task=None) -> str:
@@ -116,6 +117,8 @@ def _write_snapshot(project, snap: ProjectSnapshot, task) -> None:
                                s.neurons, params={"source": s.source}, name=s.name)
     if snap.edit_state is not None and snap.edit_state.get("entries"):
         project.save_edit_history(snap.edit_state, model=snap.model)
+    for trace in snap.traces:  # as `kn trace --project` stores them
+        _add_evaluation(project, dict(trace, kind="trace"))
     if snap.flags is not None:
         project.set_setting(FLAGS_SETTING, flags_to_json(snap.flags))
     project.set_setting(GUI_SETTING, {"t": snap.t, "p": snap.p, "autosave_of": snap.autosave_of,
@@ -123,18 +126,30 @@ def _write_snapshot(project, snap: ProjectSnapshot, task) -> None:
                                       "checks": [[list(k[0]), k[1], v] for k, v in snap.checks.items()]})
 
 
-def _read_kept_records(project) -> dict:
-    """The evaluations (each with its model's description) and the settings the app does not write from its own
-    state on every save (its view, the edit history's, the score storage's), as plain data."""
+def _read_evaluations(project) -> list[dict]:
+    """Every stored evaluation as plain data, each with its model's description (saving re-adds the model)."""
+    models = {m.id: {"source": m.source, "sha256": m.sha256, "dtype": m.dtype, "family": m.family, "kind": m.kind,
+                     "layers": m.layers, "neurons": m.neurons} for m in project.list_models()}
+    return [{"kind": e.kind, "name": e.name, "model": models.get(e.model_id), "params": e.params, "report": e.report,
+             "library_versions": e.library_versions, "status": e.status, "started_at": e.started_at,
+             "elapsed_s": e.elapsed_s} for e in project.list_evaluations()]
+
+
+def _add_evaluation(project, e: dict) -> None:
+    """One evaluation as `_read_evaluations` reads it (one the app ran itself has only kind, name, report, params)."""
+    project.add_evaluation(e["kind"], e["report"], params=e.get("params") or {}, model=e.get("model"),
+                           name=e.get("name", ""), status=e.get("status", "done"), started_at=e.get("started_at"),
+                           elapsed_s=e.get("elapsed_s"), library_versions=e.get("library_versions"))
+
+
+def _read_kept_records(project, evaluations: list[dict]) -> dict:
+    """What the app does not show: the evaluations other than traces (kn edit --project and the like) and the
+    settings it does not write from its own state on every save (its view, the edit history's, the score
+    storage's)."""
     from kn_core.store import EDIT_STATE_SETTING, SCORE_STORAGE
 
     written_by_the_app = {GUI_SETTING, FLAGS_SETTING, "factset.name", SCORE_STORAGE, EDIT_STATE_SETTING}
-    models = {m.id: {"source": m.source, "sha256": m.sha256, "dtype": m.dtype, "family": m.family, "kind": m.kind,
-                     "layers": m.layers, "neurons": m.neurons} for m in project.list_models()}
-    evaluations = [{"kind": e.kind, "name": e.name, "model": models.get(e.model_id), "params": e.params,
-                    "report": e.report, "library_versions": e.library_versions, "status": e.status,
-                    "started_at": e.started_at, "elapsed_s": e.elapsed_s} for e in project.list_evaluations()]
-    return {"evaluations": evaluations,
+    return {"evaluations": [e for e in evaluations if e["kind"] != "trace"],
             "settings": {k: v for k, v in project.settings().items() if k not in written_by_the_app}}
 
 
@@ -142,9 +157,7 @@ def _write_kept_records(project, kept: dict) -> None:
     for key, value in (kept.get("settings") or {}).items():
         project.set_setting(key, value)
     for e in kept.get("evaluations") or ():
-        project.add_evaluation(e["kind"], e["report"], params=e["params"], model=e["model"], name=e["name"],
-                               status=e["status"], started_at=e["started_at"], elapsed_s=e["elapsed_s"],
-                               library_versions=e["library_versions"])
+        _add_evaluation(project, e)
 
 
 def _prompt_from(d: dict, fact: Fact) -> Prompt:
@@ -215,7 +228,9 @@ def open_project_file(path: str, task=None) -> ProjectSnapshot:
         gui = project.get_setting(GUI_SETTING, {}) or {}
         flags = flags_from_json(project.get_setting(FLAGS_SETTING))
         storage = project.score_storage()
-        kept = _read_kept_records(project)
+        evaluations = _read_evaluations(project)
+        traces = [e for e in evaluations if e["kind"] == "trace"]  # the trace tab lists and reopens them
+        kept = _read_kept_records(project, evaluations)
     finally:
         project.close()
     checks = {(tuple(key), template): value for key, template, value in gui.get("checks", [])}
@@ -223,7 +238,7 @@ def open_project_file(path: str, task=None) -> ProjectSnapshot:
                            t=gui.get("t", DEFAULT_T), p=gui.get("p", DEFAULT_P), checks=checks, path=path,
                            causal_templates=gui.get("causal_templates", "prefix"), score_storage=storage,
                            prompt_format=gui.get("prompt_format", "plain"),
-                           autosave_of=gui.get("autosave_of"), flags=flags, kept_records=kept)
+                           autosave_of=gui.get("autosave_of"), flags=flags, kept_records=kept, traces=traces)
 
 
 def _array_to_json(a: np.ndarray) -> dict:

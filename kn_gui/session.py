@@ -218,11 +218,23 @@ class Session:
         self.flags_measured_on = 0  # how many run prompts the flags were measured on (with the neutral sentences)
         self.saved_flags: dict | None = None  # the opened project's flags_record(), used when its model is loaded
         self.neuron_sets: dict[str, NeuronSet] = {}
+        self.traces: list[dict] = []  # causal traces run here or opened: {"name", "report", "params"} (project_io)
         self.results_dirty = False
         self.path: str | None = None
         self.score_storage: dict | None = None  # the opened project's Project.score_storage(), kept when saving
         self.kept_records: dict = {}  # what the app does not show but must save again (project_io.KeptRecords)
         self.generation = 0  # which project is open: +1 at each open / new (a job's result is kept only for its own)
+
+    def known_note(self, fact: Fact) -> str:
+        """A line for when the answer checks (F6) say the model does not know `fact` (KNOWN_RULE: top-1 on more
+        than half of its prompts); "" when it knows it or it was not checked."""
+        from kn_core.experiments import NOT_KNOWN_NOTE, is_known
+
+        checked = [v["correct"] for (key, _), v in self.checks.items() if key == fact_key(fact)]
+        if not checked or is_known(sum(checked) / len(checked)):
+            return ""
+        return (f"\n\u26a0 The model does not know this fact (top-1 on {sum(checked)} of {len(checked)} checked "
+                f"prompts): {NOT_KNOWN_NOTE}.")
 
     # ----------------------------------------------------------------- prompts
     def prompts_for(self, fact: Fact, causal_templates: str | None = None) -> tuple[list[Prompt], list[Skipped]]:

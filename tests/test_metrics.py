@@ -352,7 +352,9 @@ def test_reproduction_reports_metrics_per_kind_beside_the_control(tmp_path):
     assert summary["suppress"]["reliability"]["edit"] == pytest.approx(np.mean(rates))
     text = (tmp_path / "report.md").read_text()
     table = text.split("## Edit metrics")[1].split("\n## ")[0]
-    assert "| suppress |" in table and "%)" in table
+    assert "%)" in table  # a random tiny model knows no fact: its rows are the unknown facts', none are mixed in
+    assert "| suppress, facts the model does not know |" in table and "| every edit, known facts | 0 |" in table
+    assert "| suppress |" not in table
 
 
 def test_measure_edit_in_parts_gives_what_the_whole_measurement_gives():

@@ -82,26 +82,75 @@ def test_relations_all_and_unknown_relations():
         resolve_relations(fs, ["P36", "P404"])
 
 
-def test_select_known_checks_a_bounded_seeded_sample(lm, monkeypatch):
-    scored = []
-    real = ev.answer_probabilities
-
-    def counting(lm_, prompts, *args, **kwargs):
+def _answering(monkeypatch, known_subjects, scored):
+    """answer_probabilities as a model that answers exactly the facts of ``known_subjects`` (every prompt);
+    every scored prompt is recorded in ``scored``."""
+    def fake(lm_, prompts, *args, **kwargs):
         scored.extend(prompts)
-        return real(lm_, prompts, *args, **kwargs)
+        return [{"correct": p.fact.subject in known_subjects, "prob": 0.9 if p.fact.subject in known_subjects
+                 else 0.01} for p in prompts]
 
-    monkeypatch.setattr(ev, "answer_probabilities", counting)
+    monkeypatch.setattr(ev, "answer_probabilities", fake)
+
+
+def test_select_known_screens_in_seeded_order_until_enough_are_known(lm, monkeypatch):
+    from kn_core.reproduce import pipeline
+
     fs = _factset()
-    sel = select_facts(lm, fs, ["P36"], facts_per_relation=2, select="known", seed=3, sample_factor=2)
+    order = [f for f, _ in select_facts(lm, fs, ["P36"], 12, "random", seed=3).chosen["P36"]]  # the seeded order
+    monkeypatch.setattr(pipeline, "SCREEN_BATCH", 3)
+    scored = []
+    _answering(monkeypatch, {order[1].subject, order[4].subject, order[10].subject}, scored)
+    sel = select_facts(lm, fs, ["P36"], facts_per_relation=2, select="known", seed=3)
     summary = sel.relations["P36"]
-    assert summary["checked"] == 4 and summary["chosen"] == 2 and summary["facts"] == 13
-    assert len({p.fact for p in scored}) == 4  # only the sample was scored, not all 12 usable facts
-    assert summary["rendered"] >= 4 and summary["rendered"] - 4 <= 1  # at most the unusable fact besides
-    # the sample of a relation does not depend on the relations selected beside it
-    again = select_facts(lm, fs, ["P37", "P36"], facts_per_relation=2, select="known", seed=3, sample_factor=2)
-    assert [f for f, _ in again.chosen["P36"]] == [f for f, _ in sel.chosen["P36"]]
+    # two batches of 3 hold the two known facts: screening stops there, the known ones are chosen in order
+    assert [f for f, _ in sel.chosen["P36"]] == [order[1], order[4]]
+    assert summary["checked"] == 6 and summary["known_found"] == 2 and summary["chosen_known"] == 2
+    assert "note" not in summary
+    first = [p for p in scored if p.fact not in (order[1], order[4])]
+    assert {p.fact for p in scored} == set(order[:6]) and len(first) == 4 * 3  # unknown ones: 3 prompts each
+    reasons = [x["reason"] for x in sel.left_out["facts"] if x["relation"] == "P36"]
+    assert sum(r.startswith("not known: top-1 on 0 of its first 3") for r in reasons) == 4
+    # the screen of a relation does not depend on the relations selected beside it
+    again = select_facts(lm, fs, ["P37", "P36"], facts_per_relation=2, select="known", seed=3)
+    assert [f for f, _ in again.chosen["P36"]] == [order[1], order[4]]
+
+
+def test_select_known_fills_with_unknown_facts_at_the_cap_and_says_so(lm, monkeypatch):
+    from kn_core.reproduce import pipeline
+
+    fs = _factset()
+    order = [f for f, _ in select_facts(lm, fs, ["P36"], 12, "random", seed=3).chosen["P36"]]
+    monkeypatch.setattr(pipeline, "SCREEN_BATCH", 2)
+    scored = []
+    _answering(monkeypatch, {order[1].subject, order[9].subject}, scored)
+    sel = select_facts(lm, fs, ["P36"], facts_per_relation=2, select="known", seed=3, screen_cap=5)
+    summary = sel.relations["P36"]
+    assert summary["checked"] == 5 and {p.fact for p in scored} == set(order[:5])  # the cap, never beyond
+    assert summary["chosen_known"] == 1 and sel.chosen["P36"][0][0] == order[1]
+    assert len(sel.chosen["P36"]) == 2 and "only 1 known fact(s) among the 5 screened (the cap of 5" in summary["note"]
+    everything = select_facts(lm, fs, ["P36"], facts_per_relation=4, select="known", seed=3)
+    note = everything.relations["P36"]["note"]
+    assert "only 2 known fact(s) among the 12 screened (every usable fact of the relation)" in note
+    assert "filled with 2 fact(s) the model does not know" in note
     other_seed = select_facts(lm, fs, ["P36"], 2, "random", seed=4)
     assert other_seed.relations["P36"]["checked"] == 0 and len(other_seed.chosen["P36"]) == 2
+
+
+def test_select_known_judges_a_screened_fact_on_all_its_prompts(lm, monkeypatch):
+    fs = _factset()
+    order = [f for f, _ in select_facts(lm, fs, ["P36"], 12, "random", seed=3).chosen["P36"]]
+
+    def first_prompts_only(lm_, prompts, *args, **kwargs):  # order[0] answered on its first 2 prompts only
+        return [{"correct": p.fact == order[0] and p.template in CAPITAL.templates[:2], "prob": 0.5}
+                for p in prompts]
+
+    monkeypatch.setattr(ev, "answer_probabilities", first_prompts_only)
+    sel = select_facts(lm, fs, ["P36"], facts_per_relation=1, select="known", seed=3)
+    assert sel.relations["P36"]["known_found"] == 0  # 2 of its first 3, but 2 of its 4 prompts: not known
+    reasons = {x["subject"]: x["reason"] for x in sel.left_out["facts"]}
+    assert sel.chosen["P36"][0][0] == order[0]  # the best-answered unknown fact fills
+    assert all("answered less well than the 1 unknown" in reasons[f.subject] for f in order[1:])
 
 
 def test_causal_templates_change_the_prompts_and_are_recorded(lm, tmp_path):
@@ -192,8 +241,9 @@ def test_a_cancelled_run_resumes_from_its_cache(lm, tmp_path, monkeypatch):
 
     assert resumed["status"] == "done" and comparable(tmp_path / "resumed") == comparable(tmp_path / "whole")
 
-    def text(folder):
-        return [line for line in (folder / "report.md").read_text().splitlines() if not line.startswith("Total time")]
+    def text(folder):  # a phase's seconds (the subject control's "(37 s)") differ between runs
+        return [re.sub(r"\(\d+ s\)", "(N s)", line) for line in (folder / "report.md").read_text().splitlines()
+                if not line.startswith("Total time")]
 
     assert text(tmp_path / "resumed") == text(tmp_path / "whole")
     # the resumed run's seconds cover only what it computed, and its report says so instead of a time per fact
@@ -259,7 +309,9 @@ def test_subject_control_takes_template_neurons_out_and_reports_both_ways_and_kn
     known = sum(a["known"] for a in answers)
     assert sc["without_control"]["known"]["facts"] == known and sc["without_control"]["unknown"]["facts"] == 4 - known
     text = (tmp_path / "report.md").read_text()
-    assert "## Subject specificity" in text and "## Facts" in text and "with the control, unknown facts" in text
+    assert "## Subject specificity" in text and "## Facts" in text
+    assert "with the control, neurons of facts the model does not know (template-like by construction)" in text
+    assert "### Known facts (the headline) and facts the model does not know" in text
     # the controls' scores are cached: a second run computes no attribution
     import kn_core.reproduce.specificity_section as section
 
@@ -273,3 +325,34 @@ def test_subject_control_takes_template_neurons_out_and_reports_both_ways_and_kn
         section.attribute_layers = real
     assert again["subject_control"]["per_fact"] == sc["per_fact"] or all(
         a["template"] == b["template"] for a, b in zip(again["subject_control"]["per_fact"], sc["per_fact"]))
+
+
+def test_summaries_give_known_facts_first_and_unknown_facts_apart_never_mixed():
+    from kn_core.reproduce.report import _activation_section, _neurons_section
+    from kn_core.reproduce.specificity_section import UNKNOWN, neurons_by_known
+
+    answers = [{"relation": "P1", "subject": s, "object": "o", "known": k}
+               for s, k in (("a", True), ("b", True), ("c", False), ("d", False))]
+    neurons = {"a": [[5, 1], [9, 2]], "b": [[5, 1]], "c": [[0, 7]], "d": [[0, 7], [3, 3]]}
+    report = {"model": {"layers": 12}, "fact_answers": answers,
+              "facts_detail": [{"relation": "P1", "subject": s, "neurons": n} for s, n in neurons.items()],
+              "neuron_statistics": {"layer_histogram": [2] + [0] * 11, "mean_neurons_per_fact": 1.5,
+                                    "facts_without_neurons": 0, "facts": 4, "shared_intra_relation": 1.0,
+                                    "shared_inter_relation": float("nan")},
+              "activation_by_prompt": {"facts": 4, "expressing": 2.5, "subject_only": 1.25, "random": 1.5,
+                                       "per_fact": [{"fact": f"P1:{s}", "expressing": e, "subject_only": so,
+                                                     "random": r} for s, e, so, r in
+                                                    (("a", 3, 1, 0), ("b", 3, 1, 0), ("c", 2, 1.5, 3),
+                                                     ("d", 2, 1.5, 3))]}}
+    split = neurons_by_known(report)
+    assert split["known"]["refined_total"] == 3 and split["known"]["layer_histogram"][0] == 0
+    assert split["known"]["shared_intra_relation"] == 1.0
+    assert split["unknown"]["refined_total"] == 3 and split["unknown"]["layer_histogram"][0] == 2
+    assert split["unknown"]["layer0_in_every_fact"] == [{"relation": "P1", "neuron": [0, 7], "facts": 2}]
+    text = "\n".join(_neurons_section(report))
+    row = next(line for line in text.splitlines() if line.startswith("| refined neurons in layer 0 |"))
+    assert row == "| refined neurons in layer 0 | 0 of 3 (0.0%) | 2 of 3 (66.7%) |"
+    assert f"| | known facts | {UNKNOWN} |" in text
+    activation = "\n".join(_activation_section(report))
+    assert "| expressing the fact | 3.000 | 2.000 | 2.500 |" in activation
+    assert "as in the paper, known facts: **yes**" in activation and "as in the paper, all facts: **no**" in activation

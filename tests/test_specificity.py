@@ -154,3 +154,35 @@ def test_kn_neurons_subject_control_flags_template_and_lists_p_rank_known(capsys
     kept = json.loads(capsys.readouterr().out)
     assert {(n["layer"], n["neuron"]) for n in kept["refined"]} == {tuple(n) for n in control["candidates"]}
     assert all(("template" in n["flags"]) == ((n["layer"], n["neuron"]) in set(template)) for n in kept["refined"])
+
+
+def test_kn_edit_subject_control_leaves_template_neurons_out_of_the_edit(capsys, tmp_path):
+    import json
+
+    from kn_core.cli import main
+
+    tiny = make_tiny(TINY_CAUSAL)
+    tiny.model.save_pretrained(tmp_path)
+    tiny.tokenizer.save_pretrained(tmp_path)
+    common = ["--relation", "P36", "--subject", "France", "--model", str(tmp_path), "--steps", "1", "--p", "0.3",
+              "--hold-out", "0", "--json"]
+    assert main(["neurons", "--relation", "P36", "--subject", "France", "--model", str(tmp_path), "--steps", "1",
+                 "--p", "0.3", "--subject-control", "--keep-template"]) == 0
+    shown = capsys.readouterr().out
+    assert "NOT known" in shown and "the model does not know this fact: its neurons push the answer's type" in shown
+    assert main(["edit", "amplify", *common, "--subject-control", "--keep-template"]) == 0
+    kept = json.loads(capsys.readouterr().out)
+    control = kept["subject_control"]
+    assert control["controlled"] and kept["keep_template"] is True
+    edited = {(n["layer"], n["neuron"]) for n in kept["neurons"]}
+    assert edited == {tuple(n) for n in control["candidates"]}
+    template = {tuple(n) for n in control["template"]}
+    assert template, "a random tiny model knows nothing: the control should flag some neuron"
+    if template == edited:  # every neuron flagged: the edit without them has nothing to edit and says so
+        assert main(["edit", "amplify", *common, "--subject-control"]) == 2  # a CliError
+        error = json.loads(capsys.readouterr().out)["error"]
+        assert f"the subject control flagged all {len(template)} as template neurons (--keep-template" in error
+    else:
+        assert main(["edit", "amplify", *common, "--subject-control"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert {(n["layer"], n["neuron"]) for n in out["neurons"]} == edited - template

@@ -38,6 +38,30 @@ def test_trace_tab_runs_a_job_and_shows_the_engines_numbers(app, qtbot, settings
     assert np.allclose(panel.image.image, result.restored["residual"].astype(np.float32))
     path = panel.export(tmp_path / "trace.svg")
     assert path.stat().st_size > 1000
+    # kept with the project as an evaluation of kind "trace", listed and reopened from the saved file
+    from kn_gui import project_io
+    from kn_core.store import open_project
+
+    assert len(window.session.traces) == 1 and window.session.results_dirty
+    saved = project_io.save_project(str(tmp_path / "p.knproj"), project_io.snapshot(window.session, None, None))
+    project = open_project(saved, read_only=True)
+    try:
+        (row,) = project.list_evaluations("trace")
+        assert row.report["fact"]["subject"] == "France" and row.report["p_clean"] == result.p_clean
+    finally:
+        project.close()
+    snap = project_io.open_project_file(saved)
+    window.session.traces = []
+    panel.list_saved()
+    assert panel.saved.count() == 1 and not panel.saved.isEnabled()
+    window.session.traces = list(snap.traces)
+    panel.show_result(None)
+    panel.list_saved()
+    assert panel.saved.count() == 2 and "France" in panel.saved.itemText(1)
+    panel.saved.setCurrentIndex(1)
+    panel.saved.activated.emit(1)
+    for kind in ("residual", "mlp", "attn"):
+        assert np.array_equal(panel.result.restored[kind], result.restored[kind])
     window.close()
 
 
@@ -47,3 +71,17 @@ def test_trace_needs_a_fact(app, qtbot, settings, lm):  # noqa: F811
     assert window.trace.start(window.trace_panel.params()) is False
     assert "pick a fact" in window.statusBar().currentMessage()
     window.close()
+
+
+def test_a_fact_the_model_does_not_know_says_so_in_one_line():
+    from kn_gui.session import Session, fact_key
+
+    session = Session(geo_factset())
+    assert session.known_note(FRANCE) == ""  # not checked: nothing claimed
+    for template, correct in (("a", True), ("b", False), ("c", False), ("d", True)):
+        session.checks[(fact_key(FRANCE), template)] = {"correct": correct, "prob": 0.1, "top1_token": " x"}
+    note = session.known_note(FRANCE)
+    assert note.count("\n") == 1 and "does not know this fact (top-1 on 2 of 4 checked prompts)" in note
+    assert "template-like by construction" in note
+    session.checks[(fact_key(FRANCE), "e")] = {"correct": True, "prob": 0.5, "top1_token": " Paris"}
+    assert session.known_note(FRANCE) == ""  # 3 of 5: known

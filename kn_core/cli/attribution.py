@@ -147,7 +147,7 @@ def cmd_attribute_facts(args) -> int:
 
 def cmd_neurons(args) -> int:
     from ..attribution import attribute_fact, default_t
-    from ..experiments import fact_answers
+    from ..experiments import NOT_KNOWN_NOTE, fact_answers
     from ..facts import render_prompts
     from ..encoding import prompt_format
     from ..neurons import case_neurons, coarse_neurons, run_flags, without_template
@@ -224,6 +224,8 @@ def _neurons_text(args, lm, fact, prompts, results, coarse, refined, flags, cont
              f"{answer['rank_median']:g}, {'known' if answer['known'] else 'NOT known'} (top-1 on "
              f"{answer['top1_share']:.0%} of prompts)",
              f"  neurons: {selection['text']}" + ("" if refined else f"; none: {empty_neurons_fix(len(prompts), args.p)}")]
+    if not answer["known"]:
+        lines.append(f"  the model does not know this fact: {NOT_KNOWN_NOTE}")
     lines += [f"  {p.text!r} -> {p.answer!r} P={r.prob:.3f}, {len(c)} coarse" for p, r, c in zip(prompts, results, coarse)]
     lines += [f"  refined {neuron_name(l, i, lm.layout)} {' '.join(flags.of((l, i)))}".rstrip() for l, i in refined]
     if flags.massive:

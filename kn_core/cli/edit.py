@@ -20,6 +20,7 @@ class FoundNeurons(NamedTuple):
     scores: object  # attribution scores summed over `prompts`
     excluded: frozenset  # flagged (massive/unspecific) neurons left out; empty with --keep-massive
     selection: dict  # the rule that chose the neurons (neurons.case_neurons: refined, or few prompts)
+    control: object = None  # specificity.SubjectControl with --subject-control, else None
 
 
 def _fact_neurons(args, lm, factset, fact, held_out=None) -> FoundNeurons:
@@ -52,7 +53,33 @@ def _fact_neurons(args, lm, factset, fact, held_out=None) -> FoundNeurons:
             + ", ".join(neuron_name(l, i, lm.layout) for l, i in sorted(excluded)))
     if selection["rule"] != "refined":
         say(f"{fact.relation} {fact.subject}: {selection['text']}")
-    return FoundNeurons(prompts, neurons, sum(s.scores for s in scores), excluded, selection)
+    control = None
+    if getattr(args, "subject_control", False):
+        neurons, control = _without_template(args, lm, factset, fact, prompts, neurons)
+    return FoundNeurons(prompts, neurons, sum(s.scores for s in scores), excluded, selection, control)
+
+
+def _without_template(args, lm, factset, fact, prompts, neurons) -> tuple[list, object]:
+    """--subject-control: the subject control of `kn neurons` on the neurons that will be edited; its template
+    neurons are left out of the edit unless --keep-template (docs/SPECIFICITY.md)."""
+    from ..attribution import AttributionParams
+    from ..neurons import neuron_name, without_template
+    from ..specificity import subject_control
+
+    params = neuron_params(args)
+    if params.quadrature != "riemann":  # the control compares two scores of one kind: the paper's Riemann sum
+        params = AttributionParams(seed=params.seed)
+    with progress_bar(f"subject control {fact.relation} {fact.subject}") as task:
+        control = subject_control(lm, factset, fact, prompts, neurons, params, task=task)
+    if not control.controlled:
+        say(f"{fact.relation} {fact.subject}: subject control: {control.reason}")
+        return neurons, control
+    names = ", ".join(neuron_name(l, i, lm.layout) for l, i in sorted(control.template)) or "none"
+    keep = getattr(args, "keep_template", False)
+    say(f"{fact.relation} {fact.subject}: subject control ({len(control.subjects)} subjects, {control.prompts} "
+        f"prompts): template neurons {names} " + ("kept (--keep-template)" if keep else
+                                                  "left out of the edit (--keep-template keeps them)"))
+    return (neurons if keep else without_template(neurons, control.template)), control
 
 
 def _no_neurons(args, fact, found: FoundNeurons) -> CliError:
@@ -60,6 +87,9 @@ def _no_neurons(args, fact, found: FoundNeurons) -> CliError:
     from ..neurons import empty_neurons_fix
 
     fix = empty_neurons_fix(len(found.prompts), args.p).replace("lower t", "lower --t").replace("lower p", "lower --p")
+    if found.control is not None and found.control.template:
+        fix = (f"the subject control flagged all {len(found.control.template)} as template neurons (--keep-template "
+               f"edits them anyway)")
     return CliError(f"{fact.relation} {fact.subject}: no knowledge neurons at t={args.t}, p={args.p} "
                     f"({found.selection['text']}); {fix}")
 
@@ -69,6 +99,9 @@ def neuron_params(args):
     each verb builds it once before the model loads, so that a bad combination fails first."""
     from ..attribution import AttributionParams
 
+    if getattr(args, "keep_template", False) and not getattr(args, "subject_control", False):
+        raise CliError("--keep-template keeps the neurons the subject control flags; add --subject-control (or "
+                       "leave --keep-template out)")
     return AttributionParams(steps=args.steps, quadrature=args.quadrature, tolerance=args.tolerance, seed=args.seed,
                              force=args.force)
 
@@ -80,10 +113,13 @@ def _neuron_params_field(args, lm, selection: dict) -> dict:
             **prompt_format_field(lm), "eval": args.eval}
 
 
-def _flags_field(excluded, args, lm) -> dict:
-    """The flagged (massive/unspecific) neurons left out of the edit, for --json."""
+def _flags_field(excluded, args, lm, control=None) -> dict:
+    """The flagged (massive/unspecific) neurons left out of the edit, and the subject control's result with
+    --subject-control, for --json."""
     return {"flagged_excluded": neuron_list(sorted(excluded), layout=lm.layout),
-            "keep_massive": getattr(args, "keep_massive", False)}
+            "keep_massive": getattr(args, "keep_massive", False),
+            "subject_control": control.to_dict() if control is not None else None,
+            "keep_template": getattr(args, "keep_template", False)}
 
 
 def _templates(prompts) -> tuple[str, ...]:
@@ -181,7 +217,8 @@ def cmd_edit_activation(args) -> int:
                        "after": control["after"], "relative_change": control["relative_change"],
                        "flip_rate": control["flip_rate"]},
            "exported_to": args.export, **_plan_fields(lm, plan, args, measured),
-           **_flags_field(found.excluded, args, lm), **_neuron_params_field(args, lm, found.selection),
+           **_flags_field(found.excluded, args, lm, found.control),
+           **_neuron_params_field(args, lm, found.selection),
            **_protocol_fields(lm, plan, args)}
     text = [f"{args.edit_kind} {len(plan.edit.neurons)} knowledge neurons of {fact.relation} {fact.subject} -> "
             f"{fact.object}:",
@@ -238,7 +275,8 @@ def cmd_edit_update(args) -> int:
            "top1_after": [r["top1_token"] for r in after_old],
            "change_rate": ev.flip_rate(before_old, after_old),
            "success_rate": float(np.mean([r["correct"] for r in after_new])), "exported_to": args.export,
-           **_flags_field(found.excluded, args, lm), **_neuron_params_field(args, lm, found.selection),
+           **_flags_field(found.excluded, args, lm, found.control),
+           **_neuron_params_field(args, lm, found.selection),
            "control": {"kind": "random neurons from the same layers", "edit": plan.control.to_dict()},
            **({"calibration": plan.calibration} if plan.calibration is not None else {}),
            **_plan_fields(lm, plan, args, measured), **_protocol_fields(lm, plan, args)}
@@ -395,6 +433,11 @@ def neuron_options(p) -> None:
 
 def _fact_edit_options(p) -> None:
     neuron_options(p)
+    p.add_argument("--subject-control", action="store_true",
+                   help="re-score the fact's neurons with the subject swapped for other subjects of the relation and "
+                        "leave out of the edit those that keep half their effect without it (docs/SPECIFICITY.md)")
+    p.add_argument("--keep-template", action="store_true",
+                   help="with --subject-control: edit the template neurons too (default: left out)")
     eval_option(p)
     p.add_argument("--export", metavar="DIR", help="save the edited model (save_pretrained) to DIR")
     p.add_argument("--hold-out", type=whole_number, default=1, metavar="N",

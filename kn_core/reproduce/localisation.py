@@ -184,11 +184,14 @@ def localisation_markdown(report: dict) -> list[str]:
              f"neurons in each band of layers suppressed ({params['edit']}); the change of p(answer) over the "
              f"fact's prompts. Hase et al. found that where tracing localises a fact does not predict which "
              f"layer's edit works best.", "",
-             "| relation | subject | p clean | p corrupted | MLP peak layer | neurons' layers | "
+             "| relation | subject | known | p clean | p corrupted | MLP peak layer | neurons' layers | "
              + " | ".join(f"trace {n}" for n in names) + " | " + " | ".join(f"suppress {n}" for n in names) + " |",
-             "|---|---|---|---|---|---|" + "---|" * (2 * len(names))]
+             "|---|---|---|---|---|---|---|" + "---|" * (2 * len(names))]
+    known = {(a["relation"], a["subject"]): a["known"] for a in report.get("fact_answers") or []}
     for f in sec["facts"]:
-        lines.append(f"| {f['relation']} | {f['subject']} | {f['p_clean']:.3f} | {f['p_corrupted']:.3f} | "
+        is_known = known.get((f["relation"], f["subject"]))
+        shown = "-" if is_known is None else "yes" if is_known else "no"
+        lines.append(f"| {f['relation']} | {f['subject']} | {shown} | {f['p_clean']:.3f} | {f['p_corrupted']:.3f} | "
                      f"{f['peak_layer']} ({f['peak_effect']:+.3f}) | "
                      f"{', '.join(map(str, f['neuron_layers'])) or '-'} | "
                      + " | ".join(f"{e:+.3f}" for e in f["trace_effect_by_band"]) + " | "
@@ -199,6 +202,9 @@ def localisation_markdown(report: dict) -> list[str]:
               f"- A band's tracing effect vs the drop its edit causes ((fact, band) pairs): "
               f"{_corr_text(sec['trace_effect_vs_edit_drop'])}.",
               f"- The band where tracing is strongest is the band whose edit lowers p(answer) most for "
-              f"{agree['agree']} of {agree['facts']} facts (chance {agree['chance']:.0%})."]
+              f"{agree['agree']} of {agree['facts']} facts (chance {agree['chance']:.0%}).",
+              f"- Known facts among them: "
+              f"{sum(known.get((f['relation'], f['subject'])) is True for f in sec['facts'])} of {len(sec['facts'])}; "
+              "the correlations above are over all of them, known and unknown together."]
     lines += [f"- Left out: {x['relation']} {x['subject']}: {x['reason']}" for x in sec["left_out"]]
     return lines + [""]

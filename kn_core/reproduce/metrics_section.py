@@ -194,9 +194,17 @@ def metrics_markdown(report: dict) -> list[str]:
         control = m.get(key_control)
         return f"{fmt(m[key_edit])} ({fmt(control) if control is not None else 'n/a'})"
 
-    for kind, s in section["summary"].items():
+    known = {(a["relation"], a["subject"]): a["known"] for a in report.get("fact_answers") or []}
+    groups = [("", section["summary"])]
+    if known:  # known facts first; unknown facts apart (their neurons are template-like by construction)
+        groups = [(f", {label}", summarize([f for f in section["facts"]
+                                            if known.get((f["relation"], f["subject"])) is side]))
+                  for side, label in ((True, "known facts"), (False, "facts the model does not know"))]
+    lines += [f"| every edit{suffix} | 0 | | | | | | | |" for suffix, summary in groups if not summary]
+    for suffix, kind, s in ((suffix, kind, s) for suffix, summary in groups for kind, s in summary.items()):
         size = s["edit_size"]
-        lines.append(f"| {kind} | {s['reliability']['facts']} | {pair(s['reliability'])} | {pair(s['generality'])} | "
+        lines.append(f"| {kind}{suffix} | {s['reliability']['facts']} | {pair(s['reliability'])} | "
+                     f"{pair(s['generality'])} | "
                      f"{pair(s['locality'])} | {pair(s['locality'], 'edit_abs_dp', 'control_abs_dp', False)} | "
                      f"{pair(s['portability'])} | {pair(s['flip_rate'])} | "
                      f"{'‖ΔW‖' if size['measure'] == 'weight_change' else '‖Δa‖'} {pair(size, rate=False)} |")

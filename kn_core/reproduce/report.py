@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import experiments as ex
 from ..attribution import integration_text
 from ..jsonio import dumps, write_text_atomic
 from ..neurons import neuron_name
@@ -21,7 +22,8 @@ from ..validation import markdown_safe
 from .html import provenance_rows, read_figures, render_html
 from .localisation import localisation_markdown
 from .metrics_section import metrics_markdown
-from .specificity_section import facts_markdown, known_split_lines, specificity_markdown, syntax_markdown
+from .specificity_section import (UNKNOWN, by_known_markdown, facts_markdown, known_labels, specificity_markdown,
+                                  syntax_markdown)
 
 PAPER = {
     "model": "bert-base-cased on PARAREL (34 relations, 27,738 facts)",
@@ -140,7 +142,9 @@ def _header(report: dict) -> list[str]:
         f"{m['neurons']} neurons), weights sha256 `{m['sha256'][:16]}...`, {m['dtype']} on {m['device']}.  ",
         f"Facts: `{report['facts']}`, relations {', '.join(report['relations'])}, up to "
         f"{par['facts_per_relation']} facts per relation (selection: {par['select']}"
-        + (f", at most {par['sample_factor']}x as many checked per relation on their first "
+        + (f", screened in a seeded order on their first {par['check_prompts']} prompts until enough are known, "
+           f"at most {par['screen_cap']} per relation" if par["select"] == "known" and "screen_cap" in par else
+           f", at most {par.get('sample_factor')}x as many checked per relation on their first "
            f"{par['check_prompts']} prompts" if par["select"] == "known" else "")
         + f"), seed {par['seed']}{templates}.  ",
         f"Attribution: integrated gradients, {integration_text(par['attribution'])}, t = {par['t']}, p adapted "
@@ -155,20 +159,21 @@ def _header(report: dict) -> list[str]:
 def _relations_table(report: dict) -> list[str]:
     sel, adapted = report.get("selection", {}), report.get("adapted_p", {})
     lines = ["## Relations", "",
-             "Every selected relation, with how many of its facts were checked and chosen; a relation without "
-             "usable facts stays in this table with its reason.", "",
-             "| relation | facts in set | checked | chosen | prompts per fact | p | mean refined neurons | "
-             "baseline p | baseline mean |", "|---|---|---|---|---|---|---|---|---|"]
+             "Every selected relation, with how many of its facts were checked (screened for known facts) and chosen, "
+             "and how many of the chosen the model knows; a relation without usable facts stays in this table with "
+             "its reason.", "",
+             "| relation | facts in set | checked | chosen | known chosen | prompts per fact | p | mean refined neurons | "
+             "baseline p | baseline mean |", "|---|---|---|---|---|---|---|---|---|---|"]
     for rid in report["relations"]:
         s, a = sel.get(rid), adapted.get(rid)
         reason = _left_out_reason(report, rid)
         if s is None:
-            lines.append(f"| {rid} | not reached ({report['status']}) | | | | | | | |")
+            lines.append(f"| {rid} | not reached ({report['status']}) | | | | | | | | |")
             continue
         ppf = s.get("prompts_per_fact") or []
         prompts = f"{min(ppf)}-{max(ppf)}" if ppf and min(ppf) != max(ppf) else (str(ppf[0]) if ppf else "-")
         checked = s["checked"] if report["parameters"]["select"] == "known" else "-"
-        row = f"| {rid} | {s['facts']} | {checked} | {s['chosen']} | {prompts} | "
+        row = f"| {rid} | {s['facts']} | {checked} | {s['chosen']} | {s.get('chosen_known', '-')} | {prompts} | "
         if reason:
             row += f"left out: {reason} | | | |"
         elif a:
@@ -177,14 +182,15 @@ def _relations_table(report: dict) -> list[str]:
         else:
             row += "| | | |"
         lines.append(row)
-    return lines + [""]
+    notes = [f"- {rid}: {sel[rid]['note']}" for rid in report["relations"] if (sel.get(rid) or {}).get("note")]
+    return lines + [""] + (notes + [""] if notes else [])
 
 
 def _neurons_section(report: dict) -> list[str]:
     s = report.get("neuron_statistics")
     if not s:
         return []
-    lines = ["## Knowledge neurons", ""]
+    lines = ["## Knowledge neurons", ""] + by_known_markdown(report)
     flags, both = report.get("flags"), report.get("both_ways")
     if flags:
         rule = flags.get("rule", {})
@@ -196,7 +202,8 @@ def _neurons_section(report: dict) -> list[str]:
                      "them)." if flags.get("excluded_from_neurons") else "**kept** (`--keep-massive`)."), ""]
     if both:
         x, k = both["flagged_excluded"], both["flagged_kept"]
-        lines += ["| | flagged neurons excluded (default) | flagged neurons kept | paper |", "|---|---|---|---|",
+        lines += ["All chosen facts, known and unknown together, before the subject control:", "",
+                  "| | flagged neurons excluded (default) | flagged neurons kept | paper |", "|---|---|---|---|",
                   f"| mean refined neurons per fact | {_num(x['mean_neurons_per_fact'])} | "
                   f"{_num(k['mean_neurons_per_fact'])} | {PAPER['mean_neurons_per_fact']} |",
                   f"| facts without neurons | {x['facts_without_neurons']} of {x['facts']} | "
@@ -215,8 +222,8 @@ def _neurons_section(report: dict) -> list[str]:
                   f"| shared neurons, same relation | {_num(s['shared_intra_relation'])} | {PAPER['shared_intra_relation']} |",
                   f"| shared neurons, different relations | {_num(s['shared_inter_relation'])} | {PAPER['shared_inter_relation']} |",
                   ""]
-    return lines + ["Layer histogram (the neurons the experiments use): ![layers](layer_histogram.png)", "",
-                    "Per layer: " + ", ".join(f"L{l}: {c}" for l, c in enumerate(s["layer_histogram"]) if c), ""]
+    return lines + ["Layer histogram (the neurons the experiments use, all facts): ![layers](layer_histogram.png)", "",
+                    "Per layer, all facts: " + ", ".join(f"L{l}: {c}" for l, c in enumerate(s["layer_histogram"]) if c), ""]
 
 
 def _activation_section(report: dict) -> list[str]:
@@ -230,17 +237,24 @@ def _activation_section(report: dict) -> list[str]:
              f"other relations' templates with the same subject; random: "
              + (a.get("random_prompts") or "other relations' prompts about other subjects")
              + " (paper: open-domain sentences of each kind).", "",
-             "| | ours | paper |", "|---|---|---|",
-             f"| expressing the fact | {_num(a.get('expressing'), '{:.3f}')} | {PAPER['activation_expressing']} |",
-             f"| subject only | {_num(a.get('subject_only'), '{:.3f}')} | {PAPER['activation_subject_only']} |",
-             f"| random | {_num(a.get('random'), '{:.3f}')} | {PAPER['activation_random']} |"]
-    if "corpus" in a:
-        lines.append(f"| corpus | {_num(a['corpus'], '{:.3f}')} | - |")
-    order = [a.get(g) for g in ("expressing", "subject_only", "random")]
-    if all(_finite(v) for v in order):
-        holds = order[0] > order[1] > order[2]
-        lines += ["", f"Expressing > subject only > random, as in the paper: **{'yes' if holds else 'no'}**."]
-    return lines + [""] + known_split_lines(report, a.get("per_fact", []), ("expressing", "subject_only", "random"))
+             f"| | known facts | {UNKNOWN} | all facts | paper |", "|---|---|---|---|---|"]
+    groups = ("expressing", "subject_only", "random") + (("corpus",) if "corpus" in a else ())
+    split = ex.split_by_known(a.get("per_fact", []), known_labels(report), groups)
+    paper = {"expressing": PAPER["activation_expressing"], "subject_only": PAPER["activation_subject_only"],
+             "random": PAPER["activation_random"], "corpus": "-"}
+    names = {"expressing": "expressing the fact", "subject_only": "subject only", "random": "random",
+             "corpus": "corpus"}
+    lines.append(f"| facts | {split['known']['facts']} | {split['unknown']['facts']} | {a.get('facts', 0)} | |")
+    for g in groups:
+        lines.append(f"| {names[g]} | {_num(split['known'][g], '{:.3f}')} | {_num(split['unknown'][g], '{:.3f}')} | "
+                     f"{_num(a.get(g), '{:.3f}')} | {paper[g]} |")
+    lines.append("")
+    for side, values in (("known facts", split["known"]), ("all facts", a)):
+        order = [values.get(g) for g in ("expressing", "subject_only", "random")]
+        if all(_finite(v) for v in order):
+            holds = order[0] > order[1] > order[2]
+            lines.append(f"Expressing > subject only > random, as in the paper, {side}: **{'yes' if holds else 'no'}**.")
+    return lines + [""]
 
 
 def _suppress_amplify_section(report: dict) -> list[str]:
@@ -251,6 +265,17 @@ def _suppress_amplify_section(report: dict) -> list[str]:
              "Per relation mean(Δp)/mean(p) of the correct answer over the prompts of its facts, at the answer "
              "position. Controls: the activation baseline's neurons, and as many random neurons from the same "
              "layers. `flip` is the share of prompts whose top-1 token changed.", ""]
+    if sa.get("by_known"):
+        lines += ["Known facts (the headline) and facts the model does not know, pooled over their prompts:", "",
+                  "| facts | n | suppress | random | amplify | random |", "|---|---|---|---|---|---|"]
+        for side, label in (("known", "known"), ("unknown", "unknown (template-like by construction)")):
+            k = sa["by_known"].get(side)
+            if k:
+                lines.append(f"| {label} | {k['facts']} | "
+                             + " | ".join(_pct(k[arm][op]['own']['relative_change'])
+                                          for op in ("suppress", "amplify") for arm in ("knowledge", "random"))
+                             + " |")
+        lines += ["", "Per relation, all chosen facts with neurons (known and unknown together):", ""]
     ops = [("suppress", PAPER["suppress"], PAPER["suppress_baseline"], "Suppress (activation -> 0)"),
            ("amplify", PAPER["amplify"], PAPER["amplify_baseline"], "Amplify (activation x 2)")]
     if "suppress_mean" in sa["average"]["knowledge"]:
@@ -280,12 +305,6 @@ def _suppress_amplify_section(report: dict) -> list[str]:
         if paper is not None:
             lines.append(f"| paper (BERT) | | {_pct(paper)} | | {_pct(paper_base)} | | | barely moves |")
         lines.append("")
-    for side, k in (sa.get("by_known") or {}).items():
-        lines.append(f"- {side} facts ({k['facts']}), pooled over their prompts: suppress "
-                     f"{_pct(k['knowledge']['suppress']['own']['relative_change'])} (random "
-                     f"{_pct(k['random']['suppress']['own']['relative_change'])}), amplify "
-                     f"{_pct(k['knowledge']['amplify']['own']['relative_change'])} (random "
-                     f"{_pct(k['random']['amplify']['own']['relative_change'])})")
     figure = ["", "![suppress and amplify](suppress_amplify.png)"] if sa["per_relation"] else []  # write_figures
     return lines + figure + [""]
 

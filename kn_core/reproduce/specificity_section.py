@@ -69,6 +69,57 @@ def _label(rec) -> str:
     return f"{rec.relation}:{rec.fact.subject}"
 
 
+UNKNOWN = "neurons of facts the model does not know (template-like by construction)"
+
+
+def known_labels(report: dict) -> dict[str, bool]:
+    """{"relation:subject": known} of the chosen facts (KNOWN_RULE), empty before the answers are measured."""
+    return {f"{a['relation']}:{a['subject']}": a["known"] for a in report.get("fact_answers") or []}
+
+
+def neurons_by_known(report: dict) -> dict | None:
+    """The neuron statistics of the neurons the experiments use (facts_detail), for known and unknown facts
+    apart; None before the answers are measured."""
+    known, detail = known_labels(report), report.get("facts_detail") or []
+    if not known or not detail:
+        return None
+    out = {}
+    for side in (True, False):
+        part = [d for d in detail if known.get(f"{d['relation']}:{d['subject']}") is side]
+        out["known" if side else "unknown"] = ex.neuron_statistics(
+            [[tuple(n) for n in d["neurons"]] for d in part], [d["relation"] for d in part],
+            report["model"]["layers"]) if part else {"facts": 0}
+    return out
+
+
+def by_known_markdown(report: dict) -> list[str]:
+    """The headline neuron numbers of known facts, and beside them (never mixed in) those of unknown facts."""
+    split = neurons_by_known(report)
+    if split is None:
+        return []
+    k, u = split["known"], split["unknown"]
+
+    def cell(s, fn):
+        return fn(s) if s.get("facts") else "-"
+
+    rows = [("facts", lambda s: str(s["facts"])),
+            ("mean refined neurons per fact", lambda s: _n(s["mean_neurons_per_fact"])),
+            ("facts without neurons", lambda s: str(s["facts_without_neurons"])),
+            ("shared neurons, same relation", lambda s: _n(s["shared_intra_relation"])),
+            ("shared neurons, different relations", lambda s: _n(s["shared_inter_relation"])),
+            ("refined neurons in layer 0", lambda s: _layer0(s)[0]),
+            ("layer-0 neurons refined for every fact of a relation", lambda s: _layer0(s)[1]),
+            ("per layer", lambda s: ", ".join(f"L{l}: {c}" for l, c in enumerate(s["layer_histogram"]) if c)
+             or "none")]
+    lines = ["### Known facts (the headline) and facts the model does not know", "",
+             f"{ex.KNOWN_RULE}. The neurons the experiments use; a fact the model does not know has neurons that "
+             "push the answer's type from the template, so they are counted apart.", "",
+             f"| | known facts | {UNKNOWN} |", "|---|---|---|"]
+    lines.append(f"| facts | {k.get('facts', 0)} | {u.get('facts', 0)} |")
+    lines += [f"| {name} | {cell(k, fn)} | {cell(u, fn)} |" for name, fn in rows[1:]]
+    return lines + [""]
+
+
 def control_part(records, controlled, controls, answers: list[dict], layers: int) -> dict:
     """The report's "subject_control": the rule and what it used, per fact, and the neuron numbers without and
     with the control, for all facts and for known / unknown facts apart."""
@@ -147,28 +198,15 @@ def specificity_markdown(report: dict) -> list[str]:
     lines += ["| | facts | mean refined per fact | shared, same relation | shared, other relations | in layer 0 | "
               "layer-0 neurons refined for every fact of a relation |", "|---|---|---|---|---|---|---|"]
     for name, key in (("without the control", "without_control"), ("with the control", "with_control")):
-        for side in ("all", "known", "unknown"):
+        for side, label in (("known", "known facts"), ("unknown", UNKNOWN),
+                            ("all", "all facts, known and unknown together")):
             s = sc[key][side]
             if not s.get("facts"):
-                lines.append(f"| {name}, {side} facts | 0 | | | | | |")
+                lines.append(f"| {name}, {label} | 0 | | | | | |")
                 continue
             share, every = _layer0(s)
-            lines.append(f"| {name}, {side} facts | {s['facts']} | {_n(s['mean_neurons_per_fact'])} | "
+            lines.append(f"| {name}, {label} | {s['facts']} | {_n(s['mean_neurons_per_fact'])} | "
                          f"{_n(s['shared_intra_relation'])} | {_n(s['shared_inter_relation'])} | {share} | {every} |")
-    return lines + [""]
-
-
-def known_split_lines(report: dict, rows: list[dict], keys: tuple[str, ...]) -> list[str]:
-    """A per-fact experiment's means for known and unknown facts apart (rows keyed "relation:subject")."""
-    answers = report.get("fact_answers")
-    if not answers or not rows:
-        return []
-    known = {f"{a['relation']}:{a['subject']}": a["known"] for a in answers}
-    split = ex.split_by_known(rows, known, keys)
-    lines = ["| facts | n | " + " | ".join(k.replace("_", " ") for k in keys) + " |", "|---" * (len(keys) + 2) + "|"]
-    for side in ("known", "unknown"):
-        lines.append(f"| {side} | {split[side]['facts']} | "
-                     + " | ".join(_n(split[side][k], "{:.3f}") for k in keys) + " |")
     return lines + [""]
 
 

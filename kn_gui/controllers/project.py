@@ -109,6 +109,7 @@ class ProjectController(QObject):
         s.kept_records = snap.kept_records
         s.checks = snap.checks if s.lm is not None else {}
         s.saved_flags = snap.flags
+        s.traces = list(snap.traces)
         self.discard_autosave()
         if recovered:
             self._autosave_file = snap.path  # keep writing to the recovered file until the user saves
@@ -125,6 +126,7 @@ class ProjectController(QObject):
         s.generation += 1
         self.edits.history.clear()  # the model's edits are reverted
         self.edits.history.set_clean()
+        s.traces = []
         self.edits.pending = None
         self.discard_autosave()
         self.path = None

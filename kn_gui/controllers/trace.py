@@ -1,6 +1,8 @@
 """Causal tracing in the app: the trace panel's request becomes one worker job (kn_core.tracing.trace on the
-current fact's first prompt, all three kinds), whose result the panel shows. The noise's scale follows ROME: the
-standard deviation of the token embeddings of every subject in the open fact set."""
+current fact's first prompt, all three kinds), whose result the panel shows and the session keeps (saved with the
+project as an evaluation of kind "trace", as `kn trace --project` stores one; the panel lists and reopens them).
+The noise's scale follows ROME: the standard deviation of the token embeddings of every subject in the open fact
+set."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ class TraceController(QObject):
         self.session, self.runner, self.panel = session, runner, panel
         self.current_fact, self.status = current_fact, status
         panel.trace_requested.connect(self.start)
+        panel.saved_traces = lambda: self.session.traces
         runner.busy_changed.connect(lambda busy: panel.set_running(busy, session.lm is not None))
         panel.set_running(runner.busy, session.lm is not None)
 
@@ -39,7 +42,7 @@ class TraceController(QObject):
         prompt = prompts[0]
         params = TraceParams(**options)
         subjects = [f.subject for f in self.session.factset.facts]
-        key = fact_key(fact)
+        key, generation = fact_key(fact), self.session.generation
 
         def job(task):
             from kn_core.tracing import embedding_std, trace
@@ -48,6 +51,15 @@ class TraceController(QObject):
                          noise_scale=embedding_std(lm, subjects), task=task)
 
         def done(result):
+            if self.session.generation == generation:  # kept with the project it was run for
+                self.session.traces.append({
+                    "name": f"{fact.relation} {fact.subject}: {prompt.text!r} ({params.samples} samples, noise "
+                            f"{params.noise:g}\u00d7, window {params.window}, seed {params.seed})",
+                    "report": {"fact": {"relation": fact.relation, "subject": fact.subject, "object": fact.object},
+                               **result.to_dict()},
+                    "params": {**params.to_dict(), "facts": self.session.factset.name}})
+                self.session.results_dirty = True
+                self.panel.list_saved()
             current = self.current_fact()
             if current is None or fact_key(current) != key:  # the user moved on: do not show another fact's trace
                 self.status(f"Causal trace of {fact.subject} finished after you picked another fact; not shown.")

@@ -443,7 +443,7 @@ class AttributionPanel(QWidget):
             rule = f"refined (coarse in \u2265 {need} of {done} prompts)"
         self.summary.setText(
             f"coarse per prompt: {', '.join(map(str, coarse))}   |   {rule}: {len(self.refined)}   |   "
-            f"t = {self.session.t:.2f}, p = {self.session.p:.2f}")
+            f"t = {self.session.t:.2f}, p = {self.session.p:.2f}" + self.session.known_note(run.fact))
 
     def _draw_prompts(self, force: bool = False):
         """The per-prompt view; drawn only while its tab is visible (it is the costly one to redraw)."""

@@ -1,7 +1,9 @@
 """The "Causal trace" view beside the attribution map (kn_core.tracing, Meng et al. 2022): a tokens x layers heat
 map of P(answer) with one state restored after the subject was corrupted, per kind (residual stream, MLP output,
 attention output), its colour bar, and the subject's tokens marked. Widgets only: the Trace button asks for a
-trace (`trace_requested`) and the trace controller runs it as a worker job, then calls `show_result`.
+trace (`trace_requested`) and the trace controller runs it as a worker job, then calls `show_result`. "Saved"
+lists the traces of the project (`saved_traces`, set by the controller: run here, or stored by `kn trace
+--project`) and shows the one picked.
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ class TracePanel(QWidget):
     def __init__(self, parent=None):
         super().__init__(parent)
         self.result = None
+        self.saved_traces = lambda: []  # the project's traces ({"name", "report", "params"}), set by the controller
+        self.saved = QComboBox()
+        self.saved.setToolTip("Causal traces of this project (run here, or by kn trace --project): pick one to see it")
+        self.saved.setMinimumContentsLength(24)
+        self.saved.activated.connect(self._open_saved)
         self.kind = QComboBox()
         for kind in KINDS:
             self.kind.addItem(KIND_LABELS[kind], kind)
@@ -76,8 +83,33 @@ class TracePanel(QWidget):
         self.colorbar.axis.enableAutoSIPrefix(False)  # probabilities read as they are, never "x0.001"
         controls = hbox(QLabel("State"), self.kind, QLabel("samples"), self.samples, QLabel("noise \u00d7"),
                         self.noise, QLabel("window"), self.window, QLabel("seed"), self.seed, self.trace_button,
-                        self.export_button, None)
+                        self.export_button, QLabel("Saved"), self.saved, None)
         self.setLayout(vbox(controls, self.summary, self.map, margins=(2, 2, 2, 2), spacing=4))
+
+    def showEvent(self, event):  # a project opened since the tab was last shown brings its own traces
+        self.list_saved()
+        super().showEvent(event)
+
+    def list_saved(self) -> None:
+        traces = self.saved_traces()
+        self.saved.clear()
+        self.saved.addItem(f"{len(traces)} saved" if traces else "none saved", None)
+        for k, trace in enumerate(traces):
+            self.saved.addItem(f"{k + 1}. {trace.get('name') or 'trace'}", k)
+        self.saved.setEnabled(bool(traces))
+
+    def _open_saved(self, index: int) -> None:
+        from kn_core.tracing import TraceResult
+
+        k = self.saved.itemData(index)
+        if k is None:
+            return
+        try:
+            result = TraceResult.from_dict(self.saved_traces()[k]["report"])
+        except (KeyError, TypeError, ValueError) as exc:  # a row written by another version: said, not a crash
+            self.summary.setText(f"This saved trace cannot be read: {type(exc).__name__}: {exc}")
+            return
+        self.show_result(result)
 
     def params(self) -> dict:
         return {"samples": self.samples.value(), "noise": float(self.noise.value()), "seed": self.seed.value(),
