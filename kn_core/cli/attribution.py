@@ -147,7 +147,7 @@ def cmd_attribute_facts(args) -> int:
 
 def cmd_neurons(args) -> int:
     from ..attribution import attribute_fact, default_t
-    from ..experiments import NOT_KNOWN_NOTE, fact_answers
+    from ..experiments import fact_answers
     from ..facts import render_prompts
     from ..encoding import prompt_format
     from ..neurons import case_neurons, coarse_neurons, run_flags, without_template
@@ -217,6 +217,7 @@ def cmd_neurons(args) -> int:
 def _neurons_text(args, lm, fact, prompts, results, coarse, refined, flags, control, answer, selection, t,
                   seconds) -> list[str]:
     """`kn neurons`'s plain-text lines (the --json document holds the same)."""
+    from ..experiments import NOT_KNOWN_NOTE
     from ..neurons import empty_neurons_fix, neuron_name
 
     lines = [f"{fact.relation} {fact.subject} -> {fact.object}: {len(prompts)} prompts, {len(refined)} refined "
