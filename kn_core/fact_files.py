@@ -282,6 +282,23 @@ def import_facts(path) -> FactSet:
     raise FactImportError(path, None, f"unknown file type {suffix!r}; use .csv, .jsonl or a PARAREL folder")
 
 
+def import_facts_described(path) -> tuple[FactSet, str, list[dict]]:
+    """`import_facts`, with what was read ("kn" for our formats and PARAREL folders, else the benchmark file's
+    format, container and case count) and what the fact set left out of a benchmark file ({"field", "records",
+    "reason"}), for the CLI's and the app's import messages."""
+    path = Path(path).expanduser()
+    if path.is_file() and path.suffix.lower() in (".jsonl", ".json"):
+        from .field_formats import FieldFormatError, import_field_facts, is_field_file
+
+        if is_field_file(path):
+            try:
+                factset, read, left = import_field_facts(path)
+            except FieldFormatError as exc:
+                raise FactImportError(path, None, str(exc).removeprefix(f"{path}: ")) from None
+            return factset, read.summary(), left
+    return import_facts(path), "kn", []
+
+
 def _write_atomic(path: Path, text: str) -> None:
     # Write beside, then rename: an interrupted export never leaves a truncated file in place.
     tmp = path.with_name(path.name + ".tmp")

@@ -42,16 +42,22 @@ class FileActions:
             self.import_facts(folder)
 
     def import_facts(self, path: str) -> bool:
-        from kn_core.fact_files import import_facts
+        """A fact file or PARAREL folder merged into the fact set (undoable); the status bar names the format read
+        and, for a benchmark file, every field the fact set left out (kn_core.fact_files.import_facts_described)."""
+        from kn_core.fact_files import import_facts_described
 
         try:
-            imported = import_facts(path)
+            imported, read, left = import_facts_described(path)
         except Exception as exc:  # noqa: BLE001 - FactImportError names file, line and problem
             self.show_error("Could not import the facts", f"{exc}. Fix the file (or pick another) and import again.")
             return False
         merged, added = merge_factsets(self.session.factset, imported)
         self.edits.push_factset(f"Import {added} facts from {Path(path).name}", merged)
-        self.status(f"Imported {added} new facts ({len(imported.relations)} relations) from {Path(path).name}.")
+        what = "" if read == "kn" else f", read as {read}"
+        kept_out = "; left out: " + ", ".join(f"{x['field']} ({x['records']}: {x['reason']})" for x in left) \
+            if left else ""
+        self.status(f"Imported {added} new facts ({len(imported.relations)} relations) from {Path(path).name}"
+                    f"{what}{kept_out}.", 0 if left else 10000)
         return True
 
     def export_facts_dialog(self):

@@ -373,6 +373,22 @@ def test_import_facts_merges_and_bad_file_explains(window, tmp_path):
     assert seen and seen[-1][0] == "Could not import the facts" and "bad.jsonl" in seen[-1][1]
 
 
+@pytest.mark.parametrize("fmt", ["counterfact", "zsre", "knowedit", "mquake", "easyedit"])
+def test_the_app_imports_every_benchmark_format_and_names_it(window, fmt):
+    """Issue 22: the five field formats load in the app as in `kn facts import`; the status bar names the format
+    read and every field the fact set left out, with its reason."""
+    from kn_core.fact_files import import_facts_described
+    from test_field_formats import DATA, FILES
+
+    path = DATA / FILES[fmt]
+    factset, read, left = import_facts_described(path)
+    assert window.files.import_facts(str(path))
+    assert set(factset.facts) <= set(window.session.factset.facts)
+    shown = window.statusBar().currentMessage()
+    assert f"read as {read}" in shown and read.startswith(fmt)
+    assert all(f"{x['field']} ({x['records']}: {x['reason']})" in shown for x in left)
+
+
 def test_exports(window, qtbot, tmp_path):
     run_fact(qtbot, window, steps=2)
     written = window.files.export_plots(str(tmp_path), "png") + window.files.export_plots(str(tmp_path), "svg")

@@ -23,24 +23,16 @@ def cmd_facts_list(args) -> int:
 
 
 def cmd_facts_import(args) -> int:
-    from ..fact_files import FactImportError, import_facts
-    from ..field_formats import FieldFormatError, import_field_facts, is_field_file
+    from ..fact_files import import_facts_described
 
-    read, left = None, []
-    if is_field_file(args.path):
-        try:
-            factset, read, left = import_field_facts(args.path)
-        except FieldFormatError as exc:
-            raise FactImportError(args.path, None, str(exc)) from None
-    else:
-        factset = import_facts(args.path)
+    factset, read, left = import_facts_described(args.path)
     with project_of(args) as project:
         if project is not None:
             project.import_factset(factset)
-    doc = {"name": factset.name, "format": read.format if read else "kn", "relations": len(factset.relations),
+    doc = {"name": factset.name, "format": read.split(" ", 1)[0], "relations": len(factset.relations),
            "facts": len(factset.facts), "templates": sum(len(r.templates) for r in factset.relations.values()),
            "stored": bool(args.project), "left_out": left}
-    lines = [f"{args.path}: " + (f"{read.summary()}; " if read else "") + f"{doc['relations']} relations, "
+    lines = [f"{args.path}: " + (f"{read}; " if read != "kn" else "") + f"{doc['relations']} relations, "
              f"{doc['templates']} templates, {doc['facts']} facts" + (f" stored in {args.project}" if args.project else "")]
     lines += [f"  left out {x['field']} ({x['records']}): {x['reason']}" for x in left]
     emit(args, doc, "\n".join(lines))
