@@ -44,6 +44,9 @@ def test_window_fits_and_shows_the_map_the_buttons_and_the_facts(sized, qtbot):
     hint = window.minimumSizeHint()
     assert hint.width() <= width and hint.height() <= height, hint  # no panel forces the window past the screen
     assert (window.width(), window.height()) == (width, height)
+    # every tab of the attribution panel (the causal trace's controls included) fits the room the docks leave it:
+    # a wider one pushed the window past a 1600 px screen under a window manager
+    assert window.attribution_panel.minimumSizeHint().width() <= window.centralWidget().viewport().width()
     run_fact(qtbot, window, steps=1)
     window.attribution_panel.select_neuron(3, 5)
     QCoreApplication.processEvents()

@@ -48,6 +48,7 @@ class TracePanel(QWidget):
         self.saved = QComboBox()
         self.saved.setToolTip("Causal traces of this project (run here, or by kn trace --project): pick one to see it")
         self.saved.setMinimumContentsLength(24)
+        self.saved.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)  # long names never widen it
         self.saved.activated.connect(self._open_saved)
         self.kind = QComboBox()
         for kind in KINDS:
@@ -83,8 +84,11 @@ class TracePanel(QWidget):
         self.colorbar.axis.enableAutoSIPrefix(False)  # probabilities read as they are, never "x0.001"
         controls = hbox(QLabel("State"), self.kind, QLabel("samples"), self.samples, QLabel("noise \u00d7"),
                         self.noise, QLabel("window"), self.window, QLabel("seed"), self.seed, self.trace_button,
-                        self.export_button, QLabel("Saved"), self.saved, None)
-        self.setLayout(vbox(controls, self.summary, self.map, margins=(2, 2, 2, 2), spacing=4))
+                        self.export_button, None)
+        # the saved traces on a row of their own: beside the controls they made the panel wider than a 1600 px
+        # screen leaves the map (the window then grew past the screen)
+        saved = hbox(QLabel("Saved"), self.saved, None)
+        self.setLayout(vbox(controls, saved, self.summary, self.map, margins=(2, 2, 2, 2), spacing=4))
 
     def showEvent(self, event):  # a project opened since the tab was last shown brings its own traces
         self.list_saved()
