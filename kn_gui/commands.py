@@ -28,6 +28,13 @@ def runs_change(session, text: str, change) -> Replace:
     return Replace(text, session.set_run_maps, before, after)
 
 
+def sets_change(session, text: str, sets: dict) -> Replace:
+    """The project's neuron sets replaced by `sets` (name -> NeuronSet; a set is never changed in place, so the
+    maps before and after hold the sets as they were)."""
+    return Replace(text, lambda value: setattr(session, "neuron_sets", dict(value)), dict(session.neuron_sets),
+                   dict(sets))
+
+
 def rename_run(run, name: str) -> Replace:
     return Replace(f"Rename run to {name!r}" if name else "Clear the run's name",
                    lambda value: setattr(run, "name", value), run.name, name)

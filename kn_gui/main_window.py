@@ -179,6 +179,7 @@ class MainWindow(QMainWindow):
         np_.select_neurons.connect(editing.select_from_set)
         np_.inspect_requested.connect(editing.inspect_neuron)
         np_.sets_changed.connect(self.sets_changed)
+        np_.sets_requested.connect(self.edits.push_sets)
         np_.error.connect(self.show_error)
         np_.message.connect(self.status)
         self.edits_panel.apply_requested.connect(editing.apply_edit)
@@ -329,6 +330,7 @@ class MainWindow(QMainWindow):
 
     def _facts_index_changed(self):
         self.facts_panel.rebuild()
+        self.sets_changed()  # a neuron set saved, renamed or deleted (or undone)
         self.update_actions()
         self.update_title()
         fact = self.current_fact  # a run opened, deleted or restored (runs browser): the fact's run changed

@@ -295,3 +295,33 @@ def test_held_out_templates_make_generality_measurable(window, qtbot):
     window.error_shown.connect(lambda title, message: errors.append(title))
     window.attributions.run_attribution("current")
     assert errors == ["Cannot hold out templates"] and not window.runner.busy
+
+
+def test_saving_renaming_and_deleting_a_neuron_set_are_undoable(window, monkeypatch):
+    """Issue 20: the Neurons dock asks, the history changes the sets: save, rename and delete are each one undo
+    step (the panel wrote the session itself, and none of them could be undone); undo brings each back as it was,
+    redo again, and the project reads unsaved until the state it was saved in."""
+    from PySide6.QtWidgets import QInputDialog
+
+    panel, session = window.neurons_panel, window.session
+    before = dict(session.neuron_sets)
+    panel.add_set(NeuronSet("mine", "user", [(1, 2), (0, 5)], "picked"))
+    assert list(session.neuron_sets) == list(before) + ["mine"]
+    assert window.history.next_undo().text == "Save neuron set 'mine'"
+    panel.select_set("mine")
+    monkeypatch.setattr(QInputDialog, "getText", lambda *a, **k: ("ours", True))
+    panel.rename_set()
+    assert "mine" not in session.neuron_sets and session.neuron_sets["ours"].neurons == [(1, 2), (0, 5)]
+    panel.select_set("ours")
+    panel.delete_set()
+    assert "ours" not in session.neuron_sets
+    window.undo()
+    assert session.neuron_sets["ours"].neurons == [(1, 2), (0, 5)] and panel.current_set_name() in session.neuron_sets
+    window.undo()
+    assert "mine" in session.neuron_sets and "ours" not in session.neuron_sets
+    window.undo()
+    assert session.neuron_sets == before
+    window.redo()
+    assert session.neuron_sets["mine"].source == "picked"
+    shown = [panel.sets.table.item(r, 0).text() for r in range(panel.sets.table.rowCount())]
+    assert "mine" in shown

@@ -555,6 +555,7 @@ def neurons(qtbot):
 
     session = session_with_run()
     panel = NeuronsPanel(session)
+    panel.sets_requested.connect(lambda _text, sets: setattr(session, "neuron_sets", sets))  # as the controller
     qtbot.addWidget(panel)
     panel.show()
     panel.set_run(session.runs[("P36", "France", "Paris")])

@@ -13,7 +13,7 @@ from kn_core.edit_stack import ModelEdit
 from kn_core.facts import Fact
 from kn_core.history import MODEL, History
 
-from ..commands import factset_change
+from ..commands import factset_change, sets_change
 from ..session import Session, fact_label
 from ..worker import JobRunner
 from . import UserError
@@ -75,6 +75,10 @@ class EditsController(QObject):
 
     def push_factset(self, text: str, factset):
         self.history.push(factset_change(self.session, factset, text))
+
+    def push_sets(self, text: str, sets: dict):
+        """The project's neuron sets after a user's save, rename or delete, as one undoable change."""
+        self.history.push(sets_change(self.session, text, sets))
 
     # ----------------------------------------------------------------------------------------- applying
     def request(self, request: dict, fact: Fact | None, neurons: list):

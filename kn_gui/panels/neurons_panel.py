@@ -27,6 +27,7 @@ class NeuronsPanel(QWidget):
     select_neurons = Signal(list)  # ask the plots to select these neurons
     inspect_requested = Signal(int, int)
     sets_changed = Signal()
+    sets_requested = Signal(str, dict)  # (what, the project's sets after it): the window pushes it as one undo step
     error = Signal(str, str)
     message = Signal(str)
 
@@ -181,9 +182,14 @@ class NeuronsPanel(QWidget):
         self.add_set(NeuronSet(name.strip(), "user", list(self.current_selection), "selection"))
 
     def add_set(self, neuron_set: NeuronSet, select: bool = True):
-        self.session.put_set(neuron_set)
-        self.session.results_dirty = True
-        self.refresh(keep=neuron_set.name if select else None)
+        """Asks for `neuron_set` to join the project's sets (replacing one of the same name), as one undo step."""
+        self._request(f"Save neuron set {neuron_set.name!r}", {**self.session.neuron_sets,
+                                                               neuron_set.name: neuron_set},
+                      keep=neuron_set.name if select else None)
+
+    def _request(self, text: str, sets: dict, keep: str | None = None):
+        self.sets_requested.emit(text, sets)
+        self.refresh(keep=keep)
         self.sets_changed.emit()
 
     def rename_set(self):
@@ -197,18 +203,16 @@ class NeuronsPanel(QWidget):
         if name in self.session.neuron_sets:
             self.error.emit("Name taken", f"A set named {name!r} exists already; choose another name.")
             return
-        del self.session.neuron_sets[s.name]
-        s.name = name
-        self.add_set(s)
+        sets = {k: v for k, v in self.session.neuron_sets.items() if k != s.name}
+        sets[name] = NeuronSet(name, s.kind, list(s.neurons), s.source)
+        self._request(f"Rename neuron set {s.name!r} to {name!r}", sets, keep=name)
 
     def delete_set(self):
         s = self.current_set()
         if s is None:
             return
-        del self.session.neuron_sets[s.name]
-        self.session.results_dirty = True
-        self.refresh()
-        self.sets_changed.emit()
+        self._request(f"Delete neuron set {s.name!r}", {k: v for k, v in self.session.neuron_sets.items()
+                                                         if k != s.name})
 
     def _use_set(self):
         s = self.current_set()
