@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from .controllers import UserError
 from .controllers import attribution as A
-from .session import Run
+from .session import Run, fact_label
 
 
 class AttributionFlow:
@@ -68,7 +68,7 @@ class AttributionFlow:
         handler = {A.ChunkReady: self._chunk, A.PromptDone: self._prompt_done, A.RunFinished: self._run_finished,
                    A.AllDone: self._all_done, A.FlagsMeasured: self._flags_measured,
                    A.RunsStopped: self._runs_stopped, A.ChecksDone: self._checks_done,
-                   A.ChecksCleared: self._checks_cleared}.get(type(ev))
+                   A.ChecksCleared: self._checks_cleared, A.SubjectControlled: self._subject_controlled}.get(type(ev))
         if handler is not None:
             handler(ev)
 
@@ -176,6 +176,28 @@ class AttributionFlow:
         steps = " \u2192 ".join(f"{p:.2f} ({m:.1f})" for p, m in result.history)
         self.status(f"p adapted for {w.current_fact.relation}: {steps}; mean refined neurons per fact "
                     f"{result.mean_neurons:.2f}.")
+
+    def subject_control(self):
+        try:
+            self.controller.subject_control(self.panel.run)
+        except UserError as exc:
+            self.show_error(exc.title, str(exc))
+
+    def _subject_controlled(self, ev):
+        from kn_core.neurons import neuron_name
+
+        c, layout = ev.control, self.session.lm.layout if self.session.lm is not None else None
+        if self.panel.run is ev.run:
+            self.panel.redraw()
+            self.update_auto_sets(ev.run)
+        if c["reason"]:
+            self.status(f"Subject control of {fact_label(ev.run.fact)}: not controlled ({c['reason']}).", 0)
+            return
+        flagged = [neuron_name(layer, index, layout) for layer, index in c["template"]]
+        self.status(f"Subject control of {fact_label(ev.run.fact)} ({len(c['control_subjects'])} other subjects, "
+                    f"{c['control_prompts']} prompts): {len(flagged)} of {len(c['candidates'])} refined neurons "
+                    "flagged template and kept out of the refined set" + (f" ({', '.join(flagged)})" if flagged
+                                                                          else "") + ".", 0)
 
     def make_relation_set(self):
         try:

@@ -172,6 +172,7 @@ class MainWindow(QMainWindow):
         ap.neuron_clicked.connect(editing.inspect_neuron)
         ap.adapt_p_requested.connect(flow.adapt_p)
         ap.relation_set_requested.connect(flow.make_relation_set)
+        ap.subject_control_requested.connect(flow.subject_control)
         ap.templates_changed.connect(flow.templates_changed)
         ap.prompt_format_changed.connect(flow.prompt_format_changed)
         ap.problem.connect(lambda message: self.status(message, 20000))

@@ -200,6 +200,13 @@ class NeuronSet:
                 "neurons": [[int(l), int(n)] for l, n in self.neurons]}
 
 
+def template_neurons(run: Run) -> frozenset:
+    """The neurons the run's subject control flagged "template" (they keep their effect on the answer with the
+    subject swapped: docs/SPECIFICITY.md); empty when the run was not controlled."""
+    control = (run.params or {}).get("subject_control") or {}
+    return frozenset((int(layer), int(index)) for layer, index in control.get("template", ()))
+
+
 class Session:
     def __init__(self, factset: FactSet | None = None):
         self.factset: FactSet = factset if factset is not None else empty_factset()
@@ -361,10 +368,11 @@ class Session:
         return run.stored().coarse(prompt_index, self.t, self.excluded())
 
     def refined(self, run: Run, exclude: frozenset | None = None) -> list[Neuron]:
-        """`exclude`: None for the session's exclusions (the loaded model's flags)."""
+        """`exclude`: None for the session's exclusions (the loaded model's flags). The neurons the run's subject
+        control flagged "template" are never in it (`template_neurons`; kn neurons --subject-control likewise)."""
         if not run.scores:
             return []
-        exclude = self.excluded() if exclude is None else exclude
+        exclude = (self.excluded() if exclude is None else exclude) | template_neurons(run)
         if len(run.prompts) < kn_neurons.REFINE_MIN_PROMPTS:  # kn_core.neurons.case_neurons: coarse in all of them
             return kn_neurons.few_prompt_neurons(self.refined_counts(run, exclude), len(run.scores))
         return [tuple(n) for n in run.stored().refined(self.t, self.p, exclude)]

@@ -85,6 +85,13 @@ class FlagsMeasured:
     left_out: str = ""  # compactly stored facts left out of the unspecific flag, and why ("" when none)
 
 
+@dataclass(frozen=True)
+class SubjectControlled:
+    """A run's subject control (kn_core.specificity), now in `run.params["subject_control"]`."""
+    run: Run
+    control: dict  # SubjectControl.to_dict()
+
+
 def no_prompts_fix(kind: str, prefix_helps: bool) -> str:
     """What to change when no template of a fact gives a prompt (kn_core.facts.render_prompts' rules);
     `prefix_helps`: end-only templates are in use and prefix ones would give prompts."""
@@ -330,6 +337,46 @@ class AttributionController(QObject):
             return self.session.adapt_p(fact.relation)
         except ValueError as exc:  # TooCoarse included: a compact run's kept scores do not decide the sets
             raise UserError("Cannot adapt p", str(exc)) from exc
+
+    def subject_control(self, run: Run | None) -> None:
+        """The subject-specificity control of a complete run's refined neurons (kn_core.specificity.subject_control,
+        as `kn neurons --subject-control`: the fact's templates with 3 other subjects of its relation, scored as
+        the run was, on the candidates' layers only), as a worker job. The result goes into the run's params, so
+        it is saved with the run; the flagged ("template") neurons leave its refined set (Session.refined) and are
+        marked on the map. UserError before any work when there is nothing to control."""
+        from dataclasses import fields
+
+        from kn_core.attribution import AttributionParams
+        from kn_core.specificity import subject_control
+
+        s, lm = self.session, self.session.lm
+        if lm is None:
+            raise UserError("No model", "Load a model first.")
+        if run is None or run.state != COMPLETE:
+            raise UserError("No complete run", "Run attribution on the fact first: the control re-scores its "
+                            "refined neurons.")
+        try:
+            candidates = run.stored().refined(s.t, s.p, s.excluded())
+        except TooCoarse as exc:
+            raise UserError("Cannot control this run", str(exc)) from exc
+        if not candidates:
+            raise UserError("No refined neurons", "The run has no refined neurons at this t and p to control.")
+        params = AttributionParams(**{f.name: run.params[f.name] for f in fields(AttributionParams)
+                                      if f.name in run.params and f.name != "force"})
+        fact, prompts, factset = run.fact, list(run.prompts), s.factset
+        templates = run.params.get("causal_templates", s.causal_templates)
+
+        def job(task):
+            return subject_control(lm, factset, fact, prompts, candidates, params, causal_templates=templates,
+                                   task=task)
+
+        def done(control):
+            record = {**control.to_dict(), "t": s.t, "p": s.p}
+            run.params = {**run.params, "subject_control": record}
+            s.results_dirty = True
+            self.event.emit(SubjectControlled(run, record))
+
+        self.runner.submit(f"Subject control of {fact_label(fact)}", job, on_done=done, uses=("model",))
 
     def relation_set(self, fact: Fact | None) -> NeuronSet:
         """The relation's neurons: refined for at least 10% of its attributed facts."""

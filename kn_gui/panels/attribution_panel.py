@@ -24,7 +24,7 @@ from kn_core.quadrature import DEFAULT_POINTS
 from kn_core.report.figures import colour_bound
 from kn_core.selection import DEFAULT_P, DEFAULT_T
 
-from ..session import TooCoarse, neuron_name
+from ..session import TooCoarse, neuron_name, template_neurons
 from .common import TableView, button, fmt_activation, fmt_prob, hbox, hint, vbox
 from .form import build_controls
 from .neuron_map import NeuronMap, expert_text
@@ -71,6 +71,7 @@ class AttributionPanel(QWidget):
     neuron_clicked = Signal(int, int)
     adapt_p_requested = Signal()
     relation_set_requested = Signal()
+    subject_control_requested = Signal()
     templates_changed = Signal(str)  # "prefix" | "end-only": the causal prompts requested from now on
     prompt_format_changed = Signal(str)  # "plain" | "chat" (kn_core.encoding.PROMPT_FORMATS)
     problem = Signal(str)  # one line for the status bar (compact scores that cannot decide the shown run's sets)
@@ -122,6 +123,11 @@ class AttributionPanel(QWidget):
                                    "refined neurons on average")
         self.relation_button = button("Relation neurons", self.relation_set_requested.emit,
                                       "Neurons refined for \u2265 10% of the relation's facts, as a neuron set")
+        self.control_button = button("Subject control", self.subject_control_requested.emit,
+                                     "Re-score the refined neurons on the fact's templates with 3 other subjects "
+                                     "of its relation: a neuron that keeps half its effect without the subject is "
+                                     "a template neuron (\u25b3 on the map), kept out of the refined set "
+                                     "(docs/SPECIFICITY.md; kn neurons --subject-control)")
         self.keep_massive = QCheckBox("Keep massive/unspecific neurons")
         self.keep_massive.setToolTip(KEEP_TIP)
         self.keep_massive.toggled.connect(lambda keep: self.keep_massive_requested.emit(bool(keep)))
@@ -231,7 +237,7 @@ class AttributionPanel(QWidget):
         # hold out and the prompt format sit here: the parameters' row is the panel's widest (1280x800 must fit)
         self.thresholds_row.setLayout(hbox(self.t_control, self.p_control, self.adapt_button,
                                            self.relation_button, self.keep_massive, *prompt_row))
-        title_row = hbox(self.title, QLabel("show"), self.view_of, QLabel("bars"), self.agg)
+        title_row = hbox(self.title, self.control_button, QLabel("show"), self.view_of, QLabel("bars"), self.agg)
         title_row.setStretch(0, 1)
         self.setLayout(vbox(self.run_row, self.thresholds_row, title_row, self.summary, self.split, spacing=4))
 
@@ -511,7 +517,8 @@ class AttributionPanel(QWidget):
     def _draw_marks(self):
         flags = self.flags
         self.heat_widget.set_marks(self.refined, self.selected, flags.massive if flags else (),
-                                   flags.unspecific if flags else ())
+                                   flags.unspecific if flags else (),
+                                   template_neurons(self.run) if self.run is not None else ())
 
     def set_flags(self, flags):
         """Marks the neurons flagged massive / unspecific (kn_core.neurons.NeuronFlags, or None)."""

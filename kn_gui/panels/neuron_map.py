@@ -32,7 +32,7 @@ GO_TO_SPAN = 64  # neurons shown around a go-to target (about 10 px per neuron i
 # the title doubles as the markers' legend (a legend inside the plot would cover neurons)
 LEGEND = (f'Scores: layer \u00d7 neuron &nbsp;&nbsp; <span style="color:{REFINED}">\u25cb refined</span> &nbsp; '
           '<span style="color:#7d6608">\u25a0 selected</span> &nbsp; '
-          f'<span style="color:{FLAG}">\u2605 massive &nbsp; \u25c7 unspecific</span>')
+          f'<span style="color:{FLAG}">\u2605 massive &nbsp; \u25c7 unspecific &nbsp; \u25b3 template</span>')
 
 
 class CellAxis(pg.AxisItem):
@@ -102,7 +102,9 @@ class NeuronMap(pg.GraphicsLayoutWidget):
         self.massive_marks = pg.ScatterPlotItem(size=14, pen=pg.mkPen("w", width=1), brush=pg.mkBrush(FLAG),
                                                 symbol="star")
         self.unspecific_marks = pg.ScatterPlotItem(size=11, pen=pg.mkPen(FLAG, width=2), brush=None, symbol="d")
-        for marks in (self.massive_marks, self.unspecific_marks, self.refined_marks, self.selected_marks):
+        self.template_marks = pg.ScatterPlotItem(size=12, pen=pg.mkPen(FLAG, width=2), brush=None, symbol="t1")
+        for marks in (self.massive_marks, self.unspecific_marks, self.template_marks, self.refined_marks,
+                      self.selected_marks):
             self.plot.addItem(marks)
         self.scores: np.ndarray | None = None
         self.experts = None  # kn_core FFNLayout.experts of an MoE model
@@ -189,9 +191,10 @@ class NeuronMap(pg.GraphicsLayoutWidget):
         for item in self._expert_items:
             self.plot.addItem(item)
 
-    def set_marks(self, refined=(), selected=(), massive=(), unspecific=()):
+    def set_marks(self, refined=(), selected=(), massive=(), unspecific=(), template=()):
         for marks, neurons in ((self.refined_marks, refined), (self.selected_marks, selected),
-                               (self.massive_marks, massive), (self.unspecific_marks, unspecific)):
+                               (self.massive_marks, massive), (self.unspecific_marks, unspecific),
+                               (self.template_marks, template)):
             neurons = list(neurons)
             marks.setData([n + 0.5 for _, n in neurons], [l + 0.5 for l, _ in neurons])
 
