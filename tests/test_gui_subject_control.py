@@ -65,6 +65,7 @@ def test_template_neurons_leave_the_refined_set_and_stay_with_the_saved_run(wind
     control = control_of(qtbot, window, run)
     flagged = template_neurons(run)
     assert flagged and flagged <= candidates and len(flagged) == len(control["template"])
+    assert f"({len(flagged)} template neurons left out: subject control)" in window.attribution_panel.summary.text()
     assert not set(window.session.refined(run)) & flagged
     auto = window.session.neuron_sets[f"refined: {FRANCE.subject} \u2192 {FRANCE.object}"]
     assert not set(map(tuple, auto.neurons)) & flagged

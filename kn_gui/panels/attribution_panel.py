@@ -447,8 +447,10 @@ class AttributionPanel(QWidget):
             rule = f"neurons (fewer than 3 prompts: coarse in all {done})"
         else:
             rule = f"refined (coarse in \u2265 {need} of {done} prompts)"
+        template = template_neurons(run)
+        left_out = f" ({len(template)} template neurons left out: subject control)" if template else ""
         self.summary.setText(
-            f"coarse per prompt: {', '.join(map(str, coarse))}   |   {rule}: {len(self.refined)}   |   "
+            f"coarse per prompt: {', '.join(map(str, coarse))}   |   {rule}: {len(self.refined)}{left_out}   |   "
             f"t = {self.session.t:.2f}, p = {self.session.p:.2f}" + self.session.known_note(run.fact))
 
     def _draw_prompts(self, force: bool = False):
