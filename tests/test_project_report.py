@@ -204,6 +204,29 @@ def test_kn_edit_evaluations_are_reported_beside_their_control(lm, tmp_path, cap
     assert "Random-neuron control:" in markdown and "| reliability |" in markdown
 
 
+def test_an_edit_scored_by_a_protocol_is_reported_in_its_names(lm, tmp_path, capsys):
+    """Issue 22: `kn edit --protocol rome --project` stores ROME's scores; the report shows them under ROME's names,
+    before, after and under the random control, as `format_score` reads them (here worked from the stored data)."""
+    from kn_core.protocols import flat_scores, format_score
+    from tiny import save_tiny
+
+    folder = save_tiny(lm, tmp_path / "model")
+    project = str(tmp_path / "p.knproj")
+    assert main(["edit", "suppress", "--relation", "P36", "--subject", "France", "--model", folder, "--steps", "2",
+                 "--protocol", "rome", "--project", project, "--json"]) == 0
+    edit = strict(capsys.readouterr().out)
+    assert main(["report", project, "--out", str(tmp_path / "r")]) == 0
+    (evaluation,) = strict((tmp_path / "r" / "report.json").read_text())["evaluations"]
+    assert evaluation["protocol"] == "rome" and evaluation["protocol_scores"] == edit["protocol_scores"]
+    markdown = (tmp_path / "r" / "report.md").read_text()
+    assert "Scored by the rome protocol:" in markdown
+    pre, post, control = (flat_scores(edit["protocol_scores"][k]) for k in ("pre", "post", "control"))
+    assert "ES" in post
+    for key in post:
+        assert (f"| {key} | {format_score(key, pre.get(key))} | {format_score(key, post[key])} | "
+                f"{format_score(key, control.get(key))} |") in markdown
+
+
 def test_a_run_without_a_fact_is_listed_with_its_reason(tmp_path):
     path = tmp_path / "p.knproj"
     with create_project(path) as project:

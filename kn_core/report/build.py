@@ -87,7 +87,8 @@ def _evaluation_entry(record) -> dict:
     return {"id": record.id, "kind": record.kind, "started": record.started_at, "status": record.status,
             "fact": fact or None, "edit": report.get("edit"), "summary": groups.get("edit"),
             "control_summary": groups.get("control"), "metrics": report.get("metrics"),
-            "skipped": report.get("skipped") or []}
+            "skipped": report.get("skipped") or [], "protocol": report.get("protocol"),
+            "protocol_scores": report.get("protocol_scores")}
 
 
 def build_report(doc: ProjectDocument) -> tuple[dict, list[dict]]:
@@ -294,11 +295,27 @@ def _metrics_and_skipped(metrics, skipped) -> list[str]:
     return lines
 
 
+def _protocol_table(protocol, scores) -> list[str]:
+    """The edit scored by the field's protocol it was asked for (`kn edit --protocol`, the app's *Scored by*), in
+    that protocol's own names: before, after and under the random-neuron control (docs/METRICS.md)."""
+    if protocol in (None, "kn") or not isinstance(scores, dict):
+        return []
+    from ..protocols import flat_scores, format_score
+
+    pre, post, control = (flat_scores(scores.get(side) or {}) for side in ("pre", "post", "control"))
+    lines = [f"Scored by the {_cell(protocol)} protocol:", "", "| score | before | after | random neurons |",
+             "|---|---|---|---|"]
+    lines += [f"| {_cell(key)} | {format_score(key, pre.get(key))} | {format_score(key, value)} | "
+              f"{format_score(key, control.get(key))} |" for key, value in post.items()]
+    return lines + [""]
+
+
 def _edit_lines(edit: dict) -> list[str]:
     report = edit["measurement"] or {}
     lines = [f"### {edit['index']}. {_cell(report.get('title') or edit['description'])} ({edit['status']})", ""]
     lines += _summary_table(report.get("summary") or {})
     lines += _metrics_and_skipped(report.get("metrics"), report.get("skipped") or [])
+    lines += _protocol_table(report.get("protocol"), report.get("protocol_scores"))
     if not report:
         lines += ["Not measured (no before/after evaluation stored with it).", ""]
     return lines
@@ -319,6 +336,7 @@ def _evaluations_section(data: dict) -> list[str]:
         if e["control_summary"]:
             lines += ["Random-neuron control:", ""] + _summary_table(e["control_summary"])
         lines += _metrics_and_skipped(e["metrics"], e["skipped"])
+        lines += _protocol_table(e["protocol"], e["protocol_scores"])
     return lines
 
 
