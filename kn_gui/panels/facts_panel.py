@@ -262,9 +262,12 @@ class FactsPanel(QWidget):
                                     "Import PARAREL folder, CSV or JSONL")
         self.check_button = button("Check", self._check, "Ask the model for each prompt's answer (selected "
                                    "relation or facts; all when nothing is selected)")
-        self.batch_button = button("Apply edit to selected", lambda: self.batch_edit_requested.emit(
+        self.batch_button = button("Batch edit", lambda: self.batch_edit_requested.emit(
             self.selected_facts()), "Apply the Edits panel's edit to every selected fact, each with its own refined "
             "neurons, as one undoable entry (progress and Cancel in the status bar)")
+        for b in (self.add_rel_button, self.add_button, self.edit_button, self.delete_button, self.import_button,
+                  self.check_button, self.batch_button):  # as wide as their text, not the style's 80 px: the
+            b.setMinimumWidth(b.fontMetrics().horizontalAdvance(b.text()) + 20)  # dock fits 1280x800's side
         self.summary = hint("")
         self.setLayout(vbox(self.filter, self.tree,
                             hbox(self.add_rel_button, self.add_button, self.edit_button, self.delete_button, None),
