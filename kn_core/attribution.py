@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 import weakref
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Sequence
 
 import numpy as np
@@ -78,6 +78,11 @@ class AttributionParams:
         m = self.steps
         ks = range(1, m + 1) if self.rule == "right" else range(0, m)
         return [k / m for k in ks]
+
+    @classmethod
+    def from_dict(cls, stored: dict) -> "AttributionParams":
+        """The parameters a run stored (`to_dict`, among the run's other params), read back."""
+        return cls(**{f.name: stored[f.name] for f in fields(cls) if f.name in stored and f.name != "force"})
 
     def to_dict(self) -> dict:
         """The scoring parameters, stored with a run. The Riemann sum (the default) stores no `quadrature` or

@@ -184,12 +184,24 @@ class SubjectControl:
 Scorer = Callable[[object, Sequence[int]], LayerScores]
 
 
+def riemann_params(params):
+    """The parameters the control scores with: the run's own, or the paper's Riemann sum (its seed kept) when the
+    run used another quadrature, since the control compares two scores of one kind and `attribute_layers` sums
+    the Riemann way."""
+    from .attribution import AttributionParams
+
+    if params is None or params.quadrature == "riemann":
+        return params
+    return AttributionParams(seed=params.seed)
+
+
 def subject_control(lm, factset, fact: Fact, prompts: Sequence, candidates: Sequence[Neuron], params=None, *,
                     k: int = CONTROL_SUBJECTS, seed: int = 0, causal_templates: str = "prefix",
                     score: Scorer | None = None, task: Task | None = None) -> SubjectControl:
     """The subject control of one fact (module notes). `score(prompt, layers)`: how a prompt's `LayerScores` are
     obtained (default `attribute_layers` with `params`; the reproduction passes a cached one)."""
     task = as_task(task)
+    params = riemann_params(params)
     candidates = sorted({(int(a), int(b)) for a, b in candidates})
     result = SubjectControl(fact.relation, fact.subject, candidates)
     if not candidates:

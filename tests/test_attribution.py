@@ -358,3 +358,13 @@ def test_non_finite_scores_name_the_prompt_the_layers_and_the_fix():
         message = str(info.value)
         assert "2 attribution scores of 'The capital of France is'" in message and "layers 2, 3" in message
         assert fix in message and "\n" not in message
+
+
+def test_params_read_back_from_a_runs_stored_dict():
+    """`AttributionParams.from_dict` is `to_dict`'s inverse, and ignores the other keys a run stores beside them."""
+    from kn_core.attribution import AttributionParams
+
+    for params in (AttributionParams(), AttributionParams(steps=7, rule="left", seed=3),
+                   AttributionParams(quadrature="gauss", steps=4, tolerance=0.02)):
+        stored = {**params.to_dict(), "causal_templates": "prefix", "held_out_templates": ["x"]}
+        assert AttributionParams.from_dict(stored) == params

@@ -4,8 +4,6 @@ out of the refined set and marked on the map, and the result saved with the run.
 
 from __future__ import annotations
 
-from dataclasses import fields
-
 import pytest
 
 pytest.importorskip("pytestqt")
@@ -37,8 +35,7 @@ def test_the_apps_control_is_the_engines_on_the_same_run(window, qtbot):
     candidates = s.refined(run)
     assert candidates, "the tiny model's run needs refined neurons to control"
     got = control_of(qtbot, window, run)
-    params = AttributionParams(**{f.name: run.params[f.name] for f in fields(AttributionParams)
-                                  if f.name in run.params and f.name != "force"})
+    params = AttributionParams.from_dict(run.params)
     want = subject_control(s.lm, s.factset, FRANCE, list(run.prompts), candidates, params,
                            causal_templates=run.params.get("causal_templates", "prefix")).to_dict()
     assert {k: v for k, v in got.items() if k not in ("t", "p")} == want

@@ -186,3 +186,14 @@ def test_kn_edit_subject_control_leaves_template_neurons_out_of_the_edit(capsys,
         assert main(["edit", "amplify", *common, "--subject-control"]) == 0
         out = json.loads(capsys.readouterr().out)
         assert {(n["layer"], n["neuron"]) for n in out["neurons"]} == edited - template
+
+
+def test_the_control_scores_a_non_riemann_run_with_the_riemann_sum():
+    """One rule for every front end (kn neurons, kn edit, kn reproduce, the app): the control compares scores of
+    one kind, so another quadrature is controlled with the paper's Riemann sum, its seed kept."""
+    from kn_core.attribution import AttributionParams
+    from kn_core.specificity import riemann_params
+
+    riemann = AttributionParams(steps=7, seed=2)
+    assert riemann_params(riemann) is riemann and riemann_params(None) is None
+    assert riemann_params(AttributionParams(quadrature="gauss", seed=5)) == AttributionParams(seed=5)

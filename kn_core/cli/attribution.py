@@ -245,11 +245,8 @@ def _neurons_text(args, lm, fact, prompts, results, coarse, refined, flags, cont
 def _subject_control(lm, factset, fact, prompts, refined, params, args):
     """`kn neurons --subject-control`: the fact's refined neurons re-scored with other subjects (docs/SPECIFICITY.md),
     with the Riemann sum whatever --quadrature was (the control compares two scores of one kind)."""
-    from ..attribution import AttributionParams
     from ..specificity import subject_control
 
-    if params.quadrature != "riemann":
-        params = AttributionParams(seed=params.seed)
     with progress_bar(f"subject control {fact.relation} {fact.subject}") as task:
         return subject_control(lm, factset, fact, prompts, refined, params, causal_templates=args.causal_templates,
                                task=task)

@@ -62,13 +62,10 @@ def _fact_neurons(args, lm, factset, fact, held_out=None) -> FoundNeurons:
 def _without_template(args, lm, factset, fact, prompts, neurons) -> tuple[list, object]:
     """--subject-control: the subject control of `kn neurons` on the neurons that will be edited; its template
     neurons are left out of the edit unless --keep-template (docs/SPECIFICITY.md)."""
-    from ..attribution import AttributionParams
     from ..neurons import neuron_name, without_template
     from ..specificity import subject_control
 
-    params = neuron_params(args)
-    if params.quadrature != "riemann":  # the control compares two scores of one kind: the paper's Riemann sum
-        params = AttributionParams(seed=params.seed)
+    params = neuron_params(args)  # a non-Riemann quadrature is controlled with the Riemann sum (riemann_params)
     with progress_bar(f"subject control {fact.relation} {fact.subject}") as task:
         control = subject_control(lm, factset, fact, prompts, neurons, params, task=task)
     if not control.controlled:

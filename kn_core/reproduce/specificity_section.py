@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import experiments as ex
-from ..specificity import LayerScores, attribute_layers, control_summary, subject_control
+from ..specificity import LayerScores, attribute_layers, control_summary, riemann_params, subject_control
 from ..tasks import Task
 
 
@@ -44,10 +44,7 @@ def run_subject_control(lm, factset, records, params, cache: Path | None, seed: 
                         task: Task) -> list:
     """Every record's subject control on its refined neurons (massive/unspecific already out). A non-Riemann
     quadrature is controlled with the paper's Riemann sum (the control compares two scores of the same kind)."""
-    from ..attribution import AttributionParams
-
-    if params.quadrature != "riemann":
-        params = AttributionParams(seed=params.seed)
+    params = riemann_params(params)  # before the cache key: the scores cached are the Riemann sum's
     score = cached_scorer(lm, params, cache, task)
     out = []
     for n, rec in enumerate(records):

@@ -344,8 +344,6 @@ class AttributionController(QObject):
         the run was, on the candidates' layers only), as a worker job. The result goes into the run's params, so
         it is saved with the run; the flagged ("template") neurons leave its refined set (Session.refined) and are
         marked on the map. UserError before any work when there is nothing to control."""
-        from dataclasses import fields
-
         from kn_core.attribution import AttributionParams
         from kn_core.specificity import subject_control
 
@@ -361,8 +359,7 @@ class AttributionController(QObject):
             raise UserError("Cannot control this run", str(exc)) from exc
         if not candidates:
             raise UserError("No refined neurons", "The run has no refined neurons at this t and p to control.")
-        params = AttributionParams(**{f.name: run.params[f.name] for f in fields(AttributionParams)
-                                      if f.name in run.params and f.name != "force"})
+        params = AttributionParams.from_dict(run.params)
         fact, prompts, factset = run.fact, list(run.prompts), s.factset
         templates = run.params.get("causal_templates", s.causal_templates)
 
