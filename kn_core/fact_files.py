@@ -258,28 +258,7 @@ def import_facts(path) -> FactSet:
     """Reads a PARAREL folder, a .csv / .jsonl file in our format, or a benchmark file of the field (CounterFact,
     zsRE, KnowEdit, MQuAKE, EasyEdit requests: `field_formats`, their facts only). Raises FactImportError (file, line,
     problem) on malformed input; nothing is returned half-read."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        root = _pararel_root(path)
-        if root is None:
-            raise FactImportError(path, None, "a folder must be a PARAREL checkout (with pattern_data/graphs_json "
-                                              "and trex_lms_vocab, at its top or under data/)")
-        return _import_pararel(path, root)
-    if not path.is_file():
-        raise FactImportError(path, None, "no such file or folder")
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return _import_csv(path)
-    if suffix in (".jsonl", ".json"):
-        from .field_formats import FieldFormatError, import_field_facts, is_field_file
-
-        if is_field_file(path):  # CounterFact, zsRE, KnowEdit, MQuAKE, EasyEdit requests (field_formats)
-            try:
-                return import_field_facts(path)[0]
-            except FieldFormatError as exc:
-                raise FactImportError(path, None, str(exc).removeprefix(f"{path}: ")) from None
-        return _import_jsonl(path)
-    raise FactImportError(path, None, f"unknown file type {suffix!r}; use .csv, .jsonl or a PARAREL folder")
+    return import_facts_described(path)[0]
 
 
 def import_facts_described(path) -> tuple[FactSet, str, list[dict]]:
@@ -287,16 +266,28 @@ def import_facts_described(path) -> tuple[FactSet, str, list[dict]]:
     format, container and case count) and what the fact set left out of a benchmark file ({"field", "records",
     "reason"}), for the CLI's and the app's import messages."""
     path = Path(path).expanduser()
-    if path.is_file() and path.suffix.lower() in (".jsonl", ".json"):
+    if path.is_dir():
+        root = _pararel_root(path)
+        if root is None:
+            raise FactImportError(path, None, "a folder must be a PARAREL checkout (with pattern_data/graphs_json "
+                                              "and trex_lms_vocab, at its top or under data/)")
+        return _import_pararel(path, root), "kn", []
+    if not path.is_file():
+        raise FactImportError(path, None, "no such file or folder")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        return _import_csv(path), "kn", []
+    if suffix in (".jsonl", ".json"):
         from .field_formats import FieldFormatError, import_field_facts, is_field_file
 
-        if is_field_file(path):
+        if is_field_file(path):  # CounterFact, zsRE, KnowEdit, MQuAKE, EasyEdit requests (field_formats)
             try:
                 factset, read, left = import_field_facts(path)
             except FieldFormatError as exc:
                 raise FactImportError(path, None, str(exc).removeprefix(f"{path}: ")) from None
             return factset, read.summary(), left
-    return import_facts(path), "kn", []
+        return _import_jsonl(path), "kn", []
+    raise FactImportError(path, None, f"unknown file type {suffix!r}; use .csv, .jsonl or a PARAREL folder")
 
 
 def _write_atomic(path: Path, text: str) -> None:
