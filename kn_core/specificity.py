@@ -181,6 +181,20 @@ class SubjectControl:
                 "skipped": self.skipped}
 
 
+def template_neurons(run_params: Mapping | None) -> frozenset[Neuron]:
+    """The neurons a stored run's subject control flagged "template" (`run_params["subject_control"]`, written by
+    the app's control and `kn neurons --subject-control --project`); empty when the run was not controlled."""
+    control = (run_params or {}).get("subject_control") or {}
+    return frozenset((int(layer), int(index)) for layer, index in control.get("template", ()))
+
+
+def template_left_out(run_params: Mapping | None) -> frozenset[Neuron]:
+    """The template neurons a stored run's refined set leaves out: all of them, unless the control was run with
+    --keep-template (the app and the report select a run's neurons with this, as the command that stored it)."""
+    control = (run_params or {}).get("subject_control") or {}
+    return frozenset() if control.get("keep_template") else template_neurons(run_params)
+
+
 Scorer = Callable[[object, Sequence[int]], LayerScores]
 
 

@@ -19,6 +19,7 @@ from kn_core import neurons as kn_neurons
 from kn_core.facts import Fact, FactSet, Prompt, Skipped, render_prompts
 from kn_core.neurons import neuron_name  # noqa: F401 - the app's panels take it from here
 from kn_core.selection import DEFAULT_P, DEFAULT_T, Neuron
+from kn_core.specificity import template_left_out
 
 
 
@@ -200,13 +201,6 @@ class NeuronSet:
                 "neurons": [[int(l), int(n)] for l, n in self.neurons]}
 
 
-def template_neurons(run: Run) -> frozenset:
-    """The neurons the run's subject control flagged "template" (they keep their effect on the answer with the
-    subject swapped: docs/SPECIFICITY.md); empty when the run was not controlled."""
-    control = (run.params or {}).get("subject_control") or {}
-    return frozenset((int(layer), int(index)) for layer, index in control.get("template", ()))
-
-
 class Session:
     def __init__(self, factset: FactSet | None = None):
         self.factset: FactSet = factset if factset is not None else empty_factset()
@@ -369,10 +363,10 @@ class Session:
 
     def refined(self, run: Run, exclude: frozenset | None = None) -> list[Neuron]:
         """`exclude`: None for the session's exclusions (the loaded model's flags). The neurons the run's subject
-        control flagged "template" are never in it (`template_neurons`; kn neurons --subject-control likewise)."""
+        control flagged "template" are not in it (`template_left_out`, as kn neurons --subject-control)."""
         if not run.scores:
             return []
-        exclude = (self.excluded() if exclude is None else exclude) | template_neurons(run)
+        exclude = (self.excluded() if exclude is None else exclude) | template_left_out(run.params)
         if len(run.prompts) < kn_neurons.REFINE_MIN_PROMPTS:  # kn_core.neurons.case_neurons: coarse in all of them
             return kn_neurons.few_prompt_neurons(self.refined_counts(run, exclude), len(run.scores))
         return [tuple(n) for n in run.stored().refined(self.t, self.p, exclude)]

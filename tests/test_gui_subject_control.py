@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("pytestqt")
 
 from kn_core.attribution import AttributionParams  # noqa: E402
-from kn_gui.session import template_neurons  # noqa: E402
+from kn_core.specificity import template_neurons  # noqa: E402
 from test_gui import FRANCE, app, lm, run_fact, settings, window  # noqa: E402,F401
 
 
@@ -41,7 +41,7 @@ def test_the_apps_control_is_the_engines_on_the_same_run(window, qtbot):
     assert {k: v for k, v in got.items() if k not in ("t", "p")} == want
     assert got["controlled"] and len(got["control_subjects"]) == 3 and FRANCE.subject not in got["control_subjects"]
     assert (got["t"], got["p"]) == (s.t, s.p)
-    flagged = template_neurons(run)
+    flagged = template_neurons(run.params)
     assert set(s.refined(run)) == set(candidates) - flagged
     marks = window.attribution_panel.heat_widget.template_marks.getData()
     assert len(marks[0]) == len(flagged)
@@ -60,7 +60,7 @@ def test_template_neurons_leave_the_refined_set_and_stay_with_the_saved_run(wind
     run = run_fact(qtbot, window, steps=2)
     candidates = set(window.session.refined(run))
     control = control_of(qtbot, window, run)
-    flagged = template_neurons(run)
+    flagged = template_neurons(run.params)
     assert flagged and flagged <= candidates and len(flagged) == len(control["template"])
     assert f"({len(flagged)} template neurons left out: subject control)" in window.attribution_panel.summary.text()
     assert not set(window.session.refined(run)) & flagged
@@ -71,7 +71,7 @@ def test_template_neurons_leave_the_refined_set_and_stay_with_the_saved_run(wind
     with qtbot.waitSignal(window.project_opened, timeout=30000):
         window.lifecycle.open_project(path)
     reopened = window.session.runs[(FRANCE.relation, FRANCE.subject, FRANCE.object)]
-    assert template_neurons(reopened) == flagged
+    assert template_neurons(reopened.params) == flagged
     assert not set(window.session.refined(reopened)) & flagged
 
 

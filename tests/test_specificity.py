@@ -197,3 +197,35 @@ def test_the_control_scores_a_non_riemann_run_with_the_riemann_sum():
     riemann = AttributionParams(steps=7, seed=2)
     assert riemann_params(riemann) is riemann and riemann_params(None) is None
     assert riemann_params(AttributionParams(quadrature="gauss", seed=5)) == AttributionParams(seed=5)
+
+
+def test_a_controlled_run_stored_by_kn_neurons_is_reported_with_its_template_neurons_left_out(capsys, tmp_path):
+    """`kn neurons --subject-control --project` keeps the control with its run (where the app keeps it), so the
+    project report selects the refined set as the command did and counts the template neurons; --keep-template is
+    recorded and keeps them in."""
+    import json
+
+    from kn_core.cli import main
+    from kn_core.report.build import render_markdown, report_data
+    from kn_core.report.document import read_project
+
+    tiny = make_tiny(TINY_CAUSAL)
+    tiny.model.save_pretrained(tmp_path)
+    tiny.tokenizer.save_pretrained(tmp_path)
+    for keep in (False, True):
+        project = str(tmp_path / f"controlled-{keep}.knproj")
+        argv = ["neurons", "--relation", "P36", "--subject", "France", "--model", str(tmp_path), "--steps", "1",
+                "--json", "--subject-control", "--project", project]  # the report's t and p: the defaults
+        assert main(argv + (["--keep-template"] if keep else [])) == 0
+        doc = json.loads(capsys.readouterr().out)
+        template = sorted(tuple(n) for n in doc["subject_control"]["template"])
+        assert template, "a random tiny model knows nothing: the control should flag some neuron"
+        data = report_data(read_project(project))
+        (run,) = data["runs"]
+        assert sorted(map(tuple, run["refined"])) == sorted((n["layer"], n["neuron"]) for n in doc["refined"])
+        assert run["subject_control"]["template"] == [list(n) for n in template]
+        assert run["subject_control"]["left_out"] is (not keep)
+        text = render_markdown(data)
+        assert (f"1 of 1 runs controlled; {len(template)} of {len(doc['subject_control']['candidates'])} candidate "
+                f"neurons flagged template, {0 if keep else len(template)} of them left out") in text
+        assert ("kept (--keep-template)" in text) is keep

@@ -178,6 +178,7 @@ def cmd_neurons(args) -> int:
                 project.import_factset(factset)
                 with project.recording_run(fact=fact, prompts=prompts, params=recorded, model=lm) as rec:
                     results = attribute_fact(lm, prompts, params, task=task, on_prompt=rec.add)
+                run_id = rec.run_id
             else:
                 results = attribute_fact(lm, prompts, params, task=task)
         flags = run_flags(lm, [r.activations for r in results])  # massive neurons (kn_core.neurons)
@@ -190,6 +191,9 @@ def cmd_neurons(args) -> int:
             if not args.keep_template:
                 refined = without_template(refined, control.template)
         if project is not None:
+            if control is not None:  # where the app keeps a run's control: the app and `kn report` select as here
+                project.add_run_params(run_id, {"subject_control": {**control.to_dict(), "t": t, "p": args.p,
+                                                                    "keep_template": args.keep_template}})
             project.add_neuron_set("refined", refined, fact=fact,
                                    params={"t": t, "p": args.p, "keep_massive": args.keep_massive, **recorded,
                                            **({"selection": selection} if selection["rule"] != "refined" else {})})

@@ -14,6 +14,7 @@ import math
 
 from ..evaluation import ratio
 from ..neurons import neuron_name
+from ..specificity import template_neurons
 from .document import ProjectDocument, drawn_runs, run_neurons
 from .figures import FIGURE_RUNS, FIGURES, run_figure_data
 
@@ -43,7 +44,20 @@ def _run_entry(index: int, run, doc: ProjectDocument) -> dict:
             "edits_active": list(run.edits), "params": dict(run.params),
             "refined": None if refined is None else _pairs(refined),
             "refined_count": None if refined is None else len(refined), "rule": rule,
+            "subject_control": _control_entry(run.params),
             **({"not_decided": undecided} if undecided else {})}
+
+
+def _control_entry(params: dict) -> dict | None:
+    """What a run's subject control found (docs/SPECIFICITY.md), or None when none was run on it."""
+    control = (params or {}).get("subject_control")
+    if not control:
+        return None
+    return {"controlled": bool(control.get("controlled")), "reason": control.get("reason"),
+            "control_subjects": len(control.get("control_subjects") or ()),
+            "control_prompts": int(control.get("control_prompts") or 0),
+            "candidates": len(control.get("candidates") or ()),
+            "template": _pairs(sorted(template_neurons(params))), "left_out": not control.get("keep_template")}
 
 
 def _models(doc: ProjectDocument) -> list[dict]:
@@ -217,8 +231,9 @@ def _runs_section(data: dict) -> list[str]:
              f"Flags: {_cell(sel['flags_note'])}.", ""]
     if not data["runs"]:
         return lines + ["No attribution run yet.", ""]
-    lines += ["| run | relation | fact | prompts | state | refined neurons | count | seconds | weights |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += _control_lines(data["runs"])
+    lines += ["| run | relation | fact | prompts | state | refined neurons | count | template (subject control) "
+              "| seconds | weights |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["runs"]:
         neurons = (_neurons(r["refined"]) if r["refined"] is not None
                    else _cell(f"not decided: {r['not_decided']}"))
@@ -226,8 +241,34 @@ def _runs_section(data: dict) -> list[str]:
         weights = f"edited ({len(r['edits_active'])})" if r["edits_active"] else "original"
         lines.append(f"| {r['index']}{' (current)' if r['current'] else ''} | {_cell(r['relation'])} | {_fact(r)} | "
                      f"{r['prompts_done']} of {r['prompts']} | {r['state']} | {neurons} | {count} | "
-                     f"{_num(r['seconds'], '{:.1f}')} | {weights} |")
+                     f"{_control_cell(r['subject_control'])} | {_num(r['seconds'], '{:.1f}')} | {weights} |")
     return lines + [""]
+
+
+def _control_lines(runs: list[dict]) -> list[str]:
+    """The subject control over the runs: how many were controlled and how many template neurons it flagged."""
+    controls = [r["subject_control"] for r in runs if r["subject_control"]]
+    if not controls:
+        return ["Subject control (docs/SPECIFICITY.md): not run on any run; template neurons of a relation's wording "
+                "are not told from the facts' (the app's *Subject control*, `kn neurons --subject-control`).", ""]
+    done = [c for c in controls if c["controlled"]]
+    flagged = sum(len(c["template"]) for c in done)
+    out = sum(len(c["template"]) for c in done if c["left_out"])
+    return [f"Subject control (docs/SPECIFICITY.md): {len(done)} of {len(runs)} runs controlled"
+            + (f", {len(controls) - len(done)} tried and not controlled (reasons in the table)"
+               if len(controls) > len(done) else "")
+            + f"; {flagged} of {sum(c['candidates'] for c in done)} candidate neurons flagged template, {out} of them "
+              "left out of the refined sets.", ""]
+
+
+def _control_cell(control: dict | None) -> str:
+    if control is None:
+        return "not run"
+    if not control["controlled"]:
+        return _cell(f"not controlled: {control['reason']}")
+    kept = "left out" if control["left_out"] else "kept (--keep-template)"
+    return _cell(f"{len(control['template'])} of {control['candidates']} ({kept})"
+                 + (f": {_neurons(control['template'], 6)}" if control["template"] else ""))
 
 
 def _figures_section(data: dict) -> list[str]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from .. import neurons as kn_neurons
 from ..facts import Fact
 from ..selection import DEFAULT_P, DEFAULT_T  # a project no app saved has no thresholds of its own
+from ..specificity import template_left_out
 
 # where the app keeps its state in a project's settings (kn_gui/project_io.py writes them)
 GUI_SETTING = "gui.state"  # {"t", "p", "causal_templates", "checks", "autosave_of"}
@@ -116,12 +117,14 @@ def _key(fact: Fact) -> tuple[str, str, str]:
 def run_neurons(run: RunRecord, t: float, p: float, exclude=frozenset()) -> tuple[list | None, str, str]:
     """(refined neurons or None, the rule applied, why None): the paper's refined set over the finished prompts
     (coarse in >= max(p x n, 3) of them); with fewer than 3 prompts in the run, the neurons coarse in every
-    finished one (kn_core.neurons.case_neurons' rule). None when a compact run's kept scores do not decide it."""
+    finished one (kn_core.neurons.case_neurons' rule), without the neurons its subject control left out (as the app
+    and `kn neurons --subject-control` select them). None when a compact run's kept scores do not decide it."""
     from ..store.topscores import ScoresTooCoarseError, coarse_counts
 
     n = len(run.tops)
     if not n:
         return [], "no finished prompt", ""
+    exclude = frozenset(exclude) | template_left_out(run.params)
     try:
         counts = coarse_counts(run.tops, t, exclude)
     except ScoresTooCoarseError as exc:

@@ -160,6 +160,15 @@ class RunStore:
                     datetime.fromisoformat(finished) - datetime.fromisoformat(row.started_at)).total_seconds()
             row.status, row.error, row.finished_at, row.elapsed_s = status, str(error or ""), finished, float(elapsed_s)
 
+    def add_run_params(self, run_id: int, extra: dict) -> None:
+        """Adds results decided after a run finished to its parameters (e.g. its subject control, which the app
+        keeps in the same place), replacing keys of the same name."""
+        with self._session(f"updating run {run_id}", write=True) as s:
+            row = s.get(RunRow, run_id)
+            if row is None:
+                raise ProjectDataError(self.path, f"no run with id {run_id}", "list the runs to see their ids")
+            row.params = {**(row.params or {}), **jsonable(extra)}
+
     @contextlib.contextmanager
     def recording_run(self, **start_kwargs) -> Iterator["RunRecorder"]:
         """`with project.recording_run(fact=..., prompts=..., params=..., model=...) as rec:` then

@@ -23,8 +23,9 @@ from kn_core.neurons import refine_threshold
 from kn_core.quadrature import DEFAULT_POINTS
 from kn_core.report.figures import colour_bound
 from kn_core.selection import DEFAULT_P, DEFAULT_T
+from kn_core.specificity import template_neurons
 
-from ..session import TooCoarse, neuron_name, template_neurons
+from ..session import TooCoarse, neuron_name
 from .common import TableView, button, fmt_activation, fmt_prob, hbox, hint, vbox
 from .form import build_controls
 from .neuron_map import NeuronMap, expert_text
@@ -447,7 +448,7 @@ class AttributionPanel(QWidget):
             rule = f"neurons (fewer than 3 prompts: coarse in all {done})"
         else:
             rule = f"refined (coarse in \u2265 {need} of {done} prompts)"
-        template = template_neurons(run)
+        template = template_neurons(run.params)
         left_out = f" ({len(template)} template neurons left out: subject control)" if template else ""
         self.summary.setText(
             f"coarse per prompt: {', '.join(map(str, coarse))}   |   {rule}: {len(self.refined)}{left_out}   |   "
@@ -520,7 +521,7 @@ class AttributionPanel(QWidget):
         flags = self.flags
         self.heat_widget.set_marks(self.refined, self.selected, flags.massive if flags else (),
                                    flags.unspecific if flags else (),
-                                   template_neurons(self.run) if self.run is not None else ())
+                                   template_neurons(self.run.params) if self.run is not None else ())
 
     def set_flags(self, flags):
         """Marks the neurons flagged massive / unspecific (kn_core.neurons.NeuronFlags, or None)."""
