@@ -57,7 +57,9 @@ def add_commands(sub) -> None:
     quadrature_options(rep)
     rep.add_argument("--prompts-per-fact", type=whole_number, default=None, help="use at most N templates per fact")
     rep.add_argument("--select", choices=["known", "random"], default="known",
-                     help="known: the facts the model answers best; random: a seeded sample")
+                     help="known: facts the model knows (top-1 on most prompts), looked for in a seeded order, "
+                          "up to 256 screened per relation, then the best-answered unknown ones, reported apart; "
+                          "random: a seeded sample")
     rep.add_argument("--control-prompts", type=whole_number, default=20, help="prompts sampled per control group")
     causal_templates_option(rep)
     prompt_format_option(rep)
