@@ -267,7 +267,7 @@ def _control_cell(control: dict | None) -> str:
     if not control["controlled"]:
         return _cell(f"not controlled: {control['reason']}")
     kept = "left out" if control["left_out"] else "kept (--keep-template)"
-    return _cell(f"{len(control['template'])} of {control['candidates']} ({kept})"
+    return _cell(f"{len(control['template'])} of {control['candidates']} flagged ({kept})"
                  + (f": {_neurons(control['template'], 6)}" if control["template"] else ""))
 
 
@@ -283,9 +283,12 @@ def _figures_section(data: dict) -> list[str]:
     for r in current:
         if r["index"] not in drawn:
             continue
-        params = ", ".join(f"{k} {v}" for k, v in r["params"].items() if v is not None)
+        params = ", ".join(f"{k} {v}" for k, v in r["params"].items() if v is not None and k != "subject_control")
+        control = ("" if r["subject_control"] is None else
+                   f" Subject control: {_control_cell(r['subject_control'])}.")
         lines += [f"### Run {r['index']}: {_fact(r)} ({_cell(r['relation'])})", "",
-                  f"{r['prompts_done']} of {r['prompts']} prompts ({r['state']}); parameters: {_cell(params)}.", ""]
+                  f"{r['prompts_done']} of {r['prompts']} prompts ({r['state']}); parameters: {_cell(params)}."
+                  + control, ""]
         lines += [f"![{f['title']}]({f['file']})" for f in drawn[r["index"]]] + [""]
     return lines
 
