@@ -66,7 +66,12 @@ def _layer0_in_every_fact(sets: list[set], relations: Sequence[str]) -> list[dic
 # --------------------------------------------------------------------------------------------------------
 
 KNOWN_RULE = ("known: the model's greedy answer is the fact's answer (every answer token top-1, teacher-forced) on "
-              "more than half of the fact's prompts")
+              "more than half of the fact's prompts, and the answer is not part of the subject's name (LAMA-UHN)")
+
+# LAMA-UHN's first filter (Poerner, Waltinger & Schuetze 2020, "E-BERT", Findings of EMNLP): a triple whose answer
+# is a case-insensitive substring of the subject's name can be answered by reading the name, not only by recall.
+NAME_NOTE = ("the answer is part of the subject's name (LAMA-UHN, Poerner et al. 2020): the model can answer by "
+             "reading the name, so answering is no evidence that it knows the fact")
 
 
 # One line wherever a fact's neurons are shown and the model does not know the fact (docs/SPECIFICITY.md)
@@ -75,8 +80,20 @@ NOT_KNOWN_NOTE = ("its neurons push the answer's type from the template, not thi
 
 
 def is_known(accuracy: float) -> bool:
-    """A fact is known when its answer is the model's top-1 on more than half of its prompts (KNOWN_RULE)."""
+    """The answer is the model's top-1 on more than half of the fact's prompts (the first half of KNOWN_RULE; the
+    paper's update takes such "correctly answered" facts)."""
     return accuracy > 0.5
+
+
+def answer_in_name(fact) -> bool:
+    """LAMA-UHN's filter: the fact's answer is a case-insensitive substring of its subject (NAME_NOTE)."""
+    answer = str(fact.object).strip().casefold()
+    return bool(answer) and answer in str(fact.subject).casefold()
+
+
+def knows(fact, accuracy: float) -> bool:
+    """KNOWN_RULE: answered top-1 on more than half of its prompts, and not answerable from the subject's name."""
+    return is_known(accuracy) and not answer_in_name(fact)
 
 
 def fact_answers(lm, facts_prompts: Sequence[tuple[object, Sequence]], batch_size: int = 32,
@@ -93,7 +110,8 @@ def fact_answers(lm, facts_prompts: Sequence[tuple[object, Sequence]], batch_siz
                     "prob": float(np.mean([r["prob"] for r in chunk])) if chunk else float("nan"),
                     "rank_median": float(np.median([r["rank"] for r in chunk])) if chunk else float("nan"),
                     "rank_best": int(min(r["rank"] for r in chunk)) if chunk else None,
-                    "top1_share": accuracy, "known": bool(chunk) and is_known(accuracy)})
+                    "top1_share": accuracy, "answer_in_name": answer_in_name(fact),
+                    "known": bool(chunk) and knows(fact, accuracy)})
     return out
 
 

@@ -228,9 +228,12 @@ class Session:
 
     def known_note(self, fact: Fact) -> str:
         """A line for when the answer checks (F6) say the model does not know `fact` (KNOWN_RULE: top-1 on more
-        than half of its prompts); "" when it knows it or it was not checked."""
-        from kn_core.experiments import NOT_KNOWN_NOTE, is_known
+        than half of its prompts) or its answer is part of its subject's name; "" when it knows it or it was not
+        checked."""
+        from kn_core.experiments import NAME_NOTE, NOT_KNOWN_NOTE, answer_in_name, is_known
 
+        if answer_in_name(fact):
+            return f"\n\u26a0 Not counted as known: {NAME_NOTE}."
         checked = [v["correct"] for (key, _), v in self.checks.items() if key == fact_key(fact)]
         if not checked or is_known(sum(checked) / len(checked)):
             return ""

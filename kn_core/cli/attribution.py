@@ -200,7 +200,8 @@ def cmd_neurons(args) -> int:
     coarse = [sorted(coarse_neurons(r.scores, t, exclude), key=lambda n, r=r: -r.scores[n]) for r in results]
     answer = fact_answers(lm, [(fact, prompts)])[0]  # p, rank and whether the model knows the fact
     doc = {"fact": {"relation": fact.relation, "subject": fact.subject, "object": fact.object,
-                    **{k: answer[k] for k in ("prob", "rank_median", "rank_best", "top1_share", "known")}},
+                    **{k: answer[k] for k in ("prob", "rank_median", "rank_best", "top1_share", "answer_in_name",
+                                               "known")}},
            "prompts": [{"text": p.text, "answer": p.answer, "prob": r.prob} for p, r in zip(prompts, results)],
            "skipped": [{"template": s.template, "reason": s.reason} for s in skipped],
            "coarse": [neuron_list(c, r.scores, layout=lm.layout) for c, r in zip(coarse, results)],
@@ -221,7 +222,7 @@ def cmd_neurons(args) -> int:
 def _neurons_text(args, lm, fact, prompts, results, coarse, refined, flags, control, answer, selection, t,
                   seconds) -> list[str]:
     """`kn neurons`'s plain-text lines (the --json document holds the same)."""
-    from ..experiments import NOT_KNOWN_NOTE
+    from ..experiments import NAME_NOTE, NOT_KNOWN_NOTE
     from ..neurons import empty_neurons_fix, neuron_name
 
     lines = [f"{fact.relation} {fact.subject} -> {fact.object}: {len(prompts)} prompts, {len(refined)} refined "
@@ -229,7 +230,9 @@ def _neurons_text(args, lm, fact, prompts, results, coarse, refined, flags, cont
              f"{answer['rank_median']:g}, {'known' if answer['known'] else 'NOT known'} (top-1 on "
              f"{answer['top1_share']:.0%} of prompts)",
              f"  neurons: {selection['text']}" + ("" if refined else f"; none: {empty_neurons_fix(len(prompts), args.p)}")]
-    if not answer["known"]:
+    if answer["answer_in_name"]:
+        lines.append(f"  not counted as known: {NAME_NOTE}")
+    elif not answer["known"]:
         lines.append(f"  the model does not know this fact: {NOT_KNOWN_NOTE}")
     lines += [f"  {p.text!r} -> {p.answer!r} P={r.prob:.3f}, {len(c)} coarse" for p, r, c in zip(prompts, results, coarse)]
     lines += [f"  refined {neuron_name(l, i, lm.layout)} {' '.join(flags.of((l, i)))}".rstrip() for l, i in refined]

@@ -152,12 +152,12 @@ def _screen_known(lm, rid, usable, facts_per_relation, check_prompts, cap, cache
             break
         scores, cached = _known_scores(lm, rid, batch, check_prompts, cache, task)
         sel.checks_cached += cached
-        passed = [k for k, (acc, _) in enumerate(scores) if ex.is_known(acc)]
+        passed = [k for k, (acc, _) in enumerate(scores) if ex.knows(batch[k][0], acc)]
         confirmed = {}
         if passed:
             full, cached = _known_scores(lm, rid, [batch[k] for k in passed], None, cache, task)
             sel.checks_cached += cached
-            confirmed = {k: ex.is_known(acc) for k, (acc, _) in zip(passed, full)}
+            confirmed = {k: ex.knows(batch[k][0], acc) for k, (acc, _) in zip(passed, full)}
         for k, (fact, prompts) in enumerate(batch):
             screened.append((fact, prompts, scores[k], confirmed.get(k, False)))
             known += confirmed.get(k, False)
@@ -168,8 +168,8 @@ def _choose_known(rid, screened, facts_per_relation, check_prompts, sel: FactSel
     """The first ``facts_per_relation`` known facts in the seeded order, filled with the best-answered unknown
     ones when too few are known; every screened fact not chosen is left out with its reason."""
     known = [k for k, s in enumerate(screened) if s[3]][:facts_per_relation]
-    unknown = sorted((k for k, s in enumerate(screened) if not s[3]),
-                     key=lambda k: (-screened[k][2][0], -screened[k][2][1], k))
+    unknown = sorted((k for k, s in enumerate(screened) if not s[3]),  # answerable from the name: filled last
+                     key=lambda k: (ex.answer_in_name(screened[k][0]), -screened[k][2][0], -screened[k][2][1], k))
     fill = unknown[:facts_per_relation - len(known)]
     for k, (fact, prompts, (acc, prob), is_known) in enumerate(screened):
         if k in known or k in fill:
@@ -179,7 +179,10 @@ def _choose_known(rid, screened, facts_per_relation, check_prompts, sel: FactSel
                   f"not known: top-1 on {round(acc * min(check_prompts, len(prompts)))} of its first "
                   f"{min(check_prompts, len(prompts))} prompts (mean p {prob:.3g})"
                   + (f"; answered less well than the {len(fill)} unknown fact(s) chosen to fill" if fill else ""))
-        if not is_known and ex.is_known(acc):
+        if ex.answer_in_name(fact):
+            reason = (f"not counted as known: {ex.NAME_NOTE}"
+                      + ("; facts whose answer is not in the name fill first" if fill else ""))
+        elif not is_known and ex.is_known(acc):
             reason = (f"not known: top-1 on more than half of its first {check_prompts} prompts but not of all "
                       f"{len(prompts)}" + (f"; answered less well than the {len(fill)} unknown fact(s) chosen "
                                            f"to fill" if fill else ""))
@@ -202,7 +205,7 @@ def _select_relation(lm, factset, rid, sel: FactSelection, facts_per_relation, s
                                             task, sel)
         chosen, n_known = _choose_known(rid, screened, facts_per_relation, check_prompts, sel)
         summary.update(checked=len(screened), known_found=sum(s[3] for s in screened), chosen_known=n_known,
-                       screen_cap=screen_cap)
+                       screen_cap=screen_cap, answer_in_name=sum(ex.answer_in_name(s[0]) for s in screened))
         if chosen and n_known < facts_per_relation:
             where = ("every usable fact of the relation" if exhausted else
                      f"the cap of {screen_cap} screened facts" if len(screened) >= screen_cap else "")

@@ -66,7 +66,7 @@ def _label(rec) -> str:
     return f"{rec.relation}:{rec.fact.subject}"
 
 
-UNKNOWN = "neurons of facts the model does not know (template-like by construction)"
+UNKNOWN = "neurons of facts the model does not know (template-like by construction)"  # or answers from the name
 
 
 def known_labels(report: dict) -> dict[str, bool]:
@@ -110,7 +110,8 @@ def by_known_markdown(report: dict) -> list[str]:
              or "none")]
     lines = ["### Known facts (the headline) and facts the model does not know", "",
              f"{ex.KNOWN_RULE}. The neurons the experiments use; a fact the model does not know has neurons that "
-             "push the answer's type from the template, so they are counted apart.", "",
+             "push the answer's type from the template, and one whose answer is part of its subject's name can be "
+             "answered by reading the name, so both are counted apart.", "",
              f"| | known facts | {UNKNOWN} |", "|---|---|---|"]
     lines.append(f"| facts | {k.get('facts', 0)} | {u.get('facts', 0)} |")
     lines += [f"| {name} | {cell(k, fn)} | {cell(u, fn)} |" for name, fn in rows[1:]]
@@ -171,9 +172,17 @@ def facts_markdown(report: dict) -> list[str]:
         refined = ", ".join(f"L{l}#{i}" for l, i in d["neurons"]) if d else "-"
         lines.append(f"| {a['relation']} | {a['subject']} -> {a['object']} | {_n(a['prob'], '{:.3g}')} | "
                      f"{_n(a['rank_median'], '{:g}')}, {a['rank_best']} | {_n(100 * a['top1_share'], '{:.0f}')}% | "
-                     f"{'yes' if a['known'] else '**no**'} | {refined or 'none'} | {flagged} |")
+                     f"{_known_cell(a)} | {refined or 'none'} | {flagged} |")
     n_known = sum(a["known"] for a in answers)
-    return lines + ["", f"Known: {n_known} of {len(answers)} facts.", ""]
+    named = sum(bool(a.get("answer_in_name")) for a in answers)
+    return lines + ["", f"Known: {n_known} of {len(answers)} facts."
+                    + (f" Answer in the subject's name: {named} ({ex.NAME_NOTE})." if named else ""), ""]
+
+
+def _known_cell(answer: dict) -> str:
+    if answer["known"]:
+        return "yes"
+    return "**no** (answer in the subject's name)" if answer.get("answer_in_name") else "**no**"
 
 
 def specificity_markdown(report: dict) -> list[str]:
