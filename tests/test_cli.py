@@ -389,3 +389,26 @@ def test_trace_json_project_export_and_figure(capsys, saved, tmp_path):
     code, out, err = run(capsys, "trace", "--relation", "P36", "--subject", "France", "--model", saved["bert"],
                          "--kind", "mlp", "--samples", "1", "--window", "2")
     assert code == 0 and "MLP output" in out and "France" in out, err
+
+
+@pytest.mark.default_model
+def test_kn_facts_check_counts_known_facts_by_the_one_known_rule(capsys, monkeypatch):
+    """`kn facts check` says "known" as every other front end does (kn_core.experiments.knows): top-1 on more
+    than half of the prompts (half is not enough) and the answer not part of the subject's name."""
+    from kn_core import evaluation
+    from kn_core.experiments import answer_in_name
+    from kn_core.facts import Fact
+
+    def first_half(lm, prompts, *args, **kwargs):  # the first half of each fact's prompts top-1 (rounded down)
+        return [{"correct": k < len(prompts) // 2, "prob": 0.5, "rank": 1} for k in range(len(prompts))]
+
+    monkeypatch.setattr(evaluation, "answer_probabilities", first_half)
+    code, out, _ = run(capsys, "facts", "check", "--relation", "P36", "--json")
+    facts = json.loads(out)["relations"][0]["facts"]
+    assert code == 0 and facts and not any(f["known"] for f in facts)  # at most half: never known
+    assert any(f["prompts"] % 2 == 0 and f["correct"] * 2 == f["prompts"] for f in facts)
+    monkeypatch.setattr(evaluation, "answer_probabilities", lambda lm, prompts, *a, **k: [
+        {"correct": True, "prob": 0.9, "rank": 1} for _ in prompts])
+    code, out, _ = run(capsys, "facts", "check", "--relation", "P36", "--json")
+    facts = json.loads(out)["relations"][0]["facts"]
+    assert all(f["known"] == (not answer_in_name(Fact("P36", f["subject"], f["object"]))) for f in facts)

@@ -42,6 +42,7 @@ def cmd_facts_import(args) -> int:
 def fact_check(lm, factset, relation_ids, task: Task | None = None) -> list[dict]:
     """Per relation: which facts the model answers top-1 (per prompt), and the answer's probability."""
     from ..evaluation import answer_probabilities
+    from ..experiments import answer_in_name, knows
     from ..facts import render_prompts
 
     task = as_task(task)
@@ -57,7 +58,8 @@ def fact_check(lm, factset, relation_ids, task: Task | None = None) -> list[dict
             correct_prompts += hits
             total_prompts += len(results)
             facts.append({"subject": fact.subject, "object": fact.object, "prompts": len(results),
-                          "correct": hits, "known": bool(results) and hits * 2 >= len(results),
+                          "correct": hits, "answer_in_name": answer_in_name(fact),
+                          "known": bool(results) and knows(fact, hits / len(results)),
                           "mean_prob": sum(r["prob"] for r in results) / len(results) if results else None,
                           "skipped": [s.reason for s in skipped]})
         known = sum(f["known"] for f in facts)
@@ -69,6 +71,8 @@ def fact_check(lm, factset, relation_ids, task: Task | None = None) -> list[dict
 
 
 def cmd_facts_check(args) -> int:
+    from ..experiments import KNOWN_RULE
+
     factset = factset_of(args)
     relation_ids = [args.relation] if args.relation else sorted(factset.relations)
     for rid in relation_ids:
@@ -84,7 +88,7 @@ def cmd_facts_check(args) -> int:
     for r in report:
         lines.append(f"{r['relation']:<8} {r['facts_known']:>5}/{len(r['facts']):<6} "
                      f"{(r['prompt_accuracy'] or 0) * 100:>12.1f}%  {r['name']}")
-    lines.append(f"known: {known}/{total} facts (a fact is known when at least half of its prompts are top-1)")
+    lines.append(f"known: {known}/{total} facts ({KNOWN_RULE})")
     unknown = [f"{r['relation']} {f['subject']} -> {f['object']}" for r in report for f in r["facts"] if not f["known"]]
     if unknown and not args.json:
         lines.append("not known (kept, flagged): " + "; ".join(unknown[:40]) + (" ..." if len(unknown) > 40 else ""))
