@@ -3,9 +3,10 @@
 layers' neurons are worth editing?
 
 Per fact (its first prompt is traced; the rules were fixed before any run):
-- tracing: the MLP-output trace (kn_core.tracing, ROME's settings: 10 samples, noise 3x the subject embeddings'
-  standard deviation over the run's subjects, window 1) at the last subject token, where ROME finds the MLP's
-  effect: its peak layer, and its mean indirect effect in each band of layers (thirds of the depth);
+- tracing: the MLP-output trace (kn_core.tracing: ROME's 10 samples and noise of 3x the subject embeddings'
+  standard deviation over the run's subjects; one layer restored at a time, where ROME's figures restore a window
+  of 10 layers around each, `kn trace --window 10`) at the last subject token, where ROME finds the MLP's effect:
+  its peak layer, and its mean indirect effect in each band of layers (thirds of the depth);
 - knowledge neurons: the layers of the fact's refined neurons (their mean), as the reproduction found them;
 - editing by band: the fact's `EDIT_NEURONS` highest-scoring neurons (attribution summed over its prompts, flagged
   neurons left out as in the rest of the report) inside each band suppressed (to zero, answer position), and the
