@@ -225,10 +225,10 @@ def _neurons_text(args, lm, fact, prompts, results, coarse, refined, flags, cont
     from ..experiments import NAME_NOTE, NOT_KNOWN_NOTE
     from ..neurons import empty_neurons_fix, neuron_name
 
+    known = ("known" if answer["known"] else "NOT counted as known" if answer["answer_in_name"] else "NOT known")
     lines = [f"{fact.relation} {fact.subject} -> {fact.object}: {len(prompts)} prompts, {len(refined)} refined "
              f"neurons (t={t}, p={args.p}) in {seconds:.1f} s; p(answer) {answer['prob']:.3g}, median rank "
-             f"{answer['rank_median']:g}, {'known' if answer['known'] else 'NOT known'} (top-1 on "
-             f"{answer['top1_share']:.0%} of prompts)",
+             f"{answer['rank_median']:g}, {known} (top-1 on {answer['top1_share']:.0%} of prompts)",
              f"  neurons: {selection['text']}" + ("" if refined else f"; none: {empty_neurons_fix(len(prompts), args.p)}")]
     if answer["answer_in_name"]:
         lines.append(f"  not counted as known: {NAME_NOTE}")
