@@ -21,12 +21,13 @@ from kn_core.evaluation import EVALUATIONS
 from kn_core.facts import Fact
 from kn_core.protocols import PROTOCOLS
 
-from .common import TableView, button, fmt_delta, fmt_prob, hbox, hint, vbox
+from .common import ElidedLabel, TableView, button, fmt_delta, fmt_prob, hbox, hint, vbox
 
 from .degeneracy_table import DegeneracyTable
 from .metrics_strip import MetricsStrip
 
-TABLE_ROWS_SHOWN = 4  # the before/after table's least height, in rows
+TABLE_ROWS_SHOWN = 3  # the before/after table's least height, in rows
+HEADER_SHARE = 0.2  # the most of the table's column that the warnings and summary above it take (they scroll)
 
 KINDS = ["Suppress", "Amplify", "Update", "Erase relation"]
 UP, DOWN = "#1e8449", "#c0392b"
@@ -166,11 +167,11 @@ class EditsPanel(QWidget):
         controls.setLayout(vbox(form, self.pages, scoring, self.apply_button, None))
         return controls
 
-    def _result_box(self) -> QGroupBox:
-        """The report: title, summary, warnings and metrics above the before/after table."""
-        self.result_title = QLabel("Apply an edit to see its effect here.")
+    def _result_box(self) -> QWidget:
+        """The report: a one-line title over the before/after table, which takes the height (its summary and
+        warnings above it get what they need up to HEADER_SHARE of it); the metric cards beside both."""
+        self.result_title = ElidedLabel("Apply an edit to see its effect here.")
         self.result_title.setObjectName("heading")
-        self.result_title.setWordWrap(True)
         self.result_summary = hint("")
         self.result_warning = QLabel("")
         self.result_warning.setObjectName("warning")
@@ -183,27 +184,30 @@ class EditsPanel(QWidget):
                                 "p(o') after", "goal", "top-1 before", "top-1 after", "flip"],
                                formats={4: fmt_prob, 5: fmt_prob, 6: fmt_delta, 7: fmt_prob, 8: fmt_prob})
         self.export_button = button("Export table\u2026", lambda: self.table.export_csv_dialog(self, "edit.csv"))
-        result_box = QGroupBox("Before / after (the fact's prompts, then controls)")
         title_row = hbox(self.result_title, self.export_button)
         title_row.setStretch(0, 1)
         warning_row = hbox(self.result_warning, self.attribute_button)
         warning_row.setStretch(0, 1)
         self.metrics_strip = MetricsStrip()
-        # the summary above the table scrolls in its own area, in a splitter with the table, so the table always
-        # shows several rows (at 1280x800 it used to show about one); the metric cards stand beside both
+        # no group box around it (the tab names it): at 1600x1000 its frame, a wrapped title and the summary left
+        # the table about two rows; the summary scrolls in its own area, in a splitter above the table
         header = QWidget()
-        header.setLayout(vbox(self.result_summary, warning_row, margins=(0, 0, 0, 0)))
+        header.setLayout(vbox(warning_row, self.result_summary, margins=(0, 0, 0, 0)))  # a warning first
         header_scroll = QScrollArea()
         header_scroll.setFrameShape(QFrame.NoFrame)
         header_scroll.setWidgetResizable(True)
         header_scroll.setWidget(header)
-        header_scroll.setMinimumHeight(48)
+        header_scroll.setMinimumHeight(2 * self.fontMetrics().lineSpacing())
         header_scroll.viewport().setAutoFillBackground(False)
         header.setAutoFillBackground(False)
-        self.table.setMinimumHeight(TABLE_ROWS_SHOWN * 26 + 30)
+        self.table.setMinimumHeight(TABLE_ROWS_SHOWN * self.table.verticalHeader().defaultSectionSize()
+                                    + self.table.horizontalHeader().sizeHint().height() + 4)
         self.result_split = _split(Qt.Vertical, header_scroll, self.table)
-        result_box.setLayout(vbox(title_row, _split(Qt.Horizontal, self.result_split, self.metrics_strip)))
-        return result_box
+        page = QWidget()
+        page.setToolTip("The fact's prompts, then the controls: other facts the edit must not move")
+        page.setLayout(vbox(title_row, _split(Qt.Horizontal, self.result_split, self.metrics_strip),
+                            margins=(2, 2, 2, 2)))
+        return page
 
     def resizeEvent(self, event):
         super().resizeEvent(event)
@@ -346,7 +350,7 @@ class EditsPanel(QWidget):
             return
         rows = report["rows"]
         edit = report.get("edit") or {}
-        self.result_title.setText(self._title(report))
+        self.result_title.setText(self._title(report))  # whole in its tooltip when the line is too short
         method = [m for m in (self._method(report), _scoring(report)) if m]
         self.result_summary.setText("   |   ".join(method
                                                 + self._group_summaries(report, self.answer_words)))
@@ -375,10 +379,10 @@ class EditsPanel(QWidget):
         self._share_height()
 
     def _share_height(self):
-        """The summary and metrics get what they need up to 40% of the height; the table the rest."""
+        """The summary and warnings get what they need up to HEADER_SHARE of the height; the table the rest."""
         total = sum(self.result_split.sizes())
         if total > 0:
-            header = min(self.result_split.widget(0).widget().sizeHint().height(), int(0.4 * total))
+            header = min(self.result_split.widget(0).widget().sizeHint().height(), int(HEADER_SHARE * total))
             self.result_split.setSizes([header, total - header])
 
     def _title(self, report: dict) -> str:
