@@ -78,7 +78,7 @@ def test_an_edit_report_keeps_the_window_on_screen(sized, qtbot):
     assert hint.width() <= width and hint.height() <= height, hint
     assert not window.edits_dock.widget().horizontalScrollBar().isVisible()
     assert fully_shown(window.edits_panel.apply_button) and fully_shown(window.attribution_panel.run_button)
-    assert fully_shown(window.edits_panel.result_title)
+    assert fully_shown(window.edits_panel.result_title), on_screen(window.edits_panel.result_title)
     table = window.edits_panel.table  # several rows of the before/after table, not about one
     assert table.viewport().height() >= 3 * table.verticalHeader().defaultSectionSize()
     assert on_screen(table).height() >= 3 * table.verticalHeader().defaultSectionSize()
@@ -167,4 +167,4 @@ def test_the_before_after_table_shows_rows_beside_the_metric_cards(sized, qtbot)
     for key in ("reliability", "generality", "locality"):
         frame, title, value, detail, control = strip.cards[key]
         assert fully_shown(value) and fully_shown(control), key
-    assert fully_shown(window.edits_panel.result_title)
+    assert fully_shown(window.edits_panel.result_title), on_screen(window.edits_panel.result_title)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from PySide6.QtCore import QStringListModel, Qt, Signal
+from PySide6.QtCore import QSize, QStringListModel, Qt, Signal
 from PySide6.QtWidgets import (QComboBox, QCompleter, QDoubleSpinBox, QFormLayout, QFrame, QGroupBox, QLabel,
                                QScrollArea, QSpinBox, QSplitter, QStackedWidget, QTabWidget, QUndoView,
                                QWidget)
@@ -85,6 +85,9 @@ class EditsPanel(QWidget):
         self.set_stats(None)
         self.history = QUndoView(undo_stack)
         self.history.setEmptyLabel("<original model>")
+        # two rows at least (Qt's default is about three): the form and the history then fit the dock at 1600x1000,
+        # which otherwise scrolled and cut the bottom rows of the before/after table
+        self.history.setMinimumHeight(2 * self.history.fontMetrics().height() + 12)
         history_box = QGroupBox("History (click to go back)")
         history_box.setLayout(vbox(self.history))
 
@@ -96,9 +99,12 @@ class EditsPanel(QWidget):
         self.degeneracy = DegeneracyTable()
         self.degeneracy.run_requested.connect(lambda params: self.apply_requested.emit(
             {"kind": "Degeneracy", "target": self.target.currentData(), **params}))
-        self.result_tabs = QTabWidget()
+        self.result_tabs = _TabsWithCorner()
         self.result_tabs.addTab(self._result_box(), "Before / after")
         self.result_tabs.addTab(self.degeneracy, "Degeneracy")
+        # the report's title and Export beside the tabs, not in a row of their own: the table keeps the height
+        self.result_tabs.setCornerWidget(self.result_header, Qt.TopRightCorner)
+        self.result_tabs.currentChanged.connect(lambda index: self.result_header.setVisible(index == 0))
         self.apply_button.clicked.connect(lambda: self.result_tabs.setCurrentIndex(0))
         split.addWidget(self.result_tabs)
         split.setStretchFactor(0, 1)
@@ -168,8 +174,9 @@ class EditsPanel(QWidget):
         return controls
 
     def _result_box(self) -> QWidget:
-        """The report: a one-line title over the before/after table, which takes the height (its summary and
-        warnings above it get what they need up to HEADER_SHARE of it); the metric cards beside both."""
+        """The report: the before/after table takes the height (its warnings and summary above it get what they
+        need up to HEADER_SHARE of it), the metric cards beside both; the one-line title and Export in
+        `result_header`, which stands beside the tabs."""
         self.result_title = ElidedLabel("Apply an edit to see its effect here.")
         self.result_title.setObjectName("heading")
         self.result_summary = hint("")
@@ -184,8 +191,10 @@ class EditsPanel(QWidget):
                                 "p(o') after", "goal", "top-1 before", "top-1 after", "flip"],
                                formats={4: fmt_prob, 5: fmt_prob, 6: fmt_delta, 7: fmt_prob, 8: fmt_prob})
         self.export_button = button("Export table\u2026", lambda: self.table.export_csv_dialog(self, "edit.csv"))
-        title_row = hbox(self.result_title, self.export_button)
+        title_row = hbox(self.result_title, self.export_button, margins=(4, 1, 0, 0))  # Qt sets a corner at y = -1
         title_row.setStretch(0, 1)
+        self.result_header = _Corner()
+        self.result_header.setLayout(title_row)
         warning_row = hbox(self.result_warning, self.attribute_button)
         warning_row.setStretch(0, 1)
         self.metrics_strip = MetricsStrip()
@@ -205,8 +214,7 @@ class EditsPanel(QWidget):
         self.result_split = _split(Qt.Vertical, header_scroll, self.table)
         page = QWidget()
         page.setToolTip("The fact's prompts, then the controls: other facts the edit must not move")
-        page.setLayout(vbox(title_row, _split(Qt.Horizontal, self.result_split, self.metrics_strip),
-                            margins=(2, 2, 2, 2)))
+        page.setLayout(vbox(_split(Qt.Horizontal, self.result_split, self.metrics_strip), margins=(2, 2, 2, 2)))
         return page
 
     def resizeEvent(self, event):
@@ -538,6 +546,28 @@ def _scoring(report: dict) -> str:
         return ""
     judged = "greedy generation" if report.get("eval") == "generate" else "teacher-forced"
     return f"scored by the {report['protocol']} protocol; correct judged by {judged}"
+
+
+class _Corner(QWidget):
+    """A tab widget's corner that asks for the width the tabs leave it (`_TabsWithCorner`), whatever its text."""
+
+    wanted = 120
+
+    def sizeHint(self):
+        return QSize(self.wanted, super().sizeHint().height())
+
+
+class _TabsWithCorner(QTabWidget):
+    """Tabs whose corner widget (the report's title row, a `_Corner`) takes the width the tab bar leaves, never
+    more (a long title would otherwise squeeze the tabs behind scroll arrows)."""
+
+    def resizeEvent(self, event):
+        corner = self.cornerWidget()
+        if isinstance(corner, _Corner):
+            corner.wanted = max(120, self.width() - self.tabBar().sizeHint().width() - 12)
+            corner.setFixedHeight(self.tabBar().sizeHint().height() - 2)  # within the tab bar's row
+            corner.updateGeometry()
+        super().resizeEvent(event)
 
 
 def _split(orientation, first: QWidget, second: QWidget) -> QSplitter:
