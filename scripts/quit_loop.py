@@ -27,6 +27,9 @@ def one_round(x, project: Path, model: str, by: str) -> tuple[int, str]:
     """(exit code, the app's stderr of this round)."""
     start = x.stderr_path.stat().st_size if x.stderr_path.exists() else 0
     x.launch(str(project), "--model", model)
+    recover = x.xdotool_search("Recover unsaved work")  # a round that failed was killed: its autosave is offered
+    if recover:
+        x.keys("alt+n", window=recover)
     x.wait_event(lambda e: e["event"] == "model_loaded", "model loaded")
     x.wait_idle()
     x.keys("F5")
@@ -56,6 +59,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import test_e2e_x11 as E
 
+    E.TIMEOUT = 900  # the default model's attribution on a loaded 2-core machine
     tmp = Path(tempfile.mkdtemp(prefix="kn-quit-"))
     tiny, project, _ = E.make_projects(tmp)
     model = str(tiny) if args.model == "tiny" else args.model

@@ -28,6 +28,13 @@ JAPAN, SPAIN = Fact("P36", "Japan", "Tokyo"), Fact("P36", "Spain", "Madrid")
 def parts(qapp):
     session = Session(geo_factset())
     session.lm = make_tiny(TINY_CAUSAL)
+    built = attributed(session, [FRANCE, JAPAN])
+    yield built
+    built[1].shutdown()
+
+
+def attributed(session, facts):
+    """(session, runner, history, edits, batch, batch events) with `facts` attributed (loose p: neurons to edit)."""
     session.p = 0.3
     runner = JobRunner()
     history = History()
@@ -37,10 +44,9 @@ def parts(qapp):
     batch = BatchController(session, runner, history)
     events = []
     batch.event.connect(events.append)
-    attribution.start([FRANCE, JAPAN], AttributionParams(steps=2))
+    attribution.start(facts, AttributionParams(steps=2))
     assert runner.wait_idle(60000)
-    yield session, runner, history, edits, batch, events
-    runner.shutdown()
+    return session, runner, history, edits, batch, events
 
 
 def weights(lm):
@@ -118,18 +124,10 @@ def test_batch_control_facts_are_table_rows_with_the_numbers_of_kn_edit_batch(qa
     built.model.save_pretrained(folder)
     built.tokenizer.save_pretrained(folder)
     session = Session(builtin_facts())
-    session.lm, session.p = load_model(str(folder)), 0.3
-    runner, history = JobRunner(), History()
-    edits = E.EditsController(session, runner, history)
-    edits.set_model(session.lm)
-    attribution = A.AttributionController(session, runner, edits.active_descriptions)
-    batch = BatchController(session, runner, history)
-    events = []
-    batch.event.connect(events.append)
-    facts = [FRANCE, Fact("P36", "Japan", "Tokyo")]
+    session.lm = load_model(str(folder))
+    facts = [FRANCE, JAPAN]
+    _, runner, history, _, batch, events = attributed(session, facts)
     try:
-        attribution.start(facts, AttributionParams(steps=2))
-        assert runner.wait_idle(60000)
         batch.apply({"kind": "Suppress", "scope": "answer", "to": "zero"}, facts)
         assert runner.wait_idle(60000)
     finally:
