@@ -15,6 +15,9 @@ def build_app(argv=None):
     from PySide6.QtWidgets import QApplication
 
     app = QApplication.instance() or QApplication(argv or sys.argv[:1])
+    from .binding_guard import install
+
+    install()  # before the binding's first slips can add up (binding_guard: none_dealloc at quit)
     app.setApplicationName("Knowledge Neuron Studio")
     app.setOrganizationName("KnowledgeNeuronStudio")
     app.setStyle("Fusion")
