@@ -3,7 +3,8 @@
 
 Measured with PySide6 6.12.0 on Python 3.11: every call of a wrapped method that returns nothing (QLabel.setText,
 QTimer.stop, processEvents, ...) drops one reference to None that it never took, and every Signal.emit (and
-disconnect) one to True. Python 3.12 made None, True and False immortal, so there the slips are harmless; before
+disconnect) one to True; PySide6 6.11.3 loses none (the same 1,000-call probe each). Python 3.12 made None, True
+and False immortal, so there the slips are harmless; before
 3.12 the count of None falls with every call, and Python aborts when it reaches zero: in a long session, or at
 quit when Python's finalisation releases its own references to None (the tester's "once in 7 quits").
 
