@@ -4,9 +4,9 @@
 Measured with PySide6 6.12.0 on Python 3.11: every call of a wrapped method that returns nothing (QLabel.setText,
 QTimer.stop, processEvents, ...) drops one reference to None that it never took, and every Signal.emit (and
 disconnect) one to True; PySide6 6.11.3 loses none (the same 1,000-call probe each). Python 3.12 made None, True
-and False immortal, so there the slips are harmless; before
-3.12 the count of None falls with every call, and Python aborts when it reaches zero: in a long session, or at
-quit when Python's finalisation releases its own references to None (the tester's "once in 7 quits").
+and False immortal, so there the slips are harmless; before 3.12 the count of None falls with every call, and
+Python aborts when it reaches zero: in a long session, or at quit when Python's finalisation releases its own
+references to None (the tester's "once in 7 quits").
 
 `install()` measures the slips (a few dozen calls, well inside the counts at start) and, where there are any,
 does what Python 3.12 does: it gives None, True and False a count that no session can use up (2**40). A sound
