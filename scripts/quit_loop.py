@@ -2,7 +2,7 @@
 24: "Fatal Python error: none_dealloc" was seen once in 7 quits).
 
 Each round: launch `kn-studio PROJECT --model MODEL`, wait for the model, attribute the selected fact (F5), edit
-with its refined neurons (Ctrl+Return), undo (Ctrl+Z), then quit, alternately by Ctrl+Q and by the window
+with its refined neurons (Ctrl+Return), undo (Ctrl+Z) (--journeys times: a longer session), then quit, alternately by Ctrl+Q and by the window
 manager's close (Alt+F4, WM_DELETE_WINDOW), answering Discard to "Unsaved changes". A round crashed when the
 exit code is not 0 or stderr says "Fatal" or "Traceback". The driver is tests/test_e2e_x11.py's (real X input
 events, waits on the app's event log).
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 
-def one_round(x, project: Path, model: str, by: str) -> tuple[int, str]:
+def one_round(x, project: Path, model: str, by: str, journeys: int = 1) -> tuple[int, str]:
     """(exit code, the app's stderr of this round)."""
     start = x.stderr_path.stat().st_size if x.stderr_path.exists() else 0
     x.launch(str(project), "--model", model)
@@ -32,14 +32,15 @@ def one_round(x, project: Path, model: str, by: str) -> tuple[int, str]:
         x.keys("alt+n", window=recover)
     x.wait_event(lambda e: e["event"] == "model_loaded", "model loaded")
     x.wait_idle()
-    x.keys("F5")
-    x.wait_job("Attribution")
-    x.wait_idle()
-    x.keys("ctrl+Return")
-    x.wait_event(lambda e: e["event"] == "edit_evaluated", "the edit's report")
-    x.wait_idle()
-    x.keys("ctrl+z")
-    x.wait_idle()
+    for _ in range(journeys):
+        x.keys("F5")
+        x.wait_job("Attribution")
+        x.wait_idle()
+        x.keys("ctrl+Return")
+        x.wait_event(lambda e: e["event"] == "edit_evaluated", "the edit's report")
+        x.wait_idle()
+        x.keys("ctrl+z")
+        x.wait_idle()
     x.keys("ctrl+q" if by == "ctrl+q" else "alt+F4")
     deadline = time.monotonic() + 60
     while x.app.poll() is None and time.monotonic() < deadline:
@@ -55,6 +56,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--model", default="default", help="'default' (SmolLM2-135M) or 'tiny' (a tiny random model)")
+    parser.add_argument("--journeys", type=int, default=1, help="attribute, edit, undo this many times before a quit")
     parser.add_argument("--log", default="-")
     args = parser.parse_args(argv)
     import test_e2e_x11 as E
@@ -79,7 +81,7 @@ def main(argv=None) -> int:
         for n in range(1, args.rounds + 1):
             by = "ctrl+q" if n % 2 else "alt+F4"
             try:
-                code, err = one_round(x, project, model, by)
+                code, err = one_round(x, project, model, by, args.journeys)
             except AssertionError as exc:
                 x.kill_app()
                 print(f"round {n} ({by}): journey failed: {str(exc)[:300]}", file=out)
