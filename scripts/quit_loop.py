@@ -4,7 +4,7 @@
 Each round: launch `kn-studio PROJECT --model MODEL`, wait for the model, attribute the selected fact (F5), edit
 with its refined neurons (Ctrl+Return), undo (Ctrl+Z) (--journeys times: a longer session), then quit, alternately by Ctrl+Q and by the window
 manager's close (Alt+F4, WM_DELETE_WINDOW), answering Discard to "Unsaved changes". A round crashed when the
-exit code is not 0 or stderr says "Fatal" or "Traceback". The driver is tests/test_e2e_x11.py's (real X input
+app died during the session or its exit code is not 0 or stderr says "Fatal" or "Traceback". The driver is tests/test_e2e_x11.py's (real X input
 events, waits on the app's event log).
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/quit_loop.py --rounds 20 --model default --log quit.log
@@ -80,11 +80,19 @@ def main(argv=None) -> int:
     try:
         for n in range(1, args.rounds + 1):
             by = "ctrl+q" if n % 2 else "alt+F4"
+            start = x.stderr_path.stat().st_size if x.stderr_path.exists() else 0
             try:
                 code, err = one_round(x, project, model, by, args.journeys)
             except AssertionError as exc:
+                ended = x.app is not None and x.app.poll() is not None
+                err = x.stderr_path.read_text(errors="replace")[start:]
                 x.kill_app()
-                print(f"round {n} ({by}): journey failed: {str(exc)[:300]}", file=out)
+                if ended and ("Fatal" in err or x.app.returncode != 0):  # it died during the session
+                    crashes += 1
+                    print(f"round {n} ({by}): CRASH during the session (exit {x.app.returncode}): "
+                          f"{err.strip()[-400:]}", file=out)
+                else:
+                    print(f"round {n} ({by}): journey failed: {str(exc)[:300]}", file=out)
                 continue
             bad = code != 0 or "Fatal" in err or "Traceback" in err
             crashes += bad
