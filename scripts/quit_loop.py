@@ -4,8 +4,8 @@
 Each round: launch `kn-studio PROJECT --model MODEL`, wait for the model, attribute the selected fact (F5), edit
 with its refined neurons (Ctrl+Return), undo (Ctrl+Z) (--journeys times: a longer session), then quit, alternately by Ctrl+Q and by the window
 manager's close (Alt+F4, WM_DELETE_WINDOW), answering Discard to "Unsaved changes". A round crashed when the
-app died during the session or its exit code is not 0 or stderr says "Fatal" or "Traceback". The driver is tests/test_e2e_x11.py's (real X input
-events, waits on the app's event log).
+app died during the session, or its exit code is not 0, or stderr says "Fatal" or "Traceback". The driver is
+tests/test_e2e_x11.py's (real X input events, waits on the app's event log).
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/quit_loop.py --rounds 20 --model default --log quit.log
 """
