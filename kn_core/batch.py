@@ -325,7 +325,30 @@ def _compound(lm, requests, neurons, planning, settings, left_out, forgetting_pr
     for e, b, a, c in zip(entries, before, after, control):
         task.check()
         e["metrics"] = _metrics(lm, e["plan"], b, a, c, settings["sizes"], settings["protocol"])
+        e["control_rows"] = _control_rows(e["plan"], b, a, c)
     return entries, None
+
+
+# a request's prompts of facts the batch does not edit (batch_requests and _PlanningFacts keep edited facts out)
+CONTROL_GROUPS = ("relation", "other relations", "portability", "locality")
+
+
+def _control_rows(plan, before: dict, after: dict, control_after: dict) -> list[dict]:
+    """Per prompt of the request's other-fact controls (CONTROL_GROUPS): its answer's probability, rank and top-1
+    before the batch, with it, and under the batch of random-neuron controls, as measured: the rows that the
+    locality and portability metrics are means of, so a reader sees which control fact moved."""
+    def measured(row: dict) -> dict:
+        return {k: row[k] for k in ("prob", "rank", "top1_token", "top1_id")}
+
+    rows = []
+    for group in CONTROL_GROUPS:
+        for p, b, a, c in zip(plan.prompts.get(group, []), before.get(group, []), after.get(group, []),
+                              control_after.get(group, [])):
+            rows.append({"group": group, "fact": {"relation": p.fact.relation, "subject": p.fact.subject,
+                                                  "object": p.fact.object},
+                         "prompt": p.text, "answer": p.answer, "before": measured(b), "after": measured(a),
+                         "control": measured(c)})
+    return rows
 
 
 def _with(lm, edit, fn):
@@ -355,6 +378,7 @@ def _sequential(lm, requests, neurons, planning, settings, left_out, forgetting_
             handles.append(plan.edit.apply(lm))
             (after,) = measure_groups(lm, [plan.prompts], step.slice(0.6, 0.8), ev)
             entry["metrics"] = _metrics(lm, plan, before, after, control, settings["sizes"], settings["protocol"])
+            entry["control_rows"] = _control_rows(plan, before, after, control)
             entry["probe"] = _probe(entry, before, forgetting_prompts)
             entries.append(entry)
             steps.append(_step_report(lm, entries, step.slice(0.8, 1.0), ev))
@@ -406,7 +430,8 @@ def _request_report(e) -> dict:
                                                     "object": r.fact.object},
            "new_object": r.new_object, "neurons_from": e["source"], "edit": plan.edit.to_dict(),
            "control": plan.control.to_dict(), "prompts": {g: len(ps) for g, ps in plan.prompts.items()},
-           "skipped": [{"what": w, "reason": why} for w, why in plan.skipped], "metrics": e["metrics"]}
+           "skipped": [{"what": w, "reason": why} for w, why in plan.skipped], "metrics": e["metrics"],
+           "control_rows": e["control_rows"]}
     if "holds" in e:
         out["holds_after_step"] = e["holds"]  # [[step, fraction of probe prompts where the edit holds], ...]
     return out

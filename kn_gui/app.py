@@ -15,6 +15,9 @@ def build_app(argv=None):
     from PySide6.QtWidgets import QApplication
 
     app = QApplication.instance() or QApplication(argv or sys.argv[:1])
+    from .binding_guard import install
+
+    install()  # before the binding's first slips can add up (binding_guard: none_dealloc at quit)
     app.setApplicationName("Knowledge Neuron Studio")
     app.setOrganizationName("KnowledgeNeuronStudio")
     app.setStyle("Fusion")
@@ -41,6 +44,7 @@ def install_excepthook(window):
         except Exception:  # noqa: BLE001
             previous(kind, value, tb)
 
+    hook.window, hook.previous = window, previous  # teardown gives the previous hook back
     sys.excepthook = hook
 
 
@@ -74,28 +78,53 @@ def main(argv=None) -> int:
         window.model_panel.source.setEditText(args.model)
         window.load_model(args.model, args.device, args.dtype)
     code = app.exec()
-    teardown(window, code)
+    teardown(window, code, app)
     return code
 
 
-def teardown(window, code: int = 0) -> None:
-    """An orderly end before Python's own teardown (which once ended in "Fatal Python error: none_dealloc"): the
-    worker thread stopped and the window with its plots deleted while the QApplication still exists (pyqtgraph's
-    own clean-up already ran when the application quit)."""
+def teardown(window, code: int = 0, app=None) -> None:
+    """An orderly end while Python and Qt are whole, before Python's own finalisation destroys what is left in no
+    set order (a quit once ended in "Fatal Python error: none_dealloc", a reference count broken in a binding),
+    in this order:
+    1. the worker: its jobs cancelled and its signals disconnected, the thread stopped and waited for, then the
+       worker object and the thread deleted; an autosave being written waited for (its thread signals the window);
+    2. the exception hook given back (it holds the window);
+    3. the window deleted with everything it owns (docks, timers, the pyqtgraph plots), and the deletions Qt
+       deferred delivered;
+    4. Python's cycles collected while the QApplication still exists;
+    5. with `app` (main's), the other top-level widgets (dialogs without a parent) and the QApplication deleted.
+    A job step that cannot be cancelled leaves its thread running: the process then ends at once (os._exit)
+    instead of destroying a running thread."""
     import gc
 
     import shiboken6
+    from PySide6.QtCore import QCoreApplication, QEvent
     from PySide6.QtWidgets import QApplication
 
-    stopped = window.runner.shutdown()
-    if shiboken6.isValid(window):
-        shiboken6.delete(window)
-    QApplication.processEvents()
-    gc.collect()
-    if not stopped:  # a job step that cannot be cancelled still runs: end without destroying its thread
+    runner = window.runner
+    stopped = runner.shutdown()
+    if not stopped:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+    for part in (runner.worker, runner.thread):
+        if shiboken6.isValid(part):
+            shiboken6.delete(part)
+    window.project.wait_autosave()
+    if getattr(sys.excepthook, "window", None) is window:
+        sys.excepthook = sys.excepthook.previous
+    if shiboken6.isValid(window):
+        shiboken6.delete(window)
+    QCoreApplication.sendPostedEvents(None, QEvent.DeferredDelete)
+    QApplication.processEvents()
+    gc.collect()
+    if isinstance(app, QApplication) and shiboken6.isValid(app):
+        for widget in app.topLevelWidgets():
+            if shiboken6.isValid(widget):
+                shiboken6.delete(widget)
+        QCoreApplication.sendPostedEvents(None, QEvent.DeferredDelete)
+        gc.collect()
+        shiboken6.delete(app)
 
 
 if __name__ == "__main__":

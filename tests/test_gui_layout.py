@@ -78,7 +78,7 @@ def test_an_edit_report_keeps_the_window_on_screen(sized, qtbot):
     assert hint.width() <= width and hint.height() <= height, hint
     assert not window.edits_dock.widget().horizontalScrollBar().isVisible()
     assert fully_shown(window.edits_panel.apply_button) and fully_shown(window.attribution_panel.run_button)
-    assert fully_shown(window.edits_panel.result_title)
+    assert fully_shown(window.edits_panel.result_title), on_screen(window.edits_panel.result_title)
     table = window.edits_panel.table  # several rows of the before/after table, not about one
     assert table.viewport().height() >= 3 * table.verticalHeader().defaultSectionSize()
     assert on_screen(table).height() >= 3 * table.verticalHeader().defaultSectionSize()
@@ -144,3 +144,27 @@ def test_the_facts_tree_shows_a_facts_name_whole(sized, qtbot):
     needed = panel.tree.fontMetrics().horizontalAdvance(text)
     assert panel.tree.visualRect(index).width() >= needed + 6, (text, panel.tree.visualRect(index).width(), needed)
     assert panel.model.itemFromIndex(index.siblingAtColumn(2)).text()  # the checks are still shown beside it
+
+
+ROWS_SHOWN = {(1280, 800): 3, (1600, 1000): 6}  # issue 24: about two rows showed at 1600x1000
+
+
+def test_the_before_after_table_shows_rows_beside_the_metric_cards(sized, qtbot):
+    """The table, not the cards or the summary, gets the result area's height: whole rows on screen, counted."""
+    window, size = sized
+    run_fact(qtbot, window, steps=1)
+    window.attribution_panel.select_neuron(3, 5)
+    report = apply_edit(qtbot, window, {"kind": "Suppress", "target": ("selection", None), "scope": "answer"})
+    qtbot.wait(300)
+    table = window.edits_panel.table
+    assert len(report["rows"]) >= ROWS_SHOWN[size]
+    viewport = on_screen(table.viewport())
+    visible = [r for r in range(table.model().rowCount())
+               if viewport.contains(QRect(table.viewport().mapTo(window, table.visualRect(
+                   table.model().index(r, 0)).topLeft()), table.visualRect(table.model().index(r, 0)).size()))]
+    assert len(visible) >= ROWS_SHOWN[size], (len(visible), viewport, table.rowHeight(0))
+    strip = window.edits_panel.metrics_strip  # the cards keep their values on screen beside it
+    for key in ("reliability", "generality", "locality"):
+        frame, title, value, detail, control = strip.cards[key]
+        assert fully_shown(value) and fully_shown(control), key
+    assert fully_shown(window.edits_panel.result_title), on_screen(window.edits_panel.result_title)

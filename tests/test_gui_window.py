@@ -83,3 +83,68 @@ def test_toolbar_and_cancel_icons_are_crisp_at_2x(app, qtbot, settings):  # noqa
     for icon in icons.values():
         assert icon.pixmap(window.menus.toolbar.iconSize(), 2.0).size().width() == need
     window.close()
+
+
+def test_quit_tears_down_in_order_while_qt_is_up(app, qtbot, settings, request):
+    """Issue 24 ("Fatal Python error: none_dealloc" once at quit): nothing is left for Python's finalisation to
+    destroy in no set order. The worker thread ends before the window goes; the worker, the thread, the window,
+    its timers and its pyqtgraph plots are deleted; the exception hook no longer holds the window."""
+    import sys
+    import time
+
+    import shiboken6
+    from PySide6.QtCore import QObject, Qt, QTimer
+
+    from kn_gui.app import install_excepthook, teardown
+
+    window = make_window(qtbot, settings, make_tiny(TINY_CAUSAL))
+    run_fact(qtbot, window, steps=1)  # the plots have drawn a run
+    runner = window.runner
+    thread, worker = runner.thread, runner.worker
+    order = []
+    thread.finished.connect(lambda: order.append("thread finished"), Qt.DirectConnection)
+    window.destroyed.connect(lambda: order.append("window destroyed"))
+    timers = window.findChildren(QTimer)
+    plots = [window.attribution_panel.heat_widget, window.attribution_panel.heat_widget.plot]
+    window._autosave_timer.start()
+    before = sys.excepthook
+    install_excepthook(window)
+    runner.submit("a job the quit cancels", lambda task: [task.check() or time.sleep(0.01) for _ in range(10000)])
+    window.session.results_dirty = True  # unsaved work: written in a thread that signals the window when done
+    saving = window.project.autosave() or window.project._autosaving  # or the one the finished run started
+    teardown(window)
+    assert saving is not None and not saving.is_alive()
+    request.node.qt_widgets = [entry for entry in request.node.qt_widgets if entry[0]() is not window]  # gone
+    assert order == ["thread finished", "window destroyed"]
+    assert not any(shiboken6.isValid(o) for o in (thread, worker, window, *timers, *plots))
+    assert len(timers) >= 2 and sys.excepthook is before
+    assert shiboken6.isValid(app) and isinstance(app, QObject)  # a test's application is left alone
+
+
+
+def test_the_bindings_lost_references_never_free_none(app, monkeypatch):
+    """Issue 24's "Fatal Python error: none_dealloc": PySide6 6.12.0 on Python 3.11 drops a reference to None on
+    each call of a method returning nothing (and to True on each emit); 100,000 such calls bring None's count
+    (about 77,000 with the app imported) to zero. The app makes them immortal where the binding slips."""
+    import sys
+
+    from PySide6.QtWidgets import QLabel
+
+    from kn_gui import binding_guard
+
+    if sys.version_info >= (3, 12):
+        pytest.skip("None, True and False are immortal (PEP 683)")
+    label = QLabel()
+    slipping = min(binding_guard.slips().values()) >= binding_guard.PROBE_CALLS // 2  # PySide6 6.12.0 here
+    assert binding_guard._installed == (["None", "True", "False"] if slipping else [])  # by build_app
+    none, true = sys.getrefcount(None), sys.getrefcount(True)
+    if slipping:  # counts no session can use up
+        assert none > binding_guard.IMMORTAL and true > binding_guard.IMMORTAL
+    for _ in range(100_000):
+        label.setText("x")  # without the guard on a slipping binding: none_dealloc here
+    assert sys.getrefcount(None) > none - 100_001 and sys.getrefcount(None) > 0
+    # a sound binding is left alone
+    monkeypatch.setattr(binding_guard, "_installed", [])
+    monkeypatch.setattr(binding_guard, "slips", lambda: {"None": 0, "True": 0})
+    before = sys.getrefcount(None)
+    assert binding_guard.install() == [] and abs(sys.getrefcount(None) - before) < 10

@@ -15,7 +15,7 @@ from kn_core.history import History
 from ..session import Session, fact_key, fact_label
 from ..worker import JobRunner
 from . import UserError
-from .edits import scoring_of
+from .edits import GROUP_LABELS, scoring_of, table_row
 
 # the Edits panel's fields that every request of the batch shares, by kind
 OPTIONS = {"suppress": ("scope", "to"), "amplify": ("factor", "scope"),
@@ -124,8 +124,9 @@ def _top1(kind: str, target: str, reliability: dict) -> str:
 
 def panel_report(batch: dict, facts: list[Fact], label: str, lm) -> dict:
     """The Edits panel's before/after table for a batch: one row per fact, with the probability of the edit's
-    target (o for suppress/amplify, o' for update) before and after, averaged over the fact's prompts; the
-    facts left out as skipped items; the whole batch report under "batch"."""
+    target (o for suppress/amplify, o' for update) before and after, averaged over the fact's prompts, then the
+    other-fact controls' rows (`control_rows`); the facts left out as skipped items; the whole batch report
+    under "batch"."""
     rows = []
     for r in batch["requests"]:
         reliability = r["metrics"]["reliability"]
@@ -137,12 +138,13 @@ def panel_report(batch: dict, facts: list[Fact], label: str, lm) -> dict:
                      "answer": target, "before": reliability["before"]["mean_prob"],
                      "after": reliability["mean_prob"], "top_before": _top1(r["kind"], target, reliability["before"]),
                      "top_after": _top1(r["kind"], target, reliability)})
+    rows += control_rows(batch)
     left = {x["line"]: x["reason"] for x in batch["left_out"]}
     skipped = [[fact_label(facts[line - 1]) if 0 < line <= len(facts) else f"fact {line}", why]
                for line, why in left.items()]
     info = lm.describe()
     return {"title": f"Batch: {label}: {batch['applied']} of {len(facts)} facts edited as one history entry "
-                     f"(rows: p of the edit's target, mean over each fact's prompts)",
+                     f"(fact rows: p of the edit's target, mean over the fact's prompts; then the facts it must not move)",
             "rows": rows, "edit": {"kind": "batch"}, "summary": {}, "skipped": skipped,
             "model": {"name": info.get("name") or lm.source, "sha256": lm.sha256}, "batch": batch,
             # the engine's measurement (kn_core.batch): each metric the mean over the edited facts, beside the same
@@ -152,3 +154,20 @@ def panel_report(batch: dict, facts: list[Fact], label: str, lm) -> dict:
             "protocol": batch["protocol"], "eval": batch["evaluation"],
             **({"protocol_scores": {side: batch["summary"][side] for side in ("pre", "post", "control")}}
                if batch["protocol"] != "kn" else {})}
+
+
+def control_rows(batch: dict) -> list[dict]:
+    """The batch's other-fact controls (facts it does not edit: of the same relation, of other relations, the new
+    object's) as rows of the single edit's table, one per prompt, with the engine's measurements before and with
+    the whole batch (kn_core.batch's "control_rows"). Requests of one relation share control facts: measured under
+    the same compound batch, a prompt is one row."""
+    rows, seen = [], set()
+    for request in batch["requests"]:
+        for c in request.get("control_rows", ()):
+            key = (c["group"], tuple(c["fact"].values()), c["prompt"])
+            if batch["mode"] == "compound" and key in seen:
+                continue
+            seen.add(key)
+            rows.append(table_row(GROUP_LABELS.get(c["group"], c["group"]), Fact(**c["fact"]), c["prompt"],
+                                  c["answer"], c["before"], c["after"]))
+    return rows

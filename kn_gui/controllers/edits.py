@@ -292,6 +292,14 @@ def measure_with_protocol(lm, plan, task, scoring: dict) -> dict:
     return measured
 
 
+def table_row(group: str, fact: Fact, prompt: str, answer: str, before: dict, after: dict) -> dict:
+    """One prompt's row of the Edits panel's before/after table (a single edit's, a batch's control facts) from its
+    measurements before and after the edit (`evaluation.answer_probabilities` rows: prob, top1_token, top1_id)."""
+    return {"group": group, "fact": fact_label(fact), "prompt": prompt, "answer": answer, "before": before["prob"],
+            "after": after["prob"], "top_before": before["top1_token"], "top_after": after["top1_token"],
+            "top_before_id": before["top1_id"], "top_after_id": after["top1_id"]}
+
+
 def edit_report(plan, before: dict, after: dict, model: dict, metrics: dict | None = None) -> dict:
     """The before/after table of an edit: one row per evaluated prompt (an update's rows also carry the new
     object's probability), the engine's per-group summary, the field's metrics beside the random control
@@ -304,9 +312,7 @@ def edit_report(plan, before: dict, after: dict, model: dict, metrics: dict | No
         new_before = before.get(NEW_OBJECT_GROUPS.get(group, ""), [])
         new_after = after.get(NEW_OBJECT_GROUPS.get(group, ""), [])
         for i, (p, b, a) in enumerate(zip(plan.prompts.get(group, []), before.get(group, []), after.get(group, []))):
-            rows.append({"group": label, "fact": fact_label(p.fact), "prompt": p.text, "answer": p.answer,
-                         "before": b["prob"], "after": a["prob"], "top_before": b["top1_token"],
-                         "top_after": a["top1_token"], "top_before_id": b["top1_id"], "top_after_id": a["top1_id"]})
+            rows.append(table_row(label, p.fact, p.text, p.answer, b, a))
             if i < min(len(new_before), len(new_after)):
                 rows[-1]["new_before"], rows[-1]["new_after"] = new_before[i]["prob"], new_after[i]["prob"]
     if request.kind == "erase":

@@ -209,10 +209,14 @@ class ProjectController(QObject):
         self._autosaving.start()
         return self._autosaving
 
-    def discard_autosave(self):
-        """The work is saved (or deliberately dropped): its autosave file goes."""
+    def wait_autosave(self):
+        """Returns once no autosave is being written (its thread emits a signal of this object when it ends)."""
         if self._autosaving is not None:
             self._autosaving.join()
+
+    def discard_autosave(self):
+        """The work is saved (or deliberately dropped): its autosave file goes."""
+        self.wait_autosave()
         path, self._autosave_file = self._autosave_file, None
         if path is None:
             return

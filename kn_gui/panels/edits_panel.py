@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from PySide6.QtCore import QStringListModel, Qt, Signal
+from PySide6.QtCore import QSize, QStringListModel, Qt, Signal
 from PySide6.QtWidgets import (QComboBox, QCompleter, QDoubleSpinBox, QFormLayout, QFrame, QGroupBox, QLabel,
                                QScrollArea, QSpinBox, QSplitter, QStackedWidget, QTabWidget, QUndoView,
                                QWidget)
@@ -21,12 +21,13 @@ from kn_core.evaluation import EVALUATIONS
 from kn_core.facts import Fact
 from kn_core.protocols import PROTOCOLS
 
-from .common import TableView, button, fmt_delta, fmt_prob, hbox, hint, vbox
+from .common import ElidedLabel, TableView, button, fmt_delta, fmt_prob, hbox, hint, vbox
 
 from .degeneracy_table import DegeneracyTable
 from .metrics_strip import MetricsStrip
 
-TABLE_ROWS_SHOWN = 4  # the before/after table's least height, in rows
+TABLE_ROWS_SHOWN = 3  # the before/after table's least height, in rows
+HEADER_SHARE = 0.2  # the most of the table's column that the warnings and summary above it take (they scroll)
 
 KINDS = ["Suppress", "Amplify", "Update", "Erase relation"]
 UP, DOWN = "#1e8449", "#c0392b"
@@ -84,6 +85,9 @@ class EditsPanel(QWidget):
         self.set_stats(None)
         self.history = QUndoView(undo_stack)
         self.history.setEmptyLabel("<original model>")
+        # two rows at least (Qt's default is about three): the form and the history then fit the dock at 1600x1000,
+        # which otherwise scrolled and cut the bottom rows of the before/after table
+        self.history.setMinimumHeight(2 * self.history.fontMetrics().height() + 12)
         history_box = QGroupBox("History (click to go back)")
         history_box.setLayout(vbox(self.history))
 
@@ -95,9 +99,12 @@ class EditsPanel(QWidget):
         self.degeneracy = DegeneracyTable()
         self.degeneracy.run_requested.connect(lambda params: self.apply_requested.emit(
             {"kind": "Degeneracy", "target": self.target.currentData(), **params}))
-        self.result_tabs = QTabWidget()
+        self.result_tabs = _TabsWithCorner()
         self.result_tabs.addTab(self._result_box(), "Before / after")
         self.result_tabs.addTab(self.degeneracy, "Degeneracy")
+        # the report's title and Export beside the tabs, not in a row of their own: the table keeps the height
+        self.result_tabs.setCornerWidget(self.result_header, Qt.TopRightCorner)
+        self.result_tabs.currentChanged.connect(lambda index: self.result_header.setVisible(index == 0))
         self.apply_button.clicked.connect(lambda: self.result_tabs.setCurrentIndex(0))
         split.addWidget(self.result_tabs)
         split.setStretchFactor(0, 1)
@@ -166,11 +173,12 @@ class EditsPanel(QWidget):
         controls.setLayout(vbox(form, self.pages, scoring, self.apply_button, None))
         return controls
 
-    def _result_box(self) -> QGroupBox:
-        """The report: title, summary, warnings and metrics above the before/after table."""
-        self.result_title = QLabel("Apply an edit to see its effect here.")
+    def _result_box(self) -> QWidget:
+        """The report: the before/after table takes the height (its warnings and summary above it get what they
+        need up to HEADER_SHARE of it), the metric cards beside both; the one-line title and Export in
+        `result_header`, which stands beside the tabs."""
+        self.result_title = ElidedLabel("Apply an edit to see its effect here.")
         self.result_title.setObjectName("heading")
-        self.result_title.setWordWrap(True)
         self.result_summary = hint("")
         self.result_warning = QLabel("")
         self.result_warning.setObjectName("warning")
@@ -183,27 +191,31 @@ class EditsPanel(QWidget):
                                 "p(o') after", "goal", "top-1 before", "top-1 after", "flip"],
                                formats={4: fmt_prob, 5: fmt_prob, 6: fmt_delta, 7: fmt_prob, 8: fmt_prob})
         self.export_button = button("Export table\u2026", lambda: self.table.export_csv_dialog(self, "edit.csv"))
-        result_box = QGroupBox("Before / after (the fact's prompts, then controls)")
-        title_row = hbox(self.result_title, self.export_button)
+        title_row = hbox(self.result_title, self.export_button, margins=(4, 1, 0, 0))  # Qt sets a corner at y = -1
         title_row.setStretch(0, 1)
+        self.result_header = _Corner()
+        self.result_header.setLayout(title_row)
         warning_row = hbox(self.result_warning, self.attribute_button)
         warning_row.setStretch(0, 1)
         self.metrics_strip = MetricsStrip()
-        # the summary above the table scrolls in its own area, in a splitter with the table, so the table always
-        # shows several rows (at 1280x800 it used to show about one); the metric cards stand beside both
+        # no group box around it (the tab names it): at 1600x1000 its frame, a wrapped title and the summary left
+        # the table about two rows; the summary scrolls in its own area, in a splitter above the table
         header = QWidget()
-        header.setLayout(vbox(self.result_summary, warning_row, margins=(0, 0, 0, 0)))
+        header.setLayout(vbox(warning_row, self.result_summary, margins=(0, 0, 0, 0)))  # a warning first
         header_scroll = QScrollArea()
         header_scroll.setFrameShape(QFrame.NoFrame)
         header_scroll.setWidgetResizable(True)
         header_scroll.setWidget(header)
-        header_scroll.setMinimumHeight(48)
+        header_scroll.setMinimumHeight(2 * self.fontMetrics().lineSpacing())
         header_scroll.viewport().setAutoFillBackground(False)
         header.setAutoFillBackground(False)
-        self.table.setMinimumHeight(TABLE_ROWS_SHOWN * 26 + 30)
+        self.table.setMinimumHeight(TABLE_ROWS_SHOWN * self.table.verticalHeader().defaultSectionSize()
+                                    + self.table.horizontalHeader().sizeHint().height() + 4)
         self.result_split = _split(Qt.Vertical, header_scroll, self.table)
-        result_box.setLayout(vbox(title_row, _split(Qt.Horizontal, self.result_split, self.metrics_strip)))
-        return result_box
+        page = QWidget()
+        page.setToolTip("The fact's prompts, then the controls: other facts the edit must not move")
+        page.setLayout(vbox(_split(Qt.Horizontal, self.result_split, self.metrics_strip), margins=(2, 2, 2, 2)))
+        return page
 
     def resizeEvent(self, event):
         super().resizeEvent(event)
@@ -346,7 +358,7 @@ class EditsPanel(QWidget):
             return
         rows = report["rows"]
         edit = report.get("edit") or {}
-        self.result_title.setText(self._title(report))
+        self.result_title.setText(self._title(report))  # whole in its tooltip when the line is too short
         method = [m for m in (self._method(report), _scoring(report)) if m]
         self.result_summary.setText("   |   ".join(method
                                                 + self._group_summaries(report, self.answer_words)))
@@ -375,10 +387,10 @@ class EditsPanel(QWidget):
         self._share_height()
 
     def _share_height(self):
-        """The summary and metrics get what they need up to 40% of the height; the table the rest."""
+        """The summary and warnings get what they need up to HEADER_SHARE of the height; the table the rest."""
         total = sum(self.result_split.sizes())
         if total > 0:
-            header = min(self.result_split.widget(0).widget().sizeHint().height(), int(0.4 * total))
+            header = min(self.result_split.widget(0).widget().sizeHint().height(), int(HEADER_SHARE * total))
             self.result_split.setSizes([header, total - header])
 
     def _title(self, report: dict) -> str:
@@ -534,6 +546,28 @@ def _scoring(report: dict) -> str:
         return ""
     judged = "greedy generation" if report.get("eval") == "generate" else "teacher-forced"
     return f"scored by the {report['protocol']} protocol; correct judged by {judged}"
+
+
+class _Corner(QWidget):
+    """A tab widget's corner that asks for the width the tabs leave it (`_TabsWithCorner`), whatever its text."""
+
+    wanted = 120
+
+    def sizeHint(self):
+        return QSize(self.wanted, super().sizeHint().height())
+
+
+class _TabsWithCorner(QTabWidget):
+    """Tabs whose corner widget (the report's title row, a `_Corner`) takes the width the tab bar leaves, never
+    more (a long title would otherwise squeeze the tabs behind scroll arrows)."""
+
+    def resizeEvent(self, event):
+        corner = self.cornerWidget()
+        if isinstance(corner, _Corner):
+            corner.wanted = max(120, self.width() - self.tabBar().sizeHint().width() - 12)
+            corner.setFixedHeight(self.tabBar().sizeHint().height() - 2)  # within the tab bar's row
+            corner.updateGeometry()
+        super().resizeEvent(event)
 
 
 def _split(orientation, first: QWidget, second: QWidget) -> QSplitter:
