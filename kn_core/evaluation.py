@@ -499,6 +499,17 @@ def ratio_from_log10(log10: float) -> dict:
     return {"ratio": value if math.isfinite(value) else None, "log10": float(log10), "text": text}
 
 
+def change_text(rel: float | None, digits: int = 1) -> str:
+    """A relative change (after / before - 1, e.g. `relative_change`) as text a reader takes in at once: a signed
+    percentage up to a doubling ("+41.6%", "-63.70%"), the ratio after / before beyond it ("x6.9e2", never
+    "+69517.1%"); "n/a" when it is not a number."""
+    if rel is None or not math.isfinite(rel):
+        return "n/a"
+    if rel < 1:
+        return f"{100 * rel:+.{digits}f}%"
+    return ratio_from_log10(math.log10(1 + rel))["text"]
+
+
 def relative_change(before: Sequence[float], after: Sequence[float]) -> float:
     """The paper's figure: mean(Δp) / mean(p) (= Σ(after - before) / Σ before)."""
     total = float(np.sum(before))

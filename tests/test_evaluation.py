@@ -228,3 +228,12 @@ def test_forward_rows_reads_logits_and_activations_at_the_answer_positions():
         torch.testing.assert_close(out.logits, single.logits[0, row.positions], rtol=1e-4, atol=1e-5)
         for layer in (0, 1):
             torch.testing.assert_close(out.activations[layer], acts[layer][0, row.positions], rtol=1e-4, atol=1e-5)
+
+
+def test_change_text_is_a_percentage_up_to_a_doubling_and_a_ratio_beyond():
+    from kn_core.evaluation import change_text
+
+    assert change_text(0.416) == "+41.6%" and change_text(-0.637, 2) == "-63.70%" and change_text(0.0) == "+0.0%"
+    assert change_text(695.171) == "x7.0e2"  # the app printed "+69517.1%"
+    assert change_text(1.0) == "x2" and change_text(9.0) == "x10"
+    assert change_text(float("nan")) == change_text(None) == "n/a"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime
 import math
 
-from ..evaluation import ratio
+from ..evaluation import change_text, ratio
 from ..neurons import neuron_name
 from ..specificity import template_neurons
 from .document import ProjectDocument, drawn_runs, run_neurons
@@ -194,7 +194,7 @@ def _num(value, fmt) -> str:
 
 
 def _pct(value) -> str:
-    return f"{100 * value:+.2f}%" if isinstance(value, (int, float)) and math.isfinite(value) else "n/a"
+    return change_text(value, 2) if isinstance(value, (int, float)) else "n/a"
 
 
 def _neurons(neurons, limit=12) -> str:

@@ -48,8 +48,10 @@ def _ratio_text(before, after) -> str:
 
 
 def _pct(x) -> str:
-    """A relative change: signed."""
-    return f"{100 * x:+.2f}%" if _finite(x) else "n/a"
+    """A relative change: signed, or a ratio beyond a doubling (evaluation.change_text)."""
+    from ..evaluation import change_text
+
+    return change_text(x, 2) if _finite(x) else "n/a"
 
 
 def _rate(x) -> str:

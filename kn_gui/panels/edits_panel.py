@@ -17,7 +17,7 @@ from PySide6.QtWidgets import (QComboBox, QCompleter, QDoubleSpinBox, QFormLayou
                                QScrollArea, QSpinBox, QSplitter, QStackedWidget, QTabWidget, QUndoView,
                                QWidget)
 
-from kn_core.evaluation import EVALUATIONS
+from kn_core.evaluation import EVALUATIONS, change_text
 from kn_core.facts import Fact
 from kn_core.protocols import PROTOCOLS
 
@@ -434,7 +434,7 @@ class EditsPanel(QWidget):
             g = [r for r in rows if r["group"] == group]
             mean_before = sum(r["before"] for r in g) / len(g)
             mean_delta = sum(r["after"] - r["before"] for r in g) / len(g)
-            rel = f" ({100 * mean_delta / mean_before:+.1f}%)" if mean_before > 0 else ""
+            rel = f" ({change_text(mean_delta / mean_before)})" if mean_before > 0 else ""
             flips = sum(r["top_before"] != r["top_after"] for r in g)
             summary.append(f"{group}: mean \u0394p {fmt_delta(mean_delta)}{rel}, {flips}/{len(g)} top-1 flips")
         nb = [r for r in rows if r["group"] == "fact" and r.get("new_before") is not None]
