@@ -171,7 +171,7 @@ def activations_stored(run: Run) -> bool:
 
 def merge_factsets(fs, imported):
     """(fs with the imported relations' new templates and the new facts, number of facts added)."""
-    merged, added = fs, 0
+    merged = fs
     for relation in imported.relations.values():
         if relation.id in merged.relations:
             old = merged.relation(relation.id)
@@ -179,13 +179,12 @@ def merge_factsets(fs, imported):
             merged = merged.with_relation(type(old)(old.id, old.name or relation.name, templates))
         else:
             merged = merged.with_relation(relation)
-    present = set(merged.facts)
+    present, new = set(merged.facts), []
     for fact in imported.facts:
         if fact not in present:
-            merged = merged.with_fact(fact)
+            new.append(fact)
             present.add(fact)
-            added += 1
-    return merged, added
+    return merged.with_facts(new), len(new)  # one check of the set, not one per fact
 
 
 @dataclass
