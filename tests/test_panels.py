@@ -531,6 +531,31 @@ def test_model_says_shows_the_top1_word(qtbot, tiny_lm):
     assert says == ["\u2714 ' Paris'", "\u2718 ' Lyon'"]
 
 
+def test_facts_tree_renders_a_facts_prompts_when_it_is_opened(qtbot, tiny_lm, monkeypatch):
+    """Every fact's prompts were tokenized when the tree was built: after importing PARAREL's dev folder (22,425
+    facts) the UI thread was held for minutes. Now a fact's prompts are rendered when its row is first opened
+    (or at once where the model checked some, for the row's count)."""
+    from kn_gui.panels.facts_panel import FactsPanel
+
+    session = Session(factset())
+    session.lm = tiny_lm
+    rendered = []
+    prompts_for = session.prompts_for
+    monkeypatch.setattr(session, "prompts_for", lambda fact, *a: (rendered.append(fact), prompts_for(fact, *a))[1])
+    panel = FactsPanel(session)
+    qtbot.addWidget(panel)
+    assert rendered == []
+    item = panel._find_fact_item(FRANCE)
+    assert item.rowCount() == 1 and not item.child(0).isSelectable()  # the expand arrow, nothing to select
+    panel.tree.expand(item.index())
+    assert rendered == [FRANCE]
+    expected = [p.text + (" ___" if p.kind == "causal" else "") for p in prompts_for(FRANCE)[0]]
+    assert [item.child(r).text() for r in range(item.rowCount())] == expected
+    panel.refresh_fact(FRANCE)  # re-rendered in place while open: prompts, not the placeholder
+    item = panel._find_fact_item(FRANCE)
+    assert [item.child(r).text() for r in range(item.rowCount())] == expected
+
+
 def test_erase_report_from_the_edit_plan_alone_says_both_counts(edits):
     """The controller's report carries EditPlan.skipped; the requested count and the relation come from it and
     the panel's fact."""
