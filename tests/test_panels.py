@@ -90,6 +90,21 @@ def attribution(qtbot):
 
 # ----------------------------------------------------------------------------------------------- the map
 
+def test_the_line_over_the_map_describes_the_run_shown(attribution):
+    """After a re-run the line over the map still read the selected neuron's score and activation in the earlier
+    run (and "(refined)" by its sets): a number of a run no longer shown, without a word."""
+    panel = attribution
+    panel.select_neuron(29, 238)
+    first = panel.hover.text()
+    assert "score 2," in first  # the mean over make_run's 3 prompts (1 + k)
+    panel.show_run(make_run(hot=((3, 1000),), seed=1))  # a re-run: another Run, (29, 238) no longer hot
+    assert panel.selected == [] and panel.hover.text().strip() == ""
+    panel.select_neuron(29, 238)
+    assert panel.hover.text() == panel.describe_neuron(29, 238) and "score 2," not in panel.hover.text()
+    panel.view_of.setCurrentIndex(1)  # one prompt's scores: the selected neuron's line follows
+    assert panel.hover.text() == panel.describe_neuron(29, 238)
+
+
 def test_map_gives_every_layer_room(attribution):
     vb = attribution.heat_widget.vb
     per_layer_px = vb.sceneBoundingRect().height() / LAYERS

@@ -317,6 +317,7 @@ class AttributionPanel(QWidget):
         if changed:
             self.live.clear()
             self.selected = []
+            self.hover.setText(" ")  # it described a neuron in the run no longer shown
             self._autorange = True
         self._fill_view_of()
         self.redraw()
@@ -417,6 +418,8 @@ class AttributionPanel(QWidget):
             self.heat_widget.set_scores(None)
         self._draw_marks()
         self._draw_prompts()
+        if self.selected:  # the selected neuron's line reads the scores now shown (a prompt, new sets)
+            self.hover.setText(self.describe_neuron(*self.selected[-1]))
 
     def _describe(self, run):
         """The title and summary line, and `self.refined`: when a compactly stored run's kept scores cannot decide
