@@ -69,6 +69,10 @@ def test_cancelling_is_not_overwritten_and_the_note_stays(window, qtbot, pause_e
     qtbot.wait(50)
     assert window.runner.wait_idle(60000)
     assert "kept 1 finished prompt(s) of 4" in window.statusBar().currentMessage()
+    window.attributions.check_facts([FRANCE])  # the answer check selecting the fact starts, done after the note:
+    assert window.runner.wait_idle(60000)  # in the app its note replaced the kept run's within 0.4 s
+    shown = window.statusBar().currentMessage()
+    assert "kept 1 finished prompt(s) of 4" in shown and "Checked " in shown
 
 
 def test_every_run_is_kept_in_the_file(window, qtbot, settings, lm, tmp_path, pause_every_run):
