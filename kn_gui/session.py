@@ -231,12 +231,15 @@ class Session:
         self.kept_records: dict = {}  # what the app does not show but must save again (project_io.KeptRecords)
         self.generation = 0  # which project is open: +1 at each open / new (a job's result is kept only for its own)
 
-    def known_note(self, fact: Fact) -> str:
+    def known_note(self, fact: Fact, edits=()) -> str:
         """A line for when the answer checks (F6) say the model does not know `fact` (KNOWN_RULE: top-1 on more
-        than half of its prompts); "" when it knows it or it was not checked."""
+        than half of its prompts); "" when it knows it or it was not checked. Only checks made with the model edits
+        `edits` active count (a run's): an edit that suppressed the fact made the checks after it say "does not
+        know" beside a run on the model's own weights."""
         from kn_core.experiments import NOT_KNOWN_NOTE, is_known
 
-        checked = [v["correct"] for (key, _), v in self.checks.items() if key == fact_key(fact)]
+        checked = [v["correct"] for (key, _), v in self.checks.items()
+                   if key == fact_key(fact) and list(v.get("edits", [])) == list(edits)]
         if not checked or is_known(sum(checked) / len(checked)):
             return ""
         return (f"\n\u26a0 The model does not know this fact (top-1 on {sum(checked)} of {len(checked)} checked "

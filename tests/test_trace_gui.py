@@ -85,3 +85,20 @@ def test_a_fact_the_model_does_not_know_says_so_in_one_line():
     assert "template-like by construction" in note
     session.checks[(fact_key(FRANCE), "e")] = {"correct": True, "prob": 0.5, "top1_token": " Paris"}
     assert session.known_note(FRANCE) == ""  # 3 of 5: known
+
+
+def test_the_not_known_note_reads_only_checks_of_the_runs_weights(app, qtbot, settings, lm):  # noqa: F811
+    """After suppressing a fact's neurons the answer checks (made on the edited weights) said "The model does not
+    know this fact ... template-like by construction" beside its run on the model's own weights."""
+    window = make_window(qtbot, settings, lm)
+    session = window.session
+    window.attribution.active_edits = lambda: ["Suppress 3 neurons"]  # the weights as an edit left them
+    window.attributions.check_facts([FRANCE])
+    assert window.runner.wait_idle(30000)
+    own = [v for (key, _), v in session.checks.items() if key == ("P36", "France", "Paris")]
+    assert own and all(v["edits"] == ["Suppress 3 neurons"] for v in own)
+    for v in own:
+        v["correct"] = False  # the edit took the answer away everywhere
+    assert session.known_note(FRANCE, []) == ""  # a run on the model's own weights: nothing claimed
+    assert "does not know this fact" in session.known_note(FRANCE, ["Suppress 3 neurons"])
+    window.close()

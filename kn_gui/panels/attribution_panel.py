@@ -454,7 +454,7 @@ class AttributionPanel(QWidget):
         left_out = f" ({len(template)} template neurons left out: subject control)" if template else ""
         self.summary.setText(
             f"coarse per prompt: {', '.join(map(str, coarse))}   |   {rule}: {len(self.refined)}{left_out}   |   "
-            f"t = {self.session.t:.2f}, p = {self.session.p:.2f}" + self.session.known_note(run.fact))
+            f"t = {self.session.t:.2f}, p = {self.session.p:.2f}" + self.session.known_note(run.fact, run.edits))
 
     def _draw_prompts(self, force: bool = False):
         """The per-prompt view; drawn only while its tab is visible (it is the costly one to redraw)."""
