@@ -121,6 +121,8 @@ class AttributionFlow:
         else:
             for fact in ev.facts:
                 self.window.facts_panel.refresh_fact(fact)
+        if self.panel.run is not None and self.panel.run.fact in ev.facts:
+            self.panel.redraw()  # its summary says whether the model knows the fact: from these checks now
         note = f"Checked {ev.prompts} prompts: the model answers {ev.correct} correctly (\u2714)."
         if self.kept_note and self.window.statusBar().currentMessage() == self.kept_note:
             # the check re-selecting the fact starts ends right after the cancel: beside its note, not over it

@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("pytestqt")
 
 from kn_core.tracing import TraceParams, embedding_std, trace  # noqa: E402
-from test_gui import FRANCE, app, geo_factset, lm, make_window, settings  # noqa: E402,F401
+from test_gui import FRANCE, app, geo_factset, lm, make_window, run_fact, settings  # noqa: E402,F401
 
 
 def test_trace_tab_runs_a_job_and_shows_the_engines_numbers(app, qtbot, settings, lm, tmp_path):  # noqa: F811
@@ -101,4 +101,20 @@ def test_the_not_known_note_reads_only_checks_of_the_runs_weights(app, qtbot, se
         v["correct"] = False  # the edit took the answer away everywhere
     assert session.known_note(FRANCE, []) == ""  # a run on the model's own weights: nothing claimed
     assert "does not know this fact" in session.known_note(FRANCE, ["Suppress 3 neurons"])
+    window.close()
+
+
+def test_the_runs_summary_follows_a_check_that_ends_after_it(app, qtbot, settings, lm):  # noqa: F811
+    """The note under a run was written when the run was drawn: a check ending later (F6) left the old count."""
+    window = make_window(qtbot, settings, lm)
+    run = run_fact(qtbot, window, steps=1)
+    window.session.checks.clear()
+    window.attribution_panel.redraw()
+    assert "does not know" not in window.attribution_panel.summary.text()
+    for (key, template), v in list(window.session.checks.items()):
+        v["correct"] = False
+    window.attributions.check_facts([FRANCE])
+    assert window.runner.wait_idle(30000)
+    note = window.session.known_note(FRANCE, run.edits)
+    assert note and window.attribution_panel.summary.text().endswith(note)  # the random tiny model knows nothing
     window.close()
