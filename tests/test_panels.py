@@ -670,3 +670,27 @@ def test_inspector_sign_from_the_run_matches_the_engines_signed_reading(qtbot, t
     assert (panel.promoted.rows(), panel.suppressed.rows()) == from_run
     assert [r[0] for r in from_run[0]] == [repr(row["token"]) for row in signed["promotes"]]
     assert panel.inspect_tabs.tabToolTip(0) == signed["labels"]["promotes"]
+
+
+def test_a_disabled_delete_button_looks_disabled(qtbot):
+    """The red 'danger' style (Delete in the Facts panel and the runs browser) outranked the disabled look: the
+    runs browser's Delete looked ready with no run selected, and a click did nothing."""
+    from pathlib import Path
+
+    from PySide6.QtWidgets import QPushButton, QWidget
+
+    from kn_gui.panels.common import hbox
+
+    box = QWidget()
+    box.setStyleSheet((Path(__file__).resolve().parent.parent / "resources" / "style.qss").read_text(encoding="utf-8"))
+    plain, danger = QPushButton("Delete"), QPushButton("Delete")
+    danger.setObjectName("danger")
+    box.setLayout(hbox(plain, danger))
+    qtbot.addWidget(box)
+    box.show()
+    qtbot.waitExposed(box)
+    danger.setEnabled(False)
+    plain.setEnabled(False)
+    assert danger.grab().toImage() == plain.grab().toImage()
+    danger.setEnabled(True)
+    assert danger.grab().toImage() != plain.grab().toImage()  # enabled, it is red
