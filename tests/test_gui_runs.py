@@ -143,6 +143,25 @@ def test_runs_browser_lists_opens_renames_deletes_and_compares(window, qtbot):
     dialog.close()
 
 
+def test_ctrl_z_in_the_runs_browser_undoes_its_delete(window, qtbot):
+    """Delete's tooltip says Ctrl+Z undoes it, but the browser is window-modal: Ctrl+Z pressed in it never reached
+    the main window's Undo (seen under Xvfb: the deleted run stayed deleted)."""
+    first = run_fact(qtbot, window, steps=1)
+    second = run_fact(qtbot, window, steps=2)
+    dialog = window.files.show_runs()
+    qtbot.waitExposed(dialog)
+    dialog.activateWindow()
+    qtbot.waitUntil(dialog.isActiveWindow, timeout=5000)
+    dialog.select_runs([second])
+    dialog._delete()
+    assert all(r is not second for r in window.session.all_runs())
+    qtbot.keyClick(dialog.table, Qt.Key_Z, Qt.ControlModifier)
+    assert any(r is second for r in window.session.all_runs()) and any(r is second for r in dialog.shown)
+    qtbot.keyClick(dialog.table, Qt.Key_Z, Qt.ControlModifier | Qt.ShiftModifier)  # redo: deleted again
+    assert all(r is not second for r in dialog.shown) and any(r is first for r in dialog.shown)
+    dialog.close()
+
+
 def test_renamed_runs_keep_their_name_in_the_file(window, qtbot, settings, lm, tmp_path):
     run = run_fact(qtbot, window, steps=1)
     run.name = "baseline"
