@@ -162,6 +162,23 @@ def test_ctrl_z_in_the_runs_browser_undoes_its_delete(window, qtbot):
     dialog.close()
 
 
+def test_f5_right_after_picking_a_fact_runs_it(window, qtbot):
+    """Picking a fact starts its answer check (about 1 s with the default model); F5 pressed during it did nothing,
+    without a word (seen under Xvfb). Run waits for the check now, as a queued job."""
+    window.session.checks.clear()
+    window.attributions.check_facts([FRANCE])  # what selecting an unchecked fact starts
+    assert window.runner.busy
+    assert window.menus.act_run.isEnabled() and window.attribution_panel.run_button.isEnabled()
+    assert not window.menus.act_apply_edit.isEnabled()  # an edit would change the weights the check reads
+    assert not window.attribution_panel.prompt_format.isEnabled()  # the check encodes its prompts with it
+    window.facts_panel.select_fact(FRANCE)
+    window.attribution_panel.steps.setValue(1)
+    with qtbot.waitSignal(window.run_finished, timeout=60000):
+        qtbot.keyClick(window, Qt.Key_F5)
+    assert window.runner.wait_idle(30000)
+    assert window.session.runs[KEY].complete
+
+
 def test_renamed_runs_keep_their_name_in_the_file(window, qtbot, settings, lm, tmp_path):
     run = run_fact(qtbot, window, steps=1)
     run.name = "baseline"

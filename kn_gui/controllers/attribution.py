@@ -419,7 +419,7 @@ class AttributionController(QObject):
                     touched.append(prompt.fact)
             self.event.emit(ChecksDone(touched, len(pairs), sum(r["correct"] for _, r in pairs)))
 
-        self.runner.submit(f"Checking {len(items)} prompts", job, on_done=done)
+        self.runner.submit(f"Checking {len(items)} prompts", job, on_done=done, quick=True)
         return True
 
     def prompt_count(self, facts: list[Fact]) -> int:

@@ -607,9 +607,11 @@ class AttributionPanel(QWidget):
         self._draw_marks()
         self._draw_prompts()
 
-    def set_running(self, running: bool, has_model: bool = True):
-        self.run_button.setEnabled(has_model and not running)
-        self.run_sel_button.setEnabled(has_model and not running)
+    def set_running(self, running: bool, has_model: bool = True, startable: bool | None = None):
+        """`startable`: a run may be queued now (None: when nothing runs)."""
+        startable = has_model and not running if startable is None else startable
+        self.run_button.setEnabled(startable)
+        self.run_sel_button.setEnabled(startable)
         tip = "" if has_model else " \u2014 load a model first"
         # a job encodes its prompts as the model's prompt format says: never switched under it (masked: plain)
         lm = self.session.lm
