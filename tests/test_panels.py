@@ -694,3 +694,18 @@ def test_a_disabled_delete_button_looks_disabled(qtbot):
     assert danger.grab().toImage() == plain.grab().toImage()
     danger.setEnabled(True)
     assert danger.grab().toImage() != plain.grab().toImage()  # enabled, it is red
+
+
+def test_the_inspector_follows_t_and_p(neurons):
+    """The inspector said 'refined for 1 of 1 attributed facts' from when the neuron was clicked; after t moved so
+    that no fact had it any more, it still did (a sets change never re-read it)."""
+    session = neurons.session
+    run = session.runs[("P36", "France", "Paris")]
+    session.t = 0.0  # every positive score is coarse: some noise neurons are refined
+    noise = next(n for n in session.refined(run) if n not in ((29, 238), (3, 1000)))
+    neurons.show_inspection(*noise, None)
+    assert "refined for 1 of 1 attributed facts" in neurons.inspect_title.text()
+    session.t = 0.2
+    assert noise not in session.refined(run)
+    neurons.refresh()  # what the window does when the sets change (t, p, a new run)
+    assert "refined for 0 of 1 attributed facts" in neurons.inspect_title.text()
