@@ -394,6 +394,25 @@ def test_a_big_import_checks_the_fact_set_once_per_step_and_names_what_it_left_o
     assert "Imported 400 new facts" in shown and "trex_lms_vocab/P31.jsonl (1: no pattern_data" in shown
 
 
+def test_deleting_many_selected_facts_checks_the_set_once(window, monkeypatch):
+    """Each deleted fact re-checked the whole set (quadratic, as the import was): 400 selected facts of an
+    imported relation, one FactSet check each."""
+    from kn_core.facts import FactSet
+
+    fs = window.session.factset
+    many = [Fact("P36", f"Land {i}", f"City {i}") for i in range(400)]
+    window._push_factset("Add", fs.with_facts(many))
+    window.facts_panel.select_facts(many)
+    checks = []
+    check = FactSet.__post_init__
+    monkeypatch.setattr(FactSet, "__post_init__", lambda s: (checks.append(len(s.facts)), check(s)))
+    window.facts_panel.delete_selected()
+    monkeypatch.undo()
+    assert window.session.factset.facts == fs.facts and len(checks) < 5, len(checks)
+    with pytest.raises(ValueError, match="not in fact set"):
+        fs.without_facts([many[0]])
+
+
 @pytest.mark.parametrize("fmt", ["counterfact", "zsre", "knowedit", "mquake", "easyedit"])
 def test_the_app_imports_every_benchmark_format_and_names_it(window, fmt):
     """Issue 22: the five field formats load in the app as in `kn facts import`; the status bar names the format

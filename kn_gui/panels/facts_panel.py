@@ -555,9 +555,7 @@ class FactsPanel(QWidget):
         new = fs
         for r in rels:
             new = new.without_relation(r)
-        for f in facts:
-            new = new.without_fact(f)
-        self.change_requested.emit(f"Delete {what}", new)
+        self.change_requested.emit(f"Delete {what}", new.without_facts(facts) if facts else new)
 
     def _check(self):
         facts = self.selected_facts() or list(self.session.factset.facts)
