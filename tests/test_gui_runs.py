@@ -177,6 +177,9 @@ def test_f5_right_after_picking_a_fact_runs_it(window, qtbot):
         qtbot.keyClick(window, Qt.Key_F5)
     assert window.runner.wait_idle(30000)
     assert window.session.runs[KEY].complete
+    window.attributions.check_facts(list(window.session.factset.facts))  # every fact: no quick job
+    assert window.runner.busy and not window.menus.act_run.isEnabled()
+    assert window.runner.wait_idle(30000)
 
 
 def test_renamed_runs_keep_their_name_in_the_file(window, qtbot, settings, lm, tmp_path):

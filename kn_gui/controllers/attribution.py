@@ -419,7 +419,8 @@ class AttributionController(QObject):
                     touched.append(prompt.fact)
             self.event.emit(ChecksDone(touched, len(pairs), sum(r["correct"] for _, r in pairs)))
 
-        self.runner.submit(f"Checking {len(items)} prompts", job, on_done=done, quick=True)
+        # one fact's prompts (what picking a fact checks) take about a second: a run may queue behind them
+        self.runner.submit(f"Checking {len(items)} prompts", job, on_done=done, quick=len(facts) == 1)
         return True
 
     def prompt_count(self, facts: list[Fact]) -> int:
