@@ -182,6 +182,18 @@ def test_f5_right_after_picking_a_fact_runs_it(window, qtbot):
     assert window.runner.wait_idle(30000)
 
 
+def test_the_runs_browsers_note_on_t_and_p_is_whole(window, qtbot):
+    """'refined at the window's t and p' was wrapped into two lines and cut at the dialog's edge."""
+    from PySide6.QtWidgets import QLabel
+
+    dialog = window.files.show_runs()
+    qtbot.waitExposed(dialog)
+    label = next(w for w in dialog.findChildren(QLabel) if w.text().startswith("refined at"))
+    assert label.width() >= label.fontMetrics().horizontalAdvance(label.text())
+    assert label.height() < 2 * label.fontMetrics().height()  # one line
+    dialog.close()
+
+
 def test_renamed_runs_keep_their_name_in_the_file(window, qtbot, settings, lm, tmp_path):
     run = run_fact(qtbot, window, steps=1)
     run.name = "baseline"
