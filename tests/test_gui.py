@@ -392,6 +392,7 @@ def test_a_big_import_checks_the_fact_set_once_per_step_and_names_what_it_left_o
     assert len(checks) < 20, f"{len(checks)} checks of the fact set for one import"
     shown = window.statusBar().currentMessage()
     assert "Imported 400 new facts" in shown and "trex_lms_vocab/P31.jsonl (1: no pattern_data" in shown
+    assert window.statusBar().toolTip() == shown  # whole on hover where the bar cuts it (1280 px: it did)
 
 
 def test_deleting_many_selected_facts_checks_the_set_once(window, monkeypatch):
