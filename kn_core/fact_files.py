@@ -214,7 +214,9 @@ def _pararel_root(path: Path) -> Path | None:
     return None
 
 
-def _import_pararel(folder: Path, root: Path) -> FactSet:
+def _import_pararel(folder: Path, root: Path) -> tuple[FactSet, list[dict]]:
+    """The fact set, and the facts files left out because no pattern file gives their relation templates (the
+    PARAREL dev folder has two), for `import_facts_described` to list."""
     patterns = sorted((root / "pattern_data" / "graphs_json").glob("*.jsonl"))
     if not patterns:
         raise FactImportError(root / "pattern_data" / "graphs_json", None, "no relation files (P*.jsonl) found")
@@ -251,7 +253,16 @@ def _import_pararel(folder: Path, root: Path) -> FactSet:
     if not merged.facts:
         raise FactImportError(root / "trex_lms_vocab", None, "no facts found: expected P*.jsonl files named like "
                                                             "the relations, with sub_label and obj_label on each line")
-    return merged.build(folder.name)
+    with_templates = {p.name for p in patterns}
+    left = [{"field": f"trex_lms_vocab/{vocab.name}", "records": _count_lines(vocab),
+             "reason": f"no pattern_data/graphs_json/{vocab.name}, so no templates to ask these facts with"}
+            for vocab in sorted((root / "trex_lms_vocab").glob("*.jsonl")) if vocab.name not in with_templates]
+    return merged.build(folder.name), left
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        return sum(1 for line in handle if line.strip())
 
 
 def import_facts(path) -> FactSet:
@@ -263,15 +274,16 @@ def import_facts(path) -> FactSet:
 
 def import_facts_described(path) -> tuple[FactSet, str, list[dict]]:
     """`import_facts`, with what was read ("kn" for our formats and PARAREL folders, else the benchmark file's
-    format, container and case count) and what the fact set left out of a benchmark file ({"field", "records",
-    "reason"}), for the CLI's and the app's import messages."""
+    format, container and case count) and what the fact set left out of a benchmark file or PARAREL folder
+    ({"field", "records", "reason"}), for the CLI's and the app's import messages."""
     path = Path(path).expanduser()
     if path.is_dir():
         root = _pararel_root(path)
         if root is None:
             raise FactImportError(path, None, "a folder must be a PARAREL checkout (with pattern_data/graphs_json "
                                               "and trex_lms_vocab, at its top or under data/)")
-        return _import_pararel(path, root), "kn", []
+        factset, left = _import_pararel(path, root)
+        return factset, "kn", left
     if not path.is_file():
         raise FactImportError(path, None, "no such file or folder")
     suffix = path.suffix.lower()

@@ -74,6 +74,11 @@ def _matrix(data, key: str, name: str) -> np.ndarray:
     return value.astype(np.float32, copy=False)
 
 
+def _is_npy(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(6) == b"\x93NUMPY"
+
+
 def load_scores(path) -> SavedScores:
     """Reads and checks a scores file; raises ScoresFileError (one line) for anything unusable."""
     path = Path(path)
@@ -81,6 +86,10 @@ def load_scores(path) -> SavedScores:
     if not path.is_file():
         raise ScoresFileError(f"{path}: no such file; pick a .npz written by kn attribute --save")
     try:
+        if not zipfile.is_zipfile(path) and not _is_npy(path):
+            # else numpy reads it as a pickle and advises loading it "unsafely" if trusted: not the fix here
+            raise ScoresFileError(f"{name}: not a readable .npz file (a .npz is a zip archive and this file is "
+                                  "not one); pick a file written by kn attribute --save")
         data = np.load(path, allow_pickle=False)
         if not isinstance(data, np.lib.npyio.NpzFile):
             raise ScoresFileError(f"{name}: a single array (.npy), not a scores file; pick a .npz written by "

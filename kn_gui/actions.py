@@ -181,6 +181,8 @@ class FileActions:
 
         s, history, changed = self.session, self.history, self.window.history_view.lane_changed
         dialog = RunsDialog(s, self.current_fact, self.window)
+        menus = self.window.menus  # window-modal: the main window's Ctrl+Z never sees a key pressed in it
+        dialog.addActions([menus.act_undo, menus.act_redo])
         dialog.open_requested.connect(lambda run: history.push(runs_change(
             s, f"Open the {run.state} run of {fact_label(run.fact)}", lambda: s.make_current(run))))
         dialog.delete_requested.connect(lambda run: history.push(runs_change(

@@ -15,9 +15,6 @@ def build_app(argv=None):
     from PySide6.QtWidgets import QApplication
 
     app = QApplication.instance() or QApplication(argv or sys.argv[:1])
-    from .binding_guard import install
-
-    install()  # before the binding's first slips can add up (binding_guard: none_dealloc at quit)
     app.setApplicationName("Knowledge Neuron Studio")
     app.setOrganizationName("KnowledgeNeuronStudio")
     app.setStyle("Fusion")
@@ -84,8 +81,8 @@ def main(argv=None) -> int:
 
 def teardown(window, code: int = 0, app=None) -> None:
     """An orderly end while Python and Qt are whole, before Python's own finalisation destroys what is left in no
-    set order (a quit once ended in "Fatal Python error: none_dealloc", a reference count broken in a binding),
-    in this order:
+    set order (the "none_dealloc" once seen at quit was the binding's reference-count slip, which binding_guard
+    covers; an ordered end keeps a quit from depending on which object Python finalises first), in this order:
     1. the worker: its jobs cancelled and its signals disconnected, the thread stopped and waited for, then the
        worker object and the thread deleted; an autosave being written waited for (its thread signals the window);
     2. the exception hook given back (it holds the window);

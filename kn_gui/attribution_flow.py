@@ -15,6 +15,7 @@ class AttributionFlow:
         self.session, self.runner, self.controller = window.session, window.runner, window.attribution
         self.panel = window.attribution_panel
         self.status, self.show_error = window.status, window.show_error
+        self.kept_note = ""  # a stopped run's note: it stays until a note of the user's next step (_runs_stopped)
 
     # ----------------------------------------------------------------------------------------- runs
     def run_attribution(self, which: str = "current"):
@@ -110,8 +111,9 @@ class AttributionFlow:
             w.current_fact, fact = None, w.current_fact
             w.select_fact(fact)
         # stays until the next note (0): job progress shows beside it, never over it
-        self.status(f"Attribution {ev.outcome}; kept {ev.kept} finished prompt(s) of {ev.total} as a partial "
-                    "run (a complete earlier run stays the fact's run; Runs\u2026 lists every run).", 0)
+        self.kept_note = (f"Attribution {ev.outcome}; kept {ev.kept} finished prompt(s) of {ev.total} as a partial "
+                          "run (a complete earlier run stays the fact's run; Runs\u2026 lists every run).")
+        self.status(self.kept_note, 0)
 
     def _checks_done(self, ev):
         if len(ev.facts) > 30:
@@ -119,7 +121,15 @@ class AttributionFlow:
         else:
             for fact in ev.facts:
                 self.window.facts_panel.refresh_fact(fact)
-        self.status(f"Checked {ev.prompts} prompts: the model answers {ev.correct} correctly (\u2714).")
+        if self.panel.run is not None and self.panel.run.fact in ev.facts:
+            self.panel.redraw()  # its summary says whether the model knows the fact: from these checks now
+        note = f"Checked {ev.prompts} prompts: the model answers {ev.correct} correctly (\u2714)."
+        if self.kept_note and self.window.statusBar().currentMessage() == self.kept_note:
+            # the check re-selecting the fact starts ends right after the cancel: beside its note, not over it
+            self.kept_note = f"{self.kept_note}   |   {note}"
+            self.status(self.kept_note, 0)
+        else:
+            self.status(note)
 
     def _checks_cleared(self, ev):
         self.status(f"The model changed: the answer checks of {ev.facts} facts were cleared; press Check (F6) "

@@ -142,6 +142,9 @@ class MainWindow(QMainWindow):
 
     def _build_status(self):
         self.job_status = JobStatus(self.statusBar(), self.runner, self.cancel_job)
+        # a long note (an import's left-out files, a kept partial run) is cut where the job's widgets begin: whole
+        # when the pointer rests on the status bar
+        self.statusBar().messageChanged.connect(self.statusBar().setToolTip)
         self.cancel_button, self.model_label = self.job_status.cancel_button, self.job_status.model_label
 
     def _connect(self):

@@ -192,9 +192,12 @@ class WindowMenus:
         self.act_undo.setToolTip(self.act_undo.text().replace("&", "") + " (Ctrl+Z)")
         self.act_redo.setToolTip(self.act_redo.text().replace("&", "") + " (Ctrl+Shift+Z)")
         self.act_cancel.setEnabled(busy)
-        for a in (self.act_run, self.act_run_sel, self.act_check, self.act_export_model, self.act_apply_edit):
+        startable = has_model and (not busy or w.runner.only_quick)  # queued behind an answer check
+        for a in (self.act_run, self.act_run_sel, self.act_check):
+            a.setEnabled(startable)
+        for a in (self.act_export_model, self.act_apply_edit):
             a.setEnabled(has_model and not busy)
-        w.attribution_panel.set_running(busy, has_model)
+        w.attribution_panel.set_running(busy, has_model, startable)
         w.edits_panel.set_busy(busy, has_model)
         self.act_load.setEnabled(not model_busy)
 

@@ -172,7 +172,7 @@ def activations_stored(run: Run) -> bool:
 
 def merge_factsets(fs, imported):
     """(fs with the imported relations' new templates and the new facts, number of facts added)."""
-    merged, added = fs, 0
+    merged = fs
     for relation in imported.relations.values():
         if relation.id in merged.relations:
             old = merged.relation(relation.id)
@@ -180,13 +180,12 @@ def merge_factsets(fs, imported):
             merged = merged.with_relation(type(old)(old.id, old.name or relation.name, templates))
         else:
             merged = merged.with_relation(relation)
-    present = set(merged.facts)
+    present, new = set(merged.facts), []
     for fact in imported.facts:
         if fact not in present:
-            merged = merged.with_fact(fact)
+            new.append(fact)
             present.add(fact)
-            added += 1
-    return merged, added
+    return merged.with_facts(new), len(new)  # one check of the set, not one per fact
 
 
 @dataclass
@@ -226,15 +225,17 @@ class Session:
         self.kept_records: dict = {}  # what the app does not show but must save again (project_io.KeptRecords)
         self.generation = 0  # which project is open: +1 at each open / new (a job's result is kept only for its own)
 
-    def known_note(self, fact: Fact) -> str:
+    def known_note(self, fact: Fact, edits=()) -> str:
         """A line for when the answer checks (F6) say the model does not know `fact` (KNOWN_RULE: top-1 on more
         than half of its prompts) or its answer is part of its subject's name; "" when it knows it or it was not
-        checked."""
+        checked. Only checks made with the model edits `edits` active count (a run's): an edit that suppressed the
+        fact made the checks after it say "does not know" beside a run on the model's own weights."""
         from kn_core.experiments import NAME_NOTE, NOT_KNOWN_NOTE, answer_in_name, is_known
 
         if answer_in_name(fact):
             return f"\n\u26a0 Not counted as known: {NAME_NOTE}."
-        checked = [v["correct"] for (key, _), v in self.checks.items() if key == fact_key(fact)]
+        checked = [v["correct"] for (key, _), v in self.checks.items()
+                   if key == fact_key(fact) and list(v.get("edits", [])) == list(edits)]
         if not checked or is_known(sum(checked) / len(checked)):
             return ""
         return (f"\n\u26a0 The model does not know this fact (top-1 on {sum(checked)} of {len(checked)} checked "

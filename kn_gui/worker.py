@@ -118,6 +118,7 @@ class Job:
     on_error: Callable[[str, str], None] | None = None
     on_cancel: Callable[[], None] | None = None
     uses: frozenset = frozenset()  # what the job reads while it runs: "model", "session"
+    quick: bool = False  # a second or so (an answer check): a new attribution or check may queue behind it
     project: Any = None  # the project token when it was submitted; None: its result belongs to no project
     started_at: float = 0.0
     task: Task | None = field(default=None)
@@ -165,13 +166,19 @@ class JobRunner(QObject):
                 return job
         return None
 
+    @property
+    def only_quick(self) -> bool:
+        """Every running and queued job is a quick one: the window lets the user queue an attribution behind it
+        (picking a fact starts its answer check; F5 pressed at once did nothing)."""
+        return all(job.quick for job in ([self.current] if self.current else []) + list(self.queue))
+
     def submit(self, name: str, fn, on_done=None, on_partial=None, on_error=None, on_cancel=None,
-               uses=("model",), project_bound: bool = True) -> Job:
+               uses=("model",), project_bound: bool = True, quick: bool = False) -> Job:
         """`project_bound` (the default): the job's result belongs to the project open now and is dropped if
         another one is opened before it arrives. False for jobs that make the project (opening) or act outside
-        it (loading a model, exports)."""
+        it (loading a model, exports). `quick`: see Job.quick."""
         job = Job(name, fn, on_done, on_partial, on_error, on_cancel, frozenset(uses),
-                  self.project_token() if project_bound else None)
+                  project=self.project_token() if project_bound else None, quick=quick)
         self.queue.append(job)
         if self.current is None:
             self._start_next()

@@ -274,6 +274,23 @@ def test_pararel_import_of_upstream_layout(tmp_path):
         import_facts(tmp_path / "pararel")
 
 
+def test_pararel_facts_without_templates_are_listed_as_left_out(tmp_path):
+    """A facts file whose relation has no pattern file (PARAREL's dev folder has two) was dropped without a word."""
+    from kn_core.fact_files import import_facts_described
+
+    root = tmp_path / "pararel"
+    export_pararel(_sample(), root)
+    (root / "trex_lms_vocab" / "P31.jsonl").write_text('{"sub_label": "Paris", "obj_label": "city"}\n\n'
+                                                      '{"sub_label": "Rome", "obj_label": "city"}\n')
+    factset, read, left = import_facts_described(root)
+    assert "P31" not in factset.relations
+    assert left == [{"field": "trex_lms_vocab/P31.jsonl", "records": 2,
+                     "reason": "no pattern_data/graphs_json/P31.jsonl, so no templates to ask these facts with"}]
+    assert import_facts_described(tmp_path / "pararel")[2] == left
+    (root / "trex_lms_vocab" / "P31.jsonl").unlink()
+    assert import_facts_described(root)[2] == []
+
+
 def test_import_errors_name_file_and_line(tmp_path):
     csv_path = tmp_path / "bad.csv"
     csv_path.write_text("kind,relation,name,template,subject,object\n"

@@ -373,6 +373,47 @@ def test_import_facts_merges_and_bad_file_explains(window, tmp_path):
     assert seen and seen[-1][0] == "Could not import the facts" and "bad.jsonl" in seen[-1][1]
 
 
+def test_a_big_import_checks_the_fact_set_once_per_step_and_names_what_it_left_out(window, tmp_path, monkeypatch):
+    """Importing PARAREL's dev folder (22,425 facts) froze the app for many minutes: every fact was added with its
+    own check of the whole set (quadratic). And a facts file without a pattern file was dropped without a word."""
+    from kn_core.fact_files import export_pararel
+    from kn_core.facts import FactSet
+
+    big = FactSet("big", {"P36": window.session.factset.relation("P36")},
+                  [Fact("P36", f"Land {i}", f"City {i}") for i in range(400)])
+    export_pararel(big, tmp_path / "pararel")
+    (tmp_path / "pararel" / "trex_lms_vocab" / "P31.jsonl").write_text('{"sub_label": "Paris", "obj_label": "city"}\n')
+    checks = []
+    check = FactSet.__post_init__
+    monkeypatch.setattr(FactSet, "__post_init__", lambda fs: (checks.append(len(fs.facts)), check(fs)))
+    assert window.files.import_facts(str(tmp_path / "pararel"))
+    monkeypatch.undo()
+    assert Fact("P36", "Land 399", "City 399") in window.session.factset.facts
+    assert len(checks) < 20, f"{len(checks)} checks of the fact set for one import"
+    shown = window.statusBar().currentMessage()
+    assert "Imported 400 new facts" in shown and "trex_lms_vocab/P31.jsonl (1: no pattern_data" in shown
+    assert window.statusBar().toolTip() == shown  # whole on hover where the bar cuts it (1280 px: it did)
+
+
+def test_deleting_many_selected_facts_checks_the_set_once(window, monkeypatch):
+    """Each deleted fact re-checked the whole set (quadratic, as the import was): 400 selected facts of an
+    imported relation, one FactSet check each."""
+    from kn_core.facts import FactSet
+
+    fs = window.session.factset
+    many = [Fact("P36", f"Land {i}", f"City {i}") for i in range(400)]
+    window._push_factset("Add", fs.with_facts(many))
+    window.facts_panel.select_facts(many)
+    checks = []
+    check = FactSet.__post_init__
+    monkeypatch.setattr(FactSet, "__post_init__", lambda s: (checks.append(len(s.facts)), check(s)))
+    window.facts_panel.delete_selected()
+    monkeypatch.undo()
+    assert window.session.factset.facts == fs.facts and len(checks) < 5, len(checks)
+    with pytest.raises(ValueError, match="not in fact set"):
+        fs.without_facts([many[0]])
+
+
 @pytest.mark.parametrize("fmt", ["counterfact", "zsre", "knowedit", "mquake", "easyedit"])
 def test_the_app_imports_every_benchmark_format_and_names_it(window, fmt):
     """Issue 22: the five field formats load in the app as in `kn facts import`; the status bar names the format

@@ -148,7 +148,9 @@ def test_autosave_after_a_job_and_recovery_at_the_next_start(app, qtbot, setting
     crashed.project._autosaving.join(30)
     autosaved = crashed.project.autosave_path()
     assert os.path.exists(autosaved)
-    # the app is killed here (kill -9: nothing more runs); a new start finds the file and offers it
+    # the app is killed here (kill -9: nothing more runs, its autosave lock goes stale with its process); a new
+    # start finds the file and offers it
+    crashed.project._release_autosave_lock()
     fresh = make_window(qtbot, settings, lm)
     fresh.lifecycle.auto_recover = True
     with qtbot.waitSignal(fresh.project_opened, timeout=30000):
@@ -164,6 +166,20 @@ def test_autosave_after_a_job_and_recovery_at_the_next_start(app, qtbot, setting
     assert fresh.project.recoverable() == []
     fresh.close()
     crashed.close()
+
+
+def test_a_running_apps_autosave_is_not_offered_as_a_crashed_ones(app, qtbot, settings, lm):
+    """A second app started while the first runs offered the first's live autosave: 'did not close cleanly ...
+    Recover it?' (seen under Xvfb with two windows)."""
+    running = make_window(qtbot, settings, lm)
+    running._push_factset("Add fact", running.session.factset.with_fact(Fact("P36", "Germany", "Berlin")))
+    running.project.autosave().join(30)
+    second = make_window(qtbot, settings, lm)
+    assert second.project.recoverable() == [] and not second.lifecycle.offer_recovery()
+    running.project._release_autosave_lock()  # as when its process is killed: offered now
+    assert second.project.recoverable() == [running.project.autosave_path()]
+    second.close()
+    running.close()
 
 
 def test_no_recovery_offered_after_a_clean_close(app, qtbot, settings, lm):

@@ -69,6 +69,10 @@ def test_cancelling_is_not_overwritten_and_the_note_stays(window, qtbot, pause_e
     qtbot.wait(50)
     assert window.runner.wait_idle(60000)
     assert "kept 1 finished prompt(s) of 4" in window.statusBar().currentMessage()
+    window.attributions.check_facts([FRANCE])  # the answer check selecting the fact starts, done after the note:
+    assert window.runner.wait_idle(60000)  # in the app its note replaced the kept run's within 0.4 s
+    shown = window.statusBar().currentMessage()
+    assert "kept 1 finished prompt(s) of 4" in shown and "Checked " in shown
 
 
 def test_every_run_is_kept_in_the_file(window, qtbot, settings, lm, tmp_path, pause_every_run):
@@ -136,6 +140,57 @@ def test_runs_browser_lists_opens_renames_deletes_and_compares(window, qtbot):
     assert result["jaccard"] == expected and result["both"] == sorted(a & b)
     assert np.array_equal(result["difference"], first.mean_scores() - second.mean_scores())
     assert "Jaccard" in dialog.summary.text()
+    dialog.close()
+
+
+def test_ctrl_z_in_the_runs_browser_undoes_its_delete(window, qtbot):
+    """Delete's tooltip says Ctrl+Z undoes it, but the browser is window-modal: Ctrl+Z pressed in it never reached
+    the main window's Undo (seen under Xvfb: the deleted run stayed deleted)."""
+    first = run_fact(qtbot, window, steps=1)
+    second = run_fact(qtbot, window, steps=2)
+    dialog = window.files.show_runs()
+    qtbot.waitExposed(dialog)
+    dialog.activateWindow()
+    qtbot.waitUntil(dialog.isActiveWindow, timeout=5000)
+    dialog.select_runs([second])
+    dialog._delete()
+    assert all(r is not second for r in window.session.all_runs())
+    qtbot.keyClick(dialog.table, Qt.Key_Z, Qt.ControlModifier)
+    assert any(r is second for r in window.session.all_runs()) and any(r is second for r in dialog.shown)
+    qtbot.keyClick(dialog.table, Qt.Key_Z, Qt.ControlModifier | Qt.ShiftModifier)  # redo: deleted again
+    assert all(r is not second for r in dialog.shown) and any(r is first for r in dialog.shown)
+    dialog.close()
+
+
+def test_f5_right_after_picking_a_fact_runs_it(window, qtbot):
+    """Picking a fact starts its answer check (about 1 s with the default model); F5 pressed during it did nothing,
+    without a word (seen under Xvfb). Run waits for the check now, as a queued job."""
+    window.session.checks.clear()
+    window.attributions.check_facts([FRANCE])  # what selecting an unchecked fact starts
+    assert window.runner.busy
+    assert window.menus.act_run.isEnabled() and window.attribution_panel.run_button.isEnabled()
+    assert not window.menus.act_apply_edit.isEnabled()  # an edit would change the weights the check reads
+    assert not window.attribution_panel.prompt_format.isEnabled()  # the check encodes its prompts with it
+    window.facts_panel.select_fact(FRANCE)
+    window.attribution_panel.steps.setValue(1)
+    with qtbot.waitSignal(window.run_finished, timeout=60000):
+        qtbot.keyClick(window, Qt.Key_F5)
+    assert window.runner.wait_idle(30000)
+    assert window.session.runs[KEY].complete
+    window.attributions.check_facts(list(window.session.factset.facts))  # every fact: no quick job
+    assert window.runner.busy and not window.menus.act_run.isEnabled()
+    assert window.runner.wait_idle(30000)
+
+
+def test_the_runs_browsers_note_on_t_and_p_is_whole(window, qtbot):
+    """'refined at the window's t and p' was wrapped into two lines and cut at the dialog's edge."""
+    from PySide6.QtWidgets import QLabel
+
+    dialog = window.files.show_runs()
+    qtbot.waitExposed(dialog)
+    label = next(w for w in dialog.findChildren(QLabel) if w.text().startswith("refined at"))
+    assert label.width() >= label.fontMetrics().horizontalAdvance(label.text())
+    assert label.height() < 2 * label.fontMetrics().height()  # one line
     dialog.close()
 
 

@@ -37,6 +37,7 @@ def test_causal_templates_are_chosen_recorded_shown_and_reopened(app, qtbot, set
     assert window.session.causal_templates == "end-only"
     assert "Causal templates: end-only" in window.statusBar().currentMessage()
     item = window.facts_panel._find_fact_item(FACT)  # the Facts tree lists the template end-only leaves out
+    window.facts_panel.tree.expand(item.index())
     assert [item.child(r).text() for r in range(item.rowCount())][-1] == f"skipped: {TEMPLATES[2]}"
     end_only = run_fact(qtbot, window, FACT, steps=1)
     assert len(end_only.prompts) == 2 and end_only.params["causal_templates"] == "end-only"

@@ -136,7 +136,7 @@ def test_the_bindings_lost_references_never_free_none(app, monkeypatch):
         pytest.skip("None, True and False are immortal (PEP 683)")
     label = QLabel()
     slipping = min(binding_guard.slips().values()) >= binding_guard.PROBE_CALLS // 2  # PySide6 6.12.0 here
-    assert binding_guard._installed == (["None", "True", "False"] if slipping else [])  # by build_app
+    assert binding_guard._installed == (["None", "True", "False"] if slipping else [])  # by importing kn_gui
     none, true = sys.getrefcount(None), sys.getrefcount(True)
     if slipping:  # counts no session can use up
         assert none > binding_guard.IMMORTAL and true > binding_guard.IMMORTAL

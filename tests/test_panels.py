@@ -90,6 +90,21 @@ def attribution(qtbot):
 
 # ----------------------------------------------------------------------------------------------- the map
 
+def test_the_line_over_the_map_describes_the_run_shown(attribution):
+    """After a re-run the line over the map still read the selected neuron's score and activation in the earlier
+    run (and "(refined)" by its sets): a number of a run no longer shown, without a word."""
+    panel = attribution
+    panel.select_neuron(29, 238)
+    first = panel.hover.text()
+    assert "score 2," in first  # the mean over make_run's 3 prompts (1 + k)
+    panel.show_run(make_run(hot=((3, 1000),), seed=1))  # a re-run: another Run, (29, 238) no longer hot
+    assert panel.selected == [] and panel.hover.text().strip() == ""
+    panel.select_neuron(29, 238)
+    assert panel.hover.text() == panel.describe_neuron(29, 238) and "score 2," not in panel.hover.text()
+    panel.view_of.setCurrentIndex(1)  # one prompt's scores: the selected neuron's line follows
+    assert panel.hover.text() == panel.describe_neuron(29, 238)
+
+
 def test_map_gives_every_layer_room(attribution):
     vb = attribution.heat_widget.vb
     per_layer_px = vb.sceneBoundingRect().height() / LAYERS
@@ -531,6 +546,31 @@ def test_model_says_shows_the_top1_word(qtbot, tiny_lm):
     assert says == ["\u2714 ' Paris'", "\u2718 ' Lyon'"]
 
 
+def test_facts_tree_renders_a_facts_prompts_when_it_is_opened(qtbot, tiny_lm, monkeypatch):
+    """Every fact's prompts were tokenized when the tree was built: after importing PARAREL's dev folder (22,425
+    facts) the UI thread was held for minutes. Now a fact's prompts are rendered when its row is first opened
+    (or at once where the model checked some, for the row's count)."""
+    from kn_gui.panels.facts_panel import FactsPanel
+
+    session = Session(factset())
+    session.lm = tiny_lm
+    rendered = []
+    prompts_for = session.prompts_for
+    monkeypatch.setattr(session, "prompts_for", lambda fact, *a: (rendered.append(fact), prompts_for(fact, *a))[1])
+    panel = FactsPanel(session)
+    qtbot.addWidget(panel)
+    assert rendered == []
+    item = panel._find_fact_item(FRANCE)
+    assert item.rowCount() == 1 and not item.child(0).isSelectable()  # the expand arrow, nothing to select
+    panel.tree.expand(item.index())
+    assert rendered == [FRANCE]
+    expected = [p.text + (" ___" if p.kind == "causal" else "") for p in prompts_for(FRANCE)[0]]
+    assert [item.child(r).text() for r in range(item.rowCount())] == expected
+    panel.refresh_fact(FRANCE)  # re-rendered in place while open: prompts, not the placeholder
+    item = panel._find_fact_item(FRANCE)
+    assert [item.child(r).text() for r in range(item.rowCount())] == expected
+
+
 def test_erase_report_from_the_edit_plan_alone_says_both_counts(edits):
     """The controller's report carries EditPlan.skipped; the requested count and the relation come from it and
     the panel's fact."""
@@ -630,3 +670,42 @@ def test_inspector_sign_from_the_run_matches_the_engines_signed_reading(qtbot, t
     assert (panel.promoted.rows(), panel.suppressed.rows()) == from_run
     assert [r[0] for r in from_run[0]] == [repr(row["token"]) for row in signed["promotes"]]
     assert panel.inspect_tabs.tabToolTip(0) == signed["labels"]["promotes"]
+
+
+def test_a_disabled_delete_button_looks_disabled(qtbot):
+    """The red 'danger' style (Delete in the Facts panel and the runs browser) outranked the disabled look: the
+    runs browser's Delete looked ready with no run selected, and a click did nothing."""
+    from pathlib import Path
+
+    from PySide6.QtWidgets import QPushButton, QWidget
+
+    from kn_gui.panels.common import hbox
+
+    box = QWidget()
+    box.setStyleSheet((Path(__file__).resolve().parent.parent / "resources" / "style.qss").read_text(encoding="utf-8"))
+    plain, danger = QPushButton("Delete"), QPushButton("Delete")
+    danger.setObjectName("danger")
+    box.setLayout(hbox(plain, danger))
+    qtbot.addWidget(box)
+    box.show()
+    qtbot.waitExposed(box)
+    danger.setEnabled(False)
+    plain.setEnabled(False)
+    assert danger.grab().toImage() == plain.grab().toImage()
+    danger.setEnabled(True)
+    assert danger.grab().toImage() != plain.grab().toImage()  # enabled, it is red
+
+
+def test_the_inspector_follows_t_and_p(neurons):
+    """The inspector said 'refined for 1 of 1 attributed facts' from when the neuron was clicked; after t moved so
+    that no fact had it any more, it still did (a sets change never re-read it)."""
+    session = neurons.session
+    run = session.runs[("P36", "France", "Paris")]
+    session.t = 0.0  # every positive score is coarse: some noise neurons are refined
+    noise = next(n for n in session.refined(run) if n not in ((29, 238), (3, 1000)))
+    neurons.show_inspection(*noise, None)
+    assert "refined for 1 of 1 attributed facts" in neurons.inspect_title.text()
+    session.t = 0.2
+    assert noise not in session.refined(run)
+    neurons.refresh()  # what the window does when the sets change (t, p, a new run)
+    assert "refined for 0 of 1 attributed facts" in neurons.inspect_title.text()

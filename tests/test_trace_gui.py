@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("pytestqt")
 
 from kn_core.tracing import TraceParams, embedding_std, trace  # noqa: E402
-from test_gui import FRANCE, app, geo_factset, lm, make_window, settings  # noqa: E402,F401
+from test_gui import FRANCE, app, geo_factset, lm, make_window, run_fact, settings  # noqa: E402,F401
 
 
 def test_trace_tab_runs_a_job_and_shows_the_engines_numbers(app, qtbot, settings, lm, tmp_path):  # noqa: F811
@@ -85,3 +85,36 @@ def test_a_fact_the_model_does_not_know_says_so_in_one_line():
     assert "template-like by construction" in note
     session.checks[(fact_key(FRANCE), "e")] = {"correct": True, "prob": 0.5, "top1_token": " Paris"}
     assert session.known_note(FRANCE) == ""  # 3 of 5: known
+
+
+def test_the_not_known_note_reads_only_checks_of_the_runs_weights(app, qtbot, settings, lm):  # noqa: F811
+    """After suppressing a fact's neurons the answer checks (made on the edited weights) said "The model does not
+    know this fact ... template-like by construction" beside its run on the model's own weights."""
+    window = make_window(qtbot, settings, lm)
+    session = window.session
+    window.attribution.active_edits = lambda: ["Suppress 3 neurons"]  # the weights as an edit left them
+    window.attributions.check_facts([FRANCE])
+    assert window.runner.wait_idle(30000)
+    own = [v for (key, _), v in session.checks.items() if key == ("P36", "France", "Paris")]
+    assert own and all(v["edits"] == ["Suppress 3 neurons"] for v in own)
+    for v in own:
+        v["correct"] = False  # the edit took the answer away everywhere
+    assert session.known_note(FRANCE, []) == ""  # a run on the model's own weights: nothing claimed
+    assert "does not know this fact" in session.known_note(FRANCE, ["Suppress 3 neurons"])
+    window.close()
+
+
+def test_the_runs_summary_follows_a_check_that_ends_after_it(app, qtbot, settings, lm):  # noqa: F811
+    """The note under a run was written when the run was drawn: a check ending later (F6) left the old count."""
+    window = make_window(qtbot, settings, lm)
+    run = run_fact(qtbot, window, steps=1)
+    window.session.checks.clear()
+    window.attribution_panel.redraw()
+    assert "does not know" not in window.attribution_panel.summary.text()
+    for (key, template), v in list(window.session.checks.items()):
+        v["correct"] = False
+    window.attributions.check_facts([FRANCE])
+    assert window.runner.wait_idle(30000)
+    note = window.session.known_note(FRANCE, run.edits)
+    assert note and window.attribution_panel.summary.text().endswith(note)  # the random tiny model knows nothing
+    window.close()

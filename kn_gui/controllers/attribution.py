@@ -400,6 +400,7 @@ class AttributionController(QObject):
         items = [p for fact in facts for p in s.prompts_for(fact)[0]]
         if not items:
             return False
+        edits = list(self.active_edits())  # the weights answering: a run's note reads only checks of its weights
         from kn_core.evaluation import answer_probabilities
 
         def job(task):
@@ -413,12 +414,13 @@ class AttributionController(QObject):
             for prompt, result in pairs:
                 s.checks[(fact_key(prompt.fact), prompt.template)] = {
                     "correct": bool(result["correct"]), "prob": float(result["prob"]),
-                    "top1_token": result["top1_token"]}
+                    "top1_token": result["top1_token"], "edits": edits}
                 if prompt.fact not in touched:
                     touched.append(prompt.fact)
             self.event.emit(ChecksDone(touched, len(pairs), sum(r["correct"] for _, r in pairs)))
 
-        self.runner.submit(f"Checking {len(items)} prompts", job, on_done=done)
+        # one fact's prompts (what picking a fact checks) take about a second: a run may queue behind them
+        self.runner.submit(f"Checking {len(items)} prompts", job, on_done=done, quick=len(facts) == 1)
         return True
 
     def prompt_count(self, facts: list[Fact]) -> int:

@@ -14,7 +14,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from PySide6.QtCore import QObject, QStandardPaths, Signal
+from PySide6.QtCore import QLockFile, QObject, QStandardPaths, Signal
 
 from .. import project_io
 from ..project_io import ProjectSnapshot, place_runs
@@ -55,6 +55,7 @@ class ProjectController(QObject):
         self.settings = settings
         self.path: str | None = None
         self._autosave_file: str | None = None
+        self._autosave_lock: QLockFile | None = None  # held while this window writes its autosave file
         self.autosave_folder: str | None = None  # for untitled projects; None: the app's data folder
         self._autosaving: threading.Thread | None = None
         self._autosave_done.connect(self.event.emit)
@@ -112,7 +113,7 @@ class ProjectController(QObject):
         s.traces = list(snap.traces)
         self.discard_autosave()
         if recovered:
-            self._autosave_file = snap.path  # keep writing to the recovered file until the user saves
+            self._claim_autosave(snap.path)  # keep writing to the recovered file until the user saves
             self.path = snap.autosave_of
         else:
             self.path = snap.path
@@ -178,13 +179,35 @@ class ProjectController(QObject):
         if self._autosave_file is None:
             if self.path:
                 folder, name = os.path.split(os.path.abspath(self.path))
-                self._autosave_file = os.path.join(folder, f".{name}.autosave.knproj")
+                self._claim_autosave(os.path.join(folder, f".{name}.autosave.knproj"))
             else:
                 folder = Path(self.autosave_folder or Path(QStandardPaths.writableLocation(
                     QStandardPaths.AppDataLocation)) / "autosave")
                 folder.mkdir(parents=True, exist_ok=True)
-                self._autosave_file = str(folder / f"untitled-{os.getpid()}-{id(self):x}.knproj")
+                self._claim_autosave(str(folder / f"untitled-{os.getpid()}-{id(self):x}.knproj"))
         return self._autosave_file
+
+    def _claim_autosave(self, path: str):
+        """This window's autosave file, with a lock beside it that a running app holds: another app started
+        meanwhile must not offer a live window's work as left by a crash (a killed app's lock goes stale with
+        its process: QLockFile checks the pid it wrote)."""
+        self._release_autosave_lock()
+        self._autosave_file = path
+        self._autosave_lock = QLockFile(path + ".lock")
+        self._autosave_lock.tryLock(0)
+
+    def _release_autosave_lock(self):
+        if self._autosave_lock is not None:
+            self._autosave_lock.unlock()
+            self._autosave_lock = None
+
+    @staticmethod
+    def _held_by_a_running_app(path: str) -> bool:
+        lock = QLockFile(path + ".lock")
+        if lock.tryLock(0):  # free, or stale (its app ended): removed with the unlock
+            lock.unlock()
+            return False
+        return lock.error() == QLockFile.LockFailedError
 
     def autosave(self) -> threading.Thread | None:
         """Writes the unsaved state in a background thread (a long job may hold the worker); Autosaved after."""
@@ -218,6 +241,7 @@ class ProjectController(QObject):
         """The work is saved (or deliberately dropped): its autosave file goes."""
         self.wait_autosave()
         path, self._autosave_file = self._autosave_file, None
+        self._release_autosave_lock()
         if path is None:
             return
         self._set_listed([p for p in self._listed() if p != path])
@@ -225,7 +249,11 @@ class ProjectController(QObject):
             os.remove(path)
 
     def recoverable(self) -> list[str]:
-        """Autosave files left by an app that did not end cleanly (not this window's own)."""
-        found = [p for p in self._listed() if os.path.exists(p) and p != self._autosave_file]
-        self._set_listed(found + ([self._autosave_file] if self._autosave_file in self._listed() else []))
+        """Autosave files left by an app that did not end cleanly (not this window's own, nor another running
+        app's: the lock `_claim_autosave` holds)."""
+        listed, own = self._listed(), self._autosave_file
+        others = [p for p in listed if os.path.exists(p) and p != own]
+        running = [p for p in others if self._held_by_a_running_app(p)]  # still listed: offered if it crashes
+        found = [p for p in others if p not in running]
+        self._set_listed(found + running + ([own] if own in listed else []))
         return found

@@ -318,6 +318,7 @@ class AttributionPanel(QWidget):
         if changed:
             self.live.clear()
             self.selected = []
+            self.hover.setText(" ")  # it described a neuron in the run no longer shown
             self._autorange = True
         self._fill_view_of()
         self.redraw()
@@ -418,6 +419,8 @@ class AttributionPanel(QWidget):
             self.heat_widget.set_scores(None)
         self._draw_marks()
         self._draw_prompts()
+        if self.selected:  # the selected neuron's line reads the scores now shown (a prompt, new sets)
+            self.hover.setText(self.describe_neuron(*self.selected[-1]))
 
     def _describe(self, run):
         """The title and summary line, and `self.refined`: when a compactly stored run's kept scores cannot decide
@@ -452,7 +455,7 @@ class AttributionPanel(QWidget):
         left_out = f" ({len(template)} template neurons left out: subject control)" if template else ""
         self.summary.setText(
             f"coarse per prompt: {', '.join(map(str, coarse))}   |   {rule}: {len(self.refined)}{left_out}   |   "
-            f"t = {self.session.t:.2f}, p = {self.session.p:.2f}" + self.session.known_note(run.fact))
+            f"t = {self.session.t:.2f}, p = {self.session.p:.2f}" + self.session.known_note(run.fact, run.edits))
 
     def _draw_prompts(self, force: bool = False):
         """The per-prompt view; drawn only while its tab is visible (it is the costly one to redraw)."""
@@ -605,9 +608,11 @@ class AttributionPanel(QWidget):
         self._draw_marks()
         self._draw_prompts()
 
-    def set_running(self, running: bool, has_model: bool = True):
-        self.run_button.setEnabled(has_model and not running)
-        self.run_sel_button.setEnabled(has_model and not running)
+    def set_running(self, running: bool, has_model: bool = True, startable: bool | None = None):
+        """`startable`: a run may be queued now (None: when nothing runs)."""
+        startable = has_model and not running if startable is None else startable
+        self.run_button.setEnabled(startable)
+        self.run_sel_button.setEnabled(startable)
         tip = "" if has_model else " \u2014 load a model first"
         # a job encodes its prompts as the model's prompt format says: never switched under it (masked: plain)
         lm = self.session.lm

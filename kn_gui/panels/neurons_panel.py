@@ -92,6 +92,7 @@ class NeuronsPanel(QWidget):
             self.contents.horizontalHeader().setSectionResizeMode(col, QHeaderView.ResizeToContents)
         self.setLayout(vbox(split, margins=(4, 4, 4, 4)))
         self.inspected: tuple[int, int] | None = None
+        self.inspected_tokens: dict | None = None  # the engine's answer for it: read again when the sets change
 
     # ----------------------------------------------------------------- sets
     def refresh(self, keep: str | None = None):
@@ -107,6 +108,8 @@ class NeuronsPanel(QWidget):
                        if self.sets.table.item(r, 1).text() == "refined"]
             self.sets.selectRow(refined[-1] if refined else 0)
         self._show_set()
+        if self.inspected is not None:  # which facts have it in their refined set changes with t, p and the runs
+            self.show_inspection(*self.inspected, self.inspected_tokens)
 
     def current_set_name(self) -> str | None:
         index = self.sets.currentIndex()
@@ -270,7 +273,7 @@ class NeuronsPanel(QWidget):
         """`tokens`: kn_core.evaluation.neuron_tokens' answer ("promotes"/"suppresses" rows, optionally "sign" when
         the engine already read the value vector with the activation's sign) or the older adapter's
         {"promoted", "suppressed", "norm"} (read as +v)."""
-        self.inspected = (layer, neuron)
+        self.inspected, self.inspected_tokens = (layer, neuron), tokens
         users, looked = self.session.facts_using((layer, neuron))
         names = ", ".join(fact_label(f) for f in users[:6]) + (f" and {len(users) - 6} more" if len(users) > 6 else "")
         extra = f"  \u2014 refined for {len(users)} of {looked} attributed facts" + (f": {names}" if users else "")

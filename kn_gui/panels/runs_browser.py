@@ -120,7 +120,9 @@ class RunsDialog(QDialog):
         split = QSplitter(Qt.Vertical)
         split.addWidget(self.table)
         split.addWidget(comparison)
-        self.setLayout(vbox(hbox(self.scope, None, hint(f"refined at the window's t and p")), split,
+        t_and_p = hint("refined at the window's t and p")
+        t_and_p.setWordWrap(False)  # wrapped, the stretch beside it squeezed it to two cut lines
+        self.setLayout(vbox(hbox(self.scope, None, t_and_p), split,
                             hbox(self.open_button, self.rename_button, self.delete_button, None,
                                  self.compare_button)))
         self.resize(1100, 640)
