@@ -1,5 +1,5 @@
 """Knowledge Neuron Studio's desktop app (PySide6)."""
 
-from .none_refcount import protect_none
+from .binding_guard import install
 
-protect_none()  # before any Qt call: PySide6 6.12.0 on Python < 3.12 would use up None's references (none_refcount.py)
+install()  # before any Qt call can add up: PySide6 6.12.0 on Python < 3.12 uses up None's references (binding_guard)
