@@ -325,3 +325,34 @@ def test_saving_renaming_and_deleting_a_neuron_set_are_undoable(window, monkeypa
     assert session.neuron_sets["mine"].source == "picked"
     shown = [panel.sets.table.item(r, 0).text() for r in range(panel.sets.table.rowCount())]
     assert "mine" in shown
+
+
+def test_edit_on_a_prompt_row_edits_its_fact(window, qtbot, monkeypatch):
+    """A new user selects a prompt under France -> Paris and presses Edit: the fact's dialog opens (it did nothing)."""
+    import kn_gui.panels.facts_panel as facts_panel
+    from PySide6.QtCore import QItemSelectionModel
+
+    from kn_core.facts import Fact
+
+    panel = window.facts_panel
+    item = panel._find_fact_item(FRANCE)
+    panel.tree.expand(item.index())
+    prompt = item.child(0)
+    assert prompt is not None and prompt.data(facts_panel.ROLE)[0] == "prompt"
+    panel.tree.selectionModel().setCurrentIndex(prompt.index(), QItemSelectionModel.ClearAndSelect)
+    opened = []
+
+    class Accepting:
+        def __init__(self, factset, fact=None, **kwargs):
+            opened.append(fact)
+
+        def exec(self):
+            return facts_panel.QDialog.Accepted
+
+        def fact(self):
+            return Fact(FRANCE.relation, FRANCE.subject, "Lyon")
+
+    monkeypatch.setattr(facts_panel, "FactDialog", Accepting)
+    with qtbot.waitSignal(panel.change_requested, timeout=5000) as changed:
+        panel.edit_button.click()
+    assert opened == [FRANCE] and changed.args[0] == "Edit fact France \u2192 Lyon"

@@ -517,8 +517,10 @@ class FactsPanel(QWidget):
 
     def edit_selected(self):
         data = self._data(self.tree.currentIndex())
-        if not data or data[0] in ("prompt", "skipped"):
+        if not data:
             return
+        if data[0] in ("prompt", "skipped"):  # a prompt's row: its fact is what can be edited
+            data = ("fact", data[1])
         fs = self.session.factset
         try:
             if data[0] == "relation":
