@@ -144,7 +144,8 @@ class MainWindow(QMainWindow):
         self.job_status = JobStatus(self.statusBar(), self.runner, self.cancel_job)
         # a long note (an import's left-out files, a kept partial run) is cut where the job's widgets begin: whole
         # when the pointer rests on the status bar
-        self.statusBar().messageChanged.connect(self.statusBar().setToolTip)
+        bar = self.statusBar()  # a Python slot: PySide6 6.11 cannot connect a signal to a wrapped C++ setter
+        bar.messageChanged.connect(lambda text: bar.setToolTip(text))
         self.cancel_button, self.model_label = self.job_status.cancel_button, self.job_status.model_label
 
     def _connect(self):

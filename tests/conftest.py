@@ -1,8 +1,12 @@
 import os
 import sys
 
-# Qt widgets need a platform plugin; tests must run without a display.
-os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+# Qt widgets need a platform plugin; tests must run without a display. Qt's offscreen screen is 800x800 unless it
+# is told otherwise: the layout tests ask for 1600x1000 and 1280x800 windows, and the app never grows a window past
+# its screen, so the tests get a workstation's 1920x1200 screen (window frames kept, as a window manager adds them).
+_SCREEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "offscreen_screen.json")
+if os.environ.get("QT_QPA_PLATFORM", "offscreen") == "offscreen":
+    os.environ["QT_QPA_PLATFORM"] = f"offscreen:configfile={_SCREEN}"
 
 
 import pytest  # noqa: E402

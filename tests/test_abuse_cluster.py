@@ -34,7 +34,7 @@ def start_driver(setup, project: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # a local instance of its own
     env |= {"PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "kn_core.cli", "attribute", "--facts", setup["facts"], "--project",
-                             str(project), "--model", setup["model"], "--steps", "200", "--cluster", "ray",
+                             str(project), "--model", setup["model"], "--steps", "1000", "--cluster", "ray",
                              "--workers", "2", "--json"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
@@ -52,12 +52,25 @@ def wait_for_workers(driver: subprocess.Popen, n: int, timeout: float = 180) -> 
     pytest.fail(f"no {n} Ray workers came up: {driver.stderr.read()[-2000:] if driver.poll() is not None else ''}")
 
 
+def kill_a_live_worker(driver: subprocess.Popen, tries: int = 20) -> None:
+    """SIGKILL to a worker that is alive now: Ray may have replaced a process listed a moment ago."""
+    for _ in range(tries):
+        for worker in wait_for_workers(driver, 1):
+            try:
+                os.kill(worker.pid, signal.SIGKILL)
+                return
+            except ProcessLookupError:
+                continue
+        time.sleep(0.2)
+    pytest.fail("no live Ray worker to kill")
+
+
 def test_a_killed_worker_leaves_json_one_document(setup, tmp_path):
     driver = start_driver(setup, tmp_path / "p.knproj")
     try:
-        workers = wait_for_workers(driver, 2)
+        wait_for_workers(driver, 2)
         time.sleep(3)  # the workers load the model and start on their facts
-        os.kill(workers[0].pid, signal.SIGKILL)
+        kill_a_live_worker(driver)
         out, err = driver.communicate(timeout=600)
     finally:
         driver.kill()
