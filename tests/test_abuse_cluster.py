@@ -40,12 +40,18 @@ def start_driver(setup, project: Path) -> subprocess.Popen:
                             start_new_session=True)
 
 
+def _is_worker(process) -> bool:
+    try:
+        return "FactWorker" in " ".join(process.cmdline() or [process.name()])
+    except psutil.Error:  # gone, or a zombie, since the listing
+        return False
+
+
 def wait_for_workers(driver: subprocess.Popen, n: int, timeout: float = 180) -> list:
     """The driver's Ray worker processes (its descendants named ray::FactWorker...), once n are up."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and driver.poll() is None:
-        workers = [p for p in psutil.Process(driver.pid).children(recursive=True)
-                   if "FactWorker" in " ".join(p.cmdline() or [p.name()])]
+        workers = [p for p in psutil.Process(driver.pid).children(recursive=True) if _is_worker(p)]
         if len(workers) >= n:
             return workers
         time.sleep(0.5)
@@ -69,7 +75,7 @@ def test_a_killed_worker_leaves_json_one_document(setup, tmp_path):
     driver = start_driver(setup, tmp_path / "p.knproj")
     try:
         wait_for_workers(driver, 2)
-        time.sleep(3)  # the workers load the model and start on their facts
+        time.sleep(1)  # the workers load the model and start on their facts (a tiny model: done in seconds)
         kill_a_live_worker(driver)
         out, err = driver.communicate(timeout=600)
     finally:
