@@ -36,6 +36,7 @@ class ProjectSnapshot:
     causal_templates: str = "prefix"  # the window's choice for new runs (each run records its own in its params)
     prompt_format: str = "plain"  # the window's prompt format (kn_core.encoding), as causal_templates
     checks: dict = field(default_factory=dict)  # (fact key, template) -> answer check
+    checks_sha256: str | None = None  # the weights the checks were made on (None: a file saved before it was kept)
     path: str = ""
     autosave_of: str | None = None  # set in autosave files: the project they are the unsaved state of
     score_storage: dict | None = None  # the project's Project.score_storage(); saving keeps it (None: full)
@@ -56,6 +57,7 @@ def snapshot(session: Session, edit_state: dict | None, model_info: dict | None)
                                  for s in session.neuron_sets.values()],
                            edit_state=edit_state, model=model_info, t=session.t, p=session.p,
                            causal_templates=session.causal_templates, checks=dict(session.checks),
+                           checks_sha256=getattr(session.lm, "sha256", None),
                            prompt_format=session.prompt_format,
                            score_storage=session.score_storage, flags=session.flags_record(),
                            kept_records=session.kept_records, traces=list(session.traces))
@@ -123,7 +125,8 @@ def _write_snapshot(project, snap: ProjectSnapshot, task) -> None:
         project.set_setting(FLAGS_SETTING, flags_to_json(snap.flags))
     project.set_setting(GUI_SETTING, {"t": snap.t, "p": snap.p, "autosave_of": snap.autosave_of,
                                       "causal_templates": snap.causal_templates, "prompt_format": snap.prompt_format,
-                                      "checks": [[list(k[0]), k[1], v] for k, v in snap.checks.items()]})
+                                      "checks": [[list(k[0]), k[1], v] for k, v in snap.checks.items()],
+                                      "checks_sha256": snap.checks_sha256})
 
 
 def _read_evaluations(project) -> list[dict]:
@@ -236,6 +239,7 @@ def open_project_file(path: str, task=None) -> ProjectSnapshot:
     checks = {(tuple(key), template): value for key, template, value in gui.get("checks", [])}
     return ProjectSnapshot(factset=factset, runs=runs, sets=sets, edit_state=edit_state, edit_sha=edit_sha,
                            t=gui.get("t", DEFAULT_T), p=gui.get("p", DEFAULT_P), checks=checks, path=path,
+                           checks_sha256=gui.get("checks_sha256"),
                            causal_templates=gui.get("causal_templates", "prefix"), score_storage=storage,
                            prompt_format=gui.get("prompt_format", "plain"),
                            autosave_of=gui.get("autosave_of"), flags=flags, kept_records=kept, traces=traces)

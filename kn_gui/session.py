@@ -217,6 +217,7 @@ class Session:
         self.activation_stats = None  # kn_core.neurons.ActivationStats measured with the flags (mean ablation)
         self.flags_measured_on = 0  # how many run prompts the flags were measured on (with the neutral sentences)
         self.saved_flags: dict | None = None  # the opened project's flags_record(), used when its model is loaded
+        self.saved_checks: tuple[str | None, dict] | None = None  # (weights sha256, the opened project's checks)
         self.neuron_sets: dict[str, NeuronSet] = {}
         self.traces: list[dict] = []  # causal traces run here or opened: {"name", "report", "params"} (project_io)
         self.results_dirty = False
@@ -331,6 +332,26 @@ class Session:
             return None
         return {"sha256": getattr(self.lm, "sha256", None), "run_prompts": self.flags_measured_on, "flags": self.flags,
                 "stats": self.activation_stats}
+
+    def keep_saved_checks(self, sha256: str | None, checks: dict) -> None:
+        """The opened project's answer checks, made on the weights `sha256`: in force now if those weights are
+        loaded, else when they are (`restore_checks`). Checks made on edited weights are dropped: opening a project
+        reverts its edits. A file saved before the weights were recorded (None) keeps the old rule: its checks
+        stand for the model loaded when it is opened."""
+        own = {key: value for key, value in checks.items() if not value.get("edits")}
+        self.saved_checks = (sha256, own)
+        loaded = getattr(self.lm, "sha256", None) if self.lm is not None else None
+        self.checks = dict(own) if self.lm is not None and (sha256 is None or sha256 == loaded) else {}
+
+    def restore_checks(self) -> bool:
+        """After a model is loaded: the opened project's checks, when they were made on these weights."""
+        if self.saved_checks is None or self.lm is None:
+            return False
+        sha256, checks = self.saved_checks
+        if not checks or sha256 is None or sha256 != getattr(self.lm, "sha256", None):
+            return False
+        self.checks = dict(checks)
+        return True
 
     def restore_flags(self) -> bool:
         """The saved flags, when they describe the loaded weights and exactly the runs measured now (a run added

@@ -347,3 +347,27 @@ def test_saving_from_the_app_keeps_what_other_front_ends_stored(window, qtbot, t
         assert project.get_setting("another.tool") == {"kept": [1, 2]}
     finally:
         project.close()
+
+
+def test_answer_checks_come_back_when_the_projects_weights_are_loaded_after_it_opens(window, qtbot, settings, lm,
+                                                                                   tmp_path):
+    """Opened (or recovered) before any model is loaded, a project's answer checks came back never: they are kept
+    with the weights they were made on and restored when those weights are loaded, never for other weights."""
+    from tiny import TINY_CAUSAL, make_tiny
+
+    run_fact(qtbot, window, steps=1)
+    saved = france_checks(window)
+    assert len(saved) == 4
+    path = str(tmp_path / "checked.knproj")
+    assert window.lifecycle.save_to(path, wait=True)
+    for weights, restored in ((lm, True), (make_tiny(TINY_CAUSAL, seed=7), False)):
+        again = make_window(qtbot, settings)  # no model yet
+        with qtbot.waitSignal(again.project_opened, timeout=30000):
+            again.lifecycle.open_project(path)
+        assert again.runner.wait_idle(30000) and again.session.checks == {}
+        assert (weights.sha256 == lm.sha256) is restored
+        again.set_model(weights)
+        assert france_checks(again) == (saved if restored else {})  # at once: before any new check ran
+        assert again.runner.wait_idle(30000)
+        again.lifecycle.auto_discard = True
+        again.close()

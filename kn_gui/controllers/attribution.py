@@ -262,10 +262,12 @@ class AttributionController(QObject):
 
     # ----------------------------------------------------------------------------------------- the model
     def set_model(self, lm):
-        """`lm` is the session's model: the old one's answer checks and flags never describe it."""
+        """`lm` is the session's model: the old one's answer checks and flags never describe it (the opened
+        project's checks come back when they were made on these weights)."""
         s = self.session
         s.lm = lm
         s.checks.clear()
+        s.restore_checks()  # the opened project's, when they were made on these weights
         s.reset_flags()
 
     def set_prompt_format(self, mode: str) -> bool:

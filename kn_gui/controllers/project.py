@@ -108,7 +108,7 @@ class ProjectController(QObject):
         s.prompt_format = snap.prompt_format
         s.score_storage = snap.score_storage
         s.kept_records = snap.kept_records
-        s.checks = snap.checks if s.lm is not None else {}
+        s.keep_saved_checks(snap.checks_sha256, snap.checks)
         s.saved_flags = snap.flags
         s.traces = list(snap.traces)
         self.discard_autosave()
@@ -134,6 +134,7 @@ class ProjectController(QObject):
         s.score_storage = None  # a new project stores full scores
         s.kept_records = {}
         s.saved_flags = None
+        s.saved_checks = None
         s.factset = starter_factset()
         s.runs.clear()
         s.partial_runs.clear()
