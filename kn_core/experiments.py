@@ -115,6 +115,12 @@ def fact_answers(lm, facts_prompts: Sequence[tuple[object, Sequence]], batch_siz
     return out
 
 
+def known_by_label(answers: Sequence[dict] | None) -> dict[str, bool]:
+    """{"relation:subject": known} of `fact_answers` rows (the labels `split_by_known` and the reports key facts
+    by); empty for none."""
+    return {f"{a['relation']}:{a['subject']}": a["known"] for a in answers or ()}
+
+
 def split_by_known(rows: Sequence[dict], known: Mapping[str, bool], keys: Sequence[str],
                    fact_key: str = "fact") -> dict:
     """Means of `keys` over rows of known and of unknown facts (`known`: {fact label: bool}); a fact missing

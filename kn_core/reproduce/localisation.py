@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import experiments as ex
 from ..evaluation import answer_probabilities
 from ..edits import Suppress
 from ..tasks import Task, as_task
@@ -171,6 +172,10 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:+.1f}%"
 
 
+def _label(row: dict) -> str:
+    return f"{row['relation']}:{row['subject']}"  # experiments.known_by_label's key
+
+
 def localisation_markdown(report: dict) -> list[str]:
     sec = report.get("localisation")
     if not sec:
@@ -188,9 +193,9 @@ def localisation_markdown(report: dict) -> list[str]:
              "| relation | subject | known | p clean | p corrupted | MLP peak layer | neurons' layers | "
              + " | ".join(f"trace {n}" for n in names) + " | " + " | ".join(f"suppress {n}" for n in names) + " |",
              "|---|---|---|---|---|---|---|" + "---|" * (2 * len(names))]
-    known = {(a["relation"], a["subject"]): a["known"] for a in report.get("fact_answers") or []}
+    known = ex.known_by_label(report.get("fact_answers"))
     for f in sec["facts"]:
-        is_known = known.get((f["relation"], f["subject"]))
+        is_known = known.get(_label(f))
         shown = "-" if is_known is None else "yes" if is_known else "no"
         lines.append(f"| {f['relation']} | {f['subject']} | {shown} | {f['p_clean']:.3f} | {f['p_corrupted']:.3f} | "
                      f"{f['peak_layer']} ({f['peak_effect']:+.3f}) | "
@@ -205,7 +210,7 @@ def localisation_markdown(report: dict) -> list[str]:
               f"- The band where tracing is strongest is the band whose edit lowers p(answer) most for "
               f"{agree['agree']} of {agree['facts']} facts (chance {agree['chance']:.0%}).",
               f"- Known facts among them: "
-              f"{sum(known.get((f['relation'], f['subject'])) is True for f in sec['facts'])} of {len(sec['facts'])}; "
+              f"{sum(known.get(_label(f)) is True for f in sec['facts'])} of {len(sec['facts'])}; "
               "the correlations above are over all of them, known and unknown together."]
     lines += [f"- Left out: {x['relation']} {x['subject']}: {x['reason']}" for x in sec["left_out"]]
     return lines + [""]

@@ -12,6 +12,7 @@ import zlib
 
 import numpy as np
 
+from .. import experiments as ex
 from ..edit_plan import EditPlanError, EditRequest, plan_edit, shared_rule_note
 from ..metrics import (METRIC_NAMES, applicable, held_out_templates, measure_edit, symmetry_metric,
                        synonymy_metric)
@@ -194,11 +195,11 @@ def metrics_markdown(report: dict) -> list[str]:
         control = m.get(key_control)
         return f"{fmt(m[key_edit])} ({fmt(control) if control is not None else 'n/a'})"
 
-    known = {(a["relation"], a["subject"]): a["known"] for a in report.get("fact_answers") or []}
+    known = ex.known_by_label(report.get("fact_answers"))
     groups = [("", section["summary"])]
     if known:  # known facts first; unknown facts apart (their neurons are template-like by construction)
         groups = [(f", {label}", summarize([f for f in section["facts"]
-                                            if known.get((f["relation"], f["subject"])) is side]))
+                                            if known.get(f"{f['relation']}:{f['subject']}") is side]))
                   for side, label in ((True, "known facts"), (False, "facts the model does not know"))]
     lines += [f"| every edit{suffix} | 0 | | | | | | | |" for suffix, summary in groups if not summary]
     for suffix, kind, s in ((suffix, kind, s) for suffix, summary in groups for kind, s in summary.items()):

@@ -553,7 +553,7 @@ def run_reproduce(lm, factset, out: Path, relations=None, facts_per_relation: in
         save()
         report["suppress_amplify"] = phases.run("suppress_amplify", lambda sub: ex.suppress_amplify_experiment(
             lm, records, seed=seed, control_prompts=control_prompts, exclude=exclude,
-            activation_stats=neurons["stats"], known={f"{a['relation']}:{a['subject']}": a["known"] for a in answers},
+            activation_stats=neurons["stats"], known=ex.known_by_label(answers),
             task=sub))
         save()
         report["erase"] = phases.run("erase", lambda sub: ex.erase_experiment(

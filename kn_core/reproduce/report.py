@@ -22,7 +22,7 @@ from ..validation import markdown_safe
 from .html import provenance_rows, read_figures, render_html
 from .localisation import localisation_markdown
 from .metrics_section import metrics_markdown
-from .specificity_section import (UNKNOWN, by_known_markdown, facts_markdown, known_labels, specificity_markdown,
+from .specificity_section import (UNKNOWN, by_known_markdown, facts_markdown, specificity_markdown,
                                   syntax_markdown)
 
 PAPER = {
@@ -241,7 +241,7 @@ def _activation_section(report: dict) -> list[str]:
              + " (paper: open-domain sentences of each kind).", "",
              f"| | known facts | {UNKNOWN} | all facts | paper |", "|---|---|---|---|---|"]
     groups = ("expressing", "subject_only", "random") + (("corpus",) if "corpus" in a else ())
-    split = ex.split_by_known(a.get("per_fact", []), known_labels(report), groups)
+    split = ex.split_by_known(a.get("per_fact", []), ex.known_by_label(report.get("fact_answers")), groups)
     paper = {"expressing": PAPER["activation_expressing"], "subject_only": PAPER["activation_subject_only"],
              "random": PAPER["activation_random"], "corpus": "-"}
     names = {"expressing": "expressing the fact", "subject_only": "subject only", "random": "random",

@@ -69,15 +69,10 @@ def _label(rec) -> str:
 UNKNOWN = "neurons of facts the model does not know (template-like by construction)"  # or answers from the name
 
 
-def known_labels(report: dict) -> dict[str, bool]:
-    """{"relation:subject": known} of the chosen facts (KNOWN_RULE), empty before the answers are measured."""
-    return {f"{a['relation']}:{a['subject']}": a["known"] for a in report.get("fact_answers") or []}
-
-
 def neurons_by_known(report: dict) -> dict | None:
     """The neuron statistics of the neurons the experiments use (facts_detail), for known and unknown facts
     apart; None before the answers are measured."""
-    known, detail = known_labels(report), report.get("facts_detail") or []
+    known, detail = ex.known_by_label(report.get("fact_answers")), report.get("facts_detail") or []
     if not known or not detail:
         return None
     out = {}
@@ -121,7 +116,7 @@ def by_known_markdown(report: dict) -> list[str]:
 def control_part(records, controlled, controls, answers: list[dict], layers: int) -> dict:
     """The report's "subject_control": the rule and what it used, per fact, and the neuron numbers without and
     with the control, for all facts and for known / unknown facts apart."""
-    known = {f"{a['relation']}:{a['subject']}": a["known"] for a in answers}
+    known = ex.known_by_label(answers)
 
     def both(recs):
         out = {"all": ex.neuron_statistics([r.neurons for r in recs], [r.relation for r in recs], layers)}
