@@ -154,9 +154,6 @@ def cmd_neurons(args) -> int:
     from ..runner import prompt_params, run_params
     from ..specificity import control_summary
 
-    if args.keep_template and not args.subject_control:
-        raise CliError("--keep-template keeps the neurons the subject control flags; add --subject-control (or "
-                       "leave --keep-template out)")
     params = params_of(args)
     factset = factset_of(args)
     fact = find_fact(factset, args.relation, args.subject)

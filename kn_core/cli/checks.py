@@ -107,6 +107,7 @@ CHECKS = {
     "max_paraphrases": _at_least("--max-paraphrases", 0),
     "min_prompts": _at_least("--min-prompts", 1),
     "output": lambda value, args: v.check_output_file("--output", value),
+    "keep_template": lambda value, args: _keep_template(value, args),
 }
 
 
@@ -144,6 +145,19 @@ def _relations(value):
     if not any(r.strip() for r in value.split(",")):
         raise v.ValidationError(f"--relations = {value!r} is not allowed: expected all or relation ids R1,R2")
     return value
+
+
+def _keep_template(keep: bool, args) -> None:
+    """--keep-template keeps what the subject control flags: it needs the control (kn neurons and kn edit take
+    --subject-control; kn reproduce runs it unless --no-subject-control)."""
+    if not keep:
+        return
+    if getattr(args, "no_subject_control", False):
+        raise v.ValidationError("--keep-template keeps the neurons the subject control flags, and "
+                                "--no-subject-control skips that control; drop one of them")
+    if not getattr(args, "subject_control", True):
+        raise v.ValidationError("--keep-template keeps the neurons the subject control flags; add "
+                                "--subject-control (or leave --keep-template out)")
 
 
 def _cluster(value):

@@ -96,9 +96,6 @@ def neuron_params(args):
     each verb builds it once before the model loads, so that a bad combination fails first."""
     from ..attribution import AttributionParams
 
-    if getattr(args, "keep_template", False) and not getattr(args, "subject_control", False):
-        raise CliError("--keep-template keeps the neurons the subject control flags; add --subject-control (or "
-                       "leave --keep-template out)")
     return AttributionParams(steps=args.steps, quadrature=args.quadrature, tolerance=args.tolerance, seed=args.seed,
                              force=args.force)
 

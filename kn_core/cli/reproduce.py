@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .attribution import causal_templates_option, quadrature_options
 from .checks import whole_number
-from .common import (COMMON, CliError, command_params, emit, factset_of, load, progress_bar, prompt_format_option,
+from .common import (COMMON, command_params, emit, factset_of, load, progress_bar, prompt_format_option,
                      say, store_evaluation)
 
 
@@ -17,9 +17,6 @@ def cmd_reproduce(args) -> int:
     from ..reproduce import resolve_relations, run_reproduce
 
     AttributionParams(steps=args.steps, quadrature=args.quadrature, tolerance=args.tolerance)  # before loading
-    if args.keep_template and args.no_subject_control:
-        raise CliError("--keep-template keeps the neurons the subject control flags, and --no-subject-control "
-                       "skips that control; drop one of them")
     factset = factset_of(args)
     relations = [r.strip() for r in args.relations.split(",") if r.strip()] if args.relations else None
     resolve_relations(factset, relations)  # an unknown relation fails before the model loads
