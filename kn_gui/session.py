@@ -336,19 +336,18 @@ class Session:
     def keep_saved_checks(self, sha256: str | None, checks: dict) -> None:
         """The opened project's answer checks, made on the weights `sha256`: in force now if those weights are
         loaded, else when they are (`restore_checks`). Checks made on edited weights are dropped: opening a project
-        reverts its edits. A file saved before the weights were recorded (None) keeps the old rule: its checks
-        stand for the model loaded when it is opened."""
-        own = {key: value for key, value in checks.items() if not value.get("edits")}
-        self.saved_checks = (sha256, own)
-        loaded = getattr(self.lm, "sha256", None) if self.lm is not None else None
-        self.checks = dict(own) if self.lm is not None and (sha256 is None or sha256 == loaded) else {}
+        reverts its edits."""
+        self.saved_checks = (sha256, {key: value for key, value in checks.items() if not value.get("edits")})
+        self.checks = {}
+        self.restore_checks(opening=True)
 
-    def restore_checks(self) -> bool:
-        """After a model is loaded: the opened project's checks, when they were made on these weights."""
+    def restore_checks(self, opening: bool = False) -> bool:
+        """The opened project's checks, when they were made on the loaded weights. A file saved before the weights
+        were recorded (sha256 None) keeps the old rule: its checks stand for the model loaded when it is opened."""
         if self.saved_checks is None or self.lm is None:
             return False
         sha256, checks = self.saved_checks
-        if not checks or sha256 is None or sha256 != getattr(self.lm, "sha256", None):
+        if sha256 != getattr(self.lm, "sha256", None) and not (sha256 is None and opening):
             return False
         self.checks = dict(checks)
         return True
