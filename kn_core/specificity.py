@@ -1,5 +1,5 @@
-"""Subject specificity: is a fact's knowledge neuron the fact's, or its template's? (issue #21; the rule and its
-reasons are in docs/SPECIFICITY.md, fixed before it was run on any relation.)
+"""Subject specificity: is a fact's knowledge neuron the fact's, or its template's? (issue #21; the rule, its
+reasons and its history are in docs/SPECIFICITY.md.)
 
 Knowledge must depend on the subject (Meng et al. 2022, ROME: corrupt the subject and the fact is lost); the
 attribution that finds knowledge neurons finds neurons of the wording as readily (Niu et al., ICLR 2024). The
@@ -12,11 +12,13 @@ relation (not sharing o), then re-scores the fact's candidate neurons:
   to log P(o)), so a control prompt's much smaller P(o) does not shrink every score alike;
 - ratio per control prompt c on template j: r_c(n) = u'_c(n) / u_j(n), where u_j(n) > 0 is the neuron's
   normalized score on the fact's own prompt of template j;
-- flag (`flag_template`): "template" when the median r_c(n) over the neuron's control prompts is >= 1/2 (it keeps
-  at least half its effect on o without the fact's subject).
+- flag (`flag_template`): "template" when the median |r_c(n)| over the neuron's control prompts is >= 1/2 (without
+  the fact's subject it keeps at least half the size of its effect on log P(o), pushing o or pushing against it).
 
 Up to CONTROL_SUBJECTS (3) control subjects per fact; a fact with fewer than MIN_CONTROL_SUBJECTS (2) is not
-controlled, with the reason. The numbers were fixed before the rule was run on any relation and are not tuned.
+controlled, with the reason. The numbers were fixed before the rule was run on any relation and are not tuned;
+the absolute value was added after the known-facts reproduction (docs/reproduction/known/; docs/SPECIFICITY.md
+says why and when).
 
     control = subject_control(lm, factset, fact, prompts, candidates, params)
     refined = [n for n in candidates if n not in control.template]     # unless the caller keeps them
@@ -39,8 +41,8 @@ MIN_CONTROL_SUBJECTS = 2
 TEMPLATE_RATIO = 0.5
 RULE = (f"template (subject-unspecific): with the subject swapped for up to {CONTROL_SUBJECTS} subjects of other "
         f"facts of the relation (same templates, same answer; at least {MIN_CONTROL_SUBJECTS}), the neuron's "
-        f"integrated gradient per unit of answer probability keeps >= {TEMPLATE_RATIO:g} of its value on the fact's "
-        f"own prompt of the same template, on the median control prompt")
+        f"integrated gradient per unit of answer probability keeps >= {TEMPLATE_RATIO:g} of its size on the fact's "
+        f"own prompt of the same template (either sign), on the median control prompt")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -91,15 +93,15 @@ def attribute_layers(lm, prompt, layers: Sequence[int], params=None, task: Task 
 # The rule, on plain arrays
 # --------------------------------------------------------------------------------------------------------
 
-def template_ratios(own: Mapping[str, np.ndarray], controls: Sequence[tuple[str, np.ndarray]],
-                    candidates: Sequence[Neuron], layers: Sequence[int]) -> dict[Neuron, float]:
-    """Each candidate's median ratio u'_c / u_j over control prompts c (template j) where u_j > 0; NaN when it
-    has none. `own`: {template: normalized scores [len(layers), N]} of the fact's prompts; `controls`:
+def prompt_ratios(own: Mapping[str, np.ndarray], controls: Sequence[tuple[str, np.ndarray]],
+                  candidates: Sequence[Neuron], layers: Sequence[int]) -> dict[Neuron, list[float]]:
+    """Each candidate's ratios r_c = u'_c / u_j over the control prompts c (template j) where u_j > 0 (none: an
+    empty list). `own`: {template: normalized scores [len(layers), N]} of the fact's prompts; `controls`:
     [(template, normalized scores)] of the control prompts."""
     row = {layer: k for k, layer in enumerate(layers)}
-    out: dict[Neuron, float] = {}
+    out: dict[Neuron, list[float]] = {}
     for layer, index in candidates:
-        ratios = []
+        ratios = out.setdefault((int(layer), int(index)), [])
         for template, scores in controls:
             base = own.get(template)
             if base is None:
@@ -107,12 +109,25 @@ def template_ratios(own: Mapping[str, np.ndarray], controls: Sequence[tuple[str,
             u = float(base[row[layer], index])
             if u > 0:
                 ratios.append(float(scores[row[layer], index]) / u)
-        out[(int(layer), int(index))] = float(np.median(ratios)) if ratios else float("nan")
     return out
 
 
+def template_ratios(ratios: Mapping[Neuron, Sequence[float]]) -> dict[Neuron, float]:
+    """The rule's statistic: each neuron's median |r_c| over its control prompts, the share of the size of its
+    effect on log P(o) that it keeps without the fact's subject, whichever way it then pushes; NaN without a
+    usable control prompt."""
+    return {n: float(np.median(np.abs(r))) if len(r) else float("nan") for n, r in ratios.items()}
+
+
+def signed_ratios(ratios: Mapping[Neuron, Sequence[float]]) -> dict[Neuron, float]:
+    """Each neuron's median signed r_c (reported beside the rule's statistic: a negative one means the neuron
+    pushes against o without the fact's subject); NaN without a usable control prompt."""
+    return {n: float(np.median(r)) if len(r) else float("nan") for n, r in ratios.items()}
+
+
 def flag_template(ratios: Mapping[Neuron, float], threshold: float = TEMPLATE_RATIO) -> frozenset[Neuron]:
-    """The neurons whose median ratio is >= threshold (NaN: no usable control prompt, never flagged)."""
+    """The neurons whose `template_ratios` statistic is >= threshold (NaN: no usable control prompt, never
+    flagged)."""
     return frozenset(n for n, r in ratios.items() if r == r and r >= threshold)
 
 
@@ -160,7 +175,8 @@ class SubjectControl:
     relation: str
     subject: str
     candidates: list[Neuron]
-    ratios: dict[Neuron, float] = field(default_factory=dict)
+    ratios: dict[Neuron, float] = field(default_factory=dict)  # the rule's statistic, median |r_c|
+    signed: dict[Neuron, float] = field(default_factory=dict)  # median r_c
     template: frozenset[Neuron] = frozenset()
     subjects: list[str] = field(default_factory=list)
     layers: list[int] = field(default_factory=list)
@@ -177,8 +193,12 @@ class SubjectControl:
                 "reason": self.reason, "control_subjects": self.subjects, "control_prompts": self.prompts,
                 "layers": self.layers, "candidates": [list(n) for n in self.candidates],
                 "template": [list(n) for n in sorted(self.template)],
-                "ratios": [[n[0], n[1], None if r != r else round(r, 4)] for n, r in sorted(self.ratios.items())],
+                "ratios": _rounded(self.ratios), "signed_ratios": _rounded(self.signed),
                 "skipped": self.skipped}
+
+
+def _rounded(ratios: Mapping[Neuron, float]) -> list:
+    return [[n[0], n[1], None if r != r else round(r, 4)] for n, r in sorted(ratios.items())]
 
 
 def template_neurons(run_params: Mapping | None) -> frozenset[Neuron]:
@@ -243,8 +263,9 @@ def subject_control(lm, factset, fact: Fact, prompts: Sequence, candidates: Sequ
         scored.append(score(prompt, layers))
         task.progress((n + 1) / len(items), f"subject control {fact.relation} {fact.subject}: {n + 1}/{len(items)}")
     own = {p.template: s.normalized for p, s in zip(prompts, scored)}
-    result.ratios = template_ratios(own, [(p.template, s.normalized) for p, s in zip(controls, scored[len(prompts):])],
-                                    candidates, layers)
+    per_prompt = prompt_ratios(own, [(p.template, s.normalized) for p, s in zip(controls, scored[len(prompts):])],
+                               candidates, layers)
+    result.ratios, result.signed = template_ratios(per_prompt), signed_ratios(per_prompt)
     result.template = flag_template(result.ratios)
     result.prompts = len(controls)
     return result

@@ -33,18 +33,37 @@ def test_ratio_is_the_median_over_control_prompts_of_control_over_own_score_on_t
     own = {"a": np.array([[2.0, 1.0, -1.0]]), "b": np.array([[4.0, 1.0, 0.5]])}
     controls = [("a", np.array([[2.0, 0.1, 5.0]])), ("a", np.array([[1.0, 0.1, 5.0]])),
                 ("b", np.array([[4.0, 0.2, 0.0]]))]
-    ratios = sp.template_ratios(own, controls, [(7, 0), (7, 1), (7, 2)], layers=[7])
+    per_prompt = sp.prompt_ratios(own, controls, [(7, 0), (7, 1), (7, 2)], layers=[7])
+    assert per_prompt[(7, 2)] == [0.0]            # template a has u <= 0: only b's 0 / 0.5 counts
+    ratios = sp.template_ratios(per_prompt)
     assert ratios[(7, 0)] == pytest.approx(1.0)   # median of 1.0, 0.5, 1.0
     assert ratios[(7, 1)] == pytest.approx(0.1)   # median of 0.1, 0.1, 0.2
-    assert ratios[(7, 2)] == pytest.approx(0.0)   # template a has u <= 0: only b's 0 / 0.5 counts
+    assert ratios[(7, 2)] == pytest.approx(0.0)
     assert sp.flag_template(ratios) == {(7, 0)}
+
+
+def test_a_neuron_whose_effect_reverses_without_the_subject_is_judged_by_the_size_it_keeps():
+    """Pushing against o without the subject is still an effect on o that does not need the subject: a neuron
+    that keeps 15 times its effect, reversed, is not the fact's; one that keeps a tenth of it, reversed, is."""
+    own = {"a": np.array([[1.0, 1.0, 1.0]])}
+    controls = [("a", np.array([[-15.0, -0.1, -0.6]])), ("a", np.array([[-14.0, -0.2, 0.4]])),
+                ("a", np.array([[2.0, 0.1, 0.7]]))]
+    per_prompt = sp.prompt_ratios(own, controls, [(0, 0), (0, 1), (0, 2)], layers=[0])
+    ratios, signed = sp.template_ratios(per_prompt), sp.signed_ratios(per_prompt)
+    assert signed[(0, 0)] == pytest.approx(-14.0) and ratios[(0, 0)] == pytest.approx(14.0)
+    assert signed[(0, 1)] == pytest.approx(-0.1) and ratios[(0, 1)] == pytest.approx(0.1)
+    assert signed[(0, 2)] == pytest.approx(0.4) and ratios[(0, 2)] == pytest.approx(0.6)
+    assert sp.flag_template(ratios) == {(0, 0), (0, 2)}
+    assert sp.flag_template(signed) == frozenset()   # the signed median would keep all three
 
 
 def test_a_neuron_without_a_usable_control_prompt_gets_no_ratio_and_no_flag():
     own = {"a": np.array([[0.0, -2.0]])}
-    ratios = sp.template_ratios(own, [("a", np.array([[3.0, 3.0]])), ("zz", np.array([[3.0, 3.0]]))],
-                                [(0, 0), (0, 1)], layers=[0])
+    per_prompt = sp.prompt_ratios(own, [("a", np.array([[3.0, 3.0]])), ("zz", np.array([[3.0, 3.0]]))],
+                                  [(0, 0), (0, 1)], layers=[0])
+    ratios = sp.template_ratios(per_prompt)
     assert all(math.isnan(r) for r in ratios.values())
+    assert all(math.isnan(r) for r in sp.signed_ratios(per_prompt).values())
     assert sp.flag_template(ratios) == frozenset()
 
 
@@ -119,15 +138,17 @@ def test_the_controls_ratios_equal_a_direct_attribution_of_the_swapped_prompts(l
                 u = o.scores[layer, index] / o.prob
                 if u > 0:
                     ratios.append((full.scores[layer, index] / full.prob) / u)
-        expected[(layer, index)] = float(np.median(ratios)) if ratios else math.nan
-    for neuron, value in expected.items():
-        if math.isnan(value):
-            assert math.isnan(control.ratios[neuron])
+        expected[(layer, index)] = ratios
+    for neuron, ratios in expected.items():
+        if not ratios:
+            assert math.isnan(control.ratios[neuron]) and math.isnan(control.signed[neuron])
         else:
-            assert control.ratios[neuron] == pytest.approx(value, rel=1e-4, abs=1e-6)
-    assert control.template == {n for n, r in expected.items() if r >= 0.5}
+            assert control.ratios[neuron] == pytest.approx(np.median(np.abs(ratios)), rel=1e-4, abs=1e-6)
+            assert control.signed[neuron] == pytest.approx(np.median(ratios), rel=1e-4, abs=1e-6)
+    assert control.template == {n for n, r in expected.items() if r and np.median(np.abs(r)) >= 0.5}
     d = control.to_dict()
-    assert d["controlled"] and d["control_prompts"] == control.prompts and len(d["ratios"]) == len(candidates)
+    assert d["controlled"] and d["control_prompts"] == control.prompts
+    assert len(d["ratios"]) == len(d["signed_ratios"]) == len(candidates)
 
 
 def test_kn_neurons_subject_control_flags_template_and_lists_p_rank_known(capsys, tmp_path):
