@@ -5,6 +5,7 @@ Probabilities and perplexities come from `evaluation`."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Mapping, Sequence
 
@@ -36,6 +37,7 @@ def neuron_statistics(fact_neurons: Sequence[Sequence[tuple[int, int]]], relatio
     total = sum(counts)
     return {
         "refined_total": total, "layer0_share": hist[0] / total if total and layers else None,
+        "layer0_share_interval": wilson_interval(hist[0], total) if total and layers else None,
         "layer0_in_every_fact": _layer0_in_every_fact(sets, relations),
         "facts": len(sets),
         "mean_neurons_per_fact": float(np.mean(counts)) if counts else float("nan"),
@@ -46,6 +48,17 @@ def neuron_statistics(fact_neurons: Sequence[Sequence[tuple[int, int]]], relatio
         "shared_inter_relation": float(np.mean(inter)) if inter else float("nan"),
         "pairs_intra": len(intra), "pairs_inter": len(inter),
     }
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> list[float]:
+    """The Wilson score interval of a share k / n (95% by default; Wilson 1927): the shares p0 that a score
+    test of k in n at p0 does not reject. Unlike k / n +- z * se it stays in [0, 1] and is not empty at k = 0,
+    which matters at the few neurons a reproduction refines. Neurons of one fact are not independent draws, so
+    for neuron shares the interval is if anything too narrow."""
+    p, z2 = k / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return [0.0 if k == 0 else max(0.0, centre - half), 1.0 if k == n else min(1.0, centre + half)]
 
 
 def _layer0_in_every_fact(sets: list[set], relations: Sequence[str]) -> list[dict]:

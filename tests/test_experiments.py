@@ -216,3 +216,35 @@ def test_fact_answers_and_the_known_rule():
     split = ex.split_by_known([{"fact": "a", "x": 1.0}, {"fact": "b", "x": 3.0}, {"fact": "c", "x": 5.0}],
                               {"a": True, "b": False}, ["x"])
     assert split == {"known": {"facts": 1, "x": 1.0}, "unknown": {"facts": 1, "x": 3.0}}
+
+
+def _score_test_bound(k: int, n: int, upper: bool, z: float = 1.959964) -> float:
+    """The slow reference: bisect for the p0 at which the score statistic |k/n - p0| / sqrt(p0 (1 - p0) / n)
+    reaches z, on the side asked for."""
+    lo, hi = (k / n, 1.0) if upper else (0.0, k / n)
+    if (upper and k == n) or (not upper and k == 0):
+        return k / n
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        inside = abs(k / n - mid) / np.sqrt(mid * (1 - mid) / n) < z
+        if upper:
+            lo, hi = (mid, hi) if inside else (lo, mid)
+        else:
+            lo, hi = (lo, mid) if inside else (mid, hi)
+    return (lo + hi) / 2
+
+
+@pytest.mark.parametrize("k,n", [(0, 5), (1, 7), (3, 20), (10, 10), (22, 109)])
+def test_the_layer0_share_interval_is_the_wilson_score_interval(k, n):
+    low, high = ex.wilson_interval(k, n)
+    assert low == pytest.approx(_score_test_bound(k, n, upper=False), abs=1e-9)
+    assert high == pytest.approx(_score_test_bound(k, n, upper=True), abs=1e-9)
+    assert 0.0 <= low <= k / n <= high <= 1.0
+
+
+def test_neuron_statistics_give_the_layer0_share_with_its_interval():
+    stats = ex.neuron_statistics([[(0, 1), (5, 2)], [(3, 3)], [(5, 2), (6, 1), (7, 0), (8, 8)]], ["a", "a", "b"], 10)
+    assert stats["layer0_share"] == pytest.approx(1 / 7)
+    assert stats["layer0_share_interval"] == pytest.approx(ex.wilson_interval(1, 7))
+    assert stats["layer0_share_interval"] == pytest.approx([0.0257, 0.5131], abs=1e-4)
+    assert ex.neuron_statistics([[]], ["a"], 10)["layer0_share_interval"] is None

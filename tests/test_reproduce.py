@@ -351,7 +351,7 @@ def test_summaries_give_known_facts_first_and_unknown_facts_apart_never_mixed():
     assert split["unknown"]["layer0_in_every_fact"] == [{"relation": "P1", "neuron": [0, 7], "facts": 2}]
     text = "\n".join(_neurons_section(report))
     row = next(line for line in text.splitlines() if line.startswith("| refined neurons in layer 0 |"))
-    assert row == "| refined neurons in layer 0 | 0 of 3 (0.0%) | 2 of 3 (66.7%) |"
+    assert row == "| refined neurons in layer 0 | 0 of 3 (0.0%; 95% CI 0-56%) | 2 of 3 (66.7%; 95% CI 21-94%) |"
     assert f"| | known facts | {UNKNOWN} |" in text
     activation = "\n".join(_activation_section(report))
     assert "| expressing the fact | 3.000 | 2.000 | 2.500 |" in activation

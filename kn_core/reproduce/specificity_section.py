@@ -139,10 +139,12 @@ def _n(x, fmt="{:.2f}") -> str:
 
 
 def _layer0(s: dict) -> tuple[str, str]:
-    """(refined neurons in layer 0 as "n of total (share)", the layer-0 neurons refined for every fact of a
+    """(refined neurons in layer 0 as "n of total (share; Wilson 95% interval)", the layer-0 neurons refined for every fact of a
     relation)."""
     total = s.get("refined_total", 0)
-    share = f"{s['layer_histogram'][0]} of {total} ({100 * s['layer0_share']:.1f}%)" if total else "0 of 0"
+    interval = s.get("layer0_share_interval")  # absent in reports written before it was added
+    ci = f"; 95% CI {100 * interval[0]:.0f}-{100 * interval[1]:.0f}%" if interval else ""
+    share = f"{s['layer_histogram'][0]} of {total} ({100 * s['layer0_share']:.1f}%{ci})" if total else "0 of 0"
     every = ", ".join(f"{e['relation']} L0#{e['neuron'][1]}" for e in s.get("layer0_in_every_fact", []))
     return share, every or "none"
 
