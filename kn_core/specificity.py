@@ -208,6 +208,31 @@ def template_neurons(run_params: Mapping | None) -> frozenset[Neuron]:
     return frozenset((int(layer), int(index)) for layer, index in control.get("template", ()))
 
 
+def control_ratios(run_params: Mapping | None) -> dict[Neuron, tuple[float | None, float | None]]:
+    """{neuron: (median |r_c|, median r_c)} of a stored run's subject control; empty when the run was not
+    controlled. A run stored before the rule read |r_c| has only the signed median: (None, signed)."""
+    control = (run_params or {}).get("subject_control") or {}
+    signed = {(int(a), int(b)): r for a, b, r in control.get("signed_ratios", ())}
+    if "signed_ratios" not in control:
+        return {(int(a), int(b)): (None, r) for a, b, r in control.get("ratios", ())}
+    return {(int(a), int(b)): (r, signed.get((int(a), int(b)))) for a, b, r in control.get("ratios", ())}
+
+
+def control_text(run_params: Mapping | None, neuron: Neuron) -> str:
+    """One line on a neuron's subject control for a stored run ("" when it has none)."""
+    ratios = control_ratios(run_params)
+    if tuple(neuron) not in ratios:
+        return ""
+    size, signed = ratios[tuple(neuron)]
+    if size is None and signed is None:
+        return "subject control: no usable control prompt (the fact's own score is not positive): not flagged"
+    verdict = "template" if tuple(neuron) in template_neurons(run_params) else "subject-specific"
+    kept = "n/a" if size is None else f"{size:.2f}"
+    sign = "n/a" if signed is None else f"{signed:+.2f}"
+    return (f"subject control: keeps {kept} of its effect's size without the subject (signed {sign}; "
+            f"template at >= {TEMPLATE_RATIO:g}): {verdict}")
+
+
 def template_left_out(run_params: Mapping | None) -> frozenset[Neuron]:
     """The template neurons a stored run's refined set leaves out: all of them, unless the control was run with
     --keep-template (the app and the report select a run's neurons with this, as the command that stored it)."""

@@ -46,6 +46,12 @@ def test_the_apps_control_is_the_engines_on_the_same_run(window, qtbot):
     marks = window.attribution_panel.heat_widget.template_marks.getData()
     assert len(marks[0]) == len(flagged)
     assert "Subject control of France" in window.statusBar().currentMessage()
+    panel = window.attribution_panel
+    sizes = {(a, b): r for a, b, r in got["ratios"]}
+    for neuron in candidates:
+        text = panel.describe_neuron(*neuron)
+        assert f"keeps {sizes[neuron]:.2f} of its effect's size without the subject" in text
+        assert text.endswith(": template" if neuron in flagged else ": subject-specific")
 
 
 def test_template_neurons_leave_the_refined_set_and_stay_with_the_saved_run(window, qtbot, tmp_path,

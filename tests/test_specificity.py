@@ -57,6 +57,20 @@ def test_a_neuron_whose_effect_reverses_without_the_subject_is_judged_by_the_siz
     assert sp.flag_template(signed) == frozenset()   # the signed median would keep all three
 
 
+def test_a_stored_runs_control_ratios_read_both_formats():
+    now = {"subject_control": {"ratios": [[3, 7, 14.75], [3, 8, 0.1]], "signed_ratios": [[3, 7, -14.75], [3, 8, 0.1]],
+                               "template": [[3, 7]]}}
+    assert sp.control_ratios(now) == {(3, 7): (14.75, -14.75), (3, 8): (0.1, 0.1)}
+    assert sp.control_text(now, (3, 7)).endswith("(signed -14.75; template at >= 0.5): template")
+    assert sp.control_text(now, (3, 8)).startswith("subject control: keeps 0.10 of its effect's size")
+    before = {"subject_control": {"ratios": [[3, 7, -14.75]], "template": []}}  # saved before |r_c|
+    assert sp.control_ratios(before) == {(3, 7): (None, -14.75)}
+    assert "keeps n/a" in sp.control_text(before, (3, 7)) and "signed -14.75" in sp.control_text(before, (3, 7))
+    assert sp.control_ratios(None) == {} and sp.control_text({}, (0, 0)) == "" and sp.control_text(now, (0, 0)) == ""
+    unusable = {"subject_control": {"ratios": [[3, 7, None]], "signed_ratios": [[3, 7, None]], "template": []}}
+    assert "no usable control prompt" in sp.control_text(unusable, (3, 7))
+
+
 def test_a_neuron_without_a_usable_control_prompt_gets_no_ratio_and_no_flag():
     own = {"a": np.array([[0.0, -2.0]])}
     per_prompt = sp.prompt_ratios(own, [("a", np.array([[3.0, 3.0]])), ("zz", np.array([[3.0, 3.0]]))],

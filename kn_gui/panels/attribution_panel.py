@@ -23,7 +23,7 @@ from kn_core.neurons import refine_threshold
 from kn_core.quadrature import DEFAULT_POINTS
 from kn_core.report.figures import colour_bound
 from kn_core.selection import DEFAULT_P, DEFAULT_T
-from kn_core.specificity import template_neurons
+from kn_core.specificity import control_text, template_neurons
 
 from ..session import TooCoarse, neuron_name
 from .common import TableView, button, fmt_activation, fmt_prob, hbox, hint, vbox
@@ -126,7 +126,8 @@ class AttributionPanel(QWidget):
                                       "Neurons refined for \u2265 10% of the relation's facts, as a neuron set")
         self.control_button = button("Subject control", self.subject_control_requested.emit,
                                      "Re-score the refined neurons on the fact's templates with 3 other subjects "
-                                     "of its relation: a neuron that keeps half its effect without the subject is "
+                                     "of its relation: a neuron that keeps half the size of its effect without the "
+                                     "subject (pushing the answer or against it) is "
                                      "a template neuron (\u25b3 on the map), kept out of the refined set "
                                      "(docs/SPECIFICITY.md; kn neurons --subject-control)")
         self.keep_massive = QCheckBox("Keep massive/unspecific neurons")
@@ -574,7 +575,8 @@ class AttributionPanel(QWidget):
         flagged = self.flags.of((layer, neuron)) if self.flags is not None else ()
         if flagged:
             text += "   \u26a0 flagged " + ", ".join(flagged)
-        return text
+        control = control_text(self.run.params, (layer, neuron)) if self.run is not None else ""
+        return text + (f"   {control}" if control else "")
 
     def _hovered(self, pos):
         self._show_hover(self.neuron_at(pos))
