@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -107,6 +107,25 @@ def answer_in_name(fact) -> bool:
 def knows(fact, accuracy: float) -> bool:
     """KNOWN_RULE: answered top-1 on more than half of its prompts, and not answerable from the subject's name."""
     return is_known(accuracy) and not answer_in_name(fact)
+
+
+class KnownVerdict(NamedTuple):
+    label: str  # "known", "not known", "not counted as known" or "not checked": a table cell
+    lead: str   # what a sentence about the fact says ("" when there is nothing to warn of)
+    why: str    # NAME_NOTE or NOT_KNOWN_NOTE ("" with no lead)
+
+
+def known_verdict(answer_in_name: bool, known: bool | None) -> KnownVerdict:
+    """How every front end names a fact's status: "not counted as known" when its answer is in its subject's
+    name (whatever the model answers), "not known" when the checks say so, else "known" ("not checked" when
+    `known` is None)."""
+    if answer_in_name:
+        return KnownVerdict("not counted as known", "not counted as known", NAME_NOTE)
+    if known is None:
+        return KnownVerdict("not checked", "", "")
+    if known:
+        return KnownVerdict("known", "", "")
+    return KnownVerdict("not known", "the model does not know this fact", NOT_KNOWN_NOTE)
 
 
 def fact_answers(lm, facts_prompts: Sequence[tuple[object, Sequence]], batch_size: int = 32,

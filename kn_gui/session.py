@@ -231,16 +231,16 @@ class Session:
         than half of its prompts) or its answer is part of its subject's name; "" when it knows it or it was not
         checked. Only checks made with the model edits `edits` active count (a run's): an edit that suppressed the
         fact made the checks after it say "does not know" beside a run on the model's own weights."""
-        from kn_core.experiments import NAME_NOTE, NOT_KNOWN_NOTE, answer_in_name, is_known
+        from kn_core.experiments import answer_in_name, is_known, known_verdict
 
-        if answer_in_name(fact):
-            return f"\n\u26a0 Not counted as known: {NAME_NOTE}."
         checked = [v["correct"] for (key, _), v in self.checks.items()
                    if key == fact_key(fact) and list(v.get("edits", [])) == list(edits)]
-        if not checked or is_known(sum(checked) / len(checked)):
+        verdict = known_verdict(answer_in_name(fact), is_known(sum(checked) / len(checked)) if checked else None)
+        if not verdict.lead:
             return ""
-        return (f"\n\u26a0 The model does not know this fact (top-1 on {sum(checked)} of {len(checked)} checked "
-                f"prompts): {NOT_KNOWN_NOTE}.")
+        counted = (f" (top-1 on {sum(checked)} of {len(checked)} checked prompts)"
+                   if verdict.label == "not known" else "")
+        return f"\n\u26a0 {verdict.lead[0].upper()}{verdict.lead[1:]}{counted}: {verdict.why}."
 
     # ----------------------------------------------------------------- prompts
     def prompts_for(self, fact: Fact, causal_templates: str | None = None) -> tuple[list[Prompt], list[Skipped]]:

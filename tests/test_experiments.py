@@ -248,3 +248,11 @@ def test_neuron_statistics_give_the_layer0_share_with_its_interval():
     assert stats["layer0_share_interval"] == pytest.approx(ex.wilson_interval(1, 7))
     assert stats["layer0_share_interval"] == pytest.approx([0.0257, 0.5131], abs=1e-4)
     assert ex.neuron_statistics([[]], ["a"], 10)["layer0_share_interval"] is None
+
+
+def test_one_verdict_names_a_facts_status_for_every_front_end():
+    assert ex.known_verdict(True, True) == ("not counted as known", "not counted as known", ex.NAME_NOTE)
+    assert ex.known_verdict(True, None).why == ex.NAME_NOTE            # the name decides before any check
+    assert ex.known_verdict(False, False) == ("not known", "the model does not know this fact", ex.NOT_KNOWN_NOTE)
+    assert ex.known_verdict(False, True) == ("known", "", "")
+    assert ex.known_verdict(False, None) == ("not checked", "", "")

@@ -219,18 +219,17 @@ def cmd_neurons(args) -> int:
 def _neurons_text(args, lm, fact, prompts, results, coarse, refined, flags, control, answer, selection, t,
                   seconds) -> list[str]:
     """`kn neurons`'s plain-text lines (the --json document holds the same)."""
-    from ..experiments import NAME_NOTE, NOT_KNOWN_NOTE
+    from ..experiments import known_verdict
     from ..neurons import empty_neurons_fix, neuron_name
 
-    known = ("known" if answer["known"] else "NOT counted as known" if answer["answer_in_name"] else "NOT known")
+    verdict = known_verdict(answer["answer_in_name"], answer["known"])
+    known = verdict.label.replace("not ", "NOT ", 1)
     lines = [f"{fact.relation} {fact.subject} -> {fact.object}: {len(prompts)} prompts, {len(refined)} refined "
              f"neurons (t={t}, p={args.p}) in {seconds:.1f} s; p(answer) {answer['prob']:.3g}, median rank "
              f"{answer['rank_median']:g}, {known} (top-1 on {answer['top1_share']:.0%} of prompts)",
              f"  neurons: {selection['text']}" + ("" if refined else f"; none: {empty_neurons_fix(len(prompts), args.p)}")]
-    if answer["answer_in_name"]:
-        lines.append(f"  not counted as known: {NAME_NOTE}")
-    elif not answer["known"]:
-        lines.append(f"  the model does not know this fact: {NOT_KNOWN_NOTE}")
+    if verdict.lead:
+        lines.append(f"  {verdict.lead}: {verdict.why}")
     lines += [f"  {p.text!r} -> {p.answer!r} P={r.prob:.3f}, {len(c)} coarse" for p, r, c in zip(prompts, results, coarse)]
     lines += [f"  refined {neuron_name(l, i, lm.layout)} {' '.join(flags.of((l, i)))}".rstrip() for l, i in refined]
     if flags.massive:

@@ -177,9 +177,8 @@ def facts_markdown(report: dict) -> list[str]:
 
 
 def _known_cell(answer: dict) -> str:
-    if answer["known"]:
-        return "yes"
-    return "**no** (answer in the subject's name)" if answer.get("answer_in_name") else "**no**"
+    label = ex.known_verdict(bool(answer.get("answer_in_name")), answer["known"]).label
+    return {"known": "yes", "not known": "**no**"}.get(label, "**no** (answer in the subject's name)")
 
 
 def specificity_markdown(report: dict) -> list[str]:
