@@ -157,6 +157,14 @@ def main(argv=None) -> int:
     ap.tabs.setCurrentIndex(1)
     shot(ap, "per_prompt.png")
     ap.tabs.setCurrentIndex(0)
+    if refined:  # the subject control, and the hover line of the neuron it judged with the largest kept share
+        wait(window.attribution.event, 1200, "the subject control", window.attributions.subject_control)
+        idle()
+        control = run.params.get("subject_control") or {}
+        kept = [(r, (a, b)) for a, b, r in control.get("ratios", ()) if r is not None]
+        if kept:
+            ap._show_hover(max(kept)[1])
+        shot(ap, "subject_control.png")
 
     name = f"refined: {fact.subject} \u2192 {fact.object}"
     window.edits_panel.kind.setCurrentText("Suppress")
