@@ -23,7 +23,8 @@ from runner_child import save_tiny, tiny_factset
 ray = pytest.importorskip("ray", reason="the cluster extra (pip install .[cluster]) is not installed")
 from kn_core.cluster import (RAY_MISSING, ClusterError, RayBackend, cluster_address, loopback_only,  # noqa: E402
                              on_this_machine)
-from ray_sockets import exercise, init_test_ray, outside_loopback, ray_processes  # noqa: E402 (Ray brings psutil)
+from ray_sockets import (exercise, init_test_ray, outside_loopback, ray_processes,  # noqa: E402 (Ray brings psutil)
+                         strace_outside_loopback)
 
 HERE = Path(__file__).resolve().parent
 PARAMS = AttributionParams(steps=8)
@@ -127,6 +128,20 @@ def test_every_ray_socket_is_on_loopback(cluster):
     assert any("raylet" in " ".join(p.cmdline()) for p in processes)  # the cluster's processes are the listed ones
     bad = outside_loopback(processes)
     assert bad == [], "\n".join(bad)
+
+
+def test_the_strace_listing_names_each_off_loopback_address_and_its_process():
+    """tests/ray_sockets.py --strace (the sockets a snapshot misses), on lines as strace -f writes them."""
+    log = """\
+7 execve("/venv/bin/python", ["/venv/bin/python", "/venv/ray/dashboard/dashboard.py", "--host=127.0.0.1"], 0x1) = 0
+7 clone3({flags=CLONE_VM|CLONE_THREAD, child_tid=0x7f, parent_tid=0x7f, exit_signal=0}, 88) = 8
+8 connect(23, {sa_family=AF_INET, sin_port=htons(80), sin_addr=inet_addr("169.254.169.254")}, 16) = -1 EINPROGRESS
+8 connect(24, {sa_family=AF_INET, sin_port=htons(6379), sin_addr=inet_addr("127.0.0.1")}, 16) = 0
+9 bind(3, {sa_family=AF_INET6, sin6_port=htons(0), inet_pton(AF_INET6, "::", &sin6_addr), sin6_scope_id=0}, 28) = 0
+9 bind(4, {sa_family=AF_INET6, sin6_port=htons(5), inet_pton(AF_INET6, "::ffff:127.0.0.1", &sin6_addr)}, 28) = 0
+"""
+    assert strace_outside_loopback(log) == ["dashboard/dashboard.py connect 169.254.169.254:80 (1x)",
+                                            "pid 9 bind :::0 (1x)"]
 
 
 def test_cancel_stops_the_workers(cluster, tmp_path):
