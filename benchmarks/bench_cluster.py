@@ -59,7 +59,7 @@ def main() -> None:
     import torch
 
     from kn_core.attribution import AttributionParams
-    from kn_core.cluster import RayBackend
+    from kn_core.cluster import RayBackend, init_ray
     from kn_core.fact_files import builtin_facts
     from kn_core.models import load_model
     from kn_core.runner import select_relations
@@ -78,7 +78,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         rows.append(measure(lm, factset, params, chosen, None, folder, "single process"))
-        ray.init(num_cpus=2, num_gpus=gpus, include_dashboard=False, log_to_driver=False, logging_level="warning")
+        init_ray(ray, num_cpus=2, num_gpus=gpus)
         try:
             for workers in settings:
                 backend = RayBackend(workers=workers, threads=1, device=args.device if gpus else "cpu")

@@ -13,7 +13,7 @@ resume).
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -51,9 +51,7 @@ def check_address(address: str | None, timeout: float = ADDRESS_TIMEOUT_S) -> No
 
     if not address or address in ("auto", "local"):
         return
-    where = address.split("://", 1)[-1]
-    host, _, port = where.rpartition(":")
-    host = host.strip("[]")
+    host, port = split_address(address)
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ClusterError(f"cluster address {address!r} is not HOST:PORT (e.g. 10.0.0.1:6379, or auto)")
     found: list = []
@@ -79,6 +77,73 @@ def check_address(address: str | None, timeout: float = ADDRESS_TIMEOUT_S) -> No
     except OSError as exc:
         raise ClusterError(f"cannot reach the Ray cluster at {address} ({exc.strerror or exc}); start it with "
                            f"`ray start --head` there (see docs/SCALE.md) or check the address") from None
+
+
+RAY_QUIET = {"include_dashboard": False, "log_to_driver": False, "logging_level": "warning"}
+RAY_CLUSTER_MODE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray's own switch (ray._private.ray_constants)
+
+
+def init_ray(ray, address: str | None = None, **options) -> None:
+    """ray.init as kn starts or joins Ray: no dashboard, the workers' output not copied to the driver, Ray's own
+    messages from warnings up (`options` add to or override these, e.g. num_cpus=2). A Ray on this machine (a new
+    local instance, "auto", or an address on 127.0.0.1 / ::1 / localhost) listens and connects on loopback only
+    (`loopback_only`); a cluster elsewhere is joined at the address as given."""
+    kwargs = {**RAY_QUIET, **options, **({"address": address} if address else {})}
+    local = on_this_machine(address or os.environ.get("RAY_ADDRESS"))
+    with loopback_only(ray) if local else nullcontext():
+        ray.init(**kwargs)
+
+
+def split_address(address: str) -> tuple[str, str]:
+    """HOST:PORT, [IPV6]:PORT or ray://HOST:PORT -> (HOST, PORT), either "" where missing."""
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    return host.strip("[]"), port
+
+
+def on_this_machine(address: str | None) -> bool:
+    """None or "local" (a new instance), "auto" (the one running here), or HOST:PORT whose host is loopback."""
+    import ipaddress
+
+    if not address or address in ("auto", "local"):
+        return True
+    host = split_address(address)[0]
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return False
+
+
+@contextmanager
+def loopback_only(ray):
+    """While ray.init runs, Ray's node address is 127.0.0.1, so its GCS, raylet, agents and workers listen and
+    connect on 127.0.0.1 only (measured with tests/ray_sockets.py, Ray 2.60). Ray rewrites a loopback address,
+    even `_node_ip_address="127.0.0.1"`, to the machine's network address and then listens on every interface,
+    unless its multi-node mode is off (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, the default on macOS and Windows). The
+    driver reads that switch from ray_constants (taken from the environment when ray was imported); the processes
+    ray.init starts, and the agents and workers the raylet starts later, read the environment (an agent that finds
+    its own address otherwise opens a socket towards a public address to learn it). Both restored afterwards."""
+    constants = ray._private.ray_constants
+    saved_flag, constants.ENABLE_RAY_CLUSTER = constants.ENABLE_RAY_CLUSTER, False
+    try:
+        with environment({RAY_CLUSTER_MODE: "0"}):
+            yield
+    finally:
+        constants.ENABLE_RAY_CLUSTER = saved_flag
+
+
+@contextmanager
+def environment(values: dict[str, str]):
+    """os.environ with `values` set (for the processes started meanwhile), as it was afterwards."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def import_ray():
@@ -203,9 +268,9 @@ class RayWatchdog:
 
 
 class RayBackend:
-    """Facts sharded over Ray actors, one fact per task. `address`: None starts a local Ray instance (or joins
-    the cluster RAY_ADDRESS names); "auto" or "HOST:PORT" joins a running cluster. An already initialised Ray
-    (e.g. a test's `ray.init(num_cpus=2)`) is used as it is and left running."""
+    """Facts sharded over Ray actors, one fact per task. `address`: None starts a local Ray instance, on loopback
+    only (or joins the cluster RAY_ADDRESS names); "auto" or "HOST:PORT" joins a running cluster (`init_ray`). An
+    already initialised Ray (e.g. a test's `init_ray(ray, num_cpus=2)`) is used as it is and left running."""
     name = "ray"
 
     def __init__(self, address: str | None = None, workers: int | None = None, threads: int = 1,
@@ -229,11 +294,8 @@ class RayBackend:
     def _connect(self, ray) -> bool:
         if ray.is_initialized():
             return False
-        kwargs = {"include_dashboard": False, "log_to_driver": False, "logging_level": "warning"}
-        if self.address:
-            kwargs["address"] = self.address
         try:
-            ray.init(**kwargs)
+            init_ray(ray, self.address)
         except ConnectionError as exc:
             raise ClusterError(f"cannot reach the Ray cluster at {self.address or os.environ.get('RAY_ADDRESS')}: "
                                f"{exc}; start it with `ray start --head` (see docs/SCALE.md)") from exc

@@ -18,6 +18,7 @@ ray = pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
 
 from kn_core.fact_files import export_facts  # noqa: E402
+from ray_sockets import NO_HTTP_OFF_MACHINE, outside_loopback, ray_processes  # noqa: E402
 from runner_child import save_tiny, tiny_factset  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -32,7 +33,7 @@ def setup(tmp_path_factory):
 
 def start_driver(setup, project: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # a local instance of its own
-    env |= {"PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": "1"}
+    env |= {"PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": "1", **NO_HTTP_OFF_MACHINE}
     return subprocess.Popen([sys.executable, "-m", "kn_core.cli", "attribute", "--facts", setup["facts"], "--project",
                              str(project), "--model", setup["model"], "--steps", "1000", "--cluster", "ray",
                              "--workers", "2", "--json"],
@@ -87,16 +88,23 @@ def test_a_killed_worker_leaves_json_one_document(setup, tmp_path):
 
 
 def test_a_killed_driver_leaves_no_ray_process_behind(setup, tmp_path):
+    """A driver killed mid-run leaves none of the processes it started behind; before the kill, the local Ray
+    instance it started itself (`kn --cluster ray`) listens on and connects to loopback addresses only."""
     driver = start_driver(setup, tmp_path / "p.knproj")
     started = []
     try:
         wait_for_workers(driver, 2)
+        time.sleep(2)  # the workers connect to the raylet and the GCS, the agents report
         started = psutil.Process(driver.pid).children(recursive=True)
+        bad = outside_loopback(ray_processes(driver.pid))
+        assert bad == [], "\n".join(bad)
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=60)
         gone, alive = psutil.wait_procs(started, timeout=30)
         assert not alive, [" ".join(p.cmdline())[:120] for p in alive]
     finally:
+        driver.kill()
+        driver.wait()
         for process in started:  # whatever the driver started, by pid
             try:
                 process.kill()

@@ -1,4 +1,4 @@
-"""`kn bench --cluster ray`: the cases computed on Ray workers (a local Ray on 127.0.0.1, 2 CPUs) give the serial
+"""`kn bench --cluster ray`: the cases computed on Ray workers (a local Ray on loopback only, 2 CPUs) give the serial
 run's results, the driver writes every case so a second run resumes them all, and the report names the cluster.
 Skipped without the cluster extra (pip install .[cluster])."""
 
@@ -15,6 +15,7 @@ from test_cli_bench import pararel  # noqa: F401 (fixture: a PARAREL folder of 4
 from tiny import make_tiny
 
 ray = pytest.importorskip("ray", reason="the cluster extra (pip install .[cluster]) is not installed")
+from ray_sockets import init_test_ray  # noqa: E402 (Ray brings psutil)
 
 HERE = Path(__file__).resolve().parent
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
@@ -28,8 +29,7 @@ def local_ray(tmp_path_factory, pararel):  # noqa: F811
     lm.model.save_pretrained(root / "model")
     lm.tokenizer.save_pretrained(root / "model")
     os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")])
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
-             logging_level="warning")
+    init_test_ray(ray)  # on loopback only, as `kn --cluster ray` starts it
     try:
         yield root
     finally:

@@ -21,7 +21,10 @@ from kn_core.store import create_project, open_project
 from runner_child import save_tiny, tiny_factset
 
 ray = pytest.importorskip("ray", reason="the cluster extra (pip install .[cluster]) is not installed")
-from kn_core.cluster import RAY_MISSING, ClusterError, RayBackend, cluster_address  # noqa: E402
+from kn_core.cluster import (RAY_MISSING, ClusterError, RayBackend, cluster_address, loopback_only,  # noqa: E402
+                             on_this_machine)
+from ray_sockets import (exercise, init_test_ray, outside_loopback, ray_processes,  # noqa: E402 (Ray brings psutil)
+                         strace_outside_loopback)
 
 HERE = Path(__file__).resolve().parent
 PARAMS = AttributionParams(steps=8)
@@ -35,7 +38,7 @@ def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("cluster")
     model = save_tiny(root / "model")
     os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
+    init_test_ray(ray)  # on loopback only, as `kn --cluster ray` starts it
     try:
         yield {"root": root, "model": model, "lm": load_model(model, device="cpu"),
                "facts": str(export_facts(tiny_factset(), root / "facts.jsonl"))}
@@ -116,6 +119,31 @@ def test_a_killed_driver_resumes(cluster, serial, tmp_path):
         assert_bitwise(stored(project), serial)
 
 
+def test_every_ray_socket_is_on_loopback(cluster):
+    """The house rule: tests talk to 127.0.0.1 / ::1 only. Every process of the cluster (this driver, gcs_server,
+    raylet, agents, log monitor, workers and an actor) listens on and connects to loopback addresses only; a
+    listener on 0.0.0.0 or :: (every interface) breaks the rule too."""
+    exercise(ray)
+    processes = ray_processes()
+    assert any("raylet" in " ".join(p.cmdline()) for p in processes)  # the cluster's processes are the listed ones
+    bad = outside_loopback(processes)
+    assert bad == [], "\n".join(bad)
+
+
+def test_the_strace_listing_names_each_off_loopback_address_and_its_process():
+    """tests/ray_sockets.py --strace (the sockets a snapshot misses), on lines as strace -f writes them."""
+    log = """\
+7 execve("/venv/bin/python", ["/venv/bin/python", "/venv/ray/dashboard/dashboard.py", "--host=127.0.0.1"], 0x1) = 0
+7 clone3({flags=CLONE_VM|CLONE_THREAD, child_tid=0x7f, parent_tid=0x7f, exit_signal=0}, 88) = 8
+8 connect(23, {sa_family=AF_INET, sin_port=htons(80), sin_addr=inet_addr("169.254.169.254")}, 16) = -1 EINPROGRESS
+8 connect(24, {sa_family=AF_INET, sin_port=htons(6379), sin_addr=inet_addr("127.0.0.1")}, 16) = 0
+9 bind(3, {sa_family=AF_INET6, sin6_port=htons(0), inet_pton(AF_INET6, "::", &sin6_addr), sin6_scope_id=0}, 28) = 0
+9 bind(4, {sa_family=AF_INET6, sin6_port=htons(5), inet_pton(AF_INET6, "::ffff:127.0.0.1", &sin6_addr)}, 28) = 0
+"""
+    assert strace_outside_loopback(log) == ["dashboard/dashboard.py connect 169.254.169.254:80 (1x)",
+                                            "pid 9 bind :::0 (1x)"]
+
+
 def test_cancel_stops_the_workers(cluster, tmp_path):
     from kn_core.tasks import Cancelled, Task
 
@@ -158,3 +186,17 @@ def test_cluster_addresses():
     assert cluster_address("ray:10.0.0.1:6379") == "10.0.0.1:6379"
     with pytest.raises(ClusterError):
         cluster_address("spark")
+
+
+def test_ray_on_this_machine_is_started_or_joined_on_loopback_only(monkeypatch):
+    for address in (None, "local", "auto", "127.0.0.1:6379", "[::1]:6379", "localhost:6379", "ray://127.0.0.1:10001"):
+        assert on_this_machine(address), address
+    for address in ("10.0.0.1:6379", "head.example.org:6379", "ray://10.0.0.1:10001", "[fd00::2]:6379"):
+        assert not on_this_machine(address), address
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1")
+    constants = ray._private.ray_constants
+    before = constants.ENABLE_RAY_CLUSTER
+    with loopback_only(ray):
+        assert constants.ENABLE_RAY_CLUSTER is False  # the driver: Ray's node address is 127.0.0.1
+        assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"  # the processes ray.init starts
+    assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "1" and constants.ENABLE_RAY_CLUSTER is before
