@@ -142,7 +142,7 @@ def _layer0(s: dict) -> tuple[str, str]:
     """(refined neurons in layer 0 as "n of total (share; Wilson 95% interval)", the layer-0 neurons refined for every fact of a
     relation)."""
     total = s.get("refined_total", 0)
-    interval = s.get("layer0_share_interval")  # absent in reports written before it was added
+    interval = ex.wilson_interval(s["layer_histogram"][0], total) if total else None
     ci = f"; 95% CI {100 * interval[0]:.0f}-{100 * interval[1]:.0f}%" if interval else ""
     share = f"{s['layer_histogram'][0]} of {total} ({100 * s['layer0_share']:.1f}%{ci})" if total else "0 of 0"
     every = ", ".join(f"{e['relation']} L0#{e['neuron'][1]}" for e in s.get("layer0_in_every_fact", []))
@@ -187,7 +187,8 @@ def specificity_markdown(report: dict) -> list[str]:
         return []
     kept = report.get("parameters", {}).get("keep_template")
     lines = ["## Subject specificity (knowledge, not templates)", "",
-             f"Rule (docs/SPECIFICITY.md, fixed before any relation was run): {sc['rule']}. "
+             "Rule (docs/SPECIFICITY.md, with every change made after a run and the data it was then measured "
+             f"on): {sc['rule']}. "
              f"{sc['controlled']} of {sc['facts']} facts controlled with {sc['control_subjects']} control subjects "
              f"and {sc['control_prompts']} control prompts ({report.get('timings', {}).get('subject_control', 0):.0f} s); "
              f"{sc['template']} of "
