@@ -205,6 +205,8 @@ def test_kn_edit_subject_control_leaves_template_neurons_out_of_the_edit(capsys,
                  "--p", "0.3", "--subject-control", "--keep-template"]) == 0
     shown = capsys.readouterr().out
     assert "NOT known" in shown and "the model does not know this fact: its neurons push the answer's type" in shown
+    judged = [line for line in shown.splitlines() if "of its effect's size without the subject" in line]
+    assert judged and all(line.endswith((": template", ": subject-specific")) for line in judged)
     assert main(["edit", "amplify", *common, "--subject-control", "--keep-template"]) == 0
     kept = json.loads(capsys.readouterr().out)
     control = kept["subject_control"]
