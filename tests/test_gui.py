@@ -318,6 +318,11 @@ def test_heatmap_hover_and_click_select_neurons(window, qtbot):
     ap._hovered(scene)
     assert ap.hover.text().startswith(f"L{layer} N{neuron}:  score")  # kn_core.neurons.neuron_name
     assert "activation" in ap.hover.text()
+    width = ap.minimumSizeHint().width()
+    ap.hover.setText("L1 N30: " + "a neuron's line as long as a subject control makes it " * 8)
+    assert ap.minimumSizeHint().width() == width  # a long line is elided (whole in the tooltip), never wider
+    assert ap.hover.toolTip() == ap.hover.text() and ap.hover.text().startswith("L1 N30: ")
+    ap._hovered(scene)
     view_pos = ap.heat_widget.mapFromScene(scene)
     selected = []
     ap.neurons_selected.connect(selected.append)

@@ -26,7 +26,7 @@ from kn_core.selection import DEFAULT_P, DEFAULT_T
 from kn_core.specificity import control_text, template_neurons
 
 from ..session import TooCoarse, neuron_name
-from .common import TableView, button, fmt_activation, fmt_prob, hbox, hint, vbox
+from .common import ElidedLabel, TableView, button, fmt_activation, fmt_prob, hbox, hint, vbox
 from .form import build_controls
 from .neuron_map import NeuronMap, expert_text
 from .run_params import ENGINE, PROMPT_PARAMS, RUN_PARAMS
@@ -147,7 +147,7 @@ class AttributionPanel(QWidget):
         self.title.setWordWrap(True)
         self.summary = hint("")
         self.summary.setMinimumHeight(self.summary.fontMetrics().height())  # empty or not: the map keeps its place
-        self.hover = QLabel(" ")
+        self.hover = ElidedLabel(" ")  # a neuron's whole line is in the map's tooltip; a long one must not widen
         self.hover.setObjectName("value")
         self.hover.setTextInteractionFlags(Qt.TextSelectableByMouse)
 
