@@ -157,14 +157,6 @@ def main(argv=None) -> int:
     ap.tabs.setCurrentIndex(1)
     shot(ap, "per_prompt.png")
     ap.tabs.setCurrentIndex(0)
-    if refined:  # the subject control, and the hover line of the neuron it judged with the largest kept share
-        wait(window.attribution.event, 1200, "the subject control", window.attributions.subject_control)
-        idle()
-        control = run.params.get("subject_control") or {}
-        kept = [(r, (a, b)) for a, b, r in control.get("ratios", ()) if r is not None]
-        if kept:
-            ap._show_hover(max(kept)[1])
-        shot(ap, "subject_control.png")
 
     name = f"refined: {fact.subject} \u2192 {fact.object}"
     window.edits_panel.kind.setCurrentText("Suppress")
@@ -179,6 +171,15 @@ def main(argv=None) -> int:
     window.edits_dock.setFloating(False)
     window.facts_dock.raise_()
     shot(window, "main_window.png")
+    # last: the control can take every refined neuron out of the set the edit above used (France -> Paris: all 3)
+    if refined:  # the subject control, and the hover line of the neuron it judged with the largest kept share
+        wait(window.attribution.event, 1200, "the subject control", window.attributions.subject_control)
+        idle()
+        control = run.params.get("subject_control") or {}
+        kept = [(r, (a, b)) for a, b, r in control.get("ratios", ()) if r is not None]
+        if kept:
+            ap._show_hover(max(kept)[1])
+        shot(ap, "subject_control.png")
     if args.screen:
         window.close()
         return 0
@@ -201,7 +202,7 @@ def start_x_server(width: int, height: int) -> None:
 
     read, write = os.pipe()
     xvfb = subprocess.Popen(["Xvfb", "-displayfd", str(write), "-screen", "0", f"{width}x{height}x24", "-nolisten",
-                             "tcp"], pass_fds=(write,), stderr=subprocess.DEVNULL)
+                             "tcp"], pass_fds=(write,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.close(write)
     with os.fdopen(read) as handle:
         os.environ["DISPLAY"] = f":{handle.readline().strip()}"
