@@ -171,8 +171,12 @@ def main(argv=None) -> int:
     window.edits_dock.setFloating(False)
     window.facts_dock.raise_()
     shot(window, "main_window.png")
-    # last: the control can take every refined neuron out of the set the edit above used (France -> Paris: all 3)
+    # last: the control can take every refined neuron out of the set the edit above used (France -> Paris: all 3),
+    # and it scores the run's own weights, so the edit is undone first
     if refined:  # the subject control, and the hover line of the neuron it judged with the largest kept share
+        while window.edit_stack.active_edits():
+            window.undo()
+            idle()
         wait(window.attribution.event, 1200, "the subject control", window.attributions.subject_control)
         idle()
         control = run.params.get("subject_control") or {}

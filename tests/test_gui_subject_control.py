@@ -84,3 +84,16 @@ def test_template_neurons_leave_the_refined_set_and_stay_with_the_saved_run(wind
 def test_a_run_without_refined_neurons_is_refused_before_any_work(window, qtbot):
     window.attributions.subject_control()  # no run yet
     assert window.last_error[0] == "No complete run" and not window.runner.busy
+
+
+def test_the_control_refuses_weights_other_than_the_runs(window, qtbot, monkeypatch):
+    """It re-scores the run's prompts: with an edit active that the run did not have, its own scores and the
+    control's would come from other weights than the ones that chose the candidates."""
+    loose(window)
+    run = run_fact(qtbot, window, steps=2)
+    assert window.session.refined(run) and not run.edits
+    monkeypatch.setattr(window.attributions.controller, "active_edits", lambda: ["Suppress 3 neurons"])
+    window.attributions.subject_control()
+    assert window.last_error[0] == "Not the run's weights" and "1 active edit(s) now" in window.last_error[1]
+    assert not window.runner.busy and "subject_control" not in run.params
+

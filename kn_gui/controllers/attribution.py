@@ -361,6 +361,11 @@ class AttributionController(QObject):
             raise UserError("Cannot control this run", str(exc)) from exc
         if not candidates:
             raise UserError("No refined neurons", "The run has no refined neurons at this t and p to control.")
+        now = list(self.active_edits())
+        if now != list(run.edits):  # the control re-scores the run's own prompts: on other weights it compares apples
+            made = f"{len(run.edits)} active edit(s)" if run.edits else "the model's own weights"
+            raise UserError("Not the run's weights", f"The run was made on {made}; the model has {len(now)} active "
+                            "edit(s) now. Go back in the edit history to the run's weights, or run the fact again.")
         params = AttributionParams.from_dict(run.params)
         fact, prompts, factset = run.fact, list(run.prompts), s.factset
         templates = run.params.get("causal_templates", s.causal_templates)
