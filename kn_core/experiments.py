@@ -147,10 +147,14 @@ def fact_answers(lm, facts_prompts: Sequence[tuple[object, Sequence]], batch_siz
     return out
 
 
+def fact_label(relation: str, subject: str) -> str:
+    """"relation:subject", the label `known_by_label`, `split_by_known` and the reports key facts by."""
+    return f"{relation}:{subject}"
+
+
 def known_by_label(answers: Sequence[dict] | None) -> dict[str, bool]:
-    """{"relation:subject": known} of `fact_answers` rows (the labels `split_by_known` and the reports key facts
-    by); empty for none."""
-    return {f"{a['relation']}:{a['subject']}": a["known"] for a in answers or ()}
+    """{fact_label: known} of `fact_answers` rows; empty for none."""
+    return {fact_label(a["relation"], a["subject"]): a["known"] for a in answers or ()}
 
 
 def split_by_known(rows: Sequence[dict], known: Mapping[str, bool], keys: Sequence[str],

@@ -201,21 +201,36 @@ def _rounded(ratios: Mapping[Neuron, float]) -> list:
     return [[n[0], n[1], None if r != r else round(r, 4)] for n, r in sorted(ratios.items())]
 
 
+def stored_control(run_params: Mapping | None) -> dict:
+    """A stored run's subject control (`run_params["subject_control"]`, written by the app's control and
+    `kn neurons --subject-control --project`: `SubjectControl.to_dict` and the thresholds); {} when none ran."""
+    return (run_params or {}).get("subject_control") or {}
+
+
 def template_neurons(run_params: Mapping | None) -> frozenset[Neuron]:
-    """The neurons a stored run's subject control flagged "template" (`run_params["subject_control"]`, written by
-    the app's control and `kn neurons --subject-control --project`); empty when the run was not controlled."""
-    control = (run_params or {}).get("subject_control") or {}
-    return frozenset((int(layer), int(index)) for layer, index in control.get("template", ()))
+    """The neurons a stored run's subject control flagged "template"; empty when the run was not controlled."""
+    return frozenset((int(layer), int(index)) for layer, index in stored_control(run_params).get("template", ()))
 
 
 def control_ratios(run_params: Mapping | None) -> dict[Neuron, tuple[float | None, float | None]]:
     """{neuron: (median |r_c|, median r_c)} of a stored run's subject control; empty when the run was not
     controlled. A run stored before the rule read |r_c| has only the signed median: (None, signed)."""
-    control = (run_params or {}).get("subject_control") or {}
+    control = stored_control(run_params)
     signed = {(int(a), int(b)): r for a, b, r in control.get("signed_ratios", ())}
     if "signed_ratios" not in control:
         return {(int(a), int(b)): (None, r) for a, b, r in control.get("ratios", ())}
     return {(int(a), int(b)): (r, signed.get((int(a), int(b)))) for a, b, r in control.get("ratios", ())}
+
+
+def kept_text(size: float | None, signed: float | None, template: bool) -> str:
+    """What the control measured of one candidate, in words (None or NaN: not measured)."""
+    size, signed = (None if x is None or x != x else x for x in (size, signed))
+    if size is None and signed is None:
+        return "no usable control prompt (the fact's own score is not positive): not flagged"
+    kept = "n/a" if size is None else f"{size:.2f}"
+    sign = "n/a" if signed is None else f"{signed:+.2f}"
+    return (f"keeps {kept} of its effect's size without the subject (signed {sign}; template at >= "
+            f"{TEMPLATE_RATIO:g}): {'template' if template else 'subject-specific'}")
 
 
 def control_text(run_params: Mapping | None, neuron: Neuron) -> str:
@@ -223,21 +238,13 @@ def control_text(run_params: Mapping | None, neuron: Neuron) -> str:
     ratios = control_ratios(run_params)
     if tuple(neuron) not in ratios:
         return ""
-    size, signed = ratios[tuple(neuron)]
-    if size is None and signed is None:
-        return "subject control: no usable control prompt (the fact's own score is not positive): not flagged"
-    verdict = "template" if tuple(neuron) in template_neurons(run_params) else "subject-specific"
-    kept = "n/a" if size is None else f"{size:.2f}"
-    sign = "n/a" if signed is None else f"{signed:+.2f}"
-    return (f"subject control: keeps {kept} of its effect's size without the subject (signed {sign}; "
-            f"template at >= {TEMPLATE_RATIO:g}): {verdict}")
+    return "subject control: " + kept_text(*ratios[tuple(neuron)], tuple(neuron) in template_neurons(run_params))
 
 
 def template_left_out(run_params: Mapping | None) -> frozenset[Neuron]:
     """The template neurons a stored run's refined set leaves out: all of them, unless the control was run with
     --keep-template (the app and the report select a run's neurons with this, as the command that stored it)."""
-    control = (run_params or {}).get("subject_control") or {}
-    return frozenset() if control.get("keep_template") else template_neurons(run_params)
+    return frozenset() if stored_control(run_params).get("keep_template") else template_neurons(run_params)
 
 
 Scorer = Callable[[object, Sequence[int]], LayerScores]

@@ -221,7 +221,7 @@ def _neurons_text(args, lm, fact, prompts, results, coarse, refined, flags, cont
     """`kn neurons`'s plain-text lines (the --json document holds the same)."""
     from ..experiments import known_verdict
     from ..neurons import empty_neurons_fix, neuron_name
-    from ..specificity import control_text
+    from ..specificity import kept_text
 
     verdict = known_verdict(answer["answer_in_name"], answer["known"])
     known = verdict.label.replace("not ", "NOT ", 1)
@@ -244,9 +244,9 @@ def _neurons_text(args, lm, fact, prompts, results, coarse, refined, flags, cont
                      + ("kept (--keep-template)" if args.keep_template else "left out (--keep-template keeps them)")
                      + "".join(f", {neuron_name(l, i, lm.layout)}" for l, i in sorted(control.template)))
         if control.controlled:
-            stored = {"subject_control": control.to_dict()}
-            said = {n: control_text(stored, n).removeprefix("subject control: ") for n in control.candidates}
-            lines += [f"    {neuron_name(l, i, lm.layout)}: {said[(l, i)]}" for l, i in control.candidates]
+            lines += [f"    {neuron_name(*n, lm.layout)}: "
+                      f"{kept_text(control.ratios.get(n), control.signed.get(n), n in control.template)}"
+                      for n in control.candidates]
     return lines
 
 

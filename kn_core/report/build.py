@@ -14,7 +14,7 @@ import math
 
 from ..evaluation import change_text, ratio
 from ..neurons import neuron_name
-from ..specificity import template_neurons
+from ..specificity import stored_control, template_neurons
 from .document import ProjectDocument, drawn_runs, run_neurons
 from .figures import FIGURE_RUNS, FIGURES, run_figure_data
 
@@ -50,7 +50,7 @@ def _run_entry(index: int, run, doc: ProjectDocument) -> dict:
 
 def _control_entry(params: dict) -> dict | None:
     """What a run's subject control found (docs/SPECIFICITY.md), or None when none was run on it."""
-    control = (params or {}).get("subject_control")
+    control = stored_control(params)
     if not control:
         return None
     return {"controlled": bool(control.get("controlled")), "reason": control.get("reason"),

@@ -172,10 +172,6 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:+.1f}%"
 
 
-def _label(row: dict) -> str:
-    return f"{row['relation']}:{row['subject']}"  # experiments.known_by_label's key
-
-
 def localisation_markdown(report: dict) -> list[str]:
     sec = report.get("localisation")
     if not sec:
@@ -193,9 +189,9 @@ def localisation_markdown(report: dict) -> list[str]:
              "| relation | subject | known | p clean | p corrupted | MLP peak layer | neurons' layers | "
              + " | ".join(f"trace {n}" for n in names) + " | " + " | ".join(f"suppress {n}" for n in names) + " |",
              "|---|---|---|---|---|---|---|" + "---|" * (2 * len(names))]
-    known = ex.known_by_label(report.get("fact_answers"))
-    for f in sec["facts"]:
-        is_known = known.get(_label(f))
+    by_label = ex.known_by_label(report.get("fact_answers"))
+    known = [by_label.get(ex.fact_label(f["relation"], f["subject"])) for f in sec["facts"]]
+    for f, is_known in zip(sec["facts"], known):
         shown = "-" if is_known is None else "yes" if is_known else "no"
         lines.append(f"| {f['relation']} | {f['subject']} | {shown} | {f['p_clean']:.3f} | {f['p_corrupted']:.3f} | "
                      f"{f['peak_layer']} ({f['peak_effect']:+.3f}) | "
@@ -210,7 +206,7 @@ def localisation_markdown(report: dict) -> list[str]:
               f"- The band where tracing is strongest is the band whose edit lowers p(answer) most for "
               f"{agree['agree']} of {agree['facts']} facts (chance {agree['chance']:.0%}).",
               f"- Known facts among them: "
-              f"{sum(known.get(_label(f)) is True for f in sec['facts'])} of {len(sec['facts'])}; "
+              f"{sum(k is True for k in known)} of {len(sec['facts'])}; "
               "the correlations above are over all of them, known and unknown together."]
     lines += [f"- Left out: {x['relation']} {x['subject']}: {x['reason']}" for x in sec["left_out"]]
     return lines + [""]

@@ -199,7 +199,7 @@ def metrics_markdown(report: dict) -> list[str]:
     groups = [("", section["summary"])]
     if known:  # known facts first; unknown facts apart (their neurons are template-like by construction)
         groups = [(f", {label}", summarize([f for f in section["facts"]
-                                            if known.get(f"{f['relation']}:{f['subject']}") is side]))
+                                            if known.get(ex.fact_label(f["relation"], f["subject"])) is side]))
                   for side, label in ((True, "known facts"), (False, "facts the model does not know"))]
     lines += [f"| every edit{suffix} | 0 | | | | | | | |" for suffix, summary in groups if not summary]
     for suffix, kind, s in ((suffix, kind, s) for suffix, summary in groups for kind, s in summary.items()):

@@ -63,7 +63,7 @@ def apply_control(records, controls) -> list:
 
 
 def _label(rec) -> str:
-    return f"{rec.relation}:{rec.fact.subject}"
+    return ex.fact_label(rec.relation, rec.fact.subject)
 
 
 UNKNOWN = "neurons of facts the model does not know (template-like by construction)"  # or answers from the name
@@ -77,7 +77,7 @@ def neurons_by_known(report: dict) -> dict | None:
         return None
     out = {}
     for side in (True, False):
-        part = [d for d in detail if known.get(f"{d['relation']}:{d['subject']}") is side]
+        part = [d for d in detail if known.get(ex.fact_label(d["relation"], d["subject"])) is side]
         out["known" if side else "unknown"] = ex.neuron_statistics(
             [[tuple(n) for n in d["neurons"]] for d in part], [d["relation"] for d in part],
             report["model"]["layers"]) if part else {"facts": 0}
